@@ -1,0 +1,9 @@
+//! devplane's control plane (the slow path).
+//!
+//! This crate owns the identifier database — client platforms,
+//! hypervisors, VMs, vCPUs, device models, servers — as the single source
+//! of truth, persisted with atomic writes, and its mirror in the pinned
+//! eBPF maps that the data plane reads; the lifecycle operations (register,
+//! move, suspend, migrate) and the `dpctl` CLI that drives them. Nothing
+//! here is on the per-request path.
+#![deny(missing_docs)]

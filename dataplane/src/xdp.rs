@@ -1,0 +1,138 @@
+//! The XDP steering program: the object built from `ebpf/`, embedded in this
+//! crate, and typed access to its maps.
+
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::{Ebpf, EbpfLoader};
+use devplane_wire::maps::{
+    CLIENTS_MAP, CONFIG_MAP, COUNTER_COUNT, ClientEntry, Config, Counter, ROUTES_MAP, Route,
+    STATS_MAP, XDP_PROGRAM,
+};
+use std::path::Path;
+
+/// The program object, as built by `build.rs`.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/devplane-xdp"));
+
+/// Errors loading the program or using its maps.
+#[derive(Debug, thiserror::Error)]
+pub enum XdpError {
+    /// The kernel refused the object (verifier, permissions, ...).
+    #[error("loading the XDP object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// The program failed to load or attach.
+    #[error("XDP program {XDP_PROGRAM}: {0}")]
+    Program(#[from] aya::programs::ProgramError),
+    /// A map operation failed.
+    #[error("eBPF map: {0}")]
+    Map(#[from] aya::maps::MapError),
+    /// The object lacks a map or program it should have.
+    #[error("the XDP object has no {0}: it was built from another version of ebpf/")]
+    Missing(&'static str),
+}
+
+/// A loaded (not necessarily attached) instance of the steering program.
+pub struct Program {
+    ebpf: Ebpf,
+}
+
+impl Program {
+    /// Loads the embedded object and the program into the kernel; maps are
+    /// pinned under `pin_dir` (which must be on bpffs) if given.
+    pub fn load(pin_dir: Option<&Path>) -> Result<Program, XdpError> {
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = pin_dir {
+            loader.default_map_pin_directory(dir);
+        }
+        let mut ebpf = loader.load(OBJECT)?;
+        let prog: &mut aya::programs::Xdp = ebpf
+            .program_mut(XDP_PROGRAM)
+            .ok_or(XdpError::Missing("program devplane_xdp"))?
+            .try_into()?;
+        prog.load()?;
+        Ok(Program { ebpf })
+    }
+
+    /// The program, for attaching or test runs.
+    pub fn xdp(&mut self) -> Result<&mut aya::programs::Xdp, XdpError> {
+        Ok(self
+            .ebpf
+            .program_mut(XDP_PROGRAM)
+            .ok_or(XdpError::Missing("program devplane_xdp"))?
+            .try_into()?)
+    }
+
+    /// Writes the config entry.
+    pub fn set_config(&mut self, cfg: Config) -> Result<(), XdpError> {
+        let map = self
+            .ebpf
+            .map_mut(CONFIG_MAP)
+            .ok_or(XdpError::Missing(CONFIG_MAP))?;
+        let mut arr: Array<&mut MapData, Config> = Array::try_from(map)?;
+        arr.set(0, cfg, 0)?;
+        Ok(())
+    }
+
+    /// The routing map.
+    pub fn routes(&mut self) -> Result<HashMap<&mut MapData, u32, Route>, XdpError> {
+        let map = self
+            .ebpf
+            .map_mut(ROUTES_MAP)
+            .ok_or(XdpError::Missing(ROUTES_MAP))?;
+        Ok(HashMap::try_from(map)?)
+    }
+
+    /// The clients map.
+    pub fn clients(&mut self) -> Result<HashMap<&mut MapData, u32, ClientEntry>, XdpError> {
+        let map = self
+            .ebpf
+            .map_mut(CLIENTS_MAP)
+            .ok_or(XdpError::Missing(CLIENTS_MAP))?;
+        Ok(HashMap::try_from(map)?)
+    }
+
+    /// The counters, summed over CPUs, indexed by [`Counter`].
+    pub fn stats(&self) -> Result<Stats, XdpError> {
+        let map = self
+            .ebpf
+            .map(STATS_MAP)
+            .ok_or(XdpError::Missing(STATS_MAP))?;
+        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
+        let mut s = Stats::default();
+        for (i, slot) in s.0.iter_mut().enumerate() {
+            *slot = arr.get(&(i as u32), 0)?.iter().sum();
+        }
+        Ok(s)
+    }
+
+    /// The underlying aya object.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+}
+
+/// A snapshot of the program's counters, summed over CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats(pub [u64; COUNTER_COUNT as usize]);
+
+impl Stats {
+    /// The value of one counter.
+    pub fn get(&self, c: Counter) -> u64 {
+        self.0[c as usize]
+    }
+
+    /// Counter-wise difference `self - earlier`.
+    pub fn since(&self, earlier: &Stats) -> Stats {
+        let mut d = Stats::default();
+        for i in 0..self.0.len() {
+            d.0[i] = self.0[i].wrapping_sub(earlier.0[i]);
+        }
+        d
+    }
+
+    /// The non-zero counters with their names.
+    pub fn nonzero(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Counter::ALL
+            .iter()
+            .map(|&c| (c.name(), self.get(c)))
+            .filter(|&(_, v)| v != 0)
+    }
+}

@@ -1,0 +1,252 @@
+//! Ethernet II / IPv4 / UDP layouts, shared by the XDP program (which parses
+//! them), the AF_XDP workers (which rewrite them in place to answer) and the
+//! tests (which craft them).
+
+use zerocopy::network_endian::U16;
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+/// Ethernet II header length.
+pub const ETH_HLEN: usize = 14;
+/// Minimal IPv4 header length (no options).
+pub const IPV4_MIN_HLEN: usize = 20;
+/// UDP header length.
+pub const UDP_HLEN: usize = 8;
+/// Ethertype: IPv4.
+pub const ETH_P_IP: u16 = 0x0800;
+/// Ethertype: ARP.
+pub const ETH_P_ARP: u16 = 0x0806;
+/// Ethertype: 802.1Q VLAN tag.
+pub const ETH_P_8021Q: u16 = 0x8100;
+/// Ethertype: IPv6.
+pub const ETH_P_IPV6: u16 = 0x86dd;
+/// IP protocol number of UDP.
+pub const IPPROTO_UDP: u8 = 17;
+/// Offset of the UDP payload in a frame whose IPv4 header has no options.
+pub const PAYLOAD_OFFSET: usize = ETH_HLEN + IPV4_MIN_HLEN + UDP_HLEN;
+
+/// Ethernet II header.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+)]
+#[repr(C)]
+pub struct EthHdr {
+    /// Destination MAC.
+    pub dst: [u8; 6],
+    /// Source MAC.
+    pub src: [u8; 6],
+    /// Ethertype (big-endian).
+    pub ethertype: U16,
+}
+
+/// IPv4 header without options.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+)]
+#[repr(C)]
+pub struct Ipv4Hdr {
+    /// Version (high nibble) and header length in 32-bit words.
+    pub version_ihl: u8,
+    /// DSCP/ECN.
+    pub tos: u8,
+    /// Total length.
+    pub tot_len: U16,
+    /// Identification.
+    pub id: U16,
+    /// Flags and fragment offset.
+    pub frag_off: U16,
+    /// Time to live.
+    pub ttl: u8,
+    /// Protocol.
+    pub proto: u8,
+    /// Header checksum.
+    pub check: U16,
+    /// Source address.
+    pub src: [u8; 4],
+    /// Destination address.
+    pub dst: [u8; 4],
+}
+
+/// UDP header.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+)]
+#[repr(C)]
+pub struct UdpHdr {
+    /// Source port.
+    pub src: U16,
+    /// Destination port.
+    pub dst: U16,
+    /// Length of header and payload.
+    pub len: U16,
+    /// Checksum (0: none).
+    pub check: U16,
+}
+
+/// IPv4 "more fragments" flag and fragment-offset mask.
+pub const IP_MF_OFFSET_MASK: u16 = 0x3fff;
+
+/// The Internet checksum (RFC 1071) of `data`, folded and complemented.
+pub fn checksum(data: &[u8]) -> u16 {
+    // A u64 accumulator cannot overflow for any slice that fits in memory
+    // (a u32 one overflowed past 128 KiB of data).
+    let mut sum: u64 = 0;
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        sum += u16::from_be_bytes([c[0], c[1]]) as u64;
+    }
+    if let [b] = chunks.remainder() {
+        sum += (*b as u64) << 8;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Addresses of one UDP/IPv4 flow endpoint pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flow {
+    /// Source MAC.
+    pub src_mac: [u8; 6],
+    /// Destination MAC.
+    pub dst_mac: [u8; 6],
+    /// Source IPv4 address.
+    pub src_ip: [u8; 4],
+    /// Destination IPv4 address.
+    pub dst_ip: [u8; 4],
+    /// Source UDP port.
+    pub src_port: u16,
+    /// Destination UDP port.
+    pub dst_port: u16,
+}
+
+impl Flow {
+    /// The same flow seen from the other end.
+    pub fn reversed(&self) -> Flow {
+        Flow {
+            src_mac: self.dst_mac,
+            dst_mac: self.src_mac,
+            src_ip: self.dst_ip,
+            dst_ip: self.src_ip,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+        }
+    }
+}
+
+/// Writes Ethernet, IPv4 (no options, DF set, checksum filled) and UDP
+/// (checksum 0) headers for a payload of `payload_len` bytes at the start of
+/// `buf`. Returns the frame length, or `None` if `buf` is too small.
+pub fn write_headers(buf: &mut [u8], flow: &Flow, payload_len: usize) -> Option<usize> {
+    let total = PAYLOAD_OFFSET.checked_add(payload_len)?;
+    if buf.len() < total || payload_len > u16::MAX as usize - IPV4_MIN_HLEN - UDP_HLEN {
+        return None;
+    }
+    let eth = EthHdr {
+        dst: flow.dst_mac,
+        src: flow.src_mac,
+        ethertype: U16::new(ETH_P_IP),
+    };
+    buf[..ETH_HLEN].copy_from_slice(eth.as_bytes());
+    let mut ip = Ipv4Hdr {
+        version_ihl: 0x45,
+        tos: 0,
+        tot_len: U16::new((IPV4_MIN_HLEN + UDP_HLEN + payload_len) as u16),
+        id: U16::new(0),
+        frag_off: U16::new(0x4000),
+        ttl: 64,
+        proto: IPPROTO_UDP,
+        check: U16::new(0),
+        src: flow.src_ip,
+        dst: flow.dst_ip,
+    };
+    ip.check = U16::new(checksum(ip.as_bytes()));
+    buf[ETH_HLEN..ETH_HLEN + IPV4_MIN_HLEN].copy_from_slice(ip.as_bytes());
+    let udp = UdpHdr {
+        src: U16::new(flow.src_port),
+        dst: U16::new(flow.dst_port),
+        len: U16::new((UDP_HLEN + payload_len) as u16),
+        check: U16::new(0),
+    };
+    buf[ETH_HLEN + IPV4_MIN_HLEN..PAYLOAD_OFFSET].copy_from_slice(udp.as_bytes());
+    Some(total)
+}
+
+/// Why a frame is not a well-formed UDP/IPv4 frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Shorter than its headers say.
+    #[error("frame truncated")]
+    Truncated,
+    /// Not IPv4 (or VLAN-tagged).
+    #[error("not an IPv4 frame")]
+    NotIpv4,
+    /// IPv4 but not UDP.
+    #[error("not UDP")]
+    NotUdp,
+    /// A fragment.
+    #[error("IPv4 fragment")]
+    Fragment,
+    /// Inconsistent header lengths.
+    #[error("bad header length")]
+    BadLength,
+}
+
+/// A parsed UDP/IPv4 frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpFrame {
+    /// Addresses, as seen in the frame.
+    pub flow: Flow,
+    /// Offset of the UDP payload in the frame.
+    pub payload_offset: usize,
+    /// Length of the UDP payload (from the UDP header).
+    pub payload_len: usize,
+}
+
+/// Parses an Ethernet II / IPv4 / UDP frame, IPv4 options allowed.
+pub fn parse_udp(frame: &[u8]) -> Result<UdpFrame, FrameError> {
+    let (eth, rest) = EthHdr::ref_from_prefix(frame).map_err(|_| FrameError::Truncated)?;
+    if eth.ethertype.get() != ETH_P_IP {
+        return Err(FrameError::NotIpv4);
+    }
+    let (ip, _) = Ipv4Hdr::ref_from_prefix(rest).map_err(|_| FrameError::Truncated)?;
+    if ip.version_ihl >> 4 != 4 {
+        return Err(FrameError::NotIpv4);
+    }
+    let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
+    if ihl < IPV4_MIN_HLEN {
+        return Err(FrameError::BadLength);
+    }
+    if ip.proto != IPPROTO_UDP {
+        return Err(FrameError::NotUdp);
+    }
+    if ip.frag_off.get() & IP_MF_OFFSET_MASK != 0 {
+        return Err(FrameError::Fragment);
+    }
+    let tot = ip.tot_len.get() as usize;
+    if tot > rest.len() {
+        return Err(FrameError::Truncated);
+    }
+    if tot < ihl + UDP_HLEN {
+        return Err(FrameError::BadLength);
+    }
+    let (udp, _) = UdpHdr::ref_from_prefix(&rest[ihl..]).map_err(|_| FrameError::Truncated)?;
+    let ulen = udp.len.get() as usize;
+    if ulen < UDP_HLEN || ulen > tot - ihl {
+        return Err(FrameError::BadLength);
+    }
+    let mut src_ip = [0; 4];
+    src_ip.copy_from_slice(&ip.src);
+    Ok(UdpFrame {
+        flow: Flow {
+            src_mac: eth.src,
+            dst_mac: eth.dst,
+            src_ip,
+            dst_ip: ip.dst,
+            src_port: udp.src.get(),
+            dst_port: udp.dst.get(),
+        },
+        payload_offset: ETH_HLEN + ihl + UDP_HLEN,
+        payload_len: ulen - UDP_HLEN,
+    })
+}

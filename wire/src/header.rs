@@ -1,0 +1,120 @@
+//! The fixed 24-byte datagram header.
+//!
+//! The first 8 bytes are what the XDP program reads at fixed offsets:
+//! magic (2), version (1), kind (1), device-model id (4).
+
+use zerocopy::little_endian::{U16, U32};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::WireError;
+
+/// What a datagram carries; every record in it must agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Kind {
+    /// Client -> server: port-I/O and MMIO requests.
+    Request = 1,
+    /// Server -> client: answers to requests.
+    Response = 2,
+    /// Server -> client: device-initiated interrupts.
+    Interrupt = 3,
+    /// Either way: acknowledgements (e.g. of interrupts).
+    Ack = 4,
+}
+
+impl Kind {
+    /// Decodes a kind byte.
+    pub const fn from_u8(v: u8) -> Option<Kind> {
+        match v {
+            1 => Some(Kind::Request),
+            2 => Some(Kind::Response),
+            3 => Some(Kind::Interrupt),
+            4 => Some(Kind::Ack),
+            _ => None,
+        }
+    }
+}
+
+/// The datagram header, little-endian, at offset 0 of the UDP payload.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+)]
+#[repr(C)]
+pub struct Header {
+    /// [`crate::MAGIC`].
+    pub magic: U16,
+    /// [`crate::VERSION`].
+    pub version: u8,
+    /// A [`Kind`] byte.
+    pub kind: u8,
+    /// The device model the records address (requests) or come from.
+    pub model: U32,
+    /// The server platform that owns (or answered for) the model.
+    pub server: U32,
+    /// The client platform that sent the requests or is to receive the
+    /// responses / interrupts.
+    pub client: U32,
+    /// Number of records that follow.
+    pub count: U16,
+    /// Reserved flags, zero.
+    pub flags: U16,
+    /// Reserved, zero.
+    pub reserved: U32,
+}
+
+/// Byte offset of the magic in the UDP payload.
+pub const OFF_MAGIC: usize = 0;
+/// Byte offset of the version byte.
+pub const OFF_VERSION: usize = 2;
+/// Byte offset of the kind byte.
+pub const OFF_KIND: usize = 3;
+/// Byte offset of the device-model id.
+pub const OFF_MODEL: usize = 4;
+/// Byte offset of the server id.
+pub const OFF_SERVER: usize = 8;
+/// Byte offset of the client platform id.
+pub const OFF_CLIENT: usize = 12;
+/// Byte offset of the record count.
+pub const OFF_COUNT: usize = 16;
+
+const _: () = assert!(core::mem::offset_of!(Header, version) == OFF_VERSION);
+const _: () = assert!(core::mem::offset_of!(Header, magic) == OFF_MAGIC);
+const _: () = assert!(core::mem::offset_of!(Header, kind) == OFF_KIND);
+const _: () = assert!(core::mem::offset_of!(Header, model) == OFF_MODEL);
+const _: () = assert!(core::mem::offset_of!(Header, server) == OFF_SERVER);
+const _: () = assert!(core::mem::offset_of!(Header, client) == OFF_CLIENT);
+const _: () = assert!(core::mem::offset_of!(Header, count) == OFF_COUNT);
+
+impl Header {
+    /// A header of the current version with the given fields and no records.
+    pub fn new(kind: Kind, model: u32, server: u32, client: u32) -> Header {
+        Header {
+            magic: U16::new(crate::MAGIC),
+            version: crate::VERSION,
+            kind: kind as u8,
+            model: U32::new(model),
+            server: U32::new(server),
+            client: U32::new(client),
+            count: U16::new(0),
+            flags: U16::new(0),
+            reserved: U32::new(0),
+        }
+    }
+
+    /// Reads and checks the header at the start of `buf` (magic, version,
+    /// kind); the records are checked by [`crate::Datagram::parse`].
+    pub fn parse(buf: &[u8]) -> Result<(&Header, Kind), WireError> {
+        let (hdr, _) = Header::ref_from_prefix(buf).map_err(|_| WireError::Short {
+            need: crate::HEADER_LEN,
+            have: buf.len(),
+        })?;
+        if hdr.magic.get() != crate::MAGIC {
+            return Err(WireError::BadMagic(hdr.magic.get()));
+        }
+        if hdr.version != crate::VERSION {
+            return Err(WireError::UnsupportedVersion(hdr.version));
+        }
+        let kind = Kind::from_u8(hdr.kind).ok_or(WireError::UnknownKind(hdr.kind))?;
+        Ok((hdr, kind))
+    }
+}

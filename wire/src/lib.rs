@@ -1,0 +1,50 @@
+//! The devplane wire contract.
+//!
+//! This crate owns everything that crosses a boundary between devplane's
+//! components: the UDP datagram layout that carries port-I/O and MMIO
+//! requests, their responses, device-initiated interrupts and
+//! acknowledgements ([`header`], [`record`], [`datagram`]); the Ethernet /
+//! IPv4 / UDP frame layouts the XDP program and the AF_XDP workers parse and
+//! rewrite ([`frame`]); and the names and key/value types of the eBPF maps
+//! shared by the XDP program, the data plane and the control plane
+//! ([`maps`]). It is `no_std`, allocation-free and little-endian at fixed
+//! offsets, so the eBPF program (built for `bpfel-unknown-none`) uses the
+//! very same types. Parsing never panics: every malformed input is a
+//! [`WireError`].
+#![no_std]
+#![deny(missing_docs)]
+
+pub mod datagram;
+pub mod error;
+pub mod frame;
+pub mod header;
+pub mod maps;
+pub mod record;
+
+pub use datagram::{Datagram, DatagramWriter};
+pub use error::WireError;
+pub use header::{Header, Kind};
+pub use record::{
+    Access, AccessSize, Ack, Interrupt, IrqAction, RawRecord, Record, Request, RequestId, Response,
+    Status,
+};
+
+/// First two bytes of every devplane UDP payload: `"DP"`.
+pub const MAGIC: u16 = u16::from_le_bytes(*b"DP");
+/// The wire format version this crate speaks.
+pub const VERSION: u8 = 1;
+/// The UDP port servers listen on unless configured otherwise.
+pub const DEFAULT_PORT: u16 = 7700;
+/// Largest UDP payload devplane sends: a 1500-byte MTU minus IPv4 and UDP
+/// headers, so that no datagram is ever fragmented.
+pub const MAX_DATAGRAM: usize = 1472;
+/// Size of the datagram header in bytes.
+pub const HEADER_LEN: usize = core::mem::size_of::<Header>();
+/// Size of one record in bytes.
+pub const RECORD_LEN: usize = core::mem::size_of::<RawRecord>();
+/// Most records that fit one [`MAX_DATAGRAM`]-sized datagram.
+pub const MAX_RECORDS: usize = (MAX_DATAGRAM - HEADER_LEN) / RECORD_LEN;
+
+const _: () = assert!(HEADER_LEN == 24);
+const _: () = assert!(RECORD_LEN == 40);
+const _: () = assert!(MAX_RECORDS == 36);
