@@ -20,7 +20,7 @@ clippy:
 	cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 fuzz:
-	cd wire/fuzz && cargo +nightly fuzz run parse -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 2>&1 | tail -n 15
+	cd wire/fuzz && cargo +nightly fuzz run parse -- -max_total_time=$(FUZZ_SECONDS) -dict=parse.dict -print_final_stats=1 2>&1 | tail -n 15
 
 nextest:
 	cargo nextest run --workspace --profile ci
