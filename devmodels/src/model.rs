@@ -1,0 +1,96 @@
+//! The [`DeviceModel`] trait every model implements.
+
+use devplane_wire::{AccessSize, IrqAction};
+
+use crate::{Snapshot, SnapshotError};
+
+/// The address space of an access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Space {
+    /// Port I/O.
+    Pio,
+    /// Memory-mapped I/O.
+    Mmio,
+}
+
+/// Why a model refused an access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    /// The model decodes nothing at that offset or in that space.
+    #[error("no register at {space:?} offset {offset:#x}")]
+    Unmapped {
+        /// Address space.
+        space: Space,
+        /// Offset from the model's base.
+        offset: u64,
+    },
+    /// The access size or alignment is not supported there.
+    #[error("{size}-byte access not supported at {space:?} offset {offset:#x}")]
+    BadAccess {
+        /// Address space.
+        space: Space,
+        /// Offset from the model's base.
+        offset: u64,
+        /// Access size in bytes.
+        size: usize,
+    },
+}
+
+impl DeviceError {
+    /// The wire status that reports this error to the client.
+    pub fn status(&self) -> devplane_wire::Status {
+        match self {
+            DeviceError::Unmapped { .. } => devplane_wire::Status::Unmapped,
+            DeviceError::BadAccess { .. } => devplane_wire::Status::Rejected,
+        }
+    }
+}
+
+/// A change to an interrupt line, raised by a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IrqEvent {
+    /// The model's line (GSI); the owner maps it to a VM.
+    pub line: u32,
+    /// Assert, deassert or edge.
+    pub action: IrqAction,
+}
+
+/// An emulated device. Owned by one thread; never shared.
+///
+/// Addresses are offsets from the model's base in the given space (the
+/// dispatcher subtracts the base it registered the model at).
+pub trait DeviceModel: Send {
+    /// The kind name, as used in configuration files (`"counter"`, ...).
+    fn kind(&self) -> &'static str;
+
+    /// Reads `size` bytes at `offset`; the value is within `size`.
+    fn read(&mut self, space: Space, offset: u64, size: AccessSize) -> Result<u64, DeviceError>;
+
+    /// Writes `size` bytes of `data` at `offset`.
+    fn write(
+        &mut self,
+        space: Space,
+        offset: u64,
+        size: AccessSize,
+        data: u64,
+    ) -> Result<(), DeviceError>;
+
+    /// Advances time-driven state to `now_ns` (a monotonic clock). Returns
+    /// the next time the model wants a tick, if any.
+    fn tick(&mut self, now_ns: u64) -> Option<u64> {
+        let _ = now_ns;
+        None
+    }
+
+    /// Takes the next interrupt-line change the model raised, if any. The
+    /// owner calls this after every access and tick until it is `None`.
+    fn take_irq(&mut self) -> Option<IrqEvent> {
+        None
+    }
+
+    /// The whole state, versioned.
+    fn snapshot(&self) -> Snapshot;
+
+    /// Replaces the whole state with `snap`; on error the state is unchanged.
+    fn restore(&mut self, snap: &Snapshot) -> Result<(), SnapshotError>;
+}
