@@ -7,3 +7,9 @@
 //! move, suspend, migrate) and the `dpctl` CLI that drives them. Nothing
 //! here is on the per-request path.
 #![deny(missing_docs)]
+
+pub mod config;
+pub mod maps;
+
+pub use config::{ConfigError, Mode, ServerConfig};
+pub use maps::{AyaMaps, MapSyncError, MapWriter, MemMaps, SyncReport, sync};

@@ -9,4 +9,6 @@
 #![deny(missing_docs)]
 
 pub mod privilege;
+pub mod server;
+pub mod topology;
 pub mod xdp;

@@ -1,11 +1,11 @@
 //! The XDP steering program: the object built from `ebpf/`, embedded in this
 //! crate, and typed access to its maps.
 
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, XskMap};
 use aya::{Ebpf, EbpfLoader};
 use devplane_wire::maps::{
     CLIENTS_MAP, CONFIG_MAP, COUNTER_COUNT, ClientEntry, Config, Counter, ROUTES_MAP, Route,
-    STATS_MAP, XDP_PROGRAM,
+    STATS_MAP, VMS_MAP, VmEntry, XDP_PROGRAM, XSKS_MAP,
 };
 use std::path::Path;
 
@@ -24,6 +24,9 @@ pub enum XdpError {
     /// A map operation failed.
     #[error("eBPF map: {0}")]
     Map(#[from] aya::maps::MapError),
+    /// Pinning a map failed.
+    #[error("pinning a map: {0}")]
+    Pin(String),
     /// The object lacks a map or program it should have.
     #[error("the XDP object has no {0}: it was built from another version of ebpf/")]
     Missing(&'static str),
@@ -87,6 +90,47 @@ impl Program {
             .map_mut(CLIENTS_MAP)
             .ok_or(XdpError::Missing(CLIENTS_MAP))?;
         Ok(HashMap::try_from(map)?)
+    }
+
+    /// The VMs map.
+    pub fn vms(&mut self) -> Result<HashMap<&mut MapData, u32, VmEntry>, XdpError> {
+        let map = self
+            .ebpf
+            .map_mut(VMS_MAP)
+            .ok_or(XdpError::Missing(VMS_MAP))?;
+        Ok(HashMap::try_from(map)?)
+    }
+
+    /// Puts worker `index`'s AF_XDP socket in the socket map.
+    pub fn set_xsk(&mut self, index: u32, fd: std::os::fd::RawFd) -> Result<(), XdpError> {
+        let map = self
+            .ebpf
+            .map_mut(XSKS_MAP)
+            .ok_or(XdpError::Missing(XSKS_MAP))?;
+        let mut xsks: XskMap<&mut MapData> = XskMap::try_from(map)?;
+        xsks.set(index, fd, 0)?;
+        Ok(())
+    }
+
+    /// Pins map `name` at `path` (on bpffs).
+    pub fn pin_map(&self, name: &'static str, path: &Path) -> Result<(), XdpError> {
+        let map = self.ebpf.map(name).ok_or(XdpError::Missing(name))?;
+        map.pin(path).map_err(|e| XdpError::Pin(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Moves the routing, clients, VMs and config maps out of the program
+    /// into the control plane's writer (pin them first if they are to be
+    /// pinned). The program keeps the stats and socket maps.
+    pub fn take_control_maps(&mut self) -> Result<devplane_control::AyaMaps, XdpError> {
+        let mut take = |name: &'static str| self.ebpf.take_map(name).ok_or(XdpError::Missing(name));
+        let routes = HashMap::try_from(take(ROUTES_MAP)?)?;
+        let clients = HashMap::try_from(take(CLIENTS_MAP)?)?;
+        let vms = HashMap::try_from(take(VMS_MAP)?)?;
+        let config = Array::try_from(take(CONFIG_MAP)?)?;
+        Ok(devplane_control::AyaMaps::from_maps(
+            routes, clients, vms, config,
+        ))
     }
 
     /// The counters, summed over CPUs, indexed by [`Counter`].

@@ -1,0 +1,432 @@
+//! Applies request datagrams to the device models a worker owns, and turns
+//! each request datagram into its response datagram in place.
+//!
+//! A worker owns its [`Dispatcher`] (and through it its models) alone: no
+//! locks. A request datagram and its response have the same length (one
+//! 40-byte response record per request record), so the answer is written
+//! over the request in the same buffer — a UMEM frame in AF_XDP mode, the
+//! receive buffer in socket mode.
+
+use std::collections::HashMap;
+
+use devplane_devmodels::{DeviceModel, IrqEvent, Space};
+use devplane_wire::record::OP_RESPONSE;
+use devplane_wire::{Access, Datagram, Header, Kind, RECORD_LEN, RawRecord, Record, Status};
+use zerocopy::FromBytes;
+use zerocopy::little_endian::U64;
+
+/// One model as a worker holds it.
+pub struct ModelSlot {
+    /// The model.
+    pub model: Box<dyn DeviceModel>,
+    /// Port base: port-I/O offsets are `port - pio_base`.
+    pub pio_base: u64,
+    /// MMIO base: MMIO offsets are `gpa - mmio_base`.
+    pub mmio_base: u64,
+    /// The VM its interrupts go to (and its hypervisor), if it raises any.
+    pub irq_target: Option<(u32, u32)>,
+    /// Next interrupt sequence number.
+    pub irq_seq: u64,
+}
+
+impl ModelSlot {
+    /// A slot for `model` at the given bases, without interrupt target.
+    pub fn new(model: Box<dyn DeviceModel>, pio_base: u64, mmio_base: u64) -> ModelSlot {
+        ModelSlot {
+            model,
+            pio_base,
+            mmio_base,
+            irq_target: None,
+            irq_seq: 0,
+        }
+    }
+}
+
+/// An interrupt a model raised, addressed to its VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingIrq {
+    /// The model that raised it.
+    pub model: u32,
+    /// The VM it is for.
+    pub vm: u32,
+    /// The VM's hypervisor.
+    pub hypervisor: u32,
+    /// The line change.
+    pub event: IrqEvent,
+    /// Per-model interrupt sequence number.
+    pub seq: u64,
+}
+
+/// What became of a datagram handed to [`Dispatcher::handle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered in place: send the buffer's first `len` bytes back.
+    Respond {
+        /// Records applied.
+        records: usize,
+    },
+    /// Consumed without answer (an acknowledgement).
+    Consumed,
+    /// Malformed: dropped and counted; the buffer is unchanged.
+    Malformed(devplane_wire::WireError),
+}
+
+/// Per-worker dispatch counters (owned by the worker; published by it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DispatchStats {
+    /// Request datagrams answered.
+    pub datagrams: u64,
+    /// Request records applied (or answered with an error status).
+    pub records: u64,
+    /// Reads.
+    pub reads: u64,
+    /// Writes.
+    pub writes: u64,
+    /// Records for a model this worker does not own.
+    pub no_such_model: u64,
+    /// Accesses the model refused.
+    pub model_errors: u64,
+    /// Malformed datagrams dropped.
+    pub malformed: u64,
+    /// Acknowledgements consumed.
+    pub acks: u64,
+    /// Interrupts raised by models.
+    pub irqs_raised: u64,
+}
+
+/// Owns a worker's models and applies requests to them.
+pub struct Dispatcher {
+    server: u32,
+    models: HashMap<u32, ModelSlot>,
+    irqs: Vec<PendingIrq>,
+    stats: DispatchStats,
+}
+
+impl Dispatcher {
+    /// A dispatcher for server `server` with no models.
+    pub fn new(server: u32) -> Dispatcher {
+        Dispatcher {
+            server,
+            models: HashMap::new(),
+            irqs: Vec::new(),
+            stats: DispatchStats::default(),
+        }
+    }
+
+    /// Adds (or replaces) model `id`.
+    pub fn insert(&mut self, id: u32, slot: ModelSlot) -> Option<ModelSlot> {
+        self.models.insert(id, slot)
+    }
+
+    /// Removes model `id`, returning it (for a move).
+    pub fn remove(&mut self, id: u32) -> Option<ModelSlot> {
+        self.models.remove(&id)
+    }
+
+    /// The model `id`, if owned here.
+    pub fn model(&self, id: u32) -> Option<&ModelSlot> {
+        self.models.get(&id)
+    }
+
+    /// Ids of the models owned here.
+    pub fn model_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.models.keys().copied()
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> DispatchStats {
+        self.stats
+    }
+
+    /// Interrupts raised since the last call, in order.
+    pub fn drain_irqs(&mut self) -> std::vec::Drain<'_, PendingIrq> {
+        self.irqs.drain(..)
+    }
+
+    /// Whether interrupts are waiting to be sent.
+    pub fn has_irqs(&self) -> bool {
+        !self.irqs.is_empty()
+    }
+
+    /// Ticks every model to `now_ns`; returns the earliest next deadline.
+    pub fn tick(&mut self, now_ns: u64) -> Option<u64> {
+        let mut next: Option<u64> = None;
+        let ids: Vec<u32> = self.models.keys().copied().collect();
+        for id in ids {
+            if let Some(slot) = self.models.get_mut(&id) {
+                if let Some(t) = slot.model.tick(now_ns) {
+                    next = Some(next.map_or(t, |n| n.min(t)));
+                }
+                Self::collect_irqs(id, slot, &mut self.irqs, &mut self.stats);
+            }
+        }
+        next
+    }
+
+    fn collect_irqs(
+        id: u32,
+        slot: &mut ModelSlot,
+        out: &mut Vec<PendingIrq>,
+        stats: &mut DispatchStats,
+    ) {
+        while let Some(event) = slot.model.take_irq() {
+            stats.irqs_raised += 1;
+            if let Some((vm, hypervisor)) = slot.irq_target {
+                slot.irq_seq += 1;
+                out.push(PendingIrq {
+                    model: id,
+                    vm,
+                    hypervisor,
+                    event,
+                    seq: slot.irq_seq,
+                });
+            }
+        }
+    }
+
+    /// Handles one datagram (the whole UDP payload). A request datagram is
+    /// applied record by record, in order, and rewritten in place into its
+    /// response datagram of the same length.
+    pub fn handle(&mut self, payload: &mut [u8]) -> Outcome {
+        let (kind, model_id, count) = match Datagram::parse(payload) {
+            Ok(d) => (d.kind(), d.model(), d.len()),
+            Err(e) => {
+                self.stats.malformed += 1;
+                return Outcome::Malformed(e);
+            }
+        };
+        match kind {
+            Kind::Request => {}
+            Kind::Ack => {
+                self.stats.acks += 1;
+                return Outcome::Consumed;
+            }
+            Kind::Response | Kind::Interrupt => {
+                self.stats.malformed += 1;
+                return Outcome::Malformed(devplane_wire::WireError::UnknownKind(kind as u8));
+            }
+        }
+        let mut slot = self.models.get_mut(&model_id);
+        for i in 0..count {
+            let off = devplane_wire::HEADER_LEN + i * RECORD_LEN;
+            let rec = &mut payload[off..off + RECORD_LEN];
+            let Ok(raw) = RawRecord::mut_from_bytes(rec) else {
+                continue; // unreachable: parse checked the length
+            };
+            let Ok(Record::Request(req)) = raw.decode(i, Kind::Request) else {
+                continue; // unreachable: parse validated every record
+            };
+            let (status, data) = match slot.as_deref_mut() {
+                None => {
+                    self.stats.no_such_model += 1;
+                    (Status::NoSuchModel, 0)
+                }
+                Some(slot) => {
+                    let r = apply(slot, &req.access, &mut self.stats);
+                    Self::collect_irqs(model_id, slot, &mut self.irqs, &mut self.stats);
+                    r
+                }
+            };
+            raw.op = OP_RESPONSE;
+            raw.flags = 0;
+            raw.status = status as u8;
+            raw.data = U64::new(if status == Status::Ok { data } else { 0 });
+            self.stats.records += 1;
+        }
+        let Ok((hdr, _)) = Header::mut_from_prefix(payload) else {
+            return Outcome::Consumed; // unreachable: parse checked the length
+        };
+        hdr.kind = Kind::Response as u8;
+        hdr.server = self.server.into();
+        self.stats.datagrams += 1;
+        Outcome::Respond { records: count }
+    }
+}
+
+fn apply(slot: &mut ModelSlot, access: &Access, stats: &mut DispatchStats) -> (Status, u64) {
+    let result = match *access {
+        Access::PioIn { port, size } => {
+            stats.reads += 1;
+            slot.model
+                .read(Space::Pio, (port as u64).wrapping_sub(slot.pio_base), size)
+        }
+        Access::PioOut { port, size, data } => {
+            stats.writes += 1;
+            slot.model
+                .write(
+                    Space::Pio,
+                    (port as u64).wrapping_sub(slot.pio_base),
+                    size,
+                    data as u64,
+                )
+                .map(|()| 0)
+        }
+        Access::MmioRead { gpa, size } => {
+            stats.reads += 1;
+            slot.model
+                .read(Space::Mmio, gpa.wrapping_sub(slot.mmio_base), size)
+        }
+        Access::MmioWrite { gpa, size, data } => {
+            stats.writes += 1;
+            slot.model
+                .write(Space::Mmio, gpa.wrapping_sub(slot.mmio_base), size, data)
+                .map(|()| 0)
+        }
+    };
+    match result {
+        // A model must not return bits beyond the access size; mask so the
+        // response always parses.
+        Ok(v) => (Status::Ok, v & access.size().mask()),
+        Err(e) => {
+            stats.model_errors += 1;
+            (e.status(), 0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devplane_devmodels::counter::Counter;
+    use devplane_wire::{AccessSize, Request, RequestId, datagram};
+
+    fn req(seq: u64, access: Access) -> Record {
+        Record::Request(Request {
+            id: RequestId {
+                vm: 3,
+                hypervisor: 2,
+                vcpu: 1,
+                seq,
+            },
+            access,
+            flags: 0,
+        })
+    }
+
+    fn encode(model: u32, recs: &[Record]) -> Vec<u8> {
+        let mut buf = vec![0u8; devplane_wire::MAX_DATAGRAM];
+        let n = datagram::encode(&mut buf, Header::new(Kind::Request, model, 9, 7), recs).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    fn dispatcher() -> Dispatcher {
+        let mut d = Dispatcher::new(1);
+        let mut slot = ModelSlot::new(Box::new(Counter::new(5)), 0x100, 0xd000_0000);
+        slot.irq_target = Some((3, 2));
+        d.insert(42, slot);
+        d
+    }
+
+    #[test]
+    fn applies_in_order_and_answers_in_place() {
+        let mut d = dispatcher();
+        let w = Access::PioOut {
+            port: 0x100,
+            size: AccessSize::B1,
+            data: 5,
+        };
+        let r = Access::PioIn {
+            port: 0x100,
+            size: AccessSize::B4,
+        };
+        let mr = Access::MmioRead {
+            gpa: 0xd000_0008,
+            size: AccessSize::B8,
+        };
+        let mut buf = encode(42, &[req(1, w), req(2, w), req(3, r), req(4, mr)]);
+        let len = buf.len();
+        assert_eq!(d.handle(&mut buf), Outcome::Respond { records: 4 });
+        assert_eq!(buf.len(), len);
+        let rsp = Datagram::parse(&buf).unwrap();
+        assert_eq!(rsp.kind(), Kind::Response);
+        assert_eq!((rsp.model(), rsp.server(), rsp.client()), (42, 1, 7));
+        let got: Vec<(u64, Status, u64)> = rsp
+            .records()
+            .map(|r| match r {
+                Record::Response(r) => (r.id.seq, r.status, r.data),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        // The read after two writes sees both; the MMIO read sees the sum.
+        assert_eq!(
+            got,
+            vec![
+                (1, Status::Ok, 0),
+                (2, Status::Ok, 0),
+                (3, Status::Ok, 2),
+                (4, Status::Ok, 10)
+            ]
+        );
+        let s = d.stats();
+        assert_eq!((s.datagrams, s.records, s.reads, s.writes), (1, 4, 2, 2));
+    }
+
+    #[test]
+    fn unknown_model_and_model_errors_get_statuses() {
+        let mut d = dispatcher();
+        let r = Access::PioIn {
+            port: 0x103,
+            size: AccessSize::B1,
+        };
+        let mut buf = encode(42, &[req(1, r)]);
+        d.handle(&mut buf);
+        match Datagram::parse(&buf).unwrap().records().next() {
+            Some(Record::Response(r)) => assert_eq!(r.status, Status::Unmapped),
+            other => panic!("{other:?}"),
+        }
+        let mut buf = encode(43, &[req(1, r)]);
+        d.handle(&mut buf);
+        match Datagram::parse(&buf).unwrap().records().next() {
+            Some(Record::Response(r)) => assert_eq!(r.status, Status::NoSuchModel),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(d.stats().no_such_model, 1);
+        assert_eq!(d.stats().model_errors, 1);
+    }
+
+    #[test]
+    fn malformed_is_counted_and_left_alone() {
+        let mut d = dispatcher();
+        let w = Access::PioOut {
+            port: 0x100,
+            size: AccessSize::B1,
+            data: 5,
+        };
+        let mut buf = encode(42, &[req(1, w)]);
+        buf[devplane_wire::HEADER_LEN + 1] = 3; // size 3
+        let before = buf.clone();
+        assert!(matches!(d.handle(&mut buf), Outcome::Malformed(_)));
+        assert_eq!(buf, before);
+        assert_eq!(d.stats().malformed, 1);
+        assert_eq!(
+            d.stats().writes,
+            0,
+            "a malformed datagram reached the model"
+        );
+        // A response datagram sent to a server is malformed for it.
+        let mut ok = encode(42, &[req(1, w)]);
+        d.handle(&mut ok);
+        assert!(matches!(d.handle(&mut ok), Outcome::Malformed(_)));
+    }
+
+    #[test]
+    fn interrupts_are_addressed_to_the_models_vm() {
+        let mut d = dispatcher();
+        let raise = Access::PioOut {
+            port: 0x110,
+            size: AccessSize::B1,
+            data: 2,
+        };
+        let mut buf = encode(42, &[req(1, raise)]);
+        d.handle(&mut buf);
+        let irqs: Vec<PendingIrq> = d.drain_irqs().collect();
+        assert_eq!(irqs.len(), 2);
+        assert_eq!(
+            (irqs[0].vm, irqs[0].hypervisor, irqs[0].event.line),
+            (3, 2, 5)
+        );
+        assert_eq!((irqs[0].seq, irqs[1].seq), (1, 2));
+        assert!(!d.has_irqs());
+    }
+}

@@ -1,0 +1,100 @@
+//! Frame-level work of an AF_XDP worker: answering a request frame in place
+//! (Ethernet, IPv4 and UDP headers turned around, payload answered by the
+//! dispatcher) and building interrupt frames.
+
+use devplane_wire::frame::{self, ETH_HLEN, Flow, UDP_HLEN};
+use devplane_wire::{DatagramWriter, Header, Interrupt, Kind, Record};
+
+use super::dispatch::{Dispatcher, Outcome, PendingIrq};
+use super::irq::Peers;
+
+/// What to do with a received frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameOutcome {
+    /// Send the (rewritten) frame back; its length is unchanged.
+    Reply,
+    /// Recycle the frame (acknowledgement, malformed, not UDP/IPv4).
+    Recycle,
+    /// Not a UDP/IPv4 frame at all.
+    BadFrame,
+}
+
+/// Answers the request frame in place. On `Reply`, the frame holds the
+/// response with addresses and ports swapped and the UDP checksum zeroed
+/// (IPv4 allows it); the IPv4 checksum is unchanged because swapping the
+/// source and destination addresses does not change the sum.
+pub fn answer_in_place(
+    frame: &mut [u8],
+    disp: &mut Dispatcher,
+    peers: &mut Peers<Flow>,
+) -> FrameOutcome {
+    let Ok(udp) = frame::parse_udp(frame) else {
+        return FrameOutcome::BadFrame;
+    };
+    let payload = &mut frame[udp.payload_offset..udp.payload_offset + udp.payload_len];
+    match disp.handle(payload) {
+        Outcome::Respond { .. } => {}
+        Outcome::Consumed | Outcome::Malformed(_) => return FrameOutcome::Recycle,
+    }
+    let client = u32::from_le_bytes([
+        payload[devplane_wire::header::OFF_CLIENT],
+        payload[devplane_wire::header::OFF_CLIENT + 1],
+        payload[devplane_wire::header::OFF_CLIENT + 2],
+        payload[devplane_wire::header::OFF_CLIENT + 3],
+    ]);
+    let back = udp.flow.reversed();
+    peers.learn(client, back);
+    // Ethernet: swap MACs.
+    frame[0..6].copy_from_slice(&back.dst_mac);
+    frame[6..12].copy_from_slice(&back.src_mac);
+    // IPv4: swap addresses (checksum unchanged).
+    let ip = ETH_HLEN;
+    frame[ip + 12..ip + 16].copy_from_slice(&back.src_ip);
+    frame[ip + 16..ip + 20].copy_from_slice(&back.dst_ip);
+    // UDP: swap ports, zero the checksum.
+    let u = udp.payload_offset - UDP_HLEN;
+    frame[u..u + 2].copy_from_slice(&back.src_port.to_be_bytes());
+    frame[u + 2..u + 4].copy_from_slice(&back.dst_port.to_be_bytes());
+    frame[u + 6..u + 8].copy_from_slice(&[0, 0]);
+    FrameOutcome::Reply
+}
+
+/// Writes an interrupt datagram for `irqs` (all from `model`) to `client`
+/// into `buf` as a whole frame along `flow`; returns the frame length.
+pub fn interrupt_frame(
+    buf: &mut [u8],
+    flow: &Flow,
+    server: u32,
+    client: u32,
+    model: u32,
+    irqs: &[PendingIrq],
+) -> Option<usize> {
+    let payload_len = {
+        let body = buf.get_mut(frame::PAYLOAD_OFFSET..)?;
+        interrupt_datagram(body, server, client, model, irqs)?
+    };
+    frame::write_headers(buf, flow, payload_len)
+}
+
+/// Writes an interrupt datagram (UDP payload only) into `buf`.
+pub fn interrupt_datagram(
+    buf: &mut [u8],
+    server: u32,
+    client: u32,
+    model: u32,
+    irqs: &[PendingIrq],
+) -> Option<usize> {
+    let mut w =
+        DatagramWriter::new(buf, Header::new(Kind::Interrupt, model, server, client)).ok()?;
+    for irq in irqs {
+        let rec = Record::Interrupt(Interrupt {
+            vm: irq.vm,
+            hypervisor: irq.hypervisor,
+            line: irq.event.line,
+            action: irq.event.action,
+            seq: irq.seq,
+        });
+        w.push(&rec).ok()?;
+    }
+    Some(w.finish())
+}

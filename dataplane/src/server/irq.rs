@@ -1,0 +1,199 @@
+//! Routing device-initiated interrupts to the client that hosts each VM.
+
+use std::collections::{HashMap, VecDeque};
+
+use super::dispatch::PendingIrq;
+
+/// Where each client platform was last heard from, learned from its
+/// requests (which the XDP program, or the socket, already checked), so
+/// that interrupts can be sent to it. `A` is a frame flow (AF_XDP) or a
+/// socket address (socket mode).
+#[derive(Debug)]
+pub struct Peers<A> {
+    by_client: HashMap<u32, A>,
+}
+
+impl<A> Default for Peers<A> {
+    fn default() -> Self {
+        Peers {
+            by_client: HashMap::new(),
+        }
+    }
+}
+
+impl<A: Copy + PartialEq> Peers<A> {
+    /// The address of `client`, if it has sent anything yet.
+    pub fn get(&self, client: u32) -> Option<&A> {
+        self.by_client.get(&client)
+    }
+
+    /// Records that `client` is reached at `addr`.
+    pub fn learn(&mut self, client: u32, addr: A) {
+        match self.by_client.get_mut(&client) {
+            Some(a) if *a == addr => {}
+            Some(a) => *a = addr,
+            None => {
+                self.by_client.insert(client, addr);
+            }
+        }
+    }
+}
+
+/// Most interrupts held for clients not heard from yet; older ones are
+/// dropped (and counted) beyond this.
+pub const MAX_HELD: usize = 4096;
+
+/// Finds the client of each interrupt's VM; holds interrupts whose client
+/// has not been heard from yet.
+#[derive(Debug, Default)]
+pub struct IrqRouter {
+    vm_client: HashMap<u32, u32>,
+    held: VecDeque<PendingIrq>,
+    dropped: u64,
+    unknown_vm: u64,
+}
+
+impl IrqRouter {
+    /// A router for the given VM -> client table.
+    pub fn new(vm_client: HashMap<u32, u32>) -> IrqRouter {
+        IrqRouter {
+            vm_client,
+            ..Default::default()
+        }
+    }
+
+    /// Interrupts held now.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Interrupts dropped: held too long, or for a VM not in the table.
+    pub fn dropped(&self) -> u64 {
+        self.dropped + self.unknown_vm
+    }
+
+    /// Queues new interrupts behind the held ones (order is kept).
+    pub fn push(&mut self, irqs: impl Iterator<Item = PendingIrq>) {
+        for irq in irqs {
+            if !self.vm_client.contains_key(&irq.vm) {
+                self.unknown_vm += 1;
+                continue;
+            }
+            if self.held.len() >= MAX_HELD {
+                self.held.pop_front();
+                self.dropped += 1;
+            }
+            self.held.push_back(irq);
+        }
+    }
+
+    /// Sends what can be sent, in order: `send(client, addr, irq)` returns
+    /// `false` when it cannot send now (no TX space), which stops the
+    /// round. An interrupt for a client not heard from yet is kept, and so
+    /// is everything behind it for the same client.
+    pub fn flush<A: Copy + PartialEq>(
+        &mut self,
+        peers: &Peers<A>,
+        mut send: impl FnMut(u32, A, &PendingIrq) -> bool,
+    ) -> usize {
+        let mut sent = 0;
+        let mut keep = VecDeque::new();
+        let mut blocked = false;
+        while let Some(irq) = self.held.pop_front() {
+            let client = self.vm_client.get(&irq.vm).copied();
+            let addr = client.and_then(|c| peers.get(c).copied().map(|a| (c, a)));
+            match addr {
+                Some((c, a)) if !blocked => {
+                    if send(c, a, &irq) {
+                        sent += 1;
+                    } else {
+                        blocked = true;
+                        keep.push_back(irq);
+                    }
+                }
+                _ => keep.push_back(irq),
+            }
+        }
+        self.held = keep;
+        sent
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devplane_devmodels::IrqEvent;
+    use devplane_wire::IrqAction;
+
+    fn irq(vm: u32, seq: u64) -> PendingIrq {
+        PendingIrq {
+            model: 1,
+            vm,
+            hypervisor: 1,
+            event: IrqEvent {
+                line: 4,
+                action: IrqAction::Edge,
+            },
+            seq,
+        }
+    }
+
+    #[test]
+    fn holds_until_client_known_then_sends_in_order() {
+        let mut r = IrqRouter::new(HashMap::from([(10, 7)]));
+        let mut peers: Peers<u16> = Peers::default();
+        r.push([irq(10, 1), irq(10, 2), irq(99, 3)].into_iter());
+        assert_eq!(r.dropped(), 1, "unknown VM not counted");
+        let mut out = vec![];
+        assert_eq!(
+            r.flush(&peers, |_, _, i| {
+                out.push(i.seq);
+                true
+            }),
+            0
+        );
+        assert_eq!(r.held(), 2);
+        peers.learn(7, 5000);
+        assert_eq!(
+            r.flush(&peers, |c, a, i| {
+                out.push(i.seq);
+                c == 7 && a == 5000
+            }),
+            2
+        );
+        assert_eq!(out, vec![1, 2]);
+        assert_eq!(r.held(), 0);
+    }
+
+    #[test]
+    fn a_full_tx_ring_keeps_the_rest() {
+        let mut r = IrqRouter::new(HashMap::from([(10, 7)]));
+        let mut peers: Peers<u16> = Peers::default();
+        peers.learn(7, 1);
+        r.push((1..=3).map(|s| irq(10, s)));
+        let mut budget = 1;
+        let mut out = vec![];
+        r.flush(&peers, |_, _, i| {
+            if budget == 0 {
+                return false;
+            }
+            budget -= 1;
+            out.push(i.seq);
+            true
+        });
+        assert_eq!(out, vec![1]);
+        r.flush(&peers, |_, _, i| {
+            out.push(i.seq);
+            true
+        });
+        assert_eq!(out, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn bounded_hold() {
+        let mut r = IrqRouter::new(HashMap::from([(10, 7)]));
+        r.push((0..MAX_HELD as u64 + 5).map(|s| irq(10, s)));
+        assert_eq!(r.held(), MAX_HELD);
+        assert_eq!(r.dropped(), 5);
+    }
+}

@@ -1,0 +1,328 @@
+//! The server half of the data path: XDP steers each request frame to the
+//! AF_XDP socket of the worker that owns its device model; the worker, a
+//! pinned polling thread, applies the request and answers from the same
+//! frame. Socket mode runs the same workers over plain UDP sockets.
+//!
+//! Thread ownership: one thread per worker, pinned to its configured core,
+//! owning its [`dispatch::Dispatcher`] (and so its models) and its RX/TX
+//! rings. The thread that calls [`Server::start`] owns the XDP program, the
+//! UMEM and the sockets' file descriptors, and must keep the [`Server`]
+//! until the workers are stopped ([`Server::stop`] or drop).
+
+pub mod afxdp;
+pub mod backoff;
+pub mod bpffs;
+pub mod dispatch;
+pub mod frames;
+pub mod host;
+pub mod irq;
+pub mod socket;
+pub mod stats;
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use aya::programs::XdpMode;
+use devplane_control::config::{Mode, ServerConfig};
+use devplane_devmodels::registry::{self, ModelParams};
+
+use crate::xdp::{Program, Stats, XdpError};
+use afxdp::{LoopConfig, XskSet};
+use dispatch::{Dispatcher, ModelSlot};
+use irq::IrqRouter;
+use stats::{WorkerSnapshot, WorkerStats};
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration cannot be served.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A device model could not be built.
+    #[error("device model {id}: {source}")]
+    Model {
+        /// Model id.
+        id: u32,
+        /// Why.
+        source: registry::BuildError,
+    },
+    /// The XDP program could not be loaded, attached or updated.
+    #[error(transparent)]
+    Xdp(#[from] XdpError),
+    /// Writing the configuration into the maps failed.
+    #[error("writing the eBPF maps: {0}")]
+    MapSync(#[from] devplane_control::maps::MapSyncError),
+    /// bpffs or pinning failed.
+    #[error("pinning maps under {path}: {source}")]
+    Pin {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An AF_XDP step failed.
+    #[error("AF_XDP: {what}: {source}")]
+    AfXdp {
+        /// The step.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A UDP socket step failed (socket mode).
+    #[error("UDP socket: {what}: {source}")]
+    Socket {
+        /// The step.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A worker thread could not be started.
+    #[error("starting worker {index}: {source}")]
+    Thread {
+        /// Worker index.
+        index: usize,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// How the XDP program ended up attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attach {
+    /// Native (driver) mode.
+    Driver,
+    /// Generic (skb) mode: the logged fallback.
+    Generic,
+}
+
+struct XdpState {
+    // Drop order: sockets before the program (detach) before the pins.
+    xsks: XskSet,
+    program: Program,
+    /// The routing, clients, VMs and config maps (for live updates).
+    maps: devplane_control::AyaMaps,
+    attach: Attach,
+    pins: Option<bpffs::PinDir>,
+}
+
+/// A running server. Dropping it stops the workers and detaches XDP.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    workers: Vec<JoinHandle<()>>,
+    stats: Vec<Arc<WorkerStats>>,
+    xdp: Option<XdpState>,
+    id: u32,
+}
+
+fn build_dispatchers(cfg: &ServerConfig) -> Result<Vec<Dispatcher>, ServerError> {
+    let mut out: Vec<Dispatcher> = (0..cfg.server.workers.len())
+        .map(|_| Dispatcher::new(cfg.server.id))
+        .collect();
+    let vms: HashMap<u32, u32> = cfg.vms.iter().map(|v| (v.id, v.hypervisor)).collect();
+    for m in &cfg.models {
+        let model = registry::build(&m.kind, ModelParams { line: m.line })
+            .map_err(|source| ServerError::Model { id: m.id, source })?;
+        let mut slot = ModelSlot::new(
+            model,
+            m.pio_base.map(u64::from).unwrap_or(0),
+            m.mmio_base.unwrap_or(0),
+        );
+        slot.irq_target = m.vm.and_then(|vm| vms.get(&vm).map(|&hv| (vm, hv)));
+        let d = out.get_mut(m.worker).ok_or_else(|| {
+            ServerError::Config(format!(
+                "model {}: worker {} does not exist",
+                m.id, m.worker
+            ))
+        })?;
+        d.insert(m.id, slot);
+    }
+    Ok(out)
+}
+
+fn vm_clients(cfg: &ServerConfig) -> HashMap<u32, u32> {
+    cfg.vms.iter().map(|v| (v.id, v.client)).collect()
+}
+
+fn loop_config(cfg: &ServerConfig) -> LoopConfig {
+    LoopConfig {
+        server: cfg.server.id,
+        batch: cfg.tuning.batch.max(1),
+        spin_budget: cfg.tuning.spin_budget,
+        idle_sleep: Duration::from_micros(cfg.tuning.idle_sleep_us),
+    }
+}
+
+fn spawn_worker(
+    index: usize,
+    core: usize,
+    body: impl FnOnce() + Send + 'static,
+) -> Result<JoinHandle<()>, ServerError> {
+    std::thread::Builder::new()
+        .name(format!("dp-worker-{index}"))
+        .spawn(move || {
+            if let Err(e) = affinity::set_thread_affinity([core]) {
+                eprintln!("devplane: worker {index}: could not pin to core {core}: {e}");
+            }
+            body()
+        })
+        .map_err(|source| ServerError::Thread { index, source })
+}
+
+impl Server {
+    /// Starts a server for `cfg` in the calling thread's network namespace.
+    pub fn start(cfg: &ServerConfig) -> Result<Server, ServerError> {
+        match cfg.server.mode {
+            Mode::Xdp => Self::start_xdp(cfg),
+            Mode::Socket => Self::start_socket(cfg),
+        }
+    }
+
+    fn start_socket(cfg: &ServerConfig) -> Result<Server, ServerError> {
+        let routes: Vec<(u32, u32)> = cfg.models.iter().map(|m| (m.id, m.worker as u32)).collect();
+        let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, cfg.server.port);
+        let sockets = socket::SocketSet::new(addr, cfg.server.workers.len(), &routes)?.take();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut server = Server {
+            stop: stop.clone(),
+            workers: Vec::new(),
+            stats: Vec::new(),
+            xdp: None,
+            id: cfg.server.id,
+        };
+        let lc = loop_config(cfg);
+        let admission = Arc::new(socket::Admission {
+            models: cfg.models.iter().map(|m| m.id).collect(),
+            clients: cfg.clients.iter().map(|c| (c.id, c.address)).collect(),
+            check_clients: cfg.server.check_clients,
+        });
+        for (i, ((sock, disp), &core)) in sockets
+            .into_iter()
+            .zip(build_dispatchers(cfg)?)
+            .zip(&cfg.server.workers)
+            .enumerate()
+        {
+            let stats = Arc::new(WorkerStats::default());
+            server.stats.push(stats.clone());
+            let router = IrqRouter::new(vm_clients(cfg));
+            let stop = stop.clone();
+            let admission = admission.clone();
+            server.workers.push(spawn_worker(i, core, move || {
+                socket::run_worker(sock, admission, disp, router, lc, stats, stop)
+            })?);
+        }
+        Ok(server)
+    }
+
+    fn start_xdp(cfg: &ServerConfig) -> Result<Server, ServerError> {
+        let ifname = cfg
+            .server
+            .interface
+            .clone()
+            .ok_or_else(|| ServerError::Config("xdp mode needs server.interface".into()))?;
+        let dispatchers = build_dispatchers(cfg)?;
+        let mut program = Program::load(None)?;
+        let pins = Some(bpffs::PinDir::create(
+            &cfg.server.effective_pin_dir(),
+            &mut program,
+        )?);
+        let mut maps = program.take_control_maps()?;
+        devplane_control::maps::sync(cfg, true, &mut maps)?;
+        let mut xsks = XskSet::new(&ifname, cfg.server.workers.len())?;
+        for (i, fd) in xsks.fds().into_iter().enumerate() {
+            program.set_xsk(i as u32, fd)?;
+        }
+        let attach = match program.xdp()?.attach(&ifname, XdpMode::Driver) {
+            Ok(_) => Attach::Driver,
+            Err(e) => {
+                eprintln!(
+                    "devplane: XDP driver mode refused on {ifname} ({e}); falling back to generic mode"
+                );
+                program
+                    .xdp()?
+                    .attach(&ifname, XdpMode::Skb)
+                    .map_err(XdpError::from)?;
+                Attach::Generic
+            }
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let rings = xsks.take_workers();
+        let mut server = Server {
+            stop: stop.clone(),
+            workers: Vec::new(),
+            stats: Vec::new(),
+            xdp: Some(XdpState {
+                xsks,
+                program,
+                maps,
+                attach,
+                pins,
+            }),
+            id: cfg.server.id,
+        };
+        let lc = loop_config(cfg);
+        for (i, ((rings, disp), &core)) in rings
+            .into_iter()
+            .zip(dispatchers)
+            .zip(&cfg.server.workers)
+            .enumerate()
+        {
+            let stats = Arc::new(WorkerStats::default());
+            server.stats.push(stats.clone());
+            let router = IrqRouter::new(vm_clients(cfg));
+            let stop = stop.clone();
+            server.workers.push(spawn_worker(i, core, move || {
+                afxdp::run_worker(rings, disp, router, lc, stats, stop)
+            })?);
+        }
+        Ok(server)
+    }
+
+    /// This server's platform id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Each worker's counters, in worker order.
+    pub fn worker_stats(&self) -> Vec<WorkerSnapshot> {
+        self.stats.iter().map(|s| s.snapshot()).collect()
+    }
+
+    /// The XDP program's counters (XDP mode only).
+    pub fn xdp_stats(&self) -> Option<Result<Stats, XdpError>> {
+        self.xdp.as_ref().map(|x| x.program.stats())
+    }
+
+    /// How XDP was attached (XDP mode only).
+    pub fn attach_mode(&self) -> Option<Attach> {
+        self.xdp.as_ref().map(|x| x.attach)
+    }
+
+    /// Stops the workers, detaches XDP and removes pinned maps.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        if let Some(x) = self.xdp.take() {
+            drop(x.xsks);
+            drop(x.program);
+            drop(x.maps);
+            drop(x.pins);
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

@@ -1,0 +1,247 @@
+//! Socket mode: the same workers and dispatch over plain UDP sockets, for
+//! runs without root and as the baseline of the benchmark.
+//!
+//! Every worker has its own socket bound to the server port with
+//! SO_REUSEPORT. The kernel steers each datagram to the socket of the
+//! worker that owns its device model with a classic-BPF reuseport program
+//! (SO_ATTACH_REUSEPORT_CBPF, unprivileged) generated from the routing
+//! table: it reads the device-model id at offset 4 of the UDP payload and
+//! returns the owning worker's index. Unknown models fall back to the
+//! kernel's hash and are answered `NoSuchModel` by whichever worker gets
+//! them.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::ServerError;
+use super::afxdp::LoopConfig;
+use super::backoff::{Backoff, wait_readable};
+use super::dispatch::{Dispatcher, Outcome};
+use super::frames::interrupt_datagram;
+use super::irq::{IrqRouter, Peers};
+use super::stats::WorkerStats;
+
+const BPF_LD_W_ABS: u16 = 0x20;
+const BPF_JEQ_K: u16 = 0x15;
+const BPF_RET_K: u16 = 0x06;
+
+/// The classic-BPF reuseport program steering `(model, worker)` pairs.
+pub fn steering_program(routes: &[(u32, u32)]) -> Vec<libc::sock_filter> {
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let mut prog = Vec::with_capacity(2 + routes.len() * 2);
+    // A = the 4 payload bytes at offset 4, read big-endian: the model id
+    // is little-endian on the wire, so compare against its byte swap.
+    prog.push(op(
+        BPF_LD_W_ABS,
+        0,
+        0,
+        devplane_wire::header::OFF_MODEL as u32,
+    ));
+    for &(model, worker) in routes {
+        prog.push(op(BPF_JEQ_K, 0, 1, model.swap_bytes()));
+        prog.push(op(BPF_RET_K, 0, 0, worker));
+    }
+    // Out of range: the kernel falls back to its hash.
+    prog.push(op(BPF_RET_K, 0, 0, u32::MAX));
+    prog
+}
+
+/// Most routes one steering program holds (cBPF's 4096-instruction limit).
+pub const MAX_STEERED_MODELS: usize = 2000;
+
+/// The worker sockets of one server.
+pub struct SocketSet {
+    sockets: Vec<UdpSocket>,
+}
+
+impl SocketSet {
+    /// Binds `workers` sockets to `addr` in one reuseport group and attaches
+    /// the steering program for `routes`.
+    pub fn new(
+        addr: SocketAddrV4,
+        workers: usize,
+        routes: &[(u32, u32)],
+    ) -> Result<SocketSet, ServerError> {
+        if routes.len() > MAX_STEERED_MODELS {
+            return Err(ServerError::Config(format!(
+                "socket mode steers at most {MAX_STEERED_MODELS} models, {} configured",
+                routes.len()
+            )));
+        }
+        let io = |what: &'static str| move |source| ServerError::Socket { what, source };
+        let mut sockets = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
+                .map_err(io("socket"))?;
+            s.set_reuse_port(true).map_err(io("SO_REUSEPORT"))?;
+            s.set_nonblocking(true).map_err(io("O_NONBLOCK"))?;
+            s.bind(&SocketAddr::V4(addr).into())
+                .map_err(io("bind (is another server on this port?)"))?;
+            sockets.push(UdpSocket::from(s));
+        }
+        let set = SocketSet { sockets };
+        set.steer(routes)?;
+        Ok(set)
+    }
+
+    /// Replaces the steering program (routes changed).
+    pub fn steer(&self, routes: &[(u32, u32)]) -> Result<(), ServerError> {
+        let Some(first) = self.sockets.first() else {
+            return Ok(());
+        };
+        let prog = steering_program(routes);
+        let fprog = libc::sock_fprog {
+            len: prog.len() as u16,
+            filter: prog.as_ptr() as *mut libc::sock_filter,
+        };
+        // SAFETY: `fprog` points at `prog`, alive for the call; the kernel
+        // copies the program.
+        let rc = unsafe {
+            libc::setsockopt(
+                first.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ATTACH_REUSEPORT_CBPF,
+                &fprog as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(ServerError::Socket {
+                what: "SO_ATTACH_REUSEPORT_CBPF",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The sockets, worker by worker (to move into the worker threads).
+    pub fn take(self) -> Vec<UdpSocket> {
+        self.sockets
+    }
+}
+
+/// What the XDP program checks, done in userspace for socket mode: the
+/// device model is served here, the client is registered and the datagram
+/// comes from the client's registered address.
+#[derive(Debug, Clone, Default)]
+pub struct Admission {
+    /// Models served by this server.
+    pub models: HashSet<u32>,
+    /// Registered clients and their addresses.
+    pub clients: HashMap<u32, Ipv4Addr>,
+    /// Whether to check clients (`server.check_clients`).
+    pub check_clients: bool,
+}
+
+impl Admission {
+    /// `None` if admitted, else the counter to bump.
+    fn check<'s>(
+        &self,
+        payload: &[u8],
+        from: &SocketAddr,
+        stats: &'s WorkerStats,
+    ) -> Option<&'s AtomicU64> {
+        let word = |off: usize| {
+            payload
+                .get(off..off + 4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        // Too short to name a model: the dispatcher rejects it as malformed.
+        let model = word(devplane_wire::header::OFF_MODEL)?;
+        if !self.models.contains(&model) {
+            return Some(&stats.drop_unknown_model);
+        }
+        if self.check_clients {
+            let client = word(devplane_wire::header::OFF_CLIENT)?;
+            match self.clients.get(&client) {
+                None => return Some(&stats.drop_unknown_client),
+                Some(ip) if SocketAddr::from((*ip, from.port())) != *from => {
+                    return Some(&stats.drop_spoofed);
+                }
+                Some(_) => {}
+            }
+        }
+        None
+    }
+}
+
+/// The socket-mode worker loop: runs until `stop` is set.
+#[allow(clippy::too_many_arguments)]
+pub fn run_worker(
+    sock: UdpSocket,
+    admission: Arc<Admission>,
+    mut disp: Dispatcher,
+    mut router: IrqRouter,
+    cfg: LoopConfig,
+    stats: Arc<WorkerStats>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut backoff = Backoff::new(cfg.spin_budget, cfg.idle_sleep);
+    let mut peers: Peers<SocketAddr> = Peers::default();
+    let mut buf = vec![0u8; 2048];
+    let mut irq_buf = vec![0u8; devplane_wire::MAX_DATAGRAM];
+    let fd = sock.as_raw_fd();
+    while !stop.load(Ordering::Relaxed) {
+        let mut got = 0u64;
+        while got < cfg.batch as u64 {
+            let (n, from) = match sock.recv_from(&mut buf) {
+                Ok(x) => x,
+                Err(_) => break, // WouldBlock (or a transient error): idle
+            };
+            got += 1;
+            let payload = &mut buf[..n];
+            if let Some(counter) = admission.check(payload, &from, &stats) {
+                WorkerStats::add(counter, 1);
+                continue;
+            }
+            if let Outcome::Respond { .. } = disp.handle(payload) {
+                let client = u32::from_le_bytes([
+                    payload[devplane_wire::header::OFF_CLIENT],
+                    payload[devplane_wire::header::OFF_CLIENT + 1],
+                    payload[devplane_wire::header::OFF_CLIENT + 2],
+                    payload[devplane_wire::header::OFF_CLIENT + 3],
+                ]);
+                peers.learn(client, from);
+                match sock.send_to(payload, from) {
+                    Ok(_) => WorkerStats::add(&stats.tx, 1),
+                    Err(_) => WorkerStats::add(&stats.tx_full, 1),
+                }
+            }
+        }
+        router.push(disp.drain_irqs());
+        if router.held() > 0 {
+            let server = cfg.server;
+            let sent = router.flush(&peers, |client, to, irq| {
+                let Some(len) = interrupt_datagram(
+                    &mut irq_buf,
+                    server,
+                    client,
+                    irq.model,
+                    std::slice::from_ref(irq),
+                ) else {
+                    return false;
+                };
+                sock.send_to(&irq_buf[..len], to).is_ok()
+            });
+            WorkerStats::add(&stats.irqs_sent, sent as u64);
+            WorkerStats::add(&stats.tx, sent as u64);
+            stats
+                .irqs_held
+                .store(router.held() as u64, Ordering::Relaxed);
+        }
+        WorkerStats::add(&stats.rx, got);
+        if got > 0 {
+            stats.publish(&disp.stats());
+            backoff.busy();
+        } else if let Some(t) = backoff.idle() {
+            WorkerStats::add(&stats.sleeps, 1);
+            wait_readable(fd, t);
+        }
+    }
+    stats.publish(&disp.stats());
+}

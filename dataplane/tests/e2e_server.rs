@@ -1,0 +1,387 @@
+//! End to end: a server in one network namespace (XDP in driver mode on its
+//! veth and two AF_XDP workers, or plain sockets), a real UDP sender in
+//! another. Requests for model A must be served by worker 0 and for model B
+//! by worker 1, answers must carry the right data, device-initiated
+//! interrupts must reach the client, and bad frames must be dropped and
+//! counted without reaching a worker.
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use devplane_control::config::{
+    ClientConfig, Mode, ModelConfig, ServerConfig, ServerSection, Tuning, VmConfig,
+};
+use devplane_dataplane::privilege::{self, Capability};
+use devplane_dataplane::server::Attach;
+use devplane_dataplane::server::host::{ServerSnapshot, ServerThread};
+use devplane_dataplane::topology::{Side, Topology};
+use devplane_devmodels::counter::{REG_COUNT, REG_IRQ};
+use devplane_wire::maps::Counter;
+use devplane_wire::{
+    Access, AccessSize, Datagram, Header, IrqAction, Kind, Record, Request, RequestId, Status,
+    datagram,
+};
+
+const PORT: u16 = 7700;
+const SERVER: u32 = 1;
+const CLIENT: u32 = 7;
+const VM: u32 = 1;
+const HV: u32 = 3;
+/// Counter model on worker 0 at ports 0x500.., raising line 5.
+const MODEL_A: u32 = 100;
+/// Echo model on worker 1 at MMIO 0xd000_0000.
+const MODEL_B: u32 = 200;
+const PIO_A: u16 = 0x500;
+const MMIO_B: u64 = 0xd000_0000;
+
+fn config(topo: &Topology, mode: Mode, tag: &str) -> ServerConfig {
+    ServerConfig {
+        server: ServerSection {
+            id: SERVER,
+            port: PORT,
+            mode,
+            interface: Some(topo.server_ifname().to_string()),
+            workers: vec![0, 1],
+            pin_dir: Some(format!("/sys/fs/bpf/devplane-test-{tag}-{}", std::process::id()).into()),
+            check_clients: true,
+        },
+        tuning: Tuning {
+            spin_budget: 200,
+            idle_sleep_us: 100,
+            batch: 64,
+        },
+        clients: vec![ClientConfig {
+            id: CLIENT,
+            address: topo.client_ip(),
+        }],
+        vms: vec![VmConfig {
+            id: VM,
+            client: CLIENT,
+            hypervisor: HV,
+        }],
+        models: vec![
+            ModelConfig {
+                id: MODEL_A,
+                kind: "counter".into(),
+                worker: 0,
+                line: Some(5),
+                vm: Some(VM),
+                pio_base: Some(PIO_A),
+                mmio_base: None,
+            },
+            ModelConfig {
+                id: MODEL_B,
+                kind: "echo".into(),
+                worker: 1,
+                line: None,
+                vm: None,
+                pio_base: None,
+                mmio_base: Some(MMIO_B),
+            },
+        ],
+    }
+}
+
+struct Requester {
+    sock: UdpSocket,
+    server: SocketAddr,
+    seq: u64,
+}
+
+impl Requester {
+    fn new(topo: &Topology, bind: Ipv4Addr) -> Requester {
+        let sock = topo
+            .run(Side::Client, move || UdpSocket::bind((bind, 0)))
+            .expect("enter client netns")
+            .expect("bind client socket");
+        sock.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        Requester {
+            sock,
+            server: SocketAddr::from((topo.server_ip(), PORT)),
+            seq: 0,
+        }
+    }
+
+    fn request(&mut self, access: Access) -> Record {
+        self.seq += 1;
+        Record::Request(Request {
+            id: RequestId {
+                vm: VM,
+                hypervisor: HV,
+                vcpu: 0,
+                seq: self.seq,
+            },
+            access,
+            flags: 0,
+        })
+    }
+
+    fn send_raw(&self, bytes: &[u8]) {
+        self.sock.send_to(bytes, self.server).unwrap();
+    }
+
+    fn encode(&self, model: u32, client: u32, recs: &[Record]) -> Vec<u8> {
+        let mut buf = vec![0u8; devplane_wire::MAX_DATAGRAM];
+        let n = datagram::encode(
+            &mut buf,
+            Header::new(Kind::Request, model, SERVER, client),
+            recs,
+        )
+        .unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    /// Sends one datagram of `accesses` to `model`; returns (status, data)
+    /// per record, checking ids, order and header fields.
+    fn call(&mut self, model: u32, accesses: &[Access]) -> Vec<(Status, u64)> {
+        let recs: Vec<Record> = accesses.iter().map(|a| self.request(*a)).collect();
+        self.send_raw(&self.encode(model, CLIENT, &recs));
+        let mut buf = [0u8; 2048];
+        loop {
+            let (n, _) = self
+                .sock
+                .recv_from(&mut buf)
+                .expect("no response within 300 ms");
+            let d = Datagram::parse(&buf[..n]).expect("response parses");
+            if d.kind() == Kind::Interrupt {
+                continue; // interrupts are checked separately
+            }
+            assert_eq!(d.kind(), Kind::Response);
+            assert_eq!((d.model(), d.server(), d.client()), (model, SERVER, CLIENT));
+            let out: Vec<(Status, u64)> = d
+                .records()
+                .zip(&recs)
+                .map(|(r, q)| match (r, q) {
+                    (Record::Response(r), Record::Request(q)) => {
+                        assert_eq!(r.id, q.id, "response out of order or misrouted");
+                        (r.status, r.data)
+                    }
+                    other => panic!("unexpected {other:?}"),
+                })
+                .collect();
+            assert_eq!(out.len(), recs.len());
+            return out;
+        }
+    }
+
+    /// Expects no datagram within `ms`.
+    fn expect_silence(&self, ms: u64) {
+        self.sock
+            .set_read_timeout(Some(Duration::from_millis(ms)))
+            .unwrap();
+        let mut buf = [0u8; 2048];
+        if let Ok((n, _)) = self.sock.recv_from(&mut buf) {
+            panic!("unexpected answer: {:?}", Datagram::parse(&buf[..n]));
+        }
+        self.sock
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+    }
+
+    fn interrupts(&self, want: usize) -> Vec<devplane_wire::Interrupt> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 2048];
+        while out.len() < want {
+            let (n, _) = self
+                .sock
+                .recv_from(&mut buf)
+                .expect("interrupt did not arrive");
+            let d = Datagram::parse(&buf[..n]).expect("interrupt parses");
+            assert_eq!(d.kind(), Kind::Interrupt);
+            assert_eq!(
+                (d.model(), d.server(), d.client()),
+                (MODEL_A, SERVER, CLIENT)
+            );
+            for r in d.records() {
+                match r {
+                    Record::Interrupt(i) => out.push(i),
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        out
+    }
+}
+
+fn pio_write(data: u32) -> Access {
+    Access::PioOut {
+        port: PIO_A + REG_COUNT as u16,
+        size: AccessSize::B4,
+        data,
+    }
+}
+
+fn pio_read() -> Access {
+    Access::PioIn {
+        port: PIO_A + REG_COUNT as u16,
+        size: AccessSize::B4,
+    }
+}
+
+fn wait_for(srv: &ServerThread, what: &str, f: impl Fn(&ServerSnapshot) -> bool) -> ServerSnapshot {
+    for _ in 0..100 {
+        let s = srv.snapshot();
+        if f(&s) {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{what}: counters never got there: {:?}", srv.snapshot());
+}
+
+fn run(mode: Mode, tag: &str) {
+    let test = format!("e2e_server_{tag}");
+    if !privilege::require(&test, &[Capability::Root, Capability::Bpf]) {
+        return;
+    }
+    let topo = match Topology::new(tag) {
+        Ok(t) => t,
+        Err(e) => {
+            privilege::unavailable(&test, &format!("cannot build the netns topology: {e}"));
+            return;
+        }
+    };
+    let srv = ServerThread::spawn(config(&topo, mode, tag), Some(topo.server_netns()))
+        .expect("server starts");
+    if mode == Mode::Xdp {
+        assert_eq!(
+            srv.attach_mode(),
+            Some(Attach::Driver),
+            "XDP must attach in driver mode on veth"
+        );
+    }
+    let mut c = Requester::new(&topo, topo.client_ip());
+
+    // Model A (counter, worker 0): 20 single writes, then 5 writes and a
+    // read in one datagram.
+    for i in 0..20 {
+        assert_eq!(c.call(MODEL_A, &[pio_write(i)]), vec![(Status::Ok, 0)]);
+    }
+    let mut batch: Vec<Access> = (0..5).map(pio_write).collect();
+    batch.push(pio_read());
+    let got = c.call(MODEL_A, &batch);
+    assert_eq!(got[5], (Status::Ok, 25), "counter saw {got:?}");
+    // Model B (echo, worker 1): MMIO write then read, 8 bytes.
+    let w = Access::MmioWrite {
+        gpa: MMIO_B,
+        size: AccessSize::B8,
+        data: 0xdead_beef_0bad_f00d,
+    };
+    let r = Access::MmioRead {
+        gpa: MMIO_B,
+        size: AccessSize::B8,
+    };
+    assert_eq!(c.call(MODEL_B, &[w]), vec![(Status::Ok, 0)]);
+    assert_eq!(
+        c.call(MODEL_B, &[r]),
+        vec![(Status::Ok, 0xdead_beef_0bad_f00d)]
+    );
+    // An access the model does not decode gets a status, not silence.
+    let bad = Access::PioIn {
+        port: PIO_A + 3,
+        size: AccessSize::B1,
+    };
+    assert_eq!(c.call(MODEL_A, &[bad]), vec![(Status::Unmapped, 0)]);
+
+    let s = wait_for(&srv, "per-worker datagrams", |s| {
+        s.workers[0].datagrams == 22 && s.workers[1].datagrams == 2
+    });
+    assert_eq!(s.workers[0].records, 20 + 6 + 1);
+    assert_eq!(s.workers[1].records, 2);
+
+    // Device-initiated interrupts: ask model A to raise 3 edges.
+    let raise = Access::PioOut {
+        port: PIO_A + REG_IRQ as u16,
+        size: AccessSize::B1,
+        data: 3,
+    };
+    assert_eq!(c.call(MODEL_A, &[raise]), vec![(Status::Ok, 0)]);
+    let irqs = c.interrupts(3);
+    for (i, irq) in irqs.iter().enumerate() {
+        assert_eq!((irq.vm, irq.hypervisor, irq.line), (VM, HV, 5));
+        assert_eq!(irq.action, IrqAction::Edge);
+        assert_eq!(irq.seq, i as u64 + 1, "interrupts out of order");
+    }
+    wait_for(&srv, "interrupts sent", |s| s.workers[0].irqs_sent == 3);
+
+    // Bad traffic: none of it may reach a worker.
+    let before = srv.snapshot();
+    let one = [c.request(pio_write(1))];
+    c.send_raw(&c.encode(300, CLIENT, &one)); // unknown model
+    c.send_raw(&c.encode(MODEL_A, CLIENT + 1, &one)); // unknown client
+    let mut magic = c.encode(MODEL_A, CLIENT, &one);
+    magic[0] = b'X';
+    c.send_raw(&magic); // bad magic
+    c.send_raw(&c.encode(MODEL_A, CLIENT, &one)[..10]); // truncated
+    // Spoofed: the registered client id from another address.
+    let spoof_ip = {
+        let o = topo.client_ip().octets();
+        Ipv4Addr::new(o[0], o[1], o[2], 200)
+    };
+    topo.exec(
+        Side::Client,
+        [
+            "ip",
+            "addr",
+            "add",
+            &format!("{spoof_ip}/24"),
+            "dev",
+            topo.client_ifname(),
+        ],
+    )
+    .expect("add a second client address");
+    let spoofer = Requester::new(&topo, spoof_ip);
+    spoofer.send_raw(&c.encode(MODEL_A, CLIENT, &one));
+    c.expect_silence(200);
+    spoofer.expect_silence(50);
+
+    let after = match mode {
+        Mode::Xdp => wait_for(&srv, "XDP drop counters", |s| {
+            let (Some(a), Some(b)) = (&s.xdp, &before.xdp) else {
+                return false;
+            };
+            let d = a.since(b);
+            d.get(Counter::DropUnknownModel) == 1
+                && d.get(Counter::DropUnknownClient) == 1
+                && d.get(Counter::DropBadMagic) == 1
+                && d.get(Counter::DropTruncated) == 1
+                && d.get(Counter::DropSpoofed) == 1
+        }),
+        Mode::Socket => wait_for(&srv, "socket-mode drop counters", |s| {
+            let w = |f: fn(&devplane_dataplane::server::stats::WorkerSnapshot) -> u64| {
+                s.workers.iter().map(f).sum::<u64>() - before.workers.iter().map(f).sum::<u64>()
+            };
+            w(|x| x.drop_unknown_model) == 1
+                && w(|x| x.drop_unknown_client) == 1
+                && w(|x| x.drop_spoofed) == 1
+                && w(|x| x.malformed) == 2
+        }),
+    };
+    for (b, a) in before.workers.iter().zip(&after.workers) {
+        assert_eq!(a.datagrams, b.datagrams, "a bad frame was answered");
+        assert_eq!(a.records, b.records, "a bad frame reached a model");
+        if mode == Mode::Xdp {
+            assert_eq!(a.rx, b.rx, "a bad frame reached a worker");
+            assert_eq!(a.malformed, b.malformed);
+        }
+    }
+    // The counter saw none of the bad writes.
+    assert_eq!(c.call(MODEL_A, &[pio_read()]), vec![(Status::Ok, 25)]);
+    if let Some(x) = &after.xdp {
+        eprintln!("XDP counters: {:?}", x.nonzero().collect::<Vec<_>>());
+    }
+    eprintln!("workers: {:?}", after.workers);
+    srv.stop();
+}
+
+#[test]
+fn xdp_mode_steers_answers_and_drops() {
+    run(Mode::Xdp, "x");
+}
+
+#[test]
+fn socket_mode_steers_answers_and_drops() {
+    run(Mode::Socket, "s");
+}
