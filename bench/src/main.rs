@@ -7,6 +7,10 @@
 //! cost of the XDP steering program per frame (BPF_PROG_TEST_RUN, timed by
 //! the kernel) and of parsing a datagram in userspace.
 
+mod hist;
+mod server;
+mod udp;
+
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -26,6 +30,9 @@ enum Scenario {
     XdpProg,
     /// Parsing a datagram in userspace.
     Parse,
+    /// Server round trips and rate on the netns topology, beside the raw
+    /// busy-polling UDP floor of the same run (needs root).
+    Server,
 }
 
 /// devplane's latency benchmark.
@@ -35,9 +42,12 @@ struct Args {
     /// Scenarios to run (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     scenario: Vec<Scenario>,
-    /// Iterations per measurement.
+    /// Iterations per micro-measurement (xdp-prog, parse).
     #[arg(long, default_value_t = 200_000)]
     iterations: u32,
+    /// Round trips per latency measurement (server).
+    #[arg(long, default_value_t = 20_000)]
+    round_trips: u32,
 }
 
 fn request_frame(records: usize, model: u32) -> Result<Vec<u8>> {
@@ -122,13 +132,50 @@ fn parse(iterations: u32) -> Result<()> {
     Ok(())
 }
 
+fn us(ns: u64) -> f64 {
+    ns as f64 / 1000.0
+}
+
+fn print_server(rows: Vec<server::Row>) {
+    let floor = rows
+        .iter()
+        .find(|r| r.name == "udp-floor")
+        .and_then(|r| r.latency);
+    println!(
+        "{:<12} {:>9} {:>9} {:>9} {:>9} {:>12} {:>14}",
+        "server", "p50 us", "p99 us", "p99.9 us", "max us", "p50/floor", "rate rec/s"
+    );
+    for r in rows {
+        match (r.latency, r.rate) {
+            (Some(l), _) => {
+                let ratio = floor.map_or(f64::NAN, |f| l.p50 as f64 / f.p50 as f64);
+                println!(
+                    "{:<12} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>12.2} {:>14}",
+                    r.name,
+                    us(l.p50),
+                    us(l.p99),
+                    us(l.p999),
+                    us(l.max),
+                    ratio,
+                    "-"
+                );
+            }
+            (None, Some(rate)) => println!(
+                "{:<12} {:>9} {:>9} {:>9} {:>9} {:>12} {:>14.0}",
+                r.name, "-", "-", "-", "-", "-", rate
+            ),
+            (None, None) => {}
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     if args.iterations == 0 {
         bail!("--iterations must be at least 1");
     }
     let scenarios = if args.scenario.is_empty() {
-        vec![Scenario::XdpProg, Scenario::Parse]
+        vec![Scenario::XdpProg, Scenario::Parse, Scenario::Server]
     } else {
         args.scenario
     };
@@ -136,6 +183,7 @@ fn main() -> Result<()> {
         match s {
             Scenario::XdpProg => xdp_prog(args.iterations)?,
             Scenario::Parse => parse(args.iterations)?,
+            Scenario::Server => print_server(server::run(args.round_trips)?),
         }
     }
     Ok(())
