@@ -4,6 +4,9 @@
 .PHONY: setup bench test fmt-check clippy fuzz nextest
 
 FUZZ_SECONDS ?= 20
+# pipefail: a fuzz crash must fail the pipeline through `tail`.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 
 setup:
 	@bash scripts/setup.sh

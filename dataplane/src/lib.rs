@@ -8,6 +8,7 @@
 //! writes them into the eBPF maps this crate reads.
 #![deny(missing_docs)]
 
+pub mod client;
 pub mod privilege;
 pub mod server;
 pub mod topology;

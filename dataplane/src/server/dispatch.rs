@@ -7,7 +7,7 @@
 //! over the request in the same buffer — a UMEM frame in AF_XDP mode, the
 //! receive buffer in socket mode.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use devplane_devmodels::{DeviceModel, IrqEvent, Space};
 use devplane_wire::record::OP_RESPONSE;
@@ -90,14 +90,54 @@ pub struct DispatchStats {
     pub malformed: u64,
     /// Acknowledgements consumed.
     pub acks: u64,
+    /// Retransmitted requests answered again without being re-applied.
+    pub duplicates: u64,
+    /// Requests older than the duplicate window (answered `Stale`).
+    pub stale: u64,
     /// Interrupts raised by models.
     pub irqs_raised: u64,
+}
+
+/// Answers a worker keeps per (VM, vCPU) so that a retransmitted request
+/// is answered again without being applied twice. A client has at most
+/// [`WINDOW`] requests of one vCPU in flight, so a retransmission is always
+/// inside the window.
+pub const WINDOW: usize = 256;
+
+/// The recent answers of one vCPU at this worker.
+#[derive(Debug, Default)]
+struct SeqWindow {
+    answers: BTreeMap<u64, (Status, u64)>,
+}
+
+impl SeqWindow {
+    /// `Some(answer)` for a request already applied, `Some(Stale)` for one
+    /// older than the window, `None` for a new one.
+    fn lookup(&self, seq: u64) -> Option<(Status, u64)> {
+        if let Some(a) = self.answers.get(&seq) {
+            return Some(*a);
+        }
+        match self.answers.first_key_value() {
+            Some((&oldest, _)) if self.answers.len() >= WINDOW && seq < oldest => {
+                Some((Status::Stale, 0))
+            }
+            _ => None,
+        }
+    }
+
+    fn remember(&mut self, seq: u64, answer: (Status, u64)) {
+        self.answers.insert(seq, answer);
+        while self.answers.len() > WINDOW {
+            self.answers.pop_first();
+        }
+    }
 }
 
 /// Owns a worker's models and applies requests to them.
 pub struct Dispatcher {
     server: u32,
     models: HashMap<u32, ModelSlot>,
+    windows: HashMap<(u32, u16), SeqWindow>,
     irqs: Vec<PendingIrq>,
     stats: DispatchStats,
 }
@@ -108,6 +148,7 @@ impl Dispatcher {
         Dispatcher {
             server,
             models: HashMap::new(),
+            windows: HashMap::new(),
             irqs: Vec::new(),
             stats: DispatchStats::default(),
         }
@@ -216,14 +257,24 @@ impl Dispatcher {
             let Ok(Record::Request(req)) = raw.decode(i, Kind::Request) else {
                 continue; // unreachable: parse validated every record
             };
-            let (status, data) = match slot.as_deref_mut() {
-                None => {
+            let window = self.windows.entry((req.id.vm, req.id.vcpu)).or_default();
+            let (status, data) = match (window.lookup(req.id.seq), slot.as_deref_mut()) {
+                (Some(answer), _) => {
+                    if answer.0 == Status::Stale {
+                        self.stats.stale += 1;
+                    } else {
+                        self.stats.duplicates += 1;
+                    }
+                    answer
+                }
+                (None, None) => {
                     self.stats.no_such_model += 1;
                     (Status::NoSuchModel, 0)
                 }
-                Some(slot) => {
+                (None, Some(slot)) => {
                     let r = apply(slot, &req.access, &mut self.stats);
                     Self::collect_irqs(model_id, slot, &mut self.irqs, &mut self.stats);
+                    window.remember(req.id.seq, r);
                     r
                 }
             };
@@ -375,7 +426,7 @@ mod tests {
             Some(Record::Response(r)) => assert_eq!(r.status, Status::Unmapped),
             other => panic!("{other:?}"),
         }
-        let mut buf = encode(43, &[req(1, r)]);
+        let mut buf = encode(43, &[req(2, r)]);
         d.handle(&mut buf);
         match Datagram::parse(&buf).unwrap().records().next() {
             Some(Record::Response(r)) => assert_eq!(r.status, Status::NoSuchModel),
@@ -408,6 +459,48 @@ mod tests {
         let mut ok = encode(42, &[req(1, w)]);
         d.handle(&mut ok);
         assert!(matches!(d.handle(&mut ok), Outcome::Malformed(_)));
+    }
+
+    #[test]
+    fn a_retransmitted_write_is_applied_once_and_answered_again() {
+        let mut d = dispatcher();
+        let w = Access::PioOut {
+            port: 0x100,
+            size: AccessSize::B1,
+            data: 5,
+        };
+        let r = Access::PioIn {
+            port: 0x100,
+            size: AccessSize::B4,
+        };
+        let first = encode(42, &[req(1, w), req(2, r)]);
+        let mut a = first.clone();
+        d.handle(&mut a);
+        let mut b = first.clone();
+        d.handle(&mut b);
+        assert_eq!(a, b, "the repeat got a different answer");
+        let mut c = encode(42, &[req(3, r)]);
+        d.handle(&mut c);
+        match Datagram::parse(&c).unwrap().records().next() {
+            Some(Record::Response(r)) => assert_eq!(r.data, 1, "write applied twice"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(d.stats().duplicates, 2);
+        // Push seq 1 out of the window: a repeat of it is now stale.
+        for seq in 4..(WINDOW as u64 + 10) {
+            let mut x = encode(42, &[req(seq, r)]);
+            d.handle(&mut x);
+        }
+        let mut old = encode(42, &[req(1, w)]);
+        d.handle(&mut old);
+        match Datagram::parse(&old).unwrap().records().next() {
+            Some(Record::Response(r)) => assert_eq!(r.status, Status::Stale),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            d.model(42).unwrap().model.snapshot().data[..8],
+            1u64.to_le_bytes()
+        );
     }
 
     #[test]

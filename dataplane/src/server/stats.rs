@@ -25,6 +25,10 @@ pub struct WorkerStats {
     pub bad_frames: AtomicU64,
     /// Acknowledgements consumed.
     pub acks: AtomicU64,
+    /// Requests older than the duplicate window.
+    pub stale: AtomicU64,
+    /// Retransmitted requests answered again without being re-applied.
+    pub duplicates: AtomicU64,
     /// Interrupts raised by this worker's models.
     pub irqs_raised: AtomicU64,
     /// Interrupt datagrams sent.
@@ -62,6 +66,10 @@ pub struct WorkerSnapshot {
     pub bad_frames: u64,
     /// See [`WorkerStats::acks`].
     pub acks: u64,
+    /// See [`WorkerStats::stale`].
+    pub stale: u64,
+    /// See [`WorkerStats::duplicates`].
+    pub duplicates: u64,
     /// See [`WorkerStats::irqs_raised`].
     pub irqs_raised: u64,
     /// See [`WorkerStats::irqs_sent`].
@@ -89,6 +97,8 @@ impl WorkerStats {
         self.no_such_model.store(d.no_such_model, r);
         self.malformed.store(d.malformed, r);
         self.acks.store(d.acks, r);
+        self.stale.store(d.stale, r);
+        self.duplicates.store(d.duplicates, r);
         self.irqs_raised.store(d.irqs_raised, r);
     }
 
@@ -111,6 +121,8 @@ impl WorkerStats {
             malformed: self.malformed.load(r),
             bad_frames: self.bad_frames.load(r),
             acks: self.acks.load(r),
+            stale: self.stale.load(r),
+            duplicates: self.duplicates.load(r),
             irqs_raised: self.irqs_raised.load(r),
             irqs_sent: self.irqs_sent.load(r),
             irqs_held: self.irqs_held.load(r),

@@ -1,0 +1,498 @@
+//! Test guests: tiny 16-bit real-mode programs assembled at run time from
+//! the source in this file (iced-x86's `CodeAssembler`; no prebuilt bytes).
+//!
+//! Every guest is a "tiny model" program: it is loaded at the start of a
+//! 64 KiB segment and entered at `cs:ip` with DS = ES = SS = CS (see
+//! [`Entry`]); its variables live at [`DATA_OFFSET`] and its stack grows
+//! down from [`STACK_TOP`] in the same segment. Each reports its result by
+//! writing a 32-bit value to [`DONE_PORT`], then halts with interrupts off.
+
+use iced_x86::IcedError;
+use iced_x86::code_asm::{
+    CodeAssembler, CodeLabel, al, ax, bx, cs, cx, ds, dword_ptr, dx, eax, edx, es, fs, mm0,
+    qword_ptr, word_ptr,
+};
+
+use super::kvm::{DONE_PORT, Entry};
+
+/// Segment of single-vCPU guests (loaded at GPA `0x10000`).
+pub const GUEST_SEGMENT: u16 = 0x1000;
+
+/// Offset of a guest's variables in its segment.
+pub const DATA_OFFSET: u16 = 0x8000;
+
+/// Initial stack pointer of a guest.
+pub const STACK_TOP: u16 = 0xfff0;
+
+/// Master 8259 PIC command and data ports.
+const PIC1_CMD: u16 = 0x20;
+const PIC1_DATA: u16 = 0x21;
+/// Slave 8259 PIC command and data ports.
+const PIC2_CMD: u16 = 0xa0;
+const PIC2_DATA: u16 = 0xa1;
+/// Vector of master PIC input 0 after [`irq_counter`] programs it.
+pub const PIC_VECTOR_BASE: u8 = 0x20;
+
+/// Why a guest could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// The assembler rejected the program (a bug in this file).
+    #[error("assembling the guest: {0}")]
+    Assemble(#[from] IcedError),
+    /// An argument is out of the range the guest supports.
+    #[error("bad guest argument: {0}")]
+    BadArgument(String),
+}
+
+/// An assembled guest: load `code` at `load_gpa`, start a vCPU at `entry`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guest {
+    /// Machine code (and nothing else: variables are set up at run time).
+    pub code: Vec<u8>,
+    /// Where `code` goes in guest memory.
+    pub load_gpa: u64,
+    /// Where the vCPU starts.
+    pub entry: Entry,
+}
+
+impl Guest {
+    /// The end of the 64 KiB segment the guest uses (code, data, stack):
+    /// guest memory must be at least this large.
+    pub fn mem_end(&self) -> u64 {
+        self.load_gpa + 0x1_0000
+    }
+}
+
+/// A program being assembled in segment `seg`, entered at `ip`.
+struct Program {
+    a: CodeAssembler,
+    seg: u16,
+}
+
+impl Program {
+    fn new(seg: u16) -> Result<Program, GuestError> {
+        Ok(Program {
+            a: CodeAssembler::new(16)?,
+            seg,
+        })
+    }
+
+    /// `out DONE_PORT, eax`, then halt with interrupts off for good.
+    fn report_eax(&mut self) -> Result<(), GuestError> {
+        let a = &mut self.a;
+        a.out(u32::from(DONE_PORT), eax)?;
+        let mut halt = a.create_label();
+        a.set_label(&mut halt)?;
+        a.cli()?;
+        a.hlt()?;
+        a.jmp(halt)?;
+        Ok(())
+    }
+
+    /// Assembles with the entry point at `entry` (a label already set).
+    fn finish(mut self, entry: Option<CodeLabel>) -> Result<Guest, GuestError> {
+        let ip = match entry {
+            None => {
+                self.a.assemble(0)?;
+                0
+            }
+            Some(label) => {
+                let r = self.a.assemble_options(
+                    0,
+                    iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+                )?;
+                r.label_ip(&label)?
+            }
+        };
+        let code = self.a.assemble(0)?;
+        if code.len() >= usize::from(DATA_OFFSET) {
+            return Err(GuestError::BadArgument(format!(
+                "program of {} bytes overlaps its data at {DATA_OFFSET:#x}",
+                code.len()
+            )));
+        }
+        let ip = u16::try_from(ip)
+            .map_err(|_| GuestError::BadArgument(format!("entry {ip:#x} beyond 64 KiB")))?;
+        Ok(Guest {
+            code,
+            load_gpa: u64::from(self.seg) << 4,
+            entry: Entry {
+                cs: self.seg,
+                ip,
+                sp: STACK_TOP,
+            },
+        })
+    }
+}
+
+/// `iterations` times: `out port, eax` with eax = 1, 2, ...; then one
+/// `in eax, port`, reported via [`DONE_PORT`]. Against a device that
+/// counts writes and returns the count on read, reports `iterations`.
+pub fn pio_loop(port: u16, iterations: u16) -> Result<Guest, GuestError> {
+    pio_loop_in(GUEST_SEGMENT, port, iterations)
+}
+
+fn pio_loop_in(seg: u16, port: u16, iterations: u16) -> Result<Guest, GuestError> {
+    let mut p = Program::new(seg)?;
+    let a = &mut p.a;
+    let mut top = a.create_label();
+    let mut done = a.create_label();
+    a.mov(dx, u32::from(port))?;
+    a.mov(cx, u32::from(iterations))?;
+    a.xor(eax, eax)?;
+    a.jcxz(done)?;
+    a.set_label(&mut top)?;
+    a.inc(eax)?;
+    a.out(dx, eax)?;
+    a.loop_(top)?;
+    a.set_label(&mut done)?;
+    a.in_(eax, dx)?;
+    p.report_eax()?;
+    p.finish(None)
+}
+
+/// `iterations` times `in eax, port` (a read-latency benchmark); reports
+/// the last value read (0 if `iterations` is 0).
+pub fn pio_read_loop(port: u16, iterations: u16) -> Result<Guest, GuestError> {
+    let mut p = Program::new(GUEST_SEGMENT)?;
+    let a = &mut p.a;
+    let mut top = a.create_label();
+    let mut done = a.create_label();
+    a.mov(dx, u32::from(port))?;
+    a.mov(cx, u32::from(iterations))?;
+    a.xor(eax, eax)?;
+    a.jcxz(done)?;
+    a.set_label(&mut top)?;
+    a.in_(eax, dx)?;
+    a.loop_(top)?;
+    a.set_label(&mut done)?;
+    p.report_eax()?;
+    p.finish(None)
+}
+
+/// Loads FS:BX with a real-mode address of `gpa` (which must be below
+/// 1 MiB): FS = gpa >> 4, BX = gpa & 0xf.
+fn point_fs_bx(a: &mut CodeAssembler, gpa: u32) -> Result<(), GuestError> {
+    if gpa >= 0x10_0000 - 16 {
+        return Err(GuestError::BadArgument(format!(
+            "MMIO address {gpa:#x} is not reachable in real mode (must be below 1 MiB)"
+        )));
+    }
+    a.mov(ax, gpa >> 4)?;
+    a.mov(fs, ax)?;
+    a.mov(bx, gpa & 0xf)?;
+    Ok(())
+}
+
+/// [`pio_loop`] over MMIO: `iterations` times `mov dword [gpa], eax` with
+/// eax = 1, 2, ...; then one `mov eax, dword [gpa]`, reported. `gpa` must
+/// be below 1 MiB (and outside guest memory to reach the handler), e.g.
+/// `0xD0000`.
+pub fn mmio_loop(gpa: u32, iterations: u16) -> Result<Guest, GuestError> {
+    let mut p = Program::new(GUEST_SEGMENT)?;
+    let a = &mut p.a;
+    let mut top = a.create_label();
+    let mut done = a.create_label();
+    point_fs_bx(a, gpa)?;
+    a.mov(cx, u32::from(iterations))?;
+    a.xor(eax, eax)?;
+    a.jcxz(done)?;
+    a.set_label(&mut top)?;
+    a.inc(eax)?;
+    a.mov(dword_ptr(bx).fs(), eax)?;
+    a.loop_(top)?;
+    a.set_label(&mut done)?;
+    a.mov(eax, dword_ptr(bx).fs())?;
+    p.report_eax()?;
+    p.finish(None)
+}
+
+/// Awkward MMIO, for robustness tests. `gpa` must be 4 KiB-aligned and
+/// below 1 MiB - 8 KiB. In order:
+/// 1. `mov eax, dword [gpa + 0xfff]`: crosses a page, so KVM splits it
+///    into a 1-byte and a 3-byte access;
+/// 2. `mov dword [gpa + 0xfff], eax`: the same, written;
+/// 3. `movq mm0, qword [gpa + 0x10]` and `movq qword [gpa + 0x18], mm0`:
+///    8-byte accesses;
+///
+/// then reports the value of step 1.
+pub fn mmio_odd(gpa: u32) -> Result<Guest, GuestError> {
+    if !gpa.is_multiple_of(0x1000) || gpa >= 0x10_0000 - 0x2000 {
+        return Err(GuestError::BadArgument(format!(
+            "MMIO page {gpa:#x} must be 4 KiB-aligned and below {:#x}",
+            0x10_0000 - 0x2000
+        )));
+    }
+    let mut p = Program::new(GUEST_SEGMENT)?;
+    let a = &mut p.a;
+    point_fs_bx(a, gpa)?;
+    a.mov(eax, dword_ptr(bx + 0xfff).fs())?;
+    a.mov(dword_ptr(bx + 0xfff).fs(), eax)?;
+    a.movq(mm0, qword_ptr(bx + 0x10).fs())?;
+    a.movq(qword_ptr(bx + 0x18).fs(), mm0)?;
+    p.report_eax()?;
+    p.finish(None)
+}
+
+/// Counts interrupts from master-PIC input `line` (0-7) until `want`.
+///
+/// Installs an IVT handler for vector `PIC_VECTOR_BASE + line` that
+/// increments a counter, writes it to `ack_port` (32-bit `out`: the
+/// acknowledgement a device sees), sends a non-specific EOI and returns.
+/// Programs both 8259s (ICW1-ICW4; master vectors from
+/// [`PIC_VECTOR_BASE`], everything masked except `line`), then writes 0 to
+/// `ack_port` to say it is armed: edges injected before that may be lost
+/// (ICW1 clears the PIC's latched requests). The main loop waits in
+/// `sti; hlt` until the counter reaches `want`, then reports the count.
+/// So `ack_port` sees 0, 1, 2, ..., `want`.
+pub fn irq_counter(line: u8, want: u16, ack_port: u16) -> Result<Guest, GuestError> {
+    if line > 7 {
+        return Err(GuestError::BadArgument(format!(
+            "IRQ {line}: only master PIC inputs 0-7 are supported"
+        )));
+    }
+    let vector = u32::from(PIC_VECTOR_BASE + line);
+    let counter = u32::from(DATA_OFFSET);
+    let mut p = Program::new(GUEST_SEGMENT)?;
+    let a = &mut p.a;
+
+    // The handler comes first, so its offset is 0.
+    a.push(eax)?;
+    a.push(edx)?;
+    a.push(ds)?;
+    a.mov(ax, cs)?;
+    a.mov(ds, ax)?;
+    a.inc(word_ptr(counter))?;
+    a.movzx(eax, word_ptr(counter))?;
+    a.mov(dx, u32::from(ack_port))?;
+    a.out(dx, eax)?;
+    a.mov(al, 0x20u32)?;
+    a.out(u32::from(PIC1_CMD), al)?;
+    a.pop(ds)?;
+    a.pop(edx)?;
+    a.pop(eax)?;
+    a.iret()?;
+
+    let mut main = a.create_label();
+    let mut wait = a.create_label();
+    let mut check = a.create_label();
+    a.set_label(&mut main)?;
+    a.cli()?;
+    a.mov(word_ptr(counter), 0u32)?;
+    // IVT entry: offset 0 (the handler), segment CS.
+    a.xor(ax, ax)?;
+    a.mov(es, ax)?;
+    a.mov(word_ptr(vector * 4).es(), 0u32)?;
+    a.mov(word_ptr(vector * 4 + 2).es(), cs)?;
+    // ICW1: edge-triggered, cascade, ICW4 follows. ICW2: vector base.
+    // ICW3: slave on input 2 / slave id 2. ICW4: 8086 mode. Then OCW1.
+    let pic_init: [(u16, u8); 10] = [
+        (PIC1_CMD, 0x11),
+        (PIC1_DATA, PIC_VECTOR_BASE),
+        (PIC1_DATA, 0x04),
+        (PIC1_DATA, 0x01),
+        (PIC2_CMD, 0x11),
+        (PIC2_DATA, PIC_VECTOR_BASE + 8),
+        (PIC2_DATA, 0x02),
+        (PIC2_DATA, 0x01),
+        (PIC2_DATA, 0xff),
+        (PIC1_DATA, !(1u8 << line)),
+    ];
+    for (port, value) in pic_init {
+        a.mov(al, u32::from(value))?;
+        a.out(u32::from(port), al)?;
+    }
+    // Armed: tell the device (and a test injecting interrupts) that edges
+    // from now on are counted; the PIC initialisation above drops edges
+    // latched before it.
+    a.xor(eax, eax)?;
+    a.mov(dx, u32::from(ack_port))?;
+    a.out(dx, eax)?;
+    a.jmp(check)?;
+    // `sti` delays interrupts by one instruction, so none is taken
+    // between it and `hlt`: a pending one wakes the `hlt` instead.
+    a.set_label(&mut wait)?;
+    a.sti()?;
+    a.hlt()?;
+    a.cli()?;
+    a.set_label(&mut check)?;
+    a.cmp(word_ptr(counter), u32::from(want))?;
+    a.jb(wait)?;
+    a.movzx(eax, word_ptr(counter))?;
+    p.report_eax()?;
+    p.finish(Some(main))
+}
+
+/// Like [`irq_counter`], but the guest asks a device for each interrupt:
+/// once armed it writes 1 to `trigger_port`, and its handler, after
+/// counting and acknowledging (count to `ack_port`), writes 1 again until
+/// `want` interrupts have arrived. One interrupt is outstanding at a time,
+/// so the PIC never merges two edges. Reports the count.
+pub fn irq_chain(
+    line: u8,
+    want: u16,
+    ack_port: u16,
+    trigger_port: u16,
+) -> Result<Guest, GuestError> {
+    if line > 7 {
+        return Err(GuestError::BadArgument(format!(
+            "IRQ {line}: only master PIC inputs 0-7 are supported"
+        )));
+    }
+    let vector = u32::from(PIC_VECTOR_BASE + line);
+    let counter = u32::from(DATA_OFFSET);
+    let mut p = Program::new(GUEST_SEGMENT)?;
+    let a = &mut p.a;
+
+    // The handler comes first, so its offset is 0.
+    let mut done_triggering = a.create_label();
+    a.push(eax)?;
+    a.push(edx)?;
+    a.push(ds)?;
+    a.mov(ax, cs)?;
+    a.mov(ds, ax)?;
+    a.inc(word_ptr(counter))?;
+    a.movzx(eax, word_ptr(counter))?;
+    a.mov(dx, u32::from(ack_port))?;
+    a.out(dx, eax)?;
+    a.cmp(word_ptr(counter), u32::from(want))?;
+    a.jae(done_triggering)?;
+    a.mov(eax, 1u32)?;
+    a.mov(dx, u32::from(trigger_port))?;
+    a.out(dx, eax)?;
+    a.set_label(&mut done_triggering)?;
+    a.mov(al, 0x20u32)?;
+    a.out(u32::from(PIC1_CMD), al)?;
+    a.pop(ds)?;
+    a.pop(edx)?;
+    a.pop(eax)?;
+    a.iret()?;
+
+    let mut main = a.create_label();
+    let mut wait = a.create_label();
+    let mut check = a.create_label();
+    a.set_label(&mut main)?;
+    a.cli()?;
+    a.mov(word_ptr(counter), 0u32)?;
+    a.xor(ax, ax)?;
+    a.mov(es, ax)?;
+    a.mov(word_ptr(vector * 4).es(), 0u32)?;
+    a.mov(word_ptr(vector * 4 + 2).es(), cs)?;
+    let pic_init: [(u16, u8); 10] = [
+        (PIC1_CMD, 0x11),
+        (PIC1_DATA, PIC_VECTOR_BASE),
+        (PIC1_DATA, 0x04),
+        (PIC1_DATA, 0x01),
+        (PIC2_CMD, 0x11),
+        (PIC2_DATA, PIC_VECTOR_BASE + 8),
+        (PIC2_DATA, 0x02),
+        (PIC2_DATA, 0x01),
+        (PIC2_DATA, 0xff),
+        (PIC1_DATA, !(1u8 << line)),
+    ];
+    for (port, value) in pic_init {
+        a.mov(al, u32::from(value))?;
+        a.out(u32::from(port), al)?;
+    }
+    // Armed: acknowledge 0, then ask for the first interrupt.
+    a.xor(eax, eax)?;
+    a.mov(dx, u32::from(ack_port))?;
+    a.out(dx, eax)?;
+    a.mov(eax, 1u32)?;
+    a.mov(dx, u32::from(trigger_port))?;
+    a.out(dx, eax)?;
+    a.jmp(check)?;
+    a.set_label(&mut wait)?;
+    a.sti()?;
+    a.hlt()?;
+    a.cli()?;
+    a.set_label(&mut check)?;
+    a.cmp(word_ptr(counter), u32::from(want))?;
+    a.jb(wait)?;
+    a.movzx(eax, word_ptr(counter))?;
+    p.report_eax()?;
+    p.finish(Some(main))
+}
+
+/// `vcpus` guests for as many vCPUs: guest `i` runs [`pio_loop`] on port
+/// `port + 0x10 * i` in its own segment (`0x1000 * (i + 1)`, so guest
+/// memory must reach [`Guest::mem_end`] of the last) with its own stack.
+/// Each reports `iterations` against a counting device.
+pub fn multi_vcpu(port: u16, iterations: u16, vcpus: u8) -> Result<Vec<Guest>, GuestError> {
+    if vcpus == 0 || vcpus > 8 {
+        return Err(GuestError::BadArgument(format!(
+            "{vcpus} vCPUs: between 1 and 8 are supported"
+        )));
+    }
+    (0..u16::from(vcpus))
+        .map(|i| {
+            let port = port.checked_add(0x10 * i).ok_or_else(|| {
+                GuestError::BadArgument(format!("port {port:#x} + {:#x} overflows", 0x10 * i))
+            })?;
+            pio_loop_in(GUEST_SEGMENT * (i + 1), port, iterations)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Decoder, DecoderOptions, Formatter, NasmFormatter};
+
+    fn disasm(g: &Guest) -> String {
+        let mut d = Decoder::with_ip(16, &g.code, 0, DecoderOptions::NONE);
+        let mut f = NasmFormatter::new();
+        let mut out = String::new();
+        for insn in &mut d {
+            f.format(&insn, &mut out);
+            out.push('\n');
+        }
+        out
+    }
+
+    #[test]
+    fn guests_assemble() {
+        for g in [
+            pio_loop(0x500, 1000).unwrap(),
+            pio_read_loop(0x500, 10).unwrap(),
+            mmio_loop(0xd0000, 1000).unwrap(),
+            mmio_odd(0xd0000).unwrap(),
+            irq_counter(5, 10, 0x510).unwrap(),
+        ] {
+            assert!(!g.code.is_empty());
+            assert_eq!(g.load_gpa, 0x10000);
+            assert_eq!(g.entry.cs, GUEST_SEGMENT);
+            assert!(disasm(&g).contains("out 0F4h,eax"), "{}", disasm(&g));
+        }
+    }
+
+    #[test]
+    fn irq_counter_enters_after_its_handler() {
+        let g = irq_counter(3, 1, 0x510).unwrap();
+        assert!(g.entry.ip > 0);
+        assert!(disasm(&g).contains("iret"));
+        assert!(matches!(
+            irq_counter(8, 1, 0x510),
+            Err(GuestError::BadArgument(_))
+        ));
+    }
+
+    #[test]
+    fn multi_vcpu_separates_segments_and_ports() {
+        let gs = multi_vcpu(0x600, 5, 3).unwrap();
+        assert_eq!(gs.len(), 3);
+        for (i, g) in gs.iter().enumerate() {
+            assert_eq!(g.load_gpa, 0x10000 * (i as u64 + 1));
+            let port = format!("mov dx,{:X}h", 0x600 + 0x10 * i);
+            assert!(disasm(g).contains(&port), "{}", disasm(g));
+        }
+        assert!(multi_vcpu(0xfff0, 1, 2).is_err());
+        assert!(multi_vcpu(0x600, 1, 0).is_err());
+    }
+
+    #[test]
+    fn mmio_addresses_are_checked() {
+        assert!(mmio_loop(0x10_0000, 1).is_err());
+        assert!(mmio_odd(0xd0010).is_err());
+    }
+}

@@ -1,0 +1,184 @@
+//! What a vCPU thread does with an exit: look the address up in its VM's
+//! device map, run a local model in place, or encode the access into the
+//! vCPU's exit ring for the engine and (unless it is a posted write) wait
+//! for the answer. Unmapped reads return all-ones and unmapped writes are
+//! ignored; both are counted.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use devplane_devmodels::Space;
+use devplane_wire::record::FLAG_POSTED;
+use devplane_wire::{Access, AccessSize, RawRecord, Record, Request, RequestId, Status};
+
+use super::devmap::{DeviceMap, Placement};
+use super::engine::Doorbell;
+use super::kvm::IoHandler;
+use super::ring::ExitRing;
+
+/// Per-vCPU exit counters.
+#[derive(Debug, Default)]
+pub struct VcpuStats {
+    /// Accesses served by local models.
+    pub local: AtomicU64,
+    /// Accesses sent to remote models.
+    pub remote: AtomicU64,
+    /// Of those, posted writes.
+    pub posted: AtomicU64,
+    /// Reads of unmapped addresses (answered all-ones).
+    pub unmapped_reads: AtomicU64,
+    /// Writes to unmapped addresses (ignored).
+    pub unmapped_writes: AtomicU64,
+    /// Remote accesses answered with an error status or not at all.
+    pub remote_errors: AtomicU64,
+}
+
+/// The exit handler of one vCPU.
+pub struct VcpuIo {
+    id: RequestId,
+    map: DeviceMap,
+    ring: Arc<ExitRing>,
+    doorbell: Arc<Doorbell>,
+    spin: u32,
+    timeout: Duration,
+    stats: Arc<VcpuStats>,
+}
+
+fn add(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl VcpuIo {
+    /// A handler for vCPU `vcpu` of VM `vm` (hypervisor `hypervisor`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vm: u32,
+        hypervisor: u32,
+        vcpu: u16,
+        map: DeviceMap,
+        ring: Arc<ExitRing>,
+        doorbell: Arc<Doorbell>,
+        spin: u32,
+        stats: Arc<VcpuStats>,
+    ) -> VcpuIo {
+        VcpuIo {
+            id: RequestId {
+                vm,
+                hypervisor,
+                vcpu,
+                seq: 0,
+            },
+            map,
+            ring,
+            doorbell,
+            spin,
+            timeout: Duration::from_secs(10),
+            stats,
+        }
+    }
+
+    fn access(&mut self, space: Space, addr: u64, size: AccessSize, write: Option<u64>) -> u64 {
+        let Some(m) = self.map.lookup(space, addr) else {
+            match write {
+                Some(_) => add(&self.stats.unmapped_writes),
+                None => add(&self.stats.unmapped_reads),
+            }
+            return size.mask();
+        };
+        match &m.placement {
+            Placement::Local(model) => {
+                add(&self.stats.local);
+                let off = addr - m.base;
+                let Ok(mut model) = model.lock() else {
+                    return size.mask();
+                };
+                match write {
+                    Some(data) => {
+                        let _ = model.write(space, off, size, data);
+                        0
+                    }
+                    None => model.read(space, off, size).unwrap_or(size.mask()) & size.mask(),
+                }
+            }
+            Placement::Remote(index) => {
+                let index = *index;
+                let posted = write.is_some() && m.posted;
+                self.remote(space, addr, size, write, index, posted)
+            }
+        }
+    }
+
+    fn remote(
+        &mut self,
+        space: Space,
+        addr: u64,
+        size: AccessSize,
+        write: Option<u64>,
+        index: u32,
+        posted: bool,
+    ) -> u64 {
+        add(&self.stats.remote);
+        let access = match (space, write) {
+            (Space::Pio, None) => Access::PioIn {
+                port: addr as u16,
+                size,
+            },
+            (Space::Pio, Some(d)) => Access::PioOut {
+                port: addr as u16,
+                size,
+                data: d as u32,
+            },
+            (Space::Mmio, None) => Access::MmioRead { gpa: addr, size },
+            (Space::Mmio, Some(d)) => Access::MmioWrite {
+                gpa: addr,
+                size,
+                data: d & size.mask(),
+            },
+        };
+        self.id.seq += 1;
+        let rec = RawRecord::encode(&Record::Request(Request {
+            id: self.id,
+            access,
+            flags: if posted { FLAG_POSTED } else { 0 },
+        }));
+        // A full ring (every slot in flight) is back-pressure: wait.
+        let i = loop {
+            if let Some(i) = self.ring.next_free() {
+                break i;
+            }
+            std::hint::spin_loop();
+        };
+        self.ring.publish(i, index, posted, &rec);
+        self.doorbell.ring();
+        if posted {
+            add(&self.stats.posted);
+            return 0;
+        }
+        match self.ring.wait(i, self.spin, Instant::now() + self.timeout) {
+            Some((st, data)) if st == Status::Ok as u8 => data & size.mask(),
+            _ => {
+                add(&self.stats.remote_errors);
+                if write.is_some() { 0 } else { size.mask() }
+            }
+        }
+    }
+}
+
+impl IoHandler for VcpuIo {
+    fn pio_read(&mut self, port: u16, size: AccessSize) -> u64 {
+        self.access(Space::Pio, port as u64, size, None)
+    }
+
+    fn pio_write(&mut self, port: u16, size: AccessSize, data: u64) {
+        self.access(Space::Pio, port as u64, size, Some(data));
+    }
+
+    fn mmio_read(&mut self, gpa: u64, size: AccessSize) -> u64 {
+        self.access(Space::Mmio, gpa, size, None)
+    }
+
+    fn mmio_write(&mut self, gpa: u64, size: AccessSize, data: u64) {
+        self.access(Space::Mmio, gpa, size, Some(data));
+    }
+}

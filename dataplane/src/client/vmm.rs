@@ -1,0 +1,381 @@
+//! The client VMM: runs many VMs with several vCPUs each in one process,
+//! one pinned thread per vCPU, one engine thread for the wire.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devplane_devmodels::Space;
+use devplane_devmodels::registry::{self, ModelParams};
+use devplane_wire::IrqAction;
+
+use super::devmap::{DevMapError, DeviceMap, Mapping, Placement};
+use super::engine::{Engine, EngineConfig, Injector, RemoteModel, VcpuPort};
+use super::kvm::{Entry, KvmError, Vcpu, VcpuExit, VcpuKicker, Vm};
+use super::ring::ExitRing;
+use super::vcpu_io::{VcpuIo, VcpuStats};
+
+/// Where a mapped device runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    /// A local model of this kind, in the vCPU threads.
+    Local {
+        /// Model kind (`devmodels` registry name).
+        kind: String,
+    },
+    /// On the server with this index in [`ClientSpec::servers`].
+    Remote {
+        /// Server index.
+        server: usize,
+    },
+}
+
+/// One mapped device of a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// Port or MMIO.
+    pub space: Space,
+    /// First address.
+    pub base: u64,
+    /// Length.
+    pub len: u64,
+    /// Device-model id.
+    pub model: u32,
+    /// Writes are posted.
+    pub posted: bool,
+    /// Where it runs.
+    pub place: Place,
+}
+
+/// One vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VcpuSpec {
+    /// Where it starts.
+    pub entry: Entry,
+    /// The core its thread is pinned to.
+    pub core: Option<usize>,
+}
+
+/// One VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// VM id.
+    pub id: u32,
+    /// Hypervisor id.
+    pub hypervisor: u32,
+    /// Guest memory size.
+    pub mem_bytes: usize,
+    /// Code and data to load: (guest-physical address, bytes).
+    pub images: Vec<(u64, Vec<u8>)>,
+    /// Its vCPUs.
+    pub vcpus: Vec<VcpuSpec>,
+    /// Its device map.
+    pub devices: Vec<DeviceSpec>,
+}
+
+/// A server the client talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerSpec {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its platform id.
+    pub id: u32,
+}
+
+/// A whole client.
+#[derive(Debug, Clone)]
+pub struct ClientSpec {
+    /// Client platform id.
+    pub client: u32,
+    /// Local address to send from (default: any).
+    pub bind: Option<IpAddr>,
+    /// Servers.
+    pub servers: Vec<ServerSpec>,
+    /// VMs.
+    pub vms: Vec<VmSpec>,
+    /// Engine settings (its `client` field is overwritten).
+    pub engine: EngineConfig,
+    /// Core of the engine thread.
+    pub engine_core: Option<usize>,
+    /// Spins of a waiting vCPU before it sleeps on a futex.
+    pub vcpu_spin: u32,
+}
+
+/// Why a client could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// KVM refused something.
+    #[error("VM {vm}: {source}")]
+    Kvm {
+        /// VM id.
+        vm: u32,
+        /// Why.
+        source: KvmError,
+    },
+    /// A device map is invalid.
+    #[error("VM {vm}: device map: {source}")]
+    DevMap {
+        /// VM id.
+        vm: u32,
+        /// Why.
+        source: DevMapError,
+    },
+    /// A local model could not be built, or a server index is unknown.
+    #[error("VM {vm}: {why}")]
+    Config {
+        /// VM id.
+        vm: u32,
+        /// What is wrong.
+        why: String,
+    },
+    /// A socket, ring or thread could not be created.
+    #[error("{what}: {source}")]
+    Io {
+        /// The step.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// How one vCPU ended.
+#[derive(Debug)]
+pub struct VcpuReport {
+    /// VM id.
+    pub vm: u32,
+    /// vCPU index.
+    pub vcpu: u16,
+    /// Its exit (or error).
+    pub exit: Result<VcpuExit, KvmError>,
+    /// KVM exits it took.
+    pub exits: u64,
+    /// Its counters.
+    pub stats: Arc<VcpuStats>,
+}
+
+struct VcpuThread {
+    vm: u32,
+    vcpu: u16,
+    join: JoinHandle<(Result<VcpuExit, KvmError>, u64)>,
+    kicker: VcpuKicker,
+    stats: Arc<VcpuStats>,
+}
+
+/// A running client. Dropping it stops every vCPU and the engine.
+pub struct Client {
+    stop: Arc<AtomicBool>,
+    vcpus: Vec<VcpuThread>,
+    engine: Option<Engine>,
+    vms: Vec<Vm>,
+}
+
+/// A vCPU to create once the engine runs: (VM index, vCPU index, spec,
+/// device map, exit ring).
+type PendingVcpu = (usize, u16, VcpuSpec, DeviceMap, Arc<ExitRing>);
+
+fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> ClientError {
+    move |source| ClientError::Io { what, source }
+}
+
+impl Client {
+    /// Creates every VM, starts the engine and the vCPU threads.
+    pub fn start(spec: ClientSpec) -> Result<Client, ClientError> {
+        let mut sockets = Vec::new();
+        for s in &spec.servers {
+            let bind = spec.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+            let sock = UdpSocket::bind((bind, 0)).map_err(io_err("bind client socket"))?;
+            sock.connect(s.addr)
+                .map_err(io_err("connect client socket"))?;
+            sockets.push(sock);
+        }
+        let mut vms = Vec::new();
+        let mut ports = Vec::new();
+        let mut injectors: HashMap<u32, Injector> = HashMap::new();
+        // Per vCPU: (vm index, spec, io).
+        let mut pending: Vec<PendingVcpu> = Vec::new();
+        for vs in &spec.vms {
+            let kerr = |source| ClientError::Kvm { vm: vs.id, source };
+            let vm = Vm::new(vs.mem_bytes).map_err(kerr)?;
+            for (gpa, bytes) in &vs.images {
+                vm.load(*gpa, bytes).map_err(kerr)?;
+            }
+            let mut remotes = Vec::new();
+            let mut maps = Vec::new();
+            for d in &vs.devices {
+                let placement = match &d.place {
+                    Place::Local { kind } => {
+                        let model = registry::build(kind, ModelParams::default()).map_err(|e| {
+                            ClientError::Config {
+                                vm: vs.id,
+                                why: format!("model {}: {e}", d.model),
+                            }
+                        })?;
+                        Placement::Local(Arc::new(Mutex::new(model)))
+                    }
+                    Place::Remote { server } => {
+                        let s = spec
+                            .servers
+                            .get(*server)
+                            .ok_or_else(|| ClientError::Config {
+                                vm: vs.id,
+                                why: format!("model {}: no server #{server}", d.model),
+                            })?;
+                        let idx = match remotes
+                            .iter()
+                            .position(|r: &RemoteModel| r.model == d.model)
+                        {
+                            Some(i) => i,
+                            None => {
+                                remotes.push(RemoteModel {
+                                    model: d.model,
+                                    server: s.id,
+                                    socket: *server,
+                                });
+                                remotes.len() - 1
+                            }
+                        };
+                        Placement::Remote(idx as u32)
+                    }
+                };
+                maps.push(Mapping {
+                    space: d.space,
+                    base: d.base,
+                    len: d.len,
+                    model: d.model,
+                    posted: d.posted,
+                    placement,
+                });
+            }
+            let map =
+                DeviceMap::new(maps).map_err(|source| ClientError::DevMap { vm: vs.id, source })?;
+            let remotes: Arc<[RemoteModel]> = remotes.into();
+            let h = vm.irq_handle();
+            injectors.insert(
+                vs.id,
+                Box::new(move |line, action| match action {
+                    IrqAction::Assert => h.irq_line(line, true).is_ok(),
+                    IrqAction::Deassert => h.irq_line(line, false).is_ok(),
+                    IrqAction::Edge => h.irq_edge(line).is_ok(),
+                }),
+            );
+            for (i, v) in vs.vcpus.iter().enumerate() {
+                let ring = Arc::new(ExitRing::new().map_err(io_err("exit ring"))?);
+                ports.push(VcpuPort {
+                    vm: vs.id,
+                    hypervisor: vs.hypervisor,
+                    vcpu: i as u16,
+                    ring: ring.clone(),
+                    models: remotes.clone(),
+                });
+                pending.push((vms.len(), i as u16, *v, map.clone(), ring));
+            }
+            vms.push(vm);
+        }
+        let mut ecfg = spec.engine;
+        ecfg.client = spec.client;
+        let engine = Engine::spawn(ecfg, sockets, ports, injectors, spec.engine_core)
+            .map_err(io_err("start the engine"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut client = Client {
+            stop: stop.clone(),
+            vcpus: Vec::new(),
+            engine: None,
+            vms: Vec::new(),
+        };
+        for (vm_idx, index, vspec, map, ring) in pending {
+            let vs = &spec.vms[vm_idx];
+            let vm = &vms[vm_idx];
+            let mut vcpu: Vcpu = vm
+                .create_vcpu(index as u8, vspec.entry)
+                .map_err(|source| ClientError::Kvm { vm: vs.id, source })?;
+            let stats = Arc::new(VcpuStats::default());
+            let mut io = VcpuIo::new(
+                vs.id,
+                vs.hypervisor,
+                index,
+                map,
+                ring,
+                engine.doorbell(),
+                spec.vcpu_spin,
+                stats.clone(),
+            );
+            let kicker = vcpu.kicker();
+            let stop = stop.clone();
+            let core = vspec.core;
+            let join = std::thread::Builder::new()
+                .name(format!("dp-vcpu-{}-{index}", vs.id))
+                .spawn(move || {
+                    if let Some(c) = core {
+                        let _ = affinity::set_thread_affinity([c]);
+                    }
+                    let exit = vcpu.run(&mut io, &stop);
+                    (exit, vcpu.exits())
+                })
+                .map_err(io_err("start a vCPU thread"))?;
+            client.vcpus.push(VcpuThread {
+                vm: vs.id,
+                vcpu: index,
+                join,
+                kicker,
+                stats,
+            });
+        }
+        client.engine = Some(engine);
+        client.vms = vms;
+        Ok(client)
+    }
+
+    /// The engine's counters.
+    pub fn engine(&self) -> Option<&Engine> {
+        self.engine.as_ref()
+    }
+
+    /// Waits for every vCPU to end (or `timeout`, after which the rest are
+    /// stopped) and reports how each ended.
+    pub fn wait(&mut self, timeout: Duration) -> Vec<VcpuReport> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline && self.vcpus.iter().any(|v| !v.join.is_finished()) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.reports()
+    }
+
+    fn reports(&mut self) -> Vec<VcpuReport> {
+        self.stop.store(true, Ordering::SeqCst);
+        for v in &self.vcpus {
+            if !v.join.is_finished() {
+                v.kicker.kick();
+            }
+        }
+        let mut out = Vec::new();
+        for v in self.vcpus.drain(..) {
+            let (exit, exits) = v.join.join().unwrap_or_else(|_| {
+                (
+                    Err(KvmError::UnexpectedExit("vCPU thread panicked".into())),
+                    0,
+                )
+            });
+            out.push(VcpuReport {
+                vm: v.vm,
+                vcpu: v.vcpu,
+                exit,
+                exits,
+                stats: v.stats,
+            });
+        }
+        out
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.reports();
+        if let Some(e) = self.engine.take() {
+            e.stop();
+        }
+        self.vms.clear();
+    }
+}
