@@ -7,6 +7,7 @@
 //! cost of the XDP steering program per frame (BPF_PROG_TEST_RUN, timed by
 //! the kernel) and of parsing a datagram in userspace.
 
+mod client;
 mod hist;
 mod server;
 mod udp;
@@ -33,6 +34,10 @@ enum Scenario {
     /// Server round trips and rate on the netns topology, beside the raw
     /// busy-polling UDP floor of the same run (needs root).
     Server,
+    /// KVM guests on the netns topology: the exit floor with a local null
+    /// model, remote port-I/O and MMIO round trips, the UDP floor of the
+    /// same path, and N vCPUs' posted-write rate (needs root and KVM).
+    Client,
 }
 
 /// devplane's latency benchmark.
@@ -136,21 +141,17 @@ fn us(ns: u64) -> f64 {
     ns as f64 / 1000.0
 }
 
-fn print_server(rows: Vec<server::Row>) {
-    let floor = rows
-        .iter()
-        .find(|r| r.name == "udp-floor")
-        .and_then(|r| r.latency);
+fn print_table(title: &str, rows: Vec<server::Row>) {
     println!(
-        "{:<12} {:>9} {:>9} {:>9} {:>9} {:>12} {:>14}",
-        "server", "p50 us", "p99 us", "p99.9 us", "max us", "p50/floor", "rate rec/s"
+        "{:<14} {:>9} {:>9} {:>9} {:>9} {:>12} {:>14}",
+        title, "p50 us", "p99 us", "p99.9 us", "max us", "p50/floor", "rate rec/s"
     );
     for r in rows {
         match (r.latency, r.rate) {
             (Some(l), _) => {
-                let ratio = floor.map_or(f64::NAN, |f| l.p50 as f64 / f.p50 as f64);
+                let ratio = r.floor_p50.map_or(f64::NAN, |f| l.p50 as f64 / f as f64);
                 println!(
-                    "{:<12} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>12.2} {:>14}",
+                    "{:<14} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>12.2} {:>14}",
                     r.name,
                     us(l.p50),
                     us(l.p99),
@@ -161,7 +162,7 @@ fn print_server(rows: Vec<server::Row>) {
                 );
             }
             (None, Some(rate)) => println!(
-                "{:<12} {:>9} {:>9} {:>9} {:>9} {:>12} {:>14.0}",
+                "{:<14} {:>9} {:>9} {:>9} {:>9} {:>12} {:>14.0}",
                 r.name, "-", "-", "-", "-", "-", rate
             ),
             (None, None) => {}
@@ -175,7 +176,12 @@ fn main() -> Result<()> {
         bail!("--iterations must be at least 1");
     }
     let scenarios = if args.scenario.is_empty() {
-        vec![Scenario::XdpProg, Scenario::Parse, Scenario::Server]
+        vec![
+            Scenario::XdpProg,
+            Scenario::Parse,
+            Scenario::Server,
+            Scenario::Client,
+        ]
     } else {
         args.scenario
     };
@@ -183,7 +189,8 @@ fn main() -> Result<()> {
         match s {
             Scenario::XdpProg => xdp_prog(args.iterations)?,
             Scenario::Parse => parse(args.iterations)?,
-            Scenario::Server => print_server(server::run(args.round_trips)?),
+            Scenario::Server => print_table("server", server::run(args.round_trips)?),
+            Scenario::Client => print_table("client", client::run(args.round_trips)?),
         }
     }
     Ok(())

@@ -43,6 +43,8 @@ pub struct Row {
     pub latency: Option<Summary>,
     /// Rate (records/s), if a throughput measurement.
     pub rate: Option<f64>,
+    /// The p50 this row is compared with (same run), if any.
+    pub floor_p50: Option<u64>,
 }
 
 fn config(topo: &Topology, mode: Mode) -> ServerConfig {
@@ -143,7 +145,8 @@ fn rtt(topo: &Topology, to: SocketAddr, warmup: u32, iters: u32) -> Result<Summa
     Ok(lat.summary())
 }
 
-fn floor(topo: &Topology, warmup: u32, iters: u32) -> Result<Summary> {
+/// The raw busy-polling UDP echo round trip across the topology's veth.
+pub fn floor(topo: &Topology, warmup: u32, iters: u32) -> Result<Summary> {
     let ip = topo.server_ip();
     let echo = topo
         .run(Side::Server, move || UdpSocket::bind((ip, ECHO_PORT)))?
@@ -228,10 +231,12 @@ pub fn run(iters: u32) -> Result<Vec<Row>> {
     let topo = Topology::new("bench").context("building the netns topology (needs root)")?;
     let warmup = (iters / 10).max(100);
     let mut rows = Vec::new();
+    let udp = floor(&topo, warmup, iters)?;
     rows.push(Row {
         name: "udp-floor",
-        latency: Some(floor(&topo, warmup, iters)?),
+        latency: Some(udp),
         rate: None,
+        floor_p50: Some(udp.p50),
     });
     let to = SocketAddr::from((topo.server_ip(), PORT));
     {
@@ -242,11 +247,13 @@ pub fn run(iters: u32) -> Result<Vec<Row>> {
             name: "xdp-rtt",
             latency: Some(rtt(&topo, to, warmup, iters)?),
             rate: None,
+            floor_p50: Some(udp.p50),
         });
         rows.push(Row {
             name: "xdp-rate",
             latency: None,
             rate: Some(rate(&topo, to, 8, Duration::from_secs(1))?),
+            floor_p50: None,
         });
         eprintln!("dpbench: XDP attached in {attach:?} mode");
         srv.stop();
@@ -258,6 +265,7 @@ pub fn run(iters: u32) -> Result<Vec<Row>> {
             name: "socket-rtt",
             latency: Some(rtt(&topo, to, warmup, iters)?),
             rate: None,
+            floor_p50: Some(udp.p50),
         });
         srv.stop();
     }

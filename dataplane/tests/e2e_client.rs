@@ -177,6 +177,7 @@ impl Rig {
             },
             engine_core: None,
             vcpu_spin: 200,
+            samples: 0,
         };
         // The client's sockets are created in its namespace; KVM and the
         // threads do not care which namespace they run in.

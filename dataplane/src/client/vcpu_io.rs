@@ -4,8 +4,8 @@
 //! for the answer. Unmapped reads return all-ones and unmapped writes are
 //! ignored; both are counted.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devplane_devmodels::Space;
@@ -32,6 +32,29 @@ pub struct VcpuStats {
     pub unmapped_writes: AtomicU64,
     /// Remote accesses answered with an error status or not at all.
     pub remote_errors: AtomicU64,
+    /// When set (benchmarks), the time between consecutive exits in
+    /// nanoseconds: for a guest looping on one access this is the whole
+    /// exit round trip, guest -> VMM (and model) -> guest.
+    pub samples: Mutex<Option<Vec<u32>>>,
+}
+
+impl VcpuStats {
+    /// Counters that also keep up to `capacity` exit-interval samples.
+    pub fn with_samples(capacity: usize) -> VcpuStats {
+        VcpuStats {
+            samples: Mutex::new(Some(Vec::with_capacity(capacity))),
+            ..Default::default()
+        }
+    }
+
+    /// Takes the samples kept so far.
+    pub fn take_samples(&self) -> Vec<u32> {
+        self.samples
+            .lock()
+            .ok()
+            .and_then(|mut s| s.as_mut().map(std::mem::take))
+            .unwrap_or_default()
+    }
 }
 
 /// The exit handler of one vCPU.
@@ -43,6 +66,8 @@ pub struct VcpuIo {
     spin: u32,
     timeout: Duration,
     stats: Arc<VcpuStats>,
+    sampling: bool,
+    last_exit: Option<Instant>,
 }
 
 fn add(c: &AtomicU64) {
@@ -74,11 +99,29 @@ impl VcpuIo {
             doorbell,
             spin,
             timeout: Duration::from_secs(10),
+            sampling: stats.samples.lock().map(|s| s.is_some()).unwrap_or(false),
             stats,
+            last_exit: None,
+        }
+    }
+
+    fn sample(&mut self) {
+        let now = Instant::now();
+        if let Some(prev) = self.last_exit.replace(now) {
+            let ns = now.duration_since(prev).as_nanos().min(u32::MAX as u128) as u32;
+            if let Ok(mut s) = self.stats.samples.lock()
+                && let Some(v) = s.as_mut()
+                && v.len() < v.capacity()
+            {
+                v.push(ns);
+            }
         }
     }
 
     fn access(&mut self, space: Space, addr: u64, size: AccessSize, write: Option<u64>) -> u64 {
+        if self.sampling {
+            self.sample();
+        }
         let Some(m) = self.map.lookup(space, addr) else {
             match write {
                 Some(_) => add(&self.stats.unmapped_writes),

@@ -102,6 +102,8 @@ pub struct ClientSpec {
     pub engine_core: Option<usize>,
     /// Spins of a waiting vCPU before it sleeps on a futex.
     pub vcpu_spin: u32,
+    /// Keep this many exit-interval samples per vCPU (benchmarks; 0: none).
+    pub samples: usize,
 }
 
 /// Why a client could not start.
@@ -291,7 +293,11 @@ impl Client {
             let mut vcpu: Vcpu = vm
                 .create_vcpu(index as u8, vspec.entry)
                 .map_err(|source| ClientError::Kvm { vm: vs.id, source })?;
-            let stats = Arc::new(VcpuStats::default());
+            let stats = Arc::new(if spec.samples > 0 {
+                VcpuStats::with_samples(spec.samples)
+            } else {
+                VcpuStats::default()
+            });
             let mut io = VcpuIo::new(
                 vs.id,
                 vs.hypervisor,
