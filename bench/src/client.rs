@@ -170,6 +170,7 @@ fn run_vms(topo: &Topology, vms: Vec<VmSpec>, samples: usize) -> Result<Outcome>
         engine_core: Some(knob("DP_ENGINE_CORE", 0) as usize),
         vcpu_spin: knob("DP_VCPU_SPIN", 0),
         samples,
+        direct: knob("DP_DIRECT", 1) != 0,
     };
     let start = Instant::now();
     let mut client = topo

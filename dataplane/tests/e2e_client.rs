@@ -161,6 +161,15 @@ impl Rig {
 
     /// Runs `vms` in the client namespace until every vCPU reports.
     fn run(&self, vms: Vec<VmSpec>, loss: Loss) -> (Vec<VcpuReport>, EngineCounts) {
+        self.run_mode(vms, loss, false)
+    }
+
+    fn run_mode(
+        &self,
+        vms: Vec<VmSpec>,
+        loss: Loss,
+        direct: bool,
+    ) -> (Vec<VcpuReport>, EngineCounts) {
         let spec = ClientSpec {
             client: CLIENT,
             bind: Some(self.topo.client_ip().into()),
@@ -178,6 +187,7 @@ impl Rig {
             engine_core: None,
             vcpu_spin: 200,
             samples: 0,
+            direct,
         };
         // The client's sockets are created in its namespace; KVM and the
         // threads do not care which namespace they run in.
@@ -225,7 +235,16 @@ fn done(r: &VcpuReport) -> u32 {
 
 #[test]
 fn pio_and_mmio_reach_remote_models() {
-    let Some(rig) = Rig::new("pio_and_mmio_reach_remote_models", "cpm") else {
+    pio_and_mmio(false, "pio_and_mmio_reach_remote_models", "cpm");
+}
+
+#[test]
+fn direct_mode_pio_and_mmio_reach_remote_models() {
+    pio_and_mmio(true, "direct_mode_pio_and_mmio_reach_remote_models", "dpm");
+}
+
+fn pio_and_mmio(direct: bool, test: &str, tag: &str) {
+    let Some(rig) = Rig::new(test, tag) else {
         return;
     };
     let n = 500u16;
@@ -252,7 +271,7 @@ fn pio_and_mmio_reach_remote_models() {
         ),
         vm(3, &[null_guest], vec![pio(0x80, 1, NULL_MODEL, false)]),
     ];
-    let (reports, e) = rig.run(vms, Loss::default());
+    let (reports, e) = rig.run_mode(vms, Loss::default(), direct);
     assert_eq!(reports.len(), 3);
     // The counter model answers the final read with the writes it applied.
     assert_eq!(done(&reports[0]), n as u32, "PIO counter");
@@ -273,7 +292,20 @@ fn pio_and_mmio_reach_remote_models() {
 
 #[test]
 fn remote_interrupts_reach_the_guest_handler() {
-    let Some(rig) = Rig::new("remote_interrupts_reach_the_guest_handler", "cirq") else {
+    interrupts(false, "remote_interrupts_reach_the_guest_handler", "cirq");
+}
+
+#[test]
+fn direct_mode_remote_interrupts_reach_the_guest_handler() {
+    interrupts(
+        true,
+        "direct_mode_remote_interrupts_reach_the_guest_handler",
+        "dirq",
+    );
+}
+
+fn interrupts(direct: bool, test: &str, tag: &str) {
+    let Some(rig) = Rig::new(test, tag) else {
         return;
     };
     let want = 50u16;
@@ -285,7 +317,7 @@ fn remote_interrupts_reach_the_guest_handler() {
     )
     .unwrap();
     let vms = vec![vm(1, &[g], vec![pio(IRQ_BASE, 0x20, IRQ_MODEL, false)])];
-    let (reports, e) = rig.run(vms, Loss::default());
+    let (reports, e) = rig.run_mode(vms, Loss::default(), direct);
     assert_eq!(done(&reports[0]), want as u32, "the guest's handler count");
     assert_eq!(e.irqs, want as u64, "{e:?}");
     let s = rig.snapshot();
@@ -319,7 +351,24 @@ fn four_vms_of_two_vcpus_get_their_own_answers() {
 
 #[test]
 fn with_loss_every_write_is_applied_exactly_once() {
-    let Some(rig) = Rig::new("with_loss_every_write_is_applied_exactly_once", "closs") else {
+    with_loss(
+        false,
+        "with_loss_every_write_is_applied_exactly_once",
+        "closs",
+    );
+}
+
+#[test]
+fn direct_mode_with_loss_every_write_is_applied_exactly_once() {
+    with_loss(
+        true,
+        "direct_mode_with_loss_every_write_is_applied_exactly_once",
+        "dloss",
+    );
+}
+
+fn with_loss(direct: bool, test: &str, tag: &str) {
+    let Some(rig) = Rig::new(test, tag) else {
         return;
     };
     let n = 400u16;
@@ -340,7 +389,7 @@ fn with_loss_every_write_is_applied_exactly_once() {
             vec![pio(PIO_BASE, 0x10, counter_id(2, 0), true)],
         ),
     ];
-    let (reports, e) = rig.run(vms, loss);
+    let (reports, e) = rig.run_mode(vms, loss, direct);
     // Counter == writes issued: none lost, none applied twice.
     assert_eq!(done(&reports[0]), n as u32, "non-posted");
     assert_eq!(done(&reports[1]), n as u32, "posted");
@@ -358,7 +407,20 @@ fn with_loss_every_write_is_applied_exactly_once() {
 
 #[test]
 fn posted_writes_batch_and_keep_order() {
-    let Some(rig) = Rig::new("posted_writes_batch_and_keep_order", "cpost") else {
+    posted(false, "posted_writes_batch_and_keep_order", "cpost");
+}
+
+#[test]
+fn direct_mode_posted_writes_batch_and_keep_order() {
+    posted(
+        true,
+        "direct_mode_posted_writes_batch_and_keep_order",
+        "dpost",
+    );
+}
+
+fn posted(direct: bool, test: &str, tag: &str) {
+    let Some(rig) = Rig::new(test, tag) else {
         return;
     };
     let n = 2000u16;
@@ -367,7 +429,7 @@ fn posted_writes_batch_and_keep_order() {
         &[guests::pio_loop(PIO_BASE, n).unwrap()],
         vec![pio(PIO_BASE, 0x10, counter_id(1, 0), true)],
     )];
-    let (reports, e) = rig.run(vms, Loss::default());
+    let (reports, e) = rig.run_mode(vms, Loss::default(), direct);
     // The final read went behind every posted write and saw them all.
     assert_eq!(done(&reports[0]), n as u32);
     let posted = reports[0]

@@ -13,8 +13,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -151,10 +151,15 @@ impl Doorbell {
     /// Called by a vCPU after publishing to its ring.
     pub fn ring(&self) {
         if self.sleeping.load(Ordering::SeqCst) {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
-            unsafe { libc::write(self.efd, &one as *const u64 as *const libc::c_void, 8) };
+            self.kick();
         }
+    }
+
+    /// Wakes the engine whether it sleeps or not.
+    fn kick(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
+        unsafe { libc::write(self.efd, &one as *const u64 as *const libc::c_void, 8) };
     }
 }
 
@@ -185,11 +190,65 @@ struct VcpuState {
 const UD_SEND: u64 = 1 << 56;
 const UD_RECV: u64 = 2 << 56;
 const UD_PROVIDE: u64 = 3 << 56;
-const UD_WAKE: u64 = 4 << 56;
-const UD_TIMEOUT: u64 = 5 << 56;
 const UD_KIND: u64 = 0xff << 56;
 const BUF_SIZE: usize = 2048;
 const BUFS_PER_SOCKET: u16 = 64;
+
+/// One io_uring and its sockets serving a set of vCPUs.
+pub struct Lane {
+    /// One connected UDP socket per server, in server order.
+    pub sockets: Vec<UdpSocket>,
+    /// The vCPUs it serves.
+    pub vcpus: Vec<VcpuPort>,
+    /// Interrupt injectors of the VMs whose interrupts may arrive here.
+    pub injectors: HashMap<u32, Injector>,
+    /// Direct: its one vCPU drives it while waiting (see [`Driver`]); the
+    /// engine thread only looks after it while that vCPU runs its guest.
+    pub direct: bool,
+}
+
+struct Cell {
+    lp: Mutex<Loop>,
+    /// Its vCPU is driving it (direct lanes): the engine keeps off.
+    driving: AtomicBool,
+    direct: bool,
+    ring_fd: libc::c_int,
+}
+
+/// A vCPU's handle on its direct lane: it sends its own requests and reaps
+/// its own answers while it waits, on its own thread, so a synchronous
+/// exit involves no other thread of the client (the 2-core choice: two
+/// spinners, the vCPU and the server worker). io_uring runs receive work
+/// on the thread that armed the receive, which is this vCPU's.
+#[derive(Clone)]
+pub struct Driver {
+    cell: Arc<Cell>,
+    doorbell: Arc<Doorbell>,
+}
+
+impl Driver {
+    /// Marks the lane as driven by its vCPU (or not). When the vCPU stops
+    /// driving with datagrams still in flight (posted writes), the engine
+    /// is woken to look after them.
+    pub fn set_driving(&self, on: bool) {
+        self.cell.driving.store(on, Ordering::SeqCst);
+        if !on {
+            let busy = self.cell.lp.try_lock().map(|l| l.busy()).unwrap_or(true);
+            if busy {
+                self.doorbell.kick();
+            }
+        }
+    }
+
+    /// Runs one engine iteration on this lane; `false` if nothing happened
+    /// (or the engine holds the lane right now).
+    pub fn step(&self) -> bool {
+        match self.cell.lp.try_lock() {
+            Ok(mut l) => l.step(true).unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+}
 
 /// A running engine. Dropping it stops the thread.
 pub struct Engine {
@@ -197,39 +256,68 @@ pub struct Engine {
     join: Option<JoinHandle<()>>,
     stats: Arc<EngineStats>,
     doorbell: Arc<Doorbell>,
+    drivers: Vec<Option<Driver>>,
 }
 
 impl Engine {
-    /// Starts the engine thread (pinned to `core` if given).
+    /// Starts the engine thread (pinned to `core` if given) over `lanes`.
     pub fn spawn(
         cfg: EngineConfig,
-        sockets: Vec<UdpSocket>,
-        vcpus: Vec<VcpuPort>,
-        injectors: HashMap<u32, Injector>,
+        lanes: Vec<Lane>,
         core: Option<usize>,
     ) -> std::io::Result<Engine> {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(EngineStats::default());
         let doorbell = Arc::new(Doorbell::new()?);
-        let ring = IoUring::new(1024)?;
-        let (s, st, db) = (stop.clone(), stats.clone(), doorbell.clone());
+        let mut cells = Vec::new();
+        for lane in lanes {
+            let ring = IoUring::new(256)?;
+            let ring_fd = ring.as_raw_fd();
+            let lp = Loop::new(
+                cfg,
+                ring,
+                lane.sockets,
+                lane.vcpus,
+                lane.injectors,
+                stats.clone(),
+            );
+            cells.push(Arc::new(Cell {
+                lp: Mutex::new(lp),
+                driving: AtomicBool::new(false),
+                direct: lane.direct,
+                ring_fd,
+            }));
+        }
+        let drivers = cells
+            .iter()
+            .map(|c| {
+                c.direct.then(|| Driver {
+                    cell: c.clone(),
+                    doorbell: doorbell.clone(),
+                })
+            })
+            .collect();
+        let (s, db) = (stop.clone(), doorbell.clone());
         let join = std::thread::Builder::new()
             .name("dp-engine".into())
             .spawn(move || {
                 if let Some(c) = core {
                     let _ = affinity::set_thread_affinity([c]);
                 }
-                let mut e = Loop::new(cfg, ring, sockets, vcpus, injectors, st, db);
-                if let Err(err) = e.run(&s) {
-                    eprintln!("devplane client engine stopped: {err}");
-                }
+                engine_thread(cfg, cells, db, s);
             })?;
         Ok(Engine {
             stop,
             join: Some(join),
             stats,
             doorbell,
+            drivers,
         })
+    }
+
+    /// The driver of lane `i`, if it is a direct lane.
+    pub fn driver(&self, i: usize) -> Option<Driver> {
+        self.drivers.get(i).cloned().flatten()
     }
 
     /// The engine's counters.
@@ -249,15 +337,7 @@ impl Engine {
 
     fn shutdown(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        let one: u64 = 1;
-        // SAFETY: wakes a sleeping engine; 8 bytes from a valid u64.
-        unsafe {
-            libc::write(
-                self.doorbell.efd,
-                &one as *const u64 as *const libc::c_void,
-                8,
-            )
-        };
+        self.doorbell.kick();
         if let Some(j) = self.join.take() {
             let _ = j.join();
         }
@@ -270,7 +350,88 @@ impl Drop for Engine {
     }
 }
 
-struct Loop {
+/// The engine thread: steps every lane it may (shared lanes always; direct
+/// lanes while their vCPU is in its guest), spins `spin_budget` empty
+/// rounds, then sleeps in `poll` on the doorbell and the io_uring fds of
+/// the lanes it looks after, at most `idle_sleep` (and never longer than
+/// the retransmission timeout).
+fn engine_thread(
+    cfg: EngineConfig,
+    cells: Vec<Arc<Cell>>,
+    doorbell: Arc<Doorbell>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut idle = 0u32;
+    let mut fds: Vec<libc::pollfd> = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let mut work = false;
+        for c in &cells {
+            if c.direct && c.driving.load(Ordering::Acquire) {
+                continue;
+            }
+            if let Ok(mut l) = c.lp.try_lock() {
+                match l.step(!c.direct) {
+                    Ok(w) => work |= w,
+                    Err(e) => eprintln!("devplane client engine: {e}"),
+                }
+            }
+        }
+        if work {
+            idle = 0;
+            continue;
+        }
+        idle += 1;
+        if idle < cfg.spin_budget {
+            std::hint::spin_loop();
+            continue;
+        }
+        idle = 0;
+        doorbell.sleeping.store(true, Ordering::SeqCst);
+        // A vCPU that published before seeing the flag did not ring.
+        let fresh = cells.iter().any(|c| {
+            !(c.direct && c.driving.load(Ordering::SeqCst))
+                && c.lp.try_lock().map(|l| l.fresh()).unwrap_or(false)
+        });
+        if !fresh {
+            fds.clear();
+            fds.push(libc::pollfd {
+                fd: doorbell.efd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            for c in &cells {
+                if !(c.direct && c.driving.load(Ordering::SeqCst)) {
+                    fds.push(libc::pollfd {
+                        fd: c.ring_fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    });
+                }
+            }
+            let t = cfg.idle_sleep.min(cfg.retransmit);
+            let ts = libc::timespec {
+                tv_sec: t.as_secs() as libc::time_t,
+                tv_nsec: t.subsec_nanos() as libc::c_long,
+            };
+            // SAFETY: `fds` and `ts` are valid for the call.
+            unsafe {
+                libc::ppoll(
+                    fds.as_mut_ptr(),
+                    fds.len() as libc::nfds_t,
+                    &ts,
+                    std::ptr::null(),
+                );
+            }
+            let mut buf = 0u64;
+            // SAFETY: non-blocking read of 8 bytes into a valid u64.
+            unsafe { libc::read(doorbell.efd, &mut buf as *mut u64 as *mut libc::c_void, 8) };
+        }
+        doorbell.sleeping.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The engine's work over a set of vCPUs and sockets, one io_uring.
+pub(crate) struct Loop {
     cfg: EngineConfig,
     ring: IoUring,
     sockets: Vec<UdpSocket>,
@@ -280,13 +441,11 @@ struct Loop {
     model_index: Vec<HashMap<u32, usize>>,
     injectors: HashMap<u32, Injector>,
     stats: Arc<EngineStats>,
-    doorbell: Arc<Doorbell>,
     send_bufs: Vec<Option<Box<[u8]>>>,
     free_send: Vec<usize>,
     rng: u64,
-    wake_armed: bool,
-    efd_buf: Box<u64>,
-    timeout_ts: Box<types::Timespec>,
+    started: bool,
+    rearm: Vec<usize>,
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -301,7 +460,6 @@ impl Loop {
         vcpus: Vec<VcpuPort>,
         injectors: HashMap<u32, Injector>,
         stats: Arc<EngineStats>,
-        doorbell: Arc<Doorbell>,
     ) -> Loop {
         let mut by_id = HashMap::new();
         let mut model_index = Vec::new();
@@ -341,12 +499,10 @@ impl Loop {
             model_index,
             injectors,
             stats,
-            doorbell,
             send_bufs: Vec::new(),
             free_send: Vec::new(),
-            wake_armed: false,
-            efd_buf: Box::new(0),
-            timeout_ts: Box::new(types::Timespec::new()),
+            started: false,
+            rearm: Vec::new(),
         }
     }
 
@@ -394,7 +550,14 @@ impl Loop {
         self.push(e)
     }
 
-    fn run(&mut self, stop: &AtomicBool) -> std::io::Result<()> {
+    /// Provides the receive buffers and arms the multishot receives. The
+    /// thread that calls this is the one io_uring runs receive work on
+    /// (task work goes to the submitter): the engine thread in shared mode,
+    /// the vCPU thread in direct mode.
+    fn start(&mut self) -> std::io::Result<()> {
+        if self.started {
+            return Ok(());
+        }
         for s in 0..self.sockets.len() {
             let base = self.recv_bufs[s].as_mut_ptr();
             let e =
@@ -405,56 +568,45 @@ impl Loop {
             self.arm_recv(s)?;
         }
         self.ring.submit()?;
-        let mut idle = 0u32;
-        while !stop.load(Ordering::Relaxed) {
-            let mut work = self.drain_rings()?;
-            work |= self.retransmit()?;
-            if !self.ring.submission().is_empty() {
-                self.ring.submit()?;
-                add(&self.stats.submits, 1);
-            }
-            work |= self.reap()?;
-            if work {
-                idle = 0;
-                continue;
-            }
-            idle += 1;
-            if idle < self.cfg.spin_budget {
-                std::hint::spin_loop();
-                continue;
-            }
-            self.sleep()?;
-            idle = 0;
-        }
+        self.started = true;
         Ok(())
     }
 
-    fn sleep(&mut self) -> std::io::Result<()> {
-        self.doorbell.sleeping.store(true, Ordering::SeqCst);
-        // Re-check after announcing: a vCPU that published before seeing
-        // the flag did not ring.
-        let pending = self.vcpus.iter().any(|v| v.tail < v.port.ring.head());
-        if !pending {
-            if !self.wake_armed {
-                let buf = &mut *self.efd_buf as *mut u64 as *mut u8;
-                let e = opcode::Read::new(types::Fd(self.doorbell.efd), buf, 8)
-                    .build()
-                    .user_data(UD_WAKE);
-                self.push(e)?;
-                self.wake_armed = true;
+    /// One iteration: new requests out, due retransmissions out, one
+    /// submit, completions in. Never blocks.
+    pub(crate) fn step(&mut self, owner: bool) -> std::io::Result<bool> {
+        if !self.started {
+            if !owner {
+                return Ok(false);
             }
-            *self.timeout_ts = types::Timespec::from(self.cfg.idle_sleep.min(self.cfg.retransmit));
-            let ts = &*self.timeout_ts as *const types::Timespec;
-            let e = opcode::Timeout::new(ts).build().user_data(UD_TIMEOUT);
-            self.push(e)?;
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) => return Err(e),
+            self.start()?;
+        }
+        if owner {
+            for s in std::mem::take(&mut self.rearm) {
+                self.arm_recv(s)?;
             }
         }
-        self.doorbell.sleeping.store(false, Ordering::SeqCst);
-        Ok(())
+        let mut work = self.drain_rings()?;
+        work |= self.retransmit()?;
+        if !self.ring.submission().is_empty() {
+            self.ring.submit()?;
+            add(&self.stats.submits, 1);
+        }
+        work |= self.reap(owner)?;
+        Ok(work)
+    }
+
+    /// Whether a vCPU published something not yet taken.
+    fn fresh(&self) -> bool {
+        self.vcpus.iter().any(|v| v.tail < v.port.ring.head())
+    }
+
+    /// Whether a vCPU published something not yet taken, or a datagram is
+    /// in flight.
+    fn busy(&self) -> bool {
+        self.vcpus
+            .iter()
+            .any(|v| v.tail < v.port.ring.head() || v.inflight.iter().any(Option::is_some))
     }
 
     /// Moves newly published requests into per-model queues and sends
@@ -581,7 +733,7 @@ impl Loop {
         Ok(work)
     }
 
-    fn reap(&mut self) -> std::io::Result<bool> {
+    fn reap(&mut self, owner: bool) -> std::io::Result<bool> {
         let mut work = false;
         let cqes: Vec<(u64, i32, u32)> = self
             .ring
@@ -610,10 +762,13 @@ impl Loop {
                         }
                     }
                     if !io_uring::cqueue::more(flags) {
-                        self.arm_recv(sock)?;
+                        if owner {
+                            self.arm_recv(sock)?;
+                        } else {
+                            self.rearm.push(sock);
+                        }
                     }
                 }
-                UD_WAKE => self.wake_armed = false,
                 _ => {}
             }
         }

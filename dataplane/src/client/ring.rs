@@ -140,6 +140,21 @@ impl ExitRing {
         }
     }
 
+    /// Producer: takes the answer of slot `i` if it is there (and frees
+    /// the slot).
+    pub fn try_take(&self, i: u64) -> Option<(u8, u64)> {
+        let slot = self.slot(i);
+        if slot.state.load(Ordering::Acquire) != state::DONE {
+            return None;
+        }
+        let out = (
+            slot.status.load(Ordering::Relaxed) as u8,
+            slot.data.load(Ordering::Relaxed),
+        );
+        slot.state.store(state::FREE, Ordering::Release);
+        Some(out)
+    }
+
     /// Producer: waits for slot `i` to be answered (spinning `spin` times,
     /// then sleeping on a futex), frees it and returns (status, data).
     /// `None` if `deadline` passes first.

@@ -13,7 +13,7 @@ use devplane_wire::record::FLAG_POSTED;
 use devplane_wire::{Access, AccessSize, RawRecord, Record, Request, RequestId, Status};
 
 use super::devmap::{DeviceMap, Placement};
-use super::engine::Doorbell;
+use super::engine::{Doorbell, Driver};
 use super::kvm::IoHandler;
 use super::ring::ExitRing;
 
@@ -68,6 +68,7 @@ pub struct VcpuIo {
     stats: Arc<VcpuStats>,
     sampling: bool,
     last_exit: Option<Instant>,
+    driver: Option<Driver>,
 }
 
 fn add(c: &AtomicU64) {
@@ -102,7 +103,15 @@ impl VcpuIo {
             sampling: stats.samples.lock().map(|s| s.is_some()).unwrap_or(false),
             stats,
             last_exit: None,
+            driver: None,
         }
+    }
+
+    /// Direct mode: this vCPU sends its own requests and reaps its own
+    /// answers through `driver` while it waits.
+    pub fn with_driver(mut self, driver: Option<Driver>) -> VcpuIo {
+        self.driver = driver;
+        self
     }
 
     fn sample(&mut self) {
@@ -193,12 +202,40 @@ impl VcpuIo {
             std::hint::spin_loop();
         };
         self.ring.publish(i, index, posted, &rec);
-        self.doorbell.ring();
-        if posted {
-            add(&self.stats.posted);
-            return 0;
-        }
-        match self.ring.wait(i, self.spin, Instant::now() + self.timeout) {
+        let answer = match &self.driver {
+            None => {
+                self.doorbell.ring();
+                if posted {
+                    add(&self.stats.posted);
+                    return 0;
+                }
+                self.ring.wait(i, self.spin, Instant::now() + self.timeout)
+            }
+            Some(d) => {
+                d.set_driving(true);
+                d.step();
+                if posted {
+                    d.set_driving(false);
+                    add(&self.stats.posted);
+                    return 0;
+                }
+                let deadline = Instant::now() + self.timeout;
+                let mut n = 0u32;
+                let a = loop {
+                    if let Some(a) = self.ring.try_take(i) {
+                        break Some(a);
+                    }
+                    d.step();
+                    n = n.wrapping_add(1);
+                    if n % 1024 == 0 && Instant::now() > deadline {
+                        break None;
+                    }
+                };
+                d.set_driving(false);
+                a
+            }
+        };
+        match answer {
             Some((st, data)) if st == Status::Ok as u8 => data & size.mask(),
             _ => {
                 add(&self.stats.remote_errors);

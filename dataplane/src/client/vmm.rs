@@ -13,8 +13,8 @@ use devplane_devmodels::registry::{self, ModelParams};
 use devplane_wire::IrqAction;
 
 use super::devmap::{DevMapError, DeviceMap, Mapping, Placement};
-use super::engine::{Engine, EngineConfig, Injector, RemoteModel, VcpuPort};
-use super::kvm::{Entry, KvmError, Vcpu, VcpuExit, VcpuKicker, Vm};
+use super::engine::{Engine, EngineConfig, Injector, Lane, RemoteModel, VcpuPort};
+use super::kvm::{Entry, IrqHandle, KvmError, Vcpu, VcpuExit, VcpuKicker, Vm};
 use super::ring::ExitRing;
 use super::vcpu_io::{VcpuIo, VcpuStats};
 
@@ -104,6 +104,11 @@ pub struct ClientSpec {
     pub vcpu_spin: u32,
     /// Keep this many exit-interval samples per vCPU (benchmarks; 0: none).
     pub samples: usize,
+    /// Direct mode: every vCPU has its own io_uring and sockets and drives
+    /// them itself while it waits; the engine thread only looks after a
+    /// vCPU's lane while the vCPU runs its guest. Otherwise one engine
+    /// thread serves every vCPU.
+    pub direct: bool,
 }
 
 /// Why a client could not start.
@@ -176,7 +181,15 @@ pub struct Client {
 
 /// A vCPU to create once the engine runs: (VM index, vCPU index, spec,
 /// device map, exit ring).
-type PendingVcpu = (usize, u16, VcpuSpec, DeviceMap, Arc<ExitRing>);
+type PendingVcpu = (usize, u16, VcpuSpec, DeviceMap, Arc<ExitRing>, usize);
+
+fn injector(h: IrqHandle) -> Injector {
+    Box::new(move |line, action| match action {
+        IrqAction::Assert => h.irq_line(line, true).is_ok(),
+        IrqAction::Deassert => h.irq_line(line, false).is_ok(),
+        IrqAction::Edge => h.irq_edge(line).is_ok(),
+    })
+}
 
 fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> ClientError {
     move |source| ClientError::Io { what, source }
@@ -185,17 +198,21 @@ fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> ClientError {
 impl Client {
     /// Creates every VM, starts the engine and the vCPU threads.
     pub fn start(spec: ClientSpec) -> Result<Client, ClientError> {
-        let mut sockets = Vec::new();
-        for s in &spec.servers {
-            let bind = spec.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-            let sock = UdpSocket::bind((bind, 0)).map_err(io_err("bind client socket"))?;
-            sock.connect(s.addr)
-                .map_err(io_err("connect client socket"))?;
-            sockets.push(sock);
-        }
+        let sockets = || -> Result<Vec<UdpSocket>, ClientError> {
+            let mut out = Vec::new();
+            for s in &spec.servers {
+                let bind = spec.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+                let sock = UdpSocket::bind((bind, 0)).map_err(io_err("bind client socket"))?;
+                sock.connect(s.addr)
+                    .map_err(io_err("connect client socket"))?;
+                out.push(sock);
+            }
+            Ok(out)
+        };
+        let mut lanes: Vec<Lane> = Vec::new();
+        let mut handles: HashMap<u32, IrqHandle> = HashMap::new();
         let mut vms = Vec::new();
         let mut ports = Vec::new();
-        let mut injectors: HashMap<u32, Injector> = HashMap::new();
         // Per vCPU: (vm index, spec, io).
         let mut pending: Vec<PendingVcpu> = Vec::new();
         for vs in &spec.vms {
@@ -254,32 +271,47 @@ impl Client {
             let map =
                 DeviceMap::new(maps).map_err(|source| ClientError::DevMap { vm: vs.id, source })?;
             let remotes: Arc<[RemoteModel]> = remotes.into();
-            let h = vm.irq_handle();
-            injectors.insert(
-                vs.id,
-                Box::new(move |line, action| match action {
-                    IrqAction::Assert => h.irq_line(line, true).is_ok(),
-                    IrqAction::Deassert => h.irq_line(line, false).is_ok(),
-                    IrqAction::Edge => h.irq_edge(line).is_ok(),
-                }),
-            );
+            handles.insert(vs.id, vm.irq_handle());
             for (i, v) in vs.vcpus.iter().enumerate() {
                 let ring = Arc::new(ExitRing::new().map_err(io_err("exit ring"))?);
-                ports.push(VcpuPort {
+                let port = VcpuPort {
                     vm: vs.id,
                     hypervisor: vs.hypervisor,
                     vcpu: i as u16,
                     ring: ring.clone(),
                     models: remotes.clone(),
-                });
-                pending.push((vms.len(), i as u16, *v, map.clone(), ring));
+                };
+                let lane = if spec.direct {
+                    lanes.push(Lane {
+                        sockets: sockets()?,
+                        vcpus: vec![port],
+                        injectors: HashMap::from([(vs.id, injector(vm.irq_handle()))]),
+                        direct: true,
+                    });
+                    lanes.len() - 1
+                } else {
+                    ports.push(port);
+                    0
+                };
+                pending.push((vms.len(), i as u16, *v, map.clone(), ring, lane));
             }
             vms.push(vm);
         }
         let mut ecfg = spec.engine;
         ecfg.client = spec.client;
-        let engine = Engine::spawn(ecfg, sockets, ports, injectors, spec.engine_core)
-            .map_err(io_err("start the engine"))?;
+        if !spec.direct {
+            lanes.push(Lane {
+                sockets: sockets()?,
+                vcpus: ports,
+                injectors: handles
+                    .into_iter()
+                    .map(|(vm, h)| (vm, injector(h)))
+                    .collect(),
+                direct: false,
+            });
+        }
+        let engine =
+            Engine::spawn(ecfg, lanes, spec.engine_core).map_err(io_err("start the engine"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut client = Client {
             stop: stop.clone(),
@@ -287,7 +319,7 @@ impl Client {
             engine: None,
             vms: Vec::new(),
         };
-        for (vm_idx, index, vspec, map, ring) in pending {
+        for (vm_idx, index, vspec, map, ring, lane) in pending {
             let vs = &spec.vms[vm_idx];
             let vm = &vms[vm_idx];
             let mut vcpu: Vcpu = vm
@@ -307,7 +339,8 @@ impl Client {
                 engine.doorbell(),
                 spec.vcpu_spin,
                 stats.clone(),
-            );
+            )
+            .with_driver(engine.driver(lane));
             let kicker = vcpu.kicker();
             let stop = stop.clone();
             let core = vspec.core;
