@@ -227,7 +227,7 @@ impl VcpuIo {
                     }
                     d.step();
                     n = n.wrapping_add(1);
-                    if n % 1024 == 0 && Instant::now() > deadline {
+                    if n.is_multiple_of(1024) && Instant::now() > deadline {
                         break None;
                     }
                 };
