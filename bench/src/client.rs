@@ -27,7 +27,7 @@ use anyhow::{Context, Result, bail};
 use devplane_control::config::{
     ClientConfig, Mode, ModelConfig, ServerConfig, ServerSection, Tuning, VmConfig,
 };
-use devplane_dataplane::client::engine::EngineConfig;
+use devplane_dataplane::client::engine::{EngineConfig, SqPoll};
 use devplane_dataplane::client::guests::{self, Guest};
 use devplane_dataplane::client::kvm::VcpuExit;
 use devplane_dataplane::client::vmm::{
@@ -154,7 +154,18 @@ struct Outcome {
     elapsed: Duration,
 }
 
-fn run_vms(topo: &Topology, vms: Vec<VmSpec>, samples: usize) -> Result<Outcome> {
+/// How the exit rings are drained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    /// One engine thread for every vCPU.
+    Engine,
+    /// Each vCPU drives its own io_uring while it waits.
+    Direct,
+    /// Each vCPU's io_uring submits through a shared SQPOLL thread.
+    Sqpoll,
+}
+
+fn run_vms(topo: &Topology, vms: Vec<VmSpec>, samples: usize, drain: Drain) -> Result<Outcome> {
     let spec = ClientSpec {
         client: 7,
         bind: Some(topo.client_ip().into()),
@@ -164,13 +175,24 @@ fn run_vms(topo: &Topology, vms: Vec<VmSpec>, samples: usize) -> Result<Outcome>
         }],
         vms,
         engine: EngineConfig {
-            spin_budget: knob("DP_ENGINE_SPIN", 20_000),
+            // The engine thread spins only when it is the drainer; in direct
+            // and SQPOLL modes it sleeps, leaving core 0 to the vCPU.
+            spin_budget: match drain {
+                Drain::Engine => knob("DP_ENGINE_SPIN", 20_000),
+                _ => knob("DP_ENGINE_SPIN_DIRECT", 1),
+            },
+            sqpoll: (drain == Drain::Sqpoll).then_some(SqPoll {
+                idle_ms: knob("DP_SQPOLL_IDLE_MS", 10),
+                cpu: std::env::var("DP_SQPOLL_CPU")
+                    .ok()
+                    .and_then(|v| v.parse().ok()),
+            }),
             ..EngineConfig::default()
         },
         engine_core: Some(knob("DP_ENGINE_CORE", 0) as usize),
         vcpu_spin: knob("DP_VCPU_SPIN", 0),
         samples,
-        direct: knob("DP_DIRECT", 1) != 0,
+        direct: drain != Drain::Engine,
     };
     let start = Instant::now();
     let mut client = topo
@@ -214,7 +236,13 @@ pub fn run(iters: u32) -> Result<Vec<Row>> {
         let g = guests::pio_read_loop(PIO_PORT, n)?;
         let d = dev(Space::Pio, PIO_PORT as u64, 1, NULL_PIO, false, true);
         summary(
-            &run_vms(&topo, vec![vm(1, &[g], vec![d])], n as usize + 8)?.samples,
+            &run_vms(
+                &topo,
+                vec![vm(1, &[g], vec![d])],
+                n as usize + 8,
+                Drain::Direct,
+            )?
+            .samples,
             warm,
         )
     };
@@ -231,11 +259,38 @@ pub fn run(iters: u32) -> Result<Vec<Row>> {
         rate: None,
         floor_p50: Some(udp.p50),
     });
+    let drain = match std::env::var("DP_DRAIN").as_deref() {
+        Ok("engine") => Drain::Engine,
+        Ok("sqpoll") => Drain::Sqpoll,
+        _ => Drain::Direct,
+    };
+    // The other two ways of draining the rings, measured in the same run.
+    for (name, other) in [
+        ("pio-engine", Drain::Engine),
+        ("pio-sqpoll", Drain::Sqpoll),
+        ("pio-direct", Drain::Direct),
+    ] {
+        if other == drain {
+            continue;
+        }
+        let g = guests::pio_read_loop(PIO_PORT, n)?;
+        let d = dev(Space::Pio, PIO_PORT as u64, 1, NULL_PIO, false, false);
+        let l = summary(
+            &run_vms(&topo, vec![vm(1, &[g], vec![d])], n as usize + 8, other)?.samples,
+            warm,
+        );
+        rows.push(Row {
+            name,
+            latency: Some(l),
+            rate: None,
+            floor_p50: Some(both),
+        });
+    }
     let pio = {
         let g = guests::pio_read_loop(PIO_PORT, n)?;
         let d = dev(Space::Pio, PIO_PORT as u64, 1, NULL_PIO, false, false);
         summary(
-            &run_vms(&topo, vec![vm(1, &[g], vec![d])], n as usize + 8)?.samples,
+            &run_vms(&topo, vec![vm(1, &[g], vec![d])], n as usize + 8, drain)?.samples,
             warm,
         )
     };
@@ -256,7 +311,7 @@ pub fn run(iters: u32) -> Result<Vec<Row>> {
             false,
         );
         summary(
-            &run_vms(&topo, vec![vm(1, &[g], vec![d])], n as usize + 8)?.samples,
+            &run_vms(&topo, vec![vm(1, &[g], vec![d])], n as usize + 8, drain)?.samples,
             warm,
         )
     };
@@ -286,7 +341,7 @@ pub fn run(iters: u32) -> Result<Vec<Row>> {
                 Ok(vm(id, &gs, devices))
             })
             .collect::<Result<Vec<_>>>()?;
-        let out = run_vms(&topo, vms, 0)?;
+        let out = run_vms(&topo, vms, 0, drain)?;
         (4 * (writes + 1)) as f64 / out.elapsed.as_secs_f64()
     };
     rows.push(Row {
@@ -298,11 +353,15 @@ pub fn run(iters: u32) -> Result<Vec<Row>> {
     srv.stop();
     eprintln!(
         "dpbench client: p50/floor for remote rows is over exit-floor + udp-floor = {:.1} us; \
-         placement: worker spins on core 1, vCPU spins {} then futex, engine spins \
-         {} then io_uring wait",
+         rings drained {drain:?} (remote-pio, remote-mmio, posted-rate; pio-* rows: the \
+         others); placement: worker spins on core 1 (DP_WORKER_SPIN/CORE), vCPU on core 0 \
+         spins {} then futex (engine mode), engine thread on core 0 spins {} (engine mode) \
+         or {} (others) then sleeps; SQPOLL thread unbound, idle {} ms",
         both as f64 / 1000.0,
         knob("DP_VCPU_SPIN", 0),
-        knob("DP_ENGINE_SPIN", 20_000)
+        knob("DP_ENGINE_SPIN", 20_000),
+        knob("DP_ENGINE_SPIN_DIRECT", 1),
+        knob("DP_SQPOLL_IDLE_MS", 10)
     );
     Ok(rows)
 }

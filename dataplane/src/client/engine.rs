@@ -55,6 +55,19 @@ pub struct EngineConfig {
     pub max_retries: u32,
     /// Loss injection.
     pub loss: Loss,
+    /// Direct lanes get io_uring's SQPOLL thread (one, shared by every
+    /// lane through IORING_SETUP_ATTACH_WQ) instead of submitting
+    /// themselves.
+    pub sqpoll: Option<SqPoll>,
+}
+
+/// io_uring's kernel submission thread, shared by the direct lanes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SqPoll {
+    /// Milliseconds it spins idle before sleeping.
+    pub idle_ms: u32,
+    /// The core it is bound to, if any.
+    pub cpu: Option<u32>,
 }
 
 impl Default for EngineConfig {
@@ -66,6 +79,7 @@ impl Default for EngineConfig {
             retransmit: Duration::from_millis(2),
             max_retries: 50,
             loss: Loss::default(),
+            sqpoll: None,
         }
     }
 }
@@ -270,8 +284,24 @@ impl Engine {
         let stats = Arc::new(EngineStats::default());
         let doorbell = Arc::new(Doorbell::new()?);
         let mut cells = Vec::new();
+        let mut sq_owner: Option<libc::c_int> = None;
         for lane in lanes {
-            let ring = IoUring::new(256)?;
+            let ring = match (lane.direct, cfg.sqpoll) {
+                (true, Some(sq)) => {
+                    let mut b = IoUring::builder();
+                    b.setup_sqpoll(sq.idle_ms);
+                    if let Some(cpu) = sq.cpu {
+                        b.setup_sqpoll_cpu(cpu);
+                    }
+                    if let Some(fd) = sq_owner {
+                        b.setup_attach_wq(fd);
+                    }
+                    let r = b.build(256)?;
+                    sq_owner.get_or_insert(r.as_raw_fd());
+                    r
+                }
+                _ => IoUring::new(256)?,
+            };
             let ring_fd = ring.as_raw_fd();
             let lp = Loop::new(
                 cfg,

@@ -107,7 +107,8 @@ pub struct ClientSpec {
     /// Direct mode: every vCPU has its own io_uring and sockets and drives
     /// them itself while it waits; the engine thread only looks after a
     /// vCPU's lane while the vCPU runs its guest. Otherwise one engine
-    /// thread serves every vCPU.
+    /// thread serves every vCPU. With `engine.sqpoll` set, direct lanes
+    /// submit through io_uring's shared SQPOLL thread.
     pub direct: bool,
 }
 

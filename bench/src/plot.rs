@@ -1,0 +1,144 @@
+//! `latency.svg`: every latency row's percentile curve against its floor,
+//! drawn as HdrHistogram's plots are: x is the percentile on a "nines"
+//! axis (0 -> 0%, 1 -> 90%, 2 -> 99%, 3 -> 99.9%, ...), y the latency in
+//! microseconds on a log scale. Rows are solid, floors dashed. The SVG
+//! backend writes text as `<text>` elements, so no font is needed to draw.
+
+use std::path::Path;
+
+use anyhow::{Result, anyhow};
+use plotters::prelude::*;
+
+use crate::report::Row;
+
+/// Points per unit of the nines axis.
+const STEPS_PER_NINE: u32 = 50;
+
+/// `x` on the nines axis as a percentile label (`99.9%`).
+pub fn nines_label(x: f64) -> String {
+    let p = 100.0 * (1.0 - 10f64.powf(-x));
+    let digits = if x <= 1.0 { 0 } else { (x - 2.0).ceil().max(0.0) as usize };
+    format!("{p:.digits$}%")
+}
+
+/// The quantile at `x` on the nines axis.
+fn quantile(x: f64) -> f64 {
+    1.0 - 10f64.powf(-x)
+}
+
+struct Curve {
+    label: String,
+    dashed: bool,
+    points: Vec<(f64, f64)>,
+}
+
+fn curve(label: String, dashed: bool, max_x: f64, value_ns: impl Fn(f64) -> u64) -> Curve {
+    let n = (max_x * STEPS_PER_NINE as f64).ceil() as u32;
+    let points = (0..=n)
+        .map(|i| {
+            let x = (i as f64 / STEPS_PER_NINE as f64).min(max_x);
+            (x, (value_ns(quantile(x)) as f64 / 1000.0).max(0.001))
+        })
+        .collect();
+    Curve {
+        label,
+        dashed,
+        points,
+    }
+}
+
+fn curves(rows: &[Row]) -> Vec<Curve> {
+    let mut out: Vec<Curve> = Vec::new();
+    for r in rows {
+        let Some(h) = &r.hist else { continue };
+        if h.len() == 0 {
+            continue;
+        }
+        // The deepest percentile the samples say anything about.
+        let max_x = (h.len() as f64).log10().max(1.0);
+        out.push(curve(r.key(), r.is_floor(), max_x, |q| h.quantile(q)));
+        if let Some(f) = &r.floor
+            && !r.is_floor()
+            && !rows.iter().any(|o| o.key() == f.name)
+            && !out.iter().any(|c| c.label == f.name)
+        {
+            out.push(curve(f.name.clone(), true, max_x, |q| f.quantile(q)));
+        }
+    }
+    out
+}
+
+/// Draws every latency row of `rows` into an SVG at `path`.
+pub fn percentiles(path: &Path, rows: &[Row]) -> Result<()> {
+    let curves = curves(rows);
+    let max_x = curves
+        .iter()
+        .filter_map(|c| c.points.last().map(|p| p.0))
+        .fold(1.0, f64::max);
+    let ys = curves.iter().flat_map(|c| c.points.iter().map(|p| p.1));
+    let (lo, hi) = ys.fold((f64::MAX, 0f64), |(lo, hi), y| (lo.min(y), hi.max(y)));
+    let (lo, hi) = if lo <= hi {
+        (lo * 0.8, hi * 1.25)
+    } else {
+        (1.0, 10.0)
+    };
+    let e = |e: &dyn std::fmt::Display| anyhow!("{e}");
+    let root = SVGBackend::new(path, (1000, 640)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "dpbench: latency by percentile (solid: row, dashed: same-run floor)",
+            ("sans-serif", 20),
+        )
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..max_x, (lo..hi).log_scale())
+        .map_err(|x| e(&x))?;
+    chart
+        .configure_mesh()
+        .x_labels(max_x.ceil() as usize + 1)
+        .x_label_formatter(&|x| nines_label(*x))
+        .y_label_formatter(&|y| format!("{y}"))
+        .x_desc("percentile")
+        .y_desc("latency (us)")
+        .draw()
+        .map_err(|x| e(&x))?;
+    for (i, c) in curves.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let style = color.stroke_width(2);
+        let drawn = if c.dashed {
+            chart.draw_series(DashedLineSeries::new(c.points.iter().copied(), 6, 4, style))
+        } else {
+            chart.draw_series(LineSeries::new(c.points.iter().copied(), style))
+        };
+        drawn
+            .map_err(|x| e(&x))?
+            .label(c.label.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|x| e(&x))?;
+    root.present().map_err(|x| e(&x))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nines_axis_labels() {
+        assert_eq!(nines_label(0.0), "0%");
+        assert_eq!(nines_label(1.0), "90%");
+        assert_eq!(nines_label(2.0), "99%");
+        assert_eq!(nines_label(3.0), "99.9%");
+        assert_eq!(nines_label(4.0), "99.99%");
+        assert!((quantile(2.0) - 0.99).abs() < 1e-12);
+    }
+}

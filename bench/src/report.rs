@@ -1,0 +1,533 @@
+//! A run's results: the rows scenarios produce, the terminal table, and
+//! the output directory (`summary.json`, one `.hgrm` per latency row,
+//! `latency.svg`).
+
+use std::collections::BTreeMap;
+use std::fmt::Display;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::hist::{Latency, METRICS, Summary};
+
+/// Version of `summary.json`'s layout.
+pub const SCHEMA: u32 = 1;
+
+static PROGRESS: AtomicBool = AtomicBool::new(false);
+
+/// Turns progress lines on when stderr is a terminal and `quiet` is not
+/// set.
+pub fn init_progress(quiet: bool) {
+    PROGRESS.store(!quiet && std::io::stderr().is_terminal(), Ordering::Relaxed);
+}
+
+/// One progress line on stderr (only on a terminal, see [`init_progress`]).
+pub fn progress(msg: impl Display) {
+    if PROGRESS.load(Ordering::Relaxed) {
+        eprintln!("dpbench: {msg}");
+    }
+}
+
+/// What a latency row is compared with: a floor measured in the same run,
+/// or the percentile by percentile sum of several (a path of two legs).
+#[derive(Clone)]
+pub struct Floor {
+    /// Row key of the floor, or keys joined by `+`.
+    pub name: String,
+    /// The legs.
+    pub parts: Vec<Latency>,
+}
+
+impl Floor {
+    /// A floor of one leg.
+    pub fn of(name: String, l: &Latency) -> Floor {
+        Floor {
+            name,
+            parts: vec![l.clone()],
+        }
+    }
+
+    /// The floor's percentiles (summed over the legs).
+    pub fn summary(&self) -> Summary {
+        let mut it = self.parts.iter().map(Latency::summary);
+        let first = it.next().unwrap_or_else(|| Latency::new().summary());
+        it.fold(first, |a, b| a.plus(&b))
+    }
+
+    /// The floor's value at quantile `q` (summed over the legs), ns.
+    pub fn quantile(&self, q: f64) -> u64 {
+        self.parts.iter().map(|p| p.quantile(q)).sum()
+    }
+}
+
+/// One line of the result table.
+pub struct Row {
+    /// Scenario that measured it.
+    pub scenario: &'static str,
+    /// Measurement name, unique within the scenario.
+    pub name: &'static str,
+    /// Every latency sample, if a latency measurement.
+    pub hist: Option<Latency>,
+    /// Rate (records/s), if a throughput measurement.
+    pub rate: Option<f64>,
+    /// Mean cost per operation in ns, if a micro-measurement.
+    pub cost_ns: Option<f64>,
+    /// What this row's latency is compared with, if anything.
+    pub floor: Option<Floor>,
+}
+
+impl Row {
+    /// A latency row.
+    pub fn latency(scenario: &'static str, name: &'static str, h: Latency, floor: Floor) -> Row {
+        Row {
+            scenario,
+            name,
+            hist: Some(h),
+            rate: None,
+            cost_ns: None,
+            floor: Some(floor),
+        }
+    }
+
+    /// A latency row that is its own floor.
+    pub fn floor(scenario: &'static str, name: &'static str, h: Latency) -> Row {
+        let f = Floor::of(format!("{scenario}/{name}"), &h);
+        Row::latency(scenario, name, h, f)
+    }
+
+    /// A throughput row.
+    pub fn rate(scenario: &'static str, name: &'static str, rate: f64) -> Row {
+        Row {
+            scenario,
+            name,
+            hist: None,
+            rate: Some(rate),
+            cost_ns: None,
+            floor: None,
+        }
+    }
+
+    /// A micro-measurement row (mean ns per operation).
+    pub fn cost(scenario: &'static str, name: &'static str, ns: f64) -> Row {
+        Row {
+            scenario,
+            name,
+            hist: None,
+            rate: None,
+            cost_ns: Some(ns),
+            floor: None,
+        }
+    }
+
+    /// `scenario/name`: the row's identity across runs.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.scenario, self.name)
+    }
+
+    /// Whether this row is its own floor.
+    pub fn is_floor(&self) -> bool {
+        self.floor.as_ref().is_some_and(|f| f.name == self.key())
+    }
+
+    /// `row / floor` for every named percentile.
+    pub fn ratios(&self) -> Option<BTreeMap<String, f64>> {
+        let (h, f) = (self.hist.as_ref()?, self.floor.as_ref()?);
+        let (s, fs) = (h.summary(), f.summary());
+        Some(
+            METRICS
+                .iter()
+                .filter_map(|m| {
+                    let (v, base) = (s.get(m)?, fs.get(m)?);
+                    (base > 0).then(|| (m.to_string(), v as f64 / base as f64))
+                })
+                .collect(),
+        )
+    }
+
+    /// The file name of this row's `.hgrm`.
+    pub fn hgrm_name(&self) -> String {
+        format!("{}-{}.hgrm", self.scenario, self.name)
+    }
+
+    /// This row as `summary.json` holds it.
+    pub fn to_summary(&self) -> RowSummary {
+        RowSummary {
+            key: self.key(),
+            scenario: self.scenario.to_string(),
+            name: self.name.to_string(),
+            latency_ns: self.hist.as_ref().map(Latency::summary),
+            throughput_per_s: self.rate,
+            cost_ns: self.cost_ns,
+            floor: self.floor.as_ref().map(|f| FloorSummary {
+                name: f.name.clone(),
+                latency_ns: f.summary(),
+            }),
+            ratio: self.ratios(),
+            hgrm: self.hist.as_ref().map(|_| self.hgrm_name()),
+        }
+    }
+}
+
+/// A row of `summary.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RowSummary {
+    /// `scenario/name`.
+    pub key: String,
+    /// Scenario.
+    pub scenario: String,
+    /// Measurement.
+    pub name: String,
+    /// Latency percentiles, ns.
+    pub latency_ns: Option<Summary>,
+    /// Records per second.
+    pub throughput_per_s: Option<f64>,
+    /// Mean ns per operation (micro-measurements).
+    pub cost_ns: Option<f64>,
+    /// The same-run floor.
+    pub floor: Option<FloorSummary>,
+    /// Each named percentile over the floor's same percentile.
+    pub ratio: Option<BTreeMap<String, f64>>,
+    /// The row's percentile distribution file, beside `summary.json`.
+    pub hgrm: Option<String>,
+}
+
+/// The floor a row was compared with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FloorSummary {
+    /// Row key of the floor (`a+b` for a sum of legs).
+    pub name: String,
+    /// Its percentiles, ns.
+    pub latency_ns: Summary,
+}
+
+/// Facts about the machine that ran.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Machine {
+    /// Online CPUs.
+    pub nproc: usize,
+    /// `uname -r`.
+    pub kernel: String,
+    /// `model name` of /proc/cpuinfo.
+    pub cpu_model: String,
+}
+
+impl Machine {
+    /// This machine.
+    pub fn this() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        Machine {
+            nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "unknown".into()),
+            cpu_model: cpu_model(&cpuinfo).unwrap_or_else(|| "unknown".into()),
+        }
+    }
+}
+
+fn cpu_model(cpuinfo: &str) -> Option<String> {
+    cpuinfo.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k.trim() == "model name").then(|| v.trim().to_string())
+    })
+}
+
+/// How the run was configured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// Scenarios, in the order they ran.
+    pub scenarios: Vec<String>,
+    /// `--iterations` (xdp-prog, parse).
+    pub iterations: u32,
+    /// `--round-trips` (server, client).
+    pub round_trips: u32,
+    /// `--rate` (server's open-loop XDP round trip), requests/s.
+    pub rate: Option<u64>,
+    /// The command line.
+    pub argv: Vec<String>,
+    /// Every `DP_*` environment variable set.
+    pub env: BTreeMap<String, String>,
+    /// Where each scenario's threads ran and how they waited.
+    pub placement: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// `summary.json`: one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// [`SCHEMA`].
+    pub schema: u32,
+    /// UTC, RFC 3339.
+    pub timestamp: String,
+    /// `git rev-parse HEAD`, or "unknown".
+    pub git_revision: String,
+    /// The machine.
+    pub machine: Machine,
+    /// The configuration.
+    pub config: RunConfig,
+    /// What the scenarios said about themselves (attach mode, placement).
+    pub notes: Vec<String>,
+    /// Every row, in table order.
+    pub rows: Vec<RowSummary>,
+}
+
+/// Every `DP_*` variable of the environment.
+pub fn dp_env() -> BTreeMap<String, String> {
+    std::env::vars().filter(|(k, _)| k.starts_with("DP_")).collect()
+}
+
+/// `git rev-parse HEAD` in the current directory, or "unknown".
+pub fn git_revision() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Seconds since the epoch as UTC (year, month, day, hour, minute, second).
+fn civil(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's days_from_civil, inverted.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (
+        y,
+        m,
+        d,
+        (rem / 3600) as u32,
+        (rem / 60 % 60) as u32,
+        (rem % 60) as u32,
+    )
+}
+
+/// A point in time as RFC 3339 (`2026-11-25T09:30:00Z`) and as a
+/// directory name (`20261125T093000Z`).
+pub fn timestamps(t: SystemTime) -> (String, String) {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (y, mo, d, h, mi, s) = civil(secs);
+    (
+        format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z"),
+        format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}Z"),
+    )
+}
+
+fn us(ns: u64) -> f64 {
+    ns as f64 / 1000.0
+}
+
+/// The terminal table of one scenario's rows.
+pub fn print_table(title: &str, rows: &[Row]) {
+    println!(
+        "{:<14} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>14}",
+        title, "p50 us", "p99 us", "p99.9 us", "max us", "p50/floor", "p99/floor", "rate rec/s"
+    );
+    for r in rows {
+        if let Some(h) = &r.hist {
+            let l = h.summary();
+            let ratio = r.ratios().unwrap_or_default();
+            let get = |m: &str| ratio.get(m).copied().unwrap_or(f64::NAN);
+            println!(
+                "{:<14} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.2} {:>10.2} {:>14}",
+                r.name,
+                us(l.p50),
+                us(l.p99),
+                us(l.p999),
+                us(l.max),
+                get("p50"),
+                get("p99"),
+                "-"
+            );
+        } else if let Some(rate) = r.rate {
+            println!(
+                "{:<14} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>14.0}",
+                r.name, "-", "-", "-", "-", "-", "-", rate
+            );
+        }
+    }
+}
+
+/// Writes `summary.json`, the `.hgrm` files and `latency.svg` into `dir`
+/// (created if missing); returns the files written.
+pub fn write_outputs(dir: &Path, summary: &RunSummary, rows: &[Row]) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating the output directory {}", dir.display()))?;
+    let mut files = Vec::new();
+    let path = dir.join("summary.json");
+    let json = serde_json::to_string_pretty(summary)?;
+    std::fs::write(&path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
+    files.push(path);
+    for r in rows {
+        if let Some(h) = &r.hist {
+            let path = dir.join(r.hgrm_name());
+            std::fs::write(&path, h.hgrm(1000.0))
+                .with_context(|| format!("writing {}", path.display()))?;
+            files.push(path);
+        }
+    }
+    if rows.iter().any(|r| r.hist.is_some()) {
+        let path = dir.join("latency.svg");
+        crate::plot::percentiles(&path, rows)
+            .with_context(|| format!("plotting {}", path.display()))?;
+        files.push(path);
+    }
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lat(base: u64, n: u64) -> Latency {
+        let mut l = Latency::new();
+        for i in 0..n {
+            l.record(base + i % 100 * base / 100);
+        }
+        l
+    }
+
+    pub(crate) fn sample_rows() -> Vec<Row> {
+        let floor = lat(10_000, 1000);
+        let f = Floor::of("server/udp-floor".into(), &floor);
+        vec![
+            Row::floor("server", "udp-floor", floor),
+            Row::latency("server", "xdp-rtt", lat(20_000, 1000), f),
+            Row::rate("server", "xdp-rate", 1.5e6),
+            Row::cost("parse", "1 record", 42.5),
+        ]
+    }
+
+    pub(crate) fn sample_summary(rows: &[Row]) -> RunSummary {
+        RunSummary {
+            schema: SCHEMA,
+            timestamp: timestamps(UNIX_EPOCH).0,
+            git_revision: "unknown".into(),
+            machine: Machine::this(),
+            config: RunConfig {
+                scenarios: vec!["server".into()],
+                iterations: 1,
+                round_trips: 1000,
+                rate: None,
+                argv: vec!["dpbench".into()],
+                env: [("DP_X".to_string(), "1".to_string())].into(),
+                placement: [("server".to_string(), [("client_core".into(), "0".into())].into())]
+                    .into(),
+            },
+            notes: vec!["a note".into()],
+            rows: rows.iter().map(Row::to_summary).collect(),
+        }
+    }
+
+    #[test]
+    fn ratios_are_over_the_same_percentile_of_the_floor() {
+        let rows = sample_rows();
+        assert!(rows[0].is_floor() && !rows[1].is_floor());
+        let f = rows[0].ratios().unwrap();
+        assert!(f.values().all(|&r| r == 1.0), "{f:?}");
+        let r = rows[1].ratios().unwrap();
+        for m in METRICS {
+            assert!((r[m] - 2.0).abs() < 0.01, "{m}: {r:?}");
+        }
+        assert!(rows[2].ratios().is_none() && rows[3].ratios().is_none());
+    }
+
+    #[test]
+    fn a_floor_of_two_legs_sums_them() {
+        let f = Floor {
+            name: "a+b".into(),
+            parts: vec![lat(10_000, 100), lat(5_000, 100)],
+        };
+        let s = f.summary();
+        assert_eq!(s.p50, lat(10_000, 100).summary().p50 + lat(5_000, 100).summary().p50);
+        assert_eq!(f.quantile(0.5), s.p50);
+    }
+
+    #[test]
+    fn summary_json_round_trips() {
+        let rows = sample_rows();
+        let s = sample_summary(&rows);
+        let text = serde_json::to_string_pretty(&s).unwrap();
+        let back: RunSummary = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, s);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let row = &v["rows"][1];
+        assert_eq!(row["key"], "server/xdp-rtt");
+        assert_eq!(row["hgrm"], "server-xdp-rtt.hgrm");
+        assert_eq!(row["floor"]["name"], "server/udp-floor");
+        for f in ["count", "mean", "p50", "p90", "p99", "p999", "p9999", "max"] {
+            assert!(row["latency_ns"][f].is_number(), "{f}");
+        }
+        assert!(row["ratio"]["p99"].as_f64().unwrap() > 1.9);
+        assert_eq!(v["rows"][2]["throughput_per_s"], 1.5e6);
+        assert!(v["rows"][2]["ratio"].is_null());
+        assert_eq!(v["config"]["env"]["DP_X"], "1");
+    }
+
+    #[test]
+    fn outputs_are_written() {
+        let dir = std::env::temp_dir().join(format!("dpbench-test-{}", std::process::id()));
+        let rows = sample_rows();
+        let files = write_outputs(&dir, &sample_summary(&rows), &rows).unwrap();
+        let names: Vec<String> = files
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "summary.json",
+                "server-udp-floor.hgrm",
+                "server-xdp-rtt.hgrm",
+                "latency.svg"
+            ]
+        );
+        let hgrm = std::fs::read_to_string(dir.join("server-xdp-rtt.hgrm")).unwrap();
+        let lines = crate::hist::parse_hgrm(&hgrm).unwrap();
+        assert_eq!(lines.last().unwrap().total_count, 1000);
+        let svg = std::fs::read_to_string(dir.join("latency.svg")).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("server/xdp-rtt"), "{svg:.200}");
+        let back: RunSummary =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap())
+                .unwrap();
+        assert_eq!(back.rows.len(), 4);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn timestamps_are_utc_civil_time() {
+        let t = UNIX_EPOCH + std::time::Duration::from_secs(1_795_599_000);
+        assert_eq!(
+            timestamps(t),
+            ("2026-11-25T09:30:00Z".into(), "20261125T093000Z".into())
+        );
+        assert_eq!(timestamps(UNIX_EPOCH).0, "1970-01-01T00:00:00Z");
+        // A leap day.
+        let t = UNIX_EPOCH + std::time::Duration::from_secs(951_782_400);
+        assert_eq!(timestamps(t).0, "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn cpu_model_from_cpuinfo() {
+        let info = "processor\t: 0\nvendor_id\t: X\nmodel name\t: Some CPU @ 2.00GHz\n";
+        assert_eq!(cpu_model(info).as_deref(), Some("Some CPU @ 2.00GHz"));
+        assert_eq!(cpu_model(""), None);
+        let m = Machine::this();
+        assert!(m.nproc >= 1 && !m.kernel.is_empty());
+    }
+}
