@@ -163,6 +163,8 @@ enum Drain {
     Direct,
     /// Each vCPU's io_uring submits through a shared SQPOLL thread.
     Sqpoll,
+    /// Direct, sending with SEND_ZC from the registered buffers.
+    DirectZc,
 }
 
 fn run_vms(topo: &Topology, vms: Vec<VmSpec>, samples: usize, drain: Drain) -> Result<Outcome> {
@@ -181,6 +183,7 @@ fn run_vms(topo: &Topology, vms: Vec<VmSpec>, samples: usize, drain: Drain) -> R
                 Drain::Engine => knob("DP_ENGINE_SPIN", 20_000),
                 _ => knob("DP_ENGINE_SPIN_DIRECT", 1),
             },
+            zero_copy: drain == Drain::DirectZc,
             sqpoll: (drain == Drain::Sqpoll).then_some(SqPoll {
                 idle_ms: knob("DP_SQPOLL_IDLE_MS", 10),
                 cpu: std::env::var("DP_SQPOLL_CPU")
@@ -262,6 +265,7 @@ pub fn run(iters: u32) -> Result<Vec<Row>> {
     let drain = match std::env::var("DP_DRAIN").as_deref() {
         Ok("engine") => Drain::Engine,
         Ok("sqpoll") => Drain::Sqpoll,
+        Ok("direct-zc") => Drain::DirectZc,
         _ => Drain::Direct,
     };
     // The other two ways of draining the rings, measured in the same run.
@@ -269,6 +273,7 @@ pub fn run(iters: u32) -> Result<Vec<Row>> {
         ("pio-engine", Drain::Engine),
         ("pio-sqpoll", Drain::Sqpoll),
         ("pio-direct", Drain::Direct),
+        ("pio-direct-zc", Drain::DirectZc),
     ] {
         if other == drain {
             continue;

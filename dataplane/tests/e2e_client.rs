@@ -182,6 +182,7 @@ impl Rig {
                 spin_budget: 500,
                 retransmit: Duration::from_millis(2),
                 loss,
+                zero_copy,
                 ..EngineConfig::default()
             },
             engine_core: None,
@@ -243,7 +244,16 @@ fn direct_mode_pio_and_mmio_reach_remote_models() {
     pio_and_mmio(true, "direct_mode_pio_and_mmio_reach_remote_models", "dpm");
 }
 
+#[test]
+fn zero_copy_sends_reach_remote_models() {
+    pio_and_mmio_zc(true, true, "zero_copy_sends_reach_remote_models", "zpm");
+}
+
 fn pio_and_mmio(direct: bool, test: &str, tag: &str) {
+    pio_and_mmio_zc(direct, false, test, tag);
+}
+
+fn pio_and_mmio_zc(direct: bool, zero_copy: bool, test: &str, tag: &str) {
     let Some(rig) = Rig::new(test, tag) else {
         return;
     };
@@ -271,7 +281,7 @@ fn pio_and_mmio(direct: bool, test: &str, tag: &str) {
         ),
         vm(3, &[null_guest], vec![pio(0x80, 1, NULL_MODEL, false)]),
     ];
-    let (reports, e) = rig.run_mode(vms, Loss::default(), direct);
+    let (reports, e) = rig.run_cfg(vms, Loss::default(), direct, zero_copy);
     assert_eq!(reports.len(), 3);
     // The counter model answers the final read with the writes it applied.
     assert_eq!(done(&reports[0]), n as u32, "PIO counter");

@@ -55,6 +55,9 @@ pub struct EngineConfig {
     pub max_retries: u32,
     /// Loss injection.
     pub loss: Loss,
+    /// Send with IORING_OP_SEND_ZC (zero copy from the registered send
+    /// buffers) instead of IORING_OP_SEND.
+    pub zero_copy: bool,
     /// Direct lanes get io_uring's SQPOLL thread (one, shared by every
     /// lane through IORING_SETUP_ATTACH_WQ) instead of submitting
     /// themselves.
@@ -79,6 +82,7 @@ impl Default for EngineConfig {
             retransmit: Duration::from_millis(2),
             max_retries: 50,
             loss: Loss::default(),
+            zero_copy: false,
             sqpoll: None,
         }
     }
@@ -140,6 +144,10 @@ pub struct EngineStats {
     pub loss_rx: AtomicU64,
     /// io_uring submits (each carries a batch of sends).
     pub submits: AtomicU64,
+    /// Sends that failed.
+    pub send_errors: AtomicU64,
+    /// Sends skipped because every send buffer was in flight.
+    pub send_pool_empty: AtomicU64,
 }
 
 /// Shared between the engine and the vCPUs: lets a vCPU wake a sleeping
@@ -206,6 +214,11 @@ const UD_RECV: u64 = 2 << 56;
 const UD_PROVIDE: u64 = 3 << 56;
 const UD_KIND: u64 = 0xff << 56;
 const BUF_SIZE: usize = 2048;
+/// Registered send buffers per lane.
+const SEND_BUFS: usize = 256;
+/// Bytes per send buffer (a whole datagram).
+const SEND_SLOT: usize = 1536;
+const _: () = assert!(SEND_SLOT >= MAX_DATAGRAM);
 const BUFS_PER_SOCKET: u16 = 64;
 
 /// One io_uring and its sockets serving a set of vCPUs.
@@ -471,8 +484,12 @@ pub(crate) struct Loop {
     model_index: Vec<HashMap<u32, usize>>,
     injectors: HashMap<u32, Injector>,
     stats: Arc<EngineStats>,
-    send_bufs: Vec<Option<Box<[u8]>>>,
+    /// Registered send buffers (IORING_REGISTER_BUFFERS), `SEND_SLOT`
+    /// bytes each; a buffer is in use from its send until its completion
+    /// (for SEND_ZC, its notification).
+    send_pool: Box<[u8]>,
     free_send: Vec<usize>,
+    registered: bool,
     rng: u64,
     started: bool,
     rearm: Vec<usize>,
@@ -514,6 +531,19 @@ impl Loop {
                 }
             })
             .collect();
+        let mut send_pool = vec![0u8; SEND_BUFS * SEND_SLOT].into_boxed_slice();
+        let iovecs: Vec<libc::iovec> = (0..SEND_BUFS)
+            .map(|i| libc::iovec {
+                // SAFETY: in bounds: i < SEND_BUFS.
+                iov_base: unsafe { send_pool.as_mut_ptr().add(i * SEND_SLOT) } as *mut libc::c_void,
+                iov_len: SEND_SLOT,
+            })
+            .collect();
+        // SAFETY: the pool lives in the `Loop`, which owns the ring and
+        // drops it first (field order), so the registration never outlives
+        // the memory. If registration is refused (memlock limits), sends
+        // still work from the same memory, unregistered.
+        let registered = unsafe { ring.submitter().register_buffers(&iovecs) }.is_ok();
         let recv_bufs = sockets
             .iter()
             .map(|_| vec![0u8; BUF_SIZE * BUFS_PER_SOCKET as usize].into_boxed_slice())
@@ -529,8 +559,9 @@ impl Loop {
             model_index,
             injectors,
             stats,
-            send_bufs: Vec::new(),
-            free_send: Vec::new(),
+            send_pool,
+            free_send: (0..SEND_BUFS).rev().collect(),
+            registered,
             started: false,
             rearm: Vec::new(),
         }
@@ -709,23 +740,28 @@ impl Loop {
             add(&self.stats.loss_tx, 1);
             return Ok(());
         }
-        // The in-flight copy may be retired before the send completes;
-        // send from a buffer owned until its completion.
-        let id = match self.free_send.pop() {
-            Some(id) => id,
-            None => {
-                self.send_bufs.push(None);
-                self.send_bufs.len() - 1
-            }
+        // The in-flight datagram may be retired before the send completes;
+        // send from a registered buffer held until its completion.
+        let Some(id) = self.free_send.pop() else {
+            // Every buffer is in flight: the retransmission timer retries.
+            add(&self.stats.send_pool_empty, 1);
+            return Ok(());
         };
-        let copy: Box<[u8]> = f.buf[..f.len].into();
-        let ptr = copy.as_ptr();
-        self.send_bufs[id] = Some(copy);
+        let off = id * SEND_SLOT;
+        let len = f.len.min(SEND_SLOT);
+        self.send_pool[off..off + len].copy_from_slice(&f.buf[..len]);
+        let ptr = self.send_pool[off..].as_ptr();
         let fd = types::Fd(self.sockets[sock].as_raw_fd());
-        let e = opcode::Send::new(fd, ptr, f.len as u32)
-            .build()
-            .user_data(UD_SEND | id as u64);
-        self.push(e)
+        let e = if self.cfg.zero_copy {
+            let mut op = opcode::SendZc::new(fd, ptr, len as u32);
+            if self.registered {
+                op = op.buf_index(Some(id as u16));
+            }
+            op.build()
+        } else {
+            opcode::Send::new(fd, ptr, len as u32).build()
+        };
+        self.push(e.user_data(UD_SEND | id as u64))
     }
 
     fn retransmit(&mut self) -> std::io::Result<bool> {
@@ -775,8 +811,13 @@ impl Loop {
             match ud & UD_KIND {
                 UD_SEND => {
                     let id = (ud & !UD_KIND) as usize;
-                    if let Some(b) = self.send_bufs.get_mut(id) {
-                        *b = None;
+                    if res < 0 {
+                        add(&self.stats.send_errors, 1);
+                    }
+                    // SEND_ZC: the first completion says "more" (the
+                    // notification that the buffer is free follows).
+                    let held = io_uring::cqueue::more(flags) && !io_uring::cqueue::notif(flags);
+                    if !held && id < SEND_BUFS {
                         self.free_send.push(id);
                     }
                 }
