@@ -170,6 +170,16 @@ impl Rig {
         loss: Loss,
         direct: bool,
     ) -> (Vec<VcpuReport>, EngineCounts) {
+        self.run_cfg(vms, loss, direct, false)
+    }
+
+    fn run_cfg(
+        &self,
+        vms: Vec<VmSpec>,
+        loss: Loss,
+        direct: bool,
+        zero_copy: bool,
+    ) -> (Vec<VcpuReport>, EngineCounts) {
         let spec = ClientSpec {
             client: CLIENT,
             bind: Some(self.topo.client_ip().into()),
