@@ -33,6 +33,8 @@ const PIO_BASE: u16 = 0x500;
 const IRQ_BASE: u16 = 0x600;
 const MMIO_BASE: u32 = 0xd_0000;
 const IRQ_LINE: u8 = 5;
+const STRAY_MODEL: u32 = 4;
+const STRAY_BASE: u16 = 0x700;
 
 /// Counter model of vCPU `i` of VM `vm` (VMs 1..=4).
 fn counter_id(vm: u32, i: u16) -> u32 {
@@ -63,6 +65,13 @@ fn server_config(topo: &Topology, tag: &str) -> ServerConfig {
         ModelConfig {
             mmio_base: Some(MMIO_BASE as u64),
             ..model(MMIO_MODEL, "counter", 1)
+        },
+        // Raises its interrupts for VM 2, which the test client never runs.
+        ModelConfig {
+            line: Some(IRQ_LINE as u32),
+            vm: Some(2),
+            pio_base: Some(STRAY_BASE),
+            ..model(STRAY_MODEL, "counter", 0)
         },
     ];
     for vm in 1..=4 {
@@ -208,6 +217,9 @@ impl Rig {
             .expect("enter client netns")
             .expect("client starts");
         let reports = client.wait(Duration::from_secs(60));
+        // Let datagrams already on their way (interrupts sent just before
+        // the last answer) reach the engine.
+        std::thread::sleep(Duration::from_millis(30));
         let e = client.engine().expect("engine").stats();
         let counts = EngineCounts {
             retransmits: e.retransmits.load(std::sync::atomic::Ordering::Relaxed),
@@ -217,6 +229,7 @@ impl Rig {
             loss_rx: e.loss_rx.load(std::sync::atomic::Ordering::Relaxed),
             tx_datagrams: e.tx_datagrams.load(std::sync::atomic::Ordering::Relaxed),
             tx_records: e.tx_records.load(std::sync::atomic::Ordering::Relaxed),
+            irqs_unknown_vm: e.irqs_unknown_vm.load(std::sync::atomic::Ordering::Relaxed),
         };
         (reports, counts)
     }
@@ -235,6 +248,7 @@ struct EngineCounts {
     loss_rx: u64,
     tx_datagrams: u64,
     tx_records: u64,
+    irqs_unknown_vm: u64,
 }
 
 fn done(r: &VcpuReport) -> u32 {
@@ -465,4 +479,65 @@ fn posted(direct: bool, test: &str, tag: &str) {
         "posted: {} records in {} datagrams",
         e.tx_records, e.tx_datagrams
     );
+}
+
+#[test]
+fn local_models_run_in_the_vcpu_thread() {
+    let Some(rig) = Rig::new("local_models_run_in_the_vcpu_thread", "cloc") else {
+        return;
+    };
+    let n = 1000u16;
+    let d = DeviceSpec {
+        space: Space::Pio,
+        base: PIO_BASE as u64,
+        len: 0x10,
+        model: 900,
+        posted: false,
+        place: Place::Local {
+            kind: "counter".into(),
+        },
+    };
+    // Port 0x80 is not mapped: its reads are all-ones and counted.
+    let vms = vec![
+        vm(1, &[guests::pio_loop(PIO_BASE, n).unwrap()], vec![d]),
+        vm(2, &[guests::pio_read_loop(0x80, 10).unwrap()], vec![]),
+    ];
+    let before = rig.snapshot();
+    let (reports, e) = rig.run_mode(vms, Loss::default(), true);
+    assert_eq!(done(&reports[0]), n as u32);
+    let local = reports[0]
+        .stats
+        .local
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(local, n as u64 + 1);
+    assert_eq!(done(&reports[1]), u32::MAX, "unmapped read is all-ones");
+    let unmapped = reports[1]
+        .stats
+        .unmapped_reads
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(unmapped, 10);
+    assert_eq!(e.tx_datagrams, 0, "nothing went on the wire: {e:?}");
+    let after = rig.snapshot();
+    let served = |s: &ServerSnapshot| s.workers.iter().map(|w| w.records).sum::<u64>();
+    assert_eq!(served(&after), served(&before));
+}
+
+#[test]
+fn interrupts_for_a_vm_not_on_this_client_are_dropped_and_counted() {
+    let Some(rig) = Rig::new(
+        "interrupts_for_a_vm_not_on_this_client_are_dropped_and_counted",
+        "cstr",
+    ) else {
+        return;
+    };
+    // Writes 1, 2, 3 to the stray model's interrupt register: it raises
+    // 6 edges for VM 2, then the read returns 6.
+    let g = guests::pio_loop(STRAY_BASE + devplane_devmodels::counter::REG_IRQ as u16, 3).unwrap();
+    let vms = vec![vm(1, &[g], vec![pio(STRAY_BASE, 0x20, STRAY_MODEL, false)])];
+    let (reports, e) = rig.run_mode(vms, Loss::default(), false);
+    assert_eq!(done(&reports[0]), 6);
+    // The server sent them to this client, which dropped and counted them.
+    assert_eq!(rig.snapshot().workers[0].irqs_sent, 6);
+    assert_eq!(e.irqs_unknown_vm, 6, "{e:?}");
+    assert_eq!(e.irqs, 0, "{e:?}");
 }
