@@ -246,6 +246,16 @@ pub fn mmio_odd(gpa: u32) -> Result<Guest, GuestError> {
 /// `sti; hlt` until the counter reaches `want`, then reports the count.
 /// So `ack_port` sees 0, 1, 2, ..., `want`.
 pub fn irq_counter(line: u8, want: u16, ack_port: u16) -> Result<Guest, GuestError> {
+    irq_guest(line, want, ack_port, None)
+}
+
+/// [`irq_counter`], and with `trigger` [`irq_chain`].
+fn irq_guest(
+    line: u8,
+    want: u16,
+    ack_port: u16,
+    trigger: Option<u16>,
+) -> Result<Guest, GuestError> {
     if line > 7 {
         return Err(GuestError::BadArgument(format!(
             "IRQ {line}: only master PIC inputs 0-7 are supported"
@@ -266,6 +276,16 @@ pub fn irq_counter(line: u8, want: u16, ack_port: u16) -> Result<Guest, GuestErr
     a.movzx(eax, word_ptr(counter))?;
     a.mov(dx, u32::from(ack_port))?;
     a.out(dx, eax)?;
+    if let Some(trigger) = trigger {
+        // Ask for the next interrupt until `want` have come.
+        let mut enough = a.create_label();
+        a.cmp(word_ptr(counter), u32::from(want))?;
+        a.jae(enough)?;
+        a.mov(eax, 1u32)?;
+        a.mov(dx, u32::from(trigger))?;
+        a.out(dx, eax)?;
+        a.set_label(&mut enough)?;
+    }
     a.mov(al, 0x20u32)?;
     a.out(u32::from(PIC1_CMD), al)?;
     a.pop(ds)?;
@@ -308,6 +328,11 @@ pub fn irq_counter(line: u8, want: u16, ack_port: u16) -> Result<Guest, GuestErr
     a.xor(eax, eax)?;
     a.mov(dx, u32::from(ack_port))?;
     a.out(dx, eax)?;
+    if let Some(trigger) = trigger {
+        a.mov(eax, 1u32)?;
+        a.mov(dx, u32::from(trigger))?;
+        a.out(dx, eax)?;
+    }
     a.jmp(check)?;
     // `sti` delays interrupts by one instruction, so none is taken
     // between it and `hlt`: a pending one wakes the `hlt` instead.
@@ -334,84 +359,7 @@ pub fn irq_chain(
     ack_port: u16,
     trigger_port: u16,
 ) -> Result<Guest, GuestError> {
-    if line > 7 {
-        return Err(GuestError::BadArgument(format!(
-            "IRQ {line}: only master PIC inputs 0-7 are supported"
-        )));
-    }
-    let vector = u32::from(PIC_VECTOR_BASE + line);
-    let counter = u32::from(DATA_OFFSET);
-    let mut p = Program::new(GUEST_SEGMENT)?;
-    let a = &mut p.a;
-
-    // The handler comes first, so its offset is 0.
-    let mut done_triggering = a.create_label();
-    a.push(eax)?;
-    a.push(edx)?;
-    a.push(ds)?;
-    a.mov(ax, cs)?;
-    a.mov(ds, ax)?;
-    a.inc(word_ptr(counter))?;
-    a.movzx(eax, word_ptr(counter))?;
-    a.mov(dx, u32::from(ack_port))?;
-    a.out(dx, eax)?;
-    a.cmp(word_ptr(counter), u32::from(want))?;
-    a.jae(done_triggering)?;
-    a.mov(eax, 1u32)?;
-    a.mov(dx, u32::from(trigger_port))?;
-    a.out(dx, eax)?;
-    a.set_label(&mut done_triggering)?;
-    a.mov(al, 0x20u32)?;
-    a.out(u32::from(PIC1_CMD), al)?;
-    a.pop(ds)?;
-    a.pop(edx)?;
-    a.pop(eax)?;
-    a.iret()?;
-
-    let mut main = a.create_label();
-    let mut wait = a.create_label();
-    let mut check = a.create_label();
-    a.set_label(&mut main)?;
-    a.cli()?;
-    a.mov(word_ptr(counter), 0u32)?;
-    a.xor(ax, ax)?;
-    a.mov(es, ax)?;
-    a.mov(word_ptr(vector * 4).es(), 0u32)?;
-    a.mov(word_ptr(vector * 4 + 2).es(), cs)?;
-    let pic_init: [(u16, u8); 10] = [
-        (PIC1_CMD, 0x11),
-        (PIC1_DATA, PIC_VECTOR_BASE),
-        (PIC1_DATA, 0x04),
-        (PIC1_DATA, 0x01),
-        (PIC2_CMD, 0x11),
-        (PIC2_DATA, PIC_VECTOR_BASE + 8),
-        (PIC2_DATA, 0x02),
-        (PIC2_DATA, 0x01),
-        (PIC2_DATA, 0xff),
-        (PIC1_DATA, !(1u8 << line)),
-    ];
-    for (port, value) in pic_init {
-        a.mov(al, u32::from(value))?;
-        a.out(u32::from(port), al)?;
-    }
-    // Armed: acknowledge 0, then ask for the first interrupt.
-    a.xor(eax, eax)?;
-    a.mov(dx, u32::from(ack_port))?;
-    a.out(dx, eax)?;
-    a.mov(eax, 1u32)?;
-    a.mov(dx, u32::from(trigger_port))?;
-    a.out(dx, eax)?;
-    a.jmp(check)?;
-    a.set_label(&mut wait)?;
-    a.sti()?;
-    a.hlt()?;
-    a.cli()?;
-    a.set_label(&mut check)?;
-    a.cmp(word_ptr(counter), u32::from(want))?;
-    a.jb(wait)?;
-    a.movzx(eax, word_ptr(counter))?;
-    p.report_eax()?;
-    p.finish(Some(main))
+    irq_guest(line, want, ack_port, Some(trigger_port))
 }
 
 /// `vcpus` guests for as many vCPUs: guest `i` runs [`pio_loop`] on port

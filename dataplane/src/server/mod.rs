@@ -110,6 +110,15 @@ struct XdpState {
     pins: Option<bpffs::PinDir>,
 }
 
+/// What a worker thread owns.
+struct WorkerParts<T> {
+    io: T,
+    disp: Dispatcher,
+    router: IrqRouter,
+    stats: Arc<WorkerStats>,
+    stop: Arc<AtomicBool>,
+}
+
 /// A running server. Dropping it stops the workers and detaches XDP.
 pub struct Server {
     stop: Arc<AtomicBool>,
@@ -200,21 +209,17 @@ impl Server {
             clients: cfg.clients.iter().map(|c| (c.id, c.address)).collect(),
             check_clients: cfg.server.check_clients,
         });
-        for (i, ((sock, disp), &core)) in sockets
-            .into_iter()
-            .zip(build_dispatchers(cfg)?)
-            .zip(&cfg.server.workers)
-            .enumerate()
-        {
-            let stats = Arc::new(WorkerStats::default());
-            server.stats.push(stats.clone());
-            let router = IrqRouter::new(vm_clients(cfg));
-            let stop = stop.clone();
-            let admission = admission.clone();
-            server.workers.push(spawn_worker(i, core, move || {
-                socket::run_worker(sock, admission, disp, router, lc, stats, stop)
-            })?);
-        }
+        server.spawn_workers(cfg, sockets, build_dispatchers(cfg)?, move |w| {
+            socket::run_worker(
+                w.io,
+                admission.clone(),
+                w.disp,
+                w.router,
+                lc,
+                w.stats,
+                w.stop,
+            )
+        })?;
         Ok(server)
     }
 
@@ -265,21 +270,41 @@ impl Server {
             id: cfg.server.id,
         };
         let lc = loop_config(cfg);
-        for (i, ((rings, disp), &core)) in rings
+        server.spawn_workers(cfg, rings, dispatchers, move |w| {
+            afxdp::run_worker(w.io, w.disp, w.router, lc, w.stats, w.stop)
+        })?;
+        Ok(server)
+    }
+
+    /// Starts one pinned worker thread per `(io, dispatcher)` pair running
+    /// `run`, each with its own counters and interrupt router.
+    fn spawn_workers<T: Send + 'static>(
+        &mut self,
+        cfg: &ServerConfig,
+        io: Vec<T>,
+        dispatchers: Vec<Dispatcher>,
+        run: impl Fn(WorkerParts<T>) + Clone + Send + 'static,
+    ) -> Result<(), ServerError> {
+        for (i, ((io, disp), &core)) in io
             .into_iter()
             .zip(dispatchers)
             .zip(&cfg.server.workers)
             .enumerate()
         {
             let stats = Arc::new(WorkerStats::default());
-            server.stats.push(stats.clone());
-            let router = IrqRouter::new(vm_clients(cfg));
-            let stop = stop.clone();
-            server.workers.push(spawn_worker(i, core, move || {
-                afxdp::run_worker(rings, disp, router, lc, stats, stop)
-            })?);
+            self.stats.push(stats.clone());
+            let parts = WorkerParts {
+                io,
+                disp,
+                router: IrqRouter::new(vm_clients(cfg)),
+                stats,
+                stop: self.stop.clone(),
+            };
+            let run = run.clone();
+            self.workers
+                .push(spawn_worker(i, core, move || run(parts))?);
         }
-        Ok(server)
+        Ok(())
     }
 
     /// This server's platform id.
