@@ -189,7 +189,12 @@ impl Rig {
         direct: bool,
         zero_copy: bool,
     ) -> (Vec<VcpuReport>, EngineCounts) {
-        let spec = ClientSpec {
+        let spec = self.spec(vms, loss, direct, zero_copy);
+        self.run_spec(spec)
+    }
+
+    fn spec(&self, vms: Vec<VmSpec>, loss: Loss, direct: bool, zero_copy: bool) -> ClientSpec {
+        ClientSpec {
             client: CLIENT,
             bind: Some(self.topo.client_ip().into()),
             servers: vec![ServerSpec {
@@ -208,7 +213,10 @@ impl Rig {
             vcpu_spin: 200,
             samples: 0,
             direct,
-        };
+        }
+    }
+
+    fn run_spec(&self, spec: ClientSpec) -> (Vec<VcpuReport>, EngineCounts) {
         // The client's sockets are created in its namespace; KVM and the
         // threads do not care which namespace they run in.
         let mut client = self
@@ -540,4 +548,64 @@ fn interrupts_for_a_vm_not_on_this_client_are_dropped_and_counted() {
     assert_eq!(rig.snapshot().workers[0].irqs_sent, 6);
     assert_eq!(e.irqs_unknown_vm, 6, "{e:?}");
     assert_eq!(e.irqs, 0, "{e:?}");
+}
+
+#[test]
+fn a_model_moved_between_workers_under_guest_io_loses_no_write() {
+    let Some(rig) = Rig::new(
+        "a_model_moved_between_workers_under_guest_io_loses_no_write",
+        "cmov",
+    ) else {
+        return;
+    };
+    let n = 20_000u16;
+    // VM 1 writes synchronously, VM 2 posts its writes; both counters move
+    // back and forth between the two workers while the guests run.
+    let vms = vec![
+        vm(
+            1,
+            &[guests::pio_loop(PIO_BASE, n).unwrap()],
+            vec![pio(PIO_BASE, 0x10, counter_id(1, 0), false)],
+        ),
+        vm(
+            2,
+            &[guests::pio_loop(PIO_BASE, n).unwrap()],
+            vec![pio(PIO_BASE, 0x10, counter_id(2, 0), true)],
+        ),
+    ];
+    let spec = rig.spec(vms, Loss::default(), true, false);
+    let mut client = rig
+        .topo
+        .run(Side::Client, move || Client::start(spec))
+        .expect("enter client netns")
+        .expect("client starts");
+    let mut moves = 0;
+    for round in 0..8usize {
+        std::thread::sleep(Duration::from_millis(15));
+        for (i, m) in [counter_id(1, 0), counter_id(2, 0)].into_iter().enumerate() {
+            let to = (round + i) % 2;
+            rig.server
+                .call(move |s| s.move_model(m, to))
+                .expect("server thread")
+                .unwrap_or_else(|e| panic!("move of {m}: {e}"));
+            moves += 1;
+        }
+    }
+    let answers_at_last_move = client
+        .engine()
+        .unwrap()
+        .stats()
+        .answers
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let reports = client.wait(Duration::from_secs(60));
+    assert!(
+        answers_at_last_move < 2 * n as u64,
+        "the guests finished before the moves were over"
+    );
+    assert_eq!(done(&reports[0]), n as u32, "synchronous writes");
+    assert_eq!(done(&reports[1]), n as u32, "posted writes");
+    eprintln!(
+        "{moves} moves under I/O; server: {:?}",
+        rig.snapshot().workers
+    );
 }

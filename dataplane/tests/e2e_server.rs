@@ -32,6 +32,13 @@ const MODEL_A: u32 = 100;
 /// Echo model on worker 1 at MMIO 0xd000_0000.
 const MODEL_B: u32 = 200;
 const PIO_A: u16 = 0x500;
+/// A second client platform, at `second_ip`.
+const CLIENT2: u32 = 8;
+
+fn second_ip(topo: &Topology) -> Ipv4Addr {
+    let o = topo.client_ip().octets();
+    Ipv4Addr::new(o[0], o[1], o[2], 201)
+}
 const MMIO_B: u64 = 0xd000_0000;
 
 fn config(topo: &Topology, mode: Mode, tag: &str) -> ServerConfig {
@@ -50,10 +57,16 @@ fn config(topo: &Topology, mode: Mode, tag: &str) -> ServerConfig {
             idle_sleep_us: 100,
             batch: 64,
         },
-        clients: vec![ClientConfig {
-            id: CLIENT,
-            address: topo.client_ip(),
-        }],
+        clients: vec![
+            ClientConfig {
+                id: CLIENT,
+                address: topo.client_ip(),
+            },
+            ClientConfig {
+                id: CLIENT2,
+                address: second_ip(topo),
+            },
+        ],
         vms: vec![VmConfig {
             id: VM,
             client: CLIENT,
@@ -86,6 +99,7 @@ struct Requester {
     sock: UdpSocket,
     server: SocketAddr,
     seq: u64,
+    client: u32,
 }
 
 impl Requester {
@@ -100,6 +114,7 @@ impl Requester {
             sock,
             server: SocketAddr::from((topo.server_ip(), PORT)),
             seq: 0,
+            client: CLIENT,
         }
     }
 
@@ -137,7 +152,7 @@ impl Requester {
     /// per record, checking ids, order and header fields.
     fn call(&mut self, model: u32, accesses: &[Access]) -> Vec<(Status, u64)> {
         let recs: Vec<Record> = accesses.iter().map(|a| self.request(*a)).collect();
-        self.send_raw(&self.encode(model, CLIENT, &recs));
+        self.send_raw(&self.encode(model, self.client, &recs));
         let mut buf = [0u8; 2048];
         loop {
             let (n, _) = self
@@ -149,7 +164,10 @@ impl Requester {
                 continue; // interrupts are checked separately
             }
             assert_eq!(d.kind(), Kind::Response);
-            assert_eq!((d.model(), d.server(), d.client()), (model, SERVER, CLIENT));
+            assert_eq!(
+                (d.model(), d.server(), d.client()),
+                (model, SERVER, self.client)
+            );
             let out: Vec<(Status, u64)> = d
                 .records()
                 .zip(&recs)
@@ -192,7 +210,7 @@ impl Requester {
             assert_eq!(d.kind(), Kind::Interrupt);
             assert_eq!(
                 (d.model(), d.server(), d.client()),
-                (MODEL_A, SERVER, CLIENT)
+                (MODEL_A, SERVER, self.client)
             );
             for r in d.records() {
                 match r {
@@ -310,7 +328,7 @@ fn run(mode: Mode, tag: &str) {
     let before = srv.snapshot();
     let one = [c.request(pio_write(1))];
     c.send_raw(&c.encode(300, CLIENT, &one)); // unknown model
-    c.send_raw(&c.encode(MODEL_A, CLIENT + 1, &one)); // unknown client
+    c.send_raw(&c.encode(MODEL_A, CLIENT + 100, &one)); // unknown client
     let mut magic = c.encode(MODEL_A, CLIENT, &one);
     magic[0] = b'X';
     c.send_raw(&magic); // bad magic
@@ -384,4 +402,117 @@ fn xdp_mode_steers_answers_and_drops() {
 #[test]
 fn socket_mode_steers_answers_and_drops() {
     run(Mode::Socket, "s");
+}
+
+fn raise(n: u32) -> Access {
+    Access::PioOut {
+        port: PIO_A + REG_IRQ as u16,
+        size: AccessSize::B1,
+        data: n,
+    }
+}
+
+/// Lifecycle operations on a running server, with traffic: a model moved
+/// between workers keeps its state; a suspended VM's interrupts are held
+/// and delivered on resume, in order; a migrated VM's interrupts go to its
+/// new client platform.
+fn lifecycle(mode: Mode, tag: &str) {
+    let test = format!("e2e_server_lifecycle_{tag}");
+    if !privilege::require(&test, &[Capability::Root, Capability::Bpf]) {
+        return;
+    }
+    let topo = match Topology::new(tag) {
+        Ok(t) => t,
+        Err(e) => {
+            privilege::unavailable(&test, &format!("cannot build the netns topology: {e}"));
+            return;
+        }
+    };
+    let srv = ServerThread::spawn(config(&topo, mode, tag), Some(topo.server_netns()))
+        .expect("server starts");
+    let mut c = Requester::new(&topo, topo.client_ip());
+
+    // Move model A (worker 0) to worker 1 and back, writing between moves.
+    let mut writes = 0u32;
+    for (round, to) in [1usize, 0, 1].into_iter().enumerate() {
+        for _ in 0..10 {
+            assert_eq!(c.call(MODEL_A, &[pio_write(1)]), vec![(Status::Ok, 0)]);
+            writes += 1;
+        }
+        srv.call(move |s| s.move_model(MODEL_A, to))
+            .expect("server thread")
+            .unwrap_or_else(|e| panic!("move {round}: {e}"));
+    }
+    assert_eq!(
+        c.call(MODEL_A, &[pio_read()]),
+        vec![(Status::Ok, writes as u64)],
+        "the moved model lost or repeated writes"
+    );
+    let s = srv.snapshot();
+    assert!(
+        s.workers[1].records > 0 && s.workers[0].records > 0,
+        "both workers served model A: {s:?}"
+    );
+    // Unknown moves are refused with a reason.
+    let err = srv.call(|s| s.move_model(999, 0)).unwrap().unwrap_err();
+    assert!(err.to_string().contains("model 999"), "{err}");
+    let err = srv.call(|s| s.move_model(MODEL_A, 7)).unwrap().unwrap_err();
+    assert!(err.to_string().contains("worker 7"), "{err}");
+
+    // Suspend VM 1: its interrupts are held, then delivered in order.
+    srv.call(|s| s.suspend_vm(VM)).unwrap().unwrap();
+    assert_eq!(c.call(MODEL_A, &[raise(3)]), vec![(Status::Ok, 0)]);
+    assert_eq!(c.call(MODEL_A, &[raise(2)]), vec![(Status::Ok, 0)]);
+    c.expect_silence(100);
+    wait_for(&srv, "interrupts held", |s| {
+        s.workers.iter().map(|w| w.irqs_held).sum::<u64>() == 5
+    });
+    srv.call(|s| s.resume_vm(VM)).unwrap().unwrap();
+    let irqs = c.interrupts(5);
+    let seqs: Vec<u64> = irqs.iter().map(|i| i.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5], "held interrupts out of order");
+
+    // Migrate VM 1 to client platform 8: its interrupts follow.
+    topo.exec(
+        Side::Client,
+        [
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", second_ip(&topo)),
+            "dev",
+            topo.client_ifname(),
+        ],
+    )
+    .expect("add the second client's address");
+    let mut c2 = Requester::new(&topo, second_ip(&topo));
+    c2.client = CLIENT2;
+    // The server learns where client 8 is from its first request.
+    assert_eq!(
+        c2.call(
+            MODEL_B,
+            &[Access::MmioRead {
+                gpa: MMIO_B,
+                size: AccessSize::B4
+            }]
+        )
+        .len(),
+        1
+    );
+    srv.call(|s| s.migrate_vm(VM, CLIENT2)).unwrap().unwrap();
+    assert_eq!(c.call(MODEL_A, &[raise(2)]), vec![(Status::Ok, 0)]);
+    let moved = c2.interrupts(2);
+    assert_eq!(moved.iter().map(|i| i.seq).collect::<Vec<_>>(), vec![6, 7]);
+    c.expect_silence(100);
+    srv.stop();
+}
+
+#[test]
+fn xdp_mode_lifecycle_under_traffic() {
+    lifecycle(Mode::Xdp, "lx");
+}
+
+#[test]
+fn socket_mode_lifecycle_under_traffic() {
+    lifecycle(Mode::Socket, "ls");
 }

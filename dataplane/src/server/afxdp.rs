@@ -17,7 +17,7 @@
 
 use std::num::NonZeroU32;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +30,7 @@ use super::backoff::{Backoff, wait_readable};
 use super::dispatch::Dispatcher;
 use super::frames::{FrameOutcome, answer_in_place, interrupt_frame};
 use super::irq::{IrqRouter, Peers};
+use super::lifecycle::WorkerCtl;
 use super::stats::WorkerStats;
 
 /// Size of one UMEM frame.
@@ -278,16 +279,16 @@ pub fn run_worker(
     mut rings: XskWorkerRings,
     mut disp: Dispatcher,
     mut router: IrqRouter,
-    cfg: LoopConfig,
+    mut cfg: LoopConfig,
     stats: Arc<WorkerStats>,
-    stop: Arc<AtomicBool>,
+    ctl: WorkerCtl,
 ) {
     let mut backoff = Backoff::new(cfg.spin_budget, cfg.idle_sleep);
     let mut peers: Peers<Flow> = Peers::default();
     let mut replies: Vec<XdpDesc> = Vec::with_capacity(cfg.batch as usize);
     let mut recycle: Vec<u64> = Vec::with_capacity(cfg.batch as usize);
     let mut in_flight: u32 = 0;
-    while !stop.load(Ordering::Relaxed) {
+    while ctl.poll(&mut disp, &mut router, &mut cfg, &mut backoff) {
         let mut got = 0u64;
         {
             let mut rx = rings.rx.receive(cfg.batch);

@@ -42,6 +42,24 @@ impl ModelSlot {
     }
 }
 
+/// A model on its way from one worker to another.
+pub struct Handover {
+    /// Its kind, to build the new instance.
+    pub kind: &'static str,
+    /// Its whole state.
+    pub snapshot: devplane_devmodels::Snapshot,
+    /// Port base.
+    pub pio_base: u64,
+    /// MMIO base.
+    pub mmio_base: u64,
+    /// Interrupt target.
+    pub irq_target: Option<(u32, u32)>,
+    /// Next interrupt sequence number.
+    pub irq_seq: u64,
+    /// Duplicate windows of the old owner.
+    windows: HashMap<(u32, u16), SeqWindow>,
+}
+
 /// An interrupt a model raised, addressed to its VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PendingIrq {
@@ -67,6 +85,10 @@ pub enum Outcome {
     },
     /// Consumed without answer (an acknowledgement).
     Consumed,
+    /// For a model this worker does not hold (it is being moved): dropped
+    /// unanswered and counted, so the client retransmits it, with the same
+    /// sequence numbers, to the model's new owner.
+    NotHere,
     /// Malformed: dropped and counted; the buffer is unchanged.
     Malformed(devplane_wire::WireError),
 }
@@ -105,8 +127,8 @@ pub struct DispatchStats {
 pub const WINDOW: usize = 256;
 
 /// The recent answers of one vCPU at this worker.
-#[derive(Debug, Default)]
-struct SeqWindow {
+#[derive(Debug, Default, Clone)]
+pub struct SeqWindow {
     answers: BTreeMap<u64, (Status, u64)>,
 }
 
@@ -162,6 +184,51 @@ impl Dispatcher {
     /// Removes model `id`, returning it (for a move).
     pub fn remove(&mut self, id: u32) -> Option<ModelSlot> {
         self.models.remove(&id)
+    }
+
+    /// Gives model `id` up for a move: its state as a snapshot, its
+    /// settings, and a copy of the duplicate windows (so a request it
+    /// applied here and that is retransmitted to the new owner is not
+    /// applied twice).
+    pub fn release(&mut self, id: u32) -> Option<Handover> {
+        let slot = self.models.remove(&id)?;
+        Some(Handover {
+            kind: slot.model.kind(),
+            snapshot: slot.model.snapshot(),
+            pio_base: slot.pio_base,
+            mmio_base: slot.mmio_base,
+            irq_target: slot.irq_target,
+            irq_seq: slot.irq_seq,
+            windows: self.windows.clone(),
+        })
+    }
+
+    /// Takes model `id` over from a [`Handover`]: a new model of the same
+    /// kind restored from the snapshot, and the windows merged.
+    pub fn adopt(&mut self, id: u32, h: Handover) -> Result<(), String> {
+        let mut model = devplane_devmodels::registry::build(h.kind, Default::default())
+            .map_err(|e| e.to_string())?;
+        model.restore(&h.snapshot).map_err(|e| e.to_string())?;
+        for (key, w) in h.windows {
+            let mine = self.windows.entry(key).or_default();
+            for (seq, answer) in w.answers {
+                mine.answers.entry(seq).or_insert(answer);
+            }
+            while mine.answers.len() > WINDOW {
+                mine.answers.pop_first();
+            }
+        }
+        self.models.insert(
+            id,
+            ModelSlot {
+                model,
+                pio_base: h.pio_base,
+                mmio_base: h.mmio_base,
+                irq_target: h.irq_target,
+                irq_seq: h.irq_seq,
+            },
+        );
+        Ok(())
     }
 
     /// The model `id`, if owned here.
@@ -246,6 +313,10 @@ impl Dispatcher {
                 self.stats.malformed += 1;
                 return Outcome::Malformed(devplane_wire::WireError::UnknownKind(kind as u8));
             }
+        }
+        if !self.models.contains_key(&model_id) {
+            self.stats.no_such_model += count as u64;
+            return Outcome::NotHere;
         }
         let mut slot = self.models.get_mut(&model_id);
         for i in 0..count {
@@ -427,11 +498,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let mut buf = encode(43, &[req(2, r)]);
-        d.handle(&mut buf);
-        match Datagram::parse(&buf).unwrap().records().next() {
-            Some(Record::Response(r)) => assert_eq!(r.status, Status::NoSuchModel),
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(d.handle(&mut buf), Outcome::NotHere, "not answered");
         assert_eq!(d.stats().no_such_model, 1);
         assert_eq!(d.stats().model_errors, 1);
     }
@@ -501,6 +568,43 @@ mod tests {
             d.model(42).unwrap().model.snapshot().data[..8],
             1u64.to_le_bytes()
         );
+    }
+
+    #[test]
+    fn a_moved_model_keeps_its_state_and_windows() {
+        let mut a = dispatcher();
+        let mut b = Dispatcher::new(1);
+        let w = Access::PioOut {
+            port: 0x100,
+            size: AccessSize::B1,
+            data: 5,
+        };
+        let r = Access::PioIn {
+            port: 0x100,
+            size: AccessSize::B4,
+        };
+        let mut first = encode(42, &[req(1, w), req(2, w)]);
+        a.handle(&mut first);
+        let h = a.release(42).expect("owned");
+        assert!(a.model(42).is_none());
+        let mut lost = encode(42, &[req(3, w)]);
+        assert_eq!(a.handle(&mut lost), Outcome::NotHere);
+        b.adopt(42, h).unwrap();
+        // The repeat of seq 2 (answer lost during the move) is not applied
+        // again; seq 3 is new.
+        let mut again = encode(42, &[req(2, w), req(3, w), req(4, r)]);
+        b.handle(&mut again);
+        let data: Vec<u64> = Datagram::parse(&again)
+            .unwrap()
+            .records()
+            .map(|r| match r {
+                Record::Response(r) => r.data,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(data, vec![0, 0, 3], "writes: 1, 2 before the move, 3 after");
+        assert_eq!(b.stats().duplicates, 1);
+        assert_eq!(b.model(42).unwrap().irq_target, Some((3, 2)));
     }
 
     #[test]

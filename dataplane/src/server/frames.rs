@@ -34,7 +34,9 @@ pub fn answer_in_place(
     let payload = &mut frame[udp.payload_offset..udp.payload_offset + udp.payload_len];
     match disp.handle(payload) {
         Outcome::Respond { .. } => {}
-        Outcome::Consumed | Outcome::Malformed(_) => return FrameOutcome::Recycle,
+        Outcome::Consumed | Outcome::NotHere | Outcome::Malformed(_) => {
+            return FrameOutcome::Recycle;
+        }
     }
     let client = u32::from_le_bytes([
         payload[devplane_wire::header::OFF_CLIENT],

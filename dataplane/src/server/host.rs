@@ -21,8 +21,11 @@ pub struct ServerSnapshot {
     pub xdp: Option<Stats>,
 }
 
+type Call = Box<dyn FnOnce(&mut Server) + Send>;
+
 enum Cmd {
     Snapshot(Sender<ServerSnapshot>),
+    Call(Call),
     Stop,
 }
 
@@ -33,7 +36,7 @@ pub struct ServerThread {
     attach: Option<Attach>,
 }
 
-fn serve(server: Server, rx: Receiver<Cmd>) {
+fn serve(mut server: Server, rx: Receiver<Cmd>) {
     while let Ok(cmd) = rx.recv() {
         match cmd {
             Cmd::Snapshot(reply) => {
@@ -43,6 +46,7 @@ fn serve(server: Server, rx: Receiver<Cmd>) {
                 };
                 let _ = reply.send(snap);
             }
+            Cmd::Call(f) => f(&mut server),
             Cmd::Stop => break,
         }
     }
@@ -105,6 +109,21 @@ impl ServerThread {
             return ServerSnapshot::default();
         }
         rx.recv().unwrap_or_default()
+    }
+
+    /// Runs `f` on the server's thread (lifecycle operations: moving a
+    /// model, suspending a VM, ...) and returns its result; `None` if the
+    /// server thread is gone.
+    pub fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Server) -> R + Send + 'static,
+    ) -> Option<R> {
+        let (tx, rx) = mpsc::channel();
+        let call: Call = Box::new(move |s| {
+            let _ = tx.send(f(s));
+        });
+        self.tx.send(Cmd::Call(call)).ok()?;
+        rx.recv().ok()
     }
 
     /// Stops the server and waits for it.

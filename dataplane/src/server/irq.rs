@@ -1,6 +1,6 @@
 //! Routing device-initiated interrupts to the client that hosts each VM.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::dispatch::PendingIrq;
 
@@ -51,6 +51,7 @@ pub struct IrqRouter {
     held: VecDeque<PendingIrq>,
     dropped: u64,
     unknown_vm: u64,
+    suspended: HashSet<u32>,
 }
 
 impl IrqRouter {
@@ -60,6 +61,21 @@ impl IrqRouter {
             vm_client,
             ..Default::default()
         }
+    }
+
+    /// Holds `vm`'s interrupts (in order) until [`IrqRouter::resume`].
+    pub fn suspend(&mut self, vm: u32) {
+        self.suspended.insert(vm);
+    }
+
+    /// Lets `vm`'s held interrupts go, in the order they were raised.
+    pub fn resume(&mut self, vm: u32) {
+        self.suspended.remove(&vm);
+    }
+
+    /// From now on `vm`'s interrupts go to `client`.
+    pub fn migrate(&mut self, vm: u32, client: u32) {
+        self.vm_client.insert(vm, client);
     }
 
     /// Interrupts held now.
@@ -100,6 +116,10 @@ impl IrqRouter {
         let mut keep = VecDeque::new();
         let mut blocked = false;
         while let Some(irq) = self.held.pop_front() {
+            if self.suspended.contains(&irq.vm) {
+                keep.push_back(irq);
+                continue;
+            }
             let client = self.vm_client.get(&irq.vm).copied();
             let addr = client.and_then(|c| peers.get(c).copied().map(|a| (c, a)));
             match addr {
@@ -187,6 +207,36 @@ mod tests {
             true
         });
         assert_eq!(out, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn a_suspended_vm_gets_its_interrupts_on_resume_in_order() {
+        let mut r = IrqRouter::new(HashMap::from([(10, 7), (11, 7)]));
+        let mut peers: Peers<u16> = Peers::default();
+        peers.learn(7, 1);
+        r.suspend(10);
+        r.push([irq(10, 1), irq(11, 2), irq(10, 3)].into_iter());
+        let mut out = vec![];
+        r.flush(&peers, |_, _, i| {
+            out.push((i.vm, i.seq));
+            true
+        });
+        assert_eq!(out, vec![(11, 2)], "only the running VM's interrupt goes");
+        r.resume(10);
+        r.flush(&peers, |_, _, i| {
+            out.push((i.vm, i.seq));
+            true
+        });
+        assert_eq!(out, vec![(11, 2), (10, 1), (10, 3)]);
+        r.migrate(10, 8);
+        peers.learn(8, 2);
+        r.push([irq(10, 4)].into_iter());
+        let mut to = vec![];
+        r.flush(&peers, |c, a, _| {
+            to.push((c, a));
+            true
+        });
+        assert_eq!(to, vec![(8, 2)]);
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod dispatch;
 pub mod frames;
 pub mod host;
 pub mod irq;
+pub mod lifecycle;
 pub mod socket;
 pub mod stats;
 
@@ -24,6 +25,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -35,6 +37,7 @@ use crate::xdp::{Program, Stats, XdpError};
 use afxdp::{LoopConfig, XskSet};
 use dispatch::{Dispatcher, ModelSlot};
 use irq::IrqRouter;
+use lifecycle::WorkerCmd;
 use stats::{WorkerSnapshot, WorkerStats};
 
 /// Why a server could not start.
@@ -116,13 +119,18 @@ struct WorkerParts<T> {
     disp: Dispatcher,
     router: IrqRouter,
     stats: Arc<WorkerStats>,
-    stop: Arc<AtomicBool>,
+    ctl: lifecycle::WorkerCtl,
 }
 
 /// A running server. Dropping it stops the workers and detaches XDP.
 pub struct Server {
     stop: Arc<AtomicBool>,
     workers: Vec<JoinHandle<()>>,
+    cmds: Vec<Sender<WorkerCmd>>,
+    /// The configuration as it is now (models move between workers).
+    cfg: ServerConfig,
+    /// Socket mode: a handle on the reuseport group, to re-steer.
+    steer: Option<std::net::UdpSocket>,
     stats: Vec<Arc<WorkerStats>>,
     xdp: Option<XdpState>,
     id: u32,
@@ -199,6 +207,9 @@ impl Server {
         let mut server = Server {
             stop: stop.clone(),
             workers: Vec::new(),
+            cmds: Vec::new(),
+            cfg: cfg.clone(),
+            steer: sockets.first().and_then(|s| s.try_clone().ok()),
             stats: Vec::new(),
             xdp: None,
             id: cfg.server.id,
@@ -217,7 +228,7 @@ impl Server {
                 w.router,
                 lc,
                 w.stats,
-                w.stop,
+                w.ctl,
             )
         })?;
         Ok(server)
@@ -259,6 +270,9 @@ impl Server {
         let mut server = Server {
             stop: stop.clone(),
             workers: Vec::new(),
+            cmds: Vec::new(),
+            cfg: cfg.clone(),
+            steer: None,
             stats: Vec::new(),
             xdp: Some(XdpState {
                 xsks,
@@ -271,7 +285,7 @@ impl Server {
         };
         let lc = loop_config(cfg);
         server.spawn_workers(cfg, rings, dispatchers, move |w| {
-            afxdp::run_worker(w.io, w.disp, w.router, lc, w.stats, w.stop)
+            afxdp::run_worker(w.io, w.disp, w.router, lc, w.stats, w.ctl)
         })?;
         Ok(server)
     }
@@ -293,18 +307,144 @@ impl Server {
         {
             let stats = Arc::new(WorkerStats::default());
             self.stats.push(stats.clone());
+            let (tx, rx) = std::sync::mpsc::channel();
+            self.cmds.push(tx);
             let parts = WorkerParts {
                 io,
                 disp,
                 router: IrqRouter::new(vm_clients(cfg)),
                 stats,
-                stop: self.stop.clone(),
+                ctl: lifecycle::WorkerCtl {
+                    stop: self.stop.clone(),
+                    cmds: rx,
+                },
             };
             let run = run.clone();
             self.workers
                 .push(spawn_worker(i, core, move || run(parts))?);
         }
         Ok(())
+    }
+
+    fn send(&self, worker: usize, cmd: WorkerCmd) -> Result<(), ServerError> {
+        self.cmds
+            .get(worker)
+            .ok_or_else(|| ServerError::Config(format!("worker {worker} does not exist")))?
+            .send(cmd)
+            .map_err(|_| ServerError::Config(format!("worker {worker} has stopped")))
+    }
+
+    fn broadcast(&self, cmd: impl Fn() -> WorkerCmd) -> Result<(), ServerError> {
+        for w in 0..self.cmds.len() {
+            self.send(w, cmd())?;
+        }
+        Ok(())
+    }
+
+    /// Moves device model `model` to worker `to` while traffic flows: the
+    /// old worker gives it up (snapshot and duplicate windows), the route
+    /// is switched, the new worker restores it. A request that reaches a
+    /// worker not holding the model meanwhile is dropped unanswered, and
+    /// the client's retransmission (same sequence numbers) is served by
+    /// the new owner: none is lost, none applied twice.
+    pub fn move_model(&mut self, model: u32, to: usize) -> Result<(), ServerError> {
+        let timeout = Duration::from_secs(5);
+        let idx = self
+            .cfg
+            .models
+            .iter()
+            .position(|m| m.id == model)
+            .ok_or_else(|| ServerError::Config(format!("model {model} is not served here")))?;
+        let from = self.cfg.models[idx].worker;
+        if to >= self.cmds.len() {
+            return Err(ServerError::Config(format!(
+                "worker {to} does not exist (this server has {})",
+                self.cmds.len()
+            )));
+        }
+        if from == to {
+            return Ok(());
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.send(from, WorkerCmd::Release { model, reply: tx })?;
+        let handover = rx
+            .recv_timeout(timeout)
+            .map_err(|_| {
+                ServerError::Config(format!("worker {from} did not release model {model}"))
+            })?
+            .ok_or_else(|| {
+                ServerError::Config(format!("worker {from} does not hold model {model}"))
+            })?;
+        self.cfg.models[idx].worker = to;
+        self.reroute()?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.send(
+            to,
+            WorkerCmd::Adopt {
+                model,
+                handover,
+                reply: tx,
+            },
+        )?;
+        rx.recv_timeout(timeout)
+            .map_err(|_| ServerError::Config(format!("worker {to} did not adopt model {model}")))?
+            .map_err(|e| {
+                ServerError::Config(format!("worker {to} cannot restore model {model}: {e}"))
+            })
+    }
+
+    /// Points the data path at the models' current workers.
+    fn reroute(&mut self) -> Result<(), ServerError> {
+        use devplane_control::maps::MapWriter;
+        if let Some(x) = self.xdp.as_mut() {
+            for m in &self.cfg.models {
+                let route = devplane_control::maps::route_entry(&self.cfg, m);
+                x.maps.put_route(m.id, route)?;
+            }
+        }
+        if let Some(sock) = &self.steer {
+            let routes: Vec<(u32, u32)> = self
+                .cfg
+                .models
+                .iter()
+                .map(|m| (m.id, m.worker as u32))
+                .collect();
+            socket::steer(sock, &routes)?;
+        }
+        Ok(())
+    }
+
+    /// Holds the interrupts of `vm` until [`Server::resume_vm`].
+    pub fn suspend_vm(&mut self, vm: u32) -> Result<(), ServerError> {
+        self.broadcast(|| WorkerCmd::SuspendVm(vm))
+    }
+
+    /// Delivers `vm`'s held interrupts, in order, and lets the next ones go.
+    pub fn resume_vm(&mut self, vm: u32) -> Result<(), ServerError> {
+        self.broadcast(|| WorkerCmd::ResumeVm(vm))
+    }
+
+    /// Sends `vm`'s interrupts to client platform `client` from now on
+    /// (answers follow the requests by themselves).
+    pub fn migrate_vm(&mut self, vm: u32, client: u32) -> Result<(), ServerError> {
+        use devplane_control::maps::MapWriter;
+        let v = self
+            .cfg
+            .vms
+            .iter_mut()
+            .find(|v| v.id == vm)
+            .ok_or_else(|| ServerError::Config(format!("VM {vm} is not known here")))?;
+        v.client = client;
+        let entry = devplane_control::maps::vm_entry(v);
+        if let Some(x) = self.xdp.as_mut() {
+            x.maps.put_vm(vm, entry)?;
+        }
+        self.broadcast(|| WorkerCmd::MigrateVm { vm, client })
+    }
+
+    /// New polling settings for every worker, applied live.
+    pub fn tune(&mut self, t: lifecycle::Tune) -> Result<(), ServerError> {
+        self.broadcast(|| WorkerCmd::Tune(t))
     }
 
     /// This server's platform id.

@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -24,6 +24,7 @@ use super::backoff::{Backoff, wait_readable};
 use super::dispatch::{Dispatcher, Outcome};
 use super::frames::interrupt_datagram;
 use super::irq::{IrqRouter, Peers};
+use super::lifecycle::WorkerCtl;
 use super::stats::WorkerStats;
 
 const BPF_LD_W_ABS: u16 = 0x20;
@@ -91,9 +92,23 @@ impl SocketSet {
 
     /// Replaces the steering program (routes changed).
     pub fn steer(&self, routes: &[(u32, u32)]) -> Result<(), ServerError> {
-        let Some(first) = self.sockets.first() else {
-            return Ok(());
-        };
+        match self.sockets.first() {
+            Some(first) => steer(first, routes),
+            None => Ok(()),
+        }
+    }
+
+    /// The sockets, worker by worker (to move into the worker threads).
+    pub fn take(self) -> Vec<UdpSocket> {
+        self.sockets
+    }
+}
+
+/// Attaches the steering program for `routes` to the reuseport group of
+/// `sock` (replacing the previous one).
+pub fn steer(sock: &UdpSocket, routes: &[(u32, u32)]) -> Result<(), ServerError> {
+    {
+        let first = sock;
         let prog = steering_program(routes);
         let fprog = libc::sock_fprog {
             len: prog.len() as u16,
@@ -117,11 +132,6 @@ impl SocketSet {
             });
         }
         Ok(())
-    }
-
-    /// The sockets, worker by worker (to move into the worker threads).
-    pub fn take(self) -> Vec<UdpSocket> {
-        self.sockets
     }
 }
 
@@ -177,16 +187,16 @@ pub fn run_worker(
     admission: Arc<Admission>,
     mut disp: Dispatcher,
     mut router: IrqRouter,
-    cfg: LoopConfig,
+    mut cfg: LoopConfig,
     stats: Arc<WorkerStats>,
-    stop: Arc<AtomicBool>,
+    ctl: WorkerCtl,
 ) {
     let mut backoff = Backoff::new(cfg.spin_budget, cfg.idle_sleep);
     let mut peers: Peers<SocketAddr> = Peers::default();
     let mut buf = vec![0u8; 2048];
     let mut irq_buf = vec![0u8; devplane_wire::MAX_DATAGRAM];
     let fd = sock.as_raw_fd();
-    while !stop.load(Ordering::Relaxed) {
+    while ctl.poll(&mut disp, &mut router, &mut cfg, &mut backoff) {
         let mut got = 0u64;
         while got < cfg.batch as u64 {
             let (n, from) = match sock.recv_from(&mut buf) {
