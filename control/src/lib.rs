@@ -9,7 +9,9 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod db;
 pub mod maps;
 
 pub use config::{ConfigError, Mode, ServerConfig};
+pub use db::{Change, Db, DbError, ServerSettings, commit_and_sync, repair, restore};
 pub use maps::{AyaMaps, MapSyncError, MapWriter, MemMaps, SyncReport, sync};

@@ -1,0 +1,657 @@
+//! `dpctl`: inspect and change devplane's identifier database.
+//!
+//! Tables for people, `--json` for scripts. Exit codes: 0 success, 1 the
+//! operation was refused or failed, 2 bad usage, 3 an id named on the
+//! command line does not exist. Every error is one line on stderr that
+//! starts with `dpctl: `.
+
+use std::io::{self, Write};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use devplane_control::db::{
+    Change, Client, Db, DbError, Hypervisor, Kind, Model, Server, State, Vm, VmState,
+};
+use serde_json::{Value, json};
+
+/// Exit code: the operation was refused or failed.
+const EXIT_FAILED: u8 = 1;
+/// Exit code: bad usage (clap's own code).
+const EXIT_USAGE: u8 = 2;
+/// Exit code: an id named on the command line does not exist.
+const EXIT_NOT_FOUND: u8 = 3;
+
+/// Inspect and change devplane's identifier database: client platforms,
+/// hypervisors, VMs, device models and servers.
+///
+/// Exit codes: 0 ok, 1 refused or failed, 2 bad usage, 3 unknown id.
+#[derive(Debug, Parser)]
+#[command(name = "dpctl", version, propagate_version = true)]
+struct Cli {
+    /// State directory holding the database.
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        env = "DEVPLANE_STATE",
+        default_value = "/var/lib/devplane"
+    )]
+    state: PathBuf,
+    /// Print JSON for scripts instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show the database's generation, the generation the maps hold, and
+    /// how many of each entity there are.
+    Status,
+    /// Client platforms: hosts that run VMs.
+    #[command(subcommand)]
+    Clients(ClientsCmd),
+    /// Hypervisors on client platforms.
+    #[command(subcommand)]
+    Hypervisors(HypervisorsCmd),
+    /// VMs (guests).
+    #[command(subcommand)]
+    Vms(VmsCmd),
+    /// Device models, each served by one worker of one server.
+    #[command(subcommand)]
+    Models(ModelsCmd),
+    /// Server platforms: hosts that run device models.
+    #[command(subcommand)]
+    Servers(ServersCmd),
+}
+
+/// An entity id: a nonzero integer.
+#[derive(Debug, clap::Args)]
+struct IdArg {
+    /// The id (nonzero).
+    #[arg(value_parser = clap::value_parser!(u32).range(1..))]
+    id: u32,
+}
+
+#[derive(Debug, Subcommand)]
+enum ClientsCmd {
+    /// List client platforms.
+    List,
+    /// Show one client platform, its hypervisors and VMs.
+    Show(IdArg),
+    /// Register a client platform.
+    Add {
+        #[command(flatten)]
+        id: IdArg,
+        /// Its IPv4 address (unique among clients).
+        #[arg(long, value_name = "IP")]
+        address: Ipv4Addr,
+    },
+    /// Remove a client platform (refused while it hosts hypervisors or VMs).
+    Remove(IdArg),
+}
+
+#[derive(Debug, Subcommand)]
+enum HypervisorsCmd {
+    /// List hypervisors.
+    List,
+    /// Show one hypervisor and its VMs.
+    Show(IdArg),
+    /// Register a hypervisor on a client platform.
+    Add {
+        #[command(flatten)]
+        id: IdArg,
+        /// The client platform it runs on.
+        #[arg(long, value_name = "ID")]
+        client: u32,
+    },
+    /// Remove a hypervisor (refused while it hosts VMs).
+    Remove(IdArg),
+}
+
+#[derive(Debug, Subcommand)]
+enum VmsCmd {
+    /// List VMs.
+    List,
+    /// Show one VM and the models that send it interrupts.
+    Show(IdArg),
+    /// Register a VM (stopped) on a hypervisor; its client is the
+    /// hypervisor's.
+    Add {
+        #[command(flatten)]
+        id: IdArg,
+        /// The hypervisor that runs it.
+        #[arg(long, value_name = "ID")]
+        hypervisor: u32,
+    },
+    /// Remove a stopped VM (refused while a model sends it interrupts).
+    Remove(IdArg),
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelsCmd {
+    /// List device models.
+    List,
+    /// Show one device model.
+    Show(IdArg),
+    /// Register a device model on a server's worker.
+    Add {
+        #[command(flatten)]
+        id: IdArg,
+        /// Device model kind, e.g. counter.
+        #[arg(long, value_name = "KIND")]
+        kind: String,
+        /// The server that owns it.
+        #[arg(long, value_name = "ID")]
+        server: u32,
+        /// Index of the worker on that server that serves it.
+        #[arg(long, value_name = "INDEX")]
+        worker: u32,
+        /// Interrupt line (GSI) it raises; needs --vm.
+        #[arg(long, value_name = "GSI", requires = "vm")]
+        line: Option<u32>,
+        /// The VM its interrupts go to.
+        #[arg(long, value_name = "ID")]
+        vm: Option<u32>,
+        /// Base I/O port (decimal or 0x hex).
+        #[arg(long, value_name = "PORT", value_parser = parse_u16)]
+        pio_base: Option<u16>,
+        /// Base guest-physical MMIO address (decimal or 0x hex).
+        #[arg(long, value_name = "ADDR", value_parser = parse_u64)]
+        mmio_base: Option<u64>,
+    },
+    /// Remove a device model.
+    Remove(IdArg),
+}
+
+#[derive(Debug, Subcommand)]
+enum ServersCmd {
+    /// List server platforms.
+    List,
+    /// Show one server platform and its models.
+    Show(IdArg),
+    /// Register a server platform.
+    Add {
+        #[command(flatten)]
+        id: IdArg,
+        /// Its IPv4 address (unique among servers).
+        #[arg(long, value_name = "IP")]
+        address: Ipv4Addr,
+    },
+    /// Remove a server platform (refused while it owns models).
+    Remove(IdArg),
+}
+
+fn parse_number(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => t.parse(),
+    };
+    parsed.map_err(|_| format!("{text:?} is not a number: write decimal or 0x hex"))
+}
+
+fn parse_u16(text: &str) -> Result<u16, String> {
+    let n = parse_number(text)?;
+    u16::try_from(n).map_err(|_| format!("{text} is past the largest port, 0xffff"))
+}
+
+fn parse_u64(text: &str) -> Result<u64, String> {
+    parse_number(text)
+}
+
+/// What a command failed with, and the exit code it means.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<DbError> for Failure {
+    fn from(e: DbError) -> Self {
+        Failure {
+            code: if e.is_not_found() {
+                EXIT_NOT_FOUND
+            } else {
+                EXIT_FAILED
+            },
+            message: e.to_string(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    // A group without its subcommand is a usage error (one line, exit 2),
+    // not a page of help.
+    let mut command = Cli::command();
+    for group in ["clients", "hypervisors", "vms", "models", "servers"] {
+        command = command.mut_subcommand(group, |c| c.arg_required_else_help(false));
+    }
+    let parsed = command
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                e.exit();
+            }
+            // clap's message is its first paragraph (the lines before the
+            // usage); join it into one line.
+            let rendered = e.render().to_string();
+            let message = rendered
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(" ");
+            let message = message.strip_prefix("error: ").unwrap_or(&message);
+            eprintln!("dpctl: {message} (see --help)");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match run(&cli) {
+        Ok(text) => {
+            let mut out = io::stdout().lock();
+            // A closed pipe (dpctl ... | head) is not an error.
+            let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+            ExitCode::SUCCESS
+        }
+        Err(f) => {
+            eprintln!("dpctl: {}", f.message.replace('\n', " "));
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<String, Failure> {
+    let mut db = Db::open(&cli.state)?;
+    let json = cli.json;
+    match &cli.command {
+        Command::Status => Ok(status(&db, json)),
+        Command::Clients(c) => match c {
+            ClientsCmd::List => Ok(list(db.state(), Kind::Client, json)),
+            ClientsCmd::Show(a) => show(db.state(), Kind::Client, a.id, json),
+            ClientsCmd::Add { id, address } => change(
+                &mut db,
+                Change::AddClient(Client {
+                    id: id.id,
+                    address: *address,
+                }),
+                json,
+            ),
+            ClientsCmd::Remove(a) => change(&mut db, Change::RemoveClient(a.id), json),
+        },
+        Command::Hypervisors(c) => match c {
+            HypervisorsCmd::List => Ok(list(db.state(), Kind::Hypervisor, json)),
+            HypervisorsCmd::Show(a) => show(db.state(), Kind::Hypervisor, a.id, json),
+            HypervisorsCmd::Add { id, client } => change(
+                &mut db,
+                Change::AddHypervisor(Hypervisor {
+                    id: id.id,
+                    client: *client,
+                }),
+                json,
+            ),
+            HypervisorsCmd::Remove(a) => change(&mut db, Change::RemoveHypervisor(a.id), json),
+        },
+        Command::Vms(c) => match c {
+            VmsCmd::List => Ok(list(db.state(), Kind::Vm, json)),
+            VmsCmd::Show(a) => show(db.state(), Kind::Vm, a.id, json),
+            VmsCmd::Add { id, hypervisor } => {
+                let Some(h) = db.state().hypervisor(*hypervisor) else {
+                    return Err(DbError::Dangling {
+                        kind: Kind::Vm,
+                        id: id.id,
+                        target: Kind::Hypervisor,
+                        target_id: *hypervisor,
+                    }
+                    .into());
+                };
+                let vm = Vm {
+                    id: id.id,
+                    hypervisor: h.id,
+                    client: h.client,
+                    state: VmState::Stopped,
+                };
+                change(&mut db, Change::AddVm(vm), json)
+            }
+            VmsCmd::Remove(a) => change(&mut db, Change::RemoveVm(a.id), json),
+        },
+        Command::Models(c) => match c {
+            ModelsCmd::List => Ok(list(db.state(), Kind::Model, json)),
+            ModelsCmd::Show(a) => show(db.state(), Kind::Model, a.id, json),
+            ModelsCmd::Add {
+                id,
+                kind,
+                server,
+                worker,
+                line,
+                vm,
+                pio_base,
+                mmio_base,
+            } => change(
+                &mut db,
+                Change::AddModel(Model {
+                    id: id.id,
+                    kind: kind.clone(),
+                    server: *server,
+                    worker: *worker,
+                    line: *line,
+                    vm: *vm,
+                    pio_base: *pio_base,
+                    mmio_base: *mmio_base,
+                }),
+                json,
+            ),
+            ModelsCmd::Remove(a) => change(&mut db, Change::RemoveModel(a.id), json),
+        },
+        Command::Servers(c) => match c {
+            ServersCmd::List => Ok(list(db.state(), Kind::Server, json)),
+            ServersCmd::Show(a) => show(db.state(), Kind::Server, a.id, json),
+            ServersCmd::Add { id, address } => change(
+                &mut db,
+                Change::AddServer(Server {
+                    id: id.id,
+                    address: *address,
+                }),
+                json,
+            ),
+            ServersCmd::Remove(a) => change(&mut db, Change::RemoveServer(a.id), json),
+        },
+    }
+}
+
+fn status(db: &Db, json: bool) -> String {
+    let s = db.state();
+    if json {
+        return to_json(&json!({
+            "state_dir": db.dir(),
+            "generation": db.generation(),
+            "applied_generation": db.applied_generation(),
+            "needs_repair": db.needs_repair(),
+            "clients": s.clients.len(),
+            "hypervisors": s.hypervisors.len(),
+            "vms": s.vms.len(),
+            "models": s.models.len(),
+            "servers": s.servers.len(),
+        }));
+    }
+    let maps = if db.needs_repair() {
+        "behind the database: a server's next start or repair updates them"
+    } else {
+        "up to date"
+    };
+    key_values(&[
+        ("state dir", db.dir().display().to_string()),
+        ("generation", db.generation().to_string()),
+        ("applied generation", db.applied_generation().to_string()),
+        ("maps", maps.to_string()),
+        ("clients", s.clients.len().to_string()),
+        ("hypervisors", s.hypervisors.len().to_string()),
+        ("vms", s.vms.len().to_string()),
+        ("models", s.models.len().to_string()),
+        ("servers", s.servers.len().to_string()),
+    ])
+}
+
+fn change(db: &mut Db, change: Change, json: bool) -> Result<String, Failure> {
+    let (kind, id) = (change.kind(), change.id());
+    let action = if matches!(
+        change,
+        Change::AddClient(_)
+            | Change::AddHypervisor(_)
+            | Change::AddVm(_)
+            | Change::AddModel(_)
+            | Change::AddServer(_)
+    ) {
+        "add"
+    } else {
+        "remove"
+    };
+    db.apply(change)?;
+    if json {
+        return Ok(to_json(&json!({
+            "action": action,
+            "kind": kind,
+            "id": id,
+            "generation": db.generation(),
+        })));
+    }
+    let done = if action == "add" { "added" } else { "removed" };
+    Ok(format!(
+        "{done} {kind} {id} (generation {})\n",
+        db.generation()
+    ))
+}
+
+fn ids(deps: &[(Kind, u32)], kind: Kind) -> Vec<u32> {
+    deps.iter()
+        .filter(|(k, _)| *k == kind)
+        .map(|&(_, id)| id)
+        .collect()
+}
+
+fn id_list(ids: &[u32]) -> String {
+    if ids.is_empty() {
+        return "-".to_string();
+    }
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+fn hex<T: std::fmt::LowerHex>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{v:#x}"))
+}
+
+/// The relations `show` adds to an entity: (JSON key, kind, ids).
+fn relations(s: &State, kind: Kind, id: u32) -> Vec<(&'static str, Vec<u32>)> {
+    let deps = s.dependents(kind, id);
+    match kind {
+        Kind::Client => vec![
+            ("hypervisors", ids(&deps, Kind::Hypervisor)),
+            ("vms", ids(&deps, Kind::Vm)),
+        ],
+        Kind::Hypervisor => vec![("vms", ids(&deps, Kind::Vm))],
+        Kind::Vm => vec![("models", ids(&deps, Kind::Model))],
+        Kind::Server => vec![("models", ids(&deps, Kind::Model))],
+        Kind::Model => vec![],
+    }
+}
+
+/// The table columns of a kind and one row per entity.
+fn rows(s: &State, kind: Kind) -> (Vec<&'static str>, Vec<(u32, Vec<String>)>) {
+    let rel = |kind, id| {
+        relations(s, kind, id)
+            .into_iter()
+            .map(|(_, ids)| id_list(&ids))
+            .collect::<Vec<_>>()
+    };
+    match kind {
+        Kind::Client => (
+            vec!["ID", "ADDRESS", "HYPERVISORS", "VMS"],
+            s.clients
+                .iter()
+                .map(|c| {
+                    let mut r = vec![c.id.to_string(), c.address.to_string()];
+                    r.extend(rel(kind, c.id));
+                    (c.id, r)
+                })
+                .collect(),
+        ),
+        Kind::Hypervisor => (
+            vec!["ID", "CLIENT", "VMS"],
+            s.hypervisors
+                .iter()
+                .map(|h| {
+                    let mut r = vec![h.id.to_string(), h.client.to_string()];
+                    r.extend(rel(kind, h.id));
+                    (h.id, r)
+                })
+                .collect(),
+        ),
+        Kind::Vm => (
+            vec!["ID", "HYPERVISOR", "CLIENT", "STATE", "MODELS"],
+            s.vms
+                .iter()
+                .map(|v| {
+                    let mut r = vec![
+                        v.id.to_string(),
+                        v.hypervisor.to_string(),
+                        v.client.to_string(),
+                        v.state.to_string(),
+                    ];
+                    r.extend(rel(kind, v.id));
+                    (v.id, r)
+                })
+                .collect(),
+        ),
+        Kind::Model => (
+            vec![
+                "ID",
+                "KIND",
+                "SERVER",
+                "WORKER",
+                "LINE",
+                "VM",
+                "PIO_BASE",
+                "MMIO_BASE",
+            ],
+            s.models
+                .iter()
+                .map(|m| {
+                    (
+                        m.id,
+                        vec![
+                            m.id.to_string(),
+                            m.kind.clone(),
+                            m.server.to_string(),
+                            m.worker.to_string(),
+                            opt(m.line),
+                            opt(m.vm),
+                            hex(m.pio_base),
+                            hex(m.mmio_base),
+                        ],
+                    )
+                })
+                .collect(),
+        ),
+        Kind::Server => (
+            vec!["ID", "ADDRESS", "MODELS"],
+            s.servers
+                .iter()
+                .map(|sv| {
+                    let mut r = vec![sv.id.to_string(), sv.address.to_string()];
+                    r.extend(rel(kind, sv.id));
+                    (sv.id, r)
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// One entity as JSON, with its relations.
+fn entity_json(s: &State, kind: Kind, id: u32) -> Option<Value> {
+    let mut v = match kind {
+        Kind::Client => serde_json::to_value(s.client(id)?),
+        Kind::Hypervisor => serde_json::to_value(s.hypervisor(id)?),
+        Kind::Vm => serde_json::to_value(s.vm(id)?),
+        Kind::Model => serde_json::to_value(s.model(id)?),
+        Kind::Server => serde_json::to_value(s.server(id)?),
+    }
+    .expect("entities serialise");
+    if let Value::Object(map) = &mut v {
+        for (key, ids) in relations(s, kind, id) {
+            map.insert(key.to_string(), json!(ids));
+        }
+    }
+    Some(v)
+}
+
+fn list(s: &State, kind: Kind, json: bool) -> String {
+    let (headers, rows) = rows(s, kind);
+    if json {
+        let all: Vec<Value> = rows
+            .iter()
+            .filter_map(|(id, _)| entity_json(s, kind, *id))
+            .collect();
+        return to_json(&Value::Array(all));
+    }
+    table(&headers, rows.into_iter().map(|(_, r)| r).collect())
+}
+
+fn show(s: &State, kind: Kind, id: u32, json: bool) -> Result<String, Failure> {
+    let not_found = || Failure::from(DbError::NotFound { kind, id });
+    if json {
+        return entity_json(s, kind, id)
+            .map(|v| to_json(&v))
+            .ok_or_else(not_found);
+    }
+    let (headers, rows) = rows(s, kind);
+    let (_, row) = rows
+        .into_iter()
+        .find(|(i, _)| *i == id)
+        .ok_or_else(not_found)?;
+    let pairs: Vec<(String, String)> = headers
+        .iter()
+        .map(|h| h.to_lowercase().replace('_', " "))
+        .zip(row)
+        .collect();
+    Ok(key_values(&pairs))
+}
+
+fn to_json(v: &Value) -> String {
+    let mut s = serde_json::to_string_pretty(v).expect("JSON values serialise");
+    s.push('\n');
+    s
+}
+
+/// Left-aligned columns separated by two spaces.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.zip(&widths).enumerate() {
+            if i > 0 {
+                l.push_str("  ");
+            }
+            l.push_str(cell);
+            l.extend(std::iter::repeat_n(
+                ' ',
+                w.saturating_sub(cell.chars().count()),
+            ));
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&mut headers.iter().copied());
+    for r in &rows {
+        line(&mut r.iter().map(String::as_str));
+    }
+    out
+}
+
+/// `key  value` lines with the values aligned.
+fn key_values<K: AsRef<str>>(pairs: &[(K, String)]) -> String {
+    let width = pairs
+        .iter()
+        .map(|(k, _)| k.as_ref().len())
+        .max()
+        .unwrap_or(0);
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{:<width$}  {v}\n", k.as_ref()))
+        .collect()
+}

@@ -1,0 +1,663 @@
+//! `dpctl` run as a real binary against a temporary state directory: every
+//! command's table and JSON output, and the error line and exit code of
+//! every kind of bad argument.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use serde_json::Value;
+
+/// A unique directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("devplane-dpctl-test-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        TempDir(path)
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn dpctl_in(dir: &Path, args: &[&str]) -> Out {
+    let out = Command::new(env!("CARGO_BIN_EXE_dpctl"))
+        .arg("--state")
+        .arg(dir)
+        .args(args)
+        .env_remove("DEVPLANE_STATE")
+        .output()
+        .unwrap();
+    Out {
+        code: out.status.code().expect("dpctl exited"),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+/// Runs dpctl and expects success with nothing on stderr.
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let o = dpctl_in(dir, args);
+    assert_eq!(o.code, 0, "dpctl {args:?}: {}", o.stderr);
+    assert_eq!(o.stderr, "", "dpctl {args:?}");
+    o.stdout
+}
+
+fn ok_json(dir: &Path, args: &[&str]) -> Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let text = ok(dir, &all);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("dpctl {args:?}: {e}: {text}"))
+}
+
+/// Runs dpctl and expects exit `code`, no stdout, and one error line that
+/// starts with `dpctl: ` and contains `needle`.
+fn fails(dir: &Path, args: &[&str], code: i32, needle: &str) -> String {
+    let o = dpctl_in(dir, args);
+    assert_eq!(o.code, code, "dpctl {args:?}: stderr {}", o.stderr);
+    assert_eq!(o.stdout, "", "dpctl {args:?}");
+    assert!(
+        o.stderr.starts_with("dpctl: "),
+        "dpctl {args:?}: {}",
+        o.stderr
+    );
+    assert_eq!(o.stderr.lines().count(), 1, "dpctl {args:?}: {}", o.stderr);
+    assert!(o.stderr.ends_with('\n'));
+    assert!(
+        o.stderr.contains(needle),
+        "dpctl {args:?}: {:?} lacks {needle:?}",
+        o.stderr
+    );
+    o.stderr
+}
+
+/// The rows of a table, split on runs of spaces; checks that every column
+/// starts at the same offset on every line.
+fn table(text: &str) -> Vec<Vec<String>> {
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(!lines.is_empty());
+    let header = lines[0];
+    let starts: Vec<usize> = header
+        .match_indices(|c: char| c != ' ')
+        .filter(|&(i, _)| i == 0 || header.as_bytes()[i - 1] == b' ')
+        .map(|(i, _)| i)
+        .collect();
+    for line in &lines[1..] {
+        for &s in &starts {
+            assert!(
+                line.len() > s
+                    && line.as_bytes()[s] != b' '
+                    && (s == 0 || line.as_bytes()[s - 1] == b' '),
+                "column at {s} misaligned in {line:?} (header {header:?})"
+            );
+        }
+    }
+    lines
+        .iter()
+        .map(|l| l.split_whitespace().map(str::to_string).collect())
+        .collect()
+}
+
+/// `key  value` lines as pairs.
+fn key_values(text: &str) -> Vec<(String, String)> {
+    let width = text.lines().map(|l| l.find("  ").unwrap()).max().unwrap();
+    text.lines()
+        .map(|l| {
+            let (k, v) = l.split_at(width);
+            (k.trim().to_string(), v.trim().to_string())
+        })
+        .collect()
+}
+
+fn value<'a>(kv: &'a [(String, String)], key: &str) -> &'a str {
+    &kv.iter()
+        .find(|(k, _)| k == key)
+        .unwrap_or_else(|| panic!("no {key} in {kv:?}"))
+        .1
+}
+
+/// Client 7 (hypervisor 2, VM 3), server 1 (model 5 on worker 0 with
+/// line 4 to VM 3 at port 0x3f8; model 6 on worker 1 at MMIO 0xfe000000).
+fn populate(dir: &Path) {
+    ok(dir, &["clients", "add", "7", "--address", "10.0.0.1"]);
+    ok(dir, &["hypervisors", "add", "2", "--client", "7"]);
+    ok(dir, &["vms", "add", "3", "--hypervisor", "2"]);
+    ok(dir, &["servers", "add", "1", "--address", "10.0.1.1"]);
+    ok(
+        dir,
+        &[
+            "models",
+            "add",
+            "5",
+            "--kind",
+            "counter",
+            "--server",
+            "1",
+            "--worker",
+            "0",
+            "--line",
+            "4",
+            "--vm",
+            "3",
+            "--pio-base",
+            "0x3f8",
+        ],
+    );
+    ok(
+        dir,
+        &[
+            "models",
+            "add",
+            "6",
+            "--kind",
+            "uart",
+            "--server",
+            "1",
+            "--worker",
+            "1",
+            "--mmio-base",
+            "0xfe000000",
+        ],
+    );
+}
+
+#[test]
+fn status_of_a_new_and_a_changed_database() {
+    let t = TempDir::new();
+    let kv = key_values(&ok(t.path(), &["status"]));
+    assert_eq!(value(&kv, "generation"), "0");
+    assert_eq!(value(&kv, "applied generation"), "0");
+    assert_eq!(value(&kv, "maps"), "up to date");
+    assert_eq!(value(&kv, "clients"), "0");
+    assert_eq!(value(&kv, "state dir"), t.path().display().to_string());
+
+    populate(t.path());
+    let kv = key_values(&ok(t.path(), &["status"]));
+    assert_eq!(value(&kv, "generation"), "6");
+    assert!(value(&kv, "maps").starts_with("behind"));
+    assert_eq!(value(&kv, "models"), "2");
+
+    let j = ok_json(t.path(), &["status"]);
+    assert_eq!(j["generation"], 6);
+    assert_eq!(j["applied_generation"], 0);
+    assert_eq!(j["needs_repair"], true);
+    assert_eq!(j["clients"], 1);
+    assert_eq!(j["hypervisors"], 1);
+    assert_eq!(j["vms"], 1);
+    assert_eq!(j["models"], 2);
+    assert_eq!(j["servers"], 1);
+    assert_eq!(j["state_dir"], t.path().display().to_string());
+}
+
+#[test]
+fn add_prints_what_it_did() {
+    let t = TempDir::new();
+    assert_eq!(
+        ok(t.path(), &["clients", "add", "7", "--address", "10.0.0.1"]),
+        "added client 7 (generation 1)\n"
+    );
+    let j = ok_json(t.path(), &["hypervisors", "add", "2", "--client", "7"]);
+    assert_eq!(j["action"], "add");
+    assert_eq!(j["kind"], "hypervisor");
+    assert_eq!(j["id"], 2);
+    assert_eq!(j["generation"], 2);
+    let j = ok_json(t.path(), &["vms", "add", "3", "--hypervisor", "2"]);
+    assert_eq!(
+        (j["kind"].as_str(), j["generation"].as_u64()),
+        (Some("vm"), Some(3))
+    );
+    let j = ok_json(t.path(), &["servers", "add", "1", "--address", "10.0.1.1"]);
+    assert_eq!(j["kind"], "server");
+    let j = ok_json(
+        t.path(),
+        &[
+            "models", "add", "5", "--kind", "counter", "--server", "1", "--worker", "0",
+        ],
+    );
+    assert_eq!(
+        (j["kind"].as_str(), j["id"].as_u64()),
+        (Some("model"), Some(5))
+    );
+}
+
+#[test]
+fn clients_list_and_show() {
+    let t = TempDir::new();
+    assert_eq!(
+        table(&ok(t.path(), &["clients", "list"])),
+        [["ID", "ADDRESS", "HYPERVISORS", "VMS"]]
+    );
+    assert_eq!(
+        ok_json(t.path(), &["clients", "list"]),
+        serde_json::json!([])
+    );
+    populate(t.path());
+    ok(
+        t.path(),
+        &["clients", "add", "12", "--address", "10.0.0.12"],
+    );
+    let rows = table(&ok(t.path(), &["clients", "list"]));
+    assert_eq!(rows[1], ["7", "10.0.0.1", "2", "3"]);
+    assert_eq!(rows[2], ["12", "10.0.0.12", "-", "-"]);
+
+    let j = ok_json(t.path(), &["clients", "list"]);
+    let a = j.as_array().unwrap();
+    assert_eq!(a.len(), 2);
+    assert_eq!(a[0]["id"], 7);
+    assert_eq!(a[0]["address"], "10.0.0.1");
+    assert_eq!(a[0]["hypervisors"], serde_json::json!([2]));
+    assert_eq!(a[0]["vms"], serde_json::json!([3]));
+    assert_eq!(a[1]["vms"], serde_json::json!([]));
+
+    let kv = key_values(&ok(t.path(), &["clients", "show", "7"]));
+    assert_eq!(value(&kv, "id"), "7");
+    assert_eq!(value(&kv, "address"), "10.0.0.1");
+    assert_eq!(value(&kv, "hypervisors"), "2");
+    let j = ok_json(t.path(), &["clients", "show", "7"]);
+    assert_eq!(j["address"], "10.0.0.1");
+    assert_eq!(j["vms"], serde_json::json!([3]));
+}
+
+#[test]
+fn hypervisors_list_and_show() {
+    let t = TempDir::new();
+    populate(t.path());
+    let rows = table(&ok(t.path(), &["hypervisors", "list"]));
+    assert_eq!(rows, [["ID", "CLIENT", "VMS"], ["2", "7", "3"]]);
+    let j = ok_json(t.path(), &["hypervisors", "list"]);
+    assert_eq!(j[0]["client"], 7);
+    assert_eq!(j[0]["vms"], serde_json::json!([3]));
+    let kv = key_values(&ok(t.path(), &["hypervisors", "show", "2"]));
+    assert_eq!(value(&kv, "client"), "7");
+    let j = ok_json(t.path(), &["hypervisors", "show", "2"]);
+    assert_eq!((j["id"].as_u64(), j["client"].as_u64()), (Some(2), Some(7)));
+}
+
+#[test]
+fn vms_list_and_show() {
+    let t = TempDir::new();
+    populate(t.path());
+    let rows = table(&ok(t.path(), &["vms", "list"]));
+    assert_eq!(rows[0], ["ID", "HYPERVISOR", "CLIENT", "STATE", "MODELS"]);
+    assert_eq!(rows[1], ["3", "2", "7", "stopped", "5"]);
+    let j = ok_json(t.path(), &["vms", "list"]);
+    assert_eq!(j[0]["state"], "stopped");
+    assert_eq!(j[0]["client"], 7);
+    assert_eq!(j[0]["hypervisor"], 2);
+    assert_eq!(j[0]["models"], serde_json::json!([5]));
+    let kv = key_values(&ok(t.path(), &["vms", "show", "3"]));
+    assert_eq!(value(&kv, "state"), "stopped");
+    let j = ok_json(t.path(), &["vms", "show", "3"]);
+    assert_eq!(j["id"], 3);
+}
+
+#[test]
+fn models_list_and_show() {
+    let t = TempDir::new();
+    populate(t.path());
+    let rows = table(&ok(t.path(), &["models", "list"]));
+    assert_eq!(
+        rows,
+        [
+            vec![
+                "ID",
+                "KIND",
+                "SERVER",
+                "WORKER",
+                "LINE",
+                "VM",
+                "PIO_BASE",
+                "MMIO_BASE"
+            ],
+            vec!["5", "counter", "1", "0", "4", "3", "0x3f8", "-"],
+            vec!["6", "uart", "1", "1", "-", "-", "-", "0xfe000000"],
+        ]
+    );
+    let j = ok_json(t.path(), &["models", "list"]);
+    assert_eq!(j[0]["kind"], "counter");
+    assert_eq!(j[0]["pio_base"], 0x3f8);
+    assert_eq!(j[0]["line"], 4);
+    assert_eq!(j[0]["vm"], 3);
+    assert_eq!(j[1]["mmio_base"], 0xfe00_0000u64);
+    assert!(j[1].get("line").is_none());
+    let kv = key_values(&ok(t.path(), &["models", "show", "6"]));
+    assert_eq!(value(&kv, "kind"), "uart");
+    assert_eq!(value(&kv, "mmio base"), "0xfe000000");
+    let j = ok_json(t.path(), &["models", "show", "5"]);
+    assert_eq!(
+        (j["server"].as_u64(), j["worker"].as_u64()),
+        (Some(1), Some(0))
+    );
+}
+
+#[test]
+fn servers_list_and_show() {
+    let t = TempDir::new();
+    populate(t.path());
+    let rows = table(&ok(t.path(), &["servers", "list"]));
+    assert_eq!(
+        rows,
+        [["ID", "ADDRESS", "MODELS"], ["1", "10.0.1.1", "5,6"]]
+    );
+    let j = ok_json(t.path(), &["servers", "list"]);
+    assert_eq!(j[0]["address"], "10.0.1.1");
+    assert_eq!(j[0]["models"], serde_json::json!([5, 6]));
+    let kv = key_values(&ok(t.path(), &["servers", "show", "1"]));
+    assert_eq!(value(&kv, "models"), "5,6");
+    let j = ok_json(t.path(), &["servers", "show", "1"]);
+    assert_eq!(j["id"], 1);
+}
+
+#[test]
+fn remove_in_dependency_order() {
+    let t = TempDir::new();
+    populate(t.path());
+    assert_eq!(
+        ok(t.path(), &["models", "remove", "5"]),
+        "removed model 5 (generation 7)\n"
+    );
+    let j = ok_json(t.path(), &["models", "remove", "6"]);
+    assert_eq!(j["action"], "remove");
+    assert_eq!(j["generation"], 8);
+    ok(t.path(), &["servers", "remove", "1"]);
+    ok(t.path(), &["vms", "remove", "3"]);
+    ok(t.path(), &["hypervisors", "remove", "2"]);
+    ok(t.path(), &["clients", "remove", "7"]);
+    let j = ok_json(t.path(), &["status"]);
+    assert_eq!(j["generation"], 12);
+    for k in ["clients", "hypervisors", "vms", "models", "servers"] {
+        assert_eq!(j[k], 0, "{k}");
+        assert_eq!(ok_json(t.path(), &[k, "list"]), serde_json::json!([]));
+    }
+}
+
+#[test]
+fn unknown_ids_exit_3() {
+    let t = TempDir::new();
+    populate(t.path());
+    for kind in ["clients", "hypervisors", "vms", "models", "servers"] {
+        let e = fails(t.path(), &[kind, "show", "99"], 3, "99 does not exist");
+        assert!(e.contains(&format!("dpctl {kind} list")), "{e}");
+        fails(t.path(), &[kind, "remove", "99"], 3, "99 does not exist");
+        fails(
+            t.path(),
+            &["--json", kind, "show", "99"],
+            3,
+            "does not exist",
+        );
+    }
+}
+
+#[test]
+fn refused_changes_exit_1_and_change_nothing() {
+    let t = TempDir::new();
+    populate(t.path());
+    let before = fs::read(t.path().join("db.json")).unwrap();
+    fails(
+        t.path(),
+        &["clients", "add", "7", "--address", "10.0.0.9"],
+        1,
+        "client 7 already exists",
+    );
+    fails(
+        t.path(),
+        &["clients", "add", "8", "--address", "10.0.0.1"],
+        1,
+        "address 10.0.0.1 is already client 7's",
+    );
+    fails(
+        t.path(),
+        &["servers", "add", "2", "--address", "10.0.1.1"],
+        1,
+        "already server 1's",
+    );
+    fails(
+        t.path(),
+        &["hypervisors", "add", "9", "--client", "70"],
+        1,
+        "client 70 does not exist: add it first",
+    );
+    fails(
+        t.path(),
+        &["vms", "add", "9", "--hypervisor", "20"],
+        1,
+        "hypervisor 20 does not exist",
+    );
+    fails(
+        t.path(),
+        &[
+            "models", "add", "9", "--kind", "x", "--server", "4", "--worker", "0",
+        ],
+        1,
+        "server 4 does not exist",
+    );
+    fails(
+        t.path(),
+        &[
+            "models", "add", "9", "--kind", "x", "--server", "1", "--worker", "0", "--vm", "30",
+        ],
+        1,
+        "VM 30 does not exist",
+    );
+    fails(
+        t.path(),
+        &[
+            "models", "add", "9", "--kind", "", "--server", "1", "--worker", "0",
+        ],
+        1,
+        "kind is empty",
+    );
+    fails(
+        t.path(),
+        &["clients", "remove", "7"],
+        1,
+        "client 7 still hosts hypervisor 2, VM 3: remove or move them first",
+    );
+    fails(
+        t.path(),
+        &["hypervisors", "remove", "2"],
+        1,
+        "still hosts VM 3",
+    );
+    fails(
+        t.path(),
+        &["vms", "remove", "3"],
+        1,
+        "receives interrupts from model 5",
+    );
+    fails(
+        t.path(),
+        &["servers", "remove", "1"],
+        1,
+        "still owns model 5, model 6",
+    );
+    fails(
+        t.path(),
+        &["--json", "clients", "remove", "7"],
+        1,
+        "still hosts",
+    );
+    assert_eq!(fs::read(t.path().join("db.json")).unwrap(), before);
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let t = TempDir::new();
+    populate(t.path());
+    fails(
+        t.path(),
+        &["clients", "add", "8", "--address", "10.0.0"],
+        2,
+        "invalid value '10.0.0' for '--address <IP>'",
+    );
+    fails(
+        t.path(),
+        &["servers", "add", "8", "--address", "host"],
+        2,
+        "--address",
+    );
+    fails(
+        t.path(),
+        &["clients", "add", "8"],
+        2,
+        "required arguments were not provided: --address <IP>",
+    );
+    fails(t.path(), &["vms", "add", "8"], 2, "--hypervisor <ID>");
+    fails(
+        t.path(),
+        &["models", "add", "8", "--kind", "x", "--server", "1"],
+        2,
+        "--worker",
+    );
+    fails(
+        t.path(),
+        &[
+            "models", "add", "8", "--kind", "x", "--server", "1", "--worker", "0", "--line", "3",
+        ],
+        2,
+        "--vm <ID>",
+    );
+    fails(
+        t.path(),
+        &[
+            "models",
+            "add",
+            "8",
+            "--kind",
+            "x",
+            "--server",
+            "1",
+            "--worker",
+            "0",
+            "--pio-base",
+            "0x10000",
+        ],
+        2,
+        "past the largest port",
+    );
+    fails(
+        t.path(),
+        &[
+            "models",
+            "add",
+            "8",
+            "--kind",
+            "x",
+            "--server",
+            "1",
+            "--worker",
+            "0",
+            "--mmio-base",
+            "0xzz",
+        ],
+        2,
+        "not a number",
+    );
+    fails(t.path(), &["clients", "show", "0"], 2, "invalid value '0'");
+    fails(
+        t.path(),
+        &["clients", "show", "seven"],
+        2,
+        "invalid value 'seven'",
+    );
+    fails(t.path(), &["clients", "show"], 2, "<ID>");
+    fails(t.path(), &["clients"], 2, "requires a subcommand");
+    fails(t.path(), &[], 2, "requires a subcommand");
+    fails(
+        t.path(),
+        &["frobnicate"],
+        2,
+        "unrecognized subcommand 'frobnicate'",
+    );
+    fails(
+        t.path(),
+        &["clients", "list", "--bogus"],
+        2,
+        "unexpected argument '--bogus'",
+    );
+}
+
+#[test]
+fn help_for_every_command() {
+    let t = TempDir::new();
+    let mut commands: Vec<Vec<&str>> = vec![vec![], vec!["status"]];
+    for kind in ["clients", "hypervisors", "vms", "models", "servers"] {
+        commands.push(vec![kind]);
+        for sub in ["list", "show", "add", "remove"] {
+            commands.push(vec![kind, sub]);
+        }
+    }
+    for cmd in commands {
+        let mut args = cmd.clone();
+        args.push("--help");
+        let out = ok(t.path(), &args);
+        assert!(out.contains("Usage: dpctl"), "{args:?}: {out}");
+        assert!(out.contains("--state <DIR>"), "{args:?}: {out}");
+        assert!(out.contains("--json"), "{args:?}: {out}");
+    }
+    let out = ok(t.path(), &["models", "add", "--help"]);
+    for flag in [
+        "--kind",
+        "--server",
+        "--worker",
+        "--line",
+        "--vm",
+        "--pio-base",
+        "--mmio-base",
+    ] {
+        assert!(out.contains(flag), "{flag}: {out}");
+    }
+    assert!(ok(t.path(), &["--version"]).starts_with("dpctl "));
+}
+
+#[test]
+fn state_dir_from_the_environment() {
+    let t = TempDir::new();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_dpctl"))
+            .args(args)
+            .env("DEVPLANE_STATE", t.path())
+            .output()
+            .unwrap()
+    };
+    assert!(
+        run(&["servers", "add", "3", "--address", "10.1.1.1"])
+            .status
+            .success()
+    );
+    assert!(t.path().join("db.json").is_file());
+    let out = run(&["--json", "servers", "list"]);
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j[0]["id"], 3);
+}
+
+#[test]
+fn unusable_state_dir_is_one_line_exit_1() {
+    let t = TempDir::new();
+    fs::create_dir_all(t.path()).unwrap();
+    let file = t.path().join("not-a-dir");
+    fs::write(&file, "x").unwrap();
+    fails(&file, &["status"], 1, "cannot create directory");
+    let dir = t.path().join("state");
+    ok(&dir, &["status"]);
+    fs::write(dir.join("db.json"), "garbage").unwrap();
+    fails(&dir, &["clients", "list"], 1, "restore it from a backup");
+}
