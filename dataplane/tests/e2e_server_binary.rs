@@ -61,12 +61,17 @@ fn ctrl_c_detaches_xdp_and_removes_pins() {
 [server]
 id = 3
 interface = "{ifname}"
-workers = [0]
+workers = [0, 1]
 pin_dir = "{pin_dir}"
 
 [[clients]]
 id = 7
 address = "{client}"
+
+[[vms]]
+id = 1
+client = 7
+hypervisor = 1
 
 [[models]]
 id = 42
@@ -81,12 +86,15 @@ worker = 0
     // nsenter --net, not `ip netns exec`: the latter also gives the child a
     // private mount namespace with a fresh /sys, so its bpffs pins would be
     // invisible here (and to dpctl).
+    let sock = std::env::temp_dir().join(format!("dp-ctl-{}.sock", std::process::id()));
     let child = Command::new("nsenter")
         .arg(format!("--net=/var/run/netns/{}", topo.server_netns()))
         .arg("--")
         .arg(env!("CARGO_BIN_EXE_devplane-server"))
         .arg("--config")
         .arg(&cfg.0)
+        .arg("--control")
+        .arg(&sock)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -103,6 +111,7 @@ worker = 0
             "{map} not pinned"
         );
     }
+    dpctl_against(&sock);
     let pid = guard.0.as_ref().unwrap().id() as i32;
     // nsenter execs the server, so the pid is the server's.
     // SAFETY: sends SIGINT to our own child.
@@ -130,6 +139,96 @@ worker = 0
         !std::path::Path::new(&pin_dir).exists(),
         "pinned maps left behind"
     );
+    assert!(!sock.exists(), "control socket left behind");
+    // With the server gone, dpctl says so.
+    let out = dpctl(&sock, &["stats"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("dpctl: no server listening"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+/// The dpctl binary, built beside this test's crate.
+fn dpctl_path() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let p = dir.join("dpctl");
+    assert!(
+        p.exists(),
+        "{} not built (cargo build -p devplane-control)",
+        p.display()
+    );
+    p
+}
+
+fn dpctl(sock: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(dpctl_path())
+        .arg("--socket")
+        .arg(sock)
+        .arg("--state")
+        .arg(std::env::temp_dir().join(format!("dp-state-{}", std::process::id())))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// dpctl's daemon commands against the running server.
+fn dpctl_against(sock: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket must be owner-only");
+    let ok = |args: &[&str]| {
+        let out = dpctl(sock, args);
+        assert!(
+            out.status.success(),
+            "dpctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let fails = |args: &[&str], needle: &str| {
+        let out = dpctl(sock, args);
+        assert_eq!(out.status.code(), Some(1), "dpctl {args:?}");
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(err.starts_with("dpctl: ") && err.contains(needle), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    };
+    let table = ok(&["stats"]);
+    assert!(table.starts_with("server 3\n"), "{table}");
+    assert!(
+        table.contains("worker") && table.contains("datagrams"),
+        "{table}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&ok(&["--json", "stats"])).unwrap();
+    assert_eq!(v["server"], 3);
+    assert_eq!(v["workers"].as_array().unwrap().len(), 2);
+    assert!(v["workers"][0]["records"].is_u64(), "{v}");
+    assert!(v["xdp"].is_object(), "{v}");
+    let watched = ok(&["stats", "--watch", "1", "--count", "2"]);
+    assert_eq!(watched.matches("server 3").count(), 2, "{watched}");
+    assert_eq!(
+        ok(&["models", "move", "42", "--to-worker", "1"]),
+        "moved model 42 to worker 1\n"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["--json", "models", "move", "42", "--to-worker", "0"])).unwrap();
+    assert_eq!(
+        (v["model"].as_u64(), v["worker"].as_u64()),
+        (Some(42), Some(0))
+    );
+    fails(&["models", "move", "43", "--to-worker", "1"], "model 43");
+    fails(&["models", "move", "42", "--to-worker", "5"], "worker 5");
+    ok(&["vms", "suspend", "1"]);
+    ok(&["vms", "resume", "1"]);
+    fails(&["vms", "suspend", "9"], "VM 9");
+    fails(&["vms", "migrate", "1", "--client", "99"], "client 99");
+    ok(&["vms", "migrate", "1", "--client", "7"]);
+    assert_eq!(
+        ok(&["tune", "--spin-budget", "10", "--batch", "16"]),
+        "tuned\n"
+    );
+    let bad = dpctl(sock, &["tune", "--batch", "0"]);
+    assert_eq!(bad.status.code(), Some(2), "batch 0 is a usage error");
 }
 
 #[test]

@@ -16,6 +16,9 @@ use devplane_control::db::{
 };
 use serde_json::{Value, json};
 
+#[path = "dpctl/daemon.rs"]
+mod daemon;
+
 /// Exit code: the operation was refused or failed.
 const EXIT_FAILED: u8 = 1;
 /// Exit code: bad usage (clap's own code).
@@ -42,6 +45,16 @@ struct Cli {
     /// Print JSON for scripts instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// Control socket of the running server (for stats, tune, model move,
+    /// vm suspend/resume/migrate).
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        env = "DEVPLANE_SOCKET",
+        default_value = "/run/devplane/server-1.sock"
+    )]
+    socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -66,6 +79,28 @@ enum Command {
     /// Server platforms: hosts that run device models.
     #[command(subcommand)]
     Servers(ServersCmd),
+    /// A running server's counters: per worker, and the XDP program's
+    /// verdicts and drop reasons.
+    Stats {
+        /// Refresh every SECS seconds until interrupted.
+        #[arg(long, value_name = "SECS")]
+        watch: Option<u64>,
+        /// With --watch: stop after this many refreshes.
+        #[arg(long, value_name = "N", requires = "watch")]
+        count: Option<u64>,
+    },
+    /// Change a running server's polling settings, live.
+    Tune {
+        /// Empty polls before a worker sleeps.
+        #[arg(long, value_name = "N")]
+        spin_budget: Option<u32>,
+        /// Longest idle sleep, microseconds.
+        #[arg(long, value_name = "US")]
+        idle_sleep_us: Option<u64>,
+        /// Most frames per poll (at least 1).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        batch: Option<u32>,
+    },
 }
 
 /// An entity id: a nonzero integer.
@@ -129,6 +164,18 @@ enum VmsCmd {
     },
     /// Remove a stopped VM (refused while a model sends it interrupts).
     Remove(IdArg),
+    /// Hold the VM's interrupts on the running server.
+    Suspend(IdArg),
+    /// Deliver the VM's held interrupts, in order, and the next ones.
+    Resume(IdArg),
+    /// Send the VM's interrupts to another client platform from now on.
+    Migrate {
+        #[command(flatten)]
+        id: IdArg,
+        /// The client platform it now runs on.
+        #[arg(long, value_name = "ID")]
+        client: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -165,6 +212,15 @@ enum ModelsCmd {
     },
     /// Remove a device model.
     Remove(IdArg),
+    /// Move a device model to another worker of its running server, while
+    /// traffic flows (its state goes with it).
+    Move {
+        #[command(flatten)]
+        id: IdArg,
+        /// The worker index to move it to.
+        #[arg(long, value_name = "INDEX")]
+        to_worker: usize,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -268,6 +324,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<String, Failure> {
+    if let Some(out) = daemon::run(cli)? {
+        return Ok(out);
+    }
     let mut db = Db::open(&cli.state)?;
     let json = cli.json;
     match &cli.command {
@@ -320,6 +379,9 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                 change(&mut db, Change::AddVm(vm), json)
             }
             VmsCmd::Remove(a) => change(&mut db, Change::RemoveVm(a.id), json),
+            VmsCmd::Suspend(_) | VmsCmd::Resume(_) | VmsCmd::Migrate { .. } => {
+                Err(daemon::handled_there())
+            }
         },
         Command::Models(c) => match c {
             ModelsCmd::List => Ok(list(db.state(), Kind::Model, json)),
@@ -348,7 +410,9 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                 json,
             ),
             ModelsCmd::Remove(a) => change(&mut db, Change::RemoveModel(a.id), json),
+            ModelsCmd::Move { .. } => Err(daemon::handled_there()),
         },
+        Command::Stats { .. } | Command::Tune { .. } => Err(daemon::handled_there()),
         Command::Servers(c) => match c {
             ServersCmd::List => Ok(list(db.state(), Kind::Server, json)),
             ServersCmd::Show(a) => show(db.state(), Kind::Server, a.id, json),

@@ -1,6 +1,7 @@
 //! `devplane-server`: runs a devplane server from a configuration file
-//! until Ctrl-C, then detaches XDP, removes its pinned maps and prints its
-//! counters.
+//! until Ctrl-C, then detaches XDP, removes its pinned maps and its control
+//! socket, and prints its counters. `dpctl` talks to it on the control
+//! socket.
 
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -8,6 +9,7 @@ use std::sync::mpsc;
 use clap::Parser;
 use devplane_control::config::ServerConfig;
 use devplane_dataplane::server::Server;
+use devplane_dataplane::server::control_socket::{self, ControlSocket, Pending};
 
 /// Runs a devplane server (XDP + AF_XDP workers, or plain UDP sockets).
 #[derive(Debug, Parser)]
@@ -16,6 +18,15 @@ struct Args {
     /// The server configuration (TOML); see control/examples/server.toml.
     #[arg(long, short)]
     config: PathBuf,
+    /// The control socket dpctl talks to (default
+    /// /run/devplane/server-<id>.sock).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
+enum Event {
+    Stop,
+    Control(Pending),
 }
 
 fn main() {
@@ -27,34 +38,68 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let server = match Server::start(&cfg) {
+    let mut server = match Server::start(&cfg) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("devplane-server: cannot start: {e}");
             std::process::exit(1);
         }
     };
-    match server.attach_mode() {
-        Some(mode) => eprintln!(
-            "devplane-server {}: XDP attached ({mode:?} mode), {} workers; Ctrl-C stops",
-            server.id(),
-            cfg.server.workers.len()
-        ),
-        None => eprintln!(
-            "devplane-server {}: socket mode on UDP port {}, {} workers; Ctrl-C stops",
-            server.id(),
-            cfg.server.port,
-            cfg.server.workers.len()
-        ),
-    }
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = mpsc::channel::<Event>();
+    let stop_tx = tx.clone();
     if let Err(e) = ctrlc::set_handler(move || {
-        let _ = tx.send(());
+        let _ = stop_tx.send(Event::Stop);
     }) {
         eprintln!("devplane-server: cannot install the Ctrl-C handler: {e}");
         std::process::exit(1);
     }
-    let _ = rx.recv();
+    let path = args
+        .control
+        .unwrap_or_else(|| devplane_control::proto::default_socket(cfg.server.id));
+    let (ctl_tx, ctl_rx) = mpsc::channel::<Pending>();
+    let control = match ControlSocket::bind(&path, ctl_tx) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "devplane-server: cannot listen on {}: {e} (pass --control PATH)",
+                path.display()
+            );
+            std::process::exit(1);
+        }
+    };
+    let fwd = tx.clone();
+    std::thread::spawn(move || {
+        for p in ctl_rx {
+            if fwd.send(Event::Control(p)).is_err() {
+                break;
+            }
+        }
+    });
+    match server.attach_mode() {
+        Some(mode) => eprintln!(
+            "devplane-server {}: XDP attached ({mode:?} mode), {} workers, control socket {}; Ctrl-C stops",
+            server.id(),
+            cfg.server.workers.len(),
+            control.path().display()
+        ),
+        None => eprintln!(
+            "devplane-server {}: socket mode on UDP port {}, {} workers, control socket {}; Ctrl-C stops",
+            server.id(),
+            cfg.server.port,
+            cfg.server.workers.len(),
+            control.path().display()
+        ),
+    }
+    for ev in rx {
+        match ev {
+            Event::Stop => break,
+            Event::Control(p) => {
+                let answer = control_socket::handle(&mut server, p.request);
+                let _ = p.reply.send(answer);
+            }
+        }
+    }
+    drop(control);
     let workers = server.worker_stats();
     let xdp = server.xdp_stats();
     server.stop();

@@ -12,6 +12,7 @@
 pub mod afxdp;
 pub mod backoff;
 pub mod bpffs;
+pub mod control_socket;
 pub mod dispatch;
 pub mod frames;
 pub mod host;
@@ -414,13 +415,23 @@ impl Server {
         Ok(())
     }
 
+    fn known_vm(&self, vm: u32) -> Result<(), ServerError> {
+        if self.cfg.vms.iter().any(|v| v.id == vm) {
+            Ok(())
+        } else {
+            Err(ServerError::Config(format!("VM {vm} is not known here")))
+        }
+    }
+
     /// Holds the interrupts of `vm` until [`Server::resume_vm`].
     pub fn suspend_vm(&mut self, vm: u32) -> Result<(), ServerError> {
+        self.known_vm(vm)?;
         self.broadcast(|| WorkerCmd::SuspendVm(vm))
     }
 
     /// Delivers `vm`'s held interrupts, in order, and lets the next ones go.
     pub fn resume_vm(&mut self, vm: u32) -> Result<(), ServerError> {
+        self.known_vm(vm)?;
         self.broadcast(|| WorkerCmd::ResumeVm(vm))
     }
 
@@ -428,6 +439,11 @@ impl Server {
     /// (answers follow the requests by themselves).
     pub fn migrate_vm(&mut self, vm: u32, client: u32) -> Result<(), ServerError> {
         use devplane_control::maps::MapWriter;
+        if !self.cfg.clients.iter().any(|c| c.id == client) {
+            return Err(ServerError::Config(format!(
+                "client {client} is not registered on this server"
+            )));
+        }
         let v = self
             .cfg
             .vms
@@ -444,7 +460,20 @@ impl Server {
 
     /// New polling settings for every worker, applied live.
     pub fn tune(&mut self, t: lifecycle::Tune) -> Result<(), ServerError> {
-        self.broadcast(|| WorkerCmd::Tune(t))
+        self.broadcast(|| WorkerCmd::Tune(t))?;
+        self.cfg.tuning.spin_budget = t.spin_budget;
+        self.cfg.tuning.idle_sleep_us = t.idle_sleep.as_micros() as u64;
+        self.cfg.tuning.batch = t.batch;
+        Ok(())
+    }
+
+    /// The polling settings in force.
+    pub fn tuning(&self) -> lifecycle::Tune {
+        lifecycle::Tune {
+            spin_budget: self.cfg.tuning.spin_budget,
+            idle_sleep: Duration::from_micros(self.cfg.tuning.idle_sleep_us),
+            batch: self.cfg.tuning.batch,
+        }
     }
 
     /// This server's platform id.

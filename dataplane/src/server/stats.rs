@@ -88,6 +88,33 @@ pub struct WorkerSnapshot {
     pub drop_spoofed: u64,
 }
 
+impl WorkerSnapshot {
+    /// Every counter with a stable snake_case name.
+    pub fn named(&self) -> impl Iterator<Item = (&'static str, u64)> {
+        [
+            ("rx", self.rx),
+            ("tx", self.tx),
+            ("datagrams", self.datagrams),
+            ("records", self.records),
+            ("no_such_model", self.no_such_model),
+            ("malformed", self.malformed),
+            ("bad_frames", self.bad_frames),
+            ("acks", self.acks),
+            ("duplicates", self.duplicates),
+            ("stale", self.stale),
+            ("irqs_raised", self.irqs_raised),
+            ("irqs_sent", self.irqs_sent),
+            ("irqs_held", self.irqs_held),
+            ("tx_full", self.tx_full),
+            ("sleeps", self.sleeps),
+            ("drop_unknown_model", self.drop_unknown_model),
+            ("drop_unknown_client", self.drop_unknown_client),
+            ("drop_spoofed", self.drop_spoofed),
+        ]
+        .into_iter()
+    }
+}
+
 impl WorkerStats {
     /// Publishes the dispatcher's counters.
     pub fn publish(&self, d: &DispatchStats) {

@@ -1,0 +1,190 @@
+//! The commands that talk to a running server over its control socket
+//! (`devplane_control::proto`) instead of changing the database.
+
+use std::time::Duration;
+
+use devplane_control::proto::{self, Request, Response};
+use serde_json::json;
+
+use super::{Cli, Command, EXIT_FAILED, Failure, ModelsCmd, VmsCmd, table, to_json};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// For the database path's exhaustive match: these commands never get
+/// there.
+pub(super) fn handled_there() -> Failure {
+    Failure {
+        code: EXIT_FAILED,
+        message: "internal error: daemon command reached the database path".into(),
+    }
+}
+
+fn call(cli: &Cli, req: &Request) -> Result<Response, Failure> {
+    let rsp = proto::call(&cli.socket, req, TIMEOUT).map_err(|e| Failure {
+        code: EXIT_FAILED,
+        message: e.to_string(),
+    })?;
+    match rsp {
+        Response::Error { message } => Err(Failure {
+            code: EXIT_FAILED,
+            message: format!("the server refused: {message}"),
+        }),
+        other => Ok(other),
+    }
+}
+
+fn action(
+    cli: &Cli,
+    req: Request,
+    what: String,
+    fields: serde_json::Value,
+) -> Result<String, Failure> {
+    call(cli, &req)?;
+    Ok(if cli.json {
+        to_json(&fields)
+    } else {
+        format!("{what}\n")
+    })
+}
+
+/// Runs `cli`'s command if it is one for the running server.
+pub(super) fn run(cli: &Cli) -> Result<Option<String>, Failure> {
+    let out = match &cli.command {
+        Command::Stats { watch, count } => match watch {
+            None => stats(cli)?,
+            Some(secs) => {
+                let mut n = 0u64;
+                loop {
+                    let text = stats(cli)?;
+                    print!("{}{text}", if cli.json { "" } else { "\n" });
+                    n += 1;
+                    if count.is_some_and(|c| n >= c) {
+                        break String::new();
+                    }
+                    std::thread::sleep(Duration::from_secs((*secs).max(1)));
+                }
+            }
+        },
+        Command::Tune {
+            spin_budget,
+            idle_sleep_us,
+            batch,
+        } => action(
+            cli,
+            Request::Tune {
+                spin_budget: *spin_budget,
+                idle_sleep_us: *idle_sleep_us,
+                batch: *batch,
+            },
+            "tuned".into(),
+            json!({"action": "tune", "spin_budget": spin_budget, "idle_sleep_us": idle_sleep_us, "batch": batch}),
+        )?,
+        Command::Models(ModelsCmd::Move { id, to_worker }) => action(
+            cli,
+            Request::MoveModel {
+                model: id.id,
+                worker: *to_worker,
+            },
+            format!("moved model {} to worker {to_worker}", id.id),
+            json!({"action": "move", "model": id.id, "worker": to_worker}),
+        )?,
+        Command::Vms(VmsCmd::Suspend(id)) => action(
+            cli,
+            Request::SuspendVm { vm: id.id },
+            format!("suspended VM {} (its interrupts are held)", id.id),
+            json!({"action": "suspend", "vm": id.id}),
+        )?,
+        Command::Vms(VmsCmd::Resume(id)) => action(
+            cli,
+            Request::ResumeVm { vm: id.id },
+            format!("resumed VM {}", id.id),
+            json!({"action": "resume", "vm": id.id}),
+        )?,
+        Command::Vms(VmsCmd::Migrate { id, client }) => action(
+            cli,
+            Request::MigrateVm {
+                vm: id.id,
+                client: *client,
+            },
+            format!("VM {}'s interrupts now go to client {client}", id.id),
+            json!({"action": "migrate", "vm": id.id, "client": client}),
+        )?,
+        _ => return Ok(None),
+    };
+    Ok(Some(out))
+}
+
+/// The columns of the per-worker table, in order.
+const COLUMNS: &[&str] = &[
+    "rx",
+    "tx",
+    "datagrams",
+    "records",
+    "duplicates",
+    "malformed",
+    "no_such_model",
+    "irqs_sent",
+    "irqs_held",
+    "sleeps",
+];
+
+fn stats(cli: &Cli) -> Result<String, Failure> {
+    let Response::Stats {
+        server,
+        workers,
+        xdp,
+    } = call(cli, &Request::Stats)?
+    else {
+        return Err(Failure {
+            code: EXIT_FAILED,
+            message: "the server answered stats with something else".into(),
+        });
+    };
+    if cli.json {
+        let workers: Vec<serde_json::Value> = workers
+            .iter()
+            .map(|w| {
+                let mut m = serde_json::Map::new();
+                m.insert("worker".into(), json!(w.worker));
+                for (k, v) in &w.counters {
+                    m.insert(k.clone(), json!(v));
+                }
+                serde_json::Value::Object(m)
+            })
+            .collect();
+        let xdp: serde_json::Map<String, serde_json::Value> =
+            xdp.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        return Ok(to_json(
+            &json!({"server": server, "workers": workers, "xdp": xdp}),
+        ));
+    }
+    let mut headers = vec!["worker"];
+    headers.extend_from_slice(COLUMNS);
+    let rows = workers
+        .iter()
+        .map(|w| {
+            let mut r = vec![w.worker.to_string()];
+            for c in COLUMNS {
+                let v = w
+                    .counters
+                    .iter()
+                    .find(|(k, _)| k == c)
+                    .map_or(0, |(_, v)| *v);
+                r.push(v.to_string());
+            }
+            r
+        })
+        .collect();
+    let mut out = format!("server {server}\n");
+    out.push_str(&table(&headers, rows));
+    if !xdp.is_empty() {
+        out.push('\n');
+        out.push_str(&table(
+            &["xdp counter", "value"],
+            xdp.iter()
+                .map(|(k, v)| vec![k.clone(), v.to_string()])
+                .collect(),
+        ));
+    }
+    Ok(out)
+}

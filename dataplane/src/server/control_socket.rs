@@ -1,0 +1,164 @@
+//! The server's control socket: a Unix socket (mode 0600) where `dpctl`
+//! sends [`Request`]s. A listener thread reads one request per connection
+//! and hands it to the thread that owns the [`Server`] through a channel;
+//! that thread applies it ([`handle`]) and the answer goes back.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use devplane_control::proto::{Request, Response, WorkerCounters};
+
+use super::Server;
+use super::lifecycle::Tune;
+
+/// A request waiting for the server's owner, with where its answer goes.
+pub struct Pending {
+    /// The request.
+    pub request: Request,
+    /// Where the answer goes.
+    pub reply: Sender<Response>,
+}
+
+/// The listening socket; removed on drop.
+pub struct ControlSocket {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl ControlSocket {
+    /// Listens on `path` (its directory is created; a stale socket file is
+    /// replaced) and forwards each request to `to`.
+    pub fn bind(path: &Path, to: Sender<Pending>) -> std::io::Result<ControlSocket> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let join = std::thread::Builder::new()
+            .name("dp-control".into())
+            .spawn(move || accept_loop(listener, to, s))?;
+        Ok(ControlSocket {
+            path: path.to_path_buf(),
+            stop,
+            join: Some(join),
+        })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn accept_loop(listener: UnixListener, to: Sender<Pending>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+        };
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut line = String::new();
+        if BufReader::new(&stream).read_line(&mut line).is_err() {
+            continue;
+        }
+        let answer = match serde_json::from_str::<Request>(&line) {
+            Err(e) => Response::Error {
+                message: format!("bad request: {e}"),
+            },
+            Ok(request) => {
+                let (tx, rx) = mpsc::channel();
+                if to.send(Pending { request, reply: tx }).is_err() {
+                    break;
+                }
+                rx.recv_timeout(Duration::from_secs(10))
+                    .unwrap_or(Response::Error {
+                        message: "the server did not answer in time".into(),
+                    })
+            }
+        };
+        if let Ok(mut text) = serde_json::to_string(&answer) {
+            text.push('\n');
+            let _ = (&stream).write_all(text.as_bytes());
+        }
+    }
+}
+
+fn done(r: Result<(), super::ServerError>) -> Response {
+    match r {
+        Ok(()) => Response::Ok,
+        Err(e) => Response::Error {
+            message: e.to_string(),
+        },
+    }
+}
+
+/// Applies a request to the server (on its owning thread).
+pub fn handle(server: &mut Server, request: Request) -> Response {
+    match request {
+        Request::Stats => Response::Stats {
+            server: server.id(),
+            workers: server
+                .worker_stats()
+                .iter()
+                .enumerate()
+                .map(|(i, w)| WorkerCounters {
+                    worker: i,
+                    counters: w.named().map(|(k, v)| (k.to_string(), v)).collect(),
+                })
+                .collect(),
+            xdp: server
+                .xdp_stats()
+                .and_then(Result::ok)
+                .map(|s| s.nonzero().map(|(k, v)| (k.to_string(), v)).collect())
+                .unwrap_or_default(),
+        },
+        Request::MoveModel { model, worker } => done(server.move_model(model, worker)),
+        Request::SuspendVm { vm } => done(server.suspend_vm(vm)),
+        Request::ResumeVm { vm } => done(server.resume_vm(vm)),
+        Request::MigrateVm { vm, client } => done(server.migrate_vm(vm, client)),
+        Request::Tune {
+            spin_budget,
+            idle_sleep_us,
+            batch,
+        } => {
+            let cur = server.tuning();
+            let t = Tune {
+                spin_budget: spin_budget.unwrap_or(cur.spin_budget),
+                idle_sleep: idle_sleep_us.map_or(cur.idle_sleep, Duration::from_micros),
+                batch: batch.unwrap_or(cur.batch),
+            };
+            if t.batch == 0 {
+                return Response::Error {
+                    message: "batch must be at least 1".into(),
+                };
+            }
+            done(server.tune(t))
+        }
+    }
+}
