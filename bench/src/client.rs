@@ -20,7 +20,9 @@
 //! (56 us p50), both sleeping (60 us) and unpinned threads (30-45 us but
 //! far worse tails). `DP_ENGINE_CORE` and `DP_VCPU_CORE` move them.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -37,8 +39,11 @@ use devplane_dataplane::server::host::ServerThread;
 use devplane_dataplane::topology::{Side, Topology};
 use devplane_devmodels::Space;
 
-use crate::hist::{Latency, Summary};
-use crate::server::{Row, floor};
+use crate::hist::Latency;
+use crate::report::{Floor, Row, progress};
+use crate::server::floor;
+
+const SCENARIO: &str = "client";
 
 const PORT: u16 = 7700;
 const NULL_PIO: u32 = 1;
@@ -46,11 +51,24 @@ const NULL_MMIO: u32 = 2;
 const MMIO_BASE: u32 = 0xd_0000;
 const PIO_PORT: u16 = 0x80;
 const COUNTER_BASE: u16 = 0x500;
+/// Every knob the scenario consulted, resolved: its placement.
+static KNOBS: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+
+/// The placement this run used (every knob consulted, resolved), for
+/// `summary.json`.
+pub fn placement() -> BTreeMap<String, String> {
+    KNOBS.lock().map(|k| k.clone()).unwrap_or_default()
+}
+
 fn knob(name: &str, default: u32) -> u32 {
-    std::env::var(name)
+    let v = std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+        .unwrap_or(default);
+    if let Ok(mut k) = KNOBS.lock() {
+        k.insert(name.to_string(), v.to_string());
+    }
+    v
 }
 
 fn model(id: u32, kind: &str, worker: usize) -> ModelConfig {
@@ -217,28 +235,31 @@ fn run_vms(topo: &Topology, vms: Vec<VmSpec>, samples: usize, drain: Drain) -> R
     })
 }
 
-fn summary(samples: &[u32], warmup: usize) -> Summary {
+fn histogram(samples: &[u32], warmup: usize) -> Latency {
     let mut l = Latency::new();
     for &s in samples.iter().skip(warmup) {
         l.record(s as u64);
     }
-    l.summary()
+    l
 }
 
-/// Runs the scenario with `iters` exits per latency measurement.
-pub fn run(iters: u32) -> Result<Vec<Row>> {
+/// Runs the scenario with `iters` exits per latency measurement. What the
+/// scenario reports about itself goes to `notes`.
+pub fn run(iters: u32, notes: &mut Vec<String>) -> Result<Vec<Row>> {
     let n = iters.min(60_000) as u16;
     let warm = (n / 10) as usize;
     let topo = Topology::new("bcli").context("building the netns topology (needs root)")?;
+    progress(format_args!("client: udp-floor, {n} round trips"));
     let udp = floor(&topo, warm as u32, n as u32)?;
     let srv = ServerThread::spawn(server_config(&topo), Some(topo.server_netns()))
         .context("starting the XDP server")?;
     let mut rows = Vec::new();
 
+    progress(format_args!("client: exit-floor, {n} exits"));
     let exit = {
         let g = guests::pio_read_loop(PIO_PORT, n)?;
         let d = dev(Space::Pio, PIO_PORT as u64, 1, NULL_PIO, false, true);
-        summary(
+        histogram(
             &run_vms(
                 &topo,
                 vec![vm(1, &[g], vec![d])],
@@ -249,19 +270,15 @@ pub fn run(iters: u32) -> Result<Vec<Row>> {
             warm,
         )
     };
-    let both = exit.p50 + udp.p50;
-    rows.push(Row {
-        name: "exit-floor",
-        latency: Some(exit),
-        rate: None,
-        floor_p50: Some(exit.p50),
-    });
-    rows.push(Row {
-        name: "udp-floor",
-        latency: Some(udp),
-        rate: None,
-        floor_p50: Some(udp.p50),
-    });
+    // A remote exit's floor: a local exit plus a raw UDP round trip,
+    // percentile by percentile.
+    let both = Floor {
+        name: format!("{SCENARIO}/exit-floor+{SCENARIO}/udp-floor"),
+        parts: vec![exit.clone(), udp.clone()],
+    };
+    let both_p50 = both.summary().p50;
+    rows.push(Row::floor(SCENARIO, "exit-floor", exit));
+    rows.push(Row::floor(SCENARIO, "udp-floor", udp));
     let drain = match std::env::var("DP_DRAIN").as_deref() {
         Ok("engine") => Drain::Engine,
         Ok("sqpoll") => Drain::Sqpoll,
@@ -278,33 +295,26 @@ pub fn run(iters: u32) -> Result<Vec<Row>> {
         if other == drain {
             continue;
         }
+        progress(format_args!("client: {name}, {n} exits"));
         let g = guests::pio_read_loop(PIO_PORT, n)?;
         let d = dev(Space::Pio, PIO_PORT as u64, 1, NULL_PIO, false, false);
-        let l = summary(
+        let l = histogram(
             &run_vms(&topo, vec![vm(1, &[g], vec![d])], n as usize + 8, other)?.samples,
             warm,
         );
-        rows.push(Row {
-            name,
-            latency: Some(l),
-            rate: None,
-            floor_p50: Some(both),
-        });
+        rows.push(Row::latency(SCENARIO, name, l, both.clone()));
     }
+    progress(format_args!("client: remote-pio, {n} exits"));
     let pio = {
         let g = guests::pio_read_loop(PIO_PORT, n)?;
         let d = dev(Space::Pio, PIO_PORT as u64, 1, NULL_PIO, false, false);
-        summary(
+        histogram(
             &run_vms(&topo, vec![vm(1, &[g], vec![d])], n as usize + 8, drain)?.samples,
             warm,
         )
     };
-    rows.push(Row {
-        name: "remote-pio",
-        latency: Some(pio),
-        rate: None,
-        floor_p50: Some(both),
-    });
+    rows.push(Row::latency(SCENARIO, "remote-pio", pio, both.clone()));
+    progress(format_args!("client: remote-mmio, {n} exits"));
     let mmio = {
         let g = guests::mmio_loop(MMIO_BASE, n)?;
         let d = dev(
@@ -315,17 +325,15 @@ pub fn run(iters: u32) -> Result<Vec<Row>> {
             false,
             false,
         );
-        summary(
+        histogram(
             &run_vms(&topo, vec![vm(1, &[g], vec![d])], n as usize + 8, drain)?.samples,
             warm,
         )
     };
-    rows.push(Row {
-        name: "remote-mmio",
-        latency: Some(mmio),
-        rate: None,
-        floor_p50: Some(both),
-    });
+    rows.push(Row::latency(SCENARIO, "remote-mmio", mmio, both));
+    progress(format_args!(
+        "client: posted-rate, 2 VMs x 2 vCPUs x {n} writes"
+    ));
     let writes = n as u64;
     let rate = {
         let vms = (1..=2u32)
@@ -349,24 +357,20 @@ pub fn run(iters: u32) -> Result<Vec<Row>> {
         let out = run_vms(&topo, vms, 0, drain)?;
         (4 * (writes + 1)) as f64 / out.elapsed.as_secs_f64()
     };
-    rows.push(Row {
-        name: "posted-rate",
-        latency: None,
-        rate: Some(rate),
-        floor_p50: None,
-    });
+    rows.push(Row::rate(SCENARIO, "posted-rate", rate));
     srv.stop();
-    eprintln!(
-        "dpbench client: p50/floor for remote rows is over exit-floor + udp-floor = {:.1} us; \
+    notes.push(format!(
+        "client: ratios of remote rows are over exit-floor + udp-floor, percentile by \
+         percentile (p50 {:.1} us); \
          rings drained {drain:?} (remote-pio, remote-mmio, posted-rate; pio-* rows: the \
          others); placement: worker spins on core 1 (DP_WORKER_SPIN/CORE), vCPU on core 0 \
          spins {} then futex (engine mode), engine thread on core 0 spins {} (engine mode) \
          or {} (others) then sleeps; SQPOLL thread unbound, idle {} ms",
-        both as f64 / 1000.0,
+        both_p50 as f64 / 1000.0,
         knob("DP_VCPU_SPIN", 0),
         knob("DP_ENGINE_SPIN", 20_000),
         knob("DP_ENGINE_SPIN_DIRECT", 1),
         knob("DP_SQPOLL_IDLE_MS", 10)
-    );
+    ));
     Ok(rows)
 }

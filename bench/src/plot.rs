@@ -11,13 +11,31 @@ use plotters::prelude::*;
 
 use crate::report::Row;
 
+/// Line colours (matplotlib's tab10), distinct on white.
+const COLORS: [(u8, u8, u8); 10] = [
+    (31, 119, 180),
+    (214, 39, 40),
+    (44, 160, 44),
+    (255, 127, 14),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+];
+
 /// Points per unit of the nines axis.
 const STEPS_PER_NINE: u32 = 50;
 
 /// `x` on the nines axis as a percentile label (`99.9%`).
 pub fn nines_label(x: f64) -> String {
     let p = 100.0 * (1.0 - 10f64.powf(-x));
-    let digits = if x <= 1.0 { 0 } else { (x - 2.0).ceil().max(0.0) as usize };
+    let digits = if x <= 1.0 {
+        0
+    } else {
+        (x - 2.0).ceil().max(0.0) as usize
+    };
     format!("{p:.digits$}%")
 }
 
@@ -57,11 +75,13 @@ fn curves(rows: &[Row]) -> Vec<Curve> {
         // The deepest percentile the samples say anything about.
         let max_x = (h.len() as f64).log10().max(1.0);
         out.push(curve(r.key(), r.is_floor(), max_x, |q| h.quantile(q)));
-        if let Some(f) = &r.floor
-            && !r.is_floor()
-            && !rows.iter().any(|o| o.key() == f.name)
-            && !out.iter().any(|c| c.label == f.name)
-        {
+        // A floor that is no row of its own (a sum of legs), once.
+        let extra = r.floor.as_ref().filter(|f| {
+            !r.is_floor()
+                && !rows.iter().any(|o| o.key() == f.name)
+                && !out.iter().any(|c| c.label == f.name)
+        });
+        if let Some(f) = extra {
             out.push(curve(f.name.clone(), true, max_x, |q| f.quantile(q)));
         }
     }
@@ -105,7 +125,8 @@ pub fn percentiles(path: &Path, rows: &[Row]) -> Result<()> {
         .draw()
         .map_err(|x| e(&x))?;
     for (i, c) in curves.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let (r, g, b) = COLORS[i % COLORS.len()];
+        let color = RGBColor(r, g, b);
         let style = color.stroke_width(2);
         let drawn = if c.dashed {
             chart.draw_series(DashedLineSeries::new(c.points.iter().copied(), 6, 4, style))

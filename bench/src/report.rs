@@ -78,6 +78,21 @@ pub struct Row {
     pub cost_ns: Option<f64>,
     /// What this row's latency is compared with, if anything.
     pub floor: Option<Floor>,
+    /// Each repetition of a latency row, when the scenario ran more than
+    /// once (see [`merge_repetitions`]).
+    pub reps: Vec<Rep>,
+}
+
+/// One repetition of a latency row: its percentiles, its floor's, and
+/// their ratios.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rep {
+    /// The row's percentiles, ns.
+    pub latency_ns: Summary,
+    /// The floor's, ns.
+    pub floor_ns: Summary,
+    /// Row over floor, per named percentile.
+    pub ratio: BTreeMap<String, f64>,
 }
 
 impl Row {
@@ -90,6 +105,7 @@ impl Row {
             rate: None,
             cost_ns: None,
             floor: Some(floor),
+            reps: Vec::new(),
         }
     }
 
@@ -108,6 +124,7 @@ impl Row {
             rate: Some(rate),
             cost_ns: None,
             floor: None,
+            reps: Vec::new(),
         }
     }
 
@@ -120,6 +137,7 @@ impl Row {
             rate: None,
             cost_ns: Some(ns),
             floor: None,
+            reps: Vec::new(),
         }
     }
 
@@ -133,7 +151,9 @@ impl Row {
         self.floor.as_ref().is_some_and(|f| f.name == self.key())
     }
 
-    /// `row / floor` for every named percentile.
+    /// `row / floor` for every named percentile, over all samples (of
+    /// every repetition: the floor blocks measured around the row in each
+    /// repetition are merged like the row's samples).
     pub fn ratios(&self) -> Option<BTreeMap<String, f64>> {
         let (h, f) = (self.hist.as_ref()?, self.floor.as_ref()?);
         let (s, fs) = (h.summary(), f.summary());
@@ -146,6 +166,15 @@ impl Row {
                 })
                 .collect(),
         )
+    }
+
+    /// This run of the row as a repetition.
+    fn as_rep(&self) -> Option<Rep> {
+        Some(Rep {
+            latency_ns: self.hist.as_ref()?.summary(),
+            floor_ns: self.floor.as_ref()?.summary(),
+            ratio: self.ratios()?,
+        })
     }
 
     /// The file name of this row's `.hgrm`.
@@ -167,9 +196,76 @@ impl Row {
                 latency_ns: f.summary(),
             }),
             ratio: self.ratios(),
+            repetitions: self.reps.len().max(1),
+            reps: (self.reps.len() > 1).then(|| self.reps.clone()),
             hgrm: self.hist.as_ref().map(|_| self.hgrm_name()),
         }
     }
+}
+
+/// The median (mean of the middle two for an even count); `None` when
+/// empty.
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// Merges the rows of several repetitions of one scenario, row by row (by
+/// key, in the first repetition's order): latency samples and floors are
+/// merged (the row's ratios are over all of them), each repetition's own
+/// percentiles and ratios are kept for inspection, rates and costs are
+/// the median.
+pub fn merge_repetitions(reps: Vec<Vec<Row>>) -> Vec<Row> {
+    let mut it = reps.into_iter();
+    let Some(first) = it.next() else {
+        return Vec::new();
+    };
+    let mut merged: Vec<(Row, Vec<f64>, Vec<f64>)> = first
+        .into_iter()
+        .map(|r| {
+            let (rate, cost) = (
+                r.rate.into_iter().collect(),
+                r.cost_ns.into_iter().collect(),
+            );
+            let reps = r.as_rep().into_iter().collect();
+            (Row { reps, ..r }, rate, cost)
+        })
+        .collect();
+    for rows in it {
+        for r in rows {
+            let Some((m, rates, costs)) = merged.iter_mut().find(|(m, ..)| m.key() == r.key())
+            else {
+                continue;
+            };
+            m.reps.extend(r.as_rep());
+            if let (Some(a), Some(b)) = (m.hist.as_mut(), r.hist.as_ref()) {
+                a.add(b);
+            }
+            if let (Some(a), Some(b)) = (m.floor.as_mut(), r.floor.as_ref()) {
+                for (pa, pb) in a.parts.iter_mut().zip(&b.parts) {
+                    pa.add(pb);
+                }
+            }
+            rates.extend(r.rate);
+            costs.extend(r.cost_ns);
+        }
+    }
+    merged
+        .into_iter()
+        .map(|(mut r, rates, costs)| {
+            r.rate = median(rates);
+            r.cost_ns = median(costs);
+            r
+        })
+        .collect()
 }
 
 /// A row of `summary.json`.
@@ -189,8 +285,13 @@ pub struct RowSummary {
     pub cost_ns: Option<f64>,
     /// The same-run floor.
     pub floor: Option<FloorSummary>,
-    /// Each named percentile over the floor's same percentile.
+    /// Each named percentile over the floor's same percentile, over the
+    /// samples of every repetition. The gate reads these.
     pub ratio: Option<BTreeMap<String, f64>>,
+    /// How many times the scenario ran.
+    pub repetitions: usize,
+    /// Each repetition, when it ran more than once.
+    pub reps: Option<Vec<Rep>>,
     /// The row's percentile distribution file, beside `summary.json`.
     pub hgrm: Option<String>,
 }
@@ -247,6 +348,9 @@ pub struct RunConfig {
     pub round_trips: u32,
     /// `--rate` (server's open-loop XDP round trip), requests/s.
     pub rate: Option<u64>,
+    /// Runs of each scenario, merged (`--repeat` or its per-scenario
+    /// default).
+    pub repeat: BTreeMap<String, u32>,
     /// The command line.
     pub argv: Vec<String>,
     /// Every `DP_*` environment variable set.
@@ -274,9 +378,51 @@ pub struct RunSummary {
     pub rows: Vec<RowSummary>,
 }
 
+/// A reference for the gate from several runs of the same suite: the
+/// first run, each of whose latency rows' ratios is replaced by the median
+/// over the runs of that row's ratio (recomputed from each run's
+/// percentiles, so that one run in a fast or slow state of the machine
+/// does not become the reference). Every run must have every such row.
+pub fn baseline(runs: &[RunSummary]) -> Result<RunSummary, String> {
+    let first = runs.first().ok_or("no run given")?;
+    let ratio = |r: &RowSummary, m: &str| -> Option<f64> {
+        let (v, f) = (r.latency_ns?.get(m)?, r.floor.as_ref()?.latency_ns.get(m)?);
+        (f > 0).then(|| v as f64 / f as f64)
+    };
+    let mut out = first.clone();
+    for row in out.rows.iter_mut().filter(|r| r.ratio.is_some()) {
+        let mut medians = BTreeMap::new();
+        for m in METRICS {
+            let mut v = Vec::new();
+            for (i, run) in runs.iter().enumerate() {
+                let r = run.rows.iter().find(|r| r.key == row.key);
+                v.push(r.and_then(|r| ratio(r, m)).ok_or_else(|| {
+                    format!(
+                        "run {} ({}) has no {m} ratio for {}",
+                        i + 1,
+                        run.timestamp,
+                        row.key
+                    )
+                })?);
+            }
+            medians.insert(m.to_string(), median(v).unwrap_or(f64::NAN));
+        }
+        row.ratio = Some(medians);
+    }
+    let stamps: Vec<&str> = runs.iter().map(|r| r.timestamp.as_str()).collect();
+    out.notes.push(format!(
+        "baseline: ratios are the median over {} runs ({}); percentiles are the first run's",
+        runs.len(),
+        stamps.join(", ")
+    ));
+    Ok(out)
+}
+
 /// Every `DP_*` variable of the environment.
 pub fn dp_env() -> BTreeMap<String, String> {
-    std::env::vars().filter(|(k, _)| k.starts_with("DP_")).collect()
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("DP_"))
+        .collect()
 }
 
 /// `git rev-parse HEAD` in the current directory, or "unknown".
@@ -391,7 +537,7 @@ pub fn write_outputs(dir: &Path, summary: &RunSummary, rows: &[Row]) -> Result<V
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn lat(base: u64, n: u64) -> Latency {
@@ -424,10 +570,14 @@ mod tests {
                 iterations: 1,
                 round_trips: 1000,
                 rate: None,
+                repeat: [("server".to_string(), 1)].into(),
                 argv: vec!["dpbench".into()],
                 env: [("DP_X".to_string(), "1".to_string())].into(),
-                placement: [("server".to_string(), [("client_core".into(), "0".into())].into())]
-                    .into(),
+                placement: [(
+                    "server".to_string(),
+                    [("client_core".into(), "0".into())].into(),
+                )]
+                .into(),
             },
             notes: vec!["a note".into()],
             rows: rows.iter().map(Row::to_summary).collect(),
@@ -448,13 +598,84 @@ mod tests {
     }
 
     #[test]
+    fn repetitions_merge_samples_and_take_the_median_ratio() {
+        let rep = |row_base: u64, floor_base: u64, rate: f64| {
+            let floor = lat(floor_base, 100);
+            let f = Floor::of("s/floor".into(), &floor);
+            vec![
+                Row::floor("s", "floor", floor),
+                Row::latency("s", "row", lat(row_base, 100), f),
+                Row::rate("s", "rate", rate),
+            ]
+        };
+        // Ratios 2, 3 and 10 (a stall hit the row in one run).
+        let rows = merge_repetitions(vec![
+            rep(20_000, 10_000, 1.0),
+            rep(30_000, 10_000, 3.0),
+            rep(100_000, 10_000, 2.0),
+        ]);
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[1].reps.len(), 3);
+        // Over all samples: the median sample is of the 30 us run.
+        let r = rows[1].ratios().unwrap();
+        assert!((r["p50"] - 3.0).abs() < 0.1, "{r:?}");
+        assert!((r["max"] - 20.0 / 1.99).abs() < 0.1, "{r:?}");
+        assert_eq!(rows[1].hist.as_ref().unwrap().len(), 300);
+        assert_eq!(rows[1].floor.as_ref().unwrap().parts[0].len(), 300);
+        assert_eq!(rows[0].ratios().unwrap()["p99"], 1.0);
+        assert_eq!(rows[2].rate, Some(2.0));
+        let s = rows[1].to_summary();
+        assert_eq!(s.repetitions, 3);
+        let reps = s.reps.unwrap();
+        assert_eq!(reps.len(), 3);
+        assert!((reps[2].ratio["p99"] - 10.0).abs() < 0.1);
+        assert_eq!(reps[2].floor_ns.count, 100);
+        // One repetition: the plain ratio.
+        let one = merge_repetitions(vec![rep(20_000, 10_000, 1.0)]);
+        assert!(one[1].reps.len() == 1 && one[1].to_summary().reps.is_none());
+        assert!((one[1].ratios().unwrap()["p99"] - 2.0).abs() < 0.01);
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![4.0, 1.0]), Some(2.5));
+        assert_eq!(median(vec![3.0, 1.0, 100.0]), Some(3.0));
+    }
+
+    #[test]
+    fn a_baseline_takes_the_median_ratio_of_several_runs() {
+        let run = |row_base: u64| {
+            let floor = lat(10_000, 1000);
+            let f = Floor::of("server/udp-floor".into(), &floor);
+            let rows = vec![
+                Row::floor("server", "udp-floor", floor),
+                Row::latency("server", "xdp-rtt", lat(row_base, 1000), f),
+                Row::rate("server", "xdp-rate", 1.0),
+            ];
+            sample_summary(&rows)
+        };
+        let b = baseline(&[run(20_000), run(9_000), run(10_000)]).unwrap();
+        assert!((b.rows[1].ratio.as_ref().unwrap()["p99"] - 1.0).abs() < 0.01);
+        assert_eq!(b.rows[0].ratio.as_ref().unwrap()["p99"], 1.0);
+        assert!(b.rows[2].ratio.is_none());
+        assert!(b.notes.last().unwrap().contains("median over 3 runs"));
+        // The first run's percentiles are kept.
+        assert_eq!(b.rows[1].latency_ns, run(20_000).rows[1].latency_ns);
+        let mut short = run(10_000);
+        short.rows.truncate(1);
+        let e = baseline(&[run(10_000), short]).unwrap_err();
+        assert!(e.contains("run 2") && e.contains("server/xdp-rtt"), "{e}");
+        assert!(baseline(&[]).is_err());
+    }
+
+    #[test]
     fn a_floor_of_two_legs_sums_them() {
         let f = Floor {
             name: "a+b".into(),
             parts: vec![lat(10_000, 100), lat(5_000, 100)],
         };
         let s = f.summary();
-        assert_eq!(s.p50, lat(10_000, 100).summary().p50 + lat(5_000, 100).summary().p50);
+        assert_eq!(
+            s.p50,
+            lat(10_000, 100).summary().p50 + lat(5_000, 100).summary().p50
+        );
         assert_eq!(f.quantile(0.5), s.p50);
     }
 
@@ -501,7 +722,10 @@ mod tests {
         let lines = crate::hist::parse_hgrm(&hgrm).unwrap();
         assert_eq!(lines.last().unwrap().total_count, 1000);
         let svg = std::fs::read_to_string(dir.join("latency.svg")).unwrap();
-        assert!(svg.starts_with("<svg") && svg.contains("server/xdp-rtt"), "{svg:.200}");
+        assert!(
+            svg.starts_with("<svg") && svg.contains("server/xdp-rtt"),
+            "{svg:.200}"
+        );
         let back: RunSummary =
             serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap())
                 .unwrap();

@@ -3,7 +3,9 @@
 //!
 //! - `udp-floor`: a raw busy-polling UDP echo, 64-byte payload;
 //! - `xdp-rtt`: a one-record request (64-byte payload) through the XDP
-//!   program and an AF_XDP worker, and back;
+//!   program and an AF_XDP worker, and back, closed loop; with `--rate N`
+//!   it is `xdp-rtt-open` instead: N requests/s sent on a fixed schedule,
+//!   each timed from its intended send time (no coordinated omission);
 //! - `socket-rtt`: the same request to the socket-mode server;
 //! - `xdp-rate`: requests per second of one worker with 36-record
 //!   datagrams, 8 datagrams in flight.
@@ -11,6 +13,7 @@
 //! The client thread busy-polls on core 0 and the worker (or echo thread)
 //! busy-polls on core 1: the two spinners this 2-core machine allows.
 
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,24 +30,30 @@ use devplane_wire::{
     datagram,
 };
 
-use crate::hist::Summary;
-use crate::udp::{echo_loop, recv_spin, round_trips};
+use crate::hist::Latency;
+use crate::report::{Floor, Row, progress};
+use crate::udp::{echo_loop, open_loop, recv_spin, round_trips};
 
 const PORT: u16 = 7700;
 const ECHO_PORT: u16 = 7800;
 const CLIENT_CORE: usize = 0;
 const WORKER_CORE: usize = 1;
 
-/// One line of the result table.
-pub struct Row {
-    /// Measurement name.
-    pub name: &'static str,
-    /// Latency summary, if a latency measurement.
-    pub latency: Option<Summary>,
-    /// Rate (records/s), if a throughput measurement.
-    pub rate: Option<f64>,
-    /// The p50 this row is compared with (same run), if any.
-    pub floor_p50: Option<u64>,
+const WORKER_SPIN: u32 = u32::MAX;
+const SCENARIO: &str = "server";
+
+/// Where this scenario's threads run, for `summary.json`.
+pub fn placement() -> BTreeMap<String, String> {
+    [
+        ("client_core", CLIENT_CORE.to_string()),
+        ("client_wait", "busy-poll".to_string()),
+        ("worker_core", WORKER_CORE.to_string()),
+        ("worker_spin", WORKER_SPIN.to_string()),
+        ("echo_core", WORKER_CORE.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
 }
 
 fn config(topo: &Topology, mode: Mode) -> ServerConfig {
@@ -59,7 +68,7 @@ fn config(topo: &Topology, mode: Mode) -> ServerConfig {
             check_clients: true,
         },
         tuning: Tuning {
-            spin_budget: u32::MAX,
+            spin_budget: WORKER_SPIN,
             idle_sleep_us: 100,
             batch: 64,
         },
@@ -101,11 +110,19 @@ fn encode(buf: &mut [u8], recs: &[Record]) -> usize {
     datagram::encode(buf, Header::new(Kind::Request, 1, 1, 7), recs).unwrap_or(0)
 }
 
-fn check_response(seq: u64, bytes: &[u8]) -> Result<()> {
+/// The sequence number a successful one-record response answers.
+fn response_seq(bytes: &[u8]) -> Result<u64> {
     let d = Datagram::parse(bytes).map_err(|e| anyhow!("bad response: {e}"))?;
     match d.records().next() {
-        Some(Record::Response(r)) if r.id.seq == seq && r.status == Status::Ok => Ok(()),
-        other => bail!("unexpected answer to {seq}: {other:?}"),
+        Some(Record::Response(r)) if r.status == Status::Ok => Ok(r.id.seq),
+        other => bail!("unexpected answer: {other:?}"),
+    }
+}
+
+fn check_response(seq: u64, bytes: &[u8]) -> Result<()> {
+    match response_seq(bytes)? {
+        s if s == seq => Ok(()),
+        s => bail!("answer to {s} while waiting for {seq}"),
     }
 }
 
@@ -126,27 +143,29 @@ fn on_client<T: Send + 'static>(
     })?
 }
 
-fn rtt(topo: &Topology, to: SocketAddr, warmup: u32, iters: u32) -> Result<Summary> {
+/// One-record read round trips: closed loop, or open loop at `rate`
+/// requests/s.
+fn rtt(
+    topo: &Topology,
+    to: SocketAddr,
+    warmup: u32,
+    iters: u32,
+    rate: Option<u64>,
+) -> Result<Latency> {
     let sock = client_socket(topo)?;
     let access = Access::PioIn {
         port: 0x80,
         size: AccessSize::B1,
     };
-    let lat = on_client(topo, move || {
-        round_trips(
-            &sock,
-            to,
-            warmup,
-            iters,
-            |i, buf| encode(buf, &[request(i, access)]),
-            check_response,
-        )
-    })?;
-    Ok(lat.summary())
+    let make = move |i, buf: &mut [u8]| encode(buf, &[request(i, access)]);
+    on_client(topo, move || match rate {
+        None => round_trips(&sock, to, warmup, iters, make, check_response),
+        Some(r) => open_loop(&sock, to, warmup, iters, r, make, response_seq),
+    })
 }
 
 /// The raw busy-polling UDP echo round trip across the topology's veth.
-pub fn floor(topo: &Topology, warmup: u32, iters: u32) -> Result<Summary> {
+pub fn floor(topo: &Topology, warmup: u32, iters: u32) -> Result<Latency> {
     let ip = topo.server_ip();
     let echo = topo
         .run(Side::Server, move || UdpSocket::bind((ip, ECHO_PORT)))?
@@ -181,10 +200,10 @@ pub fn floor(topo: &Topology, warmup: u32, iters: u32) -> Result<Summary> {
     });
     stop.store(true, Ordering::Relaxed);
     let _ = t.join();
-    Ok(res?.summary())
+    res
 }
 
-fn rate(topo: &Topology, to: SocketAddr, window: usize, duration: Duration) -> Result<f64> {
+fn rate_of(topo: &Topology, to: SocketAddr, window: usize, duration: Duration) -> Result<f64> {
     let sock = client_socket(topo)?;
     on_client(topo, move || {
         sock.set_nonblocking(true)?;
@@ -226,48 +245,86 @@ fn rate(topo: &Topology, to: SocketAddr, window: usize, duration: Duration) -> R
     })
 }
 
-/// Runs the scenario; `iters` round trips per latency measurement.
-pub fn run(iters: u32) -> Result<Vec<Row>> {
+/// Runs the scenario once: `iters` round trips per latency measurement,
+/// the XDP round trip open loop at `rate` requests/s if given, the worker
+/// rate for `rate_for`. What the scenario reports about itself goes to
+/// `notes`.
+///
+/// The floor is measured right before and right after each round trip
+/// (A, xdp-rtt, B, socket-rtt, C): a row's ratio is over the floor blocks
+/// around it (A+B, B+C), so that a change of the machine's speed during
+/// the run moves both sides of the ratio. The `udp-floor` row holds all
+/// three blocks.
+pub fn run(
+    iters: u32,
+    rate: Option<u64>,
+    rate_for: Duration,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Row>> {
     let topo = Topology::new("bench").context("building the netns topology (needs root)")?;
     let warmup = (iters / 10).max(100);
-    let mut rows = Vec::new();
-    let udp = floor(&topo, warmup, iters)?;
-    rows.push(Row {
-        name: "udp-floor",
-        latency: Some(udp),
-        rate: None,
-        floor_p50: Some(udp.p50),
-    });
     let to = SocketAddr::from((topo.server_ip(), PORT));
-    {
+    let floor_block = |which: &str| -> Result<Latency> {
+        progress(format_args!(
+            "server: udp-floor {which}, {iters} round trips"
+        ));
+        floor(&topo, warmup, iters)
+    };
+    let floor_name = format!("{SCENARIO}/udp-floor");
+    let around = |a: &Latency, b: &Latency| {
+        let mut f = a.clone();
+        f.add(b);
+        Floor::of(floor_name.clone(), &f)
+    };
+
+    let fa = floor_block("A")?;
+    let xdp_name = match rate {
+        None => "xdp-rtt",
+        Some(_) => "xdp-rtt-open",
+    };
+    let xdp = {
         let srv = ServerThread::spawn(config(&topo, Mode::Xdp), Some(topo.server_netns()))
             .context("starting the XDP server")?;
-        let attach = srv.attach_mode();
-        rows.push(Row {
-            name: "xdp-rtt",
-            latency: Some(rtt(&topo, to, warmup, iters)?),
-            rate: None,
-            floor_p50: Some(udp.p50),
-        });
-        rows.push(Row {
-            name: "xdp-rate",
-            latency: None,
-            rate: Some(rate(&topo, to, 8, Duration::from_secs(1))?),
-            floor_p50: None,
-        });
-        eprintln!("dpbench: XDP attached in {attach:?} mode");
+        notes.push(format!(
+            "server: XDP attached in {:?} mode",
+            srv.attach_mode()
+        ));
+        match rate {
+            None => progress(format_args!("server: {xdp_name}, {iters} round trips")),
+            Some(r) => progress(format_args!(
+                "server: {xdp_name}, {iters} requests at {r}/s"
+            )),
+        }
+        let h = rtt(&topo, to, warmup, iters, rate);
         srv.stop();
-    }
-    {
+        h?
+    };
+    let fb = floor_block("B")?;
+    let socket = {
         let srv = ServerThread::spawn(config(&topo, Mode::Socket), Some(topo.server_netns()))
             .context("starting the socket-mode server")?;
-        rows.push(Row {
-            name: "socket-rtt",
-            latency: Some(rtt(&topo, to, warmup, iters)?),
-            rate: None,
-            floor_p50: Some(udp.p50),
-        });
+        progress(format_args!("server: socket-rtt, {iters} round trips"));
+        let h = rtt(&topo, to, warmup, iters, None);
         srv.stop();
-    }
-    Ok(rows)
+        h?
+    };
+    let fc = floor_block("C")?;
+    let xdp_rate = {
+        let srv = ServerThread::spawn(config(&topo, Mode::Xdp), Some(topo.server_netns()))
+            .context("starting the XDP server")?;
+        progress(format_args!("server: xdp-rate, {rate_for:?}"));
+        let r = rate_of(&topo, to, 8, rate_for);
+        srv.stop();
+        r?
+    };
+    let (xdp_floor, socket_floor) = (around(&fa, &fb), around(&fb, &fc));
+    let mut all = fa;
+    all.add(&fb);
+    all.add(&fc);
+    Ok(vec![
+        Row::floor(SCENARIO, "udp-floor", all),
+        Row::latency(SCENARIO, xdp_name, xdp, xdp_floor),
+        Row::rate(SCENARIO, "xdp-rate", xdp_rate),
+        Row::latency(SCENARIO, "socket-rtt", socket, socket_floor),
+    ])
 }

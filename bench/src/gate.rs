@@ -1,0 +1,476 @@
+//! `dpbench compare BASE.json NEW.json --max-regress p99=10%`: the
+//! regression gate. It compares each row's ratio to its same-run floor
+//! (never absolute times, which the machine's noise and speed decide) and
+//! fails when a ratio grew by more than the limit.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::hist::METRICS;
+
+/// The p99 limit used when `--max-regress` is not given (see
+/// docs/ARCHITECTURE.md, "The benchmark", for how it was chosen).
+pub const DEFAULT_P99_LIMIT: f64 = 0.20;
+
+/// `metric=percent`: how much a row's `metric / floor metric` ratio may
+/// grow, as a fraction (0.10 for 10%).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limit {
+    /// A name of [`METRICS`].
+    pub metric: String,
+    /// Allowed growth of the ratio, a fraction.
+    pub frac: f64,
+}
+
+/// Parses `p99=10%` (also `p99=10`, `p99.9=5%`, `P50=2.5%`).
+pub fn parse_limit(s: &str) -> Result<Limit, String> {
+    let (m, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected METRIC=PERCENT, e.g. p99=10%"))?;
+    let metric = m.trim().to_ascii_lowercase().replace('.', "");
+    if !METRICS.contains(&metric.as_str()) {
+        return Err(format!(
+            "{m:?}: unknown metric; use one of {}",
+            METRICS.join(", ")
+        ));
+    }
+    let pct: f64 = v
+        .trim()
+        .trim_end_matches('%')
+        .trim()
+        .parse()
+        .map_err(|_| format!("{v:?}: expected a percentage such as 10%"))?;
+    if !(pct.is_finite() && pct >= 0.0) {
+        return Err(format!("{v:?}: the limit must be a percentage >= 0"));
+    }
+    Ok(Limit {
+        metric,
+        frac: pct / 100.0,
+    })
+}
+
+/// What the gate reads of a `summary.json` (anything else is ignored).
+#[derive(Debug, Clone, Deserialize)]
+pub struct GateFile {
+    /// When it ran.
+    #[serde(default)]
+    pub timestamp: Option<String>,
+    /// Revision it ran.
+    #[serde(default)]
+    pub git_revision: Option<String>,
+    /// How it ran.
+    #[serde(default)]
+    pub config: Option<serde_json::Value>,
+    /// Its rows.
+    pub rows: Vec<GateRow>,
+}
+
+/// Differences in how two runs were configured (round trips,
+/// repetitions, open-loop rate), which make their ratios less comparable.
+pub fn config_notes(base: &GateFile, new: &GateFile) -> Vec<String> {
+    let (Some(b), Some(n)) = (&base.config, &new.config) else {
+        return Vec::new();
+    };
+    ["round_trips", "repeat", "rate"]
+        .iter()
+        .filter(|k| b.get(**k) != n.get(**k))
+        .map(|k| {
+            let show = |v: &serde_json::Value| v.get(*k).map_or("-".into(), |x| x.to_string());
+            format!(
+                "note: the runs differ in {k} (base {}, new {}): ratios may not be comparable",
+                show(b),
+                show(n)
+            )
+        })
+        .collect()
+}
+
+/// A row, as the gate reads it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GateRow {
+    /// `scenario/name`.
+    pub key: String,
+    /// Row over floor, per metric.
+    #[serde(default)]
+    pub ratio: Option<BTreeMap<String, f64>>,
+    /// The floor's row key.
+    #[serde(default)]
+    pub floor: Option<GateFloor>,
+}
+
+/// A row's floor, as the gate reads it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GateFloor {
+    /// Row key of the floor.
+    pub name: String,
+}
+
+impl GateRow {
+    /// Rows the gate judges: latency rows with a floor other than
+    /// themselves (a floor's ratio to itself is always 1).
+    fn gated(&self) -> bool {
+        self.ratio.is_some() && self.floor.as_ref().is_some_and(|f| f.name != self.key)
+    }
+}
+
+/// Why the gate could not judge.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GateError(pub String);
+
+impl fmt::Display for GateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for GateError {}
+
+/// Reads a `summary.json`; the error is one line.
+pub fn load(path: &Path) -> Result<GateFile, GateError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| GateError(format!("cannot read {}: {e}", path.display())))?;
+    parse(&text).map_err(|e| GateError(format!("{}: {e}", path.display())))
+}
+
+/// Parses a `summary.json`'s text.
+pub fn parse(text: &str) -> Result<GateFile, String> {
+    serde_json::from_str(text).map_err(|e| format!("not a dpbench summary.json ({e})"))
+}
+
+/// One compared ratio.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Line {
+    /// Row key.
+    pub key: String,
+    /// Metric.
+    pub metric: String,
+    /// Ratio in the base run.
+    pub base: f64,
+    /// Ratio in the new run.
+    pub new: f64,
+    /// The limit on its growth.
+    pub limit: f64,
+}
+
+impl Line {
+    /// Growth of the ratio, a fraction (+0.30: 30% worse).
+    pub fn change(&self) -> f64 {
+        self.new / self.base - 1.0
+    }
+
+    /// Whether it grew beyond the limit.
+    pub fn regressed(&self) -> bool {
+        // NaN (a broken ratio) is a regression too.
+        self.change().is_nan() || self.change() > self.limit
+    }
+}
+
+/// The gate's findings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Comparison {
+    /// Every compared ratio, in base row order.
+    pub lines: Vec<Line>,
+    /// Rows of the new run the base does not have (not judged).
+    pub added: Vec<String>,
+}
+
+impl Comparison {
+    /// Whether any ratio regressed beyond its limit.
+    pub fn failed(&self) -> bool {
+        self.lines.iter().any(Line::regressed)
+    }
+
+    /// The diff table.
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "{:<24} {:>6} {:>11} {:>11} {:>9} {:>7}  {}\n",
+            "row (ratio to floor)", "metric", "base", "new", "change", "limit", "verdict"
+        );
+        for l in &self.lines {
+            s += &format!(
+                "{:<24} {:>6} {:>11.3} {:>11.3} {:>+8.1}% {:>+6.0}%  {}\n",
+                l.key,
+                l.metric,
+                l.base,
+                l.new,
+                l.change() * 100.0,
+                l.limit * 100.0,
+                if l.regressed() { "REGRESSION" } else { "ok" }
+            );
+        }
+        for k in &self.added {
+            s += &format!("{k:<24} (new row, not in the base: not judged)\n");
+        }
+        s
+    }
+}
+
+/// Compares `new` with `base` under `limits`. Rows of the base missing in
+/// the new run, or present there without ratios, are an error.
+pub fn compare(base: &GateFile, new: &GateFile, limits: &[Limit]) -> Result<Comparison, GateError> {
+    let gated: Vec<&GateRow> = base.rows.iter().filter(|r| r.gated()).collect();
+    if gated.is_empty() {
+        return Err(GateError(
+            "the base has no latency row with a floor to compare: was it written by \
+             `dpbench --scenario server` or `client`?"
+                .into(),
+        ));
+    }
+    let find = |k: &str| new.rows.iter().find(|r| r.key == k);
+    let missing: Vec<&str> = gated
+        .iter()
+        .filter(|r| find(&r.key).and_then(|n| n.ratio.as_ref()).is_none())
+        .map(|r| r.key.as_str())
+        .collect();
+    if !missing.is_empty() {
+        return Err(GateError(format!(
+            "the new run lacks {} row(s) of the base: {} (run the same scenarios and \
+             options as the base, or record a new base)",
+            missing.len(),
+            missing.join(", ")
+        )));
+    }
+    let mut lines = Vec::new();
+    for b in &gated {
+        let (br, nr) = (
+            b.ratio.as_ref().expect("gated"),
+            find(&b.key)
+                .and_then(|n| n.ratio.as_ref())
+                .expect("checked"),
+        );
+        for l in limits {
+            let (Some(&base), Some(&new)) = (br.get(&l.metric), nr.get(&l.metric)) else {
+                return Err(GateError(format!(
+                    "row {} has no {} ratio in {}",
+                    b.key,
+                    l.metric,
+                    if br.contains_key(&l.metric) {
+                        "the new run"
+                    } else {
+                        "the base"
+                    }
+                )));
+            };
+            lines.push(Line {
+                key: b.key.clone(),
+                metric: l.metric.clone(),
+                base,
+                new,
+                limit: l.frac,
+            });
+        }
+    }
+    let added = new
+        .rows
+        .iter()
+        .filter(|r| r.gated() && !base.rows.iter().any(|b| b.key == r.key))
+        .map(|r| r.key.clone())
+        .collect();
+    Ok(Comparison { lines, added })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::tests::{sample_rows, sample_summary};
+
+    fn file(xdp_p50: f64, xdp_p99: f64) -> GateFile {
+        let text = format!(
+            r#"{{"timestamp": "t", "git_revision": "r", "rows": [
+              {{"key": "server/udp-floor", "ratio": {{"p50": 1.0, "p99": 1.0}},
+                "floor": {{"name": "server/udp-floor"}}}},
+              {{"key": "server/xdp-rtt", "ratio": {{"p50": {xdp_p50}, "p99": {xdp_p99}}},
+                "floor": {{"name": "server/udp-floor"}}}},
+              {{"key": "server/socket-rtt", "ratio": {{"p50": 2.0, "p99": 3.0}},
+                "floor": {{"name": "server/udp-floor"}}}},
+              {{"key": "server/xdp-rate", "ratio": null, "floor": null}}
+            ]}}"#
+        );
+        parse(&text).unwrap()
+    }
+
+    fn p99(pct: f64) -> Vec<Limit> {
+        vec![Limit {
+            metric: "p99".into(),
+            frac: pct / 100.0,
+        }]
+    }
+
+    #[test]
+    fn limits_parse() {
+        assert_eq!(parse_limit("p99=10%").unwrap(), p99(10.0)[0]);
+        assert_eq!(parse_limit("p99=10").unwrap(), p99(10.0)[0]);
+        assert_eq!(parse_limit(" P99 = 10 % ").unwrap(), p99(10.0)[0]);
+        let l = parse_limit("p99.9=2.5%").unwrap();
+        assert_eq!((l.metric.as_str(), l.frac), ("p999", 0.025));
+        assert!(
+            parse_limit("p98=10%")
+                .unwrap_err()
+                .contains("unknown metric")
+        );
+        assert!(parse_limit("p99").unwrap_err().contains("METRIC=PERCENT"));
+        assert!(parse_limit("p99=ten").is_err());
+        assert!(parse_limit("p99=-5%").is_err());
+    }
+
+    #[test]
+    fn identical_inputs_pass() {
+        let c = compare(&file(1.8, 2.0), &file(1.8, 2.0), &p99(10.0)).unwrap();
+        assert!(!c.failed(), "{}", c.table());
+        // Floors and rate rows are not judged.
+        let keys: Vec<&str> = c.lines.iter().map(|l| l.key.as_str()).collect();
+        assert_eq!(keys, ["server/xdp-rtt", "server/socket-rtt"]);
+    }
+
+    #[test]
+    fn a_30_percent_p99_regression_fails() {
+        let c = compare(&file(1.8, 2.0), &file(1.8, 2.6), &p99(10.0)).unwrap();
+        assert!(c.failed());
+        let t = c.table();
+        assert!(t.contains("REGRESSION") && t.contains("+30.0%"), "{t}");
+        // Also under the default limit.
+        let c = compare(
+            &file(1.8, 2.0),
+            &file(1.8, 2.6),
+            &p99(DEFAULT_P99_LIMIT * 100.0),
+        );
+        assert!(c.unwrap().failed());
+    }
+
+    #[test]
+    fn a_5_percent_change_passes_a_10_percent_gate() {
+        let c = compare(&file(1.8, 2.0), &file(1.8, 2.1), &p99(10.0)).unwrap();
+        assert!(!c.failed(), "{}", c.table());
+        // Improvements pass whatever their size.
+        let c = compare(&file(1.8, 2.0), &file(1.8, 1.0), &p99(0.0)).unwrap();
+        assert!(!c.failed());
+    }
+
+    #[test]
+    fn each_metric_has_its_own_limit() {
+        let limits = [
+            parse_limit("p50=5%").unwrap(),
+            parse_limit("p99=50%").unwrap(),
+        ];
+        let c = compare(&file(1.8, 2.0), &file(2.0, 2.6), &limits).unwrap();
+        let bad: Vec<_> = c.lines.iter().filter(|l| l.regressed()).collect();
+        assert_eq!(bad.len(), 1);
+        assert_eq!(
+            (bad[0].key.as_str(), bad[0].metric.as_str()),
+            ("server/xdp-rtt", "p50")
+        );
+    }
+
+    #[test]
+    fn missing_rows_are_an_error() {
+        let mut new = file(1.8, 2.0);
+        new.rows.retain(|r| r.key != "server/xdp-rtt");
+        let e = compare(&file(1.8, 2.0), &new, &p99(10.0)).unwrap_err();
+        assert!(
+            e.0.contains("lacks 1 row(s)") && e.0.contains("server/xdp-rtt"),
+            "{e}"
+        );
+        assert!(!e.0.contains('\n'));
+        // A new row is reported, not judged.
+        let c = compare(&new, &file(1.8, 2.0), &p99(10.0)).unwrap();
+        assert_eq!(c.added, ["server/xdp-rtt"]);
+    }
+
+    #[test]
+    fn broken_input_is_one_line_error() {
+        for text in [
+            "",
+            "{",
+            "[]",
+            r#"{"rows": 3}"#,
+            r#"{"rows": [{"ratio": {}}]}"#,
+        ] {
+            let e = parse(text).unwrap_err();
+            assert!(
+                e.starts_with("not a dpbench summary.json") && !e.contains('\n'),
+                "{e}"
+            );
+        }
+        let e = load(Path::new("/nonexistent/summary.json")).unwrap_err();
+        assert!(
+            e.0.starts_with("cannot read /nonexistent/summary.json"),
+            "{e}"
+        );
+        // A summary without any gated row cannot be a base.
+        let f = parse(r#"{"rows": [{"key": "parse/x"}]}"#).unwrap();
+        assert!(compare(&f, &f, &p99(10.0)).is_err());
+    }
+
+    #[test]
+    fn notes_differing_configurations() {
+        let a = parse(r#"{"config": {"round_trips": 3000, "repeat": {"server": 25}}, "rows": []}"#);
+        let b = parse(r#"{"config": {"round_trips": 2000, "repeat": {"server": 25}}, "rows": []}"#);
+        let notes = config_notes(&a.unwrap(), &b.unwrap());
+        assert_eq!(notes.len(), 1);
+        assert!(
+            notes[0].contains("round_trips (base 3000, new 2000)"),
+            "{notes:?}"
+        );
+        let none = config_notes(&file(1.0, 1.0), &file(1.0, 1.0));
+        assert!(none.is_empty());
+    }
+
+    /// The committed baseline, and a later real run of the same suite on
+    /// the development machine (`make bench-gate`'s).
+    fn real() -> (GateFile, GateFile) {
+        let base = parse(include_str!("../baseline.json")).unwrap();
+        let run = parse(include_str!("../testdata/noise-run.json")).unwrap();
+        (base, run)
+    }
+
+    fn default_limit() -> Vec<Limit> {
+        p99(DEFAULT_P99_LIMIT * 100.0)
+    }
+
+    #[test]
+    fn the_baseline_passes_against_itself_and_a_real_rerun() {
+        let (base, run) = real();
+        assert!(!compare(&base, &base, &default_limit()).unwrap().failed());
+        // Run-to-run noise on this machine stays within the default limit.
+        let c = compare(&base, &run, &default_limit()).unwrap();
+        assert!(!c.failed(), "{}", c.table());
+        assert_eq!(c.lines.len(), 2, "{}", c.table());
+    }
+
+    #[test]
+    fn a_30_percent_p99_regression_of_a_real_run_fails_the_default_gate() {
+        let (base, mut run) = real();
+        // The rerun, its p99 ratios made 30% worse than the baseline's.
+        for r in &mut run.rows {
+            let b = base.rows.iter().find(|b| b.key == r.key).unwrap();
+            if let (Some(nr), Some(br)) = (r.ratio.as_mut(), b.ratio.as_ref()) {
+                nr.insert("p99".into(), br["p99"] * 1.3);
+            }
+        }
+        let c = compare(&base, &run, &default_limit()).unwrap();
+        assert!(c.failed(), "{}", c.table());
+        assert_eq!(c.lines.iter().filter(|l| l.regressed()).count(), 2);
+        // One row 5% worse, under a 10% gate: passes.
+        let (base, mut run) = real();
+        for r in &mut run.rows {
+            let b = base.rows.iter().find(|b| b.key == r.key).unwrap();
+            if let (Some(nr), Some(br)) = (r.ratio.as_mut(), b.ratio.as_ref()) {
+                nr.insert("p99".into(), br["p99"] * 1.05);
+            }
+        }
+        assert!(!compare(&base, &run, &p99(10.0)).unwrap().failed());
+    }
+
+    #[test]
+    fn reads_real_summaries() {
+        let rows = sample_rows();
+        let text = serde_json::to_string(&sample_summary(&rows)).unwrap();
+        let f = parse(&text).unwrap();
+        let c = compare(&f, &f, &p99(10.0)).unwrap();
+        assert_eq!(c.lines.len(), 1);
+        assert!(!c.failed());
+    }
+}
