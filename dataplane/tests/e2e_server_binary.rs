@@ -255,3 +255,183 @@ fn a_bad_configuration_is_a_one_line_error() {
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/devplane.toml"));
 }
+
+/// Removes a directory tree when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Starts devplane-server in the server namespace; returns it once it has
+/// printed the line containing `ready`, with every line it printed so far.
+fn start_server(
+    topo: &Topology,
+    args: &[&std::ffi::OsStr],
+    ready: &str,
+) -> (ChildGuard, Vec<String>) {
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", topo.server_netns()))
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_devplane-server"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start devplane-server");
+    let mut guard = ChildGuard(Some(child));
+    let stderr = guard.0.as_mut().unwrap().stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut seen = Vec::new();
+    loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("server exited before {ready:?}: {seen:?}"))
+            .unwrap();
+        let done = line.contains(ready);
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    // Keep draining stderr so the server never blocks on it.
+    std::thread::spawn(move || for _ in lines.by_ref() {});
+    (guard, seen)
+}
+
+fn stop_server(mut guard: ChildGuard) {
+    let pid = guard.0.as_ref().unwrap().id() as i32;
+    // SAFETY: sends SIGINT to our own child.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let status = guard.0.as_mut().unwrap().wait().unwrap();
+    guard.0 = None;
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn the_database_drives_the_maps_and_a_crash_is_repaired_at_start() {
+    use devplane_control::maps::AyaMaps;
+    let test = "the_database_drives_the_maps_and_a_crash_is_repaired_at_start";
+    if !privilege::require(test, &[Capability::Root, Capability::Bpf]) {
+        return;
+    }
+    let topo = match Topology::new("db") {
+        Ok(t) => t,
+        Err(e) => {
+            privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
+            return;
+        }
+    };
+    let pid = std::process::id();
+    let state = TempDir(std::env::temp_dir().join(format!("dp-db-state-{pid}")));
+    let pin_dir = format!("/sys/fs/bpf/devplane-db-{pid}");
+    let sock = std::env::temp_dir().join(format!("dp-db-{pid}.sock"));
+    let cfg = TempFile(std::env::temp_dir().join(format!("dp-db-{pid}.toml")));
+    std::fs::write(
+        &cfg.0,
+        format!(
+            "[server]\nid = 3\ninterface = \"{}\"\nworkers = [0]\npin_dir = \"{pin_dir}\"\n",
+            topo.server_ifname()
+        ),
+    )
+    .unwrap();
+    let o = topo.client_ip().octets();
+    let other = |last: u8| format!("{}.{}.{}.{last}", o[0], o[1], o[2]);
+    let db = |extra_env: Option<(&str, &str)>, args: &[&str]| {
+        let mut c = Command::new(dpctl_path());
+        c.arg("--state").arg(&state.0).arg("--socket").arg(&sock);
+        if let Some((k, v)) = extra_env {
+            c.env(k, v);
+        }
+        c.args(args).output().unwrap()
+    };
+    let ok = |args: &[&str]| {
+        let out = db(None, args);
+        assert!(
+            out.status.success(),
+            "dpctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let server_ip = topo.server_ip().to_string();
+    let client_ip = topo.client_ip().to_string();
+    ok(&["servers", "add", "3", "--address", &server_ip]);
+    ok(&["clients", "add", "7", "--address", &client_ip]);
+    ok(&["hypervisors", "add", "1", "--client", "7"]);
+    ok(&["vms", "add", "1", "--hypervisor", "1"]);
+    ok(&[
+        "models", "add", "42", "--kind", "counter", "--server", "3", "--worker", "0",
+    ]);
+
+    let args = [
+        cfg.0.as_os_str(),
+        std::ffi::OsStr::new("--state"),
+        state.0.as_os_str(),
+        std::ffi::OsStr::new("--control"),
+        sock.as_os_str(),
+    ];
+    let mut full = vec![std::ffi::OsStr::new("--config")];
+    full.extend_from_slice(&args);
+    let (server, _) = start_server(&topo, &full, "XDP attached");
+    let maps = AyaMaps::from_pinned(std::path::Path::new(&pin_dir)).expect("pinned maps");
+    assert!(
+        maps.client(7).unwrap().is_some(),
+        "client 7 from the database"
+    );
+    assert!(
+        maps.route(42).unwrap().is_some(),
+        "model 42 from the database"
+    );
+
+    // A change applied to the running server's maps.
+    let apply = cfg.0.to_str().unwrap();
+    ok(&[
+        "--apply-to",
+        apply,
+        "clients",
+        "add",
+        "9",
+        "--address",
+        &other(9),
+    ]);
+    assert!(maps.client(9).unwrap().is_some(), "client 9 applied live");
+    // A crash between the database write and the map update.
+    let crashed = db(
+        Some(("DPCTL_FAULT", "after-db-write")),
+        &[
+            "--apply-to",
+            apply,
+            "clients",
+            "add",
+            "10",
+            "--address",
+            &other(10),
+        ],
+    );
+    assert_eq!(crashed.status.code(), Some(70));
+    assert!(
+        maps.client(10).unwrap().is_none(),
+        "the crash left the maps behind"
+    );
+    let status = db(None, &["--json", "status"]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["needs_repair"], true, "{v}");
+    stop_server(server);
+
+    // The next start repairs the maps from the database.
+    let (server, lines) = start_server(&topo, &full, "XDP attached");
+    assert!(
+        lines.iter().any(|l| l.contains("repairing")),
+        "no repair announced: {lines:?}"
+    );
+    let maps = AyaMaps::from_pinned(std::path::Path::new(&pin_dir)).expect("pinned maps");
+    assert!(maps.client(10).unwrap().is_some(), "client 10 repaired");
+    assert!(maps.client(9).unwrap().is_some());
+    let status = db(None, &["--json", "status"]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["needs_repair"], false, "{v}");
+    stop_server(server);
+    assert!(!std::path::Path::new(&pin_dir).exists());
+}

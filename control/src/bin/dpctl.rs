@@ -16,6 +16,8 @@ use devplane_control::db::{
 };
 use serde_json::{Value, json};
 
+#[path = "dpctl/apply.rs"]
+mod apply;
 #[path = "dpctl/daemon.rs"]
 mod daemon;
 
@@ -55,6 +57,16 @@ struct Cli {
         default_value = "/run/devplane/server-1.sock"
     )]
     socket: PathBuf,
+    /// Apply database changes to the running server with this
+    /// configuration file: after the change is saved, the server's pinned
+    /// maps (its `pin_dir`) are synced to the database.
+    #[arg(
+        long,
+        global = true,
+        value_name = "SERVER.TOML",
+        env = "DEVPLANE_APPLY_TO"
+    )]
+    apply_to: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -335,6 +347,7 @@ fn run(cli: &Cli) -> Result<String, Failure> {
             ClientsCmd::List => Ok(list(db.state(), Kind::Client, json)),
             ClientsCmd::Show(a) => show(db.state(), Kind::Client, a.id, json),
             ClientsCmd::Add { id, address } => change(
+                cli,
                 &mut db,
                 Change::AddClient(Client {
                     id: id.id,
@@ -342,12 +355,13 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                 }),
                 json,
             ),
-            ClientsCmd::Remove(a) => change(&mut db, Change::RemoveClient(a.id), json),
+            ClientsCmd::Remove(a) => change(cli, &mut db, Change::RemoveClient(a.id), json),
         },
         Command::Hypervisors(c) => match c {
             HypervisorsCmd::List => Ok(list(db.state(), Kind::Hypervisor, json)),
             HypervisorsCmd::Show(a) => show(db.state(), Kind::Hypervisor, a.id, json),
             HypervisorsCmd::Add { id, client } => change(
+                cli,
                 &mut db,
                 Change::AddHypervisor(Hypervisor {
                     id: id.id,
@@ -355,7 +369,7 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                 }),
                 json,
             ),
-            HypervisorsCmd::Remove(a) => change(&mut db, Change::RemoveHypervisor(a.id), json),
+            HypervisorsCmd::Remove(a) => change(cli, &mut db, Change::RemoveHypervisor(a.id), json),
         },
         Command::Vms(c) => match c {
             VmsCmd::List => Ok(list(db.state(), Kind::Vm, json)),
@@ -376,9 +390,9 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                     client: h.client,
                     state: VmState::Stopped,
                 };
-                change(&mut db, Change::AddVm(vm), json)
+                change(cli, &mut db, Change::AddVm(vm), json)
             }
-            VmsCmd::Remove(a) => change(&mut db, Change::RemoveVm(a.id), json),
+            VmsCmd::Remove(a) => change(cli, &mut db, Change::RemoveVm(a.id), json),
             VmsCmd::Suspend(_) | VmsCmd::Resume(_) | VmsCmd::Migrate { .. } => {
                 Err(daemon::handled_there())
             }
@@ -396,6 +410,7 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                 pio_base,
                 mmio_base,
             } => change(
+                cli,
                 &mut db,
                 Change::AddModel(Model {
                     id: id.id,
@@ -409,7 +424,7 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                 }),
                 json,
             ),
-            ModelsCmd::Remove(a) => change(&mut db, Change::RemoveModel(a.id), json),
+            ModelsCmd::Remove(a) => change(cli, &mut db, Change::RemoveModel(a.id), json),
             ModelsCmd::Move { .. } => Err(daemon::handled_there()),
         },
         Command::Stats { .. } | Command::Tune { .. } => Err(daemon::handled_there()),
@@ -417,6 +432,7 @@ fn run(cli: &Cli) -> Result<String, Failure> {
             ServersCmd::List => Ok(list(db.state(), Kind::Server, json)),
             ServersCmd::Show(a) => show(db.state(), Kind::Server, a.id, json),
             ServersCmd::Add { id, address } => change(
+                cli,
                 &mut db,
                 Change::AddServer(Server {
                     id: id.id,
@@ -424,7 +440,7 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                 }),
                 json,
             ),
-            ServersCmd::Remove(a) => change(&mut db, Change::RemoveServer(a.id), json),
+            ServersCmd::Remove(a) => change(cli, &mut db, Change::RemoveServer(a.id), json),
         },
     }
 }
@@ -462,7 +478,7 @@ fn status(db: &Db, json: bool) -> String {
     ])
 }
 
-fn change(db: &mut Db, change: Change, json: bool) -> Result<String, Failure> {
+fn change(cli: &Cli, db: &mut Db, change: Change, json: bool) -> Result<String, Failure> {
     let (kind, id) = (change.kind(), change.id());
     let action = if matches!(
         change,
@@ -477,6 +493,9 @@ fn change(db: &mut Db, change: Change, json: bool) -> Result<String, Failure> {
         "remove"
     };
     db.apply(change)?;
+    if let Some(cfg) = &cli.apply_to {
+        apply::to_server(db, cfg)?;
+    }
     if json {
         return Ok(to_json(&json!({
             "action": action,

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 
 use clap::Parser;
-use devplane_control::config::ServerConfig;
+use devplane_control::config::{Mode, ServerConfig};
+use devplane_control::db::{Db, ServerSettings};
 use devplane_dataplane::server::Server;
 use devplane_dataplane::server::control_socket::{self, ControlSocket, Pending};
 
@@ -22,6 +23,13 @@ struct Args {
     /// /run/devplane/server-<id>.sock).
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Take clients, VMs and models from the identifier database in this
+    /// state directory (dpctl's) instead of the configuration file, which
+    /// then only gives the [server] and [tuning] settings. The maps are
+    /// written from the database at start, which also repairs them after a
+    /// crash between a database write and its map update.
+    #[arg(long, value_name = "DIR")]
+    state: Option<PathBuf>,
 }
 
 enum Event {
@@ -38,6 +46,31 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let mut db = None;
+    let cfg = match &args.state {
+        None => cfg,
+        Some(dir) => {
+            let settings = ServerSettings::from_config(&cfg, cfg.server.mode == Mode::Xdp);
+            let opened = Db::open(dir).and_then(|d| d.server_config(&settings).map(|c| (d, c)));
+            match opened {
+                Ok((d, c)) => {
+                    if d.needs_repair() {
+                        eprintln!(
+                            "devplane-server: database generation {} is newer than the maps ({}): repairing",
+                            d.generation(),
+                            d.applied_generation()
+                        );
+                    }
+                    db = Some(d);
+                    c
+                }
+                Err(e) => {
+                    eprintln!("devplane-server: {}: {e}", dir.display());
+                    std::process::exit(2);
+                }
+            }
+        }
+    };
     let mut server = match Server::start(&cfg) {
         Ok(s) => s,
         Err(e) => {
@@ -45,6 +78,12 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // The maps now hold the database's generation.
+    if let Some(d) = db.as_mut()
+        && let Err(e) = d.mark_applied()
+    {
+        eprintln!("devplane-server: cannot record the applied generation: {e}");
+    }
     let (tx, rx) = mpsc::channel::<Event>();
     let stop_tx = tx.clone();
     if let Err(e) = ctrlc::set_handler(move || {
