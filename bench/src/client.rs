@@ -72,15 +72,7 @@ fn knob(name: &str, default: u32) -> u32 {
 }
 
 fn model(id: u32, kind: &str, worker: usize) -> ModelConfig {
-    ModelConfig {
-        id,
-        kind: kind.into(),
-        worker,
-        line: None,
-        vm: None,
-        pio_base: None,
-        mmio_base: None,
-    }
+    ModelConfig::new(id, kind, worker)
 }
 
 fn server_config(topo: &Topology) -> ServerConfig {

@@ -197,6 +197,22 @@ pub struct ModelConfig {
     pub mmio_base: Option<u64>,
 }
 
+impl ModelConfig {
+    /// A model of `kind` on worker `worker`, with no interrupt line and
+    /// no bases (set them with struct update syntax).
+    pub fn new(id: u32, kind: &str, worker: usize) -> ModelConfig {
+        ModelConfig {
+            id,
+            kind: kind.into(),
+            worker,
+            line: None,
+            vm: None,
+            pio_base: None,
+            mmio_base: None,
+        }
+    }
+}
+
 /// Why a configuration could not be loaded, or is inconsistent.
 ///
 /// Every message is a single line naming the offending entry and saying

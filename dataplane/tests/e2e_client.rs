@@ -42,15 +42,7 @@ fn counter_id(vm: u32, i: u16) -> u32 {
 }
 
 fn model(id: u32, kind: &str, worker: usize) -> ModelConfig {
-    ModelConfig {
-        id,
-        kind: kind.into(),
-        worker,
-        line: None,
-        vm: None,
-        pio_base: None,
-        mmio_base: None,
-    }
+    ModelConfig::new(id, kind, worker)
 }
 
 fn server_config(topo: &Topology, tag: &str) -> ServerConfig {

@@ -83,27 +83,14 @@ worker = 0
         ),
     )
     .unwrap();
-    // nsenter --net, not `ip netns exec`: the latter also gives the child a
-    // private mount namespace with a fresh /sys, so its bpffs pins would be
-    // invisible here (and to dpctl).
     let sock = std::env::temp_dir().join(format!("dp-ctl-{}.sock", std::process::id()));
-    let child = Command::new("nsenter")
-        .arg(format!("--net=/var/run/netns/{}", topo.server_netns()))
-        .arg("--")
-        .arg(env!("CARGO_BIN_EXE_devplane-server"))
-        .arg("--config")
-        .arg(&cfg.0)
-        .arg("--control")
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start devplane-server");
-    let mut guard = ChildGuard(Some(child));
-    let stderr = guard.0.as_mut().unwrap().stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let first = lines.next().expect("a start-up line").unwrap();
-    assert!(first.contains("XDP attached (Driver mode)"), "{first}");
+    let args = [
+        std::ffi::OsStr::new("--config"),
+        cfg.0.as_os_str(),
+        std::ffi::OsStr::new("--control"),
+        sock.as_os_str(),
+    ];
+    let (mut guard, _, lines) = start_server(&topo, &args, "XDP attached (Driver mode)");
     assert!(xdp_attached(&topo), "XDP not attached");
     for map in ["DP_ROUTES", "DP_CLIENTS", "DP_VMS", "DP_STATS", "DP_CONFIG"] {
         assert!(
@@ -265,13 +252,21 @@ impl Drop for TempDir {
     }
 }
 
+type Lines = std::io::Lines<BufReader<std::process::ChildStderr>>;
+
 /// Starts devplane-server in the server namespace; returns it once it has
-/// printed the line containing `ready`, with every line it printed so far.
+/// printed the line containing `ready`, with every line it printed so far
+/// and the rest of its stderr (keep it until the server exits: a closed
+/// stderr makes its last report fail).
+///
+/// nsenter --net, not `ip netns exec`: the latter also gives the child a
+/// private mount namespace with a fresh /sys, so its bpffs pins would be
+/// invisible here (and to dpctl).
 fn start_server(
     topo: &Topology,
     args: &[&std::ffi::OsStr],
     ready: &str,
-) -> (ChildGuard, Vec<String>) {
+) -> (ChildGuard, Vec<String>, Lines) {
     let child = Command::new("nsenter")
         .arg(format!("--net=/var/run/netns/{}", topo.server_netns()))
         .arg("--")
@@ -296,9 +291,7 @@ fn start_server(
             break;
         }
     }
-    // Keep draining stderr so the server never blocks on it.
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    (guard, seen)
+    (guard, seen, lines)
 }
 
 fn stop_server(mut guard: ChildGuard) {
@@ -374,7 +367,7 @@ fn the_database_drives_the_maps_and_a_crash_is_repaired_at_start() {
     ];
     let mut full = vec![std::ffi::OsStr::new("--config")];
     full.extend_from_slice(&args);
-    let (server, _) = start_server(&topo, &full, "XDP attached");
+    let (server, _, _lines) = start_server(&topo, &full, "XDP attached");
     let maps = AyaMaps::from_pinned(std::path::Path::new(&pin_dir)).expect("pinned maps");
     assert!(
         maps.client(7).unwrap().is_some(),
@@ -421,7 +414,7 @@ fn the_database_drives_the_maps_and_a_crash_is_repaired_at_start() {
     stop_server(server);
 
     // The next start repairs the maps from the database.
-    let (server, lines) = start_server(&topo, &full, "XDP attached");
+    let (server, lines, _rest) = start_server(&topo, &full, "XDP attached");
     assert!(
         lines.iter().any(|l| l.contains("repairing")),
         "no repair announced: {lines:?}"
