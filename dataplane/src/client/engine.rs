@@ -192,9 +192,12 @@ impl Drop for Doorbell {
     }
 }
 
+/// (sequence, ring index, answered) per record of a datagram, in order.
+type FlightSlots = Vec<(u64, u64, bool)>;
+
 struct InFlight {
     /// (sequence, ring index, answered) per record, in datagram order.
-    slots: Vec<(u64, u64, bool)>,
+    slots: FlightSlots,
     answered: usize,
     buf: Box<[u8]>,
     len: usize,
@@ -493,6 +496,10 @@ pub(crate) struct Loop {
     rng: u64,
     started: bool,
     rearm: Vec<usize>,
+    /// Completion scratch, reused every step.
+    cqes: Vec<(u64, i32, u32)>,
+    /// Buffers and slot lists of retired datagrams, for the next ones.
+    spare: Vec<(Box<[u8]>, FlightSlots)>,
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -564,6 +571,8 @@ impl Loop {
             registered,
             started: false,
             rearm: Vec::new(),
+            cqes: Vec::with_capacity(64),
+            spare: Vec::new(),
         }
     }
 
@@ -702,9 +711,13 @@ impl Loop {
 
     fn send_batch(&mut self, v: usize, m: usize) -> std::io::Result<()> {
         let remote = self.vcpus[v].port.models[m];
-        let mut buf = vec![0u8; MAX_DATAGRAM].into_boxed_slice();
+        // Buffers of retired datagrams are reused: no allocation per send.
+        let (mut buf, mut slots) = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| (vec![0u8; MAX_DATAGRAM].into_boxed_slice(), Vec::new()));
+        slots.clear();
         let header = Header::new(Kind::Request, remote.model, remote.server, self.cfg.client);
-        let mut slots = Vec::new();
         let len = {
             let Ok(mut w) = DatagramWriter::new(&mut buf, header) else {
                 return Ok(());
@@ -786,6 +799,7 @@ impl Loop {
                             ring.complete(i, STATUS_TIMEOUT, 0);
                         }
                     }
+                    self.spare.push((f.buf, f.slots));
                     continue;
                 }
                 f.retries += 1;
@@ -801,12 +815,15 @@ impl Loop {
 
     fn reap(&mut self, owner: bool) -> std::io::Result<bool> {
         let mut work = false;
-        let cqes: Vec<(u64, i32, u32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result(), c.flags()))
-            .collect();
-        for (ud, res, flags) in cqes {
+        // Reused scratch: no allocation per step.
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.clear();
+        cqes.extend(
+            self.ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+        for &(ud, res, flags) in &cqes {
             work = true;
             match ud & UD_KIND {
                 UD_SEND => {
@@ -827,8 +844,12 @@ impl Loop {
                         if let Some(bid) = io_uring::cqueue::buffer_select(flags) {
                             let off = bid as usize * BUF_SIZE;
                             let n = (res as usize).min(BUF_SIZE);
-                            let data = self.recv_bufs[sock][off..off + n].to_vec();
-                            self.on_datagram(&data);
+                            // Parse in place: the pool is moved out (its heap
+                            // memory, which the kernel writes, stays put) so
+                            // that `on_datagram` may borrow `self`.
+                            let pool = std::mem::take(&mut self.recv_bufs[sock]);
+                            self.on_datagram(&pool[off..off + n]);
+                            self.recv_bufs[sock] = pool;
                             self.provide(sock, bid)?;
                         }
                     }
@@ -843,6 +864,7 @@ impl Loop {
                 _ => {}
             }
         }
+        self.cqes = cqes;
         if !self.ring.submission().is_empty() {
             self.ring.submit()?;
         }
@@ -906,8 +928,10 @@ impl Loop {
         st.port.ring.complete(i, rsp.status as u8, rsp.data);
         add(&self.stats.answers, 1);
         f.answered += 1;
-        if f.answered == f.slots.len() {
-            st.inflight[m] = None;
+        if f.answered == f.slots.len()
+            && let Some(done) = st.inflight[m].take()
+        {
+            self.spare.push((done.buf, done.slots));
         }
     }
 }

@@ -162,8 +162,8 @@ impl ExitRing {
         let slot = self.slot(i);
         let mut n = 0u32;
         loop {
-            if slot.state.load(Ordering::Acquire) == state::DONE {
-                break;
+            if let Some(answer) = self.try_take(i) {
+                return Some(answer);
             }
             if n < spin {
                 n += 1;
@@ -184,12 +184,6 @@ impl ExitRing {
             }
             slot.waiter.store(0, Ordering::Relaxed);
         }
-        let out = (
-            slot.status.load(Ordering::Relaxed) as u8,
-            slot.data.load(Ordering::Relaxed),
-        );
-        slot.state.store(state::FREE, Ordering::Release);
-        Some(out)
     }
 }
 

@@ -288,6 +288,9 @@ pub fn run_worker(
     let mut replies: Vec<XdpDesc> = Vec::with_capacity(cfg.batch as usize);
     let mut recycle: Vec<u64> = Vec::with_capacity(cfg.batch as usize);
     let mut in_flight: u32 = 0;
+    // Per-batch scratch, reused: no allocation on the packet path.
+    let mut irq_descs: Vec<XdpDesc> = Vec::new();
+    let mut done: Vec<u64> = Vec::with_capacity(RING_SIZE as usize);
     while ctl.poll(&mut disp, &mut router, &mut cfg, &mut backoff) {
         let mut got = 0u64;
         {
@@ -310,7 +313,7 @@ pub fn run_worker(
         }
         // Interrupts raised by this batch (or earlier, held).
         router.push(disp.drain_irqs());
-        let mut irq_descs: Vec<XdpDesc> = Vec::new();
+        irq_descs.clear();
         if router.held() > 0 {
             let server = cfg.server;
             let area = rings.area;
@@ -372,7 +375,7 @@ pub fn run_worker(
         // Completions back to the fill ring (shared: one lock per batch).
         if in_flight > 0 || !recycle.is_empty() {
             if let Ok(mut sh) = rings.shared.lock() {
-                let mut done = Vec::new();
+                done.clear();
                 {
                     let mut c = sh.fq_cq.complete(RING_SIZE);
                     for addr in c.by_ref() {
@@ -380,7 +383,7 @@ pub fn run_worker(
                     }
                     c.release();
                 }
-                for addr in done {
+                for &addr in &done {
                     if is_irq_frame(addr) {
                         let owner = irq_owner(addr);
                         if owner == rings.index {
@@ -392,8 +395,7 @@ pub fn run_worker(
                         recycle.push(addr & !(FRAME_SIZE as u64 - 1));
                     }
                 }
-                let mine = std::mem::take(&mut sh.irq_done[rings.index]);
-                rings.irq_free.extend(mine);
+                rings.irq_free.append(&mut sh.irq_done[rings.index]);
                 if !recycle.is_empty() {
                     let mut f = sh.fq_cq.fill(recycle.len() as u32);
                     let n = f.insert(recycle.iter().map(|a| a & !(FRAME_SIZE as u64 - 1))) as usize;

@@ -82,6 +82,8 @@ pub enum Outcome {
     Respond {
         /// Records applied.
         records: usize,
+        /// The client platform the answer goes to (from the header).
+        client: u32,
     },
     /// Consumed without answer (an acknowledgement).
     Consumed,
@@ -296,8 +298,8 @@ impl Dispatcher {
     /// applied record by record, in order, and rewritten in place into its
     /// response datagram of the same length.
     pub fn handle(&mut self, payload: &mut [u8]) -> Outcome {
-        let (kind, model_id, count) = match Datagram::parse(payload) {
-            Ok(d) => (d.kind(), d.model(), d.len()),
+        let (kind, model_id, client, count) = match Datagram::parse(payload) {
+            Ok(d) => (d.kind(), d.model(), d.client(), d.len()),
             Err(e) => {
                 self.stats.malformed += 1;
                 return Outcome::Malformed(e);
@@ -361,7 +363,10 @@ impl Dispatcher {
         hdr.kind = Kind::Response as u8;
         hdr.server = self.server.into();
         self.stats.datagrams += 1;
-        Outcome::Respond { records: count }
+        Outcome::Respond {
+            records: count,
+            client,
+        }
     }
 }
 
@@ -458,7 +463,13 @@ mod tests {
         };
         let mut buf = encode(42, &[req(1, w), req(2, w), req(3, r), req(4, mr)]);
         let len = buf.len();
-        assert_eq!(d.handle(&mut buf), Outcome::Respond { records: 4 });
+        assert_eq!(
+            d.handle(&mut buf),
+            Outcome::Respond {
+                records: 4,
+                client: 7
+            }
+        );
         assert_eq!(buf.len(), len);
         let rsp = Datagram::parse(&buf).unwrap();
         assert_eq!(rsp.kind(), Kind::Response);

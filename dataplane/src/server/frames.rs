@@ -32,18 +32,12 @@ pub fn answer_in_place(
         return FrameOutcome::BadFrame;
     };
     let payload = &mut frame[udp.payload_offset..udp.payload_offset + udp.payload_len];
-    match disp.handle(payload) {
-        Outcome::Respond { .. } => {}
+    let client = match disp.handle(payload) {
+        Outcome::Respond { client, .. } => client,
         Outcome::Consumed | Outcome::NotHere | Outcome::Malformed(_) => {
             return FrameOutcome::Recycle;
         }
-    }
-    let client = u32::from_le_bytes([
-        payload[devplane_wire::header::OFF_CLIENT],
-        payload[devplane_wire::header::OFF_CLIENT + 1],
-        payload[devplane_wire::header::OFF_CLIENT + 2],
-        payload[devplane_wire::header::OFF_CLIENT + 3],
-    ]);
+    };
     let back = udp.flow.reversed();
     peers.learn(client, back);
     // Ethernet: swap MACs.

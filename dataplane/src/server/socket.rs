@@ -209,13 +209,7 @@ pub fn run_worker(
                 WorkerStats::add(counter, 1);
                 continue;
             }
-            if let Outcome::Respond { .. } = disp.handle(payload) {
-                let client = u32::from_le_bytes([
-                    payload[devplane_wire::header::OFF_CLIENT],
-                    payload[devplane_wire::header::OFF_CLIENT + 1],
-                    payload[devplane_wire::header::OFF_CLIENT + 2],
-                    payload[devplane_wire::header::OFF_CLIENT + 3],
-                ]);
+            if let Outcome::Respond { client, .. } = disp.handle(payload) {
                 peers.learn(client, from);
                 match sock.send_to(payload, from) {
                     Ok(_) => WorkerStats::add(&stats.tx, 1),
