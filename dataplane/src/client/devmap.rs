@@ -6,6 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use devplane_devmodels::{DeviceModel, Space};
 
+use super::virtio::blk::VirtioBlk;
+
 /// Where a mapped model runs.
 #[derive(Clone)]
 pub enum Placement {
@@ -15,6 +17,26 @@ pub enum Placement {
     /// On a server: index into the VM's remote-model table (the engine's
     /// `VcpuPort::models`).
     Remote(u32),
+    /// A virtio block device served in the vCPU thread (it reaches guest
+    /// memory); its disk is a `blockstore` model at `store`.
+    VirtioBlk {
+        /// The device, shared by the VM's vCPUs.
+        dev: Arc<Mutex<VirtioBlk>>,
+        /// Where its disk is.
+        store: StoreAt,
+    },
+}
+
+/// Where a virtio block device's `blockstore` model runs.
+#[derive(Clone)]
+pub enum StoreAt {
+    /// In this process.
+    Local(Arc<Mutex<Box<dyn DeviceModel>>>),
+    /// Remote, mapped in the same device map as MMIO at `base`.
+    Remote {
+        /// The MMIO base of the store's mapping.
+        base: u64,
+    },
 }
 
 /// One mapped range.

@@ -333,6 +333,13 @@ impl Vm {
         irq_edge(&self.shared.fd, gsi)
     }
 
+    /// A handle that reads and writes guest memory from any thread.
+    pub fn mem_handle(&self) -> MemHandle {
+        MemHandle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
     /// A handle that injects interrupts into this VM from any thread.
     pub fn irq_handle(&self) -> IrqHandle {
         IrqHandle {
@@ -451,6 +458,50 @@ fn irq_line(fd: &VmFd, gsi: u32, level: bool) -> Result<(), KvmError> {
 fn irq_edge(fd: &VmFd, gsi: u32) -> Result<(), KvmError> {
     irq_line(fd, gsi, true)?;
     irq_line(fd, gsi, false)
+}
+
+/// Reads and writes a VM's guest memory from any thread (device DMA, such
+/// as a virtqueue's buffers). Keeps the VM alive.
+#[derive(Clone)]
+pub struct MemHandle {
+    shared: Arc<VmShared>,
+}
+
+impl MemHandle {
+    /// Copies `buf.len()` bytes of guest memory at `gpa` into `buf`.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), KvmError> {
+        let off = self.shared.mem.offset(gpa, buf.len())?;
+        // SAFETY: `offset` checked that [off, off + len) lies inside the
+        // mapping, which `self.shared` keeps alive; `buf` is a Rust buffer
+        // and cannot overlap guest memory, of which no reference exists.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.shared.mem.map.as_ptr().add(off),
+                buf.as_mut_ptr(),
+                buf.len(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Copies `bytes` into guest memory at `gpa`.
+    pub fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), KvmError> {
+        let off = self.shared.mem.offset(gpa, bytes.len())?;
+        // SAFETY: as in `read`, with the copy in the other direction.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.shared.mem.map.as_mut_ptr().add(off),
+                bytes.len(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Size of guest memory in bytes.
+    pub fn size(&self) -> usize {
+        self.shared.mem.size
+    }
 }
 
 /// Injects interrupts into a VM from any thread. Keeps the VM alive.

@@ -10,6 +10,8 @@ pub mod devmap;
 pub mod engine;
 pub mod guests;
 pub mod kvm;
+pub mod pci;
 pub mod ring;
 pub mod vcpu_io;
+pub mod virtio;
 pub mod vmm;

@@ -12,10 +12,12 @@ use devplane_devmodels::Space;
 use devplane_wire::record::FLAG_POSTED;
 use devplane_wire::{Access, AccessSize, RawRecord, Record, Request, RequestId, Status};
 
-use super::devmap::{DeviceMap, Placement};
+use super::devmap::{DeviceMap, Placement, StoreAt};
 use super::engine::{Doorbell, Driver};
 use super::kvm::IoHandler;
 use super::ring::ExitRing;
+use super::virtio::VirtioError;
+use super::virtio::store::{LocalStore, StorePort};
 
 /// Per-vCPU exit counters.
 #[derive(Debug, Default)]
@@ -158,7 +160,56 @@ impl VcpuIo {
                 let posted = write.is_some() && m.posted;
                 self.remote(space, addr, size, write, index, posted)
             }
+            Placement::VirtioBlk { dev, store } => {
+                add(&self.stats.local);
+                let (dev, store, off) = (dev.clone(), store.clone(), addr - m.base);
+                let Ok(mut dev) = dev.lock() else {
+                    return size.mask();
+                };
+                match store {
+                    StoreAt::Local(model) => {
+                        let mut port = LocalStore(&model);
+                        match write {
+                            Some(d) => {
+                                dev.write(off, size, d, &mut port);
+                                0
+                            }
+                            None => dev.read(off, size, &mut port),
+                        }
+                    }
+                    StoreAt::Remote { base } => {
+                        let mut port = RemoteStore { io: self, base };
+                        match write {
+                            Some(d) => {
+                                dev.write(off, size, d, &mut port);
+                                0
+                            }
+                            None => dev.read(off, size, &mut port),
+                        }
+                    }
+                }
+            }
         }
+    }
+
+    /// An access to a remote model that reports failure (an error status,
+    /// or no answer within the timeout) as `None`. Posted writes answer
+    /// `Some(0)` at once.
+    fn remote_checked(
+        &mut self,
+        space: Space,
+        addr: u64,
+        size: AccessSize,
+        write: Option<u64>,
+    ) -> Option<u64> {
+        let m = self.map.lookup(space, addr)?;
+        let Placement::Remote(index) = m.placement else {
+            return None;
+        };
+        let posted = write.is_some() && m.posted;
+        let before = self.stats.remote_errors.load(Ordering::Relaxed);
+        let v = self.remote(space, addr, size, write, index, posted);
+        (self.stats.remote_errors.load(Ordering::Relaxed) == before).then_some(v)
     }
 
     fn remote(
@@ -260,5 +311,29 @@ impl IoHandler for VcpuIo {
 
     fn mmio_write(&mut self, gpa: u64, size: AccessSize, data: u64) {
         self.access(Space::Mmio, gpa, size, Some(data));
+    }
+}
+
+/// A remote `blockstore` model, reached through this vCPU's own remote
+/// path (its ring, retransmission and posted-write ordering).
+struct RemoteStore<'a> {
+    io: &'a mut VcpuIo,
+    base: u64,
+}
+
+impl StorePort for RemoteStore<'_> {
+    fn read(&mut self, offset: u64) -> Result<u64, VirtioError> {
+        let gpa = self.base + offset;
+        self.io
+            .remote_checked(Space::Mmio, gpa, AccessSize::B8, None)
+            .ok_or_else(|| VirtioError::Store(format!("read at {gpa:#x} failed or timed out")))
+    }
+
+    fn write(&mut self, offset: u64, value: u64) -> Result<(), VirtioError> {
+        let gpa = self.base + offset;
+        self.io
+            .remote_checked(Space::Mmio, gpa, AccessSize::B8, Some(value))
+            .map(|_| ())
+            .ok_or_else(|| VirtioError::Store(format!("write at {gpa:#x} failed or timed out")))
     }
 }

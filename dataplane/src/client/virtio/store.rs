@@ -1,0 +1,115 @@
+//! The client's side of the `blockstore` device model: capacity, reads,
+//! writes and flushes of the disk, spoken as 8-byte register accesses to
+//! the model's MMIO window (see `devplane_devmodels::blockstore`), whether
+//! the model runs in this process or on a server.
+
+use std::sync::{Arc, Mutex};
+
+use devplane_devmodels::{DeviceModel, Space};
+use devplane_wire::AccessSize;
+
+use super::VirtioError;
+
+// TEMP until devmodels::blockstore lands.
+pub(crate) const CTRL_BASE: u64 = 1 << 40;
+pub(crate) const CTRL_CAPACITY: u64 = 0;
+pub(crate) const CTRL_FLUSH: u64 = 8;
+pub(crate) const CTRL_WRITES: u64 = 24;
+
+/// One 8-byte register access to the block store, at an offset from its
+/// base. Implemented over a local model and over the wire.
+pub trait StorePort {
+    /// Reads the 8 bytes at `offset`.
+    fn read(&mut self, offset: u64) -> Result<u64, VirtioError>;
+    /// Writes 8 bytes at `offset`. Over the wire this may be posted: the
+    /// next [`read`](StorePort::read) waits until it is applied.
+    fn write(&mut self, offset: u64, value: u64) -> Result<(), VirtioError>;
+}
+
+/// A block store model running in this process.
+pub struct LocalStore<'a>(pub &'a Arc<Mutex<Box<dyn DeviceModel>>>);
+
+impl StorePort for LocalStore<'_> {
+    fn read(&mut self, offset: u64) -> Result<u64, VirtioError> {
+        let mut m = self
+            .0
+            .lock()
+            .map_err(|_| VirtioError::Store("model lock poisoned".into()))?;
+        m.read(Space::Mmio, offset, AccessSize::B8)
+            .map_err(|e| VirtioError::Store(e.to_string()))
+    }
+
+    fn write(&mut self, offset: u64, value: u64) -> Result<(), VirtioError> {
+        let mut m = self
+            .0
+            .lock()
+            .map_err(|_| VirtioError::Store("model lock poisoned".into()))?;
+        m.write(Space::Mmio, offset, AccessSize::B8, value)
+            .map_err(|e| VirtioError::Store(e.to_string()))
+    }
+}
+
+/// The disk operations virtio-blk needs, over any [`StorePort`].
+pub struct Store<'a>(pub &'a mut dyn StorePort);
+
+impl Store<'_> {
+    /// Capacity in bytes.
+    pub fn capacity(&mut self) -> Result<u64, VirtioError> {
+        self.0.read(CTRL_BASE + CTRL_CAPACITY)
+    }
+
+    /// Reads `buf.len()` (a multiple of 8) bytes at byte `offset` (8-aligned).
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), VirtioError> {
+        check(offset, buf.len())?;
+        for (i, chunk) in buf.chunks_exact_mut(8).enumerate() {
+            let v = self.0.read(offset + 8 * i as u64)?;
+            chunk.copy_from_slice(&v.to_le_bytes());
+        }
+        Ok(())
+    }
+
+    /// Writes `data` (a multiple of 8 bytes) at byte `offset` (8-aligned),
+    /// and confirms with the store's write counter that every word was
+    /// applied (over the wire the words are posted writes).
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), VirtioError> {
+        check(offset, data.len())?;
+        let before = self.0.read(CTRL_BASE + CTRL_WRITES)?;
+        for (i, chunk) in data.chunks_exact(8).enumerate() {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(chunk);
+            self.0.write(offset + 8 * i as u64, u64::from_le_bytes(w))?;
+        }
+        let after = self.0.read(CTRL_BASE + CTRL_WRITES)?;
+        let words = (data.len() / 8) as u64;
+        if after.wrapping_sub(before) != words {
+            return Err(VirtioError::Store(format!(
+                "{words} words written but the store applied {}",
+                after.wrapping_sub(before)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes every cached page back and makes it durable; returns once the
+    /// store has done so.
+    pub fn flush(&mut self) -> Result<(), VirtioError> {
+        let before = self.0.read(CTRL_BASE + CTRL_FLUSH)?;
+        self.0.write(CTRL_BASE + CTRL_FLUSH, 1)?;
+        let after = self.0.read(CTRL_BASE + CTRL_FLUSH)?;
+        if after == before {
+            return Err(VirtioError::Store(
+                "the store did not complete the flush".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check(offset: u64, len: usize) -> Result<(), VirtioError> {
+    if !offset.is_multiple_of(8) || !len.is_multiple_of(8) {
+        return Err(VirtioError::Store(format!(
+            "{len} bytes at {offset:#x}: block transfers are in whole 8-byte words"
+        )));
+    }
+    Ok(())
+}
