@@ -80,6 +80,7 @@ fn server_config(topo: &Topology) -> ServerConfig {
         model(NULL_PIO, "null", 0),
         ModelConfig {
             mmio_base: Some(MMIO_BASE as u64),
+            backing: None,
             ..model(NULL_MMIO, "null", 0)
         },
     ];

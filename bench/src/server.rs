@@ -89,6 +89,7 @@ fn config(topo: &Topology, mode: Mode) -> ServerConfig {
             vm: None,
             pio_base: None,
             mmio_base: None,
+            backing: None,
         }],
     }
 }

@@ -195,6 +195,10 @@ pub struct ModelConfig {
     /// Base guest-physical address, for models reached by MMIO.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mmio_base: Option<u64>,
+    /// A file on the server the model keeps its data in: the
+    /// `blockstore` disk image (required there), the `uart` console log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<PathBuf>,
 }
 
 impl ModelConfig {
@@ -209,6 +213,7 @@ impl ModelConfig {
             vm: None,
             pio_base: None,
             mmio_base: None,
+            backing: None,
         }
     }
 }

@@ -188,6 +188,10 @@ pub struct Model {
     /// Base guest-physical address, for models reached by MMIO.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mmio_base: Option<u64>,
+    /// A file on the server the model keeps its data in (see
+    /// [`crate::config::ModelConfig::backing`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<std::path::PathBuf>,
 }
 
 /// A server platform: a host that runs device models.
@@ -1038,6 +1042,7 @@ fn project(state: &State, settings: &ServerSettings) -> Result<ServerConfig, DbE
                 vm: m.vm,
                 pio_base: m.pio_base,
                 mmio_base: m.mmio_base,
+                backing: m.backing.clone(),
             })
             .collect(),
     })

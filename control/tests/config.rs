@@ -104,6 +104,7 @@ fn example_file_parses() {
             vm: None,
             pio_base: Some(0x3f8),
             mmio_base: None,
+            backing: None,
         }
     );
     assert_eq!(
@@ -116,6 +117,7 @@ fn example_file_parses() {
             vm: Some(1),
             pio_base: None,
             mmio_base: Some(0xd000_0000),
+            backing: None,
         }
     );
     assert_eq!(cfg.model(44).unwrap().kind, "null");
@@ -365,6 +367,7 @@ fn capacity_limits() {
             vm: None,
             pio_base: None,
             mmio_base: None,
+            backing: None,
         })
         .collect();
     assert_eq!(
@@ -659,6 +662,7 @@ fn sync_into_memory_converges() {
         vm: Some(2),
         pio_base: None,
         mmio_base: None,
+        backing: None,
     });
     let r = sync(&cfg, false, &mut m).unwrap();
     assert_eq!(

@@ -80,6 +80,7 @@ fn model(id: u32, server: u32, worker: u32) -> Model {
         vm: None,
         pio_base: None,
         mmio_base: None,
+        backing: None,
     }
 }
 

@@ -56,6 +56,7 @@ fn server_config(topo: &Topology, tag: &str) -> ServerConfig {
         },
         ModelConfig {
             mmio_base: Some(MMIO_BASE as u64),
+            backing: None,
             ..model(MMIO_MODEL, "counter", 1)
         },
         // Raises its interrupts for VM 2, which the test client never runs.

@@ -221,6 +221,10 @@ enum ModelsCmd {
         /// Base guest-physical MMIO address (decimal or 0x hex).
         #[arg(long, value_name = "ADDR", value_parser = parse_u64)]
         mmio_base: Option<u64>,
+        /// A file on the server the model keeps its data in (the
+        /// blockstore's disk image, the uart's console log).
+        #[arg(long, value_name = "PATH")]
+        backing: Option<std::path::PathBuf>,
     },
     /// Remove a device model.
     Remove(IdArg),
@@ -409,6 +413,7 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                 vm,
                 pio_base,
                 mmio_base,
+                backing,
             } => change(
                 cli,
                 &mut db,
@@ -421,6 +426,7 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                     vm: *vm,
                     pio_base: *pio_base,
                     mmio_base: *mmio_base,
+                    backing: backing.clone(),
                 }),
                 json,
             ),
