@@ -11,13 +11,14 @@
 
 pub mod cmos;
 pub mod counter;
+pub mod i8042;
 pub mod model;
 pub mod null;
 pub mod registry;
 pub mod snapshot;
 pub mod uart;
 
-pub use model::{DeviceError, DeviceModel, IrqEvent, Space};
+pub use model::{DeviceError, DeviceModel, IrqEvent, ModelEvent, Space};
 pub use snapshot::{Snapshot, SnapshotError};
 
 /// Variable-length snapshot encoding shared by the models whose state is

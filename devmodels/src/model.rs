@@ -55,6 +55,14 @@ pub struct IrqEvent {
     pub action: IrqAction,
 }
 
+/// Something a model asks its owner to do, beyond interrupts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelEvent {
+    /// The guest asked for a machine reset (the i8042's CPU-reset pulse).
+    /// The owner — the client VMM that runs the VM — stops the VM.
+    Reset,
+}
+
 /// An emulated device. Owned by one thread; never shared.
 ///
 /// Addresses are offsets from the model's base in the given space (the
@@ -85,6 +93,12 @@ pub trait DeviceModel: Send {
     /// Takes the next interrupt-line change the model raised, if any. The
     /// owner calls this after every access and tick until it is `None`.
     fn take_irq(&mut self) -> Option<IrqEvent> {
+        None
+    }
+
+    /// Takes the next [`ModelEvent`] the model raised, if any. The owner
+    /// calls this after every access until it is `None`.
+    fn take_event(&mut self) -> Option<ModelEvent> {
         None
     }
 
