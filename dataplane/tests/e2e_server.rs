@@ -16,7 +16,7 @@ use devplane_dataplane::server::Attach;
 use devplane_dataplane::server::host::{ServerSnapshot, ServerThread};
 use devplane_dataplane::topology::{Side, Topology};
 use devplane_devmodels::counter::{REG_COUNT, REG_IRQ};
-use devplane_wire::maps::Counter;
+use devplane_wire::maps::{Counter, VM_SUSPENDED};
 use devplane_wire::{
     Access, AccessSize, Datagram, Header, IrqAction, Kind, Record, Request, RequestId, Status,
     datagram,
@@ -41,6 +41,10 @@ fn second_ip(topo: &Topology) -> Ipv4Addr {
 }
 const MMIO_B: u64 = 0xd000_0000;
 
+fn config_pin_dir(tag: &str) -> std::path::PathBuf {
+    format!("/sys/fs/bpf/devplane-test-{tag}-{}", std::process::id()).into()
+}
+
 fn config(topo: &Topology, mode: Mode, tag: &str) -> ServerConfig {
     ServerConfig {
         server: ServerSection {
@@ -49,7 +53,7 @@ fn config(topo: &Topology, mode: Mode, tag: &str) -> ServerConfig {
             mode,
             interface: Some(topo.server_ifname().to_string()),
             workers: vec![0, 1],
-            pin_dir: Some(format!("/sys/fs/bpf/devplane-test-{tag}-{}", std::process::id()).into()),
+            pin_dir: Some(config_pin_dir(tag)),
             check_clients: true,
         },
         tuning: Tuning {
@@ -81,6 +85,7 @@ fn config(topo: &Topology, mode: Mode, tag: &str) -> ServerConfig {
                 vm: Some(VM),
                 pio_base: Some(PIO_A),
                 mmio_base: None,
+                backing: None,
             },
             ModelConfig {
                 id: MODEL_B,
@@ -90,6 +95,7 @@ fn config(topo: &Topology, mode: Mode, tag: &str) -> ServerConfig {
                 vm: None,
                 pio_base: None,
                 mmio_base: Some(MMIO_B),
+                backing: None,
             },
         ],
     }
@@ -416,6 +422,20 @@ fn raise(n: u32) -> Access {
 /// between workers keeps its state; a suspended VM's interrupts are held
 /// and delivered on resume, in order; a migrated VM's interrupts go to its
 /// new client platform.
+/// VM 1 is (or is not) suspended: in the server's view and, in XDP mode,
+/// in the `VM_SUSPENDED` flag of the pinned VMs map.
+fn check_suspended(srv: &ServerThread, mode: Mode, tag: &str, expect: bool) {
+    let held = srv.call(|s| s.suspended_vms()).expect("server thread");
+    assert_eq!(held.contains(&VM), expect, "server's suspended VMs: {held:?}");
+    if mode == Mode::Xdp {
+        let maps = devplane_control::AyaMaps::from_pinned(&config_pin_dir(tag))
+            .expect("open the pinned maps");
+        let flags = maps.vm(VM).expect("read the VMs map").map(|e| e.flags);
+        let want = if expect { VM_SUSPENDED } else { 0 };
+        assert_eq!(flags, Some(want), "VM_SUSPENDED in the map");
+    }
+}
+
 fn lifecycle(mode: Mode, tag: &str) {
     let test = format!("e2e_server_lifecycle_{tag}");
     if !privilege::require(&test, &[Capability::Root, Capability::Bpf]) {
@@ -461,6 +481,7 @@ fn lifecycle(mode: Mode, tag: &str) {
 
     // Suspend VM 1: its interrupts are held, then delivered in order.
     srv.call(|s| s.suspend_vm(VM)).unwrap().unwrap();
+    check_suspended(&srv, mode, tag, true);
     assert_eq!(c.call(MODEL_A, &[raise(3)]), vec![(Status::Ok, 0)]);
     assert_eq!(c.call(MODEL_A, &[raise(2)]), vec![(Status::Ok, 0)]);
     c.expect_silence(100);
@@ -468,6 +489,7 @@ fn lifecycle(mode: Mode, tag: &str) {
         s.workers.iter().map(|w| w.irqs_held).sum::<u64>() == 5
     });
     srv.call(|s| s.resume_vm(VM)).unwrap().unwrap();
+    check_suspended(&srv, mode, tag, false);
     let irqs = c.interrupts(5);
     let seqs: Vec<u64> = irqs.iter().map(|i| i.seq).collect();
     assert_eq!(seqs, vec![1, 2, 3, 4, 5], "held interrupts out of order");

@@ -135,6 +135,8 @@ pub struct Server {
     stats: Vec<Arc<WorkerStats>>,
     xdp: Option<XdpState>,
     id: u32,
+    /// VMs suspended now (their `VM_SUSPENDED` flag is set in the maps).
+    suspended: std::collections::BTreeSet<u32>,
 }
 
 fn build_dispatchers(cfg: &ServerConfig) -> Result<Vec<Dispatcher>, ServerError> {
@@ -214,6 +216,7 @@ impl Server {
             stats: Vec::new(),
             xdp: None,
             id: cfg.server.id,
+            suspended: Default::default(),
         };
         let lc = loop_config(cfg);
         let admission = Arc::new(socket::Admission {
@@ -283,6 +286,7 @@ impl Server {
                 pins,
             }),
             id: cfg.server.id,
+            suspended: Default::default(),
         };
         let lc = loop_config(cfg);
         server.spawn_workers(cfg, rings, dispatchers, move |w| {
@@ -423,22 +427,48 @@ impl Server {
         }
     }
 
-    /// Holds the interrupts of `vm` until [`Server::resume_vm`].
+    /// Writes `vm`'s entry (client, hypervisor, `VM_SUSPENDED`) into the
+    /// VMs map, in XDP mode.
+    fn put_vm_entry(&mut self, vm: u32) -> Result<(), ServerError> {
+        use devplane_control::maps::MapWriter;
+        let Some(v) = self.cfg.vms.iter().find(|v| v.id == vm) else {
+            return Err(ServerError::Config(format!("VM {vm} is not known here")));
+        };
+        let mut entry = devplane_control::maps::vm_entry(v);
+        if self.suspended.contains(&vm) {
+            entry.flags |= devplane_wire::maps::VM_SUSPENDED;
+        }
+        if let Some(x) = self.xdp.as_mut() {
+            x.maps.put_vm(vm, entry)?;
+        }
+        Ok(())
+    }
+
+    /// Holds the interrupts of `vm` until [`Server::resume_vm`], and marks
+    /// it suspended in the VMs map.
     pub fn suspend_vm(&mut self, vm: u32) -> Result<(), ServerError> {
         self.known_vm(vm)?;
-        self.broadcast(|| WorkerCmd::SuspendVm(vm))
+        self.broadcast(|| WorkerCmd::SuspendVm(vm))?;
+        self.suspended.insert(vm);
+        self.put_vm_entry(vm)
     }
 
     /// Delivers `vm`'s held interrupts, in order, and lets the next ones go.
     pub fn resume_vm(&mut self, vm: u32) -> Result<(), ServerError> {
         self.known_vm(vm)?;
+        self.suspended.remove(&vm);
+        self.put_vm_entry(vm)?;
         self.broadcast(|| WorkerCmd::ResumeVm(vm))
+    }
+
+    /// VMs suspended now.
+    pub fn suspended_vms(&self) -> Vec<u32> {
+        self.suspended.iter().copied().collect()
     }
 
     /// Sends `vm`'s interrupts to client platform `client` from now on
     /// (answers follow the requests by themselves).
     pub fn migrate_vm(&mut self, vm: u32, client: u32) -> Result<(), ServerError> {
-        use devplane_control::maps::MapWriter;
         if !self.cfg.clients.iter().any(|c| c.id == client) {
             return Err(ServerError::Config(format!(
                 "client {client} is not registered on this server"
@@ -451,10 +481,7 @@ impl Server {
             .find(|v| v.id == vm)
             .ok_or_else(|| ServerError::Config(format!("VM {vm} is not known here")))?;
         v.client = client;
-        let entry = devplane_control::maps::vm_entry(v);
-        if let Some(x) = self.xdp.as_mut() {
-            x.maps.put_vm(vm, entry)?;
-        }
+        self.put_vm_entry(vm)?;
         self.broadcast(|| WorkerCmd::MigrateVm { vm, client })
     }
 
