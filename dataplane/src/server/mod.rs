@@ -31,7 +31,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use aya::programs::XdpMode;
-use devplane_control::config::{Mode, ServerConfig};
+use devplane_control::config::{Mode, ModelConfig, ServerConfig};
 use devplane_devmodels::registry::{self, ModelParams};
 
 use crate::xdp::{Program, Stats, XdpError};
@@ -137,6 +137,8 @@ pub struct Server {
     id: u32,
     /// VMs suspended now (their `VM_SUSPENDED` flag is set in the maps).
     suspended: std::collections::BTreeSet<u32>,
+    /// Socket mode: the admission check's model set, for live changes.
+    admission: Option<Arc<socket::Admission>>,
 }
 
 fn build_dispatchers(cfg: &ServerConfig) -> Result<Vec<Dispatcher>, ServerError> {
@@ -145,8 +147,14 @@ fn build_dispatchers(cfg: &ServerConfig) -> Result<Vec<Dispatcher>, ServerError>
         .collect();
     let vms: HashMap<u32, u32> = cfg.vms.iter().map(|v| (v.id, v.hypervisor)).collect();
     for m in &cfg.models {
-        let model = registry::build(&m.kind, ModelParams { line: m.line })
-            .map_err(|source| ServerError::Model { id: m.id, source })?;
+        let model = registry::build(
+            &m.kind,
+            ModelParams {
+                line: m.line,
+                ..Default::default()
+            },
+        )
+        .map_err(|source| ServerError::Model { id: m.id, source })?;
         let mut slot = ModelSlot::new(
             model,
             m.pio_base.map(u64::from).unwrap_or(0),
@@ -217,13 +225,16 @@ impl Server {
             xdp: None,
             id: cfg.server.id,
             suspended: Default::default(),
+            admission: None,
+            admission: None,
         };
         let lc = loop_config(cfg);
         let admission = Arc::new(socket::Admission {
-            models: cfg.models.iter().map(|m| m.id).collect(),
+            models: std::sync::RwLock::new(cfg.models.iter().map(|m| m.id).collect()),
             clients: cfg.clients.iter().map(|c| (c.id, c.address)).collect(),
             check_clients: cfg.server.check_clients,
         });
+        server.admission = Some(admission.clone());
         server.spawn_workers(cfg, sockets, build_dispatchers(cfg)?, move |w| {
             socket::run_worker(
                 w.io,
@@ -287,6 +298,8 @@ impl Server {
             }),
             id: cfg.server.id,
             suspended: Default::default(),
+            admission: None,
+            admission: None,
         };
         let lc = loop_config(cfg);
         server.spawn_workers(cfg, rings, dispatchers, move |w| {
@@ -396,6 +409,78 @@ impl Server {
             .map_err(|e| {
                 ServerError::Config(format!("worker {to} cannot restore model {model}: {e}"))
             })
+    }
+
+    /// Starts serving a new device model on its worker, then routes its
+    /// requests there (XDP route map or socket steering and admission).
+    pub fn add_model(&mut self, m: ModelConfig) -> Result<(), ServerError> {
+        if m.id == 0 || self.cfg.models.iter().any(|x| x.id == m.id) {
+            return Err(ServerError::Config(format!(
+                "model {} is already served here (or id 0): remove it first or pick another id",
+                m.id
+            )));
+        }
+        if m.worker >= self.cmds.len() {
+            return Err(ServerError::Config(format!(
+                "model {}: worker {} does not exist (this server has {})",
+                m.id,
+                m.worker,
+                self.cmds.len()
+            )));
+        }
+        let mut cfg = self.cfg.clone();
+        cfg.models = vec![m.clone()];
+        let mut slots = build_dispatchers(&cfg)?;
+        let slot = slots[m.worker]
+            .remove(m.id)
+            .ok_or_else(|| ServerError::Config(format!("model {} was not built", m.id)))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.send(
+            m.worker,
+            WorkerCmd::Insert {
+                model: m.id,
+                slot: Box::new(slot),
+                reply: tx,
+            },
+        )?;
+        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| {
+            ServerError::Config(format!("worker {} did not take model {}", m.worker, m.id))
+        })?;
+        self.cfg.models.push(m.clone());
+        if let Some(a) = &self.admission
+            && let Ok(mut set) = a.models.write()
+        {
+            set.insert(m.id);
+        }
+        self.reroute()
+    }
+
+    /// Stops serving a device model: unroutes it, then drops it from its
+    /// worker.
+    pub fn remove_model(&mut self, model: u32) -> Result<(), ServerError> {
+        use devplane_control::maps::MapWriter;
+        let idx = self
+            .cfg
+            .models
+            .iter()
+            .position(|m| m.id == model)
+            .ok_or_else(|| ServerError::Config(format!("model {model} is not served here")))?;
+        let m = self.cfg.models.remove(idx);
+        if let Some(x) = self.xdp.as_mut() {
+            x.maps.remove_route(model)?;
+        }
+        if let Some(a) = &self.admission
+            && let Ok(mut set) = a.models.write()
+        {
+            set.remove(&model);
+        }
+        self.reroute()?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.send(m.worker, WorkerCmd::Release { model, reply: tx })?;
+        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| {
+            ServerError::Config(format!("worker {} did not drop model {model}", m.worker))
+        })?;
+        Ok(())
     }
 
     /// Points the data path at the models' current workers.
