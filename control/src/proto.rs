@@ -29,6 +29,16 @@ pub enum Request {
         /// The worker index to move it to.
         worker: usize,
     },
+    /// Start serving a device model (already in the database) live.
+    AddModel {
+        /// The model, as the server's configuration describes it.
+        model: crate::config::ModelConfig,
+    },
+    /// Stop serving a device model live.
+    RemoveModel {
+        /// The model.
+        model: u32,
+    },
     /// Hold a VM's interrupts.
     SuspendVm {
         /// The VM.
@@ -157,6 +167,10 @@ mod tests {
                 model: 4,
                 worker: 1,
             },
+            Request::AddModel {
+                model: crate::config::ModelConfig::new(9, "counter", 1),
+            },
+            Request::RemoveModel { model: 9 },
             Request::SuspendVm { vm: 2 },
             Request::ResumeVm { vm: 2 },
             Request::MigrateVm { vm: 2, client: 8 },

@@ -31,6 +31,7 @@ const HV: u32 = 3;
 const MODEL_A: u32 = 100;
 /// Echo model on worker 1 at MMIO 0xd000_0000.
 const MODEL_B: u32 = 200;
+const MODEL_C: u32 = 300;
 const PIO_A: u16 = 0x500;
 /// A second client platform, at `second_ip`.
 const CLIENT2: u32 = 8;
@@ -426,7 +427,11 @@ fn raise(n: u32) -> Access {
 /// in the `VM_SUSPENDED` flag of the pinned VMs map.
 fn check_suspended(srv: &ServerThread, mode: Mode, tag: &str, expect: bool) {
     let held = srv.call(|s| s.suspended_vms()).expect("server thread");
-    assert_eq!(held.contains(&VM), expect, "server's suspended VMs: {held:?}");
+    assert_eq!(
+        held.contains(&VM),
+        expect,
+        "server's suspended VMs: {held:?}"
+    );
     if mode == Mode::Xdp {
         let maps = devplane_control::AyaMaps::from_pinned(&config_pin_dir(tag))
             .expect("open the pinned maps");
@@ -526,6 +531,38 @@ fn lifecycle(mode: Mode, tag: &str) {
     let moved = c2.interrupts(2);
     assert_eq!(moved.iter().map(|i| i.seq).collect::<Vec<_>>(), vec![6, 7]);
     c.expect_silence(100);
+
+    // Add a model live, use it, then remove it: its requests are dropped.
+    let mc = ModelConfig {
+        pio_base: Some(PIO_A),
+        ..ModelConfig::new(MODEL_C, "counter", 1)
+    };
+    let again = mc.clone();
+    srv.call(move |s| s.add_model(mc)).unwrap().unwrap();
+    c.sock
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert_eq!(
+        c.call(MODEL_C, &[pio_write(5), pio_write(6), pio_read()]),
+        vec![(Status::Ok, 0), (Status::Ok, 0), (Status::Ok, 2)],
+        "the model added live serves requests"
+    );
+    let err = srv.call(move |s| s.add_model(again)).unwrap().unwrap_err();
+    assert!(err.to_string().contains("already served"), "{err}");
+    srv.call(|s| s.remove_model(MODEL_C)).unwrap().unwrap();
+    let rec = c.request(pio_read());
+    c.send_raw(&c.encode(MODEL_C, c.client, &[rec]));
+    c.expect_silence(100);
+    let err = srv.call(|s| s.remove_model(MODEL_C)).unwrap().unwrap_err();
+    assert!(err.to_string().contains("not served"), "{err}");
+    // Model A is untouched by the change.
+    c.sock
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert_eq!(
+        c.call(MODEL_A, &[pio_read()]),
+        vec![(Status::Ok, writes as u64)]
+    );
     srv.stop();
 }
 

@@ -390,6 +390,37 @@ fn the_database_drives_the_maps_and_a_crash_is_repaired_at_start() {
         &other(9),
     ]);
     assert!(maps.client(9).unwrap().is_some(), "client 9 applied live");
+    // A model added with --apply-to is instantiated by the running server
+    // (a move to its own worker succeeds only for a model it serves),
+    // routed in its maps, and dropped again on removal.
+    let not_served = db(None, &["models", "move", "43", "--to-worker", "0"]);
+    assert!(!not_served.status.success());
+    assert!(
+        String::from_utf8_lossy(&not_served.stderr).contains("not served"),
+        "{}",
+        String::from_utf8_lossy(&not_served.stderr)
+    );
+    ok(&[
+        "--apply-to",
+        apply,
+        "models",
+        "add",
+        "43",
+        "--kind",
+        "counter",
+        "--server",
+        "3",
+        "--worker",
+        "0",
+        "--pio-base",
+        "0x600",
+    ]);
+    assert!(maps.route(43).unwrap().is_some(), "model 43 routed");
+    ok(&["models", "move", "43", "--to-worker", "0"]);
+    ok(&["--apply-to", apply, "models", "remove", "43"]);
+    assert!(maps.route(43).unwrap().is_none(), "model 43 unrouted");
+    let gone = db(None, &["models", "move", "43", "--to-worker", "0"]);
+    assert!(!gone.status.success(), "model 43 still served");
     // A crash between the database write and the map update.
     let crashed = db(
         Some(("DPCTL_FAULT", "after-db-write")),

@@ -498,8 +498,12 @@ fn change(cli: &Cli, db: &mut Db, change: Change, json: bool) -> Result<String, 
     } else {
         "remove"
     };
+    let live = apply::live_request(db, &change);
     db.apply(change)?;
     if let Some(cfg) = &cli.apply_to {
+        if let Some(live) = live {
+            apply::to_running(cli, cfg, live)?;
+        }
         apply::to_server(db, cfg)?;
     }
     if json {

@@ -139,6 +139,8 @@ pub fn handle(server: &mut Server, request: Request) -> Response {
                 .unwrap_or_default(),
         },
         Request::MoveModel { model, worker } => done(server.move_model(model, worker)),
+        Request::AddModel { model } => done(server.add_model(model)),
+        Request::RemoveModel { model } => done(server.remove_model(model)),
         Request::SuspendVm { vm } => done(server.suspend_vm(vm)),
         Request::ResumeVm { vm } => done(server.resume_vm(vm)),
         Request::MigrateVm { vm, client } => done(server.migrate_vm(vm, client)),

@@ -44,6 +44,15 @@ pub enum WorkerCmd {
         /// The outcome.
         reply: Sender<Result<(), String>>,
     },
+    /// Serve a new model (added live).
+    Insert {
+        /// The model.
+        model: u32,
+        /// It, with its bases and interrupt target.
+        slot: Box<super::dispatch::ModelSlot>,
+        /// Sent once it is in place.
+        reply: Sender<()>,
+    },
     /// Hold the VM's interrupts.
     SuspendVm(u32),
     /// Deliver the VM's held interrupts, in order, and the next ones.
@@ -89,6 +98,10 @@ impl WorkerCtl {
                     reply,
                 } => {
                     let _ = reply.send(disp.adopt(model, handover));
+                }
+                WorkerCmd::Insert { model, slot, reply } => {
+                    disp.insert(model, *slot);
+                    let _ = reply.send(());
                 }
                 WorkerCmd::SuspendVm(vm) => router.suspend(vm),
                 WorkerCmd::ResumeVm(vm) => router.resume(vm),

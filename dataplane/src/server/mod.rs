@@ -226,7 +226,6 @@ impl Server {
             id: cfg.server.id,
             suspended: Default::default(),
             admission: None,
-            admission: None,
         };
         let lc = loop_config(cfg);
         let admission = Arc::new(socket::Admission {
@@ -298,7 +297,6 @@ impl Server {
             }),
             id: cfg.server.id,
             suspended: Default::default(),
-            admission: None,
             admission: None,
         };
         let lc = loop_config(cfg);

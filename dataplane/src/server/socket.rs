@@ -138,10 +138,11 @@ pub fn steer(sock: &UdpSocket, routes: &[(u32, u32)]) -> Result<(), ServerError>
 /// What the XDP program checks, done in userspace for socket mode: the
 /// device model is served here, the client is registered and the datagram
 /// comes from the client's registered address.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Admission {
-    /// Models served by this server.
-    pub models: HashSet<u32>,
+    /// Models served by this server (changed when a model is added or
+    /// removed live; an uncontended read lock per datagram).
+    pub models: std::sync::RwLock<HashSet<u32>>,
     /// Registered clients and their addresses.
     pub clients: HashMap<u32, Ipv4Addr>,
     /// Whether to check clients (`server.check_clients`).
@@ -163,7 +164,7 @@ impl Admission {
         };
         // Too short to name a model: the dispatcher rejects it as malformed.
         let model = word(devplane_wire::header::OFF_MODEL)?;
-        if !self.models.contains(&model) {
+        if !self.models.read().is_ok_and(|m| m.contains(&model)) {
             return Some(&stats.drop_unknown_model);
         }
         if self.check_clients {

@@ -6,11 +6,68 @@
 
 use std::path::Path;
 
-use devplane_control::config::{Mode, ServerConfig};
-use devplane_control::db::{Db, ServerSettings, repair};
+use devplane_control::config::{Mode, ModelConfig, ServerConfig};
+use devplane_control::db::{Change, Db, ServerSettings, repair};
 use devplane_control::maps::AyaMaps;
+use devplane_control::proto::{self, ProtoError, Request, Response};
 
-use super::{EXIT_FAILED, Failure};
+use super::{Cli, EXIT_FAILED, Failure};
+
+/// A database change that a running server must also act on (not only
+/// its maps): a device model to instantiate or drop. With the server it
+/// is for.
+pub(super) fn live_request(db: &Db, change: &Change) -> Option<(Option<u32>, Request)> {
+    match change {
+        Change::AddModel(m) => Some((
+            Some(m.server),
+            Request::AddModel {
+                model: ModelConfig {
+                    id: m.id,
+                    kind: m.kind.clone(),
+                    worker: m.worker as usize,
+                    line: m.line,
+                    vm: m.vm,
+                    pio_base: m.pio_base,
+                    mmio_base: m.mmio_base,
+                    backing: m.backing.clone(),
+                },
+            },
+        )),
+        Change::RemoveModel(id) => Some((
+            db.state()
+                .models
+                .iter()
+                .find(|m| m.id == *id)
+                .map(|m| m.server),
+            Request::RemoveModel { model: *id },
+        )),
+        _ => None,
+    }
+}
+
+/// Asks the running server configured in `cfg_path` (at `--socket`) to
+/// act on `live`. A server that is not running is fine: its next start
+/// builds its models from the database.
+pub(super) fn to_running(
+    cli: &Cli,
+    cfg_path: &Path,
+    (server, live): (Option<u32>, Request),
+) -> Result<(), Failure> {
+    let cfg = ServerConfig::from_file(cfg_path)
+        .map_err(|e| failed(format!("{}: {e}", cfg_path.display())))?;
+    if server.is_some_and(|s| s != cfg.server.id) {
+        return Ok(());
+    }
+    match proto::call(&cli.socket, &live, std::time::Duration::from_secs(10)) {
+        Ok(Response::Error { message }) => Err(failed(format!(
+            "the change is saved, but the running server refused it: {message}"
+        ))),
+        Ok(_) | Err(ProtoError::NotRunning { .. }) => Ok(()),
+        Err(e) => Err(failed(format!(
+            "the change is saved, but the running server did not take it: {e}"
+        ))),
+    }
+}
 
 /// Environment variable for fault injection in tests: `after-db-write`
 /// makes dpctl exit (status 70) between the database write and the map
