@@ -56,6 +56,9 @@ pub struct Handover {
     pub irq_target: Option<(u32, u32)>,
     /// Next interrupt sequence number.
     pub irq_seq: u64,
+    /// What the new instance is built with before the snapshot is restored
+    /// (its backing file, say); the server fills it from the configuration.
+    pub params: devplane_devmodels::registry::ModelParams,
     /// Duplicate windows of the old owner.
     windows: HashMap<(u32, u16), SeqWindow>,
 }
@@ -201,6 +204,7 @@ impl Dispatcher {
             mmio_base: slot.mmio_base,
             irq_target: slot.irq_target,
             irq_seq: slot.irq_seq,
+            params: Default::default(),
             windows: self.windows.clone(),
         })
     }
@@ -208,7 +212,7 @@ impl Dispatcher {
     /// Takes model `id` over from a [`Handover`]: a new model of the same
     /// kind restored from the snapshot, and the windows merged.
     pub fn adopt(&mut self, id: u32, h: Handover) -> Result<(), String> {
-        let mut model = devplane_devmodels::registry::build(h.kind, Default::default())
+        let mut model = devplane_devmodels::registry::build(h.kind, h.params.clone())
             .map_err(|e| e.to_string())?;
         model.restore(&h.snapshot).map_err(|e| e.to_string())?;
         for (key, w) in h.windows {

@@ -151,7 +151,7 @@ fn build_dispatchers(cfg: &ServerConfig) -> Result<Vec<Dispatcher>, ServerError>
             &m.kind,
             ModelParams {
                 line: m.line,
-                ..Default::default()
+                backing: m.backing.clone(),
             },
         )
         .map_err(|source| ServerError::Model { id: m.id, source })?;
@@ -383,7 +383,7 @@ impl Server {
         }
         let (tx, rx) = std::sync::mpsc::channel();
         self.send(from, WorkerCmd::Release { model, reply: tx })?;
-        let handover = rx
+        let mut handover = rx
             .recv_timeout(timeout)
             .map_err(|_| {
                 ServerError::Config(format!("worker {from} did not release model {model}"))
@@ -391,6 +391,10 @@ impl Server {
             .ok_or_else(|| {
                 ServerError::Config(format!("worker {from} does not hold model {model}"))
             })?;
+        handover.params = ModelParams {
+            line: self.cfg.models[idx].line,
+            backing: self.cfg.models[idx].backing.clone(),
+        };
         self.cfg.models[idx].worker = to;
         self.reroute()?;
         let (tx, rx) = std::sync::mpsc::channel();
