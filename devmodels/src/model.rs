@@ -34,6 +34,15 @@ pub enum DeviceError {
         /// Access size in bytes.
         size: usize,
     },
+    /// The model's backing store failed the access (an I/O error on the
+    /// host running the model; the model reported the cause on stderr).
+    #[error("backing store I/O failed at {space:?} offset {offset:#x}")]
+    Io {
+        /// Address space.
+        space: Space,
+        /// Offset from the model's base.
+        offset: u64,
+    },
 }
 
 impl DeviceError {
@@ -41,7 +50,10 @@ impl DeviceError {
     pub fn status(&self) -> devplane_wire::Status {
         match self {
             DeviceError::Unmapped { .. } => devplane_wire::Status::Unmapped,
-            DeviceError::BadAccess { .. } => devplane_wire::Status::Rejected,
+            // The wire has no I/O-error status; the access is refused.
+            DeviceError::BadAccess { .. } | DeviceError::Io { .. } => {
+                devplane_wire::Status::Rejected
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use crate::DeviceModel;
+use crate::blockstore::{self, Blockstore};
 use crate::cmos::Cmos;
 use crate::counter::Counter;
 use crate::i8042::I8042;
@@ -10,7 +11,15 @@ use crate::null::{Echo, Null};
 use crate::uart::{self, Uart};
 
 /// The kinds [`build`] knows.
-pub const KINDS: &[&str] = &["null", "echo", "counter", "uart", "cmos", "i8042"];
+pub const KINDS: &[&str] = &[
+    "null",
+    "echo",
+    "counter",
+    "uart",
+    "cmos",
+    "i8042",
+    "blockstore",
+];
 
 /// Parameters a model may take from its configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -28,10 +37,15 @@ pub enum BuildError {
     /// No such kind.
     #[error("unknown device-model kind {0:?} (known: {k})", k = KINDS.join(", "))]
     UnknownKind(String),
-    /// The backing file could not be opened or created.
+    /// The kind needs a backing file and none was given.
     #[error(
-        "cannot open {path} as the backing file of a {kind} model: {why} \
-         (check that the directory exists and is writable by the server)",
+        "a {0} model needs a backing file: give the model one in the \
+         configuration (its `backing` path, on the server that runs it)"
+    )]
+    MissingBacking(&'static str),
+    /// The backing file could not be used.
+    #[error(
+        "a {kind} model cannot use its backing file {path}: {why}",
         path = .path.display()
     )]
     Backing {
@@ -57,7 +71,9 @@ pub fn build(kind: &str, params: ModelParams) -> Result<Box<dyn DeviceModel>, Bu
                     Box::new(Uart::with_log(line, log).map_err(|e| BuildError::Backing {
                         kind: uart::KIND,
                         path: log.clone(),
-                        why: e.to_string(),
+                        why: format!(
+                            "{e} (check that the directory exists and the server may write there)"
+                        ),
                     })?)
                 }
                 None => Box::new(Uart::new(line)),
@@ -65,6 +81,17 @@ pub fn build(kind: &str, params: ModelParams) -> Result<Box<dyn DeviceModel>, Bu
         }
         "cmos" => Box::new(Cmos::new()),
         "i8042" => Box::new(I8042::new()),
+        "blockstore" => {
+            let path = params
+                .backing
+                .as_ref()
+                .ok_or(BuildError::MissingBacking(blockstore::KIND))?;
+            Box::new(Blockstore::open(path).map_err(|e| BuildError::Backing {
+                kind: blockstore::KIND,
+                path: path.clone(),
+                why: e.to_string(),
+            })?)
+        }
         other => return Err(BuildError::UnknownKind(other.to_string())),
     })
 }
@@ -76,17 +103,61 @@ mod tests {
     use super::*;
     use crate::Space;
 
+    /// A unique directory under the temporary directory, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            let dir = std::env::temp_dir()
+                .join(format!("devplane-registry-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn builds_every_kind_and_rejects_others() {
+        let dir = TempDir::new("kinds");
         for k in KINDS {
-            assert_eq!(build(k, ModelParams::default()).unwrap().kind(), *k);
+            let params = ModelParams {
+                backing: Some(dir.0.join(format!("{k}.backing"))),
+                ..Default::default()
+            };
+            assert_eq!(build(k, params).unwrap().kind(), *k);
         }
         let e = build("floppy", ModelParams::default()).err().unwrap();
         assert!(
             e.to_string()
-                .contains("known: null, echo, counter, uart, cmos, i8042"),
+                .contains("known: null, echo, counter, uart, cmos, i8042, blockstore"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_blockstore_needs_a_backing_file() {
+        let e = build("blockstore", ModelParams::default()).err().unwrap();
+        assert_eq!(e, BuildError::MissingBacking("blockstore"));
+        assert!(e.to_string().contains("needs a backing file"), "{e}");
+        let path = PathBuf::from("/nonexistent-devplane-dir/disk.img");
+        let e = build(
+            "blockstore",
+            ModelParams {
+                backing: Some(path.clone()),
+                ..Default::default()
+            },
+        )
+        .err()
+        .unwrap();
+        let msg = e.to_string();
+        assert!(msg.contains("/nonexistent-devplane-dir/disk.img"), "{msg}");
+        assert!(msg.contains("directory exists"), "{msg}");
     }
 
     #[test]

@@ -1,0 +1,1180 @@
+//! A disk held in a file on the host running the model (the server), reached
+//! through an MMIO register window; the client's virtio-blk device speaks
+//! to it.
+//!
+//! Layout, offsets from the model's MMIO base (port I/O is not decoded):
+//!
+//! | offset | access | meaning |
+//! | --- | --- | --- |
+//! | `0 .. capacity` | read/write 1, 2, 4 or 8 bytes, naturally aligned | the disk's bytes at that offset, little-endian |
+//! | [`CTRL_BASE`] + [`CTRL_CAPACITY`] | read, 8 bytes | capacity in bytes |
+//! | [`CTRL_BASE`] + [`CTRL_FLUSH`] | write, 8 bytes | write every dirty page back and fsync; the write returns after that |
+//! | | read, 8 bytes | flushes completed (a failed flush does not count) |
+//! | [`CTRL_BASE`] + [`CTRL_SECTOR_SIZE`] | read, 8 bytes | 512 |
+//! | [`CTRL_BASE`] + [`CTRL_WRITES`] | read, 8 bytes | data writes applied so far |
+//! | [`CTRL_BASE`] + [`CTRL_FAILURES`] | read, 8 bytes | failed write-backs, flushes and page reads so far |
+//!
+//! Anything else is refused: [`DeviceError::Unmapped`] for no register,
+//! [`DeviceError::BadAccess`] for a bad size, alignment or direction,
+//! [`DeviceError::Io`] when a page cannot be read from the file.
+//!
+//! # The file
+//!
+//! [`Blockstore::open`] creates the file, [`DEFAULT_SIZE`] bytes long
+//! (sparse), if it does not exist. The capacity is the file's length
+//! rounded down to [`SECTOR_SIZE`] (and below [`CTRL_BASE`]); bytes past it
+//! are never touched, and the file is never grown.
+//!
+//! # Write cache and durability
+//!
+//! Writes land in a write-back cache of [`PAGE_SIZE`] pages. Writes not
+//! yet flushed are a *volatile write cache*, as virtio-blk's
+//! `VIRTIO_BLK_F_FLUSH` allows: a crash of the server may lose them, and
+//! only a completed flush ([`CTRL_FLUSH`]) makes them durable — the
+//! "acknowledged write" a restart must not lose. A flush is one io_uring
+//! submission of every dirty page's write with an fsync linked after them
+//! (`IOSQE_IO_LINK`), and it blocks the owning worker until the fsync has
+//! completed. When more than [`DIRTY_LIMIT`] pages are dirty they are
+//! written back without an fsync. A clean-page cache of
+//! [`CLEAN_CACHE_PAGES`] pages (least recently used evicted first) spares
+//! reads a trip to the file; a miss reads the whole page with io_uring.
+//!
+//! I/O failures never panic and never fail a write or a flush access: a
+//! page whose write fails stays dirty (a later flush retries it), a failed
+//! fsync keeps the flush's pages dirty and does not count the flush, and
+//! every failure is counted ([`CTRL_FAILURES`]) and reported on stderr.
+//! One caveat, as with any page cache: pages written back without an
+//! fsync (above the dirty limit) are no longer held here, so if a later
+//! fsync fails they may be lost; that flush is not counted, so the guest
+//! learns that its data is not durable. A model dropped with dirty pages
+//! (server stopped, model removed) flushes them first.
+//!
+//! # Snapshot
+//!
+//! Version 1: the file's path, the capacity, the flush, write and failure
+//! counts, and every dirty page — a move between workers loses no
+//! unflushed write. Restoring reopens the file (which must exist and have
+//! the same capacity) and rebuilds the clean cache empty.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use devplane_wire::AccessSize;
+use io_uring::{IoUring, opcode, squeue, types};
+
+use crate::codec::{Decoder, Encoder};
+use crate::{DeviceError, DeviceModel, Snapshot, SnapshotError, Space};
+
+/// The kind name.
+pub const KIND: &str = "blockstore";
+/// Sector size: the capacity is a whole number of sectors.
+pub const SECTOR_SIZE: u64 = 512;
+/// Cache page size.
+pub const PAGE_SIZE: usize = 4096;
+/// Size of a disk image created because none existed.
+pub const DEFAULT_SIZE: u64 = 64 << 20;
+/// Start of the control block (1 TiB, past any disk this model serves).
+pub const CTRL_BASE: u64 = 1 << 40;
+/// Capacity in bytes (read-only), from [`CTRL_BASE`].
+pub const CTRL_CAPACITY: u64 = 0;
+/// Flush (write) / flushes completed (read), from [`CTRL_BASE`].
+pub const CTRL_FLUSH: u64 = 8;
+/// Sector size (read-only), from [`CTRL_BASE`].
+pub const CTRL_SECTOR_SIZE: u64 = 16;
+/// Data writes applied (read-only), from [`CTRL_BASE`].
+pub const CTRL_WRITES: u64 = 24;
+/// I/O failures (read-only), from [`CTRL_BASE`].
+pub const CTRL_FAILURES: u64 = 32;
+/// Dirty pages above which the cache writes back (without an fsync).
+pub const DIRTY_LIMIT: usize = 1024;
+/// Clean pages kept for reads.
+pub const CLEAN_CACHE_PAGES: usize = 256;
+
+/// Submission queue entries: a whole write-back above [`DIRTY_LIMIT`],
+/// plus its fsync, fits in one submission.
+const RING_ENTRIES: usize = 2048;
+/// Longest backing-file path a snapshot may carry.
+const MAX_PATH: usize = 4096;
+/// A snapshot's layout version.
+const SNAPSHOT_VERSION: u32 = 1;
+
+/// One cache page.
+type Page = [u8; PAGE_SIZE];
+
+/// Why a block store could not be opened. The message leaves the file's
+/// path to the caller, which names it (see [`BlockstoreError::path`]).
+#[derive(Debug, thiserror::Error)]
+pub enum BlockstoreError {
+    /// The file could not be opened, created or sized.
+    #[error(
+        "cannot open or create it: {source} \
+         (check that the directory exists and the server may write there)"
+    )]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// What the system said.
+        source: io::Error,
+    },
+    /// The file holds not even one sector.
+    #[error(
+        "it is {len} bytes, less than one {SECTOR_SIZE}-byte sector: \
+         give it a size (truncate -s 64M) or remove it to have one created"
+    )]
+    TooSmall {
+        /// The file.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+    },
+    /// A restored snapshot's disk image changed size since.
+    #[error(
+        "it holds {len} bytes but the snapshot's disk held {expected}: \
+         restore onto the same image the model was using"
+    )]
+    SizeChanged {
+        /// The file.
+        path: PathBuf,
+        /// Its capacity now.
+        len: u64,
+        /// The capacity in the snapshot.
+        expected: u64,
+    },
+    /// No io_uring instance could be set up.
+    #[error(
+        "cannot set up io_uring: {source} \
+         (is io_uring disabled by the kernel.io_uring_disabled sysctl or a seccomp filter?)"
+    )]
+    Ring {
+        /// The file.
+        path: PathBuf,
+        /// What the system said.
+        source: io::Error,
+    },
+}
+
+impl BlockstoreError {
+    /// The disk image concerned.
+    pub fn path(&self) -> &Path {
+        match self {
+            BlockstoreError::Open { path, .. }
+            | BlockstoreError::TooSmall { path, .. }
+            | BlockstoreError::SizeChanged { path, .. }
+            | BlockstoreError::Ring { path, .. } => path,
+        }
+    }
+}
+
+/// A clean page and when it was last used.
+#[derive(Debug)]
+struct CleanPage {
+    data: Box<Page>,
+    used: u64,
+}
+
+/// A disk in a file, behind a write-back page cache.
+pub struct Blockstore {
+    path: PathBuf,
+    file: File,
+    /// `None` after a ring failure left operations of unknown state; a
+    /// new ring is set up on the next I/O.
+    ring: Option<IoUring>,
+    capacity: u64,
+    dirty: BTreeMap<u64, Box<Page>>,
+    clean: HashMap<u64, CleanPage>,
+    clock: u64,
+    flushes: u64,
+    writes: u64,
+    failures: u64,
+}
+
+impl std::fmt::Debug for Blockstore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Blockstore")
+            .field("path", &self.path)
+            .field("capacity", &self.capacity)
+            .field("dirty_pages", &self.dirty.len())
+            .field("clean_pages", &self.clean.len())
+            .field("flushes", &self.flushes)
+            .field("writes", &self.writes)
+            .field("failures", &self.failures)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens `path` read-write, creating it [`DEFAULT_SIZE`] bytes long if
+/// `create` and it does not exist; returns the file and its capacity.
+fn open_image(path: &Path, create: bool) -> Result<(File, u64), BlockstoreError> {
+    let err = |source| BlockstoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if create && e.kind() == io::ErrorKind::NotFound => {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(err)?;
+            f.set_len(DEFAULT_SIZE).map_err(err)?;
+            f
+        }
+        Err(e) => return Err(err(e)),
+    };
+    let len = file.metadata().map_err(err)?.len();
+    let capacity = len.min(CTRL_BASE) / SECTOR_SIZE * SECTOR_SIZE;
+    if capacity == 0 {
+        return Err(BlockstoreError::TooSmall {
+            path: path.to_path_buf(),
+            len,
+        });
+    }
+    Ok((file, capacity))
+}
+
+fn new_ring(path: &Path) -> Result<IoUring, BlockstoreError> {
+    IoUring::new(RING_ENTRIES as u32).map_err(|source| BlockstoreError::Ring {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Submits `entries` (each with its index as user data) in one submission
+/// and waits for all their completions; returns their results in order.
+///
+/// An error means the ring is in an unknown state: operations may still be
+/// in flight, so the caller must drop the ring and leak every buffer the
+/// entries name.
+///
+/// # Safety
+///
+/// Every buffer an entry names must stay valid (and, for a read, not be
+/// otherwise accessed) until this returns `Ok`, or forever if it returns
+/// an error.
+unsafe fn run(ring: &mut IoUring, entries: &[squeue::Entry]) -> io::Result<Vec<i32>> {
+    {
+        let mut sq = ring.submission();
+        if entries.len() > sq.capacity() - sq.len() {
+            return Err(io::Error::other("more operations than the ring holds"));
+        }
+        for e in entries {
+            // SAFETY: the caller keeps the buffers valid (see above); the
+            // room was checked, so no entry is left half-queued.
+            unsafe { sq.push(e) }.map_err(|_| io::Error::other("submission queue full"))?;
+        }
+    }
+    let mut results: Vec<Option<i32>> = vec![None; entries.len()];
+    let mut done = 0;
+    while done < entries.len() {
+        match ring.submit_and_wait(entries.len() - done) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::ResourceBusy
+                ) => {}
+            Err(e) => return Err(e),
+        }
+        for cqe in ring.completion() {
+            let slot = usize::try_from(cqe.user_data())
+                .ok()
+                .and_then(|i| results.get_mut(i));
+            if let Some(slot @ None) = slot {
+                *slot = Some(cqe.result());
+                done += 1;
+            }
+        }
+    }
+    Ok(results.into_iter().map(|r| r.unwrap_or(0)).collect())
+}
+
+impl Blockstore {
+    /// Opens the disk image at `path`, creating it [`DEFAULT_SIZE`] bytes
+    /// long if it does not exist.
+    pub fn open(path: &Path) -> Result<Blockstore, BlockstoreError> {
+        let (file, capacity) = open_image(path, true)?;
+        let ring = new_ring(path)?;
+        Ok(Blockstore {
+            path: path.to_path_buf(),
+            file,
+            ring: Some(ring),
+            capacity,
+            dirty: BTreeMap::new(),
+            clean: HashMap::new(),
+            clock: 0,
+            flushes: 0,
+            writes: 0,
+            failures: 0,
+        })
+    }
+
+    /// The disk image's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Capacity in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Flushes completed.
+    pub fn flushes(&self) -> u64 {
+        self.flushes
+    }
+
+    /// Data writes applied.
+    pub fn writes(&self) -> u64 {
+        self.writes
+    }
+
+    /// I/O failures so far.
+    pub fn failures(&self) -> u64 {
+        self.failures
+    }
+
+    /// Pages written but not yet written back.
+    pub fn dirty_pages(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// Writes every dirty page back and fsyncs the file; true if all of it
+    /// succeeded (then the flush is counted).
+    pub fn flush(&mut self) -> bool {
+        let ok = self.write_back(true);
+        if ok {
+            self.flushes += 1;
+        }
+        ok
+    }
+
+    /// Counts a failure and reports it on stderr (the first few, then
+    /// at powers of two, so a dead disk does not flood the log).
+    fn fail(&mut self, what: std::fmt::Arguments<'_>) {
+        self.failures += 1;
+        if self.failures <= 8 || self.failures.is_power_of_two() {
+            eprintln!(
+                "blockstore {}: {what} (failure {} of this model)",
+                self.path.display(),
+                self.failures
+            );
+        }
+    }
+
+    /// Bytes of page `index` inside the capacity.
+    fn page_len(capacity: u64, index: u64) -> usize {
+        let start = index * PAGE_SIZE as u64;
+        // At most PAGE_SIZE, so it fits.
+        capacity.saturating_sub(start).min(PAGE_SIZE as u64) as usize
+    }
+
+    /// Reads page `index` from the file (zeros past its end), setting up
+    /// a ring in `slot` if there is none.
+    fn load(
+        slot: &mut Option<IoUring>,
+        path: &Path,
+        file: &File,
+        capacity: u64,
+        index: u64,
+    ) -> io::Result<Box<Page>> {
+        if slot.is_none() {
+            *slot = Some(new_ring(path).map_err(|e| io::Error::other(e.to_string()))?);
+        }
+        let Some(ring) = slot.as_mut() else {
+            return Err(io::Error::other("no io_uring"));
+        };
+        let mut page = Box::new([0u8; PAGE_SIZE]);
+        let len = Blockstore::page_len(capacity, index);
+        let mut got = 0;
+        while got < len {
+            let entry = opcode::Read::new(
+                types::Fd(file.as_raw_fd()),
+                page[got..].as_mut_ptr(),
+                (len - got) as u32,
+            )
+            .offset(index * PAGE_SIZE as u64 + got as u64)
+            .build()
+            .user_data(0);
+            // SAFETY: `page` is a live heap buffer of PAGE_SIZE bytes, at
+            // least `len - got` past `got`, not touched until `run`
+            // returns; on an error it is leaked below.
+            match unsafe { run(ring, std::slice::from_ref(&entry)) } {
+                Ok(r) => match r.first().copied().unwrap_or(0) {
+                    0 => break,
+                    n if n < 0 => return Err(io::Error::from_raw_os_error(-n)),
+                    n => got += n as usize,
+                },
+                Err(e) => {
+                    std::mem::forget(page);
+                    *slot = None;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(page)
+    }
+
+    /// Puts a clean page in the cache, evicting the least recently used.
+    fn cache_clean(&mut self, index: u64, data: Box<Page>) {
+        if self.clean.len() >= CLEAN_CACHE_PAGES
+            && !self.clean.contains_key(&index)
+            && let Some(oldest) = self
+                .clean
+                .iter()
+                .min_by_key(|(_, p)| p.used)
+                .map(|(i, _)| *i)
+        {
+            self.clean.remove(&oldest);
+        }
+        self.clock += 1;
+        self.clean.insert(
+            index,
+            CleanPage {
+                data,
+                used: self.clock,
+            },
+        );
+    }
+
+    /// Page `index` for reading.
+    fn page(&mut self, index: u64) -> io::Result<&Page> {
+        if !self.dirty.contains_key(&index) && !self.clean.contains_key(&index) {
+            let data =
+                Blockstore::load(&mut self.ring, &self.path, &self.file, self.capacity, index)?;
+            self.cache_clean(index, data);
+        }
+        if let Some(p) = self.dirty.get(&index) {
+            return Ok(p);
+        }
+        self.clock += 1;
+        match self.clean.get_mut(&index) {
+            Some(p) => {
+                p.used = self.clock;
+                Ok(&p.data)
+            }
+            None => Err(io::Error::other("page vanished from the cache")),
+        }
+    }
+
+    /// Page `index` for writing: dirty from now on.
+    fn page_mut(&mut self, index: u64) -> io::Result<&mut Page> {
+        use std::collections::btree_map::Entry;
+        Ok(match self.dirty.entry(index) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => {
+                let data = match self.clean.remove(&index) {
+                    Some(c) => c.data,
+                    None => Blockstore::load(
+                        &mut self.ring,
+                        &self.path,
+                        &self.file,
+                        self.capacity,
+                        index,
+                    )?,
+                };
+                v.insert(data)
+            }
+        })
+    }
+
+    /// Writes every dirty page back, then (if `sync`) fsyncs the file,
+    /// linked after the writes. Pages written become clean; failed ones
+    /// stay dirty. True if everything succeeded.
+    fn write_back(&mut self, sync: bool) -> bool {
+        let indices: Vec<u64> = self.dirty.keys().copied().collect();
+        if indices.is_empty() && !sync {
+            return true;
+        }
+        let mut ok = true;
+        let chunks: Vec<&[u64]> = if indices.is_empty() {
+            vec![&[]]
+        } else {
+            indices.chunks(RING_ENTRIES - 1).collect()
+        };
+        let last = chunks.len() - 1;
+        for (c, chunk) in chunks.into_iter().enumerate() {
+            let fsync = sync && c == last;
+            ok &= self.write_chunk(chunk, fsync);
+        }
+        ok
+    }
+
+    /// One submission: the writes of the dirty pages `chunk`, and an fsync
+    /// linked after them if `fsync`.
+    fn write_chunk(&mut self, chunk: &[u64], fsync: bool) -> bool {
+        if self.ring.is_none() {
+            match new_ring(&self.path) {
+                Ok(r) => self.ring = Some(r),
+                Err(e) => {
+                    self.fail(format_args!("write-back skipped: {e}"));
+                    return false;
+                }
+            }
+        }
+        let Some(ring) = self.ring.as_mut() else {
+            return false;
+        };
+        let fd = types::Fd(self.file.as_raw_fd());
+        let link = if fsync {
+            squeue::Flags::IO_LINK
+        } else {
+            squeue::Flags::empty()
+        };
+        // (page index, bytes to write), in submission order.
+        let mut pages = Vec::with_capacity(chunk.len());
+        let mut entries = Vec::with_capacity(chunk.len() + 1);
+        for index in chunk {
+            let Some(page) = self.dirty.get(index) else {
+                continue;
+            };
+            let len = Blockstore::page_len(self.capacity, *index);
+            entries.push(
+                opcode::Write::new(fd, page.as_ptr(), len as u32)
+                    .offset(index * PAGE_SIZE as u64)
+                    .build()
+                    .flags(link)
+                    .user_data(pages.len() as u64),
+            );
+            pages.push((*index, len));
+        }
+        if fsync {
+            entries.push(opcode::Fsync::new(fd).build().user_data(pages.len() as u64));
+        }
+        // SAFETY: every write names a page owned by `self.dirty`, boxed (so
+        // it does not move) and neither changed nor freed until `run`
+        // returns, as `&mut self` is held throughout; on an error the
+        // pages are leaked below (after copying them), never freed.
+        let results = match unsafe { run(ring, &entries) } {
+            Ok(r) => r,
+            Err(e) => {
+                self.ring = None;
+                for (index, _) in &pages {
+                    if let Some(page) = self.dirty.get_mut(index) {
+                        let copy = Box::new(**page);
+                        std::mem::forget(std::mem::replace(page, copy));
+                    }
+                }
+                self.fail(format_args!("io_uring failed during write-back: {e}"));
+                return false;
+            }
+        };
+        let fsync_res = if fsync {
+            results.last().copied().unwrap_or(-libc::EIO)
+        } else {
+            0
+        };
+        let mut ok = fsync_res >= 0;
+        for ((index, len), res) in pages.iter().zip(&results) {
+            if usize::try_from(*res).ok() == Some(*len) {
+                if fsync_res >= 0
+                    && let Some(page) = self.dirty.remove(index)
+                {
+                    self.cache_clean(*index, page);
+                }
+                continue;
+            }
+            ok = false;
+            // Writes linked after a failed one are cancelled: only the
+            // failure itself is reported.
+            if *res == -libc::ECANCELED {
+                continue;
+            }
+            let why = if *res < 0 {
+                io::Error::from_raw_os_error(-*res).to_string()
+            } else {
+                format!("short write ({res} of {len} bytes)")
+            };
+            self.fail(format_args!(
+                "write-back of page {index} failed: {why}; it stays dirty"
+            ));
+        }
+        if fsync_res < 0 && fsync_res != -libc::ECANCELED {
+            self.fail(format_args!(
+                "fsync failed: {}; the flush's pages stay dirty",
+                io::Error::from_raw_os_error(-fsync_res)
+            ));
+        }
+        ok
+    }
+
+    /// Checks a data-window access; returns the page and the offset in it.
+    fn data_at(
+        &self,
+        space: Space,
+        offset: u64,
+        size: AccessSize,
+    ) -> Result<(u64, usize), DeviceError> {
+        let n = size.bytes() as u64;
+        if offset.checked_add(n).is_none_or(|end| end > self.capacity) {
+            return Err(DeviceError::Unmapped { space, offset });
+        }
+        if !offset.is_multiple_of(n) {
+            return Err(DeviceError::BadAccess {
+                space,
+                offset,
+                size: size.bytes(),
+            });
+        }
+        // Naturally aligned and at most 8 bytes: inside one page.
+        Ok((
+            offset / PAGE_SIZE as u64,
+            (offset % PAGE_SIZE as u64) as usize,
+        ))
+    }
+
+    /// Checks a control-block access; returns the register.
+    fn ctrl_at(space: Space, offset: u64, size: AccessSize) -> Result<u64, DeviceError> {
+        let reg = offset - CTRL_BASE;
+        if !matches!(
+            reg,
+            CTRL_CAPACITY | CTRL_FLUSH | CTRL_SECTOR_SIZE | CTRL_WRITES | CTRL_FAILURES
+        ) {
+            return Err(DeviceError::Unmapped { space, offset });
+        }
+        if size != AccessSize::B8 {
+            return Err(DeviceError::BadAccess {
+                space,
+                offset,
+                size: size.bytes(),
+            });
+        }
+        Ok(reg)
+    }
+}
+
+impl Drop for Blockstore {
+    /// A model going away (server stopping, model removed or moved) writes
+    /// its dirty pages back and fsyncs.
+    fn drop(&mut self) {
+        if !self.dirty.is_empty() {
+            self.flush();
+        }
+    }
+}
+
+impl DeviceModel for Blockstore {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn read(&mut self, space: Space, offset: u64, size: AccessSize) -> Result<u64, DeviceError> {
+        if space != Space::Mmio {
+            return Err(DeviceError::Unmapped { space, offset });
+        }
+        if offset >= CTRL_BASE {
+            return Ok(match Blockstore::ctrl_at(space, offset, size)? {
+                CTRL_CAPACITY => self.capacity,
+                CTRL_FLUSH => self.flushes,
+                CTRL_SECTOR_SIZE => SECTOR_SIZE,
+                CTRL_WRITES => self.writes,
+                _ => self.failures,
+            });
+        }
+        let (index, at) = self.data_at(space, offset, size)?;
+        let n = size.bytes();
+        let mut bytes = [0u8; 8];
+        match self.page(index) {
+            Ok(page) => bytes[..n].copy_from_slice(&page[at..at + n]),
+            Err(e) => {
+                self.fail(format_args!("cannot read page {index}: {e}"));
+                return Err(DeviceError::Io { space, offset });
+            }
+        }
+        Ok(u64::from_le_bytes(bytes))
+    }
+
+    fn write(
+        &mut self,
+        space: Space,
+        offset: u64,
+        size: AccessSize,
+        data: u64,
+    ) -> Result<(), DeviceError> {
+        if space != Space::Mmio {
+            return Err(DeviceError::Unmapped { space, offset });
+        }
+        if offset >= CTRL_BASE {
+            return match Blockstore::ctrl_at(space, offset, size)? {
+                CTRL_FLUSH => {
+                    self.flush();
+                    Ok(())
+                }
+                _ => Err(DeviceError::BadAccess {
+                    space,
+                    offset,
+                    size: size.bytes(),
+                }),
+            };
+        }
+        let (index, at) = self.data_at(space, offset, size)?;
+        let n = size.bytes();
+        match self.page_mut(index) {
+            Ok(page) => page[at..at + n].copy_from_slice(&data.to_le_bytes()[..n]),
+            Err(e) => {
+                self.fail(format_args!(
+                    "cannot read page {index} to write into it: {e}"
+                ));
+                return Err(DeviceError::Io { space, offset });
+            }
+        }
+        self.writes += 1;
+        if self.dirty.len() > DIRTY_LIMIT {
+            self.write_back(false);
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let mut e = Encoder::new();
+        e.bytes(self.path.as_os_str().as_bytes())
+            .u64(self.capacity)
+            .u64(self.flushes)
+            .u64(self.writes)
+            .u64(self.failures)
+            .u64(self.dirty.len() as u64);
+        for (index, page) in &self.dirty {
+            e.u64(*index).bytes(&page[..]);
+        }
+        Snapshot {
+            kind: KIND.into(),
+            version: SNAPSHOT_VERSION,
+            data: e.finish(),
+        }
+    }
+
+    fn restore(&mut self, snap: &Snapshot) -> Result<(), SnapshotError> {
+        let mut d = Decoder::new(KIND, snap.expect(KIND, SNAPSHOT_VERSION)?);
+        let path = PathBuf::from(std::ffi::OsStr::from_bytes(d.bytes(MAX_PATH)?));
+        let capacity = d.u64()?;
+        let flushes = d.u64()?;
+        let writes = d.u64()?;
+        let failures = d.u64()?;
+        let count = d.u64()?;
+        if path.as_os_str().is_empty() {
+            return Err(d.corrupt("no backing file"));
+        }
+        if capacity == 0 || capacity >= CTRL_BASE || !capacity.is_multiple_of(SECTOR_SIZE) {
+            return Err(d.corrupt("capacity out of range"));
+        }
+        let pages = capacity.div_ceil(PAGE_SIZE as u64);
+        if count > pages {
+            return Err(d.corrupt("more dirty pages than the disk holds"));
+        }
+        let mut dirty = BTreeMap::new();
+        for _ in 0..count {
+            let index = d.u64()?;
+            let data = d.bytes(PAGE_SIZE)?;
+            if index >= pages || dirty.keys().next_back().is_some_and(|l| *l >= index) {
+                return Err(d.corrupt("dirty page index out of order or range"));
+            }
+            let page: Box<Page> = Box::new(
+                data.try_into()
+                    .map_err(|_| d.corrupt("dirty page is not 4096 bytes"))?,
+            );
+            dirty.insert(index, page);
+        }
+        d.finish()?;
+        let reopen = open_image(&path, false).and_then(|(file, cap)| {
+            if cap != capacity {
+                return Err(BlockstoreError::SizeChanged {
+                    path: path.clone(),
+                    len: cap,
+                    expected: capacity,
+                });
+            }
+            Ok((file, new_ring(&path)?))
+        });
+        let (file, ring) = reopen.map_err(|e| {
+            eprintln!(
+                "blockstore: cannot restore onto disk image {}: {e}",
+                e.path().display()
+            );
+            SnapshotError::Corrupt {
+                kind: KIND,
+                why: "backing file missing, unopenable or of another size",
+            }
+        })?;
+        self.path = path;
+        self.file = file;
+        self.ring = Some(ring);
+        self.capacity = capacity;
+        self.dirty = dirty;
+        self.clean = HashMap::new();
+        self.flushes = flushes;
+        self.writes = writes;
+        self.failures = failures;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A unique directory under the temporary directory, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!(
+                "devplane-blockstore-{tag}-{}-{n}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+
+        fn file(&self, name: &str) -> PathBuf {
+            self.0.join(name)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn rd(b: &mut Blockstore, offset: u64, size: AccessSize) -> u64 {
+        b.read(Space::Mmio, offset, size).unwrap()
+    }
+
+    fn wr(b: &mut Blockstore, offset: u64, size: AccessSize, v: u64) {
+        b.write(Space::Mmio, offset, size, v).unwrap()
+    }
+
+    fn ctrl(b: &mut Blockstore, reg: u64) -> u64 {
+        rd(b, CTRL_BASE + reg, AccessSize::B8)
+    }
+
+    /// A small image of `len` bytes.
+    fn image(dir: &TempDir, len: u64) -> PathBuf {
+        let p = dir.file("disk.img");
+        std::fs::File::create(&p).unwrap().set_len(len).unwrap();
+        p
+    }
+
+    #[test]
+    fn creates_a_default_image_and_reports_capacity() {
+        let dir = TempDir::new("create");
+        let p = dir.file("new.img");
+        let mut b = Blockstore::open(&p).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), DEFAULT_SIZE);
+        assert_eq!(ctrl(&mut b, CTRL_CAPACITY), DEFAULT_SIZE);
+        assert_eq!(ctrl(&mut b, CTRL_SECTOR_SIZE), SECTOR_SIZE);
+        assert_eq!(ctrl(&mut b, CTRL_FLUSH), 0);
+        assert_eq!(ctrl(&mut b, CTRL_WRITES), 0);
+        assert_eq!(ctrl(&mut b, CTRL_FAILURES), 0);
+        drop(b);
+        // Capacity rounds down to a sector; the odd tail is left alone.
+        let odd = dir.file("odd.img");
+        std::fs::write(&odd, vec![7u8; 5000]).unwrap();
+        let mut b = Blockstore::open(&odd).unwrap();
+        assert_eq!(b.capacity(), 4608);
+        wr(&mut b, 4600, AccessSize::B8, u64::MAX);
+        assert!(b.flush());
+        drop(b);
+        let bytes = std::fs::read(&odd).unwrap();
+        assert_eq!(bytes.len(), 5000, "the file never grows");
+        assert_eq!(&bytes[4600..4608], &[0xff; 8]);
+        assert_eq!(&bytes[4608..], &[7u8; 392][..]);
+        // Less than a sector is an error that says what to do.
+        let tiny = dir.file("tiny.img");
+        std::fs::write(&tiny, [0u8; 100]).unwrap();
+        let e = Blockstore::open(&tiny).unwrap_err();
+        assert_eq!(e.path(), tiny.as_path());
+        assert!(e.to_string().contains("100 bytes"), "{e}");
+        let e = Blockstore::open(&dir.file("no/such/dir.img")).unwrap_err();
+        assert!(e.path().ends_with("no/such/dir.img"), "{e}");
+        assert!(e.to_string().contains("directory exists"), "{e}");
+    }
+
+    #[test]
+    fn written_bytes_read_back_at_every_size() {
+        let dir = TempDir::new("sizes");
+        let mut b = Blockstore::open(&image(&dir, 64 * 1024)).unwrap();
+        wr(&mut b, 0x1000, AccessSize::B8, 0x1122_3344_5566_7788);
+        assert_eq!(rd(&mut b, 0x1000, AccessSize::B8), 0x1122_3344_5566_7788);
+        assert_eq!(rd(&mut b, 0x1000, AccessSize::B4), 0x5566_7788);
+        assert_eq!(rd(&mut b, 0x1004, AccessSize::B4), 0x1122_3344);
+        assert_eq!(rd(&mut b, 0x1006, AccessSize::B2), 0x1122);
+        assert_eq!(rd(&mut b, 0x1007, AccessSize::B1), 0x11);
+        wr(&mut b, 0x1001, AccessSize::B1, 0xab);
+        wr(&mut b, 0x1002, AccessSize::B2, 0xcdef);
+        wr(&mut b, 0x1004, AccessSize::B4, 0xdead_beef);
+        assert_eq!(rd(&mut b, 0x1000, AccessSize::B8), 0xdead_beef_cdef_ab88);
+        // Last bytes of the disk, and fresh (zero) pages.
+        wr(&mut b, 64 * 1024 - 8, AccessSize::B8, 42);
+        assert_eq!(rd(&mut b, 64 * 1024 - 8, AccessSize::B8), 42);
+        assert_eq!(rd(&mut b, 0x2000, AccessSize::B8), 0);
+        assert_eq!(ctrl(&mut b, CTRL_WRITES), 5);
+        assert_eq!(b.dirty_pages(), 2);
+    }
+
+    #[test]
+    fn bad_accesses_are_refused() {
+        let dir = TempDir::new("bad");
+        let mut b = Blockstore::open(&image(&dir, 8192)).unwrap();
+        let m = Space::Mmio;
+        for (offset, size) in [
+            (1, AccessSize::B2),
+            (2, AccessSize::B4),
+            (4, AccessSize::B8),
+        ] {
+            assert!(matches!(
+                b.read(m, offset, size),
+                Err(DeviceError::BadAccess { .. })
+            ));
+            assert!(matches!(
+                b.write(m, offset, size, 0),
+                Err(DeviceError::BadAccess { .. })
+            ));
+        }
+        for (offset, size) in [
+            (8192, AccessSize::B1),
+            (8188, AccessSize::B8),
+            (u64::MAX, AccessSize::B1),
+            (CTRL_BASE - 8, AccessSize::B8),
+            (CTRL_BASE + 40, AccessSize::B8),
+            (CTRL_BASE + 7, AccessSize::B1),
+        ] {
+            assert!(
+                matches!(b.read(m, offset, size), Err(DeviceError::Unmapped { .. })),
+                "{offset:#x}"
+            );
+            assert!(matches!(
+                b.write(m, offset, size, 0),
+                Err(DeviceError::Unmapped { .. })
+            ));
+        }
+        // Control registers: 8 bytes only; read-only ones refuse writes.
+        assert!(matches!(
+            b.read(m, CTRL_BASE + CTRL_CAPACITY, AccessSize::B4),
+            Err(DeviceError::BadAccess { .. })
+        ));
+        for reg in [CTRL_CAPACITY, CTRL_SECTOR_SIZE, CTRL_WRITES, CTRL_FAILURES] {
+            assert!(matches!(
+                b.write(m, CTRL_BASE + reg, AccessSize::B8, 1),
+                Err(DeviceError::BadAccess { .. })
+            ));
+        }
+        assert!(matches!(
+            b.read(Space::Pio, 0, AccessSize::B1),
+            Err(DeviceError::Unmapped { .. })
+        ));
+        assert_eq!(ctrl(&mut b, CTRL_WRITES), 0, "no refused write counted");
+        assert_eq!(b.dirty_pages(), 0);
+    }
+
+    #[test]
+    fn flushed_data_survives_a_restart() {
+        let dir = TempDir::new("restart");
+        let path = image(&dir, 1 << 20);
+        let mut b = Blockstore::open(&path).unwrap();
+        for i in 0..100u64 {
+            wr(&mut b, i * 4096 + 8, AccessSize::B8, i * 3 + 1);
+        }
+        assert_eq!(ctrl(&mut b, CTRL_FLUSH), 0);
+        wr(&mut b, CTRL_BASE + CTRL_FLUSH, AccessSize::B8, 1);
+        assert_eq!(ctrl(&mut b, CTRL_FLUSH), 1, "flush completed on return");
+        assert_eq!(b.dirty_pages(), 0);
+        // In the file as soon as the flush returned, before any drop.
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[8..16], &1u64.to_le_bytes());
+        // A crash right now (no drop, no write-back) loses nothing flushed.
+        std::mem::forget(b);
+        let mut c = Blockstore::open(&path).unwrap();
+        for i in 0..100u64 {
+            assert_eq!(rd(&mut c, i * 4096 + 8, AccessSize::B8), i * 3 + 1);
+        }
+        wr(&mut c, CTRL_BASE + CTRL_FLUSH, AccessSize::B8, 0);
+        wr(&mut c, CTRL_BASE + CTRL_FLUSH, AccessSize::B8, 0);
+        assert_eq!(ctrl(&mut c, CTRL_FLUSH), 2, "empty flushes count too");
+        assert_eq!(ctrl(&mut c, CTRL_FAILURES), 0);
+    }
+
+    #[test]
+    fn dirty_pages_above_the_limit_are_written_back() {
+        let dir = TempDir::new("limit");
+        let path = image(&dir, (DIRTY_LIMIT as u64 + 10) * 4096);
+        let mut b = Blockstore::open(&path).unwrap();
+        for i in 0..=DIRTY_LIMIT as u64 {
+            wr(&mut b, i * 4096, AccessSize::B8, i + 1);
+        }
+        assert_eq!(b.dirty_pages(), 0, "written back at DIRTY_LIMIT + 1");
+        assert_eq!(b.flushes(), 0, "a write-back is not a flush");
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[4096 * 7..4096 * 7 + 8], &8u64.to_le_bytes());
+        // Still readable (from the clean cache or the file).
+        for i in 0..=DIRTY_LIMIT as u64 {
+            assert_eq!(rd(&mut b, i * 4096, AccessSize::B8), i + 1);
+        }
+        assert!(b.clean.len() <= CLEAN_CACHE_PAGES);
+    }
+
+    #[test]
+    fn unflushed_writes_move_with_the_snapshot() {
+        let dir = TempDir::new("snap");
+        let path = image(&dir, 1 << 20);
+        let mut a = Blockstore::open(&path).unwrap();
+        wr(&mut a, 0, AccessSize::B8, 0x5555);
+        wr(&mut a, CTRL_BASE + CTRL_FLUSH, AccessSize::B8, 1);
+        wr(&mut a, 8192 + 16, AccessSize::B4, 0xfeed);
+        wr(&mut a, 3 * 4096, AccessSize::B1, 0x77);
+        let snap = a.snapshot();
+        // Not in the file: the write cache is volatile.
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[8192 + 16..8192 + 20], &[0; 4]);
+
+        let other_dir = TempDir::new("snap-other");
+        let other = image(&other_dir, 4096);
+        let mut b = Blockstore::open(&other).unwrap();
+        b.restore(&snap).unwrap();
+        assert_eq!(b.snapshot(), snap);
+        assert_eq!(b.path(), path.as_path());
+        assert_eq!(rd(&mut b, 8192 + 16, AccessSize::B4), 0xfeed);
+        assert_eq!(rd(&mut b, 3 * 4096, AccessSize::B1), 0x77);
+        assert_eq!(rd(&mut b, 0, AccessSize::B8), 0x5555);
+        assert_eq!(ctrl(&mut b, CTRL_FLUSH), 1);
+        assert_eq!(ctrl(&mut b, CTRL_WRITES), 3);
+        assert_eq!(ctrl(&mut b, CTRL_CAPACITY), 1 << 20);
+        std::mem::forget(a);
+        assert!(b.flush());
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[8192 + 16..8192 + 20], &0xfeedu32.to_le_bytes());
+    }
+
+    #[test]
+    fn io_failures_are_counted_and_lose_nothing() {
+        let dir = TempDir::new("fail");
+        let path = image(&dir, 1 << 16);
+        let mut b = Blockstore::open(&path).unwrap();
+        for i in 0..4u64 {
+            wr(&mut b, i * 4096, AccessSize::B8, 0xa0 + i);
+        }
+        // Swap in a read-only descriptor: every write-back fails.
+        let rw = std::mem::replace(&mut b.file, File::open(&path).unwrap());
+        wr(&mut b, CTRL_BASE + CTRL_FLUSH, AccessSize::B8, 1);
+        assert_eq!(ctrl(&mut b, CTRL_FLUSH), 0, "a failed flush is not counted");
+        assert_eq!(
+            ctrl(&mut b, CTRL_FAILURES),
+            1,
+            "one failure; the writes linked after it were cancelled quietly"
+        );
+        assert_eq!(b.dirty_pages(), 4, "nothing written is dropped");
+        assert_eq!(rd(&mut b, 3 * 4096, AccessSize::B8), 0xa3);
+        // A page that cannot be read fails the access, not the model.
+        let wo = OpenOptions::new().write(true).open(&path).unwrap();
+        b.file = wo;
+        assert_eq!(
+            b.read(Space::Mmio, 8 * 4096, AccessSize::B8),
+            Err(DeviceError::Io {
+                space: Space::Mmio,
+                offset: 8 * 4096
+            })
+        );
+        assert_eq!(
+            b.write(Space::Mmio, 9 * 4096, AccessSize::B8, 1),
+            Err(DeviceError::Io {
+                space: Space::Mmio,
+                offset: 9 * 4096
+            })
+        );
+        assert_eq!(
+            ctrl(&mut b, CTRL_WRITES),
+            4,
+            "the failed write is not counted"
+        );
+        // Once the disk is back, the next flush writes everything.
+        b.file = rw;
+        wr(&mut b, CTRL_BASE + CTRL_FLUSH, AccessSize::B8, 1);
+        assert_eq!(ctrl(&mut b, CTRL_FLUSH), 1);
+        assert_eq!(b.dirty_pages(), 0);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[3 * 4096..3 * 4096 + 8], &0xa3u64.to_le_bytes());
+    }
+
+    #[test]
+    fn dropping_with_dirty_pages_writes_them_back() {
+        let dir = TempDir::new("drop");
+        let path = image(&dir, 1 << 16);
+        let mut a = Blockstore::open(&path).unwrap();
+        wr(&mut a, 4096, AccessSize::B2, 0xbeef);
+        drop(a);
+        let mut b = Blockstore::open(&path).unwrap();
+        assert_eq!(rd(&mut b, 4096, AccessSize::B2), 0xbeef);
+    }
+
+    #[test]
+    fn bad_snapshots_change_nothing() {
+        let dir = TempDir::new("badsnap");
+        let path = image(&dir, 1 << 16);
+        let mut a = Blockstore::open(&path).unwrap();
+        wr(&mut a, 0, AccessSize::B8, 9);
+        let good = a.snapshot();
+        let before = a.snapshot();
+        let mut short = good.clone();
+        short.data.pop();
+        let mut trailing = good.clone();
+        trailing.data.push(0);
+        let path_len = 8 + path.as_os_str().len();
+        let mut big_capacity = good.clone();
+        big_capacity.data[path_len..path_len + 8].copy_from_slice(&CTRL_BASE.to_le_bytes());
+        let mut bad_index = good.clone();
+        let at = path_len + 40;
+        bad_index.data[at..at + 8].copy_from_slice(&1000u64.to_le_bytes());
+        let missing = {
+            let mut e = Encoder::new();
+            e.bytes(dir.file("gone.img").as_os_str().as_bytes())
+                .u64(1 << 16)
+                .u64(0)
+                .u64(0)
+                .u64(0)
+                .u64(0);
+            Snapshot {
+                data: e.finish(),
+                ..good.clone()
+            }
+        };
+        let other_size = {
+            let mut s = good.clone();
+            s.data[path_len..path_len + 8].copy_from_slice(&(1u64 << 15).to_le_bytes());
+            s
+        };
+        for bad in [
+            short,
+            trailing,
+            big_capacity,
+            bad_index,
+            missing,
+            other_size,
+            Snapshot {
+                version: 2,
+                ..good.clone()
+            },
+            Snapshot {
+                kind: "uart".into(),
+                ..good.clone()
+            },
+        ] {
+            assert!(a.restore(&bad).is_err(), "{:?}", &bad.data[..16]);
+        }
+        assert!(
+            !dir.file("gone.img").exists(),
+            "restore never creates a disk"
+        );
+        assert_eq!(a.snapshot(), before, "a failed restore changed the state");
+        assert_eq!(rd(&mut a, 0, AccessSize::B8), 9);
+    }
+}
