@@ -312,7 +312,7 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::{Arc, Mutex};
 
-    use crate::client::virtio::store::{CTRL_BASE, CTRL_CAPACITY, CTRL_FLUSH, CTRL_WRITES};
+    use devplane_devmodels::blockstore::{CTRL_BASE, CTRL_CAPACITY, CTRL_FLUSH, CTRL_WRITES};
 
     use super::*;
     use crate::client::virtio::queue::tests::{Driver, VecMem, mem};

@@ -5,16 +5,11 @@
 
 use std::sync::{Arc, Mutex};
 
+use devplane_devmodels::blockstore::{CTRL_BASE, CTRL_CAPACITY, CTRL_FLUSH, CTRL_WRITES};
 use devplane_devmodels::{DeviceModel, Space};
 use devplane_wire::AccessSize;
 
 use super::VirtioError;
-
-// TEMP until devmodels::blockstore lands.
-pub(crate) const CTRL_BASE: u64 = 1 << 40;
-pub(crate) const CTRL_CAPACITY: u64 = 0;
-pub(crate) const CTRL_FLUSH: u64 = 8;
-pub(crate) const CTRL_WRITES: u64 = 24;
 
 /// One 8-byte register access to the block store, at an offset from its
 /// base. Implemented over a local model and over the wire.
@@ -112,4 +107,53 @@ fn check(offset: u64, len: usize) -> Result<(), VirtioError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use devplane_devmodels::registry::{self, ModelParams};
+
+    use super::*;
+
+    /// Removes a file when dropped.
+    struct TempFile(std::path::PathBuf);
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn store(path: &std::path::Path) -> Arc<Mutex<Box<dyn DeviceModel>>> {
+        let params = ModelParams {
+            backing: Some(path.to_path_buf()),
+            ..Default::default()
+        };
+        Arc::new(Mutex::new(registry::build("blockstore", params).unwrap()))
+    }
+
+    #[test]
+    fn the_real_blockstore_keeps_flushed_data_across_instances() {
+        let f = TempFile(
+            std::env::temp_dir().join(format!("dp-store-test-{}.img", std::process::id())),
+        );
+        let data: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        {
+            let m = store(&f.0);
+            let mut port = LocalStore(&m);
+            let mut s = Store(&mut port);
+            assert_eq!(
+                s.capacity().unwrap(),
+                devplane_devmodels::blockstore::DEFAULT_SIZE
+            );
+            s.write(8192, &data).unwrap();
+            s.flush().unwrap();
+            assert!(s.write(3, &data[..8]).is_err(), "unaligned");
+        }
+        let m = store(&f.0);
+        let mut port = LocalStore(&m);
+        let mut back = vec![0u8; 4096];
+        Store(&mut port).read(8192, &mut back).unwrap();
+        assert_eq!(back, data);
+    }
 }
