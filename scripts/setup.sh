@@ -74,4 +74,8 @@ if ! mountpoint -q /sys/fs/bpf; then
     mount -t bpf bpf /sys/fs/bpf || say "warning: could not mount bpffs on /sys/fs/bpf"
 fi
 
+# 5. The guest kernel and initramfs for the Linux boot test (Debian's
+#    linux-image-amd64 and busybox-static, into target/guest).
+bash "$ROOT/scripts/guest-kernel.sh" || die "scripts/guest-kernel.sh failed"
+
 say "ready"

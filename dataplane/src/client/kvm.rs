@@ -1,6 +1,8 @@
 //! The KVM half of the client VMM: one VM with flat guest memory and the
-//! in-kernel interrupt controllers, vCPUs that start in 16-bit real mode,
-//! and a run loop that hands port-I/O and MMIO exits to an [`IoHandler`].
+//! in-kernel interrupt controllers, vCPUs that start in 16-bit real mode
+//! (the test guests) or in a given CPU state (64-bit long mode for Linux,
+//! [`CpuState`]), and a run loop that hands port-I/O and MMIO exits to an
+//! [`IoHandler`].
 //!
 //! Layout and conventions:
 //! - guest memory is one anonymous mapping, KVM slot 0 at GPA 0; any GPA
@@ -10,7 +12,11 @@
 //!   vCPU 0's LAPIC has LINT0 in ExtINT mode, so PIC interrupts reach it
 //!   even in real mode; other vCPUs keep LINT0 masked;
 //! - a write of any value to [`DONE_PORT`] ends [`Vcpu::run`] with
-//!   [`VcpuExit::Done`]: the test guests report their self-check there;
+//!   [`VcpuExit::Done`]: the test guests report their self-check there.
+//!   A vCPU running a real operating system turns that off
+//!   ([`Vcpu::set_done_port`]): Linux uses port `0xf4` like any other;
+//! - the in-kernel PIT ([`Vm::create_pit`]) is created only for guests that
+//!   need a timer (Linux), so that the test guests' ports stay theirs;
 //! - a vCPU blocked in `KVM_RUN` (a guest in `hlt` waits inside the kernel
 //!   with the in-kernel irqchip) is interrupted by [`VcpuKicker::kick`]: a
 //!   real-time signal ([`kick_signal`]) whose handler sets the vCPU's
@@ -47,13 +53,15 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use devplane_wire::AccessSize;
 use kvm_bindings::{
     CpuId, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_IO, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE,
-    kvm_mp_state, kvm_segment, kvm_userspace_memory_region,
+    KVM_PIT_SPEAKER_DUMMY, Msrs, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_pit_config, kvm_regs,
+    kvm_segment, kvm_sregs, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use memmap2::{MmapOptions, MmapRaw};
 
 /// Writing any value to this port ends [`Vcpu::run`] with
-/// [`VcpuExit::Done`] (the value written, zero-extended).
+/// [`VcpuExit::Done`] (the value written, zero-extended), unless the vCPU
+/// turned that off with [`Vcpu::set_done_port`].
 pub const DONE_PORT: u16 = 0xf4;
 
 /// Guest-physical address of the three pages KVM needs for its real-mode
@@ -128,6 +136,16 @@ pub enum KvmError {
     /// The vCPU stopped for a reason the run loop does not handle.
     #[error("unexpected vCPU exit: {0}")]
     UnexpectedExit(String),
+    /// KVM did not take every MSR of a [`CpuState`].
+    #[error("KVM_SET_MSRS took {set} of {wanted} MSRs; the first refused is {refused:#x}")]
+    Msrs {
+        /// MSRs asked for.
+        wanted: usize,
+        /// MSRs KVM set.
+        set: usize,
+        /// Index of the first MSR KVM refused.
+        refused: u32,
+    },
 }
 
 impl KvmError {
@@ -149,10 +167,55 @@ pub struct Entry {
     pub sp: u16,
 }
 
+/// The architectural state a vCPU starts in when it does not start in real
+/// mode: see [`Vm::create_vcpu_with_state`].
+#[derive(Debug, Clone, Default)]
+pub struct CpuState {
+    /// General-purpose registers, RIP and RFLAGS.
+    pub regs: kvm_regs,
+    /// Segment, descriptor-table and control registers and EFER. Its
+    /// `apic_base` and `interrupt_bitmap` are ignored: the vCPU keeps KVM's
+    /// reset values (the LAPIC enabled at its default base, nothing
+    /// pending).
+    pub sregs: kvm_sregs,
+    /// x87 and SSE state.
+    pub fpu: kvm_fpu,
+    /// Model-specific registers to set: (index, value).
+    pub msrs: Vec<(u32, u64)>,
+    /// CPUID feature bits to hide from the guest, on top of the host's
+    /// supported set.
+    pub cpuid_hide: Vec<CpuidBits>,
+}
+
+/// A CPUID register of a leaf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuidReg {
+    /// EAX.
+    Eax,
+    /// EBX.
+    Ebx,
+    /// ECX.
+    Ecx,
+    /// EDX.
+    Edx,
+}
+
+/// Bits of one CPUID register of one leaf (every sub-leaf).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuidBits {
+    /// The leaf (EAX input).
+    pub function: u32,
+    /// Which output register.
+    pub reg: CpuidReg,
+    /// The bits.
+    pub bits: u32,
+}
+
 /// Device emulation behind a vCPU: receives its port-I/O and MMIO accesses.
 ///
 /// Read values are masked to the access size by the caller. Accesses to
-/// [`DONE_PORT`] writes never reach the handler.
+/// [`DONE_PORT`] writes never reach the handler (unless the vCPU turned the
+/// done port off).
 pub trait IoHandler {
     /// An `IN` of `size` bytes from `port`.
     fn pio_read(&mut self, port: u16, size: AccessSize) -> u64;
@@ -163,6 +226,14 @@ pub trait IoHandler {
     /// A write of `size` bytes of `data` at guest-physical `gpa` outside
     /// guest memory.
     fn mmio_write(&mut self, gpa: u64, size: AccessSize, data: u64);
+
+    /// Whether a device asked for a system reset during the accesses so far
+    /// (a PC's keyboard-controller reset line, say). Asked after every
+    /// port-I/O and MMIO exit; `true` ends [`Vcpu::run`] with
+    /// [`VcpuExit::Reset`]. The default never asks.
+    fn reset_requested(&mut self) -> bool {
+        false
+    }
 }
 
 /// Why [`Vcpu::run`] returned.
@@ -172,6 +243,9 @@ pub enum VcpuExit {
     Done(u32),
     /// The guest shut down (triple fault, say).
     Shutdown,
+    /// A device asked for a system reset ([`IoHandler::reset_requested`]):
+    /// the guest rebooted, which this VMM takes as the guest stopping.
+    Reset,
     /// The guest halted and KVM returned to userspace (rare: with the
     /// in-kernel irqchip a halted vCPU waits inside `KVM_RUN`).
     Halt,
@@ -323,6 +397,29 @@ impl Vm {
         Ok(out)
     }
 
+    /// Creates the in-kernel i8254 PIT (`KVM_CREATE_PIT2`) on ports
+    /// `0x40-0x43`, its output on GSI 0, with the speaker port `0x61`
+    /// emulated in the kernel too (Linux reads the channel-2 gate there to
+    /// calibrate the TSC). Call at most once, after [`Vm::new`] (which
+    /// created the irqchip the PIT needs) and before the vCPUs run.
+    ///
+    /// The timer stays in the kernel on purpose: a timer model on a server
+    /// would put a network round trip on every tick of the guest's clock.
+    pub fn create_pit(&self) -> Result<(), KvmError> {
+        let kvm = Kvm::new().map_err(KvmError::Open)?;
+        if !kvm.check_extension(Cap::Pit2) {
+            return Err(KvmError::MissingCapability("KVM_CAP_PIT2"));
+        }
+        let config = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.shared
+            .fd
+            .create_pit2(config)
+            .map_err(KvmError::ioctl("KVM_CREATE_PIT2"))
+    }
+
     /// Sets interrupt line `gsi` (0-15: PIC and IOAPIC; 16-23: IOAPIC).
     pub fn irq_line(&self, gsi: u32, level: bool) -> Result<(), KvmError> {
         irq_line(&self.shared.fd, gsi, level)
@@ -351,27 +448,7 @@ impl Vm {
     /// bootstrap processor and receives PIC interrupts; others are made
     /// runnable at once (no INIT/SIPI) with LINT0 masked.
     pub fn create_vcpu(&self, index: u8, entry: Entry) -> Result<Vcpu, KvmError> {
-        install_kick_handler()?;
-        let fd = self
-            .shared
-            .fd
-            .create_vcpu(u64::from(index))
-            .map_err(KvmError::ioctl("KVM_CREATE_VCPU"))?;
-
-        let mut cpuid = self.cpuid.clone();
-        for e in cpuid.as_mut_slice() {
-            match e.function {
-                // Initial APIC id in EBX[31:24].
-                1 => e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(index) << 24),
-                // x2APIC id of the extended topology leaves.
-                0xb | 0x1f => e.edx = u32::from(index),
-                _ => {}
-            }
-        }
-        fd.set_cpuid2(&cpuid)
-            .map_err(KvmError::ioctl("KVM_SET_CPUID2"))?;
-
-        set_lint(&fd, index == 0)?;
+        let fd = self.new_vcpu_fd(index, &[])?;
 
         let mut sregs = fd.get_sregs().map_err(KvmError::ioctl("KVM_GET_SREGS"))?;
         let seg = |s: &mut kvm_segment| {
@@ -399,6 +476,94 @@ impl Vm {
         fd.set_regs(&regs)
             .map_err(KvmError::ioctl("KVM_SET_REGS"))?;
 
+        self.finish_vcpu(fd, index)
+    }
+
+    /// Creates vCPU `index` starting in `state` (64-bit long mode for a
+    /// Linux kernel, say) with the host's supported CPUID (APIC ids fixed
+    /// up) and the LAPIC's LINT pins set as for [`Vm::create_vcpu`].
+    pub fn create_vcpu_with_state(&self, index: u8, state: &CpuState) -> Result<Vcpu, KvmError> {
+        let fd = self.new_vcpu_fd(index, &state.cpuid_hide)?;
+
+        let mut sregs = fd.get_sregs().map_err(KvmError::ioctl("KVM_GET_SREGS"))?;
+        let apic_base = sregs.apic_base;
+        let interrupt_bitmap = sregs.interrupt_bitmap;
+        sregs = state.sregs;
+        sregs.apic_base = apic_base;
+        sregs.interrupt_bitmap = interrupt_bitmap;
+        fd.set_sregs(&sregs)
+            .map_err(KvmError::ioctl("KVM_SET_SREGS"))?;
+        fd.set_regs(&state.regs)
+            .map_err(KvmError::ioctl("KVM_SET_REGS"))?;
+        fd.set_fpu(&state.fpu)
+            .map_err(KvmError::ioctl("KVM_SET_FPU"))?;
+        if !state.msrs.is_empty() {
+            let entries: Vec<kvm_msr_entry> = state
+                .msrs
+                .iter()
+                .map(|&(index, data)| kvm_msr_entry {
+                    index,
+                    data,
+                    ..Default::default()
+                })
+                .collect();
+            let msrs = Msrs::from_entries(&entries).map_err(|_| KvmError::Msrs {
+                wanted: entries.len(),
+                set: 0,
+                refused: entries[0].index,
+            })?;
+            let set = fd
+                .set_msrs(&msrs)
+                .map_err(KvmError::ioctl("KVM_SET_MSRS"))?;
+            if set != entries.len() {
+                return Err(KvmError::Msrs {
+                    wanted: entries.len(),
+                    set,
+                    refused: entries.get(set).map_or(0, |e| e.index),
+                });
+            }
+        }
+        self.finish_vcpu(fd, index)
+    }
+
+    /// A new vCPU fd with CPUID (APIC ids fixed up, `hide` cleared) and
+    /// LINT pins set.
+    fn new_vcpu_fd(&self, index: u8, hide: &[CpuidBits]) -> Result<VcpuFd, KvmError> {
+        install_kick_handler()?;
+        let fd = self
+            .shared
+            .fd
+            .create_vcpu(u64::from(index))
+            .map_err(KvmError::ioctl("KVM_CREATE_VCPU"))?;
+
+        let mut cpuid = self.cpuid.clone();
+        for e in cpuid.as_mut_slice() {
+            match e.function {
+                // Initial APIC id in EBX[31:24].
+                1 => e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(index) << 24),
+                // x2APIC id of the extended topology leaves.
+                0xb | 0x1f => e.edx = u32::from(index),
+                _ => {}
+            }
+            for h in hide.iter().filter(|h| h.function == e.function) {
+                let reg = match h.reg {
+                    CpuidReg::Eax => &mut e.eax,
+                    CpuidReg::Ebx => &mut e.ebx,
+                    CpuidReg::Ecx => &mut e.ecx,
+                    CpuidReg::Edx => &mut e.edx,
+                };
+                *reg &= !h.bits;
+            }
+        }
+        fd.set_cpuid2(&cpuid)
+            .map_err(KvmError::ioctl("KVM_SET_CPUID2"))?;
+
+        set_lint(&fd, index == 0)?;
+        Ok(fd)
+    }
+
+    /// Makes an application processor runnable at once and wraps the fd.
+    fn finish_vcpu(&self, fd: VcpuFd, index: u8) -> Result<Vcpu, KvmError> {
         if index > 0 {
             fd.set_mp_state(kvm_mp_state {
                 mp_state: KVM_MP_STATE_RUNNABLE,
@@ -411,6 +576,7 @@ impl Vm {
             index,
             exits: 0,
             odd_mmio: 0,
+            done_port: true,
             kick: Arc::new(KickShared {
                 thread: Mutex::new(None),
             }),
@@ -664,6 +830,7 @@ pub struct Vcpu {
     index: u8,
     exits: u64,
     odd_mmio: u64,
+    done_port: bool,
     kick: Arc<KickShared>,
     _vm: Arc<VmShared>,
 }
@@ -686,6 +853,13 @@ impl Vcpu {
         self.odd_mmio
     }
 
+    /// Whether a write to [`DONE_PORT`] ends [`Vcpu::run`] (the default).
+    /// With `false` those writes go to the [`IoHandler`] like any other:
+    /// what a vCPU running Linux needs.
+    pub fn set_done_port(&mut self, enabled: bool) {
+        self.done_port = enabled;
+    }
+
     /// A handle that interrupts [`Vcpu::run`] from another thread.
     pub fn kicker(&self) -> VcpuKicker {
         VcpuKicker {
@@ -694,9 +868,9 @@ impl Vcpu {
     }
 
     /// Runs the guest until it writes [`DONE_PORT`], shuts down, halts to
-    /// userspace, or `stop` is set and the vCPU kicked. Port-I/O and MMIO
-    /// exits go to `io`; string I/O (`rep ins/outs`) becomes one access per
-    /// element.
+    /// userspace, a device asks for a reset ([`IoHandler::reset_requested`]),
+    /// or `stop` is set and the vCPU kicked. Port-I/O and MMIO exits go to
+    /// `io`; string I/O (`rep ins/outs`) becomes one access per element.
     pub fn run(&mut self, io: &mut dyn IoHandler, stop: &AtomicBool) -> Result<VcpuExit, KvmError> {
         let immediate_exit: *mut u8 = &raw mut self.fd.get_kvm_run().immediate_exit;
         let kick = Arc::clone(&self.kick);
@@ -724,7 +898,11 @@ impl Vcpu {
                 }
             };
             match step {
-                Step::Resume => {}
+                Step::Resume => {
+                    if io.reset_requested() {
+                        return Ok(VcpuExit::Reset);
+                    }
+                }
                 Step::Io {
                     port,
                     data,
@@ -733,6 +911,9 @@ impl Vcpu {
                 } => {
                     if let Some(value) = self.complete_io(io, port, data, len, out)? {
                         return Ok(VcpuExit::Done(value));
+                    }
+                    if io.reset_requested() {
+                        return Ok(VcpuExit::Reset);
                     }
                 }
                 Step::Exit(exit) => return Ok(exit),
@@ -792,7 +973,7 @@ impl Vcpu {
             let data = unsafe { std::slice::from_raw_parts(data.cast_const(), len) };
             for chunk in data.chunks_exact(size) {
                 let value = le_value(chunk);
-                if port == DONE_PORT {
+                if self.done_port && port == DONE_PORT {
                     return Ok(Some(value as u32));
                 }
                 io.pio_write(port, access, value);
@@ -808,16 +989,26 @@ impl Vcpu {
         Ok(None)
     }
 
-    /// An [`KvmError::UnexpectedExit`] naming the guest's CS:IP.
-    fn unexpected(&self, what: &str) -> KvmError {
-        let at = match (self.fd.get_sregs(), self.fd.get_regs()) {
+    /// Where the guest is: CS, RIP, RSP, CR0/CR3/CR4, EFER and RFLAGS, for
+    /// error messages and for diagnosing a guest that stopped making
+    /// progress (call it after [`Vcpu::run`] returned).
+    pub fn describe(&self) -> String {
+        match (self.fd.get_sregs(), self.fd.get_regs()) {
             (Ok(s), Ok(r)) => format!(
-                "cs={:#06x} (base {:#x}) rip={:#x} cr0={:#x}",
-                s.cs.selector, s.cs.base, r.rip, s.cr0
+                "cs={:#06x} (base {:#x}) rip={:#x} rsp={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} rflags={:#x}",
+                s.cs.selector, s.cs.base, r.rip, r.rsp, s.cr0, s.cr3, s.cr4, s.efer, r.rflags
             ),
             _ => "registers unavailable".to_string(),
-        };
-        KvmError::UnexpectedExit(format!("vCPU {}: {what} at {at}", self.index))
+        }
+    }
+
+    /// An [`KvmError::UnexpectedExit`] naming the guest's CS:IP.
+    fn unexpected(&self, what: &str) -> KvmError {
+        KvmError::UnexpectedExit(format!(
+            "vCPU {}: {what} at {}",
+            self.index,
+            self.describe()
+        ))
     }
 }
 

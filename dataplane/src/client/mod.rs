@@ -3,9 +3,11 @@
 //!
 //! [`kvm`] owns the VM (guest memory, in-kernel PIC/IOAPIC/LAPIC, interrupt
 //! injection) and the vCPU run loop; [`guests`] assembles the small
-//! real-mode test guests the tests and benchmarks run; [`devmap`],
+//! real-mode test guests the tests and benchmarks run; [`boot`] loads and
+//! enters an unmodified Linux kernel instead; [`devmap`],
 //! [`vcpu_io`], [`ring`] and [`engine`] route exits to device models.
 
+pub mod boot;
 pub mod devmap;
 pub mod engine;
 pub mod guests;

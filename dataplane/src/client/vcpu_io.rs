@@ -3,18 +3,25 @@
 //! vCPU's exit ring for the engine and (unless it is a posted write) wait
 //! for the answer. Unmapped reads return all-ones and unmapped writes are
 //! ignored; both are counted.
+//!
+//! A local model's interrupts are delivered right after the access that
+//! raised them, into the VM's in-kernel irqchip (`KVM_IRQ_LINE`; an edge is
+//! the line raised then lowered), when the handler has the VM's
+//! [`IrqHandle`] ([`VcpuIo::with_irq`]). A local model's reset request (the
+//! i8042's reset line) ends the vCPU's run with
+//! [`VcpuExit::Reset`](super::kvm::VcpuExit::Reset).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use devplane_devmodels::Space;
+use devplane_devmodels::{DeviceModel, ModelEvent, Space};
 use devplane_wire::record::FLAG_POSTED;
-use devplane_wire::{Access, AccessSize, RawRecord, Record, Request, RequestId, Status};
+use devplane_wire::{Access, AccessSize, IrqAction, RawRecord, Record, Request, RequestId, Status};
 
 use super::devmap::{DeviceMap, Placement, StoreAt};
 use super::engine::{Doorbell, Driver};
-use super::kvm::IoHandler;
+use super::kvm::{IoHandler, IrqHandle};
 use super::ring::ExitRing;
 use super::virtio::VirtioError;
 use super::virtio::store::{LocalStore, StorePort};
@@ -34,6 +41,10 @@ pub struct VcpuStats {
     pub unmapped_writes: AtomicU64,
     /// Remote accesses answered with an error status or not at all.
     pub remote_errors: AtomicU64,
+    /// Interrupt-line changes raised by local models and delivered.
+    pub local_irqs: AtomicU64,
+    /// Of those, the ones KVM refused (`KVM_IRQ_LINE` failed).
+    pub local_irq_errors: AtomicU64,
     /// When set (benchmarks), the time between consecutive exits in
     /// nanoseconds: for a guest looping on one access this is the whole
     /// exit round trip, guest -> VMM (and model) -> guest.
@@ -71,6 +82,8 @@ pub struct VcpuIo {
     sampling: bool,
     last_exit: Option<Instant>,
     driver: Option<Driver>,
+    irq: Option<IrqHandle>,
+    reset: bool,
 }
 
 fn add(c: &AtomicU64) {
@@ -106,6 +119,38 @@ impl VcpuIo {
             stats,
             last_exit: None,
             driver: None,
+            irq: None,
+            reset: false,
+        }
+    }
+
+    /// Delivers local models' interrupts into the VM behind `irq`. Without
+    /// it they are taken from the models and dropped.
+    pub fn with_irq(mut self, irq: IrqHandle) -> VcpuIo {
+        self.irq = Some(irq);
+        self
+    }
+
+    /// Takes what a local model raised during an access: interrupt-line
+    /// changes (delivered) and a reset request (remembered for
+    /// [`IoHandler::reset_requested`]).
+    fn after_local(&mut self, model: &mut dyn DeviceModel) {
+        while let Some(ev) = model.take_irq() {
+            add(&self.stats.local_irqs);
+            let Some(irq) = &self.irq else { continue };
+            let ok = match ev.action {
+                IrqAction::Assert => irq.irq_line(ev.line, true),
+                IrqAction::Deassert => irq.irq_line(ev.line, false),
+                IrqAction::Edge => irq.irq_edge(ev.line),
+            };
+            if ok.is_err() {
+                add(&self.stats.local_irq_errors);
+            }
+        }
+        while let Some(ev) = model.take_event() {
+            match ev {
+                ModelEvent::Reset => self.reset = true,
+            }
         }
     }
 
@@ -144,16 +189,19 @@ impl VcpuIo {
             Placement::Local(model) => {
                 add(&self.stats.local);
                 let off = addr - m.base;
+                let model = model.clone();
                 let Ok(mut model) = model.lock() else {
                     return size.mask();
                 };
-                match write {
+                let v = match write {
                     Some(data) => {
                         let _ = model.write(space, off, size, data);
                         0
                     }
                     None => model.read(space, off, size).unwrap_or(size.mask()) & size.mask(),
-                }
+                };
+                self.after_local(&mut **model);
+                v
             }
             Placement::Remote(index) => {
                 let index = *index;
@@ -311,6 +359,10 @@ impl IoHandler for VcpuIo {
 
     fn mmio_write(&mut self, gpa: u64, size: AccessSize, data: u64) {
         self.access(Space::Mmio, gpa, size, Some(data));
+    }
+
+    fn reset_requested(&mut self) -> bool {
+        self.reset
     }
 }
 

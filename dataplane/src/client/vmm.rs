@@ -1,5 +1,12 @@
 //! The client VMM: runs many VMs with several vCPUs each in one process,
 //! one pinned thread per vCPU, one engine thread for the wire.
+//!
+//! A VM either loads real-mode images (the test guests) or boots Linux
+//! ([`Client::start_linux`] with a [`LinuxBoot`]): then its one vCPU enters
+//! the kernel in long mode, the VM gets the in-kernel PIT, a local `uart`
+//! model's output goes to the boot's [`Console`], and the vCPU's run ends
+//! with [`VcpuExit::Reset`] when the guest reboots through the i8042 (or
+//! [`VcpuExit::Shutdown`] on a triple fault): both mean the guest stopped.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
@@ -8,10 +15,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use devplane_devmodels::Space;
 use devplane_devmodels::registry::{self, ModelParams};
+use devplane_devmodels::{DeviceModel, Space};
 use devplane_wire::IrqAction;
 
+use devplane_devmodels::uart::{self, Uart};
+
+use super::boot::{BootError, Console, ConsoleUart, LinuxBoot};
 use super::devmap::{DevMapError, DeviceMap, Mapping, Placement};
 use super::engine::{Engine, EngineConfig, Injector, Lane, RemoteModel, VcpuPort};
 use super::kvm::{Entry, IrqHandle, KvmError, Vcpu, VcpuExit, VcpuKicker, Vm};
@@ -66,11 +76,13 @@ pub struct VmSpec {
     pub id: u32,
     /// Hypervisor id.
     pub hypervisor: u32,
-    /// Guest memory size.
+    /// Guest memory size ([`super::boot::DEFAULT_MEM`] suits Linux).
     pub mem_bytes: usize,
-    /// Code and data to load: (guest-physical address, bytes).
+    /// Code and data to load: (guest-physical address, bytes). Empty for
+    /// a VM that boots Linux.
     pub images: Vec<(u64, Vec<u8>)>,
-    /// Its vCPUs.
+    /// Its vCPUs. A VM that boots Linux has exactly one, whose `entry` is
+    /// not used.
     pub vcpus: Vec<VcpuSpec>,
     /// Its device map.
     pub devices: Vec<DeviceSpec>,
@@ -139,6 +151,15 @@ pub enum ClientError {
         /// What is wrong.
         why: String,
     },
+    /// A Linux boot could not be prepared (missing kernel, bad image,
+    /// memory too small, ...).
+    #[error("VM {vm}: Linux boot: {source}")]
+    Boot {
+        /// VM id.
+        vm: u32,
+        /// Why.
+        source: BootError,
+    },
     /// A socket, ring or thread could not be created.
     #[error("{what}: {source}")]
     Io {
@@ -181,8 +202,32 @@ pub struct Client {
 }
 
 /// A vCPU to create once the engine runs: (VM index, vCPU index, spec,
-/// device map, exit ring).
+/// device map, exit ring, lane).
 type PendingVcpu = (usize, u16, VcpuSpec, DeviceMap, Arc<ExitRing>, usize);
+
+/// A VM of a [`ClientSpec`] that boots Linux: its id and how.
+#[derive(Debug, Clone)]
+pub struct LinuxVm {
+    /// The id of a VM in [`ClientSpec::vms`].
+    pub vm: u32,
+    /// The kernel, initramfs, command line and console.
+    pub boot: LinuxBoot,
+}
+
+/// Builds a local model of `kind`. For a VM booting Linux, a `uart` feeds
+/// that boot's console.
+fn local_model(
+    kind: &str,
+    console: Option<&Console>,
+) -> Result<Box<dyn DeviceModel>, registry::BuildError> {
+    match (kind, console) {
+        (uart::KIND, Some(c)) => Ok(Box::new(ConsoleUart::new(
+            Uart::new(uart::DEFAULT_LINE),
+            c.clone(),
+        ))),
+        _ => registry::build(kind, ModelParams::default()),
+    }
+}
 
 fn injector(h: IrqHandle) -> Injector {
     Box::new(move |line, action| match action {
@@ -199,6 +244,28 @@ fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> ClientError {
 impl Client {
     /// Creates every VM, starts the engine and the vCPU threads.
     pub fn start(spec: ClientSpec) -> Result<Client, ClientError> {
+        Client::start_linux(spec, Vec::new())
+    }
+
+    /// Like [`Client::start`], but the VMs named in `linux` boot Linux
+    /// instead of loading images: each has no images and one vCPU; it gets
+    /// the in-kernel PIT; its local `uart` writes to the boot's console.
+    pub fn start_linux(spec: ClientSpec, linux: Vec<LinuxVm>) -> Result<Client, ClientError> {
+        let mut boots: HashMap<u32, LinuxBoot> = HashMap::new();
+        for l in linux {
+            if !spec.vms.iter().any(|v| v.id == l.vm) {
+                return Err(ClientError::Config {
+                    vm: l.vm,
+                    why: "boots Linux but is not in the client's VMs".into(),
+                });
+            }
+            if boots.insert(l.vm, l.boot).is_some() {
+                return Err(ClientError::Config {
+                    vm: l.vm,
+                    why: "has two Linux boots".into(),
+                });
+            }
+        }
         let sockets = || -> Result<Vec<UdpSocket>, ClientError> {
             let mut out = Vec::new();
             for s in &spec.servers {
@@ -216,23 +283,45 @@ impl Client {
         let mut ports = Vec::new();
         // Per vCPU: (vm index, spec, io).
         let mut pending: Vec<PendingVcpu> = Vec::new();
+        // Per Linux VM: the state its vCPU starts in.
+        let mut linux_states = HashMap::new();
         for vs in &spec.vms {
             let kerr = |source| ClientError::Kvm { vm: vs.id, source };
             let vm = Vm::new(vs.mem_bytes).map_err(kerr)?;
             for (gpa, bytes) in &vs.images {
                 vm.load(*gpa, bytes).map_err(kerr)?;
             }
+            let boot = boots.get(&vs.id);
+            if let Some(boot) = boot {
+                let config = |why: &str| ClientError::Config {
+                    vm: vs.id,
+                    why: why.into(),
+                };
+                if !vs.images.is_empty() {
+                    return Err(config("boots Linux, so it takes no images"));
+                }
+                if vs.vcpus.len() != 1 {
+                    return Err(config(
+                        "boots Linux with exactly one vCPU (there is no MP table or ACPI to start more)",
+                    ));
+                }
+                vm.create_pit().map_err(kerr)?;
+                let state = boot
+                    .prepare(&vm)
+                    .map_err(|source| ClientError::Boot { vm: vs.id, source })?;
+                linux_states.insert(vs.id, state);
+            }
+            let console = boot.map(|b| &b.console);
             let mut remotes = Vec::new();
             let mut maps = Vec::new();
             for d in &vs.devices {
                 let placement = match &d.place {
                     Place::Local { kind } => {
-                        let model = registry::build(kind, ModelParams::default()).map_err(|e| {
-                            ClientError::Config {
+                        let model =
+                            local_model(kind, console).map_err(|e| ClientError::Config {
                                 vm: vs.id,
                                 why: format!("model {}: {e}", d.model),
-                            }
-                        })?;
+                            })?;
                         Placement::Local(Arc::new(Mutex::new(model)))
                     }
                     Place::Remote { server } => {
@@ -323,9 +412,15 @@ impl Client {
         for (vm_idx, index, vspec, map, ring, lane) in pending {
             let vs = &spec.vms[vm_idx];
             let vm = &vms[vm_idx];
-            let mut vcpu: Vcpu = vm
-                .create_vcpu(index as u8, vspec.entry)
-                .map_err(|source| ClientError::Kvm { vm: vs.id, source })?;
+            let mut vcpu: Vcpu = match linux_states.get(&vs.id) {
+                Some(state) => vm.create_vcpu_with_state(index as u8, state).map(|mut v| {
+                    // Linux uses port 0xf4 like any other port.
+                    v.set_done_port(false);
+                    v
+                }),
+                None => vm.create_vcpu(index as u8, vspec.entry),
+            }
+            .map_err(|source| ClientError::Kvm { vm: vs.id, source })?;
             let stats = Arc::new(if spec.samples > 0 {
                 VcpuStats::with_samples(spec.samples)
             } else {
@@ -341,7 +436,8 @@ impl Client {
                 spec.vcpu_spin,
                 stats.clone(),
             )
-            .with_driver(engine.driver(lane));
+            .with_driver(engine.driver(lane))
+            .with_irq(vm.irq_handle());
             let kicker = vcpu.kicker();
             let stop = stop.clone();
             let core = vspec.core;

@@ -1,0 +1,265 @@
+//! Booting an unmodified Linux kernel (Debian's `linux-image-amd64`
+//! bzImage) in the client VMM, through the x86 64-bit boot protocol.
+//!
+//! A Linux VM is the same KVM VM as the test guests ([`super::kvm`]) with:
+//! - the kernel loaded at 1 MiB, entered in 64-bit long mode at its
+//!   64-bit entry point (load address + 0x200) with RSI pointing at the
+//!   zero page ([`loader`] fills guest memory, [`cpu`] builds the vCPU
+//!   state: identity page tables over the first 4 GiB, a flat GDT, FPU,
+//!   MSRs, CPUID from `KVM_GET_SUPPORTED_CPUID`);
+//! - an e820 map of RAM below 640 KiB, the EBDA/BIOS area
+//!   `0x9fc00..0x100000` reserved, and RAM from 1 MiB to the end of guest
+//!   memory, which stays below [`MAX_MEM`] (the 32-bit PCI hole above it is
+//!   never RAM);
+//! - **no ACPI tables and no MP table**: one vCPU in PIC mode. The kernel
+//!   finds neither, runs its LAPIC in virtual-wire mode with the 8259 PIC
+//!   behind LINT0 (ExtINT, as [`super::kvm`] programs it), and leaves the
+//!   IOAPIC alone; devices use ISA lines 0-15 (UART 4, RTC 8, keyboard 1);
+//! - the in-kernel PIT ([`super::kvm::Vm::create_pit`]) and LAPIC timer as
+//!   the guest's event timers. They stay in the kernel on purpose: a timer
+//!   model on a server would put a network round trip on every tick;
+//! - the legacy devices from the VM's device map like any other model,
+//!   local or remote: the 16550A UART `uart` at `0x3f8` (line 4), the CMOS
+//!   RTC `cmos` at `0x70`, the i8042 `i8042` at `0x60`. The guest's serial
+//!   output goes to a [`Console`]; the i8042's reset line (Linux's
+//!   `reboot=k`) or a triple fault stops the VM.
+//!
+//! [`GuestFiles::locate`] finds the kernel and initramfs that
+//! `scripts/guest-kernel.sh` (run by `scripts/setup.sh`) fetched and built.
+
+pub mod console;
+pub mod cpu;
+pub mod loader;
+
+use std::path::{Path, PathBuf};
+
+pub use console::{Console, ConsoleUart};
+
+use super::kvm::{CpuState, KvmError, Vm};
+
+/// Default guest memory of a Linux VM: 256 MiB.
+pub const DEFAULT_MEM: usize = 256 << 20;
+
+/// Most guest memory a Linux VM may have: RAM ends below 3 GiB, where the
+/// 32-bit MMIO hole (PCI BARs, LAPIC, IOAPIC) begins.
+pub const MAX_MEM: usize = 0xc000_0000;
+
+/// Environment variable naming the directory with the guest kernel and
+/// initramfs (default: `target/guest` of this workspace).
+pub const GUEST_DIR_ENV: &str = "DEVPLANE_GUEST_DIR";
+
+/// The kernel command line a Linux VM gets unless told otherwise, for boot
+/// number `boot_id`. Each parameter is there for a reason:
+///
+/// - `console=ttyS0`: the kernel log and `/dev/console` on COM1, the UART
+///   model whose output is the [`Console`];
+/// - `reboot=k`: reboot by pulsing the i8042's reset line (0xFE to port
+///   0x64), which the VMM takes as power-off; the default (ACPI, then
+///   others) has nothing to talk to here;
+/// - `panic=-1`: reboot at once on a panic, so a failed boot ends the VM
+///   (the test sees no init marker) instead of hanging until a timeout;
+/// - `i8042.noaux`: no PS/2 mouse port to probe (saves the probe's waits);
+/// - `pci=conf1`: PCI configuration mechanism #1 only: no BIOS, no ACPI
+///   MCFG to try first;
+/// - `acpi=off`: there are no ACPI tables; this skips the search for them
+///   in the (empty) BIOS areas and says so plainly in the log;
+/// - `tsc=reliable`: the TSC is the host's, stable across the one vCPU;
+///   without it the clocksource watchdog may judge it by the jittery PIT
+///   of a nested guest and fall back to a slow clocksource;
+/// - `8250.nr_uarts=1`: only COM1 exists; the 8250 driver then skips
+///   probing three empty COM ports;
+/// - `devplane.boot=N`: the boot number `guest/init` writes to the disk
+///   (the kernel ignores the unknown module parameter and keeps it in
+///   `/proc/cmdline`).
+pub fn default_cmdline(boot_id: u32) -> String {
+    format!(
+        "console=ttyS0 reboot=k panic=-1 i8042.noaux pci=conf1 acpi=off tsc=reliable \
+         8250.nr_uarts=1 devplane.boot={boot_id}"
+    )
+}
+
+/// Why a Linux VM could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The kernel or initramfs file is missing.
+    #[error(
+        "{what} {path} not found: run `sudo -E bash scripts/setup.sh` (or scripts/guest-kernel.sh) to fetch Debian's kernel and build the initramfs, or set {GUEST_DIR_ENV}"
+    )]
+    MissingFile {
+        /// "guest kernel" or "initramfs".
+        what: &'static str,
+        /// Where it was looked for.
+        path: PathBuf,
+    },
+    /// Reading the kernel or initramfs failed.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel image is not a bzImage this loader can boot.
+    #[error("{path}: not a bootable bzImage: {why}")]
+    BadKernel {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// Guest memory is too small or too large for the kernel and initramfs.
+    #[error("guest memory of {mem:#x} bytes: {why}")]
+    Memory {
+        /// The VM's memory size.
+        mem: usize,
+        /// What does not fit.
+        why: String,
+    },
+    /// The command line is too long or not printable ASCII.
+    #[error("kernel command line: {0}")]
+    Cmdline(String),
+    /// KVM refused something.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+}
+
+/// The guest kernel and initramfs built by `scripts/guest-kernel.sh`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestFiles {
+    /// Debian's bzImage.
+    pub kernel: PathBuf,
+    /// The same kernel decompressed (ELF), if present.
+    pub vmlinux: Option<PathBuf>,
+    /// The busybox initramfs with `guest/init`.
+    pub initrd: PathBuf,
+}
+
+impl GuestFiles {
+    /// The directory `scripts/guest-kernel.sh` writes to:
+    /// `$DEVPLANE_GUEST_DIR`, else `target/guest` of the workspace this
+    /// crate was built in.
+    pub fn default_dir() -> PathBuf {
+        match std::env::var_os(GUEST_DIR_ENV) {
+            Some(d) if !d.is_empty() => PathBuf::from(d),
+            _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest"),
+        }
+    }
+
+    /// The files in [`GuestFiles::default_dir`]; an error names the missing
+    /// one and how to make it.
+    pub fn locate() -> Result<GuestFiles, BootError> {
+        GuestFiles::in_dir(&GuestFiles::default_dir())
+    }
+
+    /// `vmlinuz` and `initramfs.cpio.gz` in `dir`, both present.
+    pub fn in_dir(dir: &Path) -> Result<GuestFiles, BootError> {
+        let vmlinux = dir.join("vmlinux");
+        let files = GuestFiles {
+            kernel: dir.join("vmlinuz"),
+            vmlinux: vmlinux.is_file().then_some(vmlinux),
+            initrd: dir.join("initramfs.cpio.gz"),
+        };
+        for (what, path) in [
+            ("guest kernel", &files.kernel),
+            ("initramfs", &files.initrd),
+        ] {
+            if !path.is_file() {
+                return Err(BootError::MissingFile {
+                    what,
+                    path: path.clone(),
+                });
+            }
+        }
+        Ok(files)
+    }
+}
+
+/// How a VM boots Linux instead of loading real-mode images.
+#[derive(Debug, Clone)]
+pub struct LinuxBoot {
+    /// The kernel: a bzImage or an uncompressed `vmlinux` (ELF).
+    pub kernel: PathBuf,
+    /// The initramfs, if any.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// Where the guest's serial output goes (a local `uart` model feeds it).
+    pub console: Console,
+}
+
+impl LinuxBoot {
+    /// Boots `files` with [`default_cmdline`]`(boot_id)` into a fresh
+    /// console that does not echo. The decompressed `vmlinux` is used when
+    /// there is one (the same kernel; no decompressor to run), else the
+    /// bzImage.
+    pub fn new(files: &GuestFiles, boot_id: u32) -> LinuxBoot {
+        LinuxBoot {
+            kernel: files
+                .vmlinux
+                .clone()
+                .unwrap_or_else(|| files.kernel.clone()),
+            initrd: Some(files.initrd.clone()),
+            cmdline: default_cmdline(boot_id),
+            console: Console::new(),
+        }
+    }
+
+    /// Loads the kernel, initramfs, command line and boot tables into
+    /// `vm`'s memory and returns the state vCPU 0 starts in.
+    pub fn prepare(&self, vm: &Vm) -> Result<CpuState, BootError> {
+        let kernel = read(&self.kernel, "guest kernel")?;
+        let initrd = match &self.initrd {
+            Some(p) => Some(read(p, "initramfs")?),
+            None => None,
+        };
+        let loaded = loader::load(
+            vm,
+            &loader::Images {
+                kernel: &kernel,
+                kernel_path: &self.kernel,
+                initrd: initrd.as_deref(),
+                cmdline: &self.cmdline,
+            },
+        )?;
+        cpu::write_tables(vm)?;
+        Ok(cpu::long_mode_state(loaded.entry, loaded.zero_page))
+    }
+}
+
+fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, BootError> {
+    std::fs::read(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            BootError::MissingFile {
+                what,
+                path: path.to_path_buf(),
+            }
+        } else {
+            BootError::Read {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_cmdline_names_the_boot() {
+        let c = default_cmdline(7);
+        assert!(c.starts_with("console=ttyS0 "), "{c}");
+        assert!(c.ends_with(" devplane.boot=7"), "{c}");
+        assert!(c.contains("reboot=k"));
+    }
+
+    #[test]
+    fn missing_files_say_how_to_make_them() {
+        let e = GuestFiles::in_dir(Path::new("/nonexistent/devplane")).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("scripts/setup.sh"), "{msg}");
+        assert!(msg.contains("/nonexistent/devplane/vmlinuz"), "{msg}");
+    }
+}

@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# The guest kernel and initramfs for devplane's Linux boot (the
+# e2e_linux_boot test and anyone booting Linux in the client VMM).
+#
+# Into ${DEVPLANE_GUEST_DIR:-<repo>/target/guest} it puts:
+#   vmlinuz             Debian's own, unmodified bzImage: the
+#                       linux-image-6.1.*-amd64 that linux-image-amd64
+#                       depends on (Debian 12)
+#   vmlinux             the same kernel, decompressed (ELF)
+#   initramfs.cpio.gz   busybox-static with its applet links, guest/init as
+#                       /init, and the virtio modules of the same kernel
+#                       package under /lib/modules (load order in
+#                       /lib/modules/load-order)
+#   kernel-version      the kernel package's name and version
+# Nothing here is committed: everything comes from Debian's archive with
+# `apt-get download` and is unpacked with `dpkg-deb -x`.
+#
+# Idempotent and quick when done: it rebuilds only when the kernel package
+# Debian names, busybox's version, guest/ or this script changed (a stamp
+# file records them). Needs root for apt-get (scripts/setup.sh runs it).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${DEVPLANE_GUEST_DIR:-$ROOT/target/guest}"
+# The modules the guest's block device needs (virtio-pci legacy + virtio-blk);
+# their dependencies are added from `modinfo -F depends`.
+ROOT_MODULES=(virtio_pci virtio_blk)
+
+say() { printf 'guest-kernel: %s\n' "$*"; }
+die() { printf 'guest-kernel: error: %s\n' "$*" >&2; exit 1; }
+
+command -v apt-get >/dev/null || die "apt-get not found: the guest kernel comes from Debian 12 (bookworm) packages"
+
+# Host tools: cpio (newc archives), xz (unpacks the kernel) and kmod
+# (modinfo reads .ko dependencies).
+need=()
+command -v cpio >/dev/null || need+=(cpio)
+command -v xz >/dev/null || need+=(xz-utils)
+command -v modinfo >/dev/null || [[ -x /sbin/modinfo ]] || need+=(kmod)
+updated=0
+apt_update() {
+    if ((updated == 0)); then
+        apt-get update -qq || die "apt-get update failed: check the network and /etc/apt/sources.list"
+        updated=1
+    fi
+}
+if ((${#need[@]})); then
+    [[ "$(id -u)" == 0 ]] || die "${need[*]} missing and not root: run sudo -E bash scripts/setup.sh"
+    say "installing ${need[*]}"
+    apt_update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null \
+        || die "apt-get install ${need[*]} failed"
+fi
+MODINFO="$(command -v modinfo || echo /sbin/modinfo)"
+
+# The kernel package linux-image-amd64 depends on, e.g. linux-image-6.1.0-56-amd64.
+resolve_kernel() {
+    apt-cache depends linux-image-amd64 2>/dev/null \
+        | awk '$1 == "Depends:" && $2 ~ /^linux-image-6\.1\.[0-9.-]*-amd64$/ { print $2; exit }'
+}
+# "<kernel candidate> <busybox-static candidate>" from one apt-cache call
+# (each call costs about a second).
+candidates() {
+    apt-cache policy "$KPKG" busybox-static 2>/dev/null \
+        | awk -v k="$KPKG:" '$1 == k { p = "k" } $1 == "busybox-static:" { p = "b" }
+            $1 == "Candidate:" { c[p] = $2 } END { print c["k"], c["b"] }'
+}
+
+KPKG="$(resolve_kernel)"
+if [[ -z "$KPKG" ]]; then
+    apt_update
+    KPKG="$(resolve_kernel)"
+fi
+[[ -n "$KPKG" ]] || die "apt-cache names no linux-image-6.1.*-amd64 for linux-image-amd64: is this Debian 12 (bookworm)?"
+read -r KVER_PKG BB_VER <<<"$(candidates)" || true
+if [[ -z "$KVER_PKG" || "$KVER_PKG" == "(none)" || -z "$BB_VER" || "$BB_VER" == "(none)" ]]; then
+    apt_update
+    read -r KVER_PKG BB_VER <<<"$(candidates)" || true
+fi
+[[ -n "$KVER_PKG" && "$KVER_PKG" != "(none)" ]] || die "no candidate version of $KPKG: run apt-get update"
+[[ -n "$BB_VER" && "$BB_VER" != "(none)" ]] || die "no candidate version of busybox-static: run apt-get update"
+
+inputs_hash() {
+    {
+        printf '%s %s\n%s\n' "$KPKG" "$KVER_PKG" "$BB_VER"
+        cat "${BASH_SOURCE[0]}"
+        find "$ROOT/guest" -type f -print0 | sort -z | xargs -0 cat
+    } | sha256sum | cut -d' ' -f1
+}
+STAMP="$OUT/.stamp"
+want="$(inputs_hash)"
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" && -f "$OUT/vmlinuz" && -f "$OUT/vmlinux" && -f "$OUT/initramfs.cpio.gz" ]]; then
+    say "up to date: $OUT/vmlinuz, $OUT/initramfs.cpio.gz ($KPKG $KVER_PKG)"
+    exit 0
+fi
+
+mkdir -p "$OUT"
+work="$(mktemp -d "$OUT/.build.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+say "downloading $KPKG $KVER_PKG and busybox-static $BB_VER"
+# apt-get download writes into the current directory; as root it warns that
+# the _apt user cannot write there, which is harmless.
+(cd "$work" && apt-get download -qq "$KPKG=$KVER_PKG" "busybox-static=$BB_VER" 2>&1 \
+    | grep -v 'Download is performed unsandboxed' || true)
+debs=("$work"/*.deb)
+[[ -e "${debs[0]}" && ${#debs[@]} == 2 ]] || die "apt-get download of $KPKG and busybox-static failed"
+mkdir -p "$work/x"
+for d in "${debs[@]}"; do
+    dpkg-deb -x "$d" "$work/x" || die "dpkg-deb -x $d failed"
+done
+
+vmlinuz=("$work"/x/boot/vmlinuz-*)
+[[ -f "${vmlinuz[0]}" ]] || die "$KPKG has no /boot/vmlinuz-*"
+KREL="$(basename "${vmlinuz[0]}")"
+KREL="${KREL#vmlinuz-}"
+MODDIR="$work/x/lib/modules/$KREL"
+[[ -d "$MODDIR" ]] || die "$KPKG has no /lib/modules/$KREL"
+
+# The initramfs tree.
+rd="$work/rd"
+mkdir -p "$rd"/{bin,sbin,dev,proc,sys,tmp,lib/modules}
+BB="$work/x/bin/busybox"
+[[ -x "$BB" ]] || die "busybox-static has no /bin/busybox"
+cp "$BB" "$rd/bin/busybox"
+for applet in $("$BB" --list); do
+    [[ "$applet" == busybox ]] || ln -sf busybox "$rd/bin/$applet"
+done
+install -m 0755 "$ROOT/guest/init" "$rd/init"
+
+# Modules in dependency order (post-order of `modinfo -F depends`).
+declare -A seen=()
+order=()
+find_ko() {
+    local f
+    f="$(find "$MODDIR/kernel" \( -name "$1.ko" -o -name "$1.ko.xz" -o -name "$1.ko.zst" -o -name "$1.ko.gz" \) -print -quit)"
+    [[ -n "$f" ]] || die "module $1 not in $KPKG (built in? then drop it from ROOT_MODULES)"
+    case "$f" in *.ko) ;; *) die "module $f is compressed; this script copies only uncompressed .ko files";; esac
+    printf '%s' "$f"
+}
+visit() {
+    local name="$1" ko deps dep
+    [[ -n "${seen[$name]:-}" ]] && return 0
+    seen[$name]=1
+    ko="$(find_ko "$name")"
+    deps="$("$MODINFO" -F depends "$ko")"
+    for dep in ${deps//,/ }; do
+        visit "$dep"
+    done
+    cp "$ko" "$rd/lib/modules/$name.ko"
+    order+=("$name")
+}
+for m in "${ROOT_MODULES[@]}"; do
+    visit "$m"
+done
+printf '%s\n' "${order[@]}" >"$rd/lib/modules/load-order"
+
+(cd "$rd" && find . -mindepth 1 -print0 | LC_ALL=C sort -z \
+    | cpio --null --create --format=newc --owner=0:0 --quiet) \
+    | gzip -9 -n >"$work/initramfs.cpio.gz"
+
+cp "${vmlinuz[0]}" "$work/vmlinuz"
+
+# The same kernel decompressed, as an ELF vmlinux (the kernel's own
+# scripts/extract-vmlinux does the same): its compressed payload is the
+# first xz (Debian's CONFIG_KERNEL_XZ), gzip or zstd stream that unpacks to
+# an ELF file. Booting it skips the decompressor, which matters where guest
+# code runs slowly (an instruction-emulating /dev/kvm).
+extract_vmlinux() {
+    local magic tool off
+    for pair in 'fd377a585a00:xz -dc' '1f8b0800:gzip -dc' '28b52ffd:zstd -dcq'; do
+        magic="${pair%%:*}"
+        tool="${pair#*:}"
+        command -v "${tool%% *}" >/dev/null || continue
+        for off in $(od -An -v -tx1 -w1 "$work/vmlinuz" | tr -d ' \n' \
+                | grep -ob "$magic" | cut -d: -f1); do
+            ((off % 2 == 0)) || continue
+            tail -c "+$((off / 2 + 1))" "$work/vmlinuz" | $tool >"$work/vmlinux" 2>/dev/null || true
+            if [[ "$(head -c 4 "$work/vmlinux" | od -An -tx1 | tr -d ' ')" == 7f454c46 ]]; then
+                return 0
+            fi
+        done
+    done
+    return 1
+}
+extract_vmlinux || die "could not extract vmlinux from $KPKG's vmlinuz (needs xz-utils, gzip or zstd)"
+printf '%s %s (%s)\n' "$KPKG" "$KVER_PKG" "$KREL" >"$work/kernel-version"
+rm -rf "$OUT/modules"
+mkdir -p "$OUT/modules"
+cp "$rd"/lib/modules/* "$OUT/modules/"
+for f in vmlinuz vmlinux initramfs.cpio.gz kernel-version; do
+    mv -f "$work/$f" "$OUT/$f"
+done
+printf '%s\n' "$want" >"$STAMP"
+say "kernel:    $OUT/vmlinuz ($KPKG $KVER_PKG), decompressed: $OUT/vmlinux"
+say "initramfs: $OUT/initramfs.cpio.gz (busybox-static $BB_VER; modules: ${order[*]})"
