@@ -1,8 +1,11 @@
-//! The control protocol between `dpctl` and a running server: one JSON
+//! The control protocol between `dpctl` and the running daemons: one JSON
 //! request per line over a Unix socket (owner-only permissions), one JSON
-//! response per line back. It carries what the eBPF maps alone cannot do:
-//! moving a model between workers, holding a VM's interrupts, counters,
-//! tuning.
+//! response per line back. To a server it carries what the eBPF maps alone
+//! cannot do: moving a model between workers, holding a VM's interrupts,
+//! counters, tuning. To a client daemon (`devplane-client`) it carries VM
+//! launch, shutdown and listing ([`Request::LaunchVm`],
+//! [`Request::ShutdownVm`], [`Request::ListVms`]). Each daemon refuses the
+//! requests meant for the other with [`Response::Error`].
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -16,7 +19,13 @@ pub fn default_socket(id: u32) -> PathBuf {
     PathBuf::from(format!("/run/devplane/server-{id}.sock"))
 }
 
-/// A request to a running server.
+/// Where client daemon `id` (`devplane-client`) listens unless told
+/// otherwise.
+pub fn default_client_socket(id: u32) -> PathBuf {
+    PathBuf::from(format!("/run/devplane/client-{id}.sock"))
+}
+
+/// A request to a running server or client daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
@@ -65,6 +74,18 @@ pub enum Request {
         /// Most frames per poll.
         batch: Option<u32>,
     },
+    /// Client daemon: start a configured VM.
+    LaunchVm {
+        /// The VM.
+        vm: u32,
+    },
+    /// Client daemon: stop a VM and report how its vCPUs ended.
+    ShutdownVm {
+        /// The VM.
+        vm: u32,
+    },
+    /// Client daemon: every configured VM and whether it runs.
+    ListVms,
 }
 
 /// One worker's counters, as reported.
@@ -76,12 +97,87 @@ pub struct WorkerCounters {
     pub counters: Vec<(String, u64)>,
 }
 
-/// A server's answer.
+/// Whether a client daemon's VM runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmRunState {
+    /// Its vCPUs run.
+    Running,
+    /// Never launched, shut down, or its guest stopped by itself.
+    Stopped,
+}
+
+impl std::fmt::Display for VmRunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmRunState::Running => "running",
+            VmRunState::Stopped => "stopped",
+        })
+    }
+}
+
+/// How one vCPU of a client daemon's VM ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuEnd {
+    /// vCPU index.
+    pub vcpu: u16,
+    /// `done` (the guest reported `value`), `shutdown`, `reset`, `halt`,
+    /// `stopped` (shut down from outside) or `error`.
+    pub exit: String,
+    /// The value a `done` guest reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<u32>,
+    /// What went wrong, for `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// KVM exits it took.
+    pub exits: u64,
+    /// Accesses served by remote models.
+    pub remote: u64,
+    /// Accesses served by local models.
+    pub local: u64,
+}
+
+/// One VM of a client daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// VM id.
+    pub vm: u32,
+    /// Its hypervisor id.
+    pub hypervisor: u32,
+    /// Whether it runs.
+    pub state: VmRunState,
+    /// Its vCPUs.
+    pub vcpus: usize,
+    /// Milliseconds since it was launched (running VMs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_ms: Option<u64>,
+    /// How its vCPUs ended the last time it stopped (empty if it never
+    /// ran or runs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ended: Vec<VcpuEnd>,
+    /// The last time it stopped, its guest stopped by itself (rather than
+    /// being shut down).
+    #[serde(default)]
+    pub by_itself: bool,
+}
+
+/// A daemon's answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     /// Done.
     Ok,
+    /// One VM of a client daemon, after a launch or a shutdown.
+    Vm {
+        /// The VM.
+        vm: VmStatus,
+    },
+    /// Every VM of a client daemon.
+    Vms {
+        /// The VMs, by id.
+        vms: Vec<VmStatus>,
+    },
     /// Counters.
     Stats {
         /// Server id.
@@ -94,6 +190,11 @@ pub enum Response {
     /// Refused, with the reason.
     Error {
         /// What was wrong and what to do.
+        message: String,
+    },
+    /// Refused: an id in the request does not exist (`dpctl` exits 3).
+    NotFound {
+        /// Which id, and what to do.
         message: String,
     },
 }
@@ -111,8 +212,18 @@ pub enum ProtoError {
         /// The connect error.
         source: std::io::Error,
     },
+    /// No client daemon listens there ([`call_client`]).
+    #[error(
+        "no client daemon listening on {path} ({source}): is devplane-client running? (pass --client-socket if it uses another path)"
+    )]
+    ClientNotRunning {
+        /// The socket path.
+        path: PathBuf,
+        /// The connect error.
+        source: std::io::Error,
+    },
     /// Talking to it failed.
-    #[error("talking to the server on {path}: {source}")]
+    #[error("talking to the daemon on {path}: {source}")]
     Io {
         /// The socket path.
         path: PathBuf,
@@ -120,7 +231,7 @@ pub enum ProtoError {
         source: std::io::Error,
     },
     /// It answered something that is not a response.
-    #[error("the server on {path} answered garbage: {why}")]
+    #[error("the daemon on {path} answered garbage: {why}")]
     BadAnswer {
         /// The socket path.
         path: PathBuf,
@@ -155,6 +266,15 @@ pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<Response, P
     })
 }
 
+/// [`call`] for a client daemon: a missing daemon is
+/// [`ProtoError::ClientNotRunning`].
+pub fn call_client(path: &Path, req: &Request, timeout: Duration) -> Result<Response, ProtoError> {
+    call(path, req, timeout).map_err(|e| match e {
+        ProtoError::NotRunning { path, source } => ProtoError::ClientNotRunning { path, source },
+        other => other,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,6 +299,9 @@ mod tests {
                 idle_sleep_us: None,
                 batch: Some(32),
             },
+            Request::LaunchVm { vm: 3 },
+            Request::ShutdownVm { vm: 3 },
+            Request::ListVms,
         ];
         for r in reqs {
             let text = serde_json::to_string(&r).unwrap();
@@ -199,6 +322,69 @@ mod tests {
         };
         let t = serde_json::to_string(&rsp).unwrap();
         assert_eq!(serde_json::from_str::<Response>(&t).unwrap(), rsp);
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"launch_vm","vm":3}"#).unwrap(),
+            Request::LaunchVm { vm: 3 }
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"op":"launch_vm"}"#).is_err());
+        let running = VmStatus {
+            vm: 1,
+            hypervisor: 2,
+            state: VmRunState::Running,
+            vcpus: 1,
+            uptime_ms: Some(1500),
+            ended: Vec::new(),
+            by_itself: false,
+        };
+        let stopped = VmStatus {
+            vm: 4,
+            state: VmRunState::Stopped,
+            uptime_ms: None,
+            ended: vec![
+                VcpuEnd {
+                    vcpu: 0,
+                    exit: "done".into(),
+                    value: Some(60000),
+                    error: None,
+                    exits: 60003,
+                    remote: 60001,
+                    local: 0,
+                },
+                VcpuEnd {
+                    vcpu: 1,
+                    exit: "error".into(),
+                    value: None,
+                    error: Some("KVM_RUN failed".into()),
+                    exits: 7,
+                    remote: 0,
+                    local: 2,
+                },
+            ],
+            by_itself: true,
+            ..running.clone()
+        };
+        let rsps = [
+            Response::Ok,
+            Response::Vm {
+                vm: stopped.clone(),
+            },
+            Response::Vms {
+                vms: vec![running, stopped],
+            },
+            Response::NotFound {
+                message: "VM 9 is not configured".into(),
+            },
+        ];
+        for r in rsps {
+            let text = serde_json::to_string(&r).unwrap();
+            assert!(!text.contains('\n'));
+            assert_eq!(serde_json::from_str::<Response>(&text).unwrap(), r);
+        }
+        let v: serde_json::Value = serde_json::from_str(
+            &serde_json::to_string(&Response::Vms { vms: Vec::new() }).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(v["result"], "vms");
     }
 
     #[test]
@@ -211,5 +397,14 @@ mod tests {
         .unwrap_err();
         assert!(matches!(e, ProtoError::NotRunning { .. }));
         assert!(e.to_string().contains("is devplane-server running"));
+        let e = call_client(
+            Path::new("/nonexistent/devplane.sock"),
+            &Request::ListVms,
+            Duration::from_millis(100),
+        )
+        .unwrap_err();
+        assert!(matches!(e, ProtoError::ClientNotRunning { .. }));
+        assert!(e.to_string().contains("is devplane-client running"));
+        assert!(e.to_string().contains("--client-socket"));
     }
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use devplane_control::proto::{Request, Response, VcpuEnd, VmRunState, VmStatus};
 use serde_json::Value;
 
 /// A unique directory under the system temp dir, removed on drop.
@@ -660,4 +661,137 @@ fn unusable_state_dir_is_one_line_exit_1() {
     ok(&dir, &["status"]);
     fs::write(dir.join("db.json"), "garbage").unwrap();
     fails(&dir, &["clients", "list"], 1, "restore it from a backup");
+}
+
+/// A stand-in for devplane-client on `path`: answers every request with
+/// `answer`, one JSON line each, until the test process ends.
+fn fake_client_daemon(path: &Path, answer: fn(Request) -> Response) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let mut line = String::new();
+            if BufReader::new(&stream).read_line(&mut line).is_err() {
+                continue;
+            }
+            let req: Request = serde_json::from_str(&line).unwrap();
+            let mut text = serde_json::to_string(&answer(req)).unwrap();
+            text.push('\n');
+            let _ = (&stream).write_all(text.as_bytes());
+        }
+    });
+}
+
+fn vm_status(vm: u32, running: bool) -> VmStatus {
+    VmStatus {
+        vm,
+        hypervisor: 2,
+        state: if running {
+            VmRunState::Running
+        } else {
+            VmRunState::Stopped
+        },
+        vcpus: 1,
+        uptime_ms: running.then_some(2500),
+        ended: if running {
+            Vec::new()
+        } else {
+            vec![VcpuEnd {
+                vcpu: 0,
+                exit: "done".into(),
+                value: Some(60000),
+                error: None,
+                exits: 60010,
+                remote: 60001,
+                local: 0,
+            }]
+        },
+        by_itself: !running,
+    }
+}
+
+#[test]
+fn client_daemon_commands() {
+    let t = TempDir::new();
+    fs::create_dir_all(t.path()).unwrap();
+    let sock = t.path().join("client.sock");
+    let sock_arg = sock.to_str().unwrap().to_string();
+    fn with<'a>(sock: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+        let mut all = vec!["--client-socket", sock];
+        all.extend_from_slice(args);
+        all
+    }
+    let run = |args: &[&'static str]| with(&sock_arg, args);
+    // Nobody listening: exit 1, one line.
+    fails(
+        t.path(),
+        &run(&["vms", "running"]),
+        1,
+        "is devplane-client running?",
+    );
+    fake_client_daemon(&sock, |req| match req {
+        Request::ListVms => Response::Vms {
+            vms: vec![vm_status(1, false), vm_status(2, true)],
+        },
+        Request::LaunchVm { vm: 2 } => Response::Vm {
+            vm: vm_status(2, true),
+        },
+        Request::LaunchVm { vm } | Request::ShutdownVm { vm } if vm > 2 => Response::NotFound {
+            message: format!("VM {vm} is not in this client's configuration"),
+        },
+        Request::ShutdownVm { vm: 1 } => Response::Vm {
+            vm: vm_status(1, false),
+        },
+        Request::ShutdownVm { vm } => Response::Error {
+            message: format!("VM {vm} is not running"),
+        },
+        _ => Response::Error {
+            message: "unexpected".into(),
+        },
+    });
+    let rows = table(&ok(t.path(), &run(&["vms", "running"])));
+    assert_eq!(
+        rows[0],
+        ["VM", "HYPERVISOR", "STATE", "VCPUS", "UPTIME", "ENDED"]
+    );
+    assert_eq!(rows[1][..6], ["1", "2", "stopped", "1", "-", "done"]);
+    assert!(rows[1].join(" ").ends_with("done 60000 (by itself)"));
+    assert_eq!(rows[2], ["2", "2", "running", "1", "2.5s", "-"]);
+    let j = ok_json(t.path(), &run(&["vms", "running"]));
+    assert_eq!(j[0]["vm"], 1);
+    assert_eq!(j[0]["ended"][0]["value"], 60000);
+    assert_eq!(j[1]["state"], "running");
+    assert_eq!(
+        ok(t.path(), &run(&["vms", "launch", "2"])),
+        "launched VM 2 (1 vCPU)\n"
+    );
+    let j = ok_json(t.path(), &run(&["vms", "launch", "2"]));
+    assert_eq!(
+        (j["action"].as_str(), j["vm"].as_u64()),
+        (Some("launch"), Some(2))
+    );
+    let out = ok(t.path(), &run(&["vms", "shutdown", "1"]));
+    let (head, rest) = out.split_once('\n').unwrap();
+    assert_eq!(head, "VM 1 had stopped by itself; freed");
+    let rows = table(rest);
+    assert_eq!(rows[1], ["0", "done", "60000", "60010", "60001", "0"]);
+    let j = ok_json(t.path(), &run(&["vms", "shutdown", "1"]));
+    assert_eq!(j["action"], "shutdown");
+    assert_eq!(j["by_itself"], true);
+    fails(t.path(), &run(&["vms", "launch", "9"]), 3, "VM 9 is not in");
+    fails(t.path(), &run(&["vms", "shutdown", "9"]), 3, "VM 9");
+    fails(
+        t.path(),
+        &run(&["vms", "shutdown", "2"]),
+        1,
+        "the client daemon refused: VM 2 is not running",
+    );
+    fails(t.path(), &run(&["vms", "launch", "0"]), 2, "0");
+    fails(t.path(), &run(&["vms", "launch"]), 2, "<ID>");
+    for cmd in ["launch", "shutdown", "running"] {
+        let out = ok(t.path(), &["vms", cmd, "--help"]);
+        assert!(out.contains("--client-socket <PATH>"), "{cmd}: {out}");
+        assert!(out.contains("client daemon"), "{cmd}: {out}");
+    }
 }

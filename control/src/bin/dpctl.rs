@@ -1,4 +1,6 @@
-//! `dpctl`: inspect and change devplane's identifier database.
+//! `dpctl`: inspect and change devplane's identifier database, and drive
+//! the running daemons: a server (`--socket`) and a client daemon
+//! (`--client-socket`).
 //!
 //! Tables for people, `--json` for scripts. Exit codes: 0 success, 1 the
 //! operation was refused or failed, 2 bad usage, 3 an id named on the
@@ -18,6 +20,8 @@ use serde_json::{Value, json};
 
 #[path = "dpctl/apply.rs"]
 mod apply;
+#[path = "dpctl/client.rs"]
+mod client;
 #[path = "dpctl/daemon.rs"]
 mod daemon;
 
@@ -29,7 +33,8 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_NOT_FOUND: u8 = 3;
 
 /// Inspect and change devplane's identifier database: client platforms,
-/// hypervisors, VMs, device models and servers.
+/// hypervisors, VMs, device models and servers; drive a running server
+/// (--socket) and a running client daemon (--client-socket).
 ///
 /// Exit codes: 0 ok, 1 refused or failed, 2 bad usage, 3 unknown id.
 #[derive(Debug, Parser)]
@@ -57,6 +62,16 @@ struct Cli {
         default_value = "/run/devplane/server-1.sock"
     )]
     socket: PathBuf,
+    /// Control socket of the running client daemon, devplane-client (for
+    /// vms launch/shutdown/running).
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        env = "DEVPLANE_CLIENT_SOCKET",
+        default_value = "/run/devplane/client-1.sock"
+    )]
+    client_socket: PathBuf,
     /// Apply database changes to the running server with this
     /// configuration file: after the change is saved, the server's pinned
     /// maps (its `pin_dir`) are synced to the database.
@@ -188,6 +203,15 @@ enum VmsCmd {
         #[arg(long, value_name = "ID")]
         client: u32,
     },
+    /// Start the VM on the running client daemon (--client-socket), as its
+    /// configuration file describes it.
+    Launch(IdArg),
+    /// Stop the VM on the running client daemon and show how its vCPUs
+    /// ended (also for a guest that had already stopped by itself).
+    Shutdown(IdArg),
+    /// List the client daemon's VMs: whether each runs, for how long, and
+    /// how it last ended.
+    Running,
 }
 
 #[derive(Debug, Subcommand)]
@@ -343,6 +367,9 @@ fn run(cli: &Cli) -> Result<String, Failure> {
     if let Some(out) = daemon::run(cli)? {
         return Ok(out);
     }
+    if let Some(out) = client::run(cli)? {
+        return Ok(out);
+    }
     let mut db = Db::open(&cli.state)?;
     let json = cli.json;
     match &cli.command {
@@ -397,9 +424,12 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                 change(cli, &mut db, Change::AddVm(vm), json)
             }
             VmsCmd::Remove(a) => change(cli, &mut db, Change::RemoveVm(a.id), json),
-            VmsCmd::Suspend(_) | VmsCmd::Resume(_) | VmsCmd::Migrate { .. } => {
-                Err(daemon::handled_there())
-            }
+            VmsCmd::Suspend(_)
+            | VmsCmd::Resume(_)
+            | VmsCmd::Migrate { .. }
+            | VmsCmd::Launch(_)
+            | VmsCmd::Shutdown(_)
+            | VmsCmd::Running => Err(daemon::handled_there()),
         },
         Command::Models(c) => match c {
             ModelsCmd::List => Ok(list(db.state(), Kind::Model, json)),

@@ -8,6 +8,7 @@
 //! [`vcpu_io`], [`ring`] and [`engine`] route exits to device models.
 
 pub mod boot;
+pub mod daemon;
 pub mod devmap;
 pub mod engine;
 pub mod guests;

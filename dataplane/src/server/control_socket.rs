@@ -1,7 +1,9 @@
 //! The server's control socket: a Unix socket (mode 0600) where `dpctl`
 //! sends [`Request`]s. A listener thread reads one request per connection
 //! and hands it to the thread that owns the [`Server`] through a channel;
-//! that thread applies it ([`handle`]) and the answer goes back.
+//! that thread applies it ([`handle`]) and the answer goes back. The client
+//! daemon listens with the same [`ControlSocket`]
+//! ([`crate::client::daemon`] answers its requests).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -98,7 +100,7 @@ fn accept_loop(listener: UnixListener, to: Sender<Pending>, stop: Arc<AtomicBool
                 }
                 rx.recv_timeout(Duration::from_secs(10))
                     .unwrap_or(Response::Error {
-                        message: "the server did not answer in time".into(),
+                        message: "the daemon did not answer in time".into(),
                     })
             }
         };
@@ -161,6 +163,13 @@ pub fn handle(server: &mut Server, request: Request) -> Response {
                 };
             }
             done(server.tune(t))
+        }
+        Request::LaunchVm { .. } | Request::ShutdownVm { .. } | Request::ListVms => {
+            Response::Error {
+                message: "devplane-server does not run VMs: send VM launch, shutdown and \
+                          listing to devplane-client (dpctl --client-socket)"
+                    .into(),
+            }
         }
     }
 }

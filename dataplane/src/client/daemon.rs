@@ -1,0 +1,401 @@
+//! The client daemon (`devplane-client`): holds the VMs of one client
+//! platform, launched and shut down one at a time by `dpctl vms
+//! launch|shutdown` over its control socket.
+//!
+//! The VMs a daemon may run come from its configuration file
+//! ([`config::ClientFile`]). Each launched VM is a [`Client`] of its own,
+//! with its own vCPU threads, engine thread, io_uring lanes and sockets:
+//! VMs start and stop independently and share nothing, so starting one
+//! never pauses another and shutting one down (stopping its vCPUs and
+//! engine, unmapping its memory) cannot touch another's in-flight
+//! requests. The price is one engine thread per VM instead of one per
+//! client, which the direct mode (the default) keeps off the hot path.
+//!
+//! A guest that stops by itself (it reported on its done port, shut down
+//! or rebooted) is noticed at every request and by [`Daemon::reap`], which
+//! the daemon's owner calls periodically: the VM is then stopped, its
+//! resources freed, and how its vCPUs ended is kept — the next
+//! [`Daemon::shutdown`] of that VM returns it (with `by_itself` set), and
+//! [`Daemon::list`] shows it.
+//!
+//! *Noticing it* relies on [`Client`]'s public interface only, which
+//! cannot say whether its vCPUs still run without stopping them: the
+//! daemon records which `dp-vcpu-*` threads appeared in this process while
+//! it started the VM and looks them up in `/proc/self/task`. When that is
+//! not possible (the threads were not found), the VM counts as running
+//! until it is shut down.
+
+pub mod config;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use devplane_control::proto::{Request, Response, VcpuEnd, VmRunState, VmStatus};
+
+use super::vmm::{Client, ClientError, VcpuReport};
+use config::{ClientFile, ConfigError};
+
+/// Name prefix of the vCPU threads [`Client`] starts.
+const VCPU_THREAD_PREFIX: &str = "dp-vcpu-";
+
+/// How long a launch waits for its vCPU threads to show their names.
+const THREAD_NAME_WAIT: Duration = Duration::from_millis(200);
+
+/// Why a daemon request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// No such VM in the configuration.
+    #[error("VM {vm} is not in this client's configuration (configured: {configured})")]
+    UnknownVm {
+        /// The VM asked for.
+        vm: u32,
+        /// The configured VM ids, comma-separated.
+        configured: String,
+    },
+    /// Launch of a VM that runs.
+    #[error("VM {0} is already running: shut it down first")]
+    AlreadyRunning(u32),
+    /// Shutdown of a VM that does not run.
+    #[error("VM {0} is not running")]
+    NotRunning(u32),
+    /// The VM's spec could not be built.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// KVM, the engine or a socket refused.
+    #[error("cannot start VM {vm}: {source}")]
+    Start {
+        /// The VM.
+        vm: u32,
+        /// Why.
+        source: ClientError,
+    },
+}
+
+/// A launched VM.
+struct Running {
+    client: Client,
+    since: Instant,
+    /// Thread ids of its vCPU threads, if they were found.
+    threads: Option<Vec<i32>>,
+}
+
+/// One configured VM.
+#[derive(Default)]
+struct Slot {
+    running: Option<Running>,
+    /// How its vCPUs ended the last time it stopped.
+    ended: Vec<VcpuEnd>,
+    /// It stopped by itself the last time.
+    by_itself: bool,
+    /// It stopped by itself and no shutdown has reported it yet.
+    unclaimed: bool,
+}
+
+/// The VMs of one client platform: which run, and how the others ended.
+pub struct Daemon {
+    file: ClientFile,
+    slots: BTreeMap<u32, Slot>,
+    /// VMs noticed stopping by themselves, not yet returned by
+    /// [`Daemon::reap`].
+    noticed: Vec<VmStatus>,
+}
+
+/// Thread ids of this process's vCPU threads.
+fn vcpu_threads() -> BTreeSet<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return BTreeSet::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&tid| vcpu_thread_alive(tid))
+        .collect()
+}
+
+/// Whether thread `tid` of this process exists and is a vCPU thread.
+fn vcpu_thread_alive(tid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+        .is_ok_and(|name| name.starts_with(VCPU_THREAD_PREFIX))
+}
+
+/// How one vCPU ended, for the protocol.
+pub fn vcpu_end(r: &VcpuReport) -> VcpuEnd {
+    let (exit, value, error) = match &r.exit {
+        Ok(super::kvm::VcpuExit::Done(v)) => ("done".to_string(), Some(*v), None),
+        Ok(other) => (format!("{other:?}").to_lowercase(), None, None),
+        Err(e) => ("error".to_string(), None, Some(e.to_string())),
+    };
+    VcpuEnd {
+        vcpu: r.vcpu,
+        exit,
+        value,
+        error,
+        exits: r.exits,
+        remote: r.stats.remote.load(Ordering::Relaxed),
+        local: r.stats.local.load(Ordering::Relaxed),
+    }
+}
+
+impl Daemon {
+    /// A daemon for this configuration, with no VM running.
+    pub fn new(file: ClientFile) -> Daemon {
+        let slots = file.vms.iter().map(|v| (v.id, Slot::default())).collect();
+        Daemon {
+            file,
+            slots,
+            noticed: Vec::new(),
+        }
+    }
+
+    /// The client platform id.
+    pub fn client_id(&self) -> u32 {
+        self.file.client.id
+    }
+
+    fn slot(&mut self, vm: u32) -> Result<&mut Slot, DaemonError> {
+        if !self.slots.contains_key(&vm) {
+            return Err(DaemonError::UnknownVm {
+                vm,
+                configured: self
+                    .slots
+                    .keys()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            });
+        }
+        Ok(self.slots.get_mut(&vm).expect("checked above"))
+    }
+
+    /// Starts VM `vm` as a [`Client`] of its own.
+    pub fn launch(&mut self, vm: u32) -> Result<VmStatus, DaemonError> {
+        self.notice();
+        if self.slot(vm)?.running.is_some() {
+            return Err(DaemonError::AlreadyRunning(vm));
+        }
+        let spec = self.file.client_spec(vm)?;
+        let vcpus = spec.vms.iter().map(|v| v.vcpus.len()).sum::<usize>();
+        // Only this thread starts clients, so the vCPU threads that appear
+        // meanwhile are this VM's.
+        let before = vcpu_threads();
+        let client = Client::start(spec).map_err(|source| DaemonError::Start { vm, source })?;
+        // A new thread names itself, so its name may lag a little.
+        let deadline = Instant::now() + THREAD_NAME_WAIT;
+        let threads = loop {
+            let mine: Vec<i32> = vcpu_threads().difference(&before).copied().collect();
+            if mine.len() == vcpus {
+                break Some(mine);
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let slot = self.slot(vm)?;
+        *slot = Slot {
+            running: Some(Running {
+                client,
+                since: Instant::now(),
+                threads,
+            }),
+            ..Slot::default()
+        };
+        Ok(self.status(vm))
+    }
+
+    /// Stops VM `vm`, frees it, and reports how its vCPUs ended. A VM
+    /// whose guest stopped by itself is reported once more by its next
+    /// shutdown (with `by_itself` set).
+    pub fn shutdown(&mut self, vm: u32) -> Result<VmStatus, DaemonError> {
+        self.notice();
+        let slot = self.slot(vm)?;
+        match slot.running.take() {
+            Some(r) => Self::stop(slot, r),
+            None if slot.unclaimed => slot.unclaimed = false,
+            None => return Err(DaemonError::NotRunning(vm)),
+        }
+        Ok(self.status(vm))
+    }
+
+    /// Stops every running VM (Ctrl-C); returns each one's status.
+    pub fn shutdown_all(&mut self) -> Vec<VmStatus> {
+        let ids: Vec<u32> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.running.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| self.shutdown(id).ok())
+            .collect()
+    }
+
+    /// Stops and drops `r`, recording how its vCPUs ended in `slot`.
+    fn stop(slot: &mut Slot, mut r: Running) {
+        let reports = r.client.wait(Duration::ZERO);
+        drop(r.client);
+        slot.ended = reports.iter().map(vcpu_end).collect();
+        slot.by_itself = !slot.ended.iter().any(|e| e.exit == "stopped");
+    }
+
+    /// Notices the VMs whose guests stopped by themselves, frees them, and
+    /// returns the status of every VM noticed so since the last call (here
+    /// or while answering a request).
+    pub fn reap(&mut self) -> Vec<VmStatus> {
+        self.notice();
+        std::mem::take(&mut self.noticed)
+    }
+
+    /// Frees the VMs whose guests stopped by themselves.
+    fn notice(&mut self) {
+        let mut stopped = Vec::new();
+        for (id, slot) in &mut self.slots {
+            let finished = slot
+                .running
+                .as_ref()
+                .and_then(|r| r.threads.as_ref())
+                .is_some_and(|t| !t.iter().any(|&tid| vcpu_thread_alive(tid)));
+            if finished && let Some(r) = slot.running.take() {
+                Self::stop(slot, r);
+                slot.unclaimed = true;
+                stopped.push(*id);
+            }
+        }
+        for id in stopped {
+            let status = self.status(id);
+            self.noticed.push(status);
+        }
+    }
+
+    fn status(&self, vm: u32) -> VmStatus {
+        let entry = self.file.vm(vm);
+        let slot = self.slots.get(&vm);
+        let running = slot.and_then(|s| s.running.as_ref());
+        VmStatus {
+            vm,
+            hypervisor: entry.map_or(0, |e| e.hypervisor),
+            state: if running.is_some() {
+                VmRunState::Running
+            } else {
+                VmRunState::Stopped
+            },
+            vcpus: entry.map_or(0, config::VmEntry::vcpus),
+            uptime_ms: running.map(|r| r.since.elapsed().as_millis() as u64),
+            ended: match (running, slot) {
+                (None, Some(s)) => s.ended.clone(),
+                _ => Vec::new(),
+            },
+            by_itself: running.is_none() && slot.is_some_and(|s| s.by_itself),
+        }
+    }
+
+    /// Every configured VM, by id.
+    pub fn list(&mut self) -> Vec<VmStatus> {
+        self.notice();
+        self.slots.keys().map(|&id| self.status(id)).collect()
+    }
+
+    /// Answers a control-socket request (on the daemon's owning thread).
+    pub fn handle(&mut self, request: Request) -> Response {
+        let answer = |r: Result<VmStatus, DaemonError>| match r {
+            Ok(vm) => Response::Vm { vm },
+            Err(e @ DaemonError::UnknownVm { .. }) => Response::NotFound {
+                message: e.to_string(),
+            },
+            Err(e) => Response::Error {
+                message: e.to_string(),
+            },
+        };
+        match request {
+            Request::LaunchVm { vm } => answer(self.launch(vm)),
+            Request::ShutdownVm { vm } => answer(self.shutdown(vm)),
+            Request::ListVms => Response::Vms { vms: self.list() },
+            Request::Stats
+            | Request::MoveModel { .. }
+            | Request::AddModel { .. }
+            | Request::RemoveModel { .. }
+            | Request::SuspendVm { .. }
+            | Request::ResumeVm { .. }
+            | Request::MigrateVm { .. }
+            | Request::Tune { .. } => Response::Error {
+                message: "devplane-client only launches, shuts down and lists VMs: send this \
+                          to devplane-server (dpctl --socket)"
+                    .into(),
+            },
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.shutdown_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn daemon() -> Daemon {
+        Daemon::new(
+            ClientFile::from_toml_str(
+                "[client]\nid = 7\n\n[[vms]]\nid = 1\nhypervisor = 2\n\
+                 guest = { kind = \"pio-read-loop\", port = 0x80, iterations = 1 }\n",
+            )
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn refusals_are_typed_and_need_no_kvm() {
+        let mut d = daemon();
+        let e = d.launch(9).unwrap_err();
+        assert!(matches!(e, DaemonError::UnknownVm { vm: 9, .. }), "{e}");
+        assert!(e.to_string().contains("configured: 1"), "{e}");
+        assert!(matches!(d.shutdown(1), Err(DaemonError::NotRunning(1))));
+        let list = d.list();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].state, VmRunState::Stopped);
+        assert_eq!(list[0].hypervisor, 2);
+        assert!(list[0].ended.is_empty() && !list[0].by_itself);
+        assert!(matches!(
+            d.handle(Request::LaunchVm { vm: 9 }),
+            Response::NotFound { .. }
+        ));
+        assert!(matches!(
+            d.handle(Request::ShutdownVm { vm: 1 }),
+            Response::Error { message } if message == "VM 1 is not running"
+        ));
+        assert!(matches!(d.handle(Request::Stats), Response::Error { .. }));
+        assert!(matches!(d.handle(Request::ListVms), Response::Vms { vms } if vms.len() == 1));
+    }
+
+    #[test]
+    fn a_vcpu_thread_is_seen_until_it_ends() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::Builder::new()
+            .name(format!("{VCPU_THREAD_PREFIX}99-0"))
+            .spawn(move || {
+                let me = std::fs::read_link("/proc/thread-self").unwrap();
+                let tid: i32 = me.file_name().unwrap().to_str().unwrap().parse().unwrap();
+                tx.send(tid).unwrap();
+                let _ = go_rx.recv();
+            })
+            .unwrap();
+        let tid = rx.recv().unwrap();
+        assert!(vcpu_thread_alive(tid));
+        assert!(vcpu_threads().contains(&tid));
+        go_tx.send(()).unwrap();
+        t.join().unwrap();
+        // The kernel lets a joiner go a moment before the task is gone.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while vcpu_thread_alive(tid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(!vcpu_thread_alive(tid));
+        let me = std::fs::read_link("/proc/thread-self").unwrap();
+        let tid: i32 = me.file_name().unwrap().to_str().unwrap().parse().unwrap();
+        assert!(!vcpu_thread_alive(tid), "the test thread is not a vCPU");
+    }
+}
