@@ -69,12 +69,13 @@ pub struct GateFile {
 }
 
 /// Differences in how two runs were configured (round trips,
-/// repetitions, open-loop rate), which make their ratios less comparable.
+/// repetitions, open-loop rate, remote server), which make their ratios
+/// less comparable.
 pub fn config_notes(base: &GateFile, new: &GateFile) -> Vec<String> {
     let (Some(b), Some(n)) = (&base.config, &new.config) else {
         return Vec::new();
     };
-    ["round_trips", "repeat", "rate"]
+    ["round_trips", "repeat", "rate", "server"]
         .iter()
         .filter(|k| b.get(**k) != n.get(**k))
         .map(|k| {
@@ -412,6 +413,15 @@ mod tests {
         assert_eq!(notes.len(), 1);
         assert!(
             notes[0].contains("round_trips (base 3000, new 2000)"),
+            "{notes:?}"
+        );
+        // A run against a remote server beside an embedded one.
+        let c = parse(r#"{"config": {"server": "192.0.2.10:7700"}, "rows": []}"#).unwrap();
+        let e = parse(r#"{"config": {}, "rows": []}"#).unwrap();
+        let notes = config_notes(&e, &c);
+        assert_eq!(notes.len(), 1);
+        assert!(
+            notes[0].contains("server (base -, new \"192.0.2.10:7700\")"),
             "{notes:?}"
         );
         let none = config_notes(&file(1.0, 1.0), &file(1.0, 1.0));

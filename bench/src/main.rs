@@ -7,6 +7,10 @@
 //! - `dpbench [run] [--scenario ...]` runs scenarios, prints the table and
 //!   writes `summary.json`, one `.hgrm` per latency row and `latency.svg`
 //!   into `--out` (default `bench-results/<UTC timestamp>`);
+//! - `dpbench --server IP:PORT` runs the client-side scenarios (`client`,
+//!   `irq`, `throughput`) against a devplane server that is already
+//!   running with `bench/server-remote.toml` instead of the embedded
+//!   topology (see `bench/README.md`);
 //! - `dpbench compare BASE.json NEW.json --max-regress p99=20%` is the
 //!   gate: it compares ratios to the same-run floors and exits 1 on a
 //!   regression beyond the limit, 2 when it cannot judge.
@@ -14,19 +18,24 @@
 mod client;
 mod gate;
 mod hist;
+mod irq;
 mod plot;
 mod report;
+mod rig;
 mod server;
+mod throughput;
 mod udp;
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
+use std::net::SocketAddrV4;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use aya::programs::{TestRun, TestRunOptions};
+use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use devplane_dataplane::xdp::Program;
 use devplane_wire::frame::{self, Flow};
@@ -36,6 +45,7 @@ use devplane_wire::{Datagram, Header, Kind, Record, datagram};
 
 use crate::gate::Limit;
 use crate::report::{Row, RunConfig, RunSummary, progress};
+use crate::rig::Rig;
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -51,6 +61,17 @@ enum Scenario {
     /// model, remote port-I/O and MMIO round trips, the UDP floor of the
     /// same path, and N vCPUs' posted-write rate (needs root and KVM).
     Client,
+    /// A remote model's interrupt: from the guest's write asking the
+    /// counter model for it to the guest's handler acknowledging it
+    /// (row trigger-to-ack), beside the same floors (needs root and KVM).
+    /// Opt-in, not in the default suite: a run fails (after 5 s + 1 ms per
+    /// interrupt) when the server loses an interrupt datagram, which its
+    /// AF_XDP worker does under load (see bench/README.md).
+    Irq,
+    /// The --vms x --vcpus matrix, each cell with posted and with
+    /// non-posted writes: requests/s and latency under that load (rows
+    /// throughput/posted/2x2, ...; needs root and KVM).
+    Throughput,
 }
 
 impl Scenario {
@@ -60,15 +81,52 @@ impl Scenario {
             Scenario::Parse => "parse",
             Scenario::Server => "server",
             Scenario::Client => "client",
+            Scenario::Irq => "irq",
+            Scenario::Throughput => "throughput",
         }
+    }
+
+    /// Whether it runs a client side that `--server` can point elsewhere.
+    fn client_side(self) -> bool {
+        matches!(
+            self,
+            Scenario::Client | Scenario::Irq | Scenario::Throughput
+        )
     }
 }
 
+/// The default suite (`make bench`); `irq` is opt-in.
+const DEFAULT_SUITE: [Scenario; 5] = [
+    Scenario::XdpProg,
+    Scenario::Parse,
+    Scenario::Server,
+    Scenario::Client,
+    Scenario::Throughput,
+];
+
+/// The default suite with `--server`: the client-side scenarios but the
+/// opt-in `irq`.
+const REMOTE_SUITE: [Scenario; 2] = [Scenario::Client, Scenario::Throughput];
+
 /// devplane's latency benchmark and regression gate.
 ///
-/// Without a subcommand, runs scenarios (as `dpbench run`).
+/// Without a subcommand, runs scenarios (as `dpbench run`): by default
+/// xdp-prog, parse, server, client and throughput on the embedded
+/// single-machine topology (two network namespaces joined by veth, the real
+/// XDP program, real KVM guests; needs root and /dev/kvm); irq on request
+/// (--scenario irq).
+///
+/// Against a real server: start `devplane-server --config
+/// bench/server-remote.toml` on the server machine (first edit its
+/// interface, or set mode = "socket", and the address in its clients entry
+/// to this machine's), then run `dpbench --server SERVER_IP:7700`. That
+/// runs the client and throughput scenarios (and irq if asked for) from
+/// this machine (no topology, no XDP here); their network floor is then
+/// rtt-floor, a raw request to the server's null model. Restart the server
+/// before each such run: it remembers the request numbers of the VM ids
+/// dpbench uses. bench/README.md has the details.
 #[derive(Debug, Parser)]
-#[command(version, about, args_conflicts_with_subcommands = true)]
+#[command(version, about, long_about, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -104,9 +162,35 @@ struct BaselineArgs {
 
 #[derive(Debug, Clone, Args)]
 struct RunArgs {
-    /// Scenarios to run (default: all).
+    /// Scenarios to run, comma-separated [default: all but irq; with
+    /// --server: client,throughput].
     #[arg(long, value_enum, value_delimiter = ',')]
     scenario: Vec<Scenario>,
+    /// Run the client-side scenarios (client, irq, throughput) against the
+    /// devplane server already running at ADDR (IPV4:PORT) instead of the
+    /// embedded topology. The server must run bench/server-remote.toml
+    /// (its ids, VMs and models), with this machine's address as client 7,
+    /// freshly started for each dpbench run.
+    #[arg(long, value_name = "ADDR", value_parser = rig::parse_server_addr)]
+    server: Option<SocketAddrV4>,
+    /// Interrupts per irq run.
+    #[arg(long, value_name = "N", default_value_t = 5000,
+          value_parser = clap::value_parser!(u16).range(10..=60_000))]
+    irqs: u16,
+    /// Throughput matrix: numbers of VMs, comma-separated (at most 8, 4
+    /// with --server).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1,2",
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    vms: Vec<u32>,
+    /// Throughput matrix: vCPUs per VM, comma-separated (at most 8, 4
+    /// with --server).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1,2",
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    vcpus: Vec<u32>,
+    /// Throughput: writes per vCPU in each cell.
+    #[arg(long, value_name = "N", default_value_t = 5000,
+          value_parser = clap::value_parser!(u16).range(10..=60_000))]
+    writes: u16,
     /// Iterations per micro-measurement (xdp-prog, parse).
     #[arg(long, default_value_t = 200_000)]
     iterations: u32,
@@ -118,10 +202,11 @@ struct RunArgs {
     /// intended send time (row `xdp-rtt-open`). Default: closed loop.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     rate: Option<u64>,
-    /// Run the server and client scenarios this many times, each
-    /// repetition measuring its own floors, and merge them: a row's
-    /// percentiles and ratios are over the samples of every repetition
-    /// [default: 25 for server, 3 for client].
+    /// Run the server, client, irq and throughput scenarios this many
+    /// times, each repetition measuring its own floors, and merge them: a
+    /// row's percentiles and ratios are over the samples of every
+    /// repetition, its rate the median [default: 25 for server, 3 for
+    /// client and irq, 1 for throughput].
     #[arg(long, value_name = "R", value_parser = clap::value_parser!(u32).range(1..))]
     repeat: Option<u32>,
     /// Output directory [default: bench-results/<UTC timestamp>].
@@ -236,9 +321,96 @@ fn parse(iterations: u32) -> Result<Vec<Row>> {
 const SERVER_REPEAT: u32 = 25;
 /// Runs of the client scenario merged into one result by default.
 const CLIENT_REPEAT: u32 = 3;
+/// Runs of the irq scenario merged into one result by default.
+const IRQ_REPEAT: u32 = 3;
+/// Runs of the throughput scenario merged into one result by default.
+const THROUGHPUT_REPEAT: u32 = 1;
+
+/// Fresh VM ids one run of the client scenario takes on a server: the
+/// network floor's, the three other drains', remote-pio's, remote-mmio's
+/// and posted-rate's two.
+const CLIENT_VM_IDS: u32 = 8;
+
+/// The scenarios `args` asks for, in order, after checking the flags that
+/// go together; the error is one line saying what to change.
+fn plan(args: &RunArgs) -> Result<Vec<Scenario>, String> {
+    if args.iterations == 0 {
+        return Err("--iterations must be at least 1".into());
+    }
+    if args.round_trips == 0 {
+        return Err("--round-trips must be at least 1".into());
+    }
+    let scenarios = match (args.scenario.is_empty(), args.server.is_some()) {
+        (true, false) => DEFAULT_SUITE.to_vec(),
+        (true, true) => REMOTE_SUITE.to_vec(),
+        (false, _) => args.scenario.clone(),
+    };
+    let Some(addr) = args.server else {
+        if scenarios.contains(&Scenario::Throughput) {
+            throughput::check_matrix(&args.vms, &args.vcpus, rig::EMBEDDED, false)?;
+        }
+        return Ok(scenarios);
+    };
+    if let Some(s) = scenarios.iter().find(|s| !s.client_side()) {
+        return Err(format!(
+            "--server {addr}: the {} scenario needs the embedded topology; --server runs \
+             client, irq and throughput only",
+            s.name()
+        ));
+    }
+    if args.rate.is_some() {
+        return Err("--rate applies to the server scenario, which --server does not run".into());
+    }
+    let reps = |s: Scenario, default: u32| {
+        if scenarios.contains(&s) {
+            args.repeat.unwrap_or(default)
+        } else {
+            0
+        }
+    };
+    let layout = rig::REMOTE;
+    let irq_runs = reps(Scenario::Irq, IRQ_REPEAT);
+    if irq_runs > layout.irq_slots {
+        return Err(format!(
+            "--server: {irq_runs} irq runs, but bench/server-remote.toml has {} interrupt \
+             counters (one per run); use --repeat {} or fewer",
+            layout.irq_slots, layout.irq_slots
+        ));
+    }
+    let mut ids = reps(Scenario::Client, CLIENT_REPEAT) * CLIENT_VM_IDS + irq_runs;
+    if scenarios.contains(&Scenario::Throughput) {
+        throughput::check_matrix(&args.vms, &args.vcpus, layout, true)?;
+        let per_run: u32 = 1 + throughput::cells(&args.vms, &args.vcpus)
+            .iter()
+            .map(|c| c.vms)
+            .sum::<u32>();
+        ids += reps(Scenario::Throughput, THROUGHPUT_REPEAT) * per_run;
+    }
+    if ids > layout.pool() {
+        return Err(format!(
+            "--server: this run needs {ids} fresh VM ids, bench/server-remote.toml has {}; \
+             use a smaller --repeat or matrix, or fewer scenarios per run",
+            layout.pool()
+        ));
+    }
+    Ok(scenarios)
+}
+
+/// Runs `f` on the remote rig if there is one, else on a new embedded rig
+/// (topology tagged `tag`) torn down after it.
+fn on_rig(
+    remote: &mut Option<Rig>,
+    tag: &str,
+    f: impl FnOnce(&mut Rig) -> Result<Vec<Row>>,
+) -> Result<Vec<Row>> {
+    match remote {
+        Some(r) => f(r),
+        None => f(&mut Rig::embedded(tag)?),
+    }
+}
 
 /// Runs a scenario `reps` times and merges the runs; the notes of the
-/// first run are kept.
+/// first run are kept, and the warnings ([`report::warning`]) of every run.
 fn repeated(
     scenario: &str,
     reps: u32,
@@ -252,6 +424,8 @@ fn repeated(
         runs.push(once(&mut n)?);
         if i == 1 {
             notes.extend(n);
+        } else {
+            notes.extend(n.into_iter().filter(|x| report::is_warning(x)));
         }
     }
     if reps > 1 {
@@ -263,12 +437,8 @@ fn repeated(
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    if args.iterations == 0 {
-        bail!("--iterations must be at least 1");
-    }
-    if args.round_trips == 0 {
-        bail!("--round-trips must be at least 1");
-    }
+    let scenarios = plan(&args).map_err(anyhow::Error::msg)?;
+    let mut remote = args.server.map(Rig::remote);
     report::init_progress(args.quiet);
     let now = SystemTime::now();
     let (timestamp, dir_stamp) = report::timestamps(now);
@@ -276,16 +446,6 @@ fn run(args: RunArgs) -> Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("bench-results").join(dir_stamp));
-    let scenarios = if args.scenario.is_empty() {
-        vec![
-            Scenario::XdpProg,
-            Scenario::Parse,
-            Scenario::Server,
-            Scenario::Client,
-        ]
-    } else {
-        args.scenario.clone()
-    };
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     let mut placement = BTreeMap::new();
@@ -307,14 +467,26 @@ fn run(args: RunArgs) -> Result<()> {
                 placement.insert("server".to_string(), server::placement());
                 rows.extend(r);
             }
-            Scenario::Client => {
-                let reps = args.repeat.unwrap_or(CLIENT_REPEAT);
-                repeat.insert("client".to_string(), reps);
-                let r = repeated("client", reps, &mut notes, |n| {
-                    client::run(args.round_trips, n)
+            Scenario::Client | Scenario::Irq | Scenario::Throughput => {
+                let name = s.name();
+                let reps = args.repeat.unwrap_or(match s {
+                    Scenario::Client => CLIENT_REPEAT,
+                    Scenario::Irq => IRQ_REPEAT,
+                    _ => THROUGHPUT_REPEAT,
+                });
+                repeat.insert(name.to_string(), reps);
+                rig::reset_knobs();
+                let r = repeated(name, reps, &mut notes, |n| match s {
+                    Scenario::Client => on_rig(&mut remote, "bcli", |rig| {
+                        client::run(rig, args.round_trips, n)
+                    }),
+                    Scenario::Irq => on_rig(&mut remote, "birq", |rig| irq::run(rig, args.irqs, n)),
+                    _ => on_rig(&mut remote, "btp", |rig| {
+                        throughput::run(rig, &args.vms, &args.vcpus, args.writes, n)
+                    }),
                 })?;
-                report::print_table("client", &r);
-                placement.insert("client".to_string(), client::placement());
+                report::print_table(name, &r);
+                placement.insert(name.to_string(), rig::placement());
                 rows.extend(r);
             }
         }
@@ -333,6 +505,7 @@ fn run(args: RunArgs) -> Result<()> {
             argv: std::env::args().collect(),
             env: report::dp_env(),
             placement,
+            server: args.server.map(|a| a.to_string()),
         },
         notes,
         rows: rows.iter().map(Row::to_summary).collect(),
@@ -420,12 +593,139 @@ fn baseline(args: BaselineArgs) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<ExitCode> {
-    let cli = Cli::parse();
-    match cli.command {
+/// A command-line value error (`--server nonsense`, `--repeat 0`) as one
+/// line: clap's first line, without its `error: ` prefix.
+fn value_error_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    first.strip_prefix("error: ").unwrap_or(first).to_string()
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::ValueValidation | ErrorKind::InvalidValue
+            ) =>
+        {
+            eprintln!("dpbench: {}", value_error_line(&e));
+            return ExitCode::from(2);
+        }
+        Err(e) => e.exit(),
+    };
+    let res = match cli.command {
         Some(Command::Baseline(b)) => baseline(b).map(|()| ExitCode::SUCCESS),
         Some(Command::Compare(c)) => Ok(compare(c)),
         Some(Command::Run(r)) => run(r).map(|()| ExitCode::SUCCESS),
         None => run(cli.run).map(|()| ExitCode::SUCCESS),
+    };
+    res.unwrap_or_else(|e| {
+        eprintln!("dpbench: {e:#}");
+        ExitCode::FAILURE
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn args(argv: &[&str]) -> Result<RunArgs, clap::Error> {
+        let cli = Cli::try_parse_from(std::iter::once("dpbench").chain(argv.iter().copied()))?;
+        Ok(cli.run)
+    }
+
+    #[test]
+    fn a_bad_server_address_is_a_one_line_value_error() {
+        for bad in [
+            "nonsense",
+            "10.0.0.1",
+            "10.0.0.1:0",
+            "[::1]:7700",
+            "0.0.0.0:7700",
+        ] {
+            let e = args(&["--server", bad]).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::ValueValidation, "{bad}");
+            let line = value_error_line(&e);
+            assert!(
+                line.contains("--server <ADDR>") && line.contains("IPV4:PORT"),
+                "{bad}: {line}"
+            );
+            assert!(!line.contains('\n') && !line.starts_with("error"), "{line}");
+        }
+        let a = args(&["--server", "192.0.2.10:7700"]).unwrap();
+        assert_eq!(a.server, Some("192.0.2.10:7700".parse().unwrap()));
+    }
+
+    #[test]
+    fn the_suite_depends_on_server() {
+        let a = args(&[]).unwrap();
+        assert_eq!(plan(&a).unwrap(), DEFAULT_SUITE);
+        assert_eq!(
+            (a.vms.as_slice(), a.vcpus.as_slice()),
+            (&[1, 2][..], &[1, 2][..])
+        );
+        let a = args(&["--server", "192.0.2.10:7700"]).unwrap();
+        assert_eq!(plan(&a).unwrap(), REMOTE_SUITE);
+        let a = args(&["--server", "192.0.2.10:7700", "--scenario", "irq,client"]).unwrap();
+        assert_eq!(plan(&a).unwrap(), [Scenario::Irq, Scenario::Client]);
+        assert!(!DEFAULT_SUITE.contains(&Scenario::Irq), "irq is opt-in");
+    }
+
+    #[test]
+    fn server_refuses_what_needs_the_embedded_topology() {
+        let a = args(&["--server", "192.0.2.10:7700", "--scenario", "client,server"]).unwrap();
+        let e = plan(&a).unwrap_err();
+        assert!(
+            e.contains("server scenario needs the embedded topology"),
+            "{e}"
+        );
+        let a = args(&["--server", "192.0.2.10:7700", "--rate", "1000"]).unwrap();
+        assert!(plan(&a).unwrap_err().contains("--rate"));
+    }
+
+    #[test]
+    fn the_matrix_and_repetitions_are_checked_against_the_server() {
+        let a = args(&["--vms", "1,8", "--vcpus", "8"]).unwrap();
+        assert!(plan(&a).is_ok());
+        let a = args(&["--vms", "9"]).unwrap();
+        assert!(plan(&a).unwrap_err().contains("--vms 9"));
+        // The matrix only matters when throughput runs.
+        let a = args(&["--vms", "9", "--scenario", "client"]).unwrap();
+        assert!(plan(&a).is_ok());
+        let remote = ["--server", "192.0.2.10:7700"];
+        let a = args(&[&remote[..], &["--vms", "8"]].concat()).unwrap();
+        assert!(plan(&a).unwrap_err().contains("between 1 and 4"));
+        let a = args(&[&remote[..], &["--repeat", "9", "--scenario", "irq"]].concat()).unwrap();
+        assert!(plan(&a).unwrap_err().contains("--repeat 8 or fewer"));
+        // 3 client runs (24 ids), 3 irq runs (3), one matrix
+        // (1 + 2 * (1 + 1 + 2 + 2) = 13): 40 of 56.
+        let a = args(&[&remote[..], &["--scenario", "client,irq,throughput"]].concat()).unwrap();
+        assert!(plan(&a).is_ok());
+        let a = args(&[&remote[..], &["--repeat", "8"]].concat()).unwrap();
+        let e = plan(&a).unwrap_err();
+        assert!(e.contains("fresh VM ids") && e.contains("56"), "{e}");
+        let a = args(&["--vms", "0"]);
+        assert_eq!(a.unwrap_err().kind(), ErrorKind::ValueValidation);
+        let a = args(&["--irqs", "5"]);
+        assert_eq!(a.unwrap_err().kind(), ErrorKind::ValueValidation);
+    }
+
+    #[test]
+    fn help_says_how_to_use_a_remote_server() {
+        let help = Cli::command().render_long_help().to_string();
+        for s in [
+            "--server <ADDR>",
+            "bench/server-remote.toml",
+            "--vms <LIST>",
+            "--vcpus <LIST>",
+            "irq",
+            "throughput",
+        ] {
+            assert!(help.contains(s), "{s} missing from --help");
+        }
     }
 }

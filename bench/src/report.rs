@@ -32,6 +32,20 @@ pub fn progress(msg: impl Display) {
     }
 }
 
+/// How a note that reports something going wrong starts.
+const WARNING: &str = "warning: ";
+
+/// A note about something that went wrong in one run (kept from every
+/// repetition, where other notes are kept from the first only).
+pub fn warning(msg: impl Display) -> String {
+    format!("{WARNING}{msg}")
+}
+
+/// Whether `note` is a [`warning`].
+pub fn is_warning(note: &str) -> bool {
+    note.starts_with(WARNING)
+}
+
 /// What a latency row is compared with: a floor measured in the same run,
 /// or the percentile by percentile sum of several (a path of two legs).
 #[derive(Clone)]
@@ -68,8 +82,9 @@ impl Floor {
 pub struct Row {
     /// Scenario that measured it.
     pub scenario: &'static str,
-    /// Measurement name, unique within the scenario.
-    pub name: &'static str,
+    /// Measurement name, unique within the scenario (may contain `/`,
+    /// as `posted/2x2`).
+    pub name: String,
     /// Every latency sample, if a latency measurement.
     pub hist: Option<Latency>,
     /// Rate (records/s), if a throughput measurement.
@@ -81,6 +96,9 @@ pub struct Row {
     /// Each repetition of a latency row, when the scenario ran more than
     /// once (see [`merge_repetitions`]).
     pub reps: Vec<Rep>,
+    /// The configuration this row was measured with (counts, matrix
+    /// cell, posted or not, ...), for `summary.json`.
+    pub knobs: BTreeMap<String, String>,
 }
 
 /// One repetition of a latency row: its percentiles, its floor's, and
@@ -96,49 +114,73 @@ pub struct Rep {
 }
 
 impl Row {
-    /// A latency row.
-    pub fn latency(scenario: &'static str, name: &'static str, h: Latency, floor: Floor) -> Row {
+    fn empty(scenario: &'static str, name: impl Into<String>) -> Row {
         Row {
             scenario,
-            name,
-            hist: Some(h),
+            name: name.into(),
+            hist: None,
             rate: None,
             cost_ns: None,
-            floor: Some(floor),
+            floor: None,
             reps: Vec::new(),
+            knobs: BTreeMap::new(),
+        }
+    }
+
+    /// A latency row.
+    pub fn latency(
+        scenario: &'static str,
+        name: impl Into<String>,
+        h: Latency,
+        floor: Floor,
+    ) -> Row {
+        Row {
+            hist: Some(h),
+            floor: Some(floor),
+            ..Row::empty(scenario, name)
         }
     }
 
     /// A latency row that is its own floor.
-    pub fn floor(scenario: &'static str, name: &'static str, h: Latency) -> Row {
+    pub fn floor(scenario: &'static str, name: impl Into<String>, h: Latency) -> Row {
+        let name = name.into();
         let f = Floor::of(format!("{scenario}/{name}"), &h);
         Row::latency(scenario, name, h, f)
     }
 
     /// A throughput row.
-    pub fn rate(scenario: &'static str, name: &'static str, rate: f64) -> Row {
+    pub fn rate(scenario: &'static str, name: impl Into<String>, rate: f64) -> Row {
         Row {
-            scenario,
-            name,
-            hist: None,
             rate: Some(rate),
-            cost_ns: None,
-            floor: None,
-            reps: Vec::new(),
+            ..Row::empty(scenario, name)
         }
     }
 
     /// A micro-measurement row (mean ns per operation).
-    pub fn cost(scenario: &'static str, name: &'static str, ns: f64) -> Row {
+    pub fn cost(scenario: &'static str, name: impl Into<String>, ns: f64) -> Row {
         Row {
-            scenario,
-            name,
-            hist: None,
-            rate: None,
             cost_ns: Some(ns),
-            floor: None,
-            reps: Vec::new(),
+            ..Row::empty(scenario, name)
         }
+    }
+
+    /// This row with a rate as well (a latency row measured under a load
+    /// whose rate it also reports).
+    pub fn with_rate(self, rate: f64) -> Row {
+        Row {
+            rate: Some(rate),
+            ..self
+        }
+    }
+
+    /// This row with the configuration it was measured with.
+    pub fn with_knobs<K: Into<String>, V: ToString>(
+        mut self,
+        knobs: impl IntoIterator<Item = (K, V)>,
+    ) -> Row {
+        self.knobs
+            .extend(knobs.into_iter().map(|(k, v)| (k.into(), v.to_string())));
+        self
     }
 
     /// `scenario/name`: the row's identity across runs.
@@ -177,9 +219,21 @@ impl Row {
         })
     }
 
-    /// The file name of this row's `.hgrm`.
+    /// The file name of this row's `.hgrm`: `scenario-name.hgrm`, with
+    /// anything but letters, digits, `-`, `_` and `.` in the name (the `/`
+    /// of `posted/2x2`, spaces) made `-`.
     pub fn hgrm_name(&self) -> String {
-        format!("{}-{}.hgrm", self.scenario, self.name)
+        let safe: String = format!("{}-{}", self.scenario, self.name)
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        format!("{safe}.hgrm")
     }
 
     /// This row as `summary.json` holds it.
@@ -199,6 +253,7 @@ impl Row {
             repetitions: self.reps.len().max(1),
             reps: (self.reps.len() > 1).then(|| self.reps.clone()),
             hgrm: self.hist.as_ref().map(|_| self.hgrm_name()),
+            knobs: self.knobs.clone(),
         }
     }
 }
@@ -294,6 +349,9 @@ pub struct RowSummary {
     pub reps: Option<Vec<Rep>>,
     /// The row's percentile distribution file, beside `summary.json`.
     pub hgrm: Option<String>,
+    /// The configuration the row was measured with (see [`Row::knobs`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub knobs: BTreeMap<String, String>,
 }
 
 /// The floor a row was compared with.
@@ -357,6 +415,10 @@ pub struct RunConfig {
     pub env: BTreeMap<String, String>,
     /// Where each scenario's threads ran and how they waited.
     pub placement: BTreeMap<String, BTreeMap<String, String>>,
+    /// `--server`: the remote devplane server the client-side scenarios
+    /// ran against; absent for the embedded topology.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
 }
 
 /// `summary.json`: one run.
@@ -478,19 +540,32 @@ fn us(ns: u64) -> f64 {
     ns as f64 / 1000.0
 }
 
-/// The terminal table of one scenario's rows.
+/// The terminal table of one scenario's rows. A row with both latency
+/// and a rate (a throughput cell) shows both.
 pub fn print_table(title: &str, rows: &[Row]) {
-    println!(
-        "{:<14} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>14}",
+    print!("{}", table(title, rows));
+}
+
+/// [`print_table`]'s text.
+pub fn table(title: &str, rows: &[Row]) -> String {
+    let w = rows
+        .iter()
+        .map(|r| r.name.len())
+        .chain([title.len(), 14])
+        .max()
+        .unwrap_or(14);
+    let mut out = format!(
+        "{:<w$} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>14}\n",
         title, "p50 us", "p99 us", "p99.9 us", "max us", "p50/floor", "p99/floor", "rate rec/s"
     );
     for r in rows {
+        let rate = r.rate.map_or("-".to_string(), |v| format!("{v:.0}"));
         if let Some(h) = &r.hist {
             let l = h.summary();
             let ratio = r.ratios().unwrap_or_default();
             let get = |m: &str| ratio.get(m).copied().unwrap_or(f64::NAN);
-            println!(
-                "{:<14} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.2} {:>10.2} {:>14}",
+            out += &format!(
+                "{:<w$} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.2} {:>10.2} {:>14}\n",
                 r.name,
                 us(l.p50),
                 us(l.p99),
@@ -498,15 +573,16 @@ pub fn print_table(title: &str, rows: &[Row]) {
                 us(l.max),
                 get("p50"),
                 get("p99"),
-                "-"
+                rate
             );
-        } else if let Some(rate) = r.rate {
-            println!(
-                "{:<14} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>14.0}",
+        } else if r.rate.is_some() {
+            out += &format!(
+                "{:<w$} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>14}\n",
                 r.name, "-", "-", "-", "-", "-", "-", rate
             );
         }
     }
+    out
 }
 
 /// Writes `summary.json`, the `.hgrm` files and `latency.svg` into `dir`
@@ -578,6 +654,7 @@ pub(crate) mod tests {
                     [("client_core".into(), "0".into())].into(),
                 )]
                 .into(),
+                server: None,
             },
             notes: vec!["a note".into()],
             rows: rows.iter().map(Row::to_summary).collect(),
@@ -731,6 +808,75 @@ pub(crate) mod tests {
                 .unwrap();
         assert_eq!(back.rows.len(), 4);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn rows_with_slashes_get_safe_file_names_and_keep_their_knobs() {
+        let floor = lat(10_000, 100);
+        let f = Floor::of("throughput/exit-floor".into(), &floor);
+        let r = Row::latency("throughput", "posted/2x2", lat(20_000, 100), f)
+            .with_rate(12_345.0)
+            .with_knobs([("vms", 2), ("vcpus", 2)]);
+        assert_eq!(r.key(), "throughput/posted/2x2");
+        assert_eq!(r.hgrm_name(), "throughput-posted-2x2.hgrm");
+        assert_eq!(
+            Row::cost("parse", "1 record", 1.0).hgrm_name(),
+            "parse-1-record.hgrm"
+        );
+        let s = r.to_summary();
+        assert_eq!(s.throughput_per_s, Some(12_345.0));
+        assert!(s.latency_ns.is_some() && s.ratio.is_some());
+        assert_eq!(s.knobs["vms"], "2");
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["knobs"]["vcpus"], "2");
+        // Rows without knobs leave the field out; files without it load.
+        let plain = serde_json::to_value(sample_rows()[0].to_summary()).unwrap();
+        assert!(plain.get("knobs").is_none());
+        let back: RunSummary = serde_json::from_str(include_str!("../baseline.json")).unwrap();
+        assert!(back.rows.iter().all(|r| r.knobs.is_empty()));
+        assert_eq!(back.config.server, None);
+        // Merging repetitions keeps both the rate (median) and the samples.
+        let m = merge_repetitions(vec![vec![r], {
+            let f = Floor::of("throughput/exit-floor".into(), &lat(10_000, 100));
+            vec![Row::latency("throughput", "posted/2x2", lat(20_000, 100), f).with_rate(1.0)]
+        }]);
+        assert_eq!(m[0].hist.as_ref().unwrap().len(), 200);
+        assert_eq!(m[0].rate, Some((12_345.0 + 1.0) / 2.0));
+    }
+
+    #[test]
+    fn the_table_shows_latency_and_rate_together() {
+        let floor = lat(10_000, 100);
+        let f = Floor::of("throughput/exit-floor".into(), &floor);
+        let rows = vec![
+            Row::floor("throughput", "exit-floor", floor),
+            Row::latency("throughput", "non-posted/2x2", lat(20_000, 100), f).with_rate(31_000.0),
+            Row::rate("throughput", "a-rate", 5.0),
+            Row::cost("parse", "not shown", 1.0),
+        ];
+        let t = table("throughput", &rows);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4, "{t}");
+        assert!(lines[0].starts_with("throughput ") && lines[0].ends_with("rate rec/s"));
+        let cell: Vec<&str> = lines[2].split_whitespace().collect();
+        assert_eq!(cell[0], "non-posted/2x2");
+        assert_eq!(cell.last(), Some(&"31000"));
+        assert_eq!(cell[5], "2.00", "{t}");
+        assert!(lines[1].trim_end().ends_with('-'), "{t}");
+        assert!(
+            lines[3].starts_with("a-rate") && lines[3].ends_with(" 5"),
+            "{t}"
+        );
+        // Columns line up however long the names are.
+        let width = |l: &str| l.len();
+        assert_eq!(width(lines[0]), width(lines[2]), "{t}");
+    }
+
+    #[test]
+    fn warnings_are_marked() {
+        let w = warning(format_args!("irq: lost {}", 1));
+        assert_eq!(w, "warning: irq: lost 1");
+        assert!(is_warning(&w) && !is_warning("irq: trigger-to-ack is ..."));
     }
 
     #[test]

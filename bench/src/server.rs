@@ -95,9 +95,14 @@ fn config(topo: &Topology, mode: Mode) -> ServerConfig {
 }
 
 fn request(seq: u64, access: Access) -> Record {
+    request_for(1, seq, access)
+}
+
+/// A request of vCPU 0 of VM `vm` (hypervisor 1).
+pub(crate) fn request_for(vm: u32, seq: u64, access: Access) -> Record {
     Record::Request(Request {
         id: RequestId {
-            vm: 1,
+            vm,
             hypervisor: 1,
             vcpu: 0,
             seq,
@@ -108,7 +113,12 @@ fn request(seq: u64, access: Access) -> Record {
 }
 
 fn encode(buf: &mut [u8], recs: &[Record]) -> usize {
-    datagram::encode(buf, Header::new(Kind::Request, 1, 1, 7), recs).unwrap_or(0)
+    encode_for(buf, 1, recs)
+}
+
+/// A request datagram of client 7 to server 1 for `model`; its length.
+pub(crate) fn encode_for(buf: &mut [u8], model: u32, recs: &[Record]) -> usize {
+    datagram::encode(buf, Header::new(Kind::Request, model, 1, 7), recs).unwrap_or(0)
 }
 
 /// The sequence number a successful one-record response answers.
@@ -120,7 +130,8 @@ fn response_seq(bytes: &[u8]) -> Result<u64> {
     }
 }
 
-fn check_response(seq: u64, bytes: &[u8]) -> Result<()> {
+/// Checks that `bytes` is the successful answer to request `seq`.
+pub(crate) fn check_response(seq: u64, bytes: &[u8]) -> Result<()> {
     match response_seq(bytes)? {
         s if s == seq => Ok(()),
         s => bail!("answer to {s} while waiting for {seq}"),

@@ -1,0 +1,876 @@
+//! Where the client-side scenarios (`client`, `irq`, `throughput`) run
+//! their KVM guests, and the machinery they share.
+//!
+//! A [`Rig`] is either
+//!
+//! - embedded: the single-machine topology (client and server network
+//!   namespaces joined by veth) with a devplane server behind the real XDP
+//!   program in the server namespace, built for one run of a scenario and
+//!   torn down after it; or
+//! - remote (`--server ADDR`): a devplane server that is already running
+//!   elsewhere, configured as `bench/server-remote.toml` says (the
+//!   identifiers and models of [`server_config`] with [`REMOTE`]); nothing
+//!   is built or loaded locally, and one rig serves the whole invocation.
+//!
+//! Both serve the same layout of identifiers and device models
+//! ([`Layout`]). Each measurement runs its VMs under VM ids it has not
+//! used before ([`Rig::fresh_vm`]): a server keeps a duplicate window of
+//! answers per (VM, vCPU), and a new VMM numbers its requests from 1 again,
+//! so a (VM, vCPU) pair the server has already served would be answered
+//! from that window (stale) instead of reaching the model. Every run is
+//! checked for such failed accesses ([`Rig::run_vms`]).
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use devplane_control::config::{
+    ClientConfig, Mode, ModelConfig, ServerConfig, ServerSection, Tuning, VmConfig,
+};
+use devplane_dataplane::client::engine::{EngineConfig, SqPoll};
+use devplane_dataplane::client::guests::{self, Guest};
+use devplane_dataplane::client::kvm::VcpuExit;
+use devplane_dataplane::client::vmm::{
+    Client, ClientSpec, DeviceSpec, Place, ServerSpec, VcpuSpec, VmSpec,
+};
+use devplane_dataplane::server::host::ServerThread;
+use devplane_dataplane::topology::{Side, Topology};
+use devplane_devmodels::Space;
+use devplane_wire::{Access, AccessSize};
+
+use crate::hist::Latency;
+use crate::server::{check_response, encode_for, request_for};
+use crate::udp::round_trips;
+
+/// UDP port of the devplane server.
+pub const PORT: u16 = devplane_wire::DEFAULT_PORT;
+/// The server's platform id.
+pub const SERVER_ID: u32 = 1;
+/// The client platform id dpbench sends as.
+pub const CLIENT_ID: u32 = 7;
+/// The hypervisor id of every VM dpbench runs.
+pub const HYPERVISOR: u32 = 1;
+/// Null model read by port I/O (the floors' and `remote-pio`'s model).
+pub const NULL_PIO: u32 = 1;
+/// Null model reached by MMIO (`remote-mmio`).
+pub const NULL_MMIO: u32 = 2;
+/// Its guest-physical base.
+pub const MMIO_BASE: u32 = 0xd_0000;
+/// The port of [`NULL_PIO`] in the guests.
+pub const PIO_PORT: u16 = 0x80;
+/// Port of the first per-vCPU counter (vCPU `i` uses `+ 0x10 * i`).
+pub const COUNTER_BASE: u16 = 0x500;
+/// Port of the interrupt counter model of the `irq` scenario.
+pub const IRQ_BASE: u16 = 0x600;
+/// The line (GSI, master PIC input) the interrupt counters raise.
+pub const IRQ_LINE: u8 = 5;
+/// Port of the local null device the `irq` guest's handler acknowledges
+/// each interrupt on.
+pub const ACK_PORT: u16 = 0x620;
+/// VM id of the exit floor's guest, whose only device is local: it never
+/// reaches a server.
+pub const LOCAL_VM: u32 = 9999;
+
+/// Counter model of vCPU `vcpu` (0-based) of the `vm`-th VM (1-based) of
+/// a multi-VM measurement (`throughput`, `posted-rate`).
+pub const fn counter_id(vm: u32, vcpu: u32) -> u32 {
+    100 + vm * 10 + vcpu
+}
+
+/// Interrupt counter model of irq slot `slot` (1-based); its interrupts
+/// go to VM `slot`.
+pub const fn irq_model(slot: u32) -> u32 {
+    200 + slot
+}
+
+/// The identifiers and device models a bench server holds.
+///
+/// - models [`NULL_PIO`] (port [`PIO_PORT`]) and [`NULL_MMIO`] (at
+///   [`MMIO_BASE`]): null;
+/// - models [`counter_id`]`(v, i)` for `v` in `1..=tp_vms`, `i` in
+///   `0..tp_vcpus`: counters at port [`COUNTER_BASE`]` + 0x10 * i`;
+/// - models [`irq_model`]`(k)` for `k` in `1..=irq_slots`: counters at
+///   [`IRQ_BASE`] raising line [`IRQ_LINE`] of VM `k`;
+/// - VMs `1..=vms` of client [`CLIENT_ID`], hypervisor [`HYPERVISOR`]:
+///   `1..=irq_slots` for the `irq` scenario, the rest a pool of fresh ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// VMs registered.
+    pub vms: u32,
+    /// Most VMs in one throughput cell.
+    pub tp_vms: u32,
+    /// Most vCPUs per VM in one throughput cell.
+    pub tp_vcpus: u32,
+    /// Interrupt counters, one per irq run.
+    pub irq_slots: u32,
+}
+
+/// The embedded server's layout.
+pub const EMBEDDED: Layout = Layout {
+    vms: 256,
+    tp_vms: 8,
+    tp_vcpus: 8,
+    irq_slots: 8,
+};
+
+/// The layout `bench/server-remote.toml` declares for `--server`.
+pub const REMOTE: Layout = Layout {
+    vms: 64,
+    tp_vms: 4,
+    tp_vcpus: 4,
+    irq_slots: 8,
+};
+
+// The remote layout fits in the embedded one; the vCPU counters of one VM
+// index do not run into the next index's (ids are 10 apart), nor into the
+// interrupt counters.
+const _: () = assert!(REMOTE.tp_vms <= EMBEDDED.tp_vms && REMOTE.tp_vcpus <= EMBEDDED.tp_vcpus);
+const _: () = assert!(EMBEDDED.tp_vcpus <= 10);
+const _: () = assert!(counter_id(EMBEDDED.tp_vms, EMBEDDED.tp_vcpus - 1) < irq_model(1));
+
+impl Layout {
+    /// Fresh VM ids a run may use (the VMs that are not irq slots).
+    pub fn pool(&self) -> u32 {
+        self.vms - self.irq_slots
+    }
+}
+
+/// The bench server's configuration: `section` and `tuning` as given, the
+/// client at `client_addr`, and the VMs and models of `layout`.
+pub fn server_config(
+    layout: Layout,
+    section: ServerSection,
+    tuning: Tuning,
+    client_addr: Ipv4Addr,
+) -> ServerConfig {
+    let mut models = vec![
+        ModelConfig {
+            pio_base: Some(PIO_PORT),
+            ..ModelConfig::new(NULL_PIO, "null", 0)
+        },
+        ModelConfig {
+            mmio_base: Some(MMIO_BASE as u64),
+            ..ModelConfig::new(NULL_MMIO, "null", 0)
+        },
+    ];
+    for v in 1..=layout.tp_vms {
+        for i in 0..layout.tp_vcpus {
+            models.push(ModelConfig {
+                pio_base: Some(COUNTER_BASE + 0x10 * i as u16),
+                ..ModelConfig::new(counter_id(v, i), "counter", 0)
+            });
+        }
+    }
+    for k in 1..=layout.irq_slots {
+        models.push(ModelConfig {
+            line: Some(IRQ_LINE as u32),
+            vm: Some(k),
+            pio_base: Some(IRQ_BASE),
+            ..ModelConfig::new(irq_model(k), "counter", 0)
+        });
+    }
+    ServerConfig {
+        server: section,
+        tuning,
+        clients: vec![ClientConfig {
+            id: CLIENT_ID,
+            address: client_addr,
+        }],
+        vms: (1..=layout.vms)
+            .map(|id| VmConfig {
+                id,
+                client: CLIENT_ID,
+                hypervisor: HYPERVISOR,
+            })
+            .collect(),
+        models,
+    }
+}
+
+/// Parses `--server`'s ADDR: an IPv4 address and a UDP port
+/// (`192.0.2.10:7700`).
+pub fn parse_server_addr(s: &str) -> Result<SocketAddrV4, String> {
+    let bad = || {
+        format!(
+            "expected IPV4:PORT of a running devplane server, e.g. 192.0.2.10:{PORT} \
+             (see bench/server-remote.toml)"
+        )
+    };
+    let addr: SocketAddrV4 = s.trim().parse().map_err(|_| bad())?;
+    if addr.port() == 0 {
+        return Err(format!("port 0: {}", bad()));
+    }
+    if addr.ip().is_unspecified() || addr.ip().is_broadcast() || addr.ip().is_multicast() {
+        return Err(format!(
+            "{} is not a server's address: {}",
+            addr.ip(),
+            bad()
+        ));
+    }
+    Ok(addr)
+}
+
+/// Whether `failed` of `total` remote accesses is few enough to keep a run:
+/// at most 1%.
+pub fn within_error_limit(failed: u64, total: u64) -> bool {
+    failed.saturating_mul(100) <= total
+}
+
+/// Every knob the client-side scenarios consulted, resolved: their
+/// placement.
+static KNOBS: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+
+/// The placement the last scenario used (every knob consulted since
+/// [`reset_knobs`], resolved), for `summary.json`.
+pub fn placement() -> BTreeMap<String, String> {
+    KNOBS.lock().map(|k| k.clone()).unwrap_or_default()
+}
+
+/// Forgets the knobs consulted so far (at the start of a scenario).
+pub fn reset_knobs() {
+    if let Ok(mut k) = KNOBS.lock() {
+        k.clear();
+    }
+}
+
+/// The `DP_*` environment knob `name` (or `default`), remembered for
+/// [`placement`].
+pub fn knob(name: &str, default: u32) -> u32 {
+    let v = std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default);
+    if let Ok(mut k) = KNOBS.lock() {
+        k.insert(name.to_string(), v.to_string());
+    }
+    v
+}
+
+/// How the exit rings are drained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// One engine thread for every vCPU.
+    Engine,
+    /// Each vCPU drives its own io_uring while it waits.
+    Direct,
+    /// Each vCPU's io_uring submits through a shared SQPOLL thread.
+    Sqpoll,
+    /// Direct, sending with SEND_ZC from the registered buffers.
+    DirectZc,
+}
+
+impl Drain {
+    /// The drain `DP_DRAIN` names (`engine`, `sqpoll`, `direct-zc`;
+    /// anything else: direct).
+    pub fn from_env() -> Drain {
+        match std::env::var("DP_DRAIN").as_deref() {
+            Ok("engine") => Drain::Engine,
+            Ok("sqpoll") => Drain::Sqpoll,
+            Ok("direct-zc") => Drain::DirectZc,
+            _ => Drain::Direct,
+        }
+    }
+
+    /// Its name in rows' knobs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Drain::Engine => "engine",
+            Drain::Direct => "direct",
+            Drain::Sqpoll => "sqpoll",
+            Drain::DirectZc => "direct-zc",
+        }
+    }
+}
+
+/// A VM running `guests` (one per vCPU) with `devices`, every vCPU pinned
+/// to `DP_VCPU_CORE` (default 0).
+pub fn vm_spec(id: u32, guests: &[Guest], devices: Vec<DeviceSpec>) -> VmSpec {
+    let mem = guests.iter().map(|g| g.mem_end()).max().unwrap_or(0x2_0000);
+    VmSpec {
+        id,
+        hypervisor: HYPERVISOR,
+        mem_bytes: mem.next_multiple_of(0x1_0000).max(0x2_0000) as usize,
+        images: guests
+            .iter()
+            .map(|g| (g.load_gpa, g.code.clone()))
+            .collect(),
+        vcpus: guests
+            .iter()
+            .map(|g| VcpuSpec {
+                entry: g.entry,
+                core: Some(knob("DP_VCPU_CORE", 0) as usize),
+            })
+            .collect(),
+        devices,
+    }
+}
+
+/// A device: model `model` at `base..base + len` of `space`, posted writes
+/// or not, remote (on the rig's server) or a local null model.
+pub fn dev(space: Space, base: u64, len: u64, model: u32, posted: bool, local: bool) -> DeviceSpec {
+    DeviceSpec {
+        space,
+        base,
+        len,
+        model,
+        posted,
+        place: if local {
+            Place::Local {
+                kind: "null".into(),
+            }
+        } else {
+            Place::Remote { server: 0 }
+        },
+    }
+}
+
+/// How one vCPU of a run ended.
+#[derive(Debug)]
+pub struct VcpuResult {
+    /// VM id.
+    pub vm: u32,
+    /// vCPU index.
+    pub vcpu: u16,
+    /// The value the guest reported on its done port.
+    pub done: u32,
+    /// Its exit intervals, ns, in order (see `VcpuStats::samples`).
+    pub samples: Vec<u32>,
+    /// Accesses served by local models.
+    pub local: u64,
+    /// Accesses sent to the server.
+    pub remote: u64,
+}
+
+impl VcpuResult {
+    /// The time from its first to its last sampled exit (the sum of its
+    /// exit intervals).
+    pub fn span(&self) -> Duration {
+        Duration::from_nanos(self.samples.iter().map(|&s| s as u64).sum())
+    }
+}
+
+/// A run of VMs: every vCPU's result and the wall time from starting the
+/// client to the last vCPU's end.
+pub struct Outcome {
+    /// Per vCPU, in VM then vCPU order.
+    pub vcpus: Vec<VcpuResult>,
+    /// Wall time of the run (VM creation included).
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    /// Every vCPU's samples after its first `warmup`, concatenated.
+    pub fn samples(&self, warmup: usize) -> impl Iterator<Item = u32> + '_ {
+        self.vcpus
+            .iter()
+            .flat_map(move |v| v.samples.iter().skip(warmup).copied())
+    }
+}
+
+/// A histogram of `samples` (ns).
+pub fn histogram(samples: impl IntoIterator<Item = u32>) -> Latency {
+    let mut l = Latency::new();
+    for s in samples {
+        l.record(s as u64);
+    }
+    l
+}
+
+enum Target {
+    // Field order is drop order: the server stops before its namespaces
+    // go.
+    Embedded {
+        srv: Option<ServerThread>,
+        topo: Topology,
+    },
+    Remote {
+        addr: SocketAddrV4,
+    },
+}
+
+/// Where a client-side scenario runs; see the module documentation.
+pub struct Rig {
+    target: Target,
+    layout: Layout,
+    next_vm: Cell<u32>,
+    next_irq: Cell<u32>,
+    warnings: RefCell<Vec<String>>,
+}
+
+impl Rig {
+    /// The embedded topology (namespaces tagged `tag`), without its server
+    /// yet: measure the UDP floor first ([`Rig::net_floor`]), whose echo
+    /// thread shares the worker's core, then [`Rig::serve`].
+    pub fn embedded(tag: &str) -> Result<Rig> {
+        let topo = Topology::new(tag).context("building the netns topology (needs root)")?;
+        Ok(Rig::new(Target::Embedded { srv: None, topo }, EMBEDDED))
+    }
+
+    /// A devplane server already running at `addr` with the layout of
+    /// `bench/server-remote.toml`.
+    pub fn remote(addr: SocketAddrV4) -> Rig {
+        Rig::new(Target::Remote { addr }, REMOTE)
+    }
+
+    fn new(target: Target, layout: Layout) -> Rig {
+        Rig {
+            target,
+            layout,
+            next_vm: Cell::new(layout.irq_slots + 1),
+            next_irq: Cell::new(1),
+            warnings: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// The remote server's address, if remote.
+    pub fn remote_addr(&self) -> Option<SocketAddrV4> {
+        match &self.target {
+            Target::Remote { addr } => Some(*addr),
+            Target::Embedded { .. } => None,
+        }
+    }
+
+    /// `embedded` or the remote server's address, for rows' knobs.
+    pub fn server_name(&self) -> String {
+        self.remote_addr()
+            .map_or_else(|| "embedded".to_string(), |a| a.to_string())
+    }
+
+    /// Starts the embedded server (XDP, one worker on `DP_WORKER_CORE`,
+    /// default 1, spinning `DP_WORKER_SPIN` empty polls); nothing for a
+    /// remote rig. Returns how XDP attached, for the notes.
+    pub fn serve(&mut self) -> Result<Option<String>> {
+        let Target::Embedded { srv, topo } = &mut self.target else {
+            return Ok(None);
+        };
+        if srv.is_none() {
+            let section = ServerSection {
+                id: SERVER_ID,
+                port: PORT,
+                mode: Mode::Xdp,
+                interface: Some(topo.server_ifname().to_string()),
+                workers: vec![knob("DP_WORKER_CORE", 1) as usize],
+                pin_dir: Some(PathBuf::from(format!(
+                    "/sys/fs/bpf/dpbench-{}-{}",
+                    topo.netns(Side::Server),
+                    std::process::id()
+                ))),
+                check_clients: true,
+            };
+            let tuning = Tuning {
+                spin_budget: knob("DP_WORKER_SPIN", u32::MAX),
+                idle_sleep_us: 100,
+                batch: 64,
+            };
+            let cfg = server_config(self.layout, section, tuning, topo.client_ip());
+            *srv = Some(
+                ServerThread::spawn(cfg, Some(topo.server_netns()))
+                    .context("starting the XDP server")?,
+            );
+        }
+        Ok(srv.as_ref().map(|s| format!("{:?}", s.attach_mode())))
+    }
+
+    /// The warnings runs left since the last call (failed accesses under
+    /// the limit of [`Rig::run_vms`]), for the scenario's notes.
+    pub fn take_warnings(&self) -> Vec<String> {
+        std::mem::take(&mut self.warnings.borrow_mut())
+    }
+
+    /// A VM id this rig has not used yet.
+    pub fn fresh_vm(&self) -> Result<u32> {
+        let id = self.next_vm.get();
+        if id > self.layout.vms {
+            bail!(
+                "this run needs more than the {} fresh VM ids the bench server registers \
+                 (each measurement uses VM ids of its own); run fewer repetitions or a smaller \
+                 --vms/--vcpus matrix per invocation",
+                self.layout.pool()
+            );
+        }
+        self.next_vm.set(id + 1);
+        Ok(id)
+    }
+
+    /// Interrupt counters the server has (irq runs this rig can take).
+    pub fn irq_slots(&self) -> u32 {
+        self.layout.irq_slots
+    }
+
+    /// An interrupt counter not used yet: (its VM, its model).
+    pub fn irq_slot(&self) -> Result<(u32, u32)> {
+        let k = self.next_irq.get();
+        if k > self.layout.irq_slots {
+            bail!(
+                "this run needs more than the {} interrupt counters the bench server has \
+                 (one per irq run); use --repeat {} or fewer",
+                self.layout.irq_slots,
+                self.layout.irq_slots
+            );
+        }
+        self.next_irq.set(k + 1);
+        Ok((k, irq_model(k)))
+    }
+
+    /// The network floor of the path to the server, `iters` round trips
+    /// after `warmup`: embedded, the raw busy-polling UDP echo across the
+    /// veth (`udp-floor`; call before [`Rig::serve`]); remote, a one-record
+    /// read of the server's null model from a busy-polling socket, no KVM
+    /// and no VMM (`rtt-floor`, which includes the server's work). Returns
+    /// the row name and the samples.
+    pub fn net_floor(&self, warmup: u32, iters: u32) -> Result<(&'static str, Latency)> {
+        match &self.target {
+            Target::Embedded { srv, topo } => {
+                if srv.is_some() {
+                    bail!("the UDP floor must be measured before the server starts");
+                }
+                Ok(("udp-floor", crate::server::floor(topo, warmup, iters)?))
+            }
+            Target::Remote { addr } => {
+                let vm = self.fresh_vm()?;
+                let to = SocketAddr::V4(*addr);
+                let core = knob("DP_VCPU_CORE", 0) as usize;
+                let access = Access::PioIn {
+                    port: PIO_PORT,
+                    size: AccessSize::B1,
+                };
+                let l = std::thread::scope(|s| {
+                    s.spawn(move || -> Result<Latency> {
+                        let _ = affinity::set_thread_affinity([core]);
+                        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+                            .context("bind the client socket")?;
+                        round_trips(
+                            &sock,
+                            to,
+                            warmup,
+                            iters,
+                            |i, buf| encode_for(buf, NULL_PIO, &[request_for(vm, i, access)]),
+                            check_response,
+                        )
+                        .with_context(|| {
+                            format!(
+                                "no valid answer from null model {NULL_PIO} of the server at \
+                                 {addr}: it must run bench/server-remote.toml with this \
+                                 machine's address as client {CLIENT_ID}, restarted before \
+                                 each dpbench run (a Stale answer means it has served these \
+                                 VM ids before)"
+                            )
+                        })
+                    })
+                    .join()
+                    .unwrap_or_else(|_| bail!("the floor's thread panicked"))
+                })?;
+                Ok(("rtt-floor", l))
+            }
+        }
+    }
+
+    /// The KVM exit floor: `iters` exits of a guest looping on `in` from a
+    /// local null model (nothing remote), after `warmup`.
+    pub fn exit_floor(&self, iters: u16, warmup: usize) -> Result<Latency> {
+        let g = guests::pio_read_loop(PIO_PORT, iters)?;
+        let d = dev(Space::Pio, PIO_PORT as u64, 1, NULL_PIO, false, true);
+        let out = self.run_vms(
+            "exit-floor",
+            vec![vm_spec(LOCAL_VM, &[g], vec![d])],
+            iters as usize + 8,
+            Drain::Direct,
+            Duration::from_secs(120),
+        )?;
+        Ok(histogram(out.samples(warmup)))
+    }
+
+    /// Runs `vms` to their end (at most `timeout`), keeping up to
+    /// `samples` exit intervals per vCPU, the rings drained as `drain`
+    /// says; `label` names the measurement in messages. Fails unless every
+    /// vCPU reported its result and at least 99% of the remote accesses
+    /// were answered Ok (a server answering from its duplicate windows
+    /// fails them all); fewer failures (requests the engine gave up on
+    /// after its retransmissions) leave a warning ([`Rig::take_warnings`]).
+    pub fn run_vms(
+        &self,
+        label: &str,
+        vms: Vec<VmSpec>,
+        samples: usize,
+        drain: Drain,
+        timeout: Duration,
+    ) -> Result<Outcome> {
+        let (server, bind) = match &self.target {
+            Target::Embedded { topo, .. } => (
+                SocketAddr::from((topo.server_ip(), PORT)),
+                Some(topo.client_ip().into()),
+            ),
+            Target::Remote { addr } => (SocketAddr::V4(*addr), None),
+        };
+        let spec = ClientSpec {
+            client: CLIENT_ID,
+            bind,
+            servers: vec![ServerSpec {
+                addr: server,
+                id: SERVER_ID,
+            }],
+            vms,
+            engine: EngineConfig {
+                // The engine thread spins only when it is the drainer; in
+                // direct and SQPOLL modes it sleeps, leaving core 0 to the
+                // vCPU.
+                spin_budget: match drain {
+                    Drain::Engine => knob("DP_ENGINE_SPIN", 20_000),
+                    _ => knob("DP_ENGINE_SPIN_DIRECT", 1),
+                },
+                zero_copy: drain == Drain::DirectZc,
+                sqpoll: (drain == Drain::Sqpoll).then_some(SqPoll {
+                    idle_ms: knob("DP_SQPOLL_IDLE_MS", 10),
+                    cpu: std::env::var("DP_SQPOLL_CPU")
+                        .ok()
+                        .and_then(|v| v.parse().ok()),
+                }),
+                ..EngineConfig::default()
+            },
+            engine_core: Some(knob("DP_ENGINE_CORE", 0) as usize),
+            vcpu_spin: knob("DP_VCPU_SPIN", 0),
+            samples,
+            direct: drain != Drain::Engine,
+        };
+        let start = Instant::now();
+        let mut client = match &self.target {
+            Target::Embedded { topo, .. } => topo.run(Side::Client, move || Client::start(spec))?,
+            Target::Remote { .. } => Client::start(spec),
+        }
+        .context("starting the client VMM")?;
+        let reports = client.wait(timeout);
+        let elapsed = start.elapsed();
+        let injected = client
+            .engine()
+            .map(|e| e.stats().irqs.load(Ordering::Relaxed));
+        drop(client);
+        let mut vcpus = Vec::new();
+        let mut failed = 0u64;
+        let mut remote = 0u64;
+        let mut unfinished = Vec::new();
+        for r in reports {
+            failed += r.stats.remote_errors.load(Ordering::Relaxed);
+            remote += r.stats.remote.load(Ordering::Relaxed);
+            let done = match r.exit {
+                Ok(VcpuExit::Done(v)) => v,
+                other => {
+                    unfinished.push(format!(
+                        "VM {} vCPU {}: {other:?} after {} local and {} remote accesses",
+                        r.vm,
+                        r.vcpu,
+                        r.stats.local.load(Ordering::Relaxed),
+                        r.stats.remote.load(Ordering::Relaxed)
+                    ));
+                    continue;
+                }
+            };
+            vcpus.push(VcpuResult {
+                vm: r.vm,
+                vcpu: r.vcpu,
+                done,
+                samples: r.stats.take_samples(),
+                local: r.stats.local.load(Ordering::Relaxed),
+                remote: r.stats.remote.load(Ordering::Relaxed),
+            });
+        }
+        if failed > 0 && !within_error_limit(failed, remote) {
+            bail!(
+                "{label}: {failed} of {remote} remote accesses were answered with an error or \
+                 not at all{}",
+                self.stale_hint()
+            );
+        }
+        if failed > 0 {
+            self.warnings
+                .borrow_mut()
+                .push(crate::report::warning(format_args!(
+                    "{label}: {failed} of {remote} remote accesses failed (answered with an error, \
+                 or given up after the engine's retransmissions); the run is kept"
+                )));
+        }
+        if !unfinished.is_empty() {
+            bail!(
+                "{label}: {} vCPU(s) did not finish within {timeout:?} ({}); {}{}",
+                unfinished.len(),
+                unfinished.join("; "),
+                self.irq_counts(injected),
+                self.stale_hint()
+            );
+        }
+        Ok(Outcome { vcpus, elapsed })
+    }
+
+    /// Frames the embedded server's workers dropped on a full AF_XDP TX
+    /// ring so far (`None` for a remote server, whose counters dpbench
+    /// cannot read).
+    pub fn server_tx_full(&self) -> Option<u64> {
+        match &self.target {
+            Target::Embedded { srv: Some(s), .. } => {
+                Some(s.snapshot().workers.iter().map(|w| w.tx_full).sum())
+            }
+            _ => None,
+        }
+    }
+
+    /// Interrupts the client injected and, embedded, what the server's
+    /// workers say they sent and dropped: where a lost interrupt went.
+    fn irq_counts(&self, injected: Option<u64>) -> String {
+        let client = injected.map_or("?".to_string(), |n| n.to_string());
+        match &self.target {
+            Target::Embedded { srv: Some(s), .. } => {
+                let w = s.snapshot().workers;
+                let sum = |f: fn(&devplane_dataplane::server::stats::WorkerSnapshot) -> u64| {
+                    w.iter().map(f).sum::<u64>()
+                };
+                format!(
+                    "interrupts: server sent {}, client injected {client}; server frames \
+                     dropped on a full AF_XDP TX ring: {}, requests answered again: {}",
+                    sum(|w| w.irqs_sent),
+                    sum(|w| w.tx_full),
+                    sum(|w| w.duplicates)
+                )
+            }
+            _ => format!("interrupts injected by the client: {client}"),
+        }
+    }
+
+    fn stale_hint(&self) -> String {
+        match &self.target {
+            Target::Remote { addr } => format!(
+                ": if the server at {addr} served an earlier dpbench run, restart it (its \
+                 duplicate windows remember each VM's sequence numbers, and a new VMM starts \
+                 again at 1), and check that it runs bench/server-remote.toml"
+            ),
+            Target::Embedded { .. } => String::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(mode: Mode, interface: Option<&str>) -> ServerSection {
+        ServerSection {
+            id: SERVER_ID,
+            port: PORT,
+            mode,
+            interface: interface.map(str::to_string),
+            workers: vec![0],
+            pin_dir: None,
+            check_clients: true,
+        }
+    }
+
+    #[test]
+    fn server_addresses_are_ipv4_and_port() {
+        assert_eq!(
+            parse_server_addr("192.0.2.10:7700"),
+            Ok("192.0.2.10:7700".parse().unwrap())
+        );
+        assert_eq!(
+            parse_server_addr(" 127.0.0.1:9 "),
+            Ok("127.0.0.1:9".parse().unwrap())
+        );
+        for bad in [
+            "",
+            "192.0.2.10",
+            "192.0.2.10:",
+            "192.0.2.10:70000",
+            "host.example:7700",
+            "[::1]:7700",
+            "192.0.2.10:0",
+            "0.0.0.0:7700",
+            "255.255.255.255:7700",
+            "1.2.3.4:7700:1",
+        ] {
+            let e = parse_server_addr(bad).unwrap_err();
+            assert!(e.contains("IPV4:PORT"), "{bad:?}: {e}");
+            assert!(!e.contains('\n'), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_layout_is_a_valid_server_config() {
+        for layout in [EMBEDDED, REMOTE] {
+            let cfg = server_config(
+                layout,
+                section(Mode::Socket, None),
+                Tuning::default(),
+                Ipv4Addr::new(10, 0, 0, 1),
+            );
+            let text = cfg.to_toml_string().unwrap();
+            let back =
+                ServerConfig::from_toml_str(&text).unwrap_or_else(|e| panic!("{layout:?}: {e}"));
+            assert_eq!(back, cfg);
+            assert_eq!(cfg.vms.len() as u32, layout.vms);
+            assert_eq!(
+                cfg.models.len() as u32,
+                2 + layout.tp_vms * layout.tp_vcpus + layout.irq_slots
+            );
+            // Model ids are unique and the irq counters go to their slot's VM.
+            let mut ids: Vec<u32> = cfg.models.iter().map(|m| m.id).collect();
+            ids.sort();
+            ids.dedup();
+            assert_eq!(ids.len(), cfg.models.len());
+            let m = cfg.models.iter().find(|m| m.id == irq_model(3)).unwrap();
+            assert_eq!((m.vm, m.line), (Some(3), Some(IRQ_LINE as u32)));
+        }
+    }
+
+    /// `bench/server-remote.toml` declares exactly the VMs and models of
+    /// [`REMOTE`], and the ids dpbench sends.
+    #[test]
+    fn server_remote_toml_matches_the_remote_layout() {
+        let text = include_str!("../server-remote.toml");
+        let file = ServerConfig::from_toml_str(text).expect("bench/server-remote.toml");
+        let want = server_config(
+            REMOTE,
+            file.server.clone(),
+            file.tuning,
+            file.clients[0].address,
+        );
+        assert_eq!(file.server.id, SERVER_ID);
+        assert_eq!(file.server.port, PORT);
+        assert_eq!(file.clients, want.clients);
+        assert_eq!(file.vms, want.vms, "regenerate the [[vms]] of the file");
+        assert_eq!(
+            file.models, want.models,
+            "regenerate the models of the file"
+        );
+    }
+
+    #[test]
+    fn a_few_failed_accesses_are_kept_many_fail_the_run() {
+        assert!(within_error_limit(0, 0));
+        assert!(within_error_limit(1, 100));
+        assert!(!within_error_limit(2, 100));
+        assert!(!within_error_limit(1, 0));
+        assert!(!within_error_limit(5001, 5001));
+    }
+
+    #[test]
+    fn ids_are_fresh_and_bounded() {
+        let rig = Rig::remote("127.0.0.1:7700".parse().unwrap());
+        let first = rig.fresh_vm().unwrap();
+        assert_eq!(first, REMOTE.irq_slots + 1);
+        assert_eq!(rig.fresh_vm().unwrap(), first + 1);
+        for _ in 2..REMOTE.pool() {
+            rig.fresh_vm().unwrap();
+        }
+        let e = rig.fresh_vm().unwrap_err().to_string();
+        assert!(e.contains("fresh VM ids"), "{e}");
+        assert_eq!(rig.irq_slot().unwrap(), (1, irq_model(1)));
+        assert_eq!(rig.irq_slot().unwrap(), (2, irq_model(2)));
+        for _ in 2..REMOTE.irq_slots {
+            rig.irq_slot().unwrap();
+        }
+        assert!(rig.irq_slot().is_err());
+        assert_eq!(rig.server_name(), "127.0.0.1:7700");
+    }
+}
