@@ -15,6 +15,7 @@ pub mod guests;
 pub mod kvm;
 pub mod pci;
 pub mod ring;
+pub mod uart_tap;
 pub mod vcpu_io;
 pub mod virtio;
 pub mod vmm;

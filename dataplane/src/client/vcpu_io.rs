@@ -23,6 +23,7 @@ use super::devmap::{DeviceMap, Placement, StoreAt};
 use super::engine::{Doorbell, Driver};
 use super::kvm::{IoHandler, IrqHandle};
 use super::ring::ExitRing;
+use super::uart_tap::UartTap;
 use super::virtio::VirtioError;
 use super::virtio::store::{LocalStore, StorePort};
 
@@ -70,6 +71,19 @@ impl VcpuStats {
     }
 }
 
+/// Where a vCPU's sequence numbers start: the wall clock in nanoseconds.
+/// The server remembers recent answers per (VM, vCPU) to apply a
+/// retransmitted write once; a VMM that starts again with the same VM ids
+/// must not collide with the numbers its predecessor used, and a start
+/// time in nanoseconds is larger than any number an earlier run (at far
+/// fewer than one request per nanosecond) can have reached. It fits a
+/// `u64` until the year 2262.
+fn first_seq() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+}
+
 /// The exit handler of one vCPU.
 pub struct VcpuIo {
     id: RequestId,
@@ -84,6 +98,7 @@ pub struct VcpuIo {
     driver: Option<Driver>,
     irq: Option<IrqHandle>,
     reset: bool,
+    tap: Option<UartTap>,
 }
 
 fn add(c: &AtomicU64) {
@@ -108,7 +123,7 @@ impl VcpuIo {
                 vm,
                 hypervisor,
                 vcpu,
-                seq: 0,
+                seq: first_seq(),
             },
             map,
             ring,
@@ -121,7 +136,15 @@ impl VcpuIo {
             driver: None,
             irq: None,
             reset: false,
+            tap: None,
         }
+    }
+
+    /// A remote UART's transmitted bytes also go to a console (see
+    /// [`UartTap`]).
+    pub fn with_uart_tap(mut self, tap: Option<UartTap>) -> VcpuIo {
+        self.tap = tap;
+        self
     }
 
     /// Delivers local models' interrupts into the VM behind `irq`. Without
@@ -350,6 +373,9 @@ impl IoHandler for VcpuIo {
     }
 
     fn pio_write(&mut self, port: u16, size: AccessSize, data: u64) {
+        if let Some(t) = self.tap.as_mut() {
+            t.observe(port, data);
+        }
         self.access(Space::Pio, port as u64, size, Some(data));
     }
 

@@ -22,11 +22,15 @@ use devplane_wire::IrqAction;
 use devplane_devmodels::uart::{self, Uart};
 
 use super::boot::{BootError, Console, ConsoleUart, LinuxBoot};
-use super::devmap::{DevMapError, DeviceMap, Mapping, Placement};
+use super::devmap::{DevMapError, DeviceMap, Mapping, Placement, StoreAt};
 use super::engine::{Engine, EngineConfig, Injector, Lane, RemoteModel, VcpuPort};
 use super::kvm::{Entry, IrqHandle, KvmError, Vcpu, VcpuExit, VcpuKicker, Vm};
+use super::pci::{self, PciFunction, PciHost};
 use super::ring::ExitRing;
+use super::uart_tap::UartTap;
 use super::vcpu_io::{VcpuIo, VcpuStats};
+use super::virtio::blk::{BAR_SIZE, VirtioBlk};
+use devplane_devmodels::blockstore::CTRL_BASE;
 
 /// Where a mapped device runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,7 +45,43 @@ pub enum Place {
         /// Server index.
         server: usize,
     },
+    /// A legacy virtio-pci block device whose I/O BAR is this device's
+    /// port range (`len` must be [`BAR_SIZE`]). Its transport runs in the
+    /// vCPU thread (it reaches guest memory); its disk is a `blockstore`
+    /// model at `disk`. A VM with one gets a PCI host bridge at `0xCF8`
+    /// that lists it (device numbers from 1, in order).
+    VirtioBlk {
+        /// Its interrupt line (INTA#, pulsed per completion batch).
+        irq: u8,
+        /// Where its disk runs.
+        disk: DiskPlace,
+    },
 }
+
+/// Where a virtio block device's disk (a `blockstore` model) runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskPlace {
+    /// In this process, on this image file.
+    Local {
+        /// The disk image.
+        backing: std::path::PathBuf,
+    },
+    /// On a server, reached by MMIO at `gpa` (a range no guest RAM uses;
+    /// the model's window is [`STORE_WINDOW`] bytes). Its writes are
+    /// posted; each request's last read waits for them.
+    Remote {
+        /// Server index in [`ClientSpec::servers`].
+        server: usize,
+        /// The blockstore's device-model id.
+        model: u32,
+        /// The MMIO base the server registered it at.
+        gpa: u64,
+    },
+}
+
+/// Bytes of a `blockstore` model's MMIO window: the data window and the
+/// control registers above it.
+pub const STORE_WINDOW: u64 = CTRL_BASE + 0x1000;
 
 /// One mapped device of a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,7 +243,18 @@ pub struct Client {
 
 /// A vCPU to create once the engine runs: (VM index, vCPU index, spec,
 /// device map, exit ring, lane).
-type PendingVcpu = (usize, u16, VcpuSpec, DeviceMap, Arc<ExitRing>, usize);
+type PendingVcpu = (
+    usize,
+    u16,
+    VcpuSpec,
+    DeviceMap,
+    Arc<ExitRing>,
+    usize,
+    Option<UartTap>,
+);
+
+/// COM1's port: a remote UART there is tapped for a Linux VM's console.
+const UART_PORT: u16 = 0x3f8;
 
 /// A VM of a [`ClientSpec`] that boots Linux: its id and how.
 #[derive(Debug, Clone)]
@@ -314,6 +365,43 @@ impl Client {
             let console = boot.map(|b| &b.console);
             let mut remotes = Vec::new();
             let mut maps = Vec::new();
+            let mut pci_functions = Vec::new();
+            // The remote-model table index of (model, server #), added once.
+            let remote_index = |remotes: &mut Vec<RemoteModel>,
+                                model: u32,
+                                server: usize|
+             -> Result<u32, ClientError> {
+                let s = spec
+                    .servers
+                    .get(server)
+                    .ok_or_else(|| ClientError::Config {
+                        vm: vs.id,
+                        why: format!("model {model}: no server #{server}"),
+                    })?;
+                Ok(match remotes.iter().position(|r| r.model == model) {
+                    Some(i) => i as u32,
+                    None => {
+                        remotes.push(RemoteModel {
+                            model,
+                            server: s.id,
+                            socket: server,
+                        });
+                        (remotes.len() - 1) as u32
+                    }
+                })
+            };
+            // A Linux VM whose COM1 is remote: its console is what the
+            // guest transmits there.
+            let tap = console.and_then(|c| {
+                vs.devices
+                    .iter()
+                    .find(|d| {
+                        d.space == Space::Pio
+                            && d.base == u64::from(UART_PORT)
+                            && matches!(d.place, Place::Remote { .. })
+                    })
+                    .map(|_| UartTap::new(UART_PORT, c.clone()))
+            });
             for d in &vs.devices {
                 let placement = match &d.place {
                     Place::Local { kind } => {
@@ -325,28 +413,63 @@ impl Client {
                         Placement::Local(Arc::new(Mutex::new(model)))
                     }
                     Place::Remote { server } => {
-                        let s = spec
-                            .servers
-                            .get(*server)
-                            .ok_or_else(|| ClientError::Config {
+                        Placement::Remote(remote_index(&mut remotes, d.model, *server)?)
+                    }
+                    Place::VirtioBlk { irq, disk } => {
+                        if d.space != Space::Pio || d.len != BAR_SIZE || d.base > 0xffff {
+                            return Err(ClientError::Config {
                                 vm: vs.id,
-                                why: format!("model {}: no server #{server}", d.model),
-                            })?;
-                        let idx = match remotes
-                            .iter()
-                            .position(|r: &RemoteModel| r.model == d.model)
-                        {
-                            Some(i) => i,
-                            None => {
-                                remotes.push(RemoteModel {
-                                    model: d.model,
-                                    server: s.id,
-                                    socket: *server,
+                                why: format!(
+                                    "virtio-blk {}: needs a port range of {BAR_SIZE:#x} ports",
+                                    d.model
+                                ),
+                            });
+                        }
+                        let store = match disk {
+                            DiskPlace::Local { backing } => {
+                                let params = ModelParams {
+                                    backing: Some(backing.clone()),
+                                    ..Default::default()
+                                };
+                                let m = registry::build("blockstore", params).map_err(|e| {
+                                    ClientError::Config {
+                                        vm: vs.id,
+                                        why: format!("virtio-blk {}: {e}", d.model),
+                                    }
+                                })?;
+                                StoreAt::Local(Arc::new(Mutex::new(m)))
+                            }
+                            DiskPlace::Remote { server, model, gpa } => {
+                                let idx = remote_index(&mut remotes, *model, *server)?;
+                                maps.push(Mapping {
+                                    space: Space::Mmio,
+                                    base: *gpa,
+                                    len: STORE_WINDOW,
+                                    model: *model,
+                                    posted: true,
+                                    placement: Placement::Remote(idx),
                                 });
-                                remotes.len() - 1
+                                StoreAt::Remote { base: *gpa }
                             }
                         };
-                        Placement::Remote(idx as u32)
+                        let h = vm.irq_handle();
+                        let line = u32::from(*irq);
+                        let dev = VirtioBlk::new(
+                            Box::new(vm.mem_handle()),
+                            Box::new(move || {
+                                let _ = h.irq_edge(line);
+                            }),
+                        );
+                        pci_functions.push(PciFunction::virtio_blk(
+                            pci_functions.len() as u8 + 1,
+                            d.base as u16,
+                            BAR_SIZE as u16,
+                            *irq,
+                        ));
+                        Placement::VirtioBlk {
+                            dev: Arc::new(Mutex::new(dev)),
+                            store,
+                        }
                     }
                 };
                 maps.push(Mapping {
@@ -356,6 +479,18 @@ impl Client {
                     model: d.model,
                     posted: d.posted,
                     placement,
+                });
+            }
+            if !pci_functions.is_empty() {
+                maps.push(Mapping {
+                    space: Space::Pio,
+                    base: u64::from(pci::CONFIG_ADDRESS_PORT),
+                    len: pci::PORTS,
+                    model: 0,
+                    posted: false,
+                    placement: Placement::Local(Arc::new(Mutex::new(Box::new(PciHost::new(
+                        pci_functions,
+                    ))))),
                 });
             }
             let map =
@@ -383,7 +518,15 @@ impl Client {
                     ports.push(port);
                     0
                 };
-                pending.push((vms.len(), i as u16, *v, map.clone(), ring, lane));
+                pending.push((
+                    vms.len(),
+                    i as u16,
+                    *v,
+                    map.clone(),
+                    ring,
+                    lane,
+                    tap.clone(),
+                ));
             }
             vms.push(vm);
         }
@@ -409,7 +552,7 @@ impl Client {
             engine: None,
             vms: Vec::new(),
         };
-        for (vm_idx, index, vspec, map, ring, lane) in pending {
+        for (vm_idx, index, vspec, map, ring, lane, tap) in pending {
             let vs = &spec.vms[vm_idx];
             let vm = &vms[vm_idx];
             let mut vcpu: Vcpu = match linux_states.get(&vs.id) {
@@ -437,7 +580,8 @@ impl Client {
                 stats.clone(),
             )
             .with_driver(engine.driver(lane))
-            .with_irq(vm.irq_handle());
+            .with_irq(vm.irq_handle())
+            .with_uart_tap(tap);
             let kicker = vcpu.kicker();
             let stop = stop.clone();
             let core = vspec.core;

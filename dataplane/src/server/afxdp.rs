@@ -290,6 +290,8 @@ pub fn run_worker(
     let mut in_flight: u32 = 0;
     // Per-batch scratch, reused: no allocation on the packet path.
     let mut irq_descs: Vec<XdpDesc> = Vec::new();
+    // Frames to transmit that the TX ring had no room for yet.
+    let mut pending: Vec<XdpDesc> = Vec::with_capacity(RING_SIZE as usize);
     let mut done: Vec<u64> = Vec::with_capacity(RING_SIZE as usize);
     while ctl.poll(&mut disp, &mut router, &mut cfg, &mut backoff) {
         let mut got = 0u64;
@@ -351,26 +353,37 @@ pub fn run_worker(
                 .irqs_held
                 .store(router.held() as u64, Ordering::Relaxed);
         }
-        // Transmit replies and interrupts in one batch, one wake-up.
-        let to_send = replies.len() + irq_descs.len();
-        if to_send > 0 {
-            let mut w = rings.tx.transmit(to_send as u32);
-            let n = w.insert(replies.iter().chain(irq_descs.iter()).copied()) as usize;
-            w.commit();
-            drop(w);
-            in_flight += n as u32;
-            WorkerStats::add(&stats.tx, n as u64);
-            for d in replies.iter().chain(irq_descs.iter()).skip(n) {
-                WorkerStats::add(&stats.tx_full, 1);
-                if is_irq_frame(d.addr) {
-                    rings.irq_free.push(d.addr);
-                } else {
-                    recycle.push(d.addr);
+        // Transmit replies and interrupts in one batch, one wake-up. A
+        // reservation stops at the ring's wrap point, so a batch that
+        // straddles it takes a second reservation; what the ring truly has
+        // no room for waits for the next round (never dropped: an
+        // interrupt is sent once).
+        pending.append(&mut replies);
+        pending.append(&mut irq_descs);
+        if !pending.is_empty() {
+            let mut sent = 0usize;
+            for _ in 0..2 {
+                let left = &pending[sent..];
+                if left.is_empty() {
+                    break;
+                }
+                let mut w = rings.tx.transmit(left.len() as u32);
+                let n = w.insert(left.iter().copied()) as usize;
+                w.commit();
+                drop(w);
+                sent += n;
+                if n == 0 {
+                    break;
                 }
             }
+            in_flight += sent as u32;
+            WorkerStats::add(&stats.tx, sent as u64);
+            if sent < pending.len() {
+                WorkerStats::add(&stats.tx_full, (pending.len() - sent) as u64);
+            }
+            pending.drain(..sent);
             // Copy mode (veth) always needs a kick to transmit.
             rings.tx.wake();
-            replies.clear();
         }
         // Completions back to the fill ring (shared: one lock per batch).
         if in_flight > 0 || !recycle.is_empty() {

@@ -35,7 +35,8 @@ pub struct WorkerStats {
     pub irqs_sent: AtomicU64,
     /// Interrupts waiting for their client's address to be known.
     pub irqs_held: AtomicU64,
-    /// Responses dropped because the TX ring was full.
+    /// Frames (answers, interrupts) that found the TX ring full and waited
+    /// for the next round.
     pub tx_full: AtomicU64,
     /// Times the worker went to sleep after its spin budget.
     pub sleeps: AtomicU64,
