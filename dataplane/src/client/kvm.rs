@@ -52,9 +52,10 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use devplane_wire::AccessSize;
 use kvm_bindings::{
-    CpuId, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_IO, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE,
-    KVM_PIT_SPEAKER_DUMMY, Msrs, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_pit_config, kvm_regs,
-    kvm_segment, kvm_sregs, kvm_userspace_memory_region,
+    CpuId, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_IO, KVM_INTERNAL_ERROR_EMULATION,
+    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY, Msrs, kvm_fpu,
+    kvm_mp_state, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_segment, kvm_sregs,
+    kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use memmap2::{MmapOptions, MmapRaw};
@@ -85,6 +86,10 @@ const APIC_LVT_MASKED: u32 = 1 << 16;
 const APIC_DELIVERY_MODE_MASK: u32 = 0x700;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
+
+/// The `INT3` opcode and the `#BP` vector it raises.
+const INT3: u8 = 0xcc;
+const BP_VECTOR: u8 = 3;
 
 /// Why a KVM operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -577,6 +582,7 @@ impl Vm {
             exits: 0,
             odd_mmio: 0,
             done_port: true,
+            int3s: 0,
             kick: Arc::new(KickShared {
                 thread: Mutex::new(None),
             }),
@@ -831,6 +837,7 @@ pub struct Vcpu {
     exits: u64,
     odd_mmio: u64,
     done_port: bool,
+    int3s: u64,
     kick: Arc<KickShared>,
     _vm: Arc<VmShared>,
 }
@@ -871,6 +878,9 @@ impl Vcpu {
     /// userspace, a device asks for a reset ([`IoHandler::reset_requested`]),
     /// or `stop` is set and the vCPU kicked. Port-I/O and MMIO exits go to
     /// `io`; string I/O (`rep ins/outs`) becomes one access per element.
+    /// An `INT3` that KVM's instruction emulator could not execute (nested
+    /// PVM emulates a non-PVM guest's kernel code and lacks it) is delivered
+    /// as its `#BP` trap by the VMM ([`Vcpu::int3s`] counts them).
     pub fn run(&mut self, io: &mut dyn IoHandler, stop: &AtomicBool) -> Result<VcpuExit, KvmError> {
         let immediate_exit: *mut u8 = &raw mut self.fd.get_kvm_run().immediate_exit;
         let kick = Arc::clone(&self.kick);
@@ -919,13 +929,19 @@ impl Vcpu {
                 Step::Exit(exit) => return Ok(exit),
                 Step::InternalError => {
                     let run = self.fd.get_kvm_run();
-                    let what = if run.exit_reason == KVM_EXIT_INTERNAL_ERROR {
+                    let suberror = if run.exit_reason == KVM_EXIT_INTERNAL_ERROR {
                         // SAFETY: exit_reason says `internal` is the union
                         // member KVM filled in.
-                        let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
-                        format!("KVM internal error, suberror {suberror}")
+                        Some(unsafe { run.__bindgen_anon_1.internal.suberror })
                     } else {
-                        "KVM internal error".to_string()
+                        None
+                    };
+                    if suberror == Some(KVM_INTERNAL_ERROR_EMULATION) && self.deliver_int3()? {
+                        continue;
+                    }
+                    let what = match suberror {
+                        Some(s) => format!("KVM internal error, suberror {s}"),
+                        None => "KVM internal error".to_string(),
                     };
                     return Err(self.unexpected(&what));
                 }
@@ -987,6 +1003,73 @@ impl Vcpu {
             }
         }
         Ok(None)
+    }
+
+    /// Completes an `INT3` that KVM's instruction emulator gave up on (nested
+    /// PVM emulates a non-PVM guest's kernel code and lacks it; Linux runs
+    /// one at boot to test its breakpoint handling): delivers the `#BP` trap
+    /// the instruction raises, with RIP past it. Returns `false`, changing
+    /// nothing, when the instruction at RIP is not `INT3`.
+    fn deliver_int3(&mut self) -> Result<bool, KvmError> {
+        let mut regs = self
+            .fd
+            .get_regs()
+            .map_err(KvmError::ioctl("KVM_GET_REGS"))?;
+        let t = self
+            .fd
+            .translate_gva(regs.rip)
+            .map_err(KvmError::ioctl("KVM_TRANSLATE"))?;
+        if t.valid == 0 {
+            return Ok(false);
+        }
+        let mut byte = [0u8; 1];
+        if self
+            ._vm
+            .mem
+            .offset(t.physical_address, 1)
+            .map(|off| {
+                // SAFETY: `offset` checked that the byte lies inside the
+                // mapping, which `self._vm` keeps alive; `byte` is a local
+                // buffer that cannot overlap guest memory.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        self._vm.mem.map.as_ptr().add(off),
+                        byte.as_mut_ptr(),
+                        1,
+                    )
+                }
+            })
+            .is_err()
+            || byte[0] != INT3
+        {
+            return Ok(false);
+        }
+        let mut events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(KvmError::ioctl("KVM_GET_VCPU_EVENTS"))?;
+        if events.exception.injected != 0 || events.exception.pending != 0 {
+            return Ok(false);
+        }
+        regs.rip += 1;
+        self.fd
+            .set_regs(&regs)
+            .map_err(KvmError::ioctl("KVM_SET_REGS"))?;
+        events.exception.injected = 1;
+        events.exception.nr = BP_VECTOR;
+        events.exception.has_error_code = 0;
+        events.exception.error_code = 0;
+        self.fd
+            .set_vcpu_events(&events)
+            .map_err(KvmError::ioctl("KVM_SET_VCPU_EVENTS"))?;
+        self.int3s += 1;
+        Ok(true)
+    }
+
+    /// `INT3`s the VMM delivered because KVM could not (see
+    /// [`Vcpu::run`]).
+    pub fn int3s(&self) -> u64 {
+        self.int3s
     }
 
     /// Where the guest is: CS, RIP, RSP, CR0/CR3/CR4, EFER and RFLAGS, for

@@ -25,7 +25,9 @@
 //! `/dev/kvm` (nested PVM, where every guest kernel instruction is
 //! emulated) lacks some of them (`cmpxchg16b` stops the vCPU with an
 //! emulation error) and because without them the kernel picks cheaper paths
-//! there (no byte-wise `rep stosb` page clearing).
+//! there (no byte-wise `rep stosb` page clearing). That hypervisor reports
+//! some of these bits regardless (XSAVE, SMAP, ERMS); the kernel command
+//! line turns those off ([`super::EMULATED_KVM_PARAMS`]).
 
 use kvm_bindings::{kvm_dtable, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 

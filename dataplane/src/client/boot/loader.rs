@@ -477,6 +477,58 @@ pub(crate) mod tests {
         );
     }
 
+    /// A minimal x86-64 ELF with one segment of `body` at physical
+    /// 16 MiB (and 4 KiB of bss), entry at its start.
+    fn vmlinux(body: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 0x1000];
+        f[..4].copy_from_slice(ELF_MAGIC);
+        f[4] = 2; // 64-bit
+        f[5] = 1; // little-endian
+        f[6] = 1; // version
+        let put = |f: &mut Vec<u8>, off: usize, v: &[u8]| f[off..off + v.len()].copy_from_slice(v);
+        put(&mut f, 16, &2u16.to_le_bytes()); // ET_EXEC
+        put(&mut f, 18, &0x3eu16.to_le_bytes()); // x86-64
+        put(&mut f, 20, &1u32.to_le_bytes());
+        put(&mut f, 24, &DEFAULT_PHYSICAL_START.to_le_bytes()); // e_entry
+        put(&mut f, 32, &64u64.to_le_bytes()); // e_phoff
+        put(&mut f, 52, &64u16.to_le_bytes()); // e_ehsize
+        put(&mut f, 54, &56u16.to_le_bytes()); // e_phentsize
+        put(&mut f, 56, &1u16.to_le_bytes()); // e_phnum
+        put(&mut f, 58, &64u16.to_le_bytes()); // e_shentsize
+        let ph = 64;
+        put(&mut f, ph, &1u32.to_le_bytes()); // PT_LOAD
+        put(&mut f, ph + 4, &5u32.to_le_bytes()); // R+X
+        put(&mut f, ph + 8, &0x1000u64.to_le_bytes()); // p_offset
+        put(&mut f, ph + 16, &0xffff_ffff_8100_0000u64.to_le_bytes()); // p_vaddr
+        put(&mut f, ph + 24, &DEFAULT_PHYSICAL_START.to_le_bytes()); // p_paddr
+        put(&mut f, ph + 32, &(body.len() as u64).to_le_bytes()); // p_filesz
+        put(&mut f, ph + 40, &(body.len() as u64 + 0x1000).to_le_bytes()); // p_memsz
+        put(&mut f, ph + 48, &0x1000u64.to_le_bytes()); // p_align
+        f.extend_from_slice(body);
+        f
+    }
+
+    #[test]
+    fn loads_a_vmlinux_at_its_physical_address() {
+        let ram = VecRam::new(32 << 20);
+        let body: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+        let rd = vec![0x5au8; 100];
+        let l = load(&ram, &images(&vmlinux(&body), Some(&rd), "console=ttyS0")).unwrap();
+        assert_eq!(l.entry, DEFAULT_PHYSICAL_START);
+        assert_eq!(l.kernel_end, DEFAULT_PHYSICAL_START + 3000 + 0x1000);
+        assert_eq!(ram.bytes(DEFAULT_PHYSICAL_START, body.len()), body);
+        assert_eq!(ram.bytes(l.initrd.0, 100), rd);
+        let zp = ram.bytes(ZERO_PAGE, std::mem::size_of::<boot_params>());
+        let p = boot_params::from_slice(&zp).unwrap();
+        let hdr = p.hdr;
+        assert_eq!(({ hdr.header }, { hdr.boot_flag }), (HDR_MAGIC, BOOT_FLAG));
+        assert_eq!({ hdr.cmd_line_ptr }, CMDLINE as u32);
+        assert_eq!({ hdr.ramdisk_size }, 100);
+        // Segments beyond guest memory are refused.
+        let small = VecRam::new(8 << 20);
+        assert!(load(&small, &images(&vmlinux(&body), None, "")).is_err());
+    }
+
     #[test]
     fn refuses_what_it_cannot_boot() {
         let ram = VecRam::new(32 << 20);

@@ -71,11 +71,53 @@ pub const GUEST_DIR_ENV: &str = "DEVPLANE_GUEST_DIR";
 /// - `devplane.boot=N`: the boot number `guest/init` writes to the disk
 ///   (the kernel ignores the unknown module parameter and keeps it in
 ///   `/proc/cmdline`).
+/// - `init_on_alloc=0`: Debian zeroes every page and object it allocates
+///   by default (a hardening option); the guest's allocations need not be,
+///   and zeroing is a large share of boot time where guest code is slow.
+///
+/// On a host whose `/dev/kvm` emulates guest kernel code
+/// ([`kvm_emulates_kernel_code`]), [`EMULATED_KVM_PARAMS`] are added.
 pub fn default_cmdline(boot_id: u32) -> String {
-    format!(
+    let mut c = format!(
         "console=ttyS0 reboot=k panic=-1 i8042.noaux pci=conf1 acpi=off tsc=reliable \
-         8250.nr_uarts=1 devplane.boot={boot_id}"
-    )
+         8250.nr_uarts=1 init_on_alloc=0 devplane.boot={boot_id}"
+    );
+    if kvm_emulates_kernel_code() {
+        c.push(' ');
+        c.push_str(EMULATED_KVM_PARAMS);
+    }
+    c
+}
+
+/// Extra parameters for a host whose KVM emulates guest kernel code. That
+/// hypervisor (nested PVM) reports some CPUID features whatever the VMM
+/// sets, and its emulator stops the vCPU with an emulation error on a few
+/// instructions those features make Linux use; the kernel is told not to:
+///
+/// - `noxsave`: FXSAVE for the FPU state (its emulator lacks `XRSTOR`);
+/// - `clearcpuid=smap,popcnt,fsgsbase,rdpid,erms,fsrm`: its emulator
+///   lacks `CLAC`/`STAC` (which SMAP puts at every user-memory access),
+///   `POPCNT` (patched in for the bitmap weight functions) and, to be safe,
+///   the FSGSBASE and `RDPID` instructions of the entry code; and no
+///   byte-wise `rep movsb`/`stosb` string copies (every iteration is
+///   emulated);
+/// - `mitigations=off`: no return thunks, RSB filling or retpolines; every
+///   one of those instructions is emulated there, and the guest runs only
+///   the VMM's own init.
+///
+/// (Its emulator also lacks `CMPXCHG16B`, whose CPUID bit it does let the
+/// VMM clear ([`cpu::hidden_cpuid`]), and `INT3`, which the VMM delivers
+/// itself ([`super::kvm::Vcpu::run`]).)
+pub const EMULATED_KVM_PARAMS: &str =
+    "noxsave clearcpuid=smap,popcnt,fsgsbase,rdpid,erms,fsrm mitigations=off";
+
+/// Whether `/dev/kvm` belongs to a hypervisor that emulates a guest's
+/// kernel-mode code instead of running it on the CPU: nested PVM
+/// (`kvm_pvm`), which runs an unmodified kernel (one not built as a PVM
+/// guest) through its instruction emulator, at a few million instructions
+/// per second. A Linux boot then takes minutes rather than a second.
+pub fn kvm_emulates_kernel_code() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
 }
 
 /// Why a Linux VM could not be set up.
