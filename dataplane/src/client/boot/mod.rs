@@ -293,7 +293,12 @@ mod tests {
     fn default_cmdline_names_the_boot() {
         let c = default_cmdline(7);
         assert!(c.starts_with("console=ttyS0 "), "{c}");
-        assert!(c.ends_with(" devplane.boot=7"), "{c}");
+        assert!(c.contains(" devplane.boot=7"), "{c}");
+        assert_eq!(
+            c.contains(EMULATED_KVM_PARAMS),
+            kvm_emulates_kernel_code(),
+            "{c}"
+        );
         assert!(c.contains("reboot=k"));
     }
 
