@@ -18,16 +18,12 @@
 //! [`Daemon::shutdown`] of that VM returns it (with `by_itself` set), and
 //! [`Daemon::list`] shows it.
 //!
-//! *Noticing it* relies on [`Client`]'s public interface only, which
-//! cannot say whether its vCPUs still run without stopping them: the
-//! daemon records which `dp-vcpu-*` threads appeared in this process while
-//! it started the VM and looks them up in `/proc/self/task`. When that is
-//! not possible (the threads were not found), the VM counts as running
-//! until it is shut down.
+//! *Noticing it* asks [`Client::finished`], which looks at the VM's vCPU
+//! threads without stopping them.
 
 pub mod config;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -35,12 +31,6 @@ use devplane_control::proto::{Request, Response, VcpuEnd, VmRunState, VmStatus};
 
 use super::vmm::{Client, ClientError, VcpuReport};
 use config::{ClientFile, ConfigError};
-
-/// Name prefix of the vCPU threads [`Client`] starts.
-const VCPU_THREAD_PREFIX: &str = "dp-vcpu-";
-
-/// How long a launch waits for its vCPU threads to show their names.
-const THREAD_NAME_WAIT: Duration = Duration::from_millis(200);
 
 /// Why a daemon request was refused.
 #[derive(Debug, thiserror::Error)]
@@ -76,8 +66,6 @@ pub enum DaemonError {
 struct Running {
     client: Client,
     since: Instant,
-    /// Thread ids of its vCPU threads, if they were found.
-    threads: Option<Vec<i32>>,
 }
 
 /// One configured VM.
@@ -99,23 +87,6 @@ pub struct Daemon {
     /// VMs noticed stopping by themselves, not yet returned by
     /// [`Daemon::reap`].
     noticed: Vec<VmStatus>,
-}
-
-/// Thread ids of this process's vCPU threads.
-fn vcpu_threads() -> BTreeSet<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return BTreeSet::new();
-    };
-    dir.filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&tid| vcpu_thread_alive(tid))
-        .collect()
-}
-
-/// Whether thread `tid` of this process exists and is a vCPU thread.
-fn vcpu_thread_alive(tid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
-        .is_ok_and(|name| name.starts_with(VCPU_THREAD_PREFIX))
 }
 
 /// How one vCPU ended, for the protocol.
@@ -174,29 +145,12 @@ impl Daemon {
             return Err(DaemonError::AlreadyRunning(vm));
         }
         let spec = self.file.client_spec(vm)?;
-        let vcpus = spec.vms.iter().map(|v| v.vcpus.len()).sum::<usize>();
-        // Only this thread starts clients, so the vCPU threads that appear
-        // meanwhile are this VM's.
-        let before = vcpu_threads();
         let client = Client::start(spec).map_err(|source| DaemonError::Start { vm, source })?;
-        // A new thread names itself, so its name may lag a little.
-        let deadline = Instant::now() + THREAD_NAME_WAIT;
-        let threads = loop {
-            let mine: Vec<i32> = vcpu_threads().difference(&before).copied().collect();
-            if mine.len() == vcpus {
-                break Some(mine);
-            }
-            if Instant::now() >= deadline {
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        };
         let slot = self.slot(vm)?;
         *slot = Slot {
             running: Some(Running {
                 client,
                 since: Instant::now(),
-                threads,
             }),
             ..Slot::default()
         };
@@ -250,11 +204,7 @@ impl Daemon {
     fn notice(&mut self) {
         let mut stopped = Vec::new();
         for (id, slot) in &mut self.slots {
-            let finished = slot
-                .running
-                .as_ref()
-                .and_then(|r| r.threads.as_ref())
-                .is_some_and(|t| !t.iter().any(|&tid| vcpu_thread_alive(tid)));
+            let finished = slot.running.as_ref().is_some_and(|r| r.client.finished());
             if finished && let Some(r) = slot.running.take() {
                 Self::stop(slot, r);
                 slot.unclaimed = true;
@@ -368,34 +318,5 @@ mod tests {
         ));
         assert!(matches!(d.handle(Request::Stats), Response::Error { .. }));
         assert!(matches!(d.handle(Request::ListVms), Response::Vms { vms } if vms.len() == 1));
-    }
-
-    #[test]
-    fn a_vcpu_thread_is_seen_until_it_ends() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-        let t = std::thread::Builder::new()
-            .name(format!("{VCPU_THREAD_PREFIX}99-0"))
-            .spawn(move || {
-                let me = std::fs::read_link("/proc/thread-self").unwrap();
-                let tid: i32 = me.file_name().unwrap().to_str().unwrap().parse().unwrap();
-                tx.send(tid).unwrap();
-                let _ = go_rx.recv();
-            })
-            .unwrap();
-        let tid = rx.recv().unwrap();
-        assert!(vcpu_thread_alive(tid));
-        assert!(vcpu_threads().contains(&tid));
-        go_tx.send(()).unwrap();
-        t.join().unwrap();
-        // The kernel lets a joiner go a moment before the task is gone.
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while vcpu_thread_alive(tid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert!(!vcpu_thread_alive(tid));
-        let me = std::fs::read_link("/proc/thread-self").unwrap();
-        let tid: i32 = me.file_name().unwrap().to_str().unwrap().parse().unwrap();
-        assert!(!vcpu_thread_alive(tid), "the test thread is not a vCPU");
     }
 }

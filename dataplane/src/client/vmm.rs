@@ -608,6 +608,12 @@ impl Client {
         Ok(client)
     }
 
+    /// Whether every vCPU has ended by itself (its guest finished, powered
+    /// off or failed), without stopping any.
+    pub fn finished(&self) -> bool {
+        self.vcpus.iter().all(|v| v.join.is_finished())
+    }
+
     /// The engine's counters.
     pub fn engine(&self) -> Option<&Engine> {
         self.engine.as_ref()
