@@ -89,6 +89,8 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 
 /// The `INT3` opcode and the `#BP` vector it raises.
 const INT3: u8 = 0xcc;
+/// The `FWAIT` opcode.
+const FWAIT: u8 = 0x9b;
 const BP_VECTOR: u8 = 3;
 
 /// Why a KVM operation failed.
@@ -582,7 +584,7 @@ impl Vm {
             exits: 0,
             odd_mmio: 0,
             done_port: true,
-            int3s: 0,
+            assists: 0,
             kick: Arc::new(KickShared {
                 thread: Mutex::new(None),
             }),
@@ -837,7 +839,7 @@ pub struct Vcpu {
     exits: u64,
     odd_mmio: u64,
     done_port: bool,
-    int3s: u64,
+    assists: u64,
     kick: Arc<KickShared>,
     _vm: Arc<VmShared>,
 }
@@ -878,9 +880,10 @@ impl Vcpu {
     /// userspace, a device asks for a reset ([`IoHandler::reset_requested`]),
     /// or `stop` is set and the vCPU kicked. Port-I/O and MMIO exits go to
     /// `io`; string I/O (`rep ins/outs`) becomes one access per element.
-    /// An `INT3` that KVM's instruction emulator could not execute (nested
-    /// PVM emulates a non-PVM guest's kernel code and lacks it) is delivered
-    /// as its `#BP` trap by the VMM ([`Vcpu::int3s`] counts them).
+    /// An `INT3` or `FWAIT` that KVM's instruction emulator could not
+    /// execute (nested PVM emulates a non-PVM guest's kernel code and lacks
+    /// them) is completed by the VMM: `INT3` becomes its `#BP` trap, `FWAIT`
+    /// a no-op ([`Vcpu::emulation_assists`] counts them).
     pub fn run(&mut self, io: &mut dyn IoHandler, stop: &AtomicBool) -> Result<VcpuExit, KvmError> {
         let immediate_exit: *mut u8 = &raw mut self.fd.get_kvm_run().immediate_exit;
         let kick = Arc::clone(&self.kick);
@@ -936,7 +939,7 @@ impl Vcpu {
                     } else {
                         None
                     };
-                    if suberror == Some(KVM_INTERNAL_ERROR_EMULATION) && self.deliver_int3()? {
+                    if suberror == Some(KVM_INTERNAL_ERROR_EMULATION) && self.assist_emulation()? {
                         continue;
                     }
                     let what = match suberror {
@@ -1005,12 +1008,12 @@ impl Vcpu {
         Ok(None)
     }
 
-    /// Completes an `INT3` that KVM's instruction emulator gave up on (nested
-    /// PVM emulates a non-PVM guest's kernel code and lacks it; Linux runs
-    /// one at boot to test its breakpoint handling): delivers the `#BP` trap
-    /// the instruction raises, with RIP past it. Returns `false`, changing
-    /// nothing, when the instruction at RIP is not `INT3`.
-    fn deliver_int3(&mut self) -> Result<bool, KvmError> {
+    /// Completes an instruction KVM's emulator gave up on (nested PVM
+    /// emulates a non-PVM guest's kernel code and lacks some): `INT3`
+    /// (Linux runs one at boot to test its breakpoint handling) becomes the
+    /// `#BP` trap it raises, with RIP past it; `FWAIT` moves on. Returns
+    /// `false`, changing nothing, for any other instruction.
+    fn assist_emulation(&mut self) -> Result<bool, KvmError> {
         let mut regs = self
             .fd
             .get_regs()
@@ -1040,9 +1043,20 @@ impl Vcpu {
                 }
             })
             .is_err()
-            || byte[0] != INT3
+            || (byte[0] != INT3 && byte[0] != FWAIT)
         {
             return Ok(false);
+        }
+        if byte[0] == FWAIT {
+            // No x87 exception is ever unmasked and pending here (the
+            // guest's FPU state lives in KVM, and nothing raised one), so
+            // FWAIT does nothing but move on.
+            regs.rip += 1;
+            self.fd
+                .set_regs(&regs)
+                .map_err(KvmError::ioctl("KVM_SET_REGS"))?;
+            self.assists += 1;
+            return Ok(true);
         }
         let mut events = self
             .fd
@@ -1062,14 +1076,14 @@ impl Vcpu {
         self.fd
             .set_vcpu_events(&events)
             .map_err(KvmError::ioctl("KVM_SET_VCPU_EVENTS"))?;
-        self.int3s += 1;
+        self.assists += 1;
         Ok(true)
     }
 
-    /// `INT3`s the VMM delivered because KVM could not (see
-    /// [`Vcpu::run`]).
-    pub fn int3s(&self) -> u64 {
-        self.int3s
+    /// Instructions (`INT3`, `FWAIT`) the VMM completed because KVM's
+    /// emulator could not (see [`Vcpu::run`]).
+    pub fn emulation_assists(&self) -> u64 {
+        self.assists
     }
 
     /// Where the guest is: CS, RIP, RSP, CR0/CR3/CR4, EFER and RFLAGS, for

@@ -103,13 +103,19 @@ pub fn default_cmdline(boot_id: u32) -> String {
 ///   emulated);
 /// - `mitigations=off`: no return thunks, RSB filling or retpolines; every
 ///   one of those instructions is emulated there, and the guest runs only
-///   the VMM's own init.
+///   the VMM's own init;
+/// - `initcall_blacklist=ftrace_check_for_weak_functions`: that check looks
+///   up every one of the kernel's ~40,000 ftrace call sites in kallsyms,
+///   minutes of emulated work that `init` waits for (it only matters to
+///   someone tracing the guest's kernel);
+/// - `nowatchdog`: the soft-lockup detector measures emulated time and
+///   only adds its own timers and warnings.
 ///
 /// (Its emulator also lacks `CMPXCHG16B`, whose CPUID bit it does let the
 /// VMM clear ([`cpu::hidden_cpuid`]), and `INT3`, which the VMM delivers
 /// itself ([`super::kvm::Vcpu::run`]).)
-pub const EMULATED_KVM_PARAMS: &str =
-    "noxsave clearcpuid=smap,popcnt,fsgsbase,rdpid,erms,fsrm mitigations=off";
+pub const EMULATED_KVM_PARAMS: &str = "noxsave clearcpuid=smap,popcnt,fsgsbase,rdpid,erms,fsrm \
+     mitigations=off initcall_blacklist=ftrace_check_for_weak_functions nowatchdog";
 
 /// Whether `/dev/kvm` belongs to a hypervisor that emulates a guest's
 /// kernel-mode code instead of running it on the CPU: nested PVM
@@ -173,7 +179,9 @@ pub struct GuestFiles {
     pub kernel: PathBuf,
     /// The same kernel decompressed (ELF), if present.
     pub vmlinux: Option<PathBuf>,
-    /// The busybox initramfs with `guest/init`.
+    /// The busybox initramfs with `guest/init`: the uncompressed
+    /// `initramfs.cpio` when present (nothing for the guest to inflate),
+    /// else `initramfs.cpio.gz`.
     pub initrd: PathBuf,
 }
 
@@ -197,10 +205,15 @@ impl GuestFiles {
     /// `vmlinuz` and `initramfs.cpio.gz` in `dir`, both present.
     pub fn in_dir(dir: &Path) -> Result<GuestFiles, BootError> {
         let vmlinux = dir.join("vmlinux");
+        let cpio = dir.join("initramfs.cpio");
         let files = GuestFiles {
             kernel: dir.join("vmlinuz"),
             vmlinux: vmlinux.is_file().then_some(vmlinux),
-            initrd: dir.join("initramfs.cpio.gz"),
+            initrd: if cpio.is_file() {
+                cpio
+            } else {
+                dir.join("initramfs.cpio.gz")
+            },
         };
         for (what, path) in [
             ("guest kernel", &files.kernel),
