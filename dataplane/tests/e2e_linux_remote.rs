@@ -12,7 +12,7 @@
 //! `DEVPLANE_LINUX_BOOT_SLOW=1` (see `e2e_linux_boot.rs`).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -57,7 +57,7 @@ impl Drop for TempFiles {
     }
 }
 
-fn server_config(topo: &Topology, disk: &PathBuf, log: &PathBuf) -> ServerConfig {
+fn server_config(topo: &Topology, disk: &Path, log: &Path) -> ServerConfig {
     ServerConfig {
         server: ServerSection {
             id: SERVER,
@@ -87,7 +87,7 @@ fn server_config(topo: &Topology, disk: &PathBuf, log: &PathBuf) -> ServerConfig
                 line: Some(4),
                 vm: Some(VM),
                 pio_base: Some(0x3f8),
-                backing: Some(log.clone()),
+                backing: Some(log.to_path_buf()),
                 ..ModelConfig::new(UART, "uart", 0)
             },
             ModelConfig {
@@ -96,7 +96,7 @@ fn server_config(topo: &Topology, disk: &PathBuf, log: &PathBuf) -> ServerConfig
             },
             ModelConfig {
                 mmio_base: Some(STORE_GPA),
-                backing: Some(disk.clone()),
+                backing: Some(disk.to_path_buf()),
                 ..ModelConfig::new(STORE, "blockstore", 1)
             },
         ],

@@ -9,8 +9,8 @@
 
 use iced_x86::IcedError;
 use iced_x86::code_asm::{
-    CodeAssembler, CodeLabel, al, ax, bx, cs, cx, ds, dword_ptr, dx, eax, edx, es, fs, mm0,
-    qword_ptr, word_ptr,
+    CodeAssembler, CodeLabel, al, ax, bx, byte_ptr, cs, cx, di, ds, dword_ptr, dx, eax, edx, es,
+    fs, mm0, qword_ptr, si, word_ptr,
 };
 
 use super::kvm::{DONE_PORT, Entry};
@@ -380,6 +380,183 @@ pub fn multi_vcpu(port: u16, iterations: u16, vcpus: u8) -> Result<Vec<Guest>, G
             pio_loop_in(GUEST_SEGMENT * (i + 1), port, iterations)
         })
         .collect()
+}
+
+/// What [`virtio_blk_check`] reports when every step passed.
+pub const VIRTIO_CHECK_OK: u32 = 0x600d;
+
+/// Physical layout of [`virtio_blk_check`]'s buffers (offsets in its
+/// segment; the segment starts at GPA `0x10000`).
+const VQ_RING: u16 = 0x9000; // descriptors; avail at +0x1000, used at +0x2000
+const VQ_AVAIL: u16 = VQ_RING + 0x1000;
+const VQ_USED: u16 = VQ_RING + 0x2000;
+const VQ_HEADER: u16 = 0xc000;
+const VQ_STATUS: u16 = 0xc100;
+const VQ_OUT: u16 = 0xd000;
+const VQ_IN: u16 = 0xe000;
+
+/// A minimal legacy virtio-blk driver, as Linux's would do it: finds the
+/// device at PCI 00:01.0 through configuration mechanism #1 (checks its
+/// vendor/device ids and that BAR0 is `io_base`), enables I/O, resets and
+/// brings the device up with one 256-entry queue, checks the capacity
+/// covers `sector`, then — if `write` — writes a 512-byte pattern derived
+/// from `seed` to `sector` and flushes; in both cases reads `sector` back
+/// and compares it with the pattern, and checks the interrupt status.
+/// Reports [`VIRTIO_CHECK_OK`], or the number of the step that failed.
+pub fn virtio_blk_check(
+    io_base: u16,
+    sector: u16,
+    write: bool,
+    seed: u8,
+) -> Result<Guest, GuestError> {
+    let mut p = Program::new(GUEST_SEGMENT)?;
+    let seg_base = u32::from(GUEST_SEGMENT) << 4;
+    let phys = |off: u16| seg_base + u32::from(off);
+    let a = &mut p.a;
+    let mut fail = a.create_label();
+    let mut done = a.create_label();
+    let pci_addr = |reg: u32| 0x8000_0800u32 | reg;
+
+    // Step 1: PCI 00:01.0 is a legacy virtio-blk with BAR0 = io_base.
+    a.mov(eax, pci_addr(0x00))?;
+    a.mov(dx, 0xcf8u32)?;
+    a.out(dx, eax)?;
+    a.mov(dx, 0xcfcu32)?;
+    a.in_(eax, dx)?;
+    a.mov(bx, 1u32)?;
+    a.cmp(eax, 0x1001_1af4u32)?;
+    a.jne(fail)?;
+    a.mov(eax, pci_addr(0x10))?;
+    a.mov(dx, 0xcf8u32)?;
+    a.out(dx, eax)?;
+    a.mov(dx, 0xcfcu32)?;
+    a.in_(eax, dx)?;
+    a.and(eax, 0xfffcu32)?;
+    a.mov(bx, 2u32)?;
+    a.cmp(eax, u32::from(io_base))?;
+    a.jne(fail)?;
+    a.mov(eax, pci_addr(0x04))?;
+    a.mov(dx, 0xcf8u32)?;
+    a.out(dx, eax)?;
+    a.mov(dx, 0xcfcu32)?;
+    a.mov(eax, 1u32)?;
+    a.out(dx, eax)?;
+
+    // Step 3: reset, ACKNOWLEDGE | DRIVER, features, queue 0 of 256.
+    let port = |off: u16| u32::from(io_base + off);
+    a.mov(dx, port(0x12))?;
+    a.xor(al, al)?;
+    a.out(dx, al)?;
+    a.mov(al, 3u32)?;
+    a.out(dx, al)?;
+    a.mov(dx, port(0x00))?;
+    a.in_(eax, dx)?;
+    a.and(eax, 1u32 << 9)?;
+    a.mov(dx, port(0x04))?;
+    a.out(dx, eax)?;
+    a.mov(dx, port(0x0e))?;
+    a.xor(ax, ax)?;
+    a.out(dx, ax)?;
+    a.mov(dx, port(0x0c))?;
+    a.in_(ax, dx)?;
+    a.mov(bx, 3u32)?;
+    a.cmp(ax, 256u32)?;
+    a.jne(fail)?;
+    a.mov(dx, port(0x08))?;
+    a.mov(eax, phys(VQ_RING) >> 12)?;
+    a.out(dx, eax)?;
+    a.mov(dx, port(0x12))?;
+    a.mov(al, 7u32)?;
+    a.out(dx, al)?;
+    // Step 4: capacity (sectors, low dword) beyond `sector`.
+    a.mov(dx, port(0x14))?;
+    a.in_(eax, dx)?;
+    a.mov(bx, 4u32)?;
+    a.cmp(eax, u32::from(sector))?;
+    a.jbe(fail)?;
+
+    // The pattern at VQ_OUT.
+    a.cld()?;
+    a.mov(di, u32::from(VQ_OUT))?;
+    a.mov(cx, 512u32)?;
+    a.mov(al, u32::from(seed))?;
+    let mut fill = a.create_label();
+    a.set_label(&mut fill)?;
+    a.stosb()?;
+    a.add(al, 7u32)?;
+    a.loop_(fill)?;
+
+    // Descriptors (16 bytes each: addr lo/hi, len, flags | next << 16).
+    let desc = |a: &mut CodeAssembler, i: u16, addr: u32, len: u32, flags: u32, next: u32| {
+        let at = u32::from(VQ_RING + 16 * i);
+        a.mov(dword_ptr(at), addr)?;
+        a.mov(dword_ptr(at + 4), 0u32)?;
+        a.mov(dword_ptr(at + 8), len)?;
+        a.mov(dword_ptr(at + 12), flags | (next << 16))
+    };
+    const NEXT: u32 = 1;
+    const WRITE: u32 = 2;
+    // 0-2: OUT (header, data, status); 3-4: FLUSH; 5-7: IN.
+    desc(a, 0, phys(VQ_HEADER), 16, NEXT, 1)?;
+    desc(a, 1, phys(VQ_OUT), 512, NEXT, 2)?;
+    desc(a, 2, phys(VQ_STATUS), 1, WRITE, 0)?;
+    desc(a, 3, phys(VQ_HEADER), 16, NEXT, 4)?;
+    desc(a, 4, phys(VQ_STATUS), 1, WRITE, 0)?;
+    desc(a, 5, phys(VQ_HEADER), 16, NEXT, 6)?;
+    desc(a, 6, phys(VQ_IN), 512, WRITE | NEXT, 7)?;
+    desc(a, 7, phys(VQ_STATUS), 1, WRITE, 0)?;
+
+    // One request: header type, publish `head`, notify; the device
+    // completes it within the notify exit. Step `step` checks the used
+    // index, the status byte and the interrupt status.
+    let request = |a: &mut CodeAssembler, kind: u32, head: u32, step: u32, fail: CodeLabel| {
+        a.mov(dword_ptr(u32::from(VQ_HEADER)), kind)?;
+        a.mov(dword_ptr(u32::from(VQ_HEADER) + 4), 0u32)?;
+        a.mov(dword_ptr(u32::from(VQ_HEADER) + 8), u32::from(sector))?;
+        a.mov(dword_ptr(u32::from(VQ_HEADER) + 12), 0u32)?;
+        a.mov(byte_ptr(u32::from(VQ_STATUS)), 0xffu32)?;
+        a.mov(si, word_ptr(u32::from(VQ_AVAIL) + 2))?;
+        a.and(si, 255u32)?;
+        a.shl(si, 1u32)?;
+        a.mov(word_ptr(si + u32::from(VQ_AVAIL) + 4), head)?;
+        a.mov(si, word_ptr(u32::from(VQ_AVAIL) + 2))?;
+        a.inc(si)?;
+        a.mov(word_ptr(u32::from(VQ_AVAIL) + 2), si)?;
+        a.mov(dx, port(0x10))?;
+        a.xor(ax, ax)?;
+        a.out(dx, ax)?;
+        a.mov(bx, step)?;
+        a.cmp(word_ptr(u32::from(VQ_USED) + 2), si)?;
+        a.jne(fail)?;
+        a.cmp(byte_ptr(u32::from(VQ_STATUS)), 0u32)?;
+        a.jne(fail)?;
+        a.mov(dx, port(0x13))?;
+        a.in_(al, dx)?;
+        a.cmp(al, 1u32)?;
+        a.jne(fail)?;
+        a.in_(al, dx)?;
+        a.cmp(al, 0u32)?;
+        a.jne(fail)
+    };
+    if write {
+        request(a, 1, 0, 5, fail)?; // OUT
+        request(a, 4, 3, 6, fail)?; // FLUSH
+    }
+    request(a, 0, 5, 7, fail)?; // IN
+    // Step 8: what was read is the pattern.
+    a.mov(si, u32::from(VQ_OUT))?;
+    a.mov(di, u32::from(VQ_IN))?;
+    a.mov(cx, 512u32)?;
+    a.mov(bx, 8u32)?;
+    a.repe().cmpsb()?;
+    a.jne(fail)?;
+    a.mov(eax, VIRTIO_CHECK_OK)?;
+    a.jmp(done)?;
+    a.set_label(&mut fail)?;
+    a.movzx(eax, bx)?;
+    a.set_label(&mut done)?;
+    p.report_eax()?;
+    p.finish(None)
 }
 
 #[cfg(test)]
