@@ -316,12 +316,26 @@ impl VcpuIo {
             access,
             flags: if posted { FLAG_POSTED } else { 0 },
         }));
-        // A full ring (every slot in flight) is back-pressure: wait.
+        // A full ring (every slot in flight) is back-pressure: wait, driving
+        // this vCPU's lane meanwhile in direct mode, and never longer than
+        // the request timeout (then the access fails and is counted).
+        let deadline = Instant::now() + self.timeout;
         let i = loop {
             if let Some(i) = self.ring.next_free() {
                 break i;
             }
-            std::hint::spin_loop();
+            match &self.driver {
+                Some(d) => {
+                    d.set_driving(true);
+                    d.step();
+                    d.set_driving(false);
+                }
+                None => std::hint::spin_loop(),
+            }
+            if Instant::now() > deadline {
+                add(&self.stats.remote_errors);
+                return if write.is_some() { 0 } else { size.mask() };
+            }
         };
         self.ring.publish(i, index, posted, &rec);
         let answer = match &self.driver {
