@@ -25,6 +25,7 @@ use devplane_devmodels::Space;
 const PORT: u16 = 7700;
 const SERVER: u32 = 1;
 const CLIENT: u32 = 7;
+const OTHER_CLIENT: u32 = 8;
 const HV: u32 = 2;
 const NULL_MODEL: u32 = 1;
 const IRQ_MODEL: u32 = 2;
@@ -92,10 +93,20 @@ fn server_config(topo: &Topology, tag: &str) -> ServerConfig {
             idle_sleep_us: 100,
             batch: 64,
         },
-        clients: vec![ClientConfig {
-            id: CLIENT,
-            address: topo.client_ip(),
-        }],
+        clients: vec![
+            ClientConfig {
+                id: CLIENT,
+                address: topo.client_ip(),
+            },
+            // A second client platform, only a migration target.
+            ClientConfig {
+                id: OTHER_CLIENT,
+                address: {
+                    let o = topo.client_ip().octets();
+                    std::net::Ipv4Addr::new(o[0], o[1], o[2], 201)
+                },
+            },
+        ],
         vms: (1..=4)
             .map(|id| VmConfig {
                 id,
@@ -599,6 +610,105 @@ fn a_model_moved_between_workers_under_guest_io_loses_no_write() {
     assert_eq!(done(&reports[1]), n as u32, "posted writes");
     eprintln!(
         "{moves} moves under I/O; server: {:?}",
+        rig.snapshot().workers
+    );
+}
+
+/// One change applied on the server's owning thread.
+type ServerOp = Box<
+    dyn FnOnce(
+            &mut devplane_dataplane::server::Server,
+        ) -> Result<(), devplane_dataplane::server::ServerError>
+        + Send,
+>;
+
+#[test]
+fn every_server_lifecycle_operation_under_guest_io_loses_no_write() {
+    let Some(rig) = Rig::new(
+        "every_server_lifecycle_operation_under_guest_io_loses_no_write",
+        "clife",
+    ) else {
+        return;
+    };
+    let n = 20_000u16;
+    // VM 1 writes synchronously, VM 2 posts its writes. Meanwhile the
+    // server suspends and resumes VM 1, migrates VM 2 to another client
+    // platform and back, adds and removes an unrelated model, and moves
+    // both counters between workers.
+    let vms = vec![
+        vm(
+            1,
+            &[guests::pio_loop(PIO_BASE, n).unwrap()],
+            vec![pio(PIO_BASE, 0x10, counter_id(1, 0), false)],
+        ),
+        vm(
+            2,
+            &[guests::pio_loop(PIO_BASE, n).unwrap()],
+            vec![pio(PIO_BASE, 0x10, counter_id(2, 0), true)],
+        ),
+    ];
+    let spec = rig.spec(vms, Loss::default(), true, false);
+    let mut client = rig
+        .topo
+        .run(Side::Client, move || Client::start(spec))
+        .expect("enter client netns")
+        .expect("client starts");
+    const EXTRA: u32 = 900;
+    let mut ops = 0;
+    for round in 0..8usize {
+        std::thread::sleep(Duration::from_millis(10));
+        let call = |what: &str, f: ServerOp| {
+            rig.server
+                .call(f)
+                .expect("server thread")
+                .unwrap_or_else(|e| panic!("{what} in round {round}: {e}"));
+        };
+        match round % 4 {
+            0 => {
+                call("suspend", Box::new(|s| s.suspend_vm(1)));
+                call("resume", Box::new(|s| s.resume_vm(1)));
+            }
+            1 => {
+                call("migrate", Box::new(|s| s.migrate_vm(2, OTHER_CLIENT)));
+                call("migrate back", Box::new(|s| s.migrate_vm(2, CLIENT)));
+            }
+            2 => {
+                let m = ModelConfig {
+                    pio_base: Some(0x900),
+                    ..model(EXTRA, "counter", round % 2)
+                };
+                call("add", Box::new(move |s| s.add_model(m)));
+                call("remove", Box::new(|s| s.remove_model(EXTRA)));
+            }
+            _ => {
+                let to = (round / 4) % 2;
+                call(
+                    "move 1",
+                    Box::new(move |s| s.move_model(counter_id(1, 0), to)),
+                );
+                call(
+                    "move 2",
+                    Box::new(move |s| s.move_model(counter_id(2, 0), 1 - to)),
+                );
+            }
+        }
+        ops += 2;
+    }
+    let answers_at_end = client
+        .engine()
+        .unwrap()
+        .stats()
+        .answers
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let reports = client.wait(Duration::from_secs(60));
+    assert!(
+        answers_at_end < 2 * n as u64,
+        "the guests finished before the operations were over"
+    );
+    assert_eq!(done(&reports[0]), n as u32, "synchronous writes");
+    assert_eq!(done(&reports[1]), n as u32, "posted writes");
+    eprintln!(
+        "{ops} lifecycle operations under I/O; server: {:?}",
         rig.snapshot().workers
     );
 }
