@@ -654,6 +654,10 @@ fn every_server_lifecycle_operation_under_guest_io_loses_no_write() {
         .expect("enter client netns")
         .expect("client starts");
     const EXTRA: u32 = 900;
+    let pin_dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/devplane-client-clife-{}",
+        std::process::id()
+    ));
     let mut ops = 0;
     for round in 0..8usize {
         std::thread::sleep(Duration::from_millis(10));
@@ -671,6 +675,24 @@ fn every_server_lifecycle_operation_under_guest_io_loses_no_write() {
             1 => {
                 call("migrate", Box::new(|s| s.migrate_vm(2, OTHER_CLIENT)));
                 call("migrate back", Box::new(|s| s.migrate_vm(2, CLIENT)));
+                // Register and remove a client platform and a VM in the
+                // pinned maps, as `dpctl --apply-to` does.
+                use devplane_control::maps::{MapWriter, client_entry, vm_entry};
+                let mut maps =
+                    devplane_control::AyaMaps::from_pinned(&pin_dir).expect("open the pinned maps");
+                let c = ClientConfig {
+                    id: 50,
+                    address: std::net::Ipv4Addr::new(10, 250, 0, 50),
+                };
+                let v = VmConfig {
+                    id: 50,
+                    client: 50,
+                    hypervisor: HV,
+                };
+                maps.put_client(50, client_entry(&c)).unwrap();
+                maps.put_vm(50, vm_entry(&v)).unwrap();
+                maps.remove_vm(50).unwrap();
+                maps.remove_client(50).unwrap();
             }
             2 => {
                 let m = ModelConfig {
