@@ -478,6 +478,17 @@ fn lifecycle(mode: Mode, tag: &str) {
         s.workers[1].records > 0 && s.workers[0].records > 0,
         "both workers served model A: {s:?}"
     );
+    // Service-time percentiles come from the requests just served: set,
+    // ordered, and below the 300 ms the requester waits.
+    for w in &s.workers {
+        assert!(
+            0 < w.service_p50_ns
+                && w.service_p50_ns <= w.service_p99_ns
+                && w.service_p99_ns <= w.service_p999_ns
+                && w.service_p999_ns < 300_000_000,
+            "{w:?}"
+        );
+    }
     // Unknown moves are refused with a reason.
     let err = srv.call(|s| s.move_model(999, 0)).unwrap().unwrap_err();
     assert!(err.to_string().contains("model 999"), "{err}");

@@ -183,13 +183,14 @@ fn dpctl_against(sock: &std::path::Path) {
     let table = ok(&["stats"]);
     assert!(table.starts_with("server 3\n"), "{table}");
     assert!(
-        table.contains("worker") && table.contains("datagrams"),
+        table.contains("worker") && table.contains("datagrams") && table.contains("service_p99_ns"),
         "{table}"
     );
     let v: serde_json::Value = serde_json::from_str(&ok(&["--json", "stats"])).unwrap();
     assert_eq!(v["server"], 3);
     assert_eq!(v["workers"].as_array().unwrap().len(), 2);
     assert!(v["workers"][0]["records"].is_u64(), "{v}");
+    assert!(v["workers"][0]["service_p99_ns"].is_u64(), "{v}");
     assert!(v["xdp"].is_object(), "{v}");
     let watched = ok(&["stats", "--watch", "1", "--count", "2"]);
     assert_eq!(watched.matches("server 3").count(), 2, "{watched}");

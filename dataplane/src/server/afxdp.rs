@@ -295,9 +295,13 @@ pub fn run_worker(
     let mut done: Vec<u64> = Vec::with_capacity(RING_SIZE as usize);
     while ctl.poll(&mut disp, &mut router, &mut cfg, &mut backoff) {
         let mut got = 0u64;
+        let mut batch_start = None;
         {
             let mut rx = rings.rx.receive(cfg.batch);
             while let Some(desc) = rx.read() {
+                if got == 0 {
+                    batch_start = Some(std::time::Instant::now());
+                }
                 got += 1;
                 // SAFETY: the kernel handed this frame to our RX ring; we own
                 // it until we put it on the TX or fill ring.
@@ -358,6 +362,7 @@ pub fn run_worker(
         // straddles it takes a second reservation; what the ring truly has
         // no room for waits for the next round (never dropped: an
         // interrupt is sent once).
+        let answered = replies.len() as u64;
         pending.append(&mut replies);
         pending.append(&mut irq_descs);
         if !pending.is_empty() {
@@ -384,6 +389,12 @@ pub fn run_worker(
             pending.drain(..sent);
             // Copy mode (veth) always needs a kick to transmit.
             rings.tx.wake();
+        }
+        // Every answer of this batch waited as long as the batch took.
+        if let Some(t0) = batch_start.take() {
+            stats
+                .service
+                .record(t0.elapsed().as_nanos() as u64, answered);
         }
         // Completions back to the fill ring (shared: one lock per batch).
         if in_flight > 0 || !recycle.is_empty() {

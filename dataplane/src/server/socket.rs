@@ -205,6 +205,7 @@ pub fn run_worker(
                 Err(_) => break, // WouldBlock (or a transient error): idle
             };
             got += 1;
+            let t0 = std::time::Instant::now();
             let payload = &mut buf[..n];
             if let Some(counter) = admission.check(payload, &from, &stats) {
                 WorkerStats::add(counter, 1);
@@ -216,6 +217,7 @@ pub fn run_worker(
                     Ok(_) => WorkerStats::add(&stats.tx, 1),
                     Err(_) => WorkerStats::add(&stats.tx_full, 1),
                 }
+                stats.service.record(t0.elapsed().as_nanos() as u64, 1);
             }
         }
         router.push(disp.drain_irqs());

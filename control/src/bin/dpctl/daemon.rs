@@ -126,6 +126,9 @@ const COLUMNS: &[&str] = &[
     "irqs_sent",
     "irqs_held",
     "sleeps",
+    "service_p50_ns",
+    "service_p99_ns",
+    "service_p999_ns",
 ];
 
 fn stats(cli: &Cli) -> Result<String, Failure> {
