@@ -83,6 +83,54 @@ const IF_TAG_CHARS: usize = 3;
 /// Characters of the tag kept in namespace names.
 const NETNS_TAG_CHARS: usize = 24;
 
+/// The process id a name made by a killed process carries, if that
+/// process is gone: `dp-[<tag>-]<pid>-<n>-<side>` (namespaces), or
+/// `devplane-test-...-<pid>` and `dpbench-...-<pid>` (the tests' and the
+/// benchmark's bpffs pin directories; a server's own pins are never named
+/// so).
+fn dead_owner(name: &str) -> Option<u32> {
+    let parts: Vec<&str> = name.split('-').collect();
+    let pid: u32 = if name.starts_with("dp-") {
+        let [.., pid, n, side] = parts.as_slice() else {
+            return None;
+        };
+        n.parse::<u32>().ok()?;
+        if *side != "client" && *side != "server" {
+            return None;
+        }
+        pid.parse().ok()?
+    } else if name.starts_with("devplane-test-") || name.starts_with("dpbench-") {
+        parts.last()?.parse().ok()?
+    } else {
+        return None;
+    };
+    (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(pid)
+}
+
+/// Removes what a killed process (a test that timed out, say) left behind
+/// and could not clean up with its guards: its network namespaces (with
+/// the veth inside) and its pin directories in bpffs. Only names whose
+/// owner process no longer exists are touched. Best effort, once per
+/// process.
+fn sweep_stale() {
+    if let Ok(dir) = std::fs::read_dir(NETNS_DIR) {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if dead_owner(&name).is_some() {
+                let _ = run("ip", ["netns", "del", name.as_str()]);
+            }
+        }
+    }
+    if let Ok(dir) = std::fs::read_dir("/sys/fs/bpf") {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if dead_owner(&name).is_some() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
 /// Why a topology could not be built or used.
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
@@ -188,6 +236,8 @@ impl Topology {
     ///
     /// Needs root (`CAP_SYS_ADMIN` and `CAP_NET_ADMIN`) and iproute2.
     pub fn new(tag: &str) -> Result<Topology, TopologyError> {
+        static SWEEP: std::sync::Once = std::sync::Once::new();
+        SWEEP.call_once(sweep_stale);
         let pid = std::process::id();
         for _ in 0..NAME_ATTEMPTS {
             let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -624,6 +674,29 @@ fn tune(dev: &str) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_names_are_recognised_only_for_dead_owners() {
+        // Pid 0x7fff_fff0 cannot exist (above pid_max's limit).
+        let dead = 0x7fff_fff0u32;
+        assert_eq!(dead_owner(&format!("dp-dloss-{dead}-0-client")), Some(dead));
+        assert_eq!(dead_owner(&format!("dp-{dead}-3-server")), Some(dead));
+        assert_eq!(
+            dead_owner(&format!("devplane-test-client-dloss-{dead}")),
+            Some(dead)
+        );
+        assert_eq!(dead_owner(&format!("dpbench-{dead}")), Some(dead));
+        assert_eq!(
+            dead_owner(&format!("devplane-server-{dead}")),
+            None,
+            "not a test's"
+        );
+        let me = std::process::id();
+        assert_eq!(dead_owner(&format!("dp-x-{me}-0-client")), None, "alive");
+        assert_eq!(dead_owner(&format!("dp-x-{dead}-0-other")), None);
+        assert_eq!(dead_owner("devplane"), None);
+        assert_eq!(dead_owner("maps.debug"), None);
+    }
 
     #[test]
     fn names_fit_ifnamsiz_and_are_distinct() {

@@ -84,7 +84,11 @@ fn server_config(topo: &Topology, tag: &str) -> ServerConfig {
             interface: Some(topo.server_ifname().to_string()),
             workers: vec![0, 1],
             pin_dir: Some(
-                format!("/sys/fs/bpf/devplane-client-{tag}-{}", std::process::id()).into(),
+                format!(
+                    "/sys/fs/bpf/devplane-test-client-{tag}-{}",
+                    std::process::id()
+                )
+                .into(),
             ),
             check_clients: true,
         },
@@ -655,7 +659,7 @@ fn every_server_lifecycle_operation_under_guest_io_loses_no_write() {
         .expect("client starts");
     const EXTRA: u32 = 900;
     let pin_dir = std::path::PathBuf::from(format!(
-        "/sys/fs/bpf/devplane-client-clife-{}",
+        "/sys/fs/bpf/devplane-test-client-clife-{}",
         std::process::id()
     ));
     let mut ops = 0;

@@ -65,7 +65,11 @@ fn server_config(topo: &Topology) -> ServerConfig {
             interface: Some(topo.server_ifname().to_string()),
             workers: vec![0, 1],
             pin_dir: Some(
-                format!("/sys/fs/bpf/devplane-client-daemon-{}", std::process::id()).into(),
+                format!(
+                    "/sys/fs/bpf/devplane-test-client-daemon-{}",
+                    std::process::id()
+                )
+                .into(),
             ),
             check_clients: true,
         },

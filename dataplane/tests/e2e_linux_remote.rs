@@ -65,7 +65,7 @@ fn server_config(topo: &Topology, disk: &Path, log: &Path) -> ServerConfig {
             mode: Mode::Xdp,
             interface: Some(topo.server_ifname().to_string()),
             workers: vec![0, 1],
-            pin_dir: Some(format!("/sys/fs/bpf/devplane-linux-{}", std::process::id()).into()),
+            pin_dir: Some(format!("/sys/fs/bpf/devplane-test-linux-{}", std::process::id()).into()),
             check_clients: true,
         },
         tuning: Tuning {

@@ -52,7 +52,9 @@ fn ctrl_c_detaches_xdp_and_removes_pins() {
             return;
         }
     };
-    let pin_dir = format!("/sys/fs/bpf/devplane-bin-{}", std::process::id());
+    let pin_dir = format!("/sys/fs/bpf/devplane-test-bin-{}", std::process::id());
+    // A failed run's killed server cannot remove its pins itself.
+    let _pins = TempDir(PathBuf::from(&pin_dir));
     let cfg = TempFile(std::env::temp_dir().join(format!("dp-server-{}.toml", std::process::id())));
     std::fs::write(
         &cfg.0,
@@ -84,6 +86,7 @@ worker = 0
     )
     .unwrap();
     let sock = std::env::temp_dir().join(format!("dp-ctl-{}.sock", std::process::id()));
+    let _sock = TempFile(sock.clone());
     let args = [
         std::ffi::OsStr::new("--config"),
         cfg.0.as_os_str(),
@@ -320,8 +323,12 @@ fn the_database_drives_the_maps_and_a_crash_is_repaired_at_start() {
     };
     let pid = std::process::id();
     let state = TempDir(std::env::temp_dir().join(format!("dp-db-state-{pid}")));
-    let pin_dir = format!("/sys/fs/bpf/devplane-db-{pid}");
+    let pin_dir = format!("/sys/fs/bpf/devplane-test-db-{pid}");
     let sock = std::env::temp_dir().join(format!("dp-db-{pid}.sock"));
+    // Dropped after the server guard (declared later): a failed run's
+    // killed server cannot remove them itself.
+    let _pins = TempDir(PathBuf::from(&pin_dir));
+    let _sock = TempFile(sock.clone());
     let cfg = TempFile(std::env::temp_dir().join(format!("dp-db-{pid}.toml")));
     std::fs::write(
         &cfg.0,

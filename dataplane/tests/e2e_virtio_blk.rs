@@ -146,7 +146,9 @@ fn server_config(topo: &Topology, disk: &Path) -> ServerConfig {
             mode: Mode::Xdp,
             interface: Some(topo.server_ifname().to_string()),
             workers: vec![0, 1],
-            pin_dir: Some(format!("/sys/fs/bpf/devplane-virtio-{}", std::process::id()).into()),
+            pin_dir: Some(
+                format!("/sys/fs/bpf/devplane-test-virtio-{}", std::process::id()).into(),
+            ),
             check_clients: true,
         },
         tuning: Tuning {
