@@ -229,7 +229,9 @@ impl VcpuIo {
             Placement::Remote(index) => {
                 let index = *index;
                 let posted = write.is_some() && m.posted;
+                // A failed access (counted) reads all-ones; a write is lost.
                 self.remote(space, addr, size, write, index, posted)
+                    .unwrap_or(if write.is_some() { 0 } else { size.mask() })
             }
             Placement::VirtioBlk { dev, store } => {
                 add(&self.stats.local);
@@ -278,11 +280,13 @@ impl VcpuIo {
             return None;
         };
         let posted = write.is_some() && m.posted;
-        let before = self.stats.remote_errors.load(Ordering::Relaxed);
-        let v = self.remote(space, addr, size, write, index, posted);
-        (self.stats.remote_errors.load(Ordering::Relaxed) == before).then_some(v)
+        self.remote(space, addr, size, write, index, posted)
     }
 
+    /// Sends one access to remote model `index` and, unless it is posted,
+    /// waits for its answer. `None` (counted in `remote_errors`) for an
+    /// error status or no answer within the timeout; posted writes answer
+    /// `Some(0)` at once.
     fn remote(
         &mut self,
         space: Space,
@@ -291,7 +295,7 @@ impl VcpuIo {
         write: Option<u64>,
         index: u32,
         posted: bool,
-    ) -> u64 {
+    ) -> Option<u64> {
         add(&self.stats.remote);
         let access = match (space, write) {
             (Space::Pio, None) => Access::PioIn {
@@ -334,7 +338,7 @@ impl VcpuIo {
             }
             if Instant::now() > deadline {
                 add(&self.stats.remote_errors);
-                return if write.is_some() { 0 } else { size.mask() };
+                return None;
             }
         };
         self.ring.publish(i, index, posted, &rec);
@@ -343,7 +347,7 @@ impl VcpuIo {
                 self.doorbell.ring();
                 if posted {
                     add(&self.stats.posted);
-                    return 0;
+                    return Some(0);
                 }
                 self.ring.wait(i, self.spin, Instant::now() + self.timeout)
             }
@@ -353,7 +357,7 @@ impl VcpuIo {
                 if posted {
                     d.set_driving(false);
                     add(&self.stats.posted);
-                    return 0;
+                    return Some(0);
                 }
                 let deadline = Instant::now() + self.timeout;
                 let mut n = 0u32;
@@ -372,10 +376,10 @@ impl VcpuIo {
             }
         };
         match answer {
-            Some((st, data)) if st == Status::Ok as u8 => data & size.mask(),
+            Some((st, data)) if st == Status::Ok as u8 => Some(data & size.mask()),
             _ => {
                 add(&self.stats.remote_errors);
-                if write.is_some() { 0 } else { size.mask() }
+                None
             }
         }
     }
