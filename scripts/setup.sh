@@ -56,7 +56,9 @@ fi
 # 3. Cargo tools.
 if ! command -v bpf-linker >/dev/null; then
     say "building bpf-linker against LLVM ${LLVM_VER} (about 75 s)"
-    PATH="${LLVM_PREFIX}/bin:$PATH" LLVM_SYS_${LLVM_VER}1_PREFIX="$LLVM_PREFIX" \
+    # The variable's name holds the LLVM version, so it is passed with env(1):
+    # a shell assignment prefix cannot have an expansion in its name.
+    env PATH="${LLVM_PREFIX}/bin:$PATH" "LLVM_SYS_${LLVM_VER}1_PREFIX=${LLVM_PREFIX}" \
         cargo +"$STABLE" install bpf-linker --locked --no-default-features --features "llvm-${LLVM_VER}" \
         || die "cargo install bpf-linker failed (needs llvm-${LLVM_VER}-dev and LLVM_SYS_${LLVM_VER}1_PREFIX=${LLVM_PREFIX})"
 fi

@@ -36,6 +36,8 @@ const MMIO_BASE: u32 = 0xd_0000;
 const IRQ_LINE: u8 = 5;
 const STRAY_MODEL: u32 = 4;
 const STRAY_BASE: u16 = 0x700;
+/// An interrupt counter like [`IRQ_MODEL`] whose interrupts go to VM 3.
+const IRQ3_MODEL: u32 = 6;
 
 /// Counter model of vCPU `i` of VM `vm` (VMs 1..=4).
 fn counter_id(vm: u32, i: u16) -> u32 {
@@ -59,6 +61,12 @@ fn server_config(topo: &Topology, tag: &str) -> ServerConfig {
             mmio_base: Some(MMIO_BASE as u64),
             backing: None,
             ..model(MMIO_MODEL, "counter", 1)
+        },
+        ModelConfig {
+            line: Some(IRQ_LINE as u32),
+            vm: Some(3),
+            pio_base: Some(IRQ_BASE),
+            ..model(IRQ3_MODEL, "counter", 1)
         },
         // Raises its interrupts for VM 2, which the test client never runs.
         ModelConfig {
@@ -372,6 +380,84 @@ fn interrupts(direct: bool, test: &str, tag: &str) {
     assert_eq!(e.irqs, want as u64, "{e:?}");
     let s = rig.snapshot();
     assert_eq!(s.workers[1].irqs_sent, want as u64, "{s:?}");
+}
+
+/// Two VMs take interrupts from their own remote models at once. The
+/// server sends a client's interrupts to where that client last sent from,
+/// which in direct mode is whichever vCPU's lane (socket) spoke last: an
+/// interrupt must reach its VM from any lane of the client.
+#[test]
+fn direct_mode_interrupts_reach_their_vm_through_any_lane() {
+    let test = "direct_mode_interrupts_reach_their_vm_through_any_lane";
+    let Some(rig) = Rig::new(test, "dirq2") else {
+        return;
+    };
+    let want = 200u16;
+    let chain = || {
+        guests::irq_chain(
+            IRQ_LINE,
+            want,
+            IRQ_BASE + devplane_devmodels::counter::REG_COUNT as u16,
+            IRQ_BASE + devplane_devmodels::counter::REG_IRQ as u16,
+        )
+        .unwrap()
+    };
+    let vms = vec![
+        vm(1, &[chain()], vec![pio(IRQ_BASE, 0x20, IRQ_MODEL, false)]),
+        vm(3, &[chain()], vec![pio(IRQ_BASE, 0x20, IRQ3_MODEL, false)]),
+    ];
+    let (reports, e) = rig.run_mode(vms, Loss::default(), true);
+    for r in &reports {
+        assert_eq!(done(r), want as u32, "VM {}'s handler count", r.vm);
+    }
+    assert_eq!(e.irqs, 2 * want as u64, "{e:?}");
+    assert_eq!(e.irqs_unknown_vm, 0, "{e:?}");
+}
+
+/// The client daemon runs each VM in a VMM of its own: two processes'
+/// sockets for one client platform. Each VM's interrupts must reach the
+/// VMM that runs it, not whichever of the two sent last.
+#[test]
+fn interrupts_reach_the_vmm_of_their_vm_when_a_client_runs_several() {
+    let test = "interrupts_reach_the_vmm_of_their_vm_when_a_client_runs_several";
+    let Some(rig) = Rig::new(test, "irq2vmm") else {
+        return;
+    };
+    let want = 200u16;
+    let chain = || {
+        guests::irq_chain(
+            IRQ_LINE,
+            want,
+            IRQ_BASE + devplane_devmodels::counter::REG_COUNT as u16,
+            IRQ_BASE + devplane_devmodels::counter::REG_IRQ as u16,
+        )
+        .unwrap()
+    };
+    let start = |vm_spec: VmSpec, direct: bool| {
+        let spec = rig.spec(vec![vm_spec], Loss::default(), direct, false);
+        rig.topo
+            .run(Side::Client, move || Client::start(spec))
+            .expect("enter client netns")
+            .expect("client starts")
+    };
+    let mut a = start(
+        vm(1, &[chain()], vec![pio(IRQ_BASE, 0x20, IRQ_MODEL, false)]),
+        false,
+    );
+    let mut b = start(
+        vm(3, &[chain()], vec![pio(IRQ_BASE, 0x20, IRQ3_MODEL, false)]),
+        true,
+    );
+    for (c, vm_id) in [(&mut a, 1), (&mut b, 3)] {
+        let reports = c.wait(Duration::from_secs(60));
+        assert_eq!(done(&reports[0]), want as u32, "VM {vm_id}'s handler count");
+        let e = c.engine().expect("engine").stats();
+        assert_eq!(
+            e.irqs_unknown_vm.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "VM {vm_id}'s VMM got another VM's interrupts"
+        );
+    }
 }
 
 #[test]

@@ -510,7 +510,9 @@ impl Client {
                     lanes.push(Lane {
                         sockets: sockets()?,
                         vcpus: vec![port],
-                        injectors: HashMap::from([(vs.id, injector(vm.irq_handle()))]),
+                        // Every VM's injector is added once all VMs
+                        // exist (below).
+                        injectors: HashMap::new(),
                         direct: true,
                     });
                     lanes.len() - 1
@@ -529,6 +531,15 @@ impl Client {
                 ));
             }
             vms.push(vm);
+        }
+        // A server sends a client's interrupts to where that client last
+        // sent from, which in direct mode is whichever vCPU's lane spoke
+        // last: every lane injects into every VM of this client.
+        for lane in &mut lanes {
+            lane.injectors = handles
+                .iter()
+                .map(|(vm, h)| (*vm, injector(h.clone())))
+                .collect();
         }
         let mut ecfg = spec.engine;
         ecfg.client = spec.client;

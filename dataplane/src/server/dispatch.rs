@@ -87,6 +87,9 @@ pub enum Outcome {
         records: usize,
         /// The client platform the answer goes to (from the header).
         client: u32,
+        /// The VM of its first record (a devplane client puts one vCPU's
+        /// requests in a datagram), where that VM's interrupts may go.
+        vm: u32,
     },
     /// Consumed without answer (an acknowledgement).
     Consumed,
@@ -325,6 +328,7 @@ impl Dispatcher {
             return Outcome::NotHere;
         }
         let mut slot = self.models.get_mut(&model_id);
+        let mut first_vm = 0;
         for i in 0..count {
             let off = devplane_wire::HEADER_LEN + i * RECORD_LEN;
             let rec = &mut payload[off..off + RECORD_LEN];
@@ -334,6 +338,9 @@ impl Dispatcher {
             let Ok(Record::Request(req)) = raw.decode(i, Kind::Request) else {
                 continue; // unreachable: parse validated every record
             };
+            if i == 0 {
+                first_vm = req.id.vm;
+            }
             let window = self.windows.entry((req.id.vm, req.id.vcpu)).or_default();
             let (status, data) = match (window.lookup(req.id.seq), slot.as_deref_mut()) {
                 (Some(answer), _) => {
@@ -370,6 +377,7 @@ impl Dispatcher {
         Outcome::Respond {
             records: count,
             client,
+            vm: first_vm,
         }
     }
 }
@@ -471,7 +479,8 @@ mod tests {
             d.handle(&mut buf),
             Outcome::Respond {
                 records: 4,
-                client: 7
+                client: 7,
+                vm: 3
             }
         );
         assert_eq!(buf.len(), len);

@@ -32,14 +32,14 @@ pub fn answer_in_place(
         return FrameOutcome::BadFrame;
     };
     let payload = &mut frame[udp.payload_offset..udp.payload_offset + udp.payload_len];
-    let client = match disp.handle(payload) {
-        Outcome::Respond { client, .. } => client,
+    let (client, vm) = match disp.handle(payload) {
+        Outcome::Respond { client, vm, .. } => (client, vm),
         Outcome::Consumed | Outcome::NotHere | Outcome::Malformed(_) => {
             return FrameOutcome::Recycle;
         }
     };
     let back = udp.flow.reversed();
-    peers.learn(client, back);
+    peers.learn(client, vm, back);
     // Ethernet: swap MACs.
     frame[0..6].copy_from_slice(&back.dst_mac);
     frame[6..12].copy_from_slice(&back.src_mac);

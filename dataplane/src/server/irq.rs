@@ -4,20 +4,46 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::dispatch::PendingIrq;
 
-/// Where each client platform was last heard from, learned from its
-/// requests (which the XDP program, or the socket, already checked), so
-/// that interrupts can be sent to it. `A` is a frame flow (AF_XDP) or a
-/// socket address (socket mode).
+/// Where each client platform, and each of its VMs, was last heard from,
+/// learned from requests (which the XDP program, or the socket, already
+/// checked), so that interrupts can be sent there. A client may send from
+/// several sockets (one per vCPU in direct mode, one process per VM under
+/// the client daemon), so a VM's interrupts go to where that VM last sent
+/// from, and to the client's last address until the VM has sent anything.
+/// `A` is a frame flow (AF_XDP) or a socket address (socket mode).
 #[derive(Debug)]
 pub struct Peers<A> {
     by_client: HashMap<u32, A>,
+    by_vm: HashMap<(u32, u32), A>,
 }
+
+/// Most (client, VM) addresses remembered; VMs beyond it use their
+/// client's address (a client could send requests for any VM id).
+pub const MAX_VM_PEERS: usize = 65_536;
 
 impl<A> Default for Peers<A> {
     fn default() -> Self {
         Peers {
             by_client: HashMap::new(),
+            by_vm: HashMap::new(),
         }
+    }
+}
+
+fn remember<K: std::hash::Hash + Eq, A: PartialEq>(
+    map: &mut HashMap<K, A>,
+    key: K,
+    addr: A,
+    cap: usize,
+) {
+    let full = map.len() >= cap;
+    if let Some(a) = map.get_mut(&key) {
+        // Written only when it changed: the common case reads.
+        if *a != addr {
+            *a = addr;
+        }
+    } else if !full {
+        map.insert(key, addr);
     }
 }
 
@@ -27,15 +53,18 @@ impl<A: Copy + PartialEq> Peers<A> {
         self.by_client.get(&client)
     }
 
-    /// Records that `client` is reached at `addr`.
-    pub fn learn(&mut self, client: u32, addr: A) {
-        match self.by_client.get_mut(&client) {
-            Some(a) if *a == addr => {}
-            Some(a) => *a = addr,
-            None => {
-                self.by_client.insert(client, addr);
-            }
-        }
+    /// Where `vm` of `client` is reached: where it last sent from, or
+    /// else where its client did.
+    pub fn get_vm(&self, client: u32, vm: u32) -> Option<&A> {
+        self.by_vm
+            .get(&(client, vm))
+            .or_else(|| self.by_client.get(&client))
+    }
+
+    /// Records that `vm` of `client` sent from `addr`.
+    pub fn learn(&mut self, client: u32, vm: u32, addr: A) {
+        remember(&mut self.by_client, client, addr, usize::MAX);
+        remember(&mut self.by_vm, (client, vm), addr, MAX_VM_PEERS);
     }
 }
 
@@ -121,7 +150,7 @@ impl IrqRouter {
                 continue;
             }
             let client = self.vm_client.get(&irq.vm).copied();
-            let addr = client.and_then(|c| peers.get(c).copied().map(|a| (c, a)));
+            let addr = client.and_then(|c| peers.get_vm(c, irq.vm).copied().map(|a| (c, a)));
             match addr {
                 Some((c, a)) if !blocked => {
                     if send(c, a, &irq) {
@@ -173,7 +202,7 @@ mod tests {
             0
         );
         assert_eq!(r.held(), 2);
-        peers.learn(7, 5000);
+        peers.learn(7, 3, 5000);
         assert_eq!(
             r.flush(&peers, |c, a, i| {
                 out.push(i.seq);
@@ -189,7 +218,7 @@ mod tests {
     fn a_full_tx_ring_keeps_the_rest() {
         let mut r = IrqRouter::new(HashMap::from([(10, 7)]));
         let mut peers: Peers<u16> = Peers::default();
-        peers.learn(7, 1);
+        peers.learn(7, 3, 1);
         r.push((1..=3).map(|s| irq(10, s)));
         let mut budget = 1;
         let mut out = vec![];
@@ -213,7 +242,7 @@ mod tests {
     fn a_suspended_vm_gets_its_interrupts_on_resume_in_order() {
         let mut r = IrqRouter::new(HashMap::from([(10, 7), (11, 7)]));
         let mut peers: Peers<u16> = Peers::default();
-        peers.learn(7, 1);
+        peers.learn(7, 3, 1);
         r.suspend(10);
         r.push([irq(10, 1), irq(11, 2), irq(10, 3)].into_iter());
         let mut out = vec![];
@@ -229,7 +258,7 @@ mod tests {
         });
         assert_eq!(out, vec![(11, 2), (10, 1), (10, 3)]);
         r.migrate(10, 8);
-        peers.learn(8, 2);
+        peers.learn(8, 3, 2);
         r.push([irq(10, 4)].into_iter());
         let mut to = vec![];
         r.flush(&peers, |c, a, _| {
@@ -237,6 +266,42 @@ mod tests {
             true
         });
         assert_eq!(to, vec![(8, 2)]);
+    }
+
+    /// A client that sends from several addresses (a socket per vCPU or
+    /// per VM process) gets each VM's interrupts where that VM last sent
+    /// from; a VM that has not sent yet, at the client's last address.
+    #[test]
+    fn interrupts_go_where_their_vm_last_sent_from() {
+        let mut r = IrqRouter::new(HashMap::from([(10, 7), (11, 7), (12, 7)]));
+        let mut peers: Peers<u16> = Peers::default();
+        peers.learn(7, 10, 100);
+        peers.learn(7, 11, 110);
+        r.push([irq(10, 1), irq(11, 2), irq(12, 3)].into_iter());
+        let mut to = vec![];
+        r.flush(&peers, |c, a, i| {
+            to.push((i.vm, c, a));
+            true
+        });
+        assert_eq!(to, vec![(10, 7, 100), (11, 7, 110), (12, 7, 110)]);
+        // VM 10 moves to another socket.
+        peers.learn(7, 10, 101);
+        assert_eq!(peers.get_vm(7, 10), Some(&101));
+        assert_eq!(peers.get(7), Some(&101));
+        assert_eq!(peers.get_vm(8, 10), None);
+    }
+
+    #[test]
+    fn vm_addresses_are_bounded() {
+        let mut peers: Peers<u32> = Peers::default();
+        for vm in 0..MAX_VM_PEERS as u32 + 10 {
+            peers.learn(7, vm, vm);
+        }
+        assert_eq!(peers.by_vm.len(), MAX_VM_PEERS);
+        // A VM past the bound is reached at its client's last address.
+        let last = MAX_VM_PEERS as u32 + 9;
+        assert_eq!(peers.get_vm(7, last), Some(&last));
+        assert_eq!(peers.get_vm(7, 0), Some(&0));
     }
 
     #[test]

@@ -211,8 +211,8 @@ pub fn run_worker(
                 WorkerStats::add(counter, 1);
                 continue;
             }
-            if let Outcome::Respond { client, .. } = disp.handle(payload) {
-                peers.learn(client, from);
+            if let Outcome::Respond { client, vm, .. } = disp.handle(payload) {
+                peers.learn(client, vm, from);
                 match sock.send_to(payload, from) {
                     Ok(_) => WorkerStats::add(&stats.tx, 1),
                     Err(_) => WorkerStats::add(&stats.tx_full, 1),
