@@ -460,6 +460,147 @@ fn interrupts_reach_the_vmm_of_their_vm_when_a_client_runs_several() {
     }
 }
 
+/// Direct mode: a vCPU's lane is its own (an io_uring owned by its thread,
+/// Linux 6.1+): it sends and reaps its round trips itself, and nothing
+/// wakes the engine thread for them. Each wake-up of the engine would
+/// preempt the vCPU on its core, which is what the ownership is for.
+#[test]
+fn direct_mode_round_trips_leave_the_engine_asleep() {
+    let test = "direct_mode_round_trips_leave_the_engine_asleep";
+    let Some(rig) = Rig::new(test, "dsleep") else {
+        return;
+    };
+    let n = 2000u16;
+    let g = guests::pio_read_loop(0x80, n).unwrap();
+    let spec = rig.spec(
+        vec![vm(1, &[g], vec![pio(0x80, 1, NULL_MODEL, false)])],
+        Loss::default(),
+        true,
+        false,
+    );
+    let mut client = rig
+        .topo
+        .run(Side::Client, move || Client::start(spec))
+        .expect("enter client netns")
+        .expect("client starts");
+    let reports = client.wait(Duration::from_secs(60));
+    assert_eq!(done(&reports[0]), 0, "null model reads 0");
+    let remote = reports[0]
+        .stats
+        .remote
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(remote, n as u64);
+    let engine = client.engine().expect("engine");
+    if !engine.owned_rings() {
+        privilege::unavailable(
+            test,
+            "this kernel has no IORING_SETUP_DEFER_TASKRUN (Linux 6.1+): lanes are shared",
+        );
+        return;
+    }
+    let e = engine.stats();
+    let wakeups = e.wakeups.load(std::sync::atomic::Ordering::Relaxed);
+    let kicks = e.kicks.load(std::sync::atomic::Ordering::Relaxed);
+    // Starting and stopping may wake it; a round trip must not.
+    assert!(
+        wakeups <= 5,
+        "{wakeups} engine wake-ups for {n} round trips"
+    );
+    assert_eq!(kicks, 0, "a waiting vCPU was kicked");
+}
+
+/// Reads counter `model` (at `PIO_BASE`) from a raw socket of the
+/// client namespace, as VM 4's vCPU 9 (a duplicate window of its own).
+fn read_counter(rig: &Rig, model: u32, seq: u64) -> Option<u64> {
+    use devplane_wire::{
+        Access, AccessSize, Datagram, Header, Kind, Record, Request, RequestId, Status, datagram,
+    };
+    let ip = rig.topo.client_ip();
+    let sock = rig
+        .topo
+        .run(Side::Client, move || std::net::UdpSocket::bind((ip, 0)))
+        .ok()?
+        .ok()?;
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .ok()?;
+    let rec = Record::Request(Request {
+        id: RequestId {
+            vm: 4,
+            hypervisor: HV,
+            vcpu: 9,
+            seq,
+        },
+        access: Access::PioIn {
+            port: PIO_BASE + devplane_devmodels::counter::REG_COUNT as u16,
+            size: AccessSize::B4,
+        },
+        flags: 0,
+    });
+    let mut buf = vec![0u8; devplane_wire::MAX_DATAGRAM];
+    let n = datagram::encode(
+        &mut buf,
+        Header::new(Kind::Request, model, SERVER, CLIENT),
+        &[rec],
+    )
+    .ok()?;
+    sock.send_to(&buf[..n], (rig.topo.server_ip(), PORT)).ok()?;
+    let (m, _) = sock.recv_from(&mut buf).ok()?;
+    match Datagram::parse(&buf[..m]).ok()?.records().next() {
+        Some(Record::Response(r)) if r.status == Status::Ok => Some(r.data),
+        _ => None,
+    }
+}
+
+/// A guest posts writes under heavy loss and then halts for good: its
+/// vCPU never exits again, so the writes still unanswered are resent only
+/// because the engine kicks the vCPU when their retransmission is due.
+/// Every write reaches the device, once.
+#[test]
+fn posted_writes_of_a_halted_guest_are_resent_until_applied() {
+    let test = "posted_writes_of_a_halted_guest_are_resent_until_applied";
+    let Some(rig) = Rig::new(test, "dhalt") else {
+        return;
+    };
+    let n = 300u16;
+    let model = counter_id(1, 0);
+    let g = guests::pio_writes_then_halt(PIO_BASE, n).unwrap();
+    let vms = vec![vm(1, &[g], vec![pio(PIO_BASE, 0x10, model, true)])];
+    let loss = Loss {
+        tx_permille: 300,
+        rx_permille: 300,
+        seed: 7,
+    };
+    let spec = rig.spec(vms, loss, true, false);
+    let mut client = rig
+        .topo
+        .run(Side::Client, move || Client::start(spec))
+        .expect("enter client netns")
+        .expect("client starts");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seq = 1u64 << 40;
+    let mut count = None;
+    while std::time::Instant::now() < deadline {
+        seq += 1;
+        count = read_counter(&rig, model, seq);
+        if count == Some(n as u64) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let e = client.engine().expect("engine").stats();
+    let kicks = e.kicks.load(std::sync::atomic::Ordering::Relaxed);
+    let retransmits = e.retransmits.load(std::sync::atomic::Ordering::Relaxed);
+    let reports = client.wait(Duration::ZERO);
+    assert_eq!(count, Some(n as u64), "the device's count (kicks {kicks})");
+    assert!(retransmits > 0, "the loss injection dropped nothing");
+    assert!(kicks > 0, "nothing was resent while the guest halted");
+    assert!(
+        matches!(reports[0].exit, Ok(VcpuExit::Stopped)),
+        "{:?}",
+        reports[0].exit
+    );
+}
+
 #[test]
 fn four_vms_of_two_vcpus_get_their_own_answers() {
     let Some(rig) = Rig::new("four_vms_of_two_vcpus_get_their_own_answers", "c4x2") else {

@@ -331,6 +331,51 @@ fn run(mode: Mode, tag: &str) {
     }
     wait_for(&srv, "interrupts sent", |s| s.workers[0].irqs_sent == 3);
 
+    // A request that names an interrupt port: the answer comes back to the
+    // socket it came from, the interrupts go to the named port (a client
+    // whose vCPUs each send from a socket of their own takes interrupts on
+    // one it does not poll for answers).
+    let irq_sock = {
+        let ip = topo.client_ip();
+        topo.run(Side::Client, move || UdpSocket::bind((ip, 0)))
+            .expect("enter client netns")
+            .expect("bind the interrupt socket")
+    };
+    irq_sock
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let irq_port = irq_sock.local_addr().unwrap().port();
+    let rec = [c.request(Access::PioOut {
+        port: PIO_A + REG_IRQ as u16,
+        size: AccessSize::B1,
+        data: 2,
+    })];
+    let mut buf = vec![0u8; devplane_wire::MAX_DATAGRAM];
+    let n = datagram::encode(
+        &mut buf,
+        Header::new(Kind::Request, MODEL_A, SERVER, CLIENT).with_irq_port(irq_port),
+        &rec,
+    )
+    .unwrap();
+    c.send_raw(&buf[..n]);
+    let mut rbuf = [0u8; 2048];
+    let (m, _) = c.sock.recv_from(&mut rbuf).expect("the answer");
+    let d = Datagram::parse(&rbuf[..m]).expect("answer parses");
+    assert_eq!(d.kind(), Kind::Response, "only the answer comes here");
+    assert_eq!(d.irq_port(), None, "a response names no interrupt port");
+    for seq in [4, 5] {
+        let (m, _) = irq_sock
+            .recv_from(&mut rbuf)
+            .expect("interrupt on the named port");
+        let d = Datagram::parse(&rbuf[..m]).expect("interrupt parses");
+        match d.records().next() {
+            Some(Record::Interrupt(i)) => assert_eq!((i.vm, i.seq), (VM, seq)),
+            other => panic!("expected an interrupt, got {other:?}"),
+        }
+    }
+    c.expect_silence(50);
+    wait_for(&srv, "interrupts sent", |s| s.workers[0].irqs_sent == 5);
+
     // Bad traffic: none of it may reach a worker.
     let before = srv.snapshot();
     let one = [c.request(pio_write(1))];

@@ -24,6 +24,7 @@ impl<'a> Datagram<'a> {
     /// Parses `buf`, which must hold exactly one datagram (the UDP payload).
     pub fn parse(buf: &'a [u8]) -> Result<Datagram<'a>, WireError> {
         let (header, kind) = Header::parse(buf)?;
+        header.check_flags(kind)?;
         let count = header.count.get() as usize;
         if count == 0 {
             return Err(WireError::Empty);
@@ -87,6 +88,12 @@ impl<'a> Datagram<'a> {
     /// The client platform id in the header.
     pub fn client(&self) -> u32 {
         self.header.client.get()
+    }
+
+    /// The port a request names for its VMs' interrupts
+    /// ([`crate::header::HDR_IRQ_PORT`]).
+    pub fn irq_port(&self) -> Option<u16> {
+        self.header.irq_port()
     }
 
     /// Number of records.

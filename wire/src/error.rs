@@ -22,6 +22,21 @@ pub enum WireError {
     /// The kind byte is not a known [`crate::Kind`].
     #[error("unknown datagram kind {0}")]
     UnknownKind(u8),
+    /// The header has a flag this version does not define.
+    #[error("unknown header flags {0:#06x}")]
+    UnknownHeaderFlags(u16),
+    /// The header's reserved word is set without a flag that uses it.
+    #[error("header reserved word is {0:#x}, must be zero")]
+    NonZeroReserved(u32),
+    /// The interrupt-port flag on a datagram that is not a request, or
+    /// with a port that is not 1..=65535.
+    #[error("interrupt port {port} in a {kind:?} datagram (requests only, 1..=65535)")]
+    BadIrqPort {
+        /// The datagram kind.
+        kind: crate::Kind,
+        /// The port word.
+        port: u32,
+    },
     /// The header announces no records.
     #[error("datagram carries no records")]
     Empty,

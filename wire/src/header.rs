@@ -56,11 +56,23 @@ pub struct Header {
     pub client: U32,
     /// Number of records that follow.
     pub count: U16,
-    /// Reserved flags, zero.
+    /// Header flags: [`HDR_IRQ_PORT`] or nothing.
     pub flags: U16,
-    /// Reserved, zero.
+    /// With [`HDR_IRQ_PORT`] (requests only): the UDP port, at the
+    /// sender's address, where this client wants the interrupts of the
+    /// VMs in the records; zero otherwise.
     pub reserved: U32,
 }
+
+/// Header flag of a request: `reserved` holds the UDP port, at the
+/// sender's address, that the records' VMs take their interrupts on. A
+/// client that sends from many sockets (one per vCPU) receives interrupts
+/// on one that nobody polls for answers; without the flag a server sends
+/// interrupts to where the VM's requests came from.
+pub const HDR_IRQ_PORT: u16 = 1;
+
+/// Every header flag this version defines.
+pub const HDR_FLAGS: u16 = HDR_IRQ_PORT;
 
 /// Byte offset of the magic in the UDP payload.
 pub const OFF_MAGIC: usize = 0;
@@ -99,6 +111,43 @@ impl Header {
             flags: U16::new(0),
             reserved: U32::new(0),
         }
+    }
+
+    /// This request header with the interrupt port `port` (see
+    /// [`HDR_IRQ_PORT`]).
+    pub fn with_irq_port(mut self, port: u16) -> Header {
+        self.flags = U16::new(self.flags.get() | HDR_IRQ_PORT);
+        self.reserved = U32::new(u32::from(port));
+        self
+    }
+
+    /// The interrupt port a request names ([`HDR_IRQ_PORT`]), if any.
+    pub fn irq_port(&self) -> Option<u16> {
+        (self.flags.get() & HDR_IRQ_PORT != 0).then_some(self.reserved.get() as u16)
+    }
+
+    /// Checks the header's flags and the field they give meaning to:
+    /// known flags only, [`HDR_IRQ_PORT`] only on a request and with a
+    /// port in 1..=65535, and `reserved` zero without it.
+    pub fn check_flags(&self, kind: Kind) -> Result<(), WireError> {
+        let flags = self.flags.get();
+        if flags & !HDR_FLAGS != 0 {
+            return Err(WireError::UnknownHeaderFlags(flags));
+        }
+        let reserved = self.reserved.get();
+        if flags & HDR_IRQ_PORT == 0 {
+            if reserved != 0 {
+                return Err(WireError::NonZeroReserved(reserved));
+            }
+            return Ok(());
+        }
+        if kind != Kind::Request || reserved == 0 || reserved > u32::from(u16::MAX) {
+            return Err(WireError::BadIrqPort {
+                kind,
+                port: reserved,
+            });
+        }
+        Ok(())
     }
 
     /// Reads and checks the header at the start of `buf` (magic, version,

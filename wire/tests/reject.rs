@@ -534,6 +534,54 @@ fn non_zero_field() {
     }
 }
 
+/// Header flags: only the interrupt-port flag exists, only on requests,
+/// with a port of 1..=65535; the word it uses is zero without it.
+#[test]
+fn header_flags() {
+    let with = |kind: Kind, flags: u16, reserved: u32| {
+        let mut b = exact(kind, &[valid(kind)]);
+        b[18..20].copy_from_slice(&flags.to_le_bytes());
+        b[20..24].copy_from_slice(&reserved.to_le_bytes());
+        b
+    };
+    for flags in [2u16, 0x8000, 3] {
+        assert_eq!(
+            parse_err(&with(Kind::Request, flags, 7)),
+            WireError::UnknownHeaderFlags(flags)
+        );
+    }
+    assert_eq!(
+        parse_err(&with(Kind::Request, 0, 7)),
+        WireError::NonZeroReserved(7)
+    );
+    for (kind, port) in [
+        (Kind::Request, 0),
+        (Kind::Request, 65536),
+        (Kind::Request, u32::MAX),
+        (Kind::Response, 7000),
+        (Kind::Interrupt, 7000),
+        (Kind::Ack, 7000),
+    ] {
+        assert_eq!(
+            parse_err(&with(kind, 1, port)),
+            WireError::BadIrqPort { kind, port }
+        );
+    }
+    for port in [1u16, 7000, u16::MAX] {
+        let b = with(Kind::Request, 1, port as u32);
+        assert_eq!(Datagram::parse(&b).unwrap().irq_port(), Some(port));
+        let h = Header::new(Kind::Request, 1, 2, 3).with_irq_port(port);
+        assert_eq!(h.irq_port(), Some(port));
+        assert_eq!(h.as_bytes()[18..24], b[18..24]);
+    }
+    assert_eq!(
+        Datagram::parse(&exact(Kind::Request, &[valid(Kind::Request)]))
+            .unwrap()
+            .irq_port(),
+        None
+    );
+}
+
 /// The first failing check wins, in datagram order: the first bad record,
 /// and the header before any record.
 #[test]

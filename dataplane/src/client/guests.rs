@@ -151,6 +151,31 @@ fn pio_loop_in(seg: u16, port: u16, iterations: u16) -> Result<Guest, GuestError
     p.finish(None)
 }
 
+/// `iterations` times `out port, eax` with eax = 1, 2, ..., then halts for
+/// good with interrupts off, never reporting: its vCPU stays inside
+/// `KVM_RUN` (what a guest waiting for an interrupt that never comes
+/// looks like).
+pub fn pio_writes_then_halt(port: u16, iterations: u16) -> Result<Guest, GuestError> {
+    let mut p = Program::new(GUEST_SEGMENT)?;
+    let a = &mut p.a;
+    let mut top = a.create_label();
+    let mut done = a.create_label();
+    a.mov(dx, u32::from(port))?;
+    a.mov(cx, u32::from(iterations))?;
+    a.xor(eax, eax)?;
+    a.jcxz(done)?;
+    a.set_label(&mut top)?;
+    a.inc(eax)?;
+    a.out(dx, eax)?;
+    a.loop_(top)?;
+    // `done` is the halt loop itself (one label per instruction).
+    a.set_label(&mut done)?;
+    a.cli()?;
+    a.hlt()?;
+    a.jmp(done)?;
+    p.finish(None)
+}
+
 /// `iterations` times `in eax, port` (a read-latency benchmark); reports
 /// the last value read (0 if `iterations` is 0).
 pub fn pio_read_loop(port: u16, iterations: u16) -> Result<Guest, GuestError> {

@@ -241,6 +241,12 @@ pub trait IoHandler {
     fn reset_requested(&mut self) -> bool {
         false
     }
+
+    /// The vCPU was kicked out of `KVM_RUN` (or kept from entering it) by
+    /// a [`VcpuKicker`]: the handler may do work it was kicked for (service
+    /// its lane of the wire) before the guest runs again. The default does
+    /// nothing.
+    fn kicked(&mut self) {}
 }
 
 /// Why [`Vcpu::run`] returned.
@@ -898,9 +904,11 @@ impl Vcpu {
                     classify(exit, io, &mut self.odd_mmio)
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    // Kicked (or a stray signal): clear the request and
-                    // look at `stop` again.
+                    // Kicked (or a stray signal): clear the request, let
+                    // the handler do what it was kicked for, and look at
+                    // `stop` again.
                     self.fd.set_kvm_immediate_exit(0);
+                    io.kicked();
                     continue;
                 }
                 Err(source) => {

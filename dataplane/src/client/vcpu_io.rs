@@ -21,7 +21,7 @@ use devplane_wire::{Access, AccessSize, IrqAction, RawRecord, Record, Request, R
 
 use super::devmap::{DeviceMap, Placement, StoreAt};
 use super::engine::{Doorbell, Driver};
-use super::kvm::{IoHandler, IrqHandle};
+use super::kvm::{IoHandler, IrqHandle, VcpuKicker};
 use super::ring::ExitRing;
 use super::uart_tap::UartTap;
 use super::virtio::VirtioError;
@@ -184,6 +184,24 @@ impl VcpuIo {
         self
     }
 
+    /// Direct mode, on the vCPU's own thread before it runs its guest:
+    /// takes the lane (see [`Driver::attach`]); `kicker` kicks this vCPU
+    /// when its lane needs it while the guest runs.
+    pub fn attach(&self, kicker: VcpuKicker) -> std::io::Result<()> {
+        match &self.driver {
+            Some(d) => d.attach(Box::new(move || kicker.kick())),
+            None => Ok(()),
+        }
+    }
+
+    /// Direct mode, after the guest ended: drives the lane until every
+    /// posted write is answered, at most until `deadline`.
+    pub fn flush(&self, deadline: Instant) {
+        if let Some(d) = &self.driver {
+            d.flush(deadline);
+        }
+    }
+
     fn sample(&mut self) {
         let now = Instant::now();
         if let Some(prev) = self.last_exit.replace(now) {
@@ -320,26 +338,33 @@ impl VcpuIo {
             access,
             flags: if posted { FLAG_POSTED } else { 0 },
         }));
+        if let Some(d) = &self.driver {
+            d.begin();
+        }
         // A full ring (every slot in flight) is back-pressure: wait, driving
         // this vCPU's lane meanwhile in direct mode, and never longer than
         // the request timeout (then the access fails and is counted).
         let deadline = Instant::now() + self.timeout;
         let i = loop {
             if let Some(i) = self.ring.next_free() {
-                break i;
+                break Some(i);
             }
             match &self.driver {
                 Some(d) => {
-                    d.set_driving(true);
                     d.step();
-                    d.set_driving(false);
                 }
                 None => std::hint::spin_loop(),
             }
             if Instant::now() > deadline {
-                add(&self.stats.remote_errors);
-                return None;
+                break None;
             }
+        };
+        let Some(i) = i else {
+            if let Some(d) = &self.driver {
+                d.end();
+            }
+            add(&self.stats.remote_errors);
+            return None;
         };
         self.ring.publish(i, index, posted, &rec);
         let answer = match &self.driver {
@@ -352,10 +377,9 @@ impl VcpuIo {
                 self.ring.wait(i, self.spin, Instant::now() + self.timeout)
             }
             Some(d) => {
-                d.set_driving(true);
                 d.step();
                 if posted {
-                    d.set_driving(false);
+                    d.end();
                     add(&self.stats.posted);
                     return Some(0);
                 }
@@ -371,7 +395,7 @@ impl VcpuIo {
                         break None;
                     }
                 };
-                d.set_driving(false);
+                d.end();
                 a
             }
         };
@@ -407,6 +431,12 @@ impl IoHandler for VcpuIo {
 
     fn reset_requested(&mut self) -> bool {
         self.reset
+    }
+
+    fn kicked(&mut self) {
+        if let Some(d) = &self.driver {
+            d.service();
+        }
     }
 }
 

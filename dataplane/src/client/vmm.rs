@@ -253,6 +253,9 @@ type PendingVcpu = (
     Option<UartTap>,
 );
 
+/// How long a vCPU whose guest ended waits for its posted writes' answers.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// COM1's port: a remote UART there is tapped for a Linux VM's console.
 const UART_PORT: u16 = 0x3f8;
 
@@ -510,10 +513,10 @@ impl Client {
                     lanes.push(Lane {
                         sockets: sockets()?,
                         vcpus: vec![port],
-                        // Every VM's injector is added once all VMs
-                        // exist (below).
+                        // Interrupts come to the engine's socket (below).
                         injectors: HashMap::new(),
                         direct: true,
+                        irq_port: None,
                     });
                     lanes.len() - 1
                 } else {
@@ -532,14 +535,36 @@ impl Client {
             }
             vms.push(vm);
         }
-        // A server sends a client's interrupts to where that client last
-        // sent from, which in direct mode is whichever vCPU's lane spoke
-        // last: every lane injects into every VM of this client.
-        for lane in &mut lanes {
-            lane.injectors = handles
+        let all_injectors = || -> HashMap<u32, Injector> {
+            handles
                 .iter()
                 .map(|(vm, h)| (*vm, injector(h.clone())))
-                .collect();
+                .collect()
+        };
+        if spec.direct {
+            // Direct lanes are their vCPUs' own, reaped only while they wait
+            // for an answer: their requests name one socket of the engine's
+            // for interrupts (every server sends there), and the engine
+            // injects them into any VM of this client.
+            let bind = spec.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+            let irq = UdpSocket::bind((bind, 0)).map_err(io_err("bind the interrupt socket"))?;
+            let port = irq
+                .local_addr()
+                .map_err(io_err("bind the interrupt socket"))?
+                .port();
+            for lane in &mut lanes {
+                lane.irq_port = Some(port);
+                // Also here: an interrupt from a server that does not know
+                // the interrupt-port flag comes to the lane that spoke last.
+                lane.injectors = all_injectors();
+            }
+            lanes.push(Lane {
+                sockets: vec![irq],
+                vcpus: Vec::new(),
+                injectors: all_injectors(),
+                direct: false,
+                irq_port: None,
+            });
         }
         let mut ecfg = spec.engine;
         ecfg.client = spec.client;
@@ -547,11 +572,9 @@ impl Client {
             lanes.push(Lane {
                 sockets: sockets()?,
                 vcpus: ports,
-                injectors: handles
-                    .into_iter()
-                    .map(|(vm, h)| (vm, injector(h)))
-                    .collect(),
+                injectors: all_injectors(),
                 direct: false,
+                irq_port: None,
             });
         }
         let engine =
@@ -602,7 +625,14 @@ impl Client {
                     if let Some(c) = core {
                         let _ = affinity::set_thread_affinity([c]);
                     }
+                    if let Err(e) = io.attach(vcpu.kicker()) {
+                        let e = KvmError::UnexpectedExit(format!("cannot take its lane: {e}"));
+                        return (Err(e), 0);
+                    }
                     let exit = vcpu.run(&mut io, &stop);
+                    // Posted writes the guest made before it ended still
+                    // reach their devices.
+                    io.flush(Instant::now() + FLUSH_TIMEOUT);
                     (exit, vcpu.exits())
                 })
                 .map_err(io_err("start a vCPU thread"))?;

@@ -90,6 +90,10 @@ pub enum Outcome {
         /// The VM of its first record (a devplane client puts one vCPU's
         /// requests in a datagram), where that VM's interrupts may go.
         vm: u32,
+        /// The UDP port the client takes that VM's interrupts on, at the
+        /// address it sent from ([`devplane_wire::header::HDR_IRQ_PORT`]);
+        /// `None`: the port it sent from.
+        irq_port: Option<u16>,
     },
     /// Consumed without answer (an acknowledgement).
     Consumed,
@@ -305,8 +309,8 @@ impl Dispatcher {
     /// applied record by record, in order, and rewritten in place into its
     /// response datagram of the same length.
     pub fn handle(&mut self, payload: &mut [u8]) -> Outcome {
-        let (kind, model_id, client, count) = match Datagram::parse(payload) {
-            Ok(d) => (d.kind(), d.model(), d.client(), d.len()),
+        let (kind, model_id, client, count, irq_port) = match Datagram::parse(payload) {
+            Ok(d) => (d.kind(), d.model(), d.client(), d.len(), d.irq_port()),
             Err(e) => {
                 self.stats.malformed += 1;
                 return Outcome::Malformed(e);
@@ -373,11 +377,15 @@ impl Dispatcher {
         };
         hdr.kind = Kind::Response as u8;
         hdr.server = self.server.into();
+        // A response has no header flags (the interrupt port is a request's).
+        hdr.flags = 0.into();
+        hdr.reserved = 0.into();
         self.stats.datagrams += 1;
         Outcome::Respond {
             records: count,
             client,
             vm: first_vm,
+            irq_port,
         }
     }
 }
@@ -480,7 +488,8 @@ mod tests {
             Outcome::Respond {
                 records: 4,
                 client: 7,
-                vm: 3
+                vm: 3,
+                irq_port: None
             }
         );
         assert_eq!(buf.len(), len);

@@ -32,14 +32,27 @@ pub fn answer_in_place(
         return FrameOutcome::BadFrame;
     };
     let payload = &mut frame[udp.payload_offset..udp.payload_offset + udp.payload_len];
-    let (client, vm) = match disp.handle(payload) {
-        Outcome::Respond { client, vm, .. } => (client, vm),
+    let (client, vm, irq_port) = match disp.handle(payload) {
+        Outcome::Respond {
+            client,
+            vm,
+            irq_port,
+            ..
+        } => (client, vm, irq_port),
         Outcome::Consumed | Outcome::NotHere | Outcome::Malformed(_) => {
             return FrameOutcome::Recycle;
         }
     };
     let back = udp.flow.reversed();
-    peers.learn(client, vm, back);
+    // Interrupts go where the client asked, at the address it sent from.
+    let irq_to = match irq_port {
+        Some(port) => Flow {
+            dst_port: port,
+            ..back
+        },
+        None => back,
+    };
+    peers.learn(client, vm, irq_to);
     // Ethernet: swap MACs.
     frame[0..6].copy_from_slice(&back.dst_mac);
     frame[6..12].copy_from_slice(&back.src_mac);

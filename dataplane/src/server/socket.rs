@@ -211,8 +211,20 @@ pub fn run_worker(
                 WorkerStats::add(counter, 1);
                 continue;
             }
-            if let Outcome::Respond { client, vm, .. } = disp.handle(payload) {
-                peers.learn(client, vm, from);
+            if let Outcome::Respond {
+                client,
+                vm,
+                irq_port,
+                ..
+            } = disp.handle(payload)
+            {
+                // Interrupts go where the client asked, at the address it
+                // sent from.
+                let mut irq_to = from;
+                if let Some(port) = irq_port {
+                    irq_to.set_port(port);
+                }
+                peers.learn(client, vm, irq_to);
                 match sock.send_to(payload, from) {
                     Ok(_) => WorkerStats::add(&stats.tx, 1),
                     Err(_) => WorkerStats::add(&stats.tx_full, 1),
