@@ -22,6 +22,7 @@ mod irq;
 mod plot;
 mod report;
 mod rig;
+mod serial;
 mod server;
 mod throughput;
 mod udp;
@@ -58,15 +59,21 @@ enum Scenario {
     /// busy-polling UDP floor of the same run (needs root).
     Server,
     /// KVM guests on the netns topology: the exit floor with a local null
-    /// model, remote port-I/O and MMIO round trips, the UDP floor of the
-    /// same path, and N vCPUs' posted-write rate (needs root and KVM).
+    /// model, the UDP floor of the same path, both in one sample, remote
+    /// port-I/O (with each way of draining the exit rings) and MMIO round
+    /// trips, and N vCPUs' posted-write rate (needs root and KVM).
     Client,
+    /// Part of client: its floors only (exit-floor, udp-floor,
+    /// exit-udp-floor).
+    Floor,
+    /// Part of client: its floors and the remote port-I/O round trips
+    /// (remote-pio and the other ring drains).
+    Pio,
+    /// Part of client: its floors and the remote MMIO round trip.
+    Mmio,
     /// A remote model's interrupt: from the guest's write asking the
     /// counter model for it to the guest's handler acknowledging it
     /// (row trigger-to-ack), beside the same floors (needs root and KVM).
-    /// Opt-in, not in the default suite: a run fails (after 5 s + 1 ms per
-    /// interrupt) when the server loses an interrupt datagram, which its
-    /// AF_XDP worker does under load (see bench/README.md).
     Irq,
     /// The --vms x --vcpus matrix, each cell with posted and with
     /// non-posted writes: requests/s and latency under that load (rows
@@ -81,6 +88,9 @@ impl Scenario {
             Scenario::Parse => "parse",
             Scenario::Server => "server",
             Scenario::Client => "client",
+            Scenario::Floor => "floor",
+            Scenario::Pio => "pio",
+            Scenario::Mmio => "mmio",
             Scenario::Irq => "irq",
             Scenario::Throughput => "throughput",
         }
@@ -90,23 +100,41 @@ impl Scenario {
     fn client_side(self) -> bool {
         matches!(
             self,
-            Scenario::Client | Scenario::Irq | Scenario::Throughput
+            Scenario::Client
+                | Scenario::Floor
+                | Scenario::Pio
+                | Scenario::Mmio
+                | Scenario::Irq
+                | Scenario::Throughput
         )
+    }
+
+    /// The rows of the client scenario this one runs, if it is (part of)
+    /// it.
+    fn client_parts(self) -> Option<client::Parts> {
+        let none = client::Parts::default();
+        match self {
+            Scenario::Client => Some(client::Parts::ALL),
+            Scenario::Floor => Some(none),
+            Scenario::Pio => Some(client::Parts { pio: true, ..none }),
+            Scenario::Mmio => Some(client::Parts { mmio: true, ..none }),
+            _ => None,
+        }
     }
 }
 
-/// The default suite (`make bench`); `irq` is opt-in.
-const DEFAULT_SUITE: [Scenario; 5] = [
+/// The default suite (`make bench`).
+const DEFAULT_SUITE: [Scenario; 6] = [
     Scenario::XdpProg,
     Scenario::Parse,
     Scenario::Server,
     Scenario::Client,
+    Scenario::Irq,
     Scenario::Throughput,
 ];
 
-/// The default suite with `--server`: the client-side scenarios but the
-/// opt-in `irq`.
-const REMOTE_SUITE: [Scenario; 2] = [Scenario::Client, Scenario::Throughput];
+/// The default suite with `--server`: the client-side scenarios.
+const REMOTE_SUITE: [Scenario; 3] = [Scenario::Client, Scenario::Irq, Scenario::Throughput];
 
 /// devplane's latency benchmark and regression gate.
 ///
@@ -162,8 +190,9 @@ struct BaselineArgs {
 
 #[derive(Debug, Clone, Args)]
 struct RunArgs {
-    /// Scenarios to run, comma-separated [default: all but irq; with
-    /// --server: client,throughput].
+    /// Scenarios to run, comma-separated [default: xdp-prog, parse,
+    /// server, client, irq, throughput; with --server: client, irq,
+    /// throughput]. floor, pio and mmio run parts of client.
     #[arg(long, value_enum, value_delimiter = ',')]
     scenario: Vec<Scenario>,
     /// Run the client-side scenarios (client, irq, throughput) against the
@@ -343,7 +372,15 @@ fn plan(args: &RunArgs) -> Result<Vec<Scenario>, String> {
     let scenarios = match (args.scenario.is_empty(), args.server.is_some()) {
         (true, false) => DEFAULT_SUITE.to_vec(),
         (true, true) => REMOTE_SUITE.to_vec(),
-        (false, _) => args.scenario.clone(),
+        (false, _) => {
+            let mut v: Vec<Scenario> = Vec::new();
+            for s in &args.scenario {
+                if !v.contains(s) {
+                    v.push(*s);
+                }
+            }
+            v
+        }
     };
     let Some(addr) = args.server else {
         if scenarios.contains(&Scenario::Throughput) {
@@ -377,7 +414,12 @@ fn plan(args: &RunArgs) -> Result<Vec<Scenario>, String> {
             layout.irq_slots, layout.irq_slots
         ));
     }
-    let mut ids = reps(Scenario::Client, CLIENT_REPEAT) * CLIENT_VM_IDS + irq_runs;
+    let client_runs = if scenarios.iter().any(|s| s.client_parts().is_some()) {
+        args.repeat.unwrap_or(CLIENT_REPEAT)
+    } else {
+        0
+    };
+    let mut ids = client_runs * CLIENT_VM_IDS + irq_runs;
     if scenarios.contains(&Scenario::Throughput) {
         throughput::check_matrix(&args.vms, &args.vcpus, layout, true)?;
         let per_run: u32 = 1 + throughput::cells(&args.vms, &args.vcpus)
@@ -450,7 +492,16 @@ fn run(args: RunArgs) -> Result<()> {
     let mut notes = Vec::new();
     let mut placement = BTreeMap::new();
     let mut repeat = BTreeMap::new();
+    // The parts of the client scenario asked for, run once together.
+    let client_parts = scenarios
+        .iter()
+        .filter_map(|s| s.client_parts())
+        .reduce(client::Parts::union);
+    let mut client_done = false;
     for s in &scenarios {
+        if s.client_parts().is_some() && std::mem::replace(&mut client_done, true) {
+            continue;
+        }
         progress(format_args!("scenario {}", s.name()));
         match s {
             Scenario::XdpProg => rows.extend(xdp_prog(args.iterations)?),
@@ -467,25 +518,32 @@ fn run(args: RunArgs) -> Result<()> {
                 placement.insert("server".to_string(), server::placement());
                 rows.extend(r);
             }
-            Scenario::Client | Scenario::Irq | Scenario::Throughput => {
-                let name = s.name();
+            _ => {
+                let name = match s.client_parts() {
+                    Some(_) => "client",
+                    None => s.name(),
+                };
                 let reps = args.repeat.unwrap_or(match s {
-                    Scenario::Client => CLIENT_REPEAT,
                     Scenario::Irq => IRQ_REPEAT,
-                    _ => THROUGHPUT_REPEAT,
+                    Scenario::Throughput => THROUGHPUT_REPEAT,
+                    _ => CLIENT_REPEAT,
                 });
                 repeat.insert(name.to_string(), reps);
                 rig::reset_knobs();
+                let parts = client_parts.unwrap_or(client::Parts::ALL);
                 let r = repeated(name, reps, &mut notes, |n| match s {
-                    Scenario::Client => on_rig(&mut remote, "bcli", |rig| {
-                        client::run(rig, args.round_trips, n)
-                    }),
+                    Scenario::Client | Scenario::Floor | Scenario::Pio | Scenario::Mmio => {
+                        on_rig(&mut remote, "bcli", |rig| {
+                            client::run(rig, args.round_trips, parts, n)
+                        })
+                    }
                     Scenario::Irq => on_rig(&mut remote, "birq", |rig| irq::run(rig, args.irqs, n)),
                     _ => on_rig(&mut remote, "btp", |rig| {
                         throughput::run(rig, &args.vms, &args.vcpus, args.writes, n)
                     }),
                 })?;
                 report::print_table(name, &r);
+                notes.extend(client::targets(&r));
                 placement.insert(name.to_string(), rig::placement());
                 rows.extend(r);
             }
@@ -672,7 +730,46 @@ mod tests {
         assert_eq!(plan(&a).unwrap(), REMOTE_SUITE);
         let a = args(&["--server", "192.0.2.10:7700", "--scenario", "irq,client"]).unwrap();
         assert_eq!(plan(&a).unwrap(), [Scenario::Irq, Scenario::Client]);
-        assert!(!DEFAULT_SUITE.contains(&Scenario::Irq), "irq is opt-in");
+        assert!(DEFAULT_SUITE.contains(&Scenario::Irq));
+        assert!(REMOTE_SUITE.iter().all(|s| s.client_side()));
+    }
+
+    /// floor, pio and mmio are parts of client: asked for together they
+    /// run it once with the rows they name; repeats are dropped.
+    #[test]
+    fn client_parts_combine() {
+        let a = args(&["--scenario", "pio,floor,pio,mmio"]).unwrap();
+        let p = plan(&a).unwrap();
+        assert_eq!(p, [Scenario::Pio, Scenario::Floor, Scenario::Mmio]);
+        let parts = p
+            .iter()
+            .filter_map(|s| s.client_parts())
+            .reduce(client::Parts::union);
+        assert_eq!(
+            parts,
+            Some(client::Parts {
+                pio: true,
+                mmio: true,
+                posted: false
+            })
+        );
+        assert_eq!(
+            Scenario::Floor.client_parts(),
+            Some(client::Parts::default())
+        );
+        assert_eq!(Scenario::Client.client_parts(), Some(client::Parts::ALL));
+        assert_eq!(Scenario::Irq.client_parts(), None);
+        // Remote: every part counts against the VM ids like client.
+        let a = args(&[
+            "--server",
+            "192.0.2.10:7700",
+            "--scenario",
+            "pio",
+            "--repeat",
+            "8",
+        ])
+        .unwrap();
+        assert!(plan(&a).unwrap_err().contains("fresh VM ids"));
     }
 
     #[test]

@@ -570,6 +570,65 @@ impl Rig {
         }
     }
 
+    /// The serial floor of a remote exit (see `crate::serial`): `iters`
+    /// exits whose handler does one raw round trip, to the UDP echo
+    /// (embedded: `exit-udp-floor`; call before [`Rig::serve`]) or to the
+    /// remote server's null model (`exit-rtt-floor`). Returns the row name
+    /// and the samples.
+    pub fn exit_net_floor(&self, warmup: usize, iters: u16) -> Result<(&'static str, Latency)> {
+        let core = knob("DP_VCPU_CORE", 0) as usize;
+        match &self.target {
+            Target::Embedded { srv, topo } => {
+                if srv.is_some() {
+                    bail!("the serial floor must be measured before the server starts");
+                }
+                let l = crate::server::with_echo(topo, |to| {
+                    let sock = crate::server::client_socket(topo)?;
+                    topo.run(Side::Client, move || {
+                        let _ = affinity::set_thread_affinity([core]);
+                        crate::serial::exit_net_floor(
+                            sock,
+                            to,
+                            iters,
+                            warmup,
+                            Box::new(crate::server::echo_payload),
+                            Box::new(crate::server::check_echo),
+                        )
+                    })?
+                })?;
+                Ok(("exit-udp-floor", l))
+            }
+            Target::Remote { addr } => {
+                let vm = self.fresh_vm()?;
+                let to = SocketAddr::V4(*addr);
+                let access = Access::PioIn {
+                    port: PIO_PORT,
+                    size: AccessSize::B1,
+                };
+                let l = std::thread::scope(|s| {
+                    s.spawn(move || -> Result<Latency> {
+                        let _ = affinity::set_thread_affinity([core]);
+                        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+                            .context("bind the client socket")?;
+                        crate::serial::exit_net_floor(
+                            sock,
+                            to,
+                            iters,
+                            warmup,
+                            Box::new(move |i, buf| {
+                                encode_for(buf, NULL_PIO, &[request_for(vm, i, access)])
+                            }),
+                            Box::new(check_response),
+                        )
+                    })
+                    .join()
+                    .unwrap_or_else(|_| bail!("the serial floor's thread panicked"))
+                })?;
+                Ok(("exit-rtt-floor", l))
+            }
+        }
+    }
+
     /// The KVM exit floor: `iters` exits of a guest looping on `in` from a
     /// local null model (nothing remote), after `warmup`.
     pub fn exit_floor(&self, iters: u16, warmup: usize) -> Result<Latency> {

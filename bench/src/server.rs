@@ -138,12 +138,6 @@ pub(crate) fn check_response(seq: u64, bytes: &[u8]) -> Result<()> {
     }
 }
 
-fn client_socket(topo: &Topology) -> Result<UdpSocket> {
-    let ip = topo.client_ip();
-    topo.run(Side::Client, move || UdpSocket::bind((ip, 0)))?
-        .context("bind the client socket")
-}
-
 /// Runs `f` on a thread in the client namespace pinned to the client core.
 fn on_client<T: Send + 'static>(
     topo: &Topology,
@@ -176,8 +170,10 @@ fn rtt(
     })
 }
 
-/// The raw busy-polling UDP echo round trip across the topology's veth.
-pub fn floor(topo: &Topology, warmup: u32, iters: u32) -> Result<Latency> {
+/// Runs `f` with the address of a busy-polling UDP echo (64-byte
+/// datagrams come back as they are) on the worker core of the server
+/// namespace, and stops the echo after it.
+pub fn with_echo<T>(topo: &Topology, f: impl FnOnce(SocketAddr) -> Result<T>) -> Result<T> {
     let ip = topo.server_ip();
     let echo = topo
         .run(Side::Server, move || UdpSocket::bind((ip, ECHO_PORT)))?
@@ -188,31 +184,43 @@ pub fn floor(topo: &Topology, warmup: u32, iters: u32) -> Result<Latency> {
         let _ = affinity::set_thread_affinity([WORKER_CORE]);
         echo_loop(echo, s2)
     })?;
-    let sock = client_socket(topo)?;
-    let to = SocketAddr::from((ip, ECHO_PORT));
-    let res = on_client(topo, move || {
-        round_trips(
-            &sock,
-            to,
-            warmup,
-            iters,
-            |i, buf| {
-                buf[..64].fill(0);
-                buf[..8].copy_from_slice(&i.to_le_bytes());
-                64
-            },
-            |i, b| {
-                if b.len() == 64 && b[..8] == i.to_le_bytes() {
-                    Ok(())
-                } else {
-                    bail!("echo mismatch")
-                }
-            },
-        )
-    });
+    let res = f(SocketAddr::from((ip, ECHO_PORT)));
     stop.store(true, Ordering::Relaxed);
     let _ = t.join();
     res
+}
+
+/// The echo datagram of round trip `i`: 64 bytes, `i` first.
+pub fn echo_payload(i: u64, buf: &mut [u8]) -> usize {
+    buf[..64].fill(0);
+    buf[..8].copy_from_slice(&i.to_le_bytes());
+    64
+}
+
+/// Checks that `b` is the echo of round trip `i`.
+pub fn check_echo(i: u64, b: &[u8]) -> Result<()> {
+    if b.len() == 64 && b[..8] == i.to_le_bytes() {
+        Ok(())
+    } else {
+        bail!("echo mismatch")
+    }
+}
+
+/// The raw busy-polling UDP echo round trip across the topology's veth.
+pub fn floor(topo: &Topology, warmup: u32, iters: u32) -> Result<Latency> {
+    with_echo(topo, |to| {
+        let sock = client_socket(topo)?;
+        on_client(topo, move || {
+            round_trips(&sock, to, warmup, iters, echo_payload, check_echo)
+        })
+    })
+}
+
+/// A socket bound to the client's address in the client namespace.
+pub fn client_socket(topo: &Topology) -> Result<UdpSocket> {
+    let ip = topo.client_ip();
+    topo.run(Side::Client, move || UdpSocket::bind((ip, 0)))?
+        .context("bind the client socket")
 }
 
 fn rate_of(topo: &Topology, to: SocketAddr, window: usize, duration: Duration) -> Result<f64> {

@@ -6,6 +6,7 @@
 //! ([`crate::client::daemon`] answers its requests).
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -32,6 +33,10 @@ pub struct Pending {
 pub struct ControlSocket {
     path: PathBuf,
     stop: Arc<AtomicBool>,
+    /// Wakes the listener thread to stop (it blocks in `poll`: a listener
+    /// that polled with a timer would wake on a data-path core for
+    /// nothing).
+    wake: Arc<OwnedFd>,
     join: Option<JoinHandle<()>>,
 }
 
@@ -47,13 +52,21 @@ impl ControlSocket {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
+        // SAFETY: plain syscall; the fd is owned by the OwnedFd below.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `efd` is a new, valid fd that nothing else owns.
+        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
+        let (s, w) = (stop.clone(), wake.clone());
         let join = std::thread::Builder::new()
             .name("dp-control".into())
-            .spawn(move || accept_loop(listener, to, s))?;
+            .spawn(move || accept_loop(listener, to, s, w))?;
         Ok(ControlSocket {
             path: path.to_path_buf(),
             stop,
+            wake,
             join: Some(join),
         })
     }
@@ -67,6 +80,15 @@ impl ControlSocket {
 impl Drop for ControlSocket {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
+        unsafe {
+            libc::write(
+                self.wake.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
         if let Some(j) = self.join.take() {
             let _ = j.join();
         }
@@ -74,11 +96,34 @@ impl Drop for ControlSocket {
     }
 }
 
-fn accept_loop(listener: UnixListener, to: Sender<Pending>, stop: Arc<AtomicBool>) {
+fn accept_loop(
+    listener: UnixListener,
+    to: Sender<Pending>,
+    stop: Arc<AtomicBool>,
+    wake: Arc<OwnedFd>,
+) {
     while !stop.load(Ordering::Relaxed) {
         let stream = match listener.accept() {
             Ok((s, _)) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let mut fds = [
+                    libc::pollfd {
+                        fd: listener.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: wake.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                ];
+                // SAFETY: `fds` is valid for the call; no timeout.
+                unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+                continue;
+            }
             Err(_) => {
+                // A transient error (out of fds, say): do not spin.
                 std::thread::sleep(Duration::from_millis(20));
                 continue;
             }
