@@ -47,12 +47,13 @@ const SCENARIO: &str = "client";
 /// runs them all, `floor`, `pio` and `mmio` the parts they name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Parts {
-    /// `remote-pio` and the port-I/O round trip with each other ring drain.
+    /// `remote-pio`.
     pub pio: bool,
     /// `remote-mmio`.
     pub mmio: bool,
-    /// `posted-rate`.
-    pub posted: bool,
+    /// `posted-rate`, and the port-I/O round trip with each other way of
+    /// draining the rings (`pio-*`).
+    pub others: bool,
 }
 
 impl Parts {
@@ -60,7 +61,7 @@ impl Parts {
     pub const ALL: Parts = Parts {
         pio: true,
         mmio: true,
-        posted: true,
+        others: true,
     };
 
     /// This and `other`.
@@ -68,7 +69,7 @@ impl Parts {
         Parts {
             pio: self.pio || other.pio,
             mmio: self.mmio || other.mmio,
-            posted: self.posted || other.posted,
+            others: self.others || other.others,
         }
     }
 }
@@ -137,7 +138,7 @@ pub fn run(rig: &mut Rig, iters: u32, parts: Parts, notes: &mut Vec<String>) -> 
         ("pio-direct", Drain::Direct),
         ("pio-direct-zc", Drain::DirectZc),
     ] {
-        if other == drain || !parts.pio {
+        if other == drain || !parts.others {
             continue;
         }
         // SQPOLL round trips take milliseconds on 2 cores (a third spinner
@@ -159,7 +160,7 @@ pub fn run(rig: &mut Rig, iters: u32, parts: Parts, notes: &mut Vec<String>) -> 
         progress(format_args!("client: remote-mmio, {n} exits"));
         rows.push(mmio_row(rig, n, warm, drain, &both, &server)?);
     }
-    if parts.posted {
+    if parts.others {
         progress(format_args!(
             "client: posted-rate, 2 VMs x 2 vCPUs x {n} writes"
         ));

@@ -32,9 +32,10 @@ use std::hint::black_box;
 use std::net::SocketAddrV4;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use aya::programs::{TestRun, TestRunOptions};
 use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -66,8 +67,8 @@ enum Scenario {
     /// Part of client: its floors only (exit-floor, udp-floor,
     /// exit-udp-floor).
     Floor,
-    /// Part of client: its floors and the remote port-I/O round trips
-    /// (remote-pio and the other ring drains).
+    /// Part of client: its floors and the remote port-I/O round trip
+    /// (remote-pio).
     Pio,
     /// Part of client: its floors and the remote MMIO round trip.
     Mmio,
@@ -176,6 +177,27 @@ enum Command {
     /// suite: the first, with each latency row's ratios replaced by the
     /// median over the runs.
     Baseline(BaselineArgs),
+    /// CI's regression gate (`make test` runs it): the short suite
+    /// (--scenario server,pio --round-trips 10000, about 17 s) into --out,
+    /// then compare with the baseline under CI's limits
+    /// (server/*:p99=20%, client/*:p50=10%, client/*:p99=50%). Exits 0
+    /// when every ratio is within its limit, 1 on a regression, 2 when it
+    /// cannot judge (the suite failed, a file is unreadable).
+    Gate(GateArgs),
+}
+
+#[derive(Debug, Args)]
+struct GateArgs {
+    /// The baseline to compare with.
+    #[arg(long, value_name = "FILE", default_value = "bench/baseline.json")]
+    baseline: PathBuf,
+    /// Where the suite's files go [default: a new directory under the
+    /// system's temporary directory].
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Limits instead of CI's, as for compare. Repeatable.
+    #[arg(long = "max-regress", value_name = "[ROWS:]METRIC=PERCENT", value_parser = gate::parse_limit)]
+    max_regress: Vec<Limit>,
 }
 
 #[derive(Debug, Args)]
@@ -253,9 +275,10 @@ struct CompareArgs {
     base: PathBuf,
     /// The summary.json to judge.
     new: PathBuf,
-    /// METRIC=PERCENT: fail when a row's METRIC/floor ratio grew by more
-    /// than PERCENT (metrics: p50, p90, p99, p999, p9999, max). Repeatable.
-    /// Default: p99=20%.
+    /// [ROWS:]METRIC=PERCENT: fail when a row's METRIC/floor ratio grew by
+    /// more than PERCENT (metrics: p50, p90, p99, p999, p9999, max), for
+    /// every row or for ROWS only: a row key (client/remote-pio) or a key
+    /// prefix ending in * (server/*). Repeatable. Default: p99=20%.
     #[arg(long = "max-regress", value_name = "METRIC=PERCENT", value_parser = gate::parse_limit)]
     max_regress: Vec<Limit>,
 }
@@ -317,10 +340,10 @@ fn xdp_prog(iterations: u32) -> Result<Vec<Row>> {
         opts.data_in = Some(&frame);
         opts.repeat = iterations;
         let res = prog.xdp()?.test_run(opts)?;
-        println!(
-            "xdp-prog  {name:<24} {:>8} ns/frame (kernel mean of {iterations} runs)",
+        report::out(format_args!(
+            "xdp-prog  {name:<24} {:>8} ns/frame (kernel mean of {iterations} runs)\n",
             res.duration.as_nanos()
-        );
+        ));
         rows.push(Row::cost("xdp-prog", name, res.duration.as_nanos() as f64));
     }
     Ok(rows)
@@ -337,10 +360,10 @@ fn parse(iterations: u32) -> Result<Vec<Row>> {
             black_box(d.records().count());
         }
         let ns = start.elapsed().as_nanos() as f64 / iterations as f64;
-        println!(
-            "parse     {records:>2} records{:<14} {ns:>8.1} ns/datagram",
+        report::out(format_args!(
+            "parse     {records:>2} records{:<14} {ns:>8.1} ns/datagram\n",
             ""
-        );
+        ));
         rows.push(Row::cost("parse", name, ns));
     }
     Ok(rows)
@@ -438,6 +461,24 @@ fn plan(args: &RunArgs) -> Result<Vec<Scenario>, String> {
     Ok(scenarios)
 }
 
+/// How many measurement runs `scenarios` make: one per repetition of a
+/// repeated scenario (the parts of client count once), one for xdp-prog
+/// and parse. The progress bar's length.
+fn steps(args: &RunArgs, scenarios: &[Scenario]) -> u64 {
+    let mut client = false;
+    scenarios
+        .iter()
+        .map(|s| match s {
+            Scenario::XdpProg | Scenario::Parse => 1,
+            Scenario::Server => args.repeat.unwrap_or(SERVER_REPEAT),
+            Scenario::Irq => args.repeat.unwrap_or(IRQ_REPEAT),
+            Scenario::Throughput => args.repeat.unwrap_or(THROUGHPUT_REPEAT),
+            _ if std::mem::replace(&mut client, true) => 0,
+            _ => args.repeat.unwrap_or(CLIENT_REPEAT),
+        } as u64)
+        .sum()
+}
+
 /// Runs `f` on the remote rig if there is one, else on a new embedded rig
 /// (topology tagged `tag`) torn down after it.
 fn on_rig(
@@ -461,9 +502,13 @@ fn repeated(
 ) -> Result<Vec<Row>> {
     let mut runs = Vec::new();
     for i in 1..=reps {
+        if interrupted() {
+            break;
+        }
         progress(format_args!("{scenario}: run {i} of {reps}"));
         let mut n = Vec::new();
         runs.push(once(&mut n)?);
+        report::step_done();
         if i == 1 {
             notes.extend(n);
         } else {
@@ -481,7 +526,7 @@ fn repeated(
 fn run(args: RunArgs) -> Result<()> {
     let scenarios = plan(&args).map_err(anyhow::Error::msg)?;
     let mut remote = args.server.map(Rig::remote);
-    report::init_progress(args.quiet);
+    report::init_progress(args.quiet, steps(&args, &scenarios));
     let now = SystemTime::now();
     let (timestamp, dir_stamp) = report::timestamps(now);
     let out = args
@@ -499,13 +544,22 @@ fn run(args: RunArgs) -> Result<()> {
         .reduce(client::Parts::union);
     let mut client_done = false;
     for s in &scenarios {
+        if interrupted() {
+            break;
+        }
         if s.client_parts().is_some() && std::mem::replace(&mut client_done, true) {
             continue;
         }
         progress(format_args!("scenario {}", s.name()));
         match s {
-            Scenario::XdpProg => rows.extend(xdp_prog(args.iterations)?),
-            Scenario::Parse => rows.extend(parse(args.iterations)?),
+            Scenario::XdpProg => {
+                rows.extend(xdp_prog(args.iterations)?);
+                report::step_done();
+            }
+            Scenario::Parse => {
+                rows.extend(parse(args.iterations)?);
+                report::step_done();
+            }
             Scenario::Server => {
                 let reps = args.repeat.unwrap_or(SERVER_REPEAT);
                 repeat.insert("server".to_string(), reps);
@@ -568,6 +622,7 @@ fn run(args: RunArgs) -> Result<()> {
         notes,
         rows: rows.iter().map(Row::to_summary).collect(),
     };
+    report::finish_progress();
     // Files first: a closed stdout must not lose them.
     let files = report::write_outputs(&out, &summary, &rows)?;
     for n in &summary.notes {
@@ -577,7 +632,69 @@ fn run(args: RunArgs) -> Result<()> {
     for f in files {
         println!("  {}", f.file_name().unwrap_or_default().to_string_lossy());
     }
+    if interrupted() {
+        bail!("interrupted: the files hold the measurements that finished");
+    }
     Ok(())
+}
+
+/// Set by Ctrl-C: the run stops after the measurement under way, tears its
+/// topology down and writes what it has. A second Ctrl-C quits at once
+/// (the next run sweeps the namespaces and pins this one leaves).
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
+}
+
+fn on_ctrl_c() {
+    let _ = ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "dpbench: stopping after the measurement under way and writing what finished \
+             (Ctrl-C again to quit now)"
+        );
+    });
+}
+
+/// The run options of `dpbench gate`'s suite, writing into `out`.
+fn gate_run_args(out: &std::path::Path) -> Result<RunArgs> {
+    let mut argv: Vec<std::ffi::OsString> = vec!["dpbench".into(), "run".into(), "--quiet".into()];
+    argv.extend(gate::GATE_SUITE.iter().map(Into::into));
+    argv.push("--out".into());
+    argv.push(out.into());
+    match Cli::try_parse_from(argv)?.command {
+        Some(Command::Run(r)) => Ok(r),
+        _ => bail!("the gate suite's options did not parse as a run"),
+    }
+}
+
+fn gate_cmd(args: GateArgs) -> ExitCode {
+    let out = args.out.unwrap_or_else(|| {
+        let (_, stamp) = report::timestamps(SystemTime::now());
+        std::env::temp_dir().join(format!("dpbench-gate-{stamp}-{}", std::process::id()))
+    });
+    println!(
+        "dpbench gate: {} into {}",
+        gate::GATE_SUITE.join(" "),
+        out.display()
+    );
+    if let Err(e) = gate_run_args(&out).and_then(run) {
+        eprintln!("dpbench gate: the suite failed, nothing to judge: {e:#}");
+        return ExitCode::from(2);
+    }
+    let max_regress = if args.max_regress.is_empty() {
+        gate::gate_limits()
+    } else {
+        args.max_regress
+    };
+    compare(CompareArgs {
+        base: args.baseline,
+        new: out.join("summary.json"),
+        max_regress,
+    })
 }
 
 fn compare(args: CompareArgs) -> ExitCode {
@@ -585,6 +702,7 @@ fn compare(args: CompareArgs) -> ExitCode {
         vec![Limit {
             metric: "p99".into(),
             frac: gate::DEFAULT_P99_LIMIT,
+            rows: None,
         }]
     } else {
         args.max_regress
@@ -673,9 +791,11 @@ fn main() -> ExitCode {
         }
         Err(e) => e.exit(),
     };
+    on_ctrl_c();
     let res = match cli.command {
         Some(Command::Baseline(b)) => baseline(b).map(|()| ExitCode::SUCCESS),
         Some(Command::Compare(c)) => Ok(compare(c)),
+        Some(Command::Gate(g)) => Ok(gate_cmd(g)),
         Some(Command::Run(r)) => run(r).map(|()| ExitCode::SUCCESS),
         None => run(cli.run).map(|()| ExitCode::SUCCESS),
     };
@@ -734,6 +854,18 @@ mod tests {
         assert!(REMOTE_SUITE.iter().all(|s| s.client_side()));
     }
 
+    /// The gate's suite parses as a run of the server scenario and the
+    /// client's port-I/O part into the directory given.
+    #[test]
+    fn the_gate_suite_is_a_valid_run() {
+        let r = gate_run_args(std::path::Path::new("/tmp/x")).unwrap();
+        assert_eq!(plan(&r).unwrap(), [Scenario::Server, Scenario::Pio]);
+        assert_eq!(r.round_trips, 10_000);
+        assert_eq!(r.out.as_deref(), Some(std::path::Path::new("/tmp/x")));
+        assert!(r.quiet);
+        assert_eq!(gate::gate_limits().len(), gate::GATE_LIMITS.len());
+    }
+
     /// floor, pio and mmio are parts of client: asked for together they
     /// run it once with the rows they name; repeats are dropped.
     #[test]
@@ -750,7 +882,7 @@ mod tests {
             Some(client::Parts {
                 pio: true,
                 mmio: true,
-                posted: false
+                others: false
             })
         );
         assert_eq!(
