@@ -251,6 +251,34 @@ pub fn knob(name: &str, default: u32) -> u32 {
     v
 }
 
+/// A one-record read of the server's null model ([`NULL_PIO`]) as VM `vm`:
+/// the request of round trip `i`, encoded into the buffer; its length.
+fn null_read(vm: u32) -> impl FnMut(u64, &mut [u8]) -> usize + Send + 'static {
+    let access = Access::PioIn {
+        port: PIO_PORT,
+        size: AccessSize::B1,
+    };
+    move |i, buf| encode_for(buf, NULL_PIO, &[request_for(vm, i, access)])
+}
+
+/// Runs `f` with a new unbound-address UDP socket on a thread pinned to
+/// `core`, and waits for it.
+fn on_pinned_socket<T: Send>(
+    core: usize,
+    f: impl FnOnce(UdpSocket) -> Result<T> + Send,
+) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(move || -> Result<T> {
+            let _ = affinity::set_thread_affinity([core]);
+            let sock =
+                UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).context("bind the client socket")?;
+            f(sock)
+        })
+        .join()
+        .unwrap_or_else(|_| bail!("a measurement thread panicked"))
+    })
+}
+
 /// How the exit rings are drained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Drain {
@@ -535,23 +563,9 @@ impl Rig {
                 let vm = self.fresh_vm()?;
                 let to = SocketAddr::V4(*addr);
                 let core = knob("DP_VCPU_CORE", 0) as usize;
-                let access = Access::PioIn {
-                    port: PIO_PORT,
-                    size: AccessSize::B1,
-                };
-                let l = std::thread::scope(|s| {
-                    s.spawn(move || -> Result<Latency> {
-                        let _ = affinity::set_thread_affinity([core]);
-                        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
-                            .context("bind the client socket")?;
-                        round_trips(
-                            &sock,
-                            to,
-                            warmup,
-                            iters,
-                            |i, buf| encode_for(buf, NULL_PIO, &[request_for(vm, i, access)]),
-                            check_response,
-                        )
+                let addr = *addr;
+                let l = on_pinned_socket(core, move |sock| {
+                    round_trips(&sock, to, warmup, iters, null_read(vm), check_response)
                         .with_context(|| {
                             format!(
                                 "no valid answer from null model {NULL_PIO} of the server at \
@@ -561,9 +575,6 @@ impl Rig {
                                  VM ids before)"
                             )
                         })
-                    })
-                    .join()
-                    .unwrap_or_else(|_| bail!("the floor's thread panicked"))
                 })?;
                 Ok(("rtt-floor", l))
             }
@@ -601,28 +612,15 @@ impl Rig {
             Target::Remote { addr } => {
                 let vm = self.fresh_vm()?;
                 let to = SocketAddr::V4(*addr);
-                let access = Access::PioIn {
-                    port: PIO_PORT,
-                    size: AccessSize::B1,
-                };
-                let l = std::thread::scope(|s| {
-                    s.spawn(move || -> Result<Latency> {
-                        let _ = affinity::set_thread_affinity([core]);
-                        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
-                            .context("bind the client socket")?;
-                        crate::serial::exit_net_floor(
-                            sock,
-                            to,
-                            iters,
-                            warmup,
-                            Box::new(move |i, buf| {
-                                encode_for(buf, NULL_PIO, &[request_for(vm, i, access)])
-                            }),
-                            Box::new(check_response),
-                        )
-                    })
-                    .join()
-                    .unwrap_or_else(|_| bail!("the serial floor's thread panicked"))
+                let l = on_pinned_socket(core, move |sock| {
+                    crate::serial::exit_net_floor(
+                        sock,
+                        to,
+                        iters,
+                        warmup,
+                        Box::new(null_read(vm)),
+                        Box::new(check_response),
+                    )
                 })?;
                 Ok(("exit-rtt-floor", l))
             }
@@ -683,6 +681,7 @@ impl Rig {
                     _ => knob("DP_ENGINE_SPIN_DIRECT", 1),
                 },
                 zero_copy: drain == Drain::DirectZc,
+                direct_spin: Duration::from_micros(knob("DP_DIRECT_SPIN_US", 200) as u64),
                 sqpoll: (drain == Drain::Sqpoll).then_some(SqPoll {
                     idle_ms: knob("DP_SQPOLL_IDLE_MS", 10),
                     cpu: std::env::var("DP_SQPOLL_CPU")

@@ -275,6 +275,19 @@ struct EngineCounts {
     irqs_unknown_vm: u64,
 }
 
+/// A guest that takes `want` interrupts, one at a time, from the counter
+/// at `IRQ_BASE` raising `IRQ_LINE`, and reports how many its handler
+/// counted.
+fn irq_chain(want: u16) -> Guest {
+    guests::irq_chain(
+        IRQ_LINE,
+        want,
+        IRQ_BASE + devplane_devmodels::counter::REG_COUNT as u16,
+        IRQ_BASE + devplane_devmodels::counter::REG_IRQ as u16,
+    )
+    .unwrap()
+}
+
 fn done(r: &VcpuReport) -> u32 {
     match &r.exit {
         Ok(VcpuExit::Done(v)) => *v,
@@ -367,13 +380,7 @@ fn interrupts(direct: bool, test: &str, tag: &str) {
         return;
     };
     let want = 50u16;
-    let g = guests::irq_chain(
-        IRQ_LINE,
-        want,
-        IRQ_BASE + devplane_devmodels::counter::REG_COUNT as u16,
-        IRQ_BASE + devplane_devmodels::counter::REG_IRQ as u16,
-    )
-    .unwrap();
+    let g = irq_chain(want);
     let vms = vec![vm(1, &[g], vec![pio(IRQ_BASE, 0x20, IRQ_MODEL, false)])];
     let (reports, e) = rig.run_mode(vms, Loss::default(), direct);
     assert_eq!(done(&reports[0]), want as u32, "the guest's handler count");
@@ -393,15 +400,7 @@ fn direct_mode_interrupts_reach_their_vm_through_any_lane() {
         return;
     };
     let want = 200u16;
-    let chain = || {
-        guests::irq_chain(
-            IRQ_LINE,
-            want,
-            IRQ_BASE + devplane_devmodels::counter::REG_COUNT as u16,
-            IRQ_BASE + devplane_devmodels::counter::REG_IRQ as u16,
-        )
-        .unwrap()
-    };
+    let chain = || irq_chain(want);
     let vms = vec![
         vm(1, &[chain()], vec![pio(IRQ_BASE, 0x20, IRQ_MODEL, false)]),
         vm(3, &[chain()], vec![pio(IRQ_BASE, 0x20, IRQ3_MODEL, false)]),
@@ -424,15 +423,7 @@ fn interrupts_reach_the_vmm_of_their_vm_when_a_client_runs_several() {
         return;
     };
     let want = 200u16;
-    let chain = || {
-        guests::irq_chain(
-            IRQ_LINE,
-            want,
-            IRQ_BASE + devplane_devmodels::counter::REG_COUNT as u16,
-            IRQ_BASE + devplane_devmodels::counter::REG_IRQ as u16,
-        )
-        .unwrap()
-    };
+    let chain = || irq_chain(want);
     let start = |vm_spec: VmSpec, direct: bool| {
         let spec = rig.spec(vec![vm_spec], Loss::default(), direct, false);
         rig.topo
@@ -507,6 +498,76 @@ fn direct_mode_round_trips_leave_the_engine_asleep() {
         "{wakeups} engine wake-ups for {n} round trips"
     );
     assert_eq!(kicks, 0, "a waiting vCPU was kicked");
+}
+
+/// CPU time (user + system, in clock ticks) of this process's thread
+/// named `name`, if it exists.
+fn thread_ticks(name: &str) -> Option<u64> {
+    for t in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+        // Fields after the command name (which ends at the last ')'):
+        // state is field 3, utime 14 and stime 15.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split(' ').collect();
+        return Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?);
+    }
+    None
+}
+
+/// A vCPU waiting for an answer that does not come spins only for its
+/// spin budget, then sleeps in the kernel between retransmissions: with
+/// every answer dropped, 300 ms of waiting cost its thread a few ticks of
+/// CPU, not 300 ms.
+#[test]
+fn a_waiting_vcpu_sleeps_after_its_spin_budget() {
+    let test = "a_waiting_vcpu_sleeps_after_its_spin_budget";
+    let Some(rig) = Rig::new(test, "dsleepv") else {
+        return;
+    };
+    let g = guests::pio_read_loop(0x80, 1).unwrap();
+    let loss = Loss {
+        tx_permille: 0,
+        rx_permille: 1000,
+        seed: 1,
+    };
+    let mut spec = rig.spec(
+        vec![vm(1, &[g], vec![pio(0x80, 1, NULL_MODEL, false)])],
+        loss,
+        true,
+        false,
+    );
+    spec.engine.retransmit = Duration::from_millis(10);
+    spec.engine.max_retries = 40;
+    let mut client = rig
+        .topo
+        .run(Side::Client, move || Client::start(spec))
+        .expect("enter client netns")
+        .expect("client starts");
+    std::thread::sleep(Duration::from_millis(60));
+    let before = thread_ticks("dp-vcpu-1-0").expect("the vCPU thread");
+    std::thread::sleep(Duration::from_millis(300));
+    let after = thread_ticks("dp-vcpu-1-0").expect("the vCPU thread still waits");
+    let reports = client.wait(Duration::from_secs(5));
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let busy_ms = (after - before) * 1000 / hz;
+    assert!(
+        busy_ms <= 60,
+        "the waiting vCPU used {busy_ms} ms of CPU in 300 ms"
+    );
+    let r = &reports[0];
+    assert!(matches!(r.exit, Ok(VcpuExit::Done(_))), "{:?}", r.exit);
+    assert_eq!(
+        r.stats
+            .remote_errors
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the unanswered read fails once"
+    );
 }
 
 /// Reads counter `model` (at `PIO_BASE`) from a raw socket of the

@@ -62,6 +62,11 @@ pub struct EngineConfig {
     /// lane through IORING_SETUP_ATTACH_WQ) instead of submitting
     /// themselves.
     pub sqpoll: Option<SqPoll>,
+    /// How long a vCPU that drives its lane spins for an answer before it
+    /// sleeps in `io_uring_enter` until one arrives (or a retransmission
+    /// is due): a round trip takes ~17 us on the development machine, a
+    /// slow device (a disk's flush) milliseconds.
+    pub direct_spin: Duration,
 }
 
 /// io_uring's kernel submission thread, shared by the direct lanes.
@@ -84,6 +89,7 @@ impl Default for EngineConfig {
             loss: Loss::default(),
             zero_copy: false,
             sqpoll: None,
+            direct_spin: Duration::from_micros(200),
         }
     }
 }
@@ -402,6 +408,23 @@ impl Driver {
         if due != 0 {
             self.doorbell.wake_by(due);
         }
+    }
+
+    /// Sleeps until something completes on the lane, a retransmission is
+    /// due, or `max` passes, whichever is first (the vCPU spun its
+    /// [`EngineConfig::direct_spin`] for an answer); a step reaps it.
+    pub fn sleep(&self, max: Duration) {
+        if let Ok(mut l) = self.cell.lp.lock() {
+            l.block(max);
+        }
+    }
+
+    /// How long the vCPU spins for an answer before it sleeps.
+    pub fn spin_budget(&self) -> Duration {
+        self.cell
+            .lp
+            .lock()
+            .map_or(Duration::ZERO, |l| l.cfg.direct_spin)
     }
 
     /// Services the lane once (the vCPU was kicked): sends what is due,
@@ -966,6 +989,24 @@ impl Loop {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Waits in the kernel for a completion, at most until the next
+    /// retransmission is due or `max` (submitting what is queued first).
+    /// Interrupted or timed out, it just returns: the next step sees.
+    fn block(&mut self, max: Duration) {
+        if !self.ring.completion().is_empty() {
+            return;
+        }
+        let due = self.next_due();
+        let wait = if due == 0 {
+            max
+        } else {
+            max.min(Duration::from_nanos(due.saturating_sub(now_ns())))
+        };
+        let ts = types::Timespec::from(wait);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        let _ = self.ring.submitter().submit_with_args(1, &args);
     }
 
     /// Whether the kernel holds work for this ring: deferred completions

@@ -134,9 +134,19 @@ pub fn pio_loop(port: u16, iterations: u16) -> Result<Guest, GuestError> {
 
 fn pio_loop_in(seg: u16, port: u16, iterations: u16) -> Result<Guest, GuestError> {
     let mut p = Program::new(seg)?;
+    let mut done = write_loop(&mut p.a, port, iterations)?;
     let a = &mut p.a;
+    a.set_label(&mut done)?;
+    a.in_(eax, dx)?;
+    p.report_eax()?;
+    p.finish(None)
+}
+
+/// Assembles `iterations` times `out port, eax` with eax = 1, 2, ... (dx
+/// holds the port after it); returns the label to set on what follows.
+fn write_loop(a: &mut CodeAssembler, port: u16, iterations: u16) -> Result<CodeLabel, GuestError> {
     let mut top = a.create_label();
-    let mut done = a.create_label();
+    let done = a.create_label();
     a.mov(dx, u32::from(port))?;
     a.mov(cx, u32::from(iterations))?;
     a.xor(eax, eax)?;
@@ -145,10 +155,7 @@ fn pio_loop_in(seg: u16, port: u16, iterations: u16) -> Result<Guest, GuestError
     a.inc(eax)?;
     a.out(dx, eax)?;
     a.loop_(top)?;
-    a.set_label(&mut done)?;
-    a.in_(eax, dx)?;
-    p.report_eax()?;
-    p.finish(None)
+    Ok(done)
 }
 
 /// `iterations` times `out port, eax` with eax = 1, 2, ..., then halts for
@@ -157,17 +164,8 @@ fn pio_loop_in(seg: u16, port: u16, iterations: u16) -> Result<Guest, GuestError
 /// looks like).
 pub fn pio_writes_then_halt(port: u16, iterations: u16) -> Result<Guest, GuestError> {
     let mut p = Program::new(GUEST_SEGMENT)?;
+    let mut done = write_loop(&mut p.a, port, iterations)?;
     let a = &mut p.a;
-    let mut top = a.create_label();
-    let mut done = a.create_label();
-    a.mov(dx, u32::from(port))?;
-    a.mov(cx, u32::from(iterations))?;
-    a.xor(eax, eax)?;
-    a.jcxz(done)?;
-    a.set_label(&mut top)?;
-    a.inc(eax)?;
-    a.out(dx, eax)?;
-    a.loop_(top)?;
     // `done` is the halt loop itself (one label per instruction).
     a.set_label(&mut done)?;
     a.cli()?;

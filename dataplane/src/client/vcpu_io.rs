@@ -383,16 +383,38 @@ impl VcpuIo {
                     add(&self.stats.posted);
                     return Some(0);
                 }
-                let deadline = Instant::now() + self.timeout;
+                // Spin for the answer, driving the lane, for the spin
+                // budget; then sleep in the kernel between steps until it
+                // comes (or the request times out).
+                let start = Instant::now();
+                let deadline = start + self.timeout;
+                let spin = d.spin_budget();
                 let mut n = 0u32;
+                let mut spinning = true;
                 let a = loop {
                     if let Some(a) = self.ring.try_take(i) {
                         break Some(a);
                     }
                     d.step();
-                    n = n.wrapping_add(1);
-                    if n.is_multiple_of(1024) && Instant::now() > deadline {
-                        break None;
+                    if spinning {
+                        n = n.wrapping_add(1);
+                        if n.is_multiple_of(64) {
+                            let now = Instant::now();
+                            if now > deadline {
+                                break None;
+                            }
+                            spinning = now - start < spin;
+                        }
+                    } else {
+                        // The step may have answered it (a timeout).
+                        if let Some(a) = self.ring.try_take(i) {
+                            break Some(a);
+                        }
+                        let now = Instant::now();
+                        if now > deadline {
+                            break None;
+                        }
+                        d.sleep(deadline - now);
                     }
                 };
                 d.end();
