@@ -126,7 +126,7 @@ pub fn config_notes(base: &GateFile, new: &GateFile) -> Vec<String> {
     let (Some(b), Some(n)) = (&base.config, &new.config) else {
         return Vec::new();
     };
-    ["round_trips", "repeat", "rate", "server"]
+    ["round_trips", "repeat", "rate", "duration", "server"]
         .iter()
         .filter(|k| b.get(**k) != n.get(**k))
         .map(|k| {

@@ -253,6 +253,11 @@ struct RunArgs {
     /// intended send time (row `xdp-rtt-open`). Default: closed loop.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     rate: Option<u64>,
+    /// Open loop: run the schedule this many seconds (--rate x --duration
+    /// requests) instead of --round-trips requests, as wrk2 does. Needs
+    /// --rate.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    duration: Option<f64>,
     /// Run the server, client, irq and throughput scenarios this many
     /// times, each repetition measuring its own floors, and merge them: a
     /// row's percentiles and ratios are over the samples of every
@@ -392,6 +397,22 @@ fn plan(args: &RunArgs) -> Result<Vec<Scenario>, String> {
     if args.round_trips == 0 {
         return Err("--round-trips must be at least 1".into());
     }
+    if let (Some(d), rate) = (args.duration, args.rate) {
+        let Some(r) = rate else {
+            return Err(
+                "--duration sets how long the open loop runs (--rate x --duration requests): \
+                 give --rate too, or use --round-trips for a closed loop"
+                    .into(),
+            );
+        };
+        if r as f64 * d < 1.0 || r as f64 * d > u32::MAX as f64 {
+            return Err(format!(
+                "--rate {r} x --duration {d} is {} requests: it must be 1 to {}",
+                r as f64 * d,
+                u32::MAX
+            ));
+        }
+    }
     let scenarios = match (args.scenario.is_empty(), args.server.is_some()) {
         (true, false) => DEFAULT_SUITE.to_vec(),
         (true, true) => REMOTE_SUITE.to_vec(),
@@ -459,6 +480,26 @@ fn plan(args: &RunArgs) -> Result<Vec<Scenario>, String> {
         ));
     }
     Ok(scenarios)
+}
+
+/// The open loop's rate and number of requests, if `--rate` asks for one.
+fn open_loop(args: &RunArgs) -> Option<(u64, u32)> {
+    let rate = args.rate?;
+    let n = match args.duration {
+        Some(d) => (rate as f64 * d).round() as u32,
+        None => args.round_trips,
+    };
+    Some((rate, n))
+}
+
+/// Parses a positive number of seconds (`5`, `0.5`).
+fn parse_secs(s: &str) -> Result<f64, String> {
+    match s.trim().trim_end_matches('s').parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!(
+            "{s:?}: expected a positive number of seconds, e.g. 5 or 0.5"
+        )),
+    }
 }
 
 /// How many measurement runs `scenarios` make: one per repetition of a
@@ -566,7 +607,7 @@ fn run(args: RunArgs) -> Result<()> {
                 // One second of worker rate in all, split over the runs.
                 let rate_for = (Duration::from_secs(1) / reps).max(Duration::from_millis(100));
                 let r = repeated("server", reps, &mut notes, |n| {
-                    server::run(args.round_trips, args.rate, rate_for, n)
+                    server::run(args.round_trips, open_loop(&args), rate_for, n)
                 })?;
                 report::print_table("server", &r);
                 placement.insert("server".to_string(), server::placement());
@@ -613,6 +654,7 @@ fn run(args: RunArgs) -> Result<()> {
             iterations: args.iterations,
             round_trips: args.round_trips,
             rate: args.rate,
+            duration: args.duration,
             repeat,
             argv: std::env::args().collect(),
             env: report::dp_env(),
@@ -852,6 +894,35 @@ mod tests {
         assert_eq!(plan(&a).unwrap(), [Scenario::Irq, Scenario::Client]);
         assert!(DEFAULT_SUITE.contains(&Scenario::Irq));
         assert!(REMOTE_SUITE.iter().all(|s| s.client_side()));
+    }
+
+    /// The open loop runs --round-trips requests, or --rate x --duration;
+    /// --duration without --rate, or a product out of range, is refused.
+    #[test]
+    fn the_open_loop_runs_for_a_count_or_a_duration() {
+        let a = args(&["--scenario", "server", "--rate", "20000"]).unwrap();
+        assert_eq!(open_loop(&a), Some((20_000, 20_000)));
+        let a = args(&[
+            "--scenario",
+            "server",
+            "--rate",
+            "20000",
+            "--duration",
+            "0.5",
+        ])
+        .unwrap();
+        assert!(plan(&a).is_ok());
+        assert_eq!(open_loop(&a), Some((20_000, 10_000)));
+        let a = args(&["--scenario", "server", "--rate", "3", "--duration", "2s"]).unwrap();
+        assert_eq!(open_loop(&a), Some((3, 6)));
+        let a = args(&["--scenario", "server"]).unwrap();
+        assert_eq!(open_loop(&a), None);
+        let a = args(&["--scenario", "server", "--duration", "5"]).unwrap();
+        assert!(plan(&a).unwrap_err().contains("give --rate too"));
+        let a = args(&["--scenario", "server", "--rate", "1", "--duration", "0.1"]).unwrap();
+        assert!(plan(&a).unwrap_err().contains("must be 1 to"));
+        assert!(args(&["--duration", "0"]).is_err());
+        assert!(args(&["--duration", "soon"]).is_err());
     }
 
     /// The gate's suite parses as a run of the server scenario and the

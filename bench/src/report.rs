@@ -446,6 +446,10 @@ pub struct RunConfig {
     pub round_trips: u32,
     /// `--rate` (server's open-loop XDP round trip), requests/s.
     pub rate: Option<u64>,
+    /// `--duration` of that open loop, seconds (else `round_trips`
+    /// requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<f64>,
     /// Runs of each scenario, merged (`--repeat` or its per-scenario
     /// default).
     pub repeat: BTreeMap<String, u32>,
@@ -686,6 +690,7 @@ pub(crate) mod tests {
                 iterations: 1,
                 round_trips: 1000,
                 rate: None,
+                duration: None,
                 repeat: [("server".to_string(), 1)].into(),
                 argv: vec!["dpbench".into()],
                 env: [("DP_X".to_string(), "1".to_string())].into(),

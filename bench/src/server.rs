@@ -277,7 +277,7 @@ fn rate_of(topo: &Topology, to: SocketAddr, window: usize, duration: Duration) -
 /// three blocks.
 pub fn run(
     iters: u32,
-    rate: Option<u64>,
+    open: Option<(u64, u32)>,
     rate_for: Duration,
     notes: &mut Vec<String>,
 ) -> Result<Vec<Row>> {
@@ -298,6 +298,10 @@ pub fn run(
     };
 
     let fa = floor_block("A")?;
+    let (rate, xdp_iters) = match open {
+        None => (None, iters),
+        Some((r, n)) => (Some(r), n),
+    };
     let xdp_name = match rate {
         None => "xdp-rtt",
         Some(_) => "xdp-rtt-open",
@@ -312,10 +316,10 @@ pub fn run(
         match rate {
             None => progress(format_args!("server: {xdp_name}, {iters} round trips")),
             Some(r) => progress(format_args!(
-                "server: {xdp_name}, {iters} requests at {r}/s"
+                "server: {xdp_name}, {xdp_iters} requests at {r}/s"
             )),
         }
-        let h = rtt(&topo, to, warmup, iters, rate);
+        let h = rtt(&topo, to, warmup, xdp_iters, rate);
         srv.stop();
         h?
     };
