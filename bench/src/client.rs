@@ -137,6 +137,7 @@ pub fn run(rig: &mut Rig, iters: u32, parts: Parts, notes: &mut Vec<String>) -> 
         ("pio-sqpoll", Drain::Sqpoll),
         ("pio-direct", Drain::Direct),
         ("pio-direct-zc", Drain::DirectZc),
+        ("pio-direct-shared", Drain::DirectShared),
     ] {
         if other == drain || !parts.others {
             continue;

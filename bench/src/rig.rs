@@ -290,16 +290,20 @@ pub enum Drain {
     Sqpoll,
     /// Direct, sending with SEND_ZC from the registered buffers.
     DirectZc,
+    /// Direct on shared rings (what a kernel without DEFER_TASKRUN gets):
+    /// every answer interrupts the waiting vCPU with task work.
+    DirectShared,
 }
 
 impl Drain {
-    /// The drain `DP_DRAIN` names (`engine`, `sqpoll`, `direct-zc`;
-    /// anything else: direct).
+    /// The drain `DP_DRAIN` names (`engine`, `sqpoll`, `direct-zc`,
+    /// `direct-shared`; anything else: direct).
     pub fn from_env() -> Drain {
         match std::env::var("DP_DRAIN").as_deref() {
             Ok("engine") => Drain::Engine,
             Ok("sqpoll") => Drain::Sqpoll,
             Ok("direct-zc") => Drain::DirectZc,
+            Ok("direct-shared") => Drain::DirectShared,
             _ => Drain::Direct,
         }
     }
@@ -311,6 +315,7 @@ impl Drain {
             Drain::Direct => "direct",
             Drain::Sqpoll => "sqpoll",
             Drain::DirectZc => "direct-zc",
+            Drain::DirectShared => "direct-shared",
         }
     }
 }
@@ -682,6 +687,7 @@ impl Rig {
                 },
                 zero_copy: drain == Drain::DirectZc,
                 direct_spin: Duration::from_micros(knob("DP_DIRECT_SPIN_US", 200) as u64),
+                owned_rings: drain != Drain::DirectShared,
                 sqpoll: (drain == Drain::Sqpoll).then_some(SqPoll {
                     idle_ms: knob("DP_SQPOLL_IDLE_MS", 10),
                     cpu: std::env::var("DP_SQPOLL_CPU")

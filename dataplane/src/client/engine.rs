@@ -67,6 +67,11 @@ pub struct EngineConfig {
     /// is due): a round trip takes ~17 us on the development machine, a
     /// slow device (a disk's flush) milliseconds.
     pub direct_spin: Duration,
+    /// Give each lane's io_uring to the one thread that steps it (Linux
+    /// 6.1+, see [`Driver`]); `false` makes every ring shared, as on an
+    /// older kernel (for comparison: every answer then interrupts the
+    /// waiting vCPU).
+    pub owned_rings: bool,
 }
 
 /// io_uring's kernel submission thread, shared by the direct lanes.
@@ -90,6 +95,7 @@ impl Default for EngineConfig {
             zero_copy: false,
             sqpoll: None,
             direct_spin: Duration::from_micros(200),
+            owned_rings: true,
         }
     }
 }
@@ -478,6 +484,9 @@ fn build_ring(
         sq_owner.get_or_insert(r.as_raw_fd());
         return Ok((r, false));
     }
+    if !cfg.owned_rings {
+        return Ok((IoUring::new(RING_ENTRIES)?, false));
+    }
     let mut b = IoUring::builder();
     // Disabled until its owner thread enables it: the kernel records the
     // single issuer then.
@@ -510,7 +519,7 @@ impl Engine {
         let doorbell = Arc::new(Doorbell::new()?);
         let mut cells = Vec::new();
         let mut sq_owner: Option<libc::c_int> = None;
-        let mut all_owned = true;
+        let mut all_owned = cfg.owned_rings;
         for lane in lanes {
             let (ring, owned) = build_ring(&cfg, lane.direct, &mut sq_owner)?;
             all_owned &= owned || (lane.direct && cfg.sqpoll.is_some());
@@ -584,7 +593,8 @@ impl Engine {
     }
 
     /// Whether every lane that can be owned by one thread is (the kernel
-    /// has `IORING_SETUP_DEFER_TASKRUN`; SQPOLL lanes never are).
+    /// has `IORING_SETUP_DEFER_TASKRUN`; SQPOLL lanes never are, nor lanes
+    /// of an engine configured without [`EngineConfig::owned_rings`]).
     pub fn owned_rings(&self) -> bool {
         self.owned
     }
