@@ -11,7 +11,7 @@
 //! posted writes batch themselves under load.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -19,7 +19,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devplane_wire::{
-    Datagram, DatagramWriter, Header, IrqAction, Kind, MAX_DATAGRAM, MAX_RECORDS, RawRecord, Record,
+    Ack, Datagram, DatagramWriter, HEADER_LEN, Header, IrqAction, Kind, MAX_DATAGRAM, MAX_RECORDS,
+    RECORD_LEN, RawRecord, Record, RequestId, datagram,
 };
 use io_uring::{IoUring, opcode, squeue, types};
 use zerocopy::FromBytes;
@@ -150,6 +151,11 @@ pub struct EngineStats {
     pub irqs: AtomicU64,
     /// Interrupts for a VM not on this client (dropped).
     pub irqs_unknown_vm: AtomicU64,
+    /// Interrupts received again (a server resent a datagram whose
+    /// acknowledgement it missed): acknowledged, not applied again.
+    pub irq_duplicates: AtomicU64,
+    /// Acknowledgements of interrupt datagrams sent.
+    pub acks_sent: AtomicU64,
     /// Outgoing datagrams dropped by loss injection.
     pub loss_tx: AtomicU64,
     /// Incoming datagrams dropped by loss injection.
@@ -300,6 +306,9 @@ pub struct Lane {
     /// servers send interrupts there and not to this lane's socket; `None`:
     /// interrupts come to this lane's own sockets.
     pub irq_port: Option<u16>,
+    /// Where each server (by id) takes acknowledgements of its interrupts:
+    /// needed for a socket that is not connected to it.
+    pub servers: HashMap<u32, SocketAddr>,
 }
 
 /// Makes a direct lane's vCPU thread service its lane: kicks it out of
@@ -543,6 +552,7 @@ impl Engine {
                 ring,
                 owned,
                 lane.irq_port,
+                lane.servers,
                 lane.sockets,
                 lane.vcpus,
                 lane.injectors,
@@ -785,6 +795,12 @@ pub(crate) struct Loop {
     owned: bool,
     /// Named in every request sent ([`Lane::irq_port`]).
     irq_port: Option<u16>,
+    /// Per socket: connected to its server.
+    connected: Vec<bool>,
+    /// [`Lane::servers`].
+    servers: HashMap<u32, SocketAddr>,
+    /// The last interrupt sequence number applied, per (model, VM).
+    irq_seen: HashMap<(u32, u32), u64>,
     sockets: Vec<UdpSocket>,
     recv_bufs: Vec<Box<[u8]>>,
     vcpus: Vec<VcpuState>,
@@ -818,6 +834,7 @@ impl Loop {
         ring: IoUring,
         owned: bool,
         irq_port: Option<u16>,
+        servers: HashMap<u32, SocketAddr>,
         sockets: Vec<UdpSocket>,
         vcpus: Vec<VcpuPort>,
         injectors: HashMap<u32, Injector>,
@@ -869,6 +886,9 @@ impl Loop {
             ring,
             owned,
             irq_port,
+            connected: sockets.iter().map(|s| s.peer_addr().is_ok()).collect(),
+            servers,
+            irq_seen: HashMap::new(),
             sockets,
             recv_bufs,
             vcpus: states,
@@ -1262,7 +1282,7 @@ impl Loop {
                             // memory, which the kernel writes, stays put) so
                             // that `on_datagram` may borrow `self`.
                             let pool = std::mem::take(&mut self.recv_bufs[sock]);
-                            self.on_datagram(&pool[off..off + n]);
+                            self.on_datagram(&pool[off..off + n], sock);
                             self.recv_bufs[sock] = pool;
                             self.provide(sock, bid)?;
                         }
@@ -1289,7 +1309,37 @@ impl Loop {
         Ok(work)
     }
 
-    fn on_datagram(&mut self, bytes: &[u8]) {
+    /// Acknowledges a model's interrupts up to `id.seq` to its server,
+    /// from the socket they came to.
+    fn acknowledge(&mut self, sock: usize, model: u32, server: u32, id: RequestId) {
+        if self.chance(self.cfg.loss.tx_permille) {
+            add(&self.stats.loss_tx, 1);
+            return;
+        }
+        let mut buf = [0u8; HEADER_LEN + RECORD_LEN];
+        let header = Header::new(Kind::Ack, model, server, self.cfg.client);
+        let Ok(n) = datagram::encode(&mut buf, header, &[Record::Ack(Ack { id })]) else {
+            return;
+        };
+        let s = &self.sockets[sock];
+        let sent = if self.connected.get(sock).copied().unwrap_or(false) {
+            s.send(&buf[..n])
+        } else {
+            match self.servers.get(&server) {
+                Some(addr) => s.send_to(&buf[..n], addr),
+                None => {
+                    add(&self.stats.send_errors, 1);
+                    return;
+                }
+            }
+        };
+        match sent {
+            Ok(_) => add(&self.stats.acks_sent, 1),
+            Err(_) => add(&self.stats.send_errors, 1),
+        }
+    }
+
+    fn on_datagram(&mut self, bytes: &[u8], sock: usize) {
         if self.chance(self.cfg.loss.rx_permille) {
             add(&self.stats.loss_rx, 1);
             return;
@@ -1307,12 +1357,35 @@ impl Loop {
                 }
             }
             Kind::Interrupt => {
+                // Applied once each, in sequence order (a server resends a
+                // datagram until it is acknowledged), then acknowledged:
+                // those for a VM not here too (dropped and counted), since
+                // resending them would not help.
+                let model = d.model();
+                let mut top: Option<RequestId> = None;
                 for r in d.records() {
                     let Record::Interrupt(irq) = r else { continue };
+                    if top.is_none_or(|t| irq.seq > t.seq) {
+                        top = Some(RequestId {
+                            vm: irq.vm,
+                            hypervisor: irq.hypervisor,
+                            vcpu: 0,
+                            seq: irq.seq,
+                        });
+                    }
+                    let last = self.irq_seen.entry((model, irq.vm)).or_insert(0);
+                    if irq.seq <= *last {
+                        add(&self.stats.irq_duplicates, 1);
+                        continue;
+                    }
+                    *last = irq.seq;
                     match self.injectors.get(&irq.vm) {
                         Some(inject) if inject(irq.line, irq.action) => add(&self.stats.irqs, 1),
                         _ => add(&self.stats.irqs_unknown_vm, 1),
                     }
+                }
+                if let Some(id) = top {
+                    self.acknowledge(sock, model, d.server(), id);
                 }
             }
             _ => add(&self.stats.malformed, 1),

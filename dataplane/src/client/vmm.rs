@@ -345,6 +345,8 @@ impl Client {
             }
             Ok(out)
         };
+        let server_addrs: HashMap<u32, SocketAddr> =
+            spec.servers.iter().map(|s| (s.id, s.addr)).collect();
         let mut lanes: Vec<Lane> = Vec::new();
         let mut handles: HashMap<u32, IrqHandle> = HashMap::new();
         let mut vms = Vec::new();
@@ -531,6 +533,7 @@ impl Client {
                         injectors: HashMap::new(),
                         direct: true,
                         irq_port: None,
+                        servers: server_addrs.clone(),
                     });
                     lanes.len() - 1
                 } else {
@@ -578,6 +581,7 @@ impl Client {
                 injectors: all_injectors(),
                 direct: false,
                 irq_port: None,
+                servers: server_addrs.clone(),
             });
         }
         let mut ecfg = spec.engine;
@@ -589,6 +593,7 @@ impl Client {
                 injectors: all_injectors(),
                 direct: false,
                 irq_port: None,
+                servers: server_addrs.clone(),
             });
         }
         let engine =

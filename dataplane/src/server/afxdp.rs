@@ -293,6 +293,7 @@ pub fn run_worker(
     // Frames to transmit that the TX ring had no room for yet.
     let mut pending: Vec<XdpDesc> = Vec::with_capacity(RING_SIZE as usize);
     let mut done: Vec<u64> = Vec::with_capacity(RING_SIZE as usize);
+    let mut last_held = 0u64;
     while ctl.poll(&mut disp, &mut router, &mut cfg, &mut backoff) {
         let mut got = 0u64;
         let mut batch_start = None;
@@ -313,6 +314,10 @@ pub fn run_worker(
                         recycle.push(desc.addr);
                     }
                     Some(FrameOutcome::Recycle) => recycle.push(desc.addr),
+                    Some(FrameOutcome::Ack { model, seq }) => {
+                        router.ack(model, seq);
+                        recycle.push(desc.addr);
+                    }
                 }
             }
             rx.release();
@@ -324,20 +329,13 @@ pub fn run_worker(
             let server = cfg.server;
             let area = rings.area;
             let free = &mut rings.irq_free;
-            let sent = router.flush(&peers, |client, flow, irq| {
+            let sent = router.flush(&peers, |client, flow, irqs| {
                 let Some(addr) = free.pop() else { return false };
                 // SAFETY: the frame comes from this worker's private pool.
                 let Some(buf) = (unsafe { area.frame(addr, FRAME_SIZE as usize) }) else {
                     return false;
                 };
-                match interrupt_frame(
-                    buf,
-                    &flow,
-                    server,
-                    client,
-                    irq.model,
-                    std::slice::from_ref(irq),
-                ) {
+                match interrupt_frame(buf, &flow, server, client, irqs[0].model, irqs) {
                     Some(len) => {
                         irq_descs.push(XdpDesc {
                             addr,
@@ -353,9 +351,17 @@ pub fn run_worker(
                 }
             });
             WorkerStats::add(&stats.irqs_sent, sent as u64);
+        }
+        // Published when they change (an acknowledgement may have emptied
+        // the router since the last flush).
+        let held = router.held() as u64;
+        if held != last_held {
+            last_held = held;
+            stats.irqs_held.store(held, Ordering::Relaxed);
+            stats.irqs_resent.store(router.resent(), Ordering::Relaxed);
             stats
-                .irqs_held
-                .store(router.held() as u64, Ordering::Relaxed);
+                .irqs_dropped
+                .store(router.dropped(), Ordering::Relaxed);
         }
         // Transmit replies and interrupts in one batch, one wake-up. A
         // reservation stops at the ring's wrap point, so a batch that

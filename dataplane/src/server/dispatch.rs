@@ -25,8 +25,19 @@ pub struct ModelSlot {
     pub mmio_base: u64,
     /// The VM its interrupts go to (and its hypervisor), if it raises any.
     pub irq_target: Option<(u32, u32)>,
-    /// Next interrupt sequence number.
+    /// The sequence number of its last interrupt.
     pub irq_seq: u64,
+}
+
+/// Where a new model's interrupt sequence numbers start: the wall clock in
+/// nanoseconds. A client drops an interrupt whose number it has seen (a
+/// retransmission); a model built again (a server restarted, a model
+/// added again) must number above its predecessor, which raised fewer than
+/// one interrupt per nanosecond. Fits a `u64` until 2262.
+pub fn first_irq_seq() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 impl ModelSlot {
@@ -37,7 +48,7 @@ impl ModelSlot {
             pio_base,
             mmio_base,
             irq_target: None,
-            irq_seq: 0,
+            irq_seq: first_irq_seq(),
         }
     }
 }
@@ -61,6 +72,9 @@ pub struct Handover {
     pub params: devplane_devmodels::registry::ModelParams,
     /// Duplicate windows of the old owner.
     windows: HashMap<(u32, u16), SeqWindow>,
+    /// Its interrupts the old owner had not had acknowledged (sent or
+    /// still queued), oldest first: the new owner sends them (again).
+    pub irqs: Vec<PendingIrq>,
 }
 
 /// An interrupt a model raised, addressed to its VM.
@@ -81,6 +95,14 @@ pub struct PendingIrq {
 /// What became of a datagram handed to [`Dispatcher::handle`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
+    /// A client acknowledged model `model`'s interrupts up to `seq` (for
+    /// the worker's [`super::irq::IrqRouter::ack`]); nothing to send.
+    Acked {
+        /// The model.
+        model: u32,
+        /// The highest interrupt sequence number acknowledged.
+        seq: u64,
+    },
     /// Answered in place: send the buffer's first `len` bytes back.
     Respond {
         /// Records applied.
@@ -213,6 +235,7 @@ impl Dispatcher {
             irq_seq: slot.irq_seq,
             params: Default::default(),
             windows: self.windows.clone(),
+            irqs: Vec::new(),
         })
     }
 
@@ -320,7 +343,23 @@ impl Dispatcher {
             Kind::Request => {}
             Kind::Ack => {
                 self.stats.acks += 1;
-                return Outcome::Consumed;
+                let Ok(d) = Datagram::parse(payload) else {
+                    return Outcome::Consumed; // unreachable: parsed above
+                };
+                let seq = d
+                    .records()
+                    .filter_map(|r| match r {
+                        Record::Ack(a) => Some(a.id.seq),
+                        _ => None,
+                    })
+                    .max();
+                return match seq {
+                    Some(seq) => Outcome::Acked {
+                        model: model_id,
+                        seq,
+                    },
+                    None => Outcome::Consumed,
+                };
             }
             Kind::Response | Kind::Interrupt => {
                 self.stats.malformed += 1;
@@ -656,7 +695,40 @@ mod tests {
             (irqs[0].vm, irqs[0].hypervisor, irqs[0].event.line),
             (3, 2, 5)
         );
-        assert_eq!((irqs[0].seq, irqs[1].seq), (1, 2));
+        // Numbered on from where the model started (the wall clock when it
+        // was built, above any predecessor's), one by one.
+        let start = d.model(42).unwrap().irq_seq - 2;
+        assert!(start >= first_irq_seq() - 60_000_000_000, "a recent start");
+        assert_eq!((irqs[0].seq, irqs[1].seq), (start + 1, start + 2));
         assert!(!d.has_irqs());
+    }
+
+    /// An acknowledgement names the model and the highest interrupt it
+    /// covers; nothing is sent back.
+    #[test]
+    fn acknowledgements_are_handed_to_the_router() {
+        let mut d = dispatcher();
+        let ack = |seq| {
+            Record::Ack(devplane_wire::Ack {
+                id: RequestId {
+                    vm: 3,
+                    hypervisor: 2,
+                    vcpu: 0,
+                    seq,
+                },
+            })
+        };
+        let mut buf = vec![0u8; 256];
+        let n = devplane_wire::datagram::encode(
+            &mut buf,
+            Header::new(Kind::Ack, 42, 1, 7),
+            &[ack(5), ack(9), ack(7)],
+        )
+        .unwrap();
+        assert_eq!(
+            d.handle(&mut buf[..n]),
+            Outcome::Acked { model: 42, seq: 9 }
+        );
+        assert_eq!(d.stats().acks, 1);
     }
 }

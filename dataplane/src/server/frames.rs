@@ -13,8 +13,16 @@ use super::irq::Peers;
 pub enum FrameOutcome {
     /// Send the (rewritten) frame back; its length is unchanged.
     Reply,
-    /// Recycle the frame (acknowledgement, malformed, not UDP/IPv4).
+    /// Recycle the frame (malformed, not for a model held here).
     Recycle,
+    /// An acknowledgement of model `model`'s interrupts up to `seq`:
+    /// recycle the frame and tell the router.
+    Ack {
+        /// The model.
+        model: u32,
+        /// The highest sequence number acknowledged.
+        seq: u64,
+    },
     /// Not a UDP/IPv4 frame at all.
     BadFrame,
 }
@@ -39,6 +47,7 @@ pub fn answer_in_place(
             irq_port,
             ..
         } => (client, vm, irq_port),
+        Outcome::Acked { model, seq } => return FrameOutcome::Ack { model, seq },
         Outcome::Consumed | Outcome::NotHere | Outcome::Malformed(_) => {
             return FrameOutcome::Recycle;
         }

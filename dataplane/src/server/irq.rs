@@ -1,6 +1,7 @@
 //! Routing device-initiated interrupts to the client that hosts each VM.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use super::dispatch::PendingIrq;
 
@@ -72,15 +73,51 @@ impl<A: Copy + PartialEq> Peers<A> {
 /// dropped (and counted) beyond this.
 pub const MAX_HELD: usize = 4096;
 
-/// Finds the client of each interrupt's VM; holds interrupts whose client
-/// has not been heard from yet.
-#[derive(Debug, Default)]
+/// Interrupts of one model per datagram at most (the wire's record limit).
+const IRQS_PER_DATAGRAM: usize = devplane_wire::MAX_RECORDS;
+
+/// An interrupt datagram sent and not acknowledged yet.
+#[derive(Debug)]
+struct Flight {
+    /// Its interrupts (one model's), in order.
+    irqs: Vec<PendingIrq>,
+    sent_at: Instant,
+    retries: u32,
+}
+
+/// Finds the client of each interrupt's VM, holds interrupts whose client
+/// has not been heard from yet, and sends each model's interrupts reliably:
+/// one datagram in flight per model (what is raised meanwhile waits and
+/// goes in the next, up to 36 at once), sent again with the same sequence
+/// numbers until the client acknowledges it, so that interrupts are neither
+/// lost nor reordered when UDP drops a datagram. The client applies each
+/// sequence number once and acknowledges what it has.
+#[derive(Debug)]
 pub struct IrqRouter {
     vm_client: HashMap<u32, u32>,
     held: VecDeque<PendingIrq>,
+    flights: HashMap<u32, Flight>,
     dropped: u64,
     unknown_vm: u64,
+    resent: u64,
+    given_up: u64,
     suspended: HashSet<u32>,
+    retransmit: Duration,
+    max_retries: u32,
+    /// Scratch: models with an interrupt kept back in this flush.
+    waiting: Vec<u32>,
+}
+
+/// Resend an unacknowledged interrupt datagram after this.
+pub const IRQ_RETRANSMIT: Duration = Duration::from_millis(2);
+/// Give an interrupt datagram up after this many resends (about 100 ms):
+/// its client is gone.
+pub const IRQ_MAX_RETRIES: u32 = 50;
+
+impl Default for IrqRouter {
+    fn default() -> Self {
+        IrqRouter::new(HashMap::new())
+    }
 }
 
 impl IrqRouter {
@@ -88,8 +125,24 @@ impl IrqRouter {
     pub fn new(vm_client: HashMap<u32, u32>) -> IrqRouter {
         IrqRouter {
             vm_client,
-            ..Default::default()
+            held: VecDeque::new(),
+            flights: HashMap::new(),
+            dropped: 0,
+            unknown_vm: 0,
+            resent: 0,
+            given_up: 0,
+            suspended: HashSet::new(),
+            retransmit: IRQ_RETRANSMIT,
+            max_retries: IRQ_MAX_RETRIES,
+            waiting: Vec::new(),
         }
+    }
+
+    /// Other retransmission settings (tests).
+    pub fn with_retransmit(mut self, after: Duration, max_retries: u32) -> IrqRouter {
+        self.retransmit = after;
+        self.max_retries = max_retries;
+        self
     }
 
     /// Holds `vm`'s interrupts (in order) until [`IrqRouter::resume`].
@@ -102,19 +155,26 @@ impl IrqRouter {
         self.suspended.remove(&vm);
     }
 
-    /// From now on `vm`'s interrupts go to `client`.
+    /// From now on `vm`'s interrupts go to `client` (those in flight too,
+    /// when they are sent again).
     pub fn migrate(&mut self, vm: u32, client: u32) {
         self.vm_client.insert(vm, client);
     }
 
-    /// Interrupts held now.
+    /// Interrupts not acknowledged yet: held, or sent and unanswered.
     pub fn held(&self) -> usize {
-        self.held.len()
+        self.held.len() + self.flights.values().map(|f| f.irqs.len()).sum::<usize>()
     }
 
-    /// Interrupts dropped: held too long, or for a VM not in the table.
+    /// Interrupts dropped: held too long, for a VM not in the table, or
+    /// given up after [`IRQ_MAX_RETRIES`] resends.
     pub fn dropped(&self) -> u64 {
-        self.dropped + self.unknown_vm
+        self.dropped + self.unknown_vm + self.given_up
+    }
+
+    /// Interrupt datagrams sent again for want of an acknowledgement.
+    pub fn resent(&self) -> u64 {
+        self.resent
     }
 
     /// Queues new interrupts behind the held ones (order is kept).
@@ -132,35 +192,133 @@ impl IrqRouter {
         }
     }
 
-    /// Sends what can be sent, in order: `send(client, addr, irq)` returns
-    /// `false` when it cannot send now (no TX space), which stops the
-    /// round. An interrupt for a client not heard from yet is kept, and so
-    /// is everything behind it for the same client.
+    /// The client acknowledged model `model`'s interrupts up to `seq`:
+    /// they are done; the model's next ones may go.
+    pub fn ack(&mut self, model: u32, seq: u64) {
+        if let Some(f) = self.flights.get_mut(&model) {
+            f.irqs.retain(|i| i.seq > seq);
+            if f.irqs.is_empty() {
+                self.flights.remove(&model);
+            }
+        }
+    }
+
+    /// Takes model `model`'s unacknowledged interrupts, oldest first, for
+    /// its new owner ([`IrqRouter::restore`]).
+    pub fn take_model(&mut self, model: u32) -> Vec<PendingIrq> {
+        let mut out = self
+            .flights
+            .remove(&model)
+            .map(|f| f.irqs)
+            .unwrap_or_default();
+        let (mine, rest): (VecDeque<_>, VecDeque<_>) =
+            self.held.drain(..).partition(|i| i.model == model);
+        self.held = rest;
+        out.extend(mine);
+        out
+    }
+
+    /// Queues a moved model's unacknowledged interrupts (from
+    /// [`IrqRouter::take_model`]); they go before any it raises here.
+    pub fn restore(&mut self, irqs: Vec<PendingIrq>) {
+        self.held.extend(irqs);
+    }
+
+    /// Sends what is due, in order: datagrams whose acknowledgement is
+    /// overdue again, then each model's held interrupts whose previous
+    /// datagram was acknowledged. `send(client, addr, irqs)` sends one
+    /// datagram of one model's interrupts and returns `false` when it
+    /// cannot now (no TX space), which stops the round. An interrupt for a
+    /// client not heard from yet, or of a suspended VM, is kept, and so is
+    /// everything behind it of the same model. Returns the interrupts sent
+    /// for the first time.
     pub fn flush<A: Copy + PartialEq>(
         &mut self,
         peers: &Peers<A>,
-        mut send: impl FnMut(u32, A, &PendingIrq) -> bool,
+        mut send: impl FnMut(u32, A, &[PendingIrq]) -> bool,
     ) -> usize {
+        let now = Instant::now();
+        let vm_client = &self.vm_client;
+        let to = |vm: u32| {
+            let c = *vm_client.get(&vm)?;
+            peers.get_vm(c, vm).map(|a| (c, *a))
+        };
+        let mut blocked = false;
+        let mut gave_up = Vec::new();
+        for (&model, f) in self.flights.iter_mut() {
+            if now.duration_since(f.sent_at) < self.retransmit {
+                continue;
+            }
+            if f.retries >= self.max_retries {
+                gave_up.push(model);
+                continue;
+            }
+            let Some((c, a)) = f.irqs.first().and_then(|i| to(i.vm)) else {
+                continue;
+            };
+            if !send(c, a, &f.irqs) {
+                blocked = true;
+                break;
+            }
+            f.retries += 1;
+            f.sent_at = now;
+            self.resent += 1;
+        }
+        for model in gave_up {
+            if let Some(f) = self.flights.remove(&model) {
+                self.given_up += f.irqs.len() as u64;
+            }
+        }
+        if blocked || self.held.is_empty() {
+            return 0;
+        }
         let mut sent = 0;
         let mut keep = VecDeque::new();
-        let mut blocked = false;
+        let mut batch: Vec<PendingIrq> = Vec::new();
+        self.waiting.clear();
         while let Some(irq) = self.held.pop_front() {
-            if self.suspended.contains(&irq.vm) {
+            let model = irq.model;
+            let target = to(irq.vm);
+            if blocked
+                || self.suspended.contains(&irq.vm)
+                || self.flights.contains_key(&model)
+                || self.waiting.contains(&model)
+                || target.is_none()
+            {
+                if !self.waiting.contains(&model) {
+                    self.waiting.push(model);
+                }
                 keep.push_back(irq);
                 continue;
             }
-            let client = self.vm_client.get(&irq.vm).copied();
-            let addr = client.and_then(|c| peers.get_vm(c, irq.vm).copied().map(|a| (c, a)));
-            match addr {
-                Some((c, a)) if !blocked => {
-                    if send(c, a, &irq) {
-                        sent += 1;
-                    } else {
-                        blocked = true;
-                        keep.push_back(irq);
+            // This model's interrupts behind it go in the same datagram.
+            batch.clear();
+            batch.push(irq);
+            let mut i = 0;
+            while i < self.held.len() && batch.len() < IRQS_PER_DATAGRAM {
+                if self.held[i].model == model {
+                    if let Some(next) = self.held.remove(i) {
+                        batch.push(next);
                     }
+                } else {
+                    i += 1;
                 }
-                _ => keep.push_back(irq),
+            }
+            let Some((c, a)) = target else { continue };
+            if send(c, a, &batch) {
+                sent += batch.len();
+                self.flights.insert(
+                    model,
+                    Flight {
+                        irqs: std::mem::take(&mut batch),
+                        sent_at: now,
+                        retries: 0,
+                    },
+                );
+            } else {
+                blocked = true;
+                self.waiting.push(model);
+                keep.extend(batch.drain(..));
             }
         }
         self.held = keep;
@@ -175,8 +333,12 @@ mod tests {
     use devplane_wire::IrqAction;
 
     fn irq(vm: u32, seq: u64) -> PendingIrq {
+        irq_of(1, vm, seq)
+    }
+
+    fn irq_of(model: u32, vm: u32, seq: u64) -> PendingIrq {
         PendingIrq {
-            model: 1,
+            model,
             vm,
             hypervisor: 1,
             event: IrqEvent {
@@ -187,52 +349,103 @@ mod tests {
         }
     }
 
+    /// Flushes, returning each datagram sent as (client, addr, seqs).
+    fn sends<A: Copy + PartialEq>(r: &mut IrqRouter, peers: &Peers<A>) -> Vec<(u32, A, Vec<u64>)> {
+        let mut out = vec![];
+        r.flush(peers, |c, a, irqs| {
+            out.push((c, a, irqs.iter().map(|i| i.seq).collect()));
+            true
+        });
+        out
+    }
+
     #[test]
     fn holds_until_client_known_then_sends_in_order() {
         let mut r = IrqRouter::new(HashMap::from([(10, 7)]));
         let mut peers: Peers<u16> = Peers::default();
         r.push([irq(10, 1), irq(10, 2), irq(99, 3)].into_iter());
         assert_eq!(r.dropped(), 1, "unknown VM not counted");
-        let mut out = vec![];
-        assert_eq!(
-            r.flush(&peers, |_, _, i| {
-                out.push(i.seq);
-                true
-            }),
-            0
-        );
+        assert!(sends(&mut r, &peers).is_empty());
         assert_eq!(r.held(), 2);
         peers.learn(7, 3, 5000);
-        assert_eq!(
-            r.flush(&peers, |c, a, i| {
-                out.push(i.seq);
-                c == 7 && a == 5000
-            }),
-            2
-        );
-        assert_eq!(out, vec![1, 2]);
+        // One model's interrupts go in one datagram, in order.
+        assert_eq!(sends(&mut r, &peers), vec![(7, 5000, vec![1, 2])]);
+        assert_eq!(r.held(), 2, "sent, not acknowledged yet");
+        r.ack(1, 2);
         assert_eq!(r.held(), 0);
+    }
+
+    /// One datagram in flight per model: what is raised meanwhile waits
+    /// for the acknowledgement, then goes together; other models are not
+    /// held up.
+    #[test]
+    fn one_datagram_in_flight_per_model() {
+        let mut r = IrqRouter::new(HashMap::from([(10, 7)]));
+        let mut peers: Peers<u16> = Peers::default();
+        peers.learn(7, 10, 1);
+        r.push([irq_of(1, 10, 1)].into_iter());
+        assert_eq!(sends(&mut r, &peers), vec![(7, 1, vec![1])]);
+        r.push([irq_of(1, 10, 2), irq_of(2, 10, 50), irq_of(1, 10, 3)].into_iter());
+        assert_eq!(sends(&mut r, &peers), vec![(7, 1, vec![50])]);
+        assert!(
+            sends(&mut r, &peers).is_empty(),
+            "model 1 waits for its ack"
+        );
+        r.ack(1, 1);
+        assert_eq!(sends(&mut r, &peers), vec![(7, 1, vec![2, 3])]);
+        // A partial acknowledgement keeps the rest in flight.
+        r.ack(1, 2);
+        assert_eq!(r.held(), 2, "seq 3 of model 1 and seq 50 of model 2");
+        r.ack(1, 3);
+        r.ack(2, 50);
+        assert_eq!(r.held(), 0);
+        // An acknowledgement of nothing in flight changes nothing.
+        r.ack(9, 1);
+        assert_eq!(r.held(), 0);
+    }
+
+    /// An unacknowledged datagram is sent again, same numbers, to where its
+    /// VM is now; after the retry limit it is given up and counted.
+    #[test]
+    fn unacknowledged_interrupts_are_resent_then_given_up() {
+        let mut r = IrqRouter::new(HashMap::from([(10, 7)])).with_retransmit(Duration::ZERO, 2);
+        let mut peers: Peers<u16> = Peers::default();
+        peers.learn(7, 10, 1);
+        r.push([irq(10, 1), irq(10, 2)].into_iter());
+        assert_eq!(sends(&mut r, &peers), vec![(7, 1, vec![1, 2])]);
+        peers.learn(7, 10, 2);
+        assert_eq!(sends(&mut r, &peers), vec![(7, 2, vec![1, 2])]);
+        assert_eq!(sends(&mut r, &peers), vec![(7, 2, vec![1, 2])]);
+        assert_eq!(r.resent(), 2);
+        assert!(sends(&mut r, &peers).is_empty(), "given up");
+        assert_eq!((r.held(), r.dropped()), (0, 2));
+        // Not yet due: not resent.
+        let mut r = IrqRouter::new(HashMap::from([(10, 7)]));
+        r.push([irq(10, 1)].into_iter());
+        assert_eq!(sends(&mut r, &peers).len(), 1);
+        assert!(sends(&mut r, &peers).is_empty());
+        assert_eq!(r.resent(), 0);
     }
 
     #[test]
     fn a_full_tx_ring_keeps_the_rest() {
         let mut r = IrqRouter::new(HashMap::from([(10, 7)]));
         let mut peers: Peers<u16> = Peers::default();
-        peers.learn(7, 3, 1);
-        r.push((1..=3).map(|s| irq(10, s)));
+        peers.learn(7, 10, 1);
+        r.push([irq_of(1, 10, 1), irq_of(2, 10, 2), irq_of(3, 10, 3)].into_iter());
         let mut budget = 1;
         let mut out = vec![];
-        r.flush(&peers, |_, _, i| {
+        r.flush(&peers, |_, _, irqs| {
             if budget == 0 {
                 return false;
             }
             budget -= 1;
-            out.push(i.seq);
+            out.extend(irqs.iter().map(|i| i.seq));
             true
         });
         assert_eq!(out, vec![1]);
-        r.flush(&peers, |_, _, i| {
-            out.push(i.seq);
+        r.flush(&peers, |_, _, irqs| {
+            out.extend(irqs.iter().map(|i| i.seq));
             true
         });
         assert_eq!(out, vec![1, 2, 3]);
@@ -244,28 +457,38 @@ mod tests {
         let mut peers: Peers<u16> = Peers::default();
         peers.learn(7, 3, 1);
         r.suspend(10);
-        r.push([irq(10, 1), irq(11, 2), irq(10, 3)].into_iter());
-        let mut out = vec![];
-        r.flush(&peers, |_, _, i| {
-            out.push((i.vm, i.seq));
-            true
-        });
-        assert_eq!(out, vec![(11, 2)], "only the running VM's interrupt goes");
+        r.push([irq_of(1, 10, 1), irq_of(2, 11, 2), irq_of(1, 10, 3)].into_iter());
+        assert_eq!(
+            sends(&mut r, &peers),
+            vec![(7, 1, vec![2])],
+            "only the running VM's"
+        );
         r.resume(10);
-        r.flush(&peers, |_, _, i| {
-            out.push((i.vm, i.seq));
-            true
-        });
-        assert_eq!(out, vec![(11, 2), (10, 1), (10, 3)]);
+        assert_eq!(sends(&mut r, &peers), vec![(7, 1, vec![1, 3])]);
+        r.ack(1, 3);
         r.migrate(10, 8);
         peers.learn(8, 3, 2);
-        r.push([irq(10, 4)].into_iter());
-        let mut to = vec![];
-        r.flush(&peers, |c, a, _| {
-            to.push((c, a));
-            true
-        });
-        assert_eq!(to, vec![(8, 2)]);
+        r.push([irq_of(1, 10, 4)].into_iter());
+        assert_eq!(sends(&mut r, &peers), vec![(8, 2, vec![4])]);
+    }
+
+    /// A moved model's unacknowledged interrupts leave with it, oldest
+    /// first, and its new owner sends them before any it raises there.
+    #[test]
+    fn a_moved_model_takes_its_unacknowledged_interrupts() {
+        let mut old = IrqRouter::new(HashMap::from([(10, 7)]));
+        let mut peers: Peers<u16> = Peers::default();
+        peers.learn(7, 10, 1);
+        old.push([irq_of(1, 10, 1), irq_of(2, 10, 9)].into_iter());
+        sends(&mut old, &peers);
+        old.push([irq_of(1, 10, 2), irq_of(1, 10, 3)].into_iter());
+        let moving = old.take_model(1);
+        assert_eq!(moving.iter().map(|i| i.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(old.held(), 1, "model 2's stays");
+        let mut new = IrqRouter::new(HashMap::from([(10, 7)]));
+        new.restore(moving);
+        new.push([irq_of(1, 10, 4)].into_iter());
+        assert_eq!(sends(&mut new, &peers), vec![(7, 1, vec![1, 2, 3, 4])]);
     }
 
     /// A client that sends from several addresses (a socket per vCPU or
@@ -277,10 +500,10 @@ mod tests {
         let mut peers: Peers<u16> = Peers::default();
         peers.learn(7, 10, 100);
         peers.learn(7, 11, 110);
-        r.push([irq(10, 1), irq(11, 2), irq(12, 3)].into_iter());
+        r.push([irq_of(1, 10, 1), irq_of(2, 11, 2), irq_of(3, 12, 3)].into_iter());
         let mut to = vec![];
-        r.flush(&peers, |c, a, i| {
-            to.push((i.vm, c, a));
+        r.flush(&peers, |c, a, irqs| {
+            to.push((irqs[0].vm, c, a));
             true
         });
         assert_eq!(to, vec![(10, 7, 100), (11, 7, 110), (12, 7, 110)]);

@@ -39,8 +39,8 @@ pub enum WorkerCmd {
     Adopt {
         /// The model.
         model: u32,
-        /// Its state.
-        handover: Handover,
+        /// Its state (boxed: it is large beside the other commands).
+        handover: Box<Handover>,
         /// The outcome.
         reply: Sender<Result<(), String>>,
     },
@@ -90,14 +90,24 @@ impl WorkerCtl {
         while let Ok(cmd) = self.cmds.try_recv() {
             match cmd {
                 WorkerCmd::Release { model, reply } => {
-                    let _ = reply.send(disp.release(model));
+                    // The model's unacknowledged interrupts go with it.
+                    let h = disp.release(model).map(|mut h| {
+                        h.irqs = router.take_model(model);
+                        h
+                    });
+                    let _ = reply.send(h);
                 }
                 WorkerCmd::Adopt {
                     model,
-                    handover,
+                    mut handover,
                     reply,
                 } => {
-                    let _ = reply.send(disp.adopt(model, handover));
+                    let irqs = std::mem::take(&mut handover.irqs);
+                    let r = disp.adopt(model, *handover);
+                    if r.is_ok() {
+                        router.restore(irqs);
+                    }
+                    let _ = reply.send(r);
                 }
                 WorkerCmd::Insert { model, slot, reply } => {
                     disp.insert(model, *slot);

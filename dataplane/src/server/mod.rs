@@ -402,7 +402,7 @@ impl Server {
             to,
             WorkerCmd::Adopt {
                 model,
-                handover,
+                handover: Box::new(handover),
                 reply: tx,
             },
         )?;

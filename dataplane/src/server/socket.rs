@@ -197,6 +197,7 @@ pub fn run_worker(
     let mut buf = vec![0u8; 2048];
     let mut irq_buf = vec![0u8; devplane_wire::MAX_DATAGRAM];
     let fd = sock.as_raw_fd();
+    let mut last_held = 0u64;
     while ctl.poll(&mut disp, &mut router, &mut cfg, &mut backoff) {
         let mut got = 0u64;
         while got < cfg.batch as u64 {
@@ -211,47 +212,54 @@ pub fn run_worker(
                 WorkerStats::add(counter, 1);
                 continue;
             }
-            if let Outcome::Respond {
-                client,
-                vm,
-                irq_port,
-                ..
-            } = disp.handle(payload)
-            {
-                // Interrupts go where the client asked, at the address it
-                // sent from.
-                let mut irq_to = from;
-                if let Some(port) = irq_port {
-                    irq_to.set_port(port);
+            match disp.handle(payload) {
+                Outcome::Respond {
+                    client,
+                    vm,
+                    irq_port,
+                    ..
+                } => {
+                    // Interrupts go where the client asked, at the address
+                    // it sent from.
+                    let mut irq_to = from;
+                    if let Some(port) = irq_port {
+                        irq_to.set_port(port);
+                    }
+                    peers.learn(client, vm, irq_to);
+                    match sock.send_to(payload, from) {
+                        Ok(_) => WorkerStats::add(&stats.tx, 1),
+                        Err(_) => WorkerStats::add(&stats.tx_full, 1),
+                    }
+                    stats.service.record(t0.elapsed().as_nanos() as u64, 1);
                 }
-                peers.learn(client, vm, irq_to);
-                match sock.send_to(payload, from) {
-                    Ok(_) => WorkerStats::add(&stats.tx, 1),
-                    Err(_) => WorkerStats::add(&stats.tx_full, 1),
-                }
-                stats.service.record(t0.elapsed().as_nanos() as u64, 1);
+                Outcome::Acked { model, seq } => router.ack(model, seq),
+                _ => {}
             }
         }
         router.push(disp.drain_irqs());
         if router.held() > 0 {
             let server = cfg.server;
-            let sent = router.flush(&peers, |client, to, irq| {
-                let Some(len) = interrupt_datagram(
-                    &mut irq_buf,
-                    server,
-                    client,
-                    irq.model,
-                    std::slice::from_ref(irq),
-                ) else {
+            let sent = router.flush(&peers, |client, to, irqs| {
+                let Some(len) =
+                    interrupt_datagram(&mut irq_buf, server, client, irqs[0].model, irqs)
+                else {
                     return false;
                 };
                 sock.send_to(&irq_buf[..len], to).is_ok()
             });
             WorkerStats::add(&stats.irqs_sent, sent as u64);
             WorkerStats::add(&stats.tx, sent as u64);
+        }
+        // Published when they change (an acknowledgement may have emptied
+        // the router since the last flush).
+        let held = router.held() as u64;
+        if held != last_held {
+            last_held = held;
+            stats.irqs_held.store(held, Ordering::Relaxed);
+            stats.irqs_resent.store(router.resent(), Ordering::Relaxed);
             stats
-                .irqs_held
-                .store(router.held() as u64, Ordering::Relaxed);
+                .irqs_dropped
+                .store(router.dropped(), Ordering::Relaxed);
         }
         WorkerStats::add(&stats.rx, got);
         if got > 0 {

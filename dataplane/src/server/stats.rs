@@ -111,8 +111,14 @@ pub struct WorkerStats {
     pub irqs_raised: AtomicU64,
     /// Interrupt datagrams sent.
     pub irqs_sent: AtomicU64,
-    /// Interrupts waiting for their client's address to be known.
+    /// Interrupts not acknowledged yet: waiting for their client's address,
+    /// behind their model's datagram in flight, or sent and unanswered.
     pub irqs_held: AtomicU64,
+    /// Interrupt datagrams sent again for want of an acknowledgement.
+    pub irqs_resent: AtomicU64,
+    /// Interrupts dropped: for a VM with no client, held too long, or
+    /// given up unacknowledged after about 100 ms of resends.
+    pub irqs_dropped: AtomicU64,
     /// Frames (answers, interrupts) that found the TX ring full and waited
     /// for the next round.
     pub tx_full: AtomicU64,
@@ -155,6 +161,10 @@ pub struct WorkerSnapshot {
     pub irqs_sent: u64,
     /// See [`WorkerStats::irqs_held`].
     pub irqs_held: u64,
+    /// See [`WorkerStats::irqs_resent`].
+    pub irqs_resent: u64,
+    /// See [`WorkerStats::irqs_dropped`].
+    pub irqs_dropped: u64,
     /// See [`WorkerStats::tx_full`].
     pub tx_full: u64,
     /// See [`WorkerStats::sleeps`].
@@ -190,6 +200,8 @@ impl WorkerSnapshot {
             ("irqs_raised", self.irqs_raised),
             ("irqs_sent", self.irqs_sent),
             ("irqs_held", self.irqs_held),
+            ("irqs_resent", self.irqs_resent),
+            ("irqs_dropped", self.irqs_dropped),
             ("tx_full", self.tx_full),
             ("sleeps", self.sleeps),
             ("drop_unknown_model", self.drop_unknown_model),
@@ -241,6 +253,8 @@ impl WorkerStats {
             irqs_raised: self.irqs_raised.load(r),
             irqs_sent: self.irqs_sent.load(r),
             irqs_held: self.irqs_held.load(r),
+            irqs_resent: self.irqs_resent.load(r),
+            irqs_dropped: self.irqs_dropped.load(r),
             tx_full: self.tx_full.load(r),
             sleeps: self.sleeps.load(r),
             drop_unknown_model: self.drop_unknown_model.load(r),
