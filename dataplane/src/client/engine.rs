@@ -1,7 +1,12 @@
-//! The client engine: one thread that drains every vCPU's exit ring into
-//! io_uring sends, receives answers and interrupts with multishot receive,
-//! matches answers to their vCPU by (VM, vCPU, sequence) and wakes it,
-//! retransmits what is not answered in time, and injects interrupts.
+//! The client's wire: *lanes* (an io_uring, its sockets, the exit rings of
+//! the vCPUs it serves) that drain exit rings into io_uring sends, receive
+//! answers and interrupts with multishot receive, match answers to their
+//! vCPU by (VM, vCPU, sequence) and wake it, retransmit what is not
+//! answered in time, and inject (and acknowledge) interrupts. In engine
+//! mode one engine thread runs one lane for every vCPU; in direct mode
+//! each vCPU runs its own lane while it waits ([`Driver`]), and the engine
+//! thread runs the lane of the client's interrupt socket and watches the
+//! vCPUs' retransmission deadlines.
 //!
 //! Ordering and batching: per (vCPU, device model) at most one datagram is
 //! in flight. Requests queued behind it (posted writes, say) go out

@@ -1,5 +1,7 @@
 //! The client VMM: runs many VMs with several vCPUs each in one process,
-//! one pinned thread per vCPU, one engine thread for the wire.
+//! one pinned thread per vCPU, one engine thread for the wire (which, in
+//! direct mode, each vCPU drives itself while it waits; see
+//! [`super::engine`]).
 //!
 //! A VM either loads real-mode images (the test guests) or boots Linux
 //! ([`Client::start_linux`] with a [`LinuxBoot`]): then its one vCPU enters
