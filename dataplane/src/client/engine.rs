@@ -373,6 +373,7 @@ struct Cell {
 pub struct Driver {
     cell: Arc<Cell>,
     doorbell: Arc<Doorbell>,
+    spin: Duration,
 }
 
 impl Driver {
@@ -439,12 +440,10 @@ impl Driver {
         }
     }
 
-    /// How long the vCPU spins for an answer before it sleeps.
+    /// How long the vCPU spins for an answer before it sleeps
+    /// ([`EngineConfig::direct_spin`]).
     pub fn spin_budget(&self) -> Duration {
-        self.cell
-            .lp
-            .lock()
-            .map_or(Duration::ZERO, |l| l.cfg.direct_spin)
+        self.spin
     }
 
     /// Services the lane once (the vCPU was kicked): sends what is due,
@@ -580,6 +579,7 @@ impl Engine {
                 c.direct.then(|| Driver {
                     cell: c.clone(),
                     doorbell: doorbell.clone(),
+                    spin: cfg.direct_spin,
                 })
             })
             .collect();
@@ -1062,16 +1062,19 @@ impl Loop {
     /// When the earliest datagram in flight is due for retransmission
     /// ([`now_ns`]); 0 if none is in flight.
     fn next_due(&self) -> u64 {
-        let (now_i, now_n) = (Instant::now(), now_ns());
-        self.vcpus
+        // The earliest send; the clocks are read only when there is one
+        // (every synchronous exit ends here with nothing in flight).
+        let Some(first) = self
+            .vcpus
             .iter()
             .flat_map(|v| v.inflight.iter().flatten())
-            .map(|f| {
-                let left = (f.sent_at + self.cfg.retransmit).saturating_duration_since(now_i);
-                now_n + left.as_nanos() as u64
-            })
+            .map(|f| f.sent_at)
             .min()
-            .unwrap_or(0)
+        else {
+            return 0;
+        };
+        let left = (first + self.cfg.retransmit).saturating_duration_since(Instant::now());
+        now_ns() + left.as_nanos() as u64
     }
 
     /// One iteration: new requests out, due retransmissions out, one
@@ -1088,16 +1091,19 @@ impl Loop {
                 self.arm_recv(s)?;
             }
         }
-        let mut work = self.drain_rings()?;
+        let mut work = self.drain_rings()?.0;
         work |= self.retransmit()?;
         self.enter()?;
         if self.reap(owner)? {
             work = true;
             // An answered datagram lets the requests queued behind it go
             // now: the thread stepping may not step again soon (a vCPU
-            // about to halt in its guest).
-            self.drain_rings()?;
-            self.enter()?;
+            // about to halt in its guest). Only then: the buffers the reap
+            // gave back go with the next entry, not a system call of their
+            // own.
+            if self.drain_rings()?.1 {
+                self.enter()?;
+            }
         }
         Ok(work)
     }
@@ -1117,8 +1123,10 @@ impl Loop {
 
     /// Moves newly published requests into per-model queues and sends
     /// whatever may go.
-    fn drain_rings(&mut self) -> std::io::Result<bool> {
+    /// Returns whether it took new requests, and whether it queued a send.
+    fn drain_rings(&mut self) -> std::io::Result<(bool, bool)> {
         let mut work = false;
+        let mut sent = false;
         for v in 0..self.vcpus.len() {
             let head = self.vcpus[v].port.ring.head();
             while self.vcpus[v].tail < head {
@@ -1139,10 +1147,11 @@ impl Loop {
             for m in 0..self.vcpus[v].queued.len() {
                 if self.vcpus[v].inflight[m].is_none() && !self.vcpus[v].queued[m].is_empty() {
                     self.send_batch(v, m)?;
+                    sent = true;
                 }
             }
         }
-        Ok(work)
+        Ok((work, sent))
     }
 
     fn send_batch(&mut self, v: usize, m: usize) -> std::io::Result<()> {

@@ -97,6 +97,9 @@ pub struct IrqRouter {
     vm_client: HashMap<u32, u32>,
     held: VecDeque<PendingIrq>,
     flights: HashMap<u32, Flight>,
+    /// Interrupts in `flights`, kept so that [`IrqRouter::held`], asked on
+    /// every turn of a worker's loop, does not walk the map.
+    in_flight: usize,
     dropped: u64,
     unknown_vm: u64,
     resent: u64,
@@ -127,6 +130,7 @@ impl IrqRouter {
             vm_client,
             held: VecDeque::new(),
             flights: HashMap::new(),
+            in_flight: 0,
             dropped: 0,
             unknown_vm: 0,
             resent: 0,
@@ -163,7 +167,7 @@ impl IrqRouter {
 
     /// Interrupts not acknowledged yet: held, or sent and unanswered.
     pub fn held(&self) -> usize {
-        self.held.len() + self.flights.values().map(|f| f.irqs.len()).sum::<usize>()
+        self.held.len() + self.in_flight
     }
 
     /// Interrupts dropped: held too long, for a VM not in the table, or
@@ -196,7 +200,9 @@ impl IrqRouter {
     /// they are done; the model's next ones may go.
     pub fn ack(&mut self, model: u32, seq: u64) {
         if let Some(f) = self.flights.get_mut(&model) {
+            let before = f.irqs.len();
             f.irqs.retain(|i| i.seq > seq);
+            self.in_flight -= before - f.irqs.len();
             if f.irqs.is_empty() {
                 self.flights.remove(&model);
             }
@@ -211,6 +217,7 @@ impl IrqRouter {
             .remove(&model)
             .map(|f| f.irqs)
             .unwrap_or_default();
+        self.in_flight -= out.len();
         let (mine, rest): (VecDeque<_>, VecDeque<_>) =
             self.held.drain(..).partition(|i| i.model == model);
         self.held = rest;
@@ -267,6 +274,7 @@ impl IrqRouter {
         for model in gave_up {
             if let Some(f) = self.flights.remove(&model) {
                 self.given_up += f.irqs.len() as u64;
+                self.in_flight -= f.irqs.len();
             }
         }
         if blocked || self.held.is_empty() {
@@ -307,6 +315,7 @@ impl IrqRouter {
             let Some((c, a)) = target else { continue };
             if send(c, a, &batch) {
                 sent += batch.len();
+                self.in_flight += batch.len();
                 self.flights.insert(
                     model,
                     Flight {
