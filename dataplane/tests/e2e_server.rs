@@ -107,6 +107,10 @@ struct Requester {
     server: SocketAddr,
     seq: u64,
     client: u32,
+    /// The highest interrupt sequence number received: a datagram at or
+    /// below it is the server's resend of one whose acknowledgement was
+    /// late (a loaded machine), not a new interrupt.
+    irq_seen: std::cell::Cell<u64>,
 }
 
 impl Requester {
@@ -122,6 +126,7 @@ impl Requester {
             server: SocketAddr::from((topo.server_ip(), PORT)),
             seq: 0,
             client: CLIENT,
+            irq_seen: std::cell::Cell::new(0),
         }
     }
 
@@ -192,17 +197,84 @@ impl Requester {
     }
 
     /// Expects no datagram within `ms`.
+    /// Expects nothing but resent interrupts (acknowledged again) within
+    /// `ms`.
     fn expect_silence(&self, ms: u64) {
-        self.sock
-            .set_read_timeout(Some(Duration::from_millis(ms)))
-            .unwrap();
+        let until = std::time::Instant::now() + Duration::from_millis(ms);
         let mut buf = [0u8; 2048];
-        if let Ok((n, _)) = self.sock.recv_from(&mut buf) {
-            panic!("unexpected answer: {:?}", Datagram::parse(&buf[..n]));
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            self.sock.set_read_timeout(Some(left)).unwrap();
+            let Ok((n, _)) = self.sock.recv_from(&mut buf) else {
+                break;
+            };
+            if !self.is_resend(&self.sock, &buf[..n]) {
+                panic!("unexpected answer: {:?}", Datagram::parse(&buf[..n]));
+            }
         }
         self.sock
             .set_read_timeout(Some(Duration::from_millis(300)))
             .unwrap();
+    }
+
+    /// Whether `bytes` is an interrupt datagram the server sent again (all
+    /// its numbers already received); if so it is acknowledged again.
+    fn is_resend(&self, sock: &UdpSocket, bytes: &[u8]) -> bool {
+        let Ok(d) = Datagram::parse(bytes) else {
+            return false;
+        };
+        let resend = d.kind() == Kind::Interrupt
+            && d.records().all(|r| match r {
+                Record::Interrupt(i) => i.seq <= self.irq_seen.get(),
+                _ => false,
+            });
+        if resend {
+            self.acknowledge(sock, &d);
+        }
+        resend
+    }
+
+    /// Acknowledges interrupt datagram `d` (its highest number) from `sock`.
+    fn acknowledge(&self, sock: &UdpSocket, d: &Datagram) {
+        let Some(top) = d
+            .records()
+            .filter_map(|r| match r {
+                Record::Interrupt(i) => Some(i),
+                _ => None,
+            })
+            .max_by_key(|i| i.seq)
+        else {
+            return;
+        };
+        let ack = Record::Ack(devplane_wire::Ack {
+            id: RequestId {
+                vm: top.vm,
+                hypervisor: top.hypervisor,
+                vcpu: 0,
+                seq: top.seq,
+            },
+        });
+        let mut a = vec![0u8; 128];
+        let n = datagram::encode(
+            &mut a,
+            Header::new(Kind::Ack, d.model(), SERVER, self.client),
+            &[ack],
+        )
+        .unwrap();
+        sock.send_to(&a[..n], self.server).unwrap();
+    }
+
+    /// The next datagram on `sock` that is not a resent interrupt.
+    fn recv_fresh(&self, sock: &UdpSocket, buf: &mut [u8]) -> usize {
+        loop {
+            let (n, _) = sock.recv_from(buf).expect("nothing arrived");
+            if !self.is_resend(sock, &buf[..n]) {
+                return n;
+            }
+        }
     }
 
     fn interrupts(&self, want: usize) -> Vec<devplane_wire::Interrupt> {
@@ -216,42 +288,25 @@ impl Requester {
         let mut out: Vec<devplane_wire::Interrupt> = Vec::new();
         let mut buf = [0u8; 2048];
         while out.len() < want {
-            let (n, _) = sock.recv_from(&mut buf).expect("interrupt did not arrive");
+            let n = self.recv_fresh(sock, &mut buf);
             let d = Datagram::parse(&buf[..n]).expect("interrupt parses");
             assert_eq!(d.kind(), Kind::Interrupt);
             assert_eq!(
                 (d.model(), d.server(), d.client()),
                 (MODEL_A, SERVER, self.client)
             );
-            let mut top = None;
             for r in d.records() {
                 match r {
                     Record::Interrupt(i) => {
-                        top = Some(i);
-                        if out.last().is_none_or(|l| i.seq > l.seq) {
+                        if i.seq > self.irq_seen.get() {
+                            self.irq_seen.set(i.seq);
                             out.push(i);
                         }
                     }
                     other => panic!("{other:?}"),
                 }
             }
-            let top = top.expect("an interrupt datagram has records");
-            let ack = Record::Ack(devplane_wire::Ack {
-                id: RequestId {
-                    vm: top.vm,
-                    hypervisor: top.hypervisor,
-                    vcpu: 0,
-                    seq: top.seq,
-                },
-            });
-            let mut a = vec![0u8; 128];
-            let n = datagram::encode(
-                &mut a,
-                Header::new(Kind::Ack, MODEL_A, SERVER, self.client),
-                &[ack],
-            )
-            .unwrap();
-            sock.send_to(&a[..n], self.server).unwrap();
+            self.acknowledge(sock, &d);
         }
         out
     }
@@ -393,7 +448,7 @@ fn run(mode: Mode, tag: &str) {
     .unwrap();
     c.send_raw(&buf[..n]);
     let mut rbuf = [0u8; 2048];
-    let (m, _) = c.sock.recv_from(&mut rbuf).expect("the answer");
+    let m = c.recv_fresh(&c.sock, &mut rbuf);
     let d = Datagram::parse(&rbuf[..m]).expect("answer parses");
     assert_eq!(d.kind(), Kind::Response, "only the answer comes here");
     assert_eq!(d.irq_port(), None, "a response names no interrupt port");

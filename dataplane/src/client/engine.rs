@@ -433,10 +433,18 @@ impl Driver {
 
     /// Sleeps until something completes on the lane, a retransmission is
     /// due, or `max` passes, whichever is first (the vCPU spun its
-    /// [`EngineConfig::direct_spin`] for an answer); a step reaps it.
-    pub fn sleep(&self, max: Duration) {
+    /// [`EngineConfig::direct_spin`] for an answer); a step reaps it. It
+    /// steps the lane first, under the same hold: the request may not have
+    /// gone out yet (every step the vCPU tried while it spun may have
+    /// found the engine thread on a shared lane), and the engine may have
+    /// reaped the answer already, which `answered()` then says. Holding
+    /// the lane for the whole sleep keeps the engine off it.
+    pub fn sleep(&self, max: Duration, answered: impl Fn() -> bool) {
         if let Ok(mut l) = self.cell.lp.lock() {
-            l.block(max);
+            let _ = l.step(true);
+            if !answered() {
+                l.block(max);
+            }
         }
     }
 
@@ -1033,9 +1041,11 @@ impl Loop {
         if !self.ring.completion().is_empty() {
             return;
         }
+        // Nothing in flight: nothing to wait for but a stray answer; wake
+        // at the retransmission interval all the same, a safety net.
         let due = self.next_due();
         let wait = if due == 0 {
-            max
+            max.min(self.cfg.retransmit)
         } else {
             max.min(Duration::from_nanos(due.saturating_sub(now_ns())))
         };

@@ -140,6 +140,11 @@ impl ExitRing {
         }
     }
 
+    /// Producer: whether slot `i` has its answer (without taking it).
+    pub fn is_done(&self, i: u64) -> bool {
+        self.slot(i).state.load(Ordering::Acquire) == state::DONE
+    }
+
     /// Producer: takes the answer of slot `i` if it is there (and frees
     /// the slot).
     pub fn try_take(&self, i: u64) -> Option<(u8, u64)> {

@@ -414,7 +414,8 @@ impl VcpuIo {
                         if now > deadline {
                             break None;
                         }
-                        d.sleep(deadline - now);
+                        let ring = &self.ring;
+                        d.sleep(deadline - now, || ring.is_done(i));
                     }
                 };
                 d.end();

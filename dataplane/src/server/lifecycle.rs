@@ -66,6 +66,8 @@ pub enum WorkerCmd {
     },
     /// New polling settings.
     Tune(Tune),
+    /// Answered once every command sent before it is applied.
+    Barrier(Sender<()>),
 }
 
 /// A worker's side of the control path.
@@ -116,6 +118,9 @@ impl WorkerCtl {
                 WorkerCmd::SuspendVm(vm) => router.suspend(vm),
                 WorkerCmd::ResumeVm(vm) => router.resume(vm),
                 WorkerCmd::MigrateVm { vm, client } => router.migrate(vm, client),
+                WorkerCmd::Barrier(reply) => {
+                    let _ = reply.send(());
+                }
                 WorkerCmd::Tune(t) => {
                     cfg.spin_budget = t.spin_budget;
                     cfg.idle_sleep = t.idle_sleep;

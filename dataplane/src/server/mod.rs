@@ -350,9 +350,21 @@ impl Server {
             .map_err(|_| ServerError::Config(format!("worker {worker} has stopped")))
     }
 
+    /// Sends `cmd` to every worker and returns once each has applied it: a
+    /// request sent after this returns meets the new state (a VM's
+    /// interrupts, once `migrate_vm` returns, go to its new client).
     fn broadcast(&self, cmd: impl Fn() -> WorkerCmd) -> Result<(), ServerError> {
         for w in 0..self.cmds.len() {
             self.send(w, cmd())?;
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        for w in 0..self.cmds.len() {
+            self.send(w, WorkerCmd::Barrier(tx.clone()))?;
+        }
+        for _ in 0..self.cmds.len() {
+            rx.recv_timeout(Duration::from_secs(5)).map_err(|_| {
+                ServerError::Config("a worker did not apply the change within 5 s".into())
+            })?;
         }
         Ok(())
     }
