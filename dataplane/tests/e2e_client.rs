@@ -232,14 +232,17 @@ impl Rig {
         }
     }
 
-    fn run_spec(&self, spec: ClientSpec) -> (Vec<VcpuReport>, EngineCounts) {
-        // The client's sockets are created in its namespace; KVM and the
-        // threads do not care which namespace they run in.
-        let mut client = self
-            .topo
+    /// Starts a client VMM for `spec` in the client namespace (its
+    /// sockets are created there; KVM and the threads do not care).
+    fn start(&self, spec: ClientSpec) -> Client {
+        self.topo
             .run(Side::Client, move || Client::start(spec))
             .expect("enter client netns")
-            .expect("client starts");
+            .expect("client starts")
+    }
+
+    fn run_spec(&self, spec: ClientSpec) -> (Vec<VcpuReport>, EngineCounts) {
+        let mut client = self.start(spec);
         let reports = client.wait(Duration::from_secs(60));
         // Let datagrams already on their way (interrupts sent just before
         // the last answer) reach the engine.
@@ -426,10 +429,7 @@ fn interrupts_reach_the_vmm_of_their_vm_when_a_client_runs_several() {
     let chain = || irq_chain(want);
     let start = |vm_spec: VmSpec, direct: bool| {
         let spec = rig.spec(vec![vm_spec], Loss::default(), direct, false);
-        rig.topo
-            .run(Side::Client, move || Client::start(spec))
-            .expect("enter client netns")
-            .expect("client starts")
+        rig.start(spec)
     };
     let mut a = start(
         vm(1, &[chain()], vec![pio(IRQ_BASE, 0x20, IRQ_MODEL, false)]),
@@ -469,11 +469,7 @@ fn direct_mode_round_trips_leave_the_engine_asleep() {
         true,
         false,
     );
-    let mut client = rig
-        .topo
-        .run(Side::Client, move || Client::start(spec))
-        .expect("enter client netns")
-        .expect("client starts");
+    let mut client = rig.start(spec);
     let reports = client.wait(Duration::from_secs(60));
     assert_eq!(done(&reports[0]), 0, "null model reads 0");
     let remote = reports[0]
@@ -542,11 +538,7 @@ fn shared_rings_work_like_owned_ones() {
     };
     let mut spec = rig.spec(vms, loss, true, false);
     spec.engine.owned_rings = false;
-    let mut client = rig
-        .topo
-        .run(Side::Client, move || Client::start(spec))
-        .expect("enter client netns")
-        .expect("client starts");
+    let mut client = rig.start(spec);
     let reports = client.wait(Duration::from_secs(60));
     let engine = client.engine().expect("engine");
     assert!(!engine.owned_rings());
@@ -600,11 +592,7 @@ fn a_waiting_vcpu_sleeps_after_its_spin_budget() {
     );
     spec.engine.retransmit = Duration::from_millis(10);
     spec.engine.max_retries = 40;
-    let mut client = rig
-        .topo
-        .run(Side::Client, move || Client::start(spec))
-        .expect("enter client netns")
-        .expect("client starts");
+    let mut client = rig.start(spec);
     std::thread::sleep(Duration::from_millis(60));
     let before = thread_ticks("dp-vcpu-1-0").expect("the vCPU thread");
     std::thread::sleep(Duration::from_millis(300));
@@ -690,11 +678,7 @@ fn posted_writes_of_a_halted_guest_are_resent_until_applied() {
         seed: 7,
     };
     let spec = rig.spec(vms, loss, true, false);
-    let mut client = rig
-        .topo
-        .run(Side::Client, move || Client::start(spec))
-        .expect("enter client netns")
-        .expect("client starts");
+    let mut client = rig.start(spec);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut seq = 1u64 << 40;
     let mut count = None;
@@ -755,11 +739,7 @@ fn interrupts_under_loss(direct: bool, test: &str, tag: &str) {
         seed: 11,
     };
     let spec = rig.spec(vms, loss, direct, false);
-    let mut client = rig
-        .topo
-        .run(Side::Client, move || Client::start(spec))
-        .expect("enter client netns")
-        .expect("client starts");
+    let mut client = rig.start(spec);
     let reports = client.wait(Duration::from_secs(60));
     let e = client.engine().expect("engine").stats();
     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
@@ -979,11 +959,7 @@ fn a_model_moved_between_workers_under_guest_io_loses_no_write() {
         ),
     ];
     let spec = rig.spec(vms, Loss::default(), true, false);
-    let mut client = rig
-        .topo
-        .run(Side::Client, move || Client::start(spec))
-        .expect("enter client netns")
-        .expect("client starts");
+    let mut client = rig.start(spec);
     let mut moves = 0;
     for round in 0..8usize {
         std::thread::sleep(Duration::from_millis(15));
@@ -1049,11 +1025,7 @@ fn every_server_lifecycle_operation_under_guest_io_loses_no_write() {
         ),
     ];
     let spec = rig.spec(vms, Loss::default(), true, false);
-    let mut client = rig
-        .topo
-        .run(Side::Client, move || Client::start(spec))
-        .expect("enter client netns")
-        .expect("client starts");
+    let mut client = rig.start(spec);
     const EXTRA: u32 = 900;
     let pin_dir = std::path::PathBuf::from(format!(
         "/sys/fs/bpf/devplane-test-client-clife-{}",
