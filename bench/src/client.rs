@@ -31,9 +31,9 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use devplane_dataplane::client::guests;
-use devplane_dataplane::client::vmm::VmSpec;
 use devplane_devmodels::Space;
+use devplane_vmm::guests;
+use devplane_vmm::vmm::VmSpec;
 
 use crate::report::{Floor, Row, progress};
 use crate::rig::{

@@ -32,9 +32,9 @@
 use std::time::Duration;
 
 use anyhow::{Result, bail, ensure};
-use devplane_dataplane::client::guests;
 use devplane_devmodels::Space;
 use devplane_devmodels::counter::REG_IRQ;
+use devplane_vmm::guests;
 
 use crate::report::{self, Floor, Row, progress};
 use crate::rig::{

@@ -39,7 +39,7 @@ use anyhow::{Context, Result, bail};
 use aya::programs::{TestRun, TestRunOptions};
 use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use devplane_dataplane::xdp::Program;
+use devplane_server::xdp::Program;
 use devplane_wire::frame::{self, Flow};
 use devplane_wire::maps::{Config, ROUTE_LOCAL, Route};
 use devplane_wire::record::{Access, AccessSize, Request, RequestId};

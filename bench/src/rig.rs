@@ -32,15 +32,13 @@ use anyhow::{Context, Result, bail};
 use devplane_control::config::{
     ClientConfig, Mode, ModelConfig, ServerConfig, ServerSection, Tuning, VmConfig,
 };
-use devplane_dataplane::client::engine::{EngineConfig, SqPoll};
-use devplane_dataplane::client::guests::{self, Guest};
-use devplane_dataplane::client::kvm::VcpuExit;
-use devplane_dataplane::client::vmm::{
-    Client, ClientSpec, DeviceSpec, Place, ServerSpec, VcpuSpec, VmSpec,
-};
-use devplane_dataplane::server::host::ServerThread;
-use devplane_dataplane::topology::{Side, Topology};
 use devplane_devmodels::Space;
+use devplane_testkit::host::ServerThread;
+use devplane_testkit::topology::{Side, Topology};
+use devplane_vmm::engine::{EngineConfig, SqPoll};
+use devplane_vmm::guests::{self, Guest};
+use devplane_vmm::kvm::VcpuExit;
+use devplane_vmm::vmm::{Client, ClientSpec, DeviceSpec, Place, ServerSpec, VcpuSpec, VmSpec};
 use devplane_wire::{Access, AccessSize};
 
 use crate::hist::Latency;
@@ -788,7 +786,7 @@ impl Rig {
         match &self.target {
             Target::Embedded { srv: Some(s), .. } => {
                 let w = s.snapshot().workers;
-                let sum = |f: fn(&devplane_dataplane::server::stats::WorkerSnapshot) -> u64| {
+                let sum = |f: fn(&devplane_server::stats::WorkerSnapshot) -> u64| {
                     w.iter().map(f).sum::<u64>()
                 };
                 format!(

@@ -13,8 +13,8 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use devplane_dataplane::client::guests;
-use devplane_dataplane::client::kvm::{IoHandler, VcpuExit, Vm};
+use devplane_vmm::guests;
+use devplane_vmm::kvm::{IoHandler, VcpuExit, Vm};
 use devplane_wire::AccessSize;
 
 use crate::hist::Latency;

@@ -23,8 +23,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use devplane_control::config::{
     ClientConfig, Mode, ModelConfig, ServerConfig, ServerSection, Tuning, VmConfig,
 };
-use devplane_dataplane::server::host::ServerThread;
-use devplane_dataplane::topology::{Side, Topology};
+use devplane_testkit::host::ServerThread;
+use devplane_testkit::topology::{Side, Topology};
 use devplane_wire::{
     Access, AccessSize, Datagram, Header, Kind, MAX_RECORDS, Record, Request, RequestId, Status,
     datagram,

@@ -28,9 +28,9 @@
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use devplane_dataplane::client::guests;
-use devplane_dataplane::client::vmm::VmSpec;
 use devplane_devmodels::Space;
+use devplane_vmm::guests;
+use devplane_vmm::vmm::VmSpec;
 
 use crate::report::{Floor, Row, progress};
 use crate::rig::{COUNTER_BASE, Drain, Layout, Rig, counter_id, dev, histogram, vm_spec};

@@ -8,7 +8,7 @@ use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use devplane_dataplane::privilege::{self, Capability};
+use devplane_testkit::privilege::{self, Capability};
 
 /// Kills the child if the test fails before it exits.
 struct Reap(Child);

@@ -12,6 +12,7 @@ pub mod config;
 pub mod db;
 pub mod maps;
 pub mod proto;
+pub mod socket;
 
 pub use config::{ConfigError, Mode, ServerConfig};
 pub use db::{Change, Db, DbError, ServerSettings, commit_and_sync, repair, restore};

@@ -16,7 +16,7 @@
 mod program;
 
 /// On the host this crate only type-checks (for clippy); the real program is
-/// built for `bpfel-unknown-none` by `dataplane/build.rs`.
+/// built for `bpfel-unknown-none` by `dataplane/server/build.rs`.
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
 

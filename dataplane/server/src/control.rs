@@ -1,0 +1,73 @@
+//! What `devplane-server` answers on its control socket
+//! ([`devplane_control::socket`]): each [`Request`] applied to the
+//! [`Server`] on the thread that owns it.
+
+use std::time::Duration;
+
+use devplane_control::proto::{Request, Response, WorkerCounters};
+
+use crate::Server;
+use crate::lifecycle::Tune;
+
+fn done(r: Result<(), crate::ServerError>) -> Response {
+    match r {
+        Ok(()) => Response::Ok,
+        Err(e) => Response::Error {
+            message: e.to_string(),
+        },
+    }
+}
+
+/// Applies a request to the server (on its owning thread).
+pub fn handle(server: &mut Server, request: Request) -> Response {
+    match request {
+        Request::Stats => Response::Stats {
+            server: server.id(),
+            workers: server
+                .worker_stats()
+                .iter()
+                .enumerate()
+                .map(|(i, w)| WorkerCounters {
+                    worker: i,
+                    counters: w.named().map(|(k, v)| (k.to_string(), v)).collect(),
+                })
+                .collect(),
+            xdp: server
+                .xdp_stats()
+                .and_then(Result::ok)
+                .map(|s| s.nonzero().map(|(k, v)| (k.to_string(), v)).collect())
+                .unwrap_or_default(),
+        },
+        Request::MoveModel { model, worker } => done(server.move_model(model, worker)),
+        Request::AddModel { model } => done(server.add_model(model)),
+        Request::RemoveModel { model } => done(server.remove_model(model)),
+        Request::SuspendVm { vm } => done(server.suspend_vm(vm)),
+        Request::ResumeVm { vm } => done(server.resume_vm(vm)),
+        Request::MigrateVm { vm, client } => done(server.migrate_vm(vm, client)),
+        Request::Tune {
+            spin_budget,
+            idle_sleep_us,
+            batch,
+        } => {
+            let cur = server.tuning();
+            let t = Tune {
+                spin_budget: spin_budget.unwrap_or(cur.spin_budget),
+                idle_sleep: idle_sleep_us.map_or(cur.idle_sleep, Duration::from_micros),
+                batch: batch.unwrap_or(cur.batch),
+            };
+            if t.batch == 0 {
+                return Response::Error {
+                    message: "batch must be at least 1".into(),
+                };
+            }
+            done(server.tune(t))
+        }
+        Request::LaunchVm { .. } | Request::ShutdownVm { .. } | Request::ListVms => {
+            Response::Error {
+                message: "devplane-server does not run VMs: send VM launch, shutdown and \
+                          listing to devplane-client (dpctl --client-socket)"
+                    .into(),
+            }
+        }
+    }
+}

@@ -1,0 +1,469 @@
+//! The `devplane-server` binary: started from a configuration file in a
+//! server network namespace, it attaches XDP and pins its maps; Ctrl-C
+//! (SIGINT) stops it cleanly: exit status 0, XDP detached, pinned maps
+//! removed, counters printed. A bad configuration is a one-line error and
+//! exit status 2.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use devplane_testkit::privilege::{self, Capability};
+use devplane_testkit::topology::{Side, Topology};
+
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Kills the child if the test fails before it exits.
+struct ChildGuard(Option<std::process::Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn xdp_attached(topo: &Topology) -> bool {
+    let out = topo
+        .exec(Side::Server, ["ip", "link", "show", topo.server_ifname()])
+        .expect("ip link show");
+    out.contains("xdp")
+}
+
+#[test]
+fn ctrl_c_detaches_xdp_and_removes_pins() {
+    let test = "ctrl_c_detaches_xdp_and_removes_pins";
+    if !privilege::require(test, &[Capability::Root, Capability::Bpf]) {
+        return;
+    }
+    let topo = match Topology::new("bin") {
+        Ok(t) => t,
+        Err(e) => {
+            privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
+            return;
+        }
+    };
+    let pin_dir = format!("/sys/fs/bpf/devplane-test-bin-{}", std::process::id());
+    // A failed run's killed server cannot remove its pins itself.
+    let _pins = TempDir(PathBuf::from(&pin_dir));
+    let cfg = TempFile(std::env::temp_dir().join(format!("dp-server-{}.toml", std::process::id())));
+    std::fs::write(
+        &cfg.0,
+        format!(
+            r#"
+[server]
+id = 3
+interface = "{ifname}"
+workers = [0, 1]
+pin_dir = "{pin_dir}"
+
+[[clients]]
+id = 7
+address = "{client}"
+
+[[vms]]
+id = 1
+client = 7
+hypervisor = 1
+
+[[models]]
+id = 42
+kind = "counter"
+worker = 0
+"#,
+            ifname = topo.server_ifname(),
+            client = topo.client_ip(),
+        ),
+    )
+    .unwrap();
+    let sock = std::env::temp_dir().join(format!("dp-ctl-{}.sock", std::process::id()));
+    let _sock = TempFile(sock.clone());
+    let args = [
+        std::ffi::OsStr::new("--config"),
+        cfg.0.as_os_str(),
+        std::ffi::OsStr::new("--control"),
+        sock.as_os_str(),
+    ];
+    let (mut guard, _, lines) = start_server(&topo, &args, "XDP attached (Driver mode)");
+    assert!(xdp_attached(&topo), "XDP not attached");
+    for map in ["DP_ROUTES", "DP_CLIENTS", "DP_VMS", "DP_STATS", "DP_CONFIG"] {
+        assert!(
+            std::path::Path::new(&pin_dir).join(map).exists(),
+            "{map} not pinned"
+        );
+    }
+    dpctl_against(&sock);
+    let pid = guard.0.as_ref().unwrap().id() as i32;
+    // nsenter execs the server, so the pid is the server's.
+    // SAFETY: sends SIGINT to our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = guard.0.as_mut().unwrap().try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "server ignored Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    guard.0 = None;
+    assert!(status.success(), "exit status {status}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(
+        rest.iter().any(|l| l.starts_with("worker 0: rx")),
+        "no counters printed: {rest:?}"
+    );
+    assert!(!xdp_attached(&topo), "XDP still attached after Ctrl-C");
+    assert!(
+        !std::path::Path::new(&pin_dir).exists(),
+        "pinned maps left behind"
+    );
+    assert!(!sock.exists(), "control socket left behind");
+    // With the server gone, dpctl says so.
+    let out = dpctl(&sock, &["stats"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("dpctl: no server listening"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+/// The dpctl binary, built beside this test's crate.
+fn dpctl_path() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let p = dir.join("dpctl");
+    assert!(
+        p.exists(),
+        "{} not built (cargo build -p devplane-control)",
+        p.display()
+    );
+    p
+}
+
+fn dpctl(sock: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(dpctl_path())
+        .arg("--socket")
+        .arg(sock)
+        .arg("--state")
+        .arg(std::env::temp_dir().join(format!("dp-state-{}", std::process::id())))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// dpctl's daemon commands against the running server.
+fn dpctl_against(sock: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket must be owner-only");
+    let ok = |args: &[&str]| {
+        let out = dpctl(sock, args);
+        assert!(
+            out.status.success(),
+            "dpctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let fails = |args: &[&str], needle: &str| {
+        let out = dpctl(sock, args);
+        assert_eq!(out.status.code(), Some(1), "dpctl {args:?}");
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(err.starts_with("dpctl: ") && err.contains(needle), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    };
+    let table = ok(&["stats"]);
+    assert!(table.starts_with("server 3\n"), "{table}");
+    assert!(
+        table.contains("worker") && table.contains("datagrams") && table.contains("service_p99_ns"),
+        "{table}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&ok(&["--json", "stats"])).unwrap();
+    assert_eq!(v["server"], 3);
+    assert_eq!(v["workers"].as_array().unwrap().len(), 2);
+    assert!(v["workers"][0]["records"].is_u64(), "{v}");
+    assert!(v["workers"][0]["service_p99_ns"].is_u64(), "{v}");
+    assert!(v["xdp"].is_object(), "{v}");
+    let watched = ok(&["stats", "--watch", "1", "--count", "2"]);
+    assert_eq!(watched.matches("server 3").count(), 2, "{watched}");
+    assert_eq!(
+        ok(&["models", "move", "42", "--to-worker", "1"]),
+        "moved model 42 to worker 1\n"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["--json", "models", "move", "42", "--to-worker", "0"])).unwrap();
+    assert_eq!(
+        (v["model"].as_u64(), v["worker"].as_u64()),
+        (Some(42), Some(0))
+    );
+    fails(&["models", "move", "43", "--to-worker", "1"], "model 43");
+    fails(&["models", "move", "42", "--to-worker", "5"], "worker 5");
+    ok(&["vms", "suspend", "1"]);
+    ok(&["vms", "resume", "1"]);
+    fails(&["vms", "suspend", "9"], "VM 9");
+    fails(&["vms", "migrate", "1", "--client", "99"], "client 99");
+    ok(&["vms", "migrate", "1", "--client", "7"]);
+    assert_eq!(
+        ok(&["tune", "--spin-budget", "10", "--batch", "16"]),
+        "tuned\n"
+    );
+    let bad = dpctl(sock, &["tune", "--batch", "0"]);
+    assert_eq!(bad.status.code(), Some(2), "batch 0 is a usage error");
+}
+
+#[test]
+fn a_bad_configuration_is_a_one_line_error() {
+    let cfg = TempFile(std::env::temp_dir().join(format!("dp-bad-{}.toml", std::process::id())));
+    std::fs::write(
+        &cfg.0,
+        "[server]\nid = 1\nmode = \"socket\"\nworkers = [0]\n\n[[models]]\nid = 5\nkind = \"null\"\nworker = 3\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_devplane-server"))
+        .arg("--config")
+        .arg(&cfg.0)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("model 5") && err.contains("worker 3"), "{err}");
+    let missing = Command::new(env!("CARGO_BIN_EXE_devplane-server"))
+        .args(["--config", "/nonexistent/devplane.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/devplane.toml"));
+}
+
+/// Removes a directory tree when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+type Lines = std::io::Lines<BufReader<std::process::ChildStderr>>;
+
+/// Starts devplane-server in the server namespace; returns it once it has
+/// printed the line containing `ready`, with every line it printed so far
+/// and the rest of its stderr (keep it until the server exits: a closed
+/// stderr makes its last report fail).
+///
+/// nsenter --net, not `ip netns exec`: the latter also gives the child a
+/// private mount namespace with a fresh /sys, so its bpffs pins would be
+/// invisible here (and to dpctl).
+fn start_server(
+    topo: &Topology,
+    args: &[&std::ffi::OsStr],
+    ready: &str,
+) -> (ChildGuard, Vec<String>, Lines) {
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", topo.server_netns()))
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_devplane-server"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start devplane-server");
+    let mut guard = ChildGuard(Some(child));
+    let stderr = guard.0.as_mut().unwrap().stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut seen = Vec::new();
+    loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("server exited before {ready:?}: {seen:?}"))
+            .unwrap();
+        let done = line.contains(ready);
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    (guard, seen, lines)
+}
+
+fn stop_server(mut guard: ChildGuard) {
+    let pid = guard.0.as_ref().unwrap().id() as i32;
+    // SAFETY: sends SIGINT to our own child.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let status = guard.0.as_mut().unwrap().wait().unwrap();
+    guard.0 = None;
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn the_database_drives_the_maps_and_a_crash_is_repaired_at_start() {
+    use devplane_control::maps::AyaMaps;
+    let test = "the_database_drives_the_maps_and_a_crash_is_repaired_at_start";
+    if !privilege::require(test, &[Capability::Root, Capability::Bpf]) {
+        return;
+    }
+    let topo = match Topology::new("db") {
+        Ok(t) => t,
+        Err(e) => {
+            privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
+            return;
+        }
+    };
+    let pid = std::process::id();
+    let state = TempDir(std::env::temp_dir().join(format!("dp-db-state-{pid}")));
+    let pin_dir = format!("/sys/fs/bpf/devplane-test-db-{pid}");
+    let sock = std::env::temp_dir().join(format!("dp-db-{pid}.sock"));
+    // Dropped after the server guard (declared later): a failed run's
+    // killed server cannot remove them itself.
+    let _pins = TempDir(PathBuf::from(&pin_dir));
+    let _sock = TempFile(sock.clone());
+    let cfg = TempFile(std::env::temp_dir().join(format!("dp-db-{pid}.toml")));
+    std::fs::write(
+        &cfg.0,
+        format!(
+            "[server]\nid = 3\ninterface = \"{}\"\nworkers = [0]\npin_dir = \"{pin_dir}\"\n",
+            topo.server_ifname()
+        ),
+    )
+    .unwrap();
+    let o = topo.client_ip().octets();
+    let other = |last: u8| format!("{}.{}.{}.{last}", o[0], o[1], o[2]);
+    let db = |extra_env: Option<(&str, &str)>, args: &[&str]| {
+        let mut c = Command::new(dpctl_path());
+        c.arg("--state").arg(&state.0).arg("--socket").arg(&sock);
+        if let Some((k, v)) = extra_env {
+            c.env(k, v);
+        }
+        c.args(args).output().unwrap()
+    };
+    let ok = |args: &[&str]| {
+        let out = db(None, args);
+        assert!(
+            out.status.success(),
+            "dpctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let server_ip = topo.server_ip().to_string();
+    let client_ip = topo.client_ip().to_string();
+    ok(&["servers", "add", "3", "--address", &server_ip]);
+    ok(&["clients", "add", "7", "--address", &client_ip]);
+    ok(&["hypervisors", "add", "1", "--client", "7"]);
+    ok(&["vms", "add", "1", "--hypervisor", "1"]);
+    ok(&[
+        "models", "add", "42", "--kind", "counter", "--server", "3", "--worker", "0",
+    ]);
+
+    let args = [
+        cfg.0.as_os_str(),
+        std::ffi::OsStr::new("--state"),
+        state.0.as_os_str(),
+        std::ffi::OsStr::new("--control"),
+        sock.as_os_str(),
+    ];
+    let mut full = vec![std::ffi::OsStr::new("--config")];
+    full.extend_from_slice(&args);
+    let (server, _, _lines) = start_server(&topo, &full, "XDP attached");
+    let maps = AyaMaps::from_pinned(std::path::Path::new(&pin_dir)).expect("pinned maps");
+    assert!(
+        maps.client(7).unwrap().is_some(),
+        "client 7 from the database"
+    );
+    assert!(
+        maps.route(42).unwrap().is_some(),
+        "model 42 from the database"
+    );
+
+    // A change applied to the running server's maps.
+    let apply = cfg.0.to_str().unwrap();
+    ok(&[
+        "--apply-to",
+        apply,
+        "clients",
+        "add",
+        "9",
+        "--address",
+        &other(9),
+    ]);
+    assert!(maps.client(9).unwrap().is_some(), "client 9 applied live");
+    // A model added with --apply-to is instantiated by the running server
+    // (a move to its own worker succeeds only for a model it serves),
+    // routed in its maps, and dropped again on removal.
+    let not_served = db(None, &["models", "move", "43", "--to-worker", "0"]);
+    assert!(!not_served.status.success());
+    assert!(
+        String::from_utf8_lossy(&not_served.stderr).contains("not served"),
+        "{}",
+        String::from_utf8_lossy(&not_served.stderr)
+    );
+    ok(&[
+        "--apply-to",
+        apply,
+        "models",
+        "add",
+        "43",
+        "--kind",
+        "counter",
+        "--server",
+        "3",
+        "--worker",
+        "0",
+        "--pio-base",
+        "0x600",
+    ]);
+    assert!(maps.route(43).unwrap().is_some(), "model 43 routed");
+    ok(&["models", "move", "43", "--to-worker", "0"]);
+    ok(&["--apply-to", apply, "models", "remove", "43"]);
+    assert!(maps.route(43).unwrap().is_none(), "model 43 unrouted");
+    let gone = db(None, &["models", "move", "43", "--to-worker", "0"]);
+    assert!(!gone.status.success(), "model 43 still served");
+    // A crash between the database write and the map update.
+    let crashed = db(
+        Some(("DPCTL_FAULT", "after-db-write")),
+        &[
+            "--apply-to",
+            apply,
+            "clients",
+            "add",
+            "10",
+            "--address",
+            &other(10),
+        ],
+    );
+    assert_eq!(crashed.status.code(), Some(70));
+    assert!(
+        maps.client(10).unwrap().is_none(),
+        "the crash left the maps behind"
+    );
+    let status = db(None, &["--json", "status"]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["needs_repair"], true, "{v}");
+    stop_server(server);
+
+    // The next start repairs the maps from the database.
+    let (server, lines, _rest) = start_server(&topo, &full, "XDP attached");
+    assert!(
+        lines.iter().any(|l| l.contains("repairing")),
+        "no repair announced: {lines:?}"
+    );
+    let maps = AyaMaps::from_pinned(std::path::Path::new(&pin_dir)).expect("pinned maps");
+    assert!(maps.client(10).unwrap().is_some(), "client 10 repaired");
+    assert!(maps.client(9).unwrap().is_some());
+    let status = db(None, &["--json", "status"]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["needs_repair"], false, "{v}");
+    stop_server(server);
+    assert!(!std::path::Path::new(&pin_dir).exists());
+}

@@ -1,0 +1,16 @@
+//! `devplane-testkit`: the harness of devplane's tests and benchmark.
+//!
+//! It owns: the single-machine network topology ([`topology`]: namespaces,
+//! veth, cleanup of what dead test processes left), the privilege checks
+//! that turn a missing capability into a skip or, on CI, a failure
+//! ([`privilege`]), and a server running on a thread of its own inside a
+//! namespace ([`host`]).
+//!
+//! It must never be a dependency of a production crate: `devplane-server`
+//! and `devplane-vmm` take it as a dev-dependency only, `dpbench` as a
+//! dependency.
+#![deny(missing_docs)]
+
+pub mod host;
+pub mod privilege;
+pub mod topology;

@@ -1,0 +1,631 @@
+//! The client daemon's configuration file (`CLIENT.toml`).
+//!
+//! `[client]` gives the client platform's identity and how its VMs talk to
+//! servers, `[[servers]]` the servers its remote devices live on, `[[vms]]`
+//! the VMs it may launch — each with its guest (one of the test guests of
+//! [`super::super::guests`]) and its `[[vms.devices]]` map.
+//! `dataplane/vmm/examples/client.toml` is a complete, commented example.
+//!
+//! Every table rejects unknown keys. [`ClientFile::from_toml_str`] and
+//! [`ClientFile::from_file`] parse and then [`validate`](ClientFile::validate):
+//! a file that loads can build a [`ClientSpec`] for each of its VMs
+//! ([`ClientFile::client_spec`]). Every error is one line naming the
+//! offending entry.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use devplane_devmodels::Space;
+use devplane_devmodels::registry::{self, ModelParams};
+use serde::Deserialize;
+
+use crate::devmap::{DeviceMap, Mapping, Placement};
+use crate::engine::EngineConfig;
+use crate::guests::{self, Guest, GuestError};
+use crate::vmm::{ClientSpec, DeviceSpec, Place, ServerSpec, VcpuSpec, VmSpec};
+
+/// Default of `client.spin`.
+pub const DEFAULT_SPIN: u32 = 200;
+
+/// The smallest guest memory a VM gets.
+const MIN_MEM: u64 = 0x2_0000;
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientFile {
+    /// `[client]`.
+    pub client: ClientSection,
+    /// `[[servers]]`.
+    #[serde(default)]
+    pub servers: Vec<ServerEntry>,
+    /// `[[vms]]`.
+    #[serde(default)]
+    pub vms: Vec<VmEntry>,
+}
+
+/// The `[client]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientSection {
+    /// This client platform's id (nonzero; the servers know it by it).
+    pub id: u32,
+    /// Local address the VMs send from (default: any). Servers that check
+    /// clients drop requests from an address other than the registered
+    /// one.
+    #[serde(default)]
+    pub bind: Option<IpAddr>,
+    /// Spins of a vCPU waiting for an answer before it sleeps (default
+    /// [`DEFAULT_SPIN`]).
+    #[serde(default = "default_spin")]
+    pub spin: u32,
+    /// Direct mode: each vCPU drives its own io_uring and sockets while it
+    /// waits (default `true`); otherwise one engine thread per VM serves
+    /// every vCPU of that VM.
+    #[serde(default = "default_true")]
+    pub direct: bool,
+}
+
+/// A `[[servers]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerEntry {
+    /// Server platform id (nonzero, unique).
+    pub id: u32,
+    /// Its devplane UDP address, `"ip:port"`.
+    pub address: SocketAddr,
+}
+
+/// A `[[vms]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmEntry {
+    /// VM id (nonzero, unique).
+    pub id: u32,
+    /// Hypervisor id (nonzero).
+    pub hypervisor: u32,
+    /// The guest it runs.
+    pub guest: GuestEntry,
+    /// `[[vms.devices]]`: its device map.
+    #[serde(default)]
+    pub devices: Vec<DeviceEntry>,
+}
+
+/// A VM's guest: one of the test guests, with its arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum GuestEntry {
+    /// [`guests::pio_loop`]: `iterations` writes to `port`, then a read,
+    /// reported.
+    PioLoop {
+        /// The port.
+        port: u16,
+        /// Writes.
+        iterations: u16,
+    },
+    /// [`guests::pio_read_loop`]: `iterations` reads of `port`.
+    PioReadLoop {
+        /// The port.
+        port: u16,
+        /// Reads.
+        iterations: u16,
+    },
+    /// [`guests::mmio_loop`]: [`GuestEntry::PioLoop`] over MMIO at `gpa`
+    /// (below 1 MiB, outside guest memory, e.g. `0xd0000`).
+    MmioLoop {
+        /// The guest-physical address.
+        gpa: u32,
+        /// Writes.
+        iterations: u16,
+    },
+    /// [`guests::irq_counter`]: counts `want` interrupts on master-PIC
+    /// input `line`, acknowledging each on `ack_port`.
+    IrqCounter {
+        /// PIC input, 0-7.
+        line: u8,
+        /// Interrupts to wait for.
+        want: u16,
+        /// Port each count is written to.
+        ack_port: u16,
+    },
+}
+
+impl VmEntry {
+    /// Its vCPUs: every guest kind runs on one.
+    pub fn vcpus(&self) -> usize {
+        1
+    }
+}
+
+impl GuestEntry {
+    /// Assembles the guest.
+    pub fn build(&self) -> Result<Guest, GuestError> {
+        match *self {
+            GuestEntry::PioLoop { port, iterations } => guests::pio_loop(port, iterations),
+            GuestEntry::PioReadLoop { port, iterations } => guests::pio_read_loop(port, iterations),
+            GuestEntry::MmioLoop { gpa, iterations } => guests::mmio_loop(gpa, iterations),
+            GuestEntry::IrqCounter {
+                line,
+                want,
+                ack_port,
+            } => guests::irq_counter(line, want, ack_port),
+        }
+    }
+}
+
+/// Address space of a mapped device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceSpace {
+    /// Port I/O.
+    Pio,
+    /// Memory-mapped I/O.
+    Mmio,
+}
+
+impl From<DeviceSpace> for Space {
+    fn from(s: DeviceSpace) -> Space {
+        match s {
+            DeviceSpace::Pio => Space::Pio,
+            DeviceSpace::Mmio => Space::Mmio,
+        }
+    }
+}
+
+/// Where a device runs: `"local:<kind>"` or `"remote:<server id>"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum PlaceEntry {
+    /// A local model of this devmodels kind, in the vCPU threads.
+    Local(String),
+    /// On the `[[servers]]` entry with this id.
+    Remote(u32),
+}
+
+impl TryFrom<String> for PlaceEntry {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<PlaceEntry, String> {
+        let bad = || {
+            format!(
+                "place {text:?} is neither \"local:<kind>\" (e.g. \"local:counter\") nor \"remote:<server id>\" (e.g. \"remote:1\")"
+            )
+        };
+        match text.split_once(':') {
+            Some(("local", kind)) if !kind.trim().is_empty() => {
+                Ok(PlaceEntry::Local(kind.trim().to_string()))
+            }
+            Some(("remote", id)) => id.trim().parse().map(PlaceEntry::Remote).map_err(|_| bad()),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// A `[[vms.devices]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceEntry {
+    /// `"pio"` or `"mmio"`.
+    pub space: DeviceSpace,
+    /// First port or guest-physical address.
+    pub base: u64,
+    /// Ports or bytes (nonzero).
+    pub len: u64,
+    /// Device-model id (nonzero; a remote one is the server's model id).
+    pub model: u32,
+    /// Writes are posted: the vCPU does not wait for their answer
+    /// (default `false`).
+    #[serde(default)]
+    pub posted: bool,
+    /// Where it runs.
+    pub place: PlaceEntry,
+}
+
+/// Why a client configuration could not be loaded, or is inconsistent.
+/// Every message is one line naming the offending entry.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not valid TOML, a wrong type, a missing or unknown key.
+    #[error("line {line}{snippet}: {message}")]
+    Parse {
+        /// 1-based line (0 if unknown).
+        line: usize,
+        /// ` (the offending line)`, or empty.
+        snippet: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// `client.id` is 0.
+    #[error("client.id is 0: set this client platform's nonzero id")]
+    ZeroClientId,
+    /// An entry's id is 0.
+    #[error("{kind} entry #{position} has id 0: ids must be nonzero")]
+    ZeroId {
+        /// `"server"` or `"vm"`.
+        kind: &'static str,
+        /// 1-based position in its list.
+        position: usize,
+    },
+    /// Two entries of a list share an id.
+    #[error("{kind} {id} is defined twice: give each {kind} its own id")]
+    DuplicateId {
+        /// `"server"` or `"vm"`.
+        kind: &'static str,
+        /// The id.
+        id: u32,
+    },
+    /// A VM's hypervisor id is 0.
+    #[error("vm {vm}: hypervisor is 0: set its nonzero hypervisor id")]
+    ZeroHypervisor {
+        /// The VM.
+        vm: u32,
+    },
+    /// A VM's guest cannot be built with these arguments.
+    #[error("vm {vm}: guest: {source}")]
+    Guest {
+        /// The VM.
+        vm: u32,
+        /// Why.
+        source: GuestError,
+    },
+    /// A device entry is wrong.
+    #[error("vm {vm}: device #{position} (model {model}): {why}")]
+    Device {
+        /// The VM.
+        vm: u32,
+        /// 1-based position in the VM's devices.
+        position: usize,
+        /// Its model id.
+        model: u32,
+        /// What is wrong.
+        why: String,
+    },
+    /// A VM's device map is inconsistent (overlapping ranges).
+    #[error("vm {vm}: devices: {why}")]
+    DeviceMap {
+        /// The VM.
+        vm: u32,
+        /// What is wrong.
+        why: String,
+    },
+    /// No `[[vms]]` entry has this id.
+    #[error("VM {0} is not in the client configuration")]
+    UnknownVm(u32),
+}
+
+fn default_spin() -> u32 {
+    DEFAULT_SPIN
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn parse_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let (line, snippet) = match e.span() {
+        Some(span) => {
+            let start = span.start.min(text.len());
+            let before = &text[..start];
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            let snippet = text[line_start..].lines().next().unwrap_or("").trim();
+            (
+                before.matches('\n').count() + 1,
+                if snippet.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({snippet})")
+                },
+            )
+        }
+        None => (0, String::new()),
+    };
+    ConfigError::Parse {
+        line,
+        snippet,
+        message: e.message().trim().replace('\n', "; "),
+    }
+}
+
+fn check_ids(
+    kind: &'static str,
+    ids: impl Iterator<Item = u32>,
+) -> Result<BTreeSet<u32>, ConfigError> {
+    let mut seen = BTreeSet::new();
+    for (i, id) in ids.enumerate() {
+        if id == 0 {
+            return Err(ConfigError::ZeroId {
+                kind,
+                position: i + 1,
+            });
+        }
+        if !seen.insert(id) {
+            return Err(ConfigError::DuplicateId { kind, id });
+        }
+    }
+    Ok(seen)
+}
+
+impl ClientFile {
+    /// Parses and validates a configuration.
+    pub fn from_toml_str(text: &str) -> Result<ClientFile, ConfigError> {
+        let file: ClientFile = toml::from_str(text).map_err(|e| parse_error(text, &e))?;
+        file.validate()?;
+        Ok(file)
+    }
+
+    /// Reads, parses and validates a configuration file.
+    pub fn from_file(path: &Path) -> Result<ClientFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        ClientFile::from_toml_str(&text)
+    }
+
+    /// Checks that every VM can be built: ids, guests, device entries and
+    /// maps. Returns the first problem found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.client.id == 0 {
+            return Err(ConfigError::ZeroClientId);
+        }
+        let servers = check_ids("server", self.servers.iter().map(|s| s.id))?;
+        check_ids("vm", self.vms.iter().map(|v| v.id))?;
+        for vm in &self.vms {
+            if vm.hypervisor == 0 {
+                return Err(ConfigError::ZeroHypervisor { vm: vm.id });
+            }
+            vm.guest
+                .build()
+                .map_err(|source| ConfigError::Guest { vm: vm.id, source })?;
+            let mut maps = Vec::new();
+            for (i, d) in vm.devices.iter().enumerate() {
+                let bad = |why: String| ConfigError::Device {
+                    vm: vm.id,
+                    position: i + 1,
+                    model: d.model,
+                    why,
+                };
+                if d.model == 0 {
+                    return Err(bad("model is 0: device-model ids are nonzero".into()));
+                }
+                if d.len == 0 {
+                    return Err(bad("len is 0: map at least one port or byte".into()));
+                }
+                if d.space == DeviceSpace::Pio && d.base.saturating_add(d.len) > 0x1_0000 {
+                    return Err(bad(format!(
+                        "ports {:#x}+{:#x} run past 0xffff",
+                        d.base, d.len
+                    )));
+                }
+                match &d.place {
+                    PlaceEntry::Remote(s) if !servers.contains(s) => {
+                        return Err(bad(format!(
+                            "server {s} does not exist: add a [[servers]] entry with id = {s}"
+                        )));
+                    }
+                    PlaceEntry::Remote(_) => {}
+                    PlaceEntry::Local(kind) => {
+                        registry::build(kind, ModelParams::default())
+                            .map_err(|e| bad(e.to_string()))?;
+                    }
+                }
+                // The map only checks ranges; a placeholder placement will do.
+                maps.push(Mapping {
+                    space: d.space.into(),
+                    base: d.base,
+                    len: d.len,
+                    model: d.model,
+                    posted: d.posted,
+                    placement: Placement::Local(Arc::new(Mutex::new(Box::new(
+                        devplane_devmodels::null::Null,
+                    )))),
+                });
+            }
+            DeviceMap::new(maps).map_err(|e| ConfigError::DeviceMap {
+                vm: vm.id,
+                why: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The VM with this id.
+    pub fn vm(&self, id: u32) -> Option<&VmEntry> {
+        self.vms.iter().find(|v| v.id == id)
+    }
+
+    /// A [`ClientSpec`] that runs VM `id` alone, with the servers its
+    /// devices use.
+    pub fn client_spec(&self, id: u32) -> Result<ClientSpec, ConfigError> {
+        let vm = self.vm(id).ok_or(ConfigError::UnknownVm(id))?;
+        let guest = vm
+            .guest
+            .build()
+            .map_err(|source| ConfigError::Guest { vm: id, source })?;
+        let mut servers: Vec<ServerSpec> = Vec::new();
+        let mut devices = Vec::new();
+        for (i, d) in vm.devices.iter().enumerate() {
+            let place = match &d.place {
+                PlaceEntry::Local(kind) => Place::Local { kind: kind.clone() },
+                PlaceEntry::Remote(sid) => {
+                    let entry = self.servers.iter().find(|s| s.id == *sid).ok_or_else(|| {
+                        ConfigError::Device {
+                            vm: id,
+                            position: i + 1,
+                            model: d.model,
+                            why: format!("server {sid} does not exist"),
+                        }
+                    })?;
+                    let index = match servers.iter().position(|s| s.id == *sid) {
+                        Some(i) => i,
+                        None => {
+                            servers.push(ServerSpec {
+                                addr: entry.address,
+                                id: entry.id,
+                            });
+                            servers.len() - 1
+                        }
+                    };
+                    Place::Remote { server: index }
+                }
+            };
+            devices.push(DeviceSpec {
+                space: d.space.into(),
+                base: d.base,
+                len: d.len,
+                model: d.model,
+                posted: d.posted,
+                place,
+            });
+        }
+        let mem = guest.mem_end().next_multiple_of(0x1_0000).max(MIN_MEM);
+        Ok(ClientSpec {
+            client: self.client.id,
+            bind: self.client.bind,
+            servers,
+            vms: vec![VmSpec {
+                id,
+                hypervisor: vm.hypervisor,
+                mem_bytes: mem as usize,
+                images: vec![(guest.load_gpa, guest.code)],
+                vcpus: vec![VcpuSpec {
+                    entry: guest.entry,
+                    core: None,
+                }],
+                devices,
+            }],
+            engine: EngineConfig::default(),
+            engine_core: None,
+            vcpu_spin: self.client.spin,
+            samples: 0,
+            direct: self.client.direct,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../examples/client.toml");
+
+    fn err(text: &str) -> String {
+        let e = ClientFile::from_toml_str(text).unwrap_err().to_string();
+        assert_eq!(e.lines().count(), 1, "{e}");
+        e
+    }
+
+    const BASE: &str = "[client]\nid = 7\n\n[[servers]]\nid = 1\naddress = \"10.0.0.2:7700\"\n";
+
+    #[test]
+    fn the_example_loads_and_builds_every_vm() {
+        let f = ClientFile::from_toml_str(EXAMPLE).unwrap();
+        assert_eq!(f.client.id, 7);
+        assert!(f.client.direct);
+        assert!(f.vms.len() >= 2);
+        for vm in &f.vms {
+            let spec = f.client_spec(vm.id).unwrap();
+            assert_eq!(spec.vms.len(), 1);
+            assert_eq!(spec.vms[0].id, vm.id);
+            assert_eq!(spec.vms[0].vcpus.len(), 1);
+            for d in &spec.vms[0].devices {
+                if let Place::Remote { server } = d.place {
+                    assert!(server < spec.servers.len());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_and_placement() {
+        let f = ClientFile::from_toml_str(&format!(
+            "{BASE}\n[[vms]]\nid = 1\nhypervisor = 2\nguest = {{ kind = \"pio-loop\", port = 0x500, iterations = 10 }}\n\
+             [[vms.devices]]\nspace = \"pio\"\nbase = 0x500\nlen = 0x10\nmodel = 11\nplace = \"remote:1\"\n\
+             [[vms.devices]]\nspace = \"mmio\"\nbase = 0xd0000\nlen = 0x1000\nmodel = 12\nposted = true\nplace = \"local:counter\"\n"
+        ))
+        .unwrap();
+        assert_eq!(f.client.spin, DEFAULT_SPIN);
+        assert!(f.client.direct);
+        assert_eq!(f.client.bind, None);
+        let spec = f.client_spec(1).unwrap();
+        assert_eq!(spec.client, 7);
+        assert_eq!(spec.servers.len(), 1);
+        assert_eq!(spec.servers[0].addr, "10.0.0.2:7700".parse().unwrap());
+        let d = &spec.vms[0].devices;
+        assert_eq!(d[0].place, Place::Remote { server: 0 });
+        assert!(!d[0].posted);
+        assert_eq!(
+            d[1].place,
+            Place::Local {
+                kind: "counter".into()
+            }
+        );
+        assert!(d[1].posted);
+        assert!(matches!(f.client_spec(2), Err(ConfigError::UnknownVm(2))));
+    }
+
+    #[test]
+    fn errors_are_one_line_and_name_the_entry() {
+        let vm = |guest: &str, devices: &str| {
+            format!("{BASE}\n[[vms]]\nid = 3\nhypervisor = 1\nguest = {guest}\n{devices}")
+        };
+        let pio = "{ kind = \"pio-loop\", port = 0x500, iterations = 10 }";
+        let dev = |extra: &str| {
+            format!(
+                "[[vms.devices]]\nspace = \"pio\"\nbase = 0x500\nlen = 0x10\nmodel = 11\n{extra}\n"
+            )
+        };
+        let e = err(&vm(pio, &dev("place = \"remote:9\"")));
+        assert!(e.contains("vm 3") && e.contains("server 9"), "{e}");
+        let e = err(&vm(pio, &dev("place = \"somewhere\"")));
+        assert!(e.contains("local:<kind>") && e.contains("line"), "{e}");
+        let e = err(&vm(pio, &dev("place = \"local:warp-drive\"")));
+        assert!(e.contains("vm 3") && e.contains("warp-drive"), "{e}");
+        let e = err(&vm(pio, &dev("place = \"remote:1\"\ncolour = \"red\"")));
+        assert!(e.contains("colour"), "{e}");
+        let e = err(&vm(
+            "{ kind = \"pio-loop\", port = 0x500, iterations = 10, speed = 3 }",
+            "",
+        ));
+        assert!(e.contains("speed"), "{e}");
+        let e = err(&vm("{ kind = \"fork-bomb\" }", ""));
+        assert!(e.contains("fork-bomb"), "{e}");
+        let e = err(&vm(
+            "{ kind = \"irq-counter\", line = 9, want = 1, ack_port = 0x600 }",
+            "",
+        ));
+        assert!(e.contains("vm 3") && e.contains("guest"), "{e}");
+        let e = err(&vm(
+            pio,
+            &format!(
+                "{}{}",
+                dev("place = \"remote:1\""),
+                dev("place = \"local:null\"")
+            ),
+        ));
+        assert!(e.contains("vm 3") && e.contains("overlaps"), "{e}");
+        let e = err(&vm(
+            pio,
+            "[[vms.devices]]\nspace = \"pio\"\nbase = 0xfff0\nlen = 0x20\nmodel = 11\nplace = \"remote:1\"\n",
+        ));
+        assert!(e.contains("device #1") && e.contains("0xffff"), "{e}");
+        let e = err(&format!("{}{}", vm(pio, ""), vm(pio, "").replace(BASE, "")));
+        assert!(e.contains("vm 3 is defined twice"), "{e}");
+        let e = err("[client]\nid = 0\n");
+        assert!(e.contains("client.id"), "{e}");
+        let e = err("[client]\nid = 1\n[[servers]]\nid = 1\naddress = \"10.0.0.2\"\n");
+        assert!(e.contains("line"), "{e}");
+        let e = err("[client]\nid = 1\nbind = \"nowhere\"\n");
+        assert!(e.contains("line 3"), "{e}");
+    }
+}

@@ -1,0 +1,524 @@
+//! A virtio block device with the legacy virtio-pci register file (an I/O
+//! BAR), one request queue, and its disk in a `blockstore` model reached
+//! through a [`StorePort`].
+//!
+//! Requests are served synchronously in the vCPU thread that wrote
+//! `QUEUE_NOTIFY`: the guest's notify exit returns once every published
+//! request is complete, its used-ring entry written and the interrupt line
+//! pulsed.
+
+use devplane_wire::AccessSize;
+
+use super::VirtioError;
+use super::queue::{Descriptor, DmaMemory, Queue};
+use super::store::{Store, StorePort};
+
+/// Legacy register: device features (read-only, 32 bits).
+pub const REG_HOST_FEATURES: u64 = 0x00;
+/// Legacy register: features the driver accepted.
+pub const REG_GUEST_FEATURES: u64 = 0x04;
+/// Legacy register: page frame number of the selected queue's ring.
+pub const REG_QUEUE_PFN: u64 = 0x08;
+/// Legacy register: size of the selected queue (read-only, 16 bits).
+pub const REG_QUEUE_NUM: u64 = 0x0c;
+/// Legacy register: queue selector (16 bits).
+pub const REG_QUEUE_SEL: u64 = 0x0e;
+/// Legacy register: queue notify (16 bits, write-only).
+pub const REG_QUEUE_NOTIFY: u64 = 0x10;
+/// Legacy register: device status (8 bits).
+pub const REG_STATUS: u64 = 0x12;
+/// Legacy register: interrupt status (8 bits; reading clears it).
+pub const REG_ISR: u64 = 0x13;
+/// Start of the device-specific configuration (no MSI-X).
+pub const REG_CONFIG: u64 = 0x14;
+/// Size of the I/O BAR (a power of two covering the registers).
+pub const BAR_SIZE: u64 = 0x40;
+
+/// Feature: the device has a volatile write cache and honours FLUSH.
+pub const VIRTIO_BLK_F_FLUSH: u32 = 1 << 9;
+/// Feature: `seg_max` in the configuration is valid.
+pub const VIRTIO_BLK_F_SEG_MAX: u32 = 1 << 2;
+/// Data segments per request the device accepts.
+pub const SEG_MAX: u32 = 64;
+/// Entries of the request queue.
+pub const QUEUE_SIZE: u16 = 256;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+const SECTOR: u64 = 512;
+/// The serial number GET_ID returns (at most 20 bytes).
+pub const DEVICE_ID: &[u8] = b"devplane-blk";
+
+/// Counters of one block device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlkStats {
+    /// Requests completed.
+    pub requests: u64,
+    /// Of those, completed with an error status.
+    pub errors: u64,
+    /// Bytes read from the disk into the guest.
+    pub bytes_read: u64,
+    /// Bytes written from the guest to the disk.
+    pub bytes_written: u64,
+    /// Flushes.
+    pub flushes: u64,
+}
+
+/// A virtio block device.
+pub struct VirtioBlk {
+    mem: Box<dyn DmaMemory + Send>,
+    irq: Box<dyn FnMut() + Send>,
+    queue: Queue,
+    queue_sel: u16,
+    guest_features: u32,
+    status: u8,
+    isr: u8,
+    /// Disk capacity in bytes, asked of the store at first use.
+    capacity: Option<u64>,
+    stats: BlkStats,
+}
+
+impl VirtioBlk {
+    /// A device that reaches guest memory through `mem` and raises its
+    /// interrupt by calling `irq` (one edge per call).
+    pub fn new(mem: Box<dyn DmaMemory + Send>, irq: Box<dyn FnMut() + Send>) -> VirtioBlk {
+        VirtioBlk {
+            mem,
+            irq,
+            queue: Queue::new(QUEUE_SIZE),
+            queue_sel: 0,
+            guest_features: 0,
+            status: 0,
+            isr: 0,
+            capacity: None,
+            stats: BlkStats::default(),
+        }
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> BlkStats {
+        self.stats
+    }
+
+    fn host_features() -> u32 {
+        VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SEG_MAX
+    }
+
+    fn config(&mut self, port: &mut dyn StorePort) -> [u8; 24] {
+        if self.capacity.is_none() {
+            self.capacity = Store(port).capacity().ok();
+        }
+        let mut c = [0u8; 24];
+        let sectors = self.capacity.unwrap_or(0) / SECTOR;
+        c[0..8].copy_from_slice(&sectors.to_le_bytes());
+        // size_max (4 bytes at 8) is not offered; seg_max at 12.
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c
+    }
+
+    /// A register read of `size` bytes at `offset` in the I/O BAR.
+    pub fn read(&mut self, offset: u64, size: AccessSize, port: &mut dyn StorePort) -> u64 {
+        let v = match offset {
+            REG_HOST_FEATURES => u64::from(Self::host_features()),
+            REG_GUEST_FEATURES => u64::from(self.guest_features),
+            REG_QUEUE_PFN if self.queue_sel == 0 => u64::from(self.queue.pfn),
+            REG_QUEUE_NUM if self.queue_sel == 0 => u64::from(QUEUE_SIZE),
+            REG_QUEUE_PFN | REG_QUEUE_NUM => 0,
+            REG_QUEUE_SEL => u64::from(self.queue_sel),
+            REG_STATUS => u64::from(self.status),
+            REG_ISR => {
+                let v = self.isr;
+                self.isr = 0;
+                u64::from(v)
+            }
+            o if (REG_CONFIG..REG_CONFIG + 24).contains(&o) => {
+                let c = self.config(port);
+                let start = (o - REG_CONFIG) as usize;
+                let mut b = [0u8; 8];
+                for (i, slot) in b.iter_mut().enumerate().take(size.bytes()) {
+                    *slot = c.get(start + i).copied().unwrap_or(0);
+                }
+                u64::from_le_bytes(b)
+            }
+            _ => 0,
+        };
+        v & size.mask()
+    }
+
+    /// A register write of `size` bytes of `data` at `offset`.
+    pub fn write(&mut self, offset: u64, _size: AccessSize, data: u64, port: &mut dyn StorePort) {
+        match offset {
+            REG_GUEST_FEATURES => self.guest_features = data as u32 & Self::host_features(),
+            REG_QUEUE_PFN if self.queue_sel == 0 => {
+                if data == 0 {
+                    self.queue.reset();
+                } else {
+                    self.queue.pfn = data as u32;
+                }
+            }
+            REG_QUEUE_SEL => self.queue_sel = data as u16,
+            REG_QUEUE_NOTIFY if data == 0 => self.notify(port),
+            REG_STATUS => {
+                self.status = data as u8;
+                if self.status == 0 {
+                    self.reset();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn reset(&mut self) {
+        self.queue.reset();
+        self.queue_sel = 0;
+        self.guest_features = 0;
+        self.isr = 0;
+    }
+
+    /// Serves every request the driver published, then interrupts once.
+    fn notify(&mut self, port: &mut dyn StorePort) {
+        let mut served = 0;
+        loop {
+            let head = match self.queue.pop(self.mem.as_ref()) {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(e) => {
+                    eprintln!("virtio-blk: {e}; queue left until the driver resets it");
+                    break;
+                }
+            };
+            let written = match self.queue.chain(self.mem.as_ref(), head) {
+                Ok(chain) => self.serve(&chain, port),
+                Err(e) => {
+                    eprintln!("virtio-blk: {e}");
+                    self.stats.errors += 1;
+                    0
+                }
+            };
+            self.stats.requests += 1;
+            if let Err(e) = self.queue.push_used(self.mem.as_ref(), head, written) {
+                eprintln!("virtio-blk: {e}");
+                break;
+            }
+            served += 1;
+        }
+        if served > 0 {
+            self.isr |= 1;
+            (self.irq)();
+        }
+    }
+
+    /// Serves one request; returns the bytes written into guest buffers.
+    fn serve(&mut self, chain: &[Descriptor], port: &mut dyn StorePort) -> u32 {
+        let Some((status, rest)) = chain.split_last() else {
+            return 0;
+        };
+        if !status.is_write() || status.len < 1 || rest.is_empty() {
+            self.stats.errors += 1;
+            return 0;
+        }
+        let (st, written) = match self.request(&rest[0], &rest[1..], port) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("virtio-blk: {e}");
+                (S_IOERR, 0)
+            }
+        };
+        if st != S_OK {
+            self.stats.errors += 1;
+        }
+        match self.mem.write(status.addr, &[st]) {
+            Ok(()) => written + 1,
+            Err(_) => written,
+        }
+    }
+
+    fn request(
+        &mut self,
+        header: &Descriptor,
+        data: &[Descriptor],
+        port: &mut dyn StorePort,
+    ) -> Result<(u8, u32), VirtioError> {
+        if header.is_write() || header.len < 16 {
+            return Err(VirtioError::BadDescriptor("request header"));
+        }
+        let mut h = [0u8; 16];
+        self.mem.read(header.addr, &mut h)?;
+        let kind = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+        let sector = u64::from_le_bytes(h[8..16].try_into().unwrap_or_default());
+        let capacity = match self.capacity {
+            Some(c) => c,
+            None => {
+                let c = Store(port).capacity()?;
+                self.capacity = Some(c);
+                c
+            }
+        };
+        match kind {
+            T_IN | T_OUT => {
+                let want_write = kind == T_IN;
+                let mut off = sector
+                    .checked_mul(SECTOR)
+                    .ok_or(VirtioError::BadDescriptor("sector overflows"))?;
+                let mut written = 0u32;
+                for d in data {
+                    if d.is_write() != want_write {
+                        return Err(VirtioError::BadDescriptor("data buffer direction"));
+                    }
+                    let end = off.checked_add(u64::from(d.len));
+                    if end.is_none_or(|e| e > capacity) {
+                        return Ok((S_IOERR, written));
+                    }
+                    let mut buf = vec![0u8; d.len as usize];
+                    if kind == T_IN {
+                        Store(port).read(off, &mut buf)?;
+                        self.mem.write(d.addr, &buf)?;
+                        written += d.len;
+                        self.stats.bytes_read += u64::from(d.len);
+                    } else {
+                        self.mem.read(d.addr, &mut buf)?;
+                        Store(port).write(off, &buf)?;
+                        self.stats.bytes_written += u64::from(d.len);
+                    }
+                    off += u64::from(d.len);
+                }
+                Ok((S_OK, written))
+            }
+            T_FLUSH => {
+                Store(port).flush()?;
+                self.stats.flushes += 1;
+                Ok((S_OK, 0))
+            }
+            T_GET_ID => {
+                let Some(d) = data.first().filter(|d| d.is_write()) else {
+                    return Err(VirtioError::BadDescriptor("GET_ID buffer"));
+                };
+                let n = DEVICE_ID.len().min(d.len as usize);
+                self.mem.write(d.addr, &DEVICE_ID[..n])?;
+                Ok((S_OK, n as u32))
+            }
+            _ => Ok((S_UNSUPP, 0)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use devplane_devmodels::blockstore::{CTRL_BASE, CTRL_CAPACITY, CTRL_FLUSH, CTRL_WRITES};
+
+    use super::*;
+    use crate::virtio::queue::tests::{Driver, VecMem, mem};
+
+    /// An in-memory store speaking the blockstore register layout.
+    #[derive(Default)]
+    struct MemStore {
+        disk: Vec<u8>,
+        flushes: u64,
+        writes: u64,
+        drop_writes: bool,
+    }
+
+    impl StorePort for MemStore {
+        fn read(&mut self, offset: u64) -> Result<u64, VirtioError> {
+            Ok(match offset {
+                o if o == CTRL_BASE + CTRL_CAPACITY => self.disk.len() as u64,
+                o if o == CTRL_BASE + CTRL_FLUSH => self.flushes,
+                o if o == CTRL_BASE + CTRL_WRITES => self.writes,
+                o => u64::from_le_bytes(self.disk[o as usize..o as usize + 8].try_into().unwrap()),
+            })
+        }
+
+        fn write(&mut self, offset: u64, value: u64) -> Result<(), VirtioError> {
+            if offset == CTRL_BASE + CTRL_FLUSH {
+                self.flushes += 1;
+            } else if !self.drop_writes {
+                self.writes += 1;
+                self.disk[offset as usize..offset as usize + 8]
+                    .copy_from_slice(&value.to_le_bytes());
+            }
+            Ok(())
+        }
+    }
+
+    /// Shares one test memory between the device and the test driver.
+    struct Shared(Arc<Mutex<VecMem>>);
+
+    impl DmaMemory for Shared {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VirtioError> {
+            self.0.lock().unwrap().read(gpa, buf)
+        }
+        fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), VirtioError> {
+            self.0.lock().unwrap().write(gpa, bytes)
+        }
+    }
+
+    struct Rig {
+        dev: VirtioBlk,
+        mem: Arc<Mutex<VecMem>>,
+        irqs: Arc<AtomicU32>,
+        drv: Driver,
+        store: MemStore,
+    }
+
+    fn rig() -> Rig {
+        let m = Arc::new(Mutex::new(mem(4 << 20)));
+        let irqs = Arc::new(AtomicU32::new(0));
+        let i2 = irqs.clone();
+        let dev = VirtioBlk::new(
+            Box::new(Shared(m.clone())),
+            Box::new(move || {
+                i2.fetch_add(1, Ordering::SeqCst);
+            }),
+        );
+        let mut r = Rig {
+            dev,
+            mem: m,
+            irqs,
+            drv: Driver {
+                pfn: 0x100,
+                size: QUEUE_SIZE,
+                next_desc: 0,
+                avail_idx: 0,
+            },
+            store: MemStore {
+                disk: vec![0; 1 << 20],
+                ..Default::default()
+            },
+        };
+        // The Linux legacy driver's bring-up.
+        r.w(REG_STATUS, AccessSize::B1, 1 | 2);
+        let f = r.r(REG_HOST_FEATURES, AccessSize::B4);
+        r.w(REG_GUEST_FEATURES, AccessSize::B4, f);
+        r.w(REG_QUEUE_SEL, AccessSize::B2, 0);
+        assert_eq!(r.r(REG_QUEUE_NUM, AccessSize::B2), u64::from(QUEUE_SIZE));
+        r.w(REG_QUEUE_PFN, AccessSize::B4, 0x100);
+        r.w(REG_STATUS, AccessSize::B1, 1 | 2 | 4);
+        r
+    }
+
+    impl Rig {
+        fn r(&mut self, off: u64, size: AccessSize) -> u64 {
+            self.dev.read(off, size, &mut self.store)
+        }
+        fn w(&mut self, off: u64, size: AccessSize, v: u64) {
+            self.dev.write(off, size, v, &mut self.store)
+        }
+        fn put(&self, gpa: u64, b: &[u8]) {
+            self.mem.lock().unwrap().write(gpa, b).unwrap()
+        }
+        fn get(&self, gpa: u64, n: usize) -> Vec<u8> {
+            let mut b = vec![0; n];
+            self.mem.lock().unwrap().read(gpa, &mut b).unwrap();
+            b
+        }
+        /// Publishes a request and notifies; returns (status, used len).
+        fn req(&mut self, kind: u32, sector: u64, data: &[(u64, u32, bool)]) -> (u8, u32) {
+            let mut h = [0u8; 16];
+            h[..4].copy_from_slice(&kind.to_le_bytes());
+            h[8..].copy_from_slice(&sector.to_le_bytes());
+            self.put(0x20_0000, &h);
+            self.put(0x20_1000, &[0xee]);
+            let mut bufs = vec![(0x20_0000, 16, false)];
+            bufs.extend_from_slice(data);
+            bufs.push((0x20_1000, 1, true));
+            let n = self.drv.avail_idx;
+            let head = {
+                let m = self.mem.lock().unwrap();
+                self.drv.publish(&m, &bufs)
+            };
+            self.w(REG_QUEUE_NOTIFY, AccessSize::B2, 0);
+            let (idx, id, len) = {
+                let m = self.mem.lock().unwrap();
+                self.drv.used(&m, n)
+            };
+            assert_eq!(idx, n + 1);
+            assert_eq!(id, u32::from(head));
+            (self.get(0x20_1000, 1)[0], len)
+        }
+    }
+
+    #[test]
+    fn config_reports_capacity_in_sectors_and_features() {
+        let mut r = rig();
+        let lo = r.r(REG_CONFIG, AccessSize::B4);
+        let hi = r.r(REG_CONFIG + 4, AccessSize::B4);
+        assert_eq!(lo | (hi << 32), (1 << 20) / 512);
+        assert_eq!(r.r(REG_CONFIG + 12, AccessSize::B4), u64::from(SEG_MAX));
+        let f = r.r(REG_HOST_FEATURES, AccessSize::B4) as u32;
+        assert_ne!(f & VIRTIO_BLK_F_FLUSH, 0);
+        assert_eq!(r.r(REG_GUEST_FEATURES, AccessSize::B4) as u32, f);
+    }
+
+    #[test]
+    fn write_then_read_back_through_the_store() {
+        let mut r = rig();
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        r.put(0x30_0000, &data);
+        let (st, len) = r.req(T_OUT, 8, &[(0x30_0000, 4096, false)]);
+        assert_eq!((st, len), (S_OK, 1));
+        assert_eq!(&r.store.disk[4096..8192], &data[..]);
+        assert_eq!(r.irqs.load(Ordering::SeqCst), 1);
+        assert_eq!(r.r(REG_ISR, AccessSize::B1), 1);
+        assert_eq!(r.r(REG_ISR, AccessSize::B1), 0, "ISR clears on read");
+
+        let (st, len) = r.req(
+            T_IN,
+            8,
+            &[(0x40_0000 - 0x1000, 2048, true), (0x31_0000, 2048, true)],
+        );
+        assert_eq!((st, len), (S_OK, 4097));
+        assert_eq!(r.get(0x40_0000 - 0x1000, 2048), &data[..2048]);
+        assert_eq!(r.get(0x31_0000, 2048), &data[2048..]);
+        let s = r.dev.stats();
+        assert_eq!(
+            (s.requests, s.errors, s.bytes_read, s.bytes_written),
+            (2, 0, 4096, 4096)
+        );
+    }
+
+    #[test]
+    fn flush_reaches_the_store_and_get_id_answers() {
+        let mut r = rig();
+        assert_eq!(r.req(T_FLUSH, 0, &[]).0, S_OK);
+        assert_eq!(r.store.flushes, 1);
+        let (st, len) = r.req(T_GET_ID, 0, &[(0x30_0000, 20, true)]);
+        assert_eq!((st, len as usize), (S_OK, DEVICE_ID.len() + 1));
+        assert_eq!(r.get(0x30_0000, DEVICE_ID.len()), DEVICE_ID);
+    }
+
+    #[test]
+    fn bad_requests_get_error_statuses_not_panics() {
+        let mut r = rig();
+        // Beyond the end of the disk.
+        let (st, _) = r.req(T_IN, (1 << 20) / 512, &[(0x30_0000, 512, true)]);
+        assert_eq!(st, S_IOERR);
+        // Unknown request type.
+        assert_eq!(r.req(99, 0, &[]).0, S_UNSUPP);
+        // A read into a device-readable buffer.
+        assert_eq!(r.req(T_IN, 0, &[(0x30_0000, 512, false)]).0, S_IOERR);
+        // A buffer outside guest memory.
+        assert_eq!(r.req(T_OUT, 0, &[(1 << 40, 512, false)]).0, S_IOERR);
+        // Writes the store did not apply are an I/O error, not silent loss.
+        r.store.drop_writes = true;
+        r.put(0x30_0000, &[1; 512]);
+        assert_eq!(r.req(T_OUT, 0, &[(0x30_0000, 512, false)]).0, S_IOERR);
+        assert_eq!(r.dev.stats().errors, 5);
+    }
+
+    #[test]
+    fn status_zero_resets_the_queue() {
+        let mut r = rig();
+        r.w(REG_STATUS, AccessSize::B1, 0);
+        assert_eq!(r.r(REG_QUEUE_PFN, AccessSize::B4), 0);
+        assert_eq!(r.r(REG_GUEST_FEATURES, AccessSize::B4), 0);
+        assert_eq!(r.r(REG_STATUS, AccessSize::B1), 0);
+    }
+}

@@ -1,0 +1,345 @@
+//! A split virtqueue in the legacy (virtio 0.9.5) layout: descriptor table,
+//! available ring and used ring in one guest-physical area whose page frame
+//! number the driver writes to `QUEUE_PFN`.
+//!
+//! Every read of guest memory is bounds-checked by [`DmaMemory`]; a bad
+//! descriptor (out of guest memory, a chain longer than the queue) ends the
+//! request with an error instead of a panic.
+
+use std::sync::atomic::{Ordering, fence};
+
+use super::VirtioError;
+
+/// Guest memory as a device sees it: byte copies at guest-physical
+/// addresses.
+pub trait DmaMemory {
+    /// Copies guest memory at `gpa` into `buf`.
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VirtioError>;
+    /// Copies `bytes` into guest memory at `gpa`.
+    fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), VirtioError>;
+}
+
+impl DmaMemory for crate::kvm::MemHandle {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VirtioError> {
+        crate::kvm::MemHandle::read(self, gpa, buf).map_err(|_| VirtioError::Dma {
+            gpa,
+            len: buf.len(),
+        })
+    }
+
+    fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), VirtioError> {
+        crate::kvm::MemHandle::write(self, gpa, bytes).map_err(|_| VirtioError::Dma {
+            gpa,
+            len: bytes.len(),
+        })
+    }
+}
+
+/// Legacy ring alignment (the used ring starts on this boundary).
+pub const VRING_ALIGN: u64 = 4096;
+/// Descriptor flag: the chain continues at `next`.
+pub const VRING_DESC_F_NEXT: u16 = 1;
+/// Descriptor flag: the device writes this buffer.
+pub const VRING_DESC_F_WRITE: u16 = 2;
+/// Descriptor flag: indirect table (not offered, so rejected).
+pub const VRING_DESC_F_INDIRECT: u16 = 4;
+
+/// One descriptor of a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Descriptor {
+    /// Guest-physical address of the buffer.
+    pub addr: u64,
+    /// Its length.
+    pub len: u32,
+    /// `VRING_DESC_F_*`.
+    pub flags: u16,
+}
+
+impl Descriptor {
+    /// The device writes this buffer.
+    pub fn is_write(&self) -> bool {
+        self.flags & VRING_DESC_F_WRITE != 0
+    }
+}
+
+/// A split virtqueue's device side.
+#[derive(Debug, Clone, Default)]
+pub struct Queue {
+    /// Entries (a power of two); fixed by the device in the legacy layout.
+    pub size: u16,
+    /// Page frame number of the ring area (0: not set up).
+    pub pfn: u32,
+    /// The next available-ring index the device will take.
+    pub last_avail: u16,
+    /// The next used-ring index the device will fill.
+    pub next_used: u16,
+}
+
+fn u16_at(mem: &dyn DmaMemory, gpa: u64) -> Result<u16, VirtioError> {
+    let mut b = [0u8; 2];
+    mem.read(gpa, &mut b)?;
+    Ok(u16::from_le_bytes(b))
+}
+
+impl Queue {
+    /// A queue of `size` entries, not yet set up.
+    pub fn new(size: u16) -> Queue {
+        Queue {
+            size,
+            ..Default::default()
+        }
+    }
+
+    /// The driver has given the ring's location.
+    pub fn ready(&self) -> bool {
+        self.pfn != 0 && self.size != 0
+    }
+
+    /// Forgets the ring (device reset or `QUEUE_PFN` = 0).
+    pub fn reset(&mut self) {
+        self.pfn = 0;
+        self.last_avail = 0;
+        self.next_used = 0;
+    }
+
+    fn desc_table(&self) -> u64 {
+        u64::from(self.pfn) << 12
+    }
+
+    fn avail(&self) -> u64 {
+        self.desc_table() + 16 * u64::from(self.size)
+    }
+
+    fn used(&self) -> u64 {
+        let end = self.avail() + 4 + 2 * u64::from(self.size) + 2;
+        end.div_ceil(VRING_ALIGN) * VRING_ALIGN
+    }
+
+    /// Takes the head of the next available chain, if the driver published
+    /// one.
+    pub fn pop(&mut self, mem: &dyn DmaMemory) -> Result<Option<u16>, VirtioError> {
+        if !self.ready() {
+            return Ok(None);
+        }
+        let idx = u16_at(mem, self.avail() + 2)?;
+        if idx == self.last_avail {
+            return Ok(None);
+        }
+        // The ring entry is read after the index that published it.
+        fence(Ordering::Acquire);
+        let slot = u64::from(self.last_avail % self.size);
+        let head = u16_at(mem, self.avail() + 4 + 2 * slot)?;
+        self.last_avail = self.last_avail.wrapping_add(1);
+        if head >= self.size {
+            return Err(VirtioError::BadDescriptor("head index beyond the queue"));
+        }
+        Ok(Some(head))
+    }
+
+    /// The descriptors of the chain starting at `head`, in order.
+    pub fn chain(&self, mem: &dyn DmaMemory, head: u16) -> Result<Vec<Descriptor>, VirtioError> {
+        let mut out = Vec::new();
+        let mut i = head;
+        loop {
+            if out.len() >= usize::from(self.size) {
+                return Err(VirtioError::BadDescriptor("descriptor chain loops"));
+            }
+            let mut raw = [0u8; 16];
+            mem.read(self.desc_table() + 16 * u64::from(i), &mut raw)?;
+            let d = Descriptor {
+                addr: u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default()),
+                len: u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default()),
+                flags: u16::from_le_bytes([raw[12], raw[13]]),
+            };
+            if d.flags & VRING_DESC_F_INDIRECT != 0 {
+                return Err(VirtioError::BadDescriptor(
+                    "indirect descriptors not offered",
+                ));
+            }
+            let next = u16::from_le_bytes([raw[14], raw[15]]);
+            out.push(d);
+            if d.flags & VRING_DESC_F_NEXT == 0 {
+                return Ok(out);
+            }
+            if next >= self.size {
+                return Err(VirtioError::BadDescriptor("next index beyond the queue"));
+            }
+            i = next;
+        }
+    }
+
+    /// Returns chain `head` to the driver with `len` bytes written.
+    pub fn push_used(
+        &mut self,
+        mem: &dyn DmaMemory,
+        head: u16,
+        len: u32,
+    ) -> Result<(), VirtioError> {
+        let slot = u64::from(self.next_used % self.size);
+        let mut elem = [0u8; 8];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        mem.write(self.used() + 4 + 8 * slot, &elem)?;
+        self.next_used = self.next_used.wrapping_add(1);
+        // The element (and every buffer the device wrote) is visible before
+        // the index that publishes it.
+        fence(Ordering::Release);
+        mem.write(self.used() + 2, &self.next_used.to_le_bytes())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+
+    /// Flat test memory.
+    pub(crate) struct VecMem(pub RefCell<Vec<u8>>);
+
+    impl DmaMemory for VecMem {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VirtioError> {
+            let m = self.0.borrow();
+            let s = gpa as usize;
+            let src = m.get(s..s + buf.len()).ok_or(VirtioError::Dma {
+                gpa,
+                len: buf.len(),
+            })?;
+            buf.copy_from_slice(src);
+            Ok(())
+        }
+
+        fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), VirtioError> {
+            let mut m = self.0.borrow_mut();
+            let s = gpa as usize;
+            let dst = m.get_mut(s..s + bytes.len()).ok_or(VirtioError::Dma {
+                gpa,
+                len: bytes.len(),
+            })?;
+            dst.copy_from_slice(bytes);
+            Ok(())
+        }
+    }
+
+    /// A driver-side helper: lays out a legacy ring at `pfn` and publishes
+    /// chains like Linux's virtio_ring does.
+    pub(crate) struct Driver {
+        pub pfn: u32,
+        pub size: u16,
+        pub next_desc: u16,
+        pub avail_idx: u16,
+    }
+
+    impl Driver {
+        pub(crate) fn base(&self) -> u64 {
+            u64::from(self.pfn) << 12
+        }
+
+        /// Publishes a chain of (addr, len, write) buffers; returns its head.
+        pub(crate) fn publish(&mut self, mem: &VecMem, bufs: &[(u64, u32, bool)]) -> u16 {
+            let head = self.next_desc;
+            for (k, (addr, len, w)) in bufs.iter().enumerate() {
+                let i = self.next_desc;
+                self.next_desc = (self.next_desc + 1) % self.size;
+                let mut raw = [0u8; 16];
+                raw[0..8].copy_from_slice(&addr.to_le_bytes());
+                raw[8..12].copy_from_slice(&len.to_le_bytes());
+                let mut flags = if *w { VRING_DESC_F_WRITE } else { 0 };
+                if k + 1 < bufs.len() {
+                    flags |= VRING_DESC_F_NEXT;
+                }
+                raw[12..14].copy_from_slice(&flags.to_le_bytes());
+                raw[14..16].copy_from_slice(&self.next_desc.to_le_bytes());
+                mem.write(self.base() + 16 * u64::from(i), &raw).unwrap();
+            }
+            let avail = self.base() + 16 * u64::from(self.size);
+            let slot = u64::from(self.avail_idx % self.size);
+            mem.write(avail + 4 + 2 * slot, &head.to_le_bytes())
+                .unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            mem.write(avail + 2, &self.avail_idx.to_le_bytes()).unwrap();
+            head
+        }
+
+        /// The used ring's index and its element `n`.
+        pub(crate) fn used(&self, mem: &VecMem, n: u16) -> (u16, u32, u32) {
+            let q = Queue {
+                size: self.size,
+                pfn: self.pfn,
+                ..Default::default()
+            };
+            let used = q.used();
+            let idx = u16_at(mem, used + 2).unwrap();
+            let mut e = [0u8; 8];
+            mem.read(used + 4 + 8 * u64::from(n % self.size), &mut e)
+                .unwrap();
+            (
+                idx,
+                u32::from_le_bytes(e[..4].try_into().unwrap()),
+                u32::from_le_bytes(e[4..].try_into().unwrap()),
+            )
+        }
+    }
+
+    pub(crate) fn mem(bytes: usize) -> VecMem {
+        VecMem(RefCell::new(vec![0; bytes]))
+    }
+
+    #[test]
+    fn pops_chains_in_order_and_publishes_used() {
+        let m = mem(1 << 20);
+        let mut d = Driver {
+            pfn: 0x10,
+            size: 8,
+            next_desc: 0,
+            avail_idx: 0,
+        };
+        let mut q = Queue::new(8);
+        assert_eq!(q.pop(&m).unwrap(), None, "not set up yet");
+        q.pfn = 0x10;
+        assert_eq!(q.pop(&m).unwrap(), None, "nothing published");
+        let h1 = d.publish(&m, &[(0x8_0000, 16, false), (0x8_1000, 1, true)]);
+        let h2 = d.publish(&m, &[(0x9_0000, 512, true)]);
+        assert_eq!(q.pop(&m).unwrap(), Some(h1));
+        let c = q.chain(&m, h1).unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(
+            (c[0].addr, c[0].len, c[0].is_write()),
+            (0x8_0000, 16, false)
+        );
+        assert_eq!((c[1].addr, c[1].len, c[1].is_write()), (0x8_1000, 1, true));
+        assert_eq!(q.pop(&m).unwrap(), Some(h2));
+        assert_eq!(q.pop(&m).unwrap(), None);
+        q.push_used(&m, h2, 513).unwrap();
+        assert_eq!(d.used(&m, 0), (1, u32::from(h2), 513));
+    }
+
+    #[test]
+    fn a_looping_chain_is_an_error_not_a_hang() {
+        let m = mem(1 << 20);
+        let q = Queue {
+            size: 4,
+            pfn: 0x10,
+            ..Default::default()
+        };
+        // Descriptor 0 -> 1 -> 0 -> ...
+        for (i, next) in [(0u64, 1u16), (1, 0)] {
+            let mut raw = [0u8; 16];
+            raw[12..14].copy_from_slice(&VRING_DESC_F_NEXT.to_le_bytes());
+            raw[14..16].copy_from_slice(&next.to_le_bytes());
+            m.write(0x10_000 + 16 * i, &raw).unwrap();
+        }
+        assert!(matches!(q.chain(&m, 0), Err(VirtioError::BadDescriptor(_))));
+    }
+
+    #[test]
+    fn a_ring_outside_guest_memory_is_an_error() {
+        let m = mem(0x1000);
+        let mut q = Queue {
+            size: 8,
+            pfn: 0x100,
+            ..Default::default()
+        };
+        assert!(matches!(q.pop(&m), Err(VirtioError::Dma { .. })));
+    }
+}

@@ -1,0 +1,448 @@
+//! The `devplane-client` daemon driven by `dpctl vms launch|shutdown|
+//! running`: started from a generated CLIENT.toml in the client network
+//! namespace, against a real server behind XDP in the server namespace.
+//! A VM launched and shut down while another runs leaves the other's
+//! writes exactly counted; a guest that finishes by itself is reported
+//! stopped; refusals are one line with exit 1 (3 for an unknown VM);
+//! Ctrl-C stops every VM, removes the control socket and exits 0. A bad
+//! configuration is a one-line error and exit 2.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use devplane_control::config::{
+    ClientConfig, Mode, ModelConfig, ServerConfig, ServerSection, Tuning, VmConfig,
+};
+use devplane_testkit::host::ServerThread;
+use devplane_testkit::privilege::{self, Capability};
+use devplane_testkit::topology::Topology;
+use serde_json::Value;
+
+const PORT: u16 = 7702;
+const SERVER: u32 = 1;
+const CLIENT: u32 = 7;
+const HV: u32 = 2;
+/// VM 1's counter, alone on worker 0 (so worker 0 counts VM 1 exactly).
+const MODEL_1: u32 = 11;
+/// VM 2's counter, on worker 1.
+const MODEL_2: u32 = 12;
+const PIO_BASE: u16 = 0x500;
+/// Writes of each guest: long enough (seconds, in a debug build about
+/// 0.4 ms a write) for VM 2 to come and go while VM 1 runs.
+const ITERATIONS: u16 = 20000;
+
+/// Removes a directory tree when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Kills the child if the test fails before it exits.
+struct ChildGuard(Option<std::process::Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+type Lines = std::io::Lines<BufReader<std::process::ChildStderr>>;
+
+fn server_config(topo: &Topology) -> ServerConfig {
+    ServerConfig {
+        server: ServerSection {
+            id: SERVER,
+            port: PORT,
+            mode: Mode::Xdp,
+            interface: Some(topo.server_ifname().to_string()),
+            workers: vec![0, 1],
+            pin_dir: Some(
+                format!(
+                    "/sys/fs/bpf/devplane-test-client-daemon-{}",
+                    std::process::id()
+                )
+                .into(),
+            ),
+            check_clients: true,
+        },
+        tuning: Tuning {
+            spin_budget: 500,
+            idle_sleep_us: 100,
+            batch: 64,
+        },
+        clients: vec![ClientConfig {
+            id: CLIENT,
+            address: topo.client_ip(),
+        }],
+        vms: [1, 2]
+            .map(|id| VmConfig {
+                id,
+                client: CLIENT,
+                hypervisor: HV,
+            })
+            .to_vec(),
+        models: vec![
+            ModelConfig {
+                pio_base: Some(PIO_BASE),
+                ..ModelConfig::new(MODEL_1, "counter", 0)
+            },
+            ModelConfig {
+                pio_base: Some(PIO_BASE),
+                ..ModelConfig::new(MODEL_2, "counter", 1)
+            },
+        ],
+    }
+}
+
+fn client_toml(topo: &Topology) -> String {
+    let vm = |id: u32, model: u32| {
+        format!(
+            r#"
+[[vms]]
+id = {id}
+hypervisor = {HV}
+guest = {{ kind = "pio-loop", port = {PIO_BASE:#x}, iterations = {ITERATIONS} }}
+
+[[vms.devices]]
+space = "pio"
+base = {PIO_BASE:#x}
+len = 0x10
+model = {model}
+place = "remote:{SERVER}"
+"#
+        )
+    };
+    format!(
+        r#"
+[client]
+id = {CLIENT}
+bind = "{client}"
+
+[[servers]]
+id = {SERVER}
+address = "{server}:{PORT}"
+{vm1}{vm2}"#,
+        client = topo.client_ip(),
+        server = topo.server_ip(),
+        vm1 = vm(1, MODEL_1),
+        vm2 = vm(2, MODEL_2),
+    )
+}
+
+/// The dpctl binary, built beside this test's crate.
+fn dpctl_path() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let p = dir.join("dpctl");
+    assert!(
+        p.exists(),
+        "{} not built (cargo build -p devplane-control --bins)",
+        p.display()
+    );
+    p
+}
+
+/// Runs dpctl against the client daemon on `sock`.
+fn dpctl(sock: &Path, args: &[&str]) -> Output {
+    Command::new(dpctl_path())
+        .arg("--client-socket")
+        .arg(sock)
+        .args(args)
+        .env_remove("DEVPLANE_SOCKET")
+        .output()
+        .unwrap()
+}
+
+fn ok(sock: &Path, args: &[&str]) -> String {
+    let out = dpctl(sock, args);
+    assert!(
+        out.status.success(),
+        "dpctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn ok_json(sock: &Path, args: &[&str]) -> Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let text = ok(sock, &all);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("dpctl {args:?}: {e}: {text}"))
+}
+
+/// Expects exit `code`, nothing on stdout and one `dpctl: ` line with
+/// `needle`.
+fn fails(sock: &Path, args: &[&str], code: i32, needle: &str) {
+    let out = dpctl(sock, args);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(code), "dpctl {args:?}: {err}");
+    assert!(out.stdout.is_empty(), "dpctl {args:?}");
+    assert!(
+        err.starts_with("dpctl: ") && err.contains(needle),
+        "dpctl {args:?}: {err:?} lacks {needle:?}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+/// The state of VM `vm` in `dpctl --json vms running`.
+fn state_of(list: &Value, vm: u64) -> &Value {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["vm"] == vm)
+        .unwrap_or_else(|| panic!("VM {vm} not listed: {list}"))
+}
+
+/// Starts devplane-client in the client namespace; returns it once it
+/// listens, with the rest of its stderr (keep it until it exits).
+fn start_daemon(topo: &Topology, cfg: &Path, sock: &Path) -> (ChildGuard, Lines) {
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", topo.client_netns()))
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_devplane-client"))
+        .arg("--config")
+        .arg(cfg)
+        .arg("--control")
+        .arg(sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start devplane-client");
+    let mut guard = ChildGuard(Some(child));
+    let stderr = guard.0.as_mut().unwrap().stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut seen = Vec::new();
+    loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("devplane-client exited before listening: {seen:?}"))
+            .unwrap();
+        let done = line.contains("control socket");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    (guard, lines)
+}
+
+#[test]
+fn vms_launch_and_shut_down_independently_through_dpctl() {
+    let test = "vms_launch_and_shut_down_independently_through_dpctl";
+    if !privilege::require(test, &[Capability::Root, Capability::Bpf, Capability::Kvm]) {
+        return;
+    }
+    let topo = match Topology::new("cdmn") {
+        Ok(t) => t,
+        Err(e) => {
+            privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
+            return;
+        }
+    };
+    let server =
+        ServerThread::spawn(server_config(&topo), Some(topo.server_netns())).expect("server");
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("dp-client-daemon-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let cfg = dir.0.join("client.toml");
+    std::fs::write(&cfg, client_toml(&topo)).unwrap();
+    let sock = dir.0.join("client.sock");
+    let (mut guard, lines) = start_daemon(&topo, &cfg, &sock);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "control socket must be owner-only");
+    }
+
+    // Nothing runs yet.
+    let list = ok_json(&sock, &["vms", "running"]);
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    for vm in [1, 2] {
+        assert_eq!(state_of(&list, vm)["state"], "stopped", "{list}");
+        assert!(state_of(&list, vm).get("ended").is_none(), "{list}");
+    }
+
+    // VM 1 runs; VM 2 comes and goes meanwhile.
+    let started = Instant::now();
+    assert_eq!(
+        ok(&sock, &["vms", "launch", "1"]),
+        "launched VM 1 (1 vCPU)\n"
+    );
+    fails(&sock, &["vms", "launch", "1"], 1, "VM 1 is already running");
+    let v = ok_json(&sock, &["vms", "launch", "2"]);
+    assert_eq!(
+        (v["action"].as_str(), v["vm"].as_u64(), v["state"].as_str()),
+        (Some("launch"), Some(2), Some("running")),
+        "{v}"
+    );
+    let table = ok(&sock, &["vms", "running"]);
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows[0],
+        ["VM", "HYPERVISOR", "STATE", "VCPUS", "UPTIME", "ENDED"],
+        "{table}"
+    );
+    assert_eq!(rows[1][..4], ["1", "2", "running", "1"], "{table}");
+    assert_eq!(rows[2][..4], ["2", "2", "running", "1"], "{table}");
+    assert!(rows[1][4].ends_with('s') && rows[2][5] == "-", "{table}");
+    std::thread::sleep(Duration::from_millis(100));
+    let v = ok_json(&sock, &["vms", "shutdown", "2"]);
+    assert_eq!(v["action"], "shutdown", "{v}");
+    assert_eq!(v["state"], "stopped", "{v}");
+    assert_eq!(v["by_itself"], false, "{v}");
+    assert_eq!(v["ended"][0]["exit"], "stopped", "VM 2 was cut short: {v}");
+    let vm2_remote = v["ended"][0]["remote"].as_u64().unwrap();
+    assert!(vm2_remote > 0, "VM 2 made no remote access: {v}");
+    let list = ok_json(&sock, &["vms", "running"]);
+    assert_eq!(
+        state_of(&list, 1)["state"],
+        "running",
+        "VM 1 finished within {:?}, before VM 2 was shut down: not the case under test",
+        started.elapsed()
+    );
+    assert_eq!(state_of(&list, 2)["state"], "stopped", "{list}");
+    fails(&sock, &["vms", "shutdown", "2"], 1, "VM 2 is not running");
+
+    // VM 1 finishes by itself and is reported stopped.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let vm1 = loop {
+        let list = ok_json(&sock, &["vms", "running"]);
+        let vm1 = state_of(&list, 1).clone();
+        if vm1["state"] == "stopped" {
+            break vm1;
+        }
+        assert!(Instant::now() < deadline, "VM 1 never finished: {list}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!(
+        "VM 1 ran {ITERATIONS} writes in about {:?}",
+        started.elapsed()
+    );
+    assert_eq!(vm1["by_itself"], true, "{vm1}");
+    assert_eq!(vm1["ended"][0]["exit"], "done", "{vm1}");
+    // The counter answers the guest's final read with the writes it
+    // applied: every write, once.
+    assert_eq!(vm1["ended"][0]["value"], ITERATIONS as u64, "{vm1}");
+    let table = ok(&sock, &["vms", "running"]);
+    let row1 = table.lines().nth(1).unwrap();
+    assert!(
+        row1.contains("stopped") && row1.ends_with(&format!("done {ITERATIONS} (by itself)")),
+        "{table}"
+    );
+    // Its shutdown reports how it ended, once.
+    let out = ok(&sock, &["vms", "shutdown", "1"]);
+    let mut lines_out = out.lines();
+    assert_eq!(
+        lines_out.next(),
+        Some("VM 1 had stopped by itself; freed"),
+        "{out}"
+    );
+    let row: Vec<&str> = lines_out.nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row[..3], ["0", "done", &ITERATIONS.to_string()], "{out}");
+    fails(&sock, &["vms", "shutdown", "1"], 1, "VM 1 is not running");
+    fails(&sock, &["vms", "launch", "9"], 3, "VM 9 is not in");
+    fails(&sock, &["vms", "shutdown", "9"], 3, "VM 9 is not in");
+
+    // The server applied each of VM 1's writes and its read exactly once
+    // (worker 0 serves VM 1's model alone); VM 2's writes went to worker 1.
+    let snap = server.snapshot();
+    eprintln!("server: {:?}", snap.workers);
+    let served = |w: usize| snap.workers[w].records - snap.workers[w].duplicates;
+    assert_eq!(served(0), ITERATIONS as u64 + 1, "{:?}", snap.workers);
+    assert!(
+        served(1) >= vm2_remote.saturating_sub(1) && served(1) < ITERATIONS as u64,
+        "VM 2: {vm2_remote} remote exits, {:?}",
+        snap.workers
+    );
+
+    // Ctrl-C stops the running VMs and exits 0.
+    ok(&sock, &["vms", "launch", "2"]);
+    let pid = guard.0.as_ref().unwrap().id() as i32;
+    // nsenter execs the daemon, so the pid is the daemon's.
+    // SAFETY: sends SIGINT to our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = guard.0.as_mut().unwrap().try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "devplane-client ignored Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    guard.0 = None;
+    assert!(status.success(), "exit status {status}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("VM 1 stopped by itself")
+                && l.contains(&format!("done {ITERATIONS}"))),
+        "{rest:?}"
+    );
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("VM 2 shut down") && l.contains("stopped")),
+        "{rest:?}"
+    );
+    assert!(!sock.exists(), "control socket left behind");
+    fails(&sock, &["vms", "running"], 1, "is devplane-client running?");
+    server.stop();
+}
+
+#[test]
+fn a_bad_client_configuration_is_a_one_line_error() {
+    let dir = TempDir(std::env::temp_dir().join(format!("dp-client-bad-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let cfg = dir.0.join("client.toml");
+    std::fs::write(
+        &cfg,
+        "[client]\nid = 7\n\n[[vms]]\nid = 4\nhypervisor = 1\n\
+         guest = { kind = \"pio-loop\", port = 0x500, iterations = 5 }\n\n\
+         [[vms.devices]]\nspace = \"pio\"\nbase = 0x500\nlen = 0x10\nmodel = 11\nplace = \"remote:3\"\n",
+    )
+    .unwrap();
+    let run = |cfg: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_devplane-client"))
+            .arg("--config")
+            .arg(cfg)
+            .arg("--control")
+            .arg(dir.0.join("never.sock"))
+            .output()
+            .unwrap()
+    };
+    let out = run(&cfg);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("devplane-client: ") && err.contains("vm 4") && err.contains("server 3"),
+        "{err}"
+    );
+    assert!(!dir.0.join("never.sock").exists());
+    let missing = run(Path::new("/nonexistent/client.toml"));
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/client.toml"));
+    let help = Command::new(env!("CARGO_BIN_EXE_devplane-client"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        text.contains("--config <CLIENT.TOML>") && text.contains("--control <PATH>"),
+        "{text}"
+    );
+}

@@ -1,0 +1,323 @@
+//! Debian's own Linux kernel boots in the client VMM with its serial
+//! console, RTC and disk on a server behind XDP (two network namespaces
+//! joined by veth): the kernel's banner and the init marker arrive through
+//! the remote UART, the guest's clock comes from the remote CMOS, and the
+//! data it writes to the virtio disk lands in the server's `blockstore`
+//! file. The server is then stopped and started again, and a second boot
+//! reads back what the first one wrote.
+//!
+//! Needs root, BPF, `/dev/kvm` and the guest files `scripts/setup.sh`
+//! builds. Where `/dev/kvm` emulates guest kernel code (nested PVM), a
+//! Linux boot takes many minutes: the test then runs only with
+//! `DEVPLANE_LINUX_BOOT_SLOW=1` (see `e2e_linux_boot.rs`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use devplane_control::config::{
+    ClientConfig, Mode, ModelConfig, ServerConfig, ServerSection, Tuning, VmConfig,
+};
+use devplane_devmodels::Space;
+use devplane_testkit::host::ServerThread;
+use devplane_testkit::privilege::{self, Capability};
+use devplane_testkit::topology::{Side, Topology};
+use devplane_vmm::boot::{self, Console, GuestFiles, LinuxBoot};
+use devplane_vmm::engine::EngineConfig;
+use devplane_vmm::kvm::{Entry, VcpuExit};
+use devplane_vmm::vmm::{
+    Client, ClientSpec, DeviceSpec, DiskPlace, LinuxVm, Place, ServerSpec, VcpuReport, VcpuSpec,
+    VmSpec,
+};
+
+const TEST: &str = "debian_kernel_boots_with_console_clock_and_disk_on_the_server";
+const PORT: u16 = 7800;
+const SERVER: u32 = 1;
+const CLIENT: u32 = 7;
+const HV: u32 = 1;
+const VM: u32 = 1;
+const UART: u32 = 11;
+const CMOS: u32 = 12;
+const STORE: u32 = 13;
+/// Where the blockstore's MMIO window sits: far above guest RAM.
+const STORE_GPA: u64 = 1 << 44;
+const VIRTIO_PORT: u64 = 0xc000;
+const VIRTIO_IRQ: u8 = 5;
+const SLOW_ENV: &str = "DEVPLANE_LINUX_BOOT_SLOW";
+
+/// Removes files when dropped.
+struct TempFiles(Vec<PathBuf>);
+
+impl Drop for TempFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn server_config(topo: &Topology, disk: &Path, log: &Path) -> ServerConfig {
+    ServerConfig {
+        server: ServerSection {
+            id: SERVER,
+            port: PORT,
+            mode: Mode::Xdp,
+            interface: Some(topo.server_ifname().to_string()),
+            workers: vec![0, 1],
+            pin_dir: Some(format!("/sys/fs/bpf/devplane-test-linux-{}", std::process::id()).into()),
+            check_clients: true,
+        },
+        tuning: Tuning {
+            spin_budget: 500,
+            idle_sleep_us: 50,
+            batch: 64,
+        },
+        clients: vec![ClientConfig {
+            id: CLIENT,
+            address: topo.client_ip(),
+        }],
+        vms: vec![VmConfig {
+            id: VM,
+            client: CLIENT,
+            hypervisor: HV,
+        }],
+        models: vec![
+            ModelConfig {
+                line: Some(4),
+                vm: Some(VM),
+                pio_base: Some(0x3f8),
+                backing: Some(log.to_path_buf()),
+                ..ModelConfig::new(UART, "uart", 0)
+            },
+            ModelConfig {
+                pio_base: Some(0x70),
+                ..ModelConfig::new(CMOS, "cmos", 0)
+            },
+            ModelConfig {
+                mmio_base: Some(STORE_GPA),
+                backing: Some(disk.to_path_buf()),
+                ..ModelConfig::new(STORE, "blockstore", 1)
+            },
+        ],
+    }
+}
+
+fn remote(base: u64, len: u64, model: u32) -> DeviceSpec {
+    DeviceSpec {
+        space: Space::Pio,
+        base,
+        len,
+        model,
+        posted: false,
+        place: Place::Remote { server: 0 },
+    }
+}
+
+fn client_spec(topo: &Topology) -> ClientSpec {
+    ClientSpec {
+        client: CLIENT,
+        bind: Some(topo.client_ip().into()),
+        servers: vec![ServerSpec {
+            addr: SocketAddr::from((topo.server_ip(), PORT)),
+            id: SERVER,
+        }],
+        vms: vec![VmSpec {
+            id: VM,
+            hypervisor: HV,
+            mem_bytes: boot::DEFAULT_MEM,
+            images: vec![],
+            vcpus: vec![VcpuSpec {
+                entry: Entry {
+                    cs: 0,
+                    ip: 0,
+                    sp: 0,
+                },
+                core: None,
+            }],
+            devices: vec![
+                remote(0x3f8, 8, UART),
+                remote(0x70, 2, CMOS),
+                DeviceSpec {
+                    space: Space::Pio,
+                    base: 0x60,
+                    len: 5,
+                    model: 3,
+                    posted: false,
+                    place: Place::Local {
+                        kind: "i8042".into(),
+                    },
+                },
+                DeviceSpec {
+                    space: Space::Pio,
+                    base: VIRTIO_PORT,
+                    len: devplane_vmm::virtio::blk::BAR_SIZE,
+                    model: 4,
+                    posted: false,
+                    place: Place::VirtioBlk {
+                        irq: VIRTIO_IRQ,
+                        disk: DiskPlace::Remote {
+                            server: 0,
+                            model: STORE,
+                            gpa: STORE_GPA,
+                        },
+                    },
+                },
+            ],
+        }],
+        engine: EngineConfig {
+            spin_budget: 500,
+            retransmit: Duration::from_millis(5),
+            ..EngineConfig::default()
+        },
+        engine_core: None,
+        vcpu_spin: 200,
+        samples: 0,
+        direct: true,
+    }
+}
+
+/// The rest of the last whole console line that starts with `key`.
+fn line(text: &str, key: &str) -> Option<String> {
+    text.lines()
+        .rev()
+        .find_map(|l| l.trim_end_matches('\r').strip_prefix(key))
+        .map(|s| s.trim().to_string())
+}
+
+fn tail(console: &Console) -> String {
+    let t = console.text();
+    let lines: Vec<&str> = t.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// One boot, `boot_id`, against the running server; returns its console.
+fn boot_once(topo: &Topology, files: &GuestFiles, boot_id: u32, limit: Duration) -> String {
+    let linux = LinuxBoot::new(files, boot_id);
+    let console = linux.console.clone();
+    console.set_echo(std::env::var_os("DEVPLANE_CONSOLE").is_some_and(|v| v != "0"));
+    let spec = client_spec(topo);
+    let start = Instant::now();
+    let mut client = topo
+        .run(Side::Client, move || {
+            Client::start_linux(
+                spec,
+                vec![LinuxVm {
+                    vm: VM,
+                    boot: linux,
+                }],
+            )
+        })
+        .expect("enter the client namespace")
+        .expect("start the Linux VM");
+    assert!(
+        console.wait_for("DEVPLANE-INIT-OK", limit),
+        "boot {boot_id}: no init marker within {limit:?}; console tail:\n{}",
+        tail(&console)
+    );
+    let to_init = start.elapsed();
+    let host_now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let reports: Vec<VcpuReport> = client.wait(limit.saturating_sub(start.elapsed()));
+    let text = console.text();
+    assert_eq!(reports.len(), 1);
+    let exit = reports[0].exit.as_ref().map_err(|e| e.to_string());
+    assert!(
+        matches!(exit, Ok(VcpuExit::Reset) | Ok(VcpuExit::Shutdown)),
+        "boot {boot_id}: the VM did not power off (vCPU exit {exit:?}); console tail:\n{}",
+        tail(&console)
+    );
+    let remote = reports[0].stats.remote.load(Ordering::Relaxed);
+    eprintln!(
+        "{TEST}: boot {boot_id}: init marker after {:.2} s, stopped after {:.2} s, \
+         {} KVM exits, {remote} remote accesses",
+        to_init.as_secs_f64(),
+        start.elapsed().as_secs_f64(),
+        reports[0].exits
+    );
+    assert!(
+        remote > 1000,
+        "boot {boot_id}: only {remote} remote accesses"
+    );
+
+    assert!(text.contains("Linux version 6.1"), "no kernel banner");
+    let time = line(&text, "DEVPLANE-TIME ").expect("a DEVPLANE-TIME line");
+    let mut parts = time.split_whitespace();
+    let guest: u64 = parts.next().and_then(|s| s.parse().ok()).expect("seconds");
+    assert!(
+        guest.abs_diff(host_now) <= 5,
+        "boot {boot_id}: the guest's clock {guest} is {} s from the host's",
+        guest.abs_diff(host_now)
+    );
+    assert_eq!(parts.next(), Some("rtc"), "read through /dev/rtc0");
+    let sum = line(&text, "DEVPLANE-SUM ").expect("a DEVPLANE-SUM line");
+    let want = line(&text, "DEVPLANE-SUM-EXPECT ").expect("a DEVPLANE-SUM-EXPECT line");
+    assert_eq!(sum, want, "boot {boot_id}: data read back differs");
+    assert!(text.contains("DEVPLANE-POWEROFF"));
+    text
+}
+
+#[test]
+fn debian_kernel_boots_with_console_clock_and_disk_on_the_server() {
+    if !privilege::require(TEST, &[Capability::Root, Capability::Bpf, Capability::Kvm]) {
+        return;
+    }
+    let files = match GuestFiles::locate() {
+        Ok(f) => f,
+        Err(e) => {
+            privilege::unavailable(TEST, &e.to_string());
+            return;
+        }
+    };
+    let slow = boot::kvm_emulates_kernel_code();
+    if slow && std::env::var_os(SLOW_ENV).is_none_or(|v| v == "0") {
+        eprintln!(
+            "SKIPPED {TEST}: /dev/kvm is nested PVM (kvm_pvm), which emulates guest kernel code: \
+             two Linux boots take far too long here. Set {SLOW_ENV}=1 to run it."
+        );
+        return;
+    }
+    let limit = Duration::from_secs(if slow { 3600 } else { 120 });
+    let topo = match Topology::new("lr") {
+        Ok(t) => t,
+        Err(e) => {
+            privilege::unavailable(TEST, &format!("cannot build the netns topology: {e}"));
+            return;
+        }
+    };
+    let pid = std::process::id();
+    let disk = std::env::temp_dir().join(format!("dp-linux-disk-{pid}.img"));
+    let log = std::env::temp_dir().join(format!("dp-linux-console-{pid}.log"));
+    let _files = TempFiles(vec![disk.clone(), log.clone()]);
+
+    let server = ServerThread::spawn(server_config(&topo, &disk, &log), Some(topo.server_netns()))
+        .expect("server starts");
+    let first = boot_once(&topo, &files, 1, limit);
+    assert!(
+        line(&first, "DEVPLANE-PREV").is_some(),
+        "the first boot read the disk"
+    );
+    server.stop();
+    // The server's UART model wrote the console log: the banner passed
+    // through it.
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        logged.contains("Linux version 6.1") && logged.contains("DEVPLANE-INIT-OK"),
+        "the server's console log lacks the boot: {} bytes",
+        logged.len()
+    );
+
+    // A new server process on the same disk image: the second boot reads
+    // back what the first wrote and flushed.
+    let server = ServerThread::spawn(server_config(&topo, &disk, &log), Some(topo.server_netns()))
+        .expect("server starts again");
+    let second = boot_once(&topo, &files, 2, limit);
+    assert_eq!(
+        line(&second, "DEVPLANE-PREV ").as_deref(),
+        Some("devplane boot 1"),
+        "the second boot did not read the first boot's data"
+    );
+    server.stop();
+}
