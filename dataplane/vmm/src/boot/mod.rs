@@ -192,7 +192,7 @@ impl GuestFiles {
     pub fn default_dir() -> PathBuf {
         match std::env::var_os(GUEST_DIR_ENV) {
             Some(d) if !d.is_empty() => PathBuf::from(d),
-            _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest"),
+            _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/guest"),
         }
     }
 
