@@ -71,19 +71,6 @@ impl VcpuStats {
     }
 }
 
-/// Where a vCPU's sequence numbers start: the wall clock in nanoseconds.
-/// The server remembers recent answers per (VM, vCPU) to apply a
-/// retransmitted write once; a VMM that starts again with the same VM ids
-/// must not collide with the numbers its predecessor used, and a start
-/// time in nanoseconds is larger than any number an earlier run (at far
-/// fewer than one request per nanosecond) can have reached. It fits a
-/// `u64` until the year 2262.
-fn first_seq() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64)
-}
-
 /// The exit handler of one vCPU.
 pub struct VcpuIo {
     id: RequestId,
@@ -123,7 +110,7 @@ impl VcpuIo {
                 vm,
                 hypervisor,
                 vcpu,
-                seq: first_seq(),
+                seq: devplane_wire::first_seq(),
             },
             map,
             ring,
