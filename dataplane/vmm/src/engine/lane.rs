@@ -134,6 +134,10 @@ impl Io for LaneIo {
     }
 }
 
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// The engine's work over a set of vCPUs and sockets, one io_uring.
 pub(crate) struct Loop {
     /// Declared before `recv_bufs`: its ring is dropped first.
@@ -169,8 +173,9 @@ impl Loop {
         let settings = Settings {
             client: cfg.client,
             irq_port: lane.irq_port,
-            retransmit_ns: u64::try_from(cfg.retransmit.as_nanos()).unwrap_or(u64::MAX),
-            max_retries: cfg.max_retries,
+            retransmit_ns: nanos(cfg.retransmit),
+            retransmit_max_ns: nanos(cfg.retransmit_max.max(cfg.retransmit)),
+            horizon_ns: nanos(cfg.horizon),
             loss: cfg.loss,
         };
         let peers = lane

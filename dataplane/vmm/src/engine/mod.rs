@@ -90,10 +90,17 @@ pub struct EngineConfig {
     pub spin_budget: u32,
     /// Longest sleep when idle.
     pub idle_sleep: Duration,
-    /// Resend a datagram not answered within this.
+    /// Resend a datagram not answered within this; each further resend
+    /// waits twice as long as the one before (exponential back-off), up to
+    /// [`EngineConfig::retransmit_max`].
     pub retransmit: Duration,
-    /// Give up (answer `STATUS_TIMEOUT`) after this many resends.
-    pub max_retries: u32,
+    /// The longest wait between two resends.
+    pub retransmit_max: Duration,
+    /// Give up on a datagram (answer its unanswered requests
+    /// `STATUS_TIMEOUT`) this long after its first send: long enough for a
+    /// server to restart. Keep it below a vCPU's request timeout (10 s),
+    /// so that the engine answers before the vCPU stops waiting.
+    pub horizon: Duration,
     /// Loss injection.
     pub loss: Loss,
     /// Send with IORING_OP_SEND_ZC (zero copy from the registered send
@@ -131,7 +138,8 @@ impl Default for EngineConfig {
             spin_budget: 2000,
             idle_sleep: Duration::from_micros(200),
             retransmit: Duration::from_millis(2),
-            max_retries: 50,
+            retransmit_max: Duration::from_millis(250),
+            horizon: Duration::from_secs(9),
             loss: Loss::default(),
             zero_copy: false,
             sqpoll: None,

@@ -10,9 +10,10 @@
 //!   [`MAX_RECORDS`] records, in the order the vCPU made them, once every
 //!   record of the one in flight is answered (or given up on).
 //! - A datagram not fully answered within the retransmission interval is
-//!   sent again, the same bytes (so the same sequence numbers); after
-//!   `max_retries` resends its unanswered records are answered
-//!   [`STATUS_TIMEOUT`].
+//!   sent again, the same bytes (so the same sequence numbers); each
+//!   further resend waits twice as long as the one before, up to a cap
+//!   (exponential back-off). Once the horizon has passed since its first
+//!   send, its unanswered records are answered [`STATUS_TIMEOUT`].
 //! - An answer matches a record by (VM, vCPU, model, sequence); an answer
 //!   that matches nothing in flight, or a record already answered, is late
 //!   (counted, ignored).
@@ -58,10 +59,13 @@ pub(crate) struct Settings {
     pub client: u32,
     /// Named in every request ([`super::Lane::irq_port`]).
     pub irq_port: Option<u16>,
-    /// Resend a datagram not answered within this many nanoseconds.
+    /// Resend a datagram not answered within this many nanoseconds; each
+    /// further resend waits twice as long as the one before.
     pub retransmit_ns: u64,
-    /// Resends before giving up.
-    pub max_retries: u32,
+    /// The longest wait between two resends, in nanoseconds.
+    pub retransmit_max_ns: u64,
+    /// Give up on a datagram this many nanoseconds after its first send.
+    pub horizon_ns: u64,
     /// Loss injection.
     pub loss: Loss,
 }
@@ -91,8 +95,29 @@ struct Flight {
     answered: usize,
     buf: Box<[u8]>,
     len: usize,
+    /// Its first send.
+    first_at: u64,
+    /// Its last send.
     sent_at: u64,
-    retries: u32,
+    /// The wait after its last send before the next.
+    interval: u64,
+}
+
+impl Flight {
+    /// When it is resent.
+    fn resend_at(&self) -> u64 {
+        self.sent_at.saturating_add(self.interval)
+    }
+
+    /// When it is given up.
+    fn give_up_at(&self, s: &Settings) -> u64 {
+        self.first_at.saturating_add(s.horizon_ns)
+    }
+
+    /// When something is due for it: a resend or giving up.
+    fn due(&self, s: &Settings) -> u64 {
+        self.resend_at().min(self.give_up_at(s))
+    }
 }
 
 /// One vCPU's queues and datagrams in flight, per model.
@@ -289,8 +314,9 @@ impl Protocol {
             answered: 0,
             buf,
             len,
+            first_at: now,
             sent_at: now,
-            retries: 0,
+            interval: self.settings.retransmit_ns,
         });
         let bytes = &f.buf[..f.len];
         transmit(
@@ -303,9 +329,10 @@ impl Protocol {
         )
     }
 
-    /// Resends every datagram due at `now`, or gives it up (its unanswered
-    /// records answered [`STATUS_TIMEOUT`]) after `max_retries` resends.
-    /// Whether any was due.
+    /// Resends every datagram due at `now` (doubling its next wait, up to
+    /// the cap), or gives it up (its unanswered records answered
+    /// [`STATUS_TIMEOUT`]) once the horizon has passed since its first
+    /// send. Whether any was due.
     pub(crate) fn retransmit(&mut self, now: u64, io: &mut impl Io) -> Result<bool, EngineError> {
         let mut work = false;
         for v in 0..self.flows.len() {
@@ -315,17 +342,23 @@ impl Protocol {
                 let Some(f) = flow.inflight[m].as_mut() else {
                     continue;
                 };
-                if now.saturating_sub(f.sent_at) < self.settings.retransmit_ns {
+                if now < f.due(&self.settings) {
                     continue;
                 }
                 work = true;
-                if f.retries >= self.settings.max_retries {
+                if now >= f.give_up_at(&self.settings) {
                     let done = flow.inflight[m].take();
                     self.give_up(v, done, io);
                     continue;
                 }
-                f.retries += 1;
+                if f.interval > self.settings.retransmit_ns {
+                    add(&self.stats.backoffs, 1);
+                }
                 f.sent_at = now;
+                f.interval = f
+                    .interval
+                    .saturating_mul(2)
+                    .min(self.settings.retransmit_max_ns);
                 add(&self.stats.retransmits, 1);
                 let bytes = &f.buf[..f.len];
                 transmit(
@@ -350,15 +383,14 @@ impl Protocol {
         self.spare.push((f.buf, f.slots));
     }
 
-    /// When the earliest datagram in flight is due for retransmission;
-    /// `None` if nothing is in flight.
+    /// When the earliest datagram in flight is due for retransmission (or
+    /// to be given up); `None` if nothing is in flight.
     pub(crate) fn next_due(&self) -> Option<u64> {
         self.flows
             .iter()
             .flat_map(|f| f.inflight.iter().flatten())
-            .map(|f| f.sent_at)
+            .map(|f| f.due(&self.settings))
             .min()
-            .map(|t| t.saturating_add(self.settings.retransmit_ns))
     }
 
     /// Whether a datagram is in flight.

@@ -16,6 +16,7 @@ const CLIENT: u32 = 9;
 const MODEL_A: u32 = 100;
 const MODEL_B: u32 = 200;
 const RETRANSMIT: u64 = 2_000_000;
+const HORIZON: u64 = 10_000_000_000;
 
 #[derive(Default)]
 struct Fake {
@@ -42,7 +43,7 @@ impl Io for Fake {
     }
 }
 
-fn protocol_with(vcpus: u16, loss: Loss, max_retries: u32) -> (Protocol, Arc<EngineStats>) {
+fn protocol_with(vcpus: u16, loss: Loss, horizon_ns: u64) -> (Protocol, Arc<EngineStats>) {
     let models: Arc<[RemoteModel]> = Arc::new([
         RemoteModel {
             model: MODEL_A,
@@ -66,7 +67,8 @@ fn protocol_with(vcpus: u16, loss: Loss, max_retries: u32) -> (Protocol, Arc<Eng
         client: CLIENT,
         irq_port: Some(4242),
         retransmit_ns: RETRANSMIT,
-        max_retries,
+        retransmit_max_ns: 8 * RETRANSMIT,
+        horizon_ns,
         loss,
     };
     let stats = Arc::new(EngineStats::default());
@@ -74,7 +76,7 @@ fn protocol_with(vcpus: u16, loss: Loss, max_retries: u32) -> (Protocol, Arc<Eng
 }
 
 fn protocol(vcpus: u16) -> (Protocol, Arc<EngineStats>) {
-    protocol_with(vcpus, Loss::default(), 50)
+    protocol_with(vcpus, Loss::default(), HORIZON)
 }
 
 fn request(vcpu: u16, seq: u64) -> [u8; RECORD_LEN] {
@@ -251,8 +253,8 @@ fn retransmits_the_same_datagram_at_its_deadline() {
     assert_eq!(io.sent[1], io.sent[0], "same socket, same bytes");
     assert_eq!(seqs(&io.sent[1].1), vec![5, 6]);
     assert_eq!(get(&stats.retransmits), 1);
-    // The deadline restarts from the resend; an answer clears it.
-    assert_eq!(p.next_due(), Some(1000 + 2 * RETRANSMIT));
+    // The next wait is twice as long; an answer clears it.
+    assert_eq!(p.next_due(), Some(1000 + 3 * RETRANSMIT));
     p.on_datagram(&answers(MODEL_B, 0, &[5, 6]), 1, &mut io);
     assert_eq!(p.next_due(), None);
     assert!(!p.in_flight());
@@ -260,18 +262,42 @@ fn retransmits_the_same_datagram_at_its_deadline() {
 }
 
 #[test]
-fn gives_up_after_max_retries() {
-    let (mut p, stats) = protocol_with(1, Loss::default(), 2);
+fn resends_back_off_exponentially_up_to_the_cap() {
+    let (mut p, stats) = protocol(1);
+    let mut io = Fake::default();
+    queue(&mut p, &mut io, 0, 0, &[1]);
+    p.send_ready(0, 0, &mut io).unwrap();
+    let mut at = Vec::new();
+    for _ in 0..7 {
+        let due = p.next_due().unwrap();
+        assert!(!p.retransmit(due - 1, &mut io).unwrap(), "not before {due}");
+        assert!(p.retransmit(due, &mut io).unwrap());
+        at.push(due / RETRANSMIT);
+    }
+    // Waits of 1, 2, 4, 8, then 8 (the cap) intervals.
+    assert_eq!(at, vec![1, 3, 7, 15, 23, 31, 39]);
+    assert_eq!(io.sent.len(), 8);
+    assert!(io.sent.iter().all(|s| *s == io.sent[0]), "same bytes");
+    assert_eq!(get(&stats.retransmits), 7);
+    assert_eq!(get(&stats.backoffs), 6);
+    assert_eq!(get(&stats.timeouts), 0);
+}
+
+#[test]
+fn gives_up_at_the_horizon() {
+    let (mut p, stats) = protocol_with(1, Loss::default(), 5 * RETRANSMIT);
     let mut io = Fake::default();
     queue(&mut p, &mut io, 0, 0, &[1, 2, 3]);
     p.send_ready(0, 0, &mut io).unwrap();
     p.on_datagram(&answers(MODEL_A, 0, &[2]), 0, &mut io);
-    for k in 1..=2 {
-        assert!(p.retransmit(k * RETRANSMIT, &mut io).unwrap());
-    }
-    assert_eq!(io.sent.len(), 3);
+    // Resent after 1 and 3 intervals; the next (7) is past the horizon.
+    assert!(p.retransmit(RETRANSMIT, &mut io).unwrap());
     assert!(p.retransmit(3 * RETRANSMIT, &mut io).unwrap());
-    assert_eq!(io.sent.len(), 3, "no fourth send");
+    assert_eq!(p.next_due(), Some(5 * RETRANSMIT));
+    assert!(!p.retransmit(5 * RETRANSMIT - 1, &mut io).unwrap());
+    assert!(io.done.iter().all(|d| d.2 != STATUS_TIMEOUT));
+    assert!(p.retransmit(5 * RETRANSMIT, &mut io).unwrap());
+    assert_eq!(io.sent.len(), 3, "given up, not sent again");
     let timed_out: Vec<_> = io
         .done
         .iter()
@@ -410,7 +436,7 @@ fn total_loss_drops_everything_it_says() {
         rx_permille: 1000,
         seed: 1,
     };
-    let (mut p, stats) = protocol_with(1, loss, 50);
+    let (mut p, stats) = protocol_with(1, loss, HORIZON);
     let mut io = Fake::default();
     queue(&mut p, &mut io, 0, 0, &[1]);
     p.send_ready(0, 0, &mut io).unwrap();
@@ -432,12 +458,13 @@ fn partial_loss_is_seeded_and_near_its_rate() {
             rx_permille: 0,
             seed,
         };
-        let (mut p, stats) = protocol_with(1, loss, u32::MAX);
+        let (mut p, stats) = protocol_with(1, loss, u64::MAX);
         let mut io = Fake::default();
         queue(&mut p, &mut io, 0, 0, &[1]);
         p.send_ready(0, 0, &mut io).unwrap();
-        for k in 1..2000 {
-            p.retransmit(k * RETRANSMIT, &mut io).unwrap();
+        for _ in 1..2000 {
+            let due = p.next_due().unwrap();
+            p.retransmit(due, &mut io).unwrap();
         }
         assert_eq!(io.sent.len() as u64 + get(&stats.loss_tx), 2000);
         io.sent.len()

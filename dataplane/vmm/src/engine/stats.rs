@@ -11,7 +11,10 @@ pub struct EngineStats {
     pub tx_records: AtomicU64,
     /// Datagrams sent again after a timeout.
     pub retransmits: AtomicU64,
-    /// Requests given up on.
+    /// Of the retransmissions, those sent after a longer wait than
+    /// `EngineConfig::retransmit` (exponential back-off).
+    pub backoffs: AtomicU64,
+    /// Requests given up on (`EngineConfig::horizon` passed).
     pub timeouts: AtomicU64,
     /// Answer records matched to a waiting request.
     pub answers: AtomicU64,
