@@ -207,7 +207,7 @@ impl Driver {
 
     /// Sleeps until something completes on the lane, a retransmission is
     /// due, or `max` passes, whichever is first (the vCPU spun its
-    /// [`EngineConfig::direct_spin`] for an answer); a step reaps it. It
+    /// [`super::EngineConfig::direct_spin`] for an answer); a step reaps it. It
     /// steps the lane first, under the same hold: the request may not have
     /// gone out yet (every step the vCPU tried while it spun may have
     /// found the engine thread on a shared lane), and the engine may have
@@ -223,7 +223,7 @@ impl Driver {
     }
 
     /// How long the vCPU spins for an answer before it sleeps
-    /// ([`EngineConfig::direct_spin`]).
+    /// ([`super::EngineConfig::direct_spin`]).
     pub fn spin_budget(&self) -> Duration {
         self.spin
     }

@@ -14,11 +14,10 @@
 //! So a device sees a vCPU's accesses in program order even across loss
 //! and retransmission, a read never overtakes an earlier posted write, and
 //! posted writes batch themselves under load.
-
 //!
-//! The rules of the wire are [`protocol`]'s, apart from any I/O; [`lane`]
-//! carries them out over io_uring; [`driver`] is how vCPUs reach a lane
-//! and [`thread`] how the engine thread runs them.
+//! The rules of the wire are `protocol`'s, apart from any I/O; `lane`
+//! carries them out over io_uring; `driver` is how vCPUs reach a lane
+//! and `thread` how the engine thread runs them.
 
 mod driver;
 mod lane;
@@ -29,6 +28,7 @@ mod thread;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -41,7 +41,6 @@ use driver::{Cell, EventFd};
 pub use driver::{Doorbell, Driver, Waker};
 use lane::Loop;
 pub use stats::EngineStats;
-use std::os::fd::AsRawFd;
 use thread::EngineThread;
 
 /// What can go wrong in the engine.
