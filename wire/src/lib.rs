@@ -14,6 +14,9 @@
 #![no_std]
 #![deny(missing_docs)]
 
+#[cfg(feature = "std")]
+extern crate std;
+
 pub mod datagram;
 pub mod error;
 pub mod frame;
@@ -48,3 +51,18 @@ pub const MAX_RECORDS: usize = (MAX_DATAGRAM - HEADER_LEN) / RECORD_LEN;
 const _: () = assert!(HEADER_LEN == 24);
 const _: () = assert!(RECORD_LEN == 40);
 const _: () = assert!(MAX_RECORDS == 36);
+
+/// Where a sender's sequence numbers start: the wall clock in nanoseconds
+/// (1 if the clock is before 1970). A receiver drops what carries a number
+/// it has seen (a retransmission): a sender that starts again (a VMM
+/// restarted with the same VM ids, a model built again on a restarted
+/// server) must number above its predecessor, which sent fewer than one
+/// record per nanosecond. It fits a `u64` until the year 2262. The clients'
+/// per-vCPU request numbers and the servers' per-model interrupt numbers
+/// both start here.
+#[cfg(feature = "std")]
+pub fn first_seq() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+}

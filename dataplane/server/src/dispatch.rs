@@ -29,17 +29,6 @@ pub struct ModelSlot {
     pub irq_seq: u64,
 }
 
-/// Where a new model's interrupt sequence numbers start: the wall clock in
-/// nanoseconds. A client drops an interrupt whose number it has seen (a
-/// retransmission); a model built again (a server restarted, a model
-/// added again) must number above its predecessor, which raised fewer than
-/// one interrupt per nanosecond. Fits a `u64` until 2262.
-pub fn first_irq_seq() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
 impl ModelSlot {
     /// A slot for `model` at the given bases, without interrupt target.
     pub fn new(model: Box<dyn DeviceModel>, pio_base: u64, mmio_base: u64) -> ModelSlot {
@@ -48,7 +37,7 @@ impl ModelSlot {
             pio_base,
             mmio_base,
             irq_target: None,
-            irq_seq: first_irq_seq(),
+            irq_seq: devplane_wire::first_seq(),
         }
     }
 }
@@ -698,7 +687,10 @@ mod tests {
         // Numbered on from where the model started (the wall clock when it
         // was built, above any predecessor's), one by one.
         let start = d.model(42).unwrap().irq_seq - 2;
-        assert!(start >= first_irq_seq() - 60_000_000_000, "a recent start");
+        assert!(
+            start >= devplane_wire::first_seq() - 60_000_000_000,
+            "a recent start"
+        );
         assert_eq!((irqs[0].seq, irqs[1].seq), (start + 1, start + 2));
         assert!(!d.has_irqs());
     }

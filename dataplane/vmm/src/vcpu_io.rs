@@ -20,7 +20,7 @@ use devplane_wire::record::FLAG_POSTED;
 use devplane_wire::{Access, AccessSize, IrqAction, RawRecord, Record, Request, RequestId, Status};
 
 use super::devmap::{DeviceMap, Placement, StoreAt};
-use super::engine::{Doorbell, Driver};
+use super::engine::{Doorbell, Driver, EngineError};
 use super::kvm::{IoHandler, IrqHandle, VcpuKicker};
 use super::ring::ExitRing;
 use super::uart_tap::UartTap;
@@ -71,19 +71,6 @@ impl VcpuStats {
     }
 }
 
-/// Where a vCPU's sequence numbers start: the wall clock in nanoseconds.
-/// The server remembers recent answers per (VM, vCPU) to apply a
-/// retransmitted write once; a VMM that starts again with the same VM ids
-/// must not collide with the numbers its predecessor used, and a start
-/// time in nanoseconds is larger than any number an earlier run (at far
-/// fewer than one request per nanosecond) can have reached. It fits a
-/// `u64` until the year 2262.
-fn first_seq() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64)
-}
-
 /// The exit handler of one vCPU.
 pub struct VcpuIo {
     id: RequestId,
@@ -123,7 +110,7 @@ impl VcpuIo {
                 vm,
                 hypervisor,
                 vcpu,
-                seq: first_seq(),
+                seq: devplane_wire::first_seq(),
             },
             map,
             ring,
@@ -187,7 +174,7 @@ impl VcpuIo {
     /// Direct mode, on the vCPU's own thread before it runs its guest:
     /// takes the lane (see [`Driver::attach`]); `kicker` kicks this vCPU
     /// when its lane needs it while the guest runs.
-    pub fn attach(&self, kicker: VcpuKicker) -> std::io::Result<()> {
+    pub fn attach(&self, kicker: VcpuKicker) -> Result<(), EngineError> {
         match &self.driver {
             Some(d) => d.attach(Box::new(move || kicker.kick())),
             None => Ok(()),
@@ -315,120 +302,151 @@ impl VcpuIo {
         posted: bool,
     ) -> Option<u64> {
         add(&self.stats.remote);
-        let access = match (space, write) {
-            (Space::Pio, None) => Access::PioIn {
-                port: addr as u16,
-                size,
-            },
-            (Space::Pio, Some(d)) => Access::PioOut {
-                port: addr as u16,
-                size,
-                data: d as u32,
-            },
-            (Space::Mmio, None) => Access::MmioRead { gpa: addr, size },
-            (Space::Mmio, Some(d)) => Access::MmioWrite {
-                gpa: addr,
-                size,
-                data: d & size.mask(),
-            },
-        };
         self.id.seq += 1;
         let rec = RawRecord::encode(&Record::Request(Request {
             id: self.id,
-            access,
+            access: access(space, addr, size, write),
             flags: if posted { FLAG_POSTED } else { 0 },
         }));
-        if let Some(d) = &self.driver {
-            d.begin();
-        }
-        // A full ring (every slot in flight) is back-pressure: wait, driving
-        // this vCPU's lane meanwhile in direct mode, and never longer than
-        // the request timeout (then the access fails and is counted).
-        let deadline = Instant::now() + self.timeout;
-        let i = loop {
-            if let Some(i) = self.ring.next_free() {
-                break Some(i);
+        let outcome = match &self.driver {
+            None => self.via_engine(&rec, index, posted),
+            Some(d) => self.via_lane(d, &rec, index, posted),
+        };
+        match outcome {
+            Outcome::Posted => {
+                add(&self.stats.posted);
+                Some(0)
             }
-            match &self.driver {
+            Outcome::Answer(Some((st, data))) if st == Status::Ok as u8 => Some(data & size.mask()),
+            Outcome::Answer(_) => {
+                add(&self.stats.remote_errors);
+                None
+            }
+        }
+    }
+
+    /// Engine mode: publishes `rec` and rings the engine's doorbell; waits
+    /// for the answer unless it is posted.
+    fn via_engine(&self, rec: &RawRecord, index: u32, posted: bool) -> Outcome {
+        let Some(i) = self.free_slot(None) else {
+            return Outcome::Answer(None);
+        };
+        self.ring.publish(i, index, posted, rec);
+        self.doorbell.ring();
+        if posted {
+            return Outcome::Posted;
+        }
+        Outcome::Answer(self.ring.wait(i, self.spin, Instant::now() + self.timeout))
+    }
+
+    /// Direct mode: publishes `rec` and drives this vCPU's lane `d` itself
+    /// until the answer comes (unless it is posted).
+    fn via_lane(&self, d: &Driver, rec: &RawRecord, index: u32, posted: bool) -> Outcome {
+        d.begin();
+        let Some(i) = self.free_slot(Some(d)) else {
+            d.end();
+            return Outcome::Answer(None);
+        };
+        self.ring.publish(i, index, posted, rec);
+        d.step();
+        if posted {
+            d.end();
+            return Outcome::Posted;
+        }
+        let answer = self.await_on_lane(d, i);
+        d.end();
+        Outcome::Answer(answer)
+    }
+
+    /// The index of a free ring slot. A full ring (every slot in flight)
+    /// is back-pressure: wait, driving this vCPU's lane meanwhile in
+    /// direct mode, and never longer than the request timeout (then the
+    /// access fails and is counted).
+    fn free_slot(&self, driver: Option<&Driver>) -> Option<u64> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            if let Some(i) = self.ring.next_free() {
+                return Some(i);
+            }
+            match driver {
                 Some(d) => {
                     d.step();
                 }
                 None => std::hint::spin_loop(),
             }
             if Instant::now() > deadline {
-                break None;
-            }
-        };
-        let Some(i) = i else {
-            if let Some(d) = &self.driver {
-                d.end();
-            }
-            add(&self.stats.remote_errors);
-            return None;
-        };
-        self.ring.publish(i, index, posted, &rec);
-        let answer = match &self.driver {
-            None => {
-                self.doorbell.ring();
-                if posted {
-                    add(&self.stats.posted);
-                    return Some(0);
-                }
-                self.ring.wait(i, self.spin, Instant::now() + self.timeout)
-            }
-            Some(d) => {
-                d.step();
-                if posted {
-                    d.end();
-                    add(&self.stats.posted);
-                    return Some(0);
-                }
-                // Spin for the answer, driving the lane, for the spin
-                // budget; then sleep in the kernel between steps until it
-                // comes (or the request times out).
-                let start = Instant::now();
-                let deadline = start + self.timeout;
-                let spin = d.spin_budget();
-                let mut n = 0u32;
-                let mut spinning = true;
-                let a = loop {
-                    if let Some(a) = self.ring.try_take(i) {
-                        break Some(a);
-                    }
-                    d.step();
-                    if spinning {
-                        n = n.wrapping_add(1);
-                        if n.is_multiple_of(64) {
-                            let now = Instant::now();
-                            if now > deadline {
-                                break None;
-                            }
-                            spinning = now - start < spin;
-                        }
-                    } else {
-                        // The step may have answered it (a timeout).
-                        if let Some(a) = self.ring.try_take(i) {
-                            break Some(a);
-                        }
-                        let now = Instant::now();
-                        if now > deadline {
-                            break None;
-                        }
-                        let ring = &self.ring;
-                        d.sleep(deadline - now, || ring.is_done(i));
-                    }
-                };
-                d.end();
-                a
-            }
-        };
-        match answer {
-            Some((st, data)) if st == Status::Ok as u8 => Some(data & size.mask()),
-            _ => {
-                add(&self.stats.remote_errors);
-                None
+                return None;
             }
         }
+    }
+
+    /// Direct mode: spins for the answer in slot `i`, driving the lane, for
+    /// the spin budget; then sleeps in the kernel between steps until it
+    /// comes (or the request times out).
+    fn await_on_lane(&self, d: &Driver, i: u64) -> Option<(u8, u64)> {
+        let start = Instant::now();
+        let deadline = start + self.timeout;
+        let spin = d.spin_budget();
+        let mut n = 0u32;
+        let mut spinning = true;
+        loop {
+            if let Some(a) = self.ring.try_take(i) {
+                return Some(a);
+            }
+            d.step();
+            if spinning {
+                n = n.wrapping_add(1);
+                if n.is_multiple_of(64) {
+                    let now = Instant::now();
+                    if now > deadline {
+                        return None;
+                    }
+                    spinning = now - start < spin;
+                }
+                continue;
+            }
+            // The step may have answered it (a timeout).
+            if let Some(a) = self.ring.try_take(i) {
+                return Some(a);
+            }
+            let now = Instant::now();
+            if now > deadline {
+                return None;
+            }
+            let ring = &self.ring;
+            d.sleep(deadline - now, || ring.is_done(i));
+        }
+    }
+}
+
+/// How a remote access ended.
+enum Outcome {
+    /// A posted write, published: no answer to wait for.
+    Posted,
+    /// The answer (status, data), or none (no free slot or no answer in
+    /// time).
+    Answer(Option<(u8, u64)>),
+}
+
+/// The wire access for a port-I/O or MMIO read (`write` is `None`) or
+/// write.
+fn access(space: Space, addr: u64, size: AccessSize, write: Option<u64>) -> Access {
+    match (space, write) {
+        (Space::Pio, None) => Access::PioIn {
+            port: addr as u16,
+            size,
+        },
+        (Space::Pio, Some(d)) => Access::PioOut {
+            port: addr as u16,
+            size,
+            data: d as u32,
+        },
+        (Space::Mmio, None) => Access::MmioRead { gpa: addr, size },
+        (Space::Mmio, Some(d)) => Access::MmioWrite {
+            gpa: addr,
+            size,
+            data: d & size.mask(),
+        },
     }
 }
 

@@ -169,6 +169,9 @@ pub struct ClientSpec {
 /// Why a client could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The engine could not start.
+    #[error("start the engine: {0}")]
+    Engine(#[from] super::engine::EngineError),
     /// KVM refused something.
     #[error("VM {vm}: {source}")]
     Kvm {
@@ -598,8 +601,7 @@ impl Client {
                 servers: server_addrs.clone(),
             });
         }
-        let engine =
-            Engine::spawn(ecfg, lanes, spec.engine_core).map_err(io_err("start the engine"))?;
+        let engine = Engine::spawn(ecfg, lanes, spec.engine_core)?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut client = Client {
             stop: stop.clone(),

@@ -591,7 +591,7 @@ fn a_waiting_vcpu_sleeps_after_its_spin_budget() {
         false,
     );
     spec.engine.retransmit = Duration::from_millis(10);
-    spec.engine.max_retries = 40;
+    spec.engine.horizon = Duration::from_millis(400);
     let mut client = rig.start(spec);
     std::thread::sleep(Duration::from_millis(60));
     let before = thread_ticks("dp-vcpu-1-0").expect("the vCPU thread");

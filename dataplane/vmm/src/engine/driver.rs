@@ -1,0 +1,249 @@
+//! How vCPUs and the engine thread reach a lane: the doorbell that wakes
+//! a sleeping engine, a lane's cell (its loop and who may step it), and a
+//! direct lane's [`Driver`], through which its vCPU steps it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use super::EngineError;
+use super::lane::Loop;
+
+/// An eventfd owned by its holder (closed on drop).
+pub(crate) struct EventFd(pub(crate) libc::c_int);
+
+impl EventFd {
+    pub(crate) fn new() -> Result<EventFd, EngineError> {
+        // SAFETY: plain syscall; the fd is owned by the returned value.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(EngineError::EventFd(std::io::Error::last_os_error()));
+        }
+        Ok(EventFd(fd))
+    }
+
+    fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
+        unsafe { libc::write(self.0, &one as *const u64 as *const libc::c_void, 8) };
+    }
+
+    /// Resets the counter (non-blocking); whether it was signalled.
+    pub(crate) fn take(&self) -> bool {
+        let mut buf = 0u64;
+        // SAFETY: non-blocking read of 8 bytes into a valid u64.
+        unsafe { libc::read(self.0, &mut buf as *mut u64 as *mut libc::c_void, 8) == 8 }
+    }
+}
+
+impl Drop for EventFd {
+    fn drop(&mut self) {
+        // SAFETY: we own the fd.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+/// Shared between the engine and the vCPUs: lets a vCPU wake a sleeping
+/// engine.
+pub struct Doorbell {
+    pub(crate) sleeping: AtomicBool,
+    /// When the sleeping engine wakes by itself ([`now_ns`]), `u64::MAX`
+    /// while it sleeps without a deadline, 0 while it is awake.
+    pub(crate) wake_at: AtomicU64,
+    pub(crate) efd: EventFd,
+}
+
+impl Doorbell {
+    pub(crate) fn new() -> Result<Doorbell, EngineError> {
+        Ok(Doorbell {
+            sleeping: AtomicBool::new(false),
+            wake_at: AtomicU64::new(0),
+            efd: EventFd::new()?,
+        })
+    }
+
+    /// Called by a vCPU after publishing to its ring.
+    pub fn ring(&self) {
+        if self.sleeping.load(Ordering::SeqCst) {
+            self.kick();
+        }
+    }
+
+    /// Wakes the engine whether it sleeps or not.
+    pub(crate) fn kick(&self) {
+        self.efd.signal();
+    }
+
+    /// Wakes the engine if it would sleep past `due` ([`now_ns`]).
+    fn wake_by(&self, due: u64) {
+        if due < self.wake_at.load(Ordering::SeqCst) {
+            self.kick();
+        }
+    }
+}
+
+/// Nanoseconds since the first call in this process: the engine's clock
+/// for deadlines kept in atomics.
+pub(crate) fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    // Never 0, which means "none" where it is stored.
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
+}
+
+/// Makes a direct lane's vCPU thread service its lane: kicks it out of
+/// `KVM_RUN` (see [`Driver::attach`]).
+pub type Waker = Box<dyn Fn() + Send + Sync>;
+
+pub(crate) struct Cell {
+    pub(crate) lp: Mutex<Loop>,
+    /// Its vCPU is driving it (direct lanes): the engine keeps off.
+    pub(crate) driving: AtomicBool,
+    pub(crate) direct: bool,
+    /// Its ring belongs to one thread (see [`Loop::owned`]): the engine
+    /// thread for the shared lane, the vCPU thread for a direct lane.
+    pub(crate) owned: bool,
+    /// What a sleeping engine polls for this lane: the ring's registered
+    /// eventfd (the engine's own lane: deferred work arrived), the ring fd
+    /// (a shared lane: completions posted), or nothing (an owned direct
+    /// lane: its vCPU reaps it).
+    pub(crate) wake_fd: Option<libc::c_int>,
+    /// The engine-owned lane's registered eventfd (declared after `lp`: it
+    /// is closed after the ring).
+    pub(crate) evfd: Option<EventFd>,
+    /// Owned direct lanes: when its earliest datagram in flight is due for
+    /// retransmission ([`now_ns`]), 0 if none; published by its vCPU when
+    /// it stops driving.
+    pub(crate) due: AtomicU64,
+    /// Owned direct lanes: makes the vCPU service the lane.
+    pub(crate) waker: OnceLock<Waker>,
+}
+
+/// A vCPU's handle on its direct lane: it sends its own requests and reaps
+/// its own answers while it waits, on its own thread, so a synchronous
+/// exit involves no other thread of the client (the 2-core choice: two
+/// spinners, the vCPU and the server worker).
+///
+/// The lane's io_uring is *owned* by the vCPU thread where the kernel
+/// allows it (Linux 6.1+: `IORING_SETUP_DEFER_TASKRUN` with
+/// `SINGLE_ISSUER`): received datagrams are completed only when that
+/// thread enters the ring, never by task work that interrupts whichever
+/// thread runs (without it, every answer cost the waiting vCPU an
+/// inter-processor interrupt: 20 us instead of 8 us for a round trip on the
+/// development machine). Nothing the guest waits for arrives on the lane
+/// while the vCPU runs its guest: its requests name the engine's interrupt
+/// socket ([`super::Lane::irq_port`]), so interrupts go there and the engine
+/// injects them; what does arrive (the acknowledgement of a posted write)
+/// is reaped at the vCPU's next exit. The engine kicks the vCPU out of
+/// `KVM_RUN` ([`Driver::attach`]'s waker) only when a datagram in flight is
+/// due for retransmission, and the vCPU services its lane
+/// ([`Driver::service`]) before it enters the guest again. (An eventfd
+/// registered with the ring would have said when something arrived, but
+/// on Linux 6.18 it is signalled for every completion whatever
+/// `IORING_CQ_EVENTFD_DISABLED` says, which woke the engine for every
+/// answer.) Where the kernel refuses owned rings, the engine thread steps
+/// the lane itself while the vCPU is in its guest, as SQPOLL lanes always
+/// do.
+#[derive(Clone)]
+pub struct Driver {
+    pub(crate) cell: Arc<Cell>,
+    pub(crate) doorbell: Arc<Doorbell>,
+    pub(crate) spin: Duration,
+}
+
+impl Driver {
+    /// Called once on the vCPU's own thread before it runs its guest: the
+    /// thread takes the lane's ring (if owned) and arms its receives.
+    /// `waker` makes this vCPU call [`Driver::service`] soon (a kick out of
+    /// `KVM_RUN`).
+    pub fn attach(&self, waker: Waker) -> Result<(), EngineError> {
+        let _ = self.cell.waker.set(waker);
+        let mut l = self.cell.lp.lock().unwrap_or_else(|p| p.into_inner());
+        l.start()
+    }
+
+    /// Starts driving (before publishing a request): the engine keeps off.
+    pub fn begin(&self) {
+        self.cell.driving.store(true, Ordering::SeqCst);
+    }
+
+    /// Runs one engine iteration on this lane; `false` if nothing happened
+    /// (or the engine holds the lane right now).
+    pub fn step(&self) -> bool {
+        match self.cell.lp.try_lock() {
+            Ok(mut l) => l.step(true).unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+
+    /// Stops driving (before entering the guest). On an owned ring, what
+    /// arrived meanwhile is reaped now and the engine learns when the
+    /// lane's next retransmission is due. A shared lane with datagrams in
+    /// flight wakes the engine to look after them.
+    pub fn end(&self) {
+        let c = &self.cell;
+        if !c.owned {
+            c.driving.store(false, Ordering::SeqCst);
+            let busy = c.lp.try_lock().map(|l| l.busy()).unwrap_or(true);
+            if busy {
+                self.doorbell.kick();
+            }
+            return;
+        }
+        let Ok(mut l) = c.lp.lock() else {
+            c.driving.store(false, Ordering::SeqCst);
+            return;
+        };
+        c.driving.store(false, Ordering::SeqCst);
+        if l.pending() {
+            let _ = l.step(true);
+        }
+        let due = l.next_due();
+        drop(l);
+        c.due.store(due, Ordering::SeqCst);
+        if due != 0 {
+            self.doorbell.wake_by(due);
+        }
+    }
+
+    /// Sleeps until something completes on the lane, a retransmission is
+    /// due, or `max` passes, whichever is first (the vCPU spun its
+    /// [`super::EngineConfig::direct_spin`] for an answer); a step reaps it. It
+    /// steps the lane first, under the same hold: the request may not have
+    /// gone out yet (every step the vCPU tried while it spun may have
+    /// found the engine thread on a shared lane), and the engine may have
+    /// reaped the answer already, which `answered()` then says. Holding
+    /// the lane for the whole sleep keeps the engine off it.
+    pub fn sleep(&self, max: Duration, answered: impl Fn() -> bool) {
+        if let Ok(mut l) = self.cell.lp.lock() {
+            let _ = l.step(true);
+            if !answered() {
+                l.block(max);
+            }
+        }
+    }
+
+    /// How long the vCPU spins for an answer before it sleeps
+    /// ([`super::EngineConfig::direct_spin`]).
+    pub fn spin_budget(&self) -> Duration {
+        self.spin
+    }
+
+    /// Services the lane once (the vCPU was kicked): sends what is due,
+    /// reaps what arrived, injects interrupts.
+    pub fn service(&self) {
+        self.begin();
+        self.step();
+        self.end();
+    }
+
+    /// Drives the lane until nothing is in flight (posted writes answered)
+    /// or `deadline`: what a vCPU does when its guest has ended.
+    pub fn flush(&self, deadline: Instant) {
+        self.begin();
+        while self.cell.lp.lock().map(|l| l.busy()).unwrap_or(false) && Instant::now() < deadline {
+            self.step();
+            std::hint::spin_loop();
+        }
+        self.end();
+    }
+}

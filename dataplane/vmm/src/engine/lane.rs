@@ -1,0 +1,492 @@
+//! A lane's io_uring side: it drains the exit rings of its vCPUs into the
+//! [`Protocol`], carries out what the protocol asks ([`LaneIo`]: sends from
+//! registered buffers, answers into exit rings, interrupt injection,
+//! acknowledgements) and feeds it what the multishot receives bring. It
+//! only moves bytes; every decision is the protocol's.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use devplane_wire::IrqAction;
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+
+use super::driver::now_ns;
+use super::protocol::{Io, Peer, Protocol, Settings};
+use super::ring_setup::{self, BUF_SIZE, BUFS_PER_SOCKET, SEND_BUFS, SEND_SLOT};
+use super::stats::{EngineStats, add};
+use super::{EngineConfig, EngineError, Injector, Lane};
+use crate::ring::ExitRing;
+
+const UD_SEND: u64 = 1 << 56;
+const UD_RECV: u64 = 2 << 56;
+const UD_PROVIDE: u64 = 3 << 56;
+const UD_KIND: u64 = 0xff << 56;
+/// `io_uring_enter` flag: run deferred work and reap (`IORING_ENTER_GETEVENTS`).
+const ENTER_GETEVENTS: u32 = 1;
+
+/// What the protocol's effects need: the ring, the sockets, the send
+/// buffers, the vCPUs' exit rings and the VMs' injectors.
+pub(crate) struct LaneIo {
+    /// First field: dropped before the buffers registered with it.
+    ring: IoUring,
+    sockets: Vec<UdpSocket>,
+    /// Per socket: connected to its server.
+    connected: Vec<bool>,
+    /// [`Lane::servers`].
+    servers: HashMap<u32, SocketAddr>,
+    /// Per vCPU (the protocol's flow index): its exit ring.
+    rings: Vec<Arc<ExitRing>>,
+    injectors: HashMap<u32, Injector>,
+    /// Registered send buffers, `SEND_SLOT` bytes each; a buffer is in use
+    /// from its send until its completion (for SEND_ZC, its notification).
+    send_pool: Box<[u8]>,
+    free_send: Vec<usize>,
+    registered: bool,
+    zero_copy: bool,
+    stats: Arc<EngineStats>,
+}
+
+impl LaneIo {
+    fn push(&mut self, e: squeue::Entry) -> Result<(), EngineError> {
+        loop {
+            // SAFETY: the buffers an entry points at (receive pools, send
+            // buffers) live in the `Loop` until the entry completes: send
+            // buffers are only recycled on their completion, the rest for
+            // the whole loop, which drops the ring first.
+            if unsafe { self.ring.submission().push(&e) }.is_ok() {
+                return Ok(());
+            }
+            self.ring.submit().map_err(EngineError::Submit)?;
+        }
+    }
+
+    /// A send completed: its buffer is free again (for SEND_ZC, once the
+    /// notification that follows says so).
+    fn on_sent(&mut self, ud: u64, res: i32, flags: u32) {
+        let id = (ud & !UD_KIND) as usize;
+        if res < 0 {
+            add(&self.stats.send_errors, 1);
+        }
+        let held = cqueue::more(flags) && !cqueue::notif(flags);
+        if !held && id < SEND_BUFS {
+            self.free_send.push(id);
+        }
+    }
+}
+
+impl Io for LaneIo {
+    fn send(&mut self, socket: usize, datagram: &[u8]) -> Result<(), EngineError> {
+        // The protocol may retire its datagram before the send completes:
+        // send from a registered buffer held until its completion.
+        let Some(id) = self.free_send.pop() else {
+            // Every buffer is in flight: the retransmission timer retries.
+            add(&self.stats.send_pool_empty, 1);
+            return Ok(());
+        };
+        let off = id * SEND_SLOT;
+        let len = datagram.len().min(SEND_SLOT);
+        self.send_pool[off..off + len].copy_from_slice(&datagram[..len]);
+        let ptr = self.send_pool[off..].as_ptr();
+        let fd = types::Fd(self.sockets[socket].as_raw_fd());
+        let e = if self.zero_copy {
+            let mut op = opcode::SendZc::new(fd, ptr, len as u32);
+            if self.registered {
+                op = op.buf_index(Some(id as u16));
+            }
+            op.build()
+        } else {
+            opcode::Send::new(fd, ptr, len as u32).build()
+        };
+        self.push(e.user_data(UD_SEND | id as u64))
+    }
+
+    fn complete(&mut self, vcpu: usize, slot: u64, status: u8, data: u64) {
+        self.rings[vcpu].complete(slot, status, data);
+    }
+
+    fn inject(&mut self, vm: u32, line: u32, action: IrqAction) -> bool {
+        self.injectors
+            .get(&vm)
+            .is_some_and(|inject| inject(line, action))
+    }
+
+    fn ack(&mut self, socket: usize, server: u32, datagram: &[u8]) {
+        let s = &self.sockets[socket];
+        let sent = if self.connected.get(socket).copied().unwrap_or(false) {
+            s.send(datagram)
+        } else {
+            match self.servers.get(&server) {
+                Some(addr) => s.send_to(datagram, addr),
+                None => {
+                    add(&self.stats.send_errors, 1);
+                    return;
+                }
+            }
+        };
+        match sent {
+            Ok(_) => add(&self.stats.acks_sent, 1),
+            Err(_) => add(&self.stats.send_errors, 1),
+        }
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The engine's work over a set of vCPUs and sockets, one io_uring.
+pub(crate) struct Loop {
+    /// Declared before `recv_bufs`: its ring is dropped first.
+    io: LaneIo,
+    proto: Protocol,
+    /// One receive pool per socket, provided to the kernel.
+    recv_bufs: Vec<Box<[u8]>>,
+    /// Per vCPU: the exit-ring index up to which requests were taken.
+    tails: Vec<u64>,
+    retransmit: Duration,
+    /// The ring is owned by the one thread that steps it
+    /// (`IORING_SETUP_DEFER_TASKRUN | SINGLE_ISSUER | TASKRUN_FLAG`,
+    /// enabled by that thread in [`Loop::start`]): what the kernel
+    /// received is completed only when that thread enters the ring, and
+    /// `IORING_SQ_TASKRUN` says when to.
+    owned: bool,
+    started: bool,
+    /// Sockets whose multishot receive ended, re-armed by the owner.
+    rearm: Vec<usize>,
+    /// Completion scratch, reused every step.
+    cqes: Vec<(u64, i32, u32)>,
+}
+
+impl Loop {
+    /// The loop of `lane` over `ring` (owned by one thread if `owned`).
+    pub(crate) fn new(
+        cfg: &EngineConfig,
+        ring: IoUring,
+        owned: bool,
+        lane: Lane,
+        stats: Arc<EngineStats>,
+    ) -> Loop {
+        let settings = Settings {
+            client: cfg.client,
+            irq_port: lane.irq_port,
+            retransmit_ns: nanos(cfg.retransmit),
+            retransmit_max_ns: nanos(cfg.retransmit_max.max(cfg.retransmit)),
+            horizon_ns: nanos(cfg.horizon),
+            loss: cfg.loss,
+        };
+        let peers = lane
+            .vcpus
+            .iter()
+            .map(|p| Peer {
+                vm: p.vm,
+                vcpu: p.vcpu,
+                models: p.models.clone(),
+            })
+            .collect();
+        let (send_pool, registered) = ring_setup::send_pool(&ring);
+        Loop {
+            proto: Protocol::new(settings, peers, stats.clone()),
+            recv_bufs: lane
+                .sockets
+                .iter()
+                .map(|_| ring_setup::recv_pool())
+                .collect(),
+            tails: vec![0; lane.vcpus.len()],
+            io: LaneIo {
+                ring,
+                connected: lane.sockets.iter().map(|s| s.peer_addr().is_ok()).collect(),
+                sockets: lane.sockets,
+                servers: lane.servers,
+                rings: lane.vcpus.into_iter().map(|p| p.ring).collect(),
+                injectors: lane.injectors,
+                send_pool,
+                free_send: (0..SEND_BUFS).rev().collect(),
+                registered,
+                zero_copy: cfg.zero_copy,
+                stats,
+            },
+            retransmit: cfg.retransmit,
+            owned,
+            started: false,
+            rearm: Vec::new(),
+            cqes: Vec::with_capacity(64),
+        }
+    }
+
+    fn provide(&mut self, sock: usize, bid: u16) -> Result<(), EngineError> {
+        if bid >= BUFS_PER_SOCKET {
+            return Ok(());
+        }
+        let base = self.recv_bufs[sock].as_mut_ptr();
+        // SAFETY: bid < BUFS_PER_SOCKET, so the buffer is inside the pool.
+        let addr = unsafe { base.add(bid as usize * BUF_SIZE) };
+        let e = opcode::ProvideBuffers::new(addr, BUF_SIZE as i32, 1, sock as u16, bid)
+            .build()
+            .user_data(UD_PROVIDE);
+        self.io.push(e)
+    }
+
+    fn arm_recv(&mut self, sock: usize) -> Result<(), EngineError> {
+        let fd = types::Fd(self.io.sockets[sock].as_raw_fd());
+        let e = opcode::RecvMulti::new(fd, sock as u16)
+            .build()
+            .user_data(UD_RECV | sock as u64);
+        self.io.push(e)
+    }
+
+    /// Takes an owned ring for the calling thread, provides the receive
+    /// buffers and arms the multishot receives. The thread that calls this
+    /// is the one io_uring runs receive work on (task work goes to the
+    /// submitter): the engine thread for the shared lane, the vCPU thread
+    /// for a direct lane.
+    pub(crate) fn start(&mut self) -> Result<(), EngineError> {
+        if self.started {
+            return Ok(());
+        }
+        if self.owned {
+            // The kernel records this thread as the ring's single issuer.
+            self.io
+                .ring
+                .submitter()
+                .register_enable_rings()
+                .map_err(EngineError::EnableRing)?;
+        }
+        for s in 0..self.recv_bufs.len() {
+            let base = self.recv_bufs[s].as_mut_ptr();
+            let e =
+                opcode::ProvideBuffers::new(base, BUF_SIZE as i32, BUFS_PER_SOCKET, s as u16, 0)
+                    .build()
+                    .user_data(UD_PROVIDE);
+            self.io.push(e)?;
+            self.arm_recv(s)?;
+        }
+        self.started = true;
+        self.enter()
+    }
+
+    /// One `io_uring_enter` when there is something to do: submits what is
+    /// queued and, on an owned ring, runs the deferred work (datagrams the
+    /// kernel received) so that their completions can be reaped. Nothing
+    /// when nothing is queued and nothing waits.
+    fn enter(&mut self) -> Result<(), EngineError> {
+        let ring = &mut self.io.ring;
+        let to_submit = ring.submission().len() as u32;
+        if !self.owned {
+            if to_submit > 0 {
+                ring.submit().map_err(EngineError::Submit)?;
+                add(&self.io.stats.submits, 1);
+            }
+            return Ok(());
+        }
+        if to_submit == 0 && !ring.submission().taskrun() {
+            return Ok(());
+        }
+        // SAFETY: no argument structure is passed; the entries being
+        // submitted point at memory this `Loop` keeps (see `LaneIo::push`).
+        let r = unsafe {
+            ring.submitter()
+                .enter::<libc::sigset_t>(to_submit, 0, ENTER_GETEVENTS, None)
+        };
+        match r {
+            Ok(_) => {
+                if to_submit > 0 {
+                    add(&self.io.stats.submits, 1);
+                }
+                Ok(())
+            }
+            // Interrupted, or the completion queue is full: what is left
+            // goes with the next call.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(EngineError::Submit(e)),
+        }
+    }
+
+    /// Waits in the kernel for a completion, at most until the next
+    /// retransmission is due or `max` (submitting what is queued first).
+    /// Interrupted or timed out, it just returns: the next step sees.
+    pub(crate) fn block(&mut self, max: Duration) {
+        if !self.io.ring.completion().is_empty() {
+            return;
+        }
+        // Nothing in flight: nothing to wait for but a stray answer; wake
+        // at the retransmission interval all the same, a safety net.
+        let wait = match self.proto.next_due() {
+            None => max.min(self.retransmit),
+            Some(due) => max.min(Duration::from_nanos(due.saturating_sub(now_ns()))),
+        };
+        let ts = types::Timespec::from(wait);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        let _ = self.io.ring.submitter().submit_with_args(1, &args);
+    }
+
+    /// Whether the kernel holds work for this ring: deferred completions
+    /// (owned) or completions not reaped yet (shared).
+    pub(crate) fn pending(&mut self) -> bool {
+        if self.owned {
+            self.io.ring.submission().taskrun()
+        } else {
+            !self.io.ring.completion().is_empty()
+        }
+    }
+
+    /// Whether entries wait in the submission queue.
+    pub(crate) fn queued(&mut self) -> bool {
+        !self.io.ring.submission().is_empty()
+    }
+
+    /// When the earliest datagram in flight is due for retransmission
+    /// ([`now_ns`]); 0 if none is in flight.
+    pub(crate) fn next_due(&self) -> u64 {
+        self.proto.next_due().unwrap_or(0)
+    }
+
+    /// One iteration: new requests out, due retransmissions out, one
+    /// submit, completions in. Never blocks.
+    pub(crate) fn step(&mut self, owner: bool) -> Result<bool, EngineError> {
+        if !self.started {
+            if !owner {
+                return Ok(false);
+            }
+            self.start()?;
+        }
+        if owner {
+            for s in std::mem::take(&mut self.rearm) {
+                self.arm_recv(s)?;
+            }
+        }
+        let now = now_ns();
+        let mut work = self.drain_rings(now)?.0;
+        work |= self.proto.retransmit(now, &mut self.io)?;
+        self.enter()?;
+        if self.reap(owner)? {
+            work = true;
+            // An answered datagram lets the requests queued behind it go
+            // now: the thread stepping may not step again soon (a vCPU
+            // about to halt in its guest). Only then: the buffers the reap
+            // gave back go with the next entry, not a system call of their
+            // own.
+            if self.drain_rings(now)?.1 {
+                self.enter()?;
+            }
+        }
+        Ok(work)
+    }
+
+    /// Whether a vCPU published something not yet taken.
+    pub(crate) fn fresh(&self) -> bool {
+        self.tails
+            .iter()
+            .zip(&self.io.rings)
+            .any(|(&tail, ring)| tail < ring.head())
+    }
+
+    /// Whether a vCPU published something not yet taken, or a datagram is
+    /// in flight.
+    pub(crate) fn busy(&self) -> bool {
+        self.fresh() || self.proto.in_flight()
+    }
+
+    /// Moves newly published requests into the protocol's queues and sends
+    /// whatever may go. Returns whether it took new requests, and whether
+    /// it queued a send.
+    fn drain_rings(&mut self, now: u64) -> Result<(bool, bool), EngineError> {
+        let mut work = false;
+        let mut sent = false;
+        for v in 0..self.tails.len() {
+            work |= self.take_published(v);
+            sent |= self.proto.send_ready(v, now, &mut self.io)?;
+        }
+        Ok((work, sent))
+    }
+
+    /// Hands vCPU `v`'s newly published requests to the protocol; whether
+    /// there were any.
+    fn take_published(&mut self, v: usize) -> bool {
+        let head = self.io.rings[v].head();
+        let fresh = self.tails[v] < head;
+        while self.tails[v] < head {
+            let i = self.tails[v];
+            let ring = &self.io.rings[v];
+            let model = ring.slot(i).model.load(Ordering::Relaxed) as usize;
+            let record = ring.record(i);
+            self.tails[v] += 1;
+            self.proto.request(v, i, model, &record, &mut self.io);
+        }
+        fresh
+    }
+
+    /// Handles every completion posted; whether there was any.
+    fn reap(&mut self, owner: bool) -> Result<bool, EngineError> {
+        // Reused scratch: no allocation per step.
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.clear();
+        cqes.extend(
+            self.io
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+        let r = cqes
+            .iter()
+            .try_for_each(|&(ud, res, flags)| match ud & UD_KIND {
+                UD_SEND => {
+                    self.io.on_sent(ud, res, flags);
+                    Ok(())
+                }
+                UD_RECV => self.on_received((ud & !UD_KIND) as usize, res, flags, owner),
+                _ => Ok(()),
+            });
+        let work = !cqes.is_empty();
+        self.cqes = cqes;
+        r?;
+        // Buffers given back and receives re-armed: a shared ring submits
+        // them now; an owned ring's go with its next entry (the next
+        // request, or a service after an arrival), saving a system call
+        // per answer.
+        if !self.owned && self.queued() {
+            self.io.ring.submit().map_err(EngineError::Submit)?;
+        }
+        Ok(work)
+    }
+
+    /// A receive on socket `sock` completed: its datagram goes to the
+    /// protocol (parsed in place) and its buffer back to the kernel; an
+    /// ended multishot receive is armed again (by the ring's owner).
+    fn on_received(
+        &mut self,
+        sock: usize,
+        res: i32,
+        flags: u32,
+        owner: bool,
+    ) -> Result<(), EngineError> {
+        if res > 0
+            && let Some(bid) = cqueue::buffer_select(flags)
+        {
+            let off = bid as usize * BUF_SIZE;
+            let n = (res as usize).min(BUF_SIZE);
+            if let Some(bytes) = self.recv_bufs[sock].get(off..off + n) {
+                self.proto.on_datagram(bytes, sock, &mut self.io);
+            }
+            self.provide(sock, bid)?;
+        }
+        if !cqueue::more(flags) {
+            if owner {
+                self.arm_recv(sock)?;
+            } else {
+                self.rearm.push(sock);
+            }
+        }
+        Ok(())
+    }
+}

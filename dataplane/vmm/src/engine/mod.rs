@@ -1,0 +1,346 @@
+//! The client's wire: *lanes* (an io_uring, its sockets, the exit rings of
+//! the vCPUs it serves) that drain exit rings into io_uring sends, receive
+//! answers and interrupts with multishot receive, match answers to their
+//! vCPU by (VM, vCPU, sequence) and wake it, retransmit what is not
+//! answered in time, and inject (and acknowledge) interrupts. In engine
+//! mode one engine thread runs one lane for every vCPU; in direct mode
+//! each vCPU runs its own lane while it waits ([`Driver`]), and the engine
+//! thread runs the lane of the client's interrupt socket and watches the
+//! vCPUs' retransmission deadlines.
+//!
+//! Ordering and batching: per (vCPU, device model) at most one datagram is
+//! in flight. Requests queued behind it (posted writes, say) go out
+//! together in the next datagram, up to 36 records, once it is answered.
+//! So a device sees a vCPU's accesses in program order even across loss
+//! and retransmission, a read never overtakes an earlier posted write, and
+//! posted writes batch themselves under load.
+//!
+//! The rules of the wire are `protocol`'s, apart from any I/O; `lane`
+//! carries them out over io_uring; `driver` is how vCPUs reach a lane
+//! and `thread` how the engine thread runs them.
+
+mod driver;
+mod lane;
+mod protocol;
+mod ring_setup;
+mod stats;
+mod thread;
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use devplane_wire::IrqAction;
+
+use super::ring::ExitRing;
+use driver::{Cell, EventFd};
+pub use driver::{Doorbell, Driver, Waker};
+use lane::Loop;
+pub use stats::EngineStats;
+use thread::EngineThread;
+
+/// What can go wrong in the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    /// A lane's io_uring could not be set up.
+    #[error("cannot set up an io_uring: {0}")]
+    Ring(#[source] std::io::Error),
+    /// An eventfd could not be registered with a lane's io_uring.
+    #[error("cannot register an eventfd with an io_uring: {0}")]
+    RegisterEventFd(#[source] std::io::Error),
+    /// The thread that drives a lane could not take its io_uring.
+    #[error("cannot take the lane's io_uring for this thread: {0}")]
+    EnableRing(#[source] std::io::Error),
+    /// Submitting to a lane's io_uring failed.
+    #[error("io_uring submission failed: {0}")]
+    Submit(#[source] std::io::Error),
+    /// The engine thread could not be started.
+    #[error("cannot start the engine thread: {0}")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// Status the engine gives a request that was never answered.
+pub const STATUS_TIMEOUT: u8 = 0xff;
+
+/// Deterministic loss injection (the kernel here has no netem).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Loss {
+    /// Outgoing request datagrams dropped, per mille.
+    pub tx_permille: u16,
+    /// Incoming answer datagrams dropped, per mille.
+    pub rx_permille: u16,
+    /// Seed of the drop decisions.
+    pub seed: u64,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// This client platform's id.
+    pub client: u32,
+    /// Empty polls before the engine sleeps.
+    pub spin_budget: u32,
+    /// Longest sleep when idle.
+    pub idle_sleep: Duration,
+    /// Resend a datagram not answered within this; each further resend
+    /// waits twice as long as the one before (exponential back-off), up to
+    /// [`EngineConfig::retransmit_max`].
+    pub retransmit: Duration,
+    /// The longest wait between two resends.
+    pub retransmit_max: Duration,
+    /// Give up on a datagram (answer its unanswered requests
+    /// `STATUS_TIMEOUT`) this long after its first send: long enough for a
+    /// server to restart. Keep it below a vCPU's request timeout (10 s),
+    /// so that the engine answers before the vCPU stops waiting.
+    pub horizon: Duration,
+    /// Loss injection.
+    pub loss: Loss,
+    /// Send with IORING_OP_SEND_ZC (zero copy from the registered send
+    /// buffers) instead of IORING_OP_SEND.
+    pub zero_copy: bool,
+    /// Direct lanes get io_uring's SQPOLL thread (one, shared by every
+    /// lane through IORING_SETUP_ATTACH_WQ) instead of submitting
+    /// themselves.
+    pub sqpoll: Option<SqPoll>,
+    /// How long a vCPU that drives its lane spins for an answer before it
+    /// sleeps in `io_uring_enter` until one arrives (or a retransmission
+    /// is due): a round trip takes ~17 us on the development machine, a
+    /// slow device (a disk's flush) milliseconds.
+    pub direct_spin: Duration,
+    /// Give each lane's io_uring to the one thread that steps it (Linux
+    /// 6.1+, see [`Driver`]); `false` makes every ring shared, as on an
+    /// older kernel (for comparison: every answer then interrupts the
+    /// waiting vCPU).
+    pub owned_rings: bool,
+}
+
+/// io_uring's kernel submission thread, shared by the direct lanes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SqPoll {
+    /// Milliseconds it spins idle before sleeping.
+    pub idle_ms: u32,
+    /// The core it is bound to, if any.
+    pub cpu: Option<u32>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            client: 0,
+            spin_budget: 2000,
+            idle_sleep: Duration::from_micros(200),
+            retransmit: Duration::from_millis(2),
+            retransmit_max: Duration::from_millis(250),
+            horizon: Duration::from_secs(9),
+            loss: Loss::default(),
+            zero_copy: false,
+            sqpoll: None,
+            direct_spin: Duration::from_micros(200),
+            owned_rings: true,
+        }
+    }
+}
+
+/// A device model reached over the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteModel {
+    /// Device-model id.
+    pub model: u32,
+    /// Server platform id.
+    pub server: u32,
+    /// Index of the server's socket in the engine's socket list.
+    pub socket: usize,
+}
+
+/// What the engine needs of one vCPU.
+#[derive(Clone)]
+pub struct VcpuPort {
+    /// VM id.
+    pub vm: u32,
+    /// Hypervisor id.
+    pub hypervisor: u32,
+    /// vCPU index.
+    pub vcpu: u16,
+    /// Its exit ring.
+    pub ring: Arc<ExitRing>,
+    /// The remote models its VM maps, indexed as the ring's `model` field.
+    pub models: Arc<[RemoteModel]>,
+}
+
+/// Injects an interrupt into a VM: `(line, action) -> delivered`.
+pub type Injector = Box<dyn Fn(u32, IrqAction) -> bool + Send>;
+
+/// One io_uring and its sockets serving a set of vCPUs.
+pub struct Lane {
+    /// One connected UDP socket per server, in server order.
+    pub sockets: Vec<UdpSocket>,
+    /// The vCPUs it serves.
+    pub vcpus: Vec<VcpuPort>,
+    /// Interrupt injectors of the VMs whose interrupts may arrive here.
+    pub injectors: HashMap<u32, Injector>,
+    /// Direct: its one vCPU drives it (see [`Driver`]).
+    pub direct: bool,
+    /// The port of the engine's interrupt socket, named in every request
+    /// this lane sends ([`devplane_wire::header::HDR_IRQ_PORT`]) so that
+    /// servers send interrupts there and not to this lane's socket; `None`:
+    /// interrupts come to this lane's own sockets.
+    pub irq_port: Option<u16>,
+    /// Where each server (by id) takes acknowledgements of its interrupts:
+    /// needed for a socket that is not connected to it.
+    pub servers: HashMap<u32, SocketAddr>,
+}
+
+/// A running engine. Dropping it stops the thread.
+pub struct Engine {
+    stop: Arc<AtomicBool>,
+    join: Option<JoinHandle<()>>,
+    stats: Arc<EngineStats>,
+    doorbell: Arc<Doorbell>,
+    drivers: Vec<Option<Driver>>,
+    owned: bool,
+}
+
+/// Builds lane `lane`'s cell: its io_uring, the fd a sleeping engine
+/// polls for it, its loop. Also says whether its ring is owned.
+fn build_cell(
+    cfg: &EngineConfig,
+    lane: Lane,
+    stats: &Arc<EngineStats>,
+    sq_owner: &mut Option<libc::c_int>,
+) -> Result<(Arc<Cell>, bool), EngineError> {
+    let direct = lane.direct;
+    let (ring, owned) = ring_setup::build_ring(cfg, direct, sq_owner)?;
+    // The engine sleeps on the eventfd of the ring it owns (every arrival
+    // there is work for it), on a shared ring's fd, and on nothing of an
+    // owned direct lane's.
+    let evfd = if owned && !direct {
+        let e = EventFd::new()?;
+        ring.submitter()
+            .register_eventfd(e.0)
+            .map_err(EngineError::RegisterEventFd)?;
+        Some(e)
+    } else {
+        None
+    };
+    let wake_fd = match (&evfd, owned) {
+        (Some(e), _) => Some(e.0),
+        (None, false) => Some(ring.as_raw_fd()),
+        (None, true) => None,
+    };
+    let lp = Loop::new(cfg, ring, owned, lane, stats.clone());
+    let cell = Cell {
+        lp: Mutex::new(lp),
+        driving: AtomicBool::new(false),
+        direct,
+        owned,
+        wake_fd,
+        evfd,
+        due: AtomicU64::new(0),
+        waker: OnceLock::new(),
+    };
+    Ok((Arc::new(cell), owned))
+}
+
+impl Engine {
+    /// Starts the engine thread (pinned to `core` if given) over `lanes`.
+    pub fn spawn(
+        cfg: EngineConfig,
+        lanes: Vec<Lane>,
+        core: Option<usize>,
+    ) -> Result<Engine, EngineError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(EngineStats::default());
+        let doorbell = Arc::new(Doorbell::new()?);
+        let mut cells = Vec::new();
+        let mut sq_owner: Option<libc::c_int> = None;
+        let mut all_owned = cfg.owned_rings;
+        for lane in lanes {
+            let sqpoll = lane.direct && cfg.sqpoll.is_some();
+            let (cell, owned) = build_cell(&cfg, lane, &stats, &mut sq_owner)?;
+            all_owned &= owned || sqpoll;
+            cells.push(cell);
+        }
+        let drivers = cells
+            .iter()
+            .map(|c| {
+                c.direct.then(|| Driver {
+                    cell: c.clone(),
+                    doorbell: doorbell.clone(),
+                    spin: cfg.direct_spin,
+                })
+            })
+            .collect();
+        let t = EngineThread {
+            cfg,
+            cells,
+            doorbell: doorbell.clone(),
+            stop: stop.clone(),
+            stats: stats.clone(),
+        };
+        let join = std::thread::Builder::new()
+            .name("dp-engine".into())
+            .spawn(move || {
+                if let Some(c) = core {
+                    let _ = affinity::set_thread_affinity([c]);
+                }
+                t.run();
+            })
+            .map_err(EngineError::Spawn)?;
+        Ok(Engine {
+            stop,
+            join: Some(join),
+            stats,
+            doorbell,
+            drivers,
+            owned: all_owned,
+        })
+    }
+
+    /// The driver of lane `i`, if it is a direct lane.
+    pub fn driver(&self, i: usize) -> Option<Driver> {
+        self.drivers.get(i).cloned().flatten()
+    }
+
+    /// Whether every lane that can be owned by one thread is (the kernel
+    /// has `IORING_SETUP_DEFER_TASKRUN`; SQPOLL lanes never are, nor lanes
+    /// of an engine configured without [`EngineConfig::owned_rings`]).
+    pub fn owned_rings(&self) -> bool {
+        self.owned
+    }
+
+    /// The engine's counters.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// The doorbell vCPUs ring after publishing a request.
+    pub fn doorbell(&self) -> Arc<Doorbell> {
+        self.doorbell.clone()
+    }
+
+    /// Stops the engine and waits for it.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.doorbell.kick();
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

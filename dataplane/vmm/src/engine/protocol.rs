@@ -1,0 +1,518 @@
+//! The engine's protocol, without I/O: what a lane sends, retransmits,
+//! answers, injects and acknowledges, decided from what it is given. No
+//! io_uring, no socket, no clock: the time is passed in (nanoseconds on any
+//! monotonic scale) and every effect goes through [`Io`], which the lane
+//! carries out (it only moves bytes).
+//!
+//! The rules:
+//! - Per (vCPU, model) one datagram at most is in flight (stop and wait).
+//!   Requests queued behind it go together in the next datagram, up to
+//!   [`MAX_RECORDS`] records, in the order the vCPU made them, once every
+//!   record of the one in flight is answered (or given up on).
+//! - A datagram not fully answered within the retransmission interval is
+//!   sent again, the same bytes (so the same sequence numbers); each
+//!   further resend waits twice as long as the one before, up to a cap
+//!   (exponential back-off). Once the horizon has passed since its first
+//!   send, its unanswered records are answered [`STATUS_TIMEOUT`].
+//! - An answer matches a record by (VM, vCPU, model, sequence); an answer
+//!   that matches nothing in flight, or a record already answered, is late
+//!   (counted, ignored).
+//! - Interrupts are applied once each per (model, VM), in sequence order:
+//!   one whose number is not above the last applied is a duplicate (a
+//!   server resending an unacknowledged datagram). Every interrupt
+//!   datagram is acknowledged up to its highest sequence number, its
+//!   duplicates and interrupts for an unknown VM too.
+//! - Loss injection drops outgoing datagrams (requests and
+//!   acknowledgements) and incoming ones with the configured per-mille
+//!   chances, drawn from a seeded generator.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use devplane_wire::{
+    Ack, Datagram, DatagramWriter, HEADER_LEN, Header, Interrupt, IrqAction, Kind, MAX_DATAGRAM,
+    MAX_RECORDS, RECORD_LEN, RawRecord, Record, RequestId, Response, Status, datagram,
+};
+use zerocopy::FromBytes;
+
+use super::stats::{EngineStats, add};
+use super::{EngineError, Loss, RemoteModel, STATUS_TIMEOUT};
+
+/// The effects the protocol asks of its lane.
+pub(crate) trait Io {
+    /// Sends request datagram `datagram` from socket `socket` (connected to
+    /// the model's server).
+    fn send(&mut self, socket: usize, datagram: &[u8]) -> Result<(), EngineError>;
+    /// Answers slot `slot` of vCPU `vcpu`'s exit ring.
+    fn complete(&mut self, vcpu: usize, slot: u64, status: u8, data: u64);
+    /// Injects an interrupt into VM `vm`; whether it was delivered.
+    fn inject(&mut self, vm: u32, line: u32, action: IrqAction) -> bool;
+    /// Sends acknowledgement `datagram` to server `server` from socket
+    /// `socket` (the one its interrupts came to).
+    fn ack(&mut self, socket: usize, server: u32, datagram: &[u8]);
+}
+
+/// What the protocol needs of the engine's configuration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    /// This client platform's id.
+    pub client: u32,
+    /// Named in every request ([`super::Lane::irq_port`]).
+    pub irq_port: Option<u16>,
+    /// Resend a datagram not answered within this many nanoseconds; each
+    /// further resend waits twice as long as the one before.
+    pub retransmit_ns: u64,
+    /// The longest wait between two resends, in nanoseconds.
+    pub retransmit_max_ns: u64,
+    /// Give up on a datagram this many nanoseconds after its first send.
+    pub horizon_ns: u64,
+    /// Loss injection.
+    pub loss: Loss,
+}
+
+/// One vCPU the protocol serves.
+pub(crate) struct Peer {
+    /// VM id.
+    pub vm: u32,
+    /// vCPU index.
+    pub vcpu: u16,
+    /// Its remote models, indexed as its exit ring's `model` field.
+    pub models: Arc<[RemoteModel]>,
+}
+
+/// One record of a datagram in flight.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    seq: u64,
+    /// Its exit-ring slot.
+    index: u64,
+    answered: bool,
+}
+
+struct Flight {
+    /// The records, in datagram order.
+    slots: Vec<Slot>,
+    answered: usize,
+    buf: Box<[u8]>,
+    len: usize,
+    /// Its first send.
+    first_at: u64,
+    /// Its last send.
+    sent_at: u64,
+    /// The wait after its last send before the next.
+    interval: u64,
+}
+
+impl Flight {
+    /// When it is resent.
+    fn resend_at(&self) -> u64 {
+        self.sent_at.saturating_add(self.interval)
+    }
+
+    /// When it is given up.
+    fn give_up_at(&self, s: &Settings) -> u64 {
+        self.first_at.saturating_add(s.horizon_ns)
+    }
+
+    /// When something is due for it: a resend or giving up.
+    fn due(&self, s: &Settings) -> u64 {
+        self.resend_at().min(self.give_up_at(s))
+    }
+}
+
+/// One vCPU's queues and datagrams in flight, per model.
+struct Flow {
+    models: Arc<[RemoteModel]>,
+    /// Model id to model index.
+    index: HashMap<u32, usize>,
+    /// Per model: (exit-ring slot, record), in the vCPU's order.
+    queued: Vec<VecDeque<(u64, RawRecord)>>,
+    inflight: Vec<Option<Flight>>,
+}
+
+/// Deterministic drop decisions (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn chance(&mut self, permille: u16) -> bool {
+        if permille == 0 {
+            return false;
+        }
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let r = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        (r % 1000) < permille as u64
+    }
+}
+
+/// The protocol state of one lane.
+pub(crate) struct Protocol {
+    settings: Settings,
+    flows: Vec<Flow>,
+    /// (VM, vCPU) to flow index.
+    by_id: HashMap<(u32, u16), usize>,
+    /// The last interrupt sequence number applied, per (model, VM).
+    irq_seen: HashMap<(u32, u32), u64>,
+    rng: Rng,
+    /// Buffers and slot lists of retired datagrams, for the next ones: no
+    /// allocation per datagram once warm.
+    spare: Vec<(Box<[u8]>, Vec<Slot>)>,
+    stats: Arc<EngineStats>,
+}
+
+/// Sends `bytes` unless loss injection drops it.
+fn transmit(
+    rng: &mut Rng,
+    loss: &Loss,
+    stats: &EngineStats,
+    io: &mut impl Io,
+    socket: usize,
+    bytes: &[u8],
+) -> Result<(), EngineError> {
+    if rng.chance(loss.tx_permille) {
+        add(&stats.loss_tx, 1);
+        return Ok(());
+    }
+    io.send(socket, bytes)
+}
+
+/// Moves queued records into `buf` (after `header`), up to
+/// [`MAX_RECORDS`], noting each in `slots`; the datagram's length.
+fn fill(
+    buf: &mut [u8],
+    header: Header,
+    queue: &mut VecDeque<(u64, RawRecord)>,
+    slots: &mut Vec<Slot>,
+) -> Option<usize> {
+    let mut w = DatagramWriter::new(buf, header).ok()?;
+    while slots.len() < MAX_RECORDS {
+        let Some((index, rec)) = queue.pop_front() else {
+            break;
+        };
+        if w.push_raw(&rec).is_err() {
+            queue.push_front((index, rec));
+            break;
+        }
+        slots.push(Slot {
+            seq: rec.seq.get(),
+            index,
+            answered: false,
+        });
+    }
+    Some(w.finish())
+}
+
+impl Protocol {
+    /// The protocol for `peers` (flow `i` is peer `i`).
+    pub(crate) fn new(settings: Settings, peers: Vec<Peer>, stats: Arc<EngineStats>) -> Protocol {
+        let by_id = peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| ((p.vm, p.vcpu), i))
+            .collect();
+        let flows = peers
+            .into_iter()
+            .map(|p| {
+                let n = p.models.len();
+                Flow {
+                    index: p
+                        .models
+                        .iter()
+                        .enumerate()
+                        .map(|(j, m)| (m.model, j))
+                        .collect(),
+                    models: p.models,
+                    queued: (0..n).map(|_| VecDeque::new()).collect(),
+                    inflight: (0..n).map(|_| None).collect(),
+                }
+            })
+            .collect();
+        Protocol {
+            rng: Rng(settings.loss.seed | 1),
+            settings,
+            flows,
+            by_id,
+            irq_seen: HashMap::new(),
+            spare: Vec::new(),
+            stats,
+        }
+    }
+
+    /// Takes request `record` from slot `slot` of vCPU `v`'s exit ring,
+    /// for its model `model`; one that does not parse or names no model is
+    /// answered `Rejected` at once.
+    pub(crate) fn request(
+        &mut self,
+        v: usize,
+        slot: u64,
+        model: usize,
+        record: &[u8; RECORD_LEN],
+        io: &mut impl Io,
+    ) {
+        let queue = self.flows.get_mut(v).and_then(|f| f.queued.get_mut(model));
+        match (RawRecord::read_from_bytes(record), queue) {
+            (Ok(rec), Some(q)) => q.push_back((slot, rec)),
+            _ => io.complete(v, slot, Status::Rejected as u8, 0),
+        }
+    }
+
+    /// Sends, for every model of vCPU `v` with nothing in flight, what is
+    /// queued for it (one datagram each). Whether it sent anything.
+    pub(crate) fn send_ready(
+        &mut self,
+        v: usize,
+        now: u64,
+        io: &mut impl Io,
+    ) -> Result<bool, EngineError> {
+        let mut sent = false;
+        for m in 0..self.flows[v].queued.len() {
+            let flow = &self.flows[v];
+            if flow.inflight[m].is_none() && !flow.queued[m].is_empty() {
+                self.send_batch(v, m, now, io)?;
+                sent = true;
+            }
+        }
+        Ok(sent)
+    }
+
+    fn header(&self, remote: RemoteModel) -> Header {
+        let h = Header::new(
+            Kind::Request,
+            remote.model,
+            remote.server,
+            self.settings.client,
+        );
+        match self.settings.irq_port {
+            Some(port) => h.with_irq_port(port),
+            None => h,
+        }
+    }
+
+    fn send_batch(
+        &mut self,
+        v: usize,
+        m: usize,
+        now: u64,
+        io: &mut impl Io,
+    ) -> Result<(), EngineError> {
+        let remote = self.flows[v].models[m];
+        let header = self.header(remote);
+        let (mut buf, mut slots) = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| (vec![0u8; MAX_DATAGRAM].into_boxed_slice(), Vec::new()));
+        slots.clear();
+        let Some(len) = fill(&mut buf, header, &mut self.flows[v].queued[m], &mut slots) else {
+            self.spare.push((buf, slots));
+            return Ok(());
+        };
+        add(&self.stats.tx_datagrams, 1);
+        add(&self.stats.tx_records, slots.len() as u64);
+        let f = self.flows[v].inflight[m].insert(Flight {
+            slots,
+            answered: 0,
+            buf,
+            len,
+            first_at: now,
+            sent_at: now,
+            interval: self.settings.retransmit_ns,
+        });
+        let bytes = &f.buf[..f.len];
+        transmit(
+            &mut self.rng,
+            &self.settings.loss,
+            &self.stats,
+            io,
+            remote.socket,
+            bytes,
+        )
+    }
+
+    /// Resends every datagram due at `now` (doubling its next wait, up to
+    /// the cap), or gives it up (its unanswered records answered
+    /// [`STATUS_TIMEOUT`]) once the horizon has passed since its first
+    /// send. Whether any was due.
+    pub(crate) fn retransmit(&mut self, now: u64, io: &mut impl Io) -> Result<bool, EngineError> {
+        let mut work = false;
+        for v in 0..self.flows.len() {
+            for m in 0..self.flows[v].inflight.len() {
+                let flow = &mut self.flows[v];
+                let socket = flow.models[m].socket;
+                let Some(f) = flow.inflight[m].as_mut() else {
+                    continue;
+                };
+                if now < f.due(&self.settings) {
+                    continue;
+                }
+                work = true;
+                if now >= f.give_up_at(&self.settings) {
+                    let done = flow.inflight[m].take();
+                    self.give_up(v, done, io);
+                    continue;
+                }
+                if f.interval > self.settings.retransmit_ns {
+                    add(&self.stats.backoffs, 1);
+                }
+                f.sent_at = now;
+                f.interval = f
+                    .interval
+                    .saturating_mul(2)
+                    .min(self.settings.retransmit_max_ns);
+                add(&self.stats.retransmits, 1);
+                let bytes = &f.buf[..f.len];
+                transmit(
+                    &mut self.rng,
+                    &self.settings.loss,
+                    &self.stats,
+                    io,
+                    socket,
+                    bytes,
+                )?;
+            }
+        }
+        Ok(work)
+    }
+
+    fn give_up(&mut self, v: usize, f: Option<Flight>, io: &mut impl Io) {
+        let Some(f) = f else { return };
+        add(&self.stats.timeouts, (f.slots.len() - f.answered) as u64);
+        for s in f.slots.iter().filter(|s| !s.answered) {
+            io.complete(v, s.index, STATUS_TIMEOUT, 0);
+        }
+        self.spare.push((f.buf, f.slots));
+    }
+
+    /// When the earliest datagram in flight is due for retransmission (or
+    /// to be given up); `None` if nothing is in flight.
+    pub(crate) fn next_due(&self) -> Option<u64> {
+        self.flows
+            .iter()
+            .flat_map(|f| f.inflight.iter().flatten())
+            .map(|f| f.due(&self.settings))
+            .min()
+    }
+
+    /// Whether a datagram is in flight.
+    pub(crate) fn in_flight(&self) -> bool {
+        self.flows
+            .iter()
+            .any(|f| f.inflight.iter().any(Option::is_some))
+    }
+
+    /// Handles a datagram received on socket `socket`: answers, or
+    /// interrupts (applied, then acknowledged).
+    pub(crate) fn on_datagram(&mut self, bytes: &[u8], socket: usize, io: &mut impl Io) {
+        if self.rng.chance(self.settings.loss.rx_permille) {
+            add(&self.stats.loss_rx, 1);
+            return;
+        }
+        let Ok(d) = Datagram::parse(bytes) else {
+            add(&self.stats.malformed, 1);
+            return;
+        };
+        match d.kind() {
+            Kind::Response => {
+                for r in d.records() {
+                    if let Record::Response(rsp) = r {
+                        self.on_response(d.model(), &rsp, io);
+                    }
+                }
+            }
+            Kind::Interrupt => self.on_interrupts(&d, socket, io),
+            _ => add(&self.stats.malformed, 1),
+        }
+    }
+
+    fn on_response(&mut self, model: u32, rsp: &Response, io: &mut impl Io) {
+        let Some(&v) = self.by_id.get(&(rsp.id.vm, rsp.id.vcpu)) else {
+            add(&self.stats.late, 1);
+            return;
+        };
+        let flow = &mut self.flows[v];
+        let Some(&m) = flow.index.get(&model) else {
+            add(&self.stats.late, 1);
+            return;
+        };
+        let Some(f) = flow.inflight[m].as_mut() else {
+            add(&self.stats.late, 1);
+            return;
+        };
+        let Some(slot) = f
+            .slots
+            .iter_mut()
+            .find(|s| s.seq == rsp.id.seq && !s.answered)
+        else {
+            add(&self.stats.late, 1);
+            return;
+        };
+        slot.answered = true;
+        io.complete(v, slot.index, rsp.status as u8, rsp.data);
+        add(&self.stats.answers, 1);
+        f.answered += 1;
+        if f.answered == f.slots.len()
+            && let Some(done) = flow.inflight[m].take()
+        {
+            self.spare.push((done.buf, done.slots));
+        }
+    }
+
+    fn on_interrupts(&mut self, d: &Datagram<'_>, socket: usize, io: &mut impl Io) {
+        let model = d.model();
+        let mut top: Option<RequestId> = None;
+        for r in d.records() {
+            let Record::Interrupt(irq) = r else { continue };
+            if top.is_none_or(|t| irq.seq > t.seq) {
+                top = Some(RequestId {
+                    vm: irq.vm,
+                    hypervisor: irq.hypervisor,
+                    vcpu: 0,
+                    seq: irq.seq,
+                });
+            }
+            self.apply(model, &irq, io);
+        }
+        if let Some(id) = top {
+            self.acknowledge(socket, model, d.server(), id, io);
+        }
+    }
+
+    /// Injects `irq` unless an interrupt of its number was applied already.
+    fn apply(&mut self, model: u32, irq: &Interrupt, io: &mut impl Io) {
+        let last = self.irq_seen.entry((model, irq.vm)).or_insert(0);
+        if irq.seq <= *last {
+            add(&self.stats.irq_duplicates, 1);
+            return;
+        }
+        *last = irq.seq;
+        if io.inject(irq.vm, irq.line, irq.action) {
+            add(&self.stats.irqs, 1);
+        } else {
+            add(&self.stats.irqs_unknown_vm, 1);
+        }
+    }
+
+    /// Acknowledges a model's interrupts up to `id.seq` to its server.
+    fn acknowledge(
+        &mut self,
+        socket: usize,
+        model: u32,
+        server: u32,
+        id: RequestId,
+        io: &mut impl Io,
+    ) {
+        if self.rng.chance(self.settings.loss.tx_permille) {
+            add(&self.stats.loss_tx, 1);
+            return;
+        }
+        let mut buf = [0u8; HEADER_LEN + RECORD_LEN];
+        let header = Header::new(Kind::Ack, model, server, self.settings.client);
+        if let Ok(n) = datagram::encode(&mut buf, header, &[Record::Ack(Ack { id })]) {
+            io.ack(socket, server, &buf[..n]);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "protocol_tests.rs"]
+mod tests;

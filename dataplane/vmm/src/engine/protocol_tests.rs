@@ -1,0 +1,481 @@
+//! The protocol's rules, each checked without root, KVM or network: a fake
+//! [`Io`] records what the protocol asks.
+
+use std::sync::atomic::Ordering;
+
+use devplane_wire::{Access, AccessSize, Request};
+use zerocopy::IntoBytes;
+
+use super::*;
+
+const VM: u32 = 7;
+const HV: u32 = 1;
+const SERVER: u32 = 3;
+const CLIENT: u32 = 9;
+/// Model 0 of every vCPU (socket 0) and model 1 (socket 1).
+const MODEL_A: u32 = 100;
+const MODEL_B: u32 = 200;
+const RETRANSMIT: u64 = 2_000_000;
+const HORIZON: u64 = 10_000_000_000;
+
+#[derive(Default)]
+struct Fake {
+    sent: Vec<(usize, Vec<u8>)>,
+    done: Vec<(usize, u64, u8, u64)>,
+    injected: Vec<(u32, u32, IrqAction)>,
+    acks: Vec<(usize, u32, Vec<u8>)>,
+}
+
+impl Io for Fake {
+    fn send(&mut self, socket: usize, datagram: &[u8]) -> Result<(), EngineError> {
+        self.sent.push((socket, datagram.to_vec()));
+        Ok(())
+    }
+    fn complete(&mut self, vcpu: usize, slot: u64, status: u8, data: u64) {
+        self.done.push((vcpu, slot, status, data));
+    }
+    fn inject(&mut self, vm: u32, line: u32, action: IrqAction) -> bool {
+        self.injected.push((vm, line, action));
+        vm == VM
+    }
+    fn ack(&mut self, socket: usize, server: u32, datagram: &[u8]) {
+        self.acks.push((socket, server, datagram.to_vec()));
+    }
+}
+
+fn protocol_with(vcpus: u16, loss: Loss, horizon_ns: u64) -> (Protocol, Arc<EngineStats>) {
+    let models: Arc<[RemoteModel]> = Arc::new([
+        RemoteModel {
+            model: MODEL_A,
+            server: SERVER,
+            socket: 0,
+        },
+        RemoteModel {
+            model: MODEL_B,
+            server: SERVER,
+            socket: 1,
+        },
+    ]);
+    let peers = (0..vcpus)
+        .map(|vcpu| Peer {
+            vm: VM,
+            vcpu,
+            models: models.clone(),
+        })
+        .collect();
+    let settings = Settings {
+        client: CLIENT,
+        irq_port: Some(4242),
+        retransmit_ns: RETRANSMIT,
+        retransmit_max_ns: 8 * RETRANSMIT,
+        horizon_ns,
+        loss,
+    };
+    let stats = Arc::new(EngineStats::default());
+    (Protocol::new(settings, peers, stats.clone()), stats)
+}
+
+fn protocol(vcpus: u16) -> (Protocol, Arc<EngineStats>) {
+    protocol_with(vcpus, Loss::default(), HORIZON)
+}
+
+fn request(vcpu: u16, seq: u64) -> [u8; RECORD_LEN] {
+    let rec = RawRecord::encode(&Record::Request(Request {
+        id: RequestId {
+            vm: VM,
+            hypervisor: HV,
+            vcpu,
+            seq,
+        },
+        access: Access::PioOut {
+            port: 0x60,
+            size: AccessSize::B1,
+            data: seq as u32,
+        },
+        flags: 0,
+    }));
+    rec.as_bytes().try_into().unwrap()
+}
+
+/// Queues requests `seqs` of vCPU `vcpu` for model `model` (exit-ring slot
+/// = sequence number).
+fn queue(p: &mut Protocol, io: &mut Fake, vcpu: u16, model: usize, seqs: &[u64]) {
+    for &s in seqs {
+        p.request(vcpu as usize, s, model, &request(vcpu, s), io);
+    }
+}
+
+/// The sequence numbers of request datagram `d`, in order.
+fn seqs(d: &[u8]) -> Vec<u64> {
+    let d = Datagram::parse(d).unwrap();
+    assert_eq!(d.kind(), Kind::Request);
+    d.records()
+        .map(|r| match r {
+            Record::Request(q) => q.id.seq,
+            other => panic!("not a request: {other:?}"),
+        })
+        .collect()
+}
+
+fn answers(model: u32, vcpu: u16, seqs: &[u64]) -> Vec<u8> {
+    let recs: Vec<Record> = seqs
+        .iter()
+        .map(|&seq| {
+            Record::Response(Response {
+                id: RequestId {
+                    vm: VM,
+                    hypervisor: HV,
+                    vcpu,
+                    seq,
+                },
+                status: Status::Ok,
+                size: AccessSize::B4,
+                addr: 0x60,
+                data: seq * 10,
+            })
+        })
+        .collect();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let h = Header::new(Kind::Response, model, SERVER, CLIENT);
+    let n = datagram::encode(&mut buf, h, &recs).unwrap();
+    buf.truncate(n);
+    buf
+}
+
+fn interrupts(model: u32, vm: u32, seqs: &[u64]) -> Vec<u8> {
+    let recs: Vec<Record> = seqs
+        .iter()
+        .map(|&seq| {
+            Record::Interrupt(Interrupt {
+                vm,
+                hypervisor: HV,
+                line: seq as u32,
+                action: IrqAction::Edge,
+                seq,
+            })
+        })
+        .collect();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let h = Header::new(Kind::Interrupt, model, SERVER, 0);
+    let n = datagram::encode(&mut buf, h, &recs).unwrap();
+    buf.truncate(n);
+    buf
+}
+
+fn get(c: &std::sync::atomic::AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+#[test]
+fn one_datagram_in_flight_per_vcpu_and_model() {
+    let (mut p, _) = protocol(2);
+    let mut io = Fake::default();
+    queue(&mut p, &mut io, 0, 0, &[1]);
+    assert!(p.send_ready(0, 0, &mut io).unwrap());
+    queue(&mut p, &mut io, 0, 0, &[2, 3]);
+    assert!(
+        !p.send_ready(0, 0, &mut io).unwrap(),
+        "waits for the answer"
+    );
+    // Another model of the same vCPU, and another vCPU, are not held up.
+    queue(&mut p, &mut io, 0, 1, &[4]);
+    queue(&mut p, &mut io, 1, 0, &[1]);
+    assert!(p.send_ready(0, 0, &mut io).unwrap());
+    assert!(p.send_ready(1, 0, &mut io).unwrap());
+    let got: Vec<_> = io.sent.iter().map(|(s, d)| (*s, seqs(d))).collect();
+    assert_eq!(got, vec![(0, vec![1]), (1, vec![4]), (0, vec![1])]);
+    // The answer lets the queued requests go, together and in order.
+    p.on_datagram(&answers(MODEL_A, 0, &[1]), 0, &mut io);
+    assert!(p.send_ready(0, 0, &mut io).unwrap());
+    assert_eq!(seqs(&io.sent[3].1), vec![2, 3]);
+}
+
+#[test]
+fn requests_go_in_the_order_made() {
+    let (mut p, _) = protocol(1);
+    let mut io = Fake::default();
+    queue(&mut p, &mut io, 0, 0, &[10]);
+    p.send_ready(0, 0, &mut io).unwrap();
+    queue(&mut p, &mut io, 0, 0, &[11, 12, 13, 14]);
+    p.on_datagram(&answers(MODEL_A, 0, &[10]), 0, &mut io);
+    p.send_ready(0, 0, &mut io).unwrap();
+    // Answered out of order: completions follow the answers, the next
+    // datagram still waits for all of them.
+    p.on_datagram(&answers(MODEL_A, 0, &[13, 11]), 0, &mut io);
+    queue(&mut p, &mut io, 0, 0, &[15]);
+    assert!(!p.send_ready(0, 0, &mut io).unwrap());
+    p.on_datagram(&answers(MODEL_A, 0, &[14, 12]), 0, &mut io);
+    assert!(p.send_ready(0, 0, &mut io).unwrap());
+    let sent: Vec<_> = io.sent.iter().map(|(_, d)| seqs(d)).collect();
+    assert_eq!(sent, vec![vec![10], vec![11, 12, 13, 14], vec![15]]);
+    let done: Vec<_> = io
+        .done
+        .iter()
+        .map(|&(_, slot, _, data)| (slot, data))
+        .collect();
+    assert_eq!(
+        done,
+        vec![(10, 100), (13, 130), (11, 110), (14, 140), (12, 120)]
+    );
+}
+
+#[test]
+fn batches_hold_at_most_max_records() {
+    let (mut p, stats) = protocol(1);
+    let mut io = Fake::default();
+    let all: Vec<u64> = (1..=MAX_RECORDS as u64 + 5).collect();
+    queue(&mut p, &mut io, 0, 0, &all);
+    p.send_ready(0, 0, &mut io).unwrap();
+    assert_eq!(seqs(&io.sent[0].1), all[..MAX_RECORDS]);
+    assert!(io.sent[0].1.len() <= MAX_DATAGRAM);
+    p.on_datagram(&answers(MODEL_A, 0, &all[..MAX_RECORDS]), 0, &mut io);
+    p.send_ready(0, 0, &mut io).unwrap();
+    assert_eq!(seqs(&io.sent[1].1), all[MAX_RECORDS..]);
+    assert_eq!(get(&stats.tx_datagrams), 2);
+    assert_eq!(get(&stats.tx_records), all.len() as u64);
+    // Every request names the client and the interrupt port.
+    let d = Datagram::parse(&io.sent[0].1).unwrap();
+    assert_eq!((d.client(), d.irq_port()), (CLIENT, Some(4242)));
+    assert_eq!((d.model(), d.server()), (MODEL_A, SERVER));
+}
+
+#[test]
+fn retransmits_the_same_datagram_at_its_deadline() {
+    let (mut p, stats) = protocol(1);
+    let mut io = Fake::default();
+    queue(&mut p, &mut io, 0, 1, &[5, 6]);
+    p.send_ready(0, 1000, &mut io).unwrap();
+    assert_eq!(p.next_due(), Some(1000 + RETRANSMIT));
+    assert!(!p.retransmit(1000 + RETRANSMIT - 1, &mut io).unwrap());
+    assert_eq!(io.sent.len(), 1);
+    assert!(p.retransmit(1000 + RETRANSMIT, &mut io).unwrap());
+    assert_eq!(io.sent.len(), 2);
+    assert_eq!(io.sent[1], io.sent[0], "same socket, same bytes");
+    assert_eq!(seqs(&io.sent[1].1), vec![5, 6]);
+    assert_eq!(get(&stats.retransmits), 1);
+    // The next wait is twice as long; an answer clears it.
+    assert_eq!(p.next_due(), Some(1000 + 3 * RETRANSMIT));
+    p.on_datagram(&answers(MODEL_B, 0, &[5, 6]), 1, &mut io);
+    assert_eq!(p.next_due(), None);
+    assert!(!p.in_flight());
+    assert!(!p.retransmit(u64::MAX, &mut io).unwrap());
+}
+
+#[test]
+fn resends_back_off_exponentially_up_to_the_cap() {
+    let (mut p, stats) = protocol(1);
+    let mut io = Fake::default();
+    queue(&mut p, &mut io, 0, 0, &[1]);
+    p.send_ready(0, 0, &mut io).unwrap();
+    let mut at = Vec::new();
+    for _ in 0..7 {
+        let due = p.next_due().unwrap();
+        assert!(!p.retransmit(due - 1, &mut io).unwrap(), "not before {due}");
+        assert!(p.retransmit(due, &mut io).unwrap());
+        at.push(due / RETRANSMIT);
+    }
+    // Waits of 1, 2, 4, 8, then 8 (the cap) intervals.
+    assert_eq!(at, vec![1, 3, 7, 15, 23, 31, 39]);
+    assert_eq!(io.sent.len(), 8);
+    assert!(io.sent.iter().all(|s| *s == io.sent[0]), "same bytes");
+    assert_eq!(get(&stats.retransmits), 7);
+    assert_eq!(get(&stats.backoffs), 6);
+    assert_eq!(get(&stats.timeouts), 0);
+}
+
+#[test]
+fn gives_up_at_the_horizon() {
+    let (mut p, stats) = protocol_with(1, Loss::default(), 5 * RETRANSMIT);
+    let mut io = Fake::default();
+    queue(&mut p, &mut io, 0, 0, &[1, 2, 3]);
+    p.send_ready(0, 0, &mut io).unwrap();
+    p.on_datagram(&answers(MODEL_A, 0, &[2]), 0, &mut io);
+    // Resent after 1 and 3 intervals; the next (7) is past the horizon.
+    assert!(p.retransmit(RETRANSMIT, &mut io).unwrap());
+    assert!(p.retransmit(3 * RETRANSMIT, &mut io).unwrap());
+    assert_eq!(p.next_due(), Some(5 * RETRANSMIT));
+    assert!(!p.retransmit(5 * RETRANSMIT - 1, &mut io).unwrap());
+    assert!(io.done.iter().all(|d| d.2 != STATUS_TIMEOUT));
+    assert!(p.retransmit(5 * RETRANSMIT, &mut io).unwrap());
+    assert_eq!(io.sent.len(), 3, "given up, not sent again");
+    let timed_out: Vec<_> = io
+        .done
+        .iter()
+        .filter(|d| d.2 == STATUS_TIMEOUT)
+        .map(|d| d.1)
+        .collect();
+    assert_eq!(timed_out, vec![1, 3], "only the unanswered");
+    assert_eq!(get(&stats.timeouts), 2);
+    assert!(!p.in_flight());
+    // A late answer after giving up is ignored.
+    p.on_datagram(&answers(MODEL_A, 0, &[1]), 0, &mut io);
+    assert_eq!(get(&stats.late), 1);
+    assert_eq!(io.done.len(), 3);
+}
+
+#[test]
+fn duplicate_and_late_answers_are_ignored() {
+    let (mut p, stats) = protocol(1);
+    let mut io = Fake::default();
+    queue(&mut p, &mut io, 0, 0, &[1, 2]);
+    p.send_ready(0, 0, &mut io).unwrap();
+    p.on_datagram(&answers(MODEL_A, 0, &[1]), 0, &mut io);
+    // The same answer again (a retransmission answered twice).
+    p.on_datagram(&answers(MODEL_A, 0, &[1]), 0, &mut io);
+    // Answers matching nothing: another sequence, vCPU, model.
+    p.on_datagram(&answers(MODEL_A, 0, &[99]), 0, &mut io);
+    p.on_datagram(&answers(MODEL_A, 5, &[2]), 0, &mut io);
+    p.on_datagram(&answers(MODEL_B, 0, &[2]), 0, &mut io);
+    p.on_datagram(&answers(555, 0, &[2]), 0, &mut io);
+    assert_eq!(io.done, vec![(0, 1, Status::Ok as u8, 10)]);
+    assert_eq!(get(&stats.answers), 1);
+    assert_eq!(get(&stats.late), 5);
+    p.on_datagram(&answers(MODEL_A, 0, &[2]), 0, &mut io);
+    assert_eq!(io.done.len(), 2);
+    // After the datagram is retired.
+    p.on_datagram(&answers(MODEL_A, 0, &[2]), 0, &mut io);
+    assert_eq!(io.done.len(), 2);
+    assert_eq!(get(&stats.late), 6);
+}
+
+#[test]
+fn answers_match_by_vm_vcpu_and_sequence() {
+    let (mut p, _) = protocol(2);
+    let mut io = Fake::default();
+    // Both vCPUs use sequence 7 on the same model.
+    queue(&mut p, &mut io, 0, 0, &[7]);
+    queue(&mut p, &mut io, 1, 0, &[7]);
+    p.send_ready(0, 0, &mut io).unwrap();
+    p.send_ready(1, 0, &mut io).unwrap();
+    p.on_datagram(&answers(MODEL_A, 1, &[7]), 0, &mut io);
+    assert_eq!(io.done, vec![(1, 7, Status::Ok as u8, 70)]);
+}
+
+#[test]
+fn requests_for_no_model_are_rejected_at_once() {
+    let (mut p, _) = protocol(1);
+    let mut io = Fake::default();
+    // Model index 2: the vCPU has two models.
+    p.request(0, 3, 2, &request(0, 3), &mut io);
+    assert_eq!(io.done, vec![(0, 3, Status::Rejected as u8, 0)]);
+    assert!(!p.send_ready(0, 0, &mut io).unwrap());
+}
+
+#[test]
+fn interrupts_are_applied_once_per_model_and_vm() {
+    let (mut p, stats) = protocol(1);
+    let mut io = Fake::default();
+    p.on_datagram(&interrupts(MODEL_A, VM, &[5, 6]), 0, &mut io);
+    // Resent (its acknowledgement was lost), with one more.
+    p.on_datagram(&interrupts(MODEL_A, VM, &[5, 6, 7]), 0, &mut io);
+    // An older one arriving late.
+    p.on_datagram(&interrupts(MODEL_A, VM, &[4]), 0, &mut io);
+    // Another model numbers on its own.
+    p.on_datagram(&interrupts(MODEL_B, VM, &[5]), 0, &mut io);
+    let lines: Vec<u32> = io.injected.iter().map(|i| i.1).collect();
+    assert_eq!(lines, vec![5, 6, 7, 5]);
+    assert_eq!(get(&stats.irqs), 4);
+    assert_eq!(get(&stats.irq_duplicates), 3);
+    // A VM not here: counted, not applied.
+    p.on_datagram(&interrupts(MODEL_A, VM + 1, &[1]), 0, &mut io);
+    assert_eq!(get(&stats.irqs_unknown_vm), 1);
+}
+
+#[test]
+fn interrupts_are_acknowledged_up_to_the_highest() {
+    let (mut p, stats) = protocol(1);
+    let mut io = Fake::default();
+    p.on_datagram(&interrupts(MODEL_B, VM, &[9, 8]), 1, &mut io);
+    // A duplicate is acknowledged again: its first acknowledgement may
+    // have been lost. So is an interrupt for a VM not here.
+    p.on_datagram(&interrupts(MODEL_B, VM, &[9]), 1, &mut io);
+    p.on_datagram(&interrupts(MODEL_A, VM + 1, &[3]), 0, &mut io);
+    assert_eq!(io.acks.len(), 3);
+    let acked: Vec<_> = io
+        .acks
+        .iter()
+        .map(|(sock, server, bytes)| {
+            let d = Datagram::parse(bytes).unwrap();
+            assert_eq!(d.kind(), Kind::Ack);
+            assert_eq!((d.server(), d.client()), (*server, CLIENT));
+            let Some(Record::Ack(a)) = d.records().next() else {
+                panic!("no ack record");
+            };
+            (*sock, d.model(), a.id.vm, a.id.seq)
+        })
+        .collect();
+    assert_eq!(
+        acked,
+        vec![
+            (1, MODEL_B, VM, 9),
+            (1, MODEL_B, VM, 9),
+            (0, MODEL_A, VM + 1, 3)
+        ]
+    );
+    assert_eq!(io.acks[0].1, SERVER);
+    assert_eq!(get(&stats.loss_tx), 0);
+}
+
+#[test]
+fn malformed_datagrams_are_counted() {
+    let (mut p, stats) = protocol(1);
+    let mut io = Fake::default();
+    p.on_datagram(&[1, 2, 3], 0, &mut io);
+    let mut req = vec![0u8; MAX_DATAGRAM];
+    let h = Header::new(Kind::Request, MODEL_A, SERVER, CLIENT);
+    let n = DatagramWriter::new(&mut req, h).unwrap().finish();
+    p.on_datagram(&req[..n], 0, &mut io);
+    assert_eq!(get(&stats.malformed), 2);
+    assert!(io.done.is_empty() && io.injected.is_empty() && io.acks.is_empty());
+}
+
+#[test]
+fn total_loss_drops_everything_it_says() {
+    let loss = Loss {
+        tx_permille: 1000,
+        rx_permille: 1000,
+        seed: 1,
+    };
+    let (mut p, stats) = protocol_with(1, loss, HORIZON);
+    let mut io = Fake::default();
+    queue(&mut p, &mut io, 0, 0, &[1]);
+    p.send_ready(0, 0, &mut io).unwrap();
+    p.retransmit(RETRANSMIT, &mut io).unwrap();
+    assert!(io.sent.is_empty());
+    assert!(p.in_flight(), "dropped, still in flight");
+    p.on_datagram(&answers(MODEL_A, 0, &[1]), 0, &mut io);
+    p.on_datagram(&interrupts(MODEL_A, VM, &[1]), 0, &mut io);
+    assert!(io.done.is_empty() && io.injected.is_empty() && io.acks.is_empty());
+    assert_eq!(get(&stats.loss_tx), 2);
+    assert_eq!(get(&stats.loss_rx), 2);
+}
+
+#[test]
+fn partial_loss_is_seeded_and_near_its_rate() {
+    let run = |seed: u64| {
+        let loss = Loss {
+            tx_permille: 300,
+            rx_permille: 0,
+            seed,
+        };
+        let (mut p, stats) = protocol_with(1, loss, u64::MAX);
+        let mut io = Fake::default();
+        queue(&mut p, &mut io, 0, 0, &[1]);
+        p.send_ready(0, 0, &mut io).unwrap();
+        for _ in 1..2000 {
+            let due = p.next_due().unwrap();
+            p.retransmit(due, &mut io).unwrap();
+        }
+        assert_eq!(io.sent.len() as u64 + get(&stats.loss_tx), 2000);
+        io.sent.len()
+    };
+    let sent = run(42);
+    assert!((1200..1600).contains(&sent), "{sent} of 2000 sent");
+    assert_eq!(run(42), sent, "same seed, same drops");
+    // No loss configured: nothing dropped.
+    let (mut p, stats) = protocol(1);
+    let mut io = Fake::default();
+    queue(&mut p, &mut io, 0, 0, &[1]);
+    p.send_ready(0, 0, &mut io).unwrap();
+    assert_eq!((io.sent.len(), get(&stats.loss_tx)), (1, 0));
+}

@@ -1,0 +1,53 @@
+//! The engine's counters.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Engine counters.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Request datagrams sent (first transmissions).
+    pub tx_datagrams: AtomicU64,
+    /// Request records sent (first transmissions).
+    pub tx_records: AtomicU64,
+    /// Datagrams sent again after a timeout.
+    pub retransmits: AtomicU64,
+    /// Of the retransmissions, those sent after a longer wait than
+    /// `EngineConfig::retransmit` (exponential back-off).
+    pub backoffs: AtomicU64,
+    /// Requests given up on (`EngineConfig::horizon` passed).
+    pub timeouts: AtomicU64,
+    /// Answer records matched to a waiting request.
+    pub answers: AtomicU64,
+    /// Answers for nothing in flight (late duplicates).
+    pub late: AtomicU64,
+    /// Datagrams that did not parse.
+    pub malformed: AtomicU64,
+    /// Interrupts injected.
+    pub irqs: AtomicU64,
+    /// Interrupts for a VM not on this client (dropped).
+    pub irqs_unknown_vm: AtomicU64,
+    /// Interrupts received again (a server resent a datagram whose
+    /// acknowledgement it missed): acknowledged, not applied again.
+    pub irq_duplicates: AtomicU64,
+    /// Acknowledgements of interrupt datagrams sent.
+    pub acks_sent: AtomicU64,
+    /// Outgoing datagrams dropped by loss injection.
+    pub loss_tx: AtomicU64,
+    /// Incoming datagrams dropped by loss injection.
+    pub loss_rx: AtomicU64,
+    /// io_uring submits (each carries a batch of sends).
+    pub submits: AtomicU64,
+    /// Sends that failed.
+    pub send_errors: AtomicU64,
+    /// Sends skipped because every send buffer was in flight.
+    pub send_pool_empty: AtomicU64,
+    /// Times the engine thread woke from its sleep.
+    pub wakeups: AtomicU64,
+    /// Kicks the engine gave vCPUs to service their lanes.
+    pub kicks: AtomicU64,
+}
+
+/// Adds `n` to counter `c`.
+pub(crate) fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
