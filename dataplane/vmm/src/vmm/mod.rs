@@ -10,29 +10,28 @@
 //! with [`VcpuExit::Reset`] when the guest reboots through the i8042 (or
 //! [`VcpuExit::Shutdown`] on a triple fault): both mean the guest stopped.
 
+mod devices;
+mod lanes;
+
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use devplane_devmodels::registry::{self, ModelParams};
-use devplane_devmodels::{DeviceModel, Space};
-use devplane_wire::IrqAction;
+use devplane_devmodels::Space;
 
-use devplane_devmodels::uart::{self, Uart};
-
-use super::boot::{BootError, Console, ConsoleUart, LinuxBoot};
-use super::devmap::{DevMapError, DeviceMap, Mapping, Placement, StoreAt};
-use super::engine::{Engine, EngineConfig, Injector, Lane, RemoteModel, VcpuPort};
-use super::kvm::{Entry, IrqHandle, KvmError, Vcpu, VcpuExit, VcpuKicker, Vm};
-use super::pci::{self, PciFunction, PciHost};
-use super::ring::ExitRing;
+use self::devices::VmDevices;
+use self::lanes::VcpuWire;
+use super::boot::{BootError, Console, LinuxBoot};
+use super::bus::Bus;
+pub use super::bus::STORE_WINDOW;
+use super::devmap::DevMapError;
+use super::engine::{Engine, EngineConfig, RemoteModel};
+use super::kvm::{CpuState, Entry, KvmError, Vcpu, VcpuExit, VcpuKicker, Vm};
 use super::uart_tap::UartTap;
-use super::vcpu_io::{VcpuIo, VcpuStats};
-use super::virtio::blk::{BAR_SIZE, VirtioBlk};
-use devplane_devmodels::blockstore::CTRL_BASE;
+use super::vcpu_io::{ExitHandler, VcpuIo, VcpuStats};
 
 /// Where a mapped device runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +47,8 @@ pub enum Place {
         server: usize,
     },
     /// A legacy virtio-pci block device whose I/O BAR is this device's
-    /// port range (`len` must be [`BAR_SIZE`]). Its transport runs in the
+    /// port range (`len` must be
+    /// [`BAR_SIZE`](crate::virtio::blk::BAR_SIZE)). Its transport runs in the
     /// vCPU thread (it reaches guest memory); its disk is a `blockstore`
     /// model at `disk`. A VM with one gets a PCI host bridge at `0xCF8`
     /// that lists it (device numbers from 1, in order).
@@ -80,10 +80,6 @@ pub enum DiskPlace {
         gpa: u64,
     },
 }
-
-/// Bytes of a `blockstore` model's MMIO window: the data window and the
-/// control registers above it.
-pub const STORE_WINDOW: u64 = CTRL_BASE + 0x1000;
 
 /// One mapped device of a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,18 +241,6 @@ pub struct Client {
     vms: Vec<Vm>,
 }
 
-/// A vCPU to create once the engine runs: (VM index, vCPU index, spec,
-/// device map, exit ring, lane).
-type PendingVcpu = (
-    usize,
-    u16,
-    VcpuSpec,
-    DeviceMap,
-    Arc<ExitRing>,
-    usize,
-    Option<UartTap>,
-);
-
 /// Counts a vCPU thread out when dropped (at its end, or its unwinding)
 /// and wakes [`Client::wait`].
 struct Ended(Arc<(Mutex<usize>, Condvar)>);
@@ -284,31 +268,158 @@ pub struct LinuxVm {
     pub boot: LinuxBoot,
 }
 
-/// Builds a local model of `kind`. For a VM booting Linux, a `uart` feeds
-/// that boot's console.
-fn local_model(
-    kind: &str,
-    console: Option<&Console>,
-) -> Result<Box<dyn DeviceModel>, registry::BuildError> {
-    match (kind, console) {
-        (uart::KIND, Some(c)) => Ok(Box::new(ConsoleUart::new(
-            Uart::new(uart::DEFAULT_LINE),
-            c.clone(),
-        ))),
-        _ => registry::build(kind, ModelParams::default()),
+/// A VM created and loaded, its devices built, before its vCPUs run.
+pub(super) struct BuiltVm {
+    id: u32,
+    hypervisor: u32,
+    vm: Vm,
+    vcpus: Vec<VcpuSpec>,
+    /// Where a Linux VM's vCPU starts.
+    linux: Option<CpuState>,
+    /// One bus per vCPU.
+    buses: Vec<Bus>,
+    remotes: Arc<[RemoteModel]>,
+    tap: Option<UartTap>,
+}
+
+impl BuiltVm {
+    /// Creates VM `vs`, loads its images or prepares its Linux `boot`, and
+    /// builds its devices.
+    fn new(
+        spec: &ClientSpec,
+        vs: &VmSpec,
+        boot: Option<&LinuxBoot>,
+    ) -> Result<BuiltVm, ClientError> {
+        let kerr = |source| ClientError::Kvm { vm: vs.id, source };
+        let vm = Vm::new(vs.mem_bytes).map_err(kerr)?;
+        for (gpa, bytes) in &vs.images {
+            vm.load(*gpa, bytes).map_err(kerr)?;
+        }
+        let linux = boot.map(|b| prepare_linux(vs, &vm, b)).transpose()?;
+        let console = boot.map(|b| &b.console);
+        let devices = VmDevices::build(spec, vs, &vm, console)?;
+        Ok(BuiltVm {
+            id: vs.id,
+            hypervisor: vs.hypervisor,
+            vm,
+            vcpus: vs.vcpus.clone(),
+            linux,
+            buses: devices.buses,
+            remotes: devices.remotes.into(),
+            tap: console.and_then(|c| uart_tap(vs, c)),
+        })
+    }
+
+    /// vCPU `index`, in real mode at its entry or in the Linux boot's
+    /// state.
+    fn create_vcpu(&self, index: u16) -> Result<Vcpu, ClientError> {
+        let entry = self.vcpus[usize::from(index)].entry;
+        match &self.linux {
+            Some(state) => self
+                .vm
+                .create_vcpu_with_state(index as u8, state)
+                .map(|mut v| {
+                    // Linux uses port 0xf4 like any other port.
+                    v.set_done_port(false);
+                    v
+                }),
+            None => self.vm.create_vcpu(index as u8, entry),
+        }
+        .map_err(|source| ClientError::Kvm {
+            vm: self.id,
+            source,
+        })
     }
 }
 
-fn injector(h: IrqHandle) -> Injector {
-    Box::new(move |line, action| match action {
-        IrqAction::Assert => h.irq_line(line, true).is_ok(),
-        IrqAction::Deassert => h.irq_line(line, false).is_ok(),
-        IrqAction::Edge => h.irq_edge(line).is_ok(),
-    })
+/// Checks that `vs` can boot Linux, gives it the in-kernel PIT and loads
+/// the boot: the state its vCPU starts in.
+fn prepare_linux(vs: &VmSpec, vm: &Vm, boot: &LinuxBoot) -> Result<CpuState, ClientError> {
+    let config = |why: &str| ClientError::Config {
+        vm: vs.id,
+        why: why.into(),
+    };
+    if !vs.images.is_empty() {
+        return Err(config("boots Linux, so it takes no images"));
+    }
+    if vs.vcpus.len() != 1 {
+        return Err(config(
+            "boots Linux with exactly one vCPU (there is no MP table or ACPI to start more)",
+        ));
+    }
+    vm.create_pit()
+        .map_err(|source| ClientError::Kvm { vm: vs.id, source })?;
+    boot.prepare(vm)
+        .map_err(|source| ClientError::Boot { vm: vs.id, source })
+}
+
+/// A Linux VM whose COM1 is remote: its console is what the guest
+/// transmits there.
+fn uart_tap(vs: &VmSpec, console: &Console) -> Option<UartTap> {
+    vs.devices
+        .iter()
+        .find(|d| {
+            d.space == Space::Pio
+                && d.base == u64::from(UART_PORT)
+                && matches!(d.place, Place::Remote { .. })
+        })
+        .map(|_| UartTap::new(UART_PORT, console.clone()))
+}
+
+/// The Linux boots of `linux`, by VM id: each of a VM in `spec`, at most
+/// one per VM.
+fn linux_boots(
+    spec: &ClientSpec,
+    linux: Vec<LinuxVm>,
+) -> Result<HashMap<u32, LinuxBoot>, ClientError> {
+    let mut boots = HashMap::new();
+    for l in linux {
+        let config = |why: &str| ClientError::Config {
+            vm: l.vm,
+            why: why.into(),
+        };
+        if !spec.vms.iter().any(|v| v.id == l.vm) {
+            return Err(config("boots Linux but is not in the client's VMs"));
+        }
+        if boots.insert(l.vm, l.boot).is_some() {
+            return Err(config("has two Linux boots"));
+        }
+    }
+    Ok(boots)
 }
 
 fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> ClientError {
     move |source| ClientError::Io { what, source }
+}
+
+/// What a vCPU thread runs.
+struct VcpuRun {
+    vcpu: Vcpu,
+    handler: ExitHandler,
+    core: Option<usize>,
+    stop: Arc<AtomicBool>,
+    ended: Ended,
+}
+
+impl VcpuRun {
+    /// The thread's body: pin, take the lane (direct mode), run the guest,
+    /// flush posted writes. Returns the exit and the KVM exits taken.
+    fn run(mut self) -> (Result<VcpuExit, KvmError>, u64) {
+        // Counts this thread out however it ends.
+        let _ended = self.ended;
+        if let Some(c) = self.core {
+            let _ = affinity::set_thread_affinity([c]);
+        }
+        if let Err(e) = self.handler.attach(self.vcpu.kicker()) {
+            let e = KvmError::UnexpectedExit(format!("cannot take its lane: {e}"));
+            return (Err(e), 0);
+        }
+        let exit = self.vcpu.run(&mut self.handler, &self.stop);
+        // Posted writes the guest made before it ended still reach their
+        // devices.
+        self.handler.flush(Instant::now() + FLUSH_TIMEOUT);
+        (exit, self.vcpu.exits())
+    }
 }
 
 impl Client {
@@ -321,357 +432,85 @@ impl Client {
     /// instead of loading images: each has no images and one vCPU; it gets
     /// the in-kernel PIT; its local `uart` writes to the boot's console.
     pub fn start_linux(spec: ClientSpec, linux: Vec<LinuxVm>) -> Result<Client, ClientError> {
-        let mut boots: HashMap<u32, LinuxBoot> = HashMap::new();
-        for l in linux {
-            if !spec.vms.iter().any(|v| v.id == l.vm) {
-                return Err(ClientError::Config {
-                    vm: l.vm,
-                    why: "boots Linux but is not in the client's VMs".into(),
-                });
-            }
-            if boots.insert(l.vm, l.boot).is_some() {
-                return Err(ClientError::Config {
-                    vm: l.vm,
-                    why: "has two Linux boots".into(),
-                });
-            }
-        }
-        let sockets = || -> Result<Vec<UdpSocket>, ClientError> {
-            let mut out = Vec::new();
-            for s in &spec.servers {
-                let bind = spec.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-                let sock = UdpSocket::bind((bind, 0)).map_err(io_err("bind client socket"))?;
-                sock.connect(s.addr)
-                    .map_err(io_err("connect client socket"))?;
-                out.push(sock);
-            }
-            Ok(out)
-        };
-        let server_addrs: HashMap<u32, SocketAddr> =
-            spec.servers.iter().map(|s| (s.id, s.addr)).collect();
-        let mut lanes: Vec<Lane> = Vec::new();
-        let mut handles: HashMap<u32, IrqHandle> = HashMap::new();
-        let mut vms = Vec::new();
-        let mut ports = Vec::new();
-        // Per vCPU: (vm index, spec, io).
-        let mut pending: Vec<PendingVcpu> = Vec::new();
-        // Per Linux VM: the state its vCPU starts in.
-        let mut linux_states = HashMap::new();
-        for vs in &spec.vms {
-            let kerr = |source| ClientError::Kvm { vm: vs.id, source };
-            let vm = Vm::new(vs.mem_bytes).map_err(kerr)?;
-            for (gpa, bytes) in &vs.images {
-                vm.load(*gpa, bytes).map_err(kerr)?;
-            }
-            let boot = boots.get(&vs.id);
-            if let Some(boot) = boot {
-                let config = |why: &str| ClientError::Config {
-                    vm: vs.id,
-                    why: why.into(),
-                };
-                if !vs.images.is_empty() {
-                    return Err(config("boots Linux, so it takes no images"));
-                }
-                if vs.vcpus.len() != 1 {
-                    return Err(config(
-                        "boots Linux with exactly one vCPU (there is no MP table or ACPI to start more)",
-                    ));
-                }
-                vm.create_pit().map_err(kerr)?;
-                let state = boot
-                    .prepare(&vm)
-                    .map_err(|source| ClientError::Boot { vm: vs.id, source })?;
-                linux_states.insert(vs.id, state);
-            }
-            let console = boot.map(|b| &b.console);
-            let mut remotes = Vec::new();
-            let mut maps = Vec::new();
-            let mut pci_functions = Vec::new();
-            // The remote-model table index of (model, server #), added once.
-            let remote_index = |remotes: &mut Vec<RemoteModel>,
-                                model: u32,
-                                server: usize|
-             -> Result<u32, ClientError> {
-                let s = spec
-                    .servers
-                    .get(server)
-                    .ok_or_else(|| ClientError::Config {
-                        vm: vs.id,
-                        why: format!("model {model}: no server #{server}"),
-                    })?;
-                Ok(match remotes.iter().position(|r| r.model == model) {
-                    Some(i) => i as u32,
-                    None => {
-                        remotes.push(RemoteModel {
-                            model,
-                            server: s.id,
-                            socket: server,
-                        });
-                        (remotes.len() - 1) as u32
-                    }
-                })
-            };
-            // A Linux VM whose COM1 is remote: its console is what the
-            // guest transmits there.
-            let tap = console.and_then(|c| {
-                vs.devices
-                    .iter()
-                    .find(|d| {
-                        d.space == Space::Pio
-                            && d.base == u64::from(UART_PORT)
-                            && matches!(d.place, Place::Remote { .. })
-                    })
-                    .map(|_| UartTap::new(UART_PORT, c.clone()))
-            });
-            for d in &vs.devices {
-                let placement = match &d.place {
-                    Place::Local { kind } => {
-                        let model =
-                            local_model(kind, console).map_err(|e| ClientError::Config {
-                                vm: vs.id,
-                                why: format!("model {}: {e}", d.model),
-                            })?;
-                        Placement::Local(Arc::new(Mutex::new(model)))
-                    }
-                    Place::Remote { server } => {
-                        Placement::Remote(remote_index(&mut remotes, d.model, *server)?)
-                    }
-                    Place::VirtioBlk { irq, disk } => {
-                        if d.space != Space::Pio || d.len != BAR_SIZE || d.base > 0xffff {
-                            return Err(ClientError::Config {
-                                vm: vs.id,
-                                why: format!(
-                                    "virtio-blk {}: needs a port range of {BAR_SIZE:#x} ports",
-                                    d.model
-                                ),
-                            });
-                        }
-                        let store = match disk {
-                            DiskPlace::Local { backing } => {
-                                let params = ModelParams {
-                                    backing: Some(backing.clone()),
-                                    ..Default::default()
-                                };
-                                let m = registry::build("blockstore", params).map_err(|e| {
-                                    ClientError::Config {
-                                        vm: vs.id,
-                                        why: format!("virtio-blk {}: {e}", d.model),
-                                    }
-                                })?;
-                                StoreAt::Local(Arc::new(Mutex::new(m)))
-                            }
-                            DiskPlace::Remote { server, model, gpa } => {
-                                let idx = remote_index(&mut remotes, *model, *server)?;
-                                maps.push(Mapping {
-                                    space: Space::Mmio,
-                                    base: *gpa,
-                                    len: STORE_WINDOW,
-                                    model: *model,
-                                    posted: true,
-                                    placement: Placement::Remote(idx),
-                                });
-                                StoreAt::Remote { base: *gpa }
-                            }
-                        };
-                        let h = vm.irq_handle();
-                        let line = u32::from(*irq);
-                        let dev = VirtioBlk::new(
-                            Box::new(vm.mem_handle()),
-                            Box::new(move || {
-                                let _ = h.irq_edge(line);
-                            }),
-                        );
-                        pci_functions.push(PciFunction::virtio_blk(
-                            pci_functions.len() as u8 + 1,
-                            d.base as u16,
-                            BAR_SIZE as u16,
-                            *irq,
-                        ));
-                        Placement::VirtioBlk {
-                            dev: Arc::new(Mutex::new(dev)),
-                            store,
-                        }
-                    }
-                };
-                maps.push(Mapping {
-                    space: d.space,
-                    base: d.base,
-                    len: d.len,
-                    model: d.model,
-                    posted: d.posted,
-                    placement,
-                });
-            }
-            if !pci_functions.is_empty() {
-                maps.push(Mapping {
-                    space: Space::Pio,
-                    base: u64::from(pci::CONFIG_ADDRESS_PORT),
-                    len: pci::PORTS,
-                    model: 0,
-                    posted: false,
-                    placement: Placement::Local(Arc::new(Mutex::new(Box::new(PciHost::new(
-                        pci_functions,
-                    ))))),
-                });
-            }
-            let map =
-                DeviceMap::new(maps).map_err(|source| ClientError::DevMap { vm: vs.id, source })?;
-            let remotes: Arc<[RemoteModel]> = remotes.into();
-            handles.insert(vs.id, vm.irq_handle());
-            for (i, v) in vs.vcpus.iter().enumerate() {
-                let ring = Arc::new(ExitRing::new().map_err(io_err("exit ring"))?);
-                let port = VcpuPort {
-                    vm: vs.id,
-                    hypervisor: vs.hypervisor,
-                    vcpu: i as u16,
-                    ring: ring.clone(),
-                    models: remotes.clone(),
-                };
-                let lane = if spec.direct {
-                    lanes.push(Lane {
-                        sockets: sockets()?,
-                        vcpus: vec![port],
-                        // Interrupts come to the engine's socket (below).
-                        injectors: HashMap::new(),
-                        direct: true,
-                        irq_port: None,
-                        servers: server_addrs.clone(),
-                    });
-                    lanes.len() - 1
-                } else {
-                    ports.push(port);
-                    0
-                };
-                pending.push((
-                    vms.len(),
-                    i as u16,
-                    *v,
-                    map.clone(),
-                    ring,
-                    lane,
-                    tap.clone(),
-                ));
-            }
-            vms.push(vm);
-        }
-        let all_injectors = || -> HashMap<u32, Injector> {
-            handles
-                .iter()
-                .map(|(vm, h)| (*vm, injector(h.clone())))
-                .collect()
-        };
-        if spec.direct {
-            // Direct lanes are their vCPUs' own, reaped only while they wait
-            // for an answer: their requests name one socket of the engine's
-            // for interrupts (every server sends there), and the engine
-            // injects them into any VM of this client.
-            let bind = spec.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-            let irq = UdpSocket::bind((bind, 0)).map_err(io_err("bind the interrupt socket"))?;
-            let port = irq
-                .local_addr()
-                .map_err(io_err("bind the interrupt socket"))?
-                .port();
-            for lane in &mut lanes {
-                lane.irq_port = Some(port);
-                // Also here: an interrupt from a server that does not know
-                // the interrupt-port flag comes to the lane that spoke last.
-                lane.injectors = all_injectors();
-            }
-            lanes.push(Lane {
-                sockets: vec![irq],
-                vcpus: Vec::new(),
-                injectors: all_injectors(),
-                direct: false,
-                irq_port: None,
-                servers: server_addrs.clone(),
-            });
-        }
+        let boots = linux_boots(&spec, linux)?;
+        let vms = spec
+            .vms
+            .iter()
+            .map(|vs| BuiltVm::new(&spec, vs, boots.get(&vs.id)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let wiring = lanes::wire(&spec, &vms)?;
         let mut ecfg = spec.engine;
         ecfg.client = spec.client;
-        if !spec.direct {
-            lanes.push(Lane {
-                sockets: sockets()?,
-                vcpus: ports,
-                injectors: all_injectors(),
-                direct: false,
-                irq_port: None,
-                servers: server_addrs.clone(),
-            });
-        }
-        let engine =
-            Engine::spawn(ecfg, lanes, spec.engine_core).map_err(io_err("start the engine"))?;
-        let stop = Arc::new(AtomicBool::new(false));
+        let engine = Engine::spawn(ecfg, wiring.lanes, spec.engine_core)
+            .map_err(io_err("start the engine"))?;
         let mut client = Client {
-            stop: stop.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
             vcpus: Vec::new(),
             ended: Arc::new((Mutex::new(0), Condvar::new())),
             engine: None,
             vms: Vec::new(),
         };
-        for (vm_idx, index, vspec, map, ring, lane, tap) in pending {
-            let vs = &spec.vms[vm_idx];
-            let vm = &vms[vm_idx];
-            let mut vcpu: Vcpu = match linux_states.get(&vs.id) {
-                Some(state) => vm.create_vcpu_with_state(index as u8, state).map(|mut v| {
-                    // Linux uses port 0xf4 like any other port.
-                    v.set_done_port(false);
-                    v
-                }),
-                None => vm.create_vcpu(index as u8, vspec.entry),
+        let mut wires = wiring.vcpus.into_iter();
+        for mut vm in vms {
+            let buses = std::mem::take(&mut vm.buses);
+            for (index, bus) in buses.into_iter().enumerate() {
+                let wire = wires.next().expect("one wire per vCPU");
+                client.spawn_vcpu(&spec, &engine, &vm, index as u16, bus, wire)?;
             }
-            .map_err(|source| ClientError::Kvm { vm: vs.id, source })?;
-            let stats = Arc::new(if spec.samples > 0 {
-                VcpuStats::with_samples(spec.samples)
-            } else {
-                VcpuStats::default()
-            });
-            let mut io = VcpuIo::new(
-                vs.id,
-                vs.hypervisor,
-                index,
-                map,
-                ring,
-                engine.doorbell(),
-                spec.vcpu_spin,
-                stats.clone(),
-            )
-            .with_driver(engine.driver(lane))
-            .with_irq(vm.irq_handle())
-            .with_uart_tap(tap);
-            let kicker = vcpu.kicker();
-            let stop = stop.clone();
-            let core = vspec.core;
-            let ended = Ended(client.ended.clone());
-            let join = std::thread::Builder::new()
-                .name(format!("dp-vcpu-{}-{index}", vs.id))
-                .spawn(move || {
-                    // Counts this thread out however it ends.
-                    let _ended = ended;
-                    if let Some(c) = core {
-                        let _ = affinity::set_thread_affinity([c]);
-                    }
-                    if let Err(e) = io.attach(vcpu.kicker()) {
-                        let e = KvmError::UnexpectedExit(format!("cannot take its lane: {e}"));
-                        return (Err(e), 0);
-                    }
-                    let exit = vcpu.run(&mut io, &stop);
-                    // Posted writes the guest made before it ended still
-                    // reach their devices.
-                    io.flush(Instant::now() + FLUSH_TIMEOUT);
-                    (exit, vcpu.exits())
-                })
-                .map_err(io_err("start a vCPU thread"))?;
-            client.vcpus.push(VcpuThread {
-                vm: vs.id,
-                vcpu: index,
-                join,
-                kicker,
-                stats,
-            });
+            client.vms.push(vm.vm);
         }
         client.engine = Some(engine);
-        client.vms = vms;
         Ok(client)
+    }
+
+    /// Creates vCPU `index` of `vm` and starts its thread.
+    fn spawn_vcpu(
+        &mut self,
+        spec: &ClientSpec,
+        engine: &Engine,
+        vm: &BuiltVm,
+        index: u16,
+        bus: Bus,
+        wire: VcpuWire,
+    ) -> Result<(), ClientError> {
+        let vcpu = vm.create_vcpu(index)?;
+        let stats = Arc::new(if spec.samples > 0 {
+            VcpuStats::with_samples(spec.samples)
+        } else {
+            VcpuStats::default()
+        });
+        let io = VcpuIo::new(
+            vm.id,
+            vm.hypervisor,
+            index,
+            wire.ring,
+            engine.doorbell(),
+            spec.vcpu_spin,
+            stats.clone(),
+        )
+        .with_driver(engine.driver(wire.lane))
+        .with_irq(vm.vm.irq_handle())
+        .with_uart_tap(vm.tap.clone());
+        let kicker = vcpu.kicker();
+        let run = VcpuRun {
+            vcpu,
+            handler: ExitHandler::new(bus, io),
+            core: vm.vcpus[usize::from(index)].core,
+            stop: self.stop.clone(),
+            ended: Ended(self.ended.clone()),
+        };
+        let join = std::thread::Builder::new()
+            .name(format!("dp-vcpu-{}-{index}", vm.id))
+            .spawn(move || run.run())
+            .map_err(io_err("start a vCPU thread"))?;
+        self.vcpus.push(VcpuThread {
+            vm: vm.id,
+            vcpu: index,
+            join,
+            kicker,
+            stats,
+        });
+        Ok(())
     }
 
     /// Whether every vCPU has ended by itself (its guest finished, powered
