@@ -356,14 +356,10 @@ impl ExitHandler {
         ExitHandler { bus, io }
     }
 
-    /// See [`VcpuIo::attach`].
-    pub fn attach(&self, kicker: VcpuKicker) -> std::io::Result<()> {
-        self.io.attach(kicker)
-    }
-
-    /// See [`VcpuIo::flush`].
-    pub fn flush(&self, deadline: Instant) {
-        self.io.flush(deadline);
+    /// The exit path (to attach or flush its lane: [`VcpuIo::attach`],
+    /// [`VcpuIo::flush`]).
+    pub fn io(&self) -> &VcpuIo {
+        &self.io
     }
 
     /// One access: one call into the device that decodes `addr`.

@@ -247,3 +247,88 @@ fn local_model(
         _ => registry::build(kind, ModelParams::default()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use devplane_wire::AccessSize;
+
+    use super::*;
+    use crate::bus::At;
+    use crate::devmap::DevMapError;
+    use crate::vcpu_io::VcpuIo;
+
+    /// A device that names itself by its vCPU; never accessed here.
+    struct Tag(usize);
+
+    impl BusDevice for Tag {
+        fn read(&mut self, _: &mut VcpuIo, _: At, _: AccessSize) -> u64 {
+            unreachable!()
+        }
+        fn write(&mut self, _: &mut VcpuIo, _: At, _: AccessSize, _: u64) {
+            unreachable!()
+        }
+    }
+
+    fn slot(space: Space, base: u64, len: u64, model: u32, vcpus: usize) -> Slot {
+        Mapping {
+            space,
+            base,
+            len,
+            model,
+            posted: model % 2 == 1,
+            device: (0..vcpus)
+                .map(|i| Box::new(Tag(i)) as Box<dyn BusDevice>)
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn every_vcpu_gets_every_range_with_its_own_device() {
+        let slots = vec![
+            slot(Space::Mmio, 0xd000, 0x1000, 2, 3),
+            slot(Space::Pio, 0x3f8, 8, 1, 3),
+        ];
+        let buses = buses(slots, 3).unwrap();
+        assert_eq!(buses.len(), 3);
+        for bus in &buses {
+            let ranges: Vec<_> = bus
+                .entries()
+                .iter()
+                .map(|m| (m.space, m.base, m.len, m.model, m.posted))
+                .collect();
+            assert_eq!(
+                ranges,
+                vec![
+                    (Space::Pio, 0x3f8, 8, 1, true),
+                    (Space::Mmio, 0xd000, 0x1000, 2, false)
+                ]
+            );
+        }
+        // vCPU i's bus holds the i-th device of each slot.
+        for (i, bus) in buses.iter().enumerate() {
+            for m in bus.entries() {
+                let tag = &*m.device as *const dyn BusDevice as *const Tag;
+                // SAFETY: every device in these buses is a `Tag`.
+                assert_eq!(unsafe { (*tag).0 }, i);
+            }
+        }
+    }
+
+    #[test]
+    fn overlaps_are_refused_even_without_vcpus() {
+        for vcpus in [0, 2] {
+            let slots = vec![
+                slot(Space::Pio, 0x10, 8, 1, vcpus),
+                slot(Space::Pio, 0x17, 1, 2, vcpus),
+            ];
+            assert!(matches!(
+                buses(slots, vcpus),
+                Err(DevMapError::Overlap {
+                    model: 2,
+                    other: 1,
+                    ..
+                })
+            ));
+        }
+    }
+}

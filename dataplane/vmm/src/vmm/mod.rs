@@ -410,14 +410,14 @@ impl VcpuRun {
         if let Some(c) = self.core {
             let _ = affinity::set_thread_affinity([c]);
         }
-        if let Err(e) = self.handler.attach(self.vcpu.kicker()) {
+        if let Err(e) = self.handler.io().attach(self.vcpu.kicker()) {
             let e = KvmError::UnexpectedExit(format!("cannot take its lane: {e}"));
             return (Err(e), 0);
         }
         let exit = self.vcpu.run(&mut self.handler, &self.stop);
         // Posted writes the guest made before it ended still reach their
         // devices.
-        self.handler.flush(Instant::now() + FLUSH_TIMEOUT);
+        self.handler.io().flush(Instant::now() + FLUSH_TIMEOUT);
         (exit, self.vcpu.exits())
     }
 }
