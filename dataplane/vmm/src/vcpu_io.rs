@@ -2,7 +2,7 @@
 //! [`Bus`] and hand the access to the device there (see [`crate::bus`]): a
 //! local model runs in place; a remote model's access is encoded into the
 //! vCPU's exit ring for the engine and (unless it is a posted write) waited
-//! for ([`VcpuIo::remote`]). Unmapped reads return all-ones and unmapped
+//! for (`VcpuIo::remote`). Unmapped reads return all-ones and unmapped
 //! writes are ignored; both are counted.
 //!
 //! A local model's interrupts are delivered right after the access that

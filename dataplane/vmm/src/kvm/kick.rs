@@ -109,7 +109,7 @@ impl Drop for Running<'_> {
     }
 }
 
-/// Interrupts a vCPU's [`Vcpu::run`] from any thread.
+/// Interrupts a vCPU's [`Vcpu::run`](super::Vcpu::run) from any thread.
 #[derive(Clone)]
 pub struct VcpuKicker {
     pub(super) shared: Arc<KickShared>,

@@ -9,6 +9,12 @@
 //! model's output goes to the boot's [`Console`], and the vCPU's run ends
 //! with [`VcpuExit::Reset`] when the guest reboots through the i8042 (or
 //! [`VcpuExit::Shutdown`] on a triple fault): both mean the guest stopped.
+//!
+//! Starting a client: each VM is created and loaded or prepared for Linux
+//! and given its devices (`devices`: one [`Bus`] per vCPU and the VM's
+//! remote-model table), the engine's lanes are wired (`lanes`), the engine
+//! starts, then one thread per vCPU runs its guest with an
+//! [`ExitHandler`] over its bus.
 
 mod devices;
 mod lanes;
