@@ -1,47 +1,13 @@
-//! A VM's device map: which device model decodes each port or MMIO range,
-//! and where it runs — locally in the vCPU thread (the patent's
-//! frequently-used models kept on the client) or remotely on a server.
+//! A VM's device map: which device decodes each port or MMIO range, sorted
+//! for lookup and checked (no empty, wrapping or overlapping range). The
+//! map is generic over what a range leads to: a vCPU's [`Bus`](crate::bus::Bus)
+//! holds the devices themselves; configuration checks map `()`.
 
-use std::sync::{Arc, Mutex};
-
-use devplane_devmodels::{DeviceModel, Space};
-
-use super::virtio::blk::VirtioBlk;
-
-/// Where a mapped model runs.
-#[derive(Clone)]
-pub enum Placement {
-    /// In the vCPU thread; shared by the VM's vCPUs behind a mutex
-    /// (uncontended unless two vCPUs hit the same local device at once).
-    Local(Arc<Mutex<Box<dyn DeviceModel>>>),
-    /// On a server: index into the VM's remote-model table (the engine's
-    /// `VcpuPort::models`).
-    Remote(u32),
-    /// A virtio block device served in the vCPU thread (it reaches guest
-    /// memory); its disk is a `blockstore` model at `store`.
-    VirtioBlk {
-        /// The device, shared by the VM's vCPUs.
-        dev: Arc<Mutex<VirtioBlk>>,
-        /// Where its disk is.
-        store: StoreAt,
-    },
-}
-
-/// Where a virtio block device's `blockstore` model runs.
-#[derive(Clone)]
-pub enum StoreAt {
-    /// In this process.
-    Local(Arc<Mutex<Box<dyn DeviceModel>>>),
-    /// Remote, mapped in the same device map as MMIO at `base`.
-    Remote {
-        /// The MMIO base of the store's mapping.
-        base: u64,
-    },
-}
+use devplane_devmodels::Space;
 
 /// One mapped range.
 #[derive(Clone)]
-pub struct Mapping {
+pub struct Mapping<D> {
     /// Port or MMIO.
     pub space: Space,
     /// First address.
@@ -52,8 +18,8 @@ pub struct Mapping {
     pub model: u32,
     /// Writes are posted (do not wait for the answer).
     pub posted: bool,
-    /// Where it runs.
-    pub placement: Placement,
+    /// The device that decodes it.
+    pub device: D,
 }
 
 /// Why a device map is invalid.
@@ -88,9 +54,17 @@ pub enum DevMapError {
 }
 
 /// The device map of one VM, sorted for lookup.
-#[derive(Clone, Default)]
-pub struct DeviceMap {
-    entries: Vec<Mapping>,
+#[derive(Clone)]
+pub struct DeviceMap<D> {
+    entries: Vec<Mapping<D>>,
+}
+
+impl<D> Default for DeviceMap<D> {
+    fn default() -> Self {
+        DeviceMap {
+            entries: Vec::new(),
+        }
+    }
 }
 
 fn space_key(s: Space) -> u8 {
@@ -100,9 +74,9 @@ fn space_key(s: Space) -> u8 {
     }
 }
 
-impl DeviceMap {
+impl<D> DeviceMap<D> {
     /// Builds and checks a map (no empty, wrapping or overlapping ranges).
-    pub fn new(mut entries: Vec<Mapping>) -> Result<DeviceMap, DevMapError> {
+    pub fn new(mut entries: Vec<Mapping<D>>) -> Result<DeviceMap<D>, DevMapError> {
         for e in &entries {
             if e.len == 0 || e.base.checked_add(e.len - 1).is_none() {
                 return Err(DevMapError::BadRange {
@@ -128,19 +102,37 @@ impl DeviceMap {
         Ok(DeviceMap { entries })
     }
 
-    /// The mapping that decodes `addr` in `space`.
-    pub fn lookup(&self, space: Space, addr: u64) -> Option<&Mapping> {
+    /// The index of the mapping that decodes `addr` in `space`.
+    fn find(&self, space: Space, addr: u64) -> Option<usize> {
         let k = space_key(space);
         let idx = self
             .entries
-            .partition_point(|e| (space_key(e.space), e.base) <= (k, addr));
-        let e = self.entries.get(idx.checked_sub(1)?)?;
-        (e.space == space && addr - e.base < e.len).then_some(e)
+            .partition_point(|e| (space_key(e.space), e.base) <= (k, addr))
+            .checked_sub(1)?;
+        let e = &self.entries[idx];
+        (e.space == space && addr - e.base < e.len).then_some(idx)
+    }
+
+    /// The mapping that decodes `addr` in `space`.
+    pub fn lookup(&self, space: Space, addr: u64) -> Option<&Mapping<D>> {
+        let i = self.find(space, addr)?;
+        Some(&self.entries[i])
+    }
+
+    /// The mapping that decodes `addr` in `space`, to use its device.
+    pub fn lookup_mut(&mut self, space: Space, addr: u64) -> Option<&mut Mapping<D>> {
+        let i = self.find(space, addr)?;
+        Some(&mut self.entries[i])
     }
 
     /// All mappings.
-    pub fn entries(&self) -> &[Mapping] {
+    pub fn entries(&self) -> &[Mapping<D>] {
         &self.entries
+    }
+
+    /// All mappings, sorted by space and base.
+    pub fn into_entries(self) -> Vec<Mapping<D>> {
+        self.entries
     }
 }
 
@@ -148,14 +140,14 @@ impl DeviceMap {
 mod tests {
     use super::*;
 
-    fn m(space: Space, base: u64, len: u64, model: u32) -> Mapping {
+    fn m(space: Space, base: u64, len: u64, model: u32) -> Mapping<()> {
         Mapping {
             space,
             base,
             len,
             model,
             posted: false,
-            placement: Placement::Remote(0),
+            device: (),
         }
     }
 

@@ -290,6 +290,56 @@ fn irq_guest(
     let a = &mut p.a;
 
     // The handler comes first, so its offset is 0.
+    irq_handler(a, counter, want, ack_port, trigger)?;
+
+    let mut main = a.create_label();
+    let mut wait = a.create_label();
+    let mut check = a.create_label();
+    a.set_label(&mut main)?;
+    a.cli()?;
+    a.mov(word_ptr(counter), 0u32)?;
+    // IVT entry: offset 0 (the handler), segment CS.
+    a.xor(ax, ax)?;
+    a.mov(es, ax)?;
+    a.mov(word_ptr(vector * 4).es(), 0u32)?;
+    a.mov(word_ptr(vector * 4 + 2).es(), cs)?;
+    init_pics(a, line)?;
+    // Armed: tell the device (and a test injecting interrupts) that edges
+    // from now on are counted; the PIC initialisation above drops edges
+    // latched before it.
+    a.xor(eax, eax)?;
+    a.mov(dx, u32::from(ack_port))?;
+    a.out(dx, eax)?;
+    if let Some(trigger) = trigger {
+        a.mov(eax, 1u32)?;
+        a.mov(dx, u32::from(trigger))?;
+        a.out(dx, eax)?;
+    }
+    a.jmp(check)?;
+    // `sti` delays interrupts by one instruction, so none is taken
+    // between it and `hlt`: a pending one wakes the `hlt` instead.
+    a.set_label(&mut wait)?;
+    a.sti()?;
+    a.hlt()?;
+    a.cli()?;
+    a.set_label(&mut check)?;
+    a.cmp(word_ptr(counter), u32::from(want))?;
+    a.jb(wait)?;
+    a.movzx(eax, word_ptr(counter))?;
+    p.report_eax()?;
+    p.finish(Some(main))
+}
+
+/// The interrupt handler of [`irq_guest`]: counts in the word at
+/// `counter`, writes the count to `ack_port`, asks `trigger` for the next
+/// interrupt until `want` have come, sends a non-specific EOI.
+fn irq_handler(
+    a: &mut CodeAssembler,
+    counter: u32,
+    want: u16,
+    ack_port: u16,
+    trigger: Option<u16>,
+) -> Result<(), GuestError> {
     a.push(eax)?;
     a.push(edx)?;
     a.push(ds)?;
@@ -315,18 +365,12 @@ fn irq_guest(
     a.pop(edx)?;
     a.pop(eax)?;
     a.iret()?;
+    Ok(())
+}
 
-    let mut main = a.create_label();
-    let mut wait = a.create_label();
-    let mut check = a.create_label();
-    a.set_label(&mut main)?;
-    a.cli()?;
-    a.mov(word_ptr(counter), 0u32)?;
-    // IVT entry: offset 0 (the handler), segment CS.
-    a.xor(ax, ax)?;
-    a.mov(es, ax)?;
-    a.mov(word_ptr(vector * 4).es(), 0u32)?;
-    a.mov(word_ptr(vector * 4 + 2).es(), cs)?;
+/// Programs both 8259s: master vectors from [`PIC_VECTOR_BASE`], every
+/// input masked except master `line`.
+fn init_pics(a: &mut CodeAssembler, line: u8) -> Result<(), GuestError> {
     // ICW1: edge-triggered, cascade, ICW4 follows. ICW2: vector base.
     // ICW3: slave on input 2 / slave id 2. ICW4: 8086 mode. Then OCW1.
     let pic_init: [(u16, u8); 10] = [
@@ -345,30 +389,7 @@ fn irq_guest(
         a.mov(al, u32::from(value))?;
         a.out(u32::from(port), al)?;
     }
-    // Armed: tell the device (and a test injecting interrupts) that edges
-    // from now on are counted; the PIC initialisation above drops edges
-    // latched before it.
-    a.xor(eax, eax)?;
-    a.mov(dx, u32::from(ack_port))?;
-    a.out(dx, eax)?;
-    if let Some(trigger) = trigger {
-        a.mov(eax, 1u32)?;
-        a.mov(dx, u32::from(trigger))?;
-        a.out(dx, eax)?;
-    }
-    a.jmp(check)?;
-    // `sti` delays interrupts by one instruction, so none is taken
-    // between it and `hlt`: a pending one wakes the `hlt` instead.
-    a.set_label(&mut wait)?;
-    a.sti()?;
-    a.hlt()?;
-    a.cli()?;
-    a.set_label(&mut check)?;
-    a.cmp(word_ptr(counter), u32::from(want))?;
-    a.jb(wait)?;
-    a.movzx(eax, word_ptr(counter))?;
-    p.report_eax()?;
-    p.finish(Some(main))
+    Ok(())
 }
 
 /// Like [`irq_counter`], but the guest asks a device for each interrupt:
@@ -433,14 +454,48 @@ pub fn virtio_blk_check(
     seed: u8,
 ) -> Result<Guest, GuestError> {
     let mut p = Program::new(GUEST_SEGMENT)?;
-    let seg_base = u32::from(GUEST_SEGMENT) << 4;
-    let phys = |off: u16| seg_base + u32::from(off);
     let a = &mut p.a;
     let mut fail = a.create_label();
     let mut done = a.create_label();
-    let pci_addr = |reg: u32| 0x8000_0800u32 | reg;
+    vq_probe(a, io_base, fail)?;
+    vq_bring_up(a, io_base, sector, fail)?;
+    vq_pattern(a, seed)?;
+    vq_descriptors(a)?;
+    let request = |a: &mut CodeAssembler, kind, head, step| {
+        vq_request(a, io_base, sector, [kind, head, step], fail)
+    };
+    if write {
+        request(a, 1, 0, 5)?; // OUT
+        request(a, 4, 3, 6)?; // FLUSH
+    }
+    request(a, 0, 5, 7)?; // IN
+    // Step 8: what was read is the pattern.
+    a.mov(si, u32::from(VQ_OUT))?;
+    a.mov(di, u32::from(VQ_IN))?;
+    a.mov(cx, 512u32)?;
+    a.mov(bx, 8u32)?;
+    a.repe().cmpsb()?;
+    a.jne(fail)?;
+    a.mov(eax, VIRTIO_CHECK_OK)?;
+    a.jmp(done)?;
+    a.set_label(&mut fail)?;
+    a.movzx(eax, bx)?;
+    a.set_label(&mut done)?;
+    p.report_eax()?;
+    p.finish(None)
+}
 
-    // Step 1: PCI 00:01.0 is a legacy virtio-blk with BAR0 = io_base.
+/// The guest-physical address of offset `off` of [`virtio_blk_check`]'s
+/// segment.
+fn vq_phys(off: u16) -> u32 {
+    (u32::from(GUEST_SEGMENT) << 4) + u32::from(off)
+}
+
+/// [`virtio_blk_check`]'s step 1 (and 2): PCI 00:01.0 is a legacy
+/// virtio-blk with BAR0 = `io_base`; then enables its I/O space. The
+/// failing step's number is left in BX.
+fn vq_probe(a: &mut CodeAssembler, io_base: u16, fail: CodeLabel) -> Result<(), GuestError> {
+    let pci_addr = |reg: u32| 0x8000_0800u32 | reg;
     a.mov(eax, pci_addr(0x00))?;
     a.mov(dx, 0xcf8u32)?;
     a.out(dx, eax)?;
@@ -464,8 +519,18 @@ pub fn virtio_blk_check(
     a.mov(dx, 0xcfcu32)?;
     a.mov(eax, 1u32)?;
     a.out(dx, eax)?;
+    Ok(())
+}
 
-    // Step 3: reset, ACKNOWLEDGE | DRIVER, features, queue 0 of 256.
+/// [`virtio_blk_check`]'s steps 3 and 4: reset, ACKNOWLEDGE | DRIVER,
+/// features, queue 0 of 256 entries, DRIVER_OK; the capacity (sectors, low
+/// dword) lies beyond `sector`.
+fn vq_bring_up(
+    a: &mut CodeAssembler,
+    io_base: u16,
+    sector: u16,
+    fail: CodeLabel,
+) -> Result<(), GuestError> {
     let port = |off: u16| u32::from(io_base + off);
     a.mov(dx, port(0x12))?;
     a.xor(al, al)?;
@@ -486,19 +551,21 @@ pub fn virtio_blk_check(
     a.cmp(ax, 256u32)?;
     a.jne(fail)?;
     a.mov(dx, port(0x08))?;
-    a.mov(eax, phys(VQ_RING) >> 12)?;
+    a.mov(eax, vq_phys(VQ_RING) >> 12)?;
     a.out(dx, eax)?;
     a.mov(dx, port(0x12))?;
     a.mov(al, 7u32)?;
     a.out(dx, al)?;
-    // Step 4: capacity (sectors, low dword) beyond `sector`.
     a.mov(dx, port(0x14))?;
     a.in_(eax, dx)?;
     a.mov(bx, 4u32)?;
     a.cmp(eax, u32::from(sector))?;
     a.jbe(fail)?;
+    Ok(())
+}
 
-    // The pattern at VQ_OUT.
+/// The 512-byte pattern at `VQ_OUT`: `seed`, then steps of 7.
+fn vq_pattern(a: &mut CodeAssembler, seed: u8) -> Result<(), GuestError> {
     a.cld()?;
     a.mov(di, u32::from(VQ_OUT))?;
     a.mov(cx, 512u32)?;
@@ -508,8 +575,13 @@ pub fn virtio_blk_check(
     a.stosb()?;
     a.add(al, 7u32)?;
     a.loop_(fill)?;
+    Ok(())
+}
 
-    // Descriptors (16 bytes each: addr lo/hi, len, flags | next << 16).
+/// The descriptor table: 0-2 an OUT request (header, data, status), 3-4 a
+/// FLUSH, 5-7 an IN.
+fn vq_descriptors(a: &mut CodeAssembler) -> Result<(), GuestError> {
+    // 16 bytes each: addr lo/hi, len, flags | next << 16.
     let desc = |a: &mut CodeAssembler, i: u16, addr: u32, len: u32, flags: u32, next: u32| {
         let at = u32::from(VQ_RING + 16 * i);
         a.mov(dword_ptr(at), addr)?;
@@ -519,67 +591,57 @@ pub fn virtio_blk_check(
     };
     const NEXT: u32 = 1;
     const WRITE: u32 = 2;
-    // 0-2: OUT (header, data, status); 3-4: FLUSH; 5-7: IN.
-    desc(a, 0, phys(VQ_HEADER), 16, NEXT, 1)?;
-    desc(a, 1, phys(VQ_OUT), 512, NEXT, 2)?;
-    desc(a, 2, phys(VQ_STATUS), 1, WRITE, 0)?;
-    desc(a, 3, phys(VQ_HEADER), 16, NEXT, 4)?;
-    desc(a, 4, phys(VQ_STATUS), 1, WRITE, 0)?;
-    desc(a, 5, phys(VQ_HEADER), 16, NEXT, 6)?;
-    desc(a, 6, phys(VQ_IN), 512, WRITE | NEXT, 7)?;
-    desc(a, 7, phys(VQ_STATUS), 1, WRITE, 0)?;
+    desc(a, 0, vq_phys(VQ_HEADER), 16, NEXT, 1)?;
+    desc(a, 1, vq_phys(VQ_OUT), 512, NEXT, 2)?;
+    desc(a, 2, vq_phys(VQ_STATUS), 1, WRITE, 0)?;
+    desc(a, 3, vq_phys(VQ_HEADER), 16, NEXT, 4)?;
+    desc(a, 4, vq_phys(VQ_STATUS), 1, WRITE, 0)?;
+    desc(a, 5, vq_phys(VQ_HEADER), 16, NEXT, 6)?;
+    desc(a, 6, vq_phys(VQ_IN), 512, WRITE | NEXT, 7)?;
+    desc(a, 7, vq_phys(VQ_STATUS), 1, WRITE, 0)?;
+    Ok(())
+}
 
-    // One request: header type, publish `head`, notify; the device
-    // completes it within the notify exit. Step `step` checks the used
-    // index, the status byte and the interrupt status.
-    let request = |a: &mut CodeAssembler, kind: u32, head: u32, step: u32, fail: CodeLabel| {
-        a.mov(dword_ptr(u32::from(VQ_HEADER)), kind)?;
-        a.mov(dword_ptr(u32::from(VQ_HEADER) + 4), 0u32)?;
-        a.mov(dword_ptr(u32::from(VQ_HEADER) + 8), u32::from(sector))?;
-        a.mov(dword_ptr(u32::from(VQ_HEADER) + 12), 0u32)?;
-        a.mov(byte_ptr(u32::from(VQ_STATUS)), 0xffu32)?;
-        a.mov(si, word_ptr(u32::from(VQ_AVAIL) + 2))?;
-        a.and(si, 255u32)?;
-        a.shl(si, 1u32)?;
-        a.mov(word_ptr(si + u32::from(VQ_AVAIL) + 4), head)?;
-        a.mov(si, word_ptr(u32::from(VQ_AVAIL) + 2))?;
-        a.inc(si)?;
-        a.mov(word_ptr(u32::from(VQ_AVAIL) + 2), si)?;
-        a.mov(dx, port(0x10))?;
-        a.xor(ax, ax)?;
-        a.out(dx, ax)?;
-        a.mov(bx, step)?;
-        a.cmp(word_ptr(u32::from(VQ_USED) + 2), si)?;
-        a.jne(fail)?;
-        a.cmp(byte_ptr(u32::from(VQ_STATUS)), 0u32)?;
-        a.jne(fail)?;
-        a.mov(dx, port(0x13))?;
-        a.in_(al, dx)?;
-        a.cmp(al, 1u32)?;
-        a.jne(fail)?;
-        a.in_(al, dx)?;
-        a.cmp(al, 0u32)?;
-        a.jne(fail)
-    };
-    if write {
-        request(a, 1, 0, 5, fail)?; // OUT
-        request(a, 4, 3, 6, fail)?; // FLUSH
-    }
-    request(a, 0, 5, 7, fail)?; // IN
-    // Step 8: what was read is the pattern.
-    a.mov(si, u32::from(VQ_OUT))?;
-    a.mov(di, u32::from(VQ_IN))?;
-    a.mov(cx, 512u32)?;
-    a.mov(bx, 8u32)?;
-    a.repe().cmpsb()?;
+/// One request of type `kind` on sector `sector` at descriptor `head`:
+/// publish it, notify; the device completes it within the notify exit.
+/// Step `step` checks the used index, the status byte and the interrupt
+/// status (set, then cleared by the read).
+fn vq_request(
+    a: &mut CodeAssembler,
+    io_base: u16,
+    sector: u16,
+    [kind, head, step]: [u32; 3],
+    fail: CodeLabel,
+) -> Result<(), GuestError> {
+    let port = |off: u16| u32::from(io_base + off);
+    a.mov(dword_ptr(u32::from(VQ_HEADER)), kind)?;
+    a.mov(dword_ptr(u32::from(VQ_HEADER) + 4), 0u32)?;
+    a.mov(dword_ptr(u32::from(VQ_HEADER) + 8), u32::from(sector))?;
+    a.mov(dword_ptr(u32::from(VQ_HEADER) + 12), 0u32)?;
+    a.mov(byte_ptr(u32::from(VQ_STATUS)), 0xffu32)?;
+    a.mov(si, word_ptr(u32::from(VQ_AVAIL) + 2))?;
+    a.and(si, 255u32)?;
+    a.shl(si, 1u32)?;
+    a.mov(word_ptr(si + u32::from(VQ_AVAIL) + 4), head)?;
+    a.mov(si, word_ptr(u32::from(VQ_AVAIL) + 2))?;
+    a.inc(si)?;
+    a.mov(word_ptr(u32::from(VQ_AVAIL) + 2), si)?;
+    a.mov(dx, port(0x10))?;
+    a.xor(ax, ax)?;
+    a.out(dx, ax)?;
+    a.mov(bx, step)?;
+    a.cmp(word_ptr(u32::from(VQ_USED) + 2), si)?;
     a.jne(fail)?;
-    a.mov(eax, VIRTIO_CHECK_OK)?;
-    a.jmp(done)?;
-    a.set_label(&mut fail)?;
-    a.movzx(eax, bx)?;
-    a.set_label(&mut done)?;
-    p.report_eax()?;
-    p.finish(None)
+    a.cmp(byte_ptr(u32::from(VQ_STATUS)), 0u32)?;
+    a.jne(fail)?;
+    a.mov(dx, port(0x13))?;
+    a.in_(al, dx)?;
+    a.cmp(al, 1u32)?;
+    a.jne(fail)?;
+    a.in_(al, dx)?;
+    a.cmp(al, 0u32)?;
+    a.jne(fail)?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //! `devplane-client` is its daemon.
 //!
 //! It owns: the VM and its vCPUs ([`kvm`]), the exit path ([`vcpu_io`],
-//! [`devmap`], [`ring`], [`uart_tap`]), the remote-access engine
+//! the device interface [`bus`] over the [`devmap`], [`ring`],
+//! [`uart_tap`]), the remote-access engine
 //! ([`engine`]: the io_uring lanes that move the bytes), the devices the
 //! VMM itself emulates ([`pci`], [`virtio`]), Linux boot ([`boot`]), the
 //! builder that assembles all of it ([`vmm`]) and the client daemon
@@ -16,6 +17,7 @@
 #![deny(missing_docs)]
 
 pub mod boot;
+pub mod bus;
 pub mod daemon;
 pub mod devmap;
 pub mod engine;

@@ -1,14 +1,15 @@
-//! What a vCPU thread does with an exit: look the address up in its VM's
-//! device map, run a local model in place, or encode the access into the
-//! vCPU's exit ring for the engine and (unless it is a posted write) wait
-//! for the answer. Unmapped reads return all-ones and unmapped writes are
-//! ignored; both are counted.
+//! What a vCPU thread does with an exit: look the address up in its
+//! [`Bus`] and hand the access to the device there (see [`crate::bus`]): a
+//! local model runs in place; a remote model's access is encoded into the
+//! vCPU's exit ring for the engine and (unless it is a posted write) waited
+//! for (`VcpuIo::remote`). Unmapped reads return all-ones and unmapped
+//! writes are ignored; both are counted.
 //!
 //! A local model's interrupts are delivered right after the access that
-//! raised them, into the VM's in-kernel irqchip (`KVM_IRQ_LINE`; an edge is
-//! the line raised then lowered), when the handler has the VM's
-//! [`IrqHandle`] ([`VcpuIo::with_irq`]). A local model's reset request (the
-//! i8042's reset line) ends the vCPU's run with
+//! raised them, through the VM's [`Trigger`] (the in-kernel irqchip,
+//! `KVM_IRQ_LINE`) when the handler has the VM's [`IrqHandle`]
+//! ([`VcpuIo::with_irq`]). A local model's reset request (the i8042's reset
+//! line) ends the vCPU's run with
 //! [`VcpuExit::Reset`](super::kvm::VcpuExit::Reset).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,15 +18,13 @@ use std::time::{Duration, Instant};
 
 use devplane_devmodels::{DeviceModel, ModelEvent, Space};
 use devplane_wire::record::FLAG_POSTED;
-use devplane_wire::{Access, AccessSize, IrqAction, RawRecord, Record, Request, RequestId, Status};
+use devplane_wire::{Access, AccessSize, RawRecord, Record, Request, RequestId, Status};
 
-use super::devmap::{DeviceMap, Placement, StoreAt};
+use super::bus::{At, Bus};
 use super::engine::{Doorbell, Driver, EngineError};
-use super::kvm::{IoHandler, IrqHandle, VcpuKicker};
+use super::kvm::{IoHandler, IrqHandle, Trigger, VcpuKicker};
 use super::ring::ExitRing;
 use super::uart_tap::UartTap;
-use super::virtio::VirtioError;
-use super::virtio::store::{LocalStore, StorePort};
 
 /// Per-vCPU exit counters.
 #[derive(Debug, Default)]
@@ -71,10 +70,11 @@ impl VcpuStats {
     }
 }
 
-/// The exit handler of one vCPU.
+/// The exit path of one vCPU, as its bus devices see it: the remote path
+/// (exit ring, engine or direct lane, sequence numbers), interrupt
+/// delivery and reset requests of local models, and its counters.
 pub struct VcpuIo {
     id: RequestId,
-    map: DeviceMap,
     ring: Arc<ExitRing>,
     doorbell: Arc<Doorbell>,
     spin: u32,
@@ -99,7 +99,6 @@ impl VcpuIo {
         vm: u32,
         hypervisor: u32,
         vcpu: u16,
-        map: DeviceMap,
         ring: Arc<ExitRing>,
         doorbell: Arc<Doorbell>,
         spin: u32,
@@ -112,7 +111,6 @@ impl VcpuIo {
                 vcpu,
                 seq: devplane_wire::first_seq(),
             },
-            map,
             ring,
             doorbell,
             spin,
@@ -141,19 +139,19 @@ impl VcpuIo {
         self
     }
 
+    /// Counts an access served in this thread.
+    pub(crate) fn count_local(&self) {
+        add(&self.stats.local);
+    }
+
     /// Takes what a local model raised during an access: interrupt-line
     /// changes (delivered) and a reset request (remembered for
     /// [`IoHandler::reset_requested`]).
-    fn after_local(&mut self, model: &mut dyn DeviceModel) {
+    pub(crate) fn after_local(&mut self, model: &mut dyn DeviceModel) {
         while let Some(ev) = model.take_irq() {
             add(&self.stats.local_irqs);
             let Some(irq) = &self.irq else { continue };
-            let ok = match ev.action {
-                IrqAction::Assert => irq.irq_line(ev.line, true),
-                IrqAction::Deassert => irq.irq_line(ev.line, false),
-                IrqAction::Edge => irq.irq_edge(ev.line),
-            };
-            if ok.is_err() {
+            if irq.trigger(ev.line, ev.action).is_err() {
                 add(&self.stats.local_irq_errors);
             }
         }
@@ -202,97 +200,11 @@ impl VcpuIo {
         }
     }
 
-    fn access(&mut self, space: Space, addr: u64, size: AccessSize, write: Option<u64>) -> u64 {
-        if self.sampling {
-            self.sample();
-        }
-        let Some(m) = self.map.lookup(space, addr) else {
-            match write {
-                Some(_) => add(&self.stats.unmapped_writes),
-                None => add(&self.stats.unmapped_reads),
-            }
-            return size.mask();
-        };
-        match &m.placement {
-            Placement::Local(model) => {
-                add(&self.stats.local);
-                let off = addr - m.base;
-                let model = model.clone();
-                let Ok(mut model) = model.lock() else {
-                    return size.mask();
-                };
-                let v = match write {
-                    Some(data) => {
-                        let _ = model.write(space, off, size, data);
-                        0
-                    }
-                    None => model.read(space, off, size).unwrap_or(size.mask()) & size.mask(),
-                };
-                self.after_local(&mut **model);
-                v
-            }
-            Placement::Remote(index) => {
-                let index = *index;
-                let posted = write.is_some() && m.posted;
-                // A failed access (counted) reads all-ones; a write is lost.
-                self.remote(space, addr, size, write, index, posted)
-                    .unwrap_or(if write.is_some() { 0 } else { size.mask() })
-            }
-            Placement::VirtioBlk { dev, store } => {
-                add(&self.stats.local);
-                let (dev, store, off) = (dev.clone(), store.clone(), addr - m.base);
-                let Ok(mut dev) = dev.lock() else {
-                    return size.mask();
-                };
-                match store {
-                    StoreAt::Local(model) => {
-                        let mut port = LocalStore(&model);
-                        match write {
-                            Some(d) => {
-                                dev.write(off, size, d, &mut port);
-                                0
-                            }
-                            None => dev.read(off, size, &mut port),
-                        }
-                    }
-                    StoreAt::Remote { base } => {
-                        let mut port = RemoteStore { io: self, base };
-                        match write {
-                            Some(d) => {
-                                dev.write(off, size, d, &mut port);
-                                0
-                            }
-                            None => dev.read(off, size, &mut port),
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// An access to a remote model that reports failure (an error status,
-    /// or no answer within the timeout) as `None`. Posted writes answer
-    /// `Some(0)` at once.
-    fn remote_checked(
-        &mut self,
-        space: Space,
-        addr: u64,
-        size: AccessSize,
-        write: Option<u64>,
-    ) -> Option<u64> {
-        let m = self.map.lookup(space, addr)?;
-        let Placement::Remote(index) = m.placement else {
-            return None;
-        };
-        let posted = write.is_some() && m.posted;
-        self.remote(space, addr, size, write, index, posted)
-    }
-
     /// Sends one access to remote model `index` and, unless it is posted,
     /// waits for its answer. `None` (counted in `remote_errors`) for an
     /// error status or no answer within the timeout; posted writes answer
     /// `Some(0)` at once.
-    fn remote(
+    pub(crate) fn remote(
         &mut self,
         space: Space,
         addr: u64,
@@ -450,13 +362,59 @@ fn access(space: Space, addr: u64, size: AccessSize, write: Option<u64>) -> Acce
     }
 }
 
-impl IoHandler for VcpuIo {
+/// The exit handler of one vCPU: its bus and its exit path.
+pub struct ExitHandler {
+    bus: Bus,
+    io: VcpuIo,
+}
+
+impl ExitHandler {
+    /// Exits of a vCPU with bus `bus` and exit path `io`.
+    pub fn new(bus: Bus, io: VcpuIo) -> ExitHandler {
+        ExitHandler { bus, io }
+    }
+
+    /// The exit path (to attach or flush its lane: [`VcpuIo::attach`],
+    /// [`VcpuIo::flush`]).
+    pub fn io(&self) -> &VcpuIo {
+        &self.io
+    }
+
+    /// One access: one call into the device that decodes `addr`.
+    fn access(&mut self, space: Space, addr: u64, size: AccessSize, write: Option<u64>) -> u64 {
+        if self.io.sampling {
+            self.io.sample();
+        }
+        let Some(m) = self.bus.lookup_mut(space, addr) else {
+            match write {
+                Some(_) => add(&self.io.stats.unmapped_writes),
+                None => add(&self.io.stats.unmapped_reads),
+            }
+            return size.mask();
+        };
+        let at = At {
+            space,
+            addr,
+            offset: addr - m.base,
+            posted: m.posted,
+        };
+        match write {
+            Some(data) => {
+                m.device.write(&mut self.io, at, size, data);
+                0
+            }
+            None => m.device.read(&mut self.io, at, size),
+        }
+    }
+}
+
+impl IoHandler for ExitHandler {
     fn pio_read(&mut self, port: u16, size: AccessSize) -> u64 {
         self.access(Space::Pio, port as u64, size, None)
     }
 
     fn pio_write(&mut self, port: u16, size: AccessSize, data: u64) {
-        if let Some(t) = self.tap.as_mut() {
+        if let Some(t) = self.io.tap.as_mut() {
             t.observe(port, data);
         }
         self.access(Space::Pio, port as u64, size, Some(data));
@@ -471,36 +429,12 @@ impl IoHandler for VcpuIo {
     }
 
     fn reset_requested(&mut self) -> bool {
-        self.reset
+        self.io.reset
     }
 
     fn kicked(&mut self) {
-        if let Some(d) = &self.driver {
+        if let Some(d) = &self.io.driver {
             d.service();
         }
-    }
-}
-
-/// A remote `blockstore` model, reached through this vCPU's own remote
-/// path (its ring, retransmission and posted-write ordering).
-struct RemoteStore<'a> {
-    io: &'a mut VcpuIo,
-    base: u64,
-}
-
-impl StorePort for RemoteStore<'_> {
-    fn read(&mut self, offset: u64) -> Result<u64, VirtioError> {
-        let gpa = self.base + offset;
-        self.io
-            .remote_checked(Space::Mmio, gpa, AccessSize::B8, None)
-            .ok_or_else(|| VirtioError::Store(format!("read at {gpa:#x} failed or timed out")))
-    }
-
-    fn write(&mut self, offset: u64, value: u64) -> Result<(), VirtioError> {
-        let gpa = self.base + offset;
-        self.io
-            .remote_checked(Space::Mmio, gpa, AccessSize::B8, Some(value))
-            .map(|_| ())
-            .ok_or_else(|| VirtioError::Store(format!("write at {gpa:#x} failed or timed out")))
     }
 }

@@ -48,7 +48,9 @@ fn model(id: u32, kind: &str, worker: usize) -> ModelConfig {
     ModelConfig::new(id, kind, worker)
 }
 
-fn server_config(topo: &Topology, tag: &str) -> ServerConfig {
+/// The test server's models: a null model, interrupt sources (one for a
+/// VM the client never runs) and two counters per VM.
+fn server_models() -> Vec<ModelConfig> {
     let mut models = vec![
         model(NULL_MODEL, "null", 0),
         ModelConfig {
@@ -84,6 +86,11 @@ fn server_config(topo: &Topology, tag: &str) -> ServerConfig {
             });
         }
     }
+    models
+}
+
+fn server_config(topo: &Topology, tag: &str) -> ServerConfig {
+    let models = server_models();
     ServerConfig {
         server: ServerSection {
             id: SERVER,
@@ -1023,7 +1030,6 @@ fn every_server_lifecycle_operation_under_guest_io_loses_no_write() {
     ];
     let spec = rig.spec(vms, Loss::default(), true, false);
     let mut client = rig.start(spec);
-    const EXTRA: u32 = 900;
     let pin_dir = std::path::PathBuf::from(format!(
         "/sys/fs/bpf/devplane-test-client-clife-{}",
         std::process::id()
@@ -1031,59 +1037,7 @@ fn every_server_lifecycle_operation_under_guest_io_loses_no_write() {
     let mut ops = 0;
     for round in 0..8usize {
         std::thread::sleep(Duration::from_millis(10));
-        let call = |what: &str, f: ServerOp| {
-            rig.server
-                .call(f)
-                .expect("server thread")
-                .unwrap_or_else(|e| panic!("{what} in round {round}: {e}"));
-        };
-        match round % 4 {
-            0 => {
-                call("suspend", Box::new(|s| s.suspend_vm(1)));
-                call("resume", Box::new(|s| s.resume_vm(1)));
-            }
-            1 => {
-                call("migrate", Box::new(|s| s.migrate_vm(2, OTHER_CLIENT)));
-                call("migrate back", Box::new(|s| s.migrate_vm(2, CLIENT)));
-                // Register and remove a client platform and a VM in the
-                // pinned maps, as `dpctl --apply-to` does.
-                use devplane_control::maps::{MapWriter, client_entry, vm_entry};
-                let mut maps =
-                    devplane_control::AyaMaps::from_pinned(&pin_dir).expect("open the pinned maps");
-                let c = ClientConfig {
-                    id: 50,
-                    address: std::net::Ipv4Addr::new(10, 250, 0, 50),
-                };
-                let v = VmConfig {
-                    id: 50,
-                    client: 50,
-                    hypervisor: HV,
-                };
-                maps.put_client(50, client_entry(&c)).unwrap();
-                maps.put_vm(50, vm_entry(&v)).unwrap();
-                maps.remove_vm(50).unwrap();
-                maps.remove_client(50).unwrap();
-            }
-            2 => {
-                let m = ModelConfig {
-                    pio_base: Some(0x900),
-                    ..model(EXTRA, "counter", round % 2)
-                };
-                call("add", Box::new(move |s| s.add_model(m)));
-                call("remove", Box::new(|s| s.remove_model(EXTRA)));
-            }
-            _ => {
-                let to = (round / 4) % 2;
-                call(
-                    "move 1",
-                    Box::new(move |s| s.move_model(counter_id(1, 0), to)),
-                );
-                call(
-                    "move 2",
-                    Box::new(move |s| s.move_model(counter_id(2, 0), 1 - to)),
-                );
-            }
-        }
+        lifecycle_round(&rig, round, &pin_dir);
         ops += 2;
     }
     let answers_at_end = client
@@ -1103,4 +1057,67 @@ fn every_server_lifecycle_operation_under_guest_io_loses_no_write() {
         "{ops} lifecycle operations under I/O; server: {:?}",
         rig.snapshot().workers
     );
+}
+
+/// Round `round` of
+/// [`every_server_lifecycle_operation_under_guest_io_loses_no_write`]: two
+/// operations on the server, chosen by `round % 4`.
+fn lifecycle_round(rig: &Rig, round: usize, pin_dir: &std::path::Path) {
+    const EXTRA: u32 = 900;
+    let call = |what: &str, f: ServerOp| {
+        rig.server
+            .call(f)
+            .expect("server thread")
+            .unwrap_or_else(|e| panic!("{what} in round {round}: {e}"));
+    };
+    match round % 4 {
+        0 => {
+            call("suspend", Box::new(|s| s.suspend_vm(1)));
+            call("resume", Box::new(|s| s.resume_vm(1)));
+        }
+        1 => {
+            call("migrate", Box::new(|s| s.migrate_vm(2, OTHER_CLIENT)));
+            call("migrate back", Box::new(|s| s.migrate_vm(2, CLIENT)));
+            register_and_remove_a_vm(pin_dir);
+        }
+        2 => {
+            let m = ModelConfig {
+                pio_base: Some(0x900),
+                ..model(EXTRA, "counter", round % 2)
+            };
+            call("add", Box::new(move |s| s.add_model(m)));
+            call("remove", Box::new(|s| s.remove_model(EXTRA)));
+        }
+        _ => {
+            let to = (round / 4) % 2;
+            call(
+                "move 1",
+                Box::new(move |s| s.move_model(counter_id(1, 0), to)),
+            );
+            call(
+                "move 2",
+                Box::new(move |s| s.move_model(counter_id(2, 0), 1 - to)),
+            );
+        }
+    }
+}
+
+/// Registers and removes a client platform and a VM in the pinned maps, as
+/// `dpctl --apply-to` does.
+fn register_and_remove_a_vm(pin_dir: &std::path::Path) {
+    use devplane_control::maps::{MapWriter, client_entry, vm_entry};
+    let mut maps = devplane_control::AyaMaps::from_pinned(pin_dir).expect("open the pinned maps");
+    let c = ClientConfig {
+        id: 50,
+        address: std::net::Ipv4Addr::new(10, 250, 0, 50),
+    };
+    let v = VmConfig {
+        id: 50,
+        client: 50,
+        hypervisor: HV,
+    };
+    maps.put_client(50, client_entry(&c)).unwrap();
+    maps.put_vm(50, vm_entry(&v)).unwrap();
+    maps.remove_vm(50).unwrap();
+    maps.remove_client(50).unwrap();
 }

@@ -255,35 +255,46 @@ fn vms_launch_and_shut_down_independently_through_dpctl() {
     let cfg = dir.0.join("client.toml");
     std::fs::write(&cfg, client_toml(&topo)).unwrap();
     let sock = dir.0.join("client.sock");
-    let (mut guard, lines) = start_daemon(&topo, &cfg, &sock);
+    let (guard, lines) = start_daemon(&topo, &cfg, &sock);
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "control socket must be owner-only");
     }
 
-    // Nothing runs yet.
-    let list = ok_json(&sock, &["vms", "running"]);
+    nothing_runs_yet(&sock);
+    let started = Instant::now();
+    let vm2_remote = vm2_comes_and_goes_while_vm1_runs(&sock, started);
+    vm1_finishes_by_itself(&sock, started);
+    each_write_was_applied_once(&server, vm2_remote);
+    ctrl_c_stops_the_vms_and_exits(&sock, guard, lines);
+    server.stop();
+}
+
+/// No VM runs before one is launched.
+fn nothing_runs_yet(sock: &Path) {
+    let list = ok_json(sock, &["vms", "running"]);
     assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
     for vm in [1, 2] {
         assert_eq!(state_of(&list, vm)["state"], "stopped", "{list}");
         assert!(state_of(&list, vm).get("ended").is_none(), "{list}");
     }
+}
 
-    // VM 1 runs; VM 2 comes and goes meanwhile.
-    let started = Instant::now();
+/// VM 1 runs; VM 2 comes and goes meanwhile. Returns VM 2's remote exits.
+fn vm2_comes_and_goes_while_vm1_runs(sock: &Path, started: Instant) -> u64 {
     assert_eq!(
-        ok(&sock, &["vms", "launch", "1"]),
+        ok(sock, &["vms", "launch", "1"]),
         "launched VM 1 (1 vCPU)\n"
     );
-    fails(&sock, &["vms", "launch", "1"], 1, "VM 1 is already running");
-    let v = ok_json(&sock, &["vms", "launch", "2"]);
+    fails(sock, &["vms", "launch", "1"], 1, "VM 1 is already running");
+    let v = ok_json(sock, &["vms", "launch", "2"]);
     assert_eq!(
         (v["action"].as_str(), v["vm"].as_u64(), v["state"].as_str()),
         (Some("launch"), Some(2), Some("running")),
         "{v}"
     );
-    let table = ok(&sock, &["vms", "running"]);
+    let table = ok(sock, &["vms", "running"]);
     let rows: Vec<Vec<&str>> = table
         .lines()
         .map(|l| l.split_whitespace().collect())
@@ -297,14 +308,14 @@ fn vms_launch_and_shut_down_independently_through_dpctl() {
     assert_eq!(rows[2][..4], ["2", "2", "running", "1"], "{table}");
     assert!(rows[1][4].ends_with('s') && rows[2][5] == "-", "{table}");
     std::thread::sleep(Duration::from_millis(100));
-    let v = ok_json(&sock, &["vms", "shutdown", "2"]);
+    let v = ok_json(sock, &["vms", "shutdown", "2"]);
     assert_eq!(v["action"], "shutdown", "{v}");
     assert_eq!(v["state"], "stopped", "{v}");
     assert_eq!(v["by_itself"], false, "{v}");
     assert_eq!(v["ended"][0]["exit"], "stopped", "VM 2 was cut short: {v}");
     let vm2_remote = v["ended"][0]["remote"].as_u64().unwrap();
     assert!(vm2_remote > 0, "VM 2 made no remote access: {v}");
-    let list = ok_json(&sock, &["vms", "running"]);
+    let list = ok_json(sock, &["vms", "running"]);
     assert_eq!(
         state_of(&list, 1)["state"],
         "running",
@@ -312,12 +323,16 @@ fn vms_launch_and_shut_down_independently_through_dpctl() {
         started.elapsed()
     );
     assert_eq!(state_of(&list, 2)["state"], "stopped", "{list}");
-    fails(&sock, &["vms", "shutdown", "2"], 1, "VM 2 is not running");
+    fails(sock, &["vms", "shutdown", "2"], 1, "VM 2 is not running");
+    vm2_remote
+}
 
-    // VM 1 finishes by itself and is reported stopped.
+/// VM 1 finishes by itself and is reported stopped; its shutdown reports
+/// how it ended, once.
+fn vm1_finishes_by_itself(sock: &Path, started: Instant) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let vm1 = loop {
-        let list = ok_json(&sock, &["vms", "running"]);
+        let list = ok_json(sock, &["vms", "running"]);
         let vm1 = state_of(&list, 1).clone();
         if vm1["state"] == "stopped" {
             break vm1;
@@ -334,14 +349,14 @@ fn vms_launch_and_shut_down_independently_through_dpctl() {
     // The counter answers the guest's final read with the writes it
     // applied: every write, once.
     assert_eq!(vm1["ended"][0]["value"], ITERATIONS as u64, "{vm1}");
-    let table = ok(&sock, &["vms", "running"]);
+    let table = ok(sock, &["vms", "running"]);
     let row1 = table.lines().nth(1).unwrap();
     assert!(
         row1.contains("stopped") && row1.ends_with(&format!("done {ITERATIONS} (by itself)")),
         "{table}"
     );
     // Its shutdown reports how it ended, once.
-    let out = ok(&sock, &["vms", "shutdown", "1"]);
+    let out = ok(sock, &["vms", "shutdown", "1"]);
     let mut lines_out = out.lines();
     assert_eq!(
         lines_out.next(),
@@ -350,12 +365,14 @@ fn vms_launch_and_shut_down_independently_through_dpctl() {
     );
     let row: Vec<&str> = lines_out.nth(1).unwrap().split_whitespace().collect();
     assert_eq!(row[..3], ["0", "done", &ITERATIONS.to_string()], "{out}");
-    fails(&sock, &["vms", "shutdown", "1"], 1, "VM 1 is not running");
-    fails(&sock, &["vms", "launch", "9"], 3, "VM 9 is not in");
-    fails(&sock, &["vms", "shutdown", "9"], 3, "VM 9 is not in");
+    fails(sock, &["vms", "shutdown", "1"], 1, "VM 1 is not running");
+    fails(sock, &["vms", "launch", "9"], 3, "VM 9 is not in");
+    fails(sock, &["vms", "shutdown", "9"], 3, "VM 9 is not in");
+}
 
-    // The server applied each of VM 1's writes and its read exactly once
-    // (worker 0 serves VM 1's model alone); VM 2's writes went to worker 1.
+/// The server applied each of VM 1's writes and its read exactly once
+/// (worker 0 serves VM 1's model alone); VM 2's writes went to worker 1.
+fn each_write_was_applied_once(server: &ServerThread, vm2_remote: u64) {
     let snap = server.snapshot();
     eprintln!("server: {:?}", snap.workers);
     let served = |w: usize| snap.workers[w].records - snap.workers[w].duplicates;
@@ -365,9 +382,11 @@ fn vms_launch_and_shut_down_independently_through_dpctl() {
         "VM 2: {vm2_remote} remote exits, {:?}",
         snap.workers
     );
+}
 
-    // Ctrl-C stops the running VMs and exits 0.
-    ok(&sock, &["vms", "launch", "2"]);
+/// Ctrl-C stops the running VMs and exits 0, removing the control socket.
+fn ctrl_c_stops_the_vms_and_exits(sock: &Path, mut guard: ChildGuard, lines: Lines) {
+    ok(sock, &["vms", "launch", "2"]);
     let pid = guard.0.as_ref().unwrap().id() as i32;
     // nsenter execs the daemon, so the pid is the daemon's.
     // SAFETY: sends SIGINT to our own child.
@@ -398,8 +417,7 @@ fn vms_launch_and_shut_down_independently_through_dpctl() {
         "{rest:?}"
     );
     assert!(!sock.exists(), "control socket left behind");
-    fails(&sock, &["vms", "running"], 1, "is devplane-client running?");
-    server.stop();
+    fails(sock, &["vms", "running"], 1, "is devplane-client running?");
 }
 
 #[test]

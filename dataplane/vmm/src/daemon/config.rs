@@ -15,13 +15,12 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use devplane_devmodels::Space;
 use devplane_devmodels::registry::{self, ModelParams};
 use serde::Deserialize;
 
-use crate::devmap::{DeviceMap, Mapping, Placement};
+use crate::devmap::{DevMapError, DeviceMap, Mapping};
 use crate::engine::EngineConfig;
 use crate::guests::{self, Guest, GuestError};
 use crate::vmm::{ClientSpec, DeviceSpec, Place, ServerSpec, VcpuSpec, VmSpec};
@@ -184,15 +183,19 @@ pub enum PlaceEntry {
     Remote(u32),
 }
 
-impl TryFrom<String> for PlaceEntry {
-    type Error = String;
+/// A device's `place` that is neither `local:<kind>` nor
+/// `remote:<server id>`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "place {0:?} is neither \"local:<kind>\" (e.g. \"local:counter\") nor \"remote:<server id>\" (e.g. \"remote:1\")"
+)]
+pub struct BadPlace(pub String);
 
-    fn try_from(text: String) -> Result<PlaceEntry, String> {
-        let bad = || {
-            format!(
-                "place {text:?} is neither \"local:<kind>\" (e.g. \"local:counter\") nor \"remote:<server id>\" (e.g. \"remote:1\")"
-            )
-        };
+impl TryFrom<String> for PlaceEntry {
+    type Error = BadPlace;
+
+    fn try_from(text: String) -> Result<PlaceEntry, BadPlace> {
+        let bad = || BadPlace(text.clone());
         match text.split_once(':') {
             Some(("local", kind)) if !kind.trim().is_empty() => {
                 Ok(PlaceEntry::Local(kind.trim().to_string()))
@@ -291,12 +294,12 @@ pub enum ConfigError {
         why: String,
     },
     /// A VM's device map is inconsistent (overlapping ranges).
-    #[error("vm {vm}: devices: {why}")]
+    #[error("vm {vm}: devices: {source}")]
     DeviceMap {
         /// The VM.
         vm: u32,
         /// What is wrong.
-        why: String,
+        source: DevMapError,
     },
     /// No `[[vms]]` entry has this id.
     #[error("VM {0} is not in the client configuration")]
@@ -419,22 +422,17 @@ impl ClientFile {
                             .map_err(|e| bad(e.to_string()))?;
                     }
                 }
-                // The map only checks ranges; a placeholder placement will do.
+                // The map only checks ranges: no device behind them.
                 maps.push(Mapping {
                     space: d.space.into(),
                     base: d.base,
                     len: d.len,
                     model: d.model,
                     posted: d.posted,
-                    placement: Placement::Local(Arc::new(Mutex::new(Box::new(
-                        devplane_devmodels::null::Null,
-                    )))),
+                    device: (),
                 });
             }
-            DeviceMap::new(maps).map_err(|e| ConfigError::DeviceMap {
-                vm: vm.id,
-                why: e.to_string(),
-            })?;
+            DeviceMap::new(maps).map_err(|source| ConfigError::DeviceMap { vm: vm.id, source })?;
         }
         Ok(())
     }

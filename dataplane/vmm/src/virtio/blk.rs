@@ -7,11 +7,12 @@
 //! request is complete, its used-ring entry written and the interrupt line
 //! pulsed.
 
-use devplane_wire::AccessSize;
+use devplane_wire::{AccessSize, IrqAction};
 
 use super::VirtioError;
 use super::queue::{Descriptor, DmaMemory, Queue};
 use super::store::{Store, StorePort};
+use crate::kvm::IrqLine;
 
 /// Legacy register: device features (read-only, 32 bits).
 pub const REG_HOST_FEATURES: u64 = 0x00;
@@ -72,7 +73,7 @@ pub struct BlkStats {
 /// A virtio block device.
 pub struct VirtioBlk {
     mem: Box<dyn DmaMemory + Send>,
-    irq: Box<dyn FnMut() + Send>,
+    irq: IrqLine,
     queue: Queue,
     queue_sel: u16,
     guest_features: u32,
@@ -85,8 +86,8 @@ pub struct VirtioBlk {
 
 impl VirtioBlk {
     /// A device that reaches guest memory through `mem` and raises its
-    /// interrupt by calling `irq` (one edge per call).
-    pub fn new(mem: Box<dyn DmaMemory + Send>, irq: Box<dyn FnMut() + Send>) -> VirtioBlk {
+    /// interrupt on `irq` (one edge per completion batch).
+    pub fn new(mem: Box<dyn DmaMemory + Send>, irq: IrqLine) -> VirtioBlk {
         VirtioBlk {
             mem,
             irq,
@@ -209,7 +210,9 @@ impl VirtioBlk {
         }
         if served > 0 {
             self.isr |= 1;
-            (self.irq)();
+            // A refused edge (KVM_IRQ_LINE failed) leaves the ISR bit set:
+            // the guest finds the completion at its next poll.
+            let _ = self.irq.trigger(IrqAction::Edge);
         }
     }
 
@@ -315,6 +318,7 @@ mod tests {
     use devplane_devmodels::blockstore::{CTRL_BASE, CTRL_CAPACITY, CTRL_FLUSH, CTRL_WRITES};
 
     use super::*;
+    use crate::kvm::{KvmError, Trigger};
     use crate::virtio::queue::tests::{Driver, VecMem, mem};
 
     /// An in-memory store speaking the blockstore register layout.
@@ -360,6 +364,17 @@ mod tests {
         }
     }
 
+    /// Counts the edges raised on line 5.
+    struct Edges(Arc<AtomicU32>);
+
+    impl Trigger for Edges {
+        fn trigger(&self, line: u32, action: IrqAction) -> Result<(), KvmError> {
+            assert_eq!((line, action), (5, IrqAction::Edge));
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
     struct Rig {
         dev: VirtioBlk,
         mem: Arc<Mutex<VecMem>>,
@@ -371,12 +386,9 @@ mod tests {
     fn rig() -> Rig {
         let m = Arc::new(Mutex::new(mem(4 << 20)));
         let irqs = Arc::new(AtomicU32::new(0));
-        let i2 = irqs.clone();
         let dev = VirtioBlk::new(
             Box::new(Shared(m.clone())),
-            Box::new(move || {
-                i2.fetch_add(1, Ordering::SeqCst);
-            }),
+            IrqLine::new(Box::new(Edges(irqs.clone())), 5),
         );
         let mut r = Rig {
             dev,

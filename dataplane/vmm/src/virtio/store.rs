@@ -3,8 +3,6 @@
 //! the model's MMIO window (see `devplane_devmodels::blockstore`), whether
 //! the model runs in this process or on a server.
 
-use std::sync::{Arc, Mutex};
-
 use devplane_devmodels::blockstore::{CTRL_BASE, CTRL_CAPACITY, CTRL_FLUSH, CTRL_WRITES};
 use devplane_devmodels::{DeviceModel, Space};
 use devplane_wire::AccessSize;
@@ -21,25 +19,20 @@ pub trait StorePort {
     fn write(&mut self, offset: u64, value: u64) -> Result<(), VirtioError>;
 }
 
-/// A block store model running in this process.
-pub struct LocalStore<'a>(pub &'a Arc<Mutex<Box<dyn DeviceModel>>>);
+/// A block store model running in this process, owned by the thread that
+/// serves the virtio device.
+pub struct LocalStore<'a>(pub &'a mut dyn DeviceModel);
 
 impl StorePort for LocalStore<'_> {
     fn read(&mut self, offset: u64) -> Result<u64, VirtioError> {
-        let mut m = self
-            .0
-            .lock()
-            .map_err(|_| VirtioError::Store("model lock poisoned".into()))?;
-        m.read(Space::Mmio, offset, AccessSize::B8)
+        self.0
+            .read(Space::Mmio, offset, AccessSize::B8)
             .map_err(|e| VirtioError::Store(e.to_string()))
     }
 
     fn write(&mut self, offset: u64, value: u64) -> Result<(), VirtioError> {
-        let mut m = self
-            .0
-            .lock()
-            .map_err(|_| VirtioError::Store("model lock poisoned".into()))?;
-        m.write(Space::Mmio, offset, AccessSize::B8, value)
+        self.0
+            .write(Space::Mmio, offset, AccessSize::B8, value)
             .map_err(|e| VirtioError::Store(e.to_string()))
     }
 }
@@ -124,12 +117,12 @@ mod tests {
         }
     }
 
-    fn store(path: &std::path::Path) -> Arc<Mutex<Box<dyn DeviceModel>>> {
+    fn store(path: &std::path::Path) -> Box<dyn DeviceModel> {
         let params = ModelParams {
             backing: Some(path.to_path_buf()),
             ..Default::default()
         };
-        Arc::new(Mutex::new(registry::build("blockstore", params).unwrap()))
+        registry::build("blockstore", params).unwrap()
     }
 
     #[test]
@@ -139,8 +132,8 @@ mod tests {
         );
         let data: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
         {
-            let m = store(&f.0);
-            let mut port = LocalStore(&m);
+            let mut m = store(&f.0);
+            let mut port = LocalStore(&mut *m);
             let mut s = Store(&mut port);
             assert_eq!(
                 s.capacity().unwrap(),
@@ -150,8 +143,8 @@ mod tests {
             s.flush().unwrap();
             assert!(s.write(3, &data[..8]).is_err(), "unaligned");
         }
-        let m = store(&f.0);
-        let mut port = LocalStore(&m);
+        let mut m = store(&f.0);
+        let mut port = LocalStore(&mut *m);
         let mut back = vec![0u8; 4096];
         Store(&mut port).read(8192, &mut back).unwrap();
         assert_eq!(back, data);
