@@ -60,6 +60,8 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use memmap2::{MmapOptions, MmapRaw};
 
+use crate::boot::pvm_syscall::{Resume, SyscallHook};
+
 /// Writing any value to this port ends [`Vcpu::run`] with
 /// [`VcpuExit::Done`] (the value written, zero-extended), unless the vCPU
 /// turned that off with [`Vcpu::set_done_port`].
@@ -192,6 +194,9 @@ pub struct CpuState {
     /// CPUID feature bits to hide from the guest, on top of the host's
     /// supported set.
     pub cpuid_hide: Vec<CpuidBits>,
+    /// The trap that turns a stock kernel's user-mode system calls into
+    /// system calls on nested PVM, when its `INT3` is in guest memory.
+    pub syscall_hook: Option<SyscallHook>,
 }
 
 /// A CPUID register of a leaf.
@@ -536,7 +541,9 @@ impl Vm {
                 });
             }
         }
-        self.finish_vcpu(fd, index)
+        let mut vcpu = self.finish_vcpu(fd, index)?;
+        vcpu.syscall_hook = state.syscall_hook;
+        Ok(vcpu)
     }
 
     /// A new vCPU fd with CPUID (APIC ids fixed up, `hide` cleared) and
@@ -591,6 +598,8 @@ impl Vm {
             odd_mmio: 0,
             done_port: true,
             assists: 0,
+            syscalls: 0,
+            syscall_hook: None,
             kick: Arc::new(KickShared {
                 thread: Mutex::new(None),
             }),
@@ -846,6 +855,8 @@ pub struct Vcpu {
     odd_mmio: u64,
     done_port: bool,
     assists: u64,
+    syscalls: u64,
+    syscall_hook: Option<SyscallHook>,
     kick: Arc<KickShared>,
     _vm: Arc<VmShared>,
 }
@@ -1066,6 +1077,9 @@ impl Vcpu {
             self.assists += 1;
             return Ok(true);
         }
+        if let Some(hook) = self.syscall_hook.filter(|h| h.pf_entry == regs.rip) {
+            return self.syscall_trap(hook, regs);
+        }
         let mut events = self
             .fd
             .get_vcpu_events()
@@ -1086,6 +1100,59 @@ impl Vcpu {
             .map_err(KvmError::ioctl("KVM_SET_VCPU_EVENTS"))?;
         self.assists += 1;
         Ok(true)
+    }
+
+    /// The `INT3` of the [`SyscallHook`] at the kernel's page-fault entry:
+    /// reads the exception frame on the kernel's stack and resumes as
+    /// [`SyscallHook::resume`] says (a frame it cannot read, which the
+    /// kernel's stack never is, is taken for an ordinary fault).
+    fn syscall_trap(&mut self, hook: SyscallHook, mut regs: kvm_regs) -> Result<bool, KvmError> {
+        const FRAME: usize = 40;
+        let t = self
+            .fd
+            .translate_gva(regs.rsp)
+            .map_err(KvmError::ioctl("KVM_TRANSLATE"))?;
+        let mut frame = [0u64; 5];
+        // The frame sits below the top of the kernel stack: in one page.
+        let in_page = (regs.rsp & 0xfff) as usize + FRAME <= 0x1000;
+        if let (true, true, Ok(off)) = (
+            t.valid != 0,
+            in_page,
+            self._vm.mem.offset(t.physical_address, FRAME),
+        ) {
+            let mut bytes = [0u8; FRAME];
+            // SAFETY: `offset` checked that the 40 bytes lie inside the
+            // mapping, which `self._vm` keeps alive; `bytes` is a local
+            // buffer that cannot overlap guest memory.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self._vm.mem.map.as_ptr().add(off),
+                    bytes.as_mut_ptr(),
+                    FRAME,
+                )
+            };
+            for (v, b) in frame.iter_mut().zip(bytes.chunks_exact(8)) {
+                *v = u64::from_le_bytes(b.try_into().unwrap_or_default());
+            }
+        }
+        match hook.resume(&frame) {
+            Resume::Syscall { rip, rsp, rflags } => {
+                regs.rip = rip;
+                regs.rsp = rsp;
+                regs.rflags = rflags;
+                self.syscalls += 1;
+            }
+            Resume::Fault { rip } => regs.rip = rip,
+        }
+        self.fd
+            .set_regs(&regs)
+            .map_err(KvmError::ioctl("KVM_SET_REGS"))?;
+        Ok(true)
+    }
+
+    /// User-mode system calls the [`SyscallHook`] entered.
+    pub fn hooked_syscalls(&self) -> u64 {
+        self.syscalls
     }
 
     /// Instructions (`INT3`, `FWAIT`) the VMM completed because KVM's

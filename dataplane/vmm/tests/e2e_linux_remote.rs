@@ -10,21 +10,22 @@
 //!   and the data it writes to the virtio disk lands in the server's
 //!   `blockstore` file, where the second boot reads it back;
 //! - where `/dev/kvm` emulates guest kernel code (nested PVM), the minimal
-//!   kernel boots kernel only (see `e2e_linux_boot.rs`) with its ext2 root
-//!   on the server's blockstore: its banner through the remote UART (and in
-//!   the server's console log), the clock it set from the remote CMOS
-//!   within 5 s of the host's, the superblock its read-write mount wrote
-//!   (mount count +1 after the first boot, read back and +2 after the
-//!   second, on a new server), and its panic ending the VM through the
-//!   i8042.
+//!   kernel and its init boot (see `e2e_linux_boot.rs`) from an ext2 root
+//!   on the server's blockstore: the banner and the init's lines through
+//!   the remote UART (and in the server's console log), the clock the
+//!   kernel set from the remote CMOS and the time the init reads, within
+//!   5 s of the host's, what the boot wrote to the disk (mount count +1 and
+//!   one line in the init's file after the first boot; the second boot, on
+//!   a new server, reads both back and writes the next: +2, two lines), and
+//!   the restart ending the VM through the i8042.
 //!
 //! Needs root, BPF, `/dev/kvm` and the guest files `scripts/setup.sh`
 //! builds. `DEVPLANE_GUEST_KERNEL=debian|minimal` overrides the choice of
 //! kernel; `DEVPLANE_CONSOLE=1` echoes the console.
 
-mod kernel_only;
+mod minimal_boot;
 
-use kernel_only::{now_unix, tail};
+use minimal_boot::{now_unix, tail};
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -222,20 +223,20 @@ fn check_ended(label: &str, reports: &[VcpuReport], console: &Console) -> u64 {
     remote
 }
 
-/// One kernel-only boot of the minimal kernel against the running server;
-/// returns what the console showed and the boot's span on the host's clock.
-fn kernel_only_once(
+/// One boot of the minimal kernel and init against the running server;
+/// returns the boot's span on the host's clock.
+fn minimal_once(
     topo: &Topology,
     kernel: &MinimalKernel,
     boot_id: u32,
     limit: Duration,
 ) -> (u64, u64) {
     let label = format!("boot {boot_id}");
-    let linux = LinuxBoot::kernel_only(kernel);
+    let linux = LinuxBoot::from_root_disk(kernel);
     let console = linux.console.clone();
     let t0 = Instant::now();
     let start_unix = now_unix();
-    let watch = kernel_only::Watch::start(&console, t0);
+    let watch = minimal_boot::Watch::start(&console, t0);
     let mut client = start(topo, linux);
     let reports: Vec<VcpuReport> = client.wait(limit);
     let total = t0.elapsed();
@@ -249,15 +250,15 @@ fn kernel_only_once(
         total.as_secs_f64(),
         reports[0].exits
     );
-    kernel_only::check_console(&label, &seen, &console);
+    minimal_boot::check_console(&label, &seen, &console);
     assert!(
         matches!(reports[0].exit, Ok(VcpuExit::Reset)),
-        "{label}: the panic's reboot=k reset through the i8042 ended the VM"
+        "{label}: the init's restart (reboot=k: the i8042's reset) ended the VM"
     );
     (start_unix, end_unix)
 }
 
-/// The kernel-only proof (see the file's documentation).
+/// The minimal kernel's proof (see the file's documentation).
 fn minimal_kernel_boots_twice_across_a_server_restart(topo: &Topology, limit: Duration) {
     let kernel = match MinimalKernel::locate() {
         Ok(k) => k,
@@ -274,30 +275,31 @@ fn minimal_kernel_boots_twice_across_a_server_restart(topo: &Topology, limit: Du
     let pid = std::process::id();
     let disk = std::env::temp_dir().join(format!("dp-linux-root-{pid}.img"));
     let log = std::env::temp_dir().join(format!("dp-linux-console-{pid}.log"));
-    let _disk = kernel_only::TempFile(disk.clone());
-    let _log = kernel_only::TempFile(log.clone());
-    let fresh = kernel_only::new_disk(&disk);
+    let _disk = minimal_boot::TempFile(disk.clone());
+    let _log = minimal_boot::TempFile(log.clone());
+    let fresh = minimal_boot::new_disk(&disk, &kernel.init);
 
     let server = ServerThread::spawn(server_config(topo, &disk, &log), Some(topo.server_netns()))
         .expect("server starts");
-    let span = kernel_only_once(topo, &kernel, 1, limit);
+    let span = minimal_once(topo, &kernel, 1, limit);
     // Stopping the server writes back what its blockstore holds.
     server.stop();
-    let first = kernel_only::check_disk("boot 1", &disk, fresh.mount_count, span);
+    let first = minimal_boot::check_disk("boot 1", &disk, fresh.mount_count, span, 1);
     let logged = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
-        logged.contains(kernel_only::BANNER) && logged.contains(kernel_only::PANIC_LINE),
+        logged.contains(minimal_boot::BANNER) && logged.contains(minimal_boot::SYNCED_LINE),
         "the server's console log lacks the boot: {} bytes",
         logged.len()
     );
 
     // A new server on the same image: the second boot's mount reads the
-    // first one's count and writes the next.
+    // first one's count and writes the next, and its init appends to the
+    // first one's file.
     let server = ServerThread::spawn(server_config(topo, &disk, &log), Some(topo.server_netns()))
         .expect("server starts again");
-    let span = kernel_only_once(topo, &kernel, 2, limit);
+    let span = minimal_once(topo, &kernel, 2, limit);
     server.stop();
-    let second = kernel_only::check_disk("boot 2", &disk, first.mount_count, span);
+    let second = minimal_boot::check_disk("boot 2", &disk, first.mount_count, span, 2);
     eprintln!(
         "{TEST}: disk mount count {} -> {} -> {} across the server restart",
         fresh.mount_count, first.mount_count, second.mount_count
@@ -372,7 +374,7 @@ fn linux_boots_with_console_clock_and_disk_on_the_server() {
             debian_kernel_boots_twice_across_a_server_restart(&topo, limit);
         }
         GuestKernel::Minimal => {
-            eprintln!("{TEST}: the minimal kernel, kernel only ({why})");
+            eprintln!("{TEST}: the minimal kernel and init, from an ext2 root disk ({why})");
             minimal_kernel_boots_twice_across_a_server_restart(&topo, limit);
         }
     }
@@ -390,8 +392,8 @@ fn debian_kernel_boots_twice_across_a_server_restart(topo: &Topology, limit: Dur
     let pid = std::process::id();
     let disk = std::env::temp_dir().join(format!("dp-linux-disk-{pid}.img"));
     let log = std::env::temp_dir().join(format!("dp-linux-console-{pid}.log"));
-    let _disk = kernel_only::TempFile(disk.clone());
-    let _log = kernel_only::TempFile(log.clone());
+    let _disk = minimal_boot::TempFile(disk.clone());
+    let _log = minimal_boot::TempFile(log.clone());
 
     let server = ServerThread::spawn(server_config(topo, &disk, &log), Some(topo.server_netns()))
         .expect("server starts");

@@ -31,21 +31,23 @@
 //! - **Debian's generic kernel with a busybox user space** where KVM runs
 //!   guest kernel code on the CPU (VMX/SVM): `guest/init` checks the clock,
 //!   writes and reads back the disk and powers off.
-//! - **A minimal kernel, kernel only** where `/dev/kvm` emulates guest
-//!   kernel code (nested PVM, [`kvm_emulates_kernel_code`]): built from
-//!   Debian's `linux-source-6.1` with `make tinyconfig` and
+//! - **A minimal kernel with a minimal init** where `/dev/kvm` emulates
+//!   guest kernel code (nested PVM, [`kvm_emulates_kernel_code`]): built
+//!   from Debian's `linux-source-6.1` with `make tinyconfig` and
 //!   `guest/linux.config` ([`MinimalKernel`]), it boots in tens of seconds
-//!   there. User space cannot run on PVM with a stock kernel (its first
-//!   system call never reaches the guest kernel: PVM delivers user-mode
-//!   events through an entry point only a PVM-enabled kernel sets up), so
-//!   the kernel itself does the work ([`LinuxBoot::kernel_only`]): it reads
-//!   the RTC, mounts the ext2 disk read-write as root (writing the
-//!   superblock's mount count and time), finds no init, panics and reboots
-//!   through the i8042, which ends the VM.
+//!   there, from an ext2 root disk and no initramfs
+//!   ([`LinuxBoot::from_root_disk`]): it sets its clock from the RTC and
+//!   mounts the disk read-write (writing the superblock's mount count and
+//!   time), and its `/sbin/init` (`guest/min-init.c`) prints the time,
+//!   appends to a file on the disk, syncs it and restarts the machine
+//!   through the i8042, which ends the VM. On PVM a stock kernel's user
+//!   space cannot make system calls by itself; [`pvm_syscall`] is the trap
+//!   that lets it.
 
 pub mod console;
 pub mod cpu;
 pub mod loader;
+pub mod pvm_syscall;
 pub mod rootfs;
 
 use std::path::{Path, PathBuf};
@@ -110,22 +112,21 @@ pub fn default_cmdline(boot_id: u32) -> String {
     c
 }
 
-/// The command line of a kernel-only boot ([`LinuxBoot::kernel_only`]) of
-/// the minimal kernel, whose root file system is the ext2 disk on the
-/// virtio-blk device (`/dev/vda`):
+/// The command line of a boot from the root disk
+/// ([`LinuxBoot::from_root_disk`]) of the minimal kernel, whose root file
+/// system is the ext2 disk on the virtio-blk device (`/dev/vda`):
 ///
 /// - `console=ttyS0`, `reboot=k`, `i8042.noaux`, `pci=conf1`,
 ///   `tsc=reliable`, `8250.nr_uarts=1`: as in [`default_cmdline`];
 /// - `root=/dev/vda rw`: mount the disk read-write at once (no initramfs:
 ///   nothing to unpack), which writes its superblock;
-/// - `panic=-1`: there is no init on the disk, so the kernel panics ("No
-///   working init found") right after the mount; it then reboots at once,
-///   through the i8042, ending the VM.
+/// - `panic=-1`: a failed boot (no init on the disk, say) panics and
+///   reboots at once, through the i8042, ending the VM instead of hanging.
 ///
 /// On a host whose `/dev/kvm` emulates guest kernel code,
 /// [`EMULATED_KVM_CPU_PARAMS`] are added (the other
 /// [`EMULATED_KVM_PARAMS`] name things the minimal kernel does not have).
-pub fn kernel_only_cmdline() -> String {
+pub fn root_disk_cmdline() -> String {
     let mut c = String::from(
         "console=ttyS0 root=/dev/vda rw panic=-1 reboot=k i8042.noaux pci=conf1 tsc=reliable \
          8250.nr_uarts=1",
@@ -295,11 +296,13 @@ impl GuestFiles {
 
 /// The minimal kernel `scripts/guest-kernel.sh` builds from Debian's
 /// `linux-source-6.1` with `make tinyconfig` and `guest/linux.config`:
-/// `minimal/vmlinux` in the guest directory.
+/// `minimal/vmlinux` in the guest directory, and its init, `minimal/init`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MinimalKernel {
     /// The kernel (ELF).
     pub vmlinux: PathBuf,
+    /// `guest/min-init.c`, built: the `/sbin/init` for its root disk.
+    pub init: PathBuf,
     /// Its source package's version and fragment hash, as the script
     /// recorded them (`minimal/kernel-version`).
     pub version: String,
@@ -311,19 +314,26 @@ impl MinimalKernel {
         MinimalKernel::in_dir(&GuestFiles::default_dir())
     }
 
-    /// `minimal/vmlinux` in `dir`, which must exist.
+    /// `minimal/vmlinux` and `minimal/init` in `dir`, which must exist.
     pub fn in_dir(dir: &Path) -> Result<MinimalKernel, BootError> {
         let vmlinux = dir.join("minimal/vmlinux");
-        if !vmlinux.is_file() {
-            return Err(BootError::MissingFile {
-                what: "minimal guest kernel",
-                path: vmlinux,
-            });
+        let init = dir.join("minimal/init");
+        for (what, path) in [("minimal guest kernel", &vmlinux), ("minimal init", &init)] {
+            if !path.is_file() {
+                return Err(BootError::MissingFile {
+                    what,
+                    path: path.clone(),
+                });
+            }
         }
         let version = std::fs::read_to_string(dir.join("minimal/kernel-version"))
             .map(|v| v.trim().to_string())
             .unwrap_or_else(|_| "version unknown".into());
-        Ok(MinimalKernel { vmlinux, version })
+        Ok(MinimalKernel {
+            vmlinux,
+            init,
+            version,
+        })
     }
 }
 
@@ -334,8 +344,8 @@ pub enum GuestKernel {
     /// Debian's generic kernel with the busybox initramfs ([`GuestFiles`]):
     /// user space runs `guest/init`.
     Debian,
-    /// The minimal kernel ([`MinimalKernel`]), kernel only
-    /// ([`LinuxBoot::kernel_only`]).
+    /// The minimal kernel ([`MinimalKernel`]) and its init, from its root
+    /// disk ([`LinuxBoot::from_root_disk`]).
     Minimal,
 }
 
@@ -349,8 +359,8 @@ impl GuestKernel {
             None | Some("") => Ok(if kvm_emulates_kernel_code() {
                 (
                     GuestKernel::Minimal,
-                    "/dev/kvm is nested PVM (kvm_pvm): it emulates guest kernel code, and user \
-                     space cannot make system calls to a stock kernel there",
+                    "/dev/kvm is nested PVM (kvm_pvm): it emulates guest kernel code, so Debian's \
+                     generic kernel would take many minutes",
                 )
             } else {
                 (
@@ -395,16 +405,15 @@ impl LinuxBoot {
         }
     }
 
-    /// Boots the minimal kernel alone: no initramfs, the root file system
-    /// on the virtio-blk disk, [`kernel_only_cmdline`], a fresh console
-    /// that does not echo. The disk must hold an ext2 file system
-    /// ([`rootfs::make_ext2`]) with no init: the kernel mounts it
-    /// read-write, panics and reboots through the i8042.
-    pub fn kernel_only(kernel: &MinimalKernel) -> LinuxBoot {
+    /// Boots the minimal kernel from its root disk: no initramfs, the root
+    /// file system on the virtio-blk disk, [`root_disk_cmdline`], a fresh
+    /// console that does not echo. The disk holds an ext2 file system
+    /// ([`rootfs::make_ext2`]) with the kernel's init as `/sbin/init`.
+    pub fn from_root_disk(kernel: &MinimalKernel) -> LinuxBoot {
         LinuxBoot {
             kernel: kernel.vmlinux.clone(),
             initrd: None,
-            cmdline: kernel_only_cmdline(),
+            cmdline: root_disk_cmdline(),
             console: Console::new(),
         }
     }
@@ -427,7 +436,17 @@ impl LinuxBoot {
             },
         )?;
         cpu::write_tables(vm)?;
-        Ok(cpu::long_mode_state(loaded.entry, loaded.zero_page))
+        let mut state = cpu::long_mode_state(loaded.entry, loaded.zero_page);
+        // A stock kernel's user space needs the system-call trap where
+        // /dev/kvm emulates kernel code; it is set only where the kernel
+        // has the symbols and the NOP it needs (the minimal kernel).
+        if kvm_emulates_kernel_code()
+            && let Some(hook) = pvm_syscall::SyscallHook::from_vmlinux(&kernel)
+        {
+            vm.load(hook.trap_gpa, &[pvm_syscall::INT3])?;
+            state.syscall_hook = Some(hook);
+        }
+        Ok(state)
     }
 }
 
@@ -480,8 +499,8 @@ mod tests {
     }
 
     #[test]
-    fn kernel_only_cmdline_mounts_the_disk_and_reboots_on_the_panic() {
-        let c = kernel_only_cmdline();
+    fn root_disk_cmdline_mounts_the_disk_and_reboots_on_a_panic() {
+        let c = root_disk_cmdline();
         for p in [
             "console=ttyS0",
             "root=/dev/vda",

@@ -1,8 +1,10 @@
-//! The ext2 root disk of a kernel-only boot ([`super::LinuxBoot::kernel_only`]):
-//! made empty with e2fsprogs' `mke2fs`, and read back on the host, where
-//! the superblock shows what the guest's kernel wrote when it mounted the
-//! disk read-write: the mount count (one more per mount) and the time of
-//! the write (the guest's clock, which it set from the RTC).
+//! The ext2 root disk of a minimal-kernel boot
+//! ([`super::LinuxBoot::from_root_disk`]): made with e2fsprogs' `mke2fs`
+//! (empty, or from a directory), and read back on the host, where the
+//! superblock shows what the guest's kernel wrote when it mounted the disk
+//! read-write — the mount count (one more per mount) and the time of the
+//! write (the guest's clock, which it set from the RTC) — and `debugfs`
+//! reads the files the guest wrote.
 
 use std::io::Read;
 use std::path::Path;
@@ -32,9 +34,11 @@ pub enum RootfsError {
         #[source]
         source: std::io::Error,
     },
-    /// `mke2fs` could not be run or failed.
-    #[error("mke2fs {path}: {why} (it comes with e2fsprogs; scripts/guest-kernel.sh installs it)")]
-    Mkfs {
+    /// `mke2fs` or `debugfs` could not be run or failed.
+    #[error("{tool} {path}: {why} (it comes with e2fsprogs; scripts/guest-kernel.sh installs it)")]
+    Tool {
+        /// The program.
+        tool: &'static str,
         /// The image.
         path: String,
         /// What went wrong.
@@ -60,13 +64,15 @@ pub struct Superblock {
     /// epoch, by the writer's clock).
     pub write_time: u32,
     /// Whether `s_state` says cleanly unmounted (a read-write mount clears
-    /// it until the unmount, which a boot that panics never reaches).
+    /// it until the unmount, which a boot that ends in a restart or a
+    /// panic never reaches).
     pub clean: bool,
 }
 
-/// Makes `path` an empty ext2 file system of `bytes` bytes (1 KiB blocks,
-/// no reserved blocks), replacing whatever was there.
-pub fn make_ext2(path: &Path, bytes: u64) -> Result<(), RootfsError> {
+/// Makes `path` an ext2 file system of `bytes` bytes (1 KiB blocks, no
+/// reserved blocks), replacing whatever was there: empty, or holding a
+/// copy of the directory `root` (owners and modes kept).
+pub fn make_ext2(path: &Path, bytes: u64, root: Option<&Path>) -> Result<(), RootfsError> {
     let p = path.display().to_string();
     let io = |source| RootfsError::Io {
         path: p.clone(),
@@ -75,34 +81,64 @@ pub fn make_ext2(path: &Path, bytes: u64) -> Result<(), RootfsError> {
     let f = std::fs::File::create(path).map_err(io)?;
     f.set_len(bytes).map_err(io)?;
     drop(f);
-    let out = Command::new(mke2fs())
-        .args([
-            "-q", "-F", "-t", "ext2", "-b", "1024", "-m", "0", "-L", "devplane",
-        ])
-        .arg(path)
-        .output()
-        .map_err(|e| RootfsError::Mkfs {
-            path: p.clone(),
-            why: e.to_string(),
-        })?;
-    if !out.status.success() {
-        return Err(RootfsError::Mkfs {
-            path: p,
-            why: format!(
-                "{}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        });
+    let mut cmd = Command::new(e2fs_tool("mke2fs"));
+    cmd.args([
+        "-q", "-F", "-t", "ext2", "-b", "1024", "-m", "0", "-L", "devplane",
+    ]);
+    if let Some(root) = root {
+        cmd.arg("-d").arg(root);
     }
+    run(cmd.arg(path), "mke2fs", &p)?;
     Ok(())
 }
 
-/// `mke2fs` on the PATH, else `/sbin/mke2fs` (root's PATH may lack /sbin).
-fn mke2fs() -> &'static str {
+/// The contents of the file `name` (an absolute path inside the file
+/// system) of the ext2 image at `path`, read with `debugfs`; `None` if
+/// there is no such file.
+pub fn read_file(path: &Path, name: &str) -> Result<Option<Vec<u8>>, RootfsError> {
+    let p = path.display().to_string();
+    let mut stat = Command::new(e2fs_tool("debugfs"));
+    stat.arg("-R").arg(format!("stat {name}")).arg(path);
+    if !String::from_utf8_lossy(&run(&mut stat, "debugfs", &p)?.stdout).contains("Inode:") {
+        return Ok(None);
+    }
+    let mut cat = Command::new(e2fs_tool("debugfs"));
+    cat.arg("-R").arg(format!("cat {name}")).arg(path);
+    Ok(Some(run(&mut cat, "debugfs", &p)?.stdout))
+}
+
+/// Runs an e2fsprogs tool; a failure to start or a non-zero exit is an
+/// error naming it.
+fn run(
+    cmd: &mut Command,
+    tool: &'static str,
+    path: &str,
+) -> Result<std::process::Output, RootfsError> {
+    let err = |why: String| RootfsError::Tool {
+        tool,
+        path: path.to_string(),
+        why,
+    };
+    let out = cmd.output().map_err(|e| err(e.to_string()))?;
+    if !out.status.success() {
+        return Err(err(format!(
+            "{}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(out)
+}
+
+/// `tool` on the PATH, else in `/sbin` (root's PATH may lack /sbin).
+fn e2fs_tool(tool: &str) -> std::path::PathBuf {
     let on_path = std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join("mke2fs").is_file()));
-    if on_path { "mke2fs" } else { "/sbin/mke2fs" }
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()));
+    if on_path {
+        tool.into()
+    } else {
+        Path::new("/sbin").join(tool)
+    }
 }
 
 /// Reads the superblock of the ext2 image at `path`.
@@ -164,12 +200,22 @@ mod tests {
 
     /// Needs e2fsprogs (scripts/guest-kernel.sh installs it).
     #[test]
-    fn mke2fs_makes_a_clean_never_mounted_file_system() {
-        let path = std::env::temp_dir().join(format!("dp-rootfs-{}.img", std::process::id()));
-        make_ext2(&path, 2 << 20).unwrap();
+    fn mke2fs_makes_a_clean_never_mounted_file_system_from_a_directory() {
+        let pid = std::process::id();
+        let path = std::env::temp_dir().join(format!("dp-rootfs-{pid}.img"));
+        let dir = std::env::temp_dir().join(format!("dp-rootfs-{pid}.d"));
+        std::fs::create_dir_all(dir.join("sbin")).unwrap();
+        std::fs::write(dir.join("sbin/init"), b"not really an init").unwrap();
+        let made = make_ext2(&path, 2 << 20, Some(&dir));
+        let _ = std::fs::remove_dir_all(&dir);
+        made.unwrap();
         let sb = read_superblock(&path).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 << 20);
+        let init = read_file(&path, "/sbin/init").unwrap();
+        let none = read_file(&path, "/devplane-boots").unwrap();
         let _ = std::fs::remove_file(&path);
+        assert_eq!(init.as_deref(), Some(&b"not really an init"[..]));
+        assert_eq!(none, None);
         assert_eq!(sb.mount_count, 0);
         assert!(sb.clean);
         let e = read_superblock(Path::new("/nonexistent/devplane.img")).unwrap_err();
