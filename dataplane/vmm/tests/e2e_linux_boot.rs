@@ -50,7 +50,7 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// (chosen with DEVPLANE_GUEST_KERNEL=debian) many more.
 const EMULATED_TIMEOUT: Duration = Duration::from_secs(240);
 const EMULATED_DEBIAN_TIMEOUT: Duration = Duration::from_secs(1800);
-/// The virtio-blk device of the kernel-only boot: its I/O BAR and line.
+/// The virtio-blk device of the minimal kernel's boot: its I/O BAR and line.
 const VIRTIO_PORT: u64 = 0xc000;
 const VIRTIO_IRQ: u8 = 5;
 
