@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The guest kernel and initramfs for devplane's Linux boot (the
-# e2e_linux_boot test and anyone booting Linux in the client VMM).
+# The guest kernels and initramfs for devplane's Linux boots (the
+# e2e_linux_boot and e2e_linux_remote tests and anyone booting Linux in the
+# client VMM).
 #
 # Into ${DEVPLANE_GUEST_DIR:-<repo>/target/guest} it puts:
 #   vmlinuz             Debian's own, unmodified bzImage: the
@@ -14,12 +15,28 @@
 #   initramfs.cpio      the same, uncompressed (nothing for the guest to
 #                       inflate: that counts where guest code is slow)
 #   kernel-version      the kernel package's name and version
-# Nothing here is committed: everything comes from Debian's archive with
-# `apt-get download` and is unpacked with `dpkg-deb -x`.
+#   minimal/vmlinux     a minimal kernel (ELF) built from Debian's
+#                       linux-source-6.1 with `make tinyconfig` and
+#                       guest/linux.config, for a /dev/kvm that emulates
+#                       guest kernel code (nested PVM), where Debian's
+#                       generic kernel takes many minutes to boot. Built
+#                       where /sys/module/kvm_pvm exists or with
+#                       DEVPLANE_GUEST_MINIMAL=1 (=0: never)
+#   minimal/config      its full .config
+#   minimal/init        guest/min-init.c, built static: the /sbin/init the
+#                       boot tests put on the minimal kernel's ext2 root
+#   minimal/kernel-version  its source package's version and fragment hash
+# Nothing here is committed: everything comes from Debian's archive (`apt-get
+# download`, unpacked with `dpkg-deb -x`, and the linux-source-6.1 package).
+# The minimal kernel's build tree stays in minimal-build/, so that a changed
+# fragment rebuilds only what it changes.
 #
-# Idempotent and quick when done: it rebuilds only when the kernel package
-# Debian names, busybox's version, guest/ or this script changed (a stamp
-# file records them). Needs root for apt-get (scripts/setup.sh runs it).
+# Idempotent and quick when done: the Debian files are rebuilt only when
+# the kernel package Debian names, busybox's version, guest/init or this
+# script changed; the minimal kernel only when linux-source-6.1's version,
+# guest/linux.config or its build recipe (MIN_RECIPE) changed (stamp files
+# record them). The minimal kernel's build (about 6 minutes on 2 cores)
+# runs under `nice`. Needs root for apt-get (scripts/setup.sh runs it).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -55,6 +72,110 @@ if ((${#need[@]})); then
 fi
 MODINFO="$(command -v modinfo || echo /sbin/modinfo)"
 
+# The minimal kernel: Linux from Debian's linux-source-6.1, `make
+# tinyconfig` plus guest/linux.config, built in $MIN_BUILD (kept, so that a
+# rebuild is incremental) and copied to $OUT/minimal/vmlinux.
+MIN_FRAGMENT="$ROOT/guest/linux.config"
+MIN_OUT="$OUT/minimal"
+MIN_BUILD="$OUT/minimal-build"
+# Bump when the build steps below change what they produce.
+MIN_RECIPE=1
+want_minimal() {
+    case "${DEVPLANE_GUEST_MINIMAL:-}" in
+        1) return 0 ;;
+        0) return 1 ;;
+    esac
+    [[ -e /sys/module/kvm_pvm ]]
+}
+# The minimal kernel's /sbin/init: guest/min-init.c, a static program with
+# no C library (a fraction of a second to build, so built every time).
+minimal_init() {
+    mkdir -p "$MIN_OUT"
+    gcc -static -nostdlib -ffreestanding -fno-stack-protector -fno-pie -no-pie -O2 \
+        -o "$MIN_OUT/init.tmp" "$ROOT/guest/min-init.c" \
+        || die "building guest/min-init.c failed"
+    mv -f "$MIN_OUT/init.tmp" "$MIN_OUT/init"
+}
+minimal_kernel() {
+    if ! want_minimal; then
+        say "minimal kernel: not built (/dev/kvm runs guest kernels natively; DEVPLANE_GUEST_MINIMAL=1 builds it)"
+        return 0
+    fi
+    [[ -f "$MIN_FRAGMENT" ]] || die "$MIN_FRAGMENT is missing"
+    # Build tools, and e2fsprogs for the ext2 root the boot tests make.
+    local tools=() t
+    for t in make:make gcc:gcc bc:bc flex:flex bison:bison perl:perl xz:xz-utils mke2fs:e2fsprogs; do
+        command -v "${t%%:*}" >/dev/null || [[ -x "/sbin/${t%%:*}" ]] || tools+=("${t#*:}")
+    done
+    [[ -f /usr/include/libelf.h ]] || tools+=(libelf-dev)
+    [[ -f /usr/include/openssl/opensslv.h ]] || tools+=(libssl-dev)
+    local src_ver cand
+    src_ver="$(dpkg-query -W -f='${Version}' linux-source-6.1 2>/dev/null || true)"
+    cand="$(apt-cache policy linux-source-6.1 2>/dev/null | awk '$1 == "Candidate:" { print $2 }')"
+    if [[ -z "$cand" || "$cand" == "(none)" ]]; then
+        apt_update
+        cand="$(apt-cache policy linux-source-6.1 2>/dev/null | awk '$1 == "Candidate:" { print $2 }')"
+    fi
+    [[ -n "$cand" && "$cand" != "(none)" ]] || die "apt-cache has no linux-source-6.1: is this Debian 12 (bookworm)?"
+    [[ "$src_ver" == "$cand" ]] || tools+=(linux-source-6.1)
+    if ((${#tools[@]})); then
+        [[ "$(id -u)" == 0 ]] || die "${tools[*]} missing and not root: run sudo -E bash scripts/setup.sh"
+        say "installing ${tools[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${tools[@]}" >/dev/null \
+            || die "apt-get install ${tools[*]} failed"
+        src_ver="$(dpkg-query -W -f='${Version}' linux-source-6.1)"
+    fi
+    local tarball=/usr/src/linux-source-6.1.tar.xz
+    [[ -f "$tarball" ]] || die "linux-source-6.1 $src_ver installed but $tarball is missing"
+
+    local want_min stamp="$MIN_OUT/.stamp"
+    want_min="$({ printf 'linux-source-6.1 %s recipe %s\n' "$src_ver" "$MIN_RECIPE"; cat "$MIN_FRAGMENT"; } \
+        | sha256sum | cut -d' ' -f1)"
+    minimal_init
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want_min" && -f "$MIN_OUT/vmlinux" ]]; then
+        say "up to date: $MIN_OUT/vmlinux (linux-source-6.1 $src_ver, guest/linux.config)"
+        return 0
+    fi
+
+    # The source tree, unpacked once per package version.
+    local tree="$MIN_BUILD/linux-source-6.1"
+    if [[ ! -f "$MIN_BUILD/.source-version" || "$(cat "$MIN_BUILD/.source-version")" != "$src_ver" || ! -f "$tree/Makefile" ]]; then
+        say "unpacking linux-source-6.1 $src_ver into $MIN_BUILD"
+        rm -rf "$MIN_BUILD"
+        mkdir -p "$MIN_BUILD"
+        tar -xJf "$tarball" -C "$MIN_BUILD" || die "unpacking $tarball failed"
+        [[ -f "$tree/Makefile" ]] || die "$tarball has no linux-source-6.1/Makefile"
+        printf '%s\n' "$src_ver" >"$MIN_BUILD/.source-version"
+    fi
+    local mk=(make -C "$tree" ARCH=x86_64 -s)
+    # Kbuild merges a fragment named on the command line from kernel/configs/.
+    cp "$MIN_FRAGMENT" "$tree/kernel/configs/devplane.config"
+    # (Kconfig's notes on the fragment overriding choices go to the log.)
+    "${mk[@]}" tinyconfig >"$MIN_BUILD/config.log" 2>&1 \
+        || die "make tinyconfig failed: see $MIN_BUILD/config.log"
+    "${mk[@]}" devplane.config >>"$MIN_BUILD/config.log" 2>&1 \
+        || die "merging guest/linux.config failed: see $MIN_BUILD/config.log"
+    # Every option of the fragment must have survived Kconfig's dependency
+    # resolution (a misspelt or unmet one is silently dropped).
+    local line missing=()
+    while IFS= read -r line; do
+        [[ "$line" =~ ^CONFIG_ ]] || continue
+        grep -qxF "$line" "$tree/.config" || missing+=("$line")
+    done <"$MIN_FRAGMENT"
+    ((${#missing[@]} == 0)) || die "guest/linux.config: not in the resulting .config (unmet dependencies?): ${missing[*]}"
+    say "building the minimal kernel (linux-source-6.1 $src_ver, tinyconfig + guest/linux.config; a few minutes)"
+    nice -n 10 "${mk[@]}" -j"$(nproc)" vmlinux >"$MIN_BUILD/build.log" 2>&1 \
+        || die "the minimal kernel's build failed: see $MIN_BUILD/build.log"
+    mkdir -p "$MIN_OUT"
+    cp "$tree/vmlinux" "$MIN_OUT/vmlinux.tmp"
+    mv -f "$MIN_OUT/vmlinux.tmp" "$MIN_OUT/vmlinux"
+    cp "$tree/.config" "$MIN_OUT/config"
+    printf 'linux-source-6.1 %s, tinyconfig + guest/linux.config (%s)\n' "$src_ver" \
+        "$(sha256sum "$MIN_FRAGMENT" | cut -c1-12)" >"$MIN_OUT/kernel-version"
+    printf '%s\n' "$want_min" >"$stamp"
+    say "minimal kernel: $MIN_OUT/vmlinux ($(cat "$MIN_OUT/kernel-version"))"
+}
+
 # The kernel package linux-image-amd64 depends on, e.g. linux-image-6.1.0-56-amd64.
 resolve_kernel() {
     apt-cache depends linux-image-amd64 2>/dev/null \
@@ -86,13 +207,14 @@ inputs_hash() {
     {
         printf '%s %s\n%s\n' "$KPKG" "$KVER_PKG" "$BB_VER"
         cat "${BASH_SOURCE[0]}"
-        find "$ROOT/guest" -type f -print0 | sort -z | xargs -0 cat
+        cat "$ROOT/guest/init"
     } | sha256sum | cut -d' ' -f1
 }
 STAMP="$OUT/.stamp"
 want="$(inputs_hash)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" && -f "$OUT/vmlinuz" && -f "$OUT/vmlinux" && -f "$OUT/initramfs.cpio" && -f "$OUT/initramfs.cpio.gz" ]]; then
     say "up to date: $OUT/vmlinuz, $OUT/initramfs.cpio.gz ($KPKG $KVER_PKG)"
+    minimal_kernel
     exit 0
 fi
 
@@ -195,3 +317,4 @@ done
 printf '%s\n' "$want" >"$STAMP"
 say "kernel:    $OUT/vmlinuz ($KPKG $KVER_PKG), decompressed: $OUT/vmlinux"
 say "initramfs: $OUT/initramfs.cpio.gz and uncompressed $OUT/initramfs.cpio (busybox-static $BB_VER; modules: ${order[*]})"
+minimal_kernel

@@ -305,6 +305,7 @@ pub fn long_mode_state(entry: u64, zero_page: u64) -> CpuState {
         fpu,
         msrs,
         cpuid_hide: hidden_cpuid(),
+        syscall_hook: None,
     }
 }
 

@@ -26,10 +26,29 @@
 //!
 //! [`GuestFiles::locate`] finds the kernel and initramfs that
 //! `scripts/guest-kernel.sh` (run by `scripts/setup.sh`) fetched and built.
+//!
+//! Two guest kernels, two proofs ([`GuestKernel::for_host`] picks one):
+//! - **Debian's generic kernel with a busybox user space** where KVM runs
+//!   guest kernel code on the CPU (VMX/SVM): `guest/init` checks the clock,
+//!   writes and reads back the disk and powers off.
+//! - **A minimal kernel with a minimal init** where `/dev/kvm` emulates
+//!   guest kernel code (nested PVM, [`kvm_emulates_kernel_code`]): built
+//!   from Debian's `linux-source-6.1` with `make tinyconfig` and
+//!   `guest/linux.config` ([`MinimalKernel`]), it boots in tens of seconds
+//!   there, from an ext2 root disk and no initramfs
+//!   ([`LinuxBoot::from_root_disk`]): it sets its clock from the RTC and
+//!   mounts the disk read-write (writing the superblock's mount count and
+//!   time), and its `/sbin/init` (`guest/min-init.c`) prints the time,
+//!   appends to a file on the disk, syncs it and restarts the machine
+//!   through the i8042, which ends the VM. On PVM a stock kernel's user
+//!   space cannot make system calls by itself; [`pvm_syscall`] is the trap
+//!   that lets it.
 
 pub mod console;
 pub mod cpu;
 pub mod loader;
+pub mod pvm_syscall;
+pub mod rootfs;
 
 use std::path::{Path, PathBuf};
 
@@ -47,6 +66,10 @@ pub const MAX_MEM: usize = 0xc000_0000;
 /// Environment variable naming the directory with the guest kernel and
 /// initramfs (default: `target/guest` of this workspace).
 pub const GUEST_DIR_ENV: &str = "DEVPLANE_GUEST_DIR";
+
+/// Environment variable overriding [`GuestKernel::for_host`]: `debian` or
+/// `minimal`.
+pub const GUEST_KERNEL_ENV: &str = "DEVPLANE_GUEST_KERNEL";
 
 /// The kernel command line a Linux VM gets unless told otherwise, for boot
 /// number `boot_id`. Each parameter is there for a reason:
@@ -89,6 +112,42 @@ pub fn default_cmdline(boot_id: u32) -> String {
     c
 }
 
+/// The command line of a boot from the root disk
+/// ([`LinuxBoot::from_root_disk`]) of the minimal kernel, whose root file
+/// system is the ext2 disk on the virtio-blk device (`/dev/vda`):
+///
+/// - `console=ttyS0`, `reboot=k`, `i8042.noaux`, `pci=conf1`,
+///   `tsc=reliable`, `8250.nr_uarts=1`: as in [`default_cmdline`];
+/// - `root=/dev/vda rw`: mount the disk read-write at once (no initramfs:
+///   nothing to unpack), which writes its superblock;
+/// - `panic=-1`: a failed boot (no init on the disk, say) panics and
+///   reboots at once, through the i8042, ending the VM instead of hanging.
+///
+/// On a host whose `/dev/kvm` emulates guest kernel code,
+/// [`EMULATED_KVM_CPU_PARAMS`] are added (the other
+/// [`EMULATED_KVM_PARAMS`] name things the minimal kernel does not have).
+pub fn root_disk_cmdline() -> String {
+    let mut c = String::from(
+        "console=ttyS0 root=/dev/vda rw panic=-1 reboot=k i8042.noaux pci=conf1 tsc=reliable \
+         8250.nr_uarts=1",
+    );
+    if kvm_emulates_kernel_code() {
+        c.push(' ');
+        c.push_str(EMULATED_KVM_CPU_PARAMS);
+    }
+    c
+}
+
+macro_rules! emulated_cpu_params {
+    () => {
+        "noxsave clearcpuid=smap,popcnt,fsgsbase,rdpid,erms,fsrm mitigations=off"
+    };
+}
+
+/// The part of [`EMULATED_KVM_PARAMS`] about the CPU, which every kernel
+/// needs on such a host.
+pub const EMULATED_KVM_CPU_PARAMS: &str = emulated_cpu_params!();
+
 /// Extra parameters for a host whose KVM emulates guest kernel code. That
 /// hypervisor (nested PVM) reports some CPUID features whatever the VMM
 /// sets, and its emulator stops the vCPU with an emulation error on a few
@@ -114,8 +173,10 @@ pub fn default_cmdline(boot_id: u32) -> String {
 /// (Its emulator also lacks `CMPXCHG16B`, whose CPUID bit it does let the
 /// VMM clear ([`cpu::hidden_cpuid`]), and `INT3`, which the VMM delivers
 /// itself ([`super::kvm::Vcpu::run`]).)
-pub const EMULATED_KVM_PARAMS: &str = "noxsave clearcpuid=smap,popcnt,fsgsbase,rdpid,erms,fsrm \
-     mitigations=off initcall_blacklist=ftrace_check_for_weak_functions nowatchdog";
+pub const EMULATED_KVM_PARAMS: &str = concat!(
+    emulated_cpu_params!(),
+    " initcall_blacklist=ftrace_check_for_weak_functions nowatchdog"
+);
 
 /// Whether `/dev/kvm` belongs to a hypervisor that emulates a guest's
 /// kernel-mode code instead of running it on the CPU: nested PVM
@@ -131,7 +192,7 @@ pub fn kvm_emulates_kernel_code() -> bool {
 pub enum BootError {
     /// The kernel or initramfs file is missing.
     #[error(
-        "{what} {path} not found: run `sudo -E bash scripts/setup.sh` (or scripts/guest-kernel.sh) to fetch Debian's kernel and build the initramfs, or set {GUEST_DIR_ENV}"
+        "{what} {path} not found: run `sudo -E bash scripts/setup.sh` (or scripts/guest-kernel.sh) to fetch Debian's kernel, build the initramfs and, where /dev/kvm is nested PVM or with DEVPLANE_GUEST_MINIMAL=1, the minimal kernel; or set {GUEST_DIR_ENV}"
     )]
     MissingFile {
         /// "guest kernel" or "initramfs".
@@ -164,6 +225,9 @@ pub enum BootError {
         /// What does not fit.
         why: String,
     },
+    /// [`GUEST_KERNEL_ENV`] names no kernel.
+    #[error("{GUEST_KERNEL_ENV}={0:?}: expected `debian` or `minimal`")]
+    UnknownKernel(String),
     /// The command line is too long or not printable ASCII.
     #[error("kernel command line: {0}")]
     Cmdline(String),
@@ -230,6 +294,87 @@ impl GuestFiles {
     }
 }
 
+/// The minimal kernel `scripts/guest-kernel.sh` builds from Debian's
+/// `linux-source-6.1` with `make tinyconfig` and `guest/linux.config`:
+/// `minimal/vmlinux` in the guest directory, and its init, `minimal/init`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MinimalKernel {
+    /// The kernel (ELF).
+    pub vmlinux: PathBuf,
+    /// `guest/min-init.c`, built: the `/sbin/init` for its root disk.
+    pub init: PathBuf,
+    /// Its source package's version and fragment hash, as the script
+    /// recorded them (`minimal/kernel-version`).
+    pub version: String,
+}
+
+impl MinimalKernel {
+    /// The kernel in [`GuestFiles::default_dir`].
+    pub fn locate() -> Result<MinimalKernel, BootError> {
+        MinimalKernel::in_dir(&GuestFiles::default_dir())
+    }
+
+    /// `minimal/vmlinux` and `minimal/init` in `dir`, which must exist.
+    pub fn in_dir(dir: &Path) -> Result<MinimalKernel, BootError> {
+        let vmlinux = dir.join("minimal/vmlinux");
+        let init = dir.join("minimal/init");
+        for (what, path) in [("minimal guest kernel", &vmlinux), ("minimal init", &init)] {
+            if !path.is_file() {
+                return Err(BootError::MissingFile {
+                    what,
+                    path: path.clone(),
+                });
+            }
+        }
+        let version = std::fs::read_to_string(dir.join("minimal/kernel-version"))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|_| "version unknown".into());
+        Ok(MinimalKernel {
+            vmlinux,
+            init,
+            version,
+        })
+    }
+}
+
+/// Which kernel, and so which proof, a Linux boot runs (see the module
+/// documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestKernel {
+    /// Debian's generic kernel with the busybox initramfs ([`GuestFiles`]):
+    /// user space runs `guest/init`.
+    Debian,
+    /// The minimal kernel ([`MinimalKernel`]) and its init, from its root
+    /// disk ([`LinuxBoot::from_root_disk`]).
+    Minimal,
+}
+
+impl GuestKernel {
+    /// [`GUEST_KERNEL_ENV`] when set; else the minimal kernel where
+    /// `/dev/kvm` emulates guest kernel code ([`kvm_emulates_kernel_code`])
+    /// and Debian's where KVM runs it on the CPU. The string says why, for
+    /// a test's output.
+    pub fn for_host() -> Result<(GuestKernel, &'static str), BootError> {
+        match std::env::var(GUEST_KERNEL_ENV).ok().as_deref() {
+            None | Some("") => Ok(if kvm_emulates_kernel_code() {
+                (
+                    GuestKernel::Minimal,
+                    "/dev/kvm is nested PVM (kvm_pvm): it emulates guest kernel code, so Debian's \
+                     generic kernel would take many minutes",
+                )
+            } else {
+                (
+                    GuestKernel::Debian,
+                    "/dev/kvm runs guest kernel code on the CPU",
+                )
+            }),
+            Some("debian") => Ok((GuestKernel::Debian, "chosen by DEVPLANE_GUEST_KERNEL")),
+            Some("minimal") => Ok((GuestKernel::Minimal, "chosen by DEVPLANE_GUEST_KERNEL")),
+            Some(other) => Err(BootError::UnknownKernel(other.to_string())),
+        }
+    }
+}
+
 /// How a VM boots Linux instead of loading real-mode images.
 #[derive(Debug, Clone)]
 pub struct LinuxBoot {
@@ -260,6 +405,19 @@ impl LinuxBoot {
         }
     }
 
+    /// Boots the minimal kernel from its root disk: no initramfs, the root
+    /// file system on the virtio-blk disk, [`root_disk_cmdline`], a fresh
+    /// console that does not echo. The disk holds an ext2 file system
+    /// ([`rootfs::make_ext2`]) with the kernel's init as `/sbin/init`.
+    pub fn from_root_disk(kernel: &MinimalKernel) -> LinuxBoot {
+        LinuxBoot {
+            kernel: kernel.vmlinux.clone(),
+            initrd: None,
+            cmdline: root_disk_cmdline(),
+            console: Console::new(),
+        }
+    }
+
     /// Loads the kernel, initramfs, command line and boot tables into
     /// `vm`'s memory and returns the state vCPU 0 starts in.
     pub fn prepare(&self, vm: &Vm) -> Result<CpuState, BootError> {
@@ -278,7 +436,17 @@ impl LinuxBoot {
             },
         )?;
         cpu::write_tables(vm)?;
-        Ok(cpu::long_mode_state(loaded.entry, loaded.zero_page))
+        let mut state = cpu::long_mode_state(loaded.entry, loaded.zero_page);
+        // A stock kernel's user space needs the system-call trap where
+        // /dev/kvm emulates kernel code; it is set only where the kernel
+        // has the symbols and the NOP it needs (the minimal kernel).
+        if kvm_emulates_kernel_code()
+            && let Some(hook) = pvm_syscall::SyscallHook::from_vmlinux(&kernel)
+        {
+            vm.load(hook.trap_gpa, &[pvm_syscall::INT3])?;
+            state.syscall_hook = Some(hook);
+        }
+        Ok(state)
     }
 }
 
@@ -321,5 +489,33 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("scripts/setup.sh"), "{msg}");
         assert!(msg.contains("/nonexistent/devplane/vmlinuz"), "{msg}");
+        let e = MinimalKernel::in_dir(Path::new("/nonexistent/devplane")).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("DEVPLANE_GUEST_MINIMAL=1"), "{msg}");
+        assert!(
+            msg.contains("/nonexistent/devplane/minimal/vmlinux"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn root_disk_cmdline_mounts_the_disk_and_reboots_on_a_panic() {
+        let c = root_disk_cmdline();
+        for p in [
+            "console=ttyS0",
+            "root=/dev/vda",
+            "rw",
+            "panic=-1",
+            "reboot=k",
+        ] {
+            assert!(c.split(' ').any(|w| w == p), "{p} missing: {c}");
+        }
+        assert!(!c.contains("initcall_blacklist"), "{c}");
+        assert_eq!(
+            c.contains(EMULATED_KVM_CPU_PARAMS),
+            kvm_emulates_kernel_code(),
+            "{c}"
+        );
+        assert!(EMULATED_KVM_PARAMS.starts_with(EMULATED_KVM_CPU_PARAMS));
     }
 }

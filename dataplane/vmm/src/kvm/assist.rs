@@ -3,7 +3,9 @@
 //! completed by the VMM. `INT3` becomes the `#BP` trap it raises; `FWAIT`
 //! moves on.
 
-use kvm_bindings::{KVM_EXIT_INTERNAL_ERROR, KVM_INTERNAL_ERROR_EMULATION};
+use kvm_bindings::{KVM_EXIT_INTERNAL_ERROR, KVM_INTERNAL_ERROR_EMULATION, kvm_regs};
+
+use crate::boot::pvm_syscall::{Resume, SyscallHook};
 
 use super::{KvmError, Vcpu};
 
@@ -69,6 +71,9 @@ impl Vcpu {
             self.assists += 1;
             return Ok(true);
         }
+        if let Some(hook) = self.syscall_hook.filter(|h| h.pf_entry == regs.rip) {
+            return self.syscall_trap(hook, regs);
+        }
         let mut events = self
             .fd
             .get_vcpu_events()
@@ -89,5 +94,44 @@ impl Vcpu {
             .map_err(KvmError::ioctl("KVM_SET_VCPU_EVENTS"))?;
         self.assists += 1;
         Ok(true)
+    }
+
+    /// The `INT3` of the [`SyscallHook`] at the kernel's page-fault entry:
+    /// reads the exception frame on the kernel's stack and resumes as
+    /// [`SyscallHook::resume`] says (a frame it cannot read, which the
+    /// kernel's stack never is, is taken for an ordinary fault).
+    fn syscall_trap(&mut self, hook: SyscallHook, mut regs: kvm_regs) -> Result<bool, KvmError> {
+        const FRAME: usize = 40;
+        let t = self
+            .fd
+            .translate_gva(regs.rsp)
+            .map_err(KvmError::ioctl("KVM_TRANSLATE"))?;
+        let mut frame = [0u64; 5];
+        // The frame sits below the top of the kernel stack: in one page.
+        let in_page = (regs.rsp & 0xfff) as usize + FRAME <= 0x1000;
+        let mut bytes = [0u8; FRAME];
+        if t.valid != 0 && in_page && self.vm.mem.read(t.physical_address, &mut bytes).is_ok() {
+            for (v, b) in frame.iter_mut().zip(bytes.chunks_exact(8)) {
+                *v = u64::from_le_bytes(b.try_into().unwrap_or_default());
+            }
+        }
+        match hook.resume(&frame) {
+            Resume::Syscall { rip, rsp, rflags } => {
+                regs.rip = rip;
+                regs.rsp = rsp;
+                regs.rflags = rflags;
+                self.syscalls += 1;
+            }
+            Resume::Fault { rip } => regs.rip = rip,
+        }
+        self.fd
+            .set_regs(&regs)
+            .map_err(KvmError::ioctl("KVM_SET_REGS"))?;
+        Ok(true)
+    }
+
+    /// User-mode system calls the [`SyscallHook`] entered.
+    pub fn hooked_syscalls(&self) -> u64 {
+        self.syscalls
     }
 }

@@ -12,6 +12,7 @@ use kvm_ioctls::VcpuFd;
 
 use super::kick::install_kick_handler;
 use super::{KvmError, Vcpu, Vm};
+use crate::boot::pvm_syscall::SyscallHook;
 
 /// LAPIC register offsets and LVT fields (Intel SDM vol. 3, 11.5.1).
 const APIC_LVT0: usize = 0x350;
@@ -52,6 +53,9 @@ pub struct CpuState {
     /// CPUID feature bits to hide from the guest, on top of the host's
     /// supported set.
     pub cpuid_hide: Vec<CpuidBits>,
+    /// The trap that turns a stock kernel's user-mode system calls into
+    /// system calls on nested PVM, when its `INT3` is in guest memory.
+    pub syscall_hook: Option<SyscallHook>,
 }
 
 /// A CPUID register of a leaf.
@@ -133,7 +137,9 @@ impl Vm {
         fd.set_fpu(&state.fpu)
             .map_err(KvmError::ioctl("KVM_SET_FPU"))?;
         set_msrs(&fd, &state.msrs)?;
-        self.finish_vcpu(fd, index)
+        let mut vcpu = self.finish_vcpu(fd, index)?;
+        vcpu.syscall_hook = state.syscall_hook;
+        Ok(vcpu)
     }
 
     /// A new vCPU fd with CPUID (APIC ids fixed up, `hide` cleared) and

@@ -13,6 +13,7 @@ use super::exit::{Step, decode, le_value};
 use super::kick::{KickShared, Running, VcpuKicker};
 use super::vm::VmShared;
 use super::{DONE_PORT, IoHandler, KvmError, VcpuExit};
+use crate::boot::pvm_syscall::SyscallHook;
 
 /// A vCPU, to be moved to (and run on) its own thread.
 pub struct Vcpu {
@@ -23,6 +24,8 @@ pub struct Vcpu {
     odd_mmio: u64,
     done_port: bool,
     pub(super) assists: u64,
+    pub(super) syscalls: u64,
+    pub(super) syscall_hook: Option<SyscallHook>,
     kick: Arc<KickShared>,
     pub(super) vm: Arc<VmShared>,
 }
@@ -37,6 +40,8 @@ impl Vcpu {
             odd_mmio: 0,
             done_port: true,
             assists: 0,
+            syscalls: 0,
+            syscall_hook: None,
             kick: Arc::new(KickShared::new()),
             vm,
         }
