@@ -228,6 +228,23 @@ pub struct VcpuReport {
     pub exits: u64,
     /// Its counters.
     pub stats: Arc<VcpuStats>,
+    /// Its posted writes answered with an error status or given up on
+    /// (the engine's horizon passed).
+    pub posted_failures: u64,
+    /// Its posted writes still unanswered when it ended (its flush, as
+    /// long as the engine's horizon, ran out): not known to be applied.
+    pub posted_unconfirmed: u64,
+}
+
+impl VcpuReport {
+    /// Its remote requests that failed: synchronous ones answered with an
+    /// error or not at all, posted writes that failed or were never
+    /// confirmed.
+    pub fn failed(&self) -> u64 {
+        self.stats.remote_errors.load(Ordering::Relaxed)
+            + self.posted_failures
+            + self.posted_unconfirmed
+    }
 }
 
 struct VcpuThread {
@@ -236,6 +253,7 @@ struct VcpuThread {
     join: JoinHandle<(Result<VcpuExit, KvmError>, u64)>,
     kicker: VcpuKicker,
     stats: Arc<VcpuStats>,
+    ring: Arc<ExitRing>,
 }
 
 /// A running client. Dropping it stops every vCPU and the engine.
@@ -271,9 +289,6 @@ impl Drop for Ended {
         cond.notify_all();
     }
 }
-
-/// How long a vCPU whose guest ended waits for its posted writes' answers.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// COM1's port: a remote UART there is tapped for a Linux VM's console.
 const UART_PORT: u16 = 0x3f8;
@@ -537,7 +552,7 @@ impl Client {
                         // Interrupts come to the engine's socket (below).
                         injectors: HashMap::new(),
                         direct: true,
-                        irq_port: None,
+                        irq_ports: Vec::new(),
                         servers: server_addrs.clone(),
                     });
                     lanes.len() - 1
@@ -565,27 +580,30 @@ impl Client {
         };
         if spec.direct {
             // Direct lanes are their vCPUs' own, reaped only while they wait
-            // for an answer: their requests name one socket of the engine's
-            // for interrupts (every server sends there), and the engine
-            // injects them into any VM of this client.
-            let bind = spec.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-            let irq = UdpSocket::bind((bind, 0)).map_err(io_err("bind the interrupt socket"))?;
-            let port = irq
-                .local_addr()
-                .map_err(io_err("bind the interrupt socket"))?
-                .port();
+            // for an answer: their requests name the engine's interrupt
+            // socket for their server (one per server, connected to it, so
+            // the kernel takes nothing on it from anyone else), and the
+            // engine injects them into any VM of this client.
+            let irq = sockets()?;
+            let mut irq_ports = Vec::new();
+            for s in &irq {
+                let addr = s
+                    .local_addr()
+                    .map_err(io_err("bind the interrupt socket"))?;
+                irq_ports.push(addr.port());
+            }
             for lane in &mut lanes {
-                lane.irq_port = Some(port);
+                lane.irq_ports = irq_ports.clone();
                 // Also here: an interrupt from a server that does not know
                 // the interrupt-port flag comes to the lane that spoke last.
                 lane.injectors = all_injectors();
             }
             lanes.push(Lane {
-                sockets: vec![irq],
+                sockets: irq,
                 vcpus: Vec::new(),
                 injectors: all_injectors(),
                 direct: false,
-                irq_port: None,
+                irq_ports: Vec::new(),
                 servers: server_addrs.clone(),
             });
         }
@@ -597,7 +615,7 @@ impl Client {
                 vcpus: ports,
                 injectors: all_injectors(),
                 direct: false,
-                irq_port: None,
+                irq_ports: Vec::new(),
                 servers: server_addrs.clone(),
             });
         }
@@ -627,6 +645,7 @@ impl Client {
             } else {
                 VcpuStats::default()
             });
+            let vcpu_ring = ring.clone();
             let mut io = VcpuIo::new(
                 vs.id,
                 vs.hypervisor,
@@ -638,10 +657,14 @@ impl Client {
                 stats.clone(),
             )
             .with_driver(engine.driver(lane))
+            .with_timeout(spec.engine.vcpu_wait())
             .with_irq(vm.irq_handle())
             .with_uart_tap(tap);
             let kicker = vcpu.kicker();
             let stop = stop.clone();
+            // How long a vCPU whose guest ended waits for its posted
+            // writes' answers: as long as the engine tries.
+            let flush = spec.engine.vcpu_wait();
             let core = vspec.core;
             let ended = Ended(client.ended.clone());
             let join = std::thread::Builder::new()
@@ -659,7 +682,7 @@ impl Client {
                     let exit = vcpu.run(&mut io, &stop);
                     // Posted writes the guest made before it ended still
                     // reach their devices.
-                    io.flush(Instant::now() + FLUSH_TIMEOUT);
+                    io.flush(Instant::now() + flush);
                     (exit, vcpu.exits())
                 })
                 .map_err(io_err("start a vCPU thread"))?;
@@ -669,6 +692,7 @@ impl Client {
                 join,
                 kicker,
                 stats,
+                ring: vcpu_ring,
             });
         }
         client.engine = Some(engine);
@@ -680,6 +704,16 @@ impl Client {
     /// off or failed), without stopping any.
     pub fn finished(&self) -> bool {
         self.vcpus.iter().all(|v| v.join.is_finished())
+    }
+
+    /// Remote requests of its vCPUs that failed so far: synchronous ones
+    /// answered with an error or not at all, and posted writes answered
+    /// with an error or given up on (see [`VcpuReport::failed`]).
+    pub fn failed_requests(&self) -> u64 {
+        self.vcpus
+            .iter()
+            .map(|v| v.stats.remote_errors.load(Ordering::Relaxed) + v.ring.posted_failures())
+            .sum()
     }
 
     /// The engine's counters.
@@ -731,6 +765,8 @@ impl Client {
                 exit,
                 exits,
                 stats: v.stats,
+                posted_failures: v.ring.posted_failures(),
+                posted_unconfirmed: v.ring.posted_in_flight(),
             });
         }
         out

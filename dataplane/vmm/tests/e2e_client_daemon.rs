@@ -290,12 +290,21 @@ fn vms_launch_and_shut_down_independently_through_dpctl() {
         .collect();
     assert_eq!(
         rows[0],
-        ["VM", "HYPERVISOR", "STATE", "VCPUS", "UPTIME", "ENDED"],
+        [
+            "VM",
+            "HYPERVISOR",
+            "STATE",
+            "VCPUS",
+            "UPTIME",
+            "FAILED",
+            "ENDED"
+        ],
         "{table}"
     );
     assert_eq!(rows[1][..4], ["1", "2", "running", "1"], "{table}");
     assert_eq!(rows[2][..4], ["2", "2", "running", "1"], "{table}");
-    assert!(rows[1][4].ends_with('s') && rows[2][5] == "-", "{table}");
+    assert!(rows[1][4].ends_with('s') && rows[2][6] == "-", "{table}");
+    assert!(rows[1][5] == "0" && rows[2][5] == "0", "{table}");
     std::thread::sleep(Duration::from_millis(100));
     let v = ok_json(&sock, &["vms", "shutdown", "2"]);
     assert_eq!(v["action"], "shutdown", "{v}");
