@@ -1104,3 +1104,116 @@ fn every_server_lifecycle_operation_under_guest_io_loses_no_write() {
         rig.snapshot().workers
     );
 }
+
+/// The server stops and starts again (its models rebuilt, their state
+/// lost, as after a crash) while one VM writes synchronously and another
+/// posts its writes: the engine resends with back-off until the new
+/// server answers, nothing fails, and every write not acknowledged by the
+/// old server is applied exactly once by the new one (its counter counts
+/// the guest's writes less those the old server acknowledged).
+#[test]
+fn writes_survive_a_server_restart_exactly_once() {
+    let test = "writes_survive_a_server_restart_exactly_once";
+    let tag = "crst";
+    let Some(rig) = Rig::new(test, tag) else {
+        return;
+    };
+    let n = 20_000u16;
+    let start = |id: u32, posted: bool| {
+        let vms = vec![vm(
+            id,
+            &[guests::pio_loop(PIO_BASE, n).unwrap()],
+            vec![pio(PIO_BASE, 0x10, counter_id(id, 0), posted)],
+        )];
+        // One client each: each engine's answers are one VM's.
+        rig.start(rig.spec(vms, Loss::default(), true, false))
+    };
+    let mut sync = start(1, false);
+    let mut posted = start(2, true);
+    std::thread::sleep(Duration::from_millis(300));
+    let Rig { topo, server } = rig;
+    server.stop();
+    // What the old server answered has arrived once it is gone.
+    std::thread::sleep(Duration::from_millis(200));
+    let answers = |c: &Client| {
+        let e = c.engine().expect("engine").stats();
+        e.answers.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let (sync_before, posted_before) = (answers(&sync), answers(&posted));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(answers(&sync), sync_before, "an answer with no server");
+    let server = ServerThread::spawn(server_config(&topo, tag), Some(topo.server_netns()))
+        .expect("server starts again");
+    let rs = sync.wait(Duration::from_secs(120));
+    let rp = posted.wait(Duration::from_secs(120));
+    for (what, before) in [("synchronous", sync_before), ("posted", posted_before)] {
+        assert!(
+            before > 0 && before < n as u64,
+            "the {what} guest was not under way at the restart ({before} answers)"
+        );
+    }
+    assert_eq!(done(&rs[0]) as u64, n as u64 - sync_before, "synchronous");
+    assert_eq!(done(&rp[0]) as u64, n as u64 - posted_before, "posted");
+    for (c, r) in [(&sync, &rs[0]), (&posted, &rp[0])] {
+        let e = c.engine().unwrap().stats();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(load(&e.timeouts), 0, "VM {}", r.vm);
+        assert!(load(&e.backoffs) > 0, "VM {}: no back-off", r.vm);
+        assert_eq!(r.failed(), 0, "VM {}", r.vm);
+    }
+    eprintln!(
+        "answered before the restart: {sync_before} synchronous, {posted_before} posted; \
+         server after: {:?}",
+        server.snapshot().workers
+    );
+    drop(sync);
+    drop(posted);
+    drop(server);
+    drop(topo);
+}
+
+/// With no server answering, requests fail at the engine's horizon, and
+/// say so: synchronous writes and the final read count as failed (the
+/// read returns all-ones), posted writes as failed posted writes; the
+/// client's failure count is their sum. Nothing succeeds silently.
+#[test]
+fn requests_unanswered_within_the_horizon_are_reported() {
+    let Some(rig) = Rig::new(
+        "requests_unanswered_within_the_horizon_are_reported",
+        "chor",
+    ) else {
+        return;
+    };
+    let n = 3u16;
+    let vms = vec![
+        vm(
+            1,
+            &[guests::pio_loop(PIO_BASE, n).unwrap()],
+            vec![pio(PIO_BASE, 0x10, counter_id(1, 0), false)],
+        ),
+        vm(
+            2,
+            &[guests::pio_loop(PIO_BASE, n).unwrap()],
+            vec![pio(PIO_BASE, 0x10, counter_id(2, 0), true)],
+        ),
+    ];
+    let mut spec = rig.spec(vms, Loss::default(), true, false);
+    spec.engine.horizon = Duration::from_millis(300);
+    // A port of the server's address where nothing listens.
+    spec.servers[0].addr.set_port(PORT + 1);
+    let mut client = rig.start(spec);
+    let reports = client.wait(Duration::from_secs(30));
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    // The final read of the count fails: all-ones.
+    assert_eq!(done(&reports[0]), u32::MAX, "synchronous");
+    assert_eq!(done(&reports[1]), u32::MAX, "posted");
+    assert_eq!(load(&reports[0].stats.remote_errors), n as u64 + 1);
+    assert_eq!(reports[0].failed(), n as u64 + 1);
+    assert_eq!(load(&reports[1].stats.remote_errors), 1, "the read");
+    assert_eq!(reports[1].posted_failures, n as u64, "the posted writes");
+    assert_eq!(reports[1].posted_unconfirmed, 0);
+    assert_eq!(reports[1].failed(), n as u64 + 1);
+    let e = client.engine().unwrap().stats();
+    assert_eq!(load(&e.timeouts), 2 * (n as u64 + 1), "given up at the horizon");
+    assert_eq!(load(&e.answers), 0);
+}
