@@ -586,7 +586,9 @@ mod tests {
         assert_eq!(f.client.spin, DEFAULT_SPIN);
         assert!(f.client.direct);
         assert_eq!(f.client.bind, None);
+        assert_eq!(f.client.horizon_ms, DEFAULT_HORIZON_MS);
         let spec = f.client_spec(1).unwrap();
+        assert_eq!(spec.engine.horizon, std::time::Duration::from_secs(10));
         assert_eq!(spec.client, 7);
         assert_eq!(spec.servers.len(), 1);
         assert_eq!(spec.servers[0].addr, "10.0.0.2:7700".parse().unwrap());
@@ -601,6 +603,29 @@ mod tests {
         );
         assert!(d[1].posted);
         assert!(matches!(f.client_spec(2), Err(ConfigError::UnknownVm(2))));
+    }
+
+    #[test]
+    fn the_horizon_is_bounded() {
+        let with = |ms: u64| BASE.replace("id = 7\n", &format!("id = 7\nhorizon_ms = {ms}\n"));
+        for bad in [0, 9, 600_001] {
+            let e = ClientFile::from_toml_str(&with(bad))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("horizon_ms") && e.contains("10..=600000"), "{e}");
+        }
+        // Beyond TOML's integers: refused by the parser, naming the line.
+        let e = ClientFile::from_toml_str(&with(u64::MAX))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("horizon_ms"), "{e}");
+        assert_eq!(
+            ClientFile::from_toml_str(&with(250))
+                .unwrap()
+                .client
+                .horizon_ms,
+            250
+        );
     }
 
     #[test]
