@@ -136,6 +136,14 @@ pub struct VcpuEnd {
     pub remote: u64,
     /// Accesses served by local models.
     pub local: u64,
+    /// Remote requests that failed (an error answer, or none within the
+    /// client engine's horizon; posted writes never confirmed included).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failed: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One VM of a client daemon.
@@ -160,6 +168,10 @@ pub struct VmStatus {
     /// being shut down).
     #[serde(default)]
     pub by_itself: bool,
+    /// Remote requests that failed: of the running VM so far, or of its
+    /// last run (the sum of `ended`'s).
+    #[serde(default)]
+    pub failed: u64,
 }
 
 /// A daemon's answer.
@@ -335,6 +347,7 @@ mod tests {
             uptime_ms: Some(1500),
             ended: Vec::new(),
             by_itself: false,
+            failed: 0,
         };
         let stopped = VmStatus {
             vm: 4,
@@ -349,6 +362,7 @@ mod tests {
                     exits: 60003,
                     remote: 60001,
                     local: 0,
+                    failed: 0,
                 },
                 VcpuEnd {
                     vcpu: 1,
@@ -358,6 +372,7 @@ mod tests {
                     exits: 7,
                     remote: 0,
                     local: 2,
+                    failed: 0,
                 },
             ],
             by_itself: true,

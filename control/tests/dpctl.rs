@@ -705,9 +705,11 @@ fn vm_status(vm: u32, running: bool) -> VmStatus {
                 exits: 60010,
                 remote: 60001,
                 local: 0,
+                failed: 0,
             }]
         },
         by_itself: !running,
+        failed: 0,
     }
 }
 
@@ -753,11 +755,19 @@ fn client_daemon_commands() {
     let rows = table(&ok(t.path(), &run(&["vms", "running"])));
     assert_eq!(
         rows[0],
-        ["VM", "HYPERVISOR", "STATE", "VCPUS", "UPTIME", "ENDED"]
+        [
+            "VM",
+            "HYPERVISOR",
+            "STATE",
+            "VCPUS",
+            "UPTIME",
+            "FAILED",
+            "ENDED"
+        ]
     );
-    assert_eq!(rows[1][..6], ["1", "2", "stopped", "1", "-", "done"]);
+    assert_eq!(rows[1][..7], ["1", "2", "stopped", "1", "-", "0", "done"]);
     assert!(rows[1].join(" ").ends_with("done 60000 (by itself)"));
-    assert_eq!(rows[2], ["2", "2", "running", "1", "2.5s", "-"]);
+    assert_eq!(rows[2], ["2", "2", "running", "1", "2.5s", "0", "-"]);
     let j = ok_json(t.path(), &run(&["vms", "running"]));
     assert_eq!(j[0]["vm"], 1);
     assert_eq!(j[0]["ended"][0]["value"], 60000);

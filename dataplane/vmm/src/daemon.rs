@@ -104,6 +104,7 @@ pub fn vcpu_end(r: &VcpuReport) -> VcpuEnd {
         exits: r.exits,
         remote: r.stats.remote.load(Ordering::Relaxed),
         local: r.stats.local.load(Ordering::Relaxed),
+        failed: r.failed(),
     }
 }
 
@@ -236,6 +237,11 @@ impl Daemon {
                 _ => Vec::new(),
             },
             by_itself: running.is_none() && slot.is_some_and(|s| s.by_itself),
+            failed: match (running, slot) {
+                (Some(r), _) => r.client.failed_requests(),
+                (None, Some(s)) => s.ended.iter().map(|e| e.failed).sum(),
+                (None, None) => 0,
+            },
         }
     }
 

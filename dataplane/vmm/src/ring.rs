@@ -8,7 +8,10 @@
 //! Answers come back into the same slot: the engine stores status and data,
 //! then sets the slot's state to `DONE` (release) and wakes the vCPU with a
 //! futex if it sleeps. Slots are reused once `FREE`; posted writes are
-//! freed by the engine when acknowledged.
+//! freed by the engine when acknowledged (or given up on, which the ring
+//! counts: [`ExitRing::posted_failures`]). A vCPU that stops waiting for
+//! an answer marks its slot `ABANDONED` ([`ExitRing::abandon`]); the
+//! engine's answer then frees it, so no slot stays answered and untaken.
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -30,6 +33,8 @@ pub mod state {
     pub const PENDING: u32 = 1;
     /// Answered: status and data are valid (non-posted requests).
     pub const DONE: u32 = 2;
+    /// Its vCPU stopped waiting: the answer, when it comes, frees it.
+    pub const ABANDONED: u32 = 3;
 }
 
 /// One request and its answer.
@@ -57,6 +62,8 @@ pub struct ExitRing {
     map: memmap2::MmapMut,
     /// Published producer index (requests written so far).
     head: AtomicU64,
+    /// Posted writes answered with an error status or given up on.
+    posted_failures: AtomicU64,
 }
 
 // SAFETY: slots are only accessed through the protocol above: the record
@@ -77,6 +84,7 @@ impl ExitRing {
         Ok(ExitRing {
             map,
             head: AtomicU64::new(0),
+            posted_failures: AtomicU64::new(0),
         })
     }
 
@@ -124,20 +132,60 @@ impl ExitRing {
         unsafe { *self.slot(i).record.get() }
     }
 
-    /// Consumer: answers slot `i`. Posted writes are freed; others become
-    /// `DONE` and their waiter is woken.
+    /// Consumer: answers slot `i`. Posted writes are freed (a failure
+    /// counted); others become `DONE` and their waiter is woken, or are
+    /// freed if their vCPU abandoned them.
     pub fn complete(&self, i: u64, status: u8, data: u64) {
         let slot = self.slot(i);
         slot.status.store(status as u32, Ordering::Relaxed);
         slot.data.store(data, Ordering::Relaxed);
         if slot.posted.load(Ordering::Relaxed) != 0 {
+            if status != devplane_wire::Status::Ok as u8 {
+                self.posted_failures.fetch_add(1, Ordering::Relaxed);
+            }
             slot.state.store(state::FREE, Ordering::Release);
             return;
         }
-        slot.state.store(state::DONE, Ordering::Release);
+        if slot.state.swap(state::DONE, Ordering::AcqRel) == state::ABANDONED {
+            slot.state.store(state::FREE, Ordering::Release);
+            return;
+        }
         if slot.waiter.load(Ordering::SeqCst) != 0 {
             futex_wake(&slot.state);
         }
+    }
+
+    /// Producer: stops waiting for slot `i`. Its answer, if it came
+    /// meanwhile, is returned (and the slot freed); otherwise the slot
+    /// frees itself when the answer comes.
+    pub fn abandon(&self, i: u64) -> Option<(u8, u64)> {
+        let slot = self.slot(i);
+        match slot.state.compare_exchange(
+            state::PENDING,
+            state::ABANDONED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => None,
+            Err(_) => self.try_take(i),
+        }
+    }
+
+    /// Posted writes answered with an error status or given up on so far.
+    pub fn posted_failures(&self) -> u64 {
+        self.posted_failures.load(Ordering::Relaxed)
+    }
+
+    /// Posted writes published and not answered yet (none confirmed
+    /// applied, none given up on).
+    pub fn posted_in_flight(&self) -> u64 {
+        self.slots()
+            .iter()
+            .filter(|s| {
+                s.posted.load(Ordering::Relaxed) != 0
+                    && s.state.load(Ordering::Acquire) == state::PENDING
+            })
+            .count() as u64
     }
 
     /// Producer: whether slot `i` has its answer (without taking it).
@@ -162,7 +210,8 @@ impl ExitRing {
 
     /// Producer: waits for slot `i` to be answered (spinning `spin` times,
     /// then sleeping on a futex), frees it and returns (status, data).
-    /// `None` if `deadline` passes first.
+    /// `None` if `deadline` passes first (the slot is then abandoned:
+    /// [`ExitRing::abandon`]).
     pub fn wait(&self, i: u64, spin: u32, deadline: Instant) -> Option<(u8, u64)> {
         let slot = self.slot(i);
         let mut n = 0u32;
@@ -177,7 +226,7 @@ impl ExitRing {
             }
             let now = Instant::now();
             if now >= deadline {
-                return None;
+                return self.abandon(i);
             }
             slot.waiter.store(1, Ordering::SeqCst);
             if slot.state.load(Ordering::SeqCst) != state::DONE {
@@ -281,5 +330,39 @@ mod tests {
             ring.wait(i, 10, Instant::now() + Duration::from_millis(20)),
             None
         );
+    }
+
+    #[test]
+    fn an_abandoned_slot_is_freed_by_its_late_answer() {
+        let ring = ExitRing::new().unwrap();
+        let i = ring.next_free().unwrap();
+        ring.publish(i, 0, false, &rec(1));
+        assert_eq!(
+            ring.wait(i, 1, Instant::now() + Duration::from_millis(5)),
+            None
+        );
+        // Not reusable while the engine still owes its answer.
+        ring.publish(i + 1, 0, false, &rec(2));
+        assert_eq!(ring.slot(i).state.load(Ordering::Relaxed), state::ABANDONED);
+        ring.complete(i, 0xff, 0);
+        assert_eq!(ring.slot(i).state.load(Ordering::Relaxed), state::FREE);
+        // An answer that came before the vCPU gave up is taken, not lost.
+        ring.complete(i + 1, 0, 42);
+        assert_eq!(ring.abandon(i + 1), Some((0, 42)));
+        assert_eq!(ring.slot(i + 1).state.load(Ordering::Relaxed), state::FREE);
+    }
+
+    #[test]
+    fn failed_posted_writes_are_counted_and_pending_ones_seen() {
+        let ring = ExitRing::new().unwrap();
+        for s in 0..3 {
+            let i = ring.next_free().unwrap();
+            ring.publish(i, 0, true, &rec(s));
+        }
+        assert_eq!(ring.posted_in_flight(), 3);
+        ring.complete(0, 0, 0);
+        ring.complete(1, 0xff, 0);
+        assert_eq!(ring.posted_failures(), 1);
+        assert_eq!(ring.posted_in_flight(), 1);
     }
 }

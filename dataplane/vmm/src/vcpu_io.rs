@@ -39,7 +39,10 @@ pub struct VcpuStats {
     pub unmapped_reads: AtomicU64,
     /// Writes to unmapped addresses (ignored).
     pub unmapped_writes: AtomicU64,
-    /// Remote accesses answered with an error status or not at all.
+    /// Synchronous remote accesses answered with an error status or not
+    /// at all (reads then return all-ones, writes are lost). Posted writes
+    /// that fail are counted by the exit ring
+    /// ([`ExitRing::posted_failures`]).
     pub remote_errors: AtomicU64,
     /// Interrupt-line changes raised by local models and delivered.
     pub local_irqs: AtomicU64,
@@ -114,7 +117,7 @@ impl VcpuIo {
             ring,
             doorbell,
             spin,
-            timeout: Duration::from_secs(10),
+            timeout: super::engine::EngineConfig::default().vcpu_wait(),
             sampling: stats.samples.lock().map(|s| s.is_some()).unwrap_or(false),
             stats,
             last_exit: None,
@@ -123,6 +126,14 @@ impl VcpuIo {
             reset: false,
             tap: None,
         }
+    }
+
+    /// Waits at most `timeout` for an answer (or a free ring slot): the
+    /// engine's [`vcpu_wait`](super::engine::EngineConfig::vcpu_wait), so
+    /// that the engine, which gives up at its horizon, answers first.
+    pub fn with_timeout(mut self, timeout: Duration) -> VcpuIo {
+        self.timeout = timeout;
+        self
     }
 
     /// A remote UART's transmitted bytes also go to a console (see
@@ -179,11 +190,16 @@ impl VcpuIo {
         }
     }
 
-    /// Direct mode, after the guest ended: drives the lane until every
-    /// posted write is answered, at most until `deadline`.
+    /// After the guest ended: waits until every posted write is answered
+    /// (driving the lane in direct mode), at most until `deadline`.
     pub fn flush(&self, deadline: Instant) {
-        if let Some(d) = &self.driver {
-            d.flush(deadline);
+        match &self.driver {
+            Some(d) => d.flush(deadline),
+            None => {
+                while self.ring.posted_in_flight() > 0 && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
         }
     }
 
@@ -311,7 +327,7 @@ impl VcpuIo {
                 if n.is_multiple_of(64) {
                     let now = Instant::now();
                     if now > deadline {
-                        return None;
+                        return self.ring.abandon(i);
                     }
                     spinning = now - start < spin;
                 }
@@ -323,7 +339,7 @@ impl VcpuIo {
             }
             let now = Instant::now();
             if now > deadline {
-                return None;
+                return self.ring.abandon(i);
             }
             let ring = &self.ring;
             d.sleep(deadline - now, || ring.is_done(i));

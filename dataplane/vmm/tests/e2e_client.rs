@@ -1121,3 +1121,340 @@ fn register_and_remove_a_vm(pin_dir: &std::path::Path) {
     maps.remove_vm(50).unwrap();
     maps.remove_client(50).unwrap();
 }
+
+/// The server stops and starts again (its models rebuilt, their state
+/// lost, as after a crash) while one VM writes synchronously and another
+/// posts its writes: the engine resends with back-off until the new
+/// server answers, nothing fails, and every write not acknowledged by the
+/// old server is applied exactly once by the new one (its counter counts
+/// the guest's writes less those the old server acknowledged).
+#[test]
+fn writes_survive_a_server_restart_exactly_once() {
+    let test = "writes_survive_a_server_restart_exactly_once";
+    let tag = "crst";
+    let Some(rig) = Rig::new(test, tag) else {
+        return;
+    };
+    let n = 20_000u16;
+    let start = |id: u32, posted: bool| {
+        let vms = vec![vm(
+            id,
+            &[guests::pio_loop(PIO_BASE, n).unwrap()],
+            vec![pio(PIO_BASE, 0x10, counter_id(id, 0), posted)],
+        )];
+        // One client each: each engine's answers are one VM's.
+        rig.start(rig.spec(vms, Loss::default(), true, false))
+    };
+    let mut sync = start(1, false);
+    let mut posted = start(2, true);
+    std::thread::sleep(Duration::from_millis(300));
+    let Rig { topo, server } = rig;
+    server.stop();
+    // What the old server answered has arrived once it is gone.
+    std::thread::sleep(Duration::from_millis(200));
+    let answers = |c: &Client| {
+        let e = c.engine().expect("engine").stats();
+        e.answers.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let (sync_before, posted_before) = (answers(&sync), answers(&posted));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(answers(&sync), sync_before, "an answer with no server");
+    let server = ServerThread::spawn(server_config(&topo, tag), Some(topo.server_netns()))
+        .expect("server starts again");
+    let rs = sync.wait(Duration::from_secs(120));
+    let rp = posted.wait(Duration::from_secs(120));
+    for (what, before) in [("synchronous", sync_before), ("posted", posted_before)] {
+        assert!(
+            before > 0 && before < n as u64,
+            "the {what} guest was not under way at the restart ({before} answers)"
+        );
+    }
+    assert_eq!(done(&rs[0]) as u64, n as u64 - sync_before, "synchronous");
+    assert_eq!(done(&rp[0]) as u64, n as u64 - posted_before, "posted");
+    for (c, r) in [(&sync, &rs[0]), (&posted, &rp[0])] {
+        let e = c.engine().unwrap().stats();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(load(&e.timeouts), 0, "VM {}", r.vm);
+        assert!(load(&e.backoffs) > 0, "VM {}: no back-off", r.vm);
+        assert_eq!(r.failed(), 0, "VM {}", r.vm);
+    }
+    eprintln!(
+        "answered before the restart: {sync_before} synchronous, {posted_before} posted; \
+         server after: {:?}",
+        server.snapshot().workers
+    );
+    drop(sync);
+    drop(posted);
+    drop(server);
+    drop(topo);
+}
+
+/// With no server answering, requests fail at the engine's horizon, and
+/// say so: synchronous writes and the final read count as failed (the
+/// read returns all-ones), posted writes as failed posted writes; the
+/// client's failure count is their sum. Nothing succeeds silently.
+#[test]
+fn requests_unanswered_within_the_horizon_are_reported() {
+    let Some(rig) = Rig::new(
+        "requests_unanswered_within_the_horizon_are_reported",
+        "chor",
+    ) else {
+        return;
+    };
+    let n = 3u16;
+    let vms = vec![
+        vm(
+            1,
+            &[guests::pio_loop(PIO_BASE, n).unwrap()],
+            vec![pio(PIO_BASE, 0x10, counter_id(1, 0), false)],
+        ),
+        vm(
+            2,
+            &[guests::pio_loop(PIO_BASE, n).unwrap()],
+            vec![pio(PIO_BASE, 0x10, counter_id(2, 0), true)],
+        ),
+    ];
+    let mut spec = rig.spec(vms, Loss::default(), true, false);
+    spec.engine.horizon = Duration::from_millis(300);
+    // A port of the server's address where nothing listens.
+    spec.servers[0].addr.set_port(PORT + 1);
+    let mut client = rig.start(spec);
+    let reports = client.wait(Duration::from_secs(30));
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    // The final read of the count fails: all-ones.
+    assert_eq!(done(&reports[0]), u32::MAX, "synchronous");
+    assert_eq!(done(&reports[1]), u32::MAX, "posted");
+    assert_eq!(load(&reports[0].stats.remote_errors), n as u64 + 1);
+    assert_eq!(reports[0].failed(), n as u64 + 1);
+    assert_eq!(load(&reports[1].stats.remote_errors), 1, "the read");
+    assert_eq!(reports[1].posted_failures, n as u64, "the posted writes");
+    assert_eq!(reports[1].posted_unconfirmed, 0);
+    assert_eq!(reports[1].failed(), n as u64 + 1);
+    let e = client.engine().unwrap().stats();
+    assert_eq!(
+        load(&e.timeouts),
+        2 * (n as u64 + 1),
+        "given up at the horizon"
+    );
+    assert_eq!(load(&e.answers), 0);
+}
+
+/// The local ports of this namespace's UDP sockets connected to
+/// `server:port` (the client's lanes and interrupt sockets), from the
+/// calling thread's `/proc/thread-self/net/udp`.
+fn sockets_connected_to(server: std::net::Ipv4Addr, port: u16) -> Vec<u16> {
+    let table = std::fs::read_to_string("/proc/thread-self/net/udp").unwrap();
+    let remote = format!("{:08X}:{port:04X}", u32::from_le_bytes(server.octets()));
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local = f.get(1)?;
+            (f.get(2)? == &remote)
+                .then(|| u16::from_str_radix(local.rsplit(':').next()?, 16).ok())
+                .flatten()
+        })
+        .collect()
+}
+
+/// Sends `payload` in a UDP datagram from `src` to `dst` through a raw
+/// socket (any source address: the attacker spoofs the server's).
+fn send_spoofed(
+    raw: &std::os::fd::OwnedFd,
+    src: std::net::SocketAddrV4,
+    dst: std::net::SocketAddrV4,
+    payload: &[u8],
+) {
+    use std::os::fd::AsRawFd;
+    let mut p = Vec::with_capacity(28 + payload.len());
+    let total = (28 + payload.len()) as u16;
+    // IPv4 (the kernel fills in the id and checksum), then UDP (checksum
+    // 0: none).
+    p.extend_from_slice(&[0x45, 0]);
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0x40, 0, 64, libc::IPPROTO_UDP as u8, 0, 0]);
+    p.extend_from_slice(&src.ip().octets());
+    p.extend_from_slice(&dst.ip().octets());
+    p.extend_from_slice(&src.port().to_be_bytes());
+    p.extend_from_slice(&dst.port().to_be_bytes());
+    p.extend_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(payload);
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: dst.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(dst.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: `p` and `sa` are valid for the call.
+    let n = unsafe {
+        libc::sendto(
+            raw.as_raw_fd(),
+            p.as_ptr().cast(),
+            p.len(),
+            0,
+            (&sa as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        n,
+        p.len() as isize,
+        "raw send: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// An interrupt datagram as a server would send it.
+fn forged_interrupt(model: u32, server: u32, client: u32, vm: u32, seq: u64) -> Vec<u8> {
+    use devplane_wire::{Header, Interrupt, IrqAction, Kind, Record, datagram};
+    let mut buf = vec![0u8; devplane_wire::MAX_DATAGRAM];
+    let rec = Record::Interrupt(Interrupt {
+        vm,
+        hypervisor: HV,
+        line: IRQ_LINE as u32,
+        action: IrqAction::Edge,
+        seq,
+    });
+    let n = datagram::encode(
+        &mut buf,
+        Header::new(Kind::Interrupt, model, server, client),
+        &[rec],
+    )
+    .unwrap();
+    buf.truncate(n);
+    buf
+}
+
+/// An answer datagram as a server would send it.
+fn forged_answer(model: u32, server: u32, vm: u32, vcpu: u16, seq: u64) -> Vec<u8> {
+    use devplane_wire::{AccessSize, Header, Kind, Record, RequestId, Response, Status, datagram};
+    let mut buf = vec![0u8; devplane_wire::MAX_DATAGRAM];
+    let rec = Record::Response(Response {
+        id: RequestId {
+            vm,
+            hypervisor: HV,
+            vcpu,
+            seq,
+        },
+        status: Status::Ok,
+        size: AccessSize::B4,
+        addr: IRQ_BASE as u64,
+        data: 0,
+    });
+    let n = datagram::encode(
+        &mut buf,
+        Header::new(Kind::Response, model, server, CLIENT),
+        &[rec],
+    )
+    .unwrap();
+    buf.truncate(n);
+    buf
+}
+
+/// A third host on the client's link forges interrupts and answers while a
+/// guest takes real interrupts one at a time: a blind scan of the
+/// ephemeral port range from its own address reaches no socket of the
+/// client (each is connected to its server); datagrams spoofed from the
+/// server's address and port to the client's sockets, naming another
+/// server, another client, a VM not on this client, interrupt number
+/// 2^64-1, or answering for a VM not here, are dropped and counted. The
+/// guest counts exactly its real interrupts, all of them.
+#[test]
+fn forged_interrupts_and_answers_from_a_third_host_are_dropped() {
+    let test = "forged_interrupts_and_answers_from_a_third_host_are_dropped";
+    let Some(rig) = Rig::new(test, "cfrg") else {
+        return;
+    };
+    let attacker = rig.topo.attacker().expect("attacker namespace");
+    let want = 400u16;
+    let vms = vec![vm(
+        1,
+        &[irq_chain(want)],
+        vec![pio(IRQ_BASE, 0x20, IRQ_MODEL, false)],
+    )];
+    let mut client = rig.start(rig.spec(vms, Loss::default(), true, false));
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let irqs = || load(&client.engine().unwrap().stats().irqs);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while irqs() < 10 {
+        assert!(std::time::Instant::now() < deadline, "no interrupt arrives");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (server_ip, client_ip) = (rig.topo.server_ip(), rig.topo.client_ip());
+    let ports = rig
+        .topo
+        .run(Side::Client, || sockets_connected_to(server_ip, PORT))
+        .unwrap();
+    assert!(
+        ports.len() >= 2,
+        "a lane and an interrupt socket: {ports:?}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let forged: Vec<Vec<u8>> = vec![
+        forged_interrupt(IRQ_MODEL, SERVER + 1, CLIENT, 1, now),
+        forged_interrupt(IRQ_MODEL, SERVER, CLIENT + 1, 1, now),
+        forged_interrupt(IRQ_MODEL, SERVER, CLIENT, 2, now),
+        forged_interrupt(IRQ_MODEL, SERVER, CLIENT, 1, u64::MAX),
+        forged_answer(IRQ_MODEL, SERVER + 1, 1, 0, now),
+        forged_answer(IRQ_MODEL, SERVER, 9, 0, now),
+    ];
+    let scan_irq = forged_interrupt(IRQ_MODEL, SERVER, CLIENT, 1, now);
+    let range = rig
+        .topo
+        .run(Side::Client, || {
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap()
+        })
+        .unwrap();
+    let bounds: Vec<u16> = range
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    let scanned = attacker
+        .run(|| {
+            // SAFETY: plain socket creation; the fd is owned below.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            // SAFETY: `fd` is a fresh descriptor nobody else owns.
+            let raw = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            let src = std::net::SocketAddrV4::new(server_ip, PORT);
+            for &port in &ports {
+                let dst = std::net::SocketAddrV4::new(client_ip, port);
+                for f in &forged {
+                    send_spoofed(&raw, src, dst, f);
+                }
+            }
+            // A blind scan from the attacker's own address.
+            let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+            let mut sent = 0u32;
+            for port in bounds[0]..=bounds[1] {
+                if sock.send_to(&scan_irq, (client_ip, port)).is_ok() {
+                    sent += 1;
+                }
+            }
+            sent
+        })
+        .unwrap();
+    let reports = client.wait(Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(50));
+    let e = client.engine().unwrap().stats();
+    let n = ports.len() as u64;
+    assert_eq!(done(&reports[0]), want as u32, "the guest's handler count");
+    assert_eq!(load(&e.irqs), want as u64, "only real interrupts injected");
+    assert_eq!(load(&e.foreign_server), 2 * n, "another server named");
+    assert_eq!(load(&e.foreign_client), n, "another client named");
+    assert_eq!(load(&e.irqs_unknown_vm), n, "a VM not here");
+    assert_eq!(load(&e.irq_out_of_range), n, "2^64-1");
+    assert_eq!(load(&e.foreign_vm), n, "an answer for a VM not here");
+    eprintln!(
+        "{} spoofed datagrams to {n} sockets, a scan of {scanned} ports: {e:?}",
+        forged.len() as u64 * n
+    );
+    drop(attacker);
+}

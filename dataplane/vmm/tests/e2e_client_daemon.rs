@@ -301,12 +301,21 @@ fn vm2_comes_and_goes_while_vm1_runs(sock: &Path, started: Instant) -> u64 {
         .collect();
     assert_eq!(
         rows[0],
-        ["VM", "HYPERVISOR", "STATE", "VCPUS", "UPTIME", "ENDED"],
+        [
+            "VM",
+            "HYPERVISOR",
+            "STATE",
+            "VCPUS",
+            "UPTIME",
+            "FAILED",
+            "ENDED"
+        ],
         "{table}"
     );
     assert_eq!(rows[1][..4], ["1", "2", "running", "1"], "{table}");
     assert_eq!(rows[2][..4], ["2", "2", "running", "1"], "{table}");
-    assert!(rows[1][4].ends_with('s') && rows[2][5] == "-", "{table}");
+    assert!(rows[1][4].ends_with('s') && rows[2][6] == "-", "{table}");
+    assert!(rows[1][5] == "0" && rows[2][5] == "0", "{table}");
     std::thread::sleep(Duration::from_millis(100));
     let v = ok_json(sock, &["vms", "shutdown", "2"]);
     assert_eq!(v["action"], "shutdown", "{v}");
@@ -462,5 +471,96 @@ fn a_bad_client_configuration_is_a_one_line_error() {
     assert!(
         text.contains("--config <CLIENT.TOML>") && text.contains("--control <PATH>"),
         "{text}"
+    );
+}
+
+/// A VM whose server never answers: each of its requests fails at the
+/// configured horizon, and the failures show in `dpctl vms running` while
+/// it runs and after it stopped, and in the daemon's report.
+#[test]
+fn failed_requests_are_reported_by_dpctl_and_the_daemon() {
+    let test = "failed_requests_are_reported_by_dpctl_and_the_daemon";
+    if !privilege::require(test, &[Capability::Root, Capability::Kvm]) {
+        return;
+    }
+    let topo = match Topology::new("cdfl") {
+        Ok(t) => t,
+        Err(e) => {
+            privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
+            return;
+        }
+    };
+    let dir = TempDir(std::env::temp_dir().join(format!("dp-client-fail-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let cfg = dir.0.join("client.toml");
+    // No server runs: nothing answers at the server's address.
+    let writes = 3;
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[client]
+id = {CLIENT}
+bind = "{client}"
+horizon_ms = 200
+
+[[servers]]
+id = {SERVER}
+address = "{server}:{PORT}"
+
+[[vms]]
+id = 1
+hypervisor = {HV}
+guest = {{ kind = "pio-loop", port = {PIO_BASE:#x}, iterations = {writes} }}
+
+[[vms.devices]]
+space = "pio"
+base = {PIO_BASE:#x}
+len = 0x10
+model = {MODEL_1}
+place = "remote:{SERVER}"
+"#,
+            client = topo.client_ip(),
+            server = topo.server_ip(),
+        ),
+    )
+    .unwrap();
+    let sock = dir.0.join("client.sock");
+    let (mut guard, lines) = start_daemon(&topo, &cfg, &sock);
+    ok(&sock, &["vms", "launch", "1"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let list = ok_json(&sock, &["vms", "running"]);
+    let running = state_of(&list, 1);
+    assert_eq!(running["state"], "running", "{list}");
+    let so_far = running["failed"].as_u64().unwrap();
+    assert!((1..=writes).contains(&so_far), "{list}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let vm = loop {
+        let list = ok_json(&sock, &["vms", "running"]);
+        let vm = state_of(&list, 1).clone();
+        if vm["state"] == "stopped" {
+            break vm;
+        }
+        assert!(Instant::now() < deadline, "VM 1 never finished: {list}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Three writes and the final read failed; the read returned all-ones.
+    assert_eq!(vm["failed"], writes + 1, "{vm}");
+    assert_eq!(vm["ended"][0]["failed"], writes + 1, "{vm}");
+    assert_eq!(vm["ended"][0]["value"], u32::MAX, "{vm}");
+    let table = ok(&sock, &["vms", "running"]);
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row[5], (writes + 1).to_string(), "{table}");
+    let pid = guard.0.as_ref().unwrap().id() as i32;
+    // SAFETY: sends SIGINT to our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let status = guard.0.as_mut().unwrap().wait().unwrap();
+    guard.0 = None;
+    assert!(status.success(), "exit status {status}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(
+        rest.iter().any(|l| l.contains("VM 1 stopped by itself")
+            && l.contains(&format!("{} remote requests FAILED", writes + 1))),
+        "{rest:?}"
     );
 }

@@ -147,12 +147,21 @@ fn running_table(vms: &[VmStatus]) -> String {
                     (VmRunState::Running, Some(ms)) => format!("{:.1}s", ms as f64 / 1000.0),
                     _ => "-".into(),
                 },
+                v.failed.to_string(),
                 last,
             ]
         })
         .collect();
     table(
-        &["VM", "HYPERVISOR", "STATE", "VCPUS", "UPTIME", "ENDED"],
+        &[
+            "VM",
+            "HYPERVISOR",
+            "STATE",
+            "VCPUS",
+            "UPTIME",
+            "FAILED",
+            "ENDED",
+        ],
         rows,
     )
 }

@@ -45,7 +45,11 @@ fn ends(ended: &[VcpuEnd]) -> String {
                 (None, Some(err)) => format!("{} ({err})", e.exit),
                 (None, None) => e.exit.clone(),
             };
-            format!("vCPU {} {how} after {} exits", e.vcpu, e.exits)
+            let failed = match e.failed {
+                0 => String::new(),
+                n => format!(", {n} remote requests FAILED"),
+            };
+            format!("vCPU {} {how} after {} exits{failed}", e.vcpu, e.exits)
         })
         .collect::<Vec<_>>()
         .join(", ")

@@ -28,6 +28,13 @@ use crate::vmm::{ClientSpec, DeviceSpec, Place, ServerSpec, VcpuSpec, VmSpec};
 /// Default of `client.spin`.
 pub const DEFAULT_SPIN: u32 = 200;
 
+/// Default of `[client] horizon_ms`: how long a request is retried before
+/// it fails ([`EngineConfig::horizon`]), long enough for a server restart.
+pub const DEFAULT_HORIZON_MS: u64 = 10_000;
+
+/// The range `[client] horizon_ms` may take.
+pub const HORIZON_MS_RANGE: std::ops::RangeInclusive<u64> = 10..=600_000;
+
 /// The smallest guest memory a VM gets.
 const MIN_MEM: u64 = 0x2_0000;
 
@@ -65,6 +72,11 @@ pub struct ClientSection {
     /// every vCPU of that VM.
     #[serde(default = "default_true")]
     pub direct: bool,
+    /// Milliseconds a request is retried (with exponential back-off)
+    /// before it fails and is reported (default [`DEFAULT_HORIZON_MS`],
+    /// within [`HORIZON_MS_RANGE`]).
+    #[serde(default = "default_horizon_ms")]
+    pub horizon_ms: u64,
 }
 
 /// A `[[servers]]` entry.
@@ -304,10 +316,21 @@ pub enum ConfigError {
     /// No `[[vms]]` entry has this id.
     #[error("VM {0} is not in the client configuration")]
     UnknownVm(u32),
+    /// `[client] horizon_ms` is out of its range.
+    #[error(
+        "[client] horizon_ms = {0}: must be {min}..={max} (ms a request is retried before it fails)",
+        min = HORIZON_MS_RANGE.start(),
+        max = HORIZON_MS_RANGE.end()
+    )]
+    Horizon(u64),
 }
 
 fn default_spin() -> u32 {
     DEFAULT_SPIN
+}
+
+fn default_horizon_ms() -> u64 {
+    DEFAULT_HORIZON_MS
 }
 
 fn default_true() -> bool {
@@ -380,6 +403,9 @@ impl ClientFile {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.client.id == 0 {
             return Err(ConfigError::ZeroClientId);
+        }
+        if !HORIZON_MS_RANGE.contains(&self.client.horizon_ms) {
+            return Err(ConfigError::Horizon(self.client.horizon_ms));
         }
         let servers = check_ids("server", self.servers.iter().map(|s| s.id))?;
         check_ids("vm", self.vms.iter().map(|v| v.id))?;
@@ -502,7 +528,10 @@ impl ClientFile {
                 }],
                 devices,
             }],
-            engine: EngineConfig::default(),
+            engine: EngineConfig {
+                horizon: std::time::Duration::from_millis(self.client.horizon_ms),
+                ..EngineConfig::default()
+            },
             engine_core: None,
             vcpu_spin: self.client.spin,
             samples: 0,
@@ -555,7 +584,9 @@ mod tests {
         assert_eq!(f.client.spin, DEFAULT_SPIN);
         assert!(f.client.direct);
         assert_eq!(f.client.bind, None);
+        assert_eq!(f.client.horizon_ms, DEFAULT_HORIZON_MS);
         let spec = f.client_spec(1).unwrap();
+        assert_eq!(spec.engine.horizon, std::time::Duration::from_secs(10));
         assert_eq!(spec.client, 7);
         assert_eq!(spec.servers.len(), 1);
         assert_eq!(spec.servers[0].addr, "10.0.0.2:7700".parse().unwrap());
@@ -570,6 +601,29 @@ mod tests {
         );
         assert!(d[1].posted);
         assert!(matches!(f.client_spec(2), Err(ConfigError::UnknownVm(2))));
+    }
+
+    #[test]
+    fn the_horizon_is_bounded() {
+        let with = |ms: u64| BASE.replace("id = 7\n", &format!("id = 7\nhorizon_ms = {ms}\n"));
+        for bad in [0, 9, 600_001] {
+            let e = ClientFile::from_toml_str(&with(bad))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("horizon_ms") && e.contains("10..=600000"), "{e}");
+        }
+        // Beyond TOML's integers: refused by the parser, naming the line.
+        let e = ClientFile::from_toml_str(&with(u64::MAX))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("horizon_ms"), "{e}");
+        assert_eq!(
+            ClientFile::from_toml_str(&with(250))
+                .unwrap()
+                .client
+                .horizon_ms,
+            250
+        );
     }
 
     #[test]

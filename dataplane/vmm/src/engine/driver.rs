@@ -131,7 +131,7 @@ pub(crate) struct Cell {
 /// inter-processor interrupt: 20 us instead of 8 us for a round trip on the
 /// development machine). Nothing the guest waits for arrives on the lane
 /// while the vCPU runs its guest: its requests name the engine's interrupt
-/// socket ([`super::Lane::irq_port`]), so interrupts go there and the engine
+/// socket ([`super::Lane::irq_ports`]), so interrupts go there and the engine
 /// injects them; what does arrive (the acknowledgement of a posted write)
 /// is reaped at the vCPU's next exit. The engine kicks the vCPU out of
 /// `KVM_RUN` ([`Driver::attach`]'s waker) only when a datagram in flight is

@@ -114,6 +114,16 @@ impl Io for LaneIo {
             .is_some_and(|inject| inject(line, action))
     }
 
+    fn has_vm(&self, vm: u32) -> bool {
+        self.injectors.contains_key(&vm)
+    }
+
+    fn wall_ns(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    }
+
     fn ack(&mut self, socket: usize, server: u32, datagram: &[u8]) {
         let s = &self.sockets[socket];
         let sent = if self.connected.get(socket).copied().unwrap_or(false) {
@@ -172,7 +182,6 @@ impl Loop {
     ) -> Loop {
         let settings = Settings {
             client: cfg.client,
-            irq_port: lane.irq_port,
             retransmit_ns: nanos(cfg.retransmit),
             retransmit_max_ns: nanos(cfg.retransmit_max.max(cfg.retransmit)),
             horizon_ns: nanos(cfg.horizon),
@@ -188,8 +197,29 @@ impl Loop {
             })
             .collect();
         let (send_pool, registered) = ring_setup::send_pool(&ring);
+        // The server each socket is connected to: the kernel takes
+        // datagrams on it only from that address and port.
+        let socket_servers = lane
+            .sockets
+            .iter()
+            .map(|s| {
+                let peer = s.peer_addr().ok()?;
+                lane.servers
+                    .iter()
+                    .find(|(_, a)| **a == peer)
+                    .map(|(id, _)| *id)
+            })
+            .collect();
+        let servers = lane.servers.keys().copied().collect();
         Loop {
-            proto: Protocol::new(settings, peers, stats.clone()),
+            proto: Protocol::new(
+                settings,
+                peers,
+                socket_servers,
+                servers,
+                lane.irq_ports.clone(),
+                stats.clone(),
+            ),
             recv_bufs: lane
                 .sockets
                 .iter()

@@ -97,8 +97,8 @@ pub struct EngineConfig {
     pub retransmit_max: Duration,
     /// Give up on a datagram (answer its unanswered requests
     /// `STATUS_TIMEOUT`) this long after its first send: long enough for a
-    /// server to restart. Keep it below a vCPU's request timeout (10 s),
-    /// so that the engine answers before the vCPU stops waiting.
+    /// server to restart. A vCPU waits for an answer a little longer
+    /// ([`EngineConfig::vcpu_wait`]), so the engine always answers first.
     pub horizon: Duration,
     /// Loss injection.
     pub loss: Loss,
@@ -121,6 +121,19 @@ pub struct EngineConfig {
     pub owned_rings: bool,
 }
 
+/// How much longer than the horizon a vCPU waits for an answer: time for
+/// the engine to notice the horizon passed and answer.
+pub const VCPU_WAIT_MARGIN: Duration = Duration::from_secs(1);
+
+impl EngineConfig {
+    /// How long a vCPU waits for an answer (or for a free slot of its exit
+    /// ring) before it gives up by itself: the horizon and
+    /// [`VCPU_WAIT_MARGIN`].
+    pub fn vcpu_wait(&self) -> Duration {
+        self.horizon.saturating_add(VCPU_WAIT_MARGIN)
+    }
+}
+
 /// io_uring's kernel submission thread, shared by the direct lanes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SqPoll {
@@ -138,7 +151,7 @@ impl Default for EngineConfig {
             idle_sleep: Duration::from_micros(200),
             retransmit: Duration::from_millis(2),
             retransmit_max: Duration::from_millis(250),
-            horizon: Duration::from_secs(9),
+            horizon: Duration::from_secs(10),
             loss: Loss::default(),
             zero_copy: false,
             sqpoll: None,
@@ -187,13 +200,16 @@ pub struct Lane {
     pub injectors: HashMap<u32, Injector>,
     /// Direct: its one vCPU drives it (see [`Driver`]).
     pub direct: bool,
-    /// The port of the engine's interrupt socket, named in every request
-    /// this lane sends ([`devplane_wire::header::HDR_IRQ_PORT`]) so that
-    /// servers send interrupts there and not to this lane's socket; `None`:
+    /// Per socket (server order): the port of the engine's interrupt
+    /// socket for that server, named in every request this lane sends
+    /// there ([`devplane_wire::header::HDR_IRQ_PORT`]) so that the server
+    /// sends interrupts there and not to this lane's socket; empty:
     /// interrupts come to this lane's own sockets.
-    pub irq_port: Option<u16>,
-    /// Where each server (by id) takes acknowledgements of its interrupts:
-    /// needed for a socket that is not connected to it.
+    pub irq_ports: Vec<u16>,
+    /// The servers (by id) and their addresses: a socket connected to one
+    /// takes datagrams only from it, and only with its id in their header;
+    /// a socket that is not connected takes them from any of these, and
+    /// sends acknowledgements to the address of the id in their header.
     pub servers: HashMap<u32, SocketAddr>,
 }
 

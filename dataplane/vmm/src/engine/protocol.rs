@@ -14,14 +14,23 @@
 //!   further resend waits twice as long as the one before, up to a cap
 //!   (exponential back-off). Once the horizon has passed since its first
 //!   send, its unanswered records are answered [`STATUS_TIMEOUT`].
+//! - Trust: a datagram is taken only if its header names this client and
+//!   the server its socket talks to (sockets are connected, so the kernel
+//!   has checked the source address and port: [`Protocol::new`]'s
+//!   `socket_servers`); an answer only for a (VM, vCPU) of this lane and
+//!   a model of it on that server and socket; an interrupt only for a VM
+//!   of this client and a number [`judge`] finds plausible. Everything
+//!   else is dropped and counted (`foreign_*`, `irq_out_of_range`), never
+//!   injected or acknowledged.
 //! - An answer matches a record by (VM, vCPU, model, sequence); an answer
 //!   that matches nothing in flight, or a record already answered, is late
 //!   (counted, ignored).
 //! - Interrupts are applied once each per (model, VM), in sequence order:
-//!   one whose number is not above the last applied is a duplicate (a
-//!   server resending an unacknowledged datagram). Every interrupt
-//!   datagram is acknowledged up to its highest sequence number, its
-//!   duplicates and interrupts for an unknown VM too.
+//!   one whose number is not above the last applied (and close below it)
+//!   is a duplicate (a server resending an unacknowledged datagram). Every
+//!   interrupt datagram is acknowledged up to its highest number applied
+//!   or duplicate (interrupts for an unknown VM too), never up to a
+//!   refused one.
 //! - Loss injection drops outgoing datagrams (requests and
 //!   acknowledgements) and incoming ones with the configured per-mille
 //!   chances, drawn from a seeded generator.
@@ -38,6 +47,56 @@ use zerocopy::FromBytes;
 use super::stats::{EngineStats, add};
 use super::{EngineError, Loss, RemoteModel, STATUS_TIMEOUT};
 
+/// How far below the last applied number an interrupt is still a
+/// duplicate: a server resends only its one unacknowledged datagram (at
+/// most [`MAX_RECORDS`] numbers), so a genuine duplicate is close. A
+/// number further below is a new numbering (a model rebuilt) and applied:
+/// so no number, forged or not, suppresses more than this many later ones.
+pub(crate) const IRQ_DUP_WINDOW: u64 = 256;
+/// How far above the last applied number an interrupt may be (interrupts
+/// a server raised and gave up on in between).
+pub(crate) const IRQ_MAX_GAP: u64 = 1 << 20;
+/// Servers number a model's interrupts from the wall clock in ns when the
+/// model is built: a first number (or a jump, after a server restart) is
+/// plausible up to this far ahead of this client's clock.
+pub(crate) const IRQ_CLOCK_SKEW_NS: u64 = 3_600_000_000_000;
+/// Most (model, VM) interrupt streams tracked: new ones beyond it are
+/// dropped and counted.
+pub(crate) const MAX_IRQ_STREAMS: usize = 4096;
+
+/// What to do with an interrupt numbered `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IrqVerdict {
+    /// Inject it; it is the new last applied number.
+    Apply,
+    /// Applied already: acknowledge, do not inject.
+    Duplicate,
+    /// Implausible (further ahead than a gap or the clock allows): drop,
+    /// count, do not acknowledge.
+    OutOfRange,
+}
+
+/// The verdict on interrupt number `seq` of a (model, VM) whose last
+/// applied number is `last` (`None`: none yet), at wall-clock time
+/// `wall_ns` (ns since the Unix epoch).
+pub(crate) fn judge(last: Option<u64>, seq: u64, wall_ns: u64) -> IrqVerdict {
+    let plausible = seq <= wall_ns.saturating_add(IRQ_CLOCK_SKEW_NS);
+    match last {
+        None if plausible => IrqVerdict::Apply,
+        None => IrqVerdict::OutOfRange,
+        Some(l) if seq > l => {
+            if seq - l <= IRQ_MAX_GAP || plausible {
+                IrqVerdict::Apply
+            } else {
+                IrqVerdict::OutOfRange
+            }
+        }
+        Some(l) if l - seq < IRQ_DUP_WINDOW => IrqVerdict::Duplicate,
+        Some(_) if plausible => IrqVerdict::Apply,
+        Some(_) => IrqVerdict::OutOfRange,
+    }
+}
+
 /// The effects the protocol asks of its lane.
 pub(crate) trait Io {
     /// Sends request datagram `datagram` from socket `socket` (connected to
@@ -47,6 +106,11 @@ pub(crate) trait Io {
     fn complete(&mut self, vcpu: usize, slot: u64, status: u8, data: u64);
     /// Injects an interrupt into VM `vm`; whether it was delivered.
     fn inject(&mut self, vm: u32, line: u32, action: IrqAction) -> bool;
+    /// Whether VM `vm` is one of this client's (interrupts may go to it).
+    fn has_vm(&self, vm: u32) -> bool;
+    /// The wall clock: ns since the Unix epoch (read only to judge an
+    /// interrupt number far from the last applied one).
+    fn wall_ns(&self) -> u64;
     /// Sends acknowledgement `datagram` to server `server` from socket
     /// `socket` (the one its interrupts came to).
     fn ack(&mut self, socket: usize, server: u32, datagram: &[u8]);
@@ -57,8 +121,6 @@ pub(crate) trait Io {
 pub(crate) struct Settings {
     /// This client platform's id.
     pub client: u32,
-    /// Named in every request ([`super::Lane::irq_port`]).
-    pub irq_port: Option<u16>,
     /// Resend a datagram not answered within this many nanoseconds; each
     /// further resend waits twice as long as the one before.
     pub retransmit_ns: u64,
@@ -149,6 +211,14 @@ impl Rng {
 /// The protocol state of one lane.
 pub(crate) struct Protocol {
     settings: Settings,
+    /// Per socket: the port named in requests sent on it
+    /// ([`super::Lane::irq_ports`]); empty: none.
+    irq_ports: Vec<u16>,
+    /// Per socket: the id of the server it is connected to; `None` (not
+    /// connected): any of `servers`.
+    socket_servers: Vec<Option<u32>>,
+    /// The servers this lane's client talks to.
+    servers: Vec<u32>,
     flows: Vec<Flow>,
     /// (VM, vCPU) to flow index.
     by_id: HashMap<(u32, u16), usize>,
@@ -204,8 +274,19 @@ fn fill(
 }
 
 impl Protocol {
-    /// The protocol for `peers` (flow `i` is peer `i`).
-    pub(crate) fn new(settings: Settings, peers: Vec<Peer>, stats: Arc<EngineStats>) -> Protocol {
+    /// The protocol for `peers` (flow `i` is peer `i`). `socket_servers`:
+    /// per socket, the id of the server it is connected to (the kernel
+    /// takes datagrams on it only from that server's address and port), or
+    /// `None` for one that is not (any of `servers` then). `irq_ports`:
+    /// per socket, the interrupt port its requests name (empty: none).
+    pub(crate) fn new(
+        settings: Settings,
+        peers: Vec<Peer>,
+        socket_servers: Vec<Option<u32>>,
+        servers: Vec<u32>,
+        irq_ports: Vec<u16>,
+        stats: Arc<EngineStats>,
+    ) -> Protocol {
         let by_id = peers
             .iter()
             .enumerate()
@@ -231,6 +312,9 @@ impl Protocol {
         Protocol {
             rng: Rng(settings.loss.seed | 1),
             settings,
+            irq_ports,
+            socket_servers,
+            servers,
             flows,
             by_id,
             irq_seen: HashMap::new(),
@@ -283,8 +367,8 @@ impl Protocol {
             remote.server,
             self.settings.client,
         );
-        match self.settings.irq_port {
-            Some(port) => h.with_irq_port(port),
+        match self.irq_ports.get(remote.socket) {
+            Some(&port) => h.with_irq_port(port),
             None => h,
         }
     }
@@ -411,11 +495,23 @@ impl Protocol {
             add(&self.stats.malformed, 1);
             return;
         };
+        if d.client() != self.settings.client {
+            add(&self.stats.foreign_client, 1);
+            return;
+        }
+        let server_ok = match self.socket_servers.get(socket).copied().flatten() {
+            Some(id) => d.server() == id,
+            None => self.servers.contains(&d.server()),
+        };
+        if !server_ok {
+            add(&self.stats.foreign_server, 1);
+            return;
+        }
         match d.kind() {
             Kind::Response => {
                 for r in d.records() {
                     if let Record::Response(rsp) = r {
-                        self.on_response(d.model(), &rsp, io);
+                        self.on_response(d.model(), d.server(), socket, &rsp, io);
                     }
                 }
             }
@@ -424,16 +520,28 @@ impl Protocol {
         }
     }
 
-    fn on_response(&mut self, model: u32, rsp: &Response, io: &mut impl Io) {
+    fn on_response(
+        &mut self,
+        model: u32,
+        server: u32,
+        socket: usize,
+        rsp: &Response,
+        io: &mut impl Io,
+    ) {
         let Some(&v) = self.by_id.get(&(rsp.id.vm, rsp.id.vcpu)) else {
-            add(&self.stats.late, 1);
+            add(&self.stats.foreign_vm, 1);
             return;
         };
         let flow = &mut self.flows[v];
         let Some(&m) = flow.index.get(&model) else {
-            add(&self.stats.late, 1);
+            add(&self.stats.foreign_model, 1);
             return;
         };
+        let remote = flow.models[m];
+        if remote.server != server || remote.socket != socket {
+            add(&self.stats.foreign_server, 1);
+            return;
+        }
         let Some(f) = flow.inflight[m].as_mut() else {
             add(&self.stats.late, 1);
             return;
@@ -462,6 +570,9 @@ impl Protocol {
         let mut top: Option<RequestId> = None;
         for r in d.records() {
             let Record::Interrupt(irq) = r else { continue };
+            if !self.apply(model, &irq, io) {
+                continue;
+            }
             if top.is_none_or(|t| irq.seq > t.seq) {
                 top = Some(RequestId {
                     vm: irq.vm,
@@ -470,25 +581,50 @@ impl Protocol {
                     seq: irq.seq,
                 });
             }
-            self.apply(model, &irq, io);
         }
         if let Some(id) = top {
             self.acknowledge(socket, model, d.server(), id, io);
         }
     }
 
-    /// Injects `irq` unless an interrupt of its number was applied already.
-    fn apply(&mut self, model: u32, irq: &Interrupt, io: &mut impl Io) {
-        let last = self.irq_seen.entry((model, irq.vm)).or_insert(0);
-        if irq.seq <= *last {
-            add(&self.stats.irq_duplicates, 1);
-            return;
-        }
-        *last = irq.seq;
-        if io.inject(irq.vm, irq.line, irq.action) {
-            add(&self.stats.irqs, 1);
-        } else {
+    /// Injects `irq` if [`judge`] says so and its VM is this client's;
+    /// whether it may be acknowledged (applied, a duplicate, or for a VM
+    /// not here but plausibly numbered).
+    fn apply(&mut self, model: u32, irq: &Interrupt, io: &mut impl Io) -> bool {
+        if !io.has_vm(irq.vm) {
             add(&self.stats.irqs_unknown_vm, 1);
+            return judge(None, irq.seq, io.wall_ns()) == IrqVerdict::Apply;
+        }
+        let key = (model, irq.vm);
+        let last = self.irq_seen.get(&key).copied();
+        // The clock is read only for a number far from the last applied.
+        let wall = match last {
+            Some(l) if irq.seq > l && irq.seq - l <= IRQ_MAX_GAP => 0,
+            Some(l) if irq.seq <= l && l - irq.seq < IRQ_DUP_WINDOW => 0,
+            _ => io.wall_ns(),
+        };
+        match judge(last, irq.seq, wall) {
+            IrqVerdict::Duplicate => {
+                add(&self.stats.irq_duplicates, 1);
+                true
+            }
+            IrqVerdict::OutOfRange => {
+                add(&self.stats.irq_out_of_range, 1);
+                false
+            }
+            IrqVerdict::Apply => {
+                if last.is_none() && self.irq_seen.len() >= MAX_IRQ_STREAMS {
+                    add(&self.stats.irq_streams_full, 1);
+                    return false;
+                }
+                self.irq_seen.insert(key, irq.seq);
+                if io.inject(irq.vm, irq.line, irq.action) {
+                    add(&self.stats.irqs, 1);
+                } else {
+                    add(&self.stats.irq_inject_errors, 1);
+                }
+                true
+            }
         }
     }
 

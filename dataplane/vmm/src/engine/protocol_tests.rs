@@ -18,12 +18,18 @@ const MODEL_B: u32 = 200;
 const RETRANSMIT: u64 = 2_000_000;
 const HORIZON: u64 = 10_000_000_000;
 
+/// The fake wall clock (ns since the epoch): interrupt numbers up to it
+/// are plausible.
+const WALL: u64 = 1_700_000_000_000_000_000;
+
 #[derive(Default)]
 struct Fake {
     sent: Vec<(usize, Vec<u8>)>,
     done: Vec<(usize, u64, u8, u64)>,
     injected: Vec<(u32, u32, IrqAction)>,
     acks: Vec<(usize, u32, Vec<u8>)>,
+    /// Times the wall clock was read.
+    clock_reads: std::cell::Cell<u32>,
 }
 
 impl Io for Fake {
@@ -37,6 +43,13 @@ impl Io for Fake {
     fn inject(&mut self, vm: u32, line: u32, action: IrqAction) -> bool {
         self.injected.push((vm, line, action));
         vm == VM
+    }
+    fn has_vm(&self, vm: u32) -> bool {
+        vm == VM
+    }
+    fn wall_ns(&self) -> u64 {
+        self.clock_reads.set(self.clock_reads.get() + 1);
+        WALL
     }
     fn ack(&mut self, socket: usize, server: u32, datagram: &[u8]) {
         self.acks.push((socket, server, datagram.to_vec()));
@@ -65,14 +78,21 @@ fn protocol_with(vcpus: u16, loss: Loss, horizon_ns: u64) -> (Protocol, Arc<Engi
         .collect();
     let settings = Settings {
         client: CLIENT,
-        irq_port: Some(4242),
         retransmit_ns: RETRANSMIT,
         retransmit_max_ns: 8 * RETRANSMIT,
         horizon_ns,
         loss,
     };
     let stats = Arc::new(EngineStats::default());
-    (Protocol::new(settings, peers, stats.clone()), stats)
+    let p = Protocol::new(
+        settings,
+        peers,
+        vec![Some(SERVER), Some(SERVER)],
+        vec![SERVER],
+        vec![4242, 4242],
+        stats.clone(),
+    );
+    (p, stats)
 }
 
 fn protocol(vcpus: u16) -> (Protocol, Arc<EngineStats>) {
@@ -156,7 +176,7 @@ fn interrupts(model: u32, vm: u32, seqs: &[u64]) -> Vec<u8> {
         })
         .collect();
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    let h = Header::new(Kind::Interrupt, model, SERVER, 0);
+    let h = Header::new(Kind::Interrupt, model, SERVER, CLIENT);
     let n = datagram::encode(&mut buf, h, &recs).unwrap();
     buf.truncate(n);
     buf
@@ -322,20 +342,179 @@ fn duplicate_and_late_answers_are_ignored() {
     p.on_datagram(&answers(MODEL_A, 0, &[1]), 0, &mut io);
     // The same answer again (a retransmission answered twice).
     p.on_datagram(&answers(MODEL_A, 0, &[1]), 0, &mut io);
-    // Answers matching nothing: another sequence, vCPU, model.
+    // Answers matching nothing: another sequence (late), a vCPU not
+    // here, a model on another socket, a model the vCPU does not use.
     p.on_datagram(&answers(MODEL_A, 0, &[99]), 0, &mut io);
     p.on_datagram(&answers(MODEL_A, 5, &[2]), 0, &mut io);
     p.on_datagram(&answers(MODEL_B, 0, &[2]), 0, &mut io);
     p.on_datagram(&answers(555, 0, &[2]), 0, &mut io);
     assert_eq!(io.done, vec![(0, 1, Status::Ok as u8, 10)]);
     assert_eq!(get(&stats.answers), 1);
-    assert_eq!(get(&stats.late), 5);
+    assert_eq!(get(&stats.late), 2);
+    assert_eq!(get(&stats.foreign_vm), 1);
+    assert_eq!(get(&stats.foreign_server), 1);
+    assert_eq!(get(&stats.foreign_model), 1);
     p.on_datagram(&answers(MODEL_A, 0, &[2]), 0, &mut io);
     assert_eq!(io.done.len(), 2);
     // After the datagram is retired.
     p.on_datagram(&answers(MODEL_A, 0, &[2]), 0, &mut io);
     assert_eq!(io.done.len(), 2);
-    assert_eq!(get(&stats.late), 6);
+    assert_eq!(get(&stats.late), 3);
+}
+
+/// A datagram as `answers` or `interrupts` makes, with header fields
+/// changed.
+fn with_header(bytes: Vec<u8>, server: u32, client: u32) -> Vec<u8> {
+    let d = Datagram::parse(&bytes).unwrap();
+    let recs: Vec<Record> = d.records().collect();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let h = Header::new(d.kind(), d.model(), server, client);
+    let n = datagram::encode(&mut buf, h, &recs).unwrap();
+    buf.truncate(n);
+    buf
+}
+
+#[test]
+fn datagrams_naming_another_client_or_server_are_dropped() {
+    let (mut p, stats) = protocol(1);
+    let mut io = Fake::default();
+    queue(&mut p, &mut io, 0, 0, &[1]);
+    p.send_ready(0, 0, &mut io).unwrap();
+    p.on_datagram(
+        &with_header(answers(MODEL_A, 0, &[1]), SERVER, CLIENT + 1),
+        0,
+        &mut io,
+    );
+    p.on_datagram(
+        &with_header(answers(MODEL_A, 0, &[1]), SERVER + 1, CLIENT),
+        0,
+        &mut io,
+    );
+    let irq = interrupts(MODEL_A, VM, &[5]);
+    p.on_datagram(&with_header(irq.clone(), SERVER + 1, CLIENT), 0, &mut io);
+    p.on_datagram(&with_header(irq, SERVER, CLIENT + 1), 0, &mut io);
+    assert!(io.done.is_empty() && io.injected.is_empty() && io.acks.is_empty());
+    assert_eq!(get(&stats.foreign_client), 2);
+    assert_eq!(get(&stats.foreign_server), 2);
+    // The real answer still completes the request.
+    p.on_datagram(&answers(MODEL_A, 0, &[1]), 0, &mut io);
+    assert_eq!(io.done, vec![(0, 1, Status::Ok as u8, 10)]);
+}
+
+#[test]
+fn a_socket_not_connected_takes_any_known_server() {
+    let settings = Settings {
+        client: CLIENT,
+        retransmit_ns: RETRANSMIT,
+        retransmit_max_ns: RETRANSMIT,
+        horizon_ns: HORIZON,
+        loss: Loss::default(),
+    };
+    let stats = Arc::new(EngineStats::default());
+    let mut p = Protocol::new(
+        settings,
+        Vec::new(),
+        vec![None],
+        vec![SERVER, SERVER + 1],
+        Vec::new(),
+        stats.clone(),
+    );
+    let mut io = Fake::default();
+    p.on_datagram(&interrupts(MODEL_A, VM, &[5]), 0, &mut io);
+    let other = with_header(interrupts(MODEL_B, VM, &[5]), SERVER + 1, CLIENT);
+    p.on_datagram(&other, 0, &mut io);
+    let stranger = with_header(interrupts(MODEL_B, VM, &[6]), SERVER + 2, CLIENT);
+    p.on_datagram(&stranger, 0, &mut io);
+    assert_eq!(io.injected.len(), 2);
+    assert_eq!(get(&stats.foreign_server), 1);
+}
+
+#[test]
+fn interrupt_numbers_are_judged_against_the_last_and_the_clock() {
+    use IrqVerdict::*;
+    // The first: anything up to the clock and its skew.
+    assert_eq!(judge(None, 5, WALL), Apply);
+    assert_eq!(judge(None, WALL + IRQ_CLOCK_SKEW_NS, WALL), Apply);
+    assert_eq!(judge(None, WALL + IRQ_CLOCK_SKEW_NS + 1, WALL), OutOfRange);
+    assert_eq!(judge(None, u64::MAX, WALL), OutOfRange);
+    // Above the last: within the gap always (whatever the clock says).
+    assert_eq!(judge(Some(u64::MAX - 10), u64::MAX, 0), Apply);
+    assert_eq!(judge(Some(100), 100 + IRQ_MAX_GAP, 0), Apply);
+    // Further: a new numbering (a model rebuilt) only up to the clock.
+    assert_eq!(judge(Some(100), WALL, WALL), Apply);
+    assert_eq!(judge(Some(100), u64::MAX, WALL), OutOfRange);
+    // At or just below the last: a duplicate.
+    assert_eq!(judge(Some(100), 100, WALL), Duplicate);
+    assert_eq!(
+        judge(Some(1000), 1000 - IRQ_DUP_WINDOW + 1, WALL),
+        Duplicate
+    );
+    // Far below: not a resend, a new numbering (which a forged number
+    // ahead may have made look old).
+    assert_eq!(judge(Some(1000), 1000 - IRQ_DUP_WINDOW, WALL), Apply);
+}
+
+#[test]
+fn a_forged_far_number_suppresses_no_real_interrupt() {
+    let (mut p, stats) = protocol(1);
+    let mut io = Fake::default();
+    let real = WALL - 1_000_000;
+    p.on_datagram(&interrupts(MODEL_A, VM, &[real, real + 1]), 0, &mut io);
+    // 2^64-1: refused, counted, not acknowledged.
+    p.on_datagram(&interrupts(MODEL_A, VM, &[u64::MAX]), 0, &mut io);
+    assert_eq!(get(&stats.irq_out_of_range), 1);
+    assert_eq!(io.acks.len(), 1);
+    p.on_datagram(&interrupts(MODEL_A, VM, &[real + 2]), 0, &mut io);
+    assert_eq!(get(&stats.irqs), 3);
+    // A forged number ahead that the clock allows is applied (nothing
+    // tells it from a restarted model's), but the real ones after it are
+    // far below it: a new numbering, applied.
+    p.on_datagram(&interrupts(MODEL_A, VM, &[WALL + 5]), 0, &mut io);
+    p.on_datagram(&interrupts(MODEL_A, VM, &[real + 3, real + 4]), 0, &mut io);
+    assert_eq!(get(&stats.irqs), 6);
+    assert_eq!(get(&stats.irq_duplicates), 0);
+    // A datagram mixing real and refused numbers is acknowledged up to
+    // its highest real one only.
+    p.on_datagram(
+        &interrupts(MODEL_A, VM, &[real + 5, u64::MAX - 1]),
+        0,
+        &mut io,
+    );
+    let Some(Record::Ack(a)) = Datagram::parse(&io.acks.last().unwrap().2)
+        .unwrap()
+        .records()
+        .next()
+    else {
+        panic!("no ack");
+    };
+    assert_eq!(a.id.seq, real + 5);
+    assert_eq!(get(&stats.irq_out_of_range), 2);
+}
+
+#[test]
+fn the_clock_is_read_only_for_far_numbers() {
+    let (mut p, _) = protocol(1);
+    let mut io = Fake::default();
+    p.on_datagram(&interrupts(MODEL_A, VM, &[100]), 0, &mut io);
+    assert_eq!(io.clock_reads.get(), 1, "the first number");
+    p.on_datagram(&interrupts(MODEL_A, VM, &[101, 102, 101]), 0, &mut io);
+    assert_eq!(io.clock_reads.get(), 1, "near numbers");
+}
+
+#[test]
+fn interrupt_streams_are_bounded() {
+    let (mut p, stats) = protocol(1);
+    let mut io = Fake::default();
+    for model in 0..MAX_IRQ_STREAMS as u32 {
+        p.on_datagram(&interrupts(1000 + model, VM, &[1]), 0, &mut io);
+    }
+    assert_eq!(get(&stats.irqs), MAX_IRQ_STREAMS as u64);
+    p.on_datagram(&interrupts(5, VM, &[1]), 0, &mut io);
+    assert_eq!(get(&stats.irq_streams_full), 1);
+    assert_eq!(get(&stats.irqs), MAX_IRQ_STREAMS as u64);
+    // Known streams go on.
+    p.on_datagram(&interrupts(1000, VM, &[2]), 0, &mut io);
+    assert_eq!(get(&stats.irqs), MAX_IRQ_STREAMS as u64 + 1);
 }
 
 #[test]

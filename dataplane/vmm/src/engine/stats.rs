@@ -26,6 +26,23 @@ pub struct EngineStats {
     pub irqs: AtomicU64,
     /// Interrupts for a VM not on this client (dropped).
     pub irqs_unknown_vm: AtomicU64,
+    /// Interrupts whose number is implausibly far from the last applied
+    /// (or, for the first, ahead of the clock): dropped, not acknowledged.
+    pub irq_out_of_range: AtomicU64,
+    /// Interrupts of a new (model, VM) when the most streams are tracked:
+    /// dropped.
+    pub irq_streams_full: AtomicU64,
+    /// Interrupts the VM's irqchip refused.
+    pub irq_inject_errors: AtomicU64,
+    /// Datagrams whose header names another client: dropped.
+    pub foreign_client: AtomicU64,
+    /// Datagrams whose header names a server other than the one their
+    /// socket talks to (or, answers, than their model's): dropped.
+    pub foreign_server: AtomicU64,
+    /// Answers for a (VM, vCPU) not served here: dropped.
+    pub foreign_vm: AtomicU64,
+    /// Answers from a model the vCPU does not use: dropped.
+    pub foreign_model: AtomicU64,
     /// Interrupts received again (a server resent a datagram whose
     /// acknowledgement it missed): acknowledged, not applied again.
     pub irq_duplicates: AtomicU64,

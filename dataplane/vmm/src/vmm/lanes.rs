@@ -62,7 +62,7 @@ pub(super) fn wire(spec: &ClientSpec, vms: &[BuiltVm]) -> Result<Wiring, ClientE
             vcpus: ports,
             injectors: injectors(&handles),
             direct: false,
-            irq_port: None,
+            irq_ports: Vec::new(),
             servers,
         });
     }
@@ -81,39 +81,42 @@ fn direct_lane(
         // Interrupts come to the interrupt lane's socket.
         injectors: HashMap::new(),
         direct: true,
-        irq_port: None,
+        irq_ports: Vec::new(),
         servers: servers.clone(),
     })
 }
 
 /// Direct lanes are their vCPUs' own, reaped only while they wait for an
-/// answer: their requests name one socket of the engine's for interrupts
-/// (every server sends there), and the engine injects them into any VM of
-/// this client. Points the direct lanes at it and returns its lane.
+/// answer: their requests name the engine's interrupt socket for their
+/// server (one per server, connected to it, so the kernel takes nothing on
+/// it from anyone else), and the engine injects them into any VM of this
+/// client. Points the direct lanes at them and returns their lane.
 fn interrupt_lane(
     spec: &ClientSpec,
     direct: &mut [Lane],
     handles: &HashMap<u32, IrqHandle>,
     servers: &HashMap<u32, SocketAddr>,
 ) -> Result<Lane, ClientError> {
-    let bind = spec.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    let irq = UdpSocket::bind((bind, 0)).map_err(io_err("bind the interrupt socket"))?;
-    let port = irq
-        .local_addr()
-        .map_err(io_err("bind the interrupt socket"))?
-        .port();
+    let irq = sockets(spec)?;
+    let mut irq_ports = Vec::new();
+    for s in &irq {
+        let addr = s
+            .local_addr()
+            .map_err(io_err("bind the interrupt socket"))?;
+        irq_ports.push(addr.port());
+    }
     for lane in direct {
-        lane.irq_port = Some(port);
+        lane.irq_ports = irq_ports.clone();
         // Also here: an interrupt from a server that does not know the
         // interrupt-port flag comes to the lane that spoke last.
         lane.injectors = injectors(handles);
     }
     Ok(Lane {
-        sockets: vec![irq],
+        sockets: irq,
         vcpus: Vec::new(),
         injectors: injectors(handles),
         direct: false,
-        irq_port: None,
+        irq_ports: Vec::new(),
         servers: servers.clone(),
     })
 }

@@ -36,6 +36,7 @@ pub use super::bus::STORE_WINDOW;
 use super::devmap::DevMapError;
 use super::engine::{Engine, EngineConfig, RemoteModel};
 use super::kvm::{CpuState, Entry, KvmError, Vcpu, VcpuExit, VcpuKicker, Vm};
+use super::ring::ExitRing;
 use super::uart_tap::UartTap;
 use super::vcpu_io::{ExitHandler, VcpuIo, VcpuStats};
 
@@ -230,6 +231,23 @@ pub struct VcpuReport {
     pub exits: u64,
     /// Its counters.
     pub stats: Arc<VcpuStats>,
+    /// Its posted writes answered with an error status or given up on
+    /// (the engine's horizon passed).
+    pub posted_failures: u64,
+    /// Its posted writes still unanswered when it ended (its flush, as
+    /// long as the engine's horizon, ran out): not known to be applied.
+    pub posted_unconfirmed: u64,
+}
+
+impl VcpuReport {
+    /// Its remote requests that failed: synchronous ones answered with an
+    /// error or not at all, posted writes that failed or were never
+    /// confirmed.
+    pub fn failed(&self) -> u64 {
+        self.stats.remote_errors.load(Ordering::Relaxed)
+            + self.posted_failures
+            + self.posted_unconfirmed
+    }
 }
 
 struct VcpuThread {
@@ -238,6 +256,7 @@ struct VcpuThread {
     join: JoinHandle<(Result<VcpuExit, KvmError>, u64)>,
     kicker: VcpuKicker,
     stats: Arc<VcpuStats>,
+    ring: Arc<ExitRing>,
 }
 
 /// A running client. Dropping it stops every vCPU and the engine.
@@ -261,9 +280,6 @@ impl Drop for Ended {
         cond.notify_all();
     }
 }
-
-/// How long a vCPU whose guest ended waits for its posted writes' answers.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// COM1's port: a remote UART there is tapped for a Linux VM's console.
 const UART_PORT: u16 = 0x3f8;
@@ -408,6 +424,9 @@ struct VcpuRun {
     core: Option<usize>,
     stop: Arc<AtomicBool>,
     ended: Ended,
+    /// How long the vCPU, once its guest ended, waits for its posted
+    /// writes' answers: as long as the engine tries.
+    flush: Duration,
 }
 
 impl VcpuRun {
@@ -426,7 +445,7 @@ impl VcpuRun {
         let exit = self.vcpu.run(&mut self.handler, &self.stop);
         // Posted writes the guest made before it ended still reach their
         // devices.
-        self.handler.io().flush(Instant::now() + FLUSH_TIMEOUT);
+        self.handler.io().flush(Instant::now() + self.flush);
         (exit, self.vcpu.exits())
     }
 }
@@ -487,6 +506,7 @@ impl Client {
         } else {
             VcpuStats::default()
         });
+        let ring = wire.ring.clone();
         let io = VcpuIo::new(
             vm.id,
             vm.hypervisor,
@@ -497,6 +517,7 @@ impl Client {
             stats.clone(),
         )
         .with_driver(engine.driver(wire.lane))
+        .with_timeout(spec.engine.vcpu_wait())
         .with_irq(vm.vm.irq_handle())
         .with_uart_tap(vm.tap.clone());
         let kicker = vcpu.kicker();
@@ -506,6 +527,7 @@ impl Client {
             core: vm.vcpus[usize::from(index)].core,
             stop: self.stop.clone(),
             ended: Ended(self.ended.clone()),
+            flush: spec.engine.vcpu_wait(),
         };
         let join = std::thread::Builder::new()
             .name(format!("dp-vcpu-{}-{index}", vm.id))
@@ -517,6 +539,7 @@ impl Client {
             join,
             kicker,
             stats,
+            ring,
         });
         Ok(())
     }
@@ -525,6 +548,16 @@ impl Client {
     /// off or failed), without stopping any.
     pub fn finished(&self) -> bool {
         self.vcpus.iter().all(|v| v.join.is_finished())
+    }
+
+    /// Remote requests of its vCPUs that failed so far: synchronous ones
+    /// answered with an error or not at all, and posted writes answered
+    /// with an error or given up on (see [`VcpuReport::failed`]).
+    pub fn failed_requests(&self) -> u64 {
+        self.vcpus
+            .iter()
+            .map(|v| v.stats.remote_errors.load(Ordering::Relaxed) + v.ring.posted_failures())
+            .sum()
     }
 
     /// The engine's counters.
@@ -576,6 +609,8 @@ impl Client {
                 exit,
                 exits,
                 stats: v.stats,
+                posted_failures: v.ring.posted_failures(),
+                posted_unconfirmed: v.ring.posted_in_flight(),
             });
         }
         out
