@@ -936,9 +936,12 @@ fn interrupts_for_a_vm_not_on_this_client_are_dropped_and_counted() {
     let vms = vec![vm(1, &[g], vec![pio(STRAY_BASE, 0x20, STRAY_MODEL, false)])];
     let (reports, e) = rig.run_mode(vms, Loss::default(), false);
     assert_eq!(done(&reports[0]), 6);
-    // The server sent them to this client, which dropped and counted them.
+    // The server sent them to this client, which dropped and counted them
+    // without acknowledging them (only the VM's own client may), so the
+    // server may have resent a datagram before the run ended: every copy
+    // is dropped and counted again, none injected.
     assert_eq!(rig.snapshot().workers[0].irqs_sent, 6);
-    assert_eq!(e.irqs_unknown_vm, 6, "{e:?}");
+    assert!(e.irqs_unknown_vm >= 6, "{e:?}");
     assert_eq!(e.irqs, 0, "{e:?}");
 }
 
