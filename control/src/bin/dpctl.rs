@@ -88,6 +88,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Create the state directory and an empty database (every other
+    /// command refuses a state directory that does not exist).
+    Init,
     /// Show the database's generation, the generation the maps hold, and
     /// how many of each entity there are.
     Status,
@@ -121,10 +124,10 @@ enum Command {
         /// Empty polls before a worker sleeps.
         #[arg(long, value_name = "N")]
         spin_budget: Option<u32>,
-        /// Longest idle sleep, microseconds.
+        /// Longest idle sleep, microseconds (at most 10000).
         #[arg(long, value_name = "US")]
         idle_sleep_us: Option<u64>,
-        /// Most frames per poll (at least 1).
+        /// Most frames per poll (1 to 2048).
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
         batch: Option<u32>,
     },
@@ -370,10 +373,13 @@ fn run(cli: &Cli) -> Result<String, Failure> {
     if let Some(out) = client::run(cli)? {
         return Ok(out);
     }
-    let mut db = Db::open(&cli.state)?;
+    let mut db = match cli.command {
+        Command::Init => Db::open(&cli.state)?,
+        _ => Db::open_existing(&cli.state)?,
+    };
     let json = cli.json;
     match &cli.command {
-        Command::Status => Ok(status(&db, json)),
+        Command::Init | Command::Status => Ok(status(&db, json)),
         Command::Clients(c) => match c {
             ClientsCmd::List => Ok(list(db.state(), Kind::Client, json)),
             ClientsCmd::Show(a) => show(db.state(), Kind::Client, a.id, json),
