@@ -18,6 +18,7 @@
 mod client;
 mod gate;
 mod hist;
+mod invalid;
 mod irq;
 mod micro;
 mod plot;
@@ -39,6 +40,7 @@ use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::gate::Limit;
+use crate::invalid::Invalid;
 use crate::report::RunSummary;
 #[cfg(test)]
 use crate::suite::open_loop;
@@ -299,27 +301,26 @@ const CLIENT_VM_IDS: u32 = 8;
 
 /// The scenarios `args` asks for, in order, after checking the flags that
 /// go together; the error is one line saying what to change.
-fn plan(args: &RunArgs) -> Result<Vec<Scenario>, String> {
+fn plan(args: &RunArgs) -> Result<Vec<Scenario>, Invalid> {
     if args.iterations == 0 {
-        return Err("--iterations must be at least 1".into());
+        return Err(Invalid::from("--iterations must be at least 1"));
     }
     if args.round_trips == 0 {
-        return Err("--round-trips must be at least 1".into());
+        return Err(Invalid::from("--round-trips must be at least 1"));
     }
     if let (Some(d), rate) = (args.duration, args.rate) {
         let Some(r) = rate else {
-            return Err(
+            return Err(Invalid::from(
                 "--duration sets how long the open loop runs (--rate x --duration requests): \
-                 give --rate too, or use --round-trips for a closed loop"
-                    .into(),
-            );
+                 give --rate too, or use --round-trips for a closed loop",
+            ));
         };
         if r as f64 * d < 1.0 || r as f64 * d > u32::MAX as f64 {
-            return Err(format!(
+            return Err(Invalid::from(format!(
                 "--rate {r} x --duration {d} is {} requests: it must be 1 to {}",
                 r as f64 * d,
                 u32::MAX
-            ));
+            )));
         }
     }
     let scenarios = match (args.scenario.is_empty(), args.server.is_some()) {
@@ -342,14 +343,16 @@ fn plan(args: &RunArgs) -> Result<Vec<Scenario>, String> {
         return Ok(scenarios);
     };
     if let Some(s) = scenarios.iter().find(|s| !s.client_side()) {
-        return Err(format!(
+        return Err(Invalid::from(format!(
             "--server {addr}: the {} scenario needs the embedded topology; --server runs \
              client, irq and throughput only",
             s.name()
-        ));
+        )));
     }
     if args.rate.is_some() {
-        return Err("--rate applies to the server scenario, which --server does not run".into());
+        return Err(Invalid::from(
+            "--rate applies to the server scenario, which --server does not run",
+        ));
     }
     let reps = |s: Scenario, default: u32| {
         if scenarios.contains(&s) {
@@ -361,11 +364,11 @@ fn plan(args: &RunArgs) -> Result<Vec<Scenario>, String> {
     let layout = rig::REMOTE;
     let irq_runs = reps(Scenario::Irq, IRQ_REPEAT);
     if irq_runs > layout.irq_slots {
-        return Err(format!(
+        return Err(Invalid::from(format!(
             "--server: {irq_runs} irq runs, but bench/server-remote.toml has {} interrupt \
              counters (one per run); use --repeat {} or fewer",
             layout.irq_slots, layout.irq_slots
-        ));
+        )));
     }
     let client_runs = if scenarios.iter().any(|s| s.client_parts().is_some()) {
         args.repeat.unwrap_or(CLIENT_REPEAT)
@@ -382,22 +385,22 @@ fn plan(args: &RunArgs) -> Result<Vec<Scenario>, String> {
         ids += reps(Scenario::Throughput, THROUGHPUT_REPEAT) * per_run;
     }
     if ids > layout.pool() {
-        return Err(format!(
+        return Err(Invalid::from(format!(
             "--server: this run needs {ids} fresh VM ids, bench/server-remote.toml has {}; \
              use a smaller --repeat or matrix, or fewer scenarios per run",
             layout.pool()
-        ));
+        )));
     }
     Ok(scenarios)
 }
 
 /// Parses a positive number of seconds (`5`, `0.5`).
-fn parse_secs(s: &str) -> Result<f64, String> {
+fn parse_secs(s: &str) -> Result<f64, Invalid> {
     match s.trim().trim_end_matches('s').parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
-        _ => Err(format!(
+        _ => Err(Invalid::from(format!(
             "{s:?}: expected a positive number of seconds, e.g. 5 or 0.5"
-        )),
+        ))),
     }
 }
 
@@ -618,9 +621,14 @@ mod tests {
         let a = args(&["--scenario", "server"]).unwrap();
         assert_eq!(open_loop(&a), None);
         let a = args(&["--scenario", "server", "--duration", "5"]).unwrap();
-        assert!(plan(&a).unwrap_err().contains("give --rate too"));
+        assert!(
+            plan(&a)
+                .unwrap_err()
+                .to_string()
+                .contains("give --rate too")
+        );
         let a = args(&["--scenario", "server", "--rate", "1", "--duration", "0.1"]).unwrap();
-        assert!(plan(&a).unwrap_err().contains("must be 1 to"));
+        assert!(plan(&a).unwrap_err().to_string().contains("must be 1 to"));
         assert!(args(&["--duration", "0"]).is_err());
         assert!(args(&["--duration", "soon"]).is_err());
     }
@@ -672,19 +680,19 @@ mod tests {
             "8",
         ])
         .unwrap();
-        assert!(plan(&a).unwrap_err().contains("fresh VM ids"));
+        assert!(plan(&a).unwrap_err().to_string().contains("fresh VM ids"));
     }
 
     #[test]
     fn server_refuses_what_needs_the_embedded_topology() {
         let a = args(&["--server", "192.0.2.10:7700", "--scenario", "client,server"]).unwrap();
-        let e = plan(&a).unwrap_err();
+        let e = plan(&a).unwrap_err().0;
         assert!(
             e.contains("server scenario needs the embedded topology"),
             "{e}"
         );
         let a = args(&["--server", "192.0.2.10:7700", "--rate", "1000"]).unwrap();
-        assert!(plan(&a).unwrap_err().contains("--rate"));
+        assert!(plan(&a).unwrap_err().to_string().contains("--rate"));
     }
 
     #[test]
@@ -692,21 +700,31 @@ mod tests {
         let a = args(&["--vms", "1,8", "--vcpus", "8"]).unwrap();
         assert!(plan(&a).is_ok());
         let a = args(&["--vms", "9"]).unwrap();
-        assert!(plan(&a).unwrap_err().contains("--vms 9"));
+        assert!(plan(&a).unwrap_err().to_string().contains("--vms 9"));
         // The matrix only matters when throughput runs.
         let a = args(&["--vms", "9", "--scenario", "client"]).unwrap();
         assert!(plan(&a).is_ok());
         let remote = ["--server", "192.0.2.10:7700"];
         let a = args(&[&remote[..], &["--vms", "8"]].concat()).unwrap();
-        assert!(plan(&a).unwrap_err().contains("between 1 and 4"));
+        assert!(
+            plan(&a)
+                .unwrap_err()
+                .to_string()
+                .contains("between 1 and 4")
+        );
         let a = args(&[&remote[..], &["--repeat", "9", "--scenario", "irq"]].concat()).unwrap();
-        assert!(plan(&a).unwrap_err().contains("--repeat 8 or fewer"));
+        assert!(
+            plan(&a)
+                .unwrap_err()
+                .to_string()
+                .contains("--repeat 8 or fewer")
+        );
         // 3 client runs (24 ids), 3 irq runs (3), one matrix
         // (1 + 2 * (1 + 1 + 2 + 2) = 13): 40 of 56.
         let a = args(&[&remote[..], &["--scenario", "client,irq,throughput"]].concat()).unwrap();
         assert!(plan(&a).is_ok());
         let a = args(&[&remote[..], &["--repeat", "8"]].concat()).unwrap();
-        let e = plan(&a).unwrap_err();
+        let e = plan(&a).unwrap_err().0;
         assert!(e.contains("fresh VM ids") && e.contains("56"), "{e}");
         let a = args(&["--vms", "0"]);
         assert_eq!(a.unwrap_err().kind(), ErrorKind::ValueValidation);

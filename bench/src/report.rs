@@ -572,7 +572,7 @@ pub(crate) mod tests {
         assert_eq!(b.rows[1].latency_ns, run(20_000).rows[1].latency_ns);
         let mut short = run(10_000);
         short.rows.truncate(1);
-        let e = baseline(&[run(10_000), short]).unwrap_err();
+        let e = baseline(&[run(10_000), short]).unwrap_err().0;
         assert!(e.contains("run 2") && e.contains("server/xdp-rtt"), "{e}");
         assert!(baseline(&[]).is_err());
     }

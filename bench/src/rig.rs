@@ -507,7 +507,7 @@ mod tests {
             "255.255.255.255:7700",
             "1.2.3.4:7700:1",
         ] {
-            let e = parse_server_addr(bad).unwrap_err();
+            let e = parse_server_addr(bad).unwrap_err().0;
             assert!(e.contains("IPV4:PORT"), "{bad:?}: {e}");
             assert!(!e.contains('\n'), "{bad:?}: {e}");
         }

@@ -2,6 +2,7 @@
 //! baseline made of several.
 
 use super::*;
+use crate::invalid::Invalid;
 
 /// A row of `summary.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -153,7 +154,7 @@ impl Failed {
 /// over the runs of that row's ratio (recomputed from each run's
 /// percentiles, so that one run in a fast or slow state of the machine
 /// does not become the reference). Every run must have every such row.
-pub fn baseline(runs: &[RunSummary]) -> Result<RunSummary, String> {
+pub fn baseline(runs: &[RunSummary]) -> Result<RunSummary, Invalid> {
     let first = runs.first().ok_or("no run given")?;
     let ratio = |r: &RowSummary, m: &str| -> Option<f64> {
         let (v, f) = (r.latency_ns?.get(m)?, r.floor.as_ref()?.latency_ns.get(m)?);

@@ -3,6 +3,7 @@
 //! knobs.
 
 use super::*;
+use crate::invalid::Invalid;
 
 /// UDP port of the devplane server.
 pub const PORT: u16 = devplane_wire::DEFAULT_PORT;
@@ -151,7 +152,7 @@ pub fn server_config(
 
 /// Parses `--server`'s ADDR: an IPv4 address and a UDP port
 /// (`192.0.2.10:7700`).
-pub fn parse_server_addr(s: &str) -> Result<SocketAddrV4, String> {
+pub fn parse_server_addr(s: &str) -> Result<SocketAddrV4, Invalid> {
     let bad = || {
         format!(
             "expected IPV4:PORT of a running devplane server, e.g. 192.0.2.10:{PORT} \
@@ -160,14 +161,14 @@ pub fn parse_server_addr(s: &str) -> Result<SocketAddrV4, String> {
     };
     let addr: SocketAddrV4 = s.trim().parse().map_err(|_| bad())?;
     if addr.port() == 0 {
-        return Err(format!("port 0: {}", bad()));
+        return Err(Invalid::from(format!("port 0: {}", bad())));
     }
     if addr.ip().is_unspecified() || addr.ip().is_broadcast() || addr.ip().is_multicast() {
-        return Err(format!(
+        return Err(Invalid::from(format!(
             "{} is not a server's address: {}",
             addr.ip(),
             bad()
-        ));
+        )));
     }
     Ok(addr)
 }

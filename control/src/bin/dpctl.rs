@@ -284,21 +284,32 @@ enum ServersCmd {
     Remove(IdArg),
 }
 
-fn parse_number(text: &str) -> Result<u64, String> {
+/// A number argument that does not parse or is out of range.
+#[derive(Debug, thiserror::Error)]
+enum BadNumber {
+    /// Not decimal or 0x hex.
+    #[error("{0:?} is not a number: write decimal or 0x hex")]
+    NotANumber(String),
+    /// Past the largest port.
+    #[error("{0} is past the largest port, 0xffff")]
+    PastPort(String),
+}
+
+fn parse_number(text: &str) -> Result<u64, BadNumber> {
     let t = text.trim();
     let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
         Some(hex) => u64::from_str_radix(hex, 16),
         None => t.parse(),
     };
-    parsed.map_err(|_| format!("{text:?} is not a number: write decimal or 0x hex"))
+    parsed.map_err(|_| BadNumber::NotANumber(text.to_string()))
 }
 
-fn parse_u16(text: &str) -> Result<u16, String> {
+fn parse_u16(text: &str) -> Result<u16, BadNumber> {
     let n = parse_number(text)?;
-    u16::try_from(n).map_err(|_| format!("{text} is past the largest port, 0xffff"))
+    u16::try_from(n).map_err(|_| BadNumber::PastPort(text.to_string()))
 }
 
-fn parse_u64(text: &str) -> Result<u64, String> {
+fn parse_u64(text: &str) -> Result<u64, BadNumber> {
     parse_number(text)
 }
 

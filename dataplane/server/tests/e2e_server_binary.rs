@@ -508,15 +508,35 @@ fn a_second_server_on_the_same_port_is_refused() {
     let a1: Vec<&std::ffi::OsStr> = a1.iter().map(|a| a.as_os_str()).collect();
     let (first, _, _lines) = start_server(&topo, &a1, "socket mode on UDP port 7791");
     let first_pid = first.0.as_ref().unwrap().id();
-    let second = Command::new("nsenter")
+    let child = Command::new("nsenter")
         .arg(format!("--net=/var/run/netns/{}", topo.server_netns()))
         .arg("--")
         .arg(env!("CARGO_BIN_EXE_devplane-server"))
         .args(args(&s2))
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    let err = String::from_utf8_lossy(&second.stderr);
-    assert!(!second.status.success(), "the second server started: {err}");
+    let mut second = ChildGuard(Some(child));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = second.0.as_mut().unwrap().try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the second server on the same port started and runs"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(
+        second.0.as_mut().unwrap().stderr.as_mut().unwrap(),
+        &mut err,
+    )
+    .unwrap();
+    second.0 = None;
+    assert!(!status.success(), "the second server started: {err}");
     assert!(
         err.contains("UDP 0.0.0.0:7791 is already served by")
             && err.contains(&format!("process {first_pid}")),
