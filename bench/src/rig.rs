@@ -350,12 +350,18 @@ impl Rig {
             let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
             format!(
                 "{} (duplicates {}, for no VM here {}, acknowledgements sent {}, engine \
-                 wake-ups {})",
+                 wake-ups {}); client requests: records sent {}, answers matched {}, \
+                 datagrams sent again {}, given up {}, late answers {}",
                 l(&s.irqs),
                 l(&s.irq_duplicates),
                 l(&s.irqs_unknown_vm),
                 l(&s.acks_sent),
-                l(&s.wakeups)
+                l(&s.wakeups),
+                l(&s.tx_records),
+                l(&s.answers),
+                l(&s.retransmits),
+                l(&s.timeouts),
+                l(&s.late)
             )
         });
         drop(client);
