@@ -10,6 +10,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::hist::METRICS;
+use crate::invalid::Invalid;
 
 /// The p99 limit used when `--max-regress` is not given (see
 /// docs/ARCHITECTURE.md, "The benchmark", for how it was chosen).
@@ -64,14 +65,14 @@ impl Limit {
 
 /// Parses `p99=10%` (also `p99=10`, `p99.9=5%`, `P50=2.5%`), optionally
 /// scoped to rows: `server/*:p99=20%`, `client/remote-pio:p50=10%`.
-pub fn parse_limit(s: &str) -> Result<Limit, String> {
+pub fn parse_limit(s: &str) -> Result<Limit, Invalid> {
     let (rows, s) = match s.rsplit_once(':') {
         Some((r, rest)) => {
             let r = r.trim();
             if r.is_empty() || r.contains(char::is_whitespace) || r[..r.len() - 1].contains('*') {
-                return Err(format!(
+                return Err(Invalid::from(format!(
                     "{r:?}: expected a row key or a key prefix ending in *, e.g. server/*"
-                ));
+                )));
             }
             (Some(r.to_string()), rest)
         }
@@ -82,10 +83,10 @@ pub fn parse_limit(s: &str) -> Result<Limit, String> {
         .ok_or_else(|| format!("{s:?}: expected [ROWS:]METRIC=PERCENT, e.g. p99=10%"))?;
     let metric = m.trim().to_ascii_lowercase().replace('.', "");
     if !METRICS.contains(&metric.as_str()) {
-        return Err(format!(
+        return Err(Invalid::from(format!(
             "{m:?}: unknown metric; use one of {}",
             METRICS.join(", ")
-        ));
+        )));
     }
     let pct: f64 = v
         .trim()
@@ -94,7 +95,9 @@ pub fn parse_limit(s: &str) -> Result<Limit, String> {
         .parse()
         .map_err(|_| format!("{v:?}: expected a percentage such as 10%"))?;
     if !(pct.is_finite() && pct >= 0.0) {
-        return Err(format!("{v:?}: the limit must be a percentage >= 0"));
+        return Err(Invalid::from(format!(
+            "{v:?}: the limit must be a percentage >= 0"
+        )));
     }
     Ok(Limit {
         metric,
@@ -188,8 +191,8 @@ pub fn load(path: &Path) -> Result<GateFile, GateError> {
 }
 
 /// Parses a `summary.json`'s text.
-pub fn parse(text: &str) -> Result<GateFile, String> {
-    serde_json::from_str(text).map_err(|e| format!("not a dpbench summary.json ({e})"))
+pub fn parse(text: &str) -> Result<GateFile, GateError> {
+    serde_json::from_str(text).map_err(|e| GateError(format!("not a dpbench summary.json ({e})")))
 }
 
 /// One compared ratio.
@@ -414,9 +417,15 @@ mod tests {
         assert!(
             parse_limit("p98=10%")
                 .unwrap_err()
+                .to_string()
                 .contains("unknown metric")
         );
-        assert!(parse_limit("p99").unwrap_err().contains("METRIC=PERCENT"));
+        assert!(
+            parse_limit("p99")
+                .unwrap_err()
+                .to_string()
+                .contains("METRIC=PERCENT")
+        );
         assert!(parse_limit("p99=ten").is_err());
         assert!(parse_limit("p99=-5%").is_err());
     }
@@ -493,7 +502,7 @@ mod tests {
             r#"{"rows": 3}"#,
             r#"{"rows": [{"ratio": {}}]}"#,
         ] {
-            let e = parse(text).unwrap_err();
+            let e = parse(text).unwrap_err().0;
             assert!(
                 e.starts_with("not a dpbench summary.json") && !e.contains('\n'),
                 "{e}"

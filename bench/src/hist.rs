@@ -207,7 +207,7 @@ pub struct HgrmLine {
 /// Parses the data lines of an `.hgrm` file (header and `#` lines are
 /// skipped).
 #[cfg(test)]
-pub fn parse_hgrm(text: &str) -> Result<Vec<HgrmLine>, String> {
+pub fn parse_hgrm(text: &str) -> Result<Vec<HgrmLine>, crate::invalid::Invalid> {
     let mut out = Vec::new();
     for line in text.lines() {
         let t = line.trim();
@@ -216,7 +216,7 @@ pub fn parse_hgrm(text: &str) -> Result<Vec<HgrmLine>, String> {
         }
         let f: Vec<&str> = t.split_whitespace().collect();
         if f.len() != 3 && f.len() != 4 {
-            return Err(format!("bad line {line:?}"));
+            return Err(crate::invalid::Invalid::from(format!("bad line {line:?}")));
         }
         let num = |s: &str| s.parse::<f64>().map_err(|e| format!("{line:?}: {e}"));
         out.push(HgrmLine {

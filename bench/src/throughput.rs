@@ -32,6 +32,7 @@ use devplane_devmodels::Space;
 use devplane_vmm::guests;
 use devplane_vmm::vmm::VmSpec;
 
+use crate::invalid::Invalid;
 use crate::report::{Floor, Row, progress};
 use crate::rig::{COUNTER_BASE, Drain, Layout, Rig, counter_id, dev, histogram, vm_spec};
 
@@ -107,7 +108,7 @@ pub fn check_matrix(
     vcpus: &[u32],
     layout: Layout,
     remote: bool,
-) -> Result<(), String> {
+) -> Result<(), Invalid> {
     let whose = if remote {
         "bench/server-remote.toml (--server)"
     } else {
@@ -118,12 +119,12 @@ pub fn check_matrix(
         ("--vcpus", vcpus, layout.tp_vcpus),
     ] {
         if list.is_empty() {
-            return Err(format!("{flag}: give at least one size"));
+            return Err(Invalid::from(format!("{flag}: give at least one size")));
         }
         if let Some(bad) = list.iter().find(|&&x| x == 0 || x > max) {
-            return Err(format!(
+            return Err(Invalid::from(format!(
                 "{flag} {bad}: between 1 and {max} (the counter models {whose} has)"
-            ));
+            )));
         }
     }
     Ok(())
@@ -304,12 +305,12 @@ mod tests {
     fn the_matrix_is_checked_against_the_layout() {
         assert!(check_matrix(&[1, 2], &[1, 2], REMOTE, true).is_ok());
         assert!(check_matrix(&[8], &[8], EMBEDDED, false).is_ok());
-        let e = check_matrix(&[1, 5], &[1], REMOTE, true).unwrap_err();
+        let e = check_matrix(&[1, 5], &[1], REMOTE, true).unwrap_err().0;
         assert!(
             e.contains("--vms 5") && e.contains("between 1 and 4") && e.contains("--server"),
             "{e}"
         );
-        let e = check_matrix(&[1], &[9], EMBEDDED, false).unwrap_err();
+        let e = check_matrix(&[1], &[9], EMBEDDED, false).unwrap_err().0;
         assert!(e.contains("--vcpus 9") && e.contains("embedded"), "{e}");
         assert!(check_matrix(&[0], &[1], EMBEDDED, false).is_err());
         assert!(check_matrix(&[], &[1], EMBEDDED, false).is_err());

@@ -45,7 +45,14 @@ pub fn recv_spin(sock: &UdpSocket, buf: &mut [u8], timeout: Duration) -> Result<
 }
 
 /// Times `iters` closed-loop round trips of `make(i)` to `to` after
-/// `warmup` untimed ones. `check` validates each answer.
+/// `warmup` untimed ones. `check` validates each answer; once a request
+/// has been sent again, an answer that fails it is taken for a late one
+/// and skipped.
+/// A request unanswered within [`ANSWER_TIMEOUT`] is sent again (the same
+/// bytes, up to [`MAX_ATTEMPTS`] times) and its sample left out: one lost
+/// datagram, or a requester starved of its core for that long on a loaded
+/// machine, does not end the measurement. More than
+/// [`MAX_RESENT_PERCENT`] % of round trips sent again does.
 pub fn round_trips(
     sock: &UdpSocket,
     to: SocketAddr,
@@ -59,19 +66,53 @@ pub fn round_trips(
     let mut out = [0u8; 2048];
     let mut inb = [0u8; 2048];
     let mut lat = Latency::new();
-    for i in 0..(warmup + iters) as u64 {
+    let total = u64::from(warmup) + u64::from(iters);
+    let mut resent = 0u64;
+    for i in 0..total {
         let n = make(i, &mut out);
         let t0 = Instant::now();
+        let mut attempt = 1;
         sock.send(&out[..n])?;
-        let m = recv_spin(sock, &mut inb, Duration::from_secs(1))?;
+        loop {
+            match recv_spin(sock, &mut inb, ANSWER_TIMEOUT) {
+                Ok(m) => match check(i, &inb[..m]) {
+                    Ok(()) => break,
+                    // A late answer to a request sent again.
+                    Err(_) if resent > 0 || attempt > 1 => continue,
+                    Err(e) => return Err(e),
+                },
+                Err(e) if attempt >= MAX_ATTEMPTS => {
+                    return Err(e.context(format!(
+                        "round trip {i} of {total}: {MAX_ATTEMPTS} attempts unanswered"
+                    )));
+                }
+                Err(_) => {
+                    attempt += 1;
+                    sock.send(&out[..n])?;
+                }
+            }
+        }
+        if attempt > 1 {
+            resent += 1;
+            if resent * 100 > total * MAX_RESENT_PERCENT + 100 {
+                bail!("{resent} of {} round trips had to be sent again", i + 1);
+            }
+            continue;
+        }
         let dt = t0.elapsed();
-        check(i, &inb[..m])?;
-        if i >= warmup as u64 {
+        if i >= u64::from(warmup) {
             lat.record(dt.as_nanos() as u64);
         }
     }
     Ok(lat)
 }
+
+/// How long [`round_trips`] waits for an answer before it sends again.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
+/// Sends of one request in [`round_trips`] before it gives up.
+pub const MAX_ATTEMPTS: u32 = 3;
+/// Round trips [`round_trips`] may send again, in percent of all.
+pub const MAX_RESENT_PERCENT: u64 = 1;
 
 /// A fixed send schedule: request `i` is meant to leave at
 /// `start + i / rate`.

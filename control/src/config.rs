@@ -33,6 +33,12 @@ pub const DEFAULT_SPIN_BUDGET: u32 = 2000;
 pub const DEFAULT_IDLE_SLEEP_US: u64 = 50;
 /// Default of `tuning.batch`.
 pub const DEFAULT_BATCH: u32 = 64;
+/// Largest `tuning.idle_sleep_us` (10 ms): a worker answers control
+/// commands (and Ctrl-C) between sleeps, so a longer sleep would hold them.
+pub const MAX_IDLE_SLEEP_US: u64 = 10_000;
+/// Largest `tuning.batch`: the size of a worker's AF_XDP rings, the most
+/// frames one poll can see.
+pub const MAX_BATCH: u32 = 2048;
 
 /// Longest Linux network interface name (`IFNAMSIZ` - 1).
 const MAX_IFNAME: usize = 15;
@@ -123,16 +129,44 @@ impl ServerSection {
 #[serde(deny_unknown_fields)]
 pub struct Tuning {
     /// Empty polls before a worker sleeps (default [`DEFAULT_SPIN_BUDGET`]);
-    /// 0 sleeps at once.
+    /// 0 sleeps at once. Any value is valid: a spinning worker still
+    /// answers control commands between polls.
     #[serde(default = "default_spin_budget")]
     pub spin_budget: u32,
     /// Sleep, or poll timeout, in microseconds when idle (default
-    /// [`DEFAULT_IDLE_SLEEP_US`]).
+    /// [`DEFAULT_IDLE_SLEEP_US`], at most [`MAX_IDLE_SLEEP_US`]).
     #[serde(default = "default_idle_sleep_us")]
     pub idle_sleep_us: u64,
-    /// Most frames taken per poll (default [`DEFAULT_BATCH`]; at least 1).
+    /// Most frames taken per poll (default [`DEFAULT_BATCH`]; 1 to
+    /// [`MAX_BATCH`]).
     #[serde(default = "default_batch")]
     pub batch: u32,
+}
+
+impl Tuning {
+    /// Checks each value against its range (see the fields); `dpctl tune`
+    /// and the server's `tune` request use it as the configuration does.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let range = |key: &'static str, value: u64, min: u64, max: u64| {
+            if (min..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(ConfigError::OutOfRange {
+                    key,
+                    value,
+                    min,
+                    max,
+                })
+            }
+        };
+        range(
+            "tuning.idle_sleep_us",
+            self.idle_sleep_us,
+            0,
+            MAX_IDLE_SLEEP_US,
+        )?;
+        range("tuning.batch", self.batch.into(), 1, MAX_BATCH.into())
+    }
 }
 
 impl Default for Tuning {
@@ -293,9 +327,18 @@ pub enum ConfigError {
         /// The path given.
         path: PathBuf,
     },
-    /// `tuning.batch` is 0.
-    #[error("tuning.batch is 0: set it to at least 1 (default {DEFAULT_BATCH})")]
-    ZeroBatch,
+    /// A `[tuning]` value is outside its range.
+    #[error("{key} = {value} is out of range: give a value from {min} to {max}")]
+    OutOfRange {
+        /// The key, e.g. `tuning.batch`.
+        key: &'static str,
+        /// The value given.
+        value: u64,
+        /// Smallest allowed.
+        min: u64,
+        /// Largest allowed.
+        max: u64,
+    },
     /// An entry's id is 0.
     #[error("{kind} entry #{position} has id 0: ids must be nonzero")]
     ZeroId {
@@ -458,9 +501,7 @@ impl ServerConfig {
                 return Err(ConfigError::RelativePinDir { path: dir.clone() });
             }
         }
-        if self.tuning.batch == 0 {
-            return Err(ConfigError::ZeroBatch);
-        }
+        self.tuning.check()?;
 
         check_ids("client", self.clients.iter().map(|c| c.id), MAX_CLIENTS)?;
         check_ids("vm", self.vms.iter().map(|v| v.id), MAX_VMS)?;

@@ -265,7 +265,17 @@ fn validation_errors() {
         (
             "[[clients]]\nid = 7",
             "[tuning]\nbatch = 0\n[[clients]]\nid = 7",
-            "tuning.batch is 0: set it to at least 1 (default 64)",
+            "tuning.batch = 0 is out of range: give a value from 1 to 2048",
+        ),
+        (
+            "[[clients]]\nid = 7",
+            "[tuning]\nbatch = 4294967295\n[[clients]]\nid = 7",
+            "tuning.batch = 4294967295 is out of range: give a value from 1 to 2048",
+        ),
+        (
+            "[[clients]]\nid = 7",
+            "[tuning]\nidle_sleep_us = 30000000\n[[clients]]\nid = 7",
+            "tuning.idle_sleep_us = 30000000 is out of range: give a value from 0 to 10000",
         ),
         (
             "id = 8\naddress",

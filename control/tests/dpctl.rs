@@ -20,6 +20,7 @@ impl TempDir {
         let path =
             std::env::temp_dir().join(format!("devplane-dpctl-test-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).unwrap();
         TempDir(path)
     }
     fn path(&self) -> &Path {
@@ -206,6 +207,56 @@ fn status_of_a_new_and_a_changed_database() {
     assert_eq!(j["models"], 2);
     assert_eq!(j["servers"], 1);
     assert_eq!(j["state_dir"], t.path().display().to_string());
+}
+
+/// A state directory that does not exist is an error (a mistyped path
+/// must not start an empty state) until `dpctl init` creates it.
+#[test]
+fn a_missing_state_directory_needs_init() {
+    let t = TempDir::new();
+    let dir = t.path().join("not/there");
+    fails(&dir, &["status"], 1, "no state directory");
+    fails(&dir, &["clients", "list"], 1, "dpctl init");
+    assert!(!dir.exists(), "a refused command created {}", dir.display());
+    let kv = key_values(&ok(&dir, &["init"]));
+    assert_eq!(value(&kv, "generation"), "0");
+    assert!(dir.is_dir());
+    ok(&dir, &["status"]);
+}
+
+/// Model kinds are checked against the model registry; tuning values
+/// against their ranges, before anything is sent.
+#[test]
+fn unknown_model_kinds_and_out_of_range_tuning_are_refused() {
+    let t = TempDir::new();
+    populate(t.path());
+    fails(
+        t.path(),
+        &[
+            "models", "add", "77", "--kind", "nosuch", "--server", "1", "--worker", "0",
+        ],
+        1,
+        "unknown device-model kind \"nosuch\"",
+    );
+    let kv = key_values(&ok(t.path(), &["status"]));
+    assert_eq!(value(&kv, "generation"), "6", "nothing was written");
+    // No server listens on this socket: the refusal comes first.
+    let sock = t.path().join("none.sock");
+    let sock = sock.to_str().unwrap();
+    for (args, needle) in [
+        (
+            ["--batch", "4294967295"],
+            "tuning.batch = 4294967295 is out of range",
+        ),
+        (
+            ["--idle-sleep-us", "30000000"],
+            "tuning.idle_sleep_us = 30000000",
+        ),
+    ] {
+        let mut a = vec!["--socket", sock, "tune"];
+        a.extend(args);
+        fails(t.path(), &a, 2, needle);
+    }
 }
 
 #[test]
@@ -445,7 +496,7 @@ fn refused_changes_exit_1_and_change_nothing() {
     fails(
         t.path(),
         &[
-            "models", "add", "9", "--kind", "x", "--server", "4", "--worker", "0",
+            "models", "add", "9", "--kind", "null", "--server", "4", "--worker", "0",
         ],
         1,
         "server 4 does not exist",
@@ -453,7 +504,7 @@ fn refused_changes_exit_1_and_change_nothing() {
     fails(
         t.path(),
         &[
-            "models", "add", "9", "--kind", "x", "--server", "1", "--worker", "0", "--vm", "30",
+            "models", "add", "9", "--kind", "null", "--server", "1", "--worker", "0", "--vm", "30",
         ],
         1,
         "VM 30 does not exist",
@@ -524,14 +575,14 @@ fn usage_errors_exit_2() {
     fails(t.path(), &["vms", "add", "8"], 2, "--hypervisor <ID>");
     fails(
         t.path(),
-        &["models", "add", "8", "--kind", "x", "--server", "1"],
+        &["models", "add", "8", "--kind", "null", "--server", "1"],
         2,
         "--worker",
     );
     fails(
         t.path(),
         &[
-            "models", "add", "8", "--kind", "x", "--server", "1", "--worker", "0", "--line", "3",
+            "models", "add", "8", "--kind", "null", "--server", "1", "--worker", "0", "--line", "3",
         ],
         2,
         "--vm <ID>",
@@ -656,9 +707,10 @@ fn unusable_state_dir_is_one_line_exit_1() {
     fs::create_dir_all(t.path()).unwrap();
     let file = t.path().join("not-a-dir");
     fs::write(&file, "x").unwrap();
-    fails(&file, &["status"], 1, "cannot create directory");
+    fails(&file, &["status"], 1, "no state directory");
+    fails(&file, &["init"], 1, "cannot create directory");
     let dir = t.path().join("state");
-    ok(&dir, &["status"]);
+    ok(&dir, &["init"]);
     fs::write(dir.join("db.json"), "garbage").unwrap();
     fails(&dir, &["clients", "list"], 1, "restore it from a backup");
 }

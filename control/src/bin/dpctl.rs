@@ -88,6 +88,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Create the state directory and an empty database (every other
+    /// command refuses a state directory that does not exist).
+    Init,
     /// Show the database's generation, the generation the maps hold, and
     /// how many of each entity there are.
     Status,
@@ -121,10 +124,10 @@ enum Command {
         /// Empty polls before a worker sleeps.
         #[arg(long, value_name = "N")]
         spin_budget: Option<u32>,
-        /// Longest idle sleep, microseconds.
+        /// Longest idle sleep, microseconds (at most 10000).
         #[arg(long, value_name = "US")]
         idle_sleep_us: Option<u64>,
-        /// Most frames per poll (at least 1).
+        /// Most frames per poll (1 to 2048).
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
         batch: Option<u32>,
     },
@@ -281,21 +284,32 @@ enum ServersCmd {
     Remove(IdArg),
 }
 
-fn parse_number(text: &str) -> Result<u64, String> {
+/// A number argument that does not parse or is out of range.
+#[derive(Debug, thiserror::Error)]
+enum BadNumber {
+    /// Not decimal or 0x hex.
+    #[error("{0:?} is not a number: write decimal or 0x hex")]
+    NotANumber(String),
+    /// Past the largest port.
+    #[error("{0} is past the largest port, 0xffff")]
+    PastPort(String),
+}
+
+fn parse_number(text: &str) -> Result<u64, BadNumber> {
     let t = text.trim();
     let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
         Some(hex) => u64::from_str_radix(hex, 16),
         None => t.parse(),
     };
-    parsed.map_err(|_| format!("{text:?} is not a number: write decimal or 0x hex"))
+    parsed.map_err(|_| BadNumber::NotANumber(text.to_string()))
 }
 
-fn parse_u16(text: &str) -> Result<u16, String> {
+fn parse_u16(text: &str) -> Result<u16, BadNumber> {
     let n = parse_number(text)?;
-    u16::try_from(n).map_err(|_| format!("{text} is past the largest port, 0xffff"))
+    u16::try_from(n).map_err(|_| BadNumber::PastPort(text.to_string()))
 }
 
-fn parse_u64(text: &str) -> Result<u64, String> {
+fn parse_u64(text: &str) -> Result<u64, BadNumber> {
     parse_number(text)
 }
 
@@ -370,10 +384,13 @@ fn run(cli: &Cli) -> Result<String, Failure> {
     if let Some(out) = client::run(cli)? {
         return Ok(out);
     }
-    let mut db = Db::open(&cli.state)?;
+    let mut db = match cli.command {
+        Command::Init => Db::open(&cli.state)?,
+        _ => Db::open_existing(&cli.state)?,
+    };
     let json = cli.json;
     match &cli.command {
-        Command::Status => Ok(status(&db, json)),
+        Command::Init | Command::Status => Ok(status(&db, json)),
         Command::Clients(c) => match c {
             ClientsCmd::List => Ok(list(db.state(), Kind::Client, json)),
             ClientsCmd::Show(a) => show(db.state(), Kind::Client, a.id, json),

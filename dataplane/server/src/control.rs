@@ -55,9 +55,14 @@ pub fn handle(server: &mut Server, request: Request) -> Response {
                 idle_sleep: idle_sleep_us.map_or(cur.idle_sleep, Duration::from_micros),
                 batch: batch.unwrap_or(cur.batch),
             };
-            if t.batch == 0 {
+            let ranges = devplane_control::config::Tuning {
+                spin_budget: t.spin_budget,
+                idle_sleep_us: u64::try_from(t.idle_sleep.as_micros()).unwrap_or(u64::MAX),
+                batch: t.batch,
+            };
+            if let Err(e) = ranges.check() {
                 return Response::Error {
-                    message: "batch must be at least 1".into(),
+                    message: e.to_string(),
                 };
             }
             done(server.tune(t))

@@ -29,6 +29,7 @@ pub mod dispatch;
 pub mod frames;
 pub mod irq;
 pub mod lifecycle;
+pub mod port_owner;
 pub mod socket;
 pub mod stats;
 pub mod xdp;

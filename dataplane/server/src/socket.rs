@@ -75,6 +75,7 @@ impl SocketSet {
             )));
         }
         let io = |what: &'static str| move |source| ServerError::Socket { what, source };
+        crate::port_owner::check_free(addr).map_err(|e| ServerError::Config(e.to_string()))?;
         let mut sockets = Vec::with_capacity(workers);
         for _ in 0..workers {
             let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))

@@ -358,6 +358,7 @@ fn the_database_drives_the_maps_and_a_crash_is_repaired_at_start() {
     };
     let server_ip = topo.server_ip().to_string();
     let client_ip = topo.client_ip().to_string();
+    ok(&["init"]);
     ok(&["servers", "add", "3", "--address", &server_ip]);
     ok(&["clients", "add", "7", "--address", &client_ip]);
     ok(&["hypervisors", "add", "1", "--client", "7"]);
@@ -466,4 +467,88 @@ fn the_database_drives_the_maps_and_a_crash_is_repaired_at_start() {
     assert_eq!(v["needs_repair"], false, "{v}");
     stop_server(server);
     assert!(!std::path::Path::new(&pin_dir).exists());
+}
+
+/// Two socket-mode servers cannot share a port: the second refuses to
+/// start, naming the first, instead of joining its `SO_REUSEPORT` group
+/// (where it would take part of the traffic, and all of it once the first
+/// stops); the first keeps serving.
+#[test]
+fn a_second_server_on_the_same_port_is_refused() {
+    let test = "a_second_server_on_the_same_port_is_refused";
+    if !privilege::require(test, &[Capability::Root]) {
+        return;
+    }
+    let topo = match Topology::new("dup") {
+        Ok(t) => t,
+        Err(e) => {
+            privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
+            return;
+        }
+    };
+    let pid = std::process::id();
+    let cfg = TempFile(std::env::temp_dir().join(format!("dp-dup-{pid}.toml")));
+    std::fs::write(
+        &cfg.0,
+        "[server]\nid = 4\nmode = \"socket\"\nport = 7791\nworkers = [0]\n\n\
+         [[models]]\nid = 5\nkind = \"null\"\nworker = 0\n",
+    )
+    .unwrap();
+    let sock = |n: u32| std::env::temp_dir().join(format!("dp-dup-{pid}-{n}.sock"));
+    let (s1, s2) = (TempFile(sock(1)), TempFile(sock(2)));
+    let args = |s: &TempFile| {
+        vec![
+            std::ffi::OsString::from("--config"),
+            cfg.0.clone().into(),
+            "--control".into(),
+            s.0.clone().into(),
+        ]
+    };
+    let a1 = args(&s1);
+    let a1: Vec<&std::ffi::OsStr> = a1.iter().map(|a| a.as_os_str()).collect();
+    let (first, _, _lines) = start_server(&topo, &a1, "socket mode on UDP port 7791");
+    let first_pid = first.0.as_ref().unwrap().id();
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", topo.server_netns()))
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_devplane-server"))
+        .args(args(&s2))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut second = ChildGuard(Some(child));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = second.0.as_mut().unwrap().try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the second server on the same port started and runs"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(
+        second.0.as_mut().unwrap().stderr.as_mut().unwrap(),
+        &mut err,
+    )
+    .unwrap();
+    second.0 = None;
+    assert!(!status.success(), "the second server started: {err}");
+    assert!(
+        err.contains("UDP 0.0.0.0:7791 is already served by")
+            && err.contains(&format!("process {first_pid}")),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // The first still answers.
+    let out = dpctl(&s1.0, &["stats"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stop_server(first);
 }

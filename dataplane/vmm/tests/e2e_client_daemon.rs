@@ -429,6 +429,136 @@ fn ctrl_c_stops_the_vms_and_exits(sock: &Path, mut guard: ChildGuard, lines: Lin
     fails(sock, &["vms", "running"], 1, "is devplane-client running?");
 }
 
+/// VM 3 of the interrupt test: asks its counter (model 13, line 5) for
+/// each interrupt and acknowledges it on a local null device.
+const IRQ_VM: u32 = 3;
+const IRQ_MODEL: u32 = 13;
+const IRQ_LINE: u8 = 5;
+const IRQ_BASE: u16 = 0x600;
+const IRQ_ACK_PORT: u16 = 0x620;
+const IRQ_WANT: u16 = 400;
+
+/// The daemon acknowledges each interrupt as it injects it: with nothing
+/// lost on the way (veth), the server never resends an interrupt datagram
+/// (it resends one whose acknowledgement is 2 ms late), and every
+/// interrupt reaches the guest once.
+#[test]
+#[ignore = "issue 14 item 7 is open: on the loaded 2-core development machine (debug builds) the \
+            server resent 53 of 400 interrupt datagrams, and the client retransmitted 89 of 489 \
+            requests, so round trips past 2 ms are not specific to the acknowledgement path; run \
+            with --run-ignored to measure"]
+fn interrupts_are_acknowledged_at_once() {
+    let test = "interrupts_are_acknowledged_at_once";
+    if !privilege::require(test, &[Capability::Root, Capability::Bpf, Capability::Kvm]) {
+        return;
+    }
+    let topo = match Topology::new("cdirq") {
+        Ok(t) => t,
+        Err(e) => {
+            privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
+            return;
+        }
+    };
+    let mut cfg = server_config(&topo);
+    cfg.server.pin_dir = Some(
+        format!(
+            "/sys/fs/bpf/devplane-test-client-daemon-irq-{}",
+            std::process::id()
+        )
+        .into(),
+    );
+    cfg.vms.push(VmConfig {
+        id: IRQ_VM,
+        client: CLIENT,
+        hypervisor: HV,
+    });
+    cfg.models.push(ModelConfig {
+        pio_base: Some(IRQ_BASE),
+        line: Some(u32::from(IRQ_LINE)),
+        vm: Some(IRQ_VM),
+        ..ModelConfig::new(IRQ_MODEL, "counter", 0)
+    });
+    let server = ServerThread::spawn(cfg, Some(topo.server_netns())).expect("server");
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("dp-client-daemon-irq-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let file = dir.0.join("client.toml");
+    let trigger = IRQ_BASE + devplane_devmodels::counter::REG_IRQ as u16;
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+[client]
+id = {CLIENT}
+bind = "{client}"
+
+[[servers]]
+id = {SERVER}
+address = "{server}:{PORT}"
+
+[[vms]]
+id = {IRQ_VM}
+hypervisor = {HV}
+guest = {{ kind = "irq-chain", line = {IRQ_LINE}, want = {IRQ_WANT}, ack_port = {IRQ_ACK_PORT:#x}, trigger_port = {trigger:#x} }}
+
+[[vms.devices]]
+space = "pio"
+base = {IRQ_BASE:#x}
+len = 0x20
+model = {IRQ_MODEL}
+place = "remote:{SERVER}"
+
+[[vms.devices]]
+space = "pio"
+base = {IRQ_ACK_PORT:#x}
+len = 4
+model = 99
+place = "local:null"
+"#,
+            client = topo.client_ip(),
+            server = topo.server_ip(),
+        ),
+    )
+    .unwrap();
+    let sock = dir.0.join("client.sock");
+    let (_guard, _lines) = start_daemon(&topo, &file, &sock);
+    ok(&sock, &["vms", "launch", &IRQ_VM.to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let vm = loop {
+        let list = ok_json(&sock, &["vms", "running"]);
+        let vm = state_of(&list, IRQ_VM.into()).clone();
+        if vm["state"] == "stopped" {
+            break vm;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VM {IRQ_VM} never finished: {list}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(vm["ended"][0]["exit"], "done", "{vm}");
+    assert_eq!(vm["ended"][0]["value"], u64::from(IRQ_WANT), "{vm}");
+    let snap = server.snapshot();
+    let sum = |f: fn(&devplane_server::stats::WorkerSnapshot) -> u64| {
+        snap.workers.iter().map(f).sum::<u64>()
+    };
+    eprintln!("server: {:?}", snap.workers);
+    assert_eq!(
+        sum(|w| w.irqs_sent),
+        u64::from(IRQ_WANT),
+        "{:?}",
+        snap.workers
+    );
+    assert_eq!(sum(|w| w.irqs_dropped), 0, "{:?}", snap.workers);
+    assert_eq!(
+        sum(|w| w.irqs_resent),
+        0,
+        "the server resent interrupt datagrams whose acknowledgement was late: {:?}",
+        snap.workers
+    );
+    server.stop();
+}
+
 #[test]
 fn a_bad_client_configuration_is_a_one_line_error() {
     let dir = TempDir(std::env::temp_dir().join(format!("dp-client-bad-{}", std::process::id())));

@@ -6,7 +6,7 @@ use std::time::Duration;
 use devplane_control::proto::{self, Request, Response};
 use serde_json::json;
 
-use super::{Cli, Command, EXIT_FAILED, Failure, ModelsCmd, VmsCmd, table, to_json};
+use super::{Cli, Command, EXIT_FAILED, EXIT_USAGE, Failure, ModelsCmd, VmsCmd, table, to_json};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -69,16 +69,30 @@ pub(super) fn run(cli: &Cli) -> Result<Option<String>, Failure> {
             spin_budget,
             idle_sleep_us,
             batch,
-        } => action(
-            cli,
-            Request::Tune {
-                spin_budget: *spin_budget,
-                idle_sleep_us: *idle_sleep_us,
-                batch: *batch,
-            },
-            "tuned".into(),
-            json!({"action": "tune", "spin_budget": spin_budget, "idle_sleep_us": idle_sleep_us, "batch": batch}),
-        )?,
+        } => {
+            // Values not given are checked by the server against its own.
+            let d = devplane_control::config::Tuning::default();
+            devplane_control::config::Tuning {
+                spin_budget: spin_budget.unwrap_or(d.spin_budget),
+                idle_sleep_us: idle_sleep_us.unwrap_or(d.idle_sleep_us),
+                batch: batch.unwrap_or(d.batch),
+            }
+            .check()
+            .map_err(|e| Failure {
+                code: EXIT_USAGE,
+                message: e.to_string(),
+            })?;
+            action(
+                cli,
+                Request::Tune {
+                    spin_budget: *spin_budget,
+                    idle_sleep_us: *idle_sleep_us,
+                    batch: *batch,
+                },
+                "tuned".into(),
+                json!({"action": "tune", "spin_budget": spin_budget, "idle_sleep_us": idle_sleep_us, "batch": batch}),
+            )?
+        }
         Command::Models(ModelsCmd::Move { id, to_worker }) => action(
             cli,
             Request::MoveModel {

@@ -52,7 +52,8 @@ fn main() {
         None => cfg,
         Some(dir) => {
             let settings = ServerSettings::from_config(&cfg, cfg.server.mode == Mode::Xdp);
-            let opened = Db::open(dir).and_then(|d| d.server_config(&settings).map(|c| (d, c)));
+            let opened =
+                Db::open_existing(dir).and_then(|d| d.server_config(&settings).map(|c| (d, c)));
             match opened {
                 Ok((d, c)) => {
                     if d.needs_repair() {

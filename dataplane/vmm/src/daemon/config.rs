@@ -141,6 +141,19 @@ pub enum GuestEntry {
         /// Port each count is written to.
         ack_port: u16,
     },
+    /// [`guests::irq_chain`]: like [`GuestEntry::IrqCounter`], but asks a
+    /// device for each interrupt by writing 1 to `trigger_port` (one
+    /// outstanding at a time).
+    IrqChain {
+        /// PIC input, 0-7.
+        line: u8,
+        /// Interrupts to ask for.
+        want: u16,
+        /// Port each count is written to.
+        ack_port: u16,
+        /// Port written to ask for the next interrupt.
+        trigger_port: u16,
+    },
 }
 
 impl VmEntry {
@@ -162,6 +175,12 @@ impl GuestEntry {
                 want,
                 ack_port,
             } => guests::irq_counter(line, want, ack_port),
+            GuestEntry::IrqChain {
+                line,
+                want,
+                ack_port,
+                trigger_port,
+            } => guests::irq_chain(line, want, ack_port, trigger_port),
         }
     }
 }
@@ -654,6 +673,11 @@ mod tests {
         assert!(e.contains("fork-bomb"), "{e}");
         let e = err(&vm(
             "{ kind = \"irq-counter\", line = 9, want = 1, ack_port = 0x600 }",
+            "",
+        ));
+        assert!(e.contains("vm 3") && e.contains("guest"), "{e}");
+        let e = err(&vm(
+            "{ kind = \"irq-chain\", line = 9, want = 1, ack_port = 0x600, trigger_port = 0x610 }",
             "",
         ));
         assert!(e.contains("vm 3") && e.contains("guest"), "{e}");
