@@ -245,11 +245,32 @@ impl IrqRouter {
         mut send: impl FnMut(u32, A, &[PendingIrq]) -> bool,
     ) -> usize {
         let now = Instant::now();
-        let vm_client = &self.vm_client;
-        let to = |vm: u32| {
-            let c = *vm_client.get(&vm)?;
-            peers.get_vm(c, vm).map(|a| (c, *a))
-        };
+        let blocked = self.resend_overdue(peers, now, &mut send);
+        if blocked || self.held.is_empty() {
+            return 0;
+        }
+        self.send_held(peers, now, &mut send)
+    }
+
+    /// The client and address `vm`'s interrupts go to, if known.
+    fn target<A: Copy + PartialEq>(
+        vm_client: &HashMap<u32, u32>,
+        peers: &Peers<A>,
+        vm: u32,
+    ) -> Option<(u32, A)> {
+        let c = *vm_client.get(&vm)?;
+        peers.get_vm(c, vm).map(|a| (c, *a))
+    }
+
+    /// Sends again the datagrams whose acknowledgement is overdue, and
+    /// gives up those resent too often. Returns whether `send` refused
+    /// (no room: the round stops).
+    fn resend_overdue<A: Copy + PartialEq>(
+        &mut self,
+        peers: &Peers<A>,
+        now: Instant,
+        send: &mut impl FnMut(u32, A, &[PendingIrq]) -> bool,
+    ) -> bool {
         let mut blocked = false;
         let mut gave_up = Vec::new();
         for (&model, f) in self.flights.iter_mut() {
@@ -260,7 +281,11 @@ impl IrqRouter {
                 gave_up.push(model);
                 continue;
             }
-            let Some((c, a)) = f.irqs.first().and_then(|i| to(i.vm)) else {
+            let Some((c, a)) = f
+                .irqs
+                .first()
+                .and_then(|i| Self::target(&self.vm_client, peers, i.vm))
+            else {
                 continue;
             };
             if !send(c, a, &f.irqs) {
@@ -277,16 +302,26 @@ impl IrqRouter {
                 self.in_flight -= f.irqs.len();
             }
         }
-        if blocked || self.held.is_empty() {
-            return 0;
-        }
+        blocked
+    }
+
+    /// Sends each model's held interrupts whose previous datagram was
+    /// acknowledged, up to [`IRQS_PER_DATAGRAM`] in one datagram; returns
+    /// how many went.
+    fn send_held<A: Copy + PartialEq>(
+        &mut self,
+        peers: &Peers<A>,
+        now: Instant,
+        send: &mut impl FnMut(u32, A, &[PendingIrq]) -> bool,
+    ) -> usize {
+        let mut blocked = false;
         let mut sent = 0;
         let mut keep = VecDeque::new();
         let mut batch: Vec<PendingIrq> = Vec::new();
         self.waiting.clear();
         while let Some(irq) = self.held.pop_front() {
             let model = irq.model;
-            let target = to(irq.vm);
+            let target = Self::target(&self.vm_client, peers, irq.vm);
             if blocked
                 || self.suspended.contains(&irq.vm)
                 || self.flights.contains_key(&model)
@@ -299,19 +334,7 @@ impl IrqRouter {
                 keep.push_back(irq);
                 continue;
             }
-            // This model's interrupts behind it go in the same datagram.
-            batch.clear();
-            batch.push(irq);
-            let mut i = 0;
-            while i < self.held.len() && batch.len() < IRQS_PER_DATAGRAM {
-                if self.held[i].model == model {
-                    if let Some(next) = self.held.remove(i) {
-                        batch.push(next);
-                    }
-                } else {
-                    i += 1;
-                }
-            }
+            self.take_batch(irq, &mut batch);
             let Some((c, a)) = target else { continue };
             if send(c, a, &batch) {
                 sent += batch.len();
@@ -332,6 +355,23 @@ impl IrqRouter {
         }
         self.held = keep;
         sent
+    }
+
+    /// Fills `batch` with `first` and the held interrupts of its model
+    /// behind it, in order, up to one datagram's worth.
+    fn take_batch(&mut self, first: PendingIrq, batch: &mut Vec<PendingIrq>) {
+        batch.clear();
+        batch.push(first);
+        let mut i = 0;
+        while i < self.held.len() && batch.len() < IRQS_PER_DATAGRAM {
+            if self.held[i].model == first.model {
+                if let Some(next) = self.held.remove(i) {
+                    batch.push(next);
+                }
+            } else {
+                i += 1;
+            }
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::dispatch::DispatchStats;
+use crate::dispatch::DispatchStats;
 
 /// Sub-buckets per power of two in [`ServiceHist`].
 const SUB: usize = 4;
