@@ -3,7 +3,7 @@
 //! One parse or lookup helper per step, in the order a frame meets them
 //! ([`parse_eth`], [`parse_ipv4`], [`parse_udp`], [`check_port`],
 //! [`check_lengths`], [`parse_header`], [`lookup_route`],
-//! [`check_client`], [`steer`]). Each returns the next step's input or the
+//! [`check_client`], [`check_vm`], [`steer`]). Each returns the next step's input or the
 //! [`Verdict`] that ends the frame's way; the rules themselves are
 //! `devplane_wire`'s, shared with the workers' parsers.
 
@@ -20,7 +20,7 @@ use devplane_wire::maps::{
     Config, Counter, MAX_CLIENTS, MAX_MODELS, MAX_VMS, MAX_WORKERS, ROUTES_MAP, Route, STATS_MAP,
     VMS_MAP, VmEntry, XSKS_MAP,
 };
-use devplane_wire::{DEFAULT_PORT, HEADER_LEN, Header};
+use devplane_wire::{DEFAULT_PORT, HEADER_LEN, Header, RawRecord};
 
 #[map(name = "DP_ROUTES")]
 static ROUTES: HashMap<u32, Route> = HashMap::with_max_entries(MAX_MODELS, 0);
@@ -236,6 +236,24 @@ fn check_client(cfg: &Config, hdr: &Header, ip: &Ipv4Hdr) -> Step<()> {
     Ok(())
 }
 
+/// With `CONFIG_CHECK_CLIENT`: the first record's VM belongs to the
+/// header's client (the worker checks every record; a devplane client
+/// puts one vCPU's requests in a datagram, so the first is the cheap test
+/// that stops a foreign datagram before it costs a worker anything).
+#[inline(always)]
+fn check_vm(ctx: &XdpContext, cfg: &Config, ip: &Ipv4Hdr, hdr: &Header) -> Step<()> {
+    if cfg.flags & CONFIG_CHECK_CLIENT == 0 {
+        return Ok(());
+    }
+    let rec: &RawRecord = header_at(ctx, ETH_HLEN + ip.header_len() + UDP_HLEN + HEADER_LEN)?;
+    let vm = rec.vm.get();
+    // SAFETY: as in `lookup_route`: read only, within this run.
+    match unsafe { VMS.get(&vm) } {
+        Some(entry) if entry.client == hdr.client.get() => Ok(()),
+        _ => Err(drop_as(Counter::DropForeignVm)),
+    }
+}
+
 /// Redirects to the owning worker's socket (or passes, in socket mode).
 #[inline(always)]
 fn steer(cfg: &Config, route: &Route) -> Verdict {
@@ -264,6 +282,7 @@ fn classify(ctx: &XdpContext) -> Step<Verdict> {
     let hdr = parse_header(ctx, ip, payload_len)?;
     let route = lookup_route(hdr)?;
     check_client(cfg, hdr, ip)?;
+    check_vm(ctx, cfg, ip, hdr)?;
     Ok(steer(cfg, route))
 }
 
@@ -276,12 +295,4 @@ pub fn devplane_xdp(ctx: XdpContext) -> u32 {
     };
     count(v.counter);
     v.action
-}
-
-/// Keeps the VMs map in the object for userspace (interrupt routing); the
-/// program itself does not read it yet.
-#[inline(never)]
-#[allow(dead_code)]
-fn vms() -> &'static HashMap<u32, VmEntry> {
-    &VMS
 }

@@ -48,7 +48,7 @@ pub fn answer_in_place(
             ..
         } => (client, vm, irq_port),
         Outcome::Acked { model, seq } => return FrameOutcome::Ack { model, seq },
-        Outcome::Consumed | Outcome::NotHere | Outcome::Malformed(_) => {
+        Outcome::Consumed | Outcome::NotHere | Outcome::Malformed(_) | Outcome::Foreign => {
             return FrameOutcome::Recycle;
         }
     };

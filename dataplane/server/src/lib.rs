@@ -96,8 +96,16 @@ pub struct Server {
 }
 
 fn build_dispatchers(cfg: &ServerConfig) -> Result<Vec<Dispatcher>, ServerError> {
+    let owners = dispatch::Owners {
+        by_vm: vm_clients(cfg),
+        check: cfg.server.check_clients,
+    };
     let mut out: Vec<Dispatcher> = (0..cfg.server.workers.len())
-        .map(|_| Dispatcher::new(cfg.server.id))
+        .map(|_| {
+            let mut d = Dispatcher::new(cfg.server.id);
+            d.set_owners(owners.clone());
+            d
+        })
         .collect();
     let vms: HashMap<u32, u32> = cfg.vms.iter().map(|v| (v.id, v.hypervisor)).collect();
     for m in &cfg.models {

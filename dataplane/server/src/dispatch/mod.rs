@@ -16,7 +16,25 @@ use zerocopy::FromBytes;
 use zerocopy::little_endian::U64;
 
 mod window;
-pub use window::{SeqWindow, WINDOW};
+pub use window::{MAX_VCPU_WINDOWS, MAX_WINDOWS, Seen, SeqWindow, WINDOW, Windows};
+
+/// Which client platform each VM belongs to (the identifier database's
+/// `vms`), and whether requests are checked against it.
+#[derive(Debug, Clone, Default)]
+pub struct Owners {
+    /// VM id -> client id.
+    pub by_vm: HashMap<u32, u32>,
+    /// Check ownership (`server.check_clients`); without it every request
+    /// is taken as its header says.
+    pub check: bool,
+}
+
+impl Owners {
+    /// Whether `client` may name `vm`.
+    pub fn allows(&self, client: u32, vm: u32) -> bool {
+        !self.check || self.by_vm.get(&vm) == Some(&client)
+    }
+}
 
 /// Why a model handed over from another worker could not be taken over.
 #[derive(Debug, thiserror::Error)]
@@ -54,9 +72,24 @@ pub struct ModelSlot {
 /// added again) must number above its predecessor, which raised fewer than
 /// one interrupt per nanosecond. Fits a `u64` until 2262.
 pub fn first_irq_seq() -> u64 {
+    wall_clock_ns()
+}
+
+/// The wall clock in nanoseconds since the Unix epoch.
+fn wall_clock_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// How far ahead of this server's clock a client's clock may be and its
+/// restarted vCPUs' first sequence numbers still be taken as new starts.
+const CLOCK_SKEW_NS: u64 = 600_000_000_000;
+
+/// The number below which a request far ahead of its window is a new
+/// start (see [`Seen::FarAhead`]).
+fn restart_below() -> u64 {
+    wall_clock_ns().saturating_add(CLOCK_SKEW_NS)
 }
 
 impl ModelSlot {
@@ -90,7 +123,7 @@ pub struct Handover {
     /// (its backing file, say); the server fills it from the configuration.
     pub params: devplane_devmodels::registry::ModelParams,
     /// Duplicate windows of the old owner.
-    windows: HashMap<(u32, u16), SeqWindow>,
+    windows: Windows,
     /// Its interrupts the old owner had not had acknowledged (sent or
     /// still queued), oldest first: the new owner sends them (again).
     pub irqs: Vec<PendingIrq>,
@@ -144,6 +177,10 @@ pub enum Outcome {
     NotHere,
     /// Malformed: dropped and counted; the buffer is unchanged.
     Malformed(devplane_wire::WireError),
+    /// A record names a VM that is not the header's client's (or an
+    /// acknowledgement comes from another client than that of the VM the
+    /// model interrupts): dropped unanswered and counted.
+    Foreign,
 }
 
 /// Per-worker dispatch counters (owned by the worker; published by it).
@@ -169,6 +206,14 @@ pub struct DispatchStats {
     pub duplicates: u64,
     /// Requests older than the duplicate window (answered `Stale`).
     pub stale: u64,
+    /// Datagrams naming a VM of another client (or acknowledging another
+    /// client's interrupts), dropped.
+    pub foreign_vm: u64,
+    /// Requests more than the window beyond it (answered `Stale`, not
+    /// applied, not adopted).
+    pub far_ahead: u64,
+    /// Requests refused because a window limit was hit (answered `Stale`).
+    pub window_limit: u64,
     /// Interrupts raised by models.
     pub irqs_raised: u64,
 }
@@ -177,7 +222,8 @@ pub struct DispatchStats {
 pub struct Dispatcher {
     server: u32,
     models: HashMap<u32, ModelSlot>,
-    windows: HashMap<(u32, u16), SeqWindow>,
+    windows: Windows,
+    owners: Owners,
     irqs: Vec<PendingIrq>,
     stats: DispatchStats,
 }
@@ -188,10 +234,26 @@ impl Dispatcher {
         Dispatcher {
             server,
             models: HashMap::new(),
-            windows: HashMap::new(),
+            windows: Windows::default(),
+            owners: Owners::default(),
             irqs: Vec::new(),
             stats: DispatchStats::default(),
         }
+    }
+
+    /// Checks requests against `owners` from now on.
+    pub fn set_owners(&mut self, owners: Owners) {
+        self.owners = owners;
+    }
+
+    /// `vm` belongs to `client` from now on.
+    pub fn migrate(&mut self, vm: u32, client: u32) {
+        self.owners.by_vm.insert(vm, client);
+    }
+
+    /// How many duplicate windows this worker keeps.
+    pub fn window_count(&self) -> usize {
+        self.windows.len()
     }
 
     /// Adds (or replaces) model `id`.
@@ -234,9 +296,7 @@ impl Dispatcher {
                 }
             })?;
         model.restore(&h.snapshot)?;
-        for (key, w) in h.windows {
-            self.windows.entry(key).or_default().merge(w);
-        }
+        self.windows.merge(h.windows);
         self.models.insert(
             id,
             ModelSlot {
@@ -316,6 +376,14 @@ impl Dispatcher {
                 return Outcome::Malformed(devplane_wire::WireError::UnknownKind(kind as u8));
             }
         }
+        if !d
+            .raw_records()
+            .iter()
+            .all(|r| self.owners.allows(client, r.vm.get()))
+        {
+            self.stats.foreign_vm += 1;
+            return Outcome::Foreign;
+        }
         let Some(slot) = self.models.get_mut(&model_id) else {
             self.stats.no_such_model += count as u64;
             return Outcome::NotHere;
@@ -323,6 +391,7 @@ impl Dispatcher {
         let mut first_vm = 0;
         let mut work = Apply {
             model_id,
+            client,
             slot,
             windows: &mut self.windows,
             irqs: &mut self.irqs,
@@ -349,7 +418,18 @@ impl Dispatcher {
     }
 
     /// An acknowledgement: the highest interrupt number it covers.
+    /// Honoured only from the client of the VM the model's interrupts go
+    /// to (when ownership is checked).
     fn acknowledged(&mut self, d: &Datagram<'_>) -> Outcome {
+        let owner_ok = self
+            .models
+            .get(&d.model())
+            .and_then(|m| m.irq_target)
+            .is_some_and(|(vm, _)| self.owners.allows(d.client(), vm));
+        if self.owners.check && !owner_ok {
+            self.stats.foreign_vm += 1;
+            return Outcome::Foreign;
+        }
         self.stats.acks += 1;
         let seq = d
             .records()
@@ -384,8 +464,9 @@ impl Dispatcher {
 /// What applying one datagram's records needs of a [`Dispatcher`].
 struct Apply<'a> {
     model_id: u32,
+    client: u32,
     slot: &'a mut ModelSlot,
-    windows: &'a mut HashMap<(u32, u16), SeqWindow>,
+    windows: &'a mut Windows,
     irqs: &'a mut Vec<PendingIrq>,
     stats: &'a mut DispatchStats,
 }
@@ -397,22 +478,31 @@ impl Apply<'_> {
         let Ok(Record::Request(req)) = raw.decode(i, Kind::Request) else {
             return None; // unreachable: parse validated every record
         };
-        let window = self.windows.entry((req.id.vm, req.id.vcpu)).or_default();
-        let (status, data) = match window.lookup(req.id.seq) {
-            Some(answer) => {
-                if answer.0 == Status::Stale {
-                    self.stats.stale += 1;
-                } else {
-                    self.stats.duplicates += 1;
-                }
-                answer
-            }
+        let (status, data) = match self.windows.get((self.client, req.id.vm, req.id.vcpu)) {
             None => {
-                let r = apply(self.slot, &req.access, self.stats);
-                Dispatcher::collect_irqs(self.model_id, self.slot, self.irqs, self.stats);
-                window.remember(req.id.seq, r);
-                r
+                self.stats.window_limit += 1;
+                (Status::Stale, 0)
             }
+            Some(window) => match window.lookup(req.id.seq, restart_below) {
+                Seen::Answered(s, d) => {
+                    self.stats.duplicates += 1;
+                    (s, d)
+                }
+                Seen::Stale => {
+                    self.stats.stale += 1;
+                    (Status::Stale, 0)
+                }
+                Seen::FarAhead => {
+                    self.stats.far_ahead += 1;
+                    (Status::Stale, 0)
+                }
+                Seen::New => {
+                    let r = apply(self.slot, &req.access, self.stats);
+                    Dispatcher::collect_irqs(self.model_id, self.slot, self.irqs, self.stats);
+                    window.remember(req.id.seq, r);
+                    r
+                }
+            },
         };
         raw.op = OP_RESPONSE;
         raw.flags = 0;

@@ -259,3 +259,180 @@ fn acknowledgements_are_handed_to_the_router() {
     );
     assert_eq!(d.stats().acks, 1);
 }
+
+/// A dispatcher that checks ownership: VM 3 is client 7's, VM 4 client
+/// 8's.
+fn checking() -> Dispatcher {
+    let mut d = dispatcher();
+    d.set_owners(Owners {
+        by_vm: [(3, 7), (4, 8)].into_iter().collect(),
+        check: true,
+    });
+    d
+}
+
+fn req_for(vm: u32, vcpu: u16, seq: u64, access: Access) -> Record {
+    Record::Request(Request {
+        id: RequestId {
+            vm,
+            hypervisor: 2,
+            vcpu,
+            seq,
+        },
+        access,
+        flags: 0,
+    })
+}
+
+fn encode_from(client: u32, model: u32, recs: &[Record]) -> Vec<u8> {
+    let mut buf = vec![0u8; devplane_wire::MAX_DATAGRAM];
+    let n = datagram::encode(&mut buf, Header::new(Kind::Request, model, 9, client), recs).unwrap();
+    buf.truncate(n);
+    buf
+}
+
+fn statuses(buf: &[u8]) -> Vec<(Status, u64)> {
+    Datagram::parse(buf)
+        .unwrap()
+        .records()
+        .map(|r| match r {
+            Record::Response(r) => (r.status, r.data),
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+const WRITE: Access = Access::PioOut {
+    port: 0x100,
+    size: AccessSize::B1,
+    data: 5,
+};
+const READ: Access = Access::PioIn {
+    port: 0x100,
+    size: AccessSize::B4,
+};
+
+/// The cross-tenant write loss of issue 13: client 8 pre-answers and
+/// pushes client 7's window with numbers near 2^64. Every such datagram
+/// is dropped (even one with a single foreign record among its own), and
+/// client 7's writes are applied and answered as before.
+#[test]
+fn another_clients_vm_is_never_touched() {
+    let mut d = checking();
+    for seq in (u64::MAX - 300)..u64::MAX {
+        let mut b = encode_from(8, 42, &[req_for(3, 0, seq, WRITE)]);
+        assert_eq!(d.handle(&mut b), Outcome::Foreign);
+    }
+    let mut mixed = encode_from(8, 42, &[req_for(4, 0, 1, WRITE), req_for(3, 0, 2, WRITE)]);
+    assert_eq!(d.handle(&mut mixed), Outcome::Foreign);
+    let mut unknown = encode_from(7, 42, &[req_for(99, 0, 1, WRITE)]);
+    assert_eq!(d.handle(&mut unknown), Outcome::Foreign);
+    assert_eq!(d.stats().foreign_vm, 302);
+    assert_eq!(d.stats().writes, 0, "a foreign write reached the model");
+    let mut own = encode_from(7, 42, &[req_for(3, 0, 2, WRITE), req_for(3, 0, 3, READ)]);
+    assert!(matches!(d.handle(&mut own), Outcome::Respond { .. }));
+    assert_eq!(statuses(&own), vec![(Status::Ok, 0), (Status::Ok, 1)]);
+    assert_eq!(d.window_count(), 1, "windows only for the owner's vCPU");
+}
+
+/// Windows are keyed by client too: after a VM migrates, its new client's
+/// numbers do not meet the old client's answers.
+#[test]
+fn windows_are_per_client() {
+    let mut d = checking();
+    let mut a = encode_from(7, 42, &[req_for(3, 0, 10, WRITE)]);
+    d.handle(&mut a);
+    d.migrate(3, 8);
+    let mut b = encode_from(8, 42, &[req_for(3, 0, 10, WRITE), req_for(3, 0, 11, READ)]);
+    d.handle(&mut b);
+    assert_eq!(
+        statuses(&b),
+        vec![(Status::Ok, 0), (Status::Ok, 2)],
+        "the new client's seq 10 is its own, applied"
+    );
+    let mut old = encode_from(7, 42, &[req_for(3, 0, 12, WRITE)]);
+    assert_eq!(d.handle(&mut old), Outcome::Foreign, "no longer client 7's");
+}
+
+/// A number far ahead of a window is refused, not adopted: the numbers
+/// after it are still applied (before, it pushed them out as stale).
+#[test]
+fn a_number_far_ahead_is_refused() {
+    let mut d = checking();
+    let mut a = encode_from(7, 42, &[req_for(3, 0, 100, WRITE)]);
+    d.handle(&mut a);
+    let mut far = encode_from(7, 42, &[req_for(3, 0, u64::MAX - 1, WRITE)]);
+    d.handle(&mut far);
+    assert_eq!(statuses(&far), vec![(Status::Stale, 0)]);
+    assert_eq!(d.stats().far_ahead, 1);
+    let mut next = encode_from(
+        7,
+        42,
+        &[req_for(3, 0, 101, WRITE), req_for(3, 0, 102, READ)],
+    );
+    d.handle(&mut next);
+    assert_eq!(statuses(&next), vec![(Status::Ok, 0), (Status::Ok, 2)]);
+    // Within the in-flight limit ahead is fine.
+    let mut ahead = encode_from(7, 42, &[req_for(3, 0, 102 + WINDOW as u64, READ)]);
+    d.handle(&mut ahead);
+    assert_eq!(statuses(&ahead), vec![(Status::Ok, 2)]);
+    // A restarted client numbers from the wall clock: a new start.
+    let restart = first_irq_seq();
+    let mut fresh = encode_from(7, 42, &[req_for(3, 0, restart, READ)]);
+    d.handle(&mut fresh);
+    assert_eq!(statuses(&fresh), vec![(Status::Ok, 2)]);
+    assert_eq!(d.stats().far_ahead, 1);
+}
+
+/// Windows are bounded per VM: vCPU ids beyond the limit are refused and
+/// counted, and the memory they would take is never allocated.
+#[test]
+fn windows_are_bounded_per_vm() {
+    let mut d = checking();
+    for vcpu in 0..(MAX_VCPU_WINDOWS as u16 + 44) {
+        let mut b = encode_from(7, 42, &[req_for(3, vcpu, 1, READ)]);
+        d.handle(&mut b);
+    }
+    assert_eq!(d.window_count(), MAX_VCPU_WINDOWS as usize);
+    assert_eq!(d.stats().window_limit, 44);
+    // Another VM has its own allowance.
+    let mut b = encode_from(8, 42, &[req_for(4, 0, 1, READ)]);
+    d.handle(&mut b);
+    assert_eq!(statuses(&b), vec![(Status::Ok, 0)]);
+    assert_eq!(d.window_count(), MAX_VCPU_WINDOWS as usize + 1);
+}
+
+/// Interrupt acknowledgements count only from the client of the VM the
+/// model interrupts.
+#[test]
+fn acks_from_another_client_are_ignored() {
+    let mut d = checking();
+    let ack = |client: u32| {
+        let mut buf = vec![0u8; 256];
+        let rec = Record::Ack(devplane_wire::Ack {
+            id: RequestId {
+                vm: 3,
+                hypervisor: 2,
+                vcpu: 0,
+                seq: u64::MAX,
+            },
+        });
+        let n = devplane_wire::datagram::encode(
+            &mut buf,
+            Header::new(Kind::Ack, 42, 1, client),
+            &[rec],
+        )
+        .unwrap();
+        buf.truncate(n);
+        buf
+    };
+    assert_eq!(d.handle(&mut ack(8)), Outcome::Foreign);
+    assert_eq!(
+        d.handle(&mut ack(7)),
+        Outcome::Acked {
+            model: 42,
+            seq: u64::MAX
+        }
+    );
+    assert_eq!((d.stats().acks, d.stats().foreign_vm), (1, 1));
+}

@@ -117,7 +117,10 @@ impl WorkerCtl {
                 }
                 WorkerCmd::SuspendVm(vm) => router.suspend(vm),
                 WorkerCmd::ResumeVm(vm) => router.resume(vm),
-                WorkerCmd::MigrateVm { vm, client } => router.migrate(vm, client),
+                WorkerCmd::MigrateVm { vm, client } => {
+                    disp.migrate(vm, client);
+                    router.migrate(vm, client);
+                }
                 WorkerCmd::Barrier(reply) => {
                     let _ = reply.send(());
                 }

@@ -105,6 +105,13 @@ pub struct WorkerStats {
     pub acks: AtomicU64,
     /// Requests older than the duplicate window.
     pub stale: AtomicU64,
+    /// Datagrams naming a VM of another client than the header's (or
+    /// acknowledging another client's interrupts), dropped.
+    pub foreign_vm: AtomicU64,
+    /// Requests more than the duplicate window beyond it, refused.
+    pub far_ahead: AtomicU64,
+    /// Requests refused because a duplicate-window limit was hit.
+    pub window_limit: AtomicU64,
     /// Retransmitted requests answered again without being re-applied.
     pub duplicates: AtomicU64,
     /// Interrupts raised by this worker's models.
@@ -153,6 +160,12 @@ pub struct WorkerSnapshot {
     pub acks: u64,
     /// See [`WorkerStats::stale`].
     pub stale: u64,
+    /// See [`WorkerStats::foreign_vm`].
+    pub foreign_vm: u64,
+    /// See [`WorkerStats::far_ahead`].
+    pub far_ahead: u64,
+    /// See [`WorkerStats::window_limit`].
+    pub window_limit: u64,
     /// See [`WorkerStats::duplicates`].
     pub duplicates: u64,
     /// See [`WorkerStats::irqs_raised`].
@@ -197,6 +210,9 @@ impl WorkerSnapshot {
             ("acks", self.acks),
             ("duplicates", self.duplicates),
             ("stale", self.stale),
+            ("foreign_vm", self.foreign_vm),
+            ("far_ahead", self.far_ahead),
+            ("window_limit", self.window_limit),
             ("irqs_raised", self.irqs_raised),
             ("irqs_sent", self.irqs_sent),
             ("irqs_held", self.irqs_held),
@@ -225,6 +241,9 @@ impl WorkerStats {
         self.malformed.store(d.malformed, r);
         self.acks.store(d.acks, r);
         self.stale.store(d.stale, r);
+        self.foreign_vm.store(d.foreign_vm, r);
+        self.far_ahead.store(d.far_ahead, r);
+        self.window_limit.store(d.window_limit, r);
         self.duplicates.store(d.duplicates, r);
         self.irqs_raised.store(d.irqs_raised, r);
     }
@@ -249,6 +268,9 @@ impl WorkerStats {
             bad_frames: self.bad_frames.load(r),
             acks: self.acks.load(r),
             stale: self.stale.load(r),
+            foreign_vm: self.foreign_vm.load(r),
+            far_ahead: self.far_ahead.load(r),
+            window_limit: self.window_limit.load(r),
             duplicates: self.duplicates.load(r),
             irqs_raised: self.irqs_raised.load(r),
             irqs_sent: self.irqs_sent.load(r),
