@@ -123,9 +123,13 @@ pub fn udp_lengths_ok(tot_len: usize, ihl: usize, udp_len: usize) -> bool {
 
 /// The Internet checksum (RFC 1071) of `data`, folded and complemented.
 pub fn checksum(data: &[u8]) -> u16 {
-    // A u64 accumulator cannot overflow for any slice that fits in memory
-    // (a u32 one overflowed past 128 KiB of data).
-    let mut sum: u64 = 0;
+    !fold(sum_words(data, 0))
+}
+
+/// One's-complement sum of `data` as big-endian 16-bit words, added to
+/// `sum` (not folded). A u64 accumulator cannot overflow for any slice that
+/// fits in memory (a u32 one overflowed past 128 KiB of data).
+fn sum_words(data: &[u8], mut sum: u64) -> u64 {
     let mut chunks = data.chunks_exact(2);
     for c in &mut chunks {
         sum += u16::from_be_bytes([c[0], c[1]]) as u64;
@@ -133,10 +137,35 @@ pub fn checksum(data: &[u8]) -> u16 {
     if let [b] = chunks.remainder() {
         sum += (*b as u64) << 8;
     }
+    sum
+}
+
+fn fold(mut sum: u64) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    !(sum as u16)
+    sum as u16
+}
+
+/// Whether the checksums of a UDP/IPv4 frame hold: the IPv4 header's
+/// (`ip` is the whole header, options included), and the UDP one unless it
+/// is zero (none, which IPv4 allows). `udp` is the UDP header and payload
+/// (the UDP length's worth).
+pub fn checksums_ok(ip: &[u8], udp: &[u8]) -> bool {
+    if fold(sum_words(ip, 0)) != 0xffff {
+        return false;
+    }
+    let Some(check) = udp.get(6..8) else {
+        return false;
+    };
+    if check == [0, 0] {
+        return true;
+    }
+    let (Some(src), Some(dst)) = (ip.get(12..16), ip.get(16..20)) else {
+        return false;
+    };
+    let pseudo = sum_words(src, 0) + sum_words(dst, 0) + IPPROTO_UDP as u64 + udp.len() as u64;
+    fold(sum_words(udp, pseudo)) == 0xffff
 }
 
 /// Addresses of one UDP/IPv4 flow endpoint pair.

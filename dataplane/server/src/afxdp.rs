@@ -382,6 +382,10 @@ fn answer_frame(
             WorkerStats::add(&work.stats.bad_frames, 1);
             recycle.push(desc.addr);
         }
+        Some(FrameOutcome::BadChecksum) => {
+            WorkerStats::add(&work.stats.bad_checksum, 1);
+            recycle.push(desc.addr);
+        }
         Some(FrameOutcome::Recycle) => recycle.push(desc.addr),
         Some(FrameOutcome::Ack { model, seq }) => {
             work.router.ack(model, seq);

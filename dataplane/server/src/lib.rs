@@ -28,6 +28,7 @@ pub mod dispatch;
 mod error;
 pub mod frames;
 pub mod irq;
+pub mod kernel_drops;
 mod live;
 pub mod socket;
 pub mod worker;
@@ -38,6 +39,7 @@ pub use worker::{backoff, lifecycle, stats};
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
@@ -93,6 +95,9 @@ pub struct Server {
     suspended: std::collections::BTreeSet<u32>,
     /// Socket mode: the admission check's model set, for live changes.
     admission: Option<Arc<socket::Admission>>,
+    /// Socket mode: each worker's socket (a duplicate), to read the
+    /// kernel's drops.
+    udp_socks: Vec<std::net::UdpSocket>,
 }
 
 fn build_dispatchers(cfg: &ServerConfig) -> Result<Vec<Dispatcher>, ServerError> {
@@ -188,6 +193,7 @@ impl Server {
             id: cfg.server.id,
             suspended: Default::default(),
             admission: None,
+            udp_socks: sockets.iter().filter_map(|s| s.try_clone().ok()).collect(),
         };
         let admission = Arc::new(socket::Admission {
             models: std::sync::RwLock::new(cfg.models.iter().map(|m| m.id).collect()),
@@ -251,6 +257,7 @@ impl Server {
             id: cfg.server.id,
             suspended: Default::default(),
             admission: None,
+            udp_socks: Vec::new(),
         };
         let batch = loop_config(cfg).batch;
         server.spawn_workers(cfg, rings, dispatchers, move |rings, w| {
@@ -327,9 +334,31 @@ impl Server {
         self.id
     }
 
-    /// Each worker's counters, in worker order.
+    /// Each worker's counters, in worker order, with what the kernel
+    /// dropped at its socket.
     pub fn worker_stats(&self) -> Vec<WorkerSnapshot> {
-        self.stats.iter().map(|s| s.snapshot()).collect()
+        let xsk_fds = self.xdp.as_ref().map(|x| x.xsks.fds()).unwrap_or_default();
+        self.stats
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut snap = s.snapshot();
+                if let Some(d) = xsk_fds.get(i).and_then(|&fd| kernel_drops::xsk(fd).ok()) {
+                    snap.xsk_rx_dropped = d.rx_dropped;
+                    snap.xsk_rx_ring_full = d.rx_ring_full;
+                    snap.xsk_fill_ring_empty = d.rx_fill_ring_empty;
+                    snap.xsk_tx_invalid = d.tx_invalid;
+                }
+                if let Some(n) = self
+                    .udp_socks
+                    .get(i)
+                    .and_then(|u| kernel_drops::udp(u.as_raw_fd()).ok())
+                {
+                    snap.socket_drops = n;
+                }
+                snap
+            })
+            .collect()
     }
 
     /// The XDP program's counters (XDP mode only).

@@ -82,13 +82,12 @@ fn wall_clock_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// How far ahead of this server's clock a client's clock may be and its
-/// restarted vCPUs' first sequence numbers still be taken as new starts.
+/// How far ahead of this server's clock a client's clock may be.
 const CLOCK_SKEW_NS: u64 = 600_000_000_000;
 
-/// The number below which a request far ahead of its window is a new
-/// start (see [`Seen::FarAhead`]).
-fn restart_below() -> u64 {
+/// The highest sequence number a client can have reached (see
+/// [`Seen::FarAhead`]).
+fn reachable() -> u64 {
     wall_clock_ns().saturating_add(CLOCK_SKEW_NS)
 }
 
@@ -483,7 +482,7 @@ impl Apply<'_> {
                 self.stats.window_limit += 1;
                 (Status::Stale, 0)
             }
-            Some(window) => match window.lookup(req.id.seq, restart_below) {
+            Some(window) => match window.lookup(req.id.seq, reachable) {
                 Seen::Answered(s, d) => {
                     self.stats.duplicates += 1;
                     (s, d)

@@ -376,11 +376,17 @@ fn a_number_far_ahead_is_refused() {
     let mut ahead = encode_from(7, 42, &[req_for(3, 0, 102 + WINDOW as u64, READ)]);
     d.handle(&mut ahead);
     assert_eq!(statuses(&ahead), vec![(Status::Ok, 2)]);
-    // A restarted client numbers from the wall clock: a new start.
+    // A restarted client numbers from the wall clock: a gap, not an
+    // attack; and the window keeps what it had, so a late repeat of 101
+    // is answered from it, not applied again.
     let restart = first_irq_seq();
     let mut fresh = encode_from(7, 42, &[req_for(3, 0, restart, READ)]);
     d.handle(&mut fresh);
     assert_eq!(statuses(&fresh), vec![(Status::Ok, 2)]);
+    let mut late = encode_from(7, 42, &[req_for(3, 0, 101, WRITE)]);
+    d.handle(&mut late);
+    assert_eq!(statuses(&late), vec![(Status::Ok, 0)]);
+    assert_eq!(d.stats().writes, 2, "the late repeat was applied again");
     assert_eq!(d.stats().far_ahead, 1);
 }
 

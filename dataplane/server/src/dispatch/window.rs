@@ -38,7 +38,8 @@ pub enum Seen {
     /// Older than the window: answer `Stale`, do not apply.
     Stale,
     /// More than [`WINDOW`] beyond the newest number the window holds,
-    /// and not a new start: refused, neither applied nor adopted.
+    /// and beyond what any client can have reached (see
+    /// [`SeqWindow::lookup`]): refused, neither applied nor adopted.
     FarAhead,
     /// New: apply it.
     New,
@@ -51,12 +52,16 @@ pub struct SeqWindow {
 }
 
 impl SeqWindow {
-    /// What the window knows of `seq`. `restart_below` is the number below
-    /// which a far-ahead request is taken as the vCPU's new start rather
-    /// than refused (clients number from the wall clock in nanoseconds,
-    /// so a restarted client's first number is near the server's clock);
-    /// it is asked only for a far-ahead number.
-    pub(super) fn lookup(&self, seq: u64, restart_below: impl FnOnce() -> u64) -> Seen {
+    /// What the window knows of `seq`. A vCPU numbers its requests to all
+    /// models in one sequence, so a window at one worker sees gaps (the
+    /// requests that went to other workers' models) and a restarted client
+    /// starts anew: a number more than [`WINDOW`] beyond the newest is
+    /// refused only if it is also at or above `reachable()`, the highest
+    /// number a client can have reached (clients number from the wall
+    /// clock in nanoseconds and send far fewer than one request per
+    /// nanosecond). `reachable` is asked only then, so the common case
+    /// reads no clock.
+    pub(super) fn lookup(&self, seq: u64, reachable: impl FnOnce() -> u64) -> Seen {
         if let Some(&(s, d)) = self.answers.get(&seq) {
             return Seen::Answered(s, d);
         }
@@ -69,19 +74,13 @@ impl SeqWindow {
         if self.answers.len() >= WINDOW && seq < oldest {
             return Seen::Stale;
         }
-        if seq > newest.saturating_add(WINDOW as u64) && seq >= restart_below() {
+        if seq > newest.saturating_add(WINDOW as u64) && seq >= reachable() {
             return Seen::FarAhead;
         }
         Seen::New
     }
 
     pub(super) fn remember(&mut self, seq: u64, answer: (Status, u64)) {
-        if let Some((&newest, _)) = self.answers.last_key_value()
-            && seq > newest.saturating_add(WINDOW as u64)
-        {
-            // A new start: the old numbers are of a previous run.
-            self.answers.clear();
-        }
         self.answers.insert(seq, answer);
         while self.answers.len() > WINDOW {
             self.answers.pop_first();

@@ -101,6 +101,9 @@ pub struct WorkerStats {
     pub malformed: AtomicU64,
     /// Frames that were not UDP/IPv4 (should not happen behind XDP).
     pub bad_frames: AtomicU64,
+    /// Frames with a wrong IPv4 header checksum or a wrong non-zero UDP
+    /// checksum (XDP mode; in socket mode the kernel drops them).
+    pub bad_checksum: AtomicU64,
     /// Acknowledgements consumed.
     pub acks: AtomicU64,
     /// Requests older than the duplicate window.
@@ -156,6 +159,8 @@ pub struct WorkerSnapshot {
     pub malformed: u64,
     /// See [`WorkerStats::bad_frames`].
     pub bad_frames: u64,
+    /// See [`WorkerStats::bad_checksum`].
+    pub bad_checksum: u64,
     /// See [`WorkerStats::acks`].
     pub acks: u64,
     /// See [`WorkerStats::stale`].
@@ -188,6 +193,18 @@ pub struct WorkerSnapshot {
     pub drop_unknown_client: u64,
     /// See [`WorkerStats::drop_spoofed`].
     pub drop_spoofed: u64,
+    /// XDP mode: frames the kernel dropped for want of a fill-ring buffer
+    /// (or too large) on the way to this worker's socket.
+    pub xsk_rx_dropped: u64,
+    /// XDP mode: frames dropped because this worker's RX ring was full.
+    pub xsk_rx_ring_full: u64,
+    /// XDP mode: times the fill ring was found empty.
+    pub xsk_fill_ring_empty: u64,
+    /// XDP mode: invalid descriptors on this worker's TX ring.
+    pub xsk_tx_invalid: u64,
+    /// Socket mode: datagrams the kernel dropped at this worker's socket
+    /// (receive buffer full).
+    pub socket_drops: u64,
     /// Median time a request spent in the worker, ns (see [`ServiceHist`]).
     pub service_p50_ns: u64,
     /// 99th percentile of the same, ns.
@@ -207,6 +224,7 @@ impl WorkerSnapshot {
             ("no_such_model", self.no_such_model),
             ("malformed", self.malformed),
             ("bad_frames", self.bad_frames),
+            ("bad_checksum", self.bad_checksum),
             ("acks", self.acks),
             ("duplicates", self.duplicates),
             ("stale", self.stale),
@@ -223,6 +241,11 @@ impl WorkerSnapshot {
             ("drop_unknown_model", self.drop_unknown_model),
             ("drop_unknown_client", self.drop_unknown_client),
             ("drop_spoofed", self.drop_spoofed),
+            ("xsk_rx_dropped", self.xsk_rx_dropped),
+            ("xsk_rx_ring_full", self.xsk_rx_ring_full),
+            ("xsk_fill_ring_empty", self.xsk_fill_ring_empty),
+            ("xsk_tx_invalid", self.xsk_tx_invalid),
+            ("socket_drops", self.socket_drops),
             ("service_p50_ns", self.service_p50_ns),
             ("service_p99_ns", self.service_p99_ns),
             ("service_p999_ns", self.service_p999_ns),
@@ -255,7 +278,8 @@ impl WorkerStats {
         }
     }
 
-    /// A copy of every counter.
+    /// A copy of every counter (the kernel's drop counts, which live in
+    /// the sockets, are filled in by the server).
     pub fn snapshot(&self) -> WorkerSnapshot {
         let r = Ordering::Relaxed;
         WorkerSnapshot {
@@ -266,6 +290,7 @@ impl WorkerStats {
             no_such_model: self.no_such_model.load(r),
             malformed: self.malformed.load(r),
             bad_frames: self.bad_frames.load(r),
+            bad_checksum: self.bad_checksum.load(r),
             acks: self.acks.load(r),
             stale: self.stale.load(r),
             foreign_vm: self.foreign_vm.load(r),
@@ -282,6 +307,11 @@ impl WorkerStats {
             drop_unknown_model: self.drop_unknown_model.load(r),
             drop_unknown_client: self.drop_unknown_client.load(r),
             drop_spoofed: self.drop_spoofed.load(r),
+            xsk_rx_dropped: 0,
+            xsk_rx_ring_full: 0,
+            xsk_fill_ring_empty: 0,
+            xsk_tx_invalid: 0,
+            socket_drops: 0,
             service_p50_ns: self.service.quantile(0.5),
             service_p99_ns: self.service.quantile(0.99),
             service_p999_ns: self.service.quantile(0.999),
