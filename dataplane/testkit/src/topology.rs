@@ -95,7 +95,7 @@ fn dead_owner(name: &str) -> Option<u32> {
             return None;
         };
         n.parse::<u32>().ok()?;
-        if *side != "client" && *side != "server" {
+        if *side != "client" && *side != "server" && *side != "attacker" {
             return None;
         }
         pid.parse().ok()?
@@ -469,14 +469,14 @@ impl Drop for Topology {
 }
 
 /// Formats a MAC the way `ip` takes it.
-fn mac_string(mac: [u8; 6]) -> String {
+pub(crate) fn mac_string(mac: [u8; 6]) -> String {
     let [a, b, c, d, e, f] = mac;
     format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
 }
 
 /// Runs `program args` and returns its output, or an error naming the
 /// command and carrying its standard error.
-fn run<I, S>(program: &str, args: I) -> Result<Output, TopologyError>
+pub(crate) fn run<I, S>(program: &str, args: I) -> Result<Output, TopologyError>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
@@ -607,7 +607,7 @@ pub fn ifindex_in(netns: &str, ifname: &str) -> io::Result<u32> {
 /// `ETHTOOL_SRXCSUM` from `linux/ethtool.h`: set RX checksum offload.
 const ETHTOOL_SRXCSUM: u32 = 0x15;
 /// `ETHTOOL_STXCSUM`: set TX checksum offload.
-const ETHTOOL_STXCSUM: u32 = 0x17;
+pub(crate) const ETHTOOL_STXCSUM: u32 = 0x17;
 /// `ETHTOOL_SGRO`: set generic receive offload.
 const ETHTOOL_SGRO: u32 = 0x2c;
 
@@ -620,7 +620,7 @@ struct EthtoolValue {
 
 /// Sets one legacy ethtool flag of `dev` through the socket `sock`, which
 /// must belong to `dev`'s namespace.
-fn ethtool_set(sock: &socket2::Socket, dev: &str, cmd: u32, on: bool) -> io::Result<()> {
+pub(crate) fn ethtool_set(sock: &socket2::Socket, dev: &str, cmd: u32, on: bool) -> io::Result<()> {
     let mut value = EthtoolValue {
         cmd,
         data: u32::from(on),

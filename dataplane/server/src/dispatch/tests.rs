@@ -442,3 +442,28 @@ fn acks_from_another_client_are_ignored() {
     );
     assert_eq!((d.stats().acks, d.stats().foreign_vm), (1, 1));
 }
+
+/// Windows are bounded per worker too: however many registered VMs and
+/// vCPUs send, no more than `MAX_WINDOWS` windows exist.
+#[test]
+fn windows_are_bounded_per_worker() {
+    let mut d = dispatcher();
+    let vms = (MAX_WINDOWS / MAX_VCPU_WINDOWS as usize) as u32 + 2;
+    d.set_owners(Owners {
+        by_vm: (1..=vms).map(|vm| (vm, 7)).collect(),
+        check: true,
+    });
+    let mut refused = 0;
+    for vm in 1..=vms {
+        for vcpu in 0..MAX_VCPU_WINDOWS as u16 {
+            let mut b = encode_from(7, 42, &[req_for(vm, vcpu, 1, READ)]);
+            d.handle(&mut b);
+            if statuses(&b)[0].0 == Status::Stale {
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(d.window_count(), MAX_WINDOWS);
+    assert_eq!(refused, 2 * MAX_VCPU_WINDOWS as u64);
+    assert_eq!(d.stats().window_limit, refused);
+}
