@@ -16,36 +16,49 @@ use super::dispatch::PendingIrq;
 pub struct Peers<A> {
     by_client: HashMap<u32, A>,
     by_vm: HashMap<(u32, u32), A>,
+    /// Addresses not remembered because a table was full.
+    refused: u64,
 }
 
 /// Most (client, VM) addresses remembered; VMs beyond it use their
-/// client's address (a client could send requests for any VM id).
+/// client's address. With `check_clients` only registered VMs of their
+/// own client are learned, so the identifier database bounds the table
+/// before this does.
 pub const MAX_VM_PEERS: usize = 65_536;
+
+/// Most client addresses remembered: the clients map's capacity (with
+/// `check_clients` only registered clients are learned).
+pub const MAX_CLIENT_PEERS: usize = devplane_wire::maps::MAX_CLIENTS as usize;
 
 impl<A> Default for Peers<A> {
     fn default() -> Self {
         Peers {
             by_client: HashMap::new(),
             by_vm: HashMap::new(),
+            refused: 0,
         }
     }
 }
 
+/// Remembers `addr` for `key`; `false` if the table is full.
 fn remember<K: std::hash::Hash + Eq, A: PartialEq>(
     map: &mut HashMap<K, A>,
     key: K,
     addr: A,
     cap: usize,
-) {
+) -> bool {
     let full = map.len() >= cap;
     if let Some(a) = map.get_mut(&key) {
         // Written only when it changed: the common case reads.
         if *a != addr {
             *a = addr;
         }
-    } else if !full {
+    } else if full {
+        return false;
+    } else {
         map.insert(key, addr);
     }
+    true
 }
 
 impl<A: Copy + PartialEq> Peers<A> {
@@ -64,8 +77,14 @@ impl<A: Copy + PartialEq> Peers<A> {
 
     /// Records that `vm` of `client` sent from `addr`.
     pub fn learn(&mut self, client: u32, vm: u32, addr: A) {
-        remember(&mut self.by_client, client, addr, usize::MAX);
-        remember(&mut self.by_vm, (client, vm), addr, MAX_VM_PEERS);
+        let a = remember(&mut self.by_client, client, addr, MAX_CLIENT_PEERS);
+        let b = remember(&mut self.by_vm, (client, vm), addr, MAX_VM_PEERS);
+        self.refused += u64::from(!a) + u64::from(!b);
+    }
+
+    /// Addresses not remembered because a table was full.
+    pub fn refused(&self) -> u64 {
+        self.refused
     }
 }
 
@@ -570,10 +589,22 @@ mod tests {
             peers.learn(7, vm, vm);
         }
         assert_eq!(peers.by_vm.len(), MAX_VM_PEERS);
+        assert_eq!(peers.refused(), 10);
         // A VM past the bound is reached at its client's last address.
         let last = MAX_VM_PEERS as u32 + 9;
         assert_eq!(peers.get_vm(7, last), Some(&last));
         assert_eq!(peers.get_vm(7, 0), Some(&0));
+    }
+
+    #[test]
+    fn client_addresses_are_bounded() {
+        let mut peers: Peers<u32> = Peers::default();
+        for client in 0..MAX_CLIENT_PEERS as u32 + 3 {
+            peers.learn(client, 1, client);
+        }
+        assert_eq!(peers.by_client.len(), MAX_CLIENT_PEERS);
+        assert_eq!(peers.get(MAX_CLIENT_PEERS as u32 + 1), None);
+        assert_eq!(peers.refused(), 3);
     }
 
     #[test]

@@ -51,6 +51,7 @@ pub fn run<T: Transport>(mut io: T, mut w: Worker) {
         WorkerStats::add(&w.stats.rx, got);
         if got > 0 {
             w.stats.publish(&w.disp.stats());
+            w.stats.peer_limit.store(peers.refused(), Ordering::Relaxed);
             backoff.busy();
         } else if let Some(t) = backoff.idle()
             && io.may_sleep(w.router.held())

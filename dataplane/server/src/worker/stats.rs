@@ -132,6 +132,9 @@ pub struct WorkerStats {
     /// Frames (answers, interrupts) that found the TX ring full and waited
     /// for the next round.
     pub tx_full: AtomicU64,
+    /// Client or VM addresses not remembered because a peer table was
+    /// full (their interrupts go to the client's address, or wait).
+    pub peer_limit: AtomicU64,
     /// Times the worker went to sleep after its spin budget.
     pub sleeps: AtomicU64,
     /// Socket mode: dropped, device model not served here.
@@ -185,6 +188,8 @@ pub struct WorkerSnapshot {
     pub irqs_dropped: u64,
     /// See [`WorkerStats::tx_full`].
     pub tx_full: u64,
+    /// See [`WorkerStats::peer_limit`].
+    pub peer_limit: u64,
     /// See [`WorkerStats::sleeps`].
     pub sleeps: u64,
     /// See [`WorkerStats::drop_unknown_model`].
@@ -237,6 +242,7 @@ impl WorkerSnapshot {
             ("irqs_resent", self.irqs_resent),
             ("irqs_dropped", self.irqs_dropped),
             ("tx_full", self.tx_full),
+            ("peer_limit", self.peer_limit),
             ("sleeps", self.sleeps),
             ("drop_unknown_model", self.drop_unknown_model),
             ("drop_unknown_client", self.drop_unknown_client),
@@ -303,6 +309,7 @@ impl WorkerStats {
             irqs_resent: self.irqs_resent.load(r),
             irqs_dropped: self.irqs_dropped.load(r),
             tx_full: self.tx_full.load(r),
+            peer_limit: self.peer_limit.load(r),
             sleeps: self.sleeps.load(r),
             drop_unknown_model: self.drop_unknown_model.load(r),
             drop_unknown_client: self.drop_unknown_client.load(r),
