@@ -92,6 +92,9 @@ impl<A: Copy + PartialEq> Peers<A> {
 /// dropped (and counted) beyond this.
 pub const MAX_HELD: usize = 4096;
 
+/// The least share of [`MAX_HELD`] one client may hold.
+pub const MIN_HELD_PER_CLIENT: usize = 64;
+
 /// Interrupts of one model per datagram at most (the wire's record limit).
 const IRQS_PER_DATAGRAM: usize = devplane_wire::MAX_RECORDS;
 
@@ -128,6 +131,14 @@ pub struct IrqRouter {
     max_retries: u32,
     /// Scratch: models with an interrupt kept back in this flush.
     waiting: Vec<u32>,
+    /// Held interrupts per client.
+    held_by_client: HashMap<u32, usize>,
+    /// Most interrupts one client may have held: an equal share of
+    /// [`MAX_HELD`] among the clients of the VM table, at least
+    /// [`MIN_HELD_PER_CLIENT`].
+    per_client: usize,
+    /// Interrupts dropped because their client had its share held.
+    client_limited: u64,
 }
 
 /// Resend an unacknowledged interrupt datagram after this.
@@ -145,7 +156,11 @@ impl Default for IrqRouter {
 impl IrqRouter {
     /// A router for the given VM -> client table.
     pub fn new(vm_client: HashMap<u32, u32>) -> IrqRouter {
+        let clients = vm_client.values().collect::<HashSet<_>>().len().max(1);
         IrqRouter {
+            held_by_client: HashMap::new(),
+            per_client: (MAX_HELD / clients).max(MIN_HELD_PER_CLIENT),
+            client_limited: 0,
             vm_client,
             held: VecDeque::new(),
             flights: HashMap::new(),
@@ -182,6 +197,23 @@ impl IrqRouter {
     /// when they are sent again).
     pub fn migrate(&mut self, vm: u32, client: u32) {
         self.vm_client.insert(vm, client);
+        self.recount();
+    }
+
+    /// Counts the held interrupts per client again (after the queue was
+    /// rebuilt or a VM changed client).
+    fn recount(&mut self) {
+        self.held_by_client.clear();
+        for irq in &self.held {
+            if let Some(&c) = self.vm_client.get(&irq.vm) {
+                *self.held_by_client.entry(c).or_default() += 1;
+            }
+        }
+    }
+
+    /// Interrupts dropped because their client had its share held.
+    pub fn client_limited(&self) -> u64 {
+        self.client_limited
     }
 
     /// Interrupts not acknowledged yet: held, or sent and unanswered.
@@ -192,7 +224,7 @@ impl IrqRouter {
     /// Interrupts dropped: held too long, for a VM not in the table, or
     /// given up after [`IRQ_MAX_RETRIES`] resends.
     pub fn dropped(&self) -> u64 {
-        self.dropped + self.unknown_vm + self.given_up
+        self.dropped + self.unknown_vm + self.given_up + self.client_limited
     }
 
     /// Interrupt datagrams sent again for want of an acknowledgement.
@@ -200,16 +232,41 @@ impl IrqRouter {
         self.resent
     }
 
-    /// Queues new interrupts behind the held ones (order is kept).
+    /// Queues new interrupts behind the held ones (order is kept). Beyond
+    /// [`MAX_HELD`], or beyond its client's share of it, the oldest held
+    /// interrupt (of that client) is dropped and counted, so one client
+    /// cannot push another's out.
     pub fn push(&mut self, irqs: impl Iterator<Item = PendingIrq>) {
         for irq in irqs {
-            if !self.vm_client.contains_key(&irq.vm) {
+            let Some(&client) = self.vm_client.get(&irq.vm) else {
                 self.unknown_vm += 1;
                 continue;
-            }
-            if self.held.len() >= MAX_HELD {
-                self.held.pop_front();
+            };
+            let mine = self.held_by_client.get(&client).copied().unwrap_or(0);
+            if mine >= self.per_client {
+                // Off the packet path: a client's share is full.
+                let vm_client = &self.vm_client;
+                if let Some(i) = self
+                    .held
+                    .iter()
+                    .position(|h| vm_client.get(&h.vm) == Some(&client))
+                {
+                    self.held.remove(i);
+                }
+                self.client_limited += 1;
+            } else if self.held.len() >= MAX_HELD {
+                if let Some(old) = self.held.pop_front()
+                    && let Some(n) = self
+                        .vm_client
+                        .get(&old.vm)
+                        .and_then(|c| self.held_by_client.get_mut(c))
+                {
+                    *n = n.saturating_sub(1);
+                }
                 self.dropped += 1;
+                *self.held_by_client.entry(client).or_default() += 1;
+            } else {
+                *self.held_by_client.entry(client).or_default() += 1;
             }
             self.held.push_back(irq);
         }
@@ -240,6 +297,7 @@ impl IrqRouter {
         let (mine, rest): (VecDeque<_>, VecDeque<_>) =
             self.held.drain(..).partition(|i| i.model == model);
         self.held = rest;
+        self.recount();
         out.extend(mine);
         out
     }
@@ -248,6 +306,7 @@ impl IrqRouter {
     /// [`IrqRouter::take_model`]); they go before any it raises here.
     pub fn restore(&mut self, irqs: Vec<PendingIrq>) {
         self.held.extend(irqs);
+        self.recount();
     }
 
     /// Sends what is due, in order: datagrams whose acknowledgement is
@@ -373,6 +432,7 @@ impl IrqRouter {
             }
         }
         self.held = keep;
+        self.recount();
         sent
     }
 
@@ -605,6 +665,31 @@ mod tests {
         assert_eq!(peers.by_client.len(), MAX_CLIENT_PEERS);
         assert_eq!(peers.get(MAX_CLIENT_PEERS as u32 + 1), None);
         assert_eq!(peers.refused(), 3);
+    }
+
+    /// One client's interrupts cannot push another's out of the hold: each
+    /// has its share.
+    #[test]
+    fn held_interrupts_are_bounded_per_client() {
+        let mut r = IrqRouter::new(HashMap::from([(10, 7), (20, 8)]));
+        r.push((0..10).map(|s| irq(20, s)));
+        r.push((0..MAX_HELD as u64 + 5).map(|s| irq(10, s)));
+        assert_eq!(r.held(), MAX_HELD / 2 + 10);
+        assert_eq!(r.client_limited(), MAX_HELD as u64 / 2 + 5);
+        let theirs: Vec<u64> = r
+            .held
+            .iter()
+            .filter(|i| i.vm == 20)
+            .map(|i| i.seq)
+            .collect();
+        assert_eq!(
+            theirs,
+            (0..10).collect::<Vec<_>>(),
+            "client 8's were pushed out"
+        );
+        // Client 7 keeps its newest.
+        let first = r.held.iter().find(|i| i.vm == 10).map(|i| i.seq);
+        assert_eq!(first, Some(MAX_HELD as u64 / 2 + 5));
     }
 
     #[test]

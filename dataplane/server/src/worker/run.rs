@@ -89,5 +89,8 @@ fn publish_router(router: &IrqRouter, stats: &WorkerStats, last_held: &mut u64) 
         stats
             .irqs_dropped
             .store(router.dropped(), Ordering::Relaxed);
+        stats
+            .irqs_client_limit
+            .store(router.client_limited(), Ordering::Relaxed);
     }
 }

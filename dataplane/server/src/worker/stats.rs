@@ -129,6 +129,9 @@ pub struct WorkerStats {
     /// Interrupts dropped: for a VM with no client, held too long, or
     /// given up unacknowledged after about 100 ms of resends.
     pub irqs_dropped: AtomicU64,
+    /// Of those, interrupts dropped because their client had its share of
+    /// the hold full (the oldest of that client's went).
+    pub irqs_client_limit: AtomicU64,
     /// Frames (answers, interrupts) that found the TX ring full and waited
     /// for the next round.
     pub tx_full: AtomicU64,
@@ -186,6 +189,8 @@ pub struct WorkerSnapshot {
     pub irqs_resent: u64,
     /// See [`WorkerStats::irqs_dropped`].
     pub irqs_dropped: u64,
+    /// See [`WorkerStats::irqs_client_limit`].
+    pub irqs_client_limit: u64,
     /// See [`WorkerStats::tx_full`].
     pub tx_full: u64,
     /// See [`WorkerStats::peer_limit`].
@@ -241,6 +246,7 @@ impl WorkerSnapshot {
             ("irqs_held", self.irqs_held),
             ("irqs_resent", self.irqs_resent),
             ("irqs_dropped", self.irqs_dropped),
+            ("irqs_client_limit", self.irqs_client_limit),
             ("tx_full", self.tx_full),
             ("peer_limit", self.peer_limit),
             ("sleeps", self.sleeps),
@@ -308,6 +314,7 @@ impl WorkerStats {
             irqs_held: self.irqs_held.load(r),
             irqs_resent: self.irqs_resent.load(r),
             irqs_dropped: self.irqs_dropped.load(r),
+            irqs_client_limit: self.irqs_client_limit.load(r),
             tx_full: self.tx_full.load(r),
             peer_limit: self.peer_limit.load(r),
             sleeps: self.sleeps.load(r),
