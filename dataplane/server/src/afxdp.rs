@@ -113,24 +113,30 @@ fn errno(what: &'static str, e: xdpilone::Errno) -> ServerError {
     }
 }
 
+/// Anonymous memory of `len` bytes for a UMEM, and a pointer to it.
+fn umem_area(len: usize) -> Result<(memmap2::MmapMut, NonNull<[u8]>), ServerError> {
+    let mut map = memmap2::MmapOptions::new()
+        .len(len)
+        .map_anon()
+        .map_err(|source| ServerError::AfXdp {
+            what: "mmap UMEM",
+            source,
+        })?;
+    let ptr = NonNull::new(std::ptr::slice_from_raw_parts_mut(map.as_mut_ptr(), len)).ok_or(
+        ServerError::AfXdp {
+            what: "mmap UMEM",
+            source: std::io::Error::other("null mapping"),
+        },
+    )?;
+    Ok((map, ptr))
+}
+
 impl XskSet {
     /// Creates `workers` sockets on `ifname` queue 0 sharing one UMEM, and
     /// fills the fill ring.
     pub fn new(ifname: &str, workers: usize) -> Result<XskSet, ServerError> {
         let frames = FILL_FRAMES + IRQ_FRAMES_PER_WORKER * workers as u32;
-        let len = (frames * FRAME_SIZE) as usize;
-        let mut map = memmap2::MmapOptions::new()
-            .len(len)
-            .map_anon()
-            .map_err(|source| ServerError::AfXdp {
-                what: "mmap UMEM",
-                source,
-            })?;
-        let area_ptr = NonNull::new(std::ptr::slice_from_raw_parts_mut(map.as_mut_ptr(), len))
-            .ok_or(ServerError::AfXdp {
-                what: "mmap UMEM",
-                source: std::io::Error::other("null mapping"),
-            })?;
+        let (map, area_ptr) = umem_area((frames * FRAME_SIZE) as usize)?;
         let config = UmemConfig {
             fill_size: RING_SIZE,
             complete_size: RING_SIZE,
