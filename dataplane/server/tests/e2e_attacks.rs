@@ -262,17 +262,20 @@ fn attacks(mode: Mode, tag: &str) {
     let seq0 = 1_000u64;
     assert_eq!(victim.call(seq0, write(1)), (Status::Ok, 0));
     asock
-        .send_to(
-            &datagram_of(Kind::Request, TENANT, None, &[req(TENANT_VM, 1, read())]),
-            server,
-        )
-        .unwrap();
-    asock
-        .set_read_timeout(Some(Duration::from_secs(1)))
+        .set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
     let mut buf = [0u8; 2048];
-    let n = asock.recv(&mut buf).expect("the tenant is served");
-    assert_eq!(Datagram::parse(&buf[..n]).unwrap().kind(), Kind::Response);
+    let own = datagram_of(Kind::Request, TENANT, None, &[req(TENANT_VM, 1, read())]);
+    let served = (0..10).any(|_| {
+        asock.send_to(&own, server).unwrap();
+        asock
+            .recv(&mut buf)
+            .is_ok_and(|n| Datagram::parse(&buf[..n]).is_ok_and(|d| d.kind() == Kind::Response))
+    });
+    assert!(served, "the tenant is served");
+    // Late answers to the tenant's resends, if any, are read before the
+    // attack.
+    while asock.recv(&mut buf).is_ok() {}
 
     let before = srv.snapshot();
     let mut sent = 0u64;

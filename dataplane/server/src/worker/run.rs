@@ -44,11 +44,13 @@ pub fn run<T: Transport>(mut io: T, mut w: Worker) {
                 stats: &w.stats,
             },
         );
+        // Counted before anything is answered: a reader that has an
+        // answer sees its request counted.
+        WorkerStats::add(&w.stats.rx, got);
         flush_irqs(&mut io, &mut w, &peers);
         publish_router(&w.router, &w.stats, &mut last_held);
         io.transmit(&w.stats);
         io.reclaim();
-        WorkerStats::add(&w.stats.rx, got);
         if got > 0 {
             w.stats.publish(&w.disp.stats());
             w.stats.peer_limit.store(peers.refused(), Ordering::Relaxed);
