@@ -1,20 +1,26 @@
 //! The XDP program proper (compiled only for the BPF target).
+//!
+//! One parse or lookup helper per step, in the order a frame meets them
+//! ([`parse_eth`], [`parse_ipv4`], [`parse_udp`], [`check_port`],
+//! [`check_lengths`], [`parse_header`], [`lookup_route`],
+//! [`check_client`], [`check_vm`], [`steer`]). Each returns the next step's input or the
+//! [`Verdict`] that ends the frame's way; the rules themselves are
+//! `devplane_wire`'s, shared with the workers' parsers.
 
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
 use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::{Array, HashMap, PerCpuArray, XskMap};
 use aya_ebpf::programs::XdpContext;
 use devplane_wire::frame::{
-    ETH_HLEN, ETH_P_IP, EthHdr, IP_MF_OFFSET_MASK, IPPROTO_UDP, IPV4_MIN_HLEN, Ipv4Hdr, UDP_HLEN,
-    UdpHdr,
+    ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_UDP, Ipv4Hdr, UDP_HLEN, UdpHdr, udp_lengths_ok,
 };
+use devplane_wire::header::{count_fits, server_accepts};
 use devplane_wire::maps::{
-    CONFIG_CHECK_CLIENT, CONFIG_REDIRECT, COUNTER_COUNT, ClientEntry, Config, Counter, MAX_CLIENTS,
-    MAX_MODELS, MAX_VMS, MAX_WORKERS, Route, VmEntry,
+    CLIENTS_MAP, CONFIG_CHECK_CLIENT, CONFIG_MAP, CONFIG_REDIRECT, COUNTER_COUNT, ClientEntry,
+    Config, Counter, MAX_CLIENTS, MAX_MODELS, MAX_VMS, MAX_WORKERS, ROUTES_MAP, Route, STATS_MAP,
+    VMS_MAP, VmEntry, XSKS_MAP,
 };
-use devplane_wire::{
-    DEFAULT_PORT, HEADER_LEN, Header, Kind, MAGIC, MAX_RECORDS, RECORD_LEN, VERSION,
-};
+use devplane_wire::{DEFAULT_PORT, HEADER_LEN, Header, RawRecord};
 
 #[map(name = "DP_ROUTES")]
 static ROUTES: HashMap<u32, Route> = HashMap::with_max_entries(MAX_MODELS, 0);
@@ -34,6 +40,57 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map(name = "DP_XSKS")]
 static XSKS: XskMap = XskMap::with_max_entries(MAX_WORKERS, 0);
 
+/// Whether two strings are equal, at compile time.
+const fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+// The `#[map]` attribute takes a literal: these tie each literal above to
+// the name `devplane_wire::maps` gives the userspace loader.
+const _: () = assert!(same(ROUTES_MAP, "DP_ROUTES"));
+const _: () = assert!(same(CLIENTS_MAP, "DP_CLIENTS"));
+const _: () = assert!(same(VMS_MAP, "DP_VMS"));
+const _: () = assert!(same(STATS_MAP, "DP_STATS"));
+const _: () = assert!(same(CONFIG_MAP, "DP_CONFIG"));
+const _: () = assert!(same(XSKS_MAP, "DP_XSKS"));
+
+/// How a frame's way ends: the counter to bump and the `xdp_action`.
+#[derive(Clone, Copy)]
+struct Verdict {
+    counter: Counter,
+    action: u32,
+}
+
+/// The outcome of one step: its result, or the frame's verdict.
+type Step<T> = Result<T, Verdict>;
+
+#[inline(always)]
+fn drop_as(counter: Counter) -> Verdict {
+    Verdict {
+        counter,
+        action: XDP_DROP,
+    }
+}
+
+#[inline(always)]
+fn pass_as(counter: Counter) -> Verdict {
+    Verdict {
+        counter,
+        action: XDP_PASS,
+    }
+}
+
 #[inline(always)]
 fn count(c: Counter) {
     if let Some(p) = STATS.get_ptr_mut(c as u32) {
@@ -43,130 +100,199 @@ fn count(c: Counter) {
     }
 }
 
+/// A reference to the `T` at `offset` in the frame, if the whole `T` is
+/// inside it.
 #[inline(always)]
-fn verdict(c: Counter, action: u32) -> u32 {
-    count(c);
-    action
-}
-
-/// A pointer to a `T` at `offset` in the frame, if the whole `T` is inside.
-#[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+fn header_at<T>(ctx: &XdpContext, offset: usize) -> Step<&T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
-        return None;
+        return Err(drop_as(Counter::DropTruncated));
     }
-    Some((start + offset) as *const T)
+    let p = (start + offset) as *const T;
+    // SAFETY: the whole `T` lies within [data, data_end) (checked above),
+    // memory the kernel keeps for the program's run; every `T` read here
+    // is a `devplane_wire` header of unaligned byte fields, valid for any
+    // bit pattern.
+    Ok(unsafe { &*p })
 }
 
-/// The entry point: returns an `xdp_action`.
-#[xdp]
-pub fn devplane_xdp(ctx: XdpContext) -> u32 {
-    count(Counter::Rx);
-    classify(&ctx)
-}
-
+/// Ethernet: IPv4 goes on, anything else passes.
 #[inline(always)]
-fn classify(ctx: &XdpContext) -> u32 {
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return verdict(Counter::DropTruncated, XDP_DROP);
-    };
-    // SAFETY (all header reads below): `ptr_at` checked the whole header
-    // lies within [data, data_end); the types are unaligned byte arrays.
-    if unsafe { (*eth).ethertype.get() } != ETH_P_IP {
-        return verdict(Counter::PassNotIpv4, XDP_PASS);
+fn parse_eth(ctx: &XdpContext) -> Step<()> {
+    let eth: &EthHdr = header_at(ctx, 0)?;
+    if eth.ethertype.get() != ETH_P_IP {
+        return Err(pass_as(Counter::PassNotIpv4));
     }
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
-        return verdict(Counter::DropTruncated, XDP_DROP);
-    };
-    let ip = unsafe { &*ip };
-    if ip.version_ihl >> 4 != 4 {
-        return verdict(Counter::DropBadLength, XDP_DROP);
-    }
-    let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
-    if ihl < IPV4_MIN_HLEN {
-        return verdict(Counter::DropBadLength, XDP_DROP);
+    Ok(())
+}
+
+/// IPv4: an unfragmented UDP packet goes on; returns its header.
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext) -> Step<&Ipv4Hdr> {
+    let ip: &Ipv4Hdr = header_at(ctx, ETH_HLEN)?;
+    if !ip.is_v4() || !ip.header_len_ok() {
+        return Err(drop_as(Counter::DropBadLength));
     }
     if ip.proto != IPPROTO_UDP {
-        return verdict(Counter::PassNotUdp, XDP_PASS);
+        return Err(pass_as(Counter::PassNotUdp));
     }
-    if ip.frag_off.get() & IP_MF_OFFSET_MASK != 0 {
-        return verdict(Counter::PassFragment, XDP_PASS);
+    if ip.is_fragment() {
+        return Err(pass_as(Counter::PassFragment));
     }
-    let udp_off = ETH_HLEN + ihl;
-    let Some(udp) = ptr_at::<UdpHdr>(ctx, udp_off) else {
-        return verdict(Counter::DropTruncated, XDP_DROP);
-    };
-    let udp = unsafe { &*udp };
-    let Some(cfg) = CONFIG.get(0) else {
-        return verdict(Counter::DropNoConfig, XDP_DROP);
-    };
+    Ok(ip)
+}
+
+/// UDP: returns the header behind the IPv4 header `ip`.
+#[inline(always)]
+fn parse_udp<'a>(ctx: &'a XdpContext, ip: &Ipv4Hdr) -> Step<&'a UdpHdr> {
+    header_at(ctx, ETH_HLEN + ip.header_len())
+}
+
+/// The program's settings.
+#[inline(always)]
+fn config() -> Step<&'static Config> {
+    CONFIG.get(0).ok_or(drop_as(Counter::DropNoConfig))
+}
+
+/// Only the devplane port goes on; other UDP passes.
+#[inline(always)]
+fn check_port(udp: &UdpHdr, cfg: &Config) -> Step<()> {
     let port = if cfg.port == 0 {
         DEFAULT_PORT
     } else {
         cfg.port
     };
     if udp.dst.get() != port {
-        return verdict(Counter::PassOtherPort, XDP_PASS);
+        return Err(pass_as(Counter::PassOtherPort));
     }
-    // From here on the frame claims to be devplane's: anything wrong drops.
+    Ok(())
+}
+
+/// The IPv4 and UDP lengths agree with each other and with the frame;
+/// returns the UDP payload's length.
+#[inline(always)]
+fn check_lengths(ctx: &XdpContext, ip: &Ipv4Hdr, udp: &UdpHdr) -> Step<usize> {
     let frame_len = ctx.data_end() - ctx.data();
     let tot_len = ip.tot_len.get() as usize;
     if ETH_HLEN + tot_len > frame_len {
-        return verdict(Counter::DropTruncated, XDP_DROP);
+        return Err(drop_as(Counter::DropTruncated));
     }
     let udp_len = udp.len.get() as usize;
-    if tot_len < ihl + UDP_HLEN || udp_len < UDP_HLEN || udp_len > tot_len - ihl {
-        return verdict(Counter::DropBadLength, XDP_DROP);
+    if !udp_lengths_ok(tot_len, ip.header_len(), udp_len) {
+        return Err(drop_as(Counter::DropBadLength));
     }
-    let payload_len = udp_len - UDP_HLEN;
-    let Some(hdr) = ptr_at::<Header>(ctx, udp_off + UDP_HLEN) else {
-        return verdict(Counter::DropTruncated, XDP_DROP);
-    };
+    Ok(udp_len - UDP_HLEN)
+}
+
+/// The devplane header: magic, version, a kind a server accepts, and a
+/// record count that fills the payload exactly.
+#[inline(always)]
+fn parse_header<'a>(ctx: &'a XdpContext, ip: &Ipv4Hdr, payload_len: usize) -> Step<&'a Header> {
+    let hdr: &Header = header_at(ctx, ETH_HLEN + ip.header_len() + UDP_HLEN)?;
     if payload_len < HEADER_LEN {
-        return verdict(Counter::DropTruncated, XDP_DROP);
+        return Err(drop_as(Counter::DropTruncated));
     }
-    let hdr = unsafe { &*hdr };
-    if hdr.magic.get() != MAGIC {
-        return verdict(Counter::DropBadMagic, XDP_DROP);
+    if !hdr.magic_ok() {
+        return Err(drop_as(Counter::DropBadMagic));
     }
-    if hdr.version != VERSION {
-        return verdict(Counter::DropBadVersion, XDP_DROP);
+    if !hdr.version_ok() {
+        return Err(drop_as(Counter::DropBadVersion));
     }
-    if hdr.kind != Kind::Request as u8 && hdr.kind != Kind::Ack as u8 {
-        return verdict(Counter::DropBadKind, XDP_DROP);
+    if !server_accepts(hdr.kind) {
+        return Err(drop_as(Counter::DropBadKind));
     }
-    let records = hdr.count.get() as usize;
-    if records == 0 || records > MAX_RECORDS || HEADER_LEN + records * RECORD_LEN != payload_len {
-        return verdict(Counter::DropBadCount, XDP_DROP);
+    if !count_fits(hdr.count.get() as usize, payload_len) {
+        return Err(drop_as(Counter::DropBadCount));
     }
+    Ok(hdr)
+}
+
+/// Where the header's device model is served.
+#[inline(always)]
+fn lookup_route(hdr: &Header) -> Step<&Route> {
     let model = hdr.model.get();
-    let Some(route) = (unsafe { ROUTES.get(&model) }) else {
-        return verdict(Counter::DropUnknownModel, XDP_DROP);
+    // SAFETY: the value is only read, in this run; a concurrent update from
+    // userspace replaces the element atomically (the kernel frees the old
+    // one after an RCU grace period, which this run is inside of).
+    unsafe { ROUTES.get(&model) }.ok_or(drop_as(Counter::DropUnknownModel))
+}
+
+/// With `CONFIG_CHECK_CLIENT`: the header's client is registered and the
+/// frame comes from its address.
+#[inline(always)]
+fn check_client(cfg: &Config, hdr: &Header, ip: &Ipv4Hdr) -> Step<()> {
+    if cfg.flags & CONFIG_CHECK_CLIENT == 0 {
+        return Ok(());
+    }
+    let client = hdr.client.get();
+    // SAFETY: as in `lookup_route`: read only, within this run.
+    let Some(entry) = (unsafe { CLIENTS.get(&client) }) else {
+        return Err(drop_as(Counter::DropUnknownClient));
     };
-    if cfg.flags & CONFIG_CHECK_CLIENT != 0 {
-        let client = hdr.client.get();
-        let Some(entry) = (unsafe { CLIENTS.get(&client) }) else {
-            return verdict(Counter::DropUnknownClient, XDP_DROP);
-        };
-        if entry.ip != ip.src {
-            return verdict(Counter::DropSpoofed, XDP_DROP);
-        }
+    if entry.ip != ip.src {
+        return Err(drop_as(Counter::DropSpoofed));
     }
-    if cfg.flags & CONFIG_REDIRECT == 0 {
-        return verdict(Counter::PassRouted, XDP_PASS);
+    Ok(())
+}
+
+/// With `CONFIG_CHECK_CLIENT`: the first record's VM belongs to the
+/// header's client (the worker checks every record; a devplane client
+/// puts one vCPU's requests in a datagram, so the first is the cheap test
+/// that stops a foreign datagram before it costs a worker anything).
+#[inline(always)]
+fn check_vm(ctx: &XdpContext, cfg: &Config, ip: &Ipv4Hdr, hdr: &Header) -> Step<()> {
+    if cfg.flags & CONFIG_CHECK_CLIENT == 0 {
+        return Ok(());
     }
-    match XSKS.redirect(route.worker, 0) {
-        Ok(action) => verdict(Counter::Redirected, action),
-        Err(_) => verdict(Counter::DropNoSocket, XDP_DROP),
+    let rec: &RawRecord = header_at(ctx, ETH_HLEN + ip.header_len() + UDP_HLEN + HEADER_LEN)?;
+    let vm = rec.vm.get();
+    // SAFETY: as in `lookup_route`: read only, within this run.
+    match unsafe { VMS.get(&vm) } {
+        Some(entry) if entry.client == hdr.client.get() => Ok(()),
+        _ => Err(drop_as(Counter::DropForeignVm)),
     }
 }
 
-/// Keeps the VMs map in the object for userspace (interrupt routing); the
-/// program itself does not read it yet.
-#[inline(never)]
-#[allow(dead_code)]
-fn vms() -> &'static HashMap<u32, VmEntry> {
-    &VMS
+/// Redirects to the owning worker's socket (or passes, in socket mode).
+#[inline(always)]
+fn steer(cfg: &Config, route: &Route) -> Verdict {
+    if cfg.flags & CONFIG_REDIRECT == 0 {
+        return pass_as(Counter::PassRouted);
+    }
+    match XSKS.redirect(route.worker, 0) {
+        Ok(action) => Verdict {
+            counter: Counter::Redirected,
+            action,
+        },
+        Err(_) => drop_as(Counter::DropNoSocket),
+    }
+}
+
+/// Every step in order.
+#[inline(always)]
+fn classify(ctx: &XdpContext) -> Step<Verdict> {
+    parse_eth(ctx)?;
+    let ip = parse_ipv4(ctx)?;
+    let udp = parse_udp(ctx, ip)?;
+    let cfg = config()?;
+    check_port(udp, cfg)?;
+    // From here on the frame claims to be devplane's: anything wrong drops.
+    let payload_len = check_lengths(ctx, ip, udp)?;
+    let hdr = parse_header(ctx, ip, payload_len)?;
+    let route = lookup_route(hdr)?;
+    check_client(cfg, hdr, ip)?;
+    check_vm(ctx, cfg, ip, hdr)?;
+    Ok(steer(cfg, route))
+}
+
+/// The entry point: returns an `xdp_action`.
+#[xdp]
+pub fn devplane_xdp(ctx: XdpContext) -> u32 {
+    count(Counter::Rx);
+    let v = match classify(&ctx) {
+        Ok(v) | Err(v) => v,
+    };
+    count(v.counter);
+    v.action
 }

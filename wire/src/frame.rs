@@ -85,11 +85,51 @@ pub struct UdpHdr {
 /// IPv4 "more fragments" flag and fragment-offset mask.
 pub const IP_MF_OFFSET_MASK: u16 = 0x3fff;
 
+impl Ipv4Hdr {
+    /// Whether the version nibble says IPv4.
+    #[inline(always)]
+    pub fn is_v4(&self) -> bool {
+        self.version_ihl >> 4 == 4
+    }
+
+    /// The header length in bytes, options included (may be below
+    /// [`IPV4_MIN_HLEN`] in a bad header: see [`Ipv4Hdr::header_len_ok`]).
+    #[inline(always)]
+    pub fn header_len(&self) -> usize {
+        ((self.version_ihl & 0x0f) as usize) * 4
+    }
+
+    /// Whether the header length is at least the minimal header's.
+    #[inline(always)]
+    pub fn header_len_ok(&self) -> bool {
+        self.header_len() >= IPV4_MIN_HLEN
+    }
+
+    /// Whether this is a fragment (the first or a later one).
+    #[inline(always)]
+    pub fn is_fragment(&self) -> bool {
+        self.frag_off.get() & IP_MF_OFFSET_MASK != 0
+    }
+}
+
+/// Whether the IPv4 total length `tot_len`, the IPv4 header length `ihl`
+/// and the UDP length `udp_len` agree: the UDP header fits the IPv4
+/// packet, and the UDP datagram is at least its header and at most what
+/// the IPv4 packet carries.
+#[inline(always)]
+pub fn udp_lengths_ok(tot_len: usize, ihl: usize, udp_len: usize) -> bool {
+    tot_len >= ihl + UDP_HLEN && udp_len >= UDP_HLEN && udp_len <= tot_len - ihl
+}
+
 /// The Internet checksum (RFC 1071) of `data`, folded and complemented.
 pub fn checksum(data: &[u8]) -> u16 {
-    // A u64 accumulator cannot overflow for any slice that fits in memory
-    // (a u32 one overflowed past 128 KiB of data).
-    let mut sum: u64 = 0;
+    !fold(sum_words(data, 0))
+}
+
+/// One's-complement sum of `data` as big-endian 16-bit words, added to
+/// `sum` (not folded). A u64 accumulator cannot overflow for any slice that
+/// fits in memory (a u32 one overflowed past 128 KiB of data).
+fn sum_words(data: &[u8], mut sum: u64) -> u64 {
     let mut chunks = data.chunks_exact(2);
     for c in &mut chunks {
         sum += u16::from_be_bytes([c[0], c[1]]) as u64;
@@ -97,10 +137,35 @@ pub fn checksum(data: &[u8]) -> u16 {
     if let [b] = chunks.remainder() {
         sum += (*b as u64) << 8;
     }
+    sum
+}
+
+fn fold(mut sum: u64) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    !(sum as u16)
+    sum as u16
+}
+
+/// Whether the checksums of a UDP/IPv4 frame hold: the IPv4 header's
+/// (`ip` is the whole header, options included), and the UDP one unless it
+/// is zero (none, which IPv4 allows). `udp` is the UDP header and payload
+/// (the UDP length's worth).
+pub fn checksums_ok(ip: &[u8], udp: &[u8]) -> bool {
+    if fold(sum_words(ip, 0)) != 0xffff {
+        return false;
+    }
+    let Some(check) = udp.get(6..8) else {
+        return false;
+    };
+    if check == [0, 0] {
+        return true;
+    }
+    let (Some(src), Some(dst)) = (ip.get(12..16), ip.get(16..20)) else {
+        return false;
+    };
+    let pseudo = sum_words(src, 0) + sum_words(dst, 0) + IPPROTO_UDP as u64 + udp.len() as u64;
+    fold(sum_words(udp, pseudo)) == 0xffff
 }
 
 /// Addresses of one UDP/IPv4 flow endpoint pair.
@@ -210,17 +275,17 @@ pub fn parse_udp(frame: &[u8]) -> Result<UdpFrame, FrameError> {
         return Err(FrameError::NotIpv4);
     }
     let (ip, _) = Ipv4Hdr::ref_from_prefix(rest).map_err(|_| FrameError::Truncated)?;
-    if ip.version_ihl >> 4 != 4 {
+    if !ip.is_v4() {
         return Err(FrameError::NotIpv4);
     }
-    let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
-    if ihl < IPV4_MIN_HLEN {
+    if !ip.header_len_ok() {
         return Err(FrameError::BadLength);
     }
+    let ihl = ip.header_len();
     if ip.proto != IPPROTO_UDP {
         return Err(FrameError::NotUdp);
     }
-    if ip.frag_off.get() & IP_MF_OFFSET_MASK != 0 {
+    if ip.is_fragment() {
         return Err(FrameError::Fragment);
     }
     let tot = ip.tot_len.get() as usize;
@@ -232,7 +297,7 @@ pub fn parse_udp(frame: &[u8]) -> Result<UdpFrame, FrameError> {
     }
     let (udp, _) = UdpHdr::ref_from_prefix(&rest[ihl..]).map_err(|_| FrameError::Truncated)?;
     let ulen = udp.len.get() as usize;
-    if ulen < UDP_HLEN || ulen > tot - ihl {
+    if !udp_lengths_ok(tot, ihl, ulen) {
         return Err(FrameError::BadLength);
     }
     let mut src_ip = [0; 4];

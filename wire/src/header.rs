@@ -97,7 +97,35 @@ const _: () = assert!(core::mem::offset_of!(Header, server) == OFF_SERVER);
 const _: () = assert!(core::mem::offset_of!(Header, client) == OFF_CLIENT);
 const _: () = assert!(core::mem::offset_of!(Header, count) == OFF_COUNT);
 
+/// Whether a server accepts datagrams of kind byte `kind`: requests and
+/// acknowledgements (responses and interrupts go the other way).
+#[inline(always)]
+pub const fn server_accepts(kind: u8) -> bool {
+    kind == Kind::Request as u8 || kind == Kind::Ack as u8
+}
+
+/// Whether `count` records fill a UDP payload of `payload_len` bytes
+/// exactly, and are at least one and at most [`crate::MAX_RECORDS`].
+#[inline(always)]
+pub const fn count_fits(count: usize, payload_len: usize) -> bool {
+    count != 0
+        && count <= crate::MAX_RECORDS
+        && crate::HEADER_LEN + count * crate::RECORD_LEN == payload_len
+}
+
 impl Header {
+    /// Whether the magic is devplane's.
+    #[inline(always)]
+    pub fn magic_ok(&self) -> bool {
+        self.magic.get() == crate::MAGIC
+    }
+
+    /// Whether the version is the one this crate speaks.
+    #[inline(always)]
+    pub fn version_ok(&self) -> bool {
+        self.version == crate::VERSION
+    }
+
     /// A header of the current version with the given fields and no records.
     pub fn new(kind: Kind, model: u32, server: u32, client: u32) -> Header {
         Header {
@@ -157,10 +185,10 @@ impl Header {
             need: crate::HEADER_LEN,
             have: buf.len(),
         })?;
-        if hdr.magic.get() != crate::MAGIC {
+        if !hdr.magic_ok() {
             return Err(WireError::BadMagic(hdr.magic.get()));
         }
-        if hdr.version != crate::VERSION {
+        if !hdr.version_ok() {
             return Err(WireError::UnsupportedVersion(hdr.version));
         }
         let kind = Kind::from_u8(hdr.kind).ok_or(WireError::UnknownKind(hdr.kind))?;

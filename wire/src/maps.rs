@@ -153,10 +153,13 @@ pub enum Counter {
     Forwarded = 17,
     /// Dropped: the program's config entry is missing.
     DropNoConfig = 18,
+    /// Dropped: the first record's VM is not in [`VMS_MAP`] or belongs to
+    /// another client than the header's (if checking clients).
+    DropForeignVm = 19,
 }
 
 /// Number of counters; the size of [`STATS_MAP`].
-pub const COUNTER_COUNT: u32 = 19;
+pub const COUNTER_COUNT: u32 = 20;
 
 impl Counter {
     /// Every counter, in index order.
@@ -180,6 +183,7 @@ impl Counter {
         Counter::DropNoSocket,
         Counter::Forwarded,
         Counter::DropNoConfig,
+        Counter::DropForeignVm,
     ];
 
     /// A stable snake_case name, for tables and JSON.
@@ -204,6 +208,7 @@ impl Counter {
             Counter::DropNoSocket => "drop_no_socket",
             Counter::Forwarded => "forwarded",
             Counter::DropNoConfig => "drop_no_config",
+            Counter::DropForeignVm => "drop_foreign_vm",
         }
     }
 }

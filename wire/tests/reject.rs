@@ -918,3 +918,49 @@ fn checksum_edges() {
     }
     assert_eq!(frame::checksum(&big), !(s as u16));
 }
+
+/// Fills in the UDP checksum of a frame built by `write_headers`.
+fn with_udp_checksum(mut f: Vec<u8>) -> Vec<u8> {
+    let udp_at = ETH_HLEN + IPV4_MIN_HLEN;
+    let udp_len = f.len() - udp_at;
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&f[ETH_HLEN + 12..ETH_HLEN + 20]);
+    pseudo.extend_from_slice(&[0, frame::IPPROTO_UDP]);
+    pseudo.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    pseudo.extend_from_slice(&f[udp_at..]);
+    let c = frame::checksum(&pseudo);
+    // A computed 0 is sent as 0xffff (0 means "none").
+    udp_mut(&mut f).check = zerocopy::network_endian::U16::new(if c == 0 { 0xffff } else { c });
+    f
+}
+
+fn checksums_ok(f: &[u8]) -> bool {
+    let udp_at = ETH_HLEN + IPV4_MIN_HLEN;
+    frame::checksums_ok(&f[ETH_HLEN..udp_at], &f[udp_at..])
+}
+
+#[test]
+fn checksums_are_verified() {
+    let plain = frame();
+    assert!(checksums_ok(&plain), "no UDP checksum (zero) is valid");
+    let summed = with_udp_checksum(frame());
+    assert_ne!(udp_mut(&mut summed.clone()).check.get(), 0);
+    assert!(checksums_ok(&summed), "a right UDP checksum");
+    // A wrong IPv4 header checksum.
+    let mut bad_ip = plain.clone();
+    let c = ip_mut(&mut bad_ip).check.get();
+    ip_mut(&mut bad_ip).check = zerocopy::network_endian::U16::new(c ^ 0x0100);
+    assert!(!checksums_ok(&bad_ip), "a wrong IPv4 checksum");
+    // A payload byte changed under a non-zero UDP checksum.
+    let mut bad_udp = summed.clone();
+    let last = bad_udp.len() - 1;
+    bad_udp[last] ^= 0x40;
+    assert!(!checksums_ok(&bad_udp), "a wrong UDP checksum");
+    // The same change without a UDP checksum is not detectable, and valid.
+    let mut unsummed = plain.clone();
+    unsummed[last] ^= 0x40;
+    assert!(checksums_ok(&unsummed));
+    // Odd lengths sum the last byte as a high byte.
+    let odd = with_udp_checksum(frame_with(&[1, 2, 3]));
+    assert!(checksums_ok(&odd));
+}

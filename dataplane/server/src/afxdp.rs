@@ -17,21 +17,19 @@
 
 use std::num::NonZeroU32;
 use std::ptr::NonNull;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use devplane_wire::frame::Flow;
 use xdpilone::xdp::XdpDesc;
 use xdpilone::{DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, Umem, UmemConfig, User};
 
-use super::ServerError;
-use super::backoff::{Backoff, wait_readable};
-use super::dispatch::Dispatcher;
-use super::frames::{FrameOutcome, answer_in_place, interrupt_frame};
-use super::irq::{IrqRouter, Peers};
-use super::lifecycle::WorkerCtl;
-use super::stats::WorkerStats;
+use crate::ServerError;
+use crate::dispatch::PendingIrq;
+use crate::frames::{FrameOutcome, answer_in_place, interrupt_frame};
+use crate::worker::backoff::wait_readable;
+use crate::worker::stats::WorkerStats;
+use crate::worker::{Transport, Work};
 
 /// Size of one UMEM frame.
 pub const FRAME_SIZE: u32 = 2048;
@@ -115,24 +113,30 @@ fn errno(what: &'static str, e: xdpilone::Errno) -> ServerError {
     }
 }
 
+/// Anonymous memory of `len` bytes for a UMEM, and a pointer to it.
+fn umem_area(len: usize) -> Result<(memmap2::MmapMut, NonNull<[u8]>), ServerError> {
+    let mut map = memmap2::MmapOptions::new()
+        .len(len)
+        .map_anon()
+        .map_err(|source| ServerError::AfXdp {
+            what: "mmap UMEM",
+            source,
+        })?;
+    let ptr = NonNull::new(std::ptr::slice_from_raw_parts_mut(map.as_mut_ptr(), len)).ok_or(
+        ServerError::AfXdp {
+            what: "mmap UMEM",
+            source: std::io::Error::other("null mapping"),
+        },
+    )?;
+    Ok((map, ptr))
+}
+
 impl XskSet {
     /// Creates `workers` sockets on `ifname` queue 0 sharing one UMEM, and
     /// fills the fill ring.
     pub fn new(ifname: &str, workers: usize) -> Result<XskSet, ServerError> {
         let frames = FILL_FRAMES + IRQ_FRAMES_PER_WORKER * workers as u32;
-        let len = (frames * FRAME_SIZE) as usize;
-        let mut map = memmap2::MmapOptions::new()
-            .len(len)
-            .map_anon()
-            .map_err(|source| ServerError::AfXdp {
-                what: "mmap UMEM",
-                source,
-            })?;
-        let area_ptr = NonNull::new(std::ptr::slice_from_raw_parts_mut(map.as_mut_ptr(), len))
-            .ok_or(ServerError::AfXdp {
-                what: "mmap UMEM",
-                source: std::io::Error::other("null mapping"),
-            })?;
+        let (map, area_ptr) = umem_area((frames * FRAME_SIZE) as usize)?;
         let config = UmemConfig {
             fill_size: RING_SIZE,
             complete_size: RING_SIZE,
@@ -253,19 +257,6 @@ pub struct XskWorkerRings {
     irq_free: Vec<u64>,
 }
 
-/// Settings of a worker loop.
-#[derive(Debug, Clone, Copy)]
-pub struct LoopConfig {
-    /// This server's id.
-    pub server: u32,
-    /// Frames per poll at most.
-    pub batch: u32,
-    /// Empty polls before sleeping.
-    pub spin_budget: u32,
-    /// Longest sleep when idle.
-    pub idle_sleep: Duration,
-}
-
 fn is_irq_frame(addr: u64) -> bool {
     addr >= FILL_FRAMES as u64 * FRAME_SIZE as u64
 }
@@ -274,179 +265,238 @@ fn irq_owner(addr: u64) -> usize {
     ((addr / FRAME_SIZE as u64 - FILL_FRAMES as u64) / IRQ_FRAMES_PER_WORKER as u64) as usize
 }
 
-/// The AF_XDP worker loop: runs until `stop` is set.
-pub fn run_worker(
-    mut rings: XskWorkerRings,
-    mut disp: Dispatcher,
-    mut router: IrqRouter,
-    mut cfg: LoopConfig,
-    stats: Arc<WorkerStats>,
-    ctl: WorkerCtl,
-) {
-    let mut backoff = Backoff::new(cfg.spin_budget, cfg.idle_sleep);
-    let mut peers: Peers<Flow> = Peers::default();
-    let mut replies: Vec<XdpDesc> = Vec::with_capacity(cfg.batch as usize);
-    let mut recycle: Vec<u64> = Vec::with_capacity(cfg.batch as usize);
-    let mut in_flight: u32 = 0;
-    // Per-batch scratch, reused: no allocation on the packet path.
-    let mut irq_descs: Vec<XdpDesc> = Vec::new();
-    // Frames to transmit that the TX ring had no room for yet.
-    let mut pending: Vec<XdpDesc> = Vec::with_capacity(RING_SIZE as usize);
-    let mut done: Vec<u64> = Vec::with_capacity(RING_SIZE as usize);
-    let mut last_held = 0u64;
-    while ctl.poll(&mut disp, &mut router, &mut cfg, &mut backoff) {
-        let mut got = 0u64;
-        let mut batch_start = None;
+/// A worker's AF_XDP transport: its rings and the scratch it reuses turn
+/// after turn (no allocation on the packet path).
+pub struct XskTransport {
+    rings: XskWorkerRings,
+    /// Answers of this turn, to transmit.
+    replies: Vec<XdpDesc>,
+    /// Frames to give back to the fill ring.
+    recycle: Vec<u64>,
+    /// Interrupt frames of this turn, to transmit.
+    irq_descs: Vec<XdpDesc>,
+    /// Frames to transmit that the TX ring had no room for yet.
+    pending: Vec<XdpDesc>,
+    /// Scratch: addresses taken from the completion ring.
+    done: Vec<u64>,
+    /// Frames on our TX ring not completed yet (approximately).
+    in_flight: u32,
+    /// When the first frame of this turn's batch was read.
+    batch_start: Option<Instant>,
+}
+
+impl XskTransport {
+    /// The transport of one worker over its rings.
+    pub fn new(rings: XskWorkerRings, batch: u32) -> XskTransport {
+        XskTransport {
+            rings,
+            replies: Vec::with_capacity(batch as usize),
+            recycle: Vec::with_capacity(batch as usize),
+            irq_descs: Vec::new(),
+            pending: Vec::with_capacity(RING_SIZE as usize),
+            done: Vec::with_capacity(RING_SIZE as usize),
+            in_flight: 0,
+            batch_start: None,
+        }
+    }
+
+    /// Puts `pending` on the TX ring. A reservation stops at the ring's
+    /// wrap point, so a batch that straddles it takes a second
+    /// reservation; what the ring truly has no room for waits for the next
+    /// turn (never dropped: an interrupt is sent once). Returns how many
+    /// went.
+    fn push_tx(&mut self) -> usize {
+        let mut sent = 0usize;
+        for _ in 0..2 {
+            let left = &self.pending[sent..];
+            if left.is_empty() {
+                break;
+            }
+            let mut w = self.rings.tx.transmit(left.len() as u32);
+            let n = w.insert(left.iter().copied()) as usize;
+            w.commit();
+            drop(w);
+            sent += n;
+            if n == 0 {
+                break;
+            }
+        }
+        sent
+    }
+}
+
+/// The frames a worker gets back from the kernel, and where they go.
+struct Returns<'a> {
+    /// This worker's index.
+    me: usize,
+    /// Scratch: addresses taken from the completion ring.
+    done: &'a mut Vec<u64>,
+    /// Request frames for the fill ring.
+    recycle: &'a mut Vec<u64>,
+    /// This worker's interrupt frame pool.
+    irq_free: &'a mut Vec<u64>,
+}
+
+impl Returns<'_> {
+    /// Sorts completed frames: interrupt frames back to their worker's
+    /// pool, request frames to the fill ring (with the recycled ones).
+    fn complete(self, sh: &mut Shared) {
+        self.done.clear();
         {
-            let mut rx = rings.rx.receive(cfg.batch);
-            while let Some(desc) = rx.read() {
-                if got == 0 {
-                    batch_start = Some(std::time::Instant::now());
-                }
-                got += 1;
-                // SAFETY: the kernel handed this frame to our RX ring; we own
-                // it until we put it on the TX or fill ring.
-                let frame = unsafe { rings.area.frame(desc.addr, desc.len as usize) };
-                match frame.map(|f| answer_in_place(f, &mut disp, &mut peers)) {
-                    Some(FrameOutcome::Reply) => replies.push(desc),
-                    Some(FrameOutcome::BadFrame) | None => {
-                        WorkerStats::add(&stats.bad_frames, 1);
-                        recycle.push(desc.addr);
-                    }
-                    Some(FrameOutcome::Recycle) => recycle.push(desc.addr),
-                    Some(FrameOutcome::Ack { model, seq }) => {
-                        router.ack(model, seq);
-                        recycle.push(desc.addr);
-                    }
-                }
+            let mut c = sh.fq_cq.complete(RING_SIZE);
+            for addr in c.by_ref() {
+                self.done.push(addr);
             }
-            rx.release();
+            c.release();
         }
-        // Interrupts raised by this batch (or earlier, held).
-        router.push(disp.drain_irqs());
-        irq_descs.clear();
-        if router.held() > 0 {
-            let server = cfg.server;
-            let area = rings.area;
-            let free = &mut rings.irq_free;
-            let sent = router.flush(&peers, |client, flow, irqs| {
-                let Some(addr) = free.pop() else { return false };
-                // SAFETY: the frame comes from this worker's private pool.
-                let Some(buf) = (unsafe { area.frame(addr, FRAME_SIZE as usize) }) else {
-                    return false;
-                };
-                match interrupt_frame(buf, &flow, server, client, irqs[0].model, irqs) {
-                    Some(len) => {
-                        irq_descs.push(XdpDesc {
-                            addr,
-                            len: len as u32,
-                            options: 0,
-                        });
-                        true
-                    }
-                    None => {
-                        free.push(addr);
-                        false
-                    }
-                }
-            });
-            WorkerStats::add(&stats.irqs_sent, sent as u64);
-        }
-        // Published when they change (an acknowledgement may have emptied
-        // the router since the last flush).
-        let held = router.held() as u64;
-        if held != last_held {
-            last_held = held;
-            stats.irqs_held.store(held, Ordering::Relaxed);
-            stats.irqs_resent.store(router.resent(), Ordering::Relaxed);
-            stats
-                .irqs_dropped
-                .store(router.dropped(), Ordering::Relaxed);
-        }
-        // Transmit replies and interrupts in one batch, one wake-up. A
-        // reservation stops at the ring's wrap point, so a batch that
-        // straddles it takes a second reservation; what the ring truly has
-        // no room for waits for the next round (never dropped: an
-        // interrupt is sent once).
-        let answered = replies.len() as u64;
-        pending.append(&mut replies);
-        pending.append(&mut irq_descs);
-        if !pending.is_empty() {
-            let mut sent = 0usize;
-            for _ in 0..2 {
-                let left = &pending[sent..];
-                if left.is_empty() {
-                    break;
-                }
-                let mut w = rings.tx.transmit(left.len() as u32);
-                let n = w.insert(left.iter().copied()) as usize;
-                w.commit();
-                drop(w);
-                sent += n;
-                if n == 0 {
-                    break;
-                }
+        for &addr in self.done.iter() {
+            if !is_irq_frame(addr) {
+                self.recycle.push(addr & !(FRAME_SIZE as u64 - 1));
+            } else if irq_owner(addr) == self.me {
+                self.irq_free.push(addr);
+            } else if let Some(v) = sh.irq_done.get_mut(irq_owner(addr)) {
+                v.push(addr);
             }
-            in_flight += sent as u32;
+        }
+        if let Some(mine) = sh.irq_done.get_mut(self.me) {
+            self.irq_free.append(mine);
+        }
+        if !self.recycle.is_empty() {
+            let mut f = sh.fq_cq.fill(self.recycle.len() as u32);
+            let n = f.insert(self.recycle.iter().map(|a| a & !(FRAME_SIZE as u64 - 1))) as usize;
+            f.commit();
+            self.recycle.drain(..n);
+        }
+    }
+}
+
+/// Answers one received frame: its answer goes to `replies`, anything
+/// else back to `recycle`.
+fn answer_frame(
+    area: AreaPtr,
+    desc: XdpDesc,
+    work: &mut Work<'_, Flow>,
+    replies: &mut Vec<XdpDesc>,
+    recycle: &mut Vec<u64>,
+) {
+    // SAFETY: the kernel handed this frame to our RX ring; we own it until
+    // we put it on the TX or fill ring.
+    let frame = unsafe { area.frame(desc.addr, desc.len as usize) };
+    match frame.map(|f| answer_in_place(f, work.disp, work.peers)) {
+        Some(FrameOutcome::Reply) => replies.push(desc),
+        Some(FrameOutcome::BadFrame) | None => {
+            WorkerStats::add(&work.stats.bad_frames, 1);
+            recycle.push(desc.addr);
+        }
+        Some(FrameOutcome::BadChecksum) => {
+            WorkerStats::add(&work.stats.bad_checksum, 1);
+            recycle.push(desc.addr);
+        }
+        Some(FrameOutcome::Recycle) => recycle.push(desc.addr),
+        Some(FrameOutcome::Ack { model, seq }) => {
+            work.router.ack(model, seq);
+            recycle.push(desc.addr);
+        }
+    }
+}
+
+impl Transport for XskTransport {
+    type Peer = Flow;
+
+    fn receive(&mut self, max: u32, work: &mut Work<'_, Flow>) -> u64 {
+        let mut got = 0u64;
+        let area = self.rings.area;
+        let mut rx = self.rings.rx.receive(max);
+        while let Some(desc) = rx.read() {
+            if got == 0 {
+                self.batch_start = Some(Instant::now());
+            }
+            got += 1;
+            answer_frame(area, desc, work, &mut self.replies, &mut self.recycle);
+        }
+        rx.release();
+        got
+    }
+
+    fn queue_irq(
+        &mut self,
+        server: u32,
+        client: u32,
+        flow: Flow,
+        irqs: &[PendingIrq],
+        _stats: &WorkerStats,
+    ) -> bool {
+        let Some(addr) = self.rings.irq_free.pop() else {
+            return false;
+        };
+        // SAFETY: the frame comes from this worker's private pool.
+        let Some(buf) = (unsafe { self.rings.area.frame(addr, FRAME_SIZE as usize) }) else {
+            return false;
+        };
+        match interrupt_frame(buf, &flow, server, client, irqs[0].model, irqs) {
+            Some(len) => {
+                self.irq_descs.push(XdpDesc {
+                    addr,
+                    len: len as u32,
+                    options: 0,
+                });
+                true
+            }
+            None => {
+                self.rings.irq_free.push(addr);
+                false
+            }
+        }
+    }
+
+    /// Transmits replies and interrupts in one batch, one wake-up.
+    fn transmit(&mut self, stats: &WorkerStats) {
+        let answered = self.replies.len() as u64;
+        self.pending.append(&mut self.replies);
+        self.pending.append(&mut self.irq_descs);
+        if !self.pending.is_empty() {
+            let sent = self.push_tx();
+            self.in_flight += sent as u32;
             WorkerStats::add(&stats.tx, sent as u64);
-            if sent < pending.len() {
-                WorkerStats::add(&stats.tx_full, (pending.len() - sent) as u64);
+            if sent < self.pending.len() {
+                WorkerStats::add(&stats.tx_full, (self.pending.len() - sent) as u64);
             }
-            pending.drain(..sent);
+            self.pending.drain(..sent);
             // Copy mode (veth) always needs a kick to transmit.
-            rings.tx.wake();
+            self.rings.tx.wake();
         }
         // Every answer of this batch waited as long as the batch took.
-        if let Some(t0) = batch_start.take() {
+        if let Some(t0) = self.batch_start.take() {
             stats
                 .service
                 .record(t0.elapsed().as_nanos() as u64, answered);
         }
-        // Completions back to the fill ring (shared: one lock per batch).
-        if in_flight > 0 || !recycle.is_empty() {
-            if let Ok(mut sh) = rings.shared.lock() {
-                done.clear();
-                {
-                    let mut c = sh.fq_cq.complete(RING_SIZE);
-                    for addr in c.by_ref() {
-                        done.push(addr);
-                    }
-                    c.release();
-                }
-                for &addr in &done {
-                    if is_irq_frame(addr) {
-                        let owner = irq_owner(addr);
-                        if owner == rings.index {
-                            rings.irq_free.push(addr);
-                        } else if let Some(v) = sh.irq_done.get_mut(owner) {
-                            v.push(addr);
-                        }
-                    } else {
-                        recycle.push(addr & !(FRAME_SIZE as u64 - 1));
-                    }
-                }
-                rings.irq_free.append(&mut sh.irq_done[rings.index]);
-                if !recycle.is_empty() {
-                    let mut f = sh.fq_cq.fill(recycle.len() as u32);
-                    let n = f.insert(recycle.iter().map(|a| a & !(FRAME_SIZE as u64 - 1))) as usize;
-                    f.commit();
-                    recycle.drain(..n);
-                }
-            }
-            // Frames of other workers' TX may complete here; count ours out
-            // approximately by the ring's own pending count.
-            in_flight = rings.tx.pending();
-        }
-        WorkerStats::add(&stats.rx, got);
-        if got > 0 {
-            stats.publish(&disp.stats());
-            backoff.busy();
-        } else if let Some(t) = backoff.idle() {
-            if router.held() == 0 && in_flight == 0 {
-                WorkerStats::add(&stats.sleeps, 1);
-                wait_readable(rings.fd, t);
-            }
-        }
     }
-    stats.publish(&disp.stats());
+
+    /// Completions back to the fill ring (shared: one lock per batch).
+    fn reclaim(&mut self) {
+        if self.in_flight == 0 && self.recycle.is_empty() {
+            return;
+        }
+        if let Ok(mut sh) = self.rings.shared.lock() {
+            Returns {
+                me: self.rings.index,
+                done: &mut self.done,
+                recycle: &mut self.recycle,
+                irq_free: &mut self.rings.irq_free,
+            }
+            .complete(&mut sh);
+        }
+        // Frames of other workers' TX may complete here; count ours out
+        // approximately by the ring's own pending count.
+        self.in_flight = self.rings.tx.pending();
+    }
+
+    fn may_sleep(&self, held: usize) -> bool {
+        held == 0 && self.in_flight == 0
+    }
+
+    fn wait(&self, timeout: Duration) {
+        wait_readable(self.rings.fd, timeout);
+    }
 }

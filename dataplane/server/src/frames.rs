@@ -25,6 +25,8 @@ pub enum FrameOutcome {
     },
     /// Not a UDP/IPv4 frame at all.
     BadFrame,
+    /// A wrong IPv4 header checksum, or a wrong non-zero UDP checksum.
+    BadChecksum,
 }
 
 /// Answers the request frame in place. On `Reply`, the frame holds the
@@ -39,6 +41,16 @@ pub fn answer_in_place(
     let Ok(udp) = frame::parse_udp(frame) else {
         return FrameOutcome::BadFrame;
     };
+    let udp_start = udp.payload_offset - UDP_HLEN;
+    let (Some(ip), Some(udp_bytes)) = (
+        frame.get(ETH_HLEN..udp_start),
+        frame.get(udp_start..udp.payload_offset + udp.payload_len),
+    ) else {
+        return FrameOutcome::BadFrame;
+    };
+    if !frame::checksums_ok(ip, udp_bytes) {
+        return FrameOutcome::BadChecksum;
+    }
     let payload = &mut frame[udp.payload_offset..udp.payload_offset + udp.payload_len];
     let (client, vm, irq_port) = match disp.handle(payload) {
         Outcome::Respond {
@@ -48,7 +60,7 @@ pub fn answer_in_place(
             ..
         } => (client, vm, irq_port),
         Outcome::Acked { model, seq } => return FrameOutcome::Ack { model, seq },
-        Outcome::Consumed | Outcome::NotHere | Outcome::Malformed(_) => {
+        Outcome::Consumed | Outcome::NotHere | Outcome::Malformed(_) | Outcome::Foreign => {
             return FrameOutcome::Recycle;
         }
     };

@@ -16,36 +16,49 @@ use super::dispatch::PendingIrq;
 pub struct Peers<A> {
     by_client: HashMap<u32, A>,
     by_vm: HashMap<(u32, u32), A>,
+    /// Addresses not remembered because a table was full.
+    refused: u64,
 }
 
 /// Most (client, VM) addresses remembered; VMs beyond it use their
-/// client's address (a client could send requests for any VM id).
+/// client's address. With `check_clients` only registered VMs of their
+/// own client are learned, so the identifier database bounds the table
+/// before this does.
 pub const MAX_VM_PEERS: usize = 65_536;
+
+/// Most client addresses remembered: the clients map's capacity (with
+/// `check_clients` only registered clients are learned).
+pub const MAX_CLIENT_PEERS: usize = devplane_wire::maps::MAX_CLIENTS as usize;
 
 impl<A> Default for Peers<A> {
     fn default() -> Self {
         Peers {
             by_client: HashMap::new(),
             by_vm: HashMap::new(),
+            refused: 0,
         }
     }
 }
 
+/// Remembers `addr` for `key`; `false` if the table is full.
 fn remember<K: std::hash::Hash + Eq, A: PartialEq>(
     map: &mut HashMap<K, A>,
     key: K,
     addr: A,
     cap: usize,
-) {
+) -> bool {
     let full = map.len() >= cap;
     if let Some(a) = map.get_mut(&key) {
         // Written only when it changed: the common case reads.
         if *a != addr {
             *a = addr;
         }
-    } else if !full {
+    } else if full {
+        return false;
+    } else {
         map.insert(key, addr);
     }
+    true
 }
 
 impl<A: Copy + PartialEq> Peers<A> {
@@ -64,14 +77,23 @@ impl<A: Copy + PartialEq> Peers<A> {
 
     /// Records that `vm` of `client` sent from `addr`.
     pub fn learn(&mut self, client: u32, vm: u32, addr: A) {
-        remember(&mut self.by_client, client, addr, usize::MAX);
-        remember(&mut self.by_vm, (client, vm), addr, MAX_VM_PEERS);
+        let a = remember(&mut self.by_client, client, addr, MAX_CLIENT_PEERS);
+        let b = remember(&mut self.by_vm, (client, vm), addr, MAX_VM_PEERS);
+        self.refused += u64::from(!a) + u64::from(!b);
+    }
+
+    /// Addresses not remembered because a table was full.
+    pub fn refused(&self) -> u64 {
+        self.refused
     }
 }
 
 /// Most interrupts held for clients not heard from yet; older ones are
 /// dropped (and counted) beyond this.
 pub const MAX_HELD: usize = 4096;
+
+/// The least share of [`MAX_HELD`] one client may hold.
+pub const MIN_HELD_PER_CLIENT: usize = 64;
 
 /// Interrupts of one model per datagram at most (the wire's record limit).
 const IRQS_PER_DATAGRAM: usize = devplane_wire::MAX_RECORDS;
@@ -109,6 +131,14 @@ pub struct IrqRouter {
     max_retries: u32,
     /// Scratch: models with an interrupt kept back in this flush.
     waiting: Vec<u32>,
+    /// Held interrupts per client.
+    held_by_client: HashMap<u32, usize>,
+    /// Most interrupts one client may have held: an equal share of
+    /// [`MAX_HELD`] among the clients of the VM table, at least
+    /// [`MIN_HELD_PER_CLIENT`].
+    per_client: usize,
+    /// Interrupts dropped because their client had its share held.
+    client_limited: u64,
 }
 
 /// Resend an unacknowledged interrupt datagram after this.
@@ -126,7 +156,11 @@ impl Default for IrqRouter {
 impl IrqRouter {
     /// A router for the given VM -> client table.
     pub fn new(vm_client: HashMap<u32, u32>) -> IrqRouter {
+        let clients = vm_client.values().collect::<HashSet<_>>().len().max(1);
         IrqRouter {
+            held_by_client: HashMap::new(),
+            per_client: (MAX_HELD / clients).max(MIN_HELD_PER_CLIENT),
+            client_limited: 0,
             vm_client,
             held: VecDeque::new(),
             flights: HashMap::new(),
@@ -163,6 +197,23 @@ impl IrqRouter {
     /// when they are sent again).
     pub fn migrate(&mut self, vm: u32, client: u32) {
         self.vm_client.insert(vm, client);
+        self.recount();
+    }
+
+    /// Counts the held interrupts per client again (after the queue was
+    /// rebuilt or a VM changed client).
+    fn recount(&mut self) {
+        self.held_by_client.clear();
+        for irq in &self.held {
+            if let Some(&c) = self.vm_client.get(&irq.vm) {
+                *self.held_by_client.entry(c).or_default() += 1;
+            }
+        }
+    }
+
+    /// Interrupts dropped because their client had its share held.
+    pub fn client_limited(&self) -> u64 {
+        self.client_limited
     }
 
     /// Interrupts not acknowledged yet: held, or sent and unanswered.
@@ -173,7 +224,7 @@ impl IrqRouter {
     /// Interrupts dropped: held too long, for a VM not in the table, or
     /// given up after [`IRQ_MAX_RETRIES`] resends.
     pub fn dropped(&self) -> u64 {
-        self.dropped + self.unknown_vm + self.given_up
+        self.dropped + self.unknown_vm + self.given_up + self.client_limited
     }
 
     /// Interrupt datagrams sent again for want of an acknowledgement.
@@ -181,16 +232,41 @@ impl IrqRouter {
         self.resent
     }
 
-    /// Queues new interrupts behind the held ones (order is kept).
+    /// Queues new interrupts behind the held ones (order is kept). Beyond
+    /// [`MAX_HELD`], or beyond its client's share of it, the oldest held
+    /// interrupt (of that client) is dropped and counted, so one client
+    /// cannot push another's out.
     pub fn push(&mut self, irqs: impl Iterator<Item = PendingIrq>) {
         for irq in irqs {
-            if !self.vm_client.contains_key(&irq.vm) {
+            let Some(&client) = self.vm_client.get(&irq.vm) else {
                 self.unknown_vm += 1;
                 continue;
-            }
-            if self.held.len() >= MAX_HELD {
-                self.held.pop_front();
+            };
+            let mine = self.held_by_client.get(&client).copied().unwrap_or(0);
+            if mine >= self.per_client {
+                // Off the packet path: a client's share is full.
+                let vm_client = &self.vm_client;
+                if let Some(i) = self
+                    .held
+                    .iter()
+                    .position(|h| vm_client.get(&h.vm) == Some(&client))
+                {
+                    self.held.remove(i);
+                }
+                self.client_limited += 1;
+            } else if self.held.len() >= MAX_HELD {
+                if let Some(old) = self.held.pop_front()
+                    && let Some(n) = self
+                        .vm_client
+                        .get(&old.vm)
+                        .and_then(|c| self.held_by_client.get_mut(c))
+                {
+                    *n = n.saturating_sub(1);
+                }
                 self.dropped += 1;
+                *self.held_by_client.entry(client).or_default() += 1;
+            } else {
+                *self.held_by_client.entry(client).or_default() += 1;
             }
             self.held.push_back(irq);
         }
@@ -221,6 +297,7 @@ impl IrqRouter {
         let (mine, rest): (VecDeque<_>, VecDeque<_>) =
             self.held.drain(..).partition(|i| i.model == model);
         self.held = rest;
+        self.recount();
         out.extend(mine);
         out
     }
@@ -229,6 +306,7 @@ impl IrqRouter {
     /// [`IrqRouter::take_model`]); they go before any it raises here.
     pub fn restore(&mut self, irqs: Vec<PendingIrq>) {
         self.held.extend(irqs);
+        self.recount();
     }
 
     /// Sends what is due, in order: datagrams whose acknowledgement is
@@ -245,11 +323,32 @@ impl IrqRouter {
         mut send: impl FnMut(u32, A, &[PendingIrq]) -> bool,
     ) -> usize {
         let now = Instant::now();
-        let vm_client = &self.vm_client;
-        let to = |vm: u32| {
-            let c = *vm_client.get(&vm)?;
-            peers.get_vm(c, vm).map(|a| (c, *a))
-        };
+        let blocked = self.resend_overdue(peers, now, &mut send);
+        if blocked || self.held.is_empty() {
+            return 0;
+        }
+        self.send_held(peers, now, &mut send)
+    }
+
+    /// The client and address `vm`'s interrupts go to, if known.
+    fn target<A: Copy + PartialEq>(
+        vm_client: &HashMap<u32, u32>,
+        peers: &Peers<A>,
+        vm: u32,
+    ) -> Option<(u32, A)> {
+        let c = *vm_client.get(&vm)?;
+        peers.get_vm(c, vm).map(|a| (c, *a))
+    }
+
+    /// Sends again the datagrams whose acknowledgement is overdue, and
+    /// gives up those resent too often. Returns whether `send` refused
+    /// (no room: the round stops).
+    fn resend_overdue<A: Copy + PartialEq>(
+        &mut self,
+        peers: &Peers<A>,
+        now: Instant,
+        send: &mut impl FnMut(u32, A, &[PendingIrq]) -> bool,
+    ) -> bool {
         let mut blocked = false;
         let mut gave_up = Vec::new();
         for (&model, f) in self.flights.iter_mut() {
@@ -260,7 +359,11 @@ impl IrqRouter {
                 gave_up.push(model);
                 continue;
             }
-            let Some((c, a)) = f.irqs.first().and_then(|i| to(i.vm)) else {
+            let Some((c, a)) = f
+                .irqs
+                .first()
+                .and_then(|i| Self::target(&self.vm_client, peers, i.vm))
+            else {
                 continue;
             };
             if !send(c, a, &f.irqs) {
@@ -277,16 +380,26 @@ impl IrqRouter {
                 self.in_flight -= f.irqs.len();
             }
         }
-        if blocked || self.held.is_empty() {
-            return 0;
-        }
+        blocked
+    }
+
+    /// Sends each model's held interrupts whose previous datagram was
+    /// acknowledged, up to [`IRQS_PER_DATAGRAM`] in one datagram; returns
+    /// how many went.
+    fn send_held<A: Copy + PartialEq>(
+        &mut self,
+        peers: &Peers<A>,
+        now: Instant,
+        send: &mut impl FnMut(u32, A, &[PendingIrq]) -> bool,
+    ) -> usize {
+        let mut blocked = false;
         let mut sent = 0;
         let mut keep = VecDeque::new();
         let mut batch: Vec<PendingIrq> = Vec::new();
         self.waiting.clear();
         while let Some(irq) = self.held.pop_front() {
             let model = irq.model;
-            let target = to(irq.vm);
+            let target = Self::target(&self.vm_client, peers, irq.vm);
             if blocked
                 || self.suspended.contains(&irq.vm)
                 || self.flights.contains_key(&model)
@@ -299,19 +412,7 @@ impl IrqRouter {
                 keep.push_back(irq);
                 continue;
             }
-            // This model's interrupts behind it go in the same datagram.
-            batch.clear();
-            batch.push(irq);
-            let mut i = 0;
-            while i < self.held.len() && batch.len() < IRQS_PER_DATAGRAM {
-                if self.held[i].model == model {
-                    if let Some(next) = self.held.remove(i) {
-                        batch.push(next);
-                    }
-                } else {
-                    i += 1;
-                }
-            }
+            self.take_batch(irq, &mut batch);
             let Some((c, a)) = target else { continue };
             if send(c, a, &batch) {
                 sent += batch.len();
@@ -331,7 +432,25 @@ impl IrqRouter {
             }
         }
         self.held = keep;
+        self.recount();
         sent
+    }
+
+    /// Fills `batch` with `first` and the held interrupts of its model
+    /// behind it, in order, up to one datagram's worth.
+    fn take_batch(&mut self, first: PendingIrq, batch: &mut Vec<PendingIrq>) {
+        batch.clear();
+        batch.push(first);
+        let mut i = 0;
+        while i < self.held.len() && batch.len() < IRQS_PER_DATAGRAM {
+            if self.held[i].model == first.model {
+                if let Some(next) = self.held.remove(i) {
+                    batch.push(next);
+                }
+            } else {
+                i += 1;
+            }
+        }
     }
 }
 
@@ -530,10 +649,47 @@ mod tests {
             peers.learn(7, vm, vm);
         }
         assert_eq!(peers.by_vm.len(), MAX_VM_PEERS);
+        assert_eq!(peers.refused(), 10);
         // A VM past the bound is reached at its client's last address.
         let last = MAX_VM_PEERS as u32 + 9;
         assert_eq!(peers.get_vm(7, last), Some(&last));
         assert_eq!(peers.get_vm(7, 0), Some(&0));
+    }
+
+    #[test]
+    fn client_addresses_are_bounded() {
+        let mut peers: Peers<u32> = Peers::default();
+        for client in 0..MAX_CLIENT_PEERS as u32 + 3 {
+            peers.learn(client, 1, client);
+        }
+        assert_eq!(peers.by_client.len(), MAX_CLIENT_PEERS);
+        assert_eq!(peers.get(MAX_CLIENT_PEERS as u32 + 1), None);
+        assert_eq!(peers.refused(), 3);
+    }
+
+    /// One client's interrupts cannot push another's out of the hold: each
+    /// has its share.
+    #[test]
+    fn held_interrupts_are_bounded_per_client() {
+        let mut r = IrqRouter::new(HashMap::from([(10, 7), (20, 8)]));
+        r.push((0..10).map(|s| irq(20, s)));
+        r.push((0..MAX_HELD as u64 + 5).map(|s| irq(10, s)));
+        assert_eq!(r.held(), MAX_HELD / 2 + 10);
+        assert_eq!(r.client_limited(), MAX_HELD as u64 / 2 + 5);
+        let theirs: Vec<u64> = r
+            .held
+            .iter()
+            .filter(|i| i.vm == 20)
+            .map(|i| i.seq)
+            .collect();
+        assert_eq!(
+            theirs,
+            (0..10).collect::<Vec<_>>(),
+            "client 8's were pushed out"
+        );
+        // Client 7 keeps its newest.
+        let first = r.held.iter().find(|i| i.vm == 10).map(|i| i.seq);
+        assert_eq!(first, Some(MAX_HELD as u64 / 2 + 5));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //!
 //! It owns: the XDP program's object (built from `ebpf/` by `build.rs`) and
 //! its loader ([`xdp`], [`bpffs`]), the workers and their transports
-//! ([`afxdp`], [`socket`], [`lifecycle`], [`stats`], [`backoff`]), request
+//! ([`worker`], [`afxdp`], [`socket`]), request
 //! dispatch and duplicate windows ([`dispatch`], [`frames`]), the interrupt
 //! router ([`irq`]), and what the server answers on its control socket
 //! ([`control`]).
@@ -22,21 +22,25 @@
 //! until the workers are stopped ([`Server::stop`] or drop).
 
 pub mod afxdp;
-pub mod backoff;
 pub mod bpffs;
 pub mod control;
 pub mod dispatch;
+mod error;
 pub mod frames;
 pub mod irq;
-pub mod lifecycle;
+pub mod kernel_drops;
+mod live;
 pub mod port_owner;
 pub mod socket;
-pub mod stats;
+pub mod worker;
 pub mod xdp;
+
+pub use error::ServerError;
+pub use worker::{backoff, lifecycle, stats};
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::path::PathBuf;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
@@ -44,69 +48,18 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use aya::programs::XdpMode;
-use devplane_control::config::{Mode, ModelConfig, ServerConfig};
+use devplane_control::config::{Mode, ServerConfig};
 use devplane_devmodels::registry::{self, ModelParams};
 
 use crate::xdp::{Program, Stats, XdpError};
-use afxdp::{LoopConfig, XskSet};
+use afxdp::{XskSet, XskTransport};
 use dispatch::{Dispatcher, ModelSlot};
 use irq::IrqRouter;
 use lifecycle::WorkerCmd;
+use socket::SocketTransport;
 use stats::{WorkerSnapshot, WorkerStats};
-
-/// Why a server could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-    /// The configuration cannot be served.
-    #[error("configuration: {0}")]
-    Config(String),
-    /// A device model could not be built.
-    #[error("device model {id}: {source}")]
-    Model {
-        /// Model id.
-        id: u32,
-        /// Why.
-        source: registry::BuildError,
-    },
-    /// The XDP program could not be loaded, attached or updated.
-    #[error(transparent)]
-    Xdp(#[from] XdpError),
-    /// Writing the configuration into the maps failed.
-    #[error("writing the eBPF maps: {0}")]
-    MapSync(#[from] devplane_control::maps::MapSyncError),
-    /// bpffs or pinning failed.
-    #[error("pinning maps under {path}: {source}")]
-    Pin {
-        /// The path.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// An AF_XDP step failed.
-    #[error("AF_XDP: {what}: {source}")]
-    AfXdp {
-        /// The step.
-        what: &'static str,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// A UDP socket step failed (socket mode).
-    #[error("UDP socket: {what}: {source}")]
-    Socket {
-        /// The step.
-        what: &'static str,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// A worker thread could not be started.
-    #[error("starting worker {index}: {source}")]
-    Thread {
-        /// Worker index.
-        index: usize,
-        /// Why.
-        source: std::io::Error,
-    },
-}
+use worker::LoopConfig;
+use worker::run::Worker;
 
 /// How the XDP program ended up attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,15 +80,6 @@ struct XdpState {
     pins: Option<bpffs::PinDir>,
 }
 
-/// What a worker thread owns.
-struct WorkerParts<T> {
-    io: T,
-    disp: Dispatcher,
-    router: IrqRouter,
-    stats: Arc<WorkerStats>,
-    ctl: lifecycle::WorkerCtl,
-}
-
 /// A running server. Dropping it stops the workers and detaches XDP.
 pub struct Server {
     stop: Arc<AtomicBool>,
@@ -152,11 +96,22 @@ pub struct Server {
     suspended: std::collections::BTreeSet<u32>,
     /// Socket mode: the admission check's model set, for live changes.
     admission: Option<Arc<socket::Admission>>,
+    /// Socket mode: each worker's socket (a duplicate), to read the
+    /// kernel's drops.
+    udp_socks: Vec<std::net::UdpSocket>,
 }
 
 fn build_dispatchers(cfg: &ServerConfig) -> Result<Vec<Dispatcher>, ServerError> {
+    let owners = dispatch::Owners {
+        by_vm: vm_clients(cfg),
+        check: cfg.server.check_clients,
+    };
     let mut out: Vec<Dispatcher> = (0..cfg.server.workers.len())
-        .map(|_| Dispatcher::new(cfg.server.id))
+        .map(|_| {
+            let mut d = Dispatcher::new(cfg.server.id);
+            d.set_owners(owners.clone());
+            d
+        })
         .collect();
     let vms: HashMap<u32, u32> = cfg.vms.iter().map(|v| (v.id, v.hypervisor)).collect();
     for m in &cfg.models {
@@ -239,24 +194,16 @@ impl Server {
             id: cfg.server.id,
             suspended: Default::default(),
             admission: None,
+            udp_socks: sockets.iter().filter_map(|s| s.try_clone().ok()).collect(),
         };
-        let lc = loop_config(cfg);
         let admission = Arc::new(socket::Admission {
             models: std::sync::RwLock::new(cfg.models.iter().map(|m| m.id).collect()),
             clients: cfg.clients.iter().map(|c| (c.id, c.address)).collect(),
             check_clients: cfg.server.check_clients,
         });
         server.admission = Some(admission.clone());
-        server.spawn_workers(cfg, sockets, build_dispatchers(cfg)?, move |w| {
-            socket::run_worker(
-                w.io,
-                admission.clone(),
-                w.disp,
-                w.router,
-                lc,
-                w.stats,
-                w.ctl,
-            )
+        server.spawn_workers(cfg, sockets, build_dispatchers(cfg)?, move |sock, w| {
+            worker::run(SocketTransport::new(sock, admission.clone()), w)
         })?;
         Ok(server)
     }
@@ -311,10 +258,11 @@ impl Server {
             id: cfg.server.id,
             suspended: Default::default(),
             admission: None,
+            udp_socks: Vec::new(),
         };
-        let lc = loop_config(cfg);
-        server.spawn_workers(cfg, rings, dispatchers, move |w| {
-            afxdp::run_worker(w.io, w.disp, w.router, lc, w.stats, w.ctl)
+        let batch = loop_config(cfg).batch;
+        server.spawn_workers(cfg, rings, dispatchers, move |rings, w| {
+            worker::run(XskTransport::new(rings, batch), w)
         })?;
         Ok(server)
     }
@@ -326,7 +274,7 @@ impl Server {
         cfg: &ServerConfig,
         io: Vec<T>,
         dispatchers: Vec<Dispatcher>,
-        run: impl Fn(WorkerParts<T>) + Clone + Send + 'static,
+        run: impl Fn(T, Worker) + Clone + Send + 'static,
     ) -> Result<(), ServerError> {
         for (i, ((io, disp), &core)) in io
             .into_iter()
@@ -338,10 +286,10 @@ impl Server {
             self.stats.push(stats.clone());
             let (tx, rx) = std::sync::mpsc::channel();
             self.cmds.push(tx);
-            let parts = WorkerParts {
-                io,
+            let parts = Worker {
                 disp,
                 router: IrqRouter::new(vm_clients(cfg)),
+                cfg: loop_config(cfg),
                 stats,
                 ctl: lifecycle::WorkerCtl {
                     stop: self.stop.clone(),
@@ -350,7 +298,7 @@ impl Server {
             };
             let run = run.clone();
             self.workers
-                .push(spawn_worker(i, core, move || run(parts))?);
+                .push(spawn_worker(i, core, move || run(io, parts))?);
         }
         Ok(())
     }
@@ -382,247 +330,36 @@ impl Server {
         Ok(())
     }
 
-    /// Moves device model `model` to worker `to` while traffic flows: the
-    /// old worker gives it up (snapshot and duplicate windows), the route
-    /// is switched, the new worker restores it. A request that reaches a
-    /// worker not holding the model meanwhile is dropped unanswered, and
-    /// the client's retransmission (same sequence numbers) is served by
-    /// the new owner: none is lost, none applied twice.
-    pub fn move_model(&mut self, model: u32, to: usize) -> Result<(), ServerError> {
-        let timeout = Duration::from_secs(5);
-        let idx = self
-            .cfg
-            .models
-            .iter()
-            .position(|m| m.id == model)
-            .ok_or_else(|| ServerError::Config(format!("model {model} is not served here")))?;
-        let from = self.cfg.models[idx].worker;
-        if to >= self.cmds.len() {
-            return Err(ServerError::Config(format!(
-                "worker {to} does not exist (this server has {})",
-                self.cmds.len()
-            )));
-        }
-        if from == to {
-            return Ok(());
-        }
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.send(from, WorkerCmd::Release { model, reply: tx })?;
-        let mut handover = rx
-            .recv_timeout(timeout)
-            .map_err(|_| {
-                ServerError::Config(format!("worker {from} did not release model {model}"))
-            })?
-            .ok_or_else(|| {
-                ServerError::Config(format!("worker {from} does not hold model {model}"))
-            })?;
-        handover.params = ModelParams {
-            line: self.cfg.models[idx].line,
-            backing: self.cfg.models[idx].backing.clone(),
-        };
-        self.cfg.models[idx].worker = to;
-        self.reroute()?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.send(
-            to,
-            WorkerCmd::Adopt {
-                model,
-                handover: Box::new(handover),
-                reply: tx,
-            },
-        )?;
-        rx.recv_timeout(timeout)
-            .map_err(|_| ServerError::Config(format!("worker {to} did not adopt model {model}")))?
-            .map_err(|e| {
-                ServerError::Config(format!("worker {to} cannot restore model {model}: {e}"))
-            })
-    }
-
-    /// Starts serving a new device model on its worker, then routes its
-    /// requests there (XDP route map or socket steering and admission).
-    pub fn add_model(&mut self, m: ModelConfig) -> Result<(), ServerError> {
-        if m.id == 0 || self.cfg.models.iter().any(|x| x.id == m.id) {
-            return Err(ServerError::Config(format!(
-                "model {} is already served here (or id 0): remove it first or pick another id",
-                m.id
-            )));
-        }
-        if m.worker >= self.cmds.len() {
-            return Err(ServerError::Config(format!(
-                "model {}: worker {} does not exist (this server has {})",
-                m.id,
-                m.worker,
-                self.cmds.len()
-            )));
-        }
-        let mut cfg = self.cfg.clone();
-        cfg.models = vec![m.clone()];
-        let mut slots = build_dispatchers(&cfg)?;
-        let slot = slots[m.worker]
-            .remove(m.id)
-            .ok_or_else(|| ServerError::Config(format!("model {} was not built", m.id)))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.send(
-            m.worker,
-            WorkerCmd::Insert {
-                model: m.id,
-                slot: Box::new(slot),
-                reply: tx,
-            },
-        )?;
-        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| {
-            ServerError::Config(format!("worker {} did not take model {}", m.worker, m.id))
-        })?;
-        self.cfg.models.push(m.clone());
-        if let Some(a) = &self.admission
-            && let Ok(mut set) = a.models.write()
-        {
-            set.insert(m.id);
-        }
-        self.reroute()
-    }
-
-    /// Stops serving a device model: unroutes it, then drops it from its
-    /// worker.
-    pub fn remove_model(&mut self, model: u32) -> Result<(), ServerError> {
-        use devplane_control::maps::MapWriter;
-        let idx = self
-            .cfg
-            .models
-            .iter()
-            .position(|m| m.id == model)
-            .ok_or_else(|| ServerError::Config(format!("model {model} is not served here")))?;
-        let m = self.cfg.models.remove(idx);
-        if let Some(x) = self.xdp.as_mut() {
-            x.maps.remove_route(model)?;
-        }
-        if let Some(a) = &self.admission
-            && let Ok(mut set) = a.models.write()
-        {
-            set.remove(&model);
-        }
-        self.reroute()?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.send(m.worker, WorkerCmd::Release { model, reply: tx })?;
-        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| {
-            ServerError::Config(format!("worker {} did not drop model {model}", m.worker))
-        })?;
-        Ok(())
-    }
-
-    /// Points the data path at the models' current workers.
-    fn reroute(&mut self) -> Result<(), ServerError> {
-        use devplane_control::maps::MapWriter;
-        if let Some(x) = self.xdp.as_mut() {
-            for m in &self.cfg.models {
-                let route = devplane_control::maps::route_entry(&self.cfg, m);
-                x.maps.put_route(m.id, route)?;
-            }
-        }
-        if let Some(sock) = &self.steer {
-            let routes: Vec<(u32, u32)> = self
-                .cfg
-                .models
-                .iter()
-                .map(|m| (m.id, m.worker as u32))
-                .collect();
-            socket::steer(sock, &routes)?;
-        }
-        Ok(())
-    }
-
-    fn known_vm(&self, vm: u32) -> Result<(), ServerError> {
-        if self.cfg.vms.iter().any(|v| v.id == vm) {
-            Ok(())
-        } else {
-            Err(ServerError::Config(format!("VM {vm} is not known here")))
-        }
-    }
-
-    /// Writes `vm`'s entry (client, hypervisor, `VM_SUSPENDED`) into the
-    /// VMs map, in XDP mode.
-    fn put_vm_entry(&mut self, vm: u32) -> Result<(), ServerError> {
-        use devplane_control::maps::MapWriter;
-        let Some(v) = self.cfg.vms.iter().find(|v| v.id == vm) else {
-            return Err(ServerError::Config(format!("VM {vm} is not known here")));
-        };
-        let mut entry = devplane_control::maps::vm_entry(v);
-        if self.suspended.contains(&vm) {
-            entry.flags |= devplane_wire::maps::VM_SUSPENDED;
-        }
-        if let Some(x) = self.xdp.as_mut() {
-            x.maps.put_vm(vm, entry)?;
-        }
-        Ok(())
-    }
-
-    /// Holds the interrupts of `vm` until [`Server::resume_vm`], and marks
-    /// it suspended in the VMs map.
-    pub fn suspend_vm(&mut self, vm: u32) -> Result<(), ServerError> {
-        self.known_vm(vm)?;
-        self.broadcast(|| WorkerCmd::SuspendVm(vm))?;
-        self.suspended.insert(vm);
-        self.put_vm_entry(vm)
-    }
-
-    /// Delivers `vm`'s held interrupts, in order, and lets the next ones go.
-    pub fn resume_vm(&mut self, vm: u32) -> Result<(), ServerError> {
-        self.known_vm(vm)?;
-        self.suspended.remove(&vm);
-        self.put_vm_entry(vm)?;
-        self.broadcast(|| WorkerCmd::ResumeVm(vm))
-    }
-
-    /// VMs suspended now.
-    pub fn suspended_vms(&self) -> Vec<u32> {
-        self.suspended.iter().copied().collect()
-    }
-
-    /// Sends `vm`'s interrupts to client platform `client` from now on
-    /// (answers follow the requests by themselves).
-    pub fn migrate_vm(&mut self, vm: u32, client: u32) -> Result<(), ServerError> {
-        if !self.cfg.clients.iter().any(|c| c.id == client) {
-            return Err(ServerError::Config(format!(
-                "client {client} is not registered on this server"
-            )));
-        }
-        let v = self
-            .cfg
-            .vms
-            .iter_mut()
-            .find(|v| v.id == vm)
-            .ok_or_else(|| ServerError::Config(format!("VM {vm} is not known here")))?;
-        v.client = client;
-        self.put_vm_entry(vm)?;
-        self.broadcast(|| WorkerCmd::MigrateVm { vm, client })
-    }
-
-    /// New polling settings for every worker, applied live.
-    pub fn tune(&mut self, t: lifecycle::Tune) -> Result<(), ServerError> {
-        self.broadcast(|| WorkerCmd::Tune(t))?;
-        self.cfg.tuning.spin_budget = t.spin_budget;
-        self.cfg.tuning.idle_sleep_us = t.idle_sleep.as_micros() as u64;
-        self.cfg.tuning.batch = t.batch;
-        Ok(())
-    }
-
-    /// The polling settings in force.
-    pub fn tuning(&self) -> lifecycle::Tune {
-        lifecycle::Tune {
-            spin_budget: self.cfg.tuning.spin_budget,
-            idle_sleep: Duration::from_micros(self.cfg.tuning.idle_sleep_us),
-            batch: self.cfg.tuning.batch,
-        }
-    }
-
     /// This server's platform id.
     pub fn id(&self) -> u32 {
         self.id
     }
 
-    /// Each worker's counters, in worker order.
+    /// Each worker's counters, in worker order, with what the kernel
+    /// dropped at its socket.
     pub fn worker_stats(&self) -> Vec<WorkerSnapshot> {
-        self.stats.iter().map(|s| s.snapshot()).collect()
+        let xsk_fds = self.xdp.as_ref().map(|x| x.xsks.fds()).unwrap_or_default();
+        self.stats
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut snap = s.snapshot();
+                if let Some(d) = xsk_fds.get(i).and_then(|&fd| kernel_drops::xsk(fd).ok()) {
+                    snap.xsk_rx_dropped = d.rx_dropped;
+                    snap.xsk_rx_ring_full = d.rx_ring_full;
+                    snap.xsk_fill_ring_empty = d.rx_fill_ring_empty;
+                    snap.xsk_tx_invalid = d.tx_invalid;
+                }
+                if let Some(n) = self
+                    .udp_socks
+                    .get(i)
+                    .and_then(|u| kernel_drops::udp(u.as_raw_fd()).ok())
+                {
+                    snap.socket_drops = n;
+                }
+                snap
+            })
+            .collect()
     }
 
     /// The XDP program's counters (XDP mode only).

@@ -14,18 +14,17 @@ use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::ServerError;
-use super::afxdp::LoopConfig;
-use super::backoff::{Backoff, wait_readable};
-use super::dispatch::{Dispatcher, Outcome};
-use super::frames::interrupt_datagram;
-use super::irq::{IrqRouter, Peers};
-use super::lifecycle::WorkerCtl;
-use super::stats::WorkerStats;
+use crate::ServerError;
+use crate::dispatch::{Outcome, PendingIrq};
+use crate::frames::interrupt_datagram;
+use crate::worker::backoff::wait_readable;
+use crate::worker::stats::WorkerStats;
+use crate::worker::{Transport, Work};
 
 const BPF_LD_W_ABS: u16 = 0x20;
 const BPF_JEQ_K: u16 = 0x15;
@@ -182,94 +181,104 @@ impl Admission {
     }
 }
 
-/// The socket-mode worker loop: runs until `stop` is set.
-#[allow(clippy::too_many_arguments)]
-pub fn run_worker(
+/// A worker's socket-mode transport: its socket and buffers. Answers and
+/// interrupts are sent as soon as they are made, so `transmit` and
+/// `reclaim` have nothing to do.
+pub struct SocketTransport {
     sock: UdpSocket,
     admission: Arc<Admission>,
-    mut disp: Dispatcher,
-    mut router: IrqRouter,
-    mut cfg: LoopConfig,
-    stats: Arc<WorkerStats>,
-    ctl: WorkerCtl,
-) {
-    let mut backoff = Backoff::new(cfg.spin_budget, cfg.idle_sleep);
-    let mut peers: Peers<SocketAddr> = Peers::default();
-    let mut buf = vec![0u8; 2048];
-    let mut irq_buf = vec![0u8; devplane_wire::MAX_DATAGRAM];
-    let fd = sock.as_raw_fd();
-    let mut last_held = 0u64;
-    while ctl.poll(&mut disp, &mut router, &mut cfg, &mut backoff) {
-        let mut got = 0u64;
-        while got < cfg.batch as u64 {
-            let (n, from) = match sock.recv_from(&mut buf) {
-                Ok(x) => x,
-                Err(_) => break, // WouldBlock (or a transient error): idle
-            };
-            got += 1;
-            let t0 = std::time::Instant::now();
-            let payload = &mut buf[..n];
-            if let Some(counter) = admission.check(payload, &from, &stats) {
-                WorkerStats::add(counter, 1);
-                continue;
-            }
-            match disp.handle(payload) {
-                Outcome::Respond {
-                    client,
-                    vm,
-                    irq_port,
-                    ..
-                } => {
-                    // Interrupts go where the client asked, at the address
-                    // it sent from.
-                    let mut irq_to = from;
-                    if let Some(port) = irq_port {
-                        irq_to.set_port(port);
-                    }
-                    peers.learn(client, vm, irq_to);
-                    match sock.send_to(payload, from) {
-                        Ok(_) => WorkerStats::add(&stats.tx, 1),
-                        Err(_) => WorkerStats::add(&stats.tx_full, 1),
-                    }
-                    stats.service.record(t0.elapsed().as_nanos() as u64, 1);
-                }
-                Outcome::Acked { model, seq } => router.ack(model, seq),
-                _ => {}
-            }
-        }
-        router.push(disp.drain_irqs());
-        if router.held() > 0 {
-            let server = cfg.server;
-            let sent = router.flush(&peers, |client, to, irqs| {
-                let Some(len) =
-                    interrupt_datagram(&mut irq_buf, server, client, irqs[0].model, irqs)
-                else {
-                    return false;
-                };
-                sock.send_to(&irq_buf[..len], to).is_ok()
-            });
-            WorkerStats::add(&stats.irqs_sent, sent as u64);
-            WorkerStats::add(&stats.tx, sent as u64);
-        }
-        // Published when they change (an acknowledgement may have emptied
-        // the router since the last flush).
-        let held = router.held() as u64;
-        if held != last_held {
-            last_held = held;
-            stats.irqs_held.store(held, Ordering::Relaxed);
-            stats.irqs_resent.store(router.resent(), Ordering::Relaxed);
-            stats
-                .irqs_dropped
-                .store(router.dropped(), Ordering::Relaxed);
-        }
-        WorkerStats::add(&stats.rx, got);
-        if got > 0 {
-            stats.publish(&disp.stats());
-            backoff.busy();
-        } else if let Some(t) = backoff.idle() {
-            WorkerStats::add(&stats.sleeps, 1);
-            wait_readable(fd, t);
+    buf: Vec<u8>,
+    irq_buf: Vec<u8>,
+}
+
+impl SocketTransport {
+    /// The transport of one worker over its socket.
+    pub fn new(sock: UdpSocket, admission: Arc<Admission>) -> SocketTransport {
+        SocketTransport {
+            sock,
+            admission,
+            buf: vec![0u8; 2048],
+            irq_buf: vec![0u8; devplane_wire::MAX_DATAGRAM],
         }
     }
-    stats.publish(&disp.stats());
+
+    /// Admits, applies and answers one datagram of `n` bytes from `from`.
+    fn answer(&mut self, n: usize, from: SocketAddr, work: &mut Work<'_, SocketAddr>) {
+        let t0 = Instant::now();
+        let payload = &mut self.buf[..n];
+        if let Some(counter) = self.admission.check(payload, &from, work.stats) {
+            WorkerStats::add(counter, 1);
+            return;
+        }
+        match work.disp.handle(payload) {
+            Outcome::Respond {
+                client,
+                vm,
+                irq_port,
+                ..
+            } => {
+                // Interrupts go where the client asked, at the address it
+                // sent from.
+                let mut irq_to = from;
+                if let Some(port) = irq_port {
+                    irq_to.set_port(port);
+                }
+                work.peers.learn(client, vm, irq_to);
+                match self.sock.send_to(payload, from) {
+                    Ok(_) => WorkerStats::add(&work.stats.tx, 1),
+                    Err(_) => WorkerStats::add(&work.stats.tx_full, 1),
+                }
+                work.stats.service.record(t0.elapsed().as_nanos() as u64, 1);
+            }
+            Outcome::Acked { model, seq } => work.router.ack(model, seq),
+            _ => {}
+        }
+    }
+}
+
+impl Transport for SocketTransport {
+    type Peer = SocketAddr;
+
+    fn receive(&mut self, max: u32, work: &mut Work<'_, SocketAddr>) -> u64 {
+        let mut got = 0u64;
+        while got < max as u64 {
+            let Ok((n, from)) = self.sock.recv_from(&mut self.buf) else {
+                break; // WouldBlock (or a transient error): idle
+            };
+            got += 1;
+            self.answer(n, from, work);
+        }
+        got
+    }
+
+    fn queue_irq(
+        &mut self,
+        server: u32,
+        client: u32,
+        to: SocketAddr,
+        irqs: &[PendingIrq],
+        stats: &WorkerStats,
+    ) -> bool {
+        let Some(len) = interrupt_datagram(&mut self.irq_buf, server, client, irqs[0].model, irqs)
+        else {
+            return false;
+        };
+        let sent = self.sock.send_to(&self.irq_buf[..len], to).is_ok();
+        if sent {
+            WorkerStats::add(&stats.tx, 1);
+        }
+        sent
+    }
+
+    fn transmit(&mut self, _stats: &WorkerStats) {}
+
+    fn reclaim(&mut self) {}
+
+    fn may_sleep(&self, _held: usize) -> bool {
+        true
+    }
+
+    fn wait(&self, timeout: Duration) {
+        wait_readable(self.sock.as_raw_fd(), timeout);
+    }
 }

@@ -651,26 +651,36 @@ fn lifecycle(mode: Mode, tag: &str) {
     .expect("add the second client's address");
     let mut c2 = Requester::new(&topo, second_ip(&topo));
     c2.client = CLIENT2;
-    // The server learns where client 8 is from its first request.
-    assert_eq!(
-        c2.call(
-            MODEL_B,
-            &[Access::MmioRead {
-                gpa: MMIO_B,
-                size: AccessSize::B4
-            }]
-        )
-        .len(),
-        1
-    );
     srv.call(|s| s.migrate_vm(VM, CLIENT2)).unwrap().unwrap();
-    assert_eq!(c.call(MODEL_A, &[raise(2)]), vec![(Status::Ok, 0)]);
+    // The VM now runs on client 8: the server learns where from its first
+    // request, and the interrupts follow.
+    assert_eq!(c2.call(MODEL_A, &[raise(2)]), vec![(Status::Ok, 0)]);
     let moved = c2.interrupts(2);
     assert_eq!(
         moved.iter().map(|i| i.seq).collect::<Vec<_>>(),
         vec![irqs[4].seq + 1, irqs[4].seq + 2]
     );
     c.expect_silence(100);
+    // Client 7 can no longer name the VM: its request is dropped unanswered
+    // and counted (by XDP, or by the socket-mode worker).
+    let before = srv.snapshot();
+    let rec = c.request(pio_write(1));
+    c.send_raw(&c.encode(MODEL_A, c.client, &[rec]));
+    c.expect_silence(100);
+    wait_for(&srv, "the foreign VM's drop", |s| match mode {
+        Mode::Xdp => {
+            let (Some(a), Some(b)) = (&s.xdp, &before.xdp) else {
+                return false;
+            };
+            a.since(b).get(Counter::DropForeignVm) == 1
+        }
+        Mode::Socket => {
+            s.workers.iter().map(|w| w.foreign_vm).sum::<u64>()
+                - before.workers.iter().map(|w| w.foreign_vm).sum::<u64>()
+                == 1
+        }
+    });
+    srv.call(|s| s.migrate_vm(VM, CLIENT)).unwrap().unwrap();
 
     // Add a model live, use it, then remove it: its requests are dropped.
     let mc = ModelConfig {

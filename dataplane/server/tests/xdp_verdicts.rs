@@ -6,7 +6,7 @@ use devplane_server::xdp::{Program, Stats};
 use devplane_testkit::privilege::{Capability, require};
 use devplane_wire::frame::{self, ETH_HLEN, Flow};
 use devplane_wire::maps::{
-    CONFIG_CHECK_CLIENT, CONFIG_REDIRECT, ClientEntry, Config, Counter, ROUTE_LOCAL, Route,
+    CONFIG_CHECK_CLIENT, CONFIG_REDIRECT, ClientEntry, Config, Counter, ROUTE_LOCAL, Route, VmEntry,
 };
 use devplane_wire::record::{Access, AccessSize, Request, RequestId};
 use devplane_wire::{Header, Kind, Record, datagram};
@@ -103,6 +103,13 @@ impl Harness {
             flags: 0,
         };
         prog.clients().unwrap().insert(CLIENT, client, 0).unwrap();
+        // VM 1 (every crafted record's) is the client's.
+        let vm = VmEntry {
+            client: CLIENT,
+            hypervisor: 1,
+            flags: 0,
+        };
+        prog.vms().unwrap().insert(1, vm, 0).unwrap();
         Some(Harness { prog })
     }
 
@@ -369,6 +376,59 @@ fn client_checks_drop_unknown_and_spoofed() {
     spoof.src_ip = [10, 99, 0, 66];
     let f = udp_frame(&spoof, &payload(Kind::Request, MODEL, CLIENT, 1));
     h.expect("spoofed source", &f, XDP_DROP, Counter::DropSpoofed);
+}
+
+/// A registered client naming a VM that is not its own (another client's,
+/// or one not registered at all) is dropped before any worker sees it.
+#[test]
+fn a_foreign_vm_is_dropped() {
+    let Some(mut h) = Harness::new("a_foreign_vm_is_dropped", CONFIG_CHECK_CLIENT) else {
+        return;
+    };
+    let other = ClientEntry {
+        ip: [10, 99, 0, 3],
+        flags: 0,
+    };
+    h.prog
+        .clients()
+        .unwrap()
+        .insert(CLIENT + 1, other, 0)
+        .unwrap();
+    let theirs = VmEntry {
+        client: CLIENT + 1,
+        hypervisor: 1,
+        flags: 0,
+    };
+    h.prog.vms().unwrap().insert(2, theirs, 0).unwrap();
+    let with_vm = |vm: u32| {
+        let mut p = payload(Kind::Request, MODEL, CLIENT, 1);
+        let off = devplane_wire::HEADER_LEN + std::mem::offset_of!(devplane_wire::RawRecord, vm);
+        p[off..off + 4].copy_from_slice(&vm.to_le_bytes());
+        udp_frame(&flow(), &p)
+    };
+    h.expect("own VM", &with_vm(1), XDP_PASS, Counter::PassRouted);
+    h.expect(
+        "another client's VM",
+        &with_vm(2),
+        XDP_DROP,
+        Counter::DropForeignVm,
+    );
+    h.expect(
+        "an unregistered VM",
+        &with_vm(99),
+        XDP_DROP,
+        Counter::DropForeignVm,
+    );
+    // Without client checking, the VM is not looked at.
+    h.prog
+        .set_config(Config {
+            port: PORT,
+            pad: 0,
+            server: 1,
+            flags: 0,
+        })
+        .unwrap();
+    h.expect("unchecked", &with_vm(2), XDP_PASS, Counter::PassRouted);
 }
 
 #[test]

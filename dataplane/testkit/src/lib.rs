@@ -11,6 +11,7 @@
 //! dependency.
 #![deny(missing_docs)]
 
+pub mod attacker;
 pub mod host;
 pub mod privilege;
 pub mod topology;

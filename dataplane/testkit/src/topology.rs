@@ -95,7 +95,7 @@ fn dead_owner(name: &str) -> Option<u32> {
             return None;
         };
         n.parse::<u32>().ok()?;
-        if *side != "client" && *side != "server" && *side != "attacker" {
+        if !["client", "server", "attacker", "peer"].contains(side) {
             return None;
         }
         pid.parse().ok()?
@@ -456,14 +456,16 @@ impl Topology {
 /// namespace by a veth pair of its own (`.3` of the subnet, reached by a
 /// host route both ways, reverse-path filtering off in the client
 /// namespace so that it may also send with the server's address as its
-/// source). Tests use it as an attacker. Dropping it deletes its namespace.
+/// source). Tests use it as an attacker that reaches the client itself (a
+/// macvlan [`crate::attacker::Attacker`] cannot: a macvlan never talks to
+/// its parent). Dropping it deletes its namespace.
 #[derive(Debug)]
-pub struct Attacker {
+pub struct ClientPeer {
     netns: String,
     ip: Ipv4Addr,
 }
 
-impl Attacker {
+impl ClientPeer {
     /// Its namespace.
     pub fn netns(&self) -> &str {
         &self.netns
@@ -484,7 +486,7 @@ impl Attacker {
     }
 }
 
-impl Drop for Attacker {
+impl Drop for ClientPeer {
     fn drop(&mut self) {
         if let Err(e) = run("ip", ["netns", "delete", self.netns.as_str()]) {
             let _ = writeln!(
@@ -497,23 +499,23 @@ impl Drop for Attacker {
 }
 
 impl Topology {
-    /// Adds an [`Attacker`] namespace wired to the client namespace.
-    pub fn attacker(&self) -> Result<Attacker, TopologyError> {
+    /// Adds a [`ClientPeer`] namespace wired to the client namespace.
+    pub fn client_peer(&self) -> Result<ClientPeer, TopologyError> {
         let client = self.netns(Side::Client);
         let netns = match client.strip_suffix("client") {
-            Some(stem) => format!("{stem}attacker"),
-            None => format!("{client}-attacker"),
+            Some(stem) => format!("{stem}peer"),
+            None => format!("{client}-peer"),
         };
         run("ip", ["netns", "add", netns.as_str()])?;
         let [a, b, c, _] = self.client_ip().octets();
-        let att = Attacker {
+        let att = ClientPeer {
             netns,
             ip: Ipv4Addr::new(a, b, c, 3),
         };
         let cif = self.client_ifname();
-        // The client's end ('x') and the attacker's ('a'): same length.
+        // The client's end ('x') and the peer's ('p'): same length.
         let stem = &cif[..cif.len() - 1];
-        let (xif, aif) = (format!("{stem}x"), format!("{stem}a"));
+        let (xif, aif) = (format!("{stem}x"), format!("{stem}p"));
         let mut mac = self.client_mac();
         mac[5] = 3;
         let mut xmac = self.client_mac();
@@ -606,14 +608,14 @@ impl Drop for Topology {
 }
 
 /// Formats a MAC the way `ip` takes it.
-fn mac_string(mac: [u8; 6]) -> String {
+pub(crate) fn mac_string(mac: [u8; 6]) -> String {
     let [a, b, c, d, e, f] = mac;
     format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
 }
 
 /// Runs `program args` and returns its output, or an error naming the
 /// command and carrying its standard error.
-fn run<I, S>(program: &str, args: I) -> Result<Output, TopologyError>
+pub(crate) fn run<I, S>(program: &str, args: I) -> Result<Output, TopologyError>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
@@ -744,7 +746,7 @@ pub fn ifindex_in(netns: &str, ifname: &str) -> io::Result<u32> {
 /// `ETHTOOL_SRXCSUM` from `linux/ethtool.h`: set RX checksum offload.
 const ETHTOOL_SRXCSUM: u32 = 0x15;
 /// `ETHTOOL_STXCSUM`: set TX checksum offload.
-const ETHTOOL_STXCSUM: u32 = 0x17;
+pub(crate) const ETHTOOL_STXCSUM: u32 = 0x17;
 /// `ETHTOOL_SGRO`: set generic receive offload.
 const ETHTOOL_SGRO: u32 = 0x2c;
 
@@ -757,7 +759,7 @@ struct EthtoolValue {
 
 /// Sets one legacy ethtool flag of `dev` through the socket `sock`, which
 /// must belong to `dev`'s namespace.
-fn ethtool_set(sock: &socket2::Socket, dev: &str, cmd: u32, on: bool) -> io::Result<()> {
+pub(crate) fn ethtool_set(sock: &socket2::Socket, dev: &str, cmd: u32, on: bool) -> io::Result<()> {
     let mut value = EthtoolValue {
         cmd,
         data: u32::from(on),

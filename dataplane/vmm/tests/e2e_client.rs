@@ -1372,7 +1372,7 @@ fn forged_interrupts_and_answers_from_a_third_host_are_dropped() {
     let Some(rig) = Rig::new(test, "cfrg") else {
         return;
     };
-    let attacker = rig.topo.attacker().expect("attacker namespace");
+    let attacker = rig.topo.client_peer().expect("attacker namespace");
     let want = 400u16;
     let vms = vec![vm(
         1,

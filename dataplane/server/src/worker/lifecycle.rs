@@ -1,6 +1,6 @@
 //! Changes applied to running workers: moving a device model from one
 //! worker to another, suspending, resuming and migrating a VM's interrupts,
-//! and tuning the polling loop. The owning thread of a [`super::Server`]
+//! and tuning the polling loop. The owning thread of a [`crate::Server`]
 //! sends [`WorkerCmd`]s; each worker takes them between two batches, so it
 //! never needs a lock on its models.
 
@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::time::Duration;
 
-use super::afxdp::LoopConfig;
 use super::backoff::Backoff;
-use super::dispatch::{Dispatcher, Handover};
-use super::irq::IrqRouter;
+use super::config::LoopConfig;
+use crate::dispatch::{AdoptError, Dispatcher, Handover, ModelSlot};
+use crate::irq::IrqRouter;
 
 /// The polling settings that can change while a worker runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,14 +42,14 @@ pub enum WorkerCmd {
         /// Its state (boxed: it is large beside the other commands).
         handover: Box<Handover>,
         /// The outcome.
-        reply: Sender<Result<(), String>>,
+        reply: Sender<Result<(), AdoptError>>,
     },
     /// Serve a new model (added live).
     Insert {
         /// The model.
         model: u32,
         /// It, with its bases and interrupt target.
-        slot: Box<super::dispatch::ModelSlot>,
+        slot: Box<ModelSlot>,
         /// Sent once it is in place.
         reply: Sender<()>,
     },
@@ -117,7 +117,10 @@ impl WorkerCtl {
                 }
                 WorkerCmd::SuspendVm(vm) => router.suspend(vm),
                 WorkerCmd::ResumeVm(vm) => router.resume(vm),
-                WorkerCmd::MigrateVm { vm, client } => router.migrate(vm, client),
+                WorkerCmd::MigrateVm { vm, client } => {
+                    disp.migrate(vm, client);
+                    router.migrate(vm, client);
+                }
                 WorkerCmd::Barrier(reply) => {
                     let _ = reply.send(());
                 }

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::dispatch::DispatchStats;
+use crate::dispatch::DispatchStats;
 
 /// Sub-buckets per power of two in [`ServiceHist`].
 const SUB: usize = 4;
@@ -101,10 +101,20 @@ pub struct WorkerStats {
     pub malformed: AtomicU64,
     /// Frames that were not UDP/IPv4 (should not happen behind XDP).
     pub bad_frames: AtomicU64,
+    /// Frames with a wrong IPv4 header checksum or a wrong non-zero UDP
+    /// checksum (XDP mode; in socket mode the kernel drops them).
+    pub bad_checksum: AtomicU64,
     /// Acknowledgements consumed.
     pub acks: AtomicU64,
     /// Requests older than the duplicate window.
     pub stale: AtomicU64,
+    /// Datagrams naming a VM of another client than the header's (or
+    /// acknowledging another client's interrupts), dropped.
+    pub foreign_vm: AtomicU64,
+    /// Requests more than the duplicate window beyond it, refused.
+    pub far_ahead: AtomicU64,
+    /// Requests refused because a duplicate-window limit was hit.
+    pub window_limit: AtomicU64,
     /// Retransmitted requests answered again without being re-applied.
     pub duplicates: AtomicU64,
     /// Interrupts raised by this worker's models.
@@ -119,9 +129,15 @@ pub struct WorkerStats {
     /// Interrupts dropped: for a VM with no client, held too long, or
     /// given up unacknowledged after about 100 ms of resends.
     pub irqs_dropped: AtomicU64,
+    /// Of those, interrupts dropped because their client had its share of
+    /// the hold full (the oldest of that client's went).
+    pub irqs_client_limit: AtomicU64,
     /// Frames (answers, interrupts) that found the TX ring full and waited
     /// for the next round.
     pub tx_full: AtomicU64,
+    /// Client or VM addresses not remembered because a peer table was
+    /// full (their interrupts go to the client's address, or wait).
+    pub peer_limit: AtomicU64,
     /// Times the worker went to sleep after its spin budget.
     pub sleeps: AtomicU64,
     /// Socket mode: dropped, device model not served here.
@@ -149,10 +165,18 @@ pub struct WorkerSnapshot {
     pub malformed: u64,
     /// See [`WorkerStats::bad_frames`].
     pub bad_frames: u64,
+    /// See [`WorkerStats::bad_checksum`].
+    pub bad_checksum: u64,
     /// See [`WorkerStats::acks`].
     pub acks: u64,
     /// See [`WorkerStats::stale`].
     pub stale: u64,
+    /// See [`WorkerStats::foreign_vm`].
+    pub foreign_vm: u64,
+    /// See [`WorkerStats::far_ahead`].
+    pub far_ahead: u64,
+    /// See [`WorkerStats::window_limit`].
+    pub window_limit: u64,
     /// See [`WorkerStats::duplicates`].
     pub duplicates: u64,
     /// See [`WorkerStats::irqs_raised`].
@@ -165,8 +189,12 @@ pub struct WorkerSnapshot {
     pub irqs_resent: u64,
     /// See [`WorkerStats::irqs_dropped`].
     pub irqs_dropped: u64,
+    /// See [`WorkerStats::irqs_client_limit`].
+    pub irqs_client_limit: u64,
     /// See [`WorkerStats::tx_full`].
     pub tx_full: u64,
+    /// See [`WorkerStats::peer_limit`].
+    pub peer_limit: u64,
     /// See [`WorkerStats::sleeps`].
     pub sleeps: u64,
     /// See [`WorkerStats::drop_unknown_model`].
@@ -175,6 +203,18 @@ pub struct WorkerSnapshot {
     pub drop_unknown_client: u64,
     /// See [`WorkerStats::drop_spoofed`].
     pub drop_spoofed: u64,
+    /// XDP mode: frames the kernel dropped for want of a fill-ring buffer
+    /// (or too large) on the way to this worker's socket.
+    pub xsk_rx_dropped: u64,
+    /// XDP mode: frames dropped because this worker's RX ring was full.
+    pub xsk_rx_ring_full: u64,
+    /// XDP mode: times the fill ring was found empty.
+    pub xsk_fill_ring_empty: u64,
+    /// XDP mode: invalid descriptors on this worker's TX ring.
+    pub xsk_tx_invalid: u64,
+    /// Socket mode: datagrams the kernel dropped at this worker's socket
+    /// (receive buffer full).
+    pub socket_drops: u64,
     /// Median time a request spent in the worker, ns (see [`ServiceHist`]).
     pub service_p50_ns: u64,
     /// 99th percentile of the same, ns.
@@ -194,19 +234,30 @@ impl WorkerSnapshot {
             ("no_such_model", self.no_such_model),
             ("malformed", self.malformed),
             ("bad_frames", self.bad_frames),
+            ("bad_checksum", self.bad_checksum),
             ("acks", self.acks),
             ("duplicates", self.duplicates),
             ("stale", self.stale),
+            ("foreign_vm", self.foreign_vm),
+            ("far_ahead", self.far_ahead),
+            ("window_limit", self.window_limit),
             ("irqs_raised", self.irqs_raised),
             ("irqs_sent", self.irqs_sent),
             ("irqs_held", self.irqs_held),
             ("irqs_resent", self.irqs_resent),
             ("irqs_dropped", self.irqs_dropped),
+            ("irqs_client_limit", self.irqs_client_limit),
             ("tx_full", self.tx_full),
+            ("peer_limit", self.peer_limit),
             ("sleeps", self.sleeps),
             ("drop_unknown_model", self.drop_unknown_model),
             ("drop_unknown_client", self.drop_unknown_client),
             ("drop_spoofed", self.drop_spoofed),
+            ("xsk_rx_dropped", self.xsk_rx_dropped),
+            ("xsk_rx_ring_full", self.xsk_rx_ring_full),
+            ("xsk_fill_ring_empty", self.xsk_fill_ring_empty),
+            ("xsk_tx_invalid", self.xsk_tx_invalid),
+            ("socket_drops", self.socket_drops),
             ("service_p50_ns", self.service_p50_ns),
             ("service_p99_ns", self.service_p99_ns),
             ("service_p999_ns", self.service_p999_ns),
@@ -225,6 +276,9 @@ impl WorkerStats {
         self.malformed.store(d.malformed, r);
         self.acks.store(d.acks, r);
         self.stale.store(d.stale, r);
+        self.foreign_vm.store(d.foreign_vm, r);
+        self.far_ahead.store(d.far_ahead, r);
+        self.window_limit.store(d.window_limit, r);
         self.duplicates.store(d.duplicates, r);
         self.irqs_raised.store(d.irqs_raised, r);
     }
@@ -236,7 +290,8 @@ impl WorkerStats {
         }
     }
 
-    /// A copy of every counter.
+    /// A copy of every counter (the kernel's drop counts, which live in
+    /// the sockets, are filled in by the server).
     pub fn snapshot(&self) -> WorkerSnapshot {
         let r = Ordering::Relaxed;
         WorkerSnapshot {
@@ -247,19 +302,30 @@ impl WorkerStats {
             no_such_model: self.no_such_model.load(r),
             malformed: self.malformed.load(r),
             bad_frames: self.bad_frames.load(r),
+            bad_checksum: self.bad_checksum.load(r),
             acks: self.acks.load(r),
             stale: self.stale.load(r),
+            foreign_vm: self.foreign_vm.load(r),
+            far_ahead: self.far_ahead.load(r),
+            window_limit: self.window_limit.load(r),
             duplicates: self.duplicates.load(r),
             irqs_raised: self.irqs_raised.load(r),
             irqs_sent: self.irqs_sent.load(r),
             irqs_held: self.irqs_held.load(r),
             irqs_resent: self.irqs_resent.load(r),
             irqs_dropped: self.irqs_dropped.load(r),
+            irqs_client_limit: self.irqs_client_limit.load(r),
             tx_full: self.tx_full.load(r),
+            peer_limit: self.peer_limit.load(r),
             sleeps: self.sleeps.load(r),
             drop_unknown_model: self.drop_unknown_model.load(r),
             drop_unknown_client: self.drop_unknown_client.load(r),
             drop_spoofed: self.drop_spoofed.load(r),
+            xsk_rx_dropped: 0,
+            xsk_rx_ring_full: 0,
+            xsk_fill_ring_empty: 0,
+            xsk_tx_invalid: 0,
+            socket_drops: 0,
             service_p50_ns: self.service.quantile(0.5),
             service_p99_ns: self.service.quantile(0.99),
             service_p999_ns: self.service.quantile(0.999),

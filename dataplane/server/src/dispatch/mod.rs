@@ -1,0 +1,548 @@
+//! Applies request datagrams to the device models a worker owns, and turns
+//! each request datagram into its response datagram in place.
+//!
+//! A worker owns its [`Dispatcher`] (and through it its models) alone: no
+//! locks. A request datagram and its response have the same length (one
+//! 40-byte response record per request record), so the answer is written
+//! over the request in the same buffer — a UMEM frame in AF_XDP mode, the
+//! receive buffer in socket mode.
+
+use std::collections::HashMap;
+
+use devplane_devmodels::{DeviceModel, IrqEvent, Space};
+use devplane_wire::record::OP_RESPONSE;
+use devplane_wire::{Access, Datagram, Header, Kind, RECORD_LEN, RawRecord, Record, Status};
+use zerocopy::FromBytes;
+use zerocopy::little_endian::U64;
+
+mod window;
+pub use window::{MAX_VCPU_WINDOWS, MAX_WINDOWS, Seen, SeqWindow, WINDOW, Windows};
+
+/// Which client platform each VM belongs to (the identifier database's
+/// `vms`), and whether requests are checked against it.
+#[derive(Debug, Clone, Default)]
+pub struct Owners {
+    /// VM id -> client id.
+    pub by_vm: HashMap<u32, u32>,
+    /// Check ownership (`server.check_clients`); without it every request
+    /// is taken as its header says.
+    pub check: bool,
+}
+
+impl Owners {
+    /// Whether `client` may name `vm`.
+    pub fn allows(&self, client: u32, vm: u32) -> bool {
+        !self.check || self.by_vm.get(&vm) == Some(&client)
+    }
+}
+
+/// Why a model handed over from another worker could not be taken over.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    /// A new instance of its kind could not be built.
+    #[error("building a new {kind}: {source}")]
+    Build {
+        /// The model's kind.
+        kind: &'static str,
+        /// Why.
+        source: devplane_devmodels::registry::BuildError,
+    },
+    /// Its snapshot did not restore.
+    #[error("restoring its snapshot: {0}")]
+    Restore(#[from] devplane_devmodels::SnapshotError),
+}
+
+/// One model as a worker holds it.
+pub struct ModelSlot {
+    /// The model.
+    pub model: Box<dyn DeviceModel>,
+    /// Port base: port-I/O offsets are `port - pio_base`.
+    pub pio_base: u64,
+    /// MMIO base: MMIO offsets are `gpa - mmio_base`.
+    pub mmio_base: u64,
+    /// The VM its interrupts go to (and its hypervisor), if it raises any.
+    pub irq_target: Option<(u32, u32)>,
+    /// The sequence number of its last interrupt.
+    pub irq_seq: u64,
+}
+
+/// The wall clock in nanoseconds since the Unix epoch: where clients'
+/// request numbers and models' interrupt numbers start
+/// ([`devplane_wire::first_seq`]).
+fn wall_clock_ns() -> u64 {
+    devplane_wire::first_seq()
+}
+
+/// How far ahead of this server's clock a client's clock may be.
+const CLOCK_SKEW_NS: u64 = 600_000_000_000;
+
+/// The highest sequence number a client can have reached (see
+/// [`Seen::FarAhead`]).
+fn reachable() -> u64 {
+    wall_clock_ns().saturating_add(CLOCK_SKEW_NS)
+}
+
+impl ModelSlot {
+    /// A slot for `model` at the given bases, without interrupt target.
+    pub fn new(model: Box<dyn DeviceModel>, pio_base: u64, mmio_base: u64) -> ModelSlot {
+        ModelSlot {
+            model,
+            pio_base,
+            mmio_base,
+            irq_target: None,
+            irq_seq: devplane_wire::first_seq(),
+        }
+    }
+}
+
+/// A model on its way from one worker to another.
+pub struct Handover {
+    /// Its kind, to build the new instance.
+    pub kind: &'static str,
+    /// Its whole state.
+    pub snapshot: devplane_devmodels::Snapshot,
+    /// Port base.
+    pub pio_base: u64,
+    /// MMIO base.
+    pub mmio_base: u64,
+    /// Interrupt target.
+    pub irq_target: Option<(u32, u32)>,
+    /// Next interrupt sequence number.
+    pub irq_seq: u64,
+    /// What the new instance is built with before the snapshot is restored
+    /// (its backing file, say); the server fills it from the configuration.
+    pub params: devplane_devmodels::registry::ModelParams,
+    /// Duplicate windows of the old owner.
+    windows: Windows,
+    /// Its interrupts the old owner had not had acknowledged (sent or
+    /// still queued), oldest first: the new owner sends them (again).
+    pub irqs: Vec<PendingIrq>,
+}
+
+/// An interrupt a model raised, addressed to its VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingIrq {
+    /// The model that raised it.
+    pub model: u32,
+    /// The VM it is for.
+    pub vm: u32,
+    /// The VM's hypervisor.
+    pub hypervisor: u32,
+    /// The line change.
+    pub event: IrqEvent,
+    /// Per-model interrupt sequence number.
+    pub seq: u64,
+}
+
+/// What became of a datagram handed to [`Dispatcher::handle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A client acknowledged model `model`'s interrupts up to `seq` (for
+    /// the worker's [`super::irq::IrqRouter::ack`]); nothing to send.
+    Acked {
+        /// The model.
+        model: u32,
+        /// The highest interrupt sequence number acknowledged.
+        seq: u64,
+    },
+    /// Answered in place: send the buffer's first `len` bytes back.
+    Respond {
+        /// Records applied.
+        records: usize,
+        /// The client platform the answer goes to (from the header).
+        client: u32,
+        /// The VM of its first record (a devplane client puts one vCPU's
+        /// requests in a datagram), where that VM's interrupts may go.
+        vm: u32,
+        /// The UDP port the client takes that VM's interrupts on, at the
+        /// address it sent from ([`devplane_wire::header::HDR_IRQ_PORT`]);
+        /// `None`: the port it sent from.
+        irq_port: Option<u16>,
+    },
+    /// Consumed without answer (an acknowledgement).
+    Consumed,
+    /// For a model this worker does not hold (it is being moved): dropped
+    /// unanswered and counted, so the client retransmits it, with the same
+    /// sequence numbers, to the model's new owner.
+    NotHere,
+    /// Malformed: dropped and counted; the buffer is unchanged.
+    Malformed(devplane_wire::WireError),
+    /// A record names a VM that is not the header's client's (or an
+    /// acknowledgement comes from another client than that of the VM the
+    /// model interrupts): dropped unanswered and counted.
+    Foreign,
+}
+
+/// Per-worker dispatch counters (owned by the worker; published by it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DispatchStats {
+    /// Request datagrams answered.
+    pub datagrams: u64,
+    /// Request records applied (or answered with an error status).
+    pub records: u64,
+    /// Reads.
+    pub reads: u64,
+    /// Writes.
+    pub writes: u64,
+    /// Records for a model this worker does not own.
+    pub no_such_model: u64,
+    /// Accesses the model refused.
+    pub model_errors: u64,
+    /// Malformed datagrams dropped.
+    pub malformed: u64,
+    /// Acknowledgements consumed.
+    pub acks: u64,
+    /// Retransmitted requests answered again without being re-applied.
+    pub duplicates: u64,
+    /// Requests older than the duplicate window (answered `Stale`).
+    pub stale: u64,
+    /// Datagrams naming a VM of another client (or acknowledging another
+    /// client's interrupts), dropped.
+    pub foreign_vm: u64,
+    /// Requests more than the window beyond it (answered `Stale`, not
+    /// applied, not adopted).
+    pub far_ahead: u64,
+    /// Requests refused because a window limit was hit (answered `Stale`).
+    pub window_limit: u64,
+    /// Interrupts raised by models.
+    pub irqs_raised: u64,
+}
+
+/// Owns a worker's models and applies requests to them.
+pub struct Dispatcher {
+    server: u32,
+    models: HashMap<u32, ModelSlot>,
+    windows: Windows,
+    owners: Owners,
+    irqs: Vec<PendingIrq>,
+    stats: DispatchStats,
+}
+
+impl Dispatcher {
+    /// A dispatcher for server `server` with no models.
+    pub fn new(server: u32) -> Dispatcher {
+        Dispatcher {
+            server,
+            models: HashMap::new(),
+            windows: Windows::default(),
+            owners: Owners::default(),
+            irqs: Vec::new(),
+            stats: DispatchStats::default(),
+        }
+    }
+
+    /// Checks requests against `owners` from now on.
+    pub fn set_owners(&mut self, owners: Owners) {
+        self.owners = owners;
+    }
+
+    /// `vm` belongs to `client` from now on.
+    pub fn migrate(&mut self, vm: u32, client: u32) {
+        self.owners.by_vm.insert(vm, client);
+    }
+
+    /// How many duplicate windows this worker keeps.
+    pub fn window_count(&self) -> usize {
+        self.windows.len()
+    }
+
+    /// Adds (or replaces) model `id`.
+    pub fn insert(&mut self, id: u32, slot: ModelSlot) -> Option<ModelSlot> {
+        self.models.insert(id, slot)
+    }
+
+    /// Removes model `id`, returning it (for a move).
+    pub fn remove(&mut self, id: u32) -> Option<ModelSlot> {
+        self.models.remove(&id)
+    }
+
+    /// Gives model `id` up for a move: its state as a snapshot, its
+    /// settings, and a copy of the duplicate windows (so a request it
+    /// applied here and that is retransmitted to the new owner is not
+    /// applied twice).
+    pub fn release(&mut self, id: u32) -> Option<Handover> {
+        let slot = self.models.remove(&id)?;
+        Some(Handover {
+            kind: slot.model.kind(),
+            snapshot: slot.model.snapshot(),
+            pio_base: slot.pio_base,
+            mmio_base: slot.mmio_base,
+            irq_target: slot.irq_target,
+            irq_seq: slot.irq_seq,
+            params: Default::default(),
+            windows: self.windows.clone(),
+            irqs: Vec::new(),
+        })
+    }
+
+    /// Takes model `id` over from a [`Handover`]: a new model of the same
+    /// kind restored from the snapshot, and the windows merged.
+    pub fn adopt(&mut self, id: u32, h: Handover) -> Result<(), AdoptError> {
+        let mut model =
+            devplane_devmodels::registry::build(h.kind, h.params.clone()).map_err(|source| {
+                AdoptError::Build {
+                    kind: h.kind,
+                    source,
+                }
+            })?;
+        model.restore(&h.snapshot)?;
+        self.windows.merge(h.windows);
+        self.models.insert(
+            id,
+            ModelSlot {
+                model,
+                pio_base: h.pio_base,
+                mmio_base: h.mmio_base,
+                irq_target: h.irq_target,
+                irq_seq: h.irq_seq,
+            },
+        );
+        Ok(())
+    }
+
+    /// The model `id`, if owned here.
+    pub fn model(&self, id: u32) -> Option<&ModelSlot> {
+        self.models.get(&id)
+    }
+
+    /// Ids of the models owned here.
+    pub fn model_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.models.keys().copied()
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> DispatchStats {
+        self.stats
+    }
+
+    /// Interrupts raised since the last call, in order.
+    pub fn drain_irqs(&mut self) -> std::vec::Drain<'_, PendingIrq> {
+        self.irqs.drain(..)
+    }
+
+    /// Whether interrupts are waiting to be sent.
+    pub fn has_irqs(&self) -> bool {
+        !self.irqs.is_empty()
+    }
+
+    fn collect_irqs(
+        id: u32,
+        slot: &mut ModelSlot,
+        out: &mut Vec<PendingIrq>,
+        stats: &mut DispatchStats,
+    ) {
+        while let Some(event) = slot.model.take_irq() {
+            stats.irqs_raised += 1;
+            if let Some((vm, hypervisor)) = slot.irq_target {
+                slot.irq_seq += 1;
+                out.push(PendingIrq {
+                    model: id,
+                    vm,
+                    hypervisor,
+                    event,
+                    seq: slot.irq_seq,
+                });
+            }
+        }
+    }
+
+    /// Handles one datagram (the whole UDP payload). A request datagram is
+    /// applied record by record, in order, and rewritten in place into its
+    /// response datagram of the same length.
+    pub fn handle(&mut self, payload: &mut [u8]) -> Outcome {
+        let d = match Datagram::parse(payload) {
+            Ok(d) => d,
+            Err(e) => {
+                self.stats.malformed += 1;
+                return Outcome::Malformed(e);
+            }
+        };
+        let (model_id, client, count, irq_port) = (d.model(), d.client(), d.len(), d.irq_port());
+        match d.kind() {
+            Kind::Request => {}
+            Kind::Ack => return self.acknowledged(&d),
+            kind @ (Kind::Response | Kind::Interrupt) => {
+                self.stats.malformed += 1;
+                return Outcome::Malformed(devplane_wire::WireError::UnknownKind(kind as u8));
+            }
+        }
+        if !d
+            .raw_records()
+            .iter()
+            .all(|r| self.owners.allows(client, r.vm.get()))
+        {
+            self.stats.foreign_vm += 1;
+            return Outcome::Foreign;
+        }
+        let Some(slot) = self.models.get_mut(&model_id) else {
+            self.stats.no_such_model += count as u64;
+            return Outcome::NotHere;
+        };
+        let mut first_vm = 0;
+        let mut work = Apply {
+            model_id,
+            client,
+            slot,
+            windows: &mut self.windows,
+            irqs: &mut self.irqs,
+            stats: &mut self.stats,
+        };
+        for i in 0..count {
+            let off = devplane_wire::HEADER_LEN + i * RECORD_LEN;
+            let Ok(raw) = RawRecord::mut_from_bytes(&mut payload[off..off + RECORD_LEN]) else {
+                continue; // unreachable: parse checked the length
+            };
+            if let Some(vm) = work.record(i, raw)
+                && i == 0
+            {
+                first_vm = vm;
+            }
+        }
+        self.answer_header(payload);
+        Outcome::Respond {
+            records: count,
+            client,
+            vm: first_vm,
+            irq_port,
+        }
+    }
+
+    /// An acknowledgement: the highest interrupt number it covers.
+    /// Honoured only from the client of the VM the model's interrupts go
+    /// to (when ownership is checked).
+    fn acknowledged(&mut self, d: &Datagram<'_>) -> Outcome {
+        let owner_ok = self
+            .models
+            .get(&d.model())
+            .and_then(|m| m.irq_target)
+            .is_some_and(|(vm, _)| self.owners.allows(d.client(), vm));
+        if self.owners.check && !owner_ok {
+            self.stats.foreign_vm += 1;
+            return Outcome::Foreign;
+        }
+        self.stats.acks += 1;
+        let seq = d
+            .records()
+            .filter_map(|r| match r {
+                Record::Ack(a) => Some(a.id.seq),
+                _ => None,
+            })
+            .max();
+        match seq {
+            Some(seq) => Outcome::Acked {
+                model: d.model(),
+                seq,
+            },
+            None => Outcome::Consumed,
+        }
+    }
+
+    /// Turns a request header into its response's.
+    fn answer_header(&mut self, payload: &mut [u8]) {
+        let Ok((hdr, _)) = Header::mut_from_prefix(payload) else {
+            return; // unreachable: parse checked the length
+        };
+        hdr.kind = Kind::Response as u8;
+        hdr.server = self.server.into();
+        // A response has no header flags (the interrupt port is a request's).
+        hdr.flags = 0.into();
+        hdr.reserved = 0.into();
+        self.stats.datagrams += 1;
+    }
+}
+
+/// What applying one datagram's records needs of a [`Dispatcher`].
+struct Apply<'a> {
+    model_id: u32,
+    client: u32,
+    slot: &'a mut ModelSlot,
+    windows: &'a mut Windows,
+    irqs: &'a mut Vec<PendingIrq>,
+    stats: &'a mut DispatchStats,
+}
+
+impl Apply<'_> {
+    /// Applies request record `i` (unless its window already answered it)
+    /// and rewrites it into its response; returns its VM.
+    fn record(&mut self, i: usize, raw: &mut RawRecord) -> Option<u32> {
+        let Ok(Record::Request(req)) = raw.decode(i, Kind::Request) else {
+            return None; // unreachable: parse validated every record
+        };
+        let (status, data) = match self.windows.get((self.client, req.id.vm, req.id.vcpu)) {
+            None => {
+                self.stats.window_limit += 1;
+                (Status::Stale, 0)
+            }
+            Some(window) => match window.lookup(req.id.seq, reachable) {
+                Seen::Answered(s, d) => {
+                    self.stats.duplicates += 1;
+                    (s, d)
+                }
+                Seen::Stale => {
+                    self.stats.stale += 1;
+                    (Status::Stale, 0)
+                }
+                Seen::FarAhead => {
+                    self.stats.far_ahead += 1;
+                    (Status::Stale, 0)
+                }
+                Seen::New => {
+                    let r = apply(self.slot, &req.access, self.stats);
+                    Dispatcher::collect_irqs(self.model_id, self.slot, self.irqs, self.stats);
+                    window.remember(req.id.seq, r);
+                    r
+                }
+            },
+        };
+        raw.op = OP_RESPONSE;
+        raw.flags = 0;
+        raw.status = status as u8;
+        raw.data = U64::new(if status == Status::Ok { data } else { 0 });
+        self.stats.records += 1;
+        Some(req.id.vm)
+    }
+}
+
+fn apply(slot: &mut ModelSlot, access: &Access, stats: &mut DispatchStats) -> (Status, u64) {
+    let result = match *access {
+        Access::PioIn { port, size } => {
+            stats.reads += 1;
+            slot.model
+                .read(Space::Pio, (port as u64).wrapping_sub(slot.pio_base), size)
+        }
+        Access::PioOut { port, size, data } => {
+            stats.writes += 1;
+            slot.model
+                .write(
+                    Space::Pio,
+                    (port as u64).wrapping_sub(slot.pio_base),
+                    size,
+                    data as u64,
+                )
+                .map(|()| 0)
+        }
+        Access::MmioRead { gpa, size } => {
+            stats.reads += 1;
+            slot.model
+                .read(Space::Mmio, gpa.wrapping_sub(slot.mmio_base), size)
+        }
+        Access::MmioWrite { gpa, size, data } => {
+            stats.writes += 1;
+            slot.model
+                .write(Space::Mmio, gpa.wrapping_sub(slot.mmio_base), size, data)
+                .map(|()| 0)
+        }
+    };
+    match result {
+        // A model must not return bits beyond the access size; mask so the
+        // response always parses.
+        Ok(v) => (Status::Ok, v & access.size().mask()),
+        Err(e) => {
+            stats.model_errors += 1;
+            (e.status(), 0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,472 @@
+//! Unit tests of the dispatcher.
+
+use super::*;
+use devplane_devmodels::counter::Counter;
+use devplane_wire::{AccessSize, Request, RequestId, datagram};
+
+fn req(seq: u64, access: Access) -> Record {
+    Record::Request(Request {
+        id: RequestId {
+            vm: 3,
+            hypervisor: 2,
+            vcpu: 1,
+            seq,
+        },
+        access,
+        flags: 0,
+    })
+}
+
+fn encode(model: u32, recs: &[Record]) -> Vec<u8> {
+    let mut buf = vec![0u8; devplane_wire::MAX_DATAGRAM];
+    let n = datagram::encode(&mut buf, Header::new(Kind::Request, model, 9, 7), recs).unwrap();
+    buf.truncate(n);
+    buf
+}
+
+fn dispatcher() -> Dispatcher {
+    let mut d = Dispatcher::new(1);
+    let mut slot = ModelSlot::new(Box::new(Counter::new(5)), 0x100, 0xd000_0000);
+    slot.irq_target = Some((3, 2));
+    d.insert(42, slot);
+    d
+}
+
+#[test]
+fn applies_in_order_and_answers_in_place() {
+    let mut d = dispatcher();
+    let w = Access::PioOut {
+        port: 0x100,
+        size: AccessSize::B1,
+        data: 5,
+    };
+    let r = Access::PioIn {
+        port: 0x100,
+        size: AccessSize::B4,
+    };
+    let mr = Access::MmioRead {
+        gpa: 0xd000_0008,
+        size: AccessSize::B8,
+    };
+    let mut buf = encode(42, &[req(1, w), req(2, w), req(3, r), req(4, mr)]);
+    let len = buf.len();
+    assert_eq!(
+        d.handle(&mut buf),
+        Outcome::Respond {
+            records: 4,
+            client: 7,
+            vm: 3,
+            irq_port: None
+        }
+    );
+    assert_eq!(buf.len(), len);
+    let rsp = Datagram::parse(&buf).unwrap();
+    assert_eq!(rsp.kind(), Kind::Response);
+    assert_eq!((rsp.model(), rsp.server(), rsp.client()), (42, 1, 7));
+    let got: Vec<(u64, Status, u64)> = rsp
+        .records()
+        .map(|r| match r {
+            Record::Response(r) => (r.id.seq, r.status, r.data),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    // The read after two writes sees both; the MMIO read sees the sum.
+    assert_eq!(
+        got,
+        vec![
+            (1, Status::Ok, 0),
+            (2, Status::Ok, 0),
+            (3, Status::Ok, 2),
+            (4, Status::Ok, 10)
+        ]
+    );
+    let s = d.stats();
+    assert_eq!((s.datagrams, s.records, s.reads, s.writes), (1, 4, 2, 2));
+}
+
+#[test]
+fn unknown_model_and_model_errors_get_statuses() {
+    let mut d = dispatcher();
+    let r = Access::PioIn {
+        port: 0x103,
+        size: AccessSize::B1,
+    };
+    let mut buf = encode(42, &[req(1, r)]);
+    d.handle(&mut buf);
+    match Datagram::parse(&buf).unwrap().records().next() {
+        Some(Record::Response(r)) => assert_eq!(r.status, Status::Unmapped),
+        other => panic!("{other:?}"),
+    }
+    let mut buf = encode(43, &[req(2, r)]);
+    assert_eq!(d.handle(&mut buf), Outcome::NotHere, "not answered");
+    assert_eq!(d.stats().no_such_model, 1);
+    assert_eq!(d.stats().model_errors, 1);
+}
+
+#[test]
+fn malformed_is_counted_and_left_alone() {
+    let mut d = dispatcher();
+    let w = Access::PioOut {
+        port: 0x100,
+        size: AccessSize::B1,
+        data: 5,
+    };
+    let mut buf = encode(42, &[req(1, w)]);
+    buf[devplane_wire::HEADER_LEN + 1] = 3; // size 3
+    let before = buf.clone();
+    assert!(matches!(d.handle(&mut buf), Outcome::Malformed(_)));
+    assert_eq!(buf, before);
+    assert_eq!(d.stats().malformed, 1);
+    assert_eq!(
+        d.stats().writes,
+        0,
+        "a malformed datagram reached the model"
+    );
+    // A response datagram sent to a server is malformed for it.
+    let mut ok = encode(42, &[req(1, w)]);
+    d.handle(&mut ok);
+    assert!(matches!(d.handle(&mut ok), Outcome::Malformed(_)));
+}
+
+#[test]
+fn a_retransmitted_write_is_applied_once_and_answered_again() {
+    let mut d = dispatcher();
+    let w = Access::PioOut {
+        port: 0x100,
+        size: AccessSize::B1,
+        data: 5,
+    };
+    let r = Access::PioIn {
+        port: 0x100,
+        size: AccessSize::B4,
+    };
+    let first = encode(42, &[req(1, w), req(2, r)]);
+    let mut a = first.clone();
+    d.handle(&mut a);
+    let mut b = first.clone();
+    d.handle(&mut b);
+    assert_eq!(a, b, "the repeat got a different answer");
+    let mut c = encode(42, &[req(3, r)]);
+    d.handle(&mut c);
+    match Datagram::parse(&c).unwrap().records().next() {
+        Some(Record::Response(r)) => assert_eq!(r.data, 1, "write applied twice"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(d.stats().duplicates, 2);
+    // Push seq 1 out of the window: a repeat of it is now stale.
+    for seq in 4..(WINDOW as u64 + 10) {
+        let mut x = encode(42, &[req(seq, r)]);
+        d.handle(&mut x);
+    }
+    let mut old = encode(42, &[req(1, w)]);
+    d.handle(&mut old);
+    match Datagram::parse(&old).unwrap().records().next() {
+        Some(Record::Response(r)) => assert_eq!(r.status, Status::Stale),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        d.model(42).unwrap().model.snapshot().data[..8],
+        1u64.to_le_bytes()
+    );
+}
+
+#[test]
+fn a_moved_model_keeps_its_state_and_windows() {
+    let mut a = dispatcher();
+    let mut b = Dispatcher::new(1);
+    let w = Access::PioOut {
+        port: 0x100,
+        size: AccessSize::B1,
+        data: 5,
+    };
+    let r = Access::PioIn {
+        port: 0x100,
+        size: AccessSize::B4,
+    };
+    let mut first = encode(42, &[req(1, w), req(2, w)]);
+    a.handle(&mut first);
+    let h = a.release(42).expect("owned");
+    assert!(a.model(42).is_none());
+    let mut lost = encode(42, &[req(3, w)]);
+    assert_eq!(a.handle(&mut lost), Outcome::NotHere);
+    b.adopt(42, h).unwrap();
+    // The repeat of seq 2 (answer lost during the move) is not applied
+    // again; seq 3 is new.
+    let mut again = encode(42, &[req(2, w), req(3, w), req(4, r)]);
+    b.handle(&mut again);
+    let data: Vec<u64> = Datagram::parse(&again)
+        .unwrap()
+        .records()
+        .map(|r| match r {
+            Record::Response(r) => r.data,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(data, vec![0, 0, 3], "writes: 1, 2 before the move, 3 after");
+    assert_eq!(b.stats().duplicates, 1);
+    assert_eq!(b.model(42).unwrap().irq_target, Some((3, 2)));
+}
+
+#[test]
+fn interrupts_are_addressed_to_the_models_vm() {
+    let mut d = dispatcher();
+    let raise = Access::PioOut {
+        port: 0x110,
+        size: AccessSize::B1,
+        data: 2,
+    };
+    let mut buf = encode(42, &[req(1, raise)]);
+    d.handle(&mut buf);
+    let irqs: Vec<PendingIrq> = d.drain_irqs().collect();
+    assert_eq!(irqs.len(), 2);
+    assert_eq!(
+        (irqs[0].vm, irqs[0].hypervisor, irqs[0].event.line),
+        (3, 2, 5)
+    );
+    // Numbered on from where the model started (the wall clock when it
+    // was built, above any predecessor's), one by one.
+    let start = d.model(42).unwrap().irq_seq - 2;
+    assert!(
+        start >= devplane_wire::first_seq() - 60_000_000_000,
+        "a recent start"
+    );
+    assert_eq!((irqs[0].seq, irqs[1].seq), (start + 1, start + 2));
+    assert!(!d.has_irqs());
+}
+
+/// An acknowledgement names the model and the highest interrupt it
+/// covers; nothing is sent back.
+#[test]
+fn acknowledgements_are_handed_to_the_router() {
+    let mut d = dispatcher();
+    let ack = |seq| {
+        Record::Ack(devplane_wire::Ack {
+            id: RequestId {
+                vm: 3,
+                hypervisor: 2,
+                vcpu: 0,
+                seq,
+            },
+        })
+    };
+    let mut buf = vec![0u8; 256];
+    let n = devplane_wire::datagram::encode(
+        &mut buf,
+        Header::new(Kind::Ack, 42, 1, 7),
+        &[ack(5), ack(9), ack(7)],
+    )
+    .unwrap();
+    assert_eq!(
+        d.handle(&mut buf[..n]),
+        Outcome::Acked { model: 42, seq: 9 }
+    );
+    assert_eq!(d.stats().acks, 1);
+}
+
+/// A dispatcher that checks ownership: VM 3 is client 7's, VM 4 client
+/// 8's.
+fn checking() -> Dispatcher {
+    let mut d = dispatcher();
+    d.set_owners(Owners {
+        by_vm: [(3, 7), (4, 8)].into_iter().collect(),
+        check: true,
+    });
+    d
+}
+
+fn req_for(vm: u32, vcpu: u16, seq: u64, access: Access) -> Record {
+    Record::Request(Request {
+        id: RequestId {
+            vm,
+            hypervisor: 2,
+            vcpu,
+            seq,
+        },
+        access,
+        flags: 0,
+    })
+}
+
+fn encode_from(client: u32, model: u32, recs: &[Record]) -> Vec<u8> {
+    let mut buf = vec![0u8; devplane_wire::MAX_DATAGRAM];
+    let n = datagram::encode(&mut buf, Header::new(Kind::Request, model, 9, client), recs).unwrap();
+    buf.truncate(n);
+    buf
+}
+
+fn statuses(buf: &[u8]) -> Vec<(Status, u64)> {
+    Datagram::parse(buf)
+        .unwrap()
+        .records()
+        .map(|r| match r {
+            Record::Response(r) => (r.status, r.data),
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+const WRITE: Access = Access::PioOut {
+    port: 0x100,
+    size: AccessSize::B1,
+    data: 5,
+};
+const READ: Access = Access::PioIn {
+    port: 0x100,
+    size: AccessSize::B4,
+};
+
+/// The cross-tenant write loss of issue 13: client 8 pre-answers and
+/// pushes client 7's window with numbers near 2^64. Every such datagram
+/// is dropped (even one with a single foreign record among its own), and
+/// client 7's writes are applied and answered as before.
+#[test]
+fn another_clients_vm_is_never_touched() {
+    let mut d = checking();
+    for seq in (u64::MAX - 300)..u64::MAX {
+        let mut b = encode_from(8, 42, &[req_for(3, 0, seq, WRITE)]);
+        assert_eq!(d.handle(&mut b), Outcome::Foreign);
+    }
+    let mut mixed = encode_from(8, 42, &[req_for(4, 0, 1, WRITE), req_for(3, 0, 2, WRITE)]);
+    assert_eq!(d.handle(&mut mixed), Outcome::Foreign);
+    let mut unknown = encode_from(7, 42, &[req_for(99, 0, 1, WRITE)]);
+    assert_eq!(d.handle(&mut unknown), Outcome::Foreign);
+    assert_eq!(d.stats().foreign_vm, 302);
+    assert_eq!(d.stats().writes, 0, "a foreign write reached the model");
+    let mut own = encode_from(7, 42, &[req_for(3, 0, 2, WRITE), req_for(3, 0, 3, READ)]);
+    assert!(matches!(d.handle(&mut own), Outcome::Respond { .. }));
+    assert_eq!(statuses(&own), vec![(Status::Ok, 0), (Status::Ok, 1)]);
+    assert_eq!(d.window_count(), 1, "windows only for the owner's vCPU");
+}
+
+/// Windows are keyed by client too: after a VM migrates, its new client's
+/// numbers do not meet the old client's answers.
+#[test]
+fn windows_are_per_client() {
+    let mut d = checking();
+    let mut a = encode_from(7, 42, &[req_for(3, 0, 10, WRITE)]);
+    d.handle(&mut a);
+    d.migrate(3, 8);
+    let mut b = encode_from(8, 42, &[req_for(3, 0, 10, WRITE), req_for(3, 0, 11, READ)]);
+    d.handle(&mut b);
+    assert_eq!(
+        statuses(&b),
+        vec![(Status::Ok, 0), (Status::Ok, 2)],
+        "the new client's seq 10 is its own, applied"
+    );
+    let mut old = encode_from(7, 42, &[req_for(3, 0, 12, WRITE)]);
+    assert_eq!(d.handle(&mut old), Outcome::Foreign, "no longer client 7's");
+}
+
+/// A number far ahead of a window is refused, not adopted: the numbers
+/// after it are still applied (before, it pushed them out as stale).
+#[test]
+fn a_number_far_ahead_is_refused() {
+    let mut d = checking();
+    let mut a = encode_from(7, 42, &[req_for(3, 0, 100, WRITE)]);
+    d.handle(&mut a);
+    let mut far = encode_from(7, 42, &[req_for(3, 0, u64::MAX - 1, WRITE)]);
+    d.handle(&mut far);
+    assert_eq!(statuses(&far), vec![(Status::Stale, 0)]);
+    assert_eq!(d.stats().far_ahead, 1);
+    let mut next = encode_from(
+        7,
+        42,
+        &[req_for(3, 0, 101, WRITE), req_for(3, 0, 102, READ)],
+    );
+    d.handle(&mut next);
+    assert_eq!(statuses(&next), vec![(Status::Ok, 0), (Status::Ok, 2)]);
+    // Within the in-flight limit ahead is fine.
+    let mut ahead = encode_from(7, 42, &[req_for(3, 0, 102 + WINDOW as u64, READ)]);
+    d.handle(&mut ahead);
+    assert_eq!(statuses(&ahead), vec![(Status::Ok, 2)]);
+    // A restarted client numbers from the wall clock: a gap, not an
+    // attack; and the window keeps what it had, so a late repeat of 101
+    // is answered from it, not applied again.
+    let restart = devplane_wire::first_seq();
+    let mut fresh = encode_from(7, 42, &[req_for(3, 0, restart, READ)]);
+    d.handle(&mut fresh);
+    assert_eq!(statuses(&fresh), vec![(Status::Ok, 2)]);
+    let mut late = encode_from(7, 42, &[req_for(3, 0, 101, WRITE)]);
+    d.handle(&mut late);
+    assert_eq!(statuses(&late), vec![(Status::Ok, 0)]);
+    assert_eq!(d.stats().writes, 2, "the late repeat was applied again");
+    assert_eq!(d.stats().far_ahead, 1);
+}
+
+/// Windows are bounded per VM: vCPU ids beyond the limit are refused and
+/// counted, and the memory they would take is never allocated.
+#[test]
+fn windows_are_bounded_per_vm() {
+    let mut d = checking();
+    for vcpu in 0..(MAX_VCPU_WINDOWS as u16 + 44) {
+        let mut b = encode_from(7, 42, &[req_for(3, vcpu, 1, READ)]);
+        d.handle(&mut b);
+    }
+    assert_eq!(d.window_count(), MAX_VCPU_WINDOWS as usize);
+    assert_eq!(d.stats().window_limit, 44);
+    // Another VM has its own allowance.
+    let mut b = encode_from(8, 42, &[req_for(4, 0, 1, READ)]);
+    d.handle(&mut b);
+    assert_eq!(statuses(&b), vec![(Status::Ok, 0)]);
+    assert_eq!(d.window_count(), MAX_VCPU_WINDOWS as usize + 1);
+}
+
+/// Interrupt acknowledgements count only from the client of the VM the
+/// model interrupts.
+#[test]
+fn acks_from_another_client_are_ignored() {
+    let mut d = checking();
+    let ack = |client: u32| {
+        let mut buf = vec![0u8; 256];
+        let rec = Record::Ack(devplane_wire::Ack {
+            id: RequestId {
+                vm: 3,
+                hypervisor: 2,
+                vcpu: 0,
+                seq: u64::MAX,
+            },
+        });
+        let n = devplane_wire::datagram::encode(
+            &mut buf,
+            Header::new(Kind::Ack, 42, 1, client),
+            &[rec],
+        )
+        .unwrap();
+        buf.truncate(n);
+        buf
+    };
+    assert_eq!(d.handle(&mut ack(8)), Outcome::Foreign);
+    assert_eq!(
+        d.handle(&mut ack(7)),
+        Outcome::Acked {
+            model: 42,
+            seq: u64::MAX
+        }
+    );
+    assert_eq!((d.stats().acks, d.stats().foreign_vm), (1, 1));
+}
+
+/// Windows are bounded per worker too: however many registered VMs and
+/// vCPUs send, no more than `MAX_WINDOWS` windows exist.
+#[test]
+fn windows_are_bounded_per_worker() {
+    let mut d = dispatcher();
+    let vms = (MAX_WINDOWS / MAX_VCPU_WINDOWS as usize) as u32 + 2;
+    d.set_owners(Owners {
+        by_vm: (1..=vms).map(|vm| (vm, 7)).collect(),
+        check: true,
+    });
+    let mut refused = 0;
+    for vm in 1..=vms {
+        for vcpu in 0..MAX_VCPU_WINDOWS as u16 {
+            let mut b = encode_from(7, 42, &[req_for(vm, vcpu, 1, READ)]);
+            d.handle(&mut b);
+            if statuses(&b)[0].0 == Status::Stale {
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(d.window_count(), MAX_WINDOWS);
+    assert_eq!(refused, 2 * MAX_VCPU_WINDOWS as u64);
+    assert_eq!(d.stats().window_limit, refused);
+}

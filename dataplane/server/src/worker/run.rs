@@ -1,0 +1,98 @@
+//! The worker loop, shared by every [`Transport`].
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::dispatch::Dispatcher;
+use crate::irq::{IrqRouter, Peers};
+
+use super::backoff::Backoff;
+use super::config::LoopConfig;
+use super::lifecycle::WorkerCtl;
+use super::stats::WorkerStats;
+use super::transport::{Transport, Work};
+
+/// What one worker thread owns besides its transport.
+pub struct Worker {
+    /// Its models.
+    pub disp: Dispatcher,
+    /// Its interrupt router.
+    pub router: IrqRouter,
+    /// Its loop settings (changed live by [`WorkerCtl`]).
+    pub cfg: LoopConfig,
+    /// Its counters.
+    pub stats: Arc<WorkerStats>,
+    /// Its control path.
+    pub ctl: WorkerCtl,
+}
+
+/// Runs the worker loop over `io` until the worker is told to stop.
+pub fn run<T: Transport>(mut io: T, mut w: Worker) {
+    let mut backoff = Backoff::new(w.cfg.spin_budget, w.cfg.idle_sleep);
+    let mut peers: Peers<T::Peer> = Peers::default();
+    let mut last_held = 0u64;
+    while w
+        .ctl
+        .poll(&mut w.disp, &mut w.router, &mut w.cfg, &mut backoff)
+    {
+        let got = io.receive(
+            w.cfg.batch,
+            &mut Work {
+                disp: &mut w.disp,
+                router: &mut w.router,
+                peers: &mut peers,
+                stats: &w.stats,
+            },
+        );
+        // Counted before anything is answered: a reader that has an
+        // answer sees its request counted.
+        WorkerStats::add(&w.stats.rx, got);
+        flush_irqs(&mut io, &mut w, &peers);
+        publish_router(&w.router, &w.stats, &mut last_held);
+        io.transmit(&w.stats);
+        io.reclaim();
+        if got > 0 {
+            w.stats.publish(&w.disp.stats());
+            w.stats.peer_limit.store(peers.refused(), Ordering::Relaxed);
+            backoff.busy();
+        } else if let Some(t) = backoff.idle()
+            && io.may_sleep(w.router.held())
+        {
+            WorkerStats::add(&w.stats.sleeps, 1);
+            io.wait(t);
+        }
+    }
+    w.stats.publish(&w.disp.stats());
+}
+
+/// Hands the interrupts raised so far (and those held) to the router,
+/// which queues what it can send on the transport.
+fn flush_irqs<T: Transport>(io: &mut T, w: &mut Worker, peers: &Peers<T::Peer>) {
+    w.router.push(w.disp.drain_irqs());
+    if w.router.held() == 0 {
+        return;
+    }
+    let server = w.cfg.server;
+    let stats = &w.stats;
+    let sent = w.router.flush(peers, |client, to, irqs| {
+        io.queue_irq(server, client, to, irqs, stats)
+    });
+    WorkerStats::add(&w.stats.irqs_sent, sent as u64);
+}
+
+/// Publishes the router's counters when they change (an acknowledgement
+/// may have emptied the router since the last flush).
+fn publish_router(router: &IrqRouter, stats: &WorkerStats, last_held: &mut u64) {
+    let held = router.held() as u64;
+    if held != *last_held {
+        *last_held = held;
+        stats.irqs_held.store(held, Ordering::Relaxed);
+        stats.irqs_resent.store(router.resent(), Ordering::Relaxed);
+        stats
+            .irqs_dropped
+            .store(router.dropped(), Ordering::Relaxed);
+        stats
+            .irqs_client_limit
+            .store(router.client_limited(), Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,393 @@
+//! End to end, XDP mode: frames with wrong checksums are dropped and
+//! counted by the worker, and under a flood every frame the XDP program
+//! redirected is either received by a worker or counted as dropped at its
+//! AF_XDP socket (`XDP_STATISTICS`).
+
+use std::ffi::CString;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use devplane_control::config::{
+    ClientConfig, Mode, ModelConfig, ServerConfig, ServerSection, Tuning, VmConfig,
+};
+use devplane_server::stats::WorkerSnapshot;
+use devplane_testkit::host::{ServerSnapshot, ServerThread};
+use devplane_testkit::privilege::{self, Capability};
+use devplane_testkit::topology::{Side, Topology};
+use devplane_wire::frame::{self, ETH_HLEN, Flow, IPV4_MIN_HLEN, PAYLOAD_OFFSET};
+use devplane_wire::maps::Counter;
+use devplane_wire::{
+    Access, AccessSize, Datagram, Header, Kind, Record, Request, RequestId, Status, datagram,
+};
+
+const PORT: u16 = 7700;
+const SERVER: u32 = 1;
+const CLIENT: u32 = 7;
+const VM: u32 = 1;
+const HV: u32 = 3;
+const MODEL: u32 = 100;
+const PIO: u16 = 0x500;
+
+fn config(topo: &Topology, tag: &str, workers: Vec<usize>, batch: u32) -> ServerConfig {
+    ServerConfig {
+        server: ServerSection {
+            id: SERVER,
+            port: PORT,
+            mode: Mode::Xdp,
+            interface: Some(topo.server_ifname().to_string()),
+            workers,
+            pin_dir: Some(format!("/sys/fs/bpf/devplane-test-{tag}-{}", std::process::id()).into()),
+            check_clients: true,
+        },
+        tuning: Tuning {
+            spin_budget: 0,
+            idle_sleep_us: 1000,
+            batch,
+        },
+        clients: vec![ClientConfig {
+            id: CLIENT,
+            address: topo.client_ip(),
+        }],
+        vms: vec![VmConfig {
+            id: VM,
+            client: CLIENT,
+            hypervisor: HV,
+        }],
+        models: vec![ModelConfig {
+            pio_base: Some(PIO),
+            ..ModelConfig::new(MODEL, "counter", 0)
+        }],
+    }
+}
+
+fn setup(test: &str, tag: &str) -> Option<Topology> {
+    if !privilege::require(test, &[Capability::Root, Capability::Bpf]) {
+        return None;
+    }
+    match Topology::new(tag) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
+            None
+        }
+    }
+}
+
+fn request(seq: u64, access: Access) -> Vec<u8> {
+    let rec = Record::Request(Request {
+        id: RequestId {
+            vm: VM,
+            hypervisor: HV,
+            vcpu: 0,
+            seq,
+        },
+        access,
+        flags: 0,
+    });
+    let mut buf = vec![0u8; devplane_wire::MAX_DATAGRAM];
+    let n = datagram::encode(
+        &mut buf,
+        Header::new(Kind::Request, MODEL, SERVER, CLIENT),
+        &[rec],
+    )
+    .unwrap();
+    buf.truncate(n);
+    buf
+}
+
+fn write(data: u32) -> Access {
+    Access::PioOut {
+        port: PIO,
+        size: AccessSize::B1,
+        data,
+    }
+}
+
+fn read() -> Access {
+    Access::PioIn {
+        port: PIO,
+        size: AccessSize::B4,
+    }
+}
+
+/// A UDP socket in the client namespace at the client's address.
+fn client_socket(topo: &Topology) -> UdpSocket {
+    let ip = topo.client_ip();
+    let sock = topo
+        .run(Side::Client, move || UdpSocket::bind((ip, 0)))
+        .expect("enter client netns")
+        .expect("bind client socket");
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    sock
+}
+
+/// Sends whole Ethernet frames out of the client's veth.
+struct RawSender {
+    fd: OwnedFd,
+    ifindex: i32,
+    dst_mac: [u8; 6],
+}
+
+impl RawSender {
+    fn new(topo: &Topology) -> RawSender {
+        let ifname = CString::new(topo.client_ifname()).unwrap();
+        let (fd, ifindex) = topo
+            .run(Side::Client, move || {
+                // SAFETY: plain system calls with valid arguments; the fd
+                // is owned by the `OwnedFd` made of it.
+                unsafe {
+                    let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+                    assert!(
+                        fd >= 0,
+                        "AF_PACKET socket: {}",
+                        std::io::Error::last_os_error()
+                    );
+                    (
+                        OwnedFd::from_raw_fd(fd),
+                        libc::if_nametoindex(ifname.as_ptr()) as i32,
+                    )
+                }
+            })
+            .expect("enter client netns");
+        assert!(ifindex > 0, "client veth index");
+        RawSender {
+            fd,
+            ifindex,
+            dst_mac: topo.server_mac(),
+        }
+    }
+
+    fn send(&self, frame: &[u8]) {
+        // SAFETY: an all-zero sockaddr_ll is valid; fields are set below.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = self.ifindex;
+        sll.sll_halen = 6;
+        sll.sll_addr[..6].copy_from_slice(&self.dst_mac);
+        // SAFETY: `frame` and `sll` are valid for the lengths passed.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// A frame carrying `payload` along `flow` (IPv4 checksum set, no UDP
+/// checksum).
+fn frame_of(flow: &Flow, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; PAYLOAD_OFFSET + payload.len()];
+    frame::write_headers(&mut f, flow, payload.len()).unwrap();
+    f[PAYLOAD_OFFSET..].copy_from_slice(payload);
+    f
+}
+
+/// Sets the UDP checksum of a frame made by `frame_of`.
+fn set_udp_checksum(f: &mut [u8]) {
+    let udp_at = ETH_HLEN + IPV4_MIN_HLEN;
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&f[ETH_HLEN + 12..ETH_HLEN + 20]);
+    pseudo.extend_from_slice(&[0, frame::IPPROTO_UDP]);
+    pseudo.extend_from_slice(&((f.len() - udp_at) as u16).to_be_bytes());
+    pseudo.extend_from_slice(&f[udp_at..]);
+    let c = match frame::checksum(&pseudo) {
+        0 => 0xffff,
+        c => c,
+    };
+    f[udp_at + 6..udp_at + 8].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Sends `request` until it is answered (the first frames after a server
+/// starts may meet a loaded machine); returns the answer.
+fn call(sock: &UdpSocket, server: SocketAddr, request: &[u8]) -> (Status, u64) {
+    for _ in 0..10 {
+        sock.send_to(request, server).unwrap();
+        let mut buf = [0u8; 2048];
+        if let Ok(n) = sock.recv(&mut buf) {
+            let d = Datagram::parse(&buf[..n]).expect("answer parses");
+            if let Some(Record::Response(r)) = d.records().next() {
+                return (r.status, r.data);
+            }
+        }
+    }
+    panic!("no answer after 10 sends");
+}
+
+/// Sends `frame` (request number `seq`) from `raw` until its answer
+/// reaches `sock`; returns the answer (answers to earlier resends of
+/// other numbers are skipped).
+fn raw_call(raw: &RawSender, sock: &UdpSocket, frame: &[u8], seq: u64) -> (Status, u64) {
+    for _ in 0..10 {
+        raw.send(frame);
+        let mut buf = [0u8; 2048];
+        while let Ok(n) = sock.recv(&mut buf) {
+            let d = Datagram::parse(&buf[..n]).expect("answer parses");
+            match d.records().next() {
+                Some(Record::Response(r)) if r.id.seq == seq => return (r.status, r.data),
+                _ => continue,
+            }
+        }
+    }
+    panic!("no answer to {seq} after 10 sends");
+}
+
+fn expect_silence(sock: &UdpSocket) {
+    sock.set_read_timeout(Some(Duration::from_millis(150)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    if let Ok(n) = sock.recv(&mut buf) {
+        panic!("unexpected answer: {:?}", Datagram::parse(&buf[..n]));
+    }
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+}
+
+fn sum(s: &ServerSnapshot, f: fn(&WorkerSnapshot) -> u64) -> u64 {
+    s.workers.iter().map(f).sum()
+}
+
+/// A wrong IPv4 header checksum or a wrong non-zero UDP checksum: the
+/// frame is dropped and counted, its write never applied; a right
+/// non-zero UDP checksum and no UDP checksum are both served.
+#[test]
+fn xdp_mode_drops_bad_checksums() {
+    let Some(topo) = setup("e2e_accounting_checksums", "ck") else {
+        return;
+    };
+    let srv = ServerThread::spawn(config(&topo, "ck", vec![0], 64), Some(topo.server_netns()))
+        .expect("server starts");
+    let sock = client_socket(&topo);
+    let server = SocketAddr::from((topo.server_ip(), PORT));
+    assert_eq!(call(&sock, server, &request(1, write(1))), (Status::Ok, 0));
+    let flow = Flow {
+        src_mac: topo.client_mac(),
+        dst_mac: topo.server_mac(),
+        src_ip: topo.client_ip().octets(),
+        dst_ip: topo.server_ip().octets(),
+        src_port: sock.local_addr().unwrap().port(),
+        dst_port: PORT,
+    };
+    let raw = RawSender::new(&topo);
+
+    let mut bad_ip = frame_of(&flow, &request(2, write(1)));
+    bad_ip[ETH_HLEN + 10] ^= 0x01;
+    raw.send(&bad_ip);
+    expect_silence(&sock);
+    let mut bad_udp = frame_of(&flow, &request(3, write(1)));
+    set_udp_checksum(&mut bad_udp);
+    bad_udp[ETH_HLEN + IPV4_MIN_HLEN + 7] ^= 0x01;
+    raw.send(&bad_udp);
+    expect_silence(&sock);
+
+    let mut good = frame_of(&flow, &request(4, write(1)));
+    set_udp_checksum(&mut good);
+    assert_eq!(
+        raw_call(&raw, &sock, &good, 4),
+        (Status::Ok, 0),
+        "a right UDP checksum"
+    );
+    assert_eq!(
+        raw_call(&raw, &sock, &frame_of(&flow, &request(5, read())), 5),
+        (Status::Ok, 2),
+        "exactly the writes with right checksums applied"
+    );
+    let s = srv.snapshot();
+    assert_eq!(sum(&s, |w| w.bad_checksum), 2, "{s:?}");
+    srv.stop();
+}
+
+/// Floods one worker that takes one frame per poll: every frame the XDP
+/// program redirected is received by the worker or counted as dropped at
+/// its socket, and every frame the program saw has one verdict.
+#[test]
+fn xdp_mode_accounts_for_every_frame_under_flood() {
+    let Some(topo) = setup("e2e_accounting_flood", "fl") else {
+        return;
+    };
+    let srv = ServerThread::spawn(config(&topo, "fl", vec![0], 1), Some(topo.server_netns()))
+        .expect("server starts");
+    let sock = client_socket(&topo);
+    let server = SocketAddr::from((topo.server_ip(), PORT));
+    assert_eq!(call(&sock, server, &request(1, read())), (Status::Ok, 0));
+    let before = srv.snapshot();
+    let flood = request(2, read());
+    let senders: Vec<_> = (0..2)
+        .map(|_| {
+            let s = client_socket(&topo);
+            let flood = flood.clone();
+            std::thread::spawn(move || {
+                let mut sent = 0u64;
+                for _ in 0..100_000 {
+                    if s.send_to(&flood, server).is_ok() {
+                        sent += 1;
+                    }
+                }
+                sent
+            })
+        })
+        .collect();
+    let sent: u64 = senders.into_iter().map(|t| t.join().unwrap()).sum();
+    // Wait for the worker to drain its ring: the counts only grow, and
+    // they add up once every frame is through (never, if a drop went
+    // uncounted). A loaded machine may hold the worker off for a while.
+    let balanced = |s: &ServerSnapshot| {
+        let (Some(x1), Some(x0)) = (&s.xdp, &before.xdp) else {
+            return false;
+        };
+        let d = |f: fn(&WorkerSnapshot) -> u64| sum(s, f) - sum(&before, f);
+        x1.since(x0).get(Counter::Redirected)
+            == d(|w| w.rx) + d(|w| w.xsk_rx_dropped) + d(|w| w.xsk_rx_ring_full)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = srv.snapshot();
+    while !balanced(&last) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        last = srv.snapshot();
+    }
+    let (Some(x1), Some(x0)) = (&last.xdp, &before.xdp) else {
+        panic!("no XDP counters");
+    };
+    let x = x1.since(x0);
+    let d = |f: fn(&WorkerSnapshot) -> u64| sum(&last, f) - sum(&before, f);
+    let received = d(|w| w.rx);
+    let ring_drops = d(|w| w.xsk_rx_dropped) + d(|w| w.xsk_rx_ring_full);
+    eprintln!(
+        "flood: sent {sent}, XDP saw {}, redirected {}, worker received {received}, \
+         dropped at the socket {} (fill ring empty {}, RX ring full {})",
+        x.get(Counter::Rx),
+        x.get(Counter::Redirected),
+        ring_drops,
+        d(|w| w.xsk_rx_dropped),
+        d(|w| w.xsk_rx_ring_full),
+    );
+    let verdicts: u64 = Counter::ALL
+        .iter()
+        .filter(|&&c| c != Counter::Rx)
+        .map(|&c| x.get(c))
+        .sum();
+    assert_eq!(x.get(Counter::Rx), verdicts, "a frame without a verdict");
+    assert!(x.get(Counter::Redirected) > 0);
+    assert_eq!(
+        x.get(Counter::Redirected),
+        received + ring_drops,
+        "redirected frames unaccounted for"
+    );
+    assert!(
+        ring_drops > 0,
+        "the flood never filled the worker's rings: the test checked nothing"
+    );
+    srv.stop();
+}
