@@ -13,5 +13,6 @@
 
 pub mod attacker;
 pub mod host;
+pub mod peer;
 pub mod privilege;
 pub mod topology;

@@ -21,26 +21,35 @@ pub enum Capability {
     Bpf,
 }
 
+/// A capability that is missing, and how to get it.
+#[derive(Debug, thiserror::Error)]
+pub enum Missing {
+    /// Not running as root.
+    #[error("{0:?} needs root: run the tests as root (sudo -E make test)")]
+    NotRoot(Capability),
+    /// `/dev/kvm` cannot be opened.
+    #[error(
+        "/dev/kvm is not usable ({0}): enable KVM (nested virtualisation in a VM) and run as root"
+    )]
+    NoKvm(std::io::Error),
+}
+
 /// Whether `cap` is present; `Err` says what is missing and how to fix it.
-pub fn check(cap: Capability) -> Result<(), String> {
+pub fn check(cap: Capability) -> Result<(), Missing> {
     match cap {
         Capability::Root | Capability::Bpf => {
             // SAFETY: geteuid has no preconditions and cannot fail.
             if unsafe { libc::geteuid() } == 0 {
                 Ok(())
             } else {
-                Err(format!(
-                    "{cap:?} needs root: run the tests as root (sudo -E make test)"
-                ))
+                Err(Missing::NotRoot(cap))
             }
         }
         Capability::Kvm => {
             let p = Path::new("/dev/kvm");
             match std::fs::OpenOptions::new().read(true).write(true).open(p) {
                 Ok(_) => Ok(()),
-                Err(e) => Err(format!(
-                    "/dev/kvm is not usable ({e}): enable KVM (nested virtualisation in a VM) and run as root"
-                )),
+                Err(e) => Err(Missing::NoKvm(e)),
             }
         }
     }
