@@ -415,114 +415,128 @@ impl RawRecord {
             return Err(WireError::OpNotAllowed { index, op, kind });
         }
         zero(index, "reserved", self.reserved.get() as u64)?;
-        let addr = self.addr.get();
-        let data = self.data.get();
         match op {
-            OP_PIO_IN | OP_PIO_OUT | OP_MMIO_READ | OP_MMIO_WRITE => {
-                let pio = op == OP_PIO_IN || op == OP_PIO_OUT;
-                let size = match AccessSize::from_u8(self.arg) {
-                    Some(AccessSize::B8) if pio => None,
-                    s => s,
-                }
-                .ok_or(WireError::BadSize {
-                    index,
-                    size: self.arg,
-                })?;
-                if pio && addr > 0xffff {
-                    return Err(WireError::BadPort { index, port: addr });
-                }
-                let is_write = op == OP_PIO_OUT || op == OP_MMIO_WRITE;
-                // Reads carry no data; writes carry data within their size.
-                if (!is_write && data != 0) || data & !size.mask() != 0 {
-                    return Err(WireError::DataTooWide {
-                        index,
-                        data,
-                        size: self.arg,
-                    });
-                }
-                if self.flags & !REQUEST_FLAGS != 0 {
-                    return Err(WireError::BadFlags {
-                        index,
-                        flags: self.flags,
-                    });
-                }
-                zero(index, "status", self.status as u64)?;
-                let access = match op {
-                    OP_PIO_IN => Access::PioIn {
-                        port: addr as u16,
-                        size,
-                    },
-                    OP_PIO_OUT => Access::PioOut {
-                        port: addr as u16,
-                        size,
-                        data: data as u32,
-                    },
-                    OP_MMIO_READ => Access::MmioRead { gpa: addr, size },
-                    _ => Access::MmioWrite {
-                        gpa: addr,
-                        size,
-                        data,
-                    },
-                };
-                Ok(Record::Request(Request {
-                    id: self.id(),
-                    access,
-                    flags: self.flags,
-                }))
-            }
-            OP_RESPONSE => {
-                let status = Status::from_u8(self.status).ok_or(WireError::UnknownStatus {
-                    index,
-                    status: self.status,
-                })?;
-                let size = AccessSize::from_u8(self.arg).ok_or(WireError::BadSize {
-                    index,
-                    size: self.arg,
-                })?;
-                if data & !size.mask() != 0 {
-                    return Err(WireError::DataTooWide {
-                        index,
-                        data,
-                        size: self.arg,
-                    });
-                }
-                zero(index, "flags", self.flags as u64)?;
-                Ok(Record::Response(Response {
-                    id: self.id(),
-                    status,
-                    size,
-                    addr,
-                    data,
-                }))
-            }
-            OP_INTERRUPT => {
-                let action = IrqAction::from_u8(self.arg).ok_or(WireError::UnknownIrqAction {
-                    index,
-                    action: self.arg,
-                })?;
-                if addr > u32::MAX as u64 {
-                    return Err(WireError::BadLine { index, line: addr });
-                }
-                zero(index, "flags", self.flags as u64)?;
-                zero(index, "status", self.status as u64)?;
-                zero(index, "vcpu", self.vcpu.get() as u64)?;
-                zero(index, "data", data)?;
-                Ok(Record::Interrupt(Interrupt {
-                    vm: self.vm.get(),
-                    hypervisor: self.hypervisor.get(),
-                    line: addr as u32,
-                    action,
-                    seq: self.seq.get(),
-                }))
-            }
-            _ => {
-                zero(index, "arg", self.arg as u64)?;
-                zero(index, "flags", self.flags as u64)?;
-                zero(index, "status", self.status as u64)?;
-                zero(index, "addr", addr)?;
-                zero(index, "data", data)?;
-                Ok(Record::Ack(Ack { id: self.id() }))
-            }
+            OP_PIO_IN | OP_PIO_OUT | OP_MMIO_READ | OP_MMIO_WRITE => self.decode_request(index),
+            OP_RESPONSE => self.decode_response(index),
+            OP_INTERRUPT => self.decode_interrupt(index),
+            _ => self.decode_ack(index),
         }
+    }
+
+    /// A port-I/O or MMIO request: size, port range, data within the size,
+    /// request flags only, no status.
+    fn decode_request(&self, index: usize) -> Result<Record, WireError> {
+        let (op, addr, data) = (self.op, self.addr.get(), self.data.get());
+        let pio = op == OP_PIO_IN || op == OP_PIO_OUT;
+        let size = match AccessSize::from_u8(self.arg) {
+            Some(AccessSize::B8) if pio => None,
+            s => s,
+        }
+        .ok_or(WireError::BadSize {
+            index,
+            size: self.arg,
+        })?;
+        if pio && addr > 0xffff {
+            return Err(WireError::BadPort { index, port: addr });
+        }
+        let is_write = op == OP_PIO_OUT || op == OP_MMIO_WRITE;
+        // Reads carry no data; writes carry data within their size.
+        if (!is_write && data != 0) || data & !size.mask() != 0 {
+            return Err(WireError::DataTooWide {
+                index,
+                data,
+                size: self.arg,
+            });
+        }
+        if self.flags & !REQUEST_FLAGS != 0 {
+            return Err(WireError::BadFlags {
+                index,
+                flags: self.flags,
+            });
+        }
+        zero(index, "status", self.status as u64)?;
+        let access = match op {
+            OP_PIO_IN => Access::PioIn {
+                port: addr as u16,
+                size,
+            },
+            OP_PIO_OUT => Access::PioOut {
+                port: addr as u16,
+                size,
+                data: data as u32,
+            },
+            OP_MMIO_READ => Access::MmioRead { gpa: addr, size },
+            _ => Access::MmioWrite {
+                gpa: addr,
+                size,
+                data,
+            },
+        };
+        Ok(Record::Request(Request {
+            id: self.id(),
+            access,
+            flags: self.flags,
+        }))
+    }
+
+    /// An answer: a known status, a size, data within it, no flags.
+    fn decode_response(&self, index: usize) -> Result<Record, WireError> {
+        let (addr, data) = (self.addr.get(), self.data.get());
+        let status = Status::from_u8(self.status).ok_or(WireError::UnknownStatus {
+            index,
+            status: self.status,
+        })?;
+        let size = AccessSize::from_u8(self.arg).ok_or(WireError::BadSize {
+            index,
+            size: self.arg,
+        })?;
+        if data & !size.mask() != 0 {
+            return Err(WireError::DataTooWide {
+                index,
+                data,
+                size: self.arg,
+            });
+        }
+        zero(index, "flags", self.flags as u64)?;
+        Ok(Record::Response(Response {
+            id: self.id(),
+            status,
+            size,
+            addr,
+            data,
+        }))
+    }
+
+    /// An interrupt: a known action on a 32-bit line, nothing else set.
+    fn decode_interrupt(&self, index: usize) -> Result<Record, WireError> {
+        let addr = self.addr.get();
+        let action = IrqAction::from_u8(self.arg).ok_or(WireError::UnknownIrqAction {
+            index,
+            action: self.arg,
+        })?;
+        if addr > u32::MAX as u64 {
+            return Err(WireError::BadLine { index, line: addr });
+        }
+        zero(index, "flags", self.flags as u64)?;
+        zero(index, "status", self.status as u64)?;
+        zero(index, "vcpu", self.vcpu.get() as u64)?;
+        zero(index, "data", self.data.get())?;
+        Ok(Record::Interrupt(Interrupt {
+            vm: self.vm.get(),
+            hypervisor: self.hypervisor.get(),
+            line: addr as u32,
+            action,
+            seq: self.seq.get(),
+        }))
+    }
+
+    /// An acknowledgement: the id, nothing else set.
+    fn decode_ack(&self, index: usize) -> Result<Record, WireError> {
+        zero(index, "arg", self.arg as u64)?;
+        zero(index, "flags", self.flags as u64)?;
+        zero(index, "status", self.status as u64)?;
+        zero(index, "addr", self.addr.get())?;
+        zero(index, "data", self.data.get())?;
+        Ok(Record::Ack(Ack { id: self.id() }))
     }
 }
