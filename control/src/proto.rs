@@ -4,8 +4,10 @@
 //! cannot do: moving a model between workers, holding a VM's interrupts,
 //! counters, tuning. To a client daemon (`devplane-client`) it carries VM
 //! launch, shutdown and listing ([`Request::LaunchVm`],
-//! [`Request::ShutdownVm`], [`Request::ListVms`]). Each daemon refuses the
-//! requests meant for the other with [`Response::Error`].
+//! [`Request::ShutdownVm`], [`Request::ListVms`]). [`Request::SuspendVm`]
+//! and [`Request::ResumeVm`] go to both: the server holds the VM's
+//! interrupts, the client daemon holds its vCPUs. Each daemon refuses the
+//! other requests meant for the other with [`Response::Error`].
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -48,12 +50,14 @@ pub enum Request {
         /// The model.
         model: u32,
     },
-    /// Hold a VM's interrupts.
+    /// Server: hold a VM's interrupts. Client daemon: hold its vCPUs
+    /// (answered with [`Response::Vm`]).
     SuspendVm {
         /// The VM.
         vm: u32,
     },
-    /// Deliver a VM's held interrupts, in order.
+    /// Server: deliver a VM's held interrupts, in order. Client daemon:
+    /// run its vCPUs again (answered with [`Response::Vm`]).
     ResumeVm {
         /// The VM.
         vm: u32,
@@ -103,6 +107,8 @@ pub struct WorkerCounters {
 pub enum VmRunState {
     /// Its vCPUs run.
     Running,
+    /// Launched, its vCPUs held by a suspend until a resume.
+    Suspended,
     /// Never launched, shut down, or its guest stopped by itself.
     Stopped,
 }
@@ -111,6 +117,7 @@ impl std::fmt::Display for VmRunState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             VmRunState::Running => "running",
+            VmRunState::Suspended => "suspended",
             VmRunState::Stopped => "stopped",
         })
     }

@@ -53,7 +53,7 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
     /// Control socket of the running server (for stats, tune, model move,
-    /// vm suspend/resume/migrate).
+    /// vms suspend/resume/migrate).
     #[arg(
         long,
         global = true,
@@ -63,7 +63,7 @@ struct Cli {
     )]
     socket: PathBuf,
     /// Control socket of the running client daemon, devplane-client (for
-    /// vms launch/shutdown/running).
+    /// vms launch/shutdown/running/suspend/resume).
     #[arg(
         long,
         global = true,
@@ -191,10 +191,29 @@ enum VmsCmd {
     },
     /// Remove a stopped VM (refused while a model sends it interrupts).
     Remove(IdArg),
-    /// Hold the VM's interrupts on the running server.
-    Suspend(IdArg),
-    /// Deliver the VM's held interrupts, in order, and the next ones.
-    Resume(IdArg),
+    /// Suspend the VM: the client daemon that runs it (--client-socket)
+    /// takes its vCPUs out of the guest and holds them, then the server
+    /// (--socket) holds its interrupts. A vCPU waiting for a device's
+    /// answer finishes that access first: nothing is lost or repeated.
+    Suspend {
+        #[command(flatten)]
+        id: IdArg,
+        /// Only hold its interrupts on the server (no client daemon runs
+        /// it).
+        #[arg(long)]
+        server_only: bool,
+    },
+    /// Resume a suspended VM: its vCPUs run again on the client daemon,
+    /// then the server delivers its held interrupts, in order, and the next
+    /// ones.
+    Resume {
+        #[command(flatten)]
+        id: IdArg,
+        /// Only deliver its interrupts on the server (no client daemon runs
+        /// it).
+        #[arg(long)]
+        server_only: bool,
+    },
     /// Send the VM's interrupts to another client platform from now on.
     Migrate {
         #[command(flatten)]
@@ -424,8 +443,8 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                 change(cli, &mut db, Change::AddVm(vm), json)
             }
             VmsCmd::Remove(a) => change(cli, &mut db, Change::RemoveVm(a.id), json),
-            VmsCmd::Suspend(_)
-            | VmsCmd::Resume(_)
+            VmsCmd::Suspend { .. }
+            | VmsCmd::Resume { .. }
             | VmsCmd::Migrate { .. }
             | VmsCmd::Launch(_)
             | VmsCmd::Shutdown(_)

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use devplane_control::proto::{Request, Response, VcpuEnd, VmRunState, VmStatus};
 
-use super::vmm::{Client, ClientError, VcpuReport};
+use super::vmm::{Client, ClientError, SuspendError, VcpuReport};
 use config::{ClientFile, ConfigError};
 
 /// Why a daemon request was refused.
@@ -46,9 +46,18 @@ pub enum DaemonError {
     /// Launch of a VM that runs.
     #[error("VM {0} is already running: shut it down first")]
     AlreadyRunning(u32),
-    /// Shutdown of a VM that does not run.
+    /// Shutdown, suspend or resume of a VM that does not run.
     #[error("VM {0} is not running")]
     NotRunning(u32),
+    /// Suspend of a suspended VM, resume of a running one, or its vCPUs
+    /// did not hold in time.
+    #[error("VM {vm}: {source}")]
+    Suspend {
+        /// The VM.
+        vm: u32,
+        /// Why.
+        source: SuspendError,
+    },
     /// The VM's spec could not be built.
     #[error("{0}")]
     Config(#[from] ConfigError),
@@ -61,6 +70,11 @@ pub enum DaemonError {
         source: ClientError,
     },
 }
+
+/// How long a suspend waits for a VM's vCPUs to hold (a vCPU waiting for
+/// a remote answer finishes that exit first; the engine's request timeout
+/// is 10 s).
+const SUSPEND_TIMEOUT: Duration = Duration::from_secs(12);
 
 /// A launched VM.
 struct Running {
@@ -171,6 +185,35 @@ impl Daemon {
         Ok(self.status(vm))
     }
 
+    /// Holds VM `vm`'s vCPUs (see [`Client::suspend`]): each finishes the
+    /// exit it is in first, so nothing is lost or repeated.
+    pub fn suspend(&mut self, vm: u32) -> Result<VmStatus, DaemonError> {
+        self.notice();
+        let r = self
+            .slot(vm)?
+            .running
+            .as_ref()
+            .ok_or(DaemonError::NotRunning(vm))?;
+        r.client
+            .suspend(SUSPEND_TIMEOUT)
+            .map_err(|source| DaemonError::Suspend { vm, source })?;
+        Ok(self.status(vm))
+    }
+
+    /// Lets VM `vm`'s held vCPUs run again.
+    pub fn resume(&mut self, vm: u32) -> Result<VmStatus, DaemonError> {
+        self.notice();
+        let r = self
+            .slot(vm)?
+            .running
+            .as_ref()
+            .ok_or(DaemonError::NotRunning(vm))?;
+        r.client
+            .resume()
+            .map_err(|source| DaemonError::Suspend { vm, source })?;
+        Ok(self.status(vm))
+    }
+
     /// Stops every running VM (Ctrl-C); returns each one's status.
     pub fn shutdown_all(&mut self) -> Vec<VmStatus> {
         let ids: Vec<u32> = self
@@ -224,10 +267,10 @@ impl Daemon {
         VmStatus {
             vm,
             hypervisor: entry.map_or(0, |e| e.hypervisor),
-            state: if running.is_some() {
-                VmRunState::Running
-            } else {
-                VmRunState::Stopped
+            state: match running {
+                Some(r) if r.client.suspended() => VmRunState::Suspended,
+                Some(_) => VmRunState::Running,
+                None => VmRunState::Stopped,
             },
             vcpus: entry.map_or(0, config::VmEntry::vcpus),
             uptime_ms: running.map(|r| r.since.elapsed().as_millis() as u64),
@@ -260,16 +303,16 @@ impl Daemon {
             Request::LaunchVm { vm } => answer(self.launch(vm)),
             Request::ShutdownVm { vm } => answer(self.shutdown(vm)),
             Request::ListVms => Response::Vms { vms: self.list() },
+            Request::SuspendVm { vm } => answer(self.suspend(vm)),
+            Request::ResumeVm { vm } => answer(self.resume(vm)),
             Request::Stats
             | Request::MoveModel { .. }
             | Request::AddModel { .. }
             | Request::RemoveModel { .. }
-            | Request::SuspendVm { .. }
-            | Request::ResumeVm { .. }
             | Request::MigrateVm { .. }
             | Request::Tune { .. } => Response::Error {
-                message: "devplane-client only launches, shuts down and lists VMs: send this \
-                          to devplane-server (dpctl --socket)"
+                message: "devplane-client only launches, shuts down, suspends, resumes and lists \
+                          VMs: send this to devplane-server (dpctl --socket)"
                     .into(),
             },
         }
@@ -317,6 +360,16 @@ mod tests {
             Response::Error { message } if message == "VM 1 is not running"
         ));
         assert!(matches!(d.handle(Request::Stats), Response::Error { .. }));
+        for r in [Request::SuspendVm { vm: 1 }, Request::ResumeVm { vm: 1 }] {
+            assert!(matches!(
+                d.handle(r),
+                Response::Error { message } if message == "VM 1 is not running"
+            ));
+        }
+        assert!(matches!(
+            d.handle(Request::SuspendVm { vm: 9 }),
+            Response::NotFound { .. }
+        ));
         assert!(matches!(d.handle(Request::ListVms), Response::Vms { vms } if vms.len() == 1));
     }
 }

@@ -31,7 +31,7 @@ fn call(cli: &Cli, req: &Request) -> Result<Response, Failure> {
     }
 }
 
-fn one_vm(cli: &Cli, req: &Request) -> Result<VmStatus, Failure> {
+pub(super) fn one_vm(cli: &Cli, req: &Request) -> Result<VmStatus, Failure> {
     match call(cli, req)? {
         Response::Vm { vm } => Ok(vm),
         _ => Err(Failure {

@@ -88,18 +88,26 @@ pub(super) fn run(cli: &Cli) -> Result<Option<String>, Failure> {
             format!("moved model {} to worker {to_worker}", id.id),
             json!({"action": "move", "model": id.id, "worker": to_worker}),
         )?,
-        Command::Vms(VmsCmd::Suspend(id)) => action(
+        Command::Vms(VmsCmd::Suspend {
+            id,
+            server_only: true,
+        }) => action(
             cli,
             Request::SuspendVm { vm: id.id },
-            format!("suspended VM {} (its interrupts are held)", id.id),
+            format!("VM {}'s interrupts are held", id.id),
             json!({"action": "suspend", "vm": id.id}),
         )?,
-        Command::Vms(VmsCmd::Resume(id)) => action(
+        Command::Vms(VmsCmd::Resume {
+            id,
+            server_only: true,
+        }) => action(
             cli,
             Request::ResumeVm { vm: id.id },
-            format!("resumed VM {}", id.id),
+            format!("VM {}'s interrupts are delivered again", id.id),
             json!({"action": "resume", "vm": id.id}),
         )?,
+        Command::Vms(VmsCmd::Suspend { id, .. }) => suspend(cli, id.id)?,
+        Command::Vms(VmsCmd::Resume { id, .. }) => resume(cli, id.id)?,
         Command::Vms(VmsCmd::Migrate { id, client }) => action(
             cli,
             Request::MigrateVm {
@@ -112,6 +120,63 @@ pub(super) fn run(cli: &Cli) -> Result<Option<String>, Failure> {
         _ => return Ok(None),
     };
     Ok(Some(out))
+}
+
+/// Suspends VM `vm`: the client daemon holds its vCPUs (each finishes the
+/// exit it is in), then the server holds its interrupts (one arriving
+/// between the two waits in the VM's interrupt controller). If the server
+/// refuses, the vCPUs run again.
+fn suspend(cli: &Cli, vm: u32) -> Result<String, Failure> {
+    let status = super::client::one_vm(cli, &Request::SuspendVm { vm })?;
+    if let Err(f) = call(cli, &Request::SuspendVm { vm }) {
+        let undo = match super::client::one_vm(cli, &Request::ResumeVm { vm }) {
+            Ok(_) => "; its vCPUs run again".to_string(),
+            Err(u) => format!("; its vCPUs stay held: {}", u.message),
+        };
+        return Err(Failure {
+            code: f.code,
+            message: format!("{}{undo}", f.message),
+        });
+    }
+    Ok(if cli.json {
+        to_json(&json!({"action": "suspend", "vm": vm, "state": status.state}))
+    } else {
+        format!("suspended VM {vm} (its vCPUs and interrupts are held)\n")
+    })
+}
+
+/// Resumes VM `vm`: the client daemon runs its vCPUs again, then the server
+/// delivers its held interrupts. Both are asked even if the first refuses
+/// (a VM shut down while suspended still gets its interrupts released).
+fn resume(cli: &Cli, vm: u32) -> Result<String, Failure> {
+    let client = super::client::one_vm(cli, &Request::ResumeVm { vm });
+    let server = call(cli, &Request::ResumeVm { vm });
+    let status = match (client, server) {
+        (Ok(s), Ok(_)) => s,
+        (Err(c), Ok(_)) => {
+            return Err(Failure {
+                code: c.code,
+                message: format!("{} (the server delivers its interrupts again)", c.message),
+            });
+        }
+        (Ok(_), Err(s)) => {
+            return Err(Failure {
+                code: s.code,
+                message: format!("{} (its vCPUs run again)", s.message),
+            });
+        }
+        (Err(c), Err(s)) => {
+            return Err(Failure {
+                code: c.code,
+                message: format!("{}; {}", c.message, s.message),
+            });
+        }
+    };
+    Ok(if cli.json {
+        to_json(&json!({"action": "resume", "vm": vm, "state": status.state}))
+    } else {
+        format!("resumed VM {vm}\n")
+    })
 }
 
 /// The columns of the per-worker table, in order.

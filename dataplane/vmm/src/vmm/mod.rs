@@ -240,9 +240,77 @@ struct VcpuThread {
     stats: Arc<VcpuStats>,
 }
 
+/// What makes a client's vCPU threads leave their guests: a suspend
+/// (they hold until resumed) or the client stopping (they end).
+#[derive(Default)]
+struct Hold {
+    /// The `stop` flag of every [`Vcpu::run`]: set to suspend or to stop.
+    out: AtomicBool,
+    state: Mutex<HoldState>,
+    /// Signalled when a vCPU holds and when the state changes.
+    cond: Condvar,
+}
+
+#[derive(Default)]
+struct HoldState {
+    stopping: bool,
+    suspended: bool,
+    /// vCPU threads holding now.
+    held: usize,
+}
+
+impl Hold {
+    fn state(&self) -> std::sync::MutexGuard<'_, HoldState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// On a vCPU thread whose run returned [`VcpuExit::Stopped`] (its last
+    /// exit complete, its posted writes answered): holds while the client
+    /// is suspended. `true`: run the guest again; `false`: the client stops.
+    fn park(&self) -> bool {
+        let mut st = self.state();
+        if st.stopping {
+            return false;
+        }
+        if !st.suspended {
+            // Resumed before this vCPU got here.
+            return true;
+        }
+        st.held += 1;
+        self.cond.notify_all();
+        while st.suspended && !st.stopping {
+            st = self.cond.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.held -= 1;
+        !st.stopping
+    }
+}
+
+/// Why [`Client::suspend`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SuspendError {
+    /// The client is suspended already.
+    #[error("it is suspended already")]
+    Suspended,
+    /// The client is not suspended.
+    #[error("it is not suspended")]
+    NotSuspended,
+    /// Not every vCPU held in time (one is stuck in a device access): the
+    /// client was resumed.
+    #[error("{held} of {running} running vCPUs held within {timeout:?}; resumed it")]
+    Timeout {
+        /// vCPUs that held.
+        held: usize,
+        /// vCPUs still running their guests.
+        running: usize,
+        /// How long it waited.
+        timeout: Duration,
+    },
+}
+
 /// A running client. Dropping it stops every vCPU and the engine.
 pub struct Client {
-    stop: Arc<AtomicBool>,
+    hold: Arc<Hold>,
     vcpus: Vec<VcpuThread>,
     /// vCPU threads that have ended, and the condition they signal.
     ended: Arc<(Mutex<usize>, Condvar)>,
@@ -406,7 +474,7 @@ struct VcpuRun {
     vcpu: Vcpu,
     handler: ExitHandler,
     core: Option<usize>,
-    stop: Arc<AtomicBool>,
+    hold: Arc<Hold>,
     ended: Ended,
 }
 
@@ -423,10 +491,17 @@ impl VcpuRun {
             let e = KvmError::UnexpectedExit(format!("cannot take its lane: {e}"));
             return (Err(e), 0);
         }
-        let exit = self.vcpu.run(&mut self.handler, &self.stop);
-        // Posted writes the guest made before it ended still reach their
-        // devices.
-        self.handler.io().flush(Instant::now() + FLUSH_TIMEOUT);
+        let exit = loop {
+            let exit = self.vcpu.run(&mut self.handler, &self.hold.out);
+            // Posted writes the guest made before it ended (or before it
+            // holds) still reach their devices.
+            self.handler.io().flush(Instant::now() + FLUSH_TIMEOUT);
+            if !matches!(exit, Ok(VcpuExit::Stopped)) || !self.hold.park() {
+                break exit;
+            }
+            // Resumed: look after what reached the lane while it held.
+            super::kvm::IoHandler::kicked(&mut self.handler);
+        };
         (exit, self.vcpu.exits())
     }
 }
@@ -452,7 +527,7 @@ impl Client {
         ecfg.client = spec.client;
         let engine = Engine::spawn(ecfg, wiring.lanes, spec.engine_core)?;
         let mut client = Client {
-            stop: Arc::new(AtomicBool::new(false)),
+            hold: Arc::new(Hold::default()),
             vcpus: Vec::new(),
             ended: Arc::new((Mutex::new(0), Condvar::new())),
             engine: None,
@@ -504,7 +579,7 @@ impl Client {
             vcpu,
             handler: ExitHandler::new(bus, io),
             core: vm.vcpus[usize::from(index)].core,
-            stop: self.stop.clone(),
+            hold: self.hold.clone(),
             ended: Ended(self.ended.clone()),
         };
         let join = std::thread::Builder::new()
@@ -555,8 +630,88 @@ impl Client {
         self.reports()
     }
 
+    /// Suspends every vCPU: each finishes the exit it is in (a remote
+    /// access waits for its answer), waits for its posted writes' answers,
+    /// leaves `KVM_RUN` with its state whole, and holds until
+    /// [`Client::resume`]. Returns once every vCPU still running holds; if
+    /// that takes longer than `timeout`, resumes them and fails. vCPUs that
+    /// ended meanwhile need not hold.
+    pub fn suspend(&self, timeout: Duration) -> Result<(), SuspendError> {
+        {
+            let mut st = self.hold.state();
+            if st.suspended {
+                return Err(SuspendError::Suspended);
+            }
+            st.suspended = true;
+            self.hold.out.store(true, Ordering::SeqCst);
+        }
+        for v in &self.vcpus {
+            v.kicker.kick();
+        }
+        let deadline = Instant::now() + timeout;
+        let mut st = self.hold.state();
+        loop {
+            let running = self.vcpus.iter().filter(|v| !v.join.is_finished()).count();
+            if st.held >= running {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let held = st.held;
+                drop(st);
+                let _ = self.resume();
+                return Err(SuspendError::Timeout {
+                    held,
+                    running,
+                    timeout,
+                });
+            }
+            // A vCPU whose guest ends while suspending does not signal:
+            // look again every few milliseconds.
+            st = self
+                .hold
+                .cond
+                .wait_timeout(st, left.min(Duration::from_millis(5)))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// Lets the vCPUs held by [`Client::suspend`] run their guests again.
+    pub fn resume(&self) -> Result<(), SuspendError> {
+        let mut st = self.hold.state();
+        if !st.suspended {
+            return Err(SuspendError::NotSuspended);
+        }
+        st.suspended = false;
+        if !st.stopping {
+            self.hold.out.store(false, Ordering::SeqCst);
+        }
+        self.hold.cond.notify_all();
+        Ok(())
+    }
+
+    /// Whether the client is suspended (between [`Client::suspend`] and
+    /// [`Client::resume`]).
+    pub fn suspended(&self) -> bool {
+        self.hold.state().suspended
+    }
+
+    /// Each vCPU's counters: (VM id, vCPU index, counters), in start order.
+    pub fn vcpu_stats(&self) -> Vec<(u32, u16, Arc<VcpuStats>)> {
+        self.vcpus
+            .iter()
+            .map(|v| (v.vm, v.vcpu, v.stats.clone()))
+            .collect()
+    }
+
     fn reports(&mut self) -> Vec<VcpuReport> {
-        self.stop.store(true, Ordering::SeqCst);
+        {
+            let mut st = self.hold.state();
+            st.stopping = true;
+            self.hold.out.store(true, Ordering::SeqCst);
+            self.hold.cond.notify_all();
+        }
         for v in &self.vcpus {
             if !v.join.is_finished() {
                 v.kicker.kick();

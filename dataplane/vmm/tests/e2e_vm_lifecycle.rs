@@ -1,0 +1,523 @@
+//! End to end, a VM's life cycle on its client: suspend and resume under
+//! continuous guest I/O (a vCPU writing synchronously and one posting its
+//! writes to remote counters on a real server behind XDP): while
+//! suspended no vCPU takes an exit and the server sees no request; after
+//! resume every write is counted exactly once. The same through the
+//! operator's one command, `dpctl vms suspend|resume`, which tells the
+//! server and the client daemon (`devplane-client`).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use devplane_control::config::{
+    ClientConfig, Mode, ModelConfig, ServerConfig, ServerSection, Tuning, VmConfig,
+};
+use devplane_devmodels::Space;
+use devplane_testkit::host::{ServerSnapshot, ServerThread};
+use devplane_testkit::privilege::{self, Capability};
+use devplane_testkit::topology::{Side, Topology};
+use devplane_vmm::engine::EngineConfig;
+use devplane_vmm::guests::{self, Guest};
+use devplane_vmm::kvm::VcpuExit;
+use devplane_vmm::vmm::{
+    Client, ClientSpec, DeviceSpec, Place, ServerSpec, VcpuReport, VcpuSpec, VmSpec,
+};
+
+const PORT: u16 = 7706;
+const SERVER: u32 = 1;
+const CLIENT: u32 = 7;
+const HV: u32 = 2;
+const VM: u32 = 1;
+/// The client daemon's second VM (posted writes).
+const VM2: u32 = 2;
+/// vCPU 0's counter (synchronous writes), on worker 0.
+const SYNC_MODEL: u32 = 11;
+/// vCPU 1's counter (posted writes), on worker 1.
+const POSTED_MODEL: u32 = 12;
+const PIO_BASE: u16 = 0x500;
+
+fn server_config(topo: &Topology, tag: &str) -> ServerConfig {
+    let counter = |id, worker, base| ModelConfig {
+        pio_base: Some(base),
+        ..ModelConfig::new(id, "counter", worker)
+    };
+    ServerConfig {
+        server: ServerSection {
+            id: SERVER,
+            port: PORT,
+            mode: Mode::Xdp,
+            interface: Some(topo.server_ifname().to_string()),
+            workers: vec![0, 1],
+            pin_dir: Some(
+                format!(
+                    "/sys/fs/bpf/devplane-test-life-{tag}-{}",
+                    std::process::id()
+                )
+                .into(),
+            ),
+            check_clients: true,
+        },
+        tuning: Tuning {
+            spin_budget: 500,
+            idle_sleep_us: 100,
+            batch: 64,
+        },
+        clients: vec![ClientConfig {
+            id: CLIENT,
+            address: topo.client_ip(),
+        }],
+        vms: [VM, VM2]
+            .map(|id| VmConfig {
+                id,
+                client: CLIENT,
+                hypervisor: HV,
+            })
+            .to_vec(),
+        models: vec![
+            counter(SYNC_MODEL, 0, PIO_BASE),
+            counter(POSTED_MODEL, 1, PIO_BASE + 0x10),
+        ],
+    }
+}
+
+fn pio(base: u16, model: u32, posted: bool) -> DeviceSpec {
+    DeviceSpec {
+        space: Space::Pio,
+        base: base as u64,
+        len: 0x10,
+        model,
+        posted,
+        place: Place::Remote { server: 0 },
+    }
+}
+
+/// VM 1: vCPU 0 writes `sync` times to its counter and waits for each
+/// answer; vCPU 1 posts `posted` writes to its own. Each reads its counter
+/// back at the end and reports it.
+fn io_vm(sync: u16, posted: u16) -> VmSpec {
+    let g0 = guests::multi_vcpu(PIO_BASE, sync, 2).unwrap().remove(0);
+    let g1 = guests::multi_vcpu(PIO_BASE, posted, 2).unwrap().remove(1);
+    let guests: [Guest; 2] = [g0, g1];
+    VmSpec {
+        id: VM,
+        hypervisor: HV,
+        mem_bytes: guests[1].mem_end().next_multiple_of(0x1_0000) as usize,
+        images: guests
+            .iter()
+            .map(|g| (g.load_gpa, g.code.clone()))
+            .collect(),
+        vcpus: guests
+            .iter()
+            .map(|g| VcpuSpec {
+                entry: g.entry,
+                core: None,
+            })
+            .collect(),
+        devices: vec![
+            pio(PIO_BASE, SYNC_MODEL, false),
+            pio(PIO_BASE + 0x10, POSTED_MODEL, true),
+        ],
+    }
+}
+
+struct Rig {
+    topo: Topology,
+    server: ServerThread,
+}
+
+impl Rig {
+    fn new(test: &str, tag: &str) -> Option<Rig> {
+        if !privilege::require(test, &[Capability::Root, Capability::Bpf, Capability::Kvm]) {
+            return None;
+        }
+        let topo = match Topology::new(tag) {
+            Ok(t) => t,
+            Err(e) => {
+                privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
+                return None;
+            }
+        };
+        let server = ServerThread::spawn(server_config(&topo, tag), Some(topo.server_netns()))
+            .expect("server starts");
+        Some(Rig { topo, server })
+    }
+
+    fn spec(&self, vms: Vec<VmSpec>, direct: bool) -> ClientSpec {
+        ClientSpec {
+            client: CLIENT,
+            bind: Some(self.topo.client_ip().into()),
+            servers: vec![ServerSpec {
+                addr: SocketAddr::from((self.topo.server_ip(), PORT)),
+                id: SERVER,
+            }],
+            vms,
+            engine: EngineConfig {
+                spin_budget: 500,
+                retransmit: Duration::from_millis(2),
+                ..EngineConfig::default()
+            },
+            engine_core: None,
+            vcpu_spin: 200,
+            samples: 0,
+            direct,
+        }
+    }
+
+    /// Starts a client VMM for `spec` in the client namespace.
+    fn start(&self, spec: ClientSpec) -> Client {
+        self.topo
+            .run(Side::Client, move || Client::start(spec))
+            .expect("enter client netns")
+            .expect("client starts")
+    }
+
+    fn snapshot(&self) -> ServerSnapshot {
+        self.server.snapshot()
+    }
+}
+
+fn done(r: &VcpuReport) -> u32 {
+    match &r.exit {
+        Ok(VcpuExit::Done(v)) => *v,
+        other => panic!("VM {} vCPU {} did not finish: {other:?}", r.vm, r.vcpu),
+    }
+}
+
+/// Requests the server took, all workers.
+fn records(s: &ServerSnapshot) -> u64 {
+    s.workers.iter().map(|w| w.records).sum()
+}
+
+/// Each vCPU's accesses so far (each is one KVM exit of the guest loop).
+fn accesses(client: &Client) -> Vec<u64> {
+    client
+        .vcpu_stats()
+        .iter()
+        .map(|(_, _, s)| {
+            s.remote.load(Ordering::Relaxed)
+                + s.local.load(Ordering::Relaxed)
+                + s.unmapped_reads.load(Ordering::Relaxed)
+                + s.unmapped_writes.load(Ordering::Relaxed)
+        })
+        .collect()
+}
+
+#[test]
+fn suspend_holds_the_vcpus_and_loses_no_write() {
+    suspend_under_io(true, "suspend_holds_the_vcpus_and_loses_no_write", "lsus");
+}
+
+#[test]
+fn engine_mode_suspend_holds_the_vcpus_and_loses_no_write() {
+    suspend_under_io(
+        false,
+        "engine_mode_suspend_holds_the_vcpus_and_loses_no_write",
+        "lsue",
+    );
+}
+
+fn suspend_under_io(direct: bool, test: &str, tag: &str) {
+    let Some(rig) = Rig::new(test, tag) else {
+        return;
+    };
+    let (sync, posted) = (6000u16, 40000u16);
+    let mut client = rig.start(rig.spec(vec![io_vm(sync, posted)], direct));
+    let mut held_for = Vec::new();
+    for round in 0..5 {
+        std::thread::sleep(Duration::from_millis(if round == 0 { 30 } else { 10 }));
+        let t = Instant::now();
+        client.suspend(Duration::from_secs(12)).expect("suspend");
+        held_for.push(t.elapsed());
+        assert!(client.suspended());
+        let before = accesses(&client);
+        let server_before = records(&rig.snapshot());
+        if round == 0 {
+            assert!(
+                before[0] < u64::from(sync) && before[1] < u64::from(posted),
+                "a guest finished before the first suspend: {before:?}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(
+            accesses(&client),
+            before,
+            "round {round}: a suspended vCPU took exits"
+        );
+        assert_eq!(
+            records(&rig.snapshot()),
+            server_before,
+            "round {round}: the server got requests from a suspended VM"
+        );
+        assert!(matches!(
+            client.suspend(Duration::from_secs(1)),
+            Err(devplane_vmm::vmm::SuspendError::Suspended)
+        ));
+        client.resume().expect("resume");
+        assert!(!client.suspended());
+    }
+    assert!(matches!(
+        client.resume(),
+        Err(devplane_vmm::vmm::SuspendError::NotSuspended)
+    ));
+    let reports = client.wait(Duration::from_secs(120));
+    // Each guest read its counter back: a lost write shows as less, a
+    // repeated one as more.
+    assert_eq!(done(&reports[0]), u32::from(sync), "synchronous writes");
+    assert_eq!(done(&reports[1]), u32::from(posted), "posted writes");
+    eprintln!("suspended in {held_for:?}");
+}
+
+/// Removes a directory tree when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Kills the child if the test fails before it exits.
+struct ChildGuard(Option<std::process::Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The client daemon's VMs: VM 1 writes `sync` times synchronously, VM 2
+/// posts `posted` writes.
+fn client_toml(topo: &Topology, sync: u16, posted: u16) -> String {
+    let vm = |id: u32, model: u32, port: u16, n: u16, posted: bool| {
+        format!(
+            r#"
+[[vms]]
+id = {id}
+hypervisor = {HV}
+guest = {{ kind = "pio-loop", port = {port:#x}, iterations = {n} }}
+
+[[vms.devices]]
+space = "pio"
+base = {port:#x}
+len = 0x10
+model = {model}
+posted = {posted}
+place = "remote:{SERVER}"
+"#
+        )
+    };
+    format!(
+        r#"
+[client]
+id = {CLIENT}
+bind = "{client}"
+
+[[servers]]
+id = {SERVER}
+address = "{server}:{PORT}"
+{vm1}{vm2}"#,
+        client = topo.client_ip(),
+        server = topo.server_ip(),
+        vm1 = vm(VM, SYNC_MODEL, PIO_BASE, sync, false),
+        vm2 = vm(VM2, POSTED_MODEL, PIO_BASE + 0x10, posted, true),
+    )
+}
+
+/// The dpctl binary, built beside this test's crate.
+fn dpctl_path() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let p = dir.join("dpctl");
+    assert!(
+        p.exists(),
+        "{} not built (cargo build -p devplane-control --bins)",
+        p.display()
+    );
+    p
+}
+
+/// The control sockets dpctl talks to.
+struct Sockets {
+    server: PathBuf,
+    client: PathBuf,
+}
+
+fn dpctl(s: &Sockets, args: &[&str]) -> Output {
+    Command::new(dpctl_path())
+        .arg("--socket")
+        .arg(&s.server)
+        .arg("--client-socket")
+        .arg(&s.client)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(s: &Sockets, args: &[&str]) -> String {
+    let out = dpctl(s, args);
+    assert!(
+        out.status.success(),
+        "dpctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(s: &Sockets, args: &[&str], needle: &str) {
+    let out = dpctl(s, args);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "dpctl {args:?}: {err}");
+    assert!(
+        err.starts_with("dpctl: ") && err.contains(needle),
+        "dpctl {args:?}: {err:?} lacks {needle:?}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+/// `dpctl --json vms running`, VM `vm`'s entry.
+fn vm_state(s: &Sockets, vm: u64) -> serde_json::Value {
+    let text = ok(s, &["--json", "vms", "running"]);
+    let list: serde_json::Value = serde_json::from_str(&text).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["vm"] == vm)
+        .cloned()
+        .unwrap_or_else(|| panic!("VM {vm} not listed: {list}"))
+}
+
+/// Starts devplane-client in the client namespace; returns it once it
+/// listens.
+fn start_daemon(topo: &Topology, cfg: &Path, sock: &Path) -> ChildGuard {
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", topo.client_netns()))
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_devplane-client"))
+        .arg("--config")
+        .arg(cfg)
+        .arg("--control")
+        .arg(sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start devplane-client");
+    let mut guard = ChildGuard(Some(child));
+    let stderr = guard.0.as_mut().unwrap().stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    loop {
+        let line = lines
+            .next()
+            .expect("devplane-client exited before listening")
+            .unwrap();
+        if line.contains("control socket") {
+            break;
+        }
+    }
+    // Keep draining its stderr so that it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    guard
+}
+
+/// Serves the server's control protocol on `path` from the test process
+/// (the server runs as a thread here): what devplane-server's control
+/// socket does.
+fn serve_control(
+    server: Arc<ServerThread>,
+    path: &Path,
+) -> devplane_control::socket::ControlSocket {
+    let (tx, rx) = std::sync::mpsc::channel::<devplane_control::socket::Pending>();
+    let sock = devplane_control::socket::ControlSocket::bind(path, tx).expect("control socket");
+    std::thread::spawn(move || {
+        for p in rx {
+            let r = server
+                .call(move |s| devplane_server::control::handle(s, p.request))
+                .expect("server thread");
+            let _ = p.reply.send(r);
+        }
+    });
+    sock
+}
+
+#[test]
+fn dpctl_suspends_and_resumes_a_vm_on_its_client_and_server() {
+    let Some(rig) = Rig::new(
+        "dpctl_suspends_and_resumes_a_vm_on_its_client_and_server",
+        "ldpc",
+    ) else {
+        return;
+    };
+    // Enough writes for both guests to run through every round: each
+    // suspend succeeds only on a VM that still runs.
+    let (sync, posted) = (30000u16, 60000u16);
+    let dir = TempDir(std::env::temp_dir().join(format!("dp-life-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let cfg = dir.0.join("client.toml");
+    std::fs::write(&cfg, client_toml(&rig.topo, sync, posted)).unwrap();
+    let socks = Sockets {
+        server: dir.0.join("server.sock"),
+        client: dir.0.join("client.sock"),
+    };
+    let Rig { topo, server } = rig;
+    let server = Arc::new(server);
+    let _control = serve_control(server.clone(), &socks.server);
+    let _daemon = start_daemon(&topo, &cfg, &socks.client);
+    fails(&socks, &["vms", "suspend", "1"], "VM 1 is not running");
+    let held = || server.call(|s| s.suspended_vms()).expect("server thread");
+    assert!(held().is_empty(), "a refused suspend reached the server");
+    ok(&socks, &["vms", "launch", "1"]);
+    ok(&socks, &["vms", "launch", "2"]);
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(20));
+        for vm in ["1", "2"] {
+            assert_eq!(
+                ok(&socks, &["vms", "suspend", vm]),
+                format!("suspended VM {vm} (its vCPUs and interrupts are held)\n")
+            );
+        }
+        let before = records(&server.snapshot());
+        assert_eq!(held(), [1, 2], "round {round}: interrupts not held");
+        for vm in [1, 2] {
+            assert_eq!(vm_state(&socks, vm)["state"], "suspended", "round {round}");
+        }
+        fails(&socks, &["vms", "suspend", "1"], "suspended already");
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(
+            records(&server.snapshot()),
+            before,
+            "round {round}: the server got requests from a suspended VM"
+        );
+        for vm in ["1", "2"] {
+            assert_eq!(
+                ok(&socks, &["vms", "resume", vm]),
+                format!("resumed VM {vm}\n")
+            );
+        }
+        for vm in [1, 2] {
+            assert_ne!(vm_state(&socks, vm)["state"], "suspended", "round {round}");
+        }
+        assert!(held().is_empty(), "round {round}: interrupts still held");
+    }
+    fails(&socks, &["vms", "resume", "1"], "not suspended");
+    for (vm, n) in [(1u64, sync), (2, posted)] {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let v = loop {
+            let v = vm_state(&socks, vm);
+            if v["state"] == "stopped" {
+                break v;
+            }
+            assert!(Instant::now() < deadline, "VM {vm} never finished: {v}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // The guest read its counter back: every write, once.
+        assert_eq!(v["ended"][0]["exit"], "done", "{v}");
+        assert_eq!(v["ended"][0]["value"], u64::from(n), "VM {vm}: {v}");
+    }
+}
