@@ -6,7 +6,9 @@
 //! launch, shutdown and listing ([`Request::LaunchVm`],
 //! [`Request::ShutdownVm`], [`Request::ListVms`]). [`Request::SuspendVm`]
 //! and [`Request::ResumeVm`] go to both: the server holds the VM's
-//! interrupts, the client daemon holds its vCPUs. Each daemon refuses the
+//! interrupts, the client daemon holds its vCPUs. A client daemon also
+//! writes a suspended VM's snapshot and restores one
+//! ([`Request::SnapshotVm`], [`Request::RestoreVm`]). Each daemon refuses the
 //! other requests meant for the other with [`Response::Error`].
 
 use std::io::{BufRead, BufReader, Write};
@@ -90,6 +92,23 @@ pub enum Request {
     },
     /// Client daemon: every configured VM and whether it runs.
     ListVms,
+    /// Client daemon: write a snapshot of a suspended VM to a file (an
+    /// absolute path on the daemon's host).
+    SnapshotVm {
+        /// The VM.
+        vm: u32,
+        /// Where to write it.
+        path: PathBuf,
+    },
+    /// Client daemon: start the VM of a snapshot file, held until
+    /// [`Request::ResumeVm`]. The daemon must be client platform `client`
+    /// and have the VM configured, not running.
+    RestoreVm {
+        /// The snapshot file (an absolute path on the daemon's host).
+        path: PathBuf,
+        /// The client platform that should run it.
+        client: u32,
+    },
 }
 
 /// One worker's counters, as reported.
@@ -309,6 +328,14 @@ mod tests {
             Request::LaunchVm { vm: 3 },
             Request::ShutdownVm { vm: 3 },
             Request::ListVms,
+            Request::SnapshotVm {
+                vm: 3,
+                path: "/tmp/vm3.snap".into(),
+            },
+            Request::RestoreVm {
+                path: "/tmp/vm3.snap".into(),
+                client: 8,
+            },
         ];
         for r in reqs {
             let text = serde_json::to_string(&r).unwrap();

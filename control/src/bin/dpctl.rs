@@ -231,6 +231,32 @@ enum VmsCmd {
     /// List the client daemon's VMs: whether each runs, for how long, and
     /// how it last ended.
     Running,
+    /// Write a snapshot of a suspended VM (dpctl vms suspend) to FILE on
+    /// the client daemon's host: guest memory, every vCPU's state, the
+    /// in-kernel interrupt controllers, PIT and clock, the local device
+    /// models and the vCPUs' request sequences. Its remote models stay on
+    /// their servers.
+    Snapshot {
+        #[command(flatten)]
+        id: IdArg,
+        /// The snapshot file (replaced whole).
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Start the VM of a snapshot FILE on the client daemon at
+    /// --client-socket, which must be client C and have the VM configured:
+    /// the server (--socket) then sends the VM's interrupts to client C,
+    /// its vCPUs run on from where the snapshot left them, and the server
+    /// delivers the interrupts it held. Shut down the VM where it ran
+    /// before.
+    Restore {
+        /// The snapshot file, as dpctl vms snapshot wrote it.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// The client platform that runs it from now on.
+        #[arg(long, value_name = "ID")]
+        client: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -448,7 +474,9 @@ fn run(cli: &Cli) -> Result<String, Failure> {
             | VmsCmd::Migrate { .. }
             | VmsCmd::Launch(_)
             | VmsCmd::Shutdown(_)
-            | VmsCmd::Running => Err(daemon::handled_there()),
+            | VmsCmd::Running
+            | VmsCmd::Snapshot { .. }
+            | VmsCmd::Restore { .. } => Err(daemon::handled_there()),
         },
         Command::Models(c) => match c {
             ModelsCmd::List => Ok(list(db.state(), Kind::Model, json)),

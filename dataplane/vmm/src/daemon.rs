@@ -24,11 +24,13 @@
 pub mod config;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use devplane_control::proto::{Request, Response, VcpuEnd, VmRunState, VmStatus};
 
+use super::snapshot::VmSnapshot;
 use super::vmm::{Client, ClientError, SuspendError, VcpuReport};
 use config::{ClientFile, ConfigError};
 
@@ -58,6 +60,9 @@ pub enum DaemonError {
         /// Why.
         source: SuspendError,
     },
+    /// A snapshot could not be taken, written, read or restored.
+    #[error("{0}")]
+    Snapshot(String),
     /// The VM's spec could not be built.
     #[error("{0}")]
     Config(#[from] ConfigError),
@@ -214,6 +219,67 @@ impl Daemon {
         Ok(self.status(vm))
     }
 
+    /// Writes a snapshot of suspended VM `vm` to `path` (see
+    /// [`Client::snapshot`]; replaced whole, never half-written).
+    pub fn snapshot(&mut self, vm: u32, path: &Path) -> Result<VmStatus, DaemonError> {
+        self.notice();
+        if !path.is_absolute() {
+            return Err(DaemonError::Snapshot(format!(
+                "{}: give an absolute path",
+                path.display()
+            )));
+        }
+        let r = self
+            .slot(vm)?
+            .running
+            .as_ref()
+            .ok_or(DaemonError::NotRunning(vm))?;
+        let snap = r
+            .client
+            .snapshot(vm)
+            .map_err(|e| DaemonError::Snapshot(e.to_string()))?;
+        snap.write_file(path)
+            .map_err(|e| DaemonError::Snapshot(e.to_string()))?;
+        Ok(self.status(vm))
+    }
+
+    /// Starts the VM of the snapshot file at `path`, held until
+    /// [`Daemon::resume`] (its servers are told of its new client first).
+    /// This daemon must be client `client`; the VM must be configured here
+    /// with the snapshot's hypervisor, memory size and vCPUs, and not run.
+    pub fn restore(&mut self, path: &Path, client: u32) -> Result<VmStatus, DaemonError> {
+        self.notice();
+        if client != self.client_id() {
+            return Err(DaemonError::Snapshot(format!(
+                "this daemon is client {}, not client {client}",
+                self.client_id()
+            )));
+        }
+        let snap = VmSnapshot::read_file(path).map_err(|e| DaemonError::Snapshot(e.to_string()))?;
+        let vm = snap.vm;
+        if self.slot(vm)?.running.is_some() {
+            return Err(DaemonError::AlreadyRunning(vm));
+        }
+        let hypervisor = self.file.vm(vm).map_or(0, |e| e.hypervisor);
+        if snap.hypervisor != hypervisor {
+            return Err(DaemonError::Snapshot(format!(
+                "the snapshot's VM {vm} ran on hypervisor {}, configured here on {hypervisor}",
+                snap.hypervisor
+            )));
+        }
+        let spec = self.file.client_spec(vm)?;
+        let client =
+            Client::restore(spec, snap).map_err(|source| DaemonError::Start { vm, source })?;
+        *self.slot(vm)? = Slot {
+            running: Some(Running {
+                client,
+                since: Instant::now(),
+            }),
+            ..Slot::default()
+        };
+        Ok(self.status(vm))
+    }
+
     /// Stops every running VM (Ctrl-C); returns each one's status.
     pub fn shutdown_all(&mut self) -> Vec<VmStatus> {
         let ids: Vec<u32> = self
@@ -305,14 +371,17 @@ impl Daemon {
             Request::ListVms => Response::Vms { vms: self.list() },
             Request::SuspendVm { vm } => answer(self.suspend(vm)),
             Request::ResumeVm { vm } => answer(self.resume(vm)),
+            Request::SnapshotVm { vm, path } => answer(self.snapshot(vm, &path)),
+            Request::RestoreVm { path, client } => answer(self.restore(&path, client)),
             Request::Stats
             | Request::MoveModel { .. }
             | Request::AddModel { .. }
             | Request::RemoveModel { .. }
             | Request::MigrateVm { .. }
             | Request::Tune { .. } => Response::Error {
-                message: "devplane-client only launches, shuts down, suspends, resumes and lists \
-                          VMs: send this to devplane-server (dpctl --socket)"
+                message: "devplane-client only launches, shuts down, suspends, resumes, \
+                          snapshots, restores and lists VMs: send this to devplane-server \
+                          (dpctl --socket)"
                     .into(),
             },
         }

@@ -25,6 +25,7 @@ pub mod guests;
 pub mod kvm;
 pub mod pci;
 pub mod ring;
+pub mod snapshot;
 pub mod uart_tap;
 pub mod vcpu_io;
 pub mod virtio;

@@ -4,7 +4,9 @@
 //! suspended no vCPU takes an exit and the server sees no request; after
 //! resume every write is counted exactly once. The same through the
 //! operator's one command, `dpctl vms suspend|resume`, which tells the
-//! server and the client daemon (`devplane-client`).
+//! server and the client daemon (`devplane-client`). A VM snapshotted
+//! mid-run (suspended first) and restored in another client runs on to
+//! its end with its self-check right and every write counted once.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -188,6 +190,27 @@ fn done(r: &VcpuReport) -> u32 {
     }
 }
 
+/// VM 1 running [`guests::checked_writes`]: vCPU 0 `sync` synchronous
+/// writes, vCPU 1 `posted` posted writes, their state in guest memory.
+fn checked_vm(sync: u16, posted: u16) -> VmSpec {
+    let g0 = guests::checked_writes(PIO_BASE, sync, 0).unwrap();
+    let g1 = guests::checked_writes(PIO_BASE, posted, 1).unwrap();
+    VmSpec {
+        images: vec![
+            (g0.load_gpa, g0.code.clone()),
+            (g1.load_gpa, g1.code.clone()),
+        ],
+        vcpus: [&g0, &g1]
+            .iter()
+            .map(|g| VcpuSpec {
+                entry: g.entry,
+                core: None,
+            })
+            .collect(),
+        ..io_vm(1, 1)
+    }
+}
+
 /// Requests the server took, all workers.
 fn records(s: &ServerSnapshot) -> u64 {
     s.workers.iter().map(|w| w.records).sum()
@@ -296,13 +319,18 @@ impl Drop for ChildGuard {
 /// The client daemon's VMs: VM 1 writes `sync` times synchronously, VM 2
 /// posts `posted` writes.
 fn client_toml(topo: &Topology, sync: u16, posted: u16) -> String {
+    client_toml_of(topo, "pio-loop", sync, posted)
+}
+
+/// [`client_toml`] with guests of `kind`.
+fn client_toml_of(topo: &Topology, kind: &str, sync: u16, posted: u16) -> String {
     let vm = |id: u32, model: u32, port: u16, n: u16, posted: bool| {
         format!(
             r#"
 [[vms]]
 id = {id}
 hypervisor = {HV}
-guest = {{ kind = "pio-loop", port = {port:#x}, iterations = {n} }}
+guest = {{ kind = "{kind}", port = {port:#x}, iterations = {n} }}
 
 [[vms.devices]]
 space = "pio"
@@ -520,4 +548,199 @@ fn dpctl_suspends_and_resumes_a_vm_on_its_client_and_server() {
         assert_eq!(v["ended"][0]["exit"], "done", "{v}");
         assert_eq!(v["ended"][0]["value"], u64::from(n), "VM {vm}: {v}");
     }
+}
+
+#[test]
+fn a_snapshot_restored_in_another_client_runs_on_to_its_end() {
+    let Some(rig) = Rig::new(
+        "a_snapshot_restored_in_another_client_runs_on_to_its_end",
+        "lsnp",
+    ) else {
+        return;
+    };
+    let (sync, posted) = (4000u16, 30000u16);
+    let dir = TempDir(std::env::temp_dir().join(format!("dp-snap-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let file = dir.0.join("vm1.snap");
+    let source = rig.start(rig.spec(vec![checked_vm(sync, posted)], true));
+    std::thread::sleep(Duration::from_millis(40));
+    assert!(matches!(
+        source.snapshot(VM),
+        Err(devplane_vmm::vmm::VmStateError::NotSuspended(VM))
+    ));
+    source.suspend(Duration::from_secs(12)).expect("suspend");
+    let at = accesses(&source);
+    assert!(
+        at[0] > 0 && at[0] < u64::from(sync) && at[1] < u64::from(posted),
+        "not mid-run: {at:?}"
+    );
+    let t = Instant::now();
+    let snap = source.snapshot(VM).expect("snapshot");
+    let took = t.elapsed();
+    snap.write_file(&file).expect("write the snapshot");
+    let size = std::fs::metadata(&file).unwrap().len();
+    eprintln!("snapshot after {at:?} accesses: {size} bytes, taken in {took:?}");
+    assert_eq!(snap.vcpus.len(), 2);
+    assert!(snap.vcpus.iter().all(|v| v.seq > 0), "sequences not kept");
+
+    // A truncated or foreign file is a clear error.
+    let bytes = std::fs::read(&file).unwrap();
+    let bad = dir.0.join("bad.snap");
+    std::fs::write(&bad, &bytes[..bytes.len() - 1000]).unwrap();
+    let e = devplane_vmm::snapshot::VmSnapshot::read_file(&bad).unwrap_err();
+    assert!(e.to_string().contains("truncated"), "{e}");
+    // A VM of another memory size does not take it.
+    let mut small = checked_vm(sync, posted);
+    small.mem_bytes += 0x1_0000;
+    let spec = rig.spec(vec![small], true);
+    let snap2 = devplane_vmm::snapshot::VmSnapshot::read_file(&file).unwrap();
+    let e = rig
+        .topo
+        .run(Side::Client, move || Client::restore(spec, snap2).err())
+        .expect("enter client netns")
+        .expect("a restore into another memory size fails");
+    assert!(e.to_string().contains("bytes of guest memory"), "{e}");
+
+    // Another client restores it, held until resumed; the source stays
+    // held meanwhile and never runs again.
+    let snap = devplane_vmm::snapshot::VmSnapshot::read_file(&file).expect("read it back");
+    let spec = rig.spec(vec![checked_vm(sync, posted)], true);
+    let mut target = rig
+        .topo
+        .run(Side::Client, move || Client::restore(spec, snap))
+        .expect("enter client netns")
+        .expect("restore");
+    assert!(target.suspended());
+    // What it holds is what was saved: memory, vCPU state and the
+    // request sequences it continues from.
+    let saved = devplane_vmm::snapshot::VmSnapshot::read_file(&file).unwrap();
+    let again = target.snapshot(VM).expect("snapshot of the restored VM");
+    assert!(again.memory == saved.memory, "guest memory differs");
+    for (a, b) in again.vcpus.iter().zip(&saved.vcpus) {
+        assert_eq!(a.seq, b.seq, "vCPU {}: sequence not continued", a.index);
+        assert_eq!(
+            (
+                a.state.regs.rip,
+                a.state.regs.rax,
+                a.state.sregs.cs.selector
+            ),
+            (
+                b.state.regs.rip,
+                b.state.regs.rax,
+                b.state.sregs.cs.selector
+            ),
+            "vCPU {}: registers differ",
+            a.index
+        );
+    }
+    target.resume().expect("resume the restored VM");
+    let reports = target.wait(Duration::from_secs(120));
+    // Each guest's self-check: the device's count equals the writes its
+    // memory counted, and their sum is right.
+    assert_eq!(done(&reports[0]), u32::from(sync), "synchronous writes");
+    assert_eq!(done(&reports[1]), u32::from(posted), "posted writes");
+    assert_eq!(accesses(&source), at, "the source ran again");
+    drop(source);
+}
+
+#[test]
+fn dpctl_snapshots_a_vm_and_restores_it_on_another_client_daemon() {
+    let Some(rig) = Rig::new(
+        "dpctl_snapshots_a_vm_and_restores_it_on_another_client_daemon",
+        "ldsn",
+    ) else {
+        return;
+    };
+    let n = 20000u16;
+    let dir = TempDir(std::env::temp_dir().join(format!("dp-dsnap-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let cfg = dir.0.join("client.toml");
+    std::fs::write(&cfg, client_toml_of(&rig.topo, "checked-writes", n, n)).unwrap();
+    let server_sock = dir.0.join("server.sock");
+    let a = Sockets {
+        server: server_sock.clone(),
+        client: dir.0.join("client-a.sock"),
+    };
+    let b = Sockets {
+        server: server_sock,
+        client: dir.0.join("client-b.sock"),
+    };
+    let Rig { topo, server } = rig;
+    let server = Arc::new(server);
+    let _control = serve_control(server.clone(), &a.server);
+    // Two daemons of client platform 7 (two hosts of one client, here in
+    // one namespace).
+    let _daemon_a = start_daemon(&topo, &cfg, &a.client);
+    let _daemon_b = start_daemon(&topo, &cfg, &b.client);
+    let file = dir.0.join("vm1.snap");
+    let file_arg = file.to_str().unwrap();
+
+    ok(&a, &["vms", "launch", "1"]);
+    std::thread::sleep(Duration::from_millis(60));
+    fails(&a, &["vms", "snapshot", "1", file_arg], "not suspended");
+    ok(&a, &["vms", "suspend", "1"]);
+    let before = records(&server.snapshot());
+    assert_eq!(
+        ok(&a, &["vms", "snapshot", "1", file_arg]),
+        format!("VM 1 snapshotted to {file_arg}\n")
+    );
+    assert!(
+        before > 0 && before < u64::from(n),
+        "not mid-run: the server took {before} requests"
+    );
+
+    // Bad input: a truncated file, the wrong client, a VM running there.
+    let bytes = std::fs::read(&file).unwrap();
+    let bad = dir.0.join("bad.snap");
+    std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+    fails(
+        &b,
+        &["vms", "restore", bad.to_str().unwrap(), "--client", "7"],
+        "truncated",
+    );
+    std::fs::write(&bad, b"hello").unwrap();
+    fails(
+        &b,
+        &["vms", "restore", bad.to_str().unwrap(), "--client", "7"],
+        "not a devplane VM snapshot",
+    );
+    fails(
+        &b,
+        &["vms", "restore", file_arg, "--client", "8"],
+        "not client 8",
+    );
+    fails(
+        &a,
+        &["vms", "restore", file_arg, "--client", "7"],
+        "VM 1 is already running",
+    );
+
+    // Restored on daemon B; the source is shut down.
+    assert_eq!(
+        ok(&b, &["vms", "restore", file_arg, "--client", "7"]),
+        "restored VM 1 on client 7\n"
+    );
+    let v = serde_json::from_str::<serde_json::Value>(&ok(&a, &["--json", "vms", "shutdown", "1"]))
+        .unwrap();
+    assert_eq!(v["ended"][0]["exit"], "stopped", "{v}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let v = loop {
+        let v = vm_state(&b, 1);
+        if v["state"] == "stopped" {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "VM 1 never finished on B: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Its self-check: the counter's count equals the writes its memory
+    // counted (each applied once), and their sum is right.
+    assert_eq!(v["ended"][0]["exit"], "done", "{v}");
+    assert_eq!(v["ended"][0]["value"], u64::from(n), "{v}");
+    assert!(
+        server
+            .call(|s| s.suspended_vms())
+            .expect("server thread")
+            .is_empty(),
+        "the server still holds VM 1's interrupts"
+    );
 }

@@ -105,6 +105,21 @@ pub(super) fn run(cli: &Cli) -> Result<Option<String>, Failure> {
                 out
             }
         }
+        Command::Vms(VmsCmd::Snapshot { id, file }) => {
+            let path = absolute(file)?;
+            one_vm(
+                cli,
+                &Request::SnapshotVm {
+                    vm: id.id,
+                    path: path.clone(),
+                },
+            )?;
+            if cli.json {
+                to_json(&json!({"action": "snapshot", "vm": id.id, "file": path}))
+            } else {
+                format!("VM {} snapshotted to {}\n", id.id, path.display())
+            }
+        }
         Command::Vms(VmsCmd::Running) => {
             let Response::Vms { vms } = call(cli, &Request::ListVms)? else {
                 return Err(Failure {
@@ -121,6 +136,14 @@ pub(super) fn run(cli: &Cli) -> Result<Option<String>, Failure> {
         _ => return Ok(None),
     };
     Ok(Some(out))
+}
+
+/// `file` as an absolute path (the daemon may run in another directory).
+pub(super) fn absolute(file: &std::path::Path) -> Result<std::path::PathBuf, Failure> {
+    std::path::absolute(file).map_err(|e| Failure {
+        code: EXIT_FAILED,
+        message: format!("{}: {e}", file.display()),
+    })
 }
 
 fn running_table(vms: &[VmStatus]) -> String {

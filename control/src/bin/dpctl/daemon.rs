@@ -106,6 +106,7 @@ pub(super) fn run(cli: &Cli) -> Result<Option<String>, Failure> {
             format!("VM {}'s interrupts are delivered again", id.id),
             json!({"action": "resume", "vm": id.id}),
         )?,
+        Command::Vms(VmsCmd::Restore { file, client }) => restore(cli, file, *client)?,
         Command::Vms(VmsCmd::Suspend { id, .. }) => suspend(cli, id.id)?,
         Command::Vms(VmsCmd::Resume { id, .. }) => resume(cli, id.id)?,
         Command::Vms(VmsCmd::Migrate { id, client }) => action(
@@ -176,6 +177,42 @@ fn resume(cli: &Cli, vm: u32) -> Result<String, Failure> {
         to_json(&json!({"action": "resume", "vm": vm, "state": status.state}))
     } else {
         format!("resumed VM {vm}\n")
+    })
+}
+
+/// Restores the VM of snapshot `file` on the client daemon (held), points
+/// the server's interrupts for it at client `client`, runs its vCPUs, then
+/// lets the server deliver what it held.
+fn restore(cli: &Cli, file: &std::path::Path, client: u32) -> Result<String, Failure> {
+    let path = super::client::absolute(file)?;
+    let status = super::client::one_vm(cli, &Request::RestoreVm { path, client })?;
+    let vm = status.vm;
+    let held = |f: Failure, step: &str| Failure {
+        code: f.code,
+        message: format!(
+            "{} (VM {vm} was restored on client {client} and is held: {step})",
+            f.message
+        ),
+    };
+    call(cli, &Request::MigrateVm { vm, client }).map_err(|f| {
+        held(
+            f,
+            "resume it once the server sends its interrupts there, or shut it down",
+        )
+    })?;
+    super::client::one_vm(cli, &Request::ResumeVm { vm })
+        .map_err(|f| held(f, "its vCPUs did not start"))?;
+    call(cli, &Request::ResumeVm { vm }).map_err(|f| Failure {
+        code: f.code,
+        message: format!(
+            "{} (VM {vm} runs on client {client}; the server still holds its interrupts)",
+            f.message
+        ),
+    })?;
+    Ok(if cli.json {
+        to_json(&json!({"action": "restore", "vm": vm, "client": client}))
+    } else {
+        format!("restored VM {vm} on client {client}\n")
     })
 }
 

@@ -36,6 +36,7 @@ pub use super::bus::STORE_WINDOW;
 use super::devmap::DevMapError;
 use super::engine::{Engine, EngineConfig, RemoteModel};
 use super::kvm::{CpuState, Entry, KvmError, Vcpu, VcpuExit, VcpuKicker, Vm};
+use super::snapshot::{DeviceSnapshot, VcpuSnapshot, VmSnapshot};
 use super::uart_tap::UartTap;
 use super::vcpu_io::{ExitHandler, VcpuIo, VcpuStats};
 
@@ -207,6 +208,14 @@ pub enum ClientError {
         /// Why.
         source: BootError,
     },
+    /// A snapshot does not fit the VM it should restore.
+    #[error("VM {vm}: restore: {why}")]
+    Restore {
+        /// VM id.
+        vm: u32,
+        /// What does not fit.
+        why: String,
+    },
     /// A socket, ring or thread could not be created.
     #[error("{what}: {source}")]
     Io {
@@ -257,7 +266,14 @@ struct HoldState {
     suspended: bool,
     /// vCPU threads holding now.
     held: usize,
+    /// Work for held vCPU threads: (the thread's position in
+    /// `Client::vcpus`, what to do with its vCPU and exit handler).
+    jobs: Vec<(usize, Job)>,
 }
+
+/// Work a held vCPU thread does with its vCPU (its KVM state is reachable
+/// only there).
+type Job = Box<dyn FnOnce(&mut Vcpu, &mut ExitHandler) + Send>;
 
 impl Hold {
     fn state(&self) -> std::sync::MutexGuard<'_, HoldState> {
@@ -267,7 +283,7 @@ impl Hold {
     /// On a vCPU thread whose run returned [`VcpuExit::Stopped`] (its last
     /// exit complete, its posted writes answered): holds while the client
     /// is suspended. `true`: run the guest again; `false`: the client stops.
-    fn park(&self) -> bool {
+    fn park(&self, slot: usize, vcpu: &mut Vcpu, handler: &mut ExitHandler) -> bool {
         let mut st = self.state();
         if st.stopping {
             return false;
@@ -279,6 +295,13 @@ impl Hold {
         st.held += 1;
         self.cond.notify_all();
         while st.suspended && !st.stopping {
+            if let Some(at) = st.jobs.iter().position(|(s, _)| *s == slot) {
+                let (_, job) = st.jobs.swap_remove(at);
+                drop(st);
+                job(vcpu, handler);
+                st = self.state();
+                continue;
+            }
             st = self.cond.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         st.held -= 1;
@@ -308,6 +331,45 @@ pub enum SuspendError {
     },
 }
 
+/// Why [`Client::snapshot`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmStateError {
+    /// The client does not run this VM.
+    #[error("VM {0} is not in this client")]
+    UnknownVm(u32),
+    /// Its vCPUs are not held.
+    #[error("VM {0} is not suspended: suspend it first")]
+    NotSuspended(u32),
+    /// A vCPU's guest ended: there is no running VM to snapshot.
+    #[error("VM {vm}: vCPU {vcpu} has ended")]
+    VcpuEnded {
+        /// VM id.
+        vm: u32,
+        /// vCPU index.
+        vcpu: u16,
+    },
+    /// KVM refused to give a piece of state.
+    #[error("VM {vm}: {source}")]
+    Kvm {
+        /// VM id.
+        vm: u32,
+        /// Why.
+        source: KvmError,
+    },
+    /// A local device cannot be snapshotted.
+    #[error("VM {vm}: device {model} at {base:#x}: {why}")]
+    Device {
+        /// VM id.
+        vm: u32,
+        /// Its model id.
+        model: u32,
+        /// Its base address.
+        base: u64,
+        /// Why.
+        why: String,
+    },
+}
+
 /// A running client. Dropping it stops every vCPU and the engine.
 pub struct Client {
     hold: Arc<Hold>,
@@ -316,6 +378,8 @@ pub struct Client {
     ended: Arc<(Mutex<usize>, Condvar)>,
     engine: Option<Engine>,
     vms: Vec<Vm>,
+    /// (VM id, hypervisor id) of each of `vms`.
+    ids: Vec<(u32, u32)>,
 }
 
 /// Counts a vCPU thread out when dropped (at its end, or its unwinding)
@@ -357,6 +421,8 @@ pub(super) struct BuiltVm {
     buses: Vec<Bus>,
     remotes: Arc<[RemoteModel]>,
     tap: Option<UartTap>,
+    /// The vCPUs' states to restore, by index.
+    restore: Vec<Option<VcpuSnapshot>>,
 }
 
 impl BuiltVm {
@@ -366,6 +432,7 @@ impl BuiltVm {
         spec: &ClientSpec,
         vs: &VmSpec,
         boot: Option<&LinuxBoot>,
+        snapshot: Option<VmSnapshot>,
     ) -> Result<BuiltVm, ClientError> {
         let kerr = |source| ClientError::Kvm { vm: vs.id, source };
         let vm = Vm::new(vs.mem_bytes).map_err(kerr)?;
@@ -373,6 +440,10 @@ impl BuiltVm {
             vm.load(*gpa, bytes).map_err(kerr)?;
         }
         let linux = boot.map(|b| prepare_linux(vs, &vm, b)).transpose()?;
+        let restore = match snapshot {
+            Some(snap) => restore_vm(vs, &vm, snap)?,
+            None => vs.vcpus.iter().map(|_| None).collect(),
+        };
         let console = boot.map(|b| &b.console);
         let devices = VmDevices::build(spec, vs, &vm, console)?;
         Ok(BuiltVm {
@@ -384,6 +455,7 @@ impl BuiltVm {
             buses: devices.buses,
             remotes: devices.remotes.into(),
             tap: console.and_then(|c| uart_tap(vs, c)),
+            restore,
         })
     }
 
@@ -407,6 +479,73 @@ impl BuiltVm {
             source,
         })
     }
+}
+
+/// Checks that `snap` fits `vs` (VM id, memory size, vCPUs), puts its
+/// memory and in-kernel devices into `vm`, and returns its vCPUs by index.
+fn restore_vm(
+    vs: &VmSpec,
+    vm: &Vm,
+    snap: VmSnapshot,
+) -> Result<Vec<Option<VcpuSnapshot>>, ClientError> {
+    let unfit = |why: String| ClientError::Restore { vm: vs.id, why };
+    if snap.vm != vs.id {
+        return Err(unfit(format!("the snapshot is of VM {}", snap.vm)));
+    }
+    if snap.memory.len() != vs.mem_bytes {
+        return Err(unfit(format!(
+            "the snapshot has {:#x} bytes of guest memory, the VM {:#x}",
+            snap.memory.len(),
+            vs.mem_bytes
+        )));
+    }
+    let mut vcpus: Vec<Option<VcpuSnapshot>> = vs.vcpus.iter().map(|_| None).collect();
+    if snap.vcpus.len() != vcpus.len() {
+        return Err(unfit(format!(
+            "the snapshot has {} vCPUs, the VM {}",
+            snap.vcpus.len(),
+            vcpus.len()
+        )));
+    }
+    for v in snap.vcpus {
+        let index = v.index;
+        match vcpus.get_mut(usize::from(index)) {
+            Some(slot @ None) => *slot = Some(v),
+            _ => return Err(unfit(format!("vCPU {index} is out of range or twice"))),
+        }
+    }
+    let kerr = |source| ClientError::Kvm { vm: vs.id, source };
+    vm.load(0, &snap.memory).map_err(kerr)?;
+    vm.restore_machine(&snap.machine).map_err(kerr)?;
+    Ok(vcpus)
+}
+
+/// Puts a vCPU's snapshot into its new vCPU, its bus's local models and
+/// its exit path (the request sequence continues).
+fn restore_vcpu(
+    vm: u32,
+    snap: &VcpuSnapshot,
+    vcpu: &Vcpu,
+    bus: &mut Bus,
+    io: &mut VcpuIo,
+) -> Result<(), ClientError> {
+    vcpu.restore_state(&snap.state)
+        .map_err(|source| ClientError::Kvm { vm, source })?;
+    for d in &snap.devices {
+        let why = match bus.lookup_mut(d.space, d.base) {
+            Some(m) if m.model == d.model && m.base == d.base => match m.device.restore(&d.snap) {
+                Ok(()) => continue,
+                Err(e) => e,
+            },
+            _ => "the VM has no such local device there".to_string(),
+        };
+        return Err(ClientError::Restore {
+            vm,
+            why: format!("device {} at {:#x}: {why}", d.model, d.base),
+        });
+    }
+    io.set_seq(snap.seq);
+    Ok(())
 }
 
 /// Checks that `vs` can boot Linux, gives it the in-kernel PIT and loads
@@ -475,6 +614,8 @@ struct VcpuRun {
     handler: ExitHandler,
     core: Option<usize>,
     hold: Arc<Hold>,
+    /// Its position in `Client::vcpus` (for jobs while held).
+    slot: usize,
     ended: Ended,
 }
 
@@ -496,7 +637,9 @@ impl VcpuRun {
             // Posted writes the guest made before it ended (or before it
             // holds) still reach their devices.
             self.handler.io().flush(Instant::now() + FLUSH_TIMEOUT);
-            if !matches!(exit, Ok(VcpuExit::Stopped)) || !self.hold.park() {
+            if !matches!(exit, Ok(VcpuExit::Stopped))
+                || !self.hold.park(self.slot, &mut self.vcpu, &mut self.handler)
+            {
                 break exit;
             }
             // Resumed: look after what reached the lane while it held.
@@ -516,11 +659,38 @@ impl Client {
     /// instead of loading images: each has no images and one vCPU; it gets
     /// the in-kernel PIT; its local `uart` writes to the boot's console.
     pub fn start_linux(spec: ClientSpec, linux: Vec<LinuxVm>) -> Result<Client, ClientError> {
+        Client::launch(spec, linux, Vec::new())
+    }
+
+    /// Like [`Client::start`], but VM `snapshot.vm` (which must be in
+    /// `spec`, with the same memory size and vCPUs) starts from the
+    /// snapshot instead of its images: its memory, in-kernel devices, vCPU
+    /// states, local models and request sequences are the snapshot's. The
+    /// client starts suspended: [`Client::resume`] runs it.
+    pub fn restore(spec: ClientSpec, snapshot: VmSnapshot) -> Result<Client, ClientError> {
+        let vm = snapshot.vm;
+        if !spec.vms.iter().any(|v| v.id == vm) {
+            return Err(ClientError::Restore {
+                vm,
+                why: "the client does not run this VM".into(),
+            });
+        }
+        Client::launch(spec, Vec::new(), vec![snapshot])
+    }
+
+    fn launch(
+        spec: ClientSpec,
+        linux: Vec<LinuxVm>,
+        snapshots: Vec<VmSnapshot>,
+    ) -> Result<Client, ClientError> {
         let boots = linux_boots(&spec, linux)?;
+        let held = !snapshots.is_empty();
+        let mut snapshots: HashMap<u32, VmSnapshot> =
+            snapshots.into_iter().map(|s| (s.vm, s)).collect();
         let vms = spec
             .vms
             .iter()
-            .map(|vs| BuiltVm::new(&spec, vs, boots.get(&vs.id)))
+            .map(|vs| BuiltVm::new(&spec, vs, boots.get(&vs.id), snapshots.remove(&vs.id)))
             .collect::<Result<Vec<_>, _>>()?;
         let wiring = lanes::wire(&spec, &vms)?;
         let mut ecfg = spec.engine;
@@ -532,14 +702,22 @@ impl Client {
             ended: Arc::new((Mutex::new(0), Condvar::new())),
             engine: None,
             vms: Vec::new(),
+            ids: Vec::new(),
         };
+        if held {
+            // A restored VM holds until resumed (its servers are told of
+            // it first).
+            client.hold.state().suspended = true;
+            client.hold.out.store(true, Ordering::SeqCst);
+        }
         let mut wires = wiring.vcpus.into_iter();
         for mut vm in vms {
             let buses = std::mem::take(&mut vm.buses);
             for (index, bus) in buses.into_iter().enumerate() {
                 let wire = wires.next().expect("one wire per vCPU");
-                client.spawn_vcpu(&spec, &engine, &vm, index as u16, bus, wire)?;
+                client.spawn_vcpu(&spec, &engine, &mut vm, index as u16, bus, wire)?;
             }
+            client.ids.push((vm.id, vm.hypervisor));
             client.vms.push(vm.vm);
         }
         client.engine = Some(engine);
@@ -551,9 +729,9 @@ impl Client {
         &mut self,
         spec: &ClientSpec,
         engine: &Engine,
-        vm: &BuiltVm,
+        vm: &mut BuiltVm,
         index: u16,
-        bus: Bus,
+        mut bus: Bus,
         wire: VcpuWire,
     ) -> Result<(), ClientError> {
         let vcpu = vm.create_vcpu(index)?;
@@ -562,7 +740,7 @@ impl Client {
         } else {
             VcpuStats::default()
         });
-        let io = VcpuIo::new(
+        let mut io = VcpuIo::new(
             vm.id,
             vm.hypervisor,
             index,
@@ -574,12 +752,20 @@ impl Client {
         .with_driver(engine.driver(wire.lane))
         .with_irq(vm.vm.irq_handle())
         .with_uart_tap(vm.tap.clone());
+        if let Some(snap) = vm
+            .restore
+            .get_mut(usize::from(index))
+            .and_then(Option::take)
+        {
+            restore_vcpu(vm.id, &snap, &vcpu, &mut bus, &mut io)?;
+        }
         let kicker = vcpu.kicker();
         let run = VcpuRun {
             vcpu,
             handler: ExitHandler::new(bus, io),
             core: vm.vcpus[usize::from(index)].core,
             hold: self.hold.clone(),
+            slot: self.vcpus.len(),
             ended: Ended(self.ended.clone()),
         };
         let join = std::thread::Builder::new()
@@ -697,6 +883,53 @@ impl Client {
         self.hold.state().suspended
     }
 
+    /// A snapshot of VM `vm`, which must be suspended: its memory, the
+    /// in-kernel devices and clock, and per vCPU its KVM state, local
+    /// models and request sequence (taken on the vCPU's own thread, where
+    /// it holds).
+    pub fn snapshot(&self, vm: u32) -> Result<VmSnapshot, VmStateError> {
+        let at = self
+            .ids
+            .iter()
+            .position(|(id, _)| *id == vm)
+            .ok_or(VmStateError::UnknownVm(vm))?;
+        if !self.suspended() {
+            return Err(VmStateError::NotSuspended(vm));
+        }
+        let mut vcpus = Vec::new();
+        for (slot, v) in self.vcpus.iter().enumerate().filter(|(_, v)| v.vm == vm) {
+            let ended = VmStateError::VcpuEnded { vm, vcpu: v.vcpu };
+            if v.join.is_finished() {
+                return Err(ended);
+            }
+            let index = v.vcpu;
+            let (tx, rx) = std::sync::mpsc::channel();
+            let job: Job = Box::new(move |vcpu, handler| {
+                let _ = tx.send(vcpu_snapshot(vm, index, vcpu, handler));
+            });
+            {
+                let mut st = self.hold.state();
+                st.jobs.push((slot, job));
+                self.hold.cond.notify_all();
+            }
+            // A held vCPU takes its job at once; one that went away drops
+            // it (and the sender with it).
+            vcpus.push(rx.recv().map_err(|_| ended)??);
+        }
+        let vmk = &self.vms[at];
+        let kerr = |source| VmStateError::Kvm { vm, source };
+        let machine = vmk.save_machine().map_err(kerr)?;
+        let mut memory = vec![0u8; vmk.mem_size()];
+        vmk.read_memory(0, &mut memory).map_err(kerr)?;
+        Ok(VmSnapshot {
+            vm,
+            hypervisor: self.ids[at].1,
+            machine,
+            vcpus,
+            memory,
+        })
+    }
+
     /// Each vCPU's counters: (VM id, vCPU index, counters), in start order.
     pub fn vcpu_stats(&self) -> Vec<(u32, u16, Arc<VcpuStats>)> {
         self.vcpus
@@ -735,6 +968,41 @@ impl Client {
         }
         out
     }
+}
+
+/// On a held vCPU's thread: its KVM state, local models and sequence.
+fn vcpu_snapshot(
+    vm: u32,
+    index: u16,
+    vcpu: &mut Vcpu,
+    handler: &mut ExitHandler,
+) -> Result<VcpuSnapshot, VmStateError> {
+    let state = vcpu
+        .save_state()
+        .map_err(|source| VmStateError::Kvm { vm, source })?;
+    let mut devices = Vec::new();
+    for m in handler.bus_mut().entries() {
+        let device = |why| VmStateError::Device {
+            vm,
+            model: m.model,
+            base: m.base,
+            why,
+        };
+        if let Some(snap) = m.device.snapshot().map_err(device)? {
+            devices.push(DeviceSnapshot {
+                space: m.space,
+                base: m.base,
+                model: m.model,
+                snap,
+            });
+        }
+    }
+    Ok(VcpuSnapshot {
+        index,
+        seq: handler.io().seq(),
+        state,
+        devices,
+    })
 }
 
 impl Drop for Client {
