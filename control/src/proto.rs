@@ -109,6 +109,23 @@ pub enum Request {
         /// The client platform that should run it.
         client: u32,
     },
+    /// Client daemon (migration target): listen for VM `vm` coming from
+    /// another client daemon (answered with [`Response::Listening`]); the
+    /// VM arrives held until [`Request::ResumeVm`].
+    ReceiveVm {
+        /// The VM.
+        vm: u32,
+    },
+    /// Client daemon (migration source): live-migrate VM `vm` to the
+    /// target listening at `to` (answered with [`Response::Migrated`]); the
+    /// VM stays suspended here until shut down, and runs again here if
+    /// the migration fails.
+    SendVm {
+        /// The VM.
+        vm: u32,
+        /// The target daemon's migration listener.
+        to: std::net::SocketAddr,
+    },
 }
 
 /// One worker's counters, as reported.
@@ -212,6 +229,27 @@ pub enum Response {
         workers: Vec<WorkerCounters>,
         /// The XDP program's non-zero counters (XDP mode).
         xdp: Vec<(String, u64)>,
+    },
+    /// A migration target listens here ([`Request::ReceiveVm`]).
+    Listening {
+        /// Its address.
+        addr: std::net::SocketAddr,
+    },
+    /// A migration source sent the VM ([`Request::SendVm`]).
+    Migrated {
+        /// The VM.
+        vm: u32,
+        /// Pre-copy rounds after the first full copy of memory.
+        rounds: usize,
+        /// Bytes sent.
+        bytes: u64,
+        /// Pages sent while the VM was suspended.
+        final_pages: usize,
+        /// From the suspend to the target's word that it holds the VM,
+        /// microseconds.
+        downtime_us: u64,
+        /// The whole migration, microseconds.
+        total_us: u64,
     },
     /// Refused, with the reason.
     Error {
@@ -335,6 +373,11 @@ mod tests {
             Request::RestoreVm {
                 path: "/tmp/vm3.snap".into(),
                 client: 8,
+            },
+            Request::ReceiveVm { vm: 3 },
+            Request::SendVm {
+                vm: 3,
+                to: "10.0.0.2:4000".parse().unwrap(),
             },
         ];
         for r in reqs {

@@ -215,12 +215,30 @@ enum VmsCmd {
         server_only: bool,
     },
     /// Send the VM's interrupts to another client platform from now on.
+    ///
+    /// With --to-client C instead: live-migrate the VM from the client
+    /// daemon at --client-socket to the one of client C
+    /// (--to-client-socket): guest memory is copied while the guest runs
+    /// (KVM's dirty log, rounds until few pages are left), then the VM is
+    /// suspended and the rest of memory and its vCPU, interrupt-controller
+    /// and local-device state are copied; the server holds the VM's
+    /// interrupts meanwhile and then sends them to C; the VM runs on at C
+    /// and is freed at the source. If the copy fails (the target went
+    /// away) the VM runs on at the source.
+    #[command(group = clap::ArgGroup::new("target").required(true))]
     Migrate {
         #[command(flatten)]
         id: IdArg,
-        /// The client platform it now runs on.
-        #[arg(long, value_name = "ID")]
-        client: u32,
+        /// The client platform it now runs on (the server only).
+        #[arg(long, value_name = "ID", group = "target")]
+        client: Option<u32>,
+        /// Live-migrate it to this client platform's daemon.
+        #[arg(long, value_name = "ID", group = "target")]
+        to_client: Option<u32>,
+        /// The control socket of the target client daemon (default
+        /// /run/devplane/client-<C>.sock).
+        #[arg(long, value_name = "PATH", requires = "to_client")]
+        to_client_socket: Option<PathBuf>,
     },
     /// Start the VM on the running client daemon (--client-socket), as its
     /// configuration file describes it.

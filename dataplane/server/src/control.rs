@@ -66,7 +66,9 @@ pub fn handle(server: &mut Server, request: Request) -> Response {
         | Request::ShutdownVm { .. }
         | Request::ListVms
         | Request::SnapshotVm { .. }
-        | Request::RestoreVm { .. } => Response::Error {
+        | Request::RestoreVm { .. }
+        | Request::ReceiveVm { .. }
+        | Request::SendVm { .. } => Response::Error {
             message: "devplane-server does not run VMs: send VM launch, shutdown and \
                           listing to devplane-client (dpctl --client-socket)"
                 .into(),

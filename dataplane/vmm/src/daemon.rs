@@ -24,12 +24,15 @@
 pub mod config;
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use devplane_control::proto::{Request, Response, VcpuEnd, VmRunState, VmStatus};
 
+use super::migrate::{self, Migration};
 use super::snapshot::VmSnapshot;
 use super::vmm::{Client, ClientError, SuspendError, VcpuReport};
 use config::{ClientFile, ConfigError};
@@ -60,6 +63,9 @@ pub enum DaemonError {
         /// Why.
         source: SuspendError,
     },
+    /// A migration could not start or failed.
+    #[error("{0}")]
+    Migrate(String),
     /// A snapshot could not be taken, written, read or restored.
     #[error("{0}")]
     Snapshot(String),
@@ -80,6 +86,9 @@ pub enum DaemonError {
 /// a remote answer finishes that exit first; the engine's request timeout
 /// is 10 s).
 const SUSPEND_TIMEOUT: Duration = Duration::from_secs(12);
+
+/// How long a migration target waits for its source.
+const RECEIVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A launched VM.
 struct Running {
@@ -103,6 +112,8 @@ struct Slot {
 pub struct Daemon {
     file: ClientFile,
     slots: BTreeMap<u32, Slot>,
+    /// VMs migrated in ([`Daemon::receive`]), from their receiving threads.
+    arrivals: (Sender<Client>, Receiver<Client>),
     /// VMs noticed stopping by themselves, not yet returned by
     /// [`Daemon::reap`].
     noticed: Vec<VmStatus>,
@@ -133,6 +144,7 @@ impl Daemon {
         Daemon {
             file,
             slots,
+            arrivals: mpsc::channel(),
             noticed: Vec::new(),
         }
     }
@@ -309,8 +321,103 @@ impl Daemon {
         std::mem::take(&mut self.noticed)
     }
 
+    /// Listens for VM `vm`, which must be configured here and not run,
+    /// coming from another client daemon ([`Daemon::send`] there); returns
+    /// where. A thread takes one migration (for up to
+    /// [`RECEIVE_TIMEOUT`]); the VM arrives held, and is this daemon's from
+    /// the next request on.
+    pub fn receive(&mut self, vm: u32) -> Result<SocketAddr, DaemonError> {
+        self.notice();
+        if self.slot(vm)?.running.is_some() {
+            return Err(DaemonError::AlreadyRunning(vm));
+        }
+        let spec = self.file.client_spec(vm)?;
+        let ip = self
+            .file
+            .client
+            .bind
+            .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let migrate = |e: std::io::Error| DaemonError::Migrate(format!("listen on {ip}: {e}"));
+        let listener = TcpListener::bind((ip, 0)).map_err(migrate)?;
+        let addr = listener.local_addr().map_err(migrate)?;
+        listener.set_nonblocking(true).map_err(migrate)?;
+        let tx = self.arrivals.0.clone();
+        std::thread::Builder::new()
+            .name(format!("dp-migrate-in-{vm}"))
+            .spawn(move || {
+                let deadline = Instant::now() + RECEIVE_TIMEOUT;
+                let stream = loop {
+                    match listener.accept() {
+                        Ok((s, _)) => break s,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            if Instant::now() > deadline {
+                                eprintln!("devplane-client: no migration of VM {vm} came");
+                                return;
+                            }
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err(e) => {
+                            eprintln!("devplane-client: migration of VM {vm}: {e}");
+                            return;
+                        }
+                    }
+                };
+                let _ = stream.set_nonblocking(false);
+                let got = migrate::receive(
+                    stream,
+                    |from| match from == vm {
+                        true => Ok(spec),
+                        false => Err(format!("expected VM {vm}, not VM {from}")),
+                    },
+                    |client| {
+                        tx.send(client)
+                            .map_err(|_| "the daemon is stopping".to_string())
+                    },
+                );
+                if let Err(e) = got {
+                    eprintln!("devplane-client: migration of VM {vm} in failed: {e}");
+                }
+            })
+            .map_err(|e| DaemonError::Migrate(format!("start the receiving thread: {e}")))?;
+        Ok(addr)
+    }
+
+    /// Live-migrates VM `vm` to the daemon listening at `to` (see
+    /// [`migrate::send`]). On success the VM stays here suspended until
+    /// shut down (once the target runs it); on failure it runs here again.
+    pub fn send(&mut self, vm: u32, to: SocketAddr) -> Result<Migration, DaemonError> {
+        self.notice();
+        let r = self
+            .slot(vm)?
+            .running
+            .as_ref()
+            .ok_or(DaemonError::NotRunning(vm))?;
+        let stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+            .map_err(|e| DaemonError::Migrate(format!("connect to the target at {to}: {e}")))?;
+        migrate::send(&r.client, vm, stream).map_err(|e| {
+            DaemonError::Migrate(format!("VM {vm} runs on here: the migration failed: {e}"))
+        })
+    }
+
     /// Frees the VMs whose guests stopped by themselves.
     fn notice(&mut self) {
+        while let Ok(client) = self.arrivals.1.try_recv() {
+            let Some(vm) = client.vm_ids().first().copied() else {
+                continue;
+            };
+            match self.slots.get_mut(&vm) {
+                Some(slot) if slot.running.is_none() => {
+                    *slot = Slot {
+                        running: Some(Running {
+                            client,
+                            since: Instant::now(),
+                        }),
+                        ..Slot::default()
+                    };
+                }
+                _ => eprintln!("devplane-client: VM {vm} migrated in but runs here already"),
+            }
+        }
         let mut stopped = Vec::new();
         for (id, slot) in &mut self.slots {
             let finished = slot.running.as_ref().is_some_and(|r| r.client.finished());
@@ -373,6 +480,21 @@ impl Daemon {
             Request::ResumeVm { vm } => answer(self.resume(vm)),
             Request::SnapshotVm { vm, path } => answer(self.snapshot(vm, &path)),
             Request::RestoreVm { path, client } => answer(self.restore(&path, client)),
+            Request::ReceiveVm { vm } => match self.receive(vm) {
+                Ok(addr) => Response::Listening { addr },
+                Err(e) => answer(Err(e)),
+            },
+            Request::SendVm { vm, to } => match self.send(vm, to) {
+                Ok(m) => Response::Migrated {
+                    vm,
+                    rounds: m.rounds,
+                    bytes: m.bytes,
+                    final_pages: m.final_pages,
+                    downtime_us: m.downtime.as_micros() as u64,
+                    total_us: m.total.as_micros() as u64,
+                },
+                Err(e) => answer(Err(e)),
+            },
             Request::Stats
             | Request::MoveModel { .. }
             | Request::AddModel { .. }

@@ -23,6 +23,7 @@ pub mod devmap;
 pub mod engine;
 pub mod guests;
 pub mod kvm;
+pub mod migrate;
 pub mod pci;
 pub mod ring;
 pub mod snapshot;

@@ -6,7 +6,10 @@
 //! operator's one command, `dpctl vms suspend|resume`, which tells the
 //! server and the client daemon (`devplane-client`). A VM snapshotted
 //! mid-run (suspended first) and restored in another client runs on to
-//! its end with its self-check right and every write counted once.
+//! its end with its self-check right and every write counted once. A VM
+//! live-migrated mid-run (pre-copy with KVM's dirty log over TCP) does the
+//! same on the target; a migration whose target goes away leaves it
+//! running on the source.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -743,4 +746,224 @@ fn dpctl_snapshots_a_vm_and_restores_it_on_another_client_daemon() {
             .is_empty(),
         "the server still holds VM 1's interrupts"
     );
+}
+
+/// Migrates VM 1 of `source` to a client restored from `spec` in the client
+/// namespace, over a loopback TCP stream. Returns the source's result and
+/// the target's client (if it got one).
+fn migrate(
+    rig: &Rig,
+    source: &Client,
+    spec: ClientSpec,
+    kill_target: bool,
+) -> (
+    Result<devplane_vmm::migrate::Migration, devplane_vmm::migrate::MigrateError>,
+    Option<Client>,
+) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let receiver = rig
+        .topo
+        .spawn(Side::Client, "dp-migrate-in", move || {
+            let (stream, _) = listener.accept().unwrap();
+            if kill_target {
+                // Takes the header and part of memory, then goes away.
+                let mut head = vec![0u8; 64 * 1024];
+                let _ = std::io::Read::read_exact(&mut &stream, &mut head);
+                drop(stream);
+                return None;
+            }
+            devplane_vmm::migrate::receive(
+                stream,
+                move |_| Ok(spec),
+                move |c| tx.send(c).map_err(|_| "test gone".to_string()),
+            )
+            .ok()
+        })
+        .unwrap();
+    let stream = std::net::TcpStream::connect(addr).unwrap();
+    let sent = devplane_vmm::migrate::send(source, VM, stream);
+    let _ = receiver.join();
+    (sent, rx.try_recv().ok())
+}
+
+#[test]
+fn a_vm_live_migrated_mid_run_finishes_on_the_target() {
+    let Some(rig) = Rig::new("a_vm_live_migrated_mid_run_finishes_on_the_target", "lmig") else {
+        return;
+    };
+    let (sync, posted) = (6000u16, 40000u16);
+    let vm = || {
+        let mut v = checked_vm(sync, posted);
+        // 64 MiB, the size for a migration.
+        v.mem_bytes = 64 << 20;
+        v
+    };
+    let source = rig.start(rig.spec(vec![vm()], true));
+
+    // A target that goes away mid-copy: the VM runs on at the source.
+    std::thread::sleep(Duration::from_millis(20));
+    let (sent, target) = migrate(&rig, &source, rig.spec(vec![vm()], true), true);
+    assert!(sent.is_err(), "a migration to a dead target succeeded");
+    assert!(target.is_none());
+    assert!(!source.suspended(), "the source VM stays suspended");
+    let a = accesses(&source);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_ne!(accesses(&source), a, "the source VM does not run");
+    eprintln!("failed migration: {}", sent.unwrap_err());
+
+    // A real one, mid-run.
+    let (sent, target) = migrate(&rig, &source, rig.spec(vec![vm()], true), false);
+    let m = sent.expect("migration");
+    let mut target = target.expect("the target holds the VM");
+    assert!(source.suspended() && target.suspended());
+    let at = accesses(&source);
+    assert!(
+        at[0] < u64::from(sync) && at[1] < u64::from(posted),
+        "not mid-run: {at:?}"
+    );
+    eprintln!(
+        "migrated after {at:?} accesses: {} rounds, {} bytes, {} final pages, downtime {:?}, total {:?}",
+        m.rounds, m.bytes, m.final_pages, m.downtime, m.total
+    );
+    assert!(m.bytes >= 64 << 20, "not all of memory was sent: {m:?}");
+    target.resume().expect("run the VM on the target");
+    let reports = target.wait(Duration::from_secs(120));
+    // The self-check: every write counted once, memory carried over.
+    assert_eq!(done(&reports[0]), u32::from(sync), "synchronous writes");
+    assert_eq!(done(&reports[1]), u32::from(posted), "posted writes");
+    assert_eq!(accesses(&source), at, "the source ran again");
+    drop(source);
+}
+
+/// A migration target that is killed mid-copy: a control socket that
+/// answers `receive_vm` with a listener which takes part of the stream and
+/// then closes it.
+fn dying_target(topo: &Topology, path: &Path) -> devplane_control::socket::ControlSocket {
+    // In the client namespace, where the source daemon connects from.
+    let listener = topo
+        .run(Side::Client, || std::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap()
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        if let Ok((stream, _)) = listener.accept() {
+            let mut part = vec![0u8; 4096];
+            let _ = std::io::Read::read_exact(&mut &stream, &mut part);
+        }
+    });
+    let (tx, rx) = std::sync::mpsc::channel::<devplane_control::socket::Pending>();
+    let sock = devplane_control::socket::ControlSocket::bind(path, tx).expect("control socket");
+    std::thread::spawn(move || {
+        for p in rx {
+            let _ = p
+                .reply
+                .send(devplane_control::proto::Response::Listening { addr });
+        }
+    });
+    sock
+}
+
+#[test]
+fn dpctl_live_migrates_a_vm_between_client_daemons() {
+    let Some(rig) = Rig::new("dpctl_live_migrates_a_vm_between_client_daemons", "ldmg") else {
+        return;
+    };
+    let n = 30000u16;
+    let dir = TempDir(std::env::temp_dir().join(format!("dp-dmig-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let cfg = dir.0.join("client.toml");
+    std::fs::write(&cfg, client_toml_of(&rig.topo, "checked-writes", n, n)).unwrap();
+    let a = Sockets {
+        server: dir.0.join("server.sock"),
+        client: dir.0.join("client-a.sock"),
+    };
+    let b_sock = dir.0.join("client-b.sock");
+    let b = Sockets {
+        server: a.server.clone(),
+        client: b_sock.clone(),
+    };
+    let dead_sock = dir.0.join("client-dead.sock");
+    let Rig { topo, server } = rig;
+    let server = Arc::new(server);
+    let _control = serve_control(server.clone(), &a.server);
+    let _daemon_a = start_daemon(&topo, &cfg, &a.client);
+    let _daemon_b = start_daemon(&topo, &cfg, &b.client);
+    let _dead = dying_target(&topo, &dead_sock);
+    let held = || server.call(|s| s.suspended_vms()).expect("server thread");
+
+    ok(&a, &["vms", "launch", "1"]);
+    std::thread::sleep(Duration::from_millis(40));
+    // The target dies mid-copy: the VM runs on at the source and the
+    // server delivers its interrupts again.
+    let out = dpctl(
+        &a,
+        &[
+            "vms",
+            "migrate",
+            "1",
+            "--to-client",
+            "7",
+            "--to-client-socket",
+            dead_sock.to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("VM 1 runs on here"), "{err}");
+    assert_eq!(vm_state(&a, 1)["state"], "running");
+    assert!(
+        held().is_empty(),
+        "the server still holds VM 1's interrupts"
+    );
+    let before = records(&server.snapshot());
+    std::thread::sleep(Duration::from_millis(40));
+    assert!(
+        records(&server.snapshot()) > before,
+        "VM 1 does not run at the source after the failed migration"
+    );
+
+    // A real one, mid-run.
+    let text = ok(
+        &a,
+        &[
+            "--json",
+            "vms",
+            "migrate",
+            "1",
+            "--to-client",
+            "7",
+            "--to-client-socket",
+            b_sock.to_str().unwrap(),
+        ],
+    );
+    let m: serde_json::Value = serde_json::from_str(&text).unwrap();
+    eprintln!("migration: {m}");
+    assert_eq!(m["action"], "migrate", "{m}");
+    assert!(m["bytes"].as_u64().unwrap() >= 0x1_0000, "{m}");
+    // The source freed its copy; the target runs it.
+    let src = vm_state(&a, 1);
+    assert_eq!(src["state"], "stopped", "{src}");
+    assert_eq!(
+        src["ended"][0]["exit"], "stopped",
+        "it ended at the source: {src}"
+    );
+    assert!(
+        held().is_empty(),
+        "the server still holds VM 1's interrupts"
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let v = loop {
+        let v = vm_state(&b, 1);
+        if v["state"] == "stopped" {
+            break v;
+        }
+        assert_eq!(v["state"], "running", "{v}");
+        assert!(Instant::now() < deadline, "VM 1 never finished on B: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Its self-check: every write counted once, memory carried over.
+    assert_eq!(v["ended"][0]["exit"], "done", "{v}");
+    assert_eq!(v["ended"][0]["value"], u64::from(n), "{v}");
 }

@@ -13,8 +13,13 @@ use super::{Cli, Command, EXIT_FAILED, EXIT_NOT_FOUND, Failure, VmsCmd, table, t
 /// daemon's own limit per request is 10 s.
 const TIMEOUT: Duration = Duration::from_secs(15);
 
-fn call(cli: &Cli, req: &Request) -> Result<Response, Failure> {
-    let rsp = proto::call_client(&cli.client_socket, req, TIMEOUT).map_err(|e| Failure {
+pub(super) fn call(cli: &Cli, req: &Request) -> Result<Response, Failure> {
+    call_on(&cli.client_socket, req)
+}
+
+/// [`call`] to the client daemon listening on `socket`.
+pub(super) fn call_on(socket: &std::path::Path, req: &Request) -> Result<Response, Failure> {
+    let rsp = proto::call_client(socket, req, TIMEOUT).map_err(|e| Failure {
         code: EXIT_FAILED,
         message: e.to_string(),
     })?;
@@ -32,7 +37,12 @@ fn call(cli: &Cli, req: &Request) -> Result<Response, Failure> {
 }
 
 pub(super) fn one_vm(cli: &Cli, req: &Request) -> Result<VmStatus, Failure> {
-    match call(cli, req)? {
+    one_vm_on(&cli.client_socket, req)
+}
+
+/// [`one_vm`] from the client daemon listening on `socket`.
+pub(super) fn one_vm_on(socket: &std::path::Path, req: &Request) -> Result<VmStatus, Failure> {
+    match call_on(socket, req)? {
         Response::Vm { vm } => Ok(vm),
         _ => Err(Failure {
             code: EXIT_FAILED,

@@ -109,7 +109,17 @@ pub(super) fn run(cli: &Cli) -> Result<Option<String>, Failure> {
         Command::Vms(VmsCmd::Restore { file, client }) => restore(cli, file, *client)?,
         Command::Vms(VmsCmd::Suspend { id, .. }) => suspend(cli, id.id)?,
         Command::Vms(VmsCmd::Resume { id, .. }) => resume(cli, id.id)?,
-        Command::Vms(VmsCmd::Migrate { id, client }) => action(
+        Command::Vms(VmsCmd::Migrate {
+            id,
+            to_client: Some(to),
+            to_client_socket,
+            ..
+        }) => migrate_live(cli, id.id, *to, to_client_socket.as_deref())?,
+        Command::Vms(VmsCmd::Migrate {
+            id,
+            client: Some(client),
+            ..
+        }) => action(
             cli,
             Request::MigrateVm {
                 vm: id.id,
@@ -213,6 +223,97 @@ fn restore(cli: &Cli, file: &std::path::Path, client: u32) -> Result<String, Fai
         to_json(&json!({"action": "restore", "vm": vm, "client": client}))
     } else {
         format!("restored VM {vm} on client {client}\n")
+    })
+}
+
+/// Live-migrates VM `vm` from the client daemon at `--client-socket` to
+/// client `to`'s daemon: the target listens; the server holds the VM's
+/// interrupts; the source copies the VM over (and on failure runs it
+/// again, and the server lets the interrupts go); the server sends the
+/// interrupts to `to`; the target runs the VM; the server delivers what it
+/// held; the source frees its suspended copy.
+fn migrate_live(
+    cli: &Cli,
+    vm: u32,
+    to: u32,
+    to_socket: Option<&std::path::Path>,
+) -> Result<String, Failure> {
+    let target: std::path::PathBuf =
+        to_socket.map_or_else(|| proto::default_client_socket(to), Into::into);
+    let addr = match super::client::call_on(&target, &Request::ReceiveVm { vm })? {
+        Response::Listening { addr } => addr,
+        _ => {
+            return Err(Failure {
+                code: EXIT_FAILED,
+                message: "the target client daemon answered with something else".into(),
+            });
+        }
+    };
+    call(cli, &Request::SuspendVm { vm })?;
+    let sent = match super::client::call(cli, &Request::SendVm { vm, to: addr }) {
+        Ok(r) => r,
+        Err(f) => {
+            let undo = match call(cli, &Request::ResumeVm { vm }) {
+                Ok(_) => String::new(),
+                Err(u) => format!("; the server still holds its interrupts: {}", u.message),
+            };
+            return Err(Failure {
+                code: f.code,
+                message: format!("{}{undo}", f.message),
+            });
+        }
+    };
+    let step = |f: Failure, what: &str| Failure {
+        code: f.code,
+        message: format!(
+            "{} (VM {vm} was copied to client {to} and is suspended on both: {what})",
+            f.message
+        ),
+    };
+    call(cli, &Request::MigrateVm { vm, client: to })
+        .map_err(|f| step(f, "resume it on the source (dpctl vms resume)"))?;
+    super::client::one_vm_on(&target, &Request::ResumeVm { vm })
+        .map_err(|f| step(f, "the server now sends its interrupts to the target"))?;
+    call(cli, &Request::ResumeVm { vm }).map_err(|f| Failure {
+        code: f.code,
+        message: format!(
+            "{} (VM {vm} runs on client {to}; the server still holds its interrupts)",
+            f.message
+        ),
+    })?;
+    super::client::one_vm(cli, &Request::ShutdownVm { vm }).map_err(|f| Failure {
+        code: f.code,
+        message: format!(
+            "{} (VM {vm} runs on client {to}; its suspended copy at the source was not freed)",
+            f.message
+        ),
+    })?;
+    let Response::Migrated {
+        rounds,
+        bytes,
+        final_pages,
+        downtime_us,
+        total_us,
+        ..
+    } = sent
+    else {
+        return Err(Failure {
+            code: EXIT_FAILED,
+            message: "the source client daemon answered the migration with something else".into(),
+        });
+    };
+    Ok(if cli.json {
+        to_json(&json!({
+            "action": "migrate", "vm": vm, "client": to, "rounds": rounds, "bytes": bytes,
+            "final_pages": final_pages, "downtime_us": downtime_us, "total_us": total_us,
+        }))
+    } else {
+        format!(
+            "migrated VM {vm} to client {to}: {bytes} bytes, {rounds} pre-copy rounds, \
+             {final_pages} pages while suspended, downtime {:.1} ms, total {:.1} ms\n",
+            downtime_us as f64 / 1000.0,
+            total_us as f64 / 1000.0
+        )
     })
 }
 

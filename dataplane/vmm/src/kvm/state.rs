@@ -10,9 +10,10 @@
 //! it.
 
 use kvm_bindings::{
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_clock_data,
-    kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2,
-    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
+    Msrs, kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave,
 };
 use kvm_ioctls::Kvm;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
@@ -222,6 +223,35 @@ impl Vm {
         fd.set_clock(&clock)
             .map_err(KvmError::ioctl("KVM_SET_CLOCK"))?;
         Ok(())
+    }
+
+    /// Turns KVM's dirty-page log of guest memory on or off
+    /// (`KVM_MEM_LOG_DIRTY_PAGES` on slot 0). Pages the VMM itself writes
+    /// (a virtio device's used ring) are not logged.
+    pub fn log_dirty(&self, on: bool) -> Result<(), KvmError> {
+        let mem = &self.shared.mem;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            guest_phys_addr: 0,
+            memory_size: mem.size() as u64,
+            userspace_addr: mem.host_addr() as u64,
+        };
+        // SAFETY: the same slot, range and mapping as `Vm::new` registered
+        // (owned by the `VmShared` that owns the VM fd, see there); only
+        // the flags change.
+        unsafe { self.shared.fd.set_user_memory_region(region) }
+            .map_err(KvmError::ioctl("KVM_SET_USER_MEMORY_REGION"))
+    }
+
+    /// The pages of guest memory written since the last call (or since
+    /// [`Vm::log_dirty`] turned the log on): one bit per 4 KiB page, page
+    /// `i` in bit `i % 64` of word `i / 64`. Reading clears the log.
+    pub fn dirty_log(&self) -> Result<Vec<u64>, KvmError> {
+        self.shared
+            .fd
+            .get_dirty_log(0, self.shared.mem.size())
+            .map_err(KvmError::ioctl("KVM_GET_DIRTY_LOG"))
     }
 
     /// Copies guest memory from `gpa` into `buf`.

@@ -888,6 +888,23 @@ impl Client {
     /// models and request sequence (taken on the vCPU's own thread, where
     /// it holds).
     pub fn snapshot(&self, vm: u32) -> Result<VmSnapshot, VmStateError> {
+        self.snapshot_with(vm, true)
+    }
+
+    /// The ids of the VMs this client runs.
+    pub fn vm_ids(&self) -> Vec<u32> {
+        self.ids.iter().map(|(id, _)| *id).collect()
+    }
+
+    /// VM `vm`'s KVM VM (guest memory, dirty log), if this client runs it.
+    pub fn vm(&self, vm: u32) -> Option<&Vm> {
+        let at = self.ids.iter().position(|(id, _)| *id == vm)?;
+        self.vms.get(at)
+    }
+
+    /// [`Client::snapshot`], with guest memory (`memory`) or without it
+    /// (a migration sends memory by itself).
+    pub fn snapshot_with(&self, vm: u32, memory: bool) -> Result<VmSnapshot, VmStateError> {
         let at = self
             .ids
             .iter()
@@ -919,8 +936,13 @@ impl Client {
         let vmk = &self.vms[at];
         let kerr = |source| VmStateError::Kvm { vm, source };
         let machine = vmk.save_machine().map_err(kerr)?;
-        let mut memory = vec![0u8; vmk.mem_size()];
-        vmk.read_memory(0, &mut memory).map_err(kerr)?;
+        let memory = if memory {
+            let mut m = vec![0u8; vmk.mem_size()];
+            vmk.read_memory(0, &mut m).map_err(kerr)?;
+            m
+        } else {
+            Vec::new()
+        };
         Ok(VmSnapshot {
             vm,
             hypervisor: self.ids[at].1,
