@@ -561,6 +561,39 @@ mod tests {
             d.handle(Request::SuspendVm { vm: 9 }),
             Response::NotFound { .. }
         ));
+        let refused = |d: &mut Daemon, r: Request| match d.handle(r) {
+            Response::Error { message } => message,
+            other => panic!("not refused: {other:?}"),
+        };
+        let to = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(
+            refused(&mut d, Request::SendVm { vm: 1, to }),
+            "VM 1 is not running"
+        );
+        let m = refused(
+            &mut d,
+            Request::SnapshotVm {
+                vm: 1,
+                path: "relative.snap".into(),
+            },
+        );
+        assert!(m.contains("give an absolute path"), "{m}");
+        let m = refused(
+            &mut d,
+            Request::RestoreVm {
+                path: "/nonexistent/vm1.snap".into(),
+                client: 9,
+            },
+        );
+        assert_eq!(m, "this daemon is client 7, not client 9");
+        let m = refused(
+            &mut d,
+            Request::RestoreVm {
+                path: "/nonexistent/vm1.snap".into(),
+                client: 7,
+            },
+        );
+        assert!(m.contains("/nonexistent/vm1.snap"), "{m}");
         assert!(matches!(d.handle(Request::ListVms), Response::Vms { vms } if vms.len() == 1));
     }
 }

@@ -394,6 +394,9 @@ impl Drop for Ended {
     }
 }
 
+/// How long a snapshot waits for a held vCPU to take its state.
+const JOB_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a vCPU whose guest ended waits for its posted writes' answers.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -931,7 +934,7 @@ impl Client {
             }
             // A held vCPU takes its job at once; one that went away drops
             // it (and the sender with it).
-            vcpus.push(rx.recv().map_err(|_| ended)??);
+            vcpus.push(rx.recv_timeout(JOB_TIMEOUT).map_err(|_| ended)??);
         }
         let vmk = &self.vms[at];
         let kerr = |source| VmStateError::Kvm { vm, source };
