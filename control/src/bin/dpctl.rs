@@ -63,7 +63,8 @@ struct Cli {
     )]
     socket: PathBuf,
     /// Control socket of the running client daemon, devplane-client (for
-    /// vms launch/shutdown/running/suspend/resume).
+    /// vms launch/shutdown/running/suspend/resume/snapshot/restore, and
+    /// the source of vms migrate --to-client).
     #[arg(
         long,
         global = true,
@@ -191,7 +192,9 @@ enum VmsCmd {
     },
     /// Remove a stopped VM (refused while a model sends it interrupts).
     Remove(IdArg),
-    /// Suspend the VM: the client daemon that runs it (--client-socket)
+    /// Suspend the VM on its client daemon and server.
+    ///
+    /// The client daemon that runs it (--client-socket)
     /// takes its vCPUs out of the guest and holds them, then the server
     /// (--socket) holds its interrupts. A vCPU waiting for a device's
     /// answer finishes that access first: nothing is lost or repeated.
@@ -203,8 +206,9 @@ enum VmsCmd {
         #[arg(long)]
         server_only: bool,
     },
-    /// Resume a suspended VM: its vCPUs run again on the client daemon,
-    /// then the server delivers its held interrupts, in order, and the next
+    /// Resume a suspended VM on its client daemon and server.
+    ///
+    /// Its vCPUs run again on the client daemon, then the server delivers its held interrupts, in order, and the next
     /// ones.
     Resume {
         #[command(flatten)]
@@ -214,9 +218,13 @@ enum VmsCmd {
         #[arg(long)]
         server_only: bool,
     },
-    /// Send the VM's interrupts to another client platform from now on.
+    /// Send the VM's interrupts to another client platform (--client), or
+    /// live-migrate it to another client daemon (--to-client).
     ///
-    /// With --to-client C instead: live-migrate the VM from the client
+    /// With --client C: the server sends the VM's interrupts to client C
+    /// from now on; the VM does not move.
+    ///
+    /// With --to-client C: live-migrate the VM from the client
     /// daemon at --client-socket to the one of client C
     /// (--to-client-socket): guest memory is copied while the guest runs
     /// (KVM's dirty log, rounds until few pages are left), then the VM is
@@ -249,8 +257,10 @@ enum VmsCmd {
     /// List the client daemon's VMs: whether each runs, for how long, and
     /// how it last ended.
     Running,
-    /// Write a snapshot of a suspended VM (dpctl vms suspend) to FILE on
-    /// the client daemon's host: guest memory, every vCPU's state, the
+    /// Write a snapshot of a suspended VM to FILE on the client daemon's
+    /// host.
+    ///
+    /// Suspend it first (dpctl vms suspend). The file holds guest memory, every vCPU's state, the
     /// in-kernel interrupt controllers, PIT and clock, the local device
     /// models and the vCPUs' request sequences. Its remote models stay on
     /// their servers.
@@ -261,9 +271,10 @@ enum VmsCmd {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
-    /// Start the VM of a snapshot FILE on the client daemon at
-    /// --client-socket, which must be client C and have the VM configured:
-    /// the server (--socket) then sends the VM's interrupts to client C,
+    /// Start the VM of a snapshot FILE on client C's daemon.
+    ///
+    /// The client daemon at --client-socket must be client C and have the
+    /// VM configured: the server (--socket) then sends the VM's interrupts to client C,
     /// its vCPUs run on from where the snapshot left them, and the server
     /// delivers the interrupts it held. Shut down the VM where it ran
     /// before.
