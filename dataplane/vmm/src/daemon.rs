@@ -1,6 +1,9 @@
 //! The client daemon (`devplane-client`): holds the VMs of one client
 //! platform, launched and shut down one at a time by `dpctl vms
-//! launch|shutdown` over its control socket.
+//! launch|shutdown` over its control socket, and suspended, resumed,
+//! snapshotted, restored and live-migrated to another client daemon
+//! (`dpctl vms suspend|resume|snapshot|restore|migrate`; see
+//! [`Client::suspend`], [`Client::snapshot`], [`super::migrate`]).
 //!
 //! The VMs a daemon may run come from its configuration file
 //! ([`config::ClientFile`]). Each launched VM is a [`Client`] of its own,
@@ -324,7 +327,7 @@ impl Daemon {
     /// Listens for VM `vm`, which must be configured here and not run,
     /// coming from another client daemon ([`Daemon::send`] there); returns
     /// where. A thread takes one migration (for up to
-    /// [`RECEIVE_TIMEOUT`]); the VM arrives held, and is this daemon's from
+    /// 30 s); the VM arrives held, and is this daemon's from
     /// the next request on.
     pub fn receive(&mut self, vm: u32) -> Result<SocketAddr, DaemonError> {
         self.notice();
