@@ -12,9 +12,11 @@
 //! is freed only once the target runs it (the caller's next step). If
 //! anything fails before the target's word, the source VM runs again.
 //!
-//! The target ([`receive`]) fills a copy of guest memory from the pages,
-//! restores the VM from the state and that memory ([`Client::restore`],
-//! held), hands it over, and answers.
+//! The target ([`receive`]) starts the VM held as soon as the header names
+//! it ([`Client::start_held`]: VM, engine, lanes and vCPU threads are made
+//! while memory arrives, not in the downtime), writes the pages into its
+//! guest memory as they come, puts the state in ([`Client::apply_state`]),
+//! hands the VM over, and answers.
 //!
 //! Messages, integers little-endian:
 //!
@@ -284,7 +286,13 @@ fn receive_vm(
             "VM {vm} has {size:#x} bytes of memory at the source, {want:#x} here"
         )));
     }
-    let mut memory = vec![0u8; want];
+    // The VM, its engine and vCPU threads are made while memory arrives,
+    // not in the downtime; they hold until resumed.
+    let client = Client::start_held(spec).map_err(vm_err)?;
+    let kvm = client
+        .vm(vm)
+        .ok_or_else(|| MigrateError::Vm(format!("VM {vm} did not start")))?;
+    let mut buf = vec![0u8; CHUNK_PAGES * PAGE];
     loop {
         let mut tag = [0u8; 1];
         r.read_exact(&mut tag)?;
@@ -293,14 +301,14 @@ fn receive_vm(
                 let mut h = [0u8; 12];
                 r.read_exact(&mut h)?;
                 let gpa = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
-                let len = u32::from_le_bytes(h[8..].try_into().expect("4 bytes")) as u64;
-                let end = gpa
-                    .checked_add(len)
-                    .filter(|&e| e <= want as u64)
-                    .ok_or_else(|| {
-                        MigrateError::Protocol(format!("pages {gpa:#x}+{len:#x} beyond memory"))
-                    })?;
-                r.read_exact(&mut memory[gpa as usize..end as usize])?;
+                let len = u32::from_le_bytes(h[8..].try_into().expect("4 bytes")) as usize;
+                if len > buf.len() || gpa.checked_add(len as u64).is_none_or(|e| e > want as u64) {
+                    return Err(MigrateError::Protocol(format!(
+                        "pages {gpa:#x}+{len:#x} beyond memory or too many at once"
+                    )));
+                }
+                r.read_exact(&mut buf[..len])?;
+                kvm.load(gpa, &buf[..len]).map_err(vm_err)?;
             }
             TAG_STATE => {
                 let mut h = [0u8; 8];
@@ -311,15 +319,14 @@ fn receive_vm(
                 }
                 let mut state = vec![0u8; len as usize];
                 r.read_exact(&mut state)?;
-                let mut snap = VmSnapshot::decode(&state).map_err(vm_err)?;
+                let snap = VmSnapshot::decode(&state).map_err(vm_err)?;
                 if snap.vm != vm {
                     return Err(MigrateError::Protocol(format!(
                         "the state is of VM {}, the stream of VM {vm}",
                         snap.vm
                     )));
                 }
-                snap.memory = memory;
-                let client = Client::restore(spec, snap).map_err(vm_err)?;
+                client.apply_state(&snap).map_err(vm_err)?;
                 return Ok((vm, client));
             }
             t => return Err(MigrateError::Protocol(format!("message {t}"))),

@@ -68,6 +68,29 @@ pub struct VcpuSnapshot {
     pub devices: Vec<DeviceSnapshot>,
 }
 
+impl VcpuSnapshot {
+    /// A copy (KVM's structures are plain bytes but not `Clone`).
+    pub fn clone_state(&self) -> VcpuSnapshot {
+        let s = &self.state;
+        VcpuSnapshot {
+            index: self.index,
+            seq: self.seq,
+            state: VcpuState {
+                regs: s.regs,
+                sregs: s.sregs,
+                xsave: StateBytes::from_bytes(&s.xsave.to_bytes()).expect("same size"),
+                xcrs: s.xcrs,
+                lapic: StateBytes::from_bytes(&s.lapic.to_bytes()).expect("same size"),
+                events: s.events,
+                mp_state: s.mp_state,
+                debugregs: s.debugregs,
+                msrs: s.msrs.clone(),
+            },
+            devices: self.devices.clone(),
+        }
+    }
+}
+
 /// A whole VM.
 pub struct VmSnapshot {
     /// VM id.

@@ -409,6 +409,11 @@ impl ExitHandler {
         &mut self.bus
     }
 
+    /// The bus and the exit path at once (a restore changes both).
+    pub fn parts_mut(&mut self) -> (&mut Bus, &mut VcpuIo) {
+        (&mut self.bus, &mut self.io)
+    }
+
     /// One access: one call into the device that decodes `addr`.
     fn access(&mut self, space: Space, addr: u64, size: AccessSize, write: Option<u64>) -> u64 {
         if self.io.sampling {

@@ -662,7 +662,7 @@ impl Client {
     /// instead of loading images: each has no images and one vCPU; it gets
     /// the in-kernel PIT; its local `uart` writes to the boot's console.
     pub fn start_linux(spec: ClientSpec, linux: Vec<LinuxVm>) -> Result<Client, ClientError> {
-        Client::launch(spec, linux, Vec::new())
+        Client::launch(spec, linux, Vec::new(), false)
     }
 
     /// Like [`Client::start`], but VM `snapshot.vm` (which must be in
@@ -678,16 +678,79 @@ impl Client {
                 why: "the client does not run this VM".into(),
             });
         }
-        Client::launch(spec, Vec::new(), vec![snapshot])
+        Client::launch(spec, Vec::new(), vec![snapshot], true)
+    }
+
+    /// Like [`Client::start`], but suspended before any guest instruction
+    /// runs: a migration's target, which writes guest memory
+    /// ([`Vm::load`] through [`Client::vm`]) and then puts the VM's state
+    /// in ([`Client::apply_state`]) before [`Client::resume`].
+    pub fn start_held(spec: ClientSpec) -> Result<Client, ClientError> {
+        Client::launch(spec, Vec::new(), Vec::new(), true)
+    }
+
+    /// Puts `snap`'s state into held VM `snap.vm` of this client (started
+    /// by [`Client::start_held`]): its in-kernel devices and clock, and on
+    /// each held vCPU's thread its KVM state, local models and request
+    /// sequence. `snap.memory` is not used: the caller wrote guest memory.
+    pub fn apply_state(&self, snap: &VmSnapshot) -> Result<(), VmStateError> {
+        let vm = snap.vm;
+        let kvm = self.vm(vm).ok_or(VmStateError::UnknownVm(vm))?;
+        if !self.suspended() {
+            return Err(VmStateError::NotSuspended(vm));
+        }
+        let slots: Vec<(usize, u16)> = self
+            .vcpus
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.vm == vm)
+            .map(|(slot, v)| (slot, v.vcpu))
+            .collect();
+        let mismatch = |why: String| VmStateError::Device {
+            vm,
+            model: 0,
+            base: 0,
+            why,
+        };
+        if slots.len() != snap.vcpus.len() {
+            return Err(mismatch(format!(
+                "the state has {} vCPUs, the VM {}",
+                snap.vcpus.len(),
+                slots.len()
+            )));
+        }
+        kvm.restore_machine(&snap.machine)
+            .map_err(|source| VmStateError::Kvm { vm, source })?;
+        for (slot, index) in slots {
+            let Some(v) = snap.vcpus.iter().find(|v| v.index == index) else {
+                return Err(mismatch(format!("the state lacks vCPU {index}")));
+            };
+            let (tx, rx) = std::sync::mpsc::channel();
+            let state = v.clone_state();
+            let job: Job = Box::new(move |vcpu, handler| {
+                let (bus, io) = handler.parts_mut();
+                let r = restore_vcpu(vm, &state, vcpu, bus, io);
+                let _ = tx.send(r.map_err(|e| e.to_string()));
+            });
+            {
+                let mut st = self.hold.state();
+                st.jobs.push((slot, job));
+                self.hold.cond.notify_all();
+            }
+            rx.recv_timeout(JOB_TIMEOUT)
+                .map_err(|_| VmStateError::VcpuEnded { vm, vcpu: index })?
+                .map_err(mismatch)?;
+        }
+        Ok(())
     }
 
     fn launch(
         spec: ClientSpec,
         linux: Vec<LinuxVm>,
         snapshots: Vec<VmSnapshot>,
+        held: bool,
     ) -> Result<Client, ClientError> {
         let boots = linux_boots(&spec, linux)?;
-        let held = !snapshots.is_empty();
         let mut snapshots: HashMap<u32, VmSnapshot> =
             snapshots.into_iter().map(|s| (s.vm, s)).collect();
         let vms = spec
