@@ -356,6 +356,14 @@ pub enum VmStateError {
         /// Why.
         source: KvmError,
     },
+    /// A state does not fit the VM it should go into.
+    #[error("VM {vm}: {why}")]
+    Unfit {
+        /// VM id.
+        vm: u32,
+        /// What does not fit.
+        why: String,
+    },
     /// A local device cannot be snapshotted.
     #[error("VM {vm}: device {model} at {base:#x}: {why}")]
     Device {
@@ -706,12 +714,7 @@ impl Client {
             .filter(|(_, v)| v.vm == vm)
             .map(|(slot, v)| (slot, v.vcpu))
             .collect();
-        let mismatch = |why: String| VmStateError::Device {
-            vm,
-            model: 0,
-            base: 0,
-            why,
-        };
+        let mismatch = |why: String| VmStateError::Unfit { vm, why };
         if slots.len() != snap.vcpus.len() {
             return Err(mismatch(format!(
                 "the state has {} vCPUs, the VM {}",
