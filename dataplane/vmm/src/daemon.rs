@@ -86,9 +86,10 @@ pub enum DaemonError {
 }
 
 /// How long a suspend waits for a VM's vCPUs to hold (a vCPU waiting for
-/// a remote answer finishes that exit first; the engine's request timeout
-/// is 10 s).
-const SUSPEND_TIMEOUT: Duration = Duration::from_secs(12);
+/// a remote answer finishes that exit first). Below the control socket's
+/// 10 s per request, so that a suspend that cannot finish is answered
+/// (and the VM runs on) rather than cut off.
+const SUSPEND_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// How long a migration target waits for its source.
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -48,6 +48,8 @@ pub const MAX_ROUNDS: usize = 16;
 const MAX_STATE: u64 = 64 << 20;
 /// Pages per message when sending all of memory.
 const CHUNK_PAGES: usize = 256;
+/// How long the source waits for its vCPUs to hold.
+const SUSPEND_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the source waits for the target to take data or answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 const TAG_PAGES: u8 = 1;
@@ -149,7 +151,7 @@ fn send_logged(
     }
     let stop = Instant::now();
     client
-        .suspend(Duration::from_secs(12))
+        .suspend(SUSPEND_TIMEOUT)
         .map_err(|e| MigrateError::Vm(format!("VM {vm}: {e}")))?;
     *suspended = true;
     let dirty = kvm.dirty_log().map_err(vm_err)?;
