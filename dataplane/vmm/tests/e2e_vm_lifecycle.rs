@@ -214,9 +214,12 @@ fn checked_vm(sync: u16, posted: u16) -> VmSpec {
     }
 }
 
-/// Requests the server took, all workers.
+/// Requests the server applied, all workers: records less duplicates (a
+/// copy the engine retransmitted before the answer came may still arrive
+/// after the vCPU holds; the server answers it from its window and
+/// applies nothing).
 fn records(s: &ServerSnapshot) -> u64 {
-    s.workers.iter().map(|w| w.records).sum()
+    s.workers.iter().map(|w| w.records - w.duplicates).sum()
 }
 
 /// Each vCPU's accesses so far (each is one KVM exit of the guest loop).
