@@ -4,8 +4,12 @@
 //! cannot do: moving a model between workers, holding a VM's interrupts,
 //! counters, tuning. To a client daemon (`devplane-client`) it carries VM
 //! launch, shutdown and listing ([`Request::LaunchVm`],
-//! [`Request::ShutdownVm`], [`Request::ListVms`]). Each daemon refuses the
-//! requests meant for the other with [`Response::Error`].
+//! [`Request::ShutdownVm`], [`Request::ListVms`]). [`Request::SuspendVm`]
+//! and [`Request::ResumeVm`] go to both: the server holds the VM's
+//! interrupts, the client daemon holds its vCPUs. A client daemon also
+//! writes a suspended VM's snapshot and restores one
+//! ([`Request::SnapshotVm`], [`Request::RestoreVm`]). Each daemon refuses the
+//! other requests meant for the other with [`Response::Error`].
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -48,12 +52,14 @@ pub enum Request {
         /// The model.
         model: u32,
     },
-    /// Hold a VM's interrupts.
+    /// Server: hold a VM's interrupts. Client daemon: hold its vCPUs
+    /// (answered with [`Response::Vm`]).
     SuspendVm {
         /// The VM.
         vm: u32,
     },
-    /// Deliver a VM's held interrupts, in order.
+    /// Server: deliver a VM's held interrupts, in order. Client daemon:
+    /// run its vCPUs again (answered with [`Response::Vm`]).
     ResumeVm {
         /// The VM.
         vm: u32,
@@ -86,6 +92,40 @@ pub enum Request {
     },
     /// Client daemon: every configured VM and whether it runs.
     ListVms,
+    /// Client daemon: write a snapshot of a suspended VM to a file (an
+    /// absolute path on the daemon's host).
+    SnapshotVm {
+        /// The VM.
+        vm: u32,
+        /// Where to write it.
+        path: PathBuf,
+    },
+    /// Client daemon: start the VM of a snapshot file, held until
+    /// [`Request::ResumeVm`]. The daemon must be client platform `client`
+    /// and have the VM configured, not running.
+    RestoreVm {
+        /// The snapshot file (an absolute path on the daemon's host).
+        path: PathBuf,
+        /// The client platform that should run it.
+        client: u32,
+    },
+    /// Client daemon (migration target): listen for VM `vm` coming from
+    /// another client daemon (answered with [`Response::Listening`]); the
+    /// VM arrives held until [`Request::ResumeVm`].
+    ReceiveVm {
+        /// The VM.
+        vm: u32,
+    },
+    /// Client daemon (migration source): live-migrate VM `vm` to the
+    /// target listening at `to` (answered with [`Response::Migrated`]); the
+    /// VM stays suspended here until shut down, and runs again here if
+    /// the migration fails.
+    SendVm {
+        /// The VM.
+        vm: u32,
+        /// The target daemon's migration listener.
+        to: std::net::SocketAddr,
+    },
 }
 
 /// One worker's counters, as reported.
@@ -103,6 +143,8 @@ pub struct WorkerCounters {
 pub enum VmRunState {
     /// Its vCPUs run.
     Running,
+    /// Launched, its vCPUs held by a suspend until a resume.
+    Suspended,
     /// Never launched, shut down, or its guest stopped by itself.
     Stopped,
 }
@@ -111,6 +153,7 @@ impl std::fmt::Display for VmRunState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             VmRunState::Running => "running",
+            VmRunState::Suspended => "suspended",
             VmRunState::Stopped => "stopped",
         })
     }
@@ -198,6 +241,27 @@ pub enum Response {
         workers: Vec<WorkerCounters>,
         /// The XDP program's non-zero counters (XDP mode).
         xdp: Vec<(String, u64)>,
+    },
+    /// A migration target listens here ([`Request::ReceiveVm`]).
+    Listening {
+        /// Its address.
+        addr: std::net::SocketAddr,
+    },
+    /// A migration source sent the VM ([`Request::SendVm`]).
+    Migrated {
+        /// The VM.
+        vm: u32,
+        /// Pre-copy rounds after the first full copy of memory.
+        rounds: usize,
+        /// Bytes sent.
+        bytes: u64,
+        /// Pages sent while the VM was suspended.
+        final_pages: usize,
+        /// From the suspend to the target's word that it holds the VM,
+        /// microseconds.
+        downtime_us: u64,
+        /// The whole migration, microseconds.
+        total_us: u64,
     },
     /// Refused, with the reason.
     Error {
@@ -314,6 +378,19 @@ mod tests {
             Request::LaunchVm { vm: 3 },
             Request::ShutdownVm { vm: 3 },
             Request::ListVms,
+            Request::SnapshotVm {
+                vm: 3,
+                path: "/tmp/vm3.snap".into(),
+            },
+            Request::RestoreVm {
+                path: "/tmp/vm3.snap".into(),
+                client: 8,
+            },
+            Request::ReceiveVm { vm: 3 },
+            Request::SendVm {
+                vm: 3,
+                to: "10.0.0.2:4000".parse().unwrap(),
+            },
         ];
         for r in reqs {
             let text = serde_json::to_string(&r).unwrap();

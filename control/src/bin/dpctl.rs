@@ -53,7 +53,7 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
     /// Control socket of the running server (for stats, tune, model move,
-    /// vm suspend/resume/migrate).
+    /// vms suspend/resume/migrate).
     #[arg(
         long,
         global = true,
@@ -63,7 +63,8 @@ struct Cli {
     )]
     socket: PathBuf,
     /// Control socket of the running client daemon, devplane-client (for
-    /// vms launch/shutdown/running).
+    /// vms launch/shutdown/running/suspend/resume/snapshot/restore, and
+    /// the source of vms migrate --to-client).
     #[arg(
         long,
         global = true,
@@ -194,17 +195,61 @@ enum VmsCmd {
     },
     /// Remove a stopped VM (refused while a model sends it interrupts).
     Remove(IdArg),
-    /// Hold the VM's interrupts on the running server.
-    Suspend(IdArg),
-    /// Deliver the VM's held interrupts, in order, and the next ones.
-    Resume(IdArg),
-    /// Send the VM's interrupts to another client platform from now on.
+    /// Suspend the VM on its client daemon and server.
+    ///
+    /// The client daemon that runs it (--client-socket)
+    /// takes its vCPUs out of the guest and holds them, then the server
+    /// (--socket) holds its interrupts. A vCPU waiting for a device's
+    /// answer finishes that access first: nothing is lost or repeated.
+    Suspend {
+        #[command(flatten)]
+        id: IdArg,
+        /// Only hold its interrupts on the server (no client daemon runs
+        /// it).
+        #[arg(long)]
+        server_only: bool,
+    },
+    /// Resume a suspended VM on its client daemon and server.
+    ///
+    /// Its vCPUs run again on the client daemon, then the server delivers its held interrupts, in order, and the next
+    /// ones.
+    Resume {
+        #[command(flatten)]
+        id: IdArg,
+        /// Only deliver its interrupts on the server (no client daemon runs
+        /// it).
+        #[arg(long)]
+        server_only: bool,
+    },
+    /// Send the VM's interrupts to another client platform (--client), or
+    /// live-migrate it to another client daemon (--to-client).
+    ///
+    /// With --client C: the server sends the VM's interrupts to client C
+    /// from now on; the VM does not move.
+    ///
+    /// With --to-client C: live-migrate the VM from the client
+    /// daemon at --client-socket to the one of client C
+    /// (--to-client-socket): guest memory is copied while the guest runs
+    /// (KVM's dirty log, rounds until few pages are left), then the VM is
+    /// suspended and the rest of memory and its vCPU, interrupt-controller
+    /// and local-device state are copied; the server holds the VM's
+    /// interrupts meanwhile and then sends them to C; the VM runs on at C
+    /// and is freed at the source. If the copy fails (the target went
+    /// away) the VM runs on at the source.
+    #[command(group = clap::ArgGroup::new("target").required(true))]
     Migrate {
         #[command(flatten)]
         id: IdArg,
-        /// The client platform it now runs on.
-        #[arg(long, value_name = "ID")]
-        client: u32,
+        /// The client platform it now runs on (the server only).
+        #[arg(long, value_name = "ID", group = "target")]
+        client: Option<u32>,
+        /// Live-migrate it to this client platform's daemon.
+        #[arg(long, value_name = "ID", group = "target")]
+        to_client: Option<u32>,
+        /// The control socket of the target client daemon (default
+        /// /run/devplane/client-<C>.sock).
+        #[arg(long, value_name = "PATH", requires = "to_client")]
+        to_client_socket: Option<PathBuf>,
     },
     /// Start the VM on the running client daemon (--client-socket), as its
     /// configuration file describes it.
@@ -215,6 +260,35 @@ enum VmsCmd {
     /// List the client daemon's VMs: whether each runs, for how long, and
     /// how it last ended.
     Running,
+    /// Write a snapshot of a suspended VM to FILE on the client daemon's
+    /// host.
+    ///
+    /// Suspend it first (dpctl vms suspend). The file holds guest memory, every vCPU's state, the
+    /// in-kernel interrupt controllers, PIT and clock, the local device
+    /// models and the vCPUs' request sequences. Its remote models stay on
+    /// their servers.
+    Snapshot {
+        #[command(flatten)]
+        id: IdArg,
+        /// The snapshot file (replaced whole).
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Start the VM of a snapshot FILE on client C's daemon.
+    ///
+    /// The client daemon at --client-socket must be client C and have the
+    /// VM configured: the server (--socket) then sends the VM's interrupts to client C,
+    /// its vCPUs run on from where the snapshot left them, and the server
+    /// delivers the interrupts it held. Shut down the VM where it ran
+    /// before.
+    Restore {
+        /// The snapshot file, as dpctl vms snapshot wrote it.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// The client platform that runs it from now on.
+        #[arg(long, value_name = "ID")]
+        client: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -441,12 +515,14 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                 change(cli, &mut db, Change::AddVm(vm), json)
             }
             VmsCmd::Remove(a) => change(cli, &mut db, Change::RemoveVm(a.id), json),
-            VmsCmd::Suspend(_)
-            | VmsCmd::Resume(_)
+            VmsCmd::Suspend { .. }
+            | VmsCmd::Resume { .. }
             | VmsCmd::Migrate { .. }
             | VmsCmd::Launch(_)
             | VmsCmd::Shutdown(_)
-            | VmsCmd::Running => Err(daemon::handled_there()),
+            | VmsCmd::Running
+            | VmsCmd::Snapshot { .. }
+            | VmsCmd::Restore { .. } => Err(daemon::handled_there()),
         },
         Command::Models(c) => match c {
             ModelsCmd::List => Ok(list(db.state(), Kind::Model, json)),

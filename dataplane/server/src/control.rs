@@ -67,12 +67,16 @@ pub fn handle(server: &mut Server, request: Request) -> Response {
             }
             done(server.tune(t))
         }
-        Request::LaunchVm { .. } | Request::ShutdownVm { .. } | Request::ListVms => {
-            Response::Error {
-                message: "devplane-server does not run VMs: send VM launch, shutdown and \
+        Request::LaunchVm { .. }
+        | Request::ShutdownVm { .. }
+        | Request::ListVms
+        | Request::SnapshotVm { .. }
+        | Request::RestoreVm { .. }
+        | Request::ReceiveVm { .. }
+        | Request::SendVm { .. } => Response::Error {
+            message: "devplane-server does not run VMs: send VM launch, shutdown and \
                           listing to devplane-client (dpctl --client-socket)"
-                    .into(),
-            }
-        }
+                .into(),
+        },
     }
 }

@@ -209,9 +209,9 @@ fn dpctl_against(sock: &std::path::Path) {
     );
     fails(&["models", "move", "43", "--to-worker", "1"], "model 43");
     fails(&["models", "move", "42", "--to-worker", "5"], "worker 5");
-    ok(&["vms", "suspend", "1"]);
-    ok(&["vms", "resume", "1"]);
-    fails(&["vms", "suspend", "9"], "VM 9");
+    ok(&["vms", "suspend", "1", "--server-only"]);
+    ok(&["vms", "resume", "1", "--server-only"]);
+    fails(&["vms", "suspend", "9", "--server-only"], "VM 9");
     fails(&["vms", "migrate", "1", "--client", "99"], "client 99");
     ok(&["vms", "migrate", "1", "--client", "7"]);
     assert_eq!(

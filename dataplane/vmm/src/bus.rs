@@ -23,7 +23,7 @@
 use std::sync::{Arc, Mutex};
 
 use devplane_devmodels::blockstore::CTRL_BASE;
-use devplane_devmodels::{DeviceModel, Space};
+use devplane_devmodels::{DeviceModel, Snapshot, Space};
 use devplane_wire::AccessSize;
 
 use crate::devmap::DeviceMap;
@@ -51,6 +51,18 @@ pub trait BusDevice: Send {
     fn read(&mut self, io: &mut VcpuIo, at: At, size: AccessSize) -> u64;
     /// A write of `size` bytes of `data`.
     fn write(&mut self, io: &mut VcpuIo, at: At, size: AccessSize, data: u64);
+
+    /// The device's state for a snapshot of its VM: `Ok(None)` for a
+    /// device that keeps none here (a remote model: its state stays on its
+    /// server), `Err` for one that cannot be snapshotted.
+    fn snapshot(&self) -> Result<Option<Snapshot>, String> {
+        Ok(None)
+    }
+
+    /// Puts a state [`BusDevice::snapshot`] returned back.
+    fn restore(&mut self, _snap: &Snapshot) -> Result<(), String> {
+        Err("this device keeps no state to restore".into())
+    }
 }
 
 /// A vCPU's bus: its VM's device map, with the devices this vCPU reaches.
@@ -86,6 +98,20 @@ impl<D: BusDevice> BusDevice for Shared<D> {
             d.write(io, at, size, data);
         }
     }
+
+    fn snapshot(&self) -> Result<Option<Snapshot>, String> {
+        match self.0.lock() {
+            Ok(d) => d.snapshot(),
+            Err(_) => Err("a vCPU panicked inside the device".into()),
+        }
+    }
+
+    fn restore(&mut self, snap: &Snapshot) -> Result<(), String> {
+        match self.0.lock() {
+            Ok(mut d) => d.restore(snap),
+            Err(_) => Err("a vCPU panicked inside the device".into()),
+        }
+    }
 }
 
 /// A device model run in place. Its interrupts and reset requests go to
@@ -109,6 +135,14 @@ impl BusDevice for LocalModel {
         // A model's refusal is the guest's problem: the write is dropped.
         let _ = self.0.write(at.space, at.offset, size, data);
         io.after_local(&mut *self.0);
+    }
+
+    fn snapshot(&self) -> Result<Option<Snapshot>, String> {
+        Ok(Some(self.0.snapshot()))
+    }
+
+    fn restore(&mut self, snap: &Snapshot) -> Result<(), String> {
+        self.0.restore(snap).map_err(|e| e.to_string())
     }
 }
 
@@ -187,6 +221,10 @@ impl BusDevice for VirtioBlkDevice {
 
     fn write(&mut self, io: &mut VcpuIo, at: At, size: AccessSize, data: u64) {
         self.with_disk(io, |dev, port| dev.write(at.offset, size, data, port));
+    }
+
+    fn snapshot(&self) -> Result<Option<Snapshot>, String> {
+        Err("a virtio-blk device's queues and disk are not snapshotted".into())
     }
 }
 

@@ -1,6 +1,9 @@
 //! The client daemon (`devplane-client`): holds the VMs of one client
 //! platform, launched and shut down one at a time by `dpctl vms
-//! launch|shutdown` over its control socket.
+//! launch|shutdown` over its control socket, and suspended, resumed,
+//! snapshotted, restored and live-migrated to another client daemon
+//! (`dpctl vms suspend|resume|snapshot|restore|migrate`; see
+//! [`Client::suspend`], [`Client::snapshot`], [`super::migrate`]).
 //!
 //! The VMs a daemon may run come from its configuration file
 //! ([`config::ClientFile`]). Each launched VM is a [`Client`] of its own,
@@ -24,12 +27,17 @@
 pub mod config;
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use devplane_control::proto::{Request, Response, VcpuEnd, VmRunState, VmStatus};
 
-use super::vmm::{Client, ClientError, VcpuReport};
+use super::migrate::{self, Migration};
+use super::snapshot::VmSnapshot;
+use super::vmm::{Client, ClientError, SuspendError, VcpuReport};
 use config::{ClientFile, ConfigError};
 
 /// Why a daemon request was refused.
@@ -46,9 +54,24 @@ pub enum DaemonError {
     /// Launch of a VM that runs.
     #[error("VM {0} is already running: shut it down first")]
     AlreadyRunning(u32),
-    /// Shutdown of a VM that does not run.
+    /// Shutdown, suspend or resume of a VM that does not run.
     #[error("VM {0} is not running")]
     NotRunning(u32),
+    /// Suspend of a suspended VM, resume of a running one, or its vCPUs
+    /// did not hold in time.
+    #[error("VM {vm}: {source}")]
+    Suspend {
+        /// The VM.
+        vm: u32,
+        /// Why.
+        source: SuspendError,
+    },
+    /// A migration could not start or failed.
+    #[error("{0}")]
+    Migrate(String),
+    /// A snapshot could not be taken, written, read or restored.
+    #[error("{0}")]
+    Snapshot(String),
     /// The VM's spec could not be built.
     #[error("{0}")]
     Config(#[from] ConfigError),
@@ -61,6 +84,15 @@ pub enum DaemonError {
         source: ClientError,
     },
 }
+
+/// How long a suspend waits for a VM's vCPUs to hold (a vCPU waiting for
+/// a remote answer finishes that exit first). Below the control socket's
+/// 10 s per request, so that a suspend that cannot finish is answered
+/// (and the VM runs on) rather than cut off.
+const SUSPEND_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// How long a migration target waits for its source.
+const RECEIVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A launched VM.
 struct Running {
@@ -84,6 +116,8 @@ struct Slot {
 pub struct Daemon {
     file: ClientFile,
     slots: BTreeMap<u32, Slot>,
+    /// VMs migrated in ([`Daemon::receive`]), from their receiving threads.
+    arrivals: (Sender<Client>, Receiver<Client>),
     /// VMs noticed stopping by themselves, not yet returned by
     /// [`Daemon::reap`].
     noticed: Vec<VmStatus>,
@@ -115,6 +149,7 @@ impl Daemon {
         Daemon {
             file,
             slots,
+            arrivals: mpsc::channel(),
             noticed: Vec::new(),
         }
     }
@@ -172,6 +207,96 @@ impl Daemon {
         Ok(self.status(vm))
     }
 
+    /// Holds VM `vm`'s vCPUs (see [`Client::suspend`]): each finishes the
+    /// exit it is in first, so nothing is lost or repeated.
+    pub fn suspend(&mut self, vm: u32) -> Result<VmStatus, DaemonError> {
+        self.notice();
+        let r = self
+            .slot(vm)?
+            .running
+            .as_ref()
+            .ok_or(DaemonError::NotRunning(vm))?;
+        r.client
+            .suspend(SUSPEND_TIMEOUT)
+            .map_err(|source| DaemonError::Suspend { vm, source })?;
+        Ok(self.status(vm))
+    }
+
+    /// Lets VM `vm`'s held vCPUs run again.
+    pub fn resume(&mut self, vm: u32) -> Result<VmStatus, DaemonError> {
+        self.notice();
+        let r = self
+            .slot(vm)?
+            .running
+            .as_ref()
+            .ok_or(DaemonError::NotRunning(vm))?;
+        r.client
+            .resume()
+            .map_err(|source| DaemonError::Suspend { vm, source })?;
+        Ok(self.status(vm))
+    }
+
+    /// Writes a snapshot of suspended VM `vm` to `path` (see
+    /// [`Client::snapshot`]; replaced whole, never half-written).
+    pub fn snapshot(&mut self, vm: u32, path: &Path) -> Result<VmStatus, DaemonError> {
+        self.notice();
+        if !path.is_absolute() {
+            return Err(DaemonError::Snapshot(format!(
+                "{}: give an absolute path",
+                path.display()
+            )));
+        }
+        let r = self
+            .slot(vm)?
+            .running
+            .as_ref()
+            .ok_or(DaemonError::NotRunning(vm))?;
+        let snap = r
+            .client
+            .snapshot(vm)
+            .map_err(|e| DaemonError::Snapshot(e.to_string()))?;
+        snap.write_file(path)
+            .map_err(|e| DaemonError::Snapshot(e.to_string()))?;
+        Ok(self.status(vm))
+    }
+
+    /// Starts the VM of the snapshot file at `path`, held until
+    /// [`Daemon::resume`] (its servers are told of its new client first).
+    /// This daemon must be client `client`; the VM must be configured here
+    /// with the snapshot's hypervisor, memory size and vCPUs, and not run.
+    pub fn restore(&mut self, path: &Path, client: u32) -> Result<VmStatus, DaemonError> {
+        self.notice();
+        if client != self.client_id() {
+            return Err(DaemonError::Snapshot(format!(
+                "this daemon is client {}, not client {client}",
+                self.client_id()
+            )));
+        }
+        let snap = VmSnapshot::read_file(path).map_err(|e| DaemonError::Snapshot(e.to_string()))?;
+        let vm = snap.vm;
+        if self.slot(vm)?.running.is_some() {
+            return Err(DaemonError::AlreadyRunning(vm));
+        }
+        let hypervisor = self.file.vm(vm).map_or(0, |e| e.hypervisor);
+        if snap.hypervisor != hypervisor {
+            return Err(DaemonError::Snapshot(format!(
+                "the snapshot's VM {vm} ran on hypervisor {}, configured here on {hypervisor}",
+                snap.hypervisor
+            )));
+        }
+        let spec = self.file.client_spec(vm)?;
+        let client =
+            Client::restore(spec, snap).map_err(|source| DaemonError::Start { vm, source })?;
+        *self.slot(vm)? = Slot {
+            running: Some(Running {
+                client,
+                since: Instant::now(),
+            }),
+            ..Slot::default()
+        };
+        Ok(self.status(vm))
+    }
+
     /// Stops every running VM (Ctrl-C); returns each one's status.
     pub fn shutdown_all(&mut self) -> Vec<VmStatus> {
         let ids: Vec<u32> = self
@@ -201,8 +326,103 @@ impl Daemon {
         std::mem::take(&mut self.noticed)
     }
 
+    /// Listens for VM `vm`, which must be configured here and not run,
+    /// coming from another client daemon ([`Daemon::send`] there); returns
+    /// where. A thread takes one migration (for up to
+    /// 30 s); the VM arrives held, and is this daemon's from
+    /// the next request on.
+    pub fn receive(&mut self, vm: u32) -> Result<SocketAddr, DaemonError> {
+        self.notice();
+        if self.slot(vm)?.running.is_some() {
+            return Err(DaemonError::AlreadyRunning(vm));
+        }
+        let spec = self.file.client_spec(vm)?;
+        let ip = self
+            .file
+            .client
+            .bind
+            .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let migrate = |e: std::io::Error| DaemonError::Migrate(format!("listen on {ip}: {e}"));
+        let listener = TcpListener::bind((ip, 0)).map_err(migrate)?;
+        let addr = listener.local_addr().map_err(migrate)?;
+        listener.set_nonblocking(true).map_err(migrate)?;
+        let tx = self.arrivals.0.clone();
+        std::thread::Builder::new()
+            .name(format!("dp-migrate-in-{vm}"))
+            .spawn(move || {
+                let deadline = Instant::now() + RECEIVE_TIMEOUT;
+                let stream = loop {
+                    match listener.accept() {
+                        Ok((s, _)) => break s,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            if Instant::now() > deadline {
+                                eprintln!("devplane-client: no migration of VM {vm} came");
+                                return;
+                            }
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err(e) => {
+                            eprintln!("devplane-client: migration of VM {vm}: {e}");
+                            return;
+                        }
+                    }
+                };
+                let _ = stream.set_nonblocking(false);
+                let got = migrate::receive(
+                    stream,
+                    |from| match from == vm {
+                        true => Ok(spec),
+                        false => Err(format!("expected VM {vm}, not VM {from}")),
+                    },
+                    |client| {
+                        tx.send(client)
+                            .map_err(|_| "the daemon is stopping".to_string())
+                    },
+                );
+                if let Err(e) = got {
+                    eprintln!("devplane-client: migration of VM {vm} in failed: {e}");
+                }
+            })
+            .map_err(|e| DaemonError::Migrate(format!("start the receiving thread: {e}")))?;
+        Ok(addr)
+    }
+
+    /// Live-migrates VM `vm` to the daemon listening at `to` (see
+    /// [`migrate::send`]). On success the VM stays here suspended until
+    /// shut down (once the target runs it); on failure it runs here again.
+    pub fn send(&mut self, vm: u32, to: SocketAddr) -> Result<Migration, DaemonError> {
+        self.notice();
+        let r = self
+            .slot(vm)?
+            .running
+            .as_ref()
+            .ok_or(DaemonError::NotRunning(vm))?;
+        let stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+            .map_err(|e| DaemonError::Migrate(format!("connect to the target at {to}: {e}")))?;
+        migrate::send(&r.client, vm, stream).map_err(|e| {
+            DaemonError::Migrate(format!("VM {vm} runs on here: the migration failed: {e}"))
+        })
+    }
+
     /// Frees the VMs whose guests stopped by themselves.
     fn notice(&mut self) {
+        while let Ok(client) = self.arrivals.1.try_recv() {
+            let Some(vm) = client.vm_ids().first().copied() else {
+                continue;
+            };
+            match self.slots.get_mut(&vm) {
+                Some(slot) if slot.running.is_none() => {
+                    *slot = Slot {
+                        running: Some(Running {
+                            client,
+                            since: Instant::now(),
+                        }),
+                        ..Slot::default()
+                    };
+                }
+                _ => eprintln!("devplane-client: VM {vm} migrated in but runs here already"),
+            }
+        }
         let mut stopped = Vec::new();
         for (id, slot) in &mut self.slots {
             let finished = slot.running.as_ref().is_some_and(|r| r.client.finished());
@@ -225,10 +445,10 @@ impl Daemon {
         VmStatus {
             vm,
             hypervisor: entry.map_or(0, |e| e.hypervisor),
-            state: if running.is_some() {
-                VmRunState::Running
-            } else {
-                VmRunState::Stopped
+            state: match running {
+                Some(r) if r.client.suspended() => VmRunState::Suspended,
+                Some(_) => VmRunState::Running,
+                None => VmRunState::Stopped,
             },
             vcpus: entry.map_or(0, config::VmEntry::vcpus),
             uptime_ms: running.map(|r| r.since.elapsed().as_millis() as u64),
@@ -266,16 +486,34 @@ impl Daemon {
             Request::LaunchVm { vm } => answer(self.launch(vm)),
             Request::ShutdownVm { vm } => answer(self.shutdown(vm)),
             Request::ListVms => Response::Vms { vms: self.list() },
+            Request::SuspendVm { vm } => answer(self.suspend(vm)),
+            Request::ResumeVm { vm } => answer(self.resume(vm)),
+            Request::SnapshotVm { vm, path } => answer(self.snapshot(vm, &path)),
+            Request::RestoreVm { path, client } => answer(self.restore(&path, client)),
+            Request::ReceiveVm { vm } => match self.receive(vm) {
+                Ok(addr) => Response::Listening { addr },
+                Err(e) => answer(Err(e)),
+            },
+            Request::SendVm { vm, to } => match self.send(vm, to) {
+                Ok(m) => Response::Migrated {
+                    vm,
+                    rounds: m.rounds,
+                    bytes: m.bytes,
+                    final_pages: m.final_pages,
+                    downtime_us: m.downtime.as_micros() as u64,
+                    total_us: m.total.as_micros() as u64,
+                },
+                Err(e) => answer(Err(e)),
+            },
             Request::Stats
             | Request::MoveModel { .. }
             | Request::AddModel { .. }
             | Request::RemoveModel { .. }
-            | Request::SuspendVm { .. }
-            | Request::ResumeVm { .. }
             | Request::MigrateVm { .. }
             | Request::Tune { .. } => Response::Error {
-                message: "devplane-client only launches, shuts down and lists VMs: send this \
-                          to devplane-server (dpctl --socket)"
+                message: "devplane-client only launches, shuts down, suspends, resumes, \
+                          snapshots, restores and lists VMs: send this to devplane-server \
+                          (dpctl --socket)"
                     .into(),
             },
         }
@@ -323,6 +561,49 @@ mod tests {
             Response::Error { message } if message == "VM 1 is not running"
         ));
         assert!(matches!(d.handle(Request::Stats), Response::Error { .. }));
+        for r in [Request::SuspendVm { vm: 1 }, Request::ResumeVm { vm: 1 }] {
+            assert!(matches!(
+                d.handle(r),
+                Response::Error { message } if message == "VM 1 is not running"
+            ));
+        }
+        assert!(matches!(
+            d.handle(Request::SuspendVm { vm: 9 }),
+            Response::NotFound { .. }
+        ));
+        let refused = |d: &mut Daemon, r: Request| match d.handle(r) {
+            Response::Error { message } => message,
+            other => panic!("not refused: {other:?}"),
+        };
+        let to = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(
+            refused(&mut d, Request::SendVm { vm: 1, to }),
+            "VM 1 is not running"
+        );
+        let m = refused(
+            &mut d,
+            Request::SnapshotVm {
+                vm: 1,
+                path: "relative.snap".into(),
+            },
+        );
+        assert!(m.contains("give an absolute path"), "{m}");
+        let m = refused(
+            &mut d,
+            Request::RestoreVm {
+                path: "/nonexistent/vm1.snap".into(),
+                client: 9,
+            },
+        );
+        assert_eq!(m, "this daemon is client 7, not client 9");
+        let m = refused(
+            &mut d,
+            Request::RestoreVm {
+                path: "/nonexistent/vm1.snap".into(),
+                client: 7,
+            },
+        );
+        assert!(m.contains("/nonexistent/vm1.snap"), "{m}");
         assert!(matches!(d.handle(Request::ListVms), Response::Vms { vms } if vms.len() == 1));
     }
 }

@@ -158,6 +158,68 @@ fn write_loop(a: &mut CodeAssembler, port: u16, iterations: u16) -> Result<CodeL
     Ok(done)
 }
 
+/// What [`checked_writes`] reports when its check fails (ORed with the
+/// count the device answered, low 16 bits).
+pub const CHECK_FAILED: u32 = 0xbad0_0000;
+
+/// `iterations` writes with a self-check, its state in guest memory: the
+/// number of writes so far and their sum live at [`DATA_OFFSET`] (not in
+/// registers), each iteration `out port, eax` with eax = that number + 1.
+/// Then one `in eax, port`; if the device's answer equals the count in
+/// memory and the sum in memory is 1 + 2 + ... + `iterations`, it reports
+/// the answer, else [`CHECK_FAILED`] ORed with it. Against a device that
+/// counts writes, a VM whose memory or registers were not carried over
+/// whole (a snapshot, a migration), or a write lost or applied twice,
+/// shows as a report other than `iterations`. For vCPU `vcpu` of a VM
+/// whose guests run at once: its own segment (`0x1000 * (vcpu + 1)`) and
+/// port `port + 0x10 * vcpu`, like [`multi_vcpu`].
+pub fn checked_writes(port: u16, iterations: u16, vcpu: u8) -> Result<Guest, GuestError> {
+    if vcpu >= 8 {
+        return Err(GuestError::BadArgument(format!(
+            "vCPU {vcpu}: between 0 and 7 are supported"
+        )));
+    }
+    let i = u16::from(vcpu);
+    let port = port.checked_add(0x10 * i).ok_or_else(|| {
+        GuestError::BadArgument(format!("port {port:#x} + {:#x} overflows", 0x10 * i))
+    })?;
+    let mut p = Program::new(GUEST_SEGMENT * (i + 1))?;
+    let a = &mut p.a;
+    let count = u32::from(DATA_OFFSET);
+    let sum = count + 4;
+    let n = u32::from(iterations);
+    let want_sum = (u64::from(n) * (u64::from(n) + 1) / 2) as u32;
+    let mut top = a.create_label();
+    let mut done = a.create_label();
+    let mut bad = a.create_label();
+    a.mov(dx, u32::from(port))?;
+    a.xor(eax, eax)?;
+    a.mov(dword_ptr(count), eax)?;
+    a.mov(dword_ptr(sum), eax)?;
+    a.set_label(&mut top)?;
+    a.mov(eax, dword_ptr(count))?;
+    a.cmp(eax, n)?;
+    a.jae(done)?;
+    a.inc(eax)?;
+    a.mov(dword_ptr(count), eax)?;
+    a.add(dword_ptr(sum), eax)?;
+    a.out(dx, eax)?;
+    a.jmp(top)?;
+    a.set_label(&mut done)?;
+    a.in_(eax, dx)?;
+    a.cmp(eax, dword_ptr(count))?;
+    a.jne(bad)?;
+    a.cmp(dword_ptr(sum), want_sum)?;
+    a.jne(bad)?;
+    p.report_eax()?;
+    let a = &mut p.a;
+    a.set_label(&mut bad)?;
+    a.and(eax, 0xffffu32)?;
+    a.or(eax, CHECK_FAILED)?;
+    p.report_eax()?;
+    p.finish(None)
+}
+
 /// `iterations` times `out port, eax` with eax = 1, 2, ..., then halts for
 /// good with interrupts off, never reporting: its vCPU stays inside
 /// `KVM_RUN` (what a guest waiting for an interrupt that never comes

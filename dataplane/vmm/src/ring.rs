@@ -188,6 +188,14 @@ impl ExitRing {
             .count() as u64
     }
 
+    /// Whether no request is in flight: every slot is free (posted writes
+    /// acknowledged, answers taken).
+    pub fn idle(&self) -> bool {
+        self.slots()
+            .iter()
+            .all(|s| s.state.load(Ordering::Acquire) == state::FREE)
+    }
+
     /// Producer: whether slot `i` has its answer (without taking it).
     pub fn is_done(&self, i: u64) -> bool {
         self.slot(i).state.load(Ordering::Acquire) == state::DONE

@@ -190,17 +190,31 @@ impl VcpuIo {
         }
     }
 
-    /// After the guest ended: waits until every posted write is answered
-    /// (driving the lane in direct mode), at most until `deadline`.
+    /// After the guest ended or before its vCPU is held: waits until
+    /// every posted write is answered, at most until `deadline`. In direct
+    /// mode the vCPU drives its lane meanwhile; otherwise the engine thread
+    /// answers them into the exit ring.
     pub fn flush(&self, deadline: Instant) {
         match &self.driver {
             Some(d) => d.flush(deadline),
             None => {
                 while self.ring.posted_in_flight() > 0 && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(1));
+                    std::thread::sleep(Duration::from_micros(50));
                 }
             }
         }
+    }
+
+    /// The sequence number of this vCPU's last remote request.
+    pub fn seq(&self) -> u64 {
+        self.id.seq
+    }
+
+    /// Continues the sequence after `seq` (a restored or migrated vCPU
+    /// carries on where its source stopped, so that the server's duplicate
+    /// windows stay right).
+    pub fn set_seq(&mut self, seq: u64) {
+        self.id.seq = seq;
     }
 
     fn sample(&mut self) {
@@ -394,6 +408,21 @@ impl ExitHandler {
     /// [`VcpuIo::flush`]).
     pub fn io(&self) -> &VcpuIo {
         &self.io
+    }
+
+    /// The exit path, to change (its sequence: [`VcpuIo::set_seq`]).
+    pub fn io_mut(&mut self) -> &mut VcpuIo {
+        &mut self.io
+    }
+
+    /// The devices of this vCPU's bus (local models' snapshots).
+    pub fn bus_mut(&mut self) -> &mut Bus {
+        &mut self.bus
+    }
+
+    /// The bus and the exit path at once (a restore changes both).
+    pub fn parts_mut(&mut self) -> (&mut Bus, &mut VcpuIo) {
+        (&mut self.bus, &mut self.io)
     }
 
     /// One access: one call into the device that decodes `addr`.

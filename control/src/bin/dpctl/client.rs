@@ -13,8 +13,13 @@ use super::{Cli, Command, EXIT_FAILED, EXIT_NOT_FOUND, Failure, VmsCmd, table, t
 /// daemon's own limit per request is 10 s.
 const TIMEOUT: Duration = Duration::from_secs(15);
 
-fn call(cli: &Cli, req: &Request) -> Result<Response, Failure> {
-    let rsp = proto::call_client(&cli.client_socket, req, TIMEOUT).map_err(|e| Failure {
+pub(super) fn call(cli: &Cli, req: &Request) -> Result<Response, Failure> {
+    call_on(&cli.client_socket, req)
+}
+
+/// [`call`] to the client daemon listening on `socket`.
+pub(super) fn call_on(socket: &std::path::Path, req: &Request) -> Result<Response, Failure> {
+    let rsp = proto::call_client(socket, req, TIMEOUT).map_err(|e| Failure {
         code: EXIT_FAILED,
         message: e.to_string(),
     })?;
@@ -31,8 +36,13 @@ fn call(cli: &Cli, req: &Request) -> Result<Response, Failure> {
     }
 }
 
-fn one_vm(cli: &Cli, req: &Request) -> Result<VmStatus, Failure> {
-    match call(cli, req)? {
+pub(super) fn one_vm(cli: &Cli, req: &Request) -> Result<VmStatus, Failure> {
+    one_vm_on(&cli.client_socket, req)
+}
+
+/// [`one_vm`] from the client daemon listening on `socket`.
+pub(super) fn one_vm_on(socket: &std::path::Path, req: &Request) -> Result<VmStatus, Failure> {
+    match call_on(socket, req)? {
         Response::Vm { vm } => Ok(vm),
         _ => Err(Failure {
             code: EXIT_FAILED,
@@ -105,6 +115,21 @@ pub(super) fn run(cli: &Cli) -> Result<Option<String>, Failure> {
                 out
             }
         }
+        Command::Vms(VmsCmd::Snapshot { id, file }) => {
+            let path = absolute(file)?;
+            one_vm(
+                cli,
+                &Request::SnapshotVm {
+                    vm: id.id,
+                    path: path.clone(),
+                },
+            )?;
+            if cli.json {
+                to_json(&json!({"action": "snapshot", "vm": id.id, "file": path}))
+            } else {
+                format!("VM {} snapshotted to {}\n", id.id, path.display())
+            }
+        }
         Command::Vms(VmsCmd::Running) => {
             let Response::Vms { vms } = call(cli, &Request::ListVms)? else {
                 return Err(Failure {
@@ -121,6 +146,14 @@ pub(super) fn run(cli: &Cli) -> Result<Option<String>, Failure> {
         _ => return Ok(None),
     };
     Ok(Some(out))
+}
+
+/// `file` as an absolute path (the daemon may run in another directory).
+pub(super) fn absolute(file: &std::path::Path) -> Result<std::path::PathBuf, Failure> {
+    std::path::absolute(file).map_err(|e| Failure {
+        code: EXIT_FAILED,
+        message: format!("{}: {e}", file.display()),
+    })
 }
 
 fn running_table(vms: &[VmStatus]) -> String {

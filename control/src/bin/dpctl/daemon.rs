@@ -102,19 +102,38 @@ pub(super) fn run(cli: &Cli) -> Result<Option<String>, Failure> {
             format!("moved model {} to worker {to_worker}", id.id),
             json!({"action": "move", "model": id.id, "worker": to_worker}),
         )?,
-        Command::Vms(VmsCmd::Suspend(id)) => action(
+        Command::Vms(VmsCmd::Suspend {
+            id,
+            server_only: true,
+        }) => action(
             cli,
             Request::SuspendVm { vm: id.id },
-            format!("suspended VM {} (its interrupts are held)", id.id),
+            format!("VM {}'s interrupts are held", id.id),
             json!({"action": "suspend", "vm": id.id}),
         )?,
-        Command::Vms(VmsCmd::Resume(id)) => action(
+        Command::Vms(VmsCmd::Resume {
+            id,
+            server_only: true,
+        }) => action(
             cli,
             Request::ResumeVm { vm: id.id },
-            format!("resumed VM {}", id.id),
+            format!("VM {}'s interrupts are delivered again", id.id),
             json!({"action": "resume", "vm": id.id}),
         )?,
-        Command::Vms(VmsCmd::Migrate { id, client }) => action(
+        Command::Vms(VmsCmd::Restore { file, client }) => restore(cli, file, *client)?,
+        Command::Vms(VmsCmd::Suspend { id, .. }) => suspend(cli, id.id)?,
+        Command::Vms(VmsCmd::Resume { id, .. }) => resume(cli, id.id)?,
+        Command::Vms(VmsCmd::Migrate {
+            id,
+            to_client: Some(to),
+            to_client_socket,
+            ..
+        }) => migrate_live(cli, id.id, *to, to_client_socket.as_deref())?,
+        Command::Vms(VmsCmd::Migrate {
+            id,
+            client: Some(client),
+            ..
+        }) => action(
             cli,
             Request::MigrateVm {
                 vm: id.id,
@@ -126,6 +145,190 @@ pub(super) fn run(cli: &Cli) -> Result<Option<String>, Failure> {
         _ => return Ok(None),
     };
     Ok(Some(out))
+}
+
+/// Suspends VM `vm`: the client daemon holds its vCPUs (each finishes the
+/// exit it is in), then the server holds its interrupts (one arriving
+/// between the two waits in the VM's interrupt controller). If the server
+/// refuses, the vCPUs run again.
+fn suspend(cli: &Cli, vm: u32) -> Result<String, Failure> {
+    let status = super::client::one_vm(cli, &Request::SuspendVm { vm })?;
+    if let Err(f) = call(cli, &Request::SuspendVm { vm }) {
+        let undo = match super::client::one_vm(cli, &Request::ResumeVm { vm }) {
+            Ok(_) => "; its vCPUs run again".to_string(),
+            Err(u) => format!("; its vCPUs stay held: {}", u.message),
+        };
+        return Err(Failure {
+            code: f.code,
+            message: format!("{}{undo}", f.message),
+        });
+    }
+    Ok(if cli.json {
+        to_json(&json!({"action": "suspend", "vm": vm, "state": status.state}))
+    } else {
+        format!("suspended VM {vm} (its vCPUs and interrupts are held)\n")
+    })
+}
+
+/// Resumes VM `vm`: the client daemon runs its vCPUs again, then the server
+/// delivers its held interrupts. Both are asked even if the first refuses
+/// (a VM shut down while suspended still gets its interrupts released).
+fn resume(cli: &Cli, vm: u32) -> Result<String, Failure> {
+    let client = super::client::one_vm(cli, &Request::ResumeVm { vm });
+    let server = call(cli, &Request::ResumeVm { vm });
+    let status = match (client, server) {
+        (Ok(s), Ok(_)) => s,
+        (Err(c), Ok(_)) => {
+            return Err(Failure {
+                code: c.code,
+                message: format!("{} (the server delivers its interrupts again)", c.message),
+            });
+        }
+        (Ok(_), Err(s)) => {
+            return Err(Failure {
+                code: s.code,
+                message: format!("{} (its vCPUs run again)", s.message),
+            });
+        }
+        (Err(c), Err(s)) => {
+            return Err(Failure {
+                code: c.code,
+                message: format!("{}; {}", c.message, s.message),
+            });
+        }
+    };
+    Ok(if cli.json {
+        to_json(&json!({"action": "resume", "vm": vm, "state": status.state}))
+    } else {
+        format!("resumed VM {vm}\n")
+    })
+}
+
+/// Restores the VM of snapshot `file` on the client daemon (held), points
+/// the server's interrupts for it at client `client`, runs its vCPUs, then
+/// lets the server deliver what it held.
+fn restore(cli: &Cli, file: &std::path::Path, client: u32) -> Result<String, Failure> {
+    let path = super::client::absolute(file)?;
+    let status = super::client::one_vm(cli, &Request::RestoreVm { path, client })?;
+    let vm = status.vm;
+    let held = |f: Failure, step: &str| Failure {
+        code: f.code,
+        message: format!(
+            "{} (VM {vm} was restored on client {client} and is held: {step})",
+            f.message
+        ),
+    };
+    call(cli, &Request::MigrateVm { vm, client }).map_err(|f| {
+        held(
+            f,
+            "resume it once the server sends its interrupts there, or shut it down",
+        )
+    })?;
+    super::client::one_vm(cli, &Request::ResumeVm { vm })
+        .map_err(|f| held(f, "its vCPUs did not start"))?;
+    call(cli, &Request::ResumeVm { vm }).map_err(|f| Failure {
+        code: f.code,
+        message: format!(
+            "{} (VM {vm} runs on client {client}; the server still holds its interrupts)",
+            f.message
+        ),
+    })?;
+    Ok(if cli.json {
+        to_json(&json!({"action": "restore", "vm": vm, "client": client}))
+    } else {
+        format!("restored VM {vm} on client {client}\n")
+    })
+}
+
+/// Live-migrates VM `vm` from the client daemon at `--client-socket` to
+/// client `to`'s daemon: the target listens; the server holds the VM's
+/// interrupts; the source copies the VM over (and on failure runs it
+/// again, and the server lets the interrupts go); the server sends the
+/// interrupts to `to`; the target runs the VM; the server delivers what it
+/// held; the source frees its suspended copy.
+fn migrate_live(
+    cli: &Cli,
+    vm: u32,
+    to: u32,
+    to_socket: Option<&std::path::Path>,
+) -> Result<String, Failure> {
+    let target: std::path::PathBuf =
+        to_socket.map_or_else(|| proto::default_client_socket(to), Into::into);
+    let addr = match super::client::call_on(&target, &Request::ReceiveVm { vm })? {
+        Response::Listening { addr } => addr,
+        _ => {
+            return Err(Failure {
+                code: EXIT_FAILED,
+                message: "the target client daemon answered with something else".into(),
+            });
+        }
+    };
+    call(cli, &Request::SuspendVm { vm })?;
+    let sent = match super::client::call(cli, &Request::SendVm { vm, to: addr }) {
+        Ok(r) => r,
+        Err(f) => {
+            let undo = match call(cli, &Request::ResumeVm { vm }) {
+                Ok(_) => String::new(),
+                Err(u) => format!("; the server still holds its interrupts: {}", u.message),
+            };
+            return Err(Failure {
+                code: f.code,
+                message: format!("{}{undo}", f.message),
+            });
+        }
+    };
+    let step = |f: Failure, what: &str| Failure {
+        code: f.code,
+        message: format!(
+            "{} (VM {vm} was copied to client {to} and is suspended on both: {what})",
+            f.message
+        ),
+    };
+    call(cli, &Request::MigrateVm { vm, client: to })
+        .map_err(|f| step(f, "resume it on the source (dpctl vms resume)"))?;
+    super::client::one_vm_on(&target, &Request::ResumeVm { vm })
+        .map_err(|f| step(f, "the server now sends its interrupts to the target"))?;
+    call(cli, &Request::ResumeVm { vm }).map_err(|f| Failure {
+        code: f.code,
+        message: format!(
+            "{} (VM {vm} runs on client {to}; the server still holds its interrupts)",
+            f.message
+        ),
+    })?;
+    super::client::one_vm(cli, &Request::ShutdownVm { vm }).map_err(|f| Failure {
+        code: f.code,
+        message: format!(
+            "{} (VM {vm} runs on client {to}; its suspended copy at the source was not freed)",
+            f.message
+        ),
+    })?;
+    let Response::Migrated {
+        rounds,
+        bytes,
+        final_pages,
+        downtime_us,
+        total_us,
+        ..
+    } = sent
+    else {
+        return Err(Failure {
+            code: EXIT_FAILED,
+            message: "the source client daemon answered the migration with something else".into(),
+        });
+    };
+    Ok(if cli.json {
+        to_json(&json!({
+            "action": "migrate", "vm": vm, "client": to, "rounds": rounds, "bytes": bytes,
+            "final_pages": final_pages, "downtime_us": downtime_us, "total_us": total_us,
+        }))
+    } else {
+        format!(
+            "migrated VM {vm} to client {to}: {bytes} bytes, {rounds} pre-copy rounds, \
+             {final_pages} pages while suspended, downtime {:.1} ms, total {:.1} ms\n",
+            downtime_us as f64 / 1000.0,
+            total_us as f64 / 1000.0
+        )
+    })
 }
 
 /// The columns of the per-worker table, in order.

@@ -1,6 +1,6 @@
 //! `devplane-client`: the client daemon. Holds the VMs of its configuration
-//! file and launches or shuts them down when `dpctl vms launch|shutdown`
-//! asks on its control socket; until Ctrl-C, which stops every VM, removes
+//! file and launches, shuts down, suspends, resumes, snapshots, restores
+//! or migrates them when `dpctl vms ...` asks on its control socket; until Ctrl-C, which stops every VM, removes
 //! the socket and exits 0.
 
 use std::path::PathBuf;
@@ -26,7 +26,7 @@ struct Args {
     #[arg(long, short, value_name = "CLIENT.TOML")]
     config: PathBuf,
     /// The control socket dpctl talks to (default
-    /// /run/devplane/client-<id>.sock).
+    /// `/run/devplane/client-<id>.sock`).
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
 }

@@ -116,6 +116,15 @@ pub enum GuestEntry {
         /// Writes.
         iterations: u16,
     },
+    /// [`guests::checked_writes`]: `iterations` writes to `port` with their
+    /// count and sum kept in guest memory, then a read checked against
+    /// them; reports the read if the check holds.
+    CheckedWrites {
+        /// The port.
+        port: u16,
+        /// Writes.
+        iterations: u16,
+    },
     /// [`guests::pio_read_loop`]: `iterations` reads of `port`.
     PioReadLoop {
         /// The port.
@@ -169,6 +178,9 @@ impl GuestEntry {
         match *self {
             GuestEntry::PioLoop { port, iterations } => guests::pio_loop(port, iterations),
             GuestEntry::PioReadLoop { port, iterations } => guests::pio_read_loop(port, iterations),
+            GuestEntry::CheckedWrites { port, iterations } => {
+                guests::checked_writes(port, iterations, 0)
+            }
             GuestEntry::MmioLoop { gpa, iterations } => guests::mmio_loop(gpa, iterations),
             GuestEntry::IrqCounter {
                 line,

@@ -205,7 +205,7 @@ fn set_lint(fd: &VcpuFd, bsp: bool) -> Result<(), KvmError> {
 }
 
 /// Sets `msrs` (index, value) on a vCPU; every one must be taken.
-fn set_msrs(fd: &VcpuFd, msrs: &[(u32, u64)]) -> Result<(), KvmError> {
+pub(super) fn set_msrs(fd: &VcpuFd, msrs: &[(u32, u64)]) -> Result<(), KvmError> {
     if msrs.is_empty() {
         return Ok(());
     }

@@ -59,6 +59,7 @@ pub mod cpu;
 mod exit;
 pub mod kick;
 pub mod memory;
+pub mod state;
 pub mod vcpu;
 pub mod vm;
 
@@ -67,6 +68,7 @@ use devplane_wire::AccessSize;
 pub use cpu::{CpuState, CpuidBits, CpuidReg, Entry};
 pub use kick::{VcpuKicker, kick_signal};
 pub use memory::MemHandle;
+pub use state::{MachineState, StateBytes, VcpuState};
 pub use vcpu::Vcpu;
 pub use vm::{IrqHandle, IrqLine, Trigger, Vm};
 

@@ -90,19 +90,34 @@ impl Vcpu {
         let immediate_exit: *mut u8 = &raw mut self.fd.get_kvm_run().immediate_exit;
         let kick = Arc::clone(&self.kick);
         let _running = Running::enter(&kick, immediate_exit);
+        // Set once `stop` was seen and KVM asked to complete the last exit
+        // without running the guest: the next EINTR ends the run.
+        let mut settling = false;
         loop {
             if stop.load(Ordering::Acquire) {
-                return Ok(VcpuExit::Stopped);
+                if settling {
+                    return Ok(VcpuExit::Stopped);
+                }
+                // KVM finishes an I/O exit (stores an IN's value, moves RIP
+                // past the instruction) only on the next KVM_RUN: enter
+                // once with `immediate_exit` set, so that the vCPU's state
+                // is whole when the run ends (a suspended or snapshotted
+                // vCPU repeats no access).
+                self.fd.set_kvm_immediate_exit(1);
+                settling = true;
             }
             let step = match self.fd.run() {
                 Ok(exit) => {
+                    // Completing the last exit started another (the next
+                    // element of a string I/O): handle it, then settle again.
+                    settling = false;
                     self.exits += 1;
                     decode(exit, io, &mut self.odd_mmio)
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    // Kicked (or a stray signal): clear the request, let
-                    // the handler do what it was kicked for, and look at
-                    // `stop` again.
+                    // Kicked (or a stray signal, or settling): clear the
+                    // request, let the handler do what it was kicked for,
+                    // and look at `stop` again.
                     self.fd.set_kvm_immediate_exit(0);
                     io.kicked();
                     continue;
