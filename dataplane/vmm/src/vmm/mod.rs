@@ -17,7 +17,16 @@
 //! [`ExitHandler`] over its bus.
 
 mod devices;
+mod hold;
 mod lanes;
+mod state;
+#[cfg(test)]
+mod tests;
+
+pub use self::hold::SuspendError;
+use self::hold::{Hold, Job};
+pub use self::state::VmStateError;
+use self::state::{restore_vcpu, restore_vm};
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -268,135 +277,6 @@ struct VcpuThread {
     ring: Arc<ExitRing>,
 }
 
-/// What makes a client's vCPU threads leave their guests: a suspend
-/// (they hold until resumed) or the client stopping (they end).
-#[derive(Default)]
-struct Hold {
-    /// The `stop` flag of every [`Vcpu::run`]: set to suspend or to stop.
-    out: AtomicBool,
-    state: Mutex<HoldState>,
-    /// Signalled when a vCPU holds and when the state changes.
-    cond: Condvar,
-}
-
-#[derive(Default)]
-struct HoldState {
-    stopping: bool,
-    suspended: bool,
-    /// vCPU threads holding now.
-    held: usize,
-    /// Work for held vCPU threads: (the thread's position in
-    /// `Client::vcpus`, what to do with its vCPU and exit handler).
-    jobs: Vec<(usize, Job)>,
-}
-
-/// Work a held vCPU thread does with its vCPU (its KVM state is reachable
-/// only there).
-type Job = Box<dyn FnOnce(&mut Vcpu, &mut ExitHandler) + Send>;
-
-impl Hold {
-    fn state(&self) -> std::sync::MutexGuard<'_, HoldState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// On a vCPU thread whose run returned [`VcpuExit::Stopped`] (its last
-    /// exit complete, its posted writes answered): holds while the client
-    /// is suspended. `true`: run the guest again; `false`: the client stops.
-    fn park(&self, slot: usize, vcpu: &mut Vcpu, handler: &mut ExitHandler) -> bool {
-        let mut st = self.state();
-        if st.stopping {
-            return false;
-        }
-        if !st.suspended {
-            // Resumed before this vCPU got here.
-            return true;
-        }
-        st.held += 1;
-        self.cond.notify_all();
-        while st.suspended && !st.stopping {
-            if let Some(at) = st.jobs.iter().position(|(s, _)| *s == slot) {
-                let (_, job) = st.jobs.swap_remove(at);
-                drop(st);
-                job(vcpu, handler);
-                st = self.state();
-                continue;
-            }
-            st = self.cond.wait(st).unwrap_or_else(|p| p.into_inner());
-        }
-        st.held -= 1;
-        !st.stopping
-    }
-}
-
-/// Why [`Client::suspend`] failed.
-#[derive(Debug, thiserror::Error)]
-pub enum SuspendError {
-    /// The client is suspended already.
-    #[error("it is suspended already")]
-    Suspended,
-    /// The client is not suspended.
-    #[error("it is not suspended")]
-    NotSuspended,
-    /// Not every vCPU held in time (one is stuck in a device access): the
-    /// client was resumed.
-    #[error("{held} of {running} running vCPUs held within {timeout:?}; resumed it")]
-    Timeout {
-        /// vCPUs that held.
-        held: usize,
-        /// vCPUs still running their guests.
-        running: usize,
-        /// How long it waited.
-        timeout: Duration,
-    },
-}
-
-/// Why [`Client::snapshot`] failed.
-#[derive(Debug, thiserror::Error)]
-pub enum VmStateError {
-    /// The client does not run this VM.
-    #[error("VM {0} is not in this client")]
-    UnknownVm(u32),
-    /// Its vCPUs are not held.
-    #[error("VM {0} is not suspended: suspend it first")]
-    NotSuspended(u32),
-    /// A vCPU's guest ended: there is no running VM to snapshot.
-    #[error("VM {vm}: vCPU {vcpu} has ended")]
-    VcpuEnded {
-        /// VM id.
-        vm: u32,
-        /// vCPU index.
-        vcpu: u16,
-    },
-    /// KVM refused to give a piece of state.
-    #[error("VM {vm}: {source}")]
-    Kvm {
-        /// VM id.
-        vm: u32,
-        /// Why.
-        source: KvmError,
-    },
-    /// A state does not fit the VM it should go into.
-    #[error("VM {vm}: {why}")]
-    Unfit {
-        /// VM id.
-        vm: u32,
-        /// What does not fit.
-        why: String,
-    },
-    /// A local device cannot be snapshotted.
-    #[error("VM {vm}: device {model} at {base:#x}: {why}")]
-    Device {
-        /// VM id.
-        vm: u32,
-        /// Its model id.
-        model: u32,
-        /// Its base address.
-        base: u64,
-        /// Why.
-        why: String,
-    },
-}
-
 /// A running client. Dropping it stops every vCPU and the engine.
 pub struct Client {
     hold: Arc<Hold>,
@@ -506,73 +386,6 @@ impl BuiltVm {
             source,
         })
     }
-}
-
-/// Checks that `snap` fits `vs` (VM id, memory size, vCPUs), puts its
-/// memory and in-kernel devices into `vm`, and returns its vCPUs by index.
-fn restore_vm(
-    vs: &VmSpec,
-    vm: &Vm,
-    snap: VmSnapshot,
-) -> Result<Vec<Option<VcpuSnapshot>>, ClientError> {
-    let unfit = |why: String| ClientError::Restore { vm: vs.id, why };
-    if snap.vm != vs.id {
-        return Err(unfit(format!("the snapshot is of VM {}", snap.vm)));
-    }
-    if snap.memory.len() != vs.mem_bytes {
-        return Err(unfit(format!(
-            "the snapshot has {:#x} bytes of guest memory, the VM {:#x}",
-            snap.memory.len(),
-            vs.mem_bytes
-        )));
-    }
-    let mut vcpus: Vec<Option<VcpuSnapshot>> = vs.vcpus.iter().map(|_| None).collect();
-    if snap.vcpus.len() != vcpus.len() {
-        return Err(unfit(format!(
-            "the snapshot has {} vCPUs, the VM {}",
-            snap.vcpus.len(),
-            vcpus.len()
-        )));
-    }
-    for v in snap.vcpus {
-        let index = v.index;
-        match vcpus.get_mut(usize::from(index)) {
-            Some(slot @ None) => *slot = Some(v),
-            _ => return Err(unfit(format!("vCPU {index} is out of range or twice"))),
-        }
-    }
-    let kerr = |source| ClientError::Kvm { vm: vs.id, source };
-    vm.load(0, &snap.memory).map_err(kerr)?;
-    vm.restore_machine(&snap.machine).map_err(kerr)?;
-    Ok(vcpus)
-}
-
-/// Puts a vCPU's snapshot into its new vCPU, its bus's local models and
-/// its exit path (the request sequence continues).
-fn restore_vcpu(
-    vm: u32,
-    snap: &VcpuSnapshot,
-    vcpu: &Vcpu,
-    bus: &mut Bus,
-    io: &mut VcpuIo,
-) -> Result<(), ClientError> {
-    vcpu.restore_state(&snap.state)
-        .map_err(|source| ClientError::Kvm { vm, source })?;
-    for d in &snap.devices {
-        let why = match bus.lookup_mut(d.space, d.base) {
-            Some(m) if m.model == d.model && m.base == d.base => match m.device.restore(&d.snap) {
-                Ok(()) => continue,
-                Err(e) => e,
-            },
-            _ => "the VM has no such local device there".to_string(),
-        };
-        return Err(ClientError::Restore {
-            vm,
-            why: format!("device {} at {:#x}: {why}", d.model, d.base),
-        });
-    }
-    io.set_seq(snap.seq);
-    Ok(())
 }
 
 /// Checks that `vs` can boot Linux, gives it the in-kernel PIT and loads
@@ -690,80 +503,6 @@ impl Client {
     /// the in-kernel PIT; its local `uart` writes to the boot's console.
     pub fn start_linux(spec: ClientSpec, linux: Vec<LinuxVm>) -> Result<Client, ClientError> {
         Client::launch(spec, linux, Vec::new(), false)
-    }
-
-    /// Like [`Client::start`], but VM `snapshot.vm` (which must be in
-    /// `spec`, with the same memory size and vCPUs) starts from the
-    /// snapshot instead of its images: its memory, in-kernel devices, vCPU
-    /// states, local models and request sequences are the snapshot's. The
-    /// client starts suspended: [`Client::resume`] runs it.
-    pub fn restore(spec: ClientSpec, snapshot: VmSnapshot) -> Result<Client, ClientError> {
-        let vm = snapshot.vm;
-        if !spec.vms.iter().any(|v| v.id == vm) {
-            return Err(ClientError::Restore {
-                vm,
-                why: "the client does not run this VM".into(),
-            });
-        }
-        Client::launch(spec, Vec::new(), vec![snapshot], true)
-    }
-
-    /// Like [`Client::start`], but suspended before any guest instruction
-    /// runs: a migration's target, which writes guest memory
-    /// ([`Vm::load`] through [`Client::vm`]) and then puts the VM's state
-    /// in ([`Client::apply_state`]) before [`Client::resume`].
-    pub fn start_held(spec: ClientSpec) -> Result<Client, ClientError> {
-        Client::launch(spec, Vec::new(), Vec::new(), true)
-    }
-
-    /// Puts `snap`'s state into held VM `snap.vm` of this client (started
-    /// by [`Client::start_held`]): its in-kernel devices and clock, and on
-    /// each held vCPU's thread its KVM state, local models and request
-    /// sequence. `snap.memory` is not used: the caller wrote guest memory.
-    pub fn apply_state(&self, snap: &VmSnapshot) -> Result<(), VmStateError> {
-        let vm = snap.vm;
-        let kvm = self.vm(vm).ok_or(VmStateError::UnknownVm(vm))?;
-        if !self.suspended() {
-            return Err(VmStateError::NotSuspended(vm));
-        }
-        let slots: Vec<(usize, u16)> = self
-            .vcpus
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.vm == vm)
-            .map(|(slot, v)| (slot, v.vcpu))
-            .collect();
-        let mismatch = |why: String| VmStateError::Unfit { vm, why };
-        if slots.len() != snap.vcpus.len() {
-            return Err(mismatch(format!(
-                "the state has {} vCPUs, the VM {}",
-                snap.vcpus.len(),
-                slots.len()
-            )));
-        }
-        kvm.restore_machine(&snap.machine)
-            .map_err(|source| VmStateError::Kvm { vm, source })?;
-        for (slot, index) in slots {
-            let Some(v) = snap.vcpus.iter().find(|v| v.index == index) else {
-                return Err(mismatch(format!("the state lacks vCPU {index}")));
-            };
-            let (tx, rx) = std::sync::mpsc::channel();
-            let state = v.clone_state();
-            let job: Job = Box::new(move |vcpu, handler| {
-                let (bus, io) = handler.parts_mut();
-                let r = restore_vcpu(vm, &state, vcpu, bus, io);
-                let _ = tx.send(r.map_err(|e| e.to_string()));
-            });
-            {
-                let mut st = self.hold.state();
-                st.jobs.push((slot, job));
-                self.hold.cond.notify_all();
-            }
-            rx.recv_timeout(JOB_TIMEOUT)
-                .map_err(|_| VmStateError::VcpuEnded { vm, vcpu: index })?
-                .map_err(mismatch)?;
-        }
-        Ok(())
     }
 
     fn launch(
@@ -918,81 +657,6 @@ impl Client {
         self.reports()
     }
 
-    /// Suspends every vCPU: each finishes the exit it is in (a remote
-    /// access waits for its answer), waits for its posted writes' answers,
-    /// leaves `KVM_RUN` with its state whole, and holds until
-    /// [`Client::resume`]. Returns once every vCPU still running holds; if
-    /// that takes longer than `timeout`, resumes them and fails. vCPUs that
-    /// ended meanwhile need not hold.
-    pub fn suspend(&self, timeout: Duration) -> Result<(), SuspendError> {
-        {
-            let mut st = self.hold.state();
-            if st.suspended {
-                return Err(SuspendError::Suspended);
-            }
-            st.suspended = true;
-            self.hold.out.store(true, Ordering::SeqCst);
-        }
-        for v in &self.vcpus {
-            v.kicker.kick();
-        }
-        let deadline = Instant::now() + timeout;
-        let mut st = self.hold.state();
-        loop {
-            let running = self.vcpus.iter().filter(|v| !v.join.is_finished()).count();
-            if st.held >= running {
-                return Ok(());
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let held = st.held;
-                drop(st);
-                let _ = self.resume();
-                return Err(SuspendError::Timeout {
-                    held,
-                    running,
-                    timeout,
-                });
-            }
-            // A vCPU whose guest ends while suspending does not signal:
-            // look again every few milliseconds.
-            st = self
-                .hold
-                .cond
-                .wait_timeout(st, left.min(Duration::from_millis(5)))
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
-        }
-    }
-
-    /// Lets the vCPUs held by [`Client::suspend`] run their guests again.
-    pub fn resume(&self) -> Result<(), SuspendError> {
-        let mut st = self.hold.state();
-        if !st.suspended {
-            return Err(SuspendError::NotSuspended);
-        }
-        st.suspended = false;
-        if !st.stopping {
-            self.hold.out.store(false, Ordering::SeqCst);
-        }
-        self.hold.cond.notify_all();
-        Ok(())
-    }
-
-    /// Whether the client is suspended (between [`Client::suspend`] and
-    /// [`Client::resume`]).
-    pub fn suspended(&self) -> bool {
-        self.hold.state().suspended
-    }
-
-    /// A snapshot of VM `vm`, which must be suspended: its memory, the
-    /// in-kernel devices and clock, and per vCPU its KVM state, local
-    /// models and request sequence (taken on the vCPU's own thread, where
-    /// it holds).
-    pub fn snapshot(&self, vm: u32) -> Result<VmSnapshot, VmStateError> {
-        self.snapshot_with(vm, true)
-    }
-
     /// The ids of the VMs this client runs.
     pub fn vm_ids(&self) -> Vec<u32> {
         self.ids.iter().map(|(id, _)| *id).collect()
@@ -1002,56 +666,6 @@ impl Client {
     pub fn vm(&self, vm: u32) -> Option<&Vm> {
         let at = self.ids.iter().position(|(id, _)| *id == vm)?;
         self.vms.get(at)
-    }
-
-    /// [`Client::snapshot`], with guest memory (`memory`) or without it
-    /// (a migration sends memory by itself).
-    pub fn snapshot_with(&self, vm: u32, memory: bool) -> Result<VmSnapshot, VmStateError> {
-        let at = self
-            .ids
-            .iter()
-            .position(|(id, _)| *id == vm)
-            .ok_or(VmStateError::UnknownVm(vm))?;
-        if !self.suspended() {
-            return Err(VmStateError::NotSuspended(vm));
-        }
-        let mut vcpus = Vec::new();
-        for (slot, v) in self.vcpus.iter().enumerate().filter(|(_, v)| v.vm == vm) {
-            let ended = VmStateError::VcpuEnded { vm, vcpu: v.vcpu };
-            if v.join.is_finished() {
-                return Err(ended);
-            }
-            let index = v.vcpu;
-            let (tx, rx) = std::sync::mpsc::channel();
-            let job: Job = Box::new(move |vcpu, handler| {
-                let _ = tx.send(vcpu_snapshot(vm, index, vcpu, handler));
-            });
-            {
-                let mut st = self.hold.state();
-                st.jobs.push((slot, job));
-                self.hold.cond.notify_all();
-            }
-            // A held vCPU takes its job at once; one that went away drops
-            // it (and the sender with it).
-            vcpus.push(rx.recv_timeout(JOB_TIMEOUT).map_err(|_| ended)??);
-        }
-        let vmk = &self.vms[at];
-        let kerr = |source| VmStateError::Kvm { vm, source };
-        let machine = vmk.save_machine().map_err(kerr)?;
-        let memory = if memory {
-            let mut m = vec![0u8; vmk.mem_size()];
-            vmk.read_memory(0, &mut m).map_err(kerr)?;
-            m
-        } else {
-            Vec::new()
-        };
-        Ok(VmSnapshot {
-            vm,
-            hypervisor: self.ids[at].1,
-            machine,
-            vcpus,
-            memory,
-        })
     }
 
     /// Each vCPU's counters: (VM id, vCPU index, counters), in start order.
@@ -1096,41 +710,6 @@ impl Client {
     }
 }
 
-/// On a held vCPU's thread: its KVM state, local models and sequence.
-fn vcpu_snapshot(
-    vm: u32,
-    index: u16,
-    vcpu: &mut Vcpu,
-    handler: &mut ExitHandler,
-) -> Result<VcpuSnapshot, VmStateError> {
-    let state = vcpu
-        .save_state()
-        .map_err(|source| VmStateError::Kvm { vm, source })?;
-    let mut devices = Vec::new();
-    for m in handler.bus_mut().entries() {
-        let device = |why| VmStateError::Device {
-            vm,
-            model: m.model,
-            base: m.base,
-            why,
-        };
-        if let Some(snap) = m.device.snapshot().map_err(device)? {
-            devices.push(DeviceSnapshot {
-                space: m.space,
-                base: m.base,
-                model: m.model,
-                snap,
-            });
-        }
-    }
-    Ok(VcpuSnapshot {
-        index,
-        seq: handler.io().seq(),
-        state,
-        devices,
-    })
-}
-
 impl Drop for Client {
     fn drop(&mut self) {
         let _ = self.reports();
@@ -1138,98 +717,5 @@ impl Drop for Client {
             e.stop();
         }
         self.vms.clear();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn vm_spec(id: u32, devices: Vec<DeviceSpec>) -> VmSpec {
-        VmSpec {
-            id,
-            hypervisor: 1,
-            mem_bytes: 0x2_0000,
-            images: Vec::new(),
-            vcpus: Vec::new(),
-            devices,
-        }
-    }
-
-    fn client(vms: Vec<VmSpec>) -> ClientSpec {
-        ClientSpec {
-            client: 1,
-            bind: None,
-            servers: Vec::new(),
-            vms,
-            engine: EngineConfig::default(),
-            engine_core: None,
-            vcpu_spin: 0,
-            samples: 0,
-            direct: false,
-        }
-    }
-
-    fn boot(vm: u32) -> LinuxVm {
-        LinuxVm {
-            vm,
-            boot: LinuxBoot {
-                kernel: "vmlinux".into(),
-                initrd: None,
-                cmdline: String::new(),
-                console: Console::new(),
-            },
-        }
-    }
-
-    fn why(e: ClientError) -> (u32, String) {
-        match e {
-            ClientError::Config { vm, why } => (vm, why),
-            other => panic!("not a configuration error: {other}"),
-        }
-    }
-
-    #[test]
-    fn a_linux_boot_names_one_vm_of_the_client_once() {
-        let spec = client(vec![vm_spec(1, Vec::new()), vm_spec(2, Vec::new())]);
-        let boots = linux_boots(&spec, vec![boot(2)]).unwrap();
-        assert_eq!(boots.keys().collect::<Vec<_>>(), [&2]);
-        let e = linux_boots(&spec, vec![boot(3)]).unwrap_err();
-        assert_eq!(
-            why(e),
-            (3, "boots Linux but is not in the client's VMs".into())
-        );
-        let e = linux_boots(&spec, vec![boot(1), boot(1)]).unwrap_err();
-        assert_eq!(why(e), (1, "has two Linux boots".into()));
-    }
-
-    #[test]
-    fn only_a_remote_com1_is_tapped() {
-        let com1 = |place| DeviceSpec {
-            space: Space::Pio,
-            base: u64::from(UART_PORT),
-            len: 8,
-            model: 7,
-            posted: false,
-            place,
-        };
-        let console = Console::new();
-        let remote = vm_spec(1, vec![com1(Place::Remote { server: 0 })]);
-        assert!(uart_tap(&remote, &console).is_some());
-        let local = vm_spec(
-            1,
-            vec![com1(Place::Local {
-                kind: "uart".into(),
-            })],
-        );
-        assert!(uart_tap(&local, &console).is_none());
-        let elsewhere = vm_spec(
-            1,
-            vec![DeviceSpec {
-                base: 0x2f8,
-                ..com1(Place::Remote { server: 0 })
-            }],
-        );
-        assert!(uart_tap(&elsewhere, &console).is_none());
     }
 }
