@@ -99,6 +99,8 @@ pub struct Server {
     /// Socket mode: each worker's socket (a duplicate), to read the
     /// kernel's drops.
     udp_socks: Vec<std::net::UdpSocket>,
+    /// How long each step of a live change waits for a worker.
+    step_timeout: std::time::Duration,
 }
 
 fn build_dispatchers(cfg: &ServerConfig) -> Result<Vec<Dispatcher>, ServerError> {
@@ -195,6 +197,7 @@ impl Server {
             suspended: Default::default(),
             admission: None,
             udp_socks: sockets.iter().filter_map(|s| s.try_clone().ok()).collect(),
+            step_timeout: live::STEP_TIMEOUT,
         };
         let admission = Arc::new(socket::Admission {
             models: std::sync::RwLock::new(cfg.models.iter().map(|m| m.id).collect()),
@@ -259,6 +262,7 @@ impl Server {
             suspended: Default::default(),
             admission: None,
             udp_socks: Vec::new(),
+            step_timeout: live::STEP_TIMEOUT,
         };
         let batch = loop_config(cfg).batch;
         server.spawn_workers(cfg, rings, dispatchers, move |rings, w| {

@@ -50,6 +50,10 @@ pub enum AdoptError {
     /// Its snapshot did not restore.
     #[error("restoring its snapshot: {0}")]
     Restore(#[from] devplane_devmodels::SnapshotError),
+    /// The move was cancelled (it timed out) before this worker took the
+    /// model: it stays with its old owner.
+    #[error("the move was cancelled (timed out) before this worker took it")]
+    Cancelled,
 }
 
 /// One model as a worker holds it.
@@ -117,6 +121,12 @@ pub struct Handover {
     /// Its interrupts the old owner had not had acknowledged (sent or
     /// still queued), oldest first: the new owner sends them (again).
     pub irqs: Vec<PendingIrq>,
+}
+
+/// A handed-over model built and restored, not served yet.
+pub struct Staged {
+    slot: ModelSlot,
+    windows: Windows,
 }
 
 /// An interrupt a model raised, addressed to its VM.
@@ -212,6 +222,10 @@ pub struct DispatchStats {
 pub struct Dispatcher {
     server: u32,
     models: HashMap<u32, ModelSlot>,
+    /// Models lent to another worker by a move not yet settled
+    /// ([`Dispatcher::lend`]), with their unacknowledged interrupts: not
+    /// served, kept to be taken back if the move is cancelled.
+    lent: HashMap<u32, (ModelSlot, Vec<PendingIrq>)>,
     windows: Windows,
     owners: Owners,
     irqs: Vec<PendingIrq>,
@@ -224,6 +238,7 @@ impl Dispatcher {
         Dispatcher {
             server,
             models: HashMap::new(),
+            lent: HashMap::new(),
             windows: Windows::default(),
             owners: Owners::default(),
             irqs: Vec::new(),
@@ -275,9 +290,55 @@ impl Dispatcher {
         })
     }
 
+    /// First phase of a move: like [`Dispatcher::release`], but the model
+    /// is kept aside, not served, until the move is settled
+    /// ([`Dispatcher::settle`]). `irqs` are its unacknowledged interrupts
+    /// (taken from the router), kept to be restored if it comes back.
+    pub fn lend(&mut self, id: u32, irqs: &[PendingIrq]) -> Option<Handover> {
+        let slot = self.models.remove(&id)?;
+        let h = Handover {
+            kind: slot.model.kind(),
+            snapshot: slot.model.snapshot(),
+            pio_base: slot.pio_base,
+            mmio_base: slot.mmio_base,
+            irq_target: slot.irq_target,
+            irq_seq: slot.irq_seq,
+            params: Default::default(),
+            windows: self.windows.clone(),
+            irqs: irqs.to_vec(),
+        };
+        self.lent.insert(id, (slot, irqs.to_vec()));
+        Some(h)
+    }
+
+    /// Ends a move of lent model `id`: `keep` (the move was cancelled)
+    /// serves it here again, as it was, and returns its unacknowledged
+    /// interrupts for the router; otherwise it is dropped (its new owner
+    /// serves it). `None` if no model `id` is lent.
+    pub fn settle(&mut self, id: u32, keep: bool) -> Option<Vec<PendingIrq>> {
+        let (slot, irqs) = self.lent.remove(&id)?;
+        if keep {
+            self.models.insert(id, slot);
+        }
+        Some(irqs)
+    }
+
+    /// Ids of the models lent by moves not yet settled.
+    pub fn lent_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.lent.keys().copied()
+    }
+
     /// Takes model `id` over from a [`Handover`]: a new model of the same
     /// kind restored from the snapshot, and the windows merged.
     pub fn adopt(&mut self, id: u32, h: Handover) -> Result<(), AdoptError> {
+        let staged = Dispatcher::stage(h)?;
+        self.install(id, staged);
+        Ok(())
+    }
+
+    /// Builds the model a [`Handover`] carries, without serving it yet
+    /// (see [`Dispatcher::install`]).
+    pub fn stage(h: Handover) -> Result<Staged, AdoptError> {
         let mut model =
             devplane_devmodels::registry::build(h.kind, h.params.clone()).map_err(|source| {
                 AdoptError::Build {
@@ -286,18 +347,23 @@ impl Dispatcher {
                 }
             })?;
         model.restore(&h.snapshot)?;
-        self.windows.merge(h.windows);
-        self.models.insert(
-            id,
-            ModelSlot {
+        Ok(Staged {
+            slot: ModelSlot {
                 model,
                 pio_base: h.pio_base,
                 mmio_base: h.mmio_base,
                 irq_target: h.irq_target,
                 irq_seq: h.irq_seq,
             },
-        );
-        Ok(())
+            windows: h.windows,
+        })
+    }
+
+    /// Serves a model built by [`Dispatcher::stage`] as `id`, its windows
+    /// merged into this worker's.
+    pub fn install(&mut self, id: u32, staged: Staged) {
+        self.windows.merge(staged.windows);
+        self.models.insert(id, staged.slot);
     }
 
     /// The model `id`, if owned here.
