@@ -34,6 +34,7 @@ pub mod port_owner;
 pub mod socket;
 pub mod worker;
 pub mod xdp;
+pub mod xdp_query;
 
 pub use error::ServerError;
 pub use worker::{backoff, lifecycle, stats};
@@ -217,6 +218,22 @@ impl Server {
             .interface
             .clone()
             .ok_or_else(|| ServerError::Config("xdp mode needs server.interface".into()))?;
+        // Another program (another server's) steering this interface is
+        // refused, not replaced.
+        match xdp_query::attached(&ifname) {
+            Ok(None) => {}
+            Ok(Some(p)) => {
+                return Err(ServerError::Config(format!(
+                    "interface {ifname} already has XDP {p} attached (another devplane-server?); \
+                     stop it or detach it (ip link set dev {ifname} xdp off) first"
+                )));
+            }
+            Err(e) => {
+                return Err(ServerError::Config(format!(
+                    "cannot tell whether {ifname} has an XDP program attached: {e}"
+                )));
+            }
+        }
         let dispatchers = build_dispatchers(cfg)?;
         let mut program = Program::load(None)?;
         let pins = Some(bpffs::PinDir::create(
