@@ -8,6 +8,7 @@ use std::time::Duration;
 use devplane_control::config::ModelConfig;
 use devplane_devmodels::registry::ModelParams;
 
+use crate::dispatch::LendError;
 use crate::lifecycle::{self, MoveTicket, WorkerCmd};
 use crate::{Server, ServerError, build_dispatchers, socket};
 
@@ -72,8 +73,13 @@ impl Server {
                 ))
             })?,
         };
-        let mut handover = lent.ok_or_else(|| {
-            ServerError::Config(format!("worker {from} does not hold model {model}"))
+        let mut handover = lent.map_err(|e| {
+            ServerError::Config(match e {
+                LendError::NotHere => format!("worker {from} does not hold model {model}"),
+                LendError::WriteBack => format!(
+                    "move cancelled: worker {from} {e} (model {model}); it stays on worker {from}"
+                ),
+            })
         })?;
         handover.params = ModelParams {
             line: self.cfg.models[idx].line,

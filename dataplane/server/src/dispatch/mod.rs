@@ -56,6 +56,17 @@ pub enum AdoptError {
     Cancelled,
 }
 
+/// Why a worker did not lend a model for a move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LendError {
+    /// It does not hold the model.
+    #[error("does not hold the model")]
+    NotHere,
+    /// The model could not write its backing-store state back.
+    #[error("could not write the model's state back to its backing store")]
+    WriteBack,
+}
+
 /// One model as a worker holds it.
 pub struct ModelSlot {
     /// The model.
@@ -294,8 +305,18 @@ impl Dispatcher {
     /// is kept aside, not served, until the move is settled
     /// ([`Dispatcher::settle`]). `irqs` are its unacknowledged interrupts
     /// (taken from the router), kept to be restored if it comes back.
-    pub fn lend(&mut self, id: u32, irqs: &[PendingIrq]) -> Option<Handover> {
-        let slot = self.models.remove(&id)?;
+    /// The model first writes its backing-store state back
+    /// ([`DeviceModel::write_back`]), so neither copy holds dirty state
+    /// that dropping it could write over newer data; if that fails it is
+    /// not lent (and stays served).
+    pub fn lend(&mut self, id: u32, irqs: &[PendingIrq]) -> Result<Handover, LendError> {
+        let slot = self.models.get_mut(&id).ok_or(LendError::NotHere)?;
+        if !slot.model.write_back() {
+            return Err(LendError::WriteBack);
+        }
+        let Some(slot) = self.models.remove(&id) else {
+            return Err(LendError::NotHere);
+        };
         let h = Handover {
             kind: slot.model.kind(),
             snapshot: slot.model.snapshot(),
@@ -308,7 +329,7 @@ impl Dispatcher {
             irqs: irqs.to_vec(),
         };
         self.lent.insert(id, (slot, irqs.to_vec()));
-        Some(h)
+        Ok(h)
     }
 
     /// Ends a move of lent model `id`: `keep` (the move was cancelled)

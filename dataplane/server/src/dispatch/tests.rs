@@ -248,7 +248,11 @@ fn a_lent_model_is_not_served_until_settled() {
     assert_eq!(h.irqs, vec![irq]);
     assert_eq!(a.lent_ids().collect::<Vec<_>>(), vec![42]);
     assert_eq!(a.handle(&mut encode(42, &[req(2, w)])), Outcome::NotHere);
-    assert!(a.lend(42, &[]).is_none(), "lent twice");
+    assert_eq!(
+        a.lend(42, &[]).err(),
+        Some(LendError::NotHere),
+        "lent twice"
+    );
     assert_eq!(a.settle(42, true), Some(vec![irq]));
     let mut buf = encode(42, &[req(2, w), req(3, r)]);
     a.handle(&mut buf);

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::backoff::Backoff;
 use super::config::LoopConfig;
-use crate::dispatch::{AdoptError, Dispatcher, Handover, ModelSlot};
+use crate::dispatch::{AdoptError, Dispatcher, Handover, LendError, ModelSlot};
 use crate::irq::IrqRouter;
 
 /// The polling settings that can change while a worker runs.
@@ -74,14 +74,15 @@ pub enum WorkerCmd {
     },
     /// First phase of a move: unless `ticket` was cancelled, set it to
     /// [`MoveTicket::LENT`], keep model `model` aside (not served) and
-    /// reply with its state; `None` if the worker does not hold it.
+    /// reply with its state, or why it was not lent (the move is then
+    /// cancelled and the model stays served here).
     Lend {
         /// The model.
         model: u32,
         /// The move.
         ticket: MoveTicket,
         /// Where the hand-over goes.
-        reply: Sender<Option<Handover>>,
+        reply: Sender<Result<Handover, LendError>>,
     },
     /// Second phase: build model `model` from `handover`, then, unless
     /// `ticket` was cancelled meanwhile, set it to
@@ -172,12 +173,17 @@ impl WorkerCtl {
                     reply,
                 } => {
                     if disp.model(model).is_none() {
-                        let _ = reply.send(None);
+                        let _ = reply.send(Err(LendError::NotHere));
                     } else if ticket.step(MoveTicket::PENDING, MoveTicket::LENT) {
                         // The model's unacknowledged interrupts go with it
                         // (and come back if the move is cancelled).
                         let irqs = router.take_model(model);
-                        let _ = reply.send(disp.lend(model, &irqs));
+                        let r = disp.lend(model, &irqs);
+                        if r.is_err() {
+                            router.restore(irqs);
+                            ticket.step(MoveTicket::LENT, MoveTicket::CANCELLED);
+                        }
+                        let _ = reply.send(r);
                     }
                 }
                 WorkerCmd::Take {
