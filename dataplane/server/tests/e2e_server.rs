@@ -198,15 +198,15 @@ impl Requester {
 
     /// Like [`Requester::call`], but sends the same datagram again (same
     /// sequence numbers, as a devplane client retransmits) every 100 ms
-    /// without answer, up to 3 s: a model being moved is not served for a
-    /// moment.
+    /// without answer, up to 10 s (a loaded machine): a model being moved
+    /// is not served for a moment.
     fn call_retrying(&mut self, model: u32, accesses: &[Access]) -> Vec<(Status, u64)> {
         let recs: Vec<Record> = accesses.iter().map(|a| self.request(*a)).collect();
         let bytes = self.encode(model, self.client, &recs);
         self.sock
             .set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
-        let until = std::time::Instant::now() + Duration::from_secs(3);
+        let until = std::time::Instant::now() + Duration::from_secs(10);
         let mut buf = [0u8; 2048];
         while std::time::Instant::now() < until {
             self.send_raw(&bytes);
@@ -231,7 +231,7 @@ impl Requester {
                 return out;
             }
         }
-        panic!("model {model}: no answer within 3 s of retransmissions");
+        panic!("model {model}: no answer within 10 s of retransmissions");
     }
 
     /// Expects no datagram within `ms`.
