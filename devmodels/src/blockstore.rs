@@ -665,6 +665,10 @@ impl DeviceModel for Blockstore {
         KIND
     }
 
+    fn write_back(&mut self) -> bool {
+        self.dirty.is_empty() || Blockstore::write_back(self, true)
+    }
+
     fn read(&mut self, space: Space, offset: u64, size: AccessSize) -> Result<u64, DeviceError> {
         if space != Space::Mmio {
             return Err(DeviceError::Unmapped { space, offset });
@@ -975,6 +979,33 @@ mod tests {
         ));
         assert_eq!(ctrl(&mut b, CTRL_WRITES), 0, "no refused write counted");
         assert_eq!(b.dirty_pages(), 0);
+    }
+
+    /// Before a hand-over the dirty pages go to the file, so a copy
+    /// dropped later (the old owner's, or a cancelled new one) has nothing
+    /// to write over newer data; the guest-visible flush count is
+    /// unchanged.
+    #[test]
+    fn write_back_before_a_hand_over_leaves_nothing_dirty() {
+        let dir = TempDir::new("handover");
+        let path = image(&dir, 1 << 16);
+        let mut old = Blockstore::open(&path).unwrap();
+        wr(&mut old, 0x2000, AccessSize::B8, 0x55);
+        assert_eq!(old.dirty_pages(), 1);
+        assert!(DeviceModel::write_back(&mut old));
+        assert_eq!(old.dirty_pages(), 0);
+        assert_eq!(ctrl(&mut old, CTRL_FLUSH), 0);
+        let mut new = Blockstore::open(&path).unwrap();
+        new.restore(&old.snapshot()).unwrap();
+        assert_eq!(new.dirty_pages(), 0);
+        // The new owner writes newer data and flushes; the old copy goes
+        // away afterwards without touching the file.
+        wr(&mut new, 0x2000, AccessSize::B8, 0x66);
+        wr(&mut new, CTRL_BASE + CTRL_FLUSH, AccessSize::B8, 1);
+        drop(old);
+        drop(new);
+        let mut again = Blockstore::open(&path).unwrap();
+        assert_eq!(rd(&mut again, 0x2000, AccessSize::B8), 0x66);
     }
 
     #[test]

@@ -114,6 +114,15 @@ pub trait DeviceModel: Send {
         None
     }
 
+    /// Writes what the model holds in memory for a backing store (dirty
+    /// pages) back to it, durably, before the model is handed to another
+    /// owner: afterwards its snapshot holds nothing that a copy dropped
+    /// later could write back over newer data. True if all of it was
+    /// written (nothing to write: true).
+    fn write_back(&mut self) -> bool {
+        true
+    }
+
     /// The whole state, versioned.
     fn snapshot(&self) -> Snapshot;
 

@@ -34,6 +34,7 @@ pub mod port_owner;
 pub mod socket;
 pub mod worker;
 pub mod xdp;
+pub mod xdp_query;
 
 pub use error::ServerError;
 pub use worker::{backoff, lifecycle, stats};
@@ -99,6 +100,8 @@ pub struct Server {
     /// Socket mode: each worker's socket (a duplicate), to read the
     /// kernel's drops.
     udp_socks: Vec<std::net::UdpSocket>,
+    /// How long each step of a live change waits for a worker.
+    step_timeout: std::time::Duration,
 }
 
 fn build_dispatchers(cfg: &ServerConfig) -> Result<Vec<Dispatcher>, ServerError> {
@@ -195,6 +198,7 @@ impl Server {
             suspended: Default::default(),
             admission: None,
             udp_socks: sockets.iter().filter_map(|s| s.try_clone().ok()).collect(),
+            step_timeout: live::STEP_TIMEOUT,
         };
         let admission = Arc::new(socket::Admission {
             models: std::sync::RwLock::new(cfg.models.iter().map(|m| m.id).collect()),
@@ -214,6 +218,22 @@ impl Server {
             .interface
             .clone()
             .ok_or_else(|| ServerError::Config("xdp mode needs server.interface".into()))?;
+        // Another program (another server's) steering this interface is
+        // refused, not replaced.
+        match xdp_query::attached(&ifname) {
+            Ok(None) => {}
+            Ok(Some(p)) => {
+                return Err(ServerError::Config(format!(
+                    "interface {ifname} already has XDP {p} attached (another devplane-server?); \
+                     stop it or detach it (ip link set dev {ifname} xdp off) first"
+                )));
+            }
+            Err(e) => {
+                return Err(ServerError::Config(format!(
+                    "cannot tell whether {ifname} has an XDP program attached: {e}"
+                )));
+            }
+        }
         let dispatchers = build_dispatchers(cfg)?;
         let mut program = Program::load(None)?;
         let pins = Some(bpffs::PinDir::create(
@@ -259,6 +279,7 @@ impl Server {
             suspended: Default::default(),
             admission: None,
             udp_socks: Vec::new(),
+            step_timeout: live::STEP_TIMEOUT,
         };
         let batch = loop_config(cfg).batch;
         server.spawn_workers(cfg, rings, dispatchers, move |rings, w| {

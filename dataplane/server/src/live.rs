@@ -8,18 +8,29 @@ use std::time::Duration;
 use devplane_control::config::ModelConfig;
 use devplane_devmodels::registry::ModelParams;
 
-use crate::lifecycle::{self, WorkerCmd};
+use crate::dispatch::LendError;
+use crate::lifecycle::{self, MoveTicket, WorkerCmd};
 use crate::{Server, ServerError, build_dispatchers, socket};
 
+/// How long each step of a live change waits for a worker, by default.
+pub(crate) const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Server {
-    /// Moves device model `model` to worker `to` while traffic flows: the
-    /// old worker gives it up (snapshot and duplicate windows), the route
-    /// is switched, the new worker restores it. A request that reaches a
-    /// worker not holding the model meanwhile is dropped unanswered, and
-    /// the client's retransmission (same sequence numbers) is served by
-    /// the new owner: none is lost, none applied twice.
+    /// Moves device model `model` to worker `to` while traffic flows, in
+    /// two phases under one [`MoveTicket`]: the old worker lends the model
+    /// (snapshot and duplicate windows; it keeps the model aside, not
+    /// served), the route is switched, the new worker builds and serves
+    /// it, and only then does the old worker drop its copy. If a worker
+    /// does not take its step in time, the move is cancelled: the route
+    /// goes back and the old worker serves the model again as it was (a
+    /// worker that takes its step after the cancellation does nothing).
+    /// `Ok` means the new worker serves the model; an error says where it
+    /// is served. A request that reaches a worker not serving the model
+    /// meanwhile is dropped unanswered, and the client's retransmission
+    /// (same sequence numbers) is served by the owner: none is lost, none
+    /// applied twice.
     pub fn move_model(&mut self, model: u32, to: usize) -> Result<(), ServerError> {
-        let timeout = Duration::from_secs(5);
+        let timeout = self.step_timeout;
         let idx = self
             .cfg
             .models
@@ -36,36 +47,121 @@ impl Server {
         if from == to {
             return Ok(());
         }
+        let ticket = MoveTicket::new();
+        // Phase 1: the old worker lends the model.
         let (tx, rx) = std::sync::mpsc::channel();
-        self.send(from, WorkerCmd::Release { model, reply: tx })?;
-        let mut handover = rx
-            .recv_timeout(timeout)
-            .map_err(|_| {
-                ServerError::Config(format!("worker {from} did not release model {model}"))
-            })?
-            .ok_or_else(|| {
-                ServerError::Config(format!("worker {from} does not hold model {model}"))
-            })?;
+        self.send(
+            from,
+            WorkerCmd::Lend {
+                model,
+                ticket: ticket.clone(),
+                reply: tx,
+            },
+        )?;
+        let lent = match rx.recv_timeout(timeout) {
+            Ok(h) => h,
+            Err(_) if ticket.step(MoveTicket::PENDING, MoveTicket::CANCELLED) => {
+                return Err(ServerError::Config(format!(
+                    "move cancelled: worker {from} did not give model {model} up within \
+                     {timeout:?}; it stays on worker {from}"
+                )));
+            }
+            // Lent just as the wait ended: the hand-over is on its way.
+            Err(_) => rx.recv().map_err(|_| {
+                ServerError::Config(format!(
+                    "worker {from} stopped while giving model {model} up"
+                ))
+            })?,
+        };
+        let mut handover = lent.map_err(|e| {
+            ServerError::Config(match e {
+                LendError::NotHere => format!("worker {from} does not hold model {model}"),
+                LendError::WriteBack => format!(
+                    "move cancelled: worker {from} {e} (model {model}); it stays on worker {from}"
+                ),
+            })
+        })?;
         handover.params = ModelParams {
             line: self.cfg.models[idx].line,
             backing: self.cfg.models[idx].backing.clone(),
         };
+        // Phase 2: the route switches, the new worker takes the model.
         self.cfg.models[idx].worker = to;
+        let why = match self.reroute() {
+            Err(e) => format!("switching the route failed ({e})"),
+            Ok(()) => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let sent = self.send(
+                    to,
+                    WorkerCmd::Take {
+                        model,
+                        handover: Box::new(handover),
+                        ticket: ticket.clone(),
+                        reply: tx,
+                    },
+                );
+                match sent.map(|()| rx.recv_timeout(timeout)) {
+                    Ok(Ok(Ok(()))) => return self.settle(model, from, false),
+                    Ok(Ok(Err(e))) => format!("worker {to} cannot restore model {model}: {e}"),
+                    Err(e) => e.to_string(),
+                    Ok(Err(_)) => {
+                        format!("worker {to} did not take model {model} within {timeout:?}")
+                    }
+                }
+            }
+        };
+        // The new worker took it just as the wait ended: moved.
+        if !ticket.step(MoveTicket::LENT, MoveTicket::CANCELLED) {
+            return self.settle(model, from, false);
+        }
+        self.cfg.models[idx].worker = from;
         self.reroute()?;
+        self.settle(model, from, true)?;
+        Err(ServerError::Config(format!(
+            "move cancelled: {why}; model {model} is served by worker {from} again"
+        )))
+    }
+
+    /// Ends a move on the old owner `from`: `keep` serves the lent model
+    /// there again, otherwise its copy is dropped. Waits for the worker
+    /// (it answered the first phase, so it is alive); if it is slow, the
+    /// command stays queued and is applied at its next turn.
+    fn settle(&mut self, model: u32, from: usize, keep: bool) -> Result<(), ServerError> {
         let (tx, rx) = std::sync::mpsc::channel();
         self.send(
-            to,
-            WorkerCmd::Adopt {
+            from,
+            WorkerCmd::Settle {
                 model,
-                handover: Box::new(handover),
+                keep,
                 reply: tx,
             },
         )?;
-        rx.recv_timeout(timeout)
-            .map_err(|_| ServerError::Config(format!("worker {to} did not adopt model {model}")))?
-            .map_err(|e| {
-                ServerError::Config(format!("worker {to} cannot restore model {model}: {e}"))
-            })
+        match rx.recv_timeout(self.step_timeout) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(ServerError::Config(format!(
+                "worker {from} had no lent model {model} to settle"
+            ))),
+            Err(_) if keep => Err(ServerError::Config(format!(
+                "move cancelled; worker {from} has not taken model {model} back within \
+                 {:?} and serves it again once it takes its commands",
+                self.step_timeout
+            ))),
+            // Moved: the old copy is dropped when the old worker gets to it.
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// How long each step of a live change (model moved, added, removed)
+    /// waits for a worker from now on.
+    pub fn set_step_timeout(&mut self, t: Duration) {
+        self.step_timeout = t;
+    }
+
+    /// Test hook: worker `worker` sleeps for `d` at its next command poll,
+    /// as a slow or stuck worker would (to time a live change out).
+    #[doc(hidden)]
+    pub fn stall_worker(&self, worker: usize, d: Duration) -> Result<(), ServerError> {
+        self.send(worker, WorkerCmd::Stall(d))
     }
 
     /// Starts serving a new device model on its worker, then routes its
@@ -100,7 +196,7 @@ impl Server {
                 reply: tx,
             },
         )?;
-        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| {
+        rx.recv_timeout(self.step_timeout).map_err(|_| {
             ServerError::Config(format!("worker {} did not take model {}", m.worker, m.id))
         })?;
         self.cfg.models.push(m.clone());
@@ -134,7 +230,7 @@ impl Server {
         self.reroute()?;
         let (tx, rx) = std::sync::mpsc::channel();
         self.send(m.worker, WorkerCmd::Release { model, reply: tx })?;
-        rx.recv_timeout(Duration::from_secs(5)).map_err(|_| {
+        rx.recv_timeout(self.step_timeout).map_err(|_| {
             ServerError::Config(format!("worker {} did not drop model {model}", m.worker))
         })?;
         Ok(())

@@ -218,6 +218,44 @@ impl Requester {
         }
     }
 
+    /// Like [`Requester::call`], but sends the same datagram again (same
+    /// sequence numbers, as a devplane client retransmits) every 100 ms
+    /// without answer, up to 10 s (a loaded machine): a model being moved
+    /// is not served for a moment.
+    fn call_retrying(&mut self, model: u32, accesses: &[Access]) -> Vec<(Status, u64)> {
+        let recs: Vec<Record> = accesses.iter().map(|a| self.request(*a)).collect();
+        let bytes = self.encode(model, self.client, &recs);
+        self.sock
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 2048];
+        while std::time::Instant::now() < until {
+            self.send_raw(&bytes);
+            let Ok((n, _)) = self.sock.recv_from(&mut buf) else {
+                continue;
+            };
+            let d = Datagram::parse(&buf[..n]).expect("response parses");
+            if d.kind() != Kind::Response {
+                continue;
+            }
+            let out: Vec<(Status, u64)> = d
+                .records()
+                .zip(&recs)
+                .filter_map(|(r, q)| match (r, q) {
+                    (Record::Response(r), Record::Request(q)) if r.id == q.id => {
+                        Some((r.status, r.data))
+                    }
+                    _ => None,
+                })
+                .collect();
+            if out.len() == recs.len() {
+                return out;
+            }
+        }
+        panic!("model {model}: no answer within 10 s of retransmissions");
+    }
+
     /// Expects no datagram within `ms`.
     /// Expects nothing but resent interrupts (acknowledged again) within
     /// `ms`.
@@ -746,4 +784,111 @@ fn xdp_mode_lifecycle_under_traffic() {
 #[test]
 fn socket_mode_lifecycle_under_traffic() {
     lifecycle(Mode::Socket, "ls");
+}
+
+/// A move timed out at each step (a worker stuck past the step timeout by
+/// the test hook) is cancelled: the report says so and where the model is,
+/// the model keeps serving there with its state, and the stuck worker that
+/// takes its step late does nothing. Then a move that completes moves it.
+fn moves_timed_out(mode: Mode, tag: &str) {
+    let test = format!("e2e_server_move_timeouts_{tag}");
+    if !privilege::require(&test, &[Capability::Root, Capability::Bpf]) {
+        return;
+    }
+    let topo = match Topology::new(tag) {
+        Ok(t) => t,
+        Err(e) => {
+            privilege::unavailable(&test, &format!("cannot build the netns topology: {e}"));
+            return;
+        }
+    };
+    let srv = ServerThread::spawn(config(&topo, mode, tag), Some(topo.server_netns()))
+        .expect("server starts");
+    let mut c = Requester::new(&topo, topo.client_ip());
+    srv.call(|s| s.set_step_timeout(Duration::from_millis(200)))
+        .unwrap();
+    let stall = Duration::from_millis(1000);
+    let mut writes = 0u64;
+    let write_and_check = |c: &mut Requester, writes: &mut u64| {
+        for _ in 0..5 {
+            assert_eq!(
+                c.call_retrying(MODEL_A, &[pio_write(1)]),
+                vec![(Status::Ok, 0)]
+            );
+            *writes += 1;
+        }
+        assert_eq!(
+            c.call_retrying(MODEL_A, &[pio_read()]),
+            vec![(Status::Ok, *writes)],
+            "model A lost or repeated writes"
+        );
+    };
+    let records = |s: &ServerSnapshot| (s.workers[0].records, s.workers[1].records);
+    write_and_check(&mut c, &mut writes);
+
+    // Step 1 times out: worker 0 (the owner) is stuck.
+    srv.call(move |s| s.stall_worker(0, stall))
+        .unwrap()
+        .unwrap();
+    let err = srv.call(|s| s.move_model(MODEL_A, 1)).unwrap().unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("move cancelled") && msg.contains("stays on worker 0"),
+        "{msg}"
+    );
+    // Served by worker 0 (once it wakes), state intact; worker 1 never
+    // sees it.
+    let before = records(&srv.snapshot());
+    write_and_check(&mut c, &mut writes);
+    let after = records(&srv.snapshot());
+    assert!(
+        after.0 > before.0 && after.1 == before.1,
+        "{before:?} -> {after:?}"
+    );
+
+    // Step 2 times out: worker 1 (the new owner) is stuck.
+    srv.call(move |s| s.stall_worker(1, stall))
+        .unwrap()
+        .unwrap();
+    let err = srv.call(|s| s.move_model(MODEL_A, 1)).unwrap().unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("move cancelled")
+            && msg.contains("worker 1 did not take")
+            && msg.contains("served by worker 0 again"),
+        "{msg}"
+    );
+    let before = records(&srv.snapshot());
+    write_and_check(&mut c, &mut writes);
+    // Worker 1 wakes and takes its late step, which must do nothing.
+    std::thread::sleep(stall);
+    write_and_check(&mut c, &mut writes);
+    let after = records(&srv.snapshot());
+    assert!(
+        after.0 > before.0 && after.1 == before.1,
+        "{before:?} -> {after:?}"
+    );
+
+    // Nobody stuck: the move completes and worker 1 serves the model.
+    srv.call(|s| s.move_model(MODEL_A, 1))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("move: {e}"));
+    let before = records(&srv.snapshot());
+    write_and_check(&mut c, &mut writes);
+    let after = records(&srv.snapshot());
+    assert!(
+        after.1 > before.1 && after.0 == before.0,
+        "{before:?} -> {after:?}"
+    );
+    srv.stop();
+}
+
+#[test]
+fn xdp_mode_move_timed_out_keeps_serving() {
+    moves_timed_out(Mode::Xdp, "mx");
+}
+
+#[test]
+fn socket_mode_move_timed_out_keeps_serving() {
+    moves_timed_out(Mode::Socket, "ms");
 }

@@ -552,3 +552,85 @@ fn a_second_server_on_the_same_port_is_refused() {
     );
     stop_server(first);
 }
+
+/// An XDP-mode server refuses an interface that already has an XDP program
+/// attached (here another server's), naming it, and leaves that server's
+/// program and pinned maps as they were.
+#[test]
+fn a_second_xdp_server_on_the_interface_is_refused() {
+    let test = "a_second_xdp_server_on_the_interface_is_refused";
+    if !privilege::require(test, &[Capability::Root, Capability::Bpf]) {
+        return;
+    }
+    let topo = match Topology::new("dupx") {
+        Ok(t) => t,
+        Err(e) => {
+            privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
+            return;
+        }
+    };
+    let pid = std::process::id();
+    let pin = |n: u32| format!("/sys/fs/bpf/devplane-test-dupx-{pid}-{n}");
+    let (_p1, _p2) = (TempDir(pin(1).into()), TempDir(pin(2).into()));
+    let cfg = |n: u32| {
+        let f = TempFile(std::env::temp_dir().join(format!("dp-dupx-{pid}-{n}.toml")));
+        std::fs::write(
+            &f.0,
+            format!(
+                "[server]\nid = 3\ninterface = \"{}\"\nport = {}\nworkers = [0]\npin_dir = \"{}\"\n\n\
+                 [[models]]\nid = 5\nkind = \"null\"\nworker = 0\n",
+                topo.server_ifname(),
+                7792 + n,
+                pin(n)
+            ),
+        )
+        .unwrap();
+        f
+    };
+    let (c1, c2) = (cfg(1), cfg(2));
+    let sock = |n: u32| TempFile(std::env::temp_dir().join(format!("dp-dupx-{pid}-{n}.sock")));
+    let (s1, s2) = (sock(1), sock(2));
+    let args = |c: &TempFile, s: &TempFile| {
+        vec![
+            std::ffi::OsString::from("--config"),
+            c.0.clone().into(),
+            "--control".into(),
+            s.0.clone().into(),
+        ]
+    };
+    let a1 = args(&c1, &s1);
+    let a1: Vec<&std::ffi::OsStr> = a1.iter().map(|a| a.as_os_str()).collect();
+    let (first, _, _lines) = start_server(&topo, &a1, "XDP attached");
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", topo.server_netns()))
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_devplane-server"))
+        .args(args(&c2, &s2))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second server started: {err}");
+    assert!(
+        err.contains(&format!(
+            "interface {} already has XDP program devplane_xdp",
+            topo.server_ifname()
+        )),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        !std::path::Path::new(&pin(2)).exists(),
+        "the refused server pinned maps"
+    );
+    // The first is untouched: still attached, its maps pinned, answering.
+    assert!(xdp_attached(&topo), "the first server's XDP was detached");
+    assert!(std::path::Path::new(&pin(1)).join("DP_ROUTES").exists());
+    let out = dpctl(&s1.0, &["stats"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stop_server(first);
+    assert!(!xdp_attached(&topo), "XDP still attached after Ctrl-C");
+}

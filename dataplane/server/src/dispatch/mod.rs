@@ -50,6 +50,21 @@ pub enum AdoptError {
     /// Its snapshot did not restore.
     #[error("restoring its snapshot: {0}")]
     Restore(#[from] devplane_devmodels::SnapshotError),
+    /// The move was cancelled (it timed out) before this worker took the
+    /// model: it stays with its old owner.
+    #[error("the move was cancelled (timed out) before this worker took it")]
+    Cancelled,
+}
+
+/// Why a worker did not lend a model for a move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LendError {
+    /// It does not hold the model.
+    #[error("does not hold the model")]
+    NotHere,
+    /// The model could not write its backing-store state back.
+    #[error("could not write the model's state back to its backing store")]
+    WriteBack,
 }
 
 /// One model as a worker holds it.
@@ -117,6 +132,12 @@ pub struct Handover {
     /// Its interrupts the old owner had not had acknowledged (sent or
     /// still queued), oldest first: the new owner sends them (again).
     pub irqs: Vec<PendingIrq>,
+}
+
+/// A handed-over model built and restored, not served yet.
+pub struct Staged {
+    slot: ModelSlot,
+    windows: Windows,
 }
 
 /// An interrupt a model raised, addressed to its VM.
@@ -212,6 +233,10 @@ pub struct DispatchStats {
 pub struct Dispatcher {
     server: u32,
     models: HashMap<u32, ModelSlot>,
+    /// Models lent to another worker by a move not yet settled
+    /// ([`Dispatcher::lend`]), with their unacknowledged interrupts: not
+    /// served, kept to be taken back if the move is cancelled.
+    lent: HashMap<u32, (ModelSlot, Vec<PendingIrq>)>,
     windows: Windows,
     owners: Owners,
     irqs: Vec<PendingIrq>,
@@ -224,6 +249,7 @@ impl Dispatcher {
         Dispatcher {
             server,
             models: HashMap::new(),
+            lent: HashMap::new(),
             windows: Windows::default(),
             owners: Owners::default(),
             irqs: Vec::new(),
@@ -275,9 +301,65 @@ impl Dispatcher {
         })
     }
 
+    /// First phase of a move: like [`Dispatcher::release`], but the model
+    /// is kept aside, not served, until the move is settled
+    /// ([`Dispatcher::settle`]). `irqs` are its unacknowledged interrupts
+    /// (taken from the router), kept to be restored if it comes back.
+    /// The model first writes its backing-store state back
+    /// ([`DeviceModel::write_back`]), so neither copy holds dirty state
+    /// that dropping it could write over newer data; if that fails it is
+    /// not lent (and stays served).
+    pub fn lend(&mut self, id: u32, irqs: &[PendingIrq]) -> Result<Handover, LendError> {
+        let slot = self.models.get_mut(&id).ok_or(LendError::NotHere)?;
+        if !slot.model.write_back() {
+            return Err(LendError::WriteBack);
+        }
+        let Some(slot) = self.models.remove(&id) else {
+            return Err(LendError::NotHere);
+        };
+        let h = Handover {
+            kind: slot.model.kind(),
+            snapshot: slot.model.snapshot(),
+            pio_base: slot.pio_base,
+            mmio_base: slot.mmio_base,
+            irq_target: slot.irq_target,
+            irq_seq: slot.irq_seq,
+            params: Default::default(),
+            windows: self.windows.clone(),
+            irqs: irqs.to_vec(),
+        };
+        self.lent.insert(id, (slot, irqs.to_vec()));
+        Ok(h)
+    }
+
+    /// Ends a move of lent model `id`: `keep` (the move was cancelled)
+    /// serves it here again, as it was, and returns its unacknowledged
+    /// interrupts for the router; otherwise it is dropped (its new owner
+    /// serves it). `None` if no model `id` is lent.
+    pub fn settle(&mut self, id: u32, keep: bool) -> Option<Vec<PendingIrq>> {
+        let (slot, irqs) = self.lent.remove(&id)?;
+        if keep {
+            self.models.insert(id, slot);
+        }
+        Some(irqs)
+    }
+
+    /// Ids of the models lent by moves not yet settled.
+    pub fn lent_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.lent.keys().copied()
+    }
+
     /// Takes model `id` over from a [`Handover`]: a new model of the same
     /// kind restored from the snapshot, and the windows merged.
     pub fn adopt(&mut self, id: u32, h: Handover) -> Result<(), AdoptError> {
+        let staged = Dispatcher::stage(h)?;
+        self.install(id, staged);
+        Ok(())
+    }
+
+    /// Builds the model a [`Handover`] carries, without serving it yet
+    /// (see [`Dispatcher::install`]).
+    pub fn stage(h: Handover) -> Result<Staged, AdoptError> {
         let mut model =
             devplane_devmodels::registry::build(h.kind, h.params.clone()).map_err(|source| {
                 AdoptError::Build {
@@ -286,18 +368,23 @@ impl Dispatcher {
                 }
             })?;
         model.restore(&h.snapshot)?;
-        self.windows.merge(h.windows);
-        self.models.insert(
-            id,
-            ModelSlot {
+        Ok(Staged {
+            slot: ModelSlot {
                 model,
                 pio_base: h.pio_base,
                 mmio_base: h.mmio_base,
                 irq_target: h.irq_target,
                 irq_seq: h.irq_seq,
             },
-        );
-        Ok(())
+            windows: h.windows,
+        })
+    }
+
+    /// Serves a model built by [`Dispatcher::stage`] as `id`, its windows
+    /// merged into this worker's.
+    pub fn install(&mut self, id: u32, staged: Staged) {
+        self.windows.merge(staged.windows);
+        self.models.insert(id, staged.slot);
     }
 
     /// The model `id`, if owned here.

@@ -207,6 +207,68 @@ fn a_moved_model_keeps_its_state_and_windows() {
     assert_eq!(b.model(42).unwrap().irq_target, Some((3, 2)));
 }
 
+/// The data of each response record in `buf`.
+fn answers(buf: &[u8]) -> Vec<u64> {
+    Datagram::parse(buf)
+        .unwrap()
+        .records()
+        .map(|r| match r {
+            Record::Response(r) => r.data,
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn a_lent_model_is_not_served_until_settled() {
+    let w = Access::PioOut {
+        port: 0x100,
+        size: AccessSize::B1,
+        data: 5,
+    };
+    let r = Access::PioIn {
+        port: 0x100,
+        size: AccessSize::B4,
+    };
+    // Cancelled: the old owner takes it back as it was, with its
+    // interrupts.
+    let mut a = dispatcher();
+    a.handle(&mut encode(42, &[req(1, w)]));
+    let irq = PendingIrq {
+        model: 42,
+        vm: 3,
+        hypervisor: 2,
+        event: IrqEvent {
+            line: 5,
+            action: devplane_wire::IrqAction::Edge,
+        },
+        seq: 9,
+    };
+    let h = a.lend(42, &[irq]).expect("owned");
+    assert_eq!(h.irqs, vec![irq]);
+    assert_eq!(a.lent_ids().collect::<Vec<_>>(), vec![42]);
+    assert_eq!(a.handle(&mut encode(42, &[req(2, w)])), Outcome::NotHere);
+    assert_eq!(
+        a.lend(42, &[]).err(),
+        Some(LendError::NotHere),
+        "lent twice"
+    );
+    assert_eq!(a.settle(42, true), Some(vec![irq]));
+    let mut buf = encode(42, &[req(2, w), req(3, r)]);
+    a.handle(&mut buf);
+    assert_eq!(answers(&buf), vec![0, 2], "the write before lending kept");
+    assert_eq!(a.settle(42, true), None, "nothing lent any more");
+    // Moved: the new owner serves the hand-over, the old drops its copy.
+    let h = a.lend(42, &[]).expect("owned");
+    let mut b = Dispatcher::new(1);
+    b.adopt(42, h).unwrap();
+    assert_eq!(a.settle(42, false), Some(vec![]));
+    assert!(a.model(42).is_none() && a.lent_ids().next().is_none());
+    let mut buf = encode(42, &[req(3, r)]);
+    b.handle(&mut buf);
+    assert_eq!(answers(&buf), vec![2]);
+}
+
 #[test]
 fn interrupts_are_addressed_to_the_models_vm() {
     let mut d = dispatcher();

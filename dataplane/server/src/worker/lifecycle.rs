@@ -5,13 +5,13 @@
 //! never needs a lock on its models.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::time::Duration;
 
 use super::backoff::Backoff;
 use super::config::LoopConfig;
-use crate::dispatch::{AdoptError, Dispatcher, Handover, ModelSlot};
+use crate::dispatch::{AdoptError, Dispatcher, Handover, LendError, ModelSlot};
 use crate::irq::IrqRouter;
 
 /// The polling settings that can change while a worker runs.
@@ -25,6 +25,43 @@ pub struct Tune {
     pub batch: u32,
 }
 
+/// The state of one model move, shared by the server's owning thread and
+/// the two workers, so that exactly one of "moved" and "cancelled" happens
+/// whatever the timing: each step is a compare-and-swap from the state the
+/// step before left, and the owning thread cancels (on a timeout) with a
+/// compare-and-swap too. A worker that takes its command after the move
+/// was cancelled does nothing.
+#[derive(Debug, Clone, Default)]
+pub struct MoveTicket(Arc<AtomicU8>);
+
+impl MoveTicket {
+    /// Created; the old owner has not given the model up.
+    pub const PENDING: u8 = 0;
+    /// The old owner lent it (kept aside, not served).
+    pub const LENT: u8 = 1;
+    /// The new owner serves it.
+    pub const ADOPTED: u8 = 2;
+    /// Cancelled: the old owner keeps (or takes back) the model.
+    pub const CANCELLED: u8 = 3;
+
+    /// A new move.
+    pub fn new() -> MoveTicket {
+        MoveTicket::default()
+    }
+
+    /// Moves from `from` to `to`; `false` if the state was not `from`.
+    pub fn step(&self, from: u8, to: u8) -> bool {
+        self.0
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// The state now.
+    pub fn state(&self) -> u8 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
 /// A command to one worker.
 pub enum WorkerCmd {
     /// Give model `model` up; the reply carries its state (or `None` if the
@@ -35,15 +72,46 @@ pub enum WorkerCmd {
         /// Where the hand-over goes.
         reply: Sender<Option<Handover>>,
     },
-    /// Take model `model` over.
-    Adopt {
+    /// First phase of a move: unless `ticket` was cancelled, set it to
+    /// [`MoveTicket::LENT`], keep model `model` aside (not served) and
+    /// reply with its state, or why it was not lent (the move is then
+    /// cancelled and the model stays served here).
+    Lend {
+        /// The model.
+        model: u32,
+        /// The move.
+        ticket: MoveTicket,
+        /// Where the hand-over goes.
+        reply: Sender<Result<Handover, LendError>>,
+    },
+    /// Second phase: build model `model` from `handover`, then, unless
+    /// `ticket` was cancelled meanwhile, set it to
+    /// [`MoveTicket::ADOPTED`] and serve the model.
+    Take {
         /// The model.
         model: u32,
         /// Its state (boxed: it is large beside the other commands).
         handover: Box<Handover>,
+        /// The move.
+        ticket: MoveTicket,
         /// The outcome.
         reply: Sender<Result<(), AdoptError>>,
     },
+    /// Ends a move on the old owner: `keep` serves lent model `model` here
+    /// again (the move was cancelled), otherwise it is dropped. The reply
+    /// says whether a lent model `model` was there.
+    Settle {
+        /// The model.
+        model: u32,
+        /// Serve it here again.
+        keep: bool,
+        /// Sent once applied.
+        reply: Sender<bool>,
+    },
+    /// Test hook: the worker sleeps this long in its next command poll (a
+    /// slow or stuck worker, to time a move out).
+    #[doc(hidden)]
+    Stall(Duration),
     /// Serve a new model (added live).
     Insert {
         /// The model.
@@ -99,18 +167,56 @@ impl WorkerCtl {
                     });
                     let _ = reply.send(h);
                 }
-                WorkerCmd::Adopt {
+                WorkerCmd::Lend {
+                    model,
+                    ticket,
+                    reply,
+                } => {
+                    if disp.model(model).is_none() {
+                        let _ = reply.send(Err(LendError::NotHere));
+                    } else if ticket.step(MoveTicket::PENDING, MoveTicket::LENT) {
+                        // The model's unacknowledged interrupts go with it
+                        // (and come back if the move is cancelled).
+                        let irqs = router.take_model(model);
+                        let r = disp.lend(model, &irqs);
+                        if r.is_err() {
+                            router.restore(irqs);
+                            ticket.step(MoveTicket::LENT, MoveTicket::CANCELLED);
+                        }
+                        let _ = reply.send(r);
+                    }
+                }
+                WorkerCmd::Take {
                     model,
                     mut handover,
+                    ticket,
                     reply,
                 } => {
                     let irqs = std::mem::take(&mut handover.irqs);
-                    let r = disp.adopt(model, *handover);
-                    if r.is_ok() {
-                        router.restore(irqs);
-                    }
+                    let r = Dispatcher::stage(*handover).and_then(|staged| {
+                        if ticket.step(MoveTicket::LENT, MoveTicket::ADOPTED) {
+                            disp.install(model, staged);
+                            router.restore(irqs);
+                            Ok(())
+                        } else {
+                            Err(AdoptError::Cancelled)
+                        }
+                    });
                     let _ = reply.send(r);
                 }
+                WorkerCmd::Settle { model, keep, reply } => {
+                    let found = match disp.settle(model, keep) {
+                        Some(irqs) => {
+                            if keep {
+                                router.restore(irqs);
+                            }
+                            true
+                        }
+                        None => false,
+                    };
+                    let _ = reply.send(found);
+                }
+                WorkerCmd::Stall(d) => std::thread::sleep(d),
                 WorkerCmd::Insert { model, slot, reply } => {
                     disp.insert(model, *slot);
                     let _ = reply.send(());
