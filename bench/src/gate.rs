@@ -165,9 +165,13 @@ pub struct GateFloor {
 
 impl GateRow {
     /// Rows the gate judges: latency rows with a floor other than
-    /// themselves (a floor's ratio to itself is always 1).
+    /// themselves (a floor's ratio to itself is always 1), but not the
+    /// boot scenario's (one boot each, a minute where kernel code is
+    /// emulated: reported, never gated).
     fn gated(&self) -> bool {
-        self.ratio.is_some() && self.floor.as_ref().is_some_and(|f| f.name != self.key)
+        self.ratio.is_some()
+            && self.floor.as_ref().is_some_and(|f| f.name != self.key)
+            && !self.key.starts_with("boot/")
     }
 }
 
