@@ -40,7 +40,7 @@ const PORT: u16 = 7820;
 const MEASURED: &str = "boot-scenario.secs";
 const KEPT: usize = 3;
 /// What the two boots take where the scenario never ran here yet: the
-/// minimal kernel boots in ~50-65 s where `/dev/kvm` emulates guest kernel
+/// minimal kernel boots in about a minute where `/dev/kvm` emulates guest kernel
 /// code (nested PVM), in a few seconds where KVM runs it on the CPU.
 const EMULATED_GUESS: Duration = Duration::from_secs(130);
 const NATIVE_GUESS: Duration = Duration::from_secs(20);
@@ -64,7 +64,7 @@ pub fn estimate(kernel: &MinimalKernel) -> (Duration, String) {
         (
             EMULATED_GUESS,
             "/dev/kvm emulates guest kernel code here (nested PVM): two boots of \
-             ~50-65 s each"
+             about a minute each"
                 .into(),
         )
     } else {
