@@ -165,9 +165,13 @@ pub struct GateFloor {
 
 impl GateRow {
     /// Rows the gate judges: latency rows with a floor other than
-    /// themselves (a floor's ratio to itself is always 1).
+    /// themselves (a floor's ratio to itself is always 1), but not the
+    /// boot scenario's (one boot each, a minute where kernel code is
+    /// emulated: reported, never gated).
     fn gated(&self) -> bool {
-        self.ratio.is_some() && self.floor.as_ref().is_some_and(|f| f.name != self.key)
+        self.ratio.is_some()
+            && self.floor.as_ref().is_some_and(|f| f.name != self.key)
+            && !self.key.starts_with("boot/")
     }
 }
 
@@ -437,6 +441,48 @@ mod tests {
         // Floors and rate rows are not judged.
         let keys: Vec<&str> = c.lines.iter().map(|l| l.key.as_str()).collect();
         assert_eq!(keys, ["server/xdp-rtt", "server/socket-rtt"]);
+    }
+
+    #[test]
+    fn boot_rows_are_never_gated() {
+        let with_boot = |remote_p50: f64| {
+            let text = format!(
+                r#"{{"timestamp": "t", "git_revision": "r", "rows": [
+                  {{"key": "server/udp-floor", "ratio": {{"p50": 1.0}},
+                    "floor": {{"name": "server/udp-floor"}}}},
+                  {{"key": "server/xdp-rtt", "ratio": {{"p50": 1.8}},
+                    "floor": {{"name": "server/udp-floor"}}}},
+                  {{"key": "boot/local/init", "ratio": {{"p50": 1.0}},
+                    "floor": {{"name": "boot/local/init"}}}},
+                  {{"key": "boot/remote/init", "ratio": {{"p50": {remote_p50}}},
+                    "floor": {{"name": "boot/local/init"}}}}
+                ]}}"#
+            );
+            parse(&text).unwrap()
+        };
+        let limit = vec![Limit {
+            metric: "p50".into(),
+            frac: 0.1,
+            rows: None,
+        }];
+        // Twice as slow a remote boot is no regression the gate judges;
+        // the server row beside it still is.
+        let c = compare(&with_boot(0.5), &with_boot(1.0), &limit).unwrap();
+        assert!(!c.failed(), "{}", c.table());
+        let keys: Vec<&str> = c.lines.iter().map(|l| l.key.as_str()).collect();
+        assert_eq!(keys, ["server/xdp-rtt"]);
+        // Nor are boot rows new to a run "added" rows.
+        let without = parse(
+            r#"{"timestamp": "t", "git_revision": "r", "rows": [
+              {"key": "server/udp-floor", "ratio": {"p50": 1.0},
+                "floor": {"name": "server/udp-floor"}},
+              {"key": "server/xdp-rtt", "ratio": {"p50": 1.8},
+                "floor": {"name": "server/udp-floor"}}
+            ]}"#,
+        )
+        .unwrap();
+        let c = compare(&without, &with_boot(1.0), &limit).unwrap();
+        assert!(c.added.is_empty(), "{:?}", c.added);
     }
 
     #[test]

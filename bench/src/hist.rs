@@ -82,6 +82,16 @@ impl Latency {
         }
     }
 
+    /// An empty recorder of samples up to `highest_ns` (at least 10 s):
+    /// for spans longer than a round trip, such as a guest's boot.
+    pub fn up_to(highest_ns: u64) -> Latency {
+        let highest = highest_ns.max(HIGHEST_NS);
+        Latency {
+            h: Histogram::new_with_bounds(1, highest, SIGFIG)
+                .unwrap_or_else(|_| Histogram::new(SIGFIG).expect("histogram")),
+        }
+    }
+
     /// Records one sample (clamped into range).
     pub fn record(&mut self, ns: u64) {
         self.h.saturating_record(ns.max(1));

@@ -15,6 +15,7 @@
 //!   gate: it compares ratios to the same-run floors and exits 1 on a
 //!   regression beyond the limit, 2 when it cannot judge.
 
+mod boot;
 mod client;
 mod gate;
 mod hist;
@@ -77,6 +78,13 @@ enum Scenario {
     /// non-posted writes: requests/s and latency under that load (rows
     /// throughput/posted/2x2, ...; needs root and KVM).
     Throughput,
+    /// The minimal guest kernel's boot to its init, with the console, RTC
+    /// and disk local and then on the server: time to the kernel's banner,
+    /// the root mount, the init's marker and the VM's end, remote over
+    /// local, and the accesses served remotely (needs root, KVM and
+    /// scripts/guest-kernel.sh's files). The default suite runs it only
+    /// where it fits --boot-budget.
+    Boot,
 }
 
 impl Scenario {
@@ -91,6 +99,7 @@ impl Scenario {
             Scenario::Mmio => "mmio",
             Scenario::Irq => "irq",
             Scenario::Throughput => "throughput",
+            Scenario::Boot => boot::NAME,
         }
     }
 
@@ -122,13 +131,14 @@ impl Scenario {
 }
 
 /// The default suite (`make bench`).
-const DEFAULT_SUITE: [Scenario; 6] = [
+const DEFAULT_SUITE: [Scenario; 7] = [
     Scenario::XdpProg,
     Scenario::Parse,
     Scenario::Server,
     Scenario::Client,
     Scenario::Irq,
     Scenario::Throughput,
+    Scenario::Boot,
 ];
 
 /// The default suite with `--server`: the client-side scenarios.
@@ -137,7 +147,8 @@ const REMOTE_SUITE: [Scenario; 3] = [Scenario::Client, Scenario::Irq, Scenario::
 /// devplane's latency benchmark and regression gate.
 ///
 /// Without a subcommand, runs scenarios (as `dpbench run`): by default
-/// xdp-prog, parse, server, client and throughput on the embedded
+/// xdp-prog, parse, server, client, throughput and boot (where it takes
+/// under --boot-budget) on the embedded
 /// single-machine topology (two network namespaces joined by veth, the real
 /// XDP program, real KVM guests; needs root and /dev/kvm); irq on request
 /// (--scenario irq).
@@ -210,8 +221,9 @@ struct BaselineArgs {
 #[derive(Debug, Clone, Args)]
 struct RunArgs {
     /// Scenarios to run, comma-separated [default: xdp-prog, parse,
-    /// server, client, irq, throughput; with --server: client, irq,
-    /// throughput]. floor, pio and mmio run parts of client.
+    /// server, client, irq, throughput, boot (where it fits
+    /// --boot-budget); with --server: client, irq, throughput]. floor,
+    /// pio and mmio run parts of client.
     #[arg(long, value_enum, value_delimiter = ',')]
     scenario: Vec<Scenario>,
     /// Run the client-side scenarios (client, irq, throughput) against the
@@ -262,6 +274,12 @@ struct RunArgs {
     /// client and irq, 1 for throughput].
     #[arg(long, value_name = "R", value_parser = clap::value_parser!(u32).range(1..))]
     repeat: Option<u32>,
+    /// Skip the boot scenario, saying why, when it would take this long or
+    /// longer here (by its last run's time on this host, else by whether
+    /// KVM emulates guest kernel code) [default: 120 in the default suite,
+    /// none when --scenario names boot].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    boot_budget: Option<u64>,
     /// Output directory [default: bench-results/<UTC timestamp>].
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,

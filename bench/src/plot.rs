@@ -69,7 +69,8 @@ fn curves(rows: &[Row]) -> Vec<Curve> {
     let mut out: Vec<Curve> = Vec::new();
     for r in rows {
         let Some(h) = &r.hist else { continue };
-        if h.len() == 0 {
+        // A boot's one sample per row is tens of seconds: off this scale.
+        if h.len() == 0 || r.scenario == "boot" {
             continue;
         }
         // The deepest percentile the samples say anything about.

@@ -493,6 +493,7 @@ pub(crate) mod tests {
             notes: vec!["a note".into()],
             rows: rows.iter().map(Row::to_summary).collect(),
             failed: Vec::new(),
+            skipped: Vec::new(),
         }
     }
 

@@ -12,8 +12,8 @@ use anyhow::{Result, bail};
 use crate::report::{self, Row, RunConfig, RunSummary, progress};
 use crate::rig::{self, Rig};
 use crate::{
-    CLIENT_REPEAT, IRQ_REPEAT, RunArgs, SERVER_REPEAT, Scenario, THROUGHPUT_REPEAT, client, irq,
-    micro, plan, server, throughput,
+    CLIENT_REPEAT, IRQ_REPEAT, RunArgs, SERVER_REPEAT, Scenario, THROUGHPUT_REPEAT, boot, client,
+    irq, micro, plan, server, throughput,
 };
 
 /// Names scenarios (comma-separated, as `--scenario` and the tables name
@@ -45,7 +45,7 @@ pub fn steps(args: &RunArgs, scenarios: &[Scenario]) -> u64 {
     scenarios
         .iter()
         .map(|s| match s {
-            Scenario::XdpProg | Scenario::Parse => 1,
+            Scenario::XdpProg | Scenario::Parse | Scenario::Boot => 1,
             Scenario::Server => args.repeat.unwrap_or(SERVER_REPEAT),
             Scenario::Irq => args.repeat.unwrap_or(IRQ_REPEAT),
             Scenario::Throughput => args.repeat.unwrap_or(THROUGHPUT_REPEAT),
@@ -120,6 +120,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         .reduce(client::Parts::union);
     let mut client_done = false;
     let mut failed = Vec::new();
+    let mut skipped = Vec::new();
     let fail_on_purpose = fail_on_purpose();
     for s in &scenarios {
         if interrupted() {
@@ -146,6 +147,26 @@ pub fn run(args: RunArgs) -> Result<()> {
                 }
                 Scenario::Parse => {
                     rows.extend(micro::parse(args.iterations)?);
+                    report::step_done();
+                }
+                Scenario::Boot => {
+                    let budget = match (args.boot_budget, args.scenario.is_empty()) {
+                        (Some(s), _) => Some(Duration::from_secs(s)),
+                        (None, true) => Some(boot::SUITE_BUDGET),
+                        (None, false) => None,
+                    };
+                    if let Some(reason) = budget.and_then(boot::skip_reason) {
+                        let s = report::Skipped {
+                            scenario: name.to_string(),
+                            reason,
+                        };
+                        report::out(s.table());
+                        skipped.push(s);
+                    } else {
+                        let (r, table) = boot::run(&mut notes)?;
+                        report::out(table);
+                        rows.extend(r);
+                    }
                     report::step_done();
                 }
                 Scenario::Server => {
@@ -219,6 +240,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         notes,
         rows: rows.iter().map(Row::to_summary).collect(),
         failed,
+        skipped,
     };
     report::finish_progress();
     // Files first: a closed stdout must not lose them.

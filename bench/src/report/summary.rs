@@ -127,6 +127,26 @@ pub struct RunSummary {
     /// are kept).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failed: Vec<Failed>,
+    /// The scenarios of the suite that did not run here, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<Skipped>,
+}
+
+/// A scenario of the suite that did not run, in `summary.json` and the
+/// tables.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Skipped {
+    /// The scenario, as the tables name it.
+    pub scenario: String,
+    /// Why, and how to run it.
+    pub reason: String,
+}
+
+impl Skipped {
+    /// Its line in the terminal tables.
+    pub fn table(&self) -> String {
+        format!("{}: SKIPPED: {}\n", self.scenario, self.reason)
+    }
 }
 
 /// A scenario that failed, in `summary.json` and the tables.

@@ -156,11 +156,13 @@ pub struct RemoteModel {
 
 impl BusDevice for RemoteModel {
     fn read(&mut self, io: &mut VcpuIo, at: At, size: AccessSize) -> u64 {
+        io.count_remote_exit();
         io.remote(at.space, at.addr, size, None, self.index, false)
             .unwrap_or(size.mask())
     }
 
     fn write(&mut self, io: &mut VcpuIo, at: At, size: AccessSize, data: u64) {
+        io.count_remote_exit();
         io.remote(at.space, at.addr, size, Some(data), self.index, at.posted);
     }
 }

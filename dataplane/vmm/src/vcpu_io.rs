@@ -35,6 +35,10 @@ pub struct VcpuStats {
     pub remote: AtomicU64,
     /// Of those, posted writes.
     pub posted: AtomicU64,
+    /// Of `remote`, the guest's own exits to a remote model (the others
+    /// are a local device's accesses to a remote backing, such as a
+    /// virtio-blk disk's blockstore).
+    pub remote_exits: AtomicU64,
     /// Reads of unmapped addresses (answered all-ones).
     pub unmapped_reads: AtomicU64,
     /// Writes to unmapped addresses (ignored).
@@ -153,6 +157,11 @@ impl VcpuIo {
     /// Counts an access served in this thread.
     pub(crate) fn count_local(&self) {
         add(&self.stats.local);
+    }
+
+    /// Counts an exit of the guest's served by a remote model.
+    pub(crate) fn count_remote_exit(&self) {
+        add(&self.stats.remote_exits);
     }
 
     /// Takes what a local model raised during an access: interrupt-line

@@ -30,18 +30,15 @@ use minimal_boot::{now_unix, tail};
 
 use std::time::{Duration, Instant};
 
-use devplane_devmodels::Space;
 use devplane_testkit::privilege::{self, Capability};
-use devplane_vmm::boot::{self, Console, GuestFiles, GuestKernel, LinuxBoot, MinimalKernel};
-use devplane_vmm::engine::EngineConfig;
-use devplane_vmm::kvm::Entry;
-use devplane_vmm::kvm::VcpuExit;
-use devplane_vmm::vmm::{
-    Client, ClientSpec, DeviceSpec, DiskPlace, LinuxVm, Place, VcpuReport, VcpuSpec, VmSpec,
+use devplane_vmm::boot::{
+    self, Console, GuestFiles, GuestKernel, LinuxBoot, MinimalKernel, minimal,
 };
+use devplane_vmm::kvm::VcpuExit;
+use devplane_vmm::vmm::{Client, LinuxVm, VcpuReport};
 
 const TEST: &str = "linux_boots_with_local_legacy_devices";
-const VM: u32 = 1;
+const VM: u32 = minimal::VM;
 /// How long the whole boot, to power-off, may take by default under
 /// hardware virtualisation (it takes a few seconds) ...
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -50,20 +47,6 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// (chosen with DEVPLANE_GUEST_KERNEL=debian) many more.
 const EMULATED_TIMEOUT: Duration = Duration::from_secs(240);
 const EMULATED_DEBIAN_TIMEOUT: Duration = Duration::from_secs(1800);
-/// The virtio-blk device of the minimal kernel's boot: its I/O BAR and line.
-const VIRTIO_PORT: u64 = 0xc000;
-const VIRTIO_IRQ: u8 = 5;
-
-fn local(base: u64, len: u64, model: u32, kind: &str) -> DeviceSpec {
-    DeviceSpec {
-        space: Space::Pio,
-        base,
-        len,
-        model,
-        posted: false,
-        place: Place::Local { kind: kind.into() },
-    }
-}
 
 fn timeout(kernel: GuestKernel) -> Duration {
     std::env::var("DEVPLANE_LINUX_BOOT_TIMEOUT")
@@ -75,55 +58,6 @@ fn timeout(kernel: GuestKernel) -> Duration {
             (true, GuestKernel::Minimal) => EMULATED_TIMEOUT,
             (true, GuestKernel::Debian) => EMULATED_DEBIAN_TIMEOUT,
         })
-}
-
-fn spec(disk: Option<&std::path::Path>) -> ClientSpec {
-    let mut devices = vec![
-        local(0x3f8, 8, 1, "uart"),
-        local(0x70, 2, 2, "cmos"),
-        local(0x60, 5, 3, "i8042"),
-    ];
-    if let Some(disk) = disk {
-        devices.push(DeviceSpec {
-            space: Space::Pio,
-            base: VIRTIO_PORT,
-            len: devplane_vmm::virtio::blk::BAR_SIZE,
-            model: 4,
-            posted: false,
-            place: Place::VirtioBlk {
-                irq: VIRTIO_IRQ,
-                disk: DiskPlace::Local {
-                    backing: disk.to_path_buf(),
-                },
-            },
-        });
-    }
-    ClientSpec {
-        client: 7,
-        bind: None,
-        servers: vec![],
-        vms: vec![VmSpec {
-            id: VM,
-            hypervisor: 1,
-            mem_bytes: boot::DEFAULT_MEM,
-            images: vec![],
-            vcpus: vec![VcpuSpec {
-                // Not used: a Linux vCPU starts in long mode.
-                entry: Entry {
-                    cs: 0,
-                    ip: 0,
-                    sp: 0,
-                },
-                core: None,
-            }],
-            devices,
-        }],
-        engine: EngineConfig::default(),
-        engine_core: None,
-        vcpu_spin: 0,
-        samples: 0,
-        direct: false,
-    }
 }
 
 /// Waits for a whole console line starting with `key`; returns the rest.
@@ -195,7 +129,7 @@ fn minimal_kernel_and_init_use_the_disk_and_restart() {
     let start_unix = now_unix();
     let watch = minimal_boot::Watch::start(&console, start);
     let mut client = Client::start_linux(
-        spec(Some(&disk)),
+        minimal::local_spec(Some(&disk)),
         vec![LinuxVm {
             vm: VM,
             boot: linux,
@@ -252,7 +186,7 @@ fn debian_kernel_boots_to_init() {
 
     let start = Instant::now();
     let mut client = Client::start_linux(
-        spec(None),
+        minimal::local_spec(None),
         vec![LinuxVm {
             vm: VM,
             boot: linux,

@@ -32,153 +32,33 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use devplane_control::config::{
-    ClientConfig, Mode, ModelConfig, ServerConfig, ServerSection, Tuning, VmConfig,
-};
-use devplane_devmodels::Space;
+use devplane_control::config::ServerConfig;
 use devplane_testkit::host::ServerThread;
 use devplane_testkit::privilege::{self, Capability};
 use devplane_testkit::topology::{Side, Topology};
-use devplane_vmm::boot::{self, Console, GuestFiles, GuestKernel, LinuxBoot, MinimalKernel};
-use devplane_vmm::engine::EngineConfig;
-use devplane_vmm::kvm::{Entry, VcpuExit};
-use devplane_vmm::vmm::{
-    Client, ClientSpec, DeviceSpec, DiskPlace, LinuxVm, Place, ServerSpec, VcpuReport, VcpuSpec,
-    VmSpec,
+use devplane_vmm::boot::{
+    self, Console, GuestFiles, GuestKernel, LinuxBoot, MinimalKernel, minimal,
 };
+use devplane_vmm::kvm::VcpuExit;
+use devplane_vmm::vmm::{Client, ClientSpec, LinuxVm, VcpuReport};
 
 const TEST: &str = "linux_boots_with_console_clock_and_disk_on_the_server";
 const PORT: u16 = 7800;
-const SERVER: u32 = 1;
-const CLIENT: u32 = 7;
-const HV: u32 = 1;
-const VM: u32 = 1;
-const UART: u32 = 11;
-const CMOS: u32 = 12;
-const STORE: u32 = 13;
-/// Where the blockstore's MMIO window sits: far above guest RAM.
-const STORE_GPA: u64 = 1 << 44;
-const VIRTIO_PORT: u64 = 0xc000;
-const VIRTIO_IRQ: u8 = 5;
+const VM: u32 = minimal::VM;
 
 fn server_config(topo: &Topology, disk: &Path, log: &Path) -> ServerConfig {
-    ServerConfig {
-        server: ServerSection {
-            id: SERVER,
-            port: PORT,
-            mode: Mode::Xdp,
-            interface: Some(topo.server_ifname().to_string()),
-            workers: vec![0, 1],
-            pin_dir: Some(format!("/sys/fs/bpf/devplane-test-linux-{}", std::process::id()).into()),
-            check_clients: true,
-        },
-        tuning: Tuning {
-            spin_budget: 500,
-            idle_sleep_us: 50,
-            batch: 64,
-        },
-        clients: vec![ClientConfig {
-            id: CLIENT,
-            address: topo.client_ip(),
-        }],
-        vms: vec![VmConfig {
-            id: VM,
-            client: CLIENT,
-            hypervisor: HV,
-        }],
-        models: vec![
-            ModelConfig {
-                line: Some(4),
-                vm: Some(VM),
-                pio_base: Some(0x3f8),
-                backing: Some(log.to_path_buf()),
-                ..ModelConfig::new(UART, "uart", 0)
-            },
-            ModelConfig {
-                pio_base: Some(0x70),
-                ..ModelConfig::new(CMOS, "cmos", 0)
-            },
-            ModelConfig {
-                mmio_base: Some(STORE_GPA),
-                backing: Some(disk.to_path_buf()),
-                ..ModelConfig::new(STORE, "blockstore", 1)
-            },
-        ],
-    }
-}
-
-fn remote(base: u64, len: u64, model: u32) -> DeviceSpec {
-    DeviceSpec {
-        space: Space::Pio,
-        base,
-        len,
-        model,
-        posted: false,
-        place: Place::Remote { server: 0 },
-    }
+    minimal::server_config(&minimal::ServerPlace {
+        interface: topo.server_ifname(),
+        port: PORT,
+        pin_dir: format!("/sys/fs/bpf/devplane-test-linux-{}", std::process::id()).into(),
+        client_ip: topo.client_ip(),
+        disk,
+        log,
+    })
 }
 
 fn client_spec(topo: &Topology) -> ClientSpec {
-    ClientSpec {
-        client: CLIENT,
-        bind: Some(topo.client_ip().into()),
-        servers: vec![ServerSpec {
-            addr: SocketAddr::from((topo.server_ip(), PORT)),
-            id: SERVER,
-        }],
-        vms: vec![VmSpec {
-            id: VM,
-            hypervisor: HV,
-            mem_bytes: boot::DEFAULT_MEM,
-            images: vec![],
-            vcpus: vec![VcpuSpec {
-                entry: Entry {
-                    cs: 0,
-                    ip: 0,
-                    sp: 0,
-                },
-                core: None,
-            }],
-            devices: vec![
-                remote(0x3f8, 8, UART),
-                remote(0x70, 2, CMOS),
-                DeviceSpec {
-                    space: Space::Pio,
-                    base: 0x60,
-                    len: 5,
-                    model: 3,
-                    posted: false,
-                    place: Place::Local {
-                        kind: "i8042".into(),
-                    },
-                },
-                DeviceSpec {
-                    space: Space::Pio,
-                    base: VIRTIO_PORT,
-                    len: devplane_vmm::virtio::blk::BAR_SIZE,
-                    model: 4,
-                    posted: false,
-                    place: Place::VirtioBlk {
-                        irq: VIRTIO_IRQ,
-                        disk: DiskPlace::Remote {
-                            server: 0,
-                            model: STORE,
-                            gpa: STORE_GPA,
-                        },
-                    },
-                },
-            ],
-        }],
-        engine: EngineConfig {
-            spin_budget: 500,
-            retransmit: Duration::from_millis(5),
-            ..EngineConfig::default()
-        },
-        engine_core: None,
-        vcpu_spin: 200,
-        samples: 0,
-        direct: true,
-    }
+    minimal::remote_spec(topo.client_ip(), SocketAddr::from((topo.server_ip(), PORT)))
 }
 
 /// The rest of the last whole console line that starts with `key`.
@@ -287,7 +167,7 @@ fn minimal_kernel_boots_twice_across_a_server_restart(topo: &Topology, limit: Du
     let first = minimal_boot::check_disk("boot 1", &disk, fresh.mount_count, span, 1);
     let logged = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
-        logged.contains(minimal_boot::BANNER) && logged.contains(minimal_boot::SYNCED_LINE),
+        logged.contains(minimal::BANNER) && logged.contains(minimal::SYNCED_LINE),
         "the server's console log lacks the boot: {} bytes",
         logged.len()
     );

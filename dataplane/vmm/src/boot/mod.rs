@@ -47,6 +47,7 @@
 pub mod console;
 pub mod cpu;
 pub mod loader;
+pub mod minimal;
 pub mod pvm_syscall;
 pub mod rootfs;
 

@@ -1,45 +1,14 @@
 //! The minimal kernel's boot from its ext2 root disk, with its minimal
 //! init, which both boot tests run where `/dev/kvm` emulates guest kernel
-//! code (see `devplane_vmm::boot`): the disk, what the host watches for on
-//! the console, and what it checks afterwards.
+//! code (see `devplane_vmm::boot`): what the host checks afterwards, beside
+//! what `devplane_vmm::boot::minimal` shares with dpbench.
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use devplane_vmm::boot::Console;
+use devplane_vmm::boot::minimal;
+pub use devplane_vmm::boot::minimal::{BOOTS_FILE, Milestones, Watch, now_unix};
 use devplane_vmm::boot::rootfs::{self, Superblock};
-
-/// The root disk's size.
-pub const DISK_BYTES: u64 = 4 << 20;
-/// The kernel's banner.
-pub const BANNER: &str = "Linux version 6.1";
-/// What the RTC class logs when it sets the system clock from the CMOS
-/// RTC: "rtc_cmos rtc_cmos: setting system clock to <date> UTC (<seconds>)".
-pub const RTC_LINE: &str = "setting system clock to ";
-/// What the kernel logs once the root file system is mounted.
-pub const ROOT_LINE: &str = "VFS: Mounted root (ext2 filesystem) on device";
-/// What the init prints first (`guest/min-init.c`) ...
-pub const INIT_LINE: &str = "DEVPLANE-USER-INIT";
-/// ... then the time from `clock_gettime` ...
-pub const TIME_LINE: &str = "DEVPLANE-USER-TIME ";
-/// ... and, once its line is on the disk and synced, this; then it
-/// restarts the machine.
-pub const SYNCED_LINE: &str = "DEVPLANE-USER-SYNCED";
-/// The file the init appends a line to, once per boot.
-pub const BOOTS_FILE: &str = "/devplane-boots";
-/// A panic of any kind.
-pub const PANIC: &str = "Kernel panic";
-
-/// Seconds since the epoch, by the host's clock.
-pub fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 /// Removes a file when dropped.
 pub struct TempFile(pub std::path::PathBuf);
@@ -60,131 +29,9 @@ pub fn tail(console: &Console) -> String {
 /// A fresh ext2 root disk at `path` with `init` as `/sbin/init`; returns
 /// its superblock (never mounted).
 pub fn new_disk(path: &Path, init: &Path) -> Superblock {
-    let dir = path.with_extension("root");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("sbin")).expect("make the root directory");
-    std::fs::copy(init, dir.join("sbin/init")).expect("copy the init");
-    let made = rootfs::make_ext2(path, DISK_BYTES, Some(&dir));
-    let _ = std::fs::remove_dir_all(&dir);
-    made.expect("make the ext2 root disk");
-    let sb = rootfs::read_superblock(path).expect("read the new disk's superblock");
+    let sb = minimal::new_disk(path, init).expect("make the ext2 root disk");
     assert_eq!(sb.mount_count, 0, "a new file system was never mounted");
     sb
-}
-
-/// When each line first appeared on the console, from the boot's start.
-#[derive(Debug, Default, Clone)]
-pub struct Milestones {
-    pub banner: Option<Duration>,
-    /// When, the guest's seconds in the line, and the host's clock then.
-    pub rtc: Option<(Duration, u64, u64)>,
-    pub root: Option<Duration>,
-    pub init: Option<Duration>,
-    /// When, the init's seconds, and the host's clock then.
-    pub user_time: Option<(Duration, u64, u64)>,
-    pub synced: Option<Duration>,
-    pub panic: Option<Duration>,
-}
-
-impl Milestones {
-    fn scan(&mut self, text: &str, at: Duration) {
-        if self.banner.is_none() && text.contains(BANNER) {
-            self.banner = Some(at);
-        }
-        if self.rtc.is_none()
-            && let Some(secs) = rtc_seconds(text)
-        {
-            self.rtc = Some((at, secs, now_unix()));
-        }
-        if self.root.is_none() && text.contains(ROOT_LINE) {
-            self.root = Some(at);
-        }
-        if self.init.is_none() && text.contains(INIT_LINE) {
-            self.init = Some(at);
-        }
-        if self.user_time.is_none()
-            && let Some(secs) = line_seconds(text, TIME_LINE)
-        {
-            self.user_time = Some((at, secs, now_unix()));
-        }
-        if self.synced.is_none() && text.contains(SYNCED_LINE) {
-            self.synced = Some(at);
-        }
-        if self.panic.is_none() && text.contains(PANIC) {
-            self.panic = Some(at);
-        }
-    }
-
-    /// "banner 0.4 s, RTC 5.1 s, ..." for the test's output.
-    pub fn summary(&self) -> String {
-        let f = |d: Option<Duration>| {
-            d.map(|d| format!("{:.1} s", d.as_secs_f64()))
-                .unwrap_or_else(|| "never".into())
-        };
-        format!(
-            "banner {}, clock set {}, root mounted {}, init {}, its line synced {}",
-            f(self.banner),
-            f(self.rtc.map(|r| r.0)),
-            f(self.root),
-            f(self.init),
-            f(self.synced)
-        )
-    }
-}
-
-/// The seconds after `key` on a whole console line starting with it.
-fn line_seconds(text: &str, key: &str) -> Option<u64> {
-    text.split('\n')
-        .rev()
-        .skip(1)
-        .find_map(|l| l.trim_end_matches('\r').strip_prefix(key))?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// The seconds in the RTC line, once the whole line is on the console.
-fn rtc_seconds(text: &str) -> Option<u64> {
-    let line = text
-        .split('\n')
-        .rev()
-        .skip(1)
-        .find(|l| l.contains(RTC_LINE))?;
-    let (_, rest) = line.rsplit_once('(')?;
-    rest.trim_end_matches(['\r', ')']).trim().parse().ok()
-}
-
-/// Watches a console from another thread until [`Watch::finish`].
-pub struct Watch {
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<Milestones>,
-}
-
-impl Watch {
-    /// Starts watching `console`; times count from `start`.
-    pub fn start(console: &Console, start: Instant) -> Watch {
-        let stop = Arc::new(AtomicBool::new(false));
-        let console = console.clone();
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut m = Milestones::default();
-            loop {
-                let done = flag.load(Ordering::Acquire);
-                m.scan(&console.text(), start.elapsed());
-                if done {
-                    return m;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        });
-        Watch { stop, thread }
-    }
-
-    /// Stops watching (after a last look) and returns what was seen.
-    pub fn finish(self) -> Milestones {
-        self.stop.store(true, Ordering::Release);
-        self.thread.join().expect("the console watcher panicked")
-    }
 }
 
 /// The console's evidence: the banner; the guest's clock from the RTC, and
