@@ -78,6 +78,7 @@ fn server_config(topo: &Topology, disk: &Path, log: &Path) -> ServerConfig {
             batch: 64,
         },
         clients: vec![ClientConfig {
+            tag_key: None,
             id: CLIENT,
             address: topo.client_ip(),
         }],
