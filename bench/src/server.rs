@@ -73,6 +73,7 @@ fn config(topo: &Topology, mode: Mode) -> ServerConfig {
             batch: 64,
         },
         clients: vec![ClientConfig {
+            tag_key: None,
             id: 7,
             address: topo.client_ip(),
         }],

@@ -192,6 +192,50 @@ pub struct ClientConfig {
         deserialize_with = "deserialize_ipv4"
     )]
     pub address: Ipv4Addr,
+    /// `tag_key = "ID:HEX"`: the key (an id of 1..=255 and 32 hex digits)
+    /// the tags of this client's datagrams are computed with. With a key,
+    /// every datagram of this client must carry a valid tag (and the
+    /// server tags its answers and interrupts); without one, none does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag_key: Option<ClientKey>,
+}
+
+/// A client's tag key as the configuration holds it: `"ID:HEX"`. Its
+/// `Debug` shows the id and a two-byte fingerprint only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientKey(pub devplane_wire::tag::TagKey);
+
+impl ClientKey {
+    /// Parses `"ID:HEX"` (id 1..=255, 32 hex digits).
+    pub fn parse(text: &str) -> Option<ClientKey> {
+        let (id, hex) = text.split_once(':')?;
+        let id: u8 = id.parse().ok()?;
+        devplane_wire::tag::TagKey::from_hex(id, hex).map(ClientKey)
+    }
+
+    /// The `"ID:HEX"` form (the whole key: for configuration files only,
+    /// never for logs).
+    pub fn to_config_string(&self) -> String {
+        let hex: String = self.0.bytes.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}:{hex}", self.0.id)
+    }
+}
+
+impl Serialize for ClientKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_config_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ClientKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<ClientKey, D::Error> {
+        let text = String::deserialize(d)?;
+        ClientKey::parse(&text).ok_or_else(|| {
+            serde::de::Error::custom(
+                "tag_key must be \"ID:HEX\": a key id of 1..=255, a colon and 32 hex digits",
+            )
+        })
+    }
 }
 
 /// A `[[vms]]` entry: a VM and where it runs.

@@ -322,6 +322,7 @@ fn project(state: &State, settings: &ServerSettings) -> Result<ServerConfig, DbE
             .clients
             .iter()
             .map(|c| ClientConfig {
+                tag_key: None,
                 id: c.id,
                 address: c.address,
             })

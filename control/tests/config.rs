@@ -81,6 +81,7 @@ fn example_file_parses() {
     assert_eq!(
         cfg.clients,
         vec![ClientConfig {
+            tag_key: None,
             id: 7,
             address: Ipv4Addr::new(10, 99, 0, 1)
         }]
@@ -393,6 +394,7 @@ fn capacity_limits() {
     let mut cfg = ServerConfig::from_toml_str(BASE).unwrap();
     cfg.clients = (1..=MAX_CLIENTS + 1)
         .map(|id| ClientConfig {
+            tag_key: None,
             id,
             address: Ipv4Addr::from(0x0a00_0000 + id),
         })
@@ -656,6 +658,7 @@ fn sync_into_memory_converges() {
     // Replace the client and VM; add a model.
     cfg.models.retain(|x| x.vm.is_none());
     cfg.clients = vec![ClientConfig {
+        tag_key: None,
         id: 9,
         address: Ipv4Addr::new(10, 99, 0, 9),
     }];

@@ -202,7 +202,7 @@ fn parse_header<'a>(ctx: &'a XdpContext, ip: &Ipv4Hdr, payload_len: usize) -> St
     if !server_accepts(hdr.kind) {
         return Err(drop_as(Counter::DropBadKind));
     }
-    if !count_fits(hdr.count.get() as usize, payload_len) {
+    if !count_fits(hdr.count.get() as usize, hdr.flags.get(), payload_len) {
         return Err(drop_as(Counter::DropBadCount));
     }
     Ok(hdr)

@@ -35,7 +35,8 @@ impl<'a> Datagram<'a> {
                 max: MAX_RECORDS,
             });
         }
-        let body = &buf[HEADER_LEN..];
+        let tag = crate::header::tag_len(header.flags.get());
+        let body = &buf[HEADER_LEN..buf.len().saturating_sub(tag).max(HEADER_LEN)];
         let need = count * RECORD_LEN;
         if body.len() < need {
             return Err(WireError::CountBeyondBuffer {
@@ -96,6 +97,13 @@ impl<'a> Datagram<'a> {
         self.header.irq_port()
     }
 
+    /// The id of the key of its tag, if it has one
+    /// ([`crate::header::HDR_TAG`]; verified by `crate::tag::verify`, not
+    /// by [`Datagram::parse`]).
+    pub fn key_id(&self) -> Option<u8> {
+        self.header.key_id()
+    }
+
     /// Number of records.
     pub fn len(&self) -> usize {
         self.records.len()
@@ -135,7 +143,8 @@ pub struct DatagramWriter<'a> {
 
 impl<'a> DatagramWriter<'a> {
     /// Starts a datagram with `header` (its count is overwritten) in `buf`.
-    /// At most [`MAX_DATAGRAM`] bytes of `buf` are used.
+    /// At most [`MAX_DATAGRAM`] bytes of `buf` are used, and room for a
+    /// tag ([`crate::TAG_LEN`]) is left after the last record.
     pub fn new(buf: &'a mut [u8], header: Header) -> Result<DatagramWriter<'a>, WireError> {
         let kind = Kind::from_u8(header.kind).ok_or(WireError::UnknownKind(header.kind))?;
         let cap = buf.len().min(MAX_DATAGRAM);
@@ -149,7 +158,8 @@ impl<'a> DatagramWriter<'a> {
             buf,
             kind,
             count: 0,
-            max_records: ((cap - HEADER_LEN) / RECORD_LEN).min(MAX_RECORDS),
+            max_records: ((cap - HEADER_LEN).saturating_sub(crate::TAG_LEN) / RECORD_LEN)
+                .min(MAX_RECORDS),
         })
     }
 

@@ -56,7 +56,9 @@ pub struct Header {
     pub client: U32,
     /// Number of records that follow.
     pub count: U16,
-    /// Header flags: [`HDR_IRQ_PORT`] or nothing.
+    /// Header flags ([`HDR_IRQ_PORT`], [`HDR_TAG`]) in the low byte; with
+    /// [`HDR_TAG`], the id of the key the tag is computed with in the high
+    /// byte ([`KEY_ID_SHIFT`]).
     pub flags: U16,
     /// With [`HDR_IRQ_PORT`] (requests only): the UDP port, at the
     /// sender's address, where this client wants the interrupts of the
@@ -71,8 +73,16 @@ pub struct Header {
 /// interrupts to where the VM's requests came from.
 pub const HDR_IRQ_PORT: u16 = 1;
 
+/// Header flag of any datagram: it ends in a [`crate::TAG_LEN`]-byte tag
+/// after its records, keyed with its client's key whose id is in the
+/// flags' high byte (see `crate::tag`).
+pub const HDR_TAG: u16 = 2;
+
+/// Where the key id sits in the flags word (its high byte).
+pub const KEY_ID_SHIFT: u16 = 8;
+
 /// Every header flag this version defines.
-pub const HDR_FLAGS: u16 = HDR_IRQ_PORT;
+pub const HDR_FLAGS: u16 = HDR_IRQ_PORT | HDR_TAG;
 
 /// Byte offset of the magic in the UDP payload.
 pub const OFF_MAGIC: usize = 0;
@@ -88,6 +98,8 @@ pub const OFF_SERVER: usize = 8;
 pub const OFF_CLIENT: usize = 12;
 /// Byte offset of the record count.
 pub const OFF_COUNT: usize = 16;
+/// Byte offset of the flags word.
+pub const OFF_FLAGS: usize = 18;
 
 const _: () = assert!(core::mem::offset_of!(Header, version) == OFF_VERSION);
 const _: () = assert!(core::mem::offset_of!(Header, magic) == OFF_MAGIC);
@@ -96,6 +108,7 @@ const _: () = assert!(core::mem::offset_of!(Header, model) == OFF_MODEL);
 const _: () = assert!(core::mem::offset_of!(Header, server) == OFF_SERVER);
 const _: () = assert!(core::mem::offset_of!(Header, client) == OFF_CLIENT);
 const _: () = assert!(core::mem::offset_of!(Header, count) == OFF_COUNT);
+const _: () = assert!(core::mem::offset_of!(Header, flags) == OFF_FLAGS);
 
 /// Whether a server accepts datagrams of kind byte `kind`: requests and
 /// acknowledgements (responses and interrupts go the other way).
@@ -104,13 +117,24 @@ pub const fn server_accepts(kind: u8) -> bool {
     kind == Kind::Request as u8 || kind == Kind::Ack as u8
 }
 
-/// Whether `count` records fill a UDP payload of `payload_len` bytes
-/// exactly, and are at least one and at most [`crate::MAX_RECORDS`].
+/// Whether `count` records (and, if `flags` has [`HDR_TAG`], the tag
+/// after them) fill a UDP payload of `payload_len` bytes exactly, and are
+/// at least one and at most [`crate::MAX_RECORDS`].
 #[inline(always)]
-pub const fn count_fits(count: usize, payload_len: usize) -> bool {
+pub const fn count_fits(count: usize, flags: u16, payload_len: usize) -> bool {
     count != 0
         && count <= crate::MAX_RECORDS
-        && crate::HEADER_LEN + count * crate::RECORD_LEN == payload_len
+        && crate::HEADER_LEN + count * crate::RECORD_LEN + tag_len(flags) == payload_len
+}
+
+/// Bytes of tag after the records of a datagram with header flags `flags`.
+#[inline(always)]
+pub const fn tag_len(flags: u16) -> usize {
+    if flags & HDR_TAG != 0 {
+        crate::TAG_LEN
+    } else {
+        0
+    }
 }
 
 impl Header {
@@ -154,12 +178,24 @@ impl Header {
         (self.flags.get() & HDR_IRQ_PORT != 0).then_some(self.reserved.get() as u16)
     }
 
+    /// The id of the key of the tag ([`HDR_TAG`]), if the datagram has one.
+    pub fn key_id(&self) -> Option<u8> {
+        let flags = self.flags.get();
+        (flags & HDR_TAG != 0).then_some((flags >> KEY_ID_SHIFT) as u8)
+    }
+
     /// Checks the header's flags and the field they give meaning to:
-    /// known flags only, [`HDR_IRQ_PORT`] only on a request and with a
-    /// port in 1..=65535, and `reserved` zero without it.
+    /// known flags only, a key id only with [`HDR_TAG`], [`HDR_IRQ_PORT`]
+    /// only on a request and with a port in 1..=65535, and `reserved` zero
+    /// without it.
     pub fn check_flags(&self, kind: Kind) -> Result<(), WireError> {
         let flags = self.flags.get();
-        if flags & !HDR_FLAGS != 0 {
+        let known = if flags & HDR_TAG != 0 {
+            HDR_FLAGS | (0xff << KEY_ID_SHIFT)
+        } else {
+            HDR_FLAGS
+        };
+        if flags & !known != 0 {
             return Err(WireError::UnknownHeaderFlags(flags));
         }
         let reserved = self.reserved.get();

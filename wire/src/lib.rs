@@ -23,6 +23,8 @@ pub mod frame;
 pub mod header;
 pub mod maps;
 pub mod record;
+#[cfg(feature = "tag")]
+pub mod tag;
 
 pub use datagram::{Datagram, DatagramWriter};
 pub use error::WireError;
@@ -45,12 +47,15 @@ pub const MAX_DATAGRAM: usize = 1472;
 pub const HEADER_LEN: usize = core::mem::size_of::<Header>();
 /// Size of one record in bytes.
 pub const RECORD_LEN: usize = core::mem::size_of::<RawRecord>();
-/// Most records that fit one [`MAX_DATAGRAM`]-sized datagram.
-pub const MAX_RECORDS: usize = (MAX_DATAGRAM - HEADER_LEN) / RECORD_LEN;
+/// Size of the keyed tag that ends a datagram with
+/// [`header::HDR_TAG`].
+pub const TAG_LEN: usize = 16;
+/// Most records that fit one [`MAX_DATAGRAM`]-sized datagram with its tag.
+pub const MAX_RECORDS: usize = (MAX_DATAGRAM - HEADER_LEN - TAG_LEN) / RECORD_LEN;
 
 const _: () = assert!(HEADER_LEN == 24);
 const _: () = assert!(RECORD_LEN == 40);
-const _: () = assert!(MAX_RECORDS == 36);
+const _: () = assert!(MAX_RECORDS == 35);
 
 /// Where a sender's sequence numbers start: the wall clock in nanoseconds
 /// (1 if the clock is before 1970). A receiver drops what carries a number

@@ -209,8 +209,8 @@ fn empty() {
 fn too_many_records() {
     let rec = valid(Kind::Ack);
     assert_eq!(
-        parse_err(&dgram(Kind::Ack, 37, &[rec; 37])),
-        WireError::TooManyRecords { count: 37, max: 36 }
+        parse_err(&dgram(Kind::Ack, 36, &[rec; 36])),
+        WireError::TooManyRecords { count: 36, max: 35 }
     );
     assert_eq!(
         parse_err(&header(Kind::Ack, u16::MAX)),
@@ -221,10 +221,10 @@ fn too_many_records() {
     );
     // The maximum itself is fine.
     assert_eq!(
-        Datagram::parse(&dgram(Kind::Ack, 36, &[rec; 36]))
+        Datagram::parse(&dgram(Kind::Ack, 35, &[rec; 35]))
             .unwrap()
             .len(),
-        36
+        35
     );
 }
 
@@ -534,8 +534,9 @@ fn non_zero_field() {
     }
 }
 
-/// Header flags: only the interrupt-port flag exists, only on requests,
-/// with a port of 1..=65535; the word it uses is zero without it.
+/// Header flags: the interrupt-port flag (only on requests, with a port
+/// of 1..=65535; the word it uses is zero without it) and the tag flag
+/// (a key id in the high byte only with it).
 #[test]
 fn header_flags() {
     let with = |kind: Kind, flags: u16, reserved: u32| {
@@ -544,7 +545,7 @@ fn header_flags() {
         b[20..24].copy_from_slice(&reserved.to_le_bytes());
         b
     };
-    for flags in [2u16, 0x8000, 3] {
+    for flags in [4u16, 0x8000, 0x0101, 5] {
         assert_eq!(
             parse_err(&with(Kind::Request, flags, 7)),
             WireError::UnknownHeaderFlags(flags)
@@ -963,4 +964,19 @@ fn checksums_are_verified() {
     // Odd lengths sum the last byte as a high byte.
     let odd = with_udp_checksum(frame_with(&[1, 2, 3]));
     assert!(checksums_ok(&odd));
+}
+
+/// A datagram whose header announces a tag must have room for it: the
+/// records end 16 bytes before the payload does.
+#[test]
+fn tag_flag_needs_room_for_the_tag() {
+    let mut b = exact(Kind::Request, &[valid(Kind::Request)]);
+    let flags = devplane_wire::header::HDR_TAG | 0x0300;
+    b[18..20].copy_from_slice(&flags.to_le_bytes());
+    assert!(matches!(parse_err(&b), WireError::CountBeyondBuffer { .. }));
+    assert!(!devplane_wire::header::count_fits(1, flags, b.len()));
+    b.extend_from_slice(&[0u8; devplane_wire::TAG_LEN]);
+    assert!(devplane_wire::header::count_fits(1, flags, b.len()));
+    let d = Datagram::parse(&b).unwrap();
+    assert_eq!((d.len(), d.key_id()), (1, Some(3)));
 }

@@ -230,7 +230,10 @@ proptest! {
     /// MAX_DATAGRAM) fits, then answers Full without writing.
     #[test]
     fn writer_respects_buffer(len in HEADER_LEN..MAX_DATAGRAM + 200, rec in any_record()) {
-        let max = ((len.min(MAX_DATAGRAM) - HEADER_LEN) / RECORD_LEN).min(MAX_RECORDS);
+        // Room for the tag is left after the records.
+        let max = ((len.min(MAX_DATAGRAM) - HEADER_LEN).saturating_sub(devplane_wire::TAG_LEN)
+            / RECORD_LEN)
+            .min(MAX_RECORDS);
         let mut buf = vec![0u8; len];
         let header = Header::new(rec.kind(), 1, 2, 3);
         let mut w = DatagramWriter::new(&mut buf, header).unwrap();
@@ -244,7 +247,7 @@ proptest! {
         prop_assert_eq!(w.count(), max);
         let n = w.finish();
         prop_assert_eq!(n, HEADER_LEN + max * RECORD_LEN);
-        prop_assert!(n <= len);
+        prop_assert!(max == 0 || n + devplane_wire::TAG_LEN <= len);
         if max == 0 {
             prop_assert_eq!(Datagram::parse(&buf[..n]).unwrap_err(), WireError::Empty);
         } else {
@@ -375,13 +378,13 @@ fn writer_small_buffers() {
     let mut w = DatagramWriter::new(&mut buf, header).unwrap();
     assert!(w.is_full());
     assert_eq!(w.push(&rec), Err(WireError::Full));
-    // Exactly two records.
-    let mut buf = [0u8; HEADER_LEN + 2 * RECORD_LEN];
+    // Exactly two records and their tag.
+    let mut buf = [0u8; HEADER_LEN + 2 * RECORD_LEN + devplane_wire::TAG_LEN];
     let mut w = DatagramWriter::new(&mut buf, header).unwrap();
     w.push(&rec).unwrap();
     w.push(&rec).unwrap();
     assert_eq!(w.push(&rec), Err(WireError::Full));
-    assert_eq!(w.finish(), buf.len());
+    assert_eq!(w.finish(), buf.len() - devplane_wire::TAG_LEN);
 }
 
 #[test]

@@ -136,6 +136,7 @@ pub fn server_config(
         server: section,
         tuning,
         clients: vec![ClientConfig {
+            tag_key: None,
             id: CLIENT_ID,
             address: client_addr,
         }],

@@ -424,6 +424,7 @@ impl Transport for XskTransport {
         client: u32,
         flow: Flow,
         irqs: &[PendingIrq],
+        key: Option<&devplane_wire::tag::TagKey>,
         _stats: &WorkerStats,
     ) -> bool {
         let Some(addr) = self.rings.irq_free.pop() else {
@@ -433,7 +434,7 @@ impl Transport for XskTransport {
         let Some(buf) = (unsafe { self.rings.area.frame(addr, FRAME_SIZE as usize) }) else {
             return false;
         };
-        match interrupt_frame(buf, &flow, server, client, irqs[0].model, irqs) {
+        match interrupt_frame(buf, &flow, (server, client, irqs[0].model), irqs, key) {
             Some(len) => {
                 self.irq_descs.push(XdpDesc {
                     addr,

@@ -3,6 +3,7 @@
 //! dispatcher) and building interrupt frames.
 
 use devplane_wire::frame::{self, ETH_HLEN, Flow, UDP_HLEN};
+use devplane_wire::tag::TagKey;
 use devplane_wire::{DatagramWriter, Header, Interrupt, Kind, Record};
 
 use super::dispatch::{Dispatcher, Outcome, PendingIrq};
@@ -60,7 +61,11 @@ pub fn answer_in_place(
             ..
         } => (client, vm, irq_port),
         Outcome::Acked { model, seq } => return FrameOutcome::Ack { model, seq },
-        Outcome::Consumed | Outcome::NotHere | Outcome::Malformed(_) | Outcome::Foreign => {
+        Outcome::Consumed
+        | Outcome::NotHere
+        | Outcome::Malformed(_)
+        | Outcome::Foreign
+        | Outcome::BadTag => {
             return FrameOutcome::Recycle;
         }
     };
@@ -89,30 +94,30 @@ pub fn answer_in_place(
     FrameOutcome::Reply
 }
 
-/// Writes an interrupt datagram for `irqs` (all from `model`) to `client`
-/// into `buf` as a whole frame along `flow`; returns the frame length.
+/// Writes an interrupt datagram for `irqs` (all from `model`; `ids` is
+/// (server, client, model)) into `buf` as a whole frame along `flow`,
+/// sealed with `key` if given; returns the frame length.
 pub fn interrupt_frame(
     buf: &mut [u8],
     flow: &Flow,
-    server: u32,
-    client: u32,
-    model: u32,
+    ids: (u32, u32, u32),
     irqs: &[PendingIrq],
+    key: Option<&TagKey>,
 ) -> Option<usize> {
     let payload_len = {
         let body = buf.get_mut(frame::PAYLOAD_OFFSET..)?;
-        interrupt_datagram(body, server, client, model, irqs)?
+        interrupt_datagram(body, ids, irqs, key)?
     };
     frame::write_headers(buf, flow, payload_len)
 }
 
-/// Writes an interrupt datagram (UDP payload only) into `buf`.
+/// Writes an interrupt datagram (UDP payload only; `ids` is (server,
+/// client, model)) into `buf`, sealed with `key` if given.
 pub fn interrupt_datagram(
     buf: &mut [u8],
-    server: u32,
-    client: u32,
-    model: u32,
+    (server, client, model): (u32, u32, u32),
     irqs: &[PendingIrq],
+    key: Option<&TagKey>,
 ) -> Option<usize> {
     let mut w =
         DatagramWriter::new(buf, Header::new(Kind::Interrupt, model, server, client)).ok()?;
@@ -126,5 +131,9 @@ pub fn interrupt_datagram(
         });
         w.push(&rec).ok()?;
     }
-    Some(w.finish())
+    let len = w.finish();
+    match key {
+        Some(key) => devplane_wire::tag::seal(buf, len, key),
+        None => Some(len),
+    }
 }

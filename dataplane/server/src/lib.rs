@@ -113,6 +113,11 @@ fn build_dispatchers(cfg: &ServerConfig) -> Result<Vec<Dispatcher>, ServerError>
         .map(|_| {
             let mut d = Dispatcher::new(cfg.server.id);
             d.set_owners(owners.clone());
+            for c in &cfg.clients {
+                if let Some(key) = c.tag_key {
+                    d.set_keys(c.id, devplane_wire::tag::KeyRing::new(key.0));
+                }
+            }
             d
         })
         .collect();

@@ -257,10 +257,11 @@ impl Transport for SocketTransport {
         client: u32,
         to: SocketAddr,
         irqs: &[PendingIrq],
+        key: Option<&devplane_wire::tag::TagKey>,
         stats: &WorkerStats,
     ) -> bool {
-        let Some(len) = interrupt_datagram(&mut self.irq_buf, server, client, irqs[0].model, irqs)
-        else {
+        let ids = (server, client, irqs[0].model);
+        let Some(len) = interrupt_datagram(&mut self.irq_buf, ids, irqs, key) else {
             return false;
         };
         let sent = self.sock.send_to(&self.irq_buf[..len], to).is_ok();

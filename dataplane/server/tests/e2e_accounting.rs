@@ -46,6 +46,7 @@ fn config(topo: &Topology, tag: &str, workers: Vec<usize>, batch: u32) -> Server
             batch,
         },
         clients: vec![ClientConfig {
+            tag_key: None,
             id: CLIENT,
             address: topo.client_ip(),
         }],

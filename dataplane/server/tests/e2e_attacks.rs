@@ -49,10 +49,12 @@ fn config(topo: &Topology, mode: Mode, tag: &str, tenant_ip: std::net::Ipv4Addr)
         },
         clients: vec![
             ClientConfig {
+                tag_key: None,
                 id: VICTIM,
                 address: topo.client_ip(),
             },
             ClientConfig {
+                tag_key: None,
                 id: TENANT,
                 address: tenant_ip,
             },

@@ -64,10 +64,12 @@ fn config(topo: &Topology, mode: Mode, tag: &str) -> ServerConfig {
         },
         clients: vec![
             ClientConfig {
+                tag_key: None,
                 id: CLIENT,
                 address: topo.client_ip(),
             },
             ClientConfig {
+                tag_key: None,
                 id: CLIENT2,
                 address: second_ip(topo),
             },

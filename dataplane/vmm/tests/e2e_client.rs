@@ -114,11 +114,13 @@ fn server_config(topo: &Topology, tag: &str) -> ServerConfig {
         },
         clients: vec![
             ClientConfig {
+                tag_key: None,
                 id: CLIENT,
                 address: topo.client_ip(),
             },
             // A second client platform, only a migration target.
             ClientConfig {
+                tag_key: None,
                 id: OTHER_CLIENT,
                 address: {
                     let o = topo.client_ip().octets();
@@ -1111,6 +1113,7 @@ fn register_and_remove_a_vm(pin_dir: &std::path::Path) {
     use devplane_control::maps::{MapWriter, client_entry, vm_entry};
     let mut maps = devplane_control::AyaMaps::from_pinned(pin_dir).expect("open the pinned maps");
     let c = ClientConfig {
+        tag_key: None,
         id: 50,
         address: std::net::Ipv4Addr::new(10, 250, 0, 50),
     };

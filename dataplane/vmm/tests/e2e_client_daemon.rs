@@ -79,6 +79,7 @@ fn server_config(topo: &Topology) -> ServerConfig {
             batch: 64,
         },
         clients: vec![ClientConfig {
+            tag_key: None,
             id: CLIENT,
             address: topo.client_ip(),
         }],

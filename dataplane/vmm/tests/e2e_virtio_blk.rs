@@ -157,6 +157,7 @@ fn server_config(topo: &Topology, disk: &Path) -> ServerConfig {
             batch: 64,
         },
         clients: vec![ClientConfig {
+            tag_key: None,
             id: CLIENT,
             address: topo.client_ip(),
         }],

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 
 use devplane_devmodels::{DeviceModel, IrqEvent, Space};
 use devplane_wire::record::OP_RESPONSE;
+use devplane_wire::tag::{self, KeyRing};
 use devplane_wire::{Access, Datagram, Header, Kind, RECORD_LEN, RawRecord, Record, Status};
 use zerocopy::FromBytes;
 use zerocopy::little_endian::U64;
@@ -188,6 +189,10 @@ pub enum Outcome {
     NotHere,
     /// Malformed: dropped and counted; the buffer is unchanged.
     Malformed(devplane_wire::WireError),
+    /// Its tag is missing (from a client that has a key), names a key
+    /// this server does not accept, or does not match: dropped unanswered
+    /// and counted, nothing applied.
+    BadTag,
     /// A record names a VM that is not the header's client's (or an
     /// acknowledgement comes from another client than that of the VM the
     /// model interrupts): dropped unanswered and counted.
@@ -227,6 +232,9 @@ pub struct DispatchStats {
     pub window_limit: u64,
     /// Interrupts raised by models.
     pub irqs_raised: u64,
+    /// Datagrams whose tag was missing, of an unknown key or wrong
+    /// ([`Outcome::BadTag`]).
+    pub bad_tag: u64,
 }
 
 /// Owns a worker's models and applies requests to them.
@@ -239,6 +247,10 @@ pub struct Dispatcher {
     lent: HashMap<u32, (ModelSlot, Vec<PendingIrq>)>,
     windows: Windows,
     owners: Owners,
+    /// Client id -> the keys its datagrams' tags are accepted with. A
+    /// client with keys must tag every datagram; one without sends
+    /// untagged datagrams only.
+    keys: HashMap<u32, KeyRing>,
     irqs: Vec<PendingIrq>,
     stats: DispatchStats,
 }
@@ -252,6 +264,7 @@ impl Dispatcher {
             lent: HashMap::new(),
             windows: Windows::default(),
             owners: Owners::default(),
+            keys: HashMap::new(),
             irqs: Vec::new(),
             stats: DispatchStats::default(),
         }
@@ -260,6 +273,26 @@ impl Dispatcher {
     /// Checks requests against `owners` from now on.
     pub fn set_owners(&mut self, owners: Owners) {
         self.owners = owners;
+    }
+
+    /// Verifies the tags of `client`'s datagrams with `keys` from now on
+    /// (a rotation: the ring holds the new key and the previous one).
+    pub fn set_keys(&mut self, client: u32, keys: KeyRing) {
+        self.keys.insert(client, keys);
+    }
+
+    /// The keys `client`'s datagrams are verified with.
+    pub fn keys(&self, client: u32) -> Option<&KeyRing> {
+        self.keys.get(&client)
+    }
+
+    /// Whether the datagram `payload` (parsed, from `client`) carries
+    /// the tag `client`'s keys require.
+    fn tag_ok(&self, client: u32, tagged: bool, payload: &[u8]) -> bool {
+        match self.keys.get(&client) {
+            Some(ring) => tag::verify(payload, ring).is_ok(),
+            None => !tagged,
+        }
     }
 
     /// `vm` belongs to `client` from now on.
@@ -445,6 +478,11 @@ impl Dispatcher {
             }
         };
         let (model_id, client, count, irq_port) = (d.model(), d.client(), d.len(), d.irq_port());
+        let tagged = d.key_id().is_some();
+        if !self.tag_ok(client, tagged, payload) {
+            self.stats.bad_tag += 1;
+            return Outcome::BadTag;
+        }
         match d.kind() {
             Kind::Request => {}
             Kind::Ack => return self.acknowledged(&d),
@@ -486,6 +524,10 @@ impl Dispatcher {
             }
         }
         self.answer_header(payload);
+        if tagged && let Some(ring) = self.keys.get(&client) {
+            // The answer is sealed with the key its request was.
+            let _ = tag::reseal(payload, ring);
+        }
         Outcome::Respond {
             records: count,
             client,
@@ -531,8 +573,16 @@ impl Dispatcher {
         };
         hdr.kind = Kind::Response as u8;
         hdr.server = self.server.into();
-        // A response has no header flags (the interrupt port is a request's).
-        hdr.flags = 0.into();
+        // A response keeps only the tag flag and key id (the interrupt
+        // port is a request's).
+        let keep = devplane_wire::header::HDR_TAG | (0xff << devplane_wire::header::KEY_ID_SHIFT);
+        let flags = hdr.flags.get();
+        hdr.flags = if flags & devplane_wire::header::HDR_TAG != 0 {
+            flags & keep
+        } else {
+            0
+        }
+        .into();
         hdr.reserved = 0.into();
         self.stats.datagrams += 1;
     }

@@ -532,3 +532,125 @@ fn windows_are_bounded_per_worker() {
     assert_eq!(refused, 2 * MAX_VCPU_WINDOWS as u64);
     assert_eq!(d.stats().window_limit, refused);
 }
+
+fn sealed(model: u32, recs: &[Record], key: &tag::TagKey) -> Vec<u8> {
+    let mut buf = encode(model, recs);
+    let n = buf.len();
+    buf.resize(n + devplane_wire::TAG_LEN, 0);
+    tag::seal(&mut buf, n, key).unwrap();
+    buf
+}
+
+const KEY1: tag::TagKey = tag::TagKey {
+    id: 1,
+    bytes: [0x5a; 16],
+};
+const KEY2: tag::TagKey = tag::TagKey {
+    id: 2,
+    bytes: [0xa5; 16],
+};
+
+fn write(seq: u64) -> Record {
+    req(
+        seq,
+        Access::PioOut {
+            port: 0x100,
+            size: AccessSize::B1,
+            data: 1,
+        },
+    )
+}
+
+fn count_of(d: &mut Dispatcher, key: &tag::TagKey, seq: u64) -> u64 {
+    let read = req(
+        seq,
+        Access::PioIn {
+            port: 0x100,
+            size: AccessSize::B4,
+        },
+    );
+    let mut b = sealed(42, &[read], key);
+    assert!(matches!(d.handle(&mut b), Outcome::Respond { .. }));
+    match Datagram::parse(&b).unwrap().records().next() {
+        Some(Record::Response(r)) => r.data,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A client with a key: its tagged requests are applied and answered with
+/// a tag under the same key; a wrong tag, a wrong key, an untagged
+/// datagram and a truncated one are dropped and counted, nothing applied.
+#[test]
+fn tags_are_verified_before_anything_is_applied() {
+    let mut d = dispatcher();
+    d.set_keys(7, KeyRing::new(KEY1));
+    let mut ok = sealed(42, &[write(1)], &KEY1);
+    assert!(matches!(d.handle(&mut ok), Outcome::Respond { .. }));
+    assert_eq!(tag::verify(&ok, &KeyRing::new(KEY1)), Ok(()));
+    assert_eq!(Datagram::parse(&ok).unwrap().kind(), Kind::Response);
+
+    let mut flipped = sealed(42, &[write(2)], &KEY1);
+    let last = flipped.len() - 1;
+    flipped[last] ^= 1;
+    let mut other_key = sealed(42, &[write(3)], &KEY2);
+    let mut wrong_bytes = sealed(
+        42,
+        &[write(4)],
+        &tag::TagKey {
+            id: 1,
+            bytes: [0; 16],
+        },
+    );
+    let mut untagged = encode(42, &[write(5)]);
+    let mut truncated = sealed(42, &[write(6)], &KEY1);
+    truncated.truncate(truncated.len() - 1);
+    for b in [
+        &mut flipped,
+        &mut other_key,
+        &mut wrong_bytes,
+        &mut untagged,
+    ] {
+        assert_eq!(d.handle(b), Outcome::BadTag);
+    }
+    assert!(matches!(d.handle(&mut truncated), Outcome::Malformed(_)));
+    assert_eq!(d.stats().bad_tag, 4);
+    assert_eq!(
+        count_of(&mut d, &KEY1, 10),
+        1,
+        "only the first write applied"
+    );
+}
+
+/// A client without a key sends untagged datagrams; a tagged one from it
+/// names a key the server does not have.
+#[test]
+fn a_client_without_key_may_not_tag() {
+    let mut d = dispatcher();
+    let mut b = sealed(42, &[write(1)], &KEY1);
+    assert_eq!(d.handle(&mut b), Outcome::BadTag);
+    let mut plain = encode(42, &[write(2)]);
+    assert!(matches!(d.handle(&mut plain), Outcome::Respond { .. }));
+    assert_eq!(d.stats().bad_tag, 1);
+}
+
+/// During a rotation both keys are accepted (each answer sealed with its
+/// request's key); after the grace period the old one is refused.
+#[test]
+fn rotation_accepts_both_keys_then_only_the_new() {
+    let mut d = dispatcher();
+    d.set_keys(7, KeyRing::new(KEY1));
+    let mut ring = KeyRing::new(KEY1);
+    ring.rotate(KEY2);
+    d.set_keys(7, ring);
+    let mut old = sealed(42, &[write(1)], &KEY1);
+    let mut new = sealed(42, &[write(2)], &KEY2);
+    assert!(matches!(d.handle(&mut old), Outcome::Respond { .. }));
+    assert!(matches!(d.handle(&mut new), Outcome::Respond { .. }));
+    assert_eq!(tag::verify(&old, &KeyRing::new(KEY1)), Ok(()));
+    assert_eq!(tag::verify(&new, &KeyRing::new(KEY2)), Ok(()));
+    ring.retire();
+    d.set_keys(7, ring);
+    let mut late = sealed(42, &[write(3)], &KEY1);
+    assert_eq!(d.handle(&mut late), Outcome::BadTag);
+    assert_eq!(count_of(&mut d, &KEY2, 10), 2);
+}

@@ -74,8 +74,10 @@ fn flush_irqs<T: Transport>(io: &mut T, w: &mut Worker, peers: &Peers<T::Peer>) 
     }
     let server = w.cfg.server;
     let stats = &w.stats;
+    let disp = &w.disp;
     let sent = w.router.flush(peers, |client, to, irqs| {
-        io.queue_irq(server, client, to, irqs, stats)
+        let key = disp.keys(client).map(|ring| &ring.current);
+        io.queue_irq(server, client, to, irqs, key, stats)
     });
     WorkerStats::add(&w.stats.irqs_sent, sent as u64);
 }

@@ -111,6 +111,9 @@ pub struct WorkerStats {
     /// Datagrams naming a VM of another client than the header's (or
     /// acknowledging another client's interrupts), dropped.
     pub foreign_vm: AtomicU64,
+    /// Datagrams whose keyed tag was missing, of an unknown key or wrong,
+    /// dropped before anything was applied.
+    pub bad_tag: AtomicU64,
     /// Requests more than the duplicate window beyond it, refused.
     pub far_ahead: AtomicU64,
     /// Requests refused because a duplicate-window limit was hit.
@@ -173,6 +176,8 @@ pub struct WorkerSnapshot {
     pub stale: u64,
     /// See [`WorkerStats::foreign_vm`].
     pub foreign_vm: u64,
+    /// See [`WorkerStats::bad_tag`].
+    pub bad_tag: u64,
     /// See [`WorkerStats::far_ahead`].
     pub far_ahead: u64,
     /// See [`WorkerStats::window_limit`].
@@ -239,6 +244,7 @@ impl WorkerSnapshot {
             ("duplicates", self.duplicates),
             ("stale", self.stale),
             ("foreign_vm", self.foreign_vm),
+            ("bad_tag", self.bad_tag),
             ("far_ahead", self.far_ahead),
             ("window_limit", self.window_limit),
             ("irqs_raised", self.irqs_raised),
@@ -277,6 +283,7 @@ impl WorkerStats {
         self.acks.store(d.acks, r);
         self.stale.store(d.stale, r);
         self.foreign_vm.store(d.foreign_vm, r);
+        self.bad_tag.store(d.bad_tag, r);
         self.far_ahead.store(d.far_ahead, r);
         self.window_limit.store(d.window_limit, r);
         self.duplicates.store(d.duplicates, r);
@@ -306,6 +313,7 @@ impl WorkerStats {
             acks: self.acks.load(r),
             stale: self.stale.load(r),
             foreign_vm: self.foreign_vm.load(r),
+            bad_tag: self.bad_tag.load(r),
             far_ahead: self.far_ahead.load(r),
             window_limit: self.window_limit.load(r),
             duplicates: self.duplicates.load(r),

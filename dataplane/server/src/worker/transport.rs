@@ -34,13 +34,16 @@ pub trait Transport {
     fn receive(&mut self, max: u32, work: &mut Work<'_, Self::Peer>) -> u64;
 
     /// Queues (or sends) one interrupt datagram of `irqs` (all of one
-    /// model) to `client` at `to`; `false` when there is no room now.
+    /// model) to `client` at `to`, sealed with `key` (the client's
+    /// current key, if it has one); `false` when there is no room now.
+    #[allow(clippy::too_many_arguments)]
     fn queue_irq(
         &mut self,
         server: u32,
         client: u32,
         to: Self::Peer,
         irqs: &[PendingIrq],
+        key: Option<&devplane_wire::tag::TagKey>,
         stats: &WorkerStats,
     ) -> bool;
 

@@ -77,6 +77,11 @@ pub struct ClientSection {
     /// within [`HORIZON_MS_RANGE`]).
     #[serde(default = "default_horizon_ms")]
     pub horizon_ms: u64,
+    /// `tag_key = "ID:HEX"`: this client's tag key (the one its servers
+    /// hold in its `[[clients]]` entry); every datagram is then sealed
+    /// and every answer and interrupt verified. None: nothing is tagged.
+    #[serde(default)]
+    pub tag_key: Option<devplane_control::config::ClientKey>,
 }
 
 /// A `[[servers]]` entry.
@@ -561,6 +566,10 @@ impl ClientFile {
             }],
             engine: EngineConfig {
                 horizon: std::time::Duration::from_millis(self.client.horizon_ms),
+                tag_keys: self
+                    .client
+                    .tag_key
+                    .map(|k| devplane_wire::tag::KeyRing::new(k.0)),
                 ..EngineConfig::default()
             },
             engine_core: None,
@@ -632,6 +641,34 @@ mod tests {
         );
         assert!(d[1].posted);
         assert!(matches!(f.client_spec(2), Err(ConfigError::UnknownVm(2))));
+    }
+
+    #[test]
+    fn the_tag_key_is_parsed_and_never_shown() {
+        let with = |k: &str| BASE.replace("id = 7\n", &format!("id = 7\ntag_key = \"{k}\"\n"));
+        let f = ClientFile::from_toml_str(&with("3:00112233445566778899aabbccddeeff")).unwrap();
+        let key = f.client.tag_key.unwrap().0;
+        assert_eq!((key.id, key.bytes[15]), (3, 0xff));
+        let shown = format!("{f:?}");
+        assert!(!shown.contains("445566"), "{shown}");
+        for bad in [
+            "0:00112233445566778899aabbccddeeff",
+            "3:0011",
+            "zz",
+            "3:xx112233445566778899aabbccddeeff",
+        ] {
+            let e = ClientFile::from_toml_str(&with(bad))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("tag_key"), "{e}");
+        }
+        assert!(
+            ClientFile::from_toml_str(BASE)
+                .unwrap()
+                .client
+                .tag_key
+                .is_none()
+        );
     }
 
     #[test]

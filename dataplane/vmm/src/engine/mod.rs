@@ -119,6 +119,11 @@ pub struct EngineConfig {
     /// older kernel (for comparison: every answer then interrupts the
     /// waiting vCPU).
     pub owned_rings: bool,
+    /// This client's tag keys: every request and acknowledgement is
+    /// sealed with the current key, and every answer and interrupt must
+    /// carry a valid tag under one of them (`bad_tag` otherwise). `None`:
+    /// nothing is tagged, and a tagged datagram is refused.
+    pub tag_keys: Option<devplane_wire::tag::KeyRing>,
 }
 
 /// How much longer than the horizon a vCPU waits for an answer: time for
@@ -157,6 +162,7 @@ impl Default for EngineConfig {
             sqpoll: None,
             direct_spin: Duration::from_micros(200),
             owned_rings: true,
+            tag_keys: None,
         }
     }
 }

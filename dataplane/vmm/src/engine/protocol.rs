@@ -130,6 +130,8 @@ pub(crate) struct Settings {
     pub horizon_ns: u64,
     /// Loss injection.
     pub loss: Loss,
+    /// Tag keys ([`super::EngineConfig::tag_keys`]).
+    pub keys: Option<devplane_wire::tag::KeyRing>,
 }
 
 /// One vCPU the protocol serves.
@@ -387,7 +389,14 @@ impl Protocol {
             .pop()
             .unwrap_or_else(|| (vec![0u8; MAX_DATAGRAM].into_boxed_slice(), Vec::new()));
         slots.clear();
-        let Some(len) = fill(&mut buf, header, &mut self.flows[v].queued[m], &mut slots) else {
+        let sealed =
+            fill(&mut buf, header, &mut self.flows[v].queued[m], &mut slots).and_then(|len| {
+                match &self.settings.keys {
+                    Some(ring) => devplane_wire::tag::seal(&mut buf, len, &ring.current),
+                    None => Some(len),
+                }
+            });
+        let Some(len) = sealed else {
             self.spare.push((buf, slots));
             return Ok(());
         };
@@ -495,6 +504,14 @@ impl Protocol {
             add(&self.stats.malformed, 1);
             return;
         };
+        let tag_ok = match &self.settings.keys {
+            Some(ring) => devplane_wire::tag::verify(bytes, ring).is_ok(),
+            None => d.key_id().is_none(),
+        };
+        if !tag_ok {
+            add(&self.stats.bad_tag, 1);
+            return;
+        }
         if d.client() != self.settings.client {
             add(&self.stats.foreign_client, 1);
             return;
@@ -641,9 +658,15 @@ impl Protocol {
             add(&self.stats.loss_tx, 1);
             return;
         }
-        let mut buf = [0u8; HEADER_LEN + RECORD_LEN];
+        let mut buf = [0u8; HEADER_LEN + RECORD_LEN + devplane_wire::TAG_LEN];
         let header = Header::new(Kind::Ack, model, server, self.settings.client);
-        if let Ok(n) = datagram::encode(&mut buf, header, &[Record::Ack(Ack { id })]) {
+        let n = datagram::encode(&mut buf, header, &[Record::Ack(Ack { id })])
+            .ok()
+            .and_then(|n| match &self.settings.keys {
+                Some(ring) => devplane_wire::tag::seal(&mut buf, n, &ring.current),
+                None => Some(n),
+            });
+        if let Some(n) = n {
             io.ack(socket, server, &buf[..n]);
         }
     }

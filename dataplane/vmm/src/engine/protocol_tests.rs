@@ -82,6 +82,7 @@ fn protocol_with(vcpus: u16, loss: Loss, horizon_ns: u64) -> (Protocol, Arc<Engi
         retransmit_max_ns: 8 * RETRANSMIT,
         horizon_ns,
         loss,
+        keys: None,
     };
     let stats = Arc::new(EngineStats::default());
     let p = Protocol::new(
@@ -409,6 +410,7 @@ fn a_socket_not_connected_takes_any_known_server() {
         retransmit_max_ns: RETRANSMIT,
         horizon_ns: HORIZON,
         loss: Loss::default(),
+        keys: None,
     };
     let stats = Arc::new(EngineStats::default());
     let mut p = Protocol::new(
@@ -657,4 +659,87 @@ fn partial_loss_is_seeded_and_near_its_rate() {
     queue(&mut p, &mut io, 0, 0, &[1]);
     p.send_ready(0, 0, &mut io).unwrap();
     assert_eq!((io.sent.len(), get(&stats.loss_tx)), (1, 0));
+}
+
+/// With keys, requests and acknowledgements go out sealed with the
+/// current key; answers and interrupts are taken only with a valid tag
+/// under the current or the previous key (`bad_tag` otherwise, nothing
+/// completed or injected), and the previous key is refused once retired.
+#[test]
+fn tags_seal_what_is_sent_and_guard_what_is_received() {
+    use devplane_wire::tag::{self, KeyRing, TagKey};
+    let k1 = TagKey {
+        id: 1,
+        bytes: [1; 16],
+    };
+    let k2 = TagKey {
+        id: 2,
+        bytes: [2; 16],
+    };
+    let seal = |mut d: Vec<u8>, key: &TagKey| {
+        let n = d.len();
+        d.resize(n + devplane_wire::TAG_LEN, 0);
+        tag::seal(&mut d, n, key).unwrap();
+        d
+    };
+    let (mut p, stats) = protocol(1);
+    let mut ring = KeyRing::new(k1);
+    ring.rotate(k2);
+    p.settings.keys = Some(ring);
+    let mut io = Fake::default();
+    queue(&mut p, &mut io, 0, 0, &[1]);
+    assert!(p.send_ready(0, 0, &mut io).unwrap());
+    let sent = &io.sent[0].1;
+    assert_eq!(
+        tag::verify(sent, &KeyRing::new(k2)),
+        Ok(()),
+        "sealed with the current key"
+    );
+    assert_eq!(seqs(sent), vec![1]);
+
+    // Untagged, wrong key bytes, flipped: dropped and counted.
+    let wrong = TagKey {
+        id: 2,
+        bytes: [9; 16],
+    };
+    let mut flipped = seal(answers(MODEL_A, 0, &[1]), &k2);
+    let last = flipped.len() - 1;
+    flipped[last] ^= 4;
+    for bad in [
+        answers(MODEL_A, 0, &[1]),
+        seal(answers(MODEL_A, 0, &[1]), &wrong),
+        flipped,
+    ] {
+        p.on_datagram(&bad, 0, &mut io);
+    }
+    p.on_datagram(
+        &seal(interrupts(MODEL_A, VM, &[WALL - 10]), &wrong),
+        0,
+        &mut io,
+    );
+    assert_eq!(get(&stats.bad_tag), 4);
+    assert!(io.done.is_empty() && io.injected.is_empty() && io.acks.is_empty());
+
+    // The previous key is still accepted during the rotation.
+    p.on_datagram(&seal(answers(MODEL_A, 0, &[1]), &k1), 0, &mut io);
+    assert_eq!(io.done.len(), 1);
+    p.on_datagram(
+        &seal(interrupts(MODEL_A, VM, &[WALL - 10]), &k2),
+        0,
+        &mut io,
+    );
+    assert_eq!(io.injected.len(), 1);
+    let ack = &io.acks[0].2;
+    assert_eq!(
+        tag::verify(ack, &KeyRing::new(k2)),
+        Ok(()),
+        "acks are sealed"
+    );
+
+    // After the grace period, the old key is refused.
+    ring.retire();
+    p.settings.keys = Some(ring);
+    p.on_datagram(&seal(interrupts(MODEL_A, VM, &[WALL - 9]), &k1), 0, &mut io);
+    assert_eq!(get(&stats.bad_tag), 5);
+    assert_eq!(io.injected.len(), 1);
 }

@@ -39,6 +39,9 @@ pub struct EngineStats {
     /// Datagrams whose header names a server other than the one their
     /// socket talks to (or, answers, than their model's): dropped.
     pub foreign_server: AtomicU64,
+    /// Datagrams whose tag was missing, of an unknown key or wrong:
+    /// dropped before anything was applied.
+    pub bad_tag: AtomicU64,
     /// Answers for a (VM, vCPU) not served here: dropped.
     pub foreign_vm: AtomicU64,
     /// Answers from a model the vCPU does not use: dropped.

@@ -1,0 +1,348 @@
+//! Datagram authentication: a keyed 16-byte tag after the records.
+//!
+//! A datagram whose header has [`HDR_TAG`] ends in [`TAG_LEN`] bytes of
+//! SipHash-2-4 (128-bit output) keyed with its client's 16-byte key,
+//! computed over every byte before the tag (header and records). The
+//! header's flags carry the key's id in their high byte ([`key_id`]), so a
+//! receiver holding a [`KeyRing`] (the current key and, during a rotation,
+//! the previous one) knows which key to verify with. The XDP program only
+//! checks that the length fits ([`crate::header::count_fits`]); workers and
+//! clients verify.
+
+use crate::header::{HDR_TAG, KEY_ID_SHIFT, OFF_FLAGS};
+use crate::{HEADER_LEN, TAG_LEN};
+
+/// A 16-byte tag key and its id (the id travels in the header).
+///
+/// Its `Debug` shows the id and the first two bytes only: a key is never
+/// printed in full.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TagKey {
+    /// The id a datagram names it by (1..=255; 0 is no key).
+    pub id: u8,
+    /// The key.
+    pub bytes: [u8; 16],
+}
+
+impl core::fmt::Debug for TagKey {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "TagKey {{ id: {}, key: {} }}",
+            self.id,
+            self.fingerprint()
+        )
+    }
+}
+
+/// What a key's [`TagKey::fingerprint`] prints.
+pub struct Fingerprint([u8; 2]);
+
+impl core::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{:02x}{:02x}…", self.0[0], self.0[1])
+    }
+}
+
+impl TagKey {
+    /// A key from its 32 hex digits; `None` if `hex` is not exactly that
+    /// or `id` is 0.
+    pub fn from_hex(id: u8, hex: &str) -> Option<TagKey> {
+        let h = hex.as_bytes();
+        if id == 0 || h.len() != 32 {
+            return None;
+        }
+        let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+        let mut bytes = [0u8; 16];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = digit(h[2 * i])? << 4 | digit(h[2 * i + 1])?;
+        }
+        Some(TagKey { id, bytes })
+    }
+
+    /// The first two bytes, for logs and `dpctl` output.
+    pub fn fingerprint(&self) -> Fingerprint {
+        Fingerprint([self.bytes[0], self.bytes[1]])
+    }
+
+    /// The tag of `msg` under this key.
+    pub fn tag(&self, msg: &[u8]) -> [u8; TAG_LEN] {
+        use core::hash::Hasher;
+        use siphasher::sip128::{Hasher128, SipHasher24};
+        let mut h = SipHasher24::new_with_key(&self.bytes);
+        h.write(msg);
+        h.finish128().as_bytes()
+    }
+}
+
+/// The keys a receiver accepts for one client: the current one and,
+/// until [`KeyRing::retire`], the one it replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyRing {
+    /// The key new datagrams are sealed with.
+    pub current: TagKey,
+    /// The key before the last [`KeyRing::rotate`], still accepted.
+    pub previous: Option<TagKey>,
+}
+
+impl KeyRing {
+    /// A ring with only `current`.
+    pub fn new(current: TagKey) -> KeyRing {
+        KeyRing {
+            current,
+            previous: None,
+        }
+    }
+
+    /// `next` becomes current; the current key stays accepted as the
+    /// previous one (the key a rotation replaces is still in flight).
+    /// Rotating to the current key again changes nothing.
+    pub fn rotate(&mut self, next: TagKey) {
+        if next == self.current {
+            return;
+        }
+        self.previous = Some(self.current);
+        self.current = next;
+    }
+
+    /// Stops accepting the previous key (the end of a rotation's grace
+    /// period).
+    pub fn retire(&mut self) {
+        self.previous = None;
+    }
+
+    /// The accepted key of id `id`.
+    pub fn get(&self, id: u8) -> Option<&TagKey> {
+        if self.current.id == id {
+            return Some(&self.current);
+        }
+        self.previous.as_ref().filter(|k| k.id == id)
+    }
+}
+
+/// Why a datagram's tag was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TagError {
+    /// The header has no [`HDR_TAG`].
+    Missing,
+    /// Shorter than a header and a tag.
+    Short,
+    /// The key id names no key the receiver accepts (unknown, or retired).
+    UnknownKey(u8),
+    /// The tag does not match.
+    Mismatch,
+}
+
+/// The key id in a header's flags word.
+#[inline(always)]
+pub const fn key_id(flags: u16) -> u8 {
+    (flags >> KEY_ID_SHIFT) as u8
+}
+
+/// Seals the datagram in `buf[..len]` (header and records, `len` bytes)
+/// with `key`: sets [`HDR_TAG`] and the key id in its header and writes
+/// the tag at `buf[len..len + TAG_LEN]`. Returns the sealed length, or
+/// `None` if `buf` has no room for the tag or `len` is shorter than a
+/// header.
+pub fn seal(buf: &mut [u8], len: usize, key: &TagKey) -> Option<usize> {
+    if len < HEADER_LEN || buf.len() < len + TAG_LEN {
+        return None;
+    }
+    let flags = u16::from_le_bytes([buf[OFF_FLAGS], buf[OFF_FLAGS + 1]]);
+    let flags = (flags & !(0xff << KEY_ID_SHIFT)) | HDR_TAG | (u16::from(key.id) << KEY_ID_SHIFT);
+    buf[OFF_FLAGS..OFF_FLAGS + 2].copy_from_slice(&flags.to_le_bytes());
+    let tag = key.tag(&buf[..len]);
+    buf[len..len + TAG_LEN].copy_from_slice(&tag);
+    Some(len + TAG_LEN)
+}
+
+/// Seals again a datagram that already ends in a tag (an answer written
+/// over its request in place), with the key its header names.
+pub fn reseal(buf: &mut [u8], keys: &KeyRing) -> Result<(), TagError> {
+    let len = buf.len().checked_sub(TAG_LEN).filter(|&l| l >= HEADER_LEN);
+    let len = len.ok_or(TagError::Short)?;
+    let flags = u16::from_le_bytes([buf[OFF_FLAGS], buf[OFF_FLAGS + 1]]);
+    let key = keys
+        .get(key_id(flags))
+        .ok_or(TagError::UnknownKey(key_id(flags)))?;
+    let tag = key.tag(&buf[..len]);
+    buf[len..].copy_from_slice(&tag);
+    Ok(())
+}
+
+/// Verifies the tag that ends `buf` (the whole UDP payload) against the
+/// key its header names in `keys`. Constant time in the tag's bytes.
+pub fn verify(buf: &[u8], keys: &KeyRing) -> Result<(), TagError> {
+    let len = buf.len().checked_sub(TAG_LEN).filter(|&l| l >= HEADER_LEN);
+    let len = len.ok_or(TagError::Short)?;
+    let flags = u16::from_le_bytes([buf[OFF_FLAGS], buf[OFF_FLAGS + 1]]);
+    if flags & HDR_TAG == 0 {
+        return Err(TagError::Missing);
+    }
+    let id = key_id(flags);
+    let key = keys.get(id).ok_or(TagError::UnknownKey(id))?;
+    let want = key.tag(&buf[..len]);
+    let diff = want
+        .iter()
+        .zip(&buf[len..])
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    if diff == 0 {
+        Ok(())
+    } else {
+        Err(TagError::Mismatch)
+    }
+}
+
+/// Whether `buf` (a whole UDP payload) has [`HDR_TAG`] in its header.
+pub fn is_tagged(buf: &[u8]) -> bool {
+    buf.len() >= HEADER_LEN
+        && u16::from_le_bytes([buf[OFF_FLAGS], buf[OFF_FLAGS + 1]]) & HDR_TAG != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Access, AccessSize, Datagram, Header, Kind, Record, Request, RequestId, datagram};
+
+    const K1: TagKey = TagKey {
+        id: 1,
+        bytes: [0x11; 16],
+    };
+    const K2: TagKey = TagKey {
+        id: 2,
+        bytes: [0x22; 16],
+    };
+
+    fn sealed(key: &TagKey) -> ([u8; 256], usize) {
+        let mut buf = [0u8; 256];
+        let rec = Record::Request(Request {
+            id: RequestId {
+                vm: 7,
+                hypervisor: 1,
+                vcpu: 0,
+                seq: 42,
+            },
+            access: Access::PioOut {
+                port: 0x3f8,
+                size: AccessSize::B1,
+                data: 0x41,
+            },
+            flags: 0,
+        });
+        let hdr = Header::new(Kind::Request, 3, 1, 9).with_irq_port(4000);
+        let len = datagram::encode(&mut buf, hdr, &[rec]).unwrap();
+        let len = seal(&mut buf, len, key).unwrap();
+        (buf, len)
+    }
+
+    #[test]
+    fn sealed_datagram_parses_and_verifies() {
+        let (buf, len) = sealed(&K1);
+        let d = Datagram::parse(&buf[..len]).unwrap();
+        assert_eq!(d.len(), 1);
+        assert_eq!(d.irq_port(), Some(4000));
+        assert_eq!(d.key_id(), Some(1));
+        assert_eq!(verify(&buf[..len], &KeyRing::new(K1)), Ok(()));
+    }
+
+    #[test]
+    fn wrong_key_is_refused() {
+        let (buf, len) = sealed(&K1);
+        // Same id, other bytes.
+        let other = TagKey {
+            id: 1,
+            bytes: [0x12; 16],
+        };
+        assert_eq!(
+            verify(&buf[..len], &KeyRing::new(other)),
+            Err(TagError::Mismatch)
+        );
+        // Another id altogether.
+        assert_eq!(
+            verify(&buf[..len], &KeyRing::new(K2)),
+            Err(TagError::UnknownKey(1))
+        );
+    }
+
+    #[test]
+    fn every_flipped_bit_is_refused() {
+        let (buf, len) = sealed(&K1);
+        let ring = KeyRing::new(K1);
+        for byte in 0..len {
+            for bit in 0..8 {
+                let mut b = buf;
+                b[byte] ^= 1 << bit;
+                assert!(
+                    verify(&b[..len], &ring).is_err(),
+                    "flipping bit {bit} of byte {byte} went unnoticed"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn truncated_or_untagged_is_refused() {
+        let (buf, len) = sealed(&K1);
+        let ring = KeyRing::new(K1);
+        for cut in 0..len {
+            assert!(verify(&buf[..cut], &ring).is_err(), "cut at {cut}");
+        }
+        assert_eq!(verify(&buf[..HEADER_LEN - 1], &ring), Err(TagError::Short));
+        let mut plain = [0u8; 256];
+        let l = datagram::encode(
+            &mut plain,
+            Header::new(Kind::Ack, 3, 1, 9),
+            &[Record::Ack(crate::Ack {
+                id: RequestId {
+                    vm: 7,
+                    hypervisor: 1,
+                    vcpu: 0,
+                    seq: 1,
+                },
+            })],
+        )
+        .unwrap();
+        // An untagged datagram padded to look long enough.
+        assert_eq!(verify(&plain[..l + TAG_LEN], &ring), Err(TagError::Missing));
+    }
+
+    #[test]
+    fn rotation_accepts_previous_until_retired() {
+        let (old, old_len) = sealed(&K1);
+        let (new, new_len) = sealed(&K2);
+        let mut ring = KeyRing::new(K1);
+        ring.rotate(K2);
+        assert_eq!(verify(&old[..old_len], &ring), Ok(()));
+        assert_eq!(verify(&new[..new_len], &ring), Ok(()));
+        ring.retire();
+        assert_eq!(
+            verify(&old[..old_len], &ring),
+            Err(TagError::UnknownKey(1)),
+            "the old key after the grace period"
+        );
+        assert_eq!(verify(&new[..new_len], &ring), Ok(()));
+    }
+
+    #[test]
+    fn reseal_after_in_place_answer() {
+        let (mut buf, len) = sealed(&K1);
+        let ring = KeyRing::new(K1);
+        buf[crate::header::OFF_KIND] = Kind::Response as u8;
+        assert_eq!(verify(&buf[..len], &ring), Err(TagError::Mismatch));
+        reseal(&mut buf[..len], &ring).unwrap();
+        assert_eq!(verify(&buf[..len], &ring), Ok(()));
+    }
+
+    #[test]
+    fn hex_keys_and_debug_hide_the_key() {
+        let k = TagKey::from_hex(5, "00112233445566778899aabbccddeeff").unwrap();
+        assert_eq!(k.bytes[15], 0xff);
+        assert!(TagKey::from_hex(0, "00112233445566778899aabbccddeeff").is_none());
+        assert!(TagKey::from_hex(5, "0011").is_none());
+        assert!(TagKey::from_hex(5, "zz112233445566778899aabbccddeeff").is_none());
+        extern crate std;
+        let shown = std::format!("{k:?}");
+        assert!(!shown.contains("2233"), "{shown}");
+        assert!(shown.contains("0011"), "{shown}");
+    }
+}
