@@ -20,6 +20,7 @@ mod gate;
 mod hist;
 mod invalid;
 mod irq;
+mod isolation;
 mod micro;
 mod plot;
 mod report;
@@ -77,6 +78,10 @@ enum Scenario {
     /// non-posted writes: requests/s and latency under that load (rows
     /// throughput/posted/2x2, ...; needs root and KVM).
     Throughput,
+    /// A well-behaved client's round trip unloaded, while another client
+    /// floods the same worker, and with a budget on the flooder
+    /// (isolation/unloaded, flooded, budgeted; needs root).
+    Isolation,
 }
 
 impl Scenario {
@@ -91,6 +96,7 @@ impl Scenario {
             Scenario::Mmio => "mmio",
             Scenario::Irq => "irq",
             Scenario::Throughput => "throughput",
+            Scenario::Isolation => "isolation",
         }
     }
 

@@ -75,6 +75,7 @@ fn config(topo: &Topology, mode: Mode) -> ServerConfig {
         clients: vec![ClientConfig {
             id: 7,
             address: topo.client_ip(),
+            budget: None,
         }],
         vms: vec![VmConfig {
             id: 1,

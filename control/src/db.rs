@@ -324,6 +324,7 @@ fn project(state: &State, settings: &ServerSettings) -> Result<ServerConfig, DbE
             .map(|c| ClientConfig {
                 id: c.id,
                 address: c.address,
+                budget: c.budget,
             })
             .collect(),
         vms: state

@@ -138,6 +138,7 @@ pub fn server_config(
         clients: vec![ClientConfig {
             id: CLIENT_ID,
             address: client_addr,
+            budget: None,
         }],
         vms: (1..=layout.vms)
             .map(|id| VmConfig {

@@ -48,6 +48,7 @@ fn config(topo: &Topology, tag: &str, workers: Vec<usize>, batch: u32) -> Server
         clients: vec![ClientConfig {
             id: CLIENT,
             address: topo.client_ip(),
+            budget: None,
         }],
         vms: vec![VmConfig {
             id: VM,

@@ -51,10 +51,12 @@ fn config(topo: &Topology, mode: Mode, tag: &str, tenant_ip: std::net::Ipv4Addr)
             ClientConfig {
                 id: VICTIM,
                 address: topo.client_ip(),
+                budget: None,
             },
             ClientConfig {
                 id: TENANT,
                 address: tenant_ip,
+                budget: None,
             },
         ],
         vms: vec![

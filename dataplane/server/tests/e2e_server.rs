@@ -66,10 +66,12 @@ fn config(topo: &Topology, mode: Mode, tag: &str) -> ServerConfig {
             ClientConfig {
                 id: CLIENT,
                 address: topo.client_ip(),
+                budget: None,
             },
             ClientConfig {
                 id: CLIENT2,
                 address: second_ip(topo),
+                budget: None,
             },
         ],
         vms: vec![VmConfig {

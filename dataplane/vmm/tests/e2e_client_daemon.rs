@@ -81,6 +81,7 @@ fn server_config(topo: &Topology) -> ServerConfig {
         clients: vec![ClientConfig {
             id: CLIENT,
             address: topo.client_ip(),
+            budget: None,
         }],
         vms: [1, 2]
             .map(|id| VmConfig {

@@ -80,6 +80,7 @@ fn server_config(topo: &Topology, disk: &Path, log: &Path) -> ServerConfig {
         clients: vec![ClientConfig {
             id: CLIENT,
             address: topo.client_ip(),
+            budget: None,
         }],
         vms: vec![VmConfig {
             id: VM,

@@ -159,6 +159,7 @@ fn server_config(topo: &Topology, disk: &Path) -> ServerConfig {
         clients: vec![ClientConfig {
             id: CLIENT,
             address: topo.client_ip(),
+            budget: None,
         }],
         vms: vec![VmConfig {
             id: VM,
