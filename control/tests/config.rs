@@ -82,7 +82,7 @@ fn example_file_parses() {
         cfg.clients,
         vec![ClientConfig {
             id: 7,
-            address: Ipv4Addr::new(10, 99, 0, 1)
+            address: Ipv4Addr::new(10, 99, 0, 1),
             budget: None,
         }]
     );

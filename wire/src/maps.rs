@@ -129,15 +129,18 @@ pub fn bucket_take(b: &mut Bucket, rate: u32, burst: u32, now_ns: u64) -> bool {
     let cap = burst as u64 * NS_PER_SEC;
     let rate = rate as u64;
     let mut elapsed = now_ns.saturating_sub(b.last_ns);
-    if rate > 0 {
-        let fill = cap / rate + 1;
-        if elapsed > fill {
-            elapsed = fill;
+    match cap.checked_div(rate) {
+        Some(q) => {
+            let fill = q + 1;
+            if elapsed > fill {
+                elapsed = fill;
+            }
+            let tokens = b.tokens.saturating_add(elapsed * rate);
+            b.tokens = if tokens > cap { cap } else { tokens };
         }
-        let tokens = b.tokens.saturating_add(elapsed * rate);
-        b.tokens = if tokens > cap { cap } else { tokens };
-    } else if b.tokens > cap {
-        b.tokens = cap;
+        // Rate 0: no refill.
+        None if b.tokens > cap => b.tokens = cap,
+        None => {}
     }
     if now_ns > b.last_ns {
         b.last_ns = now_ns;
