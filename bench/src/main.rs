@@ -21,6 +21,7 @@ mod gate;
 mod hist;
 mod invalid;
 mod irq;
+mod isolation;
 mod micro;
 mod plot;
 mod report;
@@ -85,6 +86,10 @@ enum Scenario {
     /// scripts/guest-kernel.sh's files). The default suite runs it only
     /// where it fits --boot-budget.
     Boot,
+    /// A well-behaved client's round trip unloaded, while another client
+    /// floods the same worker, and with a budget on the flooder
+    /// (isolation/unloaded, flooded, budgeted; needs root).
+    Isolation,
 }
 
 impl Scenario {
@@ -100,6 +105,7 @@ impl Scenario {
             Scenario::Irq => "irq",
             Scenario::Throughput => "throughput",
             Scenario::Boot => boot::NAME,
+            Scenario::Isolation => "isolation",
         }
     }
 

@@ -76,6 +76,7 @@ fn config(topo: &Topology, mode: Mode) -> ServerConfig {
             tag_key: None,
             id: 7,
             address: topo.client_ip(),
+            budget: None,
         }],
         vms: vec![VmConfig {
             id: 1,

@@ -13,7 +13,7 @@ use crate::report::{self, Row, RunConfig, RunSummary, progress};
 use crate::rig::{self, Rig};
 use crate::{
     CLIENT_REPEAT, IRQ_REPEAT, RunArgs, SERVER_REPEAT, Scenario, THROUGHPUT_REPEAT, boot, client,
-    irq, micro, plan, server, throughput,
+    irq, isolation, micro, plan, server, throughput,
 };
 
 /// Names scenarios (comma-separated, as `--scenario` and the tables name
@@ -45,7 +45,7 @@ pub fn steps(args: &RunArgs, scenarios: &[Scenario]) -> u64 {
     scenarios
         .iter()
         .map(|s| match s {
-            Scenario::XdpProg | Scenario::Parse | Scenario::Boot => 1,
+            Scenario::XdpProg | Scenario::Parse | Scenario::Boot | Scenario::Isolation => 1,
             Scenario::Server => args.repeat.unwrap_or(SERVER_REPEAT),
             Scenario::Irq => args.repeat.unwrap_or(IRQ_REPEAT),
             Scenario::Throughput => args.repeat.unwrap_or(THROUGHPUT_REPEAT),
@@ -168,6 +168,12 @@ pub fn run(args: RunArgs) -> Result<()> {
                         rows.extend(r);
                     }
                     report::step_done();
+                }
+                Scenario::Isolation => {
+                    let r = isolation::run(args.round_trips, &mut notes)?;
+                    report::step_done();
+                    report::print_table("isolation", &r);
+                    rows.extend(r);
                 }
                 Scenario::Server => {
                     let reps = args.repeat.unwrap_or(SERVER_REPEAT);

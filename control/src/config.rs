@@ -198,6 +198,12 @@ pub struct ClientConfig {
     /// server tags its answers and interrupts); without one, none does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag_key: Option<ClientKey>,
+    /// `budget = { rate = R, burst = B }`: with `server.check_clients`, the
+    /// XDP program admits at most `burst` datagrams at once and `rate` per
+    /// second from this client on each CPU, and drops the rest
+    /// (`drop_over_budget`). None (the default) or `burst = 0`: no budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
 }
 
 /// A client's tag key as the configuration holds it: `"ID:HEX"`. Its
@@ -236,6 +242,18 @@ impl<'de> Deserialize<'de> for ClientKey {
             )
         })
     }
+}
+
+/// A client's datagram budget at the XDP program (a token bucket; see
+/// `devplane_wire::maps::bucket_take`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// Datagrams per second the bucket refills with.
+    pub rate: u32,
+    /// Bucket size in datagrams (at most `devplane_wire::maps::MAX_BURST`);
+    /// 0 means no budget.
+    pub burst: u32,
 }
 
 /// A `[[vms]]` entry: a VM and where it runs.
@@ -553,6 +571,16 @@ impl ServerConfig {
 
         let mut addresses = BTreeMap::new();
         for c in &self.clients {
+            if let Some(b) = c.budget
+                && b.burst > devplane_wire::maps::MAX_BURST
+            {
+                return Err(ConfigError::OutOfRange {
+                    key: "clients.budget.burst",
+                    value: b.burst.into(),
+                    min: 0,
+                    max: devplane_wire::maps::MAX_BURST.into(),
+                });
+            }
             if let Some(&first) = addresses.get(&c.address) {
                 return Err(ConfigError::DuplicateAddress {
                     address: c.address,

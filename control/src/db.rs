@@ -325,6 +325,7 @@ fn project(state: &State, settings: &ServerSettings) -> Result<ServerConfig, DbE
                 tag_key: None,
                 id: c.id,
                 address: c.address,
+                budget: c.budget,
             })
             .collect(),
         vms: state

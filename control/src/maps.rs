@@ -155,9 +155,12 @@ pub fn route_entry(cfg: &ServerConfig, model: &ModelConfig) -> Route {
 
 /// The [`CLIENTS_MAP`] entry for a client.
 pub fn client_entry(client: &ClientConfig) -> ClientEntry {
+    let budget = client.budget.unwrap_or_default();
     ClientEntry {
         ip: client.address.octets(),
         flags: 0,
+        rate: budget.rate,
+        burst: budget.burst,
     }
 }
 

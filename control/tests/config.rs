@@ -83,7 +83,8 @@ fn example_file_parses() {
         vec![ClientConfig {
             tag_key: None,
             id: 7,
-            address: Ipv4Addr::new(10, 99, 0, 1)
+            address: Ipv4Addr::new(10, 99, 0, 1),
+            budget: None,
         }]
     );
     assert_eq!(
@@ -397,6 +398,7 @@ fn capacity_limits() {
             tag_key: None,
             id,
             address: Ipv4Addr::from(0x0a00_0000 + id),
+            budget: None,
         })
         .collect();
     assert!(matches!(
@@ -576,7 +578,7 @@ fn entries() {
         client_entry(&cfg.clients[0]),
         ClientEntry {
             ip: [10, 99, 0, 1],
-            flags: 0
+            ..Default::default()
         }
     );
     assert_eq!(
@@ -661,6 +663,7 @@ fn sync_into_memory_converges() {
         tag_key: None,
         id: 9,
         address: Ipv4Addr::new(10, 99, 0, 9),
+        budget: None,
     }];
     cfg.vms = vec![VmConfig {
         id: 2,
@@ -903,4 +906,27 @@ fn address_of_wrong_type_says_what_to_write() {
         m,
         "line 13, column 11 (address = 10): invalid type: integer `10`, expected an IPv4 address in quotes, e.g. address = \"10.99.0.1\""
     );
+}
+
+#[test]
+fn a_client_budget_parses_validates_and_reaches_the_entry() {
+    let text = "[server]\nid = 1\nmode = \"socket\"\nworkers = [0]\n\
+                [[clients]]\nid = 7\naddress = \"10.99.0.1\"\nbudget = { rate = 500, burst = 16 }\n\
+                [[clients]]\nid = 8\naddress = \"10.99.0.3\"\n";
+    let cfg = ServerConfig::from_toml_str(text).unwrap();
+    let budgeted = devplane_control::maps::client_entry(&cfg.clients[0]);
+    assert_eq!((budgeted.rate, budgeted.burst), (500, 16));
+    let unlimited = devplane_control::maps::client_entry(&cfg.clients[1]);
+    assert_eq!((unlimited.rate, unlimited.burst), (0, 0));
+
+    let too_big = text.replace(
+        "burst = 16",
+        &format!("burst = {}", devplane_wire::maps::MAX_BURST + 1),
+    );
+    let e = ServerConfig::from_toml_str(&too_big)
+        .and_then(|c| c.validate().map(|()| c))
+        .unwrap_err();
+    assert!(e.to_string().contains("clients.budget.burst"), "{e}");
+    let unknown = text.replace("burst = 16", "burst = 16, ceiling = 3");
+    assert!(ServerConfig::from_toml_str(&unknown).is_err());
 }

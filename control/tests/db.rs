@@ -47,6 +47,7 @@ fn client(id: u32, last: u8) -> Change {
     Change::AddClient(Client {
         id,
         address: ip(last),
+        budget: None,
     })
 }
 
@@ -292,6 +293,7 @@ fn refuses_duplicate_addresses() {
     db.apply(Change::AddClient(Client {
         id: 8,
         address: Ipv4Addr::new(10, 98, 0, 99),
+        budget: None,
     }))
     .unwrap();
 }
@@ -719,4 +721,48 @@ fn a_crash_before_any_map_write_is_repaired_too() {
     assert_eq!(maps, expected_maps(&db, &s));
     assert!(!maps.vms.contains_key(&3));
     assert_eq!(db.applied_generation(), db.generation());
+}
+
+#[test]
+fn a_client_budget_reaches_the_clients_map_and_can_be_removed() {
+    use devplane_control::config::Budget;
+    let t = TempDir::new();
+    let mut db = populated(t.path());
+    let s = settings(1);
+    assert_eq!(
+        expected_maps(&db, &s).clients[&7].burst,
+        0,
+        "none by default"
+    );
+
+    db.apply(Change::SetClientBudget(
+        7,
+        Budget {
+            rate: 1000,
+            burst: 32,
+        },
+    ))
+    .unwrap();
+    let entry = expected_maps(&db, &s).clients[&7];
+    assert_eq!((entry.rate, entry.burst), (1000, 32));
+    assert_eq!(entry.ip, ip(1).octets());
+    // It persists.
+    let reopened = Db::open(t.path()).unwrap();
+    assert_eq!(expected_maps(&reopened, &s).clients[&7].burst, 32);
+
+    // Burst 0 removes it.
+    db.apply(Change::SetClientBudget(7, Budget { rate: 5, burst: 0 }))
+        .unwrap();
+    assert_eq!(db.state().client(7).unwrap().budget, None);
+    assert_eq!(expected_maps(&db, &s).clients[&7].burst, 0);
+
+    // An unknown client or a burst out of range is refused.
+    let e = refused(&mut db, Change::SetClientBudget(99, Budget::default()));
+    assert!(matches!(e, DbError::NotFound { .. }), "{e}");
+    let too_big = Budget {
+        rate: 1,
+        burst: devplane_wire::maps::MAX_BURST + 1,
+    };
+    let e = refused(&mut db, Change::SetClientBudget(7, too_big));
+    assert!(e.to_string().contains("clients.budget.burst"), "{e}");
 }

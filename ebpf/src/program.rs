@@ -3,22 +3,23 @@
 //! One parse or lookup helper per step, in the order a frame meets them
 //! ([`parse_eth`], [`parse_ipv4`], [`parse_udp`], [`check_port`],
 //! [`check_lengths`], [`parse_header`], [`lookup_route`],
-//! [`check_client`], [`check_vm`], [`steer`]). Each returns the next step's input or the
+//! [`check_client`], [`check_vm`], [`check_budget`], [`steer`]). Each returns the next step's input or the
 //! [`Verdict`] that ends the frame's way; the rules themselves are
 //! `devplane_wire`'s, shared with the workers' parsers.
 
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::macros::{map, xdp};
-use aya_ebpf::maps::{Array, HashMap, PerCpuArray, XskMap};
+use aya_ebpf::maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray, XskMap};
 use aya_ebpf::programs::XdpContext;
 use devplane_wire::frame::{
     ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_UDP, Ipv4Hdr, UDP_HLEN, UdpHdr, udp_lengths_ok,
 };
 use devplane_wire::header::{count_fits, server_accepts};
 use devplane_wire::maps::{
-    CLIENTS_MAP, CONFIG_CHECK_CLIENT, CONFIG_MAP, CONFIG_REDIRECT, COUNTER_COUNT, ClientEntry,
-    Config, Counter, MAX_CLIENTS, MAX_MODELS, MAX_VMS, MAX_WORKERS, ROUTES_MAP, Route, STATS_MAP,
-    VMS_MAP, VmEntry, XSKS_MAP,
+    BUCKETS_MAP, Bucket, CLIENTS_MAP, CONFIG_CHECK_CLIENT, CONFIG_MAP, CONFIG_REDIRECT,
+    COUNTER_COUNT, ClientEntry, Config, Counter, MAX_CLIENTS, MAX_MODELS, MAX_VMS, MAX_WORKERS,
+    ROUTES_MAP, Route, STATS_MAP, VMS_MAP, VmEntry, XSKS_MAP, bucket_take,
 };
 use devplane_wire::{DEFAULT_PORT, HEADER_LEN, Header, RawRecord};
 
@@ -39,6 +40,9 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 #[map(name = "DP_XSKS")]
 static XSKS: XskMap = XskMap::with_max_entries(MAX_WORKERS, 0);
+
+#[map(name = "DP_BUCKETS")]
+static BUCKETS: LruPerCpuHashMap<u32, Bucket> = LruPerCpuHashMap::with_max_entries(MAX_CLIENTS, 0);
 
 /// Whether two strings are equal, at compile time.
 const fn same(a: &str, b: &str) -> bool {
@@ -64,6 +68,7 @@ const _: () = assert!(same(VMS_MAP, "DP_VMS"));
 const _: () = assert!(same(STATS_MAP, "DP_STATS"));
 const _: () = assert!(same(CONFIG_MAP, "DP_CONFIG"));
 const _: () = assert!(same(XSKS_MAP, "DP_XSKS"));
+const _: () = assert!(same(BUCKETS_MAP, "DP_BUCKETS"));
 
 /// How a frame's way ends: the counter to bump and the `xdp_action`.
 #[derive(Clone, Copy)]
@@ -219,11 +224,12 @@ fn lookup_route(hdr: &Header) -> Step<&Route> {
 }
 
 /// With `CONFIG_CHECK_CLIENT`: the header's client is registered and the
-/// frame comes from its address.
+/// frame comes from its address; returns the client's entry (`None`
+/// without the check).
 #[inline(always)]
-fn check_client(cfg: &Config, hdr: &Header, ip: &Ipv4Hdr) -> Step<()> {
+fn check_client(cfg: &Config, hdr: &Header, ip: &Ipv4Hdr) -> Step<Option<&'static ClientEntry>> {
     if cfg.flags & CONFIG_CHECK_CLIENT == 0 {
-        return Ok(());
+        return Ok(None);
     }
     let client = hdr.client.get();
     // SAFETY: as in `lookup_route`: read only, within this run.
@@ -233,7 +239,7 @@ fn check_client(cfg: &Config, hdr: &Header, ip: &Ipv4Hdr) -> Step<()> {
     if entry.ip != ip.src {
         return Err(drop_as(Counter::DropSpoofed));
     }
-    Ok(())
+    Ok(Some(entry))
 }
 
 /// With `CONFIG_CHECK_CLIENT`: the first record's VM belongs to the
@@ -251,6 +257,48 @@ fn check_vm(ctx: &XdpContext, cfg: &Config, ip: &Ipv4Hdr, hdr: &Header) -> Step<
     match unsafe { VMS.get(&vm) } {
         Some(entry) if entry.client == hdr.client.get() => Ok(()),
         _ => Err(drop_as(Counter::DropForeignVm)),
+    }
+}
+
+/// A checked client with a budget (`burst > 0`) takes one datagram from
+/// its bucket on this CPU, or the frame is dropped. A client's first frame
+/// on a CPU (or one whose bucket the LRU map evicted) starts a full
+/// bucket; a bucket the map could not store admits, as no budget does.
+#[inline(always)]
+fn check_budget(hdr: &Header, entry: Option<&ClientEntry>) -> Step<()> {
+    let Some(entry) = entry else {
+        return Ok(());
+    };
+    let (rate, burst) = (entry.rate, entry.burst);
+    if burst == 0 {
+        return Ok(());
+    }
+    let client = hdr.client.get();
+    // SAFETY: a helper without arguments or side effects.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let admitted = match BUCKETS.get_ptr_mut(&client) {
+        Some(p) => {
+            // SAFETY: this CPU's value of a per-CPU map; XDP runs with
+            // preemption disabled, so only this run writes it now. A
+            // userspace update replaces it whole.
+            let b = unsafe { &mut *p };
+            if b.last_ns == 0 {
+                // Another CPU created the entry; this CPU's value is zero.
+                *b = Bucket::full(burst, now);
+            }
+            bucket_take(b, rate, burst, now)
+        }
+        None => {
+            let mut b = Bucket::full(burst, now);
+            let admitted = bucket_take(&mut b, rate, burst, now);
+            let _ = BUCKETS.insert(&client, &b, 0);
+            admitted
+        }
+    };
+    if admitted {
+        Ok(())
+    } else {
+        Err(drop_as(Counter::DropOverBudget))
     }
 }
 
@@ -281,8 +329,9 @@ fn classify(ctx: &XdpContext) -> Step<Verdict> {
     let payload_len = check_lengths(ctx, ip, udp)?;
     let hdr = parse_header(ctx, ip, payload_len)?;
     let route = lookup_route(hdr)?;
-    check_client(cfg, hdr, ip)?;
+    let client = check_client(cfg, hdr, ip)?;
     check_vm(ctx, cfg, ip, hdr)?;
+    check_budget(hdr, client)?;
     Ok(steer(cfg, route))
 }
 

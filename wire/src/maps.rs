@@ -20,6 +20,10 @@ pub const STATS_MAP: &str = "DP_STATS";
 pub const CONFIG_MAP: &str = "DP_CONFIG";
 /// `XskMap`: AF_XDP socket per worker index.
 pub const XSKS_MAP: &str = "DP_XSKS";
+/// `LruPerCpuHashMap<u32 client id, Bucket>`: each client's token bucket
+/// on each CPU, owned by the XDP program (created on a client's first
+/// frame, full).
+pub const BUCKETS_MAP: &str = "DP_BUCKETS";
 /// Name of the XDP program in the object file.
 pub const XDP_PROGRAM: &str = "devplane_xdp";
 
@@ -68,6 +72,85 @@ pub struct ClientEntry {
     pub ip: [u8; 4],
     /// Reserved, zero.
     pub flags: u32,
+    /// Budget: datagrams per second the client's bucket refills with, on
+    /// each CPU (see [`bucket_take`]).
+    pub rate: u32,
+    /// Budget: the bucket's size in datagrams; 0 means no budget.
+    pub burst: u32,
+}
+
+/// Most datagrams a budget's burst may be (so that `burst *
+/// NS_PER_SEC` fits a `u64`).
+pub const MAX_BURST: u32 = 1 << 30;
+
+/// Nanoseconds per second: a [`Bucket`] counts tokens in units of
+/// 1/`NS_PER_SEC` datagram, so that a refill over any interval is exact.
+pub const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// Value of [`BUCKETS_MAP`]: one client's token bucket on one CPU.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(C)]
+pub struct Bucket {
+    /// Tokens left, in units of 1/[`NS_PER_SEC`] datagram.
+    pub tokens: u64,
+    /// `bpf_ktime_get_ns` of the last refill.
+    pub last_ns: u64,
+}
+
+impl Bucket {
+    /// A full bucket for `burst` datagrams, as of `now_ns`.
+    #[inline(always)]
+    pub const fn full(burst: u32, now_ns: u64) -> Bucket {
+        let burst = if burst > MAX_BURST { MAX_BURST } else { burst };
+        Bucket {
+            tokens: burst as u64 * NS_PER_SEC,
+            last_ns: now_ns,
+        }
+    }
+}
+
+/// Token-bucket admission of one datagram at `now_ns`: refills `b` with
+/// `rate` datagrams per second since its last refill (up to `burst`
+/// datagrams; a larger `burst` counts as [`MAX_BURST`]), then takes one
+/// datagram's worth if there is one. Returns whether the datagram is
+/// admitted. `burst == 0` means no budget: always admitted, `b`
+/// untouched. A clock that went back refills nothing. Never overflows:
+/// the interval is capped at the time a refill from empty to full takes,
+/// so `interval * rate <= burst * NS_PER_SEC < 2^64`. Shared by the XDP
+/// program and its tests.
+#[inline(always)]
+pub fn bucket_take(b: &mut Bucket, rate: u32, burst: u32, now_ns: u64) -> bool {
+    if burst == 0 {
+        return true;
+    }
+    let burst = if burst > MAX_BURST { MAX_BURST } else { burst };
+    let cap = burst as u64 * NS_PER_SEC;
+    let rate = rate as u64;
+    let mut elapsed = now_ns.saturating_sub(b.last_ns);
+    match cap.checked_div(rate) {
+        Some(q) => {
+            let fill = q + 1;
+            if elapsed > fill {
+                elapsed = fill;
+            }
+            let tokens = b.tokens.saturating_add(elapsed * rate);
+            b.tokens = if tokens > cap { cap } else { tokens };
+        }
+        // Rate 0: no refill.
+        None if b.tokens > cap => b.tokens = cap,
+        None => {}
+    }
+    if now_ns > b.last_ns {
+        b.last_ns = now_ns;
+    }
+    if b.tokens >= NS_PER_SEC {
+        b.tokens -= NS_PER_SEC;
+        true
+    } else {
+        false
+    }
 }
 
 /// Value of [`VMS_MAP`].
@@ -156,10 +239,13 @@ pub enum Counter {
     /// Dropped: the first record's VM is not in [`VMS_MAP`] or belongs to
     /// another client than the header's (if checking clients).
     DropForeignVm = 19,
+    /// Dropped: the client's budget on this CPU is spent (see
+    /// [`bucket_take`]).
+    DropOverBudget = 20,
 }
 
 /// Number of counters; the size of [`STATS_MAP`].
-pub const COUNTER_COUNT: u32 = 20;
+pub const COUNTER_COUNT: u32 = 21;
 
 impl Counter {
     /// Every counter, in index order.
@@ -184,6 +270,7 @@ impl Counter {
         Counter::Forwarded,
         Counter::DropNoConfig,
         Counter::DropForeignVm,
+        Counter::DropOverBudget,
     ];
 
     /// A stable snake_case name, for tables and JSON.
@@ -209,6 +296,7 @@ impl Counter {
             Counter::Forwarded => "forwarded",
             Counter::DropNoConfig => "drop_no_config",
             Counter::DropForeignVm => "drop_foreign_vm",
+            Counter::DropOverBudget => "drop_over_budget",
         }
     }
 }
@@ -224,4 +312,97 @@ mod pod {
     unsafe impl aya::Pod for super::VmEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Bucket {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_budget_admits_everything_and_keeps_the_bucket() {
+        let mut b = Bucket::default();
+        for t in 0..1000 {
+            assert!(bucket_take(&mut b, 0, 0, t));
+        }
+        assert_eq!(b, Bucket::default());
+    }
+
+    #[test]
+    fn a_full_bucket_admits_burst_then_drops_without_refill() {
+        let mut b = Bucket::full(8, 100);
+        let admitted = (0..13).filter(|_| bucket_take(&mut b, 0, 8, 100)).count();
+        assert_eq!(admitted, 8);
+        // Rate 0 never refills, however much time passes.
+        assert!(!bucket_take(&mut b, 0, 8, u64::MAX));
+    }
+
+    #[test]
+    fn refill_is_exact_in_fractions_of_a_datagram() {
+        // 3 datagrams per second: one every 333_333_333.3 ns.
+        let mut b = Bucket::full(1, 0);
+        assert!(bucket_take(&mut b, 3, 1, 0));
+        assert!(!bucket_take(&mut b, 3, 1, 333_333_333));
+        assert!(bucket_take(&mut b, 3, 1, 333_333_334));
+        // The refill before was capped at the burst, so the bucket is
+        // empty: refills of a third each make one whole datagram after
+        // 333_333_334 ns, not before.
+        assert!(!bucket_take(&mut b, 3, 1, 333_333_334 + 111_111_111));
+        assert!(!bucket_take(&mut b, 3, 1, 333_333_334 + 222_222_222));
+        assert!(!bucket_take(&mut b, 3, 1, 333_333_334 + 333_333_333));
+        assert!(bucket_take(&mut b, 3, 1, 333_333_334 + 333_333_334));
+    }
+
+    #[test]
+    fn refill_never_exceeds_burst() {
+        let mut b = Bucket::full(4, 0);
+        for _ in 0..4 {
+            assert!(bucket_take(&mut b, 1_000_000, 4, 0));
+        }
+        // A long pause refills only to the burst.
+        let t = 3600 * NS_PER_SEC;
+        let admitted = (0..10)
+            .filter(|_| bucket_take(&mut b, 1_000_000, 4, t))
+            .count();
+        assert_eq!(admitted, 4);
+    }
+
+    #[test]
+    fn a_clock_going_back_refills_nothing() {
+        let mut b = Bucket::full(1, 1_000);
+        assert!(bucket_take(&mut b, 1_000, 1, 1_000));
+        assert!(!bucket_take(&mut b, 1_000, 1, 10));
+        assert_eq!(b.last_ns, 1_000);
+    }
+
+    #[test]
+    fn a_smaller_burst_set_live_caps_the_tokens() {
+        let mut b = Bucket::full(100, 0);
+        let admitted = (0..100).filter(|_| bucket_take(&mut b, 0, 2, 0)).count();
+        assert_eq!(admitted, 2);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn admitted_never_exceeds_burst_plus_rate_times_time(
+            rate in 0u32..=u32::MAX,
+            burst in 1u32..=u32::MAX,
+            steps in proptest::collection::vec(0u64..2_000_000_000, 1..200),
+        ) {
+            let mut b = Bucket::full(burst, 0);
+            let mut now = 0u64;
+            let mut admitted = 0u128;
+            for d in steps {
+                now += d;
+                if bucket_take(&mut b, rate, burst, now) {
+                    admitted += 1;
+                }
+                let cap = burst.min(MAX_BURST) as u128;
+                let bound = cap + (now as u128 * rate as u128) / NS_PER_SEC as u128;
+                proptest::prop_assert!(admitted <= bound);
+                proptest::prop_assert!(b.tokens <= cap as u64 * NS_PER_SEC);
+            }
+        }
+    }
 }

@@ -139,6 +139,7 @@ pub fn server_config(
             tag_key: None,
             id: CLIENT_ID,
             address: client_addr,
+            budget: None,
         }],
         vms: (1..=layout.vms)
             .map(|id| VmConfig {

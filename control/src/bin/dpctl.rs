@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use devplane_control::config::Budget;
 use devplane_control::db::{
     Change, Client, Db, DbError, Hypervisor, Kind, Model, Server, State, Vm, VmState,
 };
@@ -161,6 +162,21 @@ enum ClientsCmd {
     },
     /// Remove a client platform (refused while it hosts hypervisors or VMs).
     Remove(IdArg),
+    /// Set a client platform's budget at the servers' XDP programs: at
+    /// most BURST datagrams at once and RATE per second on each CPU, the
+    /// rest dropped (drop_over_budget). With --apply-to, the server's maps
+    /// change at once. --burst 0 removes the budget.
+    Budget {
+        #[command(flatten)]
+        id: IdArg,
+        /// Datagrams per second.
+        #[arg(long, value_name = "R")]
+        rate: u32,
+        /// Datagrams at once (0: no budget).
+        #[arg(long, value_name = "B",
+              value_parser = clap::value_parser!(u32).range(0..=i64::from(devplane_wire::maps::MAX_BURST)))]
+        burst: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -477,7 +493,20 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                 Change::AddClient(Client {
                     id: id.id,
                     address: *address,
+                    budget: None,
                 }),
+                json,
+            ),
+            ClientsCmd::Budget { id, rate, burst } => change(
+                cli,
+                &mut db,
+                Change::SetClientBudget(
+                    id.id,
+                    Budget {
+                        rate: *rate,
+                        burst: *burst,
+                    },
+                ),
                 json,
             ),
             ClientsCmd::Remove(a) => change(cli, &mut db, Change::RemoveClient(a.id), json),
@@ -612,7 +641,9 @@ fn status(db: &Db, json: bool) -> String {
 
 fn change(cli: &Cli, db: &mut Db, change: Change, json: bool) -> Result<String, Failure> {
     let (kind, id) = (change.kind(), change.id());
-    let action = if matches!(
+    let action = if matches!(change, Change::SetClientBudget(..)) {
+        "budget"
+    } else if matches!(
         change,
         Change::AddClient(_)
             | Change::AddHypervisor(_)
@@ -640,7 +671,11 @@ fn change(cli: &Cli, db: &mut Db, change: Change, json: bool) -> Result<String, 
             "generation": db.generation(),
         })));
     }
-    let done = if action == "add" { "added" } else { "removed" };
+    let done = match action {
+        "add" => "added",
+        "budget" => "set the budget of",
+        _ => "removed",
+    };
     Ok(format!(
         "{done} {kind} {id} (generation {})\n",
         db.generation()

@@ -57,6 +57,9 @@ pub struct Client {
     /// Its IPv4 address (unique among clients); servers drop requests
     /// that carry this client's id from elsewhere.
     pub address: Ipv4Addr,
+    /// Its datagram budget at the servers' XDP programs (none by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<crate::config::Budget>,
 }
 
 /// A hypervisor on a client platform.
@@ -154,6 +157,8 @@ pub enum Change {
     AddClient(Client),
     /// Removes a client platform (refused while it has hypervisors or VMs).
     RemoveClient(u32),
+    /// Sets a client platform's budget (`burst` 0: none).
+    SetClientBudget(u32, crate::config::Budget),
     /// Registers a hypervisor (its client must exist).
     AddHypervisor(Hypervisor),
     /// Removes a hypervisor (refused while it runs VMs).
@@ -178,7 +183,9 @@ impl Change {
     /// The kind of entity changed.
     pub fn kind(&self) -> Kind {
         match self {
-            Change::AddClient(_) | Change::RemoveClient(_) => Kind::Client,
+            Change::AddClient(_) | Change::RemoveClient(_) | Change::SetClientBudget(..) => {
+                Kind::Client
+            }
             Change::AddHypervisor(_) | Change::RemoveHypervisor(_) => Kind::Hypervisor,
             Change::AddVm(_) | Change::RemoveVm(_) => Kind::Vm,
             Change::AddModel(_) | Change::RemoveModel(_) => Kind::Model,
@@ -195,6 +202,7 @@ impl Change {
             Change::AddModel(m) => m.id,
             Change::AddServer(s) => s.id,
             Change::RemoveClient(id)
+            | Change::SetClientBudget(id, _)
             | Change::RemoveHypervisor(id)
             | Change::RemoveVm(id)
             | Change::RemoveModel(id)

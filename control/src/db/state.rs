@@ -156,10 +156,9 @@ impl State {
             if self.contains(kind, id) {
                 return Err(DbError::Duplicate { kind, id });
             }
-        } else {
-            if !self.contains(kind, id) {
-                return Err(DbError::NotFound { kind, id });
-            }
+        } else if !self.contains(kind, id) {
+            return Err(DbError::NotFound { kind, id });
+        } else if !matches!(change, Change::SetClientBudget(..)) {
             let deps = self.dependents(kind, id);
             if !deps.is_empty() {
                 let verb = match kind {
@@ -192,6 +191,22 @@ impl State {
             Change::AddServer(s) => insert_sorted(&mut next.servers, s.clone(), |x| x.id),
             Change::RemoveClient(id) => {
                 remove_id(&mut next.clients, kind, *id, |x| x.id)?;
+            }
+            Change::SetClientBudget(id, budget) => {
+                if budget.burst > devplane_wire::maps::MAX_BURST {
+                    return Err(DbError::Config {
+                        server: 0,
+                        source: Box::new(crate::config::ConfigError::OutOfRange {
+                            key: "clients.budget.burst",
+                            value: budget.burst.into(),
+                            min: 0,
+                            max: devplane_wire::maps::MAX_BURST.into(),
+                        }),
+                    });
+                }
+                if let Some(c) = next.clients.iter_mut().find(|c| c.id == *id) {
+                    c.budget = (budget.burst > 0).then_some(*budget);
+                }
             }
             Change::RemoveHypervisor(id) => {
                 remove_id(&mut next.hypervisors, kind, *id, |x| x.id)?;

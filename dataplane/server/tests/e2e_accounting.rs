@@ -49,6 +49,7 @@ fn config(topo: &Topology, tag: &str, workers: Vec<usize>, batch: u32) -> Server
             tag_key: None,
             id: CLIENT,
             address: topo.client_ip(),
+            budget: None,
         }],
         vms: vec![VmConfig {
             id: VM,

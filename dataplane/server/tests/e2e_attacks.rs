@@ -52,11 +52,13 @@ fn config(topo: &Topology, mode: Mode, tag: &str, tenant_ip: std::net::Ipv4Addr)
                 tag_key: None,
                 id: VICTIM,
                 address: topo.client_ip(),
+                budget: None,
             },
             ClientConfig {
                 tag_key: None,
                 id: TENANT,
                 address: tenant_ip,
+                budget: None,
             },
         ],
         vms: vec![

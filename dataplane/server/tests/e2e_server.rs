@@ -67,11 +67,13 @@ fn config(topo: &Topology, mode: Mode, tag: &str) -> ServerConfig {
                 tag_key: None,
                 id: CLIENT,
                 address: topo.client_ip(),
+                budget: None,
             },
             ClientConfig {
                 tag_key: None,
                 id: CLIENT2,
                 address: second_ip(topo),
+                budget: None,
             },
         ],
         vms: vec![VmConfig {

@@ -117,6 +117,7 @@ fn server_config(topo: &Topology, tag: &str) -> ServerConfig {
                 tag_key: None,
                 id: CLIENT,
                 address: topo.client_ip(),
+                budget: None,
             },
             // A second client platform, only a migration target.
             ClientConfig {
@@ -126,6 +127,7 @@ fn server_config(topo: &Topology, tag: &str) -> ServerConfig {
                     let o = topo.client_ip().octets();
                     std::net::Ipv4Addr::new(o[0], o[1], o[2], 201)
                 },
+                budget: None,
             },
         ],
         vms: (1..=4)
@@ -1116,6 +1118,7 @@ fn register_and_remove_a_vm(pin_dir: &std::path::Path) {
         tag_key: None,
         id: 50,
         address: std::net::Ipv4Addr::new(10, 250, 0, 50),
+        budget: None,
     };
     let v = VmConfig {
         id: 50,

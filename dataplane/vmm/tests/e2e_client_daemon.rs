@@ -82,6 +82,7 @@ fn server_config(topo: &Topology) -> ServerConfig {
             tag_key: None,
             id: CLIENT,
             address: topo.client_ip(),
+            budget: None,
         }],
         vms: [1, 2]
             .map(|id| VmConfig {

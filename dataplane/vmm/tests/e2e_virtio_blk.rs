@@ -160,6 +160,7 @@ fn server_config(topo: &Topology, disk: &Path) -> ServerConfig {
             tag_key: None,
             id: CLIENT,
             address: topo.client_ip(),
+            budget: None,
         }],
         vms: vec![VmConfig {
             id: VM,

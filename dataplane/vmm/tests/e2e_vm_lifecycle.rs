@@ -73,6 +73,7 @@ fn server_config(topo: &Topology, tag: &str) -> ServerConfig {
             batch: 64,
         },
         clients: vec![ClientConfig {
+            budget: None,
             tag_key: None,
             id: CLIENT,
             address: topo.client_ip(),

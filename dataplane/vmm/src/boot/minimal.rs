@@ -234,6 +234,7 @@ pub fn server_config(at: &ServerPlace) -> ServerConfig {
             batch: 64,
         },
         clients: vec![ClientConfig {
+            budget: None,
             tag_key: None,
             id: CLIENT,
             address: at.client_ip,
