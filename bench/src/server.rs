@@ -7,7 +7,7 @@
 //!   it is `xdp-rtt-open` instead: N requests/s sent on a fixed schedule,
 //!   each timed from its intended send time (no coordinated omission);
 //! - `socket-rtt`: the same request to the socket-mode server;
-//! - `xdp-rate`: requests per second of one worker with 36-record
+//! - `xdp-rate`: requests per second of one worker with full (35-record)
 //!   datagrams, 8 datagrams in flight.
 //!
 //! The client thread busy-polls on core 0 and the worker (or echo thread)
