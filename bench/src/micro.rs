@@ -64,7 +64,10 @@ pub fn xdp_prog(iterations: u32) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for (name, frame) in [
         ("routed, 1 record", request_frame(1, 1)?),
-        ("routed, full datagram", request_frame(devplane_wire::MAX_RECORDS, 1)?),
+        (
+            "routed, full datagram",
+            request_frame(devplane_wire::MAX_RECORDS, 1)?,
+        ),
         ("dropped, unknown model", request_frame(1, 2)?),
     ] {
         let mut opts = TestRunOptions::new();
@@ -82,7 +85,10 @@ pub fn xdp_prog(iterations: u32) -> Result<Vec<Row>> {
 
 pub fn parse(iterations: u32) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
-    for (records, name) in [(1usize, "1 record"), (devplane_wire::MAX_RECORDS, "full datagram")] {
+    for (records, name) in [
+        (1usize, "1 record"),
+        (devplane_wire::MAX_RECORDS, "full datagram"),
+    ] {
         let f = request_frame(records, 1)?;
         let payload = &f[frame::PAYLOAD_OFFSET..];
         let start = Instant::now();

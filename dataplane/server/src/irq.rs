@@ -103,17 +103,118 @@ const IRQS_PER_DATAGRAM: usize = devplane_wire::MAX_RECORDS;
 struct Flight {
     /// Its interrupts (one model's), in order.
     irqs: Vec<PendingIrq>,
+    /// The client it was sent to (whose round trip its acknowledgement
+    /// measures).
+    client: u32,
+    /// Its first send.
+    first_at: Instant,
     sent_at: Instant,
+    /// How long after `sent_at` it is sent again.
+    wait: Duration,
     retries: u32,
+}
+
+/// When interrupt datagrams are sent again: the rule, without a clock.
+///
+/// Each client's acknowledgement round trip is measured from the datagrams
+/// acknowledged without a resend (Karn's rule: an acknowledgement of a
+/// resent datagram could answer either copy) and smoothed as TCP does
+/// (RFC 6298: `srtt` and `rttvar` with gains 1/8 and 1/4). A datagram's
+/// first resend waits `srtt + 4 * rttvar`, at least [`IRQ_RTO_MIN`] and at
+/// most [`IRQ_RTO_MAX`] ([`IRQ_RTO_INITIAL`] before the client's first
+/// measurement); each further resend waits twice as long as the one
+/// before, up to [`IRQ_RTO_MAX`]; once [`IRQ_GIVE_UP`] has passed since
+/// its first send (or after `max_retries` resends) it is given up and
+/// counted.
+#[derive(Debug, Clone, Copy)]
+pub struct ResendRule {
+    /// The shortest first wait.
+    pub min: Duration,
+    /// The first wait before any round trip was measured.
+    pub initial: Duration,
+    /// The longest wait between two sends.
+    pub max: Duration,
+    /// Give a datagram up this long after its first send.
+    pub give_up: Duration,
+    /// Give a datagram up after this many resends.
+    pub max_retries: u32,
+}
+
+impl Default for ResendRule {
+    fn default() -> Self {
+        ResendRule {
+            min: IRQ_RTO_MIN,
+            initial: IRQ_RTO_INITIAL,
+            max: IRQ_RTO_MAX,
+            give_up: IRQ_GIVE_UP,
+            max_retries: u32::MAX,
+        }
+    }
+}
+
+/// A client's smoothed acknowledgement round trip (RFC 6298).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoundTrip {
+    srtt: Duration,
+    rttvar: Duration,
+}
+
+impl RoundTrip {
+    /// The estimate after a first measurement `rtt`.
+    pub fn first(rtt: Duration) -> RoundTrip {
+        RoundTrip {
+            srtt: rtt,
+            rttvar: rtt / 2,
+        }
+    }
+
+    /// The estimate after a further measurement `rtt`.
+    pub fn update(self, rtt: Duration) -> RoundTrip {
+        let err = self.srtt.abs_diff(rtt);
+        RoundTrip {
+            rttvar: (self.rttvar * 3 + err) / 4,
+            srtt: (self.srtt * 7 + rtt) / 8,
+        }
+    }
+
+    /// The smoothed round trip.
+    pub fn srtt(&self) -> Duration {
+        self.srtt
+    }
+}
+
+impl ResendRule {
+    /// The wait before a datagram's first resend, for a client whose round
+    /// trip is `rtt` (`None`: not measured yet).
+    pub fn first_wait(&self, rtt: Option<RoundTrip>) -> Duration {
+        let w = match rtt {
+            None => self.initial,
+            Some(r) => r.srtt.saturating_add(r.rttvar.saturating_mul(4)),
+        };
+        w.clamp(self.min, self.max.max(self.min))
+    }
+
+    /// The wait after a resend that waited `wait`.
+    pub fn next_wait(&self, wait: Duration) -> Duration {
+        wait.saturating_mul(2).min(self.max.max(self.min))
+    }
+
+    /// Whether a datagram first sent `since_first` ago and resent
+    /// `retries` times is given up.
+    pub fn gives_up(&self, since_first: Duration, retries: u32) -> bool {
+        since_first >= self.give_up || retries >= self.max_retries
+    }
 }
 
 /// Finds the client of each interrupt's VM, holds interrupts whose client
 /// has not been heard from yet, and sends each model's interrupts reliably:
 /// one datagram in flight per model (what is raised meanwhile waits and
 /// goes in the next, up to 36 at once), sent again with the same sequence
-/// numbers until the client acknowledges it, so that interrupts are neither
-/// lost nor reordered when UDP drops a datagram. The client applies each
-/// sequence number once and acknowledges what it has.
+/// numbers until the client acknowledges it (when, [`ResendRule`] says:
+/// from the client's measured round trip, with back-off), so that
+/// interrupts are neither lost nor reordered when UDP drops a datagram.
+/// The client applies each sequence number once and acknowledges what it
+/// has.
 #[derive(Debug)]
 pub struct IrqRouter {
     vm_client: HashMap<u32, u32>,
@@ -127,8 +228,9 @@ pub struct IrqRouter {
     resent: u64,
     given_up: u64,
     suspended: HashSet<u32>,
-    retransmit: Duration,
-    max_retries: u32,
+    rule: ResendRule,
+    /// Per client: its measured acknowledgement round trip.
+    rtt: HashMap<u32, RoundTrip>,
     /// Scratch: models with an interrupt kept back in this flush.
     waiting: Vec<u32>,
     /// Held interrupts per client.
@@ -141,11 +243,18 @@ pub struct IrqRouter {
     client_limited: u64,
 }
 
-/// Resend an unacknowledged interrupt datagram after this.
-pub const IRQ_RETRANSMIT: Duration = Duration::from_millis(2);
-/// Give an interrupt datagram up after this many resends (about 100 ms):
-/// its client is gone.
-pub const IRQ_MAX_RETRIES: u32 = 50;
+/// The shortest wait before an unacknowledged interrupt datagram is sent
+/// again (see [`ResendRule`]): a client that acknowledges within
+/// microseconds still gets this long, so a scheduling delay on a loaded
+/// host does not make the server resend.
+pub const IRQ_RTO_MIN: Duration = Duration::from_millis(5);
+/// The first wait before a client's round trip was measured.
+pub const IRQ_RTO_INITIAL: Duration = Duration::from_millis(20);
+/// The longest wait between two sends of an interrupt datagram.
+pub const IRQ_RTO_MAX: Duration = Duration::from_millis(200);
+/// Give an interrupt datagram up this long after its first send: its
+/// client is gone.
+pub const IRQ_GIVE_UP: Duration = Duration::from_secs(2);
 
 impl Default for IrqRouter {
     fn default() -> Self {
@@ -170,17 +279,21 @@ impl IrqRouter {
             resent: 0,
             given_up: 0,
             suspended: HashSet::new(),
-            retransmit: IRQ_RETRANSMIT,
-            max_retries: IRQ_MAX_RETRIES,
+            rule: ResendRule::default(),
+            rtt: HashMap::new(),
             waiting: Vec::new(),
         }
     }
 
-    /// Other retransmission settings (tests).
-    pub fn with_retransmit(mut self, after: Duration, max_retries: u32) -> IrqRouter {
-        self.retransmit = after;
-        self.max_retries = max_retries;
+    /// Another resend rule (tests).
+    pub fn with_rule(mut self, rule: ResendRule) -> IrqRouter {
+        self.rule = rule;
         self
+    }
+
+    /// Client `client`'s measured acknowledgement round trip, if any.
+    pub fn round_trip(&self, client: u32) -> Option<RoundTrip> {
+        self.rtt.get(&client).copied()
     }
 
     /// Holds `vm`'s interrupts (in order) until [`IrqRouter::resume`].
@@ -222,7 +335,7 @@ impl IrqRouter {
     }
 
     /// Interrupts dropped: held too long, for a VM not in the table, or
-    /// given up after [`IRQ_MAX_RETRIES`] resends.
+    /// given up ([`ResendRule`]).
     pub fn dropped(&self) -> u64 {
         self.dropped + self.unknown_vm + self.given_up + self.client_limited
     }
@@ -275,7 +388,21 @@ impl IrqRouter {
     /// The client acknowledged model `model`'s interrupts up to `seq`:
     /// they are done; the model's next ones may go.
     pub fn ack(&mut self, model: u32, seq: u64) {
+        self.ack_at(model, seq, Instant::now());
+    }
+
+    /// [`IrqRouter::ack`] at time `now`: an acknowledgement of a datagram
+    /// sent once measures its client's round trip.
+    pub fn ack_at(&mut self, model: u32, seq: u64, now: Instant) {
         if let Some(f) = self.flights.get_mut(&model) {
+            if f.retries == 0 && f.irqs.iter().any(|i| i.seq <= seq) {
+                let rtt = now.saturating_duration_since(f.sent_at);
+                let r = match self.rtt.get(&f.client) {
+                    Some(r) => r.update(rtt),
+                    None => RoundTrip::first(rtt),
+                };
+                self.rtt.insert(f.client, r);
+            }
             let before = f.irqs.len();
             f.irqs.retain(|i| i.seq > seq);
             self.in_flight -= before - f.irqs.len();
@@ -320,9 +447,18 @@ impl IrqRouter {
     pub fn flush<A: Copy + PartialEq>(
         &mut self,
         peers: &Peers<A>,
+        send: impl FnMut(u32, A, &[PendingIrq]) -> bool,
+    ) -> usize {
+        self.flush_at(peers, Instant::now(), send)
+    }
+
+    /// [`IrqRouter::flush`] at time `now`.
+    pub fn flush_at<A: Copy + PartialEq>(
+        &mut self,
+        peers: &Peers<A>,
+        now: Instant,
         mut send: impl FnMut(u32, A, &[PendingIrq]) -> bool,
     ) -> usize {
-        let now = Instant::now();
         let blocked = self.resend_overdue(peers, now, &mut send);
         if blocked || self.held.is_empty() {
             return 0;
@@ -349,13 +485,14 @@ impl IrqRouter {
         now: Instant,
         send: &mut impl FnMut(u32, A, &[PendingIrq]) -> bool,
     ) -> bool {
+        let rule = self.rule;
         let mut blocked = false;
         let mut gave_up = Vec::new();
         for (&model, f) in self.flights.iter_mut() {
-            if now.duration_since(f.sent_at) < self.retransmit {
+            if now.saturating_duration_since(f.sent_at) < f.wait {
                 continue;
             }
-            if f.retries >= self.max_retries {
+            if rule.gives_up(now.saturating_duration_since(f.first_at), f.retries) {
                 gave_up.push(model);
                 continue;
             }
@@ -372,6 +509,8 @@ impl IrqRouter {
             }
             f.retries += 1;
             f.sent_at = now;
+            f.client = c;
+            f.wait = rule.next_wait(f.wait);
             self.resent += 1;
         }
         for model in gave_up {
@@ -417,11 +556,15 @@ impl IrqRouter {
             if send(c, a, &batch) {
                 sent += batch.len();
                 self.in_flight += batch.len();
+                let wait = self.rule.first_wait(self.rtt.get(&c).copied());
                 self.flights.insert(
                     model,
                     Flight {
                         irqs: std::mem::take(&mut batch),
+                        client: c,
+                        first_at: now,
                         sent_at: now,
+                        wait,
                         retries: 0,
                     },
                 );
@@ -536,7 +679,14 @@ mod tests {
     /// VM is now; after the retry limit it is given up and counted.
     #[test]
     fn unacknowledged_interrupts_are_resent_then_given_up() {
-        let mut r = IrqRouter::new(HashMap::from([(10, 7)])).with_retransmit(Duration::ZERO, 2);
+        let every_turn = ResendRule {
+            min: Duration::ZERO,
+            initial: Duration::ZERO,
+            max: Duration::ZERO,
+            give_up: Duration::from_secs(3600),
+            max_retries: 2,
+        };
+        let mut r = IrqRouter::new(HashMap::from([(10, 7)])).with_rule(every_turn);
         let mut peers: Peers<u16> = Peers::default();
         peers.learn(7, 10, 1);
         r.push([irq(10, 1), irq(10, 2)].into_iter());
@@ -553,6 +703,109 @@ mod tests {
         assert_eq!(sends(&mut r, &peers).len(), 1);
         assert!(sends(&mut r, &peers).is_empty());
         assert_eq!(r.resent(), 0);
+    }
+
+    /// Flushes at `now`, returning the first seq of each datagram sent.
+    fn sends_at(r: &mut IrqRouter, peers: &Peers<u16>, now: Instant) -> Vec<u64> {
+        let mut out = vec![];
+        r.flush_at(peers, now, |_, _, irqs| {
+            out.push(irqs[0].seq);
+            true
+        });
+        out
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// The round trip is smoothed as TCP does; the first resend waits
+    /// srtt + 4 rttvar, between the floor and the cap.
+    #[test]
+    fn the_first_wait_follows_the_measured_round_trip() {
+        let rule = ResendRule::default();
+        assert_eq!(rule.first_wait(None), IRQ_RTO_INITIAL);
+        // 100 us acknowledgements: the floor.
+        let fast = RoundTrip::first(Duration::from_micros(100));
+        assert_eq!(rule.first_wait(Some(fast)), IRQ_RTO_MIN);
+        // 4 ms: 4 + 4 * 2 = 12 ms.
+        let slow = RoundTrip::first(4 * MS);
+        assert_eq!(rule.first_wait(Some(slow)), 12 * MS);
+        // Steady 4 ms samples: the variance decays towards 4 ms.
+        let mut r = slow;
+        for _ in 0..50 {
+            r = r.update(4 * MS);
+        }
+        assert_eq!(r.srtt(), 4 * MS);
+        assert_eq!(rule.first_wait(Some(r)), IRQ_RTO_MIN);
+        // One late sample raises both.
+        let r2 = r.update(20 * MS);
+        assert!(r2.srtt() > 4 * MS && rule.first_wait(Some(r2)) > 12 * MS);
+        // Never above the cap.
+        let huge = RoundTrip::first(Duration::from_secs(5));
+        assert_eq!(rule.first_wait(Some(huge)), IRQ_RTO_MAX);
+        // Each resend waits twice as long, up to the cap.
+        assert_eq!(rule.next_wait(10 * MS), 20 * MS);
+        assert_eq!(rule.next_wait(150 * MS), IRQ_RTO_MAX);
+        assert!(!rule.gives_up(IRQ_GIVE_UP - MS, 1000));
+        assert!(rule.gives_up(IRQ_GIVE_UP, 0));
+    }
+
+    /// A client that acknowledges at once is not resent to; one that does
+    /// not is resent to after its wait, then twice as long each time, and
+    /// given up (and counted) once the give-up time has passed.
+    #[test]
+    fn resends_back_off_and_give_up_after_a_bounded_time() {
+        let mut r = IrqRouter::new(HashMap::from([(10, 7)]));
+        let mut peers: Peers<u16> = Peers::default();
+        peers.learn(7, 10, 1);
+        let t0 = Instant::now();
+        r.push([irq(10, 1)].into_iter());
+        assert_eq!(sends_at(&mut r, &peers, t0), [1]);
+        // Not measured yet: the initial wait.
+        assert!(sends_at(&mut r, &peers, t0 + IRQ_RTO_INITIAL - MS).is_empty());
+        // Acknowledged after 100 us: measured.
+        r.ack_at(1, 1, t0 + Duration::from_micros(100));
+        assert_eq!(
+            r.round_trip(7).map(|x| x.srtt()),
+            Some(Duration::from_micros(100))
+        );
+        // The next datagram waits the floor, not the initial wait.
+        let t1 = t0 + 10 * MS;
+        r.push([irq(10, 2)].into_iter());
+        assert_eq!(sends_at(&mut r, &peers, t1), [2]);
+        assert!(sends_at(&mut r, &peers, t1 + IRQ_RTO_MIN - MS).is_empty());
+        assert_eq!(r.resent(), 0);
+        // Unacknowledged: resent after 5, then 10, 20, 40 ms...
+        let mut at = t1;
+        let mut wait = IRQ_RTO_MIN;
+        let mut resends = 0;
+        while at.duration_since(t1) < IRQ_GIVE_UP {
+            at += wait;
+            let s = sends_at(&mut r, &peers, at);
+            if at.duration_since(t1) >= IRQ_GIVE_UP {
+                assert!(s.is_empty(), "given up");
+                break;
+            }
+            assert_eq!(s, [2], "resent after {:?}", at.duration_since(t1));
+            resends += 1;
+            let next = (wait * 2).min(IRQ_RTO_MAX);
+            assert!(sends_at(&mut r, &peers, at + next - MS).is_empty());
+            wait = next;
+        }
+        assert_eq!(r.resent(), resends);
+        assert!(resends < 20, "{resends} resends in {IRQ_GIVE_UP:?}");
+        assert_eq!((r.held(), r.dropped()), (0, 1), "given up and counted");
+        // A late acknowledgement of a resent datagram measures nothing
+        // (Karn's rule): the estimate stays.
+        r.push([irq(10, 3)].into_iter());
+        let t2 = at + MS;
+        assert_eq!(sends_at(&mut r, &peers, t2), [3]);
+        assert_eq!(sends_at(&mut r, &peers, t2 + IRQ_RTO_MIN), [3]);
+        r.ack_at(1, 3, t2 + 50 * MS);
+        assert_eq!(
+            r.round_trip(7).map(|x| x.srtt()),
+            Some(Duration::from_micros(100))
+        );
+        assert_eq!(r.held(), 0);
     }
 
     #[test]
