@@ -153,11 +153,10 @@ const REMOTE_SUITE: [Scenario; 3] = [Scenario::Client, Scenario::Irq, Scenario::
 /// devplane's latency benchmark and regression gate.
 ///
 /// Without a subcommand, runs scenarios (as `dpbench run`): by default
-/// xdp-prog, parse, server, client, throughput and boot (where it takes
-/// under --boot-budget) on the embedded
-/// single-machine topology (two network namespaces joined by veth, the real
-/// XDP program, real KVM guests; needs root and /dev/kvm); irq on request
-/// (--scenario irq).
+/// xdp-prog, parse, server, client, irq, throughput and boot (where it
+/// takes under --boot-budget) on the embedded single-machine topology (two
+/// network namespaces joined by veth, the real XDP program, real KVM
+/// guests; needs root and /dev/kvm).
 ///
 /// Against a real server: start `devplane-server --config
 /// bench/server-remote.toml` on the server machine (first edit its
