@@ -368,6 +368,9 @@ impl Daemon {
                     }
                 };
                 let _ = stream.set_nonblocking(false);
+                // A source that stops sending mid-stream ends the receive
+                // (and frees the held VM) instead of blocking this thread.
+                let _ = stream.set_read_timeout(Some(RECEIVE_TIMEOUT));
                 let got = migrate::receive(
                     stream,
                     |from| match from == vm {
