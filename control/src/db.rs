@@ -322,7 +322,7 @@ fn project(state: &State, settings: &ServerSettings) -> Result<ServerConfig, DbE
             .clients
             .iter()
             .map(|c| ClientConfig {
-                tag_key: None,
+                tag_key: c.tag_key,
                 id: c.id,
                 address: c.address,
                 budget: c.budget,
@@ -425,7 +425,8 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), DbError>
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
     let tmp = dir.join(format!(".{name}.tmp.{}.{seq}", std::process::id()));
     let write = || -> Result<(), DbError> {
-        let mut f = OpenOptions::new()
+        // Owner-only: the database holds the clients' tag keys.
+        let mut f = std::os::unix::fs::OpenOptionsExt::mode(&mut OpenOptions::new(), 0o600)
             .write(true)
             .create(true)
             .truncate(true)

@@ -126,6 +126,32 @@ pub enum Request {
         /// The target daemon's migration listener.
         to: std::net::SocketAddr,
     },
+    /// Server and client daemon: client `client`'s datagrams are sealed
+    /// with `current` from now on, and tags under `current` or `previous`
+    /// are accepted (a key rotation's grace period; without `previous`,
+    /// only `current`). Without `current` the client's datagrams are
+    /// untagged. See [`key_ring`].
+    SetKeys {
+        /// The client platform.
+        client: u32,
+        /// The key datagrams are sealed with.
+        #[serde(default)]
+        current: Option<crate::config::ClientKey>,
+        /// The key it replaced, still accepted.
+        #[serde(default)]
+        previous: Option<crate::config::ClientKey>,
+    },
+}
+
+/// The keys of a [`Request::SetKeys`] as a receiver holds them: `None`
+/// without a current key.
+pub fn key_ring(
+    current: Option<crate::config::ClientKey>,
+    previous: Option<crate::config::ClientKey>,
+) -> Option<devplane_wire::tag::KeyRing> {
+    let mut ring = devplane_wire::tag::KeyRing::new(current?.0);
+    ring.previous = previous.map(|k| k.0).filter(|k| k.id != ring.current.id);
+    Some(ring)
 }
 
 /// One worker's counters, as reported.

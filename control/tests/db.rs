@@ -48,6 +48,7 @@ fn client(id: u32, last: u8) -> Change {
         id,
         address: ip(last),
         budget: None,
+        tag_key: None,
     })
 }
 
@@ -294,6 +295,7 @@ fn refuses_duplicate_addresses() {
         id: 8,
         address: Ipv4Addr::new(10, 98, 0, 99),
         budget: None,
+        tag_key: None,
     }))
     .unwrap();
 }

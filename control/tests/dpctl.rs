@@ -857,3 +857,164 @@ fn client_daemon_commands() {
         assert!(out.contains("client daemon"), "{cmd}: {out}");
     }
 }
+
+/// A stand-in daemon on `path` that answers `Ok` to every request and
+/// records each.
+fn recording_daemon(path: &Path) -> std::sync::Arc<std::sync::Mutex<Vec<Request>>> {
+    use std::io::{BufRead, BufReader, Write};
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let mut line = String::new();
+            if BufReader::new(&stream).read_line(&mut line).is_err() {
+                continue;
+            }
+            let req: Request = serde_json::from_str(&line).unwrap();
+            log.lock().unwrap().push(req);
+            let _ = (&stream).write_all(b"{\"result\":\"ok\"}\n");
+        }
+    });
+    seen
+}
+
+/// `clients rotate-key`: the database takes a new random key (the next
+/// id), every server and the client daemon are told the new key beside
+/// the old one, then the new alone; the key itself is never printed and
+/// the database file is owner-only. A daemon that is not running is an
+/// error that says the database already holds the key.
+#[test]
+fn rotate_key_saves_then_hands_out_in_two_steps() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = TempDir::new();
+    let dir = t.path();
+    ok(dir, &["init"]);
+    populate(dir);
+    let (s1, s2, c) = (dir.join("s1.sock"), dir.join("s2.sock"), dir.join("c.sock"));
+    let (seen1, seen2, seen_c) = (
+        recording_daemon(&s1),
+        recording_daemon(&s2),
+        recording_daemon(&c),
+    );
+    let args = |extra: &[&'static str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--json",
+            "--client-socket",
+            c.to_str().unwrap(),
+            "clients",
+            "rotate-key",
+            "7",
+            "--grace-ms",
+            "10",
+            "--server-socket",
+            s1.to_str().unwrap(),
+            "--server-socket",
+            s2.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |extra: &[&'static str]| {
+        let a = args(extra);
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        let text = ok(dir, &refs);
+        serde_json::from_str::<Value>(&text).unwrap()
+    };
+    let first = run(&[]);
+    assert_eq!(first["key_id"], 1, "{first}");
+    assert!(first["previous_key_id"].is_null(), "{first}");
+    let second = run(&[]);
+    assert_eq!(second["key_id"], 2, "{second}");
+    assert_eq!(second["previous_key_id"], 1, "{second}");
+
+    let db_text = fs::read_to_string(dir.join("db.json")).unwrap();
+    let db: Value = serde_json::from_str(&db_text).unwrap();
+    let stored = db.to_string();
+    let key2 = stored
+        .split("\"2:")
+        .nth(1)
+        .map(|rest| rest[..32].to_string())
+        .unwrap_or_else(|| panic!("no key 2 in the database: {stored}"));
+    let mode = fs::metadata(dir.join("db.json"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "the database holds keys");
+
+    for seen in [&seen1, &seen2, &seen_c] {
+        let seen = seen.lock().unwrap();
+        let keys: Vec<(Option<u8>, Option<u8>)> = seen
+            .iter()
+            .map(|r| match r {
+                Request::SetKeys {
+                    client: 7,
+                    current,
+                    previous,
+                } => (current.map(|k| k.0.id), previous.map(|k| k.0.id)),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                (Some(1), None),
+                (Some(1), None),
+                (Some(2), Some(1)),
+                (Some(2), None)
+            ]
+        );
+        if let Request::SetKeys {
+            current: Some(k), ..
+        } = &seen[3]
+        {
+            let hex: String = k.0.bytes.iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(hex, key2, "the daemons got the database's key");
+        }
+    }
+    // Shown by id and fingerprint only.
+    let shown = ok(dir, &["--json", "clients", "show", "7"]);
+    let v: Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(v["tag_key"]["id"], 2, "{v}");
+    assert!(
+        !shown.contains(&key2) && !shown.contains(&key2[4..]),
+        "{shown}"
+    );
+    let listed = ok(dir, &["--json", "clients", "list"]);
+    assert!(!listed.contains(&key2[4..]), "{listed}");
+
+    // Saved in the database only.
+    let v: Value = serde_json::from_str(&ok(
+        dir,
+        &["--json", "clients", "rotate-key", "7", "--db-only"],
+    ))
+    .unwrap();
+    assert_eq!(v["key_id"], 3);
+    assert_eq!(seen_c.lock().unwrap().len(), 4, "--db-only told a daemon");
+    // Nobody listening: one line saying what the database holds.
+    let e = fails(
+        dir,
+        &[
+            "--socket",
+            dir.join("none.sock").to_str().unwrap(),
+            "clients",
+            "rotate-key",
+            "7",
+            "--no-client",
+        ],
+        1,
+        "the database holds key 4 of client 7",
+    );
+    assert!(e.contains("is devplane-server running?"), "{e}");
+    fails(
+        dir,
+        &["clients", "rotate-key", "99", "--db-only"],
+        3,
+        "client 99",
+    );
+}

@@ -25,6 +25,8 @@ mod apply;
 mod client;
 #[path = "dpctl/daemon.rs"]
 mod daemon;
+#[path = "dpctl/keys.rs"]
+mod keys;
 #[path = "dpctl/render.rs"]
 mod render;
 use render::*;
@@ -176,6 +178,32 @@ enum ClientsCmd {
         #[arg(long, value_name = "B",
               value_parser = clap::value_parser!(u32).range(0..=i64::from(devplane_wire::maps::MAX_BURST)))]
         burst: u32,
+    },
+    /// Give a client platform a new tag key (random, the next key id)
+    /// without stopping its traffic: saved in the database, handed to the
+    /// running servers (--server-socket, else --socket) and the client
+    /// daemon (--client-socket), which accept the old and the new key for
+    /// the grace period, then only the new. Also gives a client without
+    /// a key its first (its untagged datagrams are then refused).
+    RotateKey {
+        #[command(flatten)]
+        id: IdArg,
+        /// How long both keys are accepted, in milliseconds: enough for
+        /// datagrams sealed under the old key to arrive.
+        #[arg(long, value_name = "MS", default_value_t = 1000,
+              value_parser = clap::value_parser!(u64).range(0..=600_000))]
+        grace_ms: u64,
+        /// The control socket of a running server to hand the key to
+        /// (repeat for every server; default: --socket).
+        #[arg(long = "server-socket", value_name = "PATH")]
+        server_sockets: Vec<PathBuf>,
+        /// Do not hand the key to a client daemon.
+        #[arg(long)]
+        no_client: bool,
+        /// Only save the key in the database (no daemon is told: for a
+        /// platform whose daemons are not running).
+        #[arg(long, conflicts_with_all = ["server_sockets", "no_client"])]
+        db_only: bool,
     },
 }
 
@@ -494,6 +522,7 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                     id: id.id,
                     address: *address,
                     budget: None,
+                    tag_key: None,
                 }),
                 json,
             ),
@@ -510,6 +539,30 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                 json,
             ),
             ClientsCmd::Remove(a) => change(cli, &mut db, Change::RemoveClient(a.id), json),
+            ClientsCmd::RotateKey {
+                id,
+                grace_ms,
+                server_sockets,
+                no_client,
+                db_only,
+            } => {
+                let default = [cli.socket.clone()];
+                keys::rotate(
+                    cli,
+                    &mut db,
+                    &keys::Rotate {
+                        client: id.id,
+                        grace: std::time::Duration::from_millis(*grace_ms),
+                        servers: if server_sockets.is_empty() {
+                            &default
+                        } else {
+                            server_sockets
+                        },
+                        tell_client: !no_client,
+                        db_only: *db_only,
+                    },
+                )
+            }
         },
         Command::Hypervisors(c) => match c {
             HypervisorsCmd::List => Ok(list(db.state(), Kind::Hypervisor, json)),

@@ -60,6 +60,11 @@ pub struct Client {
     /// Its datagram budget at the servers' XDP programs (none by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<crate::config::Budget>,
+    /// Its tag key (`"ID:HEX"`): its datagrams and its servers' answers
+    /// and interrupts carry a tag under it. None: untagged. Set by
+    /// `dpctl clients rotate-key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag_key: Option<crate::config::ClientKey>,
 }
 
 /// A hypervisor on a client platform.
@@ -159,6 +164,8 @@ pub enum Change {
     RemoveClient(u32),
     /// Sets a client platform's budget (`burst` 0: none).
     SetClientBudget(u32, crate::config::Budget),
+    /// Sets (or with `None` removes) a client platform's tag key.
+    SetClientKey(u32, Option<crate::config::ClientKey>),
     /// Registers a hypervisor (its client must exist).
     AddHypervisor(Hypervisor),
     /// Removes a hypervisor (refused while it runs VMs).
@@ -183,9 +190,10 @@ impl Change {
     /// The kind of entity changed.
     pub fn kind(&self) -> Kind {
         match self {
-            Change::AddClient(_) | Change::RemoveClient(_) | Change::SetClientBudget(..) => {
-                Kind::Client
-            }
+            Change::AddClient(_)
+            | Change::RemoveClient(_)
+            | Change::SetClientBudget(..)
+            | Change::SetClientKey(..) => Kind::Client,
             Change::AddHypervisor(_) | Change::RemoveHypervisor(_) => Kind::Hypervisor,
             Change::AddVm(_) | Change::RemoveVm(_) => Kind::Vm,
             Change::AddModel(_) | Change::RemoveModel(_) => Kind::Model,
@@ -203,6 +211,7 @@ impl Change {
             Change::AddServer(s) => s.id,
             Change::RemoveClient(id)
             | Change::SetClientBudget(id, _)
+            | Change::SetClientKey(id, _)
             | Change::RemoveHypervisor(id)
             | Change::RemoveVm(id)
             | Change::RemoveModel(id)

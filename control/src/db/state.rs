@@ -158,7 +158,10 @@ impl State {
             }
         } else if !self.contains(kind, id) {
             return Err(DbError::NotFound { kind, id });
-        } else if !matches!(change, Change::SetClientBudget(..)) {
+        } else if !matches!(
+            change,
+            Change::SetClientBudget(..) | Change::SetClientKey(..)
+        ) {
             let deps = self.dependents(kind, id);
             if !deps.is_empty() {
                 let verb = match kind {
@@ -206,6 +209,11 @@ impl State {
                 }
                 if let Some(c) = next.clients.iter_mut().find(|c| c.id == *id) {
                     c.budget = (budget.burst > 0).then_some(*budget);
+                }
+            }
+            Change::SetClientKey(id, key) => {
+                if let Some(c) = next.clients.iter_mut().find(|c| c.id == *id) {
+                    c.tag_key = *key;
                 }
             }
             Change::RemoveHypervisor(id) => {

@@ -67,6 +67,11 @@ pub fn handle(server: &mut Server, request: Request) -> Response {
             }
             done(server.tune(t))
         }
+        Request::SetKeys {
+            client,
+            current,
+            previous,
+        } => done(server.set_keys(client, devplane_control::proto::key_ring(current, previous))),
         Request::LaunchVm { .. }
         | Request::ShutdownVm { .. }
         | Request::ListVms

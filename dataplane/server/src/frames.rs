@@ -53,13 +53,14 @@ pub fn answer_in_place(
         return FrameOutcome::BadChecksum;
     }
     let payload = &mut frame[udp.payload_offset..udp.payload_offset + udp.payload_len];
-    let (client, vm, irq_port) = match disp.handle(payload) {
+    let (client, vm, irq_port, fresh) = match disp.handle(payload) {
         Outcome::Respond {
             client,
             vm,
             irq_port,
+            fresh,
             ..
-        } => (client, vm, irq_port),
+        } => (client, vm, irq_port, fresh),
         Outcome::Acked { model, seq } => return FrameOutcome::Ack { model, seq },
         Outcome::Consumed
         | Outcome::NotHere
@@ -78,7 +79,11 @@ pub fn answer_in_place(
         },
         None => back,
     };
-    peers.learn(client, vm, irq_to);
+    if fresh {
+        peers.learn(client, vm, irq_to);
+    } else {
+        peers.learn_first(client, vm, irq_to);
+    }
     // Ethernet: swap MACs.
     frame[0..6].copy_from_slice(&back.dst_mac);
     frame[6..12].copy_from_slice(&back.src_mac);

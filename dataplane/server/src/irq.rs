@@ -82,6 +82,16 @@ impl<A: Copy + PartialEq> Peers<A> {
         self.refused += u64::from(!a) + u64::from(!b);
     }
 
+    /// [`Peers::learn`] from a datagram that applied nothing new (every
+    /// record a duplicate: a retransmission, or a replay by someone who
+    /// captured it): only an address not known yet is taken, so a replay
+    /// from elsewhere cannot move where a VM's interrupts go.
+    pub fn learn_first(&mut self, client: u32, vm: u32, addr: A) {
+        if !self.by_vm.contains_key(&(client, vm)) {
+            self.learn(client, vm, addr);
+        }
+    }
+
     /// Addresses not remembered because a table was full.
     pub fn refused(&self) -> u64 {
         self.refused
@@ -618,6 +628,20 @@ mod tests {
             },
             seq,
         }
+    }
+
+    /// A datagram that applied nothing new (a replay) teaches an
+    /// address only where none is known: it cannot move a VM's
+    /// interrupts elsewhere.
+    #[test]
+    fn replays_do_not_move_a_known_address() {
+        let mut p: Peers<u16> = Peers::default();
+        p.learn_first(7, 1, 100);
+        assert_eq!(p.get_vm(7, 1), Some(&100));
+        p.learn_first(7, 1, 666);
+        assert_eq!(p.get_vm(7, 1), Some(&100), "a replay moved the address");
+        p.learn(7, 1, 200);
+        assert_eq!(p.get_vm(7, 1), Some(&200));
     }
 
     /// Flushes, returning each datagram sent as (client, addr, seqs).

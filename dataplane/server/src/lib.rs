@@ -30,6 +30,7 @@ pub mod frames;
 pub mod irq;
 pub mod kernel_drops;
 mod live;
+mod live_keys;
 pub mod port_owner;
 pub mod socket;
 pub mod worker;

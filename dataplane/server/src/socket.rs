@@ -215,6 +215,7 @@ impl SocketTransport {
                 client,
                 vm,
                 irq_port,
+                fresh,
                 ..
             } => {
                 // Interrupts go where the client asked, at the address it
@@ -223,7 +224,11 @@ impl SocketTransport {
                 if let Some(port) = irq_port {
                     irq_to.set_port(port);
                 }
-                work.peers.learn(client, vm, irq_to);
+                if fresh {
+                    work.peers.learn(client, vm, irq_to);
+                } else {
+                    work.peers.learn_first(client, vm, irq_to);
+                }
                 match self.sock.send_to(payload, from) {
                     Ok(_) => WorkerStats::add(&work.stats.tx, 1),
                     Err(_) => WorkerStats::add(&work.stats.tx_full, 1),

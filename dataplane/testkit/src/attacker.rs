@@ -20,6 +20,7 @@ pub struct Attacker {
     netns: String,
     ip: Ipv4Addr,
     mac: [u8; 6],
+    ifname: String,
 }
 
 impl Attacker {
@@ -36,6 +37,11 @@ impl Attacker {
     /// Its MAC address.
     pub fn mac(&self) -> [u8; 6] {
         self.mac
+    }
+
+    /// Its interface (the macvlan) in its namespace.
+    pub fn ifname(&self) -> &str {
+        &self.ifname
     }
 
     /// Runs `f` on a thread inside its namespace and returns what it
@@ -72,16 +78,17 @@ impl Topology {
         let [a, b, c, _] = self.client_ip().octets();
         let mut mac = self.client_mac();
         mac[5] = 0x66;
+        let mut dev = self.client_ifname().to_string();
+        dev.pop();
+        dev.push('a');
         let att = Attacker {
             netns,
             ip: Ipv4Addr::new(a, b, c, 0x66),
             mac,
+            ifname: dev.clone(),
         };
         run("ip", ["netns", "add", &att.netns])?;
         let ns = att.netns.clone();
-        let mut dev = self.client_ifname().to_string();
-        dev.pop();
-        dev.push('a');
         run(
             "ip",
             [

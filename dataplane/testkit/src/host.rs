@@ -7,6 +7,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 
 use devplane_control::config::ServerConfig;
+use devplane_control::socket::{ControlSocket, Pending};
 
 use devplane_server::stats::WorkerSnapshot;
 use devplane_server::xdp::Stats;
@@ -26,6 +27,7 @@ type Call = Box<dyn FnOnce(&mut Server) + Send>;
 enum Cmd {
     Snapshot(Sender<ServerSnapshot>),
     Call(Call),
+    Control(Pending),
     Stop,
 }
 
@@ -34,6 +36,8 @@ pub struct ServerThread {
     tx: Sender<Cmd>,
     join: Option<JoinHandle<()>>,
     attach: Option<Attach>,
+    /// The control socket, if [`ServerThread::listen`] opened one.
+    control: Option<Box<ControlSocket>>,
 }
 
 fn serve(mut server: Server, rx: Receiver<Cmd>) {
@@ -47,6 +51,10 @@ fn serve(mut server: Server, rx: Receiver<Cmd>) {
                 let _ = reply.send(snap);
             }
             Cmd::Call(f) => f(&mut server),
+            Cmd::Control(p) => {
+                let answer = devplane_server::control::handle(&mut server, p.request);
+                let _ = p.reply.send(answer);
+            }
             Cmd::Stop => break,
         }
     }
@@ -94,7 +102,25 @@ impl ServerThread {
             tx,
             join: Some(join),
             attach,
+            control: None,
         })
+    }
+
+    /// Answers `dpctl --socket PATH` as `devplane-server` does, on the
+    /// server's thread, until the server stops (the socket is removed
+    /// then).
+    pub fn listen(&mut self, path: &std::path::Path) -> std::io::Result<()> {
+        let (ctl_tx, ctl_rx) = mpsc::channel::<Pending>();
+        self.control = Some(Box::new(ControlSocket::bind(path, ctl_tx)?));
+        let fwd = self.tx.clone();
+        std::thread::spawn(move || {
+            for p in ctl_rx {
+                if fwd.send(Cmd::Control(p)).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(())
     }
 
     /// How XDP is attached (XDP mode).
@@ -132,6 +158,7 @@ impl ServerThread {
     }
 
     fn shutdown(&mut self) {
+        self.control = None;
         let _ = self.tx.send(Cmd::Stop);
         if let Some(j) = self.join.take() {
             let _ = j.join();

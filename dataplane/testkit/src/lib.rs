@@ -4,7 +4,7 @@
 //! veth, cleanup of what dead test processes left), the privilege checks
 //! that turn a missing capability into a skip or, on CI, a failure
 //! ([`privilege`]), and a server running on a thread of its own inside a
-//! namespace ([`host`]).
+//! namespace ([`host`]), and the tag keys of test clients ([`keys`]).
 //!
 //! It must never be a dependency of a production crate: `devplane-server`
 //! and `devplane-vmm` take it as a dev-dependency only, `dpbench` as a
@@ -13,6 +13,8 @@
 
 pub mod attacker;
 pub mod host;
+pub mod keys;
 pub mod peer;
 pub mod privilege;
+pub mod raw;
 pub mod topology;

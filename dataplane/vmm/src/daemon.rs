@@ -75,6 +75,14 @@ pub enum DaemonError {
     /// The VM's spec could not be built.
     #[error("{0}")]
     Config(#[from] ConfigError),
+    /// Keys for another client platform.
+    #[error("these keys are client {client}'s; this daemon is client {this}")]
+    ForeignKeys {
+        /// The client the keys were for.
+        client: u32,
+        /// This daemon's client.
+        this: u32,
+    },
     /// KVM, the engine or a socket refused.
     #[error("cannot start VM {vm}: {source}")]
     Start {
@@ -121,6 +129,10 @@ pub struct Daemon {
     /// VMs noticed stopping by themselves, not yet returned by
     /// [`Daemon::reap`].
     noticed: Vec<VmStatus>,
+    /// This client's tag keys now (from the configuration, then from
+    /// [`Request::SetKeys`]): what every VM's engine seals and verifies
+    /// with.
+    keys: Option<devplane_wire::tag::KeyRing>,
 }
 
 /// How one vCPU ended, for the protocol.
@@ -146,7 +158,12 @@ impl Daemon {
     /// A daemon for this configuration, with no VM running.
     pub fn new(file: ClientFile) -> Daemon {
         let slots = file.vms.iter().map(|v| (v.id, Slot::default())).collect();
+        let keys = file
+            .client
+            .tag_key
+            .map(|k| devplane_wire::tag::KeyRing::new(k.0));
         Daemon {
+            keys,
             file,
             slots,
             arrivals: mpsc::channel(),
@@ -157,6 +174,39 @@ impl Daemon {
     /// The client platform id.
     pub fn client_id(&self) -> u32 {
         self.file.client.id
+    }
+
+    /// VM `vm`'s spec, with the client's keys now.
+    fn spec(&self, vm: u32) -> Result<super::vmm::ClientSpec, DaemonError> {
+        let mut spec = self.file.client_spec(vm)?;
+        spec.engine.tag_keys = self.keys;
+        Ok(spec)
+    }
+
+    /// Seals with `keys`' current key and accepts its keys from now on,
+    /// in every running VM and every VM started later (a key rotation;
+    /// `None`: untagged). Refused for another client's keys.
+    pub fn set_keys(
+        &mut self,
+        client: u32,
+        keys: Option<devplane_wire::tag::KeyRing>,
+    ) -> Result<(), DaemonError> {
+        if client != self.client_id() {
+            return Err(DaemonError::ForeignKeys {
+                client,
+                this: self.client_id(),
+            });
+        }
+        self.notice();
+        self.keys = keys;
+        for slot in self.slots.values() {
+            if let Some(r) = &slot.running
+                && let Some(e) = r.client.engine()
+            {
+                e.tag_keys().set(keys);
+            }
+        }
+        Ok(())
     }
 
     fn slot(&mut self, vm: u32) -> Result<&mut Slot, DaemonError> {
@@ -180,7 +230,7 @@ impl Daemon {
         if self.slot(vm)?.running.is_some() {
             return Err(DaemonError::AlreadyRunning(vm));
         }
-        let spec = self.file.client_spec(vm)?;
+        let spec = self.spec(vm)?;
         let client = Client::start(spec).map_err(|source| DaemonError::Start { vm, source })?;
         let slot = self.slot(vm)?;
         *slot = Slot {
@@ -284,7 +334,7 @@ impl Daemon {
                 snap.hypervisor
             )));
         }
-        let spec = self.file.client_spec(vm)?;
+        let spec = self.spec(vm)?;
         let client =
             Client::restore(spec, snap).map_err(|source| DaemonError::Start { vm, source })?;
         *self.slot(vm)? = Slot {
@@ -336,7 +386,7 @@ impl Daemon {
         if self.slot(vm)?.running.is_some() {
             return Err(DaemonError::AlreadyRunning(vm));
         }
-        let spec = self.file.client_spec(vm)?;
+        let spec = self.spec(vm)?;
         let ip = self
             .file
             .client
@@ -413,6 +463,9 @@ impl Daemon {
             let Some(vm) = client.vm_ids().first().copied() else {
                 continue;
             };
+            if let Some(e) = client.engine() {
+                e.tag_keys().set(self.keys);
+            }
             match self.slots.get_mut(&vm) {
                 Some(slot) if slot.running.is_none() => {
                     *slot = Slot {
@@ -508,6 +561,18 @@ impl Daemon {
                 },
                 Err(e) => answer(Err(e)),
             },
+            Request::SetKeys {
+                client,
+                current,
+                previous,
+            } => {
+                match self.set_keys(client, devplane_control::proto::key_ring(current, previous)) {
+                    Ok(()) => Response::Ok,
+                    Err(e) => Response::Error {
+                        message: e.to_string(),
+                    },
+                }
+            }
             Request::Stats
             | Request::MoveModel { .. }
             | Request::AddModel { .. }

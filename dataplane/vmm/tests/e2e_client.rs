@@ -114,14 +114,14 @@ fn server_config(topo: &Topology, tag: &str) -> ServerConfig {
         },
         clients: vec![
             ClientConfig {
-                tag_key: None,
+                tag_key: Some(devplane_testkit::keys::client_key(CLIENT)),
                 id: CLIENT,
                 address: topo.client_ip(),
                 budget: None,
             },
             // A second client platform, only a migration target.
             ClientConfig {
-                tag_key: None,
+                tag_key: Some(devplane_testkit::keys::client_key(OTHER_CLIENT)),
                 id: OTHER_CLIENT,
                 address: {
                     let o = topo.client_ip().octets();
@@ -234,6 +234,7 @@ impl Rig {
                 retransmit: Duration::from_millis(2),
                 loss,
                 zero_copy,
+                tag_keys: Some(devplane_testkit::keys::client_ring(CLIENT)),
                 ..EngineConfig::default()
             },
             engine_core: None,

@@ -79,7 +79,7 @@ fn server_config(topo: &Topology) -> ServerConfig {
             batch: 64,
         },
         clients: vec![ClientConfig {
-            tag_key: None,
+            tag_key: Some(devplane_testkit::keys::client_key(CLIENT)),
             id: CLIENT,
             address: topo.client_ip(),
             budget: None,
@@ -127,11 +127,13 @@ place = "remote:{SERVER}"
 [client]
 id = {CLIENT}
 bind = "{client}"
+tag_key = "{key}"
 
 [[servers]]
 id = {SERVER}
 address = "{server}:{PORT}"
 {vm1}{vm2}"#,
+        key = devplane_testkit::keys::client_key(CLIENT).to_config_string(),
         client = topo.client_ip(),
         server = topo.server_ip(),
         vm1 = vm(1, MODEL_1),
@@ -493,6 +495,7 @@ fn interrupts_are_acknowledged_at_once() {
 [client]
 id = {CLIENT}
 bind = "{client}"
+tag_key = "{key}"
 
 [[servers]]
 id = {SERVER}
@@ -517,6 +520,7 @@ len = 4
 model = 99
 place = "local:null"
 "#,
+            key = devplane_testkit::keys::client_key(CLIENT).to_config_string(),
             client = topo.client_ip(),
             server = topo.server_ip(),
         ),
@@ -695,4 +699,182 @@ place = "remote:{SERVER}"
             && l.contains(&format!("{} remote requests FAILED", writes + 1))),
         "{rest:?}"
     );
+}
+
+/// A request for `model` from vCPU 5 of VM 1 (a window of its own, fresh
+/// sequence number), sealed with `key`, its tag's last byte flipped if
+/// `forge`; the answer, if one comes within 300 ms, from the client
+/// namespace at the client's address.
+fn tagged_request(
+    topo: &Topology,
+    key: &devplane_wire::tag::TagKey,
+    forge: bool,
+) -> Option<Vec<u8>> {
+    use devplane_wire::{Access, AccessSize, Header, Kind, Record, Request, RequestId, datagram};
+    let mut buf = vec![0u8; devplane_wire::MAX_DATAGRAM];
+    let rec = Record::Request(Request {
+        id: RequestId {
+            vm: 1,
+            hypervisor: HV,
+            vcpu: 5,
+            seq: devplane_wire::first_seq(),
+        },
+        access: Access::PioIn {
+            port: PIO_BASE,
+            size: AccessSize::B4,
+        },
+        flags: 0,
+    });
+    let n = datagram::encode(
+        &mut buf,
+        Header::new(Kind::Request, MODEL_1, SERVER, CLIENT),
+        &[rec],
+    )
+    .unwrap();
+    let n = devplane_wire::tag::seal(&mut buf, n, key).unwrap();
+    if forge {
+        buf[n - 1] ^= 0x10;
+    }
+    buf.truncate(n);
+    let (client, server) = (topo.client_ip(), topo.server_ip());
+    topo.run(devplane_testkit::topology::Side::Client, move || {
+        let s = std::net::UdpSocket::bind((client, 0)).unwrap();
+        s.connect((server, PORT)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        s.send(&buf).unwrap();
+        let mut answer = vec![0u8; devplane_wire::MAX_DATAGRAM];
+        let got = s.recv(&mut answer).ok()?;
+        answer.truncate(got);
+        Some(answer)
+    })
+    .unwrap()
+}
+
+/// `dpctl clients rotate-key` three times while VM 1 writes: the server
+/// (its control socket) and the client daemon take each new key without
+/// a write lost, doubled or refused; afterwards a request sealed with the
+/// first key (retired) and one with a forged tag are dropped and counted
+/// as `bad_tag`, and one sealed with the database's current key is
+/// answered under that key.
+#[test]
+fn keys_rotate_under_traffic_through_dpctl() {
+    use devplane_control::db::{Change, Client as DbClient, Db};
+    use devplane_wire::tag::{KeyRing, verify};
+    let test = "keys_rotate_under_traffic_through_dpctl";
+    if !privilege::require(test, &[Capability::Root, Capability::Bpf, Capability::Kvm]) {
+        return;
+    }
+    let topo = match Topology::new("cdkey") {
+        Ok(t) => t,
+        Err(e) => {
+            privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
+            return;
+        }
+    };
+    let mut cfg = server_config(&topo);
+    cfg.server.pin_dir = Some(
+        format!(
+            "/sys/fs/bpf/devplane-test-client-daemon-keys-{}",
+            std::process::id()
+        )
+        .into(),
+    );
+    let mut server = ServerThread::spawn(cfg, Some(topo.server_netns())).expect("server");
+    let dir = TempDir(std::env::temp_dir().join(format!("dp-client-keys-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let server_sock = dir.0.join("server.sock");
+    server.listen(&server_sock).expect("server control socket");
+    let first = devplane_testkit::keys::client_key(CLIENT);
+    let state = dir.0.join("state");
+    Db::open(&state)
+        .unwrap()
+        .apply(Change::AddClient(DbClient {
+            id: CLIENT,
+            address: topo.client_ip(),
+            budget: None,
+            tag_key: Some(first),
+        }))
+        .unwrap();
+    let cfg_file = dir.0.join("client.toml");
+    std::fs::write(&cfg_file, client_toml(&topo)).unwrap();
+    let sock = dir.0.join("client.sock");
+    let (_guard, _lines) = start_daemon(&topo, &cfg_file, &sock);
+
+    ok(&sock, &["vms", "launch", "1"]);
+    std::thread::sleep(Duration::from_millis(200));
+    for round in 0..3u64 {
+        let out = Command::new(dpctl_path())
+            .arg("--state")
+            .arg(&state)
+            .arg("--socket")
+            .arg(&server_sock)
+            .arg("--client-socket")
+            .arg(&sock)
+            .args(["--json", "clients", "rotate-key"])
+            .arg(CLIENT.to_string())
+            .args(["--grace-ms", "200"])
+            .env_remove("DEVPLANE_SOCKET")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "rotate-key: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["key_id"], round + 2, "{v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let list = ok_json(&sock, &["vms", "running"]);
+    assert_eq!(
+        state_of(&list, 1)["state"],
+        "running",
+        "VM 1 finished before the last rotation: not the case under test"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let vm1 = loop {
+        let list = ok_json(&sock, &["vms", "running"]);
+        let vm1 = state_of(&list, 1).clone();
+        if vm1["state"] == "stopped" {
+            break vm1;
+        }
+        assert!(Instant::now() < deadline, "VM 1 never finished: {list}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(vm1["ended"][0]["exit"], "done", "{vm1}");
+    assert_eq!(vm1["ended"][0]["value"], ITERATIONS as u64, "{vm1}");
+    assert_eq!(vm1["failed"], 0, "{vm1}");
+    let snap = server.snapshot();
+    let w0 = &snap.workers[0];
+    assert_eq!(
+        w0.records - w0.duplicates,
+        ITERATIONS as u64 + 1,
+        "{:?}",
+        snap.workers
+    );
+    let bad: u64 = snap.workers.iter().map(|w| w.bad_tag).sum();
+    assert_eq!(bad, 0, "a datagram was refused during the rotations");
+
+    let current = Db::open_existing(&state)
+        .unwrap()
+        .state()
+        .client(CLIENT)
+        .and_then(|c| c.tag_key)
+        .expect("the database holds a key");
+    assert_eq!(current.0.id, 4);
+    assert!(
+        tagged_request(&topo, &first.0, false).is_none(),
+        "a request under the retired first key was answered"
+    );
+    assert!(
+        tagged_request(&topo, &current.0, true).is_none(),
+        "a request with a forged tag was answered"
+    );
+    let answer =
+        tagged_request(&topo, &current.0, false).expect("the current key's request is answered");
+    assert_eq!(verify(&answer, &KeyRing::new(current.0)), Ok(()));
+    let bad: u64 = server.snapshot().workers.iter().map(|w| w.bad_tag).sum();
+    assert_eq!(bad, 2, "the retired key's and the forged request");
+    server.stop();
 }

@@ -141,6 +141,17 @@ pub(super) fn entity_json(s: &State, kind: Kind, id: u32) -> Option<Value> {
     }
     .expect("entities serialise");
     if let Value::Object(map) = &mut v {
+        // A key is never printed: its id and fingerprint only.
+        if let Some(k) = s
+            .client(id)
+            .filter(|_| kind == Kind::Client)
+            .and_then(|c| c.tag_key)
+        {
+            map.insert(
+                "tag_key".into(),
+                json!({"id": k.0.id, "fingerprint": k.0.fingerprint().to_string()}),
+            );
+        }
         for (key, ids) in relations(s, kind, id) {
             map.insert(key.to_string(), json!(ids));
         }

@@ -180,6 +180,10 @@ pub enum Outcome {
         /// address it sent from ([`devplane_wire::header::HDR_IRQ_PORT`]);
         /// `None`: the port it sent from.
         irq_port: Option<u16>,
+        /// Some record was new (applied now), not only duplicates: the
+        /// sender's address may be learned for the VM's interrupts (a
+        /// replayed datagram is all duplicates).
+        fresh: bool,
     },
     /// Consumed without answer (an acknowledgement).
     Consumed,
@@ -237,6 +241,14 @@ pub struct DispatchStats {
     pub bad_tag: u64,
 }
 
+/// One client's tag keys as a worker holds them.
+#[derive(Debug, Clone, Copy)]
+struct ClientKeys {
+    ring: KeyRing,
+    /// The id of the key its last verified datagram was sealed with.
+    heard: u8,
+}
+
 /// Owns a worker's models and applies requests to them.
 pub struct Dispatcher {
     server: u32,
@@ -250,7 +262,7 @@ pub struct Dispatcher {
     /// Client id -> the keys its datagrams' tags are accepted with. A
     /// client with keys must tag every datagram; one without sends
     /// untagged datagrams only.
-    keys: HashMap<u32, KeyRing>,
+    keys: HashMap<u32, ClientKeys>,
     irqs: Vec<PendingIrq>,
     stats: DispatchStats,
 }
@@ -278,20 +290,43 @@ impl Dispatcher {
     /// Verifies the tags of `client`'s datagrams with `keys` from now on
     /// (a rotation: the ring holds the new key and the previous one).
     pub fn set_keys(&mut self, client: u32, keys: KeyRing) {
-        self.keys.insert(client, keys);
+        let heard = self.keys.get(&client).map_or(keys.current.id, |k| k.heard);
+        self.keys.insert(client, ClientKeys { ring: keys, heard });
+    }
+
+    /// `client` sends untagged datagrams from now on (its keys removed).
+    pub fn clear_keys(&mut self, client: u32) {
+        self.keys.remove(&client);
     }
 
     /// The keys `client`'s datagrams are verified with.
     pub fn keys(&self, client: u32) -> Option<&KeyRing> {
-        self.keys.get(&client)
+        self.keys.get(&client).map(|k| &k.ring)
+    }
+
+    /// The key `client`'s interrupts are sealed with: the one its last
+    /// verified datagram was sealed with while the ring still holds it
+    /// (during a rotation the client may not have the new key yet), else
+    /// the current one.
+    pub fn irq_key(&self, client: u32) -> Option<&tag::TagKey> {
+        let k = self.keys.get(&client)?;
+        Some(k.ring.get(k.heard).unwrap_or(&k.ring.current))
     }
 
     /// Whether the datagram `payload` (parsed, from `client`) carries
-    /// the tag `client`'s keys require.
-    fn tag_ok(&self, client: u32, tagged: bool, payload: &[u8]) -> bool {
-        match self.keys.get(&client) {
-            Some(ring) => tag::verify(payload, ring).is_ok(),
-            None => !tagged,
+    /// the tag `client`'s keys require; remembers the key it was sealed
+    /// with.
+    fn tag_ok(&mut self, client: u32, key_id: Option<u8>, payload: &[u8]) -> bool {
+        match (self.keys.get_mut(&client), key_id) {
+            (Some(k), Some(id)) => {
+                let ok = tag::verify(payload, &k.ring).is_ok();
+                if ok {
+                    k.heard = id;
+                }
+                ok
+            }
+            (Some(_), None) => false,
+            (None, id) => id.is_none(),
         }
     }
 
@@ -478,8 +513,9 @@ impl Dispatcher {
             }
         };
         let (model_id, client, count, irq_port) = (d.model(), d.client(), d.len(), d.irq_port());
-        let tagged = d.key_id().is_some();
-        if !self.tag_ok(client, tagged, payload) {
+        let key_id = d.key_id();
+        let tagged = key_id.is_some();
+        if !self.tag_ok(client, key_id, payload) {
             self.stats.bad_tag += 1;
             return Outcome::BadTag;
         }
@@ -511,6 +547,7 @@ impl Dispatcher {
             windows: &mut self.windows,
             irqs: &mut self.irqs,
             stats: &mut self.stats,
+            fresh: false,
         };
         for i in 0..count {
             let off = devplane_wire::HEADER_LEN + i * RECORD_LEN;
@@ -523,16 +560,18 @@ impl Dispatcher {
                 first_vm = vm;
             }
         }
+        let fresh = work.fresh;
         self.answer_header(payload);
-        if tagged && let Some(ring) = self.keys.get(&client) {
+        if tagged && let Some(k) = self.keys.get(&client) {
             // The answer is sealed with the key its request was.
-            let _ = tag::reseal(payload, ring);
+            let _ = tag::reseal(payload, &k.ring);
         }
         Outcome::Respond {
             records: count,
             client,
             vm: first_vm,
             irq_port,
+            fresh,
         }
     }
 
@@ -596,6 +635,8 @@ struct Apply<'a> {
     windows: &'a mut Windows,
     irqs: &'a mut Vec<PendingIrq>,
     stats: &'a mut DispatchStats,
+    /// A record was new.
+    fresh: bool,
 }
 
 impl Apply<'_> {
@@ -624,6 +665,7 @@ impl Apply<'_> {
                     (Status::Stale, 0)
                 }
                 Seen::New => {
+                    self.fresh = true;
                     let r = apply(self.slot, &req.access, self.stats);
                     Dispatcher::collect_irqs(self.model_id, self.slot, self.irqs, self.stats);
                     window.remember(req.id.seq, r);

@@ -56,7 +56,8 @@ fn applies_in_order_and_answers_in_place() {
             records: 4,
             client: 7,
             vm: 3,
-            irq_port: None
+            irq_port: None,
+            fresh: true,
         }
     );
     assert_eq!(buf.len(), len);
@@ -653,4 +654,49 @@ fn rotation_accepts_both_keys_then_only_the_new() {
     let mut late = sealed(42, &[write(3)], &KEY1);
     assert_eq!(d.handle(&mut late), Outcome::BadTag);
     assert_eq!(count_of(&mut d, &KEY2, 10), 2);
+}
+
+/// Interrupts are sealed with the key the client last sealed with while
+/// the server still holds it (a client told of a rotation after its
+/// server keeps sending with the old key meanwhile), else the current.
+#[test]
+fn interrupts_follow_the_key_the_client_uses() {
+    let mut d = dispatcher();
+    d.set_keys(7, KeyRing::new(KEY1));
+    assert_eq!(d.irq_key(7), Some(&KEY1));
+    let mut ring = KeyRing::new(KEY1);
+    ring.rotate(KEY2);
+    d.set_keys(7, ring);
+    assert_eq!(
+        d.irq_key(7),
+        Some(&KEY1),
+        "the client has not used KEY2 yet"
+    );
+    let mut new = sealed(42, &[write(1)], &KEY2);
+    assert!(matches!(d.handle(&mut new), Outcome::Respond { .. }));
+    assert_eq!(d.irq_key(7), Some(&KEY2));
+    // A forged datagram naming the old key does not move it back.
+    let mut forged = sealed(
+        42,
+        &[write(2)],
+        &tag::TagKey {
+            id: 1,
+            bytes: [0; 16],
+        },
+    );
+    assert_eq!(d.handle(&mut forged), Outcome::BadTag);
+    assert_eq!(d.irq_key(7), Some(&KEY2));
+    ring.retire();
+    d.set_keys(7, ring);
+    assert_eq!(d.irq_key(7), Some(&KEY2));
+    // Retired before the client used the new key: the current one.
+    let mut d = dispatcher();
+    d.set_keys(7, KeyRing::new(KEY1));
+    d.set_keys(7, KeyRing::new(KEY2));
+    assert_eq!(d.irq_key(7), Some(&KEY2));
+    // Keys removed: untagged again.
+    d.clear_keys(7);
+    assert_eq!(d.irq_key(7), None);
+    let mut plain = encode(42, &[write(3)]);
+    assert!(matches!(d.handle(&mut plain), Outcome::Respond { .. }));
 }

@@ -134,6 +134,14 @@ pub enum WorkerCmd {
     },
     /// New polling settings.
     Tune(Tune),
+    /// Verify `client`'s datagram tags with these keys from now on
+    /// (`None`: it sends untagged datagrams).
+    SetKeys {
+        /// The client platform.
+        client: u32,
+        /// Its keys (during a rotation, the new and the previous).
+        keys: Option<devplane_wire::tag::KeyRing>,
+    },
     /// Answered once every command sent before it is applied.
     Barrier(Sender<()>),
 }
@@ -227,6 +235,10 @@ impl WorkerCtl {
                     disp.migrate(vm, client);
                     router.migrate(vm, client);
                 }
+                WorkerCmd::SetKeys { client, keys } => match keys {
+                    Some(k) => disp.set_keys(client, k),
+                    None => disp.clear_keys(client),
+                },
                 WorkerCmd::Barrier(reply) => {
                     let _ = reply.send(());
                 }

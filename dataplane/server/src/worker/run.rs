@@ -76,7 +76,7 @@ fn flush_irqs<T: Transport>(io: &mut T, w: &mut Worker, peers: &Peers<T::Peer>) 
     let stats = &w.stats;
     let disp = &w.disp;
     let sent = w.router.flush(peers, |client, to, irqs| {
-        let key = disp.keys(client).map(|ring| &ring.current);
+        let key = disp.irq_key(client);
         io.queue_irq(server, client, to, irqs, key, stats)
     });
     WorkerStats::add(&w.stats.irqs_sent, sent as u64);

@@ -179,6 +179,7 @@ impl Loop {
         owned: bool,
         lane: Lane,
         stats: Arc<EngineStats>,
+        keys: super::LiveKeys,
     ) -> Loop {
         let settings = Settings {
             client: cfg.client,
@@ -212,15 +213,17 @@ impl Loop {
             })
             .collect();
         let servers = lane.servers.keys().copied().collect();
+        let mut proto = Protocol::new(
+            settings,
+            peers,
+            socket_servers,
+            servers,
+            lane.irq_ports.clone(),
+            stats.clone(),
+        );
+        proto.watch_keys(keys);
         Loop {
-            proto: Protocol::new(
-                settings,
-                peers,
-                socket_servers,
-                servers,
-                lane.irq_ports.clone(),
-                stats.clone(),
-            ),
+            proto,
             recv_bufs: lane
                 .sockets
                 .iter()

@@ -20,6 +20,7 @@
 //! and `thread` how the engine thread runs them.
 
 mod driver;
+mod keys;
 mod lane;
 mod protocol;
 mod ring_setup;
@@ -39,6 +40,7 @@ use devplane_wire::IrqAction;
 use super::ring::ExitRing;
 use driver::{Cell, EventFd};
 pub use driver::{Doorbell, Driver, Waker};
+pub use keys::LiveKeys;
 use lane::Loop;
 pub use stats::EngineStats;
 use thread::EngineThread;
@@ -227,6 +229,7 @@ pub struct Engine {
     doorbell: Arc<Doorbell>,
     drivers: Vec<Option<Driver>>,
     owned: bool,
+    keys: LiveKeys,
 }
 
 /// Builds lane `lane`'s cell: its io_uring, the fd a sleeping engine
@@ -236,6 +239,7 @@ fn build_cell(
     lane: Lane,
     stats: &Arc<EngineStats>,
     sq_owner: &mut Option<libc::c_int>,
+    keys: &LiveKeys,
 ) -> Result<(Arc<Cell>, bool), EngineError> {
     let direct = lane.direct;
     let (ring, owned) = ring_setup::build_ring(cfg, direct, sq_owner)?;
@@ -256,7 +260,7 @@ fn build_cell(
         (None, false) => Some(ring.as_raw_fd()),
         (None, true) => None,
     };
-    let lp = Loop::new(cfg, ring, owned, lane, stats.clone());
+    let lp = Loop::new(cfg, ring, owned, lane, stats.clone(), keys.clone());
     let cell = Cell {
         lp: Mutex::new(lp),
         driving: AtomicBool::new(false),
@@ -283,9 +287,10 @@ impl Engine {
         let mut cells = Vec::new();
         let mut sq_owner: Option<libc::c_int> = None;
         let mut all_owned = cfg.owned_rings;
+        let keys = LiveKeys::new(cfg.tag_keys);
         for lane in lanes {
             let sqpoll = lane.direct && cfg.sqpoll.is_some();
-            let (cell, owned) = build_cell(&cfg, lane, &stats, &mut sq_owner)?;
+            let (cell, owned) = build_cell(&cfg, lane, &stats, &mut sq_owner, &keys)?;
             all_owned &= owned || sqpoll;
             cells.push(cell);
         }
@@ -322,7 +327,14 @@ impl Engine {
             doorbell,
             drivers,
             owned: all_owned,
+            keys,
         })
+    }
+
+    /// The tag keys every lane seals and verifies with; setting them
+    /// (a key rotation) takes effect at each lane's next datagram.
+    pub fn tag_keys(&self) -> &LiveKeys {
+        &self.keys
     }
 
     /// The driver of lane `i`, if it is a direct lane.

@@ -231,6 +231,8 @@ pub(crate) struct Protocol {
     /// allocation per datagram once warm.
     spare: Vec<(Box<[u8]>, Vec<Slot>)>,
     stats: Arc<EngineStats>,
+    /// Key changes (a rotation) into `settings.keys`.
+    key_watch: super::keys::KeyWatch,
 }
 
 /// Sends `bytes` unless loss injection drops it.
@@ -247,6 +249,35 @@ fn transmit(
         return Ok(());
     }
     io.send(socket, bytes)
+}
+
+/// Seals a datagram about to be resent again with the current key if it
+/// was sealed otherwise (a rotation since its first send: the old key may
+/// be retired before its answer comes), or strips its tag if the client's
+/// keys were removed.
+fn reseal(f: &mut Flight, keys: Option<&devplane_wire::tag::KeyRing>) {
+    use devplane_wire::header::{HDR_TAG, KEY_ID_SHIFT, OFF_FLAGS};
+    let sealed_with = Datagram::parse(&f.buf[..f.len])
+        .ok()
+        .and_then(|d| d.key_id());
+    let body = match sealed_with {
+        Some(_) => f.len.saturating_sub(devplane_wire::TAG_LEN),
+        None => f.len,
+    };
+    match keys {
+        Some(ring) if sealed_with != Some(ring.current.id) => {
+            if let Some(n) = devplane_wire::tag::seal(&mut f.buf, body, &ring.current) {
+                f.len = n;
+            }
+        }
+        None if sealed_with.is_some() => {
+            let flags = u16::from_le_bytes([f.buf[OFF_FLAGS], f.buf[OFF_FLAGS + 1]]);
+            let flags = flags & !(HDR_TAG | (0xff << KEY_ID_SHIFT));
+            f.buf[OFF_FLAGS..OFF_FLAGS + 2].copy_from_slice(&flags.to_le_bytes());
+            f.len = body;
+        }
+        _ => {}
+    }
 }
 
 /// Moves queued records into `buf` (after `header`), up to
@@ -322,6 +353,20 @@ impl Protocol {
             irq_seen: HashMap::new(),
             spare: Vec::new(),
             stats,
+            key_watch: Default::default(),
+        }
+    }
+
+    /// Takes the keys of `keys` whenever they change (checked before each
+    /// datagram is sealed or verified).
+    pub(crate) fn watch_keys(&mut self, keys: super::LiveKeys) {
+        self.key_watch = super::keys::KeyWatch::new(keys);
+    }
+
+    /// Takes a key change, if there was one.
+    fn refresh_keys(&mut self) {
+        if let Some(ring) = self.key_watch.changed() {
+            self.settings.keys = ring;
         }
     }
 
@@ -382,6 +427,7 @@ impl Protocol {
         now: u64,
         io: &mut impl Io,
     ) -> Result<(), EngineError> {
+        self.refresh_keys();
         let remote = self.flows[v].models[m];
         let header = self.header(remote);
         let (mut buf, mut slots) = self
@@ -427,6 +473,7 @@ impl Protocol {
     /// [`STATUS_TIMEOUT`]) once the horizon has passed since its first
     /// send. Whether any was due.
     pub(crate) fn retransmit(&mut self, now: u64, io: &mut impl Io) -> Result<bool, EngineError> {
+        self.refresh_keys();
         let mut work = false;
         for v in 0..self.flows.len() {
             for m in 0..self.flows[v].inflight.len() {
@@ -453,6 +500,7 @@ impl Protocol {
                     .saturating_mul(2)
                     .min(self.settings.retransmit_max_ns);
                 add(&self.stats.retransmits, 1);
+                reseal(f, self.settings.keys.as_ref());
                 let bytes = &f.buf[..f.len];
                 transmit(
                     &mut self.rng,
@@ -500,6 +548,7 @@ impl Protocol {
             add(&self.stats.loss_rx, 1);
             return;
         }
+        self.refresh_keys();
         let Ok(d) = Datagram::parse(bytes) else {
             add(&self.stats.malformed, 1);
             return;

@@ -743,3 +743,65 @@ fn tags_seal_what_is_sent_and_guard_what_is_received() {
     assert_eq!(get(&stats.bad_tag), 5);
     assert_eq!(io.injected.len(), 1);
 }
+
+/// A rotation through [`LiveKeys`] reaches a running protocol at its next
+/// datagram: new requests are sealed with the new key, and a datagram in
+/// flight since before is sealed again with it when it is resent (the old
+/// key may be retired before its answer comes). Tags switched on for an
+/// untagged client seal the resends too; switched off, they are stripped.
+#[test]
+fn rotated_keys_reach_sends_and_resends() {
+    use devplane_wire::tag::{self, KeyRing, TagKey};
+    let k1 = TagKey {
+        id: 1,
+        bytes: [1; 16],
+    };
+    let k2 = TagKey {
+        id: 2,
+        bytes: [2; 16],
+    };
+    let (mut p, _stats) = protocol(1);
+    let live = crate::engine::LiveKeys::new(None);
+    p.watch_keys(live.clone());
+    let mut io = Fake::default();
+    queue(&mut p, &mut io, 0, 0, &[1]);
+    assert!(p.send_ready(0, 0, &mut io).unwrap());
+    assert!(!tag::is_tagged(&io.sent[0].1), "untagged before any key");
+
+    live.set(Some(KeyRing::new(k1)));
+    p.retransmit(RETRANSMIT, &mut io).unwrap();
+    assert_eq!(io.sent.len(), 2);
+    assert_eq!(tag::verify(&io.sent[1].1, &KeyRing::new(k1)), Ok(()));
+    assert_eq!(seqs(&io.sent[1].1), vec![1], "the same request");
+
+    let mut ring = KeyRing::new(k1);
+    ring.rotate(k2);
+    live.set(Some(ring));
+    p.retransmit(10 * RETRANSMIT, &mut io).unwrap();
+    assert_eq!(io.sent.len(), 3);
+    assert_eq!(
+        tag::verify(&io.sent[2].1, &KeyRing::new(k2)),
+        Ok(()),
+        "resent under the new key"
+    );
+    // The answer under the old key is still taken during the grace.
+    let mut old = answers(MODEL_A, 0, &[1]);
+    let n = old.len();
+    old.resize(n + devplane_wire::TAG_LEN, 0);
+    tag::seal(&mut old, n, &k1).unwrap();
+    p.on_datagram(&old, 0, &mut io);
+    assert_eq!(io.done.len(), 1);
+
+    queue(&mut p, &mut io, 0, 0, &[2]);
+    assert!(p.send_ready(0, 10 * RETRANSMIT, &mut io).unwrap());
+    assert_eq!(tag::verify(&io.sent[3].1, &KeyRing::new(k2)), Ok(()));
+    live.set(None);
+    p.retransmit(20 * RETRANSMIT, &mut io).unwrap();
+    let last = &io.sent.last().unwrap().1;
+    assert!(
+        !tag::is_tagged(last),
+        "keys removed: the resend is untagged"
+    );
+    assert!(Datagram::parse(last).is_ok());
+    assert_eq!(seqs(last), vec![2]);
+}
