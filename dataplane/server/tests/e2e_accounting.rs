@@ -3,9 +3,7 @@
 //! redirected is either received by a worker or counted as dropped at its
 //! AF_XDP socket (`XDP_STATISTICS`).
 
-use std::ffi::CString;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use devplane_control::config::{
@@ -14,8 +12,9 @@ use devplane_control::config::{
 use devplane_server::stats::WorkerSnapshot;
 use devplane_testkit::host::{ServerSnapshot, ServerThread};
 use devplane_testkit::privilege::{self, Capability};
+use devplane_testkit::raw::{RawSender, frame_of, set_udp_checksum};
 use devplane_testkit::topology::{Side, Topology};
-use devplane_wire::frame::{self, ETH_HLEN, Flow, IPV4_MIN_HLEN, PAYLOAD_OFFSET};
+use devplane_wire::frame::{ETH_HLEN, Flow, IPV4_MIN_HLEN};
 use devplane_wire::maps::Counter;
 use devplane_wire::{
     Access, AccessSize, Datagram, Header, Kind, Record, Request, RequestId, Status, datagram,
@@ -125,93 +124,6 @@ fn client_socket(topo: &Topology) -> UdpSocket {
     sock
 }
 
-/// Sends whole Ethernet frames out of the client's veth.
-struct RawSender {
-    fd: OwnedFd,
-    ifindex: i32,
-    dst_mac: [u8; 6],
-}
-
-impl RawSender {
-    fn new(topo: &Topology) -> RawSender {
-        let ifname = CString::new(topo.client_ifname()).unwrap();
-        let (fd, ifindex) = topo
-            .run(Side::Client, move || {
-                // SAFETY: plain system calls with valid arguments; the fd
-                // is owned by the `OwnedFd` made of it.
-                unsafe {
-                    let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-                    assert!(
-                        fd >= 0,
-                        "AF_PACKET socket: {}",
-                        std::io::Error::last_os_error()
-                    );
-                    (
-                        OwnedFd::from_raw_fd(fd),
-                        libc::if_nametoindex(ifname.as_ptr()) as i32,
-                    )
-                }
-            })
-            .expect("enter client netns");
-        assert!(ifindex > 0, "client veth index");
-        RawSender {
-            fd,
-            ifindex,
-            dst_mac: topo.server_mac(),
-        }
-    }
-
-    fn send(&self, frame: &[u8]) {
-        // SAFETY: an all-zero sockaddr_ll is valid; fields are set below.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = self.ifindex;
-        sll.sll_halen = 6;
-        sll.sll_addr[..6].copy_from_slice(&self.dst_mac);
-        // SAFETY: `frame` and `sll` are valid for the lengths passed.
-        let n = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(
-            n,
-            frame.len() as isize,
-            "{}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
-/// A frame carrying `payload` along `flow` (IPv4 checksum set, no UDP
-/// checksum).
-fn frame_of(flow: &Flow, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![0u8; PAYLOAD_OFFSET + payload.len()];
-    frame::write_headers(&mut f, flow, payload.len()).unwrap();
-    f[PAYLOAD_OFFSET..].copy_from_slice(payload);
-    f
-}
-
-/// Sets the UDP checksum of a frame made by `frame_of`.
-fn set_udp_checksum(f: &mut [u8]) {
-    let udp_at = ETH_HLEN + IPV4_MIN_HLEN;
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&f[ETH_HLEN + 12..ETH_HLEN + 20]);
-    pseudo.extend_from_slice(&[0, frame::IPPROTO_UDP]);
-    pseudo.extend_from_slice(&((f.len() - udp_at) as u16).to_be_bytes());
-    pseudo.extend_from_slice(&f[udp_at..]);
-    let c = match frame::checksum(&pseudo) {
-        0 => 0xffff,
-        c => c,
-    };
-    f[udp_at + 6..udp_at + 8].copy_from_slice(&c.to_be_bytes());
-}
-
 /// Sends `request` until it is answered (the first frames after a server
 /// starts may meet a loaded machine); returns the answer.
 fn call(sock: &UdpSocket, server: SocketAddr, request: &[u8]) -> (Status, u64) {
@@ -233,7 +145,7 @@ fn call(sock: &UdpSocket, server: SocketAddr, request: &[u8]) -> (Status, u64) {
 /// other numbers are skipped).
 fn raw_call(raw: &RawSender, sock: &UdpSocket, frame: &[u8], seq: u64) -> (Status, u64) {
     for _ in 0..10 {
-        raw.send(frame);
+        raw.send(frame).expect("send a raw frame");
         let mut buf = [0u8; 2048];
         while let Ok(n) = sock.recv(&mut buf) {
             let d = Datagram::parse(&buf[..n]).expect("answer parses");
@@ -282,16 +194,17 @@ fn xdp_mode_drops_bad_checksums() {
         src_port: sock.local_addr().unwrap().port(),
         dst_port: PORT,
     };
-    let raw = RawSender::new(&topo);
+    let raw = RawSender::new(topo.client_netns(), topo.client_ifname(), topo.server_mac())
+        .expect("an AF_PACKET socket in the client's namespace");
 
     let mut bad_ip = frame_of(&flow, &request(2, write(1)));
     bad_ip[ETH_HLEN + 10] ^= 0x01;
-    raw.send(&bad_ip);
+    raw.send(&bad_ip).unwrap();
     expect_silence(&sock);
     let mut bad_udp = frame_of(&flow, &request(3, write(1)));
     set_udp_checksum(&mut bad_udp);
     bad_udp[ETH_HLEN + IPV4_MIN_HLEN + 7] ^= 0x01;
-    raw.send(&bad_udp);
+    raw.send(&bad_udp).unwrap();
     expect_silence(&sock);
 
     let mut good = frame_of(&flow, &request(4, write(1)));
