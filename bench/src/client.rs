@@ -156,6 +156,23 @@ pub fn run(rig: &mut Rig, iters: u32, parts: Parts, notes: &mut Vec<String>) -> 
     if parts.pio {
         progress(format_args!("client: remote-pio, {n} exits"));
         rows.push(pio_row(rig, "remote-pio", drain, n, warm)?);
+        // The same with every datagram tagged (SipHash-2-4 on both
+        // sides), right after it: the cost of the tags in this run.
+        let key = devplane_wire::tag::TagKey {
+            id: 1,
+            bytes: *b"dpbench-tag-key!",
+        };
+        if rig.set_tags(Some(devplane_wire::tag::KeyRing::new(key)))? {
+            progress(format_args!("client: remote-pio-tagged, {n} exits"));
+            let row = pio_row(rig, "remote-pio-tagged", drain, n, warm);
+            rig.set_tags(None)?;
+            rows.push(row?.with_knobs([("tags", "siphash-2-4")]));
+        } else {
+            notes.push(
+                "client: remote-pio-tagged not measured: a remote server's keys are its own"
+                    .to_string(),
+            );
+        }
     }
     if parts.mmio {
         progress(format_args!("client: remote-mmio, {n} exits"));
@@ -186,6 +203,22 @@ pub fn run(rig: &mut Rig, iters: u32, parts: Parts, notes: &mut Vec<String>) -> 
         knob("DP_SQPOLL_IDLE_MS", 10),
     ));
     Ok(rows)
+}
+
+/// The cost of tags in a run: `remote-pio-tagged`'s p50 and p99 over
+/// `remote-pio`'s (goal: at most 1.03); `None` without both rows.
+pub fn tag_cost(rows: &[Row]) -> Option<String> {
+    let key = |name: &str| format!("{SCENARIO}/{name}");
+    let plain = rows.iter().find(|r| r.key() == key("remote-pio"))?;
+    let tagged = rows.iter().find(|r| r.key() == key("remote-pio-tagged"))?;
+    let summary = |r: &Row| r.hist.as_ref().map(|h| h.summary());
+    let (p, t) = (summary(plain)?, summary(tagged)?);
+    Some(format!(
+        "client: tags cost: remote-pio-tagged p50 {:.3}x, p99 {:.3}x remote-pio's \
+         (goal: at most 1.03x)",
+        t.p50 as f64 / p.p50.max(1) as f64,
+        t.p99 as f64 / p.p99.max(1) as f64,
+    ))
 }
 
 /// The targets of a remote port-I/O round trip, judged on the (merged)

@@ -69,6 +69,8 @@ pub struct Rig {
     next_vm: Cell<u32>,
     next_irq: Cell<u32>,
     warnings: RefCell<Vec<String>>,
+    /// The tag keys guests' engines seal with ([`Rig::set_tags`]).
+    tag_keys: Option<devplane_wire::tag::KeyRing>,
 }
 
 impl Rig {
@@ -88,6 +90,7 @@ impl Rig {
 
     fn new(target: Target, layout: Layout) -> Rig {
         Rig {
+            tag_keys: None,
             target,
             layout,
             next_vm: Cell::new(layout.irq_slots + 1),
@@ -330,6 +333,7 @@ impl Rig {
                         .ok()
                         .and_then(|v| v.parse().ok()),
                 }),
+                tag_keys: self.tag_keys,
                 ..EngineConfig::default()
             },
             engine_core: Some(knob("DP_ENGINE_CORE", 0) as usize),
@@ -424,6 +428,21 @@ impl Rig {
     /// Frames the embedded server's workers dropped on a full AF_XDP TX
     /// ring so far (`None` for a remote server, whose counters dpbench
     /// cannot read).
+    /// Tags the datagrams of the guests run from now on (and the
+    /// embedded server's answers) with `keys`, or stops tagging
+    /// (`None`). Embedded server only: a remote server's keys are its
+    /// own; `false` there.
+    pub fn set_tags(&mut self, keys: Option<devplane_wire::tag::KeyRing>) -> Result<bool> {
+        let Target::Embedded { srv: Some(s), .. } = &self.target else {
+            return Ok(false);
+        };
+        s.call(move |srv| srv.set_keys(CLIENT_ID, keys))
+            .context("the server thread is gone")?
+            .context("setting the client's tag keys")?;
+        self.tag_keys = keys;
+        Ok(true)
+    }
+
     pub fn server_tx_full(&self) -> Option<u64> {
         match &self.target {
             Target::Embedded { srv: Some(s), .. } => {

@@ -211,6 +211,7 @@ pub fn run(args: RunArgs) -> Result<()> {
                     })?;
                     report::print_table(name, &r);
                     notes.extend(client::targets(&r));
+                    notes.extend(client::tag_cost(&r));
                     placement.insert(name.to_string(), rig::placement());
                     rows.extend(r);
                 }
