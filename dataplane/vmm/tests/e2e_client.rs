@@ -662,6 +662,9 @@ fn read_counter(rig: &Rig, model: u32, seq: u64) -> Option<u64> {
         &[rec],
     )
     .ok()?;
+    // Sealed with the client's key, as its engine seals.
+    let key = devplane_testkit::keys::client_key(CLIENT).0;
+    let n = devplane_wire::tag::seal(&mut buf, n, &key)?;
     sock.send_to(&buf[..n], (rig.topo.server_ip(), PORT)).ok()?;
     let (m, _) = sock.recv_from(&mut buf).ok()?;
     match Datagram::parse(&buf[..m]).ok()?.records().next() {
@@ -1372,13 +1375,20 @@ fn forged_answer(model: u32, server: u32, vm: u32, vcpu: u16, seq: u64) -> Vec<u
 /// server's address and port to the client's sockets, naming another
 /// server, another client, a VM not on this client, interrupt number
 /// 2^64-1, or answering for a VM not here, are dropped and counted. The
-/// guest counts exactly its real interrupts, all of them.
+/// guest counts exactly its real interrupts, all of them. The client runs
+/// without a tag key here: these are the checks behind the tag (with a
+/// key, every one of these datagrams is refused as `bad_tag` first, which
+/// `e2e_adversarial` and the protocol's unit tests check).
 #[test]
 fn forged_interrupts_and_answers_from_a_third_host_are_dropped() {
     let test = "forged_interrupts_and_answers_from_a_third_host_are_dropped";
     let Some(rig) = Rig::new(test, "cfrg") else {
         return;
     };
+    rig.server
+        .call(|s| s.set_keys(CLIENT, None))
+        .expect("server thread")
+        .expect("tags off for this client");
     let attacker = rig.topo.client_peer().expect("attacker namespace");
     let want = 400u16;
     let vms = vec![vm(
@@ -1386,7 +1396,9 @@ fn forged_interrupts_and_answers_from_a_third_host_are_dropped() {
         &[irq_chain(want)],
         vec![pio(IRQ_BASE, 0x20, IRQ_MODEL, false)],
     )];
-    let mut client = rig.start(rig.spec(vms, Loss::default(), true, false));
+    let mut spec = rig.spec(vms, Loss::default(), true, false);
+    spec.engine.tag_keys = None;
+    let mut client = rig.start(spec);
     let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     let irqs = || load(&client.engine().unwrap().stats().irqs);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
