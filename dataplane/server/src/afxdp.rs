@@ -17,6 +17,7 @@
 
 use std::num::NonZeroU32;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,9 @@ pub const FILL_FRAMES: u32 = 2048;
 /// Frames each worker keeps for interrupt packets.
 pub const IRQ_FRAMES_PER_WORKER: u32 = 64;
 const RING_SIZE: u32 = 2048;
+/// Most frames one TX kick sends in copy mode (the kernel's
+/// `TX_BATCH_SIZE` for `sendto` on an AF_XDP socket without zero copy).
+const FRAMES_PER_KICK: u32 = 32;
 
 /// The memory behind the UMEM, shared with the kernel.
 struct Area {
@@ -82,6 +86,29 @@ struct Shared {
     irq_done: Vec<Vec<u64>>,
 }
 
+/// Frames put on any worker's TX ring and not yet taken back from the
+/// completion ring (by whichever worker): while there are any, a worker
+/// reaps the completion ring every turn, whether or not it sent
+/// anything itself.
+#[derive(Default)]
+struct Outstanding(AtomicU64);
+
+impl Outstanding {
+    fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    fn sub(&self, n: u64) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(n))
+            });
+    }
+    fn any(&self) -> bool {
+        self.0.load(Ordering::Relaxed) > 0
+    }
+}
+
 /// One worker's socket.
 pub struct XskSocket {
     user: User,
@@ -102,6 +129,7 @@ pub struct XskSet {
     // memory.
     sockets: Vec<XskSocket>,
     shared: Arc<Mutex<Shared>>,
+    outstanding: Arc<Outstanding>,
     _umem: Umem,
     area: Area,
 }
@@ -206,6 +234,7 @@ impl XskSet {
                 fq_cq,
                 irq_done: vec![Vec::new(); workers],
             })),
+            outstanding: Arc::default(),
             _umem: umem,
             area: Area { map },
         })
@@ -236,6 +265,7 @@ impl XskSet {
                 tx,
                 fd: s.fd(),
                 shared: self.shared.clone(),
+                outstanding: self.outstanding.clone(),
                 area,
                 irq_free: (irq_base..irq_base + IRQ_FRAMES_PER_WORKER)
                     .map(|f| f as u64 * FRAME_SIZE as u64)
@@ -253,6 +283,7 @@ pub struct XskWorkerRings {
     tx: RingTx,
     fd: libc::c_int,
     shared: Arc<Mutex<Shared>>,
+    outstanding: Arc<Outstanding>,
     area: AreaPtr,
     irq_free: Vec<u64>,
 }
@@ -340,7 +371,8 @@ struct Returns<'a> {
 impl Returns<'_> {
     /// Sorts completed frames: interrupt frames back to their worker's
     /// pool, request frames to the fill ring (with the recycled ones).
-    fn complete(self, sh: &mut Shared) {
+    /// Returns how many it took from the completion ring.
+    fn complete(self, sh: &mut Shared) -> u64 {
         self.done.clear();
         {
             let mut c = sh.fq_cq.complete(RING_SIZE);
@@ -367,6 +399,27 @@ impl Returns<'_> {
             f.commit();
             self.recycle.drain(..n);
         }
+        self.done.len() as u64
+    }
+}
+
+/// Kicks the TX ring until the kernel has taken everything on it: copy
+/// mode sends at most [`FRAMES_PER_KICK`] frames per kick, and a frame
+/// left on the ring would wait for the next turn that queues an answer,
+/// which never comes once the fill ring is empty. Stops early when a
+/// kick takes nothing (the device is busy; the next turn tries again).
+fn kick(tx: &RingTx) {
+    let mut left = tx.pending();
+    for _ in 0..=left / FRAMES_PER_KICK + 1 {
+        if left == 0 {
+            return;
+        }
+        tx.wake();
+        let now = tx.pending();
+        if now >= left {
+            return;
+        }
+        left = now;
     }
 }
 
@@ -450,7 +503,9 @@ impl Transport for XskTransport {
         }
     }
 
-    /// Transmits replies and interrupts in one batch, one wake-up.
+    /// Transmits replies and interrupts in one batch: onto the TX ring,
+    /// then kicked until the kernel has taken the ring's frames (also
+    /// those an earlier turn left there).
     fn transmit(&mut self, stats: &WorkerStats) {
         let answered = self.replies.len() as u64;
         self.pending.append(&mut self.replies);
@@ -458,14 +513,15 @@ impl Transport for XskTransport {
         if !self.pending.is_empty() {
             let sent = self.push_tx();
             self.in_flight += sent as u32;
+            self.rings.outstanding.add(sent as u64);
             WorkerStats::add(&stats.tx, sent as u64);
             if sent < self.pending.len() {
                 WorkerStats::add(&stats.tx_full, (self.pending.len() - sent) as u64);
             }
             self.pending.drain(..sent);
-            // Copy mode (veth) always needs a kick to transmit.
-            self.rings.tx.wake();
         }
+        // Copy mode (veth) always needs a kick to transmit.
+        kick(&self.rings.tx);
         // Every answer of this batch waited as long as the batch took.
         if let Some(t0) = self.batch_start.take() {
             stats
@@ -475,18 +531,23 @@ impl Transport for XskTransport {
     }
 
     /// Completions back to the fill ring (shared: one lock per batch).
+    /// Runs while any worker's frames are out (sent, not yet taken back
+    /// from the completion ring), not only while this worker's TX ring
+    /// holds unsent ones: in copy mode a frame completes when its skb is
+    /// freed, after the kick that sent it.
     fn reclaim(&mut self) {
-        if self.in_flight == 0 && self.recycle.is_empty() {
+        if self.recycle.is_empty() && !self.rings.outstanding.any() {
             return;
         }
         if let Ok(mut sh) = self.rings.shared.lock() {
-            Returns {
+            let taken = Returns {
                 me: self.rings.index,
                 done: &mut self.done,
                 recycle: &mut self.recycle,
                 irq_free: &mut self.rings.irq_free,
             }
             .complete(&mut sh);
+            self.rings.outstanding.sub(taken);
         }
         // Frames of other workers' TX may complete here; count ours out
         // approximately by the ring's own pending count.
