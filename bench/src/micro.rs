@@ -15,6 +15,12 @@ use devplane_wire::{Datagram, Header, Kind, Record, datagram};
 use crate::report::{self, Row};
 
 fn request_frame(records: usize, model: u32) -> Result<Vec<u8>> {
+    request_frame_for(records, model, 1)
+}
+
+/// A frame from 10.99.0.1 (client 1) to server 1 carrying a datagram of
+/// `records` port writes of VM `vm` to `model`.
+pub(crate) fn request_frame_for(records: usize, model: u32, vm: u32) -> Result<Vec<u8>> {
     let flow = Flow {
         src_mac: [2, 0, 0, 0, 0, 1],
         dst_mac: [2, 0, 0, 0, 0, 2],
@@ -27,7 +33,7 @@ fn request_frame(records: usize, model: u32) -> Result<Vec<u8>> {
         .map(|seq| {
             Record::Request(Request {
                 id: RequestId {
-                    vm: 1,
+                    vm,
                     hypervisor: 1,
                     vcpu: 0,
                     seq,

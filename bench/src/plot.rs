@@ -70,7 +70,8 @@ fn curves(rows: &[Row]) -> Vec<Curve> {
     for r in rows {
         let Some(h) = &r.hist else { continue };
         // A boot's one sample per row is tens of seconds: off this scale.
-        if h.len() == 0 || r.scenario == "boot" {
+        // The load sweep's rows have a plot of their own (`load.svg`).
+        if h.len() == 0 || r.scenario == "boot" || is_load_point(r) {
             continue;
         }
         // The deepest percentile the samples say anything about.
@@ -150,6 +151,135 @@ pub fn percentiles(path: &Path, rows: &[Row]) -> Result<()> {
     Ok(())
 }
 
+/// Whether `r` is a point of the load sweep (`load.svg` draws it).
+fn is_load_point(r: &Row) -> bool {
+    r.scenario == crate::load::SCENARIO && r.knobs.contains_key("offered_records_per_s")
+}
+
+/// One point of `load.svg`: offered records/s and the p50, p99 and p99.9
+/// of its round trip in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadPoint {
+    /// Offered load, records/s.
+    pub offered: f64,
+    /// Percentiles, us.
+    pub p50: f64,
+    /// 99th percentile, us.
+    pub p99: f64,
+    /// 99.9th percentile, us.
+    pub p999: f64,
+}
+
+/// The load sweep's points in `rows`, by offered load.
+pub fn load_points(rows: &[Row]) -> Vec<LoadPoint> {
+    let mut v: Vec<LoadPoint> = rows
+        .iter()
+        .filter(|r| is_load_point(r))
+        .filter_map(|r| {
+            let s = r.hist.as_ref()?.summary();
+            let offered = r.knobs.get("offered_records_per_s")?.parse().ok()?;
+            (s.count > 0).then(|| LoadPoint {
+                offered,
+                p50: s.p50 as f64 / 1000.0,
+                p99: s.p99 as f64 / 1000.0,
+                p999: s.p999 as f64 / 1000.0,
+            })
+        })
+        .collect();
+    v.sort_by(|a, b| a.offered.total_cmp(&b.offered));
+    v
+}
+
+/// Reads one percentile of a [`LoadPoint`].
+type Get = fn(&LoadPoint) -> f64;
+
+/// Draws `load.svg`: p50, p99 and p99.9 of the round trip against the
+/// offered load (records/s, linear; latency log scale), the knee's limit
+/// (`limit_us`, dashed) and the knee (a vertical line), if any.
+pub fn load_curve(
+    path: &Path,
+    points: &[LoadPoint],
+    limit_us: Option<f64>,
+    knee: Option<f64>,
+) -> Result<()> {
+    let e = |e: &dyn std::fmt::Display| anyhow!("{e}");
+    let max_x = points.iter().map(|p| p.offered).fold(1.0, f64::max) * 1.05;
+    let ys = points
+        .iter()
+        .flat_map(|p| [p.p50, p.p99, p.p999])
+        .chain(limit_us)
+        .filter(|y| *y > 0.0);
+    let (lo, hi) = ys.fold((f64::MAX, 0f64), |(lo, hi), y| (lo.min(y), hi.max(y)));
+    let (lo, hi) = if lo <= hi {
+        (lo * 0.8, hi * 1.25)
+    } else {
+        (1.0, 10.0)
+    };
+    let root = SVGBackend::new(path, (1000, 640)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "dpbench load: XDP round trip against offered load (open loop, from intended send)",
+            ("sans-serif", 20),
+        )
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..max_x, (lo..hi).log_scale())
+        .map_err(|x| e(&x))?;
+    chart
+        .configure_mesh()
+        .x_label_formatter(&|x| format!("{:.1}M", x / 1e6))
+        .y_label_formatter(&|y| format!("{y}"))
+        .x_desc("offered load (records/s)")
+        .y_desc("latency (us)")
+        .draw()
+        .map_err(|x| e(&x))?;
+    let series: [(&str, Get); 3] = [
+        ("p50", |p| p.p50),
+        ("p99", |p| p.p99),
+        ("p99.9", |p| p.p999),
+    ];
+    for (i, (label, get)) in series.iter().enumerate() {
+        let (r, g, b) = COLORS[i % COLORS.len()];
+        let style = RGBColor(r, g, b).stroke_width(2);
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().map(|p| (p.offered, get(p).max(lo))),
+                style,
+            ))
+            .map_err(|x| e(&x))?
+            .label(*label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+    }
+    if let Some(l) = limit_us {
+        let style = BLACK.stroke_width(1);
+        chart
+            .draw_series(DashedLineSeries::new([(0.0, l), (max_x, l)], 6, 4, style))
+            .map_err(|x| e(&x))?
+            .label("2x unloaded p99")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+    }
+    if let Some(k) = knee {
+        let (r, g, b) = COLORS[3];
+        let style = RGBColor(r, g, b).stroke_width(1);
+        chart
+            .draw_series(LineSeries::new([(k, lo), (k, hi)], style))
+            .map_err(|x| e(&x))?
+            .label("knee")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|x| e(&x))?;
+    root.present().map_err(|x| e(&x))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,5 +292,39 @@ mod tests {
         assert_eq!(nines_label(3.0), "99.9%");
         assert_eq!(nines_label(4.0), "99.99%");
         assert!((quantile(2.0) - 0.99).abs() < 1e-12);
+    }
+
+    /// The sweep's points are drawn into their own SVG, by offered load,
+    /// and left out of the percentile plot.
+    #[test]
+    fn the_load_sweep_has_a_plot_of_its_own() {
+        use crate::hist::Latency;
+        use crate::report::Floor;
+        let lat = |v: u64| {
+            let mut l = Latency::new();
+            for _ in 0..100 {
+                l.record(v);
+            }
+            l
+        };
+        let f = Floor::of("load/unloaded".into(), &lat(10_000));
+        let rows = vec![
+            Row::floor("load", "unloaded", lat(10_000)),
+            Row::latency("load", "offered-50%", lat(30_000), f.clone())
+                .with_knobs([("offered_records_per_s", "2000000")]),
+            Row::latency("load", "offered-10%", lat(12_000), f)
+                .with_knobs([("offered_records_per_s", "400000")]),
+        ];
+        let pts = load_points(&rows);
+        assert_eq!(pts.len(), 2);
+        assert_eq!(pts[0].offered, 400_000.0);
+        assert!((pts[1].p99 - 30.0).abs() < 0.1, "{pts:?}");
+        let labels: Vec<String> = curves(&rows).into_iter().map(|c| c.label).collect();
+        assert_eq!(labels, ["load/unloaded"]);
+        let path = std::env::temp_dir().join(format!("dpbench-load-{}.svg", std::process::id()));
+        load_curve(&path, &pts, Some(20.0), Some(400_000.0)).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(svg.starts_with("<svg") && svg.contains("p99.9") && svg.contains("knee"));
     }
 }

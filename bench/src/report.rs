@@ -442,6 +442,23 @@ pub fn write_outputs(dir: &Path, summary: &RunSummary, rows: &[Row]) -> Result<V
             .with_context(|| format!("plotting {}", path.display()))?;
         files.push(path);
     }
+    let points = crate::plot::load_points(rows);
+    if !points.is_empty() {
+        let path = dir.join("load.svg");
+        let knee = rows
+            .iter()
+            .find(|r| r.key() == format!("{}/knee", crate::load::SCENARIO))
+            .and_then(|r| r.rate)
+            .filter(|r| *r > 0.0);
+        let limit = rows
+            .iter()
+            .find(|r| r.key() == format!("{}/unloaded", crate::load::SCENARIO))
+            .and_then(|r| r.hist.as_ref())
+            .map(|h| h.summary().p99 as f64 / 1000.0 * crate::load::KNEE_FACTOR);
+        crate::plot::load_curve(&path, &points, limit, knee)
+            .with_context(|| format!("plotting {}", path.display()))?;
+        files.push(path);
+    }
     Ok(files)
 }
 

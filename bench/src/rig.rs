@@ -35,7 +35,7 @@ use devplane_control::config::{
 use devplane_devmodels::Space;
 use devplane_testkit::host::ServerThread;
 use devplane_testkit::topology::{Side, Topology};
-use devplane_vmm::engine::{EngineConfig, SqPoll};
+use devplane_vmm::engine::EngineConfig;
 use devplane_vmm::guests::{self, Guest};
 use devplane_vmm::kvm::VcpuExit;
 use devplane_vmm::vmm::{Client, ClientSpec, DeviceSpec, Place, ServerSpec, VcpuSpec, VmSpec};
@@ -318,21 +318,13 @@ impl Rig {
             vms,
             engine: EngineConfig {
                 // The engine thread spins only when it is the drainer; in
-                // direct and SQPOLL modes it sleeps, leaving core 0 to the
-                // vCPU.
+                // direct mode it sleeps, leaving core 0 to the vCPU.
                 spin_budget: match drain {
                     Drain::Engine => knob("DP_ENGINE_SPIN", 20_000),
                     _ => knob("DP_ENGINE_SPIN_DIRECT", 1),
                 },
                 zero_copy: drain == Drain::DirectZc,
                 direct_spin: Duration::from_micros(knob("DP_DIRECT_SPIN_US", 200) as u64),
-                owned_rings: drain != Drain::DirectShared,
-                sqpoll: (drain == Drain::Sqpoll).then_some(SqPoll {
-                    idle_ms: knob("DP_SQPOLL_IDLE_MS", 10),
-                    cpu: std::env::var("DP_SQPOLL_CPU")
-                        .ok()
-                        .and_then(|v| v.parse().ok()),
-                }),
                 tag_keys: self.tag_keys,
                 ..EngineConfig::default()
             },

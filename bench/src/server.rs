@@ -34,7 +34,7 @@ use crate::hist::Latency;
 use crate::report::{Floor, Row, progress};
 use crate::udp::{echo_loop, open_loop, recv_spin, round_trips};
 
-const PORT: u16 = 7700;
+pub(crate) const PORT: u16 = 7700;
 const ECHO_PORT: u16 = 7800;
 const CLIENT_CORE: usize = 0;
 const WORKER_CORE: usize = 1;
@@ -56,7 +56,9 @@ pub fn placement() -> BTreeMap<String, String> {
     .collect()
 }
 
-fn config(topo: &Topology, mode: Mode) -> ServerConfig {
+/// The server scenario's configuration: one worker, client 7, VM 1, null
+/// model 1.
+pub(crate) fn config(topo: &Topology, mode: Mode) -> ServerConfig {
     ServerConfig {
         server: ServerSection {
             id: 1,
@@ -141,7 +143,7 @@ pub(crate) fn check_response(seq: u64, bytes: &[u8]) -> Result<()> {
 }
 
 /// Runs `f` on a thread in the client namespace pinned to the client core.
-fn on_client<T: Send + 'static>(
+pub(crate) fn on_client<T: Send + 'static>(
     topo: &Topology,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
@@ -226,6 +228,19 @@ pub fn client_socket(topo: &Topology) -> Result<UdpSocket> {
 }
 
 fn rate_of(topo: &Topology, to: SocketAddr, window: usize, duration: Duration) -> Result<f64> {
+    rate_of_vm(topo, to, window, duration, 1)
+}
+
+/// One worker's rate (answered records/s) for `duration`: full datagrams
+/// of VM `vm`'s port writes (its sequence numbered from 1), `window` in
+/// flight.
+pub(crate) fn rate_of_vm(
+    topo: &Topology,
+    to: SocketAddr,
+    window: usize,
+    duration: Duration,
+    vm: u32,
+) -> Result<f64> {
     let sock = client_socket(topo)?;
     on_client(topo, move || {
         sock.set_nonblocking(true)?;
@@ -237,7 +252,8 @@ fn rate_of(topo: &Topology, to: SocketAddr, window: usize, duration: Duration) -
             let recs: Vec<Record> = (0..MAX_RECORDS)
                 .map(|_| {
                     *seq += 1;
-                    request(
+                    request_for(
+                        vm,
                         *seq,
                         Access::PioOut {
                             port: 0x80,

@@ -13,7 +13,7 @@ use crate::report::{self, Row, RunConfig, RunSummary, progress};
 use crate::rig::{self, Rig};
 use crate::{
     CLIENT_REPEAT, IRQ_REPEAT, RunArgs, SERVER_REPEAT, Scenario, THROUGHPUT_REPEAT, boot, client,
-    irq, isolation, micro, plan, server, throughput,
+    irq, isolation, load, micro, plan, scale, server, throughput,
 };
 
 /// Names scenarios (comma-separated, as `--scenario` and the tables name
@@ -45,7 +45,12 @@ pub fn steps(args: &RunArgs, scenarios: &[Scenario]) -> u64 {
     scenarios
         .iter()
         .map(|s| match s {
-            Scenario::XdpProg | Scenario::Parse | Scenario::Boot | Scenario::Isolation => 1,
+            Scenario::XdpProg
+            | Scenario::Parse
+            | Scenario::Boot
+            | Scenario::Isolation
+            | Scenario::Load
+            | Scenario::Scale => 1,
             Scenario::Server => args.repeat.unwrap_or(SERVER_REPEAT),
             Scenario::Irq => args.repeat.unwrap_or(IRQ_REPEAT),
             Scenario::Throughput => args.repeat.unwrap_or(THROUGHPUT_REPEAT),
@@ -173,6 +178,21 @@ pub fn run(args: RunArgs) -> Result<()> {
                     let r = isolation::run(args.round_trips, &mut notes)?;
                     report::step_done();
                     report::print_table("isolation", &r);
+                    rows.extend(r);
+                }
+                Scenario::Load => {
+                    let secs = args.duration.unwrap_or(load::POINT_SECS);
+                    let sat = Duration::from_millis(300);
+                    let r = load::run(args.round_trips, args.rate, secs, sat, &mut notes)?;
+                    report::step_done();
+                    report::print_table(name, &r);
+                    rows.extend(r);
+                }
+                Scenario::Scale => {
+                    let sat = Duration::from_millis(200);
+                    let r = scale::run(args.round_trips, sat, args.iterations, &mut notes)?;
+                    report::step_done();
+                    report::print_table(name, &r);
                     rows.extend(r);
                 }
                 Scenario::Server => {

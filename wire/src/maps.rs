@@ -31,8 +31,9 @@ pub const XDP_PROGRAM: &str = "devplane_xdp";
 pub const MAX_MODELS: u32 = 4096;
 /// Capacity of the clients map.
 pub const MAX_CLIENTS: u32 = 1024;
-/// Capacity of the VMs map.
-pub const MAX_VMS: u32 = 4096;
+/// Capacity of the VMs map (a server holds 10,000 registered VMs with
+/// room to spare).
+pub const MAX_VMS: u32 = 16384;
 /// Capacity of the AF_XDP socket map (workers per server).
 pub const MAX_WORKERS: u32 = 64;
 

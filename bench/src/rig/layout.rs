@@ -246,24 +246,17 @@ pub enum Drain {
     Engine,
     /// Each vCPU drives its own io_uring while it waits.
     Direct,
-    /// Each vCPU's io_uring submits through a shared SQPOLL thread.
-    Sqpoll,
     /// Direct, sending with SEND_ZC from the registered buffers.
     DirectZc,
-    /// Direct on shared rings (what a kernel without DEFER_TASKRUN gets):
-    /// every answer interrupts the waiting vCPU with task work.
-    DirectShared,
 }
 
 impl Drain {
-    /// The drain `DP_DRAIN` names (`engine`, `sqpoll`, `direct-zc`,
-    /// `direct-shared`; anything else: direct).
+    /// The drain `DP_DRAIN` names (`engine`, `direct-zc`; anything else:
+    /// direct).
     pub fn from_env() -> Drain {
         match std::env::var("DP_DRAIN").as_deref() {
             Ok("engine") => Drain::Engine,
-            Ok("sqpoll") => Drain::Sqpoll,
             Ok("direct-zc") => Drain::DirectZc,
-            Ok("direct-shared") => Drain::DirectShared,
             _ => Drain::Direct,
         }
     }
@@ -273,9 +266,7 @@ impl Drain {
         match self {
             Drain::Engine => "engine",
             Drain::Direct => "direct",
-            Drain::Sqpoll => "sqpoll",
             Drain::DirectZc => "direct-zc",
-            Drain::DirectShared => "direct-shared",
         }
     }
 }

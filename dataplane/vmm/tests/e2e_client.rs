@@ -490,13 +490,6 @@ fn direct_mode_round_trips_leave_the_engine_asleep() {
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(remote, n as u64);
     let engine = client.engine().expect("engine");
-    if !engine.owned_rings() {
-        privilege::unavailable(
-            test,
-            "this kernel has no IORING_SETUP_DEFER_TASKRUN (Linux 6.1+): lanes are shared",
-        );
-        return;
-    }
     let e = engine.stats();
     let wakeups = e.wakeups.load(std::sync::atomic::Ordering::Relaxed);
     let kicks = e.kicks.load(std::sync::atomic::Ordering::Relaxed);
@@ -506,60 +499,6 @@ fn direct_mode_round_trips_leave_the_engine_asleep() {
         "{wakeups} engine wake-ups for {n} round trips"
     );
     assert_eq!(kicks, 0, "a waiting vCPU was kicked");
-}
-
-/// Shared rings (what a kernel without `IORING_SETUP_DEFER_TASKRUN`
-/// gets, forced here): the engine steps a vCPU's lane while it runs its
-/// guest, and port I/O, MMIO, posted writes with lost requests, and
-/// interrupts all work as with owned rings.
-#[test]
-fn shared_rings_work_like_owned_ones() {
-    let Some(rig) = Rig::new("shared_rings_work_like_owned_ones", "dshared") else {
-        return;
-    };
-    let n = 300u16;
-    let vms = vec![
-        vm(
-            1,
-            &[guests::pio_loop(PIO_BASE, n).unwrap()],
-            vec![pio(PIO_BASE, 0x10, counter_id(1, 0), true)],
-        ),
-        vm(
-            2,
-            &[guests::mmio_loop(MMIO_BASE, n).unwrap()],
-            vec![DeviceSpec {
-                space: Space::Mmio,
-                base: MMIO_BASE as u64,
-                len: 0x1000,
-                model: MMIO_MODEL,
-                posted: false,
-                place: Place::Remote { server: 0 },
-            }],
-        ),
-        vm(
-            3,
-            &[irq_chain(50)],
-            vec![pio(IRQ_BASE, 0x20, IRQ3_MODEL, false)],
-        ),
-    ];
-    // Requests are lost, not answers: interrupts are not resent.
-    let loss = Loss {
-        tx_permille: 100,
-        rx_permille: 0,
-        seed: 3,
-    };
-    let mut spec = rig.spec(vms, loss, true, false);
-    spec.engine.owned_rings = false;
-    let mut client = rig.start(spec);
-    let reports = client.wait(Duration::from_secs(60));
-    let engine = client.engine().expect("engine");
-    assert!(!engine.owned_rings());
-    assert_eq!(done(&reports[0]), n as u32, "posted PIO counter");
-    assert_eq!(done(&reports[1]), n as u32, "MMIO counter");
-    assert_eq!(done(&reports[2]), 50, "interrupts counted by the handler");
-    let e = engine.stats();
-    assert!(e.retransmits.load(std::sync::atomic::Ordering::Relaxed) > 0);
-    assert_eq!(e.timeouts.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
 
 /// CPU time (user + system, in clock ticks) of this process's thread

@@ -99,22 +99,18 @@ pub(crate) struct Cell {
     /// Its vCPU is driving it (direct lanes): the engine keeps off.
     pub(crate) driving: AtomicBool,
     pub(crate) direct: bool,
-    /// Its ring belongs to one thread (see [`Loop::owned`]): the engine
-    /// thread for the shared lane, the vCPU thread for a direct lane.
-    pub(crate) owned: bool,
     /// What a sleeping engine polls for this lane: the ring's registered
-    /// eventfd (the engine's own lane: deferred work arrived), the ring fd
-    /// (a shared lane: completions posted), or nothing (an owned direct
-    /// lane: its vCPU reaps it).
+    /// eventfd (the engine's own lane: deferred work arrived), or nothing
+    /// (a direct lane: its vCPU reaps it).
     pub(crate) wake_fd: Option<libc::c_int>,
     /// The engine-owned lane's registered eventfd (declared after `lp`: it
     /// is closed after the ring).
     pub(crate) evfd: Option<EventFd>,
-    /// Owned direct lanes: when its earliest datagram in flight is due for
+    /// Direct lanes: when its earliest datagram in flight is due for
     /// retransmission ([`now_ns`]), 0 if none; published by its vCPU when
     /// it stops driving.
     pub(crate) due: AtomicU64,
-    /// Owned direct lanes: makes the vCPU service the lane.
+    /// Direct lanes: makes the vCPU service the lane.
     pub(crate) waker: OnceLock<Waker>,
 }
 
@@ -123,9 +119,8 @@ pub(crate) struct Cell {
 /// exit involves no other thread of the client (the 2-core choice: two
 /// spinners, the vCPU and the server worker).
 ///
-/// The lane's io_uring is *owned* by the vCPU thread where the kernel
-/// allows it (Linux 6.1+: `IORING_SETUP_DEFER_TASKRUN` with
-/// `SINGLE_ISSUER`): received datagrams are completed only when that
+/// The lane's io_uring is *owned* by the vCPU thread (Linux 6.1+:
+/// `IORING_SETUP_DEFER_TASKRUN` with `SINGLE_ISSUER`): received datagrams are completed only when that
 /// thread enters the ring, never by task work that interrupts whichever
 /// thread runs (without it, every answer cost the waiting vCPU an
 /// inter-processor interrupt: 20 us instead of 8 us for a round trip on the
@@ -140,9 +135,7 @@ pub(crate) struct Cell {
 /// registered with the ring would have said when something arrived, but
 /// on Linux 6.18 it is signalled for every completion whatever
 /// `IORING_CQ_EVENTFD_DISABLED` says, which woke the engine for every
-/// answer.) Where the kernel refuses owned rings, the engine thread steps
-/// the lane itself while the vCPU is in its guest, as SQPOLL lanes always
-/// do.
+/// answer.)
 #[derive(Clone)]
 pub struct Driver {
     pub(crate) cell: Arc<Cell>,
@@ -152,7 +145,7 @@ pub struct Driver {
 
 impl Driver {
     /// Called once on the vCPU's own thread before it runs its guest: the
-    /// thread takes the lane's ring (if owned) and arms its receives.
+    /// thread takes the lane's ring and arms its receives.
     /// `waker` makes this vCPU call [`Driver::service`] soon (a kick out of
     /// `KVM_RUN`).
     pub fn attach(&self, waker: Waker) -> Result<(), EngineError> {
@@ -175,20 +168,11 @@ impl Driver {
         }
     }
 
-    /// Stops driving (before entering the guest). On an owned ring, what
-    /// arrived meanwhile is reaped now and the engine learns when the
-    /// lane's next retransmission is due. A shared lane with datagrams in
-    /// flight wakes the engine to look after them.
+    /// Stops driving (before entering the guest): what arrived meanwhile
+    /// is reaped now and the engine learns when the lane's next
+    /// retransmission is due.
     pub fn end(&self) {
         let c = &self.cell;
-        if !c.owned {
-            c.driving.store(false, Ordering::SeqCst);
-            let busy = c.lp.try_lock().map(|l| l.busy()).unwrap_or(true);
-            if busy {
-                self.doorbell.kick();
-            }
-            return;
-        }
         let Ok(mut l) = c.lp.lock() else {
             c.driving.store(false, Ordering::SeqCst);
             return;
@@ -208,11 +192,8 @@ impl Driver {
     /// Sleeps until something completes on the lane, a retransmission is
     /// due, or `max` passes, whichever is first (the vCPU spun its
     /// [`super::EngineConfig::direct_spin`] for an answer); a step reaps it. It
-    /// steps the lane first, under the same hold: the request may not have
-    /// gone out yet (every step the vCPU tried while it spun may have
-    /// found the engine thread on a shared lane), and the engine may have
-    /// reaped the answer already, which `answered()` then says. Holding
-    /// the lane for the whole sleep keeps the engine off it.
+    /// steps the lane first, under the same hold: the answer may be there
+    /// already, which `answered()` then says.
     pub fn sleep(&self, max: Duration, answered: impl Fn() -> bool) {
         if let Ok(mut l) = self.cell.lp.lock() {
             let _ = l.step(true);

@@ -158,12 +158,6 @@ pub(crate) struct Loop {
     /// Per vCPU: the exit-ring index up to which requests were taken.
     tails: Vec<u64>,
     retransmit: Duration,
-    /// The ring is owned by the one thread that steps it
-    /// (`IORING_SETUP_DEFER_TASKRUN | SINGLE_ISSUER | TASKRUN_FLAG`,
-    /// enabled by that thread in [`Loop::start`]): what the kernel
-    /// received is completed only when that thread enters the ring, and
-    /// `IORING_SQ_TASKRUN` says when to.
-    owned: bool,
     started: bool,
     /// Sockets whose multishot receive ended, re-armed by the owner.
     rearm: Vec<usize>,
@@ -172,11 +166,14 @@ pub(crate) struct Loop {
 }
 
 impl Loop {
-    /// The loop of `lane` over `ring` (owned by one thread if `owned`).
+    /// The loop of `lane` over `ring`. The ring is owned by the one thread
+    /// that steps it (`IORING_SETUP_DEFER_TASKRUN | SINGLE_ISSUER |
+    /// TASKRUN_FLAG`, enabled by that thread in [`Loop::start`]): what the
+    /// kernel received is completed only when that thread enters the ring,
+    /// and `IORING_SQ_TASKRUN` says when to.
     pub(crate) fn new(
         cfg: &EngineConfig,
         ring: IoUring,
-        owned: bool,
         lane: Lane,
         stats: Arc<EngineStats>,
         keys: super::LiveKeys,
@@ -244,7 +241,6 @@ impl Loop {
                 stats,
             },
             retransmit: cfg.retransmit,
-            owned,
             started: false,
             rearm: Vec::new(),
             cqes: Vec::with_capacity(64),
@@ -272,23 +268,21 @@ impl Loop {
         self.io.push(e)
     }
 
-    /// Takes an owned ring for the calling thread, provides the receive
+    /// Takes the ring for the calling thread, provides the receive
     /// buffers and arms the multishot receives. The thread that calls this
     /// is the one io_uring runs receive work on (task work goes to the
-    /// submitter): the engine thread for the shared lane, the vCPU thread
+    /// submitter): the engine thread for the engine's lane, the vCPU thread
     /// for a direct lane.
     pub(crate) fn start(&mut self) -> Result<(), EngineError> {
         if self.started {
             return Ok(());
         }
-        if self.owned {
-            // The kernel records this thread as the ring's single issuer.
-            self.io
-                .ring
-                .submitter()
-                .register_enable_rings()
-                .map_err(EngineError::EnableRing)?;
-        }
+        // The kernel records this thread as the ring's single issuer.
+        self.io
+            .ring
+            .submitter()
+            .register_enable_rings()
+            .map_err(EngineError::EnableRing)?;
         for s in 0..self.recv_bufs.len() {
             let base = self.recv_bufs[s].as_mut_ptr();
             let e =
@@ -303,19 +297,12 @@ impl Loop {
     }
 
     /// One `io_uring_enter` when there is something to do: submits what is
-    /// queued and, on an owned ring, runs the deferred work (datagrams the
+    /// queued and runs the deferred work (datagrams the
     /// kernel received) so that their completions can be reaped. Nothing
     /// when nothing is queued and nothing waits.
     fn enter(&mut self) -> Result<(), EngineError> {
         let ring = &mut self.io.ring;
         let to_submit = ring.submission().len() as u32;
-        if !self.owned {
-            if to_submit > 0 {
-                ring.submit().map_err(EngineError::Submit)?;
-                add(&self.io.stats.submits, 1);
-            }
-            return Ok(());
-        }
         if to_submit == 0 && !ring.submission().taskrun() {
             return Ok(());
         }
@@ -364,14 +351,10 @@ impl Loop {
         let _ = self.io.ring.submitter().submit_with_args(1, &args);
     }
 
-    /// Whether the kernel holds work for this ring: deferred completions
-    /// (owned) or completions not reaped yet (shared).
+    /// Whether the kernel holds deferred work (received datagrams) for
+    /// this ring.
     pub(crate) fn pending(&mut self) -> bool {
-        if self.owned {
-            self.io.ring.submission().taskrun()
-        } else {
-            !self.io.ring.completion().is_empty()
-        }
+        self.io.ring.submission().taskrun()
     }
 
     /// Whether entries wait in the submission queue.
@@ -484,13 +467,9 @@ impl Loop {
         let work = !cqes.is_empty();
         self.cqes = cqes;
         r?;
-        // Buffers given back and receives re-armed: a shared ring submits
-        // them now; an owned ring's go with its next entry (the next
-        // request, or a service after an arrival), saving a system call
-        // per answer.
-        if !self.owned && self.queued() {
-            self.io.ring.submit().map_err(EngineError::Submit)?;
-        }
+        // Buffers given back and receives re-armed go with the ring's next
+        // entry (the next request, or a service after an arrival), saving a
+        // system call per answer.
         Ok(work)
     }
 

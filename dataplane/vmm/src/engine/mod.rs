@@ -29,7 +29,6 @@ mod thread;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -54,6 +53,13 @@ pub enum EngineError {
     /// A lane's io_uring could not be set up.
     #[error("cannot set up an io_uring: {0}")]
     Ring(#[source] std::io::Error),
+    /// The kernel refuses an io_uring owned by one thread
+    /// (`IORING_SETUP_DEFER_TASKRUN`, Linux 6.1+).
+    #[error(
+        "this kernel refuses an io_uring owned by one thread (IORING_SETUP_DEFER_TASKRUN \
+         needs Linux 6.1 or later): {0}"
+    )]
+    NoOwnedRings(#[source] std::io::Error),
     /// An eventfd could not be registered with a lane's io_uring.
     #[error("cannot register an eventfd with an io_uring: {0}")]
     RegisterEventFd(#[source] std::io::Error),
@@ -107,20 +113,11 @@ pub struct EngineConfig {
     /// Send with IORING_OP_SEND_ZC (zero copy from the registered send
     /// buffers) instead of IORING_OP_SEND.
     pub zero_copy: bool,
-    /// Direct lanes get io_uring's SQPOLL thread (one, shared by every
-    /// lane through IORING_SETUP_ATTACH_WQ) instead of submitting
-    /// themselves.
-    pub sqpoll: Option<SqPoll>,
     /// How long a vCPU that drives its lane spins for an answer before it
     /// sleeps in `io_uring_enter` until one arrives (or a retransmission
     /// is due): a round trip takes ~17 us on the development machine, a
     /// slow device (a disk's flush) milliseconds.
     pub direct_spin: Duration,
-    /// Give each lane's io_uring to the one thread that steps it (Linux
-    /// 6.1+, see [`Driver`]); `false` makes every ring shared, as on an
-    /// older kernel (for comparison: every answer then interrupts the
-    /// waiting vCPU).
-    pub owned_rings: bool,
     /// This client's tag keys: every request and acknowledgement is
     /// sealed with the current key, and every answer and interrupt must
     /// carry a valid tag under one of them (`bad_tag` otherwise). `None`:
@@ -141,15 +138,6 @@ impl EngineConfig {
     }
 }
 
-/// io_uring's kernel submission thread, shared by the direct lanes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SqPoll {
-    /// Milliseconds it spins idle before sleeping.
-    pub idle_ms: u32,
-    /// The core it is bound to, if any.
-    pub cpu: Option<u32>,
-}
-
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
@@ -161,9 +149,7 @@ impl Default for EngineConfig {
             horizon: Duration::from_secs(10),
             loss: Loss::default(),
             zero_copy: false,
-            sqpoll: None,
             direct_spin: Duration::from_micros(200),
-            owned_rings: true,
             tag_keys: None,
         }
     }
@@ -228,50 +214,42 @@ pub struct Engine {
     stats: Arc<EngineStats>,
     doorbell: Arc<Doorbell>,
     drivers: Vec<Option<Driver>>,
-    owned: bool,
     keys: LiveKeys,
 }
 
-/// Builds lane `lane`'s cell: its io_uring, the fd a sleeping engine
-/// polls for it, its loop. Also says whether its ring is owned.
+/// Builds lane `lane`'s cell: its io_uring (owned by the one thread that
+/// steps it), the fd a sleeping engine polls for it, its loop.
 fn build_cell(
     cfg: &EngineConfig,
     lane: Lane,
     stats: &Arc<EngineStats>,
-    sq_owner: &mut Option<libc::c_int>,
     keys: &LiveKeys,
-) -> Result<(Arc<Cell>, bool), EngineError> {
+) -> Result<Arc<Cell>, EngineError> {
     let direct = lane.direct;
-    let (ring, owned) = ring_setup::build_ring(cfg, direct, sq_owner)?;
+    let ring = ring_setup::build_ring()?;
     // The engine sleeps on the eventfd of the ring it owns (every arrival
-    // there is work for it), on a shared ring's fd, and on nothing of an
-    // owned direct lane's.
-    let evfd = if owned && !direct {
+    // there is work for it), and on nothing of a direct lane's (its vCPU
+    // reaps it).
+    let evfd = if direct {
+        None
+    } else {
         let e = EventFd::new()?;
         ring.submitter()
             .register_eventfd(e.0)
             .map_err(EngineError::RegisterEventFd)?;
         Some(e)
-    } else {
-        None
     };
-    let wake_fd = match (&evfd, owned) {
-        (Some(e), _) => Some(e.0),
-        (None, false) => Some(ring.as_raw_fd()),
-        (None, true) => None,
-    };
-    let lp = Loop::new(cfg, ring, owned, lane, stats.clone(), keys.clone());
-    let cell = Cell {
+    let wake_fd = evfd.as_ref().map(|e| e.0);
+    let lp = Loop::new(cfg, ring, lane, stats.clone(), keys.clone());
+    Ok(Arc::new(Cell {
         lp: Mutex::new(lp),
         driving: AtomicBool::new(false),
         direct,
-        owned,
         wake_fd,
         evfd,
         due: AtomicU64::new(0),
         waker: OnceLock::new(),
-    };
-    Ok((Arc::new(cell), owned))
+    }))
 }
 
 impl Engine {
@@ -284,16 +262,11 @@ impl Engine {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(EngineStats::default());
         let doorbell = Arc::new(Doorbell::new()?);
-        let mut cells = Vec::new();
-        let mut sq_owner: Option<libc::c_int> = None;
-        let mut all_owned = cfg.owned_rings;
         let keys = LiveKeys::new(cfg.tag_keys);
-        for lane in lanes {
-            let sqpoll = lane.direct && cfg.sqpoll.is_some();
-            let (cell, owned) = build_cell(&cfg, lane, &stats, &mut sq_owner, &keys)?;
-            all_owned &= owned || sqpoll;
-            cells.push(cell);
-        }
+        let cells = lanes
+            .into_iter()
+            .map(|lane| build_cell(&cfg, lane, &stats, &keys))
+            .collect::<Result<Vec<_>, _>>()?;
         let drivers = cells
             .iter()
             .map(|c| {
@@ -326,7 +299,6 @@ impl Engine {
             stats,
             doorbell,
             drivers,
-            owned: all_owned,
             keys,
         })
     }
@@ -340,13 +312,6 @@ impl Engine {
     /// The driver of lane `i`, if it is a direct lane.
     pub fn driver(&self, i: usize) -> Option<Driver> {
         self.drivers.get(i).cloned().flatten()
-    }
-
-    /// Whether every lane that can be owned by one thread is (the kernel
-    /// has `IORING_SETUP_DEFER_TASKRUN`; SQPOLL lanes never are, nor lanes
-    /// of an engine configured without [`EngineConfig::owned_rings`]).
-    pub fn owned_rings(&self) -> bool {
-        self.owned
     }
 
     /// The engine's counters.

@@ -1,11 +1,9 @@
 //! A lane's io_uring and the memory it sends from and receives into.
 
-use std::os::fd::AsRawFd;
-
 use devplane_wire::MAX_DATAGRAM;
 use io_uring::IoUring;
 
-use super::{EngineConfig, EngineError};
+use super::EngineError;
 
 /// Submission queue entries per lane.
 const RING_ENTRIES: u32 = 256;
@@ -19,47 +17,22 @@ pub(crate) const SEND_BUFS: usize = 256;
 pub(crate) const SEND_SLOT: usize = 1536;
 const _: () = assert!(SEND_SLOT >= MAX_DATAGRAM);
 
-/// Builds a lane's io_uring: owned by one thread where the kernel allows
-/// it, else shared; SQPOLL direct lanes share one kernel thread. Returns
-/// the ring and whether it is owned.
-pub(crate) fn build_ring(
-    cfg: &EngineConfig,
-    direct: bool,
-    sq_owner: &mut Option<libc::c_int>,
-) -> Result<(IoUring, bool), EngineError> {
-    if let (true, Some(sq)) = (direct, cfg.sqpoll) {
-        let mut b = IoUring::builder();
-        b.setup_sqpoll(sq.idle_ms);
-        if let Some(cpu) = sq.cpu {
-            b.setup_sqpoll_cpu(cpu);
-        }
-        if let Some(fd) = *sq_owner {
-            b.setup_attach_wq(fd);
-        }
-        let r = b.build(RING_ENTRIES).map_err(EngineError::Ring)?;
-        sq_owner.get_or_insert(r.as_raw_fd());
-        return Ok((r, false));
-    }
-    if !cfg.owned_rings {
-        return Ok((shared_ring()?, false));
-    }
+/// Builds a lane's io_uring, owned by the one thread that steps it
+/// (`IORING_SETUP_SINGLE_ISSUER | DEFER_TASKRUN | TASKRUN_FLAG`, Linux
+/// 6.1+), created disabled: the kernel records its single issuer when that
+/// thread enables it ([`super::lane::Loop::start`]). A kernel without
+/// `DEFER_TASKRUN` is refused ([`EngineError::NoOwnedRings`]).
+pub(crate) fn build_ring() -> Result<IoUring, EngineError> {
     let mut b = IoUring::builder();
-    // Disabled until its owner thread enables it: the kernel records the
-    // single issuer then.
     b.setup_single_issuer()
         .setup_defer_taskrun()
         .setup_taskrun_flag()
         .setup_r_disabled();
     match b.build(RING_ENTRIES) {
-        Ok(r) => Ok((r, true)),
-        // Before Linux 6.1: a shared ring, whose task work interrupts.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok((shared_ring()?, false)),
+        Ok(r) => Ok(r),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Err(EngineError::NoOwnedRings(e)),
         Err(e) => Err(EngineError::Ring(e)),
     }
-}
-
-fn shared_ring() -> Result<IoUring, EngineError> {
-    IoUring::new(RING_ENTRIES).map_err(EngineError::Ring)
 }
 
 /// The lane's send buffers, `SEND_BUFS` of `SEND_SLOT` bytes, registered

@@ -1,9 +1,8 @@
-//! The engine thread. It steps the lanes it runs (the shared lane, and
-//! shared direct lanes while their vCPU is in its guest), spins
-//! `spin_budget` empty rounds, then sleeps in `ppoll` on the doorbell and
-//! the lanes' wake fds until something arrives or a retransmission is due.
-//! Owned direct lanes it never steps: it kicks their vCPU when their
-//! retransmission is due while the vCPU is in its guest.
+//! The engine thread. It steps the lane it runs (the one every vCPU of
+//! engine mode shares), spins `spin_budget` empty rounds, then sleeps in
+//! `ppoll` on the doorbell and the lanes' wake fds until something arrives
+//! or a retransmission is due. Direct lanes it never steps: it kicks their
+//! vCPU when their retransmission is due while the vCPU is in its guest.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,10 +40,10 @@ fn pollfd(fd: libc::c_int) -> libc::pollfd {
     }
 }
 
-/// Whether the engine thread keeps off this lane: an owned direct lane
-/// (its vCPU steps it), or a direct lane its vCPU drives right now.
+/// Whether the engine thread keeps off this lane: a direct lane (its
+/// vCPU steps it).
 fn hands_off(c: &Cell) -> bool {
-    c.direct && (c.owned || c.driving.load(Ordering::SeqCst))
+    c.direct
 }
 
 impl EngineThread {
@@ -80,7 +79,7 @@ impl EngineThread {
     fn step_lanes(&self) -> bool {
         let mut work = false;
         for c in &self.cells {
-            if c.direct && (c.owned || c.driving.load(Ordering::Acquire)) {
+            if hands_off(c) {
                 continue;
             }
             if let Ok(mut l) = c.lp.try_lock() {
@@ -94,8 +93,8 @@ impl EngineThread {
     }
 
     /// Whether a lane this thread steps has work after all: a vCPU that
-    /// published before seeing the sleeping flag did not ring; a shared
-    /// lane may have completions or deferred work waiting.
+    /// published before seeing the sleeping flag did not ring; the lane
+    /// may have deferred work waiting.
     fn pending(&self) -> bool {
         self.cells.iter().any(|c| {
             !hands_off(c)
@@ -107,22 +106,20 @@ impl EngineThread {
     }
 
     /// When the thread must wake by itself ([`now_ns`]), `u64::MAX` for
-    /// never: the earliest retransmission of an owned direct lane not
-    /// kicked for yet, or soon for a lane with something in flight that
-    /// this thread retransmits.
+    /// never: the earliest retransmission of a direct lane not kicked for
+    /// yet, or soon for a lane with something in flight that this thread
+    /// retransmits.
     fn wake_at(&self, now: u64, kicked_for: &[u64]) -> u64 {
         let mut wake = u64::MAX;
         for (i, c) in self.cells.iter().enumerate() {
-            if c.direct && c.owned {
+            if c.direct {
                 // A driving vCPU retransmits by itself; it publishes its
                 // next due time when it stops.
                 let due = c.due.load(Ordering::SeqCst);
                 if due != 0 && due != kicked_for[i] && !c.driving.load(Ordering::SeqCst) {
                     wake = wake.min(due);
                 }
-            } else if !(c.direct && c.driving.load(Ordering::SeqCst))
-                && c.lp.try_lock().map(|l| l.busy()).unwrap_or(true)
-            {
+            } else if c.lp.try_lock().map(|l| l.busy()).unwrap_or(true) {
                 let t = self.cfg.idle_sleep.min(self.cfg.retransmit);
                 wake = wake.min(now + t.as_nanos() as u64);
             }
@@ -179,12 +176,12 @@ impl EngineThread {
         }
     }
 
-    /// Owned direct lanes whose retransmission is due: their vCPU services
+    /// Direct lanes whose retransmission is due: their vCPU services
     /// them (kicked once per due time).
     fn kick_due(&self, kicked_for: &mut [u64]) {
         let now = now_ns();
         for (i, c) in self.cells.iter().enumerate() {
-            if !(c.direct && c.owned) {
+            if !c.direct {
                 continue;
             }
             let due = c.due.load(Ordering::SeqCst);

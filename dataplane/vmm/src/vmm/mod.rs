@@ -174,8 +174,7 @@ pub struct ClientSpec {
     /// Direct mode: every vCPU has its own io_uring and sockets and drives
     /// them itself while it waits; the engine thread only looks after a
     /// vCPU's lane while the vCPU runs its guest. Otherwise one engine
-    /// thread serves every vCPU. With `engine.sqpoll` set, direct lanes
-    /// submit through io_uring's shared SQPOLL thread.
+    /// thread serves every vCPU.
     pub direct: bool,
 }
 

@@ -1,0 +1,501 @@
+//! The `load` scenario: the XDP server's round trip against offered load,
+//! open loop in the manner of wrk2, on the embedded topology.
+//!
+//! Each request is a full datagram (`MAX_RECORDS` non-posted port writes
+//! to a null model, as `server`'s `xdp-rate` sends), so that one sending
+//! thread can offer more than one worker serves. In order:
+//!
+//! - `saturation`: one worker's rate (records/s), 8 datagrams in flight;
+//! - `unloaded`: the same datagram's closed-loop round trip, one in flight;
+//! - `offered-N%`: requests sent on a fixed schedule at N% of
+//!   `saturation` (records/s, from 10% to 200%), whatever the answers do,
+//!   each timed from its *intended* send time (coordinated omission
+//!   corrected: a stall of the sender or the server is charged to every
+//!   request meant to leave during it). A request not answered within
+//!   [`GRACE`] after the last send is lost (past saturation the worker's
+//!   ring overflows);
+//! - `knee`: the highest offered rate whose p99, counting lost requests
+//!   as slower than any answer, stays within [`KNEE_FACTOR`] x the
+//!   unloaded p99.
+//!
+//! With `--rate N` one point at N records/s is run instead of the sweep.
+//! The client thread busy-polls on core 0, the worker on core 1.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use devplane_control::config::Mode;
+use devplane_testkit::host::ServerThread;
+use devplane_testkit::topology::Topology;
+use devplane_wire::{Access, AccessSize, Datagram, MAX_RECORDS, Record, Status};
+
+use crate::hist::Latency;
+use crate::report::{Floor, Row, progress};
+use crate::server::{client_socket, config, encode_for, on_client, rate_of_vm, request_for};
+use crate::udp::{Schedule, round_trips};
+
+pub const SCENARIO: &str = "load";
+
+/// Offered loads of the sweep, in percent of the measured saturation.
+pub const SWEEP: [u32; 14] = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120, 150, 200];
+/// The knee: the highest load whose p99 is within this factor of the
+/// unloaded p99.
+pub const KNEE_FACTOR: f64 = 2.0;
+/// Seconds each offered load runs unless `--duration` says otherwise.
+pub const POINT_SECS: f64 = 0.5;
+/// How long after the last send an unanswered request counts as lost.
+pub const GRACE: Duration = Duration::from_millis(200);
+
+/// The VM of the sweep and of the unloaded round trip.
+const VM_SWEEP: u32 = 1;
+/// The VM of the saturation measurement (a sequence of its own).
+const VM_SATURATION: u32 = 2;
+
+/// One point of the sweep: what was offered and what came back.
+pub struct Point {
+    /// Answered requests, timed from their intended send times.
+    pub lat: Latency,
+    /// Requests scheduled (and sent).
+    pub sent: u64,
+    /// Requests answered.
+    pub answered: u64,
+    /// From the first intended send to the last answer (or the end of
+    /// the grace time).
+    pub elapsed: Duration,
+}
+
+impl Point {
+    /// Requests never answered.
+    pub fn lost(&self) -> u64 {
+        self.sent - self.answered
+    }
+
+    /// The p99 over every request sent, a lost one counting as slower than
+    /// any answer: `None` when more than 1% were lost.
+    pub fn p99_with_losses(&self) -> Option<u64> {
+        quantile_with_losses(&self.lat, self.sent, 0.99)
+    }
+}
+
+/// The `q` quantile of `sent` requests of which `lat` holds the answered
+/// ones, a lost request counting as slower than any answer; `None` when
+/// the quantile falls among the lost.
+pub fn quantile_with_losses(lat: &Latency, sent: u64, q: f64) -> Option<u64> {
+    let answered = lat.len();
+    if answered == 0 || sent == 0 {
+        return None;
+    }
+    let q_answered = q * sent as f64 / answered as f64;
+    (q_answered <= 1.0).then(|| lat.quantile(q_answered))
+}
+
+/// The knee of a sweep: the highest offered rate (of `points`, in the
+/// order offered) whose p99 with losses is within `factor` x `unloaded_p99`.
+/// `None` when even the lowest load is beyond it.
+pub fn knee(points: &[(f64, &Point)], unloaded_p99: u64, factor: f64) -> Option<f64> {
+    let limit = unloaded_p99 as f64 * factor;
+    points
+        .iter()
+        .filter(|(_, p)| p.p99_with_losses().is_some_and(|v| v as f64 <= limit))
+        .map(|(r, _)| *r)
+        .fold(None, |a: Option<f64>, r| Some(a.map_or(r, |a| a.max(r))))
+}
+
+/// The request datagram `i` of a sequence starting at `first_seq`:
+/// `MAX_RECORDS` port writes of VM `vm`, numbered on from `first_seq`.
+fn full_request(vm: u32, first_seq: u64, i: u64, buf: &mut [u8]) -> usize {
+    let recs: Vec<Record> = (0..MAX_RECORDS as u64)
+        .map(|j| {
+            request_for(
+                vm,
+                first_seq + i * MAX_RECORDS as u64 + j,
+                Access::PioOut {
+                    port: 0x80,
+                    size: AccessSize::B1,
+                    data: 1,
+                },
+            )
+        })
+        .collect();
+    encode_for(buf, 1, &recs)
+}
+
+/// Which request (index from `first_seq`) a full answer answers; fails on
+/// anything but `MAX_RECORDS` Ok answers.
+fn answer_index(first_seq: u64, bytes: &[u8]) -> Result<u64> {
+    let d = Datagram::parse(bytes).map_err(|e| anyhow!("bad answer: {e}"))?;
+    let mut first = None;
+    let mut n = 0usize;
+    for r in d.records() {
+        match r {
+            Record::Response(r) if r.status == Status::Ok => {
+                first.get_or_insert(r.id.seq);
+                n += 1;
+            }
+            other => bail!("unexpected answer record: {other:?}"),
+        }
+    }
+    match first {
+        Some(s) if n == MAX_RECORDS && s >= first_seq => Ok((s - first_seq) / MAX_RECORDS as u64),
+        _ => bail!("an answer of {n} records (want {MAX_RECORDS}) or from before this run"),
+    }
+}
+
+/// Sends `n` requests `make(i)` at `rate` per second on a fixed schedule
+/// and times each answer from its intended send time (`index_of` says
+/// which request an answer is for). Requests due together (after a stall
+/// of the sender) leave together. Unanswered [`GRACE`] after the last one
+/// was due, a request is lost.
+pub fn open_loop_lossy(
+    sock: &std::net::UdpSocket,
+    to: SocketAddr,
+    n: u64,
+    rate: u64,
+    mut make: impl FnMut(u64, &mut [u8]) -> usize,
+    mut index_of: impl FnMut(&[u8]) -> Result<u64>,
+) -> Result<Point> {
+    sock.set_nonblocking(true)?;
+    sock.connect(to)?;
+    let mut answered = vec![false; n as usize];
+    let mut out = vec![0u8; devplane_wire::MAX_DATAGRAM];
+    let mut inb = [0u8; 2048];
+    let mut lat = Latency::new();
+    let sched = Schedule::new(Instant::now() + Duration::from_millis(1), rate);
+    let last_due = sched.intended(n.saturating_sub(1));
+    // Twice the schedule, and a few seconds: a sender that cannot keep up
+    // still ends.
+    let deadline = last_due + (last_due - sched.intended(0)) + Duration::from_secs(5);
+    let (mut sent, mut received) = (0u64, 0u64);
+    let mut last_answer = sched.intended(0);
+    loop {
+        let now = Instant::now();
+        while sent < n && now >= sched.intended(sent) {
+            let len = make(sent, &mut out);
+            match sock.send(&out[..len]) {
+                Ok(_) => sent += 1,
+                // A full socket buffer: the send is late, which the
+                // intended-time latency charges.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e).context("send"),
+            }
+        }
+        match sock.recv(&mut inb) {
+            Ok(m) => {
+                let done = Instant::now();
+                let i = index_of(&inb[..m])?;
+                if i >= sent || std::mem::replace(&mut answered[i as usize], true) {
+                    bail!("unexpected or repeated answer to request {i}");
+                }
+                received += 1;
+                last_answer = done;
+                lat.record(sched.latency_ns(i, done));
+                if received == n {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if sent == n && now.saturating_duration_since(last_due.max(last_answer)) > GRACE {
+                    break;
+                }
+                if now > deadline {
+                    bail!("the open loop at {rate}/s did not end ({sent} of {n} sent)");
+                }
+                std::hint::spin_loop();
+            }
+            Err(e) => return Err(e).context("recv"),
+        }
+    }
+    Ok(Point {
+        lat,
+        sent,
+        answered: received,
+        elapsed: last_answer.max(last_due) - sched.intended(0),
+    })
+}
+
+/// Runs the scenario once: the worker's saturation for `rate_for`, the
+/// unloaded round trip (`iters` samples), then the sweep (or the one
+/// point `--rate` names, records/s), each point `secs` long.
+pub fn run(
+    iters: u32,
+    rate: Option<u64>,
+    secs: f64,
+    rate_for: Duration,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Row>> {
+    let topo = Topology::new("bload").context("building the netns topology (needs root)")?;
+    let to = SocketAddr::from((topo.server_ip(), crate::server::PORT));
+    let mut cfg = config(&topo, Mode::Xdp);
+    let mut vm2 = cfg.vms[0].clone();
+    vm2.id = VM_SATURATION;
+    cfg.vms.push(vm2);
+    let srv =
+        ServerThread::spawn(cfg, Some(topo.server_netns())).context("starting the XDP server")?;
+    let res = sweep(&topo, to, iters, rate, secs, rate_for, notes);
+    srv.stop();
+    res
+}
+
+fn sweep(
+    topo: &Topology,
+    to: SocketAddr,
+    iters: u32,
+    rate: Option<u64>,
+    secs: f64,
+    rate_for: Duration,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Row>> {
+    let k = MAX_RECORDS as u64;
+    progress(format_args!("load: saturation, {rate_for:?}"));
+    let saturation = rate_of_vm(topo, to, 8, rate_for, VM_SATURATION)?;
+    let iters = iters.clamp(100, 20_000);
+    let warmup = iters / 10;
+    progress(format_args!("load: unloaded, {iters} round trips"));
+    let unloaded = {
+        let sock = client_socket(topo)?;
+        on_client(topo, move || {
+            round_trips(
+                &sock,
+                to,
+                warmup,
+                iters,
+                |i, b| full_request(VM_SWEEP, 1, i, b),
+                |i, b| match answer_index(1, b)? {
+                    j if j == i => Ok(()),
+                    j => bail!("answer to {j} while waiting for {i}"),
+                },
+            )
+        })?
+    };
+    let mut next_seq = 1 + u64::from(warmup + iters) * k;
+    let unloaded_p99 = unloaded.summary().p99;
+    let floor = Floor::of(format!("{SCENARIO}/unloaded"), &unloaded);
+    let mut rows = vec![
+        Row::rate(SCENARIO, "saturation", saturation).with_knobs([
+            ("records_per_datagram", k.to_string()),
+            ("in_flight", "8".to_string()),
+        ]),
+        Row::floor(SCENARIO, "unloaded", unloaded)
+            .with_knobs([("records_per_datagram", k), ("round_trips", iters.into())]),
+    ];
+    let points: Vec<(String, u64, Option<u32>)> = match rate {
+        Some(r) => vec![(format!("offered-{r}"), r, None)],
+        None => SWEEP
+            .iter()
+            .map(|&pct| {
+                (
+                    format!("offered-{pct}%"),
+                    (saturation * pct as f64 / 100.0) as u64,
+                    Some(pct),
+                )
+            })
+            .collect(),
+    };
+    let mut measured = Vec::new();
+    for (name, records_per_s, pct) in points {
+        let dg_rate = (records_per_s / k).max(1);
+        let n = ((dg_rate as f64 * secs).round() as u64).clamp(10, 2_000_000);
+        progress(format_args!(
+            "load: {name}, {n} datagrams at {dg_rate}/s ({records_per_s} records/s)"
+        ));
+        let first = next_seq;
+        let sock = client_socket(topo)?;
+        let p = on_client(topo, move || {
+            open_loop_lossy(
+                &sock,
+                to,
+                n,
+                dg_rate,
+                |i, b| full_request(VM_SWEEP, first, i, b),
+                |b| answer_index(first, b),
+            )
+        })?;
+        next_seq += n * k;
+        let offered = (dg_rate * k) as f64;
+        let achieved = p.answered as f64 * k as f64 / p.elapsed.as_secs_f64().max(1e-9);
+        measured.push((offered, name.clone(), pct, p, achieved));
+    }
+    let pts: Vec<(f64, &Point)> = measured.iter().map(|m| (m.0, &m.3)).collect();
+    let knee_rate = knee(&pts, unloaded_p99, KNEE_FACTOR);
+    for (offered, name, pct, p, achieved) in measured {
+        let lost = p.lost();
+        let mut row = Row::latency(SCENARIO, name, p.lat, floor.clone())
+            .with_rate(achieved)
+            .with_knobs([
+                ("offered_records_per_s", format!("{offered:.0}")),
+                ("datagrams_sent", p.sent.to_string()),
+                ("lost", lost.to_string()),
+                ("records_per_datagram", k.to_string()),
+            ]);
+        if let Some(pct) = pct {
+            row = row.with_knobs([("offered_percent_of_saturation", pct)]);
+        }
+        if lost > 0 {
+            notes.push(format!(
+                "load: {}: {lost} of {} requests lost (not answered within {GRACE:?} of the last \
+                 send)",
+                row.name, p.sent
+            ));
+        }
+        rows.push(row);
+    }
+    let knee_row = Row::rate(SCENARIO, "knee", knee_rate.unwrap_or(0.0)).with_knobs([
+        ("factor", KNEE_FACTOR.to_string()),
+        ("unloaded_p99_ns", unloaded_p99.to_string()),
+        (
+            "percent_of_saturation",
+            knee_rate.map_or("-".to_string(), |r| {
+                format!("{:.0}", 100.0 * r / saturation)
+            }),
+        ),
+    ]);
+    notes.push(match knee_rate {
+        Some(r) => format!(
+            "load: knee at {r:.0} records/s ({:.0}% of one worker's saturation, {saturation:.0} \
+             records/s): the highest offered load whose p99 (lost requests counted as slowest) \
+             stays within {KNEE_FACTOR}x the unloaded p99 ({:.1} us)",
+            100.0 * r / saturation,
+            unloaded_p99 as f64 / 1000.0
+        ),
+        None => format!(
+            "load: no knee: even the lowest offered load had p99 above {KNEE_FACTOR}x the \
+             unloaded p99 ({:.1} us)",
+            unloaded_p99 as f64 / 1000.0
+        ),
+    });
+    rows.push(knee_row);
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(answered_ns: &[u64], sent: u64) -> Point {
+        let mut lat = Latency::new();
+        for &v in answered_ns {
+            lat.record(v);
+        }
+        Point {
+            answered: lat.len(),
+            lat,
+            sent,
+            elapsed: Duration::from_secs(1),
+        }
+    }
+
+    /// Lost requests count as slower than any answer: 2% lost puts the
+    /// p99 among them; 0.5% lost moves it up the answered ones.
+    #[test]
+    fn losses_count_as_the_slowest() {
+        let fast: Vec<u64> = (0..980)
+            .map(|_| 10_000)
+            .chain((0..20).map(|_| 50_000))
+            .collect();
+        let p = point(&fast, 1000);
+        assert_eq!(p.lost(), 0);
+        assert_eq!(p.p99_with_losses().map(|v| v / 1000), Some(50));
+        let p = point(&fast[..980], 1000);
+        assert_eq!(p.lost(), 20);
+        assert_eq!(p.p99_with_losses(), None);
+        let p = point(&fast[..995], 1000);
+        // 99% of 1000 is the 990th: among the 15 slow answers.
+        assert_eq!(p.p99_with_losses().map(|v| v / 1000), Some(50));
+        assert_eq!(quantile_with_losses(&Latency::new(), 10, 0.5), None);
+    }
+
+    /// The knee is the highest load within the factor, even when a lower
+    /// load was above it (noise); none when every load is above it.
+    #[test]
+    fn the_knee_is_the_highest_load_within_the_factor() {
+        let ok = point(&[10_000; 100], 100);
+        let slow = point(&[30_000; 100], 100);
+        let lossy = point(&[10_000; 90], 100);
+        let pts = [
+            (100.0, &ok),
+            (200.0, &slow),
+            (300.0, &ok),
+            (400.0, &lossy),
+            (500.0, &slow),
+        ];
+        assert_eq!(knee(&pts, 10_000, 2.0), Some(300.0));
+        assert_eq!(knee(&pts[1..2], 10_000, 2.0), None);
+        assert_eq!(knee(&pts, 20_000, 2.0), Some(500.0));
+    }
+
+    /// Full requests and their answers' index round trip, and an answer
+    /// of the wrong size is refused.
+    #[test]
+    fn answers_name_their_request() {
+        let mut buf = vec![0u8; devplane_wire::MAX_DATAGRAM];
+        let n = full_request(1, 1000, 3, &mut buf);
+        let d = Datagram::parse(&buf[..n]).unwrap();
+        let recs: Vec<Record> = d
+            .records()
+            .map(|r| match r {
+                Record::Request(q) => Record::Response(devplane_wire::Response {
+                    id: q.id,
+                    status: Status::Ok,
+                    size: AccessSize::B1,
+                    addr: 0x80,
+                    data: 0,
+                }),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(recs.len(), MAX_RECORDS);
+        let mut out = vec![0u8; devplane_wire::MAX_DATAGRAM];
+        let hdr = devplane_wire::Header::new(devplane_wire::Kind::Response, 1, 1, 7);
+        let m = devplane_wire::datagram::encode(&mut out, hdr, &recs).unwrap();
+        assert_eq!(answer_index(1000, &out[..m]).unwrap(), 3);
+        assert!(answer_index(1000 + 10_000, &out[..m]).is_err());
+        let m = devplane_wire::datagram::encode(&mut out, hdr, &recs[..1]).unwrap();
+        assert!(answer_index(1000, &out[..m]).is_err());
+    }
+
+    /// The lossy open loop against a loopback echo that drops every
+    /// tenth request: the rest are answered and timed, the dropped ones
+    /// counted lost after the grace time.
+    #[test]
+    fn the_open_loop_counts_what_never_comes_back() {
+        use std::net::UdpSocket;
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = echo.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let t = std::thread::spawn(move || {
+            echo.set_read_timeout(Some(Duration::from_millis(10)))
+                .unwrap();
+            let mut b = [0u8; 64];
+            while !s2.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = echo.recv_from(&mut b) {
+                    let i = u64::from_le_bytes(b[..8].try_into().unwrap());
+                    if i % 10 != 9 {
+                        let _ = echo.send_to(&b[..n], from);
+                    }
+                }
+            }
+        });
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let p = open_loop_lossy(
+            &sock,
+            to,
+            200,
+            20_000,
+            |i, b| {
+                b[..8].copy_from_slice(&i.to_le_bytes());
+                8
+            },
+            |b| Ok(u64::from_le_bytes(b[..8].try_into()?)),
+        );
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap();
+        let p = p.unwrap();
+        assert_eq!((p.sent, p.answered, p.lost()), (200, 180, 20));
+        assert_eq!(p.lat.len(), 180);
+        assert_eq!(p.p99_with_losses(), None);
+    }
+}
