@@ -45,17 +45,15 @@ pub fn run<T: Transport>(mut io: T, mut w: Worker) {
             },
         );
         // Counted before anything is answered: a reader that has an
-        // answer sees its request counted (frames and records alike).
+        // answer sees its request counted.
         WorkerStats::add(&w.stats.rx, got);
-        if got > 0 {
-            w.stats.publish(&w.disp.stats());
-            w.stats.peer_limit.store(peers.refused(), Ordering::Relaxed);
-        }
         flush_irqs(&mut io, &mut w, &peers);
         publish_router(&w.router, &w.stats, &mut last_held);
         io.transmit(&w.stats);
         io.reclaim();
         if got > 0 {
+            w.stats.publish(&w.disp.stats());
+            w.stats.peer_limit.store(peers.refused(), Ordering::Relaxed);
             backoff.busy();
         } else if let Some(t) = backoff.idle()
             && io.may_sleep(w.router.held())
