@@ -229,6 +229,11 @@ impl SocketTransport {
                 } else {
                     work.peers.learn_first(client, vm, irq_to);
                 }
+                // The dispatch counters are published before the answer
+                // leaves (see `worker::run`): a client holding its answer
+                // finds its request counted (`rx` follows at the end of
+                // the batch).
+                work.stats.publish(&work.disp.stats());
                 match self.sock.send_to(payload, from) {
                     Ok(_) => WorkerStats::add(&work.stats.tx, 1),
                     Err(_) => WorkerStats::add(&work.stats.tx_full, 1),

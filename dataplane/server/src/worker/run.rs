@@ -45,14 +45,22 @@ pub fn run<T: Transport>(mut io: T, mut w: Worker) {
             },
         );
         // Counted before anything is answered: a reader that has an
-        // answer sees its request counted.
+        // answer sees its request counted (received, and applied or taken
+        // as a duplicate). Publishing the dispatch counters only after
+        // `transmit` let a client get its answer, and a test that then read
+        // the counters (to check that nothing more arrives while a VM is
+        // suspended) see the batch's records arrive later. The socket
+        // transport answers inside `receive` and publishes the dispatch
+        // counters before each send itself.
         WorkerStats::add(&w.stats.rx, got);
+        if got > 0 {
+            w.stats.publish(&w.disp.stats());
+        }
         flush_irqs(&mut io, &mut w, &peers);
         publish_router(&w.router, &w.stats, &mut last_held);
         io.transmit(&w.stats);
         io.reclaim();
         if got > 0 {
-            w.stats.publish(&w.disp.stats());
             w.stats.peer_limit.store(peers.refused(), Ordering::Relaxed);
             backoff.busy();
         } else if let Some(t) = backoff.idle()

@@ -81,8 +81,10 @@ impl ServiceHist {
     }
 }
 
-/// A worker's counters. The worker publishes them after every batch with
-/// relaxed stores; readers see a recent, per-field consistent value.
+/// A worker's counters. The worker publishes them for every batch with
+/// relaxed stores, before the batch's answers leave (so whoever holds an
+/// answer finds its request counted); readers see a recent, per-field
+/// consistent value.
 #[derive(Debug, Default)]
 pub struct WorkerStats {
     /// Time requests spent in the worker.
