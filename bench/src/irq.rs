@@ -100,9 +100,9 @@ pub fn run(rig: &mut Rig, irqs: u16, notes: &mut Vec<String>) -> Result<Vec<Row>
         match (res, before, rig.server_tx_full()) {
             (Ok(out), ..) => break out,
             // The embedded server dropped a frame on a full TX ring during
-            // the run: the interrupt datagram it was sending is lost for
-            // good (nothing resends interrupts) and the guest waits for it
-            // forever. Say so, and run again once, under a new slot.
+            // the run: an interrupt datagram may have waited for its resend
+            // long enough to end the run. Say so, and run again once, under
+            // a new slot.
             (Err(e), Some(b), Some(a)) if a > b && !retried => {
                 retried = true;
                 notes.push(report::warning(format_args!(

@@ -101,6 +101,7 @@ worker = 0
             "{map} not pinned"
         );
     }
+    idle_and_slow_peers_do_not_block(&sock);
     dpctl_against(&sock);
     let pid = guard.0.as_ref().unwrap().id() as i32;
     // nsenter execs the server, so the pid is the server's.
@@ -163,6 +164,49 @@ fn dpctl(sock: &std::path::Path, args: &[&str]) -> std::process::Output {
 }
 
 /// dpctl's daemon commands against the running server.
+/// Issue 14 item 5 on the real binary: 500 idle connections and one
+/// peer sending a byte every second do not delay `dpctl stats` (before,
+/// the socket served one connection at a time with a 5 s read timeout).
+fn idle_and_slow_peers_do_not_block(sock: &std::path::Path) {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let idle: Vec<UnixStream> = (0..500)
+        .filter_map(|_| UnixStream::connect(sock).ok())
+        .collect();
+    assert!(idle.len() >= 64, "only {} connections", idle.len());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let slow = {
+        let (sock, stop) = (sock.to_path_buf(), stop.clone());
+        std::thread::spawn(move || {
+            let mut s = UnixStream::connect(&sock).unwrap();
+            for b in b"{\"Stats\":null}" {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) || s.write_all(&[*b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..3 {
+        let t = Instant::now();
+        let out = dpctl(sock, &["stats"]);
+        assert!(
+            out.status.success(),
+            "dpctl stats beside idle and slow peers: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "dpctl stats took {:?} beside idle and slow peers",
+            t.elapsed()
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(idle);
+    let _ = slow.join();
+}
+
 fn dpctl_against(sock: &std::path::Path) {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(sock).unwrap().permissions().mode() & 0o777;

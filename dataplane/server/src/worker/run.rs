@@ -30,7 +30,7 @@ pub struct Worker {
 pub fn run<T: Transport>(mut io: T, mut w: Worker) {
     let mut backoff = Backoff::new(w.cfg.spin_budget, w.cfg.idle_sleep);
     let mut peers: Peers<T::Peer> = Peers::default();
-    let mut last_held = 0u64;
+    let mut last_held = (0u64, 0u64);
     while w
         .ctl
         .poll(&mut w.disp, &mut w.router, &mut w.cfg, &mut backoff)
@@ -91,11 +91,14 @@ fn flush_irqs<T: Transport>(io: &mut T, w: &mut Worker, peers: &Peers<T::Peer>) 
 }
 
 /// Publishes the router's counters when they change (an acknowledgement
-/// may have emptied the router since the last flush).
-fn publish_router(router: &IrqRouter, stats: &WorkerStats, last_held: &mut u64) {
-    let held = router.held() as u64;
-    if held != *last_held {
-        *last_held = held;
+/// may have emptied the router since the last flush; a datagram resent
+/// while nothing else changes must show too: a run that waits for an
+/// interrupt reports the resends).
+fn publish_router(router: &IrqRouter, stats: &WorkerStats, last: &mut (u64, u64)) {
+    let now = (router.held() as u64, router.resent());
+    if now != *last {
+        *last = now;
+        let held = now.0;
         stats.irqs_held.store(held, Ordering::Relaxed);
         stats.irqs_resent.store(router.resent(), Ordering::Relaxed);
         stats

@@ -132,7 +132,7 @@ pub struct WorkerStats {
     /// Interrupt datagrams sent again for want of an acknowledgement.
     pub irqs_resent: AtomicU64,
     /// Interrupts dropped: for a VM with no client, held too long, or
-    /// given up unacknowledged after about 100 ms of resends.
+    /// given up unacknowledged after [`crate::irq::IRQ_GIVE_UP`] of resends.
     pub irqs_dropped: AtomicU64,
     /// Of those, interrupts dropped because their client had its share of
     /// the hold full (the oldest of that client's went).

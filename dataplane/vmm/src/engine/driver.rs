@@ -103,6 +103,9 @@ pub(crate) struct Cell {
     /// eventfd (the engine's own lane: deferred work arrived), or nothing
     /// (a direct lane: its vCPU reaps it).
     pub(crate) wake_fd: Option<libc::c_int>,
+    /// The engine-owned lane's sockets (owned by `lp`), which a sleeping
+    /// engine polls too: see [`super::thread`].
+    pub(crate) sock_fds: Vec<libc::c_int>,
     /// The engine-owned lane's registered eventfd (declared after `lp`: it
     /// is closed after the ring).
     pub(crate) evfd: Option<EventFd>,

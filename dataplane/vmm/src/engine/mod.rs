@@ -227,9 +227,9 @@ fn build_cell(
 ) -> Result<Arc<Cell>, EngineError> {
     let direct = lane.direct;
     let ring = ring_setup::build_ring()?;
-    // The engine sleeps on the eventfd of the ring it owns (every arrival
-    // there is work for it), and on nothing of a direct lane's (its vCPU
-    // reaps it).
+    // The engine sleeps on the eventfd of the ring it owns and on that
+    // lane's sockets (every arrival there is work for it), and on nothing
+    // of a direct lane's (its vCPU reaps it).
     let evfd = if direct {
         None
     } else {
@@ -240,12 +240,25 @@ fn build_cell(
         Some(e)
     };
     let wake_fd = evfd.as_ref().map(|e| e.0);
+    // The sockets as well as the eventfd: on Linux 6.18 the eventfd of a
+    // DEFER_TASKRUN ring was signalled about 16 ms (tick-aligned) after a
+    // datagram arrived, so an interrupt waited that long to be injected
+    // (issue 14 item 1); a socket's readiness wakes `ppoll` at once.
+    let sock_fds = if direct {
+        Vec::new()
+    } else {
+        lane.sockets
+            .iter()
+            .map(std::os::fd::AsRawFd::as_raw_fd)
+            .collect()
+    };
     let lp = Loop::new(cfg, ring, lane, stats.clone(), keys.clone());
     Ok(Arc::new(Cell {
         lp: Mutex::new(lp),
         driving: AtomicBool::new(false),
         direct,
         wake_fd,
+        sock_fds,
         evfd,
         due: AtomicU64::new(0),
         waker: OnceLock::new(),

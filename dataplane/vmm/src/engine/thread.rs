@@ -1,8 +1,14 @@
 //! The engine thread. It steps the lane it runs (the one every vCPU of
 //! engine mode shares), spins `spin_budget` empty rounds, then sleeps in
-//! `ppoll` on the doorbell and the lanes' wake fds until something arrives
-//! or a retransmission is due. Direct lanes it never steps: it kicks their
-//! vCPU when their retransmission is due while the vCPU is in its guest.
+//! `ppoll` on the doorbell, the lanes' wake fds and the sockets of the
+//! lanes it steps until something arrives or a retransmission is due. The
+//! sockets are polled because the ring's registered eventfd alone was
+//! signalled late on Linux 6.18 (about 16 ms, tick-aligned, after the
+//! datagram arrived: every interrupt of the `irq` benchmark waited that
+//! long); a datagram on a socket makes it readable at once, and stays so
+//! until the step that follows runs the ring's deferred receive. Direct
+//! lanes it never steps: it kicks their vCPU when their retransmission is
+//! due while the vCPU is in its guest.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -127,14 +133,19 @@ impl EngineThread {
         wake
     }
 
-    /// Sleeps in `ppoll` on the doorbell and the lanes' wake fds, until
-    /// one is signalled or the thread must wake by itself.
+    /// Sleeps in `ppoll` on the doorbell, the lanes' wake fds and the
+    /// sockets of the lanes it steps, until one is signalled or readable
+    /// or the thread must wake by itself.
     fn sleep(&self, polls: &mut PollSet, kicked_for: &[u64]) {
         polls.fds.clear();
         polls.fds.push(pollfd(self.doorbell.efd.0));
         polls.cells.clear();
         for (i, c) in self.cells.iter().enumerate() {
             if let Some(fd) = c.wake_fd {
+                polls.fds.push(pollfd(fd));
+                polls.cells.push(i);
+            }
+            for &fd in &c.sock_fds {
                 polls.fds.push(pollfd(fd));
                 polls.cells.push(i);
             }
