@@ -102,6 +102,7 @@ pub fn run(rig: &mut Rig, irqs: u16, notes: &mut Vec<String>) -> Result<Vec<Row>
             dev(Space::Pio, ACK_PORT as u64, 4, NULL_PIO, false, true),
         ];
         let before = rig.server_tx_full();
+        let resent_before = rig.server_irqs_resent();
         let res = rig.run_vms(
             "irq/trigger-to-ack",
             vec![vm_spec(vm, &[g], devices)],
@@ -110,7 +111,7 @@ pub fn run(rig: &mut Rig, irqs: u16, notes: &mut Vec<String>) -> Result<Vec<Row>
             timeout(irqs),
         );
         match (res, before, rig.server_tx_full()) {
-            (Ok(out), ..) => break out,
+            (Ok(out), ..) => break (out, resent_before),
             // The embedded server dropped a frame on a full TX ring during
             // the run: the interrupt datagram it was sending is lost for
             // good (nothing resends interrupts) and the guest waits for it
@@ -126,6 +127,11 @@ pub fn run(rig: &mut Rig, irqs: u16, notes: &mut Vec<String>) -> Result<Vec<Row>
             }
             (Err(e), ..) => return Err(e),
         }
+    };
+    let (out, resent_before) = out;
+    let resent = match (resent_before, rig.server_irqs_resent()) {
+        (Some(b), Some(a)) => a.saturating_sub(b).to_string(),
+        _ => "?".to_string(),
     };
     let [v] = out.vcpus.as_slice() else {
         bail!("expected one vCPU, got {}", out.vcpus.len());
@@ -168,6 +174,7 @@ pub fn run(rig: &mut Rig, irqs: u16, notes: &mut Vec<String>) -> Result<Vec<Row>
             ("ack", format!("local null port {ACK_PORT:#x}")),
             ("drain", drain.name().to_string()),
             ("server", server),
+            ("server_irqs_resent", resent.clone()),
             (
                 "injected_by_vcpu",
                 out.irqs.map_or_else(|| "?".into(), |(_, v)| v.to_string()),
@@ -179,7 +186,8 @@ pub fn run(rig: &mut Rig, irqs: u16, notes: &mut Vec<String>) -> Result<Vec<Row>
         notes.push(format!(
             "irq: of {all} interrupts injected, the vCPU's thread injected {vcpu} itself \
              (reaped on its own lane while it waited for the trigger's answer), the engine \
-             thread {}",
+             thread {}; the server resent {resent} interrupt datagram(s) (an acknowledgement \
+             later than its resend timer, at least 5 ms)",
             all.saturating_sub(vcpu)
         ));
     }

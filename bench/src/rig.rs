@@ -447,6 +447,17 @@ impl Rig {
         Ok(true)
     }
 
+    /// Interrupt datagrams the embedded server's workers resent so far
+    /// (`None` for a remote server).
+    pub fn server_irqs_resent(&self) -> Option<u64> {
+        match &self.target {
+            Target::Embedded { srv: Some(s), .. } => {
+                Some(s.snapshot().workers.iter().map(|w| w.irqs_resent).sum())
+            }
+            _ => None,
+        }
+    }
+
     pub fn server_tx_full(&self) -> Option<u64> {
         match &self.target {
             Target::Embedded { srv: Some(s), .. } => {
