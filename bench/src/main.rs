@@ -155,7 +155,7 @@ impl Scenario {
 }
 
 /// The default suite (`make bench`).
-const DEFAULT_SUITE: [Scenario; 9] = [
+const DEFAULT_SUITE: [Scenario; 10] = [
     Scenario::XdpProg,
     Scenario::Parse,
     Scenario::Server,
@@ -164,6 +164,7 @@ const DEFAULT_SUITE: [Scenario; 9] = [
     Scenario::Throughput,
     Scenario::Load,
     Scenario::Scale,
+    Scenario::Isolation,
     Scenario::Boot,
 ];
 
@@ -173,8 +174,8 @@ const REMOTE_SUITE: [Scenario; 3] = [Scenario::Client, Scenario::Irq, Scenario::
 /// devplane's latency benchmark and regression gate.
 ///
 /// Without a subcommand, runs scenarios (as `dpbench run`): by default
-/// xdp-prog, parse, server, client, irq, throughput and boot (where it
-/// takes under --boot-budget) on the embedded single-machine topology (two
+/// xdp-prog, parse, server, client, irq, throughput, load, scale,
+/// isolation and boot (where it takes under --boot-budget) on the embedded single-machine topology (two
 /// network namespaces joined by veth, the real XDP program, real KVM
 /// guests; needs root and /dev/kvm).
 ///
@@ -248,7 +249,8 @@ struct BaselineArgs {
 #[derive(Debug, Clone, Args)]
 struct RunArgs {
     /// Scenarios to run, comma-separated [default: xdp-prog, parse,
-    /// server, client, irq, throughput, boot (where it fits
+    /// server, client, irq, throughput, load, scale, isolation, boot
+    /// (where it fits
     /// --boot-budget); with --server: client, irq, throughput]. floor,
     /// pio and mmio run parts of client.
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -653,6 +655,7 @@ mod tests {
         let a = args(&["--server", "192.0.2.10:7700", "--scenario", "irq,client"]).unwrap();
         assert_eq!(plan(&a).unwrap(), [Scenario::Irq, Scenario::Client]);
         assert!(DEFAULT_SUITE.contains(&Scenario::Irq));
+        assert!(DEFAULT_SUITE.contains(&Scenario::Isolation));
         assert!(REMOTE_SUITE.iter().all(|s| s.client_side()));
     }
 

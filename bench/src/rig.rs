@@ -326,6 +326,7 @@ impl Rig {
                 zero_copy: drain == Drain::DirectZc,
                 direct_spin: Duration::from_micros(knob("DP_DIRECT_SPIN_US", 200) as u64),
                 tag_keys: self.tag_keys,
+                irqs_on_lanes: knob("DP_IRQ_ON_LANE", 1) != 0,
                 ..EngineConfig::default()
             },
             engine_core: Some(knob("DP_ENGINE_CORE", 0) as usize),
@@ -358,6 +359,13 @@ impl Rig {
                 l(&s.retransmits),
                 l(&s.timeouts),
                 l(&s.late)
+            )
+        });
+        let irqs = client.engine().map(|e| {
+            let s = e.stats();
+            (
+                s.irqs.load(Ordering::Relaxed),
+                s.irqs_on_vcpu.load(Ordering::Relaxed),
             )
         });
         drop(client);
@@ -414,7 +422,11 @@ impl Rig {
                 self.stale_hint()
             );
         }
-        Ok(Outcome { vcpus, elapsed })
+        Ok(Outcome {
+            vcpus,
+            elapsed,
+            irqs,
+        })
     }
 
     /// Frames the embedded server's workers dropped on a full AF_XDP TX
@@ -433,6 +445,17 @@ impl Rig {
             .context("setting the client's tag keys")?;
         self.tag_keys = keys;
         Ok(true)
+    }
+
+    /// Interrupt datagrams the embedded server's workers resent so far
+    /// (`None` for a remote server).
+    pub fn server_irqs_resent(&self) -> Option<u64> {
+        match &self.target {
+            Target::Embedded { srv: Some(s), .. } => {
+                Some(s.snapshot().workers.iter().map(|w| w.irqs_resent).sum())
+            }
+            _ => None,
+        }
     }
 
     pub fn server_tx_full(&self) -> Option<u64> {

@@ -345,6 +345,10 @@ pub struct Outcome {
     pub vcpus: Vec<VcpuResult>,
     /// Wall time of the run (VM creation included).
     pub elapsed: Duration,
+    /// Interrupts the client injected, and of those the ones its vCPU
+    /// threads injected from their own lanes (the rest: the engine
+    /// thread); `None` without an engine.
+    pub irqs: Option<(u64, u64)>,
 }
 
 impl Outcome {

@@ -47,6 +47,8 @@ pub(crate) struct LaneIo {
     free_send: Vec<usize>,
     registered: bool,
     zero_copy: bool,
+    /// A direct lane (stepped by its vCPU's thread).
+    direct: bool,
     stats: Arc<EngineStats>,
 }
 
@@ -109,9 +111,14 @@ impl Io for LaneIo {
     }
 
     fn inject(&mut self, vm: u32, line: u32, action: IrqAction) -> bool {
-        self.injectors
+        let ok = self
+            .injectors
             .get(&vm)
-            .is_some_and(|inject| inject(line, action))
+            .is_some_and(|inject| inject(line, action));
+        if ok && self.direct {
+            add(&self.stats.irqs_on_vcpu, 1);
+        }
+        ok
     }
 
     fn has_vm(&self, vm: u32) -> bool {
@@ -177,6 +184,7 @@ impl Loop {
         lane: Lane,
         stats: Arc<EngineStats>,
         keys: super::LiveKeys,
+        irqs: super::protocol::IrqSeen,
     ) -> Loop {
         let settings = Settings {
             client: cfg.client,
@@ -219,6 +227,7 @@ impl Loop {
             stats.clone(),
         );
         proto.watch_keys(keys);
+        proto.share_irqs(irqs);
         Loop {
             proto,
             recv_bufs: lane
@@ -238,6 +247,7 @@ impl Loop {
                 free_send: (0..SEND_BUFS).rev().collect(),
                 registered,
                 zero_copy: cfg.zero_copy,
+                direct: lane.direct,
                 stats,
             },
             retransmit: cfg.retransmit,

@@ -123,6 +123,14 @@ pub struct EngineConfig {
     /// carry a valid tag under one of them (`bad_tag` otherwise). `None`:
     /// nothing is tagged, and a tagged datagram is refused.
     pub tag_keys: Option<devplane_wire::tag::KeyRing>,
+    /// Direct mode: each vCPU's lane also receives on the engine's
+    /// interrupt sockets, so that an interrupt arriving while its vCPU
+    /// drives the lane (the one a synchronous access just raised) is
+    /// injected and acknowledged by the vCPU's own thread before it
+    /// enters its guest again, with no other thread woken on its way;
+    /// the engine thread takes those that arrive while the vCPU runs its
+    /// guest. Off: only the engine thread receives interrupts.
+    pub irqs_on_lanes: bool,
 }
 
 /// How much longer than the horizon a vCPU waits for an answer: time for
@@ -151,6 +159,7 @@ impl Default for EngineConfig {
             zero_copy: false,
             direct_spin: Duration::from_micros(200),
             tag_keys: None,
+            irqs_on_lanes: true,
         }
     }
 }
@@ -186,7 +195,9 @@ pub type Injector = Box<dyn Fn(u32, IrqAction) -> bool + Send>;
 
 /// One io_uring and its sockets serving a set of vCPUs.
 pub struct Lane {
-    /// One connected UDP socket per server, in server order.
+    /// One connected UDP socket per server, in server order; a direct
+    /// lane may have the engine's interrupt sockets after them
+    /// ([`EngineConfig::irqs_on_lanes`]), on which it only receives.
     pub sockets: Vec<UdpSocket>,
     /// The vCPUs it serves.
     pub vcpus: Vec<VcpuPort>,
@@ -224,6 +235,7 @@ fn build_cell(
     lane: Lane,
     stats: &Arc<EngineStats>,
     keys: &LiveKeys,
+    irqs: &protocol::IrqSeen,
 ) -> Result<Arc<Cell>, EngineError> {
     let direct = lane.direct;
     let ring = ring_setup::build_ring()?;
@@ -252,7 +264,7 @@ fn build_cell(
             .map(std::os::fd::AsRawFd::as_raw_fd)
             .collect()
     };
-    let lp = Loop::new(cfg, ring, lane, stats.clone(), keys.clone());
+    let lp = Loop::new(cfg, ring, lane, stats.clone(), keys.clone(), irqs.clone());
     Ok(Arc::new(Cell {
         lp: Mutex::new(lp),
         driving: AtomicBool::new(false),
@@ -276,9 +288,10 @@ impl Engine {
         let stats = Arc::new(EngineStats::default());
         let doorbell = Arc::new(Doorbell::new()?);
         let keys = LiveKeys::new(cfg.tag_keys);
+        let irqs = protocol::IrqSeen::default();
         let cells = lanes
             .into_iter()
-            .map(|lane| build_cell(&cfg, lane, &stats, &keys))
+            .map(|lane| build_cell(&cfg, lane, &stats, &keys, &irqs))
             .collect::<Result<Vec<_>, _>>()?;
         let drivers = cells
             .iter()

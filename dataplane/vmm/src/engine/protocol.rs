@@ -36,7 +36,7 @@
 //!   chances, drawn from a seeded generator.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use devplane_wire::{
     Ack, Datagram, DatagramWriter, HEADER_LEN, Header, Interrupt, IrqAction, Kind, MAX_DATAGRAM,
@@ -96,6 +96,10 @@ pub(crate) fn judge(last: Option<u64>, seq: u64, wall_ns: u64) -> IrqVerdict {
         Some(_) => IrqVerdict::OutOfRange,
     }
 }
+
+/// The last interrupt number applied per (model, VM), shared by an
+/// engine's lanes.
+pub(crate) type IrqSeen = Arc<Mutex<HashMap<(u32, u32), u64>>>;
 
 /// The effects the protocol asks of its lane.
 pub(crate) trait Io {
@@ -224,8 +228,11 @@ pub(crate) struct Protocol {
     flows: Vec<Flow>,
     /// (VM, vCPU) to flow index.
     by_id: HashMap<(u32, u16), usize>,
-    /// The last interrupt sequence number applied, per (model, VM).
-    irq_seen: HashMap<(u32, u32), u64>,
+    /// The last interrupt sequence number applied, per (model, VM):
+    /// shared by every lane of an engine ([`Protocol::share_irqs`]), since
+    /// an interrupt socket is read by the engine's lane and by the direct
+    /// lanes of the vCPUs (whichever reaps a datagram first applies it).
+    irq_seen: IrqSeen,
     rng: Rng,
     /// Buffers and slot lists of retired datagrams, for the next ones: no
     /// allocation per datagram once warm.
@@ -350,11 +357,18 @@ impl Protocol {
             servers,
             flows,
             by_id,
-            irq_seen: HashMap::new(),
+            irq_seen: IrqSeen::default(),
             spare: Vec::new(),
             stats,
             key_watch: Default::default(),
         }
+    }
+
+    /// Keeps the interrupt numbers applied in `seen`, shared with the
+    /// engine's other lanes: an interrupt is applied once whichever lane
+    /// reaps it.
+    pub(crate) fn share_irqs(&mut self, seen: IrqSeen) {
+        self.irq_seen = seen;
     }
 
     /// Takes the keys of `keys` whenever they change (checked before each
@@ -662,7 +676,11 @@ impl Protocol {
             return judge(None, irq.seq, io.wall_ns()) == IrqVerdict::Apply;
         }
         let key = (model, irq.vm);
-        let last = self.irq_seen.get(&key).copied();
+        // Held while the interrupt is injected: two lanes applying the
+        // same stream (a resent copy reaped by another lane) inject in the
+        // order they judge.
+        let mut seen = self.irq_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let last = seen.get(&key).copied();
         // The clock is read only for a number far from the last applied.
         let wall = match last {
             Some(l) if irq.seq > l && irq.seq - l <= IRQ_MAX_GAP => 0,
@@ -679,11 +697,11 @@ impl Protocol {
                 false
             }
             IrqVerdict::Apply => {
-                if last.is_none() && self.irq_seen.len() >= MAX_IRQ_STREAMS {
+                if last.is_none() && seen.len() >= MAX_IRQ_STREAMS {
                     add(&self.stats.irq_streams_full, 1);
                     return false;
                 }
-                self.irq_seen.insert(key, irq.seq);
+                seen.insert(key, irq.seq);
                 if io.inject(irq.vm, irq.line, irq.action) {
                     add(&self.stats.irqs, 1);
                 } else {

@@ -562,6 +562,39 @@ fn interrupts_are_applied_once_per_model_and_vm() {
     assert_eq!(get(&stats.irqs_unknown_vm), 1);
 }
 
+/// Direct mode: the engine's lane and a vCPU's lane both receive on the
+/// interrupt socket; whichever reaps a datagram applies it, and a copy
+/// reaped by the other (a server's resend) is a duplicate there, not a
+/// second injection.
+#[test]
+fn lanes_sharing_interrupt_numbers_apply_each_once() {
+    let (mut engine, es) = protocol(1);
+    let (mut vcpu, vs) = protocol(1);
+    let seen = IrqSeen::default();
+    engine.share_irqs(seen.clone());
+    vcpu.share_irqs(seen);
+    let mut io = Fake::default();
+    vcpu.on_datagram(&interrupts(MODEL_A, VM, &[5]), 0, &mut io);
+    engine.on_datagram(&interrupts(MODEL_A, VM, &[5]), 0, &mut io);
+    engine.on_datagram(&interrupts(MODEL_A, VM, &[6]), 0, &mut io);
+    vcpu.on_datagram(&interrupts(MODEL_A, VM, &[6]), 0, &mut io);
+    vcpu.on_datagram(&interrupts(MODEL_A, VM, &[7]), 0, &mut io);
+    // (The fake interrupts name line = number.)
+    let lines: Vec<u32> = io.injected.iter().map(|i| i.1).collect();
+    assert_eq!(lines, vec![5, 6, 7], "one injection per number");
+    assert_eq!((get(&vs.irqs), get(&vs.irq_duplicates)), (2, 1));
+    assert_eq!((get(&es.irqs), get(&es.irq_duplicates)), (1, 1));
+    // Every copy is acknowledged by the lane that reaped it.
+    assert_eq!(io.acks.len(), 5);
+    // Without sharing, each lane would have applied its copies again.
+    let (mut a, _) = protocol(1);
+    let (mut b, _) = protocol(1);
+    let mut io = Fake::default();
+    a.on_datagram(&interrupts(MODEL_A, VM, &[5]), 0, &mut io);
+    b.on_datagram(&interrupts(MODEL_A, VM, &[5]), 0, &mut io);
+    assert_eq!(io.injected.len(), 2);
+}
+
 #[test]
 fn interrupts_are_acknowledged_up_to_the_highest() {
     let (mut p, stats) = protocol(1);

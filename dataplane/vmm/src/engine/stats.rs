@@ -24,6 +24,10 @@ pub struct EngineStats {
     pub malformed: AtomicU64,
     /// Interrupts injected.
     pub irqs: AtomicU64,
+    /// Of those, the ones a vCPU thread injected from its own (direct)
+    /// lane, having reaped them while it drove it; the rest the engine
+    /// thread injected.
+    pub irqs_on_vcpu: AtomicU64,
     /// Interrupts for a VM not on this client (dropped).
     pub irqs_unknown_vm: AtomicU64,
     /// Interrupts whose number is implausibly far from the last applied

@@ -233,18 +233,31 @@ fn per_vcpu_remote(index: u32, vcpus: usize) -> Vec<Box<dyn BusDevice>> {
         .collect()
 }
 
-/// Builds a local model of `kind`. For a VM booting Linux, a `uart` feeds
-/// that boot's console.
+/// Builds a local model of `kind` (`KIND@LINE`: raising interrupt line
+/// `LINE`). For a VM booting Linux, a `uart` feeds that boot's console.
 fn local_model(
     kind: &str,
     console: Option<&Console>,
 ) -> Result<Box<dyn DeviceModel>, registry::BuildError> {
+    let (kind, line) = match kind.split_once('@') {
+        Some((k, l)) => match l.parse::<u32>() {
+            Ok(l) => (k, Some(l)),
+            Err(_) => return Err(registry::BuildError::UnknownKind(kind.to_string())),
+        },
+        None => (kind, None),
+    };
     match (kind, console) {
         (uart::KIND, Some(c)) => Ok(Box::new(ConsoleUart::new(
-            Uart::new(uart::DEFAULT_LINE),
+            Uart::new(line.unwrap_or(uart::DEFAULT_LINE)),
             c.clone(),
         ))),
-        _ => registry::build(kind, ModelParams::default()),
+        _ => registry::build(
+            kind,
+            ModelParams {
+                line,
+                ..ModelParams::default()
+            },
+        ),
     }
 }
 
@@ -330,5 +343,18 @@ mod tests {
                 })
             ));
         }
+    }
+
+    #[test]
+    fn a_local_kind_may_name_its_interrupt_line() {
+        use devplane_devmodels::counter::REG_IRQ;
+        let mut m = local_model("counter@5", None).unwrap();
+        m.write(Space::Pio, REG_IRQ, AccessSize::B1, 1).unwrap();
+        assert_eq!(m.take_irq().map(|e| e.line), Some(5));
+        let mut m = local_model("counter", None).unwrap();
+        m.write(Space::Pio, REG_IRQ, AccessSize::B1, 1).unwrap();
+        assert_eq!(m.take_irq().map(|e| e.line), Some(0));
+        assert!(local_model("counter@x", None).is_err());
+        assert!(local_model("nosuch@5", None).is_err());
     }
 }

@@ -110,6 +110,18 @@ fn interrupt_lane(
         // Also here: an interrupt from a server that does not know the
         // interrupt-port flag comes to the lane that spoke last.
         lane.injectors = injectors(handles);
+        // The vCPU's lane receives on the same sockets (a second multishot
+        // receive on each, from its own io_uring): whichever ring reaps a
+        // datagram first applies it, once (the engine's lanes share the
+        // interrupt numbers applied).
+        if spec.engine.irqs_on_lanes {
+            for s in &irq {
+                lane.sockets.push(
+                    s.try_clone()
+                        .map_err(io_err("share the interrupt socket"))?,
+                );
+            }
+        }
     }
     Ok(Lane {
         sockets: irq,

@@ -55,7 +55,8 @@ use super::vcpu_io::{ExitHandler, VcpuIo, VcpuStats};
 pub enum Place {
     /// A local model of this kind, in the vCPU threads.
     Local {
-        /// Model kind (`devmodels` registry name).
+        /// Model kind (`devmodels` registry name), or `KIND@LINE` for one
+        /// raising interrupt line `LINE` (`counter@5`).
         kind: String,
     },
     /// On the server with this index in [`ClientSpec::servers`].
