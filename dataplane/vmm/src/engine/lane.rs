@@ -395,8 +395,9 @@ impl Loop {
             .list
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        let now = now_ns();
         for &(model, server, socket) in &list[self.retargeted..] {
-            self.proto.retarget(model, server, socket);
+            self.proto.retarget(model, server, socket, now);
         }
         self.retargeted = list.len();
         self.retargets.done.store(list.len(), Ordering::Release);

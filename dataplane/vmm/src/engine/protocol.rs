@@ -505,8 +505,8 @@ impl Protocol {
     /// old server applied is answered from them and none applies twice.
     /// Answers from the old server for it are refused from now on
     /// (`foreign_server`). Returns how many datagrams in flight were
-    /// rewritten.
-    pub(crate) fn retarget(&mut self, model: u32, server: u32, socket: usize) -> usize {
+    /// rewritten (due at `now`).
+    pub(crate) fn retarget(&mut self, model: u32, server: u32, socket: usize, now: u64) -> usize {
         self.refresh_keys();
         let mut rewritten = 0;
         for v in 0..self.flows.len() {
@@ -520,10 +520,11 @@ impl Protocol {
             self.flows[v].models = models.into();
             if let Some(f) = self.flows[v].inflight[m].as_mut() {
                 rehead(f, header, self.settings.keys.as_ref());
-                // Due at once (the clock here starts near zero); the
-                // back-off starts over, the horizon does not.
-                f.sent_at = 0;
-                f.interval = self.settings.retransmit_ns;
+                // Due at `now` (interval 0: the resend then waits the
+                // first interval again); the back-off starts over, the
+                // horizon does not.
+                f.sent_at = now;
+                f.interval = 0;
                 rewritten += 1;
             }
         }
@@ -560,6 +561,7 @@ impl Protocol {
                 f.interval = f
                     .interval
                     .saturating_mul(2)
+                    .max(self.settings.retransmit_ns)
                     .min(self.settings.retransmit_max_ns);
                 add(&self.stats.retransmits, 1);
                 reseal(f, self.settings.keys.as_ref());
