@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod db;
+pub mod handover;
 pub mod maps;
 pub mod proto;
 pub mod socket;

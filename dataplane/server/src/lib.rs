@@ -27,6 +27,7 @@ pub mod control;
 pub mod dispatch;
 mod error;
 pub mod frames;
+mod handover;
 pub mod irq;
 pub mod kernel_drops;
 mod live;
@@ -38,6 +39,7 @@ pub mod xdp;
 pub mod xdp_query;
 
 pub use error::ServerError;
+pub use handover::StagedFate;
 pub use worker::{backoff, lifecycle, stats};
 
 use std::collections::HashMap;
@@ -103,6 +105,12 @@ pub struct Server {
     udp_socks: Vec<std::net::UdpSocket>,
     /// How long each step of a live change waits for a worker.
     step_timeout: std::time::Duration,
+    /// Models lent to another server by a move not yet settled, and the
+    /// worker that keeps each aside ([`Server::lend_out`]).
+    lent_out: HashMap<u32, usize>,
+    /// Models handed over by another server, built but not served until
+    /// their move commits ([`Server::stage_in`]).
+    staged: HashMap<u32, handover::StagedIn>,
 }
 
 fn build_dispatchers(cfg: &ServerConfig) -> Result<Vec<Dispatcher>, ServerError> {
@@ -205,6 +213,8 @@ impl Server {
             admission: None,
             udp_socks: sockets.iter().filter_map(|s| s.try_clone().ok()).collect(),
             step_timeout: live::STEP_TIMEOUT,
+            lent_out: HashMap::new(),
+            staged: HashMap::new(),
         };
         let admission = Arc::new(socket::Admission {
             models: std::sync::RwLock::new(cfg.models.iter().map(|m| m.id).collect()),
@@ -286,6 +296,8 @@ impl Server {
             admission: None,
             udp_socks: Vec::new(),
             step_timeout: live::STEP_TIMEOUT,
+            lent_out: HashMap::new(),
+            staged: HashMap::new(),
         };
         let batch = loop_config(cfg).batch;
         server.spawn_workers(cfg, rings, dispatchers, move |rings, w| {

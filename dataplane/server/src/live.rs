@@ -237,7 +237,7 @@ impl Server {
     }
 
     /// Points the data path at the models' current workers.
-    fn reroute(&mut self) -> Result<(), ServerError> {
+    pub(crate) fn reroute(&mut self) -> Result<(), ServerError> {
         use devplane_control::maps::MapWriter;
         if let Some(x) = self.xdp.as_mut() {
             for m in &self.cfg.models {

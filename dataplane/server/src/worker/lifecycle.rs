@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::backoff::Backoff;
 use super::config::LoopConfig;
-use crate::dispatch::{AdoptError, Dispatcher, Handover, LendError, ModelSlot};
+use crate::dispatch::{AdoptError, Dispatcher, Handover, LendError, ModelSlot, PendingIrq, Staged};
 use crate::irq::IrqRouter;
 
 /// The polling settings that can change while a worker runs.
@@ -106,6 +106,22 @@ pub enum WorkerCmd {
         /// Serve it here again.
         keep: bool,
         /// Sent once applied.
+        reply: Sender<bool>,
+    },
+    /// The commit of a move from another server: unless `ticket` was
+    /// cancelled (the commit timed out), set it to
+    /// [`MoveTicket::ADOPTED`], serve `staged` as model `model` and queue
+    /// its unacknowledged interrupts `irqs`. The reply says whether it did.
+    Install {
+        /// The model.
+        model: u32,
+        /// It, built and restored.
+        staged: Box<Staged>,
+        /// Its interrupts the old server had not had acknowledged.
+        irqs: Vec<PendingIrq>,
+        /// The commit.
+        ticket: MoveTicket,
+        /// Whether it serves the model now.
         reply: Sender<bool>,
     },
     /// Test hook: the worker sleeps this long in its next command poll (a
@@ -223,6 +239,20 @@ impl WorkerCtl {
                         None => false,
                     };
                     let _ = reply.send(found);
+                }
+                WorkerCmd::Install {
+                    model,
+                    staged,
+                    irqs,
+                    ticket,
+                    reply,
+                } => {
+                    let ok = ticket.step(MoveTicket::LENT, MoveTicket::ADOPTED);
+                    if ok {
+                        disp.install(model, *staged);
+                        router.restore(irqs);
+                    }
+                    let _ = reply.send(ok);
                 }
                 WorkerCmd::Stall(d) => std::thread::sleep(d),
                 WorkerCmd::Insert { model, slot, reply } => {

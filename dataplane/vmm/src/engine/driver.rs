@@ -115,6 +115,8 @@ pub(crate) struct Cell {
     pub(crate) due: AtomicU64,
     /// Direct lanes: makes the vCPU service the lane.
     pub(crate) waker: OnceLock<Waker>,
+    /// Models to point at another server (shared with the loop).
+    pub(crate) retargets: Arc<super::lane::Retargets>,
 }
 
 /// A vCPU's handle on its direct lane: it sends its own requests and reaps

@@ -170,6 +170,24 @@ pub(crate) struct Loop {
     rearm: Vec<usize>,
     /// Completion scratch, reused every step.
     cqes: Vec<(u64, i32, u32)>,
+    /// Models moved to another server, to point at it ([`Retargets`]).
+    retargets: Arc<Retargets>,
+    /// How many of `retargets` this loop has applied.
+    retargeted: usize,
+}
+
+/// Models to point at another server, asked by [`super::Engine::retarget`]
+/// and applied by whichever thread holds the lane next (its vCPU, which
+/// may hold it for long stretches while it waits, or the engine): the
+/// asker never has to win the lane's lock against a spinning vCPU.
+#[derive(Default)]
+pub(crate) struct Retargets {
+    /// Every request so far, in order: (model, server, socket).
+    pub(crate) list: std::sync::Mutex<Vec<(u32, u32, usize)>>,
+    /// `list.len()`, read without the lock on every step.
+    pub(crate) asked: std::sync::atomic::AtomicUsize,
+    /// How many of them the lane has applied.
+    pub(crate) done: std::sync::atomic::AtomicUsize,
 }
 
 impl Loop {
@@ -185,6 +203,7 @@ impl Loop {
         stats: Arc<EngineStats>,
         keys: super::LiveKeys,
         irqs: super::protocol::IrqSeen,
+        retargets: Arc<Retargets>,
     ) -> Loop {
         let settings = Settings {
             client: cfg.client,
@@ -254,6 +273,8 @@ impl Loop {
             started: false,
             rearm: Vec::new(),
             cqes: Vec::with_capacity(64),
+            retargets,
+            retargeted: 0,
         }
     }
 
@@ -372,6 +393,26 @@ impl Loop {
         !self.io.ring.submission().is_empty()
     }
 
+    /// Applies the retargets asked since the last call (see
+    /// [`Protocol::retarget`]); cheap when there are none.
+    pub(crate) fn apply_retargets(&mut self) {
+        use std::sync::atomic::Ordering;
+        if self.retargets.asked.load(Ordering::Acquire) == self.retargeted {
+            return;
+        }
+        let list = self
+            .retargets
+            .list
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let now = now_ns();
+        for &(model, server, socket) in &list[self.retargeted..] {
+            self.proto.retarget(model, server, socket, now);
+        }
+        self.retargeted = list.len();
+        self.retargets.done.store(list.len(), Ordering::Release);
+    }
+
     /// When the earliest datagram in flight is due for retransmission
     /// ([`now_ns`]); 0 if none is in flight.
     pub(crate) fn next_due(&self) -> u64 {
@@ -392,6 +433,7 @@ impl Loop {
                 self.arm_recv(s)?;
             }
         }
+        self.apply_retargets();
         let now = now_ns();
         let mut work = self.drain_rings(now)?.0;
         work |= self.proto.retransmit(now, &mut self.io)?;

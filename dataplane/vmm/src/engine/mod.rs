@@ -226,6 +226,31 @@ pub struct Engine {
     doorbell: Arc<Doorbell>,
     drivers: Vec<Option<Driver>>,
     keys: LiveKeys,
+    /// Every lane's cell (to retarget a moved model).
+    cells: Vec<Arc<Cell>>,
+}
+
+/// Why [`Engine::retarget`] did not point every lane at the new server.
+#[derive(Debug, thiserror::Error)]
+pub enum RetargetError {
+    /// The client has no socket for that server (it is not in its
+    /// configured servers).
+    #[error("server {0} is not one of this client's servers")]
+    UnknownServer(u32),
+    /// Not every lane took the change within the deadline (a lane whose
+    /// vCPU is stuck): `done` lanes point at the new server; the others
+    /// will when they next step.
+    #[error(
+        "{done} of {lanes} lanes took the change within {timeout:?}; the others will at their next step"
+    )]
+    Busy {
+        /// Lanes in all.
+        lanes: usize,
+        /// Lanes that took it.
+        done: usize,
+        /// How long it waited.
+        timeout: Duration,
+    },
 }
 
 /// Builds lane `lane`'s cell: its io_uring (owned by the one thread that
@@ -264,7 +289,16 @@ fn build_cell(
             .map(std::os::fd::AsRawFd::as_raw_fd)
             .collect()
     };
-    let lp = Loop::new(cfg, ring, lane, stats.clone(), keys.clone(), irqs.clone());
+    let retargets = Arc::new(lane::Retargets::default());
+    let lp = Loop::new(
+        cfg,
+        ring,
+        lane,
+        stats.clone(),
+        keys.clone(),
+        irqs.clone(),
+        retargets.clone(),
+    );
     Ok(Arc::new(Cell {
         lp: Mutex::new(lp),
         driving: AtomicBool::new(false),
@@ -274,6 +308,7 @@ fn build_cell(
         evfd,
         due: AtomicU64::new(0),
         waker: OnceLock::new(),
+        retargets,
     }))
 }
 
@@ -305,7 +340,7 @@ impl Engine {
             .collect();
         let t = EngineThread {
             cfg,
-            cells,
+            cells: cells.clone(),
             doorbell: doorbell.clone(),
             stop: stop.clone(),
             stats: stats.clone(),
@@ -326,7 +361,75 @@ impl Engine {
             doorbell,
             drivers,
             keys,
+            cells,
         })
+    }
+
+    /// Points model `model` at server `server`, reached through socket
+    /// `socket` of every lane (a model moved to another server): queued
+    /// requests go there, datagrams in flight are rewritten for it and
+    /// resent at once (same sequence numbers), and answers for it are
+    /// taken only from it. Each lane applies it at its next step (a
+    /// direct lane's vCPU is kicked to take one), or here if the lane is
+    /// free; waits at most `timeout` for every lane to have applied it.
+    /// Returns how many lanes there are.
+    pub fn retarget(
+        &self,
+        model: u32,
+        server: u32,
+        socket: usize,
+        timeout: Duration,
+    ) -> Result<usize, RetargetError> {
+        let deadline = std::time::Instant::now() + timeout;
+        let wanted: Vec<usize> = self
+            .cells
+            .iter()
+            .map(|c| {
+                let mut l = c.retargets.list.lock().unwrap_or_else(|p| p.into_inner());
+                l.push((model, server, socket));
+                c.retargets.asked.store(l.len(), Ordering::Release);
+                l.len()
+            })
+            .collect();
+        self.doorbell.kick();
+        for c in &self.cells {
+            if c.direct
+                && let Some(w) = c.waker.get()
+            {
+                w();
+            }
+        }
+        loop {
+            let mut done = 0;
+            for (c, &want) in self.cells.iter().zip(&wanted) {
+                if c.retargets.done.load(Ordering::Acquire) >= want {
+                    done += 1;
+                    continue;
+                }
+                // A free lane (its vCPU in its guest, held, or ended):
+                // apply it here.
+                if let Ok(mut l) = c.lp.try_lock() {
+                    l.apply_retargets();
+                    if c.direct {
+                        // The engine kicks its vCPU to resend when due.
+                        c.due.store(l.next_due(), Ordering::SeqCst);
+                    }
+                    done += 1;
+                }
+            }
+            if done == self.cells.len() {
+                self.doorbell.kick();
+                return Ok(done);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(RetargetError::Busy {
+                    lanes: self.cells.len(),
+                    done,
+                    timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
     }
 
     /// The tag keys every lane seals and verifies with; setting them

@@ -287,6 +287,34 @@ fn reseal(f: &mut Flight, keys: Option<&devplane_wire::tag::KeyRing>) {
     }
 }
 
+/// Rewrites the header of datagram `f` to `header` (its record count
+/// kept) and seals it again with the current key (or leaves it untagged):
+/// the same records sent to another server.
+fn rehead(f: &mut Flight, header: Header, keys: Option<&devplane_wire::tag::KeyRing>) {
+    use zerocopy::IntoBytes;
+    let tagged = Datagram::parse(&f.buf[..f.len])
+        .ok()
+        .and_then(|d| d.key_id())
+        .is_some();
+    let body = if tagged {
+        f.len.saturating_sub(devplane_wire::TAG_LEN)
+    } else {
+        f.len
+    };
+    let Ok((old, _)) = Header::ref_from_prefix(&f.buf[..]) else {
+        return; // unreachable: the buffer holds a whole datagram
+    };
+    let mut h = header;
+    h.count = old.count;
+    f.buf[..HEADER_LEN].copy_from_slice(h.as_bytes());
+    f.len = body;
+    if let Some(ring) = keys
+        && let Some(n) = devplane_wire::tag::seal(&mut f.buf, body, &ring.current)
+    {
+        f.len = n;
+    }
+}
+
 /// Moves queued records into `buf` (after `header`), up to
 /// [`MAX_RECORDS`], noting each in `slots`; the datagram's length.
 fn fill(
@@ -482,6 +510,41 @@ impl Protocol {
         )
     }
 
+    /// Points model `model` of every vCPU of this lane at server `server`,
+    /// reached through socket `socket` (a model moved to another server):
+    /// what is queued for it goes there, and a datagram in flight to the
+    /// old server is rewritten for the new one (its header, its tag) with
+    /// the same records and sequence numbers, due for resending at once.
+    /// The new owner has the old one's duplicate windows, so a request the
+    /// old server applied is answered from them and none applies twice.
+    /// Answers from the old server for it are refused from now on
+    /// (`foreign_server`). Returns how many datagrams in flight were
+    /// rewritten (due at `now`).
+    pub(crate) fn retarget(&mut self, model: u32, server: u32, socket: usize, now: u64) -> usize {
+        self.refresh_keys();
+        let mut rewritten = 0;
+        for v in 0..self.flows.len() {
+            let Some(&m) = self.flows[v].index.get(&model) else {
+                continue;
+            };
+            let mut models = self.flows[v].models.to_vec();
+            models[m].server = server;
+            models[m].socket = socket;
+            let header = self.header(models[m]);
+            self.flows[v].models = models.into();
+            if let Some(f) = self.flows[v].inflight[m].as_mut() {
+                rehead(f, header, self.settings.keys.as_ref());
+                // Due at `now` (interval 0: the resend then waits the
+                // first interval again); the back-off starts over, the
+                // horizon does not.
+                f.sent_at = now;
+                f.interval = 0;
+                rewritten += 1;
+            }
+        }
+        rewritten
+    }
+
     /// Resends every datagram due at `now` (doubling its next wait, up to
     /// the cap), or gives it up (its unanswered records answered
     /// [`STATUS_TIMEOUT`]) once the horizon has passed since its first
@@ -512,6 +575,7 @@ impl Protocol {
                 f.interval = f
                     .interval
                     .saturating_mul(2)
+                    .max(self.settings.retransmit_ns)
                     .min(self.settings.retransmit_max_ns);
                 add(&self.stats.retransmits, 1);
                 reseal(f, self.settings.keys.as_ref());

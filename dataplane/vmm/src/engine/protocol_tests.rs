@@ -838,3 +838,95 @@ fn rotated_keys_reach_sends_and_resends() {
     assert!(Datagram::parse(last).is_ok());
     assert_eq!(seqs(last), vec![2]);
 }
+
+/// An answer datagram of `model` from server `server` (see [`answers`]).
+fn answers_from(server: u32, model: u32, vcpu: u16, seqs: &[u64]) -> Vec<u8> {
+    let mut d = answers(model, vcpu, seqs);
+    let (h, _) = Header::mut_from_prefix(&mut d[..]).unwrap();
+    h.server = server.into();
+    d
+}
+
+#[test]
+fn a_retargeted_model_resends_its_datagram_in_flight_to_the_new_server_and_hears_only_it() {
+    const NEW: u32 = 4;
+    let models: Arc<[RemoteModel]> = Arc::new([RemoteModel {
+        model: MODEL_A,
+        server: SERVER,
+        socket: 0,
+    }]);
+    let settings = Settings {
+        client: CLIENT,
+        retransmit_ns: RETRANSMIT,
+        retransmit_max_ns: 8 * RETRANSMIT,
+        horizon_ns: HORIZON,
+        loss: Loss::default(),
+        keys: Some(devplane_wire::tag::KeyRing::new(
+            devplane_wire::tag::TagKey {
+                id: 1,
+                bytes: [7; 16],
+            },
+        )),
+    };
+    let stats = Arc::new(EngineStats::default());
+    let mut p = Protocol::new(
+        settings,
+        vec![Peer {
+            vm: VM,
+            vcpu: 0,
+            models,
+        }],
+        vec![Some(SERVER), Some(NEW)],
+        vec![SERVER, NEW],
+        vec![4242, 4343],
+        stats.clone(),
+    );
+    let mut io = Fake::default();
+    queue(&mut p, &mut io, 0, 0, &[5, 6]);
+    p.send_ready(0, 1000, &mut io).unwrap();
+    assert_eq!(io.sent.len(), 1);
+    // The model moves: the datagram in flight is due at once.
+    assert_eq!(p.retarget(MODEL_A, NEW, 1, 1500), 1);
+    assert_eq!(p.next_due(), Some(1500));
+    assert!(p.retransmit(1500, &mut io).unwrap());
+    let (socket, bytes) = &io.sent[1];
+    assert_eq!(*socket, 1, "sent on the new server's socket");
+    let d = Datagram::parse(bytes).unwrap();
+    assert_eq!(
+        (d.server(), d.model(), d.irq_port()),
+        (NEW, MODEL_A, Some(4343))
+    );
+    assert_eq!(seqs(bytes), vec![5, 6], "the same records and numbers");
+    let ring = devplane_wire::tag::KeyRing::new(devplane_wire::tag::TagKey {
+        id: 1,
+        bytes: [7; 16],
+    });
+    assert!(
+        devplane_wire::tag::verify(bytes, &ring).is_ok(),
+        "sealed again over the new header"
+    );
+    // A late answer from the old server is refused; the new one's taken.
+    let seal = |mut d: Vec<u8>| {
+        let n = d.len();
+        d.resize(n + devplane_wire::TAG_LEN, 0);
+        let n = devplane_wire::tag::seal(&mut d, n, &ring.current).unwrap();
+        d.truncate(n);
+        d
+    };
+    p.on_datagram(&seal(answers_from(SERVER, MODEL_A, 0, &[5, 6])), 0, &mut io);
+    assert!(io.done.is_empty());
+    assert_eq!(get(&stats.foreign_server), 2, "one per record");
+    p.on_datagram(&seal(answers_from(NEW, MODEL_A, 0, &[5, 6])), 1, &mut io);
+    assert_eq!(io.done.len(), 2);
+    assert!(!p.in_flight());
+    // What is queued next goes to the new server.
+    queue(&mut p, &mut io, 0, 0, &[7]);
+    p.send_ready(0, 2000, &mut io).unwrap();
+    assert_eq!(io.sent.last().unwrap().0, 1);
+    assert_eq!(
+        Datagram::parse(&io.sent.last().unwrap().1)
+            .unwrap()
+            .server(),
+        NEW
+    );
+}

@@ -287,6 +287,9 @@ pub struct Client {
     vms: Vec<Vm>,
     /// (VM id, hypervisor id) of each of `vms`.
     ids: Vec<(u32, u32)>,
+    /// The servers' ids, in [`ClientSpec::servers`] order (the engine's
+    /// socket order).
+    servers: Vec<u32>,
 }
 
 /// Counts a vCPU thread out when dropped (at its end, or its unwinding)
@@ -530,6 +533,7 @@ impl Client {
             engine: None,
             vms: Vec::new(),
             ids: Vec::new(),
+            servers: spec.servers.iter().map(|s| s.id).collect(),
         };
         if held {
             // A restored VM holds until resumed (its servers are told of
@@ -666,6 +670,28 @@ impl Client {
     pub fn vm(&self, vm: u32) -> Option<&Vm> {
         let at = self.ids.iter().position(|(id, _)| *id == vm)?;
         self.vms.get(at)
+    }
+
+    /// Points remote model `model` at server `server` (one of
+    /// [`ClientSpec::servers`]) for every vCPU of this client: the model
+    /// moved to that server. Requests in flight are resent there with
+    /// their sequence numbers (see [`Engine::retarget`]); the guest does
+    /// not notice. Returns how many datagrams in flight were resent.
+    pub fn retarget(
+        &self,
+        model: u32,
+        server: u32,
+        timeout: Duration,
+    ) -> Result<usize, crate::engine::RetargetError> {
+        let socket = self
+            .servers
+            .iter()
+            .position(|&s| s == server)
+            .ok_or(crate::engine::RetargetError::UnknownServer(server))?;
+        match &self.engine {
+            Some(e) => e.retarget(model, server, socket, timeout),
+            None => Ok(0),
+        }
     }
 
     /// Each vCPU's counters: (VM id, vCPU index, counters), in start order.

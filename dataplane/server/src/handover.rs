@@ -1,0 +1,265 @@
+//! A device model moved to another server: this server's side of the
+//! two-phase hand-over (`devplane_control::handover` decides the steps).
+//! As the source it lends the model (kept aside, not served) and later
+//! drops it ([`Server::release_lent`]) or serves it again
+//! ([`Server::take_back`]); as the target it builds the model from the
+//! hand-over without serving it ([`Server::stage_in`]), then serves it
+//! ([`Server::commit_in`]) or drops it ([`Server::discard_staged`]).
+//! Each answer is definite: a worker that does not take its step in time
+//! has its step cancelled (a compare-and-swap on a [`MoveTicket`]) and
+//! does nothing when it gets to it.
+
+use devplane_control::config::ModelConfig;
+
+use crate::dispatch::{Dispatcher, Handover, LendError, PendingIrq, Staged};
+use crate::lifecycle::{MoveTicket, WorkerCmd};
+use crate::{Server, ServerError};
+
+/// A model handed over by another server, built, not served yet.
+pub(crate) struct StagedIn {
+    cfg: ModelConfig,
+    staged: Staged,
+    irqs: Vec<PendingIrq>,
+}
+
+/// What a target says of a model when asked to drop its staged copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StagedFate {
+    /// Dropped (or never staged): it was never served here.
+    Gone,
+    /// Served here already (its move committed).
+    Serving,
+}
+
+fn cfg_err(s: String) -> ServerError {
+    ServerError::Config(s)
+}
+
+impl Server {
+    /// First step of a move to another server: the model's worker keeps it
+    /// aside, not served (requests for it are dropped unanswered, and
+    /// clients retransmit them), and hands over its snapshot, this worker's
+    /// duplicate windows and its unacknowledged interrupts, with its
+    /// configuration (for the target). If the worker does not take the
+    /// step within the step timeout, the step is cancelled and the model
+    /// stays served here (an error says so).
+    pub fn lend_out(&mut self, model: u32) -> Result<(ModelConfig, Handover), ServerError> {
+        let timeout = self.step_timeout;
+        let m = self
+            .cfg
+            .models
+            .iter()
+            .find(|m| m.id == model)
+            .cloned()
+            .ok_or_else(|| cfg_err(format!("model {model} is not served here")))?;
+        if self.lent_out.contains_key(&model) {
+            return Err(cfg_err(format!("model {model} is lent already")));
+        }
+        let ticket = MoveTicket::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.send(
+            m.worker,
+            WorkerCmd::Lend {
+                model,
+                ticket: ticket.clone(),
+                reply: tx,
+            },
+        )?;
+        let lent = match rx.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(_) if ticket.step(MoveTicket::PENDING, MoveTicket::CANCELLED) => {
+                return Err(cfg_err(format!(
+                    "worker {} did not give model {model} up within {timeout:?}; it stays \
+                     served here",
+                    m.worker
+                )));
+            }
+            // Lent just as the wait ended: the hand-over is on its way.
+            Err(_) => rx
+                .recv()
+                .map_err(|_| cfg_err(format!("worker {} stopped", m.worker)))?,
+        };
+        let mut h = lent.map_err(|e| {
+            cfg_err(match e {
+                LendError::NotHere => format!("worker {} does not hold model {model}", m.worker),
+                LendError::WriteBack => format!("worker {} {e}; it stays served here", m.worker),
+            })
+        })?;
+        h.params = devplane_devmodels::registry::ModelParams {
+            line: m.line,
+            backing: m.backing.clone(),
+        };
+        self.lent_out.insert(model, m.worker);
+        Ok((m, h))
+    }
+
+    /// Undo of [`Server::lend_out`]: the worker serves the model again as
+    /// it was. `Ok(false)`: nothing was lent (it serves anyway).
+    pub fn take_back(&mut self, model: u32) -> Result<bool, ServerError> {
+        let Some(&worker) = self.lent_out.get(&model) else {
+            return Ok(false);
+        };
+        self.settle_lent(model, worker, true)?;
+        self.lent_out.remove(&model);
+        Ok(true)
+    }
+
+    /// Last step of a move on the source (the target serves the model):
+    /// drops the lent copy and the model's route and configuration here.
+    pub fn release_lent(&mut self, model: u32) -> Result<(), ServerError> {
+        use devplane_control::maps::MapWriter;
+        let Some(&worker) = self.lent_out.get(&model) else {
+            return Err(cfg_err(format!("model {model} is not lent from here")));
+        };
+        self.settle_lent(model, worker, false)?;
+        self.lent_out.remove(&model);
+        self.cfg.models.retain(|m| m.id != model);
+        if let Some(x) = self.xdp.as_mut() {
+            x.maps.remove_route(model)?;
+        }
+        if let Some(a) = &self.admission
+            && let Ok(mut set) = a.models.write()
+        {
+            set.remove(&model);
+        }
+        self.reroute()
+    }
+
+    fn settle_lent(&mut self, model: u32, worker: usize, keep: bool) -> Result<(), ServerError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.send(
+            worker,
+            WorkerCmd::Settle {
+                model,
+                keep,
+                reply: tx,
+            },
+        )?;
+        match rx.recv_timeout(self.step_timeout) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(cfg_err(format!(
+                "worker {worker} had no lent model {model}"
+            ))),
+            // Queued: the worker applies it at its next turn (a lent copy
+            // is never served meanwhile).
+            Err(_) => Err(cfg_err(format!(
+                "worker {worker} has not settled model {model} within {:?}; it does at its \
+                 next turn",
+                self.step_timeout
+            ))),
+        }
+    }
+
+    /// Second step of a move, on the target: builds model `cfg.id` from
+    /// `handover` (restored from its snapshot, with the source's duplicate
+    /// windows and unacknowledged interrupts) for worker `cfg.worker`, and
+    /// keeps it until [`Server::commit_in`] serves it. Nothing is served
+    /// or routed yet.
+    pub fn stage_in(
+        &mut self,
+        cfg: ModelConfig,
+        mut handover: Handover,
+    ) -> Result<(), ServerError> {
+        if self.cfg.models.iter().any(|m| m.id == cfg.id) || self.staged.contains_key(&cfg.id) {
+            return Err(cfg_err(format!(
+                "model {} is served or staged here already",
+                cfg.id
+            )));
+        }
+        if cfg.worker >= self.cmds.len() {
+            return Err(cfg_err(format!(
+                "worker {} does not exist (this server has {})",
+                cfg.worker,
+                self.cmds.len()
+            )));
+        }
+        if let Some(vm) = cfg.vm
+            && !self.cfg.vms.iter().any(|v| v.id == vm)
+        {
+            return Err(cfg_err(format!(
+                "VM {vm} of model {} is not known here",
+                cfg.id
+            )));
+        }
+        handover.params = devplane_devmodels::registry::ModelParams {
+            line: cfg.line,
+            backing: cfg.backing.clone(),
+        };
+        let irqs = std::mem::take(&mut handover.irqs);
+        let staged =
+            Dispatcher::stage(handover).map_err(|e| cfg_err(format!("model {}: {e}", cfg.id)))?;
+        self.staged.insert(cfg.id, StagedIn { cfg, staged, irqs });
+        Ok(())
+    }
+
+    /// The commit of a move, on the target: the worker serves the staged
+    /// model (its windows merged, its interrupts queued), then it is
+    /// routed here. If the worker does not take it within the step timeout
+    /// the commit is cancelled (it never serves it) and an error says so.
+    pub fn commit_in(&mut self, model: u32) -> Result<(), ServerError> {
+        let s = self
+            .staged
+            .remove(&model)
+            .ok_or_else(|| cfg_err(format!("model {model} is not staged here")))?;
+        let worker = s.cfg.worker;
+        // Staged is "lent" from this side's point of view: the worker
+        // installs only if the ticket still says so.
+        let ticket = MoveTicket::new();
+        ticket.step(MoveTicket::PENDING, MoveTicket::LENT);
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.send(
+            worker,
+            WorkerCmd::Install {
+                model,
+                staged: Box::new(s.staged),
+                irqs: s.irqs,
+                ticket: ticket.clone(),
+                reply: tx,
+            },
+        )?;
+        let served = match rx.recv_timeout(self.step_timeout) {
+            Ok(ok) => ok,
+            Err(_) => !ticket.step(MoveTicket::LENT, MoveTicket::CANCELLED),
+        };
+        if !served {
+            return Err(cfg_err(format!(
+                "worker {worker} did not take model {model} within {:?}; it is not served here",
+                self.step_timeout
+            )));
+        }
+        self.cfg.models.push(s.cfg);
+        if let Some(a) = &self.admission
+            && let Ok(mut set) = a.models.write()
+        {
+            set.insert(model);
+        }
+        self.reroute()
+    }
+
+    /// Undo of [`Server::stage_in`]: drops a staged model; says whether it
+    /// serves the model instead (its commit went through).
+    pub fn discard_staged(&mut self, model: u32) -> StagedFate {
+        if self.staged.remove(&model).is_some() {
+            return StagedFate::Gone;
+        }
+        if self.cfg.models.iter().any(|m| m.id == model) {
+            StagedFate::Serving
+        } else {
+            StagedFate::Gone
+        }
+    }
+
+    /// The worker serving model `model`, if this server serves it.
+    pub fn model_worker(&self, model: u32) -> Option<usize> {
+        self.cfg
+            .models
+            .iter()
+            .find(|m| m.id == model)
+            .map(|m| m.worker)
+    }
+
+    /// Models lent to another server by moves not yet settled.
+    pub fn lent_models(&self) -> Vec<u32> {
+        self.lent_out.keys().copied().collect()
+    }
+}

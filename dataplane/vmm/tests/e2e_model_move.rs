@@ -1,0 +1,397 @@
+//! End to end, a device model moved from one server to another while a
+//! guest writes to it: the two-phase hand-over of
+//! `devplane_control::handover` (lend on the source, stage on the target,
+//! the client retargets, commit on the target, release on the source)
+//! between a server behind XDP and a second server in the same network
+//! namespace (socket mode, another port), under continuous I/O from a
+//! synchronous and a posting vCPU. A move whose source worker does not
+//! lend in time, and one whose target worker does not take the commit in
+//! time, are cancelled and leave the model serving on the source; then
+//! both models move, and back again. Every guest checks its count at the
+//! end (`guests::checked_writes`): a write lost or applied twice shows.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use devplane_control::config::{
+    ClientConfig, Mode, ModelConfig, ServerConfig, ServerSection, Tuning, VmConfig,
+};
+use devplane_control::handover::{self, Discarded, Parties, Report, Step, StepError};
+use devplane_devmodels::Space;
+use devplane_server::StagedFate;
+use devplane_server::dispatch::Handover;
+use devplane_testkit::host::ServerThread;
+use devplane_testkit::privilege::{self, Capability};
+use devplane_testkit::topology::{Side, Topology};
+use devplane_vmm::engine::EngineConfig;
+use devplane_vmm::guests;
+use devplane_vmm::kvm::VcpuExit;
+use devplane_vmm::vmm::{
+    Client, ClientSpec, DeviceSpec, Place, ServerSpec, VcpuReport, VcpuSpec, VmSpec,
+};
+
+const PORT_A: u16 = 7716;
+const PORT_B: u16 = 7717;
+const SERVER_A: u32 = 1;
+const SERVER_B: u32 = 2;
+const CLIENT: u32 = 7;
+const HV: u32 = 2;
+const VM: u32 = 1;
+/// vCPU 0's counter (synchronous writes).
+const SYNC_MODEL: u32 = 11;
+/// vCPU 1's counter (posted writes).
+const POSTED_MODEL: u32 = 12;
+/// A model the second server starts with (it is never moved).
+const B_OWN: u32 = 99;
+const PIO_BASE: u16 = 0x500;
+
+fn counter(id: u32, worker: usize, base: u16) -> ModelConfig {
+    ModelConfig {
+        pio_base: Some(base),
+        ..ModelConfig::new(id, "counter", worker)
+    }
+}
+
+fn server_config(topo: &Topology, id: u32, xdp: bool, models: Vec<ModelConfig>) -> ServerConfig {
+    ServerConfig {
+        server: ServerSection {
+            id,
+            port: if xdp { PORT_A } else { PORT_B },
+            mode: if xdp { Mode::Xdp } else { Mode::Socket },
+            interface: xdp.then(|| topo.server_ifname().to_string()),
+            workers: if xdp { vec![0, 1] } else { vec![0] },
+            pin_dir: xdp
+                .then(|| format!("/sys/fs/bpf/devplane-test-mmove-{}", std::process::id()).into()),
+            check_clients: true,
+        },
+        tuning: Tuning {
+            spin_budget: 500,
+            idle_sleep_us: 100,
+            batch: 64,
+        },
+        clients: vec![ClientConfig {
+            budget: None,
+            tag_key: None,
+            id: CLIENT,
+            address: topo.client_ip(),
+        }],
+        vms: vec![VmConfig {
+            id: VM,
+            client: CLIENT,
+            hypervisor: HV,
+        }],
+        models,
+    }
+}
+
+fn pio(base: u16, model: u32, posted: bool) -> DeviceSpec {
+    DeviceSpec {
+        space: Space::Pio,
+        base: base as u64,
+        len: 0x10,
+        model,
+        posted,
+        place: Place::Remote { server: 0 },
+    }
+}
+
+/// VM 1: vCPU 0 `sync` synchronous writes, vCPU 1 `posted` posted writes,
+/// each checked against its counter at the end.
+fn checked_vm(sync: u16, posted: u16) -> VmSpec {
+    let g0 = guests::checked_writes(PIO_BASE, sync, 0).unwrap();
+    let g1 = guests::checked_writes(PIO_BASE, posted, 1).unwrap();
+    VmSpec {
+        id: VM,
+        hypervisor: HV,
+        mem_bytes: g1.mem_end().next_multiple_of(0x1_0000) as usize,
+        images: vec![
+            (g0.load_gpa, g0.code.clone()),
+            (g1.load_gpa, g1.code.clone()),
+        ],
+        vcpus: [&g0, &g1]
+            .iter()
+            .map(|g| VcpuSpec {
+                entry: g.entry,
+                core: None,
+            })
+            .collect(),
+        devices: vec![
+            pio(PIO_BASE, SYNC_MODEL, false),
+            pio(PIO_BASE + 0x10, POSTED_MODEL, true),
+        ],
+    }
+}
+
+fn done(r: &VcpuReport) -> u32 {
+    match &r.exit {
+        Ok(VcpuExit::Done(v)) => *v,
+        other => panic!("VM {} vCPU {} did not finish: {other:?}", r.vm, r.vcpu),
+    }
+}
+
+/// One move of `model` between two in-thread servers and a client, as
+/// the hand-over's parties. A server's answers are definite (its workers'
+/// steps are decided by a compare-and-swap) except settling a lent copy,
+/// which a slow worker applies later.
+struct Move<'a> {
+    model: u32,
+    from: &'a ServerThread,
+    to: &'a ServerThread,
+    from_id: u32,
+    to_id: u32,
+    client: &'a Client,
+}
+
+fn gone() -> StepError {
+    StepError::TimedOut("the server thread is gone".into())
+}
+
+impl Parties for Move<'_> {
+    type Handover = (ModelConfig, Handover);
+
+    fn lend(&mut self) -> Result<Self::Handover, StepError> {
+        let m = self.model;
+        self.from
+            .call(move |s| s.lend_out(m))
+            .ok_or_else(gone)?
+            .map_err(|e| StepError::Refused(e.to_string()))
+    }
+
+    fn stage(&mut self, (mut cfg, h): Self::Handover) -> Result<(), StepError> {
+        // The target has one worker.
+        cfg.worker = 0;
+        self.to
+            .call(move |s| s.stage_in(cfg, h))
+            .ok_or_else(gone)?
+            .map_err(|e| StepError::Refused(e.to_string()))
+    }
+
+    fn retarget(&mut self, to_target: bool) -> Result<(), StepError> {
+        let server = if to_target { self.to_id } else { self.from_id };
+        self.client
+            .retarget(self.model, server, Duration::from_secs(2))
+            .map(|_| ())
+            .map_err(|e| StepError::TimedOut(e.to_string()))
+    }
+
+    fn commit(&mut self) -> Result<(), StepError> {
+        let m = self.model;
+        self.to
+            .call(move |s| s.commit_in(m))
+            .ok_or_else(gone)?
+            .map_err(|e| StepError::Refused(e.to_string()))
+    }
+
+    fn release(&mut self) -> Result<(), StepError> {
+        let m = self.model;
+        self.from
+            .call(move |s| s.release_lent(m))
+            .ok_or_else(gone)?
+            .map_err(|e| StepError::TimedOut(e.to_string()))
+    }
+
+    fn take_back(&mut self) -> Result<(), StepError> {
+        let m = self.model;
+        self.from
+            .call(move |s| s.take_back(m))
+            .ok_or_else(gone)?
+            .map(|_| ())
+            .map_err(|e| StepError::TimedOut(e.to_string()))
+    }
+
+    fn discard(&mut self) -> Result<Discarded, StepError> {
+        let m = self.model;
+        match self
+            .to
+            .call(move |s| s.discard_staged(m))
+            .ok_or_else(gone)?
+        {
+            StagedFate::Gone => Ok(Discarded::Gone),
+            StagedFate::Serving => Ok(Discarded::Serving),
+        }
+    }
+}
+
+/// Whether A serves `model`, whether B does, and whether either has it
+/// lent.
+fn placement(a: &ServerThread, b: &ServerThread, model: u32) -> (bool, bool, bool) {
+    let look = |s: &ServerThread| {
+        s.call(move |s| {
+            (
+                s.model_worker(model).is_some(),
+                s.lent_models().contains(&model),
+            )
+        })
+        .expect("server thread")
+    };
+    let ((on_a, lent_a), (on_b, lent_b)) = (look(a), look(b));
+    (on_a, on_b, lent_a || lent_b)
+}
+
+#[test]
+fn a_model_moved_between_servers_under_traffic_keeps_every_write_once() {
+    let test = "a_model_moved_between_servers_under_traffic_keeps_every_write_once";
+    if !privilege::require(test, &[Capability::Root, Capability::Bpf, Capability::Kvm]) {
+        return;
+    }
+    let topo = match Topology::new("mmove") {
+        Ok(t) => t,
+        Err(e) => {
+            privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
+            return;
+        }
+    };
+    let a = ServerThread::spawn(
+        server_config(
+            &topo,
+            SERVER_A,
+            true,
+            vec![
+                counter(SYNC_MODEL, 0, PIO_BASE),
+                counter(POSTED_MODEL, 1, PIO_BASE + 0x10),
+            ],
+        ),
+        Some(topo.server_netns()),
+    )
+    .expect("server A starts");
+    let b = ServerThread::spawn(
+        server_config(&topo, SERVER_B, false, vec![counter(B_OWN, 0, 0x700)]),
+        Some(topo.server_netns()),
+    )
+    .expect("server B starts");
+    for s in [&a, &b] {
+        s.call(|s| s.set_step_timeout(Duration::from_millis(300)))
+            .expect("server thread");
+    }
+    let (sync, posted) = (12000u16, 16000u16);
+    let spec = ClientSpec {
+        client: CLIENT,
+        bind: Some(topo.client_ip().into()),
+        servers: vec![
+            ServerSpec {
+                addr: SocketAddr::from((topo.server_ip(), PORT_A)),
+                id: SERVER_A,
+            },
+            ServerSpec {
+                addr: SocketAddr::from((topo.server_ip(), PORT_B)),
+                id: SERVER_B,
+            },
+        ],
+        vms: vec![checked_vm(sync, posted)],
+        engine: EngineConfig {
+            spin_budget: 500,
+            retransmit: Duration::from_millis(2),
+            retransmit_max: Duration::from_millis(20),
+            ..EngineConfig::default()
+        },
+        engine_core: None,
+        vcpu_spin: 200,
+        samples: 0,
+        direct: true,
+    };
+    let mut client = topo
+        .run(Side::Client, move || Client::start(spec))
+        .expect("enter client netns")
+        .expect("client starts");
+    std::thread::sleep(Duration::from_millis(30));
+
+    let mv = |model, from, to, from_id, to_id| {
+        let mut p = Move {
+            model,
+            from,
+            to,
+            from_id,
+            to_id,
+            client: &client,
+        };
+        handover::run(&mut p)
+    };
+
+    let writes = |c: &Client| -> Vec<u64> {
+        c.vcpu_stats()
+            .iter()
+            .map(|(_, _, s)| s.remote.load(std::sync::atomic::Ordering::Relaxed))
+            .collect()
+    };
+
+    // 1. Both models move to B while both guests write.
+    for model in [POSTED_MODEL, SYNC_MODEL] {
+        let r = mv(model, &a, &b, SERVER_A, SERVER_B);
+        assert_eq!(
+            r,
+            Report::Moved {
+                release_pending: None
+            },
+            "{r}"
+        );
+        assert_eq!(
+            placement(&a, &b, model),
+            (false, true, false),
+            "model {model}"
+        );
+    }
+    // Both guests still write after the moves: they happened under
+    // traffic.
+    let w = writes(&client);
+    assert!(
+        w[0] < u64::from(sync) && w[1] < u64::from(posted),
+        "a guest finished before the moves did: {w:?}"
+    );
+    eprintln!("writes when the moves were done: {w:?}");
+
+    // 2. The source's (B's) worker is stuck past the step timeout: the
+    // lend is cancelled, the model serves on B as before.
+    b.call(|s| s.stall_worker(0, Duration::from_millis(600)))
+        .expect("server thread")
+        .expect("stall");
+    let r = mv(SYNC_MODEL, &b, &a, SERVER_B, SERVER_A);
+    assert!(
+        matches!(r, Report::Cancelled { at: Step::Lend, .. }),
+        "stuck source worker: {r}"
+    );
+    assert_eq!(placement(&a, &b, SYNC_MODEL), (false, true, false), "{r}");
+    eprintln!("{r}");
+    // Until the stuck worker is back (it then finds its lend cancelled
+    // and does nothing).
+    std::thread::sleep(Duration::from_millis(400));
+
+    // 3. The target's (A's) worker is stuck past the step timeout when
+    // the commit comes: cancelled after the client retargeted; it points
+    // back and B serves the model again.
+    a.call(|s| s.stall_worker(0, Duration::from_millis(900)))
+        .expect("server thread")
+        .expect("stall");
+    let r = mv(SYNC_MODEL, &b, &a, SERVER_B, SERVER_A);
+    assert!(
+        matches!(r, Report::Cancelled { at: Step::Commit, ref loose_ends, .. } if loose_ends.is_empty()),
+        "stuck target worker: {r}"
+    );
+    assert_eq!(placement(&a, &b, SYNC_MODEL), (false, true, false), "{r}");
+    eprintln!("{r}");
+    std::thread::sleep(Duration::from_millis(700));
+
+    // 4. The synchronous model goes back to A.
+    let r = mv(SYNC_MODEL, &b, &a, SERVER_B, SERVER_A);
+    assert_eq!(
+        r,
+        Report::Moved {
+            release_pending: None
+        },
+        "{r}"
+    );
+    assert_eq!(placement(&a, &b, SYNC_MODEL), (true, false, false));
+    eprintln!("writes after the last move: {:?}", writes(&client));
+    let reports = client.wait(Duration::from_secs(120));
+    assert_eq!(done(&reports[0]), u32::from(sync), "synchronous writes");
+    assert_eq!(done(&reports[1]), u32::from(posted), "posted writes");
+    // B served the posted model (B started with no traffic at all).
+    let applied: u64 = b
+        .snapshot()
+        .workers
+        .iter()
+        .map(|w| w.records - w.duplicates)
+        .sum();
+    assert!(applied > 0, "server B applied nothing");
+    assert_eq!(placement(&a, &b, POSTED_MODEL), (false, true, false));
+    assert_eq!(placement(&a, &b, SYNC_MODEL), (true, false, false));
+}
