@@ -66,6 +66,7 @@ use std::path::{Path, PathBuf};
 use devplane_wire::AccessSize;
 use io_uring::{IoUring, opcode, squeue, types};
 
+use crate::blockio::{AsyncFile, BlockDevice};
 use crate::codec::{Decoder, Encoder};
 use crate::{DeviceError, DeviceModel, Snapshot, SnapshotError, Space};
 
@@ -130,6 +131,9 @@ pub struct Blockstore {
     flushes: u64,
     writes: u64,
     failures: u64,
+    /// Block requests (`crate::blockio`), served asynchronously on the
+    /// same file; `None` if its ring could not be set up.
+    aio: Option<AsyncFile>,
 }
 
 impl std::fmt::Debug for Blockstore {
@@ -176,6 +180,17 @@ fn open_image(path: &Path, create: bool) -> Result<(File, u64), BlockstoreError>
         });
     }
     Ok((file, capacity))
+}
+
+/// The asynchronous block-request side on a duplicate of `file`.
+fn async_file(file: &File, capacity: u64) -> Option<AsyncFile> {
+    match file.try_clone().and_then(|f| AsyncFile::new(f, capacity)) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            eprintln!("blockstore: no io_uring for block requests: {e}");
+            None
+        }
+    }
 }
 
 fn new_ring(path: &Path) -> Result<IoUring, BlockstoreError> {
@@ -242,7 +257,9 @@ impl Blockstore {
     pub fn open(path: &Path) -> Result<Blockstore, BlockstoreError> {
         let (file, capacity) = open_image(path, true)?;
         let ring = new_ring(path)?;
+        let aio = async_file(&file, capacity);
         Ok(Blockstore {
+            aio,
             path: path.to_path_buf(),
             file,
             ring: Some(ring),
@@ -606,7 +623,22 @@ impl DeviceModel for Blockstore {
     }
 
     fn write_back(&mut self) -> bool {
+        if let Some(a) = self.aio.as_mut() {
+            a.drain();
+        }
         self.dirty.is_empty() || Blockstore::write_back(self, true)
+    }
+
+    /// Block requests go to the file directly (through the host's page
+    /// cache). The register window's cache is written back first and its
+    /// clean pages dropped, so both views agree (mixing the two is for
+    /// tests; the data path uses block requests only).
+    fn block(&mut self) -> Option<&mut dyn BlockDevice> {
+        if !self.dirty.is_empty() {
+            Blockstore::write_back(self, false);
+        }
+        self.clean.clear();
+        self.aio.as_mut().map(|a| a as &mut dyn BlockDevice)
     }
 
     fn read(&mut self, space: Space, offset: u64, size: AccessSize) -> Result<u64, DeviceError> {
@@ -746,6 +778,7 @@ impl DeviceModel for Blockstore {
                 why: "backing file missing, unopenable or of another size",
             }
         })?;
+        self.aio = async_file(&file, capacity);
         self.path = path;
         self.file = file;
         self.ring = Some(ring);
