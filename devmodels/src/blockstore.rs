@@ -34,7 +34,10 @@
 //! "acknowledged write" a restart must not lose. A flush is one io_uring
 //! submission of every dirty page's write with an fsync linked after them
 //! (`IOSQE_IO_LINK`), and it blocks the owning worker until the fsync has
-//! completed. When more than [`DIRTY_LIMIT`] pages are dirty they are
+//! completed: the register window is for tests and for the capacity. The
+//! data path is block requests ([`DeviceModel::block`], served by
+//! [`crate::blockio::AsyncFile`] on the same file, never blocking).
+//! When more than [`DIRTY_LIMIT`] pages are dirty they are
 //! written back without an fsync. A clean-page cache of
 //! [`CLEAN_CACHE_PAGES`] pages (least recently used evicted first) spares
 //! reads a trip to the file; a miss reads the whole page with io_uring.
