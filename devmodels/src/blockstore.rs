@@ -34,7 +34,10 @@
 //! "acknowledged write" a restart must not lose. A flush is one io_uring
 //! submission of every dirty page's write with an fsync linked after them
 //! (`IOSQE_IO_LINK`), and it blocks the owning worker until the fsync has
-//! completed. When more than [`DIRTY_LIMIT`] pages are dirty they are
+//! completed: the register window is for tests and for the capacity. The
+//! data path is block requests ([`DeviceModel::block`], served by
+//! [`crate::blockio::AsyncFile`] on the same file, never blocking).
+//! When more than [`DIRTY_LIMIT`] pages are dirty they are
 //! written back without an fsync. A clean-page cache of
 //! [`CLEAN_CACHE_PAGES`] pages (least recently used evicted first) spares
 //! reads a trip to the file; a miss reads the whole page with io_uring.
@@ -66,6 +69,7 @@ use std::path::{Path, PathBuf};
 use devplane_wire::AccessSize;
 use io_uring::{IoUring, opcode, squeue, types};
 
+use crate::blockio::{AsyncFile, BlockDevice};
 use crate::codec::{Decoder, Encoder};
 use crate::{DeviceError, DeviceModel, Snapshot, SnapshotError, Space};
 
@@ -130,6 +134,9 @@ pub struct Blockstore {
     flushes: u64,
     writes: u64,
     failures: u64,
+    /// Block requests (`crate::blockio`), served asynchronously on the
+    /// same file; `None` if its ring could not be set up.
+    aio: Option<AsyncFile>,
 }
 
 impl std::fmt::Debug for Blockstore {
@@ -176,6 +183,17 @@ fn open_image(path: &Path, create: bool) -> Result<(File, u64), BlockstoreError>
         });
     }
     Ok((file, capacity))
+}
+
+/// The asynchronous block-request side on a duplicate of `file`.
+fn async_file(file: &File, capacity: u64) -> Option<AsyncFile> {
+    match file.try_clone().and_then(|f| AsyncFile::new(f, capacity)) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            eprintln!("blockstore: no io_uring for block requests: {e}");
+            None
+        }
+    }
 }
 
 fn new_ring(path: &Path) -> Result<IoUring, BlockstoreError> {
@@ -242,7 +260,9 @@ impl Blockstore {
     pub fn open(path: &Path) -> Result<Blockstore, BlockstoreError> {
         let (file, capacity) = open_image(path, true)?;
         let ring = new_ring(path)?;
+        let aio = async_file(&file, capacity);
         Ok(Blockstore {
+            aio,
             path: path.to_path_buf(),
             file,
             ring: Some(ring),
@@ -606,7 +626,22 @@ impl DeviceModel for Blockstore {
     }
 
     fn write_back(&mut self) -> bool {
+        if let Some(a) = self.aio.as_mut() {
+            a.drain();
+        }
         self.dirty.is_empty() || Blockstore::write_back(self, true)
+    }
+
+    /// Block requests go to the file directly (through the host's page
+    /// cache). The register window's cache is written back first and its
+    /// clean pages dropped, so both views agree (mixing the two is for
+    /// tests; the data path uses block requests only).
+    fn block(&mut self) -> Option<&mut dyn BlockDevice> {
+        if !self.dirty.is_empty() {
+            Blockstore::write_back(self, false);
+        }
+        self.clean.clear();
+        self.aio.as_mut().map(|a| a as &mut dyn BlockDevice)
     }
 
     fn read(&mut self, space: Space, offset: u64, size: AccessSize) -> Result<u64, DeviceError> {
@@ -746,6 +781,7 @@ impl DeviceModel for Blockstore {
                 why: "backing file missing, unopenable or of another size",
             }
         })?;
+        self.aio = async_file(&file, capacity);
         self.path = path;
         self.file = file;
         self.ring = Some(ring);

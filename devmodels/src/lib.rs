@@ -9,6 +9,7 @@
 //! trait takes `&mut self` and needs no locks.
 #![deny(missing_docs)]
 
+pub mod blockio;
 pub mod blockstore;
 pub mod cmos;
 pub mod counter;

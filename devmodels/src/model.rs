@@ -123,6 +123,13 @@ pub trait DeviceModel: Send {
         true
     }
 
+    /// The model as a disk that serves block requests asynchronously
+    /// (`crate::blockio`), if it is one. A model with registers as well
+    /// keeps both views of its data coherent.
+    fn block(&mut self) -> Option<&mut dyn crate::blockio::BlockDevice> {
+        None
+    }
+
     /// The whole state, versioned.
     fn snapshot(&self) -> Snapshot;
 

@@ -15,7 +15,7 @@ use aya_ebpf::programs::XdpContext;
 use devplane_wire::frame::{
     ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_UDP, Ipv4Hdr, UDP_HLEN, UdpHdr, udp_lengths_ok,
 };
-use devplane_wire::header::{count_fits, server_accepts};
+use devplane_wire::header::{length_fits, server_accepts};
 use devplane_wire::maps::{
     BUCKETS_MAP, Bucket, CLIENTS_MAP, CONFIG_CHECK_CLIENT, CONFIG_MAP, CONFIG_REDIRECT,
     COUNTER_COUNT, ClientEntry, Config, Counter, MAX_CLIENTS, MAX_MODELS, MAX_VMS, MAX_WORKERS,
@@ -191,7 +191,8 @@ fn check_lengths(ctx: &XdpContext, ip: &Ipv4Hdr, udp: &UdpHdr) -> Step<usize> {
 }
 
 /// The devplane header: magic, version, a kind a server accepts, and a
-/// record count that fills the payload exactly.
+/// record count that fills the payload exactly (a block request: one
+/// block record and at most a datagram's worth of data).
 #[inline(always)]
 fn parse_header<'a>(ctx: &'a XdpContext, ip: &Ipv4Hdr, payload_len: usize) -> Step<&'a Header> {
     let hdr: &Header = header_at(ctx, ETH_HLEN + ip.header_len() + UDP_HLEN)?;
@@ -207,7 +208,12 @@ fn parse_header<'a>(ctx: &'a XdpContext, ip: &Ipv4Hdr, payload_len: usize) -> St
     if !server_accepts(hdr.kind) {
         return Err(drop_as(Counter::DropBadKind));
     }
-    if !count_fits(hdr.count.get() as usize, hdr.flags.get(), payload_len) {
+    if !length_fits(
+        hdr.kind,
+        hdr.count.get() as usize,
+        hdr.flags.get(),
+        payload_len,
+    ) {
         return Err(drop_as(Counter::DropBadCount));
     }
     Ok(hdr)

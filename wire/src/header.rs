@@ -110,11 +110,26 @@ const _: () = assert!(core::mem::offset_of!(Header, client) == OFF_CLIENT);
 const _: () = assert!(core::mem::offset_of!(Header, count) == OFF_COUNT);
 const _: () = assert!(core::mem::offset_of!(Header, flags) == OFF_FLAGS);
 
-/// Whether a server accepts datagrams of kind byte `kind`: requests and
-/// acknowledgements (responses and interrupts go the other way).
+/// Whether a server accepts datagrams of kind byte `kind`: requests,
+/// acknowledgements and block requests (`crate::bulk`); responses,
+/// interrupts and block answers go the other way.
 #[inline(always)]
 pub const fn server_accepts(kind: u8) -> bool {
-    kind == Kind::Request as u8 || kind == Kind::Ack as u8
+    kind == Kind::Request as u8
+        || kind == Kind::Ack as u8
+        || kind == crate::bulk::KIND_BLOCK_REQUEST
+}
+
+/// Whether the header's `count` and `flags` fit a payload of
+/// `payload_len` bytes for a datagram of kind byte `kind`: records
+/// ([`count_fits`]) or a bulk datagram ([`crate::bulk::bulk_len_fits`]).
+#[inline(always)]
+pub const fn length_fits(kind: u8, count: usize, flags: u16, payload_len: usize) -> bool {
+    if kind == crate::bulk::KIND_BLOCK_REQUEST {
+        crate::bulk::bulk_len_fits(count, flags, payload_len)
+    } else {
+        count_fits(count, flags, payload_len)
+    }
 }
 
 /// Whether `count` records (and, if `flags` has [`HDR_TAG`], the tag

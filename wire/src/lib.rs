@@ -17,6 +17,9 @@
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod bulk;
+#[cfg(feature = "std")]
+pub mod bulk_state;
 pub mod datagram;
 pub mod error;
 pub mod frame;

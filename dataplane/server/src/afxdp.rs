@@ -38,6 +38,11 @@ pub const FRAME_SIZE: u32 = 2048;
 pub const FILL_FRAMES: u32 = 2048;
 /// Frames each worker keeps for interrupt packets.
 pub const IRQ_FRAMES_PER_WORKER: u32 = 64;
+/// Frames each worker keeps for block answers ([`crate::bulk`]) beyond
+/// those: a block answer never takes one of the interrupts' frames.
+pub const BULK_FRAMES_PER_WORKER: u32 = 1024;
+/// Frames of each worker's own pool (interrupts and block answers).
+const POOL_FRAMES_PER_WORKER: u32 = IRQ_FRAMES_PER_WORKER + BULK_FRAMES_PER_WORKER;
 const RING_SIZE: u32 = 2048;
 /// Most frames one TX kick sends in copy mode (the kernel's
 /// `TX_BATCH_SIZE` for `sendto` on an AF_XDP socket without zero copy).
@@ -163,7 +168,7 @@ impl XskSet {
     /// Creates `workers` sockets on `ifname` queue 0 sharing one UMEM, and
     /// fills the fill ring.
     pub fn new(ifname: &str, workers: usize) -> Result<XskSet, ServerError> {
-        let frames = FILL_FRAMES + IRQ_FRAMES_PER_WORKER * workers as u32;
+        let frames = FILL_FRAMES + POOL_FRAMES_PER_WORKER * workers as u32;
         let (map, area_ptr) = umem_area((frames * FRAME_SIZE) as usize)?;
         let config = UmemConfig {
             fill_size: RING_SIZE,
@@ -258,7 +263,7 @@ impl XskSet {
             let Some((rx, tx)) = s.rings.take() else {
                 continue;
             };
-            let irq_base = FILL_FRAMES + IRQ_FRAMES_PER_WORKER * i as u32;
+            let irq_base = FILL_FRAMES + POOL_FRAMES_PER_WORKER * i as u32;
             out.push(XskWorkerRings {
                 index: i,
                 rx,
@@ -267,7 +272,7 @@ impl XskSet {
                 shared: self.shared.clone(),
                 outstanding: self.outstanding.clone(),
                 area,
-                irq_free: (irq_base..irq_base + IRQ_FRAMES_PER_WORKER)
+                irq_free: (irq_base..irq_base + POOL_FRAMES_PER_WORKER)
                     .map(|f| f as u64 * FRAME_SIZE as u64)
                     .collect(),
             });
@@ -293,7 +298,7 @@ fn is_irq_frame(addr: u64) -> bool {
 }
 
 fn irq_owner(addr: u64) -> usize {
-    ((addr / FRAME_SIZE as u64 - FILL_FRAMES as u64) / IRQ_FRAMES_PER_WORKER as u64) as usize
+    ((addr / FRAME_SIZE as u64 - FILL_FRAMES as u64) / POOL_FRAMES_PER_WORKER as u64) as usize
 }
 
 /// A worker's AF_XDP transport: its rings and the scratch it reuses turn
@@ -450,6 +455,10 @@ fn answer_frame(
             work.router.ack(model, seq);
             recycle.push(desc.addr);
         }
+        Some(FrameOutcome::Bulk { client, vm, back }) => {
+            work.bulk_peers.learn(client, vm, back);
+            recycle.push(desc.addr);
+        }
     }
 }
 
@@ -488,6 +497,41 @@ impl Transport for XskTransport {
             return false;
         };
         match interrupt_frame(buf, &flow, (server, client, irqs[0].model), irqs, key) {
+            Some(len) => {
+                self.irq_descs.push(XdpDesc {
+                    addr,
+                    len: len as u32,
+                    options: 0,
+                });
+                true
+            }
+            None => {
+                self.rings.irq_free.push(addr);
+                false
+            }
+        }
+    }
+
+    fn queue_datagram(&mut self, to: Flow, bytes: &[u8], _stats: &WorkerStats) -> bool {
+        // Block answers leave the interrupts' share of the pool alone.
+        if self.rings.irq_free.len() <= IRQ_FRAMES_PER_WORKER as usize {
+            return false;
+        }
+        let Some(addr) = self.rings.irq_free.pop() else {
+            return false;
+        };
+        // SAFETY: the frame comes from this worker's private pool.
+        let Some(buf) = (unsafe { self.rings.area.frame(addr, FRAME_SIZE as usize) }) else {
+            return false;
+        };
+        let len = buf
+            .get_mut(devplane_wire::frame::PAYLOAD_OFFSET..)
+            .and_then(|body| {
+                body.get_mut(..bytes.len())?.copy_from_slice(bytes);
+                Some(bytes.len())
+            })
+            .and_then(|n| devplane_wire::frame::write_headers(buf, &to, n));
+        match len {
             Some(len) => {
                 self.irq_descs.push(XdpDesc {
                     addr,

@@ -24,6 +24,16 @@ pub enum FrameOutcome {
         /// The highest sequence number acknowledged.
         seq: u64,
     },
+    /// A block request taken by the bulk engine: recycle the frame; its
+    /// answers go back along `back`.
+    Bulk {
+        /// The client.
+        client: u32,
+        /// Its VM.
+        vm: u32,
+        /// The flow back to the sender.
+        back: Flow,
+    },
     /// Not a UDP/IPv4 frame at all.
     BadFrame,
     /// A wrong IPv4 header checksum, or a wrong non-zero UDP checksum.
@@ -62,6 +72,13 @@ pub fn answer_in_place(
             ..
         } => (client, vm, irq_port, fresh),
         Outcome::Acked { model, seq } => return FrameOutcome::Ack { model, seq },
+        Outcome::Bulk { client, vm } => {
+            return FrameOutcome::Bulk {
+                client,
+                vm,
+                back: udp.flow.reversed(),
+            };
+        }
         Outcome::Consumed
         | Outcome::NotHere
         | Outcome::Malformed(_)

@@ -23,6 +23,7 @@
 
 pub mod afxdp;
 pub mod bpffs;
+pub mod bulk;
 pub mod control;
 pub mod dispatch;
 mod error;

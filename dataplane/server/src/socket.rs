@@ -241,6 +241,7 @@ impl SocketTransport {
                 work.stats.service.record(t0.elapsed().as_nanos() as u64, 1);
             }
             Outcome::Acked { model, seq } => work.router.ack(model, seq),
+            Outcome::Bulk { client, vm } => work.bulk_peers.learn(client, vm, from),
             _ => {}
         }
     }
@@ -279,6 +280,21 @@ impl Transport for SocketTransport {
             WorkerStats::add(&stats.tx, 1);
         }
         sent
+    }
+
+    fn queue_datagram(&mut self, to: SocketAddr, bytes: &[u8], stats: &WorkerStats) -> bool {
+        match self.sock.send_to(bytes, to) {
+            Ok(_) => {
+                WorkerStats::add(&stats.tx, 1);
+                true
+            }
+            // A full socket buffer: the answer waits for the next turn.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            Err(_) => {
+                WorkerStats::add(&stats.tx_full, 1);
+                true
+            }
+        }
     }
 
     fn transmit(&mut self, _stats: &WorkerStats) {}

@@ -575,3 +575,81 @@ fn without_client_checks_there_is_no_budget() {
     assert_eq!(last, XDP_PASS);
     assert_eq!(d.get(Counter::PassRouted), 10);
 }
+
+/// A block request (`wire::bulk`) of `data` bytes of a write, from VM `vm`.
+fn block_request(vm: u32, data: usize) -> Vec<u8> {
+    use devplane_wire::bulk::{self, BlockMsg, BlockOp, BlockStatus};
+    let mut h = Header::new(Kind::Request, MODEL, 1, CLIENT);
+    h.kind = bulk::KIND_BLOCK_REQUEST;
+    let m = BlockMsg {
+        op: BlockOp::Write,
+        status: BlockStatus::Ok,
+        flags: 0,
+        queue: 0,
+        vm,
+        hypervisor: 1,
+        id: 1,
+        sector: 0,
+        len: 4096,
+    };
+    let mut buf = vec![0u8; devplane_wire::MAX_DATAGRAM];
+    let n = bulk::write(&mut buf, h, &m, 0, 3, &vec![0xab; data]).unwrap();
+    buf.truncate(n);
+    buf
+}
+
+#[test]
+fn block_requests_are_steered_and_checked_like_requests() {
+    let Some(mut h) = Harness::new(
+        "block_requests_are_steered_and_checked_like_requests",
+        CONFIG_CHECK_CLIENT,
+    ) else {
+        return;
+    };
+    let full = block_request(1, devplane_wire::bulk::SEG_DATA);
+    h.expect(
+        "a full block segment",
+        &udp_frame(&flow(), &full),
+        XDP_PASS,
+        Counter::PassRouted,
+    );
+    let empty = block_request(1, 0);
+    h.expect(
+        "a block request without data",
+        &udp_frame(&flow(), &empty),
+        XDP_PASS,
+        Counter::PassRouted,
+    );
+    // The VM check reads the block record's VM at a request record's offset.
+    h.expect(
+        "a block request for an unregistered VM",
+        &udp_frame(&flow(), &block_request(99, 16)),
+        XDP_DROP,
+        Counter::DropForeignVm,
+    );
+    let mut two = block_request(1, 16);
+    two[devplane_wire::header::OFF_COUNT] = 2;
+    h.expect(
+        "a block request claiming two records",
+        &udp_frame(&flow(), &two),
+        XDP_DROP,
+        Counter::DropBadCount,
+    );
+    let mut cut = block_request(1, 0);
+    cut.truncate(devplane_wire::HEADER_LEN + 8);
+    h.expect(
+        "a block request shorter than its record",
+        &udp_frame(&flow(), &cut),
+        XDP_DROP,
+        Counter::DropBadCount,
+    );
+    // Block answers go the other way.
+    let mut answer = block_request(1, 16);
+    answer[devplane_wire::header::OFF_KIND] = devplane_wire::bulk::KIND_BLOCK_ANSWER;
+    h.expect(
+        "a block answer sent to a server",
+        &udp_frame(&flow(), &answer),
+        XDP_DROP,
+        Counter::DropBadKind,
+    );
+}

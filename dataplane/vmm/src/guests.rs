@@ -9,8 +9,8 @@
 
 use iced_x86::IcedError;
 use iced_x86::code_asm::{
-    CodeAssembler, CodeLabel, al, ax, bx, byte_ptr, cs, cx, di, ds, dword_ptr, dx, eax, edx, es,
-    fs, mm0, qword_ptr, si, word_ptr,
+    CodeAssembler, CodeLabel, al, ax, bx, byte_ptr, cs, cx, di, ds, dword_ptr, dx, eax, ecx, edx,
+    es, fs, mm0, qword_ptr, si, word_ptr,
 };
 
 use super::kvm::{DONE_PORT, Entry};
@@ -692,14 +692,33 @@ fn vq_request(
     a.xor(ax, ax)?;
     a.out(dx, ax)?;
     a.mov(bx, step)?;
+    // A remote disk in bulk completes after the notify returns: wait for
+    // the used entry (bounded), then for the interrupt status.
+    let mut used_wait = a.create_label();
+    let mut used_ready = a.create_label();
+    a.mov(ecx, 0x1000_0000u32)?;
+    a.set_label(&mut used_wait)?;
     a.cmp(word_ptr(u32::from(VQ_USED) + 2), si)?;
-    a.jne(fail)?;
+    a.je(used_ready)?;
+    a.pause()?;
+    a.dec(ecx)?;
+    a.jnz(used_wait)?;
+    a.jmp(fail)?;
+    a.set_label(&mut used_ready)?;
     a.cmp(byte_ptr(u32::from(VQ_STATUS)), 0u32)?;
     a.jne(fail)?;
     a.mov(dx, port(0x13))?;
+    let mut isr_wait = a.create_label();
+    let mut isr_ready = a.create_label();
+    a.mov(ecx, 0x0100_0000u32)?;
+    a.set_label(&mut isr_wait)?;
     a.in_(al, dx)?;
     a.cmp(al, 1u32)?;
-    a.jne(fail)?;
+    a.je(isr_ready)?;
+    a.dec(ecx)?;
+    a.jnz(isr_wait)?;
+    a.jmp(fail)?;
+    a.set_label(&mut isr_ready)?;
     a.in_(al, dx)?;
     a.cmp(al, 0u32)?;
     a.jne(fail)?;

@@ -187,6 +187,15 @@ pub enum Outcome {
     },
     /// Consumed without answer (an acknowledgement).
     Consumed,
+    /// A block request taken by the bulk engine ([`crate::bulk`]); its
+    /// answers come later ([`Dispatcher::poll_bulk`]) and go to where
+    /// `vm` of `client` sent it from.
+    Bulk {
+        /// The client.
+        client: u32,
+        /// Its VM.
+        vm: u32,
+    },
     /// For a model this worker does not hold (it is being moved): dropped
     /// unanswered and counted, so the client retransmits it, with the same
     /// sequence numbers, to the model's new owner.
@@ -265,6 +274,7 @@ pub struct Dispatcher {
     keys: HashMap<u32, ClientKeys>,
     irqs: Vec<PendingIrq>,
     stats: DispatchStats,
+    bulk: crate::bulk::BulkEngine,
 }
 
 impl Dispatcher {
@@ -279,7 +289,54 @@ impl Dispatcher {
             keys: HashMap::new(),
             irqs: Vec::new(),
             stats: DispatchStats::default(),
+            bulk: crate::bulk::BulkEngine::new(server),
         }
+    }
+
+    /// The bulk engine (its queued answers and counters).
+    pub fn bulk(&mut self) -> &mut crate::bulk::BulkEngine {
+        &mut self.bulk
+    }
+
+    /// Collects block-request completions and queues their answers
+    /// (once per turn of the worker's loop).
+    pub fn poll_bulk(&mut self) {
+        let keys = &self.keys;
+        let key_of = |client: u32| {
+            let k = keys.get(&client)?;
+            Some(*k.ring.get(k.heard).unwrap_or(&k.ring.current))
+        };
+        self.bulk.poll(&mut self.models, &key_of);
+    }
+
+    /// A block-request datagram: parsed, tag verified, its VM checked
+    /// against its client, then handed to the bulk engine.
+    fn handle_bulk(&mut self, payload: &[u8]) -> Outcome {
+        let d = match devplane_wire::bulk::Bulk::parse(payload) {
+            Ok(d) if d.request => d,
+            _ => {
+                self.stats.malformed += 1;
+                return Outcome::Malformed(devplane_wire::WireError::UnknownKind(
+                    payload[devplane_wire::header::OFF_KIND],
+                ));
+            }
+        };
+        let (client, vm) = (d.client(), d.vm());
+        if !self.tag_ok(client, d.key_id(), payload) {
+            self.stats.bad_tag += 1;
+            return Outcome::BadTag;
+        }
+        if !self.owners.allows(client, vm) {
+            self.stats.foreign_vm += 1;
+            return Outcome::Foreign;
+        }
+        if !self.models.contains_key(&d.model()) {
+            self.stats.no_such_model += 1;
+            return Outcome::NotHere;
+        }
+        let key = self.irq_key(client).copied();
+        self.bulk.handle(&d, &mut self.models, key.as_ref());
+        Outcome::Bulk { client, vm }
     }
 
     /// Checks requests against `owners` from now on.
@@ -505,6 +562,9 @@ impl Dispatcher {
     /// applied record by record, in order, and rewritten in place into its
     /// response datagram of the same length.
     pub fn handle(&mut self, payload: &mut [u8]) -> Outcome {
+        if devplane_wire::bulk::is_bulk(payload) {
+            return self.handle_bulk(payload);
+        }
         let d = match Datagram::parse(payload) {
             Ok(d) => d,
             Err(e) => {

@@ -30,6 +30,7 @@ pub struct Worker {
 pub fn run<T: Transport>(mut io: T, mut w: Worker) {
     let mut backoff = Backoff::new(w.cfg.spin_budget, w.cfg.idle_sleep);
     let mut peers: Peers<T::Peer> = Peers::default();
+    let mut bulk_peers: Peers<T::Peer> = Peers::default();
     let mut last_held = (0u64, 0u64);
     while w
         .ctl
@@ -41,9 +42,11 @@ pub fn run<T: Transport>(mut io: T, mut w: Worker) {
                 disp: &mut w.disp,
                 router: &mut w.router,
                 peers: &mut peers,
+                bulk_peers: &mut bulk_peers,
                 stats: &w.stats,
             },
         );
+        let bulk_busy = send_bulk(&mut io, &mut w, &bulk_peers);
         // Counted before anything is answered: a reader that has an
         // answer sees its request counted (received, and applied or taken
         // as a duplicate). Publishing the dispatch counters only after
@@ -53,14 +56,15 @@ pub fn run<T: Transport>(mut io: T, mut w: Worker) {
         // transport answers inside `receive` and publishes the dispatch
         // counters before each send itself.
         WorkerStats::add(&w.stats.rx, got);
-        if got > 0 {
+        if got > 0 || bulk_busy {
             w.stats.publish(&w.disp.stats());
+            w.stats.publish_bulk(&w.disp.bulk().stats());
         }
         flush_irqs(&mut io, &mut w, &peers);
         publish_router(&w.router, &w.stats, &mut last_held);
         io.transmit(&w.stats);
         io.reclaim();
-        if got > 0 {
+        if got > 0 || bulk_busy {
             w.stats.peer_limit.store(peers.refused(), Ordering::Relaxed);
             backoff.busy();
         } else if let Some(t) = backoff.idle()
@@ -71,6 +75,25 @@ pub fn run<T: Transport>(mut io: T, mut w: Worker) {
         }
     }
     w.stats.publish(&w.disp.stats());
+    w.stats.publish_bulk(&w.disp.bulk().stats());
+}
+
+/// Collects block-request completions and queues their answers on the
+/// transport (as many as it takes this turn); true while block requests
+/// are in flight or answers wait (the worker does not sleep then).
+fn send_bulk<T: Transport>(io: &mut T, w: &mut Worker, bulk_peers: &Peers<T::Peer>) -> bool {
+    w.disp.poll_bulk();
+    let stats = &w.stats;
+    let bulk = w.disp.bulk();
+    while let Some(o) = bulk.front() {
+        if let Some(to) = bulk_peers.get_vm(o.client, o.vm) {
+            if !io.queue_datagram(*to, &o.bytes[..o.len], stats) {
+                break;
+            }
+        }
+        bulk.pop();
+    }
+    bulk.busy()
 }
 
 /// Hands the interrupts raised so far (and those held) to the router,

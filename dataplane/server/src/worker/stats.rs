@@ -122,6 +122,15 @@ pub struct WorkerStats {
     pub window_limit: AtomicU64,
     /// Retransmitted requests answered again without being re-applied.
     pub duplicates: AtomicU64,
+    /// Block-request datagrams taken by the bulk engine.
+    pub bulk_datagrams: AtomicU64,
+    /// Block requests that change a disk (writes, flushes, discards)
+    /// applied, each once.
+    pub bulk_applied: AtomicU64,
+    /// Retransmitted block segments or requests not applied again.
+    pub bulk_duplicates: AtomicU64,
+    /// Block-answer datagrams made.
+    pub bulk_answers: AtomicU64,
     /// Interrupts raised by this worker's models.
     pub irqs_raised: AtomicU64,
     /// Interrupt datagrams sent.
@@ -186,6 +195,14 @@ pub struct WorkerSnapshot {
     pub window_limit: u64,
     /// See [`WorkerStats::duplicates`].
     pub duplicates: u64,
+    /// See [`WorkerStats::bulk_datagrams`].
+    pub bulk_datagrams: u64,
+    /// See [`WorkerStats::bulk_applied`].
+    pub bulk_applied: u64,
+    /// See [`WorkerStats::bulk_duplicates`].
+    pub bulk_duplicates: u64,
+    /// See [`WorkerStats::bulk_answers`].
+    pub bulk_answers: u64,
     /// See [`WorkerStats::irqs_raised`].
     pub irqs_raised: u64,
     /// See [`WorkerStats::irqs_sent`].
@@ -244,6 +261,10 @@ impl WorkerSnapshot {
             ("bad_checksum", self.bad_checksum),
             ("acks", self.acks),
             ("duplicates", self.duplicates),
+            ("bulk_datagrams", self.bulk_datagrams),
+            ("bulk_applied", self.bulk_applied),
+            ("bulk_duplicates", self.bulk_duplicates),
+            ("bulk_answers", self.bulk_answers),
             ("stale", self.stale),
             ("foreign_vm", self.foreign_vm),
             ("bad_tag", self.bad_tag),
@@ -292,6 +313,15 @@ impl WorkerStats {
         self.irqs_raised.store(d.irqs_raised, r);
     }
 
+    /// Publishes the bulk engine's counters.
+    pub fn publish_bulk(&self, b: &crate::bulk::BulkStats) {
+        let r = Ordering::Relaxed;
+        self.bulk_datagrams.store(b.datagrams, r);
+        self.bulk_applied.store(b.applied, r);
+        self.bulk_duplicates.store(b.duplicates, r);
+        self.bulk_answers.store(b.answers, r);
+    }
+
     /// Adds `n` to a counter.
     pub fn add(c: &AtomicU64, n: u64) {
         if n != 0 {
@@ -319,6 +349,10 @@ impl WorkerStats {
             far_ahead: self.far_ahead.load(r),
             window_limit: self.window_limit.load(r),
             duplicates: self.duplicates.load(r),
+            bulk_datagrams: self.bulk_datagrams.load(r),
+            bulk_applied: self.bulk_applied.load(r),
+            bulk_duplicates: self.bulk_duplicates.load(r),
+            bulk_answers: self.bulk_answers.load(r),
             irqs_raised: self.irqs_raised.load(r),
             irqs_sent: self.irqs_sent.load(r),
             irqs_held: self.irqs_held.load(r),

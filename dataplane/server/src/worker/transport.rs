@@ -17,6 +17,9 @@ pub struct Work<'a, P> {
     pub router: &'a mut IrqRouter,
     /// Learns where each client (and VM) sends from.
     pub peers: &'a mut Peers<P>,
+    /// Where each (client, VM) sends block requests from (their answers
+    /// go there, whatever port its interrupts take).
+    pub bulk_peers: &'a mut Peers<P>,
     /// The worker's counters.
     pub stats: &'a WorkerStats,
 }
@@ -46,6 +49,11 @@ pub trait Transport {
         key: Option<&devplane_wire::tag::TagKey>,
         stats: &WorkerStats,
     ) -> bool;
+
+    /// Queues (or sends) one datagram (a block answer, already sealed)
+    /// to `to`; `false` when there is no room now (it is offered again
+    /// next turn).
+    fn queue_datagram(&mut self, to: Self::Peer, bytes: &[u8], stats: &WorkerStats) -> bool;
 
     /// Transmits what this turn queued.
     fn transmit(&mut self, stats: &WorkerStats);

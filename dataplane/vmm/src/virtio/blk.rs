@@ -2,14 +2,26 @@
 //! BAR), one request queue, and its disk in a `blockstore` model reached
 //! through a [`StorePort`].
 //!
-//! Requests are served synchronously in the vCPU thread that wrote
-//! `QUEUE_NOTIFY`: the guest's notify exit returns once every published
-//! request is complete, its used-ring entry written and the interrupt line
-//! pulsed.
+//! Two ways to serve requests. With a disk reached through its register
+//! window (a local `blockstore`, or tests) they are served synchronously
+//! in the vCPU thread that wrote `QUEUE_NOTIFY`: the guest's notify exit
+//! returns once every published request is complete. With a remote disk
+//! in bulk ([`VirtioBlk::with_bulk`], [`super::bulk`]) each descriptor
+//! chain becomes one block request, sent at once; the notify exit returns
+//! right away, many requests are in flight, and each completes (data
+//! copied into the guest's buffers, status written, used-ring entry
+//! published, interrupt pulsed) on the disk's I/O thread when its answer
+//! arrives, out of order as virtio allows.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use devplane_wire::bulk::{BlockOp, BlockStatus, MAX_BLOCK_LEN};
 use devplane_wire::{AccessSize, IrqAction};
 
 use super::VirtioError;
+use super::bulk::{BulkConfig, BulkDisk, Completion};
 use super::queue::{Descriptor, DmaMemory, Queue};
 use super::store::{Store, StorePort};
 use crate::kvm::IrqLine;
@@ -39,8 +51,13 @@ pub const BAR_SIZE: u64 = 0x40;
 pub const VIRTIO_BLK_F_FLUSH: u32 = 1 << 9;
 /// Feature: `seg_max` in the configuration is valid.
 pub const VIRTIO_BLK_F_SEG_MAX: u32 = 1 << 2;
+/// Feature: `size_max` in the configuration is valid.
+pub const VIRTIO_BLK_F_SIZE_MAX: u32 = 1 << 1;
 /// Data segments per request the device accepts.
 pub const SEG_MAX: u32 = 64;
+/// Largest data segment: `SEG_MAX * SIZE_MAX` is the largest block
+/// request ([`MAX_BLOCK_LEN`]).
+pub const SIZE_MAX: u32 = MAX_BLOCK_LEN / SEG_MAX;
 /// Entries of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
 
@@ -48,6 +65,8 @@ const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
 const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
@@ -70,6 +89,70 @@ pub struct BlkStats {
     pub flushes: u64,
 }
 
+/// A request in flight to a bulk disk: where its answer goes.
+#[derive(Debug, Clone)]
+struct InFlight {
+    head: u16,
+    /// The data buffers (a read's data is copied into them).
+    data: Vec<Descriptor>,
+    /// The status byte's buffer.
+    status: Descriptor,
+    read: bool,
+}
+
+/// What completes requests on the bulk disk's I/O thread.
+struct Completer {
+    mem: Box<dyn DmaMemory + Send>,
+    irq: IrqLine,
+    /// The used side of the queue (its ring's place and next index).
+    used: Queue,
+    inflight: HashMap<u64, InFlight>,
+    stats: BlkStats,
+}
+
+impl Completer {
+    /// Writes a request's data and status, publishes its used entry and
+    /// pulses the interrupt.
+    fn complete(&mut self, f: &InFlight, st: u8, data: &[u8], isr: &AtomicU8) {
+        let mut written = 0u32;
+        if f.read && st == S_OK {
+            let mut at = 0usize;
+            for d in &f.data {
+                let n = (d.len as usize).min(data.len().saturating_sub(at));
+                if self.mem.write(d.addr, &data[at..at + n]).is_err() {
+                    break;
+                }
+                at += n;
+                written += n as u32;
+            }
+            self.stats.bytes_read += u64::from(written);
+        }
+        if self.mem.write(f.status.addr, &[st]).is_ok() {
+            written += 1;
+        }
+        self.stats.requests += 1;
+        if st != S_OK {
+            self.stats.errors += 1;
+        }
+        if self
+            .used
+            .push_used(self.mem.as_ref(), f.head, written)
+            .is_err()
+        {
+            return;
+        }
+        isr.fetch_or(1, Ordering::SeqCst);
+        let _ = self.irq.trigger(IrqAction::Edge);
+    }
+}
+
+/// A virtio-blk device's remote disk in bulk.
+struct Bulk {
+    disk: BulkDisk,
+    side: Arc<Mutex<Completer>>,
+    next_token: u64,
+}
+
 /// A virtio block device.
 pub struct VirtioBlk {
     mem: Box<dyn DmaMemory + Send>,
@@ -78,7 +161,8 @@ pub struct VirtioBlk {
     queue_sel: u16,
     guest_features: u32,
     status: u8,
-    isr: u8,
+    isr: Arc<AtomicU8>,
+    bulk: Option<Bulk>,
     /// Disk capacity in bytes, asked of the store at first use.
     capacity: Option<u64>,
     stats: BlkStats,
@@ -95,19 +179,85 @@ impl VirtioBlk {
             queue_sel: 0,
             guest_features: 0,
             status: 0,
-            isr: 0,
+            isr: Arc::new(AtomicU8::new(0)),
+            bulk: None,
             capacity: None,
             stats: BlkStats::default(),
         }
     }
 
-    /// Its counters.
+    /// Serves requests as block requests in bulk to a remote disk
+    /// ([`super::bulk`]); completions write guest memory through `mem`
+    /// and pulse `irq` from the disk's I/O thread. The register port
+    /// still answers the capacity.
+    pub fn with_bulk(
+        mut self,
+        cfg: BulkConfig,
+        mem: Box<dyn DmaMemory + Send>,
+        irq: IrqLine,
+    ) -> std::io::Result<VirtioBlk> {
+        let side = Arc::new(Mutex::new(Completer {
+            mem,
+            irq,
+            used: Queue::new(QUEUE_SIZE),
+            inflight: HashMap::new(),
+            stats: BlkStats::default(),
+        }));
+        let s = Arc::clone(&side);
+        let isr = Arc::clone(&self.isr);
+        let on_complete = Box::new(move |c: Completion| {
+            let Ok(mut side) = s.lock() else { return };
+            let Some(f) = side.inflight.remove(&c.token) else {
+                return;
+            };
+            let st = match c.status {
+                BlockStatus::Ok => S_OK,
+                BlockStatus::Unsupported => S_UNSUPP,
+                _ => S_IOERR,
+            };
+            side.complete(&f, st, &c.data, &isr);
+        });
+        let disk = BulkDisk::start(cfg, on_complete)?;
+        self.bulk = Some(Bulk {
+            disk,
+            side,
+            next_token: 0,
+        });
+        Ok(self)
+    }
+
+    /// Its counters (with a bulk disk, those of requests completed too).
     pub fn stats(&self) -> BlkStats {
-        self.stats
+        let mut s = self.stats;
+        if let Some(b) = &self.bulk
+            && let Ok(side) = b.side.lock()
+        {
+            s.requests += side.stats.requests;
+            s.errors += side.stats.errors;
+            s.bytes_read += side.stats.bytes_read;
+        }
+        s
+    }
+
+    /// The bulk disk's counters, with a bulk disk.
+    pub fn bulk_stats(&self) -> Option<&super::bulk::BulkStats> {
+        self.bulk.as_ref().map(|b| b.disk.stats())
     }
 
     fn host_features() -> u32 {
-        VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SEG_MAX
+        VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_SIZE_MAX
+    }
+
+    /// Keeps the bulk completer's view of the queue's place in step.
+    fn sync_used(&mut self) {
+        if let Some(b) = &self.bulk
+            && let Ok(mut side) = b.side.lock()
+        {
+            side.used.pfn = self.queue.pfn;
+            if self.queue.pfn == 0 {
+                side.used.reset();
+            }
+        }
     }
 
     fn config(&mut self, port: &mut dyn StorePort) -> [u8; 24] {
@@ -117,7 +267,7 @@ impl VirtioBlk {
         let mut c = [0u8; 24];
         let sectors = self.capacity.unwrap_or(0) / SECTOR;
         c[0..8].copy_from_slice(&sectors.to_le_bytes());
-        // size_max (4 bytes at 8) is not offered; seg_max at 12.
+        c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
         c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         c
     }
@@ -132,11 +282,7 @@ impl VirtioBlk {
             REG_QUEUE_PFN | REG_QUEUE_NUM => 0,
             REG_QUEUE_SEL => u64::from(self.queue_sel),
             REG_STATUS => u64::from(self.status),
-            REG_ISR => {
-                let v = self.isr;
-                self.isr = 0;
-                u64::from(v)
-            }
+            REG_ISR => u64::from(self.isr.swap(0, Ordering::SeqCst)),
             o if (REG_CONFIG..REG_CONFIG + 24).contains(&o) => {
                 let c = self.config(port);
                 let start = (o - REG_CONFIG) as usize;
@@ -161,6 +307,7 @@ impl VirtioBlk {
                 } else {
                     self.queue.pfn = data as u32;
                 }
+                self.sync_used();
             }
             REG_QUEUE_SEL => self.queue_sel = data as u16,
             REG_QUEUE_NOTIFY if data == 0 => self.notify(port),
@@ -178,11 +325,17 @@ impl VirtioBlk {
         self.queue.reset();
         self.queue_sel = 0;
         self.guest_features = 0;
-        self.isr = 0;
+        self.isr.store(0, Ordering::SeqCst);
+        self.sync_used();
     }
 
-    /// Serves every request the driver published, then interrupts once.
+    /// Serves every request the driver published, then interrupts once
+    /// (with a bulk disk: sends each as a block request).
     fn notify(&mut self, port: &mut dyn StorePort) {
+        if self.bulk.is_some() {
+            self.notify_bulk(port);
+            return;
+        }
         let mut served = 0;
         loop {
             let head = match self.queue.pop(self.mem.as_ref()) {
@@ -209,11 +362,197 @@ impl VirtioBlk {
             served += 1;
         }
         if served > 0 {
-            self.isr |= 1;
+            self.isr.fetch_or(1, Ordering::SeqCst);
             // A refused edge (KVM_IRQ_LINE failed) leaves the ISR bit set:
             // the guest finds the completion at its next poll.
             let _ = self.irq.trigger(IrqAction::Edge);
         }
+    }
+
+    /// Turns every published chain into a block request to the bulk
+    /// disk (or completes it at once: GET_ID, a bad chain, out of range).
+    fn notify_bulk(&mut self, port: &mut dyn StorePort) {
+        loop {
+            let head = match self.queue.pop(self.mem.as_ref()) {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(e) => {
+                    eprintln!("virtio-blk: {e}; queue left until the driver resets it");
+                    break;
+                }
+            };
+            let chain = match self.queue.chain(self.mem.as_ref(), head) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("virtio-blk: {e}");
+                    self.complete_now(head, None, S_IOERR);
+                    continue;
+                }
+            };
+            self.submit_bulk(head, &chain, port);
+        }
+    }
+
+    /// Completes chain `head` now (from the vCPU thread), through the
+    /// bulk completer so the used ring has one writer at a time.
+    fn complete_now(&mut self, head: u16, status: Option<Descriptor>, st: u8) {
+        let Some(b) = &self.bulk else { return };
+        let Ok(mut side) = b.side.lock() else { return };
+        let f = InFlight {
+            head,
+            data: Vec::new(),
+            status: status.unwrap_or(Descriptor {
+                addr: u64::MAX,
+                len: 0,
+                flags: 0,
+            }),
+            read: false,
+        };
+        side.complete(&f, st, &[], &self.isr);
+    }
+
+    /// One chain as a block request.
+    fn submit_bulk(&mut self, head: u16, chain: &[Descriptor], port: &mut dyn StorePort) {
+        let Some((status, rest)) = chain.split_last() else {
+            self.complete_now(head, None, S_IOERR);
+            return;
+        };
+        if !status.is_write() || status.len < 1 || rest.is_empty() {
+            self.complete_now(head, None, S_IOERR);
+            return;
+        }
+        let (header, data) = (&rest[0], &rest[1..]);
+        let mut h = [0u8; 16];
+        if header.is_write() || header.len < 16 || self.mem.read(header.addr, &mut h).is_err() {
+            self.complete_now(head, Some(*status), S_IOERR);
+            return;
+        }
+        let kind = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+        let sector = u64::from_le_bytes(h[8..16].try_into().unwrap_or_default());
+        if self.capacity.is_none() {
+            self.capacity = Store(port).capacity().ok();
+        }
+        let capacity = self.capacity.unwrap_or(0);
+        let total: u64 = data.iter().map(|d| u64::from(d.len)).sum();
+        let (op, len, payload) = match kind {
+            T_IN | T_OUT => {
+                let read = kind == T_IN;
+                let in_range = sector
+                    .checked_mul(SECTOR)
+                    .and_then(|o| o.checked_add(total))
+                    .is_some_and(|end| end <= capacity);
+                if !in_range
+                    || total > u64::from(MAX_BLOCK_LEN)
+                    || data.iter().any(|d| d.is_write() != read)
+                {
+                    self.complete_now(head, Some(*status), S_IOERR);
+                    return;
+                }
+                let mut bytes = Vec::new();
+                if !read {
+                    bytes = vec![0u8; total as usize];
+                    let mut at = 0usize;
+                    for d in data {
+                        let n = d.len as usize;
+                        if self.mem.read(d.addr, &mut bytes[at..at + n]).is_err() {
+                            self.complete_now(head, Some(*status), S_IOERR);
+                            return;
+                        }
+                        at += n;
+                    }
+                    self.stats.bytes_written += total;
+                }
+                let op = if read { BlockOp::Read } else { BlockOp::Write };
+                (op, total as u32, bytes)
+            }
+            T_FLUSH => {
+                self.stats.flushes += 1;
+                (BlockOp::Flush, 0, Vec::new())
+            }
+            T_DISCARD | T_WRITE_ZEROES => {
+                // One segment: sector, sector count, flags.
+                let mut seg = [0u8; 16];
+                let Some(d) = data.first().filter(|d| !d.is_write() && d.len >= 16) else {
+                    self.complete_now(head, Some(*status), S_IOERR);
+                    return;
+                };
+                if self.mem.read(d.addr, &mut seg).is_err() {
+                    self.complete_now(head, Some(*status), S_IOERR);
+                    return;
+                }
+                let s = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
+                let n = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
+                let op = if kind == T_DISCARD {
+                    BlockOp::Discard
+                } else {
+                    BlockOp::WriteZeroes
+                };
+                let bytes = u64::from(n) * SECTOR;
+                if bytes > u64::from(MAX_BLOCK_LEN) {
+                    self.complete_now(head, Some(*status), S_IOERR);
+                    return;
+                }
+                return self.send_bulk(
+                    head,
+                    *status,
+                    Vec::new(),
+                    false,
+                    op,
+                    s,
+                    bytes as u32,
+                    vec![],
+                );
+            }
+            T_GET_ID => {
+                let st = match data.first().filter(|d| d.is_write()) {
+                    Some(d) => {
+                        let n = DEVICE_ID.len().min(d.len as usize);
+                        match self.mem.write(d.addr, &DEVICE_ID[..n]) {
+                            Ok(()) => S_OK,
+                            Err(_) => S_IOERR,
+                        }
+                    }
+                    None => S_IOERR,
+                };
+                self.complete_now(head, Some(*status), st);
+                return;
+            }
+            _ => {
+                self.complete_now(head, Some(*status), S_UNSUPP);
+                return;
+            }
+        };
+        let read = op == BlockOp::Read;
+        self.send_bulk(head, *status, data.to_vec(), read, op, sector, len, payload);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send_bulk(
+        &mut self,
+        head: u16,
+        status: Descriptor,
+        data: Vec<Descriptor>,
+        read: bool,
+        op: BlockOp,
+        sector: u64,
+        len: u32,
+        payload: Vec<u8>,
+    ) {
+        let Some(b) = self.bulk.as_mut() else { return };
+        b.next_token += 1;
+        let token = b.next_token;
+        if let Ok(mut side) = b.side.lock() {
+            side.inflight.insert(
+                token,
+                InFlight {
+                    head,
+                    data,
+                    status,
+                    read,
+                },
+            );
+        }
+        b.disk.submit(token, op, sector, len, payload);
     }
 
     /// Serves one request; returns the bytes written into guest buffers.

@@ -18,6 +18,7 @@
 //! same request records as every other model ([`store`]).
 
 pub mod blk;
+pub mod bulk;
 pub mod queue;
 pub mod store;
 

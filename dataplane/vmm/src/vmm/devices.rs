@@ -16,6 +16,7 @@ use crate::engine::RemoteModel;
 use crate::kvm::{IrqLine, Vm};
 use crate::pci::{self, PciFunction, PciHost};
 use crate::virtio::blk::{BAR_SIZE, VirtioBlk};
+use crate::virtio::bulk::{BulkConfig, BulkIds};
 
 /// A mapped range with one bus device per vCPU.
 type Slot = Mapping<Vec<Box<dyn BusDevice>>>;
@@ -177,18 +178,53 @@ impl Builder<'_> {
                 d.model
             )));
         }
-        let disk = self.disk(d.model, disk)?;
-        let dev = VirtioBlk::new(
+        let disk_at = self.disk(d.model, disk)?;
+        let mut dev = VirtioBlk::new(
             Box::new(self.vm.mem_handle()),
             IrqLine::new(Box::new(self.vm.irq_handle()), u32::from(irq)),
         );
+        if let DiskPlace::Remote { server, model, .. } = disk {
+            // The data path: block requests in bulk, many in flight. The
+            // register window stays mapped for the capacity.
+            let s = self.spec.servers.get(*server).ok_or_else(|| {
+                self.config(format!("virtio-blk {}: no server #{server}", d.model))
+            })?;
+            let cfg = BulkConfig {
+                server: s.addr,
+                bind: self.spec.bind,
+                ids: BulkIds {
+                    client: self.spec.client,
+                    server: s.id,
+                    model: *model,
+                    vm: self.vs.id,
+                    hypervisor: self.vs.hypervisor,
+                },
+                keys: self.spec.engine.tag_keys,
+                give_up: self
+                    .spec
+                    .engine
+                    .horizon
+                    .max(std::time::Duration::from_secs(10)),
+                spin: std::time::Duration::from_micros(200),
+                loss: self.spec.engine.loss,
+            };
+            dev = dev
+                .with_bulk(
+                    cfg,
+                    Box::new(self.vm.mem_handle()),
+                    IrqLine::new(Box::new(self.vm.irq_handle()), u32::from(irq)),
+                )
+                .map_err(|e| {
+                    self.config(format!("virtio-blk {}: bulk disk socket: {e}", d.model))
+                })?;
+        }
         self.pci.push(PciFunction::virtio_blk(
             self.pci.len() as u8 + 1,
             d.base as u16,
             BAR_SIZE as u16,
             irq,
         ));
-        Ok(VirtioBlkDevice { dev, disk })
+        Ok(VirtioBlkDevice { dev, disk: disk_at })
     }
 
     /// A virtio block device's disk: a local `blockstore` on its image, or

@@ -1,0 +1,595 @@
+//! A worker's bulk engine: block requests ([`devplane_wire::bulk`]) to
+//! the disk models it owns, served asynchronously.
+//!
+//! A block request arrives in one or more datagrams (a write carries its
+//! data in segments); the engine reassembles it within a memory budget
+//! ([`Reassembly`]), checks its (client, VM) window so that it is applied
+//! exactly once ([`BlockWindow`]), and submits it to the model's
+//! [`BlockDevice`] without waiting. Each turn of the worker's loop
+//! [`BulkEngine::poll`]s the devices and turns every completion into its
+//! answer datagrams (a read's data in segments), queued for the worker to
+//! send to where the request came from. A retransmitted segment of a
+//! write in flight is ignored, of a write done is answered again (not
+//! applied again); a probe of a write being reassembled is answered with
+//! the bitmap of the segments held, so that the client sends only the
+//! missing ones; a read's probe names the answer segments the client
+//! still misses, and only those are sent again.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+use devplane_devmodels::blockio::{BlockDone, BlockReq};
+use devplane_wire::bulk::{
+    self, BF_PROBE, BlockMsg, BlockOp, BlockStatus, Bulk, KIND_BLOCK_ANSWER, MAX_SEGS, SEG_DATA,
+};
+use devplane_wire::bulk_state::{BlockWindow, Put, Reassembly, Seen, SegBitmap};
+use devplane_wire::tag::TagKey;
+use devplane_wire::{Header, Kind, MAX_DATAGRAM};
+
+use crate::dispatch::ModelSlot;
+
+/// Bytes of write data a worker holds in reassembly at most.
+pub const REASSEMBLY_BUDGET: usize = 64 << 20;
+/// Requests a worker reassembles at once at most.
+pub const MAX_PARTIALS: usize = 4096;
+/// (client, VM) windows of block requests a worker keeps at most.
+pub const MAX_BULK_WINDOWS: usize = 4096;
+/// A write whose segments stop arriving for this long is dropped.
+pub const REASSEMBLY_TIMEOUT_NS: u64 = 5_000_000_000;
+/// Answer datagrams queued at most (beyond, reads wait to be answered).
+pub const MAX_OUT: usize = 16_384;
+
+/// Counters of a worker's bulk engine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BulkStats {
+    /// Block-request datagrams taken.
+    pub datagrams: u64,
+    /// Requests submitted to a disk (reads may be served again).
+    pub submitted: u64,
+    /// Of those, requests that change the disk (writes, flushes,
+    /// discards): each is applied once.
+    pub applied: u64,
+    /// Requests completed (answered).
+    pub completed: u64,
+    /// Retransmitted segments or requests of requests in flight or done
+    /// (not applied again).
+    pub duplicates: u64,
+    /// Segments dropped because reassembly was full.
+    pub no_room: u64,
+    /// Partly reassembled writes dropped after their timeout.
+    pub expired: u64,
+    /// Requests older than their window (answered `Stale`).
+    pub stale: u64,
+    /// Requests to a model that is no disk (answered `Unsupported`).
+    pub unsupported: u64,
+    /// Answer datagrams made.
+    pub answers: u64,
+    /// Requests refused because a window limit was hit (answered `Busy`).
+    pub window_limit: u64,
+}
+
+/// One answer datagram to send.
+pub struct OutDatagram {
+    /// The client it goes to.
+    pub client: u32,
+    /// Its VM (where that VM's block requests came from).
+    pub vm: u32,
+    /// The datagram.
+    pub bytes: [u8; MAX_DATAGRAM],
+    /// Its length.
+    pub len: usize,
+}
+
+/// A request submitted to a disk.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    client: u32,
+    model: u32,
+    msg: BlockMsg,
+    /// A read's answer segments to send (all, or those a probe named).
+    mask: Option<SegBitmap>,
+}
+
+/// Requests waiting for room on their disk.
+struct Waiting {
+    model: u32,
+    req: BlockReq,
+}
+
+/// A worker's bulk engine.
+pub struct BulkEngine {
+    server: u32,
+    reasm: Reassembly<(u32, u32, u64)>,
+    windows: HashMap<(u32, u32), BlockWindow>,
+    inflight: HashMap<u64, InFlight>,
+    waiting: VecDeque<Waiting>,
+    next_tag: u64,
+    out: VecDeque<OutDatagram>,
+    done: Vec<BlockDone>,
+    epoch: Instant,
+    stats: BulkStats,
+}
+
+impl BulkEngine {
+    /// An engine for server `server`.
+    pub fn new(server: u32) -> BulkEngine {
+        BulkEngine {
+            server,
+            reasm: Reassembly::new(REASSEMBLY_BUDGET, MAX_PARTIALS),
+            windows: HashMap::new(),
+            inflight: HashMap::new(),
+            waiting: VecDeque::new(),
+            next_tag: 1,
+            out: VecDeque::new(),
+            done: Vec::new(),
+            epoch: Instant::now(),
+            stats: BulkStats::default(),
+        }
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> BulkStats {
+        self.stats
+    }
+
+    /// Whether requests are in flight or answers wait to be sent (the
+    /// worker keeps polling).
+    pub fn busy(&self) -> bool {
+        !self.inflight.is_empty() || !self.out.is_empty() || !self.reasm.is_empty()
+    }
+
+    /// The next answer datagram to send.
+    pub fn front(&self) -> Option<&OutDatagram> {
+        self.out.front()
+    }
+
+    /// The front answer was sent.
+    pub fn pop(&mut self) {
+        self.out.pop_front();
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Queues one answer datagram for `msg`'s request, sealed with `key`.
+    fn answer(
+        &mut self,
+        client: u32,
+        model: u32,
+        msg: &BlockMsg,
+        (seg, nseg): (u16, u16),
+        data: &[u8],
+        key: Option<&TagKey>,
+    ) {
+        let mut h = Header::new(Kind::Response, model, self.server, client);
+        h.kind = KIND_BLOCK_ANSWER;
+        let mut o = OutDatagram {
+            client,
+            vm: msg.vm,
+            bytes: [0u8; MAX_DATAGRAM],
+            len: 0,
+        };
+        let m = BlockMsg { flags: 0, ..*msg };
+        let Some(len) = bulk::write(&mut o.bytes, h, &m, seg, nseg, data) else {
+            return;
+        };
+        o.len = match key {
+            Some(k) => match devplane_wire::tag::seal(&mut o.bytes, len, k) {
+                Some(n) => n,
+                None => return,
+            },
+            None => len,
+        };
+        self.stats.answers += 1;
+        self.out.push_back(o);
+    }
+
+    fn status_answer(
+        &mut self,
+        client: u32,
+        model: u32,
+        msg: &BlockMsg,
+        status: BlockStatus,
+        key: Option<&TagKey>,
+    ) {
+        let m = BlockMsg { status, ..*msg };
+        self.answer(client, model, &m, (0, 1), &[], key);
+    }
+
+    /// Takes one block-request datagram `d` (parsed, its tag verified and
+    /// its VM checked against its client by the caller).
+    pub fn handle(
+        &mut self,
+        d: &Bulk<'_>,
+        models: &mut HashMap<u32, ModelSlot>,
+        key: Option<&TagKey>,
+    ) {
+        self.stats.datagrams += 1;
+        let (client, model, id, vm) = (d.client(), d.model(), d.id(), d.vm());
+        let r = d.rec;
+        let msg = BlockMsg {
+            op: d.op,
+            status: BlockStatus::Ok,
+            flags: r.flags,
+            queue: r.queue.get(),
+            vm,
+            hypervisor: r.hypervisor.get(),
+            id,
+            sector: r.sector.get(),
+            len: r.len.get(),
+        };
+        let probe = r.flags & BF_PROBE != 0;
+        let Some(slot) = models.get_mut(&model) else {
+            return;
+        };
+        if slot.model.block().is_none() {
+            self.stats.unsupported += 1;
+            self.status_answer(client, model, &msg, BlockStatus::Unsupported, key);
+            return;
+        }
+        if !self.windows.contains_key(&(client, vm)) && self.windows.len() >= MAX_BULK_WINDOWS {
+            self.stats.window_limit += 1;
+            self.status_answer(client, model, &msg, BlockStatus::Busy, key);
+            return;
+        }
+        let seen = self.windows.entry((client, vm)).or_default().lookup(id);
+        if d.op == BlockOp::Read {
+            // Reads change nothing: served again whenever asked, unless
+            // one is in flight.
+            if seen == Seen::InFlight {
+                self.stats.duplicates += 1;
+                return;
+            }
+            let nseg = bulk::segments(msg.len);
+            // A probe names the answer segments the client misses.
+            let mask = if probe {
+                SegBitmap::from_bytes(nseg, d.data)
+            } else {
+                SegBitmap::full(nseg)
+            };
+            self.start(client, model, msg, Some(mask), Vec::new(), models);
+            return;
+        }
+        match seen {
+            Seen::Done(s) => {
+                self.stats.duplicates += 1;
+                let status = BlockStatus::from_u8(s).unwrap_or(BlockStatus::IoError);
+                self.status_answer(client, model, &msg, status, key);
+            }
+            Seen::InFlight => {
+                self.stats.duplicates += 1;
+                if probe {
+                    // Everything arrived; the I/O is under way.
+                    let nseg = bulk::segments(msg.len);
+                    self.bitmap_answer(client, model, &msg, SegBitmap::full(nseg), key);
+                }
+            }
+            Seen::Stale => {
+                self.stats.stale += 1;
+                self.status_answer(client, model, &msg, BlockStatus::Stale, key);
+            }
+            Seen::New if probe => {
+                let nseg = bulk::segments(msg.len);
+                let have = self
+                    .reasm
+                    .have(&(client, vm, id))
+                    .unwrap_or(SegBitmap::new(nseg));
+                self.bitmap_answer(client, model, &msg, have, key);
+            }
+            Seen::New if d.op.request_has_data() => {
+                let now = self.now();
+                match self
+                    .reasm
+                    .put((client, vm, id), msg.len, d.seg(), d.data, now)
+                {
+                    Put::Complete(data) => self.start(client, model, msg, None, data, models),
+                    Put::Held => {}
+                    Put::Duplicate => self.stats.duplicates += 1,
+                    Put::NoRoom => self.stats.no_room += 1,
+                    Put::Bad => {}
+                }
+            }
+            Seen::New => self.start(client, model, msg, None, Vec::new(), models),
+        }
+    }
+
+    fn bitmap_answer(
+        &mut self,
+        client: u32,
+        model: u32,
+        msg: &BlockMsg,
+        have: SegBitmap,
+        key: Option<&TagKey>,
+    ) {
+        let mut bytes = [0u8; MAX_SEGS.div_ceil(8)];
+        let n = have.to_bytes(&mut bytes);
+        let m = BlockMsg {
+            status: BlockStatus::Partial,
+            ..*msg
+        };
+        self.answer(client, model, &m, (0, 1), &bytes[..n], key);
+    }
+
+    /// Submits a whole request to its disk.
+    fn start(
+        &mut self,
+        client: u32,
+        model: u32,
+        msg: BlockMsg,
+        mask: Option<SegBitmap>,
+        data: Vec<u8>,
+        models: &mut HashMap<u32, ModelSlot>,
+    ) {
+        let window = self.windows.entry((client, msg.vm)).or_default();
+        if !window.start(msg.id) {
+            self.stats.window_limit += 1;
+            return; // the client retransmits
+        }
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        self.inflight.insert(
+            tag,
+            InFlight {
+                client,
+                model,
+                msg,
+                mask,
+            },
+        );
+        let req = BlockReq {
+            tag,
+            op: msg.op,
+            offset: msg.sector.saturating_mul(bulk::SECTOR),
+            len: if msg.op == BlockOp::Flush { 0 } else { msg.len },
+            data,
+        };
+        self.stats.submitted += 1;
+        if msg.op != BlockOp::Read {
+            self.stats.applied += 1;
+        }
+        self.submit(model, req, models);
+    }
+
+    fn submit(&mut self, model: u32, req: BlockReq, models: &mut HashMap<u32, ModelSlot>) {
+        let dev = models.get_mut(&model).and_then(|s| s.model.block());
+        match dev {
+            Some(dev) => {
+                if let Err(req) = dev.submit(req) {
+                    self.waiting.push_back(Waiting { model, req });
+                }
+            }
+            None => {
+                // The model went away (moved): the client retransmits to
+                // its new owner.
+                if let Some(f) = self.inflight.remove(&req.tag) {
+                    if let Some(w) = self.windows.get_mut(&(f.client, f.msg.vm)) {
+                        w.forget(f.msg.id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Collects completions from every disk with requests in flight and
+    /// queues their answers; retries requests that waited for room;
+    /// drops writes whose segments stopped coming. `key_of` gives the
+    /// key a client's answers are sealed with.
+    pub fn poll(
+        &mut self,
+        models: &mut HashMap<u32, ModelSlot>,
+        key_of: &dyn Fn(u32) -> Option<TagKey>,
+    ) {
+        if !self.reasm.is_empty() {
+            let now = self.now();
+            let cut = now.saturating_sub(REASSEMBLY_TIMEOUT_NS);
+            self.stats.expired += self.reasm.expire(cut) as u64;
+        }
+        if self.inflight.is_empty() || self.out.len() >= MAX_OUT {
+            return;
+        }
+        let mut done = std::mem::take(&mut self.done);
+        let mut ids: Vec<u32> = self.inflight.values().map(|f| f.model).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            if let Some(dev) = models.get_mut(&id).and_then(|s| s.model.block()) {
+                dev.poll(&mut done);
+            }
+        }
+        for c in done.drain(..) {
+            self.complete(c, key_of);
+        }
+        self.done = done;
+        for _ in 0..self.waiting.len() {
+            let Some(w) = self.waiting.pop_front() else {
+                break;
+            };
+            self.submit(w.model, w.req, models);
+        }
+    }
+
+    fn complete(&mut self, c: BlockDone, key_of: &dyn Fn(u32) -> Option<TagKey>) {
+        let Some(f) = self.inflight.remove(&c.tag) else {
+            return;
+        };
+        self.stats.completed += 1;
+        if let Some(w) = self.windows.get_mut(&(f.client, f.msg.vm)) {
+            w.finish(f.msg.id, c.status as u8);
+        }
+        let key = key_of(f.client);
+        let msg = BlockMsg {
+            status: c.status,
+            ..f.msg
+        };
+        if c.op != BlockOp::Read || c.status != BlockStatus::Ok {
+            self.answer(f.client, f.model, &msg, (0, 1), &[], key.as_ref());
+            return;
+        }
+        let nseg = bulk::segments(msg.len);
+        let mask = f.mask.unwrap_or(SegBitmap::full(nseg));
+        for s in 0..nseg {
+            if !mask.has(s) {
+                continue;
+            }
+            let start = s as usize * SEG_DATA;
+            let end = (start + SEG_DATA).min(c.data.len());
+            let data = c.data.get(start..end).unwrap_or(&[]);
+            self.answer(f.client, f.model, &msg, (s, nseg), data, key.as_ref());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devplane_devmodels::registry::{self, ModelParams};
+
+    struct Img(std::path::PathBuf);
+    impl Drop for Img {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn rig(tag: &str) -> (BulkEngine, HashMap<u32, ModelSlot>, Img) {
+        let p = std::env::temp_dir().join(format!("dp-bulk-{tag}-{}.img", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        let m = registry::build(
+            "blockstore",
+            ModelParams {
+                backing: Some(p.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut models = HashMap::new();
+        models.insert(13, ModelSlot::new(m, 0, 0));
+        (BulkEngine::new(1), models, Img(p))
+    }
+
+    fn req(op: BlockOp, id: u64, len: u32, flags: u8, seg: u16, data: &[u8]) -> Vec<u8> {
+        let mut b = vec![0u8; MAX_DATAGRAM];
+        let mut h = Header::new(Kind::Request, 13, 1, 7);
+        h.kind = bulk::KIND_BLOCK_REQUEST;
+        let m = BlockMsg {
+            op,
+            status: BlockStatus::Ok,
+            flags,
+            queue: 0,
+            vm: 3,
+            hypervisor: 1,
+            id,
+            sector: 16,
+            len,
+        };
+        let nseg = if op == BlockOp::Write && flags & BF_PROBE == 0 {
+            bulk::segments(len)
+        } else {
+            1
+        };
+        let n = bulk::write(&mut b, h, &m, seg, nseg, data).unwrap();
+        b.truncate(n);
+        b
+    }
+
+    fn run(e: &mut BulkEngine, models: &mut HashMap<u32, ModelSlot>) -> Vec<Vec<u8>> {
+        let t0 = Instant::now();
+        while !e.inflight.is_empty() {
+            e.poll(models, &|_| None);
+            assert!(t0.elapsed().as_secs() < 10);
+        }
+        let mut out = Vec::new();
+        while let Some(o) = e.front() {
+            out.push(o.bytes[..o.len].to_vec());
+            e.pop();
+        }
+        out
+    }
+
+    fn feed(e: &mut BulkEngine, models: &mut HashMap<u32, ModelSlot>, b: &[u8]) {
+        let d = Bulk::parse(b).unwrap();
+        e.handle(&d, models, None);
+    }
+
+    #[test]
+    fn a_write_in_segments_is_applied_once_and_read_back() {
+        let (mut e, mut models, _img) = rig("w");
+        let data: Vec<u8> = (0..8192u32).map(|i| (i * 13) as u8).collect();
+        let nseg = bulk::segments(8192);
+        let segs: Vec<Vec<u8>> = (0..nseg)
+            .map(|s| {
+                let a = s as usize * SEG_DATA;
+                let b = (a + SEG_DATA).min(8192);
+                req(BlockOp::Write, 100, 8192, 0, s, &data[a..b])
+            })
+            .collect();
+        // Out of order, with a duplicate.
+        for s in (0..nseg as usize).rev() {
+            feed(&mut e, &mut models, &segs[s]);
+            if s == 3 {
+                feed(&mut e, &mut models, &segs[s]);
+            }
+        }
+        let out = run(&mut e, &mut models);
+        assert_eq!(out.len(), 1);
+        let a = Bulk::parse(&out[0]).unwrap();
+        assert_eq!(
+            (a.op, a.status, a.id()),
+            (BlockOp::Write, BlockStatus::Ok, 100)
+        );
+        assert_eq!(e.stats().submitted, 1);
+        // A retransmitted segment is answered again, not applied again.
+        feed(&mut e, &mut models, &segs[0]);
+        let out = run(&mut e, &mut models);
+        assert_eq!(Bulk::parse(&out[0]).unwrap().status, BlockStatus::Ok);
+        assert_eq!(e.stats().submitted, 1);
+        // Read it back: six answer segments.
+        feed(
+            &mut e,
+            &mut models,
+            &req(BlockOp::Read, 101, 8192, 0, 0, &[]),
+        );
+        let out = run(&mut e, &mut models);
+        assert_eq!(out.len(), nseg as usize);
+        let mut back = vec![0u8; 8192];
+        for o in &out {
+            let a = Bulk::parse(o).unwrap();
+            let at = a.seg() as usize * SEG_DATA;
+            back[at..at + a.data.len()].copy_from_slice(a.data);
+        }
+        assert_eq!(back, data);
+        // A probe naming segments 1 and 4 as missing gets only those.
+        let probe = req(BlockOp::Read, 101, 8192, BF_PROBE, 0, &[0b1_0010]);
+        feed(&mut e, &mut models, &probe);
+        let segs: Vec<u16> = run(&mut e, &mut models)
+            .iter()
+            .map(|o| Bulk::parse(o).unwrap().seg())
+            .collect();
+        assert_eq!(segs, vec![1, 4]);
+    }
+
+    #[test]
+    fn a_probe_of_a_partial_write_names_the_segments_held() {
+        let (mut e, mut models, _img) = rig("p");
+        let data = vec![7u8; 4096];
+        feed(
+            &mut e,
+            &mut models,
+            &req(BlockOp::Write, 5, 4096, 0, 1, &data[SEG_DATA..2 * SEG_DATA]),
+        );
+        feed(
+            &mut e,
+            &mut models,
+            &req(BlockOp::Write, 5, 4096, BF_PROBE, 0, &[]),
+        );
+        let out = run(&mut e, &mut models);
+        let a = Bulk::parse(&out[0]).unwrap();
+        assert_eq!(a.status, BlockStatus::Partial);
+        assert_eq!(a.data, &[0b010]);
+        // Flush and an unknown model's request.
+        feed(&mut e, &mut models, &req(BlockOp::Flush, 6, 0, 0, 0, &[]));
+        let out = run(&mut e, &mut models);
+        assert_eq!(Bulk::parse(&out[0]).unwrap().status, BlockStatus::Ok);
+    }
+}

@@ -1,0 +1,856 @@
+//! The client's side of block requests in bulk ([`devplane_wire::bulk`]):
+//! a remote disk that takes whole block requests, many in flight, and
+//! completes them out of order as their answers arrive.
+//!
+//! [`BulkClient`] is the protocol, pure: it numbers requests, splits a
+//! write's data into segments, reassembles a read's answer, and decides
+//! what to send again when (a write's progress is probed and only the
+//! segments the server lacks are sent again; a read names the answer
+//! segments it lacks). [`BulkDisk`] moves its bytes: a UDP socket
+//! connected to the server and one I/O thread that receives answers,
+//! fires the retransmission timers and hands completions to a callback
+//! (the virtio-blk device, which fills the used ring and interrupts).
+//!
+//! **Pacing.** At most [`MAX_BYTES_IN_FLIGHT`] bytes of requests are on
+//! the wire at once (the rest wait in order), so a queue depth of 32
+//! 128 KiB writes does not overrun the server's receive ring; each
+//! request's retransmission timeout grows with its size (time to move
+//! its segments) on top of the measured round trip, so a long transfer
+//! under load is not sent again while its answer is still coming.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devplane_wire::bulk::{
+    self, BF_PROBE, BF_RETRANSMIT, BlockMsg, BlockOp, BlockStatus, Bulk, KIND_BLOCK_REQUEST,
+    MAX_SEGS, SEG_DATA,
+};
+use devplane_wire::bulk_state::SegBitmap;
+use devplane_wire::tag::{self, KeyRing};
+use devplane_wire::{Header, Kind, MAX_DATAGRAM};
+
+/// Bytes of requests on the wire at most; more wait their turn.
+pub const MAX_BYTES_IN_FLIGHT: usize = 4 << 20;
+/// Requests on the wire at most.
+pub const MAX_IN_FLIGHT: usize = 128;
+/// Smallest retransmission timeout.
+pub const RTO_MIN: Duration = Duration::from_millis(4);
+/// Largest retransmission timeout (a server restarting is waited for
+/// with it).
+pub const RTO_MAX: Duration = Duration::from_millis(250);
+/// Time allowed per segment of a request on top of the round trip.
+const PER_SEG: Duration = Duration::from_micros(40);
+
+/// Who this client is and whom it talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BulkIds {
+    /// Client platform id.
+    pub client: u32,
+    /// Server platform id.
+    pub server: u32,
+    /// The disk's device-model id.
+    pub model: u32,
+    /// VM id.
+    pub vm: u32,
+    /// Hypervisor id.
+    pub hypervisor: u32,
+}
+
+/// A completed request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    /// The submitter's token.
+    pub token: u64,
+    /// Outcome (`IoError` also when the server never answered).
+    pub status: BlockStatus,
+    /// A read's data.
+    pub data: Vec<u8>,
+}
+
+/// Counters of a bulk disk.
+#[derive(Debug, Default)]
+pub struct BulkStats {
+    /// Requests submitted.
+    pub submitted: AtomicU64,
+    /// Requests completed.
+    pub completed: AtomicU64,
+    /// Of those, not `Ok`.
+    pub errors: AtomicU64,
+    /// Datagrams sent (first sends and resends).
+    pub sent: AtomicU64,
+    /// Datagrams sent again after a timeout (segments, probes, requests).
+    pub resent: AtomicU64,
+    /// Timeouts fired.
+    pub timeouts: AtomicU64,
+    /// Answers received.
+    pub received: AtomicU64,
+    /// Answers dropped: malformed, bad tag, unknown or duplicate.
+    pub dropped: AtomicU64,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// One request the client has not completed.
+#[derive(Debug)]
+struct Pending {
+    token: u64,
+    msg: BlockMsg,
+    /// A write's data, or a read's buffer.
+    data: Vec<u8>,
+    /// A read's answer segments received.
+    have: SegBitmap,
+    first: Instant,
+    deadline: Instant,
+    rto: Duration,
+    resent: bool,
+    started: bool,
+}
+
+/// The pure protocol of a bulk disk.
+pub struct BulkClient {
+    ids: BulkIds,
+    keys: Option<KeyRing>,
+    next_id: u64,
+    pending: HashMap<u64, Pending>,
+    /// Ids waiting for room on the wire, in order.
+    queued: VecDeque<u64>,
+    bytes_on_wire: usize,
+    on_wire: usize,
+    srtt: Option<Duration>,
+    give_up: Duration,
+}
+
+/// Sends datagrams (the socket, or a test's vector).
+pub trait Outbox {
+    /// Sends one datagram.
+    fn send(&mut self, bytes: &[u8]);
+}
+
+impl BulkClient {
+    /// A client for `ids`, sealing with `keys`, that fails a request
+    /// unanswered for `give_up`.
+    pub fn new(ids: BulkIds, keys: Option<KeyRing>, give_up: Duration) -> BulkClient {
+        BulkClient {
+            ids,
+            keys,
+            next_id: devplane_wire::first_seq(),
+            pending: HashMap::new(),
+            queued: VecDeque::new(),
+            bytes_on_wire: 0,
+            on_wire: 0,
+            srtt: None,
+            give_up,
+        }
+    }
+
+    /// Requests not completed.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Submits a request; `data` is a write's. Sends it now if there is
+    /// room on the wire.
+    #[allow(clippy::too_many_arguments)]
+    pub fn submit(
+        &mut self,
+        token: u64,
+        op: BlockOp,
+        sector: u64,
+        len: u32,
+        data: Vec<u8>,
+        now: Instant,
+        out: &mut dyn Outbox,
+    ) {
+        self.next_id += 1;
+        let id = self.next_id;
+        let msg = BlockMsg {
+            op,
+            status: BlockStatus::Ok,
+            flags: 0,
+            queue: 0,
+            vm: self.ids.vm,
+            hypervisor: self.ids.hypervisor,
+            id,
+            sector,
+            len,
+        };
+        let buf = if op == BlockOp::Read {
+            vec![0u8; len as usize]
+        } else {
+            data
+        };
+        let nseg = bulk::segments(if op == BlockOp::Read { len } else { 0 });
+        self.pending.insert(
+            id,
+            Pending {
+                token,
+                msg,
+                data: buf,
+                have: SegBitmap::new(nseg),
+                first: now,
+                deadline: now,
+                rto: RTO_MIN,
+                resent: false,
+                started: false,
+            },
+        );
+        self.queued.push_back(id);
+        self.start_queued(now, out);
+    }
+
+    fn wire_bytes(p: &Pending) -> usize {
+        (p.msg.len as usize).max(512)
+    }
+
+    /// Sends queued requests while there is room on the wire.
+    fn start_queued(&mut self, now: Instant, out: &mut dyn Outbox) {
+        while let Some(&id) = self.queued.front() {
+            let Some(p) = self.pending.get(&id) else {
+                self.queued.pop_front();
+                continue;
+            };
+            let b = Self::wire_bytes(p);
+            if self.on_wire > 0
+                && (self.on_wire >= MAX_IN_FLIGHT || self.bytes_on_wire + b > MAX_BYTES_IN_FLIGHT)
+            {
+                return;
+            }
+            self.queued.pop_front();
+            self.on_wire += 1;
+            self.bytes_on_wire += b;
+            let rto = self.rto_for(p);
+            if let Some(p) = self.pending.get_mut(&id) {
+                p.started = true;
+                p.first = now;
+                p.rto = rto;
+                p.deadline = now + rto;
+            }
+            self.send_all(id, 0, out);
+        }
+    }
+
+    fn rto_for(&self, p: &Pending) -> Duration {
+        let segs = bulk::segments(p.msg.len) as u32;
+        let base = self.srtt.map_or(RTO_MIN * 5, |s| s * 3);
+        (base + PER_SEG * segs).clamp(RTO_MIN, RTO_MAX)
+    }
+
+    fn header(&self) -> Header {
+        let mut h = Header::new(
+            Kind::Request,
+            self.ids.model,
+            self.ids.server,
+            self.ids.client,
+        );
+        h.kind = KIND_BLOCK_REQUEST;
+        h
+    }
+
+    fn emit(&self, msg: &BlockMsg, seg: u16, nseg: u16, data: &[u8], out: &mut dyn Outbox) {
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let Some(mut len) = bulk::write(&mut buf, self.header(), msg, seg, nseg, data) else {
+            return;
+        };
+        if let Some(k) = &self.keys {
+            match tag::seal(&mut buf, len, &k.current) {
+                Some(n) => len = n,
+                None => return,
+            }
+        }
+        out.send(&buf[..len]);
+    }
+
+    /// Sends request `id` whole (every segment of a write).
+    fn send_all(&self, id: u64, flags: u8, out: &mut dyn Outbox) {
+        let Some(p) = self.pending.get(&id) else {
+            return;
+        };
+        let msg = BlockMsg { flags, ..p.msg };
+        if p.msg.op.request_has_data() {
+            let nseg = bulk::segments(p.msg.len);
+            for s in 0..nseg {
+                self.emit_seg(p, &msg, s, nseg, out);
+            }
+        } else {
+            self.emit(&msg, 0, 1, &[], out);
+        }
+    }
+
+    fn emit_seg(&self, p: &Pending, msg: &BlockMsg, s: u16, nseg: u16, out: &mut dyn Outbox) {
+        let a = s as usize * SEG_DATA;
+        let b = (a + SEG_DATA).min(p.data.len());
+        self.emit(msg, s, nseg, p.data.get(a..b).unwrap_or(&[]), out);
+    }
+
+    fn finish(&mut self, id: u64, status: BlockStatus, now: Instant) -> Option<Completion> {
+        let mut p = self.pending.remove(&id)?;
+        if p.started {
+            self.on_wire -= 1;
+            self.bytes_on_wire -= Self::wire_bytes(&p);
+            if !p.resent && status != BlockStatus::IoError {
+                // Karn: only answers to requests sent once are timed.
+                let rtt = now.saturating_duration_since(p.first);
+                let segs = bulk::segments(p.msg.len) as u32;
+                let rtt = rtt.saturating_sub(PER_SEG * segs);
+                self.srtt = Some(match self.srtt {
+                    Some(s) => (s * 7 + rtt) / 8,
+                    None => rtt,
+                });
+            }
+        }
+        let data = if p.msg.op == BlockOp::Read && status == BlockStatus::Ok {
+            std::mem::take(&mut p.data)
+        } else {
+            Vec::new()
+        };
+        Some(Completion {
+            token: p.token,
+            status,
+            data,
+        })
+    }
+
+    /// Takes one received datagram; completions go to `done`, anything
+    /// to send again to `out`. False if it was dropped.
+    pub fn on_datagram(
+        &mut self,
+        buf: &[u8],
+        now: Instant,
+        out: &mut dyn Outbox,
+        done: &mut Vec<Completion>,
+    ) -> bool {
+        let Ok(d) = Bulk::parse(buf) else {
+            return false;
+        };
+        if d.request || d.model() != self.ids.model || d.client() != self.ids.client {
+            return false;
+        }
+        match (&self.keys, d.key_id()) {
+            (Some(k), Some(_)) if tag::verify(buf, k).is_ok() => {}
+            (None, None) => {}
+            _ => return false,
+        }
+        let id = d.id();
+        let Some(p) = self.pending.get_mut(&id) else {
+            return false; // late or duplicate
+        };
+        if !p.started || d.op != p.msg.op || d.vm() != self.ids.vm {
+            return false;
+        }
+        match d.status {
+            BlockStatus::Ok if d.op == BlockOp::Read => {
+                let s = d.seg();
+                if d.rec.len.get() != p.msg.len || p.have.has(s) {
+                    return false;
+                }
+                let a = s as usize * SEG_DATA;
+                let Some(dst) = p.data.get_mut(a..a + d.data.len()) else {
+                    return false;
+                };
+                dst.copy_from_slice(d.data);
+                p.have.set(s);
+                if p.have.complete() {
+                    done.extend(self.finish(id, BlockStatus::Ok, now));
+                    self.start_queued(now, out);
+                }
+            }
+            BlockStatus::Partial => {
+                // The server holds these segments of a write: send the rest.
+                let nseg = bulk::segments(p.msg.len);
+                let have = SegBitmap::from_bytes(nseg, d.data);
+                p.deadline = now + p.rto;
+                let msg = BlockMsg {
+                    flags: BF_RETRANSMIT,
+                    ..p.msg
+                };
+                let p = &self.pending[&id];
+                for s in have.missing() {
+                    self.emit_seg(p, &msg, s, nseg, out);
+                }
+            }
+            BlockStatus::Busy => {
+                p.deadline = now + p.rto;
+            }
+            status => {
+                done.extend(self.finish(id, status, now));
+                self.start_queued(now, out);
+            }
+        }
+        true
+    }
+
+    /// When the next timer is due, if any request is on the wire.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending
+            .values()
+            .filter(|p| p.started)
+            .map(|p| p.deadline)
+            .min()
+    }
+
+    /// Fires the timers due at `now`: requests unanswered for their
+    /// timeout are sent again (a write of several segments is probed, a
+    /// read names the answer segments it lacks), with a doubled timeout;
+    /// requests unanswered for the give-up time fail. Returns how many
+    /// fired.
+    pub fn on_timer(
+        &mut self,
+        now: Instant,
+        out: &mut dyn Outbox,
+        done: &mut Vec<Completion>,
+    ) -> u64 {
+        let due: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.started && p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut fired = 0;
+        for id in due {
+            fired += 1;
+            let Some(p) = self.pending.get_mut(&id) else {
+                continue;
+            };
+            if now.saturating_duration_since(p.first) >= self.give_up {
+                done.extend(self.finish(id, BlockStatus::IoError, now));
+                continue;
+            }
+            p.resent = true;
+            p.rto = (p.rto * 2).min(RTO_MAX);
+            p.deadline = now + p.rto;
+            let p = &self.pending[&id];
+            let nseg_w = bulk::segments(p.msg.len);
+            if p.msg.op.request_has_data() && nseg_w > 1 {
+                let probe = BlockMsg {
+                    flags: BF_PROBE | BF_RETRANSMIT,
+                    ..p.msg
+                };
+                self.emit(&probe, 0, 1, &[], out);
+            } else if p.msg.op == BlockOp::Read && p.have.held() > 0 {
+                let mut missing = SegBitmap::new(p.have.nseg());
+                for s in p.have.missing() {
+                    missing.set(s);
+                }
+                let mut bytes = [0u8; MAX_SEGS.div_ceil(8)];
+                let n = missing.to_bytes(&mut bytes);
+                let probe = BlockMsg {
+                    flags: BF_PROBE | BF_RETRANSMIT,
+                    ..p.msg
+                };
+                self.emit(&probe, 0, 1, &bytes[..n], out);
+            } else {
+                self.send_all(id, BF_RETRANSMIT, out);
+            }
+        }
+        self.start_queued(now, out);
+        fired
+    }
+}
+
+/// What a [`BulkDisk`] is built with.
+#[derive(Debug, Clone)]
+pub struct BulkConfig {
+    /// The server's address.
+    pub server: SocketAddr,
+    /// Local address to send from.
+    pub bind: Option<IpAddr>,
+    /// Ids.
+    pub ids: BulkIds,
+    /// Tag keys (`None`: untagged).
+    pub keys: Option<KeyRing>,
+    /// A request unanswered this long fails (long enough to ride out a
+    /// server restart).
+    pub give_up: Duration,
+    /// Spin on the socket this long after the last activity before
+    /// sleeping in `recv` (latency against a core).
+    pub spin: Duration,
+    /// Loss injection (tests): datagrams dropped either way.
+    pub loss: crate::engine::Loss,
+}
+
+/// Completions are handed to this, on the disk's I/O thread.
+pub type OnComplete = Box<dyn FnMut(Completion) + Send>;
+
+struct Shared {
+    sock: UdpSocket,
+    client: Mutex<BulkClient>,
+    stop: AtomicBool,
+    stats: BulkStats,
+    loss: crate::engine::Loss,
+    rng: AtomicU64,
+}
+
+impl Shared {
+    /// Whether to drop a datagram, `permille` of the time.
+    fn lose(&self, permille: u16) -> bool {
+        if permille == 0 {
+            return false;
+        }
+        let mut x = self.rng.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.store(x, Ordering::Relaxed);
+        x % 1000 < u64::from(permille)
+    }
+}
+
+struct SockOut<'a> {
+    sock: &'a UdpSocket,
+    stats: &'a BulkStats,
+    shared: &'a Shared,
+}
+
+impl Outbox for SockOut<'_> {
+    fn send(&mut self, bytes: &[u8]) {
+        if self.shared.lose(self.shared.loss.tx_permille) {
+            add(&self.stats.sent, 1);
+            return;
+        }
+        // A full socket buffer loses the datagram like the network
+        // would: the timer sends it again.
+        let _ = self.sock.send(bytes);
+        add(&self.stats.sent, 1);
+    }
+}
+
+/// A remote disk spoken to in bulk: submit from any thread; completions
+/// come on the disk's own I/O thread.
+pub struct BulkDisk {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl BulkDisk {
+    /// Connects to the server and starts the I/O thread, which hands
+    /// every completion to `on_complete`.
+    pub fn start(cfg: BulkConfig, on_complete: OnComplete) -> std::io::Result<BulkDisk> {
+        let local: SocketAddr = match cfg.bind {
+            Some(ip) => SocketAddr::new(ip, 0),
+            None => SocketAddr::from(([0, 0, 0, 0], 0)),
+        };
+        let sock = UdpSocket::bind(local)?;
+        // Room for a queue depth of 128 KiB reads arriving at once.
+        set_buffer(&sock, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, 8 << 20);
+        set_buffer(&sock, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, 8 << 20);
+        sock.connect(cfg.server)?;
+        sock.set_nonblocking(true)?;
+        let shared = Arc::new(Shared {
+            sock,
+            client: Mutex::new(BulkClient::new(cfg.ids, cfg.keys, cfg.give_up)),
+            stop: AtomicBool::new(false),
+            stats: BulkStats::default(),
+            loss: cfg.loss,
+            rng: AtomicU64::new(cfg.loss.seed | 1),
+        });
+        let s = Arc::clone(&shared);
+        let spin = cfg.spin;
+        let thread = std::thread::Builder::new()
+            .name("dp-bulk-disk".into())
+            .spawn(move || io_loop(&s, spin, on_complete))?;
+        Ok(BulkDisk {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Submits a request (`data`: a write's bytes); it completes through
+    /// the callback with `token`.
+    pub fn submit(&self, token: u64, op: BlockOp, sector: u64, len: u32, data: Vec<u8>) {
+        add(&self.shared.stats.submitted, 1);
+        let mut out = SockOut {
+            sock: &self.shared.sock,
+            stats: &self.shared.stats,
+            shared: &self.shared,
+        };
+        if let Ok(mut c) = self.shared.client.lock() {
+            c.submit(token, op, sector, len, data, Instant::now(), &mut out);
+        }
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> &BulkStats {
+        &self.shared.stats
+    }
+}
+
+impl Drop for BulkDisk {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sets a socket buffer's size: beyond the system's limit if allowed
+/// (`force`, with CAP_NET_ADMIN), else up to it.
+fn set_buffer(sock: &UdpSocket, force: libc::c_int, plain: libc::c_int, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    for opt in [force, plain] {
+        // SAFETY: a valid socket and an int option of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &bytes as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
+    }
+}
+
+/// Waits until the socket is readable or `timeout` passes.
+fn wait_readable(sock: &UdpSocket, timeout: Duration) {
+    use std::os::fd::AsRawFd;
+    let mut fds = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().clamp(1, 50) as libc::c_int;
+    // SAFETY: one valid pollfd for the call's duration.
+    unsafe { libc::poll(&mut fds, 1, ms) };
+}
+
+fn io_loop(s: &Shared, spin: Duration, mut on_complete: OnComplete) {
+    let mut buf = [0u8; 2048];
+    let mut done = Vec::new();
+    let mut last_activity = Instant::now();
+    let stats = &s.stats;
+    while !s.stop.load(Ordering::Relaxed) {
+        let mut got = false;
+        // Drain what arrived, then fire timers, under one lock per turn.
+        while let Ok(n) = s.sock.recv(&mut buf) {
+            got = true;
+            if s.lose(s.loss.rx_permille) {
+                continue;
+            }
+            add(&stats.received, 1);
+            let now = Instant::now();
+            let mut out = SockOut {
+                sock: &s.sock,
+                stats,
+                shared: s,
+            };
+            let ok = match s.client.lock() {
+                Ok(mut c) => c.on_datagram(&buf[..n], now, &mut out, &mut done),
+                Err(_) => return,
+            };
+            if !ok {
+                add(&stats.dropped, 1);
+            }
+            for c in done.drain(..) {
+                add(&stats.completed, 1);
+                if c.status != BlockStatus::Ok {
+                    add(&stats.errors, 1);
+                }
+                on_complete(c);
+            }
+        }
+        let now = Instant::now();
+        let (next, busy) = match s.client.lock() {
+            Ok(mut c) => {
+                let mut out = SockOut {
+                    sock: &s.sock,
+                    stats,
+                    shared: s,
+                };
+                if c.next_deadline().is_some_and(|d| d <= now) {
+                    let fired = c.on_timer(now, &mut out, &mut done);
+                    add(&stats.timeouts, fired);
+                    add(&stats.resent, fired);
+                }
+                (c.next_deadline(), c.pending() > 0)
+            }
+            Err(_) => return,
+        };
+        for c in done.drain(..) {
+            add(&stats.completed, 1);
+            if c.status != BlockStatus::Ok {
+                add(&stats.errors, 1);
+            }
+            on_complete(c);
+        }
+        if got || busy {
+            last_activity = now;
+        }
+        if now.duration_since(last_activity) < spin {
+            std::hint::spin_loop();
+            continue;
+        }
+        let wait = next.map_or(Duration::from_millis(20), |d| {
+            d.saturating_duration_since(now)
+        });
+        wait_readable(&s.sock, wait);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Wire(Vec<Vec<u8>>);
+
+    impl Outbox for Wire {
+        fn send(&mut self, bytes: &[u8]) {
+            self.0.push(bytes.to_vec());
+        }
+    }
+
+    const IDS: BulkIds = BulkIds {
+        client: 7,
+        server: 1,
+        model: 13,
+        vm: 3,
+        hypervisor: 1,
+    };
+
+    /// Answers a request datagram as a server would (`disk` is the disk).
+    fn serve(disk: &mut [u8], partial: &mut HashMap<u64, Vec<u8>>, req: &[u8]) -> Vec<Vec<u8>> {
+        let d = Bulk::parse(req).unwrap();
+        let m = BlockMsg {
+            op: d.op,
+            status: BlockStatus::Ok,
+            flags: 0,
+            queue: 0,
+            vm: d.vm(),
+            hypervisor: 1,
+            id: d.id(),
+            sector: d.rec.sector.get(),
+            len: d.rec.len.get(),
+        };
+        let mut h = Header::new(Kind::Response, 13, 1, 7);
+        h.kind = bulk::KIND_BLOCK_ANSWER;
+        let at = (m.sector * 512) as usize;
+        let mut out = Vec::new();
+        let mut put = |msg: &BlockMsg, seg, nseg, data: &[u8]| {
+            let mut b = vec![0u8; MAX_DATAGRAM];
+            let n = bulk::write(&mut b, h, msg, seg, nseg, data).unwrap();
+            b.truncate(n);
+            out.push(b);
+        };
+        match d.op {
+            BlockOp::Read => {
+                let nseg = bulk::segments(m.len);
+                for s in 0..nseg {
+                    let a = at + s as usize * SEG_DATA;
+                    let b = (a + SEG_DATA).min(at + m.len as usize);
+                    put(&m, s, nseg, &disk[a..b]);
+                }
+            }
+            BlockOp::Write => {
+                let buf = partial
+                    .entry(d.id())
+                    .or_insert_with(|| vec![0; m.len as usize]);
+                let a = d.seg() as usize * SEG_DATA;
+                buf[a..a + d.data.len()].copy_from_slice(d.data);
+                if d.seg() + 1 == d.rec.nseg.get() {
+                    disk[at..at + m.len as usize].copy_from_slice(buf);
+                    put(&m, 0, 1, &[]);
+                }
+            }
+            _ => put(&m, 0, 1, &[]),
+        }
+        out
+    }
+
+    #[test]
+    fn writes_and_reads_round_trip_out_of_order() {
+        let mut c = BulkClient::new(IDS, None, Duration::from_secs(10));
+        let mut disk = vec![0u8; 1 << 20];
+        let mut partial = HashMap::new();
+        let now = Instant::now();
+        let mut w = Wire::default();
+        let data: Vec<u8> = (0..131072u32).map(|i| (i % 253) as u8).collect();
+        c.submit(1, BlockOp::Write, 8, 131072, data.clone(), now, &mut w);
+        assert_eq!(w.0.len(), bulk::segments(131072) as usize);
+        let mut done = Vec::new();
+        for req in std::mem::take(&mut w.0) {
+            for a in serve(&mut disk, &mut partial, &req) {
+                assert!(c.on_datagram(&a, now, &mut w, &mut done));
+            }
+        }
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].status, BlockStatus::Ok);
+        c.submit(2, BlockOp::Read, 8, 131072, vec![], now, &mut w);
+        let mut answers: Vec<Vec<u8>> = std::mem::take(&mut w.0)
+            .iter()
+            .flat_map(|r| serve(&mut disk, &mut partial, r))
+            .collect();
+        answers.reverse();
+        for a in &answers {
+            c.on_datagram(a, now, &mut w, &mut done);
+        }
+        assert_eq!(done[1].token, 2);
+        assert_eq!(done[1].data, data);
+        assert_eq!(c.pending(), 0);
+    }
+
+    #[test]
+    fn lost_segments_are_found_by_probes_and_sent_again() {
+        let mut c = BulkClient::new(IDS, None, Duration::from_secs(10));
+        let now = Instant::now();
+        let mut w = Wire::default();
+        c.submit(1, BlockOp::Write, 0, 8192, vec![5; 8192], now, &mut w);
+        let sent = std::mem::take(&mut w.0);
+        assert_eq!(sent.len(), 6);
+        // Nothing answered: the timer probes.
+        let mut done = Vec::new();
+        let t1 = now + RTO_MAX;
+        assert_eq!(c.on_timer(t1, &mut w, &mut done), 1);
+        let probe = std::mem::take(&mut w.0).remove(0);
+        let probe = Bulk::parse(&probe).unwrap();
+        assert_ne!(probe.rec.flags & BF_PROBE, 0);
+        let probe_id = probe.id();
+        // The server holds segments 0, 2 and 5: the client sends 1, 3, 4.
+        let mut h = Header::new(Kind::Response, 13, 1, 7);
+        h.kind = bulk::KIND_BLOCK_ANSWER;
+        let m = BlockMsg {
+            op: BlockOp::Write,
+            status: BlockStatus::Partial,
+            flags: 0,
+            queue: 0,
+            vm: 3,
+            hypervisor: 1,
+            id: probe_id,
+            sector: 0,
+            len: 8192,
+        };
+        let mut b = vec![0u8; MAX_DATAGRAM];
+        let n = bulk::write(&mut b, h, &m, 0, 1, &[0b10_0101]).unwrap();
+        assert!(c.on_datagram(&b[..n], t1, &mut w, &mut done));
+        let segs: Vec<u16> = w.0.iter().map(|d| Bulk::parse(d).unwrap().seg()).collect();
+        assert_eq!(segs, vec![1, 3, 4]);
+        // Never answered: fails after the give-up time.
+        let t2 = now + Duration::from_secs(11);
+        c.on_timer(t2, &mut w, &mut done);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].status, BlockStatus::IoError);
+    }
+
+    #[test]
+    fn the_wire_holds_a_bounded_number_of_bytes() {
+        let mut c = BulkClient::new(IDS, None, Duration::from_secs(10));
+        let now = Instant::now();
+        let mut w = Wire::default();
+        for t in 0..64 {
+            c.submit(t, BlockOp::Read, 0, 131072, vec![], now, &mut w);
+        }
+        assert_eq!(w.0.len(), MAX_BYTES_IN_FLIGHT / 131072);
+        // A forged or foreign answer is dropped.
+        let mut done = Vec::new();
+        assert!(!c.on_datagram(&[0u8; 64], now, &mut w, &mut done));
+    }
+}
