@@ -18,8 +18,9 @@ use devplane_wire::frame::{
 use devplane_wire::header::{count_fits, server_accepts};
 use devplane_wire::maps::{
     BUCKETS_MAP, Bucket, CLIENTS_MAP, CONFIG_CHECK_CLIENT, CONFIG_MAP, CONFIG_REDIRECT,
-    COUNTER_COUNT, ClientEntry, Config, Counter, MAX_CLIENTS, MAX_MODELS, MAX_VMS, MAX_WORKERS,
-    ROUTES_MAP, Route, STATS_MAP, VMS_MAP, VmEntry, XSKS_MAP, bucket_take,
+    COUNTER_COUNT, ClientEntry, Config, Counter, MAX_CLIENTS, MAX_MODELS, MAX_QUEUES, MAX_VMS,
+    QUEUE_STATS_MAP, ROUTES_MAP, Route, STATS_MAP, VMS_MAP, VmEntry, XSKS_ENTRIES, XSKS_MAP,
+    bucket_take, xsk_index,
 };
 use devplane_wire::{DEFAULT_PORT, HEADER_LEN, Header, RawRecord};
 
@@ -39,7 +40,10 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0)
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 #[map(name = "DP_XSKS")]
-static XSKS: XskMap = XskMap::with_max_entries(MAX_WORKERS, 0);
+static XSKS: XskMap = XskMap::with_max_entries(XSKS_ENTRIES, 0);
+
+#[map(name = "DP_QSTATS")]
+static QSTATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_QUEUES, 0);
 
 #[map(name = "DP_BUCKETS")]
 static BUCKETS: LruPerCpuHashMap<u32, Bucket> = LruPerCpuHashMap::with_max_entries(MAX_CLIENTS, 0);
@@ -69,6 +73,7 @@ const _: () = assert!(same(STATS_MAP, "DP_STATS"));
 const _: () = assert!(same(CONFIG_MAP, "DP_CONFIG"));
 const _: () = assert!(same(XSKS_MAP, "DP_XSKS"));
 const _: () = assert!(same(BUCKETS_MAP, "DP_BUCKETS"));
+const _: () = assert!(same(QUEUE_STATS_MAP, "DP_QSTATS"));
 
 /// How a frame's way ends: the counter to bump and the `xdp_action`.
 #[derive(Clone, Copy)]
@@ -302,17 +307,35 @@ fn check_budget(hdr: &Header, entry: Option<&ClientEntry>) -> Step<()> {
     }
 }
 
-/// Redirects to the owning worker's socket (or passes, in socket mode).
+/// The device RX queue the frame arrived on.
 #[inline(always)]
-fn steer(cfg: &Config, route: &Route) -> Verdict {
+fn rx_queue(ctx: &XdpContext) -> u32 {
+    // SAFETY: `ctx.ctx` is the kernel's `xdp_md` for this run.
+    unsafe { (*ctx.ctx).rx_queue_index }
+}
+
+/// Redirects to the owning worker's socket on the frame's RX queue (an
+/// AF_XDP socket only takes frames of the queue it is bound to), counted
+/// per queue; or passes, in socket mode.
+#[inline(always)]
+fn steer(cfg: &Config, route: &Route, queue: u32) -> Verdict {
     if cfg.flags & CONFIG_REDIRECT == 0 {
         return pass_as(Counter::PassRouted);
     }
-    match XSKS.redirect(route.worker, 0) {
-        Ok(action) => Verdict {
-            counter: Counter::Redirected,
-            action,
-        },
+    let Some(slot) = xsk_index(queue, route.worker) else {
+        return drop_as(Counter::DropNoSocket);
+    };
+    match XSKS.redirect(slot, 0) {
+        Ok(action) => {
+            if let Some(p) = QSTATS.get_ptr_mut(queue) {
+                // SAFETY: as in `count`: this CPU's slot, preemption off.
+                unsafe { *p += 1 };
+            }
+            Verdict {
+                counter: Counter::Redirected,
+                action,
+            }
+        }
         Err(_) => drop_as(Counter::DropNoSocket),
     }
 }
@@ -332,7 +355,7 @@ fn classify(ctx: &XdpContext) -> Step<Verdict> {
     let client = check_client(cfg, hdr, ip)?;
     check_vm(ctx, cfg, ip, hdr)?;
     check_budget(hdr, client)?;
-    Ok(steer(cfg, route))
+    Ok(steer(cfg, route, rx_queue(ctx)))
 }
 
 /// The entry point: returns an `xdp_action`.

@@ -18,8 +18,12 @@ pub const VMS_MAP: &str = "DP_VMS";
 pub const STATS_MAP: &str = "DP_STATS";
 /// `Array<Config>` of one entry: the program's settings.
 pub const CONFIG_MAP: &str = "DP_CONFIG";
-/// `XskMap`: AF_XDP socket per worker index.
+/// `XskMap` of [`XSKS_ENTRIES`]: each worker's AF_XDP socket on each
+/// device queue, at [`xsk_index`]`(queue, worker)`.
 pub const XSKS_MAP: &str = "DP_XSKS";
+/// `PerCpuArray<u64>` of [`MAX_QUEUES`]: requests the program redirected
+/// to a worker from each device RX queue.
+pub const QUEUE_STATS_MAP: &str = "DP_QSTATS";
 /// `LruPerCpuHashMap<u32 client id, Bucket>`: each client's token bucket
 /// on each CPU, owned by the XDP program (created on a client's first
 /// frame, full).
@@ -36,6 +40,24 @@ pub const MAX_CLIENTS: u32 = 1024;
 pub const MAX_VMS: u32 = 16384;
 /// Capacity of the AF_XDP socket map (workers per server).
 pub const MAX_WORKERS: u32 = 64;
+/// Most device RX queues a server serves (a real NIC with more is set to
+/// fewer with `ethtool -L`).
+pub const MAX_QUEUES: u32 = 64;
+/// Capacity of [`XSKS_MAP`]: a socket per worker per queue.
+pub const XSKS_ENTRIES: u32 = MAX_WORKERS * MAX_QUEUES;
+
+/// The slot of worker `worker`'s socket on device queue `queue` in
+/// [`XSKS_MAP`] (an AF_XDP socket receives only frames of the queue it
+/// is bound to, so the program picks the socket by queue and worker).
+/// `None` outside [`MAX_QUEUES`] x [`MAX_WORKERS`].
+#[inline(always)]
+pub const fn xsk_index(queue: u32, worker: u32) -> Option<u32> {
+    if queue < MAX_QUEUES && worker < MAX_WORKERS {
+        Some(queue * MAX_WORKERS + worker)
+    } else {
+        None
+    }
+}
 
 /// Route flag: the model is served by a worker of this server.
 pub const ROUTE_LOCAL: u32 = 1;
@@ -48,7 +70,8 @@ pub const ROUTE_FORWARD: u32 = 2;
 )]
 #[repr(C)]
 pub struct Route {
-    /// Index of the owning worker in [`XSKS_MAP`].
+    /// Index of the owning worker (its sockets in [`XSKS_MAP`] are at
+    /// [`xsk_index`]`(queue, worker)`).
     pub worker: u32,
     /// Server platform id that owns the model.
     pub server: u32,
@@ -320,6 +343,21 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn xsk_slots_are_distinct_and_bounded() {
+        let mut seen = std::collections::HashSet::new();
+        for q in 0..MAX_QUEUES {
+            for w in 0..MAX_WORKERS {
+                let i = xsk_index(q, w).expect("in range");
+                assert!(i < XSKS_ENTRIES);
+                assert!(seen.insert(i));
+            }
+        }
+        assert_eq!(xsk_index(MAX_QUEUES, 0), None);
+        assert_eq!(xsk_index(0, MAX_WORKERS), None);
+        assert_eq!(xsk_index(u32::MAX, u32::MAX), None);
+    }
 
     #[test]
     fn no_budget_admits_everything_and_keeps_the_bucket() {
