@@ -61,7 +61,9 @@ pub const fn xsk_index(queue: u32, worker: u32) -> Option<u32> {
 
 /// Route flag: the model is served by a worker of this server.
 pub const ROUTE_LOCAL: u32 = 1;
-/// Route flag: the model is owned by another server; forward there.
+/// Route flag: the model is hosted by another server (an I/O server
+/// behind this owner server); requests are rewritten to it and sent on
+/// with `XDP_TX` ([`crate::frame::forward_rewrite`]).
 pub const ROUTE_FORWARD: u32 = 2;
 
 /// Value of [`ROUTES_MAP`].
@@ -77,9 +79,10 @@ pub struct Route {
     pub server: u32,
     /// `ROUTE_*` flags.
     pub flags: u32,
-    /// Owning server's IPv4 address, for forwarding.
+    /// With [`ROUTE_FORWARD`]: the I/O server's IPv4 address (the same
+    /// devplane UDP port as here).
     pub forward_ip: [u8; 4],
-    /// Owning server's MAC (or next hop), for forwarding.
+    /// With [`ROUTE_FORWARD`]: the I/O server's MAC (or the next hop's).
     pub forward_mac: [u8; 6],
     /// Padding, zero.
     pub pad: [u8; 2],
@@ -256,7 +259,7 @@ pub enum Counter {
     Redirected = 15,
     /// Dropped: redirect failed (no socket for that worker).
     DropNoSocket = 16,
-    /// Forwarded to the owning server (XDP_TX).
+    /// Forwarded to the I/O server hosting the model (rewritten, XDP_TX).
     Forwarded = 17,
     /// Dropped: the program's config entry is missing.
     DropNoConfig = 18,
@@ -266,10 +269,13 @@ pub enum Counter {
     /// Dropped: the client's budget on this CPU is spent (see
     /// [`bucket_take`]).
     DropOverBudget = 20,
+    /// Dropped instead of forwarded: the IPv4 TTL ran out (a forwarding
+    /// loop between servers, see [`crate::frame::forward_rewrite`]).
+    DropTtl = 21,
 }
 
 /// Number of counters; the size of [`STATS_MAP`].
-pub const COUNTER_COUNT: u32 = 21;
+pub const COUNTER_COUNT: u32 = 22;
 
 impl Counter {
     /// Every counter, in index order.
@@ -295,6 +301,7 @@ impl Counter {
         Counter::DropNoConfig,
         Counter::DropForeignVm,
         Counter::DropOverBudget,
+        Counter::DropTtl,
     ];
 
     /// A stable snake_case name, for tables and JSON.
@@ -321,6 +328,7 @@ impl Counter {
             Counter::DropNoConfig => "drop_no_config",
             Counter::DropForeignVm => "drop_foreign_vm",
             Counter::DropOverBudget => "drop_over_budget",
+            Counter::DropTtl => "drop_ttl",
         }
     }
 }
@@ -346,12 +354,13 @@ mod tests {
 
     #[test]
     fn xsk_slots_are_distinct_and_bounded() {
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = [false; XSKS_ENTRIES as usize];
         for q in 0..MAX_QUEUES {
             for w in 0..MAX_WORKERS {
                 let i = xsk_index(q, w).expect("in range");
                 assert!(i < XSKS_ENTRIES);
-                assert!(seen.insert(i));
+                assert!(!seen[i as usize]);
+                seen[i as usize] = true;
             }
         }
         assert_eq!(xsk_index(MAX_QUEUES, 0), None);
