@@ -358,9 +358,10 @@ fn steer(cfg: &Config, route: &Route, queue: u32) -> Verdict {
 }
 
 /// A model hosted behind this owner server: the frame is rewritten for
-/// its I/O server (`forward_rewrite`: MACs, IPv4 destination and TTL,
-/// both checksums; the client stays the source, so the I/O server answers
-/// it straight) and sent back out of this interface with `XDP_TX`.
+/// its I/O server (`forward_rewrite`: destination MAC, IPv4 destination
+/// and TTL, both checksums; the client stays the source, so the I/O
+/// server answers it straight) and sent back out of this interface with
+/// `XDP_TX`.
 #[inline(always)]
 fn forward(ctx: &XdpContext, cfg: &Config, route: &Route) -> Verdict {
     let step = || -> Step<Verdict> {

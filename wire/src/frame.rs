@@ -205,13 +205,16 @@ pub enum ForwardError {
 /// Rewrites a request frame, in place, for an owner server to send on to
 /// the I/O server hosting its model (the patent's Fig. 6; the XDP
 /// program's forward step, then `XDP_TX`): Ethernet destination the next
-/// hop `to_mac` and source the owner's own MAC (the frame's old
-/// destination), IPv4 destination `to_ip` (the source, the client, stays:
-/// the I/O server answers and interrupts the client straight), TTL one
-/// less, UDP destination port `to_port` (0: unchanged), and both
-/// checksums updated incrementally (a zero UDP checksum, "none", stays
-/// zero). A TTL that would reach zero is refused and nothing is changed,
-/// so a forwarding loop ends.
+/// hop `to_mac`, IPv4 destination `to_ip`, TTL one less, UDP destination
+/// port `to_port` (0: unchanged), and both checksums updated
+/// incrementally (a zero UDP checksum, "none", stays zero). The sources
+/// stay: the IPv4 source and port are the client's, so the I/O server
+/// answers and interrupts the client straight; the Ethernet source is
+/// the hop the frame came from (the client on one segment, its router
+/// otherwise), which is where the I/O server's worker, answering in place
+/// by swapping addresses, sends the answer's first hop. A TTL that would
+/// reach zero is refused and nothing is changed, so a forwarding loop
+/// ends.
 #[inline(always)]
 pub fn forward_rewrite(
     eth: &mut EthHdr,
@@ -224,7 +227,6 @@ pub fn forward_rewrite(
     if ip.ttl <= 1 {
         return Err(ForwardError::TtlExpired);
     }
-    eth.src = eth.dst;
     eth.dst = to_mac;
     let old_ip = ip.dst;
     // TTL and protocol share a 16-bit word of the IPv4 header.

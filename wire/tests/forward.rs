@@ -83,7 +83,7 @@ proptest! {
         prop_assert!(checksums_ok(&buf[IP], &buf[UDP.start..]), "checksums after the rewrite");
         let p = parse_udp(&buf).unwrap();
         prop_assert_eq!(p.flow.dst_mac, to_mac);
-        prop_assert_eq!(p.flow.src_mac, f.dst_mac, "the owner's MAC is the new source");
+        prop_assert_eq!(p.flow.src_mac, f.src_mac, "the previous hop stays the source");
         prop_assert_eq!(p.flow.src_ip, src_ip, "the client stays the source");
         prop_assert_eq!(p.flow.dst_ip, to_ip);
         prop_assert_eq!(p.flow.src_port, src_port);

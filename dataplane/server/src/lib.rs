@@ -26,6 +26,7 @@ pub mod bpffs;
 pub mod control;
 pub mod dispatch;
 mod error;
+pub mod forward;
 pub mod frames;
 pub mod irq;
 pub mod kernel_drops;

@@ -617,7 +617,7 @@ fn a_forwarded_model_is_rewritten_and_sent_back_out() {
     assert_eq!(out.len(), input.len());
     let p = frame::parse_udp(out).expect("still a UDP frame");
     assert_eq!(p.flow.dst_mac, IO_MAC);
-    assert_eq!(p.flow.src_mac, flow().dst_mac, "the owner's MAC");
+    assert_eq!(p.flow.src_mac, flow().src_mac, "the previous hop stays");
     assert_eq!(p.flow.dst_ip, IO_IP);
     assert_eq!(p.flow.src_ip, CLIENT_IP, "the client stays the source");
     assert_eq!((p.flow.src_port, p.flow.dst_port), (40000, PORT));

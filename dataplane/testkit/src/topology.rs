@@ -72,7 +72,7 @@ pub const NETNS_DIR: &str = "/var/run/netns";
 pub const PREFIX_LEN: u8 = 24;
 
 /// Per-process counter that makes topology names and subnets unique.
-static COUNTER: AtomicU32 = AtomicU32::new(0);
+pub(crate) static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// How many names are tried when a namespace of the same name exists
 /// already (left behind by a killed process whose pid has been reused).
@@ -98,7 +98,11 @@ fn dead_owner(name: &str) -> Option<u32> {
             return None;
         };
         n.parse::<u32>().ok()?;
-        if !["client", "server", "attacker", "peer"].contains(side) {
+        if ![
+            "client", "server", "attacker", "peer", "switch", "owner", "io",
+        ]
+        .contains(side)
+        {
             return None;
         }
         pid.parse().ok()?
@@ -115,7 +119,7 @@ fn dead_owner(name: &str) -> Option<u32> {
 /// the veth inside) and its pin directories in bpffs. Only names whose
 /// owner process no longer exists are touched. Best effort, once per
 /// process.
-fn sweep_stale() {
+pub(crate) fn sweep_stale() {
     if let Ok(dir) = std::fs::read_dir(NETNS_DIR) {
         for e in dir.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
