@@ -18,6 +18,7 @@
 mod boot;
 mod client;
 mod counters;
+mod forward;
 mod gate;
 mod hist;
 mod invalid;
@@ -106,6 +107,11 @@ enum Scenario {
     /// the XDP program's cost with as many routes and VMs (needs root and
     /// KVM).
     Scale,
+    /// Owner and I/O servers on three hosts of one bridge: the round trip
+    /// to the I/O server straight (`direct`, the floor, before and after)
+    /// and through the owner, whose XDP program forwards the request
+    /// (`forward`; goal under 1.4x direct; needs root).
+    Forward,
 }
 
 impl Scenario {
@@ -124,6 +130,7 @@ impl Scenario {
             Scenario::Isolation => "isolation",
             Scenario::Load => load::SCENARIO,
             Scenario::Scale => scale::SCENARIO,
+            Scenario::Forward => forward::SCENARIO,
         }
     }
 
@@ -155,10 +162,11 @@ impl Scenario {
 }
 
 /// The default suite (`make bench`).
-const DEFAULT_SUITE: [Scenario; 9] = [
+const DEFAULT_SUITE: [Scenario; 10] = [
     Scenario::XdpProg,
     Scenario::Parse,
     Scenario::Server,
+    Scenario::Forward,
     Scenario::Client,
     Scenario::Irq,
     Scenario::Throughput,
