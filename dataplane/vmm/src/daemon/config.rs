@@ -92,6 +92,10 @@ pub struct ServerEntry {
     pub id: u32,
     /// Its devplane UDP address, `"ip:port"`.
     pub address: SocketAddr,
+    /// `via = "ip:port"`: an owner server that forwards requests to it
+    /// (answers and interrupts still come from `address`).
+    #[serde(default)]
+    pub via: Option<SocketAddr>,
 }
 
 /// A `[[vms]]` entry.
@@ -532,6 +536,7 @@ impl ClientFile {
                             servers.push(ServerSpec {
                                 addr: entry.address,
                                 id: entry.id,
+                                via: entry.via,
                             });
                             servers.len() - 1
                         }
