@@ -68,6 +68,20 @@ pub fn handle(server: &mut Server, request: Request) -> Response {
         Request::MoveModel { model, worker } => done(server.move_model(model, worker)),
         Request::AddModel { model } => done(server.add_model(model)),
         Request::RemoveModel { model } => done(server.remove_model(model)),
+        Request::ForwardModel {
+            model,
+            server: to,
+            ip,
+            mac,
+        } => done(server.forward_model(
+            model,
+            crate::forward::Forward {
+                server: to,
+                ip,
+                mac,
+            },
+        )),
+        Request::UnforwardModel { model } => done(server.unforward_model(model)),
         Request::SuspendVm { vm } => done(server.suspend_vm(vm)),
         Request::ResumeVm { vm } => done(server.resume_vm(vm)),
         Request::MigrateVm { vm, client } => done(server.migrate_vm(vm, client)),

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use devplane_control::config::{
     ClientConfig, Mode, ModelConfig, ServerConfig, ServerSection, Tuning, VmConfig,
 };
+use devplane_control::proto::{Request as CtlRequest, Response};
 use devplane_devmodels::counter::{REG_COUNT, REG_IRQ, REG_SUM};
 use devplane_server::Attach;
 use devplane_server::forward::Forward;
@@ -270,8 +271,18 @@ fn owner_forwards_to_the_io_server_exactly_once_under_loss() {
     };
     let io_srv = ServerThread::spawn(server(IO, io, client, vec![counter]), Some(&io.netns))
         .expect("I/O server starts");
-    let owner_srv = ServerThread::spawn(server(OWNER, owner, client, vec![]), Some(&owner.netns))
-        .expect("owner server starts");
+    let mut owner_srv =
+        ServerThread::spawn(server(OWNER, owner, client, vec![]), Some(&owner.netns))
+            .expect("owner server starts");
+    // The placement moves below go through the owner's control socket,
+    // as `dpctl --socket ... models forward|unforward` sends them.
+    let ctl = std::env::temp_dir().join(format!("dp-fwd-{}.sock", std::process::id()));
+    owner_srv.listen(&ctl).expect("owner control socket");
+    let ask =
+        |req: CtlRequest| match devplane_control::proto::call(&ctl, &req, Duration::from_secs(5)) {
+            Ok(Response::Ok) => {}
+            other => panic!("{req:?}: {other:?}"),
+        };
     assert_eq!(io_srv.attach_mode(), Some(Attach::Driver));
     assert_eq!(owner_srv.attach_mode(), Some(Attach::Driver));
     let to = Forward {
@@ -301,10 +312,7 @@ fn owner_forwards_to_the_io_server_exactly_once_under_loss() {
             let owner_addr = c.owner;
             c.sock.send_to(&bytes, owner_addr).unwrap();
             c.sent_to_owner += 1;
-            owner_srv
-                .call(|s| s.unforward_model(MODEL))
-                .expect("owner thread")
-                .expect("unforward");
+            ask(CtlRequest::UnforwardModel { model: MODEL });
             c.via_owner = false;
             c.complete(id, &bytes)
         } else if i == 2 * WRITES / 3 {
@@ -312,10 +320,12 @@ fn owner_forwards_to_the_io_server_exactly_once_under_loss() {
             // server.
             let io_addr = c.io;
             c.sock.send_to(&bytes, io_addr).unwrap();
-            owner_srv
-                .call(move |s| s.forward_model(MODEL, to))
-                .expect("owner thread")
-                .expect("forward again");
+            ask(CtlRequest::ForwardModel {
+                model: MODEL,
+                server: IO,
+                ip: to.ip,
+                mac: to.mac,
+            });
             c.via_owner = true;
             c.complete(id, &bytes)
         } else {
