@@ -619,6 +619,19 @@ mod tests {
     }
 
     #[test]
+    fn a_server_behind_an_owner_keeps_its_address_and_gets_the_owners() {
+        let vm = "\n[[vms]]\nid = 1\nhypervisor = 2\nguest = { kind = \"pio-loop\", port = 0x500, iterations = 10 }\n\
+                  [[vms.devices]]\nspace = \"pio\"\nbase = 0x500\nlen = 0x10\nmodel = 11\nplace = \"remote:1\"\n";
+        let f = ClientFile::from_toml_str(&format!("{BASE}via = \"10.0.0.3:7700\"\n{vm}")).unwrap();
+        let spec = f.client_spec(1).unwrap();
+        assert_eq!(spec.servers[0].addr, "10.0.0.2:7700".parse().unwrap());
+        assert_eq!(spec.servers[0].via, Some("10.0.0.3:7700".parse().unwrap()));
+        let direct = ClientFile::from_toml_str(&format!("{BASE}{vm}")).unwrap();
+        assert_eq!(direct.client_spec(1).unwrap().servers[0].via, None);
+        assert!(err(&format!("{BASE}via = \"nowhere\"\n{vm}")).contains("via"));
+    }
+
+    #[test]
     fn defaults_and_placement() {
         let f = ClientFile::from_toml_str(&format!(
             "{BASE}\n[[vms]]\nid = 1\nhypervisor = 2\nguest = {{ kind = \"pio-loop\", port = 0x500, iterations = 10 }}\n\
