@@ -93,7 +93,7 @@ fn config(id: u32, host: &LanHost, client: &LanHost, serves: bool) -> ServerConf
 /// Closed-loop round trips sent to `to`, answered from `from` (an
 /// unconnected socket: through the owner, the answer comes from another
 /// address than the one the request went to).
-fn round_trips(
+pub(crate) fn round_trips(
     sock: &UdpSocket,
     to: SocketAddr,
     from: SocketAddr,

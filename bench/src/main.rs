@@ -27,6 +27,7 @@ mod isolation;
 mod load;
 mod micro;
 mod plot;
+mod queues;
 mod report;
 mod rig;
 mod scale;
@@ -112,6 +113,10 @@ enum Scenario {
     /// and through the owner, whose XDP program forwards the request
     /// (`forward`; goal under 1.4x direct; needs root).
     Forward,
+    /// The XDP round trip on veths of one queue (`one`, the floor, before
+    /// and after) and of four (`four`: every worker polls a socket per
+    /// queue): what serving every queue costs (needs root).
+    Queues,
 }
 
 impl Scenario {
@@ -131,6 +136,7 @@ impl Scenario {
             Scenario::Load => load::SCENARIO,
             Scenario::Scale => scale::SCENARIO,
             Scenario::Forward => forward::SCENARIO,
+            Scenario::Queues => queues::SCENARIO,
         }
     }
 
