@@ -18,6 +18,7 @@
 mod boot;
 mod client;
 mod counters;
+mod forward;
 mod gate;
 mod hist;
 mod invalid;
@@ -26,6 +27,7 @@ mod isolation;
 mod load;
 mod micro;
 mod plot;
+mod queues;
 mod report;
 mod rig;
 mod scale;
@@ -106,6 +108,15 @@ enum Scenario {
     /// the XDP program's cost with as many routes and VMs (needs root and
     /// KVM).
     Scale,
+    /// Owner and I/O servers on three hosts of one bridge: the round trip
+    /// to the I/O server straight (`direct`, the floor, before and after)
+    /// and through the owner, whose XDP program forwards the request
+    /// (`forward`; goal under 1.4x direct; needs root).
+    Forward,
+    /// The XDP round trip on veths of one queue (`one`, the floor, before
+    /// and after) and of four (`four`: every worker polls a socket per
+    /// queue): what serving every queue costs (needs root).
+    Queues,
 }
 
 impl Scenario {
@@ -124,6 +135,8 @@ impl Scenario {
             Scenario::Isolation => "isolation",
             Scenario::Load => load::SCENARIO,
             Scenario::Scale => scale::SCENARIO,
+            Scenario::Forward => forward::SCENARIO,
+            Scenario::Queues => queues::SCENARIO,
         }
     }
 
@@ -159,6 +172,7 @@ const DEFAULT_SUITE: [Scenario; 10] = [
     Scenario::XdpProg,
     Scenario::Parse,
     Scenario::Server,
+    Scenario::Forward,
     Scenario::Client,
     Scenario::Irq,
     Scenario::Throughput,

@@ -314,6 +314,7 @@ impl Rig {
             servers: vec![ServerSpec {
                 addr: server,
                 id: SERVER_ID,
+                via: None,
             }],
             vms,
             engine: EngineConfig {

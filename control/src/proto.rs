@@ -52,6 +52,23 @@ pub enum Request {
         /// The model.
         model: u32,
     },
+    /// Owner server: forward a device model's requests to the I/O server
+    /// that hosts it (its XDP program rewrites them and sends them on).
+    ForwardModel {
+        /// The model (not served by this server).
+        model: u32,
+        /// The I/O server's platform id.
+        server: u32,
+        /// Its IPv4 address (the same devplane port).
+        ip: std::net::Ipv4Addr,
+        /// Its MAC, or the next hop's.
+        mac: [u8; 6],
+    },
+    /// Owner server: stop forwarding a device model.
+    UnforwardModel {
+        /// The model.
+        model: u32,
+    },
     /// Server: hold a VM's interrupts. Client daemon: hold its vCPUs
     /// (answered with [`Response::Vm`]).
     SuspendVm {
@@ -393,6 +410,13 @@ mod tests {
                 model: crate::config::ModelConfig::new(9, "counter", 1),
             },
             Request::RemoveModel { model: 9 },
+            Request::ForwardModel {
+                model: 9,
+                server: 2,
+                ip: std::net::Ipv4Addr::new(10, 0, 0, 3),
+                mac: [2, 0, 0, 0, 0, 3],
+            },
+            Request::UnforwardModel { model: 9 },
             Request::SuspendVm { vm: 2 },
             Request::ResumeVm { vm: 2 },
             Request::MigrateVm { vm: 2, client: 8 },

@@ -3,23 +3,26 @@
 //! One parse or lookup helper per step, in the order a frame meets them
 //! ([`parse_eth`], [`parse_ipv4`], [`parse_udp`], [`check_port`],
 //! [`check_lengths`], [`parse_header`], [`lookup_route`],
-//! [`check_client`], [`check_vm`], [`check_budget`], [`steer`]). Each returns the next step's input or the
+//! [`check_client`], [`check_vm`], [`check_budget`], then [`steer`] to a
+//! worker or [`forward`] to an I/O server). Each returns the next step's input or the
 //! [`Verdict`] that ends the frame's way; the rules themselves are
 //! `devplane_wire`'s, shared with the workers' parsers.
 
-use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
+use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX};
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray, XskMap};
 use aya_ebpf::programs::XdpContext;
 use devplane_wire::frame::{
-    ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_UDP, Ipv4Hdr, UDP_HLEN, UdpHdr, udp_lengths_ok,
+    ETH_HLEN, ETH_P_IP, EthHdr, IPPROTO_UDP, Ipv4Hdr, UDP_HLEN, UdpHdr, forward_rewrite,
+    udp_lengths_ok,
 };
 use devplane_wire::header::{length_fits, server_accepts};
 use devplane_wire::maps::{
     BUCKETS_MAP, Bucket, CLIENTS_MAP, CONFIG_CHECK_CLIENT, CONFIG_MAP, CONFIG_REDIRECT,
-    COUNTER_COUNT, ClientEntry, Config, Counter, MAX_CLIENTS, MAX_MODELS, MAX_VMS, MAX_WORKERS,
-    ROUTES_MAP, Route, STATS_MAP, VMS_MAP, VmEntry, XSKS_MAP, bucket_take,
+    COUNTER_COUNT, ClientEntry, Config, Counter, MAX_CLIENTS, MAX_MODELS, MAX_QUEUES, MAX_VMS,
+    QUEUE_STATS_MAP, ROUTE_FORWARD, ROUTES_MAP, Route, STATS_MAP, VMS_MAP, VmEntry, XSKS_ENTRIES,
+    XSKS_MAP, bucket_take, xsk_index,
 };
 use devplane_wire::{DEFAULT_PORT, HEADER_LEN, Header, RawRecord};
 
@@ -39,7 +42,10 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0)
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 #[map(name = "DP_XSKS")]
-static XSKS: XskMap = XskMap::with_max_entries(MAX_WORKERS, 0);
+static XSKS: XskMap = XskMap::with_max_entries(XSKS_ENTRIES, 0);
+
+#[map(name = "DP_QSTATS")]
+static QSTATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_QUEUES, 0);
 
 #[map(name = "DP_BUCKETS")]
 static BUCKETS: LruPerCpuHashMap<u32, Bucket> = LruPerCpuHashMap::with_max_entries(MAX_CLIENTS, 0);
@@ -69,6 +75,7 @@ const _: () = assert!(same(STATS_MAP, "DP_STATS"));
 const _: () = assert!(same(CONFIG_MAP, "DP_CONFIG"));
 const _: () = assert!(same(XSKS_MAP, "DP_XSKS"));
 const _: () = assert!(same(BUCKETS_MAP, "DP_BUCKETS"));
+const _: () = assert!(same(QUEUE_STATS_MAP, "DP_QSTATS"));
 
 /// How a frame's way ends: the counter to bump and the `xdp_action`.
 #[derive(Clone, Copy)]
@@ -120,6 +127,21 @@ fn header_at<T>(ctx: &XdpContext, offset: usize) -> Step<&T> {
     // is a `devplane_wire` header of unaligned byte fields, valid for any
     // bit pattern.
     Ok(unsafe { &*p })
+}
+
+/// A mutable reference to the `T` at `offset` in the frame, if the whole
+/// `T` is inside it.
+#[inline(always)]
+fn header_mut<T>(ctx: &XdpContext, offset: usize) -> Step<&mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return Err(drop_as(Counter::DropTruncated));
+    }
+    let p = (start + offset) as *mut T;
+    // SAFETY: as in `header_at`; the program owns the frame's bytes for
+    // its run and the callers take disjoint headers.
+    Ok(unsafe { &mut *p })
 }
 
 /// Ethernet: IPv4 goes on, anything else passes.
@@ -308,18 +330,66 @@ fn check_budget(hdr: &Header, entry: Option<&ClientEntry>) -> Step<()> {
     }
 }
 
-/// Redirects to the owning worker's socket (or passes, in socket mode).
+/// The device RX queue the frame arrived on.
 #[inline(always)]
-fn steer(cfg: &Config, route: &Route) -> Verdict {
+fn rx_queue(ctx: &XdpContext) -> u32 {
+    // SAFETY: `ctx.ctx` is the kernel's `xdp_md` for this run.
+    unsafe { (*ctx.ctx).rx_queue_index }
+}
+
+/// Redirects to the owning worker's socket on the frame's RX queue (an
+/// AF_XDP socket only takes frames of the queue it is bound to), counted
+/// per queue; or passes, in socket mode.
+#[inline(always)]
+fn steer(cfg: &Config, route: &Route, queue: u32) -> Verdict {
     if cfg.flags & CONFIG_REDIRECT == 0 {
         return pass_as(Counter::PassRouted);
     }
-    match XSKS.redirect(route.worker, 0) {
-        Ok(action) => Verdict {
-            counter: Counter::Redirected,
-            action,
-        },
+    let Some(slot) = xsk_index(queue, route.worker) else {
+        return drop_as(Counter::DropNoSocket);
+    };
+    match XSKS.redirect(slot, 0) {
+        Ok(action) => {
+            if let Some(p) = QSTATS.get_ptr_mut(queue) {
+                // SAFETY: as in `count`: this CPU's slot, preemption off.
+                unsafe { *p += 1 };
+            }
+            Verdict {
+                counter: Counter::Redirected,
+                action,
+            }
+        }
         Err(_) => drop_as(Counter::DropNoSocket),
+    }
+}
+
+/// A model hosted behind this owner server: the frame is rewritten for
+/// its I/O server (`forward_rewrite`: destination MAC, IPv4 destination
+/// and TTL, both checksums; the client stays the source, so the I/O
+/// server answers it straight) and sent back out of this interface with
+/// `XDP_TX`.
+#[inline(always)]
+fn forward(ctx: &XdpContext, cfg: &Config, route: &Route) -> Verdict {
+    let step = || -> Step<Verdict> {
+        let eth: &mut EthHdr = header_mut(ctx, 0)?;
+        let ip: &mut Ipv4Hdr = header_mut(ctx, ETH_HLEN)?;
+        let ihl = ip.header_len();
+        let udp: &mut UdpHdr = header_mut(ctx, ETH_HLEN + ihl)?;
+        let port = if cfg.port == 0 {
+            DEFAULT_PORT
+        } else {
+            cfg.port
+        };
+        match forward_rewrite(eth, ip, udp, route.forward_mac, route.forward_ip, port) {
+            Ok(()) => Ok(Verdict {
+                counter: Counter::Forwarded,
+                action: XDP_TX,
+            }),
+            Err(_) => Err(drop_as(Counter::DropTtl)),
+        }
+    };
+    match step() {
+        Ok(v) | Err(v) => v,
     }
 }
 
@@ -338,7 +408,10 @@ fn classify(ctx: &XdpContext) -> Step<Verdict> {
     let client = check_client(cfg, hdr, ip)?;
     check_vm(ctx, cfg, ip, hdr)?;
     check_budget(hdr, client)?;
-    Ok(steer(cfg, route))
+    if route.flags & ROUTE_FORWARD != 0 {
+        return Ok(forward(ctx, cfg, route));
+    }
+    Ok(steer(cfg, route, rx_queue(ctx)))
 }
 
 /// The entry point: returns an `xdp_action`.

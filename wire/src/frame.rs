@@ -168,6 +168,89 @@ pub fn checksums_ok(ip: &[u8], udp: &[u8]) -> bool {
     fold(sum_words(udp, pseudo)) == 0xffff
 }
 
+/// RFC 1624 incremental update of the Internet checksum `check` (as
+/// stored: complemented) for one 16-bit word of the summed data going
+/// from `old` to `new`: `~(~check + ~old + new)`, folded.
+#[inline(always)]
+pub fn csum_replace2(check: u16, old: u16, new: u16) -> u16 {
+    let mut sum = (!check) as u32 + (!old) as u32 + new as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// [`csum_replace2`] for a 4-byte field (an IPv4 address) going from
+/// `old` to `new`.
+#[inline(always)]
+pub fn csum_replace4(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
+    let c = csum_replace2(
+        check,
+        u16::from_be_bytes([old[0], old[1]]),
+        u16::from_be_bytes([new[0], new[1]]),
+    );
+    csum_replace2(
+        c,
+        u16::from_be_bytes([old[2], old[3]]),
+        u16::from_be_bytes([new[2], new[3]]),
+    )
+}
+
+/// Why [`forward_rewrite`] refused a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardError {
+    /// The TTL would reach zero: a forwarding loop (or a path too long).
+    TtlExpired,
+}
+
+/// Rewrites a request frame, in place, for an owner server to send on to
+/// the I/O server hosting its model (the patent's Fig. 6; the XDP
+/// program's forward step, then `XDP_TX`): Ethernet destination the next
+/// hop `to_mac`, IPv4 destination `to_ip`, TTL one less, UDP destination
+/// port `to_port` (0: unchanged), and both checksums updated
+/// incrementally (a zero UDP checksum, "none", stays zero). The sources
+/// stay: the IPv4 source and port are the client's, so the I/O server
+/// answers and interrupts the client straight; the Ethernet source is
+/// the hop the frame came from (the client on one segment, its router
+/// otherwise), which is where the I/O server's worker, answering in place
+/// by swapping addresses, sends the answer's first hop. A TTL that would
+/// reach zero is refused and nothing is changed, so a forwarding loop
+/// ends.
+#[inline(always)]
+pub fn forward_rewrite(
+    eth: &mut EthHdr,
+    ip: &mut Ipv4Hdr,
+    udp: &mut UdpHdr,
+    to_mac: [u8; 6],
+    to_ip: [u8; 4],
+    to_port: u16,
+) -> Result<(), ForwardError> {
+    if ip.ttl <= 1 {
+        return Err(ForwardError::TtlExpired);
+    }
+    eth.dst = to_mac;
+    let old_ip = ip.dst;
+    // TTL and protocol share a 16-bit word of the IPv4 header.
+    let old_word = u16::from_be_bytes([ip.ttl, ip.proto]);
+    ip.ttl -= 1;
+    let new_word = u16::from_be_bytes([ip.ttl, ip.proto]);
+    let mut check = csum_replace2(ip.check.get(), old_word, new_word);
+    check = csum_replace4(check, old_ip, to_ip);
+    ip.check = U16::new(check);
+    ip.dst = to_ip;
+    let old_port = udp.dst.get();
+    let new_port = if to_port == 0 { old_port } else { to_port };
+    udp.dst = U16::new(new_port);
+    let ucheck = udp.check.get();
+    if ucheck != 0 {
+        // The pseudo-header holds the destination address.
+        let mut c = csum_replace4(ucheck, old_ip, to_ip);
+        c = csum_replace2(c, old_port, new_port);
+        // A computed zero is sent as all ones (zero means "none").
+        udp.check = U16::new(if c == 0 { 0xffff } else { c });
+    }
+    Ok(())
+}
+
 /// Addresses of one UDP/IPv4 flow endpoint pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Flow {

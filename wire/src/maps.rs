@@ -18,8 +18,12 @@ pub const VMS_MAP: &str = "DP_VMS";
 pub const STATS_MAP: &str = "DP_STATS";
 /// `Array<Config>` of one entry: the program's settings.
 pub const CONFIG_MAP: &str = "DP_CONFIG";
-/// `XskMap`: AF_XDP socket per worker index.
+/// `XskMap` of [`XSKS_ENTRIES`]: each worker's AF_XDP socket on each
+/// device queue, at [`xsk_index`]`(queue, worker)`.
 pub const XSKS_MAP: &str = "DP_XSKS";
+/// `PerCpuArray<u64>` of [`MAX_QUEUES`]: requests the program redirected
+/// to a worker from each device RX queue.
+pub const QUEUE_STATS_MAP: &str = "DP_QSTATS";
 /// `LruPerCpuHashMap<u32 client id, Bucket>`: each client's token bucket
 /// on each CPU, owned by the XDP program (created on a client's first
 /// frame, full).
@@ -36,10 +40,30 @@ pub const MAX_CLIENTS: u32 = 1024;
 pub const MAX_VMS: u32 = 16384;
 /// Capacity of the AF_XDP socket map (workers per server).
 pub const MAX_WORKERS: u32 = 64;
+/// Most device RX queues a server serves (a real NIC with more is set to
+/// fewer with `ethtool -L`).
+pub const MAX_QUEUES: u32 = 64;
+/// Capacity of [`XSKS_MAP`]: a socket per worker per queue.
+pub const XSKS_ENTRIES: u32 = MAX_WORKERS * MAX_QUEUES;
+
+/// The slot of worker `worker`'s socket on device queue `queue` in
+/// [`XSKS_MAP`] (an AF_XDP socket receives only frames of the queue it
+/// is bound to, so the program picks the socket by queue and worker).
+/// `None` outside [`MAX_QUEUES`] x [`MAX_WORKERS`].
+#[inline(always)]
+pub const fn xsk_index(queue: u32, worker: u32) -> Option<u32> {
+    if queue < MAX_QUEUES && worker < MAX_WORKERS {
+        Some(queue * MAX_WORKERS + worker)
+    } else {
+        None
+    }
+}
 
 /// Route flag: the model is served by a worker of this server.
 pub const ROUTE_LOCAL: u32 = 1;
-/// Route flag: the model is owned by another server; forward there.
+/// Route flag: the model is hosted by another server (an I/O server
+/// behind this owner server); requests are rewritten to it and sent on
+/// with `XDP_TX` ([`crate::frame::forward_rewrite`]).
 pub const ROUTE_FORWARD: u32 = 2;
 
 /// Value of [`ROUTES_MAP`].
@@ -48,15 +72,17 @@ pub const ROUTE_FORWARD: u32 = 2;
 )]
 #[repr(C)]
 pub struct Route {
-    /// Index of the owning worker in [`XSKS_MAP`].
+    /// Index of the owning worker (its sockets in [`XSKS_MAP`] are at
+    /// [`xsk_index`]`(queue, worker)`).
     pub worker: u32,
     /// Server platform id that owns the model.
     pub server: u32,
     /// `ROUTE_*` flags.
     pub flags: u32,
-    /// Owning server's IPv4 address, for forwarding.
+    /// With [`ROUTE_FORWARD`]: the I/O server's IPv4 address (the same
+    /// devplane UDP port as here).
     pub forward_ip: [u8; 4],
-    /// Owning server's MAC (or next hop), for forwarding.
+    /// With [`ROUTE_FORWARD`]: the I/O server's MAC (or the next hop's).
     pub forward_mac: [u8; 6],
     /// Padding, zero.
     pub pad: [u8; 2],
@@ -233,7 +259,7 @@ pub enum Counter {
     Redirected = 15,
     /// Dropped: redirect failed (no socket for that worker).
     DropNoSocket = 16,
-    /// Forwarded to the owning server (XDP_TX).
+    /// Forwarded to the I/O server hosting the model (rewritten, XDP_TX).
     Forwarded = 17,
     /// Dropped: the program's config entry is missing.
     DropNoConfig = 18,
@@ -243,10 +269,13 @@ pub enum Counter {
     /// Dropped: the client's budget on this CPU is spent (see
     /// [`bucket_take`]).
     DropOverBudget = 20,
+    /// Dropped instead of forwarded: the IPv4 TTL ran out (a forwarding
+    /// loop between servers, see [`crate::frame::forward_rewrite`]).
+    DropTtl = 21,
 }
 
 /// Number of counters; the size of [`STATS_MAP`].
-pub const COUNTER_COUNT: u32 = 21;
+pub const COUNTER_COUNT: u32 = 22;
 
 impl Counter {
     /// Every counter, in index order.
@@ -272,6 +301,7 @@ impl Counter {
         Counter::DropNoConfig,
         Counter::DropForeignVm,
         Counter::DropOverBudget,
+        Counter::DropTtl,
     ];
 
     /// A stable snake_case name, for tables and JSON.
@@ -298,6 +328,7 @@ impl Counter {
             Counter::DropNoConfig => "drop_no_config",
             Counter::DropForeignVm => "drop_foreign_vm",
             Counter::DropOverBudget => "drop_over_budget",
+            Counter::DropTtl => "drop_ttl",
         }
     }
 }
@@ -320,6 +351,22 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn xsk_slots_are_distinct_and_bounded() {
+        let mut seen = [false; XSKS_ENTRIES as usize];
+        for q in 0..MAX_QUEUES {
+            for w in 0..MAX_WORKERS {
+                let i = xsk_index(q, w).expect("in range");
+                assert!(i < XSKS_ENTRIES);
+                assert!(!seen[i as usize]);
+                seen[i as usize] = true;
+            }
+        }
+        assert_eq!(xsk_index(MAX_QUEUES, 0), None);
+        assert_eq!(xsk_index(0, MAX_WORKERS), None);
+        assert_eq!(xsk_index(u32::MAX, u32::MAX), None);
+    }
 
     #[test]
     fn no_budget_admits_everything_and_keeps_the_bucket() {

@@ -385,6 +385,27 @@ enum ModelsCmd {
         #[arg(long, value_name = "INDEX")]
         to_worker: usize,
     },
+    /// On an owner server (--socket): forward a device model's requests
+    /// to the I/O server that hosts it, live (the owner's XDP program
+    /// rewrites them and sends them on; the I/O server answers the
+    /// client straight). Clients then reach the model through the owner
+    /// (a client's [[servers]] entry with via = the owner's address).
+    Forward {
+        #[command(flatten)]
+        id: IdArg,
+        /// The I/O server's platform id.
+        #[arg(long, value_name = "ID")]
+        to_server: u32,
+        /// Its IPv4 address.
+        #[arg(long, value_name = "IP")]
+        ip: Ipv4Addr,
+        /// Its MAC address (or the next hop's on the owner's link),
+        /// aa:bb:cc:dd:ee:ff.
+        #[arg(long, value_name = "MAC", value_parser = parse_mac)]
+        mac: [u8; 6],
+    },
+    /// On an owner server (--socket): stop forwarding a device model.
+    Unforward(IdArg),
 }
 
 #[derive(Debug, Subcommand)]
@@ -432,6 +453,24 @@ fn parse_u16(text: &str) -> Result<u16, BadNumber> {
 
 fn parse_u64(text: &str) -> Result<u64, BadNumber> {
     parse_number(text)
+}
+
+/// A MAC address, six hex bytes separated by colons.
+fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("{text:?} is not a MAC address: write aa:bb:cc:dd:ee:ff");
+    let mut mac = [0u8; 6];
+    let mut parts = text.trim().split(':');
+    for b in &mut mac {
+        let p = parts.next().ok_or_else(bad)?;
+        if p.is_empty() || p.len() > 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(mac)
 }
 
 /// What a command failed with, and the exit code it means.
@@ -639,7 +678,9 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                 json,
             ),
             ModelsCmd::Remove(a) => change(cli, &mut db, Change::RemoveModel(a.id), json),
-            ModelsCmd::Move { .. } => Err(daemon::handled_there()),
+            ModelsCmd::Move { .. } | ModelsCmd::Forward { .. } | ModelsCmd::Unforward(_) => {
+                Err(daemon::handled_there())
+            }
         },
         Command::Stats { .. } | Command::Tune { .. } => Err(daemon::handled_there()),
         Command::Servers(c) => match c {
@@ -733,4 +774,29 @@ fn change(cli: &Cli, db: &mut Db, change: Change, json: bool) -> Result<String, 
         "{done} {kind} {id} (generation {})\n",
         db.generation()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_mac;
+
+    #[test]
+    fn macs_parse_and_bad_ones_say_how_to_write_them() {
+        assert_eq!(
+            parse_mac("02:00:0a:ff:10:01"),
+            Ok([0x02, 0x00, 0x0a, 0xff, 0x10, 0x01])
+        );
+        assert_eq!(parse_mac("2:0:a:ff:10:1"), Ok([2, 0, 0xa, 0xff, 0x10, 1]));
+        for bad in [
+            "",
+            "02:00:0a:ff:10",
+            "02:00:0a:ff:10:01:02",
+            "02:00:0a:ff:10:zz",
+            "020:0:0:0:0:0",
+            "02::0a:ff:10:01",
+        ] {
+            let e = parse_mac(bad).expect_err(bad);
+            assert!(e.contains("aa:bb:cc:dd:ee:ff"), "{e}");
+        }
+    }
 }

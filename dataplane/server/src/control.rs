@@ -21,26 +21,67 @@ fn done(r: Result<(), crate::ServerError>) -> Response {
 /// Applies a request to the server (on its owning thread).
 pub fn handle(server: &mut Server, request: Request) -> Response {
     match request {
-        Request::Stats => Response::Stats {
-            server: server.id(),
-            workers: server
-                .worker_stats()
-                .iter()
-                .enumerate()
-                .map(|(i, w)| WorkerCounters {
-                    worker: i,
-                    counters: w.named().map(|(k, v)| (k.to_string(), v)).collect(),
-                })
-                .collect(),
-            xdp: server
+        Request::Stats => {
+            // XDP mode: per device queue, what the program redirected
+            // (`queue_N_redirected`) and what each worker received
+            // (`rx_queue_N`), zeros included: a queue that gets nothing
+            // shows.
+            let queues = server.queue_stats().unwrap_or_default();
+            let mut xdp: Vec<(String, u64)> = server
                 .xdp_stats()
                 .and_then(Result::ok)
                 .map(|s| s.nonzero().map(|(k, v)| (k.to_string(), v)).collect())
-                .unwrap_or_default(),
-        },
+                .unwrap_or_default();
+            xdp.extend(
+                queues
+                    .redirected
+                    .iter()
+                    .enumerate()
+                    .map(|(q, &v)| (format!("queue_{q}_redirected"), v)),
+            );
+            Response::Stats {
+                server: server.id(),
+                workers: server
+                    .worker_stats()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, w)| {
+                        let mut counters: Vec<(String, u64)> =
+                            w.named().map(|(k, v)| (k.to_string(), v)).collect();
+                        if let Some(per_queue) = queues.served.get(i) {
+                            counters.extend(
+                                per_queue
+                                    .iter()
+                                    .enumerate()
+                                    .map(|(q, &v)| (format!("rx_queue_{q}"), v)),
+                            );
+                        }
+                        WorkerCounters {
+                            worker: i,
+                            counters,
+                        }
+                    })
+                    .collect(),
+                xdp,
+            }
+        }
         Request::MoveModel { model, worker } => done(server.move_model(model, worker)),
         Request::AddModel { model } => done(server.add_model(model)),
         Request::RemoveModel { model } => done(server.remove_model(model)),
+        Request::ForwardModel {
+            model,
+            server: to,
+            ip,
+            mac,
+        } => done(server.forward_model(
+            model,
+            crate::forward::Forward {
+                server: to,
+                ip,
+                mac,
+            },
+        )),
+        Request::UnforwardModel { model } => done(server.unforward_model(model)),
         Request::SuspendVm { vm } => done(server.suspend_vm(vm)),
         Request::ResumeVm { vm } => done(server.resume_vm(vm)),
         Request::MigrateVm { vm, client } => done(server.migrate_vm(vm, client)),

@@ -27,6 +27,7 @@ pub mod bulk;
 pub mod control;
 pub mod dispatch;
 mod error;
+pub mod forward;
 pub mod frames;
 mod handover;
 pub mod irq;
@@ -73,6 +74,55 @@ pub enum Attach {
     Driver,
     /// Generic (skb) mode: the logged fallback.
     Generic,
+}
+
+/// Per-device-queue counters of an XDP-mode server.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Requests the XDP program redirected to a worker, per RX queue.
+    pub redirected: Vec<u64>,
+    /// Frames each worker received, per queue (worker by worker).
+    pub served: Vec<Vec<u64>>,
+}
+
+/// How an XDP-mode server's AF_XDP sockets are laid out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XskLayout {
+    /// Device queues served (a socket per worker on each).
+    pub queues: u32,
+    /// The interface's RX and TX queue counts.
+    pub device: afxdp::Queues,
+    /// Zero-copy or copy mode.
+    pub mode: afxdp::XskMode,
+    /// Why the driver refused zero-copy, in copy mode.
+    pub zero_copy_refused: Option<String>,
+}
+
+impl std::fmt::Display for XskLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "AF_XDP on {} of {} RX queues (tx {}), {} mode",
+            self.queues,
+            self.device.rx,
+            self.device.tx,
+            match self.mode {
+                afxdp::XskMode::ZeroCopy => "zero-copy",
+                afxdp::XskMode::Copy => "copy",
+            }
+        )?;
+        if let Some(why) = &self.zero_copy_refused {
+            write!(f, " (zero-copy refused: {why})")?;
+        }
+        if self.device.rx > self.queues {
+            write!(
+                f,
+                "; RX queues {}.. are not served: set the channels to {} (ethtool -L)",
+                self.queues, self.queues
+            )?;
+        }
+        Ok(())
+    }
 }
 
 struct XdpState {
@@ -260,8 +310,8 @@ impl Server {
         let mut maps = program.take_control_maps()?;
         devplane_control::maps::sync(cfg, true, &mut maps)?;
         let mut xsks = XskSet::new(&ifname, cfg.server.workers.len())?;
-        for (i, fd) in xsks.fds().into_iter().enumerate() {
-            program.set_xsk(i as u32, fd)?;
+        for (slot, fd) in xsks.slots() {
+            program.set_xsk(slot, fd)?;
         }
         let attach = match program.xdp()?.attach(&ifname, XdpMode::Driver) {
             Ok(_) => Attach::Driver,
@@ -378,17 +428,22 @@ impl Server {
     /// Each worker's counters, in worker order, with what the kernel
     /// dropped at its socket.
     pub fn worker_stats(&self) -> Vec<WorkerSnapshot> {
-        let xsk_fds = self.xdp.as_ref().map(|x| x.xsks.fds()).unwrap_or_default();
         self.stats
             .iter()
             .enumerate()
             .map(|(i, s)| {
                 let mut snap = s.snapshot();
-                if let Some(d) = xsk_fds.get(i).and_then(|&fd| kernel_drops::xsk(fd).ok()) {
-                    snap.xsk_rx_dropped = d.rx_dropped;
-                    snap.xsk_rx_ring_full = d.rx_ring_full;
-                    snap.xsk_fill_ring_empty = d.rx_fill_ring_empty;
-                    snap.xsk_tx_invalid = d.tx_invalid;
+                // Summed over the worker's sockets, one per queue.
+                let fds = self
+                    .xdp
+                    .as_ref()
+                    .map(|x| x.xsks.worker_fds(i))
+                    .unwrap_or_default();
+                for d in fds.iter().filter_map(|&fd| kernel_drops::xsk(fd).ok()) {
+                    snap.xsk_rx_dropped += d.rx_dropped;
+                    snap.xsk_rx_ring_full += d.rx_ring_full;
+                    snap.xsk_fill_ring_empty += d.rx_fill_ring_empty;
+                    snap.xsk_tx_invalid += d.tx_invalid;
                 }
                 if let Some(n) = self
                     .udp_socks
@@ -405,6 +460,33 @@ impl Server {
     /// The XDP program's counters (XDP mode only).
     pub fn xdp_stats(&self) -> Option<Result<Stats, XdpError>> {
         self.xdp.as_ref().map(|x| x.program.stats())
+    }
+
+    /// Per device queue (XDP mode only): what the XDP program redirected
+    /// from each queue and what each worker received on it.
+    pub fn queue_stats(&self) -> Option<QueueStats> {
+        let x = self.xdp.as_ref()?;
+        let queues = x.xsks.queues();
+        Some(QueueStats {
+            redirected: x
+                .program
+                .queue_stats(queues)
+                .unwrap_or_else(|_| vec![0; queues as usize]),
+            served: x.xsks.served(),
+        })
+    }
+
+    /// How the AF_XDP sockets are laid out (XDP mode only): queues served,
+    /// the interface's queue counts, zero-copy or copy mode and why
+    /// zero-copy was refused.
+    pub fn xsk_layout(&self) -> Option<XskLayout> {
+        let x = self.xdp.as_ref()?;
+        Some(XskLayout {
+            queues: x.xsks.queues(),
+            device: x.xsks.device(),
+            mode: x.xsks.mode(),
+            zero_copy_refused: x.xsks.zero_copy_refused().map(str::to_owned),
+        })
     }
 
     /// How XDP was attached (XDP mode only).

@@ -4,8 +4,8 @@
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, XskMap};
 use aya::{Ebpf, EbpfLoader};
 use devplane_wire::maps::{
-    CLIENTS_MAP, CONFIG_MAP, COUNTER_COUNT, ClientEntry, Config, Counter, ROUTES_MAP, Route,
-    STATS_MAP, VMS_MAP, VmEntry, XDP_PROGRAM, XSKS_MAP,
+    CLIENTS_MAP, CONFIG_MAP, COUNTER_COUNT, ClientEntry, Config, Counter, QUEUE_STATS_MAP,
+    ROUTES_MAP, Route, STATS_MAP, VMS_MAP, VmEntry, XDP_PROGRAM, XSKS_MAP,
 };
 use std::path::Path;
 
@@ -101,7 +101,8 @@ impl Program {
         Ok(HashMap::try_from(map)?)
     }
 
-    /// Puts worker `index`'s AF_XDP socket in the socket map.
+    /// Puts an AF_XDP socket in the socket map at `index`
+    /// ([`devplane_wire::maps::xsk_index`] of its queue and worker).
     pub fn set_xsk(&mut self, index: u32, fd: std::os::fd::RawFd) -> Result<(), XdpError> {
         let map = self
             .ebpf
@@ -145,6 +146,19 @@ impl Program {
             *slot = arr.get(&(i as u32), 0)?.iter().sum();
         }
         Ok(s)
+    }
+
+    /// Requests redirected from each of the first `queues` device RX
+    /// queues, summed over CPUs.
+    pub fn queue_stats(&self, queues: u32) -> Result<Vec<u64>, XdpError> {
+        let map = self
+            .ebpf
+            .map(QUEUE_STATS_MAP)
+            .ok_or(XdpError::Missing(QUEUE_STATS_MAP))?;
+        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
+        (0..queues.min(devplane_wire::maps::MAX_QUEUES))
+            .map(|q| Ok(arr.get(&q, 0)?.iter().sum()))
+            .collect()
     }
 
     /// The underlying aya object.

@@ -6,7 +6,8 @@ use devplane_server::xdp::{Program, Stats};
 use devplane_testkit::privilege::{Capability, require};
 use devplane_wire::frame::{self, ETH_HLEN, Flow};
 use devplane_wire::maps::{
-    CONFIG_CHECK_CLIENT, CONFIG_REDIRECT, ClientEntry, Config, Counter, ROUTE_LOCAL, Route, VmEntry,
+    CONFIG_CHECK_CLIENT, CONFIG_REDIRECT, ClientEntry, Config, Counter, ROUTE_FORWARD, ROUTE_LOCAL,
+    Route, VmEntry,
 };
 use devplane_wire::record::{Access, AccessSize, Request, RequestId};
 use devplane_wire::{Header, Kind, Record, datagram};
@@ -651,5 +652,77 @@ fn block_requests_are_steered_and_checked_like_requests() {
         &udp_frame(&flow(), &answer),
         XDP_DROP,
         Counter::DropBadKind,
+    );
+}
+
+#[test]
+fn a_forwarded_model_is_rewritten_and_sent_back_out() {
+    const XDP_TX: u32 = 3;
+    const FORWARDED: u32 = 43;
+    const IO_IP: [u8; 4] = [10, 99, 0, 3];
+    const IO_MAC: [u8; 6] = [2, 0, 0, 0, 0, 3];
+    let Some(mut h) = Harness::new(
+        "a_forwarded_model_is_rewritten_and_sent_back_out",
+        CONFIG_CHECK_CLIENT | CONFIG_REDIRECT,
+    ) else {
+        return;
+    };
+    let route = Route {
+        worker: 0,
+        server: 2,
+        flags: ROUTE_FORWARD,
+        forward_ip: IO_IP,
+        forward_mac: IO_MAC,
+        pad: [0; 2],
+    };
+    h.prog
+        .routes()
+        .unwrap()
+        .insert(FORWARDED, route, 0)
+        .unwrap();
+    let input = udp_frame(&flow(), &payload(Kind::Request, FORWARDED, CLIENT, 2));
+    let mut out = vec![0u8; input.len() + 64];
+    let before = h.prog.stats().unwrap();
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(&input);
+    opts.data_out = Some(&mut out);
+    let res = h.prog.xdp().unwrap().test_run(opts).expect("test run");
+    let delta = h.prog.stats().unwrap().since(&before);
+    assert_eq!(res.return_value, XDP_TX, "forwarded with XDP_TX");
+    assert_eq!(delta.get(Counter::Forwarded), 1, "{delta:?}");
+    assert_eq!(delta.get(Counter::Redirected), 0);
+    let out = &out[..res.data_size_out as usize];
+    assert_eq!(out.len(), input.len());
+    let p = frame::parse_udp(out).expect("still a UDP frame");
+    assert_eq!(p.flow.dst_mac, IO_MAC);
+    assert_eq!(p.flow.src_mac, flow().src_mac, "the previous hop stays");
+    assert_eq!(p.flow.dst_ip, IO_IP);
+    assert_eq!(p.flow.src_ip, CLIENT_IP, "the client stays the source");
+    assert_eq!((p.flow.src_port, p.flow.dst_port), (40000, PORT));
+    let ip_end = ETH_HLEN + 20;
+    assert!(frame::checksums_ok(&out[ETH_HLEN..ip_end], &out[ip_end..]));
+    assert_eq!(out[ETH_HLEN + 8], 63, "TTL one less");
+    assert_eq!(
+        &out[frame::PAYLOAD_OFFSET..],
+        &input[frame::PAYLOAD_OFFSET..]
+    );
+    eprintln!("BPF_PROG_TEST_RUN forward: verdict XDP_TX, forwarded");
+
+    // A frame whose TTL runs out (a loop between servers) is dropped.
+    let mut looping = input.clone();
+    looping[ETH_HLEN + 8] = 1;
+    let sum = {
+        looping[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&[0, 0]);
+        frame::checksum(&looping[ETH_HLEN..ip_end])
+    };
+    looping[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&sum.to_be_bytes());
+    h.expect("ttl 1", &looping, XDP_DROP, Counter::DropTtl);
+    // The owner's checks come first: an unknown client is not forwarded.
+    let stranger = udp_frame(&flow(), &payload(Kind::Request, FORWARDED, 99, 2));
+    h.expect(
+        "unknown client",
+        &stranger,
+        XDP_DROP,
+        Counter::DropUnknownClient,
     );
 }

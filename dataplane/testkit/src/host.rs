@@ -11,7 +11,7 @@ use devplane_control::socket::{ControlSocket, Pending};
 
 use devplane_server::stats::WorkerSnapshot;
 use devplane_server::xdp::Stats;
-use devplane_server::{Attach, Server, ServerError};
+use devplane_server::{Attach, QueueStats, Server, ServerError};
 
 /// A server's counters at one moment.
 #[derive(Debug, Clone, Default)]
@@ -20,6 +20,8 @@ pub struct ServerSnapshot {
     pub workers: Vec<WorkerSnapshot>,
     /// The XDP program's counters (XDP mode).
     pub xdp: Option<Stats>,
+    /// Per device queue counters (XDP mode).
+    pub queues: Option<QueueStats>,
 }
 
 type Call = Box<dyn FnOnce(&mut Server) + Send>;
@@ -47,6 +49,7 @@ fn serve(mut server: Server, rx: Receiver<Cmd>) {
                 let snap = ServerSnapshot {
                     workers: server.worker_stats(),
                     xdp: server.xdp_stats().and_then(Result::ok),
+                    queues: server.queue_stats(),
                 };
                 let _ = reply.send(snap);
             }

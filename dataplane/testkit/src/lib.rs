@@ -14,6 +14,7 @@
 pub mod attacker;
 pub mod host;
 pub mod keys;
+pub mod lan;
 pub mod peer;
 pub mod privilege;
 pub mod raw;

@@ -37,8 +37,11 @@
 //! - **Static neighbours** both ways (`nud permanent`), so no ARP is
 //!   exchanged either.
 //!
-//! Each veth has one real RX and one TX queue (the kernel default; queue 0
-//! is where AF_XDP binds).
+//! Each veth has one real RX and one TX queue (the kernel default), or
+//! as many as [`Topology::with_queues`] asks for. On a veth the peer's RX
+//! queue of a frame is the sender's TX queue, which the sender's stack
+//! picks by the flow's hash (no XPS is configured): datagrams from
+//! different sockets spread over the queues as RSS spreads flows on a NIC.
 //!
 //! Code runs inside a namespace on a thread that has `setns`-ed into it
 //! ([`spawn_in_netns`], [`run_in_netns`]): sockets it opens belong to that
@@ -69,7 +72,7 @@ pub const NETNS_DIR: &str = "/var/run/netns";
 pub const PREFIX_LEN: u8 = 24;
 
 /// Per-process counter that makes topology names and subnets unique.
-static COUNTER: AtomicU32 = AtomicU32::new(0);
+pub(crate) static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// How many names are tried when a namespace of the same name exists
 /// already (left behind by a killed process whose pid has been reused).
@@ -95,7 +98,11 @@ fn dead_owner(name: &str) -> Option<u32> {
             return None;
         };
         n.parse::<u32>().ok()?;
-        if !["client", "server", "attacker", "peer"].contains(side) {
+        if ![
+            "client", "server", "attacker", "peer", "switch", "owner", "io",
+        ]
+        .contains(side)
+        {
             return None;
         }
         pid.parse().ok()?
@@ -112,7 +119,7 @@ fn dead_owner(name: &str) -> Option<u32> {
 /// the veth inside) and its pin directories in bpffs. Only names whose
 /// owner process no longer exists are touched. Best effort, once per
 /// process.
-fn sweep_stale() {
+pub(crate) fn sweep_stale() {
     if let Ok(dir) = std::fs::read_dir(NETNS_DIR) {
         for e in dir.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -222,6 +229,8 @@ pub struct Topology {
     mac: [[u8; 6]; 2],
     /// Which namespaces this value created (and so deletes on drop).
     owned: [bool; 2],
+    /// RX and TX queues of each veth (1: the kernel default).
+    queues: u32,
 }
 
 impl Topology {
@@ -236,12 +245,19 @@ impl Topology {
     ///
     /// Needs root (`CAP_SYS_ADMIN` and `CAP_NET_ADMIN`) and iproute2.
     pub fn new(tag: &str) -> Result<Topology, TopologyError> {
+        Topology::with_queues(tag, 1)
+    }
+
+    /// Like [`Topology::new`], with `queues` RX and TX queues on each veth
+    /// (`numrxqueues` / `numtxqueues`, 1 to 64).
+    pub fn with_queues(tag: &str, queues: u32) -> Result<Topology, TopologyError> {
         static SWEEP: std::sync::Once = std::sync::Once::new();
         SWEEP.call_once(sweep_stale);
         let pid = std::process::id();
         for _ in 0..NAME_ATTEMPTS {
             let n = COUNTER.fetch_add(1, Ordering::Relaxed);
             let mut topo = Topology::named(tag, pid, n);
+            topo.queues = queues.clamp(1, 64);
             match topo.setup() {
                 Ok(()) => return Ok(topo),
                 // A namespace left behind under this name: try the next.
@@ -285,6 +301,7 @@ impl Topology {
             ip: [Ipv4Addr::new(10, a, b, 1), Ipv4Addr::new(10, a, b, 2)],
             mac: [mac(1), mac(2)],
             owned: [false, false],
+            queues: 1,
         }
     }
 
@@ -297,28 +314,16 @@ impl Topology {
         // Created straight inside the namespaces: the pair never exists in
         // the root namespace, so it cannot clash with anything there.
         let (c, s) = (Side::Client, Side::Server);
-        run(
-            "ip",
-            [
-                "link",
-                "add",
-                "name",
-                self.ifname(c),
-                "address",
-                &mac_string(self.mac(c)),
-                "netns",
-                self.netns(c),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                self.ifname(s),
-                "address",
-                &mac_string(self.mac(s)),
-                "netns",
-                self.netns(s),
-            ],
-        )?;
+        let q = self.queues.to_string();
+        let queues = ["numtxqueues", q.as_str(), "numrxqueues", q.as_str()];
+        let (cmac, smac) = (mac_string(self.mac(c)), mac_string(self.mac(s)));
+        let mut args: Vec<&str> = vec!["link", "add", "name", self.ifname(c)];
+        args.extend(["address", &cmac, "netns", self.netns(c)]);
+        args.extend(queues);
+        args.extend(["type", "veth", "peer", "name", self.ifname(s)]);
+        args.extend(["address", &smac, "netns", self.netns(s)]);
+        args.extend(queues);
+        run("ip", args)?;
         for side in [Side::Client, Side::Server] {
             let (ns, dev) = (self.netns(side), self.ifname(side));
             let peer = side.peer();
@@ -351,6 +356,11 @@ impl Topology {
             )?;
         }
         Ok(())
+    }
+
+    /// RX and TX queues of each veth.
+    pub fn queues(&self) -> u32 {
+        self.queues
     }
 
     /// The namespace of `side`.

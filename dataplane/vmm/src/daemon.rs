@@ -577,6 +577,8 @@ impl Daemon {
             | Request::MoveModel { .. }
             | Request::AddModel { .. }
             | Request::RemoveModel { .. }
+            | Request::ForwardModel { .. }
+            | Request::UnforwardModel { .. }
             | Request::MigrateVm { .. }
             | Request::Tune { .. } => Response::Error {
                 message: "devplane-client only launches, shuts down, suspends, resumes, \

@@ -89,6 +89,7 @@ fn spec(vms: Vec<VmSpec>, topo: Option<&Topology>) -> ClientSpec {
             .map(|t| ServerSpec {
                 addr: SocketAddr::from((t.server_ip(), PORT)),
                 id: SERVER,
+                via: None,
             })
             .into_iter()
             .collect(),

@@ -161,6 +161,7 @@ impl Rig {
             servers: vec![ServerSpec {
                 addr: SocketAddr::from((self.topo.server_ip(), PORT)),
                 id: SERVER,
+                via: None,
             }],
             vms,
             engine: EngineConfig {

@@ -93,6 +93,28 @@ pub(super) fn run(cli: &Cli) -> Result<Option<String>, Failure> {
                 json!({"action": "tune", "spin_budget": spin_budget, "idle_sleep_us": idle_sleep_us, "batch": batch}),
             )?
         }
+        Command::Models(ModelsCmd::Forward {
+            id,
+            to_server,
+            ip,
+            mac,
+        }) => action(
+            cli,
+            Request::ForwardModel {
+                model: id.id,
+                server: *to_server,
+                ip: *ip,
+                mac: *mac,
+            },
+            format!("model {} is forwarded to server {to_server} at {ip}", id.id),
+            json!({"action": "forward", "model": id.id, "server": to_server, "ip": ip.to_string()}),
+        )?,
+        Command::Models(ModelsCmd::Unforward(id)) => action(
+            cli,
+            Request::UnforwardModel { model: id.id },
+            format!("model {} is no longer forwarded", id.id),
+            json!({"action": "unforward", "model": id.id}),
+        )?,
         Command::Models(ModelsCmd::Move { id, to_worker }) => action(
             cli,
             Request::MoveModel {

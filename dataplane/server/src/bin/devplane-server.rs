@@ -118,9 +118,13 @@ fn main() {
     });
     match server.attach_mode() {
         Some(mode) => eprintln!(
-            "devplane-server {}: XDP attached ({mode:?} mode), {} workers, control socket {}; Ctrl-C stops",
+            "devplane-server {}: XDP attached ({mode:?} mode), {} workers, {}, control socket {}; Ctrl-C stops",
             server.id(),
             cfg.server.workers.len(),
+            server
+                .xsk_layout()
+                .map(|l| l.to_string())
+                .unwrap_or_default(),
             control.path().display()
         ),
         None => eprintln!(

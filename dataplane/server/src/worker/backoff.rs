@@ -60,6 +60,24 @@ pub fn wait_readable(fd: libc::c_int, timeout: Duration) {
     }
 }
 
+/// Sleeps until any of `fds` is readable or `timeout` passes.
+pub fn wait_readable_any(fds: &mut [libc::pollfd], timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `fds` and `ts` are valid for the call, `fds.len()` entries
+    // are passed; a null sigmask leaves the mask unchanged.
+    unsafe {
+        libc::ppoll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            &ts,
+            std::ptr::null(),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

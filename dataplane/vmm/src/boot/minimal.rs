@@ -175,6 +175,7 @@ pub fn remote_spec(client_ip: Ipv4Addr, server: SocketAddr) -> ClientSpec {
         servers: vec![ServerSpec {
             addr: server,
             id: SERVER,
+            via: None,
         }],
         vms: vec![vm(vec![
             remote(0x3f8, 8, UART_MODEL),

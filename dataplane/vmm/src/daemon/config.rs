@@ -92,6 +92,10 @@ pub struct ServerEntry {
     pub id: u32,
     /// Its devplane UDP address, `"ip:port"`.
     pub address: SocketAddr,
+    /// `via = "ip:port"`: an owner server that forwards requests to it
+    /// (answers and interrupts still come from `address`).
+    #[serde(default)]
+    pub via: Option<SocketAddr>,
 }
 
 /// A `[[vms]]` entry.
@@ -532,6 +536,7 @@ impl ClientFile {
                             servers.push(ServerSpec {
                                 addr: entry.address,
                                 id: entry.id,
+                                via: entry.via,
                             });
                             servers.len() - 1
                         }
@@ -611,6 +616,19 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_server_behind_an_owner_keeps_its_address_and_gets_the_owners() {
+        let vm = "\n[[vms]]\nid = 1\nhypervisor = 2\nguest = { kind = \"pio-loop\", port = 0x500, iterations = 10 }\n\
+                  [[vms.devices]]\nspace = \"pio\"\nbase = 0x500\nlen = 0x10\nmodel = 11\nplace = \"remote:1\"\n";
+        let f = ClientFile::from_toml_str(&format!("{BASE}via = \"10.0.0.3:7700\"\n{vm}")).unwrap();
+        let spec = f.client_spec(1).unwrap();
+        assert_eq!(spec.servers[0].addr, "10.0.0.2:7700".parse().unwrap());
+        assert_eq!(spec.servers[0].via, Some("10.0.0.3:7700".parse().unwrap()));
+        let direct = ClientFile::from_toml_str(&format!("{BASE}{vm}")).unwrap();
+        assert_eq!(direct.client_spec(1).unwrap().servers[0].via, None);
+        assert!(err(&format!("{BASE}via = \"nowhere\"\n{vm}")).contains("via"));
     }
 
     #[test]

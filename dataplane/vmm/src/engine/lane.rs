@@ -36,6 +36,10 @@ pub(crate) struct LaneIo {
     sockets: Vec<UdpSocket>,
     /// Per socket: connected to its server.
     connected: Vec<bool>,
+    /// Per socket: the owner server its requests go to instead of the
+    /// server it is connected to ([`Lane::via`]), as a `sockaddr` that an
+    /// io_uring send points at (the vector is never resized).
+    via: Vec<Option<(libc::sockaddr_storage, libc::socklen_t)>>,
     /// [`Lane::servers`].
     servers: HashMap<u32, SocketAddr>,
     /// Per vCPU (the protocol's flow index): its exit ring.
@@ -94,14 +98,25 @@ impl Io for LaneIo {
         self.send_pool[off..off + len].copy_from_slice(&datagram[..len]);
         let ptr = self.send_pool[off..].as_ptr();
         let fd = types::Fd(self.sockets[socket].as_raw_fd());
+        // Through an owner server: sent to it, on the socket connected to
+        // the server that answers.
+        let (dest, dest_len) = match self.via.get(socket).and_then(Option::as_ref) {
+            Some((a, l)) => ((a as *const libc::sockaddr_storage).cast(), *l),
+            None => (std::ptr::null(), 0),
+        };
         let e = if self.zero_copy {
-            let mut op = opcode::SendZc::new(fd, ptr, len as u32);
+            let mut op = opcode::SendZc::new(fd, ptr, len as u32)
+                .dest_addr(dest)
+                .dest_addr_len(dest_len);
             if self.registered {
                 op = op.buf_index(Some(id as u16));
             }
             op.build()
         } else {
-            opcode::Send::new(fd, ptr, len as u32).build()
+            opcode::Send::new(fd, ptr, len as u32)
+                .dest_addr(dest)
+                .dest_addr_len(dest_len)
+                .build()
         };
         self.push(e.user_data(UD_SEND | id as u64))
     }
@@ -149,6 +164,43 @@ impl Io for LaneIo {
             Err(_) => add(&self.stats.send_errors, 1),
         }
     }
+}
+
+/// `addr` as a `sockaddr` for a send's destination.
+fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: `sockaddr_storage` is plain old data; all zeroes is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: a `sockaddr_storage` is larger than, and aligned
+            // for, any `sockaddr_*`.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: as above.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -225,7 +277,7 @@ impl Loop {
         let (send_pool, registered) = ring_setup::send_pool(&ring);
         // The server each socket is connected to: the kernel takes
         // datagrams on it only from that address and port.
-        let socket_servers = lane
+        let socket_servers: Vec<Option<u32>> = lane
             .sockets
             .iter()
             .map(|s| {
@@ -236,11 +288,15 @@ impl Loop {
                     .map(|(id, _)| *id)
             })
             .collect();
+        let via = socket_servers
+            .iter()
+            .map(|id| lane.via.get(&(*id)?).map(sockaddr))
+            .collect();
         let servers = lane.servers.keys().copied().collect();
         let mut proto = Protocol::new(
             settings,
             peers,
-            socket_servers,
+            socket_servers.clone(),
             servers,
             lane.irq_ports.clone(),
             stats.clone(),
@@ -258,6 +314,7 @@ impl Loop {
             io: LaneIo {
                 ring,
                 connected: lane.sockets.iter().map(|s| s.peer_addr().is_ok()).collect(),
+                via,
                 sockets: lane.sockets,
                 servers: lane.servers,
                 rings: lane.vcpus.into_iter().map(|p| p.ring).collect(),

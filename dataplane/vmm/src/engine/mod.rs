@@ -216,6 +216,11 @@ pub struct Lane {
     /// a socket that is not connected takes them from any of these, and
     /// sends acknowledgements to the address of the id in their header.
     pub servers: HashMap<u32, SocketAddr>,
+    /// Servers (by id) reached through an owner server: requests to one
+    /// are sent to this address (the owner's XDP program forwards them),
+    /// while its socket stays connected to the server itself, whose
+    /// answers and interrupts come straight from its own address.
+    pub via: HashMap<u32, SocketAddr>,
 }
 
 /// A running engine. Dropping it stops the thread.

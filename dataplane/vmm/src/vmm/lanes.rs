@@ -29,6 +29,7 @@ pub(super) struct Wiring {
 /// Lanes for the vCPUs of `vms`.
 pub(super) fn wire(spec: &ClientSpec, vms: &[BuiltVm]) -> Result<Wiring, ClientError> {
     let servers: HashMap<u32, SocketAddr> = spec.servers.iter().map(|s| (s.id, s.addr)).collect();
+    let via = via(spec);
     let handles: HashMap<u32, IrqHandle> = vms.iter().map(|v| (v.id, v.vm.irq_handle())).collect();
     let mut lanes = Vec::new();
     let mut ports = Vec::new();
@@ -64,9 +65,18 @@ pub(super) fn wire(spec: &ClientSpec, vms: &[BuiltVm]) -> Result<Wiring, ClientE
             direct: false,
             irq_ports: Vec::new(),
             servers,
+            via,
         });
     }
     Ok(Wiring { lanes, vcpus })
+}
+
+/// The servers reached through an owner server, and the owner's address.
+fn via(spec: &ClientSpec) -> HashMap<u32, SocketAddr> {
+    spec.servers
+        .iter()
+        .filter_map(|s| Some((s.id, s.via?)))
+        .collect()
 }
 
 /// A direct-mode vCPU's own lane.
@@ -83,6 +93,7 @@ fn direct_lane(
         direct: true,
         irq_ports: Vec::new(),
         servers: servers.clone(),
+        via: via(spec),
     })
 }
 
@@ -130,6 +141,8 @@ fn interrupt_lane(
         direct: false,
         irq_ports: Vec::new(),
         servers: servers.clone(),
+        // Only acknowledgements leave from here, straight to the server.
+        via: HashMap::new(),
     })
 }
 

@@ -151,6 +151,11 @@ pub struct ServerSpec {
     pub addr: SocketAddr,
     /// Its platform id.
     pub id: u32,
+    /// An owner server in front of it (the patent's Fig. 6): requests go
+    /// to this address and the owner's XDP program forwards them; the
+    /// server's answers and interrupts come straight from `addr`, the
+    /// only source they are taken from.
+    pub via: Option<SocketAddr>,
 }
 
 /// A whole client.
