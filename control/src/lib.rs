@@ -13,6 +13,7 @@ pub mod db;
 pub mod maps;
 pub mod proto;
 pub mod socket;
+pub mod store;
 
 pub use config::{ConfigError, Mode, ServerConfig};
 pub use db::{Change, Db, DbError, ServerSettings, commit_and_sync, repair, restore};
