@@ -321,6 +321,17 @@ impl Db {
     }
 }
 
+/// [`Db::server_config`] of any state (the store's, for an agent):
+/// projected onto server `settings.server.id` and validated.
+pub fn server_config_of(state: &State, settings: &ServerSettings) -> Result<ServerConfig, DbError> {
+    let cfg = project(state, settings)?;
+    cfg.validate().map_err(|source| DbError::Config {
+        server: settings.server.id,
+        source: Box::new(source),
+    })?;
+    Ok(cfg)
+}
+
 fn project(state: &State, settings: &ServerSettings) -> Result<ServerConfig, DbError> {
     let id = settings.server.id;
     if state.server(id).is_none() {

@@ -31,6 +31,7 @@ use thiserror::Error;
 
 use crate::db::{Change, DbError, State};
 
+pub mod agent;
 pub mod etcd;
 pub mod file;
 pub mod layout;

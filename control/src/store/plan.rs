@@ -132,6 +132,9 @@ pub enum Local {
     Running,
     /// Held (suspended).
     Suspended,
+    /// Its guest ended by itself (not launched again while the store
+    /// still asks for it: a guest that ends is not restarted).
+    Exited,
 }
 
 /// One step of a client daemon.
@@ -179,6 +182,7 @@ pub fn client_plan(
     for (&id, &local) in running {
         match mine.get(&id) {
             None | Some(VmState::Stopped) => steps.push(ClientStep::Shutdown(id)),
+            Some(_) if local == Local::Exited => {}
             Some(VmState::Running) if local == Local::Suspended => {
                 steps.push(ClientStep::Resume(id))
             }
@@ -401,6 +405,14 @@ mod tests {
         let stopped = s.changed(&Change::SetVmState(1, VmState::Stopped)).unwrap();
         assert_eq!(
             client_plan(&stopped, 7, &running, &known).0,
+            vec![ClientStep::Shutdown(1)]
+        );
+        // A guest that ended by itself is not launched again; stopping it
+        // in the store clears it.
+        let exited: BTreeMap<u32, Local> = [(1, Local::Exited)].into();
+        assert_eq!(client_plan(&s, 7, &exited, &known).0, vec![]);
+        assert_eq!(
+            client_plan(&stopped, 7, &exited, &known).0,
             vec![ClientStep::Shutdown(1)]
         );
     }
