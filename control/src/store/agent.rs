@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{AgentKind, AgentReport, Snapshot, Store, StoreUrl, now_ms, open};
+use super::{AgentKind, AgentReport, Snapshot, Store, StoreUrl, WatchStats, now_ms, open};
 
 /// How long a failed store is left before the next try.
 pub const RETRY: Duration = Duration::from_millis(500);
@@ -35,6 +35,7 @@ pub struct Applied {
 #[derive(Debug)]
 pub struct Agent {
     applied: Arc<Mutex<Applied>>,
+    stats: Arc<Mutex<WatchStats>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -64,12 +65,14 @@ impl Agent {
     ) -> std::io::Result<Agent> {
         let applied = Arc::new(Mutex::new(Applied::default()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (a, s) = (applied.clone(), stop.clone());
+        let stats = Arc::new(Mutex::new(WatchStats::default()));
+        let (a, s, w) = (applied.clone(), stop.clone(), stats.clone());
         let thread = std::thread::Builder::new()
             .name(format!("store-{}-{}", cfg.kind.name(), cfg.id))
-            .spawn(move || run(&cfg, &a, &s, &mut on_change))?;
+            .spawn(move || run(&cfg, &a, &s, &w, &mut on_change))?;
         Ok(Agent {
             applied,
+            stats,
             stop,
             thread: Some(thread),
         })
@@ -80,6 +83,11 @@ impl Agent {
         if let Ok(mut a) = self.applied.lock() {
             *a = Applied { revision, error };
         }
+    }
+
+    /// The watch's counters (summed over reconnects).
+    pub fn watch_stats(&self) -> WatchStats {
+        self.stats.lock().map(|s| *s).unwrap_or_default()
     }
 
     /// The revision last recorded with [`Agent::set_applied`].
@@ -106,6 +114,7 @@ fn run(
     cfg: &AgentConfig,
     applied: &Mutex<Applied>,
     stop: &AtomicBool,
+    stats: &Mutex<WatchStats>,
     on_change: &mut dyn FnMut(&Snapshot),
 ) {
     let who = format!("{} {}", cfg.kind.name(), cfg.id);
@@ -138,8 +147,24 @@ fn run(
         }
         failing = false;
         let mut reported: Option<(Applied, Instant)> = None;
+        let mut base = store.watch_stats();
+        let add = |store: &dyn Store, base: &mut WatchStats| {
+            let now = store.watch_stats();
+            if let Ok(mut s) = stats.lock() {
+                s.responses += now.responses - base.responses;
+                s.events += now.events - base.events;
+                s.bytes += now.bytes - base.bytes;
+                s.relists += now.relists - base.relists;
+            }
+            *base = now;
+        };
+        if let Ok(mut s) = stats.lock() {
+            s.relists += 1;
+        }
+        base.relists = store.watch_stats().relists;
         while !stop.load(Ordering::Relaxed) {
-            match store.watch_next(TICK) {
+            let r = store.watch_next(TICK);
+            match r {
                 Ok(Some(snap)) => on_change(snap),
                 Ok(None) => {}
                 Err(e) => {
@@ -147,6 +172,7 @@ fn run(
                     break;
                 }
             }
+            add(&*store, &mut base);
             let now = applied.lock().map(|a| a.clone()).unwrap_or_default();
             let due = match &reported {
                 None => true,
