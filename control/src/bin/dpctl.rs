@@ -268,7 +268,7 @@ enum VmsCmd {
         id: IdArg,
         /// running, suspended or stopped.
         #[arg(value_name = "STATE", value_parser = parse_vm_state)]
-        state: VmState,
+        want: VmState,
     },
     /// Suspend the VM on its client daemon and server.
     ///
@@ -665,8 +665,8 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                 },
                 json,
             ),
-            VmsCmd::SetState { id, state } => {
-                change(cli, &mut db, Change::SetVmState(id.id, *state), json)
+            VmsCmd::SetState { id, want } => {
+                change(cli, &mut db, Change::SetVmState(id.id, *want), json)
             }
             VmsCmd::Suspend { .. }
             | VmsCmd::Resume { .. }

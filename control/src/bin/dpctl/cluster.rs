@@ -96,7 +96,7 @@ fn change_of(cmd: &Command, s: &State) -> Option<Result<Change, Failure>> {
             vm: id.id,
             hypervisor: *hypervisor,
         },
-        Command::Vms(VmsCmd::SetState { id, state }) => Change::SetVmState(id.id, *state),
+        Command::Vms(VmsCmd::SetState { id, want }) => Change::SetVmState(id.id, *want),
         Command::Models(ModelsCmd::Add {
             id,
             kind,
