@@ -8,7 +8,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LLVM_VER=22
 LLVM_PREFIX="/usr/lib/llvm-${LLVM_VER}"
 # Debian packages: bpf-linker's LLVM, iproute2 for network namespaces.
-APT_PKGS=(llvm-${LLVM_VER}-dev libpolly-${LLVM_VER}-dev zlib1g-dev libzstd-dev iproute2 ethtool build-essential pkg-config)
+# etcd-server/etcd-client: the etcd store's tests start a private etcd each
+# (dataplane/testkit/src/etcd.rs); protobuf-compiler and libprotobuf-dev
+# (the well-known .proto files): the etcd-client crate's build script.
+APT_PKGS=(llvm-${LLVM_VER}-dev libpolly-${LLVM_VER}-dev zlib1g-dev libzstd-dev iproute2 ethtool build-essential pkg-config
+          etcd-server etcd-client protobuf-compiler libprotobuf-dev)
 STABLE="$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$ROOT/rust-toolchain.toml")"
 
 say() { printf 'setup: %s\n' "$*"; }
@@ -32,6 +36,12 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq || die "apt-get update failed: check the network and /etc/apt/sources.list"
     apt-get install -y -qq "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
+    if [[ " ${missing[*]} " == *" etcd-server "* ]] && command -v systemctl >/dev/null; then
+        # Debian starts a system etcd on 2379; devplane's tests start their
+        # own (private ports and data), and a cluster's etcd is the
+        # operator's to configure: leave the packaged service off.
+        systemctl disable --now etcd >/dev/null 2>&1 || true
+    fi
 fi
 
 # 2. Toolchains: the pinned stable (with clippy and rustfmt) and a nightly

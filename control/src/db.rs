@@ -269,6 +269,20 @@ impl Db {
         self.apply_locked(&change, None)
     }
 
+    /// Validates every change in order and writes the result once
+    /// (generation + 1): a bulk import ([`State::changed_many`]).
+    pub fn apply_many(&mut self, changes: &[Change]) -> Result<(), DbError> {
+        let _lock = Lock::take(&self.dir)?;
+        self.reload()?;
+        let next = self.state.changed_many(changes)?;
+        self.write_db(self.generation + 1, &next)
+    }
+
+    /// Re-reads the database if another process changed it.
+    pub fn refresh(&mut self) -> Result<(), DbError> {
+        self.reload().map(drop)
+    }
+
     fn apply_locked(
         &mut self,
         change: &Change,
@@ -305,6 +319,17 @@ impl Db {
         let _lock = Lock::take(&self.dir)?;
         self.write_applied(self.generation)
     }
+}
+
+/// [`Db::server_config`] of any state (the store's, for an agent):
+/// projected onto server `settings.server.id` and validated.
+pub fn server_config_of(state: &State, settings: &ServerSettings) -> Result<ServerConfig, DbError> {
+    let cfg = project(state, settings)?;
+    cfg.validate().map_err(|source| DbError::Config {
+        server: settings.server.id,
+        source: Box::new(source),
+    })?;
+    Ok(cfg)
 }
 
 fn project(state: &State, settings: &ServerSettings) -> Result<ServerConfig, DbError> {

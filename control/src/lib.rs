@@ -14,6 +14,7 @@ pub mod handover;
 pub mod maps;
 pub mod proto;
 pub mod socket;
+pub mod store;
 
 pub use config::{ConfigError, Mode, ServerConfig};
 pub use db::{Change, Db, DbError, ServerSettings, commit_and_sync, repair, restore};

@@ -1018,3 +1018,50 @@ fn rotate_key_saves_then_hands_out_in_two_steps() {
         "client 99",
     );
 }
+
+/// `--store file:DIR`: the same database through the store interface;
+/// placement and desired state are changes like any other, and status
+/// lists every platform's agent (none running here: down).
+#[test]
+fn store_file_places_sets_state_and_shows_agents() {
+    let dir = TempDir::new();
+    let url = format!("file:{}", dir.0.display());
+    let with = |args: &[&str]| {
+        let mut all = vec!["--store", url.as_str()];
+        all.extend_from_slice(args);
+        ok(&dir.0, &all)
+    };
+    with(&["init"]);
+    with(&["servers", "add", "1", "--address", "10.0.0.1"]);
+    with(&["clients", "add", "7", "--address", "10.0.0.7"]);
+    with(&["clients", "add", "8", "--address", "10.0.0.8"]);
+    with(&["hypervisors", "add", "70", "--client", "7"]);
+    with(&["hypervisors", "add", "80", "--client", "8"]);
+    with(&["vms", "add", "1", "--hypervisor", "70"]);
+    with(&[
+        "models", "add", "42", "--kind", "counter", "--server", "1", "--worker", "0", "--vm", "1",
+    ]);
+    assert!(with(&["vms", "place", "1", "--hypervisor", "80"]).starts_with("placed VM 1"));
+    assert!(with(&["vms", "set-state", "1", "running"]).starts_with("set the state of VM 1"));
+    with(&["models", "place", "42", "--server", "1", "--worker", "3"]);
+    let vm = ok_json(&dir.0, &["--store", &url, "vms", "show", "1"]);
+    assert_eq!(vm["client"], 8, "{vm}");
+    assert_eq!(vm["state"], "running", "{vm}");
+    fails(
+        &dir.0,
+        &["--store", &url, "vms", "set-state", "1", "flying"],
+        2,
+        "not a VM state",
+    );
+    fails(
+        &dir.0,
+        &["--store", &url, "vms", "place", "1", "--hypervisor", "99"],
+        1,
+        "hypervisor 99",
+    );
+    let st = ok_json(&dir.0, &["--store", &url, "status"]);
+    assert_eq!(st["revision"], 10, "{st}");
+    let agents = st["agents"].as_array().unwrap();
+    assert_eq!(agents.len(), 3, "{st}");
+    assert!(agents.iter().all(|a| a["up"] == false), "{st}");
+}

@@ -23,6 +23,8 @@ use serde_json::{Value, json};
 mod apply;
 #[path = "dpctl/client.rs"]
 mod client;
+#[path = "dpctl/cluster.rs"]
+mod cluster;
 #[path = "dpctl/daemon.rs"]
 mod daemon;
 #[path = "dpctl/keys.rs"]
@@ -55,6 +57,13 @@ struct Cli {
         default_value = "/var/lib/devplane"
     )]
     state: PathBuf,
+    /// The identifier store: `file:DIR` (the database in DIR, as --state)
+    /// or `etcd:http://HOST:PORT` (a cluster's etcd). With --store, the
+    /// agents (devplane-server and devplane-client run with the same
+    /// --store) follow every change by themselves, and `status` shows
+    /// them; without it, the database is --state's.
+    #[arg(long, global = true, value_name = "URL", env = "DEVPLANE_STORE")]
+    store: Option<devplane_control::store::StoreUrl>,
     /// Print JSON for scripts instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -242,6 +251,25 @@ enum VmsCmd {
     },
     /// Remove a stopped VM (refused while a model sends it interrupts).
     Remove(IdArg),
+    /// Place the VM on another hypervisor (and so its client platform):
+    /// with --store, the client agents stop it where it ran and start it
+    /// there, and the servers send its interrupts to the new client.
+    Place {
+        #[command(flatten)]
+        id: IdArg,
+        /// The hypervisor that runs it from now on.
+        #[arg(long, value_name = "ID")]
+        hypervisor: u32,
+    },
+    /// Set the state the VM should be in (running, suspended, stopped):
+    /// with --store, its client agent launches, holds or stops it.
+    SetState {
+        #[command(flatten)]
+        id: IdArg,
+        /// running, suspended or stopped.
+        #[arg(value_name = "STATE", value_parser = parse_vm_state)]
+        want: VmState,
+    },
     /// Suspend the VM on its client daemon and server.
     ///
     /// The client daemon that runs it (--client-socket)
@@ -376,6 +404,20 @@ enum ModelsCmd {
     },
     /// Remove a device model.
     Remove(IdArg),
+    /// Place a device model on a server and worker in the store: with
+    /// --store, the server agents drop it where it was and serve it there
+    /// (a new worker of the same server keeps its state; another server
+    /// starts it afresh).
+    Place {
+        #[command(flatten)]
+        id: IdArg,
+        /// The server that owns it from now on.
+        #[arg(long, value_name = "ID")]
+        server: u32,
+        /// The worker index on that server.
+        #[arg(long, value_name = "INDEX")]
+        worker: u32,
+    },
     /// Move a device model to another worker of its running server, while
     /// traffic flows (its state goes with it).
     Move {
@@ -444,6 +486,17 @@ fn parse_number(text: &str) -> Result<u64, BadNumber> {
         None => t.parse(),
     };
     parsed.map_err(|_| BadNumber::NotANumber(text.to_string()))
+}
+
+fn parse_vm_state(text: &str) -> Result<VmState, String> {
+    match text {
+        "running" => Ok(VmState::Running),
+        "suspended" => Ok(VmState::Suspended),
+        "stopped" => Ok(VmState::Stopped),
+        _ => Err(format!(
+            "{text:?} is not a VM state: give running, suspended or stopped"
+        )),
+    }
 }
 
 fn parse_u16(text: &str) -> Result<u16, BadNumber> {
@@ -544,9 +597,12 @@ fn run(cli: &Cli) -> Result<String, Failure> {
     if let Some(out) = client::run(cli)? {
         return Ok(out);
     }
+    if let Some(out) = cluster::run(cli)? {
+        return Ok(out);
+    }
     let mut db = match cli.command {
-        Command::Init => Db::open(&cli.state)?,
-        _ => Db::open_existing(&cli.state)?,
+        Command::Init => Db::open(cluster::state_dir(cli))?,
+        _ => Db::open_existing(cluster::state_dir(cli))?,
     };
     let json = cli.json;
     match &cli.command {
@@ -639,6 +695,18 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                 change(cli, &mut db, Change::AddVm(vm), json)
             }
             VmsCmd::Remove(a) => change(cli, &mut db, Change::RemoveVm(a.id), json),
+            VmsCmd::Place { id, hypervisor } => change(
+                cli,
+                &mut db,
+                Change::PlaceVm {
+                    vm: id.id,
+                    hypervisor: *hypervisor,
+                },
+                json,
+            ),
+            VmsCmd::SetState { id, want } => {
+                change(cli, &mut db, Change::SetVmState(id.id, *want), json)
+            }
             VmsCmd::Suspend { .. }
             | VmsCmd::Resume { .. }
             | VmsCmd::Migrate { .. }
@@ -678,6 +746,16 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                 json,
             ),
             ModelsCmd::Remove(a) => change(cli, &mut db, Change::RemoveModel(a.id), json),
+            ModelsCmd::Place { id, server, worker } => change(
+                cli,
+                &mut db,
+                Change::PlaceModel {
+                    model: id.id,
+                    server: *server,
+                    worker: *worker,
+                },
+                json,
+            ),
             ModelsCmd::Move { .. } | ModelsCmd::Forward { .. } | ModelsCmd::Unforward(_) => {
                 Err(daemon::handled_there())
             }
@@ -735,20 +813,7 @@ fn status(db: &Db, json: bool) -> String {
 
 fn change(cli: &Cli, db: &mut Db, change: Change, json: bool) -> Result<String, Failure> {
     let (kind, id) = (change.kind(), change.id());
-    let action = if matches!(change, Change::SetClientBudget(..)) {
-        "budget"
-    } else if matches!(
-        change,
-        Change::AddClient(_)
-            | Change::AddHypervisor(_)
-            | Change::AddVm(_)
-            | Change::AddModel(_)
-            | Change::AddServer(_)
-    ) {
-        "add"
-    } else {
-        "remove"
-    };
+    let action = action_of(&change);
     let live = apply::live_request(db, &change);
     db.apply(change)?;
     if let Some(cfg) = &cli.apply_to {
@@ -765,15 +830,43 @@ fn change(cli: &Cli, db: &mut Db, change: Change, json: bool) -> Result<String, 
             "generation": db.generation(),
         })));
     }
-    let done = match action {
-        "add" => "added",
-        "budget" => "set the budget of",
-        _ => "removed",
-    };
+    let done = done_of(action);
     Ok(format!(
         "{done} {kind} {id} (generation {})\n",
         db.generation()
     ))
+}
+
+/// The name of a change's action (`--json`'s `action`).
+fn action_of(change: &Change) -> &'static str {
+    match change {
+        Change::SetClientBudget(..) => "budget",
+        Change::SetClientKey(..) => "key",
+        Change::AddClient(_)
+        | Change::AddHypervisor(_)
+        | Change::AddVm(_)
+        | Change::AddModel(_)
+        | Change::AddServer(_) => "add",
+        Change::PlaceVm { .. } | Change::PlaceModel { .. } => "place",
+        Change::SetVmState(..) => "set-state",
+        Change::RemoveClient(_)
+        | Change::RemoveHypervisor(_)
+        | Change::RemoveVm(_)
+        | Change::RemoveModel(_)
+        | Change::RemoveServer(_) => "remove",
+    }
+}
+
+/// The past tense of an action, for people.
+fn done_of(action: &str) -> &'static str {
+    match action {
+        "add" => "added",
+        "budget" => "set the budget of",
+        "key" => "set the key of",
+        "place" => "placed",
+        "set-state" => "set the state of",
+        _ => "removed",
+    }
 }
 
 #[cfg(test)]

@@ -184,6 +184,27 @@ pub enum Change {
     AddServer(Server),
     /// Removes a server platform (refused while it owns models).
     RemoveServer(u32),
+    /// Places a VM on another hypervisor (and so that hypervisor's client
+    /// platform): the client agents stop it where it ran and start it
+    /// there; servers send its interrupts to the new client.
+    PlaceVm {
+        /// The VM.
+        vm: u32,
+        /// Its new hypervisor (must exist).
+        hypervisor: u32,
+    },
+    /// Sets the state a VM should be in; its client agent follows.
+    SetVmState(u32, VmState),
+    /// Places a device model on another server and worker (its server
+    /// must exist); the server agents drop it and start it there.
+    PlaceModel {
+        /// The model.
+        model: u32,
+        /// Its new server.
+        server: u32,
+        /// The worker on that server.
+        worker: u32,
+    },
 }
 
 impl Change {
@@ -195,8 +216,11 @@ impl Change {
             | Change::SetClientBudget(..)
             | Change::SetClientKey(..) => Kind::Client,
             Change::AddHypervisor(_) | Change::RemoveHypervisor(_) => Kind::Hypervisor,
-            Change::AddVm(_) | Change::RemoveVm(_) => Kind::Vm,
-            Change::AddModel(_) | Change::RemoveModel(_) => Kind::Model,
+            Change::AddVm(_)
+            | Change::RemoveVm(_)
+            | Change::PlaceVm { .. }
+            | Change::SetVmState(..) => Kind::Vm,
+            Change::AddModel(_) | Change::RemoveModel(_) | Change::PlaceModel { .. } => Kind::Model,
             Change::AddServer(_) | Change::RemoveServer(_) => Kind::Server,
         }
     }
@@ -215,7 +239,10 @@ impl Change {
             | Change::RemoveHypervisor(id)
             | Change::RemoveVm(id)
             | Change::RemoveModel(id)
-            | Change::RemoveServer(id) => *id,
+            | Change::RemoveServer(id)
+            | Change::SetVmState(id, _) => *id,
+            Change::PlaceVm { vm, .. } => *vm,
+            Change::PlaceModel { model, .. } => *model,
         }
     }
 }

@@ -327,6 +327,14 @@ impl IrqRouter {
         self.recount();
     }
 
+    /// VM `vm` is gone: its interrupts (held or raised later) have no
+    /// client to go to and are dropped as for an unknown VM.
+    pub fn forget(&mut self, vm: u32) {
+        self.vm_client.remove(&vm);
+        self.suspended.remove(&vm);
+        self.recount();
+    }
+
     /// Counts the held interrupts per client again (after the queue was
     /// rebuilt or a VM changed client).
     fn recount(&mut self) {

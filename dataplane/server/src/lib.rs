@@ -35,6 +35,7 @@ pub mod kernel_drops;
 mod live;
 mod live_keys;
 pub mod port_owner;
+mod reconcile;
 pub mod socket;
 pub mod worker;
 pub mod xdp;
@@ -269,7 +270,9 @@ impl Server {
         };
         let admission = Arc::new(socket::Admission {
             models: std::sync::RwLock::new(cfg.models.iter().map(|m| m.id).collect()),
-            clients: cfg.clients.iter().map(|c| (c.id, c.address)).collect(),
+            clients: std::sync::RwLock::new(
+                cfg.clients.iter().map(|c| (c.id, c.address)).collect(),
+            ),
             check_clients: cfg.server.check_clients,
         });
         server.admission = Some(admission.clone());

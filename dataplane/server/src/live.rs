@@ -267,7 +267,7 @@ impl Server {
 
     /// Writes `vm`'s entry (client, hypervisor, `VM_SUSPENDED`) into the
     /// VMs map, in XDP mode.
-    fn put_vm_entry(&mut self, vm: u32) -> Result<(), ServerError> {
+    pub(crate) fn put_vm_entry(&mut self, vm: u32) -> Result<(), ServerError> {
         use devplane_control::maps::MapWriter;
         let Some(v) = self.cfg.vms.iter().find(|v| v.id == vm) else {
             return Err(ServerError::Config(format!("VM {vm} is not known here")));

@@ -143,8 +143,10 @@ pub struct Admission {
     /// Models served by this server (changed when a model is added or
     /// removed live; an uncontended read lock per datagram).
     pub models: std::sync::RwLock<HashSet<u32>>,
-    /// Registered clients and their addresses.
-    pub clients: HashMap<u32, Ipv4Addr>,
+    /// Registered clients and their addresses (changed when the store
+    /// adds, moves or removes a client; an uncontended read lock per
+    /// datagram).
+    pub clients: std::sync::RwLock<HashMap<u32, Ipv4Addr>>,
     /// Whether to check clients (`server.check_clients`).
     pub check_clients: bool,
 }
@@ -169,7 +171,12 @@ impl Admission {
         }
         if self.check_clients {
             let client = word(devplane_wire::header::OFF_CLIENT)?;
-            match self.clients.get(&client) {
+            let addr = self
+                .clients
+                .read()
+                .ok()
+                .and_then(|c| c.get(&client).copied());
+            match addr.as_ref() {
                 None => return Some(&stats.drop_unknown_client),
                 Some(ip) if SocketAddr::from((*ip, from.port())) != *from => {
                     return Some(&stats.drop_spoofed);

@@ -12,6 +12,7 @@
 #![deny(missing_docs)]
 
 pub mod attacker;
+pub mod etcd;
 pub mod host;
 pub mod keys;
 pub mod lan;

@@ -25,6 +25,7 @@
 //! threads without stopping them.
 
 pub mod config;
+mod reconcile;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};

@@ -8,8 +8,10 @@ use std::sync::mpsc;
 
 use clap::Parser;
 use devplane_control::config::{Mode, ServerConfig};
-use devplane_control::db::{Db, ServerSettings};
+use devplane_control::db::{Db, ServerSettings, server_config_of};
 use devplane_control::socket::{ControlSocket, Pending};
+use devplane_control::store::agent::{Agent, AgentConfig};
+use devplane_control::store::{AgentKind, Snapshot, StoreUrl};
 use devplane_server::Server;
 use devplane_server::control;
 
@@ -29,13 +31,54 @@ struct Args {
     /// then only gives the [server] and [tuning] settings. The maps are
     /// written from the database at start, which also repairs them after a
     /// crash between a database write and its map update.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "store")]
     state: Option<PathBuf>,
+    /// Be an agent of the identifier store (`file:DIR` or
+    /// `etcd:http://HOST:PORT`): take clients, VMs and models from it
+    /// (the configuration file gives only [server] and [tuning]), watch
+    /// it and follow every change live, and register under a lease so
+    /// that `dpctl --store URL status` shows this server up.
+    #[arg(long, value_name = "URL")]
+    store: Option<StoreUrl>,
+    /// With --store: the lease's time to live, milliseconds (the server
+    /// shows down this long after it dies).
+    #[arg(long, value_name = "MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(2000..=600_000))]
+    lease_ttl_ms: u64,
 }
 
 enum Event {
     Stop,
     Control(Pending),
+    Store(Box<Snapshot>),
+}
+
+/// Brings the server to the store's snapshot and records the outcome.
+fn follow(server: &mut Server, settings: &ServerSettings, snap: &Snapshot, agent: &Agent) -> bool {
+    let id = settings.server.id;
+    let outcome = server_config_of(&snap.state, settings)
+        .map_err(|e| e.to_string())
+        .and_then(|want| server.reconcile(&want).map_err(|errs| errs.join("; ")));
+    match outcome {
+        Ok(steps) => {
+            if steps > 0 {
+                eprintln!(
+                    "devplane-server {id}: store revision {}: {steps} changes applied",
+                    snap.revision
+                );
+            }
+            agent.set_applied(snap.revision, None);
+            true
+        }
+        Err(e) => {
+            eprintln!(
+                "devplane-server {id}: store revision {}: not all applied: {e}",
+                snap.revision
+            );
+            agent.set_applied(snap.revision, Some(e));
+            false
+        }
+    }
 }
 
 fn main() {
@@ -48,10 +91,30 @@ fn main() {
         }
     };
     let mut db = None;
-    let cfg = match &args.state {
-        None => cfg,
-        Some(dir) => {
-            let settings = ServerSettings::from_config(&cfg, cfg.server.mode == Mode::Xdp);
+    let settings = ServerSettings::from_config(&cfg, cfg.server.mode == Mode::Xdp);
+    let cfg = match (&args.state, &args.store) {
+        (None, Some(url)) => {
+            let loaded = devplane_control::store::open(url).and_then(|mut s| s.load());
+            let snap = match loaded {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("devplane-server: {e}");
+                    std::process::exit(2);
+                }
+            };
+            match server_config_of(&snap.state, &settings) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!(
+                        "devplane-server: store {url} (revision {}): {e}",
+                        snap.revision
+                    );
+                    std::process::exit(2);
+                }
+            }
+        }
+        (None, None) => cfg,
+        (Some(dir), _) => {
             let opened =
                 Db::open_existing(dir).and_then(|d| d.server_config(&settings).map(|c| (d, c)));
             match opened {
@@ -108,6 +171,27 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // The store agent: every new snapshot goes to this thread, which owns
+    // the server.
+    let agent = args.store.as_ref().map(|url| {
+        let store_tx = tx.clone();
+        let cfg = AgentConfig {
+            url: url.clone(),
+            kind: AgentKind::Server,
+            id: cfg.server.id,
+            ttl: std::time::Duration::from_millis(args.lease_ttl_ms),
+            verbose: true,
+        };
+        match Agent::spawn(cfg, move |snap| {
+            let _ = store_tx.send(Event::Store(Box::new(snap.clone())));
+        }) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("devplane-server: cannot start the store agent: {e}");
+                std::process::exit(1);
+            }
+        }
+    });
     let fwd = tx.clone();
     std::thread::spawn(move || {
         for p in ctl_rx {
@@ -135,15 +219,35 @@ fn main() {
             control.path().display()
         ),
     }
-    for ev in rx {
+    // A snapshot not applied whole is tried again every second.
+    let mut pending: Option<Box<Snapshot>> = None;
+    loop {
+        let ev = match rx.recv_timeout(std::time::Duration::from_secs(1)) {
+            Ok(ev) => ev,
+            Err(mpsc::RecvTimeoutError::Timeout) => match pending.take() {
+                Some(snap) => Event::Store(snap),
+                None => continue,
+            },
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         match ev {
             Event::Stop => break,
             Event::Control(p) => {
                 let answer = control::handle(&mut server, p.request);
                 let _ = p.reply.send(answer);
             }
+            Event::Store(snap) => {
+                if let Some(a) = &agent
+                    && !follow(&mut server, &settings, &snap, a)
+                {
+                    pending = Some(snap);
+                } else {
+                    pending = None;
+                }
+            }
         }
     }
+    drop(agent);
     drop(control);
     let workers = server.worker_stats();
     let xdp = server.xdp_stats();

@@ -392,6 +392,11 @@ impl Dispatcher {
         self.owners.by_vm.insert(vm, client);
     }
 
+    /// VM `vm` is gone: with ownership checked, no client may name it.
+    pub fn forget(&mut self, vm: u32) {
+        self.owners.by_vm.remove(&vm);
+    }
+
     /// How many duplicate windows this worker keeps.
     pub fn window_count(&self) -> usize {
         self.windows.len()

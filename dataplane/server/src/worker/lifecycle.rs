@@ -148,6 +148,9 @@ pub enum WorkerCmd {
         /// Its new client platform.
         client: u32,
     },
+    /// The VM is gone (removed from the store): refuse its requests, drop
+    /// its interrupts.
+    ForgetVm(u32),
     /// New polling settings.
     Tune(Tune),
     /// Verify `client`'s datagram tags with these keys from now on
@@ -264,6 +267,10 @@ impl WorkerCtl {
                 WorkerCmd::MigrateVm { vm, client } => {
                     disp.migrate(vm, client);
                     router.migrate(vm, client);
+                }
+                WorkerCmd::ForgetVm(vm) => {
+                    disp.forget(vm);
+                    router.forget(vm);
                 }
                 WorkerCmd::SetKeys { client, keys } => match keys {
                     Some(k) => disp.set_keys(client, k),

@@ -10,6 +10,8 @@ use std::time::Duration;
 use clap::Parser;
 use devplane_control::proto::{VcpuEnd, VmStatus};
 use devplane_control::socket::{ControlSocket, Pending};
+use devplane_control::store::agent::{Agent, AgentConfig};
+use devplane_control::store::{AgentKind, Snapshot, StoreUrl};
 use devplane_vmm::daemon::Daemon;
 use devplane_vmm::daemon::config::ClientFile;
 
@@ -29,11 +31,23 @@ struct Args {
     /// `/run/devplane/client-<id>.sock`).
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Be an agent of the identifier store (`file:DIR` or
+    /// `etcd:http://HOST:PORT`): run the VMs it places on this client
+    /// platform in the state it asks for (their guests and device layout
+    /// come from the configuration file; their remote devices go to the
+    /// servers the store places their models on), and follow every change.
+    #[arg(long, value_name = "URL")]
+    store: Option<StoreUrl>,
+    /// With --store: the lease's time to live, milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(2000..=600_000))]
+    lease_ttl_ms: u64,
 }
 
 enum Event {
     Stop,
     Control(Pending),
+    Store(Box<Snapshot>),
 }
 
 fn ends(ended: &[VcpuEnd]) -> String {
@@ -92,6 +106,27 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let agent = args.store.as_ref().map(|url| {
+        let store_tx = tx.clone();
+        let cfg = AgentConfig {
+            url: url.clone(),
+            kind: AgentKind::Client,
+            id: daemon.client_id(),
+            ttl: Duration::from_millis(args.lease_ttl_ms),
+            verbose: true,
+        };
+        match Agent::spawn(cfg, move |snap| {
+            let _ = store_tx.send(Event::Store(Box::new(snap.clone())));
+        }) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("devplane-client: cannot start the store agent: {e}");
+                std::process::exit(1);
+            }
+        }
+    });
+    let mut pending: Option<Box<Snapshot>> = None;
+    let mut last_retry = std::time::Instant::now();
     let fwd = tx.clone();
     std::thread::spawn(move || {
         for p in ctl_rx {
@@ -112,12 +147,44 @@ fn main() {
                 let answer = daemon.handle(p.request);
                 let _ = p.reply.send(answer);
             }
+            Ok(Event::Store(snap)) => pending = Some(snap),
             Err(RecvTimeoutError::Timeout) => {}
+        }
+        // The latest snapshot, applied now (or again each second until it
+        // applies whole).
+        if let (Some(a), Some(snap)) = (&agent, pending.as_ref())
+            && (last_retry.elapsed() >= Duration::from_secs(1)
+                || a.applied_revision() != snap.revision)
+        {
+            last_retry = std::time::Instant::now();
+            match daemon.reconcile(&snap.state) {
+                Ok(steps) => {
+                    if steps > 0 {
+                        eprintln!(
+                            "devplane-client {}: store revision {}: {steps} changes applied",
+                            daemon.client_id(),
+                            snap.revision
+                        );
+                    }
+                    a.set_applied(snap.revision, None);
+                    pending = None;
+                }
+                Err(errs) => {
+                    let e = errs.join("; ");
+                    eprintln!(
+                        "devplane-client {}: store revision {}: not all applied: {e}",
+                        daemon.client_id(),
+                        snap.revision
+                    );
+                    a.set_applied(snap.revision, Some(e));
+                }
+            }
         }
         for s in daemon.reap() {
             report("stopped by itself", &s);
         }
     }
+    drop(agent);
     drop(control);
     for s in daemon.shutdown_all() {
         report("shut down", &s);

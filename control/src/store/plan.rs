@@ -1,0 +1,419 @@
+//! What an agent must do to follow the store (pure code: the agents'
+//! I/O only carries the plans out).
+//!
+//! - [`server_plan`]: from what a running server holds (its
+//!   [`ServerConfig`]) to what the store says it should hold
+//!   ([`crate::db::Db::server_config`]'s projection): clients and keys,
+//!   VMs (new, or sent to another client), device models to drop, move
+//!   to another worker, or start.
+//! - [`client_plan`]: from the VMs a client daemon runs to the VMs the
+//!   store places on its platform, in the state the store asks for.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::config::{ClientConfig, ClientKey, ModelConfig, ServerConfig, VmConfig};
+use crate::db::{State, VmState};
+
+/// What a server does to follow the store, in this order: clients and
+/// keys, VMs, models (remove, move, add), then the VMs and clients gone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerPlan {
+    /// Clients new or changed (address, budget).
+    pub upsert_clients: Vec<ClientConfig>,
+    /// Clients whose tag key changed (`None`: now untagged).
+    pub keys: Vec<(u32, Option<ClientKey>)>,
+    /// VMs new or on another client now.
+    pub upsert_vms: Vec<VmConfig>,
+    /// Models to stop serving (gone, or changed in more than the worker:
+    /// they are then also in `add_models`).
+    pub remove_models: Vec<u32>,
+    /// Models to move to another worker (state kept).
+    pub move_models: Vec<(u32, usize)>,
+    /// Models to start serving.
+    pub add_models: Vec<ModelConfig>,
+    /// VMs gone.
+    pub remove_vms: Vec<u32>,
+    /// Clients gone.
+    pub remove_clients: Vec<u32>,
+}
+
+impl ServerPlan {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        *self == ServerPlan::default()
+    }
+
+    /// How many steps.
+    pub fn len(&self) -> usize {
+        self.upsert_clients.len()
+            + self.keys.len()
+            + self.upsert_vms.len()
+            + self.remove_models.len()
+            + self.move_models.len()
+            + self.add_models.len()
+            + self.remove_vms.len()
+            + self.remove_clients.len()
+    }
+}
+
+/// The plan from `have` to `want` (same server; its settings are not
+/// compared: they come from its own file).
+pub fn server_plan(have: &ServerConfig, want: &ServerConfig) -> ServerPlan {
+    let mut p = ServerPlan::default();
+    let hc: BTreeMap<u32, &ClientConfig> = have.clients.iter().map(|c| (c.id, c)).collect();
+    let wc: BTreeMap<u32, &ClientConfig> = want.clients.iter().map(|c| (c.id, c)).collect();
+    for (id, w) in &wc {
+        match hc.get(id) {
+            None => {
+                p.upsert_clients.push((*w).clone());
+                if w.tag_key.is_some() {
+                    p.keys.push((*id, w.tag_key));
+                }
+            }
+            Some(h) => {
+                if h.address != w.address || h.budget != w.budget {
+                    p.upsert_clients.push((*w).clone());
+                }
+                if h.tag_key != w.tag_key {
+                    p.keys.push((*id, w.tag_key));
+                }
+            }
+        }
+    }
+    p.remove_clients = hc
+        .keys()
+        .filter(|id| !wc.contains_key(id))
+        .copied()
+        .collect();
+
+    let hv: BTreeMap<u32, &VmConfig> = have.vms.iter().map(|v| (v.id, v)).collect();
+    let wv: BTreeMap<u32, &VmConfig> = want.vms.iter().map(|v| (v.id, v)).collect();
+    for (id, w) in &wv {
+        if hv.get(id) != Some(w) {
+            p.upsert_vms.push((*w).clone());
+        }
+    }
+    p.remove_vms = hv
+        .keys()
+        .filter(|id| !wv.contains_key(id))
+        .copied()
+        .collect();
+
+    let hm: BTreeMap<u32, &ModelConfig> = have.models.iter().map(|m| (m.id, m)).collect();
+    let wm: BTreeMap<u32, &ModelConfig> = want.models.iter().map(|m| (m.id, m)).collect();
+    for (id, h) in &hm {
+        match wm.get(id) {
+            None => p.remove_models.push(*id),
+            Some(w) if w == h => {}
+            Some(w) => {
+                let mut same_but_worker = (*h).clone();
+                same_but_worker.worker = w.worker;
+                if same_but_worker == **w {
+                    p.move_models.push((*id, w.worker));
+                } else {
+                    p.remove_models.push(*id);
+                    p.add_models.push((*w).clone());
+                }
+            }
+        }
+    }
+    for (id, w) in &wm {
+        if !hm.contains_key(id) {
+            p.add_models.push((*w).clone());
+        }
+    }
+    p
+}
+
+/// How a VM runs on a client daemon now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Local {
+    /// Its vCPUs run.
+    Running,
+    /// Held (suspended).
+    Suspended,
+    /// Its guest ended by itself (not launched again while the store
+    /// still asks for it: a guest that ends is not restarted).
+    Exited,
+}
+
+/// One step of a client daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientStep {
+    /// Start the VM, its remote devices placed on these servers (model
+    /// id -> server id, from the store).
+    Launch(u32, BTreeMap<u32, u32>),
+    /// Hold its vCPUs.
+    Suspend(u32),
+    /// Run its vCPUs again.
+    Resume(u32),
+    /// Stop it (stopped in the store, placed elsewhere, or removed).
+    Shutdown(u32),
+}
+
+/// Where the store places the models of VM `vm` that name it: model id ->
+/// server id.
+pub fn vm_placement(state: &State, vm: u32) -> BTreeMap<u32, u32> {
+    state
+        .models
+        .iter()
+        .filter(|m| m.vm == Some(vm))
+        .map(|m| (m.id, m.server))
+        .collect()
+}
+
+/// The plan of client platform `client`: `running` is what the daemon
+/// runs now, `known` the VMs its configuration file can build. Also the
+/// problems the agent reports (a VM placed here that it cannot build).
+pub fn client_plan(
+    state: &State,
+    client: u32,
+    running: &BTreeMap<u32, Local>,
+    known: &BTreeSet<u32>,
+) -> (Vec<ClientStep>, Vec<String>) {
+    let mut steps = Vec::new();
+    let mut problems = Vec::new();
+    let mine: BTreeMap<u32, VmState> = state
+        .vms
+        .iter()
+        .filter(|v| v.client == client)
+        .map(|v| (v.id, v.state))
+        .collect();
+    for (&id, &local) in running {
+        match mine.get(&id) {
+            None | Some(VmState::Stopped) => steps.push(ClientStep::Shutdown(id)),
+            Some(_) if local == Local::Exited => {}
+            Some(VmState::Running) if local == Local::Suspended => {
+                steps.push(ClientStep::Resume(id))
+            }
+            Some(VmState::Suspended) if local == Local::Running => {
+                steps.push(ClientStep::Suspend(id))
+            }
+            Some(_) => {}
+        }
+    }
+    for (&id, &want) in &mine {
+        if want == VmState::Stopped || running.contains_key(&id) {
+            continue;
+        }
+        if !known.contains(&id) {
+            problems.push(format!(
+                "VM {id} is placed on client {client} ({want}) but this daemon's \
+                 configuration has no [[vms]] entry for it"
+            ));
+            continue;
+        }
+        steps.push(ClientStep::Launch(id, vm_placement(state, id)));
+        if want == VmState::Suspended {
+            steps.push(ClientStep::Suspend(id));
+        }
+    }
+    (steps, problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::db::{Change, Client, Hypervisor, Model, Server, Vm};
+
+    fn model(id: u32, worker: usize) -> ModelConfig {
+        ModelConfig {
+            id,
+            kind: "counter".into(),
+            worker,
+            line: None,
+            vm: None,
+            pio_base: Some(0x500),
+            mmio_base: None,
+            backing: None,
+        }
+    }
+
+    fn cfg(
+        models: Vec<ModelConfig>,
+        vms: Vec<VmConfig>,
+        clients: Vec<ClientConfig>,
+    ) -> ServerConfig {
+        let mut c =
+            ServerConfig::from_toml_str("[server]\nid = 1\nmode = \"socket\"\nworkers = [0, 1]\n")
+                .unwrap();
+        c.models = models;
+        c.vms = vms;
+        c.clients = clients;
+        c
+    }
+
+    fn client(id: u32) -> ClientConfig {
+        ClientConfig {
+            tag_key: None,
+            id,
+            address: Ipv4Addr::new(10, 0, 0, id as u8),
+            budget: None,
+        }
+    }
+
+    fn vm(id: u32, client: u32) -> VmConfig {
+        VmConfig {
+            id,
+            client,
+            hypervisor: client * 10,
+        }
+    }
+
+    #[test]
+    fn an_unchanged_server_has_nothing_to_do() {
+        let c = cfg(vec![model(42, 0)], vec![vm(1, 7)], vec![client(7)]);
+        assert!(server_plan(&c, &c).is_empty());
+    }
+
+    #[test]
+    fn a_worker_change_is_a_move_anything_else_a_restart_of_the_model() {
+        let have = cfg(
+            vec![model(42, 0), model(43, 0), model(44, 0)],
+            vec![],
+            vec![],
+        );
+        let mut changed = model(43, 0);
+        changed.kind = "echo".into();
+        let want = cfg(
+            vec![model(42, 1), changed.clone(), model(45, 1)],
+            vec![],
+            vec![],
+        );
+        let p = server_plan(&have, &want);
+        assert_eq!(p.move_models, vec![(42, 1)]);
+        assert_eq!(p.remove_models, vec![43, 44]);
+        assert_eq!(p.add_models, vec![changed, model(45, 1)]);
+    }
+
+    #[test]
+    fn vms_follow_their_client_and_clients_their_keys() {
+        let have = cfg(vec![], vec![vm(1, 7), vm(2, 7)], vec![client(7), client(9)]);
+        let mut keyed = client(8);
+        keyed.tag_key = ClientKey::parse("1:00112233445566778899aabbccddeeff");
+        let want = cfg(
+            vec![],
+            vec![vm(1, 8), vm(3, 7)],
+            vec![client(7), keyed.clone()],
+        );
+        let p = server_plan(&have, &want);
+        assert_eq!(p.upsert_clients, vec![keyed.clone()]);
+        assert_eq!(p.keys, vec![(8, keyed.tag_key)]);
+        assert_eq!(p.upsert_vms, vec![vm(1, 8), vm(3, 7)]);
+        assert_eq!(p.remove_vms, vec![2]);
+        assert_eq!(p.remove_clients, vec![9]);
+        assert_eq!(p.len(), 6);
+    }
+
+    fn state() -> State {
+        State::default()
+            .changed_many(&[
+                Change::AddClient(Client {
+                    id: 7,
+                    address: Ipv4Addr::new(10, 0, 0, 7),
+                    budget: None,
+                    tag_key: None,
+                }),
+                Change::AddClient(Client {
+                    id: 8,
+                    address: Ipv4Addr::new(10, 0, 0, 8),
+                    budget: None,
+                    tag_key: None,
+                }),
+                Change::AddHypervisor(Hypervisor { id: 70, client: 7 }),
+                Change::AddHypervisor(Hypervisor { id: 80, client: 8 }),
+                Change::AddServer(Server {
+                    id: 2,
+                    address: Ipv4Addr::new(10, 0, 0, 2),
+                }),
+                Change::AddVm(Vm {
+                    id: 1,
+                    hypervisor: 70,
+                    client: 7,
+                    state: VmState::Running,
+                }),
+                Change::AddVm(Vm {
+                    id: 2,
+                    hypervisor: 70,
+                    client: 7,
+                    state: VmState::Stopped,
+                }),
+                Change::AddModel(Model {
+                    id: 42,
+                    kind: "counter".into(),
+                    server: 2,
+                    worker: 0,
+                    line: None,
+                    vm: Some(1),
+                    pio_base: Some(0x500),
+                    mmio_base: None,
+                    backing: None,
+                }),
+            ])
+            .unwrap()
+    }
+
+    #[test]
+    fn a_client_launches_what_is_placed_on_it_and_stops_the_rest() {
+        let s = state();
+        let known: BTreeSet<u32> = [1, 2].into();
+        let (steps, problems) = client_plan(&s, 7, &BTreeMap::new(), &known);
+        assert_eq!(steps, vec![ClientStep::Launch(1, [(42, 2)].into())]);
+        assert!(problems.is_empty());
+        // Running there already: nothing.
+        let running: BTreeMap<u32, Local> = [(1, Local::Running)].into();
+        assert_eq!(client_plan(&s, 7, &running, &known).0, vec![]);
+        // Moved to client 8: 7 stops it, 8 starts it (if it knows it).
+        let moved = s
+            .changed(&Change::PlaceVm {
+                vm: 1,
+                hypervisor: 80,
+            })
+            .unwrap();
+        assert_eq!(
+            client_plan(&moved, 7, &running, &known).0,
+            vec![ClientStep::Shutdown(1)]
+        );
+        assert_eq!(
+            client_plan(&moved, 8, &BTreeMap::new(), &known).0,
+            vec![ClientStep::Launch(1, [(42, 2)].into())]
+        );
+        let (steps, problems) = client_plan(&moved, 8, &BTreeMap::new(), &BTreeSet::new());
+        assert!(steps.is_empty());
+        assert_eq!(problems.len(), 1, "{problems:?}");
+    }
+
+    #[test]
+    fn a_client_follows_suspend_resume_and_stop() {
+        let s = state();
+        let known: BTreeSet<u32> = [1].into();
+        let running: BTreeMap<u32, Local> = [(1, Local::Running)].into();
+        let held = s
+            .changed(&Change::SetVmState(1, VmState::Suspended))
+            .unwrap();
+        assert_eq!(
+            client_plan(&held, 7, &running, &known).0,
+            vec![ClientStep::Suspend(1)]
+        );
+        let suspended: BTreeMap<u32, Local> = [(1, Local::Suspended)].into();
+        assert_eq!(
+            client_plan(&s, 7, &suspended, &known).0,
+            vec![ClientStep::Resume(1)]
+        );
+        let stopped = s.changed(&Change::SetVmState(1, VmState::Stopped)).unwrap();
+        assert_eq!(
+            client_plan(&stopped, 7, &running, &known).0,
+            vec![ClientStep::Shutdown(1)]
+        );
+        // A guest that ended by itself is not launched again; stopping it
+        // in the store clears it.
+        let exited: BTreeMap<u32, Local> = [(1, Local::Exited)].into();
+        assert_eq!(client_plan(&s, 7, &exited, &known).0, vec![]);
+        assert_eq!(
+            client_plan(&stopped, 7, &exited, &known).0,
+            vec![ClientStep::Shutdown(1)]
+        );
+    }
+}

@@ -1,0 +1,90 @@
+//! The client daemon as an agent of the identifier store: run the VMs the
+//! store places on this client platform, in the state it asks for, with
+//! their remote devices on the servers the store places their models on
+//! (the plan is [`devplane_control::store::plan::client_plan`]'s; this
+//! only carries it out).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use devplane_control::db::State;
+use devplane_control::store::plan::{ClientStep, Local, client_plan};
+
+use super::Daemon;
+use super::config::PlaceEntry;
+
+impl Daemon {
+    /// How each VM runs here now (VMs not running are left out; a guest
+    /// that ended by itself is [`Local::Exited`] until shut down).
+    pub fn local_states(&mut self) -> BTreeMap<u32, Local> {
+        self.notice();
+        self.slots
+            .iter()
+            .filter_map(|(&id, slot)| match &slot.running {
+                Some(r) if r.client.suspended() => Some((id, Local::Suspended)),
+                Some(_) => Some((id, Local::Running)),
+                None if slot.unclaimed => Some((id, Local::Exited)),
+                None => None,
+            })
+            .collect()
+    }
+
+    /// The VMs this daemon's configuration can build.
+    pub fn known_vms(&self) -> BTreeSet<u32> {
+        self.slots.keys().copied().collect()
+    }
+
+    /// Points VM `vm`'s devices whose model the store places (model id ->
+    /// server id) at that server.
+    fn place_devices(&mut self, vm: u32, placement: &BTreeMap<u32, u32>) {
+        if let Some(entry) = self.file.vms.iter_mut().find(|v| v.id == vm) {
+            for d in &mut entry.devices {
+                if let Some(&server) = placement.get(&d.model) {
+                    d.place = PlaceEntry::Remote(server);
+                }
+            }
+        }
+    }
+
+    /// Follows the store's `state`: launches, suspends, resumes and shuts
+    /// down VMs as [`client_plan`] says, and takes this client's tag key
+    /// from it. Every step is tried; returns how many were taken, or the
+    /// errors of those that failed (and the problems of the plan).
+    pub fn reconcile(&mut self, state: &State) -> Result<usize, Vec<String>> {
+        let me = self.client_id();
+        let mut errors = Vec::new();
+        let mut steps = 0;
+        if let Some(c) = state.client(me) {
+            let want = c.tag_key.map(|k| k.0);
+            if self.keys.map(|k| k.current) != want {
+                let ring = want.map(devplane_wire::tag::KeyRing::new);
+                match self.set_keys(me, ring) {
+                    Ok(()) => steps += 1,
+                    Err(e) => errors.push(format!("keys: {e}")),
+                }
+            }
+        }
+        let running = self.local_states();
+        let (plan, problems) = client_plan(state, me, &running, &self.known_vms());
+        errors.extend(problems);
+        for step in plan {
+            let r = match &step {
+                ClientStep::Launch(vm, placement) => {
+                    self.place_devices(*vm, placement);
+                    self.launch(*vm).map(drop)
+                }
+                ClientStep::Suspend(vm) => self.suspend(*vm).map(drop),
+                ClientStep::Resume(vm) => self.resume(*vm).map(drop),
+                ClientStep::Shutdown(vm) => self.shutdown(*vm).map(drop),
+            };
+            match r {
+                Ok(()) => steps += 1,
+                Err(e) => errors.push(format!("{step:?}: {e}")),
+            }
+        }
+        if errors.is_empty() {
+            Ok(steps)
+        } else {
+            Err(errors)
+        }
+    }
+}
