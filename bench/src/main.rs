@@ -168,7 +168,7 @@ impl Scenario {
 }
 
 /// The default suite (`make bench`).
-const DEFAULT_SUITE: [Scenario; 10] = [
+const DEFAULT_SUITE: [Scenario; 11] = [
     Scenario::XdpProg,
     Scenario::Parse,
     Scenario::Server,

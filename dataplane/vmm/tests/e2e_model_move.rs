@@ -271,10 +271,12 @@ fn a_model_moved_between_servers_under_traffic_keeps_every_write_once() {
             ServerSpec {
                 addr: SocketAddr::from((topo.server_ip(), PORT_A)),
                 id: SERVER_A,
+                via: None,
             },
             ServerSpec {
                 addr: SocketAddr::from((topo.server_ip(), PORT_B)),
                 id: SERVER_B,
+                via: None,
             },
         ],
         vms: vec![checked_vm(sync, posted)],

@@ -204,6 +204,7 @@ fn start_client(topo: &Topology, vm: u32, posted: bool) -> Client {
         servers: vec![ServerSpec {
             addr: SocketAddr::from((topo.server_ip(), PORT)),
             id: SERVER,
+            via: None,
         }],
         vms: vec![VmSpec {
             id: vm,
