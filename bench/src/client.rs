@@ -33,13 +33,11 @@ use std::time::Duration;
 use anyhow::Result;
 use devplane_devmodels::Space;
 use devplane_vmm::guests;
-use devplane_vmm::vmm::VmSpec;
 
 use crate::counters::{Snapshot, slow_share};
 use crate::report::{Floor, Row, progress};
 use crate::rig::{
-    COUNTER_BASE, Drain, MMIO_BASE, NULL_MMIO, NULL_PIO, PIO_PORT, Rig, counter_id, dev, histogram,
-    knob, vm_spec,
+    Drain, MMIO_BASE, NULL_MMIO, NULL_PIO, PIO_PORT, Rig, dev, histogram, knob, vm_spec,
 };
 
 const SCENARIO: &str = "client";
@@ -353,24 +351,7 @@ fn posted_rate(rig: &Rig, n: u16, drain: Drain, server: &str) -> Result<Row> {
     let timeout = Duration::from_secs(120);
     let writes = n as u64;
     let rate = {
-        let vms = (1..=2u32)
-            .map(|v| -> Result<VmSpec> {
-                let gs = guests::multi_vcpu(COUNTER_BASE, n, 2)?;
-                let devices = (0..2u32)
-                    .map(|i| {
-                        dev(
-                            Space::Pio,
-                            (COUNTER_BASE + 0x10 * i as u16) as u64,
-                            0x10,
-                            counter_id(v, i),
-                            true,
-                            false,
-                        )
-                    })
-                    .collect();
-                Ok(vm_spec(rig.fresh_vm()?, &gs, devices))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let vms = rig.counter_vms(2, 2, n, true)?;
         let out = rig.run_vms("client/posted-rate", vms, 0, drain, timeout)?;
         (4 * (writes + 1)) as f64 / out.elapsed.as_secs_f64()
     };

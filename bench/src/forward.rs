@@ -21,9 +21,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use devplane_control::config::{
-    ClientConfig, Mode, ModelConfig, ServerConfig, ServerSection, Tuning, VmConfig,
-};
+use devplane_control::config::{Mode, ServerConfig, Tuning};
 use devplane_server::forward::Forward;
 use devplane_testkit::host::ServerThread;
 use devplane_testkit::lan::{Lan, LanHost};
@@ -32,12 +30,11 @@ use devplane_wire::{Access, AccessSize};
 
 use crate::hist::Latency;
 use crate::report::{Floor, Row, progress};
-use crate::server::{PORT, check_response, encode_for, request_for};
+use crate::server::{PORT, bench_config, check_response, encode_for, request_for};
 
 /// The scenario's name.
 pub const SCENARIO: &str = "forward";
 const CLIENT_CORE: usize = 0;
-const WORKER_CORE: usize = 1;
 /// The I/O server's id (the one requests name) and the owner's.
 const IO: u32 = 1;
 const OWNER: u32 = 2;
@@ -45,48 +42,20 @@ const OWNER: u32 = 2;
 const ANSWER_TIMEOUT: Duration = Duration::from_millis(200);
 
 fn config(id: u32, host: &LanHost, client: &LanHost, serves: bool) -> ServerConfig {
+    let cfg = bench_config(id, Mode::Xdp, &host.ifname, client.ip, &format!("fwd{id}-"));
+    if serves {
+        return cfg;
+    }
     ServerConfig {
-        server: ServerSection {
-            id,
-            port: PORT,
-            mode: Mode::Xdp,
-            interface: Some(host.ifname.clone()),
-            workers: vec![WORKER_CORE],
-            pin_dir: Some(format!("/sys/fs/bpf/dpbench-fwd{id}-{}", std::process::id()).into()),
-            check_clients: true,
-        },
+        // The owner's worker never receives anything: it must not take
+        // the I/O worker's core by spinning.
         tuning: Tuning {
-            // The owner's worker never receives anything: it must not
-            // take the I/O worker's core by spinning.
-            spin_budget: if serves { u32::MAX } else { 0 },
-            idle_sleep_us: if serves { 100 } else { 10_000 },
-            batch: 64,
+            spin_budget: 0,
+            idle_sleep_us: 10_000,
+            ..cfg.tuning
         },
-        clients: vec![ClientConfig {
-            tag_key: None,
-            id: 7,
-            address: client.ip,
-            budget: None,
-        }],
-        vms: vec![VmConfig {
-            id: 1,
-            client: 7,
-            hypervisor: 1,
-        }],
-        models: if serves {
-            vec![ModelConfig {
-                id: 1,
-                kind: "null".into(),
-                worker: 0,
-                line: None,
-                vm: None,
-                pio_base: None,
-                mmio_base: None,
-                backing: None,
-            }]
-        } else {
-            Vec::new()
-        },
+        models: Vec::new(),
+        ..cfg
     }
 }
 

@@ -32,25 +32,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use devplane_control::config::{
-    Budget, ClientConfig, Mode, ModelConfig, ServerConfig, ServerSection, Tuning, VmConfig,
-};
+use devplane_control::config::{Budget, ClientConfig, Mode, ModelConfig, ServerConfig, VmConfig};
 use devplane_testkit::host::ServerThread;
 use devplane_testkit::topology::{Side, Topology};
 use devplane_wire::maps::Counter;
-use devplane_wire::{
-    Access, AccessSize, Datagram, Header, Kind, Record, Request, RequestId, Status, datagram,
-};
+use devplane_wire::{Access, AccessSize, Datagram, Header, Kind, Record, Status, datagram};
 
 use crate::hist::Latency;
 use crate::report::{Floor, Row, progress};
+use crate::server::{PORT, bench_config, request_for};
 
 const SCENARIO: &str = "isolation";
-const PORT: u16 = 7700;
 const CLIENT: u32 = 7;
 const FLOODER: u32 = 8;
 const CLIENT_CORE: usize = 0;
-const WORKER_CORE: usize = 1;
 const FLOOD_CORE: usize = 0;
 /// Datagrams per `sendmmsg` call of the flooder.
 pub const BATCH: usize = 64;
@@ -69,73 +64,28 @@ const MAX_ATTEMPTS: u32 = (MAX_FLOOD.as_millis() / RESEND_AFTER.as_millis()) as 
 pub const GOAL_RATIO: f64 = 2.0;
 
 fn config(topo: &Topology, flooder_ip: std::net::Ipv4Addr, budget: Option<Budget>) -> ServerConfig {
-    let model = |id: u32, kind: &str| ModelConfig {
-        id,
-        kind: kind.into(),
-        worker: 0,
-        line: None,
-        vm: None,
-        pio_base: None,
-        mmio_base: None,
-        backing: None,
-    };
-    ServerConfig {
-        server: ServerSection {
-            id: 1,
-            port: PORT,
-            mode: Mode::Xdp,
-            interface: Some(topo.server_ifname().to_string()),
-            workers: vec![WORKER_CORE],
-            pin_dir: Some(format!("/sys/fs/bpf/dpbench-iso-{}", std::process::id()).into()),
-            check_clients: true,
-        },
-        tuning: Tuning {
-            spin_budget: u32::MAX,
-            idle_sleep_us: 100,
-            batch: 64,
-        },
-        clients: vec![
-            ClientConfig {
-                tag_key: None,
-                id: CLIENT,
-                address: topo.client_ip(),
-                budget: None,
-            },
-            ClientConfig {
-                tag_key: None,
-                id: FLOODER,
-                address: flooder_ip,
-                budget,
-            },
-        ],
-        vms: vec![
-            VmConfig {
-                id: 1,
-                client: CLIENT,
-                hypervisor: 1,
-            },
-            VmConfig {
-                id: 2,
-                client: FLOODER,
-                hypervisor: 1,
-            },
-        ],
-        models: vec![model(1, "counter"), model(2, "null")],
-    }
+    let mut cfg = bench_config(1, Mode::Xdp, topo.server_ifname(), topo.client_ip(), "iso-");
+    cfg.clients.push(ClientConfig {
+        tag_key: None,
+        id: FLOODER,
+        address: flooder_ip,
+        budget,
+    });
+    cfg.vms.push(VmConfig {
+        id: 2,
+        client: FLOODER,
+        hypervisor: 1,
+    });
+    cfg.models = vec![
+        ModelConfig::new(1, "counter", 0),
+        ModelConfig::new(2, "null", 0),
+    ];
+    cfg
 }
 
 /// A one-record request datagram of `client`'s VM `vm` to `model`.
 fn encode(buf: &mut [u8], client: u32, vm: u32, model: u32, seq: u64, access: Access) -> usize {
-    let rec = Record::Request(Request {
-        id: RequestId {
-            vm,
-            hypervisor: 1,
-            vcpu: 0,
-            seq,
-        },
-        access,
-        flags: 0,
-    });
+    let rec = request_for(vm, seq, access);
     datagram::encode(buf, Header::new(Kind::Request, model, 1, client), &[rec]).unwrap_or(0)
 }
 

@@ -22,18 +22,19 @@
 //! The client thread busy-polls on core 0, the worker on core 1.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use devplane_control::config::Mode;
 use devplane_testkit::host::ServerThread;
 use devplane_testkit::topology::Topology;
-use devplane_wire::{Access, AccessSize, Datagram, MAX_RECORDS, Record, Status};
+use devplane_wire::{Datagram, MAX_RECORDS, Record, Status};
 
 use crate::hist::Latency;
 use crate::report::{Floor, Row, progress};
-use crate::server::{client_socket, config, encode_for, on_client, rate_of_vm, request_for};
-use crate::udp::{Schedule, round_trips};
+use crate::rig::PIO_PORT;
+use crate::server::{client_socket, config, encode_for, full_writes, on_client, rate_of_vm};
+use crate::udp::{OpenLoop, Unanswered, open_loop_with, round_trips};
 
 pub const SCENARIO: &str = "load";
 
@@ -105,20 +106,8 @@ pub fn knee(points: &[(f64, &Point)], unloaded_p99: u64, factor: f64) -> Option<
 /// The request datagram `i` of a sequence starting at `first_seq`:
 /// `MAX_RECORDS` port writes of VM `vm`, numbered on from `first_seq`.
 fn full_request(vm: u32, first_seq: u64, i: u64, buf: &mut [u8]) -> usize {
-    let recs: Vec<Record> = (0..MAX_RECORDS as u64)
-        .map(|j| {
-            request_for(
-                vm,
-                first_seq + i * MAX_RECORDS as u64 + j,
-                Access::PioOut {
-                    port: 0x80,
-                    size: AccessSize::B1,
-                    data: 1,
-                },
-            )
-        })
-        .collect();
-    encode_for(buf, 1, &recs)
+    let first = first_seq + i * MAX_RECORDS as u64;
+    encode_for(buf, 1, &full_writes(vm, PIO_PORT, first))
 }
 
 /// Which request (index from `first_seq`) a full answer answers; fails on
@@ -152,78 +141,42 @@ pub fn open_loop_lossy(
     to: SocketAddr,
     n: u64,
     rate: u64,
-    mut make: impl FnMut(u64, &mut [u8]) -> usize,
-    mut index_of: impl FnMut(&[u8]) -> Result<u64>,
+    make: impl FnMut(u64, &mut [u8]) -> usize,
+    index_of: impl FnMut(&[u8]) -> Result<u64>,
 ) -> Result<Point> {
-    sock.set_nonblocking(true)?;
-    sock.connect(to)?;
-    let mut answered = vec![false; n as usize];
-    let mut out = vec![0u8; devplane_wire::MAX_DATAGRAM];
-    let mut inb = [0u8; 2048];
     let mut lat = Latency::new();
-    let sched = Schedule::new(Instant::now() + Duration::from_millis(1), rate);
-    let last_due = sched.intended(n.saturating_sub(1));
-    // Twice the schedule, and a few seconds: a sender that cannot keep up
-    // still ends.
-    let deadline = last_due + (last_due - sched.intended(0)) + Duration::from_secs(5);
-    let (mut sent, mut received) = (0u64, 0u64);
-    let mut last_answer = sched.intended(0);
-    loop {
-        let now = Instant::now();
-        while sent < n && now >= sched.intended(sent) {
-            let len = make(sent, &mut out);
-            match sock.send(&out[..len]) {
-                Ok(_) => sent += 1,
-                // A full socket buffer: the send is late, which the
-                // intended-time latency charges.
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e).context("send"),
-            }
-        }
-        match sock.recv(&mut inb) {
-            Ok(m) => {
-                let done = Instant::now();
-                let i = index_of(&inb[..m])?;
-                if i >= sent || std::mem::replace(&mut answered[i as usize], true) {
-                    bail!("unexpected or repeated answer to request {i}");
-                }
-                received += 1;
-                last_answer = done;
-                lat.record(sched.latency_ns(i, done));
-                if received == n {
-                    break;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if sent == n && now.saturating_duration_since(last_due.max(last_answer)) > GRACE {
-                    break;
-                }
-                if now > deadline {
-                    bail!("the open loop at {rate}/s did not end ({sent} of {n} sent)");
-                }
-                std::hint::spin_loop();
-            }
-            Err(e) => return Err(e).context("recv"),
-        }
-    }
+    let plan = OpenLoop {
+        n,
+        rate,
+        unanswered: Unanswered::Lose(GRACE),
+    };
+    let s = open_loop_with(sock, to, plan, make, index_of, |_, ns| lat.record(ns))?;
     Ok(Point {
         lat,
-        sent,
-        answered: received,
-        elapsed: last_answer.max(last_due) - sched.intended(0),
+        sent: s.sent,
+        answered: s.answered,
+        elapsed: s.elapsed,
     })
 }
 
-/// Runs the scenario once: the worker's saturation for `rate_for`, the
-/// unloaded round trip (`iters` samples), then the sweep (or the one
-/// point `--rate` names, records/s), each point `secs` long.
-pub fn run(
-    iters: u32,
-    rate: Option<u64>,
-    secs: f64,
-    rate_for: Duration,
-    notes: &mut Vec<String>,
-) -> Result<Vec<Row>> {
+/// What one run of the scenario measures.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// Samples of the unloaded round trip.
+    pub iters: u32,
+    /// The one offered load (records/s) `--rate` names instead of the
+    /// sweep.
+    pub rate: Option<u64>,
+    /// Seconds per offered load.
+    pub secs: f64,
+    /// How long the saturation is measured.
+    pub rate_for: Duration,
+}
+
+/// Runs the scenario once: the worker's saturation for `plan.rate_for`,
+/// the unloaded round trip (`plan.iters` samples), then the sweep (or the
+/// one point `--rate` names, records/s), each point `plan.secs` long.
+pub fn run(plan: Plan, notes: &mut Vec<String>) -> Result<Vec<Row>> {
     let topo = Topology::new("bload").context("building the netns topology (needs root)")?;
     let to = SocketAddr::from((topo.server_ip(), crate::server::PORT));
     let mut cfg = config(&topo, Mode::Xdp);
@@ -232,20 +185,18 @@ pub fn run(
     cfg.vms.push(vm2);
     let srv =
         ServerThread::spawn(cfg, Some(topo.server_netns())).context("starting the XDP server")?;
-    let res = sweep(&topo, to, iters, rate, secs, rate_for, notes);
+    let res = sweep(&topo, to, plan, notes);
     srv.stop();
     res
 }
 
-fn sweep(
-    topo: &Topology,
-    to: SocketAddr,
-    iters: u32,
-    rate: Option<u64>,
-    secs: f64,
-    rate_for: Duration,
-    notes: &mut Vec<String>,
-) -> Result<Vec<Row>> {
+fn sweep(topo: &Topology, to: SocketAddr, plan: Plan, notes: &mut Vec<String>) -> Result<Vec<Row>> {
+    let Plan {
+        iters,
+        rate,
+        secs,
+        rate_for,
+    } = plan;
     let k = MAX_RECORDS as u64;
     progress(format_args!("load: saturation, {rate_for:?}"));
     let saturation = rate_of_vm(topo, to, 8, rate_for, VM_SATURATION)?;
@@ -437,7 +388,7 @@ mod tests {
                 Record::Request(q) => Record::Response(devplane_wire::Response {
                     id: q.id,
                     status: Status::Ok,
-                    size: AccessSize::B1,
+                    size: devplane_wire::AccessSize::B1,
                     addr: 0x80,
                     data: 0,
                 }),
@@ -459,40 +410,10 @@ mod tests {
     /// counted lost after the grace time.
     #[test]
     fn the_open_loop_counts_what_never_comes_back() {
-        use std::net::UdpSocket;
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let to = echo.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let s2 = stop.clone();
-        let t = std::thread::spawn(move || {
-            echo.set_read_timeout(Some(Duration::from_millis(10)))
-                .unwrap();
-            let mut b = [0u8; 64];
-            while !s2.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = echo.recv_from(&mut b) {
-                    let i = u64::from_le_bytes(b[..8].try_into().unwrap());
-                    if i % 10 != 9 {
-                        let _ = echo.send_to(&b[..n], from);
-                    }
-                }
-            }
-        });
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let p = open_loop_lossy(
-            &sock,
-            to,
-            200,
-            20_000,
-            |i, b| {
-                b[..8].copy_from_slice(&i.to_le_bytes());
-                8
-            },
-            |b| Ok(u64::from_le_bytes(b[..8].try_into()?)),
-        );
-        stop.store(true, Ordering::Relaxed);
-        t.join().unwrap();
+        use crate::udp::testing::{Echo, client, number_of, numbered};
+        let echo = Echo::spawn(|b| number_of(b).is_ok_and(|i| i % 10 != 9));
+        let p = open_loop_lossy(&client(), echo.addr, 200, 20_000, numbered, number_of);
+        drop(echo);
         let p = p.unwrap();
         assert_eq!((p.sent, p.answered, p.lost()), (200, 180, 20));
         assert_eq!(p.lat.len(), 180);

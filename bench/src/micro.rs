@@ -9,10 +9,11 @@ use aya::programs::{TestRun, TestRunOptions};
 use devplane_server::xdp::Program;
 use devplane_wire::frame::{self, Flow};
 use devplane_wire::maps::{Config, ROUTE_LOCAL, Route};
-use devplane_wire::record::{Access, AccessSize, Request, RequestId};
+use devplane_wire::record::{Access, AccessSize};
 use devplane_wire::{Datagram, Header, Kind, Record, datagram};
 
 use crate::report::{self, Row};
+use crate::server::request_for;
 
 fn request_frame(records: usize, model: u32) -> Result<Vec<u8>> {
     request_frame_for(records, model, 1)
@@ -29,23 +30,13 @@ pub(crate) fn request_frame_for(records: usize, model: u32, vm: u32) -> Result<V
         src_port: 40000,
         dst_port: devplane_wire::DEFAULT_PORT,
     };
+    let access = Access::PioOut {
+        port: 0x3f8,
+        size: AccessSize::B1,
+        data: 0x41,
+    };
     let recs: Vec<Record> = (0..records as u64)
-        .map(|seq| {
-            Record::Request(Request {
-                id: RequestId {
-                    vm,
-                    hypervisor: 1,
-                    vcpu: 0,
-                    seq,
-                },
-                access: Access::PioOut {
-                    port: 0x3f8,
-                    size: AccessSize::B1,
-                    data: 0x41,
-                },
-                flags: 0,
-            })
-        })
+        .map(|seq| request_for(vm, seq, access))
         .collect();
     let mut f = vec![0u8; frame::PAYLOAD_OFFSET + devplane_wire::MAX_DATAGRAM];
     let n = datagram::encode(

@@ -7,6 +7,7 @@
 use std::path::Path;
 
 use anyhow::{Result, anyhow};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::report::Row;
@@ -97,57 +98,106 @@ pub fn percentiles(path: &Path, rows: &[Row]) -> Result<()> {
         .iter()
         .filter_map(|c| c.points.last().map(|p| p.0))
         .fold(1.0, f64::max);
-    let ys = curves.iter().flat_map(|c| c.points.iter().map(|p| p.1));
+    let (lo, hi) = y_range(curves.iter().flat_map(|c| c.points.iter().map(|p| p.1)));
+    let axes = Axes {
+        caption: "dpbench: latency by percentile (solid: row, dashed: same-run floor)",
+        max_x,
+        y: (lo, hi),
+        x_labels: Some(max_x.ceil() as usize + 1),
+        x_format: &|x| nines_label(*x),
+        x_desc: "percentile",
+    };
+    svg(path, &axes, |chart| {
+        for (i, c) in curves.iter().enumerate() {
+            let (r, g, b) = COLORS[i % COLORS.len()];
+            let color = RGBColor(r, g, b);
+            let style = color.stroke_width(2);
+            let drawn = if c.dashed {
+                chart.draw_series(DashedLineSeries::new(c.points.iter().copied(), 6, 4, style))
+            } else {
+                chart.draw_series(LineSeries::new(c.points.iter().copied(), style))
+            };
+            drawn
+                .map_err(err)?
+                .label(c.label.as_str())
+                .legend(legend_line(style));
+        }
+        Ok(())
+    })
+}
+
+/// The y range (log scale) that holds every value of `ys` with a margin;
+/// 1..10 when there is none.
+fn y_range(ys: impl Iterator<Item = f64>) -> (f64, f64) {
     let (lo, hi) = ys.fold((f64::MAX, 0f64), |(lo, hi), y| (lo.min(y), hi.max(y)));
-    let (lo, hi) = if lo <= hi {
+    if lo <= hi {
         (lo * 0.8, hi * 1.25)
     } else {
         (1.0, 10.0)
-    };
-    let e = |e: &dyn std::fmt::Display| anyhow!("{e}");
+    }
+}
+
+/// A plotting error as an `anyhow` error.
+fn err(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("{e}")
+}
+
+/// A legend entry's short line in `style`.
+fn legend_line(style: ShapeStyle) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style)
+}
+
+/// The chart both plots draw on: x linear from 0, y the latency in
+/// microseconds on a log scale.
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, LogCoord<f64>>>;
+
+/// What an SVG's axes show.
+struct Axes<'f> {
+    caption: &'f str,
+    /// x from 0 to this.
+    max_x: f64,
+    /// y from, to (us, log scale).
+    y: (f64, f64),
+    /// How many x labels, if not plotters' default.
+    x_labels: Option<usize>,
+    x_format: &'f dyn Fn(&f64) -> String,
+    x_desc: &'f str,
+}
+
+/// Draws an SVG of 1000 x 640 at `path`: white, `axes`' caption and mesh,
+/// what `draw` puts on the chart, and the legend of its labelled series
+/// in the upper left.
+fn svg(path: &Path, axes: &Axes, draw: impl FnOnce(&mut Chart) -> Result<()>) -> Result<()> {
     let root = SVGBackend::new(path, (1000, 640)).into_drawing_area();
-    root.fill(&WHITE).map_err(|x| e(&x))?;
+    root.fill(&WHITE).map_err(err)?;
+    let (lo, hi) = axes.y;
     let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "dpbench: latency by percentile (solid: row, dashed: same-run floor)",
-            ("sans-serif", 20),
-        )
+        .caption(axes.caption, ("sans-serif", 20))
         .margin(16)
         .x_label_area_size(44)
         .y_label_area_size(64)
-        .build_cartesian_2d(0f64..max_x, (lo..hi).log_scale())
-        .map_err(|x| e(&x))?;
-    chart
-        .configure_mesh()
-        .x_labels(max_x.ceil() as usize + 1)
-        .x_label_formatter(&|x| nines_label(*x))
-        .y_label_formatter(&|y| format!("{y}"))
-        .x_desc("percentile")
+        .build_cartesian_2d(0f64..axes.max_x, (lo..hi).log_scale())
+        .map_err(err)?;
+    let y_format = |y: &f64| format!("{y}");
+    let mut mesh = chart.configure_mesh();
+    if let Some(n) = axes.x_labels {
+        mesh.x_labels(n);
+    }
+    mesh.x_label_formatter(axes.x_format)
+        .y_label_formatter(&y_format)
+        .x_desc(axes.x_desc)
         .y_desc("latency (us)")
         .draw()
-        .map_err(|x| e(&x))?;
-    for (i, c) in curves.iter().enumerate() {
-        let (r, g, b) = COLORS[i % COLORS.len()];
-        let color = RGBColor(r, g, b);
-        let style = color.stroke_width(2);
-        let drawn = if c.dashed {
-            chart.draw_series(DashedLineSeries::new(c.points.iter().copied(), 6, 4, style))
-        } else {
-            chart.draw_series(LineSeries::new(c.points.iter().copied(), style))
-        };
-        drawn
-            .map_err(|x| e(&x))?
-            .label(c.label.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
-    }
+        .map_err(err)?;
+    draw(&mut chart)?;
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()
-        .map_err(|x| e(&x))?;
-    root.present().map_err(|x| e(&x))?;
+        .map_err(err)?;
+    root.present().map_err(err)?;
     Ok(())
 }
 
@@ -202,82 +252,59 @@ pub fn load_curve(
     limit_us: Option<f64>,
     knee: Option<f64>,
 ) -> Result<()> {
-    let e = |e: &dyn std::fmt::Display| anyhow!("{e}");
     let max_x = points.iter().map(|p| p.offered).fold(1.0, f64::max) * 1.05;
-    let ys = points
-        .iter()
-        .flat_map(|p| [p.p50, p.p99, p.p999])
-        .chain(limit_us)
-        .filter(|y| *y > 0.0);
-    let (lo, hi) = ys.fold((f64::MAX, 0f64), |(lo, hi), y| (lo.min(y), hi.max(y)));
-    let (lo, hi) = if lo <= hi {
-        (lo * 0.8, hi * 1.25)
-    } else {
-        (1.0, 10.0)
+    let (lo, hi) = y_range(
+        points
+            .iter()
+            .flat_map(|p| [p.p50, p.p99, p.p999])
+            .chain(limit_us)
+            .filter(|y| *y > 0.0),
+    );
+    let axes = Axes {
+        caption: "dpbench load: XDP round trip against offered load (open loop, from intended send)",
+        max_x,
+        y: (lo, hi),
+        x_labels: None,
+        x_format: &|x| format!("{:.1}M", x / 1e6),
+        x_desc: "offered load (records/s)",
     };
-    let root = SVGBackend::new(path, (1000, 640)).into_drawing_area();
-    root.fill(&WHITE).map_err(|x| e(&x))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "dpbench load: XDP round trip against offered load (open loop, from intended send)",
-            ("sans-serif", 20),
-        )
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(64)
-        .build_cartesian_2d(0f64..max_x, (lo..hi).log_scale())
-        .map_err(|x| e(&x))?;
-    chart
-        .configure_mesh()
-        .x_label_formatter(&|x| format!("{:.1}M", x / 1e6))
-        .y_label_formatter(&|y| format!("{y}"))
-        .x_desc("offered load (records/s)")
-        .y_desc("latency (us)")
-        .draw()
-        .map_err(|x| e(&x))?;
     let series: [(&str, Get); 3] = [
         ("p50", |p| p.p50),
         ("p99", |p| p.p99),
         ("p99.9", |p| p.p999),
     ];
-    for (i, (label, get)) in series.iter().enumerate() {
-        let (r, g, b) = COLORS[i % COLORS.len()];
-        let style = RGBColor(r, g, b).stroke_width(2);
-        chart
-            .draw_series(LineSeries::new(
-                points.iter().map(|p| (p.offered, get(p).max(lo))),
-                style,
-            ))
-            .map_err(|x| e(&x))?
-            .label(*label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
-    }
-    if let Some(l) = limit_us {
-        let style = BLACK.stroke_width(1);
-        chart
-            .draw_series(DashedLineSeries::new([(0.0, l), (max_x, l)], 6, 4, style))
-            .map_err(|x| e(&x))?
-            .label("2x unloaded p99")
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
-    }
-    if let Some(k) = knee {
-        let (r, g, b) = COLORS[3];
-        let style = RGBColor(r, g, b).stroke_width(1);
-        chart
-            .draw_series(LineSeries::new([(k, lo), (k, hi)], style))
-            .map_err(|x| e(&x))?
-            .label("knee")
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|x| e(&x))?;
-    root.present().map_err(|x| e(&x))?;
-    Ok(())
+    svg(path, &axes, |chart| {
+        for (i, (label, get)) in series.iter().enumerate() {
+            let (r, g, b) = COLORS[i % COLORS.len()];
+            let style = RGBColor(r, g, b).stroke_width(2);
+            chart
+                .draw_series(LineSeries::new(
+                    points.iter().map(|p| (p.offered, get(p).max(lo))),
+                    style,
+                ))
+                .map_err(err)?
+                .label(*label)
+                .legend(legend_line(style));
+        }
+        if let Some(l) = limit_us {
+            let style = BLACK.stroke_width(1);
+            chart
+                .draw_series(DashedLineSeries::new([(0.0, l), (max_x, l)], 6, 4, style))
+                .map_err(err)?
+                .label("2x unloaded p99")
+                .legend(legend_line(style));
+        }
+        if let Some(k) = knee {
+            let (r, g, b) = COLORS[3];
+            let style = RGBColor(r, g, b).stroke_width(1);
+            chart
+                .draw_series(LineSeries::new([(k, lo), (k, hi)], style))
+                .map_err(err)?
+                .label("knee")
+                .legend(legend_line(style));
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -194,6 +194,25 @@ impl Row {
         Row::latency(scenario, name, h, f)
     }
 
+    /// The next latency row of a series whose first row is the floor of
+    /// the others: a floor row when `floor` is still empty (which then
+    /// holds it), else a latency row over it.
+    pub fn floor_first(
+        floor: &mut Option<Floor>,
+        scenario: &'static str,
+        name: impl Into<String>,
+        h: Latency,
+    ) -> Row {
+        match floor {
+            Some(f) => Row::latency(scenario, name, h, f.clone()),
+            None => {
+                let r = Row::floor(scenario, name, h);
+                *floor = r.floor.clone();
+                r
+            }
+        }
+    }
+
     /// A throughput row.
     pub fn rate(scenario: &'static str, name: impl Into<String>, rate: f64) -> Row {
         Row {

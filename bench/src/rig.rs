@@ -169,6 +169,36 @@ impl Rig {
         Ok(id)
     }
 
+    /// `vms` fresh VMs (numbered 1.. in the layout's counters) of `vcpus`
+    /// vCPUs each, every vCPU writing `writes` times to its own remote
+    /// counter (`guests::multi_vcpu`), posted or not.
+    pub fn counter_vms(
+        &self,
+        vms: u32,
+        vcpus: u32,
+        writes: u16,
+        posted: bool,
+    ) -> Result<Vec<VmSpec>> {
+        (1..=vms)
+            .map(|v| -> Result<VmSpec> {
+                let gs = guests::multi_vcpu(COUNTER_BASE, writes, vcpus as u8)?;
+                let devices = (0..vcpus)
+                    .map(|i| {
+                        dev(
+                            Space::Pio,
+                            (COUNTER_BASE + 0x10 * i as u16) as u64,
+                            0x10,
+                            counter_id(v, i),
+                            posted,
+                            false,
+                        )
+                    })
+                    .collect();
+                Ok(vm_spec(self.fresh_vm()?, &gs, devices))
+            })
+            .collect()
+    }
+
     /// Interrupt counters the server has (irq runs this rig can take).
     pub fn irq_slots(&self) -> u32 {
         self.layout.irq_slots

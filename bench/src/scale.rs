@@ -24,7 +24,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use aya::programs::{TestRun, TestRunOptions};
 use devplane_control::config::{ModelConfig, VmConfig};
 use devplane_devmodels::Space;
@@ -33,13 +33,16 @@ use devplane_testkit::host::ServerThread;
 use devplane_testkit::topology::Topology;
 use devplane_vmm::guests;
 use devplane_wire::maps::{CONFIG_CHECK_CLIENT, ClientEntry, Config, ROUTE_LOCAL, Route, VmEntry};
-use devplane_wire::{Access, AccessSize, Datagram, MAX_RECORDS, Record};
+use devplane_wire::{Access, AccessSize, MAX_RECORDS};
 
 use crate::hist::Latency;
 use crate::report::{self, Floor, Row, progress};
 use crate::rig::{Drain, NULL_PIO, PIO_PORT, Rig, dev, histogram, vm_spec};
-use crate::server::{check_response, client_socket, config, encode_for, on_client, request_for};
-use crate::udp::{recv_spin, round_trips};
+use crate::server::{
+    check_response, client_socket, config, encode_for, full_writes, on_client, request_for,
+    worker_rate,
+};
+use crate::udp::round_trips;
 
 pub const SCENARIO: &str = "scale";
 
@@ -112,14 +115,7 @@ fn client_rows(iters: u32, notes: &mut Vec<String>) -> Result<Vec<Row>> {
                 ("exits_per_vcpu", per.to_string()),
                 ("drain", drain.name().to_string()),
             ];
-            let row = match &floor {
-                None => {
-                    let r = Row::floor(SCENARIO, name, lat);
-                    floor = r.floor.clone();
-                    r
-                }
-                Some(f) => Row::latency(SCENARIO, name, lat, f.clone()),
-            };
+            let row = Row::floor_first(&mut floor, SCENARIO, name, lat);
             rows.push(row.with_rate(rate).with_knobs(knobs));
         }
     }
@@ -199,14 +195,7 @@ fn server_rows(iters: u32, rate_for: Duration) -> Result<Vec<Row>> {
                 format!("{:.1}", 1e9 / rate.max(1.0)),
             ),
         ];
-        let row = match &floor {
-            None => {
-                let r = Row::floor(SCENARIO, name, lat);
-                floor = r.floor.clone();
-                r
-            }
-            Some(f) => Row::latency(SCENARIO, name, lat, f.clone()),
-        };
+        let row = Row::floor_first(&mut floor, SCENARIO, name, lat);
         rows.push(row.with_rate(rate).with_knobs(knobs));
     }
     Ok(rows)
@@ -223,48 +212,16 @@ fn spread_rate(
     vms: u32,
     first_seq: u64,
 ) -> Result<f64> {
-    let sock = client_socket(topo)?;
-    on_client(topo, move || {
-        sock.set_nonblocking(true)?;
-        sock.connect(to)?;
-        let mut out = vec![0u8; devplane_wire::MAX_DATAGRAM];
-        let mut inb = [0u8; 2048];
-        let mut seqs = vec![first_seq; vms as usize];
-        let mut d = 0u64;
-        let mut send = |sock: &std::net::UdpSocket| -> Result<()> {
-            let (m, v) = ((d % models as u64) as u32 + 1, (d % vms as u64) as u32);
-            d += 1;
-            let seq = &mut seqs[v as usize];
-            let recs: Vec<Record> = (0..MAX_RECORDS)
-                .map(|_| {
-                    *seq += 1;
-                    request_for(
-                        v + 1,
-                        *seq,
-                        Access::PioOut {
-                            port: PIO_PORT,
-                            size: AccessSize::B1,
-                            data: 1,
-                        },
-                    )
-                })
-                .collect();
-            let n = encode_for(&mut out, m, &recs);
-            sock.send(&out[..n])?;
-            Ok(())
-        };
-        for _ in 0..8 {
-            send(&sock)?;
-        }
-        let start = std::time::Instant::now();
-        let mut records = 0u64;
-        while start.elapsed() < duration {
-            let n = recv_spin(&sock, &mut inb, Duration::from_secs(1))?;
-            let dg = Datagram::parse(&inb[..n]).map_err(|e| anyhow!("bad response: {e}"))?;
-            records += dg.len() as u64;
-            send(&sock)?;
-        }
-        Ok(records as f64 / start.elapsed().as_secs_f64())
+    // The next sequence number of each VM.
+    let mut seqs = vec![first_seq + 1; vms as usize];
+    let mut d = 0u64;
+    worker_rate(topo, to, 8, duration, move |buf| {
+        let (m, v) = ((d % models as u64) as u32 + 1, (d % vms as u64) as u32);
+        d += 1;
+        let seq = &mut seqs[v as usize];
+        let recs = full_writes(v + 1, PIO_PORT, *seq);
+        *seq += MAX_RECORDS as u64;
+        encode_for(buf, m, &recs)
     })
 }
 

@@ -14,7 +14,7 @@
 //! busy-polls on core 1: the two spinners this 2-core machine allows.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -59,14 +59,29 @@ pub fn placement() -> BTreeMap<String, String> {
 /// The server scenario's configuration: one worker, client 7, VM 1, null
 /// model 1.
 pub(crate) fn config(topo: &Topology, mode: Mode) -> ServerConfig {
+    bench_config(1, mode, topo.server_ifname(), topo.client_ip(), "")
+}
+
+/// The benchmarks' server configuration: server `id` in `mode` on
+/// `interface`, one worker on the worker core spinning between batches,
+/// client 7 at `client` with its VM 1 (hypervisor 1), null model 1; its
+/// maps pinned under `/sys/fs/bpf/dpbench-{pin_tag}{pid}`. Scenarios
+/// change what they need with struct update syntax.
+pub(crate) fn bench_config(
+    id: u32,
+    mode: Mode,
+    interface: &str,
+    client: Ipv4Addr,
+    pin_tag: &str,
+) -> ServerConfig {
     ServerConfig {
         server: ServerSection {
-            id: 1,
+            id,
             port: PORT,
             mode,
-            interface: Some(topo.server_ifname().to_string()),
+            interface: Some(interface.to_string()),
             workers: vec![WORKER_CORE],
-            pin_dir: Some(format!("/sys/fs/bpf/dpbench-{}", std::process::id()).into()),
+            pin_dir: Some(format!("/sys/fs/bpf/dpbench-{pin_tag}{}", std::process::id()).into()),
             check_clients: true,
         },
         tuning: Tuning {
@@ -77,7 +92,7 @@ pub(crate) fn config(topo: &Topology, mode: Mode) -> ServerConfig {
         clients: vec![ClientConfig {
             tag_key: None,
             id: 7,
-            address: topo.client_ip(),
+            address: client,
             budget: None,
         }],
         vms: vec![VmConfig {
@@ -85,16 +100,7 @@ pub(crate) fn config(topo: &Topology, mode: Mode) -> ServerConfig {
             client: 7,
             hypervisor: 1,
         }],
-        models: vec![ModelConfig {
-            id: 1,
-            kind: "null".into(),
-            worker: 0,
-            line: None,
-            vm: None,
-            pio_base: None,
-            mmio_base: None,
-            backing: None,
-        }],
+        models: vec![ModelConfig::new(1, "null", 0)],
     }
 }
 
@@ -231,6 +237,60 @@ fn rate_of(topo: &Topology, to: SocketAddr, window: usize, duration: Duration) -
     rate_of_vm(topo, to, window, duration, 1)
 }
 
+/// A full datagram's records: `MAX_RECORDS` non-posted one-byte writes of
+/// VM `vm` to `port`, numbered from `first_seq`.
+pub(crate) fn full_writes(vm: u32, port: u16, first_seq: u64) -> Vec<Record> {
+    (first_seq..first_seq + MAX_RECORDS as u64)
+        .map(|seq| {
+            request_for(
+                vm,
+                seq,
+                Access::PioOut {
+                    port,
+                    size: AccessSize::B1,
+                    data: 1,
+                },
+            )
+        })
+        .collect()
+}
+
+/// One worker's rate (answered records/s) for `duration`: `window`
+/// datagrams in flight, each answer's records counted and the next
+/// datagram `next(buf)` (its length) sent for it.
+pub(crate) fn worker_rate(
+    topo: &Topology,
+    to: SocketAddr,
+    window: usize,
+    duration: Duration,
+    mut next: impl FnMut(&mut [u8]) -> usize + Send + 'static,
+) -> Result<f64> {
+    let sock = client_socket(topo)?;
+    on_client(topo, move || {
+        sock.set_nonblocking(true)?;
+        sock.connect(to)?;
+        let mut out = vec![0u8; devplane_wire::MAX_DATAGRAM];
+        let mut inb = [0u8; 2048];
+        let mut send = |sock: &UdpSocket| -> Result<()> {
+            let n = next(&mut out);
+            sock.send(&out[..n])?;
+            Ok(())
+        };
+        for _ in 0..window {
+            send(&sock)?;
+        }
+        let start = Instant::now();
+        let mut records = 0u64;
+        while start.elapsed() < duration {
+            let n = recv_spin(&sock, &mut inb, Duration::from_secs(1))?;
+            let d = Datagram::parse(&inb[..n]).map_err(|e| anyhow!("bad response: {e}"))?;
+            records += d.len() as u64;
+            send(&sock)?;
+        }
+        Ok(records as f64 / start.elapsed().as_secs_f64())
+    })
+}
+
 /// One worker's rate (answered records/s) for `duration`: full datagrams
 /// of VM `vm`'s port writes (its sequence numbered from 1), `window` in
 /// flight.
@@ -241,45 +301,11 @@ pub(crate) fn rate_of_vm(
     duration: Duration,
     vm: u32,
 ) -> Result<f64> {
-    let sock = client_socket(topo)?;
-    on_client(topo, move || {
-        sock.set_nonblocking(true)?;
-        sock.connect(to)?;
-        let mut out = vec![0u8; devplane_wire::MAX_DATAGRAM];
-        let mut inb = [0u8; 2048];
-        let mut seq = 0u64;
-        let mut send = |sock: &UdpSocket, seq: &mut u64| -> Result<()> {
-            let recs: Vec<Record> = (0..MAX_RECORDS)
-                .map(|_| {
-                    *seq += 1;
-                    request_for(
-                        vm,
-                        *seq,
-                        Access::PioOut {
-                            port: 0x80,
-                            size: AccessSize::B1,
-                            data: 1,
-                        },
-                    )
-                })
-                .collect();
-            let n = encode(&mut out, &recs);
-            sock.send(&out[..n])?;
-            Ok(())
-        };
-        for _ in 0..window {
-            send(&sock, &mut seq)?;
-        }
-        let start = Instant::now();
-        let mut records = 0u64;
-        while start.elapsed() < duration {
-            let n = recv_spin(&sock, &mut inb, Duration::from_secs(1))?;
-            let d = Datagram::parse(&inb[..n]).map_err(|e| anyhow!("bad response: {e}"))?;
-            records += d.len() as u64;
-            send(&sock, &mut seq)?;
-        }
-        let secs = start.elapsed().as_secs_f64();
-        Ok(records as f64 / secs)
+    let mut seq = 1u64;
+    worker_rate(topo, to, window, duration, move |buf| {
+        let recs = full_writes(vm, 0x80, seq);
+        seq += MAX_RECORDS as u64;
+        encode(buf, &recs)
     })
 }
 

@@ -196,9 +196,13 @@ pub fn run(args: RunArgs) -> Result<()> {
                     rows.extend(r);
                 }
                 Scenario::Load => {
-                    let secs = args.duration.unwrap_or(load::POINT_SECS);
-                    let sat = Duration::from_millis(300);
-                    let r = load::run(args.round_trips, args.rate, secs, sat, &mut notes)?;
+                    let plan = load::Plan {
+                        iters: args.round_trips,
+                        rate: args.rate,
+                        secs: args.duration.unwrap_or(load::POINT_SECS),
+                        rate_for: Duration::from_millis(300),
+                    };
+                    let r = load::run(plan, &mut notes)?;
                     report::step_done();
                     report::print_table(name, &r);
                     rows.extend(r);

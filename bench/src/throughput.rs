@@ -28,13 +28,10 @@
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use devplane_devmodels::Space;
-use devplane_vmm::guests;
-use devplane_vmm::vmm::VmSpec;
 
 use crate::invalid::Invalid;
 use crate::report::{Floor, Row, progress};
-use crate::rig::{COUNTER_BASE, Drain, Layout, Rig, counter_id, dev, histogram, vm_spec};
+use crate::rig::{Drain, Layout, Rig, histogram};
 
 const SCENARIO: &str = "throughput";
 
@@ -173,24 +170,7 @@ pub fn run(
             "throughput: {}, {writes} writes per vCPU",
             cell.name()
         ));
-        let specs = (1..=cell.vms)
-            .map(|v| -> Result<VmSpec> {
-                let gs = guests::multi_vcpu(COUNTER_BASE, writes, cell.vcpus as u8)?;
-                let devices = (0..cell.vcpus)
-                    .map(|i| {
-                        dev(
-                            Space::Pio,
-                            (COUNTER_BASE + 0x10 * i as u16) as u64,
-                            0x10,
-                            counter_id(v, i),
-                            cell.posted,
-                            false,
-                        )
-                    })
-                    .collect();
-                Ok(vm_spec(rig.fresh_vm()?, &gs, devices))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let specs = rig.counter_vms(cell.vms, cell.vcpus, writes, cell.posted)?;
         let timeout = Duration::from_secs(60)
             + Duration::from_micros(200) * (cell.requests(writes).min(u32::MAX as u64) as u32);
         let out = rig.run_vms(

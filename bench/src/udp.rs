@@ -15,12 +15,20 @@ use crate::hist::Latency;
 /// Echoes every datagram back, busy-polling a non-blocking socket, until
 /// `stop` is set.
 pub fn echo_loop(sock: UdpSocket, stop: Arc<AtomicBool>) {
+    echo_loop_if(sock, stop, |_| true);
+}
+
+/// [`echo_loop`], echoing only the datagrams `keep` accepts (the others
+/// are dropped).
+pub fn echo_loop_if(sock: UdpSocket, stop: Arc<AtomicBool>, keep: impl Fn(&[u8]) -> bool) {
     let _ = sock.set_nonblocking(true);
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
         match sock.recv_from(&mut buf) {
             Ok((n, from)) => {
-                let _ = sock.send_to(&buf[..n], from);
+                if keep(&buf[..n]) {
+                    let _ = sock.send_to(&buf[..n], from);
+                }
             }
             Err(_) => std::hint::spin_loop(),
         }
@@ -146,6 +154,144 @@ impl Schedule {
     }
 }
 
+/// How an open loop ([`open_loop_with`]) treats requests that are not
+/// answered.
+#[derive(Debug, Clone, Copy)]
+pub enum Unanswered {
+    /// Fail when requests are in flight and no answer came for this long.
+    Fail(Duration),
+    /// End this long after the last request was due (or the last answer
+    /// came, whichever is later); what is unanswered then is lost. Fails
+    /// only when the sender cannot keep up at all (twice the schedule,
+    /// and 5 s).
+    Lose(Duration),
+}
+
+/// An open loop's schedule: `n` requests at `rate` per second, and what
+/// a request that is not answered does.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenLoop {
+    /// Requests to send.
+    pub n: u64,
+    /// Requests per second.
+    pub rate: u64,
+    /// What an unanswered request does.
+    pub unanswered: Unanswered,
+}
+
+/// What an open loop sent and got back.
+#[derive(Debug, Clone, Copy)]
+pub struct Sent {
+    /// Requests sent.
+    pub sent: u64,
+    /// Requests answered.
+    pub answered: u64,
+    /// From the first intended send to the last answer (or the last
+    /// request's intended send, if later).
+    pub elapsed: Duration,
+}
+
+/// Sends `plan.n` requests `make(i)` to `to` at `plan.rate` per second on
+/// a fixed schedule, whatever the answers do, and times each answer from its
+/// request's intended send time (coordinated omission corrected: a stall
+/// of the sender or the server is charged to every request meant to
+/// leave during it): `record(i, ns)` for each answer, `index_of` saying
+/// which request an answer is for. Requests due together (after a stall
+/// of the sender) leave together. An answer that comes twice, or to a
+/// request not sent, fails it; `plan.unanswered` says what a missing one
+/// does.
+pub fn open_loop_with(
+    sock: &UdpSocket,
+    to: SocketAddr,
+    plan: OpenLoop,
+    mut make: impl FnMut(u64, &mut [u8]) -> usize,
+    mut index_of: impl FnMut(&[u8]) -> Result<u64>,
+    mut record: impl FnMut(u64, u64),
+) -> Result<Sent> {
+    let OpenLoop {
+        n,
+        rate,
+        unanswered,
+    } = plan;
+    sock.set_nonblocking(true)?;
+    sock.connect(to)?;
+    let mut answered = vec![false; n as usize];
+    let mut out = vec![0u8; devplane_wire::MAX_DATAGRAM];
+    let mut inb = [0u8; 2048];
+    let sched = Schedule::new(Instant::now() + Duration::from_millis(1), rate);
+    let last_due = sched.intended(n.saturating_sub(1));
+    // Twice the schedule, and a few seconds: a sender that cannot keep up
+    // still ends.
+    let deadline = last_due + (last_due - sched.intended(0)) + Duration::from_secs(5);
+    let (mut sent, mut received) = (0u64, 0u64);
+    let mut last_answer = sched.intended(0);
+    // Since when requests in flight have waited with no answer.
+    let mut waiting_since = Instant::now();
+    while received < n {
+        let now = Instant::now();
+        while sent < n && now >= sched.intended(sent) {
+            let len = make(sent, &mut out);
+            match sock.send(&out[..len]) {
+                Ok(_) => {
+                    if sent == received {
+                        // Nothing was in flight: the wait starts now.
+                        waiting_since = now;
+                    }
+                    sent += 1;
+                }
+                // A full socket buffer: the send is late, which the
+                // intended-time latency charges.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e).context("send"),
+            }
+        }
+        match sock.recv(&mut inb) {
+            Ok(m) => {
+                let done = Instant::now();
+                let i = index_of(&inb[..m])?;
+                if i >= sent || std::mem::replace(&mut answered[i as usize], true) {
+                    bail!("unexpected or repeated answer to request {i}");
+                }
+                received += 1;
+                last_answer = done;
+                waiting_since = done;
+                record(i, sched.latency_ns(i, done));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                match unanswered {
+                    Unanswered::Fail(timeout) => {
+                        if sent > received && now.saturating_duration_since(waiting_since) > timeout
+                        {
+                            bail!(
+                                "{} of {sent} requests unanswered after {timeout:?} \
+                                 (open loop at {rate}/s)",
+                                sent - received
+                            );
+                        }
+                    }
+                    Unanswered::Lose(grace) => {
+                        if sent == n
+                            && now.saturating_duration_since(last_due.max(last_answer)) > grace
+                        {
+                            break;
+                        }
+                        if now > deadline {
+                            bail!("the open loop at {rate}/s did not end ({sent} of {n} sent)");
+                        }
+                    }
+                }
+                std::hint::spin_loop();
+            }
+            Err(e) => return Err(e).context("recv"),
+        }
+    }
+    Ok(Sent {
+        sent,
+        answered: received,
+        elapsed: last_answer.max(last_due) - sched.intended(0),
+    })
+}
+
 /// Sends `warmup + iters` requests `make(i)` to `to` at `rate` per second
 /// on a fixed schedule, whatever the answers do, and times each answer
 /// from its request's intended send time; `seq_of` gives the request
@@ -157,65 +303,74 @@ pub fn open_loop(
     warmup: u32,
     iters: u32,
     rate: u64,
-    mut make: impl FnMut(u64, &mut [u8]) -> usize,
-    mut seq_of: impl FnMut(&[u8]) -> Result<u64>,
+    make: impl FnMut(u64, &mut [u8]) -> usize,
+    seq_of: impl FnMut(&[u8]) -> Result<u64>,
 ) -> Result<Latency> {
-    sock.set_nonblocking(true)?;
-    sock.connect(to)?;
-    let total = (warmup + iters) as u64;
-    let mut answered = vec![false; total as usize];
-    let mut out = [0u8; 2048];
-    let mut inb = [0u8; 2048];
     let mut lat = Latency::new();
-    let sched = Schedule::new(Instant::now() + Duration::from_millis(1), rate);
-    let (mut sent, mut received) = (0u64, 0u64);
-    let mut last_answer = Instant::now();
-    let timeout = Duration::from_secs(1);
-    while received < total {
-        let now = Instant::now();
-        if sent < total && now >= sched.intended(sent) {
-            let n = make(sent, &mut out);
-            match sock.send(&out[..n]) {
-                Ok(_) => {
-                    if sent == received {
-                        // Nothing was in flight: the wait starts now.
-                        last_answer = now;
-                    }
-                    sent += 1;
-                }
-                // A full socket buffer: the send is late, which the
-                // intended-time latency charges.
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e).context("send"),
-            }
+    let total = u64::from(warmup) + u64::from(iters);
+    let plan = OpenLoop {
+        n: total,
+        rate,
+        unanswered: Unanswered::Fail(Duration::from_secs(1)),
+    };
+    open_loop_with(sock, to, plan, make, seq_of, |i, ns| {
+        if i >= u64::from(warmup) {
+            lat.record(ns);
         }
-        match sock.recv(&mut inb) {
-            Ok(m) => {
-                let done = Instant::now();
-                let i = seq_of(&inb[..m])?;
-                if i >= sent || std::mem::replace(&mut answered[i as usize], true) {
-                    bail!("unexpected or repeated answer to request {i}");
-                }
-                received += 1;
-                last_answer = done;
-                if i >= warmup as u64 {
-                    lat.record(sched.latency_ns(i, done));
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if sent > received && now.saturating_duration_since(last_answer) > timeout {
-                    bail!(
-                        "{} of {sent} requests unanswered after {timeout:?} \
-                         (open loop at {rate}/s)",
-                        sent - received
-                    );
-                }
-                std::hint::spin_loop();
-            }
-            Err(e) => return Err(e).context("recv"),
+    })?;
+    Ok(lat)
+}
+
+/// Test fixtures: a loopback echo and numbered payloads.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// A busy-polling echo on loopback (see [`echo_loop_if`]), stopped
+    /// when dropped.
+    pub struct Echo {
+        /// Where it listens.
+        pub addr: SocketAddr,
+        stop: Arc<AtomicBool>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Echo {
+        /// An echo of the datagrams `keep` accepts.
+        pub fn spawn(keep: fn(&[u8]) -> bool) -> Echo {
+            let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let addr = sock.local_addr().unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            let s2 = stop.clone();
+            let thread = Some(std::thread::spawn(move || echo_loop_if(sock, s2, keep)));
+            Echo { addr, stop, thread }
         }
     }
-    Ok(lat)
+
+    impl Drop for Echo {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// Request `i`'s payload: `i`, 8 bytes.
+    pub fn numbered(i: u64, b: &mut [u8]) -> usize {
+        b[..8].copy_from_slice(&i.to_le_bytes());
+        8
+    }
+
+    /// The request a [`numbered`] payload names.
+    pub fn number_of(b: &[u8]) -> Result<u64> {
+        Ok(u64::from_le_bytes(b[..8].try_into()?))
+    }
+
+    /// A client socket on loopback.
+    pub fn client() -> UdpSocket {
+        UdpSocket::bind("127.0.0.1:0").unwrap()
+    }
 }
 
 #[cfg(test)]
@@ -278,26 +433,10 @@ mod tests {
     /// recorded from the schedule, warm-up left out.
     #[test]
     fn open_loop_against_a_loopback_echo() {
-        let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let to = echo.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let s2 = stop.clone();
-        let t = std::thread::spawn(move || echo_loop(echo, s2));
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let res = open_loop(
-            &sock,
-            to,
-            10,
-            200,
-            20_000,
-            |i, b| {
-                b[..8].copy_from_slice(&i.to_le_bytes());
-                8
-            },
-            |b| Ok(u64::from_le_bytes(b[..8].try_into()?)),
-        );
-        stop.store(true, Ordering::Relaxed);
-        t.join().unwrap();
+        use testing::*;
+        let echo = Echo::spawn(|_| true);
+        let res = open_loop(&client(), echo.addr, 10, 200, 20_000, numbered, number_of);
+        drop(echo);
         let l = res.unwrap();
         assert_eq!(l.len(), 200);
         assert!(l.summary().p50 > 0);
