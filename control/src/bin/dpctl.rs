@@ -532,16 +532,23 @@ struct Failure {
     message: String,
 }
 
-impl From<DbError> for Failure {
-    fn from(e: DbError) -> Self {
+impl Failure {
+    /// A failure saying `message`: "not found" (exit 3) or any other.
+    fn of(not_found: bool, message: String) -> Failure {
         Failure {
-            code: if e.is_not_found() {
+            code: if not_found {
                 EXIT_NOT_FOUND
             } else {
                 EXIT_FAILED
             },
-            message: e.to_string(),
+            message,
         }
+    }
+}
+
+impl From<DbError> for Failure {
+    fn from(e: DbError) -> Self {
+        Failure::of(e.is_not_found(), e.to_string())
     }
 }
 

@@ -652,6 +652,35 @@ impl XskTransport {
             batch_start: None,
         }
     }
+
+    /// Takes a frame of this worker's own pool (interrupts and block
+    /// answers), has `fill` write a whole frame into it (its length, or
+    /// `None` when it does not fit) and queues it for the next transmit;
+    /// the frame goes back to the pool if `fill` fails. Whether a frame
+    /// was queued.
+    fn queue_own_frame(&mut self, fill: impl FnOnce(&mut [u8]) -> Option<usize>) -> bool {
+        let Some(addr) = self.rings.irq_free.pop() else {
+            return false;
+        };
+        // SAFETY: the frame comes from this worker's private pool.
+        let Some(buf) = (unsafe { self.rings.area.frame(addr, FRAME_SIZE as usize) }) else {
+            return false;
+        };
+        match fill(buf) {
+            Some(len) => {
+                self.irq_descs.push(XdpDesc {
+                    addr,
+                    len: len as u32,
+                    options: 0,
+                });
+                true
+            }
+            None => {
+                self.rings.irq_free.push(addr);
+                false
+            }
+        }
+    }
 }
 
 /// Puts `pending` on the TX ring `tx`. A reservation stops at the ring's
@@ -828,27 +857,9 @@ impl Transport for XskTransport {
         key: Option<&devplane_wire::tag::TagKey>,
         _stats: &WorkerStats,
     ) -> bool {
-        let Some(addr) = self.rings.irq_free.pop() else {
-            return false;
-        };
-        // SAFETY: the frame comes from this worker's private pool.
-        let Some(buf) = (unsafe { self.rings.area.frame(addr, FRAME_SIZE as usize) }) else {
-            return false;
-        };
-        match interrupt_frame(buf, &flow, (server, client, irqs[0].model), irqs, key) {
-            Some(len) => {
-                self.irq_descs.push(XdpDesc {
-                    addr,
-                    len: len as u32,
-                    options: 0,
-                });
-                true
-            }
-            None => {
-                self.rings.irq_free.push(addr);
-                false
-            }
-        }
+        self.queue_own_frame(|buf| {
+            interrupt_frame(buf, &flow, (server, client, irqs[0].model), irqs, key)
+        })
     }
 
     fn queue_datagram(&mut self, to: Flow, bytes: &[u8], _stats: &WorkerStats) -> bool {
@@ -856,34 +867,14 @@ impl Transport for XskTransport {
         if self.rings.irq_free.len() <= IRQ_FRAMES_PER_WORKER as usize {
             return false;
         }
-        let Some(addr) = self.rings.irq_free.pop() else {
-            return false;
-        };
-        // SAFETY: the frame comes from this worker's private pool.
-        let Some(buf) = (unsafe { self.rings.area.frame(addr, FRAME_SIZE as usize) }) else {
-            return false;
-        };
-        let len = buf
-            .get_mut(devplane_wire::frame::PAYLOAD_OFFSET..)
-            .and_then(|body| {
-                body.get_mut(..bytes.len())?.copy_from_slice(bytes);
-                Some(bytes.len())
-            })
-            .and_then(|n| devplane_wire::frame::write_headers(buf, &to, n));
-        match len {
-            Some(len) => {
-                self.irq_descs.push(XdpDesc {
-                    addr,
-                    len: len as u32,
-                    options: 0,
-                });
-                true
-            }
-            None => {
-                self.rings.irq_free.push(addr);
-                false
-            }
-        }
+        self.queue_own_frame(|buf| {
+            buf.get_mut(devplane_wire::frame::PAYLOAD_OFFSET..)
+                .and_then(|body| {
+                    body.get_mut(..bytes.len())?.copy_from_slice(bytes);
+                    Some(bytes.len())
+                })
+                .and_then(|n| devplane_wire::frame::write_headers(buf, &to, n))
+        })
     }
 
     /// Transmits replies and interrupts in one batch per queue: onto the

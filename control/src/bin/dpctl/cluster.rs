@@ -12,14 +12,7 @@ use super::*;
 
 impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Self {
-        Failure {
-            code: if e.is_not_found() {
-                EXIT_NOT_FOUND
-            } else {
-                EXIT_FAILED
-            },
-            message: e.to_string(),
-        }
+        Failure::of(e.is_not_found(), e.to_string())
     }
 }
 
