@@ -188,10 +188,11 @@ const REMOTE_SUITE: [Scenario; 3] = [Scenario::Client, Scenario::Irq, Scenario::
 /// devplane's latency benchmark and regression gate.
 ///
 /// Without a subcommand, runs scenarios (as `dpbench run`): by default
-/// xdp-prog, parse, server, client, irq, throughput, load, scale,
-/// isolation and boot (where it takes under --boot-budget) on the embedded single-machine topology (two
-/// network namespaces joined by veth, the real XDP program, real KVM
-/// guests; needs root and /dev/kvm).
+/// xdp-prog, parse, server, forward, client, irq, throughput, load,
+/// scale, isolation and boot (where it takes under --boot-budget) on the
+/// embedded single-machine topology (two network namespaces joined by
+/// veth, three hosts on a bridge for forward, the real XDP program, real
+/// KVM guests; needs root and /dev/kvm).
 ///
 /// Against a real server: start `devplane-server --config
 /// bench/server-remote.toml` on the server machine (first edit its
@@ -263,10 +264,10 @@ struct BaselineArgs {
 #[derive(Debug, Clone, Args)]
 struct RunArgs {
     /// Scenarios to run, comma-separated [default: xdp-prog, parse,
-    /// server, client, irq, throughput, load, scale, isolation, boot
-    /// (where it fits
-    /// --boot-budget); with --server: client, irq, throughput]. floor,
-    /// pio and mmio run parts of client.
+    /// server, forward, client, irq, throughput, load, scale, isolation,
+    /// boot (where it fits --boot-budget); with --server: client, irq,
+    /// throughput]. floor, pio and mmio run parts of client; queues runs
+    /// only when named.
     #[arg(long, value_enum, value_delimiter = ',')]
     scenario: Vec<Scenario>,
     /// Run the client-side scenarios (client, irq, throughput) against the
@@ -671,6 +672,45 @@ mod tests {
         assert!(DEFAULT_SUITE.contains(&Scenario::Irq));
         assert!(DEFAULT_SUITE.contains(&Scenario::Isolation));
         assert!(REMOTE_SUITE.iter().all(|s| s.client_side()));
+    }
+
+    /// The docs name the default suite as it is: `--help`'s two lists and
+    /// bench/README.md's scenario table (last column `yes` or `only
+    /// where`, `no` for the scenarios run only when named).
+    #[test]
+    fn the_docs_name_the_default_suite() {
+        let help = Cli::command().render_long_help().to_string();
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        let readme = include_str!("../README.md");
+        for s in Scenario::value_variants() {
+            let name = s.name();
+            let default = DEFAULT_SUITE.contains(s);
+            let in_help = |from: &str| {
+                let list = &help[help.find(from).expect(from)..];
+                let list = &list[..list.find(';').unwrap_or(list.len())];
+                list.contains(&format!("{name},")) || list.contains(&format!("{name} "))
+            };
+            assert_eq!(
+                in_help("by default"),
+                default,
+                "--help's default list: {name}"
+            );
+            assert_eq!(
+                in_help("[default:"),
+                default,
+                "--scenario's default: {name}"
+            );
+            if s.client_parts().is_some() && *s != Scenario::Client {
+                continue;
+            }
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{name}` |")))
+                .unwrap_or_else(|| panic!("bench/README.md has no row for {name}"));
+            let last = row.trim_end_matches('|').rsplit('|').next().unwrap().trim();
+            let says_default = last.starts_with("yes") || last.starts_with("only where");
+            assert_eq!(says_default, default, "bench/README.md: {row}");
+        }
     }
 
     /// The open loop runs --round-trips requests, or --rate x --duration;
