@@ -10,7 +10,7 @@
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use devplane_vmm::guests;
@@ -19,7 +19,7 @@ use devplane_wire::AccessSize;
 
 use crate::hist::Latency;
 use crate::rig::PIO_PORT;
-use crate::udp::recv_spin;
+use crate::udp::{ANSWER_TIMEOUT, MAX_ATTEMPTS, MAX_RESENT_PERCENT, recv_spin};
 
 /// Builds the datagram of round trip `i` into the buffer; its length.
 pub type Make = Box<dyn FnMut(u64, &mut [u8]) -> usize + Send>;
@@ -36,24 +36,63 @@ struct Bounce {
     last: Option<Instant>,
     samples: Vec<u64>,
     error: Option<anyhow::Error>,
+    /// Round trips sent again.
+    resent: u64,
+    /// Whether the next sample holds a round trip sent again (left out).
+    skip_next: bool,
 }
 
 impl Bounce {
+    /// One raw round trip. A request unanswered within [`ANSWER_TIMEOUT`]
+    /// is sent again (the same bytes, up to [`MAX_ATTEMPTS`] times; an
+    /// answer that fails the check is then taken for a late one and
+    /// skipped) and the sample holding it left out, as `udp::round_trips`
+    /// does: a requester or echo starved of its core for a second on a
+    /// loaded machine does not end the measurement.
     fn round_trip(&mut self) -> Result<()> {
         let mut out = [0u8; 2048];
         let mut inb = [0u8; 2048];
         self.i += 1;
         let n = (self.make)(self.i, &mut out);
         self.sock.send_to(&out[..n], self.to).context("send")?;
-        let m = recv_spin(&self.sock, &mut inb, Duration::from_secs(1))?;
-        (self.check)(self.i, &inb[..m])
+        let mut attempt = 1;
+        loop {
+            match recv_spin(&self.sock, &mut inb, ANSWER_TIMEOUT) {
+                Ok(m) => match (self.check)(self.i, &inb[..m]) {
+                    Ok(()) => break,
+                    Err(_) if attempt > 1 || self.resent > 0 => continue,
+                    Err(e) => return Err(e),
+                },
+                Err(e) if attempt >= MAX_ATTEMPTS => {
+                    return Err(e.context(format!("{MAX_ATTEMPTS} attempts unanswered")));
+                }
+                Err(_) => {
+                    attempt += 1;
+                    self.sock.send_to(&out[..n], self.to).context("send")?;
+                }
+            }
+        }
+        if attempt > 1 {
+            self.resent += 1;
+            self.skip_next = true;
+            if self.resent * 100 > self.i * MAX_RESENT_PERCENT + 100 {
+                bail!(
+                    "{} of {} round trips had to be sent again",
+                    self.resent,
+                    self.i
+                );
+            }
+        }
+        Ok(())
     }
 }
 
 impl IoHandler for Bounce {
     fn pio_read(&mut self, port: u16, _size: AccessSize) -> u64 {
         let now = Instant::now();
-        if let Some(prev) = self.last.replace(now) {
+        if let Some(prev) = self.last.replace(now)
+            && !std::mem::take(&mut self.skip_next)
+        {
             self.samples
                 .push(now.duration_since(prev).as_nanos() as u64);
         }
@@ -100,6 +139,8 @@ pub fn exit_net_floor(
         last: None,
         samples: Vec::with_capacity(iters as usize),
         error: None,
+        resent: 0,
+        skip_next: false,
     };
     let exit = vcpu.run(&mut h, &AtomicBool::new(false))?;
     if let Some(e) = h.error {
