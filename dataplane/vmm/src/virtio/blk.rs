@@ -329,6 +329,18 @@ impl VirtioBlk {
         self.sync_used();
     }
 
+    /// The next chain the driver published, if any; a broken queue is
+    /// reported and left until the driver resets it.
+    fn next_head(&mut self) -> Option<u16> {
+        match self.queue.pop(self.mem.as_ref()) {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("virtio-blk: {e}; queue left until the driver resets it");
+                None
+            }
+        }
+    }
+
     /// Serves every request the driver published, then interrupts once
     /// (with a bulk disk: sends each as a block request).
     fn notify(&mut self, port: &mut dyn StorePort) {
@@ -337,15 +349,7 @@ impl VirtioBlk {
             return;
         }
         let mut served = 0;
-        loop {
-            let head = match self.queue.pop(self.mem.as_ref()) {
-                Ok(Some(h)) => h,
-                Ok(None) => break,
-                Err(e) => {
-                    eprintln!("virtio-blk: {e}; queue left until the driver resets it");
-                    break;
-                }
-            };
+        while let Some(head) = self.next_head() {
             let written = match self.queue.chain(self.mem.as_ref(), head) {
                 Ok(chain) => self.serve(&chain, port),
                 Err(e) => {
@@ -372,15 +376,7 @@ impl VirtioBlk {
     /// Turns every published chain into a block request to the bulk
     /// disk (or completes it at once: GET_ID, a bad chain, out of range).
     fn notify_bulk(&mut self, port: &mut dyn StorePort) {
-        loop {
-            let head = match self.queue.pop(self.mem.as_ref()) {
-                Ok(Some(h)) => h,
-                Ok(None) => break,
-                Err(e) => {
-                    eprintln!("virtio-blk: {e}; queue left until the driver resets it");
-                    break;
-                }
-            };
+        while let Some(head) = self.next_head() {
             let chain = match self.queue.chain(self.mem.as_ref(), head) {
                 Ok(c) => c,
                 Err(e) => {
