@@ -194,6 +194,9 @@ enum ClientsCmd {
     /// daemon (--client-socket), which accept the old and the new key for
     /// the grace period, then only the new. Also gives a client without
     /// a key its first (its untagged datagrams are then refused).
+    /// With --store etcd:...: one store change, and the agents take the
+    /// key from the store (the old key is accepted for their grace
+    /// period, 2 s; --grace-ms and the socket options do not apply).
     RotateKey {
         #[command(flatten)]
         id: IdArg,

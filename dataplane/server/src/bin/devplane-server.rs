@@ -219,10 +219,14 @@ fn main() {
             control.path().display()
         ),
     }
-    // A snapshot not applied whole is tried again every second.
+    // A snapshot not applied whole is tried again (every quarter second,
+    // the tick that also ends key rotations' grace periods).
     let mut pending: Option<Box<Snapshot>> = None;
     loop {
-        let ev = match rx.recv_timeout(std::time::Duration::from_secs(1)) {
+        if let Err(e) = server.tick_keys() {
+            eprintln!("devplane-server {}: {}", server.id(), e.join("; "));
+        }
+        let ev = match rx.recv_timeout(std::time::Duration::from_millis(250)) {
             Ok(ev) => ev,
             Err(mpsc::RecvTimeoutError::Timeout) => match pending.take() {
                 Some(snap) => Event::Store(snap),

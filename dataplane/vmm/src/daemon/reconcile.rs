@@ -5,9 +5,10 @@
 //! only carries it out).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 use devplane_control::db::State;
-use devplane_control::store::plan::{ClientStep, Local, client_plan};
+use devplane_control::store::plan::{ClientStep, KeyRoll, Local, client_plan};
 
 use super::Daemon;
 use super::config::PlaceEntry;
@@ -45,9 +46,30 @@ impl Daemon {
         }
     }
 
+    /// Carries a key change from the store on: seals with the new key
+    /// once the servers have had time to learn it, retires the old key
+    /// after the grace period ([`KeyRoll::client_ring`]). Call it often
+    /// (the daemon's loop does, every turn).
+    pub fn tick_keys(&mut self) -> Result<(), String> {
+        let Some((roll, since)) = self.key_roll else {
+            return Ok(());
+        };
+        let elapsed = since.elapsed();
+        let ring = roll.client_ring(elapsed);
+        if roll.settled(elapsed) {
+            self.key_roll = None;
+        }
+        if ring != self.keys {
+            let me = self.client_id();
+            self.set_keys(me, ring).map_err(|e| format!("keys: {e}"))?;
+        }
+        Ok(())
+    }
+
     /// Follows the store's `state`: launches, suspends, resumes and shuts
     /// down VMs as [`client_plan`] says, and takes this client's tag key
-    /// from it. Every step is tried; returns how many were taken, or the
+    /// from it (a change of key over [`KeyRoll`]'s grace period:
+    /// [`Daemon::tick_keys`]). Every step is tried; returns how many were taken, or the
     /// errors of those that failed (and the problems of the plan).
     pub fn reconcile(&mut self, state: &State) -> Result<usize, Vec<String>> {
         let me = self.client_id();
@@ -55,10 +77,19 @@ impl Daemon {
         let mut steps = 0;
         if let Some(c) = state.client(me) {
             let want = c.tag_key.map(|k| k.0);
-            if self.keys.map(|k| k.current) != want {
-                let ring = want.map(devplane_wire::tag::KeyRing::new);
-                match self.set_keys(me, ring) {
-                    Ok(()) => steps += 1,
+            if self.store_key != want {
+                let roll = KeyRoll {
+                    old: self.store_key,
+                    new: want,
+                };
+                match self.set_keys(me, roll.client_ring(Duration::ZERO)) {
+                    Ok(()) => {
+                        steps += 1;
+                        self.store_key = want;
+                        self.key_roll = (roll.client_ring(Duration::ZERO)
+                            != roll.client_ring(devplane_control::store::plan::KEY_GRACE))
+                        .then(|| (roll, Instant::now()));
+                    }
                     Err(e) => errors.push(format!("keys: {e}")),
                 }
             }
