@@ -83,6 +83,7 @@ fn model(id: u32, server: u32, worker: u32) -> Model {
         pio_base: None,
         mmio_base: None,
         backing: None,
+        via: None,
     }
 }
 

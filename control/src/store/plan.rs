@@ -216,6 +216,18 @@ pub fn client_plan(
     (steps, problems)
 }
 
+/// The forward routes the store asks of owner server `owner`: for each
+/// model whose `via` names it (and that another server hosts), the I/O
+/// server's id and address.
+pub fn forwards_of(state: &State, owner: u32) -> BTreeMap<u32, (u32, std::net::Ipv4Addr)> {
+    state
+        .models
+        .iter()
+        .filter(|m| m.via == Some(owner) && m.server != owner)
+        .filter_map(|m| Some((m.id, (m.server, state.server(m.server)?.address))))
+        .collect()
+}
+
 /// How long agents still accept a client's previous key after the store
 /// gave it a new one (`dpctl clients rotate-key` with an etcd store): long
 /// enough for every agent to learn the new key and for datagrams sealed
@@ -417,6 +429,7 @@ mod tests {
                     pio_base: Some(0x500),
                     mmio_base: None,
                     backing: None,
+                    via: None,
                 }),
             ])
             .unwrap()

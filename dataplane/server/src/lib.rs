@@ -166,6 +166,9 @@ pub struct Server {
     /// Client key changes from the store still in their grace period
     /// (both keys accepted), and when each was learnt
     /// ([`Server::tick_keys`]).
+    /// The models this (owner) server forwards, and where
+    /// ([`Server::forward_model`]); kept in the routes map across syncs.
+    forwards: std::collections::BTreeMap<u32, forward::Forward>,
     key_rolls: std::collections::BTreeMap<
         u32,
         (devplane_control::store::plan::KeyRoll, std::time::Instant),
@@ -275,6 +278,7 @@ impl Server {
             lent_out: HashMap::new(),
             staged: HashMap::new(),
             key_rolls: Default::default(),
+            forwards: Default::default(),
         };
         let admission = Arc::new(socket::Admission {
             models: std::sync::RwLock::new(cfg.models.iter().map(|m| m.id).collect()),
@@ -361,6 +365,7 @@ impl Server {
             lent_out: HashMap::new(),
             staged: HashMap::new(),
             key_rolls: Default::default(),
+            forwards: Default::default(),
         };
         let batch = loop_config(cfg).batch;
         server.spawn_workers(cfg, rings, dispatchers, move |rings, w| {

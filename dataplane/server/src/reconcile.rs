@@ -165,7 +165,8 @@ impl Server {
         let Some(x) = self.xdp.as_mut() else {
             return Ok(());
         };
-        devplane_control::maps::sync(&self.cfg, true, &mut x.maps)?;
+        let keep: std::collections::BTreeSet<u32> = self.forwards.keys().copied().collect();
+        devplane_control::maps::sync_keeping(&self.cfg, true, &mut x.maps, &keep)?;
         let held: Vec<u32> = self.suspended.iter().copied().collect();
         for vm in held {
             self.put_vm_entry(vm)?;

@@ -27,9 +27,16 @@
 //!    what the store places on it (3 x).
 //! 4. etcd killed and restarted, then VM 1 placed back on client 7: the
 //!    agents' watches were lost, they re-list and follow (4 x).
-//! 5. Client 8 killed and left dead: its lease expires and `dpctl status`
+//! 5. `dpctl models forward 42 --owner 2`: the owner server's agent
+//!    installs the forward route (the I/O server's MAC from its neighbour
+//!    table); VM 1 relaunched (set stopped, then running) sends through
+//!    the owner, whose XDP program forwards every request (`forwarded`
+//!    counts them) while server 1 answers straight (5 x). `models
+//!    unforward 42`: the route goes, the next run is direct (6 x) and the
+//!    owner forwards nothing more.
+//! 6. Client 8 killed and left dead: its lease expires and `dpctl status`
 //!    shows it down while the others stay up.
-//! 6. VM 1 stopped, its model and then the VM removed: the client and
+//! 7. VM 1 stopped, its model and then the VM removed: the client and
 //!    the server apply each revision without error.
 
 use std::path::{Path, PathBuf};
@@ -58,6 +65,10 @@ const WITHIN: Duration = Duration::from_secs(40);
 const CLIENTS: [(u32, u32, usize); 2] = [(7, 70, 0), (8, 80, 1)];
 const SERVER_HOST: usize = 2;
 const STORE_HOST: usize = 3;
+/// An owner server (platform 2) that forwards model 42 to server 1 when
+/// the store says so.
+const OWNER: u32 = 2;
+const OWNER_HOST: usize = 4;
 
 /// A daemon process: SIGINT on drop (a clean stop: XDP detached, maps
 /// unpinned), SIGKILL if it does not stop within 10 s.
@@ -301,11 +312,11 @@ impl Cluster {
             .0
     }
 
-    /// The server's `bad_tag` count (its control socket: stats only).
-    fn bad_tags(&self) -> u64 {
+    /// A server's `dpctl stats` (its control socket: stats only).
+    fn stats(&self, sock: &str) -> Value {
         let out = Command::new(bin("dpctl"))
             .arg("--socket")
-            .arg(self.dir.join("server.sock"))
+            .arg(self.dir.join(sock))
             .args(["--json", "stats"])
             .env_remove("DEVPLANE_STORE")
             .output()
@@ -315,7 +326,27 @@ impl Cluster {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The owner's XDP `forwarded` count.
+    fn forwarded(&self) -> u64 {
+        self.stats("owner.sock")["xdp"]["forwarded"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    /// Stops VM 1 and sets it running again (a relaunch on its client).
+    fn relaunch(&self, which: &[(&str, u32)]) {
+        let rev = self.change(&["vms", "set-state", &VM.to_string(), "stopped"]);
+        self.converged("VM 1 stopped", rev, which);
+        let rev = self.change(&["vms", "set-state", &VM.to_string(), "running"]);
+        self.converged("VM 1 running again", rev, which);
+    }
+
+    /// The server's `bad_tag` count.
+    fn bad_tags(&self) -> u64 {
+        let v = self.stats("server.sock");
         v["workers"]
             .as_array()
             .unwrap()
@@ -377,7 +408,7 @@ fn agent<'a>(status: &'a Value, kind: &str, id: u32) -> Option<&'a Value> {
         .find(|a| a["kind"] == kind && a["id"] == id)
 }
 
-fn client_toml(client: u32, hv: u32, me: &LanHost, server: &LanHost) -> String {
+fn client_toml(client: u32, hv: u32, me: &LanHost, server: &LanHost, owner: &LanHost) -> String {
     format!(
         r#"
 [client]
@@ -387,6 +418,10 @@ bind = "{ip}"
 [[servers]]
 id = {SERVER}
 address = "{server}:{PORT}"
+
+[[servers]]
+id = {OWNER}
+address = "{owner}:{PORT}"
 
 [[vms]]
 id = {VM}
@@ -402,6 +437,7 @@ place = "remote:{SERVER}"
 "#,
         ip = me.ip,
         server = server.ip,
+        owner = owner.ip,
     )
 }
 
@@ -411,7 +447,7 @@ fn guests_follow_the_etcd_store_across_clients_agent_and_etcd_restarts() {
     if !privilege::require(test, &[Capability::Root, Capability::Bpf, Capability::Kvm]) {
         return;
     }
-    let lan = match Lan::new("cgs", &["client", "client2", "server", "store"]) {
+    let lan = match Lan::new("cgs", &["client", "client2", "server", "store", "owner"]) {
         Ok(l) => l,
         Err(e) => {
             privilege::unavailable(test, &format!("cannot build the LAN: {e}"));
@@ -427,6 +463,9 @@ fn guests_follow_the_etcd_store_across_clients_agent_and_etcd_restarts() {
     std::fs::create_dir_all(&dir.0).unwrap();
     let pin = TempDir(PathBuf::from(format!(
         "/sys/fs/bpf/devplane-test-cluster-guest-{pid}"
+    )));
+    let owner_pin = TempDir(PathBuf::from(format!(
+        "/sys/fs/bpf/devplane-test-cluster-guest-owner-{pid}"
     )));
     let c = Cluster {
         url: etcd.store_url(),
@@ -448,7 +487,13 @@ fn guests_follow_the_etcd_store_across_clients_agent_and_etcd_restarts() {
         ]);
         std::fs::write(
             c.dir.join(format!("client-{client}.toml")),
-            client_toml(client, hv, c.lan.host(host), &server_host),
+            client_toml(
+                client,
+                hv,
+                c.lan.host(host),
+                &server_host,
+                c.lan.host(OWNER_HOST),
+            ),
         )
         .unwrap();
     }
@@ -458,6 +503,14 @@ fn guests_follow_the_etcd_store_across_clients_agent_and_etcd_restarts() {
         &SERVER.to_string(),
         "--address",
         &server_host.ip.to_string(),
+    ]);
+    let owner_host = c.lan.host(OWNER_HOST).clone();
+    c.change(&[
+        "servers",
+        "add",
+        &OWNER.to_string(),
+        "--address",
+        &owner_host.ip.to_string(),
     ]);
     c.change(&["vms", "add", &VM.to_string(), "--hypervisor", "70"]);
     let rev = c.change(&[
@@ -476,39 +529,48 @@ fn guests_follow_the_etcd_store_across_clients_agent_and_etcd_restarts() {
         &format!("{PIO:#x}"),
     ]);
 
-    let server_cfg = c.dir.join("server.toml");
-    std::fs::write(
-        &server_cfg,
-        format!(
-            "[server]\nid = {SERVER}\nport = {PORT}\nmode = \"xdp\"\ninterface = \"{}\"\n\
-             workers = [0]\npin_dir = \"{}\"\n\n[tuning]\nspin_budget = 200\n\
-             idle_sleep_us = 100\nbatch = 64\n",
-            server_host.ifname,
-            pin.0.display()
-        ),
-    )
-    .unwrap();
     let ttl = TTL_MS.to_string();
-    let server_sock = c.dir.join("server.sock");
-    let server = Daemon::spawn(
-        &server_host,
-        &bin("devplane-server"),
-        &[
-            "--config",
-            server_cfg.to_str().unwrap(),
-            "--control",
-            server_sock.to_str().unwrap(),
-            "--store",
-            &c.url,
-            "--lease-ttl-ms",
-            &ttl,
-        ],
-    );
+    let spawn_server = |id: u32, host: &LanHost, name: &str, pin: &Path| {
+        let cfg = c.dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[server]\nid = {id}\nport = {PORT}\nmode = \"xdp\"\ninterface = \"{}\"\n\
+                 workers = [0]\npin_dir = \"{}\"\n\n[tuning]\nspin_budget = 200\n\
+                 idle_sleep_us = 100\nbatch = 64\n",
+                host.ifname,
+                pin.display()
+            ),
+        )
+        .unwrap();
+        let sock = c.dir.join(format!("{name}.sock"));
+        Daemon::spawn(
+            host,
+            &bin("devplane-server"),
+            &[
+                "--config",
+                cfg.to_str().unwrap(),
+                "--control",
+                sock.to_str().unwrap(),
+                "--store",
+                &c.url,
+                "--lease-ttl-ms",
+                &ttl,
+            ],
+        )
+    };
+    let server = spawn_server(SERVER, &server_host, "server", &pin.0);
+    let owner = spawn_server(OWNER, &owner_host, "owner", &owner_pin.0);
     let c7 = c.start_client(7);
     let mut c8 = c.start_client(8);
-    let all = [("server", SERVER), ("client", 7), ("client", 8)];
+    let all = [
+        ("server", SERVER),
+        ("server", OWNER),
+        ("client", 7),
+        ("client", 8),
+    ];
     let t = c.converged("every agent registers", rev, &all);
-    eprintln!("3 agents registered and converged in {t:?}");
+    eprintln!("4 agents registered and converged in {t:?}");
 
     // 0. Client 7's first key, from the store.
     let rev = c.change(&["clients", "rotate-key", "7"]);
@@ -581,19 +643,48 @@ fn guests_follow_the_etcd_store_across_clients_agent_and_etcd_restarts() {
     eprintln!("every agent followed a change after the etcd restart in {t:?}");
     c.guest_done(7, 4 * WRITES);
 
-    // 5. Client 8 dies: its lease expires, it shows down, others up.
+    // 5. Through the owner, then straight again.
+    let rev = c.change(&[
+        "models",
+        "forward",
+        &MODEL.to_string(),
+        "--owner",
+        &OWNER.to_string(),
+    ]);
+    c.converged("model 42 forwarded by the owner", rev, &all);
+    let before = c.forwarded();
+    c.relaunch(&all);
+    let t = c.guest_done(7, 5 * WRITES);
+    let through = c.forwarded() - before;
+    eprintln!("run 5 through the owner: {through} requests forwarded, {t:?}");
+    assert!(
+        through > WRITES,
+        "the owner forwarded {through} requests of a run of {WRITES} writes"
+    );
+    let rev = c.change(&["models", "unforward", &MODEL.to_string()]);
+    c.converged("model 42 no longer forwarded", rev, &all);
+    let before = c.forwarded();
+    c.relaunch(&all);
+    c.guest_done(7, 6 * WRITES);
+    assert_eq!(
+        c.forwarded(),
+        before,
+        "the owner forwarded a direct run's request"
+    );
+
+    // 6. Client 8 dies: its lease expires, it shows down, others up.
     c8.kill9();
     let t = c.wait_status("client 8's lease expires", |s| {
         agent(s, "client", 8).is_some_and(|a| a["up"] == false)
     });
     eprintln!("client 8 shown down {t:?} after the kill (lease {TTL_MS} ms)");
     let s = c.status();
-    for (kind, id) in [("server", SERVER), ("client", 7)] {
+    for (kind, id) in [("server", SERVER), ("server", OWNER), ("client", 7)] {
         assert_eq!(agent(&s, kind, id).unwrap()["up"], true, "{s:#}");
     }
 
-    // 6. Stopped, then its model and the VM removed.
-    let alive = [("server", SERVER), ("client", 7)];
+    // 7. Stopped, then its model and the VM removed.
+    let alive = [("server", SERVER), ("server", OWNER), ("client", 7)];
     let rev = c.change(&["vms", "set-state", &VM.to_string(), "stopped"]);
     c.converged("VM 1 stopped", rev, &alive);
     c.change(&["models", "remove", &MODEL.to_string()]);
@@ -607,6 +698,6 @@ fn guests_follow_the_etcd_store_across_clients_agent_and_etcd_restarts() {
     let on7 = c.vm_on(7).expect("client 7 answers");
     assert_eq!(on7["state"], "stopped", "{on7}");
     // The daemons stop (cleanly) before etcd, etcd before its namespace.
-    drop((c7, server));
+    drop((c7, server, owner));
     drop(etcd);
 }

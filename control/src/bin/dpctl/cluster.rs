@@ -117,12 +117,25 @@ fn change_of(cmd: &Command, s: &State) -> Option<Result<Change, Failure>> {
             pio_base: *pio_base,
             mmio_base: *mmio_base,
             backing: backing.clone(),
+            via: None,
         }),
         Command::Models(ModelsCmd::Remove(a)) => Change::RemoveModel(a.id),
         Command::Models(ModelsCmd::Place { id, server, worker }) => Change::PlaceModel {
             model: id.id,
             server: *server,
             worker: *worker,
+        },
+        Command::Models(ModelsCmd::Forward {
+            id,
+            owner: Some(owner),
+            ..
+        }) => Change::ForwardModel {
+            model: id.id,
+            via: Some(*owner),
+        },
+        Command::Models(ModelsCmd::Unforward(a)) => Change::ForwardModel {
+            model: a.id,
+            via: None,
         },
         Command::Servers(ServersCmd::Add { id, address }) => Change::AddServer(Server {
             id: id.id,

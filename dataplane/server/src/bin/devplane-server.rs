@@ -58,7 +58,18 @@ fn follow(server: &mut Server, settings: &ServerSettings, snap: &Snapshot, agent
     let id = settings.server.id;
     let outcome = server_config_of(&snap.state, settings)
         .map_err(|e| e.to_string())
-        .and_then(|want| server.reconcile(&want).map_err(|errs| errs.join("; ")));
+        .and_then(|want| server.reconcile(&want).map_err(|errs| errs.join("; ")))
+        .and_then(|steps| {
+            // Forward routes: only an XDP owner has any to keep.
+            let want = devplane_control::store::plan::forwards_of(&snap.state, id);
+            if want.is_empty() && server.forwards().is_empty() {
+                return Ok(steps);
+            }
+            server
+                .reconcile_forwards(&want)
+                .map(|n| steps + n)
+                .map_err(|errs| errs.join("; "))
+        });
     match outcome {
         Ok(steps) => {
             if steps > 0 {

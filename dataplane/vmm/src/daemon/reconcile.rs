@@ -35,15 +35,49 @@ impl Daemon {
     }
 
     /// Points VM `vm`'s devices whose model the store places (model id ->
-    /// server id) at that server.
-    fn place_devices(&mut self, vm: u32, placement: &BTreeMap<u32, u32>) {
-        if let Some(entry) = self.file.vms.iter_mut().find(|v| v.id == vm) {
-            for d in &mut entry.devices {
-                if let Some(&server) = placement.get(&d.model) {
-                    d.place = PlaceEntry::Remote(server);
-                }
+    /// server id) at that server, and has the VM reach each such server
+    /// through the owner server the store forwards its model by (the
+    /// owner's address from this daemon's `[[servers]]`), or straight.
+    /// (A `via` is per server for a launched VM: models of one server
+    /// share it.)
+    fn place_devices(
+        &mut self,
+        vm: u32,
+        placement: &BTreeMap<u32, u32>,
+        state: &State,
+    ) -> Result<(), String> {
+        let Some(entry) = self.file.vms.iter_mut().find(|v| v.id == vm) else {
+            return Ok(());
+        };
+        let mut via: BTreeMap<u32, Option<u32>> = BTreeMap::new();
+        for d in &mut entry.devices {
+            if let Some(&server) = placement.get(&d.model) {
+                d.place = PlaceEntry::Remote(server);
+                via.insert(server, state.model(d.model).and_then(|m| m.via));
             }
         }
+        for (server, owner) in via {
+            let addr = match owner {
+                None => None,
+                Some(o) => Some(
+                    self.file
+                        .servers
+                        .iter()
+                        .find(|s| s.id == o)
+                        .map(|s| s.address)
+                        .ok_or_else(|| {
+                            format!(
+                                "VM {vm}: the store forwards server {server}'s model through \
+                                 server {o}, which this daemon's [[servers]] does not list"
+                            )
+                        })?,
+                ),
+            };
+            if let Some(s) = self.file.servers.iter_mut().find(|s| s.id == server) {
+                s.via = addr;
+            }
+        }
+        Ok(())
     }
 
     /// Carries a key change from the store on: seals with the new key
@@ -100,7 +134,10 @@ impl Daemon {
         for step in plan {
             let r = match &step {
                 ClientStep::Launch(vm, placement) => {
-                    self.place_devices(*vm, placement);
+                    if let Err(e) = self.place_devices(*vm, placement, state) {
+                        errors.push(e);
+                        continue;
+                    }
                     self.launch(*vm).map(drop)
                 }
                 ClientStep::Suspend(vm) => self.suspend(*vm).map(drop),
