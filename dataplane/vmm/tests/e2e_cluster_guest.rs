@@ -32,8 +32,11 @@
 //!    table); VM 1 relaunched (set stopped, then running) sends through
 //!    the owner, whose XDP program forwards every request (`forwarded`
 //!    counts them) while server 1 answers straight (5 x). `models
-//!    unforward 42`: the route goes, the next run is direct (6 x) and the
-//!    owner forwards nothing more.
+//!    unforward 42` while run 6 runs: it finishes straight (the client
+//!    agent switches the running guest's path live, requests in flight
+//!    are retransmitted on the new path); `models forward` while run 7
+//!    runs: it finishes through the owner (6 x, 7 x; part of each run
+//!    forwarded).
 //! 6. Client 8 killed and left dead: its lease expires and `dpctl status`
 //!    shows it down while the others stay up.
 //! 7. VM 1 stopped, its model and then the VM removed: the client and
@@ -342,6 +345,18 @@ impl Cluster {
         self.converged("VM 1 stopped", rev, which);
         let rev = self.change(&["vms", "set-state", &VM.to_string(), "running"]);
         self.converged("VM 1 running again", rev, which);
+    }
+
+    /// Stops VM 1 and sets it running again; returns once it runs.
+    fn relaunch_running(&self, which: &[(&str, u32)]) {
+        let rev = self.change(&["vms", "set-state", &VM.to_string(), "stopped"]);
+        self.converged("VM 1 stopped", rev, which);
+        let started = Instant::now();
+        self.change(&["vms", "set-state", &VM.to_string(), "running"]);
+        while self.vm_on(7).is_none_or(|v| v["state"] != "running") {
+            assert!(started.elapsed() < WITHIN, "VM 1 never ran again");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The server's `bad_tag` count.
@@ -661,16 +676,36 @@ fn guests_follow_the_etcd_store_across_clients_agent_and_etcd_restarts() {
         through > WRITES,
         "the owner forwarded {through} requests of a run of {WRITES} writes"
     );
+    // Under traffic: forwarded -> direct midway through run 6, direct ->
+    // forwarded midway through run 7.
+    for (run, args, to) in [
+        (6, vec!["models", "unforward", "42"], "direct"),
+        (
+            7,
+            vec!["models", "forward", "42", "--owner", "2"],
+            "through the owner",
+        ),
+    ] {
+        let before = c.forwarded();
+        c.relaunch_running(&all);
+        let rev = c.change(&args);
+        c.converged("the placement changed", rev, &all);
+        let on7 = c.vm_on(7).expect("client 7 answers");
+        assert_eq!(
+            on7["state"], "running",
+            "run {run} ended before its placement changed: not the case under test"
+        );
+        let t = c.guest_done(7, run * WRITES);
+        let through = c.forwarded() - before;
+        eprintln!("run {run}, moved {to} midway: {through} requests forwarded, {t:?}");
+        assert!(
+            through > 0 && through < WRITES,
+            "run {run} (moved {to} midway): the owner forwarded {through} of {WRITES}+1"
+        );
+    }
+    // Forwarded still: straight again for the rest.
     let rev = c.change(&["models", "unforward", &MODEL.to_string()]);
     c.converged("model 42 no longer forwarded", rev, &all);
-    let before = c.forwarded();
-    c.relaunch(&all);
-    c.guest_done(7, 6 * WRITES);
-    assert_eq!(
-        c.forwarded(),
-        before,
-        "the owner forwarded a direct run's request"
-    );
 
     // 6. Client 8 dies: its lease expires, it shows down, others up.
     c8.kill9();

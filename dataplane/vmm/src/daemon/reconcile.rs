@@ -80,6 +80,54 @@ impl Daemon {
         Ok(())
     }
 
+    /// Has every VM placed on this client reach each server through the
+    /// owner server the store forwards its models by, or straight: the
+    /// running VMs switch live ([`crate::engine::Engine::set_via`]: in
+    /// flight requests are retransmitted on the new path with their
+    /// sequence numbers), the next launches start so. Returns how many
+    /// servers changed path.
+    fn sync_vias(&mut self, state: &State, errors: &mut Vec<String>) -> usize {
+        let me = self.client_id();
+        let mut want: BTreeMap<u32, Option<u32>> = BTreeMap::new();
+        for v in state.vms.iter().filter(|v| v.client == me) {
+            for m in state.models.iter().filter(|m| m.vm == Some(v.id)) {
+                want.insert(m.server, m.via);
+            }
+        }
+        let mut steps = 0;
+        for (server, owner) in want {
+            let addr = match owner {
+                None => None,
+                Some(o) => match self.file.servers.iter().find(|s| s.id == o) {
+                    Some(s) => Some(s.address),
+                    None => {
+                        errors.push(format!(
+                            "the store forwards server {server}'s models through server {o}, \
+                             which this daemon's [[servers]] does not list"
+                        ));
+                        continue;
+                    }
+                },
+            };
+            let Some(entry) = self.file.servers.iter_mut().find(|s| s.id == server) else {
+                continue;
+            };
+            if entry.via == addr {
+                continue;
+            }
+            entry.via = addr;
+            steps += 1;
+            for slot in self.slots.values() {
+                if let Some(r) = &slot.running
+                    && let Some(e) = r.client.engine()
+                {
+                    e.set_via(server, addr);
+                }
+            }
+        }
+        steps
+    }
+
     /// Carries a key change from the store on: seals with the new key
     /// once the servers have had time to learn it, retires the old key
     /// after the grace period ([`KeyRoll::client_ring`]). Call it often
@@ -128,6 +176,7 @@ impl Daemon {
                 }
             }
         }
+        steps += self.sync_vias(state, &mut errors);
         let running = self.local_states();
         let (plan, problems) = client_plan(state, me, &running, &self.known_vms());
         errors.extend(problems);
