@@ -601,12 +601,14 @@ fn guests_follow_the_etcd_store_across_clients_agent_and_etcd_restarts() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let rev = c.change(&["clients", "rotate-key", "7"]);
-    c.converged("client 7's second key", rev, &all);
+    // The running guest's own agent first (the case under test), then all.
+    c.converged("client 7's second key", rev, &[("client", 7)]);
     let on7 = c.vm_on(7).expect("client 7 answers");
     assert_eq!(
         on7["state"], "running",
-        "VM 1 finished before the key rotation reached the agents: not the case under test"
+        "VM 1 finished before the key rotation reached its agent: not the case under test"
     );
+    c.converged("client 7's second key everywhere", rev, &all);
     c.guest_done(7, WRITES);
     eprintln!(
         "run 1 on client 7 (a key rotation midway): {WRITES} writes applied once, {:?}",
@@ -689,12 +691,13 @@ fn guests_follow_the_etcd_store_across_clients_agent_and_etcd_restarts() {
         let before = c.forwarded();
         c.relaunch_running(&all);
         let rev = c.change(&args);
-        c.converged("the placement changed", rev, &all);
+        c.converged("the placement changed", rev, &[("client", 7)]);
         let on7 = c.vm_on(7).expect("client 7 answers");
         assert_eq!(
             on7["state"], "running",
             "run {run} ended before its placement changed: not the case under test"
         );
+        c.converged("the placement changed", rev, &all);
         let t = c.guest_done(7, run * WRITES);
         let through = c.forwarded() - before;
         eprintln!("run {run}, moved {to} midway: {through} requests forwarded, {t:?}");
