@@ -189,6 +189,17 @@ pub fn sync(
     redirect: bool,
     w: &mut impl MapWriter,
 ) -> Result<SyncReport, MapSyncError> {
+    sync_keeping(cfg, redirect, w, &BTreeSet::new())
+}
+
+/// [`sync`], leaving the routes of the models in `keep` alone (an owner
+/// server's forward routes, which its configuration does not name).
+pub fn sync_keeping(
+    cfg: &ServerConfig,
+    redirect: bool,
+    w: &mut impl MapWriter,
+    keep: &BTreeSet<u32>,
+) -> Result<SyncReport, MapSyncError> {
     cfg.validate()?;
     let mut report = SyncReport::default();
 
@@ -197,6 +208,9 @@ pub fn sync(
     let old_routes: BTreeSet<u32> = w.route_ids()?.into_iter().collect();
     let routes: BTreeSet<u32> = cfg.models.iter().map(|m| m.id).collect();
     for &id in old_routes.difference(&routes) {
+        if keep.contains(&id) {
+            continue;
+        }
         w.remove_route(id)?;
         report.removed += 1;
     }

@@ -83,6 +83,7 @@ fn model(id: u32, server: u32, worker: u32) -> Model {
         pio_base: None,
         mmio_base: None,
         backing: None,
+        via: None,
     }
 }
 
@@ -767,4 +768,57 @@ fn a_client_budget_reaches_the_clients_map_and_can_be_removed() {
     };
     let e = refused(&mut db, Change::SetClientBudget(7, too_big));
     assert!(e.to_string().contains("clients.budget.burst"), "{e}");
+}
+
+#[test]
+fn a_forward_names_another_existing_server_which_then_cannot_go() {
+    let dir = TempDir::new();
+    let mut db = populated(&dir.0);
+    let to_itself = refused(
+        &mut db,
+        Change::ForwardModel {
+            model: 20,
+            via: Some(2),
+        },
+    );
+    assert!(
+        matches!(to_itself, DbError::ForwardToItself { id: 20, server: 2 }),
+        "{to_itself}"
+    );
+    let nowhere = refused(
+        &mut db,
+        Change::ForwardModel {
+            model: 20,
+            via: Some(9),
+        },
+    );
+    assert!(nowhere.to_string().contains("server 9"), "{nowhere}");
+    assert!(
+        refused(
+            &mut db,
+            Change::ForwardModel {
+                model: 99,
+                via: Some(1)
+            }
+        )
+        .is_not_found()
+    );
+    // Model 20 (on server 2) forwarded by server 1: server 1 owns no
+    // model of its own then but still cannot be removed.
+    db.apply(Change::ForwardModel {
+        model: 20,
+        via: Some(1),
+    })
+    .unwrap();
+    assert_eq!(db.state().model(20).unwrap().via, Some(1));
+    db.apply(Change::RemoveModel(10)).unwrap();
+    db.apply(Change::RemoveModel(11)).unwrap();
+    let in_use = refused(&mut db, Change::RemoveServer(1));
+    assert!(in_use.to_string().contains("model 20"), "{in_use}");
+    db.apply(Change::ForwardModel {
+        model: 20,
+        via: None,
+    })
+    .unwrap();
+    db.apply(Change::RemoveServer(1)).unwrap();
 }

@@ -1065,3 +1065,35 @@ fn store_file_places_sets_state_and_shows_agents() {
     assert_eq!(agents.len(), 3, "{st}");
     assert!(agents.iter().all(|a| a["up"] == false), "{st}");
 }
+
+#[test]
+fn models_forward_takes_an_owner_with_an_etcd_store_or_a_route_for_a_socket() {
+    let t = TempDir::new();
+    populate(t.path());
+    fails(
+        t.path(),
+        &["models", "forward", "10", "--owner", "2"],
+        2,
+        "give --store etcd:",
+    );
+    fails(
+        t.path(),
+        &["models", "forward", "10"],
+        2,
+        "--to-server <ID>",
+    );
+    fails(
+        t.path(),
+        &[
+            "models",
+            "forward",
+            "10",
+            "--owner",
+            "2",
+            "--to-server",
+            "3",
+        ],
+        2,
+        "cannot be used with",
+    );
+}

@@ -194,6 +194,9 @@ enum ClientsCmd {
     /// daemon (--client-socket), which accept the old and the new key for
     /// the grace period, then only the new. Also gives a client without
     /// a key its first (its untagged datagrams are then refused).
+    /// With --store etcd:...: one store change, and the agents take the
+    /// key from the store (the old key is accepted for their grace
+    /// period, 2 s; --grace-ms and the socket options do not apply).
     RotateKey {
         #[command(flatten)]
         id: IdArg,
@@ -432,21 +435,30 @@ enum ModelsCmd {
     /// rewrites them and sends them on; the I/O server answers the
     /// client straight). Clients then reach the model through the owner
     /// (a client's [[servers]] entry with via = the owner's address).
+    /// With --store etcd:... and --owner: a store change instead; the
+    /// owner's agent installs the route (the I/O server is the model's,
+    /// its MAC the owner's neighbour entry for its address) and client
+    /// agents launch the model's VMs sending through the owner.
     Forward {
         #[command(flatten)]
         id: IdArg,
+        /// With --store: the owner server that forwards it.
+        #[arg(long, value_name = "ID", conflicts_with_all = ["to_server", "ip", "mac"])]
+        owner: Option<u32>,
         /// The I/O server's platform id.
-        #[arg(long, value_name = "ID")]
-        to_server: u32,
+        #[arg(long, value_name = "ID", required_unless_present = "owner")]
+        to_server: Option<u32>,
         /// Its IPv4 address.
-        #[arg(long, value_name = "IP")]
-        ip: Ipv4Addr,
+        #[arg(long, value_name = "IP", required_unless_present = "owner")]
+        ip: Option<Ipv4Addr>,
         /// Its MAC address (or the next hop's on the owner's link),
         /// aa:bb:cc:dd:ee:ff.
-        #[arg(long, value_name = "MAC", value_parser = parse_mac)]
-        mac: [u8; 6],
+        #[arg(long, value_name = "MAC", value_parser = parse_mac, required_unless_present = "owner")]
+        mac: Option<[u8; 6]>,
     },
     /// On an owner server (--socket): stop forwarding a device model.
+    /// With --store etcd:...: a store change (clients reach the model on
+    /// its server straight; the owner's agent removes its route).
     Unforward(IdArg),
 }
 
@@ -749,6 +761,7 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                     pio_base: *pio_base,
                     mmio_base: *mmio_base,
                     backing: backing.clone(),
+                    via: None,
                 }),
                 json,
             ),
@@ -855,6 +868,8 @@ fn action_of(change: &Change) -> &'static str {
         | Change::AddModel(_)
         | Change::AddServer(_) => "add",
         Change::PlaceVm { .. } | Change::PlaceModel { .. } => "place",
+        Change::ForwardModel { via: Some(_), .. } => "forward",
+        Change::ForwardModel { via: None, .. } => "unforward",
         Change::SetVmState(..) => "set-state",
         Change::RemoveClient(_)
         | Change::RemoveHypervisor(_)
@@ -872,6 +887,8 @@ fn done_of(action: &str) -> &'static str {
         "key" => "set the key of",
         "place" => "placed",
         "set-state" => "set the state of",
+        "forward" => "forwarded",
+        "unforward" => "stopped forwarding",
         _ => "removed",
     }
 }

@@ -143,6 +143,12 @@ pub struct Model {
     /// [`crate::config::ModelConfig::backing`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backing: Option<std::path::PathBuf>,
+    /// An owner server that receives this model's requests from clients
+    /// and forwards them to `server` (the I/O server hosting it), which
+    /// answers the clients straight (the patent's Fig. 6). None: clients
+    /// send to `server` directly. Set by `dpctl models forward|unforward`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<u32>,
 }
 
 /// A server platform: a host that runs device models.
@@ -205,6 +211,15 @@ pub enum Change {
         /// The worker on that server.
         worker: u32,
     },
+    /// Has clients reach a device model through an owner server that
+    /// forwards its requests (`Some`), or straight (`None`); the owner's
+    /// agent installs or removes its forward route.
+    ForwardModel {
+        /// The model.
+        model: u32,
+        /// The owner server (must exist and not be the model's server).
+        via: Option<u32>,
+    },
 }
 
 impl Change {
@@ -220,7 +235,10 @@ impl Change {
             | Change::RemoveVm(_)
             | Change::PlaceVm { .. }
             | Change::SetVmState(..) => Kind::Vm,
-            Change::AddModel(_) | Change::RemoveModel(_) | Change::PlaceModel { .. } => Kind::Model,
+            Change::AddModel(_)
+            | Change::RemoveModel(_)
+            | Change::PlaceModel { .. }
+            | Change::ForwardModel { .. } => Kind::Model,
             Change::AddServer(_) | Change::RemoveServer(_) => Kind::Server,
         }
     }
@@ -242,7 +260,7 @@ impl Change {
             | Change::RemoveServer(id)
             | Change::SetVmState(id, _) => *id,
             Change::PlaceVm { vm, .. } => *vm,
-            Change::PlaceModel { model, .. } => *model,
+            Change::PlaceModel { model, .. } | Change::ForwardModel { model, .. } => *model,
         }
     }
 }

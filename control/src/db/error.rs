@@ -152,6 +152,17 @@ pub enum DbError {
         /// The line.
         line: u32,
     },
+    /// A model forwarded by the server that hosts it.
+    #[error(
+        "model {id}: server {server} hosts it and cannot also forward it: forward it through \
+         another server (an owner), or unforward it"
+    )]
+    ForwardToItself {
+        /// The model.
+        id: u32,
+        /// The server.
+        server: u32,
+    },
     /// More entities than the data plane's maps hold.
     #[error("{kind}s are at the data plane's limit of {max}: remove one first")]
     Full {

@@ -128,7 +128,7 @@ impl State {
             Kind::Server => out.extend(
                 self.models
                     .iter()
-                    .filter(|m| m.server == id)
+                    .filter(|m| m.server == id || m.via == Some(id))
                     .map(|m| (Kind::Model, m.id)),
             ),
             Kind::Model => {}
@@ -187,6 +187,7 @@ impl State {
                 | Change::PlaceVm { .. }
                 | Change::SetVmState(..)
                 | Change::PlaceModel { .. }
+                | Change::ForwardModel { .. }
         ) {
             let deps = self.dependents(kind, id);
             if !deps.is_empty() {
@@ -289,6 +290,11 @@ impl State {
                     m.worker = *worker;
                 }
             }
+            Change::ForwardModel { model, via } => {
+                if let Some(m) = self.models.iter_mut().find(|m| m.id == *model) {
+                    m.via = *via;
+                }
+            }
         }
         Ok(())
     }
@@ -380,6 +386,17 @@ impl State {
             }
             if !servers.contains(&m.server) {
                 return Err(dangling(Kind::Model, m.id, Kind::Server, m.server));
+            }
+            if let Some(via) = m.via {
+                if !servers.contains(&via) {
+                    return Err(dangling(Kind::Model, m.id, Kind::Server, via));
+                }
+                if via == m.server {
+                    return Err(DbError::ForwardToItself {
+                        id: m.id,
+                        server: via,
+                    });
+                }
             }
             if m.worker >= MAX_WORKERS {
                 return Err(DbError::WorkerRange {

@@ -236,6 +236,7 @@ mod tests {
                 pio_base: Some(0x3f8),
                 mmio_base: None,
                 backing: None,
+                via: None,
             }),
         ];
         State::default().changed_many(&changes).unwrap()

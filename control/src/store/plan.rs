@@ -8,8 +8,13 @@
 //!   to another worker, or start.
 //! - [`client_plan`]: from the VMs a client daemon runs to the VMs the
 //!   store places on its platform, in the state the store asks for.
+//! - [`KeyRoll`]: a client key the store replaced, carried out by each
+//!   agent over a grace period so that no datagram in flight is refused.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use devplane_wire::tag::{KeyRing, TagKey};
 
 use crate::config::{ClientConfig, ClientKey, ModelConfig, ServerConfig, VmConfig};
 use crate::db::{State, VmState};
@@ -211,6 +216,80 @@ pub fn client_plan(
     (steps, problems)
 }
 
+/// The forward routes the store asks of owner server `owner`: for each
+/// model whose `via` names it (and that another server hosts), the I/O
+/// server's id and address.
+pub fn forwards_of(state: &State, owner: u32) -> BTreeMap<u32, (u32, std::net::Ipv4Addr)> {
+    state
+        .models
+        .iter()
+        .filter(|m| m.via == Some(owner) && m.server != owner)
+        .filter_map(|m| Some((m.id, (m.server, state.server(m.server)?.address))))
+        .collect()
+}
+
+/// How long agents still accept a client's previous key after the store
+/// gave it a new one (`dpctl clients rotate-key` with an etcd store): long
+/// enough for every agent to learn the new key and for datagrams sealed
+/// under the old one to arrive.
+pub const KEY_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a client agent keeps sealing with the old key after it learnt
+/// the new one (accepting both meanwhile): the servers learn the new key
+/// from the same store revision within about as long, and a datagram
+/// sealed under a key its server does not hold yet would be refused.
+pub const KEY_LEAD: Duration = Duration::from_millis(500);
+
+/// A client key replaced in the store, as an agent carries it out: from
+/// `old` to `new` (either may be `None`: untagged), `elapsed` after it
+/// learnt the change. Pure: the agents call it on their own clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyRoll {
+    /// The key before.
+    pub old: Option<TagKey>,
+    /// The key the store holds now.
+    pub new: Option<TagKey>,
+}
+
+impl KeyRoll {
+    /// The keys a server verifies with (and answers under the request's):
+    /// both during [`KEY_GRACE`], then only the new one. A first key, or
+    /// none, applies at once (an untagged datagram has no key to keep).
+    pub fn server_ring(&self, elapsed: Duration) -> Option<KeyRing> {
+        let new = self.new?;
+        Some(match self.old {
+            Some(old) if old != new && elapsed < KEY_GRACE => KeyRing {
+                current: new,
+                previous: Some(old),
+            },
+            _ => KeyRing::new(new),
+        })
+    }
+
+    /// The keys a client seals with (`current`) and accepts: the old one
+    /// sealing for [`KEY_LEAD`], then the new one, both accepted until
+    /// [`KEY_GRACE`], then only the new one.
+    pub fn client_ring(&self, elapsed: Duration) -> Option<KeyRing> {
+        let new = self.new?;
+        Some(match self.old {
+            Some(old) if old != new && elapsed < KEY_LEAD => KeyRing {
+                current: old,
+                previous: Some(new),
+            },
+            Some(old) if old != new && elapsed < KEY_GRACE => KeyRing {
+                current: new,
+                previous: Some(old),
+            },
+            _ => KeyRing::new(new),
+        })
+    }
+
+    /// Whether nothing changes any more after `elapsed`.
+    pub fn settled(&self, elapsed: Duration) -> bool {
+        elapsed >= KEY_GRACE
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
@@ -350,6 +429,7 @@ mod tests {
                     pio_base: Some(0x500),
                     mmio_base: None,
                     backing: None,
+                    via: None,
                 }),
             ])
             .unwrap()
@@ -415,5 +495,49 @@ mod tests {
             client_plan(&stopped, 7, &exited, &known).0,
             vec![ClientStep::Shutdown(1)]
         );
+    }
+
+    #[test]
+    fn a_key_roll_overlaps_the_old_and_new_key_then_retires_the_old() {
+        let k = |id| TagKey {
+            id,
+            bytes: [id; 16],
+        };
+        let roll = KeyRoll {
+            old: Some(k(1)),
+            new: Some(k(2)),
+        };
+        let ms = Duration::from_millis;
+        // The server accepts both at once, answers under the request's.
+        let s = roll.server_ring(ms(0)).unwrap();
+        assert_eq!((s.current, s.previous), (k(2), Some(k(1))));
+        // The client seals with the old key first, then the new.
+        let c = roll.client_ring(ms(0)).unwrap();
+        assert_eq!((c.current, c.previous), (k(1), Some(k(2))));
+        let c = roll.client_ring(KEY_LEAD).unwrap();
+        assert_eq!((c.current, c.previous), (k(2), Some(k(1))));
+        assert!(!roll.settled(KEY_GRACE - ms(1)));
+        // After the grace only the new key.
+        for r in [roll.server_ring(KEY_GRACE), roll.client_ring(KEY_GRACE)] {
+            assert_eq!(r, Some(KeyRing::new(k(2))));
+        }
+        assert!(roll.settled(KEY_GRACE));
+        // A first key, a removed key, the same key: at once.
+        let first = KeyRoll {
+            old: None,
+            new: Some(k(1)),
+        };
+        assert_eq!(first.client_ring(ms(0)), Some(KeyRing::new(k(1))));
+        assert_eq!(first.server_ring(ms(0)), Some(KeyRing::new(k(1))));
+        let gone = KeyRoll {
+            old: Some(k(1)),
+            new: None,
+        };
+        assert_eq!(gone.client_ring(ms(0)), None);
+        let same = KeyRoll {
+            old: Some(k(1)),
+            new: Some(k(1)),
+        };
+        assert_eq!(same.client_ring(ms(0)), Some(KeyRing::new(k(1))));
     }
 }

@@ -163,6 +163,16 @@ pub struct Server {
     /// Models handed over by another server, built but not served until
     /// their move commits ([`Server::stage_in`]).
     staged: HashMap<u32, handover::StagedIn>,
+    /// Client key changes from the store still in their grace period
+    /// (both keys accepted), and when each was learnt
+    /// ([`Server::tick_keys`]).
+    /// The models this (owner) server forwards, and where
+    /// ([`Server::forward_model`]); kept in the routes map across syncs.
+    forwards: std::collections::BTreeMap<u32, forward::Forward>,
+    key_rolls: std::collections::BTreeMap<
+        u32,
+        (devplane_control::store::plan::KeyRoll, std::time::Instant),
+    >,
 }
 
 fn build_dispatchers(cfg: &ServerConfig) -> Result<Vec<Dispatcher>, ServerError> {
@@ -267,6 +277,8 @@ impl Server {
             step_timeout: live::STEP_TIMEOUT,
             lent_out: HashMap::new(),
             staged: HashMap::new(),
+            key_rolls: Default::default(),
+            forwards: Default::default(),
         };
         let admission = Arc::new(socket::Admission {
             models: std::sync::RwLock::new(cfg.models.iter().map(|m| m.id).collect()),
@@ -352,6 +364,8 @@ impl Server {
             step_timeout: live::STEP_TIMEOUT,
             lent_out: HashMap::new(),
             staged: HashMap::new(),
+            key_rolls: Default::default(),
+            forwards: Default::default(),
         };
         let batch = loop_config(cfg).batch;
         server.spawn_workers(cfg, rings, dispatchers, move |rings, w| {

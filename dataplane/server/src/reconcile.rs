@@ -5,8 +5,10 @@
 //! models (removed, moved with their state, added), then what is gone,
 //! and last the eBPF maps synced to the result.
 
+use std::time::{Duration, Instant};
+
 use devplane_control::config::ServerConfig;
-use devplane_control::store::plan::{ServerPlan, server_plan};
+use devplane_control::store::plan::{KEY_GRACE, KeyRoll, ServerPlan, server_plan};
 
 use crate::lifecycle::WorkerCmd;
 use crate::{Server, ServerError};
@@ -28,6 +30,14 @@ impl Server {
             return Ok(0);
         }
         let steps = plan.len();
+        // The keys before this change (a client's entry may be replaced
+        // below).
+        let old_keys: std::collections::BTreeMap<u32, Option<devplane_wire::tag::TagKey>> = self
+            .cfg
+            .clients
+            .iter()
+            .map(|c| (c.id, c.tag_key.map(|k| k.0)))
+            .collect();
         let mut errors = Vec::new();
         let mut note = |what: String, r: Result<(), ServerError>| {
             if let Err(e) = r {
@@ -56,12 +66,23 @@ impl Server {
             }
         }
         for (client, key) in keys {
-            let ring = key.map(|k| devplane_wire::tag::KeyRing::new(k.0));
+            // Both keys accepted over the grace period (tick_keys retires
+            // the old one), so that nothing in flight is refused.
+            let roll = KeyRoll {
+                old: old_keys.get(&client).copied().flatten(),
+                new: key.map(|k| k.0),
+            };
+            let ring = roll.server_ring(Duration::ZERO);
             let r = self.set_keys(client, ring);
-            if r.is_ok()
-                && let Some(x) = self.cfg.clients.iter_mut().find(|x| x.id == client)
-            {
-                x.tag_key = key;
+            if r.is_ok() {
+                if let Some(x) = self.cfg.clients.iter_mut().find(|x| x.id == client) {
+                    x.tag_key = key;
+                }
+                if ring != roll.server_ring(KEY_GRACE) {
+                    self.key_rolls.insert(client, (roll, Instant::now()));
+                } else {
+                    self.key_rolls.remove(&client);
+                }
             }
             note(format!("keys of client {client}"), r);
         }
@@ -100,6 +121,7 @@ impl Server {
                 set.remove(&client);
             }
             let r = self.set_keys(client, None);
+            self.key_rolls.remove(&client);
             self.cfg.clients.retain(|x| x.id != client);
             note(format!("forget client {client}"), r);
         }
@@ -113,13 +135,38 @@ impl Server {
         }
     }
 
+    /// Retires the previous key of every client whose key change from
+    /// the store has passed its grace period ([`KEY_GRACE`]). Call it
+    /// often (devplane-server's loop does, at least every second).
+    pub fn tick_keys(&mut self) -> Result<(), Vec<String>> {
+        let due: Vec<(u32, KeyRoll, Duration)> = self
+            .key_rolls
+            .iter()
+            .map(|(&c, (roll, since))| (c, *roll, since.elapsed()))
+            .filter(|(_, roll, elapsed)| roll.settled(*elapsed))
+            .collect();
+        let mut errors = Vec::new();
+        for (client, roll, elapsed) in due {
+            self.key_rolls.remove(&client);
+            if let Err(e) = self.set_keys(client, roll.server_ring(elapsed)) {
+                errors.push(format!("retiring the old key of client {client}: {e}"));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
     /// XDP mode: the eBPF maps written from what the server holds (the
     /// suspended VMs keep their flag).
     fn sync_maps(&mut self) -> Result<(), ServerError> {
         let Some(x) = self.xdp.as_mut() else {
             return Ok(());
         };
-        devplane_control::maps::sync(&self.cfg, true, &mut x.maps)?;
+        let keep: std::collections::BTreeSet<u32> = self.forwards.keys().copied().collect();
+        devplane_control::maps::sync_keeping(&self.cfg, true, &mut x.maps, &keep)?;
         let held: Vec<u32> = self.suspended.iter().copied().collect();
         for vm in held {
             self.put_vm_entry(vm)?;

@@ -38,6 +38,7 @@ fn model(id: u32, worker: u32) -> Model {
         pio_base: Some(0x500),
         mmio_base: None,
         backing: None,
+        via: None,
     }
 }
 

@@ -4,6 +4,10 @@
 //! removes the directory. Tests that need a store start their own, so
 //! neither `.ci/run` nor a developer has a service to run.
 //!
+//! [`Etcd::start_in`] starts it inside a network namespace instead (a
+//! host of a [`crate::lan::Lan`]), listening on that host's address, so
+//! that agents in the other hosts' namespaces reach it over the LAN.
+//!
 //! A missing `etcd` binary skips the test with a message, or fails it when
 //! `DEVPLANE_REQUIRE_PRIVILEGED` is set ([`crate::privilege::unavailable`]).
 
@@ -27,6 +31,10 @@ pub struct Etcd {
     client_port: u16,
     peer_port: u16,
     bin: PathBuf,
+    /// The namespace it runs in (`None`: the test's own) and the address
+    /// it listens on there.
+    netns: Option<String>,
+    host: Ipv4Addr,
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -45,6 +53,17 @@ impl Etcd {
     /// message) when etcd is not installed and skipping is allowed; a
     /// panic when it is required or etcd does not come up.
     pub fn start(test: &str) -> Option<Etcd> {
+        Self::start_at(test, None, Ipv4Addr::LOCALHOST)
+    }
+
+    /// Starts a private etcd inside network namespace `netns`, listening
+    /// on `host` (an address of that namespace). `None` and a panic as
+    /// for [`Etcd::start`].
+    pub fn start_in(test: &str, netns: &str, host: Ipv4Addr) -> Option<Etcd> {
+        Self::start_at(test, Some(netns.to_string()), host)
+    }
+
+    fn start_at(test: &str, netns: Option<String>, host: Ipv4Addr) -> Option<Etcd> {
         let bin = bin();
         if !bin.exists() {
             crate::privilege::unavailable(
@@ -68,7 +87,12 @@ impl Etcd {
         let mut last = String::new();
         // A port found free can be taken before etcd binds it: try again.
         for _ in 0..3 {
-            let (Ok(client_port), Ok(peer_port)) = (free_port(), free_port()) else {
+            // A namespace of its own has every port free.
+            let ports = match netns {
+                None => (free_port(), free_port()),
+                Some(_) => (Ok(2379), Ok(2380)),
+            };
+            let (Ok(client_port), Ok(peer_port)) = ports else {
                 continue;
             };
             let mut e = Etcd {
@@ -77,6 +101,8 @@ impl Etcd {
                 client_port,
                 peer_port,
                 bin: bin.clone(),
+                netns: netns.clone(),
+                host,
             };
             match e.launch() {
                 Ok(()) => return Some(e),
@@ -91,9 +117,20 @@ impl Etcd {
     }
 
     fn launch(&mut self) -> Result<(), String> {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new(&self.bin)
+        let client = self.endpoint();
+        let peer = format!("http://{}:{}", self.host, self.peer_port);
+        let mut cmd = match &self.netns {
+            None => Command::new(&self.bin),
+            Some(ns) => {
+                // nsenter execs etcd: the child's pid is etcd's.
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/var/run/netns/{ns}"))
+                    .arg("--")
+                    .arg(&self.bin);
+                c
+            }
+        };
+        let child = cmd
             .arg("--name")
             .arg("devplane-test")
             .arg("--data-dir")
@@ -119,16 +156,14 @@ impl Etcd {
             .map_err(|e| format!("{}: {e}", self.bin.display()))?;
         self.child = Some(child);
         let end = Instant::now() + READY_WITHIN;
-        let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, self.client_port);
+        let addr = SocketAddrV4::new(self.host, self.client_port);
         loop {
             if let Some(c) = self.child.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
             {
                 return Err(format!("etcd exited at start: {status}"));
             }
-            if TcpStream::connect_timeout(&addr.into(), Duration::from_millis(200)).is_ok()
-                && self.healthy()
-            {
+            if self.healthy() {
                 return Ok(());
             }
             if Instant::now() >= end {
@@ -140,17 +175,25 @@ impl Etcd {
         }
     }
 
-    /// Whether etcd answers `/health` with `"health":"true"`.
-    fn healthy(&self) -> bool {
+    /// Whether etcd answers `/health` with `"health":"true"` (asked from
+    /// its namespace).
+    pub fn healthy(&self) -> bool {
+        match &self.netns {
+            None => self.healthy_here(),
+            Some(ns) => crate::topology::run_in_netns(ns, || self.healthy_here()).unwrap_or(false),
+        }
+    }
+
+    fn healthy_here(&self) -> bool {
         use std::io::{Read, Write};
-        let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, self.client_port);
+        let addr = SocketAddrV4::new(self.host, self.client_port);
         let Ok(mut s) = TcpStream::connect_timeout(&addr.into(), Duration::from_millis(500)) else {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
         let req = format!(
-            "GET /health HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
-            self.client_port
+            "GET /health HTTP/1.1\r\nHost: {}:{}\r\nConnection: close\r\n\r\n",
+            self.host, self.client_port
         );
         if s.write_all(req.as_bytes()).is_err() {
             return false;
@@ -160,12 +203,12 @@ impl Etcd {
         out.contains("\"health\":\"true\"")
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://HOST:PORT` (`127.0.0.1` unless started in a namespace).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("http://{}:{}", self.host, self.client_port)
     }
 
-    /// The `--store` value: `etcd:http://127.0.0.1:PORT`.
+    /// The `--store` value: `etcd:http://HOST:PORT`.
     pub fn store_url(&self) -> String {
         format!("etcd:{}", self.endpoint())
     }

@@ -106,7 +106,8 @@ fn pass_through(ifname: &str) -> io::Result<devplane_server::xdp::Program> {
 
 impl Lan {
     /// Builds a LAN of hosts named `names` (each one of `client`,
-    /// `server`, `owner`, `io`, `peer`, `attacker`: the names a sweep of a
+    /// `client2`, `server`, `owner`, `io`, `peer`, `attacker`, `store`:
+    /// the names a sweep of a
     /// killed test's leftovers recognises), at `.1`, `.2`, ... of a fresh
     /// subnet. Needs root and iproute2's `ip` and `bridge`.
     pub fn new(tag: &str, names: &[&str]) -> Result<Lan, TopologyError> {

@@ -99,7 +99,7 @@ fn dead_owner(name: &str) -> Option<u32> {
         };
         n.parse::<u32>().ok()?;
         if ![
-            "client", "server", "attacker", "peer", "switch", "owner", "io",
+            "client", "client2", "server", "attacker", "peer", "switch", "owner", "io", "store",
         ]
         .contains(side)
         {

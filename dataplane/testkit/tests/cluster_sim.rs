@@ -98,6 +98,7 @@ fn cluster_sim() {
             pio_base: Some(0x500),
             mmio_base: None,
             backing: None,
+            via: None,
         }));
     }
     let t = Instant::now();

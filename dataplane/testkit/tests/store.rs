@@ -78,6 +78,7 @@ fn base() -> Vec<Change> {
             pio_base: Some(0x500),
             mmio_base: None,
             backing: None,
+            via: None,
         }),
     ]
 }

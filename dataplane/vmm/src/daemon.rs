@@ -134,6 +134,12 @@ pub struct Daemon {
     /// [`Request::SetKeys`]): what every VM's engine seals and verifies
     /// with.
     keys: Option<devplane_wire::tag::KeyRing>,
+    /// As an agent of the store: the key the store gave this client last
+    /// (at start, the configuration's).
+    store_key: Option<devplane_wire::tag::TagKey>,
+    /// A key change from the store still being carried out, and when it
+    /// was learnt ([`devplane_control::store::plan::KeyRoll`]).
+    key_roll: Option<(devplane_control::store::plan::KeyRoll, Instant)>,
 }
 
 /// How one vCPU ended, for the protocol.
@@ -165,6 +171,8 @@ impl Daemon {
             .map(|k| devplane_wire::tag::KeyRing::new(k.0));
         Daemon {
             keys,
+            store_key: keys.map(|k| k.current),
+            key_roll: None,
             file,
             slots,
             arrivals: mpsc::channel(),

@@ -110,12 +110,25 @@ fn change_of(cmd: &Command, s: &State) -> Option<Result<Change, Failure>> {
             pio_base: *pio_base,
             mmio_base: *mmio_base,
             backing: backing.clone(),
+            via: None,
         }),
         Command::Models(ModelsCmd::Remove(a)) => Change::RemoveModel(a.id),
         Command::Models(ModelsCmd::Place { id, server, worker }) => Change::PlaceModel {
             model: id.id,
             server: *server,
             worker: *worker,
+        },
+        Command::Models(ModelsCmd::Forward {
+            id,
+            owner: Some(owner),
+            ..
+        }) => Change::ForwardModel {
+            model: id.id,
+            via: Some(*owner),
+        },
+        Command::Models(ModelsCmd::Unforward(a)) => Change::ForwardModel {
+            model: a.id,
+            via: None,
         },
         Command::Servers(ServersCmd::Add { id, address }) => Change::AddServer(Server {
             id: id.id,
@@ -147,15 +160,21 @@ pub(super) fn run(cli: &Cli) -> Result<Option<String>, Failure> {
                 .into(),
         });
     }
-    if etcd && matches!(cli.command, Command::Clients(ClientsCmd::RotateKey { .. })) {
-        return Err(Failure {
-            code: EXIT_FAILED,
-            message: "clients rotate-key hands keys to the daemons' sockets and is not \
-                      wired to the etcd store yet: rotate with --state on a file database"
-                .into(),
-        });
-    }
     let mut s = store::open(url)?;
+    if let Command::Clients(ClientsCmd::RotateKey {
+        id, server_sockets, ..
+    }) = &cli.command
+    {
+        if !server_sockets.is_empty() {
+            return Err(Failure {
+                code: EXIT_USAGE,
+                message: "--server-socket is for --state: with --store etcd:... the agents \
+                          take the new key from the store by themselves"
+                    .into(),
+            });
+        }
+        return rotate_key(&mut *s, id.id, cli.json).map(Some);
+    }
     let json = cli.json;
     if is_status {
         return Ok(Some(status(&mut *s, json)?));
@@ -187,6 +206,45 @@ pub(super) fn run(cli: &Cli) -> Result<Option<String>, Failure> {
         "{} {kind} {id} (revision {revision})\n",
         done_of(action)
     )))
+}
+
+/// `clients rotate-key` on the etcd store: the new key is one store
+/// change; every agent takes it from there (servers accept the old and
+/// the new key, client agents keep sealing with the old one for a moment
+/// and then with the new, and after the agents' grace period only the new
+/// key is accepted: `devplane_control::store::plan::KeyRoll`).
+fn rotate_key(s: &mut dyn Store, client: u32, json: bool) -> Result<String, Failure> {
+    let snap = s.load()?;
+    let old = snap
+        .state
+        .client(client)
+        .ok_or(DbError::NotFound {
+            kind: Kind::Client,
+            id: client,
+        })?
+        .tag_key;
+    let new = devplane_control::config::ClientKey(keys::random_key(keys::next_id(old))?);
+    let revision = s.apply(&Change::SetClientKey(client, Some(new)))?;
+    let fingerprint = new.0.fingerprint().to_string();
+    if json {
+        return Ok(to_json(&json!({
+            "action": "rotate-key",
+            "client": client,
+            "key_id": new.0.id,
+            "fingerprint": fingerprint,
+            "previous_key_id": old.map(|k| k.0.id),
+            "revision": revision,
+        })));
+    }
+    Ok(format!(
+        "client {client} now has key {} ({fingerprint}){} (revision {revision}); the agents \
+         take it from the store\n",
+        new.0.id,
+        match old {
+            Some(k) => format!(", key {} retired after the agents' grace period", k.0.id),
+            None => String::new(),
+        }
+    ))
 }
 
 /// One row of the agents table: a platform of the state, or an agent

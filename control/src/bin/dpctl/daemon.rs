@@ -93,11 +93,31 @@ pub(super) fn run(cli: &Cli) -> Result<Option<String>, Failure> {
                 json!({"action": "tune", "spin_budget": spin_budget, "idle_sleep_us": idle_sleep_us, "batch": batch}),
             )?
         }
+        Command::Models(ModelsCmd::Forward { owner: Some(_), .. })
+            if matches!(cli.store, Some(devplane_control::store::StoreUrl::Etcd(_))) =>
+        {
+            return Ok(None);
+        }
+        Command::Models(ModelsCmd::Forward { owner: Some(_), .. }) => {
+            return Err(Failure {
+                code: EXIT_USAGE,
+                message: "models forward --owner is a store change: give --store \
+                          etcd:http://HOST:PORT (or --to-server, --ip and --mac for the \
+                          owner's --socket)"
+                    .into(),
+            });
+        }
+        Command::Models(ModelsCmd::Unforward(_))
+            if matches!(cli.store, Some(devplane_control::store::StoreUrl::Etcd(_))) =>
+        {
+            return Ok(None);
+        }
         Command::Models(ModelsCmd::Forward {
             id,
-            to_server,
-            ip,
-            mac,
+            to_server: Some(to_server),
+            ip: Some(ip),
+            mac: Some(mac),
+            ..
         }) => action(
             cli,
             Request::ForwardModel {

@@ -42,7 +42,7 @@ fn failed(message: String) -> Failure {
 }
 
 /// 16 bytes from the kernel's random source.
-fn random_key(id: u8) -> Result<TagKey, Failure> {
+pub(super) fn random_key(id: u8) -> Result<TagKey, Failure> {
     let mut bytes = [0u8; 16];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
@@ -51,7 +51,7 @@ fn random_key(id: u8) -> Result<TagKey, Failure> {
 }
 
 /// The id after `old`'s (1..=255, wrapping; 1 for a first key).
-fn next_id(old: Option<ClientKey>) -> u8 {
+pub(super) fn next_id(old: Option<ClientKey>) -> u8 {
     match old {
         Some(k) if k.0.id < u8::MAX => k.0.id + 1,
         _ => 1,

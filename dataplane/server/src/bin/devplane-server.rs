@@ -58,7 +58,18 @@ fn follow(server: &mut Server, settings: &ServerSettings, snap: &Snapshot, agent
     let id = settings.server.id;
     let outcome = server_config_of(&snap.state, settings)
         .map_err(|e| e.to_string())
-        .and_then(|want| server.reconcile(&want).map_err(|errs| errs.join("; ")));
+        .and_then(|want| server.reconcile(&want).map_err(|errs| errs.join("; ")))
+        .and_then(|steps| {
+            // Forward routes: only an XDP owner has any to keep.
+            let want = devplane_control::store::plan::forwards_of(&snap.state, id);
+            if want.is_empty() && server.forwards().is_empty() {
+                return Ok(steps);
+            }
+            server
+                .reconcile_forwards(&want)
+                .map(|n| steps + n)
+                .map_err(|errs| errs.join("; "))
+        });
     match outcome {
         Ok(steps) => {
             if steps > 0 {
@@ -219,10 +230,14 @@ fn main() {
             control.path().display()
         ),
     }
-    // A snapshot not applied whole is tried again every second.
+    // A snapshot not applied whole is tried again (every quarter second,
+    // the tick that also ends key rotations' grace periods).
     let mut pending: Option<Box<Snapshot>> = None;
     loop {
-        let ev = match rx.recv_timeout(std::time::Duration::from_secs(1)) {
+        if let Err(e) = server.tick_keys() {
+            eprintln!("devplane-server {}: {}", server.id(), e.join("; "));
+        }
+        let ev = match rx.recv_timeout(std::time::Duration::from_millis(250)) {
             Ok(ev) => ev,
             Err(mpsc::RecvTimeoutError::Timeout) => match pending.take() {
                 Some(snap) => Event::Store(snap),

@@ -180,6 +180,9 @@ fn main() {
                 }
             }
         }
+        if let Err(e) = daemon.tick_keys() {
+            eprintln!("devplane-client {}: {e}", daemon.client_id());
+        }
         for s in daemon.reap() {
             report("stopped by itself", &s);
         }

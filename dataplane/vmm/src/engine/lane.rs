@@ -38,8 +38,12 @@ pub(crate) struct LaneIo {
     connected: Vec<bool>,
     /// Per socket: the owner server its requests go to instead of the
     /// server it is connected to ([`Lane::via`]), as a `sockaddr` that an
-    /// io_uring send points at (the vector is never resized).
-    via: Vec<Option<(libc::sockaddr_storage, libc::socklen_t)>>,
+    /// io_uring send points at (the vector is never resized), and whether
+    /// it is in use: a switch to or from an owner
+    /// ([`super::Engine::set_via`]) flips the flag (and rewrites the
+    /// address) in place, so an entry already queued still points at
+    /// valid memory.
+    via: Vec<(libc::sockaddr_storage, libc::socklen_t, bool)>,
     /// [`Lane::servers`].
     servers: HashMap<u32, SocketAddr>,
     /// Per vCPU (the protocol's flow index): its exit ring.
@@ -100,9 +104,9 @@ impl Io for LaneIo {
         let fd = types::Fd(self.sockets[socket].as_raw_fd());
         // Through an owner server: sent to it, on the socket connected to
         // the server that answers.
-        let (dest, dest_len) = match self.via.get(socket).and_then(Option::as_ref) {
-            Some((a, l)) => ((a as *const libc::sockaddr_storage).cast(), *l),
-            None => (std::ptr::null(), 0),
+        let (dest, dest_len) = match self.via.get(socket) {
+            Some((a, l, true)) => ((a as *const libc::sockaddr_storage).cast(), *l),
+            _ => (std::ptr::null(), 0),
         };
         let e = if self.zero_copy {
             let mut op = opcode::SendZc::new(fd, ptr, len as u32)
@@ -226,6 +230,10 @@ pub(crate) struct Loop {
     retargets: Arc<Retargets>,
     /// How many of `retargets` this loop has applied.
     retargeted: usize,
+    /// How many of `retargets.vias` this loop has applied.
+    vias_applied: usize,
+    /// Per socket: the server it is connected to.
+    socket_servers: Vec<Option<u32>>,
 }
 
 /// Models to point at another server, asked by [`super::Engine::retarget`]
@@ -240,6 +248,11 @@ pub(crate) struct Retargets {
     pub(crate) asked: std::sync::atomic::AtomicUsize,
     /// How many of them the lane has applied.
     pub(crate) done: std::sync::atomic::AtomicUsize,
+    /// Every change of an owner server so far, in order: (server, the
+    /// owner its requests go through now, or `None`: straight).
+    pub(crate) vias: std::sync::Mutex<Vec<(u32, Option<SocketAddr>)>>,
+    /// `vias.len()`, read without the lock on every step.
+    pub(crate) vias_asked: std::sync::atomic::AtomicUsize,
 }
 
 impl Loop {
@@ -290,7 +303,15 @@ impl Loop {
             .collect();
         let via = socket_servers
             .iter()
-            .map(|id| lane.via.get(&(*id)?).map(sockaddr))
+            .map(|id| match id.and_then(|id| lane.via.get(&id)) {
+                Some(a) => {
+                    let (a, l) = sockaddr(a);
+                    (a, l, true)
+                }
+                // SAFETY: `sockaddr_storage` is plain old data; all zeroes
+                // is valid.
+                None => (unsafe { std::mem::zeroed() }, 0, false),
+            })
             .collect();
         let servers = lane.servers.keys().copied().collect();
         let mut proto = Protocol::new(
@@ -332,6 +353,8 @@ impl Loop {
             cqes: Vec::with_capacity(64),
             retargets,
             retargeted: 0,
+            vias_applied: 0,
+            socket_servers,
         }
     }
 
@@ -454,6 +477,29 @@ impl Loop {
     /// [`Protocol::retarget`]); cheap when there are none.
     pub(crate) fn apply_retargets(&mut self) {
         use std::sync::atomic::Ordering;
+        if self.retargets.vias_asked.load(Ordering::Acquire) != self.vias_applied {
+            let list = self
+                .retargets
+                .vias
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for &(server, owner) in &list[self.vias_applied..] {
+                for (i, s) in self.socket_servers.iter().enumerate() {
+                    if *s != Some(server) {
+                        continue;
+                    }
+                    let v = &mut self.io.via[i];
+                    match owner {
+                        Some(a) => {
+                            let (addr, len) = sockaddr(&a);
+                            *v = (addr, len, true);
+                        }
+                        None => v.2 = false,
+                    }
+                }
+            }
+            self.vias_applied = list.len();
+        }
         if self.retargets.asked.load(Ordering::Acquire) == self.retargeted {
             return;
         }

@@ -370,6 +370,27 @@ impl Engine {
         })
     }
 
+    /// From each lane's next step on, requests for server `server` go
+    /// through the owner server at `owner` (which forwards them), or
+    /// straight to `server` (`None`); answers still come from `server`.
+    /// Datagrams in flight are retransmitted on the new path with their
+    /// sequence numbers. Returns at once (a direct lane's vCPU is kicked).
+    pub fn set_via(&self, server: u32, owner: Option<SocketAddr>) {
+        for c in &self.cells {
+            let mut l = c.retargets.vias.lock().unwrap_or_else(|p| p.into_inner());
+            l.push((server, owner));
+            c.retargets.vias_asked.store(l.len(), Ordering::Release);
+        }
+        self.doorbell.kick();
+        for c in &self.cells {
+            if c.direct
+                && let Some(w) = c.waker.get()
+            {
+                w();
+            }
+        }
+    }
+
     /// Points model `model` at server `server`, reached through socket
     /// `socket` of every lane (a model moved to another server): queued
     /// requests go there, datagrams in flight are rewritten for it and
