@@ -43,15 +43,37 @@ pub const WRITE_DEADLINE: Duration = Duration::from_secs(5);
 pub struct Reply {
     tx: Sender<Response>,
     wake: Arc<OwnedFd>,
+    /// A [`Request::Console`]'s connection, handed over whole: the
+    /// listener keeps nothing of it (see [`Reply::take_stream`]).
+    stream: Option<UnixStream>,
 }
 
 impl Reply {
     /// Sends the answer (and wakes the listener to write it). Fails when
-    /// the connection is gone (its deadline passed).
+    /// the connection is gone (its deadline passed). For a connection
+    /// handed over ([`Reply::take_stream`] not taken), the answer is
+    /// written on it here, within [`WRITE_DEADLINE`], and it is closed.
     pub fn send(&self, answer: Response) -> Result<(), SendError<Response>> {
+        if let Some(stream) = &self.stream {
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_write_timeout(Some(WRITE_DEADLINE));
+            if let State::Writing(line, _) = self::answer(answer.clone()) {
+                let mut s = stream;
+                return s.write_all(&line).map_err(|_| SendError(answer));
+            }
+            return Ok(());
+        }
         self.tx.send(answer)?;
         ring(&self.wake);
         Ok(())
+    }
+
+    /// A [`Request::Console`]'s connection (non-blocking), which stays
+    /// open as the console's stream: the daemon writes its answer line on
+    /// it, then the console's bytes. `None` for every other request (the
+    /// listener answers those).
+    pub fn take_stream(&mut self) -> Option<UnixStream> {
+        self.stream.take()
     }
 }
 
@@ -286,11 +308,25 @@ impl Listener {
                         }),
                         Ok(request) => {
                             let (tx, rx) = mpsc::channel();
+                            // A console keeps its connection: it is handed
+                            // over with the request (a duplicate of the
+                            // socket; this one is closed here).
+                            let handed = matches!(request, Request::Console { .. });
+                            let stream = if handed {
+                                c.stream.try_clone().ok()
+                            } else {
+                                None
+                            };
+                            // Not duplicated (out of fds): answered as any
+                            // request, so the daemon's refusal is seen.
+                            let handed = stream.is_some();
                             let reply = Reply {
                                 tx,
                                 wake: self.wake.clone(),
+                                stream,
                             };
                             match self.to.send(Pending { request, reply }) {
+                                Ok(()) if handed => State::Closed,
                                 Ok(()) => State::Waiting(rx),
                                 Err(_) => answer(Response::Error {
                                     message: "the daemon is stopping".into(),
