@@ -10,7 +10,7 @@
 use iced_x86::IcedError;
 use iced_x86::code_asm::{
     CodeAssembler, CodeLabel, al, ax, bl, bx, byte_ptr, cs, cx, di, ds, dword_ptr, dx, eax, ebx,
-    ecx, edx, es, fs, mm0, qword_ptr, si, word_ptr,
+    ecx, edx, es, esi, fs, mm0, qword_ptr, si, word_ptr,
 };
 
 use super::kvm::{DONE_PORT, Entry};
@@ -454,14 +454,22 @@ fn init_pics(a: &mut CodeAssembler, line: u8) -> Result<(), GuestError> {
     Ok(())
 }
 
+/// TSC ticks between two of [`uart_echo`]'s heartbeats (a few
+/// milliseconds at the usual 1-4 GHz; timed by the TSC, not by counting
+/// instructions, because nested PVM emulates real-mode code far slower
+/// than a CPU runs it).
+const UART_ECHO_BEAT_TSC: u32 = 1 << 23;
+
 /// What [`uart_echo`] prints once its UART is set up.
 pub const UART_ECHO_BANNER: &[u8] = b"devplane console ready\r\n";
 
 /// A console guest: drives a 16550 UART at port `base` whose interrupt is
 /// master-PIC input `line` (COM1: 0x3f8, line 4). It sets the line up
 /// (8N1, FIFO on, OUT2, receive interrupt enabled), prints
-/// [`UART_ECHO_BANNER`], then sleeps (`sti; hlt`) until the UART
-/// interrupts; its handler reads every byte the receive FIFO holds (LSR
+/// [`UART_ECHO_BANNER`], then waits with interrupts enabled (a delay
+/// loop, and every few milliseconds a heartbeat read of the scratch
+/// register, so that its server finds it after a live migration) until
+/// the UART interrupts; its handler reads every byte the receive FIFO holds (LSR
 /// data ready), echoes each one back (waiting for THR empty), counts them,
 /// and sends the PIC an EOI. When it has received byte `stop` it prints
 /// `"\r\nbye\r\n"` and reports how many bytes it received, `stop`
@@ -481,13 +489,14 @@ pub fn uart_echo(base: u16, line: u8, stop: u8) -> Result<Guest, GuestError> {
     let vector = u32::from(PIC_VECTOR_BASE + line);
     let count = u32::from(DATA_OFFSET);
     let stopped = count + 2;
-    let (data, ier, fcr, lcr, mcr, lsr) = (
+    let (data, ier, fcr, lcr, mcr, lsr, scr) = (
         u32::from(base),
         u32::from(base + 1),
         u32::from(base + 2),
         u32::from(base + 3),
         u32::from(base + 4),
         u32::from(base + 5),
+        u32::from(base + 7),
     );
     let mut p = Program::new(GUEST_SEGMENT)?;
     let a = &mut p.a;
@@ -570,12 +579,24 @@ pub fn uart_echo(base: u16, line: u8, stop: u8) -> Result<Guest, GuestError> {
         a.call(putc)?;
     }
     a.jmp(check)?;
-    // `sti` delays interrupts by one instruction: a pending one wakes the
-    // `hlt` rather than slipping in before it.
+    // Between interrupts: a delay with interrupts on, then a heartbeat
+    // read of the scratch register. Without any access of its own, a guest
+    // live-migrated to another client daemon would not be found by its
+    // server's interrupts (the server learns where a VM is from its
+    // requests), so it would never see what is typed after the move.
+    let mut spin = a.create_label();
     a.set_label(&mut wait)?;
     a.sti()?;
-    a.hlt()?;
+    a.rdtsc()?;
+    a.mov(esi, eax)?;
+    a.set_label(&mut spin)?;
+    a.rdtsc()?;
+    a.sub(eax, esi)?;
+    a.cmp(eax, UART_ECHO_BEAT_TSC)?;
+    a.jb(spin)?;
     a.cli()?;
+    a.mov(dx, scr)?;
+    a.in_(al, dx)?;
     a.set_label(&mut check)?;
     a.cmp(byte_ptr(stopped), 0u32)?;
     a.je(wait)?;
@@ -907,7 +928,7 @@ mod tests {
         let g = uart_echo(0x3f8, 4, b'~').unwrap();
         assert!(g.entry.ip > 0);
         let text = disasm(&g);
-        assert!(text.contains("iret") && text.contains("hlt"), "{text}");
+        assert!(text.contains("iret") && text.contains("sti"), "{text}");
         assert!(text.contains("mov dx,3FDh"), "polls LSR: {text}");
         assert!(uart_echo(0x3f8, 8, b'~').is_err());
         assert!(uart_echo(0xfffa, 4, b'~').is_err());

@@ -12,8 +12,9 @@
 //! report is exactly the number of bytes the writer typed, the read-only
 //! viewer's keystrokes excluded); a second writer is refused with a clear
 //! error; the console stays attached while the VM is suspended and
-//! resumed (keys typed while it is suspended are echoed once it resumes);
-//! Ctrl-] detaches.
+//! resumed (keys typed while it is suspended are echoed once it resumes)
+//! and while it is live-migrated to another client daemon (the model,
+//! and so the console, does not move); Ctrl-] detaches.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -361,6 +362,12 @@ fn an_operator_console_on_the_servers_uart_through_dpctl() {
         server: dir.0.join("server.sock"),
         client: dir.0.join("client.sock"),
     };
+    // The live migration's target: a second client daemon (the same
+    // client platform, as in e2e_vm_lifecycle).
+    let b = Sockets {
+        server: s.server.clone(),
+        client: dir.0.join("client-b.sock"),
+    };
     let mut server = start_daemon(
         topo.server_netns(),
         &sibling("devplane-server"),
@@ -465,6 +472,41 @@ fn an_operator_console_on_the_servers_uart_through_dpctl() {
         Duration::from_secs(10),
     );
 
+    // Live-migrated to another client daemon: the console, on the server
+    // with the model, never notices; both viewers go on seeing the guest,
+    // and what is typed reaches it where it runs now.
+    let mut client_b = start_daemon(
+        topo.client_netns(),
+        Path::new(env!("CARGO_BIN_EXE_devplane-client")),
+        &[
+            "--config".as_ref(),
+            client_cfg.as_os_str(),
+            "--control".as_ref(),
+            b.client.as_os_str(),
+        ],
+    );
+    ok(
+        &s,
+        &[
+            "vms",
+            "migrate",
+            &VM.to_string(),
+            "--to-client",
+            &CLIENT.to_string(),
+            "--to-client-socket",
+            b.client.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(vm_state(&s)["state"], "stopped", "freed at the source");
+    assert_eq!(vm_state(&b)["state"], "running", "runs on the target");
+    writer.type_in(b"xyz");
+    writer.wait_for("the echo after migration", b"xyz", Duration::from_secs(10));
+    viewer.wait_for(
+        "the echo after migration (viewer)",
+        b"xyz",
+        Duration::from_secs(10),
+    );
+
     // The viewer detaches with Ctrl-].
     let (status, err) = viewer.detach();
     assert!(status.success(), "{status}: {err}");
@@ -480,14 +522,14 @@ fn an_operator_console_on_the_servers_uart_through_dpctl() {
     );
     let t = Instant::now();
     let v = loop {
-        let v = vm_state(&s);
+        let v = vm_state(&b);
         if v["state"] == "stopped" {
             break v;
         }
         assert!(t.elapsed() < Duration::from_secs(10), "VM still runs: {v}");
         std::thread::sleep(Duration::from_millis(50));
     };
-    let typed = "hello".len() + "abc".len() + 1;
+    let typed = "hello".len() + "abc".len() + "xyz".len() + 1;
     assert_eq!(
         v["ended"][0]["value"].as_u64(),
         Some(typed as u64),
@@ -502,7 +544,7 @@ fn an_operator_console_on_the_servers_uart_through_dpctl() {
     );
     assert_eq!(count(&all, b"hello"), 1);
     assert_eq!(
-        count(&all, b"z"),
+        count(&all, b"zzz"),
         0,
         "a read-only viewer typed into the guest"
     );
@@ -519,6 +561,7 @@ fn an_operator_console_on_the_servers_uart_through_dpctl() {
 
     let (status, err) = writer.detach();
     assert!(status.success(), "{status}: {err}");
+    client_b.stop();
     client.stop();
     let status = server.stop().expect("the server ran");
     assert!(status.success(), "devplane-server exit status {status}");
