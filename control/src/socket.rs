@@ -542,6 +542,67 @@ mod tests {
     }
 
     #[test]
+    fn a_console_request_hands_its_connection_over() {
+        let dir = tempdir("console");
+        let path = dir.join("control.sock");
+        let (tx, rx) = mpsc::channel::<Pending>();
+        let sock = ControlSocket::bind(&path, tx).unwrap();
+        let mut ours = UnixStream::connect(&path).unwrap();
+        ours.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        ours.write_all(b"{\"op\":\"console\",\"vm\":1,\"write\":true}\n")
+            .unwrap();
+        let mut p = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(
+            matches!(
+                p.request,
+                Request::Console {
+                    vm: 1,
+                    model: None,
+                    write: true
+                }
+            ),
+            "{:?}",
+            p.request
+        );
+        let theirs = p
+            .reply
+            .take_stream()
+            .expect("the connection is handed over");
+        assert!(p.reply.take_stream().is_none());
+        // Bytes both ways on it; the listener keeps nothing of it.
+        (&theirs).write_all(b"out").unwrap();
+        let mut got = [0u8; 3];
+        ours.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"out");
+        ours.write_all(b"in").unwrap();
+        theirs.set_nonblocking(false).unwrap();
+        let mut got = [0u8; 2];
+        (&theirs).read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"in");
+        // A daemon that does not take it (the client daemon) answers on it.
+        let mut other = UnixStream::connect(&path).unwrap();
+        other
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        other.write_all(b"{\"op\":\"console\",\"vm\":2}\n").unwrap();
+        let p = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        p.reply
+            .send(Response::Error {
+                message: "no consoles here".into(),
+            })
+            .unwrap();
+        drop(p);
+        let mut text = String::new();
+        other.read_to_string(&mut text).unwrap();
+        assert!(
+            text.contains("no consoles here") && text.ends_with('\n'),
+            "{text}"
+        );
+        drop(sock);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_second_daemon_and_oversized_requests_are_refused() {
         let dir = tempdir("late");
         let path = dir.join("control.sock");
