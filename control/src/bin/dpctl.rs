@@ -70,7 +70,7 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
     /// Control socket of the running server (for stats, tune, model move,
-    /// vms suspend/resume/migrate).
+    /// vms suspend/resume/migrate, vms console).
     #[arg(
         long,
         global = true,
