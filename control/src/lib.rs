@@ -9,6 +9,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod console;
 pub mod db;
 pub mod handover;
 pub mod maps;

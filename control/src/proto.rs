@@ -143,6 +143,22 @@ pub enum Request {
         /// The target daemon's migration listener.
         to: std::net::SocketAddr,
     },
+    /// Server: attach to the console of VM `vm` (its UART model on this
+    /// server, or model `model`). Answered with [`Response::Console`] (or
+    /// an error) on the connection, which then stays open as the console:
+    /// the server streams what the guest transmits, raw bytes, and, for
+    /// the writer, takes what comes back as typed input. One writer at a
+    /// time; `write: false` watches read-only.
+    Console {
+        /// The VM.
+        vm: u32,
+        /// The UART model, when the VM has several on this server.
+        #[serde(default)]
+        model: Option<u32>,
+        /// Type into the console (the one writer) rather than watch.
+        #[serde(default)]
+        write: bool,
+    },
     /// Server and client daemon: client `client`'s datagrams are sealed
     /// with `current` from now on, and tags under `current` or `previous`
     /// are accepted (a key rotation's grace period; without `previous`,
@@ -178,6 +194,29 @@ pub struct WorkerCounters {
     pub worker: usize,
     /// Named counters.
     pub counters: Vec<(String, u64)>,
+}
+
+/// One console's counters on a server.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleCounters {
+    /// The UART model.
+    pub model: u32,
+    /// Viewers attached now (the writer included).
+    pub viewers: u64,
+    /// A writer is attached now.
+    pub writer: bool,
+    /// Bytes the guest transmitted since the console was first attached.
+    pub output_bytes: u64,
+    /// Bytes typed into the guest.
+    pub input_bytes: u64,
+    /// Bytes not delivered to a viewer that did not keep up (per viewer,
+    /// summed): the model and the other viewers never wait for one.
+    pub viewer_dropped_bytes: u64,
+    /// Bytes of output lost before the console thread took them (it fell
+    /// behind the worker).
+    pub tap_dropped_bytes: u64,
+    /// Writers refused because the console had one.
+    pub writers_refused: u64,
 }
 
 /// Whether a client daemon's VM runs.
@@ -284,6 +323,18 @@ pub enum Response {
         workers: Vec<WorkerCounters>,
         /// The XDP program's non-zero counters (XDP mode).
         xdp: Vec<(String, u64)>,
+        /// Each console (UART model) an operator attached to.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        consoles: Vec<ConsoleCounters>,
+    },
+    /// Attached to a console ([`Request::Console`]): raw bytes follow.
+    Console {
+        /// The server.
+        server: u32,
+        /// The UART model.
+        model: u32,
+        /// This viewer is the console's writer (else read-only).
+        writer: bool,
     },
     /// A migration target listens here ([`Request::ReceiveVm`]).
     Listening {
@@ -441,6 +492,11 @@ mod tests {
                 vm: 3,
                 to: "10.0.0.2:4000".parse().unwrap(),
             },
+            Request::Console {
+                vm: 3,
+                model: Some(5),
+                write: true,
+            },
         ];
         for r in reqs {
             let text = serde_json::to_string(&r).unwrap();
@@ -466,6 +522,15 @@ mod tests {
             Request::LaunchVm { vm: 3 }
         );
         assert!(serde_json::from_str::<Request>(r#"{"op":"launch_vm"}"#).is_err());
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"console","vm":3}"#).unwrap(),
+            Request::Console {
+                vm: 3,
+                model: None,
+                write: false
+            },
+            "read-only unless asked"
+        );
         let running = VmStatus {
             vm: 1,
             hypervisor: 2,
@@ -515,6 +580,23 @@ mod tests {
             },
             Response::NotFound {
                 message: "VM 9 is not configured".into(),
+            },
+            Response::Console {
+                server: 1,
+                model: 5,
+                writer: false,
+            },
+            Response::Stats {
+                server: 1,
+                workers: Vec::new(),
+                xdp: Vec::new(),
+                consoles: vec![ConsoleCounters {
+                    model: 5,
+                    viewers: 2,
+                    writer: true,
+                    output_bytes: 10,
+                    ..ConsoleCounters::default()
+                }],
             },
         ];
         for r in rsps {

@@ -43,15 +43,37 @@ pub const WRITE_DEADLINE: Duration = Duration::from_secs(5);
 pub struct Reply {
     tx: Sender<Response>,
     wake: Arc<OwnedFd>,
+    /// A [`Request::Console`]'s connection, handed over whole: the
+    /// listener keeps nothing of it (see [`Reply::take_stream`]).
+    stream: Option<UnixStream>,
 }
 
 impl Reply {
     /// Sends the answer (and wakes the listener to write it). Fails when
-    /// the connection is gone (its deadline passed).
+    /// the connection is gone (its deadline passed). For a connection
+    /// handed over ([`Reply::take_stream`] not taken), the answer is
+    /// written on it here, within [`WRITE_DEADLINE`], and it is closed.
     pub fn send(&self, answer: Response) -> Result<(), SendError<Response>> {
+        if let Some(stream) = &self.stream {
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_write_timeout(Some(WRITE_DEADLINE));
+            if let State::Writing(line, _) = self::answer(answer.clone()) {
+                let mut s = stream;
+                return s.write_all(&line).map_err(|_| SendError(answer));
+            }
+            return Ok(());
+        }
         self.tx.send(answer)?;
         ring(&self.wake);
         Ok(())
+    }
+
+    /// A [`Request::Console`]'s connection (non-blocking), which stays
+    /// open as the console's stream: the daemon writes its answer line on
+    /// it, then the console's bytes. `None` for every other request (the
+    /// listener answers those).
+    pub fn take_stream(&mut self) -> Option<UnixStream> {
+        self.stream.take()
     }
 }
 
@@ -286,11 +308,25 @@ impl Listener {
                         }),
                         Ok(request) => {
                             let (tx, rx) = mpsc::channel();
+                            // A console keeps its connection: it is handed
+                            // over with the request (a duplicate of the
+                            // socket; this one is closed here).
+                            let handed = matches!(request, Request::Console { .. });
+                            let stream = if handed {
+                                c.stream.try_clone().ok()
+                            } else {
+                                None
+                            };
+                            // Not duplicated (out of fds): answered as any
+                            // request, so the daemon's refusal is seen.
+                            let handed = stream.is_some();
                             let reply = Reply {
                                 tx,
                                 wake: self.wake.clone(),
+                                stream,
                             };
                             match self.to.send(Pending { request, reply }) {
+                                Ok(()) if handed => State::Closed,
                                 Ok(()) => State::Waiting(rx),
                                 Err(_) => answer(Response::Error {
                                     message: "the daemon is stopping".into(),
@@ -502,6 +538,67 @@ mod tests {
         );
         drop(sock);
         owner.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_console_request_hands_its_connection_over() {
+        let dir = tempdir("console");
+        let path = dir.join("control.sock");
+        let (tx, rx) = mpsc::channel::<Pending>();
+        let sock = ControlSocket::bind(&path, tx).unwrap();
+        let mut ours = UnixStream::connect(&path).unwrap();
+        ours.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        ours.write_all(b"{\"op\":\"console\",\"vm\":1,\"write\":true}\n")
+            .unwrap();
+        let mut p = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(
+            matches!(
+                p.request,
+                Request::Console {
+                    vm: 1,
+                    model: None,
+                    write: true
+                }
+            ),
+            "{:?}",
+            p.request
+        );
+        let theirs = p
+            .reply
+            .take_stream()
+            .expect("the connection is handed over");
+        assert!(p.reply.take_stream().is_none());
+        // Bytes both ways on it; the listener keeps nothing of it.
+        (&theirs).write_all(b"out").unwrap();
+        let mut got = [0u8; 3];
+        ours.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"out");
+        ours.write_all(b"in").unwrap();
+        theirs.set_nonblocking(false).unwrap();
+        let mut got = [0u8; 2];
+        (&theirs).read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"in");
+        // A daemon that does not take it (the client daemon) answers on it.
+        let mut other = UnixStream::connect(&path).unwrap();
+        other
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        other.write_all(b"{\"op\":\"console\",\"vm\":2}\n").unwrap();
+        let p = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        p.reply
+            .send(Response::Error {
+                message: "no consoles here".into(),
+            })
+            .unwrap();
+        drop(p);
+        let mut text = String::new();
+        other.read_to_string(&mut text).unwrap();
+        assert!(
+            text.contains("no consoles here") && text.ends_with('\n'),
+            "{text}"
+        );
+        drop(sock);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

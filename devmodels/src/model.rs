@@ -75,6 +75,22 @@ pub enum ModelEvent {
     Reset,
 }
 
+/// A model's serial line, as its owner sees it: the bytes the guest
+/// transmitted, and bytes received from the line (an operator's
+/// keystrokes), which the model raises its receive interrupt for.
+pub trait ConsolePort {
+    /// Moves the bytes transmitted since the last call to the end of
+    /// `out`, at most `max` of them (the rest stay for the next call).
+    fn drain_output(&mut self, out: &mut Vec<u8>, max: usize);
+
+    /// Whether transmitted bytes wait to be drained.
+    fn has_output(&self) -> bool;
+
+    /// Queues `bytes` as received from the line; returns how many were
+    /// accepted (fewer when the model's input queue is full).
+    fn feed_input(&mut self, bytes: &[u8]) -> usize;
+}
+
 /// An emulated device. Owned by one thread; never shared.
 ///
 /// Addresses are offsets from the model's base in the given space (the
@@ -127,6 +143,13 @@ pub trait DeviceModel: Send {
     /// (`crate::blockio`), if it is one. A model with registers as well
     /// keeps both views of its data coherent.
     fn block(&mut self) -> Option<&mut dyn crate::blockio::BlockDevice> {
+        None
+    }
+
+    /// The model as a serial console (a UART), if it is one: where its
+    /// owner takes what the guest transmitted and feeds what an operator
+    /// types (see [`ConsolePort`]).
+    fn console(&mut self) -> Option<&mut dyn ConsolePort> {
         None
     }
 

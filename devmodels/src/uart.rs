@@ -277,6 +277,22 @@ impl Uart {
     }
 }
 
+impl crate::ConsolePort for Uart {
+    fn drain_output(&mut self, out: &mut Vec<u8>, max: usize) {
+        let kept = &mut self.serial.writer_mut().kept;
+        let n = kept.len().min(max);
+        out.extend(kept.drain(..n));
+    }
+
+    fn has_output(&self) -> bool {
+        !self.serial.writer().kept.is_empty()
+    }
+
+    fn feed_input(&mut self, bytes: &[u8]) -> usize {
+        Uart::feed_input(self, bytes)
+    }
+}
+
 impl Default for Uart {
     fn default() -> Self {
         Uart::new(DEFAULT_LINE)
@@ -333,6 +349,10 @@ impl DeviceModel for Uart {
             line: self.line,
             action: IrqAction::Edge,
         })
+    }
+
+    fn console(&mut self) -> Option<&mut dyn crate::ConsolePort> {
+        Some(self)
     }
 
     /// Version 1: line, the `vm-superio` register state and receive FIFO,
@@ -579,6 +599,27 @@ mod tests {
         // The input queue is bounded.
         let big = vec![0u8; INPUT_LIMIT + 10];
         assert_eq!(u.feed_input(&big), INPUT_LIMIT);
+    }
+
+    #[test]
+    fn console_port_drains_output_in_bounded_pieces_and_feeds_input() {
+        let mut u = Uart::default();
+        wr(&mut u, REG_IER, IER_RDI);
+        for b in b"hello" {
+            wr(&mut u, REG_DATA, u64::from(*b));
+        }
+        let port = u.console().expect("a UART is a console");
+        assert!(port.has_output());
+        let mut out = Vec::new();
+        port.drain_output(&mut out, 3);
+        assert_eq!(out, b"hel");
+        port.drain_output(&mut out, 100);
+        assert_eq!(out, b"hello");
+        assert!(!port.has_output());
+        assert_eq!(port.feed_input(b"ab"), 2);
+        assert_eq!(irqs(&mut u), 1, "the receive interrupt");
+        assert_eq!(rd(&mut u, REG_DATA), u64::from(b'a'));
+        assert!(crate::null::Null.console().is_none());
     }
 
     #[test]

@@ -25,6 +25,8 @@ mod apply;
 mod client;
 #[path = "dpctl/cluster.rs"]
 mod cluster;
+#[path = "dpctl/console.rs"]
+mod console;
 #[path = "dpctl/daemon.rs"]
 mod daemon;
 #[path = "dpctl/keys.rs"]
@@ -68,7 +70,7 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
     /// Control socket of the running server (for stats, tune, model move,
-    /// vms suspend/resume/migrate).
+    /// vms suspend/resume/migrate, vms console).
     #[arg(
         long,
         global = true,
@@ -352,6 +354,30 @@ enum VmsCmd {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Attach this terminal to the VM's console: its UART model on the
+    /// server (--socket).
+    ///
+    /// What the guest writes is shown as it comes (first the last few KiB
+    /// it wrote before); what is typed goes to the guest's UART, with its
+    /// receive interrupt. Ctrl-] (--escape) detaches. One viewer at a time
+    /// may type (a second is refused); any number up to 16 may watch with
+    /// --read-only. A viewer that does not keep up loses bytes (told so),
+    /// never slowing the guest or the others. The console stays attached
+    /// through the VM's suspend, snapshot and migration: the model does
+    /// not move.
+    Console {
+        #[command(flatten)]
+        id: IdArg,
+        /// Watch only: nothing typed reaches the guest.
+        #[arg(long)]
+        read_only: bool,
+        /// The UART model, when the VM has several on this server.
+        #[arg(long, value_name = "ID")]
+        model: Option<u32>,
+        /// The detach key: ^X, ctrl-X or a hex byte (a control character).
+        #[arg(long, value_name = "KEY", default_value = "^]")]
+        escape: String,
+    },
     /// Start the VM of a snapshot FILE on client C's daemon.
     ///
     /// The client daemon at --client-socket must be client C and have the
@@ -610,6 +636,23 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<String, Failure> {
+    if let Command::Vms(VmsCmd::Console {
+        id,
+        read_only,
+        model,
+        escape,
+    }) = &cli.command
+    {
+        return console::run(
+            cli,
+            &console::Args {
+                vm: id.id,
+                model: *model,
+                read_only: *read_only,
+                escape,
+            },
+        );
+    }
     if let Some(out) = daemon::run(cli)? {
         return Ok(out);
     }
@@ -733,6 +776,7 @@ fn run(cli: &Cli) -> Result<String, Failure> {
             | VmsCmd::Shutdown(_)
             | VmsCmd::Running
             | VmsCmd::Snapshot { .. }
+            | VmsCmd::Console { .. }
             | VmsCmd::Restore { .. } => Err(daemon::handled_there()),
         },
         Command::Models(c) => match c {

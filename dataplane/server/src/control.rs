@@ -18,6 +18,22 @@ fn done(r: Result<(), crate::ServerError>) -> Response {
     }
 }
 
+/// Answers one request from the control socket (on the server's owning
+/// thread): a console's connection is handed to the console thread
+/// ([`Server::attach_console`]), every other request is [`handle`]d and
+/// answered.
+pub fn serve(server: &mut Server, mut pending: devplane_control::socket::Pending) {
+    if let Request::Console { vm, model, write } = pending.request
+        && let Some(stream) = pending.reply.take_stream()
+    {
+        // Answered on the connection, either way.
+        let _ = server.attach_console(vm, model, write, stream);
+        return;
+    }
+    let answer = handle(server, pending.request);
+    let _ = pending.reply.send(answer);
+}
+
 /// Applies a request to the server (on its owning thread).
 pub fn handle(server: &mut Server, request: Request) -> Response {
     match request {
@@ -63,8 +79,12 @@ pub fn handle(server: &mut Server, request: Request) -> Response {
                     })
                     .collect(),
                 xdp,
+                consoles: server.console_stats(),
             }
         }
+        Request::Console { .. } => Response::Error {
+            message: "a console needs a connection of its own: use dpctl vms console".into(),
+        },
         Request::MoveModel { model, worker } => done(server.move_model(model, worker)),
         Request::AddModel { model } => done(server.add_model(model)),
         Request::RemoveModel { model } => done(server.remove_model(model)),

@@ -58,4 +58,7 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
+    /// The console thread could not start.
+    #[error("starting the console thread: {0}")]
+    Console(std::io::Error),
 }

@@ -24,6 +24,7 @@
 pub mod afxdp;
 pub mod bpffs;
 pub mod bulk;
+pub mod console;
 pub mod control;
 pub mod dispatch;
 mod error;
@@ -163,16 +164,18 @@ pub struct Server {
     /// Models handed over by another server, built but not served until
     /// their move commits ([`Server::stage_in`]).
     staged: HashMap<u32, handover::StagedIn>,
-    /// Client key changes from the store still in their grace period
-    /// (both keys accepted), and when each was learnt
-    /// ([`Server::tick_keys`]).
     /// The models this (owner) server forwards, and where
     /// ([`Server::forward_model`]); kept in the routes map across syncs.
     forwards: std::collections::BTreeMap<u32, forward::Forward>,
+    /// Client key changes from the store still in their grace period
+    /// (both keys accepted), and when each was learnt
+    /// ([`Server::tick_keys`]).
     key_rolls: std::collections::BTreeMap<
         u32,
         (devplane_control::store::plan::KeyRoll, std::time::Instant),
     >,
+    /// The console thread: operators' terminals on the UART models.
+    console: console::ConsoleHub,
 }
 
 fn build_dispatchers(cfg: &ServerConfig) -> Result<Vec<Dispatcher>, ServerError> {
@@ -279,6 +282,7 @@ impl Server {
             staged: HashMap::new(),
             key_rolls: Default::default(),
             forwards: Default::default(),
+            console: console::ConsoleHub::start().map_err(ServerError::Console)?,
         };
         let admission = Arc::new(socket::Admission {
             models: std::sync::RwLock::new(cfg.models.iter().map(|m| m.id).collect()),
@@ -366,6 +370,7 @@ impl Server {
             staged: HashMap::new(),
             key_rolls: Default::default(),
             forwards: Default::default(),
+            console: console::ConsoleHub::start().map_err(ServerError::Console)?,
         };
         let batch = loop_config(cfg).batch;
         server.spawn_workers(cfg, rings, dispatchers, move |rings, w| {
@@ -402,6 +407,7 @@ impl Server {
                     stop: self.stop.clone(),
                     cmds: rx,
                 },
+                consoles: console::WorkerTaps::new(self.console.registry()),
             };
             let run = run.clone();
             self.workers
@@ -435,6 +441,77 @@ impl Server {
             })?;
         }
         Ok(())
+    }
+
+    /// Attaches an operator to the console of VM `vm`: its UART model
+    /// here (`model`, when it has several). The connection is handed to
+    /// the console thread, which answers on it; a request naming no such
+    /// VM or model is answered here, on the connection, and closed.
+    pub fn attach_console(
+        &self,
+        vm: u32,
+        model: Option<u32>,
+        write: bool,
+        stream: std::os::unix::net::UnixStream,
+    ) -> Result<u32, String> {
+        match self.console_model(vm, model) {
+            Ok(m) => {
+                self.console.attach(self.id, m, write, stream);
+                Ok(m)
+            }
+            Err(e) => {
+                console::refuse(stream, e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// Which model is VM `vm`'s console here.
+    fn console_model(&self, vm: u32, model: Option<u32>) -> Result<u32, String> {
+        let id = self.id;
+        if !self.cfg.vms.iter().any(|v| v.id == vm) {
+            return Err(format!("VM {vm} is not known to server {id}"));
+        }
+        let is_console = |kind: &str| kind == devplane_devmodels::uart::KIND;
+        let mine: Vec<&devplane_control::config::ModelConfig> = self
+            .cfg
+            .models
+            .iter()
+            .filter(|m| m.vm == Some(vm) && is_console(&m.kind))
+            .collect();
+        match model {
+            Some(m) => match self.cfg.models.iter().find(|c| c.id == m) {
+                None => Err(format!("model {m} is not served by server {id}")),
+                Some(c) if c.vm != Some(vm) => Err(format!(
+                    "model {m} is not VM {vm}'s (its interrupts go to {})",
+                    c.vm.map_or("no VM".to_string(), |v| format!("VM {v}"))
+                )),
+                Some(c) if !is_console(&c.kind) => {
+                    Err(format!("model {m} is a {}, not a console (a uart)", c.kind))
+                }
+                Some(_) => Ok(m),
+            },
+            None => match mine.as_slice() {
+                [] => Err(format!(
+                    "VM {vm} has no console (uart model with vm = {vm}) on server {id}"
+                )),
+                [one] => Ok(one.id),
+                several => Err(format!(
+                    "VM {vm} has {} consoles on server {id} (models {}): choose one with --model",
+                    several.len(),
+                    several
+                        .iter()
+                        .map(|m| m.id.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            },
+        }
+    }
+
+    /// Each console's counters (consoles ever attached).
+    pub fn console_stats(&self) -> Vec<devplane_control::proto::ConsoleCounters> {
+        self.console.counters()
     }
 
     /// This server's platform id.

@@ -54,10 +54,7 @@ fn serve(mut server: Server, rx: Receiver<Cmd>) {
                 let _ = reply.send(snap);
             }
             Cmd::Call(f) => f(&mut server),
-            Cmd::Control(p) => {
-                let answer = devplane_server::control::handle(&mut server, p.request);
-                let _ = p.reply.send(answer);
-            }
+            Cmd::Control(p) => devplane_server::control::serve(&mut server, p),
             Cmd::Stop => break,
         }
     }

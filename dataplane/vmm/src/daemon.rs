@@ -589,6 +589,7 @@ impl Daemon {
             | Request::ForwardModel { .. }
             | Request::UnforwardModel { .. }
             | Request::MigrateVm { .. }
+            | Request::Console { .. }
             | Request::Tune { .. } => Response::Error {
                 message: "devplane-client only launches, shuts down, suspends, resumes, \
                           snapshots, restores and lists VMs: send this to devplane-server \

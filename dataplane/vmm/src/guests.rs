@@ -9,8 +9,8 @@
 
 use iced_x86::IcedError;
 use iced_x86::code_asm::{
-    CodeAssembler, CodeLabel, al, ax, bx, byte_ptr, cs, cx, di, ds, dword_ptr, dx, eax, ecx, edx,
-    es, fs, mm0, qword_ptr, si, word_ptr,
+    CodeAssembler, CodeLabel, al, ax, bl, bx, byte_ptr, cs, cx, di, ds, dword_ptr, dx, eax, ebx,
+    ecx, edx, es, esi, fs, mm0, qword_ptr, si, word_ptr,
 };
 
 use super::kvm::{DONE_PORT, Entry};
@@ -454,6 +454,161 @@ fn init_pics(a: &mut CodeAssembler, line: u8) -> Result<(), GuestError> {
     Ok(())
 }
 
+/// TSC ticks between two of [`uart_echo`]'s heartbeats (a few
+/// milliseconds at the usual 1-4 GHz; timed by the TSC, not by counting
+/// instructions, because nested PVM emulates real-mode code far slower
+/// than a CPU runs it).
+const UART_ECHO_BEAT_TSC: u32 = 1 << 23;
+
+/// What [`uart_echo`] prints once its UART is set up.
+pub const UART_ECHO_BANNER: &[u8] = b"devplane console ready\r\n";
+
+/// A console guest: drives a 16550 UART at port `base` whose interrupt is
+/// master-PIC input `line` (COM1: 0x3f8, line 4). It sets the line up
+/// (8N1, FIFO on, OUT2, receive interrupt enabled), prints
+/// [`UART_ECHO_BANNER`], then waits with interrupts enabled (a delay
+/// loop, and every few milliseconds a heartbeat read of the scratch
+/// register, so that its server finds it after a live migration) until
+/// the UART interrupts; its handler reads every byte the receive FIFO holds (LSR
+/// data ready), echoes each one back (waiting for THR empty), counts them,
+/// and sends the PIC an EOI. When it has received byte `stop` it prints
+/// `"\r\nbye\r\n"` and reports how many bytes it received, `stop`
+/// included. So what is typed into its console comes back, through the
+/// guest, exactly once each.
+pub fn uart_echo(base: u16, line: u8, stop: u8) -> Result<Guest, GuestError> {
+    if line > 7 {
+        return Err(GuestError::BadArgument(format!(
+            "IRQ {line}: only master PIC inputs 0-7 are supported"
+        )));
+    }
+    if base > 0xfff8 {
+        return Err(GuestError::BadArgument(format!(
+            "UART base {base:#x}: its 8 registers must fit below 0x10000"
+        )));
+    }
+    let vector = u32::from(PIC_VECTOR_BASE + line);
+    let count = u32::from(DATA_OFFSET);
+    let stopped = count + 2;
+    let (data, ier, fcr, lcr, mcr, lsr, scr) = (
+        u32::from(base),
+        u32::from(base + 1),
+        u32::from(base + 2),
+        u32::from(base + 3),
+        u32::from(base + 4),
+        u32::from(base + 5),
+        u32::from(base + 7),
+    );
+    let mut p = Program::new(GUEST_SEGMENT)?;
+    let a = &mut p.a;
+
+    // The receive interrupt's handler, first, so that its offset is 0.
+    let mut putc = a.create_label();
+    let mut handler = a.create_label();
+    let mut next = a.create_label();
+    let mut echo = a.create_label();
+    let mut empty = a.create_label();
+    a.set_label(&mut handler)?;
+    a.push(eax)?;
+    a.push(ebx)?;
+    a.push(edx)?;
+    a.push(ds)?;
+    a.mov(ax, cs)?;
+    a.mov(ds, ax)?;
+    a.set_label(&mut next)?;
+    a.mov(dx, lsr)?;
+    a.in_(al, dx)?;
+    a.test(al, 0x01u32)?;
+    a.jz(empty)?;
+    a.mov(dx, data)?;
+    a.in_(al, dx)?;
+    a.mov(bl, al)?;
+    a.inc(word_ptr(count))?;
+    a.cmp(bl, u32::from(stop))?;
+    a.jne(echo)?;
+    a.mov(byte_ptr(stopped), 1u32)?;
+    a.set_label(&mut echo)?;
+    a.call(putc)?;
+    a.jmp(next)?;
+    a.set_label(&mut empty)?;
+    a.mov(al, 0x20u32)?;
+    a.out(u32::from(PIC1_CMD), al)?;
+    a.pop(ds)?;
+    a.pop(edx)?;
+    a.pop(ebx)?;
+    a.pop(eax)?;
+    a.iret()?;
+
+    // putc: transmits `bl` once THR is empty; keeps every
+    // other register.
+    let mut thre = a.create_label();
+    a.set_label(&mut putc)?;
+    a.push(eax)?;
+    a.push(edx)?;
+    a.mov(dx, lsr)?;
+    a.set_label(&mut thre)?;
+    a.in_(al, dx)?;
+    a.test(al, 0x20u32)?;
+    a.jz(thre)?;
+    a.mov(al, bl)?;
+    a.mov(dx, data)?;
+    a.out(dx, al)?;
+    a.pop(edx)?;
+    a.pop(eax)?;
+    a.ret()?;
+
+    let mut main = a.create_label();
+    let mut wait = a.create_label();
+    let mut check = a.create_label();
+    a.set_label(&mut main)?;
+    a.cli()?;
+    a.mov(word_ptr(count), 0u32)?;
+    a.mov(byte_ptr(stopped), 0u32)?;
+    a.xor(ax, ax)?;
+    a.mov(es, ax)?;
+    a.mov(word_ptr(vector * 4).es(), 0u32)?;
+    a.mov(word_ptr(vector * 4 + 2).es(), cs)?;
+    init_pics(a, line)?;
+    // 8N1, FIFO on (and cleared), DTR|RTS|OUT2, receive interrupt on.
+    for (port, value) in [(lcr, 0x03u32), (fcr, 0x03), (mcr, 0x0b), (ier, 0x01)] {
+        a.mov(al, value)?;
+        a.mov(dx, port)?;
+        a.out(dx, al)?;
+    }
+    for &c in UART_ECHO_BANNER {
+        a.mov(bl, u32::from(c))?;
+        a.call(putc)?;
+    }
+    a.jmp(check)?;
+    // Between interrupts: a delay with interrupts on, then a heartbeat
+    // read of the scratch register. Without any access of its own, a guest
+    // live-migrated to another client daemon would not be found by its
+    // server's interrupts (the server learns where a VM is from its
+    // requests), so it would never see what is typed after the move.
+    let mut spin = a.create_label();
+    a.set_label(&mut wait)?;
+    a.sti()?;
+    a.rdtsc()?;
+    a.mov(esi, eax)?;
+    a.set_label(&mut spin)?;
+    a.rdtsc()?;
+    a.sub(eax, esi)?;
+    a.cmp(eax, UART_ECHO_BEAT_TSC)?;
+    a.jb(spin)?;
+    a.cli()?;
+    a.mov(dx, scr)?;
+    a.in_(al, dx)?;
+    a.set_label(&mut check)?;
+    a.cmp(byte_ptr(stopped), 0u32)?;
+    a.je(wait)?;
+    for &c in b"\r\nbye\r\n" {
+        a.mov(bl, u32::from(c))?;
+        a.call(putc)?;
+    }
+    a.movzx(eax, word_ptr(count))?;
+    p.report_eax()?;
+    p.finish(Some(main))
+}
+
 /// Like [`irq_counter`], but the guest asks a device for each interrupt:
 /// once armed it writes 1 to `trigger_port`, and its handler, after
 /// counting and acknowledging (count to `ack_port`), writes 1 again until
@@ -766,6 +921,17 @@ mod tests {
             irq_counter(8, 1, 0x510),
             Err(GuestError::BadArgument(_))
         ));
+    }
+
+    #[test]
+    fn uart_echo_enters_after_its_handler_and_checks_its_arguments() {
+        let g = uart_echo(0x3f8, 4, b'~').unwrap();
+        assert!(g.entry.ip > 0);
+        let text = disasm(&g);
+        assert!(text.contains("iret") && text.contains("sti"), "{text}");
+        assert!(text.contains("mov dx,3FDh"), "polls LSR: {text}");
+        assert!(uart_echo(0x3f8, 8, b'~').is_err());
+        assert!(uart_echo(0xfffa, 4, b'~').is_err());
     }
 
     #[test]

@@ -395,6 +395,7 @@ fn stats(cli: &Cli) -> Result<String, Failure> {
         server,
         workers,
         xdp,
+        consoles,
     } = call(cli, &Request::Stats)?
     else {
         return Err(Failure {
@@ -417,7 +418,7 @@ fn stats(cli: &Cli) -> Result<String, Failure> {
         let xdp: serde_json::Map<String, serde_json::Value> =
             xdp.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
         return Ok(to_json(
-            &json!({"server": server, "workers": workers, "xdp": xdp}),
+            &json!({"server": server, "workers": workers, "xdp": xdp, "consoles": consoles}),
         ));
     }
     let mut headers = vec!["worker"];
@@ -445,6 +446,36 @@ fn stats(cli: &Cli) -> Result<String, Failure> {
             &["xdp counter", "value"],
             xdp.iter()
                 .map(|(k, v)| vec![k.clone(), v.to_string()])
+                .collect(),
+        ));
+    }
+    if !consoles.is_empty() {
+        out.push('\n');
+        out.push_str(&table(
+            &[
+                "console model",
+                "viewers",
+                "writer",
+                "output_bytes",
+                "input_bytes",
+                "viewer_dropped_bytes",
+                "tap_dropped_bytes",
+                "writers_refused",
+            ],
+            consoles
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.model.to_string(),
+                        c.viewers.to_string(),
+                        if c.writer { "yes" } else { "no" }.to_string(),
+                        c.output_bytes.to_string(),
+                        c.input_bytes.to_string(),
+                        c.viewer_dropped_bytes.to_string(),
+                        c.tap_dropped_bytes.to_string(),
+                        c.writers_refused.to_string(),
+                    ]
+                })
                 .collect(),
         ));
     }

@@ -247,10 +247,7 @@ fn main() {
         };
         match ev {
             Event::Stop => break,
-            Event::Control(p) => {
-                let answer = control::handle(&mut server, p.request);
-                let _ = p.reply.send(answer);
-            }
+            Event::Control(p) => control::serve(&mut server, p),
             Event::Store(snap) => {
                 if let Some(a) = &agent
                     && !follow(&mut server, &settings, &snap, a)

@@ -517,6 +517,21 @@ impl Dispatcher {
         self.models.insert(id, staged.slot);
     }
 
+    /// Serves a console tap ([`crate::console::Tap::service`]) if this
+    /// worker owns its model: the model's output into the tap, typed input
+    /// into the model, and the interrupts that raised queued as any other.
+    pub fn service_console(&mut self, tap: &crate::console::Tap, scratch: &mut Vec<u8>) {
+        let Some(slot) = self.models.get_mut(&tap.model) else {
+            return;
+        };
+        let Some(port) = slot.model.console() else {
+            return;
+        };
+        if tap.service(port, scratch) {
+            Dispatcher::collect_irqs(tap.model, slot, &mut self.irqs, &mut self.stats);
+        }
+    }
+
     /// The model `id`, if owned here.
     pub fn model(&self, id: u32) -> Option<&ModelSlot> {
         self.models.get(&id)

@@ -24,6 +24,8 @@ pub struct Worker {
     pub stats: Arc<WorkerStats>,
     /// Its control path.
     pub ctl: WorkerCtl,
+    /// The consoles attached to its models.
+    pub consoles: crate::console::WorkerTaps,
 }
 
 /// Runs the worker loop over `io` until the worker is told to stop.
@@ -47,6 +49,9 @@ pub fn run<T: Transport>(mut io: T, mut w: Worker) {
             },
         );
         let bulk_busy = send_bulk(&mut io, &mut w, &bulk_peers);
+        // Consoles: the UARTs' output out, typed input in (its receive
+        // interrupts leave with this turn's).
+        w.consoles.service(&mut w.disp);
         // Counted before anything is answered: a reader that has an
         // answer sees its request counted (received, and applied or taken
         // as a duplicate). Publishing the dispatch counters only after

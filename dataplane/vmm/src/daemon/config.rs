@@ -172,6 +172,23 @@ pub enum GuestEntry {
         /// Port written to ask for the next interrupt.
         trigger_port: u16,
     },
+    /// [`guests::uart_echo`]: a console guest on the 16550 UART at `base`
+    /// (its interrupt on master-PIC input `line`): prints a banner, echoes
+    /// every byte it receives, and reports how many it received once it
+    /// got `stop`.
+    UartEcho {
+        /// The UART's first port (COM1: 0x3f8).
+        base: u16,
+        /// PIC input, 0-7 (COM1: 4).
+        line: u8,
+        /// The byte that ends it (default `~`).
+        #[serde(default = "default_stop")]
+        stop: u8,
+    },
+}
+
+fn default_stop() -> u8 {
+    b'~'
 }
 
 impl VmEntry {
@@ -202,6 +219,7 @@ impl GuestEntry {
                 ack_port,
                 trigger_port,
             } => guests::irq_chain(line, want, ack_port, trigger_port),
+            GuestEntry::UartEcho { base, line, stop } => guests::uart_echo(base, line, stop),
         }
     }
 }
