@@ -163,6 +163,9 @@ pub struct Server {
     /// Models handed over by another server, built but not served until
     /// their move commits ([`Server::stage_in`]).
     staged: HashMap<u32, handover::StagedIn>,
+    /// Pieces of hand-overs coming from another server's move, per model,
+    /// until [`Server::stage_wire`] builds them.
+    handover_parts: HashMap<u32, String>,
 }
 
 fn build_dispatchers(cfg: &ServerConfig) -> Result<Vec<Dispatcher>, ServerError> {
@@ -267,6 +270,7 @@ impl Server {
             step_timeout: live::STEP_TIMEOUT,
             lent_out: HashMap::new(),
             staged: HashMap::new(),
+            handover_parts: HashMap::new(),
         };
         let admission = Arc::new(socket::Admission {
             models: std::sync::RwLock::new(cfg.models.iter().map(|m| m.id).collect()),
@@ -352,6 +356,7 @@ impl Server {
             step_timeout: live::STEP_TIMEOUT,
             lent_out: HashMap::new(),
             staged: HashMap::new(),
+            handover_parts: HashMap::new(),
         };
         let batch = loop_config(cfg).batch;
         server.spawn_workers(cfg, rings, dispatchers, move |rings, w| {

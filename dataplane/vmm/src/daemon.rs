@@ -70,6 +70,9 @@ pub enum DaemonError {
     /// A migration could not start or failed.
     #[error("{0}")]
     Migrate(String),
+    /// A model could not be pointed at another server.
+    #[error("{0}")]
+    Retarget(String),
     /// A snapshot could not be taken, written, read or restored.
     #[error("{0}")]
     Snapshot(String),
@@ -99,6 +102,10 @@ pub enum DaemonError {
 /// 10 s per request, so that a suspend that cannot finish is answered
 /// (and the VM runs on) rather than cut off.
 const SUSPEND_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// How long a retarget waits for each VM's lanes to take it (a lane
+/// busy with a burst takes it at its next step).
+const RETARGET_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long a migration target waits for its source.
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -134,6 +141,10 @@ pub struct Daemon {
     /// [`Request::SetKeys`]): what every VM's engine seals and verifies
     /// with.
     keys: Option<devplane_wire::tag::KeyRing>,
+    /// Remote models moved to another server since the daemon started
+    /// ([`Daemon::retarget`]): model -> server id. VMs launched, restored
+    /// or received later reach them there.
+    moved: BTreeMap<u32, u32>,
 }
 
 /// How one vCPU ended, for the protocol.
@@ -169,6 +180,7 @@ impl Daemon {
             slots,
             arrivals: mpsc::channel(),
             noticed: Vec::new(),
+            moved: BTreeMap::new(),
         }
     }
 
@@ -179,7 +191,7 @@ impl Daemon {
 
     /// VM `vm`'s spec, with the client's keys now.
     fn spec(&self, vm: u32) -> Result<super::vmm::ClientSpec, DaemonError> {
-        let mut spec = self.file.client_spec(vm)?;
+        let mut spec = self.file.client_spec_moved(vm, &self.moved)?;
         spec.engine.tag_keys = self.keys;
         Ok(spec)
     }
@@ -208,6 +220,56 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+
+    /// Points remote model `model` at server `server` (one of the
+    /// configuration's `[[servers]]`): in every running VM whose devices
+    /// use it (requests in flight are resent there with their sequence
+    /// numbers; see [`Client::retarget`]), and in every VM started later.
+    /// Returns the running VMs retargeted and how many datagrams in
+    /// flight were resent. A VM that does not take it in time fails the
+    /// whole request (the VMs before it keep the new server: the caller
+    /// points them back on failure).
+    pub fn retarget(&mut self, model: u32, server: u32) -> Result<(Vec<u32>, usize), DaemonError> {
+        self.notice();
+        if !self.file.servers.iter().any(|s| s.id == server) {
+            return Err(DaemonError::Retarget(format!(
+                "server {server} is not among this client's [[servers]] ({}): add it to the \
+                 configuration and restart devplane-client",
+                self.file
+                    .servers
+                    .iter()
+                    .map(|s| s.id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )));
+        }
+        let users: Vec<u32> = self
+            .file
+            .vms
+            .iter()
+            .filter(|v| {
+                v.devices
+                    .iter()
+                    .any(|d| d.model == model && matches!(d.place, config::PlaceEntry::Remote(_)))
+            })
+            .map(|v| v.id)
+            .collect();
+        let (mut vms, mut resent) = (Vec::new(), 0);
+        for vm in &users {
+            let Some(r) = self.slots.get(vm).and_then(|s| s.running.as_ref()) else {
+                continue;
+            };
+            resent += r
+                .client
+                .retarget(model, server, RETARGET_TIMEOUT)
+                .map_err(|e| DaemonError::Retarget(format!("VM {vm}: {e}")))?;
+            vms.push(*vm);
+        }
+        if !users.is_empty() {
+            self.moved.insert(model, server);
+        }
+        Ok((vms, resent))
     }
 
     fn slot(&mut self, vm: u32) -> Result<&mut Slot, DaemonError> {
@@ -574,7 +636,21 @@ impl Daemon {
                     },
                 }
             }
+            Request::RetargetModel { model, server } => match self.retarget(model, server) {
+                Ok((vms, resent)) => Response::Retargeted { vms, resent },
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
+            },
             Request::Stats
+            | Request::LendModel { .. }
+            | Request::StagePart { .. }
+            | Request::StageModel { .. }
+            | Request::CommitModel { .. }
+            | Request::ReleaseModel { .. }
+            | Request::TakeBackModel { .. }
+            | Request::DiscardModel { .. }
+            | Request::ModelPlacement { .. }
             | Request::MoveModel { .. }
             | Request::AddModel { .. }
             | Request::RemoveModel { .. }
