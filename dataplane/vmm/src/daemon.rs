@@ -688,6 +688,46 @@ mod tests {
     }
 
     #[test]
+    fn a_retargeted_model_is_remembered_for_later_launches() {
+        let mut d = Daemon::new(
+            ClientFile::from_toml_str(
+                "[client]\nid = 7\n\n[[servers]]\nid = 1\naddress = \"10.0.0.2:7700\"\n\n\
+                 [[servers]]\nid = 2\naddress = \"10.0.0.3:7700\"\n\n[[vms]]\nid = 1\n\
+                 hypervisor = 2\nguest = { kind = \"pio-loop\", port = 0x500, iterations = 1 }\n\
+                 [[vms.devices]]\nspace = \"pio\"\nbase = 0x500\nlen = 0x10\nmodel = 11\n\
+                 place = \"remote:1\"\n",
+            )
+            .unwrap(),
+        );
+        // Every configured server is in the spec, the device on server 1.
+        let spec = d.spec(1).unwrap();
+        let ids: Vec<u32> = spec.servers.iter().map(|s| s.id).collect();
+        assert_eq!(ids, [1, 2]);
+        assert_eq!(
+            spec.vms[0].devices[0].place,
+            crate::vmm::Place::Remote { server: 0 }
+        );
+        let e = d.retarget(11, 9).unwrap_err();
+        assert!(e.to_string().contains("server 9 is not among"), "{e}");
+        // No VM runs: nothing retargeted now, the move remembered.
+        assert_eq!(d.retarget(11, 2).unwrap(), (vec![], 0));
+        let spec = d.spec(1).unwrap();
+        let crate::vmm::Place::Remote { server } = spec.vms[0].devices[0].place else {
+            panic!("not remote");
+        };
+        assert_eq!(spec.servers[server].id, 2);
+        // A model no VM uses: nothing to remember.
+        assert_eq!(d.retarget(99, 2).unwrap(), (vec![], 0));
+        assert!(matches!(
+            d.handle(Request::RetargetModel {
+                model: 11,
+                server: 9
+            }),
+            Response::Error { .. }
+        ));
+    }
+
+    #[test]
     fn refusals_are_typed_and_need_no_kvm() {
         let mut d = daemon();
         let e = d.launch(9).unwrap_err();
