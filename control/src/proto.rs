@@ -8,7 +8,12 @@
 //! and [`Request::ResumeVm`] go to both: the server holds the VM's
 //! interrupts, the client daemon holds its vCPUs. A client daemon also
 //! writes a suspended VM's snapshot and restores one
-//! ([`Request::SnapshotVm`], [`Request::RestoreVm`]). Each daemon refuses the
+//! ([`Request::SnapshotVm`], [`Request::RestoreVm`]). A model moved
+//! between servers (`dpctl models move --to-server`) takes
+//! [`Request::LendModel`], [`Request::StagePart`], [`Request::StageModel`],
+//! [`Request::CommitModel`], [`Request::ReleaseModel`] (and the undo steps
+//! [`Request::TakeBackModel`], [`Request::DiscardModel`]) on the servers and
+//! [`Request::RetargetModel`] on the client daemons. Each daemon refuses the
 //! other requests meant for the other with [`Response::Error`].
 
 use std::io::{BufRead, BufReader, Write};
