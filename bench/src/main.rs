@@ -26,6 +26,7 @@ mod irq;
 mod isolation;
 mod load;
 mod micro;
+mod migrate;
 mod plot;
 mod queues;
 mod report;
@@ -117,6 +118,12 @@ enum Scenario {
     /// and after) and of four (`four`: every worker polls a socket per
     /// queue): what serving every queue costs (needs root).
     Queues,
+    /// Live VM migration of a 64 MiB guest writing to a remote model at
+    /// full speed (downtime from its last exit on the source to its first
+    /// on the target, total time, bytes sent; goal downtime < 10 ms), and
+    /// the remote round trip while its model moves between two servers
+    /// beside the same without moves (needs root and KVM).
+    Migrate,
 }
 
 impl Scenario {
@@ -137,6 +144,7 @@ impl Scenario {
             Scenario::Scale => scale::SCENARIO,
             Scenario::Forward => forward::SCENARIO,
             Scenario::Queues => queues::SCENARIO,
+            Scenario::Migrate => migrate::SCENARIO,
         }
     }
 

@@ -8,7 +8,12 @@
 //! and [`Request::ResumeVm`] go to both: the server holds the VM's
 //! interrupts, the client daemon holds its vCPUs. A client daemon also
 //! writes a suspended VM's snapshot and restores one
-//! ([`Request::SnapshotVm`], [`Request::RestoreVm`]). Each daemon refuses the
+//! ([`Request::SnapshotVm`], [`Request::RestoreVm`]). A model moved
+//! between servers (`dpctl models move --to-server`) takes
+//! [`Request::LendModel`], [`Request::StagePart`], [`Request::StageModel`],
+//! [`Request::CommitModel`], [`Request::ReleaseModel`] (and the undo steps
+//! [`Request::TakeBackModel`], [`Request::DiscardModel`]) on the servers and
+//! [`Request::RetargetModel`] on the client daemons. Each daemon refuses the
 //! other requests meant for the other with [`Response::Error`].
 
 use std::io::{BufRead, BufReader, Write};
@@ -159,6 +164,68 @@ pub enum Request {
         #[serde(default)]
         write: bool,
     },
+    /// Server (source of a move between servers): stop serving model
+    /// `model` and keep it aside, not served (answered with
+    /// [`Response::Lent`]: its configuration and [`ModelHandover`]). Step 1
+    /// of `devplane_control::handover`.
+    LendModel {
+        /// The model.
+        model: u32,
+    },
+    /// Server (target of a move): one piece of a [`ModelHandover`] as JSON
+    /// text, appended to what came before for `model` (a hand-over may be
+    /// larger than one control request; see [`HANDOVER_PART_BYTES`]).
+    StagePart {
+        /// The model.
+        model: u32,
+        /// The next piece of the JSON text.
+        part: String,
+    },
+    /// Server (target of a move): build `model` from the pieces sent with
+    /// [`Request::StagePart`], not served yet (step 2).
+    StageModel {
+        /// The model's configuration here (its worker is this server's).
+        model: crate::config::ModelConfig,
+    },
+    /// Server (target of a move): serve the staged model (step 4, the
+    /// commit).
+    CommitModel {
+        /// The model.
+        model: u32,
+    },
+    /// Server (source of a move): drop the lent copy, its route and
+    /// configuration (step 5).
+    ReleaseModel {
+        /// The model.
+        model: u32,
+    },
+    /// Server (source of a cancelled move): serve the lent copy again.
+    TakeBackModel {
+        /// The model.
+        model: u32,
+    },
+    /// Server (target of a cancelled move): drop the staged copy and the
+    /// pieces received (answered with [`Response::Discarded`]).
+    DiscardModel {
+        /// The model.
+        model: u32,
+    },
+    /// Server: whether it serves, lends or stages model `model` (answered
+    /// with [`Response::Placement`]).
+    ModelPlacement {
+        /// The model.
+        model: u32,
+    },
+    /// Client daemon: point remote model `model` at server `server` (one
+    /// of its `[[servers]]`) in every running VM that uses it, and in
+    /// every VM launched, restored or received later (answered with
+    /// [`Response::Retargeted`]).
+    RetargetModel {
+        /// The model.
+        model: u32,
+        /// The server that serves it from now on.
+        server: u32,
+    },
     /// Server and client daemon: client `client`'s datagrams are sealed
     /// with `current` from now on, and tags under `current` or `previous`
     /// are accepted (a key rotation's grace period; without `previous`,
@@ -185,6 +252,80 @@ pub fn key_ring(
     let mut ring = devplane_wire::tag::KeyRing::new(current?.0);
     ring.previous = previous.map(|k| k.0).filter(|k| k.id != ring.current.id);
     Some(ring)
+}
+
+/// Longest [`Request::StagePart`] piece `dpctl` sends, in bytes: with
+/// JSON's escaping it stays well inside one control request.
+pub const HANDOVER_PART_BYTES: usize = 16 * 1024;
+
+/// Most bytes of [`Request::StagePart`] pieces a server holds for one
+/// model (a worker's duplicate windows at most, with room to spare).
+pub const MAX_HANDOVER_BYTES: usize = 256 * 1024 * 1024;
+
+/// A device model as one server hands it to another: its state, its
+/// settings, the source worker's duplicate windows (so a write applied
+/// on the source and retransmitted to the target is not applied again)
+/// and its interrupts not yet acknowledged (the target sends them again).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelHandover {
+    /// The model kind (`devplane_devmodels::registry::KINDS`).
+    pub kind: String,
+    /// Layout version of `snapshot`.
+    pub snapshot_version: u32,
+    /// The model's encoded state.
+    pub snapshot: Vec<u8>,
+    /// Port base.
+    pub pio_base: u64,
+    /// MMIO base.
+    pub mmio_base: u64,
+    /// Interrupt target (VM, hypervisor).
+    pub irq_target: Option<(u32, u32)>,
+    /// Next interrupt sequence number.
+    pub irq_seq: u64,
+    /// Duplicate windows: (client, VM, vCPU) and their answers (sequence
+    /// number, status byte, data).
+    pub windows: Vec<HandedWindow>,
+    /// Unacknowledged interrupts, oldest first.
+    pub irqs: Vec<HandedIrq>,
+}
+
+impl ModelHandover {
+    /// Reads a hand-over from its JSON text (the pieces of
+    /// [`Request::StagePart`], joined).
+    pub fn from_json(text: &str) -> Result<ModelHandover, String> {
+        serde_json::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+/// One duplicate window of a [`ModelHandover`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandedWindow {
+    /// Client platform.
+    pub client: u32,
+    /// VM.
+    pub vm: u32,
+    /// vCPU.
+    pub vcpu: u16,
+    /// (sequence number, status byte, data), oldest first.
+    pub answers: Vec<(u64, u8, u64)>,
+}
+
+/// One unacknowledged interrupt of a [`ModelHandover`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandedIrq {
+    /// The VM it is for.
+    pub vm: u32,
+    /// Its hypervisor.
+    pub hypervisor: u32,
+    /// The line (GSI).
+    pub line: u32,
+    /// The action byte (`devplane_wire::IrqAction`).
+    pub action: u8,
+    /// Per-model interrupt sequence number.
+    pub seq: u64,
 }
 
 /// One worker's counters, as reported.
@@ -357,6 +498,39 @@ pub enum Response {
         /// The whole migration, microseconds.
         total_us: u64,
     },
+    /// A server lent a model ([`Request::LendModel`]).
+    Lent {
+        /// Its configuration on the source.
+        model: crate::config::ModelConfig,
+        /// What goes to the target.
+        handover: Box<ModelHandover>,
+    },
+    /// A server dropped a staged model ([`Request::DiscardModel`]), or
+    /// says it serves it already.
+    Discarded {
+        /// It serves the model (its commit went through): nothing was
+        /// dropped.
+        serving: bool,
+    },
+    /// Where a server stands with a model ([`Request::ModelPlacement`]).
+    Placement {
+        /// The server's id.
+        server: u32,
+        /// The worker serving it here, if it is served here.
+        worker: Option<usize>,
+        /// Lent to another server by a move not yet settled.
+        lent: bool,
+        /// Staged here by a move not yet committed.
+        staged: bool,
+    },
+    /// A client daemon pointed a model at another server
+    /// ([`Request::RetargetModel`]).
+    Retargeted {
+        /// Running VMs that use the model (retargeted now).
+        vms: Vec<u32>,
+        /// Datagrams in flight resent to the new server.
+        resent: usize,
+    },
     /// Refused, with the reason.
     Error {
         /// What was wrong and what to do.
@@ -497,6 +671,23 @@ mod tests {
                 model: Some(5),
                 write: true,
             },
+            Request::LendModel { model: 4 },
+            Request::StagePart {
+                model: 4,
+                part: "{\"kind\":".into(),
+            },
+            Request::StageModel {
+                model: crate::config::ModelConfig::new(4, "counter", 0),
+            },
+            Request::CommitModel { model: 4 },
+            Request::ReleaseModel { model: 4 },
+            Request::TakeBackModel { model: 4 },
+            Request::DiscardModel { model: 4 },
+            Request::ModelPlacement { model: 4 },
+            Request::RetargetModel {
+                model: 4,
+                server: 2,
+            },
         ];
         for r in reqs {
             let text = serde_json::to_string(&r).unwrap();
@@ -597,6 +788,42 @@ mod tests {
                     output_bytes: 10,
                     ..ConsoleCounters::default()
                 }],
+            },
+            Response::Lent {
+                model: crate::config::ModelConfig::new(4, "counter", 1),
+                handover: Box::new(ModelHandover {
+                    kind: "counter".into(),
+                    snapshot_version: 1,
+                    snapshot: vec![1, 2, 3],
+                    pio_base: 0x500,
+                    mmio_base: 0,
+                    irq_target: Some((1, 2)),
+                    irq_seq: 7,
+                    windows: vec![HandedWindow {
+                        client: 7,
+                        vm: 1,
+                        vcpu: 0,
+                        answers: vec![(10, 0, 5), (11, 0, 6)],
+                    }],
+                    irqs: vec![HandedIrq {
+                        vm: 1,
+                        hypervisor: 2,
+                        line: 4,
+                        action: 3,
+                        seq: 6,
+                    }],
+                }),
+            },
+            Response::Discarded { serving: true },
+            Response::Placement {
+                server: 2,
+                worker: Some(0),
+                lent: false,
+                staged: false,
+            },
+            Response::Retargeted {
+                vms: vec![1, 2],
+                resent: 1,
             },
         ];
         for r in rsps {

@@ -31,6 +31,8 @@ mod console;
 mod daemon;
 #[path = "dpctl/keys.rs"]
 mod keys;
+#[path = "dpctl/mover.rs"]
+mod mover;
 #[path = "dpctl/render.rs"]
 mod render;
 use render::*;
@@ -447,14 +449,38 @@ enum ModelsCmd {
         #[arg(long, value_name = "INDEX")]
         worker: u32,
     },
-    /// Move a device model to another worker of its running server, while
-    /// traffic flows (its state goes with it).
+    /// Move a device model to another worker of its running server
+    /// (--to-worker), or to another server (--to-server), while traffic
+    /// flows (its state goes with it).
+    ///
+    /// With --to-server S: the two-phase hand-over between the server
+    /// that runs it (--socket) and server S (--to-server-socket): the
+    /// source lends it (not served; its state, duplicate windows and
+    /// unacknowledged interrupts handed over), S builds it (not served),
+    /// every client daemon whose VMs use it (--retarget-client, default
+    /// --client-socket) points it at S (requests in flight are resent
+    /// there, applied once), S serves it, the source drops its copy. A
+    /// step that fails before S serves it cancels the move: the model
+    /// stays served by the source, and dpctl says at which step and why.
     Move {
         #[command(flatten)]
         id: IdArg,
-        /// The worker index to move it to.
-        #[arg(long, value_name = "INDEX")]
-        to_worker: usize,
+        /// The worker index to move it to (with --to-server: on the
+        /// target; default 0).
+        #[arg(long, value_name = "INDEX", required_unless_present = "to_server")]
+        to_worker: Option<usize>,
+        /// Move it to this server.
+        #[arg(long, value_name = "ID")]
+        to_server: Option<u32>,
+        /// The control socket of the target server (default
+        /// /run/devplane/server-<S>.sock).
+        #[arg(long, value_name = "PATH", requires = "to_server")]
+        to_server_socket: Option<PathBuf>,
+        /// The control socket of a client daemon whose VMs may use the
+        /// model, told to retarget it (repeat for every client daemon;
+        /// default --client-socket).
+        #[arg(long = "retarget-client", value_name = "PATH", requires = "to_server")]
+        retarget_clients: Vec<PathBuf>,
     },
     /// On an owner server (--socket): forward a device model's requests
     /// to the I/O server that hosts it, live (the owner's XDP program

@@ -133,6 +133,44 @@ pub fn handle(server: &mut Server, request: Request) -> Response {
             current,
             previous,
         } => done(server.set_keys(client, devplane_control::proto::key_ring(current, previous))),
+        Request::LendModel { model } => {
+            if server.model_worker(model).is_none() && !server.lent_models().contains(&model) {
+                return Response::NotFound {
+                    message: format!("model {model} is not served by server {}", server.id()),
+                };
+            }
+            match server.lend_out(model) {
+                Ok((cfg, h)) => Response::Lent {
+                    handover: Box::new(h.to_wire(model)),
+                    model: cfg,
+                },
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
+            }
+        }
+        Request::StagePart { model, part } => done(server.stage_part(model, &part)),
+        Request::StageModel { model } => done(server.stage_wire(model)),
+        Request::CommitModel { model } => done(server.commit_in(model)),
+        Request::ReleaseModel { model } => done(server.release_lent(model)),
+        Request::TakeBackModel { model } => done(server.take_back(model).map(|_| ())),
+        Request::DiscardModel { model } => Response::Discarded {
+            serving: server.discard_staged(model) == crate::StagedFate::Serving,
+        },
+        Request::ModelPlacement { model } => {
+            let (worker, lent, staged) = server.placement(model);
+            Response::Placement {
+                server: server.id(),
+                worker,
+                lent,
+                staged,
+            }
+        }
+        Request::RetargetModel { .. } => Response::Error {
+            message: "devplane-server does not run VMs: send a retarget to devplane-client \
+                      (dpctl --client-socket)"
+                .into(),
+        },
         Request::LaunchVm { .. }
         | Request::ShutdownVm { .. }
         | Request::ListVms

@@ -10,6 +10,7 @@
 //! does nothing when it gets to it.
 
 use devplane_control::config::ModelConfig;
+use devplane_control::proto::{MAX_HANDOVER_BYTES, ModelHandover};
 
 use crate::dispatch::{Dispatcher, Handover, LendError, PendingIrq, Staged};
 use crate::lifecycle::{MoveTicket, WorkerCmd};
@@ -239,6 +240,7 @@ impl Server {
     /// Undo of [`Server::stage_in`]: drops a staged model; says whether it
     /// serves the model instead (its commit went through).
     pub fn discard_staged(&mut self, model: u32) -> StagedFate {
+        self.handover_parts.remove(&model);
         if self.staged.remove(&model).is_some() {
             return StagedFate::Gone;
         }
@@ -247,6 +249,60 @@ impl Server {
         } else {
             StagedFate::Gone
         }
+    }
+
+    /// One piece of a hand-over's JSON text for model `model` (from
+    /// `dpctl`, which relays a move between two servers' control
+    /// sockets), appended to the pieces before it; refused past
+    /// [`MAX_HANDOVER_BYTES`] (the pieces are then dropped).
+    pub fn stage_part(&mut self, model: u32, part: &str) -> Result<(), ServerError> {
+        if self.cfg.models.iter().any(|m| m.id == model) || self.staged.contains_key(&model) {
+            return Err(cfg_err(format!(
+                "model {model} is served or staged here already"
+            )));
+        }
+        let total: usize = self.handover_parts.values().map(String::len).sum();
+        if total + part.len() > MAX_HANDOVER_BYTES {
+            self.handover_parts.remove(&model);
+            return Err(cfg_err(format!(
+                "hand-over of model {model} is larger than {MAX_HANDOVER_BYTES} bytes"
+            )));
+        }
+        self.handover_parts.entry(model).or_default().push_str(part);
+        Ok(())
+    }
+
+    /// Step 2 of a move driven over the control socket: builds model
+    /// `cfg.id` from the pieces received by [`Server::stage_part`] (see
+    /// [`Server::stage_in`]). The pieces are used up either way.
+    pub fn stage_wire(&mut self, cfg: ModelConfig) -> Result<(), ServerError> {
+        let text = self.handover_parts.remove(&cfg.id).ok_or_else(|| {
+            cfg_err(format!(
+                "no hand-over of model {} was sent here (send its pieces first)",
+                cfg.id
+            ))
+        })?;
+        let wire = ModelHandover::from_json(&text)
+            .map_err(|e| cfg_err(format!("hand-over of model {}: {e}", cfg.id)))?;
+        let h = Handover::from_wire(cfg.id, wire)
+            .map_err(|e| cfg_err(format!("hand-over of model {}: {e}", cfg.id)))?;
+        if h.kind != cfg.kind {
+            return Err(cfg_err(format!(
+                "hand-over of model {} is of a {} model, its configuration says {}",
+                cfg.id, h.kind, cfg.kind
+            )));
+        }
+        self.stage_in(cfg, h)
+    }
+
+    /// Whether this server serves model `model` (by which worker), has it
+    /// lent or staged.
+    pub fn placement(&self, model: u32) -> (Option<usize>, bool, bool) {
+        (
+            self.model_worker(model),
+            self.lent_out.contains_key(&model),
+            self.staged.contains_key(&model),
+        )
     }
 
     /// The worker serving model `model`, if this server serves it.

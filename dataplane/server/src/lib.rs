@@ -176,6 +176,9 @@ pub struct Server {
     >,
     /// The console thread: operators' terminals on the UART models.
     console: console::ConsoleHub,
+    /// Pieces of hand-overs coming from another server's move, per model,
+    /// until [`Server::stage_wire`] builds them.
+    handover_parts: HashMap<u32, String>,
 }
 
 fn build_dispatchers(cfg: &ServerConfig) -> Result<Vec<Dispatcher>, ServerError> {
@@ -283,6 +286,7 @@ impl Server {
             key_rolls: Default::default(),
             forwards: Default::default(),
             console: console::ConsoleHub::start().map_err(ServerError::Console)?,
+            handover_parts: HashMap::new(),
         };
         let admission = Arc::new(socket::Admission {
             models: std::sync::RwLock::new(cfg.models.iter().map(|m| m.id).collect()),
@@ -371,6 +375,7 @@ impl Server {
             key_rolls: Default::default(),
             forwards: Default::default(),
             console: console::ConsoleHub::start().map_err(ServerError::Console)?,
+            handover_parts: HashMap::new(),
         };
         let batch = loop_config(cfg).batch;
         server.spawn_workers(cfg, rings, dispatchers, move |rings, w| {

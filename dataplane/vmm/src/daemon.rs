@@ -70,6 +70,9 @@ pub enum DaemonError {
     /// A migration could not start or failed.
     #[error("{0}")]
     Migrate(String),
+    /// A model could not be pointed at another server.
+    #[error("{0}")]
+    Retarget(String),
     /// A snapshot could not be taken, written, read or restored.
     #[error("{0}")]
     Snapshot(String),
@@ -99,6 +102,10 @@ pub enum DaemonError {
 /// 10 s per request, so that a suspend that cannot finish is answered
 /// (and the VM runs on) rather than cut off.
 const SUSPEND_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// How long a retarget waits for each VM's lanes to take it (a lane
+/// busy with a burst takes it at its next step).
+const RETARGET_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long a migration target waits for its source.
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -140,6 +147,10 @@ pub struct Daemon {
     /// A key change from the store still being carried out, and when it
     /// was learnt ([`devplane_control::store::plan::KeyRoll`]).
     key_roll: Option<(devplane_control::store::plan::KeyRoll, Instant)>,
+    /// Remote models moved to another server since the daemon started
+    /// ([`Daemon::retarget`]): model -> server id. VMs launched, restored
+    /// or received later reach them there.
+    moved: BTreeMap<u32, u32>,
 }
 
 /// How one vCPU ended, for the protocol.
@@ -177,6 +188,7 @@ impl Daemon {
             slots,
             arrivals: mpsc::channel(),
             noticed: Vec::new(),
+            moved: BTreeMap::new(),
         }
     }
 
@@ -187,7 +199,7 @@ impl Daemon {
 
     /// VM `vm`'s spec, with the client's keys now.
     fn spec(&self, vm: u32) -> Result<super::vmm::ClientSpec, DaemonError> {
-        let mut spec = self.file.client_spec(vm)?;
+        let mut spec = self.file.client_spec_moved(vm, &self.moved)?;
         spec.engine.tag_keys = self.keys;
         Ok(spec)
     }
@@ -216,6 +228,56 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+
+    /// Points remote model `model` at server `server` (one of the
+    /// configuration's `[[servers]]`): in every running VM whose devices
+    /// use it (requests in flight are resent there with their sequence
+    /// numbers; see [`Client::retarget`]), and in every VM started later.
+    /// Returns the running VMs retargeted and how many datagrams in
+    /// flight were resent. A VM that does not take it in time fails the
+    /// whole request (the VMs before it keep the new server: the caller
+    /// points them back on failure).
+    pub fn retarget(&mut self, model: u32, server: u32) -> Result<(Vec<u32>, usize), DaemonError> {
+        self.notice();
+        if !self.file.servers.iter().any(|s| s.id == server) {
+            return Err(DaemonError::Retarget(format!(
+                "server {server} is not among this client's [[servers]] ({}): add it to the \
+                 configuration and restart devplane-client",
+                self.file
+                    .servers
+                    .iter()
+                    .map(|s| s.id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )));
+        }
+        let users: Vec<u32> = self
+            .file
+            .vms
+            .iter()
+            .filter(|v| {
+                v.devices
+                    .iter()
+                    .any(|d| d.model == model && matches!(d.place, config::PlaceEntry::Remote(_)))
+            })
+            .map(|v| v.id)
+            .collect();
+        let (mut vms, mut resent) = (Vec::new(), 0);
+        for vm in &users {
+            let Some(r) = self.slots.get(vm).and_then(|s| s.running.as_ref()) else {
+                continue;
+            };
+            resent += r
+                .client
+                .retarget(model, server, RETARGET_TIMEOUT)
+                .map_err(|e| DaemonError::Retarget(format!("VM {vm}: {e}")))?;
+            vms.push(*vm);
+        }
+        if !users.is_empty() {
+            self.moved.insert(model, server);
+        }
+        Ok((vms, resent))
     }
 
     fn slot(&mut self, vm: u32) -> Result<&mut Slot, DaemonError> {
@@ -582,7 +644,21 @@ impl Daemon {
                     },
                 }
             }
+            Request::RetargetModel { model, server } => match self.retarget(model, server) {
+                Ok((vms, resent)) => Response::Retargeted { vms, resent },
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
+            },
             Request::Stats
+            | Request::LendModel { .. }
+            | Request::StagePart { .. }
+            | Request::StageModel { .. }
+            | Request::CommitModel { .. }
+            | Request::ReleaseModel { .. }
+            | Request::TakeBackModel { .. }
+            | Request::DiscardModel { .. }
+            | Request::ModelPlacement { .. }
             | Request::MoveModel { .. }
             | Request::AddModel { .. }
             | Request::RemoveModel { .. }
@@ -618,6 +694,46 @@ mod tests {
             )
             .unwrap(),
         )
+    }
+
+    #[test]
+    fn a_retargeted_model_is_remembered_for_later_launches() {
+        let mut d = Daemon::new(
+            ClientFile::from_toml_str(
+                "[client]\nid = 7\n\n[[servers]]\nid = 1\naddress = \"10.0.0.2:7700\"\n\n\
+                 [[servers]]\nid = 2\naddress = \"10.0.0.3:7700\"\n\n[[vms]]\nid = 1\n\
+                 hypervisor = 2\nguest = { kind = \"pio-loop\", port = 0x500, iterations = 1 }\n\
+                 [[vms.devices]]\nspace = \"pio\"\nbase = 0x500\nlen = 0x10\nmodel = 11\n\
+                 place = \"remote:1\"\n",
+            )
+            .unwrap(),
+        );
+        // Every configured server is in the spec, the device on server 1.
+        let spec = d.spec(1).unwrap();
+        let ids: Vec<u32> = spec.servers.iter().map(|s| s.id).collect();
+        assert_eq!(ids, [1, 2]);
+        assert_eq!(
+            spec.vms[0].devices[0].place,
+            crate::vmm::Place::Remote { server: 0 }
+        );
+        let e = d.retarget(11, 9).unwrap_err();
+        assert!(e.to_string().contains("server 9 is not among"), "{e}");
+        // No VM runs: nothing retargeted now, the move remembered.
+        assert_eq!(d.retarget(11, 2).unwrap(), (vec![], 0));
+        let spec = d.spec(1).unwrap();
+        let crate::vmm::Place::Remote { server } = spec.vms[0].devices[0].place else {
+            panic!("not remote");
+        };
+        assert_eq!(spec.servers[server].id, 2);
+        // A model no VM uses: nothing to remember.
+        assert_eq!(d.retarget(99, 2).unwrap(), (vec![], 0));
+        assert!(matches!(
+            d.handle(Request::RetargetModel {
+                model: 11,
+                server: 9
+            }),
+            Response::Error { .. }
+        ));
     }
 
     #[test]

@@ -56,6 +56,20 @@ pub struct VcpuStats {
     /// nanoseconds: for a guest looping on one access this is the whole
     /// exit round trip, guest -> VMM (and model) -> guest.
     pub samples: Mutex<Option<Vec<u32>>>,
+    /// When sampling: this vCPU's first exit, nanoseconds since
+    /// [`sample_epoch`] (0: none yet). A migration's downtime is the
+    /// target vCPU's first exit less the source vCPU's last.
+    pub first_exit_ns: AtomicU64,
+    /// When sampling: this vCPU's latest exit, as `first_exit_ns`.
+    pub last_exit_ns: AtomicU64,
+}
+
+/// The instant sampled exit times count from ([`VcpuStats::first_exit_ns`]):
+/// one per process, so that two clients of one process (a migration's
+/// source and target) compare.
+pub fn sample_epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 impl VcpuStats {
@@ -228,6 +242,12 @@ impl VcpuIo {
 
     fn sample(&mut self) {
         let now = Instant::now();
+        let at = (now.duration_since(sample_epoch()).as_nanos() as u64).max(1);
+        let _ =
+            self.stats
+                .first_exit_ns
+                .compare_exchange(0, at, Ordering::Relaxed, Ordering::Relaxed);
+        self.stats.last_exit_ns.store(at, Ordering::Relaxed);
         if let Some(prev) = self.last_exit.replace(now) {
             let ns = now.duration_since(prev).as_nanos().min(u32::MAX as u128) as u32;
             if let Ok(mut s) = self.stats.samples.lock()

@@ -135,7 +135,28 @@ pub(super) fn run(cli: &Cli) -> Result<Option<String>, Failure> {
             format!("model {} is no longer forwarded", id.id),
             json!({"action": "unforward", "model": id.id}),
         )?,
-        Command::Models(ModelsCmd::Move { id, to_worker }) => action(
+        Command::Models(ModelsCmd::Move {
+            id,
+            to_worker,
+            to_server: Some(to),
+            to_server_socket,
+            retarget_clients,
+        }) => super::mover::move_to_server(
+            cli,
+            &super::mover::MoveArgs {
+                model: id.id,
+                to: *to,
+                to_worker: to_worker.unwrap_or(0),
+                to_socket: to_server_socket.as_deref(),
+                clients: retarget_clients,
+            },
+        )?,
+        Command::Models(ModelsCmd::Move {
+            id,
+            to_worker: Some(to_worker),
+            to_server: None,
+            ..
+        }) => action(
             cli,
             Request::MoveModel {
                 model: id.id,

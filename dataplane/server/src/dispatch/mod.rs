@@ -135,6 +135,115 @@ pub struct Handover {
     pub irqs: Vec<PendingIrq>,
 }
 
+/// Why a [`devplane_control::proto::ModelHandover`] from another server
+/// cannot be taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandoverError {
+    /// A kind this build does not know.
+    #[error("unknown device-model kind {0:?}")]
+    Kind(String),
+    /// A status byte that is not one.
+    #[error("window answer with status byte {0}, which is none")]
+    Status(u8),
+    /// An interrupt action byte that is not one.
+    #[error("interrupt with action byte {0}, which is none")]
+    Action(u8),
+}
+
+impl Handover {
+    /// The hand-over as it travels to another server (model `model`'s).
+    pub fn to_wire(&self, model: u32) -> devplane_control::proto::ModelHandover {
+        use devplane_control::proto::{HandedIrq, HandedWindow};
+        devplane_control::proto::ModelHandover {
+            kind: self.kind.to_string(),
+            snapshot_version: self.snapshot.version,
+            snapshot: self.snapshot.data.clone(),
+            pio_base: self.pio_base,
+            mmio_base: self.mmio_base,
+            irq_target: self.irq_target,
+            irq_seq: self.irq_seq,
+            windows: self
+                .windows
+                .export()
+                .into_iter()
+                .map(|((client, vm, vcpu), answers)| HandedWindow {
+                    client,
+                    vm,
+                    vcpu,
+                    answers: answers
+                        .into_iter()
+                        .map(|(seq, st, d)| (seq, st as u8, d))
+                        .collect(),
+                })
+                .collect(),
+            irqs: self
+                .irqs
+                .iter()
+                .filter(|i| i.model == model)
+                .map(|i| HandedIrq {
+                    vm: i.vm,
+                    hypervisor: i.hypervisor,
+                    line: i.event.line,
+                    action: i.event.action as u8,
+                    seq: i.seq,
+                })
+                .collect(),
+        }
+    }
+
+    /// A hand-over from another server, for model `model` (its `params`
+    /// left for the server to fill from the configuration).
+    pub fn from_wire(
+        model: u32,
+        w: devplane_control::proto::ModelHandover,
+    ) -> Result<Handover, HandoverError> {
+        let kind = devplane_devmodels::registry::KINDS
+            .iter()
+            .copied()
+            .find(|k| *k == w.kind)
+            .ok_or_else(|| HandoverError::Kind(w.kind.clone()))?;
+        let mut windows = Vec::with_capacity(w.windows.len());
+        for hw in w.windows {
+            let mut answers = Vec::with_capacity(hw.answers.len().min(WINDOW));
+            for (seq, st, d) in hw.answers {
+                let st = Status::from_u8(st).ok_or(HandoverError::Status(st))?;
+                answers.push((seq, st, d));
+            }
+            windows.push(((hw.client, hw.vm, hw.vcpu), answers));
+        }
+        let mut irqs = Vec::with_capacity(w.irqs.len());
+        for i in w.irqs {
+            let action = devplane_wire::IrqAction::from_u8(i.action)
+                .ok_or(HandoverError::Action(i.action))?;
+            irqs.push(PendingIrq {
+                model,
+                vm: i.vm,
+                hypervisor: i.hypervisor,
+                event: IrqEvent {
+                    line: i.line,
+                    action,
+                },
+                seq: i.seq,
+            });
+        }
+        Ok(Handover {
+            kind,
+            snapshot: devplane_devmodels::Snapshot {
+                kind: kind.to_string(),
+                version: w.snapshot_version,
+                data: w.snapshot,
+            },
+            pio_base: w.pio_base,
+            mmio_base: w.mmio_base,
+            irq_target: w.irq_target,
+            irq_seq: w.irq_seq,
+            params: Default::default(),
+            windows: Windows::import(windows),
+            irqs,
+        })
+    }
+}
+
 /// A handed-over model built and restored, not served yet.
 pub struct Staged {
     slot: ModelSlot,

@@ -700,3 +700,63 @@ fn interrupts_follow_the_key_the_client_uses() {
     let mut plain = encode(42, &[write(3)]);
     assert!(matches!(d.handle(&mut plain), Outcome::Respond { .. }));
 }
+
+#[test]
+fn a_handover_through_its_wire_form_keeps_state_windows_and_interrupts() {
+    let w = Access::PioOut {
+        port: 0x100,
+        size: AccessSize::B1,
+        data: 5,
+    };
+    let r = Access::PioIn {
+        port: 0x100,
+        size: AccessSize::B4,
+    };
+    let mut a = dispatcher();
+    a.handle(&mut encode(42, &[req(1, w), req(2, w)]));
+    let irq = PendingIrq {
+        model: 42,
+        vm: 3,
+        hypervisor: 2,
+        event: IrqEvent {
+            line: 5,
+            action: devplane_wire::IrqAction::Edge,
+        },
+        seq: 9,
+    };
+    let h = a.lend(42, &[irq]).expect("owned");
+    // Through JSON, as dpctl relays it between two servers.
+    let text = serde_json::to_string(&h.to_wire(42)).unwrap();
+    let wire = devplane_control::proto::ModelHandover::from_json(&text).unwrap();
+    let back = Handover::from_wire(42, wire.clone()).unwrap();
+    assert_eq!(back.kind, "counter");
+    assert_eq!(back.irqs, vec![irq]);
+    assert_eq!(back.irq_target, Some((3, 2)));
+    let mut b = Dispatcher::new(1);
+    b.adopt(42, back).unwrap();
+    // Seq 2 again (its answer lost in the move) is not applied twice.
+    let mut buf = encode(42, &[req(2, w), req(3, w), req(4, r)]);
+    b.handle(&mut buf);
+    assert_eq!(answers(&buf), vec![0, 0, 3]);
+    assert_eq!(b.stats().duplicates, 1);
+    // Bad bytes are refused with what was wrong.
+    let mut bad = wire.clone();
+    bad.kind = "fork-bomb".into();
+    assert_eq!(
+        Handover::from_wire(42, bad).err(),
+        Some(HandoverError::Kind("fork-bomb".into()))
+    );
+    let mut bad = wire.clone();
+    bad.windows[0].answers[0].1 = 200;
+    assert_eq!(
+        Handover::from_wire(42, bad).err(),
+        Some(HandoverError::Status(200))
+    );
+    let mut bad = wire;
+    bad.irqs[0].action = 0;
+    assert_eq!(
+        Handover::from_wire(42, bad).err(),
+        Some(HandoverError::Action(0))
+    );
+    assert!(devplane_control::proto::ModelHandover::from_json("{\"kind\":").is_err());
+}

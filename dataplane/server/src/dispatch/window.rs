@@ -30,6 +30,10 @@ pub const MAX_WINDOWS: usize = 16_384;
 /// Key of a window: (client, VM, vCPU).
 pub type WindowKey = (u32, u32, u16);
 
+/// A window's answers as they travel to another server: (sequence
+/// number, status, data), oldest first.
+pub type Answers = Vec<(u64, Status, u64)>;
+
 /// What a window says about a request's sequence number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Seen {
@@ -129,6 +133,39 @@ impl Windows {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
+    }
+
+    /// Every window's answers, oldest first (for a hand-over to another
+    /// server).
+    pub fn export(&self) -> Vec<(WindowKey, Answers)> {
+        self.map
+            .iter()
+            .map(|(&k, w)| {
+                (
+                    k,
+                    w.answers
+                        .iter()
+                        .map(|(&seq, &(st, d))| (seq, st, d))
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// Windows holding `windows`' answers, within the limits (windows
+    /// past them are left out, each keeps its newest [`WINDOW`] answers).
+    pub fn import(
+        windows: impl IntoIterator<Item = (WindowKey, Vec<(u64, Status, u64)>)>,
+    ) -> Windows {
+        let mut out = Windows::default();
+        for (key, answers) in windows {
+            if let Some(w) = out.get(key) {
+                for (seq, st, d) in answers {
+                    w.remember(seq, (st, d));
+                }
+            }
+        }
+        out
     }
 
     /// Takes in `other`'s windows (a moved model's), within the limits.

@@ -529,6 +529,20 @@ impl ClientFile {
     /// A [`ClientSpec`] that runs VM `id` alone, with the servers its
     /// devices use.
     pub fn client_spec(&self, id: u32) -> Result<ClientSpec, ConfigError> {
+        self.client_spec_moved(id, &std::collections::BTreeMap::new())
+    }
+
+    /// [`ClientFile::client_spec`] with the remote models of `moved`
+    /// (model -> server id, each one of `[[servers]]`) on those servers
+    /// instead of where the file places them: models moved between
+    /// servers since the daemon started. A VM with remote devices also
+    /// gets every other `[[servers]]` entry, so that a model it uses can
+    /// be pointed at any of them while it runs ([`crate::vmm::Client::retarget`]).
+    pub fn client_spec_moved(
+        &self,
+        id: u32,
+        moved: &std::collections::BTreeMap<u32, u32>,
+    ) -> Result<ClientSpec, ConfigError> {
         let vm = self.vm(id).ok_or(ConfigError::UnknownVm(id))?;
         let guest = vm
             .guest
@@ -540,6 +554,7 @@ impl ClientFile {
             let place = match &d.place {
                 PlaceEntry::Local(kind) => Place::Local { kind: kind.clone() },
                 PlaceEntry::Remote(sid) => {
+                    let sid = moved.get(&d.model).unwrap_or(sid);
                     let entry = self.servers.iter().find(|s| s.id == *sid).ok_or_else(|| {
                         ConfigError::Device {
                             vm: id,
@@ -570,6 +585,17 @@ impl ClientFile {
                 posted: d.posted,
                 place,
             });
+        }
+        if !servers.is_empty() {
+            for entry in &self.servers {
+                if !servers.iter().any(|s| s.id == entry.id) {
+                    servers.push(ServerSpec {
+                        addr: entry.address,
+                        id: entry.id,
+                        via: entry.via,
+                    });
+                }
+            }
         }
         let mem = guest.mem_end().next_multiple_of(0x1_0000).max(MIN_MEM);
         Ok(ClientSpec {
