@@ -615,6 +615,93 @@ fn a_bad_client_configuration_is_a_one_line_error() {
     );
 }
 
+/// Issue 14 item 5 for the client daemon: 500 idle connections to its
+/// control socket and one peer sending its request a byte a second do not
+/// delay `dpctl vms running` (each answered within 3 s; a socket serving
+/// one connection at a time with a 5 s read timeout failed this). Needs no
+/// privilege: the daemon only listens, no VM runs.
+#[test]
+fn idle_and_slow_peers_do_not_block_the_client_daemon() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = TempDir(std::env::temp_dir().join(format!("dp-client-peers-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let cfg = dir.0.join("client.toml");
+    std::fs::write(
+        &cfg,
+        "[client]\nid = 7\nbind = \"127.0.0.1\"\n\n[[servers]]\nid = 1\naddress = \"127.0.0.1:7702\"\n\n\
+         [[vms]]\nid = 4\nhypervisor = 1\n\
+         guest = { kind = \"pio-loop\", port = 0x500, iterations = 5 }\n\n\
+         [[vms.devices]]\nspace = \"pio\"\nbase = 0x500\nlen = 0x10\nmodel = 11\nplace = \"remote:1\"\n",
+    )
+    .unwrap();
+    let sock = dir.0.join("client.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_devplane-client"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--control")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start devplane-client");
+    let mut guard = ChildGuard(Some(child));
+    let stderr = guard.0.as_mut().unwrap().stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    loop {
+        let line = lines
+            .next()
+            .expect("devplane-client exited before listening")
+            .unwrap();
+        if line.contains("control socket") {
+            break;
+        }
+    }
+    let idle: Vec<UnixStream> = (0..500)
+        .filter_map(|_| UnixStream::connect(&sock).ok())
+        .collect();
+    assert!(idle.len() >= 64, "only {} connections", idle.len());
+    let stop = Arc::new(AtomicBool::new(false));
+    let slow = {
+        let (sock, stop) = (sock.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let Ok(mut s) = UnixStream::connect(&sock) else {
+                return;
+            };
+            for b in b"\"ListVms\"\n" {
+                if stop.load(Ordering::Relaxed) || s.write_all(&[*b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..3 {
+        let t = Instant::now();
+        let list = ok_json(&sock, &["vms", "running"]);
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "dpctl vms running took {:?} beside idle and slow peers",
+            t.elapsed()
+        );
+        assert_eq!(state_of(&list, 4)["state"], "stopped", "{list}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    drop(idle);
+    let _ = slow.join();
+    // Still answers once they are gone, and stops cleanly.
+    ok_json(&sock, &["vms", "running"]);
+    let pid = guard.0.as_ref().unwrap().id();
+    // SAFETY: plain syscall on our own child.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGINT) };
+    let status = guard.0.take().unwrap().wait().unwrap();
+    assert!(status.success(), "devplane-client exited with {status}");
+    drop(lines);
+}
+
 /// A VM whose server never answers: each of its requests fails at the
 /// configured horizon, and the failures show in `dpctl vms running` while
 /// it runs and after it stopped, and in the daemon's report.
