@@ -109,15 +109,21 @@ fn answer(bytes: &[u8]) -> Option<(u64, u64)> {
 }
 
 /// What one phase of the well-behaved client measured.
-struct Phase {
-    lat: Latency,
-    writes: u64,
-    resent: u64,
+pub(crate) struct Phase {
+    pub(crate) lat: Latency,
+    pub(crate) writes: u64,
+    pub(crate) resent: u64,
 }
 
-/// `warmup + iters` writes to the counter closed loop, then a read of the
-/// counter that must equal them. Seq numbers start at `first_seq`.
-fn client_phase(sock: &UdpSocket, to: SocketAddr, warmup: u32, iters: u32) -> Result<Phase> {
+/// `warmup + iters` writes to the counter closed loop (client 7, VM 1,
+/// vCPU 0, model 1), then a read of the counter that must equal them. Seq
+/// numbers start at `first_seq`. Also the `flush-storm` scenario's.
+pub(crate) fn client_phase(
+    sock: &UdpSocket,
+    to: SocketAddr,
+    warmup: u32,
+    iters: u32,
+) -> Result<Phase> {
     sock.set_nonblocking(false)?;
     sock.set_read_timeout(Some(RESEND_AFTER / 4))?;
     sock.connect(to)?;

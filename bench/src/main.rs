@@ -18,6 +18,7 @@
 mod boot;
 mod client;
 mod counters;
+mod flush_storm;
 mod forward;
 mod gate;
 mod hist;
@@ -96,6 +97,10 @@ enum Scenario {
     /// floods the same worker, and with a budget on the flooder
     /// (isolation/unloaded, flooded, budgeted; needs root).
     Isolation,
+    /// A counter model's round trip unloaded and while a blockstore model
+    /// on the same worker takes a storm of writes and flushes
+    /// (flush-storm/unloaded, flushing; goal: p99 within 2x; needs root).
+    FlushStorm,
     /// The XDP round trip against offered load, open loop (wrk2 style):
     /// one worker's saturation, the unloaded round trip, then full
     /// datagrams sent on a fixed schedule at 10% to 200% of saturation
@@ -140,6 +145,7 @@ impl Scenario {
             Scenario::Throughput => "throughput",
             Scenario::Boot => boot::NAME,
             Scenario::Isolation => "isolation",
+            Scenario::FlushStorm => flush_storm::SCENARIO,
             Scenario::Load => load::SCENARIO,
             Scenario::Scale => scale::SCENARIO,
             Scenario::Forward => forward::SCENARIO,

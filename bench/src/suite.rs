@@ -13,7 +13,8 @@ use crate::report::{self, Row, RunConfig, RunSummary, progress};
 use crate::rig::{self, Rig};
 use crate::{
     CLIENT_REPEAT, IRQ_REPEAT, RunArgs, SERVER_REPEAT, Scenario, THROUGHPUT_REPEAT, boot, client,
-    forward, irq, isolation, load, micro, migrate, plan, queues, scale, server, throughput,
+    flush_storm, forward, irq, isolation, load, micro, migrate, plan, queues, scale, server,
+    throughput,
 };
 
 /// Names scenarios (comma-separated, as `--scenario` and the tables name
@@ -49,6 +50,7 @@ pub fn steps(args: &RunArgs, scenarios: &[Scenario]) -> u64 {
             | Scenario::Parse
             | Scenario::Boot
             | Scenario::Isolation
+            | Scenario::FlushStorm
             | Scenario::Forward
             | Scenario::Queues
             | Scenario::Migrate
@@ -185,6 +187,12 @@ pub fn run(args: RunArgs) -> Result<()> {
                 }
                 Scenario::Migrate => {
                     let r = migrate::run(args.round_trips, &mut notes)?;
+                    report::step_done();
+                    report::print_table(name, &r);
+                    rows.extend(r);
+                }
+                Scenario::FlushStorm => {
+                    let r = flush_storm::run(args.round_trips, &mut notes)?;
                     report::step_done();
                     report::print_table(name, &r);
                     rows.extend(r);

@@ -650,7 +650,9 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::{Arc, Mutex};
 
-    use devplane_devmodels::blockstore::{CTRL_BASE, CTRL_CAPACITY, CTRL_FLUSH, CTRL_WRITES};
+    use devplane_devmodels::blockstore::{
+        CTRL_BASE, CTRL_CAPACITY, CTRL_FAILURES, CTRL_FLUSH, CTRL_FLUSH_PENDING, CTRL_WRITES,
+    };
 
     use super::*;
     use crate::kvm::{KvmError, Trigger};
@@ -671,6 +673,7 @@ mod tests {
                 o if o == CTRL_BASE + CTRL_CAPACITY => self.disk.len() as u64,
                 o if o == CTRL_BASE + CTRL_FLUSH => self.flushes,
                 o if o == CTRL_BASE + CTRL_WRITES => self.writes,
+                o if o == CTRL_BASE + CTRL_FLUSH_PENDING || o == CTRL_BASE + CTRL_FAILURES => 0,
                 o => u64::from_le_bytes(self.disk[o as usize..o as usize + 8].try_into().unwrap()),
             })
         }

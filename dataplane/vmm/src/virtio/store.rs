@@ -3,11 +3,17 @@
 //! the model's MMIO window (see `devplane_devmodels::blockstore`), whether
 //! the model runs in this process or on a server.
 
-use devplane_devmodels::blockstore::{CTRL_BASE, CTRL_CAPACITY, CTRL_FLUSH, CTRL_WRITES};
+use devplane_devmodels::blockstore::{
+    CTRL_BASE, CTRL_CAPACITY, CTRL_FAILURES, CTRL_FLUSH, CTRL_FLUSH_PENDING, CTRL_WRITES,
+};
+
 use devplane_devmodels::{DeviceModel, Space};
 use devplane_wire::AccessSize;
 
 use super::VirtioError;
+
+/// The longest a flush is waited for.
+pub const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// One 8-byte register access to the block store, at an offset from its
 /// base. Implemented over a local model and over the wire.
@@ -80,13 +86,31 @@ impl Store<'_> {
 
     /// Writes every cached page back and makes it durable; returns once the
     /// store has done so.
+    ///
+    /// The store flushes without holding its worker: the write of
+    /// `CTRL_FLUSH` returns at once, and this polls `CTRL_FLUSH_PENDING`
+    /// (spinning briefly, then sleeping up to 1 ms between reads) until
+    /// every flush requested has settled, at most [`FLUSH_WAIT`]. The
+    /// flush is ours if the count rose and no failure came meanwhile.
     pub fn flush(&mut self) -> Result<(), VirtioError> {
         let before = self.0.read(CTRL_BASE + CTRL_FLUSH)?;
+        let failures = self.0.read(CTRL_BASE + CTRL_FAILURES)?;
         self.0.write(CTRL_BASE + CTRL_FLUSH, 1)?;
+        let start = std::time::Instant::now();
+        let mut nap = std::time::Duration::from_micros(20);
+        while self.0.read(CTRL_BASE + CTRL_FLUSH_PENDING)? > 0 {
+            if start.elapsed() > FLUSH_WAIT {
+                return Err(VirtioError::Store(format!(
+                    "the store did not settle the flush within {FLUSH_WAIT:?}"
+                )));
+            }
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(std::time::Duration::from_millis(1));
+        }
         let after = self.0.read(CTRL_BASE + CTRL_FLUSH)?;
-        if after == before {
+        if after == before || self.0.read(CTRL_BASE + CTRL_FAILURES)? != failures {
             return Err(VirtioError::Store(
-                "the store did not complete the flush".into(),
+                "the store did not complete the flush (an I/O error on the server)".into(),
             ));
         }
         Ok(())
