@@ -12,8 +12,8 @@ use anyhow::{Result, bail};
 use crate::report::{self, Row, RunConfig, RunSummary, progress};
 use crate::rig::{self, Rig};
 use crate::{
-    CLIENT_REPEAT, IRQ_REPEAT, RunArgs, SERVER_REPEAT, Scenario, THROUGHPUT_REPEAT, boot, client,
-    forward, irq, isolation, load, micro, plan, queues, scale, server, throughput,
+    CLIENT_REPEAT, IRQ_REPEAT, RunArgs, SERVER_REPEAT, Scenario, THROUGHPUT_REPEAT, blk, boot,
+    client, forward, irq, isolation, load, micro, plan, queues, scale, server, throughput,
 };
 
 /// Names scenarios (comma-separated, as `--scenario` and the tables name
@@ -51,6 +51,7 @@ pub fn steps(args: &RunArgs, scenarios: &[Scenario]) -> u64 {
             | Scenario::Isolation
             | Scenario::Forward
             | Scenario::Queues
+            | Scenario::Blk
             | Scenario::Load
             | Scenario::Scale => 1,
             Scenario::Server => args.repeat.unwrap_or(SERVER_REPEAT),
@@ -186,6 +187,13 @@ pub fn run(args: RunArgs) -> Result<()> {
                     let r = queues::run(args.round_trips, &mut notes)?;
                     report::step_done();
                     report::print_table(name, &r);
+                    rows.extend(r);
+                }
+                Scenario::Blk => {
+                    let r = blk::run(&mut notes)?;
+                    report::step_done();
+                    report::print_table(name, &r);
+                    notes.extend(blk::goal(&r));
                     rows.extend(r);
                 }
                 Scenario::Forward => {

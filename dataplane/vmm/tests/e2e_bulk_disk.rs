@@ -142,6 +142,7 @@ impl Guest {
                 hypervisor: HV,
             },
             keys: Some(keys::client_ring(CLIENT)),
+            live_keys: None,
             give_up: Duration::from_secs(15),
             spin: Duration::from_micros(200),
             loss,
@@ -405,8 +406,11 @@ fn e2e_bulk_disk() {
     write_flush_read(&mut g, 8192, 128 << 10, 16, 100);
     let clean = g.dev.bulk_stats().unwrap().resent.load(Ordering::Relaxed);
     println!("no loss: {clean} datagrams sent again");
-    // Informational (not a benchmark: the debug build, driven from this
-    // thread): 4 KiB reads at queue depth 1.
+    // 4 KiB reads at queue depth 1: nothing is sent again without loss
+    // (issue 19: a timer that fired while the answer was on its way
+    // doubled the cost of a read). The latencies are informational (not
+    // a benchmark: the debug build, driven from this thread).
+    let resent_before = g.dev.bulk_stats().unwrap().resent.load(Ordering::Relaxed);
     let mut lat: Vec<u128> = (0..200)
         .map(|i| {
             let t = Instant::now();
@@ -420,9 +424,14 @@ fn e2e_bulk_disk() {
         })
         .collect();
     lat.sort_unstable();
+    let resent_qd1 = g.dev.bulk_stats().unwrap().resent.load(Ordering::Relaxed) - resent_before;
     println!(
-        "4 KiB read, queue depth 1: p50 {} us, p99 {} us",
+        "4 KiB read, queue depth 1: p50 {} us, p99 {} us, {resent_qd1} datagrams sent again",
         lat[100], lat[198]
+    );
+    assert_eq!(
+        resent_qd1, 0,
+        "requests sent again at queue depth 1 without loss"
     );
     drop(g);
 
