@@ -343,6 +343,21 @@ impl Devplane {
             .map_or(0, |s| s.resent.load(Ordering::Relaxed))
     }
 
+    /// The bulk disk's counters, for a note.
+    fn counters(&self) -> String {
+        let Some(s) = self.dev.bulk_stats() else {
+            return String::new();
+        };
+        let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "bulk disk: {} sent, {} received, {} dropped, {} timeouts",
+            g(&s.sent),
+            g(&s.received),
+            g(&s.dropped),
+            g(&s.timeouts)
+        )
+    }
+
     fn errors(&self) -> u64 {
         self.dev
             .bulk_stats()
@@ -495,6 +510,26 @@ impl Disk for Devplane {
         }
         Ok(())
     }
+}
+
+/// This thread's namespace's UDP error counters (`/proc/net/snmp`):
+/// datagrams the kernel dropped before a socket saw them.
+fn udp_counters() -> String {
+    let Ok(t) = std::fs::read_to_string("/proc/thread-self/net/snmp") else {
+        return "unknown".into();
+    };
+    let mut lines = t.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return "unknown".into();
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .skip(1)
+        .filter(|(k, _)| k.contains("Errors"))
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `qemu-nbd` in the server namespace, killed on drop.
@@ -1041,13 +1076,31 @@ pub fn run(notes: &mut Vec<String>) -> Result<Vec<Row>> {
         ensure!(errors == 0, "devplane: {errors} requests failed");
         n.push(format!(
             "blk: both disks read back whole and checked; the bulk disk sent {} datagrams \
-             again in the run (no loss injected)",
-            dp.disk.resent()
+             again in the run (no loss injected); {}; client UDP: {}",
+            dp.disk.resent(),
+            dp.disk.counters(),
+            udp_counters()
         ));
         Ok((rows, n))
     })??;
     let snap = server.snapshot();
     let applied: u64 = snap.workers.iter().map(|w| w.bulk_applied).sum();
+    let sum = |f: fn(&devplane_server::stats::WorkerSnapshot) -> u64| -> u64 {
+        snap.workers.iter().map(f).sum()
+    };
+    notes.push(format!(
+        "blk: server: {} block datagrams, {} answers, {} duplicates, tx {}, tx_full {}, \
+         xsk_tx_invalid {}, xsk_rx_dropped {}, xsk_rx_ring_full {}, fill_ring_empty {}",
+        sum(|w| w.bulk_datagrams),
+        sum(|w| w.bulk_answers),
+        sum(|w| w.bulk_duplicates),
+        sum(|w| w.tx),
+        sum(|w| w.tx_full),
+        sum(|w| w.xsk_tx_invalid),
+        sum(|w| w.xsk_rx_dropped),
+        sum(|w| w.xsk_rx_ring_full),
+        sum(|w| w.xsk_fill_ring_empty),
+    ));
     server.stop();
     drop(nbd_server);
     notes.extend(n);

@@ -46,11 +46,15 @@ use crate::engine::{KeyWatch, LiveKeys};
 pub const MAX_BYTES_IN_FLIGHT: usize = 4 << 20;
 /// Requests on the wire at most.
 pub const MAX_IN_FLIGHT: usize = 128;
-/// Smallest retransmission timeout: above the scheduling hiccups of a
-/// loaded host, so that a late answer is not mistaken for a lost one.
-pub const RTO_MIN: Duration = Duration::from_millis(10);
+/// Smallest retransmission timeout: above the stalls of a loaded host
+/// (its polling threads descheduled, measured up to some 50 ms on the
+/// shared 2-core development machine at a load of 11), so that a late
+/// answer is not mistaken for a lost one: a resend costs the server a
+/// second read and the wire a second answer, and answers nothing sooner.
+/// A datagram really lost on a LAN is rare; it costs this much.
+pub const RTO_MIN: Duration = Duration::from_millis(50);
 /// Retransmission timeout before any round trip was measured.
-pub const RTO_INITIAL: Duration = Duration::from_millis(50);
+pub const RTO_INITIAL: Duration = Duration::from_millis(100);
 /// Largest retransmission timeout (a server restarting is waited for
 /// with it).
 pub const RTO_MAX: Duration = Duration::from_millis(250);
@@ -962,9 +966,10 @@ mod tests {
             c.submit(i, BlockOp::Read, (i % 64) * 8, 4096, vec![], now, &mut w);
             let reqs = w.0.len();
             assert_eq!(reqs, 1, "one datagram per 4 KiB read");
-            // Most answers in 200 us; every 50th 6 ms late.
+            // Most answers in 200 us; every 50th 30 ms late (a polling
+            // thread descheduled on a loaded host).
             let rtt = if i % 50 == 49 {
-                Duration::from_millis(6)
+                Duration::from_millis(30)
             } else {
                 Duration::from_micros(200)
             };
@@ -984,7 +989,7 @@ mod tests {
         assert_eq!(done.len(), 200);
         assert!(done.iter().all(|d| d.status == BlockStatus::Ok));
         let srtt = c.rtt().srtt().unwrap();
-        assert!(srtt < Duration::from_millis(2), "{srtt:?}");
+        assert!(srtt < Duration::from_millis(5), "{srtt:?}");
     }
 
     /// A deep queue of large reads: the last one is answered after those
@@ -1039,15 +1044,15 @@ mod tests {
     fn the_estimate_follows_rfc_6298() {
         let mut r = RttEstimator::default();
         assert_eq!(r.rto(Duration::ZERO), RTO_INITIAL);
-        r.sample(Duration::from_millis(4));
-        // srtt 4 ms, rttvar 2 ms: 12 ms.
-        assert_eq!(r.rto(Duration::ZERO), Duration::from_millis(12));
+        r.sample(Duration::from_millis(20));
+        // srtt 20 ms, rttvar 10 ms: 60 ms.
+        assert_eq!(r.rto(Duration::ZERO), Duration::from_millis(60));
         for _ in 0..100 {
             r.sample(Duration::from_micros(100));
         }
         assert_eq!(r.rto(Duration::ZERO), RTO_MIN);
         assert_eq!(r.rto(Duration::from_millis(5)), RTO_MIN);
-        assert!(r.rto(Duration::from_millis(30)) >= Duration::from_millis(30));
+        assert!(r.rto(Duration::from_millis(60)) >= Duration::from_millis(60));
         assert_eq!(r.rto(Duration::from_secs(1)), RTO_MAX);
     }
 
