@@ -11,8 +11,9 @@ LLVM_PREFIX="/usr/lib/llvm-${LLVM_VER}"
 # etcd-server/etcd-client: the etcd store's tests start a private etcd each
 # (dataplane/testkit/src/etcd.rs); protobuf-compiler and libprotobuf-dev
 # (the well-known .proto files): the etcd-client crate's build script.
+# qemu-utils: qemu-nbd, the NBD server dpbench's blk scenario compares with.
 APT_PKGS=(llvm-${LLVM_VER}-dev libpolly-${LLVM_VER}-dev zlib1g-dev libzstd-dev iproute2 ethtool build-essential pkg-config
-          etcd-server etcd-client protobuf-compiler libprotobuf-dev)
+          etcd-server etcd-client protobuf-compiler libprotobuf-dev qemu-utils)
 STABLE="$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$ROOT/rust-toolchain.toml")"
 
 say() { printf 'setup: %s\n' "$*"; }

@@ -15,6 +15,7 @@
 //!   gate: it compares ratios to the same-run floors and exits 1 on a
 //!   regression beyond the limit, 2 when it cannot judge.
 
+mod blk;
 mod boot;
 mod client;
 mod counters;
@@ -129,6 +130,13 @@ enum Scenario {
     /// the remote round trip while its model moves between two servers
     /// beside the same without moves (needs root and KVM).
     Migrate,
+    /// The remote disk in bulk beside NBD on the same topology: 4 KiB
+    /// random reads and writes at queue depth 1 (latency, NBD's row the
+    /// floor) and 4 KiB and 128 KiB at depth 32 (requests/s), from the
+    /// client VMM's virtio-blk device to a blockstore behind XDP, and
+    /// from a small NBD client to Debian's qemu-nbd (needs root and
+    /// qemu-nbd).
+    Blk,
 }
 
 impl Scenario {
@@ -151,6 +159,7 @@ impl Scenario {
             Scenario::Forward => forward::SCENARIO,
             Scenario::Queues => queues::SCENARIO,
             Scenario::Migrate => migrate::SCENARIO,
+            Scenario::Blk => blk::SCENARIO,
         }
     }
 

@@ -12,9 +12,9 @@ use anyhow::{Result, bail};
 use crate::report::{self, Row, RunConfig, RunSummary, progress};
 use crate::rig::{self, Rig};
 use crate::{
-    CLIENT_REPEAT, IRQ_REPEAT, RunArgs, SERVER_REPEAT, Scenario, THROUGHPUT_REPEAT, boot, client,
-    flush_storm, forward, irq, isolation, load, micro, migrate, plan, queues, scale, server,
-    throughput,
+    CLIENT_REPEAT, IRQ_REPEAT, RunArgs, SERVER_REPEAT, Scenario, THROUGHPUT_REPEAT, blk, boot,
+    client, flush_storm, forward, irq, isolation, load, micro, migrate, plan, queues, scale,
+    server, throughput,
 };
 
 /// Names scenarios (comma-separated, as `--scenario` and the tables name
@@ -54,6 +54,7 @@ pub fn steps(args: &RunArgs, scenarios: &[Scenario]) -> u64 {
             | Scenario::Forward
             | Scenario::Queues
             | Scenario::Migrate
+            | Scenario::Blk
             | Scenario::Load
             | Scenario::Scale => 1,
             Scenario::Server => args.repeat.unwrap_or(SERVER_REPEAT),
@@ -201,6 +202,13 @@ pub fn run(args: RunArgs) -> Result<()> {
                     let r = queues::run(args.round_trips, &mut notes)?;
                     report::step_done();
                     report::print_table(name, &r);
+                    rows.extend(r);
+                }
+                Scenario::Blk => {
+                    let r = blk::run(&mut notes)?;
+                    report::step_done();
+                    report::print_table(name, &r);
+                    notes.extend(blk::goal(&r));
                     rows.extend(r);
                 }
                 Scenario::Forward => {

@@ -5,8 +5,10 @@
 //! read from the used ring after the interrupt). 4 KiB and 128 KiB
 //! blocks are written, flushed and read back with their data verified;
 //! then with 10% of the datagrams lost each way (every write and flush
-//! applied exactly once, counted by the server); then across a server
-//! restart (flushed data kept).
+//! applied exactly once, counted by the server); then across a key
+//! rotation (the bulk disk following the engine's keys, the server
+//! retiring the old key); then across a server restart (flushed data
+//! kept). At queue depth 1 without loss nothing is sent again.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,16 +24,17 @@ use devplane_testkit::host::ServerThread;
 use devplane_testkit::keys;
 use devplane_testkit::privilege::{self, Capability};
 use devplane_testkit::topology::{Side, Topology};
-use devplane_vmm::engine::Loss;
+use devplane_vmm::engine::{LiveKeys, Loss};
 use devplane_vmm::kvm::{IrqLine, KvmError, Trigger};
 use devplane_vmm::virtio::VirtioError;
 use devplane_vmm::virtio::blk::{
     QUEUE_SIZE, REG_GUEST_FEATURES, REG_HOST_FEATURES, REG_ISR, REG_QUEUE_NOTIFY, REG_QUEUE_PFN,
     REG_STATUS, VirtioBlk,
 };
-use devplane_vmm::virtio::bulk::{BulkConfig, BulkIds};
+use devplane_vmm::virtio::bulk::{BulkConfig, BulkIds, RTO_MIN};
 use devplane_vmm::virtio::queue::DmaMemory;
 use devplane_vmm::virtio::store::StorePort;
+use devplane_wire::tag::{KeyRing, TagKey};
 use devplane_wire::{AccessSize, IrqAction};
 
 const PORT: u16 = 7910;
@@ -129,6 +132,11 @@ struct Guest {
 
 impl Guest {
     fn new(topo: &Topology, loss: Loss) -> Guest {
+        Guest::with_keys(topo, loss, None)
+    }
+
+    /// A guest whose bulk disk follows `live` (the engine's keys).
+    fn with_keys(topo: &Topology, loss: Loss, live: Option<LiveKeys>) -> Guest {
         let mem = Mem(Arc::new(Mutex::new(vec![0u8; MEM])));
         let irqs = Arc::new(AtomicU32::new(0));
         let cfg = BulkConfig {
@@ -142,6 +150,7 @@ impl Guest {
                 hypervisor: HV,
             },
             keys: Some(keys::client_ring(CLIENT)),
+            live_keys: live,
             give_up: Duration::from_secs(15),
             spin: Duration::from_micros(200),
             loss,
@@ -405,8 +414,11 @@ fn e2e_bulk_disk() {
     write_flush_read(&mut g, 8192, 128 << 10, 16, 100);
     let clean = g.dev.bulk_stats().unwrap().resent.load(Ordering::Relaxed);
     println!("no loss: {clean} datagrams sent again");
-    // Informational (not a benchmark: the debug build, driven from this
-    // thread): 4 KiB reads at queue depth 1.
+    // 4 KiB reads at queue depth 1: nothing is sent again without loss
+    // (issue 19: a timer that fired while the answer was on its way
+    // doubled the cost of a read). The latencies are informational (not
+    // a benchmark: the debug build, driven from this thread).
+    let resent_before = g.dev.bulk_stats().unwrap().resent.load(Ordering::Relaxed);
     let mut lat: Vec<u128> = (0..200)
         .map(|i| {
             let t = Instant::now();
@@ -420,9 +432,23 @@ fn e2e_bulk_disk() {
         })
         .collect();
     lat.sort_unstable();
+    let resent_qd1 = g.dev.bulk_stats().unwrap().resent.load(Ordering::Relaxed) - resent_before;
+    // Sent again early: only a read whose answer took longer than the
+    // smallest timeout may have been (a host that stalls the polling
+    // threads that long delays it; it is not lost), once per timeout
+    // elapsed. On an idle host that is none.
+    let may: u64 = lat
+        .iter()
+        .map(|us| (*us / RTO_MIN.as_micros()) as u64)
+        .sum();
     println!(
-        "4 KiB read, queue depth 1: p50 {} us, p99 {} us",
-        lat[100], lat[198]
+        "4 KiB read, queue depth 1: p50 {} us, p99 {} us, max {} us, {resent_qd1} datagrams \
+         sent again ({may} allowed by answers slower than {RTO_MIN:?})",
+        lat[100], lat[198], lat[199]
+    );
+    assert!(
+        resent_qd1 <= may,
+        "requests sent again at queue depth 1 without loss before their answer was late"
     );
     drop(g);
 
@@ -454,6 +480,34 @@ fn e2e_bulk_disk() {
         32 + 1 + 16 + 1,
         "every write and flush applied exactly once"
     );
+
+    // A key rotation (as `dpctl clients rotate-key` makes it: the server
+    // takes the new key beside the old one, the client daemon changes the
+    // engine's keys, which the bulk disk follows; then the old key is
+    // retired): block requests carry the new key, and after the old one
+    // is retired they still go through, data verified.
+    let k1 = keys::client_key(CLIENT).0;
+    let k2 = TagKey {
+        id: 2,
+        bytes: [0x5a; 16],
+    };
+    let live = LiveKeys::new(Some(KeyRing::new(k1)));
+    let mut g = Guest::with_keys(&topo, Loss::default(), Some(live.clone()));
+    write_flush_read(&mut g, 70_000, 4096, 8, 3000);
+    let mut ring = KeyRing::new(k1);
+    ring.rotate(k2);
+    server
+        .call(move |s| s.set_keys(CLIENT, Some(ring)))
+        .expect("server thread")
+        .expect("server takes the new key");
+    live.set(Some(ring));
+    write_flush_read(&mut g, 71_000, 4096, 8, 3100);
+    server
+        .call(move |s| s.set_keys(CLIENT, Some(KeyRing::new(k2))))
+        .expect("server thread")
+        .expect("server retires the old key");
+    write_flush_read(&mut g, 72_000, 128 << 10, 4, 3200);
+    drop(g);
     server.stop();
 
     // The server restarts on the same image: flushed data is there.

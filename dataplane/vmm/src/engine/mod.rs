@@ -39,6 +39,7 @@ use devplane_wire::IrqAction;
 use super::ring::ExitRing;
 use driver::{Cell, EventFd};
 pub use driver::{Doorbell, Driver, Waker};
+pub(crate) use keys::KeyWatch;
 pub use keys::LiveKeys;
 use lane::Loop;
 pub use stats::EngineStats;
@@ -324,10 +325,21 @@ impl Engine {
         lanes: Vec<Lane>,
         core: Option<usize>,
     ) -> Result<Engine, EngineError> {
+        Engine::spawn_with_keys(cfg, lanes, core, LiveKeys::new(cfg.tag_keys))
+    }
+
+    /// [`Engine::spawn`] sealing with `keys` (shared with others that
+    /// follow the same rotations, such as a VM's bulk disks) instead of
+    /// `cfg.tag_keys`.
+    pub fn spawn_with_keys(
+        cfg: EngineConfig,
+        lanes: Vec<Lane>,
+        core: Option<usize>,
+        keys: LiveKeys,
+    ) -> Result<Engine, EngineError> {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(EngineStats::default());
         let doorbell = Arc::new(Doorbell::new()?);
-        let keys = LiveKeys::new(cfg.tag_keys);
         let irqs = protocol::IrqSeen::default();
         let cells = lanes
             .into_iter()

@@ -12,7 +12,7 @@ use crate::bus::{
     self, Bus, BusDevice, DiskAt, LocalModel, STORE_WINDOW, VirtioBlkDevice, per_vcpu,
 };
 use crate::devmap::{DeviceMap, Mapping};
-use crate::engine::RemoteModel;
+use crate::engine::{LiveKeys, RemoteModel};
 use crate::kvm::{IrqLine, Vm};
 use crate::pci::{self, PciFunction, PciHost};
 use crate::virtio::blk::{BAR_SIZE, VirtioBlk};
@@ -36,6 +36,7 @@ struct Builder<'a> {
     vs: &'a VmSpec,
     vm: &'a Vm,
     console: Option<&'a Console>,
+    keys: &'a LiveKeys,
     slots: Vec<Slot>,
     remotes: Vec<RemoteModel>,
     pci: Vec<PciFunction>,
@@ -43,18 +44,21 @@ struct Builder<'a> {
 
 impl VmDevices {
     /// The devices of `vs`, running in `vm`; `console` is the Linux boot's
-    /// console, which a local `uart` feeds.
+    /// console, which a local `uart` feeds; `keys` the engine's tag keys,
+    /// which its bulk disks follow through rotations.
     pub(super) fn build(
         spec: &ClientSpec,
         vs: &VmSpec,
         vm: &Vm,
         console: Option<&Console>,
+        keys: &LiveKeys,
     ) -> Result<VmDevices, ClientError> {
         let mut b = Builder {
             spec,
             vs,
             vm,
             console,
+            keys,
             slots: Vec::new(),
             remotes: Vec::new(),
             pci: Vec::new(),
@@ -200,6 +204,7 @@ impl Builder<'_> {
                     hypervisor: self.vs.hypervisor,
                 },
                 keys: self.spec.engine.tag_keys,
+                live_keys: Some(self.keys.clone()),
                 give_up: self
                     .spec
                     .engine

@@ -43,7 +43,7 @@ use super::boot::{BootError, Console, LinuxBoot};
 use super::bus::Bus;
 pub use super::bus::STORE_WINDOW;
 use super::devmap::DevMapError;
-use super::engine::{Engine, EngineConfig, RemoteModel};
+use super::engine::{Engine, EngineConfig, LiveKeys, RemoteModel};
 use super::kvm::{CpuState, Entry, KvmError, Vcpu, VcpuExit, VcpuKicker, Vm};
 use super::ring::ExitRing;
 use super::snapshot::{DeviceSnapshot, VcpuSnapshot, VmSnapshot};
@@ -348,6 +348,7 @@ impl BuiltVm {
         vs: &VmSpec,
         boot: Option<&LinuxBoot>,
         snapshot: Option<VmSnapshot>,
+        keys: &LiveKeys,
     ) -> Result<BuiltVm, ClientError> {
         let kerr = |source| ClientError::Kvm { vm: vs.id, source };
         let vm = Vm::new(vs.mem_bytes).map_err(kerr)?;
@@ -360,7 +361,7 @@ impl BuiltVm {
             None => vs.vcpus.iter().map(|_| None).collect(),
         };
         let console = boot.map(|b| &b.console);
-        let devices = VmDevices::build(spec, vs, &vm, console)?;
+        let devices = VmDevices::build(spec, vs, &vm, console, keys)?;
         Ok(BuiltVm {
             id: vs.id,
             hypervisor: vs.hypervisor,
@@ -522,15 +523,26 @@ impl Client {
         let boots = linux_boots(&spec, linux)?;
         let mut snapshots: HashMap<u32, VmSnapshot> =
             snapshots.into_iter().map(|s| (s.vm, s)).collect();
+        // One set of tag keys for the engine and the VMs' bulk disks: a
+        // rotation reaches both.
+        let keys = LiveKeys::new(spec.engine.tag_keys);
         let vms = spec
             .vms
             .iter()
-            .map(|vs| BuiltVm::new(&spec, vs, boots.get(&vs.id), snapshots.remove(&vs.id)))
+            .map(|vs| {
+                BuiltVm::new(
+                    &spec,
+                    vs,
+                    boots.get(&vs.id),
+                    snapshots.remove(&vs.id),
+                    &keys,
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let wiring = lanes::wire(&spec, &vms)?;
         let mut ecfg = spec.engine;
         ecfg.client = spec.client;
-        let engine = Engine::spawn(ecfg, wiring.lanes, spec.engine_core)?;
+        let engine = Engine::spawn_with_keys(ecfg, wiring.lanes, spec.engine_core, keys)?;
         let mut client = Client {
             hold: Arc::new(Hold::default()),
             vcpus: Vec::new(),
