@@ -3,7 +3,11 @@
 //! The source ([`send`]) turns on KVM's dirty-page log and sends all of
 //! guest memory while the guest runs, then, round after round, the pages
 //! written meanwhile, until a round finds few enough ([`STOP_PAGES`]) or
-//! [`MAX_ROUNDS`] have passed. Then it suspends the VM (every vCPU
+//! [`MAX_ROUNDS`] have passed. It then waits for the target to have
+//! written every page sent so far into its guest memory (a sync message:
+//! the first full copy may still sit in the socket's buffers, and the
+//! target catching up on it must not be downtime), sends the pages
+//! written meanwhile, and suspends the VM (every vCPU
 //! finishes its exit and its posted writes: see
 //! [`Client::suspend`]), sends the pages dirtied since the last round and
 //! the VM's state without memory (a [`VmSnapshot`]: vCPUs, in-kernel
@@ -21,10 +25,12 @@
 //! Messages, integers little-endian:
 //!
 //! ```text
-//! header: "DPMIGR01"  u32 vm  u64 memory size
+//! header: "DPMIGR02"  u32 vm  u64 memory size
 //! pages:  u8 1  u64 gpa  u32 length  bytes
 //! state:  u8 2  u64 length  snapshot file bytes (memory empty)
+//! sync:   u8 3
 //! answer (target to source): u8 0 (holds it) | u8 1 u32 length message
+//!                            | u8 2 (to a sync: every page before it is in)
 //! ```
 
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -36,7 +42,7 @@ use crate::snapshot::VmSnapshot;
 use crate::vmm::{Client, ClientSpec};
 
 /// The stream's first bytes.
-const MAGIC: &[u8; 8] = b"DPMIGR01";
+const MAGIC: &[u8; 8] = b"DPMIGR02";
 const PAGE: usize = 4096;
 /// Stop copying while the guest runs once a round finds at most this many
 /// dirty pages (256 KiB).
@@ -54,6 +60,9 @@ const SUSPEND_TIMEOUT: Duration = Duration::from_secs(3);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 const TAG_PAGES: u8 = 1;
 const TAG_STATE: u8 = 2;
+const TAG_SYNC: u8 = 3;
+/// The target's answer to a sync.
+const CAUGHT_UP: u8 = 2;
 
 /// What a migration did.
 #[derive(Debug, Clone, Default)]
@@ -149,6 +158,23 @@ fn send_logged(
         m.bytes += send_dirty(&mut out, kvm, &dirty, &mut buf)?;
         m.rounds += 1;
     }
+    // Wait for the target to have taken in everything sent so far, then
+    // send what the guest wrote meanwhile: the downtime below then holds
+    // only the last few pages and the state.
+    out.write_all(&[TAG_SYNC])?;
+    out.flush()?;
+    let mut tag = [0u8; 1];
+    reader.read_exact(&mut tag)?;
+    match tag[0] {
+        CAUGHT_UP => {}
+        1 => {
+            let why = read_message(&mut reader)?;
+            return Err(MigrateError::Refused(why));
+        }
+        t => return Err(MigrateError::Protocol(format!("answer {t} to a sync"))),
+    }
+    let dirty = kvm.dirty_log().map_err(vm_err)?;
+    m.bytes += send_dirty(&mut out, kvm, &dirty, &mut buf)?;
     let stop = Instant::now();
     client
         .suspend(SUSPEND_TIMEOUT)
@@ -246,7 +272,7 @@ pub fn receive(
 ) -> Result<u32, MigrateError> {
     let mut out = stream.try_clone()?;
     let mut r = BufReader::with_capacity(1 << 20, stream);
-    match receive_vm(&mut r, spec) {
+    match receive_vm(&mut r, &mut out, spec) {
         Ok((vm, client)) => match deliver(client) {
             Ok(()) => {
                 out.write_all(&[0])?;
@@ -267,6 +293,7 @@ pub fn receive(
 
 fn receive_vm(
     r: &mut impl Read,
+    out: &mut impl Write,
     spec: impl FnOnce(u32) -> Result<ClientSpec, String>,
 ) -> Result<(u32, Client), MigrateError> {
     let mut head = [0u8; 20];
@@ -330,6 +357,10 @@ fn receive_vm(
                 }
                 client.apply_state(&snap).map_err(vm_err)?;
                 return Ok((vm, client));
+            }
+            TAG_SYNC => {
+                out.write_all(&[CAUGHT_UP])?;
+                out.flush()?;
             }
             t => return Err(MigrateError::Protocol(format!("message {t}"))),
         }
