@@ -48,6 +48,39 @@ pub const GATE_LIMITS: [&str; 5] = [
     "load/offered-50%:p50=20%",
 ];
 
+/// How many times `dpbench gate` runs its suite before a regression fails
+/// CI: a second and a third attempt are made only when the one before
+/// found a regression, and a ratio fails only if it regressed in every
+/// attempt ([`best_of`]). A change in the code shows in every run; the
+/// host's interruptions on this shared machine put a single run's client
+/// p99 at 2.5x its median (a fresh-clone `.ci/run` of 2026-12-05, load
+/// average 10: `exit-udp-floor` p99 +131%, a row with no devplane code in
+/// it) but not three runs in a row.
+pub const GATE_ATTEMPTS: u32 = 3;
+
+/// The judgement of several attempts of one suite against one base under
+/// the same limits: each (row, metric) at its best (lowest) new ratio, so
+/// that it fails only if every attempt regressed it. `None` without
+/// attempts; lines the attempts do not share are kept as the first has
+/// them (they cannot differ: the base and the limits decide the lines).
+pub fn best_of(attempts: &[Comparison]) -> Option<Comparison> {
+    let (first, rest) = attempts.split_first()?;
+    let mut best = first.clone();
+    for l in &mut best.lines {
+        for c in rest {
+            if let Some(o) = c
+                .lines
+                .iter()
+                .find(|o| o.key == l.key && o.metric == l.metric)
+                && (o.new < l.new || l.new.is_nan())
+            {
+                l.new = o.new;
+            }
+        }
+    }
+    Some(best)
+}
+
 /// [`GATE_LIMITS`], parsed.
 pub fn gate_limits() -> Vec<Limit> {
     GATE_LIMITS
@@ -742,6 +775,44 @@ mod tests {
         assert!(failed("client/", "p99", 2.0));
         assert!(!failed("client/", "p99", 1.3));
         assert!(!failed("server/", "p50", 2.0), "server p50 is not judged");
+    }
+
+    /// A regression in one attempt only is noise and passes; one in every
+    /// attempt fails, at the attempts' best ratio.
+    #[test]
+    fn only_a_regression_in_every_attempt_fails() {
+        let (base, run) = real();
+        let limits = ci_limits(&base);
+        let clean = compare(&base, &run, &limits).unwrap();
+        let (_, spiked) = worsened("client/", "p99", 2.5);
+        let spike = compare(&base, &spiked, &limits).unwrap();
+        assert!(spike.failed(), "{}", spike.table());
+        assert!(best_of(&[]).is_none());
+        // Noise in the first attempt, a clean second: passes.
+        let judged = best_of(&[spike.clone(), clean.clone()]).unwrap();
+        assert!(!judged.failed(), "{}", judged.table());
+        assert_eq!(judged, clean);
+        // A real regression (server p99 30% worse) in all three: fails, and
+        // the best attempt's ratio is the one reported.
+        let (_, slow) = worsened("server/", "p99", 1.3);
+        let (_, slower) = worsened("server/", "p99", 1.5);
+        let attempts = [
+            compare(&base, &slower, &limits).unwrap(),
+            compare(&base, &slow, &limits).unwrap(),
+            compare(&base, &slower, &limits).unwrap(),
+        ];
+        let judged = best_of(&attempts).unwrap();
+        assert!(judged.failed(), "{}", judged.table());
+        let xdp = judged
+            .lines
+            .iter()
+            .find(|l| l.key == "server/xdp-rtt" && l.metric == "p99")
+            .unwrap();
+        assert!((xdp.change() - 0.3).abs() < 1e-9, "{}", judged.table());
+        // A broken ratio (NaN) in one attempt does not hide a good one.
+        let mut nan = clean.clone();
+        nan.lines[0].new = f64::NAN;
+        assert!(!best_of(&[nan, clean]).unwrap().failed());
     }
 
     #[test]
