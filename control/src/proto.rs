@@ -258,8 +258,9 @@ pub fn key_ring(
 /// JSON's escaping it stays well inside one control request.
 pub const HANDOVER_PART_BYTES: usize = 16 * 1024;
 
-/// Most bytes of [`Request::StagePart`] pieces a server holds for one
-/// model (a worker's duplicate windows at most, with room to spare).
+/// Most bytes of [`Request::StagePart`] pieces a server holds, every
+/// model's together (a worker's duplicate windows at most, with room to
+/// spare): a piece past it is refused and that model's pieces dropped.
 pub const MAX_HANDOVER_BYTES: usize = 256 * 1024 * 1024;
 
 /// A device model as one server hands it to another: its state, its

@@ -36,6 +36,50 @@ fn cfg_err(s: String) -> ServerError {
     ServerError::Config(s)
 }
 
+/// Makes a hand-over from another server safe to take here, whatever it
+/// says: the model's interrupts go where this server's configuration
+/// sends them (`cfg.vm` and its hypervisor in `vms`), not where the
+/// hand-over says; its unacknowledged interrupts must be that VM's and at
+/// most [`crate::irq::MAX_HELD`] (refused otherwise); duplicate windows of
+/// a VM that is not its client's here are dropped, and so are answers
+/// numbered at or above `ceiling` (see [`crate::dispatch::Windows::trim`]):
+/// a hand-over cannot make another tenant's requests `Stale` or
+/// pre-answered. Returns (windows dropped, answers dropped).
+pub(crate) fn vet(
+    vms: &[devplane_control::config::VmConfig],
+    cfg: &ModelConfig,
+    h: &mut Handover,
+    ceiling: u64,
+) -> Result<(usize, usize), String> {
+    let target = cfg
+        .vm
+        .and_then(|vm| vms.iter().find(|v| v.id == vm).map(|v| (vm, v.hypervisor)));
+    if h.irqs.len() > crate::irq::MAX_HELD {
+        return Err(format!(
+            "{} unacknowledged interrupts, more than the {} a server holds",
+            h.irqs.len(),
+            crate::irq::MAX_HELD
+        ));
+    }
+    for i in &mut h.irqs {
+        match target {
+            Some((vm, hv)) if i.vm == vm => i.hypervisor = hv,
+            _ => {
+                return Err(format!(
+                    "an interrupt for VM {}, but the model's interrupts go to {}",
+                    i.vm,
+                    target.map_or("no VM".to_string(), |(vm, _)| format!("VM {vm}"))
+                ));
+            }
+        }
+    }
+    h.irq_target = target;
+    Ok(h.trim_windows(
+        |client, vm| vms.iter().any(|v| v.id == vm && v.client == client),
+        ceiling,
+    ))
+}
+
 impl Server {
     /// First step of a move to another server: the model's worker keeps it
     /// aside, not served (requests for it are dropped unanswered, and
@@ -182,6 +226,21 @@ impl Server {
                 cfg.id
             )));
         }
+        let (windows, answers) = vet(
+            &self.cfg.vms,
+            &cfg,
+            &mut handover,
+            crate::dispatch::reachable(),
+        )
+        .map_err(|e| cfg_err(format!("hand-over of model {}: {e}", cfg.id)))?;
+        if windows + answers > 0 {
+            eprintln!(
+                "devplane: server {}: hand-over of model {}: dropped {windows} duplicate \
+                 window(s) of VMs not their client's here and {answers} answer(s) numbered \
+                 beyond any client's reach",
+                self.id, cfg.id
+            );
+        }
         handover.params = devplane_devmodels::registry::ModelParams {
             line: cfg.line,
             backing: cfg.backing.clone(),
@@ -317,5 +376,110 @@ impl Server {
     /// Models lent to another server by moves not yet settled.
     pub fn lent_models(&self) -> Vec<u32> {
         self.lent_out.keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devplane_control::config::VmConfig;
+    use devplane_control::proto::{HandedIrq, HandedWindow};
+
+    const NOW: u64 = 1_000_000_000;
+
+    fn vms() -> Vec<VmConfig> {
+        vec![
+            VmConfig {
+                id: 10,
+                client: 1,
+                hypervisor: 7,
+            },
+            VmConfig {
+                id: 20,
+                client: 2,
+                hypervisor: 8,
+            },
+        ]
+    }
+
+    fn model() -> ModelConfig {
+        ModelConfig {
+            vm: Some(10),
+            ..ModelConfig::new(5, "counter", 0)
+        }
+    }
+
+    /// A hand-over as a hostile (or confused) relay could send it for
+    /// model 5 of VM 10 (client 1).
+    fn hostile(irq_vm: u32) -> Handover {
+        let m = devplane_devmodels::registry::build("counter", Default::default()).unwrap();
+        let snap = m.snapshot();
+        let window = |client, vm, seqs: std::ops::Range<u64>| HandedWindow {
+            client,
+            vm,
+            vcpu: 0,
+            answers: seqs.map(|s| (s, 0, 0)).collect(),
+        };
+        let wire = devplane_control::proto::ModelHandover {
+            kind: "counter".into(),
+            snapshot_version: snap.version,
+            snapshot: snap.data,
+            pio_base: 0,
+            mmio_base: 0,
+            // Interrupts to the other tenant's VM.
+            irq_target: Some((20, 8)),
+            irq_seq: 1,
+            windows: vec![
+                // The model's own VM, honest answers.
+                window(1, 10, 100..110),
+                // VM 20 is client 2's: named as client 1's, or as client
+                // 2's with numbers beyond any clock (would make its
+                // every later request Stale).
+                window(1, 20, 100..110),
+                window(2, 20, u64::MAX - 300..u64::MAX),
+                // Client 1's own VM with a few numbers from the future.
+                window(1, 10, u64::MAX - 3..u64::MAX),
+                // A VM unknown here.
+                window(3, 99, 1..5),
+            ],
+            irqs: vec![HandedIrq {
+                vm: irq_vm,
+                hypervisor: 99,
+                line: 4,
+                action: 1,
+                seq: 2,
+            }],
+        };
+        Handover::from_wire(5, wire).unwrap()
+    }
+
+    #[test]
+    fn a_hostile_hand_over_cannot_reach_another_tenant() {
+        let mut h = hostile(10);
+        assert_eq!(
+            vet(&vms(), &model(), &mut h, NOW),
+            Ok((2, 10 + 4 + 3 + 256))
+        );
+        // Interrupts go where this server's configuration says.
+        assert_eq!(h.irq_target, Some((10, 7)));
+        assert_eq!((h.irqs[0].vm, h.irqs[0].hypervisor), (10, 7));
+        // Only client 1's window of VM 10 is left, without the future.
+        let kept = h.windows().export();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert_eq!(kept[0].0, (1, 10, 0));
+        assert_eq!(kept[0].1.len(), 10);
+        assert!(kept[0].1.iter().all(|&(s, _, _)| (100..110).contains(&s)));
+        // An interrupt for another VM: refused, not retargeted.
+        let mut h = hostile(20);
+        let e = vet(&vms(), &model(), &mut h, NOW).unwrap_err();
+        assert!(e.contains("VM 20"), "{e}");
+        // Too many interrupts: refused.
+        let mut h = hostile(10);
+        h.irqs = vec![h.irqs[0]; crate::irq::MAX_HELD + 1];
+        assert!(vet(&vms(), &model(), &mut h, NOW).is_err());
+        // A model without VM takes no interrupts.
+        let mut h = hostile(10);
+        let e = vet(&vms(), &ModelConfig::new(5, "counter", 0), &mut h, NOW).unwrap_err();
+        assert!(e.contains("no VM"), "{e}");
     }
 }

@@ -94,7 +94,7 @@ const CLOCK_SKEW_NS: u64 = 600_000_000_000;
 
 /// The highest sequence number a client can have reached (see
 /// [`Seen::FarAhead`]).
-fn reachable() -> u64 {
+pub(crate) fn reachable() -> u64 {
     wall_clock_ns().saturating_add(CLOCK_SKEW_NS)
 }
 
@@ -151,6 +151,20 @@ pub enum HandoverError {
 }
 
 impl Handover {
+    /// The duplicate windows it carries.
+    pub fn windows(&self) -> &Windows {
+        &self.windows
+    }
+
+    /// See [`Windows::trim`].
+    pub fn trim_windows(
+        &mut self,
+        owned: impl Fn(u32, u32) -> bool,
+        ceiling: u64,
+    ) -> (usize, usize) {
+        self.windows.trim(owned, ceiling)
+    }
+
     /// The hand-over as it travels to another server (model `model`'s).
     pub fn to_wire(&self, model: u32) -> devplane_control::proto::ModelHandover {
         use devplane_control::proto::{HandedIrq, HandedWindow};

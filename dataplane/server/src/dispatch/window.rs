@@ -168,6 +168,31 @@ impl Windows {
         out
     }
 
+    /// Keeps only what another server may hand over: windows whose VM
+    /// `owned(client, vm)` says belongs to their client here, and answers
+    /// numbered below `ceiling` (no client can have reached a number at or
+    /// above it: such an answer would make every later request of that
+    /// vCPU `Stale`). Returns (windows dropped, answers dropped).
+    pub fn trim(&mut self, owned: impl Fn(u32, u32) -> bool, ceiling: u64) -> (usize, usize) {
+        let (mut windows, mut answers) = (0, 0);
+        self.map.retain(|&(client, vm, _), w| {
+            if !owned(client, vm) {
+                windows += 1;
+                answers += w.answers.len();
+                return false;
+            }
+            let before = w.answers.len();
+            w.answers.retain(|&seq, _| seq < ceiling);
+            answers += before - w.answers.len();
+            !w.answers.is_empty()
+        });
+        self.per_vm.clear();
+        for &(_, vm, _) in self.map.keys() {
+            *self.per_vm.entry(vm).or_default() += 1;
+        }
+        (windows, answers)
+    }
+
     /// Takes in `other`'s windows (a moved model's), within the limits.
     pub(super) fn merge(&mut self, other: Windows) {
         for (key, w) in other.map {
