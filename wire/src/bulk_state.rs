@@ -157,23 +157,63 @@ pub enum Put {
     Bad,
 }
 
-/// Requests being reassembled, keyed by `K`, within a memory budget.
+/// Requests being reassembled, keyed by `K`, within a memory budget, and
+/// within a share of it per owner (a tenant: see
+/// [`Reassembly::with_shares`]), so that one owner's partial requests
+/// cannot take all the room and starve the others.
 #[derive(Debug)]
 pub struct Reassembly<K> {
     parts: HashMap<K, Partial>,
     bytes: usize,
     budget: usize,
     max_parts: usize,
+    /// Most bytes and requests of one owner.
+    share: (usize, usize),
+    /// Who owns a request.
+    owner: fn(&K) -> u32,
+    /// Each owner's (bytes, requests) held.
+    owners: HashMap<u32, (usize, usize)>,
 }
 
 impl<K: core::hash::Hash + Eq + Copy> Reassembly<K> {
     /// At most `budget` bytes of data and `max_parts` requests at once.
     pub fn new(budget: usize, max_parts: usize) -> Reassembly<K> {
+        Reassembly::with_shares(budget, max_parts, (budget, max_parts), |_| 0)
+    }
+
+    /// As [`Reassembly::new`], and at most `share` (bytes, requests) of
+    /// them owned by any one `owner(key)`.
+    pub fn with_shares(
+        budget: usize,
+        max_parts: usize,
+        share: (usize, usize),
+        owner: fn(&K) -> u32,
+    ) -> Reassembly<K> {
         Reassembly {
             parts: HashMap::new(),
             bytes: 0,
             budget,
             max_parts,
+            share,
+            owner,
+            owners: HashMap::new(),
+        }
+    }
+
+    /// Bytes and requests held for `owner`.
+    pub fn owned(&self, owner: u32) -> (usize, usize) {
+        self.owners.get(&owner).copied().unwrap_or((0, 0))
+    }
+
+    fn release(&mut self, key: &K, len: usize) {
+        self.bytes -= len;
+        let o = (self.owner)(key);
+        if let Some(e) = self.owners.get_mut(&o) {
+            e.0 -= len;
+            e.1 -= 1;
+            if e.1 == 0 {
+                self.owners.remove(&o);
+            }
         }
     }
 
@@ -208,11 +248,19 @@ impl<K: core::hash::Hash + Eq + Copy> Reassembly<K> {
                     Put::Bad
                 };
             }
-            if self.parts.len() >= self.max_parts || self.bytes + len as usize > self.budget {
+            let (ob, op) = self.owned((self.owner)(&key));
+            if self.parts.len() >= self.max_parts
+                || self.bytes + len as usize > self.budget
+                || op >= self.share.1
+                || ob + len as usize > self.share.0
+            {
                 return Put::NoRoom;
             }
             self.parts.insert(key, Partial::new(len, now));
             self.bytes += len as usize;
+            let e = self.owners.entry((self.owner)(&key)).or_default();
+            e.0 += len as usize;
+            e.1 += 1;
         }
         let Some(p) = self.parts.get_mut(&key) else {
             return Put::Bad;
@@ -231,7 +279,7 @@ impl<K: core::hash::Hash + Eq + Copy> Reassembly<K> {
         }
         match self.parts.remove(&key) {
             Some(p) => {
-                self.bytes -= p.data.len();
+                self.release(&key, p.data.len());
                 Put::Complete(p.data)
             }
             None => Put::Bad,
@@ -241,23 +289,23 @@ impl<K: core::hash::Hash + Eq + Copy> Reassembly<K> {
     /// Drops requests whose last segment is older than `older_than`
     /// (their sender gave up or will send them again); returns how many.
     pub fn expire(&mut self, older_than: u64) -> usize {
-        let before = self.parts.len();
-        let mut freed = 0;
-        self.parts.retain(|_, p| {
-            let keep = p.touched >= older_than;
-            if !keep {
-                freed += p.data.len();
-            }
-            keep
-        });
-        self.bytes -= freed;
-        before - self.parts.len()
+        let old: Vec<(K, usize)> = self
+            .parts
+            .iter()
+            .filter(|(_, p)| p.touched < older_than)
+            .map(|(k, p)| (*k, p.data.len()))
+            .collect();
+        for (k, len) in &old {
+            self.parts.remove(k);
+            self.release(k, *len);
+        }
+        old.len()
     }
 
     /// Forgets `key`.
     pub fn remove(&mut self, key: &K) {
         if let Some(p) = self.parts.remove(key) {
-            self.bytes -= p.data.len();
+            self.release(key, p.data.len());
         }
     }
 }
@@ -405,6 +453,29 @@ mod tests {
         assert_eq!(r.expire(1), 1);
         assert_eq!(r.bytes(), 1500);
         assert_eq!(r.put(2, 4096, 0, &s, 6), Put::Held);
+    }
+
+    #[test]
+    fn one_owner_cannot_take_all_the_room() {
+        // Keys (owner, id); each owner may hold 2 requests of 10,000 bytes.
+        let mut r: Reassembly<(u32, u64)> =
+            Reassembly::with_shares(40_000, 8, (10_000, 2), |k| k.0);
+        let s = [0u8; SEG_DATA];
+        assert_eq!(r.put((1, 1), 8192, 0, &s, 0), Put::Held);
+        assert_eq!(r.put((1, 2), 4096, 0, &s, 0), Put::NoRoom, "bytes share");
+        assert_eq!(r.put((1, 3), 1500, 0, &s, 0), Put::Held);
+        assert_eq!(r.put((1, 4), 1500, 0, &s, 0), Put::NoRoom, "count share");
+        // Another owner still has its room.
+        assert_eq!(r.put((2, 1), 8192, 0, &s, 0), Put::Held);
+        assert_eq!(r.owned(1), (8192 + 1500, 2));
+        // Freed on completion, expiry and removal.
+        let tail = [0u8; 1500 - SEG_DATA];
+        assert!(matches!(r.put((1, 3), 1500, 1, &tail, 0), Put::Complete(_)));
+        assert_eq!(r.owned(1), (8192, 1));
+        r.remove(&(1, 1));
+        assert_eq!(r.owned(1), (0, 0));
+        assert_eq!(r.expire(1), 1);
+        assert_eq!((r.owned(2), r.bytes(), r.len()), ((0, 0), 0, 0));
     }
 
     #[test]

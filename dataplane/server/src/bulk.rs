@@ -32,6 +32,15 @@ use crate::dispatch::ModelSlot;
 pub const REASSEMBLY_BUDGET: usize = 64 << 20;
 /// Requests a worker reassembles at once at most.
 pub const MAX_PARTIALS: usize = 4096;
+/// Bytes of write data one client holds in a worker's reassembly at
+/// most: a quarter of [`REASSEMBLY_BUDGET`], four VMs' worth of a
+/// client's writes in flight (`MAX_BYTES_IN_FLIGHT` of the client's
+/// bulk disks). A client that starts writes and never finishes them
+/// fills its own share, not the others' room: it takes four such
+/// clients to fill the budget.
+pub const REASSEMBLY_CLIENT_SHARE: usize = REASSEMBLY_BUDGET / 4;
+/// Requests one client reassembles at once at most in a worker.
+pub const MAX_CLIENT_PARTIALS: usize = MAX_PARTIALS / 4;
 /// (client, VM) windows of block requests a worker keeps at most.
 pub const MAX_BULK_WINDOWS: usize = 4096;
 /// A write whose segments stop arriving for this long is dropped.
@@ -54,8 +63,12 @@ pub struct BulkStats {
     /// Retransmitted segments or requests of requests in flight or done
     /// (not applied again).
     pub duplicates: u64,
-    /// Segments dropped because reassembly was full.
+    /// Segments dropped because reassembly was full (or the client's
+    /// share of it, [`REASSEMBLY_CLIENT_SHARE`]).
     pub no_room: u64,
+    /// Segments dropped because they do not fit their request (a length
+    /// other than its first segment's, or a segment of the wrong size).
+    pub bad_segments: u64,
     /// Partly reassembled writes dropped after their timeout.
     pub expired: u64,
     /// Requests older than their window (answered `Stale`).
@@ -115,7 +128,12 @@ impl BulkEngine {
     pub fn new(server: u32) -> BulkEngine {
         BulkEngine {
             server,
-            reasm: Reassembly::new(REASSEMBLY_BUDGET, MAX_PARTIALS),
+            reasm: Reassembly::with_shares(
+                REASSEMBLY_BUDGET,
+                MAX_PARTIALS,
+                (REASSEMBLY_CLIENT_SHARE, MAX_CLIENT_PARTIALS),
+                |&(client, _, _)| client,
+            ),
             windows: HashMap::new(),
             inflight: HashMap::new(),
             waiting: VecDeque::new(),
@@ -287,7 +305,7 @@ impl BulkEngine {
                     Put::Held => {}
                     Put::Duplicate => self.stats.duplicates += 1,
                     Put::NoRoom => self.stats.no_room += 1,
-                    Put::Bad => {}
+                    Put::Bad => self.stats.bad_segments += 1,
                 }
             }
             Seen::New => self.start(client, model, msg, None, Vec::new(), models),
@@ -469,8 +487,20 @@ mod tests {
     }
 
     fn req(op: BlockOp, id: u64, len: u32, flags: u8, seg: u16, data: &[u8]) -> Vec<u8> {
+        req_from(7, op, id, len, flags, seg, data)
+    }
+
+    fn req_from(
+        client: u32,
+        op: BlockOp,
+        id: u64,
+        len: u32,
+        flags: u8,
+        seg: u16,
+        data: &[u8],
+    ) -> Vec<u8> {
         let mut b = vec![0u8; MAX_DATAGRAM];
-        let mut h = Header::new(Kind::Request, 13, 1, 7);
+        let mut h = Header::new(Kind::Request, 13, 1, client);
         h.kind = bulk::KIND_BLOCK_REQUEST;
         let m = BlockMsg {
             op,
@@ -510,6 +540,49 @@ mod tests {
     fn feed(e: &mut BulkEngine, models: &mut HashMap<u32, ModelSlot>, b: &[u8]) {
         let d = Bulk::parse(b).unwrap();
         e.handle(&d, models, None);
+    }
+
+    /// One client starting 1 MiB writes and never finishing them (one
+    /// segment each) fills its own share of reassembly, not the room of
+    /// the others: another client's write still goes through. Segments
+    /// that do not fit their request are counted.
+    #[test]
+    fn a_client_that_never_finishes_its_writes_does_not_starve_another() {
+        let (mut e, mut models, _img) = rig("share");
+        let seg = vec![0xa5u8; SEG_DATA];
+        let len = bulk::MAX_BLOCK_LEN;
+        for id in 1..=(REASSEMBLY_BUDGET / len as usize) as u64 {
+            feed(
+                &mut e,
+                &mut models,
+                &req_from(66, BlockOp::Write, id, len, 0, 0, &seg),
+            );
+        }
+        assert_eq!(
+            e.reasm.owned(66).0,
+            REASSEMBLY_CLIENT_SHARE,
+            "its share, no more"
+        );
+        assert!(e.stats.no_room > 0);
+        let data: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+        for s in 0..bulk::segments(4096) {
+            let a = s as usize * SEG_DATA;
+            let b = (a + SEG_DATA).min(4096);
+            feed(
+                &mut e,
+                &mut models,
+                &req(BlockOp::Write, 500, 4096, 0, s, &data[a..b]),
+            );
+        }
+        run(&mut e, &mut models);
+        assert_eq!(e.stats.applied, 1, "the other client's write went through");
+        // A segment claiming another length than its request's first.
+        feed(
+            &mut e,
+            &mut models,
+            &req_from(66, BlockOp::Write, 1, len - 512, 0, 1, &seg),
+        );
+        assert_eq!(e.stats.bad_segments, 1);
     }
 
     #[test]

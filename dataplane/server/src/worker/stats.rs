@@ -131,6 +131,18 @@ pub struct WorkerStats {
     pub bulk_duplicates: AtomicU64,
     /// Block-answer datagrams made.
     pub bulk_answers: AtomicU64,
+    /// Block segments dropped: reassembly full, or the client's share of it.
+    pub bulk_no_room: AtomicU64,
+    /// Block segments that do not fit their request (dropped).
+    pub bulk_bad_segments: AtomicU64,
+    /// Partly reassembled block writes dropped after their timeout.
+    pub bulk_expired: AtomicU64,
+    /// Block requests older than their window (answered `Stale`).
+    pub bulk_stale: AtomicU64,
+    /// Block requests refused because a window limit was hit.
+    pub bulk_window_limit: AtomicU64,
+    /// Block requests to a model that is no disk.
+    pub bulk_unsupported: AtomicU64,
     /// Interrupts raised by this worker's models.
     pub irqs_raised: AtomicU64,
     /// Interrupt datagrams sent.
@@ -203,6 +215,18 @@ pub struct WorkerSnapshot {
     pub bulk_duplicates: u64,
     /// See [`WorkerStats::bulk_answers`].
     pub bulk_answers: u64,
+    /// See [`WorkerStats::bulk_no_room`].
+    pub bulk_no_room: u64,
+    /// See [`WorkerStats::bulk_bad_segments`].
+    pub bulk_bad_segments: u64,
+    /// See [`WorkerStats::bulk_expired`].
+    pub bulk_expired: u64,
+    /// See [`WorkerStats::bulk_stale`].
+    pub bulk_stale: u64,
+    /// See [`WorkerStats::bulk_window_limit`].
+    pub bulk_window_limit: u64,
+    /// See [`WorkerStats::bulk_unsupported`].
+    pub bulk_unsupported: u64,
     /// See [`WorkerStats::irqs_raised`].
     pub irqs_raised: u64,
     /// See [`WorkerStats::irqs_sent`].
@@ -265,6 +289,12 @@ impl WorkerSnapshot {
             ("bulk_applied", self.bulk_applied),
             ("bulk_duplicates", self.bulk_duplicates),
             ("bulk_answers", self.bulk_answers),
+            ("bulk_no_room", self.bulk_no_room),
+            ("bulk_bad_segments", self.bulk_bad_segments),
+            ("bulk_expired", self.bulk_expired),
+            ("bulk_stale", self.bulk_stale),
+            ("bulk_window_limit", self.bulk_window_limit),
+            ("bulk_unsupported", self.bulk_unsupported),
             ("stale", self.stale),
             ("foreign_vm", self.foreign_vm),
             ("bad_tag", self.bad_tag),
@@ -320,6 +350,12 @@ impl WorkerStats {
         self.bulk_applied.store(b.applied, r);
         self.bulk_duplicates.store(b.duplicates, r);
         self.bulk_answers.store(b.answers, r);
+        self.bulk_no_room.store(b.no_room, r);
+        self.bulk_bad_segments.store(b.bad_segments, r);
+        self.bulk_expired.store(b.expired, r);
+        self.bulk_stale.store(b.stale, r);
+        self.bulk_window_limit.store(b.window_limit, r);
+        self.bulk_unsupported.store(b.unsupported, r);
     }
 
     /// Adds `n` to a counter.
@@ -353,6 +389,12 @@ impl WorkerStats {
             bulk_applied: self.bulk_applied.load(r),
             bulk_duplicates: self.bulk_duplicates.load(r),
             bulk_answers: self.bulk_answers.load(r),
+            bulk_no_room: self.bulk_no_room.load(r),
+            bulk_bad_segments: self.bulk_bad_segments.load(r),
+            bulk_expired: self.bulk_expired.load(r),
+            bulk_stale: self.bulk_stale.load(r),
+            bulk_window_limit: self.bulk_window_limit.load(r),
+            bulk_unsupported: self.bulk_unsupported.load(r),
             irqs_raised: self.irqs_raised.load(r),
             irqs_sent: self.irqs_sent.load(r),
             irqs_held: self.irqs_held.load(r),
