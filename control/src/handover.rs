@@ -217,6 +217,39 @@ pub fn run<P: Parties>(p: &mut P) -> Report {
     }
 }
 
+/// Settles a move left unfinished (its driver died, or it was in doubt):
+/// the source still has the model lent, not served, and nobody serves it
+/// unless the target committed. Asks the target to discard: if it says it
+/// serves, the move rolls forward (clients pointed at it, the source
+/// releases); if its staged copy is gone, the move is cancelled (clients
+/// pointed back, the source takes the model back); if it does not answer,
+/// the move stays in doubt (the source keeps its copy lent). `p`'s target
+/// must be the one the source lent the model to.
+pub fn settle<P: Parties>(p: &mut P) -> Report {
+    match p.discard() {
+        Ok(Discarded::Serving) => match p.retarget(true) {
+            Ok(()) => Report::Moved {
+                release_pending: p.release().err().map(|e| e.to_string()),
+            },
+            Err(e) => Report::InDoubt {
+                why: format!(
+                    "the target serves the model, but pointing the clients at it failed: {e}"
+                ),
+            },
+        },
+        Ok(Discarded::Gone) => cancel_discarded(
+            p,
+            Step::Commit,
+            StepError::Refused(
+                "a move left unfinished was settled: the target had not committed".into(),
+            ),
+        ),
+        Err(e) => Report::InDoubt {
+            why: format!("settling a move left unfinished, asking the target to discard: {e}"),
+        },
+    }
+}
+
 /// Undoes a move that failed at `at` before the commit: the target
 /// discards, the clients point back (if they may have moved), the source
 /// takes the model back.

@@ -171,6 +171,10 @@ pub enum Request {
     LendModel {
         /// The model.
         model: u32,
+        /// The server it goes to (remembered until the move is settled,
+        /// and told by [`Response::Placement`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<u32>,
     },
     /// Server (target of a move): one piece of a [`ModelHandover`] as JSON
     /// text, appended to what came before for `model` (a hand-over may be
@@ -262,6 +266,12 @@ pub const HANDOVER_PART_BYTES: usize = 16 * 1024;
 /// model's together (a worker's duplicate windows at most, with room to
 /// spare): a piece past it is refused and that model's pieces dropped.
 pub const MAX_HANDOVER_BYTES: usize = 256 * 1024 * 1024;
+
+/// Most models whose [`Request::StagePart`] pieces a server holds at once
+/// (moves to one server run one at a time per model; pieces left by a
+/// mover that died are dropped by [`Request::DiscardModel`], which
+/// settling the move sends).
+pub const MAX_HANDOVER_MODELS: usize = 16;
 
 /// A device model as one server hands it to another: its state, its
 /// settings, the source worker's duplicate windows (so a write applied
@@ -521,6 +531,9 @@ pub enum Response {
         worker: Option<usize>,
         /// Lent to another server by a move not yet settled.
         lent: bool,
+        /// The server it is lent to, if the mover said.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lent_to: Option<u32>,
         /// Staged here by a move not yet committed.
         staged: bool,
     },
@@ -672,7 +685,10 @@ mod tests {
                 model: Some(5),
                 write: true,
             },
-            Request::LendModel { model: 4 },
+            Request::LendModel {
+                model: 4,
+                to: Some(2),
+            },
             Request::StagePart {
                 model: 4,
                 part: "{\"kind\":".into(),
@@ -820,6 +836,7 @@ mod tests {
                 server: 2,
                 worker: Some(0),
                 lent: false,
+                lent_to: None,
                 staged: false,
             },
             Response::Retargeted {

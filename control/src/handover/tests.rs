@@ -332,3 +332,46 @@ fn undo_steps_that_fail_are_reported_and_never_serve_twice() {
         }
     }
 }
+
+/// A driver that died after any step: settling finishes or cancels the
+/// move as the target says, whatever fails while settling, and never
+/// serves the model twice.
+#[test]
+fn a_move_left_unfinished_is_settled_either_way() {
+    for tgt in [Tgt::Nothing, Tgt::Staged, Tgt::Serving] {
+        for clients in [false, true] {
+            let scripts: Vec<Vec<(&'static str, Answer)>> = std::iter::once(Vec::new())
+                .chain(
+                    ["discard", "retarget", "point_back", "release", "take_back"]
+                        .iter()
+                        .flat_map(|&s| FAILURES.iter().map(move |&a| vec![(s, a)])),
+                )
+                .collect();
+            for script in scripts {
+                let mut w = World::new(&script);
+                w.src = Src::Lent;
+                w.tgt = tgt;
+                w.clients_at_target = clients;
+                let r = settle(&mut w);
+                check(&w, &r);
+                if script.is_empty() {
+                    if tgt == Tgt::Serving {
+                        assert_eq!(
+                            r,
+                            Report::Moved {
+                                release_pending: None
+                            }
+                        );
+                    } else {
+                        assert!(
+                            matches!(&r, Report::Cancelled { loose_ends, .. } if loose_ends.is_empty()),
+                            "{r}"
+                        );
+                        assert_eq!((w.src, w.tgt), (Src::Serving, Tgt::Nothing));
+                        assert!(!w.clients_at_target);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -133,13 +133,13 @@ pub fn handle(server: &mut Server, request: Request) -> Response {
             current,
             previous,
         } => done(server.set_keys(client, devplane_control::proto::key_ring(current, previous))),
-        Request::LendModel { model } => {
+        Request::LendModel { model, to } => {
             if server.model_worker(model).is_none() && !server.lent_models().contains(&model) {
                 return Response::NotFound {
                     message: format!("model {model} is not served by server {}", server.id()),
                 };
             }
-            match server.lend_out(model) {
+            match server.lend_out_to(model, to) {
                 Ok((cfg, h)) => Response::Lent {
                     handover: Box::new(h.to_wire(model)),
                     model: cfg,
@@ -163,6 +163,7 @@ pub fn handle(server: &mut Server, request: Request) -> Response {
                 server: server.id(),
                 worker,
                 lent,
+                lent_to: server.lent_to(model),
                 staged,
             }
         }

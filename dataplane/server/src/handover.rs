@@ -10,7 +10,9 @@
 //! does nothing when it gets to it.
 
 use devplane_control::config::ModelConfig;
-use devplane_control::proto::{MAX_HANDOVER_BYTES, ModelHandover};
+use std::collections::HashMap;
+
+use devplane_control::proto::{MAX_HANDOVER_BYTES, MAX_HANDOVER_MODELS, ModelHandover};
 
 use crate::dispatch::{Dispatcher, Handover, LendError, PendingIrq, Staged};
 use crate::lifecycle::{MoveTicket, WorkerCmd};
@@ -80,6 +82,39 @@ pub(crate) fn vet(
     ))
 }
 
+/// Appends `part` to model `model`'s pieces in `parts`, within the
+/// bounds: [`MAX_HANDOVER_BYTES`] of every model's pieces together and
+/// [`MAX_HANDOVER_MODELS`] models with pieces at once (empty pieces are
+/// refused: they would cost an entry each and no byte). A piece past a
+/// bound is refused and that model's pieces dropped.
+fn add_part(
+    parts: &mut HashMap<u32, String>,
+    model: u32,
+    part: &str,
+    max_bytes: usize,
+) -> Result<(), String> {
+    if part.is_empty() {
+        return Err(format!("an empty piece of the hand-over of model {model}"));
+    }
+    if !parts.contains_key(&model) && parts.len() >= MAX_HANDOVER_MODELS {
+        return Err(format!(
+            "hand-overs of {MAX_HANDOVER_MODELS} models are being received already, the most \
+             at once (models {:?}): finish or discard them first",
+            parts.keys().collect::<Vec<_>>()
+        ));
+    }
+    let total: usize = parts.values().map(String::len).sum();
+    if total + part.len() > max_bytes {
+        let mine = parts.remove(&model).map_or(0, |p| p.len());
+        return Err(format!(
+            "hand-over pieces held would pass {max_bytes} bytes (model {model}'s: \
+             {mine}, every model's: {total}): model {model}'s pieces are dropped"
+        ));
+    }
+    parts.entry(model).or_default().push_str(part);
+    Ok(())
+}
+
 impl Server {
     /// First step of a move to another server: the model's worker keeps it
     /// aside, not served (requests for it are dropped unanswered, and
@@ -89,6 +124,17 @@ impl Server {
     /// step within the step timeout, the step is cancelled and the model
     /// stays served here (an error says so).
     pub fn lend_out(&mut self, model: u32) -> Result<(ModelConfig, Handover), ServerError> {
+        self.lend_out_to(model, None)
+    }
+
+    /// [`Server::lend_out`], remembering that the model goes to server
+    /// `to` (told with [`Server::placement`], so that a move left
+    /// unfinished is settled with its own target).
+    pub fn lend_out_to(
+        &mut self,
+        model: u32,
+        to: Option<u32>,
+    ) -> Result<(ModelConfig, Handover), ServerError> {
         let timeout = self.step_timeout;
         let m = self
             .cfg
@@ -134,14 +180,14 @@ impl Server {
             line: m.line,
             backing: m.backing.clone(),
         };
-        self.lent_out.insert(model, m.worker);
+        self.lent_out.insert(model, (m.worker, to));
         Ok((m, h))
     }
 
     /// Undo of [`Server::lend_out`]: the worker serves the model again as
     /// it was. `Ok(false)`: nothing was lent (it serves anyway).
     pub fn take_back(&mut self, model: u32) -> Result<bool, ServerError> {
-        let Some(&worker) = self.lent_out.get(&model) else {
+        let Some(&(worker, _)) = self.lent_out.get(&model) else {
             return Ok(false);
         };
         self.settle_lent(model, worker, true)?;
@@ -153,12 +199,19 @@ impl Server {
     /// drops the lent copy and the model's route and configuration here.
     pub fn release_lent(&mut self, model: u32) -> Result<(), ServerError> {
         use devplane_control::maps::MapWriter;
-        let Some(&worker) = self.lent_out.get(&model) else {
+        let Some(&(worker, _)) = self.lent_out.get(&model) else {
             return Err(cfg_err(format!("model {model} is not lent from here")));
         };
         self.settle_lent(model, worker, false)?;
+        let to = self.lent_to(model);
         self.lent_out.remove(&model);
         self.cfg.models.retain(|m| m.id != model);
+        self.console.model_gone(
+            model,
+            to.map_or("moved to another server".into(), |t| {
+                format!("moved to server {t}: attach there")
+            }),
+        );
         if let Some(x) = self.xdp.as_mut() {
             x.maps.remove_route(model)?;
         }
@@ -320,15 +373,7 @@ impl Server {
                 "model {model} is served or staged here already"
             )));
         }
-        let total: usize = self.handover_parts.values().map(String::len).sum();
-        if total + part.len() > MAX_HANDOVER_BYTES {
-            self.handover_parts.remove(&model);
-            return Err(cfg_err(format!(
-                "hand-over of model {model} is larger than {MAX_HANDOVER_BYTES} bytes"
-            )));
-        }
-        self.handover_parts.entry(model).or_default().push_str(part);
-        Ok(())
+        add_part(&mut self.handover_parts, model, part, MAX_HANDOVER_BYTES).map_err(cfg_err)
     }
 
     /// Step 2 of a move driven over the control socket: builds model
@@ -362,6 +407,12 @@ impl Server {
             self.lent_out.contains_key(&model),
             self.staged.contains_key(&model),
         )
+    }
+
+    /// The server model `model` is lent to, if it is lent and the mover
+    /// said where.
+    pub fn lent_to(&self, model: u32) -> Option<u32> {
+        self.lent_out.get(&model).and_then(|&(_, to)| to)
     }
 
     /// The worker serving model `model`, if this server serves it.
@@ -451,6 +502,32 @@ mod tests {
             }],
         };
         Handover::from_wire(5, wire).unwrap()
+    }
+
+    /// A flood of pieces: bounded in bytes (every model's together) and
+    /// in models; the one past a bound is refused with its model's
+    /// pieces, the others' are kept.
+    #[test]
+    fn a_flood_of_hand_over_pieces_is_bounded() {
+        const MAX: usize = 1000;
+        let mut parts = HashMap::new();
+        assert!(add_part(&mut parts, 1, "", MAX).is_err(), "empty piece");
+        assert!(parts.is_empty());
+        for m in 0..MAX_HANDOVER_MODELS as u32 {
+            add_part(&mut parts, m, "{", MAX).unwrap();
+        }
+        let e = add_part(&mut parts, 999, "{", MAX).unwrap_err();
+        assert!(e.contains("the most at once"), "{e}");
+        assert_eq!(parts.len(), MAX_HANDOVER_MODELS);
+        // Bytes: model 0 grows to the bound; one more byte of model 1
+        // is refused and only model 1's pieces dropped.
+        let room = MAX - MAX_HANDOVER_MODELS;
+        add_part(&mut parts, 0, &"x".repeat(room), MAX).unwrap();
+        let e = add_part(&mut parts, 1, "y", MAX).unwrap_err();
+        assert!(e.contains("model 1's pieces are dropped"), "{e}");
+        assert!(!parts.contains_key(&1));
+        let total: usize = parts.values().map(String::len).sum();
+        assert_eq!(total, MAX - 1);
     }
 
     #[test]

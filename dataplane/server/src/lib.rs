@@ -159,8 +159,9 @@ pub struct Server {
     /// How long each step of a live change waits for a worker.
     step_timeout: std::time::Duration,
     /// Models lent to another server by a move not yet settled, and the
-    /// worker that keeps each aside ([`Server::lend_out`]).
-    lent_out: HashMap<u32, usize>,
+    /// worker that keeps each aside ([`Server::lend_out`]) and the server
+    /// it was lent to, if the mover said.
+    lent_out: HashMap<u32, (usize, Option<u32>)>,
     /// Models handed over by another server, built but not served until
     /// their move commits ([`Server::stage_in`]).
     staged: HashMap<u32, handover::StagedIn>,

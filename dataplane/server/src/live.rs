@@ -219,6 +219,8 @@ impl Server {
             .position(|m| m.id == model)
             .ok_or_else(|| ServerError::Config(format!("model {model} is not served here")))?;
         let m = self.cfg.models.remove(idx);
+        self.console
+            .model_gone(model, format!("was removed from server {}", self.id));
         if let Some(x) = self.xdp.as_mut() {
             x.maps.remove_route(model)?;
         }

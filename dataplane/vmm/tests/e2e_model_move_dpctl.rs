@@ -431,6 +431,33 @@ fn dpctl_moves_a_model_between_two_server_daemons_under_guest_traffic() {
         ],
     );
 
+    // A dpctl that died right after lending model 12 (the lend alone,
+    // sent here): A keeps it lent, served nowhere. A move to another
+    // target is refused, naming the move's own; the move to that target
+    // settles it first (B had nothing: cancelled, A serves it again), then
+    // moves it. Before, nothing but a restart of A could serve it again.
+    let lend = devplane_control::proto::Request::LendModel {
+        model: POSTED_MODEL,
+        to: Some(SERVER_B),
+    };
+    match devplane_control::proto::call(&sock_a, &lend, Duration::from_secs(10)) {
+        Ok(devplane_control::proto::Response::Lent { .. }) => {}
+        r => panic!("lend: {r:?}"),
+    }
+    dp.fails(
+        &sock_a,
+        &[
+            "models",
+            "move",
+            "12",
+            "--to-server",
+            "3",
+            "--to-server-socket",
+            b,
+        ],
+        1,
+        &["model 12 is lent by server 1 to a move not settled yet to server 2"],
+    );
     // Both models move to B while both guests write.
     let before_b = dp.applied(&sock_b);
     assert_eq!(
@@ -446,7 +473,10 @@ fn dpctl_moves_a_model_between_two_server_daemons_under_guest_traffic() {
                 b
             ]
         ),
-        "moved model 12 from server 1 to server 2 (worker 0); VM 2 now reaches it there\n"
+        "first settled a move left unfinished: move cancelled at commit (target): refused: a \
+         move left unfinished was settled: the target had not committed; the model is served \
+         by the source as before\n\
+         moved model 12 from server 1 to server 2 (worker 0); VM 2 now reaches it there\n"
     );
     let text = dp.ok(
         &sock_a,

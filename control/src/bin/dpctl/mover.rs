@@ -67,7 +67,11 @@ impl Parties for Sockets<'_> {
     type Handover = (ModelConfig, Box<ModelHandover>);
 
     fn lend(&mut self) -> Result<Self::Handover, StepError> {
-        match ask(self.from_sock, &Request::LendModel { model: self.model })? {
+        let lend = Request::LendModel {
+            model: self.model,
+            to: Some(self.to),
+        };
+        match ask(self.from_sock, &lend)? {
             Response::Lent { model, handover } => Ok((model, handover)),
             r => Err(unexpected(&r)),
         }
@@ -169,19 +173,31 @@ fn failed(message: String) -> Failure {
     }
 }
 
-/// Where a server stands with `model`: (its id, worker, lent, staged).
-fn placement(
-    path: &Path,
-    model: u32,
-    which: &str,
-) -> Result<(u32, Option<usize>, bool, bool), Failure> {
+/// Where a server stands with `model`.
+struct Placed {
+    server: u32,
+    worker: Option<usize>,
+    lent: bool,
+    lent_to: Option<u32>,
+    staged: bool,
+}
+
+/// Where a server stands with `model`.
+fn placement(path: &Path, model: u32, which: &str) -> Result<Placed, Failure> {
     match proto::call(path, &Request::ModelPlacement { model }, TIMEOUT) {
         Ok(Response::Placement {
             server,
             worker,
             lent,
+            lent_to,
             staged,
-        }) => Ok((server, worker, lent, staged)),
+        }) => Ok(Placed {
+            server,
+            worker,
+            lent,
+            lent_to,
+            staged,
+        }),
         Ok(Response::Error { message }) => Err(failed(format!("the {which} refused: {message}"))),
         Ok(r) => Err(failed(format!(
             "the {which} at {} answered {r:?}: is it a devplane-server of this version?",
@@ -189,6 +205,23 @@ fn placement(
         ))),
         Err(e) => Err(failed(format!("the {which} is down or unknown: {e}"))),
     }
+}
+
+/// Settles a move of `a.model` from server `from` to `a.to` left
+/// unfinished (see [`handover::settle`]).
+fn settle(cli: &Cli, a: &MoveArgs, from: u32, to_sock: &Path, clients: &[PathBuf]) -> Report {
+    let mut p = Sockets {
+        model: a.model,
+        from,
+        to: a.to,
+        to_worker: a.to_worker,
+        from_sock: &cli.socket,
+        to_sock,
+        clients,
+        retargeted: Vec::new(),
+        handover_bytes: 0,
+    };
+    handover::settle(&mut p)
 }
 
 /// The move request of `dpctl models move`.
@@ -214,14 +247,65 @@ pub(super) fn move_to_server(cli: &Cli, a: &MoveArgs) -> Result<String, Failure>
         a.clients
     };
     // The source: which server it is, and that it serves the model.
-    let (from, worker, lent, _) = placement(&cli.socket, model, "source server (--socket)")?;
-    if worker.is_none() {
-        if lent {
+    let src = placement(&cli.socket, model, "source server (--socket)")?;
+    let mut settled = None;
+    // (A lent model is still in the source's configuration: `worker` says
+    // which worker keeps it aside, not that it is served.)
+    if src.lent {
+        // A move left unfinished (its dpctl died, or it was in doubt):
+        // settled with its own target, then this move goes on from where
+        // the model is.
+        if src.lent_to != Some(a.to) {
             return Err(failed(format!(
-                "model {model} is lent by server {from} to a move not settled yet: wait for it, \
-                 or restart that move"
+                "model {model} is lent by server {} to a move not settled yet{}: run this \
+                 move with that move's target (--to-server) to settle it first",
+                src.server,
+                src.lent_to
+                    .map_or(" (its target unknown)".to_string(), |t| format!(
+                        " to server {t}"
+                    )),
             )));
         }
+        let report = settle(cli, a, src.server, &to_sock, clients);
+        match report {
+            Report::Moved { .. } => {
+                return Ok(if cli.json {
+                    to_json(&json!({
+                        "action": "move",
+                        "model": model,
+                        "from": src.server,
+                        "to": a.to,
+                        "result": "moved",
+                        "settled": report.to_string(),
+                    }))
+                } else {
+                    format!("settled the move of model {model} left unfinished: {report}\n")
+                });
+            }
+            Report::InDoubt { .. } => {
+                return Err(failed(format!(
+                    "model {model} between server {} and server {}: {report}",
+                    src.server, a.to
+                )));
+            }
+            Report::Cancelled { .. } => settled = Some(report.to_string()),
+        }
+    }
+    let (from, worker, lent, _) = match settled {
+        None => (src.server, src.worker, src.lent, src.staged),
+        Some(_) => {
+            let p = placement(&cli.socket, model, "source server (--socket)")?;
+            (p.server, p.worker, p.lent, p.staged)
+        }
+    };
+    if lent {
+        return Err(failed(format!(
+            "model {model} is still lent by server {from} after settling the move left \
+             unfinished ({}): try again",
+            settled.clone().unwrap_or_default()
+        )));
+    }
+    if worker.is_none() {
         return Err(Failure {
             code: EXIT_NOT_FOUND,
             message: format!(
@@ -240,7 +324,8 @@ pub(super) fn move_to_server(cli: &Cli, a: &MoveArgs) -> Result<String, Failure>
     }
     // The target: up, the server named, not serving the model.
     let target = format!("target server {} ({})", a.to, to_sock.display());
-    let (to_id, to_worker, _, to_staged) = placement(&to_sock, model, &target)?;
+    let t = placement(&to_sock, model, &target)?;
+    let (to_id, to_worker, to_staged) = (t.server, t.worker, t.staged);
     if to_id != a.to {
         return Err(failed(format!(
             "the server at {} is server {to_id}, not server {}: give the target's socket with \
@@ -285,6 +370,7 @@ pub(super) fn move_to_server(cli: &Cli, a: &MoveArgs) -> Result<String, Failure>
                 "handover_bytes": p.handover_bytes,
                 "took_us": took_us,
                 "release_pending": release_pending,
+                "settled": settled,
             }))
         } else {
             let vms_text = if vms.is_empty() {
@@ -297,10 +383,13 @@ pub(super) fn move_to_server(cli: &Cli, a: &MoveArgs) -> Result<String, Failure>
                     if vms.len() == 1 { "es" } else { "" }
                 )
             };
-            let mut out = format!(
+            let mut out = settled.as_ref().map_or(String::new(), |s| {
+                format!("first settled a move left unfinished: {s}\n")
+            });
+            out.push_str(&format!(
                 "moved model {model} from server {from} to server {} (worker {}); {vms_text}\n",
                 a.to, a.to_worker
-            );
+            ));
             if let Some(w) = release_pending {
                 out.push_str(&format!(
                     "warning: server {from} did not confirm dropping its lent copy ({w}); it \

@@ -191,6 +191,13 @@ impl Registry {
         }
         self.generation.fetch_add(1, Ordering::Release);
     }
+
+    fn remove(&self, model: u32) {
+        if let Ok(mut taps) = self.taps.lock() {
+            taps.retain(|t| t.model != model);
+        }
+        self.generation.fetch_add(1, Ordering::Release);
+    }
 }
 
 /// A worker's view of the [`Registry`]: a copy of its list, refreshed
@@ -238,10 +245,19 @@ struct Attach {
     stream: UnixStream,
 }
 
+/// What the console thread is told.
+enum Msg {
+    /// A viewer's connection.
+    Attach(Attach),
+    /// A model left this server (moved to another, or removed): its
+    /// viewers are told why and detached, its tap dropped.
+    Gone { model: u32, why: String },
+}
+
 /// The console thread's handle; stopping it (drop) detaches every viewer.
 pub struct ConsoleHub {
     registry: Arc<Registry>,
-    to: Sender<Attach>,
+    to: Sender<Msg>,
     wake: Arc<OwnedFd>,
     stop: Arc<AtomicBool>,
     counters: Arc<Mutex<Vec<ConsoleCounters>>>,
@@ -286,12 +302,20 @@ impl ConsoleHub {
     /// thread, which answers on it: [`Response::Console`] then the
     /// stream, or why it was refused.
     pub fn attach(&self, server: u32, model: u32, write: bool, stream: UnixStream) {
-        let _ = self.to.send(Attach {
+        let _ = self.to.send(Msg::Attach(Attach {
             model,
             server,
             write,
             stream,
-        });
+        }));
+        ring(&self.wake);
+    }
+
+    /// Model `model` left this server (`why` says where to): its viewers
+    /// get a last line with `why` and are detached, rather than watching
+    /// a console nobody feeds any more.
+    pub fn model_gone(&self, model: u32, why: String) {
+        let _ = self.to.send(Msg::Gone { model, why });
         ring(&self.wake);
     }
 
@@ -322,7 +346,7 @@ struct Console {
 /// The console thread.
 struct Hub {
     registry: Arc<Registry>,
-    from: Receiver<Attach>,
+    from: Receiver<Msg>,
     wake: Arc<OwnedFd>,
     consoles: HashMap<u32, Console>,
     counters: Arc<Mutex<Vec<ConsoleCounters>>>,
@@ -381,8 +405,11 @@ impl Hub {
             // SAFETY: `fds` is valid for the call.
             unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
             drain_eventfd(&self.wake);
-            while let Ok(a) = self.from.try_recv() {
-                self.attach(a);
+            while let Ok(m) = self.from.try_recv() {
+                match m {
+                    Msg::Attach(a) => self.attach(a),
+                    Msg::Gone { model, why } => self.gone(model, &why),
+                }
             }
             // Output first, so that every viewer's queue is current.
             for c in self.consoles.values_mut() {
@@ -419,6 +446,25 @@ impl Hub {
                 }
             }
             self.publish();
+        }
+    }
+
+    /// Detaches model `model`'s viewers, each sent what it has queued
+    /// and a last line saying `why` as far as its socket takes them
+    /// without waiting, and drops its tap.
+    fn gone(&mut self, model: u32, why: &str) {
+        let Some(mut c) = self.consoles.remove(&model) else {
+            return;
+        };
+        self.registry.remove(model);
+        let mut out = Vec::new();
+        c.tap.take_output(&mut out);
+        c.fanout.push(&out);
+        c.fanout
+            .push(format!("\r\n[console: model {model} {why}: detached]\r\n").as_bytes());
+        let ids: Vec<u64> = c.fanout.ids().collect();
+        for id in ids {
+            let _ = Hub::write(&mut c, id);
         }
     }
 
@@ -741,5 +787,36 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         drop(hub);
+    }
+
+    /// A model that leaves the server (moved away, removed) detaches its
+    /// viewers with a line saying why; before, they stayed attached to a
+    /// console nobody fed, silent.
+    #[test]
+    fn viewers_of_a_model_that_leaves_are_told_and_detached() {
+        let hub = ConsoleHub::start().unwrap();
+        let (mut a, _) = viewer(&hub, 9, true);
+        let (mut b, _) = viewer(&hub, 9, false);
+        let (other, _) = viewer(&hub, 4, false);
+        hub.model_gone(9, "moved to server 2".into());
+        for v in [&mut a, &mut b] {
+            let mut got = String::new();
+            v.read_to_string(&mut got).expect("closed after the notice");
+            assert!(
+                got.contains("model 9 moved to server 2: detached"),
+                "{got:?}"
+            );
+        }
+        let t = std::time::Instant::now();
+        while hub.registry().taps.lock().unwrap().len() != 1 {
+            assert!(t.elapsed() < Duration::from_secs(5), "tap kept");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(hub.registry().taps.lock().unwrap()[0].model, 4);
+        // Attaching again makes a new console (the server refuses first
+        // if the model is not its).
+        let (_again, r) = viewer(&hub, 9, true);
+        assert!(matches!(r, Response::Console { writer: true, .. }), "{r:?}");
+        drop(other);
     }
 }
