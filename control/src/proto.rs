@@ -534,6 +534,13 @@ pub enum Response {
         /// The server it is lent to, if the mover said.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         lent_to: Option<u32>,
+        /// How long ago it was lent, in milliseconds, if it is.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lent_ms: Option<u64>,
+        /// How long the server has run, in milliseconds (a target that
+        /// restarted since a lend may have committed and lost the model).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        uptime_ms: Option<u64>,
         /// Staged here by a move not yet committed.
         staged: bool,
     },
@@ -837,6 +844,8 @@ mod tests {
                 worker: Some(0),
                 lent: false,
                 lent_to: None,
+                lent_ms: None,
+                uptime_ms: Some(5),
                 staged: false,
             },
             Response::Retargeted {

@@ -481,6 +481,12 @@ enum ModelsCmd {
         /// default --client-socket).
         #[arg(long = "retarget-client", value_name = "PATH", requires = "to_server")]
         retarget_clients: Vec<PathBuf>,
+        /// Settling a move left unfinished whose target restarted since
+        /// the lend: serve the source's copy again although the target
+        /// may have committed and acknowledged writes since (lost with
+        /// it; the source's copy is older).
+        #[arg(long, requires = "to_server")]
+        accept_rollback: bool,
     },
     /// On an owner server (--socket): forward a device model's requests
     /// to the I/O server that hosts it, live (the owner's XDP program

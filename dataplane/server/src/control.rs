@@ -164,6 +164,8 @@ pub fn handle(server: &mut Server, request: Request) -> Response {
                 worker,
                 lent,
                 lent_to: server.lent_to(model),
+                lent_ms: server.lent_for(model).map(|d| d.as_millis() as u64),
+                uptime_ms: Some(server.uptime().as_millis() as u64),
                 staged,
             }
         }

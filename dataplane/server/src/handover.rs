@@ -180,14 +180,15 @@ impl Server {
             line: m.line,
             backing: m.backing.clone(),
         };
-        self.lent_out.insert(model, (m.worker, to));
+        self.lent_out
+            .insert(model, (m.worker, to, std::time::Instant::now()));
         Ok((m, h))
     }
 
     /// Undo of [`Server::lend_out`]: the worker serves the model again as
     /// it was. `Ok(false)`: nothing was lent (it serves anyway).
     pub fn take_back(&mut self, model: u32) -> Result<bool, ServerError> {
-        let Some(&(worker, _)) = self.lent_out.get(&model) else {
+        let Some(&(worker, _, _)) = self.lent_out.get(&model) else {
             return Ok(false);
         };
         self.settle_lent(model, worker, true)?;
@@ -199,7 +200,7 @@ impl Server {
     /// drops the lent copy and the model's route and configuration here.
     pub fn release_lent(&mut self, model: u32) -> Result<(), ServerError> {
         use devplane_control::maps::MapWriter;
-        let Some(&(worker, _)) = self.lent_out.get(&model) else {
+        let Some(&(worker, _, _)) = self.lent_out.get(&model) else {
             return Err(cfg_err(format!("model {model} is not lent from here")));
         };
         self.settle_lent(model, worker, false)?;
@@ -412,7 +413,17 @@ impl Server {
     /// The server model `model` is lent to, if it is lent and the mover
     /// said where.
     pub fn lent_to(&self, model: u32) -> Option<u32> {
-        self.lent_out.get(&model).and_then(|&(_, to)| to)
+        self.lent_out.get(&model).and_then(|&(_, to, _)| to)
+    }
+
+    /// How long ago model `model` was lent, if it is.
+    pub fn lent_for(&self, model: u32) -> Option<std::time::Duration> {
+        self.lent_out.get(&model).map(|&(_, _, at)| at.elapsed())
+    }
+
+    /// How long this server has run.
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
     }
 
     /// The worker serving model `model`, if this server serves it.

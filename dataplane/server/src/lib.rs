@@ -160,8 +160,11 @@ pub struct Server {
     step_timeout: std::time::Duration,
     /// Models lent to another server by a move not yet settled, and the
     /// worker that keeps each aside ([`Server::lend_out`]) and the server
-    /// it was lent to, if the mover said.
-    lent_out: HashMap<u32, (usize, Option<u32>)>,
+    /// it was lent to, if the mover said, and when.
+    lent_out: HashMap<u32, (usize, Option<u32>, std::time::Instant)>,
+    /// When this server started (told with a model's placement, so that
+    /// settling a move sees a target restarted since the lend).
+    started: std::time::Instant,
     /// Models handed over by another server, built but not served until
     /// their move commits ([`Server::stage_in`]).
     staged: HashMap<u32, handover::StagedIn>,
@@ -283,6 +286,7 @@ impl Server {
             udp_socks: sockets.iter().filter_map(|s| s.try_clone().ok()).collect(),
             step_timeout: live::STEP_TIMEOUT,
             lent_out: HashMap::new(),
+            started: std::time::Instant::now(),
             staged: HashMap::new(),
             key_rolls: Default::default(),
             forwards: Default::default(),
@@ -372,6 +376,7 @@ impl Server {
             udp_socks: Vec::new(),
             step_timeout: live::STEP_TIMEOUT,
             lent_out: HashMap::new(),
+            started: std::time::Instant::now(),
             staged: HashMap::new(),
             key_rolls: Default::default(),
             forwards: Default::default(),

@@ -458,6 +458,35 @@ fn dpctl_moves_a_model_between_two_server_daemons_under_guest_traffic() {
         1,
         &["model 12 is lent by server 1 to a move not settled yet to server 2"],
     );
+    // B restarts while the model is lent to it: had B committed, writes
+    // it acknowledged would be lost with it, so settling does not take
+    // the model back on B's "gone" without the operator's word.
+    drop(daemons.remove(1));
+    let b_cfg = dir.0.join("b.toml");
+    daemons.push(start(
+        topo.server_netns(),
+        &server_bin,
+        &[
+            "--config".as_ref(),
+            b_cfg.as_os_str(),
+            "--control".as_ref(),
+            sock_b.as_os_str(),
+        ],
+    ));
+    dp.fails(
+        &sock_a,
+        &[
+            "models",
+            "move",
+            "12",
+            "--to-server",
+            "2",
+            "--to-server-socket",
+            b,
+        ],
+        1,
+        &["and server 2 restarted since", "--accept-rollback"],
+    );
     // Both models move to B while both guests write.
     let before_b = dp.applied(&sock_b);
     assert_eq!(
@@ -470,7 +499,8 @@ fn dpctl_moves_a_model_between_two_server_daemons_under_guest_traffic() {
                 "--to-server",
                 "2",
                 "--to-server-socket",
-                b
+                b,
+                "--accept-rollback"
             ]
         ),
         "first settled a move left unfinished: move cancelled at commit (target): refused: a \

@@ -141,6 +141,7 @@ pub(super) fn run(cli: &Cli) -> Result<Option<String>, Failure> {
             to_server: Some(to),
             to_server_socket,
             retarget_clients,
+            accept_rollback,
         }) => super::mover::move_to_server(
             cli,
             &super::mover::MoveArgs {
@@ -149,6 +150,7 @@ pub(super) fn run(cli: &Cli) -> Result<Option<String>, Failure> {
                 to_worker: to_worker.unwrap_or(0),
                 to_socket: to_server_socket.as_deref(),
                 clients: retarget_clients,
+                accept_rollback: *accept_rollback,
             },
         )?,
         Command::Models(ModelsCmd::Move {

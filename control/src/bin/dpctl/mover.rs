@@ -179,6 +179,8 @@ struct Placed {
     worker: Option<usize>,
     lent: bool,
     lent_to: Option<u32>,
+    lent_ms: Option<u64>,
+    uptime_ms: Option<u64>,
     staged: bool,
 }
 
@@ -190,12 +192,16 @@ fn placement(path: &Path, model: u32, which: &str) -> Result<Placed, Failure> {
             worker,
             lent,
             lent_to,
+            lent_ms,
+            uptime_ms,
             staged,
         }) => Ok(Placed {
             server,
             worker,
             lent,
             lent_to,
+            lent_ms,
+            uptime_ms,
             staged,
         }),
         Ok(Response::Error { message }) => Err(failed(format!("the {which} refused: {message}"))),
@@ -231,6 +237,7 @@ pub(super) struct MoveArgs<'a> {
     pub to_worker: usize,
     pub to_socket: Option<&'a Path>,
     pub clients: &'a [PathBuf],
+    pub accept_rollback: bool,
 }
 
 /// Runs a move between servers and reports it.
@@ -264,6 +271,28 @@ pub(super) fn move_to_server(cli: &Cli, a: &MoveArgs) -> Result<String, Failure>
                     .map_or(" (its target unknown)".to_string(), |t| format!(
                         " to server {t}"
                     )),
+            )));
+        }
+        // A target restarted since the lend may have committed, served
+        // and acknowledged writes, all lost with it: "gone" from it does
+        // not mean it never committed, and taking the model back would
+        // roll those writes back. The operator decides.
+        let tgt = placement(&to_sock, model, &format!("target server {}", a.to))?;
+        if let (Some(lent), Some(up)) = (src.lent_ms, tgt.uptime_ms)
+            && up < lent
+            && tgt.worker.is_none()
+            && !a.accept_rollback
+        {
+            return Err(failed(format!(
+                "model {model} was lent by server {} to server {} {} s ago, and server {} \
+                 restarted since ({} s ago): if it had committed the move, the writes it \
+                 acknowledged are lost with it and serving the source's older copy rolls \
+                 them back; add --accept-rollback to serve the source's copy anyway",
+                src.server,
+                a.to,
+                lent / 1000,
+                a.to,
+                up / 1000
             )));
         }
         let report = settle(cli, a, src.server, &to_sock, clients);
