@@ -479,45 +479,7 @@ impl Server {
 
     /// Which model is VM `vm`'s console here.
     fn console_model(&self, vm: u32, model: Option<u32>) -> Result<u32, String> {
-        let id = self.id;
-        if !self.cfg.vms.iter().any(|v| v.id == vm) {
-            return Err(format!("VM {vm} is not known to server {id}"));
-        }
-        let is_console = |kind: &str| kind == devplane_devmodels::uart::KIND;
-        let mine: Vec<&devplane_control::config::ModelConfig> = self
-            .cfg
-            .models
-            .iter()
-            .filter(|m| m.vm == Some(vm) && is_console(&m.kind))
-            .collect();
-        match model {
-            Some(m) => match self.cfg.models.iter().find(|c| c.id == m) {
-                None => Err(format!("model {m} is not served by server {id}")),
-                Some(c) if c.vm != Some(vm) => Err(format!(
-                    "model {m} is not VM {vm}'s (its interrupts go to {})",
-                    c.vm.map_or("no VM".to_string(), |v| format!("VM {v}"))
-                )),
-                Some(c) if !is_console(&c.kind) => {
-                    Err(format!("model {m} is a {}, not a console (a uart)", c.kind))
-                }
-                Some(_) => Ok(m),
-            },
-            None => match mine.as_slice() {
-                [] => Err(format!(
-                    "VM {vm} has no console (uart model with vm = {vm}) on server {id}"
-                )),
-                [one] => Ok(one.id),
-                several => Err(format!(
-                    "VM {vm} has {} consoles on server {id} (models {}): choose one with --model",
-                    several.len(),
-                    several
-                        .iter()
-                        .map(|m| m.id.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )),
-            },
-        }
+        console::pick(&self.cfg, vm, model)
     }
 
     /// Each console's counters (consoles ever attached).

@@ -78,6 +78,54 @@ fn drain_eventfd(fd: &OwnedFd) {
     unsafe { libc::read(fd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
 }
 
+/// Which model is VM `vm`'s console on the server configured by `cfg`
+/// (`model` if given): a clear refusal when the VM is unknown, the model
+/// unknown, another VM's or no uart, or when the VM has none or several.
+pub(crate) fn pick(
+    cfg: &devplane_control::config::ServerConfig,
+    vm: u32,
+    model: Option<u32>,
+) -> Result<u32, String> {
+    let id = cfg.server.id;
+    if !cfg.vms.iter().any(|v| v.id == vm) {
+        return Err(format!("VM {vm} is not known to server {id}"));
+    }
+    let is_console = |kind: &str| kind == devplane_devmodels::uart::KIND;
+    let mine: Vec<&devplane_control::config::ModelConfig> = cfg
+        .models
+        .iter()
+        .filter(|m| m.vm == Some(vm) && is_console(&m.kind))
+        .collect();
+    match model {
+        Some(m) => match cfg.models.iter().find(|c| c.id == m) {
+            None => Err(format!("model {m} is not served by server {id}")),
+            Some(c) if c.vm != Some(vm) => Err(format!(
+                "model {m} is not VM {vm}'s (its interrupts go to {})",
+                c.vm.map_or("no VM".to_string(), |v| format!("VM {v}"))
+            )),
+            Some(c) if !is_console(&c.kind) => {
+                Err(format!("model {m} is a {}, not a console (a uart)", c.kind))
+            }
+            Some(_) => Ok(m),
+        },
+        None => match mine.as_slice() {
+            [] => Err(format!(
+                "VM {vm} has no console (uart model with vm = {vm}) on server {id}"
+            )),
+            [one] => Ok(one.id),
+            several => Err(format!(
+                "VM {vm} has {} consoles on server {id} (models {}): choose one with --model",
+                several.len(),
+                several
+                    .iter()
+                    .map(|m| m.id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        },
+    }
+}
+
 /// What a worker and the console thread share for one console model.
 #[derive(Debug)]
 pub struct Tap {
@@ -492,6 +540,13 @@ impl Hub {
             Ok(id) => {
                 if a.stream.set_nonblocking(true).is_ok() {
                     console.conns.insert(id, a.stream);
+                    // The answer goes out now: a peer that hung up
+                    // mid-handshake frees its place (the writer's) before
+                    // the next viewer is attached, not a pass later.
+                    if Hub::write(console, id) {
+                        console.fanout.detach(id);
+                        console.conns.remove(&id);
+                    }
                 } else {
                     console.fanout.detach(id);
                 }
@@ -787,6 +842,79 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         drop(hub);
+    }
+
+    /// Past [`fanout::MAX_VIEWERS`] a viewer is refused with why; a peer
+    /// gone before its answer (it hung up mid-handshake) is detached at
+    /// the first write and frees its place; the console thread goes on.
+    #[test]
+    fn viewers_past_the_bound_and_peers_gone_mid_handshake_cost_nothing() {
+        let hub = ConsoleHub::start().unwrap();
+        let mut kept = Vec::new();
+        for _ in 0..fanout::MAX_VIEWERS - 1 {
+            kept.push(viewer(&hub, 3, false).0);
+        }
+        for _ in 0..50 {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            drop(ours);
+            hub.attach(1, 3, true, theirs);
+        }
+        kept.push(viewer(&hub, 3, false).0);
+        let (_late, r) = viewer(&hub, 3, false);
+        assert!(
+            matches!(&r, Response::Error { message } if message.contains("16 viewers")),
+            "{r:?}"
+        );
+        let t = std::time::Instant::now();
+        while hub.counters().first().is_none_or(|c| c.viewers != 16) {
+            assert!(t.elapsed() < Duration::from_secs(5), "{:?}", hub.counters());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            !hub.counters()[0].writer,
+            "a writer gone mid-handshake left"
+        );
+    }
+
+    /// Every console request that cannot be served is refused with what
+    /// was wrong.
+    #[test]
+    fn a_console_is_picked_or_refused_clearly() {
+        use devplane_control::config::{ModelConfig, ServerConfig, VmConfig};
+        let mut cfg: ServerConfig =
+            toml::from_str("[server]\nid = 3\nport = 7000\nmode = \"socket\"\nworkers = [0]\n")
+                .unwrap();
+        cfg.vms = [1, 2]
+            .map(|id| VmConfig {
+                id,
+                client: 1,
+                hypervisor: 1,
+            })
+            .to_vec();
+        let m = |id, kind: &str, vm| ModelConfig {
+            vm,
+            ..ModelConfig::new(id, kind, 0)
+        };
+        cfg.models = vec![
+            m(10, "uart", Some(1)),
+            m(11, "counter", Some(1)),
+            m(20, "uart", Some(2)),
+            m(21, "uart", Some(2)),
+        ];
+        let err = |vm, model| pick(&cfg, vm, model).unwrap_err();
+        assert_eq!(pick(&cfg, 1, None), Ok(10));
+        assert_eq!(pick(&cfg, 2, Some(21)), Ok(21));
+        assert!(err(9, None).contains("VM 9 is not known to server 3"));
+        assert!(err(1, Some(99)).contains("model 99 is not served by server 3"));
+        assert!(err(1, Some(20)).contains("not VM 1's (its interrupts go to VM 2)"));
+        assert!(err(1, Some(11)).contains("is a counter, not a console"));
+        assert!(err(2, None).contains("2 consoles") && err(2, None).contains("--model"));
+        cfg.models.retain(|c| c.id != 10);
+        assert!(
+            pick(&cfg, 1, None)
+                .unwrap_err()
+                .contains("VM 1 has no console")
+        );
     }
 
     /// A model that leaves the server (moved away, removed) detaches its
