@@ -515,6 +515,40 @@ mod tests {
         Handover::from_wire(5, wire).unwrap()
     }
 
+    /// Hand-over requests out of order, on a real (socket-mode) server:
+    /// each refused with why or a no-op, nothing staged or served.
+    #[test]
+    fn hand_over_requests_out_of_order_are_refused() {
+        let port = 20_000 + (std::process::id() % 20_000) as u16;
+        let cfg: devplane_control::config::ServerConfig = toml::from_str(&format!(
+            "[server]\nid = 4\nport = {port}\nmode = \"socket\"\nworkers = [0]\n\n\
+             [[vms]]\nid = 10\nclient = 1\nhypervisor = 7\n\n\
+             [[clients]]\nid = 1\naddress = \"127.0.0.1\"\n"
+        ))
+        .unwrap();
+        let mut s = Server::start(&cfg).expect("a socket-mode server");
+        let e = |r: Result<(), ServerError>| r.unwrap_err().to_string();
+        assert!(e(s.commit_in(5)).contains("not staged"));
+        assert!(e(s.release_lent(5)).contains("not lent"));
+        assert!(!s.take_back(5).unwrap(), "nothing lent: nothing taken back");
+        assert!(s.lend_out(5).is_err());
+        assert!(e(s.stage_wire(model())).contains("send its pieces first"));
+        s.stage_part(5, "{\"kind\":\"counter\",").unwrap();
+        assert!(e(s.stage_wire(model())).contains("hand-over of model 5"));
+        assert!(
+            e(s.stage_wire(model())).contains("send its pieces first"),
+            "pieces used up"
+        );
+        s.stage_part(5, "garbage").unwrap();
+        assert_eq!(s.discard_staged(5), StagedFate::Gone);
+        assert!(
+            e(s.stage_wire(model())).contains("send its pieces first"),
+            "discarded"
+        );
+        assert_eq!(s.placement(5), (None, false, false));
+        s.stop();
+    }
+
     /// A flood of pieces: bounded in bytes (every model's together) and
     /// in models; the one past a bound is refused with its model's
     /// pieces, the others' are kept.
