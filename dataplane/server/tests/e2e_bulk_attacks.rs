@@ -3,7 +3,7 @@
 //! the bulk block wire. It starts 1 MiB writes to its own disk and never
 //! finishes them (to fill the worker's reassembly), sends segments that
 //! contradict their request, writes to the victim's VM, and sends
-//! truncated and garbage block datagrams. Every attack datagram is
+//! truncated, garbage, 4 GiB and past-the-end block datagrams. Every attack datagram is
 //! counted (`bulk_no_room`, `bulk_bad_segments`, foreign-VM drops,
 //! `malformed`, or the kernel's drops at the socket), the server's
 //! reassembly stays within the tenant's share, and the victim's
@@ -345,6 +345,24 @@ fn attacks(mode: Mode, tag: &str) {
     let mut bad_op = good.clone();
     bad_op[devplane_wire::HEADER_LEN] = 0xee;
     attack(&bad_op);
+    // A request of 4 GiB, and a segment past the request's last.
+    let mut huge = good.clone();
+    huge[devplane_wire::HEADER_LEN + 32..devplane_wire::HEADER_LEN + 36]
+        .copy_from_slice(&u32::MAX.to_le_bytes());
+    attack(&huge);
+    let mut past = block(
+        TENANT,
+        TENANT_DISK,
+        TENANT_VM,
+        BlockOp::Write,
+        98,
+        4096,
+        0,
+        &seg,
+    );
+    past[devplane_wire::HEADER_LEN + 6..devplane_wire::HEADER_LEN + 8]
+        .copy_from_slice(&40u16.to_le_bytes());
+    attack(&past);
 
     // Every attack datagram accounted for (the segments that started a
     // reassembly within the tenant's share are held, not dropped).
