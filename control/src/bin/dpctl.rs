@@ -462,6 +462,9 @@ enum ModelsCmd {
     /// there, applied once), S serves it, the source drops its copy. A
     /// step that fails before S serves it cancels the move: the model
     /// stays served by the source, and dpctl says at which step and why.
+    /// Run again with the same S, it first settles a move left
+    /// unfinished (a dpctl killed half-way, or in doubt): finished if S
+    /// committed, else cancelled (the source serves it again) and redone.
     Move {
         #[command(flatten)]
         id: IdArg,
