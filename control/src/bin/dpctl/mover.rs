@@ -278,6 +278,15 @@ pub(super) fn move_to_server(cli: &Cli, a: &MoveArgs) -> Result<String, Failure>
         // not mean it never committed, and taking the model back would
         // roll those writes back. The operator decides.
         let tgt = placement(&to_sock, model, &format!("target server {}", a.to))?;
+        if tgt.server != a.to {
+            return Err(failed(format!(
+                "the server at {} is server {}, not server {}: give the target's socket with \
+                 --to-server-socket (settling with another server could serve the model twice)",
+                to_sock.display(),
+                tgt.server,
+                a.to
+            )));
+        }
         if let (Some(lent), Some(up)) = (src.lent_ms, tgt.uptime_ms)
             && up < lent
             && tgt.worker.is_none()
