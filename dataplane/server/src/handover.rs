@@ -9,9 +9,9 @@
 //! has its step cancelled (a compare-and-swap on a [`MoveTicket`]) and
 //! does nothing when it gets to it.
 
-use devplane_control::config::ModelConfig;
 use std::collections::HashMap;
 
+use devplane_control::config::ModelConfig;
 use devplane_control::proto::{MAX_HANDOVER_BYTES, MAX_HANDOVER_MODELS, ModelHandover};
 
 use crate::dispatch::{Dispatcher, Handover, LendError, PendingIrq, Staged};
