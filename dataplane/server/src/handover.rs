@@ -546,6 +546,16 @@ mod tests {
             "discarded"
         );
         assert_eq!(s.placement(5), (None, false, false));
+        // A model staged here cannot be added meanwhile (its commit would
+        // replace it), nor a lent one removed (a cancel would serve it
+        // again, unrouted).
+        s.stage_in(model(), hostile(10)).unwrap();
+        assert!(e(s.add_model(ModelConfig::new(5, "counter", 0))).contains("staged here"));
+        s.add_model(ModelConfig::new(6, "counter", 0)).unwrap();
+        s.lend_out(6).unwrap();
+        assert!(e(s.remove_model(6)).contains("lent to a move"));
+        assert!(s.take_back(6).unwrap());
+        s.remove_model(6).unwrap();
         s.stop();
     }
 

@@ -173,6 +173,13 @@ impl Server {
                 m.id
             )));
         }
+        if self.staged.contains_key(&m.id) {
+            return Err(ServerError::Config(format!(
+                "model {} is staged here by a move not committed yet: settle that move \
+                 (dpctl models move) or pick another id",
+                m.id
+            )));
+        }
         if m.worker >= self.cmds.len() {
             return Err(ServerError::Config(format!(
                 "model {}: worker {} does not exist (this server has {})",
@@ -218,6 +225,14 @@ impl Server {
             .iter()
             .position(|m| m.id == model)
             .ok_or_else(|| ServerError::Config(format!("model {model} is not served here")))?;
+        if self.lent_out.contains_key(&model) {
+            // Its worker keeps it aside for a move: removed now, a cancel
+            // would serve it again unrouted.
+            return Err(ServerError::Config(format!(
+                "model {model} is lent to a move not settled yet: settle that move (dpctl \
+                 models move) before removing it"
+            )));
+        }
         let m = self.cfg.models.remove(idx);
         self.console
             .model_gone(model, format!("was removed from server {}", self.id));
