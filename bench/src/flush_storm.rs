@@ -1,24 +1,37 @@
 //! The `flush-storm` scenario: a counter model's round trip on a worker,
-//! unloaded and while a `blockstore` model on the SAME worker takes a
-//! storm of writes and flushes (issue 14 item 3: slow model work must not
-//! hold the worker; goal: the counter's p99 under the storm within
-//! [`GOAL_RATIO`] x unloaded).
+//! unloaded, while a `blockstore` model on the SAME worker takes a storm
+//! of page writes, and while it takes the same storm with a flush after
+//! every 8 writes (issue 14 item 3: slow model work must not hold the
+//! worker; goal: the counter's p99 under the flushing storm within
+//! [`GOAL_RATIO`] x its p99 under the same storm without flushes).
 //!
 //! On the embedded topology, one XDP server with one worker (core 1) owns
 //! model 1 (a counter) and model 2 (a blockstore on a file under the
 //! temporary directory, a real disk here, so an fsync costs what it
 //! costs). Client 7's VM 1 writes to the counter closed loop from vCPU 0
 //! (the `isolation` scenario's client: `recv(2)`, resent after 200 ms,
-//! the count checked exactly once at the end). In the `flushing` phase its
+//! the count checked exactly once at the end). In the `writing` phase its
 //! vCPU 1 meanwhile sends, closed loop, datagrams of [`STORM_WRITES`]
-//! 8-byte writes to distinct pages followed by a flush request (a write
-//! of `CTRL_FLUSH`), each answered when applied: the flushes are served
-//! as the blockstore serves them (since issue 14, without waiting: the
+//! 8-byte writes to distinct pages; in the `flushing` phase the same
+//! datagrams with a flush request after the writes (a write of
+//! `CTRL_FLUSH`), each answered when applied: the flushes are served as
+//! the blockstore serves them (since issue 14, without waiting: the
 //! write-back and fsync run on the model's io_uring, and requests that
 //! come while one is in flight are settled together by the next). Both
 //! client threads share core 0. Each phase runs on a fresh server; after
 //! the storm the scenario waits until every flush requested has settled
 //! and checks that none failed.
+//!
+//! Why `writing` is the goal's floor and not `unloaded`: the client waits
+//! in `recv(2)`, so with nothing else on core 0 that core idles between
+//! round trips, and on a virtual machine (cpuidle `haltpoll`) waking it
+//! for the answer now and then costs milliseconds: measured on the
+//! development machine, `unloaded` p99 150 us to 2.2 ms and p99.9 ~4 ms
+//! over three runs, against 54 us with a spinning nice-19 thread on
+//! core 0. The storm keeps core 0 awake, so `flushing` over `unloaded`
+//! judged the idle core, not the flushes (0.02x-0.43x). `writing` has the
+//! same storm but for the flush record ([`storm_accesses`]): the ratio
+//! isolates what the flushes cost the counter.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -56,7 +69,8 @@ const STORM_PAGES: u64 = 256;
 const STORM_RESEND: Duration = Duration::from_millis(200);
 /// The longest a storm lasts, whatever the client does.
 const MAX_STORM: Duration = Duration::from_secs(30);
-/// The goal: p99 under the storm at most this many times unloaded.
+/// The goal: p99 under the flushing storm at most this many times the p99
+/// under the same storm without flushes.
 pub const GOAL_RATIO: f64 = 2.0;
 
 fn config(topo: &Topology, image: &std::path::Path) -> ServerConfig {
@@ -179,8 +193,34 @@ const fn ctrl_read(reg: u64) -> Access {
     }
 }
 
+/// One datagram of the storm, numbered from `seq`: [`STORM_WRITES`]
+/// 8-byte writes to consecutive pages from `page` (round robin over
+/// [`STORM_PAGES`]), then a flush request if `flush`. Returns the page
+/// after the last written.
+fn storm_accesses(accesses: &mut Vec<Access>, seq: u64, mut page: u64, flush: bool) -> u64 {
+    accesses.clear();
+    for _ in 0..STORM_WRITES {
+        accesses.push(Access::MmioWrite {
+            gpa: (page % STORM_PAGES) * PAGE_SIZE as u64,
+            size: AccessSize::B8,
+            data: seq,
+        });
+        page += 1;
+    }
+    if flush {
+        accesses.push(Access::MmioWrite {
+            gpa: CTRL_BASE + CTRL_FLUSH,
+            size: AccessSize::B8,
+            data: 1,
+        });
+    }
+    page
+}
+
 /// What the storm did.
 struct Storm {
+    /// Datagrams answered.
+    datagrams: u64,
     /// Flush requests answered.
     flushes: u64,
     /// Flushes the blockstore completed, once all had settled.
@@ -188,35 +228,23 @@ struct Storm {
     took: Duration,
 }
 
-/// The storm: until `stop`, datagrams of [`STORM_WRITES`] writes and a
-/// flush, closed loop; then waits until every flush has settled and
-/// checks that none failed.
-fn storm(sock: UdpSocket, stop: Arc<AtomicBool>) -> Result<Storm> {
+/// The storm: until `stop`, datagrams of [`STORM_WRITES`] writes (and a
+/// flush if `flush`), closed loop; then waits until every flush has
+/// settled and checks that none failed.
+fn storm(sock: UdpSocket, stop: Arc<AtomicBool>, flush: bool) -> Result<Storm> {
     sock.set_read_timeout(Some(Duration::from_millis(20)))?;
     let start = Instant::now();
     let mut seq = devplane_wire::first_seq();
-    let mut flushes = 0u64;
+    let mut datagrams = 0u64;
     let mut page = 0u64;
     let mut accesses = Vec::with_capacity(STORM_WRITES + 1);
     while !stop.load(Ordering::Relaxed) && start.elapsed() < MAX_STORM {
-        accesses.clear();
-        for _ in 0..STORM_WRITES {
-            accesses.push(Access::MmioWrite {
-                gpa: (page % STORM_PAGES) * PAGE_SIZE as u64,
-                size: AccessSize::B8,
-                data: seq,
-            });
-            page += 1;
-        }
-        accesses.push(Access::MmioWrite {
-            gpa: CTRL_BASE + CTRL_FLUSH,
-            size: AccessSize::B8,
-            data: 1,
-        });
+        page = storm_accesses(&mut accesses, seq, page, flush);
         store_round_trip(&sock, seq, &accesses, Instant::now() + MAX_STORM)?;
         seq += accesses.len() as u64;
-        flushes += 1;
+        datagrams += 1;
     }
+    let flushes = if flush { datagrams } else { 0 };
     let took = start.elapsed();
     // Every flush settles; none failed.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -236,6 +264,7 @@ fn storm(sock: UdpSocket, stop: Arc<AtomicBool>) -> Result<Storm> {
                 bail!("{flushes} flushes requested, {} completed", got[1]);
             }
             return Ok(Storm {
+                datagrams,
                 flushes,
                 completed: got[1],
                 took,
@@ -249,12 +278,12 @@ fn storm(sock: UdpSocket, stop: Arc<AtomicBool>) -> Result<Storm> {
 }
 
 /// One phase on a fresh server: the counter's round trips, with the storm
-/// if `storming`.
+/// if `storming` (`Some(flush)`: with flush requests or without).
 fn phase(
     topo: &Topology,
     image: &std::path::Path,
     name: &str,
-    storming: bool,
+    storming: Option<bool>,
     warmup: u32,
     iters: u32,
 ) -> Result<(Phase, Option<Storm>)> {
@@ -264,7 +293,7 @@ fn phase(
     let to = SocketAddr::from((topo.server_ip(), PORT));
     let stop = Arc::new(AtomicBool::new(false));
     let ip = topo.client_ip();
-    let stormer = if storming {
+    let stormer = if let Some(flush) = storming {
         let sock = topo
             .run(Side::Client, move || UdpSocket::bind((ip, 0)))?
             .context("bind the storm's socket")?;
@@ -272,7 +301,7 @@ fn phase(
         let s = stop.clone();
         let t = std::thread::spawn(move || {
             let _ = affinity::set_thread_affinity([STORM_CORE]);
-            storm(sock, s)
+            storm(sock, s, flush)
         });
         // Let the storm get going before the client measures.
         std::thread::sleep(Duration::from_millis(200));
@@ -323,13 +352,19 @@ pub fn run(iters: u32, notes: &mut Vec<String>) -> Result<Vec<Row>> {
         .and_then(|f| f.set_len(STORM_PAGES * PAGE_SIZE as u64))
         .with_context(|| format!("creating the disk image {}", image.0.display()))?;
     let warmup = (iters / 10).max(100);
-    let (unloaded, _) = phase(&topo, &image.0, "unloaded", false, warmup, iters)?;
-    let (flushing, storm) = phase(&topo, &image.0, "flushing", true, warmup, iters)?;
-    let storm = storm.ok_or_else(|| anyhow!("the storm did not run"))?;
+    let (unloaded, _) = phase(&topo, &image.0, "unloaded", None, warmup, iters)?;
+    let (writing, wrote) = phase(&topo, &image.0, "writing", Some(false), warmup, iters)?;
+    let (flushing, storm) = phase(&topo, &image.0, "flushing", Some(true), warmup, iters)?;
+    let wrote = wrote.ok_or_else(|| anyhow!("the writing storm did not run"))?;
+    let storm = storm.ok_or_else(|| anyhow!("the flushing storm did not run"))?;
     let p99 = |p: &Phase| p.lat.quantile(0.99) as f64 / 1000.0;
     let p50 = |p: &Phase| p.lat.quantile(0.50) as f64 / 1000.0;
-    let rate = storm.flushes as f64 / storm.took.as_secs_f64().max(1e-9);
-    for (name, p) in [("unloaded", &unloaded), ("flushing", &flushing)] {
+    let rate = |s: &Storm| s.datagrams as f64 / s.took.as_secs_f64().max(1e-9);
+    for (name, p) in [
+        ("unloaded", &unloaded),
+        ("writing", &writing),
+        ("flushing", &flushing),
+    ] {
         notes.push(format!(
             "{SCENARIO}: {name}: counter p50 {:.1} us, p99 {:.1} us, {} writes applied exactly \
              once ({} resent)",
@@ -339,22 +374,71 @@ pub fn run(iters: u32, notes: &mut Vec<String>) -> Result<Vec<Row>> {
             p.resent,
         ));
     }
-    let ratio = p99(&flushing) / p99(&unloaded).max(0.001);
+    let ratio = p99(&flushing) / p99(&writing).max(0.001);
     notes.push(format!(
-        "{SCENARIO}: storm of {} flushes ({rate:.0}/s, {STORM_WRITES} page writes each) on the \
-         same worker, all {} completed, none failed; counter p99 flushing / unloaded {ratio:.2}x: \
-         goal <= {GOAL_RATIO}x {}",
+        "{SCENARIO}: storms on the same worker: {} datagrams of {STORM_WRITES} page writes \
+         ({:.0}/s), then {} of the same and a flush ({:.0}/s), all {} flushes completed, none \
+         failed; counter p99 flushing / writing {ratio:.2}x: goal <= {GOAL_RATIO}x {}; p50 \
+         flushing / unloaded {:.2}x",
+        wrote.datagrams,
+        rate(&wrote),
         storm.flushes,
+        rate(&storm),
         storm.completed,
         if ratio <= GOAL_RATIO {
             "met"
         } else {
             "NOT met"
-        }
+        },
+        p50(&flushing) / p50(&unloaded).max(0.001),
     ));
-    let floor = Floor::of(format!("{SCENARIO}/unloaded"), &unloaded.lat);
+    let unloaded_floor = Floor::of(format!("{SCENARIO}/unloaded"), &unloaded.lat);
+    let writing_floor = Floor::of(format!("{SCENARIO}/writing"), &writing.lat);
     Ok(vec![
         Row::floor(SCENARIO, "unloaded", unloaded.lat),
-        Row::latency(SCENARIO, "flushing", flushing.lat, floor).with_rate(rate),
+        Row::latency(SCENARIO, "writing", writing.lat, unloaded_floor).with_rate(rate(&wrote)),
+        Row::latency(SCENARIO, "flushing", flushing.lat, writing_floor).with_rate(rate(&storm)),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The goal's floor (`writing`) carries the storm of `flushing` but for
+    /// its flush requests: the same writes to the same pages in datagrams
+    /// of the same shape, so the ratio isolates what the flushes cost.
+    #[test]
+    fn the_writing_storm_is_the_flushing_storm_without_its_flushes() {
+        let (mut w, mut f) = (Vec::new(), Vec::new());
+        let (mut pw, mut pf) = (0, 0);
+        for i in 0..(2 * STORM_PAGES / STORM_WRITES as u64) {
+            let seq = 1000 + i * 9;
+            pw = storm_accesses(&mut w, seq, pw, false);
+            pf = storm_accesses(&mut f, seq, pf, true);
+            assert_eq!(pw, pf);
+            assert_eq!(w.len(), STORM_WRITES);
+            assert_eq!(f.len(), STORM_WRITES + 1);
+            assert_eq!(w[..], f[..STORM_WRITES]);
+            assert_eq!(
+                f[STORM_WRITES],
+                Access::MmioWrite {
+                    gpa: CTRL_BASE + CTRL_FLUSH,
+                    size: AccessSize::B8,
+                    data: 1,
+                }
+            );
+            for a in &w {
+                let Access::MmioWrite { gpa, .. } = *a else {
+                    panic!("not a write: {a:?}");
+                };
+                assert!(gpa < STORM_PAGES * PAGE_SIZE as u64 && gpa % PAGE_SIZE as u64 == 0);
+            }
+            // Both fit one datagram.
+            let mut buf = [0u8; 2048];
+            assert!(encode_store(&mut buf, seq, &f) > 0);
+        }
+        // Round robin: every page written, twice over.
+        assert_eq!(pw, 2 * STORM_PAGES);
+    }
 }

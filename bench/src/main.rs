@@ -98,9 +98,10 @@ enum Scenario {
     /// floods the same worker, and with a budget on the flooder
     /// (isolation/unloaded, flooded, budgeted; needs root).
     Isolation,
-    /// A counter model's round trip unloaded and while a blockstore model
-    /// on the same worker takes a storm of writes and flushes
-    /// (flush-storm/unloaded, flushing; goal: p99 within 2x; needs root).
+    /// A counter model's round trip unloaded, while a blockstore model on
+    /// the same worker takes a storm of page writes, and while it takes
+    /// the same storm with flushes (flush-storm/unloaded, writing,
+    /// flushing; goal: flushing p99 within 2x writing's; needs root).
     FlushStorm,
     /// The XDP round trip against offered load, open loop (wrk2 style):
     /// one worker's saturation, the unloaded round trip, then full
@@ -215,17 +216,19 @@ const REMOTE_SUITE: [Scenario; 3] = [Scenario::Client, Scenario::Irq, Scenario::
 /// scale, isolation and boot (where it takes under --boot-budget) on the
 /// embedded single-machine topology (two network namespaces joined by
 /// veth, three hosts on a bridge for forward, the real XDP program, real
-/// KVM guests; needs root and /dev/kvm).
+/// KVM guests; needs root and /dev/kvm); queues, flush-storm, migrate and
+/// blk only when --scenario names them.
 ///
 /// Against a real server: start `devplane-server --config
 /// bench/server-remote.toml` on the server machine (first edit its
 /// interface, or set mode = "socket", and the address in its clients entry
 /// to this machine's), then run `dpbench --server SERVER_IP:7700`. That
-/// runs the client and throughput scenarios (and irq if asked for) from
-/// this machine (no topology, no XDP here); their network floor is then
-/// rtt-floor, a raw request to the server's null model. Restart the server
-/// before each such run: it remembers the request numbers of the VM ids
-/// dpbench uses. bench/README.md has the details.
+/// runs the client, irq and throughput scenarios (or those of them
+/// --scenario names) from this machine (no topology, no XDP here); their
+/// network floor is then rtt-floor, a raw request to the server's null
+/// model. Restart the server before each such run: it remembers the
+/// request numbers of the VM ids dpbench uses. bench/README.md has the
+/// details.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about, args_conflicts_with_subcommands = true)]
 struct Cli {
@@ -254,9 +257,11 @@ enum Command {
     /// about 22 s) into --out, then compare with the baseline under CI's
     /// limits (server/*:p99=20%, client/*:p50=10%, client/*:p99=50%,
     /// load/offered-10% and -50%:p50=20%; a limit on rows the baseline
-    /// does not have yet is left out with a note). Exits 0
-    /// when every ratio is within its limit, 1 on a regression, 2 when it
-    /// cannot judge (the suite failed, a file is unreadable).
+    /// does not have yet is left out with a note). After a regression the
+    /// suite runs again (--attempts, 3 in all by default) and a ratio
+    /// fails only if it regressed in every attempt. Exits 0 when every
+    /// ratio is within its limit, 1 on a regression, 2 when it cannot
+    /// judge (the suite failed, a file is unreadable).
     Gate(GateArgs),
 }
 
@@ -295,8 +300,8 @@ struct RunArgs {
     /// Scenarios to run, comma-separated [default: xdp-prog, parse,
     /// server, forward, client, irq, throughput, load, scale, isolation,
     /// boot (where it fits --boot-budget); with --server: client, irq,
-    /// throughput]. floor, pio and mmio run parts of client; queues runs
-    /// only when named.
+    /// throughput]. floor, pio and mmio run parts of client; queues,
+    /// flush-storm, migrate and blk run only when named.
     #[arg(long, value_enum, value_delimiter = ',')]
     scenario: Vec<Scenario>,
     /// Run the client-side scenarios (client, irq, throughput) against the
@@ -327,7 +332,9 @@ struct RunArgs {
     /// Iterations per micro-measurement (xdp-prog, parse).
     #[arg(long, default_value_t = 200_000)]
     iterations: u32,
-    /// Round trips per latency measurement (server, client).
+    /// Round trips per latency measurement (server, client, load's
+    /// unloaded row, isolation, flush-storm, forward, queues, migrate's
+    /// round-trip rows, scale).
     #[arg(long, default_value_t = 20_000)]
     round_trips: u32,
     /// Open loop: the server scenario's XDP round trip sends this many

@@ -71,8 +71,10 @@ struct Cli {
     /// Print JSON for scripts instead of tables.
     #[arg(long, global = true)]
     json: bool,
-    /// Control socket of the running server (for stats, tune, model move,
-    /// vms suspend/resume/migrate, vms console).
+    /// Control socket of the running server (for stats, tune, models
+    /// move (the source of --to-server), models forward/unforward, models
+    /// add/remove with --apply-to, clients rotate-key, vms
+    /// suspend/resume/migrate/restore, vms console).
     #[arg(
         long,
         global = true,
@@ -82,8 +84,9 @@ struct Cli {
     )]
     socket: PathBuf,
     /// Control socket of the running client daemon, devplane-client (for
-    /// vms launch/shutdown/running/suspend/resume/snapshot/restore, and
-    /// the source of vms migrate --to-client).
+    /// vms launch/shutdown/running/suspend/resume/snapshot/restore, the
+    /// source of vms migrate --to-client, clients rotate-key, and the
+    /// client retargeted by models move --to-server).
     #[arg(
         long,
         global = true,
@@ -112,7 +115,9 @@ enum Command {
     /// command refuses a state directory that does not exist).
     Init,
     /// Show the database's generation, the generation the maps hold, and
-    /// how many of each entity there are.
+    /// how many of each entity there are; with --store, the store's
+    /// revision and every server and client agent, up or down (its
+    /// lease), with the revision it applied and its lag.
     Status,
     /// Client platforms: hosts that run VMs.
     #[command(subcommand)]
