@@ -707,178 +707,50 @@ fn run(cli: &Cli) -> Result<String, Failure> {
         _ => Db::open_existing(cluster::state_dir(cli))?,
     };
     let json = cli.json;
+    // The same commands as with --store (`cluster::view`, `change_of`),
+    // on the database.
+    if let Some((kind, id)) = cluster::view(&cli.command) {
+        return match id {
+            None => Ok(list(db.state(), kind, json)),
+            Some(id) => show(db.state(), kind, id, json),
+        };
+    }
     match &cli.command {
         Command::Init | Command::Status => Ok(status(&db, json)),
-        Command::Clients(c) => match c {
-            ClientsCmd::List => Ok(list(db.state(), Kind::Client, json)),
-            ClientsCmd::Show(a) => show(db.state(), Kind::Client, a.id, json),
-            ClientsCmd::Add { id, address } => change(
+        Command::Clients(ClientsCmd::RotateKey {
+            id,
+            grace_ms,
+            server_sockets,
+            no_client,
+            db_only,
+        }) => {
+            let default = [cli.socket.clone()];
+            keys::rotate(
                 cli,
                 &mut db,
-                Change::AddClient(Client {
-                    id: id.id,
-                    address: *address,
-                    budget: None,
-                    tag_key: None,
-                }),
-                json,
-            ),
-            ClientsCmd::Budget { id, rate, burst } => change(
-                cli,
-                &mut db,
-                Change::SetClientBudget(
-                    id.id,
-                    Budget {
-                        rate: *rate,
-                        burst: *burst,
+                &keys::Rotate {
+                    client: id.id,
+                    grace: std::time::Duration::from_millis(*grace_ms),
+                    servers: if server_sockets.is_empty() {
+                        &default
+                    } else {
+                        server_sockets
                     },
-                ),
-                json,
-            ),
-            ClientsCmd::Remove(a) => change(cli, &mut db, Change::RemoveClient(a.id), json),
-            ClientsCmd::RotateKey {
-                id,
-                grace_ms,
-                server_sockets,
-                no_client,
-                db_only,
-            } => {
-                let default = [cli.socket.clone()];
-                keys::rotate(
-                    cli,
-                    &mut db,
-                    &keys::Rotate {
-                        client: id.id,
-                        grace: std::time::Duration::from_millis(*grace_ms),
-                        servers: if server_sockets.is_empty() {
-                            &default
-                        } else {
-                            server_sockets
-                        },
-                        tell_client: !no_client,
-                        db_only: *db_only,
-                    },
-                )
-            }
-        },
-        Command::Hypervisors(c) => match c {
-            HypervisorsCmd::List => Ok(list(db.state(), Kind::Hypervisor, json)),
-            HypervisorsCmd::Show(a) => show(db.state(), Kind::Hypervisor, a.id, json),
-            HypervisorsCmd::Add { id, client } => change(
-                cli,
-                &mut db,
-                Change::AddHypervisor(Hypervisor {
-                    id: id.id,
-                    client: *client,
-                }),
-                json,
-            ),
-            HypervisorsCmd::Remove(a) => change(cli, &mut db, Change::RemoveHypervisor(a.id), json),
-        },
-        Command::Vms(c) => match c {
-            VmsCmd::List => Ok(list(db.state(), Kind::Vm, json)),
-            VmsCmd::Show(a) => show(db.state(), Kind::Vm, a.id, json),
-            VmsCmd::Add { id, hypervisor } => {
-                let Some(h) = db.state().hypervisor(*hypervisor) else {
-                    return Err(DbError::Dangling {
-                        kind: Kind::Vm,
-                        id: id.id,
-                        target: Kind::Hypervisor,
-                        target_id: *hypervisor,
-                    }
-                    .into());
-                };
-                let vm = Vm {
-                    id: id.id,
-                    hypervisor: h.id,
-                    client: h.client,
-                    state: VmState::Stopped,
-                };
-                change(cli, &mut db, Change::AddVm(vm), json)
-            }
-            VmsCmd::Remove(a) => change(cli, &mut db, Change::RemoveVm(a.id), json),
-            VmsCmd::Place { id, hypervisor } => change(
-                cli,
-                &mut db,
-                Change::PlaceVm {
-                    vm: id.id,
-                    hypervisor: *hypervisor,
+                    tell_client: !no_client,
+                    db_only: *db_only,
                 },
-                json,
-            ),
-            VmsCmd::SetState { id, want } => {
-                change(cli, &mut db, Change::SetVmState(id.id, *want), json)
-            }
-            VmsCmd::Suspend { .. }
-            | VmsCmd::Resume { .. }
-            | VmsCmd::Migrate { .. }
-            | VmsCmd::Launch(_)
-            | VmsCmd::Shutdown(_)
-            | VmsCmd::Running
-            | VmsCmd::Snapshot { .. }
-            | VmsCmd::Console { .. }
-            | VmsCmd::Restore { .. } => Err(daemon::handled_there()),
-        },
-        Command::Models(c) => match c {
-            ModelsCmd::List => Ok(list(db.state(), Kind::Model, json)),
-            ModelsCmd::Show(a) => show(db.state(), Kind::Model, a.id, json),
-            ModelsCmd::Add {
-                id,
-                kind,
-                server,
-                worker,
-                line,
-                vm,
-                pio_base,
-                mmio_base,
-                backing,
-            } => change(
-                cli,
-                &mut db,
-                Change::AddModel(Model {
-                    id: id.id,
-                    kind: kind.clone(),
-                    server: *server,
-                    worker: *worker,
-                    line: *line,
-                    vm: *vm,
-                    pio_base: *pio_base,
-                    mmio_base: *mmio_base,
-                    backing: backing.clone(),
-                    via: None,
-                }),
-                json,
-            ),
-            ModelsCmd::Remove(a) => change(cli, &mut db, Change::RemoveModel(a.id), json),
-            ModelsCmd::Place { id, server, worker } => change(
-                cli,
-                &mut db,
-                Change::PlaceModel {
-                    model: id.id,
-                    server: *server,
-                    worker: *worker,
-                },
-                json,
-            ),
-            ModelsCmd::Move { .. } | ModelsCmd::Forward { .. } | ModelsCmd::Unforward(_) => {
-                Err(daemon::handled_there())
-            }
-        },
-        Command::Stats { .. } | Command::Tune { .. } => Err(daemon::handled_there()),
-        Command::Servers(c) => match c {
-            ServersCmd::List => Ok(list(db.state(), Kind::Server, json)),
-            ServersCmd::Show(a) => show(db.state(), Kind::Server, a.id, json),
-            ServersCmd::Add { id, address } => change(
-                cli,
-                &mut db,
-                Change::AddServer(Server {
-                    id: id.id,
-                    address: *address,
-                }),
-                json,
-            ),
-            ServersCmd::Remove(a) => change(cli, &mut db, Change::RemoveServer(a.id), json),
-        },
+            )
+        }
+        // Forwarding without --store is the owner server's (daemon::run).
+        Command::Models(ModelsCmd::Forward { .. } | ModelsCmd::Unforward(_)) => {
+            Err(daemon::handled_there())
+        }
+        cmd => {
+            let Some(c) = cluster::change_of(cmd, db.state()) else {
+                return Err(daemon::handled_there());
+            };
+            change(cli, &mut db, c?, json)
+        }
     }
 }
 

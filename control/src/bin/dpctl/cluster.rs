@@ -26,7 +26,7 @@ pub(super) fn state_dir(cli: &Cli) -> &std::path::Path {
 }
 
 /// What a database command lists or shows: (kind, one id or all).
-fn view(cmd: &Command) -> Option<(Kind, Option<u32>)> {
+pub(super) fn view(cmd: &Command) -> Option<(Kind, Option<u32>)> {
     Some(match cmd {
         Command::Clients(ClientsCmd::List) => (Kind::Client, None),
         Command::Clients(ClientsCmd::Show(a)) => (Kind::Client, Some(a.id)),
@@ -44,7 +44,7 @@ fn view(cmd: &Command) -> Option<(Kind, Option<u32>)> {
 
 /// The change a database command asks for (reading `s` where it needs
 /// to: a VM's client is its hypervisor's).
-fn change_of(cmd: &Command, s: &State) -> Option<Result<Change, Failure>> {
+pub(super) fn change_of(cmd: &Command, s: &State) -> Option<Result<Change, Failure>> {
     Some(Ok(match cmd {
         Command::Clients(ClientsCmd::Add { id, address }) => Change::AddClient(Client {
             id: id.id,
