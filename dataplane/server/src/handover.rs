@@ -225,23 +225,14 @@ impl Server {
     }
 
     fn settle_lent(&mut self, model: u32, worker: usize, keep: bool) -> Result<(), ServerError> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.send(
-            worker,
-            WorkerCmd::Settle {
-                model,
-                keep,
-                reply: tx,
-            },
-        )?;
-        match rx.recv_timeout(self.step_timeout) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(cfg_err(format!(
+        match self.send_settle(model, worker, keep)? {
+            Some(true) => Ok(()),
+            Some(false) => Err(cfg_err(format!(
                 "worker {worker} had no lent model {model}"
             ))),
             // Queued: the worker applies it at its next turn (a lent copy
             // is never served meanwhile).
-            Err(_) => Err(cfg_err(format!(
+            None => Err(cfg_err(format!(
                 "worker {worker} has not settled model {model} within {:?}; it does at its \
                  next turn",
                 self.step_timeout

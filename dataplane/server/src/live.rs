@@ -127,28 +127,43 @@ impl Server {
     /// (it answered the first phase, so it is alive); if it is slow, the
     /// command stays queued and is applied at its next turn.
     fn settle(&mut self, model: u32, from: usize, keep: bool) -> Result<(), ServerError> {
+        match self.send_settle(model, from, keep)? {
+            Some(true) => Ok(()),
+            Some(false) => Err(ServerError::Config(format!(
+                "worker {from} had no lent model {model} to settle"
+            ))),
+            None if keep => Err(ServerError::Config(format!(
+                "move cancelled; worker {from} has not taken model {model} back within \
+                 {:?} and serves it again once it takes its commands",
+                self.step_timeout
+            ))),
+            // Moved: the old copy is dropped when the old worker gets to it.
+            None => Ok(()),
+        }
+    }
+
+    /// Tells `worker` to settle its lent copy of `model` (`keep`: serve it
+    /// again, else drop it) and waits up to the step timeout for its
+    /// answer: whether it had the model, or `None` if it has not answered
+    /// yet (the command stays queued and is applied at its next turn).
+    /// Moves between workers ([`Server::move_model`]) and between servers
+    /// (`handover`) both end so.
+    pub(crate) fn send_settle(
+        &mut self,
+        model: u32,
+        worker: usize,
+        keep: bool,
+    ) -> Result<Option<bool>, ServerError> {
         let (tx, rx) = std::sync::mpsc::channel();
         self.send(
-            from,
+            worker,
             WorkerCmd::Settle {
                 model,
                 keep,
                 reply: tx,
             },
         )?;
-        match rx.recv_timeout(self.step_timeout) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(ServerError::Config(format!(
-                "worker {from} had no lent model {model} to settle"
-            ))),
-            Err(_) if keep => Err(ServerError::Config(format!(
-                "move cancelled; worker {from} has not taken model {model} back within \
-                 {:?} and serves it again once it takes its commands",
-                self.step_timeout
-            ))),
-            // Moved: the old copy is dropped when the old worker gets to it.
-            Err(_) => Ok(()),
-        }
+        Ok(rx.recv_timeout(self.step_timeout).ok())
     }
 
     /// How long each step of a live change (model moved, added, removed)
