@@ -51,14 +51,13 @@ use devplane_wire::{
     Access, AccessSize, Datagram, Header, Kind, Record, Request, RequestId, Status, datagram,
 };
 
-use crate::isolation::{Phase, client_phase};
+use crate::isolation::{Phase, measure};
 use crate::report::{Floor, Row, progress};
 
 /// The scenario's name.
 pub const SCENARIO: &str = "flush-storm";
 const PORT: u16 = 7701;
 const CLIENT: u32 = 7;
-const CLIENT_CORE: usize = 0;
 const WORKER_CORE: usize = 1;
 const STORM_CORE: usize = 0;
 /// Data writes before each flush request of the storm.
@@ -309,13 +308,7 @@ fn phase(
     } else {
         None
     };
-    let sock = topo
-        .run(Side::Client, move || UdpSocket::bind((ip, 0)))?
-        .context("bind the client socket")?;
-    let measured = topo.run(Side::Client, move || {
-        let _ = affinity::set_thread_affinity([CLIENT_CORE]);
-        client_phase(&sock, to, warmup, iters)
-    })?;
+    let measured = measure(topo, to, warmup, iters)?;
     stop.store(true, Ordering::Relaxed);
     let stormed = match stormer {
         Some(t) => Some(t.join().map_err(|_| anyhow!("the storm panicked"))?),

@@ -115,6 +115,26 @@ pub(crate) struct Phase {
     pub(crate) resent: u64,
 }
 
+/// [`client_phase`] from a fresh socket in the client namespace, on the
+/// client's core: the outer error is the namespace's or the socket's, the
+/// inner one the phase's (the caller stops its load first). Also the
+/// `flush-storm` scenario's.
+pub(crate) fn measure(
+    topo: &Topology,
+    to: SocketAddr,
+    warmup: u32,
+    iters: u32,
+) -> Result<Result<Phase>> {
+    let ip = topo.client_ip();
+    let sock = topo
+        .run(Side::Client, move || UdpSocket::bind((ip, 0)))?
+        .context("bind the client socket")?;
+    Ok(topo.run(Side::Client, move || {
+        let _ = affinity::set_thread_affinity([CLIENT_CORE]);
+        client_phase(&sock, to, warmup, iters)
+    })?)
+}
+
 /// `warmup + iters` writes to the counter closed loop (client 7, VM 1,
 /// vCPU 0, model 1), then a read of the counter that must equal them. Seq
 /// numbers start at `first_seq`. Also the `flush-storm` scenario's.
@@ -297,14 +317,7 @@ fn phase(
         // Let the flood reach its rate before the client measures.
         std::thread::sleep(Duration::from_millis(200));
     }
-    let ip = topo.client_ip();
-    let sock = topo
-        .run(Side::Client, move || UdpSocket::bind((ip, 0)))?
-        .context("bind the client socket")?;
-    let measured = topo.run(Side::Client, move || {
-        let _ = affinity::set_thread_affinity([CLIENT_CORE]);
-        client_phase(&sock, to, warmup, iters)
-    })?;
+    let measured = measure(topo, to, warmup, iters)?;
     stop.store(true, Ordering::Relaxed);
     let rate = match flooder {
         Some(t) => {
