@@ -30,11 +30,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use devplane_control::config::{
     ClientConfig, Mode, ModelConfig, ServerConfig, ServerSection, Tuning, VmConfig,
 };
-use devplane_control::handover::{self, Discarded, Parties, Report, StepError};
+use devplane_control::handover::{self, Report};
 use devplane_devmodels::Space;
-use devplane_server::StagedFate;
-use devplane_server::dispatch::Handover;
 use devplane_testkit::host::ServerThread;
+use devplane_testkit::mover::ServerMove;
 use devplane_testkit::topology::{Side, Topology};
 use devplane_vmm::engine::EngineConfig;
 use devplane_vmm::guests;
@@ -273,86 +272,6 @@ fn migrations(topo: &Topology) -> Result<Vec<(Duration, Migration)>> {
     Ok(out)
 }
 
-/// One move of the model between the two in-thread servers, as the
-/// hand-over's parties.
-struct Move<'a> {
-    model: u32,
-    from: &'a ServerThread,
-    to: &'a ServerThread,
-    from_id: u32,
-    to_id: u32,
-    client: &'a Client,
-}
-
-fn gone() -> StepError {
-    StepError::TimedOut("the server thread is gone".into())
-}
-
-impl Parties for Move<'_> {
-    type Handover = (ModelConfig, Handover);
-
-    fn lend(&mut self) -> Result<Self::Handover, StepError> {
-        let m = self.model;
-        self.from
-            .call(move |s| s.lend_out(m))
-            .ok_or_else(gone)?
-            .map_err(|e| StepError::Refused(e.to_string()))
-    }
-
-    fn stage(&mut self, (mut cfg, h): Self::Handover) -> Result<(), StepError> {
-        cfg.worker = 0;
-        self.to
-            .call(move |s| s.stage_in(cfg, h))
-            .ok_or_else(gone)?
-            .map_err(|e| StepError::Refused(e.to_string()))
-    }
-
-    fn retarget(&mut self, to_target: bool) -> Result<(), StepError> {
-        let server = if to_target { self.to_id } else { self.from_id };
-        self.client
-            .retarget(self.model, server, Duration::from_secs(2))
-            .map(|_| ())
-            .map_err(|e| StepError::TimedOut(e.to_string()))
-    }
-
-    fn commit(&mut self) -> Result<(), StepError> {
-        let m = self.model;
-        self.to
-            .call(move |s| s.commit_in(m))
-            .ok_or_else(gone)?
-            .map_err(|e| StepError::Refused(e.to_string()))
-    }
-
-    fn release(&mut self) -> Result<(), StepError> {
-        let m = self.model;
-        self.from
-            .call(move |s| s.release_lent(m))
-            .ok_or_else(gone)?
-            .map_err(|e| StepError::TimedOut(e.to_string()))
-    }
-
-    fn take_back(&mut self) -> Result<(), StepError> {
-        let m = self.model;
-        self.from
-            .call(move |s| s.take_back(m))
-            .ok_or_else(gone)?
-            .map(|_| ())
-            .map_err(|e| StepError::TimedOut(e.to_string()))
-    }
-
-    fn discard(&mut self) -> Result<Discarded, StepError> {
-        let m = self.model;
-        match self
-            .to
-            .call(move |s| s.discard_staged(m))
-            .ok_or_else(gone)?
-        {
-            StagedFate::Gone => Ok(Discarded::Gone),
-            StagedFate::Serving => Ok(Discarded::Serving),
-        }
-    }
-}
-
 /// The exit intervals of a guest making `writes` synchronous writes,
 /// with the model moving between `a` and `b` every [`MOVE_EVERY`] if
 /// `moving`; returns them and the number of moves.
@@ -383,13 +302,17 @@ fn round_trips(
             } else {
                 (b, a, SERVER_B, SERVER_A)
             };
-            let r = handover::run(&mut Move {
+            let r = handover::run(&mut ServerMove {
                 model,
                 from,
                 to,
                 from_id,
                 to_id,
-                client: &c,
+                retarget: |m, s| {
+                    c.retarget(m, s, Duration::from_secs(2))
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                },
             });
             match r {
                 Report::Moved { .. } => {

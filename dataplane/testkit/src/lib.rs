@@ -4,7 +4,9 @@
 //! veth, cleanup of what dead test processes left), the privilege checks
 //! that turn a missing capability into a skip or, on CI, a failure
 //! ([`privilege`]), and a server running on a thread of its own inside a
-//! namespace ([`host`]), and the tag keys of test clients ([`keys`]).
+//! namespace ([`host`]), a model's move between two of them as the
+//! hand-over's parties ([`mover`]), and the tag keys of test clients
+//! ([`keys`]).
 //!
 //! It must never be a dependency of a production crate: `devplane-server`
 //! and `devplane-vmm` take it as a dev-dependency only, `dpbench` as a
@@ -16,6 +18,7 @@ pub mod etcd;
 pub mod host;
 pub mod keys;
 pub mod lan;
+pub mod mover;
 pub mod peer;
 pub mod privilege;
 pub mod raw;

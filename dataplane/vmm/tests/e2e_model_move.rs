@@ -16,11 +16,10 @@ use std::time::Duration;
 use devplane_control::config::{
     ClientConfig, Mode, ModelConfig, ServerConfig, ServerSection, Tuning, VmConfig,
 };
-use devplane_control::handover::{self, Discarded, Parties, Report, Step, StepError};
+use devplane_control::handover::{self, Report, Step};
 use devplane_devmodels::Space;
-use devplane_server::StagedFate;
-use devplane_server::dispatch::Handover;
 use devplane_testkit::host::ServerThread;
+use devplane_testkit::mover::ServerMove;
 use devplane_testkit::privilege::{self, Capability};
 use devplane_testkit::topology::{Side, Topology};
 use devplane_vmm::engine::EngineConfig;
@@ -129,89 +128,6 @@ fn done(r: &VcpuReport) -> u32 {
     }
 }
 
-/// One move of `model` between two in-thread servers and a client, as
-/// the hand-over's parties. A server's answers are definite (its workers'
-/// steps are decided by a compare-and-swap) except settling a lent copy,
-/// which a slow worker applies later.
-struct Move<'a> {
-    model: u32,
-    from: &'a ServerThread,
-    to: &'a ServerThread,
-    from_id: u32,
-    to_id: u32,
-    client: &'a Client,
-}
-
-fn gone() -> StepError {
-    StepError::TimedOut("the server thread is gone".into())
-}
-
-impl Parties for Move<'_> {
-    type Handover = (ModelConfig, Handover);
-
-    fn lend(&mut self) -> Result<Self::Handover, StepError> {
-        let m = self.model;
-        self.from
-            .call(move |s| s.lend_out(m))
-            .ok_or_else(gone)?
-            .map_err(|e| StepError::Refused(e.to_string()))
-    }
-
-    fn stage(&mut self, (mut cfg, h): Self::Handover) -> Result<(), StepError> {
-        // The target has one worker.
-        cfg.worker = 0;
-        self.to
-            .call(move |s| s.stage_in(cfg, h))
-            .ok_or_else(gone)?
-            .map_err(|e| StepError::Refused(e.to_string()))
-    }
-
-    fn retarget(&mut self, to_target: bool) -> Result<(), StepError> {
-        let server = if to_target { self.to_id } else { self.from_id };
-        self.client
-            .retarget(self.model, server, Duration::from_secs(2))
-            .map(|_| ())
-            .map_err(|e| StepError::TimedOut(e.to_string()))
-    }
-
-    fn commit(&mut self) -> Result<(), StepError> {
-        let m = self.model;
-        self.to
-            .call(move |s| s.commit_in(m))
-            .ok_or_else(gone)?
-            .map_err(|e| StepError::Refused(e.to_string()))
-    }
-
-    fn release(&mut self) -> Result<(), StepError> {
-        let m = self.model;
-        self.from
-            .call(move |s| s.release_lent(m))
-            .ok_or_else(gone)?
-            .map_err(|e| StepError::TimedOut(e.to_string()))
-    }
-
-    fn take_back(&mut self) -> Result<(), StepError> {
-        let m = self.model;
-        self.from
-            .call(move |s| s.take_back(m))
-            .ok_or_else(gone)?
-            .map(|_| ())
-            .map_err(|e| StepError::TimedOut(e.to_string()))
-    }
-
-    fn discard(&mut self) -> Result<Discarded, StepError> {
-        let m = self.model;
-        match self
-            .to
-            .call(move |s| s.discard_staged(m))
-            .ok_or_else(gone)?
-        {
-            StagedFate::Gone => Ok(Discarded::Gone),
-            StagedFate::Serving => Ok(Discarded::Serving),
-        }
-    }
-}
-
 /// Whether A serves `model`, whether B does, and whether either has it
 /// lent.
 fn placement(a: &ServerThread, b: &ServerThread, model: u32) -> (bool, bool, bool) {
@@ -298,13 +214,18 @@ fn a_model_moved_between_servers_under_traffic_keeps_every_write_once() {
     std::thread::sleep(Duration::from_millis(30));
 
     let mv = |model, from, to, from_id, to_id| {
-        let mut p = Move {
+        let mut p = ServerMove {
             model,
             from,
             to,
             from_id,
             to_id,
-            client: &client,
+            retarget: |m, s| {
+                client
+                    .retarget(m, s, Duration::from_secs(2))
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            },
         };
         handover::run(&mut p)
     };
