@@ -147,28 +147,12 @@ impl Server {
             return Err(cfg_err(format!("model {model} is lent already")));
         }
         let ticket = MoveTicket::new();
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.send(
-            m.worker,
-            WorkerCmd::Lend {
-                model,
-                ticket: ticket.clone(),
-                reply: tx,
-            },
-        )?;
-        let lent = match rx.recv_timeout(timeout) {
-            Ok(r) => r,
-            Err(_) if ticket.step(MoveTicket::PENDING, MoveTicket::CANCELLED) => {
-                return Err(cfg_err(format!(
-                    "worker {} did not give model {model} up within {timeout:?}; it stays \
-                     served here",
-                    m.worker
-                )));
-            }
-            // Lent just as the wait ended: the hand-over is on its way.
-            Err(_) => rx
-                .recv()
-                .map_err(|_| cfg_err(format!("worker {} stopped", m.worker)))?,
+        let Some(lent) = self.send_lend(model, m.worker, &ticket, timeout)? else {
+            return Err(cfg_err(format!(
+                "worker {} did not give model {model} up within {timeout:?}; it stays \
+                 served here",
+                m.worker
+            )));
         };
         let mut h = lent.map_err(|e| {
             cfg_err(match e {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use devplane_control::config::ModelConfig;
 use devplane_devmodels::registry::ModelParams;
 
-use crate::dispatch::LendError;
+use crate::dispatch::{Handover, LendError};
 use crate::lifecycle::{self, MoveTicket, WorkerCmd};
 use crate::{Server, ServerError, build_dispatchers, socket};
 
@@ -49,29 +49,11 @@ impl Server {
         }
         let ticket = MoveTicket::new();
         // Phase 1: the old worker lends the model.
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.send(
-            from,
-            WorkerCmd::Lend {
-                model,
-                ticket: ticket.clone(),
-                reply: tx,
-            },
-        )?;
-        let lent = match rx.recv_timeout(timeout) {
-            Ok(h) => h,
-            Err(_) if ticket.step(MoveTicket::PENDING, MoveTicket::CANCELLED) => {
-                return Err(ServerError::Config(format!(
-                    "move cancelled: worker {from} did not give model {model} up within \
-                     {timeout:?}; it stays on worker {from}"
-                )));
-            }
-            // Lent just as the wait ended: the hand-over is on its way.
-            Err(_) => rx.recv().map_err(|_| {
-                ServerError::Config(format!(
-                    "worker {from} stopped while giving model {model} up"
-                ))
-            })?,
+        let Some(lent) = self.send_lend(model, from, &ticket, timeout)? else {
+            return Err(ServerError::Config(format!(
+                "move cancelled: worker {from} did not give model {model} up within \
+                 {timeout:?}; it stays on worker {from}"
+            )));
         };
         let mut handover = lent.map_err(|e| {
             ServerError::Config(match e {
@@ -139,6 +121,40 @@ impl Server {
             ))),
             // Moved: the old copy is dropped when the old worker gets to it.
             None => Ok(()),
+        }
+    }
+
+    /// Tells `worker` to lend `model` under `ticket` (keep it aside, not
+    /// served, and hand over its state) and waits up to `timeout`: the
+    /// worker's answer, or `None` if the wait ended first and cancelled the
+    /// ticket (the worker then leaves the model served). Moves between
+    /// workers ([`Server::move_model`]) and between servers (`handover`)
+    /// both start so.
+    pub(crate) fn send_lend(
+        &mut self,
+        model: u32,
+        worker: usize,
+        ticket: &MoveTicket,
+        timeout: Duration,
+    ) -> Result<Option<Result<Handover, LendError>>, ServerError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.send(
+            worker,
+            WorkerCmd::Lend {
+                model,
+                ticket: ticket.clone(),
+                reply: tx,
+            },
+        )?;
+        match rx.recv_timeout(timeout) {
+            Ok(lent) => Ok(Some(lent)),
+            Err(_) if ticket.step(MoveTicket::PENDING, MoveTicket::CANCELLED) => Ok(None),
+            // Lent just as the wait ended: the hand-over is on its way.
+            Err(_) => rx.recv().map(Some).map_err(|_| {
+                ServerError::Config(format!(
+                    "worker {worker} stopped while giving model {model} up"
+                ))
+            }),
         }
     }
 
