@@ -367,8 +367,8 @@ enum VmsCmd {
     /// What the guest writes is shown as it comes (first the last few KiB
     /// it wrote before); what is typed goes to the guest's UART, with its
     /// receive interrupt. Ctrl-] (--escape) detaches. One viewer at a time
-    /// may type (a second is refused); any number up to 16 may watch with
-    /// --read-only. A viewer that does not keep up loses bytes (told so),
+    /// may type (a second is refused); the others watch with --read-only
+    /// (16 viewers at most, the writer included). A viewer that does not keep up loses bytes (told so),
     /// never slowing the guest or the others. The console stays attached
     /// through the VM's suspend, snapshot and migration: the model does
     /// not move.
