@@ -667,10 +667,11 @@ mod tests {
         assert!(none.is_empty());
     }
 
-    /// The committed baseline, and a later real run of the same suite on
-    /// the development machine (`make bench-gate`'s).
+    /// A real baseline (the one committed on 2026-12-04, frozen here so the
+    /// committed one can be re-recorded), and a later real run of the same
+    /// suite on the development machine (`make bench-gate`'s).
     fn real() -> (GateFile, GateFile) {
-        let base = parse(include_str!("../baseline.json")).unwrap();
+        let base = parse(include_str!("../testdata/baseline-2026-12-04.json")).unwrap();
         let run = parse(include_str!("../testdata/noise-run.json")).unwrap();
         (base, run)
     }
@@ -701,6 +702,21 @@ mod tests {
         with.rows.push(row);
         let (kept, notes) = applicable(&with, gate_limits());
         assert_eq!((kept.len(), notes.len()), (4, 1));
+    }
+
+    /// The committed baseline, whatever runs it was recorded from, parses,
+    /// has the rows of at least CI's three standing limits, and passes
+    /// against itself under CI's limits and the default one.
+    #[test]
+    fn the_committed_baseline_judges_itself_clean() {
+        let base = parse(include_str!("../baseline.json")).unwrap();
+        let limits = ci_limits(&base);
+        assert!(limits.len() >= 3, "{limits:?}");
+        for limits in [default_limit(), limits] {
+            let c = compare(&base, &base, &limits).unwrap();
+            assert!(!c.failed(), "{}", c.table());
+            assert!(!c.lines.is_empty());
+        }
     }
 
     fn default_limit() -> Vec<Limit> {

@@ -705,7 +705,7 @@ pub(crate) mod tests {
         let plain = serde_json::to_value(sample_rows()[0].to_summary()).unwrap();
         assert!(plain.get("knobs").is_none());
         let mut v: serde_json::Value =
-            serde_json::from_str(include_str!("../baseline.json")).unwrap();
+            serde_json::from_str(include_str!("../testdata/baseline-2026-12-04.json")).unwrap();
         let back: RunSummary = serde_json::from_value(v.clone()).unwrap();
         assert_eq!(back.config.server, None);
         for r in v["rows"].as_array_mut().unwrap() {
