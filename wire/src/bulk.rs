@@ -480,6 +480,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "tag")]
     #[test]
     fn a_full_tagged_segment_fills_the_mtu() {
         let mut buf = [0u8; MAX_DATAGRAM];

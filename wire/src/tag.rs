@@ -245,6 +245,30 @@ mod tests {
         assert_eq!(verify(&buf[..len], &KeyRing::new(K1)), Ok(()));
     }
 
+    /// What the parse fuzz target checks of a tagged datagram (it once
+    /// compared the re-encoding with the whole input and called the tag a
+    /// difference): the records re-encode to the bytes before the tag, and
+    /// the tag is all that follows them, whatever its bytes (the parser
+    /// does not judge them; `verify` does).
+    #[test]
+    fn a_tagged_datagram_re_encodes_to_its_bytes_before_the_tag() {
+        let (mut buf, len) = sealed(&K1);
+        buf[len - 1] ^= 0xff;
+        let d = Datagram::parse(&buf[..len]).unwrap();
+        let mut out = [0u8; 256];
+        let mut w = datagram::DatagramWriter::new(&mut out, *d.header()).unwrap();
+        for r in d.records() {
+            w.push(&r).unwrap();
+        }
+        let n = w.finish();
+        assert_eq!(n + crate::header::tag_len(d.header().flags.get()), len);
+        assert_eq!(out[..n], buf[..n]);
+        assert_eq!(
+            verify(&buf[..len], &KeyRing::new(K1)),
+            Err(TagError::Mismatch)
+        );
+    }
+
     #[test]
     fn wrong_key_is_refused() {
         let (buf, len) = sealed(&K1);
