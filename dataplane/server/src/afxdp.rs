@@ -331,6 +331,31 @@ pub struct XskSet {
     area: Area,
 }
 
+/// How long a bind refused with `EBUSY` is retried. The kernel releases a
+/// closed AF_XDP socket's buffer pool from a work queue, after the close
+/// returns: a server started on the queue of one that just stopped (the
+/// `scale` scenario's steps, a restart) can find the queue still taken for
+/// a few milliseconds. Start-up only; a queue held longer (another live
+/// program) still fails, after this wait.
+const BIND_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Calls `bind` until it succeeds, fails with anything but `EBUSY`, or
+/// `wait` has passed (then its last error), sleeping 10 ms between calls.
+fn busy_retry(
+    wait: std::time::Duration,
+    mut bind: impl FnMut() -> Result<(), xdpilone::Errno>,
+) -> Result<(), xdpilone::Errno> {
+    let until = std::time::Instant::now() + wait;
+    loop {
+        match bind() {
+            Err(e) if e.get_raw().abs() == libc::EBUSY && std::time::Instant::now() < until => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
+}
+
 fn errno(what: &'static str, e: xdpilone::Errno) -> ServerError {
     ServerError::AfXdp {
         what,
@@ -434,8 +459,8 @@ impl XskSet {
                     .rx_tx(&sock, cfg)
                     .map_err(|e| errno("RX/TX rings", e))?;
                 let bound = match (&fq_cq, w) {
-                    (_, 0) => umem.bind(&user),
-                    (Some(dq), _) => dq.bind(&user),
+                    (_, 0) => busy_retry(BIND_BUSY_WAIT, || umem.bind(&user)),
+                    (Some(dq), _) => busy_retry(BIND_BUSY_WAIT, || dq.bind(&user)),
                     (None, _) => return Err(ServerError::Config("no queue leader".into())),
                 };
                 bound.map_err(|e| {
@@ -966,6 +991,43 @@ impl Transport for XskTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An `Errno` of `code` (xdpilone builds them from `errno` only).
+    fn err(code: i32) -> xdpilone::Errno {
+        // SAFETY: __errno_location is this thread's errno, always valid.
+        unsafe { *libc::__errno_location() = code };
+        xdpilone::Errno::last_os_error()
+    }
+
+    /// A queue still taken by a socket being released is waited for; any
+    /// other error, and a queue taken longer than the wait, fail.
+    #[test]
+    fn a_busy_queue_is_retried_for_a_bounded_time_only() {
+        let wait = std::time::Duration::from_millis(200);
+        let mut calls = 0;
+        let r = busy_retry(wait, || {
+            calls += 1;
+            if calls < 4 {
+                Err(err(libc::EBUSY))
+            } else {
+                Ok(())
+            }
+        });
+        assert!(r.is_ok());
+        assert_eq!(calls, 4);
+        let mut calls = 0;
+        let r = busy_retry(wait, || {
+            calls += 1;
+            Err(err(libc::ENODEV))
+        });
+        assert_eq!(r.unwrap_err().get_raw(), libc::ENODEV);
+        assert_eq!(calls, 1, "only EBUSY is retried");
+        let start = std::time::Instant::now();
+        let r = busy_retry(wait, || Err(err(libc::EBUSY)));
+        assert_eq!(r.unwrap_err().get_raw(), libc::EBUSY);
+        let took = start.elapsed();
+        assert!(took >= wait && took < wait * 5, "{took:?}");
+    }
 
     #[test]
     fn layout_gives_each_queue_its_own_frames_then_the_irq_pools() {
