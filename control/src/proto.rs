@@ -524,26 +524,7 @@ pub enum Response {
         serving: bool,
     },
     /// Where a server stands with a model ([`Request::ModelPlacement`]).
-    Placement {
-        /// The server's id.
-        server: u32,
-        /// The worker serving it here, if it is served here.
-        worker: Option<usize>,
-        /// Lent to another server by a move not yet settled.
-        lent: bool,
-        /// The server it is lent to, if the mover said.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        lent_to: Option<u32>,
-        /// How long ago it was lent, in milliseconds, if it is.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        lent_ms: Option<u64>,
-        /// How long the server has run, in milliseconds (a target that
-        /// restarted since a lend may have committed and lost the model).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        uptime_ms: Option<u64>,
-        /// Staged here by a move not yet committed.
-        staged: bool,
-    },
+    Placement(Placement),
     /// A client daemon pointed a model at another server
     /// ([`Request::RetargetModel`]).
     Retargeted {
@@ -562,6 +543,30 @@ pub enum Response {
         /// Which id, and what to do.
         message: String,
     },
+}
+
+/// Where a server stands with a model: the fields of
+/// [`Response::Placement`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// The server's id.
+    pub server: u32,
+    /// The worker serving it here, if it is served here.
+    pub worker: Option<usize>,
+    /// Lent to another server by a move not yet settled.
+    pub lent: bool,
+    /// The server it is lent to, if the mover said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lent_to: Option<u32>,
+    /// How long ago it was lent, in milliseconds, if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lent_ms: Option<u64>,
+    /// How long the server has run, in milliseconds (a target that
+    /// restarted since a lend may have committed and lost the model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_ms: Option<u64>,
+    /// Staged here by a move not yet committed.
+    pub staged: bool,
 }
 
 /// Why a call failed.
@@ -839,7 +844,7 @@ mod tests {
                 }),
             },
             Response::Discarded { serving: true },
-            Response::Placement {
+            Response::Placement(Placement {
                 server: 2,
                 worker: Some(0),
                 lent: false,
@@ -847,7 +852,7 @@ mod tests {
                 lent_ms: None,
                 uptime_ms: Some(5),
                 staged: false,
-            },
+            }),
             Response::Retargeted {
                 vms: vec![1, 2],
                 resent: 1,

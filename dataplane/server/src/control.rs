@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use devplane_control::proto::{Request, Response, WorkerCounters};
+use devplane_control::proto::{Placement, Request, Response, WorkerCounters};
 
 use crate::Server;
 use crate::lifecycle::Tune;
@@ -159,7 +159,7 @@ pub fn handle(server: &mut Server, request: Request) -> Response {
         },
         Request::ModelPlacement { model } => {
             let (worker, lent, staged) = server.placement(model);
-            Response::Placement {
+            Response::Placement(Placement {
                 server: server.id(),
                 worker,
                 lent,
@@ -167,7 +167,7 @@ pub fn handle(server: &mut Server, request: Request) -> Response {
                 lent_ms: server.lent_for(model).map(|d| d.as_millis() as u64),
                 uptime_ms: Some(server.uptime().as_millis() as u64),
                 staged,
-            }
+            })
         }
         Request::RetargetModel { .. } => Response::Error {
             message: "devplane-server does not run VMs: send a retarget to devplane-client \

@@ -25,15 +25,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use devplane_control::config::{
-    ClientConfig, Mode, ModelConfig, ServerConfig, ServerSection, Tuning, VmConfig,
-};
+use devplane_control::config::{Mode, ModelConfig, ServerConfig};
 use devplane_devmodels::counter::REG_IRQ;
 use devplane_server::stats::WorkerSnapshot;
 use devplane_testkit::host::{ServerSnapshot, ServerThread};
 use devplane_testkit::keys::client_key;
 use devplane_testkit::privilege::{self, Capability};
 use devplane_testkit::raw::{RawSender, frame_of, set_ipv4_checksum};
+use devplane_testkit::tenants::{self, Tenant};
 use devplane_testkit::topology::{Side, Topology};
 use devplane_wire::frame::{ETH_HLEN, Flow, PAYLOAD_OFFSET};
 use devplane_wire::maps::Counter;
@@ -49,7 +48,7 @@ const VICTIM: u32 = 7;
 const TENANT: u32 = 8;
 const VM: u32 = 1;
 const TENANT_VM: u32 = 2;
-const HV: u32 = 3;
+const HV: u32 = tenants::HYPERVISOR;
 const MODEL: u32 = 100;
 const PIO: u16 = 0x500;
 /// The victim's operations: writes, and every `IRQ_EVERY`th an interrupt.
@@ -57,54 +56,35 @@ const OPS: u64 = 400;
 const IRQ_EVERY: u64 = 40;
 
 fn config(topo: &Topology, tenant_ip: std::net::Ipv4Addr) -> ServerConfig {
-    ServerConfig {
-        server: ServerSection {
-            id: SERVER,
-            port: PORT,
-            mode: Mode::Xdp,
-            interface: Some(topo.server_ifname().to_string()),
-            workers: vec![0],
-            pin_dir: Some(format!("/sys/fs/bpf/devplane-test-adv-{}", std::process::id()).into()),
-            check_clients: true,
+    let tenants = [
+        Tenant {
+            client: VICTIM,
+            address: topo.client_ip(),
+            vm: VM,
+            key: Some(client_key(VICTIM)),
         },
-        tuning: Tuning {
-            spin_budget: 200,
-            idle_sleep_us: 100,
-            batch: 64,
+        Tenant {
+            client: TENANT,
+            address: tenant_ip,
+            vm: TENANT_VM,
+            key: Some(client_key(TENANT)),
         },
-        clients: vec![
-            ClientConfig {
-                tag_key: Some(client_key(VICTIM)),
-                id: VICTIM,
-                address: topo.client_ip(),
-                budget: None,
-            },
-            ClientConfig {
-                tag_key: Some(client_key(TENANT)),
-                id: TENANT,
-                address: tenant_ip,
-                budget: None,
-            },
-        ],
-        vms: vec![
-            VmConfig {
-                id: VM,
-                client: VICTIM,
-                hypervisor: HV,
-            },
-            VmConfig {
-                id: TENANT_VM,
-                client: TENANT,
-                hypervisor: HV,
-            },
-        ],
-        models: vec![ModelConfig {
-            pio_base: Some(PIO),
-            line: Some(5),
-            vm: Some(VM),
-            ..ModelConfig::new(MODEL, "counter", 0)
-        }],
-    }
+    ];
+    let counter = ModelConfig {
+        pio_base: Some(PIO),
+        line: Some(5),
+        vm: Some(VM),
+        ..ModelConfig::new(MODEL, "counter", 0)
+    };
+    tenants::server_config(
+        topo,
+        Mode::Xdp,
+        "adv",
+        SERVER,
+        PORT,
+        &tenants,
+        vec![counter],
+    )
 }
 
 /// A datagram of `kind` from `client` holding `recs`, sealed with `key`.

@@ -9,12 +9,11 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use devplane_control::config::{
-    ClientConfig, Mode, ModelConfig, ServerConfig, ServerSection, Tuning, VmConfig,
-};
+use devplane_control::config::{Mode, ModelConfig, ServerConfig};
 use devplane_devmodels::counter::REG_IRQ;
 use devplane_testkit::host::{ServerSnapshot, ServerThread};
 use devplane_testkit::privilege::{self, Capability};
+use devplane_testkit::tenants::{self, Tenant};
 use devplane_testkit::topology::{Side, Topology};
 use devplane_wire::maps::Counter;
 use devplane_wire::{
@@ -27,59 +26,32 @@ const VICTIM: u32 = 7;
 const TENANT: u32 = 8;
 const VM: u32 = 1;
 const TENANT_VM: u32 = 2;
-const HV: u32 = 3;
+const HV: u32 = tenants::HYPERVISOR;
 const MODEL: u32 = 100;
 const PIO: u16 = 0x500;
 
 fn config(topo: &Topology, mode: Mode, tag: &str, tenant_ip: std::net::Ipv4Addr) -> ServerConfig {
-    ServerConfig {
-        server: ServerSection {
-            id: SERVER,
-            port: PORT,
-            mode,
-            interface: Some(topo.server_ifname().to_string()),
-            workers: vec![0],
-            pin_dir: Some(format!("/sys/fs/bpf/devplane-test-{tag}-{}", std::process::id()).into()),
-            check_clients: true,
+    let tenants = [
+        Tenant {
+            client: VICTIM,
+            address: topo.client_ip(),
+            vm: VM,
+            key: None,
         },
-        tuning: Tuning {
-            spin_budget: 200,
-            idle_sleep_us: 100,
-            batch: 64,
+        Tenant {
+            client: TENANT,
+            address: tenant_ip,
+            vm: TENANT_VM,
+            key: None,
         },
-        clients: vec![
-            ClientConfig {
-                tag_key: None,
-                id: VICTIM,
-                address: topo.client_ip(),
-                budget: None,
-            },
-            ClientConfig {
-                tag_key: None,
-                id: TENANT,
-                address: tenant_ip,
-                budget: None,
-            },
-        ],
-        vms: vec![
-            VmConfig {
-                id: VM,
-                client: VICTIM,
-                hypervisor: HV,
-            },
-            VmConfig {
-                id: TENANT_VM,
-                client: TENANT,
-                hypervisor: HV,
-            },
-        ],
-        models: vec![ModelConfig {
-            pio_base: Some(PIO),
-            line: Some(5),
-            vm: Some(VM),
-            ..ModelConfig::new(MODEL, "counter", 0)
-        }],
-    }
+    ];
+    let counter = ModelConfig {
+        pio_base: Some(PIO),
+        line: Some(5),
+        vm: Some(VM),
+        ..ModelConfig::new(MODEL, "counter", 0)
+    };
+    tenants::server_config(topo, mode, tag, SERVER, PORT, &tenants, vec![counter])
 }
 
 fn datagram_of(kind: Kind, client: u32, irq_port: Option<u16>, recs: &[Record]) -> Vec<u8> {

@@ -13,11 +13,10 @@ use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use devplane_control::config::{
-    ClientConfig, Mode, ModelConfig, ServerConfig, ServerSection, Tuning, VmConfig,
-};
+use devplane_control::config::{Mode, ModelConfig, ServerConfig};
 use devplane_testkit::host::{ServerSnapshot, ServerThread};
 use devplane_testkit::privilege::{self, Capability};
+use devplane_testkit::tenants::{self, Tenant};
 use devplane_testkit::topology::{Side, Topology};
 use devplane_wire::bulk::{self, BlockMsg, BlockOp, BlockStatus, Bulk, SEG_DATA};
 use devplane_wire::maps::Counter;
@@ -29,7 +28,7 @@ const VICTIM: u32 = 7;
 const TENANT: u32 = 8;
 const VM: u32 = 1;
 const TENANT_VM: u32 = 2;
-const HV: u32 = 3;
+const HV: u32 = tenants::HYPERVISOR;
 const DISK: u32 = 200;
 const TENANT_DISK: u32 = 201;
 
@@ -54,52 +53,25 @@ fn config(
         backing: Some(f.clone()),
         ..ModelConfig::new(id, "blockstore", 0)
     };
-    ServerConfig {
-        server: ServerSection {
-            id: SERVER,
-            port: PORT,
-            mode,
-            interface: Some(topo.server_ifname().to_string()),
-            workers: vec![0],
-            pin_dir: Some(format!("/sys/fs/bpf/devplane-test-{tag}-{}", std::process::id()).into()),
-            check_clients: true,
+    let tenants = [
+        Tenant {
+            client: VICTIM,
+            address: topo.client_ip(),
+            vm: VM,
+            key: None,
         },
-        tuning: Tuning {
-            spin_budget: 200,
-            idle_sleep_us: 100,
-            batch: 64,
+        Tenant {
+            client: TENANT,
+            address: tenant_ip,
+            vm: TENANT_VM,
+            key: None,
         },
-        clients: vec![
-            ClientConfig {
-                tag_key: None,
-                id: VICTIM,
-                address: topo.client_ip(),
-                budget: None,
-            },
-            ClientConfig {
-                tag_key: None,
-                id: TENANT,
-                address: tenant_ip,
-                budget: None,
-            },
-        ],
-        vms: vec![
-            VmConfig {
-                id: VM,
-                client: VICTIM,
-                hypervisor: HV,
-            },
-            VmConfig {
-                id: TENANT_VM,
-                client: TENANT,
-                hypervisor: HV,
-            },
-        ],
-        models: vec![
-            disk(DISK, VM, &files.0[0]),
-            disk(TENANT_DISK, TENANT_VM, &files.0[1]),
-        ],
-    }
+    ];
+    let disks = vec![
+        disk(DISK, VM, &files.0[0]),
+        disk(TENANT_DISK, TENANT_VM, &files.0[1]),
+    ];
+    tenants::server_config(topo, mode, tag, SERVER, PORT, &tenants, disks)
 }
 
 /// Segment `seg` of a block request (`nseg` segments, `data` its bytes).

@@ -209,6 +209,21 @@ address = "{server}:{PORT_B}"
 }
 
 /// dpctl with `--socket` and `--client-socket` given.
+/// `models move MODEL --to-server TO --to-server-socket SOCK EXTRA...`.
+fn mv<'a>(model: &'a str, to: &'a str, sock: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "models",
+        "move",
+        model,
+        "--to-server",
+        to,
+        "--to-server-socket",
+        sock,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 struct Dpctl {
     bin: PathBuf,
     client: PathBuf,
@@ -348,44 +363,20 @@ fn dpctl_moves_a_model_between_two_server_daemons_under_guest_traffic() {
     // Refused before anything moves, with what was wrong.
     dp.fails(
         &sock_a,
-        &[
-            "models",
-            "move",
-            "77",
-            "--to-server",
-            "2",
-            "--to-server-socket",
-            b,
-        ],
+        &mv("77", "2", b, &[]),
         3,
         &["model 77 is not served by server 1"],
     );
     dp.fails(
         &sock_a,
-        &[
-            "models",
-            "move",
-            "11",
-            "--to-server",
-            "1",
-            "--to-server-socket",
-            a,
-        ],
+        &mv("11", "1", a, &[]),
         1,
         &["model 11 is on server 1 already"],
     );
     let down = dir.0.join("server-3.sock");
     dp.fails(
         &sock_a,
-        &[
-            "models",
-            "move",
-            "11",
-            "--to-server",
-            "3",
-            "--to-server-socket",
-            down.to_str().expect("path"),
-        ],
+        &mv("11", "3", down.to_str().expect("path"), &[]),
         1,
         &[
             "target server 3",
@@ -395,15 +386,7 @@ fn dpctl_moves_a_model_between_two_server_daemons_under_guest_traffic() {
     );
     dp.fails(
         &sock_a,
-        &[
-            "models",
-            "move",
-            "11",
-            "--to-server",
-            "3",
-            "--to-server-socket",
-            b,
-        ],
+        &mv("11", "3", b, &[]),
         1,
         &["is server 2, not server 3"],
     );
@@ -412,17 +395,12 @@ fn dpctl_moves_a_model_between_two_server_daemons_under_guest_traffic() {
     let gone = dir.0.join("no-client.sock");
     dp.fails(
         &sock_a,
-        &[
-            "models",
-            "move",
+        &mv(
             "11",
-            "--to-server",
             "2",
-            "--to-server-socket",
             b,
-            "--retarget-client",
-            gone.to_str().expect("path"),
-        ],
+            &["--retarget-client", gone.to_str().expect("path")],
+        ),
         1,
         &[
             "model 11 stays on server 1",
@@ -446,15 +424,7 @@ fn dpctl_moves_a_model_between_two_server_daemons_under_guest_traffic() {
     }
     dp.fails(
         &sock_a,
-        &[
-            "models",
-            "move",
-            "12",
-            "--to-server",
-            "3",
-            "--to-server-socket",
-            b,
-        ],
+        &mv("12", "3", b, &[]),
         1,
         &["model 12 is lent by server 1 to a move not settled yet to server 2"],
     );
@@ -475,52 +445,20 @@ fn dpctl_moves_a_model_between_two_server_daemons_under_guest_traffic() {
     ));
     dp.fails(
         &sock_a,
-        &[
-            "models",
-            "move",
-            "12",
-            "--to-server",
-            "2",
-            "--to-server-socket",
-            b,
-        ],
+        &mv("12", "2", b, &[]),
         1,
         &["and server 2 restarted since", "--accept-rollback"],
     );
     // Both models move to B while both guests write.
     let before_b = dp.applied(&sock_b);
     assert_eq!(
-        dp.ok(
-            &sock_a,
-            &[
-                "models",
-                "move",
-                "12",
-                "--to-server",
-                "2",
-                "--to-server-socket",
-                b,
-                "--accept-rollback"
-            ]
-        ),
+        dp.ok(&sock_a, &mv("12", "2", b, &["--accept-rollback"])),
         "first settled a move left unfinished: move cancelled at commit (target): refused: a \
          move left unfinished was settled: the target had not committed; the model is served \
          by the source as before\n\
          moved model 12 from server 1 to server 2 (worker 0); VM 2 now reaches it there\n"
     );
-    let text = dp.ok(
-        &sock_a,
-        &[
-            "--json",
-            "models",
-            "move",
-            "11",
-            "--to-server",
-            "2",
-            "--to-server-socket",
-            b,
-        ],
-    );
+    let text = dp.ok(&sock_a, &[vec!["--json"], mv("11", "2", b, &[])].concat());
     let v: serde_json::Value = serde_json::from_str(&text).expect("json");
     assert_eq!(v["result"], "moved", "{v}");
     assert_eq!(v["from"], 1, "{v}");
@@ -538,35 +476,14 @@ fn dpctl_moves_a_model_between_two_server_daemons_under_guest_traffic() {
     // from A is an unknown model there.
     dp.fails(
         &sock_a,
-        &[
-            "models",
-            "move",
-            "12",
-            "--to-server",
-            "2",
-            "--to-server-socket",
-            b,
-        ],
+        &mv("12", "2", b, &[]),
         3,
         &["model 12 is not served by server 1"],
     );
     // The synchronous model comes back to A, driven from B.
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(
-        dp.ok(
-            &sock_b,
-            &[
-                "models",
-                "move",
-                "11",
-                "--to-server",
-                "1",
-                "--to-server-socket",
-                a,
-                "--to-worker",
-                "1"
-            ]
-        ),
+        dp.ok(&sock_b, &mv("11", "1", a, &["--to-worker", "1"])),
         "moved model 11 from server 2 to server 1 (worker 1); VM 1 now reaches it there\n"
     );
     for (vm, n) in [(VM_SYNC, sync), (VM_POSTED, posted)] {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use devplane_control::config::ModelConfig;
 use devplane_control::handover::{self, Discarded, Parties, Report, StepError};
 use devplane_control::proto::{
-    self, HANDOVER_PART_BYTES, ModelHandover, ProtoError, Request, Response,
+    self, HANDOVER_PART_BYTES, ModelHandover, Placement, ProtoError, Request, Response,
 };
 use serde_json::json;
 
@@ -174,36 +174,9 @@ fn failed(message: String) -> Failure {
 }
 
 /// Where a server stands with `model`.
-struct Placed {
-    server: u32,
-    worker: Option<usize>,
-    lent: bool,
-    lent_to: Option<u32>,
-    lent_ms: Option<u64>,
-    uptime_ms: Option<u64>,
-    staged: bool,
-}
-
-/// Where a server stands with `model`.
-fn placement(path: &Path, model: u32, which: &str) -> Result<Placed, Failure> {
+fn placement(path: &Path, model: u32, which: &str) -> Result<Placement, Failure> {
     match proto::call(path, &Request::ModelPlacement { model }, TIMEOUT) {
-        Ok(Response::Placement {
-            server,
-            worker,
-            lent,
-            lent_to,
-            lent_ms,
-            uptime_ms,
-            staged,
-        }) => Ok(Placed {
-            server,
-            worker,
-            lent,
-            lent_to,
-            lent_ms,
-            uptime_ms,
-            staged,
-        }),
+        Ok(Response::Placement(p)) => Ok(p),
         Ok(Response::Error { message }) => Err(failed(format!("the {which} refused: {message}"))),
         Ok(r) => Err(failed(format!(
             "the {which} at {} answered {r:?}: is it a devplane-server of this version?",
