@@ -192,7 +192,7 @@ impl Scenario {
 }
 
 /// The default suite (`make bench`).
-const DEFAULT_SUITE: [Scenario; 11] = [
+const DEFAULT_SUITE: [Scenario; 14] = [
     Scenario::XdpProg,
     Scenario::Parse,
     Scenario::Server,
@@ -203,6 +203,9 @@ const DEFAULT_SUITE: [Scenario; 11] = [
     Scenario::Load,
     Scenario::Scale,
     Scenario::Isolation,
+    Scenario::FlushStorm,
+    Scenario::Migrate,
+    Scenario::Blk,
     Scenario::Boot,
 ];
 
@@ -213,11 +216,11 @@ const REMOTE_SUITE: [Scenario; 3] = [Scenario::Client, Scenario::Irq, Scenario::
 ///
 /// Without a subcommand, runs scenarios (as `dpbench run`): by default
 /// xdp-prog, parse, server, forward, client, irq, throughput, load,
-/// scale, isolation and boot (where it takes under --boot-budget) on the
-/// embedded single-machine topology (two network namespaces joined by
-/// veth, three hosts on a bridge for forward, the real XDP program, real
-/// KVM guests; needs root and /dev/kvm); queues, flush-storm, migrate and
-/// blk only when --scenario names them.
+/// scale, isolation, flush-storm, migrate, blk and boot (where it takes
+/// under --boot-budget) on the embedded single-machine topology (two
+/// network namespaces joined by veth, three hosts on a bridge for forward,
+/// the real XDP program, real KVM guests, qemu-nbd beside the remote disk;
+/// needs root and /dev/kvm); queues only when --scenario names it.
 ///
 /// Against a real server: start `devplane-server --config
 /// bench/server-remote.toml` on the server machine (first edit its
@@ -299,9 +302,9 @@ struct BaselineArgs {
 struct RunArgs {
     /// Scenarios to run, comma-separated [default: xdp-prog, parse,
     /// server, forward, client, irq, throughput, load, scale, isolation,
-    /// boot (where it fits --boot-budget); with --server: client, irq,
-    /// throughput]. floor, pio and mmio run parts of client; queues,
-    /// flush-storm, migrate and blk run only when named.
+    /// flush-storm, migrate, blk, boot (where it fits --boot-budget); with
+    /// --server: client, irq, throughput]. floor, pio and mmio run parts
+    /// of client; queues runs only when named.
     #[arg(long, value_enum, value_delimiter = ',')]
     scenario: Vec<Scenario>,
     /// Run the client-side scenarios (client, irq, throughput) against the
