@@ -891,12 +891,27 @@ fn dpctl_live_migrates_a_vm_between_client_daemons() {
         client: b_sock.clone(),
     };
     let dead_sock = dir.0.join("client-dead.sock");
+    // A daemon of a client the server does not know (8).
+    let stranger_cfg = dir.0.join("client-8.toml");
+    let toml = client_toml_of(&rig.topo, "checked-writes", n, n);
+    let stranger = toml.replacen(
+        &format!("[client]\nid = {CLIENT}\n"),
+        "[client]\nid = 8\n",
+        1,
+    );
+    assert_ne!(stranger, toml, "the client's id line moved");
+    std::fs::write(&stranger_cfg, stranger).unwrap();
+    let c = Sockets {
+        server: a.server.clone(),
+        client: dir.0.join("client-8.sock"),
+    };
     let Rig { topo, server } = rig;
     let server = Arc::new(server);
     let _control = serve_control(server.clone(), &a.server);
     let _daemon_a = start_daemon(&topo, &cfg, &a.client);
     let _daemon_b = start_daemon(&topo, &cfg, &b.client);
     let _dead = dying_target(&topo, &dead_sock);
+    let _daemon_c = start_daemon(&topo, &stranger_cfg, &c.client);
     let held = || server.call(|s| s.suspended_vms()).expect("server thread");
 
     ok(&a, &["vms", "launch", "1"]);
@@ -928,6 +943,43 @@ fn dpctl_live_migrates_a_vm_between_client_daemons() {
     assert!(
         records(&server.snapshot()) > before,
         "VM 1 does not run at the source after the failed migration"
+    );
+
+    // The copy goes through to a client the server does not know: the
+    // server refuses to send VM 1's interrupts there, and the migration
+    // is rolled back (before, the VM stayed suspended on both daemons):
+    // the target's copy is shut down, the VM runs on at the source.
+    let out = dpctl(
+        &a,
+        &[
+            "vms",
+            "migrate",
+            "1",
+            "--to-client",
+            "8",
+            "--to-client-socket",
+            c.client.to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("client 8 is not registered"), "{err}");
+    assert!(
+        err.contains("the migration was rolled back: VM 1 runs on at the source"),
+        "{err}"
+    );
+    assert_eq!(vm_state(&a, 1)["state"], "running");
+    let copy = vm_state(&c, 1);
+    assert_eq!(copy["state"], "stopped", "the target's copy: {copy}");
+    assert!(
+        held().is_empty(),
+        "the server still holds VM 1's interrupts"
+    );
+    let before = records(&server.snapshot());
+    std::thread::sleep(Duration::from_millis(40));
+    assert!(
+        records(&server.snapshot()) > before,
+        "VM 1 does not run at the source after the rolled-back migration"
     );
 
     // A real one, mid-run.

@@ -309,8 +309,9 @@ fn restore(cli: &Cli, file: &std::path::Path, client: u32) -> Result<String, Fai
 /// client `to`'s daemon: the target listens; the server holds the VM's
 /// interrupts; the source copies the VM over (and on failure runs it
 /// again, and the server lets the interrupts go); the server sends the
-/// interrupts to `to`; the target runs the VM; the server delivers what it
-/// held; the source frees its suspended copy.
+/// interrupts to `to` (if it refuses, [`roll_back`]); the target runs the
+/// VM; the server delivers what it held; the source frees its suspended
+/// copy.
 fn migrate_live(
     cli: &Cli,
     vm: u32,
@@ -349,8 +350,9 @@ fn migrate_live(
             f.message
         ),
     };
-    call(cli, &Request::MigrateVm { vm, client: to })
-        .map_err(|f| step(f, "resume it on the source (dpctl vms resume)"))?;
+    if let Err(f) = call(cli, &Request::MigrateVm { vm, client: to }) {
+        return Err(roll_back(cli, vm, to, &target, f));
+    }
     super::client::one_vm_on(&target, &Request::ResumeVm { vm })
         .map_err(|f| step(f, "the server now sends its interrupts to the target"))?;
     call(cli, &Request::ResumeVm { vm }).map_err(|f| Failure {
@@ -394,6 +396,49 @@ fn migrate_live(
             total_us as f64 / 1000.0
         )
     })
+}
+
+/// A live migration the server refused to complete (it did not point
+/// VM `vm`'s interrupts at client `to`: not registered there, or the
+/// server is down) after the copy: the target's copy is shut down, the
+/// source's vCPUs run again and the server delivers the interrupts it
+/// held, so the VM runs on at the source, as after a copy that failed.
+/// What could not be undone is said.
+fn roll_back(cli: &Cli, vm: u32, to: u32, target: &std::path::Path, refused: Failure) -> Failure {
+    let mut left = Vec::new();
+    if let Err(f) = super::client::one_vm_on(target, &Request::ShutdownVm { vm }) {
+        left.push(format!(
+            "its copy on client {to} was not shut down ({})",
+            f.message
+        ));
+    }
+    let runs = super::client::one_vm(cli, &Request::ResumeVm { vm });
+    if let Err(f) = &runs {
+        left.push(format!(
+            "its vCPUs at the source did not start ({})",
+            f.message
+        ));
+    }
+    if let Err(f) = call(cli, &Request::ResumeVm { vm }) {
+        left.push(format!(
+            "the server still holds its interrupts ({})",
+            f.message
+        ));
+    }
+    let outcome = if left.is_empty() {
+        format!("the migration was rolled back: VM {vm} runs on at the source")
+    } else if runs.is_ok() {
+        format!("VM {vm} runs on at the source, but {}", left.join("; "))
+    } else {
+        format!(
+            "VM {vm} was copied to client {to} and is suspended: {}",
+            left.join("; ")
+        )
+    };
+    Failure {
+        code: refused.code,
+        message: format!("{} ({outcome})", refused.message),
+    }
 }
 
 /// The columns of the per-worker table, in order.
