@@ -149,7 +149,10 @@ impl AsyncFile {
                 let p = s.buf.as_ptr().wrapping_add(s.done);
                 opcode::Write::new(fd, p, left).offset(off).build()
             }
-            BlockOp::Flush => opcode::Fsync::new(fd).build(),
+            // fdatasync, as a blockstore flush (see its module doc).
+            BlockOp::Flush => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
             BlockOp::Discard | BlockOp::WriteZeroes if s.buf.is_empty() => {
                 opcode::Fallocate::new(fd, u64::from(s.req.len))
                     .offset(s.req.offset)

@@ -17,7 +17,9 @@
 //!
 //! Anything else is refused: [`DeviceError::Unmapped`] for no register,
 //! [`DeviceError::BadAccess`] for a bad size, alignment or direction,
-//! [`DeviceError::Io`] when a page cannot be read from the file.
+//! [`DeviceError::Io`] when a page cannot be read from the file,
+//! [`DeviceError::Busy`] (nothing applied) while a page the access needs
+//! is being read from it: the client sends the access again.
 //!
 //! # The file
 //!
@@ -51,9 +53,15 @@
 //! ([`DeviceModel::block`], served by [`crate::blockio::AsyncFile`] on the
 //! same file, never blocking). When more than [`DIRTY_LIMIT`] pages are
 //! dirty they are written back without an fsync, in a flight too (a write
-//! waits only if writes outrun it by another [`DIRTY_LIMIT`] pages). A clean-page cache of
+//! waits only if writes outrun it by another [`DIRTY_LIMIT`] pages). A
+//! flush syncs the file's data with `fdatasync` (io_uring's
+//! `IORING_FSYNC_DATASYNC`), as QEMU flushes a raw image: the file never
+//! changes size, so what a full `fsync` adds is the file's times, and
+//! writing those cost every flush a journal commit. A clean-page cache of
 //! [`CLEAN_CACHE_PAGES`] pages (least recently used evicted first) spares
-//! reads a trip to the file; a miss reads the whole page with io_uring.
+//! reads a trip to the file; a miss starts reading the whole page on an
+//! io_uring of its own and answers `Busy` without waiting (see
+//! `Blockstore::fetch`).
 //!
 //! I/O failures never panic and never fail a write or a flush access: a
 //! page whose write fails stays dirty (a later flush retries it), a failed
@@ -161,7 +169,33 @@ pub struct Blockstore {
     /// Flush requests that came while `flight` was in flight: the next
     /// flight settles them all.
     flush_wanted: u64,
+    /// The ring of the page reads in flight (set up on the first miss;
+    /// `None` again after a ring failure).
+    lring: Option<IoUring>,
+    /// Pages being read from the file for the register window, by index
+    /// (at most [`MAX_LOADING`]): a miss starts one and answers
+    /// [`DeviceError::Busy`]; the page joins the clean cache when its read
+    /// completes, and the access sent again finds it.
+    loading: HashMap<u64, Loading>,
+    /// Page reads that failed (errno), by index, until the access sent
+    /// again takes the error (at most [`MAX_LOADING`]).
+    load_errors: HashMap<u64, i32>,
 }
+
+/// A page being read from the file: the buffer the kernel writes into,
+/// owned here until its completion is taken.
+#[derive(Debug)]
+struct Loading {
+    page: Box<Page>,
+    /// The file changed under it (block requests, a restore): dropped when
+    /// it completes instead of cached.
+    stale: bool,
+}
+
+/// Most pages the register window reads from the file at once: a miss
+/// beyond it answers [`DeviceError::Busy`] without starting a read (the
+/// access sent again will).
+pub const MAX_LOADING: usize = 64;
 
 /// User data of a flight's fsync (its writes carry their index).
 const FSYNC_UD: u64 = u64::MAX;
@@ -354,6 +388,9 @@ impl Blockstore {
             fring: None,
             flight: None,
             flush_wanted: 0,
+            lring: None,
+            loading: HashMap::new(),
+            load_errors: HashMap::new(),
         })
     }
 
@@ -522,7 +559,10 @@ impl Blockstore {
                 queued += 1;
             }
             if f.sync && !f.fsync_submitted && f.writes_ok() && !sq.is_full() {
-                let e = opcode::Fsync::new(fd).build().user_data(FSYNC_UD);
+                let e = opcode::Fsync::new(fd)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build()
+                    .user_data(FSYNC_UD);
                 // SAFETY: an fsync names no buffer.
                 if unsafe { sq.push(&e) }.is_ok() {
                     f.fsync_submitted = true;
@@ -693,6 +733,160 @@ impl Blockstore {
         Ok(page)
     }
 
+    /// Whether page `index` is here: dirty, clean or in the flight.
+    fn present(&self, index: u64) -> bool {
+        self.dirty.contains_key(&index)
+            || self.clean.contains_key(&index)
+            || self
+                .flight
+                .as_ref()
+                .is_some_and(|f| f.pages.contains_key(&index))
+    }
+
+    /// Whether page `index` is here for an access of the register window;
+    /// if it is not, starts reading it from the file (once) and returns
+    /// false without waiting: the access answers [`DeviceError::Busy`]
+    /// and the client sends it again. A read that completes at once (the
+    /// page in the host's page cache: io_uring completes it inside the
+    /// submission) is taken now. The error of a read that failed is
+    /// returned to the access that finds it.
+    fn fetch(&mut self, index: u64) -> io::Result<bool> {
+        self.poll_loads();
+        if self.present(index) {
+            return Ok(true);
+        }
+        if let Some(errno) = self.load_errors.remove(&index) {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        if !self.loading.contains_key(&index) && self.loading.len() < MAX_LOADING {
+            self.start_load(index)?;
+            self.poll_loads();
+        }
+        Ok(self.present(index))
+    }
+
+    /// Submits the read of page `index` (zeros past the capacity).
+    fn start_load(&mut self, index: u64) -> io::Result<()> {
+        if self.lring.is_none() {
+            self.lring = Some(new_ring(&self.path).map_err(|e| io::Error::other(e.to_string()))?);
+        }
+        let Some(ring) = self.lring.as_mut() else {
+            return Err(io::Error::other("no io_uring"));
+        };
+        let mut page = Box::new([0u8; PAGE_SIZE]);
+        let len = Blockstore::page_len(self.capacity, index);
+        let e = opcode::Read::new(
+            types::Fd(self.file.as_raw_fd()),
+            page.as_mut_ptr(),
+            len as u32,
+        )
+        .offset(index * PAGE_SIZE as u64)
+        .build()
+        .user_data(index);
+        // SAFETY: the page is boxed in `loading` below (moving the box
+        // does not move its bytes), which keeps it alive and untouched
+        // until its completion is taken, or leaks it if the ring fails.
+        if unsafe { ring.submission().push(&e) }.is_err() {
+            return Err(io::Error::other("page-read ring full"));
+        }
+        self.loading.insert(index, Loading { page, stale: false });
+        match ring.submit() {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::ResourceBusy
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => {
+                self.abandon_loads();
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes the page reads that completed, without waiting: each page
+    /// joins the clean cache (unless stale or here already), each failure
+    /// is counted and kept for the access that comes for it.
+    fn poll_loads(&mut self) {
+        let Some(ring) = self.lring.as_mut() else {
+            return;
+        };
+        let mut cq = ring.completion();
+        if cq.is_empty() {
+            return;
+        }
+        let done: Vec<(u64, i32)> = cq.by_ref().map(|c| (c.user_data(), c.result())).collect();
+        drop(cq);
+        for (index, res) in done {
+            let Some(l) = self.loading.remove(&index) else {
+                continue;
+            };
+            if res < 0 {
+                self.fail(format_args!(
+                    "cannot read page {index}: {}",
+                    io::Error::from_raw_os_error(-res)
+                ));
+                if self.load_errors.len() >= MAX_LOADING {
+                    self.load_errors.clear();
+                }
+                self.load_errors.insert(index, -res);
+            } else if !l.stale && !self.present(index) {
+                // A short read is the file's end: the rest stays zeros.
+                self.cache_clean(index, l.page);
+            }
+        }
+    }
+
+    /// Waits for every page read in flight (the model going away): the
+    /// kernel must not write into a buffer freed.
+    fn drain_loads(&mut self) {
+        while !self.loading.is_empty() {
+            let Some(ring) = self.lring.as_mut() else {
+                self.abandon_loads();
+                return;
+            };
+            match ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted
+                            | io::ErrorKind::WouldBlock
+                            | io::ErrorKind::ResourceBusy
+                    ) => {}
+                Err(_) => {
+                    self.abandon_loads();
+                    return;
+                }
+            }
+            self.poll_loads();
+        }
+    }
+
+    /// The page-read ring failed: its reads may still be in the kernel, so
+    /// their buffers are leaked, never freed; a new ring comes with the
+    /// next miss.
+    fn abandon_loads(&mut self) {
+        self.lring = None;
+        for (_, l) in self.loading.drain() {
+            std::mem::forget(l.page);
+        }
+    }
+
+    /// The file changed under the page reads in flight: they are dropped
+    /// when they complete.
+    fn stale_loads(&mut self) {
+        for l in self.loading.values_mut() {
+            l.stale = true;
+        }
+        self.load_errors.clear();
+    }
+
     /// Puts a clean page in the cache, evicting the least recently used.
     fn cache_clean(&mut self, index: u64, data: Box<Page>) {
         if self.clean.len() >= CLEAN_CACHE_PAGES
@@ -837,7 +1031,12 @@ impl Blockstore {
             pages.push((*index, len));
         }
         if fsync {
-            entries.push(opcode::Fsync::new(fd).build().user_data(pages.len() as u64));
+            entries.push(
+                opcode::Fsync::new(fd)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build()
+                    .user_data(pages.len() as u64),
+            );
         }
         // SAFETY: every write names a page owned by `self.dirty`, boxed (so
         // it does not move) and neither changed nor freed until `run`
@@ -950,6 +1149,7 @@ impl Drop for Blockstore {
     /// A model going away (server stopping, model removed or moved) writes
     /// its dirty pages back and fsyncs.
     fn drop(&mut self) {
+        self.drain_loads();
         self.settle();
         if !self.dirty.is_empty() {
             self.flush();
@@ -982,6 +1182,7 @@ impl DeviceModel for Blockstore {
             Blockstore::write_back(self, false);
         }
         self.clean.clear();
+        self.stale_loads();
         self.aio.as_mut().map(|a| a as &mut dyn BlockDevice)
     }
 
@@ -1003,6 +1204,14 @@ impl DeviceModel for Blockstore {
             });
         }
         let (index, at) = self.data_at(space, offset, size)?;
+        match self.fetch(index) {
+            Ok(true) => {}
+            Ok(false) => return Err(DeviceError::Busy { space, offset }),
+            Err(e) => {
+                self.fail(format_args!("cannot read page {index}: {e}"));
+                return Err(DeviceError::Io { space, offset });
+            }
+        }
         let n = size.bytes();
         let mut bytes = [0u8; 8];
         match self.page(index) {
@@ -1042,6 +1251,16 @@ impl DeviceModel for Blockstore {
             };
         }
         let (index, at) = self.data_at(space, offset, size)?;
+        match self.fetch(index) {
+            Ok(true) => {}
+            Ok(false) => return Err(DeviceError::Busy { space, offset }),
+            Err(e) => {
+                self.fail(format_args!(
+                    "cannot read page {index} to write into it: {e}"
+                ));
+                return Err(DeviceError::Io { space, offset });
+            }
+        }
         let n = size.bytes();
         match self.page_mut(index) {
             Ok(page) => page[at..at + n].copy_from_slice(&data.to_le_bytes()[..n]),
@@ -1155,6 +1374,7 @@ impl DeviceModel for Blockstore {
         self.capacity = capacity;
         self.dirty = dirty;
         self.clean = HashMap::new();
+        self.stale_loads();
         self.flushes = flushes;
         self.writes = writes;
         self.failures = failures;

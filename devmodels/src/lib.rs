@@ -20,7 +20,9 @@ pub mod registry;
 pub mod snapshot;
 pub mod uart;
 
-pub use model::{ConsolePort, DeviceError, DeviceModel, IrqEvent, ModelEvent, Space};
+pub use model::{
+    ConsolePort, DeviceError, DeviceModel, IrqEvent, ModelEvent, READY_WAIT, Space, wait_ready,
+};
 pub use snapshot::{Snapshot, SnapshotError};
 
 /// Variable-length snapshot encoding shared by the models whose state is

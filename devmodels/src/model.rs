@@ -43,6 +43,36 @@ pub enum DeviceError {
         /// Offset from the model's base.
         offset: u64,
     },
+    /// Not applied: the access waits on the backing store (the model
+    /// started reading what it needs and never waits for it); the same
+    /// access, made again once the read completed, is applied.
+    #[error("backing store busy at {space:?} offset {offset:#x}: try again")]
+    Busy {
+        /// Address space.
+        space: Space,
+        /// Offset from the model's base.
+        offset: u64,
+    },
+}
+
+/// The longest [`wait_ready`] waits for a model's backing store.
+pub const READY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Makes `access` again while the model answers [`DeviceError::Busy`],
+/// for at most [`READY_WAIT`] (then its `Busy` is returned): what a caller
+/// that owns the model and may wait does (a local model on a vCPU's bus, a
+/// local disk's virtio thread). A server's worker never does: it answers
+/// `Busy` and the client sends the access again.
+pub fn wait_ready<T>(mut access: impl FnMut() -> Result<T, DeviceError>) -> Result<T, DeviceError> {
+    let deadline = std::time::Instant::now() + READY_WAIT;
+    loop {
+        match access() {
+            Err(DeviceError::Busy { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
+            r => return r,
+        }
+    }
 }
 
 impl DeviceError {
@@ -54,6 +84,7 @@ impl DeviceError {
             DeviceError::BadAccess { .. } | DeviceError::Io { .. } => {
                 devplane_wire::Status::Rejected
             }
+            DeviceError::Busy { .. } => devplane_wire::Status::Busy,
         }
     }
 }

@@ -214,6 +214,12 @@ pub enum Status {
     NoSuchModel = 3,
     /// The request fell outside the server's duplicate window.
     Stale = 4,
+    /// Not applied yet: the model waits on its backing store (a page it
+    /// is reading from its file). Nothing was applied and the server
+    /// remembers nothing of it: the client sends the request again, soon.
+    /// Every request after it in the same datagram is answered `Busy`
+    /// too (not applied), so the model sees them in order.
+    Busy = 5,
 }
 
 impl Status {
@@ -225,6 +231,7 @@ impl Status {
             2 => Some(Status::Rejected),
             3 => Some(Status::NoSuchModel),
             4 => Some(Status::Stale),
+            5 => Some(Status::Busy),
             _ => None,
         }
     }

@@ -452,7 +452,7 @@ fn bad_line() {
 
 #[test]
 fn unknown_status() {
-    for status in [5u8, 255] {
+    for status in [6u8, 255] {
         let rec = valid(Kind::Response).with_status(status);
         assert_eq!(
             record_err(Kind::Response, rec),

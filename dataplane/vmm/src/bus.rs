@@ -121,9 +121,10 @@ pub struct LocalModel(pub Box<dyn DeviceModel>);
 impl BusDevice for LocalModel {
     fn read(&mut self, io: &mut VcpuIo, at: At, size: AccessSize) -> u64 {
         io.count_local();
-        let v = self
-            .0
-            .read(at.space, at.offset, size)
+        // A page its backing store is still reading: it is waited for,
+        // here in the vCPU that made the access.
+        let model = &mut self.0;
+        let v = devplane_devmodels::wait_ready(|| model.read(at.space, at.offset, size))
             .unwrap_or(size.mask())
             & size.mask();
         io.after_local(&mut *self.0);
@@ -133,7 +134,8 @@ impl BusDevice for LocalModel {
     fn write(&mut self, io: &mut VcpuIo, at: At, size: AccessSize, data: u64) {
         io.count_local();
         // A model's refusal is the guest's problem: the write is dropped.
-        let _ = self.0.write(at.space, at.offset, size, data);
+        let model = &mut self.0;
+        let _ = devplane_devmodels::wait_ready(|| model.write(at.space, at.offset, size, data));
         io.after_local(&mut *self.0);
     }
 

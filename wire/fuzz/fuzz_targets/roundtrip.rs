@@ -69,6 +69,7 @@ fn record(u: &mut Unstructured<'_>, kind: Kind) -> Result<Record> {
                 Status::Rejected,
                 Status::NoSuchModel,
                 Status::Stale,
+                Status::Busy,
             ])?,
             size: size(u)?,
             addr: u.arbitrary()?,

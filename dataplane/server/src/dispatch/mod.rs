@@ -220,7 +220,11 @@ impl Handover {
         for hw in w.windows {
             let mut answers = Vec::with_capacity(hw.answers.len().min(WINDOW));
             for (seq, st, d) in hw.answers {
-                let st = Status::from_u8(st).ok_or(HandoverError::Status(st))?;
+                // A window never holds `Busy` (nothing was applied): one
+                // that says so is not a window this code wrote.
+                let st = Status::from_u8(st)
+                    .filter(|s| *s != Status::Busy)
+                    .ok_or(HandoverError::Status(st))?;
                 answers.push((seq, st, d));
             }
             windows.push(((hw.client, hw.vm, hw.vcpu), answers));
@@ -366,6 +370,9 @@ pub struct DispatchStats {
     pub far_ahead: u64,
     /// Requests refused because a window limit was hit (answered `Stale`).
     pub window_limit: u64,
+    /// Requests answered `Busy` (not applied: their model waits on its
+    /// backing store, or an earlier record of their datagram did).
+    pub busy: u64,
     /// Interrupts raised by models.
     pub irqs_raised: u64,
     /// Datagrams whose tag was missing, of an unknown key or wrong
@@ -751,6 +758,7 @@ impl Dispatcher {
             irqs: &mut self.irqs,
             stats: &mut self.stats,
             fresh: false,
+            busy: false,
         };
         for i in 0..count {
             let off = devplane_wire::HEADER_LEN + i * RECORD_LEN;
@@ -840,6 +848,8 @@ struct Apply<'a> {
     stats: &'a mut DispatchStats,
     /// A record was new.
     fresh: bool,
+    /// A record was answered `Busy`: the later ones are not applied.
+    busy: bool,
 }
 
 impl Apply<'_> {
@@ -867,11 +877,24 @@ impl Apply<'_> {
                     self.stats.far_ahead += 1;
                     (Status::Stale, 0)
                 }
+                // After a `Busy` record, the datagram's later ones wait
+                // too: the model must see one vCPU's accesses in order.
+                Seen::New if self.busy => {
+                    self.stats.busy += 1;
+                    (Status::Busy, 0)
+                }
                 Seen::New => {
-                    self.fresh = true;
                     let r = apply(self.slot, &req.access, self.stats);
                     Dispatcher::collect_irqs(self.model_id, self.slot, self.irqs, self.stats);
-                    window.remember(req.id.seq, r);
+                    if r.0 == Status::Busy {
+                        // Nothing applied, nothing remembered: the
+                        // client sends it again.
+                        self.busy = true;
+                        self.stats.busy += 1;
+                    } else {
+                        self.fresh = true;
+                        window.remember(req.id.seq, r);
+                    }
                     r
                 }
             },
@@ -919,6 +942,8 @@ fn apply(slot: &mut ModelSlot, access: &Access, stats: &mut DispatchStats) -> (S
         // A model must not return bits beyond the access size; mask so the
         // response always parses.
         Ok(v) => (Status::Ok, v & access.size().mask()),
+        // Not refused: not applied yet (counted as `busy` by the caller).
+        Err(e @ devplane_devmodels::DeviceError::Busy { .. }) => (e.status(), 0),
         Err(e) => {
             stats.model_errors += 1;
             (e.status(), 0)

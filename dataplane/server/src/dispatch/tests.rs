@@ -760,3 +760,98 @@ fn a_handover_through_its_wire_form_keeps_state_windows_and_interrupts() {
     );
     assert!(devplane_control::proto::ModelHandover::from_json("{\"kind\":").is_err());
 }
+
+/// A counter whose next `busy` reads wait on a backing store: they
+/// answer [`DeviceError::Busy`] and change nothing.
+struct Slow {
+    busy: u32,
+    inner: Counter,
+}
+
+impl devplane_devmodels::DeviceModel for Slow {
+    fn kind(&self) -> &'static str {
+        "slow"
+    }
+    fn read(
+        &mut self,
+        space: devplane_devmodels::Space,
+        offset: u64,
+        size: AccessSize,
+    ) -> Result<u64, devplane_devmodels::DeviceError> {
+        if self.busy > 0 {
+            self.busy -= 1;
+            return Err(devplane_devmodels::DeviceError::Busy { space, offset });
+        }
+        self.inner.read(space, offset, size)
+    }
+    fn write(
+        &mut self,
+        space: devplane_devmodels::Space,
+        offset: u64,
+        size: AccessSize,
+        data: u64,
+    ) -> Result<(), devplane_devmodels::DeviceError> {
+        self.inner.write(space, offset, size, data)
+    }
+    fn snapshot(&self) -> devplane_devmodels::Snapshot {
+        self.inner.snapshot()
+    }
+    fn restore(
+        &mut self,
+        snap: &devplane_devmodels::Snapshot,
+    ) -> Result<(), devplane_devmodels::SnapshotError> {
+        self.inner.restore(snap)
+    }
+}
+
+/// A model waiting on its backing store answers `Busy`: the record is
+/// neither applied nor remembered, and neither is any later record of its
+/// datagram (the model sees one vCPU's accesses in order). Sent again,
+/// each is applied once, in order, and the one applied before is answered
+/// from the window.
+#[test]
+fn a_busy_record_and_those_after_it_are_neither_applied_nor_remembered() {
+    let mut d = Dispatcher::new(1);
+    let slow = Slow {
+        busy: 1,
+        inner: Counter::new(5),
+    };
+    d.insert(42, ModelSlot::new(Box::new(slow), 0x100, 0xd000_0000));
+    let read = Access::PioIn {
+        port: 0x100,
+        size: AccessSize::B4,
+    };
+    let recs = [req(1, WRITE), req(2, read), req(3, WRITE), req(4, read)];
+    let mut first = encode(42, &recs);
+    d.handle(&mut first);
+    assert_eq!(
+        statuses(&first),
+        vec![
+            (Status::Ok, 0),
+            (Status::Busy, 0),
+            (Status::Busy, 0),
+            (Status::Busy, 0)
+        ]
+    );
+    assert_eq!(
+        d.stats().writes,
+        1,
+        "the write after the busy read was applied"
+    );
+    assert_eq!(d.stats().busy, 3);
+    assert_eq!(d.stats().model_errors, 0, "busy is not a refusal");
+    let mut again = encode(42, &recs);
+    d.handle(&mut again);
+    assert_eq!(
+        statuses(&again),
+        vec![
+            (Status::Ok, 0),
+            (Status::Ok, 1),
+            (Status::Ok, 0),
+            (Status::Ok, 2)
+        ],
+        "each applied once, in order"
+    );
+    assert_eq!(d.stats().duplicates, 1);
+    assert_eq!(d.stats().writes, 2);
+}

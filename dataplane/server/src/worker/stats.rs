@@ -120,6 +120,9 @@ pub struct WorkerStats {
     pub far_ahead: AtomicU64,
     /// Requests refused because a duplicate-window limit was hit.
     pub window_limit: AtomicU64,
+    /// Requests answered `Busy` (not applied: their model waited on its
+    /// backing store); the client sends them again.
+    pub busy: AtomicU64,
     /// Retransmitted requests answered again without being re-applied.
     pub duplicates: AtomicU64,
     /// Block-request datagrams taken by the bulk engine.
@@ -205,6 +208,8 @@ pub struct WorkerSnapshot {
     pub far_ahead: u64,
     /// See [`WorkerStats::window_limit`].
     pub window_limit: u64,
+    /// See [`WorkerStats::busy`].
+    pub busy: u64,
     /// See [`WorkerStats::duplicates`].
     pub duplicates: u64,
     /// See [`WorkerStats::bulk_datagrams`].
@@ -300,6 +305,7 @@ impl WorkerSnapshot {
             ("bad_tag", self.bad_tag),
             ("far_ahead", self.far_ahead),
             ("window_limit", self.window_limit),
+            ("busy", self.busy),
             ("irqs_raised", self.irqs_raised),
             ("irqs_sent", self.irqs_sent),
             ("irqs_held", self.irqs_held),
@@ -339,6 +345,7 @@ impl WorkerStats {
         self.bad_tag.store(d.bad_tag, r);
         self.far_ahead.store(d.far_ahead, r);
         self.window_limit.store(d.window_limit, r);
+        self.busy.store(d.busy, r);
         self.duplicates.store(d.duplicates, r);
         self.irqs_raised.store(d.irqs_raised, r);
     }
@@ -384,6 +391,7 @@ impl WorkerStats {
             bad_tag: self.bad_tag.load(r),
             far_ahead: self.far_ahead.load(r),
             window_limit: self.window_limit.load(r),
+            busy: self.busy.load(r),
             duplicates: self.duplicates.load(r),
             bulk_datagrams: self.bulk_datagrams.load(r),
             bulk_applied: self.bulk_applied.load(r),

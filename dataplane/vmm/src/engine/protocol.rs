@@ -169,7 +169,18 @@ struct Flight {
     sent_at: u64,
     /// The wait after its last send before the next.
     interval: u64,
+    /// The wait before sending again after a `Busy` answer (0: none yet);
+    /// doubles per send answered `Busy`, from [`BUSY_FIRST_NS`] up to the
+    /// retransmission interval.
+    busy_wait: u64,
+    /// The send (its `sent_at`) whose `Busy` answers set `busy_wait`: the
+    /// records of one answer datagram count once.
+    busy_for: u64,
 }
+
+/// The first wait before sending a request answered `Busy` again: about a
+/// page read from a fast disk; each further `Busy` answer doubles it.
+pub(crate) const BUSY_FIRST_NS: u64 = 50_000;
 
 impl Flight {
     /// When it is resent.
@@ -498,6 +509,8 @@ impl Protocol {
             first_at: now,
             sent_at: now,
             interval: self.settings.retransmit_ns,
+            busy_wait: 0,
+            busy_for: 0,
         });
         let bytes = &f.buf[..f.len];
         transmit(
@@ -698,6 +711,21 @@ impl Protocol {
             add(&self.stats.late, 1);
             return;
         };
+        if rsp.status == Status::Busy {
+            // Nothing applied: the model waits on its backing store. The
+            // datagram goes again sooner than a retransmission would (what
+            // it applied is answered from the server's window).
+            add(&self.stats.busy, 1);
+            if f.busy_for != f.sent_at || f.busy_wait == 0 {
+                f.busy_for = f.sent_at;
+                f.busy_wait = f.busy_wait.saturating_mul(2).clamp(
+                    BUSY_FIRST_NS,
+                    self.settings.retransmit_ns.max(BUSY_FIRST_NS),
+                );
+                f.interval = f.interval.min(f.busy_wait);
+            }
+            return;
+        }
         slot.answered = true;
         io.complete(v, slot.index, rsp.status as u8, rsp.data);
         add(&self.stats.answers, 1);

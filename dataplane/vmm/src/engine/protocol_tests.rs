@@ -930,3 +930,97 @@ fn a_retargeted_model_resends_its_datagram_in_flight_to_the_new_server_and_hears
         NEW
     );
 }
+
+/// [`answers`] with each record's status `status[i]` and data 0 where not
+/// `Ok`.
+fn answers_with(model: u32, seqs: &[u64], status: &[Status]) -> Vec<u8> {
+    let d = Datagram::parse(&answers(model, 0, seqs))
+        .unwrap()
+        .records()
+        .collect::<Vec<_>>();
+    let recs: Vec<Record> = d
+        .into_iter()
+        .zip(status)
+        .map(|(r, &st)| match r {
+            Record::Response(mut rsp) => {
+                rsp.status = st;
+                if st != Status::Ok {
+                    rsp.data = 0;
+                }
+                Record::Response(rsp)
+            }
+            other => other,
+        })
+        .collect();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let h = Header::new(Kind::Response, model, SERVER, CLIENT);
+    let n = datagram::encode(&mut buf, h, &recs).unwrap();
+    buf.truncate(n);
+    buf
+}
+
+/// A `Busy` answer (the model waits on its backing store) completes
+/// nothing: the datagram is sent again after a short wait, not a
+/// retransmission interval, that doubles per `Busy` send (once per answer
+/// datagram, whatever its records) up to that interval; the answers that
+/// follow complete each request once.
+#[test]
+fn a_busy_answer_sends_the_request_again_soon_and_completes_nothing() {
+    let (mut p, stats) = protocol(1);
+    let mut io = Fake::default();
+    queue(&mut p, &mut io, 0, 0, &[1, 2, 3]);
+    p.send_ready(0, 1000, &mut io).unwrap();
+    assert_eq!(p.next_due(), Some(1000 + RETRANSMIT));
+    // 1 applied, 2 busy, 3 busy (after a busy record, the rest wait).
+    p.on_datagram(
+        &answers_with(
+            MODEL_A,
+            &[1, 2, 3],
+            &[Status::Ok, Status::Busy, Status::Busy],
+        ),
+        0,
+        &mut io,
+    );
+    assert_eq!(
+        io.done,
+        vec![(0, 1, Status::Ok as u8, 10)],
+        "busy completed nothing"
+    );
+    assert_eq!(get(&stats.busy), 2);
+    assert_eq!(
+        p.next_due(),
+        Some(1000 + BUSY_FIRST_NS),
+        "one wait per answer datagram"
+    );
+    assert!(p.retransmit(1000 + BUSY_FIRST_NS, &mut io).unwrap());
+    assert_eq!(
+        seqs(&io.sent[1].1),
+        vec![1, 2, 3],
+        "the same datagram again"
+    );
+    // Busy again: the wait doubles.
+    let at = 1000 + BUSY_FIRST_NS;
+    p.on_datagram(
+        &answers_with(
+            MODEL_A,
+            &[1, 2, 3],
+            &[Status::Ok, Status::Busy, Status::Busy],
+        ),
+        0,
+        &mut io,
+    );
+    assert_eq!(p.next_due(), Some(at + 2 * BUSY_FIRST_NS));
+    assert!(p.retransmit(at + 2 * BUSY_FIRST_NS, &mut io).unwrap());
+    // Applied now: each completes once (1's repeat is a late duplicate).
+    p.on_datagram(&answers(MODEL_A, 0, &[1, 2, 3]), 0, &mut io);
+    assert_eq!(
+        io.done,
+        vec![
+            (0, 1, Status::Ok as u8, 10),
+            (0, 2, Status::Ok as u8, 20),
+            (0, 3, Status::Ok as u8, 30)
+        ]
+    );
+    assert!(!p.in_flight());
+    assert_eq!(get(&stats.timeouts), 0);
+}

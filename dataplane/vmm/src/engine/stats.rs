@@ -20,6 +20,9 @@ pub struct EngineStats {
     pub answers: AtomicU64,
     /// Answers for nothing in flight (late duplicates).
     pub late: AtomicU64,
+    /// Answers `Busy`: the model waited on its backing store and applied
+    /// nothing; the request was sent again sooner than a retransmission.
+    pub busy: AtomicU64,
     /// Datagrams that did not parse.
     pub malformed: AtomicU64,
     /// Interrupts injected.

@@ -30,15 +30,17 @@ pub trait StorePort {
 pub struct LocalStore<'a>(pub &'a mut dyn DeviceModel);
 
 impl StorePort for LocalStore<'_> {
+    // A page the store is still reading from its file is waited for: this
+    // thread owns the disk.
     fn read(&mut self, offset: u64) -> Result<u64, VirtioError> {
-        self.0
-            .read(Space::Mmio, offset, AccessSize::B8)
+        let m = &mut *self.0;
+        devplane_devmodels::wait_ready(|| m.read(Space::Mmio, offset, AccessSize::B8))
             .map_err(|e| VirtioError::Store(e.to_string()))
     }
 
     fn write(&mut self, offset: u64, value: u64) -> Result<(), VirtioError> {
-        self.0
-            .write(Space::Mmio, offset, AccessSize::B8, value)
+        let m = &mut *self.0;
+        devplane_devmodels::wait_ready(|| m.write(Space::Mmio, offset, AccessSize::B8, value))
             .map_err(|e| VirtioError::Store(e.to_string()))
     }
 }
