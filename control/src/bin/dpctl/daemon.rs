@@ -441,6 +441,40 @@ fn roll_back(cli: &Cli, vm: u32, to: u32, target: &std::path::Path, refused: Fai
     }
 }
 
+/// The per-worker table: [`COLUMNS`], then, on an interface of several
+/// queues, each queue's received frames (`rx_queue_N`, in queue order).
+fn worker_table(workers: &[devplane_control::proto::WorkerCounters]) -> String {
+    let mut queues: Vec<(u32, &str)> = workers
+        .iter()
+        .flat_map(|w| &w.counters)
+        .filter_map(|(k, _)| Some((k.strip_prefix("rx_queue_")?.parse().ok()?, k.as_str())))
+        .collect();
+    queues.sort_unstable();
+    queues.dedup();
+    if queues.len() < 2 {
+        queues.clear();
+    }
+    let mut headers = vec!["worker"];
+    headers.extend_from_slice(COLUMNS);
+    headers.extend(queues.iter().map(|(_, k)| *k));
+    let rows = workers
+        .iter()
+        .map(|w| {
+            let mut r = vec![w.worker.to_string()];
+            for c in &headers[1..] {
+                let v = w
+                    .counters
+                    .iter()
+                    .find(|(k, _)| k == c)
+                    .map_or(0, |(_, v)| *v);
+                r.push(v.to_string());
+            }
+            r
+        })
+        .collect();
+    table(&headers, rows)
+}
+
 /// The columns of the per-worker table, in order.
 const COLUMNS: &[&str] = &[
     "rx",
@@ -489,25 +523,8 @@ fn stats(cli: &Cli) -> Result<String, Failure> {
             &json!({"server": server, "workers": workers, "xdp": xdp, "consoles": consoles}),
         ));
     }
-    let mut headers = vec!["worker"];
-    headers.extend_from_slice(COLUMNS);
-    let rows = workers
-        .iter()
-        .map(|w| {
-            let mut r = vec![w.worker.to_string()];
-            for c in COLUMNS {
-                let v = w
-                    .counters
-                    .iter()
-                    .find(|(k, _)| k == c)
-                    .map_or(0, |(_, v)| *v);
-                r.push(v.to_string());
-            }
-            r
-        })
-        .collect();
     let mut out = format!("server {server}\n");
-    out.push_str(&table(&headers, rows));
+    out.push_str(&worker_table(&workers));
     if !xdp.is_empty() {
         out.push('\n');
         out.push_str(&table(
@@ -548,4 +565,48 @@ fn stats(cli: &Cli) -> Result<String, Failure> {
         ));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devplane_control::proto::WorkerCounters;
+
+    fn worker(worker: usize, counters: &[(&str, u64)]) -> WorkerCounters {
+        WorkerCounters {
+            worker,
+            counters: counters.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        }
+    }
+
+    /// On a multi-queue interface the plain table shows each queue's
+    /// frames, in queue order (10 after 9), as `--json` does; on one
+    /// queue it does not.
+    #[test]
+    fn the_worker_table_shows_each_queue_of_a_multi_queue_interface() {
+        let many = [
+            worker(
+                0,
+                &[
+                    ("rx", 7),
+                    ("rx_queue_10", 1),
+                    ("rx_queue_9", 2),
+                    ("rx_queue_0", 4),
+                ],
+            ),
+            worker(1, &[("rx", 5), ("rx_queue_0", 3)]),
+        ];
+        let text = worker_table(&many);
+        let head = text.lines().next().unwrap();
+        let q0 = head.find("rx_queue_0").expect(head);
+        let q9 = head.find("rx_queue_9").expect(head);
+        let q10 = head.find("rx_queue_10").expect(head);
+        assert!(q0 < q9 && q9 < q10, "{head}");
+        let row1: Vec<&str> = text.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(&row1[row1.len() - 3..], ["4", "2", "1"], "{text}");
+        let row2: Vec<&str> = text.lines().nth(2).unwrap().split_whitespace().collect();
+        assert_eq!(&row2[row2.len() - 3..], ["3", "0", "0"], "{text}");
+        let one = worker_table(&[worker(0, &[("rx", 7), ("rx_queue_0", 7)])]);
+        assert!(!one.contains("rx_queue"), "{one}");
+    }
 }
