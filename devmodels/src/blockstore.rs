@@ -751,6 +751,22 @@ impl Blockstore {
     /// submission) is taken now. The error of a read that failed is
     /// returned to the access that finds it.
     fn fetch(&mut self, index: u64) -> io::Result<bool> {
+        // A read queued by a submission the kernel deferred (EAGAIN,
+        // EBUSY, EINTR) goes now.
+        if let Some(ring) = self.lring.as_mut()
+            && !ring.submission().is_empty()
+            && let Err(e) = ring.submit()
+            && !matches!(
+                e.kind(),
+                io::ErrorKind::Interrupted
+                    | io::ErrorKind::WouldBlock
+                    | io::ErrorKind::ResourceBusy
+            )
+        {
+            self.abandon_loads();
+            self.fail(format_args!("io_uring failed reading pages: {e}"));
+            return Err(e);
+        }
         self.poll_loads();
         if self.present(index) {
             return Ok(true);
@@ -759,7 +775,10 @@ impl Blockstore {
             return Err(io::Error::from_raw_os_error(errno));
         }
         if !self.loading.contains_key(&index) && self.loading.len() < MAX_LOADING {
-            self.start_load(index)?;
+            if let Err(e) = self.start_load(index) {
+                self.fail(format_args!("cannot start reading page {index}: {e}"));
+                return Err(e);
+            }
             self.poll_loads();
         }
         Ok(self.present(index))
@@ -1173,7 +1192,10 @@ impl DeviceModel for Blockstore {
     /// Block requests go to the file directly (through the host's page
     /// cache). The register window's cache is written back first and its
     /// clean pages dropped, so both views agree (mixing the two is for
-    /// tests; the data path uses block requests only).
+    /// tests; the data path uses block requests only: under a steady
+    /// stream of block requests a register access to a page not cached
+    /// may answer `Busy` until the client's horizon, its page read dropped
+    /// as stale each time).
     fn block(&mut self) -> Option<&mut dyn BlockDevice> {
         if self.flight.is_some() {
             self.settle();
@@ -1204,13 +1226,11 @@ impl DeviceModel for Blockstore {
             });
         }
         let (index, at) = self.data_at(space, offset, size)?;
+        // A failure is counted once, where it happened (`fetch`).
         match self.fetch(index) {
             Ok(true) => {}
             Ok(false) => return Err(DeviceError::Busy { space, offset }),
-            Err(e) => {
-                self.fail(format_args!("cannot read page {index}: {e}"));
-                return Err(DeviceError::Io { space, offset });
-            }
+            Err(_) => return Err(DeviceError::Io { space, offset }),
         }
         let n = size.bytes();
         let mut bytes = [0u8; 8];
@@ -1254,12 +1274,7 @@ impl DeviceModel for Blockstore {
         match self.fetch(index) {
             Ok(true) => {}
             Ok(false) => return Err(DeviceError::Busy { space, offset }),
-            Err(e) => {
-                self.fail(format_args!(
-                    "cannot read page {index} to write into it: {e}"
-                ));
-                return Err(DeviceError::Io { space, offset });
-            }
+            Err(_) => return Err(DeviceError::Io { space, offset }),
         }
         let n = size.bytes();
         match self.page_mut(index) {
@@ -1365,7 +1380,9 @@ impl DeviceModel for Blockstore {
             }
         })?;
         // What this model had in flight settles against its old file
-        // before it takes the snapshot's.
+        // before it takes the snapshot's (a page read names the old
+        // descriptor's number, which closing it would free for reuse).
+        self.drain_loads();
         self.settle();
         self.aio = async_file(&file, capacity);
         self.path = path;

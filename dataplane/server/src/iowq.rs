@@ -1,8 +1,10 @@
 //! io_uring's io-wq threads yield to the workers.
 //!
-//! A model's blocking file work — a flush's `fdatasync`, a page read the
-//! kernel cannot complete inside its submission — runs on io_uring's
-//! io-wq kernel threads. They are threads of this process (named
+//! A model's blocking file work — a flush's `fdatasync`, a buffered write
+//! that must wait (the disk's block requests included) — runs on
+//! io_uring's io-wq kernel threads (a buffered read that misses the page
+//! cache does not: on ext4 and the like it completes from the submitter's
+//! context, without io-wq). They are threads of this process (named
 //! `iou-wrk-<tid>`), created by the worker that submitted the work, and
 //! they inherit its core and its priority: on the worker's core, at the
 //! same weight, each `fdatasync` preempts the worker and delays every
@@ -139,6 +141,11 @@ mod tests {
             assert!(seen.contains(w));
         }
         assert_eq!(nice_of(me), mine, "a thread not of io-wq was changed");
-        assert_eq!(demote(&mut seen), 0, "each thread is changed once");
+        // Changed once: a second scan leaves them (other tests of this
+        // process may have made io-wq threads of their own meanwhile).
+        demote(&mut seen);
+        for w in &workers {
+            assert!(seen.contains(w), "io-wq thread {w} forgotten while alive");
+        }
     }
 }

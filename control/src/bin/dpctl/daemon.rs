@@ -309,7 +309,8 @@ fn restore(cli: &Cli, file: &std::path::Path, client: u32) -> Result<String, Fai
 /// client `to`'s daemon: the target listens; the server holds the VM's
 /// interrupts; the source copies the VM over (and on failure runs it
 /// again, and the server lets the interrupts go); the server sends the
-/// interrupts to `to` (if it refuses, [`roll_back`]); the target runs the
+/// interrupts to `to` (if it refuses before changing anything,
+/// [`roll_back`]); the target runs the
 /// VM; the server delivers what it held; the source frees its suspended
 /// copy.
 fn migrate_live(
@@ -350,8 +351,21 @@ fn migrate_live(
             f.message
         ),
     };
-    if let Err(f) = call(cli, &Request::MigrateVm { vm, client: to }) {
-        return Err(roll_back(cli, vm, to, &target, f));
+    match call(cli, &Request::MigrateVm { vm, client: to }) {
+        Ok(_) => {}
+        Err(f) if refused_before_any_change(&f.message) => {
+            return Err(roll_back(cli, vm, to, &target, f));
+        }
+        // A timeout or a worker that did not confirm: the server may have
+        // switched the VM's route already, so resuming the source could
+        // leave it unanswered. Nothing is undone; the operator decides.
+        Err(f) => {
+            return Err(step(
+                f,
+                "the server may already send its interrupts to the target: see \
+                 `dpctl vms running` on both daemons, then resume one copy",
+            ));
+        }
     }
     super::client::one_vm_on(&target, &Request::ResumeVm { vm })
         .map_err(|f| step(f, "the server now sends its interrupts to the target"))?;
@@ -398,9 +412,16 @@ fn migrate_live(
     })
 }
 
+/// Whether a server's answer to `MigrateVm` is one of its refusals made
+/// before it changes anything (`Server::migrate_vm` checks the client and
+/// the VM first): only then is a rollback safe.
+fn refused_before_any_change(message: &str) -> bool {
+    message.contains("is not registered on this server") || message.contains("is not known here")
+}
+
 /// A live migration the server refused to complete (it did not point
-/// VM `vm`'s interrupts at client `to`: not registered there, or the
-/// server is down) after the copy: the target's copy is shut down, the
+/// VM `vm`'s interrupts at client `to`: that client is not registered
+/// there) after the copy: the target's copy is shut down, the
 /// source's vCPUs run again and the server delivers the interrupts it
 /// held, so the VM runs on at the source, as after a copy that failed.
 /// What could not be undone is said.
@@ -577,6 +598,24 @@ mod tests {
             worker,
             counters: counters.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
         }
+    }
+
+    /// Only the server's refusals made before any change roll a migration
+    /// back; a timeout does not (the route may have switched).
+    #[test]
+    fn only_a_refusal_before_any_change_rolls_back() {
+        assert!(refused_before_any_change(
+            "the server refused: client 8 is not registered on this server"
+        ));
+        assert!(refused_before_any_change(
+            "the server refused: VM 3 is not known here"
+        ));
+        assert!(!refused_before_any_change(
+            "the server refused: a worker did not apply the change within 5 s"
+        ));
+        assert!(!refused_before_any_change(
+            "timed out waiting for the server's answer"
+        ));
     }
 
     /// On a multi-queue interface the plain table shows each queue's
