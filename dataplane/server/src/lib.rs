@@ -31,7 +31,6 @@ mod error;
 pub mod forward;
 pub mod frames;
 mod handover;
-pub mod iowq;
 pub mod irq;
 pub mod kernel_drops;
 mod live;
@@ -142,9 +141,6 @@ struct XdpState {
 pub struct Server {
     stop: Arc<AtomicBool>,
     workers: Vec<JoinHandle<()>>,
-    /// The thread that sets io_uring's io-wq threads below the workers
-    /// ([`iowq`]).
-    iowq: Option<JoinHandle<()>>,
     cmds: Vec<Sender<WorkerCmd>>,
     /// The configuration as it is now (models move between workers).
     cfg: ServerConfig,
@@ -295,9 +291,6 @@ impl Server {
             key_rolls: Default::default(),
             forwards: Default::default(),
             console: console::ConsoleHub::start().map_err(ServerError::Console)?,
-            iowq: iowq::watch(stop.clone())
-                .map_err(|e| eprintln!("devplane: no io-wq watcher thread: {e}"))
-                .ok(),
             handover_parts: HashMap::new(),
         };
         let admission = Arc::new(socket::Admission {
@@ -388,9 +381,6 @@ impl Server {
             key_rolls: Default::default(),
             forwards: Default::default(),
             console: console::ConsoleHub::start().map_err(ServerError::Console)?,
-            iowq: iowq::watch(stop.clone())
-                .map_err(|e| eprintln!("devplane: no io-wq watcher thread: {e}"))
-                .ok(),
             handover_parts: HashMap::new(),
         };
         let batch = loop_config(cfg).batch;
@@ -579,9 +569,6 @@ impl Server {
     fn shutdown(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
-        if let Some(w) = self.iowq.take() {
             let _ = w.join();
         }
         if let Some(x) = self.xdp.take() {
