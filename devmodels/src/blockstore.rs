@@ -38,9 +38,11 @@
 //! the owning worker (issue 14 item 3: 100 flushes used to take another
 //! model's round trip on the same worker from 26 us to 4.6 ms p50): a
 //! write of [`CTRL_FLUSH`] moves every dirty page into a *flight* (which
-//! owns the buffers the kernel writes from), submits their writes on an
-//! io_uring of its own and returns; the fsync is submitted once every
-//! write succeeded, and the flight is moved on at each later access (no
+//! owns the buffers the kernel writes from), hands their writes and the
+//! `fdatasync` after them to the flush thread (`flusher`: one thread of
+//! the process at nice 19, so this file work yields to the workers; the
+//! model's io_uring does it if that thread cannot start) and returns,
+//! and the flight is moved on at each later access (no
 //! wait: the completion queue is read). A flush requested while a flight
 //! is in flight waits for it and then starts one flight for every request
 //! that came meanwhile, so flushes complete in request order and
@@ -86,6 +88,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use devplane_wire::AccessSize;
 use io_uring::{IoUring, opcode, squeue, types};
@@ -135,7 +138,10 @@ type Page = [u8; PAGE_SIZE];
 
 #[path = "blockstore_error.rs"]
 mod error;
+#[path = "blockstore_flusher.rs"]
+mod flusher;
 pub use error::BlockstoreError;
+use flusher::JobDone;
 
 /// A clean page and when it was last used.
 #[derive(Debug)]
@@ -209,8 +215,12 @@ const FLIGHT_WRITES_AT_ONCE: usize = RING_ENTRIES / 2;
 /// flush, an fsync once every write succeeded.
 #[derive(Debug)]
 struct Flight {
-    /// The pages, by index.
-    pages: BTreeMap<u64, Box<Page>>,
+    /// The pages, by index (shared with the flush thread's job, if it
+    /// went there: nobody changes them while it is out).
+    pages: Arc<BTreeMap<u64, Box<Page>>>,
+    /// The job on the flush thread ([`flusher`]) writing and syncing it,
+    /// if it went there rather than on the ring.
+    job: Option<Arc<OnceLock<JobDone>>>,
     /// Submission order: write `i` (its user data) writes `order[i]`:
     /// (page index, bytes to write).
     order: Vec<(u64, usize)>,
@@ -438,6 +448,11 @@ impl Blockstore {
             if self.flight.is_none() {
                 return;
             }
+            // Out on the flush thread: nothing comes on the ring.
+            if self.flight.as_ref().is_some_and(|f| f.job.is_some()) {
+                std::thread::sleep(std::time::Duration::from_micros(20));
+                continue;
+            }
             if let Some(ring) = self.fring.as_mut() {
                 match ring.submit_and_wait(1) {
                     Ok(_) => {}
@@ -468,11 +483,11 @@ impl Blockstore {
     fn abandon_flight(&mut self) {
         self.fring = None;
         if let Some(f) = self.flight.take() {
-            for (index, page) in f.pages {
-                let copy = Box::new(*page);
-                std::mem::forget(page);
-                self.dirty.entry(index).or_insert(copy);
+            for (index, page) in f.pages.iter() {
+                self.dirty.entry(*index).or_insert_with(|| Box::new(**page));
             }
+            // Leaked, never freed: the kernel may still read them.
+            std::mem::forget(f.pages);
         }
         self.flush_wanted = 0;
     }
@@ -500,11 +515,20 @@ impl Blockstore {
             .keys()
             .map(|&i| (i, Blockstore::page_len(self.capacity, i)))
             .collect();
+        let pages = Arc::new(pages);
+        // On the flush thread, at low priority, if it runs (see
+        // [`flusher`]); else on the ring.
+        let job = self
+            .file
+            .try_clone()
+            .ok()
+            .and_then(|f| flusher::start(f, pages.clone(), order.clone(), sync));
         self.flight = Some(Flight {
             results: vec![None; order.len()],
+            submitted: if job.is_some() { order.len() } else { 0 },
+            job,
             order,
             pages,
-            submitted: 0,
             completed: 0,
             sync,
             fsync_submitted: false,
@@ -519,6 +543,22 @@ impl Blockstore {
     /// has settled applies its outcome and starts the flush requested
     /// meanwhile. Cheap when nothing is in flight.
     fn poll_flight(&mut self) {
+        if let Some(f) = self.flight.as_mut()
+            && let Some(job) = &f.job
+        {
+            if let Some(done) = job.get() {
+                for (slot, r) in f.results.iter_mut().zip(&done.writes) {
+                    *slot = Some(*r);
+                }
+                f.completed = f.order.len();
+                f.fsync = done.sync;
+                f.job = None;
+            }
+            if f.settled() {
+                self.finish_flight();
+            }
+            return;
+        }
         let (Some(ring), Some(f)) = (self.fring.as_mut(), self.flight.as_mut()) else {
             return;
         };
@@ -597,6 +637,10 @@ impl Blockstore {
         let Some(mut f) = self.flight.take() else {
             return;
         };
+        // The flush thread let its share go before it said it was done.
+        let shared = std::mem::take(&mut f.pages);
+        let mut pages = Arc::try_unwrap(shared)
+            .unwrap_or_else(|shared| shared.iter().map(|(i, p)| (*i, Box::new(**p))).collect());
         let synced = match f.fsync {
             Some(r) if r < 0 => {
                 self.fail(format_args!(
@@ -611,7 +655,7 @@ impl Blockstore {
         for i in 0..f.order.len() {
             let (index, len) = f.order[i];
             let wrote = f.wrote(i);
-            let Some(page) = f.pages.remove(&index) else {
+            let Some(page) = pages.remove(&index) else {
                 continue;
             };
             if !wrote {
