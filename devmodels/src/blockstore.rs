@@ -175,6 +175,10 @@ pub struct Blockstore {
     /// Flush requests that came while `flight` was in flight: the next
     /// flight settles them all.
     flush_wanted: u64,
+    /// The descriptor the flush thread writes through (a duplicate of
+    /// `file`, made on the first flush instead of one per flush; dropped
+    /// when `file` changes).
+    flush_file: Option<Arc<File>>,
     /// The ring of the page reads in flight (set up on the first miss;
     /// `None` again after a ring failure).
     lring: Option<IoUring>,
@@ -275,6 +279,15 @@ impl std::fmt::Debug for Blockstore {
     }
 }
 
+/// Whether an io_uring submit failed only for now (interrupted, or the
+/// kernel asked to come back): nothing was lost, submit again later.
+fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::ResourceBusy
+    )
+}
+
 /// Opens `path` read-write, creating it [`DEFAULT_SIZE`] bytes long if
 /// `create` and it does not exist; returns the file and its capacity.
 fn open_image(path: &Path, create: bool) -> Result<(File, u64), BlockstoreError> {
@@ -354,13 +367,7 @@ unsafe fn run(ring: &mut IoUring, entries: &[squeue::Entry]) -> io::Result<Vec<i
     while done < entries.len() {
         match ring.submit_and_wait(entries.len() - done) {
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::Interrupted
-                        | io::ErrorKind::WouldBlock
-                        | io::ErrorKind::ResourceBusy
-                ) => {}
+            Err(e) if transient(&e) => {}
             Err(e) => return Err(e),
         }
         for cqe in ring.completion() {
@@ -398,6 +405,7 @@ impl Blockstore {
             fring: None,
             flight: None,
             flush_wanted: 0,
+            flush_file: None,
             lring: None,
             loading: HashMap::new(),
             load_errors: HashMap::new(),
@@ -456,13 +464,7 @@ impl Blockstore {
             if let Some(ring) = self.fring.as_mut() {
                 match ring.submit_and_wait(1) {
                     Ok(_) => {}
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::Interrupted
-                                | io::ErrorKind::WouldBlock
-                                | io::ErrorKind::ResourceBusy
-                        ) => {}
+                    Err(e) if transient(&e) => {}
                     Err(e) => {
                         // The ring is lost with the flight's buffers in it:
                         // leak them (the kernel may still read them), keep
@@ -518,10 +520,12 @@ impl Blockstore {
         let pages = Arc::new(pages);
         // On the flush thread, at low priority, if it runs (see
         // [`flusher`]); else on the ring.
+        if self.flush_file.is_none() {
+            self.flush_file = self.file.try_clone().ok().map(Arc::new);
+        }
         let job = self
-            .file
-            .try_clone()
-            .ok()
+            .flush_file
+            .clone()
             .and_then(|f| flusher::start(f, pages.clone(), order.clone(), sync));
         self.flight = Some(Flight {
             results: vec![None; order.len()],
@@ -612,12 +616,7 @@ impl Blockstore {
         }
         if queued > 0
             && let Err(e) = ring.submit()
-            && !matches!(
-                e.kind(),
-                io::ErrorKind::Interrupted
-                    | io::ErrorKind::WouldBlock
-                    | io::ErrorKind::ResourceBusy
-            )
+            && !transient(&e)
         {
             self.fail(format_args!("io_uring failed during a flush: {e}"));
             self.abandon_flight();
@@ -800,12 +799,7 @@ impl Blockstore {
         if let Some(ring) = self.lring.as_mut()
             && !ring.submission().is_empty()
             && let Err(e) = ring.submit()
-            && !matches!(
-                e.kind(),
-                io::ErrorKind::Interrupted
-                    | io::ErrorKind::WouldBlock
-                    | io::ErrorKind::ResourceBusy
-            )
+            && !transient(&e)
         {
             self.abandon_loads();
             self.fail(format_args!("io_uring failed reading pages: {e}"));
@@ -855,16 +849,7 @@ impl Blockstore {
         self.loading.insert(index, Loading { page, stale: false });
         match ring.submit() {
             Ok(_) => Ok(()),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::Interrupted
-                        | io::ErrorKind::WouldBlock
-                        | io::ErrorKind::ResourceBusy
-                ) =>
-            {
-                Ok(())
-            }
+            Err(e) if transient(&e) => Ok(()),
             Err(e) => {
                 self.abandon_loads();
                 Err(e)
@@ -915,13 +900,7 @@ impl Blockstore {
             };
             match ring.submit_and_wait(1) {
                 Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::Interrupted
-                            | io::ErrorKind::WouldBlock
-                            | io::ErrorKind::ResourceBusy
-                    ) => {}
+                Err(e) if transient(&e) => {}
                 Err(_) => {
                     self.abandon_loads();
                     return;
@@ -1431,6 +1410,7 @@ impl DeviceModel for Blockstore {
         self.aio = async_file(&file, capacity);
         self.path = path;
         self.file = file;
+        self.flush_file = None;
         self.ring = Some(ring);
         self.capacity = capacity;
         self.dirty = dirty;

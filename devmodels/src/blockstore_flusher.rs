@@ -38,7 +38,7 @@ pub struct JobDone {
 }
 
 struct Job {
-    file: File,
+    file: Arc<File>,
     pages: Arc<BTreeMap<u64, Box<Page>>>,
     order: Vec<(u64, usize)>,
     sync: bool,
@@ -122,11 +122,12 @@ fn queue() -> Option<&'static Mutex<Sender<Job>>> {
 }
 
 /// Starts writing `order`'s pages (`(index, bytes)`) of `pages` to
-/// `file` (a descriptor of its own), then, if `sync`, `fdatasync`. `None`
+/// `file` (shared: the job holds it open until done, whatever happens to
+/// the model's own descriptor), then, if `sync`, `fdatasync`. `None`
 /// if there is no flush thread (it could not be started): the caller
 /// writes some other way.
 pub fn start(
-    file: File,
+    file: Arc<File>,
     pages: Arc<BTreeMap<u64, Box<Page>>>,
     order: Vec<(u64, usize)>,
     sync: bool,
@@ -154,7 +155,7 @@ mod tests {
     fn a_job_writes_and_syncs_on_a_low_priority_thread() {
         let path = std::env::temp_dir().join(format!("dp-flusher-{}", std::process::id()));
         std::fs::write(&path, vec![0u8; 3 * PAGE_SIZE]).unwrap();
-        let f = File::options().write(true).open(&path).unwrap();
+        let f = Arc::new(File::options().write(true).open(&path).unwrap());
         let mut map = BTreeMap::new();
         map.insert(0u64, Box::new([1u8; PAGE_SIZE]));
         map.insert(2u64, Box::new([2u8; PAGE_SIZE]));

@@ -318,6 +318,7 @@ fn io_failures_are_counted_and_lose_nothing() {
     }
     // Swap in a read-only descriptor: every write-back fails.
     let rw = std::mem::replace(&mut b.file, File::open(&path).unwrap());
+    b.flush_file = None; // the flush thread's descriptor follows `file`
     wr(&mut b, CTRL_BASE + CTRL_FLUSH, AccessSize::B8, 1);
     await_flushes(&mut b);
     assert_eq!(ctrl(&mut b, CTRL_FLUSH), 0, "a failed flush is not counted");
@@ -331,6 +332,7 @@ fn io_failures_are_counted_and_lose_nothing() {
     // A page that cannot be read fails the access, not the model.
     let wo = OpenOptions::new().write(true).open(&path).unwrap();
     b.file = wo;
+    b.flush_file = None;
     assert_eq!(
         again(|| b.read(Space::Mmio, 8 * 4096, AccessSize::B8)),
         Err(DeviceError::Io {
@@ -352,6 +354,7 @@ fn io_failures_are_counted_and_lose_nothing() {
     );
     // Once the disk is back, the next flush writes everything.
     b.file = rw;
+    b.flush_file = None;
     wr(&mut b, CTRL_BASE + CTRL_FLUSH, AccessSize::B8, 1);
     await_flushes(&mut b);
     assert_eq!(ctrl(&mut b, CTRL_FLUSH), 1);
