@@ -139,9 +139,16 @@ fn seqs(d: &[u8]) -> Vec<u64> {
 }
 
 fn answers(model: u32, vcpu: u16, seqs: &[u64]) -> Vec<u8> {
+    answers_of(model, vcpu, seqs, &vec![Status::Ok; seqs.len()])
+}
+
+/// Answers to `seqs` of `vcpu`, record `i` with status `status[i]`; data
+/// `seq * 10` where `Ok`, 0 otherwise.
+fn answers_of(model: u32, vcpu: u16, seqs: &[u64], status: &[Status]) -> Vec<u8> {
     let recs: Vec<Record> = seqs
         .iter()
-        .map(|&seq| {
+        .zip(status)
+        .map(|(&seq, &status)| {
             Record::Response(Response {
                 id: RequestId {
                     vm: VM,
@@ -149,10 +156,10 @@ fn answers(model: u32, vcpu: u16, seqs: &[u64]) -> Vec<u8> {
                     vcpu,
                     seq,
                 },
-                status: Status::Ok,
+                status,
                 size: AccessSize::B4,
                 addr: 0x60,
-                data: seq * 10,
+                data: if status == Status::Ok { seq * 10 } else { 0 },
             })
         })
         .collect();
@@ -931,34 +938,6 @@ fn a_retargeted_model_resends_its_datagram_in_flight_to_the_new_server_and_hears
     );
 }
 
-/// [`answers`] with each record's status `status[i]` and data 0 where not
-/// `Ok`.
-fn answers_with(model: u32, seqs: &[u64], status: &[Status]) -> Vec<u8> {
-    let d = Datagram::parse(&answers(model, 0, seqs))
-        .unwrap()
-        .records()
-        .collect::<Vec<_>>();
-    let recs: Vec<Record> = d
-        .into_iter()
-        .zip(status)
-        .map(|(r, &st)| match r {
-            Record::Response(mut rsp) => {
-                rsp.status = st;
-                if st != Status::Ok {
-                    rsp.data = 0;
-                }
-                Record::Response(rsp)
-            }
-            other => other,
-        })
-        .collect();
-    let mut buf = vec![0u8; MAX_DATAGRAM];
-    let h = Header::new(Kind::Response, model, SERVER, CLIENT);
-    let n = datagram::encode(&mut buf, h, &recs).unwrap();
-    buf.truncate(n);
-    buf
-}
-
 /// A `Busy` answer (the model waits on its backing store) completes
 /// nothing: the datagram is sent again after a short wait, not a
 /// retransmission interval, that doubles per `Busy` send (once per answer
@@ -973,8 +952,9 @@ fn a_busy_answer_sends_the_request_again_soon_and_completes_nothing() {
     assert_eq!(p.next_due(), Some(1000 + RETRANSMIT));
     // 1 applied, 2 busy, 3 busy (after a busy record, the rest wait).
     p.on_datagram(
-        &answers_with(
+        &answers_of(
             MODEL_A,
+            0,
             &[1, 2, 3],
             &[Status::Ok, Status::Busy, Status::Busy],
         ),
@@ -1001,8 +981,9 @@ fn a_busy_answer_sends_the_request_again_soon_and_completes_nothing() {
     // Busy again: the wait doubles.
     let at = 1000 + BUSY_FIRST_NS;
     p.on_datagram(
-        &answers_with(
+        &answers_of(
             MODEL_A,
+            0,
             &[1, 2, 3],
             &[Status::Ok, Status::Busy, Status::Busy],
         ),
