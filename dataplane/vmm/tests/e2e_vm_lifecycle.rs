@@ -47,6 +47,18 @@ const POSTED_MODEL: u32 = 12;
 const PIO_BASE: u16 = 0x500;
 
 fn server_config(topo: &Topology, tag: &str) -> ServerConfig {
+    let client = ClientConfig {
+        budget: None,
+        tag_key: None,
+        id: CLIENT,
+        address: topo.client_ip(),
+    };
+    server_config_on(topo.server_ifname(), vec![client], tag)
+}
+
+/// The server on interface `ifname` (XDP), clients `clients`, VMs 1 and
+/// 2 of client [`CLIENT`], one counter per vCPU.
+fn server_config_on(ifname: &str, clients: Vec<ClientConfig>, tag: &str) -> ServerConfig {
     let counter = |id, worker, base| ModelConfig {
         pio_base: Some(base),
         ..ModelConfig::new(id, "counter", worker)
@@ -56,7 +68,7 @@ fn server_config(topo: &Topology, tag: &str) -> ServerConfig {
             id: SERVER,
             port: PORT,
             mode: Mode::Xdp,
-            interface: Some(topo.server_ifname().to_string()),
+            interface: Some(ifname.to_string()),
             workers: vec![0, 1],
             pin_dir: Some(
                 format!(
@@ -72,12 +84,7 @@ fn server_config(topo: &Topology, tag: &str) -> ServerConfig {
             idle_sleep_us: 100,
             batch: 64,
         },
-        clients: vec![ClientConfig {
-            budget: None,
-            tag_key: None,
-            id: CLIENT,
-            address: topo.client_ip(),
-        }],
+        clients,
         vms: [VM, VM2]
             .map(|id| VmConfig {
                 id,
@@ -333,6 +340,19 @@ fn client_toml(topo: &Topology, sync: u16, posted: u16) -> String {
 
 /// [`client_toml`] with guests of `kind`.
 fn client_toml_of(topo: &Topology, kind: &str, sync: u16, posted: u16) -> String {
+    let (client, server) = (topo.client_ip(), topo.server_ip());
+    client_toml_at(CLIENT, client, server, kind, sync, posted)
+}
+
+/// [`client_toml_of`] for client `id` at `client`, the server at `server`.
+fn client_toml_at(
+    id: u32,
+    client: std::net::Ipv4Addr,
+    server: std::net::Ipv4Addr,
+    kind: &str,
+    sync: u16,
+    posted: u16,
+) -> String {
     let vm = |id: u32, model: u32, port: u16, n: u16, posted: bool| {
         format!(
             r#"
@@ -354,15 +374,13 @@ place = "remote:{SERVER}"
     format!(
         r#"
 [client]
-id = {CLIENT}
+id = {id}
 bind = "{client}"
 
 [[servers]]
 id = {SERVER}
 address = "{server}:{PORT}"
 {vm1}{vm2}"#,
-        client = topo.client_ip(),
-        server = topo.server_ip(),
         vm1 = vm(VM, SYNC_MODEL, PIO_BASE, sync, false),
         vm2 = vm(VM2, POSTED_MODEL, PIO_BASE + 0x10, posted, true),
     )
@@ -434,8 +452,14 @@ fn vm_state(s: &Sockets, vm: u64) -> serde_json::Value {
 /// Starts devplane-client in the client namespace; returns it once it
 /// listens.
 fn start_daemon(topo: &Topology, cfg: &Path, sock: &Path) -> ChildGuard {
+    start_daemon_in(topo.client_netns(), cfg, sock)
+}
+
+/// Starts devplane-client in namespace `netns`; returns it once it
+/// listens.
+fn start_daemon_in(netns: &str, cfg: &Path, sock: &Path) -> ChildGuard {
     let child = Command::new("nsenter")
-        .arg(format!("--net=/var/run/netns/{}", topo.client_netns()))
+        .arg(format!("--net=/var/run/netns/{netns}"))
         .arg("--")
         .arg(env!("CARGO_BIN_EXE_devplane-client"))
         .arg("--config")
@@ -1024,4 +1048,128 @@ fn dpctl_live_migrates_a_vm_between_client_daemons() {
     // Its self-check: every write counted once, memory carried over.
     assert_eq!(v["ended"][0]["exit"], "done", "{v}");
     assert_eq!(v["ended"][0]["value"], u64::from(n), "{v}");
+}
+
+/// Live migration between two client *hosts*: client 7 on one host of a
+/// LAN, client 8 on another (its own namespace, address and MAC), the
+/// server (XDP) on a third; each client tags its datagrams with its own
+/// key. VM 1 (client 7's) migrates mid-run from 7's daemon to 8's over
+/// TCP between the hosts; the server takes VM 1 as client 8's (its
+/// windows follow, so 8 continues 7's sequence numbers); the guest ends
+/// on host 2 with its self-check right (every write counted once, memory
+/// carried over), and no datagram was refused on the way (no foreign-VM
+/// drop, no bad tag).
+#[test]
+fn dpctl_live_migrates_a_vm_between_client_hosts() {
+    use devplane_testkit::keys::client_key;
+    use devplane_testkit::lan::Lan;
+    let test = "dpctl_live_migrates_a_vm_between_client_hosts";
+    if !privilege::require(test, &[Capability::Root, Capability::Bpf, Capability::Kvm]) {
+        return;
+    }
+    let lan = match Lan::new("lmh", &["client", "client2", "server"]) {
+        Ok(l) => l,
+        Err(e) => {
+            privilege::unavailable(test, &format!("cannot build the LAN: {e}"));
+            return;
+        }
+    };
+    const OTHER: u32 = 8;
+    let (h7, h8, hs) = (lan.host(0), lan.host(1), lan.host(2));
+    let client = |id: u32, host: &devplane_testkit::lan::LanHost| ClientConfig {
+        budget: None,
+        tag_key: Some(client_key(id)),
+        id,
+        address: host.ip,
+    };
+    let cfg = server_config_on(
+        &hs.ifname,
+        vec![client(CLIENT, h7), client(OTHER, h8)],
+        "lmh",
+    );
+    let server = Arc::new(ServerThread::spawn(cfg, Some(&hs.netns)).expect("server starts"));
+    let n = 30000u16;
+    let dir = TempDir(std::env::temp_dir().join(format!("dp-hmig-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let toml = |id: u32, host: &devplane_testkit::lan::LanHost| {
+        let t = client_toml_at(id, host.ip, hs.ip, "checked-writes", n, n);
+        let header = format!("[client]\nid = {id}\n");
+        let keyed = t.replacen(
+            &header,
+            &format!(
+                "{header}tag_key = \"{}\"\n",
+                client_key(id).to_config_string()
+            ),
+            1,
+        );
+        assert_ne!(keyed, t, "the client's id line moved");
+        keyed
+    };
+    let (cfg7, cfg8) = (dir.0.join("client-7.toml"), dir.0.join("client-8.toml"));
+    std::fs::write(&cfg7, toml(CLIENT, h7)).unwrap();
+    std::fs::write(&cfg8, toml(OTHER, h8)).unwrap();
+    let a = Sockets {
+        server: dir.0.join("server.sock"),
+        client: dir.0.join("client-7.sock"),
+    };
+    let b = Sockets {
+        server: a.server.clone(),
+        client: dir.0.join("client-8.sock"),
+    };
+    let _control = serve_control(server.clone(), &a.server);
+    let _daemon_a = start_daemon_in(&h7.netns, &cfg7, &a.client);
+    let _daemon_b = start_daemon_in(&h8.netns, &cfg8, &b.client);
+
+    ok(&a, &["vms", "launch", "1"]);
+    // Under way on host 1 before it moves.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while records(&server.snapshot()) < 2000 {
+        assert!(Instant::now() < deadline, "VM 1 never got going on host 1");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let text = ok(
+        &a,
+        &[
+            "--json",
+            "vms",
+            "migrate",
+            "1",
+            "--to-client",
+            "8",
+            "--to-client-socket",
+            b.client.to_str().unwrap(),
+        ],
+    );
+    let m: serde_json::Value = serde_json::from_str(&text).unwrap();
+    eprintln!("migration between hosts: {m}");
+    assert_eq!(m["client"], OTHER, "{m}");
+    let at_switch = records(&server.snapshot());
+    let src = vm_state(&a, 1);
+    assert_eq!(src["state"], "stopped", "{src}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let v = loop {
+        let v = vm_state(&b, 1);
+        if v["state"] == "stopped" {
+            break v;
+        }
+        assert_eq!(v["state"], "running", "{v}");
+        assert!(
+            Instant::now() < deadline,
+            "VM 1 never finished on host 2: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(v["ended"][0]["exit"], "done", "{v}");
+    assert_eq!(v["ended"][0]["value"], u64::from(n), "{v}");
+    let s = server.snapshot();
+    assert!(
+        records(&s) > at_switch,
+        "nothing was applied after the switch"
+    );
+    let sum = |f: fn(&devplane_server::stats::WorkerSnapshot) -> u64| -> u64 {
+        s.workers.iter().map(f).sum()
+    };
+    assert_eq!(sum(|w| w.foreign_vm), 0, "requests refused as foreign");
+    assert_eq!(sum(|w| w.bad_tag), 0, "datagrams refused for their tag");
+    assert_eq!(sum(|w| w.far_ahead), 0, "sequence numbers refused");
 }
