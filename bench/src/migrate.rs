@@ -196,17 +196,22 @@ fn migrate_once(
     let listener = TcpListener::bind("127.0.0.1:0").context("migration listener")?;
     let addr = listener.local_addr()?;
     let (tx, rx) = std::sync::mpsc::channel();
+    let token = devplane_vmm::migrate::MigrationToken::random()?;
+    let secret = token.clone();
     let receiver = topo.spawn(Side::Client, "dp-bench-migrate-in", move || {
         let (stream, _) = listener.accept().ok()?;
-        devplane_vmm::migrate::receive(
-            stream,
-            move |_| Ok(target),
-            move |c| tx.send(c).map_err(|_| "bench gone".to_string()),
-        )
-        .ok()
+        devplane_vmm::migrate::admit(stream, &secret)
+            .and_then(|a| {
+                devplane_vmm::migrate::receive(
+                    a,
+                    move |_| Ok(target),
+                    move |c| tx.send(c).map_err(|_| "bench gone".to_string()),
+                )
+            })
+            .ok()
     })?;
     let stream = TcpStream::connect(addr).context("connecting to the target")?;
-    let sent = devplane_vmm::migrate::send(source, VM, stream);
+    let sent = devplane_vmm::migrate::send(source, VM, stream, &token);
     let _ = receiver.join();
     let m = sent.map_err(|e| anyhow!("migration failed: {e}"))?;
     let c = rx

@@ -147,6 +147,9 @@ pub enum Request {
         vm: u32,
         /// The target daemon's migration listener.
         to: std::net::SocketAddr,
+        /// The target's one-time secret for this migration (from its
+        /// [`Response::Listening`]): the stream proves it knows it.
+        token: MigrationToken,
     },
     /// Server: attach to the console of VM `vm` (its UART model on this
     /// server, or model `model`). Answered with [`Response::Console`] (or
@@ -492,6 +495,9 @@ pub enum Response {
     Listening {
         /// Its address.
         addr: std::net::SocketAddr,
+        /// The one-time secret a source must prove to be let in: hand it
+        /// only to the source's daemon ([`Request::SendVm`]).
+        token: MigrationToken,
     },
     /// A migration source sent the VM ([`Request::SendVm`]).
     Migrated {
@@ -645,6 +651,62 @@ pub fn call_client(path: &Path, req: &Request, timeout: Duration) -> Result<Resp
     })
 }
 
+/// A migration target's one-time secret (32 random bytes): the key of
+/// the migration stream's keyed BLAKE3 MAC (`devplane_vmm::migrate`), so
+/// that only a source that was handed it may bring a VM in, and nothing
+/// on the path can alter the stream unnoticed. It travels only over the
+/// daemons' local control sockets (as 64 hex digits); it is never shown
+/// (`Debug` hides it).
+#[derive(Clone, PartialEq, Eq)]
+pub struct MigrationToken(pub [u8; 32]);
+
+impl MigrationToken {
+    /// A fresh token from the kernel's random source.
+    pub fn random() -> std::io::Result<MigrationToken> {
+        use std::io::Read;
+        let mut b = [0u8; 32];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+        Ok(MigrationToken(b))
+    }
+
+    fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn from_hex(text: &str) -> Option<MigrationToken> {
+        let t = text.as_bytes();
+        if t.len() != 64 {
+            return None;
+        }
+        let mut b = [0u8; 32];
+        for (i, pair) in t.chunks(2).enumerate() {
+            let s = std::str::from_utf8(pair).ok()?;
+            b[i] = u8::from_str_radix(s, 16).ok()?;
+        }
+        Some(MigrationToken(b))
+    }
+}
+
+impl std::fmt::Debug for MigrationToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MigrationToken(..)")
+    }
+}
+
+impl Serialize for MigrationToken {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for MigrationToken {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        MigrationToken::from_hex(&text)
+            .ok_or_else(|| serde::de::Error::custom("a migration token is 64 hex digits"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -691,6 +753,7 @@ mod tests {
             Request::SendVm {
                 vm: 3,
                 to: "10.0.0.2:4000".parse().unwrap(),
+                token: MigrationToken([0xa5; 32]),
             },
             Request::Console {
                 vm: 3,
@@ -844,6 +907,10 @@ mod tests {
                 }),
             },
             Response::Discarded { serving: true },
+            Response::Listening {
+                addr: "10.0.0.2:4000".parse().unwrap(),
+                token: MigrationToken::random().unwrap(),
+            },
             Response::Placement(Placement {
                 server: 2,
                 worker: Some(0),
@@ -868,6 +935,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v["result"], "vms");
+    }
+
+    #[test]
+    fn a_migration_token_is_64_hex_digits_and_never_shown() {
+        let t = MigrationToken::random().unwrap();
+        assert_ne!(t, MigrationToken::random().unwrap(), "tokens repeat");
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(json.len(), 66, "{json}");
+        assert_eq!(serde_json::from_str::<MigrationToken>(&json).unwrap(), t);
+        assert!(!format!("{t:?}").contains(&json[1..9]));
+        let mut odd = json.clone();
+        odd.replace_range(5..6, "g");
+        for bad in ["\"00\"", "\"\"", "7", &odd] {
+            assert!(
+                serde_json::from_str::<MigrationToken>(bad).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

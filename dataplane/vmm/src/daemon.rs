@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use devplane_control::proto::{Request, Response, VcpuEnd, VmRunState, VmStatus};
 
-use super::migrate::{self, Migration};
+use super::migrate::{self, Migration, MigrationToken};
 use super::snapshot::VmSnapshot;
 use super::vmm::{Client, ClientError, SuspendError, VcpuReport};
 use config::{ClientFile, ConfigError};
@@ -449,10 +449,12 @@ impl Daemon {
 
     /// Listens for VM `vm`, which must be configured here and not run,
     /// coming from another client daemon ([`Daemon::send`] there); returns
-    /// where. A thread takes one migration (for up to
-    /// 30 s); the VM arrives held, and is this daemon's from
-    /// the next request on.
-    pub fn receive(&mut self, vm: u32) -> Result<SocketAddr, DaemonError> {
+    /// where, and the one-time token the source must prove
+    /// ([`migrate::admit`]). A thread takes one migration (for up to
+    /// 30 s); connections that do not prove the token are refused and
+    /// logged, and it listens on; the VM arrives held, and is this
+    /// daemon's from the next request on.
+    pub fn receive(&mut self, vm: u32) -> Result<(SocketAddr, MigrationToken), DaemonError> {
         self.notice();
         if self.slot(vm)?.running.is_some() {
             return Err(DaemonError::AlreadyRunning(vm));
@@ -463,18 +465,34 @@ impl Daemon {
             .client
             .bind
             .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let token = MigrationToken::random()
+            .map_err(|e| DaemonError::Migrate(format!("cannot read /dev/urandom: {e}")))?;
         let migrate = |e: std::io::Error| DaemonError::Migrate(format!("listen on {ip}: {e}"));
         let listener = TcpListener::bind((ip, 0)).map_err(migrate)?;
         let addr = listener.local_addr().map_err(migrate)?;
         listener.set_nonblocking(true).map_err(migrate)?;
         let tx = self.arrivals.0.clone();
+        let secret = token.clone();
         std::thread::Builder::new()
             .name(format!("dp-migrate-in-{vm}"))
             .spawn(move || {
                 let deadline = Instant::now() + RECEIVE_TIMEOUT;
-                let stream = loop {
+                let admitted = loop {
                     match listener.accept() {
-                        Ok((s, _)) => break s,
+                        Ok((s, peer)) => {
+                            let _ = s.set_nonblocking(false);
+                            // A source that stops sending mid-stream ends
+                            // the receive (and frees the held VM) instead
+                            // of blocking this thread.
+                            let _ = s.set_read_timeout(Some(RECEIVE_TIMEOUT));
+                            match migrate::admit(s, &secret) {
+                                Ok(a) => break a,
+                                Err(e) => eprintln!(
+                                    "devplane-client: refused a connection from {peer} \
+                                     to VM {vm}'s migration: {e}"
+                                ),
+                            }
+                        }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             if Instant::now() > deadline {
                                 eprintln!("devplane-client: no migration of VM {vm} came");
@@ -488,12 +506,8 @@ impl Daemon {
                         }
                     }
                 };
-                let _ = stream.set_nonblocking(false);
-                // A source that stops sending mid-stream ends the receive
-                // (and frees the held VM) instead of blocking this thread.
-                let _ = stream.set_read_timeout(Some(RECEIVE_TIMEOUT));
                 let got = migrate::receive(
-                    stream,
+                    admitted,
                     |from| match from == vm {
                         true => Ok(spec),
                         false => Err(format!("expected VM {vm}, not VM {from}")),
@@ -508,13 +522,18 @@ impl Daemon {
                 }
             })
             .map_err(|e| DaemonError::Migrate(format!("start the receiving thread: {e}")))?;
-        Ok(addr)
+        Ok((addr, token))
     }
 
     /// Live-migrates VM `vm` to the daemon listening at `to` (see
     /// [`migrate::send`]). On success the VM stays here suspended until
     /// shut down (once the target runs it); on failure it runs here again.
-    pub fn send(&mut self, vm: u32, to: SocketAddr) -> Result<Migration, DaemonError> {
+    pub fn send(
+        &mut self,
+        vm: u32,
+        to: SocketAddr,
+        token: &MigrationToken,
+    ) -> Result<Migration, DaemonError> {
         self.notice();
         let r = self
             .slot(vm)?
@@ -523,7 +542,7 @@ impl Daemon {
             .ok_or(DaemonError::NotRunning(vm))?;
         let stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))
             .map_err(|e| DaemonError::Migrate(format!("connect to the target at {to}: {e}")))?;
-        migrate::send(&r.client, vm, stream).map_err(|e| {
+        migrate::send(&r.client, vm, stream, token).map_err(|e| {
             DaemonError::Migrate(format!("VM {vm} runs on here: the migration failed: {e}"))
         })
     }
@@ -618,10 +637,10 @@ impl Daemon {
             Request::SnapshotVm { vm, path } => answer(self.snapshot(vm, &path)),
             Request::RestoreVm { path, client } => answer(self.restore(&path, client)),
             Request::ReceiveVm { vm } => match self.receive(vm) {
-                Ok(addr) => Response::Listening { addr },
+                Ok((addr, token)) => Response::Listening { addr, token },
                 Err(e) => answer(Err(e)),
             },
-            Request::SendVm { vm, to } => match self.send(vm, to) {
+            Request::SendVm { vm, to, token } => match self.send(vm, to, &token) {
                 Ok(m) => Response::Migrated {
                     vm,
                     rounds: m.rounds,
@@ -773,7 +792,14 @@ mod tests {
         };
         let to = "127.0.0.1:1".parse().unwrap();
         assert_eq!(
-            refused(&mut d, Request::SendVm { vm: 1, to }),
+            refused(
+                &mut d,
+                Request::SendVm {
+                    vm: 1,
+                    to,
+                    token: MigrationToken([0; 32])
+                }
+            ),
             "VM 1 is not running"
         );
         let m = refused(

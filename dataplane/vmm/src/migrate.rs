@@ -22,27 +22,52 @@
 //! guest memory as they come, puts the state in ([`Client::apply_state`]),
 //! hands the VM over, and answers.
 //!
+//! Trust: the target listens for one migration it was told to expect,
+//! with a one-time token of 32 random bytes ([`MigrationToken`]) that the
+//! operator's tool hands to the source's daemon over the daemons' local
+//! control sockets. The stream carries a keyed BLAKE3 MAC (the token the
+//! key) over everything before it at two points: right after the header
+//! (the proof: a connection without it is refused before the target
+//! allocates anything, within [`PROOF_TIMEOUT`], and the target goes on
+//! listening for the real source) and after the state (the whole stream:
+//! a page or state altered on the path is refused before the VM is taken
+//! in). The target's word that it holds the VM is MACed too, so nothing
+//! on the path can make the source believe it. The stream is not
+//! encrypted: guest memory crosses the client hosts' network in clear.
+//!
 //! Messages, integers little-endian:
 //!
 //! ```text
-//! header: "DPMIGR02"  u32 vm  u64 memory size
+//! header: "DPMIGR03"  u32 vm  u64 memory size  mac(32)
 //! pages:  u8 1  u64 gpa  u32 length  bytes
-//! state:  u8 2  u64 length  snapshot file bytes (memory empty)
+//! state:  u8 2  u64 length  snapshot file bytes (memory empty)  mac(32)
 //! sync:   u8 3
-//! answer (target to source): u8 0 (holds it) | u8 1 u32 length message
+//! answer (target to source): u8 0 mac'(32) (holds it)
+//!                            | u8 1 u32 length message
 //!                            | u8 2 (to a sync: every page before it is in)
 //! ```
+//!
+//! `mac` is the keyed hash of every byte of the stream before it; `mac'`
+//! the keyed hash of [`HELD`] and the state's `mac`.
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
+
+pub use devplane_control::proto::MigrationToken;
 
 use crate::kvm::Vm;
 use crate::snapshot::VmSnapshot;
 use crate::vmm::{Client, ClientSpec};
 
 /// The stream's first bytes.
-const MAGIC: &[u8; 8] = b"DPMIGR02";
+const MAGIC: &[u8; 8] = b"DPMIGR03";
+/// How long a target waits for a connection's header and proof before it
+/// drops it and listens again: a stalled or hostile connection delays the
+/// real source by at most this.
+pub const PROOF_TIMEOUT: Duration = Duration::from_secs(1);
+/// What the target's MACed word that it holds the VM says.
+const HELD: &[u8] = b"devplane migration: the target holds the VM";
 const PAGE: usize = 4096;
 /// Stop copying while the guest runs once a round finds at most this many
 /// dirty pages (256 KiB).
@@ -100,16 +125,86 @@ fn vm_err(e: impl std::fmt::Display) -> MigrateError {
     MigrateError::Vm(e.to_string())
 }
 
+/// A writer that MACs what goes through it (keyed by the token).
+struct Sealing<W> {
+    inner: W,
+    mac: blake3::Hasher,
+}
+
+impl<W: Write> Write for Sealing<W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(b)?;
+        self.mac.update(&b[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<W: Write> Sealing<W> {
+    /// Writes the MAC of everything written so far; returns it.
+    fn seal(&mut self) -> Result<blake3::Hash, MigrateError> {
+        let mac = self.mac.finalize();
+        self.write_all(mac.as_bytes())?;
+        Ok(mac)
+    }
+}
+
+/// A reader that MACs what the protocol takes from it.
+struct Checking<R> {
+    inner: R,
+    mac: blake3::Hasher,
+}
+
+impl<R: Read> Read for Checking<R> {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(b)?;
+        self.mac.update(&b[..n]);
+        Ok(n)
+    }
+}
+
+impl<R: Read> Checking<R> {
+    /// Reads a MAC and checks it against everything read before it
+    /// (compared in constant time); returns it.
+    fn check(&mut self, what: &str) -> Result<blake3::Hash, MigrateError> {
+        let want = self.mac.finalize();
+        let mut got = [0u8; 32];
+        self.read_exact(&mut got)?;
+        if blake3::Hash::from_bytes(got) != want {
+            return Err(MigrateError::Protocol(format!(
+                "{what} does not carry this migration's MAC (a stranger, or altered on the way)"
+            )));
+        }
+        Ok(want)
+    }
+}
+
+/// The MAC of the target's word that it holds the VM.
+fn held_mac(token: &MigrationToken, state_mac: &blake3::Hash) -> blake3::Hash {
+    let mut h = blake3::Hasher::new_keyed(&token.0);
+    h.update(HELD);
+    h.update(state_mac.as_bytes());
+    h.finalize()
+}
+
 /// Sends VM `vm` of `client` to the target at the other end of `stream`
 /// (see the module documentation). On success the VM is suspended here
 /// and held by the target; on failure it runs here again.
-pub fn send(client: &Client, vm: u32, stream: TcpStream) -> Result<Migration, MigrateError> {
+pub fn send(
+    client: &Client,
+    vm: u32,
+    stream: TcpStream,
+    token: &MigrationToken,
+) -> Result<Migration, MigrateError> {
     let kvm = client
         .vm(vm)
         .ok_or_else(|| MigrateError::Vm(format!("VM {vm} is not in this client")))?;
     kvm.log_dirty(true).map_err(vm_err)?;
     let mut suspended = false;
-    let result = send_logged(client, kvm, vm, stream, &mut suspended);
+    let result = send_logged(client, kvm, vm, stream, token, &mut suspended);
     let _ = kvm.log_dirty(false);
     if result.is_err() && suspended {
         let _ = client.resume();
@@ -122,6 +217,7 @@ fn send_logged(
     kvm: &Vm,
     vm: u32,
     stream: TcpStream,
+    token: &MigrationToken,
     suspended: &mut bool,
 ) -> Result<Migration, MigrateError> {
     let start = Instant::now();
@@ -130,12 +226,17 @@ fn send_logged(
     stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
     stream.set_write_timeout(Some(ANSWER_TIMEOUT))?;
     let mut reader = BufReader::new(stream.try_clone()?);
-    let mut out = BufWriter::with_capacity(1 << 20, stream);
+    let mut out = Sealing {
+        inner: BufWriter::with_capacity(1 << 20, stream),
+        mac: blake3::Hasher::new_keyed(&token.0),
+    };
     let size = kvm.mem_size();
     let mut m = Migration::default();
     out.write_all(MAGIC)?;
     out.write_all(&vm.to_le_bytes())?;
     out.write_all(&(size as u64).to_le_bytes())?;
+    out.seal()?;
+    m.bytes += 20 + 32;
     // The log is on: what the guest writes from now on is sent again.
     let _ = kvm.dirty_log().map_err(vm_err)?;
     let mut buf = vec![0u8; CHUNK_PAGES * PAGE];
@@ -187,12 +288,23 @@ fn send_logged(
     out.write_all(&[TAG_STATE])?;
     out.write_all(&(state.len() as u64).to_le_bytes())?;
     out.write_all(&state)?;
+    let state_mac = out.seal()?;
     out.flush()?;
-    m.bytes += 9 + state.len() as u64;
+    m.bytes += 9 + state.len() as u64 + 32;
     let mut tag = [0u8; 1];
     reader.read_exact(&mut tag)?;
     match tag[0] {
-        0 => {}
+        0 => {
+            let mut mac = [0u8; 32];
+            reader.read_exact(&mut mac)?;
+            if blake3::Hash::from_bytes(mac) != held_mac(token, &state_mac) {
+                return Err(MigrateError::Protocol(
+                    "the word that the target holds the VM is not MACed with this \
+                     migration's token"
+                        .into(),
+                ));
+            }
+        }
         1 => {
             let why = read_message(&mut reader)?;
             return Err(MigrateError::Refused(why));
@@ -261,21 +373,83 @@ fn refuse(out: &mut impl Write, why: &str) {
     let _ = out.flush();
 }
 
-/// Receives a VM from the source at the other end of `stream`: `spec`
-/// gives, for the VM id the source names, the client to restore it in
-/// (its configuration here). The restored client (suspended) goes to
-/// `deliver` before the source is told the target holds it.
+/// A connection to a migration target that proved the migration's token
+/// ([`admit`]): the VM it brings and its memory size, the rest of the
+/// stream to come.
+pub struct Admitted {
+    vm: u32,
+    size: u64,
+    r: Checking<BufReader<TcpStream>>,
+    out: TcpStream,
+    token: MigrationToken,
+}
+
+impl Admitted {
+    /// The VM the source brings.
+    pub fn vm(&self) -> u32 {
+        self.vm
+    }
+}
+
+/// Reads a connection's header and proof within [`PROOF_TIMEOUT`]: a
+/// connection that does not prove `token` is refused (told why, dropped)
+/// before anything is allocated for it. The stream's read timeout is set
+/// back to what it was for the rest.
+pub fn admit(stream: TcpStream, token: &MigrationToken) -> Result<Admitted, MigrateError> {
+    let mut out = stream.try_clone()?;
+    let timeout = stream.read_timeout()?;
+    stream.set_read_timeout(Some(PROOF_TIMEOUT))?;
+    let mut r = Checking {
+        inner: BufReader::with_capacity(1 << 20, stream),
+        mac: blake3::Hasher::new_keyed(&token.0),
+    };
+    let proved = (|| {
+        let mut head = [0u8; 20];
+        r.read_exact(&mut head)?;
+        if &head[..8] != MAGIC {
+            return Err(MigrateError::Protocol("not a devplane migration".into()));
+        }
+        r.check("the stream's header")?;
+        Ok(head)
+    })();
+    let head = match proved {
+        Ok(h) => h,
+        Err(e) => {
+            refuse(&mut out, &e.to_string());
+            return Err(e);
+        }
+    };
+    r.inner.get_ref().set_read_timeout(timeout)?;
+    Ok(Admitted {
+        vm: u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")),
+        size: u64::from_le_bytes(head[12..20].try_into().expect("8 bytes")),
+        r,
+        out,
+        token: token.clone(),
+    })
+}
+
+/// Receives the VM of an [`admit`]ted connection: `spec` gives, for the
+/// VM id the source names, the client to restore it in (its
+/// configuration here). The restored client (suspended) goes to `deliver`
+/// before the source is told the target holds it.
 pub fn receive(
-    stream: TcpStream,
+    a: Admitted,
     spec: impl FnOnce(u32) -> Result<ClientSpec, String>,
     deliver: impl FnOnce(Client) -> Result<(), String>,
 ) -> Result<u32, MigrateError> {
-    let mut out = stream.try_clone()?;
-    let mut r = BufReader::with_capacity(1 << 20, stream);
-    match receive_vm(&mut r, &mut out, spec) {
-        Ok((vm, client)) => match deliver(client) {
+    let Admitted {
+        vm,
+        size,
+        mut r,
+        mut out,
+        token,
+    } = a;
+    match receive_vm(vm, size, &mut r, &mut out, spec) {
+        Ok((client, state_mac)) => match deliver(client) {
             Ok(()) => {
                 out.write_all(&[0])?;
+                out.write_all(held_mac(&token, &state_mac).as_bytes())?;
                 out.flush()?;
                 Ok(vm)
             }
@@ -291,18 +465,13 @@ pub fn receive(
     }
 }
 
-fn receive_vm(
-    r: &mut impl Read,
+fn receive_vm<R: Read>(
+    vm: u32,
+    size: u64,
+    r: &mut Checking<R>,
     out: &mut impl Write,
     spec: impl FnOnce(u32) -> Result<ClientSpec, String>,
-) -> Result<(u32, Client), MigrateError> {
-    let mut head = [0u8; 20];
-    r.read_exact(&mut head)?;
-    if &head[..8] != MAGIC {
-        return Err(MigrateError::Protocol("not a devplane migration".into()));
-    }
-    let vm = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
-    let size = u64::from_le_bytes(head[12..20].try_into().expect("8 bytes"));
+) -> Result<(Client, blake3::Hash), MigrateError> {
     let spec = spec(vm).map_err(MigrateError::Vm)?;
     let want = spec
         .vms
@@ -348,6 +517,10 @@ fn receive_vm(
                 }
                 let mut state = vec![0u8; len as usize];
                 r.read_exact(&mut state)?;
+                // Nothing of the stream is trusted before this: pages went
+                // into guest memory of a VM that has not run, and is
+                // dropped if this fails.
+                let mac = r.check("the migration stream")?;
                 let snap = VmSnapshot::decode(&state).map_err(vm_err)?;
                 if snap.vm != vm {
                     return Err(MigrateError::Protocol(format!(
@@ -356,7 +529,7 @@ fn receive_vm(
                     )));
                 }
                 client.apply_state(&snap).map_err(vm_err)?;
-                return Ok((vm, client));
+                return Ok((client, mac));
             }
             TAG_SYNC => {
                 out.write_all(&[CAUGHT_UP])?;
@@ -364,5 +537,132 @@ fn receive_vm(
             }
             t => return Err(MigrateError::Protocol(format!("message {t}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn token(b: u8) -> MigrationToken {
+        MigrationToken([b; 32])
+    }
+
+    /// A header for VM 5 of 64 KiB, MACed under `key`.
+    fn header(key: &MigrationToken) -> Vec<u8> {
+        let mut w = Sealing {
+            inner: Vec::new(),
+            mac: blake3::Hasher::new_keyed(&key.0),
+        };
+        w.write_all(MAGIC).unwrap();
+        w.write_all(&5u32.to_le_bytes()).unwrap();
+        w.write_all(&0x1_0000u64.to_le_bytes()).unwrap();
+        w.seal().unwrap();
+        w.inner
+    }
+
+    /// Connects to a fresh listener, sends `bytes` (and keeps the
+    /// connection open), and returns what [`admit`] made of it and what
+    /// the connecting side read back.
+    fn admit_of(bytes: Vec<u8>, key: &MigrationToken) -> (Result<Admitted, MigrateError>, Vec<u8>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let peer = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(&bytes).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut back = Vec::new();
+            let _ = s.read_to_end(&mut back);
+            back
+        });
+        let (s, _) = l.accept().unwrap();
+        let got = admit(s, key);
+        // Let the peer's read end: a refused stream is dropped already.
+        if let Ok(a) = &got {
+            let _ = a.out.shutdown(std::net::Shutdown::Both);
+        }
+        (got, peer.join().unwrap())
+    }
+
+    #[test]
+    fn a_source_with_the_token_is_admitted() {
+        let (got, back) = admit_of(header(&token(1)), &token(1));
+        let a = got.expect("admitted");
+        assert_eq!((a.vm(), a.size), (5, 0x1_0000));
+        assert!(back.is_empty(), "told something: {back:?}");
+    }
+
+    #[test]
+    fn a_stranger_without_the_token_is_refused_before_anything_is_made() {
+        for (bytes, why) in [
+            (header(&token(2)), "does not carry this migration's MAC"),
+            (
+                b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+                "not a devplane",
+            ),
+        ] {
+            let (got, back) = admit_of(bytes, &token(1));
+            let e = got.err().expect("refused").to_string();
+            assert!(e.contains(why), "{e}");
+            // It is told why, as a refusal message.
+            assert_eq!(back.first(), Some(&1), "{back:?}");
+            assert!(String::from_utf8_lossy(&back).contains(why), "{back:?}");
+        }
+        // A right header with its proof cut short.
+        let mut h = header(&token(1));
+        h.truncate(h.len() - 1);
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let peer = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(&h).unwrap();
+            s
+        });
+        let (s, _) = l.accept().unwrap();
+        let _hold = peer.join().unwrap();
+        // A silent (or slow) connection costs the target at most the
+        // proof timeout, then it listens again.
+        let t = Instant::now();
+        assert!(admit(s, &token(1)).is_err());
+        let took = t.elapsed();
+        assert!(
+            took >= PROOF_TIMEOUT && took < PROOF_TIMEOUT * 3,
+            "{took:?}"
+        );
+    }
+
+    #[test]
+    fn any_byte_of_the_stream_altered_fails_its_mac() {
+        let key = token(3);
+        let mut w = Sealing {
+            inner: Vec::new(),
+            mac: blake3::Hasher::new_keyed(&key.0),
+        };
+        w.write_all(&[TAG_PAGES]).unwrap();
+        w.write_all(&[0x5a; 300]).unwrap();
+        w.write_all(&[TAG_STATE]).unwrap();
+        let mac = w.seal().unwrap();
+        let clean = w.inner;
+        let read = |bytes: &[u8], key: &MigrationToken| {
+            let mut r = Checking {
+                inner: bytes,
+                mac: blake3::Hasher::new_keyed(&key.0),
+            };
+            let mut body = vec![0u8; bytes.len() - 32];
+            r.read_exact(&mut body).unwrap();
+            r.check("the migration stream")
+        };
+        assert_eq!(read(&clean, &key).unwrap(), mac);
+        assert!(read(&clean, &token(4)).is_err(), "another key");
+        for i in 0..clean.len() {
+            let mut bad = clean.clone();
+            bad[i] ^= 0x01;
+            let e = read(&bad, &key).expect_err("altered byte accepted");
+            assert!(e.to_string().contains("altered"), "{e}");
+        }
+        // The target's word: bound to the token and the stream.
+        assert_ne!(held_mac(&key, &mac), held_mac(&token(4), &mac));
+        assert_ne!(held_mac(&key, &mac), held_mac(&key, &blake3::hash(b"x")));
     }
 }

@@ -793,6 +793,8 @@ fn migrate(
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let token = devplane_vmm::migrate::MigrationToken::random().unwrap();
+    let secret = token.clone();
     let receiver = rig
         .topo
         .spawn(Side::Client, "dp-migrate-in", move || {
@@ -804,16 +806,19 @@ fn migrate(
                 drop(stream);
                 return None;
             }
-            devplane_vmm::migrate::receive(
-                stream,
-                move |_| Ok(spec),
-                move |c| tx.send(c).map_err(|_| "test gone".to_string()),
-            )
-            .ok()
+            devplane_vmm::migrate::admit(stream, &secret)
+                .and_then(|a| {
+                    devplane_vmm::migrate::receive(
+                        a,
+                        move |_| Ok(spec),
+                        move |c| tx.send(c).map_err(|_| "test gone".to_string()),
+                    )
+                })
+                .ok()
         })
         .unwrap();
     let stream = std::net::TcpStream::connect(addr).unwrap();
-    let sent = devplane_vmm::migrate::send(source, VM, stream);
+    let sent = devplane_vmm::migrate::send(source, VM, stream, &token);
     let _ = receiver.join();
     (sent, rx.try_recv().ok())
 }
@@ -887,9 +892,10 @@ fn dying_target(topo: &Topology, path: &Path) -> devplane_control::socket::Contr
     let sock = devplane_control::socket::ControlSocket::bind(path, tx).expect("control socket");
     std::thread::spawn(move || {
         for p in rx {
-            let _ = p
-                .reply
-                .send(devplane_control::proto::Response::Listening { addr });
+            let _ = p.reply.send(devplane_control::proto::Response::Listening {
+                addr,
+                token: devplane_control::proto::MigrationToken([7; 32]),
+            });
         }
     });
     sock
@@ -1052,22 +1058,34 @@ fn dpctl_live_migrates_a_vm_between_client_daemons() {
 
 /// Live migration between two client *hosts*: client 7 on one host of a
 /// LAN, client 8 on another (its own namespace, address and MAC), the
-/// server (XDP) on a third; each client tags its datagrams with its own
-/// key. VM 1 (client 7's) migrates mid-run from 7's daemon to 8's over
-/// TCP between the hosts; the server takes VM 1 as client 8's (its
-/// windows follow, so 8 continues 7's sequence numbers); the guest ends
-/// on host 2 with its self-check right (every write counted once, memory
-/// carried over), and no datagram was refused on the way (no foreign-VM
-/// drop, no bad tag).
+/// server (XDP) on a third, an attacker on a fourth; each client tags its
+/// datagrams with its own key.
+///
+/// 1. Host 2's daemon is told to expect VM 1 (`ReceiveVm`: a port and a
+///    one-time token). From the attacker's host, one connection stays
+///    silent and one brings a migration of VM 1 with the right header
+///    but a guessed proof: both are refused (the silent one within the
+///    proof timeout), nothing is held on host 2, and the daemon listens on.
+/// 2. VM 1 launched on host 1 migrates mid-run to host 2 through that
+///    same listener, with the token (the steps `dpctl vms migrate` takes,
+///    by hand): the server takes VM 1 as client 8's.
+/// 3. `dpctl vms migrate` takes it back to host 1, still mid-run.
+///
+/// The guest ends on host 1 with its self-check right (every write
+/// counted once across both moves, memory carried over), and no datagram
+/// was refused on the way (no foreign-VM drop, no bad tag, no sequence
+/// number far ahead: the windows followed the VM from client to client).
 #[test]
 fn dpctl_live_migrates_a_vm_between_client_hosts() {
+    use devplane_control::proto::{self, Request, Response};
     use devplane_testkit::keys::client_key;
-    use devplane_testkit::lan::Lan;
+    use devplane_testkit::lan::{Lan, LanHost};
+    use std::io::{Read, Write};
     let test = "dpctl_live_migrates_a_vm_between_client_hosts";
     if !privilege::require(test, &[Capability::Root, Capability::Bpf, Capability::Kvm]) {
         return;
     }
-    let lan = match Lan::new("lmh", &["client", "client2", "server"]) {
+    let lan = match Lan::new("lmh", &["client", "client2", "server", "attacker"]) {
         Ok(l) => l,
         Err(e) => {
             privilege::unavailable(test, &format!("cannot build the LAN: {e}"));
@@ -1075,8 +1093,8 @@ fn dpctl_live_migrates_a_vm_between_client_hosts() {
         }
     };
     const OTHER: u32 = 8;
-    let (h7, h8, hs) = (lan.host(0), lan.host(1), lan.host(2));
-    let client = |id: u32, host: &devplane_testkit::lan::LanHost| ClientConfig {
+    let (h7, h8, hs, evil) = (lan.host(0), lan.host(1), lan.host(2), lan.host(3));
+    let client = |id: u32, host: &LanHost| ClientConfig {
         budget: None,
         tag_key: Some(client_key(id)),
         id,
@@ -1088,10 +1106,10 @@ fn dpctl_live_migrates_a_vm_between_client_hosts() {
         "lmh",
     );
     let server = Arc::new(ServerThread::spawn(cfg, Some(&hs.netns)).expect("server starts"));
-    let n = 30000u16;
+    let n = 65000u16;
     let dir = TempDir(std::env::temp_dir().join(format!("dp-hmig-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).unwrap();
-    let toml = |id: u32, host: &devplane_testkit::lan::LanHost| {
+    let toml = |id: u32, host: &LanHost| {
         let t = client_toml_at(id, host.ip, hs.ip, "checked-writes", n, n);
         let header = format!("[client]\nid = {id}\n");
         let keyed = t.replacen(
@@ -1119,52 +1137,133 @@ fn dpctl_live_migrates_a_vm_between_client_hosts() {
     let _control = serve_control(server.clone(), &a.server);
     let _daemon_a = start_daemon_in(&h7.netns, &cfg7, &a.client);
     let _daemon_b = start_daemon_in(&h8.netns, &cfg8, &b.client);
+    let call = |path: &Path, req: Request| -> Response {
+        let r = proto::call(path, &req, Duration::from_secs(30)).expect("control socket");
+        if let Response::Error { message } | Response::NotFound { message } = &r {
+            panic!("{req:?}: {message}");
+        }
+        r
+    };
 
+    // 1. Host 2 expects VM 1; the attacker tries first.
+    let Response::Listening { addr, token } = call(&b.client, Request::ReceiveVm { vm: VM }) else {
+        panic!("not listening");
+    };
+    assert_eq!(addr.ip(), std::net::IpAddr::V4(h8.ip));
+    let (silent_held, forged_answer, took) = evil
+        .run(move || {
+            let silent = std::net::TcpStream::connect(addr).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            let mut forged = std::net::TcpStream::connect(addr).unwrap();
+            let t = Instant::now();
+            let mut bytes = b"DPMIGR03".to_vec();
+            bytes.extend_from_slice(&VM.to_le_bytes());
+            bytes.extend_from_slice(&0x1_0000u64.to_le_bytes());
+            bytes.extend_from_slice(&[0x42; 32]);
+            // A page of the attacker's code for the guest, if let in.
+            bytes.push(1);
+            bytes.extend_from_slice(&0u64.to_le_bytes());
+            bytes.extend_from_slice(&4096u32.to_le_bytes());
+            bytes.extend_from_slice(&[0xf4; 4096]);
+            let _ = forged.write_all(&bytes);
+            forged
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut back = Vec::new();
+            let _ = forged.read_to_end(&mut back);
+            (silent, back, t.elapsed())
+        })
+        .expect("enter the attacker's namespace");
+    drop(silent_held);
+    eprintln!("the forged migration was answered in {took:?}");
+    assert_eq!(forged_answer.first(), Some(&1), "{forged_answer:?}");
+    assert!(
+        String::from_utf8_lossy(&forged_answer).contains("MAC"),
+        "{}",
+        String::from_utf8_lossy(&forged_answer)
+    );
+    assert!(
+        took < devplane_vmm::migrate::PROOF_TIMEOUT * 4,
+        "the silent connection held the target up for {took:?}"
+    );
+    let held = vm_state(&b, 1);
+    assert_eq!(held["state"], "stopped", "host 2 took something in: {held}");
+
+    // 2. VM 1 runs on host 1, moves to host 2 through the same listener.
     ok(&a, &["vms", "launch", "1"]);
-    // Under way on host 1 before it moves.
     let deadline = Instant::now() + Duration::from_secs(30);
     while records(&server.snapshot()) < 2000 {
         assert!(Instant::now() < deadline, "VM 1 never got going on host 1");
         std::thread::sleep(Duration::from_millis(10));
     }
+    call(&a.server, Request::SuspendVm { vm: VM });
+    let sent = call(
+        &a.client,
+        Request::SendVm {
+            vm: VM,
+            to: addr,
+            token,
+        },
+    );
+    eprintln!("host 1 to host 2: {sent:?}");
+    assert!(matches!(sent, Response::Migrated { .. }), "{sent:?}");
+    call(
+        &a.server,
+        Request::MigrateVm {
+            vm: VM,
+            client: OTHER,
+        },
+    );
+    call(&b.client, Request::ResumeVm { vm: VM });
+    call(&a.server, Request::ResumeVm { vm: VM });
+    call(&a.client, Request::ShutdownVm { vm: VM });
+    let on_2 = records(&server.snapshot());
+    std::thread::sleep(Duration::from_millis(30));
+    assert!(
+        records(&server.snapshot()) > on_2,
+        "VM 1 does not run on host 2"
+    );
+    assert_eq!(vm_state(&b, 1)["state"], "running");
+
+    // 3. And back, with the operator's one command.
     let text = ok(
-        &a,
+        &b,
         &[
             "--json",
             "vms",
             "migrate",
             "1",
             "--to-client",
-            "8",
+            "7",
             "--to-client-socket",
-            b.client.to_str().unwrap(),
+            a.client.to_str().unwrap(),
         ],
     );
     let m: serde_json::Value = serde_json::from_str(&text).unwrap();
-    eprintln!("migration between hosts: {m}");
-    assert_eq!(m["client"], OTHER, "{m}");
+    eprintln!("host 2 to host 1: {m}");
+    assert_eq!(m["client"], CLIENT, "{m}");
     let at_switch = records(&server.snapshot());
-    let src = vm_state(&a, 1);
-    assert_eq!(src["state"], "stopped", "{src}");
+    assert_eq!(vm_state(&b, 1)["state"], "stopped");
     let deadline = Instant::now() + Duration::from_secs(120);
     let v = loop {
-        let v = vm_state(&b, 1);
-        if v["state"] == "stopped" {
+        let v = vm_state(&a, 1);
+        if v["state"] == "stopped" && !v["ended"].as_array().is_none_or(|e| e.is_empty()) {
             break v;
         }
         assert_eq!(v["state"], "running", "{v}");
         assert!(
             Instant::now() < deadline,
-            "VM 1 never finished on host 2: {v}"
+            "VM 1 never finished on host 1: {v}"
         );
         std::thread::sleep(Duration::from_millis(50));
     };
+    // It ran to its end after the way back (not cut short by a move).
     assert_eq!(v["ended"][0]["exit"], "done", "{v}");
     assert_eq!(v["ended"][0]["value"], u64::from(n), "{v}");
     let s = server.snapshot();
     assert!(
         records(&s) > at_switch,
-        "nothing was applied after the switch"
+        "nothing was applied after the way back"
     );
     let sum = |f: fn(&devplane_server::stats::WorkerSnapshot) -> u64| -> u64 {
         s.workers.iter().map(f).sum()

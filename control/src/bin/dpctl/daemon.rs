@@ -321,8 +321,8 @@ fn migrate_live(
 ) -> Result<String, Failure> {
     let target: std::path::PathBuf =
         to_socket.map_or_else(|| proto::default_client_socket(to), Into::into);
-    let addr = match super::client::call_on(&target, &Request::ReceiveVm { vm })? {
-        Response::Listening { addr } => addr,
+    let (addr, token) = match super::client::call_on(&target, &Request::ReceiveVm { vm })? {
+        Response::Listening { addr, token } => (addr, token),
         _ => {
             return Err(Failure {
                 code: EXIT_FAILED,
@@ -331,7 +331,14 @@ fn migrate_live(
         }
     };
     call(cli, &Request::SuspendVm { vm })?;
-    let sent = match super::client::call(cli, &Request::SendVm { vm, to: addr }) {
+    let sent = match super::client::call(
+        cli,
+        &Request::SendVm {
+            vm,
+            to: addr,
+            token,
+        },
+    ) {
         Ok(r) => r,
         Err(f) => {
             let undo = match call(cli, &Request::ResumeVm { vm }) {
