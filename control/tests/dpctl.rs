@@ -139,7 +139,12 @@ fn value<'a>(kv: &'a [(String, String)], key: &str) -> &'a str {
 /// Client 7 (hypervisor 2, VM 3), server 1 (model 5 on worker 0 with
 /// line 4 to VM 3 at port 0x3f8; model 6 on worker 1 at MMIO 0xfe000000).
 fn populate(dir: &Path) {
-    ok(dir, &["clients", "add", "7", "--address", "10.0.0.1"]);
+    // Without a key: `rotate_key_saves_then_hands_out_in_two_steps`
+    // gives it its first.
+    ok(
+        dir,
+        &["clients", "add", "7", "--address", "10.0.0.1", "--no-key"],
+    );
     ok(dir, &["hypervisors", "add", "2", "--client", "7"]);
     ok(dir, &["vms", "add", "3", "--hypervisor", "2"]);
     ok(dir, &["servers", "add", "1", "--address", "10.0.1.1"]);
@@ -1017,6 +1022,68 @@ fn rotate_key_saves_then_hands_out_in_two_steps() {
         3,
         "client 99",
     );
+}
+
+/// Issue 13: a client is added with a random key unless --no-key; the
+/// key is shown by id and fingerprint only, and `export-key` prints the
+/// TOML line a daemon without a store needs (which the config parser
+/// reads back to the same key); a client without a key, or none, is a
+/// clear error.
+#[test]
+fn clients_get_a_key_by_default_and_export_key_prints_its_toml_line() {
+    let t = TempDir::new();
+    let dir = t.path();
+    ok(dir, &["init"]);
+    ok(dir, &["clients", "add", "7", "--address", "10.0.0.7"]);
+    ok(dir, &["clients", "add", "8", "--address", "10.0.0.8"]);
+    ok(
+        dir,
+        &["clients", "add", "9", "--address", "10.0.0.9", "--no-key"],
+    );
+    let shown = |id: &str| -> Value {
+        serde_json::from_str(&ok(dir, &["--json", "clients", "show", id])).unwrap()
+    };
+    let (s7, s8, s9) = (shown("7"), shown("8"), shown("9"));
+    assert_eq!(s7["tag_key"]["id"], 1, "{s7}");
+    assert_eq!(s8["tag_key"]["id"], 1, "{s8}");
+    assert!(s9["tag_key"].is_null(), "--no-key gave a key: {s9}");
+    assert_ne!(
+        s7["tag_key"]["fingerprint"], s8["tag_key"]["fingerprint"],
+        "two clients share a key"
+    );
+
+    let line = ok(dir, &["clients", "export-key", "7"]);
+    let value = line
+        .strip_prefix("tag_key = \"")
+        .and_then(|r| r.strip_suffix("\"\n"))
+        .unwrap_or_else(|| panic!("not a TOML line: {line:?}"));
+    let key =
+        devplane_control::config::ClientKey::parse(value).expect("the config parser reads it");
+    assert_eq!(key.0.id, 1);
+    assert_eq!(
+        key.0.fingerprint().to_string(),
+        s7["tag_key"]["fingerprint"].as_str().unwrap(),
+        "the exported key is the database's"
+    );
+    // The key itself is in no listing.
+    let listed = ok(dir, &["--json", "clients", "list"]);
+    assert!(!listed.contains(&value[2..]), "{listed}");
+    assert!(!ok(dir, &["clients", "show", "7"]).contains(&value[2..]));
+    let v: Value =
+        serde_json::from_str(&ok(dir, &["--json", "clients", "export-key", "7"])).unwrap();
+    assert_eq!(
+        (v["client"].as_u64(), v["key_id"].as_u64()),
+        (Some(7), Some(1))
+    );
+    assert_eq!(v["tag_key"].as_str(), Some(value));
+
+    fails(
+        dir,
+        &["clients", "export-key", "9"],
+        1,
+        "client 9 has no tag key",
+    );
+    fails(dir, &["clients", "export-key", "99"], 3, "client 99");
 }
 
 /// `--store file:DIR`: the same database through the store interface;

@@ -172,14 +172,29 @@ enum ClientsCmd {
     List,
     /// Show one client platform, its hypervisors and VMs.
     Show(IdArg),
-    /// Register a client platform.
+    /// Register a client platform, with a new random tag key (key 1):
+    /// its servers and its client daemon then seal and verify every
+    /// datagram, and a datagram from its address without the key is
+    /// refused. Daemons run with --store take the key from the store; a
+    /// client daemon run from its TOML alone needs the line
+    /// `clients export-key` prints.
     Add {
         #[command(flatten)]
         id: IdArg,
         /// Its IPv4 address (unique among clients).
         #[arg(long, value_name = "IP")]
         address: Ipv4Addr,
+        /// No tag key: the client is whoever can send from its address
+        /// (a trusted, isolated network only; `rotate-key` gives one
+        /// later without stopping traffic).
+        #[arg(long)]
+        no_key: bool,
     },
+    /// Print a client platform's current tag key as the `tag_key = "..."`
+    /// line of its client TOML's [client] (or a server TOML's
+    /// [[clients]] entry), for a daemon run without --store. It is a
+    /// secret: keep that file 0600, root's.
+    ExportKey(IdArg),
     /// Remove a client platform (refused while it hosts hypervisors or VMs).
     Remove(IdArg),
     /// Set a client platform's budget at the servers' XDP programs: at
@@ -717,6 +732,7 @@ fn run(cli: &Cli) -> Result<String, Failure> {
     }
     match &cli.command {
         Command::Init | Command::Status => Ok(status(&db, json)),
+        Command::Clients(ClientsCmd::ExportKey(id)) => keys::export(db.state(), id.id, json),
         Command::Clients(ClientsCmd::RotateKey {
             id,
             grace_ms,

@@ -46,11 +46,22 @@ pub(super) fn view(cmd: &Command) -> Option<(Kind, Option<u32>)> {
 /// to: a VM's client is its hypervisor's).
 pub(super) fn change_of(cmd: &Command, s: &State) -> Option<Result<Change, Failure>> {
     Some(Ok(match cmd {
-        Command::Clients(ClientsCmd::Add { id, address }) => Change::AddClient(Client {
+        Command::Clients(ClientsCmd::Add {
+            id,
+            address,
+            no_key,
+        }) => Change::AddClient(Client {
             id: id.id,
             address: *address,
             budget: None,
-            tag_key: None,
+            tag_key: if *no_key {
+                None
+            } else {
+                match super::keys::random_key(1) {
+                    Ok(k) => Some(devplane_control::config::ClientKey(k)),
+                    Err(e) => return Some(Err(e)),
+                }
+            },
         }),
         Command::Clients(ClientsCmd::Remove(a)) => Change::RemoveClient(a.id),
         Command::Clients(ClientsCmd::Budget { id, rate, burst }) => Change::SetClientBudget(
@@ -174,6 +185,10 @@ pub(super) fn run(cli: &Cli) -> Result<Option<String>, Failure> {
             });
         }
         return rotate_key(&mut *s, id.id, cli.json).map(Some);
+    }
+    if let Command::Clients(ClientsCmd::ExportKey(id)) = &cli.command {
+        let snap = s.load()?;
+        return super::keys::export(&snap.state, id.id, cli.json).map(Some);
     }
     let json = cli.json;
     if is_status {

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use devplane_control::config::ClientKey;
-use devplane_control::db::{Change, Db, DbError, Kind};
+use devplane_control::db::{Change, Db, DbError, Kind, State};
 use devplane_control::proto::{self, Request, Response};
 use devplane_wire::tag::TagKey;
 use serde_json::json;
@@ -24,6 +24,29 @@ use serde_json::json;
 use super::{Cli, EXIT_FAILED, Failure, to_json};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `clients export-key`: client `client`'s current key as its TOML line
+/// (or, with --json, `{"client", "key_id", "tag_key"}`); an error if the
+/// client has none.
+pub(super) fn export(s: &State, client: u32, json: bool) -> Result<String, Failure> {
+    let c = s.client(client).ok_or(DbError::NotFound {
+        kind: Kind::Client,
+        id: client,
+    })?;
+    let Some(key) = c.tag_key else {
+        return Err(failed(format!(
+            "client {client} has no tag key (added with --no-key); give it one with              `dpctl clients rotate-key {client}`"
+        )));
+    };
+    if json {
+        return Ok(to_json(&json!({
+            "client": client,
+            "key_id": key.0.id,
+            "tag_key": key.to_config_string(),
+        })));
+    }
+    Ok(format!("tag_key = \"{}\"\n", key.to_config_string()))
+}
 
 /// What `rotate-key` was asked.
 pub(super) struct Rotate<'a> {
