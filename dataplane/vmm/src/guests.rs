@@ -10,7 +10,7 @@
 use iced_x86::IcedError;
 use iced_x86::code_asm::{
     CodeAssembler, CodeLabel, al, ax, bl, bx, byte_ptr, cs, cx, di, ds, dword_ptr, dx, eax, ebx,
-    ecx, edx, es, esi, fs, mm0, qword_ptr, si, word_ptr,
+    ecx, edi, edx, es, esi, fs, mm0, qword_ptr, si, word_ptr,
 };
 
 use super::kvm::{DONE_PORT, Entry};
@@ -173,6 +173,14 @@ pub const CHECK_FAILED: u32 = 0xbad0_0000;
 /// shows as a report other than `iterations`. For vCPU `vcpu` of a VM
 /// whose guests run at once: its own segment (`0x1000 * (vcpu + 1)`) and
 /// port `port + 0x10 * vcpu`, like [`multi_vcpu`].
+///
+/// State that lives only in the vCPU is checked too: before the first
+/// write the guest loads MMX register `mm0` (FPU state, what XSAVE
+/// carries) with [`checked_fpu_pattern`] and writes
+/// [`CHECKED_MSR_VALUE`] + `vcpu` to MSR [`CHECKED_MSR`]
+/// (`IA32_SYSENTER_CS`); after the last it reads both back. A snapshot or
+/// migration that loses either (the target's vCPU starting with its
+/// reset values) fails the check.
 pub fn checked_writes(port: u16, iterations: u16, vcpu: u8) -> Result<Guest, GuestError> {
     if vcpu >= 8 {
         return Err(GuestError::BadArgument(format!(
@@ -189,9 +197,20 @@ pub fn checked_writes(port: u16, iterations: u16, vcpu: u8) -> Result<Guest, Gue
     let sum = count + 4;
     let n = u32::from(iterations);
     let want_sum = (u64::from(n) * (u64::from(n) + 1) / 2) as u32;
+    let pattern = sum + 4;
+    let readback = pattern + 8;
+    let fpu = checked_fpu_pattern(vcpu);
+    let msr_value = CHECKED_MSR_VALUE + u32::from(vcpu);
     let mut top = a.create_label();
     let mut done = a.create_label();
     let mut bad = a.create_label();
+    a.mov(dword_ptr(pattern), fpu as u32)?;
+    a.mov(dword_ptr(pattern + 4), (fpu >> 32) as u32)?;
+    a.movq(mm0, qword_ptr(pattern))?;
+    a.mov(ecx, CHECKED_MSR)?;
+    a.mov(eax, msr_value)?;
+    a.xor(edx, edx)?;
+    a.wrmsr()?;
     a.mov(dx, u32::from(port))?;
     a.xor(eax, eax)?;
     a.mov(dword_ptr(count), eax)?;
@@ -211,6 +230,20 @@ pub fn checked_writes(port: u16, iterations: u16, vcpu: u8) -> Result<Guest, Gue
     a.jne(bad)?;
     a.cmp(dword_ptr(sum), want_sum)?;
     a.jne(bad)?;
+    // The vCPU-only state, eax (the answer) kept for the report.
+    a.movq(qword_ptr(readback), mm0)?;
+    a.mov(esi, dword_ptr(readback))?;
+    a.cmp(esi, dword_ptr(pattern))?;
+    a.jne(bad)?;
+    a.mov(esi, dword_ptr(readback + 4))?;
+    a.cmp(esi, dword_ptr(pattern + 4))?;
+    a.jne(bad)?;
+    a.mov(edi, eax)?;
+    a.mov(ecx, CHECKED_MSR)?;
+    a.rdmsr()?;
+    a.cmp(eax, msr_value)?;
+    a.mov(eax, edi)?;
+    a.jne(bad)?;
     p.report_eax()?;
     let a = &mut p.a;
     a.set_label(&mut bad)?;
@@ -218,6 +251,18 @@ pub fn checked_writes(port: u16, iterations: u16, vcpu: u8) -> Result<Guest, Gue
     a.or(eax, CHECK_FAILED)?;
     p.report_eax()?;
     p.finish(None)
+}
+
+/// The MSR [`checked_writes`] sets and checks: `IA32_SYSENTER_CS`, which
+/// KVM keeps per vCPU and a real-mode guest never uses otherwise.
+pub const CHECKED_MSR: u32 = 0x174;
+
+/// What [`checked_writes`] writes to [`CHECKED_MSR`] (plus its vCPU).
+pub const CHECKED_MSR_VALUE: u32 = 0x5a50;
+
+/// What [`checked_writes`] loads into `mm0` on vCPU `vcpu`.
+pub fn checked_fpu_pattern(vcpu: u8) -> u64 {
+    0x0123_4567_89ab_cd00 | u64::from(vcpu)
 }
 
 /// `iterations` times `out port, eax` with eax = 1, 2, ..., then halts for
