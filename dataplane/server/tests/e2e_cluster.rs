@@ -49,6 +49,30 @@ fn server_agent(s: &mut dyn Store) -> Option<AgentInfo> {
         .find(|a| a.report.kind == AgentKind::Server && a.report.id == 1)
 }
 
+/// `dpctl --store URL --json status`.
+fn dpctl_status(url: &str) -> serde_json::Value {
+    let exe = std::env::current_exe().unwrap();
+    let dpctl = exe.parent().and_then(|d| d.parent()).unwrap().join("dpctl");
+    let out = Command::new(&dpctl)
+        .args(["--store", url, "--json", "status"])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (cargo build -p devplane-control)", dpctl.display()));
+    assert!(
+        out.status.success(),
+        "dpctl status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Agent `kind` `id` in `dpctl status`'s JSON.
+fn status_agent<'a>(status: &'a serde_json::Value, kind: &str, id: u32) -> &'a serde_json::Value {
+    status["agents"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["kind"] == kind && a["id"] == id))
+        .unwrap_or_else(|| panic!("no {kind} {id} in dpctl status: {status:#}"))
+}
+
 /// Waits until the server's report satisfies `ok`; panics with the last
 /// report after `within`.
 fn wait_for(
@@ -188,7 +212,10 @@ fn server_agent_follows_etcd_and_its_lease_shows_it() {
     let t = converged(&mut *s, "after an etcd restart");
     eprintln!("converged after the etcd restart in {t:?}");
 
-    // Killed (no clean stop): its lease expires and it shows down.
+    // Killed (no clean stop): its lease expires and it shows down, in the
+    // store and in what the operator reads (`dpctl status`).
+    let shown = dpctl_status(&url);
+    assert_eq!(status_agent(&shown, "server", 1)["up"], true, "{shown:#}");
     let _ = server.0.kill();
     let _ = server.0.wait();
     let t = Instant::now();
@@ -199,6 +226,8 @@ fn server_agent_follows_etcd_and_its_lease_shows_it() {
         |a| a.is_none_or(|a| !a.alive),
     );
     eprintln!("shown down {:?} after the kill", t.elapsed());
+    let shown = dpctl_status(&url);
+    assert_eq!(status_agent(&shown, "server", 1)["up"], false, "{shown:#}");
 
     // Changed while it was down; restarted, it starts from the store.
     s.apply(&Change::AddModel(model(44, 1))).unwrap();
