@@ -71,6 +71,7 @@ pub const MAX_IN_FLIGHT: usize = 256;
 const RING_ENTRIES: u32 = 512;
 const FALLOC_FL_KEEP_SIZE: i32 = 1;
 const FALLOC_FL_PUNCH_HOLE: i32 = 2;
+const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
 
 /// One request in flight: it owns its buffer until its completion.
 #[derive(Debug)]
@@ -153,10 +154,18 @@ impl AsyncFile {
             BlockOp::Flush => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
+            // A discard deallocates; a write-zeroes keeps the range
+            // allocated (virtio: without `unmap` nothing may be
+            // deallocated), so later writes there cannot fail for space.
             BlockOp::Discard | BlockOp::WriteZeroes if s.buf.is_empty() => {
+                let mode = if s.req.op == BlockOp::Discard {
+                    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+                } else {
+                    FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
+                };
                 opcode::Fallocate::new(fd, u64::from(s.req.len))
                     .offset(s.req.offset)
-                    .mode(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+                    .mode(mode)
                     .build()
             }
             // The file system has no hole punching: zeros are written.
@@ -395,6 +404,16 @@ mod tests {
         assert_eq!(wait(&mut d, 1)[0].status, BlockStatus::Ok);
         d.submit(req(8, BlockOp::Read, 0, 8192, vec![])).unwrap();
         assert_eq!(wait(&mut d, 1)[0].data, vec![0; 8192]);
+        // Write-zeroes zeroes its range only (the block after it keeps
+        // its data).
+        d.submit(req(11, BlockOp::WriteZeroes, 8192, 4096, vec![]))
+            .unwrap();
+        assert_eq!(wait(&mut d, 1)[0].status, BlockStatus::Ok);
+        d.submit(req(12, BlockOp::Read, 8192, 8192, vec![]))
+            .unwrap();
+        let got = wait(&mut d, 1).remove(0).data;
+        assert_eq!(&got[..4096], &[0; 4096][..]);
+        assert_eq!(&got[4096..], &[4u8; 4096][..]);
         // Out of range, and a write whose data is short.
         d.submit(req(9, BlockOp::Read, (1 << 20) - 512, 1024, vec![]))
             .unwrap();

@@ -44,8 +44,14 @@ pub const REG_STATUS: u64 = 0x12;
 pub const REG_ISR: u64 = 0x13;
 /// Start of the device-specific configuration (no MSI-X).
 pub const REG_CONFIG: u64 = 0x14;
-/// Size of the I/O BAR (a power of two covering the registers).
-pub const BAR_SIZE: u64 = 0x40;
+/// Bytes of the device-specific configuration: `virtio_blk_config` up to
+/// and including `write_zeroes_may_unmap` (its padding counted).
+pub const CONFIG_LEN: u64 = 60;
+/// Size of the I/O BAR (a power of two covering the registers and the
+/// configuration).
+pub const BAR_SIZE: u64 = 0x80;
+// The whole configuration fits in the BAR, which is a power of two.
+const _: () = assert!(REG_CONFIG + CONFIG_LEN <= BAR_SIZE && BAR_SIZE.is_power_of_two());
 
 /// Feature: the device has a volatile write cache and honours FLUSH.
 pub const VIRTIO_BLK_F_FLUSH: u32 = 1 << 9;
@@ -53,6 +59,14 @@ pub const VIRTIO_BLK_F_FLUSH: u32 = 1 << 9;
 pub const VIRTIO_BLK_F_SEG_MAX: u32 = 1 << 2;
 /// Feature: `size_max` in the configuration is valid.
 pub const VIRTIO_BLK_F_SIZE_MAX: u32 = 1 << 1;
+/// Feature: the device serves DISCARD (a bulk disk only: the disk punches
+/// a hole, or writes zeros where its file system cannot).
+pub const VIRTIO_BLK_F_DISCARD: u32 = 1 << 13;
+/// Feature: the device serves WRITE_ZEROES (a bulk disk only).
+pub const VIRTIO_BLK_F_WRITE_ZEROES: u32 = 1 << 14;
+/// Sectors one DISCARD or WRITE_ZEROES segment may cover: one block
+/// request's worth.
+pub const MAX_DISCARD_SECTORS: u32 = MAX_BLOCK_LEN / 512;
 /// Data segments per request the device accepts.
 pub const SEG_MAX: u32 = 64;
 /// Largest data segment: `SEG_MAX * SIZE_MAX` is the largest block
@@ -244,8 +258,15 @@ impl VirtioBlk {
         self.bulk.as_ref().map(|b| b.disk.stats())
     }
 
-    fn host_features() -> u32 {
-        VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_SIZE_MAX
+    /// What the device offers. DISCARD and WRITE_ZEROES only with a bulk
+    /// disk: the register window has no request for them.
+    fn host_features(&self) -> u32 {
+        let base = VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_SIZE_MAX;
+        if self.bulk.is_some() {
+            base | VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES
+        } else {
+            base
+        }
     }
 
     /// Keeps the bulk completer's view of the queue's place in step.
@@ -260,22 +281,35 @@ impl VirtioBlk {
         }
     }
 
-    fn config(&mut self, port: &mut dyn StorePort) -> [u8; 24] {
+    /// `virtio_blk_config` (legacy layout): capacity, size_max, seg_max;
+    /// geometry, blk_size, topology and writeback left zero (not offered);
+    /// with a bulk disk the discard and write-zeroes limits: one segment
+    /// of at most one block request, any sector alignment, and a
+    /// write-zeroes that may unmap (the disk punches a hole when it can).
+    fn config(&mut self, port: &mut dyn StorePort) -> [u8; CONFIG_LEN as usize] {
         if self.capacity.is_none() {
             self.capacity = Store(port).capacity().ok();
         }
-        let mut c = [0u8; 24];
+        let mut c = [0u8; CONFIG_LEN as usize];
         let sectors = self.capacity.unwrap_or(0) / SECTOR;
         c[0..8].copy_from_slice(&sectors.to_le_bytes());
         c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
         c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        if self.bulk.is_some() {
+            c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+            c[40..44].copy_from_slice(&1u32.to_le_bytes());
+            c[44..48].copy_from_slice(&1u32.to_le_bytes());
+            c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+            c[52..56].copy_from_slice(&1u32.to_le_bytes());
+            c[56] = 1;
+        }
         c
     }
 
     /// A register read of `size` bytes at `offset` in the I/O BAR.
     pub fn read(&mut self, offset: u64, size: AccessSize, port: &mut dyn StorePort) -> u64 {
         let v = match offset {
-            REG_HOST_FEATURES => u64::from(Self::host_features()),
+            REG_HOST_FEATURES => u64::from(self.host_features()),
             REG_GUEST_FEATURES => u64::from(self.guest_features),
             REG_QUEUE_PFN if self.queue_sel == 0 => u64::from(self.queue.pfn),
             REG_QUEUE_NUM if self.queue_sel == 0 => u64::from(QUEUE_SIZE),
@@ -283,7 +317,7 @@ impl VirtioBlk {
             REG_QUEUE_SEL => u64::from(self.queue_sel),
             REG_STATUS => u64::from(self.status),
             REG_ISR => u64::from(self.isr.swap(0, Ordering::SeqCst)),
-            o if (REG_CONFIG..REG_CONFIG + 24).contains(&o) => {
+            o if (REG_CONFIG..REG_CONFIG + CONFIG_LEN).contains(&o) => {
                 let c = self.config(port);
                 let start = (o - REG_CONFIG) as usize;
                 let mut b = [0u8; 8];
@@ -300,7 +334,7 @@ impl VirtioBlk {
     /// A register write of `size` bytes of `data` at `offset`.
     pub fn write(&mut self, offset: u64, _size: AccessSize, data: u64, port: &mut dyn StorePort) {
         match offset {
-            REG_GUEST_FEATURES => self.guest_features = data as u32 & Self::host_features(),
+            REG_GUEST_FEATURES => self.guest_features = data as u32 & self.host_features(),
             REG_QUEUE_PFN if self.queue_sel == 0 => {
                 if data == 0 {
                     self.queue.reset();
@@ -466,9 +500,15 @@ impl VirtioBlk {
                 (BlockOp::Flush, 0, Vec::new())
             }
             T_DISCARD | T_WRITE_ZEROES => {
-                // One segment: sector, sector count, flags.
+                // Exactly one segment (max_discard_seg and
+                // max_write_zeroes_seg are 1): sector, sector count,
+                // flags. More segments would be ignored: refused instead.
                 let mut seg = [0u8; 16];
-                let Some(d) = data.first().filter(|d| !d.is_write() && d.len >= 16) else {
+                let one = match data {
+                    [d] if !d.is_write() && d.len == 16 => Some(d),
+                    _ => None,
+                };
+                let Some(d) = one else {
                     self.complete_now(head, Some(*status), S_IOERR);
                     return;
                 };
@@ -478,16 +518,33 @@ impl VirtioBlk {
                 }
                 let s = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
                 let n = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
+                let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
+                // Bit 0 is `unmap`: meaningless for a discard, allowed for
+                // write-zeroes (write_zeroes_may_unmap); no other flag is
+                // defined.
+                let allowed = if kind == T_DISCARD { 0 } else { 1 };
+                if flags & !allowed != 0 {
+                    self.complete_now(head, Some(*status), S_UNSUPP);
+                    return;
+                }
+                let bytes = u64::from(n) * SECTOR;
+                let in_range = s
+                    .checked_mul(SECTOR)
+                    .and_then(|o| o.checked_add(bytes))
+                    .is_some_and(|end| end <= capacity);
+                if bytes > u64::from(MAX_BLOCK_LEN) || !in_range {
+                    self.complete_now(head, Some(*status), S_IOERR);
+                    return;
+                }
+                if n == 0 {
+                    self.complete_now(head, Some(*status), S_OK);
+                    return;
+                }
                 let op = if kind == T_DISCARD {
                     BlockOp::Discard
                 } else {
                     BlockOp::WriteZeroes
                 };
-                let bytes = u64::from(n) * SECTOR;
-                if bytes > u64::from(MAX_BLOCK_LEN) {
-                    self.complete_now(head, Some(*status), S_IOERR);
-                    return;
-                }
                 return self.send_bulk(
                     head,
                     *status,
@@ -805,6 +862,14 @@ mod tests {
         let f = r.r(REG_HOST_FEATURES, AccessSize::B4) as u32;
         assert_ne!(f & VIRTIO_BLK_F_FLUSH, 0);
         assert_eq!(r.r(REG_GUEST_FEATURES, AccessSize::B4) as u32, f);
+        // Through the register window there is no discard or
+        // write-zeroes: neither offered, their limits zero, and a guest
+        // that sends one anyway is told it is unsupported.
+        assert_eq!(f & (VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES), 0);
+        assert_eq!(r.r(REG_CONFIG + 36, AccessSize::B4), 0);
+        assert_eq!(r.r(REG_CONFIG + 48, AccessSize::B4), 0);
+        r.put(0x30_0000, &[0; 16]);
+        assert_eq!(r.req(T_DISCARD, 0, &[(0x30_0000, 16, false)]).0, S_UNSUPP);
     }
 
     #[test]
