@@ -350,8 +350,10 @@ impl Devplane {
         };
         let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         format!(
-            "bulk disk: {} sent, {} received, {} dropped, {} timeouts",
+            "bulk disk: {} sent ({} of them in {} GSO sends), {} received, {} dropped, {} timeouts",
             g(&s.sent),
+            g(&s.gso_datagrams),
+            g(&s.gso_sends),
             g(&s.received),
             g(&s.dropped),
             g(&s.timeouts)

@@ -146,6 +146,11 @@ pub struct BulkStats {
     pub received: AtomicU64,
     /// Answers dropped: malformed, bad tag, unknown or duplicate.
     pub dropped: AtomicU64,
+    /// Datagrams of `sent` that went in UDP GSO batches (several in one
+    /// system call).
+    pub gso_datagrams: AtomicU64,
+    /// The system calls that sent them.
+    pub gso_sends: AtomicU64,
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -567,6 +572,12 @@ struct Shared {
     stats: BulkStats,
     loss: crate::engine::Loss,
     rng: AtomicU64,
+    /// Whether sends may use UDP GSO ([`SockOut`]).
+    gso: AtomicBool,
+    /// When the last request was submitted (ns since `epoch`): the I/O
+    /// thread spins for an answer after it.
+    last_submit: AtomicU64,
+    epoch: Instant,
 }
 
 impl Shared {
@@ -584,22 +595,156 @@ impl Shared {
     }
 }
 
+/// Most datagrams one UDP GSO send carries (the kernel takes up to 64).
+const GSO_MAX_SEGS: usize = 40;
+/// Most bytes one UDP GSO send carries: the unsegmented datagram must fit
+/// in one IPv4 packet.
+const GSO_MAX_BYTES: usize = 60_000;
+
+/// The socket as an [`Outbox`]. The datagrams one turn of the protocol
+/// sends (a write's segments, a burst of resends) go out in as few
+/// system calls as UDP GSO allows: runs of datagrams of one size (the
+/// last of a run may be shorter) in one `sendmsg` with `UDP_SEGMENT`,
+/// which the kernel cuts into the same datagrams, each with its own
+/// header, block record and tag, on the wire exactly as if sent one by
+/// one. Where the kernel or the route refuses GSO, it is turned off for
+/// the socket and datagrams go one `send` each. Written by hand: std's
+/// `UdpSocket` has no control messages, and a crate for one cmsg would
+/// be a dependency for ten lines.
 struct SockOut<'a> {
     sock: &'a UdpSocket,
     stats: &'a BulkStats,
     shared: &'a Shared,
+    /// Datagrams waiting, end to end.
+    batch: Vec<u8>,
+    /// Their size (all but the last).
+    seg: usize,
+    /// How many.
+    n: usize,
+    /// The last one is shorter than `seg`: the run is closed.
+    closed: bool,
+}
+
+impl<'a> SockOut<'a> {
+    fn new(shared: &'a Shared) -> SockOut<'a> {
+        SockOut {
+            sock: &shared.sock,
+            stats: &shared.stats,
+            shared,
+            batch: Vec::new(),
+            seg: 0,
+            n: 0,
+            closed: false,
+        }
+    }
+
+    /// Sends what is batched.
+    fn flush(&mut self) {
+        match self.n {
+            0 => {}
+            1 => {
+                // A full socket buffer loses the datagram like the
+                // network would: the timer sends it again.
+                let _ = self.sock.send(&self.batch);
+            }
+            _ => {
+                let sent = send_gso(self.sock, &self.batch, self.seg);
+                if sent.is_ok() {
+                    add(&self.stats.gso_sends, 1);
+                    add(&self.stats.gso_datagrams, self.n as u64);
+                }
+                if let Err(e) = sent
+                    && gso_refused(&e)
+                {
+                    self.shared.gso.store(false, Ordering::Relaxed);
+                    for d in self.batch.chunks(self.seg) {
+                        let _ = self.sock.send(d);
+                    }
+                }
+            }
+        }
+        self.batch.clear();
+        self.n = 0;
+        self.closed = false;
+    }
 }
 
 impl Outbox for SockOut<'_> {
     fn send(&mut self, bytes: &[u8]) {
+        add(&self.stats.sent, 1);
         if self.shared.lose(self.shared.loss.tx_permille) {
-            add(&self.stats.sent, 1);
             return;
         }
-        // A full socket buffer loses the datagram like the network
-        // would: the timer sends it again.
-        let _ = self.sock.send(bytes);
-        add(&self.stats.sent, 1);
+        if !self.shared.gso.load(Ordering::Relaxed) {
+            let _ = self.sock.send(bytes);
+            return;
+        }
+        if self.n > 0
+            && (self.closed
+                || bytes.len() > self.seg
+                || self.n == GSO_MAX_SEGS
+                || self.batch.len() + bytes.len() > GSO_MAX_BYTES)
+        {
+            self.flush();
+        }
+        if self.n == 0 {
+            self.seg = bytes.len();
+        }
+        self.closed = bytes.len() < self.seg;
+        self.batch.extend_from_slice(bytes);
+        self.n += 1;
+    }
+}
+
+impl Drop for SockOut<'_> {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// Whether a send error says GSO cannot be used here (rather than a full
+/// buffer or an unreachable peer, which lose the batch like the network).
+fn gso_refused(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+    )
+}
+
+/// One `sendmsg` of `buf` on the connected `sock`, cut by the kernel into
+/// datagrams of `seg` bytes (the last may be shorter).
+fn send_gso(sock: &UdpSocket, buf: &[u8], seg: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const UDP_SEGMENT: libc::c_int = 103;
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // Room for one cmsg of a u16, aligned as cmsghdr wants.
+    let mut control = [0u64; 4];
+    // SAFETY: a zeroed msghdr is valid (no name, no iovecs yet).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    // SAFETY: CMSG_SPACE only computes a size.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as usize;
+    // SAFETY: the control buffer is 32 bytes, more than CMSG_SPACE(2)
+    // (24), and aligned for cmsghdr (u64s); CMSG_FIRSTHDR returns its
+    // start, CMSG_DATA the data within it.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, seg as u16);
+    }
+    // SAFETY: msg points at iov, buf and control, all alive for the call.
+    let rc = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 
@@ -635,6 +780,9 @@ impl BulkDisk {
             stats: BulkStats::default(),
             loss: cfg.loss,
             rng: AtomicU64::new(cfg.loss.seed | 1),
+            gso: AtomicBool::new(true),
+            last_submit: AtomicU64::new(0),
+            epoch: Instant::now(),
         });
         let s = Arc::clone(&shared);
         let spin = cfg.spin;
@@ -651,11 +799,9 @@ impl BulkDisk {
     /// the callback with `token`.
     pub fn submit(&self, token: u64, op: BlockOp, sector: u64, len: u32, data: Vec<u8>) {
         add(&self.shared.stats.submitted, 1);
-        let mut out = SockOut {
-            sock: &self.shared.sock,
-            stats: &self.shared.stats,
-            shared: &self.shared,
-        };
+        let since = self.shared.epoch.elapsed().as_nanos() as u64;
+        self.shared.last_submit.store(since, Ordering::Relaxed);
+        let mut out = SockOut::new(&self.shared);
         if let Ok(mut c) = self.shared.client.lock() {
             c.submit(token, op, sector, len, data, Instant::now(), &mut out);
         }
@@ -725,11 +871,7 @@ fn io_loop(s: &Shared, spin: Duration, mut on_complete: OnComplete) {
             }
             add(&stats.received, 1);
             let now = Instant::now();
-            let mut out = SockOut {
-                sock: &s.sock,
-                stats,
-                shared: s,
-            };
+            let mut out = SockOut::new(s);
             let ok = match s.client.lock() {
                 Ok(mut c) => c.on_datagram(&buf[..n], now, &mut out, &mut done),
                 Err(_) => return,
@@ -746,19 +888,15 @@ fn io_loop(s: &Shared, spin: Duration, mut on_complete: OnComplete) {
             }
         }
         let now = Instant::now();
-        let (next, busy) = match s.client.lock() {
+        let next = match s.client.lock() {
             Ok(mut c) => {
-                let mut out = SockOut {
-                    sock: &s.sock,
-                    stats,
-                    shared: s,
-                };
+                let mut out = SockOut::new(s);
                 if c.next_deadline().is_some_and(|d| d <= now) {
                     let fired = c.on_timer(now, &mut out, &mut done);
                     add(&stats.timeouts, fired);
                     add(&stats.resent, fired);
                 }
-                (c.next_deadline(), c.pending() > 0)
+                c.next_deadline()
             }
             Err(_) => return,
         };
@@ -769,10 +907,16 @@ fn io_loop(s: &Shared, spin: Duration, mut on_complete: OnComplete) {
             }
             on_complete(c);
         }
-        if got || busy {
+        // Spin for `spin` after the last answer or submission, then sleep
+        // until an answer or the next timer: not for as long as requests
+        // are pending, which on a deep queue of large requests kept this
+        // thread on its core between answers, taking it from the
+        // submitting vCPU and from the kernel's sending of its datagrams.
+        if got {
             last_activity = now;
         }
-        if now.duration_since(last_activity) < spin {
+        let submitted = s.epoch + Duration::from_nanos(s.last_submit.load(Ordering::Relaxed));
+        if now.duration_since(last_activity.max(submitted)) < spin {
             std::hint::spin_loop();
             continue;
         }
