@@ -178,9 +178,13 @@ pub const CHECK_FAILED: u32 = 0xbad0_0000;
 /// write the guest loads MMX register `mm0` (FPU state, what XSAVE
 /// carries) with [`checked_fpu_pattern`] and writes
 /// [`CHECKED_MSR_VALUE`] + `vcpu` to MSR [`CHECKED_MSR`]
-/// (`IA32_SYSENTER_CS`); after the last it reads both back. A snapshot or
-/// migration that loses either (the target's vCPU starting with its
-/// reset values) fails the check.
+/// (`IA32_SYSENTER_CS`), and puts its local APIC in x2APIC mode with an
+/// LVT timer ([`checked_lvt_timer`]) and a divide configuration
+/// ([`CHECKED_TIMER_DIVIDE`]) of its own; after the last it reads them all
+/// back. A snapshot or migration that loses any (the target's vCPU
+/// starting with its reset values: `KVM_SET_XSAVE`, `KVM_SET_MSRS`,
+/// `KVM_SET_LAPIC` or the APIC base in `KVM_SET_SREGS` skipped) fails the
+/// check.
 pub fn checked_writes(port: u16, iterations: u16, vcpu: u8) -> Result<Guest, GuestError> {
     if vcpu >= 8 {
         return Err(GuestError::BadArgument(format!(
@@ -210,6 +214,21 @@ pub fn checked_writes(port: u16, iterations: u16, vcpu: u8) -> Result<Guest, Gue
     a.mov(ecx, CHECKED_MSR)?;
     a.mov(eax, msr_value)?;
     a.xor(edx, edx)?;
+    a.wrmsr()?;
+    // The local APIC: into x2APIC mode (EN and EXTD in IA32_APIC_BASE),
+    // where its registers are MSRs a real-mode guest reaches; then a
+    // masked LVT timer with a vector of its own and a divide
+    // configuration, neither of them the reset value.
+    a.mov(ecx, MSR_APIC_BASE)?;
+    a.rdmsr()?;
+    a.or(eax, APIC_BASE_EN | APIC_BASE_EXTD)?;
+    a.wrmsr()?;
+    a.mov(ecx, X2APIC_LVT_TIMER)?;
+    a.mov(eax, checked_lvt_timer(vcpu))?;
+    a.xor(edx, edx)?;
+    a.wrmsr()?;
+    a.mov(ecx, X2APIC_TIMER_DIVIDE)?;
+    a.mov(eax, CHECKED_TIMER_DIVIDE)?;
     a.wrmsr()?;
     a.mov(dx, u32::from(port))?;
     a.xor(eax, eax)?;
@@ -244,6 +263,16 @@ pub fn checked_writes(port: u16, iterations: u16, vcpu: u8) -> Result<Guest, Gue
     a.cmp(eax, msr_value)?;
     a.mov(eax, edi)?;
     a.jne(bad)?;
+    a.mov(ecx, X2APIC_LVT_TIMER)?;
+    a.rdmsr()?;
+    a.cmp(eax, checked_lvt_timer(vcpu))?;
+    a.mov(eax, edi)?;
+    a.jne(bad)?;
+    a.mov(ecx, X2APIC_TIMER_DIVIDE)?;
+    a.rdmsr()?;
+    a.cmp(eax, CHECKED_TIMER_DIVIDE)?;
+    a.mov(eax, edi)?;
+    a.jne(bad)?;
     p.report_eax()?;
     let a = &mut p.a;
     a.set_label(&mut bad)?;
@@ -251,6 +280,23 @@ pub fn checked_writes(port: u16, iterations: u16, vcpu: u8) -> Result<Guest, Gue
     a.or(eax, CHECK_FAILED)?;
     p.report_eax()?;
     p.finish(None)
+}
+
+const MSR_APIC_BASE: u32 = 0x1b;
+const APIC_BASE_EN: u32 = 1 << 11;
+const APIC_BASE_EXTD: u32 = 1 << 10;
+/// x2APIC MSR of the LVT timer register.
+pub const X2APIC_LVT_TIMER: u32 = 0x832;
+/// x2APIC MSR of the timer's divide configuration register.
+pub const X2APIC_TIMER_DIVIDE: u32 = 0x83e;
+/// What [`checked_writes`] puts in the divide configuration: divide by 1
+/// (the reset value is 0, divide by 2).
+pub const CHECKED_TIMER_DIVIDE: u32 = 0xb;
+
+/// What [`checked_writes`] puts in vCPU `vcpu`'s LVT timer: masked (the
+/// reset value is masked with vector 0), vector 0x40 + `vcpu`.
+pub fn checked_lvt_timer(vcpu: u8) -> u32 {
+    0x1_0040 + u32::from(vcpu)
 }
 
 /// The MSR [`checked_writes`] sets and checks: `IA32_SYSENTER_CS`, which
