@@ -180,11 +180,12 @@ pub const CHECK_FAILED: u32 = 0xbad0_0000;
 /// [`CHECKED_MSR_VALUE`] + `vcpu` to MSR [`CHECKED_MSR`]
 /// (`IA32_SYSENTER_CS`), and puts its local APIC in x2APIC mode with an
 /// LVT timer ([`checked_lvt_timer`]) and a divide configuration
-/// ([`CHECKED_TIMER_DIVIDE`]) of its own; after the last it reads them all
-/// back. A snapshot or migration that loses any (the target's vCPU
-/// starting with its reset values: `KVM_SET_XSAVE`, `KVM_SET_MSRS`,
-/// `KVM_SET_LAPIC` or the APIC base in `KVM_SET_SREGS` skipped) fails the
-/// check.
+/// ([`CHECKED_TIMER_DIVIDE`]) of its own, and masks IRQs 14 and 15 on the
+/// in-kernel slave PIC ([`CHECKED_SLAVE_MASK`]); after the last it reads
+/// them all back. A snapshot or migration that loses any (the target
+/// starting with reset values: `KVM_SET_XSAVE`, `KVM_SET_MSRS`,
+/// `KVM_SET_LAPIC`, the APIC base in `KVM_SET_SREGS` or the PIC's
+/// `KVM_SET_IRQCHIP` skipped) fails the check.
 pub fn checked_writes(port: u16, iterations: u16, vcpu: u8) -> Result<Guest, GuestError> {
     if vcpu >= 8 {
         return Err(GuestError::BadArgument(format!(
@@ -230,6 +231,11 @@ pub fn checked_writes(port: u16, iterations: u16, vcpu: u8) -> Result<Guest, Gue
     a.mov(ecx, X2APIC_TIMER_DIVIDE)?;
     a.mov(eax, CHECKED_TIMER_DIVIDE)?;
     a.wrmsr()?;
+    // The in-kernel PIC: IRQs 14 and 15 masked on the slave (lines no
+    // device of these VMs uses; the reset mask is 0).
+    a.in_(al, 0xa1)?;
+    a.or(al, CHECKED_SLAVE_MASK)?;
+    a.out(0xa1, al)?;
     a.mov(dx, u32::from(port))?;
     a.xor(eax, eax)?;
     a.mov(dword_ptr(count), eax)?;
@@ -273,6 +279,11 @@ pub fn checked_writes(port: u16, iterations: u16, vcpu: u8) -> Result<Guest, Gue
     a.cmp(eax, CHECKED_TIMER_DIVIDE)?;
     a.mov(eax, edi)?;
     a.jne(bad)?;
+    a.in_(al, 0xa1)?;
+    a.and(al, CHECKED_SLAVE_MASK)?;
+    a.cmp(al, CHECKED_SLAVE_MASK)?;
+    a.mov(eax, edi)?;
+    a.jne(bad)?;
     p.report_eax()?;
     let a = &mut p.a;
     a.set_label(&mut bad)?;
@@ -285,6 +296,8 @@ pub fn checked_writes(port: u16, iterations: u16, vcpu: u8) -> Result<Guest, Gue
 const MSR_APIC_BASE: u32 = 0x1b;
 const APIC_BASE_EN: u32 = 1 << 11;
 const APIC_BASE_EXTD: u32 = 1 << 10;
+/// The slave PIC's mask bits [`checked_writes`] sets (IRQs 14 and 15).
+pub const CHECKED_SLAVE_MASK: u32 = 0xc0;
 /// x2APIC MSR of the LVT timer register.
 pub const X2APIC_LVT_TIMER: u32 = 0x832;
 /// x2APIC MSR of the timer's divide configuration register.
