@@ -60,7 +60,7 @@ pub struct Header {
     /// [`HDR_TAG`], the id of the key the tag is computed with in the high
     /// byte ([`KEY_ID_SHIFT`]).
     pub flags: U16,
-    /// With [`HDR_IRQ_PORT`] (requests only): the UDP port, at the
+    /// With [`HDR_IRQ_PORT`] (requests and acknowledgements): the UDP port, at the
     /// sender's address, where this client wants the interrupts of the
     /// VMs in the records; zero otherwise.
     pub reserved: U32,
@@ -201,8 +201,9 @@ impl Header {
 
     /// Checks the header's flags and the field they give meaning to:
     /// known flags only, a key id only with [`HDR_TAG`], [`HDR_IRQ_PORT`]
-    /// only on a request and with a port in 1..=65535, and `reserved` zero
-    /// without it.
+    /// only on a request or an acknowledgement (a client's announcement
+    /// to a model's new server says where its interrupts go) and with a
+    /// port in 1..=65535, and `reserved` zero without it.
     pub fn check_flags(&self, kind: Kind) -> Result<(), WireError> {
         let flags = self.flags.get();
         let known = if flags & HDR_TAG != 0 {
@@ -220,7 +221,10 @@ impl Header {
             }
             return Ok(());
         }
-        if kind != Kind::Request || reserved == 0 || reserved > u32::from(u16::MAX) {
+        if !matches!(kind, Kind::Request | Kind::Ack)
+            || reserved == 0
+            || reserved > u32::from(u16::MAX)
+        {
             return Err(WireError::BadIrqPort {
                 kind,
                 port: reserved,

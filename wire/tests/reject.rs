@@ -561,7 +561,8 @@ fn header_flags() {
         (Kind::Request, u32::MAX),
         (Kind::Response, 7000),
         (Kind::Interrupt, 7000),
-        (Kind::Ack, 7000),
+        (Kind::Ack, 0),
+        (Kind::Ack, 65536),
     ] {
         assert_eq!(
             parse_err(&with(kind, 1, port)),
@@ -570,6 +571,9 @@ fn header_flags() {
     }
     for port in [1u16, 7000, u16::MAX] {
         let b = with(Kind::Request, 1, port as u32);
+        assert_eq!(Datagram::parse(&b).unwrap().irq_port(), Some(port));
+        // An acknowledgement may name it too (an announcement).
+        let b = with(Kind::Ack, 1, port as u32);
         assert_eq!(Datagram::parse(&b).unwrap().irq_port(), Some(port));
         let h = Header::new(Kind::Request, 1, 2, 3).with_irq_port(port);
         assert_eq!(h.irq_port(), Some(port));

@@ -822,8 +822,11 @@ fn answer_frame(
             recycle.push(desc.addr);
         }
         Some(FrameOutcome::Recycle) => recycle.push(desc.addr),
-        Some(FrameOutcome::Ack { model, seq }) => {
+        Some(FrameOutcome::Ack { model, seq, learn }) => {
             work.router.ack(model, seq);
+            if let Some((client, vm, to)) = learn {
+                work.peers.learn_first(client, vm, to);
+            }
             recycle.push(desc.addr);
         }
         Some(FrameOutcome::Bulk { client, vm, back }) => {

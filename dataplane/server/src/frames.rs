@@ -23,6 +23,9 @@ pub enum FrameOutcome {
         model: u32,
         /// The highest sequence number acknowledged.
         seq: u64,
+        /// (client, VM, where to): an address for the VM's interrupts,
+        /// to take if none is known yet.
+        learn: Option<(u32, u32, Flow)>,
     },
     /// A block request taken by the bulk engine: recycle the frame; its
     /// answers go back along `back`.
@@ -71,7 +74,28 @@ pub fn answer_in_place(
             fresh,
             ..
         } => (client, vm, irq_port, fresh),
-        Outcome::Acked { model, seq } => return FrameOutcome::Ack { model, seq },
+        Outcome::Acked {
+            model,
+            seq,
+            client,
+            vm,
+            irq_port,
+        } => {
+            let back = udp.flow.reversed();
+            // Where the VM's interrupts go, if nothing better is known
+            // (a client's announcement to a model's new server).
+            let learn = vm.map(|vm| {
+                let to = match irq_port {
+                    Some(port) => Flow {
+                        dst_port: port,
+                        ..back
+                    },
+                    None => back,
+                };
+                (client, vm, to)
+            });
+            return FrameOutcome::Ack { model, seq, learn };
+        }
         Outcome::Bulk { client, vm } => {
             return FrameOutcome::Bulk {
                 client,

@@ -247,7 +247,24 @@ impl SocketTransport {
                 }
                 work.stats.service.record(t0.elapsed().as_nanos() as u64, 1);
             }
-            Outcome::Acked { model, seq } => work.router.ack(model, seq),
+            Outcome::Acked {
+                model,
+                seq,
+                client,
+                vm,
+                irq_port,
+            } => {
+                work.router.ack(model, seq);
+                // Where the VM's interrupts go, if nothing better is
+                // known (a client's announcement to a model's new server).
+                if let Some(vm) = vm {
+                    let mut irq_to = from;
+                    if let Some(port) = irq_port {
+                        irq_to.set_port(port);
+                    }
+                    work.peers.learn_first(client, vm, irq_to);
+                }
+            }
             Outcome::Bulk { client, vm } => work.bulk_peers.learn(client, vm, from),
             _ => {}
         }

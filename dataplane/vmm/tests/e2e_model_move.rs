@@ -360,14 +360,13 @@ fn irq_chain_vm(want: u16) -> VmSpec {
 /// interrupt is applied once (the engine's count is the guest's), and
 /// both servers raised some (the interrupts followed the model).
 ///
-/// KNOWN BUG, so not run by default: a target worker that has never
-/// heard from the VM's client (its interrupt address is learned from
-/// requests only) holds the handed-over interrupt until the guest sends
-/// it a request; a guest waiting for that interrupt stalls for good (4 of
-/// 9 runs, 2026-12-06: "no interrupt between moves", the interrupt held
-/// on the target). Run it with `--run-ignored only`.
+/// It found a bug: a target worker that had never heard from the VM's
+/// client (it learned where interrupts go from requests only) held the
+/// handed-over interrupt until the guest sent it a request, and the guest
+/// waiting for that interrupt stalled for good (4 of 9 runs). The client
+/// now announces itself to a model's new server after a retarget
+/// (`Protocol::announce`); the test checks the announcements were sent.
 #[test]
-#[ignore = "known bug: handed-over interrupts wait for a request to the target worker"]
 fn a_models_interrupts_follow_it_between_servers() {
     let test = "a_models_interrupts_follow_it_between_servers";
     if !privilege::require(test, &[Capability::Root, Capability::Bpf, Capability::Kvm]) {
@@ -514,5 +513,12 @@ fn a_models_interrupts_follow_it_between_servers() {
     eprintln!("interrupts sent: A {on_a} ({again_a} again), B {on_b} ({again_b} again)");
     assert!(on_a > 0 && on_b > 0, "A sent {on_a}, B sent {on_b}");
     assert!(again_a + again_b > 0, "the loss made nothing be sent again");
+    let hellos = client
+        .engine()
+        .expect("engine")
+        .stats()
+        .hellos
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(hellos >= 6, "{hellos} announcements for six moves");
     assert_eq!(placement(&a, &b, IRQ_MODEL), (true, false, false));
 }

@@ -293,6 +293,16 @@ pub enum Outcome {
         model: u32,
         /// The highest interrupt sequence number acknowledged.
         seq: u64,
+        /// The client that acknowledged.
+        client: u32,
+        /// The VM the model's interrupts go to, when the acknowledgement
+        /// is its client's (ownership checked, or not checked at all):
+        /// where it came from (and the port it names) is where that VM's
+        /// interrupts may go, if nothing better is known yet (a client's
+        /// announcement to a model's new server).
+        vm: Option<u32>,
+        /// The interrupt port it names ([`devplane_wire::header::HDR_IRQ_PORT`]).
+        irq_port: Option<u16>,
     },
     /// Answered in place: send the buffer's first `len` bytes back.
     Respond {
@@ -790,11 +800,12 @@ impl Dispatcher {
     /// Honoured only from the client of the VM the model's interrupts go
     /// to (when ownership is checked).
     fn acknowledged(&mut self, d: &Datagram<'_>) -> Outcome {
-        let owner_ok = self
+        let target = self
             .models
             .get(&d.model())
             .and_then(|m| m.irq_target)
-            .is_some_and(|(vm, _)| self.owners.allows(d.client(), vm));
+            .map(|(vm, _)| vm);
+        let owner_ok = target.is_some_and(|vm| self.owners.allows(d.client(), vm));
         if self.owners.check && !owner_ok {
             self.stats.foreign_vm += 1;
             return Outcome::Foreign;
@@ -811,6 +822,9 @@ impl Dispatcher {
             Some(seq) => Outcome::Acked {
                 model: d.model(),
                 seq,
+                client: d.client(),
+                vm: target,
+                irq_port: d.irq_port(),
             },
             None => Outcome::Consumed,
         }

@@ -319,9 +319,18 @@ fn acknowledgements_are_handed_to_the_router() {
         &[ack(5), ack(9), ack(7)],
     )
     .unwrap();
-    assert_eq!(
-        d.handle(&mut buf[..n]),
-        Outcome::Acked { model: 42, seq: 9 }
+    assert!(
+        matches!(
+            d.handle(&mut buf[..n]),
+            Outcome::Acked {
+                model: 42,
+                seq: 9,
+                client: 7,
+                irq_port: None,
+                ..
+            }
+        ),
+        "the highest acknowledged"
     );
     assert_eq!(d.stats().acks, 1);
 }
@@ -503,10 +512,40 @@ fn acks_from_another_client_are_ignored() {
         d.handle(&mut ack(7)),
         Outcome::Acked {
             model: 42,
-            seq: u64::MAX
+            seq: u64::MAX,
+            client: 7,
+            vm: Some(3),
+            irq_port: None,
         }
     );
     assert_eq!((d.stats().acks, d.stats().foreign_vm), (1, 1));
+    // An announcement (a client's acknowledgement of nothing, naming its
+    // interrupt port) says where VM 3's interrupts may go.
+    let mut buf = vec![0u8; 256];
+    let rec = Record::Ack(devplane_wire::Ack {
+        id: RequestId {
+            vm: 3,
+            hypervisor: 0,
+            vcpu: 0,
+            seq: 0,
+        },
+    });
+    let n = devplane_wire::datagram::encode(
+        &mut buf,
+        Header::new(Kind::Ack, 42, 1, 7).with_irq_port(4242),
+        &[rec],
+    )
+    .unwrap();
+    assert_eq!(
+        d.handle(&mut buf[..n]),
+        Outcome::Acked {
+            model: 42,
+            seq: 0,
+            client: 7,
+            vm: Some(3),
+            irq_port: Some(4242),
+        }
+    );
 }
 
 /// Windows are bounded per worker too: however many registered VMs and

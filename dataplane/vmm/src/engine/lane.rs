@@ -540,6 +540,7 @@ impl Loop {
         let now = now_ns();
         let mut work = self.drain_rings(now)?.0;
         work |= self.proto.retransmit(now, &mut self.io)?;
+        work |= self.proto.announce(now, &mut self.io);
         self.enter()?;
         if self.reap(owner)? {
             work = true;

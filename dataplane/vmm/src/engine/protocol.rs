@@ -251,7 +251,44 @@ pub(crate) struct Protocol {
     stats: Arc<EngineStats>,
     /// Key changes (a rotation) into `settings.keys`.
     key_watch: super::keys::KeyWatch,
+    /// Announcements owed to servers a model was retargeted to
+    /// ([`Protocol::announce`]).
+    hellos: Vec<Hello>,
 }
+
+/// An announcement to a model's new server: an acknowledgement of nothing
+/// (sequence number 0) for one VM using the model, from the socket (and
+/// naming the interrupt port) its requests use, so that the server learns
+/// where the VM's interrupts go before the guest sends it anything. A
+/// server learns that from requests only otherwise, and an interrupt
+/// handed over with the model would wait there for the guest's next
+/// request to it, while the guest waits for the interrupt. Sent a few
+/// times ([`HELLO_GAPS_NS`]) because the first may come before the new
+/// server serves the model (the client retargets before the commit).
+#[derive(Debug, Clone, Copy)]
+struct Hello {
+    model: u32,
+    server: u32,
+    socket: usize,
+    vm: u32,
+    vcpu: u16,
+    /// When the next is due ([`now_ns`](super::now_ns)).
+    next_at: u64,
+    /// How many were sent.
+    sent: usize,
+}
+
+/// The waits before each announcement after a retarget: 1, 5, 20, 100,
+/// 400 ms and 1.5 s (the hand-over's commit follows the retarget within
+/// its step timeout).
+const HELLO_GAPS_NS: [u64; 6] = [
+    1_000_000,
+    4_000_000,
+    15_000_000,
+    80_000_000,
+    300_000_000,
+    1_100_000_000,
+];
 
 /// Sends `bytes` unless loss injection drops it.
 fn transmit(
@@ -396,6 +433,7 @@ impl Protocol {
             servers,
             flows,
             by_id,
+            hellos: Vec::new(),
             irq_seen: IrqSeen::default(),
             spare: Vec::new(),
             stats,
@@ -554,8 +592,67 @@ impl Protocol {
                 f.interval = 0;
                 rewritten += 1;
             }
+            if let Some((&(vm, vcpu), _)) = self.by_id.iter().find(|(_, i)| **i == v) {
+                self.hellos.retain(|h| (h.model, h.vm) != (model, vm));
+                self.hellos.push(Hello {
+                    model,
+                    server,
+                    socket,
+                    vm,
+                    vcpu,
+                    next_at: now.saturating_add(HELLO_GAPS_NS[0]),
+                    sent: 0,
+                });
+            }
         }
         rewritten
+    }
+
+    /// Sends the announcements due at `now` ([`Hello`]); whether any was.
+    pub(crate) fn announce(&mut self, now: u64, io: &mut impl Io) -> bool {
+        if self.hellos.iter().all(|h| h.next_at > now) {
+            return false;
+        }
+        self.refresh_keys();
+        let mut due = Vec::new();
+        for h in &mut self.hellos {
+            if h.next_at <= now {
+                due.push(*h);
+                h.sent += 1;
+                h.next_at = HELLO_GAPS_NS
+                    .get(h.sent)
+                    .map_or(u64::MAX, |gap| now.saturating_add(*gap));
+            }
+        }
+        self.hellos.retain(|h| h.sent < HELLO_GAPS_NS.len());
+        for h in due {
+            if self.rng.chance(self.settings.loss.tx_permille) {
+                add(&self.stats.loss_tx, 1);
+                continue;
+            }
+            let mut header = Header::new(Kind::Ack, h.model, h.server, self.settings.client);
+            if let Some(&port) = self.irq_ports.get(h.socket) {
+                header = header.with_irq_port(port);
+            }
+            let id = RequestId {
+                vm: h.vm,
+                hypervisor: 0,
+                vcpu: h.vcpu,
+                seq: 0,
+            };
+            let mut buf = [0u8; HEADER_LEN + RECORD_LEN + devplane_wire::TAG_LEN];
+            let n = datagram::encode(&mut buf, header, &[Record::Ack(Ack { id })])
+                .ok()
+                .and_then(|n| match &self.settings.keys {
+                    Some(ring) => devplane_wire::tag::seal(&mut buf, n, &ring.current),
+                    None => Some(n),
+                });
+            if let Some(n) = n {
+                io.ack(h.socket, h.server, &buf[..n]);
+                add(&self.stats.hellos, 1);
+            }
+        }
+        true
     }
 
     /// Resends every datagram due at `now` (doubling its next wait, up to
@@ -622,6 +719,7 @@ impl Protocol {
             .iter()
             .flat_map(|f| f.inflight.iter().flatten())
             .map(|f| f.due(&self.settings))
+            .chain(self.hellos.iter().map(|h| h.next_at))
             .min()
     }
 

@@ -938,6 +938,86 @@ fn a_retargeted_model_resends_its_datagram_in_flight_to_the_new_server_and_hears
     );
 }
 
+/// After a retarget the client announces itself to the model's new
+/// server: an acknowledgement of nothing (sequence 0) for the VM, from
+/// the new server's socket, naming the interrupt port, sealed; six times
+/// at growing gaps (the first may come before the server serves the
+/// model), then never again; a second retarget starts over instead of
+/// adding a second series. The lane wakes for them (`next_due`).
+#[test]
+fn a_retarget_is_announced_to_the_new_server_a_few_times() {
+    const NEW: u32 = 4;
+    let models: Arc<[RemoteModel]> = Arc::new([RemoteModel {
+        model: MODEL_A,
+        server: SERVER,
+        socket: 0,
+    }]);
+    let ring = devplane_wire::tag::KeyRing::new(devplane_wire::tag::TagKey {
+        id: 1,
+        bytes: [7; 16],
+    });
+    let settings = Settings {
+        client: CLIENT,
+        retransmit_ns: RETRANSMIT,
+        retransmit_max_ns: 8 * RETRANSMIT,
+        horizon_ns: HORIZON,
+        loss: Loss::default(),
+        keys: Some(ring),
+    };
+    let stats = Arc::new(EngineStats::default());
+    let mut p = Protocol::new(
+        settings,
+        vec![Peer {
+            vm: VM,
+            vcpu: 0,
+            models,
+        }],
+        vec![Some(SERVER), Some(NEW)],
+        vec![SERVER, NEW],
+        vec![4242, 4343],
+        stats.clone(),
+    );
+    let mut io = Fake::default();
+    assert_eq!(p.next_due(), None);
+    assert_eq!(p.retarget(MODEL_A, NEW, 1, 1000), 0, "nothing in flight");
+    let first = 1000 + HELLO_GAPS_NS[0];
+    assert_eq!(p.next_due(), Some(first));
+    assert!(!p.announce(first - 1, &mut io));
+    assert!(io.acks.is_empty());
+    assert!(p.announce(first, &mut io));
+    let (socket, server, bytes) = &io.acks[0];
+    assert_eq!((*socket, *server), (1, NEW));
+    assert!(devplane_wire::tag::verify(bytes, &ring).is_ok(), "sealed");
+    let d = Datagram::parse(bytes).unwrap();
+    assert_eq!(
+        (d.kind(), d.model(), d.server(), d.client(), d.irq_port()),
+        (Kind::Ack, MODEL_A, NEW, CLIENT, Some(4343))
+    );
+    let recs: Vec<Record> = d.records().collect();
+    assert!(
+        matches!(recs[..], [Record::Ack(a)] if a.id.vm == VM && a.id.seq == 0),
+        "{recs:?}"
+    );
+    // The rest of the series, each at its gap; then nothing.
+    let mut now = first;
+    for gap in &HELLO_GAPS_NS[1..] {
+        assert_eq!(p.next_due(), Some(now + gap));
+        assert!(!p.announce(now + gap - 1, &mut io));
+        now += gap;
+        assert!(p.announce(now, &mut io));
+    }
+    assert_eq!(io.acks.len(), HELLO_GAPS_NS.len());
+    assert_eq!(get(&stats.hellos), HELLO_GAPS_NS.len() as u64);
+    assert_eq!(p.next_due(), None);
+    assert!(!p.announce(u64::MAX, &mut io));
+    // Two retargets in a row: one series, to the last server.
+    p.retarget(MODEL_A, SERVER, 0, now);
+    p.retarget(MODEL_A, NEW, 1, now);
+    assert!(p.announce(now + HELLO_GAPS_NS[0], &mut io));
+    assert_eq!(io.acks.len(), HELLO_GAPS_NS.len() + 1);
+    assert_eq!(io.acks.last().unwrap().1, NEW);
+}
+
 /// A `Busy` answer (the model waits on its backing store) completes
 /// nothing: the datagram is sent again after a short wait, not a
 /// retransmission interval, that doubles per `Busy` send (once per answer

@@ -58,6 +58,9 @@ pub struct EngineStats {
     pub irq_duplicates: AtomicU64,
     /// Acknowledgements of interrupt datagrams sent.
     pub acks_sent: AtomicU64,
+    /// Announcements sent to a model's new server after a retarget (an
+    /// acknowledgement of nothing that tells it where interrupts go).
+    pub hellos: AtomicU64,
     /// Outgoing datagrams dropped by loss injection.
     pub loss_tx: AtomicU64,
     /// Incoming datagrams dropped by loss injection.
