@@ -368,11 +368,24 @@ fn irq_chain_vm(want: u16) -> VmSpec {
 /// (`Protocol::announce`); the test checks the announcements were sent.
 #[test]
 fn a_models_interrupts_follow_it_between_servers() {
-    let test = "a_models_interrupts_follow_it_between_servers";
+    interrupts_follow("a_models_interrupts_follow_it_between_servers", true);
+}
+
+/// The same with the engine thread stepping the lanes (not the vCPU's
+/// own thread): it must wake for the announcements too.
+#[test]
+fn a_models_interrupts_follow_it_between_servers_engine_mode() {
+    interrupts_follow(
+        "a_models_interrupts_follow_it_between_servers_engine_mode",
+        false,
+    );
+}
+
+fn interrupts_follow(test: &str, direct: bool) {
     if !privilege::require(test, &[Capability::Root, Capability::Bpf, Capability::Kvm]) {
         return;
     }
-    let topo = match Topology::new("mirq") {
+    let topo = match Topology::new(if direct { "mirq" } else { "mirqe" }) {
         Ok(t) => t,
         Err(e) => {
             privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
@@ -428,7 +441,7 @@ fn a_models_interrupts_follow_it_between_servers() {
         engine_core: None,
         vcpu_spin: 200,
         samples: 0,
-        direct: true,
+        direct,
     };
     let mut client = topo
         .run(Side::Client, move || Client::start(spec))

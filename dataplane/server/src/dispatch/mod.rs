@@ -296,10 +296,10 @@ pub enum Outcome {
         /// The client that acknowledged.
         client: u32,
         /// The VM the model's interrupts go to, when the acknowledgement
-        /// is its client's (ownership checked, or not checked at all):
-        /// where it came from (and the port it names) is where that VM's
-        /// interrupts may go, if nothing better is known yet (a client's
-        /// announcement to a model's new server).
+        /// is its client's announcement to a model's new server (every
+        /// record sequence 0 for that VM; ownership checked, or not
+        /// checked at all): where it came from (and the port it names)
+        /// is where that VM's interrupts may go, if nothing is known yet.
         vm: Option<u32>,
         /// The interrupt port it names ([`devplane_wire::header::HDR_IRQ_PORT`]).
         irq_port: Option<u16>,
@@ -811,6 +811,17 @@ impl Dispatcher {
             return Outcome::Foreign;
         }
         self.stats.acks += 1;
+        // An announcement: every record an acknowledgement of nothing
+        // (sequence 0, which no interrupt has) for the VM the model
+        // interrupts. Only those say where the VM's interrupts go: an
+        // ordinary acknowledgement may come from another process of the
+        // same client (one that got an interrupt meant for a VM it does
+        // not run), and a replayed one from anywhere the client's address
+        // can be spoofed from.
+        let announces = target.is_some_and(|vm| {
+            d.records()
+                .all(|r| matches!(r, Record::Ack(a) if a.id.seq == 0 && a.id.vm == vm))
+        });
         let seq = d
             .records()
             .filter_map(|r| match r {
@@ -823,7 +834,7 @@ impl Dispatcher {
                 model: d.model(),
                 seq,
                 client: d.client(),
-                vm: target,
+                vm: if announces { target } else { None },
                 irq_port: d.irq_port(),
             },
             None => Outcome::Consumed,

@@ -514,30 +514,36 @@ fn acks_from_another_client_are_ignored() {
             model: 42,
             seq: u64::MAX,
             client: 7,
-            vm: Some(3),
+            // An ordinary acknowledgement says nothing of where the VM's
+            // interrupts go.
+            vm: None,
             irq_port: None,
         }
     );
     assert_eq!((d.stats().acks, d.stats().foreign_vm), (1, 1));
     // An announcement (a client's acknowledgement of nothing, naming its
     // interrupt port) says where VM 3's interrupts may go.
-    let mut buf = vec![0u8; 256];
-    let rec = Record::Ack(devplane_wire::Ack {
-        id: RequestId {
-            vm: 3,
-            hypervisor: 0,
-            vcpu: 0,
-            seq: 0,
-        },
-    });
-    let n = devplane_wire::datagram::encode(
-        &mut buf,
-        Header::new(Kind::Ack, 42, 1, 7).with_irq_port(4242),
-        &[rec],
-    )
-    .unwrap();
+    let announce = |vm: u32| {
+        let mut buf = vec![0u8; 256];
+        let rec = Record::Ack(devplane_wire::Ack {
+            id: RequestId {
+                vm,
+                hypervisor: 0,
+                vcpu: 0,
+                seq: 0,
+            },
+        });
+        let n = devplane_wire::datagram::encode(
+            &mut buf,
+            Header::new(Kind::Ack, 42, 1, 7).with_irq_port(4242),
+            &[rec],
+        )
+        .unwrap();
+        buf.truncate(n);
+        buf
+    };
     assert_eq!(
-        d.handle(&mut buf[..n]),
+        d.handle(&mut announce(3)),
         Outcome::Acked {
             model: 42,
             seq: 0,
@@ -546,6 +552,11 @@ fn acks_from_another_client_are_ignored() {
             irq_port: Some(4242),
         }
     );
+    // One naming another VM than the model's is no announcement.
+    assert!(matches!(
+        d.handle(&mut announce(4)),
+        Outcome::Acked { vm: None, .. }
+    ));
 }
 
 /// Windows are bounded per worker too: however many registered VMs and

@@ -278,16 +278,19 @@ struct Hello {
     sent: usize,
 }
 
-/// The waits before each announcement after a retarget: 1, 5, 20, 100,
-/// 400 ms and 1.5 s (the hand-over's commit follows the retarget within
-/// its step timeout).
-const HELLO_GAPS_NS: [u64; 6] = [
+/// The waits before each announcement after a retarget: at 1, 5, 20,
+/// 100, 400 ms, 1.5, 3.5, 7.5 s (the hand-over's commit follows the
+/// retarget within its step timeout, 5 s for the daemons; those sent
+/// before it are dropped as for an unknown model).
+const HELLO_GAPS_NS: [u64; 8] = [
     1_000_000,
     4_000_000,
     15_000_000,
     80_000_000,
     300_000_000,
     1_100_000_000,
+    2_000_000_000,
+    4_000_000_000,
 ];
 
 /// Sends `bytes` unless loss injection drops it.

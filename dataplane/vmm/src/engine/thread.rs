@@ -113,8 +113,8 @@ impl EngineThread {
 
     /// When the thread must wake by itself ([`now_ns`]), `u64::MAX` for
     /// never: the earliest retransmission of a direct lane not kicked for
-    /// yet, or soon for a lane with something in flight that this thread
-    /// retransmits.
+    /// yet, soon for a lane with something in flight that this thread
+    /// retransmits, or the next announcement one of its lanes owes.
     fn wake_at(&self, now: u64, kicked_for: &[u64]) -> u64 {
         let mut wake = u64::MAX;
         for (i, c) in self.cells.iter().enumerate() {
@@ -125,9 +125,19 @@ impl EngineThread {
                 if due != 0 && due != kicked_for[i] && !c.driving.load(Ordering::SeqCst) {
                     wake = wake.min(due);
                 }
-            } else if c.lp.try_lock().map(|l| l.busy()).unwrap_or(true) {
-                let t = self.cfg.idle_sleep.min(self.cfg.retransmit);
-                wake = wake.min(now + t.as_nanos() as u64);
+            } else {
+                let soon = now + self.cfg.idle_sleep.min(self.cfg.retransmit).as_nanos() as u64;
+                match c.lp.try_lock() {
+                    Ok(l) if !l.busy() => {
+                        // Nothing in flight, but perhaps an announcement
+                        // owed to a model's new server.
+                        let due = l.next_due();
+                        if due != 0 {
+                            wake = wake.min(due);
+                        }
+                    }
+                    _ => wake = wake.min(soon),
+                }
             }
         }
         wake
