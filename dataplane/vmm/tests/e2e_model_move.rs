@@ -9,6 +9,9 @@
 //! time, are cancelled and leave the model serving on the source; then
 //! both models move, and back again. Every guest checks its count at the
 //! end (`guests::checked_writes`): a write lost or applied twice shows.
+//! Then an interrupt source moves six times under a chain of interrupts
+//! with loss: between the XDP and the socket server (vCPU-driven lanes,
+//! then engine-driven), and between two XDP servers on a three-host LAN.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -19,6 +22,7 @@ use devplane_control::config::{
 use devplane_control::handover::{self, Report, Step};
 use devplane_devmodels::Space;
 use devplane_testkit::host::ServerThread;
+use devplane_testkit::lan::{Lan, LanHost};
 use devplane_testkit::mover::ServerMove;
 use devplane_testkit::privilege::{self, Capability};
 use devplane_testkit::topology::{Side, Topology};
@@ -63,6 +67,27 @@ fn server_config(topo: &Topology, id: u32, xdp: bool, models: Vec<ModelConfig>) 
                 .then(|| format!("/sys/fs/bpf/devplane-test-mmove-{}", std::process::id()).into()),
             check_clients: true,
         },
+        ..server_config_for(topo.client_ip(), id, models)
+    }
+}
+
+/// A server's configuration for the client at `client` (its server
+/// section for a socket server on [`PORT_B`]; the callers replace it).
+fn server_config_for(
+    client: std::net::Ipv4Addr,
+    id: u32,
+    models: Vec<ModelConfig>,
+) -> ServerConfig {
+    ServerConfig {
+        server: ServerSection {
+            id,
+            port: PORT_B,
+            mode: Mode::Socket,
+            interface: None,
+            workers: vec![0],
+            pin_dir: None,
+            check_clients: true,
+        },
         tuning: Tuning {
             spin_budget: 500,
             idle_sleep_us: 100,
@@ -72,7 +97,7 @@ fn server_config(topo: &Topology, id: u32, xdp: bool, models: Vec<ModelConfig>) 
             budget: None,
             tag_key: None,
             id: CLIENT,
-            address: topo.client_ip(),
+            address: client,
         }],
         vms: vec![VmConfig {
             id: VM,
@@ -407,23 +432,43 @@ fn interrupts_follow(test: &str, direct: bool) {
         Some(topo.server_netns()),
     )
     .expect("server B starts");
-    let want = 3000u16;
-    let spec = ClientSpec {
+    let spec = irq_spec(
+        topo.client_ip(),
+        [
+            SocketAddr::from((topo.server_ip(), PORT_A)),
+            SocketAddr::from((topo.server_ip(), PORT_B)),
+        ],
+        direct,
+    );
+    let client = topo
+        .run(Side::Client, move || Client::start(spec))
+        .expect("enter client netns")
+        .expect("client starts");
+    chain_under_moves(&a, &b, client);
+}
+
+/// How many interrupts the chain takes.
+const CHAIN: u16 = 3000;
+
+/// The client of the interrupt-chain tests: VM 1 on `bind`, servers A and
+/// B at `servers`, with loss.
+fn irq_spec(bind: std::net::Ipv4Addr, servers: [SocketAddr; 2], direct: bool) -> ClientSpec {
+    ClientSpec {
         client: CLIENT,
-        bind: Some(topo.client_ip().into()),
+        bind: Some(bind.into()),
         servers: vec![
             ServerSpec {
-                addr: SocketAddr::from((topo.server_ip(), PORT_A)),
+                addr: servers[0],
                 id: SERVER_A,
                 via: None,
             },
             ServerSpec {
-                addr: SocketAddr::from((topo.server_ip(), PORT_B)),
+                addr: servers[1],
                 id: SERVER_B,
                 via: None,
             },
         ],
-        vms: vec![irq_chain_vm(want)],
+        vms: vec![irq_chain_vm(CHAIN)],
         engine: EngineConfig {
             spin_budget: 500,
             retransmit: Duration::from_millis(2),
@@ -442,11 +487,14 @@ fn interrupts_follow(test: &str, direct: bool) {
         vcpu_spin: 200,
         samples: 0,
         direct,
-    };
-    let mut client = topo
-        .run(Side::Client, move || Client::start(spec))
-        .expect("enter client netns")
-        .expect("client starts");
+    }
+}
+
+/// Takes the chain of [`CHAIN`] interrupts from the model while it moves
+/// from A to B and back, six times, and checks what the tests promise.
+fn chain_under_moves(a: &ServerThread, b: &ServerThread, client: Client) {
+    let want = CHAIN;
+    let mut client = client;
     let engine_irqs = |c: &Client| {
         c.engine()
             .expect("engine")
@@ -466,9 +514,9 @@ fn interrupts_follow(test: &str, direct: bool) {
     let mut at_moves = Vec::new();
     for round in 0..6 {
         let (from, to, from_id, to_id) = if round % 2 == 0 {
-            (&a, &b, SERVER_A, SERVER_B)
+            (a, b, SERVER_A, SERVER_B)
         } else {
-            (&b, &a, SERVER_B, SERVER_A)
+            (b, a, SERVER_B, SERVER_A)
         };
         let mut p = ServerMove {
             model: IRQ_MODEL,
@@ -522,7 +570,7 @@ fn interrupts_follow(test: &str, direct: bool) {
             w.iter().map(|w| w.irqs_resent).sum(),
         )
     };
-    let ((on_a, again_a), (on_b, again_b)) = (sent(&a), sent(&b));
+    let ((on_a, again_a), (on_b, again_b)) = (sent(a), sent(b));
     eprintln!("interrupts sent: A {on_a} ({again_a} again), B {on_b} ({again_b} again)");
     assert!(on_a > 0 && on_b > 0, "A sent {on_a}, B sent {on_b}");
     assert!(again_a + again_b > 0, "the loss made nothing be sent again");
@@ -533,5 +581,67 @@ fn interrupts_follow(test: &str, direct: bool) {
         .hellos
         .load(std::sync::atomic::Ordering::Relaxed);
     assert!(hellos >= 6, "{hellos} announcements for six moves");
-    assert_eq!(placement(&a, &b, IRQ_MODEL), (true, false, false));
+    assert_eq!(placement(a, b, IRQ_MODEL), (true, false, false));
+}
+
+/// Issue 16.4 between two XDP servers: the interrupt source moves six
+/// times between servers on two hosts of a three-host LAN
+/// (`testkit::lan`), each behind the real XDP program, under the same
+/// chain of interrupts and loss as above.
+#[test]
+fn a_models_interrupts_follow_it_between_two_xdp_servers() {
+    let test = "a_models_interrupts_follow_it_between_two_xdp_servers";
+    if !privilege::require(test, &[Capability::Root, Capability::Bpf, Capability::Kvm]) {
+        return;
+    }
+    let lan = match Lan::new("mxdp", &["client", "a", "b"]) {
+        Ok(l) => l,
+        Err(e) => {
+            privilege::unavailable(test, &format!("cannot build the three-host LAN: {e}"));
+            return;
+        }
+    };
+    let (client_host, host_a, host_b) = (lan.host(0), lan.host(1), lan.host(2));
+    let xdp_server = |id: u32, host: &LanHost, models: Vec<ModelConfig>| ServerConfig {
+        server: ServerSection {
+            id,
+            port: PORT_A,
+            mode: Mode::Xdp,
+            interface: Some(host.ifname.clone()),
+            workers: vec![0, 1],
+            pin_dir: Some(
+                format!("/sys/fs/bpf/devplane-test-mxdp{id}-{}", std::process::id()).into(),
+            ),
+            check_clients: true,
+        },
+        ..server_config_for(client_host.ip, id, models)
+    };
+    let irq_model = ModelConfig {
+        line: Some(u32::from(IRQ_LINE)),
+        vm: Some(VM),
+        ..counter(IRQ_MODEL, 1, IRQ_BASE)
+    };
+    let a = ServerThread::spawn(
+        xdp_server(SERVER_A, host_a, vec![irq_model]),
+        Some(&host_a.netns),
+    )
+    .expect("server A starts");
+    let b = ServerThread::spawn(
+        xdp_server(SERVER_B, host_b, vec![counter(B_OWN, 0, 0x700)]),
+        Some(&host_b.netns),
+    )
+    .expect("server B starts");
+    let spec = irq_spec(
+        client_host.ip,
+        [
+            SocketAddr::from((host_a.ip, PORT_A)),
+            SocketAddr::from((host_b.ip, PORT_A)),
+        ],
+        true,
+    );
+    let client = client_host
+        .run(move || Client::start(spec))
+        .expect("enter client netns")
+        .expect("client starts");
+    chain_under_moves(&a, &b, client);
 }
