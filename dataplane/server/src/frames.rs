@@ -81,19 +81,9 @@ pub fn answer_in_place(
             vm,
             irq_port,
         } => {
-            let back = udp.flow.reversed();
             // Where the VM's interrupts go, if nothing better is known
             // (a client's announcement to a model's new server).
-            let learn = vm.map(|vm| {
-                let to = match irq_port {
-                    Some(port) => Flow {
-                        dst_port: port,
-                        ..back
-                    },
-                    None => back,
-                };
-                (client, vm, to)
-            });
+            let learn = vm.map(|vm| (client, vm, irq_flow(udp.flow.reversed(), irq_port)));
             return FrameOutcome::Ack { model, seq, learn };
         }
         Outcome::Bulk { client, vm } => {
@@ -112,14 +102,7 @@ pub fn answer_in_place(
         }
     };
     let back = udp.flow.reversed();
-    // Interrupts go where the client asked, at the address it sent from.
-    let irq_to = match irq_port {
-        Some(port) => Flow {
-            dst_port: port,
-            ..back
-        },
-        None => back,
-    };
+    let irq_to = irq_flow(back, irq_port);
     if fresh {
         peers.learn(client, vm, irq_to);
     } else {
@@ -181,5 +164,17 @@ pub fn interrupt_datagram(
     match key {
         Some(key) => devplane_wire::tag::seal(buf, len, key),
         None => Some(len),
+    }
+}
+
+/// Where a client's interrupts go: the port it named, at the address it
+/// sent from (`back`, the frame's flow reversed), or that flow itself.
+fn irq_flow(back: Flow, port: Option<u16>) -> Flow {
+    match port {
+        Some(port) => Flow {
+            dst_port: port,
+            ..back
+        },
+        None => back,
     }
 }

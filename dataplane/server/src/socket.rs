@@ -225,12 +225,7 @@ impl SocketTransport {
                 fresh,
                 ..
             } => {
-                // Interrupts go where the client asked, at the address it
-                // sent from.
-                let mut irq_to = from;
-                if let Some(port) = irq_port {
-                    irq_to.set_port(port);
-                }
+                let irq_to = irq_addr(from, irq_port);
                 if fresh {
                     work.peers.learn(client, vm, irq_to);
                 } else {
@@ -258,11 +253,7 @@ impl SocketTransport {
                 // Where the VM's interrupts go, if nothing better is
                 // known (a client's announcement to a model's new server).
                 if let Some(vm) = vm {
-                    let mut irq_to = from;
-                    if let Some(port) = irq_port {
-                        irq_to.set_port(port);
-                    }
-                    work.peers.learn_first(client, vm, irq_to);
+                    work.peers.learn_first(client, vm, irq_addr(from, irq_port));
                 }
             }
             Outcome::Bulk { client, vm } => work.bulk_peers.learn(client, vm, from),
@@ -332,4 +323,13 @@ impl Transport for SocketTransport {
     fn wait(&self, timeout: Duration) {
         wait_readable(self.sock.as_raw_fd(), timeout);
     }
+}
+
+/// Where a client's interrupts go: the port it named, at the address it
+/// sent from (or that address's own port).
+fn irq_addr(mut from: SocketAddr, port: Option<u16>) -> SocketAddr {
+    if let Some(port) = port {
+        from.set_port(port);
+    }
+    from
 }

@@ -233,6 +233,37 @@ fn attacks(mode: Mode, tag: &str) {
         .expect("enter the attacker's netns");
     let irq_port = airq.local_addr().unwrap().port();
 
+    // Before the victim has sent anything (the server knows no address
+    // for its VM yet), the tenant announces itself for the victim's VM as
+    // a client does to a model's new server: an acknowledgement of
+    // nothing naming the tenant's own interrupt port. Dropped as foreign
+    // (checked below: no interrupt of the victim's ever reaches it).
+    let early = srv.snapshot();
+    let announce = Record::Ack(Ack {
+        id: RequestId {
+            vm: VM,
+            hypervisor: 0,
+            vcpu: 0,
+            seq: 0,
+        },
+    });
+    asock
+        .send_to(
+            &datagram_of(Kind::Ack, TENANT, Some(irq_port), &[announce]),
+            server,
+        )
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while foreign_drops(&srv.snapshot()) + kernel_drops(&srv.snapshot())
+        == foreign_drops(&early) + kernel_drops(&early)
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "a forged announcement unaccounted for"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
     // The victim starts; the tenant uses its own VM (it is a registered,
     // working client).
     let seq0 = 1_000u64;

@@ -153,6 +153,32 @@ fn done(r: &VcpuReport) -> u32 {
     }
 }
 
+/// Moves `model` from server `from` to `to` (the hand-over's steps), the
+/// client retargeting it in between.
+fn move_model(
+    client: &Client,
+    model: u32,
+    from: &ServerThread,
+    to: &ServerThread,
+    from_id: u32,
+    to_id: u32,
+) -> Report {
+    let mut p = ServerMove {
+        model,
+        from,
+        to,
+        from_id,
+        to_id,
+        retarget: |m, s| {
+            client
+                .retarget(m, s, Duration::from_secs(2))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        },
+    };
+    handover::run(&mut p)
+}
+
 /// Whether A serves `model`, whether B does, and whether either has it
 /// lent.
 fn placement(a: &ServerThread, b: &ServerThread, model: u32) -> (bool, bool, bool) {
@@ -238,22 +264,7 @@ fn a_model_moved_between_servers_under_traffic_keeps_every_write_once() {
         .expect("client starts");
     std::thread::sleep(Duration::from_millis(30));
 
-    let mv = |model, from, to, from_id, to_id| {
-        let mut p = ServerMove {
-            model,
-            from,
-            to,
-            from_id,
-            to_id,
-            retarget: |m, s| {
-                client
-                    .retarget(m, s, Duration::from_secs(2))
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            },
-        };
-        handover::run(&mut p)
-    };
+    let mv = |model, from, to, from_id, to_id| move_model(&client, model, from, to, from_id, to_id);
 
     let writes = |c: &Client| -> Vec<u64> {
         c.vcpu_stats()
@@ -518,20 +529,7 @@ fn chain_under_moves(a: &ServerThread, b: &ServerThread, client: Client) {
         } else {
             (b, a, SERVER_B, SERVER_A)
         };
-        let mut p = ServerMove {
-            model: IRQ_MODEL,
-            from,
-            to,
-            from_id,
-            to_id,
-            retarget: |m, s| {
-                client
-                    .retarget(m, s, Duration::from_secs(2))
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            },
-        };
-        let r = handover::run(&mut p);
+        let r = move_model(&client, IRQ_MODEL, from, to, from_id, to_id);
         assert_eq!(
             r,
             Report::Moved {

@@ -643,15 +643,7 @@ impl Protocol {
                 vcpu: h.vcpu,
                 seq: 0,
             };
-            let mut buf = [0u8; HEADER_LEN + RECORD_LEN + devplane_wire::TAG_LEN];
-            let n = datagram::encode(&mut buf, header, &[Record::Ack(Ack { id })])
-                .ok()
-                .and_then(|n| match &self.settings.keys {
-                    Some(ring) => devplane_wire::tag::seal(&mut buf, n, &ring.current),
-                    None => Some(n),
-                });
-            if let Some(n) = n {
-                io.ack(h.socket, h.server, &buf[..n]);
+            if self.send_ack(h.socket, header, id, io) {
                 add(&self.stats.hellos, 1);
             }
         }
@@ -918,16 +910,26 @@ impl Protocol {
             add(&self.stats.loss_tx, 1);
             return;
         }
-        let mut buf = [0u8; HEADER_LEN + RECORD_LEN + devplane_wire::TAG_LEN];
         let header = Header::new(Kind::Ack, model, server, self.settings.client);
+        self.send_ack(socket, header, id, io);
+    }
+
+    /// Sends one acknowledgement record `id` under `header` (sealed with
+    /// the current key, if any) on `socket`; whether it was built.
+    fn send_ack(&self, socket: usize, header: Header, id: RequestId, io: &mut impl Io) -> bool {
+        let mut buf = [0u8; HEADER_LEN + RECORD_LEN + devplane_wire::TAG_LEN];
         let n = datagram::encode(&mut buf, header, &[Record::Ack(Ack { id })])
             .ok()
             .and_then(|n| match &self.settings.keys {
                 Some(ring) => devplane_wire::tag::seal(&mut buf, n, &ring.current),
                 None => Some(n),
             });
-        if let Some(n) = n {
-            io.ack(socket, server, &buf[..n]);
+        match n {
+            Some(n) => {
+                io.ack(socket, header.server.get(), &buf[..n]);
+                true
+            }
+            None => false,
         }
     }
 }

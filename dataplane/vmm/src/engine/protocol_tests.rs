@@ -854,29 +854,31 @@ fn answers_from(server: u32, model: u32, vcpu: u16, seqs: &[u64]) -> Vec<u8> {
     d
 }
 
-#[test]
-fn a_retargeted_model_resends_its_datagram_in_flight_to_the_new_server_and_hears_only_it() {
-    const NEW: u32 = 4;
+/// A server a model is retargeted to (socket 1, interrupt port 4343).
+const NEW: u32 = 4;
+
+/// One vCPU of VM [`VM`] with [`MODEL_A`] on [`SERVER`] (socket 0,
+/// interrupt port 4242), keyed; [`NEW`] is the other server it knows.
+fn retarget_rig() -> (Protocol, Arc<EngineStats>, devplane_wire::tag::KeyRing) {
     let models: Arc<[RemoteModel]> = Arc::new([RemoteModel {
         model: MODEL_A,
         server: SERVER,
         socket: 0,
     }]);
+    let ring = devplane_wire::tag::KeyRing::new(devplane_wire::tag::TagKey {
+        id: 1,
+        bytes: [7; 16],
+    });
     let settings = Settings {
         client: CLIENT,
         retransmit_ns: RETRANSMIT,
         retransmit_max_ns: 8 * RETRANSMIT,
         horizon_ns: HORIZON,
         loss: Loss::default(),
-        keys: Some(devplane_wire::tag::KeyRing::new(
-            devplane_wire::tag::TagKey {
-                id: 1,
-                bytes: [7; 16],
-            },
-        )),
+        keys: Some(ring),
     };
     let stats = Arc::new(EngineStats::default());
-    let mut p = Protocol::new(
+    let p = Protocol::new(
         settings,
         vec![Peer {
             vm: VM,
@@ -888,6 +890,12 @@ fn a_retargeted_model_resends_its_datagram_in_flight_to_the_new_server_and_hears
         vec![4242, 4343],
         stats.clone(),
     );
+    (p, stats, ring)
+}
+
+#[test]
+fn a_retargeted_model_resends_its_datagram_in_flight_to_the_new_server_and_hears_only_it() {
+    let (mut p, stats, ring) = retarget_rig();
     let mut io = Fake::default();
     queue(&mut p, &mut io, 0, 0, &[5, 6]);
     p.send_ready(0, 1000, &mut io).unwrap();
@@ -904,10 +912,6 @@ fn a_retargeted_model_resends_its_datagram_in_flight_to_the_new_server_and_hears
         (NEW, MODEL_A, Some(4343))
     );
     assert_eq!(seqs(bytes), vec![5, 6], "the same records and numbers");
-    let ring = devplane_wire::tag::KeyRing::new(devplane_wire::tag::TagKey {
-        id: 1,
-        bytes: [7; 16],
-    });
     assert!(
         devplane_wire::tag::verify(bytes, &ring).is_ok(),
         "sealed again over the new header"
@@ -946,37 +950,7 @@ fn a_retargeted_model_resends_its_datagram_in_flight_to_the_new_server_and_hears
 /// adding a second series. The lane wakes for them (`next_due`).
 #[test]
 fn a_retarget_is_announced_to_the_new_server_a_few_times() {
-    const NEW: u32 = 4;
-    let models: Arc<[RemoteModel]> = Arc::new([RemoteModel {
-        model: MODEL_A,
-        server: SERVER,
-        socket: 0,
-    }]);
-    let ring = devplane_wire::tag::KeyRing::new(devplane_wire::tag::TagKey {
-        id: 1,
-        bytes: [7; 16],
-    });
-    let settings = Settings {
-        client: CLIENT,
-        retransmit_ns: RETRANSMIT,
-        retransmit_max_ns: 8 * RETRANSMIT,
-        horizon_ns: HORIZON,
-        loss: Loss::default(),
-        keys: Some(ring),
-    };
-    let stats = Arc::new(EngineStats::default());
-    let mut p = Protocol::new(
-        settings,
-        vec![Peer {
-            vm: VM,
-            vcpu: 0,
-            models,
-        }],
-        vec![Some(SERVER), Some(NEW)],
-        vec![SERVER, NEW],
-        vec![4242, 4343],
-        stats.clone(),
-    );
+    let (mut p, stats, ring) = retarget_rig();
     let mut io = Fake::default();
     assert_eq!(p.next_due(), None);
     assert_eq!(p.retarget(MODEL_A, NEW, 1, 1000), 0, "nothing in flight");

@@ -625,13 +625,19 @@ struct SockOut<'a> {
     closed: bool,
 }
 
+thread_local! {
+    /// The batch buffer of this thread's [`SockOut`]s, kept between them:
+    /// no allocation per request or answer once warm.
+    static BATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl<'a> SockOut<'a> {
     fn new(shared: &'a Shared) -> SockOut<'a> {
         SockOut {
             sock: &shared.sock,
             stats: &shared.stats,
             shared,
-            batch: Vec::new(),
+            batch: BATCH.with(|b| std::mem::take(&mut *b.borrow_mut())),
             seg: 0,
             n: 0,
             closed: false,
@@ -699,6 +705,8 @@ impl Outbox for SockOut<'_> {
 impl Drop for SockOut<'_> {
     fn drop(&mut self) {
         self.flush();
+        let batch = std::mem::take(&mut self.batch);
+        BATCH.with(|b| *b.borrow_mut() = batch);
     }
 }
 
