@@ -9,8 +9,8 @@
 
 use iced_x86::IcedError;
 use iced_x86::code_asm::{
-    CodeAssembler, CodeLabel, al, ax, bl, bx, byte_ptr, cs, cx, di, ds, dword_ptr, dx, eax, ebx,
-    ecx, edi, edx, es, esi, fs, mm0, qword_ptr, si, word_ptr,
+    CodeAssembler, CodeLabel, al, ax, bl, bx, byte_ptr, cr0, cs, cx, di, ds, dword_ptr, dx, eax,
+    ebx, ecx, edi, edx, es, esi, fs, mm0, ptr, qword_ptr, si, word_ptr,
 };
 
 use super::kvm::{DONE_PORT, Entry};
@@ -182,10 +182,18 @@ pub const CHECK_FAILED: u32 = 0xbad0_0000;
 /// LVT timer ([`checked_lvt_timer`]) and a divide configuration
 /// ([`CHECKED_TIMER_DIVIDE`]) of its own, and masks IRQs 14 and 15 on the
 /// in-kernel slave PIC ([`CHECKED_SLAVE_MASK`]); after the last it reads
-/// them all back. A snapshot or migration that loses any (the target
-/// starting with reset values: `KVM_SET_XSAVE`, `KVM_SET_MSRS`,
-/// `KVM_SET_LAPIC`, the APIC base in `KVM_SET_SREGS` or the PIC's
-/// `KVM_SET_IRQCHIP` skipped) fails the check.
+/// them all back. vCPU 0 alone (the VM's devices are shared, and their
+/// registers are selected and then written in two steps) also programs
+/// the in-kernel IOAPIC's redirection entry [`CHECKED_IOAPIC_PIN`]
+/// ([`CHECKED_IOAPIC_ENTRY`], through a flat FS: "unreal mode", see
+/// [`enter_unreal_fs`]) and the in-kernel PIT's channel 2 (mode 4, count
+/// [`CHECKED_PIT_COUNT`]), and reads back the entry and the channel's
+/// status (its mode and access). A snapshot or migration that loses any
+/// (the target starting with reset values: `KVM_SET_XSAVE`,
+/// `KVM_SET_MSRS`, `KVM_SET_LAPIC`, the APIC base or FS in
+/// `KVM_SET_SREGS`, the PIC's or IOAPIC's `KVM_SET_IRQCHIP` or
+/// `KVM_SET_PIT2` skipped) fails the check. The VM needs the in-kernel
+/// PIT the client gives every VM.
 pub fn checked_writes(port: u16, iterations: u16, vcpu: u8) -> Result<Guest, GuestError> {
     if vcpu >= 8 {
         return Err(GuestError::BadArgument(format!(
@@ -236,6 +244,20 @@ pub fn checked_writes(port: u16, iterations: u16, vcpu: u8) -> Result<Guest, Gue
     a.in_(al, 0xa1)?;
     a.or(al, CHECKED_SLAVE_MASK)?;
     a.out(0xa1, al)?;
+    if vcpu == 0 {
+        enter_unreal_fs(a, p.seg, u32::from(DATA_OFFSET) + 0x20)?;
+        // The IOAPIC: select the entry's low half, write it.
+        a.mov(ebx, IOAPIC_BASE)?;
+        a.mov(dword_ptr(ebx).fs(), ioapic_redtbl_low(CHECKED_IOAPIC_PIN))?;
+        a.mov(dword_ptr(ebx + 0x10).fs(), CHECKED_IOAPIC_ENTRY)?;
+        // The PIT: channel 2, low then high byte, mode 4, binary.
+        a.mov(al, PIT_CHECKED_CONTROL)?;
+        a.out(u32::from(PIT_CONTROL), al)?;
+        a.mov(al, CHECKED_PIT_COUNT & 0xff)?;
+        a.out(u32::from(PIT_CHANNEL2), al)?;
+        a.mov(al, CHECKED_PIT_COUNT >> 8)?;
+        a.out(u32::from(PIT_CHANNEL2), al)?;
+    }
     a.mov(dx, u32::from(port))?;
     a.xor(eax, eax)?;
     a.mov(dword_ptr(count), eax)?;
@@ -284,6 +306,22 @@ pub fn checked_writes(port: u16, iterations: u16, vcpu: u8) -> Result<Guest, Gue
     a.cmp(al, CHECKED_SLAVE_MASK)?;
     a.mov(eax, edi)?;
     a.jne(bad)?;
+    if vcpu == 0 {
+        a.mov(ebx, IOAPIC_BASE)?;
+        a.mov(dword_ptr(ebx).fs(), ioapic_redtbl_low(CHECKED_IOAPIC_PIN))?;
+        a.mov(esi, dword_ptr(ebx + 0x10).fs())?;
+        a.cmp(esi, CHECKED_IOAPIC_ENTRY)?;
+        a.jne(bad)?;
+        // Read-back command: latch channel 2's status (not its count).
+        a.mov(al, PIT_READ_BACK_STATUS_CH2)?;
+        a.out(u32::from(PIT_CONTROL), al)?;
+        a.in_(al, u32::from(PIT_CHANNEL2))?;
+        // Output pin (bit 7) and null count (bit 6) move with time.
+        a.and(al, 0x3f)?;
+        a.cmp(al, PIT_CHECKED_STATUS)?;
+        a.mov(eax, edi)?;
+        a.jne(bad)?;
+    }
     p.report_eax()?;
     let a = &mut p.a;
     a.set_label(&mut bad)?;
@@ -292,6 +330,65 @@ pub fn checked_writes(port: u16, iterations: u16, vcpu: u8) -> Result<Guest, Gue
     p.report_eax()?;
     p.finish(None)
 }
+
+/// Puts a flat 4 GiB data segment in FS while staying in real mode
+/// ("unreal mode"): builds a two-entry GDT at `gdt` (16 bytes, then its
+/// 6-byte pointer) in segment `seg`, sets CR0.PE, loads FS from the flat
+/// descriptor and clears CR0.PE again. FS keeps the descriptor's base and
+/// limit until it is loaded again, so `fs:[ebx]` reaches any physical
+/// address (the IOAPIC's at 0xfec00000) while the rest of the program
+/// stays real-mode code. Clobbers eax and bx; interrupts off.
+fn enter_unreal_fs(a: &mut CodeAssembler, seg: u16, gdt: u32) -> Result<(), GuestError> {
+    let gdtr = gdt + 16;
+    a.cli()?;
+    a.mov(dword_ptr(gdt), 0u32)?;
+    a.mov(dword_ptr(gdt + 4), 0u32)?;
+    // Base 0, limit 0xfffff in 4 KiB units, present writable data, 32-bit.
+    a.mov(dword_ptr(gdt + 8), 0x0000_ffffu32)?;
+    a.mov(dword_ptr(gdt + 12), 0x00cf_9200u32)?;
+    a.mov(word_ptr(gdtr), 15u32)?;
+    a.mov(dword_ptr(gdtr + 2), (u32::from(seg) << 4) + gdt)?;
+    a.lgdt(ptr(gdtr))?;
+    a.mov(eax, cr0)?;
+    a.or(eax, 1)?;
+    a.mov(cr0, eax)?;
+    a.mov(bx, 8u32)?;
+    a.mov(fs, bx)?;
+    a.and(eax, 0xffff_fffeu32 as i32)?;
+    a.mov(cr0, eax)?;
+    Ok(())
+}
+
+/// The in-kernel IOAPIC's register window (IOREGSEL; IOWIN at +0x10).
+const IOAPIC_BASE: u32 = 0xfec0_0000;
+
+/// IOAPIC register index of redirection entry `pin`'s low half.
+fn ioapic_redtbl_low(pin: u32) -> u32 {
+    0x10 + 2 * pin
+}
+
+/// The IOAPIC input [`checked_writes`] programs (the last of KVM's 24;
+/// nothing in these VMs raises it).
+pub const CHECKED_IOAPIC_PIN: u32 = 23;
+
+/// What [`checked_writes`] puts in [`CHECKED_IOAPIC_PIN`]'s entry: masked,
+/// fixed delivery, vector 0x51 (the reset entry is masked, vector 0).
+pub const CHECKED_IOAPIC_ENTRY: u32 = 0x1_0051;
+
+/// The PIT's mode/command port and channel 2's data port.
+const PIT_CONTROL: u16 = 0x43;
+const PIT_CHANNEL2: u16 = 0x42;
+/// Channel 2 (bits 7-6: 10), low byte then high byte (5-4: 11), mode 4
+/// (3-1: 100), binary (0).
+const PIT_CHECKED_CONTROL: u32 = 0b1011_1000;
+/// What a status read-back of that channel gives, bits 0-5: the access
+/// (5-4), mode (3-1) and BCD (0) bits of [`PIT_CHECKED_CONTROL`].
+const PIT_CHECKED_STATUS: u32 = PIT_CHECKED_CONTROL & 0x3f;
+/// Read-back command (bits 7-6: 11): do not latch the count (5: 1),
+/// latch the status (4: 0) of channel 2 (3: 1).
+const PIT_READ_BACK_STATUS_CH2: u32 = 0b1110_1000;
+/// The count [`checked_writes`] loads into PIT channel 2.
+pub const CHECKED_PIT_COUNT: u32 = 0x1234;
 
 const MSR_APIC_BASE: u32 = 0x1b;
 const APIC_BASE_EN: u32 = 1 << 11;

@@ -135,6 +135,44 @@ fn boot(guest: &Guest) -> (Vm, Vcpu) {
     (vm, vcpu)
 }
 
+/// What a snapshot or migration puts into the target VM
+/// (`save_machine`/`restore_machine`) carries the KVM clock: the
+/// target's guest reads on from the source's time instead of from its own
+/// VM's creation (a guest's clock jumping back by the source's age), and
+/// the PIT is created on a target that has none.
+#[test]
+fn the_kvm_clock_and_the_pit_move_with_a_machine_state() {
+    if !privileged("the_kvm_clock_and_the_pit_move_with_a_machine_state") {
+        return;
+    }
+    let source = Vm::new(MEM).expect("create VM");
+    source.create_pit().expect("create PIT");
+    std::thread::sleep(Duration::from_millis(400));
+    let state = source.save_machine().expect("save");
+    assert!(state.pit.is_some(), "the source's PIT is in its state");
+    let saved = state.clock.clock;
+    assert!(
+        saved >= 400_000_000,
+        "the source's clock {saved} ns is its age (at least 400 ms)"
+    );
+    let target = Vm::new(MEM).expect("create VM");
+    let fresh = target.clock_ns().expect("clock");
+    assert!(
+        fresh < saved,
+        "a new VM's clock ({fresh} ns) starts below the source's ({saved} ns): the check below can fail"
+    );
+    target.restore_machine(&state).expect("restore");
+    let moved = target.clock_ns().expect("clock");
+    assert!(
+        (saved..saved + 5_000_000_000).contains(&moved),
+        "the restored clock {moved} ns goes on from the source's {saved} ns"
+    );
+    assert!(
+        target.save_machine().expect("save").pit.is_some(),
+        "the target has the PIT the state had"
+    );
+}
+
 #[test]
 fn pio_loop_reaches_the_device_and_reports_its_count() {
     if !privileged("pio_loop_reaches_the_device_and_reports_its_count") {

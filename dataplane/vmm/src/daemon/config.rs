@@ -494,6 +494,11 @@ impl ClientFile {
                         d.base, d.len
                     )));
                 }
+                if d.space == DeviceSpace::Pio
+                    && let Some(why) = crate::kvm::in_kernel_ports_overlap(d.base, d.len)
+                {
+                    return Err(bad(why));
+                }
                 match &d.place {
                     PlaceEntry::Remote(s) if !servers.contains(s) => {
                         return Err(bad(format!(
@@ -806,6 +811,14 @@ mod tests {
             "[[vms.devices]]\nspace = \"pio\"\nbase = 0xfff0\nlen = 0x20\nmodel = 11\nplace = \"remote:1\"\n",
         ));
         assert!(e.contains("device #1") && e.contains("0xffff"), "{e}");
+        let e = err(&vm(
+            pio,
+            "[[vms.devices]]\nspace = \"pio\"\nbase = 0x3e\nlen = 4\nmodel = 11\nplace = \"remote:1\"\n",
+        ));
+        assert!(
+            e.contains("device #1") && e.contains("the PIT") && e.contains("0x40-0x43"),
+            "{e}"
+        );
         let e = err(&format!("{}{}", vm(pio, ""), vm(pio, "").replace(BASE, "")));
         assert!(e.contains("vm 3 is defined twice"), "{e}");
         let e = err("[client]\nid = 0\n");

@@ -77,6 +77,35 @@ pub use vm::{IrqHandle, IrqLine, Trigger, Vm};
 /// turned that off with [`Vcpu::set_done_port`].
 pub const DONE_PORT: u16 = 0xf4;
 
+/// Port ranges (first port, count, what) that KVM's in-kernel devices
+/// take before the VMM sees an exit: the two 8259s, their edge/level
+/// registers and the PIT. Every VM has them, so a device mapped there
+/// would never be reached. The PIT's speaker port 0x61 is the kernel's too
+/// but not refused: a PC's i8042 is registered at 0x60 with 5 ports (data
+/// at 0x60, command at 0x64) and never uses 0x61.
+pub const IN_KERNEL_PORTS: [(u16, u16, &str); 4] = [
+    (0x20, 2, "the master PIC"),
+    (0x40, 4, "the PIT"),
+    (0xa0, 2, "the slave PIC"),
+    (0x4d0, 2, "the PICs' edge/level registers"),
+];
+
+/// Why ports `base`..`base + len` cannot hold a device: the in-kernel
+/// device of [`IN_KERNEL_PORTS`] they overlap, if any.
+pub fn in_kernel_ports_overlap(base: u64, len: u64) -> Option<String> {
+    let end = base.saturating_add(len);
+    IN_KERNEL_PORTS.iter().find_map(|&(first, n, what)| {
+        let (first, n) = (u64::from(first), u64::from(n));
+        (base < first + n && first < end).then(|| {
+            format!(
+                "ports {base:#x}+{len:#x} overlap {what} (ports {first:#x}-{:#x}), which KVM \
+                 emulates in the kernel: the device would never see an access",
+                first + n - 1
+            )
+        })
+    })
+}
+
 /// Guest-physical address of the three pages KVM needs for its real-mode
 /// TSS on Intel (`KVM_SET_TSS_ADDR`); guest memory must end below it.
 pub const TSS_ADDR: u64 = 0xfffb_d000;
@@ -202,4 +231,40 @@ pub enum VcpuExit {
     Halt,
     /// The `stop` flag was set (and the vCPU kicked, if it was running).
     Stopped,
+}
+
+#[cfg(test)]
+mod in_kernel_ports_tests {
+    use super::in_kernel_ports_overlap;
+
+    #[test]
+    fn ports_of_in_kernel_devices_are_refused_and_their_neighbours_kept() {
+        for (base, len, what) in [
+            (0x20, 1, "master PIC"),
+            (0x21, 0x10, "master PIC"),
+            (0x3f, 2, "the PIT"),
+            (0x43, 1, "the PIT"),
+            (0xa1, 1, "slave PIC"),
+            (0x4cf, 2, "edge/level"),
+            (0, 0x1_0000, "master PIC"),
+        ] {
+            let why = in_kernel_ports_overlap(base, len)
+                .unwrap_or_else(|| panic!("{base:#x}+{len:#x} accepted"));
+            assert!(why.contains(what), "{base:#x}+{len:#x}: {why}");
+        }
+        for (base, len) in [
+            (0x22, 0x1e),
+            (0x44, 0x1d),
+            (0x62, 0x3e),
+            (0xa2, 2),
+            (0x3f8, 8),
+        ] {
+            assert_eq!(
+                in_kernel_ports_overlap(base, len),
+                None,
+                "{base:#x}+{len:#x}"
+            );
+        }
+        assert_eq!(in_kernel_ports_overlap(u64::MAX, u64::MAX), None);
+    }
 }

@@ -168,6 +168,17 @@ impl Vcpu {
 }
 
 impl Vm {
+    /// The KVM clock now (`KVM_GET_CLOCK`), in nanoseconds: what the
+    /// guest's kvmclock reads. A new VM's starts near 0.
+    pub fn clock_ns(&self) -> Result<u64, KvmError> {
+        Ok(self
+            .shared
+            .fd
+            .get_clock()
+            .map_err(KvmError::ioctl("KVM_GET_CLOCK"))?
+            .clock)
+    }
+
     /// The in-kernel interrupt controllers, PIT and clock. Call it while
     /// no vCPU runs.
     pub fn save_machine(&self) -> Result<MachineState, KvmError> {

@@ -64,6 +64,11 @@ impl VmDevices {
             pci: Vec::new(),
         };
         for d in &vs.devices {
+            if d.space == Space::Pio
+                && let Some(why) = crate::kvm::in_kernel_ports_overlap(d.base, d.len)
+            {
+                return Err(ClientError::Config { vm: vs.id, why });
+            }
             let devices = b.device(d)?;
             b.slot(d.space, d.base, d.len, d.model, d.posted, devices);
         }
