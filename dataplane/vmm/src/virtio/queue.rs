@@ -41,8 +41,13 @@ pub const VRING_ALIGN: u64 = 4096;
 pub const VRING_DESC_F_NEXT: u16 = 1;
 /// Descriptor flag: the device writes this buffer.
 pub const VRING_DESC_F_WRITE: u16 = 2;
-/// Descriptor flag: indirect table (not offered, so rejected).
+/// Descriptor flag: the buffer is a table of descriptors (an indirect
+/// chain), accepted only on a queue whose driver took
+/// [`VIRTIO_RING_F_INDIRECT_DESC`] ([`Queue::indirect`]).
 pub const VRING_DESC_F_INDIRECT: u16 = 4;
+/// Feature bit: the driver may put a request's descriptors in a table of
+/// their own, taking one entry of the ring whatever the request's length.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 1 << 28;
 
 /// One descriptor of a chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,12 +78,27 @@ pub struct Queue {
     pub last_avail: u16,
     /// The next used-ring index the device will fill.
     pub next_used: u16,
+    /// The driver took [`VIRTIO_RING_F_INDIRECT_DESC`]: indirect tables
+    /// are followed (else refused).
+    pub indirect: bool,
 }
 
 fn u16_at(mem: &dyn DmaMemory, gpa: u64) -> Result<u16, VirtioError> {
     let mut b = [0u8; 2];
     mem.read(gpa, &mut b)?;
     Ok(u16::from_le_bytes(b))
+}
+
+/// The descriptor at `gpa` and its `next` field.
+fn read_desc(mem: &dyn DmaMemory, gpa: u64) -> Result<(Descriptor, u16), VirtioError> {
+    let mut raw = [0u8; 16];
+    mem.read(gpa, &mut raw)?;
+    let d = Descriptor {
+        addr: u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default()),
+        len: u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default()),
+        flags: u16::from_le_bytes([raw[12], raw[13]]),
+    };
+    Ok((d, u16::from_le_bytes([raw[14], raw[15]])))
 }
 
 impl Queue {
@@ -136,7 +156,9 @@ impl Queue {
         Ok(Some(head))
     }
 
-    /// The descriptors of the chain starting at `head`, in order.
+    /// The descriptors of the chain starting at `head`, in order, those
+    /// of an indirect table in its place (the table's descriptor itself
+    /// is not returned).
     pub fn chain(&self, mem: &dyn DmaMemory, head: u16) -> Result<Vec<Descriptor>, VirtioError> {
         let mut out = Vec::new();
         let mut i = head;
@@ -144,19 +166,22 @@ impl Queue {
             if out.len() >= usize::from(self.size) {
                 return Err(VirtioError::BadDescriptor("descriptor chain loops"));
             }
-            let mut raw = [0u8; 16];
-            mem.read(self.desc_table() + 16 * u64::from(i), &mut raw)?;
-            let d = Descriptor {
-                addr: u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default()),
-                len: u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default()),
-                flags: u16::from_le_bytes([raw[12], raw[13]]),
-            };
+            let (d, next) = read_desc(mem, self.desc_table() + 16 * u64::from(i))?;
             if d.flags & VRING_DESC_F_INDIRECT != 0 {
-                return Err(VirtioError::BadDescriptor(
-                    "indirect descriptors not offered",
-                ));
+                // Virtio 1.x 2.7.5.3: the table ends the chain.
+                if !self.indirect {
+                    return Err(VirtioError::BadDescriptor(
+                        "indirect descriptor on a queue without the feature",
+                    ));
+                }
+                if d.flags & VRING_DESC_F_NEXT != 0 {
+                    return Err(VirtioError::BadDescriptor(
+                        "indirect descriptor with NEXT set",
+                    ));
+                }
+                self.table(mem, &d, &mut out)?;
+                return Ok(out);
             }
-            let next = u16::from_le_bytes([raw[14], raw[15]]);
             out.push(d);
             if d.flags & VRING_DESC_F_NEXT == 0 {
                 return Ok(out);
@@ -166,6 +191,46 @@ impl Queue {
             }
             i = next;
         }
+    }
+
+    /// Appends the chain in the indirect table `d` points at to `out`:
+    /// from entry 0, following NEXT within the table. A table that is
+    /// empty, not whole entries, longer than the queue, nested, looping or
+    /// pointing out of itself is refused.
+    fn table(
+        &self,
+        mem: &dyn DmaMemory,
+        d: &Descriptor,
+        out: &mut Vec<Descriptor>,
+    ) -> Result<(), VirtioError> {
+        let entries = d.len / 16;
+        if d.len == 0 || !d.len.is_multiple_of(16) || entries > u32::from(self.size) {
+            return Err(VirtioError::BadDescriptor(
+                "indirect table length not 1 to queue-size whole entries",
+            ));
+        }
+        let mut i = 0u32;
+        for _ in 0..entries {
+            let at = d
+                .addr
+                .checked_add(16 * u64::from(i))
+                .ok_or(VirtioError::BadDescriptor("indirect table wraps"))?;
+            let (e, next) = read_desc(mem, at)?;
+            if e.flags & VRING_DESC_F_INDIRECT != 0 {
+                return Err(VirtioError::BadDescriptor("nested indirect table"));
+            }
+            out.push(e);
+            if e.flags & VRING_DESC_F_NEXT == 0 {
+                return Ok(());
+            }
+            i = u32::from(next);
+            if i >= entries {
+                return Err(VirtioError::BadDescriptor(
+                    "next index beyond the indirect table",
+                ));
+            }
+        }
+        Err(VirtioError::BadDescriptor("indirect chain loops"))
     }
 
     /// Returns chain `head` to the driver with `len` bytes written.
@@ -201,7 +266,8 @@ pub(crate) mod tests {
         fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VirtioError> {
             let m = self.0.borrow();
             let s = gpa as usize;
-            let src = m.get(s..s + buf.len()).ok_or(VirtioError::Dma {
+            let e = s.saturating_add(buf.len());
+            let src = m.get(s..e).ok_or(VirtioError::Dma {
                 gpa,
                 len: buf.len(),
             })?;
@@ -212,7 +278,8 @@ pub(crate) mod tests {
         fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), VirtioError> {
             let mut m = self.0.borrow_mut();
             let s = gpa as usize;
-            let dst = m.get_mut(s..s + bytes.len()).ok_or(VirtioError::Dma {
+            let e = s.saturating_add(bytes.len());
+            let dst = m.get_mut(s..e).ok_or(VirtioError::Dma {
                 gpa,
                 len: bytes.len(),
             })?;
@@ -261,6 +328,41 @@ pub(crate) mod tests {
             head
         }
 
+        /// Publishes a chain of (addr, len, write) buffers as an indirect
+        /// table written at `table` (one ring descriptor); returns its head.
+        pub(crate) fn publish_indirect(
+            &mut self,
+            mem: &VecMem,
+            table: u64,
+            bufs: &[(u64, u32, bool)],
+        ) -> u16 {
+            for (k, (addr, len, w)) in bufs.iter().enumerate() {
+                let mut flags = if *w { VRING_DESC_F_WRITE } else { 0 };
+                if k + 1 < bufs.len() {
+                    flags |= VRING_DESC_F_NEXT;
+                }
+                write_desc(mem, table + 16 * k as u64, *addr, *len, flags, k as u16 + 1);
+            }
+            let head = self.next_desc;
+            self.next_desc = (self.next_desc + 1) % self.size;
+            let len = 16 * bufs.len() as u32;
+            write_desc(
+                mem,
+                self.base() + 16 * u64::from(head),
+                table,
+                len,
+                VRING_DESC_F_INDIRECT,
+                0,
+            );
+            let avail = self.base() + 16 * u64::from(self.size);
+            let slot = u64::from(self.avail_idx % self.size);
+            mem.write(avail + 4 + 2 * slot, &head.to_le_bytes())
+                .unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            mem.write(avail + 2, &self.avail_idx.to_le_bytes()).unwrap();
+            head
+        }
+
         /// The used ring's index and its element `n`.
         pub(crate) fn used(&self, mem: &VecMem, n: u16) -> (u16, u32, u32) {
             let q = Queue {
@@ -283,6 +385,111 @@ pub(crate) mod tests {
 
     pub(crate) fn mem(bytes: usize) -> VecMem {
         VecMem(RefCell::new(vec![0; bytes]))
+    }
+
+    /// Writes one descriptor at `gpa`.
+    pub(crate) fn write_desc(mem: &VecMem, gpa: u64, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&len.to_le_bytes());
+        raw[12..14].copy_from_slice(&flags.to_le_bytes());
+        raw[14..16].copy_from_slice(&next.to_le_bytes());
+        mem.write(gpa, &raw).unwrap();
+    }
+
+    /// A request in an indirect table takes one ring entry and reads as
+    /// the same chain a direct one would; without the feature it is
+    /// refused.
+    #[test]
+    fn an_indirect_table_reads_as_its_chain() {
+        let m = mem(1 << 20);
+        let mut d = Driver {
+            pfn: 0x10,
+            size: 8,
+            next_desc: 0,
+            avail_idx: 0,
+        };
+        let mut q = Queue::new(8);
+        q.pfn = 0x10;
+        let bufs: Vec<(u64, u32, bool)> = (0..8)
+            .map(|k| (0x4_0000 + 0x1000 * k, 0x1000, k % 2 == 1))
+            .collect();
+        let h = d.publish_indirect(&m, 0x3_0000, &bufs);
+        assert_eq!(d.next_desc, 1, "one ring descriptor for eight buffers");
+        assert_eq!(q.pop(&m).unwrap(), Some(h));
+        assert!(
+            matches!(q.chain(&m, h), Err(VirtioError::BadDescriptor(_))),
+            "refused without the feature"
+        );
+        q.indirect = true;
+        let c = q.chain(&m, h).unwrap();
+        let got: Vec<(u64, u32, bool)> = c.iter().map(|d| (d.addr, d.len, d.is_write())).collect();
+        assert_eq!(got, bufs);
+        // Direct descriptors before the table are kept before its own.
+        write_desc(&m, 0x10_000 + 16 * 5, 0x7_0000, 16, VRING_DESC_F_NEXT, 6);
+        write_desc(
+            &m,
+            0x10_000 + 16 * 6,
+            0x3_0000,
+            128,
+            VRING_DESC_F_INDIRECT,
+            0,
+        );
+        let c = q.chain(&m, 5).unwrap();
+        assert_eq!(c.len(), 9);
+        assert_eq!(
+            (c[0].addr, c[1].addr, c[2].addr),
+            (0x7_0000, 0x4_0000, 0x4_1000)
+        );
+    }
+
+    /// Broken indirect tables are errors, never a hang or an allocation
+    /// beyond the queue's size.
+    #[test]
+    fn broken_indirect_tables_are_refused() {
+        let m = mem(1 << 20);
+        let q = Queue {
+            size: 8,
+            pfn: 0x10,
+            indirect: true,
+            ..Default::default()
+        };
+        let ring = 0x10_000u64;
+        let table = 0x3_0000u64;
+        let bad = |len: u32, flags: u16, what: &str| {
+            write_desc(&m, ring, table, len, flags, 0);
+            assert!(
+                matches!(q.chain(&m, 0), Err(VirtioError::BadDescriptor(_))),
+                "{what}"
+            );
+        };
+        // A plain two-entry table for the cases about the ring descriptor.
+        write_desc(&m, table, 0x4_0000, 16, VRING_DESC_F_NEXT, 1);
+        write_desc(&m, table + 16, 0x4_1000, 1, VRING_DESC_F_WRITE, 0);
+        write_desc(&m, ring, table, 32, VRING_DESC_F_INDIRECT, 0);
+        assert_eq!(q.chain(&m, 0).unwrap().len(), 2, "the table itself is fine");
+        bad(0, VRING_DESC_F_INDIRECT, "empty table");
+        bad(24, VRING_DESC_F_INDIRECT, "not whole entries");
+        bad(16 * 9, VRING_DESC_F_INDIRECT, "longer than the queue");
+        bad(
+            32,
+            VRING_DESC_F_INDIRECT | VRING_DESC_F_NEXT,
+            "indirect and next together",
+        );
+        // Entry 1 points back at entry 0: a loop.
+        write_desc(&m, table + 16, 0x4_1000, 1, VRING_DESC_F_NEXT, 0);
+        bad(32, VRING_DESC_F_INDIRECT, "looping table");
+        // Entry 1 points past the table's end.
+        write_desc(&m, table + 16, 0x4_1000, 1, VRING_DESC_F_NEXT, 2);
+        bad(32, VRING_DESC_F_INDIRECT, "next beyond the table");
+        // Entry 1 is itself a table.
+        write_desc(&m, table + 16, table, 32, VRING_DESC_F_INDIRECT, 0);
+        bad(32, VRING_DESC_F_INDIRECT, "nested table");
+        // The table lies outside guest memory, or wraps the address space.
+        write_desc(&m, ring, 1 << 30, 32, VRING_DESC_F_INDIRECT, 0);
+        assert!(matches!(q.chain(&m, 0), Err(VirtioError::Dma { .. })));
+        write_desc(&m, ring, u64::MAX - 8, 32, VRING_DESC_F_INDIRECT, 0);
+        assert!(q.chain(&m, 0).is_err(), "wrapping table");
     }
 
     #[test]
