@@ -71,6 +71,11 @@ const CLIENT: u32 = 7;
 const HV: u32 = 1;
 const VM: u32 = 1;
 const STORE: u32 = 13;
+/// The untagged twin: client, VM and blockstore of the `-untagged` rows
+/// (a second address on the client's veth, no tag key).
+const PLAIN_CLIENT: u32 = 8;
+const PLAIN_VM: u32 = 2;
+const PLAIN_STORE: u32 = 14;
 const STORE_GPA: u64 = 1 << 44;
 /// The disk's size, on both sides.
 const DISK: u64 = 64 << 20;
@@ -280,20 +285,27 @@ struct Devplane {
 }
 
 impl Devplane {
-    fn new(topo: &Topology) -> Result<Devplane> {
+    /// The tagged disk (client [`CLIENT`]), or with `plain` the untagged
+    /// one (client [`PLAIN_CLIENT`] from [`plain_ip`]).
+    fn new(topo: &Topology, plain: bool) -> Result<Devplane> {
         let mem = Mem(Arc::new(Mutex::new(vec![0u8; MEM])));
         let irq = Arc::new(Irq::default());
+        let (client, vm, model, bind) = if plain {
+            (PLAIN_CLIENT, PLAIN_VM, PLAIN_STORE, plain_ip(topo))
+        } else {
+            (CLIENT, VM, STORE, topo.client_ip())
+        };
         let cfg = BulkConfig {
             server: SocketAddr::from((topo.server_ip(), PORT)),
-            bind: Some(topo.client_ip().into()),
+            bind: Some(bind.into()),
             ids: BulkIds {
-                client: CLIENT,
+                client,
                 server: SERVER,
-                model: STORE,
-                vm: VM,
+                model,
+                vm,
                 hypervisor: HV,
             },
-            keys: Some(keys::client_ring(CLIENT)),
+            keys: (!plain).then(|| keys::client_ring(CLIENT)),
             live_keys: None,
             give_up: Duration::from_secs(10),
             spin: Duration::from_micros(200),
@@ -963,7 +975,14 @@ impl Image {
     }
 }
 
-fn server_config(topo: &Topology, disk: &std::path::Path) -> ServerConfig {
+/// The untagged client's address: the client's /24, host 3 (the client
+/// is 1, the server 2).
+fn plain_ip(topo: &Topology) -> std::net::Ipv4Addr {
+    let [a, b, c, _] = topo.client_ip().octets();
+    std::net::Ipv4Addr::new(a, b, c, 3)
+}
+
+fn server_config(topo: &Topology, disk: &std::path::Path, plain: &std::path::Path) -> ServerConfig {
     ServerConfig {
         server: ServerSection {
             id: SERVER,
@@ -982,22 +1001,44 @@ fn server_config(topo: &Topology, disk: &std::path::Path) -> ServerConfig {
             idle_sleep_us: 100,
             batch: 64,
         },
-        clients: vec![ClientConfig {
-            tag_key: Some(keys::client_key(CLIENT)),
-            id: CLIENT,
-            address: topo.client_ip(),
-            budget: None,
-        }],
-        vms: vec![VmConfig {
-            id: VM,
-            client: CLIENT,
-            hypervisor: HV,
-        }],
-        models: vec![ModelConfig {
-            mmio_base: Some(STORE_GPA),
-            backing: Some(disk.to_path_buf()),
-            ..ModelConfig::new(STORE, "blockstore", 0)
-        }],
+        clients: vec![
+            ClientConfig {
+                tag_key: Some(keys::client_key(CLIENT)),
+                id: CLIENT,
+                address: topo.client_ip(),
+                budget: None,
+            },
+            ClientConfig {
+                tag_key: None,
+                id: PLAIN_CLIENT,
+                address: plain_ip(topo),
+                budget: None,
+            },
+        ],
+        vms: vec![
+            VmConfig {
+                id: VM,
+                client: CLIENT,
+                hypervisor: HV,
+            },
+            VmConfig {
+                id: PLAIN_VM,
+                client: PLAIN_CLIENT,
+                hypervisor: HV,
+            },
+        ],
+        models: vec![
+            ModelConfig {
+                mmio_base: Some(STORE_GPA),
+                backing: Some(disk.to_path_buf()),
+                ..ModelConfig::new(STORE, "blockstore", 0)
+            },
+            ModelConfig {
+                mmio_base: Some(STORE_GPA),
+                backing: Some(plain.to_path_buf()),
+                ..ModelConfig::new(PLAIN_STORE, "blockstore", 0)
+            },
+        ],
     }
 }
 
@@ -1014,18 +1055,36 @@ const QD32_ROWS: [(&str, Op, usize); 4] = [
 pub fn run(notes: &mut Vec<String>) -> Result<Vec<Row>> {
     let topo = Topology::new("bb").context("building the netns topology")?;
     let dp_img = Image::new("dp")?;
+    let plain_img = Image::new("plain")?;
     let nbd_img = Image::new("nbd")?;
-    let server = ServerThread::spawn(server_config(&topo, &dp_img.0), Some(topo.server_netns()))
-        .context("starting the devplane server")?;
+    topo.exec(
+        Side::Client,
+        [
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", plain_ip(&topo)),
+            "dev",
+            topo.client_ifname(),
+        ],
+    )
+    .context("adding the untagged client's address")?;
+    let server = ServerThread::spawn(
+        server_config(&topo, &dp_img.0, &plain_img.0),
+        Some(topo.server_netns()),
+    )
+    .context("starting the devplane server")?;
     let mut nbd_server = NbdServer::start(&topo, &nbd_img.0)?;
     let nbd = Nbd::connect(&topo, &mut nbd_server)?;
-    let dp = Devplane::new(&topo)?;
+    let dp = Devplane::new(&topo, false)?;
+    let plain = Devplane::new(&topo, true)?;
     // The driver and the NBD client run on the client's core, as a vCPU
     // would.
     let (rows, n) = topo.run(Side::Client, move || -> Result<_> {
         let _ = affinity::set_thread_affinity([CLIENT_CORE]);
         let mut nbd = Bench::new(nbd, 0x5eed_0001);
         let mut dp = Bench::new(dp, 0x5eed_0001);
+        let mut plain = Bench::new(plain, 0x5eed_0001);
         let mut rows = Vec::new();
         let mut n = Vec::new();
         for (name, op) in [("read-4k-qd1", Op::Read), ("write-4k-qd1", Op::Write)] {
@@ -1068,23 +1127,36 @@ pub fn run(notes: &mut Vec<String>) -> Result<Vec<Row>> {
                 ("mib_per_s", format!("{:.1}", mib(rate))),
                 ("vs_nbd", format!("{:.2}", rate / nrate)),
             ]));
-            if d < DEPTH {
+            let (prate, pd) = plain.qd(op, len, DEPTH, false)?;
+            rows.push(
+                Row::rate(SCENARIO, format!("{name}-untagged"), prate).with_knobs([
+                    ("disk", "devplane, no tags".to_string()),
+                    ("depth", pd.to_string()),
+                    ("mib_per_s", format!("{:.1}", mib(prate))),
+                    ("vs_nbd", format!("{:.2}", prate / nrate)),
+                ]),
+            );
+            if d.min(pd) < DEPTH {
                 n.push(format!(
-                    "blk: {name}: {d} requests in flight on devplane, not {DEPTH}"
+                    "blk: {name}: {} requests in flight on devplane, not {DEPTH}",
+                    d.min(pd)
                 ));
             }
         }
         progress("blk: reading both disks back");
         nbd.verify()?;
         dp.verify()?;
+        plain.verify()?;
         nbd.disk.disconnect();
-        let errors = dp.disk.errors();
+        let errors = dp.disk.errors() + plain.disk.errors();
         ensure!(errors == 0, "devplane: {errors} requests failed");
         n.push(format!(
-            "blk: both disks read back whole and checked; the bulk disk sent {} datagrams \
-             again in the run (no loss injected); {}; client UDP: {}",
-            dp.disk.resent(),
+            "blk: the three disks read back whole and checked; the bulk disks sent {} \
+             datagrams again in the run (no loss injected); tagged {}; untagged {}; \
+             client UDP: {}",
+            dp.disk.resent() + plain.disk.resent(),
             dp.disk.counters(),
+            plain.disk.counters(),
             udp_counters()
         ));
         Ok((rows, n))
@@ -1112,7 +1184,9 @@ pub fn run(notes: &mut Vec<String>) -> Result<Vec<Row>> {
     notes.extend(n);
     notes.push(format!(
         "blk: devplane: virtio-blk -> bulk disk -> XDP -> blockstore (io_uring, buffered), \
-         tags on, {applied} writes and flushes applied; NBD: qemu-nbd (raw, writeback) over \
+         tags on (the `-untagged` rows: a second client without a tag key, its own \
+         address, VM and blockstore on the same worker), {applied} writes and flushes \
+         applied; NBD: qemu-nbd (raw, writeback) over \
          TCP, the benchmark's NBD client; both drivers on core {CLIENT_CORE}, the devplane \
          worker on core {WORKER_CORE}"
     ));
@@ -1145,21 +1219,32 @@ pub fn goal(rows: &[Row]) -> Vec<String> {
         ));
     }
     for (name, _, len) in QD32_ROWS {
-        let (Some(r), Some(n)) = (get(name), get(&format!("nbd-{name}"))) else {
+        let Some(n) = get(&format!("nbd-{name}")) else {
             continue;
         };
-        let (Some(a), Some(b)) = (r.rate, n.rate) else {
-            continue;
-        };
-        let ratio = a / b.max(1e-9);
-        let mib = |r: f64| r * len as f64 / f64::from(1 << 20);
-        out.push(format!(
-            "blk: {name}: {a:.0} requests/s ({:.0} MiB/s) vs NBD's {b:.0} ({:.0} MiB/s): \
-             {ratio:.2}x (goal >= 1x: {})",
-            mib(a),
-            mib(b),
-            if ratio >= 1.0 { "met" } else { "NOT met" },
-        ));
+        for (row, what) in [
+            (name.to_string(), ""),
+            (
+                format!("{name}-untagged"),
+                ", without tags as NBD (which authenticates nothing)",
+            ),
+        ] {
+            let Some(r) = get(&row) else {
+                continue;
+            };
+            let (Some(a), Some(b)) = (r.rate, n.rate) else {
+                continue;
+            };
+            let ratio = a / b.max(1e-9);
+            let mib = |r: f64| r * len as f64 / f64::from(1 << 20);
+            out.push(format!(
+                "blk: {row}: {a:.0} requests/s ({:.0} MiB/s) vs NBD's {b:.0} ({:.0} MiB/s): \
+                 {ratio:.2}x (goal >= 1x{what}: {})",
+                mib(a),
+                mib(b),
+                if ratio >= 1.0 { "met" } else { "NOT met" },
+            ));
+        }
     }
     out
 }
