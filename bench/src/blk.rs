@@ -1138,12 +1138,12 @@ pub fn run(notes: &mut Vec<String>) -> Result<Vec<Row>> {
             );
             if d.min(pd) < DEPTH {
                 n.push(format!(
-                    "blk: {name}: {} requests in flight on devplane, not {DEPTH}",
-                    d.min(pd)
+                    "blk: {name}: {d} requests in flight on devplane (tagged), {pd} untagged, \
+                     not {DEPTH}"
                 ));
             }
         }
-        progress("blk: reading both disks back");
+        progress("blk: reading the disks back");
         nbd.verify()?;
         dp.verify()?;
         plain.verify()?;

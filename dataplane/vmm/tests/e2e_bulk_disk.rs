@@ -189,6 +189,22 @@ impl Guest {
         self.dev.read(off, size, &mut Capacity)
     }
 
+    /// Resets the device and brings it up again, as a driver recovering
+    /// a broken queue does.
+    fn reset(&mut self) {
+        self.w(REG_STATUS, AccessSize::B1, 0);
+        self.avail = 0;
+        self.used = 0;
+        self.put(USED + 2, &0u16.to_le_bytes());
+        let table = u64::from(PFN) << 12;
+        self.put(table + 16 * u64::from(QUEUE_SIZE) + 2, &0u16.to_le_bytes());
+        self.w(REG_STATUS, AccessSize::B1, 1 | 2);
+        let f = self.r(REG_HOST_FEATURES, AccessSize::B4);
+        self.w(REG_GUEST_FEATURES, AccessSize::B4, f);
+        self.w(REG_QUEUE_PFN, AccessSize::B4, u64::from(PFN));
+        self.w(REG_STATUS, AccessSize::B1, 1 | 2 | 4);
+    }
+
     fn w(&mut self, off: u64, size: AccessSize, v: u64) {
         self.dev.write(off, size, v, &mut Capacity)
     }
@@ -493,6 +509,77 @@ fn server_config(topo: &Topology, disk: &Path) -> ServerConfig {
     }
 }
 
+/// A guest that breaks the ring's rules costs the client VMM a bounded
+/// amount: an available index more than a queue ahead of the device is
+/// refused whole (before, one notify made up to 65,535 requests, each
+/// with a copy of up to 1 MiB), and a chain head published again while
+/// its request is in flight is ignored (a device holds at most one
+/// request per head, `QUEUE_SIZE` in all). After a reset the device
+/// serves again.
+fn hostile_ring(g: &mut Guest) {
+    let table = u64::from(PFN) << 12;
+    let avail = table + 16 * u64::from(QUEUE_SIZE);
+    let submitted = |g: &Guest| {
+        g.dev
+            .bulk_stats()
+            .unwrap()
+            .submitted
+            .load(Ordering::Relaxed)
+    };
+    // One 128 KiB write at head 0: header, 8 data descriptors, status.
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(&T_OUT.to_le_bytes());
+    h[8..].copy_from_slice(&40_000u64.to_le_bytes());
+    g.put(HDRS, &h);
+    g.put(DATA, &pattern(77, 128 << 10));
+    let mut bufs = vec![(HDRS, 16u32, false)];
+    bufs.extend((0..8).map(|c| (DATA + c * 16384, 16384u32, false)));
+    bufs.push((STATUS, 1, true));
+    for (k, (addr, len, w)) in bufs.iter().enumerate() {
+        let more = k + 1 < bufs.len();
+        let flags = u16::from(more) | if *w { 2 } else { 0 };
+        let mut e = [0u8; 16];
+        e[..8].copy_from_slice(&addr.to_le_bytes());
+        e[8..12].copy_from_slice(&len.to_le_bytes());
+        e[12..14].copy_from_slice(&flags.to_le_bytes());
+        e[14..16].copy_from_slice(&(k as u16 + 1).to_le_bytes());
+        g.put(table + 16 * k as u64, &e);
+    }
+    for slot in 0..u64::from(QUEUE_SIZE) {
+        g.put(avail + 4 + 2 * slot, &0u16.to_le_bytes());
+    }
+    // 1. The index 300 ahead: nothing is taken.
+    let before = submitted(g);
+    g.put(avail + 2, &g.avail.wrapping_add(300).to_le_bytes());
+    g.w(REG_QUEUE_NOTIFY, AccessSize::B2, 0);
+    assert_eq!(submitted(g), before, "a ring 300 ahead is refused whole");
+    // 2. After a reset, head 0 published 200 times at once: the first is
+    // sent, the copies published while it is in flight are ignored.
+    g.reset();
+    let errors = g.dev.stats().errors;
+    let before = submitted(g);
+    g.put(avail + 2, &200u16.to_le_bytes());
+    g.w(REG_QUEUE_NOTIFY, AccessSize::B2, 0);
+    let sent = submitted(g) - before;
+    let ignored = g.dev.stats().errors - errors;
+    println!("head 0 published 200 times: {sent} sent, {ignored} ignored");
+    assert!(
+        (1..=20).contains(&sent) && sent + ignored == 200,
+        "head 0 published 200 times: {sent} sent, {ignored} ignored"
+    );
+    // Wait for what was sent, then reset and serve normally.
+    let t0 = Instant::now();
+    while u16::from_le_bytes(g.get(USED + 2, 2).try_into().unwrap()) != sent as u16 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "sent writes complete"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    g.reset();
+    write_flush_read(g, 41_000, 4096, 8, 4000);
+}
+
 #[test]
 fn e2e_bulk_disk() {
     let test = "e2e_bulk_disk";
@@ -515,6 +602,7 @@ fn e2e_bulk_disk() {
     write_flush_read(&mut g, 0, 4096, 32, 1);
     write_flush_read(&mut g, 8192, 128 << 10, 16, 100);
     zero_ranges(&mut g, 30_000, 500);
+    hostile_ring(&mut g);
     let clean = g.dev.bulk_stats().unwrap().resent.load(Ordering::Relaxed);
     println!("no loss: {clean} datagrams sent again");
     // A write's segments leave in UDP GSO batches (several datagrams per

@@ -15,8 +15,9 @@
 //!   [`VcpuExit::Done`]: the test guests report their self-check there.
 //!   A vCPU running a real operating system turns that off
 //!   ([`Vcpu::set_done_port`]): Linux uses port `0xf4` like any other;
-//! - the in-kernel PIT ([`Vm::create_pit`]) is created only for guests that
-//!   need a timer (Linux), so that the test guests' ports stay theirs;
+//! - the client gives every VM the in-kernel PIT ([`Vm::create_pit`]), as
+//!   on a PC; devices mapped on its ports or the PICs' are refused
+//!   ([`IN_KERNEL_PORTS`]);
 //! - a vCPU blocked in `KVM_RUN` (a guest in `hlt` waits inside the kernel
 //!   with the in-kernel irqchip) is interrupted by [`VcpuKicker::kick`]: a
 //!   real-time signal ([`kick_signal`]) whose handler sets the vCPU's

@@ -121,7 +121,31 @@ struct Completer {
     /// The used side of the queue (its ring's place and next index).
     used: Queue,
     inflight: HashMap<u64, InFlight>,
+    /// The chain heads of `inflight`, one bit each: a head is in flight
+    /// at most once, so a device holds at most [`QUEUE_SIZE`] requests
+    /// (each at most [`MAX_BLOCK_LEN`]) whatever the guest publishes.
+    busy: [u64; QUEUE_SIZE as usize / 64],
     stats: BlkStats,
+}
+
+impl Completer {
+    fn busy(&self, head: u16) -> bool {
+        let h = usize::from(head);
+        self.busy
+            .get(h / 64)
+            .is_some_and(|w| w & (1 << (h % 64)) != 0)
+    }
+
+    fn set_busy(&mut self, head: u16, on: bool) {
+        let h = usize::from(head);
+        if let Some(w) = self.busy.get_mut(h / 64) {
+            if on {
+                *w |= 1 << (h % 64);
+            } else {
+                *w &= !(1 << (h % 64));
+            }
+        }
+    }
 }
 
 impl Completer {
@@ -215,6 +239,7 @@ impl VirtioBlk {
             irq,
             used: Queue::new(QUEUE_SIZE),
             inflight: HashMap::new(),
+            busy: [0; QUEUE_SIZE as usize / 64],
             stats: BlkStats::default(),
         }));
         let s = Arc::clone(&side);
@@ -224,6 +249,7 @@ impl VirtioBlk {
             let Some(f) = side.inflight.remove(&c.token) else {
                 return;
             };
+            side.set_busy(f.head, false);
             let st = match c.status {
                 BlockStatus::Ok => S_OK,
                 BlockStatus::Unsupported => S_UNSUPP,
@@ -418,6 +444,14 @@ impl VirtioBlk {
     /// disk (or completes it at once: GET_ID, a bad chain, out of range).
     fn notify_bulk(&mut self, port: &mut dyn StorePort) {
         while let Some(head) = self.next_head() {
+            // A head published again before its request completed: the
+            // driver broke the ring's rules (virtio 2.7.13); dropped, so
+            // that a device never holds more than one request per head.
+            if self.head_in_flight(head) {
+                eprintln!("virtio-blk: chain {head} published again while in flight: ignored");
+                self.stats.errors += 1;
+                continue;
+            }
             let chain = match self.queue.chain(self.mem.as_ref(), head) {
                 Ok(c) => c,
                 Err(e) => {
@@ -428,6 +462,14 @@ impl VirtioBlk {
             };
             self.submit_bulk(head, &chain, port);
         }
+    }
+
+    /// Whether chain `head` is a request the bulk disk still holds.
+    fn head_in_flight(&self, head: u16) -> bool {
+        self.bulk
+            .as_ref()
+            .and_then(|b| b.side.lock().ok().map(|s| s.busy(head)))
+            .unwrap_or(false)
     }
 
     /// Completes chain `head` now (from the vCPU thread), through the
@@ -602,6 +644,7 @@ impl VirtioBlk {
         b.next_token += 1;
         let token = b.next_token;
         if let Ok(mut side) = b.side.lock() {
+            side.set_busy(head, true);
             side.inflight.insert(
                 token,
                 InFlight {

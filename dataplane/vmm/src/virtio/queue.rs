@@ -145,6 +145,14 @@ impl Queue {
         if idx == self.last_avail {
             return Ok(None);
         }
+        // A driver publishes at most a queue's worth ahead of the device
+        // (the ring has `size` slots); more is a broken ring, not up to
+        // 65,535 chains to serve from one notify.
+        if idx.wrapping_sub(self.last_avail) > self.size {
+            return Err(VirtioError::BadDescriptor(
+                "available index more than a queue ahead of the device",
+            ));
+        }
         // The ring entry is read after the index that published it.
         fence(Ordering::Acquire);
         let slot = u64::from(self.last_avail % self.size);
@@ -204,7 +212,10 @@ impl Queue {
         out: &mut Vec<Descriptor>,
     ) -> Result<(), VirtioError> {
         let entries = d.len / 16;
-        if d.len == 0 || !d.len.is_multiple_of(16) || entries > u32::from(self.size) {
+        // The whole chain, the descriptors before the table included, is
+        // at most a queue long (virtio 2.7.5.3.1).
+        let room = usize::from(self.size).saturating_sub(out.len());
+        if d.len == 0 || !d.len.is_multiple_of(16) || entries as usize > room {
             return Err(VirtioError::BadDescriptor(
                 "indirect table length not 1 to queue-size whole entries",
             ));
@@ -425,8 +436,23 @@ pub(crate) mod tests {
         let c = q.chain(&m, h).unwrap();
         let got: Vec<(u64, u32, bool)> = c.iter().map(|d| (d.addr, d.len, d.is_write())).collect();
         assert_eq!(got, bufs);
-        // Direct descriptors before the table are kept before its own.
+        // Direct descriptors before a table are kept before its own...
+        write_desc(&m, 0x5_0000, 0x7_1000, 16, VRING_DESC_F_NEXT, 1);
+        write_desc(&m, 0x5_0010, 0x7_2000, 1, VRING_DESC_F_WRITE, 0);
         write_desc(&m, 0x10_000 + 16 * 5, 0x7_0000, 16, VRING_DESC_F_NEXT, 6);
+        write_desc(
+            &m,
+            0x10_000 + 16 * 6,
+            0x5_0000,
+            32,
+            VRING_DESC_F_INDIRECT,
+            0,
+        );
+        let c = q.chain(&m, 5).unwrap();
+        let got: Vec<u64> = c.iter().map(|d| d.addr).collect();
+        assert_eq!(got, [0x7_0000, 0x7_1000, 0x7_2000]);
+        // ...but the whole chain, table included, is at most a queue long
+        // (virtio 2.7.5.3.1): one direct and the eight-entry table is 9.
         write_desc(
             &m,
             0x10_000 + 16 * 6,
@@ -435,12 +461,7 @@ pub(crate) mod tests {
             VRING_DESC_F_INDIRECT,
             0,
         );
-        let c = q.chain(&m, 5).unwrap();
-        assert_eq!(c.len(), 9);
-        assert_eq!(
-            (c[0].addr, c[1].addr, c[2].addr),
-            (0x7_0000, 0x4_0000, 0x4_1000)
-        );
+        assert!(matches!(q.chain(&m, 5), Err(VirtioError::BadDescriptor(_))));
     }
 
     /// Broken indirect tables are errors, never a hang or an allocation
@@ -537,6 +558,35 @@ pub(crate) mod tests {
             m.write(0x10_000 + 16 * i, &raw).unwrap();
         }
         assert!(matches!(q.chain(&m, 0), Err(VirtioError::BadDescriptor(_))));
+    }
+
+    /// A driver publishes at most a queue's worth ahead of the device:
+    /// an index further ahead is a broken ring, refused before any chain
+    /// is taken (it would make up to 65,535 from one notify).
+    #[test]
+    fn an_available_index_more_than_a_queue_ahead_is_refused() {
+        let m = mem(1 << 20);
+        let mut q = Queue::new(8);
+        q.pfn = 0x10;
+        q.last_avail = 65_530;
+        let avail = 0x10_000 + 16 * 8;
+        m.write(avail + 2, &65_535u16.wrapping_add(4).to_le_bytes())
+            .unwrap();
+        assert!(
+            matches!(q.pop(&m), Err(VirtioError::BadDescriptor(_))),
+            "9 ahead of a queue of 8"
+        );
+        assert_eq!(q.last_avail, 65_530, "nothing taken");
+        m.write(avail + 2, &65_535u16.wrapping_add(3).to_le_bytes())
+            .unwrap();
+        for _ in 0..8 {
+            assert_eq!(
+                q.pop(&m).unwrap(),
+                Some(0),
+                "8 ahead (across the wrap) is fine"
+            );
+        }
+        assert_eq!(q.pop(&m).unwrap(), None);
     }
 
     #[test]
