@@ -55,7 +55,10 @@ use devplane_vmm::virtio::blk::{
     REG_STATUS, SIZE_MAX, VirtioBlk,
 };
 use devplane_vmm::virtio::bulk::{BulkConfig, BulkIds};
-use devplane_vmm::virtio::queue::{DmaMemory, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT};
+use devplane_vmm::virtio::queue::{
+    Descriptor, DmaMemory, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+};
 use devplane_vmm::virtio::store::StorePort;
 use devplane_wire::{AccessSize, IrqAction};
 
@@ -424,23 +427,26 @@ impl Disk for Devplane {
         );
         let head = slot as u16;
         let at = INDIRECT + TABLE_SLOT * slot as u64;
-        let mut table = vec![0u8; 16 * bufs.len()];
-        for (k, (addr, n, device_writes)) in bufs.iter().enumerate() {
+        let mut table = Vec::with_capacity(16 * bufs.len());
+        for (k, &(addr, len, device_writes)) in bufs.iter().enumerate() {
             let more = k + 1 < bufs.len();
-            let flags = u16::from(more) | if *device_writes { 2 } else { 0 };
-            let e = &mut table[16 * k..16 * k + 16];
-            e[..8].copy_from_slice(&addr.to_le_bytes());
-            e[8..12].copy_from_slice(&n.to_le_bytes());
-            e[12..14].copy_from_slice(&flags.to_le_bytes());
+            let d = Descriptor {
+                addr,
+                len,
+                flags: if more { VRING_DESC_F_NEXT } else { 0 }
+                    | if device_writes { VRING_DESC_F_WRITE } else { 0 },
+            };
             // `next` counts within the table.
-            e[14..16].copy_from_slice(&(k as u16 + 1).to_le_bytes());
+            table.extend_from_slice(&d.encode(k as u16 + 1));
         }
         self.mem.put(at, &table)?;
-        let mut ring_desc = [0u8; 16];
-        ring_desc[..8].copy_from_slice(&at.to_le_bytes());
-        ring_desc[8..12].copy_from_slice(&(table.len() as u32).to_le_bytes());
-        ring_desc[12..14].copy_from_slice(&VRING_DESC_F_INDIRECT.to_le_bytes());
-        self.mem.put(TABLE + 16 * u64::from(head), &ring_desc)?;
+        let ring_desc = Descriptor {
+            addr: at,
+            len: table.len() as u32,
+            flags: VRING_DESC_F_INDIRECT,
+        };
+        self.mem
+            .put(TABLE + 16 * u64::from(head), &ring_desc.encode(0))?;
         let ring = u64::from(self.avail % QUEUE_SIZE);
         self.mem.put(AVAIL + 4 + 2 * ring, &head.to_le_bytes())?;
         self.avail = self.avail.wrapping_add(1);

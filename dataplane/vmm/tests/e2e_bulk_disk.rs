@@ -34,7 +34,7 @@ use devplane_vmm::virtio::blk::{
     VirtioBlk,
 };
 use devplane_vmm::virtio::bulk::{BulkConfig, BulkIds, RTO_MIN};
-use devplane_vmm::virtio::queue::DmaMemory;
+use devplane_vmm::virtio::queue::{Descriptor, DmaMemory, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use devplane_vmm::virtio::store::StorePort;
 use devplane_wire::tag::{KeyRing, TagKey};
 use devplane_wire::{AccessSize, IrqAction};
@@ -250,15 +250,9 @@ impl Guest {
             }
             bufs.push((STATUS + i as u64, 1, true));
             let head = next_desc;
-            for (k, (addr, len, w)) in bufs.iter().enumerate() {
+            for (k, &buf) in bufs.iter().enumerate() {
                 let d = next_desc;
-                let more = k + 1 < bufs.len();
-                let flags = u16::from(more) | if *w { 2 } else { 0 };
-                let mut e = [0u8; 16];
-                e[..8].copy_from_slice(&addr.to_le_bytes());
-                e[8..12].copy_from_slice(&len.to_le_bytes());
-                e[12..14].copy_from_slice(&flags.to_le_bytes());
-                e[14..16].copy_from_slice(&(d + 1).to_le_bytes());
+                let e = chain_desc(buf, k + 1 < bufs.len()).encode(d + 1);
                 self.put(table + 16 * u64::from(d), &e);
                 next_desc += 1;
             }
@@ -314,6 +308,17 @@ impl Guest {
                 (st, data)
             })
             .collect()
+    }
+}
+
+/// A chain's descriptor for buffer (addr, len, device writes), `NEXT`
+/// unless it is the last.
+fn chain_desc((addr, len, write): (u64, u32, bool), more: bool) -> Descriptor {
+    Descriptor {
+        addr,
+        len,
+        flags: if more { VRING_DESC_F_NEXT } else { 0 }
+            | if write { VRING_DESC_F_WRITE } else { 0 },
     }
 }
 
@@ -535,14 +540,8 @@ fn hostile_ring(g: &mut Guest) {
     let mut bufs = vec![(HDRS, 16u32, false)];
     bufs.extend((0..8).map(|c| (DATA + c * 16384, 16384u32, false)));
     bufs.push((STATUS, 1, true));
-    for (k, (addr, len, w)) in bufs.iter().enumerate() {
-        let more = k + 1 < bufs.len();
-        let flags = u16::from(more) | if *w { 2 } else { 0 };
-        let mut e = [0u8; 16];
-        e[..8].copy_from_slice(&addr.to_le_bytes());
-        e[8..12].copy_from_slice(&len.to_le_bytes());
-        e[12..14].copy_from_slice(&flags.to_le_bytes());
-        e[14..16].copy_from_slice(&(k as u16 + 1).to_le_bytes());
+    for (k, &buf) in bufs.iter().enumerate() {
+        let e = chain_desc(buf, k + 1 < bufs.len()).encode(k as u16 + 1);
         g.put(table + 16 * k as u64, &e);
     }
     for slot in 0..u64::from(QUEUE_SIZE) {

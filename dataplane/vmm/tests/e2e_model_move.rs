@@ -195,6 +195,22 @@ fn placement(a: &ServerThread, b: &ServerThread, model: u32) -> (bool, bool, boo
     (on_a, on_b, lent_a || lent_b)
 }
 
+/// Server A (XDP, `a_models`) and server B (socket mode, its own counter
+/// [`B_OWN`]) in the server namespace of `topo`.
+fn servers_a_b(topo: &Topology, a_models: Vec<ModelConfig>) -> (ServerThread, ServerThread) {
+    let a = ServerThread::spawn(
+        server_config(topo, SERVER_A, true, a_models),
+        Some(topo.server_netns()),
+    )
+    .expect("server A starts");
+    let b = ServerThread::spawn(
+        server_config(topo, SERVER_B, false, vec![counter(B_OWN, 0, 0x700)]),
+        Some(topo.server_netns()),
+    )
+    .expect("server B starts");
+    (a, b)
+}
+
 #[test]
 fn a_model_moved_between_servers_under_traffic_keeps_every_write_once() {
     let test = "a_model_moved_between_servers_under_traffic_keeps_every_write_once";
@@ -208,24 +224,13 @@ fn a_model_moved_between_servers_under_traffic_keeps_every_write_once() {
             return;
         }
     };
-    let a = ServerThread::spawn(
-        server_config(
-            &topo,
-            SERVER_A,
-            true,
-            vec![
-                counter(SYNC_MODEL, 0, PIO_BASE),
-                counter(POSTED_MODEL, 1, PIO_BASE + 0x10),
-            ],
-        ),
-        Some(topo.server_netns()),
-    )
-    .expect("server A starts");
-    let b = ServerThread::spawn(
-        server_config(&topo, SERVER_B, false, vec![counter(B_OWN, 0, 0x700)]),
-        Some(topo.server_netns()),
-    )
-    .expect("server B starts");
+    let (a, b) = servers_a_b(
+        &topo,
+        vec![
+            counter(SYNC_MODEL, 0, PIO_BASE),
+            counter(POSTED_MODEL, 1, PIO_BASE + 0x10),
+        ],
+    );
     for s in [&a, &b] {
         s.call(|s| s.set_step_timeout(Duration::from_millis(300)))
             .expect("server thread");
@@ -433,16 +438,7 @@ fn interrupts_follow(test: &str, direct: bool) {
         vm: Some(VM),
         ..counter(IRQ_MODEL, 1, IRQ_BASE)
     };
-    let a = ServerThread::spawn(
-        server_config(&topo, SERVER_A, true, vec![irq_model]),
-        Some(topo.server_netns()),
-    )
-    .expect("server A starts");
-    let b = ServerThread::spawn(
-        server_config(&topo, SERVER_B, false, vec![counter(B_OWN, 0, 0x700)]),
-        Some(topo.server_netns()),
-    )
-    .expect("server B starts");
+    let (a, b) = servers_a_b(&topo, vec![irq_model]);
     let spec = irq_spec(
         topo.client_ip(),
         [

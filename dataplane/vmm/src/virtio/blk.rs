@@ -839,12 +839,7 @@ mod tests {
             dev,
             mem: m,
             irqs,
-            drv: Driver {
-                pfn: 0x100,
-                size: QUEUE_SIZE,
-                next_desc: 0,
-                avail_idx: 0,
-            },
+            drv: Driver::new(0x100, QUEUE_SIZE),
             store: MemStore {
                 disk: vec![0; 1 << 20],
                 ..Default::default()

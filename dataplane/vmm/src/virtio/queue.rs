@@ -65,6 +65,17 @@ impl Descriptor {
     pub fn is_write(&self) -> bool {
         self.flags & VRING_DESC_F_WRITE != 0
     }
+
+    /// Its 16 bytes in a descriptor table, with `next` (what a driver
+    /// writes; [`read_desc`] reads it back).
+    pub fn encode(&self, next: u16) -> [u8; 16] {
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&self.addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&self.len.to_le_bytes());
+        raw[12..14].copy_from_slice(&self.flags.to_le_bytes());
+        raw[14..16].copy_from_slice(&next.to_le_bytes());
+        raw
+    }
 }
 
 /// A split virtqueue's device side.
@@ -313,22 +324,29 @@ pub(crate) mod tests {
             u64::from(self.pfn) << 12
         }
 
+        /// A driver of a ring of `size` entries at `pfn`, nothing
+        /// published yet.
+        pub(crate) fn new(pfn: u32, size: u16) -> Driver {
+            Driver {
+                pfn,
+                size,
+                next_desc: 0,
+                avail_idx: 0,
+            }
+        }
+
         /// Publishes a chain of (addr, len, write) buffers; returns its head.
         pub(crate) fn publish(&mut self, mem: &VecMem, bufs: &[(u64, u32, bool)]) -> u16 {
             let head = self.next_desc;
             for (k, (addr, len, w)) in bufs.iter().enumerate() {
                 let i = self.next_desc;
                 self.next_desc = (self.next_desc + 1) % self.size;
-                let mut raw = [0u8; 16];
-                raw[0..8].copy_from_slice(&addr.to_le_bytes());
-                raw[8..12].copy_from_slice(&len.to_le_bytes());
                 let mut flags = if *w { VRING_DESC_F_WRITE } else { 0 };
                 if k + 1 < bufs.len() {
                     flags |= VRING_DESC_F_NEXT;
                 }
-                raw[12..14].copy_from_slice(&flags.to_le_bytes());
-                raw[14..16].copy_from_slice(&self.next_desc.to_le_bytes());
-                mem.write(self.base() + 16 * u64::from(i), &raw).unwrap();
+                let gpa = self.base() + 16 * u64::from(i);
+                write_desc(mem, gpa, *addr, *len, flags, self.next_desc);
             }
             let avail = self.base() + 16 * u64::from(self.size);
             let slot = u64::from(self.avail_idx % self.size);
@@ -400,12 +418,8 @@ pub(crate) mod tests {
 
     /// Writes one descriptor at `gpa`.
     pub(crate) fn write_desc(mem: &VecMem, gpa: u64, addr: u64, len: u32, flags: u16, next: u16) {
-        let mut raw = [0u8; 16];
-        raw[0..8].copy_from_slice(&addr.to_le_bytes());
-        raw[8..12].copy_from_slice(&len.to_le_bytes());
-        raw[12..14].copy_from_slice(&flags.to_le_bytes());
-        raw[14..16].copy_from_slice(&next.to_le_bytes());
-        mem.write(gpa, &raw).unwrap();
+        let d = Descriptor { addr, len, flags };
+        mem.write(gpa, &d.encode(next)).unwrap();
     }
 
     /// A request in an indirect table takes one ring entry and reads as
@@ -414,12 +428,7 @@ pub(crate) mod tests {
     #[test]
     fn an_indirect_table_reads_as_its_chain() {
         let m = mem(1 << 20);
-        let mut d = Driver {
-            pfn: 0x10,
-            size: 8,
-            next_desc: 0,
-            avail_idx: 0,
-        };
+        let mut d = Driver::new(0x10, 8);
         let mut q = Queue::new(8);
         q.pfn = 0x10;
         let bufs: Vec<(u64, u32, bool)> = (0..8)
@@ -516,12 +525,7 @@ pub(crate) mod tests {
     #[test]
     fn pops_chains_in_order_and_publishes_used() {
         let m = mem(1 << 20);
-        let mut d = Driver {
-            pfn: 0x10,
-            size: 8,
-            next_desc: 0,
-            avail_idx: 0,
-        };
+        let mut d = Driver::new(0x10, 8);
         let mut q = Queue::new(8);
         assert_eq!(q.pop(&m).unwrap(), None, "not set up yet");
         q.pfn = 0x10;
@@ -552,10 +556,7 @@ pub(crate) mod tests {
         };
         // Descriptor 0 -> 1 -> 0 -> ...
         for (i, next) in [(0u64, 1u16), (1, 0)] {
-            let mut raw = [0u8; 16];
-            raw[12..14].copy_from_slice(&VRING_DESC_F_NEXT.to_le_bytes());
-            raw[14..16].copy_from_slice(&next.to_le_bytes());
-            m.write(0x10_000 + 16 * i, &raw).unwrap();
+            write_desc(&m, 0x10_000 + 16 * i, 0, 0, VRING_DESC_F_NEXT, next);
         }
         assert!(matches!(q.chain(&m, 0), Err(VirtioError::BadDescriptor(_))));
     }
