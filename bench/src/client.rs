@@ -157,10 +157,7 @@ pub fn run(rig: &mut Rig, iters: u32, parts: Parts, notes: &mut Vec<String>) -> 
         rows.push(row);
         // The same with every datagram tagged (SipHash-2-4 on both
         // sides), right after it: the cost of the tags in this run.
-        let key = devplane_wire::tag::TagKey {
-            id: 1,
-            bytes: *b"dpbench-tag-key!",
-        };
+        let key = devplane_wire::tag::TagKey::new(1, *b"dpbench-tag-key!");
         if rig.set_tags(Some(devplane_wire::tag::KeyRing::new(key)))? {
             progress(format_args!("client: remote-pio-tagged, {n} exits"));
             let row = pio_row(rig, "remote-pio-tagged", drain, n, warm);

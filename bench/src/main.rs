@@ -63,6 +63,9 @@ enum Scenario {
     XdpProg,
     /// Parsing a datagram in userspace.
     Parse,
+    /// A datagram's tag (`wire::tag`) per length, beside plain SipHash-2-4
+    /// of the same bytes.
+    Tag,
     /// Server round trips and rate on the netns topology, beside the raw
     /// busy-polling UDP floor of the same run (needs root).
     Server,
@@ -145,6 +148,7 @@ impl Scenario {
         match self {
             Scenario::XdpProg => "xdp-prog",
             Scenario::Parse => "parse",
+            Scenario::Tag => "tag",
             Scenario::Server => "server",
             Scenario::Client => "client",
             Scenario::Floor => "floor",
@@ -192,9 +196,10 @@ impl Scenario {
 }
 
 /// The default suite (`make bench`).
-const DEFAULT_SUITE: [Scenario; 14] = [
+const DEFAULT_SUITE: [Scenario; 15] = [
     Scenario::XdpProg,
     Scenario::Parse,
+    Scenario::Tag,
     Scenario::Server,
     Scenario::Forward,
     Scenario::Client,
@@ -215,7 +220,7 @@ const REMOTE_SUITE: [Scenario; 3] = [Scenario::Client, Scenario::Irq, Scenario::
 /// devplane's latency benchmark and regression gate.
 ///
 /// Without a subcommand, runs scenarios (as `dpbench run`): by default
-/// xdp-prog, parse, server, forward, client, irq, throughput, load,
+/// xdp-prog, parse, tag, server, forward, client, irq, throughput, load,
 /// scale, isolation, flush-storm, migrate, blk and boot (where it takes
 /// under --boot-budget) on the embedded single-machine topology (two
 /// network namespaces joined by veth, three hosts on a bridge for forward,
@@ -300,7 +305,7 @@ struct BaselineArgs {
 
 #[derive(Debug, Clone, Args)]
 struct RunArgs {
-    /// Scenarios to run, comma-separated [default: xdp-prog, parse,
+    /// Scenarios to run, comma-separated [default: xdp-prog, parse, tag,
     /// server, forward, client, irq, throughput, load, scale, isolation,
     /// flush-storm, migrate, blk, boot (where it fits --boot-budget); with
     /// --server: client, irq, throughput]. floor, pio and mmio run parts
@@ -332,7 +337,7 @@ struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 5000,
           value_parser = clap::value_parser!(u16).range(10..=60_000))]
     writes: u16,
-    /// Iterations per micro-measurement (xdp-prog, parse).
+    /// Iterations per micro-measurement (xdp-prog, parse, tag).
     #[arg(long, default_value_t = 200_000)]
     iterations: u32,
     /// Round trips per latency measurement (server, client, load's

@@ -1,5 +1,6 @@
 //! The micro scenarios: `xdp-prog` (the XDP program per frame, through
-//! `BPF_PROG_TEST_RUN`) and `parse` (parsing a datagram in userspace).
+//! `BPF_PROG_TEST_RUN`), `parse` (parsing a datagram in userspace) and
+//! `tag` (a datagram's tag, beside plain SipHash-2-4).
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -99,6 +100,56 @@ pub fn parse(iterations: u32) -> Result<Vec<Row>> {
             ""
         ));
         rows.push(Row::cost("parse", name, ns));
+    }
+    Ok(rows)
+}
+
+/// The lengths `tag` times: a port write's request (64), an answer with
+/// its tag's room (104), half a bulk segment (744), a full one (1464).
+const TAG_LENGTHS: [usize; 4] = [64, 104, 744, 1464];
+
+/// `iterations` of `f`, in ns each.
+fn time_each(iterations: u32, mut f: impl FnMut() -> u8) -> f64 {
+    let mut x = 0u8;
+    for _ in 0..iterations.min(10_000) {
+        x ^= f();
+    }
+    let start = Instant::now();
+    for _ in 0..iterations {
+        x ^= f();
+    }
+    black_box(x);
+    start.elapsed().as_nanos() as f64 / f64::from(iterations.max(1))
+}
+
+/// The datagram tag per length (`wire::tag::TagKey::tag`: SipHash-2-4
+/// under `LONG_TAG_MIN` bytes, POLYVAL then AES from there), beside plain
+/// SipHash-2-4 over the same bytes (the tag of every length before).
+pub fn tags(iterations: u32) -> Result<Vec<Row>> {
+    use core::hash::Hasher;
+    use siphasher::sip128::{Hasher128, SipHasher24};
+    let key = devplane_wire::tag::TagKey::new(1, [0x5a; 16]);
+    let mut rows = Vec::new();
+    for len in TAG_LENGTHS {
+        let msg: Vec<u8> = (0..len).map(|i| i as u8).collect();
+        let tag = time_each(iterations, || key.tag(black_box(&msg))[0]);
+        let sip = time_each(iterations, || {
+            let mut h = SipHasher24::new_with_key(&[0x5a; 16]);
+            h.write(black_box(&msg));
+            h.finish128().as_bytes()[0]
+        });
+        let which = if len >= devplane_wire::tag::LONG_TAG_MIN {
+            "polyval+aes"
+        } else {
+            "siphash"
+        };
+        report::out(format_args!(
+            "tag       {len:>4} bytes  tag ({which}) {tag:>7.1} ns ({:.2} GB/s), siphash-2-4 {sip:>7.1} ns ({:.2} GB/s)\n",
+            len as f64 / tag,
+            len as f64 / sip
+        ));
+        rows.push(Row::cost("tag", format!("tag, {len} bytes"), tag));
+        rows.push(Row::cost("tag", format!("siphash-2-4, {len} bytes"), sip));
     }
     Ok(rows)
 }

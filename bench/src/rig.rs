@@ -356,7 +356,7 @@ impl Rig {
                 },
                 zero_copy: drain == Drain::DirectZc,
                 direct_spin: Duration::from_micros(knob("DP_DIRECT_SPIN_US", 200) as u64),
-                tag_keys: self.tag_keys,
+                tag_keys: self.tag_keys.clone(),
                 irqs_on_lanes: knob("DP_IRQ_ON_LANE", 1) != 0,
                 ..EngineConfig::default()
             },
@@ -471,7 +471,8 @@ impl Rig {
         let Target::Embedded { srv: Some(s), .. } = &self.target else {
             return Ok(false);
         };
-        s.call(move |srv| srv.set_keys(CLIENT_ID, keys))
+        let sent = keys.clone();
+        s.call(move |srv| srv.set_keys(CLIENT_ID, sent))
             .context("the server thread is gone")?
             .context("setting the client's tag keys")?;
         self.tag_keys = keys;

@@ -48,6 +48,7 @@ pub fn steps(args: &RunArgs, scenarios: &[Scenario]) -> u64 {
         .map(|s| match s {
             Scenario::XdpProg
             | Scenario::Parse
+            | Scenario::Tag
             | Scenario::Boot
             | Scenario::Isolation
             | Scenario::FlushStorm
@@ -158,6 +159,10 @@ pub fn run(args: RunArgs) -> Result<()> {
                 }
                 Scenario::Parse => {
                     rows.extend(micro::parse(args.iterations)?);
+                    report::step_done();
+                }
+                Scenario::Tag => {
+                    rows.extend(micro::tags(args.iterations)?);
                     report::step_done();
                 }
                 Scenario::Boot => {

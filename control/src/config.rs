@@ -208,7 +208,7 @@ pub struct ClientConfig {
 
 /// A client's tag key as the configuration holds it: `"ID:HEX"`. Its
 /// `Debug` shows the id and a two-byte fingerprint only.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientKey(pub devplane_wire::tag::TagKey);
 
 impl ClientKey {
@@ -222,7 +222,7 @@ impl ClientKey {
     /// The `"ID:HEX"` form (the whole key: for configuration files only,
     /// never for logs).
     pub fn to_config_string(&self) -> String {
-        let hex: String = self.0.bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = self.0.bytes().iter().map(|b| format!("{b:02x}")).collect();
         format!("{}:{hex}", self.0.id)
     }
 }

@@ -347,7 +347,7 @@ fn project(state: &State, settings: &ServerSettings) -> Result<ServerConfig, DbE
             .clients
             .iter()
             .map(|c| ClientConfig {
-                tag_key: c.tag_key,
+                tag_key: c.tag_key.clone(),
                 id: c.id,
                 address: c.address,
                 budget: c.budget,

@@ -961,7 +961,10 @@ fn rotate_key_saves_then_hands_out_in_two_steps() {
                     client: 7,
                     current,
                     previous,
-                } => (current.map(|k| k.0.id), previous.map(|k| k.0.id)),
+                } => (
+                    current.as_ref().map(|k| k.0.id),
+                    previous.as_ref().map(|k| k.0.id),
+                ),
                 other => panic!("{other:?}"),
             })
             .collect();
@@ -978,7 +981,7 @@ fn rotate_key_saves_then_hands_out_in_two_steps() {
             current: Some(k), ..
         } = &seen[3]
         {
-            let hex: String = k.0.bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let hex: String = k.0.bytes().iter().map(|b| format!("{b:02x}")).collect();
             assert_eq!(hex, key2, "the daemons got the database's key");
         }
     }

@@ -487,10 +487,7 @@ mod tests {
         let data = [0xab; SEG_DATA];
         let m = msg(BlockOp::Write, 4096);
         let n = write(&mut buf, hdr(KIND_BLOCK_REQUEST), &m, 0, 3, &data).unwrap();
-        let key = crate::tag::TagKey {
-            id: 1,
-            bytes: [7; 16],
-        };
+        let key = crate::tag::TagKey::new(1, [7; 16]);
         let n = crate::tag::seal(&mut buf, n, &key).unwrap();
         assert_eq!(n, MAX_DATAGRAM);
         let d = Bulk::parse(&buf[..n]).unwrap();

@@ -240,7 +240,7 @@ impl State {
             }
             Change::SetClientKey(id, key) => {
                 if let Some(c) = self.clients.iter_mut().find(|c| c.id == *id) {
-                    c.tag_key = *key;
+                    c.tag_key = key.clone();
                 }
             }
             Change::RemoveHypervisor(id) => {

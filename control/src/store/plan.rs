@@ -72,7 +72,7 @@ pub fn server_plan(have: &ServerConfig, want: &ServerConfig) -> ServerPlan {
             None => {
                 p.upsert_clients.push((*w).clone());
                 if w.tag_key.is_some() {
-                    p.keys.push((*id, w.tag_key));
+                    p.keys.push((*id, w.tag_key.clone()));
                 }
             }
             Some(h) => {
@@ -80,7 +80,7 @@ pub fn server_plan(have: &ServerConfig, want: &ServerConfig) -> ServerPlan {
                     p.upsert_clients.push((*w).clone());
                 }
                 if h.tag_key != w.tag_key {
-                    p.keys.push((*id, w.tag_key));
+                    p.keys.push((*id, w.tag_key.clone()));
                 }
             }
         }
@@ -243,7 +243,7 @@ pub const KEY_LEAD: Duration = Duration::from_millis(500);
 /// A client key replaced in the store, as an agent carries it out: from
 /// `old` to `new` (either may be `None`: untagged), `elapsed` after it
 /// learnt the change. Pure: the agents call it on their own clock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRoll {
     /// The key before.
     pub old: Option<TagKey>,
@@ -256,11 +256,11 @@ impl KeyRoll {
     /// both during [`KEY_GRACE`], then only the new one. A first key, or
     /// none, applies at once (an untagged datagram has no key to keep).
     pub fn server_ring(&self, elapsed: Duration) -> Option<KeyRing> {
-        let new = self.new?;
-        Some(match self.old {
-            Some(old) if old != new && elapsed < KEY_GRACE => KeyRing {
+        let new = self.new.clone()?;
+        Some(match &self.old {
+            Some(old) if *old != new && elapsed < KEY_GRACE => KeyRing {
                 current: new,
-                previous: Some(old),
+                previous: Some(old.clone()),
             },
             _ => KeyRing::new(new),
         })
@@ -270,15 +270,15 @@ impl KeyRoll {
     /// sealing for [`KEY_LEAD`], then the new one, both accepted until
     /// [`KEY_GRACE`], then only the new one.
     pub fn client_ring(&self, elapsed: Duration) -> Option<KeyRing> {
-        let new = self.new?;
-        Some(match self.old {
-            Some(old) if old != new && elapsed < KEY_LEAD => KeyRing {
-                current: old,
+        let new = self.new.clone()?;
+        Some(match &self.old {
+            Some(old) if *old != new && elapsed < KEY_LEAD => KeyRing {
+                current: old.clone(),
                 previous: Some(new),
             },
-            Some(old) if old != new && elapsed < KEY_GRACE => KeyRing {
+            Some(old) if *old != new && elapsed < KEY_GRACE => KeyRing {
                 current: new,
-                previous: Some(old),
+                previous: Some(old.clone()),
             },
             _ => KeyRing::new(new),
         })
@@ -499,10 +499,7 @@ mod tests {
 
     #[test]
     fn a_key_roll_overlaps_the_old_and_new_key_then_retires_the_old() {
-        let k = |id| TagKey {
-            id,
-            bytes: [id; 16],
-        };
+        let k = |id| TagKey::new(id, [id; 16]);
         let roll = KeyRoll {
             old: Some(k(1)),
             new: Some(k(2)),

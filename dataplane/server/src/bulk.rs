@@ -393,10 +393,10 @@ impl BulkEngine {
     /// queues their answers; retries requests that waited for room;
     /// drops writes whose segments stopped coming. `key_of` gives the
     /// key a client's answers are sealed with.
-    pub fn poll(
+    pub fn poll<'k>(
         &mut self,
         models: &mut HashMap<u32, ModelSlot>,
-        key_of: &dyn Fn(u32) -> Option<TagKey>,
+        key_of: &dyn Fn(u32) -> Option<&'k TagKey>,
     ) {
         if !self.reasm.is_empty() {
             let now = self.now();
@@ -427,7 +427,7 @@ impl BulkEngine {
         }
     }
 
-    fn complete(&mut self, c: BlockDone, key_of: &dyn Fn(u32) -> Option<TagKey>) {
+    fn complete<'k>(&mut self, c: BlockDone, key_of: &dyn Fn(u32) -> Option<&'k TagKey>) {
         let Some(f) = self.inflight.remove(&c.tag) else {
             return;
         };
@@ -441,7 +441,7 @@ impl BulkEngine {
             ..f.msg
         };
         if c.op != BlockOp::Read || c.status != BlockStatus::Ok {
-            self.answer(f.client, f.model, &msg, (0, 1), &[], key.as_ref());
+            self.answer(f.client, f.model, &msg, (0, 1), &[], key);
             return;
         }
         let nseg = bulk::segments(msg.len);
@@ -453,7 +453,7 @@ impl BulkEngine {
             let start = s as usize * SEG_DATA;
             let end = (start + SEG_DATA).min(c.data.len());
             let data = c.data.get(start..end).unwrap_or(&[]);
-            self.answer(f.client, f.model, &msg, (s, nseg), data, key.as_ref());
+            self.answer(f.client, f.model, &msg, (s, nseg), data, key);
         }
     }
 }

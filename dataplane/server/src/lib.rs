@@ -195,7 +195,7 @@ fn build_dispatchers(cfg: &ServerConfig) -> Result<Vec<Dispatcher>, ServerError>
             let mut d = Dispatcher::new(cfg.server.id);
             d.set_owners(owners.clone());
             for c in &cfg.clients {
-                if let Some(key) = c.tag_key {
+                if let Some(key) = c.tag_key.clone() {
                     d.set_keys(c.id, devplane_wire::tag::KeyRing::new(key.0));
                 }
             }

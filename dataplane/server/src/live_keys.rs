@@ -22,7 +22,10 @@ impl Server {
             .ok_or_else(|| {
                 ServerError::Config(format!("client {client} is not registered on this server"))
             })?;
-        entry.tag_key = keys.map(|k| ClientKey(k.current));
-        self.broadcast(|| WorkerCmd::SetKeys { client, keys })
+        entry.tag_key = keys.clone().map(|k| ClientKey(k.current));
+        self.broadcast(|| WorkerCmd::SetKeys {
+            client,
+            keys: keys.clone(),
+        })
     }
 }

@@ -36,7 +36,7 @@ impl Server {
             .cfg
             .clients
             .iter()
-            .map(|c| (c.id, c.tag_key.map(|k| k.0)))
+            .map(|c| (c.id, c.tag_key.clone().map(|k| k.0)))
             .collect();
         let mut errors = Vec::new();
         let mut note = |what: String, r: Result<(), ServerError>| {
@@ -69,11 +69,11 @@ impl Server {
             // Both keys accepted over the grace period (tick_keys retires
             // the old one), so that nothing in flight is refused.
             let roll = KeyRoll {
-                old: old_keys.get(&client).copied().flatten(),
-                new: key.map(|k| k.0),
+                old: old_keys.get(&client).cloned().flatten(),
+                new: key.clone().map(|k| k.0),
             };
             let ring = roll.server_ring(Duration::ZERO);
-            let r = self.set_keys(client, ring);
+            let r = self.set_keys(client, ring.clone());
             if r.is_ok() {
                 if let Some(x) = self.cfg.clients.iter_mut().find(|x| x.id == client) {
                     x.tag_key = key;
@@ -142,7 +142,7 @@ impl Server {
         let due: Vec<(u32, KeyRoll, Duration)> = self
             .key_rolls
             .iter()
-            .map(|(&c, (roll, since))| (c, *roll, since.elapsed()))
+            .map(|(&c, (roll, since))| (c, roll.clone(), since.elapsed()))
             .filter(|(_, roll, elapsed)| roll.settled(*elapsed))
             .collect();
         let mut errors = Vec::new();

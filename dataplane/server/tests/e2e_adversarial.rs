@@ -500,7 +500,7 @@ fn xdp_mode_survives_thousands_of_mutated_frames() {
     let mut victim = Victim {
         sock,
         server,
-        ring: KeyRing::new(key),
+        ring: KeyRing::new(key.clone()),
         key,
         irqs: Vec::new(),
         irq_datagrams: 0,

@@ -15,7 +15,7 @@ pub fn client_key(client: u32) -> ClientKey {
         x ^= x << 17;
         *b = x as u8;
     }
-    ClientKey(TagKey { id: 1, bytes })
+    ClientKey(TagKey::new(1, bytes))
 }
 
 /// [`client_key`] as an engine holds it.

@@ -61,7 +61,7 @@ pub fn server_config(
         clients: tenants
             .iter()
             .map(|t| ClientConfig {
-                tag_key: t.key,
+                tag_key: t.key.clone(),
                 id: t.client,
                 address: t.address,
                 budget: None,

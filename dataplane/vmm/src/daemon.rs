@@ -179,9 +179,10 @@ impl Daemon {
         let keys = file
             .client
             .tag_key
+            .clone()
             .map(|k| devplane_wire::tag::KeyRing::new(k.0));
         Daemon {
-            keys,
+            keys: keys.clone(),
             store_key: keys.map(|k| k.current),
             key_roll: None,
             file,
@@ -200,7 +201,7 @@ impl Daemon {
     /// VM `vm`'s spec, with the client's keys now.
     fn spec(&self, vm: u32) -> Result<super::vmm::ClientSpec, DaemonError> {
         let mut spec = self.file.client_spec_moved(vm, &self.moved)?;
-        spec.engine.tag_keys = self.keys;
+        spec.engine.tag_keys = self.keys.clone();
         Ok(spec)
     }
 
@@ -219,12 +220,12 @@ impl Daemon {
             });
         }
         self.notice();
-        self.keys = keys;
+        self.keys = keys.clone();
         for slot in self.slots.values() {
             if let Some(r) = &slot.running
                 && let Some(e) = r.client.engine()
             {
-                e.tag_keys().set(keys);
+                e.tag_keys().set(keys.clone());
             }
         }
         Ok(())
@@ -554,7 +555,7 @@ impl Daemon {
                 continue;
             };
             if let Some(e) = client.engine() {
-                e.tag_keys().set(self.keys);
+                e.tag_keys().set(self.keys.clone());
             }
             match self.slots.get_mut(&vm) {
                 Some(slot) if slot.running.is_none() => {

@@ -690,17 +690,15 @@ fn e2e_bulk_disk() {
     // retired): block requests carry the new key, and after the old one
     // is retired they still go through, data verified.
     let k1 = keys::client_key(CLIENT).0;
-    let k2 = TagKey {
-        id: 2,
-        bytes: [0x5a; 16],
-    };
-    let live = LiveKeys::new(Some(KeyRing::new(k1)));
+    let k2 = TagKey::new(2, [0x5a; 16]);
+    let live = LiveKeys::new(Some(KeyRing::new(k1.clone())));
     let mut g = Guest::with_keys(&topo, Loss::default(), Some(live.clone()));
     write_flush_read(&mut g, 70_000, 4096, 8, 3000);
     let mut ring = KeyRing::new(k1);
-    ring.rotate(k2);
+    ring.rotate(k2.clone());
+    let sent = ring.clone();
     server
-        .call(move |s| s.set_keys(CLIENT, Some(ring)))
+        .call(move |s| s.set_keys(CLIENT, Some(sent)))
         .expect("server thread")
         .expect("server takes the new key");
     live.set(Some(ring));

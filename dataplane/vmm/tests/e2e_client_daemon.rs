@@ -899,7 +899,7 @@ fn keys_rotate_under_traffic_through_dpctl() {
             id: CLIENT,
             address: topo.client_ip(),
             budget: None,
-            tag_key: Some(first),
+            tag_key: Some(first.clone()),
         }))
         .unwrap();
     // VM 1 reads its counter READS times, each a synchronous round trip
@@ -977,7 +977,7 @@ fn keys_rotate_under_traffic_through_dpctl() {
         .unwrap()
         .state()
         .client(CLIENT)
-        .and_then(|c| c.tag_key)
+        .and_then(|c| c.tag_key.clone())
         .expect("the database holds a key");
     assert_eq!(current.0.id, 4);
     assert!(

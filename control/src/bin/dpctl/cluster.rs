@@ -237,9 +237,10 @@ fn rotate_key(s: &mut dyn Store, client: u32, json: bool) -> Result<String, Fail
             kind: Kind::Client,
             id: client,
         })?
-        .tag_key;
-    let new = devplane_control::config::ClientKey(keys::random_key(keys::next_id(old))?);
-    let revision = s.apply(&Change::SetClientKey(client, Some(new)))?;
+        .tag_key
+        .clone();
+    let new = devplane_control::config::ClientKey(keys::random_key(keys::next_id(old.as_ref()))?);
+    let revision = s.apply(&Change::SetClientKey(client, Some(new.clone())))?;
     let fingerprint = new.0.fingerprint().to_string();
     if json {
         return Ok(to_json(&json!({

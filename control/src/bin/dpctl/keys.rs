@@ -33,7 +33,7 @@ pub(super) fn export(s: &State, client: u32, json: bool) -> Result<String, Failu
         kind: Kind::Client,
         id: client,
     })?;
-    let Some(key) = c.tag_key else {
+    let Some(key) = c.tag_key.clone() else {
         return Err(failed(format!(
             "client {client} has no tag key (added with --no-key); give it one with              `dpctl clients rotate-key {client}`"
         )));
@@ -70,11 +70,11 @@ pub(super) fn random_key(id: u8) -> Result<TagKey, Failure> {
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
         .map_err(|e| failed(format!("cannot read /dev/urandom for a new key: {e}")))?;
-    Ok(TagKey { id, bytes })
+    Ok(TagKey::new(id, bytes))
 }
 
 /// The id after `old`'s (1..=255, wrapping; 1 for a first key).
-pub(super) fn next_id(old: Option<ClientKey>) -> u8 {
+pub(super) fn next_id(old: Option<&ClientKey>) -> u8 {
     match old {
         Some(k) if k.0.id < u8::MAX => k.0.id + 1,
         _ => 1,
@@ -130,9 +130,10 @@ pub(super) fn rotate(cli: &Cli, db: &mut Db, r: &Rotate<'_>) -> Result<String, F
             kind: Kind::Client,
             id: r.client,
         })?
-        .tag_key;
-    let new = ClientKey(random_key(next_id(old))?);
-    db.apply(Change::SetClientKey(r.client, Some(new)))?;
+        .tag_key
+        .clone();
+    let new = ClientKey(random_key(next_id(old.as_ref()))?);
+    db.apply(Change::SetClientKey(r.client, Some(new.clone())))?;
     let generation = db.generation();
     if !r.db_only {
         let saved = format!(
@@ -142,14 +143,14 @@ pub(super) fn rotate(cli: &Cli, db: &mut Db, r: &Rotate<'_>) -> Result<String, F
         );
         let both = Request::SetKeys {
             client: r.client,
-            current: Some(new),
-            previous: old,
+            current: Some(new.clone()),
+            previous: old.clone(),
         };
         tell(cli, r, &both, &format!("handing the new key out ({saved})"))?;
         std::thread::sleep(r.grace);
         let only_new = Request::SetKeys {
             client: r.client,
-            current: Some(new),
+            current: Some(new.clone()),
             previous: None,
         };
         tell(
@@ -187,13 +188,13 @@ mod tests {
 
     #[test]
     fn key_ids_go_round_1_to_255() {
-        let k = |id| Some(ClientKey(TagKey { id, bytes: [0; 16] }));
+        let k = |id| Some(ClientKey(TagKey::new(id, [0; 16])));
         assert_eq!(next_id(None), 1);
-        assert_eq!(next_id(k(1)), 2);
-        assert_eq!(next_id(k(254)), 255);
-        assert_eq!(next_id(k(255)), 1);
+        assert_eq!(next_id(k(1).as_ref()), 2);
+        assert_eq!(next_id(k(254).as_ref()), 255);
+        assert_eq!(next_id(k(255).as_ref()), 1);
         let a = random_key(3).unwrap_or_else(|f| panic!("{}", f.message));
         let b = random_key(3).unwrap_or_else(|f| panic!("{}", f.message));
-        assert_ne!(a.bytes, b.bytes);
+        assert_ne!(a.bytes(), b.bytes());
     }
 }

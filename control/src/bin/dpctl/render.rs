@@ -145,7 +145,7 @@ pub(super) fn entity_json(s: &State, kind: Kind, id: u32) -> Option<Value> {
         if let Some(k) = s
             .client(id)
             .filter(|_| kind == Kind::Client)
-            .and_then(|c| c.tag_key)
+            .and_then(|c| c.tag_key.clone())
         {
             map.insert(
                 "tag_key".into(),

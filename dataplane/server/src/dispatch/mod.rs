@@ -391,7 +391,7 @@ pub struct DispatchStats {
 }
 
 /// One client's tag keys as a worker holds them.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct ClientKeys {
     ring: KeyRing,
     /// The id of the key its last verified datagram was sealed with.
@@ -444,7 +444,7 @@ impl Dispatcher {
         let keys = &self.keys;
         let key_of = |client: u32| {
             let k = keys.get(&client)?;
-            Some(*k.ring.get(k.heard).unwrap_or(&k.ring.current))
+            Some(k.ring.get(k.heard).unwrap_or(&k.ring.current))
         };
         self.bulk.poll(&mut self.models, &key_of);
     }
@@ -474,8 +474,11 @@ impl Dispatcher {
             self.stats.no_such_model += 1;
             return Outcome::NotHere;
         }
-        let key = self.irq_key(client).copied();
-        self.bulk.handle(&d, &mut self.models, key.as_ref());
+        let key = self
+            .keys
+            .get(&client)
+            .map(|k| k.ring.get(k.heard).unwrap_or(&k.ring.current));
+        self.bulk.handle(&d, &mut self.models, key);
         Outcome::Bulk { client, vm }
     }
 

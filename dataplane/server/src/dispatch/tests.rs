@@ -592,14 +592,12 @@ fn sealed(model: u32, recs: &[Record], key: &tag::TagKey) -> Vec<u8> {
     buf
 }
 
-const KEY1: tag::TagKey = tag::TagKey {
-    id: 1,
-    bytes: [0x5a; 16],
-};
-const KEY2: tag::TagKey = tag::TagKey {
-    id: 2,
-    bytes: [0xa5; 16],
-};
+fn key1() -> tag::TagKey {
+    tag::TagKey::new(1, [0x5a; 16])
+}
+fn key2() -> tag::TagKey {
+    tag::TagKey::new(2, [0xa5; 16])
+}
 
 fn write(seq: u64) -> Record {
     req(
@@ -634,26 +632,19 @@ fn count_of(d: &mut Dispatcher, key: &tag::TagKey, seq: u64) -> u64 {
 #[test]
 fn tags_are_verified_before_anything_is_applied() {
     let mut d = dispatcher();
-    d.set_keys(7, KeyRing::new(KEY1));
-    let mut ok = sealed(42, &[write(1)], &KEY1);
+    d.set_keys(7, KeyRing::new(key1()));
+    let mut ok = sealed(42, &[write(1)], &key1());
     assert!(matches!(d.handle(&mut ok), Outcome::Respond { .. }));
-    assert_eq!(tag::verify(&ok, &KeyRing::new(KEY1)), Ok(()));
+    assert_eq!(tag::verify(&ok, &KeyRing::new(key1())), Ok(()));
     assert_eq!(Datagram::parse(&ok).unwrap().kind(), Kind::Response);
 
-    let mut flipped = sealed(42, &[write(2)], &KEY1);
+    let mut flipped = sealed(42, &[write(2)], &key1());
     let last = flipped.len() - 1;
     flipped[last] ^= 1;
-    let mut other_key = sealed(42, &[write(3)], &KEY2);
-    let mut wrong_bytes = sealed(
-        42,
-        &[write(4)],
-        &tag::TagKey {
-            id: 1,
-            bytes: [0; 16],
-        },
-    );
+    let mut other_key = sealed(42, &[write(3)], &key2());
+    let mut wrong_bytes = sealed(42, &[write(4)], &tag::TagKey::new(1, [0; 16]));
     let mut untagged = encode(42, &[write(5)]);
-    let mut truncated = sealed(42, &[write(6)], &KEY1);
+    let mut truncated = sealed(42, &[write(6)], &key1());
     truncated.truncate(truncated.len() - 1);
     for b in [
         &mut flipped,
@@ -666,7 +657,7 @@ fn tags_are_verified_before_anything_is_applied() {
     assert!(matches!(d.handle(&mut truncated), Outcome::Malformed(_)));
     assert_eq!(d.stats().bad_tag, 4);
     assert_eq!(
-        count_of(&mut d, &KEY1, 10),
+        count_of(&mut d, &key1(), 10),
         1,
         "only the first write applied"
     );
@@ -677,7 +668,7 @@ fn tags_are_verified_before_anything_is_applied() {
 #[test]
 fn a_client_without_key_may_not_tag() {
     let mut d = dispatcher();
-    let mut b = sealed(42, &[write(1)], &KEY1);
+    let mut b = sealed(42, &[write(1)], &key1());
     assert_eq!(d.handle(&mut b), Outcome::BadTag);
     let mut plain = encode(42, &[write(2)]);
     assert!(matches!(d.handle(&mut plain), Outcome::Respond { .. }));
@@ -689,21 +680,21 @@ fn a_client_without_key_may_not_tag() {
 #[test]
 fn rotation_accepts_both_keys_then_only_the_new() {
     let mut d = dispatcher();
-    d.set_keys(7, KeyRing::new(KEY1));
-    let mut ring = KeyRing::new(KEY1);
-    ring.rotate(KEY2);
-    d.set_keys(7, ring);
-    let mut old = sealed(42, &[write(1)], &KEY1);
-    let mut new = sealed(42, &[write(2)], &KEY2);
+    d.set_keys(7, KeyRing::new(key1()));
+    let mut ring = KeyRing::new(key1());
+    ring.rotate(key2());
+    d.set_keys(7, ring.clone());
+    let mut old = sealed(42, &[write(1)], &key1());
+    let mut new = sealed(42, &[write(2)], &key2());
     assert!(matches!(d.handle(&mut old), Outcome::Respond { .. }));
     assert!(matches!(d.handle(&mut new), Outcome::Respond { .. }));
-    assert_eq!(tag::verify(&old, &KeyRing::new(KEY1)), Ok(()));
-    assert_eq!(tag::verify(&new, &KeyRing::new(KEY2)), Ok(()));
+    assert_eq!(tag::verify(&old, &KeyRing::new(key1())), Ok(()));
+    assert_eq!(tag::verify(&new, &KeyRing::new(key2())), Ok(()));
     ring.retire();
     d.set_keys(7, ring);
-    let mut late = sealed(42, &[write(3)], &KEY1);
+    let mut late = sealed(42, &[write(3)], &key1());
     assert_eq!(d.handle(&mut late), Outcome::BadTag);
-    assert_eq!(count_of(&mut d, &KEY2, 10), 2);
+    assert_eq!(count_of(&mut d, &key2(), 10), 2);
 }
 
 /// Interrupts are sealed with the key the client last sealed with while
@@ -712,38 +703,31 @@ fn rotation_accepts_both_keys_then_only_the_new() {
 #[test]
 fn interrupts_follow_the_key_the_client_uses() {
     let mut d = dispatcher();
-    d.set_keys(7, KeyRing::new(KEY1));
-    assert_eq!(d.irq_key(7), Some(&KEY1));
-    let mut ring = KeyRing::new(KEY1);
-    ring.rotate(KEY2);
-    d.set_keys(7, ring);
+    d.set_keys(7, KeyRing::new(key1()));
+    assert_eq!(d.irq_key(7), Some(&key1()));
+    let mut ring = KeyRing::new(key1());
+    ring.rotate(key2());
+    d.set_keys(7, ring.clone());
     assert_eq!(
         d.irq_key(7),
-        Some(&KEY1),
-        "the client has not used KEY2 yet"
+        Some(&key1()),
+        "the client has not used key2() yet"
     );
-    let mut new = sealed(42, &[write(1)], &KEY2);
+    let mut new = sealed(42, &[write(1)], &key2());
     assert!(matches!(d.handle(&mut new), Outcome::Respond { .. }));
-    assert_eq!(d.irq_key(7), Some(&KEY2));
+    assert_eq!(d.irq_key(7), Some(&key2()));
     // A forged datagram naming the old key does not move it back.
-    let mut forged = sealed(
-        42,
-        &[write(2)],
-        &tag::TagKey {
-            id: 1,
-            bytes: [0; 16],
-        },
-    );
+    let mut forged = sealed(42, &[write(2)], &tag::TagKey::new(1, [0; 16]));
     assert_eq!(d.handle(&mut forged), Outcome::BadTag);
-    assert_eq!(d.irq_key(7), Some(&KEY2));
+    assert_eq!(d.irq_key(7), Some(&key2()));
     ring.retire();
     d.set_keys(7, ring);
-    assert_eq!(d.irq_key(7), Some(&KEY2));
+    assert_eq!(d.irq_key(7), Some(&key2()));
     // Retired before the client used the new key: the current one.
     let mut d = dispatcher();
-    d.set_keys(7, KeyRing::new(KEY1));
-    d.set_keys(7, KeyRing::new(KEY2));
-    assert_eq!(d.irq_key(7), Some(&KEY2));
+    d.set_keys(7, KeyRing::new(key1()));
+    d.set_keys(7, KeyRing::new(key2()));
+    assert_eq!(d.irq_key(7), Some(&key2()));
     // Keys removed: untagged again.
     d.clear_keys(7);
     assert_eq!(d.irq_key(7), None);

@@ -623,6 +623,7 @@ impl ClientFile {
                 tag_keys: self
                     .client
                     .tag_key
+                    .clone()
                     .map(|k| devplane_wire::tag::KeyRing::new(k.0)),
                 ..EngineConfig::default()
             },
@@ -714,8 +715,8 @@ mod tests {
     fn the_tag_key_is_parsed_and_never_shown() {
         let with = |k: &str| BASE.replace("id = 7\n", &format!("id = 7\ntag_key = \"{k}\"\n"));
         let f = ClientFile::from_toml_str(&with("3:00112233445566778899aabbccddeeff")).unwrap();
-        let key = f.client.tag_key.unwrap().0;
-        assert_eq!((key.id, key.bytes[15]), (3, 0xff));
+        let key = f.client.tag_key.clone().unwrap().0;
+        assert_eq!((key.id, key.bytes()[15]), (3, 0xff));
         let shown = format!("{f:?}");
         assert!(!shown.contains("445566"), "{shown}");
         for bad in [

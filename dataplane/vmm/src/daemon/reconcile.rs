@@ -133,7 +133,7 @@ impl Daemon {
     /// after the grace period ([`KeyRoll::client_ring`]). Call it often
     /// (the daemon's loop does, every turn).
     pub fn tick_keys(&mut self) -> Result<(), String> {
-        let Some((roll, since)) = self.key_roll else {
+        let Some((roll, since)) = self.key_roll.clone() else {
             return Ok(());
         };
         let elapsed = since.elapsed();
@@ -158,11 +158,11 @@ impl Daemon {
         let mut errors = Vec::new();
         let mut steps = 0;
         if let Some(c) = state.client(me) {
-            let want = c.tag_key.map(|k| k.0);
+            let want = c.tag_key.clone().map(|k| k.0);
             if self.store_key != want {
                 let roll = KeyRoll {
-                    old: self.store_key,
-                    new: want,
+                    old: self.store_key.clone(),
+                    new: want.clone(),
                 };
                 match self.set_keys(me, roll.client_ring(Duration::ZERO)) {
                     Ok(()) => {

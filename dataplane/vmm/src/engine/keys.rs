@@ -38,7 +38,11 @@ impl LiveKeys {
 
     /// The keys now.
     pub fn get(&self) -> Option<KeyRing> {
-        *self.0.ring.lock().unwrap_or_else(|e| e.into_inner())
+        self.0
+            .ring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Changes so far.
@@ -82,17 +86,14 @@ mod tests {
 
     #[test]
     fn a_watch_sees_each_change_once() {
-        let k1 = TagKey {
-            id: 1,
-            bytes: [1; 16],
-        };
-        let live = LiveKeys::new(Some(KeyRing::new(k1)));
+        let k1 = TagKey::new(1, [1; 16]);
+        let live = LiveKeys::new(Some(KeyRing::new(k1.clone())));
         let mut w = KeyWatch::new(live.clone());
         assert_eq!(w.changed(), None);
         live.set(None);
         assert_eq!(w.changed(), Some(None));
         assert_eq!(w.changed(), None);
-        live.set(Some(KeyRing::new(k1)));
+        live.set(Some(KeyRing::new(k1.clone())));
         assert_eq!(w.changed(), Some(Some(KeyRing::new(k1))));
         assert_eq!(KeyWatch::default().changed(), None);
     }

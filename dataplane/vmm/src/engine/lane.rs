@@ -276,7 +276,7 @@ impl Loop {
             retransmit_max_ns: nanos(cfg.retransmit_max.max(cfg.retransmit)),
             horizon_ns: nanos(cfg.horizon),
             loss: cfg.loss,
-            keys: cfg.tag_keys,
+            keys: cfg.tag_keys.clone(),
         };
         let peers = lane
             .vcpus

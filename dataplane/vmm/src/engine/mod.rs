@@ -90,7 +90,7 @@ pub struct Loss {
 }
 
 /// Engine settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// This client platform's id.
     pub client: u32,
@@ -325,7 +325,8 @@ impl Engine {
         lanes: Vec<Lane>,
         core: Option<usize>,
     ) -> Result<Engine, EngineError> {
-        Engine::spawn_with_keys(cfg, lanes, core, LiveKeys::new(cfg.tag_keys))
+        let keys = LiveKeys::new(cfg.tag_keys.clone());
+        Engine::spawn_with_keys(cfg, lanes, core, keys)
     }
 
     /// [`Engine::spawn`] sealing with `keys` (shared with others that

@@ -121,7 +121,7 @@ pub(crate) trait Io {
 }
 
 /// What the protocol needs of the engine's configuration.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Settings {
     /// This client platform's id.
     pub client: u32,

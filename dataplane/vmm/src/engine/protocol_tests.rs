@@ -708,14 +708,8 @@ fn partial_loss_is_seeded_and_near_its_rate() {
 #[test]
 fn tags_seal_what_is_sent_and_guard_what_is_received() {
     use devplane_wire::tag::{self, KeyRing, TagKey};
-    let k1 = TagKey {
-        id: 1,
-        bytes: [1; 16],
-    };
-    let k2 = TagKey {
-        id: 2,
-        bytes: [2; 16],
-    };
+    let k1 = TagKey::new(1, [1; 16]);
+    let k2 = TagKey::new(2, [2; 16]);
     let seal = |mut d: Vec<u8>, key: &TagKey| {
         let n = d.len();
         d.resize(n + devplane_wire::TAG_LEN, 0);
@@ -723,25 +717,22 @@ fn tags_seal_what_is_sent_and_guard_what_is_received() {
         d
     };
     let (mut p, stats) = protocol(1);
-    let mut ring = KeyRing::new(k1);
-    ring.rotate(k2);
-    p.settings.keys = Some(ring);
+    let mut ring = KeyRing::new(k1.clone());
+    ring.rotate(k2.clone());
+    p.settings.keys = Some(ring.clone());
     let mut io = Fake::default();
     queue(&mut p, &mut io, 0, 0, &[1]);
     assert!(p.send_ready(0, 0, &mut io).unwrap());
     let sent = &io.sent[0].1;
     assert_eq!(
-        tag::verify(sent, &KeyRing::new(k2)),
+        tag::verify(sent, &KeyRing::new(k2.clone())),
         Ok(()),
         "sealed with the current key"
     );
     assert_eq!(seqs(sent), vec![1]);
 
     // Untagged, wrong key bytes, flipped: dropped and counted.
-    let wrong = TagKey {
-        id: 2,
-        bytes: [9; 16],
-    };
+    let wrong = TagKey::new(2, [9; 16]);
     let mut flipped = seal(answers(MODEL_A, 0, &[1]), &k2);
     let last = flipped.len() - 1;
     flipped[last] ^= 4;
@@ -792,14 +783,8 @@ fn tags_seal_what_is_sent_and_guard_what_is_received() {
 #[test]
 fn rotated_keys_reach_sends_and_resends() {
     use devplane_wire::tag::{self, KeyRing, TagKey};
-    let k1 = TagKey {
-        id: 1,
-        bytes: [1; 16],
-    };
-    let k2 = TagKey {
-        id: 2,
-        bytes: [2; 16],
-    };
+    let k1 = TagKey::new(1, [1; 16]);
+    let k2 = TagKey::new(2, [2; 16]);
     let (mut p, _stats) = protocol(1);
     let live = crate::engine::LiveKeys::new(None);
     p.watch_keys(live.clone());
@@ -808,19 +793,22 @@ fn rotated_keys_reach_sends_and_resends() {
     assert!(p.send_ready(0, 0, &mut io).unwrap());
     assert!(!tag::is_tagged(&io.sent[0].1), "untagged before any key");
 
-    live.set(Some(KeyRing::new(k1)));
+    live.set(Some(KeyRing::new(k1.clone())));
     p.retransmit(RETRANSMIT, &mut io).unwrap();
     assert_eq!(io.sent.len(), 2);
-    assert_eq!(tag::verify(&io.sent[1].1, &KeyRing::new(k1)), Ok(()));
+    assert_eq!(
+        tag::verify(&io.sent[1].1, &KeyRing::new(k1.clone())),
+        Ok(())
+    );
     assert_eq!(seqs(&io.sent[1].1), vec![1], "the same request");
 
-    let mut ring = KeyRing::new(k1);
-    ring.rotate(k2);
+    let mut ring = KeyRing::new(k1.clone());
+    ring.rotate(k2.clone());
     live.set(Some(ring));
     p.retransmit(10 * RETRANSMIT, &mut io).unwrap();
     assert_eq!(io.sent.len(), 3);
     assert_eq!(
-        tag::verify(&io.sent[2].1, &KeyRing::new(k2)),
+        tag::verify(&io.sent[2].1, &KeyRing::new(k2.clone())),
         Ok(()),
         "resent under the new key"
     );
@@ -865,17 +853,14 @@ fn retarget_rig() -> (Protocol, Arc<EngineStats>, devplane_wire::tag::KeyRing) {
         server: SERVER,
         socket: 0,
     }]);
-    let ring = devplane_wire::tag::KeyRing::new(devplane_wire::tag::TagKey {
-        id: 1,
-        bytes: [7; 16],
-    });
+    let ring = devplane_wire::tag::KeyRing::new(devplane_wire::tag::TagKey::new(1, [7; 16]));
     let settings = Settings {
         client: CLIENT,
         retransmit_ns: RETRANSMIT,
         retransmit_max_ns: 8 * RETRANSMIT,
         horizon_ns: HORIZON,
         loss: Loss::default(),
-        keys: Some(ring),
+        keys: Some(ring.clone()),
     };
     let stats = Arc::new(EngineStats::default());
     let p = Protocol::new(

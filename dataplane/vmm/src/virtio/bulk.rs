@@ -1281,16 +1281,10 @@ mod tests {
     #[test]
     fn bulk_requests_follow_a_key_rotation() {
         use devplane_wire::tag::TagKey;
-        let k1 = TagKey {
-            id: 1,
-            bytes: [1; 16],
-        };
-        let k2 = TagKey {
-            id: 2,
-            bytes: [2; 16],
-        };
-        let mut ring = KeyRing::new(k1);
-        let live = LiveKeys::new(Some(ring));
+        let k1 = TagKey::new(1, [1; 16]);
+        let k2 = TagKey::new(2, [2; 16]);
+        let mut ring = KeyRing::new(k1.clone());
+        let live = LiveKeys::new(Some(ring.clone()));
         let mut c = BulkClient::new(IDS, None, Duration::from_secs(10));
         c.follow_keys(live.clone());
         let mut disk = vec![9u8; 1 << 20];
@@ -1319,7 +1313,7 @@ mod tests {
         }
         assert_eq!(done.len(), 1);
         // The daemon rotates the client's key.
-        ring.rotate(k2);
+        ring.rotate(k2.clone());
         live.set(Some(ring));
         c.submit(2, BlockOp::Write, 8, 4096, vec![3; 4096], now, &mut w);
         assert_eq!(key_of(&w.0[0]), Some(2));
@@ -1336,10 +1330,7 @@ mod tests {
         }
         assert_eq!(done.len(), 2);
         // One under a key the client never had is refused.
-        let k3 = TagKey {
-            id: 3,
-            bytes: [3; 16],
-        };
+        let k3 = TagKey::new(3, [3; 16]);
         c.submit(3, BlockOp::Read, 0, 4096, vec![], t, &mut w);
         for a in sealed(&mut disk, &mut w, &k3) {
             assert!(!c.on_datagram(&a, t, &mut w, &mut done));

@@ -208,7 +208,7 @@ impl Builder<'_> {
                     vm: self.vs.id,
                     hypervisor: self.vs.hypervisor,
                 },
-                keys: self.spec.engine.tag_keys,
+                keys: self.spec.engine.tag_keys.clone(),
                 live_keys: Some(self.keys.clone()),
                 give_up: self
                     .spec

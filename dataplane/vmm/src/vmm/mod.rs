@@ -527,7 +527,7 @@ impl Client {
             snapshots.into_iter().map(|s| (s.vm, s)).collect();
         // One set of tag keys for the engine and the VMs' bulk disks: a
         // rotation reaches both.
-        let keys = LiveKeys::new(spec.engine.tag_keys);
+        let keys = LiveKeys::new(spec.engine.tag_keys.clone());
         let vms = spec
             .vms
             .iter()
@@ -542,7 +542,7 @@ impl Client {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let wiring = lanes::wire(&spec, &vms)?;
-        let mut ecfg = spec.engine;
+        let mut ecfg = spec.engine.clone();
         ecfg.client = spec.client;
         let engine = Engine::spawn_with_keys(ecfg, wiring.lanes, spec.engine_core, keys)?;
         let mut client = Client {
