@@ -358,6 +358,10 @@ impl Rig {
                 direct_spin: Duration::from_micros(knob("DP_DIRECT_SPIN_US", 200) as u64),
                 tag_keys: self.tag_keys.clone(),
                 irqs_on_lanes: knob("DP_IRQ_ON_LANE", 1) != 0,
+                // The engine shares core 0 with the vCPUs and nothing else
+                // runs there: it yields to them (SCHED_IDLE; bench/README.md,
+                // *irq*). Not in engine mode (ignored there).
+                yield_to_vcpus: knob("DP_ENGINE_IDLE", 1) != 0,
                 ..EngineConfig::default()
             },
             engine_core: Some(knob("DP_ENGINE_CORE", 0) as usize),

@@ -72,6 +72,12 @@ pub struct ClientSection {
     /// every vCPU of that VM.
     #[serde(default = "default_true")]
     pub direct: bool,
+    /// Direct mode: each VM's engine thread runs under `SCHED_IDLE` and
+    /// never preempts a vCPU thread (`EngineConfig::yield_to_vcpus`): for
+    /// hosts where the engine shares cores only with its VMs' vCPUs; on a
+    /// core other threads keep busy it may wait long. Default `false`.
+    #[serde(default)]
+    pub engine_idle: bool,
     /// Milliseconds a request is retried (with exponential back-off)
     /// before it fails and is reported (default [`DEFAULT_HORIZON_MS`],
     /// within [`HORIZON_MS_RANGE`]).
@@ -625,6 +631,7 @@ impl ClientFile {
                     .tag_key
                     .clone()
                     .map(|k| devplane_wire::tag::KeyRing::new(k.0)),
+                yield_to_vcpus: self.client.engine_idle,
                 ..EngineConfig::default()
             },
             engine_core: None,
@@ -695,6 +702,10 @@ mod tests {
         assert_eq!(f.client.horizon_ms, DEFAULT_HORIZON_MS);
         let spec = f.client_spec(1).unwrap();
         assert_eq!(spec.engine.horizon, std::time::Duration::from_secs(10));
+        assert!(
+            !spec.engine.yield_to_vcpus,
+            "the engine yields only when asked"
+        );
         assert_eq!(spec.client, 7);
         assert_eq!(spec.servers.len(), 1);
         assert_eq!(spec.servers[0].addr, "10.0.0.2:7700".parse().unwrap());
@@ -737,6 +748,17 @@ mod tests {
                 .tag_key
                 .is_none()
         );
+    }
+
+    #[test]
+    fn engine_idle_reaches_the_engine() {
+        let vm = "\n[[vms]]\nid = 1\nhypervisor = 2\nguest = { kind = \"pio-loop\", port = 0x500, iterations = 10 }\n";
+        let with = |v: &str| BASE.replace("id = 7\n", &format!("id = 7\nengine_idle = {v}\n")) + vm;
+        let f = ClientFile::from_toml_str(&with("true")).unwrap();
+        assert!(f.client_spec(1).unwrap().engine.yield_to_vcpus);
+        let f = ClientFile::from_toml_str(&with("false")).unwrap();
+        assert!(!f.client_spec(1).unwrap().engine.yield_to_vcpus);
+        assert!(err(&with("\"yes\"")).contains("engine_idle"));
     }
 
     #[test]

@@ -132,6 +132,21 @@ pub struct EngineConfig {
     /// the engine thread takes those that arrive while the vCPU runs its
     /// guest. Off: only the engine thread receives interrupts.
     pub irqs_on_lanes: bool,
+    /// Direct mode: the engine thread runs under `SCHED_IDLE`, so that it
+    /// never preempts a vCPU thread of its core. Where the engine shares a
+    /// core with vCPUs (`dpbench`'s embedded topology), its wake-up on an
+    /// interrupt datagram otherwise took the core from the vCPU that had
+    /// just received the answer of the access raising that interrupt, and
+    /// the interrupt reached the guest ~15 us later (trigger-to-ack p50
+    /// 41 -> 27 us, bench/README.md, *irq*): left alone, the vCPU injects
+    /// it itself before it enters its guest again, and the engine runs
+    /// when the vCPUs halt. The cost: on a core that other threads keep
+    /// busy, the engine (interrupts for halted vCPUs, retransmission
+    /// kicks) runs only in what they leave idle, so it is off by default
+    /// and meant for a core the engine shares only with its VM's vCPUs.
+    /// Ignored in engine mode (vCPUs there wait for the engine). Whether it
+    /// took: [`Engine::yields`].
+    pub yield_to_vcpus: bool,
 }
 
 /// How much longer than the horizon a vCPU waits for an answer: time for
@@ -161,6 +176,7 @@ impl Default for EngineConfig {
             direct_spin: Duration::from_micros(200),
             tag_keys: None,
             irqs_on_lanes: true,
+            yield_to_vcpus: false,
         }
     }
 }
@@ -234,6 +250,9 @@ pub struct Engine {
     keys: LiveKeys,
     /// Every lane's cell (to retarget a moved model).
     cells: Vec<Arc<Cell>>,
+    /// Set by the engine thread once it started: its thread id, and
+    /// whether it runs under `SCHED_IDLE` ([`EngineConfig::yield_to_vcpus`]).
+    yielding: Arc<std::sync::OnceLock<(libc::pid_t, bool)>>,
 }
 
 /// Why [`Engine::retarget`] did not point every lane at the new server.
@@ -318,6 +337,21 @@ fn build_cell(
     }))
 }
 
+/// Whether the engine thread yields to vCPUs ([`EngineConfig::yield_to_vcpus`]):
+/// asked, and no lane (`(direct, has vCPUs)`) is an engine-mode lane
+/// whose vCPUs wait for the engine itself.
+fn yields(asked: bool, mut lanes: impl Iterator<Item = (bool, bool)>) -> bool {
+    asked && !lanes.any(|(direct, vcpus)| !direct && vcpus)
+}
+
+/// Puts the calling thread under `SCHED_IDLE`; whether it took (no
+/// privilege is needed to lower one's own policy).
+fn sched_idle() -> bool {
+    let p = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `p` is valid for the call; pid 0 is the calling thread.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &p) == 0 }
+}
+
 impl Engine {
     /// Starts the engine thread (pinned to `core` if given) over `lanes`.
     pub fn spawn(
@@ -341,6 +375,11 @@ impl Engine {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(EngineStats::default());
         let doorbell = Arc::new(Doorbell::new()?);
+        let idle = yields(
+            cfg.yield_to_vcpus,
+            lanes.iter().map(|l| (l.direct, !l.vcpus.is_empty())),
+        );
+        let yielding = Arc::new(std::sync::OnceLock::new());
         let irqs = protocol::IrqSeen::default();
         let cells = lanes
             .into_iter()
@@ -363,24 +402,35 @@ impl Engine {
             stop: stop.clone(),
             stats: stats.clone(),
         };
+        let took = yielding.clone();
         let join = std::thread::Builder::new()
             .name("dp-engine".into())
             .spawn(move || {
                 if let Some(c) = core {
                     let _ = affinity::set_thread_affinity([c]);
                 }
+                // SAFETY: gettid has no preconditions.
+                let tid = unsafe { libc::gettid() };
+                let _ = took.set((tid, idle && sched_idle()));
                 t.run();
             })
             .map_err(EngineError::Spawn)?;
         Ok(Engine {
             stop,
             join: Some(join),
+            yielding,
             stats,
             doorbell,
             drivers,
             keys,
             cells,
         })
+    }
+
+    /// Whether the engine thread runs under `SCHED_IDLE`
+    /// ([`EngineConfig::yield_to_vcpus`]); `None` until it has started.
+    pub fn yields(&self) -> Option<bool> {
+        self.yielding.get().map(|&(_, idle)| idle)
     }
 
     /// From each lane's next step on, requests for server `server` go
@@ -509,5 +559,66 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod yield_tests {
+    use super::*;
+
+    #[test]
+    fn the_engine_yields_only_when_asked_and_no_vcpu_waits_for_it() {
+        // (direct, has vCPUs): direct lanes and the interrupt lane.
+        let direct = [(true, true), (true, true), (false, false)];
+        assert!(yields(true, direct.into_iter()));
+        assert!(!yields(false, direct.into_iter()));
+        // An engine-mode lane: its vCPUs wait for the engine thread.
+        assert!(!yields(true, [(false, true), (false, false)].into_iter()));
+        assert!(yields(true, std::iter::empty()));
+    }
+
+    /// An engine of only its interrupt lane (no vCPU waits for it) takes
+    /// `SCHED_IDLE` when asked and says so; otherwise it stays normal.
+    #[test]
+    fn an_engine_asked_to_yield_runs_sched_idle() {
+        for asked in [true, false] {
+            let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let lane = Lane {
+                sockets: vec![sock],
+                vcpus: Vec::new(),
+                injectors: HashMap::new(),
+                direct: false,
+                irq_ports: Vec::new(),
+                servers: HashMap::new(),
+                via: HashMap::new(),
+            };
+            let cfg = EngineConfig {
+                yield_to_vcpus: asked,
+                ..EngineConfig::default()
+            };
+            let e = match Engine::spawn(cfg, vec![lane], None) {
+                Ok(e) => e,
+                // A kernel without owned rings (before 6.1) cannot run
+                // the engine at all.
+                Err(EngineError::NoOwnedRings(_)) => return,
+                Err(e) => panic!("{e}"),
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(1);
+            while e.yields().is_none() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(e.yields(), Some(asked));
+            // The kernel's word, not the engine's: the thread's policy.
+            let (tid, _) = *e.yielding.get().unwrap();
+            // SAFETY: a query of a thread of this process, still running.
+            let policy = unsafe { libc::sched_getscheduler(tid) };
+            let want = if asked {
+                libc::SCHED_IDLE
+            } else {
+                libc::SCHED_OTHER
+            };
+            assert_eq!(policy, want, "asked {asked}");
+            drop(e);
+        }
     }
 }

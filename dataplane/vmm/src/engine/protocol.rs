@@ -244,6 +244,9 @@ pub(crate) struct Protocol {
     /// an interrupt socket is read by the engine's lane and by the direct
     /// lanes of the vCPUs (whichever reaps a datagram first applies it).
     irq_seen: IrqSeen,
+    /// The interrupts of the datagram being handled, to inject after its
+    /// acknowledgement (kept: no allocation per datagram).
+    to_inject: Vec<Interrupt>,
     rng: Rng,
     /// Buffers and slot lists of retired datagrams, for the next ones: no
     /// allocation per datagram once warm.
@@ -438,6 +441,7 @@ impl Protocol {
             by_id,
             hellos: Vec::new(),
             irq_seen: IrqSeen::default(),
+            to_inject: Vec::new(),
             spare: Vec::new(),
             stats,
             key_watch: Default::default(),
@@ -830,12 +834,29 @@ impl Protocol {
         }
     }
 
+    /// Judges the datagram's interrupts, acknowledges what may be, then
+    /// injects what is new, in that order. The server holds a model's
+    /// next interrupt until this one is acknowledged, and an injection
+    /// wakes the halted vCPU, which may take this thread's core at once
+    /// (always, when the engine yields to vCPUs,
+    /// [`super::EngineConfig::yield_to_vcpus`]): acknowledged after the
+    /// injection, the acknowledgement waited until the vCPU halted again,
+    /// after it had asked for the next interrupt, and that one was held
+    /// meanwhile. Acknowledged before injected loses nothing: the VM is
+    /// checked first ([`Io::has_vm`]) and lives in this process.
     fn on_interrupts(&mut self, d: &Datagram<'_>, socket: usize, io: &mut impl Io) {
         let model = d.model();
+        // Held while the interrupts are injected: two lanes applying the
+        // same stream (a resent copy reaped by another lane) inject in the
+        // order they judge.
+        let seen = Arc::clone(&self.irq_seen);
+        let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inject = std::mem::take(&mut self.to_inject);
+        inject.clear();
         let mut top: Option<RequestId> = None;
         for r in d.records() {
             let Record::Interrupt(irq) = r else { continue };
-            if !self.apply(model, &irq, io) {
+            if !self.judge_irq(model, &irq, &mut seen, io, &mut inject) {
                 continue;
             }
             if top.is_none_or(|t| irq.seq > t.seq) {
@@ -850,21 +871,34 @@ impl Protocol {
         if let Some(id) = top {
             self.acknowledge(socket, model, d.server(), id, io);
         }
+        for irq in &inject {
+            if io.inject(irq.vm, irq.line, irq.action) {
+                add(&self.stats.irqs, 1);
+            } else {
+                add(&self.stats.irq_inject_errors, 1);
+            }
+        }
+        drop(seen);
+        self.to_inject = inject;
     }
 
-    /// Injects `irq` if [`judge`] says so and its VM is this client's;
-    /// whether it may be acknowledged (applied, a duplicate, or for a VM
-    /// not here but plausibly numbered).
-    fn apply(&mut self, model: u32, irq: &Interrupt, io: &mut impl Io) -> bool {
+    /// Judges `irq` ([`judge`]) against the last number applied of its
+    /// stream in `seen`; a new one is noted there and pushed on `inject`.
+    /// Whether it may be acknowledged (new, a duplicate, or for a VM not
+    /// here but plausibly numbered).
+    fn judge_irq(
+        &mut self,
+        model: u32,
+        irq: &Interrupt,
+        seen: &mut HashMap<(u32, u32), u64>,
+        io: &mut impl Io,
+        inject: &mut Vec<Interrupt>,
+    ) -> bool {
         if !io.has_vm(irq.vm) {
             add(&self.stats.irqs_unknown_vm, 1);
             return judge(None, irq.seq, io.wall_ns()) == IrqVerdict::Apply;
         }
         let key = (model, irq.vm);
-        // Held while the interrupt is injected: two lanes applying the
-        // same stream (a resent copy reaped by another lane) inject in the
-        // order they judge.
-        let mut seen = self.irq_seen.lock().unwrap_or_else(|p| p.into_inner());
         let last = seen.get(&key).copied();
         // The clock is read only for a number far from the last applied.
         let wall = match last {
@@ -887,11 +921,7 @@ impl Protocol {
                     return false;
                 }
                 seen.insert(key, irq.seq);
-                if io.inject(irq.vm, irq.line, irq.action) {
-                    add(&self.stats.irqs, 1);
-                } else {
-                    add(&self.stats.irq_inject_errors, 1);
-                }
+                inject.push(*irq);
                 true
             }
         }
