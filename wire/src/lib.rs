@@ -42,8 +42,9 @@ pub const MAGIC: u16 = u16::from_le_bytes(*b"DP");
 /// The wire format version this crate speaks. 2: datagrams of 512 bytes
 /// or more are tagged with POLYVAL then AES (module `tag`); version 1 tagged
 /// every datagram with SipHash-2-4, so a peer of the other version is
-/// refused whole (`malformed`, by the XDP program and the parsers)
-/// rather than one tag in three failing.
+/// refused whole (`drop_bad_version` at the XDP program,
+/// `UnsupportedVersion` in the parsers) rather than its long datagrams
+/// failing their tags.
 pub const VERSION: u8 = 2;
 /// The UDP port servers listen on unless configured otherwise.
 pub const DEFAULT_PORT: u16 = 7700;

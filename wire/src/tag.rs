@@ -19,17 +19,18 @@
 //!   bitlen(m)))` with the top bit of the last byte cleared before the
 //!   encryption, `H = AES_K(2)`, `E = AES_K(3)`: the hash-then-encrypt
 //!   tag of AES-GCM-SIV with a fixed nonce. POLYVAL is almost-universal
-//!   (collision probability at most 91/2^128 for two datagrams of at most
+//!   (collision probability at most 2 * 92/2^128 for two datagrams of at most
 //!   1456 bytes) and never seen by an attacker (only its encryption is),
 //!   so the tag is a PRF of the message up to the birthday bound: no nonce
 //!   to keep unique, retransmissions may repeat a tag.
 //!
 //! Why two: POLYVAL (carry-less multiplication, four blocks at a time) and
-//! AES-NI run at 5.3 GB/s on this machine where SipHash runs at 2.6
-//! (274 vs 560 ns for 1464 bytes), but cost more to start (93 vs 41 ns for
-//! 64 bytes): the long datagrams of bulk block requests take the first,
-//! the short ones of port and MMIO exits keep the second (the
-//! micro-benchmark and its numbers are in docs/ARCHITECTURE.md, *Tags*).
+//! AES-NI run about twice as fast as SipHash on a full datagram but cost
+//! about twice as much on a short one ([`TagKey::tag_long`] times the
+//! long construction at any length: `dpbench --scenario tag`, numbers in
+//! docs/ARCHITECTURE.md, *Tags*): the long datagrams of bulk block
+//! requests take the first, the short ones of port and MMIO exits keep the
+//! second.
 //! The lengths split the two domains, so one tag can never stand for the
 //! other.
 
@@ -164,6 +165,13 @@ impl TagKey {
             h.write(msg);
             return h.finish128().as_bytes();
         }
+        self.tag_long(msg)
+    }
+
+    /// The long construction (POLYVAL then AES) over `msg` whatever its
+    /// length: what [`TagKey::tag`] is from [`LONG_TAG_MIN`] bytes on.
+    /// For measurements; a datagram's tag is [`TagKey::tag`]'s.
+    pub fn tag_long(&self, msg: &[u8]) -> [u8; TAG_LEN] {
         let mut p = self.sub.poly.clone();
         p.update_padded(msg);
         let mut len = [0u8; 16];
@@ -560,12 +568,13 @@ mod tests {
         let t1 = key.tag(&buf[..body]);
         let t2 = key.tag(&longer[..body + 1]);
         assert_ne!(t1, t2);
-        // Nor do two keys, nor the two sides of the length threshold.
+        // Nor do two keys.
         assert_ne!(k2().tag(&buf[..body]), t1);
-        assert_ne!(
-            key.tag(&buf[..LONG_TAG_MIN - 1]),
-            key.tag(&buf[..LONG_TAG_MIN])[..]
-        );
+        // Below the threshold the tag is SipHash's, not the long one;
+        // from it on, the long one.
+        let short = &buf[..LONG_TAG_MIN - 1];
+        assert_ne!(key.tag(short), key.tag_long(short));
+        assert_eq!(key.tag(&buf[..body]), key.tag_long(&buf[..body]));
     }
 
     #[test]

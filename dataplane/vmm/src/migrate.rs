@@ -32,14 +32,20 @@
 //! listening for the real source) and after the state (the whole stream:
 //! a page or state altered on the path is refused before the VM is taken
 //! in). The target's word that it holds the VM is MACed too, so nothing
-//! on the path can make the source believe it. The stream is not
-//! encrypted: guest memory crosses the client hosts' network in clear.
+//! on the path can make the source believe it. Everything after the magic
+//! is encrypted ([`StreamCipher`]: BLAKE3's keyed extendable output, under
+//! a key drawn from the token, as a keystream) and the MAC is over what
+//! goes on the wire (encrypt-then-MAC): guest memory and state do not
+//! cross the client hosts' network in clear. The target's answers do (a
+//! status byte, its MAC, a refusal's reason).
 //!
 //! Messages, integers little-endian, from the source encrypted after the
-//! magic:
+//! magic and the nonce (16 random bytes: the keystream is drawn from them
+//! and the token, so a send tried again under the same token never reuses
+//! a keystream):
 //!
 //! ```text
-//! header: "DPMIGR04"  u32 vm  u64 memory size  mac(32)
+//! header: "DPMIGR04"  nonce(16)  u32 vm  u64 memory size  mac(32)
 //! pages:  u8 1  u64 gpa  u32 length  bytes
 //! state:  u8 2  u64 length  snapshot file bytes (memory empty)  mac(32)
 //! sync:   u8 3
@@ -128,11 +134,11 @@ fn vm_err(e: impl std::fmt::Display) -> MigrateError {
 }
 
 /// The stream's cipher: the keystream is the extendable output of BLAKE3
-/// keyed with a key drawn from the token (BLAKE3's key derivation, a
-/// context of its own: the MAC keyed by the token never meets it), a PRF
-/// in counter mode. One key per token, a token serves one migration in one
-/// direction (the target's answers carry no secret and go in clear): no
-/// keystream is used twice. BLAKE3 rather than AES-CTR: the crate is
+/// keyed with a key drawn from the token and the source's nonce (BLAKE3's
+/// key derivation, a context of its own: the MAC keyed by the token never
+/// meets it), a PRF in counter mode. One key per stream, in one direction
+/// (the target's answers carry no secret and go in clear): no keystream is
+/// used twice, even when a send is tried again under the same token. BLAKE3 rather than AES-CTR: the crate is
 /// already here and non-generic (a debug build runs it optimized, where
 /// a generic cipher instantiated in this crate ran at a few MB/s), and its
 /// output is generated many blocks at a time with SIMD.
@@ -142,11 +148,15 @@ struct StreamCipher {
 }
 
 impl StreamCipher {
-    /// The keystream `token` keys.
-    fn new(token: &MigrationToken) -> StreamCipher {
+    /// The keystream of the stream `token` keys and `nonce` (the source's
+    /// random bytes after the magic) names.
+    fn new(token: &MigrationToken, nonce: &[u8; NONCE_LEN]) -> StreamCipher {
+        let mut material = [0u8; 32 + NONCE_LEN];
+        material[..32].copy_from_slice(&token.0);
+        material[32..].copy_from_slice(nonce);
         let key = blake3::derive_key(
             "devplane 2026-12 live migration stream cipher, source to target",
-            &token.0,
+            &material,
         );
         StreamCipher {
             xof: blake3::Hasher::new_keyed(&key).finalize_xof(),
@@ -171,14 +181,21 @@ impl StreamCipher {
     }
 }
 
-/// The cipher of the stream `token` keys.
-fn stream_cipher(token: &MigrationToken) -> StreamCipher {
-    StreamCipher::new(token)
-}
+/// Random bytes the source sends in clear after the magic: its stream's
+/// keystream is drawn from them and the token, so that two streams under
+/// one token (a send tried again) never share a keystream.
+const NONCE_LEN: usize = 16;
 
-/// Leading bytes of the stream sent in clear: the magic, so that a peer
-/// of another format is told so.
-const CLEAR: usize = MAGIC.len();
+/// Leading bytes of the stream sent in clear: the magic (a peer of another
+/// format is told so) and the nonce. The MAC covers them.
+const CLEAR: usize = MAGIC.len() + NONCE_LEN;
+
+/// A fresh nonce.
+fn nonce() -> std::io::Result<[u8; NONCE_LEN]> {
+    let mut b = [0u8; NONCE_LEN];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b)
+}
 
 /// A writer that encrypts what goes through it (after the first [`CLEAR`]
 /// bytes) and MACs what it sends (encrypt-then-MAC, both keyed by the
@@ -194,11 +211,13 @@ struct Sealing<W> {
 }
 
 impl<W: Write> Sealing<W> {
-    fn new(inner: W, token: &MigrationToken) -> Sealing<W> {
+    /// A stream under `token` whose first [`CLEAR`] bytes, written by the
+    /// caller, are the magic and `nonce`.
+    fn new(inner: W, token: &MigrationToken, nonce: &[u8; NONCE_LEN]) -> Sealing<W> {
         Sealing {
             inner,
             mac: blake3::Hasher::new_keyed(&token.0),
-            cipher: stream_cipher(token),
+            cipher: StreamCipher::new(token, nonce),
             clear: CLEAR,
             buf: Vec::new(),
         }
@@ -238,8 +257,13 @@ impl<W: Write> Sealing<W> {
 struct Checking<R> {
     inner: R,
     mac: blake3::Hasher,
-    cipher: StreamCipher,
-    clear: usize,
+    token: MigrationToken,
+    /// The stream's first [`CLEAR`] bytes as they come (magic, nonce).
+    head: [u8; CLEAR],
+    /// How many of them came.
+    got: usize,
+    /// Made once the nonce is in.
+    cipher: Option<StreamCipher>,
 }
 
 impl<R: Read> Checking<R> {
@@ -247,8 +271,10 @@ impl<R: Read> Checking<R> {
         Checking {
             inner,
             mac: blake3::Hasher::new_keyed(&token.0),
-            cipher: stream_cipher(token),
-            clear: CLEAR,
+            token: token.clone(),
+            head: [0; CLEAR],
+            got: 0,
+            cipher: None,
         }
     }
 }
@@ -257,9 +283,16 @@ impl<R: Read> Read for Checking<R> {
     fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(b)?;
         self.mac.update(&b[..n]);
-        let clear = self.clear.min(n);
-        self.cipher.apply_keystream(&mut b[clear..n]);
-        self.clear -= clear;
+        let clear = (CLEAR - self.got).min(n);
+        self.head[self.got..self.got + clear].copy_from_slice(&b[..clear]);
+        self.got += clear;
+        if self.cipher.is_none() && self.got == CLEAR {
+            let nonce: [u8; NONCE_LEN] = self.head[MAGIC.len()..].try_into().expect("nonce");
+            self.cipher = Some(StreamCipher::new(&self.token, &nonce));
+        }
+        if let Some(c) = &mut self.cipher {
+            c.apply_keystream(&mut b[clear..n]);
+        }
         Ok(n)
     }
 }
@@ -324,14 +357,16 @@ fn send_logged(
     stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
     stream.set_write_timeout(Some(ANSWER_TIMEOUT))?;
     let mut reader = BufReader::new(stream.try_clone()?);
-    let mut out = Sealing::new(BufWriter::with_capacity(1 << 20, stream), token);
+    let nonce = nonce()?;
+    let mut out = Sealing::new(BufWriter::with_capacity(1 << 20, stream), token, &nonce);
     let size = kvm.mem_size();
     let mut m = Migration::default();
     out.write_all(MAGIC)?;
+    out.write_all(&nonce)?;
     out.write_all(&vm.to_le_bytes())?;
     out.write_all(&(size as u64).to_le_bytes())?;
     out.seal()?;
-    m.bytes += 20 + 32;
+    m.bytes += (CLEAR + 12 + 32) as u64;
     // The log is on: what the guest writes from now on is sent again.
     let _ = kvm.dirty_log().map_err(vm_err)?;
     let mut buf = vec![0u8; CHUNK_PAGES * PAGE];
@@ -496,11 +531,13 @@ pub fn admit(stream: TcpStream, token: &MigrationToken) -> Result<Admitted, Migr
     stream.set_read_timeout(Some(PROOF_TIMEOUT))?;
     let mut r = Checking::new(BufReader::with_capacity(1 << 20, stream), token);
     let proved = (|| {
-        let mut head = [0u8; 20];
-        r.read_exact(&mut head)?;
-        if &head[..8] != MAGIC {
+        let mut head = [0u8; CLEAR + 12];
+        // The magic first: a stranger's shorter message is told at once.
+        r.read_exact(&mut head[..MAGIC.len()])?;
+        if &head[..MAGIC.len()] != MAGIC {
             return Err(MigrateError::Protocol("not a devplane migration".into()));
         }
+        r.read_exact(&mut head[MAGIC.len()..])?;
         r.check("the stream's header")?;
         Ok(head)
     })();
@@ -513,8 +550,8 @@ pub fn admit(stream: TcpStream, token: &MigrationToken) -> Result<Admitted, Migr
     };
     r.inner.get_ref().set_read_timeout(timeout)?;
     Ok(Admitted {
-        vm: u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")),
-        size: u64::from_le_bytes(head[12..20].try_into().expect("8 bytes")),
+        vm: u32::from_le_bytes(head[CLEAR..CLEAR + 4].try_into().expect("4 bytes")),
+        size: u64::from_le_bytes(head[CLEAR + 4..CLEAR + 12].try_into().expect("8 bytes")),
         r,
         out,
         token: token.clone(),
@@ -643,8 +680,9 @@ mod tests {
 
     /// A header for VM 5 of 64 KiB, MACed under `key`.
     fn header(key: &MigrationToken) -> Vec<u8> {
-        let mut w = Sealing::new(Vec::new(), key);
+        let mut w = Sealing::new(Vec::new(), key, &[9; NONCE_LEN]);
         w.write_all(MAGIC).unwrap();
+        w.write_all(&[9; NONCE_LEN]).unwrap();
         w.write_all(&5u32.to_le_bytes()).unwrap();
         w.write_all(&0x1_0000u64.to_le_bytes()).unwrap();
         w.seal().unwrap();
@@ -728,8 +766,10 @@ mod tests {
     fn the_stream_is_encrypted_after_the_magic() {
         let key = token(6);
         let plain: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
-        let mut w = Sealing::new(Vec::new(), &key);
+        let nonce = [5u8; NONCE_LEN];
+        let mut w = Sealing::new(Vec::new(), &key, &nonce);
         w.write_all(MAGIC).unwrap();
+        w.write_all(&nonce).unwrap();
         let mut at = 0;
         for piece in [1usize, 7, 4096, 13, 9000].iter().cycle() {
             if at == plain.len() {
@@ -742,7 +782,8 @@ mod tests {
         w.seal().unwrap();
         let wire = w.inner;
         assert_eq!(&wire[..8], MAGIC, "the magic goes in clear");
-        let body = &wire[8..8 + plain.len()];
+        assert_eq!(wire[8..CLEAR], nonce, "so does the nonce");
+        let body = &wire[CLEAR..CLEAR + plain.len()];
         assert!(
             !body
                 .windows(16)
@@ -751,8 +792,9 @@ mod tests {
         );
         let read = |key: &MigrationToken, pieces: usize| {
             let mut r = Checking::new(&wire[..], key);
-            let mut magic = [0u8; 8];
-            r.read_exact(&mut magic).unwrap();
+            let mut head = [0u8; CLEAR];
+            r.read_exact(&mut head).unwrap();
+            let magic: [u8; 8] = head[..8].try_into().unwrap();
             let mut got = vec![0u8; plain.len()];
             for chunk in got.chunks_mut(pieces) {
                 r.read_exact(chunk).unwrap();
@@ -770,12 +812,29 @@ mod tests {
         assert_eq!(&magic, MAGIC);
         assert_ne!(other, plain);
         assert!(!ok, "another token's MAC");
+        // Another nonce under the same token: another keystream.
+        let mut again = Sealing::new(Vec::new(), &key, &[6u8; NONCE_LEN]);
+        again.write_all(MAGIC).unwrap();
+        again.write_all(&[6u8; NONCE_LEN]).unwrap();
+        again.write_all(&plain).unwrap();
+        let again = again.inner;
+        let same = again[CLEAR..]
+            .iter()
+            .zip(&wire[CLEAR..CLEAR + plain.len()])
+            .filter(|(a, b)| a == b)
+            .count();
+        assert!(
+            same < plain.len() / 64,
+            "{same} bytes alike under two nonces"
+        );
     }
 
     #[test]
     fn any_byte_of_the_stream_altered_fails_its_mac() {
         let key = token(3);
-        let mut w = Sealing::new(Vec::new(), &key);
+        let mut w = Sealing::new(Vec::new(), &key, &[3; NONCE_LEN]);
+        w.write_all(MAGIC).unwrap();
+        w.write_all(&[3; NONCE_LEN]).unwrap();
         w.write_all(&[TAG_PAGES]).unwrap();
         w.write_all(&[0x5a; 300]).unwrap();
         w.write_all(&[TAG_STATE]).unwrap();

@@ -72,12 +72,6 @@ pub struct ClientSection {
     /// every vCPU of that VM.
     #[serde(default = "default_true")]
     pub direct: bool,
-    /// Direct mode: each VM's engine thread runs under `SCHED_IDLE` and
-    /// never preempts a vCPU thread (`EngineConfig::yield_to_vcpus`): for
-    /// hosts where the engine shares cores only with its VMs' vCPUs; on a
-    /// core other threads keep busy it may wait long. Default `false`.
-    #[serde(default)]
-    pub engine_idle: bool,
     /// Milliseconds a request is retried (with exponential back-off)
     /// before it fails and is reported (default [`DEFAULT_HORIZON_MS`],
     /// within [`HORIZON_MS_RANGE`]).
@@ -631,7 +625,6 @@ impl ClientFile {
                     .tag_key
                     .clone()
                     .map(|k| devplane_wire::tag::KeyRing::new(k.0)),
-                yield_to_vcpus: self.client.engine_idle,
                 ..EngineConfig::default()
             },
             engine_core: None,
@@ -748,17 +741,6 @@ mod tests {
                 .tag_key
                 .is_none()
         );
-    }
-
-    #[test]
-    fn engine_idle_reaches_the_engine() {
-        let vm = "\n[[vms]]\nid = 1\nhypervisor = 2\nguest = { kind = \"pio-loop\", port = 0x500, iterations = 10 }\n";
-        let with = |v: &str| BASE.replace("id = 7\n", &format!("id = 7\nengine_idle = {v}\n")) + vm;
-        let f = ClientFile::from_toml_str(&with("true")).unwrap();
-        assert!(f.client_spec(1).unwrap().engine.yield_to_vcpus);
-        let f = ClientFile::from_toml_str(&with("false")).unwrap();
-        assert!(!f.client_spec(1).unwrap().engine.yield_to_vcpus);
-        assert!(err(&with("\"yes\"")).contains("engine_idle"));
     }
 
     #[test]

@@ -97,9 +97,22 @@ pub(crate) fn judge(last: Option<u64>, seq: u64, wall_ns: u64) -> IrqVerdict {
     }
 }
 
-/// The last interrupt number applied per (model, VM), shared by an
-/// engine's lanes.
-pub(crate) type IrqSeen = Arc<Mutex<HashMap<(u32, u32), u64>>>;
+/// What an engine's lanes share about interrupts, under one lock held
+/// while one is judged, acknowledged and injected.
+#[derive(Debug, Default)]
+pub(crate) struct IrqState {
+    /// The last interrupt number applied per (model, VM).
+    pub(crate) last: HashMap<(u32, u32), u64>,
+    /// VMs whose interrupts are neither acknowledged nor injected: their
+    /// state is being, or has been, snapshotted ([`crate::engine::Engine::freeze_irqs`]).
+    /// An interrupt acknowledged but injected after the snapshot was taken
+    /// would be in neither the snapshot nor the server's memory: left
+    /// unacknowledged, it is sent again to wherever the VM runs next.
+    pub(crate) frozen: std::collections::HashSet<u32>,
+}
+
+/// [`IrqState`], shared by an engine's lanes.
+pub(crate) type IrqSeen = Arc<Mutex<IrqState>>;
 
 /// The effects the protocol asks of its lane.
 pub(crate) trait Io {
@@ -843,7 +856,10 @@ impl Protocol {
     /// injection, the acknowledgement waited until the vCPU halted again,
     /// after it had asked for the next interrupt, and that one was held
     /// meanwhile. Acknowledged before injected loses nothing: the VM is
-    /// checked first ([`Io::has_vm`]) and lives in this process.
+    /// checked first ([`Io::has_vm`]) and lives in this process, and a
+    /// snapshot of it takes this lock and freezes the VM's interrupts
+    /// ([`IrqState::frozen`]) before it takes the VM's state, so an
+    /// interrupt is either acknowledged and in the snapshot, or neither.
     fn on_interrupts(&mut self, d: &Datagram<'_>, socket: usize, io: &mut impl Io) {
         let model = d.model();
         // Held while the interrupts are injected: two lanes applying the
@@ -890,16 +906,20 @@ impl Protocol {
         &mut self,
         model: u32,
         irq: &Interrupt,
-        seen: &mut HashMap<(u32, u32), u64>,
+        seen: &mut IrqState,
         io: &mut impl Io,
         inject: &mut Vec<Interrupt>,
     ) -> bool {
+        if seen.frozen.contains(&irq.vm) {
+            add(&self.stats.irqs_frozen, 1);
+            return false;
+        }
         if !io.has_vm(irq.vm) {
             add(&self.stats.irqs_unknown_vm, 1);
             return judge(None, irq.seq, io.wall_ns()) == IrqVerdict::Apply;
         }
         let key = (model, irq.vm);
-        let last = seen.get(&key).copied();
+        let last = seen.last.get(&key).copied();
         // The clock is read only for a number far from the last applied.
         let wall = match last {
             Some(l) if irq.seq > l && irq.seq - l <= IRQ_MAX_GAP => 0,
@@ -916,11 +936,11 @@ impl Protocol {
                 false
             }
             IrqVerdict::Apply => {
-                if last.is_none() && seen.len() >= MAX_IRQ_STREAMS {
+                if last.is_none() && seen.last.len() >= MAX_IRQ_STREAMS {
                     add(&self.stats.irq_streams_full, 1);
                     return false;
                 }
-                seen.insert(key, irq.seq);
+                seen.last.insert(key, irq.seq);
                 inject.push(*irq);
                 true
             }

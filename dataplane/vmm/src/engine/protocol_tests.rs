@@ -631,6 +631,31 @@ fn interrupts_are_acknowledged_before_they_are_injected() {
     assert_eq!(get(&stats.irq_out_of_range), 1);
 }
 
+/// A VM whose state is being snapshotted: its interrupts are neither
+/// acknowledged nor injected (the server keeps them and sends them again
+/// to wherever the VM runs next); thawed, the server's resent copy is
+/// applied once.
+#[test]
+fn a_frozen_vms_interrupts_are_left_to_the_server() {
+    let (mut p, stats) = protocol(1);
+    let seen = IrqSeen::default();
+    p.share_irqs(seen.clone());
+    let mut io = Fake::default();
+    p.on_datagram(&interrupts(MODEL_A, VM, &[1]), 0, &mut io);
+    seen.lock().unwrap().frozen.insert(VM);
+    p.on_datagram(&interrupts(MODEL_A, VM, &[2, 3]), 0, &mut io);
+    assert_eq!(io.order, ["ack", "inject"], "nothing taken while frozen");
+    assert_eq!(get(&stats.irqs_frozen), 2);
+    // Another VM's interrupts are not held up (here: not this client's,
+    // acknowledged as before).
+    p.on_datagram(&interrupts(MODEL_A, VM + 1, &[1]), 0, &mut io);
+    assert_eq!(io.order.len(), 3);
+    seen.lock().unwrap().frozen.clear();
+    p.on_datagram(&interrupts(MODEL_A, VM, &[2, 3]), 0, &mut io);
+    assert_eq!(io.order[3..], ["ack", "inject", "inject"]);
+    assert_eq!(get(&stats.irqs), 3);
+}
+
 #[test]
 fn interrupts_are_acknowledged_up_to_the_highest() {
     let (mut p, stats) = protocol(1);

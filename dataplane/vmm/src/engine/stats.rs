@@ -39,6 +39,11 @@ pub struct EngineStats {
     /// Interrupts of a new (model, VM) when the most streams are tracked:
     /// dropped.
     pub irq_streams_full: AtomicU64,
+    /// Interrupts of a VM whose state was being or had been snapshotted
+    /// (between [`crate::vmm::Client::snapshot_with`] and the client's
+    /// resume): neither acknowledged nor injected, so that the server
+    /// sends them again to wherever the VM runs next.
+    pub irqs_frozen: AtomicU64,
     /// Interrupts the VM's irqchip refused.
     pub irq_inject_errors: AtomicU64,
     /// Datagrams whose header names another client: dropped.

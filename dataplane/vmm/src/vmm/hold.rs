@@ -140,6 +140,11 @@ impl Client {
             return Err(SuspendError::NotSuspended);
         }
         st.suspended = false;
+        // A snapshot taken while suspended froze its VM's interrupts: the
+        // VM runs here again, so they are taken here again.
+        if let Some(e) = &self.engine {
+            e.thaw_irqs();
+        }
         if !st.stopping {
             self.hold.out.store(false, Ordering::SeqCst);
         }

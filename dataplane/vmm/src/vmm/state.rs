@@ -247,6 +247,13 @@ impl Client {
         if !self.suspended() {
             return Err(VmStateError::NotSuspended(vm));
         }
+        // From here on the VM's interrupts stay with the server (which
+        // sends them again to wherever the VM runs next) rather than being
+        // acknowledged here after the state below is taken; the engine
+        // thaws them when the client resumes.
+        if let Some(e) = &self.engine {
+            e.freeze_irqs(vm);
+        }
         let mut vcpus = Vec::new();
         for (slot, v) in self.vcpus.iter().enumerate().filter(|(_, v)| v.vm == vm) {
             let ended = VmStateError::VcpuEnded { vm, vcpu: v.vcpu };
