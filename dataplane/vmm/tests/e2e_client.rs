@@ -6,7 +6,8 @@
 //! exactly once and every read answered; posted writes keep their order.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use devplane_control::config::{
     ClientConfig, Mode, ModelConfig, ServerConfig, ServerSection, Tuning, VmConfig,
@@ -427,6 +428,43 @@ fn direct_mode_interrupts_reach_their_vm_through_any_lane() {
     }
     assert_eq!(e.irqs, 2 * want as u64, "{e:?}");
     assert_eq!(e.irqs_unknown_vm, 0, "{e:?}");
+}
+
+/// A snapshot freezes its VM's interrupts (neither acknowledged nor
+/// injected, left to the server) until the client resumes: a VM taking a
+/// chain of remote interrupts, suspended and snapshotted mid-chain and
+/// resumed, gets every interrupt once (the frozen ones come again from
+/// the server). Without the thaw on resume it stalls for good.
+#[test]
+fn interrupts_frozen_by_a_snapshot_come_again_after_resume() {
+    let test = "interrupts_frozen_by_a_snapshot_come_again_after_resume";
+    let Some(rig) = Rig::new(test, "irqsnap") else {
+        return;
+    };
+    let want = 3000u16;
+    let spec = rig.spec(
+        vec![vm(1, &[irq_chain(want)], vec![pio(IRQ_BASE, 0x20, IRQ_MODEL, false)])],
+        Loss::default(),
+        true,
+        false,
+    );
+    let mut c = rig.start(spec);
+    let e = || c.engine().expect("engine").stats();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while e().irqs.load(Ordering::Relaxed) < 200 {
+        assert!(Instant::now() < deadline, "the chain never got going");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    c.suspend(Duration::from_secs(5)).expect("suspend");
+    let snap = c.snapshot(1).expect("snapshot");
+    drop(snap);
+    // Frozen: what arrives now stays with the server.
+    std::thread::sleep(Duration::from_millis(20));
+    c.resume().expect("resume");
+    let reports = c.wait(Duration::from_secs(60));
+    assert_eq!(done(&reports[0]), u32::from(want), "the guest's handler count");
+    let irqs = c.engine().expect("engine").stats().irqs.load(Ordering::Relaxed);
+    assert_eq!(irqs, u64::from(want), "each interrupt injected once");
 }
 
 /// The client daemon runs each VM in a VMM of its own: two processes'
