@@ -443,7 +443,11 @@ fn interrupts_frozen_by_a_snapshot_come_again_after_resume() {
     };
     let want = 3000u16;
     let spec = rig.spec(
-        vec![vm(1, &[irq_chain(want)], vec![pio(IRQ_BASE, 0x20, IRQ_MODEL, false)])],
+        vec![vm(
+            1,
+            &[irq_chain(want)],
+            vec![pio(IRQ_BASE, 0x20, IRQ_MODEL, false)],
+        )],
         Loss::default(),
         true,
         false,
@@ -462,8 +466,17 @@ fn interrupts_frozen_by_a_snapshot_come_again_after_resume() {
     std::thread::sleep(Duration::from_millis(20));
     c.resume().expect("resume");
     let reports = c.wait(Duration::from_secs(60));
-    assert_eq!(done(&reports[0]), u32::from(want), "the guest's handler count");
-    let irqs = c.engine().expect("engine").stats().irqs.load(Ordering::Relaxed);
+    assert_eq!(
+        done(&reports[0]),
+        u32::from(want),
+        "the guest's handler count"
+    );
+    let irqs = c
+        .engine()
+        .expect("engine")
+        .stats()
+        .irqs
+        .load(Ordering::Relaxed);
     assert_eq!(irqs, u64::from(want), "each interrupt injected once");
 }
 
