@@ -921,7 +921,7 @@ fn a_vm_live_migrated_mid_run_finishes_on_the_target() {
     let Some(rig) = Rig::new("a_vm_live_migrated_mid_run_finishes_on_the_target", "lmig") else {
         return;
     };
-    let (sync, posted) = (6000u16, 40000u16);
+    let (sync, posted) = (20000u16, 60000u16);
     let vm = || {
         let mut v = checked_vm(sync, posted);
         // 64 MiB, the size for a migration.
