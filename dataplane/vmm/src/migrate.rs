@@ -164,20 +164,33 @@ impl StreamCipher {
         }
     }
 
-    /// XORs the next `data.len()` bytes of the keystream into `data`.
+    /// XORs the next `data.len()` bytes of the keystream into `data` (a
+    /// reader's bytes, in place).
     fn apply_keystream(&mut self, data: &mut [u8]) {
         self.pad.resize(data.len(), 0);
         self.xof.fill(&mut self.pad);
-        let mut d = data.chunks_exact_mut(8);
-        let mut p = self.pad.chunks_exact(8);
-        for (d, p) in (&mut d).zip(&mut p) {
-            let x = u64::from_ne_bytes(d.try_into().expect("8 bytes"))
-                ^ u64::from_ne_bytes(p.try_into().expect("8 bytes"));
-            d.copy_from_slice(&x.to_ne_bytes());
-        }
-        for (d, p) in d.into_remainder().iter_mut().zip(p.remainder()) {
-            *d ^= p;
-        }
+        xor(data, &self.pad);
+    }
+
+    /// `out` = `plain` XOR the next `plain.len()` bytes of the keystream
+    /// (a writer's: the keystream goes straight into `out`, no pad).
+    fn encrypt(&mut self, plain: &[u8], out: &mut [u8]) {
+        self.xof.fill(out);
+        xor(out, plain);
+    }
+}
+
+/// `dst` ^= `src`, eight bytes at a time.
+fn xor(dst: &mut [u8], src: &[u8]) {
+    let mut d = dst.chunks_exact_mut(8);
+    let mut p = src.chunks_exact(8);
+    for (d, p) in (&mut d).zip(&mut p) {
+        let x = u64::from_ne_bytes(d.try_into().expect("8 bytes"))
+            ^ u64::from_ne_bytes(p.try_into().expect("8 bytes"));
+        d.copy_from_slice(&x.to_ne_bytes());
+    }
+    for (d, p) in d.into_remainder().iter_mut().zip(p.remainder()) {
+        *d ^= p;
     }
 }
 
@@ -211,16 +224,23 @@ struct Sealing<W> {
 }
 
 impl<W: Write> Sealing<W> {
-    /// A stream under `token` whose first [`CLEAR`] bytes, written by the
-    /// caller, are the magic and `nonce`.
-    fn new(inner: W, token: &MigrationToken, nonce: &[u8; NONCE_LEN]) -> Sealing<W> {
-        Sealing {
+    /// A stream under `token` that has sent its first [`CLEAR`] bytes: the
+    /// magic and `nonce`.
+    fn start(
+        inner: W,
+        token: &MigrationToken,
+        nonce: &[u8; NONCE_LEN],
+    ) -> std::io::Result<Sealing<W>> {
+        let mut w = Sealing {
             inner,
             mac: blake3::Hasher::new_keyed(&token.0),
             cipher: StreamCipher::new(token, nonce),
             clear: CLEAR,
             buf: Vec::new(),
-        }
+        };
+        w.write_all(MAGIC)?;
+        w.write_all(nonce)?;
+        Ok(w)
     }
 }
 
@@ -228,10 +248,10 @@ impl<W: Write> Write for Sealing<W> {
     /// Takes all of `b` or fails: the keystream moves on with what is
     /// taken, so the ciphertext goes out whole (`write_all` below).
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.buf.clear();
-        self.buf.extend_from_slice(b);
         let clear = self.clear.min(b.len());
-        self.cipher.apply_keystream(&mut self.buf[clear..]);
+        self.buf.resize(b.len(), 0);
+        self.buf[..clear].copy_from_slice(&b[..clear]);
+        self.cipher.encrypt(&b[clear..], &mut self.buf[clear..]);
         self.clear -= clear;
         self.inner.write_all(&self.buf)?;
         self.mac.update(&self.buf);
@@ -358,11 +378,9 @@ fn send_logged(
     stream.set_write_timeout(Some(ANSWER_TIMEOUT))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let nonce = nonce()?;
-    let mut out = Sealing::new(BufWriter::with_capacity(1 << 20, stream), token, &nonce);
+    let mut out = Sealing::start(BufWriter::with_capacity(1 << 20, stream), token, &nonce)?;
     let size = kvm.mem_size();
     let mut m = Migration::default();
-    out.write_all(MAGIC)?;
-    out.write_all(&nonce)?;
     out.write_all(&vm.to_le_bytes())?;
     out.write_all(&(size as u64).to_le_bytes())?;
     out.seal()?;
@@ -680,9 +698,7 @@ mod tests {
 
     /// A header for VM 5 of 64 KiB, MACed under `key`.
     fn header(key: &MigrationToken) -> Vec<u8> {
-        let mut w = Sealing::new(Vec::new(), key, &[9; NONCE_LEN]);
-        w.write_all(MAGIC).unwrap();
-        w.write_all(&[9; NONCE_LEN]).unwrap();
+        let mut w = Sealing::start(Vec::new(), key, &[9; NONCE_LEN]).unwrap();
         w.write_all(&5u32.to_le_bytes()).unwrap();
         w.write_all(&0x1_0000u64.to_le_bytes()).unwrap();
         w.seal().unwrap();
@@ -767,9 +783,7 @@ mod tests {
         let key = token(6);
         let plain: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
         let nonce = [5u8; NONCE_LEN];
-        let mut w = Sealing::new(Vec::new(), &key, &nonce);
-        w.write_all(MAGIC).unwrap();
-        w.write_all(&nonce).unwrap();
+        let mut w = Sealing::start(Vec::new(), &key, &nonce).unwrap();
         let mut at = 0;
         for piece in [1usize, 7, 4096, 13, 9000].iter().cycle() {
             if at == plain.len() {
@@ -813,9 +827,7 @@ mod tests {
         assert_ne!(other, plain);
         assert!(!ok, "another token's MAC");
         // Another nonce under the same token: another keystream.
-        let mut again = Sealing::new(Vec::new(), &key, &[6u8; NONCE_LEN]);
-        again.write_all(MAGIC).unwrap();
-        again.write_all(&[6u8; NONCE_LEN]).unwrap();
+        let mut again = Sealing::start(Vec::new(), &key, &[6u8; NONCE_LEN]).unwrap();
         again.write_all(&plain).unwrap();
         let again = again.inner;
         let same = again[CLEAR..]
@@ -832,9 +844,7 @@ mod tests {
     #[test]
     fn any_byte_of_the_stream_altered_fails_its_mac() {
         let key = token(3);
-        let mut w = Sealing::new(Vec::new(), &key, &[3; NONCE_LEN]);
-        w.write_all(MAGIC).unwrap();
-        w.write_all(&[3; NONCE_LEN]).unwrap();
+        let mut w = Sealing::start(Vec::new(), &key, &[3; NONCE_LEN]).unwrap();
         w.write_all(&[TAG_PAGES]).unwrap();
         w.write_all(&[0x5a; 300]).unwrap();
         w.write_all(&[TAG_STATE]).unwrap();

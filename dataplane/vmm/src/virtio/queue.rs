@@ -341,20 +341,22 @@ pub(crate) mod tests {
             for (k, (addr, len, w)) in bufs.iter().enumerate() {
                 let i = self.next_desc;
                 self.next_desc = (self.next_desc + 1) % self.size;
-                let mut flags = if *w { VRING_DESC_F_WRITE } else { 0 };
-                if k + 1 < bufs.len() {
-                    flags |= VRING_DESC_F_NEXT;
-                }
                 let gpa = self.base() + 16 * u64::from(i);
+                let flags = chain_flags(k, bufs.len(), *w);
                 write_desc(mem, gpa, *addr, *len, flags, self.next_desc);
             }
+            self.make_available(mem, head);
+            head
+        }
+
+        /// Puts `head` in the available ring and publishes the new index.
+        fn make_available(&mut self, mem: &VecMem, head: u16) {
             let avail = self.base() + 16 * u64::from(self.size);
             let slot = u64::from(self.avail_idx % self.size);
             mem.write(avail + 4 + 2 * slot, &head.to_le_bytes())
                 .unwrap();
             self.avail_idx = self.avail_idx.wrapping_add(1);
             mem.write(avail + 2, &self.avail_idx.to_le_bytes()).unwrap();
-            head
         }
 
         /// Publishes a chain of (addr, len, write) buffers as an indirect
@@ -366,10 +368,7 @@ pub(crate) mod tests {
             bufs: &[(u64, u32, bool)],
         ) -> u16 {
             for (k, (addr, len, w)) in bufs.iter().enumerate() {
-                let mut flags = if *w { VRING_DESC_F_WRITE } else { 0 };
-                if k + 1 < bufs.len() {
-                    flags |= VRING_DESC_F_NEXT;
-                }
+                let flags = chain_flags(k, bufs.len(), *w);
                 write_desc(mem, table + 16 * k as u64, *addr, *len, flags, k as u16 + 1);
             }
             let head = self.next_desc;
@@ -383,12 +382,7 @@ pub(crate) mod tests {
                 VRING_DESC_F_INDIRECT,
                 0,
             );
-            let avail = self.base() + 16 * u64::from(self.size);
-            let slot = u64::from(self.avail_idx % self.size);
-            mem.write(avail + 4 + 2 * slot, &head.to_le_bytes())
-                .unwrap();
-            self.avail_idx = self.avail_idx.wrapping_add(1);
-            mem.write(avail + 2, &self.avail_idx.to_le_bytes()).unwrap();
+            self.make_available(mem, head);
             head
         }
 
@@ -414,6 +408,15 @@ pub(crate) mod tests {
 
     pub(crate) fn mem(bytes: usize) -> VecMem {
         VecMem(RefCell::new(vec![0; bytes]))
+    }
+
+    /// The flags of buffer `k` of a chain of `n` (`write`: device-writable).
+    fn chain_flags(k: usize, n: usize, write: bool) -> u16 {
+        let mut flags = if write { VRING_DESC_F_WRITE } else { 0 };
+        if k + 1 < n {
+            flags |= VRING_DESC_F_NEXT;
+        }
+        flags
     }
 
     /// Writes one descriptor at `gpa`.
