@@ -9,8 +9,8 @@
 
 use iced_x86::IcedError;
 use iced_x86::code_asm::{
-    CodeAssembler, CodeLabel, al, ax, bl, bx, byte_ptr, cr0, cs, cx, di, ds, dword_ptr, dx, eax,
-    ebx, ecx, edi, edx, es, esi, fs, mm0, ptr, qword_ptr, si, word_ptr,
+    CodeAssembler, CodeLabel, al, ax, bl, bx, byte_ptr, ch, cl, cr0, cs, cx, di, ds, dword_ptr, dx,
+    eax, ebx, ecx, edi, edx, es, esi, fs, mm0, ptr, qword_ptr, si, word_ptr,
 };
 
 use super::kvm::{DONE_PORT, Entry};
@@ -187,8 +187,9 @@ pub const CHECK_FAILED: u32 = 0xbad0_0000;
 /// the in-kernel IOAPIC's redirection entry [`CHECKED_IOAPIC_PIN`]
 /// ([`CHECKED_IOAPIC_ENTRY`], through a flat FS: "unreal mode", see
 /// [`enter_unreal_fs`]) and the in-kernel PIT's channel 2 (mode 4, count
-/// [`CHECKED_PIT_COUNT`]), and reads back the entry and the channel's
-/// status (its mode and access). A snapshot or migration that loses any
+/// [`CHECKED_PIT_COUNT`], its count latched at once), and reads back the
+/// entry, the channel's status (its mode and access) and the latched
+/// count. A snapshot or migration that loses any
 /// (the target starting with reset values: `KVM_SET_XSAVE`,
 /// `KVM_SET_MSRS`, `KVM_SET_LAPIC`, the APIC base or FS in
 /// `KVM_SET_SREGS`, the PIC's or IOAPIC's `KVM_SET_IRQCHIP` or
@@ -250,13 +251,34 @@ pub fn checked_writes(port: u16, iterations: u16, vcpu: u8) -> Result<Guest, Gue
         a.mov(ebx, IOAPIC_BASE)?;
         a.mov(dword_ptr(ebx).fs(), ioapic_redtbl_low(CHECKED_IOAPIC_PIN))?;
         a.mov(dword_ptr(ebx + 0x10).fs(), CHECKED_IOAPIC_ENTRY)?;
-        // The PIT: channel 2, low then high byte, mode 4, binary.
+        // The PIT: channel 2, low then high byte, mode 4, binary; its
+        // count latched right after the load: the latch (a value a little
+        // under the count) is PIT state the end reads back. The host may
+        // preempt the vCPU between the load and the latch: an attempt
+        // whose two TSC reads are more than PIT_LATCH_TSC apart is made
+        // again (its latch read out first), at most 16 times.
+        let mut again = a.create_label();
+        a.mov(edi, 16u32)?;
+        a.set_label(&mut again)?;
+        a.xor(eax, eax)?;
+        a.dec(edi)?;
+        a.js(bad)?;
+        a.in_(al, u32::from(PIT_CHANNEL2))?;
+        a.in_(al, u32::from(PIT_CHANNEL2))?;
         a.mov(al, PIT_CHECKED_CONTROL)?;
         a.out(u32::from(PIT_CONTROL), al)?;
         a.mov(al, CHECKED_PIT_COUNT & 0xff)?;
         a.out(u32::from(PIT_CHANNEL2), al)?;
+        a.rdtsc()?;
+        a.mov(esi, eax)?;
         a.mov(al, CHECKED_PIT_COUNT >> 8)?;
         a.out(u32::from(PIT_CHANNEL2), al)?;
+        a.mov(al, PIT_LATCH_CH2)?;
+        a.out(u32::from(PIT_CONTROL), al)?;
+        a.rdtsc()?;
+        a.sub(eax, esi)?;
+        a.cmp(eax, PIT_LATCH_TSC)?;
+        a.ja(again)?;
     }
     a.mov(dx, u32::from(port))?;
     a.xor(eax, eax)?;
@@ -321,6 +343,18 @@ pub fn checked_writes(port: u16, iterations: u16, vcpu: u8) -> Result<Guest, Gue
         a.cmp(al, PIT_CHECKED_STATUS)?;
         a.mov(eax, edi)?;
         a.jne(bad)?;
+        // Then the count latched at the start, low byte then high: loaded
+        // with CHECKED_PIT_COUNT, it had counted down a little (1.19 MHz),
+        // not past PIT_LATCH_FLOOR.
+        a.in_(al, u32::from(PIT_CHANNEL2))?;
+        a.mov(cl, al)?;
+        a.in_(al, u32::from(PIT_CHANNEL2))?;
+        a.mov(ch, al)?;
+        a.cmp(cx, CHECKED_PIT_COUNT)?;
+        a.mov(eax, edi)?;
+        a.ja(bad)?;
+        a.cmp(cx, PIT_LATCH_FLOOR)?;
+        a.jb(bad)?;
     }
     p.report_eax()?;
     let a = &mut p.a;
@@ -387,8 +421,18 @@ const PIT_CHECKED_STATUS: u32 = PIT_CHECKED_CONTROL & 0x3f;
 /// Read-back command (bits 7-6: 11): do not latch the count (5: 1),
 /// latch the status (4: 0) of channel 2 (3: 1).
 const PIT_READ_BACK_STATUS_CH2: u32 = 0b1110_1000;
-/// The count [`checked_writes`] loads into PIT channel 2.
-pub const CHECKED_PIT_COUNT: u32 = 0x1234;
+/// Counter-latch command (bits 5-4: 00) of channel 2 (bits 7-6: 10).
+const PIT_LATCH_CH2: u32 = 0b1000_0000;
+/// The count [`checked_writes`] loads into PIT channel 2 (and latches
+/// at once).
+pub const CHECKED_PIT_COUNT: u32 = 0xf000;
+/// The most TSC cycles between the count's load and its latch that the
+/// guest accepts: 1 ms at 2 GHz (and under 1.7 ms from 1.2 GHz up).
+const PIT_LATCH_TSC: u32 = 2_000_000;
+/// The least latched count the check accepts: 0x800 ticks of 1.193182
+/// MHz (1.7 ms) under the count loaded. A latch lost by a restore reads
+/// a running count instead, which lands in that window in 1 run of 32.
+const PIT_LATCH_FLOOR: u32 = CHECKED_PIT_COUNT - 0x800;
 
 const MSR_APIC_BASE: u32 = 0x1b;
 const APIC_BASE_EN: u32 = 1 << 11;
