@@ -278,9 +278,15 @@ pub(crate) struct Protocol {
 /// where the VM's interrupts go before the guest sends it anything. A
 /// server learns that from requests only otherwise, and an interrupt
 /// handed over with the model would wait there for the guest's next
-/// request to it, while the guest waits for the interrupt. Sent a few
-/// times ([`HELLO_GAPS_NS`]) because the first may come before the new
-/// server serves the model (the client retargets before the commit).
+/// request to it, while the guest waits for the interrupt. Sent at
+/// growing gaps ([`HELLO_GAPS_NS`]), because the first may come before
+/// the new server serves the model (the client retargets before the
+/// commit), then every [`HELLO_STEADY_NS`] until the client hears from
+/// that server about the model and VM (an answer, or an interrupt: the
+/// server serves it and knows where the VM's interrupts go) or the model
+/// is retargeted again. A lost announcement, or a commit later than the
+/// series, then costs one steady gap, not an interrupt held until the
+/// guest's next request; an idle model costs one small datagram per gap.
 #[derive(Debug, Clone, Copy)]
 struct Hello {
     model: u32,
@@ -308,6 +314,9 @@ const HELLO_GAPS_NS: [u64; 8] = [
     2_000_000_000,
     4_000_000_000,
 ];
+
+/// The gap between announcements after [`HELLO_GAPS_NS`], until heard.
+const HELLO_STEADY_NS: u64 = 4_000_000_000;
 
 /// Sends `bytes` unless loss injection drops it.
 fn transmit(
@@ -639,12 +648,10 @@ impl Protocol {
             if h.next_at <= now {
                 due.push(*h);
                 h.sent += 1;
-                h.next_at = HELLO_GAPS_NS
-                    .get(h.sent)
-                    .map_or(u64::MAX, |gap| now.saturating_add(*gap));
+                let gap = HELLO_GAPS_NS.get(h.sent).copied();
+                h.next_at = now.saturating_add(gap.unwrap_or(HELLO_STEADY_NS));
             }
         }
-        self.hellos.retain(|h| h.sent < HELLO_GAPS_NS.len());
         for h in due {
             if self.rng.chance(self.settings.loss.tx_permille) {
                 add(&self.stats.loss_tx, 1);
@@ -809,6 +816,10 @@ impl Protocol {
             add(&self.stats.foreign_server, 1);
             return;
         }
+        if !self.hellos.is_empty() {
+            self.hellos
+                .retain(|h| (h.model, h.server, h.vm) != (model, server, rsp.id.vm));
+        }
         let Some(f) = flow.inflight[m].as_mut() else {
             add(&self.stats.late, 1);
             return;
@@ -874,6 +885,11 @@ impl Protocol {
             let Record::Interrupt(irq) = r else { continue };
             if !self.judge_irq(model, &irq, &mut seen, io, &mut inject) {
                 continue;
+            }
+            if !self.hellos.is_empty() {
+                let server = d.server();
+                self.hellos
+                    .retain(|h| (h.model, h.server, h.vm) != (model, server, irq.vm));
             }
             if top.is_none_or(|t| irq.seq > t.seq) {
                 top = Some(RequestId {

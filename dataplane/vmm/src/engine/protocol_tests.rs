@@ -983,12 +983,13 @@ fn a_retargeted_model_resends_its_datagram_in_flight_to_the_new_server_and_hears
 
 /// After a retarget the client announces itself to the model's new
 /// server: an acknowledgement of nothing (sequence 0) for the VM, from
-/// the new server's socket, naming the interrupt port, sealed; six times
-/// at growing gaps (the first may come before the server serves the
-/// model), then never again; a second retarget starts over instead of
-/// adding a second series. The lane wakes for them (`next_due`).
+/// the new server's socket, naming the interrupt port, sealed; at
+/// growing gaps (the first may come before the server serves the model),
+/// then every steady gap until it hears from that server (below); a
+/// second retarget starts over instead of adding a second series. The
+/// lane wakes for them (`next_due`).
 #[test]
-fn a_retarget_is_announced_to_the_new_server_a_few_times() {
+fn a_retarget_is_announced_to_the_new_server_until_heard() {
     let (mut p, stats, ring) = retarget_rig();
     let mut io = Fake::default();
     assert_eq!(p.next_due(), None);
@@ -1021,14 +1022,59 @@ fn a_retarget_is_announced_to_the_new_server_a_few_times() {
     }
     assert_eq!(io.acks.len(), HELLO_GAPS_NS.len());
     assert_eq!(get(&stats.hellos), HELLO_GAPS_NS.len() as u64);
+    // Not heard yet: one every steady gap, as long as it takes.
+    for _ in 0..3 {
+        assert_eq!(p.next_due(), Some(now + HELLO_STEADY_NS));
+        assert!(!p.announce(now + HELLO_STEADY_NS - 1, &mut io));
+        now += HELLO_STEADY_NS;
+        assert!(p.announce(now, &mut io));
+    }
+    let sent = HELLO_GAPS_NS.len() + 3;
+    assert_eq!(io.acks.len(), sent);
+    assert!(io.acks.iter().all(|a| (a.0, a.1) == (1, NEW)));
+    let seal = |mut d: Vec<u8>| {
+        let n = d.len();
+        d.resize(n + devplane_wire::TAG_LEN, 0);
+        let n = devplane_wire::tag::seal(&mut d, n, &ring.current).unwrap();
+        d.truncate(n);
+        d
+    };
+    // An interrupt of another model, or of this model from the old
+    // server (taken: sent before the commit), is not the new server
+    // hearing: the series goes on.
+    let irq_from = |server: u32, model: u32, seq: u64| {
+        let mut d = interrupts(model, VM, &[seq]);
+        let (h, _) = Header::mut_from_prefix(&mut d[..]).unwrap();
+        h.server = server.into();
+        seal(d)
+    };
+    let other = irq_from(NEW, MODEL_A + 1, 1);
+    let old = irq_from(SERVER, MODEL_A, 1);
+    p.on_datagram(&other, 1, &mut io);
+    p.on_datagram(&old, 0, &mut io);
+    assert_eq!(p.next_due(), Some(now + HELLO_STEADY_NS));
+    // An interrupt of the model from the new server: heard, no more.
+    let heard = irq_from(NEW, MODEL_A, 2);
+    p.on_datagram(&heard, 1, &mut io);
+    assert_eq!(io.injected.len(), 3, "all three are taken");
     assert_eq!(p.next_due(), None);
-    assert!(!p.announce(u64::MAX, &mut io));
+    assert!(!p.announce(u64::MAX - 1, &mut io));
+    assert_eq!(io.acks.len(), sent + 3, "all acknowledged, no hello");
     // Two retargets in a row: one series, to the last server.
     p.retarget(MODEL_A, SERVER, 0, now);
     p.retarget(MODEL_A, NEW, 1, now);
     assert!(p.announce(now + HELLO_GAPS_NS[0], &mut io));
-    assert_eq!(io.acks.len(), HELLO_GAPS_NS.len() + 1);
+    assert_eq!(io.acks.len(), sent + 4);
     assert_eq!(io.acks.last().unwrap().1, NEW);
+    // An answer from the new server ends that series too; one from the
+    // old server (refused) does not.
+    queue(&mut p, &mut io, 0, 0, &[5]);
+    p.send_ready(0, now + 1, &mut io).unwrap();
+    p.on_datagram(&seal(answers_from(SERVER, MODEL_A, 0, &[5])), 0, &mut io);
+    assert!(p.next_due().is_some());
+    p.on_datagram(&seal(answers_from(NEW, MODEL_A, 0, &[5])), 1, &mut io);
+    assert_eq!(io.done.len(), 1);
+    assert_eq!(p.next_due(), None, "answered and heard: nothing due");
 }
 
 /// A `Busy` answer (the model waits on its backing store) completes
