@@ -18,7 +18,11 @@
 //! The client waits for each answer in `recv(2)` (not busy-polling): on
 //! this 2-core machine it shares core 0 with the flooder (the worker
 //! spins on core 1), and a spinning client would split that core with the
-//! flooder by time slices. A round trip not answered within [`RESEND_AFTER`] is sent again (same
+//! flooder by time slices. The flooder stands for another host: it runs
+//! under `SCHED_IDLE` (`DP_FLOOD_IDLE=0`: normal), taking the cycles of
+//! core 0 the client leaves without holding the core when the client's
+//! answer wakes it; what the server sees is the same flood (its rate is
+//! in the notes). A round trip not answered within [`RESEND_AFTER`] is sent again (same
 //! sequence number) and its latency counts from the first send, so that a
 //! starved client shows in its p99 instead of leaving samples out. After
 //! each phase the client reads the counter model: it must equal the
@@ -301,11 +305,22 @@ fn phase(
             .run(move || UdpSocket::bind((ip, 0)))?
             .context("bind the flooder's socket")?;
         let (s, n) = (stop.clone(), sent.clone());
+        let idle = crate::rig::knob("DP_FLOOD_IDLE", 1) != 0;
         Some(std::thread::spawn(move || {
             // The socket was made in the attacker's namespace; sending
             // from it does not need this thread to be there. Core 0, so
-            // that the worker keeps core 1 to itself.
+            // that the worker keeps core 1 to itself; under SCHED_IDLE
+            // (unless DP_FLOOD_IDLE=0), so that it stands for another
+            // host: it takes every cycle of core 0 the measured client
+            // leaves (the client waits in recv(2) most of a round trip)
+            // but does not hold the core when the client wakes. The flood
+            // rate each phase reached is in the notes.
             let _ = affinity::set_thread_affinity([FLOOD_CORE]);
+            if idle {
+                let p = libc::sched_param { sched_priority: 0 };
+                // SAFETY: sets this thread's own policy; `p` outlives the call.
+                let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &p) };
+            }
             let t0 = Instant::now();
             let r = flood(sock, to, s, n);
             (r, t0.elapsed())
