@@ -40,7 +40,8 @@
 //! write of [`CTRL_FLUSH`] moves every dirty page into a *flight* (which
 //! owns the buffers the kernel writes from), hands their writes and the
 //! `fdatasync` after them to the flush thread (`flusher`: one thread of
-//! the process at nice 19, so this file work yields to the workers; the
+//! the process under `SCHED_IDLE`, so this file work yields to the
+//! workers and to the clients of the same host; the
 //! model's io_uring does it if that thread cannot start) and returns,
 //! and the flight is moved on at each later access (no
 //! wait: the completion queue is read). A flush requested while a flight
