@@ -574,7 +574,12 @@ fn chain_under_moves(a: &ServerThread, b: &ServerThread, client: Client) {
         .stats()
         .hellos
         .load(std::sync::atomic::Ordering::Relaxed);
-    assert!(hellos >= 6, "{hellos} announcements for six moves");
+    // Announcements stop once the client hears from the new server
+    // (an answer or an interrupt proves it knows where the VM's
+    // interrupts go), so a move may need none: their count is reported,
+    // what they are for (every interrupt reaching the guest) is asserted
+    // above.
+    eprintln!("{hellos} announcements for six moves");
     assert_eq!(placement(a, b, IRQ_MODEL), (true, false, false));
 }
 
