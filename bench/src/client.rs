@@ -83,7 +83,13 @@ const P99_TARGET: f64 = 1.1;
 
 /// Runs the scenario once on `rig` with `iters` exits per latency
 /// measurement. What the scenario reports about itself goes to `notes`.
-pub fn run(rig: &mut Rig, iters: u32, parts: Parts, notes: &mut Vec<String>) -> Result<Vec<Row>> {
+pub fn run(
+    rig: &mut Rig,
+    iters: u32,
+    parts: Parts,
+    rep: u32,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Row>> {
     let n = iters.min(60_000) as u16;
     let warm = (n / 10) as usize;
     let server = rig.server_name();
@@ -148,27 +154,63 @@ pub fn run(rig: &mut Rig, iters: u32, parts: Parts, notes: &mut Vec<String>) -> 
         rows.push(pio_row(rig, name, other, n, warm)?);
     }
     if parts.pio {
-        progress(format_args!("client: remote-pio, {n} exits"));
-        let before = Snapshot::now();
-        let row = pio_row(rig, "remote-pio", drain, n, warm)?;
-        let c = Snapshot::now().since(&before);
-        let share = row.hist.as_ref().map_or_else(String::new, slow_share);
-        counted.push(("remote-pio".to_string(), c, share));
-        rows.push(row);
-        // The same with every datagram tagged (SipHash-2-4 on both
-        // sides), right after it: the cost of the tags in this run.
+        // `remote-pio` and, with every datagram tagged on both sides,
+        // `remote-pio-tagged`: the cost of the tags in this run. Each is
+        // measured in two halves, in the order plain, tagged, tagged,
+        // plain (ABBA; reversed in odd repetitions, `rep`), and its
+        // halves merged: a drift of the machine during the run lands on
+        // both rows alike instead of on the one measured second.
         let key = devplane_wire::tag::TagKey::new(1, *b"dpbench-tag-key!");
-        if rig.set_tags(Some(devplane_wire::tag::KeyRing::new(key)))? {
-            progress(format_args!("client: remote-pio-tagged, {n} exits"));
-            let row = pio_row(rig, "remote-pio-tagged", drain, n, warm);
-            rig.set_tags(None)?;
-            rows.push(row?.with_knobs([("tags", "siphash-2-4")]));
+        let ring = devplane_wire::tag::KeyRing::new(key);
+        let order = if rep % 2 == 1 {
+            [true, false, false, true]
         } else {
-            notes.push(
-                "client: remote-pio-tagged not measured: a remote server's keys are its own"
-                    .to_string(),
-            );
+            [false, true, true, false]
+        };
+        let half = n.div_ceil(2);
+        let (mut plain, mut tagged): (Option<Row>, Option<Row>) = (None, None);
+        let mut plain_counted = None;
+        let mut untagged_only = false;
+        let merge = |into: &mut Option<Row>, row: Row| match into {
+            Some(r) => {
+                if let (Some(a), Some(b)) = (r.hist.as_mut(), row.hist.as_ref()) {
+                    a.add(b);
+                }
+            }
+            None => *into = Some(row.with_knobs([("exits", format!("{half} x 2"))])),
+        };
+        for with_tags in order {
+            if !with_tags {
+                progress(format_args!("client: remote-pio, {half} exits"));
+                let before = Snapshot::now();
+                let row = pio_row(rig, "remote-pio", drain, half, warm)?;
+                let c = Snapshot::now().since(&before);
+                match plain_counted.as_mut() {
+                    None => plain_counted = Some(c),
+                    Some(t) => t.add(&c),
+                }
+                merge(&mut plain, row);
+            } else if untagged_only {
+                continue;
+            } else if rig.set_tags(Some(ring.clone()))? {
+                progress(format_args!("client: remote-pio-tagged, {half} exits"));
+                let row = pio_row(rig, "remote-pio-tagged", drain, half, warm);
+                rig.set_tags(None)?;
+                merge(&mut tagged, row?.with_knobs([("tags", "siphash-2-4")]));
+            } else {
+                untagged_only = true;
+                notes.push(
+                    "client: remote-pio-tagged not measured: a remote server's keys are its own"
+                        .to_string(),
+                );
+            }
         }
+        if let (Some(c), Some(row)) = (plain_counted, plain.as_ref()) {
+            let share = row.hist.as_ref().map_or_else(String::new, slow_share);
+            counted.push(("remote-pio".to_string(), c, share));
+        }
+        rows.extend(plain);
+        rows.extend(tagged);
     }
     if parts.mmio {
         progress(format_args!("client: remote-mmio, {n} exits"));

@@ -68,6 +68,21 @@ impl Snapshot {
         }
     }
 
+    /// Adds the counts of `other` (two differences of one measurement
+    /// made in parts).
+    pub fn add(&mut self, other: &Snapshot) {
+        for (k, v) in &other.irqs {
+            *self.irqs.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &other.softirqs {
+            *self.softirqs.entry(k.clone()).or_default() += v;
+        }
+        self.voluntary += other.voluntary;
+        self.involuntary += other.involuntary;
+        self.minor_faults += other.minor_faults;
+        self.major_faults += other.major_faults;
+    }
+
     /// This difference per 1000 of `per` (exits): the CPUs in `cpus`,
     /// each source above 0.5, largest first, e.g. `cpu0 LOC 4.1 RES 0.9,
     /// softirq TIMER 4.0; cpu1 ...; process: preempted 1.2, switched 8.0,
