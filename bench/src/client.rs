@@ -83,13 +83,7 @@ const P99_TARGET: f64 = 1.1;
 
 /// Runs the scenario once on `rig` with `iters` exits per latency
 /// measurement. What the scenario reports about itself goes to `notes`.
-pub fn run(
-    rig: &mut Rig,
-    iters: u32,
-    parts: Parts,
-    rep: u32,
-    notes: &mut Vec<String>,
-) -> Result<Vec<Row>> {
+pub fn run(rig: &mut Rig, iters: u32, parts: Parts, notes: &mut Vec<String>) -> Result<Vec<Row>> {
     let n = iters.min(60_000) as u16;
     let warm = (n / 10) as usize;
     let server = rig.server_name();
@@ -99,7 +93,12 @@ pub fn run(
     let before = Snapshot::now();
     let (serial_name, serial) = rig.exit_net_floor(warm, n)?;
     let serial_counted = Snapshot::now().since(&before);
-    let mut counted = vec![(serial_name.to_string(), serial_counted, slow_share(&serial))];
+    let mut counted = vec![(
+        serial_name.to_string(),
+        serial_counted,
+        slow_share(&serial),
+        n as u64 + warm as u64,
+    )];
     rig.serve()?;
     let timeout = Duration::from_secs(120);
     let mut rows = Vec::new();
@@ -156,18 +155,16 @@ pub fn run(
     if parts.pio {
         // `remote-pio` and, with every datagram tagged on both sides,
         // `remote-pio-tagged`: the cost of the tags in this run. Each is
-        // measured in two halves, in the order plain, tagged, tagged,
-        // plain (ABBA; reversed in odd repetitions, `rep`), and its
-        // halves merged: a drift of the machine during the run lands on
-        // both rows alike instead of on the one measured second.
+        // measured in four quarters, in the order plain, tagged, tagged,
+        // plain, tagged, plain, plain, tagged (ABBA then BAAB), and its
+        // quarters merged: a drift of the machine during the run, and
+        // any effect of a quarter's place in the sequence, land on both
+        // rows alike instead of on the one measured second.
         let key = devplane_wire::tag::TagKey::new(1, *b"dpbench-tag-key!");
         let ring = devplane_wire::tag::KeyRing::new(key);
-        let order = if rep % 2 == 1 {
-            [true, false, false, true]
-        } else {
-            [false, true, true, false]
-        };
-        let half = n.div_ceil(2);
+        const ORDER: [bool; 8] = [false, true, true, false, true, false, false, true];
+        let quarter = n.div_ceil(4);
+        let warm_q = (warm / 4).max(100);
         let (mut plain, mut tagged): (Option<Row>, Option<Row>) = (None, None);
         let mut plain_counted = None;
         let mut untagged_only = false;
@@ -177,13 +174,13 @@ pub fn run(
                     a.add(b);
                 }
             }
-            None => *into = Some(row.with_knobs([("exits", format!("{half} x 2"))])),
+            None => *into = Some(row.with_knobs([("exits", format!("{quarter} x 4"))])),
         };
-        for with_tags in order {
+        for with_tags in ORDER {
             if !with_tags {
-                progress(format_args!("client: remote-pio, {half} exits"));
+                progress(format_args!("client: remote-pio, {quarter} exits"));
                 let before = Snapshot::now();
-                let row = pio_row(rig, "remote-pio", drain, half, warm)?;
+                let row = pio_row(rig, "remote-pio", drain, quarter, warm_q)?;
                 let c = Snapshot::now().since(&before);
                 match plain_counted.as_mut() {
                     None => plain_counted = Some(c),
@@ -193,8 +190,8 @@ pub fn run(
             } else if untagged_only {
                 continue;
             } else if rig.set_tags(Some(ring.clone()))? {
-                progress(format_args!("client: remote-pio-tagged, {half} exits"));
-                let row = pio_row(rig, "remote-pio-tagged", drain, half, warm);
+                progress(format_args!("client: remote-pio-tagged, {quarter} exits"));
+                let row = pio_row(rig, "remote-pio-tagged", drain, quarter, warm_q);
                 rig.set_tags(None)?;
                 merge(&mut tagged, row?.with_knobs([("tags", "siphash-2-4")]));
             } else {
@@ -207,7 +204,8 @@ pub fn run(
         }
         if let (Some(c), Some(row)) = (plain_counted, plain.as_ref()) {
             let share = row.hist.as_ref().map_or_else(String::new, slow_share);
-            counted.push(("remote-pio".to_string(), c, share));
+            let exits = 4 * (quarter as u64 + warm_q as u64);
+            counted.push(("remote-pio".to_string(), c, share, exits));
         }
         rows.extend(plain);
         rows.extend(tagged);
@@ -224,8 +222,7 @@ pub fn run(
     }
     notes.extend(rig.take_warnings());
     // What the machine counted on the two data cores during the serial
-    // floor and remote-pio (each about `n + warm` exits).
-    let exits = n as u64 + warm as u64;
+    // floor and remote-pio, per 1000 of the exits each made.
     let cores = [
         knob("DP_VCPU_CORE", 0) as usize,
         knob("DP_WORKER_CORE", 1) as usize,
@@ -234,9 +231,9 @@ pub fn run(
         "client: counted per 1000 exits (/proc/interrupts, /proc/softirqs, getrusage): {}",
         counted
             .iter()
-            .map(|(name, c, share)| format!(
+            .map(|(name, c, share, exits)| format!(
                 "during {name} ({share}): {}",
-                c.per_thousand(exits, &cores)
+                c.per_thousand(*exits, &cores)
             ))
             .collect::<Vec<_>>()
             .join(" | ")
@@ -267,7 +264,8 @@ const TAG_GOAL: f64 = 1.03;
 /// The cost of tags in a run: `remote-pio-tagged`'s p50 and p99 over
 /// `remote-pio`'s on the merged runs, judged against [`TAG_GOAL`], with
 /// the noise of that ratio: the spread of the per-run p50 ratios (each
-/// repetition measures both rows back to back). `None` without both rows.
+/// repetition measures both rows in interleaved quarters). `None` without
+/// both rows.
 pub fn tag_cost(rows: &[Row]) -> Option<String> {
     let key = |name: &str| format!("{SCENARIO}/{name}");
     let plain = rows.iter().find(|r| r.key() == key("remote-pio"))?;

@@ -263,12 +263,10 @@ pub fn run(args: RunArgs) -> Result<()> {
                     repeat.insert(name.to_string(), reps);
                     rig::reset_knobs();
                     let parts = client_parts.unwrap_or(client::Parts::ALL);
-                    let mut rep = 0;
                     let r = repeated(name, reps, &mut notes, |n| match s {
                         Scenario::Client | Scenario::Floor | Scenario::Pio | Scenario::Mmio => {
-                            rep += 1;
                             on_rig(&mut remote, "bcli", |rig| {
-                                client::run(rig, args.round_trips, parts, rep - 1, n)
+                                client::run(rig, args.round_trips, parts, n)
                             })
                         }
                         Scenario::Irq => {
