@@ -459,6 +459,7 @@ impl Blockstore {
             }
             // Out on the flush thread: nothing comes on the ring.
             if self.flight.as_ref().is_some_and(|f| f.job.is_some()) {
+                flusher::hurry();
                 std::thread::sleep(std::time::Duration::from_micros(20));
                 continue;
             }

@@ -22,7 +22,12 @@
 //! against 24-32k per second). The cost: on a host whose every core is
 //! busy with normal work the flushes get the smallest share of CPU
 //! there is (weight 3 of 1024) and slow down accordingly; they still
-//! complete, and the worker never waits for them. The worker never waits for it: it reads the job's result
+//! complete. The worker does wait for a flight in a few places (a block
+//! request or a move meeting a flight, a write past twice the dirty
+//! limit: `Blockstore::settle`); there it [`hurry`]s the thread to the
+//! normal policy (nice 19) until its job is done. Its I/O stays in the
+//! best-effort class at the lowest level (`ioprio_set`), as at nice 19.
+//! Otherwise the worker does not wait for it: it reads the job's result
 //! when the flight moves on. There is at most one flight per model, so
 //! the queue is bounded by the models; the pages are shared read-only
 //! with the flight (reads of a page in flight see them) and the thread
@@ -31,6 +36,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -101,6 +107,40 @@ fn run(job: Job) {
     let _ = job.done.set(JobDone { writes, sync });
 }
 
+/// The flush thread's id (0 until it runs).
+static TID: AtomicI32 = AtomicI32::new(0);
+/// Whether the flush thread was raised to the normal policy ([`hurry`]).
+static HURRIED: AtomicBool = AtomicBool::new(false);
+/// `ioprio_set`'s "which": a thread (0: the caller).
+const IOPRIO_WHO_PROCESS: libc::c_int = 1;
+/// Best-effort class (2, in bits 13-15), level 7 (the lowest).
+const IOPRIO_BEST_EFFORT_LOWEST: libc::c_int = (2 << 13) | 7;
+
+/// Sets thread `tid`'s (0: the caller's) policy, priority 0; whether it
+/// took.
+fn set_policy(tid: libc::pid_t, policy: libc::c_int) -> bool {
+    let p = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain integers and `p`, which outlives the call.
+    unsafe { libc::sched_setscheduler(tid, policy, &p) == 0 }
+}
+
+/// A thread is about to wait for a flight on the flush thread (a model's
+/// `settle`: a block request, a move, a snapshot, a write past the dirty
+/// limit): the flush thread runs under the normal policy (still at nice
+/// 19) until it has finished its current job, so that the wait is not at
+/// the mercy of every other thread of the host. Cheap when already done
+/// (one atomic); called on every turn of the wait, so a job queued
+/// behind another is hurried too.
+pub fn hurry() {
+    if HURRIED.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let tid = TID.load(Ordering::Relaxed);
+    if tid > 0 {
+        set_policy(tid, libc::SCHED_OTHER);
+    }
+}
+
 fn queue() -> Option<&'static Mutex<Sender<Job>>> {
     static Q: OnceLock<Option<Mutex<Sender<Job>>>> = OnceLock::new();
     Q.get_or_init(|| {
@@ -111,12 +151,24 @@ fn queue() -> Option<&'static Mutex<Sender<Job>>> {
                 // SAFETY: plain integers; 0 is the calling thread (Linux
                 // nice values are per thread).
                 unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, NICE) };
+                // SAFETY: no arguments; the calling thread's id.
+                TID.store(unsafe { libc::gettid() }, Ordering::Relaxed);
+                // Its I/O in the best-effort class, lowest level: what
+                // nice 19 gave; SCHED_IDLE alone would make it the idle
+                // class, whose writeback may wait behind all other I/O.
+                // SAFETY: plain integers; 0 is the calling thread.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_ioprio_set,
+                        IOPRIO_WHO_PROCESS,
+                        0,
+                        IOPRIO_BEST_EFFORT_LOWEST,
+                    )
+                };
                 // Then SCHED_IDLE (lowering one's own policy needs no
                 // privilege; if refused, nice 19 stays): see the module's
                 // documentation.
-                let p = libc::sched_param { sched_priority: 0 };
-                // SAFETY: sets this thread's own policy; `p` outlives the call.
-                unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &p) };
+                set_policy(0, libc::SCHED_IDLE);
                 // Any core: it was spawned by whichever thread flushed
                 // first, perhaps a worker pinned to one.
                 // SAFETY: a zeroed cpu_set_t is a valid empty set, filled
@@ -130,6 +182,10 @@ fn queue() -> Option<&'static Mutex<Sender<Job>>> {
                 }
                 for job in rx {
                     run(job);
+                    // Hurried for a waiter ([`hurry`]): idle again.
+                    if HURRIED.swap(false, Ordering::Relaxed) {
+                        set_policy(0, libc::SCHED_IDLE);
+                    }
                 }
             })
             .ok()
@@ -166,8 +222,9 @@ mod tests {
     use super::*;
 
     /// A job writes its pages and syncs, off the caller's thread, on a
-    /// thread named `dp-flush` at nice 19, and lets the pages go before
-    /// it says it is done.
+    /// thread named `dp-flush` under SCHED_IDLE at nice 19 (best-effort
+    /// I/O), and lets the pages go before it says it is done; a waiter's
+    /// [`hurry`] raises it until it has done a job.
     #[test]
     fn a_job_writes_and_syncs_on_a_low_priority_thread() {
         let path = std::env::temp_dir().join(format!("dp-flusher-{}", std::process::id()));
@@ -191,7 +248,6 @@ mod tests {
         assert_eq!(d.sync, Some(0));
         assert_eq!(Arc::strong_count(&pages), 1, "the job kept its share");
         let bytes = std::fs::read(&path).unwrap();
-        let _ = std::fs::remove_file(&path);
         assert!(bytes[..PAGE_SIZE].iter().all(|&b| b == 1));
         assert!(bytes[PAGE_SIZE..2 * PAGE_SIZE].iter().all(|&b| b == 0));
         assert!(
@@ -211,7 +267,31 @@ mod tests {
         // SAFETY: plain integers.
         assert_eq!(unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) }, NICE);
         // SAFETY: plain integer.
-        let policy = unsafe { libc::sched_getscheduler(tid as libc::pid_t) };
-        assert_eq!(policy, libc::SCHED_IDLE, "dp-flush runs under SCHED_IDLE");
+        let policy = || unsafe { libc::sched_getscheduler(tid as libc::pid_t) };
+        assert_eq!(policy(), libc::SCHED_IDLE, "dp-flush runs under SCHED_IDLE");
+        // SAFETY: plain integers (IOPRIO_WHO_PROCESS, the thread).
+        let ioprio = unsafe { libc::syscall(libc::SYS_ioprio_get, IOPRIO_WHO_PROCESS, tid) };
+        assert_eq!(
+            ioprio,
+            i64::from(IOPRIO_BEST_EFFORT_LOWEST),
+            "its I/O best-effort"
+        );
+        // A waiter hurries it: the normal policy (nice kept) until it has
+        // done a job, then idle again.
+        hurry();
+        assert_eq!(policy(), libc::SCHED_OTHER, "hurried");
+        // SAFETY: plain integers.
+        assert_eq!(unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) }, NICE);
+        let f = Arc::new(File::options().write(true).open(&path).unwrap());
+        let done = start(f, pages.clone(), vec![(0, PAGE_SIZE)], false).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while done.get().is_none() || policy() != libc::SCHED_IDLE {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not idle again after its job"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let _ = std::fs::remove_file(&path);
     }
 }
