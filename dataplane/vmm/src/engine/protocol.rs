@@ -109,6 +109,12 @@ pub(crate) struct IrqState {
     /// would be in neither the snapshot nor the server's memory: left
     /// unacknowledged, it is sent again to wherever the VM runs next.
     pub(crate) frozen: std::collections::HashSet<u32>,
+    /// (model, VM) -> the server the model was retargeted to, not yet
+    /// heard from about that VM ([`Hello`]): any lane that hears from it
+    /// (an answer, an interrupt) removes the entry, and every lane's
+    /// announcements for the pair stop. At most one entry per (model,
+    /// VM) of the engine.
+    pub(crate) awaiting: HashMap<(u32, u32), u32>,
 }
 
 /// [`IrqState`], shared by an engine's lanes.
@@ -622,6 +628,11 @@ impl Protocol {
                 rewritten += 1;
             }
             if let Some((&(vm, vcpu), _)) = self.by_id.iter().find(|(_, i)| **i == v) {
+                self.irq_seen
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .awaiting
+                    .insert((model, vm), server);
                 self.hellos.retain(|h| (h.model, h.vm) != (model, vm));
                 self.hellos.push(Hello {
                     model,
@@ -643,6 +654,12 @@ impl Protocol {
             return false;
         }
         self.refresh_keys();
+        // Announcements another lane heard the answer to stop here too.
+        {
+            let seen = self.irq_seen.lock().unwrap_or_else(|p| p.into_inner());
+            self.hellos
+                .retain(|h| seen.awaiting.get(&(h.model, h.vm)) == Some(&h.server));
+        }
         let mut due = Vec::new();
         for h in &mut self.hellos {
             if h.next_at <= now {
@@ -819,6 +836,10 @@ impl Protocol {
         if !self.hellos.is_empty() {
             self.hellos
                 .retain(|h| (h.model, h.server, h.vm) != (model, server, rsp.id.vm));
+            let mut seen = self.irq_seen.lock().unwrap_or_else(|p| p.into_inner());
+            if seen.awaiting.get(&(model, rsp.id.vm)) == Some(&server) {
+                seen.awaiting.remove(&(model, rsp.id.vm));
+            }
         }
         let Some(f) = flow.inflight[m].as_mut() else {
             add(&self.stats.late, 1);
@@ -886,8 +907,11 @@ impl Protocol {
             if !self.judge_irq(model, &irq, &mut seen, io, &mut inject) {
                 continue;
             }
-            if !self.hellos.is_empty() {
+            if !seen.awaiting.is_empty() {
                 let server = d.server();
+                if seen.awaiting.get(&(model, irq.vm)) == Some(&server) {
+                    seen.awaiting.remove(&(model, irq.vm));
+                }
                 self.hellos
                     .retain(|h| (h.model, h.server, h.vm) != (model, server, irq.vm));
             }

@@ -1077,6 +1077,36 @@ fn a_retarget_is_announced_to_the_new_server_until_heard() {
     assert_eq!(p.next_due(), None, "answered and heard: nothing due");
 }
 
+/// Lanes share what was heard: the interrupt lane (direct mode) reaps
+/// the new server's interrupt for a VM, and a vCPU lane announcing that
+/// VM to that server stops too; another VM's announcement goes on.
+#[test]
+fn a_new_server_heard_on_one_lane_ends_the_announcements_of_every_lane() {
+    let (mut vcpu, vstats, ring) = retarget_rig();
+    let (mut irq_lane, _, _) = retarget_rig();
+    let seen = IrqSeen::default();
+    vcpu.share_irqs(seen.clone());
+    irq_lane.share_irqs(seen);
+    let mut io = Fake::default();
+    vcpu.retarget(MODEL_A, NEW, 1, 1000);
+    let mut now = 1000 + HELLO_GAPS_NS[0];
+    assert!(vcpu.announce(now, &mut io));
+    assert_eq!(get(&vstats.hellos), 1);
+    let mut d = interrupts(MODEL_A, VM, &[1]);
+    let (h, _) = Header::mut_from_prefix(&mut d[..]).unwrap();
+    h.server = NEW.into();
+    let n = d.len();
+    d.resize(n + devplane_wire::TAG_LEN, 0);
+    let n = devplane_wire::tag::seal(&mut d, n, &ring.current).unwrap();
+    d.truncate(n);
+    irq_lane.on_datagram(&d, 1, &mut io);
+    assert_eq!(io.injected.len(), 1);
+    now += HELLO_GAPS_NS[1];
+    vcpu.announce(now, &mut io);
+    assert_eq!(get(&vstats.hellos), 1, "no announcement after it was heard");
+    assert_eq!(vcpu.next_due(), None);
+}
+
 /// A `Busy` answer (the model waits on its backing store) completes
 /// nothing: the datagram is sent again after a short wait, not a
 /// retransmission interval, that doubles per `Busy` send (once per answer
