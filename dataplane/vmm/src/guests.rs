@@ -427,8 +427,9 @@ const PIT_LATCH_CH2: u32 = 0b1000_0000;
 /// at once).
 pub const CHECKED_PIT_COUNT: u32 = 0xf000;
 /// The most TSC cycles between the count's load and its latch that the
-/// guest accepts: 1 ms at 2 GHz (and under 1.7 ms from 1.2 GHz up).
-const PIT_LATCH_TSC: u32 = 2_000_000;
+/// guest accepts: 0.5 ms at 2 GHz, and within the 1.7 ms of
+/// [`PIT_LATCH_FLOOR`] for any TSC from 0.6 GHz up.
+const PIT_LATCH_TSC: u32 = 1_000_000;
 /// The least latched count the check accepts: 0x800 ticks of 1.193182
 /// MHz (1.7 ms) under the count loaded. A latch lost by a restore reads
 /// a running count instead, which lands in that window in 1 run of 32.
