@@ -317,9 +317,7 @@ fn phase(
             // rate each phase reached is in the notes.
             let _ = affinity::set_thread_affinity([FLOOD_CORE]);
             if idle {
-                let p = libc::sched_param { sched_priority: 0 };
-                // SAFETY: sets this thread's own policy; `p` outlives the call.
-                let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &p) };
+                let _ = devplane_vmm::engine::sched_idle();
             }
             let t0 = Instant::now();
             let r = flood(sock, to, s, n);

@@ -348,7 +348,7 @@ fn yields(asked: bool, mut lanes: impl Iterator<Item = (bool, bool)>) -> bool {
 
 /// Puts the calling thread under `SCHED_IDLE`; whether it took (no
 /// privilege is needed to lower one's own policy).
-fn sched_idle() -> bool {
+pub fn sched_idle() -> bool {
     let p = libc::sched_param { sched_priority: 0 };
     // SAFETY: `p` is valid for the call; pid 0 is the calling thread.
     unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &p) == 0 }

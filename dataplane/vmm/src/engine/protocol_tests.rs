@@ -764,12 +764,7 @@ fn tags_seal_what_is_sent_and_guard_what_is_received() {
     use devplane_wire::tag::{self, KeyRing, TagKey};
     let k1 = TagKey::new(1, [1; 16]);
     let k2 = TagKey::new(2, [2; 16]);
-    let seal = |mut d: Vec<u8>, key: &TagKey| {
-        let n = d.len();
-        d.resize(n + devplane_wire::TAG_LEN, 0);
-        tag::seal(&mut d, n, key).unwrap();
-        d
-    };
+    let seal = |d: Vec<u8>, key: &TagKey| sealed(d, key);
     let (mut p, stats) = protocol(1);
     let mut ring = KeyRing::new(k1.clone());
     ring.rotate(k2.clone());
@@ -867,10 +862,7 @@ fn rotated_keys_reach_sends_and_resends() {
         "resent under the new key"
     );
     // The answer under the old key is still taken during the grace.
-    let mut old = answers(MODEL_A, 0, &[1]);
-    let n = old.len();
-    old.resize(n + devplane_wire::TAG_LEN, 0);
-    tag::seal(&mut old, n, &k1).unwrap();
+    let old = sealed(answers(MODEL_A, 0, &[1]), &k1);
     p.on_datagram(&old, 0, &mut io);
     assert_eq!(io.done.len(), 1);
 
@@ -893,6 +885,24 @@ fn answers_from(server: u32, model: u32, vcpu: u16, seqs: &[u64]) -> Vec<u8> {
     let mut d = answers(model, vcpu, seqs);
     let (h, _) = Header::mut_from_prefix(&mut d[..]).unwrap();
     h.server = server.into();
+    d
+}
+
+/// An interrupt datagram of `model` for [`VM`] from server `server` (see
+/// [`interrupts`]).
+fn interrupts_from(server: u32, model: u32, seqs: &[u64]) -> Vec<u8> {
+    let mut d = interrupts(model, VM, seqs);
+    let (h, _) = Header::mut_from_prefix(&mut d[..]).unwrap();
+    h.server = server.into();
+    d
+}
+
+/// Datagram `d` sealed with `key`.
+fn sealed(mut d: Vec<u8>, key: &devplane_wire::tag::TagKey) -> Vec<u8> {
+    let n = d.len();
+    d.resize(n + devplane_wire::TAG_LEN, 0);
+    let n = devplane_wire::tag::seal(&mut d, n, key).unwrap();
+    d.truncate(n);
     d
 }
 
@@ -956,13 +966,7 @@ fn a_retargeted_model_resends_its_datagram_in_flight_to_the_new_server_and_hears
         "sealed again over the new header"
     );
     // A late answer from the old server is refused; the new one's taken.
-    let seal = |mut d: Vec<u8>| {
-        let n = d.len();
-        d.resize(n + devplane_wire::TAG_LEN, 0);
-        let n = devplane_wire::tag::seal(&mut d, n, &ring.current).unwrap();
-        d.truncate(n);
-        d
-    };
+    let seal = |d: Vec<u8>| sealed(d, &ring.current);
     p.on_datagram(&seal(answers_from(SERVER, MODEL_A, 0, &[5, 6])), 0, &mut io);
     assert!(io.done.is_empty());
     assert_eq!(get(&stats.foreign_server), 2, "one per record");
@@ -1032,22 +1036,11 @@ fn a_retarget_is_announced_to_the_new_server_until_heard() {
     let sent = HELLO_GAPS_NS.len() + 3;
     assert_eq!(io.acks.len(), sent);
     assert!(io.acks.iter().all(|a| (a.0, a.1) == (1, NEW)));
-    let seal = |mut d: Vec<u8>| {
-        let n = d.len();
-        d.resize(n + devplane_wire::TAG_LEN, 0);
-        let n = devplane_wire::tag::seal(&mut d, n, &ring.current).unwrap();
-        d.truncate(n);
-        d
-    };
+    let seal = |d: Vec<u8>| sealed(d, &ring.current);
     // An interrupt of another model, or of this model from the old
     // server (taken: sent before the commit), is not the new server
     // hearing: the series goes on.
-    let irq_from = |server: u32, model: u32, seq: u64| {
-        let mut d = interrupts(model, VM, &[seq]);
-        let (h, _) = Header::mut_from_prefix(&mut d[..]).unwrap();
-        h.server = server.into();
-        seal(d)
-    };
+    let irq_from = |server: u32, model: u32, seq: u64| seal(interrupts_from(server, model, &[seq]));
     let other = irq_from(NEW, MODEL_A + 1, 1);
     let old = irq_from(SERVER, MODEL_A, 1);
     p.on_datagram(&other, 1, &mut io);
@@ -1092,13 +1085,7 @@ fn a_new_server_heard_on_one_lane_ends_the_announcements_of_every_lane() {
     let mut now = 1000 + HELLO_GAPS_NS[0];
     assert!(vcpu.announce(now, &mut io));
     assert_eq!(get(&vstats.hellos), 1);
-    let mut d = interrupts(MODEL_A, VM, &[1]);
-    let (h, _) = Header::mut_from_prefix(&mut d[..]).unwrap();
-    h.server = NEW.into();
-    let n = d.len();
-    d.resize(n + devplane_wire::TAG_LEN, 0);
-    let n = devplane_wire::tag::seal(&mut d, n, &ring.current).unwrap();
-    d.truncate(n);
+    let d = sealed(interrupts_from(NEW, MODEL_A, &[1]), &ring.current);
     irq_lane.on_datagram(&d, 1, &mut io);
     assert_eq!(io.injected.len(), 1);
     now += HELLO_GAPS_NS[1];
