@@ -1059,7 +1059,10 @@ const QD32_ROWS: [(&str, Op, usize); 4] = [
 /// Runs the scenario: every measurement on NBD, then on devplane, one
 /// after the other.
 pub fn run(notes: &mut Vec<String>) -> Result<Vec<Row>> {
-    let topo = Topology::new("bb").context("building the netns topology")?;
+    // Jumbo frames, as a storage network has them: the veth's MTU (both
+    // ends), NBD's TCP and devplane's bulk datagrams alike.
+    let mtu = crate::rig::knob("DP_BLK_MTU", devplane_wire::bulk::JUMBO_MTU as u32);
+    let topo = Topology::with_mtu("bb", mtu).context("building the netns topology")?;
     let dp_img = Image::new("dp")?;
     let plain_img = Image::new("plain")?;
     let nbd_img = Image::new("nbd")?;
@@ -1106,14 +1109,19 @@ pub fn run(notes: &mut Vec<String>) -> Result<Vec<Row>> {
                 )));
             }
             let f = Floor::of(format!("{SCENARIO}/nbd-{name}"), &floor);
+            let m = mtu.to_string();
             rows.push(
-                Row::floor(SCENARIO, format!("nbd-{name}"), floor)
-                    .with_knobs([("disk", "qemu-nbd"), ("depth", "1")]),
+                Row::floor(SCENARIO, format!("nbd-{name}"), floor).with_knobs([
+                    ("disk", "qemu-nbd"),
+                    ("depth", "1"),
+                    ("mtu", m.as_str()),
+                ]),
             );
-            rows.push(
-                Row::latency(SCENARIO, name, lat, f)
-                    .with_knobs([("disk", "devplane"), ("depth", "1")]),
-            );
+            rows.push(Row::latency(SCENARIO, name, lat, f).with_knobs([
+                ("disk", "devplane"),
+                ("depth", "1"),
+                ("mtu", m.as_str()),
+            ]));
         }
         for (name, op, len) in QD32_ROWS {
             progress(format_args!("blk: {name}"));
@@ -1123,12 +1131,14 @@ pub fn run(notes: &mut Vec<String>) -> Result<Vec<Row>> {
             rows.push(
                 Row::rate(SCENARIO, format!("nbd-{name}"), nrate).with_knobs([
                     ("disk", "qemu-nbd".to_string()),
+                    ("mtu", mtu.to_string()),
                     ("depth", nd.to_string()),
                     ("mib_per_s", format!("{:.1}", mib(nrate))),
                 ]),
             );
             rows.push(Row::rate(SCENARIO, name, rate).with_knobs([
                 ("disk", "devplane".to_string()),
+                ("mtu", mtu.to_string()),
                 ("depth", d.to_string()),
                 ("mib_per_s", format!("{:.1}", mib(rate))),
                 ("vs_nbd", format!("{:.2}", rate / nrate)),
@@ -1137,6 +1147,7 @@ pub fn run(notes: &mut Vec<String>) -> Result<Vec<Row>> {
             rows.push(
                 Row::rate(SCENARIO, format!("{name}-untagged"), prate).with_knobs([
                     ("disk", "devplane, no tags".to_string()),
+                    ("mtu", mtu.to_string()),
                     ("depth", pd.to_string()),
                     ("mib_per_s", format!("{:.1}", mib(prate))),
                     ("vs_nbd", format!("{:.2}", prate / nrate)),
@@ -1194,7 +1205,13 @@ pub fn run(notes: &mut Vec<String>) -> Result<Vec<Row>> {
          address, VM and blockstore on the same worker), {applied} writes and flushes \
          applied; NBD: qemu-nbd (raw, writeback) over \
          TCP, the benchmark's NBD client; both drivers on core {CLIENT_CORE}, the devplane \
-         worker on core {WORKER_CORE}"
+         worker on core {WORKER_CORE}; veth MTU {mtu} (DP_BLK_MTU): bulk datagrams of up \
+         to {} data bytes, {} per 128 KiB request",
+        devplane_wire::bulk::seg_max_for_mtu(mtu as usize),
+        devplane_wire::bulk::segments_for(
+            128 << 10,
+            devplane_wire::bulk::seg_max_for_mtu(mtu as usize)
+        ),
     ));
     Ok(rows)
 }

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::vec::Vec;
 
-use crate::bulk::{MAX_SEGS, SEG_DATA, seg_len, segments};
+use crate::bulk::{MAX_SEGS, nseg_ok, seg_len, seg_range};
 
 const WORDS: usize = MAX_SEGS.div_ceil(64);
 
@@ -115,11 +115,11 @@ pub struct Partial {
 }
 
 impl Partial {
-    /// An empty buffer for `len` bytes.
-    pub fn new(len: u32, now: u64) -> Partial {
+    /// An empty buffer for `len` bytes arriving in `nseg` segments.
+    pub fn new(len: u32, nseg: u16, now: u64) -> Partial {
         Partial {
             data: std::vec![0u8; len as usize],
-            have: SegBitmap::new(segments(len)),
+            have: SegBitmap::new(nseg),
             touched: now,
         }
     }
@@ -128,11 +128,12 @@ impl Partial {
     /// fit (wrong length).
     pub fn put(&mut self, seg: u16, bytes: &[u8], now: u64) -> bool {
         let len = self.data.len() as u32;
-        if bytes.len() != seg_len(len, seg) || self.have.has(seg) {
+        let nseg = self.have.nseg();
+        if bytes.len() != seg_len(len, nseg, seg) || self.have.has(seg) {
             return false;
         }
-        let start = seg as usize * SEG_DATA;
-        let Some(dst) = self.data.get_mut(start..start + bytes.len()) else {
+        let (start, end) = seg_range(len, nseg, seg);
+        let Some(dst) = self.data.get_mut(start..end) else {
             return false;
         };
         dst.copy_from_slice(bytes);
@@ -237,10 +238,15 @@ impl<K: core::hash::Hash + Eq + Copy> Reassembly<K> {
         self.parts.get(key).map(|p| p.have)
     }
 
-    /// Adds segment `seg` of a request of `len` bytes.
-    pub fn put(&mut self, key: K, len: u32, seg: u16, bytes: &[u8], now: u64) -> Put {
+    /// Adds segment `seg` of a request of `len` bytes sent in `nseg`
+    /// segments (a segment naming another `nseg` than the first one did is
+    /// [`Put::Bad`]).
+    pub fn put(&mut self, key: K, len: u32, nseg: u16, seg: u16, bytes: &[u8], now: u64) -> Put {
+        if !nseg_ok(len, nseg) || seg >= nseg {
+            return Put::Bad;
+        }
         if !self.parts.contains_key(&key) {
-            if segments(len) == 1 {
+            if nseg == 1 {
                 // One segment: no buffer kept.
                 return if bytes.len() == len as usize && seg == 0 {
                     Put::Complete(bytes.to_vec())
@@ -256,7 +262,7 @@ impl<K: core::hash::Hash + Eq + Copy> Reassembly<K> {
             {
                 return Put::NoRoom;
             }
-            self.parts.insert(key, Partial::new(len, now));
+            self.parts.insert(key, Partial::new(len, nseg, now));
             self.bytes += len as usize;
             let e = self.owners.entry((self.owner)(&key)).or_default();
             e.0 += len as usize;
@@ -265,7 +271,7 @@ impl<K: core::hash::Hash + Eq + Copy> Reassembly<K> {
         let Some(p) = self.parts.get_mut(&key) else {
             return Put::Bad;
         };
-        if p.data.len() != len as usize {
+        if p.data.len() != len as usize || p.have.nseg() != nseg {
             return Put::Bad;
         }
         if p.have.has(seg) {
@@ -422,21 +428,47 @@ mod tests {
         assert!(SegBitmap::full(95).complete());
     }
 
+    /// Zeros as long as segment `seg` of `len` bytes in `nseg`.
+    fn z(len: u32, nseg: u16, seg: u16) -> Vec<u8> {
+        std::vec![0u8; seg_len(len, nseg, seg)]
+    }
+
     #[test]
     fn reassembly_completes_in_any_order_and_ignores_duplicates() {
         let mut r: Reassembly<u64> = Reassembly::new(1 << 20, 8);
         let data: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
-        let seg = |s: u16| &data[s as usize * SEG_DATA..(s as usize * SEG_DATA + seg_len(4096, s))];
-        assert_eq!(r.put(1, 4096, 2, seg(2), 0), Put::Held);
-        assert_eq!(r.put(1, 4096, 2, seg(2), 0), Put::Duplicate);
-        assert_eq!(r.put(1, 4096, 0, seg(0), 0), Put::Held);
+        let seg = |n: u16, s: u16| {
+            let (a, b) = seg_range(4096, n, s);
+            &data[a..b]
+        };
+        assert_eq!(crate::bulk::segments(4096), 3);
+        assert_eq!(r.put(1, 4096, 3, 2, seg(3, 2), 0), Put::Held);
+        assert_eq!(r.put(1, 4096, 3, 2, seg(3, 2), 0), Put::Duplicate);
+        assert_eq!(r.put(1, 4096, 3, 0, seg(3, 0), 0), Put::Held);
         assert_eq!(r.have(&1).unwrap().held(), 2);
-        assert_eq!(r.put(1, 4096, 1, &seg(1)[..10], 0), Put::Bad);
-        assert_eq!(r.put(1, 4096, 1, seg(1), 0), Put::Complete(data.clone()));
+        assert_eq!(r.put(1, 4096, 3, 1, &seg(3, 1)[..10], 0), Put::Bad);
+        // A segment of the same request cut another way does not fit.
+        assert_eq!(r.put(1, 4096, 2, 1, seg(2, 1), 0), Put::Bad);
+        assert_eq!(
+            r.put(1, 4096, 3, 1, seg(3, 1), 0),
+            Put::Complete(data.clone())
+        );
         assert_eq!((r.len(), r.bytes()), (0, 0));
+        // Jumbo segments: 4096 bytes in 2.
+        assert_eq!(r.put(5, 4096, 2, 1, seg(2, 1), 0), Put::Held);
+        assert_eq!(
+            r.put(5, 4096, 2, 0, seg(2, 0), 0),
+            Put::Complete(data.clone())
+        );
+        // Fewer segments than SEG_DATA_MAX allows, or more than SEG_DATA
+        // needs, are refused before any buffer is taken.
+        assert_eq!(r.put(6, 4096, 1, 0, &data, 0), Put::Bad);
+        assert_eq!(r.put(6, 4096, 4, 0, &data[..1024], 0), Put::Bad);
+        assert_eq!(r.put(6, 4096, 3, 3, &[], 0), Put::Bad);
+        assert!(r.is_empty());
         // One segment needs no buffer.
         assert_eq!(
-            r.put(2, 512, 0, &data[..512], 0),
+            r.put(2, 512, 1, 0, &data[..512], 0),
             Put::Complete(data[..512].to_vec())
         );
     }
@@ -444,15 +476,22 @@ mod tests {
     #[test]
     fn reassembly_memory_is_bounded_and_expires() {
         let mut r: Reassembly<u64> = Reassembly::new(10_000, 2);
-        let s = [0u8; SEG_DATA];
-        assert_eq!(r.put(1, 8192, 0, &s, 0), Put::Held);
-        assert_eq!(r.put(2, 4096, 0, &s, 5), Put::NoRoom, "budget");
-        assert_eq!(r.put(3, 1500, 0, &s, 5), Put::Held);
-        assert_eq!(r.put(4, 1500, 0, &s, 5), Put::NoRoom, "count");
+        assert_eq!(r.put(1, 8192, 6, 0, &z(8192, 6, 0), 0), Put::Held);
+        assert_eq!(
+            r.put(2, 4096, 3, 0, &z(4096, 3, 0), 5),
+            Put::NoRoom,
+            "budget"
+        );
+        assert_eq!(r.put(3, 1500, 2, 0, &z(1500, 2, 0), 5), Put::Held);
+        assert_eq!(
+            r.put(4, 1500, 2, 0, &z(1500, 2, 0), 5),
+            Put::NoRoom,
+            "count"
+        );
         assert_eq!(r.bytes(), 8192 + 1500);
         assert_eq!(r.expire(1), 1);
         assert_eq!(r.bytes(), 1500);
-        assert_eq!(r.put(2, 4096, 0, &s, 6), Put::Held);
+        assert_eq!(r.put(2, 4096, 3, 0, &z(4096, 3, 0), 6), Put::Held);
     }
 
     #[test]
@@ -460,17 +499,27 @@ mod tests {
         // Keys (owner, id); each owner may hold 2 requests of 10,000 bytes.
         let mut r: Reassembly<(u32, u64)> =
             Reassembly::with_shares(40_000, 8, (10_000, 2), |k| k.0);
-        let s = [0u8; SEG_DATA];
-        assert_eq!(r.put((1, 1), 8192, 0, &s, 0), Put::Held);
-        assert_eq!(r.put((1, 2), 4096, 0, &s, 0), Put::NoRoom, "bytes share");
-        assert_eq!(r.put((1, 3), 1500, 0, &s, 0), Put::Held);
-        assert_eq!(r.put((1, 4), 1500, 0, &s, 0), Put::NoRoom, "count share");
+        let first = |len| z(len, crate::bulk::segments(len), 0);
+        assert_eq!(r.put((1, 1), 8192, 6, 0, &first(8192), 0), Put::Held);
+        assert_eq!(
+            r.put((1, 2), 4096, 3, 0, &first(4096), 0),
+            Put::NoRoom,
+            "bytes share"
+        );
+        assert_eq!(r.put((1, 3), 1500, 2, 0, &first(1500), 0), Put::Held);
+        assert_eq!(
+            r.put((1, 4), 1500, 2, 0, &first(1500), 0),
+            Put::NoRoom,
+            "count share"
+        );
         // Another owner still has its room.
-        assert_eq!(r.put((2, 1), 8192, 0, &s, 0), Put::Held);
+        assert_eq!(r.put((2, 1), 8192, 6, 0, &first(8192), 0), Put::Held);
         assert_eq!(r.owned(1), (8192 + 1500, 2));
         // Freed on completion, expiry and removal.
-        let tail = [0u8; 1500 - SEG_DATA];
-        assert!(matches!(r.put((1, 3), 1500, 1, &tail, 0), Put::Complete(_)));
+        assert!(matches!(
+            r.put((1, 3), 1500, 2, 1, &z(1500, 2, 1), 0),
+            Put::Complete(_)
+        ));
         assert_eq!(r.owned(1), (8192, 1));
         r.remove(&(1, 1));
         assert_eq!(r.owned(1), (0, 0));

@@ -12,7 +12,7 @@
 //! fill ring. The sockets bind in zero-copy mode where the driver supports
 //! it and in copy mode otherwise ([`XskMode`], reported at start).
 //!
-//! UMEM frames are 2048 bytes. Each queue has its own range of frames
+//! UMEM frames are 4096 bytes (a frame of a `bulk::JUMBO_MTU` link fits). Each queue has its own range of frames
 //! circulating through its fill ring ([`Layout`]): a received request is
 //! answered in its own frame and sent from the socket it came in on, and
 //! its completion (on that queue's completion ring) returns it to that
@@ -38,7 +38,7 @@ use crate::worker::stats::WorkerStats;
 use crate::worker::{Transport, Work};
 
 /// Size of one UMEM frame.
-pub const FRAME_SIZE: u32 = 2048;
+pub const FRAME_SIZE: u32 = 4096;
 /// Frames circulating through each queue's fill ring, up to
 /// [`FULL_QUEUES`] queues (see [`Layout::new`]).
 pub const FILL_FRAMES: u32 = 2048;

@@ -20,11 +20,12 @@ use std::time::Instant;
 
 use devplane_devmodels::blockio::{BlockDone, BlockReq};
 use devplane_wire::bulk::{
-    self, BF_PROBE, BlockMsg, BlockOp, BlockStatus, Bulk, KIND_BLOCK_ANSWER, MAX_SEGS, SEG_DATA,
+    self, BF_PROBE, BlockMsg, BlockOp, BlockStatus, Bulk, KIND_BLOCK_ANSWER, MAX_BULK_DATAGRAM,
+    MAX_SEGS, SEG_DATA_MAX,
 };
 use devplane_wire::bulk_state::{BlockWindow, Put, Reassembly, Seen, SegBitmap};
 use devplane_wire::tag::TagKey;
-use devplane_wire::{Header, Kind, MAX_DATAGRAM};
+use devplane_wire::{Header, Kind};
 
 use crate::dispatch::ModelSlot;
 
@@ -79,6 +80,9 @@ pub struct BulkStats {
     pub answers: u64,
     /// Requests refused because a window limit was hit (answered `Busy`).
     pub window_limit: u64,
+    /// Reads asking for answer segments larger than this server's link
+    /// takes (answered `OutOfRange`: the two ends' MTUs disagree).
+    pub too_big: u64,
 }
 
 /// One answer datagram to send.
@@ -88,7 +92,7 @@ pub struct OutDatagram {
     /// Its VM (where that VM's block requests came from).
     pub vm: u32,
     /// The datagram.
-    pub bytes: [u8; MAX_DATAGRAM],
+    pub bytes: [u8; MAX_BULK_DATAGRAM],
     /// Its length.
     pub len: usize,
 }
@@ -99,7 +103,8 @@ struct InFlight {
     client: u32,
     model: u32,
     msg: BlockMsg,
-    /// A read's answer segments to send (all, or those a probe named).
+    /// A read's answer segments (as many as its request named) and those
+    /// to send (all, or those a probe named).
     mask: Option<SegBitmap>,
 }
 
@@ -121,12 +126,16 @@ pub struct BulkEngine {
     done: Vec<BlockDone>,
     epoch: Instant,
     stats: BulkStats,
+    /// Most data bytes per answer datagram this server's link takes.
+    seg_max: usize,
 }
 
 impl BulkEngine {
-    /// An engine for server `server`.
+    /// An engine for server `server`, whose link takes answer datagrams
+    /// of up to [`SEG_DATA_MAX`] data bytes (see [`BulkEngine::set_mtu`]).
     pub fn new(server: u32) -> BulkEngine {
         BulkEngine {
+            seg_max: SEG_DATA_MAX,
             server,
             reasm: Reassembly::with_shares(
                 REASSEMBLY_BUDGET,
@@ -143,6 +152,13 @@ impl BulkEngine {
             epoch: Instant::now(),
             stats: BulkStats::default(),
         }
+    }
+
+    /// The MTU of the server's link: reads asking for answer segments
+    /// larger than it takes are refused (`OutOfRange`, counted in
+    /// `too_big`) rather than sent to be dropped on the way.
+    pub fn set_mtu(&mut self, mtu: usize) {
+        self.seg_max = bulk::seg_max_for_mtu(mtu);
     }
 
     /// Its counters.
@@ -185,7 +201,7 @@ impl BulkEngine {
         let mut o = OutDatagram {
             client,
             vm: msg.vm,
-            bytes: [0u8; MAX_DATAGRAM],
+            bytes: [0u8; MAX_BULK_DATAGRAM],
             len: 0,
         };
         let m = BlockMsg { flags: 0, ..*msg };
@@ -259,7 +275,14 @@ impl BulkEngine {
                 self.stats.duplicates += 1;
                 return;
             }
-            let nseg = bulk::segments(msg.len);
+            // The client named the answer's segments (checked in range by
+            // the parser); this link must take them.
+            let nseg = r.nseg.get();
+            if bulk::seg_size(msg.len, nseg) > self.seg_max {
+                self.stats.too_big += 1;
+                self.status_answer(client, model, &msg, BlockStatus::OutOfRange, key);
+                return;
+            }
             // A probe names the answer segments the client misses.
             let mask = if probe {
                 SegBitmap::from_bytes(nseg, d.data)
@@ -278,9 +301,11 @@ impl BulkEngine {
             Seen::InFlight => {
                 self.stats.duplicates += 1;
                 if probe {
-                    // Everything arrived; the I/O is under way.
-                    let nseg = bulk::segments(msg.len);
-                    self.bitmap_answer(client, model, &msg, SegBitmap::full(nseg), key);
+                    // Everything arrived; the I/O is under way. (The
+                    // probe names no segment count of the write: the
+                    // most it can have, every one held.)
+                    let all = SegBitmap::full(bulk::segments(msg.len));
+                    self.bitmap_answer(client, model, &msg, all, key);
                 }
             }
             Seen::Stale => {
@@ -297,10 +322,14 @@ impl BulkEngine {
             }
             Seen::New if d.op.request_has_data() => {
                 let now = self.now();
-                match self
-                    .reasm
-                    .put((client, vm, id), msg.len, d.seg(), d.data, now)
-                {
+                match self.reasm.put(
+                    (client, vm, id),
+                    msg.len,
+                    r.nseg.get(),
+                    d.seg(),
+                    d.data,
+                    now,
+                ) {
                     Put::Complete(data) => self.start(client, model, msg, None, data, models),
                     Put::Held => {}
                     Put::Duplicate => self.stats.duplicates += 1,
@@ -444,14 +473,15 @@ impl BulkEngine {
             self.answer(f.client, f.model, &msg, (0, 1), &[], key);
             return;
         }
-        let nseg = bulk::segments(msg.len);
-        let mask = f.mask.unwrap_or(SegBitmap::full(nseg));
+        // A read always has its mask: the answer's segments.
+        let mask = f.mask.unwrap_or(SegBitmap::full(bulk::segments(msg.len)));
+        let nseg = mask.nseg();
         for s in 0..nseg {
             if !mask.has(s) {
                 continue;
             }
-            let start = s as usize * SEG_DATA;
-            let end = (start + SEG_DATA).min(c.data.len());
+            let (start, end) = bulk::seg_range(msg.len, nseg, s);
+            let end = end.min(c.data.len());
             let data = c.data.get(start..end).unwrap_or(&[]);
             self.answer(f.client, f.model, &msg, (s, nseg), data, key);
         }
@@ -499,7 +529,25 @@ mod tests {
         seg: u16,
         data: &[u8],
     ) -> Vec<u8> {
-        let mut b = vec![0u8; MAX_DATAGRAM];
+        // Writes' data and reads' answers in segments of a 1500-byte MTU.
+        let nseg = if (op == BlockOp::Write && flags & BF_PROBE == 0) || op == BlockOp::Read {
+            bulk::segments(len)
+        } else {
+            1
+        };
+        req_n(client, op, id, len, flags, (seg, nseg), data)
+    }
+
+    fn req_n(
+        client: u32,
+        op: BlockOp,
+        id: u64,
+        len: u32,
+        flags: u8,
+        (seg, nseg): (u16, u16),
+        data: &[u8],
+    ) -> Vec<u8> {
+        let mut b = vec![0u8; MAX_BULK_DATAGRAM];
         let mut h = Header::new(Kind::Request, 13, 1, client);
         h.kind = bulk::KIND_BLOCK_REQUEST;
         let m = BlockMsg {
@@ -512,11 +560,6 @@ mod tests {
             id,
             sector: 16,
             len,
-        };
-        let nseg = if op == BlockOp::Write && flags & BF_PROBE == 0 {
-            bulk::segments(len)
-        } else {
-            1
         };
         let n = bulk::write(&mut b, h, &m, seg, nseg, data).unwrap();
         b.truncate(n);
@@ -549,8 +592,8 @@ mod tests {
     #[test]
     fn a_client_that_never_finishes_its_writes_does_not_starve_another() {
         let (mut e, mut models, _img) = rig("share");
-        let seg = vec![0xa5u8; SEG_DATA];
         let len = bulk::MAX_BLOCK_LEN;
+        let seg = vec![0xa5u8; bulk::seg_len(len, bulk::segments(len), 0)];
         for id in 1..=(REASSEMBLY_BUDGET / len as usize) as u64 {
             feed(
                 &mut e,
@@ -566,8 +609,7 @@ mod tests {
         assert!(e.stats.no_room > 0);
         let data: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
         for s in 0..bulk::segments(4096) {
-            let a = s as usize * SEG_DATA;
-            let b = (a + SEG_DATA).min(4096);
+            let (a, b) = bulk::seg_range(4096, bulk::segments(4096), s);
             feed(
                 &mut e,
                 &mut models,
@@ -576,13 +618,24 @@ mod tests {
         }
         run(&mut e, &mut models);
         assert_eq!(e.stats.applied, 1, "the other client's write went through");
-        // A segment claiming another length than its request's first.
+        // A segment claiming another length than its request's first,
+        // and one cutting the same length another way.
+        let other = len - 512;
+        let s1 = vec![0u8; bulk::seg_len(other, bulk::segments(other), 1)];
         feed(
             &mut e,
             &mut models,
-            &req_from(66, BlockOp::Write, 1, len - 512, 0, 1, &seg),
+            &req_from(66, BlockOp::Write, 1, other, 0, 1, &s1),
         );
         assert_eq!(e.stats.bad_segments, 1);
+        let n = bulk::segments_of(len, SEG_DATA_MAX);
+        let s1 = vec![0u8; bulk::seg_len(len, n, 1)];
+        feed(
+            &mut e,
+            &mut models,
+            &req_n(66, BlockOp::Write, 1, len, 0, (1, n), &s1),
+        );
+        assert_eq!(e.stats.bad_segments, 2);
     }
 
     #[test]
@@ -592,8 +645,7 @@ mod tests {
         let nseg = bulk::segments(8192);
         let segs: Vec<Vec<u8>> = (0..nseg)
             .map(|s| {
-                let a = s as usize * SEG_DATA;
-                let b = (a + SEG_DATA).min(8192);
+                let (a, b) = bulk::seg_range(8192, nseg, s);
                 req(BlockOp::Write, 100, 8192, 0, s, &data[a..b])
             })
             .collect();
@@ -628,8 +680,8 @@ mod tests {
         let mut back = vec![0u8; 8192];
         for o in &out {
             let a = Bulk::parse(o).unwrap();
-            let at = a.seg() as usize * SEG_DATA;
-            back[at..at + a.data.len()].copy_from_slice(a.data);
+            let (at, end) = bulk::seg_range(8192, nseg, a.seg());
+            back[at..end].copy_from_slice(a.data);
         }
         assert_eq!(back, data);
         // A probe naming segments 1 and 4 as missing gets only those.
@@ -642,14 +694,75 @@ mod tests {
         assert_eq!(segs, vec![1, 4]);
     }
 
+    /// Jumbo segments: a 128 KiB write in 39 datagrams and its read in
+    /// 39 answers; a read asking for segments larger than this server's
+    /// link takes is refused and counted, not sent.
+    #[test]
+    fn jumbo_segments_write_and_read_back_within_the_link() {
+        let (mut e, mut models, _img) = rig("jumbo");
+        let len = 128 << 10;
+        let n = bulk::segments_of(len, SEG_DATA_MAX);
+        assert_eq!(n, 39);
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+        for s in (0..n).rev() {
+            let (a, b) = bulk::seg_range(len, n, s);
+            feed(
+                &mut e,
+                &mut models,
+                &req_n(7, BlockOp::Write, 200, len, 0, (s, n), &data[a..b]),
+            );
+        }
+        let out = run(&mut e, &mut models);
+        assert_eq!(Bulk::parse(&out[0]).unwrap().status, BlockStatus::Ok);
+        assert_eq!(e.stats().applied, 1);
+        feed(
+            &mut e,
+            &mut models,
+            &req_n(7, BlockOp::Read, 201, len, 0, (0, n), &[]),
+        );
+        let out = run(&mut e, &mut models);
+        assert_eq!(out.len(), n as usize);
+        let mut back = vec![0u8; len as usize];
+        for o in &out {
+            assert!(o.len() > devplane_wire::MAX_DATAGRAM && o.len() <= MAX_BULK_DATAGRAM);
+            let a = Bulk::parse(o).unwrap();
+            assert_eq!(a.rec.nseg.get(), n);
+            let (at, end) = bulk::seg_range(len, n, a.seg());
+            back[at..end].copy_from_slice(a.data);
+        }
+        assert_eq!(back, data);
+        // The same read on a server whose link has a 1500-byte MTU.
+        e.set_mtu(1500);
+        feed(
+            &mut e,
+            &mut models,
+            &req_n(7, BlockOp::Read, 202, len, 0, (0, n), &[]),
+        );
+        let out = run(&mut e, &mut models);
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            Bulk::parse(&out[0]).unwrap().status,
+            BlockStatus::OutOfRange
+        );
+        assert_eq!(e.stats().too_big, 1);
+        // In 1500-byte segments it is served.
+        feed(
+            &mut e,
+            &mut models,
+            &req(BlockOp::Read, 203, len, 0, 0, &[]),
+        );
+        assert_eq!(run(&mut e, &mut models).len(), 95);
+    }
+
     #[test]
     fn a_probe_of_a_partial_write_names_the_segments_held() {
         let (mut e, mut models, _img) = rig("p");
         let data = vec![7u8; 4096];
+        let (a, b) = bulk::seg_range(4096, 3, 1);
         feed(
             &mut e,
             &mut models,
-            &req(BlockOp::Write, 5, 4096, 0, 1, &data[SEG_DATA..2 * SEG_DATA]),
+            &req(BlockOp::Write, 5, 4096, 0, 1, &data[a..b]),
         );
         feed(
             &mut e,

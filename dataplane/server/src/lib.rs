@@ -329,7 +329,14 @@ impl Server {
                 )));
             }
         }
-        let dispatchers = build_dispatchers(cfg)?;
+        let mut dispatchers = build_dispatchers(cfg)?;
+        // Block answers are sent as large as the client asks only where
+        // this link takes them.
+        let mtu = xdp_query::mtu(&ifname)
+            .map_err(|e| ServerError::Config(format!("cannot read the MTU of {ifname}: {e}")))?;
+        for d in &mut dispatchers {
+            d.bulk().set_mtu(mtu);
+        }
         let mut program = Program::load(None)?;
         let pins = Some(bpffs::PinDir::create(
             &cfg.server.effective_pin_dir(),

@@ -204,7 +204,7 @@ impl SocketTransport {
         SocketTransport {
             sock,
             admission,
-            buf: vec![0u8; 2048],
+            buf: vec![0u8; devplane_wire::bulk::MAX_BULK_DATAGRAM.next_power_of_two()],
             irq_buf: vec![0u8; devplane_wire::MAX_DATAGRAM],
         }
     }

@@ -55,6 +55,33 @@ pub fn attached(ifname: &str) -> io::Result<Option<Attached>> {
     Ok(Some(Attached { id, name }))
 }
 
+/// The MTU of interface `ifname` (in this network namespace).
+pub fn mtu(ifname: &str) -> io::Result<usize> {
+    if ifname.len() >= libc::IFNAMSIZ || ifname.contains('\0') {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned here alone.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero ifreq is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(ifname.bytes()) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFMTU reads the NUL-terminated name (checked shorter
+    // than IFNAMSIZ, the rest zeros) and writes the MTU into the union.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel filled `ifru_mtu` on success.
+    Ok(unsafe { req.ifr_ifru.ifru_mtu }.max(0) as usize)
+}
+
 fn query_prog_id(index: u32) -> io::Result<Option<u32>> {
     // SAFETY: plain socket(2) call; the result is checked.
     let fd = unsafe {

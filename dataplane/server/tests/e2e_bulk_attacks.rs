@@ -18,9 +18,9 @@ use devplane_testkit::host::{ServerSnapshot, ServerThread};
 use devplane_testkit::privilege::{self, Capability};
 use devplane_testkit::tenants::{self, Tenant};
 use devplane_testkit::topology::{Side, Topology};
-use devplane_wire::bulk::{self, BlockMsg, BlockOp, BlockStatus, Bulk, SEG_DATA};
+use devplane_wire::bulk::{self, BlockMsg, BlockOp, BlockStatus, Bulk, MAX_BULK_DATAGRAM};
 use devplane_wire::maps::Counter;
-use devplane_wire::{Header, Kind, MAX_DATAGRAM};
+use devplane_wire::{Header, Kind};
 
 const PORT: u16 = 7702;
 const SERVER: u32 = 1;
@@ -99,12 +99,13 @@ fn block(
         sector: 8,
         len,
     };
-    let nseg = if op == BlockOp::Write {
+    // Writes' data and reads' answers in segments of a 1500-byte MTU.
+    let nseg = if op == BlockOp::Write || op == BlockOp::Read {
         bulk::segments(len)
     } else {
         1
     };
-    let mut b = vec![0u8; MAX_DATAGRAM];
+    let mut b = vec![0u8; MAX_BULK_DATAGRAM];
     let n = bulk::write(&mut b, h, &m, seg, nseg, data).unwrap();
     b.truncate(n);
     b
@@ -123,8 +124,7 @@ fn call(
     let segs: Vec<Vec<u8>> = if op == BlockOp::Write {
         (0..bulk::segments(len))
             .map(|s| {
-                let a = s as usize * SEG_DATA;
-                let b = (a + SEG_DATA).min(data.len());
+                let (a, b) = bulk::seg_range(len, bulk::segments(len), s);
                 block(VICTIM, DISK, VM, op, id, len, s, &data[a..b])
             })
             .collect()
@@ -140,7 +140,7 @@ fn call(
         }
         let mut got = vec![0u8; len as usize];
         let mut have = std::collections::HashSet::new();
-        let mut buf = [0u8; 2048];
+        let mut buf = [0u8; 4096];
         while let Ok(n) = sock.recv(&mut buf) {
             let Ok(d) = Bulk::parse(&buf[..n]) else {
                 continue;
@@ -151,8 +151,8 @@ fn call(
             if op != BlockOp::Read || d.status != BlockStatus::Ok {
                 return (d.status, Vec::new());
             }
-            let at = d.seg() as usize * SEG_DATA;
-            got[at..at + d.data.len()].copy_from_slice(d.data);
+            let (at, end) = bulk::seg_range(len, d.rec.nseg.get(), d.seg());
+            got[at..end].copy_from_slice(d.data);
             have.insert(d.seg());
             if have.len() == bulk::segments(len) as usize {
                 return (BlockStatus::Ok, got);
@@ -250,8 +250,8 @@ fn attacks(mode: Mode, tag: &str) {
             std::thread::sleep(Duration::from_millis(1));
         }
     };
-    let seg = vec![0x5au8; SEG_DATA];
     let max = bulk::MAX_BLOCK_LEN;
+    let seg = vec![0x5au8; bulk::seg_len(max, bulk::segments(max), 0)];
     // 1. Writes of 1 MiB to its own disk, first segment only, never
     //    finished: 80 MiB asked for, more than the whole budget.
     for id in 1..=80u64 {
@@ -269,15 +269,17 @@ fn attacks(mode: Mode, tag: &str) {
     // 2. Segments contradicting their request: another length than the
     //    first segment's (held: write 1 of 1 MiB is being reassembled).
     for s in 1..=20u16 {
+        let len = max - 512 * u32::from(s);
+        let data = vec![0x5au8; bulk::seg_len(len, bulk::segments(len), s)];
         attack(&block(
             TENANT,
             TENANT_DISK,
             TENANT_VM,
             BlockOp::Write,
             1,
-            max - 512 * u32::from(s),
+            len,
             s,
-            &seg,
+            &data,
         ));
     }
     // 3. Writes and reads to the victim's VM and disk.

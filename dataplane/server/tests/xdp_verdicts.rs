@@ -593,7 +593,7 @@ fn block_request(vm: u32, data: usize) -> Vec<u8> {
         sector: 0,
         len: 4096,
     };
-    let mut buf = vec![0u8; devplane_wire::MAX_DATAGRAM];
+    let mut buf = vec![0u8; bulk::MAX_BULK_DATAGRAM];
     let n = bulk::write(&mut buf, h, &m, 0, 3, &vec![0xab; data]).unwrap();
     buf.truncate(n);
     buf
@@ -613,6 +613,27 @@ fn block_requests_are_steered_and_checked_like_requests() {
         &udp_frame(&flow(), &full),
         XDP_PASS,
         Counter::PassRouted,
+    );
+    // A jumbo segment (a 3500-byte MTU link) is steered the same way;
+    // a byte more than any bulk datagram may be is not.
+    let jumbo = block_request(1, devplane_wire::bulk::SEG_DATA_MAX);
+    assert_eq!(
+        jumbo.len(),
+        devplane_wire::bulk::MAX_BULK_DATAGRAM - devplane_wire::TAG_LEN
+    );
+    h.expect(
+        "a full jumbo block segment",
+        &udp_frame(&flow(), &jumbo),
+        XDP_PASS,
+        Counter::PassRouted,
+    );
+    let mut over = block_request(1, devplane_wire::bulk::SEG_DATA_MAX);
+    over.resize(devplane_wire::bulk::MAX_BULK_DATAGRAM + 1, 0);
+    h.expect(
+        "a block datagram longer than MAX_BULK_DATAGRAM",
+        &udp_frame(&flow(), &over),
+        XDP_DROP,
+        Counter::DropBadCount,
     );
     let empty = block_request(1, 0);
     h.expect(

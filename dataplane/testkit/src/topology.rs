@@ -231,6 +231,8 @@ pub struct Topology {
     owned: [bool; 2],
     /// RX and TX queues of each veth (1: the kernel default).
     queues: u32,
+    /// The veths' MTU (`None`: the kernel's 1500).
+    mtu: Option<u32>,
 }
 
 impl Topology {
@@ -251,6 +253,17 @@ impl Topology {
     /// Like [`Topology::new`], with `queues` RX and TX queues on each veth
     /// (`numrxqueues` / `numtxqueues`, 1 to 64).
     pub fn with_queues(tag: &str, queues: u32) -> Result<Topology, TopologyError> {
+        Topology::build(tag, queues, None)
+    }
+
+    /// Like [`Topology::new`], with the MTU of both veth ends set to `mtu`
+    /// (jumbo frames: `devplane_wire::bulk::JUMBO_MTU` is the most a veth
+    /// with a single-buffer XDP program takes).
+    pub fn with_mtu(tag: &str, mtu: u32) -> Result<Topology, TopologyError> {
+        Topology::build(tag, 1, Some(mtu))
+    }
+
+    fn build(tag: &str, queues: u32, mtu: Option<u32>) -> Result<Topology, TopologyError> {
         static SWEEP: std::sync::Once = std::sync::Once::new();
         SWEEP.call_once(sweep_stale);
         let pid = std::process::id();
@@ -258,6 +271,7 @@ impl Topology {
             let n = COUNTER.fetch_add(1, Ordering::Relaxed);
             let mut topo = Topology::named(tag, pid, n);
             topo.queues = queues.clamp(1, 64);
+            topo.mtu = mtu;
             match topo.setup() {
                 Ok(()) => return Ok(topo),
                 // A namespace left behind under this name: try the next.
@@ -302,6 +316,7 @@ impl Topology {
             mac: [mac(1), mac(2)],
             owned: [false, false],
             queues: 1,
+            mtu: None,
         }
     }
 
@@ -335,6 +350,10 @@ impl Topology {
                     source,
                 })?;
             let addr = format!("{}/{PREFIX_LEN}", self.ip(side));
+            if let Some(mtu) = self.mtu {
+                let mtu = mtu.to_string();
+                run("ip", ["-n", ns, "link", "set", "dev", dev, "mtu", &mtu])?;
+            }
             run("ip", ["-n", ns, "addr", "add", &addr, "dev", dev])?;
             run("ip", ["-n", ns, "link", "set", "dev", "lo", "up"])?;
             run("ip", ["-n", ns, "link", "set", "dev", dev, "up"])?;

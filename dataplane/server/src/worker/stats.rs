@@ -146,6 +146,8 @@ pub struct WorkerStats {
     pub bulk_window_limit: AtomicU64,
     /// Block requests to a model that is no disk.
     pub bulk_unsupported: AtomicU64,
+    /// Block reads asking for answer segments larger than this link takes.
+    pub bulk_too_big: AtomicU64,
     /// Interrupts raised by this worker's models.
     pub irqs_raised: AtomicU64,
     /// Interrupt datagrams sent.
@@ -232,6 +234,8 @@ pub struct WorkerSnapshot {
     pub bulk_window_limit: u64,
     /// See [`WorkerStats::bulk_unsupported`].
     pub bulk_unsupported: u64,
+    /// See [`WorkerStats::bulk_too_big`].
+    pub bulk_too_big: u64,
     /// See [`WorkerStats::irqs_raised`].
     pub irqs_raised: u64,
     /// See [`WorkerStats::irqs_sent`].
@@ -300,6 +304,7 @@ impl WorkerSnapshot {
             ("bulk_stale", self.bulk_stale),
             ("bulk_window_limit", self.bulk_window_limit),
             ("bulk_unsupported", self.bulk_unsupported),
+            ("bulk_too_big", self.bulk_too_big),
             ("stale", self.stale),
             ("foreign_vm", self.foreign_vm),
             ("bad_tag", self.bad_tag),
@@ -363,6 +368,7 @@ impl WorkerStats {
         self.bulk_stale.store(b.stale, r);
         self.bulk_window_limit.store(b.window_limit, r);
         self.bulk_unsupported.store(b.unsupported, r);
+        self.bulk_too_big.store(b.too_big, r);
     }
 
     /// Adds `n` to a counter.
@@ -403,6 +409,7 @@ impl WorkerStats {
             bulk_stale: self.bulk_stale.load(r),
             bulk_window_limit: self.bulk_window_limit.load(r),
             bulk_unsupported: self.bulk_unsupported.load(r),
+            bulk_too_big: self.bulk_too_big.load(r),
             irqs_raised: self.irqs_raised.load(r),
             irqs_sent: self.irqs_sent.load(r),
             irqs_held: self.irqs_held.load(r),

@@ -34,11 +34,11 @@ use std::time::{Duration, Instant};
 
 use devplane_wire::bulk::{
     self, BF_PROBE, BF_RETRANSMIT, BlockMsg, BlockOp, BlockStatus, Bulk, KIND_BLOCK_REQUEST,
-    MAX_SEGS, SEG_DATA,
+    MAX_BULK_DATAGRAM, MAX_SEGS, SEG_DATA,
 };
 use devplane_wire::bulk_state::SegBitmap;
 use devplane_wire::tag::{self, KeyRing};
-use devplane_wire::{Header, Kind, MAX_DATAGRAM};
+use devplane_wire::{Header, Kind};
 
 use crate::engine::{KeyWatch, LiveKeys};
 
@@ -164,6 +164,8 @@ struct Pending {
     msg: BlockMsg,
     /// A write's data, or a read's buffer.
     data: Vec<u8>,
+    /// Segments of a write's data or of a read's answer (1 for others).
+    nseg: u16,
     /// A read's answer segments received.
     have: SegBitmap,
     first: Instant,
@@ -187,6 +189,10 @@ pub struct BulkClient {
     on_wire: usize,
     rtt: RttEstimator,
     give_up: Duration,
+    /// Most data bytes per datagram, either way: [`SEG_DATA`] on a
+    /// 1500-byte MTU, up to [`bulk::SEG_DATA_MAX`] on a jumbo link
+    /// ([`BulkClient::set_mtu`]).
+    seg_max: usize,
 }
 
 /// Sends datagrams (the socket, or a test's vector).
@@ -210,7 +216,21 @@ impl BulkClient {
             on_wire: 0,
             rtt: RttEstimator::default(),
             give_up,
+            seg_max: SEG_DATA,
         }
+    }
+
+    /// The MTU of the link to the server: writes go, and reads are asked
+    /// to come back, in segments as large as it takes (see
+    /// [`devplane_wire::bulk`], *Jumbo frames*). Requests already
+    /// submitted keep their segments.
+    pub fn set_mtu(&mut self, mtu: usize) {
+        self.seg_max = bulk::seg_max_for_mtu(mtu);
+    }
+
+    /// Most data bytes per datagram.
+    pub fn seg_max(&self) -> usize {
+        self.seg_max
     }
 
     /// Seals and verifies with `keys` from now on, following every
@@ -265,14 +285,19 @@ impl BulkClient {
         } else {
             data
         };
-        let nseg = bulk::segments(if op == BlockOp::Read { len } else { 0 });
+        let nseg = if op == BlockOp::Read || op.request_has_data() {
+            bulk::segments_for(len, self.seg_max)
+        } else {
+            1
+        };
         self.pending.insert(
             id,
             Pending {
                 token,
                 msg,
                 data: buf,
-                have: SegBitmap::new(nseg),
+                nseg,
+                have: SegBitmap::new(if op == BlockOp::Read { nseg } else { 1 }),
                 first: now,
                 deadline: now,
                 rto: RTO_MIN,
@@ -340,7 +365,7 @@ impl BulkClient {
     }
 
     fn emit(&self, msg: &BlockMsg, seg: u16, nseg: u16, data: &[u8], out: &mut dyn Outbox) {
-        let mut buf = [0u8; MAX_DATAGRAM];
+        let mut buf = [0u8; MAX_BULK_DATAGRAM];
         let Some(mut len) = bulk::write(&mut buf, self.header(), msg, seg, nseg, data) else {
             return;
         };
@@ -360,19 +385,18 @@ impl BulkClient {
         };
         let msg = BlockMsg { flags, ..p.msg };
         if p.msg.op.request_has_data() {
-            let nseg = bulk::segments(p.msg.len);
-            for s in 0..nseg {
-                self.emit_seg(p, &msg, s, nseg, out);
+            for s in 0..p.nseg {
+                self.emit_seg(p, &msg, s, out);
             }
         } else {
-            self.emit(&msg, 0, 1, &[], out);
+            // A read names its answer's segments; others have none.
+            self.emit(&msg, 0, p.nseg, &[], out);
         }
     }
 
-    fn emit_seg(&self, p: &Pending, msg: &BlockMsg, s: u16, nseg: u16, out: &mut dyn Outbox) {
-        let a = s as usize * SEG_DATA;
-        let b = (a + SEG_DATA).min(p.data.len());
-        self.emit(msg, s, nseg, p.data.get(a..b).unwrap_or(&[]), out);
+    fn emit_seg(&self, p: &Pending, msg: &BlockMsg, s: u16, out: &mut dyn Outbox) {
+        let (a, b) = bulk::seg_range(p.msg.len, p.nseg, s);
+        self.emit(msg, s, p.nseg, p.data.get(a..b).unwrap_or(&[]), out);
     }
 
     fn finish(&mut self, id: u64, status: BlockStatus, now: Instant) -> Option<Completion> {
@@ -428,11 +452,13 @@ impl BulkClient {
         match d.status {
             BlockStatus::Ok if d.op == BlockOp::Read => {
                 let s = d.seg();
-                if d.rec.len.get() != p.msg.len || p.have.has(s) {
+                if d.rec.len.get() != p.msg.len || d.rec.nseg.get() != p.nseg || p.have.has(s) {
                     return false;
                 }
-                let a = s as usize * SEG_DATA;
-                let Some(dst) = p.data.get_mut(a..a + d.data.len()) else {
+                // The parser checked the data's length against (len,
+                // nseg, seg).
+                let (a, b) = bulk::seg_range(p.msg.len, p.nseg, s);
+                let Some(dst) = p.data.get_mut(a..b) else {
                     return false;
                 };
                 dst.copy_from_slice(d.data);
@@ -446,8 +472,7 @@ impl BulkClient {
             }
             BlockStatus::Partial => {
                 // The server holds these segments of a write: send the rest.
-                let nseg = bulk::segments(p.msg.len);
-                let have = SegBitmap::from_bytes(nseg, d.data);
+                let have = SegBitmap::from_bytes(p.nseg, d.data);
                 p.deadline = now + p.rto;
                 let msg = BlockMsg {
                     flags: BF_RETRANSMIT,
@@ -455,7 +480,7 @@ impl BulkClient {
                 };
                 let p = &self.pending[&id];
                 for s in have.missing() {
-                    self.emit_seg(p, &msg, s, nseg, out);
+                    self.emit_seg(p, &msg, s, out);
                 }
             }
             BlockStatus::Busy => {
@@ -510,8 +535,7 @@ impl BulkClient {
             p.rto = (p.rto * 2).min(RTO_MAX);
             p.deadline = now + p.rto;
             let p = &self.pending[&id];
-            let nseg_w = bulk::segments(p.msg.len);
-            if p.msg.op.request_has_data() && nseg_w > 1 {
+            if p.msg.op.request_has_data() && p.nseg > 1 {
                 let probe = BlockMsg {
                     flags: BF_PROBE | BF_RETRANSMIT,
                     ..p.msg
@@ -528,7 +552,7 @@ impl BulkClient {
                     flags: BF_PROBE | BF_RETRANSMIT,
                     ..p.msg
                 };
-                self.emit(&probe, 0, 1, &bytes[..n], out);
+                self.emit(&probe, 0, p.nseg, &bytes[..n], out);
             } else {
                 self.send_all(id, BF_RETRANSMIT, out);
             }
@@ -710,6 +734,25 @@ impl Drop for SockOut<'_> {
     }
 }
 
+/// The MTU of the route of the connected `sock` (`IP_MTU`), if known.
+fn route_mtu(sock: &UdpSocket) -> Option<usize> {
+    use std::os::fd::AsRawFd;
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `mtu`, which
+    // lives for the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU,
+            &mut mtu as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (rc == 0 && mtu > 0).then_some(mtu as usize)
+}
+
 /// Whether a send error says GSO cannot be used here (rather than a full
 /// buffer or an unreachable peer, which lose the batch like the network).
 fn gso_refused(e: &std::io::Error) -> bool {
@@ -778,6 +821,11 @@ impl BulkDisk {
         sock.connect(cfg.server)?;
         sock.set_nonblocking(true)?;
         let mut client = BulkClient::new(cfg.ids, cfg.keys, cfg.give_up);
+        // Segments as large as the route to the server takes (its
+        // device's MTU: jumbo frames where the link has them).
+        if let Some(mtu) = route_mtu(&sock) {
+            client.set_mtu(mtu);
+        }
         if let Some(k) = cfg.live_keys {
             client.follow_keys(k);
         }
@@ -865,7 +913,7 @@ fn wait_readable(sock: &UdpSocket, timeout: Duration) {
 }
 
 fn io_loop(s: &Shared, spin: Duration, mut on_complete: OnComplete) {
-    let mut buf = [0u8; 2048];
+    let mut buf = [0u8; MAX_BULK_DATAGRAM.next_power_of_two()];
     let mut done = Vec::new();
     let mut last_activity = Instant::now();
     let stats = &s.stats;
@@ -975,26 +1023,28 @@ mod tests {
         let at = (m.sector * 512) as usize;
         let mut out = Vec::new();
         let mut put = |msg: &BlockMsg, seg, nseg, data: &[u8]| {
-            let mut b = vec![0u8; MAX_DATAGRAM];
+            let mut b = vec![0u8; MAX_BULK_DATAGRAM];
             let n = bulk::write(&mut b, h, msg, seg, nseg, data).unwrap();
             b.truncate(n);
             out.push(b);
         };
         match d.op {
             BlockOp::Read => {
-                let nseg = bulk::segments(m.len);
+                // In as many segments as the request names.
+                let nseg = d.rec.nseg.get();
                 for s in 0..nseg {
-                    let a = at + s as usize * SEG_DATA;
-                    let b = (a + SEG_DATA).min(at + m.len as usize);
-                    put(&m, s, nseg, &disk[a..b]);
+                    let (a, b) = bulk::seg_range(m.len, nseg, s);
+                    put(&m, s, nseg, &disk[at + a..at + b]);
                 }
             }
             BlockOp::Write => {
                 let buf = partial
                     .entry(d.id())
                     .or_insert_with(|| vec![0; m.len as usize]);
-                let a = d.seg() as usize * SEG_DATA;
-                buf[a..a + d.data.len()].copy_from_slice(d.data);
+                if d.rec.flags & BF_PROBE == 0 {
+                    let (a, b) = bulk::seg_range(m.len, d.rec.nseg.get(), d.seg());
+                    buf[a..b].copy_from_slice(d.data);
+                }
                 if d.seg() + 1 == d.rec.nseg.get() {
                     disk[at..at + m.len as usize].copy_from_slice(buf);
                     put(&m, 0, 1, &[]);
@@ -1005,16 +1055,26 @@ mod tests {
         out
     }
 
+    /// On a 1500-byte MTU (95 datagrams a way for 128 KiB) and on a
+    /// jumbo link (39): every datagram within the link's MTU.
     #[test]
     fn writes_and_reads_round_trip_out_of_order() {
+        for (mtu, segs) in [(1500, 95), (bulk::JUMBO_MTU, 39)] {
+            round_trip_at(mtu, segs);
+        }
+    }
+
+    fn round_trip_at(mtu: usize, segs: usize) {
         let mut c = BulkClient::new(IDS, None, Duration::from_secs(10));
+        c.set_mtu(mtu);
         let mut disk = vec![0u8; 1 << 20];
         let mut partial = HashMap::new();
         let now = Instant::now();
         let mut w = Wire::default();
         let data: Vec<u8> = (0..131072u32).map(|i| (i % 253) as u8).collect();
         c.submit(1, BlockOp::Write, 8, 131072, data.clone(), now, &mut w);
-        assert_eq!(w.0.len(), bulk::segments(131072) as usize);
+        assert_eq!(w.0.len(), segs);
+        assert!(w.0.iter().all(|d| d.len() + 28 <= mtu));
         let mut done = Vec::new();
         for req in std::mem::take(&mut w.0) {
             for a in serve(&mut disk, &mut partial, &req) {
@@ -1029,6 +1089,8 @@ mod tests {
             .flat_map(|r| serve(&mut disk, &mut partial, r))
             .collect();
         answers.reverse();
+        assert_eq!(answers.len(), segs);
+        assert!(answers.iter().all(|d| d.len() + 28 <= mtu));
         for a in &answers {
             c.on_datagram(a, now, &mut w, &mut done);
         }
@@ -1067,7 +1129,7 @@ mod tests {
             sector: 0,
             len: 8192,
         };
-        let mut b = vec![0u8; MAX_DATAGRAM];
+        let mut b = vec![0u8; MAX_BULK_DATAGRAM];
         let n = bulk::write(&mut b, h, &m, 0, 1, &[0b10_0101]).unwrap();
         assert!(c.on_datagram(&b[..n], t1, &mut w, &mut done));
         let segs: Vec<u16> = w.0.iter().map(|d| Bulk::parse(d).unwrap().seg()).collect();
