@@ -280,10 +280,11 @@ pub const fn seg_max_for_mtu(mtu: usize) -> usize {
 
 /// Whether `len` bytes may travel in `nseg` segments: at least as many as
 /// segments of [`SEG_DATA_MAX`] need, at most as many as segments of
-/// [`SEG_DATA`] (so that every segment carries data, and a bitmap of
-/// them fits [`MAX_SEGS`]).
+/// [`SEG_DATA`] (so that every segment carries data when there is any,
+/// and a bitmap of them fits [`MAX_SEGS`]); `len` at most
+/// [`MAX_BLOCK_LEN`].
 pub const fn nseg_ok(len: u32, nseg: u16) -> bool {
-    nseg >= segments_of(len, SEG_DATA_MAX) && nseg <= segments(len)
+    len <= MAX_BLOCK_LEN && nseg >= segments_of(len, SEG_DATA_MAX) && nseg <= segments(len)
 }
 
 /// Bytes of every segment but the last when `len` bytes travel in `nseg`
@@ -638,7 +639,10 @@ mod tests {
         assert!(!nseg_ok(len, 38) && nseg_ok(len, 39) && nseg_ok(len, 95) && !nseg_ok(len, 96));
         // Every valid count covers the data exactly, no segment empty or
         // over SEG_DATA_MAX, for every length up to 1 MiB in steps.
-        for len in (0..=MAX_BLOCK_LEN).step_by(509).chain([MAX_BLOCK_LEN]) {
+        for len in (0..=MAX_BLOCK_LEN)
+            .step_by(4093)
+            .chain([1, 1392, 1393, MAX_BLOCK_LEN])
+        {
             for nseg in segments_of(len, SEG_DATA_MAX)..=segments(len) {
                 let mut at = 0;
                 for s in 0..nseg {

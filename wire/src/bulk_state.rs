@@ -129,7 +129,7 @@ impl Partial {
     pub fn put(&mut self, seg: u16, bytes: &[u8], now: u64) -> bool {
         let len = self.data.len() as u32;
         let nseg = self.have.nseg();
-        if bytes.len() != seg_len(len, nseg, seg) || self.have.has(seg) {
+        if seg >= nseg || bytes.len() != seg_len(len, nseg, seg) || self.have.has(seg) {
             return false;
         }
         let (start, end) = seg_range(len, nseg, seg);

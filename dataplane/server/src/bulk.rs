@@ -46,7 +46,10 @@ pub const MAX_CLIENT_PARTIALS: usize = MAX_PARTIALS / 4;
 pub const MAX_BULK_WINDOWS: usize = 4096;
 /// A write whose segments stop arriving for this long is dropped.
 pub const REASSEMBLY_TIMEOUT_NS: u64 = 5_000_000_000;
-/// Answer datagrams queued at most (beyond, reads wait to be answered).
+/// Answer datagrams queued at most (beyond, completions wait on their
+/// disks). A read's answer segments are counted here but made one at a
+/// time as they go out ([`BulkEngine::front`]): what waits is the data
+/// read, once, not a datagram buffer per segment.
 pub const MAX_OUT: usize = 16_384;
 
 /// Counters of a worker's bulk engine.
@@ -85,16 +88,47 @@ pub struct BulkStats {
     pub too_big: u64,
 }
 
-/// One answer datagram to send.
-pub struct OutDatagram {
+/// The next answer datagram to send ([`BulkEngine::front`]).
+pub struct OutDatagram<'a> {
     /// The client it goes to.
     pub client: u32,
     /// Its VM (where that VM's block requests came from).
     pub vm: u32,
     /// The datagram.
-    pub bytes: [u8; MAX_BULK_DATAGRAM],
-    /// Its length.
-    pub len: usize,
+    pub bytes: &'a [u8],
+}
+
+/// An answer waiting to be sent.
+enum Queued {
+    /// One datagram, made (a status or a bitmap: small).
+    Ready {
+        client: u32,
+        vm: u32,
+        bytes: Vec<u8>,
+    },
+    /// A read's data, its segments in `mask` made one by one from
+    /// segment `next` on.
+    Read(ReadOut),
+}
+
+struct ReadOut {
+    client: u32,
+    model: u32,
+    msg: BlockMsg,
+    data: Vec<u8>,
+    mask: SegBitmap,
+    next: u16,
+    key: Option<TagKey>,
+}
+
+impl ReadOut {
+    /// Moves `next` to the first segment still to send, if any.
+    fn advance(&mut self) -> bool {
+        while self.next < self.mask.nseg() && !self.mask.has(self.next) {
+            self.next += 1;
+        }
+        self.next < self.mask.nseg()
+    }
 }
 
 /// A request submitted to a disk.
@@ -122,7 +156,13 @@ pub struct BulkEngine {
     inflight: HashMap<u64, InFlight>,
     waiting: VecDeque<Waiting>,
     next_tag: u64,
-    out: VecDeque<OutDatagram>,
+    out: VecDeque<Queued>,
+    /// Answer datagrams in `out` (a read's segments counted one by one).
+    out_datagrams: usize,
+    /// The datagram [`BulkEngine::front`] made of a read's segment, and
+    /// whether it is the front's current one.
+    scratch: Box<[u8; MAX_BULK_DATAGRAM]>,
+    scratch_len: Option<usize>,
     done: Vec<BlockDone>,
     epoch: Instant,
     stats: BulkStats,
@@ -148,6 +188,9 @@ impl BulkEngine {
             waiting: VecDeque::new(),
             next_tag: 1,
             out: VecDeque::new(),
+            out_datagrams: 0,
+            scratch: Box::new([0u8; MAX_BULK_DATAGRAM]),
+            scratch_len: None,
             done: Vec::new(),
             epoch: Instant::now(),
             stats: BulkStats::default(),
@@ -172,14 +215,81 @@ impl BulkEngine {
         !self.inflight.is_empty() || !self.out.is_empty() || !self.reasm.is_empty()
     }
 
-    /// The next answer datagram to send.
-    pub fn front(&self) -> Option<&OutDatagram> {
-        self.out.front()
+    /// The next answer datagram to send (a read's next segment is made
+    /// now, sealed, into a buffer of the engine's).
+    pub fn front(&mut self) -> Option<OutDatagram<'_>> {
+        // Settle the front first: drop reads whose segments all went,
+        // make the current segment of a read.
+        loop {
+            let server = self.server;
+            let Queued::Read(r) = self.out.front_mut()? else {
+                break;
+            };
+            if !r.advance() {
+                self.out.pop_front();
+                self.scratch_len = None;
+                continue;
+            }
+            if self.scratch_len.is_some() {
+                break;
+            }
+            let nseg = r.mask.nseg();
+            let (a, b) = bulk::seg_range(r.msg.len, nseg, r.next);
+            let data = r.data.get(a..b.min(r.data.len())).unwrap_or(&[]);
+            let made = make_answer(
+                &mut self.scratch[..],
+                server,
+                r.model,
+                r.client,
+                &r.msg,
+                (r.next, nseg),
+                data,
+                r.key.as_ref(),
+            );
+            match made {
+                Some(n) => {
+                    self.stats.answers += 1;
+                    self.scratch_len = Some(n);
+                    break;
+                }
+                None => {
+                    // Cannot happen (segments fit by construction): skip
+                    // the segment rather than stall.
+                    r.next += 1;
+                    self.out_datagrams = self.out_datagrams.saturating_sub(1);
+                }
+            }
+        }
+        match self.out.front()? {
+            Queued::Ready { client, vm, bytes } => Some(OutDatagram {
+                client: *client,
+                vm: *vm,
+                bytes,
+            }),
+            Queued::Read(r) => Some(OutDatagram {
+                client: r.client,
+                vm: r.msg.vm,
+                bytes: &self.scratch[..self.scratch_len.unwrap_or(0)],
+            }),
+        }
     }
 
-    /// The front answer was sent.
+    /// The front answer was sent (or given up).
     pub fn pop(&mut self) {
-        self.out.pop_front();
+        self.scratch_len = None;
+        self.out_datagrams = self.out_datagrams.saturating_sub(1);
+        match self.out.front_mut() {
+            Some(Queued::Read(r)) => {
+                r.next += 1;
+                if !r.advance() {
+                    self.out.pop_front();
+                }
+            }
+            Some(Queued::Ready { .. }) => {
+                self.out.pop_front();
+            }
+            None => {}
+        }
     }
 
     fn now(&self) -> u64 {
@@ -192,31 +302,23 @@ impl BulkEngine {
         client: u32,
         model: u32,
         msg: &BlockMsg,
-        (seg, nseg): (u16, u16),
+        seg: (u16, u16),
         data: &[u8],
         key: Option<&TagKey>,
     ) {
-        let mut h = Header::new(Kind::Response, model, self.server, client);
-        h.kind = KIND_BLOCK_ANSWER;
-        let mut o = OutDatagram {
-            client,
-            vm: msg.vm,
-            bytes: [0u8; MAX_BULK_DATAGRAM],
-            len: 0,
-        };
-        let m = BlockMsg { flags: 0, ..*msg };
-        let Some(len) = bulk::write(&mut o.bytes, h, &m, seg, nseg, data) else {
+        let mut bytes = vec![0u8; bulk::MIN_BULK + data.len() + devplane_wire::TAG_LEN];
+        let Some(n) = make_answer(&mut bytes, self.server, model, client, msg, seg, data, key)
+        else {
             return;
         };
-        o.len = match key {
-            Some(k) => match devplane_wire::tag::seal(&mut o.bytes, len, k) {
-                Some(n) => n,
-                None => return,
-            },
-            None => len,
-        };
+        bytes.truncate(n);
         self.stats.answers += 1;
-        self.out.push_back(o);
+        self.out_datagrams += 1;
+        self.out.push_back(Queued::Ready {
+            client,
+            vm: msg.vm,
+            bytes,
+        });
     }
 
     fn status_answer(
@@ -432,7 +534,7 @@ impl BulkEngine {
             let cut = now.saturating_sub(REASSEMBLY_TIMEOUT_NS);
             self.stats.expired += self.reasm.expire(cut) as u64;
         }
-        if self.inflight.is_empty() || self.out.len() >= MAX_OUT {
+        if self.inflight.is_empty() || self.out_datagrams >= MAX_OUT {
             return;
         }
         let mut done = std::mem::take(&mut self.done);
@@ -475,16 +577,41 @@ impl BulkEngine {
         }
         // A read always has its mask: the answer's segments.
         let mask = f.mask.unwrap_or(SegBitmap::full(bulk::segments(msg.len)));
-        let nseg = mask.nseg();
-        for s in 0..nseg {
-            if !mask.has(s) {
-                continue;
-            }
-            let (start, end) = bulk::seg_range(msg.len, nseg, s);
-            let end = end.min(c.data.len());
-            let data = c.data.get(start..end).unwrap_or(&[]);
-            self.answer(f.client, f.model, &msg, (s, nseg), data, key);
-        }
+        // Its segments are made as they go out (`front`).
+        self.out_datagrams += mask.held() as usize;
+        self.out.push_back(Queued::Read(ReadOut {
+            client: f.client,
+            model: f.model,
+            msg,
+            data: c.data,
+            mask,
+            next: 0,
+            key: key.cloned(),
+        }));
+    }
+}
+
+/// Writes answer datagram `seg` (of `nseg`) of `msg`'s request, from
+/// `server` and `model` to `client`, with `data`, sealed with `key`, into
+/// `buf`; its length.
+#[allow(clippy::too_many_arguments)]
+fn make_answer(
+    buf: &mut [u8],
+    server: u32,
+    model: u32,
+    client: u32,
+    msg: &BlockMsg,
+    (seg, nseg): (u16, u16),
+    data: &[u8],
+    key: Option<&TagKey>,
+) -> Option<usize> {
+    let mut h = Header::new(Kind::Response, model, server, client);
+    h.kind = KIND_BLOCK_ANSWER;
+    let m = BlockMsg { flags: 0, ..*msg };
+    let len = bulk::write(buf, h, &m, seg, nseg, data)?;
+    match key {
+        Some(k) => devplane_wire::tag::seal(buf, len, k),
+        None => Some(len),
     }
 }
 
@@ -574,7 +701,7 @@ mod tests {
         }
         let mut out = Vec::new();
         while let Some(o) = e.front() {
-            out.push(o.bytes[..o.len].to_vec());
+            out.push(o.bytes.to_vec());
             e.pop();
         }
         out

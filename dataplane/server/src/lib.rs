@@ -185,6 +185,20 @@ pub struct Server {
     handover_parts: HashMap<u32, String>,
 }
 
+/// The MTU of `ifname`, for the bulk engines (with a warning below
+/// 1500: bulk datagrams are 1472 bytes at least there, and fragment).
+fn link_mtu(ifname: &str) -> Result<usize, ServerError> {
+    let mtu = xdp_query::mtu(ifname)
+        .map_err(|e| ServerError::Config(format!("cannot read the MTU of {ifname}: {e}")))?;
+    if mtu < 1500 {
+        eprintln!(
+            "devplane: {ifname} has an MTU of {mtu}: block datagrams take 1500 \
+             (smaller links fragment them, and XDP cannot steer fragments)"
+        );
+    }
+    Ok(mtu)
+}
+
 fn build_dispatchers(cfg: &ServerConfig) -> Result<Vec<Dispatcher>, ServerError> {
     let owners = dispatch::Owners {
         by_vm: vm_clients(cfg),
@@ -301,7 +315,17 @@ impl Server {
             check_clients: cfg.server.check_clients,
         });
         server.admission = Some(admission.clone());
-        server.spawn_workers(cfg, sockets, build_dispatchers(cfg)?, move |sock, w| {
+        // Bound to every address, the socket has no one link: answers
+        // keep to a 1500-byte MTU unless `server.interface` names it.
+        let mtu = match &cfg.server.interface {
+            Some(ifname) => link_mtu(ifname)?,
+            None => 1500,
+        };
+        let mut dispatchers = build_dispatchers(cfg)?;
+        for d in &mut dispatchers {
+            d.bulk().set_mtu(mtu);
+        }
+        server.spawn_workers(cfg, sockets, dispatchers, move |sock, w| {
             worker::run(SocketTransport::new(sock, admission.clone()), w)
         })?;
         Ok(server)
@@ -332,8 +356,7 @@ impl Server {
         let mut dispatchers = build_dispatchers(cfg)?;
         // Block answers are sent as large as the client asks only where
         // this link takes them.
-        let mtu = xdp_query::mtu(&ifname)
-            .map_err(|e| ServerError::Config(format!("cannot read the MTU of {ifname}: {e}")))?;
+        let mtu = link_mtu(&ifname)?;
         for d in &mut dispatchers {
             d.bulk().set_mtu(mtu);
         }

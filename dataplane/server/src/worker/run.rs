@@ -92,7 +92,7 @@ fn send_bulk<T: Transport>(io: &mut T, w: &mut Worker, bulk_peers: &Peers<T::Pee
     let bulk = w.disp.bulk();
     while let Some(o) = bulk.front() {
         if let Some(to) = bulk_peers.get_vm(o.client, o.vm) {
-            if !io.queue_datagram(*to, &o.bytes[..o.len], stats) {
+            if !io.queue_datagram(*to, o.bytes, stats) {
                 break;
             }
         }

@@ -193,6 +193,9 @@ pub struct BulkClient {
     /// 1500-byte MTU, up to [`bulk::SEG_DATA_MAX`] on a jumbo link
     /// ([`BulkClient::set_mtu`]).
     seg_max: usize,
+    /// Requests cut again for a 1500-byte MTU (the server's link took
+    /// less than this one's: see [`BulkClient::recut`]).
+    recut: u64,
 }
 
 /// Sends datagrams (the socket, or a test's vector).
@@ -217,7 +220,16 @@ impl BulkClient {
             rtt: RttEstimator::default(),
             give_up,
             seg_max: SEG_DATA,
+            recut: 0,
         }
+    }
+
+    /// Requests cut again in 1392-byte segments because the server's
+    /// link did not take larger ones: a read answered `OutOfRange` for
+    /// its segments (then every later request too), a write of which the
+    /// server held nothing after it was sent again.
+    pub fn recut(&self) -> u64 {
+        self.recut
     }
 
     /// The MTU of the link to the server: writes go, and reads are asked
@@ -343,8 +355,8 @@ impl BulkClient {
     /// The timeout of request `p`, sent now behind `self.bytes_on_wire`
     /// (its own included).
     fn rto_for(&self, p: &Pending) -> Duration {
-        let segs = self.bytes_on_wire.div_ceil(SEG_DATA).max(1);
-        let segs = (segs as u32).max(bulk::segments(p.msg.len) as u32);
+        let segs = self.bytes_on_wire.div_ceil(self.seg_max).max(1);
+        let segs = (segs as u32).max(u32::from(p.nseg));
         self.rtt.rto(PER_SEG * segs)
     }
 
@@ -474,6 +486,16 @@ impl BulkClient {
                 // The server holds these segments of a write: send the rest.
                 let have = SegBitmap::from_bytes(p.nseg, d.data);
                 p.deadline = now + p.rto;
+                if have.held() == 0 && p.resent && p.nseg < bulk::segments(p.msg.len) {
+                    // None of its large segments arrived, sent again:
+                    // perhaps the server's link takes less than ours.
+                    // Cut it again for a 1500-byte MTU (the server holds
+                    // nothing of it, so a new count is safe).
+                    p.nseg = bulk::segments(p.msg.len);
+                    self.recut += 1;
+                    self.send_all(id, BF_RETRANSMIT, out);
+                    return true;
+                }
                 let msg = BlockMsg {
                     flags: BF_RETRANSMIT,
                     ..p.msg
@@ -485,6 +507,19 @@ impl BulkClient {
             }
             BlockStatus::Busy => {
                 p.deadline = now + p.rto;
+            }
+            BlockStatus::OutOfRange
+                if d.op == BlockOp::Read && p.nseg < bulk::segments(p.msg.len) =>
+            {
+                // The server's link does not take answer segments this
+                // large (the two ends' MTUs disagree): ask again in those
+                // of a 1500-byte MTU, and use those from now on.
+                p.nseg = bulk::segments(p.msg.len);
+                p.have = SegBitmap::new(p.nseg);
+                p.deadline = now + p.rto;
+                self.seg_max = SEG_DATA;
+                self.recut += 1;
+                self.send_all(id, BF_RETRANSMIT, out);
             }
             status => {
                 done.extend(self.finish(id, status, now));
@@ -1139,6 +1174,128 @@ mod tests {
         c.on_timer(t2, &mut w, &mut done);
         assert_eq!(done.len(), 1);
         assert_eq!(done[0].status, BlockStatus::IoError);
+    }
+
+    /// A status or bitmap answer to request `id` (no data).
+    fn status(op: BlockOp, id: u64, len: u32, status: BlockStatus, bitmap: &[u8]) -> Vec<u8> {
+        let mut h = Header::new(Kind::Response, 13, 1, 7);
+        h.kind = bulk::KIND_BLOCK_ANSWER;
+        let m = BlockMsg {
+            op,
+            status,
+            flags: 0,
+            queue: 0,
+            vm: 3,
+            hypervisor: 1,
+            id,
+            sector: 0,
+            len,
+        };
+        let mut b = vec![0u8; MAX_BULK_DATAGRAM];
+        let n = bulk::write(&mut b, h, &m, 0, 1, bitmap).unwrap();
+        b.truncate(n);
+        b
+    }
+
+    /// On a jumbo link a read's probe names its answer's 39 segments and
+    /// the bitmap of those missing.
+    #[test]
+    fn a_read_probe_names_the_missing_jumbo_segments() {
+        let mut c = BulkClient::new(IDS, None, Duration::from_secs(10));
+        c.set_mtu(bulk::JUMBO_MTU);
+        let mut disk = vec![3u8; 1 << 20];
+        let mut w = Wire::default();
+        let mut done = Vec::new();
+        let now = Instant::now();
+        c.submit(1, BlockOp::Read, 0, 128 << 10, vec![], now, &mut w);
+        let all = answers(&mut disk, &mut w);
+        assert_eq!(all.len(), 39);
+        for a in &all {
+            let seg = Bulk::parse(a).unwrap().seg();
+            if seg != 3 && seg != 20 {
+                assert!(c.on_datagram(a, now, &mut w, &mut done));
+            }
+        }
+        let t = now + RTO_MAX;
+        assert_eq!(c.on_timer(t, &mut w, &mut done), 1);
+        let probe = std::mem::take(&mut w.0).remove(0);
+        let p = Bulk::parse(&probe).unwrap();
+        assert_ne!(p.rec.flags & BF_PROBE, 0);
+        assert_eq!(p.rec.nseg.get(), 39);
+        let missing = SegBitmap::from_bytes(39, p.data);
+        assert_eq!(missing.missing().count(), 37);
+        assert!(missing.has(3) && missing.has(20));
+        for a in all
+            .iter()
+            .filter(|a| matches!(Bulk::parse(a).unwrap().seg(), 3 | 20))
+        {
+            assert!(c.on_datagram(a, t, &mut w, &mut done));
+        }
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].data, vec![3u8; 128 << 10]);
+    }
+
+    /// A client on a jumbo link whose server's link takes 1500 bytes: a
+    /// read answered `OutOfRange` for its segments is asked again in 95
+    /// and later requests are cut for 1500 too; a write of which the
+    /// server held nothing after a resend is cut again.
+    #[test]
+    fn a_server_whose_link_takes_less_gets_1500_byte_segments() {
+        let mut c = BulkClient::new(IDS, None, Duration::from_secs(10));
+        c.set_mtu(bulk::JUMBO_MTU);
+        let mut w = Wire::default();
+        let mut done = Vec::new();
+        let now = Instant::now();
+        // A write: its 39 jumbo segments never arrive; the probe does.
+        c.submit(
+            1,
+            BlockOp::Write,
+            0,
+            128 << 10,
+            vec![9; 128 << 10],
+            now,
+            &mut w,
+        );
+        assert_eq!(std::mem::take(&mut w.0).len(), 39);
+        let t = now + RTO_MAX;
+        c.on_timer(t, &mut w, &mut done);
+        let probe = Bulk::parse(&std::mem::take(&mut w.0)[0]).unwrap().id();
+        let none = status(
+            BlockOp::Write,
+            probe,
+            128 << 10,
+            BlockStatus::Partial,
+            &[0; 5],
+        );
+        assert!(c.on_datagram(&none, t, &mut w, &mut done));
+        let again: Vec<Bulk<'_>> = w.0.iter().map(|d| Bulk::parse(d).unwrap()).collect();
+        assert_eq!(again.len(), 95, "cut again for a 1500-byte MTU");
+        assert!(again.iter().all(|d| d.rec.nseg.get() == 95));
+        assert_eq!(c.recut(), 1);
+        w.0.clear();
+        // A read answered OutOfRange for its 39 segments.
+        c.submit(2, BlockOp::Read, 0, 128 << 10, vec![], t, &mut w);
+        let sent = std::mem::take(&mut w.0);
+        let r = Bulk::parse(&sent[0]).unwrap();
+        assert_eq!(r.rec.nseg.get(), 39);
+        let id = r.id();
+        let oor = status(BlockOp::Read, id, 128 << 10, BlockStatus::OutOfRange, &[]);
+        assert!(c.on_datagram(&oor, t, &mut w, &mut done));
+        assert!(done.is_empty(), "not failed: asked again");
+        let sent = std::mem::take(&mut w.0);
+        let r = Bulk::parse(&sent[0]).unwrap();
+        assert_eq!((r.id(), r.rec.nseg.get()), (id, 95));
+        assert_eq!((c.recut(), c.seg_max()), (2, SEG_DATA));
+        // Later requests use 1500-byte segments.
+        c.submit(3, BlockOp::Read, 0, 4096, vec![], t, &mut w);
+        let reqs = std::mem::take(&mut w.0);
+        assert_eq!(Bulk::parse(&reqs[0]).unwrap().rec.nseg.get(), 3);
+        // A real out-of-range read (already in 1500-byte segments) fails.
+        let id3 = Bulk::parse(&reqs[0]).unwrap().id();
+        let oor = status(BlockOp::Read, id3, 4096, BlockStatus::OutOfRange, &[]);
+        assert!(c.on_datagram(&oor, t, &mut w, &mut done));
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].status, BlockStatus::OutOfRange);
     }
 
     #[test]
