@@ -231,8 +231,8 @@ pub struct Topology {
     owned: [bool; 2],
     /// RX and TX queues of each veth (1: the kernel default).
     queues: u32,
-    /// The veths' MTU (`None`: the kernel's 1500).
-    mtu: Option<u32>,
+    /// The veths' MTUs, client's then server's (`None`: the kernel's 1500).
+    mtu: Option<[u32; 2]>,
 }
 
 impl Topology {
@@ -260,10 +260,17 @@ impl Topology {
     /// (jumbo frames: `devplane_wire::bulk::JUMBO_MTU` is the most a veth
     /// with a single-buffer XDP program takes).
     pub fn with_mtu(tag: &str, mtu: u32) -> Result<Topology, TopologyError> {
-        Topology::build(tag, 1, Some(mtu))
+        Topology::build(tag, 1, Some([mtu, mtu]))
     }
 
-    fn build(tag: &str, queues: u32, mtu: Option<u32>) -> Result<Topology, TopologyError> {
+    /// Like [`Topology::new`], with the client's veth end at MTU `client`
+    /// and the server's at `server` (a link whose two ends disagree, as a
+    /// misconfigured one does).
+    pub fn with_mtus(tag: &str, client: u32, server: u32) -> Result<Topology, TopologyError> {
+        Topology::build(tag, 1, Some([client, server]))
+    }
+
+    fn build(tag: &str, queues: u32, mtu: Option<[u32; 2]>) -> Result<Topology, TopologyError> {
         static SWEEP: std::sync::Once = std::sync::Once::new();
         SWEEP.call_once(sweep_stale);
         let pid = std::process::id();
@@ -351,7 +358,7 @@ impl Topology {
                 })?;
             let addr = format!("{}/{PREFIX_LEN}", self.ip(side));
             if let Some(mtu) = self.mtu {
-                let mtu = mtu.to_string();
+                let mtu = mtu[side.index()].to_string();
                 run("ip", ["-n", ns, "link", "set", "dev", dev, "mtu", &mtu])?;
             }
             run("ip", ["-n", ns, "addr", "add", &addr, "dev", dev])?;

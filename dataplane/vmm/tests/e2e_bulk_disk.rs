@@ -791,3 +791,44 @@ fn e2e_bulk_disk_jumbo() {
     drop(g);
     server.stop();
 }
+
+/// A link whose ends disagree: the client's veth at the jumbo MTU, the
+/// server's at 1500. The client's jumbo segments are dropped on the way
+/// and the server refuses reads in segments its link does not carry; the
+/// client cuts its requests again for 1500 (after one timeout for a
+/// write) and the guest's writes and reads complete, data verified,
+/// nothing failed.
+#[test]
+fn e2e_bulk_disk_mtu_mismatch() {
+    let test = "e2e_bulk_disk_mtu_mismatch";
+    if !privilege::require(test, &[Capability::Root, Capability::Bpf]) {
+        return;
+    }
+    let topo = match Topology::with_mtus("bkm", devplane_wire::bulk::JUMBO_MTU as u32, 1500) {
+        Ok(t) => t,
+        Err(e) => {
+            privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
+            return;
+        }
+    };
+    let disk = TempFile(std::env::temp_dir().join(format!("dp-bulkm-{}.img", std::process::id())));
+    let server = ServerThread::spawn(server_config(&topo, &disk.0), Some(topo.server_netns()))
+        .expect("server starts");
+    let mut g = Guest::new(&topo, Loss::default());
+    // A write first (its jumbo segments lost, cut again), then reads.
+    write_flush_read(&mut g, 0, 128 << 10, 4, 900);
+    write_flush_read(&mut g, 4096, 4096, 8, 910);
+    let s = g.dev.bulk_stats().unwrap();
+    let (resent, errors) = (
+        s.resent.load(Ordering::Relaxed),
+        s.errors.load(Ordering::Relaxed),
+    );
+    drop(g);
+    let snap = server.snapshot();
+    let too_big: u64 = snap.workers.iter().map(|w| w.bulk_too_big).sum();
+    println!("mismatched MTUs: {resent} sent again, {too_big} reads refused as too big");
+    assert_eq!(errors, 0, "no request failed");
+    assert!(resent > 0, "the jumbo write was lost and sent again");
+    assert!(too_big > 0, "the server refused the reads in jumbo segments");
+    server.stop();
+}
