@@ -707,6 +707,17 @@ mod tests {
         out
     }
 
+    /// The data of a read's answer datagrams `out`, put back together.
+    fn read_back(out: &[Vec<u8>], len: u32) -> Vec<u8> {
+        let mut back = vec![0u8; len as usize];
+        for o in out {
+            let a = Bulk::parse(o).unwrap();
+            let (at, end) = bulk::seg_range(len, a.rec.nseg.get(), a.seg());
+            back[at..end].copy_from_slice(a.data);
+        }
+        back
+    }
+
     fn feed(e: &mut BulkEngine, models: &mut HashMap<u32, ModelSlot>, b: &[u8]) {
         let d = Bulk::parse(b).unwrap();
         e.handle(&d, models, None);
@@ -804,13 +815,7 @@ mod tests {
         );
         let out = run(&mut e, &mut models);
         assert_eq!(out.len(), nseg as usize);
-        let mut back = vec![0u8; 8192];
-        for o in &out {
-            let a = Bulk::parse(o).unwrap();
-            let (at, end) = bulk::seg_range(8192, nseg, a.seg());
-            back[at..end].copy_from_slice(a.data);
-        }
-        assert_eq!(back, data);
+        assert_eq!(read_back(&out, 8192), data);
         // A probe naming segments 1 and 4 as missing gets only those.
         let probe = req(BlockOp::Read, 101, 8192, BF_PROBE, 0, &[0b1_0010]);
         feed(&mut e, &mut models, &probe);
@@ -849,15 +854,11 @@ mod tests {
         );
         let out = run(&mut e, &mut models);
         assert_eq!(out.len(), n as usize);
-        let mut back = vec![0u8; len as usize];
         for o in &out {
             assert!(o.len() > devplane_wire::MAX_DATAGRAM && o.len() <= MAX_BULK_DATAGRAM);
-            let a = Bulk::parse(o).unwrap();
-            assert_eq!(a.rec.nseg.get(), n);
-            let (at, end) = bulk::seg_range(len, n, a.seg());
-            back[at..end].copy_from_slice(a.data);
+            assert_eq!(Bulk::parse(o).unwrap().rec.nseg.get(), n);
         }
-        assert_eq!(back, data);
+        assert_eq!(read_back(&out, len), data);
         // The same read on a server whose link has a 1500-byte MTU.
         e.set_mtu(1500);
         feed(

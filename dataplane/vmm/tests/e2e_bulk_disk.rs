@@ -24,7 +24,7 @@ use devplane_devmodels::blockstore::{CTRL_BASE, CTRL_CAPACITY};
 use devplane_testkit::host::ServerThread;
 use devplane_testkit::keys;
 use devplane_testkit::privilege::{self, Capability};
-use devplane_testkit::topology::{Side, Topology};
+use devplane_testkit::topology::{Side, Topology, TopologyError};
 use devplane_vmm::engine::{LiveKeys, Loss};
 use devplane_vmm::kvm::{IrqLine, KvmError, Trigger};
 use devplane_vmm::virtio::VirtioError;
@@ -579,22 +579,34 @@ fn hostile_ring(g: &mut Guest) {
     write_flush_read(g, 41_000, 4096, 8, 4000);
 }
 
-#[test]
-fn e2e_bulk_disk() {
-    let test = "e2e_bulk_disk";
+/// The topology `build` makes and a server on it whose blockstore's
+/// image is a fresh file named after `test`; `None` when the test cannot
+/// run here (skipped, or failed where privileged tests are required).
+fn rig(
+    test: &str,
+    build: impl FnOnce() -> Result<Topology, TopologyError>,
+) -> Option<(Topology, TempFile, ServerThread)> {
     if !privilege::require(test, &[Capability::Root, Capability::Bpf]) {
-        return;
+        return None;
     }
-    let topo = match Topology::new("bk") {
+    let topo = match build() {
         Ok(t) => t,
         Err(e) => {
             privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
-            return;
+            return None;
         }
     };
-    let disk = TempFile(std::env::temp_dir().join(format!("dp-bulk-{}.img", std::process::id())));
+    let disk = TempFile(std::env::temp_dir().join(format!("dp-{test}-{}.img", std::process::id())));
     let server = ServerThread::spawn(server_config(&topo, &disk.0), Some(topo.server_netns()))
         .expect("server starts");
+    Some((topo, disk, server))
+}
+
+#[test]
+fn e2e_bulk_disk() {
+    let Some((topo, disk, server)) = rig("e2e_bulk_disk", || Topology::new("bk")) else {
+        return;
+    };
 
     // 4 KiB blocks at queue depth 32 and 128 KiB blocks at depth 16.
     let mut g = Guest::new(&topo, Loss::default());
@@ -731,20 +743,10 @@ fn e2e_bulk_disk() {
 /// server reads its link's MTU too: it refuses none of these reads.
 #[test]
 fn e2e_bulk_disk_jumbo() {
-    let test = "e2e_bulk_disk_jumbo";
-    if !privilege::require(test, &[Capability::Root, Capability::Bpf]) {
+    let jumbo = || Topology::with_mtu("bkj", devplane_wire::bulk::JUMBO_MTU as u32);
+    let Some((topo, disk, server)) = rig("e2e_bulk_disk_jumbo", jumbo) else {
         return;
-    }
-    let topo = match Topology::with_mtu("bkj", devplane_wire::bulk::JUMBO_MTU as u32) {
-        Ok(t) => t,
-        Err(e) => {
-            privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
-            return;
-        }
     };
-    let disk = TempFile(std::env::temp_dir().join(format!("dp-bulkj-{}.img", std::process::id())));
-    let server = ServerThread::spawn(server_config(&topo, &disk.0), Some(topo.server_netns()))
-        .expect("server starts");
     let applied =
         |s: &ServerThread| -> u64 { s.snapshot().workers.iter().map(|w| w.bulk_applied).sum() };
 
@@ -800,20 +802,10 @@ fn e2e_bulk_disk_jumbo() {
 /// nothing failed.
 #[test]
 fn e2e_bulk_disk_mtu_mismatch() {
-    let test = "e2e_bulk_disk_mtu_mismatch";
-    if !privilege::require(test, &[Capability::Root, Capability::Bpf]) {
+    let mismatched = || Topology::with_mtus("bkm", devplane_wire::bulk::JUMBO_MTU as u32, 1500);
+    let Some((topo, _disk, server)) = rig("e2e_bulk_disk_mtu_mismatch", mismatched) else {
         return;
-    }
-    let topo = match Topology::with_mtus("bkm", devplane_wire::bulk::JUMBO_MTU as u32, 1500) {
-        Ok(t) => t,
-        Err(e) => {
-            privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
-            return;
-        }
     };
-    let disk = TempFile(std::env::temp_dir().join(format!("dp-bulkm-{}.img", std::process::id())));
-    let server = ServerThread::spawn(server_config(&topo, &disk.0), Some(topo.server_netns()))
-        .expect("server starts");
     let mut g = Guest::new(&topo, Loss::default());
     // A write first (its jumbo segments lost, cut again), then reads.
     write_flush_read(&mut g, 0, 128 << 10, 4, 900);
@@ -829,6 +821,9 @@ fn e2e_bulk_disk_mtu_mismatch() {
     println!("mismatched MTUs: {resent} sent again, {too_big} reads refused as too big");
     assert_eq!(errors, 0, "no request failed");
     assert!(resent > 0, "the jumbo write was lost and sent again");
-    assert!(too_big > 0, "the server refused the reads in jumbo segments");
+    assert!(
+        too_big > 0,
+        "the server refused the reads in jumbo segments"
+    );
     server.stop();
 }
