@@ -28,8 +28,9 @@
 #   minimal/kernel-version  its source package's version and fragment hash
 # Nothing here is committed: everything comes from Debian's archive (`apt-get
 # download`, unpacked with `dpkg-deb -x`, and the linux-source-6.1 package).
-# The minimal kernel's build tree stays in minimal-build/, so that a changed
-# fragment rebuilds only what it changes.
+# The minimal kernel's build tree (minimal-build/, ~1.5 GB) is removed once
+# the kernel is copied out; DEVPLANE_GUEST_KEEP_BUILD=1 keeps it, so that a
+# changed fragment rebuilds only what it changes.
 #
 # Idempotent and quick when done: the Debian files are rebuilt only when
 # the kernel package Debian names, busybox's version, guest/init or this
@@ -73,8 +74,9 @@ fi
 MODINFO="$(command -v modinfo || echo /sbin/modinfo)"
 
 # The minimal kernel: Linux from Debian's linux-source-6.1, `make
-# tinyconfig` plus guest/linux.config, built in $MIN_BUILD (kept, so that a
-# rebuild is incremental) and copied to $OUT/minimal/vmlinux.
+# tinyconfig` plus guest/linux.config, built in $MIN_BUILD (removed after
+# the build unless DEVPLANE_GUEST_KEEP_BUILD=1) and copied to
+# $OUT/minimal/vmlinux.
 MIN_FRAGMENT="$ROOT/guest/linux.config"
 MIN_OUT="$OUT/minimal"
 MIN_BUILD="$OUT/minimal-build"
@@ -174,6 +176,10 @@ minimal_kernel() {
         "$(sha256sum "$MIN_FRAGMENT" | cut -c1-12)" >"$MIN_OUT/kernel-version"
     printf '%s\n' "$want_min" >"$stamp"
     say "minimal kernel: $MIN_OUT/vmlinux ($(cat "$MIN_OUT/kernel-version"))"
+    if [[ "${DEVPLANE_GUEST_KEEP_BUILD:-0}" != 1 ]]; then
+        rm -rf "$MIN_BUILD"
+        say "removed the build tree $MIN_BUILD (DEVPLANE_GUEST_KEEP_BUILD=1 keeps it)"
+    fi
 }
 
 # The kernel package linux-image-amd64 depends on, e.g. linux-image-6.1.0-56-amd64.
