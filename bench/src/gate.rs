@@ -30,21 +30,25 @@ pub const GATE_SUITE: [&str; 6] = [
 ];
 
 /// The limits `dpbench gate` judges with, chosen from the run-to-run
-/// noise of [`GATE_SUITE`] on the development machine (docs/ARCHITECTURE.md,
-/// "The gate"): server rows on p99; client rows on p50, and on p99 only
-/// against a doubling, since one run in eight had its `remote-pio` p99
-/// ratio 38% above the median.
-/// The load sweep's light loads, whose round trip is still near the
-/// unloaded one, are judged at p50 (their ratio is over the unloaded round
-/// trip of the same run); the loads near and past saturation, whose tails
-/// are queueing, are not: their p50 stayed within 2.4% of its median over
-/// the eight runs of the 2026-12-07 baseline ([`applicable`] leaves them
-/// out of a baseline without such rows).
-pub const GATE_LIMITS: [&str; 5] = [
+/// noise of [`GATE_SUITE`] on the development machine and from how far
+/// another host moved the same code's ratios (docs/ARCHITECTURE.md, "The
+/// gate"): server rows on p99; client rows on p50 with 20% (a host of
+/// 2026-12-07 put `exit-udp-floor`, a row with no devplane code in it,
+/// 12% over the baseline in every run), and on p99 only against a
+/// doubling, since one run in eight had its `remote-pio` p99 ratio 38%
+/// above the median.
+/// The load sweep is judged at half the worker's saturation, at p50 (its
+/// ratio is over the unloaded round trip of the same run). Not at 10%: on
+/// that host a raw UDP echo's p50 went from 4.5 us back to back to 8.1 us
+/// with its datagrams 66 us apart (the `echo-10%` row), and `offered-10%`
+/// rose with it from 1.04-1.12x to 1.41-1.56x `unloaded`, with the same
+/// binary. The loads near and past saturation, whose tails are queueing,
+/// are not judged ([`applicable`] leaves a limit out of a baseline
+/// without its rows).
+pub const GATE_LIMITS: [&str; 4] = [
     "server/*:p99=20%",
-    "client/*:p50=10%",
+    "client/*:p50=20%",
     "client/*:p99=50%",
-    "load/offered-10%:p50=20%",
     "load/offered-50%:p50=20%",
 ];
 
@@ -688,20 +692,20 @@ mod tests {
         let (base, run) = real();
         let (kept, notes) = applicable(&base, gate_limits());
         assert_eq!(kept.len(), 3, "{kept:?}");
-        assert_eq!(notes.len(), 2, "{notes:?}");
-        assert!(notes[0].contains("load/offered-10%:p50=20%"), "{notes:?}");
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("load/offered-50%:p50=20%"), "{notes:?}");
         assert!(!compare(&base, &run, &kept).unwrap().failed());
         assert!(compare(&base, &run, &gate_limits()).is_err());
         // A baseline with the row judges it.
         let mut with = base.clone();
         let mut row = with.rows[1].clone();
-        row.key = "load/offered-10%".into();
+        row.key = "load/offered-50%".into();
         row.floor = Some(GateFloor {
             name: "load/unloaded".into(),
         });
         with.rows.push(row);
         let (kept, notes) = applicable(&with, gate_limits());
-        assert_eq!((kept.len(), notes.len()), (4, 1));
+        assert_eq!((kept.len(), notes.len()), (4, 0));
     }
 
     /// The committed baseline, whatever runs it was recorded from, parses,
@@ -776,9 +780,10 @@ mod tests {
         assert!(!compare(&base, &run, &p99(10.0)).unwrap().failed());
     }
 
-    /// What CI's gate catches: a 30% worse p99 on the server rows, a 30%
-    /// (even 15%) worse p50 on the client rows, a doubled client p99; and
-    /// what it lets through as noise: the client's p99 30% worse.
+    /// What CI's gate catches: a 30% worse p99 on the server rows, a 25%
+    /// worse p50 on the client rows, a doubled client p99; and what it
+    /// lets through as noise: the client's p99 30% worse, its p50 12% worse
+    /// (what another host did to the same code's ratios).
     #[test]
     fn the_ci_gate_catches_regressions_beyond_the_noise() {
         let failed = |prefix: &str, metric: &str, factor: f64| {
@@ -787,7 +792,8 @@ mod tests {
         };
         assert!(failed("server/", "p99", 1.3));
         assert!(failed("client/", "p50", 1.3));
-        assert!(failed("client/", "p50", 1.15));
+        assert!(failed("client/", "p50", 1.25));
+        assert!(!failed("client/", "p50", 1.12));
         assert!(failed("client/", "p99", 2.0));
         assert!(!failed("client/", "p99", 1.3));
         assert!(!failed("server/", "p50", 2.0), "server p50 is not judged");

@@ -187,10 +187,27 @@ pub fn run(plan: Plan, notes: &mut Vec<String>) -> Result<Vec<Row>> {
         ServerThread::spawn(cfg, Some(topo.server_netns())).context("starting the XDP server")?;
     let res = sweep(&topo, to, plan, notes);
     srv.stop();
-    res
+    let (mut rows, lightest) = res?;
+    if let Some(l) = lightest {
+        echo_rows(&topo, plan, &l, &mut rows, notes)?;
+    }
+    Ok(rows)
 }
 
-fn sweep(topo: &Topology, to: SocketAddr, plan: Plan, notes: &mut Vec<String>) -> Result<Vec<Row>> {
+/// The lightest offered load of a sweep: its name, its datagram rate,
+/// and the unloaded round trip's p50 (for the echo's note).
+struct Lightest {
+    name: String,
+    dg_rate: u64,
+    unloaded_p50: u64,
+}
+
+fn sweep(
+    topo: &Topology,
+    to: SocketAddr,
+    plan: Plan,
+    notes: &mut Vec<String>,
+) -> Result<(Vec<Row>, Option<Lightest>)> {
     let Plan {
         iters,
         rate,
@@ -221,6 +238,7 @@ fn sweep(topo: &Topology, to: SocketAddr, plan: Plan, notes: &mut Vec<String>) -
     };
     let mut next_seq = 1 + u64::from(warmup + iters) * k;
     let unloaded_p99 = unloaded.summary().p99;
+    let unloaded_p50 = unloaded.summary().p50;
     let floor = Floor::of(format!("{SCENARIO}/unloaded"), &unloaded);
     let mut rows = vec![
         Row::rate(SCENARIO, "saturation", saturation).with_knobs([
@@ -243,6 +261,13 @@ fn sweep(topo: &Topology, to: SocketAddr, plan: Plan, notes: &mut Vec<String>) -
             })
             .collect(),
     };
+    // The lightest point's schedule, for the echo measured after the
+    // server stops (see `echo_rows`).
+    let lightest = points.first().map(|(name, records_per_s, _)| Lightest {
+        name: name.clone(),
+        dg_rate: (records_per_s / k).max(1),
+        unloaded_p50,
+    });
     let mut measured = Vec::new();
     for (name, records_per_s, pct) in points {
         let dg_rate = (records_per_s / k).max(1);
@@ -316,12 +341,138 @@ fn sweep(topo: &Topology, to: SocketAddr, plan: Plan, notes: &mut Vec<String>) -
         ),
     });
     rows.push(knee_row);
-    Ok(rows)
+    Ok((rows, lightest))
+}
+
+/// The host's own cost of gaps between datagrams: a raw UDP echo of
+/// datagrams of the same size, closed loop and then on the schedule of
+/// the lightest offered load. Measured with the server stopped: the echo
+/// spins on the worker's core, as the worker did.
+fn echo_rows(
+    topo: &Topology,
+    plan: Plan,
+    l: &Lightest,
+    rows: &mut Vec<Row>,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    let iters = plan.iters.clamp(100, 20_000);
+    let warmup = iters / 10;
+    let Lightest {
+        name,
+        dg_rate,
+        unloaded_p50,
+    } = l;
+    let (name, dg_rate, unloaded_p50) = (name.as_str(), *dg_rate, *unloaded_p50);
+    let n = ((dg_rate as f64 * plan.secs).round() as u64).clamp(10, 2_000_000);
+    progress(format_args!(
+        "load: raw UDP echo, {iters} round trips, then {n} datagrams at {dg_rate}/s"
+    ));
+    let (closed, spaced) = echo_spacing(topo, warmup, iters, n, dg_rate)?;
+    let (c50, s50) = (closed.summary().p50, spaced.lat.summary().p50);
+    notes.push(format!(
+        "load: the host's cost of gaps: a raw UDP echo of the same datagrams has p50 {:.1} us \
+         back to back and {:.1} us ({:.2}x) on the {name} schedule ({:.0} us apart), where the \
+         devplane round trip's unloaded p50 is {:.1} us; a light load's ratio to `unloaded` \
+         carries this (docs/ARCHITECTURE.md, \"The gate\")",
+        c50 as f64 / 1000.0,
+        s50 as f64 / 1000.0,
+        s50 as f64 / c50.max(1) as f64,
+        1e6 / dg_rate as f64,
+        unloaded_p50 as f64 / 1000.0,
+    ));
+    let echo_floor = Floor::of(format!("{SCENARIO}/echo"), &closed);
+    let knobs = [
+        ("datagram_rate", dg_rate.to_string()),
+        ("datagrams_sent", spaced.sent.to_string()),
+        ("lost", spaced.lost().to_string()),
+    ];
+    let spaced_row = Row::latency(
+        SCENARIO,
+        format!("echo-{}", name_suffix(name)),
+        spaced.lat,
+        echo_floor,
+    )
+    .with_knobs(knobs);
+    // After `unloaded`, before the offered loads.
+    let at = rows
+        .iter()
+        .position(|r| r.name == "unloaded")
+        .map_or(rows.len(), |i| i + 1);
+    rows.insert(at, spaced_row);
+    rows.insert(
+        at,
+        Row::floor(SCENARIO, "echo", closed).with_knobs([("round_trips", iters)]),
+    );
+    Ok(())
+}
+
+/// `offered-10%` -> `10%`: the echo row's name follows the point's.
+fn name_suffix(name: &str) -> &str {
+    name.strip_prefix("offered-").unwrap_or(name)
+}
+
+/// A raw busy-polling UDP echo (`server::with_echo`, on the worker's core)
+/// of datagrams the size of a full request: `iters` round trips back to
+/// back, then `n` datagrams at `dg_rate` per second on a fixed schedule,
+/// timed as the offered loads are.
+fn echo_spacing(
+    topo: &Topology,
+    warmup: u32,
+    iters: u32,
+    n: u64,
+    dg_rate: u64,
+) -> Result<(Latency, Point)> {
+    let len = full_request(VM_SWEEP, 1, 0, &mut [0u8; 2048]);
+    let make = move |i: u64, b: &mut [u8]| {
+        b[..len].fill(0);
+        b[..8].copy_from_slice(&i.to_le_bytes());
+        len
+    };
+    let index_of = move |b: &[u8]| match b.get(..8) {
+        Some(i) if b.len() == len => Ok(u64::from_le_bytes(i.try_into().unwrap_or_default())),
+        _ => bail!("an echo of {} bytes (sent {len})", b.len()),
+    };
+    crate::server::with_echo(topo, |to| {
+        let sock = client_socket(topo)?;
+        let closed = on_client(topo, move || {
+            round_trips(&sock, to, warmup, iters, make, |i, b| match index_of(b)? {
+                j if j == i => Ok(()),
+                j => bail!("echo of {j} while waiting for {i}"),
+            })
+        })?;
+        let sock = client_socket(topo)?;
+        // Numbered on from the closed loop's, so that a late echo of those
+        // is not taken for one of these.
+        let first = u64::from(warmup + iters);
+        let spaced = on_client(topo, move || {
+            open_loop_lossy(
+                &sock,
+                to,
+                n,
+                dg_rate,
+                move |i, b| make(first + i, b),
+                move |b| {
+                    index_of(b)?
+                        .checked_sub(first)
+                        .context("an echo from the closed loop")
+                },
+            )
+        })?;
+        Ok((closed, spaced))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The echo row is named after the point whose schedule it keeps.
+    #[test]
+    fn the_echo_row_follows_the_lightest_point() {
+        assert_eq!(name_suffix("offered-10%"), "10%");
+        assert_eq!(name_suffix("offered-250000"), "250000");
+        assert_eq!(name_suffix("other"), "other");
+    }
 
     fn point(answered_ns: &[u64], sent: u64) -> Point {
         let mut lat = Latency::new();
