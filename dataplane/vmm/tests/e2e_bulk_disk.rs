@@ -761,6 +761,13 @@ fn e2e_bulk_disk_jumbo() {
     println!("16 x 128 KiB written, flushed and read back in {n} datagrams");
     assert_eq!(n, 16 * 39 + 1 + 16, "jumbo segments");
     drop(g);
+    // With only block I/O to wait for, the worker gave its core away (to
+    // io_uring's workers doing the writes and the flush).
+    let yields: u64 = server.snapshot().workers.iter().map(|w| w.io_yields).sum();
+    assert!(
+        yields > 0,
+        "the worker never yielded while block I/O was in flight"
+    );
 
     let base = applied(&server);
     let loss = Loss {

@@ -171,6 +171,10 @@ pub struct WorkerStats {
     pub peer_limit: AtomicU64,
     /// Times the worker went to sleep after its spin budget.
     pub sleeps: AtomicU64,
+    /// Turns that received nothing while block I/O was in flight, after
+    /// which the worker yielded its core (to io_uring's workers, which
+    /// run there: see `worker::run`).
+    pub io_yields: AtomicU64,
     /// Socket mode: dropped, device model not served here.
     pub drop_unknown_model: AtomicU64,
     /// Socket mode: dropped, client id not registered.
@@ -254,6 +258,8 @@ pub struct WorkerSnapshot {
     pub peer_limit: u64,
     /// See [`WorkerStats::sleeps`].
     pub sleeps: u64,
+    /// See [`WorkerStats::io_yields`].
+    pub io_yields: u64,
     /// See [`WorkerStats::drop_unknown_model`].
     pub drop_unknown_model: u64,
     /// See [`WorkerStats::drop_unknown_client`].
@@ -320,6 +326,7 @@ impl WorkerSnapshot {
             ("tx_full", self.tx_full),
             ("peer_limit", self.peer_limit),
             ("sleeps", self.sleeps),
+            ("io_yields", self.io_yields),
             ("drop_unknown_model", self.drop_unknown_model),
             ("drop_unknown_client", self.drop_unknown_client),
             ("drop_spoofed", self.drop_spoofed),
@@ -419,6 +426,7 @@ impl WorkerStats {
             tx_full: self.tx_full.load(r),
             peer_limit: self.peer_limit.load(r),
             sleeps: self.sleeps.load(r),
+            io_yields: self.io_yields.load(r),
             drop_unknown_model: self.drop_unknown_model.load(r),
             drop_unknown_client: self.drop_unknown_client.load(r),
             drop_spoofed: self.drop_spoofed.load(r),
