@@ -215,6 +215,12 @@ impl BulkEngine {
         !self.inflight.is_empty() || !self.out.is_empty() || !self.reasm.is_empty()
     }
 
+    /// Whether block requests are submitted to their models' disks and
+    /// not completed (the worker's wait for them is I/O, not network).
+    pub fn io_in_flight(&self) -> bool {
+        !self.inflight.is_empty()
+    }
+
     /// The next answer datagram to send (a read's next segment is made
     /// now, sealed, into a buffer of the engine's).
     pub fn front(&mut self) -> Option<OutDatagram<'_>> {
@@ -721,6 +727,30 @@ mod tests {
     fn feed(e: &mut BulkEngine, models: &mut HashMap<u32, ModelSlot>, b: &[u8]) {
         let d = Bulk::parse(b).unwrap();
         e.handle(&d, models, None);
+    }
+
+    /// A write still being reassembled keeps the engine busy with no I/O
+    /// in flight (the worker does not yield for the network); once whole
+    /// it is I/O in flight until its completion is taken.
+    #[test]
+    fn io_in_flight_is_the_submitted_requests_only() {
+        let (mut e, mut models, _img) = rig("iof");
+        let data = vec![7u8; 8192];
+        let nseg = bulk::segments(8192);
+        let seg = |s: u16| {
+            let (a, b) = bulk::seg_range(8192, nseg, s);
+            req(BlockOp::Write, 5, 8192, 0, s, &data[a..b])
+        };
+        assert!(!e.busy() && !e.io_in_flight());
+        feed(&mut e, &mut models, &seg(0));
+        assert!(e.busy() && !e.io_in_flight());
+        for s in 1..nseg {
+            feed(&mut e, &mut models, &seg(s));
+        }
+        assert!(e.io_in_flight());
+        let out = run(&mut e, &mut models);
+        assert_eq!(out.len(), 1);
+        assert!(!e.io_in_flight() && !e.busy());
     }
 
     /// One client starting 1 MiB writes and never finishing them (one

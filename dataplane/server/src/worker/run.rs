@@ -72,9 +72,9 @@ pub fn run<T: Transport>(mut io: T, mut w: Worker) {
         if got > 0 || bulk_busy {
             w.stats.peer_limit.store(peers.refused(), Ordering::Relaxed);
             backoff.busy();
-            if got == 0 {
-                // Only block I/O to wait for: let the core go to whoever
-                // waits for it. io_uring's workers, which do the
+            if got == 0 && w.disp.bulk().io_in_flight() {
+                // Nothing received, block I/O in flight: let the core go
+                // to whoever waits for it. io_uring's workers, which do the
                 // blockstore's buffered writes (ext4 takes none without
                 // blocking), run on this core (they inherit the worker's
                 // affinity), and a worker spinning on their completions

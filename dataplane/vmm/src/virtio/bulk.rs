@@ -211,7 +211,7 @@ pub trait Outbox {
     fn send_with(&mut self, len: usize, fill: &mut dyn FnMut(&mut [u8]) -> Option<usize>) {
         let mut buf = [0u8; MAX_BULK_DATAGRAM];
         if let Some(n) = fill(&mut buf[..len.min(MAX_BULK_DATAGRAM)]) {
-            self.send(&buf[..n.min(len)]);
+            self.send(&buf[..n.min(len.min(MAX_BULK_DATAGRAM))]);
         }
     }
 }
@@ -799,7 +799,7 @@ impl Outbox for SockOut<'_> {
         if !self.shared.gso.load(Ordering::Relaxed) || len > MAX_BULK_DATAGRAM {
             let mut buf = [0u8; MAX_BULK_DATAGRAM];
             if let Some(n) = fill(&mut buf[..len.min(MAX_BULK_DATAGRAM)]) {
-                self.send(&buf[..n.min(len)]);
+                self.send(&buf[..n.min(len.min(MAX_BULK_DATAGRAM))]);
             }
             return;
         }
