@@ -43,9 +43,8 @@ pub const GATE_SUITE: [&str; 6] = [
 /// with its datagrams 60 us apart (what the `echo-10%` row now measures),
 /// and `offered-10%` rose with it from 1.04-1.12x to 1.41-1.56x
 /// `unloaded` (8 attempts), with the same binary. The loads near and past
-/// saturation, whose tails are queueing,
-/// are not judged ([`applicable`] leaves a limit out of a baseline
-/// without its rows).
+/// saturation, whose tails are queueing, are not judged ([`applicable`]
+/// leaves a limit out of a baseline without its rows).
 pub const GATE_LIMITS: [&str; 4] = [
     "server/*:p99=20%",
     "client/*:p50=20%",

@@ -363,12 +363,7 @@ fn echo_rows(
 ) -> Result<()> {
     let iters = plan.iters.clamp(100, 20_000);
     let warmup = iters / 10;
-    let Lightest {
-        name,
-        dg_rate,
-        unloaded_p50,
-    } = l;
-    let (name, dg_rate, unloaded_p50) = (name.as_str(), *dg_rate, *unloaded_p50);
+    let (name, dg_rate, unloaded_p50) = (l.name.as_str(), l.dg_rate, l.unloaded_p50);
     let n = ((dg_rate as f64 * plan.secs).round() as u64).clamp(10, 2_000_000);
     progress(format_args!(
         "load: raw UDP echo, {iters} round trips, then {n} datagrams at {dg_rate}/s"

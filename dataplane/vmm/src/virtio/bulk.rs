@@ -209,10 +209,21 @@ pub trait Outbox {
     /// which saves a copy of every byte sent: a 128 KiB write's data was
     /// copied once more on the sending core.
     fn send_with(&mut self, len: usize, fill: &mut dyn FnMut(&mut [u8]) -> Option<usize>) {
-        let mut buf = [0u8; MAX_BULK_DATAGRAM];
-        if let Some(n) = fill(&mut buf[..len.min(MAX_BULK_DATAGRAM)]) {
-            self.send(&buf[..n.min(len.min(MAX_BULK_DATAGRAM))]);
-        }
+        send_copied(self, len, fill);
+    }
+}
+
+/// [`Outbox::send_with`] through a buffer of its own and
+/// [`Outbox::send`]: what an outbox without a batch to write into does.
+fn send_copied<O: Outbox + ?Sized>(
+    out: &mut O,
+    len: usize,
+    fill: &mut dyn FnMut(&mut [u8]) -> Option<usize>,
+) {
+    let len = len.min(MAX_BULK_DATAGRAM);
+    let mut buf = [0u8; MAX_BULK_DATAGRAM];
+    if let Some(n) = fill(&mut buf[..len]) {
+        out.send(&buf[..n.min(len)]);
     }
 }
 
@@ -787,6 +798,8 @@ impl Outbox for SockOut<'_> {
             return;
         }
         if !self.shared.gso.load(Ordering::Relaxed) || bytes.len() > MAX_BULK_DATAGRAM {
+            // After what is batched: datagrams leave in the order sent.
+            self.flush();
             let _ = self.sock.send(bytes);
             return;
         }
@@ -797,10 +810,7 @@ impl Outbox for SockOut<'_> {
 
     fn send_with(&mut self, len: usize, fill: &mut dyn FnMut(&mut [u8]) -> Option<usize>) {
         if !self.shared.gso.load(Ordering::Relaxed) || len > MAX_BULK_DATAGRAM {
-            let mut buf = [0u8; MAX_BULK_DATAGRAM];
-            if let Some(n) = fill(&mut buf[..len.min(MAX_BULK_DATAGRAM)]) {
-                self.send(&buf[..n.min(len.min(MAX_BULK_DATAGRAM))]);
-            }
+            send_copied(self, len, fill);
             return;
         }
         // Room for `len` (a datagram written shorter only ends the run
