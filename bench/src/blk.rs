@@ -311,7 +311,7 @@ impl Devplane {
             keys: (!plain).then(|| keys::client_ring(CLIENT)),
             live_keys: None,
             give_up: Duration::from_secs(10),
-            spin: Duration::from_micros(200),
+            spin: Duration::from_micros(crate::rig::knob("DP_BLK_SPIN_US", 200) as u64),
             loss: Default::default(),
         };
         let (m, i) = (mem.clone(), irq.clone());
