@@ -452,6 +452,32 @@ pub struct VmStatus {
     /// last run (the sum of `ended`'s).
     #[serde(default)]
     pub failed: u64,
+    /// Its remote disks' counters (a virtio-blk device whose disk is a
+    /// `blockstore` on a server, in bulk): of the running VM so far, or
+    /// of its last run; empty when it has none or never ran.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskStatus>,
+}
+
+/// The counters of one remote disk of a running VM (its bulk disk), for
+/// `dpctl vms running`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskStatus {
+    /// The virtio-blk device's model id (its `[[vms.devices]]` entry).
+    pub model: u32,
+    /// The `blockstore` model on the server holding the disk.
+    pub store: u32,
+    /// Block requests the guest submitted.
+    pub submitted: u64,
+    /// Of those, completed (answered, or failed).
+    pub completed: u64,
+    /// Of those completed, failed: an error answer, or none within the
+    /// disk's give-up time (an I/O error to the guest).
+    pub errors: u64,
+    /// Datagrams sent again after a timeout.
+    pub resent: u64,
+    /// Answers dropped: malformed, bad tag, unknown or duplicate.
+    pub dropped: u64,
 }
 
 /// A daemon's answer.
@@ -823,6 +849,15 @@ mod tests {
             ended: Vec::new(),
             by_itself: false,
             failed: 0,
+            disks: vec![DiskStatus {
+                model: 7,
+                store: 70,
+                submitted: 12,
+                completed: 11,
+                errors: 1,
+                resent: 3,
+                dropped: 0,
+            }],
         };
         let stopped = VmStatus {
             vm: 4,
@@ -851,6 +886,9 @@ mod tests {
                 },
             ],
             by_itself: true,
+            // A VM without remote disks: the field is left out of its
+            // JSON and read back empty.
+            disks: Vec::new(),
             ..running.clone()
         };
         let rsps = [

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use devplane_control::proto::{Request, Response, VcpuEnd, VmRunState, VmStatus};
+use devplane_control::proto::{DiskStatus, Request, Response, VcpuEnd, VmRunState, VmStatus};
 use serde_json::Value;
 
 /// A unique directory under the system temp dir, removed on drop.
@@ -767,6 +767,20 @@ fn vm_status(vm: u32, running: bool) -> VmStatus {
         },
         by_itself: !running,
         failed: 0,
+        // A running VM's remote disk.
+        disks: if running {
+            vec![DiskStatus {
+                model: 7,
+                store: 70,
+                submitted: 12,
+                completed: 11,
+                errors: 1,
+                resent: 3,
+                dropped: 0,
+            }]
+        } else {
+            Vec::new()
+        },
     }
 }
 
@@ -809,7 +823,9 @@ fn client_daemon_commands() {
             message: "unexpected".into(),
         },
     });
-    let rows = table(&ok(t.path(), &run(&["vms", "running"])));
+    let out = ok(t.path(), &run(&["vms", "running"]));
+    let (vms, disks) = out.split_once("\n\n").expect("a disks table");
+    let rows = table(vms);
     assert_eq!(
         rows[0],
         [
@@ -825,7 +841,24 @@ fn client_daemon_commands() {
     assert_eq!(rows[1][..7], ["1", "2", "stopped", "1", "-", "0", "done"]);
     assert!(rows[1].join(" ").ends_with("done 60000 (by itself)"));
     assert_eq!(rows[2], ["2", "2", "running", "1", "2.5s", "0", "-"]);
+    let rows = table(disks);
+    assert_eq!(
+        rows[0],
+        [
+            "VM",
+            "DISK",
+            "STORE",
+            "SUBMITTED",
+            "COMPLETED",
+            "ERRORS",
+            "RESENT",
+            "DROPPED"
+        ]
+    );
+    assert_eq!(rows[1..], [["2", "7", "70", "12", "11", "1", "3", "0"]]);
     let j = ok_json(t.path(), &run(&["vms", "running"]));
+    assert_eq!(j[1]["disks"][0]["resent"], 3);
+    assert!(j[0].get("disks").is_none(), "VM 1 has no disks");
     assert_eq!(j[0]["vm"], 1);
     assert_eq!(j[0]["ended"][0]["value"], 60000);
     assert_eq!(j[1]["state"], "running");

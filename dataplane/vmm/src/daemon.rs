@@ -124,6 +124,8 @@ struct Slot {
     ended: Vec<VcpuEnd>,
     /// It stopped by itself the last time.
     by_itself: bool,
+    /// Its remote disks' counters when it last stopped.
+    disks: Vec<devplane_control::proto::DiskStatus>,
     /// It stopped by itself and no shutdown has reported it yet.
     unclaimed: bool,
 }
@@ -435,6 +437,11 @@ impl Daemon {
     /// Stops and drops `r`, recording how its vCPUs ended in `slot`.
     fn stop(slot: &mut Slot, mut r: Running) {
         let reports = r.client.wait(Duration::ZERO);
+        // Final once its vCPUs have stopped: nothing more is submitted.
+        slot.disks = match r.client.vm_ids().first() {
+            Some(&vm) => r.client.disks(vm),
+            None => Vec::new(),
+        };
         drop(r.client);
         slot.ended = reports.iter().map(vcpu_end).collect();
         slot.by_itself = !slot.ended.iter().any(|e| e.exit == "stopped");
@@ -608,6 +615,11 @@ impl Daemon {
                 (Some(r), _) => r.client.failed_requests(),
                 (None, Some(s)) => s.ended.iter().map(|e| e.failed).sum(),
                 (None, None) => 0,
+            },
+            disks: match (running, slot) {
+                (Some(r), _) => r.client.disks(vm),
+                (None, Some(s)) => s.disks.clone(),
+                (None, None) => Vec::new(),
             },
         }
     }

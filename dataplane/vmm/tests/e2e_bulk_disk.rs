@@ -754,21 +754,7 @@ fn e2e_bulk_disk_jumbo() {
     let sent = |g: &Guest| g.dev.bulk_stats().unwrap().sent.load(Ordering::Relaxed);
     write_flush_read(&mut g, 0, 4096, 16, 7);
     let before = sent(&g);
-    let deep = |g: &Guest| {
-        g.dev
-            .bulk_stats()
-            .unwrap()
-            .deep_sleeps
-            .load(Ordering::Relaxed)
-    };
-    let deep_before = deep(&g);
     write_flush_read(&mut g, 8192, 128 << 10, 16, 700);
-    // With 16 requests in flight the disk's I/O thread slept for its
-    // answers: it spins only at a queue depth of one.
-    assert!(
-        deep(&g) > deep_before,
-        "the I/O thread never slept with requests in flight"
-    );
     // 16 writes of 39 segments, a flush, 16 reads: nothing more without
     // loss (95 segments a write on a 1500-byte MTU).
     let n = sent(&g) - before;

@@ -995,3 +995,143 @@ fn keys_rotate_under_traffic_through_dpctl() {
     assert_eq!(bad, 2, "the retired key's and the forged request");
     server.stop();
 }
+
+/// A VM launched through `dpctl` with a virtio-blk device whose disk is a
+/// `blockstore` on the server (behind XDP, tags on): its guest writes a
+/// sector, flushes and reads it back; `dpctl vms running` shows the disk's
+/// counters after the VM stopped by itself, and the sector is in the
+/// server's image.
+#[test]
+fn a_vms_remote_disk_is_reported_by_dpctl() {
+    let test = "a_vms_remote_disk_is_reported_by_dpctl";
+    if !privilege::require(test, &[Capability::Root, Capability::Bpf, Capability::Kvm]) {
+        return;
+    }
+    const STORE: u32 = 31;
+    const STORE_GPA: u64 = 1 << 44;
+    const IO_BASE: u16 = 0xc000;
+    const SECTOR: u16 = 9;
+    const SEED: u8 = 0x3c;
+    let topo = match Topology::new("cdbk") {
+        Ok(t) => t,
+        Err(e) => {
+            privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
+            return;
+        }
+    };
+    let dir = TempDir(std::env::temp_dir().join(format!("dp-client-disk-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let image = dir.0.join("disk.img");
+    let mut scfg = server_config(&topo);
+    scfg.server.pin_dir = Some(
+        format!(
+            "/sys/fs/bpf/devplane-test-client-disk-{}",
+            std::process::id()
+        )
+        .into(),
+    );
+    scfg.models.push(ModelConfig {
+        mmio_base: Some(STORE_GPA),
+        backing: Some(image.clone()),
+        ..ModelConfig::new(STORE, "blockstore", 1)
+    });
+    let server = ServerThread::spawn(scfg, Some(topo.server_netns())).expect("server starts");
+    let cfg = dir.0.join("client.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[client]
+id = {CLIENT}
+bind = "{client}"
+tag_key = "{key}"
+
+[[servers]]
+id = {SERVER}
+address = "{server}:{PORT}"
+
+[[vms]]
+id = 1
+hypervisor = {HV}
+guest = {{ kind = "virtio-blk-check", io_base = {IO_BASE:#x}, sector = {SECTOR}, write = true, seed = {SEED} }}
+
+[[vms.devices]]
+space = "pio"
+base = {IO_BASE:#x}
+len = 0x80
+model = 4
+place = "virtio-blk:{SERVER}"
+disk = {{ store = {STORE}, gpa = {STORE_GPA:#x}, irq = 5 }}
+"#,
+            key = devplane_testkit::keys::client_key(CLIENT).to_config_string(),
+            client = topo.client_ip(),
+            server = topo.server_ip(),
+        ),
+    )
+    .unwrap();
+    let sock = dir.0.join("client.sock");
+    let (mut guard, lines) = start_daemon(&topo, &cfg, &sock);
+    ok(&sock, &["vms", "launch", "1"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let vm = loop {
+        let list = ok_json(&sock, &["vms", "running"]);
+        let vm = state_of(&list, 1).clone();
+        if vm["state"] == "stopped" {
+            break vm;
+        }
+        assert!(Instant::now() < deadline, "VM 1 never finished: {list}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        vm["ended"][0]["value"],
+        devplane_vmm::guests::VIRTIO_CHECK_OK,
+        "the guest read back what it wrote: {vm}"
+    );
+    // Its write, flush and read went as block requests, each completed.
+    let disk = &vm["disks"][0];
+    assert_eq!(disk["model"], 4, "{vm}");
+    assert_eq!(disk["store"], STORE, "{vm}");
+    let submitted = disk["submitted"].as_u64().unwrap();
+    assert!(submitted >= 3, "{vm}");
+    assert_eq!(disk["completed"], submitted, "{vm}");
+    assert_eq!(disk["errors"], 0, "{vm}");
+    let table = ok(&sock, &["vms", "running"]);
+    let (_, disks) = table.split_once("\n\n").expect("a disks table");
+    let row: Vec<&str> = disks.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(
+        row[..5],
+        [
+            "1",
+            "4",
+            &STORE.to_string(),
+            &submitted.to_string(),
+            &submitted.to_string()
+        ],
+        "{table}"
+    );
+    let applied: u64 = server
+        .snapshot()
+        .workers
+        .iter()
+        .map(|w| w.bulk_applied)
+        .sum();
+    assert!(
+        applied >= 2,
+        "the write and the flush applied on the server"
+    );
+    let pid = guard.0.as_ref().unwrap().id() as i32;
+    // SAFETY: sends SIGINT to our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let status = guard.0.as_mut().unwrap().wait().unwrap();
+    guard.0 = None;
+    assert!(status.success(), "devplane-client exited with {status}");
+    drop(lines);
+    server.stop();
+    // Written and flushed: in the server's image.
+    let all = std::fs::read(&image).unwrap();
+    let at = usize::from(SECTOR) * 512;
+    let want: Vec<u8> = (0..512u32)
+        .map(|i| SEED.wrapping_add((i * 7) as u8))
+        .collect();
+    assert_eq!(all[at..at + 512], want[..]);
+}

@@ -185,7 +185,7 @@ fn running_table(vms: &[VmStatus]) -> String {
             ]
         })
         .collect();
-    table(
+    let mut out = table(
         &[
             "VM",
             "HYPERVISOR",
@@ -196,5 +196,40 @@ fn running_table(vms: &[VmStatus]) -> String {
             "ENDED",
         ],
         rows,
-    )
+    );
+    // The running VMs' remote disks, below, when there are any.
+    let disks: Vec<Vec<String>> = vms
+        .iter()
+        .flat_map(|v| {
+            v.disks.iter().map(|d| {
+                vec![
+                    v.vm.to_string(),
+                    d.model.to_string(),
+                    d.store.to_string(),
+                    d.submitted.to_string(),
+                    d.completed.to_string(),
+                    d.errors.to_string(),
+                    d.resent.to_string(),
+                    d.dropped.to_string(),
+                ]
+            })
+        })
+        .collect();
+    if !disks.is_empty() {
+        out.push('\n');
+        out.push_str(&table(
+            &[
+                "VM",
+                "DISK",
+                "STORE",
+                "SUBMITTED",
+                "COMPLETED",
+                "ERRORS",
+                "RESENT",
+                "DROPPED",
+            ],
+            disks,
+        ));
+    }
+    out
 }

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use crate::devmap::{DevMapError, DeviceMap, Mapping};
 use crate::engine::EngineConfig;
 use crate::guests::{self, Guest, GuestError};
-use crate::vmm::{ClientSpec, DeviceSpec, Place, ServerSpec, VcpuSpec, VmSpec};
+use crate::vmm::{ClientSpec, DeviceSpec, DiskPlace, Place, ServerSpec, VcpuSpec, VmSpec};
 
 /// Default of `client.spin`.
 pub const DEFAULT_SPIN: u32 = 200;
@@ -185,6 +185,22 @@ pub enum GuestEntry {
         #[serde(default = "default_stop")]
         stop: u8,
     },
+    /// [`guests::virtio_blk_check`]: drives the virtio-blk device whose
+    /// I/O BAR is at `io_base` (a `virtio-blk:` device): with `write`,
+    /// writes a pattern drawn from `seed` to `sector`, flushes, reads it
+    /// back and compares; without, reads and compares only. Reports
+    /// `guests::VIRTIO_CHECK_OK` when the data matched.
+    VirtioBlkCheck {
+        /// The device's first port.
+        io_base: u16,
+        /// The 512-byte sector used.
+        sector: u16,
+        /// Write (and flush) before reading back.
+        #[serde(default)]
+        write: bool,
+        /// The pattern's seed.
+        seed: u8,
+    },
 }
 
 fn default_stop() -> u8 {
@@ -220,6 +236,12 @@ impl GuestEntry {
                 trigger_port,
             } => guests::irq_chain(line, want, ack_port, trigger_port),
             GuestEntry::UartEcho { base, line, stop } => guests::uart_echo(base, line, stop),
+            GuestEntry::VirtioBlkCheck {
+                io_base,
+                sector,
+                write,
+                seed,
+            } => guests::virtio_blk_check(io_base, sector, write, seed),
         }
     }
 }
@@ -243,7 +265,8 @@ impl From<DeviceSpace> for Space {
     }
 }
 
-/// Where a device runs: `"local:<kind>"` or `"remote:<server id>"`.
+/// Where a device runs: `"local:<kind>"`, `"remote:<server id>"`, or
+/// `"virtio-blk:<server id>"`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
 pub enum PlaceEntry {
@@ -251,13 +274,17 @@ pub enum PlaceEntry {
     Local(String),
     /// On the `[[servers]]` entry with this id.
     Remote(u32),
+    /// A virtio-blk device (its I/O BAR is the entry's port range) whose
+    /// disk is a `blockstore` on the `[[servers]]` entry with this id,
+    /// spoken to in bulk; the entry's `disk` says which.
+    VirtioBlk(u32),
 }
 
-/// A device's `place` that is neither `local:<kind>` nor
-/// `remote:<server id>`.
+/// A device's `place` that is none of `local:<kind>`,
+/// `remote:<server id>` and `virtio-blk:<server id>`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "place {0:?} is neither \"local:<kind>\" (e.g. \"local:counter\") nor \"remote:<server id>\" (e.g. \"remote:1\")"
+    "place {0:?} is none of \"local:<kind>\" (e.g. \"local:counter\"), \"remote:<server id>\" (e.g. \"remote:1\") and \"virtio-blk:<server id>\" (e.g. \"virtio-blk:1\")"
 )]
 pub struct BadPlace(pub String);
 
@@ -271,6 +298,11 @@ impl TryFrom<String> for PlaceEntry {
                 Ok(PlaceEntry::Local(kind.trim().to_string()))
             }
             Some(("remote", id)) => id.trim().parse().map(PlaceEntry::Remote).map_err(|_| bad()),
+            Some(("virtio-blk", id)) => id
+                .trim()
+                .parse()
+                .map(PlaceEntry::VirtioBlk)
+                .map_err(|_| bad()),
             _ => Err(bad()),
         }
     }
@@ -294,6 +326,23 @@ pub struct DeviceEntry {
     pub posted: bool,
     /// Where it runs.
     pub place: PlaceEntry,
+    /// A `virtio-blk:` device's disk (required there, refused elsewhere).
+    #[serde(default)]
+    pub disk: Option<DiskEntry>,
+}
+
+/// `disk = { store = 31, gpa = 0x100000000000, irq = 11 }`: the disk of a
+/// `virtio-blk:` device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskEntry {
+    /// The `blockstore` model's id on the server.
+    pub store: u32,
+    /// The MMIO base the server registered it at (its register window,
+    /// for the capacity; no guest RAM there).
+    pub gpa: u64,
+    /// The device's interrupt line (master-PIC input, 0-15 but 2).
+    pub irq: u8,
 }
 
 /// Why a client configuration could not be loaded, or is inconsistent.
@@ -500,16 +549,56 @@ impl ClientFile {
                     return Err(bad(why));
                 }
                 match &d.place {
-                    PlaceEntry::Remote(s) if !servers.contains(s) => {
+                    PlaceEntry::Remote(s) | PlaceEntry::VirtioBlk(s) if !servers.contains(s) => {
                         return Err(bad(format!(
                             "server {s} does not exist: add a [[servers]] entry with id = {s}"
                         )));
                     }
-                    PlaceEntry::Remote(_) => {}
+                    PlaceEntry::Remote(_) | PlaceEntry::VirtioBlk(_) => {}
                     PlaceEntry::Local(kind) => {
                         registry::build(kind, ModelParams::default())
                             .map_err(|e| bad(e.to_string()))?;
                     }
+                }
+                match (&d.place, d.disk) {
+                    (PlaceEntry::VirtioBlk(_), None) => {
+                        return Err(bad(
+                            "a virtio-blk device needs its disk: disk = { store = <blockstore model id>, gpa = <its MMIO base>, irq = <line> }".into(),
+                        ));
+                    }
+                    (PlaceEntry::VirtioBlk(_), Some(disk)) => {
+                        if d.space != DeviceSpace::Pio || d.len != crate::virtio::blk::BAR_SIZE {
+                            return Err(bad(format!(
+                                "a virtio-blk device is a port range of {:#x} ports (its I/O BAR)",
+                                crate::virtio::blk::BAR_SIZE
+                            )));
+                        }
+                        if disk.store == 0 {
+                            return Err(bad("disk.store is 0: model ids are nonzero".into()));
+                        }
+                        if disk.irq > 15 || disk.irq == 2 {
+                            return Err(bad(format!(
+                                "disk.irq = {}: a master or slave PIC input, 0-15 but 2 (the cascade)",
+                                disk.irq
+                            )));
+                        }
+                        // Its register window is mapped too.
+                        maps.push(Mapping {
+                            space: Space::Mmio,
+                            base: disk.gpa,
+                            len: crate::bus::STORE_WINDOW,
+                            model: disk.store,
+                            posted: true,
+                            device: (),
+                        });
+                    }
+                    (_, Some(_)) => {
+                        return Err(bad(
+                            "disk is only for a virtio-blk device (place = \"virtio-blk:<server id>\")"
+                                .into(),
+                        ));
+                    }
+                    (_, None) => {}
                 }
                 // The map only checks ranges: no device behind them.
                 maps.push(Mapping {
@@ -556,30 +645,50 @@ impl ClientFile {
         let mut servers: Vec<ServerSpec> = Vec::new();
         let mut devices = Vec::new();
         for (i, d) in vm.devices.iter().enumerate() {
+            // The index in `servers` of the server with id `sid` (of a
+            // model moved there, if it moved), added on first use.
+            let mut server_index = |model: u32, sid: &u32| -> Result<usize, ConfigError> {
+                let sid = moved.get(&model).unwrap_or(sid);
+                let entry = self.servers.iter().find(|s| s.id == *sid).ok_or_else(|| {
+                    ConfigError::Device {
+                        vm: id,
+                        position: i + 1,
+                        model: d.model,
+                        why: format!("server {sid} does not exist"),
+                    }
+                })?;
+                Ok(match servers.iter().position(|s| s.id == *sid) {
+                    Some(i) => i,
+                    None => {
+                        servers.push(ServerSpec {
+                            addr: entry.address,
+                            id: entry.id,
+                            via: entry.via,
+                        });
+                        servers.len() - 1
+                    }
+                })
+            };
             let place = match &d.place {
                 PlaceEntry::Local(kind) => Place::Local { kind: kind.clone() },
-                PlaceEntry::Remote(sid) => {
-                    let sid = moved.get(&d.model).unwrap_or(sid);
-                    let entry = self.servers.iter().find(|s| s.id == *sid).ok_or_else(|| {
-                        ConfigError::Device {
-                            vm: id,
-                            position: i + 1,
-                            model: d.model,
-                            why: format!("server {sid} does not exist"),
-                        }
+                PlaceEntry::Remote(sid) => Place::Remote {
+                    server: server_index(d.model, sid)?,
+                },
+                PlaceEntry::VirtioBlk(sid) => {
+                    let disk = d.disk.ok_or_else(|| ConfigError::Device {
+                        vm: id,
+                        position: i + 1,
+                        model: d.model,
+                        why: "a virtio-blk device needs its disk".into(),
                     })?;
-                    let index = match servers.iter().position(|s| s.id == *sid) {
-                        Some(i) => i,
-                        None => {
-                            servers.push(ServerSpec {
-                                addr: entry.address,
-                                id: entry.id,
-                                via: entry.via,
-                            });
-                            servers.len() - 1
-                        }
-                    };
-                    Place::Remote { server: index }
+                    Place::VirtioBlk {
+                        irq: disk.irq,
+                        disk: DiskPlace::Remote {
+                            server: server_index(disk.store, sid)?,
+                            model: disk.store,
+                            gpa: disk.gpa,
+                        },
+                    }
                 }
             };
             devices.push(DeviceSpec {
@@ -679,6 +788,92 @@ mod tests {
         let direct = ClientFile::from_toml_str(&format!("{BASE}{vm}")).unwrap();
         assert_eq!(direct.client_spec(1).unwrap().servers[0].via, None);
         assert!(err(&format!("{BASE}via = \"nowhere\"\n{vm}")).contains("via"));
+    }
+
+    /// A VM with a virtio-blk device whose disk is a blockstore on a
+    /// server: its spec, and each way the entry can be wrong.
+    #[test]
+    fn a_virtio_blk_device_with_its_disk_on_a_server() {
+        let vm = |device: &str| {
+            format!(
+                "{BASE}\n[[vms]]\nid = 1\nhypervisor = 2\n\
+                 guest = {{ kind = \"virtio-blk-check\", io_base = 0xc000, sector = 9, write = true, seed = 0x5a }}\n\
+                 [[vms.devices]]\n{device}\n"
+            )
+        };
+        let good = "space = \"pio\"\nbase = 0xc000\nlen = 0x80\nmodel = 4\nplace = \"virtio-blk:1\"\n\
+                    disk = { store = 13, gpa = 0x100000000000, irq = 5 }";
+        let f = ClientFile::from_toml_str(&vm(good)).unwrap();
+        let spec = f.client_spec(1).unwrap();
+        assert_eq!(spec.servers.len(), 1);
+        assert_eq!(spec.servers[0].id, 1);
+        assert_eq!(
+            spec.vms[0].devices[0].place,
+            Place::VirtioBlk {
+                irq: 5,
+                disk: DiskPlace::Remote {
+                    server: 0,
+                    model: 13,
+                    gpa: 1 << 44,
+                },
+            }
+        );
+        // Its blockstore moved to another server: the disk follows.
+        let two = vm(good).replace(
+            "[[vms]]",
+            "[[servers]]\nid = 3\naddress = \"10.0.0.3:7700\"\n\n[[vms]]",
+        );
+        let f = ClientFile::from_toml_str(&two).unwrap();
+        let spec = f
+            .client_spec_moved(1, &[(13, 3)].into_iter().collect())
+            .unwrap();
+        let Place::VirtioBlk {
+            disk: DiskPlace::Remote { server, .. },
+            ..
+        } = spec.vms[0].devices[0].place
+        else {
+            panic!("{:?}", spec.vms[0].devices[0].place);
+        };
+        assert_eq!(spec.servers[server].id, 3);
+        for (device, want) in [
+            (
+                good.replace("\ndisk = { store = 13, gpa = 0x100000000000, irq = 5 }", ""),
+                "needs its disk",
+            ),
+            (
+                good.replace("virtio-blk:1", "virtio-blk:9"),
+                "server 9 does not exist",
+            ),
+            (
+                good.replace("virtio-blk:1", "virtio-blk:x"),
+                "virtio-blk:<server id>",
+            ),
+            (good.replace("len = 0x80", "len = 0x10"), "0x80 ports"),
+            (good.replace("irq = 5", "irq = 2"), "disk.irq = 2"),
+            (good.replace("irq = 5", "irq = 16"), "disk.irq = 16"),
+            (good.replace("store = 13", "store = 0"), "disk.store is 0"),
+            (
+                good.replace("irq = 5 }", "irq = 5, size = 1 }"),
+                "unknown field",
+            ),
+            (
+                good.replace("place = \"virtio-blk:1\"", "place = \"remote:1\""),
+                "disk is only for a virtio-blk device",
+            ),
+        ] {
+            let e = err(&vm(&device));
+            assert!(e.contains(want), "{want:?} not in {e:?}");
+        }
+        // Its register window is in the VM's map: another device there
+        // overlaps it.
+        let overlap = format!(
+            "{good}\n\n[[vms.devices]]\nspace = \"mmio\"\nbase = 0x100000000000\nlen = 0x10\nmodel = 20\nplace = \"local:counter\""
+        );
+        assert!(
+            err(&vm(&overlap)).contains("devices:"),
+            "{}",
+            err(&vm(&overlap))
+        );
     }
 
     #[test]

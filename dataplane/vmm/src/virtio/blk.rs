@@ -284,6 +284,12 @@ impl VirtioBlk {
         self.bulk.as_ref().map(|b| b.disk.stats())
     }
 
+    /// The bulk disk's counters to keep, with a bulk disk (the device
+    /// itself moves to the vCPU threads' buses).
+    pub fn bulk_stats_handle(&self) -> Option<std::sync::Arc<super::bulk::BulkStats>> {
+        self.bulk.as_ref().map(|b| b.disk.stats_handle())
+    }
+
     /// What the device offers. DISCARD and WRITE_ZEROES only with a bulk
     /// disk: the register window has no request for them.
     fn host_features(&self) -> u32 {

@@ -652,7 +652,8 @@ struct Shared {
     sock: UdpSocket,
     client: Mutex<BulkClient>,
     stop: AtomicBool,
-    stats: BulkStats,
+    /// Shared with whoever reports them ([`BulkDisk::stats_handle`]).
+    stats: Arc<BulkStats>,
     loss: crate::engine::Loss,
     rng: AtomicU64,
     /// Whether sends may use UDP GSO ([`SockOut`]).
@@ -940,7 +941,7 @@ impl BulkDisk {
             sock,
             client: Mutex::new(client),
             stop: AtomicBool::new(false),
-            stats: BulkStats::default(),
+            stats: Arc::default(),
             loss: cfg.loss,
             rng: AtomicU64::new(cfg.loss.seed | 1),
             gso: AtomicBool::new(true),
@@ -973,6 +974,12 @@ impl BulkDisk {
     /// Its counters.
     pub fn stats(&self) -> &BulkStats {
         &self.shared.stats
+    }
+
+    /// Its counters, to read from another thread for as long as wanted
+    /// (the client daemon's VM status).
+    pub fn stats_handle(&self) -> Arc<BulkStats> {
+        Arc::clone(&self.shared.stats)
     }
 }
 
@@ -1141,6 +1148,70 @@ mod tests {
         assert!(!spins(us(0), spin, 32));
         // No budget: never.
         assert!(!spins(us(0), Duration::ZERO, 1));
+    }
+
+    /// A disk on loopback against a server that answers 8 writes one at a
+    /// time, 5 ms apart (well within a 50 ms spin budget, and longer than
+    /// a scheduler's slice on a loaded machine): the I/O thread sleeps
+    /// between answers while more than one is in flight. Spinning at any
+    /// depth, it would spin through every gap (each answer is activity)
+    /// and never sleep.
+    #[test]
+    fn the_io_thread_sleeps_with_requests_in_flight() {
+        const WRITES: usize = 8;
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let addr = server.local_addr().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let disk = BulkDisk::start(
+            BulkConfig {
+                server: addr,
+                bind: Some(addr.ip()),
+                ids: IDS,
+                keys: None,
+                live_keys: None,
+                give_up: Duration::from_secs(10),
+                spin: Duration::from_millis(50),
+                loss: Default::default(),
+            },
+            Box::new(move |c| {
+                let _ = tx.send(c.status);
+            }),
+        )
+        .unwrap();
+        let answering = std::thread::spawn(move || {
+            let mut image = vec![0u8; 1 << 20];
+            let mut partial = HashMap::new();
+            let mut answers = Vec::new();
+            let mut buf = [0u8; MAX_BULK_DATAGRAM];
+            let mut from = None;
+            while answers.len() < WRITES {
+                let (n, peer) = server.recv_from(&mut buf).expect("the writes arrive");
+                from = Some(peer);
+                answers.extend(serve(&mut image, &mut partial, &buf[..n]));
+            }
+            for a in answers {
+                server.send_to(&a, from.unwrap()).unwrap();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        for i in 0..WRITES as u64 {
+            disk.submit(i, BlockOp::Write, i * 8, 4096, vec![i as u8; 4096]);
+        }
+        for _ in 0..WRITES {
+            let st = rx
+                .recv_timeout(Duration::from_secs(5))
+                .expect("a completion");
+            assert_eq!(st, BlockStatus::Ok);
+        }
+        answering.join().unwrap();
+        let deep = disk.stats().deep_sleeps.load(Ordering::Relaxed);
+        assert!(
+            deep > 0,
+            "the I/O thread never slept with requests in flight"
+        );
     }
 
     #[derive(Default)]
@@ -1556,7 +1627,7 @@ mod tests {
             sock,
             client: Mutex::new(BulkClient::new(IDS, None, Duration::from_secs(1))),
             stop: AtomicBool::new(false),
-            stats: BulkStats::default(),
+            stats: Arc::default(),
             loss: crate::engine::Loss::default(),
             rng: AtomicU64::new(1),
             gso: AtomicBool::new(true),

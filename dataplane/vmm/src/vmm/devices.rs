@@ -28,6 +28,18 @@ pub(super) struct VmDevices {
     /// The VM's remote-model table (a [`bus::RemoteModel`]'s index points
     /// into it).
     pub(super) remotes: Vec<RemoteModel>,
+    /// Its remote disks' counters.
+    pub(super) disks: Vec<RemoteDisk>,
+}
+
+/// A virtio-blk device's remote disk, for the VM's status.
+pub(super) struct RemoteDisk {
+    /// The virtio-blk device's model id.
+    pub(super) model: u32,
+    /// The server's `blockstore` model.
+    pub(super) store: u32,
+    /// The bulk disk's counters.
+    pub(super) stats: std::sync::Arc<crate::virtio::bulk::BulkStats>,
 }
 
 /// Builds the devices of one VM.
@@ -40,6 +52,7 @@ struct Builder<'a> {
     slots: Vec<Slot>,
     remotes: Vec<RemoteModel>,
     pci: Vec<PciFunction>,
+    disks: Vec<RemoteDisk>,
 }
 
 impl VmDevices {
@@ -62,6 +75,7 @@ impl VmDevices {
             slots: Vec::new(),
             remotes: Vec::new(),
             pci: Vec::new(),
+            disks: Vec::new(),
         };
         for d in &vs.devices {
             if d.space == Space::Pio
@@ -78,6 +92,7 @@ impl VmDevices {
         Ok(VmDevices {
             buses,
             remotes: b.remotes,
+            disks: b.disks,
         })
     }
 }
@@ -227,6 +242,13 @@ impl Builder<'_> {
                 .map_err(|e| {
                     self.config(format!("virtio-blk {}: bulk disk socket: {e}", d.model))
                 })?;
+            if let Some(stats) = dev.bulk_stats_handle() {
+                self.disks.push(RemoteDisk {
+                    model: d.model,
+                    store: *model,
+                    stats,
+                });
+            }
         }
         self.pci.push(PciFunction::virtio_blk(
             self.pci.len() as u8 + 1,

@@ -295,6 +295,8 @@ pub struct Client {
     /// The servers' ids, in [`ClientSpec::servers`] order (the engine's
     /// socket order).
     servers: Vec<u32>,
+    /// The VMs' remote disks: (VM id, disk).
+    disks: Vec<(u32, devices::RemoteDisk)>,
 }
 
 /// Counts a vCPU thread out when dropped (at its end, or its unwinding)
@@ -336,6 +338,8 @@ pub(super) struct BuiltVm {
     buses: Vec<Bus>,
     remotes: Arc<[RemoteModel]>,
     tap: Option<UartTap>,
+    /// Its remote disks' counters.
+    disks: Vec<devices::RemoteDisk>,
     /// The vCPUs' states to restore, by index.
     restore: Vec<Option<VcpuSnapshot>>,
 }
@@ -375,6 +379,7 @@ impl BuiltVm {
             buses: devices.buses,
             remotes: devices.remotes.into(),
             tap: console.and_then(|c| uart_tap(vs, c)),
+            disks: devices.disks,
             restore,
         })
     }
@@ -553,6 +558,7 @@ impl Client {
             vms: Vec::new(),
             ids: Vec::new(),
             servers: spec.servers.iter().map(|s| s.id).collect(),
+            disks: Vec::new(),
         };
         if held {
             // A restored VM holds until resumed (its servers are told of
@@ -568,6 +574,10 @@ impl Client {
                 client.spawn_vcpu(&spec, &engine, &mut vm, index as u16, bus, wire)?;
             }
             client.ids.push((vm.id, vm.hypervisor));
+            let id = vm.id;
+            client
+                .disks
+                .extend(std::mem::take(&mut vm.disks).into_iter().map(|d| (id, d)));
             client.vms.push(vm.vm);
         }
         client.engine = Some(engine);
@@ -650,6 +660,25 @@ impl Client {
             .iter()
             .map(|v| v.stats.remote_errors.load(Ordering::Relaxed) + v.ring.posted_failures())
             .sum()
+    }
+
+    /// The counters of VM `vm`'s remote disks (its virtio-blk devices
+    /// whose disk is a `blockstore` on a server), in device order.
+    pub fn disks(&self, vm: u32) -> Vec<devplane_control::proto::DiskStatus> {
+        let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        self.disks
+            .iter()
+            .filter(|(id, _)| *id == vm)
+            .map(|(_, d)| devplane_control::proto::DiskStatus {
+                model: d.model,
+                store: d.store,
+                submitted: n(&d.stats.submitted),
+                completed: n(&d.stats.completed),
+                errors: n(&d.stats.errors),
+                resent: n(&d.stats.resent),
+                dropped: n(&d.stats.dropped),
+            })
+            .collect()
     }
 
     /// The engine's counters.
