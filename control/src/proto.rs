@@ -459,9 +459,11 @@ pub struct VmStatus {
     pub disks: Vec<DiskStatus>,
 }
 
-/// The counters of one remote disk of a running VM (its bulk disk), for
-/// `dpctl vms running`.
+/// The counters of one remote disk of a VM (its bulk disk), for `dpctl
+/// vms running`. Every field has a default: a counter added later does
+/// not break an older daemon's answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DiskStatus {
     /// The virtio-blk device's model id (its `[[vms.devices]]` entry).
     pub model: u32,

@@ -266,6 +266,29 @@ impl Daemon {
             })
             .map(|v| v.id)
             .collect();
+        // VMs whose remote disk is this blockstore: the next launch finds
+        // it on the new server, but a running one cannot follow (its bulk
+        // disk's socket is connected to the old server).
+        let disk_users: Vec<u32> = self
+            .file
+            .vms
+            .iter()
+            .filter(|v| {
+                v.devices
+                    .iter()
+                    .any(|d| d.disk.is_some_and(|k| k.store == model))
+            })
+            .map(|v| v.id)
+            .collect();
+        if let Some(vm) = disk_users
+            .iter()
+            .find(|vm| self.slots.get(vm).is_some_and(|s| s.running.is_some()))
+        {
+            return Err(DaemonError::Retarget(format!(
+                "VM {vm} runs with blockstore {model} as its remote disk, which cannot follow a \
+                 move while it runs: shut VM {vm} down, move the model, and launch it again"
+            )));
+        }
         let (mut vms, mut resent) = (Vec::new(), 0);
         for vm in &users {
             let Some(r) = self.slots.get(vm).and_then(|s| s.running.as_ref()) else {
@@ -277,7 +300,7 @@ impl Daemon {
                 .map_err(|e| DaemonError::Retarget(format!("VM {vm}: {e}")))?;
             vms.push(*vm);
         }
-        if !users.is_empty() {
+        if !users.is_empty() || !disk_users.is_empty() {
             self.moved.insert(model, server);
         }
         Ok((vms, resent))
@@ -759,6 +782,7 @@ mod tests {
         assert_eq!(spec.servers[server].id, 2);
         // A model no VM uses: nothing to remember.
         assert_eq!(d.retarget(99, 2).unwrap(), (vec![], 0));
+        assert!(!d.moved.contains_key(&99));
         assert!(matches!(
             d.handle(Request::RetargetModel {
                 model: 11,

@@ -1000,7 +1000,9 @@ fn keys_rotate_under_traffic_through_dpctl() {
 /// `blockstore` on the server (behind XDP, tags on): its guest writes a
 /// sector, flushes and reads it back; `dpctl vms running` shows the disk's
 /// counters after the VM stopped by itself, and the sector is in the
-/// server's image.
+/// server's image. While a VM with that disk runs (VM 2, a long local
+/// loop beside its idle disk), moving the blockstore is refused; once it
+/// stopped, the move is taken for its next launch.
 #[test]
 fn a_vms_remote_disk_is_reported_by_dpctl() {
     let test = "a_vms_remote_disk_is_reported_by_dpctl";
@@ -1054,6 +1056,26 @@ address = "{server}:{PORT}"
 id = 1
 hypervisor = {HV}
 guest = {{ kind = "virtio-blk-check", io_base = {IO_BASE:#x}, sector = {SECTOR}, write = true, seed = {SEED} }}
+
+[[vms.devices]]
+space = "pio"
+base = {IO_BASE:#x}
+len = 0x80
+model = 4
+place = "virtio-blk:{SERVER}"
+disk = {{ store = {STORE}, gpa = {STORE_GPA:#x}, irq = 5 }}
+
+[[vms]]
+id = 2
+hypervisor = {HV}
+guest = {{ kind = "pio-read-loop", port = {PIO_BASE:#x}, iterations = 65535 }}
+
+[[vms.devices]]
+space = "pio"
+base = {PIO_BASE:#x}
+len = 0x10
+model = 5
+place = "local:counter"
 
 [[vms.devices]]
 space = "pio"
@@ -1118,6 +1140,35 @@ disk = {{ store = {STORE}, gpa = {STORE_GPA:#x}, irq = 5 }}
     assert!(
         applied >= 2,
         "the write and the flush applied on the server"
+    );
+    // VM 2 runs with the same blockstore as its disk: a move is refused.
+    use devplane_control::proto::{Request, Response, call_client};
+    let retarget = || {
+        call_client(
+            &sock,
+            &Request::RetargetModel {
+                model: STORE,
+                server: SERVER,
+            },
+            Duration::from_secs(5),
+        )
+        .unwrap()
+    };
+    ok(&sock, &["vms", "launch", "2"]);
+    match retarget() {
+        Response::Error { message } => {
+            assert!(message.contains("cannot follow a move"), "{message}");
+        }
+        other => panic!("a running VM's disk moved: {other:?}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while state_of(&ok_json(&sock, &["vms", "running"]), 2)["state"] != "stopped" {
+        assert!(Instant::now() < deadline, "VM 2 never finished");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        matches!(retarget(), Response::Retargeted { .. }),
+        "a stopped VM's disk is moved for its next launch"
     );
     let pid = guard.0.as_ref().unwrap().id() as i32;
     // SAFETY: sends SIGINT to our own child.

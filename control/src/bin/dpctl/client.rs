@@ -197,7 +197,8 @@ fn running_table(vms: &[VmStatus]) -> String {
         ],
         rows,
     );
-    // The running VMs' remote disks, below, when there are any.
+    // The VMs' remote disks (live, or as they ended), below, when there
+    // are any.
     let disks: Vec<Vec<String>> = vms
         .iter()
         .flat_map(|v| {

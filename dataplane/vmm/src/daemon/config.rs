@@ -98,6 +98,17 @@ pub struct ServerEntry {
     pub via: Option<SocketAddr>,
 }
 
+impl ServerEntry {
+    /// The server as a [`ClientSpec`] names it.
+    fn spec(&self) -> ServerSpec {
+        ServerSpec {
+            addr: self.address,
+            id: self.id,
+            via: self.via,
+        }
+    }
+}
+
 /// A `[[vms]]` entry.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -341,7 +352,7 @@ pub struct DiskEntry {
     /// The MMIO base the server registered it at (its register window,
     /// for the capacity; no guest RAM there).
     pub gpa: u64,
-    /// The device's interrupt line (master-PIC input, 0-15 but 2).
+    /// The device's interrupt line (a PIC input: 1-15 but 2).
     pub irq: u8,
 }
 
@@ -524,6 +535,7 @@ impl ClientFile {
                 .build()
                 .map_err(|source| ConfigError::Guest { vm: vm.id, source })?;
             let mut maps = Vec::new();
+            let mut disks = 0;
             for (i, d) in vm.devices.iter().enumerate() {
                 let bad = |why: String| ConfigError::Device {
                     vm: vm.id,
@@ -567,18 +579,40 @@ impl ClientFile {
                         ));
                     }
                     (PlaceEntry::VirtioBlk(_), Some(disk)) => {
-                        if d.space != DeviceSpace::Pio || d.len != crate::virtio::blk::BAR_SIZE {
+                        if let Some(why) =
+                            crate::virtio::blk::bar_problem(d.space.into(), d.base, d.len)
+                        {
+                            return Err(bad(why));
+                        }
+                        disks += 1;
+                        if disks > crate::virtio::blk::MAX_DEVICES {
                             return Err(bad(format!(
-                                "a virtio-blk device is a port range of {:#x} ports (its I/O BAR)",
-                                crate::virtio::blk::BAR_SIZE
+                                "more than {} virtio-blk devices (PCI device numbers 1-31)",
+                                crate::virtio::blk::MAX_DEVICES
                             )));
                         }
                         if disk.store == 0 {
                             return Err(bad("disk.store is 0: model ids are nonzero".into()));
                         }
-                        if disk.irq > 15 || disk.irq == 2 {
+                        // One id is one model on one server: a store named
+                        // twice, or also a remote device's model, would
+                        // send its register window and its block requests
+                        // to different places.
+                        let twice = vm.devices.iter().enumerate().any(|(j, e)| {
+                            j != i
+                                && (e.disk.is_some_and(|k| k.store == disk.store)
+                                    || (matches!(e.place, PlaceEntry::Remote(_))
+                                        && e.model == disk.store))
+                        });
+                        if twice {
                             return Err(bad(format!(
-                                "disk.irq = {}: a master or slave PIC input, 0-15 but 2 (the cascade)",
+                                "disk.store {} is named by another device of this VM: give each disk its own blockstore",
+                                disk.store
+                            )));
+                        }
+                        if disk.irq == 0 || disk.irq == 2 || disk.irq > 15 {
+                            return Err(bad(format!(
+                                "disk.irq = {}: a PIC input, 1-15 but 2 (0 is the PIT's, 2 the cascade)",
                                 disk.irq
                             )));
                         }
@@ -607,6 +641,17 @@ impl ClientFile {
                     len: d.len,
                     model: d.model,
                     posted: d.posted,
+                    device: (),
+                });
+            }
+            if disks > 0 {
+                // The PCI host bridge that lists the virtio-blk devices.
+                maps.push(Mapping {
+                    space: Space::Pio,
+                    base: u64::from(crate::pci::CONFIG_ADDRESS_PORT),
+                    len: crate::pci::PORTS,
+                    model: 0,
+                    posted: false,
                     device: (),
                 });
             }
@@ -645,26 +690,25 @@ impl ClientFile {
         let mut servers: Vec<ServerSpec> = Vec::new();
         let mut devices = Vec::new();
         for (i, d) in vm.devices.iter().enumerate() {
+            let bad = |why: String| ConfigError::Device {
+                vm: id,
+                position: i + 1,
+                model: d.model,
+                why,
+            };
             // The index in `servers` of the server with id `sid` (of a
             // model moved there, if it moved), added on first use.
             let mut server_index = |model: u32, sid: &u32| -> Result<usize, ConfigError> {
                 let sid = moved.get(&model).unwrap_or(sid);
-                let entry = self.servers.iter().find(|s| s.id == *sid).ok_or_else(|| {
-                    ConfigError::Device {
-                        vm: id,
-                        position: i + 1,
-                        model: d.model,
-                        why: format!("server {sid} does not exist"),
-                    }
-                })?;
+                let entry = self
+                    .servers
+                    .iter()
+                    .find(|s| s.id == *sid)
+                    .ok_or_else(|| bad(format!("server {sid} does not exist")))?;
                 Ok(match servers.iter().position(|s| s.id == *sid) {
                     Some(i) => i,
                     None => {
-                        servers.push(ServerSpec {
-                            addr: entry.address,
-                            id: entry.id,
-                            via: entry.via,
-                        });
+                        servers.push(entry.spec());
                         servers.len() - 1
                     }
                 })
@@ -675,12 +719,9 @@ impl ClientFile {
                     server: server_index(d.model, sid)?,
                 },
                 PlaceEntry::VirtioBlk(sid) => {
-                    let disk = d.disk.ok_or_else(|| ConfigError::Device {
-                        vm: id,
-                        position: i + 1,
-                        model: d.model,
-                        why: "a virtio-blk device needs its disk".into(),
-                    })?;
+                    let disk = d
+                        .disk
+                        .ok_or_else(|| bad("a virtio-blk device needs its disk".into()))?;
                     Place::VirtioBlk {
                         irq: disk.irq,
                         disk: DiskPlace::Remote {
@@ -703,11 +744,7 @@ impl ClientFile {
         if !servers.is_empty() {
             for entry in &self.servers {
                 if !servers.iter().any(|s| s.id == entry.id) {
-                    servers.push(ServerSpec {
-                        addr: entry.address,
-                        id: entry.id,
-                        via: entry.via,
-                    });
+                    servers.push(entry.spec());
                 }
             }
         }
@@ -850,6 +887,35 @@ mod tests {
             ),
             (good.replace("len = 0x80", "len = 0x10"), "0x80 ports"),
             (good.replace("irq = 5", "irq = 2"), "disk.irq = 2"),
+            (good.replace("irq = 5", "irq = 0"), "disk.irq = 0"),
+            (
+                good.replace("base = 0xc000", "base = 0xc010"),
+                "not aligned to its 0x80 ports",
+            ),
+            (
+                good.replace("base = 0xc000", "base = 0xffc0"),
+                "run past 0xffff",
+            ),
+            (
+                format!(
+                    "{good}\n\n[[vms.devices]]\n{}",
+                    good.replace("0xc000", "0xc080")
+                        .replace("model = 4", "model = 5")
+                ),
+                "disk.store 13 is named by another device",
+            ),
+            (
+                format!(
+                    "{good}\n\n[[vms.devices]]\nspace = \"pio\"\nbase = 0x500\nlen = 0x10\nmodel = 13\nplace = \"remote:1\""
+                ),
+                "disk.store 13 is named by another device",
+            ),
+            (
+                format!(
+                    "{good}\n\n[[vms.devices]]\nspace = \"pio\"\nbase = 0xcf8\nlen = 0x4\nmodel = 20\nplace = \"local:counter\""
+                ),
+                "devices:",
+            ),
             (good.replace("irq = 5", "irq = 16"), "disk.irq = 16"),
             (good.replace("store = 13", "store = 0"), "disk.store is 0"),
             (

@@ -50,6 +50,29 @@ pub const CONFIG_LEN: u64 = 60;
 /// Size of the I/O BAR (a power of two covering the registers and the
 /// configuration).
 pub const BAR_SIZE: u64 = 0x80;
+
+/// Most virtio-blk devices a VM has: PCI device numbers 1 to 31 on the
+/// host bridge.
+pub const MAX_DEVICES: usize = 31;
+
+/// What is wrong with a virtio-blk device's I/O BAR at `base` (`len`
+/// ports, in `space`), if anything: it must be [`BAR_SIZE`] ports, aligned
+/// to its size (a guest that sizes the BAR and writes its base back would
+/// move an unaligned one), within the 64 Ki ports.
+pub fn bar_problem(space: devplane_devmodels::Space, base: u64, len: u64) -> Option<String> {
+    if space != devplane_devmodels::Space::Pio || len != BAR_SIZE || base > 0xffff - (BAR_SIZE - 1)
+    {
+        return Some(format!(
+            "a virtio-blk device is a port range of {BAR_SIZE:#x} ports (its I/O BAR)"
+        ));
+    }
+    if !base.is_multiple_of(BAR_SIZE) {
+        return Some(format!(
+            "its I/O BAR at {base:#x} is not aligned to its {BAR_SIZE:#x} ports"
+        ));
+    }
+    None
+}
 // The whole configuration fits in the BAR, which is a power of two.
 const _: () = assert!(REG_CONFIG + CONFIG_LEN <= BAR_SIZE && BAR_SIZE.is_power_of_two());
 

@@ -1037,20 +1037,18 @@ const SPIN_MAX_PENDING: usize = 1;
 /// 15-30 us on this machine's 2 cores) would be most of a 4 KiB request's
 /// round trip. Deeper, it sleeps at once: the answers behind the one
 /// awaited are already in flight, so a wake-up costs no throughput. Its
-/// spin yields the core on every turn ([`io_loop`]): the thread shares the
-/// submitting vCPU's core, and a spin that only paused kept from the vCPU
+/// spin yields the core on every turn ([`io_loop`]): where the thread
+/// shares the submitting vCPU's core, a spin that only paused kept from the vCPU
 /// the time it needed to take its completions and submit again (and the
 /// kernel's sending of its datagrams, done on that core).
 ///
-/// `dpbench --scenario blk` (requests/s, QD1 p50), 2 runs each:
-///
-/// | | pausing spin at any depth (before) | never spinning | this |
-/// | --- | --- | --- | --- |
-/// | read-4k-qd32 | 82-89k | 166-199k | 178-184k |
-/// | write-4k-qd32 | 60-62k | 75-89k | 88k |
-/// | write-128k-qd32 | 4900-5100 | 6700-7600 | 8900-9100 |
-/// | read-4k-qd1 p50 | 13.8 us | 23-30 us | 10.7-11.0 us |
-/// | write-4k-qd1 p50 | 24 us | 50-58 us | 18.8-19.3 us |
+/// `dpbench --scenario blk`, 4 alternated runs each, requests/s and QD1
+/// p50 (bench/README, "blk"): pausing at any depth (before) / this:
+/// read-4k-qd32 90-97k / 156-202k, write-4k-qd32 60-63k / 78-90k,
+/// write-128k-qd32 5000-5165 / 8119-9400, read-4k-qd1 12.9-13.9 us /
+/// 10.2-11.2 us, write-4k-qd1 22.0-24.5 us / 18.4-20.3 us. Never
+/// spinning (2 runs) gave the QD32 rows most of that but doubled the QD1
+/// p50s (23-30 us, 50-58 us).
 fn spins(idle: Duration, spin: Duration, pending: usize) -> bool {
     pending <= SPIN_MAX_PENDING && idle < spin
 }

@@ -196,10 +196,14 @@ impl Builder<'_> {
         irq: u8,
         disk: &DiskPlace,
     ) -> Result<VirtioBlkDevice, ClientError> {
-        if d.space != Space::Pio || d.len != BAR_SIZE || d.base > 0xffff {
+        if let Some(why) = crate::virtio::blk::bar_problem(d.space, d.base, d.len) {
+            return Err(self.config(format!("virtio-blk {}: {why}", d.model)));
+        }
+        if self.pci.len() >= crate::virtio::blk::MAX_DEVICES {
             return Err(self.config(format!(
-                "virtio-blk {}: needs a port range of {BAR_SIZE:#x} ports",
-                d.model
+                "virtio-blk {}: more than {} virtio-blk devices",
+                d.model,
+                crate::virtio::blk::MAX_DEVICES
             )));
         }
         let disk_at = self.disk(d.model, disk)?;

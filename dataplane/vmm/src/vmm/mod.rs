@@ -669,14 +669,20 @@ impl Client {
         self.disks
             .iter()
             .filter(|(id, _)| *id == vm)
-            .map(|(_, d)| devplane_control::proto::DiskStatus {
-                model: d.model,
-                store: d.store,
-                submitted: n(&d.stats.submitted),
-                completed: n(&d.stats.completed),
-                errors: n(&d.stats.errors),
-                resent: n(&d.stats.resent),
-                dropped: n(&d.stats.dropped),
+            .map(|(_, d)| {
+                // Completions first: a request submitted and completed
+                // between the reads then never shows more completed than
+                // submitted.
+                let (completed, errors) = (n(&d.stats.completed), n(&d.stats.errors));
+                devplane_control::proto::DiskStatus {
+                    model: d.model,
+                    store: d.store,
+                    submitted: n(&d.stats.submitted),
+                    completed,
+                    errors,
+                    resent: n(&d.stats.resent),
+                    dropped: n(&d.stats.dropped),
+                }
             })
             .collect()
     }
