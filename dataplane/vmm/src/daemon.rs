@@ -255,31 +255,21 @@ impl Daemon {
                     .join(",")
             )));
         }
-        let users: Vec<u32> = self
-            .file
-            .vms
-            .iter()
-            .filter(|v| {
-                v.devices
-                    .iter()
-                    .any(|d| d.model == model && matches!(d.place, config::PlaceEntry::Remote(_)))
-            })
-            .map(|v| v.id)
-            .collect();
+        // The configured VMs with a device that `uses` the model.
+        let vms_where = |uses: &dyn Fn(&config::DeviceEntry) -> bool| -> Vec<u32> {
+            self.file
+                .vms
+                .iter()
+                .filter(|v| v.devices.iter().any(uses))
+                .map(|v| v.id)
+                .collect()
+        };
+        let users =
+            vms_where(&|d| d.model == model && matches!(d.place, config::PlaceEntry::Remote(_)));
         // VMs whose remote disk is this blockstore: the next launch finds
         // it on the new server, but a running one cannot follow (its bulk
         // disk's socket is connected to the old server).
-        let disk_users: Vec<u32> = self
-            .file
-            .vms
-            .iter()
-            .filter(|v| {
-                v.devices
-                    .iter()
-                    .any(|d| d.disk.is_some_and(|k| k.store == model))
-            })
-            .map(|v| v.id)
-            .collect();
+        let disk_users = vms_where(&|d| d.disk.is_some_and(|k| k.store == model));
         if let Some(vm) = disk_users
             .iter()
             .find(|vm| self.slots.get(vm).is_some_and(|s| s.running.is_some()))

@@ -196,6 +196,37 @@ fn fails(sock: &Path, args: &[&str], code: i32, needle: &str) {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
 
+/// Stops the daemon with Ctrl-C (nsenter execs it: the pid is the
+/// daemon's) and expects exit 0; returns the rest of its stderr.
+fn interrupt(mut guard: ChildGuard, lines: Lines) -> Vec<String> {
+    let pid = guard.0.as_ref().unwrap().id() as libc::pid_t;
+    // SAFETY: sends SIGINT to our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let status = guard.0.take().unwrap().wait().unwrap();
+    assert!(status.success(), "devplane-client exited with {status}");
+    lines.map_while(Result::ok).collect()
+}
+
+/// A CLIENT.toml's `[client]` (tagged with the test key) and its one
+/// `[[servers]]` entry, the server on the topology's server side.
+fn client_header(topo: &Topology) -> String {
+    format!(
+        r#"
+[client]
+id = {CLIENT}
+bind = "{client}"
+tag_key = "{key}"
+
+[[servers]]
+id = {SERVER}
+address = "{server}:{PORT}"
+"#,
+        key = devplane_testkit::keys::client_key(CLIENT).to_config_string(),
+        client = topo.client_ip(),
+        server = topo.server_ip(),
+    )
+}
+
 /// The state of VM `vm` in `dpctl --json vms running`.
 fn state_of(list: &Value, vm: u64) -> &Value {
     list.as_array()
@@ -508,16 +539,7 @@ fn interrupts_are_acknowledged_at_once() {
     std::fs::write(
         &file,
         format!(
-            r#"
-[client]
-id = {CLIENT}
-bind = "{client}"
-tag_key = "{key}"
-
-[[servers]]
-id = {SERVER}
-address = "{server}:{PORT}"
-
+            r#"{header}
 [[vms]]
 id = {IRQ_VM}
 hypervisor = {HV}
@@ -537,9 +559,7 @@ len = 4
 model = 99
 place = "local:null"
 "#,
-            key = devplane_testkit::keys::client_key(CLIENT).to_config_string(),
-            client = topo.client_ip(),
-            server = topo.server_ip(),
+            header = client_header(&topo),
         ),
     )
     .unwrap();
@@ -708,12 +728,7 @@ fn idle_and_slow_peers_do_not_block_the_client_daemon() {
     let _ = slow.join();
     // Still answers once they are gone, and stops cleanly.
     ok_json(&sock, &["vms", "running"]);
-    let pid = guard.0.as_ref().unwrap().id();
-    // SAFETY: plain syscall on our own child.
-    unsafe { libc::kill(pid as libc::pid_t, libc::SIGINT) };
-    let status = guard.0.take().unwrap().wait().unwrap();
-    assert!(status.success(), "devplane-client exited with {status}");
-    drop(lines);
+    interrupt(guard, lines);
 }
 
 /// A VM whose server never answers: each of its requests fails at the
@@ -768,7 +783,7 @@ place = "remote:{SERVER}"
     )
     .unwrap();
     let sock = dir.0.join("client.sock");
-    let (mut guard, lines) = start_daemon(&topo, &cfg, &sock);
+    let (guard, lines) = start_daemon(&topo, &cfg, &sock);
     ok(&sock, &["vms", "launch", "1"]);
     std::thread::sleep(Duration::from_millis(500));
     let list = ok_json(&sock, &["vms", "running"]);
@@ -793,13 +808,7 @@ place = "remote:{SERVER}"
     let table = ok(&sock, &["vms", "running"]);
     let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
     assert_eq!(row[5], (writes + 1).to_string(), "{table}");
-    let pid = guard.0.as_ref().unwrap().id() as i32;
-    // SAFETY: sends SIGINT to our own child.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
-    let status = guard.0.as_mut().unwrap().wait().unwrap();
-    guard.0 = None;
-    assert!(status.success(), "exit status {status}");
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let rest = interrupt(guard, lines);
     assert!(
         rest.iter().any(|l| l.contains("VM 1 stopped by itself")
             && l.contains(&format!("{} remote requests FAILED", writes + 1))),
@@ -1042,16 +1051,7 @@ fn a_vms_remote_disk_is_reported_by_dpctl() {
     std::fs::write(
         &cfg,
         format!(
-            r#"
-[client]
-id = {CLIENT}
-bind = "{client}"
-tag_key = "{key}"
-
-[[servers]]
-id = {SERVER}
-address = "{server}:{PORT}"
-
+            r#"{header}
 [[vms]]
 id = 1
 hypervisor = {HV}
@@ -1085,14 +1085,12 @@ model = 4
 place = "virtio-blk:{SERVER}"
 disk = {{ store = {STORE}, gpa = {STORE_GPA:#x}, irq = 5 }}
 "#,
-            key = devplane_testkit::keys::client_key(CLIENT).to_config_string(),
-            client = topo.client_ip(),
-            server = topo.server_ip(),
+            header = client_header(&topo),
         ),
     )
     .unwrap();
     let sock = dir.0.join("client.sock");
-    let (mut guard, lines) = start_daemon(&topo, &cfg, &sock);
+    let (guard, lines) = start_daemon(&topo, &cfg, &sock);
     ok(&sock, &["vms", "launch", "1"]);
     let deadline = Instant::now() + Duration::from_secs(30);
     let vm = loop {
@@ -1170,13 +1168,7 @@ disk = {{ store = {STORE}, gpa = {STORE_GPA:#x}, irq = 5 }}
         matches!(retarget(), Response::Retargeted { .. }),
         "a stopped VM's disk is moved for its next launch"
     );
-    let pid = guard.0.as_ref().unwrap().id() as i32;
-    // SAFETY: sends SIGINT to our own child.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
-    let status = guard.0.as_mut().unwrap().wait().unwrap();
-    guard.0 = None;
-    assert!(status.success(), "devplane-client exited with {status}");
-    drop(lines);
+    interrupt(guard, lines);
     server.stop();
     // Written and flushed: in the server's image.
     let all = std::fs::read(&image).unwrap();
