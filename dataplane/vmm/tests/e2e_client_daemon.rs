@@ -123,21 +123,10 @@ place = "remote:{SERVER}"
         )
     };
     format!(
-        r#"
-[client]
-id = {CLIENT}
-bind = "{client}"
-tag_key = "{key}"
-
-[[servers]]
-id = {SERVER}
-address = "{server}:{PORT}"
-{vm1}{vm2}"#,
-        key = devplane_testkit::keys::client_key(CLIENT).to_config_string(),
-        client = topo.client_ip(),
-        server = topo.server_ip(),
-        vm1 = vm(1, MODEL_1),
-        vm2 = vm(2, MODEL_2),
+        "{}{}{}",
+        client_header(topo),
+        vm(1, MODEL_1),
+        vm(2, MODEL_2)
     )
 }
 
