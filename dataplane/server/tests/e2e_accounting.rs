@@ -11,7 +11,7 @@ use devplane_control::config::{
 };
 use devplane_server::stats::WorkerSnapshot;
 use devplane_testkit::host::{ServerSnapshot, ServerThread};
-use devplane_testkit::privilege::{self, Capability};
+use devplane_testkit::privilege::Capability;
 use devplane_testkit::raw::{RawSender, frame_of, set_udp_checksum};
 use devplane_testkit::topology::{Side, Topology};
 use devplane_wire::frame::{ETH_HLEN, Flow, IPV4_MIN_HLEN};
@@ -63,16 +63,7 @@ fn config(topo: &Topology, tag: &str, workers: Vec<usize>, batch: u32) -> Server
 }
 
 fn setup(test: &str, tag: &str) -> Option<Topology> {
-    if !privilege::require(test, &[Capability::Root, Capability::Bpf]) {
-        return None;
-    }
-    match Topology::new(tag) {
-        Ok(t) => Some(t),
-        Err(e) => {
-            privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
-            None
-        }
-    }
+    Topology::for_test(test, &[Capability::Root, Capability::Bpf], tag)
 }
 
 fn request(seq: u64, access: Access) -> Vec<u8> {

@@ -250,6 +250,30 @@ impl Topology {
         Topology::with_queues(tag, 1)
     }
 
+    /// [`Topology::new`] for privileged test `test`, once it has `caps`:
+    /// `None` when the test is to skip (or, where CI requires the
+    /// capabilities, after [`crate::privilege`] has failed it) for want
+    /// of them or of the namespaces.
+    pub fn for_test(
+        test: &str,
+        caps: &[crate::privilege::Capability],
+        tag: &str,
+    ) -> Option<Topology> {
+        if !crate::privilege::require(test, caps) {
+            return None;
+        }
+        match Topology::new(tag) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                crate::privilege::unavailable(
+                    test,
+                    &format!("cannot build the netns topology: {e}"),
+                );
+                None
+            }
+        }
+    }
+
     /// Like [`Topology::new`], with `queues` RX and TX queues on each veth
     /// (`numrxqueues` / `numtxqueues`, 1 to 64).
     pub fn with_queues(tag: &str, queues: u32) -> Result<Topology, TopologyError> {

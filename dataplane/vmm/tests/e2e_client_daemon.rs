@@ -16,7 +16,7 @@ use devplane_control::config::{
     ClientConfig, Mode, ModelConfig, ServerConfig, ServerSection, Tuning, VmConfig,
 };
 use devplane_testkit::host::ServerThread;
-use devplane_testkit::privilege::{self, Capability};
+use devplane_testkit::privilege::Capability;
 use devplane_testkit::topology::Topology;
 use serde_json::Value;
 
@@ -35,6 +35,20 @@ const ITERATIONS: u16 = 20000;
 
 /// Removes a directory tree when dropped.
 struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A fresh `NAME-<pid>` directory under the system's temporary one.
+    fn new(name: &str) -> TempDir {
+        let d = TempDir(std::env::temp_dir().join(format!("{name}-{}", std::process::id())));
+        std::fs::create_dir_all(&d.0).unwrap();
+        d
+    }
+}
+
+/// A bpffs pin directory `PATH-<pid>` of this test process's own.
+fn pin_dir(path: &str) -> PathBuf {
+    format!("{path}-{}", std::process::id()).into()
+}
 
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -64,13 +78,7 @@ fn server_config(topo: &Topology) -> ServerConfig {
             mode: Mode::Xdp,
             interface: Some(topo.server_ifname().to_string()),
             workers: vec![0, 1],
-            pin_dir: Some(
-                format!(
-                    "/sys/fs/bpf/devplane-test-client-daemon-{}",
-                    std::process::id()
-                )
-                .into(),
-            ),
+            pin_dir: Some(pin_dir("/sys/fs/bpf/devplane-test-client-daemon")),
             check_clients: true,
         },
         tuning: Tuning {
@@ -261,21 +269,16 @@ fn start_daemon(topo: &Topology, cfg: &Path, sock: &Path) -> (ChildGuard, Lines)
 #[test]
 fn vms_launch_and_shut_down_independently_through_dpctl() {
     let test = "vms_launch_and_shut_down_independently_through_dpctl";
-    if !privilege::require(test, &[Capability::Root, Capability::Bpf, Capability::Kvm]) {
+    let Some(topo) = Topology::for_test(
+        test,
+        &[Capability::Root, Capability::Bpf, Capability::Kvm],
+        "cdmn",
+    ) else {
         return;
-    }
-    let topo = match Topology::new("cdmn") {
-        Ok(t) => t,
-        Err(e) => {
-            privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
-            return;
-        }
     };
     let server =
         ServerThread::spawn(server_config(&topo), Some(topo.server_netns())).expect("server");
-    let dir =
-        TempDir(std::env::temp_dir().join(format!("dp-client-daemon-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = TempDir::new("dp-client-daemon");
     let cfg = dir.0.join("client.toml");
     std::fs::write(&cfg, client_toml(&topo)).unwrap();
     let sock = dir.0.join("client.sock");
@@ -490,24 +493,15 @@ const IRQ_RESEND_BOUND: u64 = IRQ_WANT as u64 / 100;
 #[test]
 fn interrupts_are_acknowledged_at_once() {
     let test = "interrupts_are_acknowledged_at_once";
-    if !privilege::require(test, &[Capability::Root, Capability::Bpf, Capability::Kvm]) {
+    let Some(topo) = Topology::for_test(
+        test,
+        &[Capability::Root, Capability::Bpf, Capability::Kvm],
+        "cdirq",
+    ) else {
         return;
-    }
-    let topo = match Topology::new("cdirq") {
-        Ok(t) => t,
-        Err(e) => {
-            privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
-            return;
-        }
     };
     let mut cfg = server_config(&topo);
-    cfg.server.pin_dir = Some(
-        format!(
-            "/sys/fs/bpf/devplane-test-client-daemon-irq-{}",
-            std::process::id()
-        )
-        .into(),
-    );
+    cfg.server.pin_dir = Some(pin_dir("/sys/fs/bpf/devplane-test-client-daemon-irq"));
     cfg.vms.push(VmConfig {
         id: IRQ_VM,
         client: CLIENT,
@@ -520,9 +514,7 @@ fn interrupts_are_acknowledged_at_once() {
         ..ModelConfig::new(IRQ_MODEL, "counter", 0)
     });
     let server = ServerThread::spawn(cfg, Some(topo.server_netns())).expect("server");
-    let dir =
-        TempDir(std::env::temp_dir().join(format!("dp-client-daemon-irq-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = TempDir::new("dp-client-daemon-irq");
     let file = dir.0.join("client.toml");
     let trigger = IRQ_BASE + devplane_devmodels::counter::REG_IRQ as u16;
     std::fs::write(
@@ -595,8 +587,7 @@ place = "local:null"
 
 #[test]
 fn a_bad_client_configuration_is_a_one_line_error() {
-    let dir = TempDir(std::env::temp_dir().join(format!("dp-client-bad-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = TempDir::new("dp-client-bad");
     let cfg = dir.0.join("client.toml");
     std::fs::write(
         &cfg,
@@ -649,8 +640,7 @@ fn idle_and_slow_peers_do_not_block_the_client_daemon() {
     use std::os::unix::net::UnixStream;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    let dir = TempDir(std::env::temp_dir().join(format!("dp-client-peers-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = TempDir::new("dp-client-peers");
     let cfg = dir.0.join("client.toml");
     std::fs::write(
         &cfg,
@@ -726,18 +716,10 @@ fn idle_and_slow_peers_do_not_block_the_client_daemon() {
 #[test]
 fn failed_requests_are_reported_by_dpctl_and_the_daemon() {
     let test = "failed_requests_are_reported_by_dpctl_and_the_daemon";
-    if !privilege::require(test, &[Capability::Root, Capability::Kvm]) {
+    let Some(topo) = Topology::for_test(test, &[Capability::Root, Capability::Kvm], "cdfl") else {
         return;
-    }
-    let topo = match Topology::new("cdfl") {
-        Ok(t) => t,
-        Err(e) => {
-            privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
-            return;
-        }
     };
-    let dir = TempDir(std::env::temp_dir().join(format!("dp-client-fail-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = TempDir::new("dp-client-fail");
     let cfg = dir.0.join("client.toml");
     // No server runs: nothing answers at the server's address.
     let writes = 3;
@@ -866,27 +848,17 @@ fn keys_rotate_under_traffic_through_dpctl() {
     use devplane_control::db::{Change, Client as DbClient, Db};
     use devplane_wire::tag::{KeyRing, verify};
     let test = "keys_rotate_under_traffic_through_dpctl";
-    if !privilege::require(test, &[Capability::Root, Capability::Bpf, Capability::Kvm]) {
+    let Some(topo) = Topology::for_test(
+        test,
+        &[Capability::Root, Capability::Bpf, Capability::Kvm],
+        "cdkey",
+    ) else {
         return;
-    }
-    let topo = match Topology::new("cdkey") {
-        Ok(t) => t,
-        Err(e) => {
-            privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
-            return;
-        }
     };
     let mut cfg = server_config(&topo);
-    cfg.server.pin_dir = Some(
-        format!(
-            "/sys/fs/bpf/devplane-test-client-daemon-keys-{}",
-            std::process::id()
-        )
-        .into(),
-    );
+    cfg.server.pin_dir = Some(pin_dir("/sys/fs/bpf/devplane-test-client-daemon-keys"));
     let mut server = ServerThread::spawn(cfg, Some(topo.server_netns())).expect("server");
-    let dir = TempDir(std::env::temp_dir().join(format!("dp-client-keys-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = TempDir::new("dp-client-keys");
     let server_sock = dir.0.join("server.sock");
     server.listen(&server_sock).expect("server control socket");
     let first = devplane_testkit::keys::client_key(CLIENT);
@@ -1003,33 +975,20 @@ fn keys_rotate_under_traffic_through_dpctl() {
 /// stopped, the move is taken for its next launch.
 #[test]
 fn a_vms_remote_disk_is_reported_by_dpctl() {
-    let test = "a_vms_remote_disk_is_reported_by_dpctl";
-    if !privilege::require(test, &[Capability::Root, Capability::Bpf, Capability::Kvm]) {
-        return;
-    }
     const STORE: u32 = 31;
     const STORE_GPA: u64 = 1 << 44;
     const IO_BASE: u16 = 0xc000;
     const SECTOR: u16 = 9;
     const SEED: u8 = 0x3c;
-    let topo = match Topology::new("cdbk") {
-        Ok(t) => t,
-        Err(e) => {
-            privilege::unavailable(test, &format!("cannot build the netns topology: {e}"));
-            return;
-        }
+    let test = "a_vms_remote_disk_is_reported_by_dpctl";
+    let caps = [Capability::Root, Capability::Bpf, Capability::Kvm];
+    let Some(topo) = Topology::for_test(test, &caps, "cdbk") else {
+        return;
     };
-    let dir = TempDir(std::env::temp_dir().join(format!("dp-client-disk-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = TempDir::new("dp-client-disk");
     let image = dir.0.join("disk.img");
     let mut scfg = server_config(&topo);
-    scfg.server.pin_dir = Some(
-        format!(
-            "/sys/fs/bpf/devplane-test-client-disk-{}",
-            std::process::id()
-        )
-        .into(),
-    );
+    scfg.server.pin_dir = Some(pin_dir("/sys/fs/bpf/devplane-test-client-disk"));
     scfg.models.push(ModelConfig {
         mmio_base: Some(STORE_GPA),
         backing: Some(image.clone()),
