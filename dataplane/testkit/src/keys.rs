@@ -18,6 +18,31 @@ pub fn client_key(client: u32) -> ClientKey {
     ClientKey(TagKey::new(1, bytes))
 }
 
+/// A client daemon's CLIENT.toml `[client]` section (client `client`
+/// sending from `bind`, tagged with [`client_key`]) and its one
+/// `[[servers]]` entry (server `server` at `addr`): what a test's
+/// configuration starts with, its `[[vms]]` to follow.
+pub fn client_toml_header(
+    client: u32,
+    bind: std::net::Ipv4Addr,
+    server: u32,
+    addr: std::net::SocketAddrV4,
+) -> String {
+    format!(
+        r#"
+[client]
+id = {client}
+bind = "{bind}"
+tag_key = "{key}"
+
+[[servers]]
+id = {server}
+address = "{addr}"
+"#,
+        key = client_key(client).to_config_string(),
+    )
+}
+
 /// [`client_key`] as an engine holds it.
 pub fn client_ring(client: u32) -> KeyRing {
     KeyRing::new(client_key(client).0)

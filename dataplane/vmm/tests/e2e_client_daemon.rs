@@ -207,21 +207,27 @@ fn interrupt(mut guard: ChildGuard, lines: Lines) -> Vec<String> {
 /// A CLIENT.toml's `[client]` (tagged with the test key) and its one
 /// `[[servers]]` entry, the server on the topology's server side.
 fn client_header(topo: &Topology) -> String {
-    format!(
-        r#"
-[client]
-id = {CLIENT}
-bind = "{client}"
-tag_key = "{key}"
-
-[[servers]]
-id = {SERVER}
-address = "{server}:{PORT}"
-"#,
-        key = devplane_testkit::keys::client_key(CLIENT).to_config_string(),
-        client = topo.client_ip(),
-        server = topo.server_ip(),
+    devplane_testkit::keys::client_toml_header(
+        CLIENT,
+        topo.client_ip(),
+        SERVER,
+        std::net::SocketAddrV4::new(topo.server_ip(), PORT),
     )
+}
+
+/// VM `vm`'s state in `dpctl --json vms running` once it has stopped,
+/// polled every 50 ms for at most `within`.
+fn until_stopped(sock: &Path, vm: u64, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let list = ok_json(sock, &["vms", "running"]);
+        let state = state_of(&list, vm).clone();
+        if state["state"] == "stopped" {
+            return state;
+        }
+        assert!(Instant::now() < deadline, "VM {vm} never finished: {list}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The state of VM `vm` in `dpctl --json vms running`.
@@ -762,16 +768,7 @@ place = "remote:{SERVER}"
     assert_eq!(running["state"], "running", "{list}");
     let so_far = running["failed"].as_u64().unwrap();
     assert!((1..=writes).contains(&so_far), "{list}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let vm = loop {
-        let list = ok_json(&sock, &["vms", "running"]);
-        let vm = state_of(&list, 1).clone();
-        if vm["state"] == "stopped" {
-            break vm;
-        }
-        assert!(Instant::now() < deadline, "VM 1 never finished: {list}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let vm = until_stopped(&sock, 1, Duration::from_secs(20));
     // Three writes and the final read failed; the read returned all-ones.
     assert_eq!(vm["failed"], writes + 1, "{vm}");
     assert_eq!(vm["ended"][0]["failed"], writes + 1, "{vm}");
@@ -996,6 +993,18 @@ fn a_vms_remote_disk_is_reported_by_dpctl() {
     });
     let server = ServerThread::spawn(scfg, Some(topo.server_netns())).expect("server starts");
     let cfg = dir.0.join("client.toml");
+    // Both VMs' disk: the blockstore on the server.
+    let disk_device = format!(
+        r#"
+[[vms.devices]]
+space = "pio"
+base = {IO_BASE:#x}
+len = 0x80
+model = 4
+place = "virtio-blk:{SERVER}"
+disk = {{ store = {STORE}, gpa = {STORE_GPA:#x}, irq = 5 }}
+"#
+    );
     std::fs::write(
         &cfg,
         format!(
@@ -1004,15 +1013,7 @@ fn a_vms_remote_disk_is_reported_by_dpctl() {
 id = 1
 hypervisor = {HV}
 guest = {{ kind = "virtio-blk-check", io_base = {IO_BASE:#x}, sector = {SECTOR}, write = true, seed = {SEED} }}
-
-[[vms.devices]]
-space = "pio"
-base = {IO_BASE:#x}
-len = 0x80
-model = 4
-place = "virtio-blk:{SERVER}"
-disk = {{ store = {STORE}, gpa = {STORE_GPA:#x}, irq = 5 }}
-
+{disk}
 [[vms]]
 id = 2
 hypervisor = {HV}
@@ -1024,15 +1025,8 @@ base = {PIO_BASE:#x}
 len = 0x10
 model = 5
 place = "local:counter"
-
-[[vms.devices]]
-space = "pio"
-base = {IO_BASE:#x}
-len = 0x80
-model = 4
-place = "virtio-blk:{SERVER}"
-disk = {{ store = {STORE}, gpa = {STORE_GPA:#x}, irq = 5 }}
-"#,
+{disk}"#,
+            disk = disk_device,
             header = client_header(&topo),
         ),
     )
@@ -1040,16 +1034,7 @@ disk = {{ store = {STORE}, gpa = {STORE_GPA:#x}, irq = 5 }}
     let sock = dir.0.join("client.sock");
     let (guard, lines) = start_daemon(&topo, &cfg, &sock);
     ok(&sock, &["vms", "launch", "1"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let vm = loop {
-        let list = ok_json(&sock, &["vms", "running"]);
-        let vm = state_of(&list, 1).clone();
-        if vm["state"] == "stopped" {
-            break vm;
-        }
-        assert!(Instant::now() < deadline, "VM 1 never finished: {list}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let vm = until_stopped(&sock, 1, Duration::from_secs(30));
     assert_eq!(
         vm["ended"][0]["value"],
         devplane_vmm::guests::VIRTIO_CHECK_OK,
@@ -1107,11 +1092,7 @@ disk = {{ store = {STORE}, gpa = {STORE_GPA:#x}, irq = 5 }}
         }
         other => panic!("a running VM's disk moved: {other:?}"),
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while state_of(&ok_json(&sock, &["vms", "running"]), 2)["state"] != "stopped" {
-        assert!(Instant::now() < deadline, "VM 2 never finished");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    until_stopped(&sock, 2, Duration::from_secs(60));
     assert!(
         matches!(retarget(), Response::Retargeted { .. }),
         "a stopped VM's disk is moved for its next launch"

@@ -115,16 +115,7 @@ fn server_toml(topo: &Topology, pin_dir: &str) -> String {
 
 fn client_toml(topo: &Topology) -> String {
     format!(
-        r#"
-[client]
-id = {CLIENT}
-bind = "{client}"
-tag_key = "{key}"
-
-[[servers]]
-id = {SERVER}
-address = "{server}:{PORT}"
-
+        r#"{header}
 [[vms]]
 id = {VM}
 hypervisor = {HV}
@@ -137,9 +128,12 @@ len = 8
 model = {UART}
 place = "remote:{SERVER}"
 "#,
-        key = devplane_testkit::keys::client_key(CLIENT).to_config_string(),
-        client = topo.client_ip(),
-        server = topo.server_ip(),
+        header = devplane_testkit::keys::client_toml_header(
+            CLIENT,
+            topo.client_ip(),
+            SERVER,
+            std::net::SocketAddrV4::new(topo.server_ip(), PORT),
+        ),
         stop = b'~',
     )
 }
