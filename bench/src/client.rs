@@ -144,7 +144,7 @@ pub fn run(rig: &mut Rig, iters: u32, parts: Parts, notes: &mut Vec<String>) -> 
     for (name, other) in [
         ("pio-engine", Drain::Engine),
         ("pio-direct", Drain::Direct),
-        ("pio-direct-zc", Drain::DirectZc),
+        ("pio-engine-zc", Drain::EngineZc),
     ] {
         if other == drain || !parts.others {
             continue;

@@ -351,10 +351,10 @@ impl Rig {
                 // The engine thread spins only when it is the drainer; in
                 // direct mode it sleeps, leaving core 0 to the vCPU.
                 spin_budget: match drain {
-                    Drain::Engine => knob("DP_ENGINE_SPIN", 20_000),
+                    Drain::Engine | Drain::EngineZc => knob("DP_ENGINE_SPIN", 20_000),
                     _ => knob("DP_ENGINE_SPIN_DIRECT", 1),
                 },
-                zero_copy: drain == Drain::DirectZc,
+                zero_copy: drain == Drain::EngineZc,
                 direct_spin: Duration::from_micros(knob("DP_DIRECT_SPIN_US", 200) as u64),
                 tag_keys: self.tag_keys.clone(),
                 irqs_on_lanes: knob("DP_IRQ_ON_LANE", 1) != 0,
@@ -367,7 +367,7 @@ impl Rig {
             engine_core: Some(knob("DP_ENGINE_CORE", 0) as usize),
             vcpu_spin: knob("DP_VCPU_SPIN", 0),
             samples,
-            direct: drain != Drain::Engine,
+            direct: drain == Drain::Direct,
         };
         let start = Instant::now();
         let mut client = match &self.target {

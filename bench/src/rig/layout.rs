@@ -244,19 +244,19 @@ pub(crate) fn on_pinned_socket<T: Send>(
 pub enum Drain {
     /// One engine thread for every vCPU.
     Engine,
-    /// Each vCPU drives its own io_uring while it waits.
+    /// Each vCPU drives its own lane (plain socket calls) while it waits.
     Direct,
-    /// Direct, sending with SEND_ZC from the registered buffers.
-    DirectZc,
+    /// Engine, sending with SEND_ZC from the registered buffers.
+    EngineZc,
 }
 
 impl Drain {
-    /// The drain `DP_DRAIN` names (`engine`, `direct-zc`; anything else:
+    /// The drain `DP_DRAIN` names (`engine`, `engine-zc`; anything else:
     /// direct).
     pub fn from_env() -> Drain {
         match std::env::var("DP_DRAIN").as_deref() {
             Ok("engine") => Drain::Engine,
-            Ok("direct-zc") => Drain::DirectZc,
+            Ok("engine-zc") => Drain::EngineZc,
             _ => Drain::Direct,
         }
     }
@@ -266,7 +266,7 @@ impl Drain {
         match self {
             Drain::Engine => "engine",
             Drain::Direct => "direct",
-            Drain::DirectZc => "direct-zc",
+            Drain::EngineZc => "engine-zc",
         }
     }
 }

@@ -908,7 +908,7 @@ impl Transport for XskTransport {
     /// Transmits replies and interrupts in one batch per queue: onto the
     /// queue's TX ring, then kicked until the kernel has taken the ring's
     /// frames (also those an earlier turn left there). Interrupts go out
-    /// on the first queue.
+    /// on the first queue, ahead of that turn's replies.
     fn transmit(&mut self, stats: &WorkerStats) {
         let mut answered = 0u64;
         for (i, (q, scratch)) in self
@@ -919,10 +919,16 @@ impl Transport for XskTransport {
             .enumerate()
         {
             answered += scratch.replies.len() as u64;
-            scratch.pending.append(&mut scratch.replies);
+            // Interrupts (and the worker's own frames) before the turn's
+            // answers: an interrupt raised by a synchronous access then
+            // reaches the client before the answer the vCPU waits for, so
+            // that the vCPU's thread, which reads the interrupt sockets
+            // right after its answer, injects it itself before it enters
+            // its guest again (`dpbench --scenario irq`).
             if i == 0 {
                 scratch.pending.append(&mut self.irq_descs);
             }
+            scratch.pending.append(&mut scratch.replies);
             if !scratch.pending.is_empty() {
                 let sent = push_tx(&mut q.tx, &scratch.pending);
                 scratch.in_flight += sent as u32;

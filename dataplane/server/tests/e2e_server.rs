@@ -522,6 +522,39 @@ fn run(mode: Mode, tag: &str) {
     c.expect_silence(50);
     wait_for(&srv, "interrupts sent", |s| s.workers[0].irqs_sent == 5);
 
+    // XDP mode sends a turn's interrupts ahead of its answers
+    // (`XskTransport::transmit`): a client reading the answer of the
+    // access that raised an interrupt finds the interrupt already there
+    // (a direct-mode vCPU reads its interrupt sockets right behind its
+    // answer). The socket transport answers inside its receive, first.
+    let rec = [c.request(Access::PioOut {
+        port: PIO_A + REG_IRQ as u16,
+        size: AccessSize::B1,
+        data: 1,
+    })];
+    c.send_raw(&c.encode(MODEL_A, CLIENT, &rec));
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let m = c.recv_fresh(&c.sock, &mut rbuf);
+        let d = Datagram::parse(&rbuf[..m]).expect("parses");
+        kinds.push(d.kind());
+        if d.kind() == Kind::Interrupt {
+            for r in d.records() {
+                if let Record::Interrupt(i) = r {
+                    c.irq_seen.set(c.irq_seen.get().max(i.seq));
+                }
+            }
+            c.acknowledge(&c.sock, &d);
+        }
+    }
+    let want = match mode {
+        Mode::Xdp => [Kind::Interrupt, Kind::Response],
+        _ => [Kind::Response, Kind::Interrupt],
+    };
+    assert_eq!(kinds, want, "in {mode:?} mode");
+    c.expect_silence(50);
+    wait_for(&srv, "interrupts sent", |s| s.workers[0].irqs_sent == 6);
+
     // Bad traffic: none of it may reach a worker.
     let before = srv.snapshot();
     let one = [c.request(pio_write(1))];

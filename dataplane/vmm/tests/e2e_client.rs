@@ -324,7 +324,8 @@ fn direct_mode_pio_and_mmio_reach_remote_models() {
 
 #[test]
 fn zero_copy_sends_reach_remote_models() {
-    pio_and_mmio_zc(true, true, "zero_copy_sends_reach_remote_models", "zpm");
+    // Engine lanes: a direct lane sends with plain `sendto`.
+    pio_and_mmio_zc(false, true, "zero_copy_sends_reach_remote_models", "zpm");
 }
 
 fn pio_and_mmio(direct: bool, test: &str, tag: &str) {
@@ -750,6 +751,12 @@ fn interrupts_under_loss(direct: bool, test: &str, tag: &str) {
     let e = client.engine().expect("engine").stats();
     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(done(&reports[0]), want as u32, "the guest's handler count");
+    // The thread that injects counts right after the injection, which may
+    // let the guest run to its end first: give the count a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while load(&e.irqs) < want as u64 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert_eq!(load(&e.irqs), want as u64, "each interrupt applied once");
     assert!(load(&e.loss_rx) > 0 && load(&e.loss_tx) > 0);
     let s = rig.snapshot();

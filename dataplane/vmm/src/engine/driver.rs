@@ -124,23 +124,20 @@ pub(crate) struct Cell {
 /// exit involves no other thread of the client (the 2-core choice: two
 /// spinners, the vCPU and the server worker).
 ///
-/// The lane's io_uring is *owned* by the vCPU thread (Linux 6.1+:
-/// `IORING_SETUP_DEFER_TASKRUN` with `SINGLE_ISSUER`): received datagrams are completed only when that
-/// thread enters the ring, never by task work that interrupts whichever
-/// thread runs (without it, every answer cost the waiting vCPU an
-/// inter-processor interrupt: 20 us instead of 8 us for a round trip on the
-/// development machine). Nothing the guest waits for arrives on the lane
-/// while the vCPU runs its guest: its requests name the engine's interrupt
-/// socket ([`super::Lane::irq_ports`]), so interrupts go there and the engine
-/// injects them; what does arrive (the acknowledgement of a posted write)
-/// is reaped at the vCPU's next exit. The engine kicks the vCPU out of
+/// A direct lane has no io_uring: its vCPU thread calls `sendto` and a
+/// non-blocking `recv` on the lane's sockets itself (a ring cost its round
+/// trip ~1.3 us: see `lane`), so nothing is received behind its back and
+/// no other thread is woken for its answers. Nothing the guest waits for
+/// arrives on the lane while the vCPU runs its guest: its requests name
+/// the engine's interrupt socket ([`super::Lane::irq_ports`]), so
+/// interrupts go there and the engine injects them (unless the vCPU read
+/// them first, right behind the answer of the access that raised them,
+/// [`super::EngineConfig::irqs_on_lanes`]); what does arrive (the
+/// acknowledgement of a posted write) waits in the socket's buffer for the
+/// vCPU's next exit. The engine kicks the vCPU out of
 /// `KVM_RUN` ([`Driver::attach`]'s waker) only when a datagram in flight is
 /// due for retransmission, and the vCPU services its lane
-/// ([`Driver::service`]) before it enters the guest again. (An eventfd
-/// registered with the ring would have said when something arrived, but
-/// on Linux 6.18 it is signalled for every completion whatever
-/// `IORING_CQ_EVENTFD_DISABLED` says, which woke the engine for every
-/// answer.)
+/// ([`Driver::service`]) before it enters the guest again.
 #[derive(Clone)]
 pub struct Driver {
     pub(crate) cell: Arc<Cell>,
@@ -150,7 +147,7 @@ pub struct Driver {
 
 impl Driver {
     /// Called once on the vCPU's own thread before it runs its guest: the
-    /// thread takes the lane's ring and arms its receives.
+    /// lane starts (a direct lane has no ring to take or arm).
     /// `waker` makes this vCPU call [`Driver::service`] soon (a kick out of
     /// `KVM_RUN`).
     pub fn attach(&self, waker: Waker) -> Result<(), EngineError> {
@@ -173,19 +170,16 @@ impl Driver {
         }
     }
 
-    /// Stops driving (before entering the guest): what arrived meanwhile
-    /// is reaped now and the engine learns when the lane's next
-    /// retransmission is due.
+    /// Stops driving (before entering the guest): the engine learns when
+    /// the lane's next retransmission is due. (What arrives from now on
+    /// waits in the sockets' buffers for the next step.)
     pub fn end(&self) {
         let c = &self.cell;
-        let Ok(mut l) = c.lp.lock() else {
+        let Ok(l) = c.lp.lock() else {
             c.driving.store(false, Ordering::SeqCst);
             return;
         };
         c.driving.store(false, Ordering::SeqCst);
-        if l.pending() {
-            let _ = l.step(true);
-        }
         let due = l.next_due();
         drop(l);
         c.due.store(due, Ordering::SeqCst);

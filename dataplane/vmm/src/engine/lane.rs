@@ -1,8 +1,21 @@
-//! A lane's io_uring side: it drains the exit rings of its vCPUs into the
-//! [`Protocol`], carries out what the protocol asks ([`LaneIo`]: sends from
-//! registered buffers, answers into exit rings, interrupt injection,
-//! acknowledgements) and feeds it what the multishot receives bring. It
-//! only moves bytes; every decision is the protocol's.
+//! A lane's I/O side: it drains the exit rings of its vCPUs into the
+//! [`Protocol`], carries out what the protocol asks ([`LaneIo`]: sends,
+//! answers into exit rings, interrupt injection, acknowledgements) and
+//! feeds it what arrives. It only moves bytes; every decision is the
+//! protocol's.
+//!
+//! An engine lane (one thread for many vCPUs, and the interrupt lane)
+//! moves them through an io_uring: sends from registered buffers, many per
+//! `io_uring_enter`, and multishot receives into provided buffers. A
+//! direct lane (one vCPU, stepped by its own thread while it waits for its
+//! answer) has no ring: it calls `sendto` and a non-blocking `recv` on its
+//! sockets, as the serial floor `exit-udp-floor` does. Written by hand
+//! where a crate was the choice because the ring cost latency there,
+//! measured: with a ring, a direct lane's round trip took ~1.3 us longer
+//! than the same round trip with plain calls (an `io_uring_enter` for the
+//! send, another to run the receive's deferred work, a provided buffer
+//! given back per answer), per-exit stage timestamps over 20,000 exits
+//! (bench/README.md, "The tail judgement, measured").
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
@@ -21,6 +34,10 @@ use super::stats::{EngineStats, add};
 use super::{EngineConfig, EngineError, Injector, Lane};
 use crate::ring::ExitRing;
 
+/// The most datagrams a direct lane takes from one socket per step: what
+/// a flood on its socket costs its vCPU per step is bounded; the rest wait
+/// in the socket's buffer (whose size bounds them) for the next step.
+pub(crate) const PLAIN_RECV_MAX: usize = 64;
 const UD_SEND: u64 = 1 << 56;
 const UD_RECV: u64 = 2 << 56;
 const UD_PROVIDE: u64 = 3 << 56;
@@ -31,8 +48,10 @@ const ENTER_GETEVENTS: u32 = 1;
 /// What the protocol's effects need: the ring, the sockets, the send
 /// buffers, the vCPUs' exit rings and the VMs' injectors.
 pub(crate) struct LaneIo {
-    /// First field: dropped before the buffers registered with it.
-    ring: IoUring,
+    /// First field: dropped before the buffers registered with it. `None`
+    /// for a direct lane, which uses plain socket calls (see the module's
+    /// documentation).
+    ring: Option<IoUring>,
     sockets: Vec<UdpSocket>,
     /// Per socket: connected to its server.
     connected: Vec<bool>,
@@ -57,20 +76,28 @@ pub(crate) struct LaneIo {
     zero_copy: bool,
     /// A direct lane (stepped by its vCPU's thread).
     direct: bool,
+    /// Set when an answer is handed to an exit ring: a direct lane's
+    /// receive stops there, so that its vCPU takes the answer before it
+    /// makes another system call.
+    completed: bool,
     stats: Arc<EngineStats>,
 }
 
 impl LaneIo {
     fn push(&mut self, e: squeue::Entry) -> Result<(), EngineError> {
+        let Some(ring) = self.ring.as_mut() else {
+            // A direct lane queues nothing: its calls are made at once.
+            return Ok(());
+        };
         loop {
             // SAFETY: the buffers an entry points at (receive pools, send
             // buffers) live in the `Loop` until the entry completes: send
             // buffers are only recycled on their completion, the rest for
             // the whole loop, which drops the ring first.
-            if unsafe { self.ring.submission().push(&e) }.is_ok() {
+            if unsafe { ring.submission().push(&e) }.is_ok() {
                 return Ok(());
             }
-            self.ring.submit().map_err(EngineError::Submit)?;
+            ring.submit().map_err(EngineError::Submit)?;
         }
     }
 
@@ -86,10 +113,42 @@ impl LaneIo {
             self.free_send.push(id);
         }
     }
+
+    /// A direct lane's send: one `sendto`, which never blocks (a full
+    /// socket buffer is a counted send error; the retransmission timer
+    /// sends the datagram again).
+    fn send_plain(&mut self, socket: usize, datagram: &[u8]) {
+        let fd = self.sockets[socket].as_raw_fd();
+        // Through an owner server: sent to it (see `send`).
+        let (dest, dest_len) = match self.via.get(socket) {
+            Some((a, l, true)) => ((a as *const libc::sockaddr_storage).cast(), *l),
+            _ => (std::ptr::null(), 0),
+        };
+        // SAFETY: `datagram` is valid for its length; `dest` is null or
+        // points at a `sockaddr_storage` of `dest_len` valid bytes in
+        // `self.via`, which outlives the call.
+        let r = unsafe {
+            libc::sendto(
+                fd,
+                datagram.as_ptr().cast(),
+                datagram.len(),
+                libc::MSG_DONTWAIT,
+                dest,
+                dest_len,
+            )
+        };
+        if r < 0 {
+            add(&self.stats.send_errors, 1);
+        }
+    }
 }
 
 impl Io for LaneIo {
     fn send(&mut self, socket: usize, datagram: &[u8]) -> Result<(), EngineError> {
+        if self.ring.is_none() {
+            self.send_plain(socket, datagram);
+            return Ok(());
+        }
         // The protocol may retire its datagram before the send completes:
         // send from a registered buffer held until its completion.
         let Some(id) = self.free_send.pop() else {
@@ -127,6 +186,7 @@ impl Io for LaneIo {
 
     fn complete(&mut self, vcpu: usize, slot: u64, status: u8, data: u64) {
         self.rings[vcpu].complete(slot, status, data);
+        self.completed = true;
     }
 
     fn inject(&mut self, vm: u32, line: u32, action: IrqAction) -> bool {
@@ -216,8 +276,10 @@ pub(crate) struct Loop {
     /// Declared before `recv_bufs`: its ring is dropped first.
     io: LaneIo,
     proto: Protocol,
-    /// One receive pool per socket, provided to the kernel.
+    /// One receive pool per socket, provided to the kernel (a ring lane).
     recv_bufs: Vec<Box<[u8]>>,
+    /// What a direct lane receives into, one datagram at a time.
+    scratch: Box<[u8]>,
     /// Per vCPU: the exit-ring index up to which requests were taken.
     tails: Vec<u64>,
     retransmit: Duration,
@@ -256,14 +318,15 @@ pub(crate) struct Retargets {
 }
 
 impl Loop {
-    /// The loop of `lane` over `ring`. The ring is owned by the one thread
+    /// The loop of `lane` over `ring`, or over plain socket calls (`None`,
+    /// a direct lane). The ring is owned by the one thread
     /// that steps it (`IORING_SETUP_DEFER_TASKRUN | SINGLE_ISSUER |
     /// TASKRUN_FLAG`, enabled by that thread in [`Loop::start`]): what the
     /// kernel received is completed only when that thread enters the ring,
     /// and `IORING_SQ_TASKRUN` says when to.
     pub(crate) fn new(
         cfg: &EngineConfig,
-        ring: IoUring,
+        ring: Option<IoUring>,
         lane: Lane,
         stats: Arc<EngineStats>,
         keys: super::LiveKeys,
@@ -287,7 +350,11 @@ impl Loop {
                 models: p.models.clone(),
             })
             .collect();
-        let (send_pool, registered) = ring_setup::send_pool(&ring);
+        let (send_pool, registered) = match &ring {
+            Some(r) => ring_setup::send_pool(r),
+            None => (Box::default(), false),
+        };
+        let plain = ring.is_none();
         // The server each socket is connected to: the kernel takes
         // datagrams on it only from that address and port.
         let socket_servers: Vec<Option<u32>> = lane
@@ -326,11 +393,19 @@ impl Loop {
         proto.share_irqs(irqs);
         Loop {
             proto,
-            recv_bufs: lane
-                .sockets
-                .iter()
-                .map(|_| ring_setup::recv_pool())
-                .collect(),
+            recv_bufs: if plain {
+                Vec::new()
+            } else {
+                lane.sockets
+                    .iter()
+                    .map(|_| ring_setup::recv_pool())
+                    .collect()
+            },
+            scratch: if plain {
+                vec![0u8; BUF_SIZE].into_boxed_slice()
+            } else {
+                Box::default()
+            },
             tails: vec![0; lane.vcpus.len()],
             io: LaneIo {
                 ring,
@@ -341,10 +416,15 @@ impl Loop {
                 rings: lane.vcpus.into_iter().map(|p| p.ring).collect(),
                 injectors: lane.injectors,
                 send_pool,
-                free_send: (0..SEND_BUFS).rev().collect(),
+                free_send: if plain {
+                    Vec::new()
+                } else {
+                    (0..SEND_BUFS).rev().collect()
+                },
                 registered,
                 zero_copy: cfg.zero_copy,
                 direct: lane.direct,
+                completed: false,
                 stats,
             },
             retransmit: cfg.retransmit,
@@ -379,19 +459,21 @@ impl Loop {
         self.io.push(e)
     }
 
-    /// Takes the ring for the calling thread, provides the receive
-    /// buffers and arms the multishot receives. The thread that calls this
-    /// is the one io_uring runs receive work on (task work goes to the
-    /// submitter): the engine thread for the engine's lane, the vCPU thread
-    /// for a direct lane.
+    /// Takes the ring for the calling thread (the engine thread: io_uring
+    /// runs receive work on it), provides the receive buffers and arms the
+    /// multishot receives. A direct lane has nothing to start.
     pub(crate) fn start(&mut self) -> Result<(), EngineError> {
         if self.started {
             return Ok(());
         }
+        let Some(ring) = self.io.ring.as_ref() else {
+            // A direct lane: nothing to arm; its sockets are read when it
+            // steps.
+            self.started = true;
+            return Ok(());
+        };
         // The kernel records this thread as the ring's single issuer.
-        self.io
-            .ring
-            .submitter()
+        ring.submitter()
             .register_enable_rings()
             .map_err(EngineError::EnableRing)?;
         for s in 0..self.recv_bufs.len() {
@@ -412,7 +494,9 @@ impl Loop {
     /// kernel received) so that their completions can be reaped. Nothing
     /// when nothing is queued and nothing waits.
     fn enter(&mut self) -> Result<(), EngineError> {
-        let ring = &mut self.io.ring;
+        let Some(ring) = self.io.ring.as_mut() else {
+            return Ok(());
+        };
         let to_submit = ring.submission().len() as u32;
         if to_submit == 0 && !ring.submission().taskrun() {
             return Ok(());
@@ -448,7 +532,12 @@ impl Loop {
     /// retransmission is due or `max` (submitting what is queued first).
     /// Interrupted or timed out, it just returns: the next step sees.
     pub(crate) fn block(&mut self, max: Duration) {
-        if !self.io.ring.completion().is_empty() {
+        if self
+            .io
+            .ring
+            .as_mut()
+            .is_some_and(|r| !r.completion().is_empty())
+        {
             return;
         }
         // Nothing in flight: nothing to wait for but a stray answer; wake
@@ -457,20 +546,63 @@ impl Loop {
             None => max.min(self.retransmit),
             Some(due) => max.min(Duration::from_nanos(due.saturating_sub(now_ns()))),
         };
-        let ts = types::Timespec::from(wait);
-        let args = types::SubmitArgs::new().timespec(&ts);
-        let _ = self.io.ring.submitter().submit_with_args(1, &args);
+        match self.io.ring.as_mut() {
+            Some(ring) => {
+                let ts = types::Timespec::from(wait);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                let _ = ring.submitter().submit_with_args(1, &args);
+            }
+            None => self.poll_sockets(wait),
+        }
+    }
+
+    /// A direct lane's sleep: until one of its sockets has a datagram, or
+    /// `wait` passes (or a signal: the engine's kick).
+    fn poll_sockets(&mut self, wait: Duration) {
+        // At most a handful of sockets (one per server): on the stack
+        // would need a bound; this sleep follows a spin of
+        // `direct_spin`, so one small allocation does not show.
+        let mut fds: Vec<libc::pollfd> = self
+            .io
+            .sockets
+            .iter()
+            .map(|s| libc::pollfd {
+                fd: s.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let ts = libc::timespec {
+            tv_sec: wait.as_secs() as libc::time_t,
+            tv_nsec: libc::c_long::from(wait.subsec_nanos() as i32),
+        };
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfds and `ts` a
+        // valid timespec, both live across the call; no signal mask.
+        unsafe {
+            libc::ppoll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                &ts,
+                std::ptr::null(),
+            )
+        };
     }
 
     /// Whether the kernel holds deferred work (received datagrams) for
     /// this ring.
     pub(crate) fn pending(&mut self) -> bool {
-        self.io.ring.submission().taskrun()
+        self.io
+            .ring
+            .as_mut()
+            .is_some_and(|r| r.submission().taskrun())
     }
 
     /// Whether entries wait in the submission queue.
     pub(crate) fn queued(&mut self) -> bool {
-        !self.io.ring.submission().is_empty()
+        self.io
+            .ring
+            .as_mut()
+            .is_some_and(|r| !r.submission().is_empty())
     }
 
     /// Applies the retargets asked since the last call (see
@@ -538,11 +670,15 @@ impl Loop {
         }
         self.apply_retargets();
         let now = now_ns();
-        let mut work = self.drain_rings(now)?.0;
+        let (mut work, sent) = self.drain_rings(now)?;
         work |= self.proto.retransmit(now, &mut self.io)?;
         work |= self.proto.announce(now, &mut self.io);
         self.enter()?;
-        if self.reap(owner)? {
+        // A direct lane that has just sent a request does not look for its
+        // answer in the same step (it cannot be back yet, and the look is a
+        // system call); the next step does.
+        let look = self.io.ring.is_some() || !sent;
+        if look && self.reap(owner)? {
             work = true;
             // An answered datagram lets the requests queued behind it go
             // now: the thread stepping may not step again soon (a vCPU
@@ -601,13 +737,14 @@ impl Loop {
 
     /// Handles every completion posted; whether there was any.
     fn reap(&mut self, owner: bool) -> Result<bool, EngineError> {
+        let Some(ring) = self.io.ring.as_mut() else {
+            return Ok(self.recv_plain());
+        };
         // Reused scratch: no allocation per step.
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.clear();
         cqes.extend(
-            self.io
-                .ring
-                .completion()
+            ring.completion()
                 .map(|c| (c.user_data(), c.result(), c.flags())),
         );
         let r = cqes
@@ -627,6 +764,77 @@ impl Loop {
         // entry (the next request, or a service after an arrival), saving a
         // system call per answer.
         Ok(work)
+    }
+
+    /// A direct lane's receive: what waits on its sockets, in order (its
+    /// servers' sockets, then the interrupt sockets), each datagram parsed
+    /// in place, at most [`PLAIN_RECV_MAX`] per socket, until one answers a
+    /// request. Its vCPU may be waiting for that answer, so only the
+    /// interrupt sockets ([`super::EngineConfig::irqs_on_lanes`]) are read
+    /// after it, for an interrupt the access raised (the server sends a
+    /// turn's interrupts ahead of its answers), which the vCPU then
+    /// injects before it enters its guest. No socket starves: what stops a
+    /// step early is an answer, and each (vCPU, model) has at most one
+    /// datagram in flight. Whether there was any. Never blocks.
+    fn recv_plain(&mut self) -> bool {
+        let n_socks = self.io.sockets.len();
+        let mut any = false;
+        for sock in 0..n_socks {
+            let (read, answered) = self.recv_socket(sock, true);
+            any |= read;
+            if answered {
+                for irq in 0..n_socks {
+                    if !self.io.connected[irq] {
+                        self.recv_socket(irq, false);
+                    }
+                }
+                break;
+            }
+        }
+        any
+    }
+
+    /// Reads socket `sock` until it is empty, [`PLAIN_RECV_MAX`]
+    /// datagrams, or (`stop_at_answer`) one that hands an answer to an
+    /// exit ring: (whether it read any, whether it stopped at an answer).
+    fn recv_socket(&mut self, sock: usize, stop_at_answer: bool) -> (bool, bool) {
+        let mut any = false;
+        let fd = self.io.sockets[sock].as_raw_fd();
+        for _ in 0..PLAIN_RECV_MAX {
+            // SAFETY: `scratch` is valid for writes of its length.
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    self.scratch.as_mut_ptr().cast(),
+                    self.scratch.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                match std::io::Error::last_os_error().raw_os_error() {
+                    // A port unreachable from an earlier send (connected
+                    // UDP) or a signal: read on.
+                    Some(libc::ECONNREFUSED | libc::EINTR) => continue,
+                    // Nothing more (EAGAIN), or an error the next step
+                    // meets again.
+                    _ => break,
+                }
+            }
+            any = true;
+            // Longer datagrams were cut to the buffer (as a ring lane's
+            // provided buffers cut them): they fail to parse, counted.
+            let n = (n as usize).min(self.scratch.len());
+            if n == 0 {
+                continue;
+            }
+            self.io.completed = false;
+            self.proto
+                .on_datagram(&self.scratch[..n], sock, &mut self.io);
+            if stop_at_answer && self.io.completed {
+                return (true, true);
+            }
+        }
+        (any, false)
     }
 
     /// A receive on socket `sock` completed: its datagram goes to the

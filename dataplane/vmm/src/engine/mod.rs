@@ -1,6 +1,8 @@
-//! The client's wire: *lanes* (an io_uring, its sockets, the exit rings of
-//! the vCPUs it serves) that drain exit rings into io_uring sends, receive
-//! answers and interrupts with multishot receive, match answers to their
+//! The client's wire: *lanes* (their sockets, the exit rings of the vCPUs
+//! they serve and, for the engine's lanes, an io_uring) that drain exit
+//! rings into sends, receive answers and interrupts (multishot receives on
+//! an engine lane's ring, plain non-blocking `recv` on a direct lane: see
+//! `lane`), match answers to their
 //! vCPU by (VM, vCPU, sequence) and wake it, retransmit what is not
 //! answered in time, and inject (and acknowledge) interrupts. In engine
 //! mode one engine thread runs one lane for every vCPU; in direct mode
@@ -16,7 +18,8 @@
 //! posted writes batch themselves under load.
 //!
 //! The rules of the wire are `protocol`'s, apart from any I/O; `lane`
-//! carries them out over io_uring; `driver` is how vCPUs reach a lane
+//! carries them out (over io_uring, or plain calls on a direct lane);
+//! `driver` is how vCPUs reach a lane
 //! and `thread` how the engine thread runs them.
 
 mod driver;
@@ -111,11 +114,12 @@ pub struct EngineConfig {
     pub horizon: Duration,
     /// Loss injection.
     pub loss: Loss,
-    /// Send with IORING_OP_SEND_ZC (zero copy from the registered send
-    /// buffers) instead of IORING_OP_SEND.
+    /// Engine lanes send with IORING_OP_SEND_ZC (zero copy from the
+    /// registered send buffers) instead of IORING_OP_SEND. Direct lanes
+    /// have no ring (they call `sendto`): it does not apply to them.
     pub zero_copy: bool,
     /// How long a vCPU that drives its lane spins for an answer before it
-    /// sleeps in `io_uring_enter` until one arrives (or a retransmission
+    /// sleeps in `ppoll` on its sockets until one arrives (or a retransmission
     /// is due): a round trip takes ~17 us on the development machine, a
     /// slow device (a disk's flush) milliseconds.
     pub direct_spin: Duration,
@@ -290,18 +294,25 @@ fn build_cell(
     irqs: &protocol::IrqSeen,
 ) -> Result<Arc<Cell>, EngineError> {
     let direct = lane.direct;
-    let ring = ring_setup::build_ring()?;
+    // A direct lane has no ring: its vCPU makes plain socket calls (see
+    // `lane`'s documentation for why).
+    let ring = if direct {
+        None
+    } else {
+        Some(ring_setup::build_ring()?)
+    };
     // The engine sleeps on the eventfd of the ring it owns and on that
     // lane's sockets (every arrival there is work for it), and on nothing
     // of a direct lane's (its vCPU reaps it).
-    let evfd = if direct {
-        None
-    } else {
-        let e = EventFd::new()?;
-        ring.submitter()
-            .register_eventfd(e.0)
-            .map_err(EngineError::RegisterEventFd)?;
-        Some(e)
+    let evfd = match &ring {
+        None => None,
+        Some(ring) => {
+            let e = EventFd::new()?;
+            ring.submitter()
+                .register_eventfd(e.0)
+                .map_err(EngineError::RegisterEventFd)?;
+            Some(e)
+        }
     };
     let wake_fd = evfd.as_ref().map(|e| e.0);
     // The sockets as well as the eventfd: on Linux 6.18 the eventfd of a
@@ -581,6 +592,9 @@ impl Drop for Engine {
         self.shutdown();
     }
 }
+
+#[cfg(test)]
+mod plain_tests;
 
 #[cfg(test)]
 mod yield_tests {

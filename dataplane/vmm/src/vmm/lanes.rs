@@ -121,10 +121,10 @@ fn interrupt_lane(
         // Also here: an interrupt from a server that does not know the
         // interrupt-port flag comes to the lane that spoke last.
         lane.injectors = injectors(handles);
-        // The vCPU's lane receives on the same sockets (a second multishot
-        // receive on each, from its own io_uring): whichever ring reaps a
-        // datagram first applies it, once (the engine's lanes share the
-        // interrupt numbers applied).
+        // The vCPU's lane receives on the same sockets (its thread reads
+        // them right behind an answer; the engine's ring has a multishot
+        // receive on each): whichever reads a datagram first applies it,
+        // once (the lanes share the interrupt numbers applied).
         if spec.engine.irqs_on_lanes {
             for s in &irq {
                 lane.sockets.push(

@@ -177,7 +177,7 @@ pub struct ClientSpec {
     pub vcpu_spin: u32,
     /// Keep this many exit-interval samples per vCPU (benchmarks; 0: none).
     pub samples: usize,
-    /// Direct mode: every vCPU has its own io_uring and sockets and drives
+    /// Direct mode: every vCPU has its own sockets (no io_uring) and drives
     /// them itself while it waits; the engine thread only looks after a
     /// vCPU's lane while the vCPU runs its guest. Otherwise one engine
     /// thread serves every vCPU.
