@@ -27,7 +27,7 @@ use std::time::Duration;
 use devplane_wire::IrqAction;
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
-use super::driver::now_ns;
+use super::driver::{now_ns, pollfd, wait_readable};
 use super::protocol::{Io, Peer, Protocol, Settings};
 use super::ring_setup::{self, BUF_SIZE, BUFS_PER_SOCKET, SEND_BUFS, SEND_SLOT};
 use super::stats::{EngineStats, add};
@@ -557,35 +557,17 @@ impl Loop {
     }
 
     /// A direct lane's sleep: until one of its sockets has a datagram, or
-    /// `wait` passes (or a signal: the engine's kick).
+    /// `wait` passes (or a signal: the engine's kick). One small
+    /// allocation (a pollfd per socket): this follows a spin of
+    /// `direct_spin`, where it does not show.
     fn poll_sockets(&mut self, wait: Duration) {
-        // At most a handful of sockets (one per server): on the stack
-        // would need a bound; this sleep follows a spin of
-        // `direct_spin`, so one small allocation does not show.
         let mut fds: Vec<libc::pollfd> = self
             .io
             .sockets
             .iter()
-            .map(|s| libc::pollfd {
-                fd: s.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
+            .map(|s| pollfd(s.as_raw_fd()))
             .collect();
-        let ts = libc::timespec {
-            tv_sec: wait.as_secs() as libc::time_t,
-            tv_nsec: libc::c_long::from(wait.subsec_nanos() as i32),
-        };
-        // SAFETY: `fds` is a valid array of `fds.len()` pollfds and `ts` a
-        // valid timespec, both live across the call; no signal mask.
-        unsafe {
-            libc::ppoll(
-                fds.as_mut_ptr(),
-                fds.len() as libc::nfds_t,
-                &ts,
-                std::ptr::null(),
-            )
-        };
+        wait_readable(&mut fds, wait);
     }
 
     /// Whether the kernel holds deferred work (received datagrams) for

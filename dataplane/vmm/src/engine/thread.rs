@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::EngineConfig;
-use super::driver::{Cell, Doorbell, now_ns};
+use super::driver::{Cell, Doorbell, now_ns, pollfd, wait_readable};
 use super::stats::{EngineStats, add};
 
 /// The engine's longest sleep with nothing to watch: a safety net only;
@@ -36,14 +36,6 @@ struct PollSet {
     fds: Vec<libc::pollfd>,
     /// The cell each fd after the doorbell's belongs to.
     cells: Vec<usize>,
-}
-
-fn pollfd(fd: libc::c_int) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    }
 }
 
 /// Whether the engine thread keeps off this lane: a direct lane (its
@@ -171,19 +163,7 @@ impl EngineThread {
             Duration::from_nanos(wake.saturating_sub(now))
         };
         self.doorbell.wake_at.store(wake, Ordering::SeqCst);
-        let ts = libc::timespec {
-            tv_sec: t.as_secs() as libc::time_t,
-            tv_nsec: t.subsec_nanos() as libc::c_long,
-        };
-        // SAFETY: `fds` and `ts` are valid for the call.
-        unsafe {
-            libc::ppoll(
-                polls.fds.as_mut_ptr(),
-                polls.fds.len() as libc::nfds_t,
-                &ts,
-                std::ptr::null(),
-            );
-        }
+        wait_readable(&mut polls.fds, t);
         self.doorbell.wake_at.store(0, Ordering::SeqCst);
         add(&self.stats.wakeups, 1);
         self.doorbell.efd.take();
