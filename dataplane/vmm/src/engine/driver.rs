@@ -160,8 +160,9 @@ pub(crate) struct Cell {
 /// arrives on the lane while the vCPU runs its guest: its requests name
 /// the engine's interrupt socket ([`super::Lane::irq_ports`]), so
 /// interrupts go there and the engine injects them (unless the vCPU read
-/// them first, right behind the answer of the access that raised them,
-/// [`super::EngineConfig::irqs_on_lanes`]); what does arrive (the
+/// them first: it reads those sockets too while it waits for the answer
+/// of the access that raised them, [`super::EngineConfig::irqs_on_lanes`]);
+/// what does arrive (the
 /// acknowledgement of a posted write) waits in the socket's buffer for the
 /// vCPU's next exit. The engine kicks the vCPU out of
 /// `KVM_RUN` ([`Driver::attach`]'s waker) only when a datagram in flight is
@@ -190,11 +191,16 @@ impl Driver {
         self.cell.driving.store(true, Ordering::SeqCst);
     }
 
-    /// Runs one engine iteration on this lane; `false` if nothing happened
-    /// (or the engine holds the lane right now).
+    /// Runs one engine iteration on this lane for a vCPU that waits for
+    /// an answer (its receive stops at the first answer); `false` if
+    /// nothing happened (or the engine holds the lane right now).
     pub fn step(&self) -> bool {
+        self.step_as(true)
+    }
+
+    fn step_as(&self, waiting: bool) -> bool {
         match self.cell.lp.try_lock() {
-            Ok(mut l) => l.step(true).unwrap_or(false),
+            Ok(mut l) => l.step(true, waiting).unwrap_or(false),
             Err(_) => false,
         }
     }
@@ -224,7 +230,7 @@ impl Driver {
     /// already, which `answered()` then says.
     pub fn sleep(&self, max: Duration, answered: impl Fn() -> bool) {
         if let Ok(mut l) = self.cell.lp.lock() {
-            let _ = l.step(true);
+            let _ = l.step(true, true);
             if !answered() {
                 l.block(max);
             }
@@ -237,11 +243,12 @@ impl Driver {
         self.spin
     }
 
-    /// Services the lane once (the vCPU was kicked): sends what is due,
-    /// reaps what arrived, injects interrupts.
+    /// Services the lane once (the vCPU was kicked): reads what arrived
+    /// (answers, acknowledgements, interrupts to inject), then sends what
+    /// is still due.
     pub fn service(&self) {
         self.begin();
-        self.step();
+        self.step_as(false);
         self.end();
     }
 
@@ -250,7 +257,7 @@ impl Driver {
     pub fn flush(&self, deadline: Instant) {
         self.begin();
         while self.cell.lp.lock().map(|l| l.busy()).unwrap_or(false) && Instant::now() < deadline {
-            self.step();
+            self.step_as(false);
             std::hint::spin_loop();
         }
         self.end();

@@ -77,9 +77,11 @@ pub(crate) struct LaneIo {
     /// A direct lane (stepped by its vCPU's thread).
     direct: bool,
     /// Set when an answer is handed to an exit ring: a direct lane's
-    /// receive stops there, so that its vCPU takes the answer before it
-    /// makes another system call.
+    /// receive, while its vCPU waits, stops there.
     completed: bool,
+    /// Sockets from this index on are the engine's interrupt sockets,
+    /// shared with this lane ([`super::Lane::irq_sockets`]).
+    irq_from: usize,
     stats: Arc<EngineStats>,
 }
 
@@ -355,6 +357,7 @@ impl Loop {
             None => (Box::default(), false),
         };
         let plain = ring.is_none();
+        let irq_from = lane.sockets.len().saturating_sub(lane.irq_sockets);
         // The server each socket is connected to: the kernel takes
         // datagrams on it only from that address and port.
         let socket_servers: Vec<Option<u32>> = lane
@@ -425,6 +428,7 @@ impl Loop {
                 zero_copy: cfg.zero_copy,
                 direct: lane.direct,
                 completed: false,
+                irq_from,
                 stats,
             },
             retransmit: cfg.retransmit,
@@ -638,7 +642,10 @@ impl Loop {
 
     /// One iteration: new requests out, due retransmissions out, one
     /// submit, completions in. Never blocks.
-    pub(crate) fn step(&mut self, owner: bool) -> Result<bool, EngineError> {
+    /// `waiting`: a vCPU waits for an answer on this (direct) lane now,
+    /// so its receive stops at the first answer; otherwise (a kick, a
+    /// flush) it reads everything that waits, before it resends anything.
+    pub(crate) fn step(&mut self, owner: bool, waiting: bool) -> Result<bool, EngineError> {
         if !self.started {
             if !owner {
                 return Ok(false);
@@ -652,14 +659,20 @@ impl Loop {
         }
         self.apply_retargets();
         let now = now_ns();
-        let (mut work, sent) = self.drain_rings(now)?;
+        let plain = self.io.ring.is_none();
+        // A direct lane nobody waits on (kicked for a retransmission, or
+        // flushing) reads what came while its guest ran before it resends:
+        // an answer already there is not resent for.
+        let mut work = plain && !waiting && self.recv_plain(false);
+        let (took, sent) = self.drain_rings(now)?;
+        work |= took;
         work |= self.proto.retransmit(now, &mut self.io)?;
         work |= self.proto.announce(now, &mut self.io);
         self.enter()?;
-        // A direct lane that has just sent a request does not look for its
-        // answer in the same step (it cannot be back yet, and the look is a
-        // system call); the next step does.
-        let look = self.io.ring.is_some() || !sent;
+        // A waiting direct lane that has just sent a request does not look
+        // for its answer in the same step (it cannot be back yet, and the
+        // look is a system call); the next step does.
+        let look = !plain || (waiting && !sent);
         if look && self.reap(owner)? {
             work = true;
             // An answered datagram lets the requests queued behind it go
@@ -720,7 +733,7 @@ impl Loop {
     /// Handles every completion posted; whether there was any.
     fn reap(&mut self, owner: bool) -> Result<bool, EngineError> {
         let Some(ring) = self.io.ring.as_mut() else {
-            return Ok(self.recv_plain());
+            return Ok(self.recv_plain(true));
         };
         // Reused scratch: no allocation per step.
         let mut cqes = std::mem::take(&mut self.cqes);
@@ -748,28 +761,25 @@ impl Loop {
         Ok(work)
     }
 
-    /// A direct lane's receive: what waits on its sockets, in order (its
-    /// servers' sockets, then the interrupt sockets), each datagram parsed
-    /// in place, at most [`PLAIN_RECV_MAX`] per socket, until one answers a
-    /// request. Its vCPU may be waiting for that answer, so only the
-    /// interrupt sockets ([`super::EngineConfig::irqs_on_lanes`]) are read
-    /// after it, for an interrupt the access raised (the server sends a
-    /// turn's interrupts ahead of its answers), which the vCPU then
-    /// injects before it enters its guest. No socket starves: what stops a
-    /// step early is an answer, and each (vCPU, model) has at most one
-    /// datagram in flight. Whether there was any. Never blocks.
-    fn recv_plain(&mut self) -> bool {
+    /// A direct lane's receive: what waits on its sockets, each datagram
+    /// parsed in place, at most [`PLAIN_RECV_MAX`] per socket, the
+    /// interrupt sockets first ([`super::EngineConfig::irqs_on_lanes`]),
+    /// then its servers'. With `stop_at_answer` (its vCPU waits for an
+    /// answer) it stops at the first datagram that answers a request: the
+    /// server sends a turn's interrupts ahead of its answers, so an
+    /// interrupt the access raised has been read (and is injected before
+    /// the vCPU enters its guest) by the time its answer is, and no system
+    /// call follows the answer. No socket starves: what stops a step early
+    /// is an answer, and each (vCPU, model) has at most one datagram in
+    /// flight. Whether there was any. Never blocks.
+    fn recv_plain(&mut self, stop_at_answer: bool) -> bool {
         let n_socks = self.io.sockets.len();
+        let irq_from = self.io.irq_from.min(n_socks);
         let mut any = false;
-        for sock in 0..n_socks {
-            let (read, answered) = self.recv_socket(sock, true);
+        for sock in (irq_from..n_socks).chain(0..irq_from) {
+            let (read, answered) = self.recv_socket(sock, stop_at_answer);
             any |= read;
             if answered {
-                for irq in 0..n_socks {
-                    if !self.io.connected[irq] {
-                        self.recv_socket(irq, false);
-                    }
-                }
                 break;
             }
         }
@@ -797,8 +807,9 @@ impl Loop {
                     // A port unreachable from an earlier send (connected
                     // UDP) or a signal: read on.
                     Some(libc::ECONNREFUSED | libc::EINTR) => continue,
-                    // Nothing more (EAGAIN), or an error the next step
-                    // meets again.
+                    // Nothing more (EAGAIN), or an error (it is cleared
+                    // by the call that returned it): the next step reads
+                    // on.
                     _ => break,
                 }
             }

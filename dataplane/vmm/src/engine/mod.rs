@@ -220,6 +220,11 @@ pub struct Lane {
     /// lane may have the engine's interrupt sockets after them
     /// ([`EngineConfig::irqs_on_lanes`]), on which it only receives.
     pub sockets: Vec<UdpSocket>,
+    /// How many of `sockets`, at its end, are the engine's interrupt
+    /// sockets (0 but for a direct lane with
+    /// [`EngineConfig::irqs_on_lanes`]): a waiting vCPU reads them before
+    /// its servers' sockets, every step.
+    pub irq_sockets: usize,
     /// The vCPUs it serves.
     pub vcpus: Vec<VcpuPort>,
     /// Interrupt injectors of the VMs whose interrupts may arrive here.
@@ -625,6 +630,7 @@ mod yield_tests {
                 irq_ports: Vec::new(),
                 servers: HashMap::new(),
                 via: HashMap::new(),
+                irq_sockets: 0,
             };
             let cfg = EngineConfig {
                 yield_to_vcpus: asked,

@@ -22,8 +22,8 @@ const MODEL: u32 = 100;
 const LINE: u32 = 5;
 
 /// A direct lane of one vCPU over loopback: its socket connected to
-/// `server`, and an interrupt socket (not connected) after it, as the
-/// client builds them with `irqs_on_lanes`.
+/// `server`, and an interrupt socket (also connected to it) after it, as
+/// the client builds them with `irqs_on_lanes`.
 struct Rig {
     engine: Engine,
     driver: Driver,
@@ -36,13 +36,21 @@ struct Rig {
 
 impl Rig {
     fn new() -> Rig {
+        // No retransmission within a test's few steps: each step sends
+        // only what the test asked for.
+        Rig::with_retransmit(Duration::from_secs(10))
+    }
+
+    fn with_retransmit(retransmit: Duration) -> Rig {
         let server = UdpSocket::bind("127.0.0.1:0").unwrap();
         server
             .set_read_timeout(Some(Duration::from_secs(2)))
             .unwrap();
         let lane_sock = UdpSocket::bind("127.0.0.1:0").unwrap();
         lane_sock.connect(server.local_addr().unwrap()).unwrap();
+        // Connected to the server, as the client's interrupt sockets are.
         let irq_sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        irq_sock.connect(server.local_addr().unwrap()).unwrap();
         let (lane_addr, irq_addr) = (
             lane_sock.local_addr().unwrap(),
             irq_sock.local_addr().unwrap(),
@@ -72,13 +80,12 @@ impl Rig {
             irq_ports: vec![irq_addr.port()],
             servers: HashMap::from([(SERVER, server.local_addr().unwrap())]),
             via: HashMap::new(),
+            irq_sockets: 1,
         };
-        // No retransmission within a test's few steps: each step sends
-        // only what the test asked for.
         let cfg = EngineConfig {
             client: CLIENT,
-            retransmit: Duration::from_secs(10),
-            retransmit_max: Duration::from_secs(10),
+            retransmit,
+            retransmit_max: retransmit,
             horizon: Duration::from_secs(30),
             ..EngineConfig::default()
         };
@@ -190,11 +197,12 @@ fn settle() {
     std::thread::sleep(Duration::from_millis(20));
 }
 
-/// The receive stops at the datagram that answers the vCPU: what comes
-/// behind it on the lane's socket waits for the next step, but the
-/// interrupt sockets are read right behind it, so the interrupt the access
-/// raised is injected (and acknowledged) before the vCPU goes back to its
-/// guest. And a step that has just sent does not look for answers.
+/// The receive reads the interrupt sockets first and stops at the
+/// datagram that answers the vCPU: the interrupt the access raised (sent
+/// ahead of the answer) is injected and acknowledged before the vCPU goes
+/// back to its guest, and what comes behind the answer on the lane's
+/// socket waits for the next step. And a step that has just sent does not
+/// look for answers.
 #[test]
 fn a_direct_lane_takes_its_answer_then_the_interrupts_behind_it() {
     let rig = Rig::new();
@@ -312,4 +320,36 @@ fn a_direct_lane_sleeps_until_its_answer_comes() {
         "the thread spun through its wait: {burnt:?} of CPU in {took:?}"
     );
     rig.driver.end();
+}
+
+/// A vCPU kicked to service its lane (a datagram due for retransmission
+/// while its guest ran) reads what arrived first: an answer already there
+/// is taken, not resent for, and everything waiting is read, not only up
+/// to the first answer.
+#[test]
+fn a_kicked_direct_lane_reads_before_it_resends() {
+    let rig = Rig::with_retransmit(Duration::from_millis(20));
+    let slot = rig.request(1);
+    assert_eq!(rig.take_request(), 1);
+    rig.driver.end();
+    rig.send_to_lane(&answer(1, 4));
+    rig.send_to_lane(b"a stray datagram behind the answer");
+    // Past the retransmission deadline, as when the engine kicks.
+    std::thread::sleep(Duration::from_millis(60));
+    rig.driver.service();
+    assert_eq!(rig.ring.try_take(slot), Some((Status::Ok as u8, 4)));
+    assert_eq!(
+        get(&rig.stats().retransmits),
+        0,
+        "resent an answered request"
+    );
+    assert_eq!(get(&rig.stats().malformed), 1, "stopped at the answer");
+    rig.server
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    assert!(
+        rig.server.recv_from(&mut buf).is_err(),
+        "the server got another datagram"
+    );
 }

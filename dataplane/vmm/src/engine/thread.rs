@@ -81,7 +81,7 @@ impl EngineThread {
                 continue;
             }
             if let Ok(mut l) = c.lp.try_lock() {
-                match l.step(!c.direct) {
+                match l.step(!c.direct, false) {
                     Ok(w) => work |= w,
                     Err(e) => eprintln!("devplane client engine: {e}"),
                 }

@@ -64,6 +64,7 @@ pub(super) fn wire(spec: &ClientSpec, vms: &[BuiltVm]) -> Result<Wiring, ClientE
             injectors: injectors(&handles),
             direct: false,
             irq_ports: Vec::new(),
+            irq_sockets: 0,
             servers,
             via,
         });
@@ -92,6 +93,7 @@ fn direct_lane(
         injectors: HashMap::new(),
         direct: true,
         irq_ports: Vec::new(),
+        irq_sockets: 0,
         servers: servers.clone(),
         via: via(spec),
     })
@@ -122,7 +124,7 @@ fn interrupt_lane(
         // interrupt-port flag comes to the lane that spoke last.
         lane.injectors = injectors(handles);
         // The vCPU's lane receives on the same sockets (its thread reads
-        // them right behind an answer; the engine's ring has a multishot
+        // them while it waits for an answer; the engine's ring has a multishot
         // receive on each): whichever reads a datagram first applies it,
         // once (the lanes share the interrupt numbers applied).
         if spec.engine.irqs_on_lanes {
@@ -132,6 +134,7 @@ fn interrupt_lane(
                         .map_err(io_err("share the interrupt socket"))?,
                 );
             }
+            lane.irq_sockets = irq.len();
         }
     }
     Ok(Lane {
@@ -140,6 +143,7 @@ fn interrupt_lane(
         injectors: injectors(handles),
         direct: false,
         irq_ports: Vec::new(),
+        irq_sockets: 0,
         servers: servers.clone(),
         // Only acknowledgements leave from here, straight to the server.
         via: HashMap::new(),

@@ -178,9 +178,10 @@ pub struct ClientSpec {
     /// Keep this many exit-interval samples per vCPU (benchmarks; 0: none).
     pub samples: usize,
     /// Direct mode: every vCPU has its own sockets (no io_uring) and drives
-    /// them itself while it waits; the engine thread only looks after a
-    /// vCPU's lane while the vCPU runs its guest. Otherwise one engine
-    /// thread serves every vCPU.
+    /// them itself while it waits; while the vCPU runs its guest the
+    /// engine thread only kicks it when one of its datagrams is due for
+    /// retransmission (and injects the interrupts it receives). Otherwise
+    /// one engine thread serves every vCPU.
     pub direct: bool,
 }
 
