@@ -74,8 +74,6 @@ pub(crate) struct LaneIo {
     free_send: Vec<usize>,
     registered: bool,
     zero_copy: bool,
-    /// A direct lane (stepped by its vCPU's thread).
-    direct: bool,
     /// Set when an answer is handed to an exit ring: a direct lane's
     /// receive, while its vCPU waits, stops there.
     completed: bool,
@@ -116,16 +114,22 @@ impl LaneIo {
         }
     }
 
+    /// Where a send on `socket` goes: its owner server's address while its
+    /// requests go through one ([`super::Lane::via`]), else nowhere named
+    /// (null: the server the socket is connected to).
+    fn dest(&self, socket: usize) -> (*const libc::sockaddr, libc::socklen_t) {
+        match self.via.get(socket) {
+            Some((a, l, true)) => ((a as *const libc::sockaddr_storage).cast(), *l),
+            _ => (std::ptr::null(), 0),
+        }
+    }
+
     /// A direct lane's send: one `sendto`, which never blocks (a full
     /// socket buffer is a counted send error; the retransmission timer
     /// sends the datagram again).
     fn send_plain(&mut self, socket: usize, datagram: &[u8]) {
         let fd = self.sockets[socket].as_raw_fd();
-        // Through an owner server: sent to it (see `send`).
-        let (dest, dest_len) = match self.via.get(socket) {
-            Some((a, l, true)) => ((a as *const libc::sockaddr_storage).cast(), *l),
-            _ => (std::ptr::null(), 0),
-        };
+        let (dest, dest_len) = self.dest(socket);
         // SAFETY: `datagram` is valid for its length; `dest` is null or
         // points at a `sockaddr_storage` of `dest_len` valid bytes in
         // `self.via`, which outlives the call.
@@ -165,10 +169,7 @@ impl Io for LaneIo {
         let fd = types::Fd(self.sockets[socket].as_raw_fd());
         // Through an owner server: sent to it, on the socket connected to
         // the server that answers.
-        let (dest, dest_len) = match self.via.get(socket) {
-            Some((a, l, true)) => ((a as *const libc::sockaddr_storage).cast(), *l),
-            _ => (std::ptr::null(), 0),
-        };
+        let (dest, dest_len) = self.dest(socket);
         let e = if self.zero_copy {
             let mut op = opcode::SendZc::new(fd, ptr, len as u32)
                 .dest_addr(dest)
@@ -196,7 +197,8 @@ impl Io for LaneIo {
             .injectors
             .get(&vm)
             .is_some_and(|inject| inject(line, action));
-        if ok && self.direct {
+        // A direct lane (no ring): its vCPU's thread injected it.
+        if ok && self.ring.is_none() {
             add(&self.stats.irqs_on_vcpu, 1);
         }
         ok
@@ -426,7 +428,6 @@ impl Loop {
                 },
                 registered,
                 zero_copy: cfg.zero_copy,
-                direct: lane.direct,
                 completed: false,
                 irq_from,
                 stats,
