@@ -341,10 +341,31 @@ pub fn targets(rows: &[Row]) -> Option<String> {
                 r.name,
                 ss.p99 as f64 / ss.p50 as f64,
             ));
+            // What moves a p99 that sits this close to the samples over 2x
+            // p50: their share, run by run (a burst of the machine shows
+            // as one run far above the others; bench/README.md).
+            if let (Some(a), Some(b)) = (slow_by_run(pio), slow_by_run(r)) {
+                note.push_str(&format!(
+                    "; samples over 2x p50 by run: remote-pio {a}, {} {b}",
+                    r.name
+                ));
+            }
         }
         None => note.push_str("; p99 not judged: no serial floor row in this run"),
     }
     Some(note)
+}
+
+/// `row`'s share of samples over twice its p50 in each repetition:
+/// `0.61% 0.66% 1.92%`. `None` without a repetition that has one.
+fn slow_by_run(row: &Row) -> Option<String> {
+    let shares: Vec<String> = row
+        .reps
+        .iter()
+        .filter_map(|r| r.slow)
+        .map(|s| format!("{:.2}%", s * 100.0))
+        .collect();
+    (!shares.is_empty()).then(|| shares.join(" "))
 }
 
 fn mmio_row(
@@ -501,5 +522,33 @@ mod tests {
         let n = targets(&r).unwrap();
         assert!(n.contains("p99 not judged"), "{n}");
         assert!(targets(&r[..2]).is_none());
+    }
+
+    /// The judgement names each run's share of samples over 2x p50, so a
+    /// run that a burst moved shows as the one far above the others.
+    #[test]
+    fn the_tail_judgement_shows_each_runs_slow_share() {
+        // One run's remote-pio has 2% of its samples at 2.5x its p50.
+        let merged = crate::report::merge_repetitions(vec![
+            rows(20_000, 20_000),
+            rows(40_000, 20_000),
+            rows(20_000, 20_000),
+        ]);
+        let n = targets(&merged).unwrap();
+        assert!(
+            n.contains(
+                "samples over 2x p50 by run: remote-pio 0.00% 2.00% 0.00%, \
+                 exit-udp-floor 0.00% 0.00% 0.00%"
+            ),
+            "{n}"
+        );
+        let rep = &merged.iter().find(|r| r.name == "remote-pio").unwrap().reps[1];
+        assert!((rep.slow.unwrap() - 0.02).abs() < 1e-3, "{rep:?}");
+        // A row without repetitions (not merged) names none.
+        let mut one = rows(20_000, 20_000);
+        for r in &mut one {
+            r.reps.clear();
+        }
+        assert!(!targets(&one).unwrap().contains("by run"));
     }
 }

@@ -151,13 +151,12 @@ fn parse_table(text: &str, irqs: bool) -> BTreeMap<(String, usize), u64> {
     out
 }
 
-/// The share of `h`'s samples slower than twice its p50, and their mean
-/// excess over the p50 in microseconds: `1.2% of samples > 2x p50, +14.0
-/// us each`.
-pub fn slow_share(h: &Latency) -> String {
+/// The share (0..1) of `h`'s samples slower than twice its p50; `None`
+/// without samples.
+pub fn slow_fraction(h: &Latency) -> Option<f64> {
     let s = h.summary();
     if s.count == 0 || s.p50 == 0 {
-        return "no samples".to_string();
+        return None;
     }
     // The quantile at which samples pass 2x the p50, by bisection on the
     // histogram's quantiles.
@@ -170,7 +169,17 @@ pub fn slow_share(h: &Latency) -> String {
             lo = mid;
         }
     }
-    let share = 1.0 - hi;
+    Some(1.0 - hi)
+}
+
+/// The share of `h`'s samples slower than twice its p50, and their mean
+/// excess over the p50 in microseconds: `1.2% of samples > 2x p50, +14.0
+/// us each`.
+pub fn slow_share(h: &Latency) -> String {
+    let Some(share) = slow_fraction(h) else {
+        return "no samples".to_string();
+    };
+    let s = h.summary();
     // The mean of the slow tail from the overall mean: the fast part's mean
     // is close to the p50.
     let slow_n = share * s.count as f64;
@@ -247,5 +256,7 @@ ERR:          0
             "{s}"
         );
         assert_eq!(slow_share(&Latency::new()), "no samples");
+        assert!((slow_fraction(&h).unwrap() - 0.02).abs() < 1e-3);
+        assert_eq!(slow_fraction(&Latency::new()), None);
     }
 }

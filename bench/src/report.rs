@@ -157,6 +157,11 @@ pub struct Rep {
     pub floor_ns: Summary,
     /// Row over floor, per named percentile.
     pub ratio: BTreeMap<String, f64>,
+    /// The share (0..1) of the row's samples over twice its p50
+    /// (`counters::slow_fraction`): near 1% it reaches the p99, so a
+    /// repetition far above the others names the burst that moved it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow: Option<f64>,
 }
 
 impl Row {
@@ -281,6 +286,7 @@ impl Row {
             latency_ns: self.hist.as_ref()?.summary(),
             floor_ns: self.floor.as_ref()?.summary(),
             ratio: self.ratios()?,
+            slow: self.hist.as_ref().and_then(crate::counters::slow_fraction),
         })
     }
 
