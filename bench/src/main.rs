@@ -342,7 +342,9 @@ struct RunArgs {
     iterations: u32,
     /// Round trips per latency measurement (server, client, load's
     /// unloaded row, isolation, flush-storm, forward, queues, migrate's
-    /// round-trip rows, scale).
+    /// round-trip rows, scale). The client's serial floor, remote-pio and
+    /// remote-pio-tagged, the rows its tail judgement compares, take 3x
+    /// this (at most 60000).
     #[arg(long, default_value_t = 20_000)]
     round_trips: u32,
     /// Open loop: the server scenario's XDP round trip sends this many
