@@ -13,6 +13,7 @@ pub mod console;
 pub mod db;
 pub mod handover;
 pub mod maps;
+pub mod poll;
 pub mod proto;
 pub mod socket;
 pub mod store;

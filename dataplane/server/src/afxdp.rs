@@ -33,9 +33,9 @@ use xdpilone::{DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, Umem, 
 use crate::ServerError;
 use crate::dispatch::PendingIrq;
 use crate::frames::{FrameOutcome, answer_in_place, interrupt_frame};
-use crate::worker::backoff::wait_readable_any;
 use crate::worker::stats::WorkerStats;
 use crate::worker::{Transport, Work};
+use devplane_control::poll::{pollfd, wait_readable};
 
 /// Size of one UMEM frame.
 pub const FRAME_SIZE: u32 = 4096;
@@ -984,16 +984,12 @@ impl Transport for XskTransport {
     }
 
     fn wait(&self, timeout: Duration) {
-        let mut fds = [libc::pollfd {
-            fd: -1,
-            events: libc::POLLIN,
-            revents: 0,
-        }; devplane_wire::maps::MAX_QUEUES as usize];
+        let mut fds = [pollfd(-1); devplane_wire::maps::MAX_QUEUES as usize];
         for (p, q) in fds.iter_mut().zip(&self.rings.queues) {
             p.fd = q.fd;
         }
         let n = self.rings.queues.len().min(fds.len());
-        wait_readable_any(&mut fds[..n], timeout);
+        wait_readable(&mut fds[..n], timeout);
     }
 }
 

@@ -22,9 +22,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::ServerError;
 use crate::dispatch::{Outcome, PendingIrq};
 use crate::frames::interrupt_datagram;
-use crate::worker::backoff::wait_readable;
 use crate::worker::stats::WorkerStats;
 use crate::worker::{Transport, Work};
+use devplane_control::poll::wait_one;
 
 const BPF_LD_W_ABS: u16 = 0x20;
 const BPF_JEQ_K: u16 = 0x15;
@@ -321,7 +321,7 @@ impl Transport for SocketTransport {
     }
 
     fn wait(&self, timeout: Duration) {
-        wait_readable(self.sock.as_raw_fd(), timeout);
+        wait_one(self.sock.as_raw_fd(), timeout);
     }
 }
 

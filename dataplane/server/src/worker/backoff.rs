@@ -41,43 +41,6 @@ impl Backoff {
     }
 }
 
-/// Waits until `fd` is readable or `timeout` passes (ppoll, microsecond
-/// resolution). Errors (EINTR) count as a wake-up.
-pub fn wait_readable(fd: libc::c_int, timeout: Duration) {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: `pfd` and `ts` are valid for the call; one fd is passed; a
-    // null sigmask leaves the mask unchanged.
-    unsafe {
-        libc::ppoll(&mut pfd, 1, &ts, std::ptr::null());
-    }
-}
-
-/// Sleeps until any of `fds` is readable or `timeout` passes.
-pub fn wait_readable_any(fds: &mut [libc::pollfd], timeout: Duration) {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: `fds` and `ts` are valid for the call, `fds.len()` entries
-    // are passed; a null sigmask leaves the mask unchanged.
-    unsafe {
-        libc::ppoll(
-            fds.as_mut_ptr(),
-            fds.len() as libc::nfds_t,
-            &ts,
-            std::ptr::null(),
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

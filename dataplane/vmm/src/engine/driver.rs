@@ -9,34 +9,7 @@ use std::time::{Duration, Instant};
 use super::EngineError;
 use super::lane::Loop;
 
-/// `fd` polled for reading.
-pub(crate) fn pollfd(fd: libc::c_int) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    }
-}
-
-/// Sleeps until one of `fds` is ready, `timeout` passes or a signal comes
-/// (a kick); each entry's `revents` says which.
-pub(crate) fn wait_readable(fds: &mut [libc::pollfd], timeout: Duration) {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: `fds` holds `fds.len()` valid pollfds and `ts` is a valid
-    // timespec, both live across the call; a null mask leaves the
-    // thread's signal mask as it is.
-    unsafe {
-        libc::ppoll(
-            fds.as_mut_ptr(),
-            fds.len() as libc::nfds_t,
-            &ts,
-            std::ptr::null(),
-        );
-    }
-}
+pub(crate) use devplane_control::poll::{pollfd, wait_readable};
 
 /// An eventfd owned by its holder (closed on drop).
 pub(crate) struct EventFd(pub(crate) libc::c_int);

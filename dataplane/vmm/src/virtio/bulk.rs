@@ -1013,17 +1013,12 @@ fn set_buffer(sock: &UdpSocket, force: libc::c_int, plain: libc::c_int, bytes: l
     }
 }
 
-/// Waits until the socket is readable or `timeout` passes.
+/// Waits until the socket is readable or `timeout` passes (whole
+/// milliseconds, 1 to 50).
 fn wait_readable(sock: &UdpSocket, timeout: Duration) {
     use std::os::fd::AsRawFd;
-    let mut fds = libc::pollfd {
-        fd: sock.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout.as_millis().clamp(1, 50) as libc::c_int;
-    // SAFETY: one valid pollfd for the call's duration.
-    unsafe { libc::poll(&mut fds, 1, ms) };
+    let ms = timeout.as_millis().clamp(1, 50) as u64;
+    devplane_control::poll::wait_one(sock.as_raw_fd(), Duration::from_millis(ms));
 }
 
 /// Most requests in flight for which the I/O thread spins for its answer.
